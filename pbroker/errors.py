@@ -1,0 +1,83 @@
+"""
+The exceptions pbroker raises, in one hierarchy.
+
+Every error pbroker raises on purpose derives from :class:`PBrokerError`. The tree separates what
+*this* side did wrong (tried to send a value the wire cannot carry) from what the *peer* did wrong
+(sent bytes or expressions that are malformed, too large or not allowed), so that a caller can
+fail one call in the first case and distrust the whole connection in the second::
+
+    PBrokerError
+    +-- BananaError                 the banana codec (compat name of twisted.spread.banana)
+    |   +-- BananaEncodeError       a value this side tried to encode cannot be sent
+    |   +-- BananaDecodeError       the bytes received are malformed or break a limit
+    +-- InsecureJelly               an expression was refused by the security options
+    |   +-- InvalidJelly            an expression is not well-formed jelly
+    +-- JellyError                  a value this side tried to jelly cannot be represented
+
+``BananaError`` and ``InsecureJelly`` keep the names :mod:`twisted.spread` uses, and are
+re-exported from :mod:`pbroker.banana` and :mod:`pbroker.jelly`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BananaDecodeError",
+    "BananaEncodeError",
+    "BananaError",
+    "InsecureJelly",
+    "InvalidJelly",
+    "JellyError",
+    "PBrokerError",
+]
+
+
+class PBrokerError(Exception):
+    """
+    The base class of every exception pbroker raises deliberately.
+    """
+
+
+class BananaError(PBrokerError):
+    """
+    The banana codec could not encode or decode an expression.
+
+    Raised as one of the two subclasses; catch this class to handle both.
+    """
+
+
+class BananaEncodeError(BananaError, ValueError):
+    """
+    This side tried to encode a value banana cannot carry: an unsupported type, or a string,
+    list or integer beyond the configured limits. Nothing was written.
+    """
+
+
+class BananaDecodeError(BananaError):
+    """
+    The bytes received are not valid banana, or break a configured limit (prefix length,
+    string or list size, nesting depth, message size). The stream cannot be trusted after this.
+    """
+
+
+class InsecureJelly(PBrokerError):
+    """
+    An s-expression was refused while unjellying: its type, class or module is not allowed by
+    the security options in force.
+    """
+
+
+class InvalidJelly(InsecureJelly):
+    """
+    An s-expression is not well-formed jelly: a tag with the wrong number or kind of fields, a
+    dereference to an unknown id, an undecodable text value.
+
+    It derives from :class:`InsecureJelly` so that one ``except InsecureJelly`` rejects every
+    expression a peer should not have sent.
+    """
+
+
+class JellyError(PBrokerError, ValueError):
+    """
+    This side tried to jelly a value that jelly cannot represent, such as a timezone-aware
+    datetime or a NaN decimal.
+    """

@@ -1,0 +1,870 @@
+"""
+Banana: the s-expression codec under Perspective Broker, byte-compatible with Twisted PB 6.
+
+The codec is sans-IO. :func:`encode` turns an expression (nested lists of ``bytes``, ``int`` and
+``float``) into bytes; a :class:`Decoder` is fed bytes in chunks of any size and returns each
+expression once it is complete. Neither touches a transport, a reactor or a clock, and every
+limit is a constructor argument.
+
+The decoder is iterative and linear in its input however the bytes are split: it keeps one
+``bytearray`` and a read index, and when data runs short it rewinds only to the start of the
+current *element* (never to the start of the message), so a 640 KiB string arriving in 256-byte
+chunks costs no more than one arriving whole. Declared sizes are checked before a body is
+buffered, and nesting depth is bounded without recursion.
+
+:class:`Banana` is the thin Twisted ``Protocol`` adapter with the public surface of
+``twisted.spread.banana.Banana``: it negotiates the dialect (see the wire specification, section
+1.5) and hands complete expressions to :meth:`Banana.expressionReceived`. It is the only part of
+this module that imports from Twisted, and it does so only for the ``Protocol`` base class.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
+
+__all__ = [
+    "DIALECTS",
+    "PB_VOCABULARY",
+    "PREFIX_LIMIT",
+    "SIZE_LIMIT",
+    "Banana",
+    "BananaError",
+    "Decoder",
+    "Encoded",
+    "Expression",
+    "Tokens",
+    "decode",
+    "encode",
+    "getTokens",
+    "setPrefixLimit",
+]
+
+#: A banana expression: bytes, int, float, or a (possibly nested) list of expressions.
+#: ``tuple`` is accepted wherever ``list`` is when encoding; decoding always yields lists.
+Expression = bytes | int | float | list[Any] | tuple[Any, ...]
+
+#: The largest string (in bytes) or list (in elements) PB peers send or accept: 640 KiB.
+SIZE_LIMIT: Final = 640 * 1024
+
+#: The default number of prefix bytes allowed before a type byte.
+PREFIX_LIMIT: Final = 64
+
+#: The default bound on list nesting in a decoded expression. Stock Twisted cannot itself
+#: jelly or unjelly structures this deep, so no stock peer sends them.
+DEPTH_LIMIT: Final = 1000
+
+LIST: Final = 0x80
+INT: Final = 0x81
+STRING: Final = 0x82
+NEG: Final = 0x83
+FLOAT: Final = 0x84
+LONGINT: Final = 0x85
+LONGNEG: Final = 0x86
+VOCAB: Final = 0x87
+
+_INT32_MAX: Final = 2**31 - 1
+
+#: The fixed symbol table of the ``pb`` dialect: symbol -> number (wire specification 1.6).
+PB_VOCABULARY: Final[dict[bytes, int]] = {
+    symbol: number
+    for number, symbol in enumerate(
+        [
+            b"None",
+            b"class",
+            b"dereference",
+            b"reference",
+            b"dictionary",
+            b"function",
+            b"instance",
+            b"list",
+            b"module",
+            b"persistent",
+            b"tuple",
+            b"unpersistable",
+            b"copy",
+            b"cache",
+            b"cached",
+            b"remote",
+            b"local",
+            b"lcache",
+            b"version",
+            b"login",
+            b"password",
+            b"challenge",
+            b"logged_in",
+            b"not_logged_in",
+            b"cachemessage",
+            b"message",
+            b"answer",
+            b"error",
+            b"decref",
+            b"decache",
+            b"uncache",
+        ],
+        start=1,
+    )
+}
+
+#: The dialects this codec speaks, each mapped to its vocabulary (``None``: no VOCAB tokens).
+DIALECTS: Final[dict[bytes, dict[bytes, int] | None]] = {
+    b"pb": PB_VOCABULARY,
+    b"none": None,
+}
+
+
+def _base128(value: int) -> bytes:
+    """
+    Write a non-negative integer as a banana prefix: base 128, least significant group first.
+    """
+    if value < 0x80:
+        return bytes((value,))
+    groups = bytearray()
+    while value:
+        groups.append(value & 0x7F)
+        value >>= 7
+    return bytes(groups)
+
+
+def _intToken(value: int) -> bytes:
+    """
+    Encode an integer with the type byte Twisted chooses for its range (specification 1.2).
+    """
+    if value >= 0:
+        return _base128(value) + (b"\x81" if value <= _INT32_MAX else b"\x85")
+    return _base128(-value) + (b"\x83" if value >= -(2**31) else b"\x86")
+
+
+# Small non-negative integers and short lengths are by far the most common tokens; a table of
+# their encodings turns the hot path of the encoder into one list index.
+_CACHED: Final = 0x4000
+_HEADERS: Final = 0x400
+_INT_TOKENS: Final = [_intToken(i) for i in range(_CACHED)]
+_STRING_HEADERS: Final = [_base128(i) + b"\x82" for i in range(_HEADERS)]
+_LIST_HEADERS: Final = [_base128(i) + b"\x80" for i in range(_HEADERS)]
+
+# The token a vocabulary symbol is sent as, per dialect.
+_OUTGOING_TOKENS: Final[dict[bytes, dict[bytes, bytes]]] = {
+    name: {}
+    if vocabulary is None
+    else {symbol: _base128(number) + b"\x87" for symbol, number in vocabulary.items()}
+    for name, vocabulary in DIALECTS.items()
+}
+
+# The symbol each VOCAB number stands for, per dialect (None: VOCAB is not allowed).
+_INCOMING_SYMBOLS: Final[dict[bytes, dict[int, bytes] | None]] = {
+    name: None if vocabulary is None else {number: symbol for symbol, number in vocabulary.items()}
+    for name, vocabulary in DIALECTS.items()
+}
+
+_packFloat = struct.Struct(">d").pack
+_unpackFloat = struct.Struct(">d").unpack_from
+
+
+@functools.lru_cache(maxsize=16)
+def _integerBounds(prefixLimit: int) -> tuple[int, int]:
+    """
+    The largest magnitude a prefix limit allows, and the bound below which a non-negative
+    integer takes at most three prefix bytes and so needs no range check.
+    """
+    if prefixLimit < 1:
+        raise ValueError(f"the prefix limit must be at least 1, not {prefixLimit}")
+    largest = 2 ** (7 * prefixLimit) - 1
+    return largest, min(0x200000, largest + 1)
+
+
+def _checkDialect(dialect: bytes) -> None:
+    if dialect not in DIALECTS:
+        known = ", ".join(repr(name) for name in DIALECTS)
+        raise ValueError(f"unknown banana dialect {dialect!r}; known dialects: {known}")
+
+
+class Encoded(bytes):
+    """
+    Bytes that already hold one encoded banana element; :func:`encode` copies them in as they
+    are. Encoders that write part of a message themselves (the fused jelly encoder, the broker)
+    use it to splice that part into an expression.
+    """
+
+    __slots__ = ()
+
+
+class Tokens:
+    """
+    The banana tokens of one dialect under given limits, for encoders that write tokens
+    directly instead of building an expression first.
+
+    :ivar symbols: byte string -> the token it is sent as (VOCAB in ``pb``, else nothing).
+    :ivar smallInts: the tokens of the integers ``0 .. len(smallInts) - 1``, in order.
+    :ivar stringHeaders: the headers of strings of ``0 .. len(stringHeaders) - 1`` bytes.
+    :ivar listHeaders: the headers of lists of ``0 .. len(listHeaders) - 1`` elements.
+    """
+
+    def __init__(
+        self,
+        dialect: bytes = b"none",
+        *,
+        sizeLimit: int = SIZE_LIMIT,
+        prefixLimit: int = PREFIX_LIMIT,
+    ) -> None:
+        _checkDialect(dialect)
+        self.dialect = dialect
+        self.sizeLimit = sizeLimit
+        self.prefixLimit = prefixLimit
+        self.symbols = _OUTGOING_TOKENS[dialect]
+        self._largest, fastIntLimit = _integerBounds(prefixLimit)
+        #: Non-negative integers below this take at most three prefix bytes.
+        self.fastIntLimit = fastIntLimit
+        self.smallInts = _INT_TOKENS[: min(_CACHED, fastIntLimit)]
+        self.stringHeaders = _STRING_HEADERS[: min(_HEADERS, sizeLimit + 1)]
+        self.listHeaders = _LIST_HEADERS[: min(_HEADERS, sizeLimit + 1)]
+
+    def integer(self, value: int) -> bytes:
+        """
+        The token of an integer.
+
+        :raises BananaEncodeError: beyond what the prefix limit can carry.
+        """
+        if not -self._largest <= value <= self._largest:
+            raise BananaEncodeError(_integerError(value, self.prefixLimit))
+        return _intToken(value)
+
+    def stringHeader(self, size: int) -> bytes:
+        """
+        The header of a string of ``size`` bytes.
+
+        :raises BananaEncodeError: ``size`` is beyond the size limit.
+        """
+        if size > self.sizeLimit:
+            raise BananaEncodeError(_stringError(size, self.sizeLimit))
+        return _base128(size) + b"\x82"
+
+    def listHeader(self, size: int) -> bytes:
+        """
+        The header of a list of ``size`` elements.
+
+        :raises BananaEncodeError: ``size`` is beyond the size limit.
+        """
+        if size > self.sizeLimit:
+            raise BananaEncodeError(_listError(size, self.sizeLimit))
+        return _base128(size) + b"\x80"
+
+    def joinList(self, elements: list[bytes]) -> bytes:
+        """
+        The encoding of a list whose elements are already encoded (by the other methods here,
+        or by :func:`encode`): a header and the elements, joined.
+
+        :raises BananaEncodeError: too many elements for the size limit.
+        """
+        size = len(elements)
+        if size < len(self.listHeaders):
+            return self.listHeaders[size] + b"".join(elements)
+        return self.listHeader(size) + b"".join(elements)
+
+    def symbol(self, value: bytes) -> bytes:
+        """
+        The whole encoding of a byte string: its VOCAB token if it has one, else a string.
+        """
+        token = self.symbols.get(value)
+        if token is not None:
+            return token
+        return self.stringHeader(len(value)) + value
+
+
+@functools.lru_cache(maxsize=32)
+def getTokens(
+    dialect: bytes = b"none", sizeLimit: int = SIZE_LIMIT, prefixLimit: int = PREFIX_LIMIT
+) -> Tokens:
+    """
+    The shared :class:`Tokens` for a dialect and limits (they are immutable, so one serves all).
+    """
+    return Tokens(dialect, sizeLimit=sizeLimit, prefixLimit=prefixLimit)
+
+
+def _integerError(value: int, prefixLimit: int) -> str:
+    return (
+        f"integer {value} is too large to send: the prefix limit of {prefixLimit} bytes "
+        f"allows magnitudes up to 2**{7 * prefixLimit}-1"
+    )
+
+
+def _stringError(size: int, sizeLimit: int) -> str:
+    return f"byte string of {size} bytes is too long to send (the size limit is {sizeLimit})"
+
+
+def _listError(size: int, sizeLimit: int) -> str:
+    return f"list of {size} elements is too long to send (the size limit is {sizeLimit})"
+
+
+def encode(
+    expression: Expression,
+    dialect: bytes = b"none",
+    *,
+    sizeLimit: int = SIZE_LIMIT,
+    prefixLimit: int = PREFIX_LIMIT,
+) -> bytes:
+    """
+    Encode one expression as banana bytes.
+
+    :param expression: bytes, int (``bool`` included), float, or a list or tuple of expressions,
+        nested to any depth.
+    :param dialect: ``b"none"`` (the default, like :func:`twisted.spread.banana.encode`) or
+        ``b"pb"``, which sends every byte string found in the PB vocabulary as a VOCAB token.
+    :param sizeLimit: the largest string (bytes) or list (elements) that may be sent.
+    :param prefixLimit: the largest prefix, in bytes; it bounds integer magnitudes to
+        ``2 ** (7 * prefixLimit) - 1``.
+    :raises BananaEncodeError: a value of another type, or one beyond the limits. Nothing is
+        returned in that case, so nothing partial can reach the wire.
+    """
+    vocabulary = _OUTGOING_TOKENS.get(dialect)
+    if vocabulary is None:
+        _checkDialect(dialect)
+        raise AssertionError("unreachable")
+    largest, fastIntLimit = _integerBounds(prefixLimit)
+    cached = _CACHED
+    intTokens = _INT_TOKENS
+    out: list[bytes] = []
+    append = out.append
+    parents: list[Iterator[Any]] = []
+    items: Iterator[Any] = iter((expression,))
+    while True:
+        for item in items:
+            kind = type(item)
+            if kind is int:
+                if 0 <= item < fastIntLimit:
+                    if item < cached:
+                        append(intTokens[item])
+                    else:
+                        append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, INT)))
+                else:
+                    if not -largest <= item <= largest:
+                        raise BananaEncodeError(_integerError(item, prefixLimit))
+                    append(_intToken(item))
+            elif kind is bytes:
+                token = vocabulary.get(item)
+                if token is not None:
+                    append(token)
+                    continue
+                size = len(item)
+                if size > sizeLimit:
+                    raise BananaEncodeError(_stringError(size, sizeLimit))
+                append(_STRING_HEADERS[size] if size < _HEADERS else _base128(size) + b"\x82")
+                append(item)
+            elif kind is list or kind is tuple:
+                size = len(item)
+                if size > sizeLimit:
+                    raise BananaEncodeError(_listError(size, sizeLimit))
+                append(_LIST_HEADERS[size] if size < _HEADERS else _base128(size) + b"\x80")
+                parents.append(items)
+                items = iter(item)
+                break
+            elif kind is float:
+                append(b"\x84" + _packFloat(item))
+            else:
+                # Subclasses (bool, IntEnum, a bytes or list subclass) travel as their base
+                # type, as they do with Twisted; anything else is refused.
+                if kind is Encoded:
+                    append(item)
+                    continue
+                if isinstance(item, int):
+                    parents.append(items)
+                    items = iter((int(item),))
+                elif isinstance(item, bytes):
+                    parents.append(items)
+                    items = iter((bytes(item),))
+                elif isinstance(item, (list, tuple)):
+                    parents.append(items)
+                    items = iter((list(item),))
+                elif isinstance(item, float):
+                    append(b"\x84" + _packFloat(item))
+                    continue
+                else:
+                    raise BananaEncodeError(
+                        f"banana cannot send {kind.__module__}.{kind.__qualname__} "
+                        f"objects: {item!r:.200}"
+                    )
+                break
+        else:
+            if not parents:
+                break
+            items = parents.pop()
+    return b"".join(out)
+
+
+class Decoder:
+    """
+    An incremental banana decoder.
+
+    Feed it bytes as they arrive with :meth:`feed`; it returns the expressions completed by
+    those bytes, keeping any partial expression for the next call::
+
+        decoder = Decoder(dialect=b"pb")
+        for expression in decoder.feed(data):
+            ...
+
+    Every limit is checked before the data it guards is buffered. Once a limit is broken or
+    malformed bytes are seen, the decoder raises :class:`BananaDecodeError` and refuses any
+    further input: a stream that has gone wrong once cannot be resynchronised.
+
+    :param dialect: ``b"none"`` or ``b"pb"``; it decides whether VOCAB tokens are accepted.
+        It may be changed between expressions through :attr:`dialect`.
+    :param sizeLimit: the largest string (bytes) or list (elements) accepted.
+    :param prefixLimit: the most prefix bytes accepted before a type byte.
+    :param depthLimit: the deepest list nesting accepted; the top-level list is depth 1.
+    :param messageSizeLimit: if not ``None``, the most bytes one top-level expression may take.
+        It is checked whenever a list or string starts and whenever :meth:`feed` returns, so an
+        expression is refused before more than this (plus one element) is held.
+    """
+
+    def __init__(
+        self,
+        dialect: bytes = b"none",
+        *,
+        sizeLimit: int = SIZE_LIMIT,
+        prefixLimit: int = PREFIX_LIMIT,
+        depthLimit: int = DEPTH_LIMIT,
+        messageSizeLimit: int | None = None,
+    ) -> None:
+        _checkDialect(dialect)
+        for name, value in (
+            ("sizeLimit", sizeLimit),
+            ("prefixLimit", prefixLimit),
+            ("depthLimit", depthLimit),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        if messageSizeLimit is not None and messageSizeLimit < 1:
+            raise ValueError(f"messageSizeLimit must be at least 1, not {messageSizeLimit}")
+        self._dialect = dialect
+        self._vocabulary = _incomingVocabulary(dialect)
+        self.sizeLimit = sizeLimit
+        self.prefixLimit = prefixLimit
+        self.depthLimit = depthLimit
+        self.messageSizeLimit = messageSizeLimit
+        self._buffer = bytearray()
+        self._position = 0
+        # The list being filled, how many elements it still lacks, and its unfinished parents.
+        self._current: list[Any] | None = None
+        self._remaining = 0
+        self._parents: list[tuple[list[Any], int]] = []
+        # Bytes of the unfinished expression consumed by earlier calls to feed().
+        self._consumed = 0
+        self._failure: str | None = None
+
+    @property
+    def dialect(self) -> bytes:
+        """
+        The dialect the next expressions are decoded in. Change it only between expressions.
+        """
+        return self._dialect
+
+    @dialect.setter
+    def dialect(self, dialect: bytes) -> None:
+        _checkDialect(dialect)
+        self._dialect = dialect
+        self._vocabulary = _incomingVocabulary(dialect)
+
+    @property
+    def buffered(self) -> int:
+        """
+        How many bytes have been received but not yet consumed into an expression.
+        """
+        return len(self._buffer) - self._position
+
+    @property
+    def midExpression(self) -> bool:
+        """
+        Whether a partially received expression is pending.
+        """
+        return self._current is not None or self.buffered > 0
+
+    def feed(self, data: bytes = b"", maxExpressions: int | None = None) -> list[Any]:
+        """
+        Add ``data`` to the stream and return every expression it completes, in order.
+
+        :param maxExpressions: stop after this many expressions and keep the rest of the data
+            buffered; a later ``feed()`` (with or without new data) continues from there. The
+            dialect negotiation uses this to switch dialects between two expressions.
+        :raises BananaDecodeError: the bytes are malformed or break a limit.
+        """
+        if self._failure is not None:
+            raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        try:
+            return self._parse(data, maxExpressions)
+        except BananaDecodeError as e:
+            self._failure = str(e)
+            self._buffer = bytearray()
+            self._current = None
+            self._parents = []
+            raise
+
+    def _parse(self, data: bytes, maxExpressions: int | None) -> list[Any]:
+        # The hot loop of the codec: locals only, type bytes as literals, and a fast path for
+        # the one-byte prefix that nearly every token has.
+        stored = self._buffer
+        position = self._position
+        buffer: bytes | bytearray
+        if position == len(stored):
+            # Nothing left over: parse the caller's bytes in place, without copying them.
+            buffer = data
+            position = 0
+        else:
+            if data:
+                stored += data
+            buffer = stored
+        sliceIsBytes = type(buffer) is bytes
+        end = len(buffer)
+        vocabulary = self._vocabulary
+        sizeLimit = self.sizeLimit
+        prefixLimit = self.prefixLimit
+        depthLimit = self.depthLimit
+        messageSizeLimit = self.messageSizeLimit
+        current = self._current
+        remaining = self._remaining
+        parents = self._parents
+        wanted = -1 if maxExpressions is None else maxExpressions
+        results: list[Any] = []
+        # Where the unfinished expression started in this buffer, for the message size check.
+        expressionStart = position - self._consumed
+        item: Any
+
+        while position < end:
+            start = position
+            kind = buffer[position]
+            position += 1
+            if kind < 0x80:
+                value = kind
+                if position == end:
+                    position = start
+                    break
+                kind = buffer[position]
+                position += 1
+                if kind < 0x80:
+                    # A prefix of two bytes or more: the slow path, bounded by prefixLimit.
+                    value |= kind << 7
+                    shift = 14
+                    while position != end:
+                        kind = buffer[position]
+                        position += 1
+                        if kind >= 0x80:
+                            break
+                        if position - start > prefixLimit:
+                            raise BananaDecodeError(_prefixError(prefixLimit))
+                        value |= kind << shift
+                        shift += 7
+                    else:
+                        if position - start > prefixLimit:
+                            raise BananaDecodeError(_prefixError(prefixLimit))
+                        position = start
+                        break  # the type byte has not arrived yet
+                    if position - start > prefixLimit + 1:
+                        raise BananaDecodeError(_prefixError(prefixLimit))
+            else:
+                value = 0
+
+            if kind == 0x81:  # INT
+                item = value
+            elif kind == 0x87:  # VOCAB
+                if vocabulary is None:
+                    raise BananaDecodeError(
+                        f"VOCAB token {value} received in the {self._dialect.decode()!r} "
+                        "dialect, which has no vocabulary"
+                    )
+                item = vocabulary.get(value)
+                if item is None:
+                    raise BananaDecodeError(
+                        f"VOCAB token {value} is not in the {self._dialect.decode()!r} vocabulary"
+                    )
+            elif kind == 0x82:  # STRING
+                if value > sizeLimit:
+                    raise BananaDecodeError(
+                        f"string of {value} bytes exceeds the size limit of {sizeLimit}"
+                    )
+                if (
+                    messageSizeLimit is not None
+                    and position + value - expressionStart > messageSizeLimit
+                ):
+                    raise BananaDecodeError(_messageError(messageSizeLimit))
+                if end - position < value:
+                    position = start
+                    break
+                if sliceIsBytes:
+                    item = buffer[position : position + value]
+                else:
+                    item = bytes(buffer[position : position + value])
+                position += value
+            elif kind == 0x80:  # LIST
+                if value > sizeLimit:
+                    raise BananaDecodeError(
+                        f"list of {value} elements exceeds the size limit of {sizeLimit}"
+                    )
+                if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                    raise BananaDecodeError(_messageError(messageSizeLimit))
+                if current is not None and len(parents) + 2 > depthLimit:
+                    raise BananaDecodeError(
+                        f"lists nested more than {depthLimit} deep exceed the depth limit"
+                    )
+                if value:
+                    if current is not None:
+                        parents.append((current, remaining))
+                    current = []
+                    remaining = value
+                    continue
+                item = []
+            elif kind == 0x83 or kind == 0x86:  # NEG, LONGNEG
+                item = -value
+            elif kind == 0x85:  # LONGINT
+                item = value
+            elif kind == 0x84:  # FLOAT; a prefix before it means nothing, as in Twisted
+                if end - position < 8:
+                    position = start
+                    break
+                item = _unpackFloat(buffer, position)[0]
+                position += 8
+            else:
+                raise BananaDecodeError(f"unknown banana type byte 0x{kind:02x}")
+
+            # Place the finished element, closing every list it completes.
+            if current is not None:
+                current.append(item)
+                remaining -= 1
+                if remaining:
+                    continue
+                while parents:
+                    item = current
+                    current, remaining = parents.pop()
+                    current.append(item)
+                    remaining -= 1
+                    if remaining:
+                        break
+                else:
+                    item = current
+                    current = None
+                if current is not None:
+                    continue
+            results.append(item)
+            expressionStart = position
+            if len(results) == wanted:
+                break
+
+        if current is not None:
+            if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                raise BananaDecodeError(_messageError(messageSizeLimit))
+            self._consumed = position - expressionStart
+        else:
+            self._consumed = 0
+        self._current = current
+        self._remaining = remaining
+        # Keep what is left for the next call. Consumed bytes are dropped lazily (all of them
+        # once the buffer is used up, otherwise when they make up most of it), so the copying
+        # stays linear in the input however it is split.
+        if buffer is stored:
+            if position == end:
+                stored.clear()
+                position = 0
+            elif position > 65536 and position * 2 > end:
+                del stored[:position]
+                position = 0
+        else:
+            stored.clear()
+            stored += memoryview(buffer)[position:]
+            position = 0
+        self._position = position
+        return results
+
+
+def _incomingVocabulary(dialect: bytes) -> dict[int, bytes] | None:
+    return _INCOMING_SYMBOLS[dialect]
+
+
+def _prefixError(prefixLimit: int) -> str:
+    return f"more than {prefixLimit} prefix bytes before a type byte exceed the prefix limit"
+
+
+def _messageError(messageSizeLimit: int) -> str:
+    return f"expression exceeds the message size limit of {messageSizeLimit} bytes"
+
+
+def decode(data: bytes, dialect: bytes = b"none", **limits: Any) -> Any:
+    """
+    Decode exactly one complete expression from ``data``.
+
+    :param limits: keyword limits passed to :class:`Decoder`.
+    :raises BananaDecodeError: ``data`` is malformed, breaks a limit, is incomplete, or holds
+        more than one expression.
+    """
+    decoder = Decoder(dialect, **limits)
+    expressions = decoder.feed(data, maxExpressions=1)
+    if not expressions:
+        raise BananaDecodeError(f"incomplete banana expression ({len(data)} bytes)")
+    if decoder.midExpression:
+        raise BananaDecodeError(f"{decoder.buffered} bytes of trailing data after the expression")
+    return expressions[0]
+
+
+_defaultPrefixLimit = PREFIX_LIMIT
+
+
+def setPrefixLimit(limit: int) -> None:
+    """
+    Set the prefix limit of :class:`Banana` protocols created after this call.
+
+    A compatibility convenience for ``twisted.spread.banana.setPrefixLimit``; prefer
+    :meth:`Banana.setPrefixLimit` or the ``prefixLimit`` argument of :class:`Decoder`.
+    """
+    global _defaultPrefixLimit
+    if limit < 1:
+        raise ValueError(f"the prefix limit must be at least 1, not {limit}")
+    _defaultPrefixLimit = limit
+
+
+class Banana(Protocol):
+    """
+    The banana protocol: dialect negotiation, then a stream of expressions both ways.
+
+    Subclass it and override :meth:`expressionReceived` (and optionally
+    :meth:`connectionReady`, called once the dialect is chosen); send with :meth:`sendEncoded`.
+    The side that accepted the connection (``isClient=False``) offers :attr:`knownDialects`; the
+    client picks the first of them it knows.
+
+    Malformed or oversized input is logged and the connection is aborted; nothing further is
+    read from it.
+    """
+
+    #: The dialects this side offers (server) or accepts (client), in order of preference.
+    knownDialects: list[bytes] = [b"pb", b"none"]
+    #: The largest string (bytes) or list (elements) sent or accepted.
+    sizeLimit: int = SIZE_LIMIT
+    #: The most prefix bytes accepted; set it with :meth:`setPrefixLimit`.
+    prefixLimit: int = PREFIX_LIMIT
+    #: The deepest list nesting accepted.
+    depthLimit: int = DEPTH_LIMIT
+    #: The most bytes one incoming expression may take (``None``: no limit beyond the others).
+    messageSizeLimit: int | None = None
+
+    #: The ``pb`` dialect's symbol table, under the names Twisted gives it.
+    outgoingVocabulary: dict[bytes, int] = dict(PB_VOCABULARY)
+    incomingVocabulary: dict[int, bytes] = {n: s for s, n in PB_VOCABULARY.items()}
+
+    _log = Logger()
+
+    def __init__(self, isClient: bool = True) -> None:
+        self.isClient = bool(isClient)
+        #: The negotiated dialect, or ``None`` until negotiation ends.
+        self.currentDialect: bytes | None = None
+        self._decoder: Decoder | None = None
+
+    def setPrefixLimit(self, limit: int) -> None:
+        """
+        Set the prefix limit for this connection, for both decoding and encoding.
+        """
+        if limit < 1:
+            raise ValueError(f"the prefix limit must be at least 1, not {limit}")
+        self.prefixLimit = limit
+        if self._decoder is not None:
+            self._decoder.prefixLimit = limit
+
+    def connectionMade(self) -> None:
+        self.currentDialect = None
+        if "prefixLimit" not in self.__dict__:
+            self.prefixLimit = _defaultPrefixLimit
+        self._decoder = Decoder(
+            b"none",
+            sizeLimit=self.sizeLimit,
+            prefixLimit=self.prefixLimit,
+            depthLimit=self.depthLimit,
+            messageSizeLimit=self.messageSizeLimit,
+        )
+        if not self.isClient:
+            self.sendEncoded(list(self.knownDialects))
+
+    def connectionReady(self) -> None:
+        """
+        Called once the dialect is chosen; the place to start sending expressions.
+        """
+
+    def expressionReceived(self, expression: Any) -> None:
+        """
+        Called with each complete expression after the dialect is chosen. Override it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement expressionReceived")
+
+    def sendEncoded(self, expression: Expression) -> None:
+        """
+        Encode ``expression`` in the current dialect and write it to the transport.
+
+        :raises BananaEncodeError: the expression cannot be sent; nothing was written.
+        """
+        data = encode(
+            expression,
+            self.currentDialect or b"none",
+            sizeLimit=self.sizeLimit,
+            prefixLimit=self.prefixLimit,
+        )
+        assert self.transport is not None, "sendEncoded() called before connectionMade()"
+        self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        decoder = self._decoder
+        if decoder is None:
+            return  # the connection already failed, or connectionMade() was never called
+        try:
+            while self.currentDialect is None:
+                expressions = decoder.feed(data, maxExpressions=1)
+                data = b""
+                if not expressions:
+                    return
+                self._negotiate(expressions[0])
+                if self._decoder is None:
+                    return
+            for expression in decoder.feed(data):
+                self.expressionReceived(expression)
+                if self._decoder is None:
+                    return  # the connection was dropped while handling an expression
+        except BananaError as e:
+            self._fail(str(e))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._decoder = None
+
+    def _negotiate(self, expression: Any) -> None:
+        if self.isClient:
+            offered = expression if isinstance(expression, list) else []
+            for dialect in offered:
+                if isinstance(dialect, bytes) and dialect in self.knownDialects:
+                    self.sendEncoded(dialect)
+                    self._selectDialect(dialect)
+                    return
+            self._fail(f"the server offered no dialect this client knows: {expression!r:.200}")
+        elif isinstance(expression, bytes) and expression in self.knownDialects:
+            self._selectDialect(expression)
+        else:
+            self._fail(f"the client chose a dialect this server did not offer: {expression!r:.200}")
+
+    def _selectDialect(self, dialect: bytes) -> None:
+        self.currentDialect = dialect
+        assert self._decoder is not None
+        self._decoder.dialect = dialect
+        self.connectionReady()
+
+    def _fail(self, why: str) -> None:
+        """
+        Give up on a connection whose stream can no longer be trusted.
+        """
+        self._log.warn("Dropping banana connection: {why}", why=why)
+        self._decoder = None
+        transport = self.transport
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()

@@ -1,0 +1,299 @@
+"""
+What both directions of jelly share: the tag atoms, security options, copy registries and the
+``Unpersistable`` placeholder.
+
+This module knows nothing about how values are walked; :mod:`pbroker._jellier` and
+:mod:`pbroker._unjellier` do that, and :mod:`pbroker.jelly` is the public surface.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = [
+    "DummySecurityOptions",
+    "ISecurityOptions",
+    "SecurityOptions",
+    "UnjellyableRegistry",
+    "Unpersistable",
+    "globalRegistry",
+    "globalSecurity",
+    "qual",
+    "toTag",
+]
+
+None_atom = b"None"
+class_atom = b"class"
+module_atom = b"module"
+function_atom = b"function"
+dereference_atom = b"dereference"
+persistent_atom = b"persistent"
+reference_atom = b"reference"
+dictionary_atom = b"dictionary"
+list_atom = b"list"
+set_atom = b"set"
+tuple_atom = b"tuple"
+instance_atom = b"instance"
+frozenset_atom = b"frozenset"
+unpersistable_atom = b"unpersistable"
+
+
+def qual(cls: type) -> str:
+    """
+    The fully qualified name of a class, as jelly puts it on the wire: ``module.QualName``.
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def toTag(name: str | bytes | type) -> bytes:
+    """
+    Normalise a type tag given as text, bytes or a class to the bytes that travel on the wire.
+    """
+    if isinstance(name, type):
+        name = qual(name)
+    if isinstance(name, str):
+        return name.encode("utf-8")
+    if isinstance(name, bytes):
+        return name
+    raise TypeError(f"a type tag must be str, bytes or a class, not {type(name).__name__}")
+
+
+class ISecurityOptions(Protocol):
+    """
+    What jelly asks of a security policy ("taster"). Names arrive as bytes.
+    """
+
+    def isModuleAllowed(self, moduleName: str | bytes) -> bool: ...
+
+    def isClassAllowed(self, klass: type) -> bool: ...
+
+    def isTypeAllowed(self, typeName: str | bytes) -> bool: ...
+
+
+class DummySecurityOptions:
+    """
+    Security options that allow everything: every type, module and class.
+
+    Only for data from a trusted source. With it, unjellying a name imports its module.
+    """
+
+    def isModuleAllowed(self, moduleName: str | bytes) -> bool:
+        return True
+
+    def isClassAllowed(self, klass: type) -> bool:
+        return True
+
+    def isTypeAllowed(self, typeName: str | bytes) -> bool:
+        return True
+
+
+class SecurityOptions:
+    """
+    A deny-by-default security policy for unjellying.
+
+    A fresh instance allows only atoms and simple values (``None``, booleans, text, dates and
+    times, decimals, sets). :meth:`allowBasicTypes` adds containers and references;
+    :meth:`allowInstancesOf` allows particular classes to be rebuilt by name;
+    :meth:`allowModules` lets names in a module be looked up.
+
+    When jellying, a class that is not allowed is sent as an ``unpersistable`` marker instead
+    of its state.
+    """
+
+    #: The container and reference tags :meth:`allowBasicTypes` adds.
+    basicTypes = [
+        "dictionary",
+        "list",
+        "tuple",
+        "reference",
+        "dereference",
+        "unpersistable",
+        "persistent",
+        "long_int",
+        "long",
+        "dict",
+    ]
+
+    def __init__(self) -> None:
+        self.allowedTypes: dict[bytes, bool] = dict.fromkeys(
+            [
+                b"None",
+                b"bool",
+                b"boolean",
+                b"string",
+                b"str",
+                b"int",
+                b"float",
+                b"datetime",
+                b"time",
+                b"date",
+                b"timedelta",
+                b"NoneType",
+                b"unicode",
+                b"decimal",
+                b"set",
+                b"frozenset",
+            ],
+            True,
+        )
+        self.allowedModules: dict[bytes, bool] = {}
+        self.allowedClasses: dict[type, bool] = {}
+
+    def allowBasicTypes(self) -> None:
+        """
+        Allow lists, tuples, dictionaries, references and the unpersistable marker.
+        """
+        self.allowTypes(*self.basicTypes)
+
+    def allowTypes(self, *types: str | bytes | type) -> None:
+        """
+        Allow type tags, given as text, bytes or classes (a class stands for its full name).
+        """
+        for typ in types:
+            self.allowedTypes[toTag(typ)] = True
+
+    def allowInstancesOf(self, *classes: type) -> None:
+        """
+        Allow instances of these classes to be rebuilt from their state.
+
+        This also allows the basic types, the ``instance``, ``class`` and ``module`` tags, and
+        lookups in each class's module.
+        """
+        self.allowBasicTypes()
+        self.allowTypes("instance", "class", "classobj", "module")
+        for klass in classes:
+            if not isinstance(klass, type):
+                raise TypeError(f"allowInstancesOf() takes classes, not {klass!r}")
+            self.allowTypes(klass)
+            self.allowModules(klass.__module__)
+            self.allowedClasses[klass] = True
+
+    def allowModules(self, *modules: str | bytes | types.ModuleType) -> None:
+        """
+        Allow names in these modules (given as names or module objects) to be looked up.
+        """
+        for module in modules:
+            if isinstance(module, types.ModuleType):
+                module = module.__name__
+            self.allowedModules[toTag(module)] = True
+
+    def isModuleAllowed(self, moduleName: str | bytes) -> bool:
+        """
+        Whether names may be looked up in the module called ``moduleName``.
+        """
+        return toTag(moduleName) in self.allowedModules
+
+    def isClassAllowed(self, klass: type) -> bool:
+        """
+        Whether instances of ``klass`` may be jellied by state and rebuilt from it.
+        """
+        return klass in self.allowedClasses
+
+    def isTypeAllowed(self, typeName: str | bytes) -> bool:
+        """
+        Whether the type tag ``typeName`` passes the first check.
+
+        Dotted names always pass this check, as in Twisted; such a name is then accepted only if
+        it is registered or its module and class are allowed.
+        """
+        tag = toTag(typeName)
+        return tag in self.allowedTypes or b"." in tag
+
+
+class Unpersistable:
+    """
+    What arrives in place of a value the sender could not or would not serialise.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unpersistable({self.reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Unpersistable):
+            return NotImplemented
+        return self.reason == other.reason
+
+    def __hash__(self) -> int:
+        return hash(self.reason)
+
+
+#: How a registered class or factory is called: see :class:`UnjellyableRegistry`.
+Unjellier = Any
+Factory = Callable[[Any], Any]
+
+
+class UnjellyableRegistry:
+    """
+    A copy registry: which local class or factory rebuilds each pass-by-copy type tag.
+
+    The process-wide :data:`globalRegistry` backs the module-level functions of
+    :mod:`pbroker.jelly`; pass an instance of your own to ``unjelly(registry=...)`` (and, later,
+    to a broker) to give one connection a different set of classes. A tag registered here is
+    accepted by the unjellier whatever the security options say about it: registering is the
+    explicit allow.
+    """
+
+    def __init__(self) -> None:
+        #: Tag -> class. The class is created without ``__init__`` and its ``unjellyFor`` called.
+        self.classes: dict[bytes, Any] = {}
+        #: Tag -> factory, called with the unjellied state.
+        self.factories: dict[bytes, Factory] = {}
+
+    def setUnjellyableForClass(self, classname: str | bytes | type, unjellyable: Any) -> None:
+        """
+        Rebuild values tagged ``classname`` with ``unjellyable``.
+
+        ``unjellyable`` is normally a class with an ``unjellyFor(unjellier, jellyList)`` method
+        (such as a ``RemoteCopy`` subclass); it is created without calling ``__init__``. A
+        callable without that method is called as ``unjellyable(unjellier, jellyList)``.
+        """
+        if not callable(unjellyable):
+            raise TypeError(f"the unjellyable for {classname!r} must be a class or callable")
+        self.classes[toTag(classname)] = unjellyable
+
+    def setUnjellyableFactoryForClass(
+        self, classname: str | bytes | type, factory: Factory
+    ) -> None:
+        """
+        Rebuild values tagged ``classname`` by calling ``factory(state)``.
+        """
+        if not callable(factory):
+            raise TypeError(f"the factory for {classname!r} must be callable")
+        self.factories[toTag(classname)] = factory
+
+    def setUnjellyableForClassTree(
+        self, module: types.ModuleType, baseClass: type, prefix: str | None = None
+    ) -> list[bytes]:
+        """
+        Register every class in ``module`` that derives from ``baseClass``.
+
+        Each is registered under ``prefix + "." + its name``; the prefix defaults to the
+        module's name, and an empty prefix registers bare class names.
+
+        :returns: the tags registered.
+        """
+        if prefix is None:
+            prefix = module.__name__
+        if prefix:
+            prefix = prefix + "."
+        registered = []
+        for name in dir(module):
+            candidate = getattr(module, name)
+            if isinstance(candidate, type) and issubclass(candidate, baseClass):
+                tag = toTag(prefix + name)
+                self.classes[tag] = candidate
+                registered.append(tag)
+        return registered
+
+
+#: The process-wide security options, allowing the basic types (as in Twisted).
+globalSecurity = SecurityOptions()
+globalSecurity.allowBasicTypes()
+
+#: The process-wide copy registry.
+globalRegistry = UnjellyableRegistry()

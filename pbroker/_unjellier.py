@@ -1,0 +1,761 @@
+"""
+The unjellying direction: an s-expression received from a peer becomes an object graph.
+
+Deny by default: every tag is checked against the security options, a pass-by-copy tag is
+rebuilt only by the class or factory registered for it, and a module is imported (or a name
+looked up in it) only when the security options allow that module. Every malformed expression
+raises :class:`~pbroker.errors.InvalidJelly` with a message naming what was wrong, never an
+``IndexError`` or ``TypeError`` from deep inside.
+
+The walk is iterative, so nesting depth costs memory, not stack. Cycles through objects still
+being built are handled with placeholders (:class:`_Unresolved`) that are filled in once the
+object exists; a cycle that can never close (a tuple containing itself) is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import importlib
+import types
+import warnings
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+from pbroker._jellycore import (
+    ISecurityOptions,
+    UnjellyableRegistry,
+    Unpersistable,
+    globalRegistry,
+    qual,
+)
+from pbroker.errors import InsecureJelly, InvalidJelly
+
+__all__ = ["Unjellier", "Unjellyable", "setInstanceState"]
+
+
+class Unjellyable:
+    """
+    Inherit from me to control how instances are rebuilt from ``[tag, state]``.
+
+    The registered class is created without ``__init__`` and :meth:`unjellyFor` is called on it.
+    """
+
+    def setStateFor(self, unjellier: Unjellier, state: Any) -> None:
+        """
+        Install the unjellied ``state``; by default it becomes ``__dict__``.
+        """
+        self.__dict__ = state
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        """
+        Rebuild this object from ``jellyList`` (``[tag, state]``) and return it.
+        """
+        _checkArity(jellyList, 2)
+        self.setStateFor(unjellier, unjellier.unjelly(jellyList[1]))
+        return self
+
+
+def setInstanceState(inst: Any, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+    """
+    Rebuild ``inst`` the default way from ``[tag, state]``: ``__setstate__`` or ``__dict__``.
+    A helper for ``unjellyFor`` implementations.
+    """
+    _checkArity(jellyList, 2)
+    _setState(inst, unjellier.unjelly(jellyList[1]))
+    return inst
+
+
+def _setState(inst: Any, state: Any) -> None:
+    setState = getattr(inst, "__setstate__", None)
+    if setState is not None:
+        setState(state)
+    elif isinstance(state, dict):
+        inst.__dict__ = state
+
+
+def _checkArity(node: list[Any], size: int) -> None:
+    if len(node) != size:
+        raise InvalidJelly(
+            f"a {_tagName(node)} expression has {size - 1} field(s), not {len(node) - 1}: "
+            f"{node!r:.200}"
+        )
+
+
+def _tagName(node: list[Any]) -> str:
+    tag = node[0] if node else b""
+    return repr(tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag)
+
+
+def _textField(node: list[Any], position: int) -> str:
+    field = node[position]
+    if isinstance(field, bytes):
+        try:
+            return field.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    elif isinstance(field, str):
+        return field  # an in-process expression from Twisted, which puts str here
+    raise InvalidJelly(f"a {_tagName(node)} expression needs UTF-8 bytes, not {field!r:.100}")
+
+
+def _intField(node: list[Any], position: int) -> int:
+    field = node[position]
+    if type(field) is not int:
+        raise InvalidJelly(f"a {_tagName(node)} expression needs an integer, not {field!r:.100}")
+    return field
+
+
+class _Unresolved:
+    """
+    A value that is not known yet: a dereference to an object still being built, or a
+    container holding one. Places that received it are recorded as ``(container, key)`` and
+    filled in by :meth:`resolve`.
+    """
+
+    __slots__ = ("dependants", "description", "resolved", "value")
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.dependants: list[tuple[Any, Any]] = []
+        self.resolved = False
+        self.value: Any = None
+
+    def addDependant(self, container: Any, key: Any) -> None:
+        if self.resolved:
+            value = self.value
+            if isinstance(value, _Unresolved):
+                value.addDependant(container, key)
+            else:
+                container[key] = value
+        else:
+            self.dependants.append((container, key))
+
+    def resolve(self, value: Any) -> None:
+        self.resolved = True
+        self.value = value
+        dependants, self.dependants = self.dependants, []
+        for container, key in dependants:
+            if isinstance(value, _Unresolved):
+                value.addDependant(container, key)
+            else:
+                container[key] = value
+
+    def final(self) -> Any:
+        value: Any = self
+        while isinstance(value, _Unresolved):
+            if not value.resolved:
+                raise InvalidJelly(f"unresolvable reference: {value.description}")
+            value = value.value
+        return value
+
+
+class _PendingContainer(_Unresolved):
+    """
+    A tuple, set or frozenset with elements still unresolved; built once they all are.
+    """
+
+    __slots__ = ("factory", "items", "missing")
+
+    def __init__(self, factory: Callable[[list[Any]], Any], items: list[Any], missing: int):
+        super().__init__(f"a {factory.__name__} containing an object still being built")
+        self.factory = factory
+        self.items = items
+        self.missing = missing
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.items[index] = value
+        self.missing -= 1
+        if not self.missing:
+            self.resolve(_build(self.factory, self.items))
+
+
+class _PendingPair:
+    """
+    A dictionary entry whose key or value is unresolved; inserted once both are known.
+    """
+
+    __slots__ = ("dictionary", "missing", "pair")
+
+    def __init__(self, dictionary: dict[Any, Any], key: Any, value: Any, missing: int) -> None:
+        self.dictionary = dictionary
+        self.pair = [key, value]
+        self.missing = missing
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.pair[index] = value
+        self.missing -= 1
+        if not self.missing:
+            _insert(self.dictionary, self.pair[0], self.pair[1])
+
+
+class _PendingState:
+    """
+    An instance whose state is unresolved; its state is installed once known.
+    """
+
+    __slots__ = ("instance",)
+
+    def __init__(self, instance: Any) -> None:
+        self.instance = instance
+
+    def __setitem__(self, index: int, state: Any) -> None:
+        _setState(self.instance, state)
+
+
+def _build(factory: Callable[[list[Any]], Any], items: list[Any]) -> Any:
+    try:
+        return factory(items)
+    except TypeError as e:
+        raise InvalidJelly(
+            f"cannot build a {factory.__name__} from the elements sent: {e}"
+        ) from None
+
+
+def _insert(dictionary: dict[Any, Any], key: Any, value: Any) -> None:
+    try:
+        dictionary[key] = value
+    except TypeError as e:
+        raise InvalidJelly(f"unusable dictionary key {key!r:.100}: {e}") from None
+
+
+class _Frame:
+    """
+    A container being unjellied: its closer, the expressions of its children, the next child to
+    visit, the values made so far, which of them are unresolved, and closer-specific data.
+    """
+
+    __slots__ = ("children", "close", "extra", "index", "pending", "values")
+
+    def __init__(
+        self,
+        close: Callable[[Unjellier, _Frame], Any],
+        children: list[Any],
+        index: int = 0,
+        extra: Any = None,
+    ) -> None:
+        self.close = close
+        self.children = children
+        self.index = index
+        self.values: list[Any] = []
+        self.pending: list[int] | None = None
+        self.extra = extra
+
+
+class Unjellier:
+    """
+    The state of one top-level unjelly call: references made so far and ``postUnjelly`` hooks.
+
+    Created by :func:`pbroker.jelly.unjelly`; an ``unjellyFor`` method receives it.
+
+    :ivar invoker: the broker on whose behalf the call runs, or ``None``.
+    :ivar taster: the security options in force.
+    """
+
+    def __init__(
+        self,
+        taster: ISecurityOptions,
+        persistentLoad: Callable[[Any, Unjellier], Any] | None = None,
+        invoker: Any = None,
+        registry: UnjellyableRegistry | None = None,
+    ) -> None:
+        self.taster = taster
+        self.persistentLoad = persistentLoad
+        self.invoker = invoker
+        self.registry = globalRegistry if registry is None else registry
+        self.references: dict[int, Any] = {}
+        self.postCallbacks: list[Callable[[], Any]] = []
+        self._placeholders: list[_Unresolved] = []
+        self._tagAllowed: dict[bytes, bool] = {}
+
+    def unjellyFull(self, sexp: Any) -> Any:
+        """
+        Unjelly a whole top-level expression, check every reference was resolved, then run the
+        ``postUnjelly`` hooks.
+        """
+        value = self.unjelly(sexp)
+        if self._placeholders:
+            for placeholder in self._placeholders:
+                placeholder.final()
+            if isinstance(value, _Unresolved):
+                value = value.final()
+        for callback in self.postCallbacks:
+            callback()
+        return value
+
+    def unjelly(self, sexp: Any) -> Any:
+        """
+        Unjelly ``sexp`` within this call, sharing its references. Re-entrant from
+        ``unjellyFor``.
+        """
+        if type(sexp) is not list:
+            return sexp
+        try:
+            opened = self._open(sexp)
+            if type(opened) is not _Frame:
+                return opened
+            return self._walk(opened)
+        except UnicodeDecodeError as e:
+            raise InvalidJelly(f"text that is not valid UTF-8: {e}") from None
+
+    def unjellyInto(self, obj: Any, loc: Any, jel: Any) -> Any:
+        """
+        Unjelly ``jel`` and store it at ``obj[loc]``, filling it in later if it is a reference to
+        an object still being built.
+        """
+        value = self.unjelly(jel)
+        if isinstance(value, _Unresolved):
+            value.addDependant(obj, loc)
+        obj[loc] = value
+        return value
+
+    def _walk(self, frame: _Frame) -> Any:
+        """
+        Unjelly a container and everything in it, depth first, without recursion.
+        """
+        stack: list[_Frame] = []
+        unicodeAllowed = self._isAllowed(b"unicode")
+        open_ = self._open
+        while True:
+            children = frame.children
+            values = frame.values
+            append = values.append
+            index = frame.index
+            count = len(children)
+            descended = False
+            while index < count:
+                child = children[index]
+                index += 1
+                if type(child) is not list:
+                    append(child)
+                    continue
+                if (
+                    unicodeAllowed
+                    and len(child) == 2
+                    and child[0] == b"unicode"
+                    and type(child[1]) is bytes
+                ):
+                    append(child[1].decode("utf-8"))
+                    continue
+                result = open_(child)
+                if type(result) is _Frame:
+                    frame.index = index
+                    stack.append(frame)
+                    frame = result
+                    descended = True
+                    break
+                if isinstance(result, _Unresolved):
+                    _notePending(frame)
+                append(result)
+            if descended:
+                continue
+            value = frame.close(self, frame)
+            if not stack:
+                return value
+            frame = stack.pop()
+            if isinstance(value, _Unresolved):
+                _notePending(frame)
+            frame.values.append(value)
+
+    def _isAllowed(self, tag: bytes) -> bool:
+        allowed = self._tagAllowed.get(tag)
+        if allowed is None:
+            registry = self.registry
+            allowed = self._tagAllowed[tag] = bool(
+                tag in registry.classes
+                or tag in registry.factories
+                or self.taster.isTypeAllowed(tag)
+            )
+        return allowed
+
+    def _open(self, node: list[Any]) -> Any:
+        """
+        Start unjellying one list expression: a finished value, or a :class:`_Frame` whose
+        children still have to be visited.
+        """
+        if not node:
+            raise InvalidJelly("an empty list is not a jelly expression")
+        tag = node[0]
+        if type(tag) is not bytes:
+            raise InvalidJelly(f"a jelly expression must start with a bytes tag: {node!r:.200}")
+        if not self._isAllowed(tag):
+            raise InsecureJelly(
+                f"type {tag.decode('utf-8', 'replace')!r} is not allowed by the security options"
+            )
+        handler = _HANDLERS.get(tag)
+        if handler is not None:
+            return handler(self, node)
+        registry = self.registry
+        unjellyable: Any = registry.classes.get(tag)
+        if unjellyable is not None:
+            blank = _createBlank(unjellyable) if isinstance(unjellyable, type) else None
+            method = getattr(blank, "unjellyFor", unjellyable)
+            return self._maybePostUnjelly(method(self, node))
+        factory = registry.factories.get(tag)
+        if factory is not None:
+            _checkArity(node, 2)
+            return _Frame(_closeFactory, node, 1, factory)
+        _checkArity(node, 2)
+        return _Frame(_closeInstance, node, 1, self._lookupClass(tag))
+
+    def _maybePostUnjelly(self, obj: Any) -> Any:
+        postUnjelly = getattr(obj, "postUnjelly", None)
+        if postUnjelly is not None:
+            self.postCallbacks.append(postUnjelly)
+        return obj
+
+    def _lookupName(self, name: str, what: str) -> Any:
+        """
+        Find ``module.name`` for a tag, importing the module only if the security options
+        allow it.
+        """
+        moduleName, _, attribute = name.rpartition(".")
+        if not moduleName:
+            raise InsecureJelly(f"unknown jelly type {name!r}: not registered and not dotted")
+        if not self.taster.isModuleAllowed(moduleName):
+            raise InsecureJelly(f"module {moduleName!r} is not allowed (in {what} {name!r})")
+        try:
+            module = importlib.import_module(moduleName)
+        except ImportError as e:
+            raise InvalidJelly(
+                f"cannot import module {moduleName!r} for {what} {name!r}: {e}"
+            ) from None
+        try:
+            return getattr(module, attribute)
+        except AttributeError:
+            raise InvalidJelly(f"module {moduleName!r} has no {what} {attribute!r}") from None
+
+    def _lookupClass(self, tag: bytes | str) -> type:
+        name = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
+        cls = self._lookupName(name, "class")
+        if not isinstance(cls, type):
+            raise InvalidJelly(f"{name!r} does not name a class")
+        if not self.taster.isClassAllowed(cls):
+            raise InsecureJelly(f"class {name!r} is not allowed by the security options")
+        return cls
+
+    def _newPlaceholder(self, description: str) -> _Unresolved:
+        placeholder = _Unresolved(description)
+        self._placeholders.append(placeholder)
+        return placeholder
+
+
+def _notePending(frame: _Frame) -> None:
+    if frame.pending is None:
+        frame.pending = []
+    frame.pending.append(len(frame.values))
+
+
+# Leaf tags: the whole value is made at once.
+
+
+def _unjellyNone(unjellier: Unjellier, node: list[Any]) -> None:
+    _checkArity(node, 1)
+
+
+def _unjellyUnicode(unjellier: Unjellier, node: list[Any]) -> str:
+    _checkArity(node, 2)
+    return _textField(node, 1)
+
+
+def _unjellyBoolean(unjellier: Unjellier, node: list[Any]) -> bool:
+    _checkArity(node, 2)
+    if node[1] == b"true":
+        return True
+    if node[1] == b"false":
+        return False
+    raise InvalidJelly(f"a boolean is b'true' or b'false', not {node[1]!r:.100}")
+
+
+def _timeFields(node: list[Any]) -> list[int]:
+    _checkArity(node, 2)
+    try:
+        return [int(field) for field in _textField(node, 1).split()]
+    except ValueError:
+        raise InvalidJelly(f"malformed {_tagName(node)} fields: {node[1]!r:.100}") from None
+
+
+def _makeTime(node: list[Any], build: Callable[..., Any], *fieldCounts: int) -> Any:
+    fields = _timeFields(node)
+    if len(fields) not in fieldCounts:
+        raise InvalidJelly(f"a {_tagName(node)} needs {fieldCounts[-1]} fields: {node[1]!r:.100}")
+    try:
+        return build(*fields)
+    except (ValueError, OverflowError) as e:
+        raise InvalidJelly(f"invalid {_tagName(node)} {node[1]!r:.100}: {e}") from None
+
+
+def _unjellyDatetime(unjellier: Unjellier, node: list[Any]) -> datetime.datetime:
+    return _makeTime(node, datetime.datetime, 3, 4, 5, 6, 7)  # type: ignore[no-any-return]
+
+
+def _unjellyDate(unjellier: Unjellier, node: list[Any]) -> datetime.date:
+    return _makeTime(node, datetime.date, 3)  # type: ignore[no-any-return]
+
+
+def _unjellyTime(unjellier: Unjellier, node: list[Any]) -> datetime.time:
+    return _makeTime(node, datetime.time, 1, 2, 3, 4)  # type: ignore[no-any-return]
+
+
+def _timedelta(days: int, seconds: int, microseconds: int) -> datetime.timedelta:
+    return datetime.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+def _unjellyTimedelta(unjellier: Unjellier, node: list[Any]) -> datetime.timedelta:
+    return _makeTime(node, _timedelta, 3)  # type: ignore[no-any-return]
+
+
+def _unjellyDecimal(unjellier: Unjellier, node: list[Any]) -> decimal.Decimal:
+    _checkArity(node, 3)
+    unscaled = _intField(node, 1)
+    exponent = _intField(node, 2)
+    try:
+        digits = tuple(int(d) for d in str(abs(unscaled)))
+        return decimal.Decimal((1 if unscaled < 0 else 0, digits, exponent))
+    except (ValueError, OverflowError) as e:
+        raise InvalidJelly(f"invalid decimal {node!r:.100}: {e}") from None
+
+
+def _unjellyUnpersistable(unjellier: Unjellier, node: list[Any]) -> Unpersistable:
+    _checkArity(node, 2)
+    reason = node[1]
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return Unpersistable(f"Unpersistable data: {reason}")
+
+
+def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
+    _checkArity(node, 2)
+    reference = _intField(node, 1)
+    references = unjellier.references
+    value = references.get(reference, _MISSING)
+    if value is _MISSING:
+        value = references[reference] = unjellier._newPlaceholder(
+            f"dereference {reference} to an id that is never defined"
+        )
+    elif isinstance(value, _Unresolved) and value.resolved:
+        value = value.value
+    return value
+
+
+def _unjellyClass(unjellier: Unjellier, node: list[Any]) -> type:
+    _checkArity(node, 2)
+    return unjellier._lookupClass(_textField(node, 1))
+
+
+def _unjellyModule(unjellier: Unjellier, node: list[Any]) -> types.ModuleType:
+    _checkArity(node, 2)
+    name = _textField(node, 1)
+    if not unjellier.taster.isModuleAllowed(name):
+        raise InsecureJelly(f"module {name!r} is not allowed by the security options")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise InvalidJelly(f"cannot import module {name!r}: {e}") from None
+
+
+def _unjellyFunction(unjellier: Unjellier, node: list[Any]) -> Any:
+    _checkArity(node, 2)
+    name = _textField(node, 1)
+    function = unjellier._lookupName(name, "function")
+    if not callable(function) or isinstance(function, type):
+        raise InvalidJelly(f"{name!r} does not name a function")
+    return function
+
+
+def _unjellyPersistent(unjellier: Unjellier, node: list[Any]) -> Any:
+    _checkArity(node, 2)
+    if unjellier.persistentLoad is not None:
+        return unjellier.persistentLoad(node[1], unjellier)
+    return Unpersistable("Persistent callback not found")
+
+
+# Container tags: a frame visits the children, then a closer builds the value.
+
+
+def _openList(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    return _Frame(_closeList, node, 1)
+
+
+def _openTuple(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    return _Frame(_closeImmutable, node, 1, tuple)
+
+
+def _openSet(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    return _Frame(_closeImmutable, node, 1, set)
+
+
+def _openFrozenset(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    return _Frame(_closeImmutable, node, 1, frozenset)
+
+
+def _openDictionary(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    # Visit keys and values as one flat run of children; _closeDictionary pairs them up.
+    pairs = node[1:]
+    if not (set(map(type, pairs)) <= _LIST_TYPE and set(map(len, pairs)) <= _PAIR_SIZE):
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise InvalidJelly(f"a dictionary entry must be a [key, value] list: {pair!r:.100}")
+    return _Frame(_closeDictionary, list(chain.from_iterable(pairs)))
+
+
+def _openReference(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    _checkArity(node, 3)
+    reference = _intField(node, 1)
+    return _Frame(_closeReference, node, 2, reference)
+
+
+def _openInstance(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    warnings.warn(
+        "the 'instance' jelly tag is deprecated; the peer should send [class name, state]",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    _checkArity(node, 3)
+    return _Frame(_closeOldInstance, node, 1)
+
+
+def _openMethod(unjellier: Unjellier, node: list[Any]) -> _Frame:
+    _checkArity(node, 4)
+    return _Frame(_closeMethod, node, 2, _textField(node, 1))
+
+
+def _closeList(unjellier: Unjellier, frame: _Frame) -> list[Any]:
+    values = frame.values
+    if frame.pending:
+        for index in frame.pending:
+            values[index].addDependant(values, index)
+    return values
+
+
+def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
+    factory = frame.extra
+    values = frame.values
+    if not frame.pending:
+        return _build(factory, values)
+    container = _PendingContainer(factory, values, len(frame.pending))
+    unjellier._placeholders.append(container)
+    for index in frame.pending:
+        values[index].addDependant(container, index)
+    return container
+
+
+def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
+    values = frame.values
+    result: dict[Any, Any] = {}
+    if not frame.pending:
+        try:
+            result.update(zip(values[::2], values[1::2], strict=False))
+        except TypeError:
+            for index in range(0, len(values), 2):
+                _insert(result, values[index], values[index + 1])
+        return result
+    pending = set(frame.pending)
+    for index in range(0, len(values), 2):
+        if index not in pending and index + 1 not in pending:
+            _insert(result, values[index], values[index + 1])
+            continue
+        entry = _PendingPair(result, values[index], values[index + 1], 0)
+        for position in (index, index + 1):
+            if position in pending:
+                entry.missing += 1
+        for position in (index, index + 1):
+            if position in pending:
+                values[position].addDependant(entry, position - index)
+    return result
+
+
+def _closeReference(unjellier: Unjellier, frame: _Frame) -> Any:
+    reference = frame.extra
+    value = frame.values[0]
+    references = unjellier.references
+    known = references.get(reference, _MISSING)
+    if known is _MISSING:
+        references[reference] = value
+    elif type(known) is _Unresolved and not known.resolved:
+        # A dereference met this id before its definition finished: a cycle closes here.
+        known.resolve(value)
+        references[reference] = value
+    else:
+        raise InvalidJelly(f"reference id {reference} is defined twice")
+    return value
+
+
+def _closeInstance(unjellier: Unjellier, frame: _Frame) -> Any:
+    cls = frame.extra
+    return unjellier._maybePostUnjelly(_newInstance(cls, frame.values[0]))
+
+
+def _closeOldInstance(unjellier: Unjellier, frame: _Frame) -> Any:
+    cls, state = frame.values
+    if not isinstance(cls, type):
+        raise InvalidJelly(f"an instance expression needs a class, not {cls!r:.100}")
+    return unjellier._maybePostUnjelly(_newInstance(cls, state))
+
+
+def _createBlank(cls: Any) -> Any:
+    """
+    A new instance of ``cls`` whose ``__init__`` has not run.
+    """
+    return cls.__new__(cls)
+
+
+def _newInstance(cls: Any, state: Any) -> Any:
+    instance = _createBlank(cls)
+    if isinstance(state, _Unresolved):
+        state.addDependant(_PendingState(instance), 0)
+    else:
+        _setState(instance, state)
+    return instance
+
+
+def _closeFactory(unjellier: Unjellier, frame: _Frame) -> Any:
+    state = frame.values[0]
+    if isinstance(state, _Unresolved):
+        raise InvalidJelly("a factory-built copy cannot take part in a reference cycle")
+    return unjellier._maybePostUnjelly(frame.extra(state))
+
+
+def _closeMethod(unjellier: Unjellier, frame: _Frame) -> Any:
+    name = frame.extra
+    owner, cls = frame.values
+    if not isinstance(cls, type):
+        raise InsecureJelly("a method expression needs a class")
+    if isinstance(owner, _Unresolved):
+        raise InvalidJelly("a method bound to an object still being built is not supported")
+    if name not in cls.__dict__:
+        raise InvalidJelly(f"class {qual(cls)} has no method {name!r}")
+    if owner is None:
+        return getattr(cls, name)
+    return types.MethodType(cls.__dict__[name], owner)
+
+
+_MISSING: Any = object()
+_LIST_TYPE = {list}
+_PAIR_SIZE = {2}
+
+_HANDLERS: dict[bytes, Callable[[Unjellier, list[Any]], Any]] = {
+    b"None": _unjellyNone,
+    b"unicode": _unjellyUnicode,
+    b"boolean": _unjellyBoolean,
+    b"datetime": _unjellyDatetime,
+    b"date": _unjellyDate,
+    b"time": _unjellyTime,
+    b"timedelta": _unjellyTimedelta,
+    b"decimal": _unjellyDecimal,
+    b"unpersistable": _unjellyUnpersistable,
+    b"dereference": _unjellyDereference,
+    b"class": _unjellyClass,
+    b"module": _unjellyModule,
+    b"function": _unjellyFunction,
+    b"persistent": _unjellyPersistent,
+    b"list": _openList,
+    b"tuple": _openTuple,
+    b"set": _openSet,
+    b"frozenset": _openFrozenset,
+    b"dictionary": _openDictionary,
+    b"reference": _openReference,
+    b"instance": _openInstance,
+    b"method": _openMethod,
+}

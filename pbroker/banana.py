@@ -492,20 +492,24 @@ class Decoder:
         :param maxExpressions: stop after this many expressions and keep the rest of the data
             buffered; a later ``feed()`` (with or without new data) continues from there. The
             dialect negotiation uses this to switch dialects between two expressions.
-        :raises BananaDecodeError: the bytes are malformed or break a limit.
+        :raises BananaDecodeError: the bytes are malformed or break a limit. The expressions
+            completed before the error are on its ``expressions`` attribute.
         """
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        results: list[Any] = []
         try:
-            return self._parse(data, maxExpressions)
+            self._parse(data, maxExpressions, results)
+            return results
         except BananaDecodeError as e:
+            e.expressions = results
             self._failure = str(e)
             self._buffer = bytearray()
             self._current = None
             self._parents = []
             raise
 
-    def _parse(self, data: bytes, maxExpressions: int | None) -> list[Any]:
+    def _parse(self, data: bytes, maxExpressions: int | None, results: list[Any]) -> None:
         # The hot loop of the codec: locals only, type bytes as literals, and a fast path for
         # the one-byte prefix that nearly every token has.
         stored = self._buffer
@@ -530,7 +534,6 @@ class Decoder:
         remaining = self._remaining
         parents = self._parents
         wanted = -1 if maxExpressions is None else maxExpressions
-        results: list[Any] = []
         # Where the unfinished expression started in this buffer, for the message size check.
         expressionStart = position - self._consumed
         item: Any
@@ -677,7 +680,6 @@ class Decoder:
             stored += memoryview(buffer)[position:]
             position = 0
         self._position = position
-        return results
 
 
 def _incomingVocabulary(dialect: bytes) -> dict[int, bytes] | None:
@@ -824,12 +826,20 @@ class Banana(Protocol):
                 self._negotiate(expressions[0])
                 if self._decoder is None:
                     return
-            for expression in decoder.feed(data):
-                self.expressionReceived(expression)
-                if self._decoder is None:
-                    return  # the connection was dropped while handling an expression
+            self._deliver(decoder.feed(data))
+        except BananaDecodeError as e:
+            # Expressions that arrived intact before the bad bytes are still delivered.
+            if self.currentDialect is not None:
+                self._deliver(e.expressions)
+            self._fail(str(e))
         except BananaError as e:
             self._fail(str(e))
+
+    def _deliver(self, expressions: list[Any]) -> None:
+        for expression in expressions:
+            if self._decoder is None:
+                return  # the connection was dropped while handling an expression
+            self.expressionReceived(expression)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._decoder = None

@@ -20,6 +20,8 @@ re-exported from :mod:`pbroker.banana` and :mod:`pbroker.jelly`.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BananaDecodeError",
     "BananaEncodeError",
@@ -56,7 +58,14 @@ class BananaDecodeError(BananaError):
     """
     The bytes received are not valid banana, or break a configured limit (prefix length,
     string or list size, nesting depth, message size). The stream cannot be trusted after this.
+
+    :ivar expressions: the expressions that the same ``feed()`` call completed before it met
+        the error, in order, so that nothing received intact is lost.
     """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.expressions: list[Any] = []
 
 
 class InsecureJelly(PBrokerError):

@@ -24,7 +24,7 @@ from itertools import chain, repeat
 from typing import Any
 
 from pbroker._jellycore import DummySecurityOptions, ISecurityOptions, SecurityOptions, qual
-from pbroker.banana import Tokens, encode
+from pbroker.banana import Tokens, encode, getTokens
 from pbroker.errors import InsecureJelly, JellyError
 
 __all__ = ["Jellier", "Jellyable", "getInstanceState"]
@@ -36,6 +36,9 @@ DictTypes = (dict,)
 _FAST_TYPES: tuple[type, ...] = (int, bytes, float, str, type(None), bool)
 
 _PERMISSIVE_TASTERS = (DummySecurityOptions, SecurityOptions)
+
+# The length of b"unpersistable", the longest tag the bytes walk writes.
+_LONGEST_TAG = 13
 
 _UNICODE = b"unicode"
 _NONE = b"None"
@@ -121,7 +124,10 @@ class _JellyTokens:
 
     def __init__(self, tokens: Tokens) -> None:
         self.tokens = tokens
-        symbol = tokens.symbol
+        # With a size limit below the longest tag (13 bytes) these constants cannot be made;
+        # the bytes walk is then not used, and the long way checks every string as it goes.
+        self.usable = tokens.sizeLimit >= _LONGEST_TAG
+        symbol = tokens.symbol if self.usable else getTokens(tokens.dialect).symbol
         self.unicodePrefix = b"\x02\x80" + symbol(_UNICODE)
         self.none = b"\x01\x80" + symbol(_NONE)
         self.true = b"\x02\x80" + symbol(b"boolean") + symbol(b"true")
@@ -272,15 +278,17 @@ class Jellier:
 
         :raises BananaEncodeError: a string, list or integer beyond the limits.
         """
-        if not self._fast or self._tokens is not None:
-            # A custom taster that refuses basic types, or a nested call: take the long way.
+        jellyTokens = _jellyTokens(tokens)
+        if not self._fast or self._tokens is not None or not jellyTokens.usable:
+            # A custom taster that refuses basic types, a nested call, or a tiny size limit:
+            # take the long way.
             return encode(
                 self.jelly(obj),
                 tokens.dialect,
                 sizeLimit=tokens.sizeLimit,
                 prefixLimit=tokens.prefixLimit,
             )
-        self._tokens = _jellyTokens(tokens)
+        self._tokens = jellyTokens
         chunks = self._chunks
         try:
             self._emit(iter((obj,)))
@@ -431,6 +439,12 @@ class Jellier:
                         append(tokens.integer(item))
                 elif kind is str:
                     data = item.encode("utf-8")
+                    # Twisted sends any string equal to a vocabulary symbol as its token,
+                    # the bytes of text included.
+                    token = symbols.get(data)
+                    if token is not None:
+                        append(unicodePrefix + token)
+                        continue
                     size = len(data)
                     if size < headerCount:
                         append(unicodePrefix + stringHeaders[size])

@@ -1,0 +1,627 @@
+"""
+Tests for pbroker.banana: golden vectors, incremental decoding, limits, errors, the protocol.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.spread import banana as twistedBanana
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import banana
+from pbroker.banana import Banana, Decoder, decode, encode
+from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
+
+
+def h(text: str) -> bytes:
+    """
+    Bytes from spaced hex, as the wire specification writes them.
+    """
+    return bytes.fromhex(text)
+
+
+# (value, its encoding in the 'none' dialect) from the wire specification, sections 1.1-1.2.
+GOLDEN = [
+    (0, "00 81"),
+    (127, "7f 81"),
+    (128, "00 01 81"),
+    (300, "2c 02 81"),
+    (4674, "42 24 81"),
+    (2**31 - 1, "7f 7f 7f 7f 07 81"),
+    (2**31, "00 00 00 00 08 85"),
+    (-(2**31), "00 00 00 00 08 83"),
+    (-(2**31) - 1, "01 00 00 00 08 86"),
+    (-1, "01 83"),
+    (2.5, "84 40 04 00 00 00 00 00 00"),
+    ([], "00 80"),
+    ([1, b"x"], "02 80 01 81 01 82 78"),
+    ([b"pb", b"none"], "02 80 02 82 70 62 04 82 6e 6f 6e 65"),
+    (b"pb", "02 82 70 62"),
+]
+
+# PB messages observed on the wire in the 'pb' dialect (specification 3.5 and 3.10).
+PB_GOLDEN = [
+    ([b"version", 6], "02 80 13 87 06 81"),
+    (
+        [b"message", 1, b"root", b"login", 1, [b"tuple", b"user"], [b"dictionary"]],
+        "07 80 1a 87 01 81 04 82 72 6f 6f 74 14 87 01 81 02 80 0b 87 04 82 75 73 65 72 01 80 05 87",
+    ),
+    (
+        [b"message", 7, 3, b"ping", 0, [b"tuple"], [b"dictionary"]],
+        "07 80 1a 87 07 81 03 81 04 82 70 69 6e 67 00 81 01 80 0b 87 01 80 05 87",
+    ),
+    (
+        [
+            b"message",
+            6,
+            3,
+            b"ping",
+            1,
+            [b"tuple", 5],
+            [b"dictionary", [[b"unicode", b"k"], [b"unicode", b"kw"]]],
+        ],
+        "07 80 1a 87 06 81 03 81 04 82 70 69 6e 67 01 81 02 80 0b 87 05 81 02 80 05 87"
+        " 02 80 02 80 07 82 75 6e 69 63 6f 64 65 01 82 6b 02 80 07 82 75 6e 69 63 6f 64 65"
+        " 02 82 6b 77",
+    ),
+    ([b"answer", 2, [b"remote", 2]], "03 80 1b 87 02 81 02 80 10 87 02 81"),
+    ([b"decref", 3], "02 80 1d 87 03 81"),
+    (
+        [b"cachemessage", 1, 4, b"setV", 1, [b"tuple", 7], [b"dictionary"]],
+        "07 80 19 87 01 81 04 81 04 82 73 65 74 56 01 81 02 80 0b 87 07 81 01 80 05 87",
+    ),
+    ([b"answer", 9, b"list"], "03 80 1b 87 09 81 08 87"),
+]
+
+
+def _nested(depth: int) -> bytes:
+    """
+    The encoding of ``depth`` lists nested one inside the other around the integer 0.
+    """
+    return b"\x01\x80" * depth + b"\x00\x81"
+
+
+class EncodeTests(SynchronousTestCase):
+    def test_golden(self) -> None:
+        """Every vector of the specification encodes to its bytes in the 'none' dialect."""
+        for value, expected in GOLDEN:
+            self.assertEqual(encode(value), h(expected), value)
+
+    def test_goldenPb(self) -> None:
+        """The PB messages of the specification encode to their observed bytes."""
+        for value, expected in PB_GOLDEN:
+            self.assertEqual(encode(value, b"pb"), h(expected), value)
+
+    def test_vocabularyOnlyInPb(self) -> None:
+        """Vocabulary symbols are VOCAB tokens in 'pb' and plain strings in 'none'."""
+        for symbol, number in banana.PB_VOCABULARY.items():
+            self.assertEqual(encode(symbol, b"pb"), bytes([number, 0x87]))
+            self.assertEqual(encode(symbol), bytes([len(symbol), 0x82]) + symbol)
+        self.assertEqual(len(banana.PB_VOCABULARY), 31)
+        self.assertEqual(banana.PB_VOCABULARY[b"None"], 1)
+        self.assertEqual(banana.PB_VOCABULARY[b"uncache"], 31)
+
+    def test_tuplesAndSubclassesTravelAsBaseTypes(self) -> None:
+        """Tuples encode as lists; bool and subclasses of int, bytes and list as their base."""
+
+        class MyBytes(bytes):
+            pass
+
+        class MyList(list[Any]):
+            pass
+
+        self.assertEqual(encode((1, 2)), encode([1, 2]))
+        self.assertEqual(encode(True), encode(1))
+        self.assertEqual(encode(False), encode(0))
+        self.assertEqual(encode(MyBytes(b"ab")), encode(b"ab"))
+        self.assertEqual(encode(MyList([1])), encode([1]))
+
+    def test_unsupportedType(self) -> None:
+        """Text, None and other objects cannot be sent; the error names the type."""
+        for value in ["text", None, {1: 2}, object(), [1, [2, "x"]]]:
+            with self.assertRaises(BananaEncodeError) as caught:
+                encode(value)
+            self.assertIn("banana cannot send", str(caught.exception))
+        with self.assertRaises(BananaEncodeError) as caught:
+            encode("text")
+        self.assertIn("builtins.str", str(caught.exception))
+
+    def test_sizeLimitAtAndOver(self) -> None:
+        """Strings and lists of exactly sizeLimit go out; one more is refused."""
+        limit = banana.SIZE_LIMIT
+        self.assertEqual(encode(b"x" * limit)[-limit:], b"x" * limit)
+        self.assertTrue(encode([0] * limit).startswith(banana.encode(limit)[:-1] + b"\x80"))
+        with self.assertRaises(BananaEncodeError) as caught:
+            encode(b"x" * (limit + 1))
+        self.assertIn("655361 bytes", str(caught.exception))
+        with self.assertRaises(BananaEncodeError):
+            encode([0] * (limit + 1))
+        with self.assertRaises(BananaEncodeError):
+            encode([b"abcd"], sizeLimit=3)
+        self.assertEqual(encode([b"abc"], sizeLimit=3), h("01 80 03 82 61 62 63"))
+
+    def test_integerRange(self) -> None:
+        """Integers up to 2**448-1 in magnitude fit in 64 prefix bytes; larger are refused."""
+        largest = 2**448 - 1
+        self.assertEqual(decode(encode(largest)), largest)
+        self.assertEqual(decode(encode(-largest)), -largest)
+        for value in (largest + 1, -largest - 1):
+            with self.assertRaises(BananaEncodeError) as caught:
+                encode(value)
+            self.assertIn("too large", str(caught.exception))
+        self.assertEqual(encode(127, prefixLimit=1), h("7f 81"))
+        with self.assertRaises(BananaEncodeError):
+            encode(128, prefixLimit=1)
+        with self.assertRaises(BananaEncodeError):
+            encode(2**21, prefixLimit=3)
+
+    def test_unknownDialect(self) -> None:
+        """An unknown dialect name is a ValueError that lists the known ones."""
+        with self.assertRaises(ValueError) as caught:
+            encode(1, b"klingon")
+        self.assertIn("b'pb'", str(caught.exception))
+        with self.assertRaises(ValueError):
+            Decoder(b"klingon")
+
+    def test_encodedSplicedAsIs(self) -> None:
+        """Encoded bytes are copied into the expression without a header."""
+        inner = banana.Encoded(encode([1, 2]))
+        self.assertEqual(encode([inner, 3]), encode([[1, 2], 3]))
+
+    def test_tokens(self) -> None:
+        """Tokens writes the same bytes as encode() and enforces the same limits."""
+        tokens = banana.getTokens(b"pb")
+        self.assertIs(tokens, banana.getTokens(b"pb"))
+        for value in (0, 5, 2**14, 2**21, 2**31, -(2**40)):
+            self.assertEqual(tokens.integer(value), encode(value))
+        self.assertEqual(tokens.symbol(b"message"), encode(b"message", b"pb"))
+        self.assertEqual(tokens.symbol(b"other"), encode(b"other", b"pb"))
+        self.assertEqual(
+            tokens.joinList([tokens.symbol(b"decref"), tokens.integer(3)]), h("02 80 1d 87 03 81")
+        )
+        small = banana.Tokens(b"none", sizeLimit=2, prefixLimit=1)
+        self.assertEqual(small.listHeaders, [b"\x00\x80", b"\x01\x80", b"\x02\x80"])
+        with self.assertRaises(BananaEncodeError):
+            small.stringHeader(3)
+        with self.assertRaises(BananaEncodeError):
+            small.listHeader(3)
+        with self.assertRaises(BananaEncodeError):
+            small.integer(128)
+        self.assertEqual(len(small.smallInts), 128)
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_golden(self) -> None:
+        """Every vector of the specification decodes to its value."""
+        for value, encoded in GOLDEN:
+            expected = [1, 2] if value == (1, 2) else value
+            self.assertEqual(decode(h(encoded)), expected)
+        for value, encoded in PB_GOLDEN:
+            self.assertEqual(decode(h(encoded), b"pb"), value)
+
+    def test_anyIntegerTypeAnyMagnitude(self) -> None:
+        """Each integer type is accepted whatever the magnitude, as Twisted does."""
+        self.assertEqual(decode(h("05 85")), 5)
+        self.assertEqual(decode(h("05 86")), -5)
+        self.assertEqual(decode(h("00 00 00 00 08 81")), 2**31)
+        self.assertEqual(decode(h("00 83")), 0)
+        self.assertEqual(decode(h("81")), 0)  # an empty prefix reads as zero
+
+    def test_floatPrefixIgnored(self) -> None:
+        """A prefix before FLOAT is ignored, as in Twisted."""
+        self.assertEqual(decode(h("05 84") + struct.pack(">d", 1.5)), 1.5)
+
+    def test_oneByteAtATime(self) -> None:
+        """Feeding one byte at a time yields the same expressions as feeding all at once."""
+        stream = b"".join(h(encoded) for _, encoded in PB_GOLDEN) * 2
+        expected = Decoder(b"pb").feed(stream)
+        self.assertEqual(len(expected), 2 * len(PB_GOLDEN))
+        decoder = Decoder(b"pb")
+        received: list[Any] = []
+        for index in range(len(stream)):
+            received += decoder.feed(stream[index : index + 1])
+        self.assertEqual(received, expected)
+        self.assertFalse(decoder.midExpression)
+
+    def test_randomSplits(self) -> None:
+        """Any split of the stream into chunks yields the same expressions."""
+        values: list[Any] = [
+            [b"x" * 5000, [2**100, -3, 2.25, []], [[[[b""]]]]],
+            [i * 7919 for i in range(300)],
+            b"tail",
+        ]
+        stream = b"".join(encode(v, b"pb") for v in values)
+        rng = random.Random(20261122)
+        for _ in range(200):
+            decoder = Decoder(b"pb")
+            received: list[Any] = []
+            position = 0
+            while position < len(stream):
+                size = rng.choice([1, 2, 3, 7, 64, 500, 4096])
+                received += decoder.feed(stream[position : position + size])
+                position += size
+            self.assertEqual(received, values)
+
+    def test_severalExpressionsInOneRead(self) -> None:
+        """Several expressions in one read come out in order."""
+        data = encode([1]) + encode(b"a") + encode(2.0) + encode([])
+        self.assertEqual(Decoder().feed(data), [[1], b"a", 2.0, []])
+
+    def test_maxExpressions(self) -> None:
+        """maxExpressions stops early and keeps the rest for the next feed()."""
+        data = encode([1]) + encode([2]) + encode([3])
+        decoder = Decoder()
+        self.assertEqual(decoder.feed(data, maxExpressions=1), [[1]])
+        self.assertTrue(decoder.midExpression)
+        self.assertEqual(decoder.buffered, len(data) - len(encode([1])))
+        self.assertEqual(decoder.feed(maxExpressions=1), [[2]])
+        self.assertEqual(decoder.feed(), [[3]])
+        self.assertFalse(decoder.midExpression)
+
+    def test_dialectSwitchBetweenExpressions(self) -> None:
+        """The dialect can change between two expressions that arrived in one read."""
+        data = encode(b"pb") + encode([b"version", 6], b"pb")
+        decoder = Decoder(b"none")
+        self.assertEqual(decoder.feed(data, maxExpressions=1), [b"pb"])
+        decoder.dialect = b"pb"
+        self.assertEqual(decoder.dialect, b"pb")
+        self.assertEqual(decoder.feed(), [[b"version", 6]])
+
+    def test_largeStringTrickledIsLinear(self) -> None:
+        """A 640 KiB string in 256-byte reads is decoded, each read buffered once."""
+        payload = bytes(range(256)) * 2560
+        data = encode([payload, 1])
+        decoder = Decoder()
+        received: list[Any] = []
+        for position in range(0, len(data), 256):
+            received += decoder.feed(data[position : position + 256])
+            self.assertLessEqual(decoder.buffered, len(payload) + 8)
+        self.assertEqual(received, [[payload, 1]])
+
+    def test_decodeHelperStrict(self) -> None:
+        """decode() wants exactly one complete expression."""
+        with self.assertRaises(BananaDecodeError) as caught:
+            decode(encode([1, 2])[:-1])
+        self.assertIn("incomplete", str(caught.exception))
+        with self.assertRaises(BananaDecodeError) as caught:
+            decode(encode(1) + encode(2))
+        self.assertIn("trailing", str(caught.exception))
+
+
+class DecodeErrorTests(SynchronousTestCase):
+    def assertDecodeError(self, data: bytes, message: str, **options: Any) -> None:
+        """
+        Decoding ``data`` in one piece and byte by byte raises with ``message`` in its text.
+        """
+        with self.assertRaises(BananaDecodeError) as caught:
+            Decoder(**options).feed(data)
+        self.assertIn(message, str(caught.exception))
+        decoder = Decoder(**options)
+        with self.assertRaises(BananaDecodeError):
+            for index in range(len(data)):
+                decoder.feed(data[index : index + 1])
+
+    def test_prefixLimit(self) -> None:
+        """64 prefix bytes are accepted; a 65th is refused even before a type byte arrives."""
+        self.assertEqual(decode(b"\x00" * 64 + b"\x81"), 0)
+        self.assertDecodeError(b"\x00" * 65, "more than 64 prefix bytes")
+        self.assertDecodeError(b"\x00" * 65 + b"\x81", "more than 64 prefix bytes")
+        self.assertEqual(decode(b"\x01\x01\x81", prefixLimit=2), 129)
+        self.assertDecodeError(b"\x01\x01\x01\x81", "more than 2 prefix", prefixLimit=2)
+        self.assertDecodeError(b"\x01\x01\x81", "more than 1 prefix", prefixLimit=1)
+
+    def test_prefixFloodRefusedAtOnce(self) -> None:
+        """A megabyte of prefix bytes fails at byte 65, without scanning or buffering it all."""
+        decoder = Decoder()
+        with self.assertRaises(BananaDecodeError):
+            decoder.feed(b"\x7f" * 1_000_000)
+        with self.assertRaises(BananaDecodeError) as caught:
+            decoder.feed(b"\x81")
+        self.assertIn("earlier error", str(caught.exception))
+
+    def test_sizeLimits(self) -> None:
+        """Strings and lists at the size limit pass; one over fails before the body arrives."""
+        limit = banana.SIZE_LIMIT
+        self.assertEqual(len(decode(encode(b"y" * limit))), limit)
+        self.assertEqual(len(decode(encode([0] * limit))), limit)
+        self.assertDecodeError(encode(limit + 1)[:-1] + b"\x82", "string of 655361 bytes")
+        self.assertDecodeError(encode(limit + 1)[:-1] + b"\x80", "list of 655361 elements")
+        self.assertDecodeError(encode([b"abcd"]), "exceeds the size limit of 3", sizeLimit=3)
+
+    def test_depthLimit(self) -> None:
+        """Nesting up to depthLimit decodes; one level more fails, and 10,000 levels too."""
+        self.assertEqual(decode(_nested(3), depthLimit=3), [[[0]]])
+        self.assertDecodeError(_nested(4), "nested more than 3 deep", depthLimit=3)
+        # An empty list is a level too.
+        self.assertEqual(decode(h("01 80 01 80 00 80"), depthLimit=3), [[[]]])
+        self.assertDecodeError(h("01 80 01 80 00 80"), "nested more than 2 deep", depthLimit=2)
+        decode(_nested(banana.DEPTH_LIMIT))
+        self.assertDecodeError(_nested(banana.DEPTH_LIMIT + 1), "nested more than 1000 deep")
+        self.assertDecodeError(_nested(10_000), "depth limit")
+        deep = decode(_nested(10_000), depthLimit=10_000)
+        for _ in range(9_999):
+            deep = deep[0]
+        self.assertEqual(deep, [0])
+
+    def test_messageSizeLimit(self) -> None:
+        """An expression larger than messageSizeLimit fails; one at the limit passes."""
+        data = encode([b"a" * 40, b"b" * 40])
+        self.assertEqual(len(data), 86)
+        self.assertEqual(decode(data, messageSizeLimit=86), [b"a" * 40, b"b" * 40])
+        self.assertDecodeError(data, "message size limit of 85", messageSizeLimit=85)
+        decoder = Decoder(messageSizeLimit=100)
+        self.assertEqual(decoder.feed(data + data), [[b"a" * 40, b"b" * 40]] * 2)
+
+    def test_messageSizeLimitBoundsBuffering(self) -> None:
+        """A growing expression is refused before it holds more than the limit."""
+        decoder = Decoder(messageSizeLimit=1000)
+        with self.assertRaises(BananaDecodeError):
+            for _ in range(10_000):
+                decoder.feed(b"\x0f\x80" + b"\x01\x81" * 14)
+                self.assertLessEqual(decoder.buffered, 1000)
+
+    def test_unknownTypeByte(self) -> None:
+        """Type bytes beyond 0x87 are refused with the byte in the message."""
+        for kind in range(0x88, 0x100):
+            self.assertDecodeError(bytes([1, kind]), f"unknown banana type byte 0x{kind:02x}")
+
+    def test_vocabInNone(self) -> None:
+        """VOCAB is refused in the 'none' dialect, and unknown symbols in 'pb'."""
+        self.assertDecodeError(h("08 87"), "received in the 'none' dialect")
+        self.assertDecodeError(h("20 87"), "not in the 'pb' vocabulary", dialect=b"pb")
+        self.assertDecodeError(h("00 87"), "not in the 'pb' vocabulary", dialect=b"pb")
+
+    def test_expressionsBeforeErrorKept(self) -> None:
+        """Expressions completed in the same read before the error travel on the error."""
+        decoder = Decoder()
+        with self.assertRaises(BananaDecodeError) as caught:
+            decoder.feed(encode([1]) + encode(b"two") + h("01 80 05 99"))
+        self.assertEqual(caught.exception.expressions, [[1], b"two"])
+        self.assertIn("0x99", str(caught.exception))
+
+    def test_truncatedIsNotAnError(self) -> None:
+        """A truncated stream is just incomplete: nothing comes out, nothing fails."""
+        data = encode([b"abc", 2.5, [1, 2]])
+        for cut in range(len(data)):
+            decoder = Decoder()
+            self.assertEqual(decoder.feed(data[:cut]), [])
+            self.assertEqual(decoder.midExpression, cut > 0)
+
+    def test_badLimitArguments(self) -> None:
+        """Limits below 1 are refused when the decoder is made."""
+        for name in ("sizeLimit", "prefixLimit", "depthLimit", "messageSizeLimit"):
+            with self.assertRaises(ValueError) as caught:
+                Decoder(**{name: 0})
+            self.assertIn(name, str(caught.exception))
+
+    def test_errorsAreBananaErrors(self) -> None:
+        """Both error kinds derive from BananaError, the name twisted.spread uses."""
+        self.assertTrue(issubclass(BananaDecodeError, BananaError))
+        self.assertTrue(issubclass(BananaEncodeError, BananaError))
+        self.assertIs(banana.BananaError, BananaError)
+
+
+class _Collector(Banana):
+    """
+    A banana protocol that records what it receives and when it became ready.
+    """
+
+    def __init__(self, isClient: bool = True) -> None:
+        super().__init__(isClient)
+        self.received: list[Any] = []
+        self.ready = 0
+
+    def connectionReady(self) -> None:
+        self.ready += 1
+
+    def expressionReceived(self, expression: Any) -> None:
+        self.received.append(expression)
+
+
+class _TwistedCollector(twistedBanana.Banana):
+    """
+    Stock Twisted's banana protocol, recording what it receives.
+    """
+
+    def __init__(self, isClient: int = 1) -> None:
+        super().__init__(isClient)
+        self.received: list[Any] = []
+
+    def expressionReceived(self, expression: Any) -> None:
+        self.received.append(expression)
+
+
+class ProtocolTests(SynchronousTestCase):
+    def connected(self, protocol: Banana) -> StringTransport:
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return transport
+
+    def test_serverOffersDialects(self) -> None:
+        """On connection the server offers its dialects in the plain form."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        self.assertEqual(transport.value(), h("02 80 02 82 70 62 04 82 6e 6f 6e 65"))
+        self.assertIsNone(server.currentDialect)
+
+    def test_clientChoosesFirstKnown(self) -> None:
+        """The client answers with the first offered dialect it knows, as a bare string."""
+        client = _Collector()
+        transport = self.connected(client)
+        self.assertEqual(transport.value(), b"")
+        client.dataReceived(encode([b"future", b"none", b"pb"]))
+        self.assertEqual(transport.value(), encode(b"none"))
+        self.assertEqual(client.currentDialect, b"none")
+        self.assertEqual(client.ready, 1)
+
+    def test_negotiationAndFirstMessageInOneRead(self) -> None:
+        """A dialect choice followed by a 'pb' message in the same read is decoded right."""
+        server = _Collector(isClient=False)
+        self.connected(server)
+        server.dataReceived(encode(b"pb") + encode([b"version", 6], b"pb"))
+        self.assertEqual(server.currentDialect, b"pb")
+        self.assertEqual(server.received, [[b"version", 6]])
+        self.assertEqual(server.ready, 1)
+
+    def test_sendEncodedUsesDialect(self) -> None:
+        """After negotiation sendEncoded writes in the chosen dialect."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"pb"))
+        transport.clear()
+        server.sendEncoded([b"version", 6])
+        self.assertEqual(transport.value(), h("02 80 13 87 06 81"))
+
+    def test_sendEncodedRefusesAndWritesNothing(self) -> None:
+        """An unsendable value raises and leaves the transport untouched."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        transport.clear()
+        with self.assertRaises(BananaEncodeError):
+            server.sendEncoded([1, "text"])
+        self.assertEqual(transport.value(), b"")
+
+    def test_unknownChoiceDropsConnection(self) -> None:
+        """A server aborts a connection whose client chose a dialect it did not offer."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        with capturedLogs() as events:
+            server.dataReceived(encode(b"klingon"))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(server.currentDialect)
+        self.assertEqual(len(events), 1)
+        self.assertIn("did not offer", events[0]["why"])
+        self.assertIn("klingon", events[0]["why"])
+        server.dataReceived(encode(b"pb"))
+        self.assertIsNone(server.currentDialect)
+
+    def test_noCommonDialectDropsConnection(self) -> None:
+        """A client that knows none of the offered dialects disconnects."""
+        client = _Collector()
+        transport = self.connected(client)
+        client.dataReceived(encode([b"future"]))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_garbageDropsConnection(self) -> None:
+        """Malformed bytes abort the connection; no exception escapes dataReceived."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"pb") + encode([b"ok"], b"pb") + h("05 99"))
+        self.assertEqual(server.received, [[b"ok"]])
+        self.assertTrue(transport.disconnecting)
+        server.dataReceived(encode([b"more"], b"pb"))
+        self.assertEqual(server.received, [[b"ok"]])
+
+    def test_garbageDuringNegotiation(self) -> None:
+        """Bad bytes right after the dialect choice abort before anything is delivered."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"pb") + h("99"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(server.received, [])
+
+    def test_vocabBeforeNegotiation(self) -> None:
+        """VOCAB tokens are refused until the 'pb' dialect has been chosen."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(h("13 87"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_limitsApply(self) -> None:
+        """The class attributes set the limits of each connection."""
+
+        class Small(_Collector):
+            sizeLimit = 10
+
+        server = Small(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"none") + encode(b"x" * 11))
+        self.assertTrue(transport.disconnecting)
+        with self.assertRaises(BananaEncodeError):
+            server.sendEncoded(b"x" * 11)
+
+    def test_setPrefixLimit(self) -> None:
+        """setPrefixLimit changes this connection's decoding and encoding limits."""
+        server = _Collector(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"none"))
+        server.setPrefixLimit(2)
+        with self.assertRaises(BananaEncodeError):
+            server.sendEncoded(2**14)
+        server.dataReceived(h("7f 7f 81"))
+        self.assertEqual(server.received, [2**14 - 1])
+        server.dataReceived(h("00 00 01 81"))
+        self.assertTrue(transport.disconnecting)
+        with self.assertRaises(ValueError):
+            server.setPrefixLimit(0)
+
+    def test_moduleSetPrefixLimit(self) -> None:
+        """The module-level setPrefixLimit sets the default for new connections."""
+        self.addCleanup(banana.setPrefixLimit, banana.PREFIX_LIMIT)
+        banana.setPrefixLimit(3)
+        server = _Collector(isClient=False)
+        self.connected(server)
+        self.assertEqual(server.prefixLimit, 3)
+        with self.assertRaises(ValueError):
+            banana.setPrefixLimit(0)
+
+    def test_publicSurface(self) -> None:
+        """The names of twisted.spread.banana's public surface exist here."""
+        for name in ("encode", "decode", "setPrefixLimit", "SIZE_LIMIT", "BananaError"):
+            self.assertTrue(hasattr(banana, name), name)
+        for name in (
+            "knownDialects",
+            "isClient",
+            "sendEncoded",
+            "expressionReceived",
+            "connectionReady",
+            "setPrefixLimit",
+            "sizeLimit",
+            "outgoingVocabulary",
+            "incomingVocabulary",
+        ):
+            self.assertTrue(hasattr(Banana(), name), name)
+        self.assertEqual(banana.SIZE_LIMIT, twistedBanana.SIZE_LIMIT)
+        self.assertEqual(Banana.knownDialects, twistedBanana.Banana.knownDialects)
+        self.assertEqual(Banana.outgoingVocabulary, twistedBanana.Banana.outgoingVocabulary)
+        self.assertEqual(Banana.incomingVocabulary, twistedBanana.Banana.incomingVocabulary)
+
+
+class TwistedInteropTests(SynchronousTestCase):
+    """
+    A pbroker Banana and a stock Twisted Banana, connected in memory, in both roles.
+    """
+
+    EXPRESSIONS: list[Any] = [
+        [b"version", 6],
+        [b"message", 1, b"root", b"login", 1, [b"tuple", b"user"], [b"dictionary"]],
+        [1, -1, 2**31, -(2**31) - 1, 2**400, 1.25, b"", b"list", [[], [b"x" * 70000]]],
+    ]
+
+    def exchange(self, server: Any, client: Any) -> None:
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client)
+        )
+        self.assertEqual(server.currentDialect, b"pb")
+        self.assertEqual(client.currentDialect, b"pb")
+        for expression in self.EXPRESSIONS:
+            server.sendEncoded(expression)
+            client.sendEncoded(expression)
+        pump.flush()
+        self.assertEqual(server.received, self.EXPRESSIONS)
+        self.assertEqual(client.received, self.EXPRESSIONS)
+
+    def test_pbrokerServerTwistedClient(self) -> None:
+        """A stock Twisted client negotiates 'pb' with a pbroker server and both exchange."""
+        self.exchange(_Collector(isClient=False), _TwistedCollector(isClient=1))
+
+    def test_twistedServerPbrokerClient(self) -> None:
+        """A pbroker client negotiates 'pb' with a stock Twisted server and both exchange."""
+        self.exchange(_TwistedCollector(isClient=0), _Collector(isClient=True))

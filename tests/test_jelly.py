@@ -1,0 +1,791 @@
+"""
+Tests for pbroker.jelly: every tag, references and cycles, security, hooks and errors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import sys
+import types
+import warnings
+from typing import Any
+
+from twisted.spread import jelly as twistedJelly
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import banana, jelly
+from pbroker.errors import BananaEncodeError, InsecureJelly, InvalidJelly, JellyError
+from pbroker.jelly import (
+    DummySecurityOptions,
+    Jellyable,
+    SecurityOptions,
+    UnjellyableRegistry,
+    Unpersistable,
+)
+
+TRUSTED = DummySecurityOptions()
+
+
+class Point:
+    """
+    A plain class, rebuilt from its ``__dict__``.
+    """
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+    def norm(self) -> int:
+        return abs(self.x) + abs(self.y)
+
+
+class Node:
+    """
+    A class whose instances point at each other.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.links: list[Any] = []
+
+
+class Hooked:
+    """
+    Records postUnjelly calls, and what it could see when they happened.
+    """
+
+    log: list[Any] = []
+
+    def postUnjelly(self) -> None:
+        Hooked.log.append(self.peer.value)
+
+
+class Peer:
+    pass
+
+
+def helper() -> int:
+    return 1
+
+
+def roundTrip(value: Any, **options: Any) -> Any:
+    return jelly.unjelly(jelly.jelly(value), **options)
+
+
+class ValueTagTests(SynchronousTestCase):
+    def test_wireForms(self) -> None:
+        """Each value becomes the s-expression of the wire specification, section 2.1."""
+        forms: list[tuple[Any, Any]] = [
+            (None, [b"None"]),
+            (True, [b"boolean", b"true"]),
+            (False, [b"boolean", b"false"]),
+            ("h\xe9", [b"unicode", b"h\xc3\xa9"]),
+            (b"raw", b"raw"),
+            (7, 7),
+            (1.5, 1.5),
+            ([1, "a"], [b"list", 1, [b"unicode", b"a"]]),
+            ((1,), [b"tuple", 1]),
+            ({"k": 1, 2: None}, [b"dictionary", [[b"unicode", b"k"], 1], [2, [b"None"]]]),
+            ({3}, [b"set", 3]),
+            (frozenset([4]), [b"frozenset", 4]),
+            (datetime.datetime(2020, 1, 2, 3, 4, 5, 6), [b"datetime", b"2020 1 2 3 4 5 6"]),
+            (datetime.date(2020, 1, 2), [b"date", b"2020 1 2"]),
+            (datetime.time(3, 4, 5, 6), [b"time", b"3 4 5 6"]),
+            (datetime.timedelta(1, 2, 3), [b"timedelta", b"1 2 3"]),
+            (decimal.Decimal("-1.25"), [b"decimal", -125, -2]),
+            (decimal.Decimal("0"), [b"decimal", 0, 0]),
+            (decimal.Decimal("1E+3"), [b"decimal", 1, 3]),
+        ]
+        for value, form in forms:
+            self.assertEqual(jelly.jelly(value), form, value)
+            self.assertEqual(twistedJelly.jelly(value), form, value)
+            self.assertEqual(jelly.unjelly(form), value, value)
+            self.assertIs(type(jelly.unjelly(form)), type(value))
+
+    def test_codeObjects(self) -> None:
+        """Classes, functions, modules and methods are named, with bytes names."""
+        point = Point(1, 2)
+        self.assertEqual(jelly.jelly(Point), [b"class", b"tests.test_jelly.Point"])
+        self.assertEqual(jelly.jelly(helper), [b"function", b"tests.test_jelly.helper"])
+        self.assertEqual(jelly.jelly(types), [b"module", b"types"])
+        self.assertEqual(
+            jelly.jelly(point.norm),
+            [
+                b"method",
+                b"norm",
+                [
+                    b"tests.test_jelly.Point",
+                    [b"dictionary", [[b"unicode", b"x"], 1], [[b"unicode", b"y"], 2]],
+                ],
+                [b"class", b"tests.test_jelly.Point"],
+            ],
+        )
+        # Unlike Twisted's, these expressions can be sent.
+        for value in (Point, helper, types, point.norm):
+            banana.encode(jelly.jelly(value))
+            self.assertEqual(jelly.dumps(value), banana.encode(jelly.jelly(value)))
+
+    def test_codeObjectsRoundTripWhenAllowed(self) -> None:
+        """With their module allowed, classes, functions, modules and methods come back."""
+        options = SecurityOptions()
+        options.allowInstancesOf(Point)
+        options.allowTypes("function", "method")
+        options.allowModules("types")
+        self.assertIs(roundTrip(Point, taster=options), Point)
+        self.assertIs(roundTrip(helper, taster=options), helper)
+        self.assertIs(roundTrip(types, taster=options), types)
+        method = roundTrip(Point(3, -4).norm, taster=options)
+        self.assertEqual(method(), 7)
+
+    def test_instances(self) -> None:
+        """An instance travels as its class name and state and is rebuilt without __init__."""
+        options = SecurityOptions()
+        options.allowInstancesOf(Point)
+        sexp = jelly.jelly(Point(1, 2))
+        self.assertEqual(sexp[0], b"tests.test_jelly.Point")
+        self.assertEqual(roundTrip(Point(1, 2), taster=options), Point(1, 2))
+
+    def test_insecureInstanceSentAsUnpersistable(self) -> None:
+        """Jellied with security options that do not allow its class, an instance is marked."""
+        sexp = jelly.jelly(Point(1, 2), jelly.globalSecurity)
+        self.assertEqual(
+            sexp, [b"unpersistable", b"instance of class tests.test_jelly.Point deemed insecure"]
+        )
+        self.assertEqual(sexp, twistedJelly.jelly(Point(1, 2), twistedJelly.globalSecurity))
+        value = jelly.unjelly(sexp)
+        self.assertIsInstance(value, Unpersistable)
+        self.assertIn("deemed insecure", value.reason)
+        self.assertEqual(value, Unpersistable(value.reason))
+
+    def test_persistent(self) -> None:
+        """persistentStore and persistentLoad carry an instance as an opaque id."""
+        sexp = jelly.jelly([Point(1, 2)], persistentStore=lambda obj, jellier: b"p1")
+        self.assertEqual(sexp, [b"list", [b"persistent", b"p1"]])
+        loaded = jelly.unjelly(sexp, persistentLoad=lambda data, unjellier: ("loaded", data))
+        self.assertEqual(loaded, [("loaded", b"p1")])
+        self.assertIsInstance(jelly.unjelly(sexp)[0], Unpersistable)
+
+    def test_subclassesOfBuiltinsAreInstances(self) -> None:
+        """Subclasses of builtin containers travel as instances, as in Twisted."""
+
+        class Tagged(dict[str, int]):
+            pass
+
+        self.assertEqual(jelly.jelly(Tagged(a=1))[0], jelly.qual(Tagged).encode())
+        self.assertTrue(jelly.jelly(Tagged(a=1))[0].endswith(b".Tagged"))
+
+
+class ReferenceTests(SynchronousTestCase):
+    def test_sharedForm(self) -> None:
+        """A container met twice is defined where first met and dereferenced after."""
+        shared = [1]
+        self.assertEqual(
+            jelly.jelly([shared, shared]),
+            [b"list", [b"reference", 1, [b"list", 1]], [b"dereference", 1]],
+        )
+
+    def test_selfCycleForm(self) -> None:
+        """A list containing itself has the form given in the specification."""
+        cycle: list[Any] = [1]
+        cycle.append(cycle)
+        self.assertEqual(jelly.jelly(cycle), [b"reference", 1, [b"list", 1, [b"dereference", 1]]])
+
+    def test_idsInOrderOfSecondMeeting(self) -> None:
+        """Reference ids are given out in the order objects are met a second time."""
+        first, second = [1], [2]
+        value = [first, second, second, first]
+        self.assertEqual(jelly.jelly(value), twistedJelly.jelly(value))
+        sexp = jelly.jelly(value)
+        self.assertEqual(sexp[1][:2], [b"reference", 2])
+        self.assertEqual(sexp[2][:2], [b"reference", 1])
+
+    def test_sharingPreserved(self) -> None:
+        """Shared containers come back shared, not copied."""
+        shared = {"a": [1]}
+        value = roundTrip([shared, shared, (shared,)])
+        self.assertIs(value[0], value[1])
+        self.assertIs(value[2][0], value[0])
+
+    def test_cycles(self) -> None:
+        """Lists, dicts and instances that contain themselves come back as cycles."""
+        cycle: list[Any] = [1]
+        cycle.append(cycle)
+        back = roundTrip(cycle)
+        self.assertIs(back[1], back)
+
+        mapping: dict[str, Any] = {}
+        mapping["me"] = mapping
+        back = roundTrip(mapping)
+        self.assertIs(back["me"], back)
+
+        options = SecurityOptions()
+        options.allowInstancesOf(Node)
+        a, b = Node("a"), Node("b")
+        a.links.append(b)
+        b.links.append(a)
+        back = roundTrip(a, taster=options)
+        self.assertIs(back.links[0].links[0], back)
+
+    def test_cyclesThroughImmutables(self) -> None:
+        """A tuple, set or frozenset on a cycle is built once its members exist."""
+        holder: list[Any] = []
+        tupled = (holder,)
+        holder.append(tupled)
+        back = roundTrip(tupled)
+        self.assertIs(back[0][0], back)
+
+        options = SecurityOptions()
+        options.allowInstancesOf(Node)
+        node = Node("n")
+        members = {node}
+        node.links.append(members)
+        back = roundTrip(members, taster=options)
+        [member] = back
+        self.assertIs(member.links[0], back)
+
+        frozen = frozenset([node])
+        node.links[0] = frozen
+        back = roundTrip(frozen, taster=options)
+        [member] = back
+        self.assertIs(member.links[0], back)
+
+    def test_cycleThroughDictionaryKey(self) -> None:
+        """A dictionary whose key is a tuple on a cycle gets the entry once the key exists."""
+        holder: list[Any] = []
+        key = (1, "k")
+        mapping = {key: holder}
+        holder.append(mapping)
+        back = roundTrip([mapping, key])
+        self.assertEqual(back[0], {(1, "k"): [back[0]]})
+
+    def test_tupleContainingItselfRefused(self) -> None:
+        """A tuple that directly contains itself cannot exist, so it is refused."""
+        sexp = [b"reference", 1, [b"tuple", [b"dereference", 1]]]
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly(sexp)
+        self.assertIn("unresolvable", str(caught.exception))
+
+    def test_malformedReferences(self) -> None:
+        """Unknown and duplicated ids are refused."""
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"list", [b"dereference", 9]])
+        self.assertIn("never defined", str(caught.exception))
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"list", [b"reference", 1, [b"list"]], [b"reference", 1, [b"list"]]])
+        self.assertIn("defined twice", str(caught.exception))
+
+    def test_argsAndKwargsAreSeparateScopes(self) -> None:
+        """Two jelly calls do not share references (PB jellies args and kwargs apart)."""
+        shared = [1]
+        self.assertEqual(jelly.jelly(shared), jelly.jelly(shared))
+
+
+class DeepNestingTests(SynchronousTestCase):
+    DEPTH = 10_000
+
+    def nested(self) -> list[Any]:
+        value: list[Any] = []
+        for _ in range(self.DEPTH):
+            value = [value]
+        return value
+
+    def test_jellyAndUnjellyDeep(self) -> None:
+        """10,000 nested lists jelly, dump, load and unjelly without RecursionError."""
+        value = self.nested()
+        sexp = jelly.jelly(value)
+        back = jelly.unjelly(sexp)
+        for _ in range(self.DEPTH):
+            back = back[0]
+        self.assertEqual(back, [])
+        data = jelly.dumps(value)
+        self.assertEqual(data, banana.encode(sexp))
+        loaded = jelly.loads(data, depthLimit=self.DEPTH + 1)
+        for _ in range(self.DEPTH):
+            loaded = loaded[0]
+        self.assertEqual(loaded, [])
+
+    def test_decodeRefusesDeepByDefault(self) -> None:
+        """The default decoder refuses such a message cleanly, with a BananaError."""
+        with self.assertRaises(banana.BananaError) as caught:
+            jelly.loads(jelly.dumps(self.nested()))
+        self.assertIn("depth limit", str(caught.exception))
+
+
+class SecurityTests(SynchronousTestCase):
+    def test_denyByDefault(self) -> None:
+        """By default unknown classes, classes, modules and functions are refused."""
+        refused = [
+            [b"tests.test_jelly.Point", [b"dictionary"]],
+            [b"class", b"tests.test_jelly.Point"],
+            [b"module", b"os"],
+            [b"function", b"os.system"],
+            [b"os.system", [b"unicode", b"rm -rf /"]],
+            [b"method", b"norm", [b"None"], [b"class", b"tests.test_jelly.Point"]],
+            [b"instance", [b"class", b"tests.test_jelly.Point"], [b"dictionary"]],
+        ]
+        for sexp in refused:
+            with self.assertRaises(InsecureJelly, msg=repr(sexp)):
+                jelly.unjelly(sexp)
+
+    def test_messagesSayWhat(self) -> None:
+        """The error names the module or type that was refused."""
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.unjelly([b"tests.test_jelly.Point", [b"dictionary"]])
+        self.assertIn("module 'tests.test_jelly' is not allowed", str(caught.exception))
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.unjelly([b"class", b"x.Y"])
+        self.assertIn("'class' is not allowed", str(caught.exception))
+
+    def test_nothingImported(self) -> None:
+        """A refused name never causes its module to be imported."""
+        self.assertNotIn("tabnanny", sys.modules)
+        for sexp in (
+            [b"tabnanny.Whatever", [b"dictionary"]],
+            [b"class", b"tabnanny.NannyNag"],
+            [b"module", b"tabnanny"],
+            [b"function", b"tabnanny.check"],
+        ):
+            with self.assertRaises(InsecureJelly):
+                jelly.unjelly(sexp)
+            with self.assertRaises(InsecureJelly):
+                jelly.unjelly(sexp, taster=SecurityOptions())
+        self.assertNotIn("tabnanny", sys.modules)
+
+    def test_allowedModuleButNotClass(self) -> None:
+        """An allowed module still needs its class allowed."""
+        options = SecurityOptions()
+        options.allowBasicTypes()
+        options.allowModules("tests.test_jelly")
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.unjelly([b"tests.test_jelly.Point", [b"dictionary"]], options)
+        self.assertIn("class 'tests.test_jelly.Point' is not allowed", str(caught.exception))
+        with self.assertRaises(InvalidJelly):
+            jelly.unjelly([b"tests.test_jelly.helper", [b"dictionary"]], options)
+        with self.assertRaises(InvalidJelly):
+            jelly.unjelly([b"tests.test_jelly.Missing", [b"dictionary"]], options)
+
+    def test_bareSecurityOptions(self) -> None:
+        """A fresh SecurityOptions accepts atoms only; allowBasicTypes adds containers."""
+        options = SecurityOptions()
+        self.assertEqual(jelly.unjelly([b"unicode", b"x"], options), "x")
+        self.assertEqual(jelly.unjelly([b"set", 1], options), {1})
+        with self.assertRaises(InsecureJelly):
+            jelly.unjelly([b"list", 1], options)
+        options.allowBasicTypes()
+        self.assertEqual(jelly.unjelly([b"list", 1], options), [1])
+
+    def test_securityOptionsQueries(self) -> None:
+        """The query methods answer as Twisted's do, for text and bytes names."""
+        options = SecurityOptions()
+        self.assertTrue(options.isTypeAllowed("unicode"))
+        self.assertTrue(options.isTypeAllowed(b"a.dotted.Name"))
+        self.assertFalse(options.isTypeAllowed(b"list"))
+        self.assertFalse(options.isModuleAllowed("os"))
+        options.allowModules(types, "json")
+        self.assertTrue(options.isModuleAllowed("types"))
+        self.assertTrue(options.isModuleAllowed(b"json"))
+        self.assertFalse(options.isClassAllowed(Point))
+        options.allowInstancesOf(Point)
+        self.assertTrue(options.isClassAllowed(Point))
+        self.assertTrue(options.isModuleAllowed("tests.test_jelly"))
+        self.assertTrue(options.isTypeAllowed(b"list"))
+        with self.assertRaises(TypeError):
+            options.allowInstancesOf(Point(1, 2))  # type: ignore[arg-type]
+
+    def test_dummySecurityOptions(self) -> None:
+        """DummySecurityOptions allows everything: the trusted-data escape hatch."""
+        self.assertEqual(jelly.unjelly(jelly.jelly(Point(5, 6)), TRUSTED), Point(5, 6))
+        self.assertTrue(TRUSTED.isModuleAllowed("os"))
+
+    def test_customTasterRefusingTypeOnJelly(self) -> None:
+        """A taster that refuses a type makes jelly raise InsecureJelly for it."""
+
+        class NoFloats(SecurityOptions):
+            def isTypeAllowed(self, typeName: str | bytes) -> bool:
+                return typeName != b"builtins.float" and super().isTypeAllowed(typeName)
+
+        self.assertEqual(jelly.jelly([1, "a"], NoFloats()), [b"list", 1, [b"unicode", b"a"]])
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.jelly([1, 2.5], NoFloats())
+        self.assertIn("builtins.float", str(caught.exception))
+        with self.assertRaises(InsecureJelly):
+            jelly.dumps({"x": 2.5}, taster=NoFloats())
+        self.assertEqual(jelly.dumps([1, "a"], taster=NoFloats()), jelly.dumps([1, "a"]))
+
+
+class Copy:
+    """
+    A pass-by-copy class on the receiving side.
+    """
+
+    def unjellyFor(self, unjellier: Any, jellyList: list[Any]) -> Copy:
+        self.state = unjellier.unjelly(jellyList[1])
+        self.invoker = unjellier.invoker
+        return self
+
+
+class RegistryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.classes = dict(jelly.unjellyableRegistry)
+        self.factories = dict(jelly.unjellyableFactoryRegistry)
+        self.allowed = dict(jelly.globalSecurity.allowedTypes)
+
+    def tearDown(self) -> None:
+        for table, saved in (
+            (jelly.unjellyableRegistry, self.classes),
+            (jelly.unjellyableFactoryRegistry, self.factories),
+            (jelly.globalSecurity.allowedTypes, self.allowed),
+        ):
+            table.clear()
+            table.update(saved)  # type: ignore[attr-defined]
+
+    def test_globalRegistration(self) -> None:
+        """setUnjellyableForClass makes the default unjelly rebuild that tag."""
+        jelly.setUnjellyableForClass("remote.Thing", Copy)
+        self.assertIs(jelly.unjellyableRegistry[b"remote.Thing"], Copy)
+        copy = jelly.unjelly([b"remote.Thing", [b"list", 1]], invoker="broker")
+        self.assertIsInstance(copy, Copy)
+        self.assertEqual(copy.state, [1])
+        self.assertEqual(copy.invoker, "broker")
+
+    def test_registrationByClassAndUndottedTag(self) -> None:
+        """A class stands for its full name; an undotted tag works once registered."""
+        jelly.setUnjellyableForClass(Point, Copy)
+        self.assertIn(b"tests.test_jelly.Point", jelly.unjellyableRegistry)
+        jelly.setUnjellyableForClass(b"plain", Copy)
+        self.assertIsInstance(jelly.unjelly([b"plain", 5]), Copy)
+
+    def test_factory(self) -> None:
+        """A factory is called with the unjellied state."""
+        jelly.setUnjellyableFactoryForClass("remote.Pair", lambda state: ("pair", state))
+        self.assertEqual(jelly.unjelly([b"remote.Pair", [b"tuple", 1, 2]]), ("pair", (1, 2)))
+
+    def test_classTree(self) -> None:
+        """setUnjellyableForClassTree registers every subclass in a module under a prefix."""
+        module = types.ModuleType("copies")
+
+        class Base(Copy):
+            pass
+
+        class Leaf(Base):
+            pass
+
+        module.Base = Base  # type: ignore[attr-defined]
+        module.Leaf = Leaf  # type: ignore[attr-defined]
+        module.other = 3  # type: ignore[attr-defined]
+        jelly.setUnjellyableForClassTree(module, Base, "remote")
+        self.assertIsInstance(jelly.unjelly([b"remote.Leaf", 1]), Leaf)
+        self.assertIsInstance(jelly.unjelly([b"remote.Base", 1]), Base)
+        registry = UnjellyableRegistry()
+        self.assertEqual(
+            sorted(registry.setUnjellyableForClassTree(module, Base)),
+            [b"copies.Base", b"copies.Leaf"],
+        )
+        self.assertEqual(registry.setUnjellyableForClassTree(module, Base, ""), [b"Base", b"Leaf"])
+
+    def test_perCallRegistries(self) -> None:
+        """Two registries in one process accept different classes; the global one neither."""
+        one, two = UnjellyableRegistry(), UnjellyableRegistry()
+        one.setUnjellyableForClass("remote.One", Copy)
+        two.setUnjellyableFactoryForClass("remote.Two", lambda state: ("two", state))
+        self.assertIsInstance(jelly.unjelly([b"remote.One", 1], registry=one), Copy)
+        self.assertEqual(jelly.unjelly([b"remote.Two", 1], registry=two), ("two", 1))
+        with self.assertRaises(InsecureJelly):
+            jelly.unjelly([b"remote.One", 1], registry=two)
+        with self.assertRaises(InsecureJelly):
+            jelly.unjelly([b"remote.Two", 1], registry=one)
+        with self.assertRaises(InsecureJelly):
+            jelly.unjelly([b"remote.One", 1])
+        self.assertNotIn(b"remote.One", jelly.globalSecurity.allowedTypes)
+
+    def test_registrationChecksArguments(self) -> None:
+        """Registering something that cannot be called is a TypeError."""
+        with self.assertRaises(TypeError):
+            UnjellyableRegistry().setUnjellyableForClass("x.Y", 5)
+        with self.assertRaises(TypeError):
+            UnjellyableRegistry().setUnjellyableFactoryForClass("x.Y", 5)  # type: ignore[arg-type]
+        with self.assertRaises(TypeError):
+            UnjellyableRegistry().setUnjellyableForClass(5, Copy)  # type: ignore[arg-type]
+
+
+class Shape(Jellyable):
+    """
+    Sends only part of its state, under a tag of its own choosing.
+    """
+
+    def __init__(self, sides: int, secret: str) -> None:
+        self.sides = sides
+        self.secret = secret
+
+    def getStateFor(self, jellier: Any) -> Any:
+        return {"sides": self.sides}
+
+
+class RemoteShape(jelly.Unjellyable):
+    def setStateFor(self, unjellier: Any, state: Any) -> None:
+        self.__dict__ = state
+        self.rebuilt = True
+
+
+class HookTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(Shape, RemoteShape)
+
+    def test_jellyableState(self) -> None:
+        """getStateFor chooses what is sent; setStateFor how it is installed."""
+        sexp = jelly.jelly(Shape(3, "hidden"))
+        self.assertEqual(
+            sexp, [b"tests.test_jelly.Shape", [b"dictionary", [[b"unicode", b"sides"], 3]]]
+        )
+        shape = jelly.unjelly(sexp, registry=self.registry)
+        self.assertIsInstance(shape, RemoteShape)
+        self.assertEqual(shape.sides, 3)
+        self.assertTrue(shape.rebuilt)
+        self.assertFalse(hasattr(shape, "secret"))
+
+    def test_jellyableSharing(self) -> None:
+        """A Jellyable met twice is referenced, in dumps() as in jelly()."""
+        shape = Shape(4, "x")
+        value = [shape, {"again": shape}]
+        sexp = jelly.jelly(value)
+        self.assertEqual(sexp[2][1][1], [b"dereference", 1])
+        self.assertEqual(jelly.dumps(value), banana.encode(sexp))
+        self.assertEqual(jelly.dumps(value, b"pb"), banana.encode(sexp, b"pb"))
+        back = jelly.unjelly(sexp, registry=self.registry)
+        self.assertIs(back[0], back[1]["again"])
+
+    def test_jellyForInvokerAndCustomForm(self) -> None:
+        """jellyFor sees the invoker and may return any expression."""
+
+        class Handle(Jellyable):
+            def jellyFor(self, jellier: Any) -> Any:
+                return [b"remote", jellier.invoker]
+
+        self.assertEqual(jelly.jelly([Handle()], invoker=7), [b"list", [b"remote", 7]])
+        self.assertEqual(
+            jelly.dumps([Handle()], b"pb", invoker=7),
+            banana.encode([b"list", [b"remote", 7]], b"pb"),
+        )
+
+    def test_instanceStateHelpers(self) -> None:
+        """getInstanceState and setInstanceState give the default behaviour to hooks."""
+
+        class Custom(Jellyable):
+            def jellyFor(self, jellier: Any) -> Any:
+                return jelly.getInstanceState(self, jellier)
+
+        class CustomCopy:
+            def unjellyFor(self, unjellier: Any, jellyList: list[Any]) -> Any:
+                return jelly.setInstanceState(self, unjellier, jellyList)
+
+        self.registry.setUnjellyableForClass(Custom, CustomCopy)
+        original = Custom()
+        original.value = 9  # type: ignore[attr-defined]
+        back = jelly.unjelly(jelly.jelly(original), registry=self.registry)
+        self.assertIsInstance(back, CustomCopy)
+        self.assertEqual(back.value, 9)
+
+    def test_postUnjellyRunsAfterEverything(self) -> None:
+        """postUnjelly hooks run once the whole graph, cycles included, is built."""
+        options = SecurityOptions()
+        options.allowInstancesOf(Hooked, Peer)
+        hooked, peer = Hooked(), Peer()
+        hooked.peer = peer  # type: ignore[attr-defined]
+        peer.value = "ready"  # type: ignore[attr-defined]
+        peer.back = hooked  # type: ignore[attr-defined]
+        Hooked.log = []
+        roundTrip([hooked, peer], taster=options)
+        self.assertEqual(Hooked.log, ["ready"])
+
+    def test_deprecatedInstanceTag(self) -> None:
+        """The old 'instance' tag is still read, with a DeprecationWarning."""
+        options = SecurityOptions()
+        options.allowInstancesOf(Point)
+        sexp = [
+            b"instance",
+            [b"class", b"tests.test_jelly.Point"],
+            [b"dictionary", [[b"unicode", b"x"], 1], [[b"unicode", b"y"], 2]],
+        ]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual(jelly.unjelly(sexp, options), Point(1, 2))
+        self.assertTrue(any(w.category is DeprecationWarning for w in caught))
+
+    def test_unjellyInto(self) -> None:
+        """unjellyInto stores a value at a key, as hooks written for Twisted expect."""
+        unjellier = jelly.Unjellier(jelly.globalSecurity)
+        target: dict[str, Any] = {}
+        self.assertEqual(unjellier.unjellyInto(target, "k", [b"unicode", b"v"]), "v")
+        self.assertEqual(target, {"k": "v"})
+
+
+class JellyErrorTests(SynchronousTestCase):
+    def test_unrepresentable(self) -> None:
+        """Aware datetimes, NaN decimals and broken text raise JellyError with the value."""
+        aware = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+        cases: list[Any] = [
+            aware,
+            datetime.time(1, tzinfo=datetime.timezone.utc),
+            decimal.Decimal("NaN"),
+            decimal.Decimal("-Infinity"),
+            "\ud800",
+            {"\udfff": 1},
+        ]
+        for value in cases:
+            with self.assertRaises(JellyError, msg=repr(value)):
+                jelly.jelly(value)
+            with self.assertRaises(JellyError, msg=repr(value)):
+                jelly.dumps(value)
+        with self.assertRaises(JellyError) as caught:
+            jelly.jelly(aware)
+        self.assertIn("timezone-aware", str(caught.exception))
+
+    def test_bananaLimitsInDumps(self) -> None:
+        """dumps() enforces the banana limits it is given."""
+        with self.assertRaises(BananaEncodeError):
+            jelly.dumps("x" * 11, sizeLimit=10)
+        with self.assertRaises(BananaEncodeError):
+            jelly.dumps(list(range(10)), sizeLimit=10)
+        with self.assertRaises(BananaEncodeError):
+            jelly.dumps(2**500)
+        self.assertEqual(
+            jelly.dumps(list(range(9)), sizeLimit=10), banana.encode(jelly.jelly(list(range(9))))
+        )
+
+
+class InvalidJellyTests(SynchronousTestCase):
+    MALFORMED: list[Any] = [
+        [],
+        [5],
+        [[b"list"]],
+        [b"None", 1],
+        [b"unicode"],
+        [b"unicode", b"\xff"],
+        [b"unicode", 5],
+        [b"boolean", b"yes"],
+        [b"datetime", b"2020 13 1 0 0 0 0"],
+        [b"datetime", b"soon"],
+        [b"date", b"2020 1"],
+        [b"time", b"25 0 0 0"],
+        [b"timedelta", b"1 2"],
+        [b"decimal", 1],
+        [b"decimal", b"1", 2],
+        [b"dictionary", [1]],
+        [b"dictionary", [1, 2, 3]],
+        [b"dictionary", 5],
+        [b"dictionary", [[b"list"], 1]],
+        [b"set", [b"list"]],
+        [b"reference", 1],
+        [b"reference", b"x", [b"list"]],
+        [b"dereference"],
+        [b"dereference", b"1"],
+        [b"unpersistable"],
+        [b"list", [b"tuple", [b"unicode", b"\xc3"]]],
+    ]
+
+    def test_malformed(self) -> None:
+        """Malformed expressions raise InvalidJelly (an InsecureJelly), never another error."""
+        for sexp in self.MALFORMED:
+            with self.assertRaises(InvalidJelly, msg=repr(sexp)):
+                jelly.unjelly(sexp)
+
+    def test_messages(self) -> None:
+        """The message says what was wrong."""
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"boolean", b"yes"])
+        self.assertIn("b'true' or b'false'", str(caught.exception))
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"None", 1])
+        self.assertIn("'None' expression has 0 field(s), not 1", str(caught.exception))
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"dictionary", [[b"list"], 1]])
+        self.assertIn("unusable dictionary key", str(caught.exception))
+
+    def test_unknownUndottedTag(self) -> None:
+        """An undotted tag that is neither built in nor registered is refused."""
+        with self.assertRaises(InsecureJelly):
+            jelly.unjelly([b"frobnicate", 1])
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.unjelly([b"frobnicate", 1], TRUSTED)
+        self.assertIn("not registered and not dotted", str(caught.exception))
+
+
+class DumpsLoadsTests(SynchronousTestCase):
+    VALUES: list[Any] = [
+        None,
+        [1, 2.5, -3, 2**100, b"bytes", "text", True, None],
+        {"nested": {"deeper": ({1, 2}, frozenset(["a"]))}},
+        [datetime.date(2000, 1, 1), decimal.Decimal("3.14")],
+        list(range(20_000)),
+        [b"list", b"message"],
+        ["tuple", {"dictionary": "list"}, "None"],
+    ]
+
+    def test_dumpsIsEncodeOfJelly(self) -> None:
+        """dumps() writes exactly banana.encode(jelly()) in both dialects."""
+        shared = [1]
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        for value in [*self.VALUES, [shared, {"x": shared}], cycle, (shared, shared)]:
+            for dialect in (b"none", b"pb"):
+                self.assertEqual(
+                    jelly.dumps(value, dialect), banana.encode(jelly.jelly(value), dialect)
+                )
+
+    def test_loadsInvertsDumps(self) -> None:
+        """loads() returns the value dumps() was given."""
+        for value in self.VALUES:
+            for dialect in (b"none", b"pb"):
+                self.assertEqual(jelly.loads(jelly.dumps(value, dialect), dialect), value)
+
+    def test_loadsIsDenyByDefault(self) -> None:
+        """loads() refuses unregistered classes like unjelly()."""
+        with self.assertRaises(InsecureJelly):
+            jelly.loads(jelly.dumps(Point(1, 2)))
+        self.assertEqual(jelly.loads(jelly.dumps(Point(1, 2)), taster=TRUSTED), Point(1, 2))
+
+
+class PublicSurfaceTests(SynchronousTestCase):
+    def test_twistedNamesExist(self) -> None:
+        """Every public name of twisted.spread.jelly that PB code uses exists here."""
+        for name in (
+            "jelly",
+            "unjelly",
+            "SecurityOptions",
+            "DummySecurityOptions",
+            "globalSecurity",
+            "Jellyable",
+            "Unjellyable",
+            "Unpersistable",
+            "InsecureJelly",
+            "setUnjellyableForClass",
+            "setUnjellyableFactoryForClass",
+            "setUnjellyableForClassTree",
+            "getInstanceState",
+            "setInstanceState",
+            "unjellyableRegistry",
+            "unjellyableFactoryRegistry",
+            "DictTypes",
+            "None_atom",
+            "class_atom",
+            "dereference_atom",
+            "reference_atom",
+            "dictionary_atom",
+            "list_atom",
+            "tuple_atom",
+            "set_atom",
+            "frozenset_atom",
+            "unpersistable_atom",
+            "persistent_atom",
+        ):
+            self.assertTrue(hasattr(jelly, name), name)
+            self.assertTrue(hasattr(twistedJelly, name), name)
+        self.assertEqual(SecurityOptions.basicTypes, twistedJelly.SecurityOptions.basicTypes)
+        self.assertEqual(
+            set(SecurityOptions().allowedTypes), set(twistedJelly.SecurityOptions().allowedTypes)
+        )

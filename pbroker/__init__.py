@@ -9,6 +9,12 @@ being built on top of them.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 __all__ = ["__version__"]
 
-__version__ = "0.1.0.dev0"
+try:
+    #: The installed version; pyproject.toml is its only source.
+    __version__ = version("pbroker")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"

@@ -1,0 +1,85 @@
+"""
+Tests of the package as a whole: layering rules, typing marker, metadata.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import pbroker
+
+PACKAGE = Path(pbroker.__file__).parent
+
+
+def importedModules(path: Path) -> set[str]:
+    """
+    Every module name an ``import`` or ``from ... import`` in the file names.
+    """
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+class PackageTests(SynchronousTestCase):
+    def test_neverImportsTwistedSpread(self) -> None:
+        """No product module imports twisted.spread: pbroker is written independently."""
+        sources = sorted(PACKAGE.rglob("*.py"))
+        self.assertGreater(len(sources), 5)
+        for path in sources:
+            spread = {n for n in importedModules(path) if n.startswith("twisted.spread")}
+            self.assertEqual(spread, set(), path.name)
+            # Nor loads it by name (wire strings and docs may mention it; code may not).
+            text = path.read_text(encoding="utf-8")
+            for loader in ("import_module(", "__import__(", "namedAny(", "namedModule("):
+                for line in text.splitlines():
+                    if loader in line:
+                        self.assertNotIn("spread", line, path.name)
+
+    def test_importLoadsNoSpreadAndNoReactor(self) -> None:
+        """Importing every pbroker module loads neither twisted.spread nor a reactor."""
+        modules = sorted(
+            "pbroker." + path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"
+        )
+        script = (
+            "import sys\n"
+            + "".join(f"import {name}\n" for name in modules)
+            + "bad = [m for m in sys.modules"
+            " if m.startswith('twisted.spread') or m == 'twisted.internet.reactor']\n"
+            "print(bad)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        self.assertEqual(output.strip(), "[]")
+
+    def test_codecLayerIsSansIO(self) -> None:
+        """The codec and serialiser modules import nothing from twisted.internet but the
+        Protocol base class of the Banana adapter."""
+        for name in ("_jellycore.py", "_jellier.py", "_unjellier.py", "jelly.py", "errors.py"):
+            internet = {n for n in importedModules(PACKAGE / name) if "twisted.internet" in n}
+            self.assertEqual(internet, set(), name)
+        internet = {
+            n for n in importedModules(PACKAGE / "banana.py") if n.startswith("twisted.internet")
+        }
+        self.assertEqual(
+            internet, {"twisted.internet.protocol", "twisted.internet.protocol.Protocol"}
+        )
+
+    def test_typed(self) -> None:
+        """The package ships its py.typed marker."""
+        self.assertTrue((PACKAGE / "py.typed").exists())
+
+    def test_versionFromMetadata(self) -> None:
+        """The version comes from the installed metadata, whose source is pyproject.toml."""
+        self.assertEqual(pbroker.__version__, version("pbroker"))

@@ -19,8 +19,8 @@ import decimal
 import importlib
 import types
 import warnings
-from collections.abc import Callable
-from itertools import chain
+from collections.abc import Callable, Iterator
+from itertools import chain, islice
 from typing import Any
 
 from pbroker._jellycore import (
@@ -222,22 +222,21 @@ def _insert(dictionary: dict[Any, Any], key: Any, value: Any) -> None:
 
 class _Frame:
     """
-    A container being unjellied: its closer, the expressions of its children, the next child to
-    visit, the values made so far, which of them are unresolved, and closer-specific data.
+    A container being unjellied: its closer, an iterator over the expressions of the children
+    still to visit, the values made so far, which of them are unresolved, and closer data.
     """
 
-    __slots__ = ("children", "close", "extra", "index", "pending", "values")
+    __slots__ = ("children", "close", "extra", "pending", "values")
 
     def __init__(
         self,
         close: Callable[[Unjellier, _Frame], Any],
         children: list[Any],
-        index: int = 0,
+        start: int = 0,
         extra: Any = None,
     ) -> None:
         self.close = close
-        self.children = children
-        self.index = index
+        self.children: Iterator[Any] = islice(children, start, None) if start else iter(children)
         self.values: list[Any] = []
         self.pending: list[int] | None = None
         self.extra = extra
@@ -316,31 +315,34 @@ class Unjellier:
         """
         stack: list[_Frame] = []
         unicodeAllowed = self._isAllowed(b"unicode")
+        listAllowed = self._isAllowed(b"list")
+        dictionaryAllowed = self._isAllowed(b"dictionary")
         open_ = self._open
         while True:
-            children = frame.children
             values = frame.values
             append = values.append
-            index = frame.index
-            count = len(children)
             descended = False
-            while index < count:
-                child = children[index]
-                index += 1
+            for child in frame.children:
                 if type(child) is not list:
                     append(child)
                     continue
+                # The commonest tags are handled here, the rest (and every error) by _open.
+                tag = child[0] if child else None
                 if (
-                    unicodeAllowed
+                    tag == b"unicode"
+                    and unicodeAllowed
                     and len(child) == 2
-                    and child[0] == b"unicode"
                     and type(child[1]) is bytes
                 ):
                     append(child[1].decode("utf-8"))
                     continue
-                result = open_(child)
+                if tag == b"list" and listAllowed:
+                    result = _Frame(_closeList, child, 1)
+                elif tag == b"dictionary" and dictionaryAllowed:
+                    result = _openDictionary(self, child)
+                else:
+                    result = open_(child)
                 if type(result) is _Frame:
-                    frame.index = index
                     stack.append(frame)
                     frame = result
                     descended = True

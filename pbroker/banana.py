@@ -180,10 +180,14 @@ def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     return largest, min(0x200000, largest + 1)
 
 
+def _unknownDialect(dialect: bytes) -> str:
+    known = ", ".join(repr(name) for name in DIALECTS)
+    return f"unknown banana dialect {dialect!r}; known dialects: {known}"
+
+
 def _checkDialect(dialect: bytes) -> None:
     if dialect not in DIALECTS:
-        known = ", ".join(repr(name) for name in DIALECTS)
-        raise ValueError(f"unknown banana dialect {dialect!r}; known dialects: {known}")
+        raise ValueError(_unknownDialect(dialect))
 
 
 class Encoded(bytes):
@@ -325,8 +329,7 @@ def encode(
     """
     vocabulary = _OUTGOING_TOKENS.get(dialect)
     if vocabulary is None:
-        _checkDialect(dialect)
-        raise AssertionError("unreachable")
+        raise ValueError(_unknownDialect(dialect))
     largest, fastIntLimit = _integerBounds(prefixLimit)
     cached = _CACHED
     intTokens = _INT_TOKENS
@@ -497,6 +500,8 @@ class Decoder:
         """
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        if maxExpressions is not None and maxExpressions < 1:
+            raise ValueError(f"maxExpressions must be at least 1, not {maxExpressions}")
         results: list[Any] = []
         try:
             self._parse(data, maxExpressions, results)
@@ -775,7 +780,8 @@ class Banana(Protocol):
 
     def connectionMade(self) -> None:
         self.currentDialect = None
-        if "prefixLimit" not in self.__dict__:
+        # The module-wide default applies unless this instance or its class chose a limit.
+        if "prefixLimit" not in self.__dict__ and type(self).prefixLimit == PREFIX_LIMIT:
             self.prefixLimit = _defaultPrefixLimit
         self._decoder = Decoder(
             b"none",

@@ -264,6 +264,11 @@ class DecodeTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(), [[3]])
         self.assertFalse(decoder.midExpression)
 
+    def test_maxExpressionsMustBePositive(self) -> None:
+        """Asking for fewer than one expression is a ValueError."""
+        with self.assertRaises(ValueError):
+            Decoder().feed(encode(1), maxExpressions=0)
+
     def test_dialectSwitchBetweenExpressions(self) -> None:
         """The dialect can change between two expressions that arrived in one read."""
         data = encode(b"pb") + encode([b"version", 6], b"pb")
@@ -571,6 +576,13 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(server.prefixLimit, 3)
         with self.assertRaises(ValueError):
             banana.setPrefixLimit(0)
+
+        class Strict(_Collector):
+            prefixLimit = 2
+
+        strict = Strict(isClient=False)
+        self.connected(strict)
+        self.assertEqual(strict.prefixLimit, 2)
 
     def test_publicSurface(self) -> None:
         """The names of twisted.spread.banana's public surface exist here."""

@@ -69,10 +69,13 @@ def setInstanceState(inst: Any, unjellier: Unjellier, jellyList: list[Any]) -> A
 
 def _setState(inst: Any, state: Any) -> None:
     setState = getattr(inst, "__setstate__", None)
-    if setState is not None:
-        setState(state)
-    elif isinstance(state, dict):
-        inst.__dict__ = state
+    try:
+        if setState is not None:
+            setState(state)
+        elif isinstance(state, dict):
+            inst.__dict__ = state
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InvalidJelly(f"cannot install the state sent for a {qual(type(inst))}: {e}") from e
 
 
 def _checkArity(node: list[Any], size: int) -> None:

@@ -31,11 +31,14 @@ from twisted.logger import Logger
 from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
 
 __all__ = [
+    "DEPTH_LIMIT",
     "DIALECTS",
     "PB_VOCABULARY",
     "PREFIX_LIMIT",
     "SIZE_LIMIT",
     "Banana",
+    "BananaDecodeError",
+    "BananaEncodeError",
     "BananaError",
     "Decoder",
     "Encoded",
@@ -422,8 +425,9 @@ class Decoder:
     :param prefixLimit: the most prefix bytes accepted before a type byte.
     :param depthLimit: the deepest list nesting accepted; the top-level list is depth 1.
     :param messageSizeLimit: if not ``None``, the most bytes one top-level expression may take.
-        It is checked whenever a list or string starts and whenever :meth:`feed` returns, so an
-        expression is refused before more than this (plus one element) is held.
+        It is checked whenever a list starts or ends, a string starts, an expression completes
+        and :meth:`feed` returns, so an expression is refused before more than this (plus one
+        element) is held, however the bytes are split.
     """
 
     def __init__(
@@ -645,6 +649,8 @@ class Decoder:
                 remaining -= 1
                 if remaining:
                     continue
+                if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                    raise BananaDecodeError(_messageError(messageSizeLimit))
                 while parents:
                     item = current
                     current, remaining = parents.pop()
@@ -657,6 +663,8 @@ class Decoder:
                     current = None
                 if current is not None:
                     continue
+            elif messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                raise BananaDecodeError(_messageError(messageSizeLimit))
             results.append(item)
             expressionStart = position
             if len(results) == wanted:
@@ -721,7 +729,8 @@ _defaultPrefixLimit = PREFIX_LIMIT
 
 def setPrefixLimit(limit: int) -> None:
     """
-    Set the prefix limit of :class:`Banana` protocols created after this call.
+    Set the prefix limit of :class:`Banana` protocols that connect after this call (those
+    whose instance or class sets no limit of its own).
 
     A compatibility convenience for ``twisted.spread.banana.setPrefixLimit``; prefer
     :meth:`Banana.setPrefixLimit` or the ``prefixLimit`` argument of :class:`Decoder`.
@@ -834,12 +843,14 @@ class Banana(Protocol):
                     return
             self._deliver(decoder.feed(data))
         except BananaDecodeError as e:
-            # Expressions that arrived intact before the bad bytes are still delivered.
-            if self.currentDialect is not None:
-                self._deliver(e.expressions)
-            self._fail(str(e))
-        except BananaError as e:
-            self._fail(str(e))
+            # The peer sent garbage. Expressions that arrived intact before it are still
+            # delivered; the connection is dropped whatever their handlers do. (An error the
+            # application makes while sending, BananaEncodeError, is its own: it propagates.)
+            try:
+                if self.currentDialect is not None:
+                    self._deliver(e.expressions)
+            finally:
+                self._fail(str(e))
 
     def _deliver(self, expressions: list[Any]) -> None:
         for expression in expressions:

@@ -23,6 +23,12 @@ Differences from ``twisted.spread.jelly``, all deliberate:
 * ``function``, ``module`` and ``method`` tags carry their names as bytes, so they can be sent.
 * A timezone-aware datetime, a NaN or infinite decimal, or text that is not valid Unicode
   raises :class:`JellyError`.
+* A reference that can never be resolved (a tuple containing itself, a dereference to an id
+  never defined) raises :class:`InvalidJelly` instead of leaving placeholders in the result.
+* The built-in tags (``list``, ``dictionary``, ``unicode``...) cannot be overridden by a
+  registry entry.
+* Because ``method`` names travel as bytes, a stock Twisted receiver cannot rebuild a method
+  pbroker sent (it expects the text its own sender puts there, which banana cannot carry).
 """
 
 from __future__ import annotations
@@ -225,6 +231,7 @@ def loads(
     sizeLimit: int = SIZE_LIMIT,
     prefixLimit: int = PREFIX_LIMIT,
     depthLimit: int = DEPTH_LIMIT,
+    messageSizeLimit: int | None = None,
 ) -> Any:
     """
     Decode one banana expression from ``data`` and unjelly it: the inverse of :func:`dumps`.
@@ -235,6 +242,11 @@ def loads(
     :raises InsecureJelly: refused or malformed jelly (see :func:`unjelly`).
     """
     expression = decode(
-        data, dialect, sizeLimit=sizeLimit, prefixLimit=prefixLimit, depthLimit=depthLimit
+        data,
+        dialect,
+        sizeLimit=sizeLimit,
+        prefixLimit=prefixLimit,
+        depthLimit=depthLimit,
+        messageSizeLimit=messageSizeLimit,
     )
     return unjelly(expression, taster, persistentLoad, invoker, registry)

@@ -363,6 +363,14 @@ class DecodeErrorTests(SynchronousTestCase):
         decoder = Decoder(messageSizeLimit=100)
         self.assertEqual(decoder.feed(data + data), [[b"a" * 40, b"b" * 40]] * 2)
 
+    def test_messageSizeLimitWholeOrSplit(self) -> None:
+        """The message size limit holds however the bytes are split, integers only too."""
+        data = encode(list(range(20)))
+        self.assertEqual(len(data), 42)
+        self.assertDecodeError(data, "message size limit of 10", messageSizeLimit=10)
+        self.assertDecodeError(encode(2**200), "message size limit of 10", messageSizeLimit=10)
+        self.assertEqual(decode(data, messageSizeLimit=42), list(range(20)))
+
     def test_messageSizeLimitBoundsBuffering(self) -> None:
         """A growing expression is refused before it holds more than the limit."""
         decoder = Decoder(messageSizeLimit=1000)
@@ -532,6 +540,34 @@ class ProtocolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(server.received, [])
 
+    def test_applicationSendErrorPropagates(self) -> None:
+        """An unsendable reply is the application's error: it propagates, the link stays."""
+
+        class Replier(_Collector):
+            def expressionReceived(self, expression: Any) -> None:
+                self.sendEncoded(["text is not bytes"])
+
+        server = Replier(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"pb"))
+        with self.assertRaises(BananaEncodeError):
+            server.dataReceived(encode([1], b"pb"))
+        self.assertFalse(transport.disconnecting)
+
+    def test_handlerErrorAfterGarbageStillDrops(self) -> None:
+        """If a handler fails on an expression recovered before garbage, the link drops."""
+
+        class Failing(_Collector):
+            def expressionReceived(self, expression: Any) -> None:
+                raise RuntimeError("handler bug")
+
+        server = Failing(isClient=False)
+        transport = self.connected(server)
+        server.dataReceived(encode(b"pb"))
+        with self.assertRaises(RuntimeError):
+            server.dataReceived(encode([1], b"pb") + h("99"))
+        self.assertTrue(transport.disconnecting)
+
     def test_vocabBeforeNegotiation(self) -> None:
         """VOCAB tokens are refused until the 'pb' dialect has been chosen."""
         server = _Collector(isClient=False)
@@ -587,6 +623,8 @@ class ProtocolTests(SynchronousTestCase):
     def test_publicSurface(self) -> None:
         """The names of twisted.spread.banana's public surface exist here."""
         for name in ("encode", "decode", "setPrefixLimit", "SIZE_LIMIT", "BananaError"):
+            self.assertTrue(hasattr(banana, name), name)
+        for name in banana.__all__:
             self.assertTrue(hasattr(banana, name), name)
         for name in (
             "knownDialects",

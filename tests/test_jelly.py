@@ -706,6 +706,16 @@ class InvalidJellyTests(SynchronousTestCase):
             jelly.unjelly([b"dictionary", [[b"list"], 1]])
         self.assertIn("unusable dictionary key", str(caught.exception))
 
+    def test_stateTheClassRefuses(self) -> None:
+        """State an allowed class cannot take is an InvalidJelly, not an AttributeError."""
+        options = SecurityOptions()
+        options.allowInstancesOf(types.SimpleNamespace)
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly(
+                [b"types.SimpleNamespace", [b"dictionary", [[b"unicode", b"a"], 1]]], options
+            )
+        self.assertIn("cannot install the state", str(caught.exception))
+
     def test_unknownUndottedTag(self) -> None:
         """An undotted tag that is neither built in nor registered is refused."""
         with self.assertRaises(InsecureJelly):
@@ -742,6 +752,15 @@ class DumpsLoadsTests(SynchronousTestCase):
         for value in self.VALUES:
             for dialect in (b"none", b"pb"):
                 self.assertEqual(jelly.loads(jelly.dumps(value, dialect), dialect), value)
+
+    def test_loadsLimits(self) -> None:
+        """loads() passes the decoder limits on."""
+        data = jelly.dumps(list(range(100)))
+        with self.assertRaises(banana.BananaError):
+            jelly.loads(data, messageSizeLimit=50)
+        with self.assertRaises(banana.BananaError):
+            jelly.loads(data, sizeLimit=50)
+        self.assertEqual(jelly.loads(data, messageSizeLimit=len(data)), list(range(100)))
 
     def test_loadsIsDenyByDefault(self) -> None:
         """loads() refuses unregistered classes like unjelly()."""

@@ -30,7 +30,7 @@ from pbroker._jellycore import (
     globalRegistry,
     qual,
 )
-from pbroker.errors import InsecureJelly, InvalidJelly
+from pbroker.errors import InsecureJelly, InvalidJelly, describe
 
 __all__ = ["Unjellier", "Unjellyable", "setInstanceState"]
 
@@ -82,13 +82,13 @@ def _checkArity(node: list[Any], size: int) -> None:
     if len(node) != size:
         raise InvalidJelly(
             f"a {_tagName(node)} expression has {size - 1} field(s), not {len(node) - 1}: "
-            f"{node!r:.200}"
+            f"{describe(node)}"
         )
 
 
 def _tagName(node: list[Any]) -> str:
     tag = node[0] if node else b""
-    return repr(tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag)
+    return describe(tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag, 60)
 
 
 def _textField(node: list[Any], position: int) -> str:
@@ -100,13 +100,13 @@ def _textField(node: list[Any], position: int) -> str:
             pass
     elif isinstance(field, str):
         return field  # an in-process expression from Twisted, which puts str here
-    raise InvalidJelly(f"a {_tagName(node)} expression needs UTF-8 bytes, not {field!r:.100}")
+    raise InvalidJelly(f"a {_tagName(node)} expression needs UTF-8 bytes, not {describe(field)}")
 
 
 def _intField(node: list[Any], position: int) -> int:
     field = node[position]
     if type(field) is not int:
-        raise InvalidJelly(f"a {_tagName(node)} expression needs an integer, not {field!r:.100}")
+        raise InvalidJelly(f"a {_tagName(node)} expression needs an integer, not {describe(field)}")
     return field
 
 
@@ -126,24 +126,31 @@ class _Unresolved:
         self.value: Any = None
 
     def addDependant(self, container: Any, key: Any) -> None:
-        if self.resolved:
-            value = self.value
-            if isinstance(value, _Unresolved):
-                value.addDependant(container, key)
-            else:
+        # Follow forwards (a placeholder resolved to another unresolved value) iteratively;
+        # resolve() keeps their chains free of loops.
+        node = self
+        while node.resolved:
+            value = node.value
+            if not isinstance(value, _Unresolved):
                 container[key] = value
-        else:
-            self.dependants.append((container, key))
+                return
+            node = value
+        node.dependants.append((container, key))
 
     def resolve(self, value: Any) -> None:
+        end = value
+        while isinstance(end, _Unresolved) and end.resolved:
+            end = end.value
+        if end is self:
+            raise InvalidJelly(f"a reference that only ever refers to itself: {self.description}")
         self.resolved = True
         self.value = value
         dependants, self.dependants = self.dependants, []
         for container, key in dependants:
-            if isinstance(value, _Unresolved):
-                value.addDependant(container, key)
+            if isinstance(end, _Unresolved):
+                end.dependants.append((container, key))
             else:
-                container[key] = value
+                container[key] = end
 
     def final(self) -> Any:
         value: Any = self
@@ -210,7 +217,7 @@ class _PendingState:
 def _build(factory: Callable[[list[Any]], Any], items: list[Any]) -> Any:
     try:
         return factory(items)
-    except TypeError as e:
+    except (TypeError, RecursionError) as e:
         raise InvalidJelly(
             f"cannot build a {factory.__name__} from the elements sent: {e}"
         ) from None
@@ -219,8 +226,8 @@ def _build(factory: Callable[[list[Any]], Any], items: list[Any]) -> Any:
 def _insert(dictionary: dict[Any, Any], key: Any, value: Any) -> None:
     try:
         dictionary[key] = value
-    except TypeError as e:
-        raise InvalidJelly(f"unusable dictionary key {key!r:.100}: {e}") from None
+    except (TypeError, RecursionError) as e:
+        raise InvalidJelly(f"unusable dictionary key {describe(key)}: {e}") from None
 
 
 class _Frame:
@@ -383,10 +390,11 @@ class Unjellier:
             raise InvalidJelly("an empty list is not a jelly expression")
         tag = node[0]
         if type(tag) is not bytes:
-            raise InvalidJelly(f"a jelly expression must start with a bytes tag: {node!r:.200}")
+            raise InvalidJelly(f"a jelly expression must start with a bytes tag: {describe(node)}")
         if not self._isAllowed(tag):
             raise InsecureJelly(
-                f"type {tag.decode('utf-8', 'replace')!r} is not allowed by the security options"
+                f"type {describe(tag.decode('utf-8', 'replace'))} is not allowed by the "
+                "security options"
             )
         handler = _HANDLERS.get(tag)
         if handler is not None:
@@ -417,27 +425,33 @@ class Unjellier:
         """
         moduleName, _, attribute = name.rpartition(".")
         if not moduleName:
-            raise InsecureJelly(f"unknown jelly type {name!r}: not registered and not dotted")
+            raise InsecureJelly(
+                f"unknown jelly type {describe(name)}: not registered and not dotted"
+            )
         if not self.taster.isModuleAllowed(moduleName):
-            raise InsecureJelly(f"module {moduleName!r} is not allowed (in {what} {name!r})")
+            raise InsecureJelly(
+                f"module {describe(moduleName)} is not allowed (in {what} {describe(name)})"
+            )
         try:
             module = importlib.import_module(moduleName)
         except ImportError as e:
             raise InvalidJelly(
-                f"cannot import module {moduleName!r} for {what} {name!r}: {e}"
+                f"cannot import module {describe(moduleName)} for {what} {describe(name)}: {e}"
             ) from None
         try:
             return getattr(module, attribute)
         except AttributeError:
-            raise InvalidJelly(f"module {moduleName!r} has no {what} {attribute!r}") from None
+            raise InvalidJelly(
+                f"module {describe(moduleName)} has no {what} {describe(attribute)}"
+            ) from None
 
     def _lookupClass(self, tag: bytes | str) -> type:
         name = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
         cls = self._lookupName(name, "class")
         if not isinstance(cls, type):
-            raise InvalidJelly(f"{name!r} does not name a class")
+            raise InvalidJelly(f"{describe(name)} does not name a class")
         if not self.taster.isClassAllowed(cls):
-            raise InsecureJelly(f"class {name!r} is not allowed by the security options")
+            raise InsecureJelly(f"class {describe(name)} is not allowed by the security options")
         return cls
 
     def _newPlaceholder(self, description: str) -> _Unresolved:
@@ -470,7 +484,7 @@ def _unjellyBoolean(unjellier: Unjellier, node: list[Any]) -> bool:
         return True
     if node[1] == b"false":
         return False
-    raise InvalidJelly(f"a boolean is b'true' or b'false', not {node[1]!r:.100}")
+    raise InvalidJelly(f"a boolean is b'true' or b'false', not {describe(node[1])}")
 
 
 def _timeFields(node: list[Any]) -> list[int]:
@@ -478,17 +492,19 @@ def _timeFields(node: list[Any]) -> list[int]:
     try:
         return [int(field) for field in _textField(node, 1).split()]
     except ValueError:
-        raise InvalidJelly(f"malformed {_tagName(node)} fields: {node[1]!r:.100}") from None
+        raise InvalidJelly(f"malformed {_tagName(node)} fields: {describe(node[1])}") from None
 
 
 def _makeTime(node: list[Any], build: Callable[..., Any], *fieldCounts: int) -> Any:
     fields = _timeFields(node)
     if len(fields) not in fieldCounts:
-        raise InvalidJelly(f"a {_tagName(node)} needs {fieldCounts[-1]} fields: {node[1]!r:.100}")
+        raise InvalidJelly(
+            f"a {_tagName(node)} needs {fieldCounts[-1]} fields: {describe(node[1])}"
+        )
     try:
         return build(*fields)
     except (ValueError, OverflowError) as e:
-        raise InvalidJelly(f"invalid {_tagName(node)} {node[1]!r:.100}: {e}") from None
+        raise InvalidJelly(f"invalid {_tagName(node)} {describe(node[1])}: {e}") from None
 
 
 def _unjellyDatetime(unjellier: Unjellier, node: list[Any]) -> datetime.datetime:
@@ -518,8 +534,8 @@ def _unjellyDecimal(unjellier: Unjellier, node: list[Any]) -> decimal.Decimal:
     try:
         digits = tuple(int(d) for d in str(abs(unscaled)))
         return decimal.Decimal((1 if unscaled < 0 else 0, digits, exponent))
-    except (ValueError, OverflowError) as e:
-        raise InvalidJelly(f"invalid decimal {node!r:.100}: {e}") from None
+    except (ValueError, ArithmeticError) as e:
+        raise InvalidJelly(f"invalid decimal {describe(node)}: {e!r}") from None
 
 
 def _unjellyUnpersistable(unjellier: Unjellier, node: list[Any]) -> Unpersistable:
@@ -527,6 +543,8 @@ def _unjellyUnpersistable(unjellier: Unjellier, node: list[Any]) -> Unpersistabl
     reason = node[1]
     if isinstance(reason, bytes):
         reason = reason.decode("utf-8", "replace")
+    elif not isinstance(reason, str):
+        reason = describe(reason)
     return Unpersistable(f"Unpersistable data: {reason}")
 
 
@@ -553,11 +571,11 @@ def _unjellyModule(unjellier: Unjellier, node: list[Any]) -> types.ModuleType:
     _checkArity(node, 2)
     name = _textField(node, 1)
     if not unjellier.taster.isModuleAllowed(name):
-        raise InsecureJelly(f"module {name!r} is not allowed by the security options")
+        raise InsecureJelly(f"module {describe(name)} is not allowed by the security options")
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise InvalidJelly(f"cannot import module {name!r}: {e}") from None
+        raise InvalidJelly(f"cannot import module {describe(name)}: {e}") from None
 
 
 def _unjellyFunction(unjellier: Unjellier, node: list[Any]) -> Any:
@@ -565,7 +583,7 @@ def _unjellyFunction(unjellier: Unjellier, node: list[Any]) -> Any:
     name = _textField(node, 1)
     function = unjellier._lookupName(name, "function")
     if not callable(function) or isinstance(function, type):
-        raise InvalidJelly(f"{name!r} does not name a function")
+        raise InvalidJelly(f"{describe(name)} does not name a function")
     return function
 
 
@@ -601,7 +619,9 @@ def _openDictionary(unjellier: Unjellier, node: list[Any]) -> _Frame:
     if not (set(map(type, pairs)) <= _LIST_TYPE and set(map(len, pairs)) <= _PAIR_SIZE):
         for pair in pairs:
             if type(pair) is not list or len(pair) != 2:
-                raise InvalidJelly(f"a dictionary entry must be a [key, value] list: {pair!r:.100}")
+                raise InvalidJelly(
+                    f"a dictionary entry must be a [key, value] list: {describe(pair)}"
+                )
     return _Frame(_closeDictionary, list(chain.from_iterable(pairs)))
 
 
@@ -651,8 +671,9 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
     result: dict[Any, Any] = {}
     if not frame.pending:
         try:
-            result.update(zip(values[::2], values[1::2], strict=False))
-        except TypeError:
+            result.update(zip(values[::2], values[1::2], strict=True))
+        except (TypeError, RecursionError):
+            # Find the offending key again, one by one, to report it.
             for index in range(0, len(values), 2):
                 _insert(result, values[index], values[index + 1])
         return result
@@ -695,7 +716,7 @@ def _closeInstance(unjellier: Unjellier, frame: _Frame) -> Any:
 def _closeOldInstance(unjellier: Unjellier, frame: _Frame) -> Any:
     cls, state = frame.values
     if not isinstance(cls, type):
-        raise InvalidJelly(f"an instance expression needs a class, not {cls!r:.100}")
+        raise InvalidJelly(f"an instance expression needs a class, not {describe(cls)}")
     return unjellier._maybePostUnjelly(_newInstance(cls, state))
 
 
@@ -730,7 +751,7 @@ def _closeMethod(unjellier: Unjellier, frame: _Frame) -> Any:
     if isinstance(owner, _Unresolved):
         raise InvalidJelly("a method bound to an object still being built is not supported")
     if name not in cls.__dict__:
-        raise InvalidJelly(f"class {qual(cls)} has no method {name!r}")
+        raise InvalidJelly(f"class {qual(cls)} has no method {describe(name)}")
     if owner is None:
         return getattr(cls, name)
     return types.MethodType(cls.__dict__[name], owner)

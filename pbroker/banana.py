@@ -28,7 +28,7 @@ from typing import Any, Final
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
+from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, describe
 
 __all__ = [
     "DEPTH_LIMIT",
@@ -297,7 +297,7 @@ def getTokens(
 
 def _integerError(value: int, prefixLimit: int) -> str:
     return (
-        f"integer {value} is too large to send: the prefix limit of {prefixLimit} bytes "
+        f"integer {describe(value)} is too large to send: the prefix limit of {prefixLimit} bytes "
         f"allows magnitudes up to 2**{7 * prefixLimit}-1"
     )
 
@@ -394,7 +394,7 @@ def encode(
                 else:
                     raise BananaEncodeError(
                         f"banana cannot send {kind.__module__}.{kind.__qualname__} "
-                        f"objects: {item!r:.200}"
+                        f"objects: {describe(item)}"
                     )
                 break
         else:
@@ -869,11 +869,13 @@ class Banana(Protocol):
                     self.sendEncoded(dialect)
                     self._selectDialect(dialect)
                     return
-            self._fail(f"the server offered no dialect this client knows: {expression!r:.200}")
+            self._fail(f"the server offered no dialect this client knows: {describe(expression)}")
         elif isinstance(expression, bytes) and expression in self.knownDialects:
             self._selectDialect(expression)
         else:
-            self._fail(f"the client chose a dialect this server did not offer: {expression!r:.200}")
+            self._fail(
+                f"the client chose a dialect this server did not offer: {describe(expression)}"
+            )
 
     def _selectDialect(self, dialect: bytes) -> None:
         self.currentDialect = dialect

@@ -90,3 +90,37 @@ class JellyError(PBrokerError, ValueError):
     This side tried to jelly a value that jelly cannot represent, such as a timezone-aware
     datetime or a NaN decimal.
     """
+
+
+def describe(value: Any, limit: int = 100) -> str:
+    """
+    A short, safe ``repr`` of a value for an error message.
+
+    Values in error messages often come from a peer, so this never recurses more than a few
+    levels into lists or tuples, never writes out integers of thousands of digits (which
+    ``repr`` refuses), and cuts long results to about ``limit`` characters.
+    """
+    return _describe(value, 3, limit)
+
+
+def _describe(value: Any, depth: int, limit: int) -> str:
+    kind = type(value)
+    if kind is list or kind is tuple:
+        if depth == 0:
+            return "[...]" if kind is list else "(...)"
+        parts = [_describe(item, depth - 1, limit) for item in value[:8]]
+        if len(value) > 8:
+            parts.append(f"... {len(value) - 8} more")
+        text = ", ".join(parts)
+        text = f"[{text}]" if kind is list else f"({text})"
+    elif kind is int:
+        if value.bit_length() > 256:
+            return f"<{value.bit_length()}-bit integer>"
+        text = repr(value)
+    elif kind is bytes or kind is str:
+        text = repr(value[: limit + 1])
+    elif kind is float or kind is bool or value is None:
+        text = repr(value)
+    else:
+        text = f"<{kind.__module__}.{kind.__qualname__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -369,14 +369,10 @@ class Jellier:
                         if item is None:
                             append([_NONE])
                             continue
-                        if kind in _CONTAINER_TAGS:
-                            result = self._openExpression(item)
-                            if type(result) is _Descend:
-                                descend = result
-                                break
-                            append(result)
-                            continue
-                    result = leaf(item)
+                        # An exact container type needs none of _leaf's checks.
+                        result = _CONTAINER if kind in _CONTAINER_TAGS else leaf(item)
+                    else:
+                        result = leaf(item)
                     if result is _CONTAINER:
                         result = self._openExpression(item)
                         if type(result) is _Descend:

@@ -555,7 +555,7 @@ def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
     value = references.get(reference, _MISSING)
     if value is _MISSING:
         value = references[reference] = unjellier._newPlaceholder(
-            f"dereference {reference} to an id that is never defined"
+            f"dereference {describe(reference)} to an id that is never defined"
         )
     elif isinstance(value, _Unresolved) and value.resolved:
         value = value.value
@@ -704,7 +704,7 @@ def _closeReference(unjellier: Unjellier, frame: _Frame) -> Any:
         known.resolve(value)
         references[reference] = value
     else:
-        raise InvalidJelly(f"reference id {reference} is defined twice")
+        raise InvalidJelly(f"reference id {describe(reference)} is defined twice")
     return value
 
 

@@ -1608,6 +1608,8 @@ class KnownReproducerTests(FuzzTestCase):
             [b"None", 10**4400],
             [b"boolean", 10**4400],
             [b"unicode", 10**4400],
+            [b"dereference", 10**4400],
+            [b"list", [b"reference", 10**4400, [b"list"]], [b"reference", 10**4400, [b"list"]]],
         ):
             run = FuzzRun(minimizeSeconds=0)
             checkSexp(run, "reproducer", sexp)

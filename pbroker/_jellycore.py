@@ -238,11 +238,43 @@ class UnjellyableRegistry:
     explicit allow.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: UnjellyableRegistry | None = None) -> None:
         #: Tag -> class. The class is created without ``__init__`` and its ``unjellyFor`` called.
         self.classes: dict[bytes, Any] = {}
         #: Tag -> factory, called with the unjellied state.
         self.factories: dict[bytes, Factory] = {}
+        #: A registry consulted for tags this one does not have (a broker puts its own
+        #: PB tags in front of the application's registry this way).
+        self.parent = parent
+
+    def classFor(self, tag: bytes) -> Any:
+        """
+        The class registered for ``tag`` here or in a parent, or ``None``.
+        """
+        registry: UnjellyableRegistry | None = self
+        while registry is not None:
+            found = registry.classes.get(tag)
+            if found is not None:
+                return found
+            registry = registry.parent
+        return None
+
+    def factoryFor(self, tag: bytes) -> Factory | None:
+        """
+        The factory registered for ``tag`` here or in a parent, or ``None``.
+        """
+        registry: UnjellyableRegistry | None = self
+        while registry is not None:
+            found = registry.factories.get(tag)
+            if found is not None:
+                return found
+            registry = registry.parent
+        return None
+
+    def __contains__(self, tag: object) -> bool:
+        return isinstance(tag, bytes) and (
+            self.classFor(tag) is not None or self.factoryFor(tag) is not None
+        )
 
     def setUnjellyableForClass(self, classname: str | bytes | type, unjellyable: Any) -> None:
         """

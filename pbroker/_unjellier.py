@@ -374,10 +374,8 @@ class Unjellier:
         allowed = self._tagAllowed.get(tag)
         if allowed is None:
             registry = self.registry
-            allowed = self._tagAllowed[tag] = bool(
-                tag in registry.classes
-                or tag in registry.factories
-                or self.taster.isTypeAllowed(tag)
+            allowed = self._tagAllowed[tag] = tag in registry or bool(
+                self.taster.isTypeAllowed(tag)
             )
         return allowed
 
@@ -400,12 +398,12 @@ class Unjellier:
         if handler is not None:
             return handler(self, node)
         registry = self.registry
-        unjellyable: Any = registry.classes.get(tag)
+        unjellyable: Any = registry.classFor(tag)
         if unjellyable is not None:
             blank = _createBlank(unjellyable) if isinstance(unjellyable, type) else None
             method = getattr(blank, "unjellyFor", unjellyable)
             return self._maybePostUnjelly(method(self, node))
-        factory = registry.factories.get(tag)
+        factory = registry.factoryFor(tag)
         if factory is not None:
             _checkArity(node, 2)
             return _Frame(_closeFactory, node, 1, factory)

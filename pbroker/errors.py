@@ -13,9 +13,17 @@ fail one call in the first case and distrust the whole connection in the second:
     +-- InsecureJelly               an expression was refused by the security options
     |   +-- InvalidJelly            an expression is not well-formed jelly
     +-- JellyError                  a value this side tried to jelly cannot be represented
+    +-- Error                       raise (a subclass of) it in a remote method to send it
+    +-- RemoteError                 a remote failure re-raised locally (type, value, traceback)
+    +-- ProtocolError               the peer broke the PB protocol
+    |   +-- DeadReferenceError      a call through a broker that is already disconnected
+    +-- PBConnectionLost            the connection dropped while a call was pending
+    NoSuchMethod (an AttributeError) the remote object has no such method
 
 ``BananaError`` and ``InsecureJelly`` keep the names :mod:`twisted.spread` uses, and are
-re-exported from :mod:`pbroker.banana` and :mod:`pbroker.jelly`.
+re-exported from :mod:`pbroker.banana` and :mod:`pbroker.jelly`; the broker's exceptions are
+re-exported from :mod:`pbroker.pb` and :mod:`pbroker.flavors`. On the wire they travel under
+Twisted's names (``twisted.spread.pb.Error``...), see :mod:`pbroker.failure`.
 """
 
 from __future__ import annotations
@@ -26,10 +34,16 @@ __all__ = [
     "BananaDecodeError",
     "BananaEncodeError",
     "BananaError",
+    "DeadReferenceError",
+    "Error",
     "InsecureJelly",
     "InvalidJelly",
     "JellyError",
+    "NoSuchMethod",
+    "PBConnectionLost",
     "PBrokerError",
+    "ProtocolError",
+    "RemoteError",
 ]
 
 
@@ -89,6 +103,55 @@ class JellyError(PBrokerError, ValueError):
     """
     This side tried to jelly a value that jelly cannot represent, such as a timezone-aware
     datetime or a NaN decimal.
+    """
+
+
+class Error(PBrokerError):
+    """
+    An error a remote method raises on purpose, for the caller to see.
+
+    Subclass it for your application's errors. If the security options allow the subclass (or
+    it is :class:`~pbroker.jelly.Jellyable`), the exception itself is sent; otherwise the caller
+    receives a copied failure that carries its type name, message and (if enabled) traceback.
+    """
+
+
+class RemoteError(PBrokerError):
+    """
+    A failure that happened on the peer, raised locally (inside ``inlineCallbacks`` or a
+    coroutine awaiting a remote call).
+
+    :ivar remoteType: the fully qualified name of the exception class on the peer, as bytes.
+    :ivar args: ``(remoteType, value, remoteTraceback)``.
+    """
+
+    def __init__(self, remoteType: bytes | str, value: str, remoteTraceback: str) -> None:
+        super().__init__(remoteType, value, remoteTraceback)
+        self.remoteType = remoteType
+        self.remoteTraceback = remoteTraceback
+
+
+class ProtocolError(PBrokerError):
+    """
+    The peer broke the Perspective Broker protocol (a wrong version, an unknown request id).
+    """
+
+
+class DeadReferenceError(ProtocolError):
+    """
+    A call through a remote reference whose broker has already disconnected.
+    """
+
+
+class PBConnectionLost(PBrokerError):
+    """
+    The connection was lost before the answer to a call arrived.
+    """
+
+
+class NoSuchMethod(AttributeError, PBrokerError):
+    """
+    The remote object has no method of that name (or the name is not one that may be called).
     """
 
 

@@ -502,6 +502,19 @@ class RegistryTests(SynchronousTestCase):
             jelly.unjelly([b"remote.One", 1])
         self.assertNotIn(b"remote.One", jelly.globalSecurity.allowedTypes)
 
+    def test_parentRegistry(self) -> None:
+        """A registry falls back on its parent; its own entries come first."""
+        parent = UnjellyableRegistry()
+        parent.setUnjellyableFactoryForClass("remote.Both", lambda state: ("parent", state))
+        parent.setUnjellyableFactoryForClass("remote.Parent", lambda state: ("parent", state))
+        child = UnjellyableRegistry(parent)
+        child.setUnjellyableFactoryForClass("remote.Both", lambda state: ("child", state))
+        self.assertEqual(jelly.unjelly([b"remote.Both", 1], registry=child), ("child", 1))
+        self.assertEqual(jelly.unjelly([b"remote.Parent", 1], registry=child), ("parent", 1))
+        self.assertIn(b"remote.Parent", child)
+        self.assertNotIn(b"remote.Parent", UnjellyableRegistry())
+        self.assertNotIn("remote.Parent", child)
+
     def test_registrationChecksArguments(self) -> None:
         """Registering something that cannot be called is a TypeError."""
         with self.assertRaises(TypeError):

@@ -1,0 +1,517 @@
+"""
+The Perspective Broker protocol: one :class:`Broker` per connection, speaking PB version 6.
+
+A broker turns the expressions banana delivers into calls on local objects and answers to
+calls it made, through an explicit table of message handlers (:attr:`Broker.messageHandlers`,
+which subclasses extend for new message types). It owns the per-connection tables: the
+objects it exports (with the peer's reference counts), the calls waiting for answers, and the
+request and object id counters. Values cross it through jelly with the broker as invoker, so
+flavors reach it through ``jellier.invoker``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pbroker._jellier import Jellier, Jellyable
+from pbroker._unjellier import Unjellier
+from pbroker.banana import Banana, getTokens
+from pbroker.errors import (
+    DeadReferenceError,
+    Error,
+    InsecureJelly,
+    InvalidJelly,
+    PBConnectionLost,
+    ProtocolError,
+    describe,
+)
+from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
+from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
+from pbroker.references import Local, RemoteReference
+
+__all__ = ["MAX_BROKER_REFS", "PB_VERSION", "Broker"]
+
+#: The protocol version both sides must announce.
+PB_VERSION = 6
+
+#: The most objects one connection may export at once (and, separately, cache).
+MAX_BROKER_REFS = 1024
+
+# After this many attempts to export beyond MAX_BROKER_REFS the connection is closed.
+_MAX_REFERENCE_VIOLATIONS = 3
+
+
+def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
+    """
+    ``[b"local", luid]``: one of our own objects, sent back to us; it arrives as itself.
+    """
+    if len(jellyList) != 2:
+        raise InvalidJelly(f"a local reference needs one id: {describe(jellyList)}")
+    found = unjellier.invoker.localObjectForID(jellyList[1])
+    if found is None:
+        raise InvalidJelly(f"a local reference to an unknown id: {describe(jellyList[1])}")
+    return found
+
+
+def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
+    """
+    The tags every broker reads, in front of the application's copy registry.
+    """
+    registry = UnjellyableRegistry(parent)
+    registry.setUnjellyableForClass(b"remote", RemoteReference)
+    registry.setUnjellyableForClass(b"local", _unjellyLocal)
+    registry.setUnjellyableForClass(COPYABLE_FAILURE_TAG, CopiedFailure)
+    return registry
+
+
+Handler = Callable[..., None]
+
+
+class Broker(Banana):
+    """
+    A Perspective Broker connection.
+
+    :param isClient: whether this side initiated the connection.
+    :param security: the security options for what is sent and received; the default is
+        :data:`pbroker.jelly.globalSecurity`.
+    :param registry: the copy registry for what is received; the default is
+        :data:`pbroker.jelly.globalRegistry`.
+    """
+
+    version = PB_VERSION
+    #: The factory that made this broker (it supplies ``unsafeTracebacks``).
+    factory: Any = None
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        isClient: bool = True,
+        security: ISecurityOptions | None = None,
+        registry: UnjellyableRegistry | None = None,
+    ) -> None:
+        super().__init__(isClient)
+        self.security: ISecurityOptions = globalSecurity if security is None else security
+        self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
+        self.disconnected = False
+        self.disconnects: list[Callable[[], object]] = []
+        self.connects: list[Callable[[], object]] | None = []
+        #: luid (or name) -> the exported object's record.
+        self.localObjects: dict[int | bytes, Local] = {}
+        #: processUniqueID() -> luid, so one object is exported under one id.
+        self.luids: dict[Any, int] = {}
+        #: request id -> the Deferred waiting for its answer.
+        self.waitingForAnswers: dict[int, Deferred[Any]] = {}
+        self.currentRequestID = 0
+        self.currentLocalID = 0
+        self.maxBrokerRefsViolations = 0
+        self.serializingPerspective: Any = None
+        self.unserializingPerspective: Any = None
+        self.jellyMethod: Any = None
+        self.jellyArgs: Any = None
+        self.jellyKw: Any = None
+
+    # Connection life cycle
+
+    def connectionReady(self) -> None:
+        self.sendCall(b"version", self.version)
+        connects, self.connects = self.connects or [], None
+        for notifier in connects:
+            try:
+                notifier()
+            except Exception:
+                self._log.failure("Error in a connect notifier")
+        if self.factory is not None:
+            self.factory.clientConnectionMade(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if self.disconnected:
+            return
+        self.disconnected = True
+        waiting, self.waitingForAnswers = self.waitingForAnswers, {}
+        for deferred in waiting.values():
+            deferred.errback(Failure(PBConnectionLost(reason)))
+        notifiers, self.disconnects = self.disconnects, []
+        for notifier in notifiers:
+            try:
+                notifier()
+            except Exception:
+                self._log.failure("Error in a disconnect notifier")
+        self.localObjects = {}
+        self.luids = {}
+
+    def notifyOnConnect(self, notifier: Callable[[], object]) -> None:
+        """
+        Call ``notifier()`` once the connection is ready (now, if it already is).
+        """
+        if self.connects is None:
+            notifier()
+        else:
+            self.connects.append(notifier)
+
+    def notifyOnDisconnect(self, notifier: Callable[[], object]) -> None:
+        """
+        Call ``notifier()`` when the connection is lost.
+        """
+        if not callable(notifier):
+            raise TypeError(f"notifyOnDisconnect() needs a callable, not {notifier!r}")
+        self.disconnects.append(notifier)
+
+    def dontNotifyOnDisconnect(self, notifier: Callable[[], object]) -> None:
+        """
+        Forget a notifier given to :meth:`notifyOnDisconnect` (no error if it was not).
+        """
+        if notifier in self.disconnects:
+            self.disconnects.remove(notifier)
+
+    # Sending
+
+    def sendCall(self, *expression: Any) -> None:
+        """
+        Send one PB message, given as its elements.
+        """
+        self.sendEncoded(list(expression))
+
+    def serialize(
+        self,
+        object: Any,
+        perspective: Any = None,
+        method: Any = None,
+        args: Any = None,
+        kw: Any = None,
+    ) -> Any:
+        """
+        Jelly ``object`` for the peer, on behalf of ``perspective``. A Deferred (or a coroutine,
+        which is awaited) gives a Deferred of the jellied result.
+        """
+        if inspect.iscoroutine(object):
+            object = Deferred.fromCoroutine(object)
+        if isinstance(object, Deferred):
+            return object.addCallback(self.serialize, perspective, method, args, kw)
+        self.serializingPerspective = perspective
+        self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
+        try:
+            return Jellier(self.security, None, self).jelly(object)
+        finally:
+            self.serializingPerspective = None
+            self.jellyMethod = self.jellyArgs = self.jellyKw = None
+
+    def unserialize(self, sexp: Any, perspective: Any = None) -> Any:
+        """
+        Unjelly what the peer sent, on behalf of ``perspective``.
+        """
+        self.unserializingPerspective = perspective
+        try:
+            return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
+        finally:
+            self.unserializingPerspective = None
+
+    def newRequestID(self) -> int:
+        self.currentRequestID += 1
+        return self.currentRequestID
+
+    def newLocalID(self) -> int:
+        self.currentLocalID += 1
+        return self.currentLocalID
+
+    def _sendMessage(
+        self,
+        prefix: bytes,
+        perspective: Any,
+        objectID: int | bytes,
+        message: bytes,
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+    ) -> Deferred[Any] | None:
+        """
+        Send a call (``prefix`` is ``b""`` or ``b"cache"``) and return the Deferred of its
+        answer, or ``None`` for a one-way call (``pbanswer=False``).
+        """
+        answerRequired = True
+        if "pbanswer" in kw:
+            kw = dict(kw)
+            answerRequired = bool(kw.pop("pbanswer"))
+        if self.disconnected:
+            failure = Failure(DeadReferenceError("Calling Stale Broker"))
+            return fail(failure) if answerRequired else None
+        tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+        self.serializingPerspective = perspective
+        self.jellyMethod = message
+        try:
+            # Arguments and keywords are jellied separately, as every PB peer does.
+            netArgs = Jellier(self.security, None, self).encode(args, tokens)
+            netKw = Jellier(self.security, None, self).encode(kw, tokens)
+            requestID = self.newRequestID()
+            data = tokens.joinList(
+                [
+                    tokens.symbol(prefix + b"message"),
+                    tokens.integer(requestID),
+                    tokens.integer(objectID)
+                    if isinstance(objectID, int)
+                    else tokens.symbol(objectID),
+                    tokens.symbol(message),
+                    tokens.integer(1 if answerRequired else 0),
+                    netArgs,
+                    netKw,
+                ]
+            )
+        except Exception:
+            return fail() if answerRequired else None
+        finally:
+            self.serializingPerspective = None
+            self.jellyMethod = None
+        deferred: Deferred[Any] | None = None
+        if answerRequired:
+            deferred = self.waitingForAnswers[requestID] = Deferred()
+        assert self.transport is not None
+        self.transport.write(data)
+        return deferred
+
+    def sendDecRef(self, objectID: int | bytes) -> None:
+        """
+        Tell the peer one reference to its object ``objectID`` is gone.
+        """
+        if self.disconnected or self.transport is None or self.currentDialect is None:
+            return
+        self.sendCall(b"decref", objectID)
+
+    # Exported objects
+
+    def registerReference(self, object: Any) -> int:
+        """
+        Export ``object`` (or count one more reference to it) and return its luid.
+
+        :raises Error: the connection already exports :data:`MAX_BROKER_REFS` objects.
+        """
+        puid = object.processUniqueID()
+        luid = self.luids.get(puid)
+        if luid is not None:
+            self.localObjects[luid].incref()
+            return luid
+        if len(self.luids) >= MAX_BROKER_REFS:  # named objects (root) do not count
+            self.maxBrokerRefsViolations += 1
+            if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
+                self._fail("the peer keeps exceeding the reference limit")
+                raise Error("Maximum PB reference count exceeded.  Goodbye.")
+            raise Error("Maximum PB reference count exceeded.")
+        luid = self.newLocalID()
+        self.localObjects[luid] = Local(object)
+        self.luids[puid] = luid
+        return luid
+
+    def localObjectForID(self, luid: int | bytes | str) -> Any:
+        """
+        The exported object with this luid (or name), or ``None``.
+        """
+        if isinstance(luid, str):
+            luid = luid.encode("utf-8")
+        local = self.localObjects.get(luid)
+        return None if local is None else local.object
+
+    def setNameForLocal(self, name: bytes | str, object: Any) -> None:
+        """
+        Export ``object`` under a fixed name (``b"root"``), outside reference counting.
+        """
+        if isinstance(name, str):
+            name = name.encode("utf-8")
+        if object is None:
+            raise ValueError("cannot export None")
+        self.localObjects[name] = Local(object)
+
+    def remoteForName(self, name: bytes | str) -> RemoteReference:
+        """
+        A reference to the peer's object exported under ``name``; it is not counted.
+        """
+        if isinstance(name, str):
+            name = name.encode("utf-8")
+        return RemoteReference(None, self, name, False)
+
+    # Receiving
+
+    def expressionReceived(self, expression: Any) -> None:
+        if type(expression) is not list or not expression:
+            self._fail(f"a PB message must be a non-empty list: {describe(expression)}")
+            return
+        command = expression[0]
+        entry = self.messageHandlers.get(command) if type(command) is bytes else None
+        if entry is None:
+            self._log.info("Did not understand PB command {command}", command=describe(command))
+            if type(command) is bytes:
+                self.sendCall(b"didNotUnderstand", command)
+            return
+        handler, arity = entry
+        if len(expression) - 1 != arity:
+            self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
+            return
+        try:
+            handler(self, *expression[1:])
+        except ProtocolError as e:
+            self._fail(str(e))
+
+    def _version(self, version: Any) -> None:
+        if version != self.version:
+            raise ProtocolError(f"Version Incompatibility: {self.version} {describe(version)}")
+
+    def _didNotUnderstand(self, command: Any) -> None:
+        self._log.warn("The peer did not understand {command}", command=describe(command))
+
+    def _message(
+        self,
+        requestID: Any,
+        objectID: Any,
+        message: Any,
+        answerRequired: Any,
+        netArgs: Any,
+        netKw: Any,
+    ) -> None:
+        if type(requestID) is not int or type(message) is not bytes:
+            raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
+        self._receiveCall(
+            self.localObjectForID,
+            requestID,
+            objectID,
+            message,
+            bool(answerRequired),
+            netArgs,
+            netKw,
+        )
+
+    def _receiveCall(
+        self,
+        find: Callable[[Any], Any],
+        requestID: int,
+        objectID: Any,
+        message: bytes,
+        answerRequired: bool,
+        netArgs: Any,
+        netKw: Any,
+    ) -> None:
+        try:
+            name = message.decode("utf-8")
+            target = find(objectID) if type(objectID) in (int, bytes) else None
+            if target is None:
+                raise Error("Invalid Object ID")
+            result = target.remoteMessageReceived(self, name, netArgs, netKw)
+        except Error as e:
+            if answerRequired:
+                if isinstance(e, Jellyable) or self.security.isClassAllowed(e.__class__):
+                    self._sendError(e, requestID)
+                else:
+                    self._sendError(CopyableFailure(e), requestID)
+            return
+        except Exception:
+            failure = CopyableFailure()
+            self._log.failure("Peer will receive the following PB traceback", failure)
+            if answerRequired:
+                self._sendError(failure, requestID)
+            return
+        if not answerRequired:
+            if isinstance(result, Deferred):
+                result.addErrback(self._logOneWayFailure)
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._sendAnswer,
+                self._sendFailureOrError,
+                callbackArgs=(requestID,),
+                errbackArgs=(requestID,),
+            )
+        else:
+            self._sendAnswer(result, requestID)
+
+    def _logOneWayFailure(self, failure: Failure) -> None:
+        self._log.failure("A one-way remote call failed", failure)
+
+    def _sendAnswer(self, netResult: Any, requestID: int) -> None:
+        if self.disconnected:
+            return
+        try:
+            self.sendCall(b"answer", requestID, netResult)
+        except Exception:
+            # The result cannot be sent (too large, say): the caller gets that instead.
+            self._sendFailureOrError(Failure(), requestID)
+
+    def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
+        if failure.check(Error) is None:
+            self._log.failure("Peer will receive the following PB traceback", failure)
+        self._sendError(failure, requestID)
+
+    def _sendError(self, failure: Any, requestID: int) -> None:
+        if self.disconnected:
+            return
+        if isinstance(failure, Failure):
+            value = failure.value
+            if isinstance(value, Jellyable) or self.security.isClassAllowed(value.__class__):
+                failure = value
+            elif not isinstance(failure, CopyableFailure):
+                failure = failure2Copyable(failure, self._unsafeTracebacks())
+        if isinstance(failure, CopyableFailure):
+            failure.unsafeTracebacks = self._unsafeTracebacks()
+        try:
+            self.sendCall(b"error", requestID, self.serialize(failure))
+        except Exception:
+            self._log.failure("Could not send an error to the peer")
+            self.sendCall(
+                b"error",
+                requestID,
+                self.serialize(failure2Copyable(Failure(), self._unsafeTracebacks())),
+            )
+
+    def _unsafeTracebacks(self) -> bool:
+        return bool(getattr(self.factory, "unsafeTracebacks", False))
+
+    def _takeWaiting(self, requestID: Any) -> Deferred[Any]:
+        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
+        if deferred is None:
+            raise ProtocolError(f"an answer to a request never made: {describe(requestID)}")
+        return deferred
+
+    def _answer(self, requestID: Any, netResult: Any) -> None:
+        deferred = self._takeWaiting(requestID)
+        try:
+            result = self.unserialize(netResult)
+        except InsecureJelly:
+            deferred.errback()
+        else:
+            deferred.callback(result)
+
+    def _error(self, requestID: Any, netFailure: Any) -> None:
+        deferred = self._takeWaiting(requestID)
+        try:
+            failure = self.unserialize(netFailure)
+        except InsecureJelly:
+            deferred.errback()
+            return
+        if isinstance(failure, Failure):
+            deferred.errback(failure)
+        elif isinstance(failure, BaseException):
+            deferred.errback(Failure(failure))
+        else:
+            deferred.errback(
+                Failure(Error(f"the peer sent a non-exception error: {describe(failure)}"))
+            )
+
+    def _decref(self, objectID: Any) -> None:
+        local = self.localObjects.get(objectID) if type(objectID) is int else None
+        if local is None:
+            raise ProtocolError(f"decref of an unknown object id: {describe(objectID)}")
+        if local.decref() == 0:
+            del self.localObjects[objectID]
+            self.luids.pop(local.object.processUniqueID(), None)
+
+    #: command -> (handler, number of fields). Subclasses extend a copy for new messages.
+    messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {
+        b"version": (_version, 1),
+        b"didNotUnderstand": (_didNotUnderstand, 1),
+        b"message": (_message, 6),
+        b"answer": (_answer, 2),
+        b"error": (_error, 2),
+        b"decref": (_decref, 1),
+    }

@@ -1,0 +1,210 @@
+"""
+Failures that cross the wire: :class:`CopyableFailure` is sent, :class:`CopiedFailure` arrives.
+
+A failure travels as ``[b"twisted.spread.pb.CopyableFailure", state]`` whatever the sender, so
+pbroker and stock Twisted peers read each other's. The names in it are Twisted's: pbroker's own
+exception classes are sent under the names of their ``twisted.spread`` counterparts
+(:func:`wireName`), and :meth:`CopiedFailure.check` and ``trap()`` match a pbroker class
+against either name, so ``failure.trap(pb.NoSuchMethod)`` works whichever peer raised it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, TextIO
+
+from twisted.python.failure import Failure
+
+from pbroker.errors import (
+    BananaError,
+    DeadReferenceError,
+    Error,
+    InsecureJelly,
+    InvalidJelly,
+    NoSuchMethod,
+    PBConnectionLost,
+    ProtocolError,
+    RemoteError,
+)
+from pbroker.flavors import Copyable, RemoteCopy
+from pbroker.jelly import qual
+
+__all__ = [
+    "COPYABLE_FAILURE_TAG",
+    "CopiedFailure",
+    "CopyableFailure",
+    "failure2Copyable",
+    "wireName",
+]
+
+#: The type tag of a failure on the wire.
+COPYABLE_FAILURE_TAG = b"twisted.spread.pb.CopyableFailure"
+
+# pbroker's classes that have a twisted.spread counterpart, and the name they travel under.
+_TWISTED_NAMES: dict[type, str] = {
+    Error: "twisted.spread.pb.Error",
+    RemoteError: "twisted.spread.pb.RemoteError",
+    ProtocolError: "twisted.spread.pb.ProtocolError",
+    DeadReferenceError: "twisted.spread.pb.DeadReferenceError",
+    PBConnectionLost: "twisted.spread.pb.PBConnectionLost",
+    NoSuchMethod: "twisted.spread.flavors.NoSuchMethod",
+    InsecureJelly: "twisted.spread.jelly.InsecureJelly",
+    BananaError: "twisted.spread.banana.BananaError",
+}
+
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "type": (bytes, str),
+    "value": (str, bytes),
+    "traceback": (str, bytes),
+    "parents": list,
+}
+
+
+def wireName(cls: type) -> str:
+    """
+    The name a class travels under: Twisted's for pbroker's PB exceptions, else its own.
+    """
+    return _TWISTED_NAMES.get(cls) or qual(cls)
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class CopyableFailure(Failure, Copyable):
+    """
+    A :class:`~twisted.python.failure.Failure` that can be sent to a peer.
+
+    Its state carries every key a stock Twisted receiver needs (``type``, ``value``,
+    ``traceback``, ``parents``, ``frames``, ``stack``, ``tb``, ``count``, ``captureVars``,
+    ``unsafeTracebacks``, ``pickled``) and nothing about the local stack: the traceback text
+    is sent only when :attr:`unsafeTracebacks` is set.
+    """
+
+    #: Whether the formatted traceback is sent to the peer.
+    unsafeTracebacks = False
+
+    def getStateToCopy(self) -> dict[str, Any]:
+        failureType = self.type
+        if isinstance(failureType, type):
+            typeName = wireName(failureType).encode("utf-8")
+            parents = [wireName(cls) for cls in inspect.getmro(failureType)]
+        else:  # a failure received from a peer and passed on
+            typeName = failureType if isinstance(failureType, bytes) else str(failureType).encode()
+            parents = list(self.parents)
+        if self.unsafeTracebacks:
+            traceback = self.getTraceback()
+        else:
+            traceback = "Traceback unavailable\n"
+        return {
+            "type": typeName,
+            "value": str(self.value),
+            "traceback": traceback,
+            "parents": parents,
+            "frames": [],
+            "stack": [],
+            "tb": None,
+            "count": self.count,
+            "captureVars": bool(self.captureVars),
+            "unsafeTracebacks": bool(self.unsafeTracebacks),
+            "pickled": 1,
+        }
+
+    def getTypeToCopy(self) -> bytes:
+        return COPYABLE_FAILURE_TAG
+
+
+class CopiedFailure(RemoteCopy, Failure):
+    """
+    A failure received from a peer: ``type`` is the remote class name (bytes), ``value`` the
+    remote ``str()`` of the exception, ``traceback`` the remote traceback text if it was sent.
+    """
+
+    def setCopyableState(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise InvalidJelly(f"a copied failure needs a dictionary state, not {type(state)}")
+        state = {(_text(k)): v for k, v in state.items()}
+        for key, expected in _STATE_TYPES.items():
+            if key not in state:
+                if key == "parents":
+                    state["parents"] = [_text(state.get("type", b"builtins.Exception"))]
+                    continue
+                if key == "traceback":
+                    state["traceback"] = "Traceback unavailable\n"
+                    continue
+                raise InvalidJelly(f"a copied failure has no {key!r}")
+            if not isinstance(state[key], expected):
+                raise InvalidJelly(f"a copied failure's {key!r} has the wrong type")
+        # parents and frames are properties of Failure, backed by these attributes.
+        state["_parents"] = [_text(name) for name in state.pop("parents")]
+        state["_frames"] = []
+        state.pop("frames", None)
+        state.pop("stack", None)
+        state["value"] = _text(state["value"])
+        state["traceback"] = _text(state["traceback"])
+        state["tb"] = None
+        state.setdefault("count", 0)
+        state.setdefault("captureVars", False)
+        self.__dict__ = state
+
+    def check(self, *errorTypes: Any) -> Any:
+        """
+        The first of ``errorTypes`` the remote failure is an instance of, judged by name: a
+        class matches by its own name or, for pbroker's PB exceptions, Twisted's.
+        """
+        parents = self.parents
+        for errorType in errorTypes:
+            if isinstance(errorType, type):
+                if wireName(errorType) in parents or qual(errorType) in parents:
+                    return errorType
+            elif _text(errorType) in parents:
+                return errorType
+        return None
+
+    def _remote(self) -> tuple[bytes | str, str, str]:
+        # type and value hold the remote name and message, not a class and an exception.
+        state: dict[str, Any] = self.__dict__
+        return state["type"], state["value"], state["traceback"]
+
+    def raiseException(self) -> Any:
+        """
+        Raise :class:`~pbroker.errors.RemoteError`: the remote exception class does not exist
+        here, only its name.
+        """
+        raise RemoteError(*self._remote())
+
+    def throwExceptionIntoGenerator(self, g: Any) -> Any:
+        return g.throw(RemoteError(*self._remote()))
+
+    def getErrorMessage(self) -> str:
+        return str(self.value)
+
+    def printTraceback(
+        self, file: TextIO | None = None, elideFrameworkCode: int = 0, detail: str = "default"
+    ) -> None:
+        if file is None:
+            import sys
+
+            file = sys.stderr
+        remoteType, value, traceback = self._remote()
+        file.write(f"Traceback from remote host -- {_text(remoteType)}: {value}\n")
+        if traceback and traceback != "Traceback unavailable\n":
+            file.write(traceback)
+
+    printBriefTraceback = printTraceback
+    printDetailedTraceback = printTraceback
+
+    def __repr__(self) -> str:
+        return f"<CopiedFailure {_text(self.type)}: {self.value}>"
+
+    __str__ = __repr__
+
+
+def failure2Copyable(fail: Failure, unsafeTracebacks: bool = False) -> CopyableFailure:
+    """
+    A :class:`CopyableFailure` with the contents of ``fail``, ready to send.
+    """
+    copyable = CopyableFailure.__new__(CopyableFailure)
+    copyable.__dict__.update(fail.__getstate__())
+    copyable.unsafeTracebacks = unsafeTracebacks
+    return copyable

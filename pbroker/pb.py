@@ -1,0 +1,199 @@
+"""
+Perspective Broker: the factories and the public names of ``twisted.spread.pb``.
+
+Porting an application means changing ``from twisted.spread import pb`` to
+``from pbroker import pb``::
+
+    factory = pb.PBClientFactory()
+    reactor.connectTCP("127.0.0.1", 8789, factory)
+    root = await factory.getRootObject()
+    result = await root.callRemote("echo", "hello")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IConnector
+from twisted.python.failure import Failure
+
+from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker
+from pbroker.errors import (
+    DeadReferenceError,
+    Error,
+    NoSuchMethod,
+    PBConnectionLost,
+    ProtocolError,
+    RemoteError,
+)
+from pbroker.failure import CopiedFailure, CopyableFailure, failure2Copyable
+from pbroker.flavors import (
+    Copyable,
+    IPBRoot,
+    Jellyable,
+    Referenceable,
+    RemoteCopy,
+    Root,
+    Serializable,
+    Viewable,
+    ViewPoint,
+    setCopierForClass,
+    setCopierForClassTree,
+    setFactoryForClass,
+)
+from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
+from pbroker.references import Local, RemoteMethod, RemoteReference
+
+__all__ = [
+    "MAX_BROKER_REFS",
+    "PB_VERSION",
+    "Broker",
+    "CopiedFailure",
+    "Copyable",
+    "CopyableFailure",
+    "DeadReferenceError",
+    "Error",
+    "IPBRoot",
+    "Jellyable",
+    "Local",
+    "NoSuchMethod",
+    "PBClientFactory",
+    "PBConnectionLost",
+    "PBServerFactory",
+    "ProtocolError",
+    "Referenceable",
+    "RemoteCopy",
+    "RemoteError",
+    "RemoteMethod",
+    "RemoteReference",
+    "Root",
+    "Serializable",
+    "ViewPoint",
+    "Viewable",
+    "failure2Copyable",
+    "globalSecurity",
+    "portno",
+    "setCopierForClass",
+    "setCopierForClassTree",
+    "setFactoryForClass",
+]
+
+#: The port PB servers traditionally listen on, under Twisted's name.
+portno = 8787
+
+
+class PBServerFactory(protocol.ServerFactory):
+    """
+    Serves ``root`` (an :class:`IPBRoot`, such as a :class:`Root`) to every client.
+
+    :param unsafeTracebacks: send the full traceback of a failure to the caller.
+    :param security: security options for what the brokers send and receive.
+    :param registry: the copy registry the brokers rebuild pass-by-copy values with.
+    """
+
+    protocol = Broker
+
+    def __init__(
+        self,
+        root: Any,
+        unsafeTracebacks: bool = False,
+        security: ISecurityOptions = globalSecurity,
+        registry: UnjellyableRegistry | None = None,
+    ) -> None:
+        if not IPBRoot.providedBy(root):
+            raise TypeError(
+                f"the root must provide IPBRoot (subclass pb.Root), not {type(root).__name__}"
+            )
+        self.root = root
+        self.unsafeTracebacks = unsafeTracebacks
+        self.security = security
+        self.registry = registry
+
+    def buildProtocol(self, addr: IAddress | None) -> Broker:
+        broker = self.protocol(False, self.security, self.registry)
+        broker.factory = self
+        broker.setNameForLocal(b"root", self.root.rootObject(broker))
+        return broker
+
+    def clientConnectionMade(self, broker: Broker) -> None:
+        """
+        Called with each broker once its connection is ready.
+        """
+
+
+class PBClientFactory(protocol.ClientFactory):
+    """
+    Connects to a PB server and hands out its root object.
+
+    :param unsafeTracebacks: send the full traceback of a failure to the server.
+    :param security: security options for what the broker sends and receives.
+    :param registry: the copy registry the broker rebuilds pass-by-copy values with.
+    """
+
+    protocol = Broker
+
+    def __init__(
+        self,
+        unsafeTracebacks: bool = False,
+        security: ISecurityOptions = globalSecurity,
+        registry: UnjellyableRegistry | None = None,
+    ) -> None:
+        self.unsafeTracebacks = unsafeTracebacks
+        self.security = security
+        self.registry = registry
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rootObjectRequests: list[Deferred[RemoteReference]] = []
+        self._broker: Broker | None = None
+        self._root: RemoteReference | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> Broker:
+        broker = self.protocol(True, self.security, self.registry)
+        broker.factory = self
+        return broker
+
+    def _failAll(self, reason: Failure) -> None:
+        requests, self.rootObjectRequests = self.rootObjectRequests, []
+        for deferred in requests:
+            deferred.errback(reason)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._failAll(reason)
+
+    def clientConnectionLost(
+        self, connector: IConnector, reason: Failure, reconnecting: bool = False
+    ) -> None:
+        if not reconnecting:
+            self._broker = None
+            self._root = None
+        self._failAll(reason)
+
+    def clientConnectionMade(self, broker: Broker) -> None:
+        self._broker = broker
+        self._root = broker.remoteForName(b"root")
+        requests, self.rootObjectRequests = self.rootObjectRequests, []
+        for deferred in requests:
+            deferred.callback(self._root)
+
+    def getRootObject(self) -> Deferred[RemoteReference]:
+        """
+        A Deferred that fires with the server's root object once connected.
+        """
+        if self._broker is not None and not self._broker.disconnected:
+            assert self._root is not None
+            return succeed(self._root)
+        deferred: Deferred[RemoteReference] = Deferred()
+        self.rootObjectRequests.append(deferred)
+        return deferred
+
+    def disconnect(self) -> None:
+        """
+        Close the connection, if there is one.
+        """
+        if self._broker is not None and self._broker.transport is not None:
+            self._broker.transport.loseConnection()
+        elif self._broker is None:
+            self._failAll(Failure(PBConnectionLost("disconnected before connecting")))

@@ -1,0 +1,157 @@
+"""
+The caller's side of remote objects: :class:`RemoteReference` and :class:`RemoteMethod`,
+and :class:`Local`, the broker's record of an object it exports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from pbroker._jellier import Jellier
+from pbroker._unjellier import Unjellier
+from pbroker.errors import InvalidJelly, JellyError
+from pbroker.flavors import Serializable
+
+__all__ = ["Local", "RemoteMethod", "RemoteReference"]
+
+
+class Local:
+    """
+    An object this side exports, with the number of references the peer holds to it.
+    """
+
+    def __init__(self, object: Any, perspective: Any = None) -> None:
+        self.object = object
+        self.perspective = perspective
+        self.refcount = 1
+
+    def __repr__(self) -> str:
+        return f"<pbroker.Local {self.object!r} ref:{self.refcount}>"
+
+    def incref(self) -> int:
+        self.refcount += 1
+        return self.refcount
+
+    def decref(self) -> int:
+        self.refcount -= 1
+        return self.refcount
+
+
+class RemoteReference(Serializable):
+    """
+    A reference to an object on the other side of a broker (a Referenceable, a ViewPoint or
+    an avatar). Calls are asynchronous: :meth:`callRemote` returns a Deferred.
+
+    When the reference is garbage-collected the owner is told (one ``decref`` per reference
+    received), except for the root reference, which is not counted.
+
+    :ivar broker: the broker the reference came through.
+    :ivar luid: the owner's id for the object (``b"root"`` for the root object).
+    """
+
+    def __init__(self, perspective: Any, broker: Any, luid: int | bytes, doRefCount: bool) -> None:
+        self.luid = luid
+        self.broker = broker
+        self.doRefCount = doRefCount
+        self.perspective = perspective
+        self.disconnectCallbacks: list[Callable[[RemoteReference], object]] = []
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
+        """
+        Call the remote method ``_name`` with ``args`` and ``kw``.
+
+        :returns: a Deferred that fires with the result, or fails with the remote failure; or
+            ``None`` for a one-way call made with ``pbanswer=False``. A call through a broker
+            that is already disconnected fails with
+            :class:`~pbroker.errors.DeadReferenceError` (through the Deferred, not raised).
+        """
+        name = _name.encode("utf-8") if isinstance(_name, str) else _name
+        result: Deferred[Any] | None = self.broker._sendMessage(
+            b"", self.perspective, self.luid, name, args, kw
+        )
+        return result
+
+    def remoteMethod(self, key: str) -> RemoteMethod:
+        """
+        A callable that calls the remote method ``key``.
+        """
+        return RemoteMethod(self, key)
+
+    def notifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """
+        Call ``callback(self)`` when the broker disconnects.
+        """
+        if not callable(callback):
+            raise TypeError(f"notifyOnDisconnect() needs a callable, not {callback!r}")
+        self.disconnectCallbacks.append(callback)
+        if len(self.disconnectCallbacks) == 1:
+            self.broker.notifyOnDisconnect(self._disconnected)
+
+    def dontNotifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """
+        Forget a callback given to :meth:`notifyOnDisconnect` (no error if it was not).
+        """
+        if callback in self.disconnectCallbacks:
+            self.disconnectCallbacks.remove(callback)
+            if not self.disconnectCallbacks:
+                self.broker.dontNotifyOnDisconnect(self._disconnected)
+
+    def _disconnected(self) -> None:
+        callbacks, self.disconnectCallbacks = self.disconnectCallbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        # Sent back to its owner, a reference arrives there as the original object.
+        if jellier.invoker is None:
+            return jellier.unpersistable("References cannot be serialized")
+        if jellier.invoker is not self.broker:
+            raise JellyError("a RemoteReference can only be sent over the connection it came from")
+        return [b"local", self.luid]
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> RemoteReference:
+        if len(jellyList) != 2 or type(jellyList[1]) is not int:
+            raise InvalidJelly(f"a remote reference needs one integer id: {jellyList!r:.100}")
+        broker = unjellier.invoker
+        self.__init__(broker.unserializingPerspective, broker, jellyList[1], True)  # type: ignore[misc]
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RemoteReference):
+            return self.broker is other.broker and self.luid == other.luid
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.luid)
+
+    def __repr__(self) -> str:
+        return f"<RemoteReference {self.luid!r} at 0x{id(self):x}>"
+
+    def __del__(self) -> None:
+        broker = getattr(self, "broker", None)
+        if getattr(self, "doRefCount", False) and broker is not None:
+            broker.sendDecRef(self.luid)
+
+
+class RemoteMethod:
+    """
+    One remote method, callable like a local one: ``RemoteMethod(ref, "add")(1, 2)``.
+    """
+
+    def __init__(self, obj: RemoteReference, name: str) -> None:
+        self.obj = obj
+        self.name = name
+
+    def __call__(self, *args: Any, **kw: Any) -> Deferred[Any] | None:
+        return self.obj.callRemote(self.name, *args, **kw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RemoteMethod):
+            return self.obj == other.obj and self.name == other.name
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.obj, self.name))

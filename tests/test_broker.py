@@ -1,0 +1,483 @@
+"""
+Tests for the broker core: calls, references and their counts, copies, failures, one-way
+calls, disconnects and protocol errors; against pbroker and against stock Twisted PB peers.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.spread import jelly as twistedJelly
+from twisted.spread import pb as twistedPb
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import banana, jelly, pb
+from pbroker.errors import DeadReferenceError, PBConnectionLost, RemoteError
+from pbroker.testing import connectedServerAndClient
+
+
+def connect(serverFactory: Any, clientFactory: Any) -> tuple[Any, Any, iosim.IOPump]:
+    """
+    Connect two factories of any implementation in memory.
+    """
+    address = IPv4Address("TCP", "127.0.0.1", 8789)
+    server = serverFactory.buildProtocol(address)
+    client = clientFactory.buildProtocol(address)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+    return server, client, pump
+
+
+def rootFor(module: Any) -> Any:
+    """
+    A root object built from ``module`` (pbroker.pb or twisted.spread.pb), with the same
+    remote methods either way, so tests can run against both implementations.
+    """
+
+    class Counter(module.Referenceable):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def remote_add(self, amount: int = 1) -> int:
+            self.count += amount
+            return self.count
+
+    class TheRoot(module.Root):
+        def __init__(self) -> None:
+            self.counter = Counter()
+            self.received: list[Any] = []
+            self.pending: Deferred[Any] = Deferred()
+
+        def remote_echo(self, *args: Any, **kw: Any) -> Any:
+            return (args, kw) if kw else args[0] if len(args) == 1 else args
+
+        def remote_counter(self) -> Any:
+            return self.counter
+
+        def remote_isCounter(self, value: Any) -> bool:
+            return value is self.counter
+
+        def remote_fail(self, message: str) -> None:
+            raise ValueError(message)
+
+        def remote_error(self, message: str) -> None:
+            raise module.Error(message)
+
+        def remote_record(self, value: Any) -> None:
+            self.received.append(value)
+
+        def remote_wait(self) -> Any:
+            return self.pending
+
+    return TheRoot()
+
+
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -(2**40),
+    2**100,
+    1.5,
+    b"bytes",
+    "text",
+    "tuple",
+    [1, (2, 3)],
+    {"k": {4, 5}, 6: frozenset([7])},
+]
+
+
+class BrokerTestsMixin:
+    """
+    The same tests for every pairing; subclasses choose who is the server and the client.
+    """
+
+    serverModule: Any
+    clientModule: Any
+
+    def setUp(self) -> None:
+        self.rootObject = rootFor(self.serverModule)
+        self.server, self.client, self.pump = connect(
+            self.serverModule.PBServerFactory(self.rootObject),
+            self.clientModule.PBClientFactory(),
+        )
+        self.root = self.client.remoteForName("root")
+
+    def call(self, target: Any, *args: Any, **kw: Any) -> Any:
+        """
+        Call a remote method, move the bytes, and return the result (or the Failure).
+        """
+        results: list[Any] = []
+        target.callRemote(*args, **kw).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return results[0]
+
+    def test_basicTypes(self) -> None:
+        """Every basic type makes the round trip unchanged."""
+        for value in VALUES:
+            self.assertEqual(self.call(self.root, "echo", value), value)  # type: ignore[attr-defined]
+
+    def test_keywordArguments(self) -> None:
+        """Keyword arguments arrive as keywords."""
+        result = self.call(self.root, "echo", 1, named="x")
+        self.assertEqual(result, ((1,), {"named": "x"}))  # type: ignore[attr-defined]
+
+    def test_referenceCalledAgain(self) -> None:
+        """A returned Referenceable can be called; state lives on the server."""
+        counter = self.call(self.root, "counter")
+        self.assertEqual(self.call(counter, "add", 2), 2)  # type: ignore[attr-defined]
+        self.assertEqual(self.call(counter, "add"), 3)  # type: ignore[attr-defined]
+
+    def test_referenceSentBackIsOriginal(self) -> None:
+        """A reference sent back to its owner arrives as the original object."""
+        counter = self.call(self.root, "counter")
+        self.assertIs(self.call(self.root, "isCounter", counter), True)  # type: ignore[attr-defined]
+
+    def test_referenceCounting(self) -> None:
+        """Each received reference is counted; dropping them all frees the export."""
+        first = self.call(self.root, "counter")
+        second = self.call(self.root, "counter")
+        self.assertEqual(first.luid, second.luid)  # type: ignore[attr-defined]
+        exported = self.server.localObjects[first.luid]
+        self.assertEqual(exported.refcount, 2)  # type: ignore[attr-defined]
+        del first
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(exported.refcount, 1)  # type: ignore[attr-defined]
+        del second
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(list(self.server.localObjects), [b"root"])  # type: ignore[attr-defined]
+
+    def test_remoteException(self) -> None:
+        """An exception arrives as a failure carrying its type name and message."""
+        failure = self.call(self.root, "fail", "bad thing")
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.assertTrue(failure.check(ValueError))  # type: ignore[attr-defined]
+        self.assertEqual(failure.type, b"builtins.ValueError")  # type: ignore[attr-defined]
+        self.assertEqual(failure.value, "bad thing")  # type: ignore[attr-defined]
+        self.flushLoggedErrors(ValueError)  # type: ignore[attr-defined]
+
+    def test_pbErrorUnderTwistedName(self) -> None:
+        """A pb.Error travels as twisted.spread.pb.Error and traps as either class."""
+        failure = self.call(self.root, "error", "refused")
+        self.assertEqual(failure.type, b"twisted.spread.pb.Error")  # type: ignore[attr-defined]
+        self.assertTrue(failure.check(self.clientModule.Error))  # type: ignore[attr-defined]
+        self.assertEqual(failure.value, "refused")  # type: ignore[attr-defined]
+
+    def test_noSuchMethod(self) -> None:
+        """An unknown method fails with NoSuchMethod, trappable by the caller's class."""
+        failure = self.call(self.root, "doesNotExist")
+        self.assertEqual(failure.type, b"twisted.spread.flavors.NoSuchMethod")  # type: ignore[attr-defined]
+        self.assertTrue(failure.check(self.clientModule.NoSuchMethod))  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+    def test_oneWayCall(self) -> None:
+        """pbanswer=False sends the call and never an answer."""
+        self.assertIsNone(self.root.callRemote("record", 5, pbanswer=False))  # type: ignore[attr-defined]
+        self.pump.flush()
+        self.assertEqual(self.rootObject.received, [5])  # type: ignore[attr-defined]
+        self.assertEqual(self.client.waitingForAnswers, {})  # type: ignore[attr-defined]
+
+    def test_deferredResult(self) -> None:
+        """A Deferred result is answered when it fires."""
+        results: list[Any] = []
+        self.root.callRemote("wait").addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(results, [])  # type: ignore[attr-defined]
+        self.rootObject.pending.callback("done")
+        self.pump.flush()
+        self.assertEqual(results, ["done"])  # type: ignore[attr-defined]
+
+    def test_disconnectFailsPendingCalls(self) -> None:
+        """Calls still waiting when the connection drops fail with PBConnectionLost."""
+        results: list[Any] = []
+        self.root.callRemote("wait").addBoth(results.append)
+        self.pump.flush()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        self.assertTrue(results[0].check(self.clientModule.PBConnectionLost))  # type: ignore[attr-defined]
+
+
+class PbrokerToPbrokerTests(BrokerTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = pb
+
+
+class PbrokerServerTwistedClientTests(BrokerTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = twistedPb
+
+
+class TwistedServerPbrokerClientTests(BrokerTestsMixin, SynchronousTestCase):
+    serverModule = twistedPb
+    clientModule = pb
+
+
+class Point(pb.Copyable):
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+
+class RemotePoint(pb.RemoteCopy):
+    pass
+
+
+class CopyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = jelly.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(Point, RemotePoint)
+
+        class PointRoot(pb.Root):
+            def remote_point(self) -> Point:
+                return Point(1, 2)
+
+            def remote_norm(self, point: Any) -> int:
+                return int(point.x + point.y)
+
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(PointRoot(), registry=self.registry),
+            pb.PBClientFactory(registry=self.registry),
+        )
+        self.root = self.client.remoteForName("root")
+
+    def test_copyableArrivesAsRemoteCopy(self) -> None:
+        """A Copyable arrives as the RemoteCopy registered for its tag, with its state."""
+        results: list[Any] = []
+        self.root.callRemote("point").addBoth(results.append)
+        self.pump.flush()
+        [point] = results
+        self.assertIsInstance(point, RemotePoint)
+        self.assertEqual((point.x, point.y), (1, 2))
+
+    def test_copyableAsArgument(self) -> None:
+        """A Copyable passed as an argument is copied to the server."""
+        results: list[Any] = []
+        self.root.callRemote("norm", Point(3, 4)).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(results, [7])
+
+    def test_unregisteredCopyRefused(self) -> None:
+        """Without a registered copier the receiver refuses the copy: the call fails."""
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.server.localObjectForID(b"root")), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("point").addBoth(results.append)
+        pump.flush()
+        self.assertTrue(results[0].check(jelly.InsecureJelly))
+
+
+class ProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rootObject = rootFor(pb)
+        self.factory = pb.PBServerFactory(self.rootObject)
+        self.broker = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
+        self.transport = StringTransport()
+        self.broker.makeConnection(self.transport)
+        self.broker.dataReceived(banana.encode(b"pb"))
+        self.transport.clear()
+
+    def send(self, *message: Any) -> None:
+        self.broker.dataReceived(banana.encode(list(message), b"pb"))
+
+    def answer(self) -> Any:
+        return banana.Decoder(b"pb").feed(self.transport.value())
+
+    def test_versionMismatchDrops(self) -> None:
+        """A version other than 6 drops the connection."""
+        with capturedLogs() as events:
+            self.send(b"version", 5)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn("Version Incompatibility", str(events[0]["why"]))
+
+    def test_invalidObjectId(self) -> None:
+        """A call to an unknown object id fails with pb.Error('Invalid Object ID')."""
+        self.send(b"message", 1, 99, b"echo", 1, [b"tuple", 1], [b"dictionary"])
+        [message] = self.answer()
+        self.assertEqual(message[:2], [b"error", 1])
+        failure = jelly.unjelly(message[2], registry=self.broker.registry)
+        self.assertEqual(failure.type, b"twisted.spread.pb.Error")
+        self.assertEqual(failure.value, "Invalid Object ID")
+
+    def test_unknownCommand(self) -> None:
+        """An unknown command is answered with didNotUnderstand, and the link stays."""
+        self.send(b"frobnicate", 1)
+        self.assertEqual(self.answer(), [[b"didNotUnderstand", b"frobnicate"]])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_decrefOfUnknownIdDrops(self) -> None:
+        """A decref for an id never exported is a protocol error: the link drops."""
+        self.send(b"decref", 42)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_answerToNoRequestDrops(self) -> None:
+        """An answer to a request never made is a protocol error."""
+        self.send(b"answer", 7, 1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_wrongArityDrops(self) -> None:
+        """A message with the wrong number of fields is a protocol error."""
+        self.send(b"message", 1, b"root")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_nonListDrops(self) -> None:
+        """Every PB message is a list."""
+        self.broker.dataReceived(banana.encode(5, b"pb"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_privateNamesNotCallable(self) -> None:
+        """Names with a leading underscore or that are not identifiers are never looked up."""
+        for name in (b"__init__", b"_private", b"a-b", b"x.y"):
+            self.transport.clear()
+            self.send(b"message", 1, b"root", name, 1, [b"tuple"], [b"dictionary"])
+            [message] = self.answer()
+            failure = jelly.unjelly(message[2], registry=self.broker.registry)
+            self.assertEqual(failure.type, b"twisted.spread.flavors.NoSuchMethod")
+        self.flushLoggedErrors()
+
+    def test_bytesKeywordsAccepted(self) -> None:
+        """Keyword names sent as bytes (by Python 2 peers) are decoded."""
+        self.send(b"message", 1, b"root", b"echo", 1, [b"tuple", 1], [b"dictionary", [b"k", 2]])
+        [message] = self.answer()
+        self.assertEqual(jelly.unjelly(message[2]), ((1,), {"k": 2}))
+
+    def test_referenceLimit(self) -> None:
+        """Exporting more than MAX_BROKER_REFS objects fails with pb.Error; repeat offenders
+        are disconnected."""
+        for _ in range(pb.MAX_BROKER_REFS):
+            self.broker.registerReference(pb.Referenceable())
+        with self.assertRaises(pb.Error):
+            self.broker.registerReference(pb.Referenceable())
+        for _ in range(3):
+            with self.assertRaises(pb.Error):
+                self.broker.registerReference(pb.Referenceable())
+        self.assertTrue(self.transport.disconnecting)
+
+
+class CallTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rootObject = rootFor(pb)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject), pb.PBClientFactory()
+        )
+        self.root = self.client.remoteForName("root")
+
+    def test_asyncMethodsAwaited(self) -> None:
+        """An async def remote method is awaited; its result is the answer."""
+        waiting: Deferred[int] = Deferred()
+
+        class AsyncRoot(pb.Root):
+            async def remote_double(self, value: int) -> int:
+                return 2 * await waiting + value
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(AsyncRoot()), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("double", 1).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(results, [])
+        waiting.callback(20)
+        pump.flush()
+        self.assertEqual(results, [41])
+
+    def test_callAfterDisconnectFailsThroughDeferred(self) -> None:
+        """A call through a dead broker fails through its Deferred with DeadReferenceError."""
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        failure = self.failureResultOf(self.root.callRemote("echo", 1))
+        self.assertTrue(failure.check(DeadReferenceError))
+
+    def test_notifyOnDisconnect(self) -> None:
+        """Disconnect callbacks of a reference run once with the reference."""
+        seen: list[Any] = []
+        self.root.notifyOnDisconnect(seen.append)
+        self.root.notifyOnDisconnect(lambda ref: seen.append("second"))
+
+        def removed(ref: Any) -> None:
+            seen.append("removed")
+
+        self.root.notifyOnDisconnect(removed)
+        self.root.dontNotifyOnDisconnect(removed)
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(seen, [self.root, "second"])
+
+    def test_remoteMethod(self) -> None:
+        """remoteMethod gives a callable bound to one remote method."""
+        echo = self.root.remoteMethod("echo")
+        results: list[Any] = []
+        echo(9).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(results, [9])
+        self.assertEqual(echo, self.root.remoteMethod("echo"))
+
+    def test_remoteErrorInCoroutine(self) -> None:
+        """Awaited in a coroutine, a remote failure raises RemoteError with type and value."""
+
+        async def use() -> Any:
+            try:
+                await self.root.callRemote("fail", "oops")
+            except RemoteError as e:
+                return e.args
+
+        d = Deferred.fromCoroutine(use())
+        self.pump.flush()
+        self.flushLoggedErrors(ValueError)
+        self.assertEqual(
+            self.successResultOf(d), (b"builtins.ValueError", "oops", "Traceback unavailable\n")
+        )
+
+    def test_unsafeTracebacks(self) -> None:
+        """With unsafeTracebacks the caller receives the remote traceback text."""
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb), unsafeTracebacks=True), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("fail", "x").addBoth(results.append)
+        pump.flush()
+        self.flushLoggedErrors(ValueError)
+        self.assertIn("remote_fail", results[0].traceback)
+
+    def test_factoryGetRootObject(self) -> None:
+        """getRootObject fires with the root once connected, now or later."""
+        factory = pb.PBClientFactory()
+        early = factory.getRootObject()
+        _server, _client, _pump = connectedServerAndClient(pb.PBServerFactory(rootFor(pb)), factory)
+        root = self.successResultOf(early)
+        self.assertEqual(root.luid, b"root")
+        self.assertIs(self.successResultOf(factory.getRootObject()), root)
+
+    def test_twistedFailureCopiedFailureTrapsPbrokerNames(self) -> None:
+        """A failure from stock Twisted traps with pbroker's class of the same role."""
+        state = twistedPb.CopyableFailure(twistedPb.Error("no")).getStateToCopy()
+        copied = jelly.unjelly(
+            [b"twisted.spread.pb.CopyableFailure", twistedJelly.jelly(state)],
+            registry=self.client.registry,
+        )
+        self.assertIs(copied.check(pb.Error), pb.Error)
+        with self.assertRaises(RemoteError):
+            copied.raiseException()
+
+    def test_rootMustBeIPBRoot(self) -> None:
+        """A root that does not provide IPBRoot is refused when the factory is made."""
+        with self.assertRaises(TypeError):
+            pb.PBServerFactory(pb.Referenceable())
+
+    def test_pendingCallsOnLostConnection(self) -> None:
+        """The failure of a pending call says the connection was lost."""
+        d = self.root.callRemote("wait")
+        self.pump.flush()
+        self.client.connectionLost(Failure(Exception("gone")))
+        self.assertTrue(self.failureResultOf(d).check(PBConnectionLost))

@@ -106,6 +106,9 @@ class Broker(Banana):
         self.localObjects: dict[int | bytes, Local] = {}
         #: processUniqueID() -> luid, so one object is exported under one id.
         self.luids: dict[Any, int] = {}
+        #: processUniqueID() -> what to run when the peer drops its last reference to it
+        #: (a logged-in avatar's logout).
+        self.localCleanup: dict[Any, Callable[[], object]] = {}
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
         self.currentRequestID = 0
@@ -504,7 +507,11 @@ class Broker(Banana):
             raise ProtocolError(f"decref of an unknown object id: {describe(objectID)}")
         if local.decref() == 0:
             del self.localObjects[objectID]
-            self.luids.pop(local.object.processUniqueID(), None)
+            puid = local.object.processUniqueID()
+            self.luids.pop(puid, None)
+            cleanup = self.localCleanup.pop(puid, None)
+            if cleanup is not None:
+                cleanup()
 
     #: command -> (handler, number of fields). Subclasses extend a copy for new messages.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {

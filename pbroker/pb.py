@@ -14,12 +14,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.cred.credentials import IAnonymous
+from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IConnector
 from twisted.python.failure import Failure
 
 from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker
+from pbroker.cred import (
+    AsReferenceable,
+    Avatar,
+    IPerspective,
+    IUsernameMD5Password,
+    PortalRoot,
+    challenge,
+    respond,
+)
 from pbroker.errors import (
     DeadReferenceError,
     Error,
@@ -49,6 +60,8 @@ from pbroker.references import Local, RemoteMethod, RemoteReference
 __all__ = [
     "MAX_BROKER_REFS",
     "PB_VERSION",
+    "AsReferenceable",
+    "Avatar",
     "Broker",
     "CopiedFailure",
     "Copyable",
@@ -56,6 +69,8 @@ __all__ = [
     "DeadReferenceError",
     "Error",
     "IPBRoot",
+    "IPerspective",
+    "IUsernameMD5Password",
     "Jellyable",
     "Local",
     "NoSuchMethod",
@@ -72,9 +87,11 @@ __all__ = [
     "Serializable",
     "ViewPoint",
     "Viewable",
+    "challenge",
     "failure2Copyable",
     "globalSecurity",
     "portno",
+    "respond",
     "setCopierForClass",
     "setCopierForClassTree",
     "setFactoryForClass",
@@ -86,7 +103,8 @@ portno = 8787
 
 class PBServerFactory(protocol.ServerFactory):
     """
-    Serves ``root`` (an :class:`IPBRoot`, such as a :class:`Root`) to every client.
+    Serves ``root`` to every client: an :class:`IPBRoot` (such as a :class:`Root`), or a
+    :class:`~twisted.cred.portal.Portal`, in which case clients log in to an avatar.
 
     :param unsafeTracebacks: send the full traceback of a failure to the caller.
     :param security: security options for what the brokers send and receive.
@@ -102,9 +120,12 @@ class PBServerFactory(protocol.ServerFactory):
         security: ISecurityOptions = globalSecurity,
         registry: UnjellyableRegistry | None = None,
     ) -> None:
+        if isinstance(root, Portal):
+            root = PortalRoot(root)
         if not IPBRoot.providedBy(root):
             raise TypeError(
-                f"the root must provide IPBRoot (subclass pb.Root), not {type(root).__name__}"
+                "the root must provide IPBRoot (subclass pb.Root) or be a Portal, "
+                f"not {type(root).__name__}"
             )
         self.root = root
         self.unsafeTracebacks = unsafeTracebacks
@@ -189,6 +210,33 @@ class PBClientFactory(protocol.ClientFactory):
         self.rootObjectRequests.append(deferred)
         return deferred
 
+    def login(self, credentials: Any, client: Any = None) -> Deferred[RemoteReference]:
+        """
+        Log in to the server's portal and return a Deferred of the avatar's reference.
+
+        :param credentials: ``UsernamePassword`` (challenge-response) or ``Anonymous()``.
+        :param client: the "mind": an object the server may call back (usually a
+            Referenceable), or ``None``.
+        :returns: fails with ``twisted.cred.error.UnauthorizedLogin`` (as a copied failure)
+            on bad credentials.
+        """
+        root = self.getRootObject()
+        if IAnonymous.providedBy(credentials):
+            return root.addCallback(lambda r: r.callRemote("loginAnonymous", client))
+        username = _bytes(credentials.username)
+        password = _bytes(credentials.password)
+
+        # Callbacks, not a coroutine: a coroutine would turn the server's copied failure
+        # (UnauthorizedLogin) into a RemoteError on its way out.
+        def sendUsername(root: RemoteReference) -> Deferred[Any]:
+            return _answered(root.callRemote("login", username)).addCallback(sendResponse)
+
+        def sendResponse(answer: tuple[bytes, RemoteReference]) -> Deferred[Any]:
+            nonce, challenger = answer
+            return _answered(challenger.callRemote("respond", respond(nonce, password), client))
+
+        return root.addCallback(sendUsername)
+
     def disconnect(self) -> None:
         """
         Close the connection, if there is one.
@@ -197,3 +245,13 @@ class PBClientFactory(protocol.ClientFactory):
             self._broker.transport.loseConnection()
         elif self._broker is None:
             self._failAll(Failure(PBConnectionLost("disconnected before connecting")))
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:
+    # A call made without pbanswer=False always has a Deferred.
+    assert deferred is not None
+    return deferred

@@ -1,0 +1,213 @@
+"""
+Logging in to a :class:`twisted.cred.portal.Portal` through a broker, as Twisted PB does.
+
+A server factory given a portal offers a login root (:class:`PortalRoot`) instead of an
+application root. A client logs in with the PB challenge-response exchange (wire
+specification, section 3.8)::
+
+    root.login(username)                 -> (challenge, challenger)
+    challenger.respond(response, mind)   -> the avatar
+    root.loginAnonymous(mind)            -> the avatar
+
+``response`` is ``MD5(MD5(password) + challenge)``. The avatar arrives as a reference whose
+calls run ``perspective_*`` methods. The realm's logout callback runs exactly once: when the
+client drops its last reference to the avatar, or when the connection is lost.
+
+This legacy exchange is kept for stock Twisted peers; it makes the server keep plaintext (or
+MD5) passwords, so deploy it over TLS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
+
+from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
+
+__all__ = [
+    "AsReferenceable",
+    "Avatar",
+    "IPerspective",
+    "IUsernameMD5Password",
+    "PortalRoot",
+    "challenge",
+    "respond",
+]
+
+
+def respond(challenge: bytes, password: bytes) -> bytes:
+    """
+    The answer to a login challenge: ``MD5(MD5(password) + challenge)``.
+    """
+    hashed = hashlib.md5(password).digest()
+    return hashlib.md5(hashed + challenge).digest()
+
+
+def challenge() -> bytes:
+    """
+    A fresh login challenge: 16 random bytes.
+    """
+    return secrets.token_bytes(16)
+
+
+class IUsernameMD5Password(IUsernameHashedPassword):
+    """
+    Credentials a checker can verify against a plaintext password or its MD5 digest.
+    """
+
+    username = Attribute("The username, as bytes.")
+
+    def checkPassword(password: bytes) -> bool:
+        """
+        Whether ``password`` (plaintext) is the one the client proved it knows.
+        """
+
+    def checkMD5Password(password: bytes) -> bool:
+        """
+        Whether ``password`` (an MD5 digest) is the one the client proved it knows.
+        """
+
+
+class IPerspective(Interface):
+    """
+    An avatar a PB client logs in to: remote calls on it run ``perspective_*`` methods.
+    """
+
+    def perspectiveMessageReceived(broker: Any, message: str, args: Any, kwargs: Any) -> Any:
+        """
+        Run the ``perspective_`` method a peer called and return its serialised result.
+        """
+
+
+@implementer(IPerspective)
+class Avatar:
+    """
+    A simple avatar: remote calls run ``perspective_*`` methods with their normal arguments,
+    and values returned are serialised on behalf of this perspective (so a
+    :class:`~pbroker.flavors.Viewable` becomes a view for it).
+    """
+
+    def perspectiveMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        args = broker.unserialize(args, self)
+        kw = textKeywords(broker.unserialize(kw, self))
+        method = findRemoteMethod(self, "perspective_", message)
+        return broker.serialize(method(*args, **kw), self, method, args, kw)
+
+
+class AsReferenceable(Referenceable):
+    """
+    A Referenceable whose calls go to ``object.<messageType>MessageReceived``: how an avatar
+    that is not itself Referenceable is sent.
+    """
+
+    def __init__(self, object: Any, messageType: str = "remote") -> None:
+        self.object = object
+        self._receive: Callable[..., Any] = getattr(object, messageType + "MessageReceived")
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        return self._receive(broker, message, args, kw)
+
+    def processUniqueID(self) -> Any:
+        # One reference per avatar, however many times it is wrapped.
+        return id(self.object)
+
+
+def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -> Any:
+    """
+    Make a portal's login result sendable, and arrange for its logout to run exactly once:
+    on the peer's last decref of the avatar or on disconnection, whichever comes first.
+    """
+    _interface, avatar, logout = result
+    if not isinstance(avatar, Jellyable):
+        avatar = AsReferenceable(avatar, "perspective")
+    pending = [logout]
+
+    def logoutOnce() -> None:
+        if pending:
+            pending.pop()()
+
+    broker.localCleanup[avatar.processUniqueID()] = logoutOnce
+    broker.notifyOnDisconnect(logoutOnce)
+    return avatar
+
+
+@implementer(IPBRoot)
+class PortalRoot:
+    """
+    The root a server factory offers for a portal: each broker gets a :class:`_PortalWrapper`.
+    """
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    def rootObject(self, broker: Any) -> Referenceable:
+        return _PortalWrapper(self.portal, broker)
+
+
+class _PortalWrapper(Referenceable):
+    """
+    The login root one peer sees.
+    """
+
+    def __init__(self, portal: Portal, broker: Any) -> None:
+        self.portal = portal
+        self.broker = broker
+
+    def remote_login(self, username: bytes) -> tuple[bytes, Referenceable]:
+        """
+        Start a username/password login: a challenge, and the object to respond to.
+        """
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if not isinstance(username, bytes):
+            raise UnauthorizedLogin("the username must be bytes or text")
+        nonce = challenge()
+        return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce)
+
+    def remote_loginAnonymous(self, mind: Any) -> Deferred[Any]:
+        """
+        Log in without credentials, if the portal has a checker for anonymous logins.
+        """
+        deferred = self.portal.login(Anonymous(), mind, IPerspective)
+        return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
+
+
+@implementer(IUsernameHashedPassword, IUsernameMD5Password)
+class _PortalAuthChallenger(Referenceable):
+    """
+    One login attempt: holds the challenge, checks the response once.
+    """
+
+    def __init__(self, portal: Portal, broker: Any, username: bytes, nonce: bytes) -> None:
+        self.portal = portal
+        self.broker = broker
+        self.username = username
+        self.challenge = nonce
+        self.response: bytes | None = None
+
+    def remote_respond(self, response: bytes, mind: Any) -> Deferred[Any]:
+        if self.response is not None:
+            raise UnauthorizedLogin("a login challenge can be answered only once")
+        if not isinstance(response, bytes):
+            raise UnauthorizedLogin("the response must be bytes")
+        self.response = response
+        deferred = self.portal.login(self, mind, IPerspective)
+        return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
+
+    def checkPassword(self, password: bytes) -> bool:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return self.checkMD5Password(hashlib.md5(password).digest())
+
+    def checkMD5Password(self, md5Password: bytes) -> bool:
+        expected = hashlib.md5(md5Password + self.challenge).digest()
+        return self.response is not None and hmac.compare_digest(self.response, expected)

@@ -1,0 +1,190 @@
+"""
+Tests for logging in through a portal: challenge-response, anonymous login, avatars,
+viewables, logout, against pbroker and stock Twisted peers in both roles.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.spread import pb as twistedPb
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from pbroker import pb
+from tests.test_broker import connect
+
+
+def realmFor(module: Any) -> Any:
+    """
+    A realm whose avatars are built from ``module`` (pbroker.pb or twisted.spread.pb).
+    """
+
+    class Board(module.Viewable):
+        def view_whoAmI(self, perspective: Any) -> str:
+            return str(perspective.name)
+
+    class User(module.Avatar):
+        def __init__(self, name: str, board: Any) -> None:
+            self.name = name
+            self.board = board
+
+        def perspective_name(self) -> str:
+            return self.name
+
+        def perspective_board(self) -> Any:
+            return self.board
+
+        def perspective_callMind(self) -> Any:
+            return self.mind.callRemote("hello", self.name)
+
+    @implementer(IRealm)
+    class Realm:
+        def __init__(self) -> None:
+            self.board = Board()
+            self.loggedOut: list[str] = []
+
+        def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+            name = avatarId.decode() if isinstance(avatarId, bytes) else "anonymous"
+            user = User(name, self.board)
+            user.mind = mind  # type: ignore[attr-defined]
+            return module.IPerspective, user, lambda: self.loggedOut.append(name)
+
+    return Realm()
+
+
+class Mind(pb.Referenceable):
+    def remote_hello(self, name: str) -> str:
+        return f"hello {name}"
+
+
+class TwistedMind(twistedPb.Referenceable):
+    def remote_hello(self, name: str) -> str:
+        return f"hello {name}"
+
+
+class LoginTestsMixin:
+    serverModule: Any
+    clientModule: Any
+
+    def setUp(self) -> None:
+        self.realm = realmFor(self.serverModule)
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        portal = Portal(self.realm, [checker, AllowAnonymousAccess()])
+        self.clientFactory = self.clientModule.PBClientFactory()
+        self.server, self.client, self.pump = connect(
+            self.serverModule.PBServerFactory(portal), self.clientFactory
+        )
+
+    def resolve(self, deferred: Any) -> Any:
+        results: list[Any] = []
+        deferred.addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return results[0]
+
+    def mind(self) -> Any:
+        return Mind() if self.clientModule is pb else TwistedMind()
+
+    def test_passwordLogin(self) -> None:
+        """The right password logs in to an avatar whose perspective_ methods can be called."""
+        avatar = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"secret")))
+        self.assertEqual(self.resolve(avatar.callRemote("name")), "alice")  # type: ignore[attr-defined]
+
+    def test_wrongPassword(self) -> None:
+        """A wrong password fails with UnauthorizedLogin, under Twisted's name."""
+        failure = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"wrong")))
+        self.assertTrue(failure.check(UnauthorizedLogin))  # type: ignore[attr-defined]
+        self.assertEqual(failure.type, b"twisted.cred.error.UnauthorizedLogin")  # type: ignore[attr-defined]
+        self.flushLoggedErrors(UnauthorizedLogin)  # type: ignore[attr-defined]
+
+    def test_unknownUser(self) -> None:
+        """An unknown user fails like a wrong password."""
+        failure = self.resolve(self.clientFactory.login(UsernamePassword(b"mallory", b"x")))
+        self.assertTrue(failure.check(UnauthorizedLogin))  # type: ignore[attr-defined]
+        self.flushLoggedErrors(UnauthorizedLogin)  # type: ignore[attr-defined]
+
+    def test_anonymousLogin(self) -> None:
+        """Anonymous login works when the portal allows it."""
+        avatar = self.resolve(self.clientFactory.login(Anonymous()))
+        self.assertEqual(self.resolve(avatar.callRemote("name")), "anonymous")  # type: ignore[attr-defined]
+
+    def test_viewable(self) -> None:
+        """A Viewable returned by an avatar runs view_ methods with that avatar."""
+        avatar = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"secret")))
+        board = self.resolve(avatar.callRemote("board"))
+        self.assertEqual(self.resolve(board.callRemote("whoAmI")), "alice")  # type: ignore[attr-defined]
+
+    def test_mindCalledBack(self) -> None:
+        """The mind given at login is a reference the server can call."""
+        login = self.clientFactory.login(UsernamePassword(b"alice", b"secret"), self.mind())
+        avatar = self.resolve(login)
+        self.assertEqual(self.resolve(avatar.callRemote("callMind")), "hello alice")  # type: ignore[attr-defined]
+
+    def test_logoutOnDisconnect(self) -> None:
+        """The realm's logout runs once when the connection drops."""
+        avatar = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"secret")))
+        self.assertEqual(self.realm.loggedOut, [])  # type: ignore[attr-defined]
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.realm.loggedOut, ["alice"])  # type: ignore[attr-defined]
+        del avatar
+        gc.collect()
+        self.assertEqual(self.realm.loggedOut, ["alice"])  # type: ignore[attr-defined]
+
+    def test_logoutOnLastDecref(self) -> None:
+        """The realm's logout runs once when the client drops its last avatar reference."""
+        avatar = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"secret")))
+        del avatar
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.realm.loggedOut, ["alice"])  # type: ignore[attr-defined]
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.realm.loggedOut, ["alice"])  # type: ignore[attr-defined]
+
+
+class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = pb
+
+
+class PbrokerServerTwistedClientLoginTests(LoginTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = twistedPb
+
+
+class TwistedServerPbrokerClientLoginTests(LoginTestsMixin, SynchronousTestCase):
+    serverModule = twistedPb
+    clientModule = pb
+
+
+class ChallengeTests(SynchronousTestCase):
+    def test_respondMatchesTwisted(self) -> None:
+        """respond() computes what stock Twisted computes."""
+        nonce = pb.challenge()
+        self.assertEqual(len(nonce), 16)
+        self.assertNotEqual(nonce, pb.challenge())
+        self.assertEqual(pb.respond(nonce, b"pw"), twistedPb.respond(nonce, b"pw"))
+
+    def test_challengeAnsweredOnce(self) -> None:
+        """A challenger refuses a second response, even a right one."""
+        realm = realmFor(pb)
+        portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")])
+        factory = pb.PBClientFactory()
+        _server, client, pump = connect(pb.PBServerFactory(portal), factory)
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("login", b"alice").addBoth(results.append)
+        pump.flush()
+        [(nonce, challenger)] = results
+        first = challenger.callRemote("respond", pb.respond(nonce, b"wrong"), None)
+        second = challenger.callRemote("respond", pb.respond(nonce, b"secret"), None)
+        pump.flush()
+        self.assertTrue(self.failureResultOf(first).check(UnauthorizedLogin))
+        self.assertTrue(self.failureResultOf(second).check(UnauthorizedLogin))
+        self.flushLoggedErrors(UnauthorizedLogin)

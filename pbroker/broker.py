@@ -32,6 +32,7 @@ from pbroker.errors import (
     describe,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
+from pbroker.flavors import RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
 
@@ -59,6 +60,33 @@ def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
     return found
 
 
+def _cacheID(jellyList: list[Any]) -> int:
+    if len(jellyList) != 2 or type(jellyList[1]) is not int:
+        raise InvalidJelly(f"a cache reference needs one integer id: {describe(jellyList)}")
+    luid: int = jellyList[1]
+    return luid
+
+
+def _unjellyCached(unjellier: Unjellier, jellyList: list[Any]) -> Any:
+    """
+    ``[b"cached", luid]``: another handle on a copy of the peer's Cacheable we already hold.
+    """
+    cache = unjellier.invoker.locallyCachedObjects.get(_cacheID(jellyList))
+    if cache is None:
+        raise InvalidJelly(f"a reference to an unknown cache: {describe(jellyList)}")
+    return cache._borgify()
+
+
+def _unjellyLocalCache(unjellier: Unjellier, jellyList: list[Any]) -> Any:
+    """
+    ``[b"lcache", luid]``: a copy of one of our Cacheables, sent back; it arrives as itself.
+    """
+    local = unjellier.invoker.remotelyCachedObjects.get(_cacheID(jellyList))
+    if local is None:
+        raise InvalidJelly(f"a reference to an unknown cacheable: {describe(jellyList)}")
+    return local.object
+
+
 def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
     """
     The tags every broker reads, in front of the application's copy registry.
@@ -67,6 +95,8 @@ def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
     registry.setUnjellyableForClass(b"remote", RemoteReference)
     registry.setUnjellyableForClass(b"local", _unjellyLocal)
     registry.setUnjellyableForClass(COPYABLE_FAILURE_TAG, CopiedFailure)
+    registry.setUnjellyableForClass(b"cached", _unjellyCached)
+    registry.setUnjellyableForClass(b"lcache", _unjellyLocalCache)
     return registry
 
 
@@ -109,6 +139,12 @@ class Broker(Banana):
         #: processUniqueID() -> what to run when the peer drops its last reference to it
         #: (a logged-in avatar's logout).
         self.localCleanup: dict[Any, Callable[[], object]] = {}
+        #: luid -> our Cacheables the peer holds copies of (with its count of handles).
+        self.remotelyCachedObjects: dict[int, Local] = {}
+        #: processUniqueID() -> luid of our Cacheables the peer holds copies of.
+        self.remotelyCachedLUIDs: dict[Any, int] = {}
+        #: luid -> the peer's Cacheables we hold copies of.
+        self.locallyCachedObjects: dict[int, Any] = {}
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
         self.currentRequestID = 0
@@ -141,6 +177,11 @@ class Broker(Banana):
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
             deferred.errback(Failure(PBConnectionLost(reason)))
+        cached, self.remotelyCachedObjects = self.remotelyCachedObjects, {}
+        self.remotelyCachedLUIDs = {}
+        for local in cached.values():
+            self._stopObserving(local)
+        self.locallyCachedObjects = {}
         notifiers, self.disconnects = self.disconnects, []
         for notifier in notifiers:
             try:
@@ -336,6 +377,70 @@ class Broker(Banana):
             name = name.encode("utf-8")
         return RemoteReference(None, self, name, False)
 
+    # Cached objects
+
+    def cachedRemotelyAs(self, instance: Any, incref: bool = False) -> int | None:
+        """
+        The luid the peer knows ``instance`` (a Cacheable) by, counting one more handle if
+        ``incref``; ``None`` if the peer holds no copy.
+        """
+        luid = self.remotelyCachedLUIDs.get(instance.processUniqueID())
+        if luid is not None and incref:
+            self.remotelyCachedObjects[luid].incref()
+        return luid
+
+    def cacheRemotely(self, instance: Any) -> int:
+        """
+        Record that the peer is getting a copy of ``instance`` and return its new luid.
+
+        :raises Error: the connection already has :data:`MAX_BROKER_REFS` cached objects.
+        """
+        if len(self.remotelyCachedObjects) >= MAX_BROKER_REFS:
+            self.maxBrokerRefsViolations += 1
+            if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
+                self._fail("the peer keeps exceeding the cache limit")
+                raise Error("Maximum PB cache count exceeded.  Goodbye.")
+            raise Error("Maximum PB cache count exceeded.")
+        luid = self.newLocalID()
+        self.remotelyCachedLUIDs[instance.processUniqueID()] = luid
+        self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
+        return luid
+
+    def remotelyCachedForLUID(self, luid: int) -> Any:
+        """
+        Our Cacheable whose copy the peer knows as ``luid``.
+        """
+        return self.remotelyCachedObjects[luid].object
+
+    def cacheLocally(self, cid: int, instance: Any) -> None:
+        """
+        Keep the copy of the peer's Cacheable ``cid``.
+        """
+        self.locallyCachedObjects[cid] = instance
+
+    def cachedLocallyAs(self, cid: Any) -> Any:
+        """
+        Our copy of the peer's Cacheable ``cid``, or ``None``.
+        """
+        return self.locallyCachedObjects.get(cid) if type(cid) is int else None
+
+    def decCacheRef(self, objectID: int) -> None:
+        """
+        Tell the peer one handle on our copy of its Cacheable ``objectID`` is gone.
+        """
+        if self.disconnected or self.transport is None or self.currentDialect is None:
+            return
+        self.sendCall(b"decache", objectID)
+
+    def _stopObserving(self, local: Local) -> None:
+        cacheable = local.object
+        try:
+            cacheable.stoppedObserving(
+                local.perspective, RemoteCacheObserver(self, cacheable, local.perspective)
+            )
+        except Exception:
+            self._log.failure("Error in stoppedObserving")
+
     # Receiving
 
     def expressionReceived(self, expression: Any) -> None:
@@ -378,6 +483,27 @@ class Broker(Banana):
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
         self._receiveCall(
             self.localObjectForID,
+            requestID,
+            objectID,
+            message,
+            bool(answerRequired),
+            netArgs,
+            netKw,
+        )
+
+    def _cacheMessage(
+        self,
+        requestID: Any,
+        objectID: Any,
+        message: Any,
+        answerRequired: Any,
+        netArgs: Any,
+        netKw: Any,
+    ) -> None:
+        if type(requestID) is not int or type(message) is not bytes:
+            raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
+        self._receiveCall(
+            self.cachedLocallyAs,
             requestID,
             objectID,
             message,
@@ -513,11 +639,30 @@ class Broker(Banana):
             if cleanup is not None:
                 cleanup()
 
+    def _decache(self, objectID: Any) -> None:
+        local = self.remotelyCachedObjects.get(objectID) if type(objectID) is int else None
+        if local is None:
+            raise ProtocolError(f"decache of an unknown cache id: {describe(objectID)}")
+        if local.decref() == 0:
+            del self.remotelyCachedObjects[objectID]
+            self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
+            self._stopObserving(local)
+            self.sendCall(b"uncache", objectID)
+
+    def _uncache(self, objectID: Any) -> None:
+        cache = self.locallyCachedObjects.pop(objectID, None) if type(objectID) is int else None
+        if cache is None:
+            raise ProtocolError(f"uncache of an unknown cache id: {describe(objectID)}")
+        cache.broker = None
+
     #: command -> (handler, number of fields). Subclasses extend a copy for new messages.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {
         b"version": (_version, 1),
         b"didNotUnderstand": (_didNotUnderstand, 1),
         b"message": (_message, 6),
+        b"cachemessage": (_cacheMessage, 6),
+        b"decache": (_decache, 1),
+        b"uncache": (_uncache, 1),
         b"answer": (_answer, 2),
         b"error": (_error, 2),
         b"decref": (_decref, 1),

@@ -9,6 +9,9 @@ A value sent through a broker travels according to its flavor:
   methods with the caller's perspective as first argument.
 * :class:`Copyable`: by copy; the peer rebuilds it with the :class:`RemoteCopy` subclass
   registered for its type tag.
+* :class:`Cacheable`: copied once per connection into a :class:`RemoteCache`, then kept up to
+  date: the owner calls ``observe_*`` methods on the copies through a
+  :class:`RemoteCacheObserver`.
 
 This module holds no wire code. The hooks it calls on the broker it is serialised through
 (``registerReference``, ``serialize``, ``unserialize``, ``serializingPerspective``) are the
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import fail
 from zope.interface import Interface, implementer
 
 from pbroker._jellier import Jellier, Jellyable, getInstanceState
 from pbroker._unjellier import Unjellier, Unjellyable, setInstanceState
-from pbroker.errors import NoSuchMethod
+from pbroker.errors import InvalidJelly, JellyError, NoSuchMethod, ProtocolError
 from pbroker.jelly import (
     setUnjellyableFactoryForClass,
     setUnjellyableForClass,
@@ -256,3 +260,157 @@ class RemoteCopy(Unjellyable):
             return setInstanceState(self, unjellier, jellyList)
         self.setCopyableState(unjellier.unjelly(jellyList[1]))
         return self
+
+
+class Cacheable(Copyable):
+    """
+    Copied once per connection, then kept up to date by its owner.
+
+    The first time it is sent over a connection the peer gets a copy (its registered
+    :class:`RemoteCache` class) and this object gets an observer for it, through
+    :meth:`getStateToCacheAndObserveFor`. Calls on the observer run ``observe_*`` methods of
+    the copy. Later sends over the same connection refer to the same copy. When the peer drops
+    its last copy, or the connection is lost, :meth:`stoppedObserving` is called.
+    """
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: RemoteCacheObserver) -> Any:
+        """
+        The state to send to a new copy, and the observer that reaches it; by default
+        :meth:`getStateToCopyFor`. Keep the observer to send updates.
+        """
+        return self.getStateToCopyFor(perspective)
+
+    def stoppedObserving(self, perspective: Any, observer: RemoteCacheObserver) -> None:
+        """
+        The copy reached by ``observer`` is gone; stop sending it updates.
+        """
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        broker = jellier.invoker
+        if broker is None:
+            return getInstanceState(self, jellier)
+        luid = broker.cachedRemotelyAs(self, incref=True)
+        if luid is not None:
+            return [b"cached", luid]
+        luid = broker.cacheRemotely(self)
+        perspective = broker.serializingPerspective
+        tag = self.getTypeToCopyFor(perspective)
+        observer = RemoteCacheObserver(broker, self, perspective)
+        state = self.getStateToCacheAndObserveFor(perspective, observer)
+        sexp = jellier.prepare(self)
+        sexp.extend([tag, luid, jellier.jelly(state)])
+        return jellier.preserve(self, sexp)
+
+
+class RemoteCache(RemoteCopy, Serializable):
+    """
+    The peer's copy of a :class:`Cacheable`: register a subclass for the cacheable's tag. Its
+    ``observe_*`` methods are called by the owner to update it.
+
+    Every receipt of the cacheable yields another handle sharing one state, and each handle,
+    when garbage-collected, tells the owner (a ``decache``), so the owner knows when the last
+    one is gone.
+    """
+
+    broker: Any = None
+    luid: Any = None
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        args = _positional(broker.unserialize(args))
+        kw = textKeywords(broker.unserialize(kw))
+        method = findRemoteMethod(self, "observe_", message)
+        return broker.serialize(method(*args, **kw), None, method, args, kw)
+
+    def jellyFor(self, jellier: Jellier) -> Any:
+        if jellier.invoker is None:
+            return getInstanceState(self, jellier)
+        if jellier.invoker is not self.broker:
+            raise JellyError("a RemoteCache can only be sent back over the connection it came from")
+        return [b"lcache", self.luid]
+
+    def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        broker = unjellier.invoker
+        if broker is None:
+            return setInstanceState(self, unjellier, jellyList)
+        if len(jellyList) != 3 or type(jellyList[1]) is not int:
+            raise InvalidJelly(f"a cacheable needs [tag, id, state]: {jellyList!r:.100}")
+        luid = jellyList[1]
+        # This first instance holds the shared state; callers get handles ("borgs") on it.
+        self.broker = broker
+        self.luid = luid
+        broker.cacheLocally(luid, self)
+        handle = self._borgify()
+        handle.setCopyableState(unjellier.unjelly(jellyList[2]))
+        # setCopyableState may have replaced __dict__: share whatever it installed.
+        self.__dict__ = handle.__dict__
+        self.broker = broker
+        self.luid = luid
+        return handle
+
+    def _borgify(self) -> RemoteCache:
+        """
+        Another handle on this cache: a new instance sharing this one's ``__dict__``.
+        """
+        handle: RemoteCache = type(self).__new__(type(self))
+        handle.__dict__ = self.__dict__
+        return handle
+
+    def __del__(self) -> None:
+        # Each handle tells the owner it is gone. The first instance, kept in the broker's
+        # table, only dies after the owner's uncache has cleared the shared broker.
+        broker = self.__dict__.get("broker")
+        if broker is not None:
+            broker.decCacheRef(self.luid)
+
+
+class RemoteCacheObserver:
+    """
+    How a :class:`Cacheable`'s owner reaches one peer's copy: ``callRemote("name", ...)`` runs
+    ``observe_name`` there.
+    """
+
+    def __init__(self, broker: Any, cached: Cacheable, perspective: Any) -> None:
+        self.broker = broker
+        self.cached = cached
+        self.perspective = perspective
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Any:
+        """
+        Call ``observe_<_name>`` on the copy; a Deferred of the result, as with references.
+        """
+        name = _name.encode("utf-8") if isinstance(_name, str) else _name
+        cacheID = self.broker.cachedRemotelyAs(self.cached)
+        if cacheID is None:
+            return fail(ProtocolError("the copy this observer reached is gone"))
+        return self.broker._sendMessage(b"cache", self.perspective, cacheID, name, args, kw)
+
+    def remoteMethod(self, key: str) -> RemoteCacheMethod:
+        return RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RemoteCacheObserver):
+            return (self.broker, self.perspective, self.cached) == (
+                other.broker,
+                other.perspective,
+                other.cached,
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((id(self.broker), id(self.perspective), id(self.cached)))
+
+    def __repr__(self) -> str:
+        return f"<RemoteCacheObserver {self.cached!r} for {self.perspective!r}>"
+
+
+class RemoteCacheMethod:
+    """
+    One ``observe_`` method of a peer's copy, callable like a local function.
+    """
+
+    def __init__(self, name: str, broker: Any, cached: Cacheable, perspective: Any) -> None:
+        self.name = name
+        self.observer = RemoteCacheObserver(broker, cached, perspective)
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.observer.callRemote(self.name, *args, **kw)

@@ -41,10 +41,13 @@ from pbroker.errors import (
 )
 from pbroker.failure import CopiedFailure, CopyableFailure, failure2Copyable
 from pbroker.flavors import (
+    Cacheable,
     Copyable,
     IPBRoot,
     Jellyable,
     Referenceable,
+    RemoteCache,
+    RemoteCacheObserver,
     RemoteCopy,
     Root,
     Serializable,
@@ -63,6 +66,7 @@ __all__ = [
     "AsReferenceable",
     "Avatar",
     "Broker",
+    "Cacheable",
     "CopiedFailure",
     "Copyable",
     "CopyableFailure",
@@ -79,6 +83,8 @@ __all__ = [
     "PBServerFactory",
     "ProtocolError",
     "Referenceable",
+    "RemoteCache",
+    "RemoteCacheObserver",
     "RemoteCopy",
     "RemoteError",
     "RemoteMethod",

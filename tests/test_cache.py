@@ -1,0 +1,159 @@
+"""
+Tests for Cacheable / RemoteCache: one copy per connection, updates through observers,
+decache and uncache, against pbroker and stock Twisted peers in both roles.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.spread import jelly as twistedJelly
+from twisted.spread import pb as twistedPb
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import jelly, pb
+from tests.test_broker import connect
+
+TAG = b"tests.cache.Gauge"
+
+
+def cacheableFor(module: Any) -> Any:
+    class Gauge(module.Cacheable):
+        def __init__(self) -> None:
+            self.value = 0
+            self.observers: list[Any] = []
+            self.stopped: list[Any] = []
+
+        def getTypeToCopy(self) -> bytes:
+            return TAG
+
+        def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+            self.observers.append(observer)
+            return {"value": self.value}
+
+        def stoppedObserving(self, perspective: Any, observer: Any) -> None:
+            self.observers.remove(observer)
+            self.stopped.append(observer)
+
+        def set(self, value: int) -> None:
+            self.value = value
+            for observer in self.observers:
+                observer.callRemote("setValue", value)
+
+    return Gauge()
+
+
+def remoteCacheFor(module: Any) -> Any:
+    class RemoteGauge(module.RemoteCache):
+        def observe_setValue(self, value: int) -> None:
+            self.value = value
+
+    return RemoteGauge
+
+
+def rootWith(module: Any, gauge: Any) -> Any:
+    class GaugeRoot(module.Root):
+        def remote_gauge(self) -> Any:
+            return gauge
+
+        def remote_isGauge(self, value: Any) -> bool:
+            return value is gauge
+
+    return GaugeRoot()
+
+
+class CacheTestsMixin:
+    serverModule: Any
+    clientModule: Any
+
+    def setUp(self) -> None:
+        self.gauge = cacheableFor(self.serverModule)
+        remoteClass = remoteCacheFor(self.clientModule)
+        registry = None
+        if self.clientModule is pb:
+            registry = jelly.UnjellyableRegistry()
+            registry.setUnjellyableForClass(TAG, remoteClass)
+            factory = pb.PBClientFactory(registry=registry)
+        else:
+            saved = dict(twistedJelly.unjellyableRegistry)
+            self.addCleanup(  # type: ignore[attr-defined]
+                lambda: (
+                    twistedJelly.unjellyableRegistry.clear(),
+                    twistedJelly.unjellyableRegistry.update(saved),
+                )
+            )
+            twistedJelly.setUnjellyableForClass(TAG, remoteClass)
+            factory = twistedPb.PBClientFactory()
+        self.server, self.client, self.pump = connect(
+            self.serverModule.PBServerFactory(rootWith(self.serverModule, self.gauge)), factory
+        )
+        self.root = self.client.remoteForName("root")
+
+    def call(self, *args: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+    def test_copyAndUpdates(self) -> None:
+        """The copy gets the state, then every update the owner sends through its observer."""
+        self.gauge.value = 3
+        copy = self.call("gauge")
+        self.assertEqual(copy.value, 3)  # type: ignore[attr-defined]
+        self.gauge.set(7)
+        self.pump.flush()
+        self.assertEqual(copy.value, 7)  # type: ignore[attr-defined]
+
+    def test_oneCopyPerConnection(self) -> None:
+        """Sending it again gives another handle on the same state, and one observer."""
+        first = self.call("gauge")
+        second = self.call("gauge")
+        self.assertEqual(len(self.gauge.observers), 1)  # type: ignore[attr-defined]
+        self.gauge.set(9)
+        self.pump.flush()
+        self.assertEqual((first.value, second.value), (9, 9))  # type: ignore[attr-defined]
+
+    def test_sentBackIsOriginal(self) -> None:
+        """A copy sent back to the owner arrives as the Cacheable itself."""
+        copy = self.call("gauge")
+        self.assertIs(self.call("isGauge", copy), True)  # type: ignore[attr-defined]
+
+    def test_lastHandleGoneStopsObserving(self) -> None:
+        """When every handle is gone the owner stops observing and the copy is dropped."""
+        first = self.call("gauge")
+        second = self.call("gauge")
+        del first
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.gauge.stopped, [])  # type: ignore[attr-defined]
+        del second
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(len(self.gauge.stopped), 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.gauge.observers, [])  # type: ignore[attr-defined]
+        self.assertEqual(self.client.locallyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertEqual(self.server.remotelyCachedObjects, {})  # type: ignore[attr-defined]
+
+    def test_disconnectStopsObserving(self) -> None:
+        """Losing the connection stops every observation."""
+        copy = self.call("gauge")
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(len(self.gauge.stopped), 1)  # type: ignore[attr-defined]
+        del copy
+
+
+class PbrokerCacheTests(CacheTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = pb
+
+
+class PbrokerServerTwistedClientCacheTests(CacheTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = twistedPb
+
+
+class TwistedServerPbrokerClientCacheTests(CacheTestsMixin, SynchronousTestCase):
+    serverModule = twistedPb
+    clientModule = pb

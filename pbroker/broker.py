@@ -145,6 +145,8 @@ class Broker(Banana):
         self.remotelyCachedLUIDs: dict[Any, int] = {}
         #: luid -> the peer's Cacheables we hold copies of.
         self.locallyCachedObjects: dict[int, Any] = {}
+        #: Pagers (pbroker.util) sending pages whenever the transport wants more data.
+        self.pageProducers: list[Any] = []
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
         self.currentRequestID = 0
@@ -325,6 +327,32 @@ class Broker(Banana):
         if self.disconnected or self.transport is None or self.currentDialect is None:
             return
         self.sendCall(b"decref", objectID)
+
+    # Paging: the broker is a pull producer for its transport while pagers are active.
+
+    def registerPageProducer(self, pager: Any) -> None:
+        """
+        Have ``pager.sendNextPage()`` called whenever the transport wants more data, until
+        ``pager.stillPaging()`` is false.
+        """
+        self.pageProducers.append(pager)
+        if len(self.pageProducers) == 1:
+            assert self.transport is not None
+            self.transport.registerProducer(self, False)  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        for pager in list(self.pageProducers):
+            pager.sendNextPage()
+            if not pager.stillPaging():
+                self.pageProducers.remove(pager)
+        if not self.pageProducers and self.transport is not None:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.pageProducers = []
 
     # Exported objects
 

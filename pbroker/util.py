@@ -1,0 +1,260 @@
+"""
+Utilities around remote calls: paging large data through PB's size limits, and local objects
+that behave like remote references (for tests and for code that works either way).
+
+Paging is a convention, not part of the protocol (wire specification, section 3.9): a
+:class:`Pager` sends its data in pieces with one-way ``gotPage`` calls to a collector the peer
+passed, then an ``endedPaging`` call. Pages are sent as the transport asks for data, so a large
+transfer neither blocks other calls nor fills memory with unsent bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.internet import defer, interfaces
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pbroker.flavors import Referenceable
+
+__all__ = [
+    "CallbackPageCollector",
+    "FilePager",
+    "LocalAsRemote",
+    "LocalAsyncForwarder",
+    "LocalMethod",
+    "Pager",
+    "StringPager",
+    "getAllPages",
+]
+
+
+class LocalMethod:
+    """
+    One method of a :class:`LocalAsRemote`, callable like a remote method.
+    """
+
+    def __init__(self, local: Any, name: str) -> None:
+        self.local = local
+        self.name = name
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.local.callRemote(self.name, *args, **kw)
+
+
+class LocalAsRemote:
+    """
+    A local object that answers ``callRemote`` like a remote reference: ``callRemote("x")``
+    returns what ``sync_x`` returns (a Deferred, normally), or the result of ``async_x``
+    wrapped in a Deferred (a failure if it raised).
+    """
+
+    #: Print the traceback of every failing ``async_`` method.
+    reportAllTracebacks = True
+
+    def callRemote(self, name: str, *args: Any, **kw: Any) -> Any:
+        syncMethod = getattr(self, "sync_" + name, None)
+        if syncMethod is not None:
+            return syncMethod(*args, **kw)
+        try:
+            return defer.succeed(getattr(self, "async_" + name)(*args, **kw))
+        except Exception:
+            failure = Failure()
+            if self.reportAllTracebacks:
+                failure.printTraceback()
+            return defer.fail(failure)
+
+    def remoteMethod(self, name: str) -> LocalMethod:
+        return LocalMethod(self, name)
+
+
+class LocalAsyncForwarder:
+    """
+    Forwards ``callRemote`` to the methods of a local object that an interface declares.
+
+    :param failWhenNotImplemented: fail a call to a method the interface does not declare
+        (otherwise it succeeds with ``None``).
+    """
+
+    def __init__(
+        self, forwarded: Any, interfaceClass: Any, failWhenNotImplemented: bool = False
+    ) -> None:
+        if not interfaceClass.providedBy(forwarded):
+            raise TypeError(f"{forwarded!r} does not provide {interfaceClass!r}")
+        self.forwarded = forwarded
+        self.interfaceClass = interfaceClass
+        self.failWhenNotImplemented = failWhenNotImplemented
+
+    def callRemote(self, method: str, *args: Any, **kw: Any) -> Any:
+        if self.interfaceClass.queryDescriptionFor(method):
+            return defer.maybeDeferred(getattr(self.forwarded, method), *args, **kw)
+        if self.failWhenNotImplemented:
+            return defer.fail(NotImplementedError(f"No Such Method in Interface: {method}"))
+        return defer.succeed(None)
+
+
+class Pager:
+    """
+    Sends pages to a remote collector (a reference to a :class:`CallbackPageCollector` or any
+    Referenceable with ``remote_gotPage`` and ``remote_endedPaging``) whenever the connection
+    can take more. Subclasses implement :meth:`nextPage` and call :meth:`stopPaging` after the
+    last page.
+
+    :param callback: called with ``args`` and ``kw`` once the last page is sent.
+    """
+
+    def __init__(
+        self, collector: Any, callback: Callable[..., object] | None = None, *args: Any, **kw: Any
+    ) -> None:
+        self.callback = callback if callable(callback) else None
+        self.callbackArgs = args
+        self.callbackKeyword = kw
+        self._stillPaging = True
+        self.collector = collector
+        collector.broker.registerPageProducer(self)
+
+    def stillPaging(self) -> bool:
+        """
+        Called by the broker after each page; ends the transfer once paging has stopped.
+        """
+        if not self._stillPaging:
+            self.collector.callRemote("endedPaging", pbanswer=False)
+            if self.callback is not None:
+                self.callback(*self.callbackArgs, **self.callbackKeyword)
+        return self._stillPaging
+
+    def sendNextPage(self) -> None:
+        """
+        Called by the broker when the connection can take another page.
+        """
+        self.collector.callRemote("gotPage", self.nextPage(), pbanswer=False)
+
+    def nextPage(self) -> Any:
+        """
+        The next page to send. Override it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement nextPage()")
+
+    def stopPaging(self) -> None:
+        """
+        Mark the page just returned as the last one.
+        """
+        self._stillPaging = False
+
+
+class StringPager(Pager):
+    """
+    Sends a byte string in chunks of ``chunkSize`` bytes (8 KiB by default).
+    """
+
+    def __init__(
+        self,
+        collector: Any,
+        st: bytes,
+        chunkSize: int = 8192,
+        callback: Callable[..., object] | None = None,
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        if chunkSize < 1:
+            raise ValueError(f"chunkSize must be at least 1, not {chunkSize}")
+        self.string = st
+        self.pointer = 0
+        self.chunkSize = chunkSize
+        super().__init__(collector, callback, *args, **kw)
+
+    def nextPage(self) -> bytes:
+        page = self.string[self.pointer : self.pointer + self.chunkSize]
+        self.pointer += self.chunkSize
+        if self.pointer >= len(self.string):
+            self.stopPaging()
+        return page
+
+
+@implementer(interfaces.IConsumer)
+class FilePager(Pager):
+    """
+    Sends the contents of an open binary file in the chunks it is read in.
+    """
+
+    def __init__(
+        self,
+        collector: Any,
+        fd: IO[bytes],
+        callback: Callable[..., object] | None = None,
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        self.chunks: list[bytes] = []
+        self.producer: Any = None
+        self._reading = True
+        super().__init__(collector, callback, *args, **kw)
+        self.startProducing(fd)
+
+    def startProducing(self, fd: IO[bytes]) -> None:
+        self.deferred = FileSender().beginFileTransfer(fd, self)  # type: ignore[no-untyped-call]
+        self.deferred.addBoth(self._doneReading)
+
+    def _doneReading(self, result: Any) -> None:
+        self._reading = False
+        if not self.chunks:
+            self.stopPaging()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def sendNextPage(self) -> None:
+        if not self.chunks:
+            return
+        page = self.chunks.pop(0)
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        self.collector.callRemote("gotPage", page, pbanswer=False)
+        if not self.chunks and not self._reading:
+            self.stopPaging()
+
+
+class CallbackPageCollector(Referenceable):
+    """
+    Receives pages; calls ``callback(pages)`` with the list once paging ends.
+    """
+
+    def __init__(self, callback: Callable[[list[Any]], object]) -> None:
+        self.pages: list[Any] = []
+        self.callback = callback
+
+    def remote_gotPage(self, page: Any) -> None:
+        self.pages.append(page)
+
+    def remote_endedPaging(self) -> None:
+        self.callback(self.pages)
+
+
+def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+    """
+    Call ``methodName`` on ``referenceable`` with a new collector as the first argument and
+    return a Deferred of the list of every page the peer sends to it.
+    """
+    deferred: defer.Deferred[Any] = defer.Deferred()
+    collector = CallbackPageCollector(deferred.callback)
+    call = referenceable.callRemote(methodName, collector, *args, **kw)
+
+    def failed(failure: Failure) -> None:
+        # The call itself failed, so no pages will come: report that instead.
+        if not deferred.called:
+            deferred.errback(failure)
+
+    if call is not None:
+        call.addErrback(failed)
+    return deferred

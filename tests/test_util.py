@@ -1,0 +1,230 @@
+"""
+Tests for pbroker.util (paging, local stand-ins for references) and pbroker.publish.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.spread import pb as twistedPb
+from twisted.spread import util as twistedUtil
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import Interface, implementer
+
+from pbroker import jelly, pb, publish, util
+from tests.test_broker import connect
+
+BIG = bytes(range(256)) * 4096  # 1 MiB: more than PB's 640 KiB string limit
+
+
+def pagingRoot(module: Any, utilModule: Any) -> Any:
+    class PagingRoot(module.Root):
+        def remote_sendString(self, collector: Any, chunkSize: int) -> None:
+            utilModule.StringPager(collector, BIG, chunkSize)
+
+        def remote_sendFile(self, collector: Any) -> None:
+            utilModule.FilePager(collector, io.BytesIO(BIG))
+
+    return PagingRoot()
+
+
+class PagingTestsMixin:
+    serverModule: Any
+    serverUtil: Any
+    clientModule: Any
+    clientUtil: Any
+
+    def setUp(self) -> None:
+        self.server, self.client, self.pump = connect(
+            self.serverModule.PBServerFactory(pagingRoot(self.serverModule, self.serverUtil)),
+            self.clientModule.PBClientFactory(),
+        )
+        self.root = self.client.remoteForName("root")
+
+    def collect(self, *args: Any) -> bytes:
+        results: list[Any] = []
+        self.clientUtil.getAllPages(self.root, *args).addBoth(results.append)
+        for _ in range(10_000):
+            if results:
+                break
+            self.pump.pump()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return b"".join(results[0])
+
+    def test_stringPagerBeyondSizeLimit(self) -> None:
+        """A megabyte travels in pages through a StringPager, whole and in order."""
+        self.assertEqual(self.collect("sendString", 8192), BIG)  # type: ignore[attr-defined]
+
+    def test_filePager(self) -> None:
+        """A file travels in pages through a FilePager."""
+        self.assertEqual(self.collect("sendFile"), BIG)  # type: ignore[attr-defined]
+
+
+class PbrokerPagingTests(PagingTestsMixin, SynchronousTestCase):
+    serverModule, serverUtil, clientModule, clientUtil = pb, util, pb, util
+
+
+class PbrokerServerTwistedClientPagingTests(PagingTestsMixin, SynchronousTestCase):
+    serverModule, serverUtil, clientModule, clientUtil = pb, util, twistedPb, twistedUtil
+
+
+class TwistedServerPbrokerClientPagingTests(PagingTestsMixin, SynchronousTestCase):
+    serverModule, serverUtil, clientModule, clientUtil = twistedPb, twistedUtil, pb, util
+
+
+class PagerTests(SynchronousTestCase):
+    def test_chunkSizeMustBePositive(self) -> None:
+        """A StringPager needs a positive chunk size."""
+        with self.assertRaises(ValueError):
+            util.StringPager(object(), b"x", chunkSize=0)
+
+    def test_callbackAfterLastPage(self) -> None:
+        """The pager's callback runs with its arguments once the last page is sent."""
+        done: list[Any] = []
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                util.StringPager(collector, b"abc", 1, done.append, "finished")
+
+        _server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        for _ in range(100):
+            pump.pump()
+        self.assertEqual(pages, [[b"a", b"b", b"c"]])
+        self.assertEqual(done, ["finished"])
+
+    def test_getAllPagesReportsCallFailure(self) -> None:
+        """If the paging call itself fails, getAllPages fails with it."""
+        _server, client, pump = connect(pb.PBServerFactory(pb.Root()), pb.PBClientFactory())
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "missing").addBoth(results.append)
+        pump.flush()
+        self.assertTrue(results[0].check(pb.NoSuchMethod))
+        self.flushLoggedErrors()
+
+
+class IThing(Interface):
+    def double(value: int) -> int:  # type: ignore[misc]
+        """Double it."""
+
+
+@implementer(IThing)
+class Thing:
+    def double(self, value: int) -> int:
+        return 2 * value
+
+    def hidden(self) -> str:
+        return "not in the interface"
+
+
+class LocalStandInTests(SynchronousTestCase):
+    def test_localAsRemote(self) -> None:
+        """sync_ methods return as they are; async_ results and errors become Deferreds."""
+
+        class Local(util.LocalAsRemote):
+            reportAllTracebacks = False
+
+            def sync_now(self) -> Any:
+                return defer.succeed("now")
+
+            def async_add(self, a: int, b: int) -> int:
+                return a + b
+
+            def async_fail(self) -> None:
+                raise ValueError("no")
+
+        local = Local()
+        self.assertEqual(self.successResultOf(local.callRemote("now")), "now")
+        self.assertEqual(self.successResultOf(local.remoteMethod("add")(1, 2)), 3)
+        self.assertTrue(self.failureResultOf(local.callRemote("fail")).check(ValueError))
+        self.assertTrue(self.failureResultOf(local.callRemote("missing")).check(AttributeError))
+
+    def test_localAsyncForwarder(self) -> None:
+        """Interface methods are forwarded; others succeed with None or fail, as asked."""
+        forwarder = util.LocalAsyncForwarder(Thing(), IThing)
+        self.assertEqual(self.successResultOf(forwarder.callRemote("double", 4)), 8)
+        self.assertIsNone(self.successResultOf(forwarder.callRemote("hidden")))
+        strict = util.LocalAsyncForwarder(Thing(), IThing, failWhenNotImplemented=True)
+        self.assertTrue(
+            self.failureResultOf(strict.callRemote("hidden")).check(NotImplementedError)
+        )
+        with self.assertRaises(TypeError):
+            util.LocalAsyncForwarder(object(), IThing)
+
+
+class Catalogue(publish.Publishable):
+    def __init__(self, publishedID: str) -> None:
+        super().__init__(publishedID)
+        self.items = ["a", "b"]
+        self.fetches = 0
+
+    def getTypeToCopy(self) -> bytes:
+        return b"tests.publish.Catalogue"
+
+    def getStateToPublish(self) -> Any:
+        self.fetches += 1
+        return {"items": list(self.items)}
+
+
+class RemoteCatalogue(publish.RemotePublished):
+    pass
+
+
+class PublishTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.catalogue = Catalogue("../../etc/passwd")
+        self.registry = jelly.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(b"tests.publish.Catalogue", RemoteCatalogue)
+
+    def fetch(self) -> Any:
+        catalogue = self.catalogue
+
+        class PublishingRoot(pb.Root):
+            def remote_catalogue(self) -> Any:
+                return catalogue
+
+        _server, client, pump = connect(
+            pb.PBServerFactory(PublishingRoot()), pb.PBClientFactory(registry=self.registry)
+        )
+        results: list[Any] = []
+        publish.whenReady(client.remoteForName("root").callRemote("catalogue")).addBoth(
+            results.append
+        )
+        pump.flush()
+        self.assertEqual(len(results), 1)
+        return results[0]
+
+    def test_stateFetchedWhenReady(self) -> None:
+        """whenReady fires with the published object once its full state has arrived."""
+        remote = self.fetch()
+        self.assertIsInstance(remote, RemoteCatalogue)
+        self.assertTrue(remote.isActivated)
+        self.assertEqual(remote.items, ["a", "b"])
+        self.assertEqual(self.catalogue.fetches, 1)
+
+    def test_nothingWrittenByDefault(self) -> None:
+        """Without a cache directory nothing touches the disk."""
+        remote = self.fetch()
+        self.assertIsNone(remote.getFileName())
+
+    def test_savedStateReusedAndNamesSanitised(self) -> None:
+        """With a cache directory an unchanged object is not fetched twice, and a peer's
+        strings cannot steer the file out of that directory."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(RemoteCatalogue, "cacheDirectory", directory)
+        first = self.fetch()
+        fileName = first.getFileName()
+        self.assertEqual(os.path.dirname(fileName), directory)
+        self.assertTrue(os.path.exists(fileName))
+        self.assertNotIn("/", os.path.basename(fileName))
+        second = self.fetch()
+        self.assertEqual(second.items, ["a", "b"])
+        self.assertEqual(self.catalogue.fetches, 1)
+        self.catalogue.republish()
+        self.fetch()
+        self.assertEqual(self.catalogue.fetches, 2)

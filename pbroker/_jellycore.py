@@ -9,7 +9,7 @@ This module knows nothing about how values are walked; :mod:`pbroker._jellier` a
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 __all__ = [
@@ -247,29 +247,23 @@ class UnjellyableRegistry:
         #: PB tags in front of the application's registry this way).
         self.parent = parent
 
+    def _chain(self) -> Iterator[UnjellyableRegistry]:
+        registry: UnjellyableRegistry | None = self
+        while registry is not None:
+            yield registry
+            registry = registry.parent
+
     def classFor(self, tag: bytes) -> Any:
         """
         The class registered for ``tag`` here or in a parent, or ``None``.
         """
-        registry: UnjellyableRegistry | None = self
-        while registry is not None:
-            found = registry.classes.get(tag)
-            if found is not None:
-                return found
-            registry = registry.parent
-        return None
+        return next((r.classes[tag] for r in self._chain() if tag in r.classes), None)
 
     def factoryFor(self, tag: bytes) -> Factory | None:
         """
         The factory registered for ``tag`` here or in a parent, or ``None``.
         """
-        registry: UnjellyableRegistry | None = self
-        while registry is not None:
-            found = registry.factories.get(tag)
-            if found is not None:
-                return found
-            registry = registry.parent
-        return None
+        return next((r.factories[tag] for r in self._chain() if tag in r.factories), None)
 
     def __contains__(self, tag: object) -> bool:
         return isinstance(tag, bytes) and (

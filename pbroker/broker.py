@@ -498,58 +498,29 @@ class Broker(Banana):
     def _didNotUnderstand(self, command: Any) -> None:
         self._log.warn("The peer did not understand {command}", command=describe(command))
 
-    def _message(
-        self,
-        requestID: Any,
-        objectID: Any,
-        message: Any,
-        answerRequired: Any,
-        netArgs: Any,
-        netKw: Any,
-    ) -> None:
-        if type(requestID) is not int or type(message) is not bytes:
-            raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
-        self._receiveCall(
-            self.localObjectForID,
-            requestID,
-            objectID,
-            message,
-            bool(answerRequired),
-            netArgs,
-            netKw,
-        )
+    def _message(self, *fields: Any) -> None:
+        self._receiveCall(self.localObjectForID, *fields)
 
-    def _cacheMessage(
-        self,
-        requestID: Any,
-        objectID: Any,
-        message: Any,
-        answerRequired: Any,
-        netArgs: Any,
-        netKw: Any,
-    ) -> None:
-        if type(requestID) is not int or type(message) is not bytes:
-            raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
-        self._receiveCall(
-            self.cachedLocallyAs,
-            requestID,
-            objectID,
-            message,
-            bool(answerRequired),
-            netArgs,
-            netKw,
-        )
+    def _cacheMessage(self, *fields: Any) -> None:
+        self._receiveCall(self.cachedLocallyAs, *fields)
 
     def _receiveCall(
         self,
         find: Callable[[Any], Any],
-        requestID: int,
+        requestID: Any,
         objectID: Any,
-        message: bytes,
-        answerRequired: bool,
+        message: Any,
+        answerRequired: Any,
         netArgs: Any,
         netKw: Any,
     ) -> None:
+        """
+        Run a call the peer made (``find`` looks up its target: an exported object for
+        ``message``, a cache copy for ``cachemessage``) and send its answer or error.
+        """
+        if type(requestID) is not int or type(message) is not bytes:
+            raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
+        answerRequired = bool(answerRequired)
         try:
             name = message.decode("utf-8")
             target = find(objectID) if type(objectID) in (int, bytes) else None

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pbroker import banana, jelly, pb
 from pbroker.errors import DeadReferenceError, PBConnectionLost, RemoteError
 from pbroker.testing import connectedServerAndClient
+from tests import interop_peer
 
 
 def connect(serverFactory: Any, clientFactory: Any) -> tuple[Any, Any, iosim.IOPump]:
@@ -78,20 +79,8 @@ def rootFor(module: Any) -> Any:
     return TheRoot()
 
 
-VALUES: list[Any] = [
-    None,
-    True,
-    False,
-    0,
-    -(2**40),
-    2**100,
-    1.5,
-    b"bytes",
-    "text",
-    "tuple",
-    [1, (2, 3)],
-    {"k": {4, 5}, 6: frozenset([7])},
-]
+# The values every pairing must carry unchanged (shared with the out-of-process tests).
+VALUES = interop_peer.VALUES
 
 
 class BrokerTestsMixin:

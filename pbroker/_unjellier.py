@@ -374,8 +374,9 @@ class Unjellier:
         allowed = self._tagAllowed.get(tag)
         if allowed is None:
             registry = self.registry
-            allowed = self._tagAllowed[tag] = tag in registry or bool(
-                self.taster.isTypeAllowed(tag)
+            # The taster first: it is a dictionary lookup, the registry may be a chain.
+            allowed = self._tagAllowed[tag] = bool(self.taster.isTypeAllowed(tag)) or (
+                tag in registry
             )
         return allowed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, fail
@@ -21,12 +22,13 @@ from twisted.python.failure import Failure
 
 from pbroker._jellier import Jellier, Jellyable
 from pbroker._unjellier import Unjellier
-from pbroker.banana import Banana, getTokens
+from pbroker.banana import DEPTH_LIMIT, Banana, getTokens
 from pbroker.errors import (
     DeadReferenceError,
     Error,
     InsecureJelly,
     InvalidJelly,
+    LimitExceeded,
     PBConnectionLost,
     ProtocolError,
     describe,
@@ -36,16 +38,56 @@ from pbroker.flavors import RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
 
-__all__ = ["MAX_BROKER_REFS", "PB_VERSION", "Broker"]
+__all__ = ["MAX_BROKER_REFS", "PB_VERSION", "Broker", "BrokerLimits"]
 
 #: The protocol version both sides must announce.
 PB_VERSION = 6
 
-#: The most objects one connection may export at once (and, separately, cache).
+#: The most objects one connection may export at once (and, separately, cache), by default.
 MAX_BROKER_REFS = 1024
 
-# After this many attempts to export beyond MAX_BROKER_REFS the connection is closed.
+# After this many attempts to export beyond the limit the connection is closed.
 _MAX_REFERENCE_VIOLATIONS = 3
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """
+    What one connection may make this side hold, so that a misbehaving peer costs bounded
+    memory and work, and other connections keep being served.
+
+    Going over a limit fails the call or value concerned with
+    :class:`~pbroker.errors.LimitExceeded` (or :class:`~pbroker.errors.Error` for the
+    reference counts, as in Twisted), except where the stream itself can no longer be trusted
+    (a message too large or too deep), which closes the connection. Each is logged.
+
+    :ivar messageSize: the most bytes one incoming message may take (``None``: no limit).
+    :ivar nestingDepth: the deepest list nesting an incoming message may have.
+    :ivar exportedReferences: objects this side exports to the peer by reference at once.
+    :ivar cachedObjects: Cacheables the peer holds copies of at once.
+    :ivar importedReferences: references to the peer's objects this side holds at once.
+    :ivar pendingCalls: calls from the peer still being answered at once.
+    """
+
+    messageSize: int | None = 32 * 1024 * 1024
+    nestingDepth: int = DEPTH_LIMIT
+    exportedReferences: int = MAX_BROKER_REFS
+    cachedObjects: int = MAX_BROKER_REFS
+    importedReferences: int = 16 * 1024
+    pendingCalls: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in (
+            "nestingDepth",
+            "exportedReferences",
+            "cachedObjects",
+            "importedReferences",
+            "pendingCalls",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BrokerLimits.{name} must be at least 1")
+        if self.messageSize is not None and self.messageSize < 1:
+            raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
@@ -112,6 +154,7 @@ class Broker(Banana):
         :data:`pbroker.jelly.globalSecurity`.
     :param registry: the copy registry for what is received; the default is
         :data:`pbroker.jelly.globalRegistry`.
+    :param limits: what the peer may make this side hold (see :class:`BrokerLimits`).
     """
 
     version = PB_VERSION
@@ -125,8 +168,17 @@ class Broker(Banana):
         isClient: bool = True,
         security: ISecurityOptions | None = None,
         registry: UnjellyableRegistry | None = None,
+        limits: BrokerLimits | None = None,
     ) -> None:
         super().__init__(isClient)
+        self.limits = BrokerLimits() if limits is None else limits
+        # The decoder's limits (read by Banana.connectionMade).
+        self.messageSizeLimit = self.limits.messageSize
+        self.depthLimit = self.limits.nestingDepth
+        #: How many references to the peer's objects this side holds.
+        self.importedReferences = 0
+        # Request ids of the peer's calls whose answers are still being computed.
+        self._answering: set[int] = set()
         self.security: ISecurityOptions = globalSecurity if security is None else security
         self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
         self.disconnected = False
@@ -320,10 +372,30 @@ class Broker(Banana):
         self.transport.write(data)
         return deferred
 
+    def importReference(self, luid: int) -> None:
+        """
+        Count one more reference to the peer's object ``luid`` (called as one arrives).
+
+        :raises LimitExceeded: this side already holds as many as the limits allow. The peer
+            is sent a decref for the refused reference, so its count stays right.
+        """
+        if self.importedReferences >= self.limits.importedReferences:
+            self._log.warn(
+                "Refusing a reference from the peer: it already gave {count}",
+                count=self.importedReferences,
+            )
+            if not self.disconnected and self.transport is not None:
+                self.sendCall(b"decref", luid)
+            raise LimitExceeded(
+                f"the peer sent more than {self.limits.importedReferences} references"
+            )
+        self.importedReferences += 1
+
     def sendDecRef(self, objectID: int | bytes) -> None:
         """
         Tell the peer one reference to its object ``objectID`` is gone.
         """
+        self.importedReferences -= 1
         if self.disconnected or self.transport is None or self.currentDialect is None:
             return
         self.sendCall(b"decref", objectID)
@@ -360,14 +432,14 @@ class Broker(Banana):
         """
         Export ``object`` (or count one more reference to it) and return its luid.
 
-        :raises Error: the connection already exports :data:`MAX_BROKER_REFS` objects.
+        :raises Error: the connection already exports as many objects as its limits allow.
         """
         puid = object.processUniqueID()
         luid = self.luids.get(puid)
         if luid is not None:
             self.localObjects[luid].incref()
             return luid
-        if len(self.luids) >= MAX_BROKER_REFS:  # named objects (root) do not count
+        if len(self.luids) >= self.limits.exportedReferences:  # named objects do not count
             self.maxBrokerRefsViolations += 1
             if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
                 self._fail("the peer keeps exceeding the reference limit")
@@ -421,9 +493,9 @@ class Broker(Banana):
         """
         Record that the peer is getting a copy of ``instance`` and return its new luid.
 
-        :raises Error: the connection already has :data:`MAX_BROKER_REFS` cached objects.
+        :raises Error: the peer already holds as many cached objects as the limits allow.
         """
-        if len(self.remotelyCachedObjects) >= MAX_BROKER_REFS:
+        if len(self.remotelyCachedObjects) >= self.limits.cachedObjects:
             self.maxBrokerRefsViolations += 1
             if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
                 self._fail("the peer keeps exceeding the cache limit")
@@ -521,6 +593,15 @@ class Broker(Banana):
         if type(requestID) is not int or type(message) is not bytes:
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
         answerRequired = bool(answerRequired)
+        if len(self._answering) >= self.limits.pendingCalls:
+            self._log.warn(
+                "Refusing a call: {count} calls from the peer are still in progress",
+                count=len(self._answering),
+            )
+            if answerRequired:
+                error = LimitExceeded(f"more than {self.limits.pendingCalls} calls in progress")
+                self._sendError(CopyableFailure(error), requestID)
+            return
         try:
             name = message.decode("utf-8")
             target = find(objectID) if type(objectID) in (int, bytes) else None
@@ -534,6 +615,14 @@ class Broker(Banana):
                 else:
                     self._sendError(CopyableFailure(e), requestID)
             return
+        except (InsecureJelly, LimitExceeded) as e:
+            # The peer sent what this side refuses to take: its mistake, one log line.
+            self._log.warn(
+                "Refused a call to {method}: {error}", method=describe(message), error=str(e)
+            )
+            if answerRequired:
+                self._sendError(CopyableFailure(e), requestID)
+            return
         except Exception:
             failure = CopyableFailure()
             self._log.failure("Peer will receive the following PB traceback", failure)
@@ -545,6 +634,7 @@ class Broker(Banana):
                 result.addErrback(self._logOneWayFailure)
             return
         if isinstance(result, Deferred):
+            self._answering.add(requestID)
             result.addCallbacks(
                 self._sendAnswer,
                 self._sendFailureOrError,
@@ -558,6 +648,7 @@ class Broker(Banana):
         self._log.failure("A one-way remote call failed", failure)
 
     def _sendAnswer(self, netResult: Any, requestID: int) -> None:
+        self._answering.discard(requestID)
         if self.disconnected:
             return
         try:
@@ -572,6 +663,7 @@ class Broker(Banana):
         self._sendError(failure, requestID)
 
     def _sendError(self, failure: Any, requestID: int) -> None:
+        self._answering.discard(requestID)
         if self.disconnected:
             return
         if isinstance(failure, Failure):
@@ -605,7 +697,7 @@ class Broker(Banana):
         deferred = self._takeWaiting(requestID)
         try:
             result = self.unserialize(netResult)
-        except InsecureJelly:
+        except Exception:  # refused or over a limit: this call fails, the link stays
             deferred.errback()
         else:
             deferred.callback(result)
@@ -614,7 +706,7 @@ class Broker(Banana):
         deferred = self._takeWaiting(requestID)
         try:
             failure = self.unserialize(netFailure)
-        except InsecureJelly:
+        except Exception:
             deferred.errback()
             return
         if isinstance(failure, Failure):

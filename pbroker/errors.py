@@ -18,6 +18,7 @@ fail one call in the first case and distrust the whole connection in the second:
     +-- ProtocolError               the peer broke the PB protocol
     |   +-- DeadReferenceError      a call through a broker that is already disconnected
     +-- PBConnectionLost            the connection dropped while a call was pending
+    +-- LimitExceeded               a per-connection resource limit was reached
     NoSuchMethod (an AttributeError) the remote object has no such method
 
 ``BananaError`` and ``InsecureJelly`` keep the names :mod:`twisted.spread` uses, and are
@@ -39,6 +40,7 @@ __all__ = [
     "InsecureJelly",
     "InvalidJelly",
     "JellyError",
+    "LimitExceeded",
     "NoSuchMethod",
     "PBConnectionLost",
     "PBrokerError",
@@ -146,6 +148,13 @@ class DeadReferenceError(ProtocolError):
 class PBConnectionLost(PBrokerError):
     """
     The connection was lost before the answer to a call arrived.
+    """
+
+
+class LimitExceeded(PBrokerError):
+    """
+    A per-connection resource limit (see :class:`pbroker.broker.BrokerLimits`) was reached:
+    the call or value that would have gone beyond it is refused.
     """
 
 

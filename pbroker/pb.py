@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IConnector
 from twisted.python.failure import Failure
 
-from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker
+from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker, BrokerLimits
 from pbroker.cred import (
     AsReferenceable,
     Avatar,
@@ -66,6 +66,7 @@ __all__ = [
     "AsReferenceable",
     "Avatar",
     "Broker",
+    "BrokerLimits",
     "Cacheable",
     "CopiedFailure",
     "Copyable",
@@ -115,6 +116,7 @@ class PBServerFactory(protocol.ServerFactory):
     :param unsafeTracebacks: send the full traceback of a failure to the caller.
     :param security: security options for what the brokers send and receive.
     :param registry: the copy registry the brokers rebuild pass-by-copy values with.
+    :param limits: what each client may make the server hold (:class:`BrokerLimits`).
     """
 
     protocol = Broker
@@ -125,6 +127,7 @@ class PBServerFactory(protocol.ServerFactory):
         unsafeTracebacks: bool = False,
         security: ISecurityOptions = globalSecurity,
         registry: UnjellyableRegistry | None = None,
+        limits: BrokerLimits | None = None,
     ) -> None:
         if isinstance(root, Portal):
             root = PortalRoot(root)
@@ -137,9 +140,10 @@ class PBServerFactory(protocol.ServerFactory):
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.registry = registry
+        self.limits = BrokerLimits() if limits is None else limits
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(False, self.security, self.registry)
+        broker = self.protocol(False, self.security, self.registry, self.limits)
         broker.factory = self
         broker.setNameForLocal(b"root", self.root.rootObject(broker))
         return broker
@@ -157,6 +161,7 @@ class PBClientFactory(protocol.ClientFactory):
     :param unsafeTracebacks: send the full traceback of a failure to the server.
     :param security: security options for what the broker sends and receives.
     :param registry: the copy registry the broker rebuilds pass-by-copy values with.
+    :param limits: what the server may make the client hold (:class:`BrokerLimits`).
     """
 
     protocol = Broker
@@ -166,10 +171,12 @@ class PBClientFactory(protocol.ClientFactory):
         unsafeTracebacks: bool = False,
         security: ISecurityOptions = globalSecurity,
         registry: UnjellyableRegistry | None = None,
+        limits: BrokerLimits | None = None,
     ) -> None:
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.registry = registry
+        self.limits = BrokerLimits() if limits is None else limits
         self._reset()
 
     def _reset(self) -> None:
@@ -178,7 +185,7 @@ class PBClientFactory(protocol.ClientFactory):
         self._root: RemoteReference | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(True, self.security, self.registry)
+        broker = self.protocol(True, self.security, self.registry, self.limits)
         broker.factory = self
         return broker
 

@@ -116,6 +116,7 @@ class RemoteReference(Serializable):
         if len(jellyList) != 2 or type(jellyList[1]) is not int:
             raise InvalidJelly(f"a remote reference needs one integer id: {jellyList!r:.100}")
         broker = unjellier.invoker
+        broker.importReference(jellyList[1])
         self.__init__(broker.unserializingPerspective, broker, jellyList[1], True)  # type: ignore[misc]
         return self
 

@@ -1,0 +1,193 @@
+"""
+Hostile peers: each attack is refused as configured, and a well-behaved client of the same
+server keeps being served.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import banana, jelly, pb
+from pbroker.errors import LimitExceeded
+from pbroker.testing import connectedServerAndClient
+
+
+class Service(pb.Root):
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[Any]] = []
+
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
+    def remote_count(self, *values: Any) -> int:
+        return len(values)
+
+    def remote_newObject(self) -> pb.Referenceable:
+        return pb.Referenceable()
+
+    def remote_wait(self) -> Deferred[Any]:
+        deferred: Deferred[Any] = Deferred()
+        self.waiting.append(deferred)
+        return deferred
+
+
+LIMITS = pb.BrokerLimits(
+    messageSize=4096,
+    nestingDepth=20,
+    exportedReferences=5,
+    importedReferences=5,
+    pendingCalls=3,
+)
+
+
+class HostilePeerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.service = Service()
+        self.factory = pb.PBServerFactory(self.service, limits=LIMITS)
+        # The attacker speaks raw PB over a string transport.
+        self.hostile = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.transport = StringTransport()
+        self.hostile.makeConnection(self.transport)
+        self.hostile.dataReceived(banana.encode(b"pb"))
+        self.transport.clear()
+        self.nextRequest = 0
+
+    def attack(self, *message: Any) -> None:
+        self.hostile.dataReceived(banana.encode(list(message), b"pb"))
+
+    def call(self, method: bytes, *args: Any) -> int:
+        self.nextRequest += 1
+        self.attack(
+            b"message", self.nextRequest, b"root", method, 1, [b"tuple", *args], [b"dictionary"]
+        )
+        return self.nextRequest
+
+    def replies(self) -> list[Any]:
+        return banana.Decoder(b"pb", sizeLimit=10**7).feed(self.transport.value())
+
+    def errorFor(self, requestID: int) -> Any:
+        for reply in self.replies():
+            if reply[:2] == [b"error", requestID]:
+                return jelly.unjelly(reply[2], registry=self.hostile.registry)
+        self.fail(f"no error for request {requestID}")
+
+    def assertOthersServed(self) -> None:
+        """A well-behaved client of the same factory gets its answers."""
+        _server, client, pump = connectedServerAndClient(self.factory, pb.PBClientFactory())
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("echo", "still here").addBoth(results.append)
+        pump.flush()
+        self.assertEqual(results, ["still here"])
+
+    def test_oversizedMessage(self) -> None:
+        """A message over the size limit closes that connection, with a log line."""
+        with capturedLogs() as events:
+            self.call(b"echo", b"x" * 5000)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(any("message size limit" in str(e.get("why")) for e in events))
+        self.assertOthersServed()
+
+    def test_deepNesting(self) -> None:
+        """A message nested deeper than the limit closes that connection."""
+        deep: Any = 1
+        for _ in range(25):
+            deep = [b"list", deep]
+        with capturedLogs():
+            self.call(b"echo", deep)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertOthersServed()
+
+    def test_referenceFlood(self) -> None:
+        """References beyond the import limit fail the call and are handed back (decref)."""
+        flood = [[b"remote", luid] for luid in range(1, 11)]
+        with capturedLogs():
+            requestID = self.call(b"count", *flood)
+        failure = self.errorFor(requestID)
+        self.assertEqual(failure.type, b"pbroker.errors.LimitExceeded")
+        self.assertIn("more than 5 references", failure.value)
+        gc.collect()
+        decrefs = [reply for reply in self.replies() if reply[0] == b"decref"]
+        self.assertEqual(sorted(reply[1] for reply in decrefs), list(range(1, 7)))
+        self.assertEqual(self.hostile.importedReferences, 0)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertOthersServed()
+
+    def test_exportFlood(self) -> None:
+        """A peer that collects references without releasing them is refused, then dropped."""
+        with capturedLogs():
+            requests = [self.call(b"newObject") for _ in range(5 + 4)]
+        self.assertEqual(len(self.hostile.luids), 5)
+        failure = self.errorFor(requests[5])
+        self.assertIn("Maximum PB reference count exceeded", failure.value)
+        self.assertTrue(self.transport.disconnecting)
+        self.flushLoggedErrors()
+        self.assertOthersServed()
+
+    def test_callFlood(self) -> None:
+        """Calls beyond the number in progress allowed fail at once; answered ones free room."""
+        with capturedLogs():
+            requests = [self.call(b"wait") for _ in range(5)]
+        self.assertEqual(len(self.service.waiting), 3)
+        failure = self.errorFor(requests[3])
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertIn("more than 3 calls in progress", failure.value)
+        self.service.waiting[0].callback("done")
+        self.call(b"wait")
+        self.assertEqual(len(self.service.waiting), 4)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertOthersServed()
+
+    def test_limitsAreValidated(self) -> None:
+        """Limits below 1 are refused when the limits are made."""
+        for name in ("nestingDepth", "pendingCalls", "messageSize"):
+            with self.assertRaises(ValueError):
+                pb.BrokerLimits(**{name: 0})
+
+
+class AllowListTests(SynchronousTestCase):
+    def test_twoServersAcceptDifferentClasses(self) -> None:
+        """Two servers in one process, each with its own registry, accept different copies."""
+
+        class Apple(pb.Copyable):
+            def getTypeToCopy(self) -> bytes:
+                return b"fruit.Apple"
+
+        class Pear(pb.Copyable):
+            def getTypeToCopy(self) -> bytes:
+                return b"fruit.Pear"
+
+        class Receiver(pb.Root):
+            def remote_take(self, fruit: Any) -> str:
+                return type(fruit).__name__
+
+        class RemoteApple(pb.RemoteCopy):
+            pass
+
+        class RemotePear(pb.RemoteCopy):
+            pass
+
+        apples, pears = jelly.UnjellyableRegistry(), jelly.UnjellyableRegistry()
+        apples.setUnjellyableForClass(b"fruit.Apple", RemoteApple)
+        pears.setUnjellyableForClass(b"fruit.Pear", RemotePear)
+        outcomes: dict[tuple[str, str], Any] = {}
+        for serverName, registry in (("apples", apples), ("pears", pears)):
+            factory = pb.PBServerFactory(Receiver(), registry=registry)
+            for fruit in (Apple(), Pear()):
+                _server, client, pump = connectedServerAndClient(factory, pb.PBClientFactory())
+                results: list[Any] = []
+                client.remoteForName("root").callRemote("take", fruit).addBoth(results.append)
+                pump.flush()
+                outcomes[serverName, type(fruit).__name__] = results[0]
+        self.assertEqual(outcomes["apples", "Apple"], "RemoteApple")
+        self.assertEqual(outcomes["pears", "Pear"], "RemotePear")
+        self.assertTrue(outcomes["apples", "Pear"].check(jelly.InsecureJelly))
+        self.assertTrue(outcomes["pears", "Apple"].check(jelly.InsecureJelly))
+        self.assertNotIn(b"fruit.Apple", jelly.globalRegistry)
+        self.flushLoggedErrors()

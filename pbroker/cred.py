@@ -14,7 +14,8 @@ calls run ``perspective_*`` methods. The realm's logout callback runs exactly on
 client drops its last reference to the avatar, or when the connection is lost.
 
 This legacy exchange is kept for stock Twisted peers; it makes the server keep plaintext (or
-MD5) passwords, so deploy it over TLS.
+MD5) passwords, so deploy it over TLS. A :class:`LoginGuard` slows down guessing: failures are
+answered late, and a connection that keeps failing is closed.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ from typing import Any
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from pbroker.errors import describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "Avatar",
     "IPerspective",
     "IUsernameMD5Password",
+    "LoginGuard",
     "PortalRoot",
     "challenge",
     "respond",
@@ -121,6 +127,115 @@ class AsReferenceable(Referenceable):
         return id(self.object)
 
 
+class LoginGuard:
+    """
+    Slows down password guessing: failed logins are answered late, later the more a peer
+    address has failed recently, and a connection that keeps failing is closed. Every
+    attempt is logged with its username, peer and outcome, never its secret.
+
+    One guard serves all the connections of a server factory.
+
+    :param reactor: the clock the delays run on (the global reactor by default).
+    :param baseDelay: seconds before the first failure from an address is answered; each
+        further recent failure doubles it, up to ``maxDelay``.
+    :param maxFailuresPerConnection: failures after which the connection is closed.
+    :param forgetAfter: seconds after which an address's failures are forgotten.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        baseDelay: float = 0.5,
+        maxDelay: float = 8.0,
+        maxFailuresPerConnection: int = 5,
+        forgetAfter: float = 600.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        if baseDelay < 0 or maxDelay < baseDelay or maxFailuresPerConnection < 1:
+            raise ValueError("LoginGuard needs 0 <= baseDelay <= maxDelay and at least 1 failure")
+        self.reactor = reactor
+        self.baseDelay = baseDelay
+        self.maxDelay = maxDelay
+        self.maxFailuresPerConnection = maxFailuresPerConnection
+        self.forgetAfter = forgetAfter
+        # address -> (recent failures, time of the last one)
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def _recentFailures(self, address: str) -> int:
+        count, last = self._failures.get(address, (0, 0.0))
+        if count and self.reactor.seconds() - last > self.forgetAfter:
+            del self._failures[address]
+            return 0
+        return count
+
+    def delayFor(self, address: str) -> float:
+        """
+        How long the next failure from ``address`` is held back, in seconds.
+        """
+        count = self._recentFailures(address)
+        return float(min(self.maxDelay, self.baseDelay * 2**count))
+
+    def attempt(self, broker: Any, username: bytes, login: Deferred[Any]) -> Deferred[Any]:
+        """
+        Watch one login attempt: log it, answer a failure after the delay, and close a
+        connection that has failed too often.
+        """
+        address = _peerAddress(broker)
+        name = username.decode("utf-8", "replace")
+
+        def succeeded(result: Any) -> Any:
+            self._log.info("Login succeeded for {user!r} from {peer}", user=name, peer=address)
+            self._failures.pop(address, None)
+            return result
+
+        def failed(failure: Failure) -> Deferred[Any]:
+            self._log.warn(
+                "Login failed for {user!r} from {peer}: {reason}",
+                user=name,
+                peer=address,
+                reason=failure.getErrorMessage() or describe(failure.type),
+            )
+            delay = self.delayFor(address)
+            self._failures[address] = (self._recentFailures(address) + 1, self.reactor.seconds())
+            broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
+            tooMany = broker.loginFailures >= self.maxFailuresPerConnection
+
+            def answer() -> Failure:
+                if tooMany and broker.transport is not None:
+                    self._log.warn(
+                        "Closing the connection from {peer} after {count} failed logins",
+                        peer=address,
+                        count=broker.loginFailures,
+                    )
+                    # Let the error reach the peer first.
+                    self.reactor.callLater(0, broker.transport.loseConnection)
+                return failure
+
+            if delay <= 0:
+                return succeed(None).addCallback(lambda _: answer())
+            return deferLater(self.reactor, delay, answer)
+
+        return login.addCallbacks(succeeded, failed)
+
+
+def _peerAddress(broker: Any) -> str:
+    """
+    The address failures are counted against: the peer's host for IP connections; for other
+    transports (UNIX sockets, in-memory) one name for all, as they cannot be told apart.
+    """
+    transport = getattr(broker, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return str(host)
+    return type(peer).__name__
+
+
 def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -> Any:
     """
     Make a portal's login result sendable, and arrange for its logout to run exactly once:
@@ -144,13 +259,16 @@ def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -
 class PortalRoot:
     """
     The root a server factory offers for a portal: each broker gets a :class:`_PortalWrapper`.
+
+    :param guard: the :class:`LoginGuard` that watches every attempt (a new one by default).
     """
 
-    def __init__(self, portal: Portal) -> None:
+    def __init__(self, portal: Portal, guard: LoginGuard | None = None) -> None:
         self.portal = portal
+        self.guard = LoginGuard() if guard is None else guard
 
     def rootObject(self, broker: Any) -> Referenceable:
-        return _PortalWrapper(self.portal, broker)
+        return _PortalWrapper(self.portal, broker, self.guard)
 
 
 class _PortalWrapper(Referenceable):
@@ -158,9 +276,10 @@ class _PortalWrapper(Referenceable):
     The login root one peer sees.
     """
 
-    def __init__(self, portal: Portal, broker: Any) -> None:
+    def __init__(self, portal: Portal, broker: Any, guard: LoginGuard) -> None:
         self.portal = portal
         self.broker = broker
+        self.guard = guard
 
     def remote_login(self, username: bytes) -> tuple[bytes, Referenceable]:
         """
@@ -171,13 +290,15 @@ class _PortalWrapper(Referenceable):
         if not isinstance(username, bytes):
             raise UnauthorizedLogin("the username must be bytes or text")
         nonce = challenge()
-        return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce)
+        return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce, self.guard)
 
     def remote_loginAnonymous(self, mind: Any) -> Deferred[Any]:
         """
         Log in without credentials, if the portal has a checker for anonymous logins.
         """
-        deferred = self.portal.login(Anonymous(), mind, IPerspective)
+        deferred = self.guard.attempt(
+            self.broker, b"<anonymous>", self.portal.login(Anonymous(), mind, IPerspective)
+        )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
 
@@ -187,11 +308,14 @@ class _PortalAuthChallenger(Referenceable):
     One login attempt: holds the challenge, checks the response once.
     """
 
-    def __init__(self, portal: Portal, broker: Any, username: bytes, nonce: bytes) -> None:
+    def __init__(
+        self, portal: Portal, broker: Any, username: bytes, nonce: bytes, guard: LoginGuard
+    ) -> None:
         self.portal = portal
         self.broker = broker
         self.username = username
         self.challenge = nonce
+        self.guard = guard
         self.response: bytes | None = None
 
     def remote_respond(self, response: bytes, mind: Any) -> Deferred[Any]:
@@ -200,7 +324,9 @@ class _PortalAuthChallenger(Referenceable):
         if not isinstance(response, bytes):
             raise UnauthorizedLogin("the response must be bytes")
         self.response = response
-        deferred = self.portal.login(self, mind, IPerspective)
+        deferred = self.guard.attempt(
+            self.broker, self.username, self.portal.login(self, mind, IPerspective)
+        )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
     def checkPassword(self, password: bytes) -> bool:

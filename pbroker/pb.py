@@ -27,6 +27,7 @@ from pbroker.cred import (
     Avatar,
     IPerspective,
     IUsernameMD5Password,
+    LoginGuard,
     PortalRoot,
     challenge,
     respond,
@@ -117,6 +118,8 @@ class PBServerFactory(protocol.ServerFactory):
     :param security: security options for what the brokers send and receive.
     :param registry: the copy registry the brokers rebuild pass-by-copy values with.
     :param limits: what each client may make the server hold (:class:`BrokerLimits`).
+    :param loginGuard: with a portal, what slows down password guessing (a
+        :class:`LoginGuard` with its defaults if not given).
     """
 
     protocol = Broker
@@ -128,9 +131,10 @@ class PBServerFactory(protocol.ServerFactory):
         security: ISecurityOptions = globalSecurity,
         registry: UnjellyableRegistry | None = None,
         limits: BrokerLimits | None = None,
+        loginGuard: LoginGuard | None = None,
     ) -> None:
         if isinstance(root, Portal):
-            root = PortalRoot(root)
+            root = PortalRoot(root, loginGuard)
         if not IPBRoot.providedBy(root):
             raise TypeError(
                 "the root must provide IPBRoot (subclass pb.Root) or be a Portal, "

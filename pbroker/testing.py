@@ -27,20 +27,24 @@ def connectedServerAndClient(
     serverFactory: Any, clientFactory: Any, greet: bool = True
 ) -> tuple[Broker, Broker, iosim.IOPump]:
     """
-    Build a broker from each factory and connect them in memory.
+    Build a broker from each factory and connect them in memory (stock Twisted PB factories
+    work too), as 127.0.0.1:54321 connecting to 127.0.0.1:8789.
 
     :param greet: move the dialect negotiation and version messages before returning, so the
         brokers are ready for calls.
     :returns: ``(serverBroker, clientBroker, pump)``; call ``pump.flush()`` to deliver what
         either side wrote.
     """
-    serverBroker = serverFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
-    clientBroker = clientFactory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
+    # Loopback addresses, as a real connection would have: per-address logic sees them.
+    serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
+    clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
+    serverBroker = serverFactory.buildProtocol(clientAddress)
+    clientBroker = clientFactory.buildProtocol(serverAddress)
     pump = iosim.connect(
         serverBroker,
-        iosim.makeFakeServer(serverBroker),
+        iosim.FakeTransport(serverBroker, True, serverAddress, clientAddress),
         clientBroker,
-        iosim.makeFakeClient(clientBroker),
+        iosim.FakeTransport(clientBroker, False, clientAddress, serverAddress),
         greet=greet,
     )
     return serverBroker, clientBroker, pump

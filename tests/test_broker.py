@@ -28,11 +28,7 @@ def connect(serverFactory: Any, clientFactory: Any) -> tuple[Any, Any, iosim.IOP
     """
     Connect two factories of any implementation in memory.
     """
-    address = IPv4Address("TCP", "127.0.0.1", 8789)
-    server = serverFactory.buildProtocol(address)
-    client = clientFactory.buildProtocol(address)
-    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
-    return server, client, pump
+    return connectedServerAndClient(serverFactory, clientFactory)
 
 
 def rootFor(module: Any) -> Any:

@@ -12,6 +12,9 @@ from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePassword
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -77,9 +80,13 @@ class LoginTestsMixin:
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
         portal = Portal(self.realm, [checker, AllowAnonymousAccess()])
         self.clientFactory = self.clientModule.PBClientFactory()
-        self.server, self.client, self.pump = connect(
-            self.serverModule.PBServerFactory(portal), self.clientFactory
-        )
+        if self.serverModule is pb:
+            # Failed logins answered at once here; LoginGuardTests cover the delays.
+            guard = pb.LoginGuard(baseDelay=0, maxDelay=0)
+            serverFactory = pb.PBServerFactory(portal, loginGuard=guard)
+        else:
+            serverFactory = self.serverModule.PBServerFactory(portal)
+        self.server, self.client, self.pump = connect(serverFactory, self.clientFactory)
 
     def resolve(self, deferred: Any) -> Any:
         results: list[Any] = []
@@ -177,7 +184,8 @@ class ChallengeTests(SynchronousTestCase):
         realm = realmFor(pb)
         portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")])
         factory = pb.PBClientFactory()
-        _server, client, pump = connect(pb.PBServerFactory(portal), factory)
+        guard = pb.LoginGuard(baseDelay=0, maxDelay=0)
+        _server, client, pump = connect(pb.PBServerFactory(portal, loginGuard=guard), factory)
         results: list[Any] = []
         client.remoteForName("root").callRemote("login", b"alice").addBoth(results.append)
         pump.flush()
@@ -188,3 +196,86 @@ class ChallengeTests(SynchronousTestCase):
         self.assertTrue(self.failureResultOf(first).check(UnauthorizedLogin))
         self.assertTrue(self.failureResultOf(second).check(UnauthorizedLogin))
         self.flushLoggedErrors(UnauthorizedLogin)
+
+
+class LoginGuardTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.guard = pb.LoginGuard(
+            reactor=self.clock, baseDelay=1.0, maxDelay=4.0, maxFailuresPerConnection=3
+        )
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        self.factory = pb.PBServerFactory(Portal(realmFor(pb), [checker]), loginGuard=self.guard)
+
+    def login(self, password: bytes, advance: float = 10.0) -> tuple[Any, Any, Any]:
+        clientFactory = pb.PBClientFactory()
+        _server, client, pump = connect(self.factory, clientFactory)
+        results: list[Any] = []
+        clientFactory.login(UsernamePassword(b"alice", password)).addBoth(results.append)
+        pump.flush()
+        if advance:
+            self.clock.advance(advance)
+            pump.flush()
+        return results, client, pump
+
+    def test_failuresAnsweredLaterAndLater(self) -> None:
+        """Each recent failure from an address doubles the delay, up to the maximum."""
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        with capturedLogs() as events:
+            results, _client, pump = self.login(b"wrong", advance=0)
+            self.assertEqual(results, [])
+            self.clock.advance(0.9)
+            pump.flush()
+            self.assertEqual(results, [])
+            self.clock.advance(0.1)
+            pump.flush()
+            self.assertTrue(results[0].check(UnauthorizedLogin))
+            self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)
+            self.login(b"wrong")
+            self.assertEqual(self.guard.delayFor("127.0.0.1"), 4.0)
+            self.login(b"wrong")
+            self.assertEqual(self.guard.delayFor("127.0.0.1"), 4.0)
+        text = " ".join(repr(event) for event in events)
+        self.assertIn("Login failed", text)
+        self.assertIn("alice", text)
+        self.assertNotIn("wrong", text)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_successNotDelayedAndForgivesAddress(self) -> None:
+        """A successful login is answered at once and clears the address's failures."""
+        self.login(b"wrong")
+        results, _client, _pump = self.login(b"secret", advance=0)
+        self.assertEqual(len(results), 1)
+        self.assertNotIsInstance(results[0], Failure)
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_failuresForgotten(self) -> None:
+        """Failures older than forgetAfter no longer count."""
+        self.login(b"wrong")
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)
+        self.clock.advance(self.guard.forgetAfter + 1)
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_connectionClosedAfterTooManyFailures(self) -> None:
+        """A connection that keeps failing is closed after its last error is sent."""
+        clientFactory = pb.PBClientFactory()
+        server, _client, pump = connect(self.factory, clientFactory)
+        results: list[Any] = []
+        for _ in range(3):
+            clientFactory.login(UsernamePassword(b"alice", b"wrong")).addBoth(results.append)
+            pump.flush()
+            self.clock.advance(10)
+            pump.flush()
+        self.assertEqual(len(results), 3)
+        self.assertTrue(all(r.check(UnauthorizedLogin) for r in results))
+        self.assertTrue(server.disconnected)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_badArguments(self) -> None:
+        """A guard with inconsistent settings is refused."""
+        with self.assertRaises(ValueError):
+            pb.LoginGuard(baseDelay=5, maxDelay=1)
+        with self.assertRaises(ValueError):
+            pb.LoginGuard(maxFailuresPerConnection=0)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -158,6 +159,14 @@ class Broker(Banana):
     """
 
     version = PB_VERSION
+    #: Failures that are the caller's business (a refused login, a deliberate pb.Error): they
+    #: are sent without logging a traceback here. Others are logged, as Twisted does.
+    quietFailures: ClassVar[tuple[type[BaseException], ...]] = (
+        Error,
+        UnauthorizedLogin,
+        LimitExceeded,
+        InsecureJelly,
+    )
     #: The factory that made this broker (it supplies ``unsafeTracebacks``).
     factory: Any = None
 
@@ -244,6 +253,10 @@ class Broker(Banana):
                 self._log.failure("Error in a disconnect notifier")
         self.localObjects = {}
         self.luids = {}
+        # Endpoints do not tell a client factory its connection is gone; the broker does.
+        brokerDisconnected = getattr(self.factory, "brokerDisconnected", None)
+        if brokerDisconnected is not None:
+            brokerDisconnected(self, reason)
 
     def notifyOnConnect(self, notifier: Callable[[], object]) -> None:
         """
@@ -658,7 +671,7 @@ class Broker(Banana):
             self._sendFailureOrError(Failure(), requestID)
 
     def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
-        if failure.check(Error) is None:
+        if failure.check(*self.quietFailures) is None:
             self._log.failure("Peer will receive the following PB traceback", failure)
         self._sendError(failure, requestID)
 

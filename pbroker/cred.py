@@ -29,7 +29,7 @@ from typing import Any
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -291,6 +291,23 @@ class _PortalWrapper(Referenceable):
             raise UnauthorizedLogin("the username must be bytes or text")
         nonce = challenge()
         return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce, self.guard)
+
+    def remote_loginCertificate(self, mind: Any) -> Deferred[Any]:
+        """
+        Log in with the client certificate the TLS handshake verified (a pbroker extension).
+        """
+        from pbroker.tls import PeerCertificate
+
+        credentials = PeerCertificate.fromTransport(self.broker.transport)
+        if credentials is None:
+            login: Deferred[Any] = fail(
+                UnauthorizedLogin("the connection has no client certificate")
+            )
+        else:
+            login = self.portal.login(credentials, mind, IPerspective)
+        name = (credentials.commonName or "?") if credentials is not None else "?"
+        deferred = self.guard.attempt(self.broker, f"<certificate {name}>".encode(), login)
+        return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
     def remote_loginAnonymous(self, mind: Any) -> Deferred[Any]:
         """

@@ -18,7 +18,14 @@ from twisted.cred.credentials import IAnonymous
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IConnector
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IListeningPort,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.python.failure import Failure
 
 from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker, BrokerLimits
@@ -60,6 +67,7 @@ from pbroker.flavors import (
 )
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
 from pbroker.references import Local, RemoteMethod, RemoteReference
+from pbroker.tls import CertificateLogin
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -69,6 +77,7 @@ __all__ = [
     "Broker",
     "BrokerLimits",
     "Cacheable",
+    "CertificateLogin",
     "CopiedFailure",
     "Copyable",
     "CopyableFailure",
@@ -96,8 +105,10 @@ __all__ = [
     "ViewPoint",
     "Viewable",
     "challenge",
+    "connect",
     "failure2Copyable",
     "globalSecurity",
+    "listen",
     "portno",
     "respond",
     "setCopierForClass",
@@ -209,6 +220,18 @@ class PBClientFactory(protocol.ClientFactory):
             self._root = None
         self._failAll(reason)
 
+    def brokerDisconnected(self, broker: Broker, reason: Any) -> None:
+        """
+        Called by a broker of this factory when its connection is lost (also when it was made
+        through an endpoint, which calls no connector callbacks): pending root requests fail.
+        """
+        if broker is self._broker:
+            self._broker = None
+            self._root = None
+        if self.rootObjectRequests:
+            failure = reason if isinstance(reason, Failure) else Failure(PBConnectionLost(reason))
+            self._failAll(failure)
+
     def clientConnectionMade(self, broker: Broker) -> None:
         self._broker = broker
         self._root = broker.remoteForName(b"root")
@@ -231,7 +254,9 @@ class PBClientFactory(protocol.ClientFactory):
         """
         Log in to the server's portal and return a Deferred of the avatar's reference.
 
-        :param credentials: ``UsernamePassword`` (challenge-response) or ``Anonymous()``.
+        :param credentials: ``UsernamePassword`` (challenge-response), ``Anonymous()``, or
+            :class:`CertificateLogin` (the client certificate of a TLS connection; pbroker
+            servers only).
         :param client: the "mind": an object the server may call back (usually a
             Referenceable), or ``None``.
         :returns: fails with ``twisted.cred.error.UnauthorizedLogin`` (as a copied failure)
@@ -240,6 +265,8 @@ class PBClientFactory(protocol.ClientFactory):
         root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
             return root.addCallback(lambda r: r.callRemote("loginAnonymous", client))
+        if isinstance(credentials, CertificateLogin):
+            return root.addCallback(lambda r: r.callRemote("loginCertificate", client))
         username = _bytes(credentials.username)
         password = _bytes(credentials.password)
 
@@ -272,3 +299,50 @@ def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:
     # A call made without pbanswer=False always has a Deferred.
     assert deferred is not None
     return deferred
+
+
+def listen(
+    description: str | IStreamServerEndpoint, factory: PBServerFactory, reactor: Any = None
+) -> Deferred[IListeningPort]:
+    """
+    Serve ``factory`` on an endpoint: a Twisted endpoint string (``"tcp:8789:..."``,
+    ``"ssl:..."``, ``"unix:..."``) or an endpoint object (such as
+    :func:`pbroker.tls.serverEndpoint` for mutual TLS).
+    """
+    endpoint: IStreamServerEndpoint
+    if isinstance(description, str):
+        endpoint = serverFromString(_reactor(reactor), description)
+    else:
+        endpoint = description
+    listening: Deferred[IListeningPort] = endpoint.listen(factory)
+    return listening
+
+
+def connect(
+    description: str | IStreamClientEndpoint, factory: PBClientFactory, reactor: Any = None
+) -> Deferred[RemoteReference]:
+    """
+    Connect ``factory`` through an endpoint string (``"tcp:host:port"``,
+    ``"tls:host:port:trustRoots=..."``, ``"unix:..."``) or object, and return a Deferred of
+    the server's root object. A failed connection fails it (and ``getRootObject`` callers).
+    """
+    endpoint: IStreamClientEndpoint
+    if isinstance(description, str):
+        endpoint = clientFromString(_reactor(reactor), description)
+    else:
+        endpoint = description
+    root = factory.getRootObject()
+
+    def failed(reason: Failure) -> None:
+        factory.clientConnectionFailed(None, reason)  # type: ignore[arg-type]
+
+    endpoint.connect(factory).addErrback(failed)
+    return root
+
+
+def _reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        return globalReactor
+    return reactor

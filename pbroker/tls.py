@@ -1,0 +1,160 @@
+"""
+TLS for brokers: endpoints with certificate verification, and client certificates as login
+credentials (mutual TLS).
+
+Any Twisted endpoint string works with :func:`pbroker.pb.listen` and
+:func:`pbroker.pb.connect`, so TLS is one string away::
+
+    pb.listen("ssl:8789:interface=127.0.0.1:privateKey=server.key:certKey=server.pem", factory)
+    pb.connect("tls:broker.example:8789:trustRoots=/etc/pbroker/ca", clientFactory)
+
+The ``tls:`` client verifies the server's certificate against the CA certificates in
+``trustRoots`` and its name against the host name. Stock ``ssl:`` server strings cannot
+require client certificates; :func:`serverEndpoint` can (``clientCA``), and then a client
+logs in with its certificate: ``factory.login(pb.CertificateLogin())`` reaches the avatar that a
+:class:`PeerCertificateChecker` maps the verified certificate to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from zope.interface import Attribute, implementer
+
+__all__ = [
+    "CertificateLogin",
+    "IPeerCertificate",
+    "PeerCertificate",
+    "PeerCertificateChecker",
+    "serverEndpoint",
+]
+
+
+def _readPEM(path: str) -> bytes:
+    with open(path, "rb") as pemFile:
+        return pemFile.read()
+
+
+def serverEndpoint(
+    reactor: Any,
+    port: int,
+    certificate: str,
+    privateKey: str,
+    *,
+    interface: str = "127.0.0.1",
+    clientCA: str | None = None,
+) -> SSL4ServerEndpoint:
+    """
+    A TLS server endpoint.
+
+    :param certificate: path of the server's PEM certificate (and any chain after it).
+    :param privateKey: path of the server's PEM private key.
+    :param interface: the address to listen on (loopback by default).
+    :param clientCA: path of a PEM file of CA certificates; if given, every client must
+        present a certificate signed by one of them, or the handshake fails.
+    """
+    from twisted.internet import ssl
+
+    serverCertificate = ssl.PrivateCertificate.loadPEM(
+        _readPEM(certificate) + b"\n" + _readPEM(privateKey)
+    )
+    if clientCA is None:
+        contextFactory = serverCertificate.options()
+    else:
+        authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(clientCA))]
+        if not authorities:
+            raise ValueError(f"no certificate in {clientCA!r}")
+        contextFactory = ssl.CertificateOptions(
+            privateKey=serverCertificate.privateKey.original,
+            certificate=serverCertificate.original,
+            verify=True,
+            requireCertificate=True,
+            caCerts=[authority.original for authority in authorities],
+        )
+    return SSL4ServerEndpoint(reactor, port, contextFactory, interface=interface)
+
+
+def _splitPEM(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
+class IPeerCertificate(ICredentials):
+    """
+    Credentials proven by the TLS handshake: the client's verified certificate.
+    """
+
+    fingerprint = Attribute("The SHA-256 fingerprint of the certificate, lowercase hex.")
+    commonName = Attribute("The subject's common name, as text (or None).")
+
+
+@implementer(IPeerCertificate)
+class PeerCertificate:
+    """
+    The certificate a client presented (and TLS verified), as login credentials.
+    """
+
+    def __init__(self, der: bytes, commonName: str | None) -> None:
+        self.fingerprint = hashlib.sha256(der).hexdigest()
+        self.commonName = commonName
+
+    @classmethod
+    def fromTransport(cls, transport: Any) -> PeerCertificate | None:
+        """
+        The verified client certificate of a TLS transport, or ``None`` if there is none.
+        """
+        getPeerCertificate = getattr(transport, "getPeerCertificate", None)
+        peer = getPeerCertificate() if getPeerCertificate is not None else None
+        if peer is None:
+            return None
+        from cryptography.hazmat.primitives.serialization import Encoding
+        from cryptography.x509.oid import NameOID
+
+        certificate = peer.to_cryptography()
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        commonName = str(names[0].value) if names else None
+        return cls(certificate.public_bytes(Encoding.DER), commonName)
+
+
+@implementer(ICredentialsChecker)
+class PeerCertificateChecker:
+    """
+    Maps verified client certificates to avatar ids, by fingerprint or by common name.
+
+    :param fingerprints: SHA-256 fingerprint (hex, any case, colons allowed) -> avatar id.
+    :param commonNames: subject common name -> avatar id; only safe when the CA given to
+        :func:`serverEndpoint` issues certificates for your users alone.
+    """
+
+    credentialInterfaces = (IPeerCertificate,)
+
+    def __init__(
+        self,
+        fingerprints: dict[str, bytes] | None = None,
+        commonNames: dict[str, bytes] | None = None,
+    ) -> None:
+        self.fingerprints = {
+            key.replace(":", "").lower(): avatarId for key, avatarId in (fingerprints or {}).items()
+        }
+        self.commonNames = dict(commonNames or {})
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        avatarId = self.fingerprints.get(credentials.fingerprint)
+        if avatarId is None and credentials.commonName is not None:
+            avatarId = self.commonNames.get(credentials.commonName)
+        if avatarId is None:
+            return fail(UnauthorizedLogin("no account for this client certificate"))
+        return succeed(avatarId)
+
+
+class CertificateLogin:
+    """
+    Give it to :meth:`pbroker.pb.PBClientFactory.login` to log in with the client certificate
+    of the TLS connection.
+    """

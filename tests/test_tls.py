@@ -1,0 +1,258 @@
+"""
+TLS over real loopback sockets, with certificates generated here: verification of the server
+by the client (CA and host name), and mutual TLS where the client certificate logs in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from pbroker import pb, tls
+
+
+def _name(commonName: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+
+
+class Authority:
+    """
+    A certificate authority that writes PEM files for itself and what it issues.
+    """
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        # A directory holding just this CA's certificate, for tls: trustRoots=.
+        self.trustRoots = os.path.join(directory, f"{name}-roots")
+        os.makedirs(self.trustRoots)
+        self.pem = self._write(f"{name}-roots/ca.pem", self._certificatePEM(self.certificate))
+
+    @staticmethod
+    def _certificatePEM(certificate: x509.Certificate) -> bytes:
+        return certificate.public_bytes(serialization.Encoding.PEM)
+
+    def _write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as pemFile:
+            pemFile.write(data)
+        return path
+
+    def issue(self, commonName: str, hostNames: tuple[str, ...] = ()) -> tuple[str, str]:
+        """
+        Issue a certificate; return the paths of its PEM certificate and key.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(commonName))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        if hostNames:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(host) for host in hostNames]),
+                critical=False,
+            )
+        certificate = builder.sign(self.key, hashes.SHA256())
+        keyPEM = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return (
+            self._write(f"{commonName}.pem", self._certificatePEM(certificate)),
+            self._write(f"{commonName}.key", keyPEM),
+        )
+
+
+class Echo(pb.Root):
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
+
+class User(pb.Avatar):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perspective_whoAmI(self) -> str:
+        return self.name
+
+
+@implementer(IRealm)
+class Realm:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        return pb.IPerspective, User(avatarId.decode()), lambda: None
+
+
+class TLSTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.authority = Authority(self.directory, "ca")
+        self.stranger = Authority(self.directory, "stranger")
+        self.serverCert, self.serverKey = self.authority.issue("localhost", ("localhost",))
+
+    async def listen(self, description: Any, root: Any) -> int:
+        test = self
+
+        class Factory(pb.PBServerFactory):
+            def clientConnectionMade(self, broker: Any) -> None:
+                test.waitForClose(broker)
+
+        port = await pb.listen(description, Factory(root))
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    def waitForClose(self, broker: Any) -> None:
+        """
+        Have the test end only once this broker's connection is closed (it is closed then).
+        """
+        closed: defer.Deferred[None] = defer.Deferred()
+        broker.notifyOnDisconnect(lambda: closed.callback(None))
+
+        def close() -> defer.Deferred[None]:
+            if broker.transport is not None and not broker.disconnected:
+                broker.transport.loseConnection()
+            return closed
+
+        self.addCleanup(close)
+
+    async def connect(self, description: str) -> tuple[Any, pb.PBClientFactory]:
+        factory = pb.PBClientFactory()
+        root = await pb.connect(description, factory)
+        self.waitForClose(root.broker)
+        return root, factory
+
+    def clientString(
+        self, port: int, host: str = "localhost", roots: str = "", extra: str = ""
+    ) -> str:
+        roots = roots or self.authority.trustRoots
+        return f"tls:{host}:{port}:trustRoots={roots}:endpoint=tcp\\:127.0.0.1\\:{port}{extra}"
+
+    async def assertRefused(self, description: str) -> None:
+        factory = pb.PBClientFactory()
+        try:
+            await pb.connect(description, factory)
+        except Exception:
+            return
+        self.fail(f"connecting with {description!r} should have failed")
+
+    async def test_verifiedCall(self) -> None:
+        """A client that verifies the server's CA and name calls through TLS."""
+        port = await self.listen(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+            Echo(),
+        )
+        root, _ = await self.connect(self.clientString(port))
+        self.assertEqual(await root.callRemote("echo", "over TLS"), "over TLS")
+
+    async def test_wrongAuthorityRefused(self) -> None:
+        """A client that trusts another CA refuses the server."""
+        port = await self.listen(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+            Echo(),
+        )
+        await self.assertRefused(self.clientString(port, roots=self.stranger.trustRoots))
+
+    async def test_wrongHostNameRefused(self) -> None:
+        """A client that expects another host name refuses the server."""
+        port = await self.listen(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+            Echo(),
+        )
+        await self.assertRefused(self.clientString(port, host="elsewhere.example"))
+
+    async def mutualServer(self) -> int:
+        checker = tls.PeerCertificateChecker(commonNames={"alice": b"alice"})
+        endpoint = tls.serverEndpoint(
+            reactor, 0, self.serverCert, self.serverKey, clientCA=self.authority.pem
+        )
+        return await self.listen(endpoint, Portal(Realm(), [checker]))
+
+    async def test_clientCertificateLogsIn(self) -> None:
+        """With mutual TLS the client certificate logs in to the avatar it maps to."""
+        port = await self.mutualServer()
+        certificate, key = self.authority.issue("alice")
+        _, factory = await self.connect(
+            self.clientString(port, extra=f":certificate={certificate}:privateKey={key}")
+        )
+        avatar = await factory.login(pb.CertificateLogin())
+        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+
+    async def test_unmappedCertificateRefused(self) -> None:
+        """A valid certificate with no account is refused at login."""
+        port = await self.mutualServer()
+        certificate, key = self.authority.issue("mallory")
+        _, factory = await self.connect(
+            self.clientString(port, extra=f":certificate={certificate}:privateKey={key}")
+        )
+        with self.assertRaises(pb.RemoteError) as caught:
+            await factory.login(pb.CertificateLogin())
+        self.assertIn(b"UnauthorizedLogin", caught.exception.remoteType)
+
+    async def test_clientWithoutCertificateRefused(self) -> None:
+        """A client without a certificate does not get through the handshake."""
+        port = await self.mutualServer()
+        await self.assertRefused(self.clientString(port))
+
+    async def test_certificateFromAnotherAuthorityRefused(self) -> None:
+        """A client certificate from an untrusted CA does not get through the handshake."""
+        port = await self.mutualServer()
+        certificate, key = self.stranger.issue("alice")
+        await self.assertRefused(
+            self.clientString(port, extra=f":certificate={certificate}:privateKey={key}")
+        )
+
+
+class CheckerTests(TestCase):
+    def test_fingerprintsNormalised(self) -> None:
+        """Fingerprints match whatever their case and colons."""
+        credentials = tls.PeerCertificate(b"der bytes", None)
+        spaced = ":".join(credentials.fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
+        checker = tls.PeerCertificateChecker(fingerprints={spaced: b"bob"})
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(credentials)), b"bob")
+        self.failureResultOf(tls.PeerCertificateChecker().requestAvatarId(credentials))
+
+    def test_serverEndpointNeedsAuthorities(self) -> None:
+        """A clientCA file without certificates is refused."""
+        empty = self.mktemp()
+        with open(empty, "wb") as f:
+            f.write(b"no certificates here")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = Authority(directory, "ca").issue("localhost", ("localhost",))
+        with self.assertRaises(ValueError):
+            tls.serverEndpoint(reactor, 0, certificate, key, clientCA=empty)
+
+    def test_noCertificateOnPlainTransport(self) -> None:
+        """A transport without TLS has no peer certificate."""
+        self.assertIsNone(tls.PeerCertificate.fromTransport(object()))

@@ -120,6 +120,10 @@ PB_VOCABULARY: Final[dict[bytes, int]] = {
 DIALECTS: Final[dict[bytes, dict[bytes, int] | None]] = {
     b"pb": PB_VOCABULARY,
     b"none": None,
+    # pbroker's own dialect, offered by pbroker servers before b"pb": stock Twisted clients skip
+    # it, pbroker clients choose it and so learn that the peer has pbroker's extensions. Its
+    # encoding is that of b"pb" for now; the version in the name lets it evolve.
+    b"pbroker1": PB_VOCABULARY,
 }
 
 

@@ -30,6 +30,7 @@ from pbroker.errors import (
     InsecureJelly,
     InvalidJelly,
     LimitExceeded,
+    NoSuchMethod,
     PBConnectionLost,
     ProtocolError,
     describe,
@@ -159,10 +160,14 @@ class Broker(Banana):
     """
 
     version = PB_VERSION
-    #: Failures that are the caller's business (a refused login, a deliberate pb.Error): they
-    #: are sent without logging a traceback here. Others are logged, as Twisted does.
+    #: pbroker's dialect first: a pbroker peer chooses it, a stock Twisted peer skips it.
+    knownDialects = [b"pbroker1", b"pb", b"none"]
+    #: Failures that are the caller's business (a refused login, a method that does not
+    #: exist, a deliberate pb.Error): they are sent without logging a traceback here. Others
+    #: are logged, as Twisted does.
     quietFailures: ClassVar[tuple[type[BaseException], ...]] = (
         Error,
+        NoSuchMethod,
         UnauthorizedLogin,
         LimitExceeded,
         InsecureJelly,
@@ -220,6 +225,14 @@ class Broker(Banana):
         self.jellyKw: Any = None
 
     # Connection life cycle
+
+    @property
+    def peerIsPbroker(self) -> bool:
+        """
+        Whether the peer chose (or offered and we chose) pbroker's dialect, so it understands
+        pbroker's extensions (its password login, for one). ``False`` for stock Twisted peers.
+        """
+        return self.currentDialect == b"pbroker1"
 
     def connectionReady(self) -> None:
         self.sendCall(b"version", self.version)
@@ -638,7 +651,8 @@ class Broker(Banana):
             return
         except Exception:
             failure = CopyableFailure()
-            self._log.failure("Peer will receive the following PB traceback", failure)
+            if failure.check(*self.quietFailures) is None:
+                self._log.failure("Peer will receive the following PB traceback", failure)
             if answerRequired:
                 self._sendError(failure, requestID)
             return

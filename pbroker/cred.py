@@ -35,8 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from pbroker.errors import describe
+from pbroker.errors import NoSuchMethod, describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
+from pbroker.passwords import IScramProof, ScramProof, authMessage, serverSignature
 
 __all__ = [
     "AsReferenceable",
@@ -263,12 +264,15 @@ class PortalRoot:
     :param guard: the :class:`LoginGuard` that watches every attempt (a new one by default).
     """
 
-    def __init__(self, portal: Portal, guard: LoginGuard | None = None) -> None:
+    def __init__(
+        self, portal: Portal, guard: LoginGuard | None = None, legacyLogin: bool = True
+    ) -> None:
         self.portal = portal
         self.guard = LoginGuard() if guard is None else guard
+        self.legacyLogin = legacyLogin
 
     def rootObject(self, broker: Any) -> Referenceable:
-        return _PortalWrapper(self.portal, broker, self.guard)
+        return _PortalWrapper(self.portal, broker, self.guard, self.legacyLogin)
 
 
 class _PortalWrapper(Referenceable):
@@ -276,15 +280,45 @@ class _PortalWrapper(Referenceable):
     The login root one peer sees.
     """
 
-    def __init__(self, portal: Portal, broker: Any, guard: LoginGuard) -> None:
+    def __init__(
+        self, portal: Portal, broker: Any, guard: LoginGuard, legacyLogin: bool = True
+    ) -> None:
         self.portal = portal
         self.broker = broker
         self.guard = guard
+        self.legacyLogin = legacyLogin
+
+    def remote_passwordLogin(
+        self, username: bytes, clientNonce: bytes
+    ) -> tuple[bytes, bytes, int, Referenceable]:
+        """
+        Start pbroker's password login (see :mod:`pbroker.passwords`): the server's nonce, the
+        user's salt and iteration count, and the object to send the proof to.
+        """
+        checker = self.portal.checkers.get(IScramProof)
+        if checker is None or not hasattr(checker, "verifierFor"):
+            raise NoSuchMethod("this server offers no pbroker password login")
+        if not isinstance(username, bytes) or not isinstance(clientNonce, bytes):
+            raise UnauthorizedLogin("the username and nonce must be bytes")
+        if not 16 <= len(clientNonce) <= 64:
+            raise UnauthorizedLogin("the client nonce must be 16 to 64 bytes")
+        verifier, _known = checker.verifierFor(username)
+        serverNonce = secrets.token_bytes(24)
+        message = authMessage(
+            username, clientNonce, serverNonce, verifier.salt, verifier.iterations
+        )
+        challenger = _PasswordProver(self.portal, self.broker, self.guard, username, message)
+        challenger.serverKey = verifier.serverKey
+        return serverNonce, verifier.salt, verifier.iterations, challenger
 
     def remote_login(self, username: bytes) -> tuple[bytes, Referenceable]:
         """
         Start a username/password login: a challenge, and the object to respond to.
         """
+        if not self.legacyLogin:
+            raise UnauthorizedLogin(
+                "this server does not accept the legacy MD5 login; use a pbroker client"
+            )
         if isinstance(username, str):
             username = username.encode("utf-8")
         if not isinstance(username, bytes):
@@ -354,3 +388,39 @@ class _PortalAuthChallenger(Referenceable):
     def checkMD5Password(self, md5Password: bytes) -> bool:
         expected = hashlib.md5(md5Password + self.challenge).digest()
         return self.response is not None and hmac.compare_digest(self.response, expected)
+
+
+class _PasswordProver(Referenceable):
+    """
+    One pbroker password login: checks the client's proof once, then proves the server's
+    knowledge of the verifier in return.
+    """
+
+    serverKey = b""
+
+    def __init__(
+        self, portal: Portal, broker: Any, guard: LoginGuard, username: bytes, message: bytes
+    ) -> None:
+        self.portal = portal
+        self.broker = broker
+        self.guard = guard
+        self.username = username
+        self.message = message
+        self.used = False
+
+    def remote_prove(self, proof: bytes, mind: Any) -> Deferred[Any]:
+        if self.used:
+            raise UnauthorizedLogin("a login challenge can be answered only once")
+        self.used = True
+        if not isinstance(proof, bytes):
+            raise UnauthorizedLogin("the proof must be bytes")
+        credentials = ScramProof(self.username, self.message, proof)
+        login = self.guard.attempt(
+            self.broker, self.username, self.portal.login(credentials, mind, IPerspective)
+        )
+
+        def proven(result: Any) -> tuple[Any, bytes]:
+            avatar = _avatarForPeer(self.broker, result)
+            return avatar, serverSignature(self.serverKey, self.message)
+
+        return login.addCallback(proven)

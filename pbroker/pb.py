@@ -12,12 +12,15 @@ Porting an application means changing ``from twisted.spread import pb`` to
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from typing import Any
 
 from twisted.cred.credentials import IAnonymous
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -66,6 +69,7 @@ from pbroker.flavors import (
     setFactoryForClass,
 )
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
+from pbroker.passwords import authMessage, clientProof, expectedServerSignature
 from pbroker.references import Local, RemoteMethod, RemoteReference
 from pbroker.tls import CertificateLogin
 
@@ -131,6 +135,8 @@ class PBServerFactory(protocol.ServerFactory):
     :param limits: what each client may make the server hold (:class:`BrokerLimits`).
     :param loginGuard: with a portal, what slows down password guessing (a
         :class:`LoginGuard` with its defaults if not given).
+    :param legacyLogin: with a portal, whether the legacy MD5 login of stock Twisted clients
+        is accepted; pbroker clients use the password login of :mod:`pbroker.passwords`.
     """
 
     protocol = Broker
@@ -143,9 +149,10 @@ class PBServerFactory(protocol.ServerFactory):
         registry: UnjellyableRegistry | None = None,
         limits: BrokerLimits | None = None,
         loginGuard: LoginGuard | None = None,
+        legacyLogin: bool = True,
     ) -> None:
         if isinstance(root, Portal):
-            root = PortalRoot(root, loginGuard)
+            root = PortalRoot(root, loginGuard, legacyLogin)
         if not IPBRoot.providedBy(root):
             raise TypeError(
                 "the root must provide IPBRoot (subclass pb.Root) or be a Portal, "
@@ -177,6 +184,8 @@ class PBClientFactory(protocol.ClientFactory):
     :param security: security options for what the broker sends and receives.
     :param registry: the copy registry the broker rebuilds pass-by-copy values with.
     :param limits: what the server may make the client hold (:class:`BrokerLimits`).
+    :param legacyLogin: whether :meth:`login` may fall back on the legacy MD5 exchange when
+        the server does not offer pbroker's password login (stock Twisted servers do not).
     """
 
     protocol = Broker
@@ -187,7 +196,9 @@ class PBClientFactory(protocol.ClientFactory):
         security: ISecurityOptions = globalSecurity,
         registry: UnjellyableRegistry | None = None,
         limits: BrokerLimits | None = None,
+        legacyLogin: bool = True,
     ) -> None:
+        self.legacyLogin = legacyLogin
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
         self.registry = registry
@@ -272,14 +283,49 @@ class PBClientFactory(protocol.ClientFactory):
 
         # Callbacks, not a coroutine: a coroutine would turn the server's copied failure
         # (UnauthorizedLogin) into a RemoteError on its way out.
-        def sendUsername(root: RemoteReference) -> Deferred[Any]:
+        def start(root: RemoteReference) -> Deferred[Any]:
+            if not root.broker.peerIsPbroker:
+                # A stock Twisted server: it has only the legacy login.
+                if not self.legacyLogin:
+                    refusal = UnauthorizedLogin(
+                        "the server offers only the legacy MD5 login, which this client refuses"
+                    )
+                    return fail(refusal)
+                return legacy(root)
+            clientNonce = secrets.token_bytes(24)
+            return _answered(root.callRemote("passwordLogin", username, clientNonce)).addCallbacks(
+                prove, fallBack, callbackArgs=(clientNonce,), errbackArgs=(root,)
+            )
+
+        def prove(answer: Any, clientNonce: bytes) -> Deferred[Any]:
+            serverNonce, salt, iterations, prover = answer
+            message = authMessage(username, clientNonce, serverNonce, salt, iterations)
+            proof = clientProof(password, salt, iterations, message)
+            return _answered(prover.callRemote("prove", proof, client)).addCallback(
+                checkServer, expectedServerSignature(password, salt, iterations, message)
+            )
+
+        def checkServer(answer: Any, expected: bytes) -> RemoteReference:
+            avatar, signature = answer
+            if not isinstance(signature, bytes) or not hmac.compare_digest(signature, expected):
+                raise UnauthorizedLogin("the server could not prove it knows the password")
+            result: RemoteReference = avatar
+            return result
+
+        def fallBack(failure: Failure, root: RemoteReference) -> Any:
+            # A pbroker server without a password file has only the legacy login.
+            if failure.check(NoSuchMethod) is None or not self.legacyLogin:
+                return failure
+            return legacy(root)
+
+        def legacy(root: RemoteReference) -> Deferred[Any]:
             return _answered(root.callRemote("login", username)).addCallback(sendResponse)
 
         def sendResponse(answer: tuple[bytes, RemoteReference]) -> Deferred[Any]:
             nonce, challenger = answer
             return _answered(challenger.callRemote("respond", respond(nonce, password), client))
 
-        return root.addCallback(sendUsername)
+        return root.addCallback(start)
 
     def disconnect(self) -> None:
         """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pbroker._jellier import Jellier, Jellyable
+from pbroker._pacing import PacedTransport
 from pbroker._unjellier import Unjellier
 from pbroker.banana import DEPTH_LIMIT, Banana, getTokens
 from pbroker.errors import (
@@ -69,6 +70,8 @@ class BrokerLimits:
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once.
     :ivar pendingCalls: calls from the peer still being answered at once.
+    :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
+        (a reader that does not read); beyond this the connection is dropped.
     """
 
     messageSize: int | None = 32 * 1024 * 1024
@@ -77,6 +80,7 @@ class BrokerLimits:
     cachedObjects: int = MAX_BROKER_REFS
     importedReferences: int = 16 * 1024
     pendingCalls: int = 1000
+    bufferedBytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -85,6 +89,7 @@ class BrokerLimits:
             "cachedObjects",
             "importedReferences",
             "pendingCalls",
+            "bufferedBytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
@@ -211,8 +216,9 @@ class Broker(Banana):
         self.remotelyCachedLUIDs: dict[Any, int] = {}
         #: luid -> the peer's Cacheables we hold copies of.
         self.locallyCachedObjects: dict[int, Any] = {}
-        #: Pagers (pbroker.util) sending pages whenever the transport wants more data.
+        #: Pagers (pbroker.util) sending pages while the connection takes data.
         self.pageProducers: list[Any] = []
+        self._sendingPages = False
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
         self.currentRequestID = 0
@@ -428,29 +434,42 @@ class Broker(Banana):
 
     # Paging: the broker is a pull producer for its transport while pagers are active.
 
+    def makeConnection(self, transport: Any) -> None:
+        # Write through a pacing wrapper: it knows when the peer stops taking data.
+        super().makeConnection(PacedTransport(transport, self))  # type: ignore[no-untyped-call]
+
     def registerPageProducer(self, pager: Any) -> None:
         """
-        Have ``pager.sendNextPage()`` called whenever the transport wants more data, until
+        Have ``pager.sendNextPage()`` called while the connection takes data, until
         ``pager.stillPaging()`` is false.
         """
         self.pageProducers.append(pager)
-        if len(self.pageProducers) == 1:
-            assert self.transport is not None
-            self.transport.registerProducer(self, False)  # type: ignore[attr-defined]
+        self.sendPages()
 
-    def resumeProducing(self) -> None:
-        for pager in list(self.pageProducers):
-            pager.sendNextPage()
-            if not pager.stillPaging():
-                self.pageProducers.remove(pager)
-        if not self.pageProducers and self.transport is not None:
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        self.pageProducers = []
+    def sendPages(self) -> None:
+        """
+        Send pages from the active pagers until the connection stops taking data, every pager
+        is done, or none has a page ready (a pager calls this again when it has one).
+        """
+        transport = self.transport
+        if self._sendingPages or not isinstance(transport, PacedTransport):
+            return
+        self._sendingPages = True
+        try:
+            progress = True
+            while self.pageProducers and progress and not transport.paused:
+                if self.disconnected:
+                    break
+                progress = False
+                for pager in list(self.pageProducers):
+                    written = transport.written
+                    pager.sendNextPage()
+                    progress = progress or transport.written != written
+                    if not pager.stillPaging():
+                        self.pageProducers.remove(pager)
+                        progress = True
+        finally:
+            self._sendingPages = False
 
     # Exported objects
 

@@ -99,8 +99,9 @@ class LocalAsyncForwarder:
 class Pager:
     """
     Sends pages to a remote collector (a reference to a :class:`CallbackPageCollector` or any
-    Referenceable with ``remote_gotPage`` and ``remote_endedPaging``) whenever the connection
-    can take more. Subclasses implement :meth:`nextPage` and call :meth:`stopPaging` after the
+    Referenceable with ``remote_gotPage`` and ``remote_endedPaging``) while the connection
+    takes data: the broker stops when its transport is full and goes on when it drains.
+    Subclasses implement :meth:`nextPage` and call :meth:`stopPaging` after the
     last page.
 
     :param callback: called with ``args`` and ``kw`` once the last page is sent.
@@ -202,6 +203,7 @@ class FilePager(Pager):
         self._reading = False
         if not self.chunks:
             self.stopPaging()
+        self.collector.broker.sendPages()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
@@ -213,6 +215,8 @@ class FilePager(Pager):
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)
+        # A page is ready: the broker sends it if the connection takes data.
+        self.collector.broker.sendPages()
 
     def sendNextPage(self) -> None:
         if not self.chunks:

@@ -39,6 +39,7 @@ class Service(pb.Root):
 
 
 LIMITS = pb.BrokerLimits(
+    bufferedBytes=5500,
     messageSize=4096,
     nestingDepth=20,
     exportedReferences=5,
@@ -144,9 +145,28 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertOthersServed()
 
+    def test_readerThatNeverReads(self) -> None:
+        """A peer whose connection stopped taking data is dropped past bufferedBytes; under
+        the limit nothing happens, and the count starts again when it reads."""
+        paced = self.hostile.transport
+        paced.pauseProducing()  # what the real transport does when its buffer is full
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.call(b"echo", b"x" * 1000)
+            self.assertFalse(self.transport.disconnecting)
+            paced.resumeProducing()
+            paced.pauseProducing()
+            for _ in range(5):
+                self.call(b"echo", b"x" * 1000)
+            self.assertFalse(self.transport.disconnecting)
+            self.call(b"echo", b"x" * 1000)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+        self.assertOthersServed()
+
     def test_limitsAreValidated(self) -> None:
         """Limits below 1 are refused when the limits are made."""
-        for name in ("nestingDepth", "pendingCalls", "messageSize"):
+        for name in ("nestingDepth", "pendingCalls", "messageSize", "bufferedBytes"):
             with self.assertRaises(ValueError):
                 pb.BrokerLimits(**{name: 0})
 

@@ -97,6 +97,27 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(pages, [[b"a", b"b", b"c"]])
         self.assertEqual(done, ["finished"])
 
+    def test_pagesWaitWhileTheConnectionIsFull(self) -> None:
+        """No page is sent while the transport has paused the broker; they go on after."""
+        done: list[Any] = []
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = util.StringPager(collector, b"abcdef", 1, done.append, "done")
+
+        root = MyRoot()
+        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
+        server.transport.pauseProducing()
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        pump.flush()
+        self.assertEqual((pages, done), ([], []))
+        self.assertEqual(root.pager.pointer, 0)
+        server.transport.resumeProducing()
+        pump.flush()
+        self.assertEqual(pages, [[b"a", b"b", b"c", b"d", b"e", b"f"]])
+        self.assertEqual(done, ["done"])
+
     def test_getAllPagesReportsCallFailure(self) -> None:
         """If the paging call itself fails, getAllPages fails with it."""
         _server, client, pump = connect(pb.PBServerFactory(pb.Root()), pb.PBClientFactory())

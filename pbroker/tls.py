@@ -9,7 +9,8 @@ Any Twisted endpoint string works with :func:`pbroker.pb.listen` and
     pb.connect("tls:broker.example:8789:trustRoots=/etc/pbroker/ca", clientFactory)
 
 The ``tls:`` client verifies the server's certificate against the CA certificates in
-``trustRoots`` and its name against the host name. Stock ``ssl:`` server strings cannot
+``trustRoots`` (a directory) and its name against the host name; :func:`clientEndpoint` does
+the same with a CA file. Stock ``ssl:`` server strings cannot
 require client certificates; :func:`serverEndpoint` can (``clientCA``), and then a client
 logs in with its certificate: ``factory.login(pb.CertificateLogin())`` reaches the avatar that a
 :class:`PeerCertificateChecker` maps the verified certificate to.
@@ -32,6 +33,7 @@ __all__ = [
     "IPeerCertificate",
     "PeerCertificate",
     "PeerCertificateChecker",
+    "clientEndpoint",
     "serverEndpoint",
 ]
 
@@ -78,6 +80,48 @@ def serverEndpoint(
             caCerts=[authority.original for authority in authorities],
         )
     return SSL4ServerEndpoint(reactor, port, contextFactory, interface=interface)
+
+
+def clientEndpoint(
+    reactor: Any,
+    host: str,
+    port: int,
+    *,
+    caFile: str | None = None,
+    hostname: str | None = None,
+    certificate: str | None = None,
+    privateKey: str | None = None,
+) -> Any:
+    """
+    A TLS client endpoint that verifies the server.
+
+    :param host: where to connect (a name or an address).
+    :param caFile: path of a PEM file of the CA certificates to trust (the platform's CAs if
+        not given).
+    :param hostname: the name the server's certificate must carry (``host`` if not given).
+    :param certificate: path of this client's PEM certificate, for mutual TLS.
+    :param privateKey: path of this client's PEM private key (with ``certificate``).
+    """
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    trustRoot: Any = None
+    if caFile is not None:
+        authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(caFile))]
+        if not authorities:
+            raise ValueError(f"no certificate in {caFile!r}")
+        trustRoot = ssl.trustRootFromCertificates(authorities)
+    clientCertificate = None
+    if certificate is not None:
+        if privateKey is None:
+            raise ValueError("a client certificate needs its private key")
+        clientCertificate = ssl.PrivateCertificate.loadPEM(
+            _readPEM(certificate) + b"\n" + _readPEM(privateKey)
+        )
+    options = ssl.optionsForClientTLS(
+        hostname or host, trustRoot=trustRoot, clientCertificate=clientCertificate
+    )
+    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
 
 
 def _splitPEM(data: bytes) -> list[bytes]:

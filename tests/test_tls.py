@@ -122,6 +122,10 @@ class TLSTests(TestCase):
         self.serverCert, self.serverKey = self.authority.issue("localhost", ("localhost",))
 
     async def listen(self, description: Any, root: Any) -> int:
+        address = await self.listenAddress(description, root)
+        return int(address.port)
+
+    async def listenAddress(self, description: Any, root: Any) -> Any:
         test = self
 
         class Factory(pb.PBServerFactory):
@@ -130,7 +134,7 @@ class TLSTests(TestCase):
 
         port = await pb.listen(description, Factory(root))
         self.addCleanup(port.stopListening)
-        return int(port.getHost().port)
+        return port.getHost()
 
     def waitForClose(self, broker: Any) -> None:
         """
@@ -158,7 +162,7 @@ class TLSTests(TestCase):
         roots = roots or self.authority.trustRoots
         return f"tls:{host}:{port}:trustRoots={roots}:endpoint=tcp\\:127.0.0.1\\:{port}{extra}"
 
-    async def assertRefused(self, description: str) -> None:
+    async def assertRefused(self, description: Any) -> None:
         factory = pb.PBClientFactory()
         try:
             await pb.connect(description, factory)
@@ -190,6 +194,32 @@ class TLSTests(TestCase):
             Echo(),
         )
         await self.assertRefused(self.clientString(port, host="elsewhere.example"))
+
+    async def test_caFileEndpoint(self) -> None:
+        """clientEndpoint verifies against a CA file: the right CA and name pass, others not."""
+        port = await self.listen(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+            Echo(),
+        )
+        good = tls.clientEndpoint(
+            reactor, "127.0.0.1", port, caFile=self.authority.pem, hostname="localhost"
+        )
+        factory = pb.PBClientFactory()
+        root = await pb.connect(good, factory)
+        self.waitForClose(root.broker)
+        self.assertEqual(await root.callRemote("echo", 1), 1)
+        for caFile, hostname in ((self.stranger.pem, "localhost"), (self.authority.pem, "x.test")):
+            endpoint = tls.clientEndpoint(
+                reactor, "127.0.0.1", port, caFile=caFile, hostname=hostname
+            )
+            await self.assertRefused(endpoint)
+
+    async def test_unixSocket(self) -> None:
+        """A unix: endpoint string works like the others."""
+        path = os.path.abspath(self.mktemp())
+        await self.listenAddress(f"unix:{path}", Echo())
+        root, _ = await self.connect(f"unix:{path}")
+        self.assertEqual(await root.callRemote("echo", "local"), "local")
 
     async def mutualServer(self) -> int:
         checker = tls.PeerCertificateChecker(commonNames={"alice": b"alice"})
@@ -252,6 +282,20 @@ class CheckerTests(TestCase):
         certificate, key = Authority(directory, "ca").issue("localhost", ("localhost",))
         with self.assertRaises(ValueError):
             tls.serverEndpoint(reactor, 0, certificate, key, clientCA=empty)
+
+    def test_clientEndpointArguments(self) -> None:
+        """A certificate without its key, or an empty CA file, is refused."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        authority = Authority(directory, "ca")
+        certificate, _key = authority.issue("alice")
+        with self.assertRaises(ValueError):
+            tls.clientEndpoint(reactor, "localhost", 1, certificate=certificate)
+        empty = os.path.join(directory, "empty.pem")
+        with open(empty, "wb") as f:
+            f.write(b"")
+        with self.assertRaises(ValueError):
+            tls.clientEndpoint(reactor, "localhost", 1, caFile=empty)
 
     def test_noCertificateOnPlainTransport(self) -> None:
         """A transport without TLS has no peer certificate."""

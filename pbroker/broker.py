@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
@@ -485,15 +485,22 @@ class Broker(Banana):
             self.localObjects[luid].incref()
             return luid
         if len(self.luids) >= self.limits.exportedReferences:  # named objects do not count
-            self.maxBrokerRefsViolations += 1
-            if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
-                self._fail("the peer keeps exceeding the reference limit")
-                raise Error("Maximum PB reference count exceeded.  Goodbye.")
-            raise Error("Maximum PB reference count exceeded.")
+            self._refuseOverLimit("reference")
         luid = self.newLocalID()
         self.localObjects[luid] = Local(object)
         self.luids[puid] = luid
         return luid
+
+    def _refuseOverLimit(self, what: str) -> NoReturn:
+        """
+        Refuse one more exported reference or cached object (Twisted's messages); after
+        repeated refusals, drop the connection.
+        """
+        self.maxBrokerRefsViolations += 1
+        if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
+            self._fail(f"the peer keeps exceeding the {what} limit")
+            raise Error(f"Maximum PB {what} count exceeded.  Goodbye.")
+        raise Error(f"Maximum PB {what} count exceeded.")
 
     def localObjectForID(self, luid: int | bytes | str) -> Any:
         """
@@ -541,11 +548,7 @@ class Broker(Banana):
         :raises Error: the peer already holds as many cached objects as the limits allow.
         """
         if len(self.remotelyCachedObjects) >= self.limits.cachedObjects:
-            self.maxBrokerRefsViolations += 1
-            if self.maxBrokerRefsViolations > _MAX_REFERENCE_VIOLATIONS:
-                self._fail("the peer keeps exceeding the cache limit")
-                raise Error("Maximum PB cache count exceeded.  Goodbye.")
-            raise Error("Maximum PB cache count exceeded.")
+            self._refuseOverLimit("cache")
         luid = self.newLocalID()
         self.remotelyCachedLUIDs[instance.processUniqueID()] = luid
         self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)

@@ -1,0 +1,194 @@
+"""
+``twistd pbroker``: serve a broker, with useful embedded defaults.
+
+With no options it listens on ``tcp:8789:interface=127.0.0.1`` and serves a root object with
+introspection (``ping``, ``info``, ``services``), no login. Options add listening endpoints
+(any Twisted endpoint string; ``ssl:`` for TLS), mutual TLS, logins (``--auth`` through
+:mod:`twisted.cred.strcred`, a pbroker ``--password-file``, ``--anonymous``), and the usual
+``--unsafe-tracebacks``. With any login option the root becomes a portal and the same
+introspection methods are available on the avatar.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IAnonymous, IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.cred.strcred import AuthOptionMixin
+from twisted.python import usage
+from zope.interface import implementer
+
+import pbroker
+from pbroker import pb, tls
+from pbroker.passwords import PasswordFile, ScramChecker
+
+__all__ = ["DEFAULT_LISTEN", "BrokerAvatar", "BrokerRealm", "BrokerRoot", "Options", "makeService"]
+
+#: Where ``twistd pbroker`` listens without ``--listen``: loopback only.
+DEFAULT_LISTEN = "tcp:8789:interface=127.0.0.1"
+
+
+def _info(services: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "pbroker",
+        "version": pbroker.__version__,
+        "protocol": pb.PB_VERSION,
+        "services": sorted(services),
+    }
+
+
+class BrokerRoot(pb.Root):
+    """
+    The default root object: says the broker is alive and what it serves.
+    """
+
+    def __init__(self, services: dict[str, Any] | None = None) -> None:
+        self.services = {} if services is None else services
+
+    def remote_ping(self) -> str:
+        return "pong"
+
+    def remote_info(self) -> dict[str, Any]:
+        return _info(self.services)
+
+    def remote_services(self) -> list[str]:
+        return sorted(self.services)
+
+
+class BrokerAvatar(pb.Avatar):
+    """
+    What a logged-in client gets from the default realm: the same introspection, by name.
+    """
+
+    def __init__(self, name: str, services: dict[str, Any]) -> None:
+        self.name = name
+        self.services = services
+
+    def perspective_ping(self) -> str:
+        return "pong"
+
+    def perspective_info(self) -> dict[str, Any]:
+        return {**_info(self.services), "user": self.name}
+
+    def perspective_services(self) -> list[str]:
+        return sorted(self.services)
+
+
+@implementer(IRealm)
+class BrokerRealm:
+    """
+    The default realm: every avatar id gets a :class:`BrokerAvatar`.
+    """
+
+    def __init__(self, services: dict[str, Any] | None = None) -> None:
+        self.services = {} if services is None else services
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("this realm only gives PB perspectives")
+        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else "anonymous"
+        return pb.IPerspective, BrokerAvatar(name, self.services), lambda: None
+
+
+class Options(usage.Options, AuthOptionMixin):
+    """
+    The command line of ``twistd pbroker``.
+    """
+
+    synopsis = "[options]"
+    longdesc = __doc__
+    supportedInterfaces = [IUsernamePassword, IUsernameHashedPassword, IAnonymous]
+    optFlags = [
+        ["anonymous", None, "Allow anonymous login."],
+        ["unsafe-tracebacks", None, "Send full tracebacks of failures to callers."],
+        ["no-legacy-login", None, "Refuse the legacy MD5 login of stock Twisted clients."],
+    ]
+    optParameters = [
+        ["password-file", None, None, "A pbroker password file (python -m pbroker.passwords)."],
+        ["tls-port", None, None, "Also listen for TLS on this port (loopback).", int],
+        ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
+        ["tls-key", None, None, "The server's PEM private key, for --tls-port."],
+        ["tls-client-ca", None, None, "Require client certificates from these CAs (PEM)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Listen on an endpoint (repeatable), e.g. tcp:8789:interface=127.0.0.1 or ssl:...
+        [default: tcp:8789:interface=127.0.0.1]
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if self["tls-port"] is not None:
+            if not (self["tls-certificate"] and self["tls-key"]):
+                raise usage.UsageError("--tls-port needs --tls-certificate and --tls-key")
+        elif self["tls-certificate"] or self["tls-key"] or self["tls-client-ca"]:
+            raise usage.UsageError("the --tls-* options need --tls-port")
+        if not self["listen"] and self["tls-port"] is None:
+            self["listen"] = [DEFAULT_LISTEN]
+
+    @property
+    def wantsLogin(self) -> bool:
+        return bool(self.get("credCheckers") or self["password-file"] or self["anonymous"])
+
+
+def _bytesUsernames(checker: Any) -> Any:
+    """
+    strcred's ``memory:`` checker keeps text usernames; PB sends them as bytes, so they would
+    never match. Give it bytes keys (and passwords).
+    """
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode("utf-8") if isinstance(k, str) else k): (
+                v.encode("utf-8") if isinstance(v, str) else v
+            )
+            for k, v in checker.users.items()
+        }
+    return checker
+
+
+def makeService(options: Options) -> service.MultiService:
+    """
+    The service ``twistd pbroker`` runs: one listening service per endpoint.
+    """
+    from twisted.internet import reactor
+
+    services: dict[str, Any] = {}
+    root: Any
+    if options.wantsLogin:
+        checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
+        if options["password-file"]:
+            checkers.append(ScramChecker(PasswordFile(options["password-file"])))
+        if options["anonymous"]:
+            checkers.append(AllowAnonymousAccess())
+        root = Portal(BrokerRealm(services), checkers)
+    else:
+        root = BrokerRoot(services)
+    factory = pb.PBServerFactory(
+        root,
+        unsafeTracebacks=bool(options["unsafe-tracebacks"]),
+        legacyLogin=not options["no-legacy-login"],
+    )
+    top = service.MultiService()
+    for description in options["listen"]:
+        strports.service(description, factory).setServiceParent(top)
+    if options["tls-port"] is not None:
+        endpoint = tls.serverEndpoint(
+            reactor,
+            options["tls-port"],
+            options["tls-certificate"],
+            options["tls-key"],
+            clientCA=options["tls-client-ca"],
+        )
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    return top

@@ -1,0 +1,139 @@
+"""
+Tests for ``twistd pbroker``'s options and service (pbroker.tap), over loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor
+from twisted.python import usage
+from twisted.spread import pb as twistedPb
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import pbroker
+from pbroker import pb, tap
+from pbroker.passwords import PasswordFile
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *arguments: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(arguments))
+        return options
+
+    def test_defaults(self) -> None:
+        """Without options: loopback port 8789, no login, tracebacks kept, legacy allowed."""
+        options = self.parse()
+        self.assertEqual(options["listen"], ["tcp:8789:interface=127.0.0.1"])
+        self.assertFalse(options.wantsLogin)
+        self.assertFalse(options["unsafe-tracebacks"])
+        self.assertFalse(options["no-legacy-login"])
+
+    def test_severalListen(self) -> None:
+        """--listen repeats."""
+        options = self.parse("--listen", "tcp:1:interface=127.0.0.1", "-l", "unix:/tmp/x")
+        self.assertEqual(options["listen"], ["tcp:1:interface=127.0.0.1", "unix:/tmp/x"])
+
+    def test_loginOptions(self) -> None:
+        """--auth, --password-file and --anonymous each turn the root into a portal."""
+        self.assertTrue(self.parse("--auth", "memory:alice:secret").wantsLogin)
+        self.assertTrue(self.parse("--password-file", "p").wantsLogin)
+        self.assertTrue(self.parse("--anonymous").wantsLogin)
+        with self.assertRaises(usage.UsageError):
+            self.parse("--auth", "no-such-kind:x")
+
+    def test_tlsOptionsGoTogether(self) -> None:
+        """--tls-port needs a certificate and key; the others need --tls-port."""
+        with self.assertRaises(usage.UsageError):
+            self.parse("--tls-port", "8790")
+        with self.assertRaises(usage.UsageError):
+            self.parse("--tls-certificate", "c.pem")
+        options = self.parse("--tls-port", "8790", "--tls-certificate", "c", "--tls-key", "k")
+        self.assertEqual(options["listen"], [])
+
+
+class ServiceTests(TestCase):
+    timeout = 60
+
+    async def start(self, *arguments: str) -> int:
+        options = tap.Options()
+        options.parseOptions(["--listen", LOOPBACK, *arguments])
+        service = tap.makeService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [listener] = list(service)
+        port = await listener._waitingForPort
+        return int(port.getHost().port)
+
+    async def connect(self, port: int, module: Any = pb) -> Any:
+        factory = module.PBClientFactory()
+        connector = reactor.connectTCP("127.0.0.1", port, factory)  # type: ignore[attr-defined]
+
+        def disconnect() -> defer.Deferred[None]:
+            done: defer.Deferred[None] = defer.Deferred()
+            broker = factory._broker
+            if broker is None or broker.disconnected:
+                connector.disconnect()
+                return defer.succeed(None)
+            broker.notifyOnDisconnect(lambda: done.callback(None))
+            connector.disconnect()
+            return done
+
+        self.addCleanup(disconnect)
+        await factory.getRootObject()
+        return factory
+
+    async def test_defaultRoot(self) -> None:
+        """The default root answers ping and info."""
+        factory = await self.connect(await self.start())
+        root = await factory.getRootObject()
+        self.assertEqual(await root.callRemote("ping"), "pong")
+        info = await root.callRemote("info")
+        self.assertEqual(info["version"], pbroker.__version__)
+        self.assertEqual(info["protocol"], 6)
+        self.assertEqual(await root.callRemote("services"), [])
+
+    async def test_stockClientOfDefaultRoot(self) -> None:
+        """A stock Twisted client calls the default root too."""
+        factory = await self.connect(await self.start(), twistedPb)
+        root = await factory.getRootObject()
+        self.assertEqual(await root.callRemote("ping"), "pong")
+
+    async def test_authMemory(self) -> None:
+        """--auth memory: logs users in with the legacy exchange, from either kind of client."""
+        port = await self.start("--auth", "memory:alice:secret")
+        for module in (pb, twistedPb):
+            factory = await self.connect(port, module)
+            avatar = await factory.login(UsernamePassword(b"alice", b"secret"))
+            self.assertEqual((await avatar.callRemote("info"))["user"], "alice")
+        factory = await self.connect(port)
+        with self.assertRaises(pb.RemoteError):
+            await factory.login(UsernamePassword(b"alice", b"wrong"))
+
+    async def test_passwordFileWithoutLegacy(self) -> None:
+        """--password-file with --no-legacy-login: pbroker clients only."""
+        path = self.mktemp()
+        PasswordFile(path).setPassword("bob", b"pw", iterations=1000)
+        port = await self.start("--password-file", path, "--no-legacy-login")
+        factory = await self.connect(port)
+        avatar = await factory.login(UsernamePassword(b"bob", b"pw"))
+        self.assertEqual(await avatar.callRemote("ping"), "pong")
+        stock = await self.connect(port, twistedPb)
+        failure = None
+        try:
+            await stock.login(UsernamePassword(b"bob", b"pw"))
+        except Exception as e:
+            failure = e
+        self.assertIsNotNone(failure)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    async def test_anonymous(self) -> None:
+        """--anonymous allows anonymous login."""
+        factory = await self.connect(await self.start("--anonymous"))
+        avatar = await factory.login(Anonymous())
+        self.assertEqual((await avatar.callRemote("info"))["user"], "anonymous")

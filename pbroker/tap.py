@@ -108,6 +108,13 @@ class Options(usage.Options, AuthOptionMixin):
         ["no-legacy-login", None, "Refuse the legacy MD5 login of stock Twisted clients."],
     ]
     optParameters = [
+        [
+            "root",
+            None,
+            None,
+            "Serve this instead: package.module.name of a pb.Root (or a "
+            "callable returning one, or a Portal).",
+        ],
         ["password-file", None, None, "A pbroker password file (python -m pbroker.passwords)."],
         ["tls-port", None, None, "Also listen for TLS on this port (loopback).", int],
         ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
@@ -157,6 +164,25 @@ def _bytesUsernames(checker: Any) -> Any:
     return checker
 
 
+def _loadRoot(name: str) -> Any:
+    """
+    The object ``--root`` names: an IPBRoot or a Portal, or a callable that returns one.
+
+    :raises usage.UsageError: the name cannot be imported or names something else.
+    """
+    from twisted.python.reflect import namedAny
+
+    try:
+        found = namedAny(name)  # type: ignore[no-untyped-call]
+    except Exception as e:
+        raise usage.UsageError(f"cannot load --root {name}: {e}") from None
+    if not (pb.IPBRoot.providedBy(found) or isinstance(found, Portal)) and callable(found):
+        found = found()
+    if not (pb.IPBRoot.providedBy(found) or isinstance(found, Portal)):
+        raise usage.UsageError(f"--root {name} is not a pb.Root, an IPBRoot or a Portal")
+    return found
+
+
 def makeService(options: Options) -> service.MultiService:
     """
     The service ``twistd pbroker`` runs: one listening service per endpoint.
@@ -165,7 +191,9 @@ def makeService(options: Options) -> service.MultiService:
 
     services: dict[str, Any] = {}
     root: Any
-    if options.wantsLogin:
+    if options["root"]:
+        root = _loadRoot(options["root"])
+    elif options.wantsLogin:
         checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
         if options["password-file"]:
             checkers.append(ScramChecker(PasswordFile(options["password-file"])))

@@ -132,8 +132,32 @@ class ServiceTests(TestCase):
         self.assertIsNotNone(failure)
         self.flushLoggedErrors(UnauthorizedLogin)
 
+    async def test_root(self) -> None:
+        """--root serves an application's own root object, made by a callable."""
+        port = await self.start("--root", "tests.test_tap.EchoRoot")
+        factory = await self.connect(port)
+        root = await factory.getRootObject()
+        self.assertEqual(await root.callRemote("echo", 5), 5)
+
+    def test_badRoot(self) -> None:
+        """A --root that cannot be loaded, or is not a root, is a usage error."""
+        for name in ("tests.test_tap.NoSuchThing", "tests.test_tap.LOOPBACK"):
+            options = tap.Options()
+            options.parseOptions(["--root", name])
+            with self.assertRaises(usage.UsageError):
+                tap.makeService(options)
+
     async def test_anonymous(self) -> None:
         """--anonymous allows anonymous login."""
         factory = await self.connect(await self.start("--anonymous"))
         avatar = await factory.login(Anonymous())
         self.assertEqual((await avatar.callRemote("info"))["user"], "anonymous")
+
+
+class EchoRoot(pb.Root):
+    """
+    An application root for --root.
+    """
+
+    def remote_echo(self, value: Any) -> Any:
+        return value

@@ -29,6 +29,7 @@ PAGES_WITH_EXAMPLES = {
     "differences.rst",
     "pb.rst",
     "security.rst",
+    "wire.rst",
 }
 
 try:
@@ -123,6 +124,12 @@ class DocExamplesTests(SynchronousTestCase):
         The security page's examples run: options, limits, password file and login.
         """
         self.assertExamplesPass("security.rst")
+
+    def test_wire(self) -> None:
+        """
+        The wire page's bytes are what the codec writes.
+        """
+        self.assertExamplesPass("wire.rst")
 
     def test_everyPageWithExamplesIsTested(self) -> None:
         """

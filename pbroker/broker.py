@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import LoginFailed
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -173,7 +173,7 @@ class Broker(Banana):
     quietFailures: ClassVar[tuple[type[BaseException], ...]] = (
         Error,
         NoSuchMethod,
-        UnauthorizedLogin,
+        LoginFailed,
         LimitExceeded,
         InsecureJelly,
     )

@@ -1,12 +1,12 @@
 """
 ``twistd pbroker``: serve a broker, with useful embedded defaults.
 
-With no options it listens on ``tcp:8789:interface=127.0.0.1`` and serves a root object with
-introspection (``ping``, ``info``, ``services``), no login. Options add listening endpoints
-(any Twisted endpoint string; ``ssl:`` for TLS), mutual TLS, logins (``--auth`` through
-:mod:`twisted.cred.strcred`, a pbroker ``--password-file``, ``--anonymous``), and the usual
-``--unsafe-tracebacks``. With any login option the root becomes a portal and the same
-introspection methods are available on the avatar.
+With no options it listens on ``tcp:8789:interface=127.0.0.1`` and serves a login root that
+also answers ``ping``, ``info`` and ``services``; clients may log in anonymously to an avatar
+with the same methods. Options add listening endpoints (any Twisted endpoint string; ``ssl:``
+for TLS), mutual TLS, logins (``--auth`` through :mod:`twisted.cred.strcred`, a pbroker
+``--password-file``; anonymous login then only with ``--anonymous``), another root
+(``--root``), and the usual ``--unsafe-tracebacks``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 import pbroker
 from pbroker import pb, tls
+from pbroker.cred import PortalRoot, _PortalWrapper
 from pbroker.passwords import PasswordFile, ScramChecker
 
 __all__ = ["DEFAULT_LISTEN", "BrokerAvatar", "BrokerRealm", "BrokerRoot", "Options", "makeService"]
@@ -92,6 +93,35 @@ class BrokerRealm:
             raise NotImplementedError("this realm only gives PB perspectives")
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else "anonymous"
         return pb.IPerspective, BrokerAvatar(name, self.services), lambda: None
+
+
+class IntrospectingPortalRoot(PortalRoot):
+    """
+    A login root that also answers ``ping``, ``info`` and ``services`` before login, so a
+    client can check a broker without an account.
+    """
+
+    def __init__(self, portal: Portal, services: dict[str, Any]) -> None:
+        super().__init__(portal)
+        self.services = services
+
+    def rootObject(self, broker: Any) -> pb.Referenceable:
+        return _IntrospectingLoginRoot(self.portal, broker, self.guard, self.services)
+
+
+class _IntrospectingLoginRoot(_PortalWrapper):
+    def __init__(self, portal: Portal, broker: Any, guard: Any, services: dict[str, Any]):
+        super().__init__(portal, broker, guard)
+        self.services = services
+
+    def remote_ping(self) -> str:
+        return "pong"
+
+    def remote_info(self) -> dict[str, Any]:
+        return _info(self.services)
+
+    def remote_services(self) -> list[str]:
+        return sorted(self.services)
 
 
 class Options(usage.Options, AuthOptionMixin):
@@ -193,15 +223,14 @@ def makeService(options: Options) -> service.MultiService:
     root: Any
     if options["root"]:
         root = _loadRoot(options["root"])
-    elif options.wantsLogin:
+    else:
         checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
         if options["password-file"]:
             checkers.append(ScramChecker(PasswordFile(options["password-file"])))
-        if options["anonymous"]:
+        if options["anonymous"] or not options.wantsLogin:
+            # With no login option at all, anonymous login is the embedded default.
             checkers.append(AllowAnonymousAccess())
-        root = Portal(BrokerRealm(services), checkers)
-    else:
-        root = BrokerRoot(services)
+        root = IntrospectingPortalRoot(Portal(BrokerRealm(services), checkers), services)
     factory = pb.PBServerFactory(
         root,
         unsafeTracebacks=bool(options["unsafe-tracebacks"]),

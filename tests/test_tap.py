@@ -89,7 +89,7 @@ class ServiceTests(TestCase):
         return factory
 
     async def test_defaultRoot(self) -> None:
-        """The default root answers ping and info."""
+        """The default root answers ping and info, and lets a client log in anonymously."""
         factory = await self.connect(await self.start())
         root = await factory.getRootObject()
         self.assertEqual(await root.callRemote("ping"), "pong")
@@ -97,6 +97,16 @@ class ServiceTests(TestCase):
         self.assertEqual(info["version"], pbroker.__version__)
         self.assertEqual(info["protocol"], 6)
         self.assertEqual(await root.callRemote("services"), [])
+        avatar = await factory.login(Anonymous())
+        self.assertEqual((await avatar.callRemote("info"))["user"], "anonymous")
+
+    async def test_noAnonymousWithAccounts(self) -> None:
+        """With accounts configured, anonymous login needs --anonymous."""
+        factory = await self.connect(await self.start("--auth", "memory:alice:secret"))
+        root = await factory.getRootObject()
+        self.assertEqual(await root.callRemote("ping"), "pong")
+        with self.assertRaises(pb.RemoteError):
+            await factory.login(Anonymous())
 
     async def test_stockClientOfDefaultRoot(self) -> None:
         """A stock Twisted client calls the default root too."""

@@ -8,13 +8,17 @@ from __future__ import annotations
 import contextlib
 import doctest
 import io
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.spread import jelly as twistedJelly
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import banana, jelly
 
@@ -155,3 +159,67 @@ class SphinxBuildTests(SynchronousTestCase):
         with tempfile.TemporaryDirectory() as outdir:
             status = build_main(["-W", "-b", "html", "-q", str(DOCS), outdir])
         self.assertEqual(status, 0)
+
+
+def literalBlock(page: str, firstLine: str) -> str:
+    """
+    The indented literal block of ``page`` that starts with ``firstLine`` (a comment naming
+    the file), unindented.
+    """
+    lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == firstLine)
+    block = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip() + "\n"
+
+
+class TutorialProgramTests(TestCase):
+    """
+    The two programs of the tutorial run as written (on a free port).
+    """
+
+    timeout = 60
+
+    async def test_serverAndClient(self) -> None:
+        """
+        server.py serves, client.py connects, calls and prints the answer, and exits.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        for name in ("server.py", "client.py"):
+            code = literalBlock("pb.rst", f"# {name}").replace("8789", port)
+            (directory / name).write_text(code, encoding="utf-8")
+        server = _Process()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            server, sys.executable, [sys.executable, str(directory / "server.py")], env=None
+        )
+
+        def stop() -> Any:
+            process.signalProcess("KILL")
+            return server.ended
+
+        self.addCleanup(stop)
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=0.5):
+                    break
+            except OSError:
+                await task.deferLater(reactor, 0.1, lambda: None)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [str(directory / "client.py")], env=None
+        )
+        self.assertEqual((code, out.decode().strip()), (0, "hello"), err.decode())
+
+
+class _Process(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)

@@ -5,9 +5,12 @@ on 127.0.0.1 in the test's reactor.
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -132,3 +135,64 @@ class AddressTests(SynchronousTestCase):
         self.assertIsNotNone(cli.endpointFor("pbs://localhost:8790"))
         with self.assertRaises(cli.CommandError):
             cli.endpointFor("pb://:80")
+
+
+class TranscriptTests(TestCase):
+    """
+    The transcript in docs/cli.rst, run against the service it describes.
+    """
+
+    timeout = 120
+
+    async def test_transcript(self) -> None:
+        """Each command of the page prints what the page shows (``...`` for what varies)."""
+        from pbroker import tap
+
+        options = tap.Options()
+        options.parseOptions(
+            ["--listen", "tcp:0:interface=127.0.0.1", "--auth", "memory:alice:secret"]
+        )
+        service = tap.makeService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [listener] = list(service)
+        port = str((await listener._waitingForPort).getHost().port)
+        page = (Path(__file__).parent.parent / "docs" / "cli.rst").read_text(encoding="utf-8")
+        checker = doctest.OutputChecker()
+        ran = 0
+        for command, expected in transcript(page):
+            words = shlex.split(command.replace("8789", port))
+            environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+            while "=" in words[0]:
+                name, _, value = words.pop(0).partition("=")
+                environment[name] = value
+            self.assertEqual(words[0], "pbroker")
+            out, err, _code = await getProcessOutputAndValue(
+                sys.executable, ["-m", "pbroker", *words[1:]], env=environment
+            )
+            got = (out + err).decode()
+            self.assertTrue(
+                checker.check_output(expected, got, doctest.ELLIPSIS),
+                f"$ {command}\nexpected:\n{expected}got:\n{got}",
+            )
+            ran += 1
+        self.assertGreaterEqual(ran, 6)
+
+
+def transcript(page: str) -> list[tuple[str, str]]:
+    """
+    The ``$ command`` lines of the page's console block, each with the output shown after it.
+    """
+    steps: list[tuple[str, str]] = []
+    for line in page.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("$ "):
+            steps.append((stripped[2:], ""))
+        elif steps and line.startswith("    ") and stripped:
+            command, expected = steps[-1]
+            steps[-1] = (command, expected + stripped + "\n")
+        elif steps and not stripped:
+            continue
+        elif steps and not line.startswith("    "):
+            break
+    return steps

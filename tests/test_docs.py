@@ -176,28 +176,32 @@ def literalBlock(page: str, firstLine: str) -> str:
     return "\n".join(block).strip() + "\n"
 
 
-class TutorialProgramTests(TestCase):
+class ProgramTests(TestCase):
     """
-    The two programs of the tutorial run as written (on a free port).
+    The complete programs in the docs run as written (on free ports).
     """
 
     timeout = 60
 
-    async def test_serverAndClient(self) -> None:
+    async def runPair(
+        self, page: str, names: tuple[str, str], docPort: str, directory: Path | None = None
+    ) -> str:
         """
-        server.py serves, client.py connects, calls and prints the answer, and exits.
+        Run a server program and a client program from ``page`` in ``directory`` (a new one
+        if not given), on a free port instead of ``docPort``; return what the client printed.
         """
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = str(probe.getsockname()[1])
-        directory = Path(self.mktemp())
-        directory.mkdir(parents=True)
-        for name in ("server.py", "client.py"):
-            code = literalBlock("pb.rst", f"# {name}").replace("8789", port)
+        if directory is None:
+            directory = Path(self.mktemp())
+            directory.mkdir(parents=True)
+        for name in names:
+            code = literalBlock(page, f"# {name}").replace(docPort, port)
             (directory / name).write_text(code, encoding="utf-8")
         server = _Process()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            server, sys.executable, [sys.executable, str(directory / "server.py")], env=None
+            server, sys.executable, [sys.executable, names[0]], env=None, path=str(directory)
         )
 
         def stop() -> Any:
@@ -212,9 +216,54 @@ class TutorialProgramTests(TestCase):
             except OSError:
                 await task.deferLater(reactor, 0.1, lambda: None)
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, [str(directory / "client.py")], env=None
+            sys.executable, [names[1]], env=None, path=str(directory)
         )
-        self.assertEqual((code, out.decode().strip()), (0, "hello"), err.decode())
+        self.assertEqual(code, 0, err.decode())
+        return str(out.decode().strip())
+
+    async def test_serverAndClient(self) -> None:
+        """
+        server.py serves, client.py connects, calls and prints the answer, and exits.
+        """
+        printed = await self.runPair("pb.rst", ("server.py", "client.py"), "8789")
+        self.assertEqual(printed, "hello")
+
+    def certificates(self) -> Path:
+        """
+        A directory with the files the security page's programs use: ca.pem and ca/,
+        server.pem/server.key for localhost, alice.pem/alice.key, all from one new CA.
+        """
+        from tests.test_tls import Authority
+
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        authority = Authority(str(directory), "ca")
+        (directory / "ca").symlink_to(authority.trustRoots)
+        (directory / "ca.pem").write_bytes(Path(authority.pem).read_bytes())
+        for name, hosts in (("localhost", ("localhost",)), ("alice", ())):
+            certificate, key = authority.issue(name, hosts)
+            target = "server" if name == "localhost" else name
+            (directory / f"{target}.pem").write_bytes(Path(certificate).read_bytes())
+            (directory / f"{target}.key").write_bytes(Path(key).read_bytes())
+        return directory
+
+    async def test_tlsPrograms(self) -> None:
+        """
+        The security page's TLS server and client run as written, with real certificates.
+        """
+        printed = await self.runPair(
+            "security.rst", ("tls_server.py", "tls_client.py"), "8790", self.certificates()
+        )
+        self.assertEqual(printed, "over TLS")
+
+    async def test_mutualTlsPrograms(self) -> None:
+        """
+        The security page's mutual TLS programs log in with the client certificate.
+        """
+        printed = await self.runPair(
+            "security.rst", ("mtls_server.py", "mtls_client.py"), "8791", self.certificates()
+        )
+        self.assertEqual(printed, "alice")
 
 
 class _Process(protocol.ProcessProtocol):

@@ -4,6 +4,8 @@ Tests for ``twistd pbroker``'s options and service (pbroker.tap), over loopback.
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Any
 
 from twisted.cred.credentials import Anonymous, UsernamePassword
@@ -171,3 +173,21 @@ class EchoRoot(pb.Root):
 
     def remote_echo(self, value: Any) -> Any:
         return value
+
+
+class DocumentedCommandLineTests(SynchronousTestCase):
+    def test_twistdPageCommandLines(self) -> None:
+        """Every twistd command line on docs/twistd.rst parses with the plugin's options."""
+        page = Path(__file__).parent.parent / "docs" / "twistd.rst"
+        lines = [
+            line.strip()
+            for line in page.read_text(encoding="utf-8").splitlines()
+            if line.strip().startswith("twistd ") and " pbroker" in line
+        ]
+        self.assertGreaterEqual(len(lines), 3)
+        for line in lines:
+            words = shlex.split(line.split("#")[0])
+            pluginArguments = words[words.index("pbroker") + 1 :]
+            options = tap.Options()
+            options.parseOptions(pluginArguments)
+            self.assertTrue(options["listen"] or options["tls-port"], line)

@@ -465,14 +465,9 @@ class Jellier:
                     append(noneToken)
                 elif kind is bool:
                     append(jellyTokens.true if item else jellyTokens.false)
-                elif kind in containerTags:
-                    children = self._openChunks(item)
-                    if children is not None:
-                        stack.append(items)
-                        items = children
-                        break
                 else:
-                    result = leaf(item)
+                    # An exact container type needs none of _leaf's checks.
+                    result = _CONTAINER if kind in containerTags else leaf(item)
                     if result is _CONTAINER:
                         children = self._openChunks(item)
                         if children is not None:

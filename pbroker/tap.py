@@ -42,13 +42,12 @@ def _info(services: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class BrokerRoot(pb.Root):
+class _Introspection:
     """
-    The default root object: says the broker is alive and what it serves.
+    ``ping``, ``info`` and ``services``, for a root that has ``services``.
     """
 
-    def __init__(self, services: dict[str, Any] | None = None) -> None:
-        self.services = {} if services is None else services
+    services: dict[str, Any]
 
     def remote_ping(self) -> str:
         return "pong"
@@ -58,6 +57,16 @@ class BrokerRoot(pb.Root):
 
     def remote_services(self) -> list[str]:
         return sorted(self.services)
+
+
+class BrokerRoot(_Introspection, pb.Root):
+    """
+    A root object without login that says the broker is alive and what it serves (for
+    ``--root pbroker.tap.BrokerRoot``).
+    """
+
+    def __init__(self, services: dict[str, Any] | None = None) -> None:
+        self.services = {} if services is None else services
 
 
 class BrokerAvatar(pb.Avatar):
@@ -109,19 +118,10 @@ class IntrospectingPortalRoot(PortalRoot):
         return _IntrospectingLoginRoot(self.portal, broker, self.guard, self.services)
 
 
-class _IntrospectingLoginRoot(_PortalWrapper):
+class _IntrospectingLoginRoot(_Introspection, _PortalWrapper):
     def __init__(self, portal: Portal, broker: Any, guard: Any, services: dict[str, Any]):
         super().__init__(portal, broker, guard)
         self.services = services
-
-    def remote_ping(self) -> str:
-        return "pong"
-
-    def remote_info(self) -> dict[str, Any]:
-        return _info(self.services)
-
-    def remote_services(self) -> list[str]:
-        return sorted(self.services)
 
 
 class Options(usage.Options, AuthOptionMixin):

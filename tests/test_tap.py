@@ -144,6 +144,13 @@ class ServiceTests(TestCase):
         self.assertIsNotNone(failure)
         self.flushLoggedErrors(UnauthorizedLogin)
 
+    async def test_brokerRootByName(self) -> None:
+        """--root pbroker.tap.BrokerRoot serves introspection without any login."""
+        factory = await self.connect(await self.start("--root", "pbroker.tap.BrokerRoot"))
+        root = await factory.getRootObject()
+        self.assertEqual(await root.callRemote("ping"), "pong")
+        self.assertEqual((await root.callRemote("info"))["protocol"], 6)
+
     async def test_root(self) -> None:
         """--root serves an application's own root object, made by a callable."""
         port = await self.start("--root", "tests.test_tap.EchoRoot")

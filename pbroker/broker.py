@@ -423,16 +423,21 @@ class Broker(Banana):
             )
         self.importedReferences += 1
 
+    @property
+    def _canSend(self) -> bool:
+        # Reference-count messages are dropped once the connection is gone or not yet ready.
+        return not self.disconnected and self.transport is not None and bool(self.currentDialect)
+
     def sendDecRef(self, objectID: int | bytes) -> None:
         """
         Tell the peer one reference to its object ``objectID`` is gone.
         """
         self.importedReferences -= 1
-        if self.disconnected or self.transport is None or self.currentDialect is None:
+        if not self._canSend:
             return
         self.sendCall(b"decref", objectID)
 
-    # Paging: the broker is a pull producer for its transport while pagers are active.
+    # Paging: pagers send while the pacing transport says the connection takes data.
 
     def makeConnection(self, transport: Any) -> None:
         # Write through a pacing wrapper: it knows when the peer stops taking data.
@@ -576,7 +581,7 @@ class Broker(Banana):
         """
         Tell the peer one handle on our copy of its Cacheable ``objectID`` is gone.
         """
-        if self.disconnected or self.transport is None or self.currentDialect is None:
+        if not self._canSend:
             return
         self.sendCall(b"decache", objectID)
 

@@ -69,9 +69,7 @@ def serverEndpoint(
     if clientCA is None:
         contextFactory = serverCertificate.options()
     else:
-        authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(clientCA))]
-        if not authorities:
-            raise ValueError(f"no certificate in {clientCA!r}")
+        authorities = _loadAuthorities(clientCA)
         contextFactory = ssl.CertificateOptions(
             privateKey=serverCertificate.privateKey.original,
             certificate=serverCertificate.original,
@@ -107,9 +105,7 @@ def clientEndpoint(
 
     trustRoot: Any = None
     if caFile is not None:
-        authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(caFile))]
-        if not authorities:
-            raise ValueError(f"no certificate in {caFile!r}")
+        authorities = _loadAuthorities(caFile)
         trustRoot = ssl.trustRootFromCertificates(authorities)
     clientCertificate = None
     if certificate is not None:
@@ -122,6 +118,20 @@ def clientEndpoint(
         hostname or host, trustRoot=trustRoot, clientCertificate=clientCertificate
     )
     return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+
+
+def _loadAuthorities(path: str) -> list[Any]:
+    """
+    The CA certificates in a PEM file.
+
+    :raises ValueError: the file holds none.
+    """
+    from twisted.internet import ssl
+
+    authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(path))]
+    if not authorities:
+        raise ValueError(f"no certificate in {path!r}")
+    return authorities
 
 
 def _splitPEM(data: bytes) -> list[bytes]:

@@ -307,8 +307,9 @@ class _PortalWrapper(Referenceable):
         message = authMessage(
             username, clientNonce, serverNonce, verifier.salt, verifier.iterations
         )
-        challenger = _PasswordProver(self.portal, self.broker, self.guard, username, message)
-        challenger.serverKey = verifier.serverKey
+        challenger = _PasswordProver(
+            self.portal, self.broker, self.guard, username, message, verifier.serverKey
+        )
         return serverNonce, verifier.salt, verifier.iterations, challenger
 
     def remote_login(self, username: bytes) -> tuple[bytes, Referenceable]:
@@ -396,16 +397,21 @@ class _PasswordProver(Referenceable):
     knowledge of the verifier in return.
     """
 
-    serverKey = b""
-
     def __init__(
-        self, portal: Portal, broker: Any, guard: LoginGuard, username: bytes, message: bytes
+        self,
+        portal: Portal,
+        broker: Any,
+        guard: LoginGuard,
+        username: bytes,
+        message: bytes,
+        serverKey: bytes,
     ) -> None:
         self.portal = portal
         self.broker = broker
         self.guard = guard
         self.username = username
         self.message = message
+        self.serverKey = serverKey
         self.used = False
 
     def remote_prove(self, proof: bytes, mind: Any) -> Deferred[Any]:

@@ -89,7 +89,7 @@ class PacedTransport:
     def resumeProducing(self) -> None:
         self.paused = False
         self.bufferedWhilePaused = 0
-        self._broker.sendPages()
+        self._broker.transportResumed()
 
     def stopProducing(self) -> None:
         self._registered = False

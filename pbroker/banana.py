@@ -489,6 +489,20 @@ class Decoder:
         """
         return len(self._buffer) - self._position
 
+    def takeBuffered(self) -> bytes:
+        """
+        Remove and return the bytes received after the last complete expression, for a
+        protocol that stops speaking banana there (pbroker's native dialect).
+
+        :raises BananaDecodeError: an expression is only partly decoded.
+        """
+        if self._current is not None:
+            raise BananaDecodeError("the stream changed format in the middle of an expression")
+        rest = bytes(self._buffer[self._position :])
+        self._buffer = bytearray()
+        self._position = 0
+        return rest
+
     @property
     def midExpression(self) -> bool:
         """
@@ -779,7 +793,8 @@ class Banana(Protocol):
         self.isClient = bool(isClient)
         #: The negotiated dialect, or ``None`` until negotiation ends.
         self.currentDialect: bytes | None = None
-        self._decoder: Decoder | None = None
+        # A banana Decoder, or another with its feed() contract once a dialect replaces it.
+        self._decoder: Any = None
 
     def setPrefixLimit(self, limit: int) -> None:
         """
@@ -845,6 +860,10 @@ class Banana(Protocol):
                 self._negotiate(expressions[0])
                 if self._decoder is None:
                     return
+                if self._decoder is not decoder:
+                    # The chosen dialect has its own decoder; it gets what followed the choice.
+                    data = decoder.takeBuffered()
+                    decoder = self._decoder
             self._deliver(decoder.feed(data))
         except BananaDecodeError as e:
             # The peer sent garbage. Expressions that arrived intact before it are still

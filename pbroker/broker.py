@@ -12,20 +12,32 @@ flavors reach it through ``jellier.invoker``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
 from twisted.cred.error import LoginFailed
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
+from pbroker._native import (
+    FRAGMENT_SIZE,
+    LAST,
+    MORE,
+    WHOLE,
+    FrameDecoder,
+    ValueCodec,
+    fragmentHeader,
+    packEnvelope,
+)
 from pbroker._pacing import PacedTransport
 from pbroker._unjellier import Unjellier
-from pbroker.banana import DEPTH_LIMIT, Banana, getTokens
+from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, getTokens
 from pbroker.errors import (
+    BananaDecodeError,
     DeadReferenceError,
     Error,
     InsecureJelly,
@@ -34,14 +46,23 @@ from pbroker.errors import (
     NoSuchMethod,
     PBConnectionLost,
     ProtocolError,
+    UnsupportedByPeer,
     describe,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
 from pbroker.flavors import RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
+from pbroker.stream import DEFAULT_WINDOW, OutgoingStream, RemoteStream, isStreamable
 
-__all__ = ["MAX_BROKER_REFS", "PB_VERSION", "Broker", "BrokerLimits"]
+__all__ = [
+    "MAX_BROKER_REFS",
+    "NATIVE_DIALECT",
+    "PB_VERSION",
+    "Broker",
+    "BrokerLimits",
+    "Keepalive",
+]
 
 #: The protocol version both sides must announce.
 PB_VERSION = 6
@@ -51,6 +72,40 @@ MAX_BROKER_REFS = 1024
 
 # After this many attempts to export beyond the limit the connection is closed.
 _MAX_REFERENCE_VIOLATIONS = 3
+
+#: pbroker's native dialect: PB's messages, msgpack values, fragmented records (see
+#: :mod:`pbroker._native`). The number is its version.
+NATIVE_DIALECT = b"pbroker2"
+
+# Bytes of fragments of large messages written in one reactor turn before others get a turn.
+_LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
+
+# The object a keepalive ping calls on a stock Twisted peer: it is never exported.
+_PING_OBJECT = b"pbroker.keepalive"
+
+# Cancelled calls whose late answers are still expected (pb dialect), at most.
+_MAX_ABANDONED = 10_000
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """
+    Dead-peer detection: when nothing has arrived for ``interval`` seconds the broker sends a
+    ping; when nothing has arrived for ``timeout`` seconds the connection is closed and every
+    pending call fails with :class:`~pbroker.errors.PBConnectionLost`.
+
+    A pbroker peer answers the ping; a stock Twisted peer answers it with ``didNotUnderstand``,
+    which serves as well, so keepalive works in every dialect.
+    """
+
+    interval: float = 30.0
+    timeout: float = 90.0
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0 or not self.timeout > 0:
+            raise ValueError("Keepalive interval and timeout must be positive")
+        if self.timeout < self.interval:
+            raise ValueError("the Keepalive timeout must not be shorter than its interval")
 
 
 @dataclass(frozen=True)
@@ -152,6 +207,17 @@ def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
 Handler = Callable[..., None]
 
 
+class _Payload:
+    """
+    A native message ready to be written (as opposed to banana bytes, written as they are).
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
 class Broker(Banana):
     """
     A Perspective Broker connection.
@@ -165,8 +231,12 @@ class Broker(Banana):
     """
 
     version = PB_VERSION
-    #: pbroker's dialect first: a pbroker peer chooses it, a stock Twisted peer skips it.
-    knownDialects = [b"pbroker1", b"pb", b"none"]
+    #: pbroker's dialects first: a pbroker peer chooses the native one, a stock Twisted peer
+    #: skips both. ``pbroker1`` is PB's encoding between pbroker peers (it marks the peer as
+    #: one, for the password login).
+    knownDialects = [NATIVE_DIALECT, b"pbroker1", b"pb", b"none"]
+    #: How many items a stream this side reads may have in flight or unread.
+    streamWindow = DEFAULT_WINDOW
     #: Failures that are the caller's business (a refused login, a method that does not
     #: exist, a deliberate pb.Error): they are sent without logging a traceback here. Others
     #: are logged, as Twisted does.
@@ -176,6 +246,7 @@ class Broker(Banana):
         LoginFailed,
         LimitExceeded,
         InsecureJelly,
+        CancelledError,
     )
     #: The factory that made this broker (it supplies ``unsafeTracebacks``).
     factory: Any = None
@@ -188,8 +259,22 @@ class Broker(Banana):
         security: ISecurityOptions | None = None,
         registry: UnjellyableRegistry | None = None,
         limits: BrokerLimits | None = None,
+        *,
+        dialects: Sequence[bytes] | None = None,
+        clock: Any = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         super().__init__(isClient)
+        if dialects is not None:
+            dialects = [bytes(dialect) for dialect in dialects]
+            unknown = [d for d in dialects if d not in Broker.knownDialects]
+            if unknown or not dialects:
+                raise ValueError(
+                    f"dialects must be taken from {Broker.knownDialects}, not {dialects!r}"
+                )
+            self.knownDialects = dialects
+        self._clock = clock
+        self.keepalive = keepalive
         self.limits = BrokerLimits() if limits is None else limits
         # The decoder's limits (read by Banana.connectionMade).
         self.messageSizeLimit = self.limits.messageSize
@@ -197,7 +282,7 @@ class Broker(Banana):
         #: How many references to the peer's objects this side holds.
         self.importedReferences = 0
         # Request ids of the peer's calls whose answers are still being computed.
-        self._answering: set[int] = set()
+        self._answering: dict[int, Deferred[Any]] = {}
         self.security: ISecurityOptions = globalSecurity if security is None else security
         self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
         self.disconnected = False
@@ -229,19 +314,83 @@ class Broker(Banana):
         self.jellyMethod: Any = None
         self.jellyArgs: Any = None
         self.jellyKw: Any = None
+        # The native dialect's value codec (None in the banana dialects).
+        self._codec: ValueCodec | None = None
+        # Large native messages waiting to be written, as [payload view, offset].
+        self._largeOut: list[list[Any]] = []
+        self._largeScheduled = False
+        #: The largest message the peer accepts (it says so in its hello), if known.
+        self.peerMessageSize: int | None = BrokerLimits.messageSize
+        # Calls this side cancelled whose answers may still arrive.
+        self._abandoned: set[int] = set()
+        # Request id -> the dict a call's reply annotations go to.
+        self._replyTargets: dict[int, dict[str, Any]] = {}
+        # Request id -> the context of a call from the peer that carried one.
+        self._callContexts: dict[int, _context.CallContext] = {}
+        # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
+        self.currentStreamID = 0
+        self._outStreams: dict[int, OutgoingStream] = {}
+        self._inStreams: dict[int, RemoteStream] = {}
+        self._cancelledInStreams: set[int] = set()
+        self._keepaliveCall: Any = None
+        self._lastHeard = 0.0
+        self._lastPing = 0.0
+        self._pingCount = 0
+        self._lostReason: str | None = None
 
     # Connection life cycle
 
     @property
     def peerIsPbroker(self) -> bool:
         """
-        Whether the peer chose (or offered and we chose) pbroker's dialect, so it understands
-        pbroker's extensions (its password login, for one). ``False`` for stock Twisted peers.
+        Whether the peer chose (or offered and we chose) one of pbroker's dialects, so it
+        understands pbroker's extensions (its password login, for one). ``False`` for stock
+        Twisted peers.
         """
-        return self.currentDialect == b"pbroker1"
+        return self.currentDialect in (NATIVE_DIALECT, b"pbroker1")
+
+    @property
+    def isNative(self) -> bool:
+        """
+        Whether the connection speaks pbroker's native dialect (streams, per-call context,
+        no 640 KiB ceiling).
+        """
+        return self._codec is not None
+
+    @property
+    def clock(self) -> Any:
+        """
+        What schedules timeouts and keepalive pings (the reactor unless one was given).
+        """
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
+
+    def _selectDialect(self, dialect: bytes) -> None:
+        if dialect != NATIVE_DIALECT:
+            super()._selectDialect(dialect)
+            return
+        size = self.limits.messageSize
+        self._tokens = getTokens(b"none", size or 2**62, self.prefixLimit)
+        self._codec = ValueCodec(
+            self._jellyNative,
+            self._unjellyNative,
+            isStreamable,
+            self._registerOutgoingStream,
+            self._openIncomingStream,
+            self.limits.nestingDepth,
+        )
+        self._decoder = FrameDecoder(size)
+        self.currentDialect = dialect
+        self.connectionReady()
 
     def connectionReady(self) -> None:
         self.sendCall(b"version", self.version)
+        if self.isNative:
+            self.sendCall(b"hello", {"messageSize": self.limits.messageSize})
+        self._startKeepalive()
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -256,6 +405,19 @@ class Broker(Banana):
         if self.disconnected:
             return
         self.disconnected = True
+        if self._keepaliveCall is not None and self._keepaliveCall.active():
+            self._keepaliveCall.cancel()
+        self._keepaliveCall = None
+        if self._lostReason is not None:
+            reason = self._lostReason
+        self._largeOut = []
+        self._replyTargets = {}
+        outgoing, self._outStreams = self._outStreams, {}
+        for sender in outgoing.values():
+            sender.connectionLost()
+        incoming, self._inStreams = self._inStreams, {}
+        for reader in incoming.values():
+            reader._connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
             deferred.errback(Failure(PBConnectionLost(reason)))
@@ -309,6 +471,67 @@ class Broker(Banana):
         """
         self.sendEncoded(list(expression))
 
+    def sendEncoded(self, expression: Any) -> None:
+        if self._codec is None:
+            super().sendEncoded(expression)
+            return
+        self._writePayload(self._nativePayload(expression))
+
+    def _nativePayload(self, expression: list[Any]) -> bytes:
+        payload = packEnvelope(expression)
+        size = len(payload)
+        limit = self.peerMessageSize
+        if limit is not None and size > limit:
+            raise LimitExceeded(
+                f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
+            )
+        return payload
+
+    def _writePayload(self, payload: bytes) -> None:
+        size = len(payload)
+        assert self.transport is not None, "sendEncoded() called before connectionMade()"
+        if size <= FRAGMENT_SIZE:
+            self.transport.write(fragmentHeader(WHOLE, size) + payload)
+            return
+        self._largeOut.append([memoryview(payload), 0])
+        self._pumpLarge()
+
+    def _pumpLarge(self) -> None:
+        """
+        Write the fragments of large messages while the connection takes data, a bounded
+        amount per reactor turn, so that other messages (written whole, at once) get between
+        them.
+        """
+        self._largeScheduled = False
+        transport = self.transport
+        budget = _LARGE_BYTES_PER_TURN
+        while self._largeOut and not self.disconnected and transport is not None:
+            if isinstance(transport, PacedTransport) and transport.paused:
+                return  # resumeProducing() calls sendPages(), which comes back here
+            if budget <= 0:
+                self._largeScheduled = True
+                self.clock.callLater(0, self._pumpLarge)
+                return
+            entry = self._largeOut[0]
+            view, offset = entry
+            chunk = bytes(view[offset : offset + FRAGMENT_SIZE])
+            offset += len(chunk)
+            last = offset >= len(view)
+            transport.write(fragmentHeader(LAST if last else MORE, len(chunk)) + chunk)
+            budget -= len(chunk)
+            if last:
+                self._largeOut.pop(0)
+                self._pumpStreams()
+            else:
+                entry[1] = offset
+
+    @property
+    def sendingLarge(self) -> bool:
+        """
+        Whether fragments of a large message are still waiting to be written.
+        """
+        return bool(self._largeOut)
+
     def serialize(
         self,
         object: Any,
@@ -328,6 +551,10 @@ class Broker(Banana):
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
         try:
+            if self._codec is not None:
+                return self._codec.pack(object)
+            if isStreamable(object):
+                raise self._unsupported("sending a stream (an iterator or async iterator)")
             return Jellier(self.security, None, self).jelly(object)
         finally:
             self.serializingPerspective = None
@@ -339,9 +566,36 @@ class Broker(Banana):
         """
         self.unserializingPerspective = perspective
         try:
+            if self._codec is not None:
+                return self._codec.unpack(sexp)
             return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
         finally:
             self.unserializingPerspective = None
+
+    def _jellyNative(self, object: Any) -> bytes:
+        return Jellier(self.security, None, self).encode(object, self._tokens)
+
+    def _unjellyNative(self, data: bytes) -> Any:
+        decoder = Decoder(
+            b"none",
+            sizeLimit=self._tokens.sizeLimit,
+            prefixLimit=self.prefixLimit,
+            depthLimit=self.limits.nestingDepth,
+        )
+        try:
+            expressions = decoder.feed(data)
+        except BananaDecodeError as e:
+            raise InvalidJelly(f"a malformed jellied value: {e}") from None
+        if len(expressions) != 1 or decoder.buffered:
+            raise InvalidJelly("a jellied value must hold exactly one expression")
+        return Unjellier(self.security, None, self, self.registry).unjellyFull(expressions[0])
+
+    def _unsupported(self, what: str) -> UnsupportedByPeer:
+        dialect = (self.currentDialect or b"none").decode("ascii", "replace")
+        return UnsupportedByPeer(
+            f"{what} needs pbroker's native dialect ({NATIVE_DIALECT.decode()}), "
+            f"but this connection speaks {dialect!r}"
+        )
 
     def newRequestID(self) -> int:
         self.currentRequestID += 1
@@ -359,10 +613,12 @@ class Broker(Banana):
         message: bytes,
         args: tuple[Any, ...],
         kw: dict[str, Any],
+        options: _context.CallOptions | None = None,
     ) -> Deferred[Any] | None:
         """
         Send a call (``prefix`` is ``b""`` or ``b"cache"``) and return the Deferred of its
-        answer, or ``None`` for a one-way call (``pbanswer=False``).
+        answer, or ``None`` for a one-way call (``pbanswer=False``). Cancelling the Deferred
+        abandons the call (and, in the native dialect, cancels it on the peer).
         """
         answerRequired = True
         if "pbanswer" in kw:
@@ -371,27 +627,21 @@ class Broker(Banana):
         if self.disconnected:
             failure = Failure(DeadReferenceError("Calling Stale Broker"))
             return fail(failure) if answerRequired else None
-        tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+        annotations = None if options is None else options.context
+        timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective
         self.jellyMethod = message
+        data: bytes | _Payload
         try:
-            # Arguments and keywords are jellied separately, as every PB peer does.
-            netArgs = Jellier(self.security, None, self).encode(args, tokens)
-            netKw = Jellier(self.security, None, self).encode(kw, tokens)
-            requestID = self.newRequestID()
-            data = tokens.joinList(
-                [
-                    tokens.symbol(prefix + b"message"),
-                    tokens.integer(requestID),
-                    tokens.integer(objectID)
-                    if isinstance(objectID, int)
-                    else tokens.symbol(objectID),
-                    tokens.symbol(message),
-                    tokens.integer(1 if answerRequired else 0),
-                    netArgs,
-                    netKw,
-                ]
-            )
+            if self._codec is not None:
+                data = self._nativeCall(
+                    prefix, objectID, message, answerRequired, args, kw, annotations, timeout
+                )
+            else:
+                if annotations is not None:
+                    raise self._unsupported("a call context")
+                data = self._bananaCall(prefix, objectID, message, answerRequired, args, kw)
+            requestID = self.currentRequestID
         except Exception:
             return fail() if answerRequired else None
         finally:
@@ -399,10 +649,85 @@ class Broker(Banana):
             self.jellyMethod = None
         deferred: Deferred[Any] | None = None
         if answerRequired:
-            deferred = self.waitingForAnswers[requestID] = Deferred()
+            deferred = self.waitingForAnswers[requestID] = Deferred(
+                lambda _: self._cancelCall(requestID)
+            )
+            if options is not None and options.reply is not None:
+                self._replyTargets[requestID] = options.reply
         assert self.transport is not None
-        self.transport.write(data)
+        if isinstance(data, bytes):
+            self.transport.write(data)
+        else:
+            self._writePayload(data.payload)
+        if deferred is not None and timeout is not None:
+            deferred.addTimeout(timeout, self.clock)
         return deferred
+
+    def _bananaCall(
+        self,
+        prefix: bytes,
+        objectID: int | bytes,
+        message: bytes,
+        answerRequired: bool,
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+    ) -> bytes:
+        for value in (*args, *kw.values()):
+            if isStreamable(value):
+                raise self._unsupported("sending a stream (an iterator or async iterator)")
+        tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+        # Arguments and keywords are jellied separately, as every PB peer does.
+        netArgs = Jellier(self.security, None, self).encode(args, tokens)
+        netKw = Jellier(self.security, None, self).encode(kw, tokens)
+        return tokens.joinList(
+            [
+                tokens.symbol(prefix + b"message"),
+                tokens.integer(self.newRequestID()),
+                tokens.integer(objectID) if isinstance(objectID, int) else tokens.symbol(objectID),
+                tokens.symbol(message),
+                tokens.integer(1 if answerRequired else 0),
+                netArgs,
+                netKw,
+            ]
+        )
+
+    def _nativeCall(
+        self,
+        prefix: bytes,
+        objectID: int | bytes,
+        message: bytes,
+        answerRequired: bool,
+        args: tuple[Any, ...],
+        kw: dict[str, Any],
+        annotations: dict[str, Any] | None,
+        timeout: float | None,
+    ) -> _Payload:
+        assert self._codec is not None
+        netArgs = self._codec.pack(list(args))
+        netKw = self._codec.pack(kw)
+        requestID = self.newRequestID()
+        answer = 1 if answerRequired else 0
+        fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]
+        if annotations is not None or timeout is not None:
+            context: dict[str, Any] = {"annotations": annotations or {}}
+            if timeout is not None:
+                context["timeout"] = timeout
+            fields[0] = prefix + b"callctx"
+            fields.append(context)
+        return _Payload(self._nativePayload(fields))
+
+    def _cancelCall(self, requestID: int) -> None:
+        """
+        The caller cancelled (or timed out) a call: stop waiting for it, and ask the peer to
+        cancel it where the dialect allows.
+        """
+        if self.waitingForAnswers.pop(requestID, None) is None:
+            return
+        self._replyTargets.pop(requestID, None)
+        if len(self._abandoned) < _MAX_ABANDONED:
+            self._abandoned.add(requestID)
+        if self.isNative and self._canSend:
+            self.sendCall(b"cancel", requestID)
 
     def importReference(self, luid: int) -> None:
         """
@@ -475,6 +800,175 @@ class Broker(Banana):
                         progress = True
         finally:
             self._sendingPages = False
+
+    def transportResumed(self) -> None:
+        """
+        The connection takes data again: large messages, streams and pagers go on.
+        """
+        if self._largeOut and not self._largeScheduled:
+            self._pumpLarge()
+        self._pumpStreams()
+        self.sendPages()
+
+    # Streams (native dialect)
+
+    def _canStream(self) -> bool:
+        transport = self.transport
+        if self.disconnected or transport is None or len(self._largeOut) > 1:
+            return False
+        return not (isinstance(transport, PacedTransport) and transport.paused)
+
+    def _pumpStreams(self) -> None:
+        for sender in list(self._outStreams.values()):
+            sender.pump()
+
+    def _registerOutgoingStream(self, source: Any) -> int:
+        if len(self._outStreams) >= self.limits.pendingCalls:
+            raise LimitExceeded(f"more than {self.limits.pendingCalls} streams are being sent")
+        self.currentStreamID += 1
+        streamID = self.currentStreamID
+        self._outStreams[streamID] = OutgoingStream(
+            self, streamID, source, self.serializingPerspective
+        )
+        return streamID
+
+    def _openIncomingStream(self, streamID: int) -> RemoteStream:
+        if streamID in self._inStreams or streamID in self._cancelledInStreams:
+            raise InvalidJelly(f"the peer sent stream {streamID} twice")
+        if len(self._inStreams) >= self.limits.pendingCalls:
+            raise LimitExceeded(f"the peer sent more than {self.limits.pendingCalls} streams")
+        reader = self._inStreams[streamID] = RemoteStream(self, streamID, self.streamWindow)
+        reader._start()
+        return reader
+
+    def _grantCredit(self, streamID: int, count: int) -> None:
+        if self._canSend:
+            self.sendCall(b"credit", streamID, count)
+
+    def _cancelStream(self, streamID: int) -> None:
+        if self._inStreams.pop(streamID, None) is None:
+            return
+        if self._canSend:
+            self._cancelledInStreams.add(streamID)
+            self.sendCall(b"streamcancel", streamID)
+
+    def _sendStreamItem(self, streamID: int, item: Any, perspective: Any) -> None:
+        self.sendCall(b"item", streamID, self.serialize(item, perspective))
+
+    def _streamEnded(self, streamID: int, failure: Failure | None) -> None:
+        if self._outStreams.pop(streamID, None) is None or not self._canSend:
+            return
+        if failure is None:
+            self.sendCall(b"end", streamID)
+            return
+        if failure.check(*self.quietFailures) is None:
+            self._log.failure("Peer will receive the following stream error", failure)
+        self.sendCall(b"streamerror", streamID, self._serializeFailure(failure))
+
+    def _credit(self, streamID: Any, count: Any) -> None:
+        if type(streamID) is not int or type(count) is not int or count < 1:
+            raise ProtocolError(f"malformed stream credit: {describe([streamID, count])}")
+        sender = self._outStreams.get(streamID)
+        if sender is not None:  # else it ended while the credit was on its way
+            sender.credit(count)
+
+    def _streamCancel(self, streamID: Any) -> None:
+        sender = self._outStreams.get(streamID) if type(streamID) is int else None
+        if sender is not None:
+            sender.cancel()
+
+    def _incomingStream(self, streamID: Any) -> RemoteStream | None:
+        reader = self._inStreams.get(streamID) if type(streamID) is int else None
+        if reader is None and streamID not in self._cancelledInStreams:
+            raise ProtocolError(f"a message for an unknown stream: {describe(streamID)}")
+        return reader
+
+    def _item(self, streamID: Any, data: Any) -> None:
+        reader = self._incomingStream(streamID)
+        if reader is None:
+            return  # sent before our cancel reached the peer
+        try:
+            item = self.unserialize(data)
+        except Exception:
+            # Refused or malformed: this stream fails (and stops), the connection stays.
+            reader._failed(Failure())
+            self._cancelStream(streamID)
+            return
+        reader._itemReceived(item)
+
+    def _end(self, streamID: Any) -> None:
+        reader = self._incomingStream(streamID)
+        self._inStreams.pop(streamID, None)
+        self._cancelledInStreams.discard(streamID)
+        if reader is not None:
+            reader._ended()
+
+    def _streamError(self, streamID: Any, data: Any) -> None:
+        reader = self._incomingStream(streamID)
+        self._inStreams.pop(streamID, None)
+        self._cancelledInStreams.discard(streamID)
+        if reader is not None:
+            reader._failed(self._unserializeFailure(data))
+
+    # Keepalive
+
+    def _startKeepalive(self) -> None:
+        if self.keepalive is None:
+            return
+        self._lastHeard = self._lastPing = self.clock.seconds()
+        self._scheduleKeepalive()
+
+    def _scheduleKeepalive(self) -> None:
+        keepalive = self.keepalive
+        assert keepalive is not None
+        now = self.clock.seconds()
+        due = min(
+            max(self._lastHeard, self._lastPing) + keepalive.interval,
+            self._lastHeard + keepalive.timeout,
+        )
+        self._keepaliveCall = self.clock.callLater(max(0.0, due - now), self._keepaliveTick)
+
+    def _keepaliveTick(self) -> None:
+        self._keepaliveCall = None
+        keepalive = self.keepalive
+        if self.disconnected or keepalive is None or self.transport is None:
+            return
+        now = self.clock.seconds()
+        silent = now - self._lastHeard
+        if silent >= keepalive.timeout:
+            self._lostReason = (
+                f"the peer sent nothing for {silent:g} seconds "
+                f"(keepalive timeout {keepalive.timeout:g} s)"
+            )
+            self._log.warn("Dropping a silent peer: {why}", why=self._lostReason)
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if now - max(self._lastHeard, self._lastPing) >= keepalive.interval:
+            self._pingCount += 1
+            self._lastPing = now
+            self._sendPing()
+        self._scheduleKeepalive()
+
+    def _sendPing(self) -> None:
+        if self.isNative or self.peerIsPbroker:
+            self.sendCall(b"ping", self._pingCount)
+            return
+        # A stock Twisted peer has no ping, but answers any call; one to an object that does
+        # not exist costs it a lookup and no log line, and its error answer is the pong.
+        pinged = self._sendMessage(b"", None, _PING_OBJECT, b"ping", (), {})
+        if pinged is not None:
+            pinged.addErrback(lambda _: None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.keepalive is not None:
+            self._lastHeard = self.clock.seconds()
+        super().dataReceived(data)
+
+    def _ping(self, count: Any) -> None:
+        self.sendCall(b"pong", count)
+
+    def _pong(self, count: Any) -> None:
+        pass  # arriving was the point: dataReceived noted the time
 
     # Exported objects
 
@@ -629,6 +1123,22 @@ class Broker(Banana):
     def _cacheMessage(self, *fields: Any) -> None:
         self._receiveCall(self.cachedLocallyAs, *fields)
 
+    def _messageWithContext(self, *fields: Any) -> None:
+        self._receiveCall(self.localObjectForID, *fields)
+
+    def _cacheMessageWithContext(self, *fields: Any) -> None:
+        self._receiveCall(self.cachedLocallyAs, *fields)
+
+    def _callContext(self, requestID: int, wire: Any) -> _context.CallContext:
+        annotations = wire.get("annotations") if type(wire) is dict else None
+        timeout = wire.get("timeout") if type(wire) is dict else None
+        if type(annotations) is not dict or not (
+            timeout is None or (type(timeout) in (int, float) and timeout > 0)
+        ):
+            raise ProtocolError(f"a malformed call context: {describe(wire)}")
+        deadline = None if timeout is None else self.clock.seconds() + timeout
+        return _context.CallContext(annotations, deadline, requestID, self)
+
     def _receiveCall(
         self,
         find: Callable[[Any], Any],
@@ -638,6 +1148,7 @@ class Broker(Banana):
         answerRequired: Any,
         netArgs: Any,
         netKw: Any,
+        context: Any = None,
     ) -> None:
         """
         Run a call the peer made (``find`` looks up its target: an exported object for
@@ -655,6 +1166,12 @@ class Broker(Banana):
                 error = LimitExceeded(f"more than {self.limits.pendingCalls} calls in progress")
                 self._sendError(CopyableFailure(error), requestID)
             return
+        token = None
+        if context is not None:
+            callContext = self._callContext(requestID, context)
+            if answerRequired:
+                self._callContexts[requestID] = callContext
+            token = _context._current.set(callContext)
         try:
             name = message.decode("utf-8")
             target = find(objectID) if type(objectID) in (int, bytes) else None
@@ -683,12 +1200,15 @@ class Broker(Banana):
             if answerRequired:
                 self._sendError(failure, requestID)
             return
+        finally:
+            if token is not None:
+                _context._current.reset(token)
         if not answerRequired:
             if isinstance(result, Deferred):
                 result.addErrback(self._logOneWayFailure)
             return
         if isinstance(result, Deferred):
-            self._answering.add(requestID)
+            self._answering[requestID] = result
             result.addCallbacks(
                 self._sendAnswer,
                 self._sendFailureOrError,
@@ -698,15 +1218,28 @@ class Broker(Banana):
         else:
             self._sendAnswer(result, requestID)
 
+    def _cancel(self, requestID: Any) -> None:
+        """
+        The peer gave up on its call ``requestID``: cancel the Deferred its method returned.
+        The peer still gets one error (or the answer, if it was already on its way).
+        """
+        pending = self._answering.get(requestID) if type(requestID) is int else None
+        if pending is not None:
+            pending.cancel()
+
     def _logOneWayFailure(self, failure: Failure) -> None:
         self._log.failure("A one-way remote call failed", failure)
 
     def _sendAnswer(self, netResult: Any, requestID: int) -> None:
-        self._answering.discard(requestID)
+        self._answering.pop(requestID, None)
+        callContext = self._callContexts.pop(requestID, None)
         if self.disconnected:
             return
         try:
-            self.sendCall(b"answer", requestID, netResult)
+            if callContext is not None and callContext.reply and self.isNative:
+                self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
+            else:
+                self.sendCall(b"answer", requestID, netResult)
         except Exception:
             # The result cannot be sent (too large, say): the caller gets that instead.
             self._sendFailureOrError(Failure(), requestID)
@@ -717,9 +1250,17 @@ class Broker(Banana):
         self._sendError(failure, requestID)
 
     def _sendError(self, failure: Any, requestID: int) -> None:
-        self._answering.discard(requestID)
+        self._answering.pop(requestID, None)
+        self._callContexts.pop(requestID, None)
         if self.disconnected:
             return
+        self.sendCall(b"error", requestID, self._serializeFailure(failure))
+
+    def _serializeFailure(self, failure: Any) -> Any:
+        """
+        What is sent for an error: the exception itself if it may be copied, else a copy of
+        the failure (with its traceback only if the factory allows unsafe tracebacks).
+        """
         if isinstance(failure, Failure):
             value = failure.value
             if isinstance(value, Jellyable) or self.security.isClassAllowed(value.__class__):
@@ -729,26 +1270,39 @@ class Broker(Banana):
         if isinstance(failure, CopyableFailure):
             failure.unsafeTracebacks = self._unsafeTracebacks()
         try:
-            self.sendCall(b"error", requestID, self.serialize(failure))
+            return self.serialize(failure)
         except Exception:
             self._log.failure("Could not send an error to the peer")
-            self.sendCall(
-                b"error",
-                requestID,
-                self.serialize(failure2Copyable(Failure(), self._unsafeTracebacks())),
-            )
+            return self.serialize(failure2Copyable(Failure(), self._unsafeTracebacks()))
+
+    def _unserializeFailure(self, netFailure: Any) -> Failure:
+        try:
+            failure = self.unserialize(netFailure)
+        except Exception:
+            return Failure()
+        if isinstance(failure, Failure):
+            return failure
+        if isinstance(failure, BaseException):
+            return Failure(failure)
+        return Failure(Error(f"the peer sent a non-exception error: {describe(failure)}"))
 
     def _unsafeTracebacks(self) -> bool:
         return bool(getattr(self.factory, "unsafeTracebacks", False))
 
-    def _takeWaiting(self, requestID: Any) -> Deferred[Any]:
+    def _takeWaiting(self, requestID: Any) -> Deferred[Any] | None:
         deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
         if deferred is None:
+            if requestID in self._abandoned:
+                self._abandoned.discard(requestID)
+                return None  # the answer to a call this side cancelled
             raise ProtocolError(f"an answer to a request never made: {describe(requestID)}")
         return deferred
 
     def _answer(self, requestID: Any, netResult: Any) -> None:
         deferred = self._takeWaiting(requestID)
+        self._replyTargets.pop(requestID, None)
+        if deferred is None:
+            return
         try:
             result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays
@@ -756,21 +1310,24 @@ class Broker(Banana):
         else:
             deferred.callback(result)
 
+    def _answerWithContext(self, requestID: Any, netResult: Any, reply: Any) -> None:
+        target = self._replyTargets.get(requestID) if type(requestID) is int else None
+        if target is not None and type(reply) is dict:
+            target.update(reply)
+        self._answer(requestID, netResult)
+
     def _error(self, requestID: Any, netFailure: Any) -> None:
         deferred = self._takeWaiting(requestID)
-        try:
-            failure = self.unserialize(netFailure)
-        except Exception:
-            deferred.errback()
-            return
-        if isinstance(failure, Failure):
-            deferred.errback(failure)
-        elif isinstance(failure, BaseException):
-            deferred.errback(Failure(failure))
-        else:
-            deferred.errback(
-                Failure(Error(f"the peer sent a non-exception error: {describe(failure)}"))
-            )
+        self._replyTargets.pop(requestID, None)
+        if deferred is not None:
+            deferred.errback(self._unserializeFailure(netFailure))
+
+    def _hello(self, capabilities: Any) -> None:
+        if type(capabilities) is not dict:
+            raise ProtocolError(f"a malformed hello: {describe(capabilities)}")
+        size = capabilities.get("messageSize")
+        if size is None or (type(size) is int and size > 0):
+            self.peerMessageSize = size
 
     def _decref(self, objectID: Any) -> None:
         local = self.localObjects.get(objectID) if type(objectID) is int else None
@@ -811,4 +1368,17 @@ class Broker(Banana):
         b"answer": (_answer, 2),
         b"error": (_error, 2),
         b"decref": (_decref, 1),
+        # pbroker's own messages (a stock Twisted peer never receives them, except ping)
+        b"hello": (_hello, 1),
+        b"callctx": (_messageWithContext, 7),
+        b"cachecallctx": (_cacheMessageWithContext, 7),
+        b"answerctx": (_answerWithContext, 3),
+        b"cancel": (_cancel, 1),
+        b"ping": (_ping, 1),
+        b"pong": (_pong, 1),
+        b"credit": (_credit, 2),
+        b"item": (_item, 2),
+        b"end": (_end, 1),
+        b"streamerror": (_streamError, 2),
+        b"streamcancel": (_streamCancel, 1),
     }

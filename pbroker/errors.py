@@ -19,6 +19,7 @@ fail one call in the first case and distrust the whole connection in the second:
     |   +-- DeadReferenceError      a call through a broker that is already disconnected
     +-- PBConnectionLost            the connection dropped while a call was pending
     +-- LimitExceeded               a per-connection resource limit was reached
+    +-- UnsupportedByPeer           the connection's dialect lacks a capability a call needs
     NoSuchMethod (an AttributeError) the remote object has no such method
 
 ``BananaError`` and ``InsecureJelly`` keep the names :mod:`twisted.spread` uses, and are
@@ -46,6 +47,7 @@ __all__ = [
     "PBrokerError",
     "ProtocolError",
     "RemoteError",
+    "UnsupportedByPeer",
 ]
 
 
@@ -155,6 +157,14 @@ class LimitExceeded(PBrokerError):
     """
     A per-connection resource limit (see :class:`pbroker.broker.BrokerLimits`) was reached:
     the call or value that would have gone beyond it is refused.
+    """
+
+
+class UnsupportedByPeer(PBrokerError):
+    """
+    A call needs a capability of pbroker's native dialect (streams, per-call context) but the
+    connection speaks another (a stock Twisted peer, or a factory limited to ``pb``). The
+    message names the capability and the dialect in use.
     """
 
 

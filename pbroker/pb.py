@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.cred.credentials import IAnonymous
@@ -31,7 +32,14 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-from pbroker.broker import MAX_BROKER_REFS, PB_VERSION, Broker, BrokerLimits
+from pbroker.broker import (
+    MAX_BROKER_REFS,
+    NATIVE_DIALECT,
+    PB_VERSION,
+    Broker,
+    BrokerLimits,
+    Keepalive,
+)
 from pbroker.cred import (
     AsReferenceable,
     Avatar,
@@ -75,6 +83,7 @@ from pbroker.tls import CertificateLogin
 
 __all__ = [
     "MAX_BROKER_REFS",
+    "NATIVE_DIALECT",
     "PB_VERSION",
     "AsReferenceable",
     "Avatar",
@@ -91,6 +100,7 @@ __all__ = [
     "IPerspective",
     "IUsernameMD5Password",
     "Jellyable",
+    "Keepalive",
     "Local",
     "NoSuchMethod",
     "PBClientFactory",
@@ -137,6 +147,10 @@ class PBServerFactory(protocol.ServerFactory):
         :class:`LoginGuard` with its defaults if not given).
     :param legacyLogin: with a portal, whether the legacy MD5 login of stock Twisted clients
         is accepted; pbroker clients use the password login of :mod:`pbroker.passwords`.
+    :param dialects: the dialects offered, in order of preference; by default pbroker's
+        native dialect, then ``pbroker1`` and ``pb`` (see :ref:`native`).
+    :param keepalive: ping silent clients and drop dead ones (a :class:`~pbroker.broker.Keepalive`).
+    :param clock: what schedules keepalive pings and call timeouts (the reactor by default).
     """
 
     protocol = Broker
@@ -150,6 +164,10 @@ class PBServerFactory(protocol.ServerFactory):
         limits: BrokerLimits | None = None,
         loginGuard: LoginGuard | None = None,
         legacyLogin: bool = True,
+        *,
+        dialects: Sequence[bytes] | None = None,
+        keepalive: Keepalive | None = None,
+        clock: Any = None,
     ) -> None:
         if isinstance(root, Portal):
             root = PortalRoot(root, loginGuard, legacyLogin)
@@ -163,9 +181,21 @@ class PBServerFactory(protocol.ServerFactory):
         self.security = security
         self.registry = registry
         self.limits = BrokerLimits() if limits is None else limits
+        self.dialects = dialects
+        self.keepalive = keepalive
+        self.clock = clock
+        Broker(dialects=dialects)  # checks the dialects now rather than per connection
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(False, self.security, self.registry, self.limits)
+        broker = self.protocol(
+            False,
+            self.security,
+            self.registry,
+            self.limits,
+            dialects=self.dialects,
+            keepalive=self.keepalive,
+            clock=self.clock,
+        )
         broker.factory = self
         broker.setNameForLocal(b"root", self.root.rootObject(broker))
         return broker
@@ -186,6 +216,10 @@ class PBClientFactory(protocol.ClientFactory):
     :param limits: what the server may make the client hold (:class:`BrokerLimits`).
     :param legacyLogin: whether :meth:`login` may fall back on the legacy MD5 exchange when
         the server does not offer pbroker's password login (stock Twisted servers do not).
+    :param dialects: the dialects accepted, in order of preference; ``[b"pb"]`` makes the
+        client speak plain PB even to a pbroker server (see :ref:`native`).
+    :param keepalive: ping a silent server and drop a dead one (a :class:`~pbroker.broker.Keepalive`).
+    :param clock: what schedules keepalive pings and call timeouts (the reactor by default).
     """
 
     protocol = Broker
@@ -197,7 +231,15 @@ class PBClientFactory(protocol.ClientFactory):
         registry: UnjellyableRegistry | None = None,
         limits: BrokerLimits | None = None,
         legacyLogin: bool = True,
+        *,
+        dialects: Sequence[bytes] | None = None,
+        keepalive: Keepalive | None = None,
+        clock: Any = None,
     ) -> None:
+        Broker(dialects=dialects)  # checks the dialects now rather than per connection
+        self.dialects = dialects
+        self.keepalive = keepalive
+        self.clock = clock
         self.legacyLogin = legacyLogin
         self.unsafeTracebacks = unsafeTracebacks
         self.security = security
@@ -211,7 +253,15 @@ class PBClientFactory(protocol.ClientFactory):
         self._root: RemoteReference | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(True, self.security, self.registry, self.limits)
+        broker = self.protocol(
+            True,
+            self.security,
+            self.registry,
+            self.limits,
+            dialects=self.dialects,
+            keepalive=self.keepalive,
+            clock=self.clock,
+        )
         broker.factory = self
         return broker
 

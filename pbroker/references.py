@@ -12,10 +12,11 @@ from twisted.internet.defer import Deferred
 
 from pbroker._jellier import Jellier
 from pbroker._unjellier import Unjellier
+from pbroker.context import CallOptions
 from pbroker.errors import InvalidJelly, JellyError
 from pbroker.flavors import Serializable
 
-__all__ = ["Local", "RemoteMethod", "RemoteReference"]
+__all__ = ["CallingWithOptions", "Local", "RemoteMethod", "RemoteReference"]
 
 
 class Local:
@@ -73,6 +74,26 @@ class RemoteReference(Serializable):
             b"", self.perspective, self.luid, name, args, kw
         )
         return result
+
+    def withOptions(
+        self,
+        timeout: float | None = None,
+        context: dict[str, Any] | None = None,
+        reply: dict[str, Any] | None = None,
+    ) -> CallingWithOptions:
+        """
+        This reference with call options: ``ref.withOptions(timeout=5).callRemote(...)``.
+
+        :param timeout: seconds after which the call fails with
+            :class:`twisted.internet.defer.TimeoutError` (and is cancelled on the peer, in the
+            native dialect).
+        :param context: annotations the remote method reads with
+            :func:`pbroker.context.current` (native dialect only).
+        :param reply: a dict to receive the annotations the remote method answers with.
+
+        See :mod:`pbroker.context`. Options never take a keyword name from the remote method.
+        """
+        return CallingWithOptions(self, CallOptions(timeout, context, reply))
 
     def remoteMethod(self, key: str) -> RemoteMethod:
         """
@@ -135,6 +156,28 @@ class RemoteReference(Serializable):
         broker = getattr(self, "broker", None)
         if getattr(self, "doRefCount", False) and broker is not None:
             broker.sendDecRef(self.luid)
+
+
+class CallingWithOptions:
+    """
+    A remote reference with call options (see :meth:`RemoteReference.withOptions`).
+    """
+
+    def __init__(self, reference: RemoteReference, options: CallOptions) -> None:
+        self.reference = reference
+        self.options = options
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
+        """
+        Call the remote method ``_name`` as :meth:`RemoteReference.callRemote` does, with
+        these options.
+        """
+        ref = self.reference
+        name = _name.encode("utf-8") if isinstance(_name, str) else _name
+        result: Deferred[Any] | None = ref.broker._sendMessage(
+            b"", ref.perspective, ref.luid, name, args, kw, self.options
+        )
+        return result
 
 
 class RemoteMethod:

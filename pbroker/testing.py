@@ -20,11 +20,50 @@ from twisted.test import iosim
 
 from pbroker.broker import Broker
 
-__all__ = ["connectedServerAndClient"]
+__all__ = ["PacingFakeTransport", "connectedServerAndClient"]
+
+
+class PacingFakeTransport(iosim.FakeTransport):
+    """
+    An ``iosim`` fake transport that applies back-pressure as a TCP transport does: a
+    streaming producer registered on it is paused when more than ``bufferSize`` bytes wait
+    to be moved, and resumed when the pump takes them.
+    """
+
+    def __init__(self, *args: Any, bufferSize: int = 64 * 1024, **kw: Any) -> None:
+        super().__init__(*args, **kw)  # type: ignore[no-untyped-call]
+        self.bufferSize = bufferSize
+        self.waiting = 0
+        self.producerPaused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)  # type: ignore[no-untyped-call]
+        self.waiting += len(data)
+        if (
+            self.producer is not None
+            and self.streamingProducer
+            and not self.producerPaused
+            and self.waiting > self.bufferSize
+        ):
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def getOutBuffer(self) -> Any:
+        data = super().getOutBuffer()  # type: ignore[no-untyped-call]
+        self.waiting = 0
+        if self.producerPaused:
+            self.producerPaused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return data
 
 
 def connectedServerAndClient(
-    serverFactory: Any, clientFactory: Any, greet: bool = True
+    serverFactory: Any,
+    clientFactory: Any,
+    greet: bool = True,
+    clock: Any = None,
+    bufferSize: int | None = None,
 ) -> tuple[Broker, Broker, iosim.IOPump]:
     """
     Build a broker from each factory and connect them in memory (stock Twisted PB factories
@@ -32,6 +71,12 @@ def connectedServerAndClient(
 
     :param greet: move the dialect negotiation and version messages before returning, so the
         brokers are ready for calls.
+    :param clock: a :class:`twisted.internet.task.Clock` that each pump advances by zero
+        seconds, so calls the brokers schedule for "now" run (give the factories the same
+        clock).
+    :param bufferSize: if given, the transports pause a streaming producer (a broker's
+        pacing) when more than this many bytes wait, as TCP transports do
+        (:class:`PacingFakeTransport`); otherwise they never push back.
     :returns: ``(serverBroker, clientBroker, pump)``; call ``pump.flush()`` to deliver what
         either side wrote.
     """
@@ -40,11 +85,22 @@ def connectedServerAndClient(
     clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
     serverBroker = serverFactory.buildProtocol(clientAddress)
     clientBroker = clientFactory.buildProtocol(serverAddress)
+    if bufferSize is None:
+        serverTransport = iosim.FakeTransport(serverBroker, True, serverAddress, clientAddress)
+        clientTransport = iosim.FakeTransport(clientBroker, False, clientAddress, serverAddress)
+    else:
+        serverTransport = PacingFakeTransport(
+            serverBroker, True, serverAddress, clientAddress, bufferSize=bufferSize
+        )
+        clientTransport = PacingFakeTransport(
+            clientBroker, False, clientAddress, serverAddress, bufferSize=bufferSize
+        )
     pump = iosim.connect(
         serverBroker,
-        iosim.FakeTransport(serverBroker, True, serverAddress, clientAddress),
+        serverTransport,
         clientBroker,
-        iosim.FakeTransport(clientBroker, False, clientAddress, serverAddress),
+        clientTransport,
         greet=greet,
+        clock=clock,
     )
     return serverBroker, clientBroker, pump

@@ -86,12 +86,14 @@ class BrokerTestsMixin:
 
     serverModule: Any
     clientModule: Any
+    #: Extra arguments for the client factory (a pbroker client's dialects).
+    clientOptions: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.rootObject = rootFor(self.serverModule)
         self.server, self.client, self.pump = connect(
             self.serverModule.PBServerFactory(self.rootObject),
-            self.clientModule.PBClientFactory(),
+            self.clientModule.PBClientFactory(**self.clientOptions),
         )
         self.root = self.client.remoteForName("root")
 
@@ -196,6 +198,21 @@ class BrokerTestsMixin:
 class PbrokerToPbrokerTests(BrokerTestsMixin, SynchronousTestCase):
     serverModule = pb
     clientModule = pb
+
+
+class PbrokerToPbrokerPbDialectTests(BrokerTestsMixin, SynchronousTestCase):
+    """
+    Two pbroker peers held to PB's encoding (the ``pbroker1`` dialect).
+    """
+
+    serverModule = pb
+    clientModule = pb
+    clientOptions = {"dialects": [b"pbroker1", b"pb"]}
+
+    def test_dialect(self) -> None:
+        """The client chose PB's encoding."""
+        self.assertEqual(self.client.currentDialect, b"pbroker1")
+        self.assertFalse(self.client.isNative)
 
 
 class PbrokerServerTwistedClientTests(BrokerTestsMixin, SynchronousTestCase):

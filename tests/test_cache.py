@@ -66,6 +66,7 @@ def rootWith(module: Any, gauge: Any) -> Any:
 class CacheTestsMixin:
     serverModule: Any
     clientModule: Any
+    clientOptions: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.gauge = cacheableFor(self.serverModule)
@@ -74,7 +75,7 @@ class CacheTestsMixin:
         if self.clientModule is pb:
             registry = jelly.UnjellyableRegistry()
             registry.setUnjellyableForClass(TAG, remoteClass)
-            factory = pb.PBClientFactory(registry=registry)
+            factory = pb.PBClientFactory(registry=registry, **self.clientOptions)
         else:
             saved = dict(twistedJelly.unjellyableRegistry)
             self.addCleanup(  # type: ignore[attr-defined]
@@ -147,6 +148,12 @@ class CacheTestsMixin:
 class PbrokerCacheTests(CacheTestsMixin, SynchronousTestCase):
     serverModule = pb
     clientModule = pb
+
+
+class PbrokerPbDialectCacheTests(CacheTestsMixin, SynchronousTestCase):
+    serverModule = pb
+    clientModule = pb
+    clientOptions = {"dialects": [b"pb"]}
 
 
 class PbrokerServerTwistedClientCacheTests(CacheTestsMixin, SynchronousTestCase):

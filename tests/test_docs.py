@@ -34,6 +34,7 @@ PAGES_WITH_EXAMPLES = {
     "pb.rst",
     "security.rst",
     "wire.rst",
+    "native.rst",
 }
 
 try:
@@ -134,6 +135,12 @@ class DocExamplesTests(SynchronousTestCase):
         The wire page's bytes are what the codec writes.
         """
         self.assertExamplesPass("wire.rst")
+
+    def test_native(self) -> None:
+        """
+        The native dialect page's examples run.
+        """
+        self.assertExamplesPass("native.rst")
 
     def test_everyPageWithExamplesIsTested(self) -> None:
         """

@@ -246,7 +246,12 @@ class PasswordLoginTests(SynchronousTestCase):
     def test_dialectTellsPbrokerPeers(self) -> None:
         """Two pbroker peers agree on pbroker's dialect; a stock peer on both sides gets pb."""
         pairs = [
-            (pb.PBServerFactory(pb.Root()), pb.PBClientFactory(), b"pbroker1"),
+            (pb.PBServerFactory(pb.Root()), pb.PBClientFactory(), b"pbroker2"),
+            (
+                pb.PBServerFactory(pb.Root()),
+                pb.PBClientFactory(dialects=[b"pbroker1", b"pb"]),
+                b"pbroker1",
+            ),
             (pb.PBServerFactory(pb.Root()), twistedPb.PBClientFactory(), b"pb"),
             (twistedPb.PBServerFactory(twistedPb.Root()), pb.PBClientFactory(), b"pb"),
         ]

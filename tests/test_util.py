@@ -36,11 +36,12 @@ class PagingTestsMixin:
     serverUtil: Any
     clientModule: Any
     clientUtil: Any
+    clientOptions: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.server, self.client, self.pump = connect(
             self.serverModule.PBServerFactory(pagingRoot(self.serverModule, self.serverUtil)),
-            self.clientModule.PBClientFactory(),
+            self.clientModule.PBClientFactory(**self.clientOptions),
         )
         self.root = self.client.remoteForName("root")
 
@@ -65,6 +66,11 @@ class PagingTestsMixin:
 
 class PbrokerPagingTests(PagingTestsMixin, SynchronousTestCase):
     serverModule, serverUtil, clientModule, clientUtil = pb, util, pb, util
+
+
+class PbrokerPbDialectPagingTests(PagingTestsMixin, SynchronousTestCase):
+    serverModule, serverUtil, clientModule, clientUtil = pb, util, pb, util
+    clientOptions = {"dialects": [b"pb"]}
 
 
 class PbrokerServerTwistedClientPagingTests(PagingTestsMixin, SynchronousTestCase):

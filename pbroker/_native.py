@@ -1,0 +1,342 @@
+"""
+The wire of pbroker's native dialect (``pbroker2``): framing and values, sans-IO.
+
+After banana's dialect negotiation picks ``pbroker2``, each side writes *records*::
+
+    header: 4 bytes, big-endian   kind (top 2 bits) | length of the payload (30 bits)
+    payload: `length` bytes
+
+A message is one msgpack array (the same fields a PB message has). A message of up to
+:data:`FRAGMENT_SIZE` bytes travels as one ``WHOLE`` record; a larger one is cut into
+``MORE`` records ending with a ``LAST`` one. Only one message is fragmented at a time in each
+direction, and whole records may come between its fragments, which is what lets small calls
+keep answering while a large value crosses.
+
+Values inside a message (arguments, results, failures) are msgpack documents of their own,
+carried as msgpack ``bin``. Plain data maps onto msgpack directly; what msgpack has no type
+for travels as an extension:
+
+=====  =============  ===============================================================
+code   name           payload
+=====  =============  ===============================================================
+1      ``TUPLE``      a msgpack array of the items
+2      ``SET``        a msgpack array of the items
+3      ``FROZENSET``  a msgpack array of the items
+4      ``JELLY``      banana (``none`` dialect) of the object's jelly s-expression
+5      ``STREAM``     a msgpack integer: the sender's stream id
+=====  =============  ===============================================================
+
+Everything jelly carries that is not plain data (references, copies, caches, failures,
+big integers, instances allowed by the security options) goes through ``JELLY``, so the
+security options and copy registries rule it exactly as on a ``pb`` connection.
+
+One semantic difference from jelly, documented for users in ``docs/native.rst``: plain
+containers (``list``, ``dict``, ``tuple``, ``set``) are sent by value, so a list that appears
+twice in one value arrives as two equal lists. A value whose plain containers form a cycle
+(or nest deeper than msgpack allows) is sent whole through ``JELLY`` and keeps its shape.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from pbroker.errors import BananaDecodeError, InvalidJelly, PBrokerError, describe
+
+__all__ = [
+    "FRAGMENT_SIZE",
+    "FROZENSET",
+    "JELLY",
+    "LAST",
+    "MORE",
+    "SET",
+    "STREAM",
+    "TUPLE",
+    "WHOLE",
+    "FrameDecoder",
+    "ValueCodec",
+    "packEnvelope",
+    "records",
+]
+
+TUPLE, SET, FROZENSET, JELLY, STREAM = 1, 2, 3, 4, 5
+
+#: Record kinds (the top two bits of a header).
+WHOLE, MORE, LAST = 0, 1, 2
+
+#: The largest payload of one record; larger messages are fragmented.
+FRAGMENT_SIZE = 256 * 1024
+
+_LENGTH_MASK = (1 << 30) - 1
+_header = struct.Struct(">I")
+_packHeader = _header.pack
+_unpackHeader = _header.unpack_from
+
+#: Packs a message envelope (lists, integers, bytes; values are already bytes).
+_envelopePacker = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def packEnvelope(message: list[Any]) -> bytes:
+    """
+    The msgpack payload of one message.
+    """
+    return _envelopePacker.pack(message)  # type: ignore[no-any-return]
+
+
+def records(payload: bytes) -> list[bytes]:
+    """
+    The records that carry ``payload``: one ``WHOLE`` record, or fragments of
+    :data:`FRAGMENT_SIZE`. (The broker sends fragments lazily; this is for small payloads and
+    tests.)
+    """
+    size = len(payload)
+    if size <= FRAGMENT_SIZE:
+        return [_packHeader(size) + payload]
+    out = []
+    view = memoryview(payload)
+    for start in range(0, size, FRAGMENT_SIZE):
+        chunk = view[start : start + FRAGMENT_SIZE]
+        kind = LAST if start + FRAGMENT_SIZE >= size else MORE
+        out.append(_packHeader(kind << 30 | len(chunk)) + bytes(chunk))
+    return out
+
+
+def fragmentHeader(kind: int, size: int) -> bytes:
+    """
+    The header of one record of ``kind`` carrying ``size`` bytes.
+    """
+    return _packHeader(kind << 30 | size)
+
+
+class FrameDecoder:
+    """
+    Turns the bytes of a ``pbroker2`` stream into message envelopes (lists).
+
+    It shares :class:`pbroker.banana.Decoder`'s contract, so the banana protocol drives it the
+    same way: :meth:`feed` returns the messages completed, and raises
+    :class:`~pbroker.errors.BananaDecodeError` (with the messages completed before the fault on
+    ``expressions``) when the stream is malformed or a message is larger than
+    ``messageSizeLimit``; it then refuses further input.
+    """
+
+    def __init__(self, messageSizeLimit: int | None) -> None:
+        self.messageSizeLimit = messageSizeLimit
+        self._buffer = bytearray()
+        self._position = 0
+        # The fragments of the message being reassembled, and their total size.
+        self._fragments: list[bytes] = []
+        self._fragmented = 0
+        self._failure: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes received but not yet part of a completed message.
+        """
+        return len(self._buffer) - self._position + self._fragmented
+
+    def feed(self, data: bytes = b"") -> list[Any]:
+        if self._failure is not None:
+            raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        results: list[Any] = []
+        try:
+            self._parse(data, results)
+        except BananaDecodeError as e:
+            e.expressions = results
+            self._failure = str(e)
+            self._buffer = bytearray()
+            self._fragments = []
+            raise
+        return results
+
+    def _parse(self, data: bytes, results: list[Any]) -> None:
+        buffer = self._buffer
+        if self._position:
+            del buffer[: self._position]
+            self._position = 0
+        buffer += data
+        end = len(buffer)
+        position = 0
+        limit = self.messageSizeLimit
+        try:
+            while end - position >= 4:
+                (header,) = _unpackHeader(buffer, position)
+                kind = header >> 30
+                size = header & _LENGTH_MASK
+                if size > FRAGMENT_SIZE:
+                    raise BananaDecodeError(
+                        f"a pbroker2 record of {size} bytes; records carry at most "
+                        f"{FRAGMENT_SIZE} bytes"
+                    )
+                if kind == WHOLE:  # possibly between the fragments of a large message
+                    if limit is not None and size > limit:
+                        raise BananaDecodeError(_tooLarge(size, limit))
+                    if end - position - 4 < size:
+                        break
+                    payload = bytes(buffer[position + 4 : position + 4 + size])
+                    position += 4 + size
+                    results.append(_unpackEnvelope(payload))
+                elif kind in (MORE, LAST):
+                    total = self._fragmented + size
+                    if limit is not None and total > limit:
+                        raise BananaDecodeError(_tooLarge(total, limit))
+                    if end - position - 4 < size:
+                        break
+                    self._fragments.append(bytes(buffer[position + 4 : position + 4 + size]))
+                    self._fragmented = total
+                    position += 4 + size
+                    if kind == LAST:
+                        payload = b"".join(self._fragments)
+                        self._fragments = []
+                        self._fragmented = 0
+                        results.append(_unpackEnvelope(payload))
+                else:
+                    raise BananaDecodeError(f"an unknown pbroker2 record kind: {kind}")
+        finally:
+            self._position = position
+
+
+def _tooLarge(size: int, limit: int) -> str:
+    return f"a pbroker2 message of at least {size} bytes is over the limit of {limit} bytes"
+
+
+def _unpackEnvelope(payload: bytes) -> Any:
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:
+        raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
+
+
+_PLAIN_SEQUENCES: dict[type, int] = {tuple: TUPLE, set: SET, frozenset: FROZENSET}
+_REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZENSET: frozenset}
+
+
+class ValueCodec:
+    """
+    Packs and unpacks values for one connection.
+
+    :param jelly: turns an object that is not plain data into banana bytes of its jelly (it
+        may have effects: exporting a reference, for one).
+    :param unjelly: the reverse, for what arrives in a ``JELLY`` extension.
+    :param stream: registers an outgoing stream (an iterator) and returns its id, or raises.
+    :param isStream: whether an object is to be sent as a stream.
+    :param openStream: makes the receiving end of the peer's stream ``id``.
+    :param depthLimit: how deeply extensions may nest in a received value.
+    """
+
+    def __init__(
+        self,
+        jelly: Callable[[Any], bytes],
+        unjelly: Callable[[bytes], Any],
+        isStream: Callable[[Any], bool],
+        stream: Callable[[Any], int],
+        openStream: Callable[[int], Any],
+        depthLimit: int,
+    ) -> None:
+        self._jelly = jelly
+        self._unjelly = unjelly
+        self._isStream = isStream
+        self._stream = stream
+        self._openStream = openStream
+        self.depthLimit = depthLimit
+        self._depth = 0
+        self._special = False
+
+    # Sending
+
+    def pack(self, value: Any) -> bytes:
+        """
+        The msgpack bytes of ``value``.
+
+        A first pass, with no effects, packs plain data and walks the whole value. Only if it
+        met something else is the value packed again with the hooks that export references
+        and jelly instances; if it met a cycle (or nesting deeper than msgpack goes) the value
+        is jellied whole instead. Either way nothing is registered twice or half-way.
+        """
+        self._special = False
+        try:
+            packed = self._packWith(value, self._plainOnly)
+        except (ValueError, RecursionError):
+            # Plain containers in a cycle, or deeper than msgpack goes: jelly keeps the shape.
+            return msgpack.packb(msgpack.ExtType(JELLY, self._jelly(value)))  # type: ignore[no-any-return]
+        if not self._special:
+            return packed
+        return self._packWith(value, self._full)
+
+    def _packWith(self, value: Any, default: Callable[[Any], Any]) -> bytes:
+        self._depth = 0
+        return msgpack.packb(  # type: ignore[no-any-return]
+            value, default=default, use_bin_type=True, strict_types=True
+        )
+
+    def _packNested(self, items: Any, code: int, default: Callable[[Any], Any]) -> Any:
+        self._depth += 1
+        if self._depth > self.depthLimit:
+            raise ValueError("nested too deeply")
+        try:
+            data = msgpack.packb(list(items), default=default, use_bin_type=True, strict_types=True)
+        finally:
+            self._depth -= 1
+        return msgpack.ExtType(code, data)
+
+    def _plainOnly(self, obj: Any) -> Any:
+        code = _PLAIN_SEQUENCES.get(type(obj))
+        if code is not None:
+            return self._packNested(obj, code, self._plainOnly)
+        self._special = True
+        return None  # a stand-in: this pass only looks
+
+    def _full(self, obj: Any) -> Any:
+        code = _PLAIN_SEQUENCES.get(type(obj))
+        if code is not None:
+            return self._packNested(obj, code, self._full)
+        if self._isStream(obj):
+            return msgpack.ExtType(STREAM, msgpack.packb(self._stream(obj)))
+        return msgpack.ExtType(JELLY, self._jelly(obj))
+
+    # Receiving
+
+    def unpack(self, data: Any) -> Any:
+        """
+        The value packed in ``data``.
+
+        :raises InvalidJelly: ``data`` is not a well-formed value.
+        """
+        if type(data) is not bytes:
+            raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
+        self._depth = 0
+        try:
+            return msgpack.unpackb(
+                data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
+            )
+        except PBrokerError:
+            raise  # refused by the security options or a limit: the broker's business
+        except Exception as e:
+            raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
+
+    def _extension(self, code: int, data: bytes) -> Any:
+        rebuild = _REBUILD.get(code)
+        if rebuild is not None:
+            self._depth += 1
+            if self._depth > self.depthLimit:
+                raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
+            try:
+                items = msgpack.unpackb(
+                    data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
+                )
+            finally:
+                self._depth -= 1
+            if type(items) is not list:
+                raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
+            return rebuild(items)
+        if code == JELLY:
+            return self._unjelly(data)
+        if code == STREAM:
+            streamID = msgpack.unpackb(data)
+            if type(streamID) is not int:
+                raise InvalidJelly(f"a stream id must be an integer: {describe(streamID)}")
+            return self._openStream(streamID)
+        raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")

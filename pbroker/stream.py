@@ -1,0 +1,484 @@
+"""
+Streams: a remote method may return (or a caller may pass) a sequence of values that crosses
+the connection one item at a time, with back-pressure, instead of as one message.
+
+On the sending side, any iterator (a generator, ``iter(...)``, ``map(...)``), async iterator
+(an async generator) or :class:`Stream` becomes a stream when it is sent over a connection in
+pbroker's native dialect. The receiver gets a :class:`RemoteStream`, which it reads with
+``async for`` or with Deferreds::
+
+    async for row in await root.callRemote("rows"):
+        ...
+
+    stream = await root.callRemote("rows")
+    rows = await stream.collect()
+
+Flow control is by credit: the receiver lets the sender have at most ``window`` items in
+flight or unread, so a fast sender never makes a slow reader hold more than that. The reader
+may stop early with :meth:`RemoteStream.cancel`, which closes the sender's generator. An
+exception the source raises reaches the reader in order, after the items before it.
+
+On a ``pb`` connection (a stock Twisted peer) streams cannot be sent: the call fails with
+:class:`~pbroker.errors.UnsupportedByPeer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pbroker.errors import PBConnectionLost, ProtocolError
+
+__all__ = ["DEFAULT_WINDOW", "END", "RemoteStream", "Stream", "isStreamable"]
+
+#: How many items a reader lets a sender have in flight or unread, by default.
+DEFAULT_WINDOW = 16
+
+# Items an outgoing stream sends in one turn of the reactor before letting others run.
+_ITEMS_PER_TURN = 64
+
+
+class _End:
+    def __repr__(self) -> str:
+        return "pbroker.stream.END"
+
+
+#: What :meth:`RemoteStream.next` gives once the stream has ended.
+END: Any = _End()
+
+
+def isStreamable(value: Any) -> bool:
+    """
+    Whether ``value`` is sent as a stream: an iterator or an async iterator (but not a
+    container, a string or a file-like object, which are sent as what they are).
+    """
+    kind = type(value)
+    if kind is types.GeneratorType or kind is types.AsyncGeneratorType or kind is Stream:
+        return True
+    if hasattr(kind, "__anext__"):
+        return True
+    return isinstance(value, Iterator) and not hasattr(value, "read")
+
+
+class RemoteStream:
+    """
+    The reading end of a stream the peer sends.
+
+    :ivar streamID: the sender's id for the stream.
+    :ivar window: the most items in flight or unread at once.
+    """
+
+    _log = Logger()
+
+    def __init__(self, broker: Any, streamID: int, window: int = DEFAULT_WINDOW) -> None:
+        self._broker = broker
+        self.streamID = streamID
+        self.window = window
+        self._items: deque[Any] = deque()
+        self._waiters: deque[Deferred[Any]] = deque()
+        # Credit given to the sender and not yet used by an item.
+        self._outstanding = 0
+        self._finished: Failure | None = None
+        self._state = "open"  # then "ended", "failed" or "cancelled"
+
+    def __repr__(self) -> str:
+        return f"<RemoteStream {self.streamID} {self._state}>"
+
+    @property
+    def buffered(self) -> int:
+        """
+        Items received and not yet read.
+        """
+        return len(self._items)
+
+    # Reading
+
+    def next(self) -> Deferred[Any]:
+        """
+        A Deferred of the next item, of :data:`END` once the stream has ended, or failing
+        with the sender's error (or ``CancelledError`` after :meth:`cancel`).
+        """
+        if self._items:
+            item = self._items.popleft()
+            self._refill()
+            return succeed(item)
+        if self._state == "open":
+            waiter: Deferred[Any] = Deferred(self._forgetWaiter)
+            self._waiters.append(waiter)
+            return waiter
+        if self._state == "ended":
+            return succeed(END)
+        assert self._finished is not None
+        return fail(self._finished)
+
+    def _forgetWaiter(self, waiter: Deferred[Any]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self.next()
+        if item is END:
+            raise StopAsyncIteration
+        return item
+
+    def collect(self) -> Deferred[list[Any]]:
+        """
+        A Deferred of every remaining item, as a list, once the stream ends.
+        """
+        items: list[Any] = []
+        done: Deferred[list[Any]] = Deferred()
+
+        def step(item: Any) -> None:
+            while True:
+                if item is END:
+                    done.callback(items)
+                    return
+                items.append(item)
+                if not self._items:
+                    break
+                item = self._items.popleft()
+            self._refill()
+            self.next().addCallbacks(step, done.errback)
+
+        self.next().addCallbacks(step, done.errback)
+        return done
+
+    def cancel(self) -> None:
+        """
+        Stop reading: the sender is told to stop (its generator is closed), unread items are
+        dropped, and pending :meth:`next` calls fail with ``CancelledError``.
+        """
+        if self._state != "open":
+            return
+        self._items.clear()
+        self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
+        self._broker._cancelStream(self.streamID)
+
+    def __del__(self) -> None:
+        # A stream dropped unread would leave its sender waiting for credit.
+        if getattr(self, "_state", None) == "open" and not getattr(self._broker, "disconnected", 1):
+            with contextlib.suppress(Exception):
+                self._broker._cancelStream(self.streamID)
+
+    # Driven by the broker
+
+    def _start(self) -> None:
+        self._refill()
+
+    def _refill(self) -> None:
+        if self._state != "open":
+            return
+        used = self._outstanding + len(self._items)
+        if used <= self.window // 2:
+            grant = self.window - used
+            self._outstanding += grant
+            self._broker._grantCredit(self.streamID, grant)
+
+    def _itemReceived(self, item: Any) -> None:
+        if self._state != "open":
+            return
+        if self._outstanding < 1:
+            raise ProtocolError(f"the peer sent stream {self.streamID} an item beyond its credit")
+        self._outstanding -= 1
+        if self._waiters:
+            self._waiters.popleft().callback(item)
+            self._refill()
+        else:
+            self._items.append(item)
+
+    def _ended(self) -> None:
+        if self._state == "open":
+            self._finish("ended", None)
+
+    def _failed(self, failure: Failure) -> None:
+        if self._state == "open":
+            self._finish("failed", failure)
+
+    def _connectionLost(self, reason: Any) -> None:
+        if self._state == "open":
+            self._finish("failed", Failure(PBConnectionLost(reason)))
+
+    def _finish(self, state: str, failure: Failure | None) -> None:
+        self._state = state
+        self._finished = failure
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if failure is None:
+                waiter.callback(END)
+            else:
+                waiter.errback(failure)
+
+
+@implementer(IConsumer)
+class Stream:
+    """
+    A stream the application writes to, for sources that push rather than being iterated:
+    return it from a remote method (or pass it as an argument) and :meth:`write` items to it,
+    then :meth:`finish` (or :meth:`fail`).
+
+    :meth:`write` returns a Deferred that fires once the item fits in the buffer (at most
+    ``bufferSize`` items wait to be sent); a writer that waits for it never runs ahead of the
+    reader. It is also an :class:`~twisted.internet.interfaces.IConsumer`: a registered push
+    producer is paused while the buffer is full and resumed when it drains.
+
+    A :class:`Stream` is an async iterator, so it can be read locally with ``async for`` too.
+    """
+
+    def __init__(self, bufferSize: int = DEFAULT_WINDOW) -> None:
+        if bufferSize < 1:
+            raise ValueError(f"bufferSize must be at least 1, not {bufferSize}")
+        self.bufferSize = bufferSize
+        self._items: deque[Any] = deque()
+        self._readers: deque[Deferred[Any]] = deque()
+        self._writers: deque[Deferred[None]] = deque()
+        self._end: Failure | None = None
+        self._closed = False
+        self._producer: Any = None
+        self._producerPaused = False
+
+    def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
+        """
+        Add ``item`` to the stream. The Deferred fires when there is room for more.
+
+        :raises ValueError: the stream was already finished.
+        """
+        if self._closed:
+            raise ValueError("write() on a finished stream")
+        if self._readers:
+            self._readers.popleft().callback(item)
+        else:
+            self._items.append(item)
+        if len(self._items) < self.bufferSize:
+            return succeed(None)
+        if self._producer is not None and not self._producerPaused:
+            self._producerPaused = True
+            self._producer.pauseProducing()
+        waiter: Deferred[None] = Deferred()
+        self._writers.append(waiter)
+        return waiter
+
+    def finish(self) -> None:
+        """
+        End the stream once the items written so far are read.
+        """
+        self._close(None)
+
+    def fail(self, reason: Failure | BaseException) -> None:
+        """
+        End the stream with an error, which the reader gets after the items written so far.
+        """
+        self._close(reason if isinstance(reason, Failure) else Failure(reason))
+
+    def _close(self, failure: Failure | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._end = failure
+        if not self._items:
+            self._flushReaders()
+
+    def _flushReaders(self) -> None:
+        readers, self._readers = self._readers, deque()
+        for reader in readers:
+            if self._end is None:
+                reader.errback(StopAsyncIteration())
+            else:
+                reader.errback(self._end)
+
+    # IConsumer
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if not streaming:
+            raise ValueError("a Stream takes push producers (streaming=True) only")
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    # Reading
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    def __anext__(self) -> Deferred[Any]:
+        if self._items:
+            item = self._items.popleft()
+            self._drained()
+            return succeed(item)
+        if self._closed:
+            if self._end is None:
+                return fail(StopAsyncIteration())
+            return fail(self._end)
+        reader: Deferred[Any] = Deferred()
+        self._readers.append(reader)
+        return reader
+
+    def _drained(self) -> None:
+        if len(self._items) >= self.bufferSize:
+            return
+        writers, self._writers = self._writers, deque()
+        for writer in writers:
+            writer.callback(None)
+        if self._producer is not None and self._producerPaused:
+            self._producerPaused = False
+            self._producer.resumeProducing()
+        if self._closed and not self._items:
+            self._flushReaders()
+
+    def close(self) -> None:
+        """
+        Called when the reader cancels: the items are dropped and a registered producer is
+        stopped.
+        """
+        self._closed = True
+        self._items.clear()
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+
+
+class OutgoingStream:
+    """
+    The sending end of a stream: pulls items from its source while the reader has given
+    credit and the connection takes data.
+    """
+
+    _log = Logger()
+
+    def __init__(self, broker: Any, streamID: int, source: Any, perspective: Any = None) -> None:
+        self._broker = broker
+        self._perspective = perspective
+        self.streamID = streamID
+        self._source = source
+        self._async = not isinstance(source, Iterator)
+        self._credit = 0
+        self._busy: Deferred[Any] | None = None
+        self._done = False
+        self._scheduled = False
+
+    def credit(self, count: int) -> None:
+        self._credit += count
+        self.pump()
+
+    def pump(self) -> None:
+        """
+        Send items while there is credit, the connection takes data and the source has them
+        ready; come back on the next reactor turn after a batch.
+        """
+        sent = 0
+        while (
+            self._credit > 0 and not self._done and self._busy is None and self._broker._canStream()
+        ):
+            if sent >= _ITEMS_PER_TURN:
+                if not self._scheduled:
+                    self._scheduled = True
+                    self._broker.clock.callLater(0, self._again)
+                return
+            sent += 1
+            if self._async:
+                self._pull(self._nextAsync())
+                continue
+            try:
+                item = next(self._source)
+            except StopIteration:
+                self._finish()
+                return
+            except Exception:
+                self._error(Failure())
+                return
+            if isinstance(item, Deferred):
+                self._pull(item)
+            else:
+                self._send(item)
+
+    def _again(self) -> None:
+        self._scheduled = False
+        self.pump()
+
+    def _nextAsync(self) -> Deferred[Any]:
+        async def step(source: AsyncIterator[Any]) -> Any:
+            return await source.__anext__()
+
+        return Deferred.fromCoroutine(step(self._source))
+
+    def _pull(self, pending: Deferred[Any]) -> None:
+        self._busy = pending
+        pending.addCallbacks(self._pulled, self._pullFailed)
+
+    def _pulled(self, item: Any) -> None:
+        self._busy = None
+        if not self._done:
+            self._send(item)
+            self.pump()
+
+    def _pullFailed(self, failure: Failure) -> None:
+        self._busy = None
+        if self._done:
+            return
+        if failure.check(StopAsyncIteration):
+            self._finish()
+        else:
+            self._error(failure)
+
+    def _send(self, item: Any) -> None:
+        self._credit -= 1
+        try:
+            self._broker._sendStreamItem(self.streamID, item, self._perspective)
+        except Exception:
+            self._error(Failure())
+
+    def _finish(self) -> None:
+        self._done = True
+        self._broker._streamEnded(self.streamID, None)
+
+    def _error(self, failure: Failure) -> None:
+        self._done = True
+        self._close()
+        self._broker._streamEnded(self.streamID, failure)
+
+    def cancel(self) -> None:
+        """
+        The reader stopped: close the source and end the stream.
+        """
+        if self._done:
+            return
+        self._done = True
+        if self._busy is not None:
+            busy, self._busy = self._busy, None
+            busy.addErrback(lambda _: None)
+            busy.cancel()
+        self._close()
+        self._broker._streamEnded(self.streamID, None)
+
+    def connectionLost(self) -> None:
+        if not self._done:
+            self._done = True
+            self._close()
+
+    def _close(self) -> None:
+        source = self._source
+        try:
+            if isinstance(source, types.GeneratorType):
+                source.close()
+            elif isinstance(source, types.AsyncGeneratorType):
+                Deferred.fromCoroutine(_aclose(source)).addErrback(lambda _: None)
+            elif isinstance(source, Stream):
+                source.close()
+        except Exception:
+            self._log.failure("Error closing the source of a cancelled stream")
+
+
+async def _aclose(source: Any) -> None:
+    await source.aclose()

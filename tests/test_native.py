@@ -1,0 +1,629 @@
+"""
+Tests for pbroker's native dialect (``pbroker2``): negotiation, values, large messages and
+limits, streams, cancellation and timeouts, per-call context and keepalive; all in memory
+with a fake clock.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.spread import pb as twistedPb
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import _native, context, pb
+from pbroker.errors import (
+    BananaDecodeError,
+    LimitExceeded,
+    PBConnectionLost,
+    UnsupportedByPeer,
+)
+from pbroker.stream import RemoteStream, Stream
+from pbroker.testing import connectedServerAndClient
+
+
+class Thing(pb.Copyable):
+    def __init__(self, name: str = "", parts: Any = None) -> None:
+        self.name = name
+        self.parts = parts
+
+
+class RemoteThing(pb.RemoteCopy):
+    pass
+
+
+class Counter(pb.Referenceable):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def remote_add(self, amount: int) -> int:
+        self.count += amount
+        return self.count
+
+
+class NativeRoot(pb.Root):
+    def __init__(self) -> None:
+        self.counter = Counter()
+        self.pending: Deferred[Any] | None = None
+        self.cancelled: list[bool] = []
+        self.pulled = 0
+        self.closed = False
+        self.received: list[Any] = []
+        self.contexts: list[context.CallContext] = []
+
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
+    def remote_thing(self) -> Any:
+        return {"t": Thing("n", (1, [2]))}
+
+    def remote_counter(self) -> Counter:
+        return self.counter
+
+    def remote_big(self, size: int) -> bytes:
+        return b"x" * size
+
+    def remote_wait(self) -> Deferred[Any]:
+        self.pending = Deferred(lambda _: self.cancelled.append(True))
+        return self.pending
+
+    def remote_numbers(self, count: int, failAt: int | None = None) -> Iterator[int]:
+        def generate() -> Iterator[int]:
+            try:
+                for i in range(count):
+                    if i == failAt:
+                        raise ValueError(f"failed at {i}")
+                    self.pulled += 1
+                    yield i
+            finally:
+                self.closed = True
+
+        return generate()
+
+    def remote_asyncNumbers(self, count: int) -> AsyncIterator[int]:
+        async def generate() -> AsyncIterator[int]:
+            for i in range(count):
+                await succeed(None)
+                yield i * 10
+
+        return generate()
+
+    def remote_pushed(self) -> Stream:
+        stream = Stream(bufferSize=2)
+        self.stream = stream
+        return stream
+
+    async def remote_sum(self, stream: RemoteStream) -> int:
+        total = 0
+        async for item in stream:
+            total += item
+        return total
+
+    def remote_annotated(self, value: Any, timeout: Any = None, context: Any = None) -> Any:
+        call = pbContext()
+        self.contexts.append(call)
+        call.reply["seen"] = value
+        return [value, timeout, context]
+
+    async def remote_annotatedLater(self) -> Any:
+        await succeed(None)
+        return pbContext().annotations
+
+
+def pbContext() -> context.CallContext:
+    return context.current()
+
+
+class NativeTestCase(SynchronousTestCase):
+    clientOptions: dict[str, Any] = {}
+    serverOptions: dict[str, Any] = {}
+    bufferSize: int | None = None
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.rootObject = NativeRoot()
+        self.registry = pb.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(Thing, RemoteThing)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, **self.serverOptions),
+            pb.PBClientFactory(registry=self.registry, clock=self.clock, **self.clientOptions),
+            clock=self.clock,
+            bufferSize=self.bufferSize,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def settle(self, results: list[Any], rounds: int = 10_000) -> None:
+        for _ in range(rounds):
+            if results:
+                return
+            self.pump.pump()
+        self.fail("no result")
+
+    def call(self, *args: Any, target: Any = None, **kw: Any) -> Any:
+        results: list[Any] = []
+        (target or self.root).callRemote(*args, **kw).addBoth(results.append)
+        self.settle(results)
+        return results[0]
+
+
+class NegotiationTests(NativeTestCase):
+    def test_nativeChosen(self) -> None:
+        """Two pbroker peers speak the native dialect and learn each other's message limit."""
+        self.assertEqual(
+            (self.server.currentDialect, self.client.currentDialect), (b"pbroker2",) * 2
+        )
+        self.assertTrue(self.client.isNative)
+        self.assertTrue(self.client.peerIsPbroker)
+        self.assertEqual(self.client.peerMessageSize, self.server.limits.messageSize)
+
+    def test_stockPeersGetPb(self) -> None:
+        """A stock Twisted client or server gets pb, and calls still work."""
+        for serverFactory, clientFactory in [
+            (pb.PBServerFactory(NativeRoot()), twistedPb.PBClientFactory()),
+            (twistedPb.PBServerFactory(twistedPb.Root()), pb.PBClientFactory()),
+        ]:
+            server, client, _ = connectedServerAndClient(serverFactory, clientFactory)
+            self.assertEqual((server.currentDialect, client.currentDialect), (b"pb", b"pb"))
+
+    def test_dialectsChecked(self) -> None:
+        """An unknown dialect name is refused when the factory is made."""
+        self.assertRaises(ValueError, pb.PBClientFactory, dialects=[b"pbroker9"])
+        self.assertRaises(ValueError, pb.PBServerFactory, pb.Root(), dialects=[])
+
+    def test_forcedPb(self) -> None:
+        """A client limited to pb gets pb from a pbroker server."""
+        _server, client, _ = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        self.assertEqual(client.currentDialect, b"pb")
+        self.assertFalse(client.isNative)
+
+
+class ValueTests(NativeTestCase):
+    def test_plainValues(self) -> None:
+        """Every plain type keeps its type: tuples, lists, sets, text, bytes, big numbers."""
+        values = [
+            None,
+            True,
+            0,
+            -(2**63),
+            2**64 + 5,
+            -(10**40),
+            1.5,
+            "text é",
+            b"\x00bytes",
+            [1, [2, (3, "x")]],
+            (1, 2),
+            (),
+            {1, 2},
+            frozenset({"a"}),
+            {"k": [1.0], 2: b"v", (1, 2): None},
+            [{1: {2: (3, {4})}}],
+        ]
+        for value in values:
+            result = self.call("echo", value)
+            self.assertEqual(result, value)
+            self.assertIs(type(result), type(value))
+
+    def test_objects(self) -> None:
+        """References and copies travel through jelly inside the native value."""
+        counter = self.call("counter")
+        self.assertEqual(self.call("add", 5, target=counter), 5)
+        self.assertEqual(self.call("echo", [counter])[0], counter)
+        thing = self.call("thing")["t"]
+        self.assertIsInstance(thing, RemoteThing)
+        self.assertEqual((thing.name, thing.parts), ("n", (1, [2])))
+
+    def test_cycle(self) -> None:
+        """A list that contains itself arrives with the same shape."""
+        value: list[Any] = [1]
+        value.append(value)
+        result = self.call("echo", value)
+        self.assertIs(result[1], result)
+
+    def test_sharedPlainContainersAreCopies(self) -> None:
+        """The documented difference: a plain list met twice arrives as two equal lists."""
+        shared = [1, 2]
+        result = self.call("echo", [shared, shared])
+        self.assertEqual(result, [[1, 2], [1, 2]])
+        self.assertIsNot(result[0], result[1])
+
+    def test_refusedInstance(self) -> None:
+        """An instance that is not allowed is sent as unpersistable, as in the pb dialect."""
+
+        class Unregistered:
+            pass
+
+        self.assertEqual(type(self.call("echo", Unregistered())).__name__, "Unpersistable")
+        self.assertEqual(self.call("echo", 1), 1)
+
+    def test_referenceInCycle(self) -> None:
+        """A cyclic value holding a reference exports it once: no count is left behind."""
+        counter = self.call("counter")
+        value: list[Any] = [counter]
+        value.append(value)
+        result = self.call("echo", value)
+        self.assertIs(result[1], result)
+        self.assertEqual(result[0], counter)
+        self.assertEqual(self.server.localObjects[counter.luid].refcount, 2)
+        del counter, result, value
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.server.luids, {})
+
+
+class LargeMessageTests(NativeTestCase):
+    bufferSize = 64 * 1024
+    serverOptions = {"limits": pb.BrokerLimits(messageSize=200 * 1024 * 1024)}
+    clientOptions = {"limits": pb.BrokerLimits(messageSize=200 * 1024 * 1024)}
+
+    def test_beyondPbCeiling(self) -> None:
+        """Five megabytes travel both ways; PB's 640 KiB ceiling does not apply."""
+        data = bytes(range(256)) * (5 * 4096)
+        self.assertEqual(self.call("echo", data), data)
+
+    def test_smallCallsKeepAnsweringDuringTransfer(self) -> None:
+        """While 100 MB cross, small calls made meanwhile are answered before it ends."""
+        big: list[Any] = []
+        self.root.callRemote("big", 100 * 1024 * 1024).addBoth(big.append)
+        answered = 0
+        for i in range(5000):
+            small: list[Any] = []
+            self.root.callRemote("echo", i).addBoth(small.append)
+            self.pump.pump()
+            self.pump.pump()
+            if small == [i]:
+                answered += 1
+            if big:
+                break
+        self.assertEqual(len(big), 1)
+        self.assertEqual(len(big[0]), 100 * 1024 * 1024)
+        self.assertGreater(answered, 50)
+
+    def test_overPeerLimit(self) -> None:
+        """A call bigger than the peer accepts fails at once with LimitExceeded."""
+        self.client.peerMessageSize = 1024 * 1024
+        failure = self.call("echo", b"x" * (2 * 1024 * 1024))
+        self.assertIsInstance(failure, Failure)
+        failure.trap(LimitExceeded)
+        self.assertIn("limit the peer accepts", str(failure.value))
+        self.assertEqual(self.call("echo", 1), 1)
+
+    def test_answerOverPeerLimit(self) -> None:
+        """An answer bigger than the caller accepts becomes an error for that call."""
+        self.server.peerMessageSize = 1024 * 1024
+        failure = self.call("big", 2 * 1024 * 1024)
+        self.assertIsInstance(failure, Failure)
+        self.assertIn("limit the peer accepts", str(failure.value))
+
+    def test_receivedOverLimitDrops(self) -> None:
+        """A peer that ignores the announced limit is dropped."""
+        self.server._decoder.messageSizeLimit = 1024 * 1024
+        with capturedLogs():
+            failure = self.call("echo", b"x" * (2 * 1024 * 1024))
+        failure.trap(PBConnectionLost)
+
+    def test_pbDialectCeiling(self) -> None:
+        """In the pb dialect PB's limit stands, and the call fails clearly."""
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("echo", b"x" * (1024 * 1024)).addBoth(
+            results.append
+        )
+        pump.flush()
+        self.assertIsInstance(results[0], Failure)
+
+
+class FrameDecoderTests(SynchronousTestCase):
+    def test_splitAnywhere(self) -> None:
+        """Records split at every byte boundary decode to the same messages."""
+        payloads = [_native.packEnvelope([b"answer", i, b"v" * i]) for i in (1, 300_000, 5)]
+        data = b"".join(b"".join(_native.records(p)) for p in payloads)
+        for step in (1, 7, 4096, len(data)):
+            decoder = _native.FrameDecoder(None)
+            out: list[Any] = []
+            for start in range(0, len(data), step):
+                out.extend(decoder.feed(data[start : start + step]))
+            self.assertEqual([m[1] for m in out], [1, 300_000, 5])
+
+    def test_malformed(self) -> None:
+        """Garbage, oversized records and unknown kinds are refused for good."""
+        for data in [
+            b"\x00\x00\x00\x01\xc1",
+            b"\x00\x10\x00\x00",
+            b"\xc0\x00\x00\x01x",
+        ]:
+            decoder = _native.FrameDecoder(None)
+            self.assertRaises(BananaDecodeError, decoder.feed, data)
+            self.assertRaises(BananaDecodeError, decoder.feed, b"")
+
+    def test_limitBeforeBuffering(self) -> None:
+        """A fragmented message over the limit is refused as soon as its size shows."""
+        decoder = _native.FrameDecoder(300_000)
+        records = _native.records(_native.packEnvelope([b"x" * 600_000]))
+        decoder.feed(records[0])
+        self.assertRaises(BananaDecodeError, decoder.feed, records[1])
+
+
+class StreamTests(NativeTestCase):
+    def test_generatorResult(self) -> None:
+        """A generator a method returns arrives as a stream, read whole by collect()."""
+        stream = self.call("numbers", 100)
+        self.assertIsInstance(stream, RemoteStream)
+        results: list[Any] = []
+        stream.collect().addBoth(results.append)
+        self.settle(results)
+        self.assertEqual(results[0], list(range(100)))
+        self.assertEqual(self.client._inStreams, {})
+        self.assertEqual(self.server._outStreams, {})
+
+    def test_asyncIteration(self) -> None:
+        """An async generator's items are read with async for."""
+        stream = self.call("asyncNumbers", 5)
+        seen: list[Any] = []
+
+        async def read() -> None:
+            async for item in stream:
+                seen.append(item)
+
+        done: list[Any] = []
+        Deferred.fromCoroutine(read()).addBoth(done.append)
+        self.settle(done)
+        self.assertEqual(done, [None])
+        self.assertEqual(seen, [0, 10, 20, 30, 40])
+
+    def test_backPressure(self) -> None:
+        """A reader that does not read holds at most its window; reading lets more come."""
+        stream = self.call("numbers", 10_000)
+        for _ in range(50):
+            self.pump.pump()
+        window = self.client.streamWindow
+        self.assertLessEqual(stream.buffered, window)
+        self.assertLessEqual(self.rootObject.pulled, window)
+        firsts: list[Any] = []
+        for _ in range(window):
+            stream.next().addCallback(firsts.append)
+        self.pump.flush()
+        self.assertEqual(firsts, list(range(window)))
+        self.assertGreater(self.rootObject.pulled, window)
+        self.assertLessEqual(self.rootObject.pulled, 2 * window)
+
+    def test_cancelClosesGenerator(self) -> None:
+        """Cancelling a stream closes the sender's generator and fails pending reads."""
+        stream = self.call("numbers", 10_000)
+        self.pump.flush()
+        stream.cancel()
+        pending = stream.next()
+        self.pump.flush()
+        self.assertTrue(self.rootObject.closed)
+        self.failureResultOf(pending, CancelledError)
+        self.assertEqual(self.server._outStreams, {})
+        self.assertEqual(self.client._cancelledInStreams, set())
+        self.assertEqual(self.call("echo", 1), 1)
+
+    def test_errorInOrder(self) -> None:
+        """An exception in the generator reaches the reader after the items before it."""
+        stream = self.call("numbers", 10, 3)
+        seen: list[Any] = []
+        for _ in range(5):
+            stream.next().addBoth(seen.append)
+        self.pump.flush()
+        self.assertEqual(seen[:3], [0, 1, 2])
+        self.assertIsInstance(seen[3], Failure)
+        self.assertIn("failed at 3", str(seen[3].value))
+        self.assertIsInstance(seen[4], Failure)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_streamArgument(self) -> None:
+        """A caller may send a stream: here a generator the server sums as it arrives."""
+        self.assertEqual(self.call("sum", iter(range(1000))), sum(range(1000)))
+
+    def test_pushedStream(self) -> None:
+        """A Stream the method writes to, with writes held back while the buffer is full."""
+        stream = self.call("pushed")
+        source = self.rootObject.stream
+        accepted = [source.write(i) for i in range(3)]
+        self.assertNoResult(accepted[2])
+        results: list[Any] = []
+        stream.collect().addBoth(results.append)
+        self.pump.flush()
+        self.successResultOf(accepted[2])
+        source.write(3)
+        source.finish()
+        self.settle(results)
+        self.assertEqual(results[0], [0, 1, 2, 3])
+
+    def test_connectionLostFailsStream(self) -> None:
+        """A stream whose connection drops fails with PBConnectionLost."""
+        stream = self.call("pushed")
+        pending = stream.next()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.failureResultOf(pending, PBConnectionLost)
+
+    def test_pbDialectRefusesStreams(self) -> None:
+        """On a pb connection a stream cannot be sent: UnsupportedByPeer names the dialect."""
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        root = client.remoteForName("root")
+        root.callRemote("sum", iter([1])).addBoth(results.append)
+        root.callRemote("numbers", 3).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(self.flushLoggedErrors(UnsupportedByPeer)), 1)
+        for failure in results:
+            self.assertIn("UnsupportedByPeer", str(failure.type) + str(failure.value))
+            self.assertIn("'pb'", str(failure.value))
+        results[0].trap(UnsupportedByPeer)
+
+
+class CancellationTests(NativeTestCase):
+    def test_cancelReachesServer(self) -> None:
+        """Cancelling a pending call fails it with CancelledError and cancels the server's."""
+        d = self.root.callRemote("wait")
+        self.pump.flush()
+        server = self.rootObject.pending
+        assert server is not None
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.pump.flush()
+        self.assertEqual(self.rootObject.cancelled, [True])
+        self.assertEqual(self.client._abandoned, set())
+        self.assertEqual(self.server._answering, {})
+        self.assertEqual(self.call("echo", 2), 2)
+
+    def test_answerCrossesCancel(self) -> None:
+        """An answer already on its way when the caller cancels is dropped quietly."""
+        d = self.root.callRemote("wait")
+        self.pump.flush()
+        assert self.rootObject.pending is not None
+        self.rootObject.pending.callback(5)
+        d.cancel()
+        self.pump.flush()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.client._abandoned, set())
+        self.assertFalse(self.client.disconnected)
+
+    def test_timeout(self) -> None:
+        """A call with a timeout fails with TimeoutError when it passes; the server is told."""
+        d = self.root.withOptions(timeout=5).callRemote("wait")
+        self.pump.flush()
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, TimeoutError)
+        self.pump.flush()
+        self.assertEqual(self.rootObject.cancelled, [True])
+
+    def test_timeoutNotReached(self) -> None:
+        """A call answered in time is not disturbed by its timeout."""
+        self.assertEqual(self.root.withOptions(timeout=5) and self.call("echo", 3), 3)
+        d = self.root.withOptions(timeout=5).callRemote("echo", 4)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), 4)
+        self.clock.advance(10)
+
+    def test_pbDialect(self) -> None:
+        """On a pb connection cancel and timeout work locally; the late answer is dropped."""
+        clock = Clock()
+        root = NativeRoot()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root), pb.PBClientFactory(dialects=[b"pb"], clock=clock)
+        )
+        ref = client.remoteForName("root")
+        d = ref.withOptions(timeout=1).callRemote("wait")
+        pump.flush()
+        clock.advance(1)
+        self.failureResultOf(d, TimeoutError)
+        assert root.pending is not None
+        root.pending.callback("late")
+        pump.flush()
+        self.assertFalse(client.disconnected)
+        self.assertEqual(client._abandoned, set())
+
+    def test_badOptions(self) -> None:
+        """Options are checked when given."""
+        self.assertRaises(ValueError, self.root.withOptions, timeout=0)
+        self.assertRaises(TypeError, self.root.withOptions, context={1: 2})
+        self.assertRaises(TypeError, self.root.withOptions, context=[("a", 1)])
+
+
+class ContextTests(NativeTestCase):
+    def test_annotationsBothWays(self) -> None:
+        """The method reads the caller's annotations and deadline; its reply comes back."""
+        reply: dict[str, Any] = {}
+        ref = self.root.withOptions(
+            timeout=30, context={"correlationId": "c-1", "caller": "tests"}, reply=reply
+        )
+        results: list[Any] = []
+        ref.callRemote("annotated", 7).addBoth(results.append)
+        self.settle(results)
+        self.assertEqual(results[0], [7, None, None])
+        call = self.rootObject.contexts[0]
+        self.assertEqual(call.annotations, {"correlationId": "c-1", "caller": "tests"})
+        self.assertEqual(call.deadline, self.clock.seconds() + 30)
+        self.assertEqual(reply, {"seen": 7})
+
+    def test_keywordNamesStayFree(self) -> None:
+        """Keywords named timeout or context reach the method as ordinary arguments."""
+        result = self.call("annotated", 1, timeout=2, context=3)
+        self.assertEqual(result, [1, 2, 3])
+        self.assertEqual(self.rootObject.contexts[0].annotations, {})
+
+    def test_asyncMethod(self) -> None:
+        """An async method sees its context after an await."""
+        ref = self.root.withOptions(context={"k": "v"})
+        results: list[Any] = []
+        ref.callRemote("annotatedLater").addBoth(results.append)
+        self.settle(results)
+        self.assertEqual(results[0], {"k": "v"})
+
+    def test_outsideCall(self) -> None:
+        """Outside a remote call the context is empty."""
+        self.assertEqual(context.current().annotations, {})
+
+    def test_pbDialect(self) -> None:
+        """On a pb connection annotations cannot travel: UnsupportedByPeer."""
+        _server, client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        d = client.remoteForName("root").withOptions(context={"a": 1}).callRemote("echo", 1)
+        failure = self.failureResultOf(d, UnsupportedByPeer)
+        self.assertIn("call context", str(failure.value))
+
+
+class KeepaliveTests(SynchronousTestCase):
+    def connect(self, serverFactory: Any) -> Any:
+        self.clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            serverFactory,
+            pb.PBClientFactory(clock=self.clock, keepalive=pb.Keepalive(interval=10, timeout=30)),
+            clock=self.clock,
+        )
+        return server, client, pump
+
+    def test_livePeerKept(self) -> None:
+        """A quiet but live peer answers pings and the connection stays."""
+        for serverFactory in (
+            pb.PBServerFactory(NativeRoot()),
+            twistedPb.PBServerFactory(twistedPb.Root()),
+        ):
+            _server, client, pump = self.connect(serverFactory)
+            for _ in range(20):
+                self.clock.advance(5)
+                pump.flush()
+            self.assertFalse(client.disconnected)
+            self.assertGreater(client._pingCount, 5)
+
+    def test_silentPeerDropped(self) -> None:
+        """A peer that stops answering is dropped within the timeout; calls fail."""
+        _server, client, pump = self.connect(pb.PBServerFactory(NativeRoot()))
+        d = client.remoteForName("root").callRemote("wait")
+        pump.flush()
+        start = self.clock.seconds()
+        # From now on nothing reaches the client: the server is silent.
+        pump.serverIO.getOutBuffer = lambda: b""  # type: ignore[method-assign]
+        with capturedLogs():
+            for _ in range(40):
+                self.clock.advance(1)
+                pump.flush()
+                if client.disconnected:
+                    break
+        self.assertTrue(client.disconnected)
+        self.assertLessEqual(self.clock.seconds() - start, 30)
+        failure = self.failureResultOf(d, PBConnectionLost)
+        self.assertIn("keepalive", str(failure.value))
+
+    def test_validation(self) -> None:
+        """A timeout shorter than the interval is refused."""
+        self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=5)
+        self.assertRaises(ValueError, pb.Keepalive, interval=0)

@@ -138,6 +138,13 @@ class FrameDecoder:
         """
         return len(self._buffer) - self._position + self._fragmented
 
+    @property
+    def midExpression(self) -> bool:
+        """
+        Whether part of a message has arrived.
+        """
+        return self.buffered > 0
+
     def feed(self, data: bytes = b"") -> list[Any]:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
@@ -161,6 +168,7 @@ class FrameDecoder:
         end = len(buffer)
         position = 0
         limit = self.messageSizeLimit
+        view = memoryview(buffer)
         try:
             while end - position >= 4:
                 (header,) = _unpackHeader(buffer, position)
@@ -176,7 +184,7 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(size, limit))
                     if end - position - 4 < size:
                         break
-                    payload = bytes(buffer[position + 4 : position + 4 + size])
+                    payload = bytes(view[position + 4 : position + 4 + size])
                     position += 4 + size
                     results.append(_unpackEnvelope(payload))
                 elif kind in (MORE, LAST):
@@ -185,7 +193,7 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(total, limit))
                     if end - position - 4 < size:
                         break
-                    self._fragments.append(bytes(buffer[position + 4 : position + 4 + size]))
+                    self._fragments.append(bytes(view[position + 4 : position + 4 + size]))
                     self._fragmented = total
                     position += 4 + size
                     if kind == LAST:
@@ -196,6 +204,7 @@ class FrameDecoder:
                 else:
                     raise BananaDecodeError(f"an unknown pbroker2 record kind: {kind}")
         finally:
+            view.release()
             self._position = position
 
 
@@ -244,6 +253,10 @@ class ValueCodec:
         self.depthLimit = depthLimit
         self._depth = 0
         self._special = False
+        self._packing = False
+        self._plainPacker = msgpack.Packer(
+            default=self._plainOnly, use_bin_type=True, strict_types=True, autoreset=True
+        )
 
     # Sending
 
@@ -258,7 +271,14 @@ class ValueCodec:
         """
         self._special = False
         try:
-            packed = self._packWith(value, self._plainOnly)
+            if self._packing:  # re-entered from a hook: the shared packer is busy
+                packed = self._packWith(value, self._plainOnly)
+            else:
+                self._packing = True
+                try:
+                    packed = self._plainPacker.pack(value)
+                finally:
+                    self._packing = False
         except (ValueError, RecursionError):
             # Plain containers in a cycle, or deeper than msgpack goes: jelly keeps the shape.
             return msgpack.packb(msgpack.ExtType(JELLY, self._jelly(value)))  # type: ignore[no-any-return]

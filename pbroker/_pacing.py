@@ -50,6 +50,9 @@ class PacedTransport:
         if not self.paused:
             return
         self.bufferedWhilePaused += len(data)
+        self._checkBuffered()
+
+    def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:
             self._log.warn(
@@ -61,8 +64,16 @@ class PacedTransport:
             self.abortConnection()
 
     def writeSequence(self, data: list[bytes]) -> None:
-        for chunk in data:
-            self.write(chunk)
+        writeSequence = getattr(self._transport, "writeSequence", None)
+        if writeSequence is None:
+            self._transport.write(b"".join(data))
+        else:
+            writeSequence(data)
+        size = sum(len(chunk) for chunk in data)
+        self.written += size
+        if self.paused:
+            self.bufferedWhilePaused += size
+            self._checkBuffered()
 
     def _release(self) -> None:
         if self._registered:

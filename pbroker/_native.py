@@ -58,7 +58,9 @@ __all__ = [
     "WHOLE",
     "FrameDecoder",
     "ValueCodec",
-    "packEnvelope",
+    "Packed",
+    "inline",
+    "packMessage",
     "records",
 ]
 
@@ -75,25 +77,89 @@ _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
 
-#: Packs a message envelope (lists, integers, bytes; values are already bytes).
-_envelopePacker = msgpack.Packer(use_bin_type=True, autoreset=True)
+#: The extension type that stands, in a message's envelope, for a value sent after it.
+VALUE = 6
 
 
-def packEnvelope(message: list[Any]) -> bytes:
+class Packed:
     """
-    The msgpack payload of one message.
+    A value already packed (arguments, a result, a failure): a message carries it after its
+    envelope rather than inside it, so large values are not copied into the envelope.
     """
-    return _envelopePacker.pack(message)  # type: ignore[no-any-return]
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"<Packed {len(self.data)} bytes>"
 
 
-def records(payload: bytes) -> list[bytes]:
+class _MessagePacker:
     """
-    The records that carry ``payload``: one ``WHOLE`` record, or fragments of
-    :data:`FRAGMENT_SIZE`. (The broker sends fragments lazily; this is for small payloads and
-    tests.)
+    Packs message envelopes, setting :class:`Packed` values aside.
     """
+
+    def __init__(self) -> None:
+        self._values: list[bytes] = []
+        self._packer = msgpack.Packer(default=self._default, use_bin_type=True, autoreset=True)
+
+    def _default(self, obj: Any) -> Any:
+        if type(obj) is Packed:
+            self._values.append(obj.data)
+            return msgpack.ExtType(VALUE, _packHeader(len(obj.data)))
+        raise TypeError(f"a message cannot hold {type(obj).__name__} values")
+
+    def pack(self, message: list[Any]) -> list[bytes]:
+        values = self._values = []
+        envelope: bytes = self._packer.pack(message)
+        return [_packHeader(len(envelope)) + envelope, *values]
+
+
+_messagePacker = _MessagePacker()
+_plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+#: Packed values up to this size travel inside the envelope, as msgpack ``bin``.
+INLINE_LIMIT = 64 * 1024
+
+
+def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
+    """
+    The payload of one message as parts to be written one after the other, and whether it
+    must be sent in fragments.
+
+    A message without :class:`Packed` values is its envelope alone (a msgpack array of its
+    fields); it is sent in one ``WHOLE`` record if it fits. Otherwise the payload is the
+    length of the envelope (4 bytes), the envelope, then the :class:`Packed` values the
+    envelope refers to, in order, and it is sent in fragments (``MORE`` records, then one
+    ``LAST``), however small.
+    """
+    try:
+        envelope: bytes = _plainPacker.pack(message)
+    except TypeError:
+        return _messagePacker.pack(message), True
+    if len(envelope) <= FRAGMENT_SIZE:
+        return [envelope], False
+    return [_packHeader(len(envelope)), envelope], True
+
+
+def inline(data: bytes) -> bytes | Packed:
+    """
+    A packed value as a message carries it: inline if small, else after the envelope.
+    """
+    return data if len(data) <= INLINE_LIMIT else Packed(data)
+
+
+def records(message: list[Any]) -> list[bytes]:
+    """
+    The records that carry ``message``: one ``WHOLE`` record, or fragments of at most
+    :data:`FRAGMENT_SIZE`. (The broker writes fragments lazily; this is for tests.)
+    """
+    parts, fragmented = packMessage(message)
+    payload = b"".join(parts)
     size = len(payload)
-    if size <= FRAGMENT_SIZE:
+    if not fragmented:
         return [_packHeader(size) + payload]
     out = []
     view = memoryview(payload)
@@ -137,6 +203,12 @@ class FrameDecoder:
         Bytes received but not yet part of a completed message.
         """
         return len(self._buffer) - self._position + self._fragmented
+
+    def _whole(self, payload: bytes) -> Any:
+        try:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+        except Exception as e:
+            raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
 
     @property
     def midExpression(self) -> bool:
@@ -186,7 +258,7 @@ class FrameDecoder:
                         break
                     payload = bytes(view[position + 4 : position + 4 + size])
                     position += 4 + size
-                    results.append(_unpackEnvelope(payload))
+                    results.append(self._whole(payload))
                 elif kind in (MORE, LAST):
                     total = self._fragmented + size
                     if limit is not None and total > limit:
@@ -213,10 +285,45 @@ def _tooLarge(size: int, limit: int) -> str:
 
 
 def _unpackEnvelope(payload: bytes) -> Any:
+    """
+    A message's fields; each value after the envelope becomes a memoryview of ``payload``
+    (which :meth:`ValueCodec.unpack` reads without copying it first).
+    """
+    size = len(payload)
+    if size < 4:
+        raise BananaDecodeError("a pbroker2 message shorter than its envelope length")
+    (envelopeSize,) = _unpackHeader(payload, 0)
+    offset = 4 + envelopeSize
+    if offset > size:
+        raise BananaDecodeError("a pbroker2 message shorter than its envelope")
+    view = memoryview(payload)
+
+    def value(code: int, data: bytes) -> Any:
+        nonlocal offset
+        if code != VALUE or len(data) != 4:
+            raise BananaDecodeError(f"an unknown extension type {code} in a message envelope")
+        (length,) = _unpackHeader(data, 0)
+        if offset + length > size:
+            raise BananaDecodeError("a pbroker2 message shorter than its values")
+        piece = view[offset : offset + length]
+        offset += length
+        return piece
+
     try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+        message = msgpack.unpackb(
+            view[4 : 4 + envelopeSize],
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            ext_hook=value,
+        )
+    except BananaDecodeError:
+        raise
     except Exception as e:
         raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
+    if offset != size:
+        raise BananaDecodeError("a pbroker2 message with bytes after its values")
+    return message
 
 
 _PLAIN_SEQUENCES: dict[type, int] = {tuple: TUPLE, set: SET, frozenset: FROZENSET}
@@ -325,7 +432,7 @@ class ValueCodec:
 
         :raises InvalidJelly: ``data`` is not a well-formed value.
         """
-        if type(data) is not bytes:
+        if type(data) is not memoryview and type(data) is not bytes:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         self._depth = 0
         try:

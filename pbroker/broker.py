@@ -32,7 +32,8 @@ from pbroker._native import (
     FrameDecoder,
     ValueCodec,
     fragmentHeader,
-    packEnvelope,
+    inline,
+    packMessage,
 )
 from pbroker._pacing import PacedTransport
 from pbroker._unjellier import Unjellier
@@ -214,13 +215,16 @@ Handler = Callable[..., None]
 
 class _Payload:
     """
-    A native message ready to be written (as opposed to banana bytes, written as they are).
+    A native message ready to be written, in parts (as opposed to banana bytes, written as
+    they are).
     """
 
-    __slots__ = ("payload",)
+    __slots__ = ("fragmented", "parts", "size")
 
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
+    def __init__(self, parts: list[bytes], size: int, fragmented: bool) -> None:
+        self.parts = parts
+        self.size = size
+        self.fragmented = fragmented
 
 
 class Broker(Banana):
@@ -482,23 +486,23 @@ class Broker(Banana):
             return
         self._writePayload(self._nativePayload(expression))
 
-    def _nativePayload(self, expression: list[Any]) -> bytes:
-        payload = packEnvelope(expression)
-        size = len(payload)
+    def _nativePayload(self, expression: list[Any]) -> _Payload:
+        parts, fragmented = packMessage(expression)
+        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
         limit = self.peerMessageSize
         if limit is not None and size > limit:
             raise LimitExceeded(
                 f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
             )
-        return payload
+        return _Payload(parts, size, fragmented)
 
-    def _writePayload(self, payload: bytes) -> None:
-        size = len(payload)
+    def _writePayload(self, payload: _Payload) -> None:
+        size = payload.size
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
-        if size <= FRAGMENT_SIZE:
-            self.transport.write(fragmentHeader(WHOLE, size) + payload)
+        if not payload.fragmented:
+            self.transport.write(fragmentHeader(WHOLE, size) + payload.parts[0])
             return
-        self._largeOut.append([memoryview(payload), 0])
+        self._largeOut.append([[memoryview(part) for part in payload.parts], size])
         self._pumpLarge()
 
     def _pumpLarge(self) -> None:
@@ -518,17 +522,30 @@ class Broker(Banana):
                 self.clock.callLater(0, self._pumpLarge)
                 return
             entry = self._largeOut[0]
-            view, offset = entry
-            chunk = bytes(view[offset : offset + FRAGMENT_SIZE])
-            offset += len(chunk)
-            last = offset >= len(view)
+            parts, remaining = entry
+            # The next fragment: up to FRAGMENT_SIZE bytes from the front of the parts.
+            pieces = []
+            need = FRAGMENT_SIZE
+            while need and parts:
+                head = parts[0]
+                if len(head) <= need:
+                    pieces.append(head)
+                    parts.pop(0)
+                    need -= len(head)
+                else:
+                    pieces.append(head[:need])
+                    parts[0] = head[need:]
+                    need = 0
+            chunk = b"".join(pieces)
+            remaining -= len(chunk)
+            last = remaining <= 0
             transport.writeSequence([fragmentHeader(LAST if last else MORE, len(chunk)), chunk])
             budget -= len(chunk)
             if last:
                 self._largeOut.pop(0)
                 self._pumpStreams()
             else:
-                entry[1] = offset
+                entry[1] = remaining
 
     @property
     def sendingLarge(self) -> bool:
@@ -558,7 +575,7 @@ class Broker(Banana):
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
         try:
             if self._codec is not None:
-                return self._codec.pack(object)
+                return inline(self._codec.pack(object))
             if isStreamable(object):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
             # Jellied straight to banana bytes (the fused encoder), spliced into the message.
@@ -666,7 +683,7 @@ class Broker(Banana):
         if isinstance(data, bytes):
             self.transport.write(data)
         else:
-            self._writePayload(data.payload)
+            self._writePayload(data)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -711,8 +728,8 @@ class Broker(Banana):
         timeout: float | None,
     ) -> _Payload:
         assert self._codec is not None
-        netArgs = self._codec.pack(list(args))
-        netKw = self._codec.pack(kw)
+        netArgs = inline(self._codec.pack(list(args)))
+        netKw = inline(self._codec.pack(kw))
         requestID = self.newRequestID()
         answer = 1 if answerRequired else 0
         fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]
@@ -722,7 +739,7 @@ class Broker(Banana):
                 context["timeout"] = timeout
             fields[0] = prefix + b"callctx"
             fields.append(context)
-        return _Payload(self._nativePayload(fields))
+        return self._nativePayload(fields)
 
     def _cancelCall(self, requestID: int) -> None:
         """

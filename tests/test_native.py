@@ -325,14 +325,17 @@ class LargeMessageTests(NativeTestCase):
 class FrameDecoderTests(SynchronousTestCase):
     def test_splitAnywhere(self) -> None:
         """Records split at every byte boundary decode to the same messages."""
-        payloads = [_native.packEnvelope([b"answer", i, b"v" * i]) for i in (1, 300_000, 5)]
-        data = b"".join(b"".join(_native.records(p)) for p in payloads)
+        messages = [[b"answer", i, b"v" * i] for i in (1, 300_000, 5)]
+        messages.append([b"answer", 6, _native.Packed(b"w" * 600_000), _native.Packed(b"z")])
+        data = b"".join(b"".join(_native.records(m)) for m in messages)
         for step in (1, 7, 4096, len(data)):
             decoder = _native.FrameDecoder(None)
             out: list[Any] = []
             for start in range(0, len(data), step):
                 out.extend(decoder.feed(data[start : start + step]))
-            self.assertEqual([m[1] for m in out], [1, 300_000, 5])
+            self.assertEqual([m[1] for m in out], [1, 300_000, 5, 6])
+            self.assertEqual(bytes(out[1][2]), b"v" * 300_000)
+            self.assertEqual((bytes(out[3][2]), bytes(out[3][3])), (b"w" * 600_000, b"z"))
 
     def test_malformed(self) -> None:
         """Garbage, oversized records and unknown kinds are refused for good."""
@@ -345,10 +348,29 @@ class FrameDecoderTests(SynchronousTestCase):
             self.assertRaises(BananaDecodeError, decoder.feed, data)
             self.assertRaises(BananaDecodeError, decoder.feed, b"")
 
+    def test_malformedFragmentedMessages(self) -> None:
+        """A fragmented message whose envelope or values do not add up is refused."""
+        header = _native.fragmentHeader
+        envelope = _native.packMessage([b"answer", 1, _native.Packed(b"abc")])[0][0]
+        for payload in [
+            b"\x00\x00",  # shorter than the envelope length
+            b"\x00\x00\x00\x09\x93",  # shorter than the envelope
+            envelope,  # the value is missing
+            envelope + b"abcd",  # a byte after the values
+            envelope.replace(b"\xd6\x06", b"\xd6\x07"),  # an unknown extension type
+        ]:
+            decoder = _native.FrameDecoder(None)
+            self.assertRaises(
+                BananaDecodeError, decoder.feed, header(_native.LAST, len(payload)) + payload
+            )
+        decoder = _native.FrameDecoder(None)
+        out = decoder.feed(header(_native.LAST, len(envelope) + 3) + envelope + b"abc")
+        self.assertEqual(bytes(out[0][2]), b"abc")
+
     def test_limitBeforeBuffering(self) -> None:
         """A fragmented message over the limit is refused as soon as its size shows."""
         decoder = _native.FrameDecoder(300_000)
-        records = _native.records(_native.packEnvelope([b"x" * 600_000]))
+        records = _native.records([b"x" * 600_000])
         decoder.feed(records[0])
         self.assertRaises(BananaDecodeError, decoder.feed, records[1])
 

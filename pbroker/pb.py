@@ -149,7 +149,8 @@ class PBServerFactory(protocol.ServerFactory):
         is accepted; pbroker clients use the password login of :mod:`pbroker.passwords`.
     :param dialects: the dialects offered, in order of preference; by default pbroker's
         native dialect, then ``pbroker1`` and ``pb`` (see :ref:`native`).
-    :param keepalive: ping silent clients and drop dead ones (a :class:`~pbroker.broker.Keepalive`).
+    :param keepalive: ping silent clients and drop dead ones
+        (a :class:`~pbroker.broker.Keepalive`).
     :param clock: what schedules keepalive pings and call timeouts (the reactor by default).
     """
 
@@ -218,7 +219,8 @@ class PBClientFactory(protocol.ClientFactory):
         the server does not offer pbroker's password login (stock Twisted servers do not).
     :param dialects: the dialects accepted, in order of preference; ``[b"pb"]`` makes the
         client speak plain PB even to a pbroker server (see :ref:`native`).
-    :param keepalive: ping a silent server and drop a dead one (a :class:`~pbroker.broker.Keepalive`).
+    :param keepalive: ping a silent server and drop a dead one
+        (a :class:`~pbroker.broker.Keepalive`).
     :param clock: what schedules keepalive pings and call timeouts (the reactor by default).
     """
 

@@ -60,6 +60,7 @@ __all__ = [
     "Packed",
     "ValueCodec",
     "inline",
+    "wholeRecord",
     "packMessage",
     "records",
 ]
@@ -144,6 +145,24 @@ def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
     return [_packHeader(len(envelope)), envelope], True
 
 
+def wholeRecord(message: list[Any]) -> bytes | None:
+    """
+    The ``WHOLE`` record (header and envelope) of a message that fits in one, or ``None``.
+    """
+    try:
+        envelope: bytes = _plainPacker.pack(message)
+    except TypeError:  # it holds Packed values: see packMessage
+        return None
+    size = len(envelope)
+    if size > FRAGMENT_SIZE:
+        return None
+    return _packHeader(size) + envelope
+
+
+#: The packed form of an empty dict (no keyword arguments).
+EMPTY_MAP = b"\x80"
+
+
 def inline(data: bytes) -> bytes | Packed:
     """
     A packed value as a message carries it: inline if small, else after the envelope.
@@ -204,7 +223,7 @@ class FrameDecoder:
         """
         return len(self._buffer) - self._position + self._fragmented
 
-    def _whole(self, payload: bytes) -> Any:
+    def _whole(self, payload: memoryview) -> Any:
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
         except Exception as e:
@@ -232,11 +251,16 @@ class FrameDecoder:
         return results
 
     def _parse(self, data: bytes, results: list[Any]) -> None:
-        buffer = self._buffer
+        stored = self._buffer
+        buffer: bytes | bytearray
         if self._position:
-            del buffer[: self._position]
+            del stored[: self._position]
             self._position = 0
-        buffer += data
+        if stored:
+            stored += data
+            buffer = stored
+        else:
+            buffer = data  # nothing left over: parse the caller's bytes where they are
         end = len(buffer)
         position = 0
         limit = self.messageSizeLimit
@@ -256,9 +280,8 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(size, limit))
                     if end - position - 4 < size:
                         break
-                    payload = bytes(view[position + 4 : position + 4 + size])
+                    results.append(self._whole(view[position + 4 : position + 4 + size]))
                     position += 4 + size
-                    results.append(self._whole(payload))
                 elif kind in (MORE, LAST):
                     total = self._fragmented + size
                     if limit is not None and total > limit:
@@ -277,7 +300,10 @@ class FrameDecoder:
                     raise BananaDecodeError(f"an unknown pbroker2 record kind: {kind}")
         finally:
             view.release()
-            self._position = position
+            if buffer is stored:
+                self._position = position
+            elif position < end:
+                stored += memoryview(data)[position:]
 
 
 def _tooLarge(size: int, limit: int) -> str:

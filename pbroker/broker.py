@@ -32,8 +32,10 @@ from pbroker._native import (
     FrameDecoder,
     ValueCodec,
     fragmentHeader,
+    EMPTY_MAP,
     inline,
     packMessage,
+    wholeRecord,
 )
 from pbroker._pacing import PacedTransport
 from pbroker._unjellier import Unjellier
@@ -486,7 +488,18 @@ class Broker(Banana):
             return
         self._writePayload(self._nativePayload(expression))
 
-    def _nativePayload(self, expression: list[Any]) -> _Payload:
+    def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
+        """
+        A native message ready to be written: one whole record (bytes) for most messages,
+        else the parts of a fragmented one.
+
+        :raises LimitExceeded: the message is larger than the peer accepts.
+        """
+        record = wholeRecord(expression)
+        if record is not None:
+            limit = self.peerMessageSize
+            if limit is None or len(record) - 4 <= limit:
+                return record
         parts, fragmented = packMessage(expression)
         size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
         limit = self.peerMessageSize
@@ -496,9 +509,13 @@ class Broker(Banana):
             )
         return _Payload(parts, size, fragmented)
 
-    def _writePayload(self, payload: _Payload) -> None:
-        size = payload.size
+    def _writePayload(self, payload: bytes | _Payload) -> None:
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
+        if type(payload) is bytes:
+            self.transport.write(payload)
+            return
+        assert isinstance(payload, _Payload)
+        size = payload.size
         if not payload.fragmented:
             self.transport.write(fragmentHeader(WHOLE, size) + payload.parts[0])
             return
@@ -726,10 +743,10 @@ class Broker(Banana):
         kw: dict[str, Any],
         annotations: dict[str, Any] | None,
         timeout: float | None,
-    ) -> _Payload:
+    ) -> bytes | _Payload:
         assert self._codec is not None
         netArgs = inline(self._codec.pack(list(args)))
-        netKw = inline(self._codec.pack(kw))
+        netKw = inline(self._codec.pack(kw)) if kw else EMPTY_MAP
         requestID = self.newRequestID()
         answer = 1 if answerRequired else 0
         fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]

@@ -60,9 +60,9 @@ __all__ = [
     "Packed",
     "ValueCodec",
     "inline",
-    "wholeRecord",
     "packMessage",
     "records",
+    "wholeRecord",
 ]
 
 TUPLE, SET, FROZENSET, JELLY, STREAM = 1, 2, 3, 4, 5

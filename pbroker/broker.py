@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
 from pbroker._native import (
+    EMPTY_MAP,
     FRAGMENT_SIZE,
     LAST,
     MORE,
@@ -32,7 +33,6 @@ from pbroker._native import (
     FrameDecoder,
     ValueCodec,
     fragmentHeader,
-    EMPTY_MAP,
     inline,
     packMessage,
     wholeRecord,

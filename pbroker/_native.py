@@ -74,6 +74,11 @@ WHOLE, MORE, LAST = 0, 1, 2
 FRAGMENT_SIZE = 256 * 1024
 
 _LENGTH_MASK = (1 << 30) - 1
+
+# The buffer a long-lived packer starts with (msgpack's default is 256 KiB, per connection),
+# and the largest it is allowed to keep after a value.
+_BUFFER = 4096
+_KEEP = 256 * 1024
 _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
@@ -104,7 +109,9 @@ class _MessagePacker:
 
     def __init__(self) -> None:
         self._values: list[bytes] = []
-        self._packer = msgpack.Packer(default=self._default, use_bin_type=True, autoreset=True)
+        self._packer = msgpack.Packer(
+            default=self._default, use_bin_type=True, autoreset=True, buf_size=_BUFFER
+        )
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is Packed:
@@ -119,7 +126,7 @@ class _MessagePacker:
 
 
 _messagePacker = _MessagePacker()
-_plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True)
+_plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFER)
 
 #: Packed values up to this size travel inside the envelope, as msgpack ``bin``.
 INLINE_LIMIT = 64 * 1024
@@ -387,9 +394,7 @@ class ValueCodec:
         self._depth = 0
         self._special = False
         self._packing = False
-        self._plainPacker = msgpack.Packer(
-            default=self._plainOnly, use_bin_type=True, strict_types=True, autoreset=True
-        )
+        self._plainPacker = self._newPacker()
 
     # Sending
 
@@ -410,6 +415,9 @@ class ValueCodec:
                 self._packing = True
                 try:
                     packed = self._plainPacker.pack(value)
+                    if len(packed) > _KEEP:
+                        # A packer keeps the buffer its largest value needed; let it go.
+                        self._plainPacker = self._newPacker()
                 finally:
                     self._packing = False
         except (ValueError, RecursionError):
@@ -418,6 +426,15 @@ class ValueCodec:
         if not self._special:
             return packed
         return self._packWith(value, self._full)
+
+    def _newPacker(self) -> Any:
+        return msgpack.Packer(
+            default=self._plainOnly,
+            use_bin_type=True,
+            strict_types=True,
+            autoreset=True,
+            buf_size=_BUFFER,
+        )
 
     def _packWith(self, value: Any, default: Callable[[Any], Any]) -> bytes:
         self._depth = 0

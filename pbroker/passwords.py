@@ -19,9 +19,7 @@ which asks for the password (or reads it from the ``PBROKER_PASSWORD`` environme
 
 from __future__ import annotations
 
-import argparse
 import base64
-import getpass
 import hashlib
 import hmac
 import os
@@ -299,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     ``python -m pbroker.passwords add FILE USERNAME [--iterations N]``.
     """
+    # Imported here: only the command line needs them.
+    import argparse
+    import getpass
+
     parser = argparse.ArgumentParser(
         prog="python -m pbroker.passwords", description="Manage a pbroker password file."
     )

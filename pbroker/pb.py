@@ -22,7 +22,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
@@ -409,6 +408,8 @@ def listen(
     """
     endpoint: IStreamServerEndpoint
     if isinstance(description, str):
+        from twisted.internet.endpoints import serverFromString  # loads OpenSSL: only if used
+
         endpoint = serverFromString(_reactor(reactor), description)
     else:
         endpoint = description
@@ -426,6 +427,8 @@ def connect(
     """
     endpoint: IStreamClientEndpoint
     if isinstance(description, str):
+        from twisted.internet.endpoints import clientFromString  # loads OpenSSL: only if used
+
         endpoint = clientFromString(_reactor(reactor), description)
     else:
         endpoint = description

@@ -25,7 +25,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import Attribute, implementer
 
 __all__ = [
@@ -51,7 +51,7 @@ def serverEndpoint(
     *,
     interface: str = "127.0.0.1",
     clientCA: str | None = None,
-) -> SSL4ServerEndpoint:
+) -> IStreamServerEndpoint:
     """
     A TLS server endpoint.
 
@@ -61,7 +61,9 @@ def serverEndpoint(
     :param clientCA: path of a PEM file of CA certificates; if given, every client must
         present a certificate signed by one of them, or the handshake fails.
     """
+    # Imported here: OpenSSL is loaded only by programs that use TLS.
     from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ServerEndpoint
 
     serverCertificate = ssl.PrivateCertificate.loadPEM(
         _readPEM(certificate) + b"\n" + _readPEM(privateKey)
@@ -100,6 +102,7 @@ def clientEndpoint(
     :param certificate: path of this client's PEM certificate, for mutual TLS.
     :param privateKey: path of this client's PEM private key (with ``certificate``).
     """
+    # Imported here: OpenSSL is loaded only by programs that use TLS.
     from twisted.internet import ssl
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 

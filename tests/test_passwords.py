@@ -5,6 +5,7 @@ file and its command, and how it coexists with the legacy MD5 login of stock Twi
 
 from __future__ import annotations
 
+import getpass
 import io
 import os
 import stat
@@ -118,7 +119,7 @@ class PasswordFileTests(SynchronousTestCase):
         environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
         self.patch(os, "environ", environment)
         typed = iter(["one", "two"])
-        self.patch(passwords.getpass, "getpass", lambda prompt: next(typed))
+        self.patch(getpass, "getpass", lambda prompt: next(typed))
         with redirect_stderr(io.StringIO()):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
         self.assertFalse(os.path.exists(self.path))

@@ -187,16 +187,7 @@ class PBServerFactory(protocol.ServerFactory):
         Broker(dialects=dialects)  # checks the dialects now rather than per connection
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(
-            False,
-            self.security,
-            self.registry,
-            self.limits,
-            dialects=self.dialects,
-            keepalive=self.keepalive,
-            clock=self.clock,
-        )
-        broker.factory = self
+        broker = _buildBroker(self, False)
         broker.setNameForLocal(b"root", self.root.rootObject(broker))
         return broker
 
@@ -254,17 +245,7 @@ class PBClientFactory(protocol.ClientFactory):
         self._root: RemoteReference | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = self.protocol(
-            True,
-            self.security,
-            self.registry,
-            self.limits,
-            dialects=self.dialects,
-            keepalive=self.keepalive,
-            clock=self.clock,
-        )
-        broker.factory = self
-        return broker
+        return _buildBroker(self, True)
 
     def _failAll(self, reason: Failure) -> None:
         requests, self.rootObjectRequests = self.rootObjectRequests, []
@@ -386,6 +367,23 @@ class PBClientFactory(protocol.ClientFactory):
             self._broker.transport.loseConnection()
         elif self._broker is None:
             self._failAll(Failure(PBConnectionLost("disconnected before connecting")))
+
+
+def _buildBroker(factory: Any, isClient: bool) -> Broker:
+    """
+    A broker of ``factory``'s protocol class with the factory's options.
+    """
+    broker: Broker = factory.protocol(
+        isClient,
+        factory.security,
+        factory.registry,
+        factory.limits,
+        dialects=factory.dialects,
+        keepalive=factory.keepalive,
+        clock=factory.clock,
+    )
+    broker.factory = factory
+    return broker
 
 
 def _bytes(value: str | bytes) -> bytes:

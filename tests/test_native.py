@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pbroker import _native, context, pb
 from pbroker.errors import (
     BananaDecodeError,
+    InvalidJelly,
     LimitExceeded,
     PBConnectionLost,
     UnsupportedByPeer,
@@ -649,3 +650,67 @@ class KeepaliveTests(SynchronousTestCase):
         """A timeout shorter than the interval is refused."""
         self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=5)
         self.assertRaises(ValueError, pb.Keepalive, interval=0)
+
+
+class HostileNativePeerTests(NativeTestCase):
+    """
+    A peer that breaks the native dialect's rules is dropped, with one log line; one that
+    merely races (a cancel for a call already answered) is not.
+    """
+
+    def assertDropped(self, *message: Any) -> None:
+        with capturedLogs() as events:
+            self.client.sendCall(*message)
+            self.pump.flush()
+        self.assertTrue(self.server.disconnected, message)
+        self.assertTrue(any("Dropping" in str(e.get("log_format")) for e in events), events)
+
+    def test_badCredit(self) -> None:
+        """Credit must be a positive count for a stream."""
+        self.assertDropped(b"credit", 1, -5)
+
+    def test_itemForUnknownStream(self) -> None:
+        """An item for a stream never opened."""
+        self.assertDropped(b"item", 99, b"\x01")
+
+    def test_endForUnknownStream(self) -> None:
+        """The end of a stream never opened."""
+        self.assertDropped(b"end", 99)
+
+    def test_malformedHello(self) -> None:
+        """A hello that is not a dict."""
+        self.assertDropped(b"hello", [1, 2])
+
+    def test_malformedContext(self) -> None:
+        """A call whose context is not a dict of annotations."""
+        self.assertDropped(b"callctx", 1, b"root", b"echo", 1, b"\x91\x01", b"\x80", "x")
+
+    def test_itemBeyondCredit(self) -> None:
+        """A sender that ignores the reader's credit is dropped."""
+        stream = self.call("pushed")
+        self.pump.flush()
+        for _ in range(self.client.streamWindow):
+            self.server.sendCall(b"item", stream.streamID, b"\x01")
+        with capturedLogs():
+            self.server.sendCall(b"item", stream.streamID, b"\x01")
+            self.pump.flush()
+        self.assertTrue(self.client.disconnected)
+
+    def test_staleCancel(self) -> None:
+        """A cancel for a call already answered (or never made) is ignored."""
+        self.client.sendCall(b"cancel", 12345)
+        self.pump.flush()
+        self.assertFalse(self.server.disconnected)
+        self.assertEqual(self.call("echo", 1), 1)
+
+    def test_refusedItem(self) -> None:
+        """A malformed item fails that stream only (InvalidJelly), and the sender is told."""
+        stream = self.call("pushed")
+        self.pump.flush()
+        # A JELLY extension whose banana is one lone prefix byte.
+        self.server.sendCall(b"item", stream.streamID, b"\xd4\x04\x00")
+        pending = stream.next()
+        self.pump.flush()
+        self.assertFalse(self.client.disconnected)
+        self.failureResultOf(pending, InvalidJelly)
+        self.assertEqual(self.server._outStreams, {})

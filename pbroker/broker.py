@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
+from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._native import (
     EMPTY_MAP,
     FRAGMENT_SIZE,
@@ -93,27 +94,6 @@ _LARGE_READ = 4096
 
 # Cancelled calls whose late answers are still expected (pb dialect), at most.
 _MAX_ABANDONED = 10_000
-
-
-@dataclass(frozen=True)
-class Keepalive:
-    """
-    Dead-peer detection: when nothing has arrived for ``interval`` seconds the broker sends a
-    ping; when nothing has arrived for ``timeout`` seconds the connection is closed and every
-    pending call fails with :class:`~pbroker.errors.PBConnectionLost`.
-
-    A pbroker peer answers the ping; a stock Twisted peer answers it with ``didNotUnderstand``,
-    which serves as well, so keepalive works in every dialect.
-    """
-
-    interval: float = 30.0
-    timeout: float = 90.0
-
-    def __post_init__(self) -> None:
-        if not self.interval > 0 or not self.timeout > 0:
-            raise ValueError("Keepalive interval and timeout must be positive")
-        if self.timeout < self.interval:
-            raise ValueError("the Keepalive timeout must not be shorter than its interval")
 
 
 @dataclass(frozen=True)
@@ -343,10 +323,7 @@ class Broker(Banana):
         self._outStreams: dict[int, OutgoingStream] = {}
         self._inStreams: dict[int, RemoteStream] = {}
         self._cancelledInStreams: set[int] = set()
-        self._keepaliveCall: Any = None
-        self._lastHeard = 0.0
-        self._lastPing = 0.0
-        self._pingCount = 0
+        self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
     # Connection life cycle
@@ -416,9 +393,8 @@ class Broker(Banana):
         if self.disconnected:
             return
         self.disconnected = True
-        if self._keepaliveCall is not None and self._keepaliveCall.active():
-            self._keepaliveCall.cancel()
-        self._keepaliveCall = None
+        if self._keepaliveTimer is not None:
+            self._keepaliveTimer.stop()
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
@@ -955,45 +931,25 @@ class Broker(Banana):
     # Keepalive
 
     def _startKeepalive(self) -> None:
-        if self.keepalive is None:
-            return
-        self._lastHeard = self._lastPing = self.clock.seconds()
-        self._scheduleKeepalive()
-
-    def _scheduleKeepalive(self) -> None:
-        keepalive = self.keepalive
-        assert keepalive is not None
-        now = self.clock.seconds()
-        due = min(
-            max(self._lastHeard, self._lastPing) + keepalive.interval,
-            self._lastHeard + keepalive.timeout,
-        )
-        self._keepaliveCall = self.clock.callLater(max(0.0, due - now), self._keepaliveTick)
-
-    def _keepaliveTick(self) -> None:
-        self._keepaliveCall = None
-        keepalive = self.keepalive
-        if self.disconnected or keepalive is None or self.transport is None:
-            return
-        now = self.clock.seconds()
-        silent = now - self._lastHeard
-        if silent >= keepalive.timeout:
-            self._lostReason = (
-                f"the peer sent nothing for {silent:g} seconds "
-                f"(keepalive timeout {keepalive.timeout:g} s)"
+        if self.keepalive is not None:
+            self._keepaliveTimer = KeepaliveTimer(
+                self.clock, self.keepalive, self._sendPing, self._peerIsDead
             )
-            self._log.warn("Dropping a silent peer: {why}", why=self._lostReason)
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._keepaliveTimer.start()
+
+    def _peerIsDead(self, why: str) -> None:
+        if self.disconnected or self.transport is None:
             return
-        if now - max(self._lastHeard, self._lastPing) >= keepalive.interval:
-            self._pingCount += 1
-            self._lastPing = now
-            self._sendPing()
-        self._scheduleKeepalive()
+        self._lostReason = why
+        self._log.warn("Dropping a silent peer: {why}", why=why)
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _sendPing(self) -> None:
+        if self.disconnected or self.transport is None:
+            return
         if self.isNative or self.peerIsPbroker:
-            self.sendCall(b"ping", self._pingCount)
+            assert self._keepaliveTimer is not None
+            self.sendCall(b"ping", self._keepaliveTimer.pings)
             return
         # A stock Twisted peer has no ping, but answers any call; one to an object that does
         # not exist costs it a lookup and no log line, and its error answer is the pong.
@@ -1002,8 +958,8 @@ class Broker(Banana):
             pinged.addErrback(lambda _: None)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.keepalive is not None:
-            self._lastHeard = self.clock.seconds()
+        if self._keepaliveTimer is not None:
+            self._keepaliveTimer.heard()
         decoder = self._decoder
         if (len(data) >= _LARGE_READ or (decoder is not None and decoder.midExpression)) and (
             gc.isenabled()

@@ -625,7 +625,7 @@ class KeepaliveTests(SynchronousTestCase):
                 self.clock.advance(5)
                 pump.flush()
             self.assertFalse(client.disconnected)
-            self.assertGreater(client._pingCount, 5)
+            self.assertGreater(client._keepaliveTimer.pings, 5)
 
     def test_silentPeerDropped(self) -> None:
         """A peer that stops answering is dropped within the timeout; calls fail."""

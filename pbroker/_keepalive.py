@@ -1,0 +1,103 @@
+"""
+Dead-peer detection for one connection: when to ping, and when to give up.
+
+:class:`KeepaliveTimer` knows nothing of the wire: the broker tells it when data arrives
+(:meth:`~KeepaliveTimer.heard`) and gives it two callables, one that sends a ping and one that
+drops the connection. One delayed call is pending at a time, scheduled for the next moment
+something is due, so an idle connection costs one timer, not a tick per second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Keepalive", "KeepaliveTimer"]
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """
+    Dead-peer detection: when nothing has arrived for ``interval`` seconds the broker sends a
+    ping; when nothing has arrived for ``timeout`` seconds the connection is closed and every
+    pending call fails with :class:`~pbroker.errors.PBConnectionLost`.
+
+    A pbroker peer answers the ping; a stock Twisted peer is pinged with a call to an object
+    that does not exist, whose error answer serves as well, so keepalive works in every
+    dialect.
+    """
+
+    interval: float = 30.0
+    timeout: float = 90.0
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0 or not self.timeout > 0:
+            raise ValueError("Keepalive interval and timeout must be positive")
+        if self.timeout < self.interval:
+            raise ValueError("the Keepalive timeout must not be shorter than its interval")
+
+
+class KeepaliveTimer:
+    """
+    Pings a silent peer every ``settings.interval`` seconds and calls ``dead(why)`` once
+    nothing has been heard for ``settings.timeout`` seconds.
+
+    :ivar pings: how many pings were sent.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        settings: Keepalive,
+        ping: Callable[[], object],
+        dead: Callable[[str], object],
+    ) -> None:
+        self._clock = clock
+        self.settings = settings
+        self._ping = ping
+        self._dead = dead
+        self._call: Any = None
+        self.lastHeard = 0.0
+        self._lastPing = 0.0
+        self.pings = 0
+
+    def start(self) -> None:
+        self.lastHeard = self._lastPing = self._clock.seconds()
+        self._schedule()
+
+    def heard(self) -> None:
+        """
+        Something arrived from the peer.
+        """
+        self.lastHeard = self._clock.seconds()
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self) -> None:
+        settings = self.settings
+        due = min(
+            max(self.lastHeard, self._lastPing) + settings.interval,
+            self.lastHeard + settings.timeout,
+        )
+        self._call = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._tick)
+
+    def _tick(self) -> None:
+        self._call = None
+        settings = self.settings
+        now = self._clock.seconds()
+        silent = now - self.lastHeard
+        if silent >= settings.timeout:
+            self._dead(
+                f"the peer sent nothing for {silent:g} seconds "
+                f"(keepalive timeout {settings.timeout:g} s)"
+            )
+            return
+        if now - max(self.lastHeard, self._lastPing) >= settings.interval:
+            self.pings += 1
+            self._lastPing = now
+            self._ping()
+        self._schedule()

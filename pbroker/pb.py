@@ -207,8 +207,9 @@ class PBClientFactory(protocol.ClientFactory):
     :param limits: what the server may make the client hold (:class:`BrokerLimits`).
     :param legacyLogin: whether :meth:`login` may fall back on the legacy MD5 exchange when
         the server does not offer pbroker's password login (stock Twisted servers do not).
-    :param dialects: the dialects accepted, in order of preference; ``[b"pb"]`` makes the
-        client speak plain PB even to a pbroker server (see :ref:`native`).
+    :param dialects: the dialects accepted (the first of them in the server's order is
+        chosen); ``[b"pb"]`` makes the client speak plain PB even to a pbroker server (see
+        :ref:`native`).
     :param keepalive: ping a silent server and drop a dead one
         (a :class:`~pbroker.broker.Keepalive`).
     :param clock: what schedules keepalive pings and call timeouts (the reactor by default).

@@ -714,3 +714,50 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertFalse(self.client.disconnected)
         self.failureResultOf(pending, InvalidJelly)
         self.assertEqual(self.server._outStreams, {})
+
+
+class LocalStreamTests(SynchronousTestCase):
+    """
+    :class:`Stream` on its own: a buffer with back-pressure for writers and push producers.
+    """
+
+    def test_pushProducerPausedAndResumed(self) -> None:
+        """A registered push producer is paused when the buffer fills and resumed as it drains."""
+        events: list[str] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                events.append("pause")
+
+            def resumeProducing(self) -> None:
+                events.append("resume")
+
+            def stopProducing(self) -> None:
+                events.append("stop")
+
+        stream = Stream(bufferSize=2)
+        stream.registerProducer(Producer(), True)
+        stream.write(1)
+        self.assertEqual(events, [])
+        stream.write(2)
+        self.assertEqual(events, ["pause"])
+        self.assertEqual(self.successResultOf(stream.__anext__()), 1)
+        self.assertEqual(events, ["pause", "resume"])
+        stream.close()
+        self.assertEqual(events, ["pause", "resume", "stop"])
+
+    def test_pullProducersRefused(self) -> None:
+        """Only push producers can drive a Stream."""
+        self.assertRaises(ValueError, Stream().registerProducer, object(), False)
+
+    def test_finishAfterItems(self) -> None:
+        """Items written before finish() are read, then the stream ends; fail() ends it so."""
+        stream = Stream()
+        stream.write("a")
+        stream.finish()
+        self.assertEqual(self.successResultOf(stream.__anext__()), "a")
+        self.failureResultOf(stream.__anext__(), StopAsyncIteration)
+        self.assertRaises(ValueError, stream.write, "late")
+        failing = Stream()
+        failing.fail(ValueError("broken"))
+        self.failureResultOf(failing.__anext__(), ValueError)

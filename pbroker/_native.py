@@ -74,6 +74,7 @@ WHOLE, MORE, LAST = 0, 1, 2
 FRAGMENT_SIZE = 256 * 1024
 
 _LENGTH_MASK = (1 << 30) - 1
+unpackb = msgpack.unpackb
 
 # The buffer a long-lived packer starts with (msgpack's default is 256 KiB, per connection),
 # and the largest it is allowed to keep after a value.
@@ -230,12 +231,6 @@ class FrameDecoder:
         """
         return len(self._buffer) - self._position + self._fragmented
 
-    def _whole(self, payload: memoryview) -> Any:
-        try:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
-        except Exception as e:
-            raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
-
     @property
     def midExpression(self) -> bool:
         """
@@ -287,7 +282,18 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(size, limit))
                     if end - position - 4 < size:
                         break
-                    results.append(self._whole(view[position + 4 : position + 4 + size]))
+                    try:
+                        message = unpackb(
+                            view[position + 4 : position + 4 + size],
+                            raw=False,
+                            strict_map_key=False,
+                            use_list=True,
+                        )
+                    except Exception as e:
+                        raise BananaDecodeError(
+                            f"a malformed pbroker2 message: {describe(str(e))}"
+                        ) from None
+                    results.append(message)
                     position += 4 + size
                 elif kind in (MORE, LAST):
                     total = self._fragmented + size
@@ -475,9 +481,9 @@ class ValueCodec:
 
         :raises InvalidJelly: ``data`` is not a well-formed value.
         """
-        if type(data) is not memoryview and type(data) is not bytes:
+        kind = type(data)
+        if kind is not bytes and kind is not memoryview:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
-        self._depth = 0
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension

@@ -12,9 +12,9 @@ flavors reach it through ``jellier.invoker``.
 from __future__ import annotations
 
 import gc
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, ClassVar, NoReturn
 
 from twisted.cred.error import LoginFailed
@@ -462,6 +462,13 @@ class Broker(Banana):
         if self._codec is None:
             super().sendEncoded(expression)
             return
+        record = wholeRecord(expression)
+        if record is not None:
+            limit = self.peerMessageSize
+            if limit is None or len(record) - 4 <= limit:
+                assert self.transport is not None, "sendEncoded() called before connectionMade()"
+                self.transport.write(record)
+                return
         self._writePayload(self._nativePayload(expression))
 
     def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
@@ -560,9 +567,9 @@ class Broker(Banana):
         in the PB dialects, msgpack bytes in the native one; either is sent as it is. A
         Deferred (or a coroutine, which is awaited) gives a Deferred of the encoded result.
         """
-        if inspect.iscoroutine(object):
-            object = Deferred.fromCoroutine(object)
-        if isinstance(object, Deferred):
+        if isinstance(object, (CoroutineType, Deferred)):
+            if isinstance(object, CoroutineType):
+                object = Deferred.fromCoroutine(object)
             return object.addCallback(self.serialize, perspective, method, args, kw)
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
@@ -582,10 +589,13 @@ class Broker(Banana):
         """
         Unjelly what the peer sent, on behalf of ``perspective``.
         """
+        codec = self._codec
+        if codec is not None and perspective is None and self.unserializingPerspective is None:
+            return codec.unpack(sexp)  # the common case, without the bookkeeping below
         self.unserializingPerspective = perspective
         try:
-            if self._codec is not None:
-                return self._codec.unpack(sexp)
+            if codec is not None:
+                return codec.unpack(sexp)
             return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
         finally:
             self.unserializingPerspective = None
@@ -1310,10 +1320,13 @@ class Broker(Banana):
         return deferred
 
     def _answer(self, requestID: Any, netResult: Any) -> None:
-        deferred = self._takeWaiting(requestID)
-        self._replyTargets.pop(requestID, None)
+        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
         if deferred is None:
-            return
+            deferred = self._takeWaiting(requestID)
+            if deferred is None:
+                return
+        if self._replyTargets:
+            self._replyTargets.pop(requestID, None)
         try:
             result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays

@@ -430,7 +430,10 @@ class Jellier:
                     if 0 <= item < smallCount:
                         append(smallInts[item])
                     elif 0 < item < fastIntLimit:
-                        append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, 0x81)))
+                        if item < 0x4000:
+                            append(bytes((item & 0x7F, item >> 7, 0x81)))
+                        else:
+                            append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, 0x81)))
                     else:
                         append(tokens.integer(item))
                 elif kind is str:

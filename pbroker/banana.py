@@ -151,7 +151,7 @@ def _intToken(value: int) -> bytes:
 
 # Small non-negative integers and short lengths are by far the most common tokens; a table of
 # their encodings turns the hot path of the encoder into one list index.
-_CACHED: Final = 0x4000
+_CACHED: Final = 0x400
 _HEADERS: Final = 0x400
 _INT_TOKENS: Final = [_intToken(i) for i in range(_CACHED)]
 _STRING_HEADERS: Final = [_base128(i) + b"\x82" for i in range(_HEADERS)]
@@ -351,6 +351,8 @@ def encode(
                 if 0 <= item < fastIntLimit:
                     if item < cached:
                         append(intTokens[item])
+                    elif item < 0x4000:
+                        append(bytes((item & 0x7F, item >> 7, INT)))
                     else:
                         append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, INT)))
                 else:

@@ -14,7 +14,7 @@ from twisted.spread import banana as twistedBanana
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import banana
+from pbroker import banana, jelly
 from pbroker.banana import Banana, Decoder, decode, encode
 from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
 
@@ -194,6 +194,27 @@ class EncodeTests(SynchronousTestCase):
         with self.assertRaises(BananaEncodeError):
             small.integer(128)
         self.assertEqual(len(small.smallInts), 128)
+
+
+class IntegerPrefixTests(SynchronousTestCase):
+    """
+    Integers around the encoders' table and prefix-length boundaries, in both encoders.
+    """
+
+    def test_boundaries(self) -> None:
+        """1, 2 and 3 prefix bytes, on either side of the cached table, as Twisted writes."""
+        for value in (0, 127, 128, 1023, 1024, 1025, 16383, 16384, 2**21 - 1, 2**21, 2**31):
+            data = encode(value)
+            self.assertEqual(data, twistedBanana.encode(value))
+            self.assertEqual(decode(data), value)
+            self.assertEqual(jelly.dumps(value), data)
+
+    def test_prefixLimit(self) -> None:
+        """A value needing more prefix bytes than allowed is refused by both encoders."""
+        for value, limit in ((200, 1), (20000, 2)):
+            self.assertRaises(BananaEncodeError, encode, value, prefixLimit=limit)
+            self.assertRaises(BananaEncodeError, jelly.dumps, value, prefixLimit=limit)
+        self.assertEqual(encode(5000, prefixLimit=2), b"\x08'\x81")
 
 
 class DecodeTests(SynchronousTestCase):

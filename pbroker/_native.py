@@ -38,6 +38,7 @@ twice in one value arrives as two equal lists. A value whose plain containers fo
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -126,8 +127,39 @@ class _MessagePacker:
         return [_packHeader(len(envelope)) + envelope, *values]
 
 
+# The packers all connections share. A message may be packed while another is being packed:
+# the collector can run a RemoteReference's __del__ (which sends a decref) in the middle of
+# any allocation. The flag sends such a nested message through a fresh packer instead, so
+# the shared one's buffer is never written into twice.
 _messagePacker = _MessagePacker()
 _plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFER)
+_busy = False
+
+
+def _packEnvelope(message: list[Any]) -> bytes:
+    """
+    A message without :class:`Packed` values, packed (``TypeError`` if it has some).
+    """
+    global _busy
+    if _busy:
+        return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+    _busy = True
+    try:
+        return _plainPacker.pack(message)  # type: ignore[no-any-return]
+    finally:
+        _busy = False
+
+
+def _packParts(message: list[Any]) -> list[bytes]:
+    global _busy
+    if _busy:
+        return _MessagePacker().pack(message)
+    _busy = True
+    try:
+        return _messagePacker.pack(message)
+    finally:
+        _busy = False
+
 
 #: Packed values up to this size travel inside the envelope, as msgpack ``bin``.
 INLINE_LIMIT = 64 * 1024
@@ -144,10 +176,9 @@ def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
     envelope refers to, in order, and it is sent in fragments (``MORE`` records, then one
     ``LAST``), however small.
     """
-    try:
-        envelope: bytes = _plainPacker.pack(message)
-    except TypeError:
-        return _messagePacker.pack(message), True
+    if any(type(field) is Packed for field in message):
+        return _packParts(message), True
+    envelope = _packEnvelope(message)
     if len(envelope) <= FRAGMENT_SIZE:
         return [envelope], False
     return [_packHeader(len(envelope)), envelope], True
@@ -157,10 +188,10 @@ def wholeRecord(message: list[Any]) -> bytes | None:
     """
     The ``WHOLE`` record (header and envelope) of a message that fits in one, or ``None``.
     """
-    try:
-        envelope: bytes = _plainPacker.pack(message)
-    except TypeError:  # it holds Packed values: see packMessage
-        return None
+    for field in message:
+        if type(field) is Packed:
+            return None  # see packMessage
+    envelope = _packEnvelope(message)
     size = len(envelope)
     if size > FRAGMENT_SIZE:
         return None
@@ -296,6 +327,13 @@ class FrameDecoder:
                     results.append(message)
                     position += 4 + size
                 elif kind in (MORE, LAST):
+                    if (kind == MORE and size != FRAGMENT_SIZE) or size == 0:
+                        # Every fragment but the last is full: a peer cannot make this side
+                        # hold many small pieces (or count nothing against the limit).
+                        raise BananaDecodeError(
+                            f"a pbroker2 fragment of {size} bytes (all but the last carry "
+                            f"{FRAGMENT_SIZE}, the last at least one)"
+                        )
                     total = self._fragmented + size
                     if limit is not None and total > limit:
                         raise BananaDecodeError(_tooLarge(total, limit))
@@ -492,6 +530,26 @@ class ValueCodec:
             raise  # refused by the security options or a limit: the broker's business
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
+
+    def streamsIn(self, data: Any) -> list[int]:
+        """
+        The ids of the streams a packed value (bytes, or :class:`Packed`) refers to, found
+        without unpacking anything else (for a value that could not be sent after all).
+        """
+        found: list[int] = []
+
+        def hook(code: int, payload: bytes) -> Any:
+            if code in _REBUILD:
+                msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=hook)
+            elif code == STREAM:
+                found.append(msgpack.unpackb(payload))
+            return None
+
+        if type(data) is Packed:
+            data = data.data
+        with contextlib.suppress(Exception):
+            msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=hook)
+        return found
 
     def _extension(self, code: int, data: bytes) -> Any:
         rebuild = _REBUILD.get(code)

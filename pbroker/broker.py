@@ -11,11 +11,13 @@ flavors reach it through ``jellier.invoker``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, ClassVar, NoReturn
+from weakref import WeakValueDictionary
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -91,6 +93,9 @@ _PING_OBJECT = b"pbroker.keepalive"
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
 # decoded with the cyclic garbage collector paused.
 _LARGE_READ = 4096
+
+# The smallest message limit a peer is taken at its word for.
+_MIN_PEER_MESSAGE_SIZE = 64 * 1024
 
 # Cancelled calls whose late answers are still expected (pb dialect), at most.
 _MAX_ABANDONED = 10_000
@@ -310,10 +315,14 @@ class Broker(Banana):
         # Large native messages waiting to be written, as [payload view, offset].
         self._largeOut: list[list[Any]] = []
         self._largeScheduled = False
+        self._pumpingLarge = False
+        # Stream messages waiting for the large messages queued before them.
+        self._afterLarge: list[bytes | _Payload] = []
         #: The largest message the peer accepts (it says so in its hello), if known.
         self.peerMessageSize: int | None = BrokerLimits.messageSize
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = set()
+        self._abandonedOverflow = False
         # Request id -> the dict a call's reply annotations go to.
         self._replyTargets: dict[int, dict[str, Any]] = {}
         # Request id -> the context of a call from the peer that carried one.
@@ -321,7 +330,8 @@ class Broker(Banana):
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self.currentStreamID = 0
         self._outStreams: dict[int, OutgoingStream] = {}
-        self._inStreams: dict[int, RemoteStream] = {}
+        # Held weakly: a reader dropped unread is collected, and its __del__ cancels it.
+        self._inStreams: WeakValueDictionary[int, RemoteStream] = WeakValueDictionary()
         self._cancelledInStreams: set[int] = set()
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
@@ -402,8 +412,8 @@ class Broker(Banana):
         outgoing, self._outStreams = self._outStreams, {}
         for sender in outgoing.values():
             sender.connectionLost()
-        incoming, self._inStreams = self._inStreams, {}
-        for reader in incoming.values():
+        incoming, self._inStreams = self._inStreams, WeakValueDictionary()
+        for reader in list(incoming.values()):
             reader._connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
@@ -509,43 +519,79 @@ class Broker(Banana):
         """
         Write the fragments of large messages while the connection takes data, a bounded
         amount per reactor turn, so that other messages (written whole, at once) get between
-        them.
+        them. When the queue is empty, stream messages held behind it go out, and streams
+        with credit send more (their large items join the queue and this loop goes on: it
+        does not recurse).
         """
         self._largeScheduled = False
-        transport = self.transport
-        budget = _LARGE_BYTES_PER_TURN
-        while self._largeOut and not self.disconnected and transport is not None:
-            if isinstance(transport, PacedTransport) and transport.paused:
-                return  # resumeProducing() calls sendPages(), which comes back here
-            if budget <= 0:
-                self._largeScheduled = True
-                self.clock.callLater(0, self._pumpLarge)
-                return
-            entry = self._largeOut[0]
-            parts, remaining = entry
-            # The next fragment: up to FRAGMENT_SIZE bytes from the front of the parts.
-            pieces = []
-            need = FRAGMENT_SIZE
-            while need and parts:
-                head = parts[0]
-                if len(head) <= need:
-                    pieces.append(head)
-                    parts.pop(0)
-                    need -= len(head)
-                else:
-                    pieces.append(head[:need])
-                    parts[0] = head[need:]
-                    need = 0
-            chunk = b"".join(pieces)
-            remaining -= len(chunk)
-            last = remaining <= 0
-            transport.writeSequence([fragmentHeader(LAST if last else MORE, len(chunk)), chunk])
-            budget -= len(chunk)
-            if last:
-                self._largeOut.pop(0)
-                self._pumpStreams()
+        if self._pumpingLarge:
+            return  # the running loop will see what was added
+        self._pumpingLarge = True
+        try:
+            budget = _LARGE_BYTES_PER_TURN
+            while not self.disconnected and self.transport is not None:
+                if not self._largeOut:
+                    self._flushAfterLarge()
+                    if not self._largeOut:
+                        self._pumpStreams()
+                    if not self._largeOut:
+                        return
+                transport = self.transport
+                if isinstance(transport, PacedTransport) and transport.paused:
+                    return  # resumeProducing() calls transportResumed(), which comes back
+                if budget <= 0:
+                    if not self._largeScheduled:
+                        self._largeScheduled = True
+                        self.clock.callLater(0, self._pumpLarge)
+                    return
+                budget -= self._writeFragment()
+        finally:
+            self._pumpingLarge = False
+
+    def _writeFragment(self) -> int:
+        """
+        Write the next fragment of the first large message; return its size.
+        """
+        assert self.transport is not None
+        entry = self._largeOut[0]
+        parts, remaining = entry
+        # Up to FRAGMENT_SIZE bytes from the front of the parts; all but the last are full.
+        pieces = []
+        need = FRAGMENT_SIZE
+        while need and parts:
+            head = parts[0]
+            if len(head) <= need:
+                pieces.append(head)
+                parts.pop(0)
+                need -= len(head)
             else:
-                entry[1] = remaining
+                pieces.append(head[:need])
+                parts[0] = head[need:]
+                need = 0
+        chunk = b"".join(pieces)
+        remaining -= len(chunk)
+        last = remaining <= 0
+        self.transport.writeSequence([fragmentHeader(LAST if last else MORE, len(chunk)), chunk])
+        if last:
+            self._largeOut.pop(0)
+        else:
+            entry[1] = remaining
+        return len(chunk)
+
+    def _sendBehindLarge(self, *expression: Any) -> None:
+        """
+        Send a stream's message after any large message already queued, so that a stream's
+        items and its end keep their order however large the items are.
+        """
+        if self._largeOut or self._afterLarge:
+            # Packed now, so that a message too large for the peer fails here, not later.
+            self._afterLarge.append(self._nativePayload(list(expression)))
+        else:
+            self.sendCall(*expression)
+
+    def _flushAfterLarge(self) -> None:
+        while self._afterLarge and not self._largeOut and not self.disconnected:
+            self._writePayload(self._afterLarge.pop(0))
 
     @property
     def sendingLarge(self) -> bool:
@@ -660,6 +706,7 @@ class Broker(Banana):
         self.serializingPerspective = perspective
         self.jellyMethod = message
         data: bytes | _Payload
+        mark = self.currentStreamID
         try:
             if self._codec is not None:
                 data = self._nativeCall(
@@ -671,7 +718,9 @@ class Broker(Banana):
                 data = self._bananaCall(prefix, objectID, message, answerRequired, args, kw)
             requestID = self.currentRequestID
         except Exception:
-            return fail() if answerRequired else None
+            failure = Failure()
+            self._dropStreamsAfter(mark)
+            return fail(failure) if answerRequired else None
         finally:
             self.serializingPerspective = None
             self.jellyMethod = None
@@ -754,6 +803,8 @@ class Broker(Banana):
         self._replyTargets.pop(requestID, None)
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
+        else:
+            self._abandonedOverflow = True
         if self.isNative and self._canSend:
             self.sendCall(b"cancel", requestID)
 
@@ -833,16 +884,16 @@ class Broker(Banana):
         """
         The connection takes data again: large messages, streams and pagers go on.
         """
-        if self._largeOut and not self._largeScheduled:
-            self._pumpLarge()
-        self._pumpStreams()
+        self._pumpLarge()  # which also lets streams with credit go on
         self.sendPages()
 
     # Streams (native dialect)
 
     def _canStream(self) -> bool:
+        # Nothing is pulled from a stream's source while large messages wait: memory stays
+        # bounded by what is on its way, and items keep their order.
         transport = self.transport
-        if self.disconnected or transport is None or len(self._largeOut) > 1:
+        if self.disconnected or transport is None or self._largeOut or self._afterLarge:
             return False
         return not (isinstance(transport, PacedTransport) and transport.paused)
 
@@ -874,24 +925,52 @@ class Broker(Banana):
             self.sendCall(b"credit", streamID, count)
 
     def _cancelStream(self, streamID: int) -> None:
-        if self._inStreams.pop(streamID, None) is None:
+        """
+        Stop reading the peer's stream ``streamID`` (the reader cancelled, failed, or was
+        dropped unread and collected).
+        """
+        self._inStreams.pop(streamID, None)
+        if streamID in self._cancelledInStreams or not self._canSend:
             return
-        if self._canSend:
-            self._cancelledInStreams.add(streamID)
-            self.sendCall(b"streamcancel", streamID)
+        self._cancelledInStreams.add(streamID)
+        self.sendCall(b"streamcancel", streamID)
 
     def _sendStreamItem(self, streamID: int, item: Any, perspective: Any) -> None:
-        self.sendCall(b"item", streamID, self.serialize(item, perspective))
+        mark = self.currentStreamID
+        try:
+            self._sendBehindLarge(b"item", streamID, self.serialize(item, perspective))
+        except Exception:
+            self._dropStreamsAfter(mark)
+            raise
+
+    def _dropStreamsAfter(self, mark: int) -> None:
+        """
+        Forget the streams registered for a message that could not be sent (their ids are
+        above ``mark``), closing their sources: the peer will never ask for their items.
+        """
+        for streamID in [i for i in self._outStreams if i > mark]:
+            self._outStreams.pop(streamID).connectionLost()
+
+    def _dropStreamsIn(self, netValue: Any) -> None:
+        """
+        Forget the streams a packed value that could not be sent refers to.
+        """
+        if self._codec is None:
+            return
+        for streamID in self._codec.streamsIn(netValue):
+            sender = self._outStreams.pop(streamID, None)
+            if sender is not None:
+                sender.connectionLost()
 
     def _streamEnded(self, streamID: int, failure: Failure | None) -> None:
         if self._outStreams.pop(streamID, None) is None or not self._canSend:
             return
         if failure is None:
-            self.sendCall(b"end", streamID)
+            self._sendBehindLarge(b"end", streamID)
             return
         if failure.check(*self.quietFailures) is None:
             self._log.failure("Peer will receive the following stream error", failure)
-        self.sendCall(b"streamerror", streamID, self._serializeFailure(failure))
+        self._sendBehindLarge(b"streamerror", streamID, self._serializeFailure(failure))
 
     def _credit(self, streamID: Any, count: Any) -> None:
         if type(streamID) is not int or type(count) is not int or count < 1:
@@ -906,7 +985,9 @@ class Broker(Banana):
             sender.cancel()
 
     def _incomingStream(self, streamID: Any) -> RemoteStream | None:
-        reader = self._inStreams.get(streamID) if type(streamID) is int else None
+        if type(streamID) is not int:
+            raise ProtocolError(f"a malformed stream id: {describe(streamID)}")
+        reader = self._inStreams.get(streamID)
         if reader is None and streamID not in self._cancelledInStreams:
             raise ProtocolError(f"a message for an unknown stream: {describe(streamID)}")
         return reader
@@ -1263,7 +1344,9 @@ class Broker(Banana):
                 self.sendCall(b"answer", requestID, netResult)
         except Exception:
             # The result cannot be sent (too large, say): the caller gets that instead.
-            self._sendFailureOrError(Failure(), requestID)
+            failure = Failure()
+            self._dropStreamsIn(netResult)
+            self._sendFailureOrError(failure, requestID)
 
     def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
         if failure.check(*self.quietFailures) is None:
@@ -1312,10 +1395,13 @@ class Broker(Banana):
 
     def _takeWaiting(self, requestID: Any) -> Deferred[Any] | None:
         deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
-        if deferred is None:
+        if deferred is None and type(requestID) is int:
             if requestID in self._abandoned:
                 self._abandoned.discard(requestID)
                 return None  # the answer to a call this side cancelled
+            if self._abandonedOverflow and 0 < requestID <= self.currentRequestID:
+                return None  # too many were cancelled to remember each one
+        if deferred is None:
             raise ProtocolError(f"an answer to a request never made: {describe(requestID)}")
         return deferred
 
@@ -1324,6 +1410,7 @@ class Broker(Banana):
         if deferred is None:
             deferred = self._takeWaiting(requestID)
             if deferred is None:
+                self._dropLateValue(netResult)
                 return
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
@@ -1345,13 +1432,24 @@ class Broker(Banana):
         self._replyTargets.pop(requestID, None)
         if deferred is not None:
             deferred.errback(self._unserializeFailure(netFailure))
+        else:
+            self._dropLateValue(netFailure)
+
+    def _dropLateValue(self, netValue: Any) -> None:
+        """
+        The answer to a call this side gave up on: decoded all the same, then dropped, so the
+        references in it are counted and released and its streams cancelled.
+        """
+        with contextlib.suppress(Exception):
+            self.unserialize(netValue)
 
     def _hello(self, capabilities: Any) -> None:
         if type(capabilities) is not dict:
             raise ProtocolError(f"a malformed hello: {describe(capabilities)}")
         size = capabilities.get("messageSize")
-        if size is None or (type(size) is int and size > 0):
-            self.peerMessageSize = size
+        if size is None or type(size) is int:
+            # Below a floor, even this side's answers and pings would be refused.
+            self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
 
     def _decref(self, objectID: Any) -> None:
         local = self.localObjects.get(objectID) if type(objectID) is int else None

@@ -344,6 +344,9 @@ class Stream:
         """
         self._closed = True
         self._items.clear()
+        writers, self._writers = self._writers, deque()
+        for writer in writers:
+            writer.errback(CancelledError("the reader stopped reading this stream"))
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None

@@ -368,6 +368,14 @@ class FrameDecoderTests(SynchronousTestCase):
         out = decoder.feed(header(_native.LAST, len(envelope) + 3) + envelope + b"abc")
         self.assertEqual(bytes(out[0][2]), b"abc")
 
+    def test_smallFragmentsRefused(self) -> None:
+        """A fragment that is not full (or an empty last one) is refused at once."""
+        for record in [
+            _native.fragmentHeader(_native.MORE, 1) + b"x",
+            _native.fragmentHeader(_native.LAST, 0),
+        ]:
+            self.assertRaises(BananaDecodeError, _native.FrameDecoder(None).feed, record)
+
     def test_limitBeforeBuffering(self) -> None:
         """A fragmented message over the limit is refused as soon as its size shows."""
         decoder = _native.FrameDecoder(300_000)
@@ -677,6 +685,14 @@ class HostileNativePeerTests(NativeTestCase):
         """The end of a stream never opened."""
         self.assertDropped(b"end", 99)
 
+    def test_unhashableIDs(self) -> None:
+        """Ids that are lists, not integers, drop the peer cleanly (no TypeError escapes)."""
+        self.assertDropped(b"end", [1])
+
+    def test_unhashableAnswerID(self) -> None:
+        """The same for an answer."""
+        self.assertDropped(b"answer", [1], b"\x01")
+
     def test_malformedHello(self) -> None:
         """A hello that is not a dict."""
         self.assertDropped(b"hello", [1, 2])
@@ -761,3 +777,130 @@ class LocalStreamTests(SynchronousTestCase):
         failing = Stream()
         failing.fail(ValueError("broken"))
         self.failureResultOf(failing.__anext__(), ValueError)
+
+
+class ReentrancyTests(SynchronousTestCase):
+    def test_nestedPackingDuringCollection(self) -> None:
+        """
+        A message packed while another is (a __del__ run by the collector sends a decref)
+        leaves both intact.
+        """
+        nested: list[Any] = []
+
+        class Dropped:
+            def __del__(self) -> None:
+                nested.append(_native.wholeRecord([b"decref", 7]))
+
+        def makeGarbage() -> None:
+            dropped = Dropped()
+            dropped.cycle = dropped  # type: ignore[attr-defined]
+
+        message = [b"answer", 5, _native.Packed(b"x" * 100_000)]
+        gc.collect()
+        makeGarbage()
+        threshold = gc.get_threshold()
+        gc.set_threshold(1)
+        try:
+            parts, fragmented = _native.packMessage(message)
+        finally:
+            gc.set_threshold(*threshold)
+        gc.collect()
+        self.assertEqual(len(nested), 1)
+        decoder = _native.FrameDecoder(None)
+        payload = b"".join(parts)
+        out = decoder.feed(nested[0] + _native.fragmentHeader(_native.LAST, len(payload)) + payload)
+        self.assertEqual(out[0], [b"decref", 7])
+        self.assertEqual(out[1][:2], [b"answer", 5])
+        self.assertEqual(bytes(out[1][2]), b"x" * 100_000)
+        self.assertTrue(fragmented)
+
+
+class StreamLifecycleTests(NativeTestCase):
+    """
+    Streams are released however a call ends: dropped unread, answered after a cancel,
+    refused on the way out; and large items keep their place.
+    """
+
+    def test_droppedUnreadStreamIsCancelled(self) -> None:
+        """A stream the caller drops without reading closes the sender's generator."""
+        stream = self.call("numbers", 10_000)
+        self.pump.flush()
+        del stream
+        gc.collect()
+        self.pump.flush()
+        self.assertTrue(self.rootObject.closed)
+        self.assertEqual(self.server._outStreams, {})
+
+    def test_lateAnswerReleased(self) -> None:
+        """An answer that arrives after its call was cancelled is released, not leaked."""
+        d = self.root.callRemote("wait")
+        self.pump.flush()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        assert self.rootObject.pending is not None
+        self.rootObject.pending.callback(self.rootObject.counter)  # crosses the cancel
+        self.pump.flush()
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.server.luids, {})
+        self.assertEqual(self.client._abandoned, set())
+
+    def test_refusedCallClosesItsStreams(self) -> None:
+        """A call that cannot be sent (too large) closes the stream it carried."""
+        closed: list[bool] = []
+
+        def source() -> Iterator[int]:
+            try:
+                yield 1
+            finally:
+                closed.append(True)
+
+        self.client.peerMessageSize = 1024 * 1024
+        generator = source()
+        next(generator)  # started, so that closing it runs its finally
+        failure = self.call("sum", generator, b"x" * (2 * 1024 * 1024))
+        failure.trap(LimitExceeded)
+        self.assertEqual(self.client._outStreams, {})
+        self.assertEqual(closed, [True])
+
+    def test_largeItemsKeepTheirOrder(self) -> None:
+        """Items larger than a fragment, small ones and the final error arrive in order."""
+
+        def mixed() -> Iterator[Any]:
+            yield b"L" * (3 * _native.FRAGMENT_SIZE)
+            yield 5
+            raise ValueError("after the items")
+
+        self.rootObject.remote_mixed = mixed  # type: ignore[attr-defined]
+        stream = self.call("mixed")
+        seen: list[Any] = []
+        for _ in range(3):
+            stream.next().addBoth(seen.append)
+        self.pump.flush()
+        self.assertEqual(len(seen[0]), 3 * _native.FRAGMENT_SIZE)
+        self.assertEqual(seen[1], 5)
+        self.assertIn("after the items", str(seen[2].value))
+        self.assertFalse(self.client.disconnected)
+        self.flushLoggedErrors(ValueError)
+
+    def test_writersToleratedAfterCancel(self) -> None:
+        """Writers waiting on a Stream whose reader cancels get CancelledError."""
+        stream = self.call("pushed")
+        source = self.rootObject.stream
+        waiting = [source.write(i) for i in range(40)]
+        self.pump.flush()  # the reader takes its window's worth; later writers wait
+        self.assertNoResult(waiting[-1])
+        outcomes: list[Any] = []
+        for writer in waiting:
+            writer.addBoth(outcomes.append)
+        stream.cancel()
+        self.pump.flush()
+        self.assertEqual(len(outcomes), len(waiting))
+        self.assertTrue(outcomes[-1].check(CancelledError))
+
+    def test_tinyMessageLimitFloored(self) -> None:
+        """A hello announcing a tiny limit does not stop this side from answering."""
+        self.server.sendCall(b"hello", {"messageSize": 1})
+        self.pump.flush()
+        self.assertEqual(self.client.peerMessageSize, 64 * 1024)
+        self.assertEqual(self.call("echo", 1), 1)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, ClassVar, NoReturn
-from weakref import WeakValueDictionary
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -41,6 +40,7 @@ from pbroker._native import (
     wholeRecord,
 )
 from pbroker._pacing import PacedTransport
+from pbroker._streams import StreamTable
 from pbroker._unjellier import Unjellier
 from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
 from pbroker.errors import (
@@ -60,7 +60,7 @@ from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure
 from pbroker.flavors import RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
-from pbroker.stream import DEFAULT_WINDOW, OutgoingStream, RemoteStream, isStreamable
+from pbroker.stream import DEFAULT_WINDOW, isStreamable
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -328,11 +328,7 @@ class Broker(Banana):
         # Request id -> the context of a call from the peer that carried one.
         self._callContexts: dict[int, _context.CallContext] = {}
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
-        self.currentStreamID = 0
-        self._outStreams: dict[int, OutgoingStream] = {}
-        # Held weakly: a reader dropped unread is collected, and its __del__ cancels it.
-        self._inStreams: WeakValueDictionary[int, RemoteStream] = WeakValueDictionary()
-        self._cancelledInStreams: set[int] = set()
+        self._streams = StreamTable(self)
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -376,8 +372,8 @@ class Broker(Banana):
             self._jellyNative,
             self._unjellyNative,
             isStreamable,
-            self._registerOutgoingStream,
-            self._openIncomingStream,
+            self._streams.register,
+            self._streams.open,
             self.limits.nestingDepth,
         )
         self._decoder = FrameDecoder(size)
@@ -409,12 +405,7 @@ class Broker(Banana):
             reason = self._lostReason
         self._largeOut = []
         self._replyTargets = {}
-        outgoing, self._outStreams = self._outStreams, {}
-        for sender in outgoing.values():
-            sender.connectionLost()
-        incoming, self._inStreams = self._inStreams, WeakValueDictionary()
-        for reader in list(incoming.values()):
-            reader._connectionLost(reason)
+        self._streams.connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
             deferred.errback(Failure(PBConnectionLost(reason)))
@@ -533,7 +524,7 @@ class Broker(Banana):
                 if not self._largeOut:
                     self._flushAfterLarge()
                     if not self._largeOut:
-                        self._pumpStreams()
+                        self._streams.pump()
                     if not self._largeOut:
                         return
                 transport = self.transport
@@ -706,7 +697,7 @@ class Broker(Banana):
         self.serializingPerspective = perspective
         self.jellyMethod = message
         data: bytes | _Payload
-        mark = self.currentStreamID
+        mark = self._streams.currentStreamID
         try:
             if self._codec is not None:
                 data = self._nativeCall(
@@ -719,7 +710,7 @@ class Broker(Banana):
             requestID = self.currentRequestID
         except Exception:
             failure = Failure()
-            self._dropStreamsAfter(mark)
+            self._streams.dropAfter(mark)
             return fail(failure) if answerRequired else None
         finally:
             self.serializingPerspective = None
@@ -887,7 +878,7 @@ class Broker(Banana):
         self._pumpLarge()  # which also lets streams with credit go on
         self.sendPages()
 
-    # Streams (native dialect)
+    # Streams (native dialect): the bookkeeping is pbroker._streams.StreamTable's
 
     def _canStream(self) -> bool:
         # Nothing is pulled from a stream's source while large messages wait: memory stays
@@ -897,127 +888,30 @@ class Broker(Banana):
             return False
         return not (isinstance(transport, PacedTransport) and transport.paused)
 
-    def _pumpStreams(self) -> None:
-        for sender in list(self._outStreams.values()):
-            sender.pump()
-
-    def _registerOutgoingStream(self, source: Any) -> int:
-        if len(self._outStreams) >= self.limits.pendingCalls:
-            raise LimitExceeded(f"more than {self.limits.pendingCalls} streams are being sent")
-        self.currentStreamID += 1
-        streamID = self.currentStreamID
-        self._outStreams[streamID] = OutgoingStream(
-            self, streamID, source, self.serializingPerspective
-        )
-        return streamID
-
-    def _openIncomingStream(self, streamID: int) -> RemoteStream:
-        if streamID in self._inStreams or streamID in self._cancelledInStreams:
-            raise InvalidJelly(f"the peer sent stream {streamID} twice")
-        if len(self._inStreams) >= self.limits.pendingCalls:
-            raise LimitExceeded(f"the peer sent more than {self.limits.pendingCalls} streams")
-        reader = self._inStreams[streamID] = RemoteStream(self, streamID, self.streamWindow)
-        reader._start()
-        return reader
-
-    def _grantCredit(self, streamID: int, count: int) -> None:
-        if self._canSend:
-            self.sendCall(b"credit", streamID, count)
-
-    def _cancelStream(self, streamID: int) -> None:
-        """
-        Stop reading the peer's stream ``streamID`` (the reader cancelled, failed, or was
-        dropped unread and collected).
-        """
-        self._inStreams.pop(streamID, None)
-        if streamID in self._cancelledInStreams or not self._canSend:
-            return
-        self._cancelledInStreams.add(streamID)
-        self.sendCall(b"streamcancel", streamID)
-
-    def _sendStreamItem(self, streamID: int, item: Any, perspective: Any) -> None:
-        mark = self.currentStreamID
-        try:
-            self._sendBehindLarge(b"item", streamID, self.serialize(item, perspective))
-        except Exception:
-            self._dropStreamsAfter(mark)
-            raise
-
-    def _dropStreamsAfter(self, mark: int) -> None:
-        """
-        Forget the streams registered for a message that could not be sent (their ids are
-        above ``mark``), closing their sources: the peer will never ask for their items.
-        """
-        for streamID in [i for i in self._outStreams if i > mark]:
-            self._outStreams.pop(streamID).connectionLost()
+    def _logFailure(self, message: str, failure: Failure) -> None:
+        self._log.failure(message, failure)
 
     def _dropStreamsIn(self, netValue: Any) -> None:
         """
         Forget the streams a packed value that could not be sent refers to.
         """
-        if self._codec is None:
-            return
-        for streamID in self._codec.streamsIn(netValue):
-            sender = self._outStreams.pop(streamID, None)
-            if sender is not None:
-                sender.connectionLost()
-
-    def _streamEnded(self, streamID: int, failure: Failure | None) -> None:
-        if self._outStreams.pop(streamID, None) is None or not self._canSend:
-            return
-        if failure is None:
-            self._sendBehindLarge(b"end", streamID)
-            return
-        if failure.check(*self.quietFailures) is None:
-            self._log.failure("Peer will receive the following stream error", failure)
-        self._sendBehindLarge(b"streamerror", streamID, self._serializeFailure(failure))
+        if self._codec is not None:
+            self._streams.drop(self._codec.streamsIn(netValue))
 
     def _credit(self, streamID: Any, count: Any) -> None:
-        if type(streamID) is not int or type(count) is not int or count < 1:
-            raise ProtocolError(f"malformed stream credit: {describe([streamID, count])}")
-        sender = self._outStreams.get(streamID)
-        if sender is not None:  # else it ended while the credit was on its way
-            sender.credit(count)
+        self._streams.credit(streamID, count)
 
     def _streamCancel(self, streamID: Any) -> None:
-        sender = self._outStreams.get(streamID) if type(streamID) is int else None
-        if sender is not None:
-            sender.cancel()
-
-    def _incomingStream(self, streamID: Any) -> RemoteStream | None:
-        if type(streamID) is not int:
-            raise ProtocolError(f"a malformed stream id: {describe(streamID)}")
-        reader = self._inStreams.get(streamID)
-        if reader is None and streamID not in self._cancelledInStreams:
-            raise ProtocolError(f"a message for an unknown stream: {describe(streamID)}")
-        return reader
+        self._streams.streamCancel(streamID)
 
     def _item(self, streamID: Any, data: Any) -> None:
-        reader = self._incomingStream(streamID)
-        if reader is None:
-            return  # sent before our cancel reached the peer
-        try:
-            item = self.unserialize(data)
-        except Exception:
-            # Refused or malformed: this stream fails (and stops), the connection stays.
-            reader._failed(Failure())
-            self._cancelStream(streamID)
-            return
-        reader._itemReceived(item)
+        self._streams.item(streamID, data)
 
     def _end(self, streamID: Any) -> None:
-        reader = self._incomingStream(streamID)
-        self._inStreams.pop(streamID, None)
-        self._cancelledInStreams.discard(streamID)
-        if reader is not None:
-            reader._ended()
+        self._streams.end(streamID)
 
     def _streamError(self, streamID: Any, data: Any) -> None:
-        reader = self._incomingStream(streamID)
-        self._inStreams.pop(streamID, None)
-        self._cancelledInStreams.discard(streamID)
-        if reader is not None:
-            reader._failed(self._unserializeFailure(data))
+        self._streams.streamError(streamID, data)
 
     # Keepalive
 

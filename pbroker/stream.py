@@ -79,8 +79,8 @@ class RemoteStream:
 
     _log = Logger()
 
-    def __init__(self, broker: Any, streamID: int, window: int = DEFAULT_WINDOW) -> None:
-        self._broker = broker
+    def __init__(self, table: Any, streamID: int, window: int = DEFAULT_WINDOW) -> None:
+        self._table = table
         self.streamID = streamID
         self.window = window
         self._items: deque[Any] = deque()
@@ -164,13 +164,15 @@ class RemoteStream:
             return
         self._items.clear()
         self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
-        self._broker._cancelStream(self.streamID)
+        self._table.cancel(self.streamID)
 
     def __del__(self) -> None:
         # A stream dropped unread would leave its sender waiting for credit.
-        if getattr(self, "_state", None) == "open" and not getattr(self._broker, "disconnected", 1):
+        if getattr(self, "_state", None) == "open" and not getattr(
+            self._table, "disconnected", True
+        ):
             with contextlib.suppress(Exception):
-                self._broker._cancelStream(self.streamID)
+                self._table.cancel(self.streamID)
 
     # Driven by the broker
 
@@ -184,7 +186,7 @@ class RemoteStream:
         if used <= self.window // 2:
             grant = self.window - used
             self._outstanding += grant
-            self._broker._grantCredit(self.streamID, grant)
+            self._table.grantCredit(self.streamID, grant)
 
     def _itemReceived(self, item: Any) -> None:
         if self._state != "open":
@@ -360,8 +362,8 @@ class OutgoingStream:
 
     _log = Logger()
 
-    def __init__(self, broker: Any, streamID: int, source: Any, perspective: Any = None) -> None:
-        self._broker = broker
+    def __init__(self, table: Any, streamID: int, source: Any, perspective: Any = None) -> None:
+        self._table = table
         self._perspective = perspective
         self.streamID = streamID
         self._source = source
@@ -382,12 +384,12 @@ class OutgoingStream:
         """
         sent = 0
         while (
-            self._credit > 0 and not self._done and self._busy is None and self._broker._canStream()
+            self._credit > 0 and not self._done and self._busy is None and self._table.canStream()
         ):
             if sent >= _ITEMS_PER_TURN:
                 if not self._scheduled:
                     self._scheduled = True
-                    self._broker.clock.callLater(0, self._again)
+                    self._table.clock.callLater(0, self._again)
                 return
             sent += 1
             if self._async:
@@ -438,18 +440,18 @@ class OutgoingStream:
     def _send(self, item: Any) -> None:
         self._credit -= 1
         try:
-            self._broker._sendStreamItem(self.streamID, item, self._perspective)
+            self._table.sendItem(self.streamID, item, self._perspective)
         except Exception:
             self._error(Failure())
 
     def _finish(self) -> None:
         self._done = True
-        self._broker._streamEnded(self.streamID, None)
+        self._table.ended(self.streamID, None)
 
     def _error(self, failure: Failure) -> None:
         self._done = True
         self._close()
-        self._broker._streamEnded(self.streamID, failure)
+        self._table.ended(self.streamID, failure)
 
     def cancel(self) -> None:
         """
@@ -463,7 +465,7 @@ class OutgoingStream:
             busy.addErrback(lambda _: None)
             busy.cancel()
         self._close()
-        self._broker._streamEnded(self.streamID, None)
+        self._table.ended(self.streamID, None)
 
     def connectionLost(self) -> None:
         if not self._done:

@@ -393,8 +393,8 @@ class StreamTests(NativeTestCase):
         stream.collect().addBoth(results.append)
         self.settle(results)
         self.assertEqual(results[0], list(range(100)))
-        self.assertEqual(self.client._inStreams, {})
-        self.assertEqual(self.server._outStreams, {})
+        self.assertEqual(self.client._streams.incoming, {})
+        self.assertEqual(self.server._streams.outgoing, {})
 
     def test_asyncIteration(self) -> None:
         """An async generator's items are read with async for."""
@@ -436,8 +436,8 @@ class StreamTests(NativeTestCase):
         self.pump.flush()
         self.assertTrue(self.rootObject.closed)
         self.failureResultOf(pending, CancelledError)
-        self.assertEqual(self.server._outStreams, {})
-        self.assertEqual(self.client._cancelledInStreams, set())
+        self.assertEqual(self.server._streams.outgoing, {})
+        self.assertEqual(self.client._streams.cancelled, set())
         self.assertEqual(self.call("echo", 1), 1)
 
     def test_errorInOrder(self) -> None:
@@ -729,7 +729,7 @@ class HostileNativePeerTests(NativeTestCase):
         self.pump.flush()
         self.assertFalse(self.client.disconnected)
         self.failureResultOf(pending, InvalidJelly)
-        self.assertEqual(self.server._outStreams, {})
+        self.assertEqual(self.server._streams.outgoing, {})
 
 
 class LocalStreamTests(SynchronousTestCase):
@@ -829,7 +829,7 @@ class StreamLifecycleTests(NativeTestCase):
         gc.collect()
         self.pump.flush()
         self.assertTrue(self.rootObject.closed)
-        self.assertEqual(self.server._outStreams, {})
+        self.assertEqual(self.server._streams.outgoing, {})
 
     def test_lateAnswerReleased(self) -> None:
         """An answer that arrives after its call was cancelled is released, not leaked."""
@@ -860,7 +860,7 @@ class StreamLifecycleTests(NativeTestCase):
         next(generator)  # started, so that closing it runs its finally
         failure = self.call("sum", generator, b"x" * (2 * 1024 * 1024))
         failure.trap(LimitExceeded)
-        self.assertEqual(self.client._outStreams, {})
+        self.assertEqual(self.client._streams.outgoing, {})
         self.assertEqual(closed, [True])
 
     def test_largeItemsKeepTheirOrder(self) -> None:

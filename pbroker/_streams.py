@@ -1,0 +1,240 @@
+"""
+The streams of one native-dialect connection: which the peer reads from us, which we read
+from the peer, and the messages that move them (``credit``, ``item``, ``end``,
+``streamerror``, ``streamcancel``).
+
+A :class:`StreamTable` belongs to a broker. It owns the two tables and the stream ids, and
+talks to the connection only through the small surface :class:`Connection` describes, so the
+broker keeps the framing and the table keeps the bookkeeping. The ends themselves
+(:class:`~pbroker.stream.RemoteStream`, :class:`~pbroker.stream.OutgoingStream`) call back
+into the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+from weakref import WeakValueDictionary
+
+from twisted.python.failure import Failure
+
+from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
+from pbroker.stream import OutgoingStream, RemoteStream
+
+__all__ = ["Connection", "StreamTable"]
+
+
+class Connection(Protocol):
+    """
+    What a :class:`StreamTable` needs of its broker.
+    """
+
+    disconnected: bool
+    limits: Any
+    serializingPerspective: Any
+    streamWindow: int
+
+    @property
+    def clock(self) -> Any: ...
+
+    @property
+    def quietFailures(self) -> tuple[type[BaseException], ...]: ...
+
+    @property
+    def _canSend(self) -> bool: ...
+
+    def _canStream(self) -> bool: ...
+
+    def sendCall(self, *expression: Any) -> None: ...
+
+    def _sendBehindLarge(self, *expression: Any) -> None: ...
+
+    def serialize(self, object: Any, perspective: Any = None) -> Any: ...
+
+    def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
+
+    def _serializeFailure(self, failure: Any) -> Any: ...
+
+    def _unserializeFailure(self, netFailure: Any) -> Failure: ...
+
+    def _logFailure(self, message: str, failure: Failure) -> None: ...
+
+
+class StreamTable:
+    """
+    The streams of one connection (see the module docstring).
+
+    :ivar currentStreamID: the id of the last stream this side sent.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.currentStreamID = 0
+        #: Our streams the peer reads, by id.
+        self.outgoing: dict[int, OutgoingStream] = {}
+        #: The peer's streams we read, by the peer's id; held weakly, so that a reader
+        #: dropped unread is collected, and its __del__ cancels it.
+        self.incoming: WeakValueDictionary[int, RemoteStream] = WeakValueDictionary()
+        #: The peer's streams we cancelled whose last message has not arrived yet.
+        self.cancelled: set[int] = set()
+
+    # What the ends call
+
+    @property
+    def clock(self) -> Any:
+        return self._connection.clock
+
+    @property
+    def disconnected(self) -> bool:
+        return self._connection.disconnected
+
+    def canStream(self) -> bool:
+        return self._connection._canStream()
+
+    def grantCredit(self, streamID: int, count: int) -> None:
+        if self._connection._canSend:
+            self._connection.sendCall(b"credit", streamID, count)
+
+    def cancel(self, streamID: int) -> None:
+        """
+        Stop reading the peer's stream ``streamID`` (the reader cancelled, failed, or was
+        dropped unread and collected).
+        """
+        self.incoming.pop(streamID, None)
+        if streamID in self.cancelled or not self._connection._canSend:
+            return
+        self.cancelled.add(streamID)
+        self._connection.sendCall(b"streamcancel", streamID)
+
+    def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
+        mark = self.currentStreamID
+        connection = self._connection
+        try:
+            connection._sendBehindLarge(b"item", streamID, connection.serialize(item, perspective))
+        except Exception:
+            self.dropAfter(mark)
+            raise
+
+    def ended(self, streamID: int, failure: Failure | None) -> None:
+        connection = self._connection
+        if self.outgoing.pop(streamID, None) is None or not connection._canSend:
+            return
+        if failure is None:
+            connection._sendBehindLarge(b"end", streamID)
+            return
+        if failure.check(*connection.quietFailures) is None:
+            connection._logFailure("Peer will receive the following stream error", failure)
+        connection._sendBehindLarge(b"streamerror", streamID, connection._serializeFailure(failure))
+
+    # What the codec calls
+
+    def register(self, source: Any) -> int:
+        """
+        Send ``source`` (an iterator, async iterator or Stream) as a new stream; its id.
+        """
+        limit = self._connection.limits.pendingCalls
+        if len(self.outgoing) >= limit:
+            raise LimitExceeded(f"more than {limit} streams are being sent")
+        self.currentStreamID += 1
+        streamID = self.currentStreamID
+        self.outgoing[streamID] = OutgoingStream(
+            self, streamID, source, self._connection.serializingPerspective
+        )
+        return streamID
+
+    def open(self, streamID: int) -> RemoteStream:
+        """
+        The reading end of the peer's stream ``streamID``, which a value just named.
+        """
+        if streamID in self.incoming or streamID in self.cancelled:
+            raise InvalidJelly(f"the peer sent stream {streamID} twice")
+        limit = self._connection.limits.pendingCalls
+        if len(self.incoming) >= limit:
+            raise LimitExceeded(f"the peer sent more than {limit} streams")
+        reader = self.incoming[streamID] = RemoteStream(
+            self, streamID, self._connection.streamWindow
+        )
+        reader._start()
+        return reader
+
+    # What the broker calls
+
+    def pump(self) -> None:
+        """
+        Let every stream with credit send (the connection takes data again).
+        """
+        for sender in list(self.outgoing.values()):
+            sender.pump()
+
+    def dropAfter(self, mark: int) -> None:
+        """
+        Forget the streams registered for a message that could not be sent (their ids are
+        above ``mark``), closing their sources: the peer will never ask for their items.
+        """
+        for streamID in [i for i in self.outgoing if i > mark]:
+            self.outgoing.pop(streamID).connectionLost()
+
+    def drop(self, streamIDs: list[int]) -> None:
+        """
+        Forget these streams of ours, closing their sources.
+        """
+        for streamID in streamIDs:
+            sender = self.outgoing.pop(streamID, None)
+            if sender is not None:
+                sender.connectionLost()
+
+    def connectionLost(self, reason: Any) -> None:
+        outgoing, self.outgoing = self.outgoing, {}
+        for sender in outgoing.values():
+            sender.connectionLost()
+        incoming, self.incoming = self.incoming, WeakValueDictionary()
+        for reader in list(incoming.values()):
+            reader._connectionLost(reason)
+
+    # The peer's messages
+
+    def credit(self, streamID: Any, count: Any) -> None:
+        if type(streamID) is not int or type(count) is not int or count < 1:
+            raise ProtocolError(f"malformed stream credit: {describe([streamID, count])}")
+        sender = self.outgoing.get(streamID)
+        if sender is not None:  # else it ended while the credit was on its way
+            sender.credit(count)
+
+    def streamCancel(self, streamID: Any) -> None:
+        sender = self.outgoing.get(streamID) if type(streamID) is int else None
+        if sender is not None:
+            sender.cancel()
+
+    def _reader(self, streamID: Any) -> RemoteStream | None:
+        if type(streamID) is not int:
+            raise ProtocolError(f"a malformed stream id: {describe(streamID)}")
+        reader = self.incoming.get(streamID)
+        if reader is None and streamID not in self.cancelled:
+            raise ProtocolError(f"a message for an unknown stream: {describe(streamID)}")
+        return reader
+
+    def item(self, streamID: Any, data: Any) -> None:
+        reader = self._reader(streamID)
+        if reader is None:
+            return  # sent before our cancel reached the peer
+        try:
+            item = self._connection.unserialize(data)
+        except Exception:
+            # Refused or malformed: this stream fails (and stops), the connection stays.
+            reader._failed(Failure())
+            self.cancel(streamID)
+            return
+        reader._itemReceived(item)
+
+    def end(self, streamID: Any) -> None:
+        reader = self._reader(streamID)
+        self.incoming.pop(streamID, None)
+        self.cancelled.discard(streamID)
+        if reader is not None:
+            reader._ended()
+
+    def streamError(self, streamID: Any, data: Any) -> None:
+        reader = self._reader(streamID)
+        self.incoming.pop(streamID, None)
+        self.cancelled.discard(streamID)
+        if reader is not None:
+            reader._failed(self._connection._unserializeFailure(data))

@@ -150,6 +150,21 @@ class Options(usage.Options, AuthOptionMixin):
         ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
         ["tls-key", None, None, "The server's PEM private key, for --tls-port."],
         ["tls-client-ca", None, None, "Require client certificates from these CAs (PEM)."],
+        [
+            "keepalive",
+            None,
+            None,
+            "Ping clients silent for this many seconds; drop them after three times as long.",
+            float,
+        ],
+        [
+            "max-message-size",
+            None,
+            None,
+            "The largest message (MiB) a client may send in pbroker's native dialect "
+            "[default: 32].",
+            float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -173,6 +188,10 @@ class Options(usage.Options, AuthOptionMixin):
             raise usage.UsageError("the --tls-* options need --tls-port")
         if not self["listen"] and self["tls-port"] is None:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["keepalive"] is not None and not self["keepalive"] > 0:
+            raise usage.UsageError("--keepalive needs a positive number of seconds")
+        if self["max-message-size"] is not None and not self["max-message-size"] > 0:
+            raise usage.UsageError("--max-message-size needs a positive number of MiB")
 
     @property
     def wantsLogin(self) -> bool:
@@ -231,10 +250,18 @@ def makeService(options: Options) -> service.MultiService:
             # With no login option at all, anonymous login is the embedded default.
             checkers.append(AllowAnonymousAccess())
         root = IntrospectingPortalRoot(Portal(BrokerRealm(services), checkers), services)
+    keepalive = None
+    if options["keepalive"] is not None:
+        keepalive = pb.Keepalive(interval=options["keepalive"], timeout=3 * options["keepalive"])
+    limits = None
+    if options["max-message-size"] is not None:
+        limits = pb.BrokerLimits(messageSize=int(options["max-message-size"] * 1024 * 1024))
     factory = pb.PBServerFactory(
         root,
         unsafeTracebacks=bool(options["unsafe-tracebacks"]),
         legacyLogin=not options["no-legacy-login"],
+        limits=limits,
+        keepalive=keepalive,
     )
     top = service.MultiService()
     for description in options["listen"]:

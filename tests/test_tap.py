@@ -49,6 +49,17 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError):
             self.parse("--auth", "no-such-kind:x")
 
+    def test_keepaliveAndMessageSize(self) -> None:
+        """--keepalive and --max-message-size reach the factory; nonsense is refused."""
+        options = self.parse("--keepalive", "10", "--max-message-size", "64")
+        service = tap.makeService(options)
+        factory = next(iter(service)).factory
+        self.assertEqual(factory.keepalive, pb.Keepalive(interval=10, timeout=30))
+        self.assertEqual(factory.limits.messageSize, 64 * 1024 * 1024)
+        for bad in (["--keepalive", "0"], ["--max-message-size", "-1"]):
+            with self.assertRaises(usage.UsageError):
+                self.parse(*bad)
+
     def test_tlsOptionsGoTogether(self) -> None:
         """--tls-port needs a certificate and key; the others need --tls-port."""
         with self.assertRaises(usage.UsageError):

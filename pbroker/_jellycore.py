@@ -198,7 +198,7 @@ class SecurityOptions:
         Dotted names always pass this check, as in Twisted; such a name is then accepted only if
         it is registered or its module and class are allowed.
         """
-        tag = toTag(typeName)
+        tag = typeName if type(typeName) is bytes else toTag(typeName)
         return tag in self.allowedTypes or b"." in tag
 
 

@@ -47,6 +47,12 @@ DEFAULT_WINDOW = 16
 _ITEMS_PER_TURN = 64
 
 
+# The types most values are: checked first, since the Iterator check below is slow.
+_NEVER_STREAMS = frozenset(
+    {int, float, str, bytes, bool, type(None), list, dict, tuple, set, frozenset}
+)
+
+
 class _End:
     def __repr__(self) -> str:
         return "pbroker.stream.END"
@@ -62,6 +68,8 @@ def isStreamable(value: Any) -> bool:
     container, a string or a file-like object, which are sent as what they are).
     """
     kind = type(value)
+    if kind in _NEVER_STREAMS:
+        return False
     if kind is types.GeneratorType or kind is types.AsyncGeneratorType or kind is Stream:
         return True
     if hasattr(kind, "__anext__"):

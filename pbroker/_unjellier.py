@@ -252,6 +252,10 @@ class _Frame:
         self.extra = extra
 
 
+# Atoms that stand for themselves inside an expression.
+_FLAT = frozenset({int, float, bytes})
+
+
 class Unjellier:
     """
     The state of one top-level unjelly call: references made so far and ``postUnjelly`` hooks.
@@ -283,6 +287,14 @@ class Unjellier:
         Unjelly a whole top-level expression, check every reference was resolved, then run the
         ``postUnjelly`` hooks.
         """
+        if type(sexp) is list and 0 < len(sexp) <= 9:
+            # The arguments of most calls: a tuple of numbers or bytes, and no keywords.
+            tag = sexp[0]
+            if tag == b"tuple" and all(type(item) in _FLAT for item in sexp[1:]):
+                if self._isAllowed(tag):
+                    return tuple(sexp[1:])
+            elif tag == b"dictionary" and len(sexp) == 1 and self._isAllowed(tag):
+                return {}
         value = self.unjelly(sexp)
         if self._placeholders:
             for placeholder in self._placeholders:

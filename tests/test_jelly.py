@@ -331,6 +331,15 @@ class SecurityTests(SynchronousTestCase):
             with self.assertRaises(InsecureJelly, msg=repr(sexp)):
                 jelly.unjelly(sexp)
 
+    def test_flatFastPathChecksTags(self) -> None:
+        """Flat argument tuples and empty keyword dicts still pass the security check."""
+        self.assertEqual(jelly.unjelly([b"tuple", 1, b"x", 2.5]), (1, b"x", 2.5))
+        self.assertEqual(jelly.unjelly([b"dictionary"]), {})
+        strict = SecurityOptions()  # without allowBasicTypes(): no tuples, no dictionaries
+        for sexp in ([b"tuple", 1], [b"dictionary"]):
+            with self.assertRaises(InsecureJelly, msg=repr(sexp)):
+                jelly.unjelly(sexp, strict)
+
     def test_messagesSayWhat(self) -> None:
         """The error names the module or type that was refused."""
         with self.assertRaises(InsecureJelly) as caught:

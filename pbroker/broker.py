@@ -12,6 +12,7 @@ flavors reach it through ``jellier.invoker``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,6 +199,14 @@ def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
 
 
 Handler = Callable[..., None]
+
+
+@functools.lru_cache(maxsize=16)
+def _noKeywords(tokens: Any) -> bytes:
+    """
+    The banana bytes of the jelly of ``{}`` (the keywords of most calls) for ``tokens``.
+    """
+    return Jellier(globalSecurity, None, None).encode({}, tokens)
 
 
 class _Payload:
@@ -617,6 +626,8 @@ class Broker(Banana):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
             # Jellied straight to banana bytes (the fused encoder), spliced into the message.
             tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+            if type(object) is int and 0 <= object < len(tokens.smallInts):
+                return Encoded(tokens.smallInts[object])  # a common answer, without a walk
             return Encoded(Jellier(self.security, None, self).encode(object, tokens))
         finally:
             self.serializingPerspective = None
@@ -740,13 +751,16 @@ class Broker(Banana):
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> bytes:
-        for value in (*args, *kw.values()):
+        for value in args:
+            if isStreamable(value):
+                raise self._unsupported("sending a stream (an iterator or async iterator)")
+        for value in kw.values():
             if isStreamable(value):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
         netArgs = Jellier(self.security, None, self).encode(args, tokens)
-        netKw = Jellier(self.security, None, self).encode(kw, tokens)
+        netKw = Jellier(self.security, None, self).encode(kw, tokens) if kw else _noKeywords(tokens)
         return tokens.joinList(
             [
                 tokens.symbol(prefix + b"message"),

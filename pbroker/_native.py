@@ -136,29 +136,35 @@ _plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFE
 _busy = False
 
 
-def _packEnvelope(message: list[Any]) -> bytes:
+def _exclusively(shared: Callable[[Any], Any], fresh: Callable[[Any], Any], message: Any) -> Any:
     """
-    A message without :class:`Packed` values, packed (``TypeError`` if it has some).
+    ``shared(message)``, or ``fresh(message)`` if a shared packer is already at work.
     """
     global _busy
     if _busy:
-        return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+        return fresh(message)
     _busy = True
     try:
-        return _plainPacker.pack(message)  # type: ignore[no-any-return]
+        return shared(message)
     finally:
         _busy = False
+
+
+def _packEnvelope(message: list[Any]) -> bytes:
+    """
+    A message without :class:`Packed` values, packed.
+    """
+    packed: bytes = _exclusively(
+        _plainPacker.pack, lambda m: msgpack.packb(m, use_bin_type=True), message
+    )
+    return packed
 
 
 def _packParts(message: list[Any]) -> list[bytes]:
-    global _busy
-    if _busy:
-        return _MessagePacker().pack(message)
-    _busy = True
-    try:
-        return _messagePacker.pack(message)
-    finally:
-        _busy = False
+    parts: list[bytes] = _exclusively(
+        _messagePacker.pack, lambda m: _MessagePacker().pack(m), message
+    )
+    return parts
 
 
 #: Packed values up to this size travel inside the envelope, as msgpack ``bin``.

@@ -32,7 +32,6 @@ from pbroker._native import (
     FRAGMENT_SIZE,
     LAST,
     MORE,
-    WHOLE,
     FrameDecoder,
     ValueCodec,
     fragmentHeader,
@@ -211,16 +210,15 @@ def _noKeywords(tokens: Any) -> bytes:
 
 class _Payload:
     """
-    A native message ready to be written, in parts (as opposed to banana bytes, written as
+    A native message to be written in fragments, in parts (as opposed to bytes, written as
     they are).
     """
 
-    __slots__ = ("fragmented", "parts", "size")
+    __slots__ = ("parts", "size")
 
-    def __init__(self, parts: list[bytes], size: int, fragmented: bool) -> None:
+    def __init__(self, parts: list[bytes], size: int) -> None:
         self.parts = parts
         self.size = size
-        self.fragmented = fragmented
 
 
 class Broker(Banana):
@@ -472,13 +470,6 @@ class Broker(Banana):
         if self._codec is None:
             super().sendEncoded(expression)
             return
-        record = wholeRecord(expression)
-        if record is not None:
-            limit = self.peerMessageSize
-            if limit is None or len(record) - 4 <= limit:
-                assert self.transport is not None, "sendEncoded() called before connectionMade()"
-                self.transport.write(record)
-                return
         self._writePayload(self._nativePayload(expression))
 
     def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
@@ -490,29 +481,31 @@ class Broker(Banana):
         """
         record = wholeRecord(expression)
         if record is not None:
-            limit = self.peerMessageSize
-            if limit is None or len(record) - 4 <= limit:
-                return record
-        parts, fragmented = packMessage(expression)
-        size = len(parts[0]) if len(parts) == 1 else sum(len(part) for part in parts)
+            self._checkPeerLimit(len(record) - 4)
+            return record
+        # Large values, or a large envelope: the fragmented form (see pbroker._native).
+        parts, _ = packMessage(expression)
+        size = sum(len(part) for part in parts)
+        self._checkPeerLimit(size)
+        return _Payload(parts, size)
+
+    def _checkPeerLimit(self, size: int) -> None:
         limit = self.peerMessageSize
         if limit is not None and size > limit:
             raise LimitExceeded(
                 f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
             )
-        return _Payload(parts, size, fragmented)
 
     def _writePayload(self, payload: bytes | _Payload) -> None:
+        """
+        Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
+        parts of a fragmented message through the large-message queue.
+        """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
-        if type(payload) is bytes:
+        if isinstance(payload, bytes):
             self.transport.write(payload)
             return
-        assert isinstance(payload, _Payload)
-        size = payload.size
-        if not payload.fragmented:
-            self.transport.write(fragmentHeader(WHOLE, size) + payload.parts[0])
-            return
-        self._largeOut.append([[memoryview(part) for part in payload.parts], size])
+        self._largeOut.append([[memoryview(part) for part in payload.parts], payload.size])
         self._pumpLarge()
 
     def _pumpLarge(self) -> None:
@@ -733,11 +726,7 @@ class Broker(Banana):
             )
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
-        assert self.transport is not None
-        if isinstance(data, bytes):
-            self.transport.write(data)
-        else:
-            self._writePayload(data)
+        self._writePayload(data)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -751,12 +740,8 @@ class Broker(Banana):
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> bytes:
-        for value in args:
-            if isStreamable(value):
-                raise self._unsupported("sending a stream (an iterator or async iterator)")
-        for value in kw.values():
-            if isStreamable(value):
-                raise self._unsupported("sending a stream (an iterator or async iterator)")
+        if any(map(isStreamable, args)) or any(map(isStreamable, kw.values())):
+            raise self._unsupported("sending a stream (an iterator or async iterator)")
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
         netArgs = Jellier(self.security, None, self).encode(args, tokens)
@@ -1314,14 +1299,11 @@ class Broker(Banana):
         return deferred
 
     def _answer(self, requestID: Any, netResult: Any) -> None:
-        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
+        deferred = self._takeWaiting(requestID)
+        self._replyTargets.pop(requestID, None)
         if deferred is None:
-            deferred = self._takeWaiting(requestID)
-            if deferred is None:
-                self._dropLateValue(netResult)
-                return
-        if self._replyTargets:
-            self._replyTargets.pop(requestID, None)
+            self._dropLateValue(netResult)
+            return
         try:
             result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays

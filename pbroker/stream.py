@@ -380,6 +380,7 @@ class OutgoingStream:
         self._busy: Deferred[Any] | None = None
         self._done = False
         self._scheduled = False
+        self._pumping = False
 
     def credit(self, count: int) -> None:
         self._credit += count
@@ -389,32 +390,45 @@ class OutgoingStream:
         """
         Send items while there is credit, the connection takes data and the source has them
         ready; come back on the next reactor turn after a batch.
+
+        An item that was ready at once (a Deferred that had already fired) is sent from
+        within this loop, which then goes on: the loop is never re-entered, however much
+        credit the reader gave.
         """
-        sent = 0
-        while (
-            self._credit > 0 and not self._done and self._busy is None and self._table.canStream()
-        ):
-            if sent >= _ITEMS_PER_TURN:
-                if not self._scheduled:
-                    self._scheduled = True
-                    self._table.clock.callLater(0, self._again)
-                return
-            sent += 1
-            if self._async:
-                self._pull(self._nextAsync())
-                continue
-            try:
-                item = next(self._source)
-            except StopIteration:
-                self._finish()
-                return
-            except Exception:
-                self._error(Failure())
-                return
-            if isinstance(item, Deferred):
-                self._pull(item)
-            else:
-                self._send(item)
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            sent = 0
+            while (
+                self._credit > 0
+                and not self._done
+                and self._busy is None
+                and self._table.canStream()
+            ):
+                if sent >= _ITEMS_PER_TURN:
+                    if not self._scheduled:
+                        self._scheduled = True
+                        self._table.clock.callLater(0, self._again)
+                    return
+                sent += 1
+                if self._async:
+                    self._pull(self._nextAsync())
+                    continue
+                try:
+                    item = next(self._source)
+                except StopIteration:
+                    self._finish()
+                    return
+                except Exception:
+                    self._error(Failure())
+                    return
+                if isinstance(item, Deferred):
+                    self._pull(item)
+                else:
+                    self._send(item)
+        finally:
+            self._pumping = False
 
     def _again(self) -> None:
         self._scheduled = False

@@ -411,6 +411,15 @@ class StreamTests(NativeTestCase):
         self.assertEqual(done, [None])
         self.assertEqual(seen, [0, 10, 20, 30, 40])
 
+    def test_wideWindowNoRecursion(self) -> None:
+        """A reader's large window over a source whose items are ready at once: no recursion."""
+        self.client.streamWindow = 2000
+        stream = self.call("asyncNumbers", 3000)
+        results: list[Any] = []
+        stream.collect().addBoth(results.append)
+        self.settle(results)
+        self.assertEqual(results[0], [i * 10 for i in range(3000)])
+
     def test_backPressure(self) -> None:
         """A reader that does not read holds at most its window; reading lets more come."""
         stream = self.call("numbers", 10_000)

@@ -15,17 +15,19 @@ Twisted gives them: ``jellier.prepare``, ``jellier.preserve``, ``jellier.jelly``
 from __future__ import annotations
 
 import datetime
-import decimal
 import functools
 import struct
 import types
 from collections.abc import Callable, Iterator
 from itertools import chain, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pbroker._jellycore import DummySecurityOptions, ISecurityOptions, SecurityOptions, qual
 from pbroker.banana import Tokens, encode, getTokens
 from pbroker.errors import InsecureJelly, JellyError
+
+if TYPE_CHECKING:
+    import decimal
 
 __all__ = ["Jellier", "Jellyable", "getInstanceState"]
 
@@ -550,7 +552,7 @@ class Jellier:
             return [b"timedelta", _joinFields((obj.days, obj.seconds, obj.microseconds))]
         if issubclass(kind, type):
             return [b"class", qual(obj).encode("utf-8")]
-        if kind is decimal.Decimal:
+        if kind.__name__ == "Decimal" and kind is _decimalType():
             return _jellyDecimal(obj)
         return _CONTAINER
 
@@ -643,6 +645,14 @@ class Jellier:
 
 def _joinFields(fields: tuple[int, ...]) -> bytes:
     return " ".join(map(str, fields)).encode("ascii")
+
+
+def _decimalType() -> type:
+    # decimal is imported only when a value of a class named Decimal is met: most programs
+    # never send one, and the module costs a server ~130 KiB to import.
+    import decimal
+
+    return decimal.Decimal
 
 
 def _jellyDecimal(value: decimal.Decimal) -> list[Any]:

@@ -15,13 +15,12 @@ object exists; a cycle that can never close (a tuple containing itself) is refus
 from __future__ import annotations
 
 import datetime
-import decimal
 import importlib
 import types
 import warnings
 from collections.abc import Callable, Iterator
 from itertools import chain, islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pbroker._jellycore import (
     ISecurityOptions,
@@ -31,6 +30,9 @@ from pbroker._jellycore import (
     qual,
 )
 from pbroker.errors import InsecureJelly, InvalidJelly, describe
+
+if TYPE_CHECKING:
+    import decimal
 
 __all__ = ["Unjellier", "Unjellyable", "setInstanceState"]
 
@@ -542,6 +544,8 @@ def _unjellyDecimal(unjellier: Unjellier, node: list[Any]) -> decimal.Decimal:
     _checkArity(node, 3)
     unscaled = _intField(node, 1)
     exponent = _intField(node, 2)
+    import decimal  # on first use: most peers never send a decimal
+
     try:
         digits = tuple(int(d) for d in str(abs(unscaled)))
         return decimal.Decimal((1 if unscaled < 0 else 0, digits, exponent))

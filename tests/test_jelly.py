@@ -68,6 +68,15 @@ class Peer:
     pass
 
 
+class Decimal:
+    """
+    Not :class:`decimal.Decimal`, though named like it: an ordinary instance.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 def helper() -> int:
     return 1
 
@@ -105,6 +114,16 @@ class ValueTagTests(SynchronousTestCase):
             self.assertEqual(twistedJelly.jelly(value), form, value)
             self.assertEqual(jelly.unjelly(form), value, value)
             self.assertIs(type(jelly.unjelly(form)), type(value))
+
+    def test_decimalLookalike(self) -> None:
+        """A class merely named Decimal travels as an instance, not as a decimal."""
+        self.assertEqual(
+            jelly.jelly(Decimal("1.5")),
+            [
+                b"tests.test_jelly.Decimal",
+                [b"dictionary", [[b"unicode", b"text"], [b"unicode", b"1.5"]]],
+            ],
+        )
 
     def test_codeObjects(self) -> None:
         """Classes, functions, modules and methods are named, with bytes names."""

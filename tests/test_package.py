@@ -16,6 +16,9 @@ import pbroker
 
 PACKAGE = Path(pbroker.__file__).parent
 
+#: Modules that importing pbroker.pb must not load: each is imported when first needed.
+LAZY_MODULES = frozenset({"decimal"})
+
 
 def importedModules(path: Path) -> set[str]:
     """
@@ -64,6 +67,22 @@ class PackageTests(SynchronousTestCase):
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
         ).stdout
         self.assertEqual(output.strip(), "[]")
+
+    def test_lazyImports(self) -> None:
+        """Importing pbroker.pb does not load what a plain server never uses (decimal), and
+        a decimal still travels both ways in a process that had not loaded it."""
+        script = (
+            "import sys\n"
+            "import pbroker.pb\n"
+            "from pbroker import jelly\n"
+            "print(sorted(m for m in sys.modules if m in {LAZY!r}))\n"
+            "value = jelly.unjelly([b'decimal', -125, -2])\n"
+            "print(repr(value), jelly.jelly(value))\n"
+        ).replace("{LAZY!r}", repr(LAZY_MODULES))
+        output = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.splitlines()
+        self.assertEqual(output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]"])
 
     def test_codecLayerIsSansIO(self) -> None:
         """The codec and serialiser modules import nothing from twisted.internet but the

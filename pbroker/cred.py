@@ -37,7 +37,6 @@ from zope.interface import Attribute, Interface, implementer
 
 from pbroker.errors import NoSuchMethod, describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
-from pbroker.passwords import IScramProof, ScramProof, authMessage, serverSignature
 
 __all__ = [
     "AsReferenceable",
@@ -295,6 +294,9 @@ class _PortalWrapper(Referenceable):
         Start pbroker's password login (see :mod:`pbroker.passwords`): the server's nonce, the
         user's salt and iteration count, and the object to send the proof to.
         """
+        # pbroker.passwords is imported on the first password login, not with every server.
+        from pbroker.passwords import IScramProof, authMessage
+
         checker = self.portal.checkers.get(IScramProof)
         if checker is None or not hasattr(checker, "verifierFor"):
             raise NoSuchMethod("this server offers no pbroker password login")
@@ -420,6 +422,8 @@ class _PasswordProver(Referenceable):
         self.used = True
         if not isinstance(proof, bytes):
             raise UnauthorizedLogin("the proof must be bytes")
+        from pbroker.passwords import ScramProof, serverSignature
+
         credentials = ScramProof(self.username, self.message, proof)
         login = self.guard.attempt(
             self.broker, self.username, self.portal.login(credentials, mind, IPerspective)

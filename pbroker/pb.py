@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import IAnonymous
 from twisted.cred.error import UnauthorizedLogin
@@ -76,9 +77,10 @@ from pbroker.flavors import (
     setFactoryForClass,
 )
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
-from pbroker.passwords import authMessage, clientProof, expectedServerSignature
 from pbroker.references import Local, RemoteMethod, RemoteReference
-from pbroker.tls import CertificateLogin
+
+if TYPE_CHECKING:
+    from pbroker.tls import CertificateLogin
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -131,6 +133,17 @@ __all__ = [
 
 #: The port PB servers traditionally listen on, under Twisted's name.
 portno = 8787
+
+
+def __getattr__(name: str) -> Any:
+    # pbroker.tls is imported on first use of this name: a server without TLS logins never
+    # needs it.
+    if name != "CertificateLogin":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from pbroker.tls import CertificateLogin
+
+    globals()[name] = CertificateLogin
+    return CertificateLogin
 
 
 class PBServerFactory(protocol.ServerFactory):
@@ -309,7 +322,7 @@ class PBClientFactory(protocol.ClientFactory):
         root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
             return root.addCallback(lambda r: r.callRemote("loginAnonymous", client))
-        if isinstance(credentials, CertificateLogin):
+        if _isCertificateLogin(credentials):
             return root.addCallback(lambda r: r.callRemote("loginCertificate", client))
         username = _bytes(credentials.username)
         password = _bytes(credentials.password)
@@ -331,6 +344,8 @@ class PBClientFactory(protocol.ClientFactory):
             )
 
         def prove(answer: Any, clientNonce: bytes) -> Deferred[Any]:
+            from pbroker.passwords import authMessage, clientProof, expectedServerSignature
+
             serverNonce, salt, iterations, prover = answer
             message = authMessage(username, clientNonce, serverNonce, salt, iterations)
             proof = clientProof(password, salt, iterations, message)
@@ -385,6 +400,13 @@ def _buildBroker(factory: Any, isClient: bool) -> Broker:
     )
     broker.factory = factory
     return broker
+
+
+def _isCertificateLogin(credentials: Any) -> bool:
+    # Only a program that imported pbroker.tls can hold a CertificateLogin; others (most)
+    # need not import it to find out.
+    tls = sys.modules.get("pbroker.tls")
+    return tls is not None and isinstance(credentials, tls.CertificateLogin)
 
 
 def _bytes(value: str | bytes) -> bytes:

@@ -17,7 +17,7 @@ import pbroker
 PACKAGE = Path(pbroker.__file__).parent
 
 #: Modules that importing pbroker.pb must not load: each is imported when first needed.
-LAZY_MODULES = frozenset({"decimal"})
+LAZY_MODULES = frozenset({"decimal", "pbroker.passwords", "pbroker.tls"})
 
 
 def importedModules(path: Path) -> set[str]:
@@ -69,8 +69,9 @@ class PackageTests(SynchronousTestCase):
         self.assertEqual(output.strip(), "[]")
 
     def test_lazyImports(self) -> None:
-        """Importing pbroker.pb does not load what a plain server never uses (decimal), and
-        a decimal still travels both ways in a process that had not loaded it."""
+        """Importing pbroker.pb does not load what a plain server never uses (decimal, the
+        password login, TLS); a decimal still travels both ways in a process that had not
+        loaded it, and pb.CertificateLogin is still pbroker.tls's class."""
         script = (
             "import sys\n"
             "import pbroker.pb\n"
@@ -78,11 +79,14 @@ class PackageTests(SynchronousTestCase):
             "print(sorted(m for m in sys.modules if m in {LAZY!r}))\n"
             "value = jelly.unjelly([b'decimal', -125, -2])\n"
             "print(repr(value), jelly.jelly(value))\n"
+            "from pbroker.pb import *\n"
+            "import pbroker.tls\n"
+            "print(CertificateLogin is pbroker.tls.CertificateLogin)\n"
         ).replace("{LAZY!r}", repr(LAZY_MODULES))
         output = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
         ).stdout.splitlines()
-        self.assertEqual(output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]"])
+        self.assertEqual(output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]", "True"])
 
     def test_codecLayerIsSansIO(self) -> None:
         """The codec and serialiser modules import nothing from twisted.internet but the

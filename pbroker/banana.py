@@ -149,13 +149,34 @@ def _intToken(value: int) -> bytes:
     return _base128(-value) + (b"\x83" if value >= -(2**31) else b"\x86")
 
 
+def _header(size: int, kind: int) -> bytes:
+    """
+    The header of a string (``kind`` STRING) or list (LIST) of ``size`` bytes or elements.
+    """
+    if size < 0x80:
+        return bytes((size, kind))
+    if size < 0x4000:
+        return bytes((size & 0x7F, size >> 7, kind))
+    return _base128(size) + bytes((kind,))
+
+
 # Small non-negative integers and short lengths are by far the most common tokens; a table of
-# their encodings turns the hot path of the encoder into one list index.
+# their encodings turns the hot path of the encoder into one list index. Each entry is a
+# bytes object (48 bytes in memory), so the list header table stops at 256: the elements of a
+# longer list cost far more to encode than its header costs to build.
 _CACHED: Final = 0x400
 _HEADERS: Final = 0x400
+_LIST_CACHED: Final = 0x100
 _INT_TOKENS: Final = [_intToken(i) for i in range(_CACHED)]
-_STRING_HEADERS: Final = [_base128(i) + b"\x82" for i in range(_HEADERS)]
-_LIST_HEADERS: Final = [_base128(i) + b"\x80" for i in range(_HEADERS)]
+_STRING_HEADERS: Final = [_header(i, STRING) for i in range(_HEADERS)]
+_LIST_HEADERS: Final = [_header(i, LIST) for i in range(_LIST_CACHED)]
+
+
+def _prefix(table: list[bytes], length: int) -> list[bytes]:
+    # The first ``length`` entries of a shared table: the table itself (not a copy) when the
+    # limits allow all of it, as the default limits do.
+    return table if length >= len(table) else table[:length]
+
 
 # The token a vocabulary symbol is sent as, per dialect.
 _OUTGOING_TOKENS: Final[dict[bytes, dict[bytes, bytes]]] = {
@@ -233,9 +254,9 @@ class Tokens:
         self._largest, fastIntLimit = _integerBounds(prefixLimit)
         #: Non-negative integers below this take at most three prefix bytes.
         self.fastIntLimit = fastIntLimit
-        self.smallInts = _INT_TOKENS[: min(_CACHED, fastIntLimit)]
-        self.stringHeaders = _STRING_HEADERS[: min(_HEADERS, sizeLimit + 1)]
-        self.listHeaders = _LIST_HEADERS[: min(_HEADERS, sizeLimit + 1)]
+        self.smallInts = _prefix(_INT_TOKENS, fastIntLimit)
+        self.stringHeaders = _prefix(_STRING_HEADERS, sizeLimit + 1)
+        self.listHeaders = _prefix(_LIST_HEADERS, sizeLimit + 1)
 
     def integer(self, value: int) -> bytes:
         """
@@ -255,7 +276,7 @@ class Tokens:
         """
         if size > self.sizeLimit:
             raise BananaEncodeError(_stringError(size, self.sizeLimit))
-        return _base128(size) + b"\x82"
+        return _header(size, STRING)
 
     def listHeader(self, size: int) -> bytes:
         """
@@ -265,7 +286,7 @@ class Tokens:
         """
         if size > self.sizeLimit:
             raise BananaEncodeError(_listError(size, self.sizeLimit))
-        return _base128(size) + b"\x80"
+        return _header(size, LIST)
 
     def joinList(self, elements: list[bytes]) -> bytes:
         """
@@ -367,13 +388,13 @@ def encode(
                 size = len(item)
                 if size > sizeLimit:
                     raise BananaEncodeError(_stringError(size, sizeLimit))
-                append(_STRING_HEADERS[size] if size < _HEADERS else _base128(size) + b"\x82")
+                append(_STRING_HEADERS[size] if size < _HEADERS else _header(size, STRING))
                 append(item)
             elif kind is list or kind is tuple:
                 size = len(item)
                 if size > sizeLimit:
                     raise BananaEncodeError(_listError(size, sizeLimit))
-                append(_LIST_HEADERS[size] if size < _HEADERS else _base128(size) + b"\x80")
+                append(_LIST_HEADERS[size] if size < _LIST_CACHED else _header(size, LIST))
                 parents.append(items)
                 items = iter(item)
                 break

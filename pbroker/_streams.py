@@ -71,11 +71,29 @@ class StreamTable:
         self.currentStreamID = 0
         #: Our streams the peer reads, by id.
         self.outgoing: dict[int, OutgoingStream] = {}
-        #: The peer's streams we read, by the peer's id; held weakly, so that a reader
-        #: dropped unread is collected, and its __del__ cancels it.
-        self.incoming: WeakValueDictionary[int, RemoteStream] = WeakValueDictionary()
-        #: The peer's streams we cancelled whose last message has not arrived yet.
-        self.cancelled: set[int] = set()
+        # The tables of the peer's streams are made when it first sends one: most connections
+        # never do, and the two cost ~1 KiB each time a connection is made.
+        self._incoming: WeakValueDictionary[int, RemoteStream] | None = None
+        self._cancelled: set[int] | None = None
+
+    @property
+    def incoming(self) -> WeakValueDictionary[int, RemoteStream]:
+        """
+        The peer's streams we read, by the peer's id; held weakly, so that a reader dropped
+        unread is collected, and its __del__ cancels it.
+        """
+        if self._incoming is None:
+            self._incoming = WeakValueDictionary()
+        return self._incoming
+
+    @property
+    def cancelled(self) -> set[int]:
+        """
+        The peer's streams we cancelled whose last message has not arrived yet.
+        """
+        if self._cancelled is None:
+            self._cancelled = set()
+        return self._cancelled
 
     # What the ends call
 
@@ -186,9 +204,10 @@ class StreamTable:
         outgoing, self.outgoing = self.outgoing, {}
         for sender in outgoing.values():
             sender.connectionLost()
-        incoming, self.incoming = self.incoming, WeakValueDictionary()
-        for reader in list(incoming.values()):
-            reader._connectionLost(reason)
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            for reader in list(incoming.values()):
+                reader._connectionLost(reason)
 
     # The peer's messages
 

@@ -75,6 +75,8 @@ WHOLE, MORE, LAST = 0, 1, 2
 FRAGMENT_SIZE = 256 * 1024
 
 _LENGTH_MASK = (1 << 30) - 1
+# Reads up to this size holding exactly one whole record take a shortcut (FrameDecoder.feed).
+_SMALL = 4096
 unpackb = msgpack.unpackb
 
 # The buffer a long-lived packer starts with (msgpack's default is 256 KiB, per connection),
@@ -197,7 +199,15 @@ def wholeRecord(message: list[Any]) -> bytes | None:
     for field in message:
         if type(field) is Packed:
             return None  # see packMessage
-    envelope = _packEnvelope(message)
+    global _busy
+    if _busy:
+        envelope: bytes = msgpack.packb(message, use_bin_type=True)
+    else:
+        _busy = True  # _exclusively, inline: this runs for every message
+        try:
+            envelope = _plainPacker.pack(message)
+        finally:
+            _busy = False
     size = len(envelope)
     if size > FRAGMENT_SIZE:
         return None
@@ -273,11 +283,21 @@ class FrameDecoder:
         """
         Whether part of a message has arrived.
         """
-        return self.buffered > 0
+        return len(self._buffer) > self._position or self._fragmented > 0
 
     def feed(self, data: bytes = b"") -> list[Any]:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        size = len(data) - 4
+        if 0 <= size <= _SMALL and not self._buffer and not self._fragmented:
+            # The common case, one small whole record and nothing before it, without the
+            # general loop. (A header that says otherwise goes the long way, to its error.)
+            (header,) = _unpackHeader(data, 0)
+            if header == size and (self.messageSizeLimit is None or size <= self.messageSizeLimit):
+                try:
+                    return [unpackb(data[4:], raw=False, strict_map_key=False, use_list=True)]
+                except Exception:
+                    pass  # the long way reports it
         results: list[Any] = []
         try:
             self._parse(data, results)

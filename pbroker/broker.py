@@ -93,6 +93,8 @@ _PING_OBJECT = b"pbroker.keepalive"
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
 # decoded with the cyclic garbage collector paused.
 _LARGE_READ = 4096
+# Values the native codec packs without hooks, and small enough to stay in the envelope.
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 # The smallest message limit a peer is taken at its word for.
 _MIN_PEER_MESSAGE_SIZE = 64 * 1024
@@ -470,7 +472,12 @@ class Broker(Banana):
         if self._codec is None:
             super().sendEncoded(expression)
             return
-        self._writePayload(self._nativePayload(expression))
+        payload = self._nativePayload(expression)
+        if type(payload) is bytes:
+            assert self.transport is not None, "sendEncoded() called before connectionMade()"
+            self.transport.write(payload)  # most messages: _writePayload's first case, inline
+        else:
+            self._writePayload(payload)
 
     def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
         """
@@ -481,7 +488,9 @@ class Broker(Banana):
         """
         record = wholeRecord(expression)
         if record is not None:
-            self._checkPeerLimit(len(record) - 4)
+            limit = self.peerMessageSize
+            if limit is not None and len(record) - 4 > limit:
+                self._checkPeerLimit(len(record) - 4)
             return record
         # Large values, or a large envelope: the fragmented form (see pbroker._native).
         parts, _ = packMessage(expression)
@@ -606,6 +615,9 @@ class Broker(Banana):
         in the PB dialects, msgpack bytes in the native one; either is sent as it is. A
         Deferred (or a coroutine, which is awaited) gives a Deferred of the encoded result.
         """
+        codec = self._codec
+        if codec is not None and type(object) in _SCALARS:
+            return codec.pack(object)  # no hook can run: none of the bookkeeping below
         if isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
@@ -613,8 +625,8 @@ class Broker(Banana):
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
         try:
-            if self._codec is not None:
-                return inline(self._codec.pack(object))
+            if codec is not None:
+                return inline(codec.pack(object))
             if isStreamable(object):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
             # Jellied straight to banana bytes (the fused encoder), spliced into the message.
@@ -632,6 +644,8 @@ class Broker(Banana):
         """
         codec = self._codec
         if codec is not None and perspective is None and self.unserializingPerspective is None:
+            if sexp == EMPTY_MAP:
+                return {}  # the keywords of most calls
             return codec.unpack(sexp)  # the common case, without the bookkeeping below
         self.unserializingPerspective = perspective
         try:

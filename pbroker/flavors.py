@@ -95,6 +95,8 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
     """
     if not isinstance(keywords, dict):
         raise TypeError(f"keyword arguments must arrive as a dictionary, not {type(keywords)}")
+    if not keywords:
+        return keywords
     if all(type(key) is str for key in keywords):
         return keywords
     decoded: dict[str, Any] = {}

@@ -338,6 +338,25 @@ class FrameDecoderTests(SynchronousTestCase):
             self.assertEqual(bytes(out[1][2]), b"v" * 300_000)
             self.assertEqual((bytes(out[3][2]), bytes(out[3][3])), (b"w" * 600_000, b"z"))
 
+    def test_oneSmallRecordPerRead(self) -> None:
+        """
+        Reads of exactly one small record (the shortcut) decode like any other, keep the
+        decoder ready for a record split across reads, and still honour the size limit.
+        """
+        decoder = _native.FrameDecoder(100)
+        small = _native.records([b"answer", 1, 2])[0]
+        split = _native.records([b"answer", 3, b"x" * 50])[0]
+        self.assertEqual(decoder.feed(small), [[b"answer", 1, 2]])
+        self.assertEqual(decoder.feed(split[:10]), [])
+        self.assertTrue(decoder.midExpression)
+        self.assertEqual(
+            decoder.feed(split[10:] + small), [[b"answer", 3, b"x" * 50]] + [[b"answer", 1, 2]]
+        )
+        self.assertEqual(decoder.feed(small), [[b"answer", 1, 2]])
+        self.assertFalse(decoder.midExpression)
+        self.assertRaises(BananaDecodeError, decoder.feed, _native.records([b"y" * 200])[0])
+        self.assertRaises(BananaDecodeError, decoder.feed, small)  # refused for good
+
     def test_malformed(self) -> None:
         """Garbage, oversized records and unknown kinds are refused for good."""
         for data in [

@@ -740,7 +740,11 @@ class Broker(Banana):
             )
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
-        self._writePayload(data)
+        if type(data) is bytes:
+            assert self.transport is not None
+            self.transport.write(data)  # _writePayload's first case, inline
+        else:
+            self._writePayload(data)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -786,9 +790,10 @@ class Broker(Banana):
         assert self._codec is not None
         netArgs = inline(self._codec.pack(list(args)))
         netKw = inline(self._codec.pack(kw)) if kw else EMPTY_MAP
-        requestID = self.newRequestID()
+        requestID = self.currentRequestID = self.currentRequestID + 1  # newRequestID()
         answer = 1 if answerRequired else 0
-        fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]
+        command = b"message" if not prefix else prefix + b"message"
+        fields = [command, requestID, objectID, message, answer, netArgs, netKw]
         if annotations is not None or timeout is not None:
             context: dict[str, Any] = {"annotations": annotations or {}}
             if timeout is not None:

@@ -79,9 +79,11 @@ _LENGTH_MASK = (1 << 30) - 1
 _SMALL = 4096
 unpackb = msgpack.unpackb
 
-# The buffer a long-lived packer starts with (msgpack's default is 256 KiB, per connection),
-# and the largest it is allowed to keep after a value.
+# The buffer the shared packers start with (msgpack's default is 256 KiB), the buffer each
+# connection's packer starts with (it grows when a value needs more), and the largest a
+# packer is allowed to keep after a value.
 _BUFFER = 4096
+_CONNECTION_BUFFER = 256
 _KEEP = 256 * 1024
 _header = struct.Struct(">I")
 _packHeader = _header.pack
@@ -503,7 +505,7 @@ class ValueCodec:
             use_bin_type=True,
             strict_types=True,
             autoreset=True,
-            buf_size=_BUFFER,
+            buf_size=_CONNECTION_BUFFER,
         )
 
     def _packWith(self, value: Any, default: Callable[[Any], Any]) -> bytes:

@@ -268,8 +268,9 @@ class FrameDecoder:
         self.messageSizeLimit = messageSizeLimit
         self._buffer = bytearray()
         self._position = 0
-        # The fragments of the message being reassembled, and their total size.
-        self._fragments: list[bytes] = []
+        # The fragments of the message being reassembled, joined as they come (a bytearray
+        # grows in place), and their total size.
+        self._fragments = bytearray()
         self._fragmented = 0
         self._failure: str | None = None
 
@@ -307,7 +308,7 @@ class FrameDecoder:
             e.expressions = results
             self._failure = str(e)
             self._buffer = bytearray()
-            self._fragments = []
+            self._fragments = bytearray()
             raise
         return results
 
@@ -367,12 +368,13 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(total, limit))
                     if end - position - 4 < size:
                         break
-                    self._fragments.append(bytes(view[position + 4 : position + 4 + size]))
+                    self._fragments += view[position + 4 : position + 4 + size]
                     self._fragmented = total
                     position += 4 + size
                     if kind == LAST:
-                        payload = b"".join(self._fragments)
-                        self._fragments = []
+                        # Handed over whole: the message's values are views of it.
+                        payload = self._fragments
+                        self._fragments = bytearray()
                         self._fragmented = 0
                         results.append(_unpackEnvelope(payload))
                 else:
@@ -389,7 +391,7 @@ def _tooLarge(size: int, limit: int) -> str:
     return f"a pbroker2 message of at least {size} bytes is over the limit of {limit} bytes"
 
 
-def _unpackEnvelope(payload: bytes) -> Any:
+def _unpackEnvelope(payload: bytes | bytearray) -> Any:
     """
     A message's fields; each value after the envelope becomes a memoryview of ``payload``
     (which :meth:`ValueCodec.unpack` reads without copying it first).

@@ -350,7 +350,7 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(split[:10]), [])
         self.assertTrue(decoder.midExpression)
         self.assertEqual(
-            decoder.feed(split[10:] + small), [[b"answer", 3, b"x" * 50]] + [[b"answer", 1, 2]]
+            decoder.feed(split[10:] + small), [[b"answer", 3, b"x" * 50], [b"answer", 1, 2]]
         )
         self.assertEqual(decoder.feed(small), [[b"answer", 1, 2]])
         self.assertFalse(decoder.midExpression)

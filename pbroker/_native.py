@@ -154,20 +154,24 @@ def _exclusively(shared: Callable[[Any], Any], fresh: Callable[[Any], Any], mess
         _busy = False
 
 
+def _freshEnvelope(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _freshParts(message: list[Any]) -> list[bytes]:
+    return _MessagePacker().pack(message)
+
+
 def _packEnvelope(message: list[Any]) -> bytes:
     """
     A message without :class:`Packed` values, packed.
     """
-    packed: bytes = _exclusively(
-        _plainPacker.pack, lambda m: msgpack.packb(m, use_bin_type=True), message
-    )
+    packed: bytes = _exclusively(_plainPacker.pack, _freshEnvelope, message)
     return packed
 
 
 def _packParts(message: list[Any]) -> list[bytes]:
-    parts: list[bytes] = _exclusively(
-        _messagePacker.pack, lambda m: _MessagePacker().pack(m), message
-    )
+    parts: list[bytes] = _exclusively(_messagePacker.pack, _freshParts, message)
     return parts
 
 
@@ -201,15 +205,7 @@ def wholeRecord(message: list[Any]) -> bytes | None:
     for field in message:
         if type(field) is Packed:
             return None  # see packMessage
-    global _busy
-    if _busy:
-        envelope: bytes = msgpack.packb(message, use_bin_type=True)
-    else:
-        _busy = True  # _exclusively, inline: this runs for every message
-        try:
-            envelope = _plainPacker.pack(message)
-        finally:
-            _busy = False
+    envelope = _packEnvelope(message)
     size = len(envelope)
     if size > FRAGMENT_SIZE:
         return None

@@ -472,12 +472,7 @@ class Broker(Banana):
         if self._codec is None:
             super().sendEncoded(expression)
             return
-        payload = self._nativePayload(expression)
-        if type(payload) is bytes:
-            assert self.transport is not None, "sendEncoded() called before connectionMade()"
-            self.transport.write(payload)  # most messages: _writePayload's first case, inline
-        else:
-            self._writePayload(payload)
+        self._writePayload(self._nativePayload(expression))
 
     def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
         """
@@ -488,9 +483,7 @@ class Broker(Banana):
         """
         record = wholeRecord(expression)
         if record is not None:
-            limit = self.peerMessageSize
-            if limit is not None and len(record) - 4 > limit:
-                self._checkPeerLimit(len(record) - 4)
+            self._checkPeerLimit(len(record) - 4)
             return record
         # Large values, or a large envelope: the fragmented form (see pbroker._native).
         parts, _ = packMessage(expression)
@@ -740,11 +733,7 @@ class Broker(Banana):
             )
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
-        if type(data) is bytes:
-            assert self.transport is not None
-            self.transport.write(data)  # _writePayload's first case, inline
-        else:
-            self._writePayload(data)
+        self._writePayload(data)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -790,10 +779,9 @@ class Broker(Banana):
         assert self._codec is not None
         netArgs = inline(self._codec.pack(list(args)))
         netKw = inline(self._codec.pack(kw)) if kw else EMPTY_MAP
-        requestID = self.currentRequestID = self.currentRequestID + 1  # newRequestID()
+        requestID = self.newRequestID()
         answer = 1 if answerRequired else 0
-        command = b"message" if not prefix else prefix + b"message"
-        fields = [command, requestID, objectID, message, answer, netArgs, netKw]
+        fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]
         if annotations is not None or timeout is not None:
             context: dict[str, Any] = {"annotations": annotations or {}}
             if timeout is not None:

@@ -12,15 +12,11 @@ Porting an application means changing ``from twisted.spread import pb`` to
 
 from __future__ import annotations
 
-import hmac
-import secrets
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred.credentials import IAnonymous
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -39,16 +35,6 @@ from pbroker.broker import (
     Broker,
     BrokerLimits,
     Keepalive,
-)
-from pbroker.cred import (
-    AsReferenceable,
-    Avatar,
-    IPerspective,
-    IUsernameMD5Password,
-    LoginGuard,
-    PortalRoot,
-    challenge,
-    respond,
 )
 from pbroker.errors import (
     DeadReferenceError,
@@ -80,6 +66,15 @@ from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
 from pbroker.references import Local, RemoteMethod, RemoteReference
 
 if TYPE_CHECKING:
+    from pbroker.cred import (
+        AsReferenceable,
+        Avatar,
+        IPerspective,
+        IUsernameMD5Password,
+        LoginGuard,
+        challenge,
+        respond,
+    )
     from pbroker.tls import CertificateLogin
 
 __all__ = [
@@ -135,15 +130,28 @@ __all__ = [
 portno = 8787
 
 
-def __getattr__(name: str) -> Any:
-    # pbroker.tls is imported on first use of this name: a server without TLS logins never
-    # needs it.
-    if name != "CertificateLogin":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from pbroker.tls import CertificateLogin
+# The names this module takes from pbroker.cred and pbroker.tls, which are imported on first
+# use of one of them: a server without a portal (and a client that does not log in) never
+# needs twisted.cred, and the names each of these loads add to every process's memory.
+_LAZY = {
+    "AsReferenceable": "pbroker.cred",
+    "Avatar": "pbroker.cred",
+    "IPerspective": "pbroker.cred",
+    "IUsernameMD5Password": "pbroker.cred",
+    "LoginGuard": "pbroker.cred",
+    "challenge": "pbroker.cred",
+    "respond": "pbroker.cred",
+    "CertificateLogin": "pbroker.tls",
+}
 
-    globals()[name] = CertificateLogin
-    return CertificateLogin
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 class PBServerFactory(protocol.ServerFactory):
@@ -182,7 +190,9 @@ class PBServerFactory(protocol.ServerFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
-        if isinstance(root, Portal):
+        if _isPortal(root):
+            from pbroker.cred import PortalRoot
+
             root = PortalRoot(root, loginGuard, legacyLogin)
         if not IPBRoot.providedBy(root):
             raise TypeError(
@@ -319,6 +329,14 @@ class PBClientFactory(protocol.ClientFactory):
         :returns: fails with ``twisted.cred.error.UnauthorizedLogin`` (as a copied failure)
             on bad credentials.
         """
+        import secrets
+        from hmac import compare_digest
+
+        from twisted.cred.credentials import IAnonymous
+        from twisted.cred.error import UnauthorizedLogin
+
+        from pbroker.cred import respond
+
         root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
             return root.addCallback(lambda r: r.callRemote("loginAnonymous", client))
@@ -355,7 +373,7 @@ class PBClientFactory(protocol.ClientFactory):
 
         def checkServer(answer: Any, expected: bytes) -> RemoteReference:
             avatar, signature = answer
-            if not isinstance(signature, bytes) or not hmac.compare_digest(signature, expected):
+            if not isinstance(signature, bytes) or not compare_digest(signature, expected):
                 raise UnauthorizedLogin("the server could not prove it knows the password")
             result: RemoteReference = avatar
             return result
@@ -400,6 +418,12 @@ def _buildBroker(factory: Any, isClient: bool) -> Broker:
     )
     broker.factory = factory
     return broker
+
+
+def _isPortal(root: Any) -> bool:
+    # A program that never imported twisted.cred.portal holds no Portal.
+    portal = sys.modules.get("twisted.cred.portal")
+    return portal is not None and isinstance(root, portal.Portal)
 
 
 def _isCertificateLogin(credentials: Any) -> bool:

@@ -17,7 +17,16 @@ import pbroker
 PACKAGE = Path(pbroker.__file__).parent
 
 #: Modules that importing pbroker.pb must not load: each is imported when first needed.
-LAZY_MODULES = frozenset({"decimal", "pbroker.passwords", "pbroker.tls"})
+LAZY_MODULES = frozenset(
+    {
+        "decimal",
+        "pbroker.cred",
+        "pbroker.passwords",
+        "pbroker.tls",
+        "twisted.cred.credentials",
+        "twisted.cred.portal",
+    }
+)
 
 
 def importedModules(path: Path) -> set[str]:
@@ -69,24 +78,30 @@ class PackageTests(SynchronousTestCase):
         self.assertEqual(output.strip(), "[]")
 
     def test_lazyImports(self) -> None:
-        """Importing pbroker.pb does not load what a plain server never uses (decimal, the
-        password login, TLS); a decimal still travels both ways in a process that had not
-        loaded it, and pb.CertificateLogin is still pbroker.tls's class."""
+        """Importing pbroker.pb and serving a plain root does not load what such a server
+        never uses (decimal, twisted.cred and the logins, TLS); a decimal still travels both
+        ways in a process that had not loaded it, and the lazily taken names of pb are still
+        the classes of the modules that define them."""
         script = (
             "import sys\n"
             "import pbroker.pb\n"
             "from pbroker import jelly\n"
+            "pbroker.pb.PBServerFactory(pbroker.pb.Root())\n"
             "print(sorted(m for m in sys.modules if m in {LAZY!r}))\n"
             "value = jelly.unjelly([b'decimal', -125, -2])\n"
             "print(repr(value), jelly.jelly(value))\n"
             "from pbroker.pb import *\n"
             "import pbroker.tls\n"
             "print(CertificateLogin is pbroker.tls.CertificateLogin)\n"
+            "import pbroker.cred\n"
+            "print(Avatar is pbroker.cred.Avatar, respond is pbroker.cred.respond)\n"
         ).replace("{LAZY!r}", repr(LAZY_MODULES))
         output = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
         ).stdout.splitlines()
-        self.assertEqual(output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]", "True"])
+        self.assertEqual(
+            output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]", "True", "True True"]
+        )
 
     def test_codecLayerIsSansIO(self) -> None:
         """The codec and serialiser modules import nothing from twisted.internet but the

@@ -889,14 +889,17 @@ class Banana(Protocol):
                     decoder = self._decoder
             self._deliver(decoder.feed(data))
         except BananaDecodeError as e:
-            # The peer sent garbage. Expressions that arrived intact before it are still
-            # delivered; the connection is dropped whatever their handlers do. (An error the
-            # application makes while sending, BananaEncodeError, is its own: it propagates.)
-            try:
-                if self.currentDialect is not None:
-                    self._deliver(e.expressions)
-            finally:
-                self._fail(str(e))
+            self._malformed(e)
+
+    def _malformed(self, error: BananaDecodeError) -> None:
+        # The peer sent garbage. Expressions that arrived intact before it are still
+        # delivered; the connection is dropped whatever their handlers do. (An error the
+        # application makes while sending, BananaEncodeError, is its own: it propagates.)
+        try:
+            if self.currentDialect is not None:
+                self._deliver(error.expressions)
+        finally:
+            self._fail(str(error))
 
     def _deliver(self, expressions: list[Any]) -> None:
         for expression in expressions:

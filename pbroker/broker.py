@@ -952,9 +952,12 @@ class Broker(Banana):
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.heard()
         decoder = self._decoder
-        if (len(data) >= _LARGE_READ or (decoder is not None and decoder.midExpression)) and (
-            gc.isenabled()
-        ):
+        if decoder is None:
+            return  # the connection already failed, or connectionMade() was never called
+        if len(data) >= _LARGE_READ or decoder.midExpression:
+            if not gc.isenabled():
+                super().dataReceived(data)
+                return
             # Decoding a large message makes many containers at once, and the cyclic
             # collector would run over and over while it does (half the decoding time for a
             # list of a thousand records). Those objects are new and alive; collect after.
@@ -963,6 +966,18 @@ class Broker(Banana):
                 super().dataReceived(data)
             finally:
                 gc.enable()
+        elif self._codec is not None:
+            # Small messages of the native dialect, the common case: Banana.dataReceived's
+            # work without its negotiation step and a call fewer per message.
+            try:
+                expressions = decoder.feed(data)
+            except BananaDecodeError as e:
+                self._malformed(e)
+                return
+            for expression in expressions:
+                if self._decoder is None:
+                    return  # the connection was dropped while handling a message
+                self.expressionReceived(expression)
         else:
             super().dataReceived(data)
 
@@ -1119,17 +1134,8 @@ class Broker(Banana):
     def _didNotUnderstand(self, command: Any) -> None:
         self._log.warn("The peer did not understand {command}", command=describe(command))
 
-    def _message(self, *fields: Any) -> None:
-        self._receiveCall(self.localObjectForID, *fields)
-
     def _cacheMessage(self, *fields: Any) -> None:
-        self._receiveCall(self.cachedLocallyAs, *fields)
-
-    def _messageWithContext(self, *fields: Any) -> None:
-        self._receiveCall(self.localObjectForID, *fields)
-
-    def _cacheMessageWithContext(self, *fields: Any) -> None:
-        self._receiveCall(self.cachedLocallyAs, *fields)
+        self._message(*fields, cache=True)
 
     def _callContext(self, requestID: int, wire: Any) -> _context.CallContext:
         annotations = wire.get("annotations") if type(wire) is dict else None
@@ -1141,9 +1147,8 @@ class Broker(Banana):
         deadline = None if timeout is None else self.clock.seconds() + timeout
         return _context.CallContext(annotations, deadline, requestID, self)
 
-    def _receiveCall(
+    def _message(
         self,
-        find: Callable[[Any], Any],
         requestID: Any,
         objectID: Any,
         message: Any,
@@ -1151,10 +1156,12 @@ class Broker(Banana):
         netArgs: Any,
         netKw: Any,
         context: Any = None,
+        *,
+        cache: bool = False,
     ) -> None:
         """
-        Run a call the peer made (``find`` looks up its target: an exported object for
-        ``message``, a cache copy for ``cachemessage``) and send its answer or error.
+        Run a call the peer made (on an exported object, or with ``cache`` on a cache copy, for
+        ``cachemessage``; ``context`` comes with ``callctx``) and send its answer or error.
         """
         if type(requestID) is not int or type(message) is not bytes:
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
@@ -1176,7 +1183,12 @@ class Broker(Banana):
             token = _context._current.set(callContext)
         try:
             name = message.decode("utf-8")
-            target = find(objectID) if type(objectID) in (int, bytes) else None
+            if type(objectID) not in (int, bytes):
+                target = None
+            elif cache:
+                target = self.cachedLocallyAs(objectID)
+            else:
+                target = self.localObjectForID(objectID)
             if target is None:
                 raise Error("Invalid Object ID")
             result = target.remoteMessageReceived(self, name, netArgs, netKw)
@@ -1306,8 +1318,11 @@ class Broker(Banana):
         return deferred
 
     def _answer(self, requestID: Any, netResult: Any) -> None:
-        deferred = self._takeWaiting(requestID)
-        self._replyTargets.pop(requestID, None)
+        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
+        if deferred is None:
+            deferred = self._takeWaiting(requestID)  # a late answer, or a protocol error
+        if self._replyTargets:
+            self._replyTargets.pop(requestID, None)
         if deferred is None:
             self._dropLateValue(netResult)
             return
@@ -1389,8 +1404,8 @@ class Broker(Banana):
         b"decref": (_decref, 1),
         # pbroker's own messages (a stock Twisted peer never receives them, except ping)
         b"hello": (_hello, 1),
-        b"callctx": (_messageWithContext, 7),
-        b"cachecallctx": (_cacheMessageWithContext, 7),
+        b"callctx": (_message, 7),
+        b"cachecallctx": (_cacheMessage, 7),
         b"answerctx": (_answerWithContext, 3),
         b"cancel": (_cancel, 1),
         b"ping": (_ping, 1),

@@ -729,6 +729,19 @@ class HostileNativePeerTests(NativeTestCase):
         """A call whose context is not a dict of annotations."""
         self.assertDropped(b"callctx", 1, b"root", b"echo", 1, b"\x91\x01", b"\x80", "x")
 
+    def test_intactMessageBeforeGarbage(self) -> None:
+        """A call that arrives whole in the same small read as garbage after it still runs;
+        then the peer is dropped."""
+        call = [b"message", 1, b"root", b"wait", 1, b"\x90", b"\x80"]
+        data = _native.records(call)[0] + b"\x00\x00\x00\x01\xc1"
+        self.assertLess(len(data), 4096)
+        with capturedLogs() as events:
+            self.client.transport.write(data)
+            self.pump.flush()
+        self.assertIsNotNone(self.rootObject.pending)
+        self.assertTrue(self.server.disconnected)
+        self.assertTrue(any("Dropping" in str(e.get("log_format")) for e in events), events)
+
     def test_itemBeyondCredit(self) -> None:
         """A sender that ignores the reader's credit is dropped."""
         stream = self.call("pushed")

@@ -9,6 +9,11 @@ drains. While paused, the bytes written are counted; past the broker's
 wrapper unregisters the producer first, since a TLS transport will not close while a producer
 is registered on it. Everything else is delegated to the real transport, whose interfaces the
 wrapper declares.
+
+While the broker handles the messages of one read it may :meth:`~PacedTransport.hold` the
+small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
+Twisted transport costs several calls, which a hundred pipelined answers would pay a hundred
+times. Held bytes go out as soon as they reach :data:`HOLD_LIMIT`, so pacing still sees them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 
-__all__ = ["PacedTransport"]
+__all__ = ["HOLD_LIMIT", "PacedTransport"]
+
+#: Held writes are passed on once they add up to this many bytes (and a write this large is
+#: never held), so the real transport's buffer limit still pauses a broker that writes a lot.
+HOLD_LIMIT = 64 * 1024
 
 
 class PacedTransport:
@@ -35,6 +44,8 @@ class PacedTransport:
         self.bufferedWhilePaused = 0
         self.written = 0
         self._registered = False
+        self._held: list[bytes] | None = None
+        self._heldSize = 0
         directlyProvides(self, providedBy(transport))
         registerProducer = getattr(transport, "registerProducer", None)
         if registerProducer is not None:
@@ -45,12 +56,52 @@ class PacedTransport:
         return getattr(self._transport, name)
 
     def write(self, data: bytes) -> None:
+        size = len(data)
+        self.written += size
+        held = self._held
+        if held is not None:
+            if size < HOLD_LIMIT:
+                held.append(data)
+                self._heldSize += size
+                if self._heldSize >= HOLD_LIMIT:
+                    self._passHeld()
+                return
+            if held:
+                self._passHeld()
+        self._pass(data)
+
+    def _pass(self, data: bytes) -> None:
         self._transport.write(data)
-        self.written += len(data)
         if not self.paused:
             return
         self.bufferedWhilePaused += len(data)
         self._checkBuffered()
+
+    def _passHeld(self) -> None:
+        held = self._held
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            self._heldSize = 0
+            self._pass(data)
+
+    def hold(self) -> bool:
+        """
+        Keep small writes until :meth:`release`; whether this call started holding (a
+        nested call does not, and its caller must not release).
+        """
+        if self._held is not None:
+            return False
+        self._held = []
+        self._heldSize = 0
+        return True
+
+    def release(self) -> None:
+        """
+        Write what was held, and stop holding.
+        """
+        self._passHeld()
+        self._held = None
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
@@ -64,6 +115,7 @@ class PacedTransport:
             self.abortConnection()
 
     def writeSequence(self, data: list[bytes]) -> None:
+        self._passHeld()
         writeSequence = getattr(self._transport, "writeSequence", None)
         if writeSequence is None:
             self._transport.write(b"".join(data))
@@ -81,10 +133,12 @@ class PacedTransport:
             self._transport.unregisterProducer()
 
     def loseConnection(self) -> None:
+        self._passHeld()
         self._release()
         self._transport.loseConnection()
 
     def abortConnection(self) -> None:
+        self._held = None  # aborting discards what was not sent, held or buffered
         self._release()
         abort = getattr(self._transport, "abortConnection", None)
         if abort is not None:

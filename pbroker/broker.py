@@ -974,12 +974,25 @@ class Broker(Banana):
             except BananaDecodeError as e:
                 self._malformed(e)
                 return
-            for expression in expressions:
-                if self._decoder is None:
-                    return  # the connection was dropped while handling a message
-                self.expressionReceived(expression)
+            if len(expressions) == 1:
+                self.expressionReceived(expressions[0])
+            else:
+                self._deliver(expressions)
         else:
             super().dataReceived(data)
+
+    def _deliver(self, expressions: list[Any]) -> None:
+        # The answers to the messages of one read leave in one write (see PacedTransport).
+        transport = self.transport
+        if len(expressions) < 2 or not isinstance(transport, PacedTransport):
+            super()._deliver(expressions)
+            return
+        holding = transport.hold()
+        try:
+            super()._deliver(expressions)
+        finally:
+            if holding:
+                transport.release()
 
     def _ping(self, count: Any) -> None:
         self.sendCall(b"pong", count)

@@ -68,7 +68,10 @@ class PacedTransport:
                 return
             if held:
                 self._passHeld()
-        self._pass(data)
+        self._transport.write(data)
+        if self.paused:
+            self.bufferedWhilePaused += size
+            self._checkBuffered()
 
     def _pass(self, data: bytes) -> None:
         self._transport.write(data)

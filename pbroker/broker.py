@@ -33,6 +33,7 @@ from pbroker._native import (
     LAST,
     MORE,
     FrameDecoder,
+    Packed,
     ValueCodec,
     fragmentHeader,
     inline,
@@ -95,6 +96,11 @@ _PING_OBJECT = b"pbroker.keepalive"
 _LARGE_READ = 4096
 # Values the native codec packs without hooks, and small enough to stay in the envelope.
 _SCALARS = frozenset({int, float, bool, type(None)})
+# Results that are certainly not Deferreds or coroutines, tested by type first: Deferred is
+# an abc.ABC (Awaitable), so isinstance() on it is a Python-level check, slow on a hot path.
+_PLAIN = frozenset({bytes, str, list, dict, tuple, set, frozenset, int, float, bool, type(None)})
+# What serialize() gives that is not a Deferred.
+_SERIALIZED = frozenset({bytes, Encoded, Packed})
 
 # The smallest message limit a peer is taken at its word for.
 _MIN_PEER_MESSAGE_SIZE = 64 * 1024
@@ -611,7 +617,7 @@ class Broker(Banana):
         codec = self._codec
         if codec is not None and type(object) in _SCALARS:
             return codec.pack(object)  # no hook can run: none of the bookkeeping below
-        if isinstance(object, (CoroutineType, Deferred)):
+        if type(object) not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
             return object.addCallback(self.serialize, perspective, method, args, kw)
@@ -1234,7 +1240,7 @@ class Broker(Banana):
             if isinstance(result, Deferred):
                 result.addErrback(self._logOneWayFailure)
             return
-        if isinstance(result, Deferred):
+        if type(result) not in _SERIALIZED and isinstance(result, Deferred):
             self._answering[requestID] = result
             result.addCallbacks(
                 self._sendAnswer,

@@ -264,6 +264,8 @@ class Tokens:
 
         :raises BananaEncodeError: beyond what the prefix limit can carry.
         """
+        if 0 <= value < len(self.smallInts):
+            return self.smallInts[value]
         if not -self._largest <= value <= self._largest:
             raise BananaEncodeError(_integerError(value, self.prefixLimit))
         return _intToken(value)
@@ -307,7 +309,10 @@ class Tokens:
         token = self.symbols.get(value)
         if token is not None:
             return token
-        return self.stringHeader(len(value)) + value
+        size = len(value)
+        if size < len(self.stringHeaders):
+            return self.stringHeaders[size] + value
+        return self.stringHeader(size) + value
 
 
 @functools.lru_cache(maxsize=32)
@@ -531,7 +536,7 @@ class Decoder:
         """
         Whether a partially received expression is pending.
         """
-        return self._current is not None or self.buffered > 0
+        return self._current is not None or len(self._buffer) > self._position
 
     def feed(self, data: bytes = b"", maxExpressions: int | None = None) -> list[Any]:
         """

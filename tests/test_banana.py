@@ -178,10 +178,13 @@ class EncodeTests(SynchronousTestCase):
         """Tokens writes the same bytes as encode() and enforces the same limits."""
         tokens = banana.getTokens(b"pb")
         self.assertIs(tokens, banana.getTokens(b"pb"))
-        for value in (0, 5, 2**14, 2**21, 2**31, -(2**40)):
+        edges = (len(tokens.smallInts) + d for d in (-1, 0, 1))
+        for value in (0, 1, 5, 127, 128, *edges, 2**14, 2**21, 2**31, -1, -(2**40)):
             self.assertEqual(tokens.integer(value), encode(value))
         self.assertEqual(tokens.symbol(b"message"), encode(b"message", b"pb"))
         self.assertEqual(tokens.symbol(b"other"), encode(b"other", b"pb"))
+        for size in (0, 127, 128, len(tokens.stringHeaders) - 1, len(tokens.stringHeaders)):
+            self.assertEqual(tokens.symbol(b"x" * size), encode(b"x" * size, b"pb"))
         self.assertEqual(
             tokens.joinList([tokens.symbol(b"decref"), tokens.integer(3)]), h("02 80 1d 87 03 81")
         )
@@ -193,6 +196,8 @@ class EncodeTests(SynchronousTestCase):
             small.listHeader(3)
         with self.assertRaises(BananaEncodeError):
             small.integer(128)
+        with self.assertRaises(BananaEncodeError):
+            small.symbol(b"abc")
         self.assertEqual(len(small.smallInts), 128)
 
 

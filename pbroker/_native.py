@@ -41,11 +41,13 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
 from pbroker.errors import BananaDecodeError, InvalidJelly, PBrokerError, describe
+
+_Packed = TypeVar("_Packed")
 
 __all__ = [
     "FRAGMENT_SIZE",
@@ -131,27 +133,33 @@ class _MessagePacker:
         return [_packHeader(len(envelope)) + envelope, *values]
 
 
-# The packers all connections share. A message may be packed while another is being packed:
-# the collector can run a RemoteReference's __del__ (which sends a decref) in the middle of
-# any allocation. The flag sends such a nested message through a fresh packer instead, so
-# the shared one's buffer is never written into twice.
-_messagePacker = _MessagePacker()
-_plainPacker = msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFER)
-_busy = False
-
-
-def _exclusively(shared: Callable[[Any], Any], fresh: Callable[[Any], Any], message: Any) -> Any:
+class _SharedPacker(Generic[_Packed]):
     """
-    ``shared(message)``, or ``fresh(message)`` if a shared packer is already at work.
+    A packer all connections share, for one message at a time.
+
+    A message may be packed while another is being packed: the collector can run a
+    RemoteReference's ``__del__`` (which sends a decref) in the middle of any allocation. The
+    flag sends such a nested message through ``fresh`` (a new packer) instead, so the shared
+    one's buffer is never written into twice.
     """
-    global _busy
-    if _busy:
-        return fresh(message)
-    _busy = True
-    try:
-        return shared(message)
-    finally:
-        _busy = False
+
+    __slots__ = ("_busy", "_fresh", "_shared")
+
+    def __init__(
+        self, shared: Callable[[list[Any]], _Packed], fresh: Callable[[list[Any]], _Packed]
+    ) -> None:
+        self._shared = shared
+        self._fresh = fresh
+        self._busy = False
+
+    def pack(self, message: list[Any]) -> _Packed:
+        if self._busy:
+            return self._fresh(message)
+        self._busy = True
+        try:
+            return self._shared(message)
+        finally:
+            self._busy = False
 
 
 def _freshEnvelope(message: list[Any]) -> bytes:
@@ -162,17 +170,12 @@ def _freshParts(message: list[Any]) -> list[bytes]:
     return _MessagePacker().pack(message)
 
 
-def _packEnvelope(message: list[Any]) -> bytes:
-    """
-    A message without :class:`Packed` values, packed.
-    """
-    packed: bytes = _exclusively(_plainPacker.pack, _freshEnvelope, message)
-    return packed
-
-
-def _packParts(message: list[Any]) -> list[bytes]:
-    parts: list[bytes] = _exclusively(_messagePacker.pack, _freshParts, message)
-    return parts
+#: Packs a message without :class:`Packed` values.
+_packEnvelope = _SharedPacker[bytes](
+    msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFER).pack, _freshEnvelope
+).pack
+#: Packs a message with :class:`Packed` values: its parts.
+_packParts = _SharedPacker[list[bytes]](_MessagePacker().pack, _freshParts).pack
 
 
 #: Packed values up to this size travel inside the envelope, as msgpack ``bin``.

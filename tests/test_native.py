@@ -742,6 +742,20 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertTrue(self.server.disconnected)
         self.assertTrue(any("Dropping" in str(e.get("log_format")) for e in events), events)
 
+    def test_malformedArguments(self) -> None:
+        """Arguments that are not an array, or keywords that are not a map of names (even an
+        empty array), are refused with a TypeError, which the caller gets as the error."""
+        received = self.rootObject.remoteMessageReceived
+        self.assertEqual(received(self.server, "echo", b"\x91\x07", b"\x80"), b"\x07")
+        for args, kw, text in [
+            (b"\x91\x07", b"\x90", "keyword arguments must arrive as a dictionary"),
+            (b"\x91\x07", b"\x81\x01\x02", "keyword names must be text"),
+            (b"\x07", b"\x80", "positional arguments must arrive as a tuple"),
+        ]:
+            with self.assertRaises(TypeError) as caught:
+                received(self.server, "echo", args, kw)
+            self.assertIn(text, str(caught.exception))
+
     def test_itemBeyondCredit(self) -> None:
         """A sender that ignores the reader's credit is dropped."""
         stream = self.call("pushed")

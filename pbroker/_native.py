@@ -87,6 +87,12 @@ unpackb = msgpack.unpackb
 _BUFFER = 4096
 _CONNECTION_BUFFER = 256
 _KEEP = 256 * 1024
+# Byte strings from this size on are packed by hand (a msgpack bin 32 header, then the bytes):
+# one copy, where the packer would grow a buffer for them, copy them in and out, and be
+# replaced (see _KEEP). Below it the packer's warm buffer measured faster.
+_LARGE_BYTES = _KEEP
+_BIN32 = b"\xc6"
+_ARRAY_OF_ONE = b"\x91"
 _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
@@ -480,6 +486,14 @@ class ValueCodec:
         and jelly instances; if it met a cycle (or nesting deeper than msgpack goes) the value
         is jellied whole instead. Either way nothing is registered twice or half-way.
         """
+        kind = type(value)
+        if kind is bytes:
+            if len(value) >= _LARGE_BYTES:
+                return _BIN32 + _packHeader(len(value)) + value
+        elif kind is list and len(value) == 1:  # the arguments of a call with one argument
+            item = value[0]
+            if type(item) is bytes and len(item) >= _LARGE_BYTES:
+                return _ARRAY_OF_ONE + _BIN32 + _packHeader(len(item)) + item
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy

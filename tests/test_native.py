@@ -10,6 +10,7 @@ import gc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgpack
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -187,6 +188,16 @@ class NegotiationTests(NativeTestCase):
 
 
 class ValueTests(NativeTestCase):
+    def test_largeBytesPackedAsMsgpackDoes(self) -> None:
+        """Large byte strings, alone or as the one argument of a call, are packed by hand to
+        exactly the bytes msgpack writes; and they travel."""
+        codec = self.server._codec
+        assert codec is not None
+        large = bytes(range(256)) * 1200
+        for value in ([large], large, [large, 1], [b"small"], b"small", bytearray(b"ba")):
+            self.assertEqual(codec.pack(value), msgpack.packb(value, use_bin_type=True))
+        self.assertEqual(self.call("echo", large), large)
+
     def test_plainValues(self) -> None:
         """Every plain type keeps its type: tuples, lists, sets, text, bytes, big numbers."""
         values = [

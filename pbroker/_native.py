@@ -489,11 +489,12 @@ class ValueCodec:
         kind = type(value)
         if kind is bytes:
             if len(value) >= _LARGE_BYTES:
-                return _BIN32 + _packHeader(len(value)) + value
+                large: bytes = value
+                return _BIN32 + _packHeader(len(large)) + large
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
-            item = value[0]
-            if type(item) is bytes and len(item) >= _LARGE_BYTES:
-                return _ARRAY_OF_ONE + _BIN32 + _packHeader(len(item)) + item
+            large = value[0]
+            if type(large) is bytes and len(large) >= _LARGE_BYTES:
+                return _ARRAY_OF_ONE + _BIN32 + _packHeader(len(large)) + large
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy

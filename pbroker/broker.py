@@ -1324,22 +1324,23 @@ class Broker(Banana):
     def _unsafeTracebacks(self) -> bool:
         return bool(getattr(self.factory, "unsafeTracebacks", False))
 
-    def _takeWaiting(self, requestID: Any) -> Deferred[Any] | None:
-        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
-        if deferred is None and type(requestID) is int:
+    def _lateAnswer(self, requestID: Any) -> None:
+        """
+        An answer (or error) came for ``requestID`` and no call waits for it: fine for a call
+        this side cancelled, a protocol error otherwise.
+        """
+        if type(requestID) is int:
             if requestID in self._abandoned:
                 self._abandoned.discard(requestID)
-                return None  # the answer to a call this side cancelled
+                return  # the answer to a call this side cancelled
             if self._abandonedOverflow and 0 < requestID <= self.currentRequestID:
-                return None  # too many were cancelled to remember each one
-        if deferred is None:
-            raise ProtocolError(f"an answer to a request never made: {describe(requestID)}")
-        return deferred
+                return  # too many were cancelled to remember each one
+        raise ProtocolError(f"an answer to a request never made: {describe(requestID)}")
 
     def _answer(self, requestID: Any, netResult: Any) -> None:
         deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
         if deferred is None:
-            deferred = self._takeWaiting(requestID)  # a late answer, or a protocol error
+            self._lateAnswer(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
         if deferred is None:
@@ -1359,8 +1360,11 @@ class Broker(Banana):
         self._answer(requestID, netResult)
 
     def _error(self, requestID: Any, netFailure: Any) -> None:
-        deferred = self._takeWaiting(requestID)
-        self._replyTargets.pop(requestID, None)
+        deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
+        if deferred is None:
+            self._lateAnswer(requestID)
+        if self._replyTargets:
+            self._replyTargets.pop(requestID, None)
         if deferred is not None:
             deferred.errback(self._unserializeFailure(netFailure))
         else:

@@ -98,7 +98,7 @@ _LARGE_READ = 4096
 _SCALARS = frozenset({int, float, bool, type(None)})
 # Results that are certainly not Deferreds or coroutines, tested by type first: Deferred is
 # an abc.ABC (Awaitable), so isinstance() on it is a Python-level check, slow on a hot path.
-_PLAIN = frozenset({bytes, str, list, dict, tuple, set, frozenset, int, float, bool, type(None)})
+_PLAIN = _SCALARS | {bytes, str, list, dict, tuple, set, frozenset}
 # What serialize() gives that is not a Deferred.
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
 

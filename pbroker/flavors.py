@@ -110,12 +110,9 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
 
 
 def _positional(args: Any) -> tuple[Any, ...]:
-    kind = type(args)
-    if kind is list:  # as the native dialect delivers them
-        return tuple(args)
-    if kind is tuple or isinstance(args, tuple):
-        return args  # type: ignore[no-any-return]
-    if isinstance(args, list):
+    if isinstance(args, tuple):
+        return args
+    if isinstance(args, list):  # as the native dialect delivers them
         return tuple(args)
     raise TypeError(f"positional arguments must arrive as a tuple, not {type(args).__name__}")
 
@@ -148,9 +145,7 @@ class Referenceable(Serializable):
         Run the ``remote_`` method a peer called and return its serialised result.
         """
         args = _positional(broker.unserialize(args))
-        kw = broker.unserialize(kw)
-        if type(kw) is not dict or kw:  # most calls have no keywords: nothing to check
-            kw = textKeywords(kw)
+        kw = textKeywords(broker.unserialize(kw))
         method = findRemoteMethod(self, "remote_", message)
         return broker.serialize(method(*args, **kw), self.perspective)
 

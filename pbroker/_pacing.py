@@ -68,6 +68,7 @@ class PacedTransport:
                 return
             if held:
                 self._passHeld()
+        # _pass(data), inline: this is the path of every write that is not held.
         self._transport.write(data)
         if self.paused:
             self.bufferedWhilePaused += size

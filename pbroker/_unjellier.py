@@ -254,8 +254,15 @@ class _Frame:
         self.extra = extra
 
 
-# Atoms that stand for themselves inside an expression.
+# Atoms that stand for themselves inside an expression (a flat tuple of them is taken at
+# once). A str is jelly's text too, decoded by the banana decoder (see Decoder's text
+# option) or put there by a caller in the same process: it takes the security check of the
+# list it stands for, in _walk.
 _FLAT = frozenset({int, float, bytes})
+
+
+def _textRefused() -> InsecureJelly:
+    return InsecureJelly("type 'unicode' is not allowed by the security options")
 
 
 class Unjellier:
@@ -313,6 +320,8 @@ class Unjellier:
         ``unjellyFor``.
         """
         if type(sexp) is not list:
+            if type(sexp) is str and not self._isAllowed(b"unicode"):
+                raise _textRefused()
             return sexp
         try:
             opened = self._open(sexp)
@@ -348,6 +357,8 @@ class Unjellier:
             descended = False
             for child in frame.children:
                 if type(child) is not list:
+                    if type(child) is str and not unicodeAllowed:
+                        raise _textRefused()
                     append(child)
                     continue
                 # The commonest tags are handled here, the rest (and every error) by _open.

@@ -194,6 +194,8 @@ _INCOMING_SYMBOLS: Final[dict[bytes, dict[int, bytes] | None]] = {
 
 _packFloat = struct.Struct(">d").pack
 _unpackFloat = struct.Struct(">d").unpack_from
+# What follows a LIST token of two elements when they are jelly's text: the STRING "unicode".
+_TEXT_TAG = b"\x07\x82unicode"
 
 
 @functools.lru_cache(maxsize=16)
@@ -460,6 +462,10 @@ class Decoder:
         It is checked whenever a list starts or ends, a string starts, an expression completes
         and :meth:`feed` returns, so an expression is refused before more than this (plus one
         element) is held, however the bytes are split.
+    :param text: decode jelly's text, a list of the string ``unicode`` and UTF-8 bytes, as a
+        ``str`` in its place (when it is short and valid), sparing the unjellier a list. A
+        broker turns it on; its unjellier takes such a ``str`` as that list, security check
+        included. It may be changed between expressions through :attr:`text`.
     """
 
     def __init__(
@@ -470,6 +476,7 @@ class Decoder:
         prefixLimit: int = PREFIX_LIMIT,
         depthLimit: int = DEPTH_LIMIT,
         messageSizeLimit: int | None = None,
+        text: bool = False,
     ) -> None:
         _checkDialect(dialect)
         for name, value in (
@@ -496,6 +503,8 @@ class Decoder:
         # Bytes of the unfinished expression consumed by earlier calls to feed().
         self._consumed = 0
         self._failure: str | None = None
+        self._textTag: bytes | None = None
+        self.text = text
 
     @property
     def dialect(self) -> bytes:
@@ -509,6 +518,17 @@ class Decoder:
         _checkDialect(dialect)
         self._dialect = dialect
         self._vocabulary = _incomingVocabulary(dialect)
+
+    @property
+    def text(self) -> bool:
+        """
+        Whether jelly's text is decoded as ``str``. Change it only between expressions.
+        """
+        return self._textTag is not None
+
+    @text.setter
+    def text(self, text: bool) -> None:
+        self._textTag = _TEXT_TAG if text else None
 
     @property
     def buffered(self) -> int:
@@ -589,6 +609,10 @@ class Decoder:
         remaining = self._remaining
         parents = self._parents
         wanted = -1 if maxExpressions is None else maxExpressions
+        # A text (up to 127 bytes) is waited for whole, so it must stay under what a decoder may
+        # hold (one element of sizeLimit) and pass every size check: a smaller limit turns
+        # texts off.
+        textTag = self._textTag if sizeLimit >= 0xFF else None
         # Where the unfinished expression started in this buffer, for the message size check.
         expressionStart = position - self._consumed
         item: Any
@@ -669,13 +693,54 @@ class Decoder:
                     raise BananaDecodeError(
                         f"lists nested more than {depthLimit} deep exceed the depth limit"
                     )
-                if value:
-                    if current is not None:
-                        parents.append((current, remaining))
-                    current = []
-                    remaining = value
-                    continue
-                item = []
+                if value != 2 or textTag is None:
+                    if value:
+                        if current is not None:
+                            parents.append((current, remaining))
+                        current = []
+                        remaining = value
+                        continue
+                    item = []
+                else:
+                    # [b"unicode", <bytes>] (jelly's text) becomes a str when its length has
+                    # a one-byte prefix and it is valid UTF-8; otherwise the list is opened as
+                    # above. Texts are waited for whole: how the bytes are split changes
+                    # nothing.
+                    text = None
+                    textStart = position + 9
+                    if end - textStart >= 2:
+                        # (The first byte, the tag's length, spares most pairs the call.)
+                        if buffer[position] == 7 and buffer.startswith(textTag, position):
+                            size = buffer[textStart]
+                            textEnd = textStart + 2 + size
+                            if (
+                                size < 0x80
+                                and buffer[textStart + 1] == 0x82
+                                and (
+                                    messageSizeLimit is None
+                                    or textEnd - expressionStart <= messageSizeLimit
+                                )
+                            ):
+                                if textEnd > end:
+                                    position = start
+                                    break
+                                try:
+                                    text = str(buffer[textStart + 2 : textEnd], "utf-8")
+                                except UnicodeDecodeError:
+                                    text = None  # the unjellier reports it
+                    elif textTag.startswith(buffer[position:textStart]) and (
+                        textStart >= end or buffer[textStart] < 0x80
+                    ):
+                        position = start
+                        break  # too little has come to tell
+                    if text is None:
+                        if current is not None:
+                            parents.append((current, remaining))
+                        current = []
+                        remaining = value
+                        continue
+                    item = text
+                    position = textEnd
             elif kind == 0x83 or kind == 0x86:  # NEG, LONGNEG
                 item = -value
             elif kind == 0x85:  # LONGINT
@@ -810,6 +875,8 @@ class Banana(Protocol):
     depthLimit: int = DEPTH_LIMIT
     #: The most bytes one incoming expression may take (``None``: no limit beyond the others).
     messageSizeLimit: int | None = None
+    #: Whether jelly's text arrives as ``str`` (see :class:`Decoder`'s ``text`` option).
+    decodeText: bool = False
 
     #: The ``pb`` dialect's symbol table, under the names Twisted gives it.
     outgoingVocabulary: dict[bytes, int] = dict(PB_VOCABULARY)
@@ -845,6 +912,7 @@ class Banana(Protocol):
             prefixLimit=self.prefixLimit,
             depthLimit=self.depthLimit,
             messageSizeLimit=self.messageSizeLimit,
+            text=self.decodeText,
         )
         if not self.isClient:
             self.sendEncoded(list(self.knownDialects))

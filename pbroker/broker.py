@@ -261,6 +261,9 @@ class Broker(Banana):
     )
     #: The factory that made this broker (it supplies ``unsafeTracebacks``).
     factory: Any = None
+    # Everything the peer sends in the PB dialects is unjellied by this broker's Unjellier,
+    # which takes the text the decoder makes as the jelly it stands for.
+    decodeText = True
 
     _log = Logger()
 

@@ -325,6 +325,81 @@ class DecodeTests(SynchronousTestCase):
         self.assertIn("trailing", str(caught.exception))
 
 
+class TextTests(SynchronousTestCase):
+    """
+    The ``text`` option: jelly's text, ``[b"unicode", <UTF-8 bytes>]``, decoded as a str.
+    """
+
+    def test_decodedAsStr(self) -> None:
+        """Text nodes anywhere become str; without the option they stay lists."""
+        sexp = [b"list", [b"unicode", "ünï".encode()], [b"unicode", b""], [b"unicode", b"x" * 127]]
+        data = encode(sexp)
+        self.assertEqual(Decoder(b"pb", text=True).feed(data), [[b"list", "ünï", "", "x" * 127]])
+        self.assertEqual(Decoder(b"pb").feed(data), [sexp])
+        self.assertEqual(Decoder(text=True).feed(encode([b"unicode", b"top"])), ["top"])
+
+    def test_otherwiseTheList(self) -> None:
+        """What is not short, valid text comes as the list it is."""
+        for sexp in (
+            [b"unicode", b"\xff"],  # not UTF-8
+            [b"unicode", b"x" * 128],  # a two-byte length prefix
+            [b"unicode", b"a", b"b"],
+            [b"unicode", 5],
+            [b"unicode", [b"x"]],
+            [b"unicodes", b"a"],
+            [b"unicod", b"a"],
+        ):
+            self.assertEqual(Decoder(text=True).feed(encode(sexp)), [sexp], repr(sexp))
+
+    def test_splitsChangeNothing(self) -> None:
+        """Texts are waited for whole: fed a byte at a time, the result is the same."""
+        stream = encode([b"list", [b"unicode", b"abc"], [[b"unicode", b"d"], 2], [b"unicode"]])
+        stream += encode([b"unicode", b"\xfe"]) + encode([b"unicode", b"e"])
+        expected = Decoder(text=True).feed(stream)
+        self.assertEqual(
+            expected,
+            [[b"list", "abc", ["d", 2], [b"unicode"]], [b"unicode", b"\xfe"], "e"],
+        )
+        decoder = Decoder(text=True)
+        received: list[Any] = []
+        for index in range(len(stream)):
+            received += decoder.feed(stream[index : index + 1])
+        self.assertEqual(received, expected)
+        self.assertFalse(decoder.midExpression)
+
+    def test_limitsStillApply(self) -> None:
+        """The message size and depth limits refuse what they refuse without the option."""
+        data = encode([b"list", [b"unicode", b"x" * 50]])
+        self.assertEqual(
+            Decoder(text=True, messageSizeLimit=len(data)).feed(data), [[b"list", "x" * 50]]
+        )
+        for text in (False, True):
+            with self.assertRaises(BananaDecodeError) as caught:
+                Decoder(text=text, messageSizeLimit=len(data) - 1).feed(data)
+            self.assertIn(f"message size limit of {len(data) - 1}", str(caught.exception))
+            nested = encode([[[b"unicode", b"deep"]]])
+            expected = "deep" if text else [b"unicode", b"deep"]
+            self.assertEqual(Decoder(text=text, depthLimit=3).feed(nested), [[[expected]]])
+            with self.assertRaises(BananaDecodeError) as caught:
+                Decoder(text=text, depthLimit=2).feed(nested)
+            self.assertIn("depth limit", str(caught.exception))
+
+    def test_smallSizeLimitTurnsItOff(self) -> None:
+        """Under a size limit of 255 the long way checks every string and list."""
+        data = encode([b"unicode", b"x" * 20])
+        self.assertEqual(Decoder(text=True, sizeLimit=254).feed(data), [[b"unicode", b"x" * 20]])
+        self.assertEqual(Decoder(text=True, sizeLimit=255).feed(data), ["x" * 20])
+        with self.assertRaises(BananaDecodeError):
+            Decoder(text=True, sizeLimit=10).feed(data)
+
+    def test_protocolOption(self) -> None:
+        """Banana leaves text as lists unless decodeText is set, as a Broker sets it."""
+        from pbroker.broker import Broker
+
+        self.assertFalse(Banana.decodeText)
+        self.assertTrue(Broker.decodeText)
+
+
 class DecodeErrorTests(SynchronousTestCase):
     def assertDecodeError(self, data: bytes, message: str, **options: Any) -> None:
         """

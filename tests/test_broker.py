@@ -394,6 +394,37 @@ class CallTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(results, [41])
 
+    def test_textTakesTheUnicodeCheck(self) -> None:
+        """
+        In the PB dialects text arrives decoded as str, and is still refused where the
+        security options refuse unicode.
+        """
+
+        class NoText(jelly.SecurityOptions):
+            def isTypeAllowed(self, typeName: str | bytes) -> bool:
+                return typeName not in ("unicode", b"unicode") and super().isTypeAllowed(typeName)
+
+        noText = NoText()
+        noText.allowBasicTypes()
+        for security in (jelly.globalSecurity, noText):
+            root = rootFor(pb)
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(root, security=security), pb.PBClientFactory(dialects=[b"pb"])
+            )
+            results: list[Any] = []
+            remote = client.remoteForName("root")
+            remote.callRemote("record", ["ü", ("text",)]).addBoth(results.append)
+            remote.callRemote("record", b"bytes").addBoth(results.append)
+            pump.flush()
+            self.assertEqual(client.currentDialect, b"pb")
+            if security is jelly.globalSecurity:
+                self.assertEqual(results, [None, None])
+                self.assertEqual(root.received, [["ü", ("text",)], b"bytes"])
+            else:
+                self.assertTrue(results[0].check(jelly.InsecureJelly), results)
+                self.assertEqual(results[1:], [None])
+                self.assertEqual(root.received, [b"bytes"])
+
     def test_callAfterDisconnectFailsThroughDeferred(self) -> None:
         """A call through a dead broker fails through its Deferred with DeadReferenceError."""
         self.client.transport.loseConnection()

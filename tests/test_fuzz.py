@@ -1045,6 +1045,8 @@ def randomLimits(rng: Random) -> dict[str, int]:
         limits["depthLimit"] = rng.choice([1, 2, 5, 50])
     if rng.random() < 0.3:
         limits["messageSizeLimit"] = rng.choice([1, 16, 100, 5000])
+    if rng.random() < 0.5:
+        limits["text"] = True  # jelly's text as str, which the same invariants hold for
     return limits
 
 

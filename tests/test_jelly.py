@@ -406,6 +406,28 @@ class SecurityTests(SynchronousTestCase):
         options.allowBasicTypes()
         self.assertEqual(jelly.unjelly([b"list", 1], options), [1])
 
+    def test_textTakesTheUnicodeCheck(self) -> None:
+        """
+        A str in an expression (text the broker's decoder made, or a caller's) is taken as
+        the unicode list it stands for: refused where unicode is.
+        """
+
+        class NoText(SecurityOptions):
+            def isTypeAllowed(self, typeName: str | bytes) -> bool:
+                return typeName not in ("unicode", b"unicode") and super().isTypeAllowed(typeName)
+
+        noText = NoText()
+        noText.allowBasicTypes()
+        for sexp in ("a", [b"list", "a"], [b"tuple", 1, "a"], [b"dictionary", ["a", 1]]):
+            with self.assertRaises(InsecureJelly, msg=repr(sexp)) as caught:
+                jelly.unjelly(sexp, noText)
+            self.assertIn("'unicode' is not allowed", str(caught.exception))
+            with self.assertRaises(InsecureJelly, msg=repr(sexp)):
+                jelly.unjelly(_asLists(sexp), noText)
+            self.assertEqual(jelly.unjelly(sexp), jelly.unjelly(_asLists(sexp)), repr(sexp))
+        self.assertEqual(jelly.unjelly([b"tuple", 1, "a"]), (1, "a"))
+        self.assertEqual(jelly.unjelly([b"list", 1], noText), [1])
+
     def test_securityOptionsQueries(self) -> None:
         """The query methods answer as Twisted's do, for text and bytes names."""
         options = SecurityOptions()
@@ -443,6 +465,17 @@ class SecurityTests(SynchronousTestCase):
         with self.assertRaises(InsecureJelly):
             jelly.dumps({"x": 2.5}, taster=NoFloats())
         self.assertEqual(jelly.dumps([1, "a"], taster=NoFloats()), jelly.dumps([1, "a"]))
+
+
+def _asLists(sexp: Any) -> Any:
+    """
+    ``sexp`` with each str as jelly's list for it.
+    """
+    if type(sexp) is str:
+        return [b"unicode", sexp.encode()]
+    if type(sexp) is list:
+        return [_asLists(item) for item in sexp]
+    return sexp
 
 
 class Copy:

@@ -256,8 +256,10 @@ class _Frame:
 
 # Atoms that stand for themselves inside an expression (a flat tuple of them is taken at
 # once). A str is jelly's text too, decoded by the banana decoder (see Decoder's text
-# option) or put there by a caller in the same process: it takes the security check of the
-# list it stands for, in _walk.
+# option) or put there by a caller in the same process: as a value it takes the security
+# check of the list it stands for, in _walk. (Fields a handler reads itself, such as a
+# module's name, take a str as they take bytes, as Twisted's in-process expressions have
+# them; the module and class checks still apply.)
 _FLAT = frozenset({int, float, bytes})
 
 
@@ -643,12 +645,18 @@ def _openDictionary(unjellier: Unjellier, node: list[Any]) -> _Frame:
     # Visit keys and values as one flat run of children; _closeDictionary pairs them up.
     pairs = node[1:]
     if not (set(map(type, pairs)) <= _LIST_TYPE and set(map(len, pairs)) <= _PAIR_SIZE):
-        for pair in pairs:
-            if type(pair) is not list or len(pair) != 2:
-                raise InvalidJelly(
-                    f"a dictionary entry must be a [key, value] list: {describe(pair)}"
-                )
+        pairs = [_entry(pair) for pair in pairs]
     return _Frame(_closeDictionary, list(chain.from_iterable(pairs)))
+
+
+def _entry(pair: Any) -> list[Any]:
+    # An entry with the key b"unicode" and a short UTF-8 bytes value has the bytes of jelly's
+    # text, and the banana decoder took it for text: it is given back as it came.
+    if type(pair) is str:
+        return [b"unicode", pair.encode("utf-8")]
+    if type(pair) is not list or len(pair) != 2:
+        raise InvalidJelly(f"a dictionary entry must be a [key, value] list: {describe(pair)}")
+    return pair
 
 
 def _openReference(unjellier: Unjellier, node: list[Any]) -> _Frame:

@@ -196,6 +196,7 @@ _packFloat = struct.Struct(">d").pack
 _unpackFloat = struct.Struct(">d").unpack_from
 # What follows a LIST token of two elements when they are jelly's text: the STRING "unicode".
 _TEXT_TAG = b"\x07\x82unicode"
+_BYTES_TYPES = frozenset({bytes, bytearray})
 
 
 @functools.lru_cache(maxsize=16)
@@ -611,8 +612,9 @@ class Decoder:
         wanted = -1 if maxExpressions is None else maxExpressions
         # A text (up to 127 bytes) is waited for whole, so it must stay under what a decoder may
         # hold (one element of sizeLimit) and pass every size check: a smaller limit turns
-        # texts off.
-        textTag = self._textTag if sizeLimit >= 0xFF else None
+        # texts off. Text is looked for inside expressions only (a PB message is a list,
+        # whatever it holds), and not in a memoryview, which has no startswith().
+        textTag = self._textTag if sizeLimit >= 0xFF and type(buffer) in _BYTES_TYPES else None
         # Where the unfinished expression started in this buffer, for the message size check.
         expressionStart = position - self._consumed
         item: Any
@@ -693,7 +695,7 @@ class Decoder:
                     raise BananaDecodeError(
                         f"lists nested more than {depthLimit} deep exceed the depth limit"
                     )
-                if value != 2 or textTag is None:
+                if value != 2 or textTag is None or current is None:
                     if value:
                         if current is not None:
                             parents.append((current, remaining))
@@ -728,8 +730,15 @@ class Decoder:
                                     text = str(buffer[textStart + 2 : textEnd], "utf-8")
                                 except UnicodeDecodeError:
                                     text = None  # the unjellier reports it
-                    elif textTag.startswith(buffer[position:textStart]) and (
-                        textStart >= end or buffer[textStart] < 0x80
+                    elif (
+                        textTag.startswith(buffer[position:textStart])
+                        and (textStart >= end or buffer[textStart] < 0x80)
+                        # (Where the tag itself breaks the message size limit, the long way
+                        # says so as soon as its header has come.)
+                        and (
+                            messageSizeLimit is None
+                            or textStart - expressionStart <= messageSizeLimit
+                        )
                     ):
                         position = start
                         break  # too little has come to tell

@@ -336,7 +336,17 @@ class TextTests(SynchronousTestCase):
         data = encode(sexp)
         self.assertEqual(Decoder(b"pb", text=True).feed(data), [[b"list", "ünï", "", "x" * 127]])
         self.assertEqual(Decoder(b"pb").feed(data), [sexp])
-        self.assertEqual(Decoder(text=True).feed(encode([b"unicode", b"top"])), ["top"])
+
+    def test_notAtTopLevel(self) -> None:
+        """A whole expression is never taken for text: a PB message is a list."""
+        data = encode([b"unicode", b"top"])
+        self.assertEqual(Decoder(text=True).feed(data), [[b"unicode", b"top"]])
+        self.assertEqual(Decoder(text=True).feed(memoryview(data)), [[b"unicode", b"top"]])
+
+    def test_memoryview(self) -> None:
+        """A memoryview is decoded the long way, as it is without the option."""
+        data = memoryview(encode([[b"unicode", b"in"]]))
+        self.assertEqual(Decoder(text=True).feed(data), [[[b"unicode", b"in"]]])
 
     def test_otherwiseTheList(self) -> None:
         """What is not short, valid text comes as the list it is."""
@@ -349,16 +359,16 @@ class TextTests(SynchronousTestCase):
             [b"unicodes", b"a"],
             [b"unicod", b"a"],
         ):
-            self.assertEqual(Decoder(text=True).feed(encode(sexp)), [sexp], repr(sexp))
+            self.assertEqual(Decoder(text=True).feed(encode([sexp])), [[sexp]], repr(sexp))
 
     def test_splitsChangeNothing(self) -> None:
         """Texts are waited for whole: fed a byte at a time, the result is the same."""
         stream = encode([b"list", [b"unicode", b"abc"], [[b"unicode", b"d"], 2], [b"unicode"]])
-        stream += encode([b"unicode", b"\xfe"]) + encode([b"unicode", b"e"])
+        stream += encode([[b"unicode", b"\xfe"]]) + encode([[b"unicode", b"e"]])
         expected = Decoder(text=True).feed(stream)
         self.assertEqual(
             expected,
-            [[b"list", "abc", ["d", 2], [b"unicode"]], [b"unicode", b"\xfe"], "e"],
+            [[b"list", "abc", ["d", 2], [b"unicode"]], [[b"unicode", b"\xfe"]], ["e"]],
         )
         decoder = Decoder(text=True)
         received: list[Any] = []
@@ -384,11 +394,25 @@ class TextTests(SynchronousTestCase):
                 Decoder(text=text, depthLimit=2).feed(nested)
             self.assertIn("depth limit", str(caught.exception))
 
+    def test_messageSizeLimitNotLate(self) -> None:
+        """
+        Waiting for the rest of a text, the decoder still refuses a tag over the message
+        size limit as soon as the long way would, fed whole or byte by byte.
+        """
+        data = h("02 80 02 80 07 82")
+        for text in (False, True):
+            for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
+                decoder = Decoder(text=text, messageSizeLimit=10)
+                with self.assertRaises(BananaDecodeError) as caught:
+                    for piece in pieces:
+                        decoder.feed(piece)
+                self.assertIn("message size limit of 10", str(caught.exception))
+
     def test_smallSizeLimitTurnsItOff(self) -> None:
         """Under a size limit of 255 the long way checks every string and list."""
-        data = encode([b"unicode", b"x" * 20])
-        self.assertEqual(Decoder(text=True, sizeLimit=254).feed(data), [[b"unicode", b"x" * 20]])
-        self.assertEqual(Decoder(text=True, sizeLimit=255).feed(data), ["x" * 20])
+        data = encode([[b"unicode", b"x" * 20]])
+        self.assertEqual(Decoder(text=True, sizeLimit=254).feed(data), [[[b"unicode", b"x" * 20]]])
+        self.assertEqual(Decoder(text=True, sizeLimit=255).feed(data), [["x" * 20]])
         with self.assertRaises(BananaDecodeError):
             Decoder(text=True, sizeLimit=10).feed(data)
 

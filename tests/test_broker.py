@@ -415,15 +415,17 @@ class CallTests(SynchronousTestCase):
             remote = client.remoteForName("root")
             remote.callRemote("record", ["ü", ("text",)]).addBoth(results.append)
             remote.callRemote("record", b"bytes").addBoth(results.append)
+            # An entry whose bytes are the same as text's still arrives as it was sent.
+            remote.callRemote("record", {b"unicode": b"xy"}).addBoth(results.append)
             pump.flush()
             self.assertEqual(client.currentDialect, b"pb")
             if security is jelly.globalSecurity:
-                self.assertEqual(results, [None, None])
-                self.assertEqual(root.received, [["ü", ("text",)], b"bytes"])
+                self.assertEqual(results, [None, None, None])
+                self.assertEqual(root.received, [["ü", ("text",)], b"bytes", {b"unicode": b"xy"}])
             else:
                 self.assertTrue(results[0].check(jelly.InsecureJelly), results)
-                self.assertEqual(results[1:], [None])
-                self.assertEqual(root.received, [b"bytes"])
+                self.assertEqual(results[1:], [None, None])
+                self.assertEqual(root.received, [b"bytes", {b"unicode": b"xy"}])
 
     def test_callAfterDisconnectFailsThroughDeferred(self) -> None:
         """A call through a dead broker fails through its Deferred with DeadReferenceError."""

@@ -426,6 +426,10 @@ class SecurityTests(SynchronousTestCase):
                 jelly.unjelly(_asLists(sexp), noText)
             self.assertEqual(jelly.unjelly(sexp), jelly.unjelly(_asLists(sexp)), repr(sexp))
         self.assertEqual(jelly.unjelly([b"tuple", 1, "a"]), (1, "a"))
+        # The entry {b"unicode": <UTF-8 bytes>} is the same bytes as text, and comes back.
+        self.assertEqual(
+            jelly.unjelly([b"dictionary", "xy", [b"a", 1]]), {b"unicode": b"xy", b"a": 1}
+        )
         self.assertEqual(jelly.unjelly([b"list", 1], noText), [1])
 
     def test_securityOptionsQueries(self) -> None:

@@ -504,7 +504,6 @@ class Decoder:
         # Bytes of the unfinished expression consumed by earlier calls to feed().
         self._consumed = 0
         self._failure: str | None = None
-        self._textTag: bytes | None = None
         self.text = text
 
     @property
@@ -519,17 +518,6 @@ class Decoder:
         _checkDialect(dialect)
         self._dialect = dialect
         self._vocabulary = _incomingVocabulary(dialect)
-
-    @property
-    def text(self) -> bool:
-        """
-        Whether jelly's text is decoded as ``str``. Change it only between expressions.
-        """
-        return self._textTag is not None
-
-    @text.setter
-    def text(self, text: bool) -> None:
-        self._textTag = _TEXT_TAG if text else None
 
     @property
     def buffered(self) -> int:
@@ -614,7 +602,9 @@ class Decoder:
         # hold (one element of sizeLimit) and pass every size check: a smaller limit turns
         # texts off. Text is looked for inside expressions only (a PB message is a list,
         # whatever it holds), and not in a memoryview, which has no startswith().
-        textTag = self._textTag if sizeLimit >= 0xFF and type(buffer) in _BYTES_TYPES else None
+        textTag = (
+            _TEXT_TAG if self.text and sizeLimit >= 0xFF and type(buffer) in _BYTES_TYPES else None
+        )
         # Where the unfinished expression started in this buffer, for the message size check.
         expressionStart = position - self._consumed
         item: Any
@@ -695,20 +685,12 @@ class Decoder:
                     raise BananaDecodeError(
                         f"lists nested more than {depthLimit} deep exceed the depth limit"
                     )
-                if value != 2 or textTag is None or current is None:
-                    if value:
-                        if current is not None:
-                            parents.append((current, remaining))
-                        current = []
-                        remaining = value
-                        continue
-                    item = []
-                else:
+                text = None
+                if value == 2 and textTag is not None and current is not None:
                     # [b"unicode", <bytes>] (jelly's text) becomes a str when its length has
                     # a one-byte prefix and it is valid UTF-8; otherwise the list is opened as
-                    # above. Texts are waited for whole: how the bytes are split changes
+                    # any other. Texts are waited for whole: how the bytes are split changes
                     # nothing.
-                    text = None
                     textStart = position + 9
                     if end - textStart >= 2:
                         # (The first byte, the tag's length, spares most pairs the call.)
@@ -742,14 +724,17 @@ class Decoder:
                     ):
                         position = start
                         break  # too little has come to tell
-                    if text is None:
-                        if current is not None:
-                            parents.append((current, remaining))
-                        current = []
-                        remaining = value
-                        continue
+                if text is not None:
                     item = text
                     position = textEnd
+                elif value:
+                    if current is not None:
+                        parents.append((current, remaining))
+                    current = []
+                    remaining = value
+                    continue
+                else:
+                    item = []
             elif kind == 0x83 or kind == 0x86:  # NEG, LONGNEG
                 item = -value
             elif kind == 0x85:  # LONGINT

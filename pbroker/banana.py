@@ -21,8 +21,9 @@ this module that imports from Twisted, and it does so only for the ``Protocol`` 
 from __future__ import annotations
 
 import functools
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from twisted.internet.protocol import Protocol
@@ -574,8 +575,6 @@ class Decoder:
             raise
 
     def _parse(self, data: bytes, maxExpressions: int | None, results: list[Any]) -> None:
-        # The hot loop of the codec: locals only, type bytes as literals, and a fast path for
-        # the one-byte prefix that nearly every token has.
         stored = self._buffer
         position = self._position
         buffer: bytes | bytearray
@@ -587,194 +586,34 @@ class Decoder:
             if data:
                 stored += data
             buffer = stored
-        sliceIsBytes = type(buffer) is bytes
-        end = len(buffer)
-        vocabulary = self._vocabulary
         sizeLimit = self.sizeLimit
-        prefixLimit = self.prefixLimit
-        depthLimit = self.depthLimit
-        messageSizeLimit = self.messageSizeLimit
-        current = self._current
-        remaining = self._remaining
-        parents = self._parents
-        wanted = -1 if maxExpressions is None else maxExpressions
+        end = len(buffer)
         # A text (up to 127 bytes) is waited for whole, so it must stay under what a decoder may
         # hold (one element of sizeLimit) and pass every size check: a smaller limit turns
-        # texts off. Text is looked for inside expressions only (a PB message is a list,
-        # whatever it holds), and not in a memoryview, which has no startswith().
-        textTag = (
-            _TEXT_TAG if self.text and sizeLimit >= 0xFF and type(buffer) in _BYTES_TYPES else None
+        # texts off. Text is not looked for in a memoryview, which has no startswith().
+        text = self.text and sizeLimit >= 0xFF and type(buffer) in _BYTES_TYPES
+        # (position - self._consumed: where the unfinished expression started in this buffer.
+        # The C scan clamps limits at 2**62; a larger sizeLimit is honoured exactly in Python.)
+        scan = _scan if sizeLimit <= _SCAN_CEILING else _scanPython
+        position, current, remaining, expressionStart, error = scan(
+            buffer,
+            position,
+            position - self._consumed,
+            self._vocabulary,
+            sizeLimit,
+            self.prefixLimit,
+            self.depthLimit,
+            self.messageSizeLimit,
+            text,
+            self._current,
+            self._remaining,
+            self._parents,
+            -1 if maxExpressions is None else maxExpressions,
+            results,
         )
-        # Where the unfinished expression started in this buffer, for the message size check.
-        expressionStart = position - self._consumed
-        item: Any
-
-        while position < end:
-            start = position
-            kind = buffer[position]
-            position += 1
-            if kind < 0x80:
-                value = kind
-                if position == end:
-                    position = start
-                    break
-                kind = buffer[position]
-                position += 1
-                if kind < 0x80:
-                    # A prefix of two bytes or more: the slow path, bounded by prefixLimit.
-                    value |= kind << 7
-                    shift = 14
-                    while position != end:
-                        kind = buffer[position]
-                        position += 1
-                        if kind >= 0x80:
-                            break
-                        if position - start > prefixLimit:
-                            raise BananaDecodeError(_prefixError(prefixLimit))
-                        value |= kind << shift
-                        shift += 7
-                    else:
-                        if position - start > prefixLimit:
-                            raise BananaDecodeError(_prefixError(prefixLimit))
-                        position = start
-                        break  # the type byte has not arrived yet
-                    if position - start > prefixLimit + 1:
-                        raise BananaDecodeError(_prefixError(prefixLimit))
-            else:
-                value = 0
-
-            if kind == 0x81:  # INT
-                item = value
-            elif kind == 0x87:  # VOCAB
-                if vocabulary is None:
-                    raise BananaDecodeError(
-                        f"VOCAB token {value} received in the {self._dialect.decode()!r} "
-                        "dialect, which has no vocabulary"
-                    )
-                item = vocabulary.get(value)
-                if item is None:
-                    raise BananaDecodeError(
-                        f"VOCAB token {value} is not in the {self._dialect.decode()!r} vocabulary"
-                    )
-            elif kind == 0x82:  # STRING
-                if value > sizeLimit:
-                    raise BananaDecodeError(
-                        f"string of {value} bytes exceeds the size limit of {sizeLimit}"
-                    )
-                if (
-                    messageSizeLimit is not None
-                    and position + value - expressionStart > messageSizeLimit
-                ):
-                    raise BananaDecodeError(_messageError(messageSizeLimit))
-                if end - position < value:
-                    position = start
-                    break
-                if sliceIsBytes:
-                    item = buffer[position : position + value]
-                else:
-                    item = bytes(buffer[position : position + value])
-                position += value
-            elif kind == 0x80:  # LIST
-                if value > sizeLimit:
-                    raise BananaDecodeError(
-                        f"list of {value} elements exceeds the size limit of {sizeLimit}"
-                    )
-                if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
-                    raise BananaDecodeError(_messageError(messageSizeLimit))
-                if current is not None and len(parents) + 2 > depthLimit:
-                    raise BananaDecodeError(
-                        f"lists nested more than {depthLimit} deep exceed the depth limit"
-                    )
-                text = None
-                if value == 2 and textTag is not None and current is not None:
-                    # [b"unicode", <bytes>] (jelly's text) becomes a str when its length has
-                    # a one-byte prefix and it is valid UTF-8; otherwise the list is opened as
-                    # any other. Texts are waited for whole: how the bytes are split changes
-                    # nothing.
-                    textStart = position + 9
-                    if end - textStart >= 2:
-                        # (The first byte, the tag's length, spares most pairs the call.)
-                        if buffer[position] == 7 and buffer.startswith(textTag, position):
-                            size = buffer[textStart]
-                            textEnd = textStart + 2 + size
-                            if (
-                                size < 0x80
-                                and buffer[textStart + 1] == 0x82
-                                and (
-                                    messageSizeLimit is None
-                                    or textEnd - expressionStart <= messageSizeLimit
-                                )
-                            ):
-                                if textEnd > end:
-                                    position = start
-                                    break
-                                try:
-                                    text = str(buffer[textStart + 2 : textEnd], "utf-8")
-                                except UnicodeDecodeError:
-                                    text = None  # the unjellier reports it
-                    elif (
-                        textTag.startswith(buffer[position:textStart])
-                        and (textStart >= end or buffer[textStart] < 0x80)
-                        # (Where the tag itself breaks the message size limit, the long way
-                        # says so as soon as its header has come.)
-                        and (
-                            messageSizeLimit is None
-                            or textStart - expressionStart <= messageSizeLimit
-                        )
-                    ):
-                        position = start
-                        break  # too little has come to tell
-                if text is not None:
-                    item = text
-                    position = textEnd
-                elif value:
-                    if current is not None:
-                        parents.append((current, remaining))
-                    current = []
-                    remaining = value
-                    continue
-                else:
-                    item = []
-            elif kind == 0x83 or kind == 0x86:  # NEG, LONGNEG
-                item = -value
-            elif kind == 0x85:  # LONGINT
-                item = value
-            elif kind == 0x84:  # FLOAT; a prefix before it means nothing, as in Twisted
-                if end - position < 8:
-                    position = start
-                    break
-                item = _unpackFloat(buffer, position)[0]
-                position += 8
-            else:
-                raise BananaDecodeError(f"unknown banana type byte 0x{kind:02x}")
-
-            # Place the finished element, closing every list it completes.
-            if current is not None:
-                current.append(item)
-                remaining -= 1
-                if remaining:
-                    continue
-                if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
-                    raise BananaDecodeError(_messageError(messageSizeLimit))
-                while parents:
-                    item = current
-                    current, remaining = parents.pop()
-                    current.append(item)
-                    remaining -= 1
-                    if remaining:
-                        break
-                else:
-                    item = current
-                    current = None
-                if current is not None:
-                    continue
-            elif messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
-                raise BananaDecodeError(_messageError(messageSizeLimit))
-            results.append(item)
-            expressionStart = position
-            if len(results) == wanted:
-                break
-
+        if error is not None:
+            raise BananaDecodeError(self._describe(*error))
+        messageSizeLimit = self.messageSizeLimit
         if current is not None:
             if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
                 raise BananaDecodeError(_messageError(messageSizeLimit))
@@ -798,6 +637,251 @@ class Decoder:
             stored += memoryview(buffer)[position:]
             position = 0
         self._position = position
+
+    def _describe(self, error: int, value: int) -> str:
+        """
+        The message of a scan error: an ``_ERROR_*`` code and the number it is about.
+        """
+        if error == _ERROR_PREFIX:
+            return _prefixError(self.prefixLimit)
+        if error == _ERROR_MESSAGE_SIZE:
+            return _messageError(self.messageSizeLimit or 0)
+        if error == _ERROR_STRING_SIZE:
+            return f"string of {value} bytes exceeds the size limit of {self.sizeLimit}"
+        if error == _ERROR_LIST_SIZE:
+            return f"list of {value} elements exceeds the size limit of {self.sizeLimit}"
+        if error == _ERROR_DEPTH:
+            return f"lists nested more than {self.depthLimit} deep exceed the depth limit"
+        if error == _ERROR_NO_VOCABULARY:
+            return (
+                f"VOCAB token {value} received in the {self._dialect.decode()!r} "
+                "dialect, which has no vocabulary"
+            )
+        if error == _ERROR_NOT_IN_VOCABULARY:
+            return f"VOCAB token {value} is not in the {self._dialect.decode()!r} vocabulary"
+        return f"unknown banana type byte 0x{value:02x}"
+
+
+# What a scan reports when the bytes break a rule (the C accelerator uses the same numbers).
+_ERROR_PREFIX: Final = 1
+_ERROR_NO_VOCABULARY: Final = 2
+_ERROR_NOT_IN_VOCABULARY: Final = 3
+_ERROR_STRING_SIZE: Final = 4
+_ERROR_MESSAGE_SIZE: Final = 5
+_ERROR_LIST_SIZE: Final = 6
+_ERROR_DEPTH: Final = 7
+_ERROR_TYPE_BYTE: Final = 8
+# The largest sizeLimit the C scan takes as it is.
+_SCAN_CEILING: Final = 1 << 62
+
+#: The state a scan returns: position, open list, its missing elements, expression start, and
+#: an error (code, value) or None.
+_ScanResult = tuple[int, "list[Any] | None", int, int, "tuple[int, int] | None"]
+
+
+def _scanPython(
+    buffer: bytes | bytearray,
+    position: int,
+    expressionStart: int,
+    vocabulary: dict[int, bytes] | None,
+    sizeLimit: int,
+    prefixLimit: int,
+    depthLimit: int,
+    messageSizeLimit: int | None,
+    text: bool,
+    current: list[Any] | None,
+    remaining: int,
+    parents: list[tuple[list[Any], int]],
+    wanted: int,
+    results: list[Any],
+) -> _ScanResult:
+    """
+    Decode tokens from ``buffer[position:]`` into the open lists and ``results``, stopping
+    where the data runs short, after ``wanted`` expressions (-1: no bound) or at an error.
+
+    This is the codec's hot loop in pure Python: locals only, type bytes as literals, and a
+    fast path for the one-byte prefix nearly every token has. ``pbroker._speedups.scan``
+    does the same in C; :data:`_scan` is whichever is in use.
+    """
+    end = len(buffer)
+    sliceIsBytes = type(buffer) is bytes
+    item: Any
+
+    while position < end:
+        start = position
+        kind = buffer[position]
+        position += 1
+        if kind < 0x80:
+            value = kind
+            if position == end:
+                position = start
+                break
+            kind = buffer[position]
+            position += 1
+            if kind < 0x80:
+                # A prefix of two bytes or more: the slow path, bounded by prefixLimit.
+                value |= kind << 7
+                shift = 14
+                while position != end:
+                    kind = buffer[position]
+                    position += 1
+                    if kind >= 0x80:
+                        break
+                    if position - start > prefixLimit:
+                        return position, current, remaining, expressionStart, (_ERROR_PREFIX, 0)
+                    value |= kind << shift
+                    shift += 7
+                else:
+                    if position - start > prefixLimit:
+                        return position, current, remaining, expressionStart, (_ERROR_PREFIX, 0)
+                    position = start
+                    break  # the type byte has not arrived yet
+                if position - start > prefixLimit + 1:
+                    return position, current, remaining, expressionStart, (_ERROR_PREFIX, 0)
+        else:
+            value = 0
+
+        if kind == 0x81:  # INT
+            item = value
+        elif kind == 0x87:  # VOCAB
+            if vocabulary is None:
+                return position, current, remaining, expressionStart, (_ERROR_NO_VOCABULARY, value)
+            item = vocabulary.get(value)
+            if item is None:
+                error = (_ERROR_NOT_IN_VOCABULARY, value)
+                return position, current, remaining, expressionStart, error
+        elif kind == 0x82:  # STRING
+            if value > sizeLimit:
+                return position, current, remaining, expressionStart, (_ERROR_STRING_SIZE, value)
+            if (
+                messageSizeLimit is not None
+                and position + value - expressionStart > messageSizeLimit
+            ):
+                return position, current, remaining, expressionStart, (_ERROR_MESSAGE_SIZE, 0)
+            if end - position < value:
+                position = start
+                break
+            if sliceIsBytes:
+                item = buffer[position : position + value]
+            else:
+                item = bytes(buffer[position : position + value])
+            position += value
+        elif kind == 0x80:  # LIST
+            if value > sizeLimit:
+                return position, current, remaining, expressionStart, (_ERROR_LIST_SIZE, value)
+            if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                return position, current, remaining, expressionStart, (_ERROR_MESSAGE_SIZE, 0)
+            if current is not None and len(parents) + 2 > depthLimit:
+                return position, current, remaining, expressionStart, (_ERROR_DEPTH, 0)
+            decoded = None
+            if value == 2 and text and current is not None:
+                # [b"unicode", <bytes>] (jelly's text) becomes a str when its length has a
+                # one-byte prefix and it is valid UTF-8; otherwise the list is opened as any
+                # other. Text is looked for inside expressions only (a PB message is a list,
+                # whatever it holds), and is waited for whole: how the bytes are split changes
+                # nothing.
+                textStart = position + 9
+                if end - textStart >= 2:
+                    # (The first byte, the tag's length, spares most pairs the call.)
+                    if buffer[position] == 7 and buffer.startswith(_TEXT_TAG, position):
+                        size = buffer[textStart]
+                        textEnd = textStart + 2 + size
+                        if (
+                            size < 0x80
+                            and buffer[textStart + 1] == 0x82
+                            and (
+                                messageSizeLimit is None
+                                or textEnd - expressionStart <= messageSizeLimit
+                            )
+                        ):
+                            if textEnd > end:
+                                position = start
+                                break
+                            try:
+                                decoded = str(buffer[textStart + 2 : textEnd], "utf-8")
+                            except UnicodeDecodeError:
+                                decoded = None  # the unjellier reports it
+                elif (
+                    _TEXT_TAG.startswith(buffer[position:textStart])
+                    and (textStart >= end or buffer[textStart] < 0x80)
+                    # (Where the tag itself breaks the message size limit, the long way says
+                    # so as soon as its header has come.)
+                    and (
+                        messageSizeLimit is None or textStart - expressionStart <= messageSizeLimit
+                    )
+                ):
+                    position = start
+                    break  # too little has come to tell
+            if decoded is not None:
+                item = decoded
+                position = textEnd
+            elif value:
+                if current is not None:
+                    parents.append((current, remaining))
+                current = []
+                remaining = value
+                continue
+            else:
+                item = []
+        elif kind == 0x83 or kind == 0x86:  # NEG, LONGNEG
+            item = -value
+        elif kind == 0x85:  # LONGINT
+            item = value
+        elif kind == 0x84:  # FLOAT; a prefix before it means nothing, as in Twisted
+            if end - position < 8:
+                position = start
+                break
+            item = _unpackFloat(buffer, position)[0]
+            position += 8
+        else:
+            return position, current, remaining, expressionStart, (_ERROR_TYPE_BYTE, kind)
+
+        # Place the finished element, closing every list it completes.
+        if current is not None:
+            current.append(item)
+            remaining -= 1
+            if remaining:
+                continue
+            if messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+                return position, current, remaining, expressionStart, (_ERROR_MESSAGE_SIZE, 0)
+            while parents:
+                item = current
+                current, remaining = parents.pop()
+                current.append(item)
+                remaining -= 1
+                if remaining:
+                    break
+            else:
+                item = current
+                current = None
+            if current is not None:
+                continue
+        elif messageSizeLimit is not None and position - expressionStart > messageSizeLimit:
+            return position, current, remaining, expressionStart, (_ERROR_MESSAGE_SIZE, 0)
+        results.append(item)
+        expressionStart = position
+        if len(results) == wanted:
+            break
+
+    return position, current, remaining, expressionStart, None
+
+
+def _loadScan() -> Callable[..., _ScanResult]:
+    """
+    The C scan when ``pbroker._speedups`` was built and ``PBROKER_PURE_PYTHON`` is unset,
+    else the pure-Python one. Both decode the same bytes to the same expressions and errors.
+    """
+    if not os.environ.get("PBROKER_PURE_PYTHON"):
+        try:
+            from pbroker._speedups import scan
+        except ImportError:
+            pass
+        else:
+            return scan
+    return _scanPython
+
+
+_scan = _loadScan()
 
 
 def _incomingVocabulary(dialect: bytes) -> dict[int, bytes] | None:

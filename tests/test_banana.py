@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.spread import banana as twistedBanana
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import banana, jelly
 from pbroker.banana import Banana, Decoder, decode, encode
@@ -800,3 +800,77 @@ class TwistedInteropTests(SynchronousTestCase):
     def test_twistedServerPbrokerClient(self) -> None:
         """A pbroker client negotiates 'pb' with a stock Twisted server and both exchange."""
         self.exchange(_TwistedCollector(isClient=0), _Collector(isClient=True))
+
+
+class _PurePython:
+    """
+    Run a test class with the pure-Python scan, whether or not the C one is built.
+    """
+
+    def setUp(self) -> None:
+        self.patch(banana, "_scan", banana._scanPython)  # type: ignore[attr-defined]
+        super().setUp()  # type: ignore[misc]
+
+
+class PureDecodeTests(_PurePython, DecodeTests):
+    """DecodeTests with the pure-Python scan."""
+
+
+class PureTextTests(_PurePython, TextTests):
+    """TextTests with the pure-Python scan."""
+
+
+class PureDecodeErrorTests(_PurePython, DecodeErrorTests):
+    """DecodeErrorTests with the pure-Python scan."""
+
+
+class AcceleratorTests(SynchronousTestCase):
+    """
+    Which scan is in use, and what the C one does with arguments banana.py never passes.
+    """
+
+    def test_choice(self) -> None:
+        """The C scan is used when built, unless PBROKER_PURE_PYTHON is set."""
+        self.patch(banana.os, "environ", {"PBROKER_PURE_PYTHON": "1"})
+        self.assertIs(banana._loadScan(), banana._scanPython)
+        self.patch(banana.os, "environ", {})
+        try:
+            from pbroker._speedups import scan
+        except ImportError:
+            self.assertIs(banana._loadScan(), banana._scanPython)
+        else:
+            self.assertIs(banana._loadScan(), scan)
+
+    def test_hugeSizeLimit(self) -> None:
+        """A sizeLimit beyond the C scan's ceiling is honoured exactly (in Python)."""
+        decoder = Decoder(sizeLimit=2**70)
+        self.assertEqual(decoder.feed(h("00 00 00 00 00 00 00 00 00 08 80")), [])
+        self.assertTrue(decoder.midExpression)
+        self.assertEqual(decoder._remaining, 2**66)
+
+    def test_badArguments(self) -> None:
+        """The C scan refuses wrong arguments with TypeError or ValueError, never a crash."""
+        try:
+            from pbroker._speedups import scan
+        except ImportError:
+            raise SkipTest("pbroker._speedups is not built") from None
+        good: list[Any] = [b"\x01\x81", 0, 0, None, 10, 64, 10, None, False, None, 0, [], -1, []]
+        self.assertEqual(scan(*good), (2, None, 0, 2, None))
+        self.assertEqual(good[-1], [1])
+        for index, bad, error in [
+            (0, 5, TypeError),
+            (1, 3, ValueError),
+            (1, -1, ValueError),
+            (3, [], TypeError),
+            (9, (), TypeError),
+            (11, None, TypeError),
+            (13, (), TypeError),
+        ]:
+            arguments = list(good)
+            arguments[index] = bad
+            self.assertRaises(error, scan, *arguments)
+        self.assertRaises(TypeError, scan, *good[:-1])
+        # A malformed parents list is refused when the scan gets to it.
+        arguments = list(good)
+        arguments[0], arguments[9], arguments[10], arguments[11] = b"\x01\x81", [], 1, [5]
+        self.assertRaises(TypeError, scan, *arguments)

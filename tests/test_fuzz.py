@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import decimal
+import functools
 import os
 import signal
 import sys
@@ -37,7 +38,7 @@ from itertools import islice
 from random import Random
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import banana, jelly
 from pbroker.errors import BananaDecodeError, BananaError, InsecureJelly, InvalidJelly
@@ -1322,12 +1323,147 @@ def fuzzBufferLimits(rng: Random, count: int, run: FuzzRun) -> None:
 
 
 #: The generators, by name, with the batch size the runner uses for each.
+def decoderTrace(
+    scan: Callable[..., Any],
+    data: bytes,
+    dialect: bytes,
+    limits: dict[str, int],
+    cuts: list[int] | None,
+    wanted: int | None,
+) -> str:
+    """
+    Everything a decoder using ``scan`` shows for ``data`` fed in pieces: each feed's
+    expressions (drained by further feeds when ``wanted`` bounds them), its buffered count
+    and whether it is mid-expression, or the error and the expressions before it, as a repr
+    (which tells str from bytes, -0.0 from 0.0, and shows nan).
+    """
+    saved = banana._scan
+    banana._scan = scan
+    try:
+        decoder = banana.Decoder(dialect, **limits)
+        trace: list[Any] = []
+        for piece in _pieces(data, cuts):
+            try:
+                got = decoder.feed(piece, wanted)
+                for _ in range(len(data) + 1):
+                    if wanted is None or len(got) < wanted:
+                        break
+                    trace.append(("partial", got))
+                    got = decoder.feed(b"", wanted)
+                trace.append(("fed", got, decoder.buffered, decoder.midExpression))
+            except BananaDecodeError as e:
+                trace.append(("error", str(e), e.expressions))
+                break
+        return flatRepr(trace)
+    finally:
+        banana._scan = saved
+
+
+def flatRepr(value: Any) -> str:
+    """
+    ``repr`` without recursion, for expressions nested deeper than ``repr`` can go.
+    """
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Closer):
+            out.append(item.text + ",")
+        elif isinstance(item, (list, tuple)):
+            isList = isinstance(item, list)
+            out.append("[" if isList else "(")
+            stack.append(_Closer("]" if isList else ")"))
+            stack.extend(reversed(item))
+        else:
+            out.append(repr(item) + ",")
+    return "".join(out)
+
+
+@dataclass
+class _Closer:
+    text: str
+
+
+def checkAccelerator(
+    run: FuzzRun,
+    data: bytes,
+    dialect: bytes,
+    limits: dict[str, int],
+    cuts: list[int] | None,
+    wanted: int | None,
+) -> None:
+    """
+    Record a failure if the C and Python scans trace ``data`` differently.
+    """
+
+    def differs(candidate: bytes, cuts: list[int] | None = None) -> bool:
+        return decoderTrace(banana._scan, candidate, dialect, limits, cuts, wanted) != decoderTrace(
+            banana._scanPython, candidate, dialect, limits, cuts, wanted
+        )
+
+    if not differs(data, cuts):
+        return
+    # Shrink with whole feeds when they still differ, else report the pieces as they were.
+    shrunk = data
+    if cuts is not None and differs(data):
+        cuts = None
+    if cuts is None and run.minimizeSeconds > 0:
+        shrunk = minimizeBytes(data, differs, run.minimizeSeconds)
+    details = (
+        f"pieces cut at {cuts}, maxExpressions {wanted}\n"
+        f"C:      {decoderTrace(banana._scan, shrunk, dialect, limits, cuts, wanted)}\n"
+        f"Python: {decoderTrace(banana._scanPython, shrunk, dialect, limits, cuts, wanted)}"
+    )
+    run.record(
+        Failure(
+            generator="accelerator",
+            problem="the C and Python scans disagree",
+            signature=("accelerator", compactHex(shrunk)),
+            details=details,
+            data=shrunk,
+            dialect=dialect,
+            limits=limits,
+            originalSize=f"{len(data)} bytes" if shrunk != data else "",
+        ),
+        None,
+    )
+
+
+def fuzzAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
+    """
+    The C scan (``pbroker._speedups``) against the pure-Python one: random and mutated bytes,
+    random limits, dialects, pieces and ``maxExpressions`` must give identical traces. Does
+    nothing where the extension is not built.
+    """
+    if banana._scan is banana._scanPython:
+        return
+    for _ in range(count):
+        if run.stopped:
+            return
+        dialect = rng.choice(DIALECTS)
+        if rng.random() < 0.5:
+            data = randomBytes(rng)
+        else:
+            encodings = corpusEncodings(dialect)
+            data = rng.choice(encodings)
+            if rng.random() < 0.7:
+                data = mutateBytes(rng, data, encodings)
+        limits = randomLimits(rng)
+        if rng.random() < 0.3:
+            limits["text"] = True
+        cuts = randomCuts(rng, len(data))
+        wanted = rng.choice([None, None, 1, 2])
+        run.inputs += 1
+        checkAccelerator(run, data, dialect, limits, cuts, wanted)
+
+
 GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "random-bytes": (fuzzRandomBytes, 200),
     "mutated-bytes": (fuzzMutatedEncodings, 200),
     "mutated-sexp": (fuzzMutatedExpressions, 200),
     "in-process-sexp": (fuzzInProcessExpressions, 200),
     "buffer-limits": (fuzzBufferLimits, 10),
+    "accelerator": (fuzzAccelerator, 200),
 }
 
 
@@ -1407,6 +1543,34 @@ class DecoderFuzzTests(FuzzTestCase):
         self.assertEqual(run.decodeErrors, 0)
         self.assertEqual(run.decodeOk, run.inputs)
         self.assertGreater(run.unjellied, run.refused)
+
+
+class AcceleratorFuzzTests(FuzzTestCase):
+    """
+    The C scan decodes exactly as the pure-Python one.
+    """
+
+    def setUp(self) -> None:
+        if banana._scan is banana._scanPython:
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
+
+    def test_agrees(self) -> None:
+        """Random and mutated bytes, limits, pieces and maxExpressions: identical traces."""
+        run = self.fuzz(fuzzAccelerator, 3, 4000)
+        self.assertEqual(run.inputs, 4000)
+
+    def test_traceShowsDifferences(self) -> None:
+        """The trace the comparison rests on tells apart what the scans must agree on."""
+        decode = functools.partial(decoderTrace, banana._scan, dialect=b"none", cuts=None)
+        plain = decode(b"\x02\x80\x01\x82a\x01\x81", limits={}, wanted=None)
+        self.assertIn("[b'a',1,],", plain)
+        self.assertNotEqual(plain, decode(b"\x02\x80\x01\x82a\x01\x83", limits={}, wanted=None))
+        self.assertIn(
+            "exceeds the size limit", decode(b"\x05\x82", limits={"sizeLimit": 4}, wanted=None)
+        )
+        drained = decode(b"\x01\x81\x02\x81", limits={}, wanted=1)
+        self.assertIn("partial", drained)
+        self.assertIn("[2,]", drained)
 
 
 class UnjellyFuzzTests(FuzzTestCase):

@@ -5,12 +5,13 @@ Tests of the package as a whole: layering rules, typing marker, metadata.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import pbroker
 
@@ -114,6 +115,20 @@ class PackageTests(SynchronousTestCase):
         }
         self.assertEqual(
             internet, {"twisted.internet.protocol", "twisted.internet.protocol.Protocol"}
+        )
+
+    def test_acceleratorBuilt(self) -> None:
+        """The install built the C scan and the decoder uses it. Where no C compiler is at
+        hand the install still succeeds without it; run the tests with PBROKER_PURE_PYTHON=1
+        there."""
+        if os.environ.get("PBROKER_PURE_PYTHON"):
+            raise SkipTest("PBROKER_PURE_PYTHON is set: the pure-Python scan is in use")
+        from pbroker import banana
+
+        self.assertIsNot(
+            banana._scan,
+            banana._scanPython,
+            "pbroker._speedups was not built (no C compiler or Python headers?)",
         )
 
     def test_typed(self) -> None:

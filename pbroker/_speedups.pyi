@@ -1,0 +1,19 @@
+# Types of the C extension built from _speedups.c (optional; see pbroker.banana._loadScan).
+from typing import Any
+
+def scan(
+    buffer: bytes | bytearray | memoryview,
+    position: int,
+    expressionStart: int,
+    vocabulary: dict[int, bytes] | None,
+    sizeLimit: int,
+    prefixLimit: int,
+    depthLimit: int,
+    messageSizeLimit: int | None,
+    text: bool,
+    current: list[Any] | None,
+    remaining: int,
+    parents: list[tuple[list[Any], int]],
+    wanted: int,
+    results: list[Any],
+) -> tuple[int, list[Any] | None, int, int, tuple[int, int] | None]: ...

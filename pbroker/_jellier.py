@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any
 
+from pbroker import _accelerator
 from pbroker._jellycore import DummySecurityOptions, ISecurityOptions, SecurityOptions, qual
 from pbroker.banana import Tokens, encode, getTokens
 from pbroker.errors import InsecureJelly, JellyError
@@ -139,6 +140,20 @@ class _JellyTokens:
         self.dereference = b"\x02\x80" + symbol(b"dereference")
         self.persistent = b"\x02\x80" + symbol(b"persistent")
         self.unpersistable = b"\x02\x80" + symbol(b"unpersistable")
+        # The C leaf writer, when the extension is in use: it takes the common leaves off the
+        # bytes walk (see _emit).
+        self.leaves: Callable[[Iterator[Any], list[Any]], Iterator[Any]] | None = None
+        if _accelerator.speedups is not None:
+            self.leaves = _accelerator.speedups.Leaves(
+                tokens.symbols,
+                tokens.fastIntLimit,
+                len(tokens.stringHeaders),
+                self.unicodePrefix,
+                self.none,
+                self.true,
+                self.false,
+                _PAIR,
+            )
         # What the bytes walk keeps in locals, unpacked in one step.
         self.hot = (
             tokens,
@@ -424,6 +439,12 @@ class Jellier:
         chunks = self._chunks
         append = chunks.append
         leaf = self._leaf
+        # With the C extension, every iterator is wrapped in a leaf writer that writes the
+        # common leaves itself and passes on only the rest, which this loop then handles as
+        # it handles everything without it.
+        leaves = jellyTokens.leaves
+        if leaves is not None:
+            items = leaves(items, chunks)
         stack: list[Iterator[Any]] = []
         while True:
             for item in items:
@@ -477,7 +498,7 @@ class Jellier:
                         children = self._openChunks(item)
                         if children is not None:
                             stack.append(items)
-                            items = children
+                            items = children if leaves is None else leaves(children, chunks)
                             break
                     elif type(result) is list:
                         append(result)  # encoded at the end, see encode()

@@ -1,5 +1,5 @@
 /*
- * pbroker._speedups: the banana decoder's token loop in C.
+ * pbroker._speedups: the banana codec's hot loops in C.
  *
  * scan() is a drop-in for pbroker.banana._scanPython: same arguments, same result, same
  * errors, for any split of the input. banana.py keeps everything around the loop (buffer
@@ -499,6 +499,494 @@ fail:
     return NULL;
 }
 
+/*
+ * Leaves: the jelly encoder's common leaves as banana bytes.
+ *
+ * Leaves(symbols, fastIntLimit, headerCount, unicodePrefix, noneToken, trueToken, falseToken,
+ * pair) holds the tokens of one dialect and limits; calling it with (iterable, chunks) gives an
+ * iterator over the items of iterable that writes every common leaf (int, str, bytes, float,
+ * None, bool and the pair marker, as pbroker._jellier.Jellier._emit would) onto the end of
+ * chunks, and yields only the other items, for _emit to handle. Each run of leaves becomes one
+ * bytes chunk, appended before the item that ends it is yielded, so the order is kept.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *symbols;       /* dict: bytes -> token bytes */
+    Py_ssize_t longestSymbol;
+    long long fastIntLimit;  /* non-negative ints below this are written here */
+    Py_ssize_t headerCount;  /* strings shorter than this are written here */
+    PyObject *unicodePrefix; /* bytes */
+    PyObject *noneToken;
+    PyObject *trueToken;
+    PyObject *falseToken;
+    PyObject *pair;          /* the marker object that stands for b"\x02\x80" */
+} LeavesObject;
+
+typedef struct {
+    PyObject_HEAD
+    LeavesObject *leaves;
+    PyObject *source;
+    PyObject *chunks;
+} LeafIteratorObject;
+
+typedef struct {
+    char *data;
+    Py_ssize_t size;
+    Py_ssize_t capacity;
+    char local[2048];
+} Output;
+
+static int
+outputReserve(Output *out, Py_ssize_t more)
+{
+    if (out->size + more <= out->capacity) {
+        return 0;
+    }
+    Py_ssize_t capacity = out->capacity * 2;
+    while (capacity < out->size + more) {
+        capacity *= 2;
+    }
+    char *data;
+    if (out->data == out->local) {
+        data = PyMem_Malloc((size_t)capacity);
+        if (data != NULL) {
+            memcpy(data, out->local, (size_t)out->size);
+        }
+    }
+    else {
+        data = PyMem_Realloc(out->data, (size_t)capacity);
+    }
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->data = data;
+    out->capacity = capacity;
+    return 0;
+}
+
+static int
+outputWrite(Output *out, const char *data, Py_ssize_t size)
+{
+    if (outputReserve(out, size) < 0) {
+        return -1;
+    }
+    memcpy(out->data + out->size, data, (size_t)size);
+    out->size += size;
+    return 0;
+}
+
+static int
+outputBytes(Output *out, PyObject *bytes)
+{
+    if (!PyBytes_Check(bytes)) {
+        PyErr_SetString(PyExc_TypeError, "Leaves: a token is not bytes");
+        return -1;
+    }
+    return outputWrite(out, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+}
+
+/* A base-128 prefix (least significant group first) and a type byte. */
+static int
+outputToken(Output *out, unsigned long long value, unsigned char kind)
+{
+    char token[11];
+    int size = 0;
+    do {
+        token[size++] = (char)(value & 0x7F);
+        value >>= 7;
+    } while (value);
+    token[size++] = (char)kind;
+    return outputWrite(out, token, size);
+}
+
+/* Append the pending run as one chunk and empty it. */
+static int
+outputFlush(Output *out, PyObject *chunks)
+{
+    if (out->size == 0) {
+        return 0;
+    }
+    PyObject *chunk = PyBytes_FromStringAndSize(out->data, out->size);
+    if (chunk == NULL) {
+        return -1;
+    }
+    int appended = PyList_Append(chunks, chunk);
+    Py_DECREF(chunk);
+    out->size = 0;
+    return appended;
+}
+
+static void
+outputRelease(Output *out)
+{
+    if (out->data != out->local) {
+        PyMem_Free(out->data);
+    }
+}
+
+/* A string's bytes: its symbol's token if it has one, else a STRING header and the bytes. */
+static int
+outputString(Output *out, LeavesObject *leaves, const char *data, Py_ssize_t size,
+             PyObject *bytes)
+{
+    if (size <= leaves->longestSymbol) {
+        PyObject *key = bytes;
+        if (key == NULL) {
+            key = PyBytes_FromStringAndSize(data, size);
+            if (key == NULL) {
+                return -1;
+            }
+        }
+        else {
+            Py_INCREF(key);
+        }
+        PyObject *token = PyDict_GetItemWithError(leaves->symbols, key);
+        Py_DECREF(key);
+        if (token != NULL) {
+            return outputBytes(out, token);
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    if (outputToken(out, (unsigned long long)size, 0x82) < 0) {
+        return -1;
+    }
+    return outputWrite(out, data, size);
+}
+
+/* Write item if it is a common leaf: 1 if written, 0 if not, -1 on error. */
+static int
+outputLeaf(Output *out, LeavesObject *leaves, PyObject *item)
+{
+    PyTypeObject *kind = Py_TYPE(item);
+    if (kind == &PyLong_Type) {
+        int overflow = 0;
+        long long value = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (value == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (overflow || value < 0 || value >= leaves->fastIntLimit) {
+            return 0;
+        }
+        return outputToken(out, (unsigned long long)value, 0x81) < 0 ? -1 : 1;
+    }
+    if (kind == &PyUnicode_Type) {
+        if (PyUnicode_IS_ASCII(item)) {
+            Py_ssize_t size = PyUnicode_GET_LENGTH(item);
+            if (size >= leaves->headerCount) {
+                return 0;
+            }
+            if (outputBytes(out, leaves->unicodePrefix) < 0) {
+                return -1;
+            }
+            return outputString(out, leaves, (const char *)PyUnicode_DATA(item), size, NULL) < 0
+                       ? -1
+                       : 1;
+        }
+        /* Encoded to a new object, not through the UTF-8 cache of the str, which would
+         * double the memory of the caller's text. */
+        PyObject *encoded = PyUnicode_AsUTF8String(item);
+        if (encoded == NULL) {
+            return -1;
+        }
+        Py_ssize_t size = PyBytes_GET_SIZE(encoded);
+        int result = 0;
+        if (size < leaves->headerCount) {
+            result = 1;
+            if (outputBytes(out, leaves->unicodePrefix) < 0
+                || outputString(out, leaves, PyBytes_AS_STRING(encoded), size, encoded) < 0) {
+                result = -1;
+            }
+        }
+        Py_DECREF(encoded);
+        return result;
+    }
+    if (kind == &PyBytes_Type) {
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        if (size >= leaves->headerCount) {
+            /* (A long string's symbol token, if it had one, is left to _emit too.) */
+            return 0;
+        }
+        return outputString(out, leaves, PyBytes_AS_STRING(item), size, item) < 0 ? -1 : 1;
+    }
+    if (item == leaves->pair) {
+        return outputWrite(out, "\x02\x80", 2) < 0 ? -1 : 1;
+    }
+    if (kind == &PyFloat_Type) {
+        char token[9];
+        token[0] = (char)0x84;
+#if PY_VERSION_HEX >= 0x030B0000
+        if (PyFloat_Pack8(PyFloat_AS_DOUBLE(item), token + 1, 0) < 0) {
+#else
+        if (_PyFloat_Pack8(PyFloat_AS_DOUBLE(item), (unsigned char *)token + 1, 0) < 0) {
+#endif
+            return -1;
+        }
+        return outputWrite(out, token, 9) < 0 ? -1 : 1;
+    }
+    if (item == Py_None) {
+        return outputBytes(out, leaves->noneToken) < 0 ? -1 : 1;
+    }
+    if (item == Py_True) {
+        return outputBytes(out, leaves->trueToken) < 0 ? -1 : 1;
+    }
+    if (item == Py_False) {
+        return outputBytes(out, leaves->falseToken) < 0 ? -1 : 1;
+    }
+    return 0;
+}
+
+static PyObject *
+leafIteratorNext(LeafIteratorObject *self)
+{
+    if (self->source == NULL) {
+        return NULL;
+    }
+    Output out;
+    out.data = out.local;
+    out.size = 0;
+    out.capacity = (Py_ssize_t)sizeof(out.local);
+    PyObject *item;
+    while ((item = PyIter_Next(self->source)) != NULL) {
+        int written = outputLeaf(&out, self->leaves, item);
+        if (written == 0) {
+            if (outputFlush(&out, self->chunks) < 0) {
+                Py_DECREF(item);
+                outputRelease(&out);
+                return NULL;
+            }
+            outputRelease(&out);
+            return item;
+        }
+        Py_DECREF(item);
+        if (written < 0) {
+            outputRelease(&out);
+            return NULL;
+        }
+        if (out.size >= 65536 && outputFlush(&out, self->chunks) < 0) {
+            outputRelease(&out);
+            return NULL;
+        }
+    }
+    if (PyErr_Occurred() || outputFlush(&out, self->chunks) < 0) {
+        outputRelease(&out);
+        return NULL;
+    }
+    outputRelease(&out);
+    Py_CLEAR(self->source);
+    return NULL;
+}
+
+static int
+leafIteratorTraverse(LeafIteratorObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->leaves);
+    Py_VISIT(self->source);
+    Py_VISIT(self->chunks);
+    return 0;
+}
+
+static int
+leafIteratorClear(LeafIteratorObject *self)
+{
+    Py_CLEAR(self->leaves);
+    Py_CLEAR(self->source);
+    Py_CLEAR(self->chunks);
+    return 0;
+}
+
+static void
+leafIteratorDealloc(LeafIteratorObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    leafIteratorClear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyType_Slot leafIteratorSlots[] = {
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, leafIteratorNext},
+    {Py_tp_traverse, leafIteratorTraverse},
+    {Py_tp_clear, leafIteratorClear},
+    {Py_tp_dealloc, leafIteratorDealloc},
+    {Py_tp_doc, "The items a Leaves call did not write, in order."},
+    {0, NULL},
+};
+
+static PyType_Spec leafIteratorSpec = {
+    .name = "pbroker._speedups.LeafIterator",
+    .basicsize = sizeof(LeafIteratorObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = leafIteratorSlots,
+};
+
+static PyObject *
+leavesNew(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *symbols, *unicodePrefix, *noneToken, *trueToken, *falseToken, *pair;
+    long long fastIntLimit;
+    Py_ssize_t headerCount;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Leaves() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!LnO!O!O!O!O:Leaves", &PyDict_Type, &symbols, &fastIntLimit,
+                          &headerCount, &PyBytes_Type, &unicodePrefix, &PyBytes_Type,
+                          &noneToken, &PyBytes_Type, &trueToken, &PyBytes_Type, &falseToken,
+                          &pair)) {
+        return NULL;
+    }
+    if (fastIntLimit < 0 || fastIntLimit > 0x80000000LL || headerCount < 0
+        || headerCount > 0x4000) {
+        PyErr_SetString(PyExc_ValueError,
+                        "Leaves(): fastIntLimit must be in 0..2**31, headerCount in 0..0x4000");
+        return NULL;
+    }
+    Py_ssize_t longest = -1;
+    PyObject *key, *value;
+    Py_ssize_t position = 0;
+    while (PyDict_Next(symbols, &position, &key, &value)) {
+        if (!PyBytes_Check(key) || !PyBytes_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "Leaves(): symbols must map bytes to bytes");
+            return NULL;
+        }
+        if (PyBytes_GET_SIZE(key) > longest) {
+            longest = PyBytes_GET_SIZE(key);
+        }
+    }
+    LeavesObject *self = (LeavesObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    /* A copy: the table may not change under the iterators. */
+    self->symbols = PyDict_Copy(symbols);
+    if (self->symbols == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->longestSymbol = longest;
+    self->fastIntLimit = fastIntLimit;
+    self->headerCount = headerCount;
+    self->unicodePrefix = Py_NewRef(unicodePrefix);
+    self->noneToken = Py_NewRef(noneToken);
+    self->trueToken = Py_NewRef(trueToken);
+    self->falseToken = Py_NewRef(falseToken);
+    self->pair = Py_NewRef(pair);
+    return (PyObject *)self;
+}
+
+static PyObject *
+leavesCall(LeavesObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *iterable, *chunks;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Leaves objects take no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO!:Leaves", &iterable, &PyList_Type, &chunks)) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    if (module == NULL) {
+        return NULL;
+    }
+    PyTypeObject *iteratorType = *(PyTypeObject **)PyModule_GetState(module);
+    PyObject *source = PyObject_GetIter(iterable);
+    if (source == NULL) {
+        return NULL;
+    }
+    LeafIteratorObject *iterator = PyObject_GC_New(LeafIteratorObject, iteratorType);
+    if (iterator == NULL) {
+        Py_DECREF(source);
+        return NULL;
+    }
+    Py_INCREF(iteratorType);
+    iterator->leaves = (LeavesObject *)Py_NewRef((PyObject *)self);
+    iterator->source = source;
+    iterator->chunks = Py_NewRef(chunks);
+    PyObject_GC_Track(iterator);
+    return (PyObject *)iterator;
+}
+
+static void
+leavesDealloc(LeavesObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    Py_XDECREF(self->symbols);
+    Py_XDECREF(self->unicodePrefix);
+    Py_XDECREF(self->noneToken);
+    Py_XDECREF(self->trueToken);
+    Py_XDECREF(self->falseToken);
+    Py_XDECREF(self->pair);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyType_Slot leavesSlots[] = {
+    {Py_tp_new, leavesNew},
+    {Py_tp_call, leavesCall},
+    {Py_tp_dealloc, leavesDealloc},
+    {Py_tp_doc,
+     "Leaves(symbols, fastIntLimit, headerCount, unicodePrefix, noneToken, trueToken,\n"
+     "       falseToken, pair)(iterable, chunks) -> iterator\n\n"
+     "Write the common leaves of iterable onto chunks as banana bytes; yield the rest."},
+    {0, NULL},
+};
+
+static PyType_Spec leavesSpec = {
+    .name = "pbroker._speedups.Leaves",
+    .basicsize = sizeof(LeavesObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = leavesSlots,
+};
+
+static int
+speedupsExec(PyObject *module)
+{
+    PyTypeObject **state = (PyTypeObject **)PyModule_GetState(module);
+    PyObject *iteratorType = PyType_FromModuleAndSpec(module, &leafIteratorSpec, NULL);
+    if (iteratorType == NULL) {
+        return -1;
+    }
+    *state = (PyTypeObject *)iteratorType;
+    PyObject *leavesType = PyType_FromModuleAndSpec(module, &leavesSpec, NULL);
+    if (leavesType == NULL) {
+        return -1;
+    }
+    int added = PyModule_AddObjectRef(module, "Leaves", leavesType);
+    Py_DECREF(leavesType);
+    if (added < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "LeafIterator", iteratorType);
+}
+
+static int
+speedupsTraverse(PyObject *module, visitproc visit, void *arg)
+{
+    PyTypeObject **state = (PyTypeObject **)PyModule_GetState(module);
+    if (state != NULL) {
+        Py_VISIT(*state);
+    }
+    return 0;
+}
+
+static int
+speedupsClear(PyObject *module)
+{
+    PyTypeObject **state = (PyTypeObject **)PyModule_GetState(module);
+    if (state != NULL) {
+        Py_CLEAR(*state);
+    }
+    return 0;
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(buffer, position, expressionStart, vocabulary, sizeLimit, prefixLimit, depthLimit,\n"
@@ -509,6 +997,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, speedupsExec},
 #if PY_VERSION_HEX >= 0x030C0000
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif
@@ -518,10 +1007,12 @@ static struct PyModuleDef_Slot slots[] = {
 static struct PyModuleDef speedupsModule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pbroker._speedups",
-    .m_doc = "The banana decoder's token loop in C (optional; banana.py has the same in Python).",
-    .m_size = 0,
+    .m_doc = "The banana codec's hot loops in C (optional; pbroker has the same in Python).",
+    .m_size = sizeof(PyTypeObject *),
     .m_methods = methods,
     .m_slots = slots,
+    .m_traverse = speedupsTraverse,
+    .m_clear = speedupsClear,
 };
 
 PyMODINIT_FUNC

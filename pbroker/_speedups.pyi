@@ -1,4 +1,5 @@
 # Types of the C extension built from _speedups.c (optional; see pbroker.banana._loadScan).
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 def scan(
@@ -17,3 +18,20 @@ def scan(
     wanted: int,
     results: list[Any],
 ) -> tuple[int, list[Any] | None, int, int, tuple[int, int] | None]: ...
+
+class Leaves:
+    def __init__(
+        self,
+        symbols: dict[bytes, bytes],
+        fastIntLimit: int,
+        headerCount: int,
+        unicodePrefix: bytes,
+        noneToken: bytes,
+        trueToken: bytes,
+        falseToken: bytes,
+        pair: object,
+    ) -> None: ...
+    def __call__(self, iterable: Iterable[Any], chunks: list[Any]) -> LeafIterator: ...
+
+class LeafIterator(Iterator[Any]):
+    def __next__(self) -> Any: ...

@@ -21,14 +21,15 @@ this module that imports from Twisted, and it does so only for the ``Protocol`` 
 from __future__ import annotations
 
 import functools
-import os
 import struct
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any, Final
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from pbroker import _accelerator
 from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, describe
 
 __all__ = [
@@ -866,22 +867,15 @@ def _scanPython(
     return position, current, remaining, expressionStart, None
 
 
-def _loadScan() -> Callable[..., _ScanResult]:
+def _loadScan(speedups: ModuleType | None) -> Callable[..., _ScanResult]:
     """
-    The C scan when ``pbroker._speedups`` was built and ``PBROKER_PURE_PYTHON`` is unset,
-    else the pure-Python one. Both decode the same bytes to the same expressions and errors.
+    The C scan when ``pbroker._speedups`` is in use (see :mod:`pbroker._accelerator`), else
+    the pure-Python one. Both decode the same bytes to the same expressions and errors.
     """
-    if not os.environ.get("PBROKER_PURE_PYTHON"):
-        try:
-            from pbroker._speedups import scan
-        except ImportError:
-            pass
-        else:
-            return scan
-    return _scanPython
+    return _scanPython if speedups is None else speedups.scan
 
 
-_scan = _loadScan()
+_scan = _loadScan(_accelerator.speedups)
 
 
 def _incomingVocabulary(dialect: bytes) -> dict[int, bytes] | None:

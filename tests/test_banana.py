@@ -14,7 +14,7 @@ from twisted.spread import banana as twistedBanana
 from twisted.test import iosim
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from pbroker import banana, jelly
+from pbroker import _accelerator, banana, jelly
 from pbroker.banana import Banana, Decoder, decode, encode
 from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError
 
@@ -831,15 +831,17 @@ class AcceleratorTests(SynchronousTestCase):
 
     def test_choice(self) -> None:
         """The C scan is used when built, unless PBROKER_PURE_PYTHON is set."""
-        self.patch(banana.os, "environ", {"PBROKER_PURE_PYTHON": "1"})
-        self.assertIs(banana._loadScan(), banana._scanPython)
-        self.patch(banana.os, "environ", {})
+        self.patch(_accelerator.os, "environ", {"PBROKER_PURE_PYTHON": "1"})
+        self.assertIsNone(_accelerator.load())
+        self.assertIs(banana._loadScan(None), banana._scanPython)
+        self.patch(_accelerator.os, "environ", {"PBROKER_PURE_PYTHON": ""})
         try:
-            from pbroker._speedups import scan
+            from pbroker import _speedups
         except ImportError:
-            self.assertIs(banana._loadScan(), banana._scanPython)
+            self.assertIsNone(_accelerator.load())
         else:
-            self.assertIs(banana._loadScan(), scan)
+            self.assertIs(_accelerator.load(), _speedups)
+            self.assertIs(banana._loadScan(_speedups), _speedups.scan)
 
     def test_hugeSizeLimit(self) -> None:
         """A sizeLimit beyond the C scan's ceiling is honoured exactly (in Python)."""
@@ -874,3 +876,85 @@ class AcceleratorTests(SynchronousTestCase):
         arguments = list(good)
         arguments[0], arguments[9], arguments[10], arguments[11] = b"\x01\x81", [], 1, [5]
         self.assertRaises(TypeError, scan, *arguments)
+
+
+class LeavesTests(SynchronousTestCase):
+    """
+    The C leaf writer the fused jelly encoder wraps its iterators in (its output is compared
+    with the pure-Python encoder's by tests/test_fuzz.py EncoderFuzzTests).
+    """
+
+    def setUp(self) -> None:
+        if _accelerator.speedups is None:
+            raise SkipTest("pbroker._speedups is not in use")
+        self.Leaves = _accelerator.speedups.Leaves
+        self.pair = object()
+        tokens = banana.getTokens(b"pb")
+        self.leaves = self.Leaves(
+            tokens.symbols, 0x200000, 0x400, b"U", b"N", b"T", b"F", self.pair
+        )
+
+    def test_runsAndRest(self) -> None:
+        """Each run of leaves becomes one chunk, written before the item that ends it."""
+        chunks: list[Any] = [b"start"]
+        other = object()
+        items = [1, "a", self.pair, b"list", None, other, True, False, 2.5, [3]]
+        rest = list(self.leaves(items, chunks))
+        self.assertEqual(rest, [other, [3]])
+        self.assertEqual(
+            chunks,
+            [
+                b"start",
+                h("01 81") + b"U" + h("01 82") + b"a" + h("02 80 08 87") + b"N",
+                b"T" + b"F" + h("84") + struct.pack(">d", 2.5),
+            ],
+        )
+
+    def test_leftForPython(self) -> None:
+        """What the fast path does not cover is passed on untouched, in order."""
+        big, negative, long = 0x200000, -1, "x" * 0x400
+
+        class Text(str):
+            pass
+
+        items = [big, negative, long, long.encode(), Text("t"), 2**70]
+        chunks: list[Any] = []
+        self.assertEqual(list(self.leaves(items, chunks)), items)
+        self.assertEqual(chunks, [])
+
+    def test_textEncodings(self) -> None:
+        """Non-ASCII text goes out as UTF-8; a lone surrogate raises UnicodeEncodeError."""
+        chunks: list[Any] = []
+        self.assertEqual(list(self.leaves(["\u00e9", "list"], chunks)), [])
+        self.assertEqual(chunks, [b"U" + h("02 82") + "\u00e9".encode() + b"U" + h("08 87")])
+        self.assertRaises(UnicodeEncodeError, list, self.leaves(["\udc80"], []))
+
+    def test_badArguments(self) -> None:
+        """Wrong arguments raise TypeError or ValueError."""
+        good: list[Any] = [{}, 10, 10, b"", b"", b"", b"", None]
+        self.Leaves(*good)
+        for index, bad, error in [
+            (0, [], TypeError),
+            (0, {"a": b""}, TypeError),
+            (1, -1, ValueError),
+            (2, 2**20, ValueError),
+            (3, "", TypeError),
+        ]:
+            arguments = list(good)
+            arguments[index] = bad
+            self.assertRaises(error, self.Leaves, *arguments)
+        self.assertRaises(TypeError, self.Leaves, *good, extra=1)
+        self.assertRaises(TypeError, self.leaves, [1], ())
+        self.assertRaises(TypeError, self.leaves, 5, [])
+        self.assertRaises(TypeError, type(self.leaves([], [])))
+
+    def test_errorsFromTheSource(self) -> None:
+        """An error raised by the iterable reaches the caller (the encoding fails whole)."""
+
+        def source() -> Any:
+            yield 1
+            raise ZeroDivisionError()
+
+        chunks: list[Any] = []
+        self.assertRaises(ZeroDivisionError, list, self.leaves(source(), chunks))
+        self.assertEqual(chunks, [])

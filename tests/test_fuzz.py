@@ -41,7 +41,15 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import banana, jelly
-from pbroker.errors import BananaDecodeError, BananaError, InsecureJelly, InvalidJelly
+from pbroker._jellier import _jellyTokens
+from pbroker.errors import (
+    BananaDecodeError,
+    BananaEncodeError,
+    BananaError,
+    InsecureJelly,
+    InvalidJelly,
+    JellyError,
+)
 
 DIALECTS = (b"none", b"pb")
 
@@ -1457,6 +1465,138 @@ def fuzzAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
         checkAccelerator(run, data, dialect, limits, cuts, wanted)
 
 
+#: Leaves at the edges of the encoders' fast paths: token tables, prefix lengths, type bytes.
+_EDGE_INTEGERS = [0, 1, 0x7F, 0x80, 0x3FF, 0x400, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000]
+_EDGE_INTEGERS += [2**31 - 1, 2**31, 2**63, 2**64, 2**448 - 1, 2**448]
+_EDGE_INTEGERS += [-value for value in _EDGE_INTEGERS if value]
+_EDGE_SIZES = [0, 1, 12, 13, 0x7F, 0x80, 0x3FF, 0x400, 0x401]
+
+
+def randomLeaf(rng: Random) -> Any:
+    """
+    One leaf for the encoders: integers, floats, text and bytes at the edges of their fast
+    paths, vocabulary words, None and booleans.
+    """
+    kind = rng.randrange(8)
+    if kind == 0:
+        return rng.choice(_EDGE_INTEGERS) + rng.choice([0, 0, -1, 1])
+    if kind == 1:
+        return rng.choice([0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"), 1e308])
+    if kind in (2, 3):
+        size = rng.choice(_EDGE_SIZES)
+        word = rng.choice([b"list", b"None", b"unicode", b"dictionary", b"x" * size])
+        alphabet = rng.choice(["a", "\u00e9", "\u2603", "\U0001d11e", "\udc80"])
+        text = rng.choice([word.decode(), alphabet * size, alphabet * (size // 4)])
+        return text if kind == 2 else text.encode("utf-8", "surrogatepass")
+    return rng.choice([None, True, False, 7, "b", b"c"])
+
+
+def randomValue(rng: Random, depth: int = 4) -> Any:
+    """
+    A random value for the encoders: nested lists, tuples, dicts, sets and instances of
+    ``FuzzCopy`` with random leaves, some containers shared and some cyclic.
+    """
+    made: list[Any] = []
+
+    def build(level: int) -> Any:
+        if made and rng.random() < 0.1:
+            return rng.choice(made)  # shared, perhaps an ancestor: a cycle
+        if level == 0 or rng.random() < 0.4:
+            return randomLeaf(rng)
+        kind = rng.randrange(6)
+        size = rng.randrange(rng.choice([3, 8, 40]))
+        if kind == 0:
+            value: Any = []
+            made.append(value)
+            value.extend(build(level - 1) for _ in range(size))
+        elif kind == 1:
+            value = tuple(build(level - 1) for _ in range(size))
+        elif kind == 2:
+            value = {}
+            made.append(value)
+            for _ in range(size):
+                key = randomLeaf(rng)
+                if isinstance(key, float):
+                    continue  # nan keys make the round trip ambiguous, not the encoding
+                value[key] = build(level - 1)
+        elif kind == 3:
+            value = {randomLeaf(rng) for _ in range(size) if rng.random() < 0.5}
+            value = value if rng.random() < 0.5 else frozenset(value)
+        elif kind == 4:
+            value = FuzzCopy()
+            made.append(value)
+            value.__dict__.update(field=build(level - 1), other=randomLeaf(rng))
+        else:
+            value = [randomLeaf(rng) for _ in range(size)]
+        return value
+
+    return build(depth)
+
+
+def _encodeOutcome(encode: Callable[[], bytes]) -> str:
+    try:
+        return repr(encode())
+    except (JellyError, BananaEncodeError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def fuzzEncoder(rng: Random, count: int, run: FuzzRun) -> None:
+    """
+    ``jelly.dumps`` (the fused encoder, with the C leaf writer where it is built, and without
+    it) against ``banana.encode(jelly.jelly())``: random values, dialects and limits must give
+    the same bytes or the same error.
+    """
+    for _ in range(count):
+        if run.stopped:
+            return
+        value = randomValue(rng)
+        dialect = rng.choice(DIALECTS)
+        limits = {}
+        if rng.random() < 0.3:
+            limits["sizeLimit"] = rng.choice([13, 14, 0x7F, 0x80, 0x3FF, 0x400, 5000])
+        if rng.random() < 0.3:
+            limits["prefixLimit"] = rng.choice([1, 2, 3, 4, 9])
+        run.inputs += 1
+        expected = _encodeOutcome(
+            lambda: banana.encode(jelly.jelly(value), dialect, **limits)  # noqa: B023
+        )
+        outcomes = {"fused": _encodeOutcome(lambda: jelly.dumps(value, dialect, **limits))}  # noqa: B023
+        leafWriter = _jellyTokens(banana.getTokens(dialect, **limits))
+        if leafWriter.leaves is not None:
+            saved, leafWriter.leaves = leafWriter.leaves, None
+            try:
+                outcomes["fused, pure Python"] = _encodeOutcome(
+                    lambda: jelly.dumps(value, dialect, **limits)  # noqa: B023
+                )
+            finally:
+                leafWriter.leaves = saved
+        # Where a value holds several faults, the fused encoder reports the first it writes
+        # and encode(jelly()) the first jelly meets: both must fail, not necessarily alike.
+        # With and without the C leaf writer, the fused encoder must fail alike.
+        failed = not expected.startswith(("b'", 'b"'))
+        fused = outcomes["fused"]
+        problems = []
+        if fused != expected and not (failed and not fused.startswith(("b'", 'b"'))):
+            problems.append(("fused", fused, "encode(jelly())", expected))
+        pure = outcomes.get("fused, pure Python", fused)
+        if pure != fused:
+            problems.append(("fused", fused, "fused, pure Python", pure))
+        for name, outcome, otherName, other in problems:
+            run.record(
+                Failure(
+                    generator="encoder",
+                    problem=f"the {name} encoder disagrees with {otherName}",
+                    signature=("encoder", otherName, outcome[:40], other[:40]),
+                    details=f"{name}: {outcome[:3000]}\n{otherName}: {other[:3000]}",
+                    dialect=dialect,
+                    limits=limits,
+                    sexp=showSexp(value),
+                    hasSexp=True,
+                ),
+                None,
+            )
+
+
 GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "random-bytes": (fuzzRandomBytes, 200),
     "mutated-bytes": (fuzzMutatedEncodings, 200),
@@ -1464,6 +1604,7 @@ GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "in-process-sexp": (fuzzInProcessExpressions, 200),
     "buffer-limits": (fuzzBufferLimits, 10),
     "accelerator": (fuzzAccelerator, 200),
+    "encoder": (fuzzEncoder, 50),
 }
 
 
@@ -1571,6 +1712,17 @@ class AcceleratorFuzzTests(FuzzTestCase):
         drained = decode(b"\x01\x81\x02\x81", limits={}, wanted=1)
         self.assertIn("partial", drained)
         self.assertIn("[2,]", drained)
+
+
+class EncoderFuzzTests(FuzzTestCase):
+    """
+    The fused encoder (with and without the C leaf writer) writes what encode(jelly()) does.
+    """
+
+    def test_agrees(self) -> None:
+        """Random values, dialects and limits: the same bytes or the same error."""
+        run = self.fuzz(fuzzEncoder, 4, 400)
+        self.assertEqual(run.inputs, 400)
 
 
 class UnjellyFuzzTests(FuzzTestCase):

@@ -32,15 +32,15 @@ static const unsigned char TEXT_TAG[9] = {0x07, 0x82, 'u', 'n', 'i', 'c', 'o', '
 #define LIMIT_CEILING ((Py_ssize_t)1 << 62)
 
 static int
-toLimit(PyObject *number, Py_ssize_t *out)
+toLimit(PyObject *number, Py_ssize_t ceiling, Py_ssize_t *out)
 {
     int overflow = 0;
     long long value = PyLong_AsLongLongAndOverflow(number, &overflow);
     if (value == -1 && PyErr_Occurred()) {
         return -1;
     }
-    if (overflow > 0 || value > LIMIT_CEILING) {
-        value = LIMIT_CEILING;
+    if (overflow > 0 || value > ceiling) {
+        value = ceiling;
     }
     else if (overflow < 0) {
         value = -1;
@@ -127,11 +127,14 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t sizeLimit, prefixLimit, depthLimit, messageSizeLimit = -1;
-    if (toLimit(args[4], &sizeLimit) < 0 || toLimit(args[5], &prefixLimit) < 0
-        || toLimit(args[6], &depthLimit) < 0) {
+    if (toLimit(args[4], LIMIT_CEILING, &sizeLimit) < 0
+        || toLimit(args[5], LIMIT_CEILING, &prefixLimit) < 0
+        || toLimit(args[6], LIMIT_CEILING, &depthLimit) < 0) {
         return NULL;
     }
-    if (args[7] != Py_None && toLimit(args[7], &messageSizeLimit) < 0) {
+    /* Not clamped at 2**62: a string of up to sizeLimit (<= 2**62) bytes plus its header is
+     * checked against it exactly, as in Python. */
+    if (args[7] != Py_None && toLimit(args[7], PY_SSIZE_T_MAX, &messageSizeLimit) < 0) {
         return NULL;
     }
     int text = PyObject_IsTrue(args[8]);
@@ -142,10 +145,14 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (remaining == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    Py_ssize_t wanted = PyLong_AsSsize_t(args[12]);
-    if (wanted == -1 && PyErr_Occurred()) {
+    int wantedOverflow = 0;
+    long long wantedValue = PyLong_AsLongLongAndOverflow(args[12], &wantedOverflow);
+    if (wantedValue == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    /* A bound no list can reach is no bound. */
+    Py_ssize_t wanted = wantedOverflow || wantedValue > PY_SSIZE_T_MAX
+        ? -1 : (Py_ssize_t)wantedValue;
 
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
@@ -201,7 +208,9 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     else if (kind != 0) {
                         wide = 1;
                     }
-                    shift += 7;
+                    if (shift < 63) {
+                        shift += 7; /* (stops at 63: an int would overflow on long prefixes) */
+                    }
                 }
                 if (!typed) {
                     if (pos - start > prefixLimit) {

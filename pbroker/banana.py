@@ -487,8 +487,14 @@ class Decoder:
             ("prefixLimit", prefixLimit),
             ("depthLimit", depthLimit),
         ):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
+        if messageSizeLimit is not None and not isinstance(messageSizeLimit, int):
+            raise TypeError(
+                f"messageSizeLimit must be an int or None, not {type(messageSizeLimit).__name__}"
+            )
         if messageSizeLimit is not None and messageSizeLimit < 1:
             raise ValueError(f"messageSizeLimit must be at least 1, not {messageSizeLimit}")
         self._dialect = dialect

@@ -538,6 +538,22 @@ class DecodeErrorTests(SynchronousTestCase):
                 Decoder(**{name: 0})
             self.assertIn(name, str(caught.exception))
 
+    def test_limitsAreIntegers(self) -> None:
+        """A limit that is not an int is refused when the decoder is made, with its name."""
+        for name in ("sizeLimit", "prefixLimit", "depthLimit", "messageSizeLimit"):
+            with self.assertRaises(TypeError) as caught:
+                Decoder(**{name: float("inf")})
+            self.assertIn(name, str(caught.exception))
+
+    def test_hugeLimits(self) -> None:
+        """Limits and bounds beyond 2**62 (the C scan's ceiling) act as in Python."""
+        decoder = Decoder(sizeLimit=2**62, messageSizeLimit=2**63)
+        self.assertEqual(decoder.feed(bytes(8) + b"\x40\x82"), [])
+        self.assertTrue(decoder.midExpression)
+        decoder = Decoder()
+        self.assertEqual(decoder.feed(b"\x01\x81", maxExpressions=2**63), [1])
+        self.assertEqual(decoder.feed(b"\x02\x81", maxExpressions=2**70), [2])
+
     def test_errorsAreBananaErrors(self) -> None:
         """Both error kinds derive from BananaError, the name twisted.spread uses."""
         self.assertTrue(issubclass(BananaDecodeError, BananaError))

@@ -1338,6 +1338,7 @@ def decoderTrace(
     limits: dict[str, int],
     cuts: list[int] | None,
     wanted: int | None,
+    pieces: Callable[[bytes], Any] = bytes,
 ) -> str:
     """
     Everything a decoder using ``scan`` shows for ``data`` fed in pieces: each feed's
@@ -1352,7 +1353,7 @@ def decoderTrace(
         trace: list[Any] = []
         for piece in _pieces(data, cuts):
             try:
-                got = decoder.feed(piece, wanted)
+                got = decoder.feed(pieces(piece), wanted)
                 for _ in range(len(data) + 1):
                     if wanted is None or len(got) < wanted:
                         break
@@ -1399,15 +1400,17 @@ def checkAccelerator(
     limits: dict[str, int],
     cuts: list[int] | None,
     wanted: int | None,
+    pieces: Callable[[bytes], Any] = bytes,
 ) -> None:
     """
-    Record a failure if the C and Python scans trace ``data`` differently.
+    Record a failure if the C and Python scans trace ``data`` differently (fed as
+    ``pieces``: bytes, bytearray or memoryview).
     """
 
     def differs(candidate: bytes, cuts: list[int] | None = None) -> bool:
-        return decoderTrace(banana._scan, candidate, dialect, limits, cuts, wanted) != decoderTrace(
-            banana._scanPython, candidate, dialect, limits, cuts, wanted
-        )
+        return decoderTrace(
+            banana._scan, candidate, dialect, limits, cuts, wanted, pieces
+        ) != decoderTrace(banana._scanPython, candidate, dialect, limits, cuts, wanted, pieces)
 
     if not differs(data, cuts):
         return
@@ -1418,9 +1421,9 @@ def checkAccelerator(
     if cuts is None and run.minimizeSeconds > 0:
         shrunk = minimizeBytes(data, differs, run.minimizeSeconds)
     details = (
-        f"pieces cut at {cuts}, maxExpressions {wanted}\n"
-        f"C:      {decoderTrace(banana._scan, shrunk, dialect, limits, cuts, wanted)}\n"
-        f"Python: {decoderTrace(banana._scanPython, shrunk, dialect, limits, cuts, wanted)}"
+        f"{pieces.__name__} pieces cut at {cuts}, maxExpressions {wanted}\n"
+        f"C:      {decoderTrace(banana._scan, shrunk, dialect, limits, cuts, wanted, pieces)}\n"
+        f"Python: {decoderTrace(banana._scanPython, shrunk, dialect, limits, cuts, wanted, pieces)}"
     )
     run.record(
         Failure(
@@ -1456,13 +1459,19 @@ def fuzzAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
             data = rng.choice(encodings)
             if rng.random() < 0.7:
                 data = mutateBytes(rng, data, encodings)
-        limits = randomLimits(rng)
+        limits: dict[str, Any] = randomLimits(rng)
         if rng.random() < 0.3:
             limits["text"] = True
+        if rng.random() < 0.1:
+            # Around the C scan's ceiling of 2**62.
+            for name in ("sizeLimit", "messageSizeLimit", "prefixLimit", "depthLimit"):
+                if rng.random() < 0.5:
+                    limits[name] = rng.choice([2**62 - 1, 2**62, 2**62 + 1, 2**63, 2**70])
         cuts = randomCuts(rng, len(data))
-        wanted = rng.choice([None, None, 1, 2])
+        wanted = rng.choice([None, None, 1, 2, 2**63])
+        pieces = rng.choice([bytes, bytes, bytearray, memoryview])
         run.inputs += 1
-        checkAccelerator(run, data, dialect, limits, cuts, wanted)
+        checkAccelerator(run, data, dialect, limits, cuts, wanted, pieces)
 
 
 #: Leaves at the edges of the encoders' fast paths: token tables, prefix lengths, type bytes.

@@ -996,12 +996,193 @@ speedupsClear(PyObject *module)
     return 0;
 }
 
+/*
+ * plain(node, allowed): the unjellier's plain expressions in C.
+ *
+ * node is a jelly list expression. If it and everything in it are plain -- the tags list,
+ * tuple, dictionary, unicode and None (each only where its bit is set in allowed), with any
+ * other non-list children taken as they are, str ones only where unicode is allowed -- the value
+ * it stands for is returned, built exactly as pbroker._unjellier.Unjellier would build it.
+ * Anything else (another tag, a malformed expression, a dictionary key other than str, bytes,
+ * int or float, text that is not UTF-8, nesting deeper than PLAIN_DEPTH) gives NotImplemented
+ * and the Python unjellier takes the node, reporting any error itself.
+ */
+
+enum {
+    PLAIN_LIST = 1,
+    PLAIN_TUPLE = 2,
+    PLAIN_DICTIONARY = 4,
+    PLAIN_UNICODE = 8,
+    PLAIN_NONE = 16,
+};
+
+#define PLAIN_DEPTH 64
+
+static int
+tagIs(PyObject *tag, const char *name, Py_ssize_t size)
+{
+    return PyBytes_GET_SIZE(tag) == size && memcmp(PyBytes_AS_STRING(tag), name, (size_t)size) == 0;
+}
+
+static PyObject *plainNode(PyObject *node, unsigned allowed, int depth);
+
+/* A child: a list is a node, anything else stands for itself. New reference, NotImplemented
+ * (a new reference) if not plain, NULL on error. */
+static PyObject *
+plainChild(PyObject *child, unsigned allowed, int depth)
+{
+    if (PyList_CheckExact(child)) {
+        return plainNode(child, allowed, depth + 1);
+    }
+    if (PyList_Check(child) || (PyUnicode_Check(child) && !(allowed & PLAIN_UNICODE))) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    return Py_NewRef(child);
+}
+
+static PyObject *
+plainNode(PyObject *node, unsigned allowed, int depth)
+{
+    Py_ssize_t size = PyList_GET_SIZE(node);
+    if (size == 0 || depth > PLAIN_DEPTH) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *tag = PyList_GET_ITEM(node, 0);
+    if (!PyBytes_CheckExact(tag)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    int isList = tagIs(tag, "list", 4);
+    if ((isList && (allowed & PLAIN_LIST)) || (tagIs(tag, "tuple", 5) && (allowed & PLAIN_TUPLE))) {
+        PyObject *values = PyList_New(size - 1);
+        if (values == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 1; i < size; i++) {
+            /* (An allocation may collect garbage, and a finalizer run Python code: the node is
+             * read afresh, and given up if it changed.) */
+            if (PyList_GET_SIZE(node) != size) {
+                Py_DECREF(values);
+                Py_RETURN_NOTIMPLEMENTED;
+            }
+            PyObject *child = Py_NewRef(PyList_GET_ITEM(node, i));
+            PyObject *value = plainChild(child, allowed, depth);
+            Py_DECREF(child);
+            if (value == NULL || value == Py_NotImplemented) {
+                Py_DECREF(values);
+                return value;
+            }
+            PyList_SET_ITEM(values, i - 1, value);
+        }
+        if (isList) {
+            return values;
+        }
+        PyObject *tuple = PyList_AsTuple(values);
+        Py_DECREF(values);
+        return tuple;
+    }
+    if (tagIs(tag, "dictionary", 10) && (allowed & PLAIN_DICTIONARY)) {
+        PyObject *dictionary = PyDict_New();
+        if (dictionary == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 1; i < size; i++) {
+            if (PyList_GET_SIZE(node) != size) {
+                Py_DECREF(dictionary);
+                Py_RETURN_NOTIMPLEMENTED;
+            }
+            PyObject *entry = PyList_GET_ITEM(node, i);
+            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2) {
+                Py_DECREF(dictionary);
+                Py_RETURN_NOTIMPLEMENTED;
+            }
+            Py_INCREF(entry);
+            PyObject *first = Py_NewRef(PyList_GET_ITEM(entry, 0));
+            PyObject *key = plainChild(first, allowed, depth);
+            Py_DECREF(first);
+            if (key == NULL || key == Py_NotImplemented || PyList_GET_SIZE(entry) != 2) {
+                Py_DECREF(entry);
+                Py_DECREF(dictionary);
+                if (key != NULL && key != Py_NotImplemented) {
+                    Py_DECREF(key);
+                    Py_RETURN_NOTIMPLEMENTED;
+                }
+                return key;
+            }
+            /* Keys whose hash runs no Python code only: the node cannot change under us. */
+            PyTypeObject *kind = Py_TYPE(key);
+            if (kind != &PyUnicode_Type && kind != &PyBytes_Type && kind != &PyLong_Type
+                && kind != &PyFloat_Type) {
+                Py_DECREF(entry);
+                Py_DECREF(key);
+                Py_DECREF(dictionary);
+                Py_RETURN_NOTIMPLEMENTED;
+            }
+            PyObject *second = Py_NewRef(PyList_GET_ITEM(entry, 1));
+            Py_DECREF(entry);
+            PyObject *value = plainChild(second, allowed, depth);
+            Py_DECREF(second);
+            if (value == NULL || value == Py_NotImplemented) {
+                Py_DECREF(key);
+                Py_DECREF(dictionary);
+                return value;
+            }
+            int stored = PyDict_SetItem(dictionary, key, value);
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (stored < 0) {
+                Py_DECREF(dictionary);
+                return NULL;
+            }
+        }
+        return dictionary;
+    }
+    if (tagIs(tag, "unicode", 7) && (allowed & PLAIN_UNICODE)) {
+        PyObject *data = size == 2 ? PyList_GET_ITEM(node, 1) : NULL;
+        if (data == NULL || !PyBytes_CheckExact(data)) {
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        Py_INCREF(data);
+        PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), NULL);
+        Py_DECREF(data);
+        if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        return text;
+    }
+    if (tagIs(tag, "None", 4) && (allowed & PLAIN_NONE) && size == 1) {
+        Py_RETURN_NONE;
+    }
+    Py_RETURN_NOTIMPLEMENTED;
+}
+
+static PyObject *
+plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "plain() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyList_CheckExact(args[0])) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    unsigned long allowed = PyLong_AsUnsignedLong(args[1]);
+    if (allowed == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return plainNode(args[0], (unsigned)allowed, 0);
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(buffer, position, expressionStart, vocabulary, sizeLimit, prefixLimit, depthLimit,\n"
      "     messageSizeLimit, text, current, remaining, parents, wanted, results)\n"
      "--\n\n"
      "Decode banana tokens into the open lists and results; see pbroker.banana._scanPython."},
+    {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
+     "plain(node, allowed)\n--\n\n"
+     "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
+from pbroker import _accelerator
 from pbroker._jellycore import (
     ISecurityOptions,
     UnjellyableRegistry,
@@ -263,6 +264,20 @@ class _Frame:
 _FLAT = frozenset({int, float, bytes})
 
 
+# The C unjellier of plain expressions (pbroker._speedups.plain), and the bit of each tag it
+# takes in its mask of allowed tags.
+_plain: Callable[[list[Any], int], Any] | None = (
+    None if _accelerator.speedups is None else _accelerator.speedups.plain
+)
+_PLAIN_TAGS: dict[bytes, int] = {
+    b"list": 1,
+    b"tuple": 2,
+    b"dictionary": 4,
+    b"unicode": 8,
+    b"None": 16,
+}
+
+
 def _textRefused() -> InsecureJelly:
     return InsecureJelly("type 'unicode' is not allowed by the security options")
 
@@ -292,6 +307,7 @@ class Unjellier:
         self.postCallbacks: list[Callable[[], Any]] = []
         self._placeholders: list[_Unresolved] = []
         self._tagAllowed: dict[bytes, bool] = {}
+        self._plainMask: int | None = None
 
     def unjellyFull(self, sexp: Any) -> Any:
         """
@@ -325,6 +341,10 @@ class Unjellier:
             if type(sexp) is str and not self._isAllowed(b"unicode"):
                 raise _textRefused()
             return sexp
+        if _plain is not None:
+            value = _plain(sexp, self._plainTags())
+            if value is not NotImplemented:
+                return value
         try:
             opened = self._open(sexp)
             if type(opened) is not _Frame:
@@ -353,6 +373,8 @@ class Unjellier:
         listAllowed = self._isAllowed(b"list")
         dictionaryAllowed = self._isAllowed(b"dictionary")
         open_ = self._open
+        plain = _plain
+        plainTags = self._plainTags()
         while True:
             values = frame.values
             append = values.append
@@ -363,6 +385,14 @@ class Unjellier:
                         raise _textRefused()
                     append(child)
                     continue
+                # With the C extension, a plain child (lists, tuples, dictionaries, text and
+                # None, as far as allowed) is built whole in C; anything else comes back as
+                # NotImplemented and is taken here.
+                if plain is not None:
+                    result = plain(child, plainTags)
+                    if result is not NotImplemented:
+                        append(result)
+                        continue
                 # The commonest tags are handled here, the rest (and every error) by _open.
                 tag = child[0] if child else None
                 if (
@@ -396,6 +426,18 @@ class Unjellier:
             if isinstance(value, _Unresolved):
                 _notePending(frame)
             frame.values.append(value)
+
+    def _plainTags(self) -> int:
+        """
+        Which plain tags the C unjellier may take itself: a mask of ``_PLAIN_TAGS`` bits, one
+        for each tag the security options allow.
+        """
+        mask = self._plainMask
+        if mask is None:
+            mask = self._plainMask = sum(
+                bit for tag, bit in _PLAIN_TAGS.items() if self._isAllowed(tag)
+            )
+        return mask
 
     def _isAllowed(self, tag: bytes) -> bool:
         allowed = self._tagAllowed.get(tag)

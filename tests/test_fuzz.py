@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -40,7 +41,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from pbroker import banana, jelly
+from pbroker import _unjellier, banana, jelly
 from pbroker._jellier import _jellyTokens
 from pbroker.errors import (
     BananaDecodeError,
@@ -1606,6 +1607,107 @@ def fuzzEncoder(rng: Random, count: int, run: FuzzRun) -> None:
             )
 
 
+def canonical(value: Any) -> str:
+    """
+    A text that two unjellied values share only if they are alike: types, values (nan and
+    -0.0 included), instance state, and which containers are the same object (shared and
+    cyclic structure), without recursion.
+    """
+    seen: dict[int, int] = {}
+    keep: list[Any] = []  # (so that no id is reused while this runs)
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Closer):
+            out.append(item.text + ",")
+            continue
+        kind = type(item)
+        if kind in (list, tuple, dict) or (
+            hasattr(item, "__dict__")
+            and not isinstance(item, (type, types.ModuleType))
+            and not callable(item)
+        ):
+            if id(item) in seen:
+                out.append(f"#{seen[id(item)]},")
+                continue
+            seen[id(item)] = len(seen)
+            keep.append(item)
+            out.append(f"{kind.__name__}(")
+            stack.append(_Closer(")"))
+            if kind is dict:
+                children = [part for pair in item.items() for part in pair]
+            elif kind in (list, tuple):
+                children = list(item)
+            else:
+                children = [vars(item)]
+            stack.extend(reversed(children))
+        elif kind in (set, frozenset):
+            # (Each element on its own: sharing across a set's elements is not compared.)
+            out.append(f"{kind.__name__}{sorted(map(canonical, item))},")
+        else:
+            out.append(f"{kind.__name__}:{item!r},")
+    return "".join(out)
+
+
+def _unjellyOutcome(sexp: Any, taster: Any) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return canonical(jelly.unjelly(sexp, taster=taster))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def fuzzUnjellyAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
+    """
+    The unjellier with the C builder of plain expressions (``pbroker._speedups.plain``)
+    against the unjellier without it: jelly of random values, as they are, with text decoded
+    as str by banana, and mutated, under every taster, must give the same value or the same
+    error. Does nothing where the extension is not built.
+    """
+    if _unjellier._plain is None:
+        return
+    corpus = _corpus()
+    for _ in range(count):
+        if run.stopped:
+            return
+        source = randomValue(rng) if rng.random() < 0.7 else rng.choice(corpus)
+        try:
+            sexp = jelly.jelly(source)
+        except JellyError:
+            continue
+        if rng.random() < 0.5:
+            try:
+                sexp = banana.Decoder(b"pb", text=True).feed(banana.encode([b"x", sexp], b"pb"))[0][
+                    1
+                ]
+            except BananaError:
+                continue
+        if rng.random() < 0.5:
+            sexp = mutateSexp(rng, sexp, True)
+        run.inputs += 1
+        for name, taster in TASTERS:
+            withC = _unjellyOutcome(sexp, taster)
+            saved, _unjellier._plain = _unjellier._plain, None
+            try:
+                without = _unjellyOutcome(sexp, taster)
+            finally:
+                _unjellier._plain = saved
+            if withC != without:
+                run.record(
+                    Failure(
+                        generator="unjelly-accelerator",
+                        problem=f"unjelly with and without the C builder disagree ({name})",
+                        signature=("unjelly-accelerator", name, withC[:40], without[:40]),
+                        details=f"with C:    {withC[:3000]}\nwithout C: {without[:3000]}",
+                        sexp=sexp,
+                        hasSexp=True,
+                    ),
+                    None,
+                )
+
+
 GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "random-bytes": (fuzzRandomBytes, 200),
     "mutated-bytes": (fuzzMutatedEncodings, 200),
@@ -1614,6 +1716,7 @@ GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "buffer-limits": (fuzzBufferLimits, 10),
     "accelerator": (fuzzAccelerator, 200),
     "encoder": (fuzzEncoder, 50),
+    "unjelly-accelerator": (fuzzUnjellyAccelerator, 50),
 }
 
 
@@ -1732,6 +1835,33 @@ class EncoderFuzzTests(FuzzTestCase):
         """Random values, dialects and limits: the same bytes or the same error."""
         run = self.fuzz(fuzzEncoder, 4, 400)
         self.assertEqual(run.inputs, 400)
+
+
+class UnjellyAcceleratorFuzzTests(FuzzTestCase):
+    """
+    The unjellier gives the same values and errors with and without the C builder.
+    """
+
+    def setUp(self) -> None:
+        if _unjellier._plain is None:
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
+
+    def test_agrees(self) -> None:
+        """Jelly of random values, decoded with text and mutated, under every taster."""
+        run = self.fuzz(fuzzUnjellyAccelerator, 5, 500)
+        self.assertGreater(run.inputs, 350)
+
+    def test_canonicalTellsApart(self) -> None:
+        """The comparison sees types, nan, sharing and cycles."""
+        shared = [1]
+        cyclic: list[Any] = []
+        cyclic.append(cyclic)
+        self.assertNotEqual(canonical([shared, shared]), canonical([[1], [1]]))
+        self.assertNotEqual(canonical((1,)), canonical([1]))
+        self.assertNotEqual(canonical(b"a"), canonical("a"))
+        self.assertNotEqual(canonical(0.0), canonical(-0.0))
+        self.assertEqual(canonical(float("nan")), canonical(float("nan")))
+        self.assertEqual(canonical(cyclic), "list(#0,),")
 
 
 class UnjellyFuzzTests(FuzzTestCase):

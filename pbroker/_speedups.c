@@ -751,42 +751,41 @@ outputLeaf(Output *out, LeavesObject *leaves, PyObject *item)
 static PyObject *
 leafIteratorNext(LeafIteratorObject *self)
 {
-    if (self->source == NULL) {
+    PyObject *source = self->source;
+    if (source == NULL) {
         return NULL;
     }
+    /* The source may run code that calls this iterator again and exhausts it. */
+    Py_INCREF(source);
     Output out;
     out.data = out.local;
     out.size = 0;
     out.capacity = (Py_ssize_t)sizeof(out.local);
     PyObject *item;
-    while ((item = PyIter_Next(self->source)) != NULL) {
+    while ((item = PyIter_Next(source)) != NULL) {
         int written = outputLeaf(&out, self->leaves, item);
         if (written == 0) {
             if (outputFlush(&out, self->chunks) < 0) {
-                Py_DECREF(item);
-                outputRelease(&out);
-                return NULL;
+                Py_CLEAR(item);
             }
-            outputRelease(&out);
-            return item;
+            goto done;
         }
         Py_DECREF(item);
+        item = NULL;
         if (written < 0) {
-            outputRelease(&out);
-            return NULL;
+            goto done;
         }
         if (out.size >= 65536 && outputFlush(&out, self->chunks) < 0) {
-            outputRelease(&out);
-            return NULL;
+            goto done;
         }
     }
-    if (PyErr_Occurred() || outputFlush(&out, self->chunks) < 0) {
-        outputRelease(&out);
-        return NULL;
+    if (!PyErr_Occurred() && outputFlush(&out, self->chunks) == 0 && self->source == source) {
+        Py_CLEAR(self->source);
     }
+done:
     outputRelease(&out);
-    Py_CLEAR(self->source);
-    return NULL;
+    Py_DECREF(source);
+    return item;
 }
 
 static int
@@ -915,7 +914,6 @@ leavesCall(LeavesObject *self, PyObject *args, PyObject *kwargs)
         Py_DECREF(source);
         return NULL;
     }
-    Py_INCREF(iteratorType);
     iterator->leaves = (LeavesObject *)Py_NewRef((PyObject *)self);
     iterator->source = source;
     iterator->chunks = Py_NewRef(chunks);
@@ -923,16 +921,33 @@ leavesCall(LeavesObject *self, PyObject *args, PyObject *kwargs)
     return (PyObject *)iterator;
 }
 
+static int
+leavesTraverse(LeavesObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->symbols);
+    Py_VISIT(self->pair);
+    return 0;
+}
+
+static int
+leavesClear(LeavesObject *self)
+{
+    Py_CLEAR(self->symbols);
+    Py_CLEAR(self->unicodePrefix);
+    Py_CLEAR(self->noneToken);
+    Py_CLEAR(self->trueToken);
+    Py_CLEAR(self->falseToken);
+    Py_CLEAR(self->pair);
+    return 0;
+}
+
 static void
 leavesDealloc(LeavesObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
-    Py_XDECREF(self->symbols);
-    Py_XDECREF(self->unicodePrefix);
-    Py_XDECREF(self->noneToken);
-    Py_XDECREF(self->trueToken);
-    Py_XDECREF(self->falseToken);
-    Py_XDECREF(self->pair);
+    PyObject_GC_UnTrack(self);
+    leavesClear(self);
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
 }
@@ -941,6 +956,8 @@ static PyType_Slot leavesSlots[] = {
     {Py_tp_new, leavesNew},
     {Py_tp_call, leavesCall},
     {Py_tp_dealloc, leavesDealloc},
+    {Py_tp_traverse, leavesTraverse},
+    {Py_tp_clear, leavesClear},
     {Py_tp_doc,
      "Leaves(symbols, fastIntLimit, headerCount, unicodePrefix, noneToken, trueToken,\n"
      "       falseToken, pair)(iterable, chunks) -> iterator\n\n"
@@ -951,7 +968,7 @@ static PyType_Slot leavesSlots[] = {
 static PyType_Spec leavesSpec = {
     .name = "pbroker._speedups.Leaves",
     .basicsize = sizeof(LeavesObject),
-    .flags = Py_TPFLAGS_DEFAULT,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = leavesSlots,
 };
 
@@ -994,6 +1011,12 @@ speedupsClear(PyObject *module)
         Py_CLEAR(*state);
     }
     return 0;
+}
+
+static void
+speedupsFree(void *module)
+{
+    speedupsClear((PyObject *)module);
 }
 
 /*
@@ -1203,6 +1226,7 @@ static struct PyModuleDef speedupsModule = {
     .m_slots = slots,
     .m_traverse = speedupsTraverse,
     .m_clear = speedupsClear,
+    .m_free = speedupsFree,
 };
 
 PyMODINIT_FUNC

@@ -320,13 +320,18 @@ class Tokens:
         return self.stringHeader(size) + value
 
 
-@functools.lru_cache(maxsize=32)
 def getTokens(
     dialect: bytes = b"none", sizeLimit: int = SIZE_LIMIT, prefixLimit: int = PREFIX_LIMIT
 ) -> Tokens:
     """
-    The shared :class:`Tokens` for a dialect and limits (they are immutable, so one serves all).
+    The shared :class:`Tokens` for a dialect and limits (they are immutable, so one serves all),
+    the same object however the arguments are passed.
     """
+    return _sharedTokens(dialect, sizeLimit, prefixLimit)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharedTokens(dialect: bytes, sizeLimit: int, prefixLimit: int) -> Tokens:
     return Tokens(dialect, sizeLimit=sizeLimit, prefixLimit=prefixLimit)
 
 

@@ -4,8 +4,11 @@ Tests for pbroker.banana: golden vectors, incremental decoding, limits, errors, 
 
 from __future__ import annotations
 
+import gc
 import random
 import struct
+import sys
+import weakref
 from typing import Any
 
 from twisted.internet.testing import StringTransport
@@ -859,6 +862,14 @@ class AcceleratorTests(SynchronousTestCase):
             self.assertIs(_accelerator.load(), _speedups)
             self.assertIs(banana._loadScan(_speedups), _speedups.scan)
 
+    def test_sharedTokens(self) -> None:
+        """getTokens gives one object per dialect and limits, however they are passed (the
+        fused encoder keeps its C leaf writer on it)."""
+        self.assertIs(
+            banana.getTokens(b"pb", sizeLimit=100, prefixLimit=3), banana.getTokens(b"pb", 100, 3)
+        )
+        self.assertIs(banana.getTokens(), banana.getTokens(b"none", banana.SIZE_LIMIT))
+
     def test_hugeSizeLimit(self) -> None:
         """A sizeLimit beyond the C scan's ceiling is honoured exactly (in Python)."""
         decoder = Decoder(sizeLimit=2**70)
@@ -963,6 +974,48 @@ class LeavesTests(SynchronousTestCase):
         self.assertRaises(TypeError, self.leaves, [1], ())
         self.assertRaises(TypeError, self.leaves, 5, [])
         self.assertRaises(TypeError, type(self.leaves([], [])))
+
+    def test_noReferenceLeak(self) -> None:
+        """Iterators come and go without leaving references to their type behind."""
+        iteratorType = type(self.leaves([], []))
+        gc.collect()  # (iterators other tests left in cycles)
+        before = sys.getrefcount(iteratorType)
+        for _ in range(100):
+            list(self.leaves([[1]], []))
+        gc.collect()
+        self.assertEqual(sys.getrefcount(iteratorType), before)
+
+    def test_reentrantSource(self) -> None:
+        """A source that drives the same iterator from inside its next() cannot crash it."""
+        calls = []
+
+        class Source:
+            def __iter__(self) -> Source:
+                return self
+
+            def __next__(self) -> int:
+                calls.append(1)
+                if len(calls) == 1:
+                    for _ in iterator:
+                        pass
+                    return 1
+                raise StopIteration
+
+        iterator = self.leaves(Source(), [])
+        self.assertEqual(list(iterator), [])
+
+    def test_collectedInCycles(self) -> None:
+        """A writer in a reference cycle (through its pair marker) is collected."""
+
+        class Pair:
+            leaves: Any = None
+
+        pair = Pair()
+        pair.leaves = self.Leaves({}, 1, 1, b"", b"", b"", b"", pair)
+        gone = weakref.ref(pair)
+        del pair
+        gc.collect()
+        self.assertIsNone(gone())
 
     def test_errorsFromTheSource(self) -> None:
         """An error raised by the iterable reaches the caller (the encoding fails whole)."""

@@ -1331,7 +1331,6 @@ def fuzzBufferLimits(rng: Random, count: int, run: FuzzRun) -> None:
         checkStream(run, "buffer-limits", stream, dialect, limits)
 
 
-#: The generators, by name, with the batch size the runner uses for each.
 def decoderTrace(
     scan: Callable[..., Any],
     data: bytes,
@@ -1543,6 +1542,31 @@ def randomValue(rng: Random, depth: int = 4) -> Any:
     return build(depth)
 
 
+def recordDisagreement(
+    run: FuzzRun,
+    generator: str,
+    problem: str,
+    first: tuple[str, str],
+    second: tuple[str, str],
+    **found: Any,
+) -> None:
+    """
+    Record that two ways of doing the same thing gave different outcomes (each a name and a
+    text); ``found`` holds the input's fields of :class:`Failure`.
+    """
+    (firstName, firstOutcome), (secondName, secondOutcome) = first, second
+    run.record(
+        Failure(
+            generator=generator,
+            problem=problem,
+            signature=(generator, problem, firstOutcome[:40], secondOutcome[:40]),
+            details=f"{firstName}: {firstOutcome[:3000]}\n{secondName}: {secondOutcome[:3000]}",
+            **found,
+        ),
+        None,
+    )
+
+
 def _encodeOutcome(encode: Callable[[], bytes]) -> str:
     try:
         return repr(encode())
@@ -1592,18 +1616,16 @@ def fuzzEncoder(rng: Random, count: int, run: FuzzRun) -> None:
         if pure != fused:
             problems.append(("fused", fused, "fused, pure Python", pure))
         for name, outcome, otherName, other in problems:
-            run.record(
-                Failure(
-                    generator="encoder",
-                    problem=f"the {name} encoder disagrees with {otherName}",
-                    signature=("encoder", otherName, outcome[:40], other[:40]),
-                    details=f"{name}: {outcome[:3000]}\n{otherName}: {other[:3000]}",
-                    dialect=dialect,
-                    limits=limits,
-                    sexp=showSexp(value),
-                    hasSexp=True,
-                ),
-                None,
+            recordDisagreement(
+                run,
+                "encoder",
+                f"the {name} encoder disagrees with {otherName}",
+                (name, outcome),
+                (otherName, other),
+                dialect=dialect,
+                limits=limits,
+                sexp=showSexp(value),
+                hasSexp=True,
             )
 
 
@@ -1695,19 +1717,18 @@ def fuzzUnjellyAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
             finally:
                 _unjellier._plain = saved
             if withC != without:
-                run.record(
-                    Failure(
-                        generator="unjelly-accelerator",
-                        problem=f"unjelly with and without the C builder disagree ({name})",
-                        signature=("unjelly-accelerator", name, withC[:40], without[:40]),
-                        details=f"with C:    {withC[:3000]}\nwithout C: {without[:3000]}",
-                        sexp=sexp,
-                        hasSexp=True,
-                    ),
-                    None,
+                recordDisagreement(
+                    run,
+                    "unjelly-accelerator",
+                    f"unjelly with and without the C builder disagree ({name})",
+                    ("with C", withC),
+                    ("without C", without),
+                    sexp=sexp,
+                    hasSexp=True,
                 )
 
 
+#: The generators, by name, with the batch size the runner uses for each.
 GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "random-bytes": (fuzzRandomBytes, 200),
     "mutated-bytes": (fuzzMutatedEncodings, 200),

@@ -1020,12 +1020,14 @@ speedupsFree(void *module)
 }
 
 /*
- * plain(node, allowed): the unjellier's plain expressions in C.
+ * plain(node, allowed, ask): the unjellier's plain expressions in C.
  *
  * node is a jelly list expression. If it and everything in it are plain -- the tags list,
- * tuple, dictionary, unicode and None (each only where its bit is set in allowed), with any
- * other non-list children taken as they are, str ones only where unicode is allowed -- the value
- * it stands for is returned, built exactly as pbroker._unjellier.Unjellier would build it.
+ * tuple, dictionary, unicode and None (each only where allowed: its bit is set in allowed, or,
+ * where ask is not None, ask(tag) is true), with any other non-list children taken as they are,
+ * str ones only where unicode is allowed -- the value it stands for is returned, built exactly as
+ * pbroker._unjellier.Unjellier would build it. ask (the unjellier's _isAllowed) is called at most
+ * once a tag, for a tag whose bit is not set, on meeting it, where the Python walk would ask.
  * Anything else (another tag, a malformed expression, a dictionary key other than str, bytes,
  * int or float, text that is not UTF-8, nesting deeper than PLAIN_DEPTH) gives NotImplemented
  * and the Python unjellier takes the node, reporting any error itself.
@@ -1047,39 +1049,112 @@ tagIs(PyObject *tag, const char *name, Py_ssize_t size)
     return PyBytes_GET_SIZE(tag) == size && memcmp(PyBytes_AS_STRING(tag), name, (size_t)size) == 0;
 }
 
-static PyObject *plainNode(PyObject *node, unsigned allowed, int depth);
+/* The tags one call may take: those known allowed, those already asked about, and the
+ * unjellier's _isAllowed (None at the top of a call, where nothing may be asked). */
+typedef struct {
+    unsigned allowed;
+    unsigned asked;
+    PyObject *ask;
+    PyObject *failed;
+} PlainTags;
+
+/* Whether the plain tag with this bit may be taken: 1, 0, or -1 with an exception. A tag not
+ * known yet is asked about here, where the Python walk would ask on opening the node. */
+static int
+plainAllowed(PyObject *tag, unsigned bit, PlainTags *tags)
+{
+    if (tags->allowed & bit) {
+        return 1;
+    }
+    if ((tags->asked & bit) || tags->ask == Py_None) {
+        return 0;
+    }
+    tags->asked |= bit;
+    Py_INCREF(tag);
+    PyObject *answer = PyObject_CallOneArg(tags->ask, tag);
+    Py_DECREF(tag);
+    if (answer == NULL) {
+        return -1;
+    }
+    int yes = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    if (yes > 0) {
+        tags->allowed |= bit;
+    }
+    return yes;
+}
+
+
+static PyObject *plainNode(PyObject *node, PlainTags *tags, int depth);
+
+/* plainNode, noting the id of a node that is not plain (and of each node around it) in
+ * tags->failed, where it is a set, so that the Python walk does not try it again. */
+static PyObject *
+plainList(PyObject *node, PlainTags *tags, int depth)
+{
+    PyObject *value = plainNode(node, tags, depth);
+    if (value == Py_NotImplemented && tags->failed != Py_None) {
+        PyObject *key = PyLong_FromVoidPtr(node);
+        if (key == NULL || PySet_Add(tags->failed, key) < 0) {
+            Py_XDECREF(key);
+            Py_DECREF(value);
+            return NULL;
+        }
+        Py_DECREF(key);
+    }
+    return value;
+}
 
 /* A child: a list is a node, anything else stands for itself. New reference, NotImplemented
  * (a new reference) if not plain, NULL on error. */
 static PyObject *
-plainChild(PyObject *child, unsigned allowed, int depth)
+plainChild(PyObject *child, PlainTags *tags, int depth)
 {
     if (PyList_CheckExact(child)) {
-        return plainNode(child, allowed, depth + 1);
+        return plainList(child, tags, depth + 1);
     }
-    if (PyList_Check(child) || (PyUnicode_Check(child) && !(allowed & PLAIN_UNICODE))) {
+    if (PyList_Check(child) || (PyUnicode_Check(child) && !(tags->allowed & PLAIN_UNICODE))) {
         Py_RETURN_NOTIMPLEMENTED;
     }
     return Py_NewRef(child);
 }
 
 static PyObject *
-plainNode(PyObject *node, unsigned allowed, int depth)
+plainNode(PyObject *node, PlainTags *tags, int depth)
 {
-    Py_ssize_t size = PyList_GET_SIZE(node);
-    if (size == 0 || depth > PLAIN_DEPTH) {
+    if (PyList_GET_SIZE(node) == 0 || depth > PLAIN_DEPTH) {
         Py_RETURN_NOTIMPLEMENTED;
     }
     PyObject *tag = PyList_GET_ITEM(node, 0);
     if (!PyBytes_CheckExact(tag)) {
         Py_RETURN_NOTIMPLEMENTED;
     }
-    int isList = tagIs(tag, "list", 4);
-    if ((isList && (allowed & PLAIN_LIST)) || (tagIs(tag, "tuple", 5) && (allowed & PLAIN_TUPLE))) {
+    unsigned bit = tagIs(tag, "list", 4)         ? PLAIN_LIST
+                   : tagIs(tag, "tuple", 5)      ? PLAIN_TUPLE
+                   : tagIs(tag, "dictionary", 10) ? PLAIN_DICTIONARY
+                   : tagIs(tag, "unicode", 7)    ? PLAIN_UNICODE
+                   : tagIs(tag, "None", 4)       ? PLAIN_NONE
+                                                 : 0;
+    if (bit == 0) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    int allowed = plainAllowed(tag, bit, tags);
+    if (allowed <= 0) {
+        if (allowed < 0) {
+            return NULL;
+        }
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    /* (Read after asking: the security options may have run Python code.) */
+    Py_ssize_t size = PyList_GET_SIZE(node);
+    if (bit == PLAIN_LIST || bit == PLAIN_TUPLE) {
         PyObject *values = PyList_New(size - 1);
         if (values == NULL) {
             return NULL;
         }
+        /* Untracked until full: a finalizer run by a collection below must not reach a list
+         * with NULL items through gc.get_objects() or gc.get_referrers(). */
+        PyObject_GC_UnTrack(values);
         for (Py_ssize_t i = 1; i < size; i++) {
             /* (An allocation may collect garbage, and a finalizer run Python code: the node is
              * read afresh, and given up if it changed.) */
@@ -1088,7 +1163,7 @@ plainNode(PyObject *node, unsigned allowed, int depth)
                 Py_RETURN_NOTIMPLEMENTED;
             }
             PyObject *child = Py_NewRef(PyList_GET_ITEM(node, i));
-            PyObject *value = plainChild(child, allowed, depth);
+            PyObject *value = plainChild(child, tags, depth);
             Py_DECREF(child);
             if (value == NULL || value == Py_NotImplemented) {
                 Py_DECREF(values);
@@ -1096,14 +1171,22 @@ plainNode(PyObject *node, unsigned allowed, int depth)
             }
             PyList_SET_ITEM(values, i - 1, value);
         }
-        if (isList) {
+        if (bit == PLAIN_LIST) {
+            PyObject_GC_Track(values);
             return values;
         }
         PyObject *tuple = PyList_AsTuple(values);
         Py_DECREF(values);
         return tuple;
     }
-    if (tagIs(tag, "dictionary", 10) && (allowed & PLAIN_DICTIONARY)) {
+    if (bit == PLAIN_DICTIONARY) {
+        /* Every entry a [key, value] list before any is visited, as _openDictionary checks. */
+        for (Py_ssize_t i = 1; i < size; i++) {
+            PyObject *entry = PyList_GET_ITEM(node, i);
+            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2) {
+                Py_RETURN_NOTIMPLEMENTED;
+            }
+        }
         PyObject *dictionary = PyDict_New();
         if (dictionary == NULL) {
             return NULL;
@@ -1120,7 +1203,7 @@ plainNode(PyObject *node, unsigned allowed, int depth)
             }
             Py_INCREF(entry);
             PyObject *first = Py_NewRef(PyList_GET_ITEM(entry, 0));
-            PyObject *key = plainChild(first, allowed, depth);
+            PyObject *key = plainChild(first, tags, depth);
             Py_DECREF(first);
             if (key == NULL || key == Py_NotImplemented || PyList_GET_SIZE(entry) != 2) {
                 Py_DECREF(entry);
@@ -1142,7 +1225,7 @@ plainNode(PyObject *node, unsigned allowed, int depth)
             }
             PyObject *second = Py_NewRef(PyList_GET_ITEM(entry, 1));
             Py_DECREF(entry);
-            PyObject *value = plainChild(second, allowed, depth);
+            PyObject *value = plainChild(second, tags, depth);
             Py_DECREF(second);
             if (value == NULL || value == Py_NotImplemented) {
                 Py_DECREF(key);
@@ -1159,7 +1242,7 @@ plainNode(PyObject *node, unsigned allowed, int depth)
         }
         return dictionary;
     }
-    if (tagIs(tag, "unicode", 7) && (allowed & PLAIN_UNICODE)) {
+    if (bit == PLAIN_UNICODE) {
         PyObject *data = size == 2 ? PyList_GET_ITEM(node, 1) : NULL;
         if (data == NULL || !PyBytes_CheckExact(data)) {
             Py_RETURN_NOTIMPLEMENTED;
@@ -1173,7 +1256,7 @@ plainNode(PyObject *node, unsigned allowed, int depth)
         }
         return text;
     }
-    if (tagIs(tag, "None", 4) && (allowed & PLAIN_NONE) && size == 1) {
+    if (size == 1) {
         Py_RETURN_NONE;
     }
     Py_RETURN_NOTIMPLEMENTED;
@@ -1183,8 +1266,8 @@ static PyObject *
 plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "plain() takes 2 arguments (%zd given)", nargs);
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "plain() takes 4 arguments (%zd given)", nargs);
         return NULL;
     }
     if (!PyList_CheckExact(args[0])) {
@@ -1194,7 +1277,12 @@ plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (allowed == (unsigned long)-1 && PyErr_Occurred()) {
         return NULL;
     }
-    return plainNode(args[0], (unsigned)allowed, 0);
+    if (args[3] != Py_None && !PySet_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "plain() takes a set or None for failed");
+        return NULL;
+    }
+    PlainTags tags = {(unsigned)allowed, (unsigned)allowed, args[2], args[3]};
+    return plainList(args[0], &tags, 0);
 }
 
 static PyMethodDef methods[] = {
@@ -1204,7 +1292,7 @@ static PyMethodDef methods[] = {
      "--\n\n"
      "Decode banana tokens into the open lists and results; see pbroker.banana._scanPython."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
-     "plain(node, allowed)\n--\n\n"
+     "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,5 +1,5 @@
 # Types of the C extension built from _speedups.c (optional; see pbroker.banana._loadScan).
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 def scan(
@@ -36,4 +36,6 @@ class Leaves:
 class LeafIterator(Iterator[Any]):
     def __next__(self) -> Any: ...
 
-def plain(node: list[Any], allowed: int) -> Any: ...
+def plain(
+    node: list[Any], allowed: int, ask: Callable[[bytes], bool] | None, failed: set[int] | None
+) -> Any: ...

@@ -266,7 +266,7 @@ _FLAT = frozenset({int, float, bytes})
 
 # The C unjellier of plain expressions (pbroker._speedups.plain), and the bit of each tag it
 # takes in its mask of allowed tags.
-_plain: Callable[[list[Any], int], Any] | None = (
+_plain: Callable[[list[Any], int, Callable[[bytes], bool] | None, set[int] | None], Any] | None = (
     None if _accelerator.speedups is None else _accelerator.speedups.plain
 )
 _PLAIN_TAGS: dict[bytes, int] = {
@@ -307,7 +307,9 @@ class Unjellier:
         self.postCallbacks: list[Callable[[], Any]] = []
         self._placeholders: list[_Unresolved] = []
         self._tagAllowed: dict[bytes, bool] = {}
-        self._plainMask: int | None = None
+        # The _PLAIN_TAGS bits of the tags already found allowed: the C builder is never the
+        # reason the security options are asked about a tag.
+        self._plainMask = 0
 
     def unjellyFull(self, sexp: Any) -> Any:
         """
@@ -342,7 +344,9 @@ class Unjellier:
                 raise _textRefused()
             return sexp
         if _plain is not None:
-            value = _plain(sexp, self._plainTags())
+            # Only tags already asked about: here the Python walk would ask about text, lists
+            # and dictionaries before the children's tags.
+            value = _plain(sexp, self._plainMask, None, None)
             if value is not NotImplemented:
                 return value
         try:
@@ -374,7 +378,8 @@ class Unjellier:
         dictionaryAllowed = self._isAllowed(b"dictionary")
         open_ = self._open
         plain = _plain
-        plainTags = self._plainTags()
+        isAllowed = self._isAllowed
+        failed: set[int] = set()  # (ids of nodes the C builder found not plain)
         while True:
             values = frame.values
             append = values.append
@@ -388,8 +393,8 @@ class Unjellier:
                 # With the C extension, a plain child (lists, tuples, dictionaries, text and
                 # None, as far as allowed) is built whole in C; anything else comes back as
                 # NotImplemented and is taken here.
-                if plain is not None:
-                    result = plain(child, plainTags)
+                if plain is not None and id(child) not in failed:
+                    result = plain(child, self._plainMask, isAllowed, failed)
                     if result is not NotImplemented:
                         append(result)
                         continue
@@ -427,18 +432,6 @@ class Unjellier:
                 _notePending(frame)
             frame.values.append(value)
 
-    def _plainTags(self) -> int:
-        """
-        Which plain tags the C unjellier may take itself: a mask of ``_PLAIN_TAGS`` bits, one
-        for each tag the security options allow.
-        """
-        mask = self._plainMask
-        if mask is None:
-            mask = self._plainMask = sum(
-                bit for tag, bit in _PLAIN_TAGS.items() if self._isAllowed(tag)
-            )
-        return mask
-
     def _isAllowed(self, tag: bytes) -> bool:
         allowed = self._tagAllowed.get(tag)
         if allowed is None:
@@ -447,6 +440,8 @@ class Unjellier:
             allowed = self._tagAllowed[tag] = bool(self.taster.isTypeAllowed(tag)) or (
                 tag in registry
             )
+            if allowed and tag in _PLAIN_TAGS:
+                self._plainMask |= _PLAIN_TAGS[tag]
         return allowed
 
     def _open(self, node: list[Any]) -> Any:

@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import decimal
 import functools
+import gc
 import os
 import signal
 import sys
@@ -1672,6 +1673,30 @@ def canonical(value: Any) -> str:
     return "".join(out)
 
 
+class StatefulTaster:
+    """
+    Security options whose answers depend on how many questions came before, some of them an
+    exception: the C builder must ask the same questions in the same order as the Python walk.
+    """
+
+    def __init__(self, seed: float) -> None:
+        self.rng = Random(seed)
+        self.asked: list[bytes] = []
+
+    def isTypeAllowed(self, tag: bytes) -> bool:
+        self.asked.append(tag)
+        answer = self.rng.random()
+        if answer < 0.1:
+            raise InsecureJelly(f"refused {tag!r} as question {len(self.asked)}")
+        return answer < 0.85
+
+    def isModuleAllowed(self, name: Any) -> bool:
+        return False
+
+    def isClassAllowed(self, klass: Any) -> bool:
+        return False
+
+
 def _unjellyOutcome(sexp: Any, taster: Any) -> str:
     try:
         with warnings.catch_warnings():
@@ -1709,13 +1734,18 @@ def fuzzUnjellyAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
         if rng.random() < 0.5:
             sexp = mutateSexp(rng, sexp, True)
         run.inputs += 1
-        for name, taster in TASTERS:
+        seed = rng.random()
+        for name, taster in (*TASTERS, ("stateful", StatefulTaster(seed))):
             withC = _unjellyOutcome(sexp, taster)
+            other = StatefulTaster(seed) if name == "stateful" else taster
             saved, _unjellier._plain = _unjellier._plain, None
             try:
-                without = _unjellyOutcome(sexp, taster)
+                without = _unjellyOutcome(sexp, other)
             finally:
                 _unjellier._plain = saved
+            if name == "stateful":
+                withC += f" asked {taster.asked}"
+                without += f" asked {other.asked}"
             if withC != without:
                 recordDisagreement(
                     run,
@@ -1871,6 +1901,73 @@ class UnjellyAcceleratorFuzzTests(FuzzTestCase):
         """Jelly of random values, decoded with text and mutated, under every taster."""
         run = self.fuzz(fuzzUnjellyAccelerator, 5, 500)
         self.assertGreater(run.inputs, 350)
+
+    def test_noHalfBuiltListForFinalizers(self) -> None:
+        """A finalizer run by a collection in the middle of a build never meets a list whose
+        items are not all there."""
+        size = 3000
+        seen = []
+
+        class Snoop:
+            def __init__(self) -> None:
+                self.me = self
+
+            def __del__(self) -> None:
+                for found in gc.get_objects():
+                    if type(found) is list and len(found) == size - 2:
+                        seen.append(found[-1])
+
+        taster = jelly.SecurityOptions()
+        taster.allowBasicTypes()
+        sexp = [b"list"] + [[b"list"] for _ in range(size - 2)]
+        Snoop()
+        value = jelly.unjelly(sexp, taster=taster)
+        gc.collect()
+        self.assertEqual(value, [[]] * (size - 2))
+        self.assertTrue(all(item == [] for item in seen))
+
+    def test_questionsAsInPython(self) -> None:
+        """The security options are asked what the Python walk asks, when it asks: a taster
+        that refuses every tag it was not told about gives the same outcome both ways."""
+
+        class Strict:
+            def isTypeAllowed(self, tag: bytes) -> bool:
+                if tag not in (b"boolean", b"list"):
+                    raise InsecureJelly(f"refused {tag!r}")
+                return True
+
+            def isModuleAllowed(self, name: Any) -> bool:
+                return False
+
+            def isClassAllowed(self, klass: Any) -> bool:
+                return False
+
+        for sexp in ([b"boolean", b"true"], [b"list", [b"boolean", b"true"]], [b"list", 1]):
+            withC = _unjellyOutcome(sexp, Strict())
+            self.patch(_unjellier, "_plain", None)
+            self.assertEqual(withC, _unjellyOutcome(sexp, Strict()))
+            self.patch(_unjellier, "_plain", _unjellier._accelerator.speedups.plain)
+
+    def test_notPlainTriedOnce(self) -> None:
+        """A node the C builder found not plain is not handed to it again one level down, so
+        a deep chain above something else costs a walk, not a walk per level."""
+        sexp: list[Any] = [b"list", [b"boolean", b"true"]]
+        for _ in range(50):
+            sexp = [b"list", sexp]
+        calls = []
+        plain = _unjellier._plain
+        assert plain is not None
+
+        def counting(*arguments: Any) -> Any:
+            calls.append(1)
+            return plain(*arguments)
+
+        self.patch(_unjellier, "_plain", counting)
+        value = jelly.unjelly(sexp)
+        for _ in range(50):
+            value = value[0]
+        self.assertEqual(value, [True])
+        self.assertLessEqual(len(calls), 3)
 
     def test_canonicalTellsApart(self) -> None:
         """The comparison sees types, nan, sharing and cycles."""

@@ -1,11 +1,14 @@
 /*
  * pbroker._speedups: the banana codec's hot loops in C.
  *
- * scan() is a drop-in for pbroker.banana._scanPython: same arguments, same result, same
- * errors, for any split of the input. banana.py keeps everything around the loop (buffer
- * keeping, limits, messages); this file only turns bytes into tokens and tokens into lists.
- * The differential tests in tests/test_banana.py and tests/test_fuzz.py hold the two to each
- * other.
+ * - scan() is a drop-in for pbroker.banana._scanPython: same arguments, same result, same
+ *   errors, for any split of the input. banana.py keeps everything around the loop (buffer
+ *   keeping, limits, messages); scan() only turns bytes into tokens and tokens into lists.
+ * - Leaves writes the jelly encoder's common leaves (see pbroker._jellier.Jellier._emit).
+ * - plain() builds the unjellier's plain expressions (see pbroker._unjellier.Unjellier).
+ *
+ * Each has a pure-Python twin that gives the same results; the differential fuzzers in
+ * tests/test_fuzz.py hold each pair to each other.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -294,7 +297,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             if (end - pos < (Py_ssize_t)value) {
                 pos = start;
-                goto stop;
+                goto done;
             }
             item = PyBytes_FromStringAndSize((const char *)buf + pos, (Py_ssize_t)value);
             pos += (Py_ssize_t)value;
@@ -327,7 +330,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                 || textEnd - expressionStart <= messageSizeLimit)) {
                             if (textEnd > end) {
                                 pos = start;
-                                goto stop;
+                                goto done;
                             }
                             item = PyUnicode_DecodeUTF8(
                                 (const char *)buf + textStart + 2, size, NULL);
@@ -351,7 +354,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         && (messageSizeLimit < 0
                             || textStart - expressionStart <= messageSizeLimit)) {
                         pos = start;
-                        goto stop; /* too little has come to tell */
+                        goto done; /* too little has come to tell */
                     }
                 }
             }
@@ -385,7 +388,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_CLEAR(big);
             if (end - pos < 8) {
                 pos = start;
-                goto stop;
+                goto done;
             }
             item = PyFloat_FromDouble(unpackDouble(buf + pos));
             pos += 8;
@@ -464,7 +467,6 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
-stop:
 done:
     PyBuffer_Release(&view);
     Py_XDECREF(item);

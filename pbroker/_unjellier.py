@@ -343,9 +343,9 @@ class Unjellier:
             if type(sexp) is str and not self._isAllowed(b"unicode"):
                 raise _textRefused()
             return sexp
-        if _plain is not None:
-            # Only tags already asked about: here the Python walk would ask about text, lists
-            # and dictionaries before the children's tags.
+        if _plain is not None and self._plainMask:
+            # Only tags already asked about (none, in a fresh unjellier): here the Python walk
+            # would ask about text, lists and dictionaries before the children's tags.
             value = _plain(sexp, self._plainMask, None, None)
             if value is not NotImplemented:
                 return value

@@ -83,6 +83,16 @@ PB_GOLDEN = [
 ]
 
 
+def feedBytewise(decoder: Decoder, stream: bytes) -> list[Any]:
+    """
+    Feed ``stream`` to ``decoder`` one byte at a time; every expression it returned, in order.
+    """
+    received: list[Any] = []
+    for index in range(len(stream)):
+        received += decoder.feed(stream[index : index + 1])
+    return received
+
+
 def _nested(depth: int) -> bytes:
     """
     The encoding of ``depth`` lists nested one inside the other around the integer 0.
@@ -252,10 +262,7 @@ class DecodeTests(SynchronousTestCase):
         expected = Decoder(b"pb").feed(stream)
         self.assertEqual(len(expected), 2 * len(PB_GOLDEN))
         decoder = Decoder(b"pb")
-        received: list[Any] = []
-        for index in range(len(stream)):
-            received += decoder.feed(stream[index : index + 1])
-        self.assertEqual(received, expected)
+        self.assertEqual(feedBytewise(decoder, stream), expected)
         self.assertFalse(decoder.midExpression)
 
     def test_randomSplits(self) -> None:
@@ -374,10 +381,7 @@ class TextTests(SynchronousTestCase):
             [[b"list", "abc", ["d", 2], [b"unicode"]], [[b"unicode", b"\xfe"]], ["e"]],
         )
         decoder = Decoder(text=True)
-        received: list[Any] = []
-        for index in range(len(stream)):
-            received += decoder.feed(stream[index : index + 1])
-        self.assertEqual(received, expected)
+        self.assertEqual(feedBytewise(decoder, stream), expected)
         self.assertFalse(decoder.midExpression)
 
     def test_limitsStillApply(self) -> None:

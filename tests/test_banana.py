@@ -909,6 +909,23 @@ class AcceleratorTests(SynchronousTestCase):
         self.assertRaises(TypeError, scan, *arguments)
 
 
+class PlainArgumentTests(SynchronousTestCase):
+    """
+    What the C builder of plain expressions does with arguments the unjellier never passes.
+    """
+
+    def test_badArguments(self) -> None:
+        """Wrong arguments raise TypeError; a node that is not a list is simply not plain."""
+        if _accelerator.speedups is None:
+            raise SkipTest("pbroker._speedups is not in use")
+        plain = _accelerator.speedups.plain
+        self.assertEqual(plain([b"list", 1], 1, None, None), [1])
+        self.assertIs(plain((b"list", 1), 1, None, None), NotImplemented)
+        self.assertRaises(TypeError, plain, [b"list"], 1, None)
+        self.assertRaises(TypeError, plain, [b"list"], "1", None, None)
+        self.assertRaises(TypeError, plain, [b"list"], 1, None, [])
+
+
 class LeavesTests(SynchronousTestCase):
     """
     The C leaf writer the fused jelly encoder wraps its iterators in (its output is compared

@@ -277,12 +277,17 @@ class FrameDecoder:
         # grows in place), and their total size.
         self._fragments = bytearray()
         self._fragmented = 0
+        # Bytes of a fragment still to come after its header (they go straight into
+        # _fragments, not through _buffer), and whether that fragment is the message's last.
+        self._pending = 0
+        self._pendingLast = False
         self._failure: str | None = None
 
     @property
     def buffered(self) -> int:
         """
-        Bytes received but not yet part of a completed message.
+        Bytes received but not yet part of a completed message (the headers of fragments
+        already taken in are not counted).
         """
         return len(self._buffer) - self._position + self._fragmented
 
@@ -291,13 +296,13 @@ class FrameDecoder:
         """
         Whether part of a message has arrived.
         """
-        return len(self._buffer) > self._position or self._fragmented > 0
+        return len(self._buffer) > self._position or self._fragmented > 0 or self._pending > 0
 
     def feed(self, data: bytes = b"") -> list[Any]:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
         size = len(data) - 4
-        if 0 <= size <= _SMALL and not self._buffer and not self._fragmented:
+        if 0 <= size <= _SMALL and not self._buffer and not self._fragmented and not self._pending:
             # The common case, one small whole record and nothing before it, without the
             # general loop. (A header that says otherwise goes the long way, to its error.)
             (header,) = _unpackHeader(data, 0)
@@ -314,12 +319,26 @@ class FrameDecoder:
             self._failure = str(e)
             self._buffer = bytearray()
             self._fragments = bytearray()
+            self._pending = 0
             raise
         return results
 
-    def _parse(self, data: bytes, results: list[Any]) -> None:
+    def _parse(self, data: bytes | memoryview, results: list[Any]) -> None:
+        if self._pending:
+            # The rest of a fragment: copied once, into the message, however it is split.
+            take = min(self._pending, len(data))
+            self._fragments += memoryview(data)[:take]
+            self._fragmented += take
+            self._pending -= take
+            if self._pending:
+                return
+            if self._pendingLast:
+                results.append(self._completed())
+            if take == len(data):
+                return
+            data = memoryview(data)[take:]
         stored = self._buffer
-        buffer: bytes | bytearray
+        buffer: bytes | bytearray | memoryview
         if self._position:
             del stored[: self._position]
             self._position = 0
@@ -371,17 +390,17 @@ class FrameDecoder:
                     total = self._fragmented + size
                     if limit is not None and total > limit:
                         raise BananaDecodeError(_tooLarge(total, limit))
-                    if end - position - 4 < size:
+                    available = min(size, end - position - 4)
+                    self._fragments += view[position + 4 : position + 4 + available]
+                    self._fragmented += available
+                    position += 4 + available
+                    if available < size:
+                        # The rest follows in later reads (see the top of this method).
+                        self._pending = size - available
+                        self._pendingLast = kind == LAST
                         break
-                    self._fragments += view[position + 4 : position + 4 + size]
-                    self._fragmented = total
-                    position += 4 + size
                     if kind == LAST:
-                        # Handed over whole: the message's values are views of it.
-                        payload = self._fragments
-                        self._fragments = bytearray()
-                        self._fragmented = 0
-                        results.append(_unpackEnvelope(payload))
+                        results.append(self._completed())
                 else:
                     raise BananaDecodeError(f"an unknown pbroker2 record kind: {kind}")
         finally:
@@ -390,6 +409,16 @@ class FrameDecoder:
                 self._position = position
             elif position < end:
                 stored += memoryview(data)[position:]
+
+    def _completed(self) -> Any:
+        """
+        The message whose last fragment has arrived. Its payload is handed over whole: the
+        message's values are views of it.
+        """
+        payload = self._fragments
+        self._fragments = bytearray()
+        self._fragmented = 0
+        return _unpackEnvelope(payload)
 
 
 def _tooLarge(size: int, limit: int) -> str:

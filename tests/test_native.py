@@ -349,6 +349,43 @@ class FrameDecoderTests(SynchronousTestCase):
             self.assertEqual(bytes(out[1][2]), b"v" * 300_000)
             self.assertEqual((bytes(out[3][2]), bytes(out[3][3])), (b"w" * 600_000, b"z"))
 
+    def test_wholeRecordsBetweenFragments(self) -> None:
+        """
+        Whole records between the fragments of a large message, with reads split anywhere
+        (inside headers, inside fragments), decode in the order their last records came.
+        """
+        large = _native.records([b"answer", 1, _native.Packed(b"L" * 700_000)])
+        small = [_native.records([b"answer", i, b"s" * i])[0] for i in (2, 3, 4)]
+        data = b"".join([large[0], small[0], large[1], small[1], small[2], large[2]])
+        for step in (3, 4, 5, 65_536, 100_003, len(data)):
+            decoder = _native.FrameDecoder(800_000)
+            out: list[Any] = []
+            for start in range(0, len(data), step):
+                out.extend(decoder.feed(data[start : start + step]))
+            self.assertEqual([m[1] for m in out], [2, 3, 4, 1])
+            self.assertEqual(bytes(out[3][2]), b"L" * 700_000)
+            self.assertFalse(decoder.midExpression)
+            self.assertEqual(decoder.buffered, 0)
+
+    def test_insideFragment(self) -> None:
+        """
+        While the rest of a fragment is awaited, the decoder says it is mid-message and
+        counts what it holds; a fault afterwards still stops it for good.
+        """
+        first, last = _native.records([b"x" * 300_000])
+        decoder = _native.FrameDecoder(None)
+        self.assertEqual(decoder.feed(first[:4]), [])  # a header alone
+        self.assertTrue(decoder.midExpression)
+        self.assertEqual(decoder.feed(first[4:1004]), [])
+        self.assertEqual(decoder.buffered, 1000)
+        self.assertEqual(decoder.feed(first[1004:] + last[:10]), [])
+        self.assertEqual(decoder.buffered, len(first) - 4 + 6)
+        self.assertEqual(decoder.feed(last[10:]), [[b"x" * 300_000]])
+        self.assertFalse(decoder.midExpression)
+        decoder.feed(first[:100])
+        self.assertRaises(BananaDecodeError, decoder.feed, first[100:] + b"\xc0\x00\x00\x01x")
+        self.assertRaises(BananaDecodeError, decoder.feed, b"")
+
     def test_oneSmallRecordPerRead(self) -> None:
         """
         Reads of exactly one small record (the shortcut) decode like any other, keep the

@@ -105,15 +105,26 @@ class Packed:
     """
     A value already packed (arguments, a result, a failure): a message carries it after its
     envelope rather than inside it, so large values are not copied into the envelope.
+
+    The packed bytes may come in parts (a header, then a large byte string as it is), so
+    that they are not copied into one piece either.
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("parts", "size")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    @property
+    def data(self) -> bytes:
+        """
+        The packed bytes in one piece.
+        """
+        return b"".join(self.parts)
 
     def __repr__(self) -> str:
-        return f"<Packed {len(self.data)} bytes>"
+        return f"<Packed {self.size} bytes>"
 
 
 class _MessagePacker:
@@ -129,8 +140,8 @@ class _MessagePacker:
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is Packed:
-            self._values.append(obj.data)
-            return msgpack.ExtType(VALUE, _packHeader(len(obj.data)))
+            self._values.extend(obj.parts)
+            return msgpack.ExtType(VALUE, _packHeader(obj.size))
         raise TypeError(f"a message cannot hold {type(obj).__name__} values")
 
     def pack(self, message: list[Any]) -> list[bytes]:
@@ -225,11 +236,13 @@ def wholeRecord(message: list[Any]) -> bytes | None:
 EMPTY_MAP = b"\x80"
 
 
-def inline(data: bytes) -> bytes | Packed:
+def inline(data: bytes | Packed) -> bytes | Packed:
     """
     A packed value as a message carries it: inline if small, else after the envelope.
     """
-    return data if len(data) <= INLINE_LIMIT else Packed(data)
+    if isinstance(data, Packed) or len(data) <= INLINE_LIMIT:
+        return data
+    return Packed(data)
 
 
 def records(message: list[Any]) -> list[bytes]:
@@ -506,9 +519,10 @@ class ValueCodec:
 
     # Sending
 
-    def pack(self, value: Any) -> bytes:
+    def pack(self, value: Any) -> bytes | Packed:
         """
-        The msgpack bytes of ``value``.
+        The msgpack bytes of ``value``: a large byte string (alone, or as the one item of a
+        list) comes back as a :class:`Packed` of a header and the string itself, uncopied.
 
         A first pass, with no effects, packs plain data and walks the whole value. Only if it
         met something else is the value packed again with the hooks that export references
@@ -519,11 +533,11 @@ class ValueCodec:
         if kind is bytes:
             if len(value) >= _LARGE_BYTES:
                 large: bytes = value
-                return _BIN32 + _packHeader(len(large)) + large
+                return Packed(_BIN32 + _packHeader(len(large)), large)
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
-                return _ARRAY_OF_ONE + _BIN32 + _packHeader(len(large)) + large
+                return Packed(_ARRAY_OF_ONE + _BIN32 + _packHeader(len(large)), large)
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy

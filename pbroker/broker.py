@@ -572,15 +572,17 @@ class Broker(Banana):
                 pieces.append(head[:need])
                 parts[0] = head[need:]
                 need = 0
-        chunk = b"".join(pieces)
-        remaining -= len(chunk)
+        size = FRAGMENT_SIZE - need
+        remaining -= size
         last = remaining <= 0
-        self.transport.writeSequence([fragmentHeader(LAST if last else MORE, len(chunk)), chunk])
+        # One bytes object, header included: a transport whose buffer is empty sends it as it
+        # is, where a sequence of parts would be copied into one first.
+        self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
             self._largeOut.pop(0)
         else:
             entry[1] = remaining
-        return len(chunk)
+        return size
 
     def _sendBehindLarge(self, *expression: Any) -> None:
         """

@@ -195,7 +195,11 @@ class ValueTests(NativeTestCase):
         assert codec is not None
         large = bytes(range(256)) * 1200
         for value in ([large], large, [large, 1], [b"small"], b"small", bytearray(b"ba")):
-            self.assertEqual(codec.pack(value), msgpack.packb(value, use_bin_type=True))
+            packed = codec.pack(value)
+            if isinstance(packed, _native.Packed):
+                self.assertIs(packed.parts[-1], large)  # not copied
+                packed = packed.data
+            self.assertEqual(packed, msgpack.packb(value, use_bin_type=True))
         self.assertEqual(self.call("echo", large), large)
 
     def test_plainValues(self) -> None:
@@ -279,6 +283,28 @@ class LargeMessageTests(NativeTestCase):
         """Five megabytes travel both ways; PB's 640 KiB ceiling does not apply."""
         data = bytes(range(256)) * (5 * 4096)
         self.assertEqual(self.call("echo", data), data)
+
+    def test_fragmentsWrittenWhole(self) -> None:
+        """
+        Each fragment of a large value goes to the transport as one bytes object, header
+        included, so that a transport with an empty buffer need not join parts again.
+        """
+        data = bytes(range(256)) * 4096  # 1 MiB: four full fragments and a short last one
+        writes: list[Any] = []
+        sequences: list[Any] = []
+        transport = self.client.transport._transport
+        write, writeSequence = transport.write, transport.writeSequence
+        transport.write = lambda chunk: (writes.append(chunk), write(chunk))[1]
+        transport.writeSequence = lambda chunks: (sequences.append(chunks), writeSequence(chunks))
+        self.assertEqual(self.call("echo", data), data)
+        self.assertEqual(sequences, [])
+        fragments = [w for w in writes if w[0] >> 6 in (_native.MORE, _native.LAST)]
+        self.assertEqual({type(w) for w in fragments}, {bytes})
+        more = _native.fragmentHeader(_native.MORE, _native.FRAGMENT_SIZE)
+        self.assertEqual([w[:4] for w in fragments[:4]], [more] * 4)
+        self.assertEqual({len(w) for w in fragments[:4]}, {_native.FRAGMENT_SIZE + 4})
+        (last,) = fragments[4:]
+        self.assertEqual(last[:4], _native.fragmentHeader(_native.LAST, len(last) - 4))
 
     def test_smallCallsKeepAnsweringDuringTransfer(self) -> None:
         """While 100 MB cross, small calls made meanwhile are answered before it ends."""

@@ -93,6 +93,7 @@ _KEEP = 256 * 1024
 _LARGE_BYTES = _KEEP
 _BIN32 = b"\xc6"
 _ARRAY_OF_ONE = b"\x91"
+_ONE_BIN32 = _ARRAY_OF_ONE + _BIN32
 _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
@@ -286,12 +287,12 @@ class FrameDecoder:
         self.messageSizeLimit = messageSizeLimit
         self._buffer = bytearray()
         self._position = 0
-        # The fragments of the message being reassembled, joined as they come (a bytearray
-        # grows in place), and their total size.
-        self._fragments = bytearray()
+        # The payload of the message being reassembled, as the pieces it came in (views of
+        # the reads, not copies: see _keep), and its size so far.
+        self._pieces: list[bytes | memoryview] = []
         self._fragmented = 0
         # Bytes of a fragment still to come after its header (they go straight into
-        # _fragments, not through _buffer), and whether that fragment is the message's last.
+        # _pieces, not through _buffer), and whether that fragment is the message's last.
         self._pending = 0
         self._pendingLast = False
         self._failure: str | None = None
@@ -314,6 +315,8 @@ class FrameDecoder:
     def feed(self, data: bytes = b"") -> list[Any]:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
+        if type(data) is not bytes:
+            data = bytes(data)  # kept by reference (see _keep): it must not change
         size = len(data) - 4
         if 0 <= size <= _SMALL and not self._buffer and not self._fragmented and not self._pending:
             # The common case, one small whole record and nothing before it, without the
@@ -331,16 +334,16 @@ class FrameDecoder:
             e.expressions = results
             self._failure = str(e)
             self._buffer = bytearray()
-            self._fragments = bytearray()
+            self._pieces = []
             self._pending = 0
             raise
         return results
 
     def _parse(self, data: bytes | memoryview, results: list[Any]) -> None:
         if self._pending:
-            # The rest of a fragment: copied once, into the message, however it is split.
+            # The rest of a fragment, however it is split.
             take = min(self._pending, len(data))
-            self._fragments += memoryview(data)[:take]
+            self._keep(data, 0, take)
             self._fragmented += take
             self._pending -= take
             if self._pending:
@@ -404,7 +407,11 @@ class FrameDecoder:
                     if limit is not None and total > limit:
                         raise BananaDecodeError(_tooLarge(total, limit))
                     available = min(size, end - position - 4)
-                    self._fragments += view[position + 4 : position + 4 + available]
+                    start = position + 4
+                    if buffer is stored:  # it changes: its bytes are copied
+                        self._pieces.append(bytes(view[start : start + available]))
+                    else:
+                        self._keep(data, start, start + available)
                     self._fragmented += available
                     position += 4 + available
                     if available < size:
@@ -423,49 +430,147 @@ class FrameDecoder:
             elif position < end:
                 stored += memoryview(data)[position:]
 
+    def _keep(self, data: bytes | memoryview, start: int, stop: int) -> None:
+        """
+        Add ``data[start:stop]`` (of bytes that never change) to the message's payload: the
+        read itself, or a view of it, so that its bytes are copied only when the message is
+        put together; a small part of a large read is copied, so as not to keep the rest.
+        """
+        if start == 0 and stop == len(data):
+            self._pieces.append(data)
+        elif (stop - start) * 2 < len(data):
+            self._pieces.append(bytes(memoryview(data)[start:stop]))
+        elif stop > start:
+            self._pieces.append(memoryview(data)[start:stop])
+
     def _completed(self) -> Any:
         """
-        The message whose last fragment has arrived. Its payload is handed over whole: the
-        message's values are views of it.
+        The message whose last fragment has arrived.
         """
-        payload = self._fragments
-        self._fragments = bytearray()
+        pieces, size = self._pieces, self._fragmented
+        self._pieces = []
         self._fragmented = 0
-        return _unpackEnvelope(payload)
+        return _assemble(pieces, size)
 
 
 def _tooLarge(size: int, limit: int) -> str:
     return f"a pbroker2 message of at least {size} bytes is over the limit of {limit} bytes"
 
 
-def _unpackEnvelope(payload: bytes | bytearray) -> Any:
+class Unpacked:
     """
-    A message's fields; each value after the envelope becomes a memoryview of ``payload``
-    (which :meth:`ValueCodec.unpack` reads without copying it first).
+    A value of a received message that the frame decoder has already unpacked: a large byte
+    string, alone or as the one item of a list, as :meth:`ValueCodec.pack` packs it by hand.
+    Putting it together from the pieces it came in is its only copy.
     """
-    size = len(payload)
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"<Unpacked {type(self.value).__name__}>"
+
+
+class _Reader:
+    """
+    Reads a payload held as pieces, front to back.
+    """
+
+    def __init__(self, pieces: list[bytes | memoryview], size: int) -> None:
+        self._pieces = [memoryview(piece) for piece in pieces]
+        self._index = 0
+        self._offset = 0  # into the current piece
+        self.left = size
+
+    def take(self, count: int) -> list[memoryview]:
+        """
+        The next ``count`` bytes (at most what is left), as views of the pieces.
+        """
+        count = min(count, self.left)
+        self.left -= count
+        parts = []
+        while count:
+            piece = self._pieces[self._index]
+            start = self._offset
+            available = len(piece) - start
+            if available <= count:
+                parts.append(piece[start:] if start else piece)
+                self._index += 1
+                self._offset = 0
+                count -= available
+            else:
+                parts.append(piece[start : start + count])
+                self._offset = start + count
+                count = 0
+        return parts
+
+
+def _lead(parts: list[memoryview], count: int) -> bytes:
+    """
+    The first ``count`` bytes of ``parts`` (fewer if there are not that many).
+    """
+    lead = b""
+    for part in parts:
+        lead += part[: count - len(lead)]
+        if len(lead) == count:
+            break
+    return lead
+
+
+def _drop(parts: list[memoryview], count: int) -> list[memoryview]:
+    """
+    ``parts`` without their first ``count`` bytes.
+    """
+    while count:
+        first = parts[0]
+        if len(first) <= count:
+            count -= len(first)
+            parts = parts[1:]
+        else:
+            parts = [first[count:], *parts[1:]]
+            count = 0
+    return parts
+
+
+def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacked:
+    """
+    One value after a message's envelope: its msgpack bytes, or, for a large byte string
+    packed by hand (alone, or the one item of a list), the string itself.
+    """
+    lead = _lead(parts, 6)
+    if length >= 5 and lead[:1] == _BIN32 and _unpackHeader(lead, 1)[0] == length - 5:
+        return Unpacked(b"".join(_drop(parts, 5)))
+    if length >= 6 and lead[:2] == _ONE_BIN32 and _unpackHeader(lead, 2)[0] == length - 6:
+        return Unpacked([b"".join(_drop(parts, 6))])
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _assemble(pieces: list[bytes | memoryview], size: int) -> Any:
+    """
+    The fields of a fragmented message, from the pieces of its payload: the length of its
+    envelope, the envelope, then the values it refers to (see :func:`packMessage`).
+    """
+    reader = _Reader(pieces, size)
     if size < 4:
         raise BananaDecodeError("a pbroker2 message shorter than its envelope length")
-    (envelopeSize,) = _unpackHeader(payload, 0)
-    offset = 4 + envelopeSize
-    if offset > size:
+    (envelopeSize,) = _unpackHeader(b"".join(reader.take(4)), 0)
+    if reader.left < envelopeSize:
         raise BananaDecodeError("a pbroker2 message shorter than its envelope")
-    view = memoryview(payload)
+    envelope = reader.take(envelopeSize)
 
     def value(code: int, data: bytes) -> Any:
-        nonlocal offset
         if code != VALUE or len(data) != 4:
             raise BananaDecodeError(f"an unknown extension type {code} in a message envelope")
         (length,) = _unpackHeader(data, 0)
-        if offset + length > size:
+        if length > reader.left:
             raise BananaDecodeError("a pbroker2 message shorter than its values")
-        piece = view[offset : offset + length]
-        offset += length
-        return piece
+        return _value(reader.take(length), length)
 
     try:
         message = msgpack.unpackb(
-            view[4 : 4 + envelopeSize],
+            envelope[0] if len(envelope) == 1 else b"".join(envelope),
             raw=False,
             strict_map_key=False,
             use_list=True,
@@ -475,7 +580,7 @@ def _unpackEnvelope(payload: bytes | bytearray) -> Any:
         raise
     except Exception as e:
         raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
-    if offset != size:
+    if reader.left:
         raise BananaDecodeError("a pbroker2 message with bytes after its values")
     return message
 
@@ -607,6 +712,8 @@ class ValueCodec:
         :raises InvalidJelly: ``data`` is not a well-formed value.
         """
         kind = type(data)
+        if kind is Unpacked:
+            return data.value
         if kind is not bytes and kind is not memoryview:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         try:

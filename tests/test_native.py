@@ -7,6 +7,7 @@ with a fake clock.
 from __future__ import annotations
 
 import gc
+import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -392,6 +393,79 @@ class FrameDecoderTests(SynchronousTestCase):
             self.assertEqual(bytes(out[3][2]), b"L" * 700_000)
             self.assertFalse(decoder.midExpression)
             self.assertEqual(decoder.buffered, 0)
+
+    def test_largeBytesPutTogetherOnce(self) -> None:
+        """
+        A large byte string packed by hand (alone, or the one argument of a call) is put
+        together from the pieces it came in as the value itself, equal to what msgpack reads.
+        """
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        large = bytes(range(256)) * 1200
+        for value in (large, [large]):
+            packed = codec.pack(value)
+            assert isinstance(packed, _native.Packed)
+            data = b"".join(_native.records([b"answer", 1, packed, _native.Packed(b"\x80")]))
+            for step in (5, 65_536, len(data)):
+                decoder = _native.FrameDecoder(None)
+                out: list[Any] = []
+                for start in range(0, len(data), step):
+                    out.extend(decoder.feed(data[start : start + step]))
+                ((_, _, arrived, keywords),) = out
+                self.assertIsInstance(arrived, _native.Unpacked)
+                # (assertTrue: a diff of two large strings would take minutes to print)
+                self.assertTrue(codec.unpack(arrived) == msgpack.unpackb(packed.data))
+                self.assertEqual(type(codec.unpack(arrived)), type(value))
+                self.assertEqual(codec.unpack(keywords), {})
+
+    def test_randomSplits(self) -> None:
+        """
+        Messages with values of many sizes and kinds, whole records between their fragments,
+        read in random pieces: every value arrives as it was sent.
+        """
+        rng = random.Random(6)
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        for _ in range(20):
+            values: list[Any] = []
+            for _ in range(rng.randint(1, 3)):
+                size = rng.choice([0, 1, 1000, 70_000, 262_143, 262_144, 600_001])
+                item = rng.randbytes(size)
+                values.append(rng.choice([item, [item], [item, size], {"k": item}]))
+            packed = [codec.pack(value) for value in values]
+            fields = [p if isinstance(p, _native.Packed) else _native.Packed(p) for p in packed]
+            large = _native.records([b"answer", 7, *fields])
+            small = _native.records([b"answer", 8, b"s"])[0]
+            records = [part for record in large for part in (record, small)]
+            data = b"".join(records)
+            cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 40)))
+            decoder = _native.FrameDecoder(None)
+            out: list[Any] = []
+            for start, stop in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                out.extend(decoder.feed(data[start:stop]))
+            self.assertEqual([m[1] for m in out], [8] * (len(large) - 1) + [7, 8])
+            arrived = out[-2][2:]
+            unpacked = [codec.unpack(value) for value in arrived]
+            self.assertTrue(unpacked == values, "a value arrived changed")  # no huge diff
+
+    def test_lookalikeValues(self) -> None:
+        """
+        A value that only starts like a large byte string packed by hand is read by msgpack
+        as any other: whole, or refused as malformed.
+        """
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        cases = [
+            (b"\xc6\x00\x00\x00\x09abc", None),  # a length that does not match
+            (b"\x91\xc6\x00\x00\x00\x01ab", None),
+            (b"\x92\xc6\x00\x00\x00\x01a\x01", [b"a", 1]),  # two items
+            (b"\xc6\x00\x00\x00\x00", b""),  # matches: an empty string
+            (b"\xc6", None),  # shorter than a header
+        ]
+        for payload, expected in cases:
+            data = b"".join(_native.records([b"answer", 1, _native.Packed(payload)]))
+            ((_, _, arrived),) = _native.FrameDecoder(None).feed(data)
+            if expected is None:
+                self.assertRaises(InvalidJelly, codec.unpack, arrived)
+            else:
+                self.assertEqual(codec.unpack(arrived), expected)
 
     def test_insideFragment(self) -> None:
         """

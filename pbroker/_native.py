@@ -94,6 +94,8 @@ _LARGE_BYTES = _KEEP
 _BIN32 = b"\xc6"
 _ARRAY_OF_ONE = b"\x91"
 _ONE_BIN32 = _ARRAY_OF_ONE + _BIN32
+# Parts of reads smaller than this are copied into a shared piece, not kept as they came.
+_SMALL_PART = 16 * 1024
 _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
@@ -289,7 +291,7 @@ class FrameDecoder:
         self._position = 0
         # The payload of the message being reassembled, as the pieces it came in (views of
         # the reads, not copies: see _keep), and its size so far.
-        self._pieces: list[bytes | memoryview] = []
+        self._pieces: list[bytes | bytearray | memoryview] = []
         self._fragmented = 0
         # Bytes of a fragment still to come after its header (they go straight into
         # _pieces, not through _buffer), and whether that fragment is the message's last.
@@ -334,8 +336,11 @@ class FrameDecoder:
             e.expressions = results
             self._failure = str(e)
             self._buffer = bytearray()
+            self._position = 0
             self._pieces = []
+            self._fragmented = 0
             self._pending = 0
+            self._pendingLast = False
             raise
         return results
 
@@ -408,10 +413,7 @@ class FrameDecoder:
                         raise BananaDecodeError(_tooLarge(total, limit))
                     available = min(size, end - position - 4)
                     start = position + 4
-                    if buffer is stored:  # it changes: its bytes are copied
-                        self._pieces.append(bytes(view[start : start + available]))
-                    else:
-                        self._keep(data, start, start + available)
+                    self._keep(buffer, start, start + available, copy=buffer is stored)
                     self._fragmented += available
                     position += 4 + available
                     if available < size:
@@ -430,24 +432,39 @@ class FrameDecoder:
             elif position < end:
                 stored += memoryview(data)[position:]
 
-    def _keep(self, data: bytes | memoryview, start: int, stop: int) -> None:
+    def _keep(
+        self, data: bytes | bytearray | memoryview, start: int, stop: int, copy: bool = False
+    ) -> None:
         """
-        Add ``data[start:stop]`` (of bytes that never change) to the message's payload: the
-        read itself, or a view of it, so that its bytes are copied only when the message is
-        put together; a small part of a large read is copied, so as not to keep the rest.
+        Add ``data[start:stop]`` to the message's payload. A large part of a read is kept
+        as it is (the read, or a view of it), so that its bytes are copied only when the
+        message is put together. A small part, a small share of a large read, or a part of
+        bytes that will change (``copy``) is copied into a piece of its own, which the
+        small parts that follow join: however small the reads, the pieces stay few and
+        large, and the memory they take close to the payload's size.
         """
-        if start == 0 and stop == len(data):
-            self._pieces.append(data)
-        elif (stop - start) * 2 < len(data):
-            self._pieces.append(bytes(memoryview(data)[start:stop]))
-        elif stop > start:
-            self._pieces.append(memoryview(data)[start:stop])
+        size = stop - start
+        if size <= 0:
+            return
+        pieces = self._pieces
+        if copy or size < _SMALL_PART or size * 2 < len(data):
+            last = pieces[-1] if pieces else None
+            if type(last) is bytearray and len(last) < _SMALL_PART:
+                last += memoryview(data)[start:stop]
+            else:
+                pieces.append(bytearray(memoryview(data)[start:stop]))
+        elif size == len(data):
+            pieces.append(data)
+        else:
+            pieces.append(memoryview(data)[start:stop])
 
     def _completed(self) -> Any:
         """
         The message whose last fragment has arrived.
         """
         pieces, size = self._pieces, self._fragmented
+        # Values must not be views of bytes that can change (nor unhashable as such).
+        pieces = [bytes(piece) if type(piece) is bytearray else piece for piece in pieces]
         self._pieces = []
         self._fragmented = 0
         return _assemble(pieces, size)
@@ -478,7 +495,7 @@ class _Reader:
     Reads a payload held as pieces, front to back.
     """
 
-    def __init__(self, pieces: list[bytes | memoryview], size: int) -> None:
+    def __init__(self, pieces: list[bytes | bytearray | memoryview], size: int) -> None:
         self._pieces = [memoryview(piece) for piece in pieces]
         self._index = 0
         self._offset = 0  # into the current piece
@@ -547,7 +564,7 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _assemble(pieces: list[bytes | memoryview], size: int) -> Any:
+def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
     """
     The fields of a fragmented message, from the pieces of its payload: the length of its
     envelope, the envelope, then the values it refers to (see :func:`packMessage`).
@@ -740,6 +757,8 @@ class ValueCodec:
             return None
 
         if type(data) is Packed:
+            if len(data.parts) > 1:
+                return found  # a byte string packed by hand (see pack): no streams in it
             data = data.data
         with contextlib.suppress(Exception):
             msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=hook)

@@ -446,6 +446,19 @@ class FrameDecoderTests(SynchronousTestCase):
             unpacked = [codec.unpack(value) for value in arrived]
             self.assertTrue(unpacked == values, "a value arrived changed")  # no huge diff
 
+    def test_noStreamsInLargeBytes(self) -> None:
+        """
+        A byte string packed by hand is known to hold no stream without being read (or
+        joined into one piece); a value packed whole is still read.
+        """
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        packed = codec.pack(b"x" * 300_000)
+        assert isinstance(packed, _native.Packed)
+        packed.parts = (packed.parts[0], None)  # type: ignore[assignment]  # never touched
+        self.assertEqual(codec.streamsIn(packed), [])
+        stream = msgpack.packb([msgpack.ExtType(_native.STREAM, msgpack.packb(7))])
+        self.assertEqual(codec.streamsIn(_native.Packed(stream)), [7])
+
     def test_lookalikeValues(self) -> None:
         """
         A value that only starts like a large byte string packed by hand is read by msgpack
@@ -484,6 +497,7 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertFalse(decoder.midExpression)
         decoder.feed(first[:100])
         self.assertRaises(BananaDecodeError, decoder.feed, first[100:] + b"\xc0\x00\x00\x01x")
+        self.assertEqual((decoder.buffered, decoder.midExpression), (0, False))  # all dropped
         self.assertRaises(BananaDecodeError, decoder.feed, b"")
 
     def test_oneSmallRecordPerRead(self) -> None:

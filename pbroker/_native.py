@@ -659,7 +659,7 @@ class ValueCodec:
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
-                return Packed(_ARRAY_OF_ONE + _BIN32 + _packHeader(len(large)), large)
+                return Packed(_ONE_BIN32 + _packHeader(len(large)), large)
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy

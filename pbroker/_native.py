@@ -372,9 +372,27 @@ class FrameDecoder:
         position = 0
         limit = self.messageSizeLimit
         view = memoryview(buffer)
+        # A header this small is a WHOLE record (kind 0) of a size this side accepts.
+        wholeLimit = FRAGMENT_SIZE if limit is None or limit > FRAGMENT_SIZE else limit
         try:
             while end - position >= 4:
                 (header,) = _unpackHeader(buffer, position)
+                if header <= wholeLimit:  # the common case, ahead of the checks below
+                    start = position + 4
+                    stop = start + header
+                    if stop > end:
+                        break
+                    try:
+                        message = unpackb(
+                            view[start:stop], raw=False, strict_map_key=False, use_list=True
+                        )
+                    except Exception as e:
+                        raise BananaDecodeError(
+                            f"a malformed pbroker2 message: {describe(str(e))}"
+                        ) from None
+                    results.append(message)
+                    position = stop
+                    continue
                 kind = header >> 30
                 size = header & _LENGTH_MASK
                 if size > FRAGMENT_SIZE:
@@ -382,25 +400,10 @@ class FrameDecoder:
                         f"a pbroker2 record of {size} bytes; records carry at most "
                         f"{FRAGMENT_SIZE} bytes"
                     )
-                if kind == WHOLE:  # possibly between the fragments of a large message
-                    if limit is not None and size > limit:
-                        raise BananaDecodeError(_tooLarge(size, limit))
-                    if end - position - 4 < size:
-                        break
-                    try:
-                        message = unpackb(
-                            view[position + 4 : position + 4 + size],
-                            raw=False,
-                            strict_map_key=False,
-                            use_list=True,
-                        )
-                    except Exception as e:
-                        raise BananaDecodeError(
-                            f"a malformed pbroker2 message: {describe(str(e))}"
-                        ) from None
-                    results.append(message)
-                    position += 4 + size
-                elif kind in (MORE, LAST):
+                if kind == WHOLE:  # not taken above: it is over the limit
+                    assert limit is not None
+                    raise BananaDecodeError(_tooLarge(size, limit))
+                if kind in (MORE, LAST):
                     if (kind == MORE and size != FRAGMENT_SIZE) or size == 0:
                         # Every fragment but the last is full: a peer cannot make this side
                         # hold many small pieces (or count nothing against the limit).

@@ -557,6 +557,22 @@ class FrameDecoderTests(SynchronousTestCase):
         ]:
             self.assertRaises(BananaDecodeError, _native.FrameDecoder(None).feed, record)
 
+    def test_wholeRecordLimits(self) -> None:
+        """A whole record over the limit, or over a record's size, is refused by its header."""
+        record = _native.wholeRecord([b"x" * 1000])
+        assert record is not None
+        decoder = _native.FrameDecoder(500)
+        with self.assertRaises(BananaDecodeError) as raised:
+            decoder.feed(record[:4])  # the header alone is enough
+        self.assertIn("over the limit of 500 bytes", str(raised.exception))
+        decoder = _native.FrameDecoder(None)
+        with self.assertRaises(BananaDecodeError) as raised:
+            decoder.feed(_native.fragmentHeader(_native.WHOLE, _native.FRAGMENT_SIZE + 1))
+        self.assertIn("records carry at most", str(raised.exception))
+        # At the limit exactly, the record is taken.
+        decoder = _native.FrameDecoder(len(record) - 4)
+        self.assertEqual(decoder.feed(record), [[b"x" * 1000]])
+
     def test_limitBeforeBuffering(self) -> None:
         """A fragmented message over the limit is refused as soon as its size shows."""
         decoder = _native.FrameDecoder(300_000)

@@ -492,7 +492,9 @@ class Broker(Banana):
         """
         record = wholeRecord(expression)
         if record is not None:
-            self._checkPeerLimit(len(record) - 4)
+            limit = self.peerMessageSize  # _checkPeerLimit, inline on the common path
+            if limit is not None and len(record) - 4 > limit:
+                self._checkPeerLimit(len(record) - 4)
             return record
         # Large values, or a large envelope: the fragmented form (see pbroker._native).
         parts, _ = packMessage(expression)
@@ -1276,6 +1278,8 @@ class Broker(Banana):
         try:
             if callContext is not None and callContext.reply and self.isNative:
                 self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
+            elif self._codec is not None:  # sendCall's work, without its two steps
+                self._writePayload(self._nativePayload([b"answer", requestID, netResult]))
             else:
                 self.sendCall(b"answer", requestID, netResult)
         except Exception:

@@ -221,13 +221,16 @@ def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
     return [_packHeader(len(envelope)), envelope], True
 
 
-def wholeRecord(message: list[Any]) -> bytes | None:
+def wholeRecord(message: list[Any], plain: bool = False) -> bytes | None:
     """
     The ``WHOLE`` record (header and envelope) of a message that fits in one, or ``None``.
+
+    :param plain: the caller knows that no field is :class:`Packed` (no need to look).
     """
-    for field in message:
-        if type(field) is Packed:
-            return None  # see packMessage
+    if not plain:
+        for field in message:
+            if type(field) is Packed:
+                return None  # see packMessage
     envelope = _packEnvelope(message)
     size = len(envelope)
     if size > FRAGMENT_SIZE:

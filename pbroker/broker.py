@@ -483,14 +483,14 @@ class Broker(Banana):
             return
         self._writePayload(self._nativePayload(expression))
 
-    def _nativePayload(self, expression: list[Any]) -> bytes | _Payload:
+    def _nativePayload(self, expression: list[Any], plain: bool = False) -> bytes | _Payload:
         """
         A native message ready to be written: one whole record (bytes) for most messages,
-        else the parts of a fragmented one.
+        else the parts of a fragmented one. ``plain``: no field is :class:`Packed`.
 
         :raises LimitExceeded: the message is larger than the peer accepts.
         """
-        record = wholeRecord(expression)
+        record = wholeRecord(expression, plain)
         if record is not None:
             limit = self.peerMessageSize  # _checkPeerLimit, inline on the common path
             if limit is not None and len(record) - 4 > limit:
@@ -801,7 +801,7 @@ class Broker(Banana):
                 context["timeout"] = timeout
             fields[0] = prefix + b"callctx"
             fields.append(context)
-        return self._nativePayload(fields)
+        return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes)
 
     def _cancelCall(self, requestID: int) -> None:
         """
@@ -1279,7 +1279,9 @@ class Broker(Banana):
             if callContext is not None and callContext.reply and self.isNative:
                 self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
             elif self._codec is not None:  # sendCall's work, without its two steps
-                self._writePayload(self._nativePayload([b"answer", requestID, netResult]))
+                self._writePayload(
+                    self._nativePayload([b"answer", requestID, netResult], type(netResult) is bytes)
+                )
             else:
                 self.sendCall(b"answer", requestID, netResult)
         except Exception:
@@ -1355,8 +1357,12 @@ class Broker(Banana):
         if deferred is None:
             self._dropLateValue(netResult)
             return
+        codec = self._codec
         try:
-            result = self.unserialize(netResult)
+            if codec is not None and self.unserializingPerspective is None:
+                result = codec.unpack(netResult)  # unserialize's common case, a call fewer
+            else:
+                result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays
             deferred.errback()
         else:

@@ -746,7 +746,11 @@ class Broker(Banana):
             )
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
-        self._writePayload(data)
+        transport = self.transport
+        if type(data) is bytes and transport is not None:
+            transport.write(data)  # _writePayload's common case, a call fewer
+        else:
+            self._writePayload(data)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -1138,13 +1142,13 @@ class Broker(Banana):
             self._fail(f"a PB message must be a non-empty list: {describe(expression)}")
             return
         command = expression[0]
-        entry = self.messageHandlers.get(command) if type(command) is bytes else None
-        if entry is None:
+        try:
+            handler, arity = self.messageHandlers[command]  # (keys are bytes)
+        except (KeyError, TypeError):  # unknown, or not even hashable
             self._log.info("Did not understand PB command {command}", command=describe(command))
             if type(command) is bytes:
                 self.sendCall(b"didNotUnderstand", command)
             return
-        handler, arity = entry
         if len(expression) - 1 != arity:
             self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
             return

@@ -318,6 +318,17 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.answer(), [[b"didNotUnderstand", b"frobnicate"]])
         self.assertFalse(self.transport.disconnecting)
 
+    def test_commandNotBytes(self) -> None:
+        """A command that is not bytes (a number, a list) is logged and ignored: no reply."""
+        with capturedLogs() as events:
+            self.send(7, 1)
+            self.send([b"message"], 1)
+        self.assertEqual(self.answer(), [])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(
+            [e["log_format"] for e in events], ["Did not understand PB command {command}"] * 2
+        )
+
     def test_decrefOfUnknownIdDrops(self) -> None:
         """A decref for an id never exported is a protocol error: the link drops."""
         self.send(b"decref", 42)

@@ -1143,12 +1143,13 @@ class Broker(Banana):
             return
         command = expression[0]
         try:
-            handler, arity = self.messageHandlers[command]  # (keys are bytes)
+            entry = self.messageHandlers[command]  # (keys are bytes)
         except (KeyError, TypeError):  # unknown, or not even hashable
             self._log.info("Did not understand PB command {command}", command=describe(command))
             if type(command) is bytes:
                 self.sendCall(b"didNotUnderstand", command)
             return
+        handler, arity = entry
         if len(expression) - 1 != arity:
             self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
             return

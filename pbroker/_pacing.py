@@ -14,12 +14,15 @@ While the broker handles the messages of one read it may :meth:`~PacedTransport.
 small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
 Twisted transport costs several calls, which a hundred pipelined answers would pay a hundred
 times. Held bytes go out as soon as they reach :data:`HOLD_LIMIT`, so pacing still sees them.
+In a long run of messages the broker also calls :meth:`~PacedTransport.flush` now and then,
+so that the peer starts on the first answers while this side works on the rest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 
@@ -88,6 +91,30 @@ class PacedTransport:
             held.clear()
             self._heldSize = 0
             self._pass(data)
+
+    def flush(self) -> None:
+        """
+        Pass on what is held, and have the real transport send what it buffers now rather
+        than when the reactor next polls.
+
+        Twisted's TCP and UNIX transports (file descriptors) write what they are given only
+        once control returns to the reactor, so the answers to a long run of pipelined calls
+        would all leave together at its end, and the peer would wait for the whole run. Other
+        transports (TLS, test fakes) are only passed the held bytes. Nothing is sent early
+        while the transport is paused or closing: the reactor keeps those cases.
+        """
+        self._passHeld()
+        real = self._transport
+        if (
+            self._registered
+            and not self.paused
+            and isinstance(real, FileDescriptor)
+            and real.connected
+            and not real.disconnecting
+        ):
+            # As the reactor would when the socket is writable. A failed send leaves the
+            # transport registered as a writer, so the reactor still sees the failure.
+            real.doWrite()  # type: ignore[no-untyped-call]
 
     def hold(self) -> bool:
         """

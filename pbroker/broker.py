@@ -94,6 +94,10 @@ _PING_OBJECT = b"pbroker.keepalive"
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
 # decoded with the cyclic garbage collector paused.
 _LARGE_READ = 4096
+# In a long run of messages from one read, the answers held so far are sent after every this
+# many (see Broker._deliver). Measured with 100 to 900 calls in flight on loopback, 50 gave
+# 1.5-1.7x the calls per second of one write per read; 20 and 32 gave a little less.
+_FLUSH_EVERY = 50
 # Values the native codec packs without hooks, and small enough to stay in the envelope.
 _SCALARS = frozenset({int, float, bool, type(None)})
 # Results that are certainly not Deferreds or coroutines, tested by type first: Deferred is
@@ -999,14 +1003,24 @@ class Broker(Banana):
             super().dataReceived(data)
 
     def _deliver(self, expressions: list[Any]) -> None:
-        # The answers to the messages of one read leave in one write (see PacedTransport).
+        # The answers to the messages of one read leave in one write (see PacedTransport), or
+        # in one per _FLUSH_EVERY messages, sent at once: the peer works on the first answers
+        # of a long run (pipelined calls) while this side works on the rest.
         transport = self.transport
         if len(expressions) < 2 or not isinstance(transport, PacedTransport):
             super()._deliver(expressions)
             return
         holding = transport.hold()
         try:
-            super()._deliver(expressions)
+            if not holding or len(expressions) <= _FLUSH_EVERY:
+                super()._deliver(expressions)
+                return
+            for start in range(0, len(expressions), _FLUSH_EVERY):
+                if start:
+                    if self._decoder is None:
+                        return  # the connection was dropped while handling an expression
+                    transport.flush()
+                super()._deliver(expressions[start : start + _FLUSH_EVERY])
         finally:
             if holding:
                 transport.release()

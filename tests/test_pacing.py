@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+from twisted.internet import main
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, banana, pb
 from pbroker._pacing import HOLD_LIMIT, PacedTransport
-from pbroker.broker import NATIVE_DIALECT
+from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
 
 
 class CountingTransport(StringTransport):
@@ -29,6 +31,42 @@ class CountingTransport(StringTransport):
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         super().write(data)
+
+
+class SocketTransport(FileDescriptor):
+    """
+    A Twisted file descriptor transport over a fake socket: like TCP's, it buffers what is
+    written until its ``doWrite`` runs, and the reactor (a MemoryReactor) records whether it
+    is registered as a writer.
+
+    :ivar sent: what each ``doWrite`` sent, in order.
+    :ivar failure: what the socket's send returns instead of a count, if set.
+    """
+
+    def __init__(self) -> None:
+        self.memoryReactor = MemoryReactor()
+        super().__init__(self.memoryReactor)
+        self.connected = 1
+        self.sent: list[bytes] = []
+        self.failure: Exception | None = None
+
+    def writeSomeData(self, data: bytes) -> int | Exception:
+        if self.failure is not None:
+            return self.failure
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 8789)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 1)
+
+    def buffered(self) -> bytes:
+        return bytes(self.dataBuffer[self.offset :]) + b"".join(self._tempDataBuffer)
+
+    def isWriter(self) -> bool:
+        return self in self.memoryReactor.getWriters()
 
 
 class Root(pb.Root):
@@ -115,6 +153,71 @@ class PacedTransportTests(SynchronousTestCase):
         self.assertEqual(self.paced.bufferedWhilePaused, 100)
 
 
+class FlushTests(SynchronousTestCase):
+    """
+    flush() passes on what is held and, on a Twisted file descriptor transport, has it sent
+    at once, unless the reactor must see to it.
+    """
+
+    def setUp(self) -> None:
+        self.real = SocketTransport()
+        self.paced = PacedTransport(self.real, FakeBroker())
+
+    def test_sentAtOnce(self) -> None:
+        """Held bytes are sent by flush(), and the transport stops waiting to write."""
+        self.paced.hold()
+        self.paced.write(b"first")
+        self.paced.flush()
+        self.assertEqual(self.real.sent, [b"first"])
+        self.assertFalse(self.real.isWriter())
+        self.paced.write(b"second")
+        self.paced.release()
+        self.assertEqual(self.real.sent, [b"first"])  # the reactor sends the rest, as usual
+        self.assertEqual(self.real.buffered(), b"second")
+        self.assertTrue(self.real.isWriter())
+
+    def test_pausedOrClosing(self) -> None:
+        """While the transport is paused, or closing, flush() only passes the bytes on."""
+        self.paced.pauseProducing()
+        self.paced.hold()
+        self.paced.write(b"paused")
+        self.paced.flush()
+        self.assertEqual((self.real.sent, self.real.buffered()), ([], b"paused"))
+        self.assertEqual(self.paced.bufferedWhilePaused, 6)
+        self.paced.release()
+
+        real = SocketTransport()
+        paced = PacedTransport(real, FakeBroker())
+        paced.hold()
+        paced.write(b"closing")
+        real.disconnecting = True
+        paced.flush()
+        self.assertEqual((real.sent, real.buffered()), ([], b"closing"))
+
+    def test_failedSendLeftToTheReactor(self) -> None:
+        """A send that fails raises nothing in flush(): the transport stays registered as a
+        writer, so the reactor meets the failure and closes the connection."""
+        self.real.failure = main.CONNECTION_LOST
+        self.paced.hold()
+        self.paced.write(b"lost")
+        self.paced.flush()
+        self.assertEqual(self.real.sent, [])
+        self.assertTrue(self.real.isWriter())
+
+    def test_otherTransports(self) -> None:
+        """A transport that is not a file descriptor is passed the held bytes."""
+        real = CountingTransport()
+        paced = PacedTransport(real, FakeBroker())
+        paced.hold()
+        paced.write(b"a")
+        paced.write(b"b")
+        paced.flush()
+        self.assertEqual(real.writes, [b"ab"])
+        paced.write(b"c")
+        paced.release()
+        self.assertEqual(real.writes, [b"ab", b"c"])
+
+
 class OneWritePerReadTests(SynchronousTestCase):
     """
     A broker that receives several calls in one read answers them in one write, in order,
@@ -166,3 +269,80 @@ class OneWritePerReadTests(SynchronousTestCase):
         call = [b"message", 1, b"root", b"echo", 1, msgpack.packb([5]), _native.EMPTY_MAP]
         broker.dataReceived(_native.records(call)[0])
         self.assertEqual(len(transport.writes), 1)
+
+
+class LongRunTests(SynchronousTestCase):
+    """
+    A read with more than _FLUSH_EVERY calls is answered in writes of _FLUSH_EVERY answers,
+    each sent as soon as it is made, in order, in either dialect.
+    """
+
+    count = 2 * _FLUSH_EVERY + 20
+
+    def connect(self, dialect: bytes) -> tuple[Any, SocketTransport]:
+        factory = pb.PBServerFactory(Root())
+        broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = SocketTransport()
+        broker.makeConnection(transport)
+        broker.dataReceived(banana.encode(dialect))
+        transport.doWrite()
+        transport.sent.clear()
+        return broker, transport
+
+    def nativeCall(self, i: int) -> bytes:
+        call = [b"message", i, b"root", b"echo", 1, msgpack.packb([i]), _native.EMPTY_MAP]
+        return _native.records(call)[0]
+
+    def nativeAnswers(self, data: bytes) -> list[int]:
+        answers = _native.FrameDecoder(None).feed(data)
+        self.assertEqual({kind for kind, _, _ in answers}, {b"answer"})
+        self.assertEqual([i for _, i, _ in answers], [msgpack.unpackb(v) for _, _, v in answers])
+        return [i for _, i, _ in answers]
+
+    def test_nativeDialect(self) -> None:
+        broker, transport = self.connect(NATIVE_DIALECT)
+        broker.dataReceived(b"".join(self.nativeCall(i) for i in range(1, self.count + 1)))
+        every = _FLUSH_EVERY
+        self.assertEqual(
+            [self.nativeAnswers(chunk) for chunk in transport.sent],
+            [list(range(1, every + 1)), list(range(every + 1, 2 * every + 1))],
+        )
+        # The last answers wait for the reactor, as the answers of a short run do.
+        self.assertTrue(transport.isWriter())
+        self.assertEqual(
+            self.nativeAnswers(transport.buffered()), list(range(2 * every + 1, self.count + 1))
+        )
+
+    def test_pbDialect(self) -> None:
+        broker, transport = self.connect(b"pb")
+        calls = b"".join(
+            banana.encode(
+                [b"message", i, b"root", b"echo", 1, [b"tuple", i], [b"dictionary"]], b"pb"
+            )
+            for i in range(1, self.count + 1)
+        )
+        broker.dataReceived(calls)
+        transport.doWrite()
+        self.assertEqual(len(transport.sent), 3)
+        answers = banana.Decoder(b"pb").feed(b"".join(transport.sent))
+        self.assertEqual(answers, [[b"answer", i, i] for i in range(1, self.count + 1)])
+        self.assertEqual(
+            [len(banana.Decoder(b"pb").feed(chunk)) for chunk in transport.sent],
+            [_FLUSH_EVERY, _FLUSH_EVERY, 20],
+        )
+
+    def test_droppedMidRun(self) -> None:
+        """A malformed message in the run drops the connection: the answers already sent
+        stay sent, those held are discarded, and nothing after it runs."""
+        broker, transport = self.connect(NATIVE_DIALECT)
+        bad = _native.records([b"message", 1, 2])[0]  # a message with too few fields
+        calls = [self.nativeCall(i) for i in range(1, self.count + 1)]
+        calls[_FLUSH_EVERY + 9] = bad
+        broker.dataReceived(b"".join(calls))
+        self.assertEqual(
+            [self.nativeAnswers(chunk) for chunk in transport.sent],
+            [list(range(1, _FLUSH_EVERY + 1))],
+        )
+        self.assertEqual(transport.buffered(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)

@@ -200,6 +200,9 @@ def build(pb: Any, util: Any) -> Any:
         check(failure.type == b"builtins.ValueError", "exception type name")
         avatar.callRemote("record", "one-way", pbanswer=False)
         check("one-way" in await avatar.callRemote("recorded"), "one-way call")
+        # More calls in flight than a pbroker peer answers in one write.
+        pipelined = await defer.gatherResults([avatar.callRemote("echo", i) for i in range(200)])
+        check(pipelined == list(range(200)), "200 calls pipelined")
         pages = await util.getAllPages(avatar, "pages")
         check(b"".join(pages) == BIG, "pager larger than 640 KiB")
         del counter, point, gauge, board

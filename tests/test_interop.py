@@ -3,8 +3,8 @@ Interoperability over real loopback sockets with a stock Twisted PB peer in anot
 
 Both directions run the same scenarios (tests/interop_peer.py): login with a right and a wrong
 password, every basic type, a Referenceable called again, a Copyable each way, a Cacheable
-observed and updated, a Viewable, a remote exception with its type name, a one-way call and a
-Pager transfer larger than 640 KiB.
+observed and updated, a Viewable, a remote exception with its type name, a one-way call, 200
+calls pipelined and a Pager transfer larger than 640 KiB.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class InteropTests(TestCase):
         passed: list[str] = []
         await defer.ensureDeferred(classes.scenarios(factory, passed.append))
         self.assertIn("pager larger than 640 KiB", passed)
-        self.assertEqual(len(passed), 12 + len(interop_peer.VALUES))
+        self.assertEqual(len(passed), 13 + len(interop_peer.VALUES))
 
     async def test_stockClientPbrokerServer(self) -> None:
         """A stock Twisted client process runs every scenario against a pbroker server."""
@@ -112,5 +112,5 @@ class InteropTests(TestCase):
         report = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, report)
         self.assertIn("OK pager larger than 640 KiB", report)
-        self.assertEqual(report.count("OK "), 12 + len(interop_peer.VALUES), report)
+        self.assertEqual(report.count("OK "), 13 + len(interop_peer.VALUES), report)
         self.flushLoggedErrors(ValueError, UnauthorizedLogin)

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
-from twisted.internet import main
+from twisted.internet import defer, main, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, banana, pb
 from pbroker._pacing import HOLD_LIMIT, PacedTransport
@@ -346,3 +346,53 @@ class LongRunTests(SynchronousTestCase):
         self.assertEqual(transport.buffered(), b"")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class LoopbackPipeliningTests(TestCase):
+    """
+    Over a real loopback connection, where answers are sent as they are made, many calls in
+    flight all get their own answers, in either dialect.
+    """
+
+    timeout = 60
+
+    async def pipeline(self, dialect: bytes) -> None:
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, pb.PBServerFactory(Root()), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        factory = pb.PBClientFactory(dialects=[dialect])
+        connector = reactor.connectTCP(  # type: ignore[attr-defined]
+            "127.0.0.1", listening.getHost().port, factory
+        )
+        self.addCleanup(connector.disconnect)
+        root = await factory.getRootObject()
+        # 400 at once, then 2,000 more with 150 in flight, each answer starting the next call.
+        burst = await defer.gatherResults([root.callRemote("echo", i) for i in range(400)])
+        self.assertEqual(burst, list(range(400)))
+        answers: dict[int, Any] = {}
+        done: defer.Deferred[None] = defer.Deferred()
+        issued = [0]
+
+        def launch() -> None:
+            i = issued[0]
+            issued[0] += 1
+            root.callRemote("echo", [i, str(i)]).addCallbacks(answered, done.errback, (i,))
+
+        def answered(value: Any, i: int) -> None:
+            answers[i] = value
+            if issued[0] < 2000:
+                launch()
+            elif len(answers) == 2000 and not done.called:
+                done.callback(None)
+
+        for _ in range(150):
+            launch()
+        await done
+        self.assertEqual(answers, {i: [i, str(i)] for i in range(2000)})
+
+    async def test_native(self) -> None:
+        await self.pipeline(NATIVE_DIALECT)
+
+    async def test_pb(self) -> None:
+        await self.pipeline(b"pb")

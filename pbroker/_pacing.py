@@ -14,8 +14,9 @@ While the broker handles the messages of one read it may :meth:`~PacedTransport.
 small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
 Twisted transport costs several calls, which a hundred pipelined answers would pay a hundred
 times. Held bytes go out as soon as they reach :data:`HOLD_LIMIT`, so pacing still sees them.
-In a long run of messages the broker also calls :meth:`~PacedTransport.flush` now and then,
-so that the peer starts on the first answers while this side works on the rest.
+The broker sends what handling a read wrote as soon as it is done, with
+:meth:`~PacedTransport.flush`, and every so often in a long run of messages, so that the peer
+starts on the first answers while this side works on the rest.
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ class PacedTransport:
         Pass on what is held, and have the real transport send what it buffers now rather
         than when the reactor next polls.
 
-        Twisted's TCP and UNIX transports (file descriptors) write what they are given only
-        once control returns to the reactor, so the answers to a long run of pipelined calls
-        would all leave together at its end, and the peer would wait for the whole run. Other
-        transports (TLS, test fakes) are only passed the held bytes. Nothing is sent early
-        while the transport is paused or closing: the reactor keeps those cases.
+        Twisted's TCP and UNIX transports (file descriptors) send what they are given only
+        on the reactor's next turn, once it has polled the socket again: a turn each side of
+        every round trip would spend on that alone, and the answers to a long run of
+        pipelined calls would all wait for the end of the run. Other transports (TLS, test
+        fakes) are only passed the held bytes. Nothing is sent early while the transport is
+        paused or closing: the reactor keeps those cases.
         """
         self._passHeld()
         real = self._transport

@@ -970,6 +970,21 @@ class Broker(Banana):
             pinged.addErrback(lambda _: None)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        Handle what the peer sent, then send what that wrote (answers, and calls their
+        callbacks made) at once rather than on the reactor's next turn: one reactor turn
+        fewer on each side of every round trip (see PacedTransport.flush).
+        """
+        transport: Any = self.transport
+        if type(transport) is not PacedTransport:
+            self._handleData(data)
+            return
+        written = transport.written
+        self._handleData(data)
+        if transport.written != written:
+            transport.flush()
+
+    def _handleData(self, data: bytes) -> None:
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.heard()
         decoder = self._decoder

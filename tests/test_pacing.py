@@ -273,8 +273,9 @@ class OneWritePerReadTests(SynchronousTestCase):
 
 class LongRunTests(SynchronousTestCase):
     """
-    A read with more than _FLUSH_EVERY calls is answered in writes of _FLUSH_EVERY answers,
-    each sent as soon as it is made, in order, in either dialect.
+    What handling a read writes is sent before dataReceived returns; a read with more than
+    _FLUSH_EVERY calls is answered in writes of _FLUSH_EVERY answers, each sent as soon as it
+    is made, in order, in either dialect.
     """
 
     count = 2 * _FLUSH_EVERY + 20
@@ -284,13 +285,14 @@ class LongRunTests(SynchronousTestCase):
         broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = SocketTransport()
         broker.makeConnection(transport)
+        transport.doWrite()  # the server's offer, written when the connection was made
         broker.dataReceived(banana.encode(dialect))
-        transport.doWrite()
+        self.assertEqual(transport.buffered(), b"")
         transport.sent.clear()
         return broker, transport
 
-    def nativeCall(self, i: int) -> bytes:
-        call = [b"message", i, b"root", b"echo", 1, msgpack.packb([i]), _native.EMPTY_MAP]
+    def nativeCall(self, i: int, answer: int = 1) -> bytes:
+        call = [b"message", i, b"root", b"echo", answer, msgpack.packb([i]), _native.EMPTY_MAP]
         return _native.records(call)[0]
 
     def nativeAnswers(self, data: bytes) -> list[int]:
@@ -299,19 +301,33 @@ class LongRunTests(SynchronousTestCase):
         self.assertEqual([i for _, i, _ in answers], [msgpack.unpackb(v) for _, _, v in answers])
         return [i for _, i, _ in answers]
 
+    def test_oneCall(self) -> None:
+        """The answer to a read with one call is sent at once, not on the reactor's turn."""
+        broker, transport = self.connect(NATIVE_DIALECT)
+        broker.dataReceived(self.nativeCall(7))
+        self.assertEqual([self.nativeAnswers(chunk) for chunk in transport.sent], [[7]])
+        self.assertFalse(transport.isWriter())
+
+    def test_nothingWritten(self) -> None:
+        """A read that writes nothing (a one-way call) sends nothing."""
+        broker, transport = self.connect(NATIVE_DIALECT)
+        broker.dataReceived(self.nativeCall(7, answer=0))
+        self.assertEqual(transport.sent, [])
+
     def test_nativeDialect(self) -> None:
         broker, transport = self.connect(NATIVE_DIALECT)
         broker.dataReceived(b"".join(self.nativeCall(i) for i in range(1, self.count + 1)))
         every = _FLUSH_EVERY
         self.assertEqual(
             [self.nativeAnswers(chunk) for chunk in transport.sent],
-            [list(range(1, every + 1)), list(range(every + 1, 2 * every + 1))],
+            [
+                list(range(1, every + 1)),
+                list(range(every + 1, 2 * every + 1)),
+                list(range(2 * every + 1, self.count + 1)),
+            ],
         )
-        # The last answers wait for the reactor, as the answers of a short run do.
-        self.assertTrue(transport.isWriter())
-        self.assertEqual(
-            self.nativeAnswers(transport.buffered()), list(range(2 * every + 1, self.count + 1))
-        )
+        self.assertEqual(transport.buffered(), b"")
+        self.assertFalse(transport.isWriter())
 
     def test_pbDialect(self) -> None:
         broker, transport = self.connect(b"pb")
@@ -322,14 +338,13 @@ class LongRunTests(SynchronousTestCase):
             for i in range(1, self.count + 1)
         )
         broker.dataReceived(calls)
-        transport.doWrite()
-        self.assertEqual(len(transport.sent), 3)
         answers = banana.Decoder(b"pb").feed(b"".join(transport.sent))
         self.assertEqual(answers, [[b"answer", i, i] for i in range(1, self.count + 1)])
         self.assertEqual(
             [len(banana.Decoder(b"pb").feed(chunk)) for chunk in transport.sent],
             [_FLUSH_EVERY, _FLUSH_EVERY, 20],
         )
+        self.assertEqual(transport.buffered(), b"")
 
     def test_droppedMidRun(self) -> None:
         """A malformed message in the run drops the connection: the answers already sent

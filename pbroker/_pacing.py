@@ -103,20 +103,27 @@ class PacedTransport:
         every round trip would spend on that alone, and the answers to a long run of
         pipelined calls would all wait for the end of the run. Other transports (TLS, test
         fakes) are only passed the held bytes. Nothing is sent early while the transport is
-        paused or closing: the reactor keeps those cases.
+        paused, closing or half-closed, or has another producer: the reactor keeps those
+        cases.
         """
         self._passHeld()
-        real = self._transport
+        # (Any: FileDescriptor's methods are not annotated.)
+        real: Any = self._transport if isinstance(self._transport, FileDescriptor) else None
         if (
-            self._registered
+            real is not None
+            and real.producer is self
             and not self.paused
-            and isinstance(real, FileDescriptor)
             and real.connected
             and not real.disconnecting
+            and not getattr(real, "_writeDisconnecting", False)
         ):
-            # As the reactor would when the socket is writable. A failed send leaves the
-            # transport registered as a writer, so the reactor still sees the failure.
-            real.doWrite()  # type: ignore[no-untyped-call]
+            # What the reactor does when the socket is writable.
+            failed = real.doWrite()
+            if failed:
+                # The send failed, and took the socket's error with it. The transport is
+                # still registered as a writer; once it no longer reads, the reactor's next
+                # poll reports the connection lost, not closed cleanly by the peer.
+                real.stopReading()
 
     def hold(self) -> bool:
         """

@@ -5,12 +5,16 @@ read leave in one write, and holding them changes nothing that pacing and closin
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any
 
 import msgpack
 from twisted.internet import defer, main, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -49,6 +53,7 @@ class SocketTransport(FileDescriptor):
         self.connected = 1
         self.sent: list[bytes] = []
         self.failure: Exception | None = None
+        self.startReading()
 
     def writeSomeData(self, data: bytes) -> int | Exception:
         if self.failure is not None:
@@ -67,6 +72,9 @@ class SocketTransport(FileDescriptor):
 
     def isWriter(self) -> bool:
         return self in self.memoryReactor.getWriters()
+
+    def isReader(self) -> bool:
+        return self in self.memoryReactor.getReaders()
 
 
 class Root(pb.Root):
@@ -186,23 +194,61 @@ class FlushTests(SynchronousTestCase):
         self.assertEqual(self.paced.bufferedWhilePaused, 6)
         self.paced.release()
 
-        real = SocketTransport()
-        paced = PacedTransport(real, FakeBroker())
-        paced.hold()
-        paced.write(b"closing")
-        real.disconnecting = True
-        paced.flush()
-        self.assertEqual((real.sent, real.buffered()), ([], b"closing"))
+        for state in ("disconnecting", "connected"):
+            real = SocketTransport()
+            paced = PacedTransport(real, FakeBroker())
+            paced.write(b"closing")  # not held: in the transport's buffer
+            setattr(real, state, not getattr(real, state))
+            paced.flush()
+            self.assertEqual((real.sent, real.buffered()), ([], b"closing"))
 
     def test_failedSendLeftToTheReactor(self) -> None:
         """A send that fails raises nothing in flush(): the transport stays registered as a
-        writer, so the reactor meets the failure and closes the connection."""
+        writer and stops reading, so the reactor reports the connection lost (see
+        ResetPeerTests for the real thing)."""
         self.real.failure = main.CONNECTION_LOST
         self.paced.hold()
         self.paced.write(b"lost")
         self.paced.flush()
         self.assertEqual(self.real.sent, [])
         self.assertTrue(self.real.isWriter())
+        self.assertFalse(self.real.isReader())
+
+    def test_halfClosed(self) -> None:
+        """After loseWriteConnection() the reactor sends what is buffered, then half-closes;
+        flush() does not (writes after the half-close would be dropped)."""
+        self.real.loseWriteConnection()
+        self.paced.hold()
+        self.paced.write(b"before")
+        self.paced.flush()
+        self.paced.write(b"after")
+        self.paced.release()
+        self.assertEqual((self.real.sent, self.real.buffered()), ([], b"beforeafter"))
+
+    def test_otherProducer(self) -> None:
+        """Once another producer is registered on the real transport, flush() leaves the
+        sending to the reactor, which alone may resume that producer."""
+
+        class Producer:
+            resumed = 0
+
+            def resumeProducing(self) -> None:
+                self.resumed += 1
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        producer = Producer()
+        self.real.unregisterProducer()
+        self.real.registerProducer(producer, False)  # a pull producer: resumed at once
+        self.paced.hold()
+        self.paced.write(b"data")
+        self.paced.flush()
+        self.assertEqual((self.real.sent, self.real.buffered()), ([], b"data"))
+        self.assertEqual(producer.resumed, 1)
 
     def test_otherTransports(self) -> None:
         """A transport that is not a file descriptor is passed the held bytes."""
@@ -411,3 +457,44 @@ class LoopbackPipeliningTests(TestCase):
 
     async def test_pb(self) -> None:
         await self.pipeline(b"pb")
+
+
+class ResetPeerTests(TestCase):
+    """
+    Over a real loopback connection, a send that flush() makes and that fails because the
+    peer reset the connection is reported as the connection lost, as the reactor reports it
+    when it makes the send itself.
+    """
+
+    timeout = 30
+
+    async def test_resetReportedAsLost(self) -> None:
+        made: defer.Deferred[Any] = defer.Deferred()
+        lost: defer.Deferred[list[Any]] = defer.Deferred()
+
+        class Answering(Protocol):
+            def connectionMade(self) -> None:
+                self.paced = PacedTransport(self.transport, FakeBroker())
+                made.callback(None)
+
+            def dataReceived(self, data: bytes) -> None:
+                self.paced.write(b"answer")
+                self.paced.flush()
+
+            def connectionLost(self, reason: Any = None) -> None:
+                lost.callback([reason])  # (a Failure passed alone would errback)
+
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, Factory.forProtocol(Answering), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        peer = socket.create_connection(("127.0.0.1", listening.getHost().port))
+        self.addCleanup(peer.close)
+        await made
+        # The call and the reset arrive together: the server reads the call, and its answer
+        # meets the reset.
+        peer.sendall(b"call")
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        [reason] = await lost
+        self.assertIsInstance(reason.value, ConnectionLost)

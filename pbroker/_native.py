@@ -300,6 +300,8 @@ class FrameDecoder:
         # _pieces, not through _buffer), and whether that fragment is the message's last.
         self._pending = 0
         self._pendingLast = False
+        # Whether the message being reassembled had a MORE record: it is over FRAGMENT_SIZE.
+        self._large = False
         self._failure: str | None = None
 
     @property
@@ -309,6 +311,14 @@ class FrameDecoder:
         already taken in are not counted).
         """
         return len(self._buffer) - self._position + self._fragmented
+
+    @property
+    def largeMessage(self) -> bool:
+        """
+        Whether a message larger than one record is arriving (the broker reads it in larger
+        chunks).
+        """
+        return self._large
 
     @property
     def midExpression(self) -> bool:
@@ -344,6 +354,7 @@ class FrameDecoder:
             self._fragmented = 0
             self._pending = 0
             self._pendingLast = False
+            self._large = False
             raise
         return results
 
@@ -417,6 +428,8 @@ class FrameDecoder:
                     total = self._fragmented + size
                     if limit is not None and total > limit:
                         raise BananaDecodeError(_tooLarge(total, limit))
+                    if kind == MORE:
+                        self._large = True
                     available = min(size, end - position - 4)
                     start = position + 4
                     self._keep(buffer, start, start + available, copy=buffer is stored)
@@ -473,6 +486,7 @@ class FrameDecoder:
         pieces = [bytes(piece) if type(piece) is bytearray else piece for piece in pieces]
         self._pieces = []
         self._fragmented = 0
+        self._large = False
         return _assemble(pieces, size)
 
 

@@ -27,11 +27,16 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 
-__all__ = ["HOLD_LIMIT", "PacedTransport"]
+__all__ = ["HOLD_LIMIT", "LARGE_CHUNK", "PacedTransport"]
 
 #: Held writes are passed on once they add up to this many bytes (and a write this large is
 #: never held), so the real transport's buffer limit still pauses a broker that writes a lot.
 HOLD_LIMIT = 64 * 1024
+
+#: A file descriptor transport (TCP, UNIX) sends up to this many bytes per reactor turn, where
+#: Twisted sends 128 KiB, and reads up to this many at a time while a large message arrives,
+#: where Twisted reads 64 KiB. A 4 MB echo over loopback takes about half the time.
+LARGE_CHUNK = 1024 * 1024
 
 
 class PacedTransport:
@@ -51,6 +56,11 @@ class PacedTransport:
         self._held: list[bytes] | None = None
         self._heldSize = 0
         directlyProvides(self, providedBy(transport))
+        # The real transport's own read size, while no large message arrives (see readLarge).
+        self._readSize: int | None = None
+        if isinstance(transport, FileDescriptor):
+            self._readSize = transport.bufferSize
+            transport.SEND_LIMIT = max(transport.SEND_LIMIT, LARGE_CHUNK)
         registerProducer = getattr(transport, "registerProducer", None)
         if registerProducer is not None:
             registerProducer(self, True)
@@ -124,6 +134,18 @@ class PacedTransport:
                 # still registered as a writer; once it no longer reads, the reactor's next
                 # poll reports the connection lost, not closed cleanly by the peer.
                 real.stopReading()
+
+    def readLarge(self, large: bool) -> None:
+        """
+        Have a file descriptor transport read up to :data:`LARGE_CHUNK` bytes at a time while
+        ``large`` (a large message is arriving), and its own amount otherwise.
+
+        Twisted reads at most 64 KiB per reactor turn, so a large message costs a turn per
+        64 KiB. A larger read is not worth it for small messages: each read allocates its
+        whole size, and for a 60 KB message that doubled the system time.
+        """
+        if self._readSize is not None:
+            self._transport.bufferSize = LARGE_CHUNK if large else self._readSize
 
     def hold(self) -> bool:
         """

@@ -993,15 +993,20 @@ class Broker(Banana):
         if len(data) >= _LARGE_READ or decoder.midExpression:
             if not gc.isenabled():
                 super().dataReceived(data)
-                return
-            # Decoding a large message makes many containers at once, and the cyclic
-            # collector would run over and over while it does (half the decoding time for a
-            # list of a thousand records). Those objects are new and alive; collect after.
-            gc.disable()
-            try:
-                super().dataReceived(data)
-            finally:
-                gc.enable()
+            else:
+                # Decoding a large message makes many containers at once, and the cyclic
+                # collector would run over and over while it does (half the decoding time
+                # for a list of a thousand records). Those objects are new and alive; collect
+                # after.
+                gc.disable()
+                try:
+                    super().dataReceived(data)
+                finally:
+                    gc.enable()
+            decoder = self._decoder
+            transport: Any = self.transport
+            if type(decoder) is FrameDecoder and type(transport) is PacedTransport:
+                transport.readLarge(decoder.largeMessage)
         elif self._codec is not None:
             # Small messages of the native dialect, the common case: Banana.dataReceived's
             # work without its negotiation step and a call fewer per message.

@@ -394,6 +394,33 @@ class FrameDecoderTests(SynchronousTestCase):
             self.assertFalse(decoder.midExpression)
             self.assertEqual(decoder.buffered, 0)
 
+    def test_largeMessage(self) -> None:
+        """
+        largeMessage is true from a MORE record's header to the message's LAST record, with
+        whole records between them and reads split anywhere; never for a message of one
+        record, WHOLE or LAST, and not after an error.
+        """
+        large = _native.records([b"answer", 1, _native.Packed(b"L" * 700_000)])
+        single = _native.records([b"answer", 2, _native.Packed(b"S" * 100_000)])
+        whole = _native.records([b"answer", 3, b"w" * 70_000])
+        self.assertEqual((len(large), len(single), len(whole)), (3, 1, 1))
+        data = b"".join([whole[0], large[0], whole[0], large[1], large[2], single[0], whole[0]])
+        # Where the large message runs: from its first header to the end of its last record.
+        first = len(whole[0])
+        last = first + len(large[0]) + len(whole[0]) + len(large[1]) + len(large[2])
+        for step in (3, 4096, 65_536, 100_003):
+            decoder = _native.FrameDecoder(None)
+            for start in range(0, len(data), step):
+                end = min(start + step, len(data))
+                decoder.feed(data[start:end])
+                self.assertEqual(decoder.largeMessage, first + 4 <= end < last, (step, end))
+        decoder = _native.FrameDecoder(None)
+        decoder.feed(large[0][:100_000])
+        self.assertTrue(decoder.largeMessage)
+        with self.assertRaises(BananaDecodeError):
+            decoder.feed(b"\xff" * 100_000 + large[0][100_000:] + b"\x40\x00\x00\x01")
+        self.assertFalse(decoder.largeMessage)
+
     def test_largeBytesPutTogetherOnce(self) -> None:
         """
         A large byte string packed by hand (alone, or the one argument of a call) is put

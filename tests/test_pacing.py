@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, banana, pb
-from pbroker._pacing import HOLD_LIMIT, PacedTransport
+from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport
 from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
 
 
@@ -262,6 +262,57 @@ class FlushTests(SynchronousTestCase):
         paced.write(b"c")
         paced.release()
         self.assertEqual(real.writes, [b"ab", b"c"])
+
+
+class LargeChunkTests(SynchronousTestCase):
+    """
+    A file descriptor transport sends up to LARGE_CHUNK bytes per turn, and reads that much
+    at a time while the broker says a large message arrives.
+    """
+
+    def test_sendLimit(self) -> None:
+        real = SocketTransport()
+        self.assertLess(real.SEND_LIMIT, LARGE_CHUNK)
+        PacedTransport(real, FakeBroker())
+        self.assertEqual(real.SEND_LIMIT, LARGE_CHUNK)
+        self.assertLess(SocketTransport().SEND_LIMIT, LARGE_CHUNK)  # per transport
+
+    def test_readLarge(self) -> None:
+        real = SocketTransport()
+        usual = real.bufferSize
+        paced = PacedTransport(real, FakeBroker())
+        paced.readLarge(True)
+        self.assertEqual(real.bufferSize, LARGE_CHUNK)
+        paced.readLarge(False)
+        self.assertEqual(real.bufferSize, usual)
+
+    def test_otherTransports(self) -> None:
+        """A transport that is not a file descriptor is left as it is."""
+        real = CountingTransport()
+        paced = PacedTransport(real, FakeBroker())
+        paced.readLarge(True)
+        self.assertFalse(hasattr(real, "bufferSize") or hasattr(real, "SEND_LIMIT"))
+
+    def test_brokerReadsLargeMessagesInLargeChunks(self) -> None:
+        """The broker raises the read size from a large message's first record to its last,
+        whole records between them keep it, and a small message does not change it."""
+        factory = pb.PBServerFactory(Root())
+        broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        real = SocketTransport()
+        usual = real.bufferSize
+        broker.makeConnection(real)
+        broker.dataReceived(banana.encode(NATIVE_DIALECT))
+        call = [b"message", 1, b"root", b"echo", 0, _native.Packed(b"x" * 600_000), b"\x80"]
+        fragments = _native.records(call)
+        small = _native.records([b"message", 2, b"root", b"echo", 0, b"\x91\x01", b"\x80"])[0]
+        self.assertEqual(len(fragments), 3)
+        sizes = []
+        for data in (small, fragments[0][:5000], fragments[0][5000:], small, fragments[1]):
+            broker.dataReceived(data)
+            sizes.append(real.bufferSize)
+        broker.dataReceived(fragments[2])
+        sizes.append(real.bufferSize)
+        self.assertEqual(sizes, [usual] + [LARGE_CHUNK] * 4 + [usual])
 
 
 class OneWritePerReadTests(SynchronousTestCase):

@@ -300,8 +300,6 @@ class FrameDecoder:
         # _pieces, not through _buffer), and whether that fragment is the message's last.
         self._pending = 0
         self._pendingLast = False
-        # Whether the message being reassembled had a MORE record: it is over FRAGMENT_SIZE.
-        self._large = False
         self._failure: str | None = None
 
     @property
@@ -316,9 +314,9 @@ class FrameDecoder:
     def largeMessage(self) -> bool:
         """
         Whether a message larger than one record is arriving (the broker reads it in larger
-        chunks).
+        chunks): a MORE record is being taken in, or one was (every MORE record is full).
         """
-        return self._large
+        return self._fragmented >= FRAGMENT_SIZE or (self._pending > 0 and not self._pendingLast)
 
     @property
     def midExpression(self) -> bool:
@@ -354,7 +352,6 @@ class FrameDecoder:
             self._fragmented = 0
             self._pending = 0
             self._pendingLast = False
-            self._large = False
             raise
         return results
 
@@ -428,8 +425,6 @@ class FrameDecoder:
                     total = self._fragmented + size
                     if limit is not None and total > limit:
                         raise BananaDecodeError(_tooLarge(total, limit))
-                    if kind == MORE:
-                        self._large = True
                     available = min(size, end - position - 4)
                     start = position + 4
                     self._keep(buffer, start, start + available, copy=buffer is stored)
@@ -486,7 +481,6 @@ class FrameDecoder:
         pieces = [bytes(piece) if type(piece) is bytearray else piece for piece in pieces]
         self._pieces = []
         self._fragmented = 0
-        self._large = False
         return _assemble(pieces, size)
 
 

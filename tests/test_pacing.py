@@ -82,6 +82,17 @@ class Root(pb.Root):
         return value
 
 
+def serveOn(transport: Any, dialect: bytes) -> Any:
+    """
+    A server broker (its root echoes) connected on ``transport``, the client having chosen
+    ``dialect``.
+    """
+    broker = pb.PBServerFactory(Root()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    broker.makeConnection(transport)
+    broker.dataReceived(banana.encode(dialect))
+    return broker
+
+
 class FakeBroker:
     def __init__(self) -> None:
         self.limits = pb.BrokerLimits()
@@ -296,12 +307,9 @@ class LargeChunkTests(SynchronousTestCase):
     def test_brokerReadsLargeMessagesInLargeChunks(self) -> None:
         """The broker raises the read size from a large message's first record to its last,
         whole records between them keep it, and a small message does not change it."""
-        factory = pb.PBServerFactory(Root())
-        broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         real = SocketTransport()
         usual = real.bufferSize
-        broker.makeConnection(real)
-        broker.dataReceived(banana.encode(NATIVE_DIALECT))
+        broker = serveOn(real, NATIVE_DIALECT)
         call = [b"message", 1, b"root", b"echo", 0, _native.Packed(b"x" * 600_000), b"\x80"]
         fragments = _native.records(call)
         small = _native.records([b"message", 2, b"root", b"echo", 0, b"\x91\x01", b"\x80"])[0]
@@ -322,11 +330,8 @@ class OneWritePerReadTests(SynchronousTestCase):
     """
 
     def connect(self, dialect: bytes) -> tuple[Any, CountingTransport]:
-        factory = pb.PBServerFactory(Root())
-        broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = CountingTransport()
-        broker.makeConnection(transport)
-        broker.dataReceived(banana.encode(dialect))
+        broker = serveOn(transport, dialect)
         transport.writes.clear()
         transport.clear()
         return broker, transport
@@ -378,12 +383,8 @@ class LongRunTests(SynchronousTestCase):
     count = 2 * _FLUSH_EVERY + 20
 
     def connect(self, dialect: bytes) -> tuple[Any, SocketTransport]:
-        factory = pb.PBServerFactory(Root())
-        broker = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = SocketTransport()
-        broker.makeConnection(transport)
-        transport.doWrite()  # the server's offer, written when the connection was made
-        broker.dataReceived(banana.encode(dialect))
+        broker = serveOn(transport, dialect)  # the offer leaves with what the choice writes
         self.assertEqual(transport.buffered(), b"")
         transport.sent.clear()
         return broker, transport

@@ -87,10 +87,14 @@ unpackb = msgpack.unpackb
 _BUFFER = 4096
 _CONNECTION_BUFFER = 256
 _KEEP = 256 * 1024
-# Byte strings from this size on are packed by hand (a msgpack bin 32 header, then the bytes):
-# one copy, where the packer would grow a buffer for them, copy them in and out, and be
-# replaced (see _KEEP). Below it the packer's warm buffer measured faster.
-_LARGE_BYTES = _KEEP
+# Byte strings from this size on are packed by hand (a msgpack bin header, then the bytes) and
+# kept as they are until the record that carries them is written: one copy in all, where the
+# packer would copy them in and out of its buffer, and the envelope's packer in and out of
+# its own, then the record's header would be joined to the envelope. Below it the packers'
+# warm buffers measured faster (at 16 KiB, even for an answer; slower for a call).
+_LARGE_BYTES = 32 * 1024
+_BIN8 = b"\xc4"
+_BIN16 = b"\xc5"
 _BIN32 = b"\xc6"
 _ARRAY_OF_ONE = b"\x91"
 _ONE_BIN32 = _ARRAY_OF_ONE + _BIN32
@@ -99,6 +103,9 @@ _SMALL_PART = 16 * 1024
 _header = struct.Struct(">I")
 _packHeader = _header.pack
 _unpackHeader = _header.unpack_from
+_packShort = struct.Struct(">H").pack
+# The one-byte headers of msgpack arrays of fewer than 16 items.
+_ARRAY_HEADERS = [bytes((0x90 | count,)) for count in range(16)]
 
 #: The extension type that stands, in a message's envelope, for a value sent after it.
 VALUE = 6
@@ -117,7 +124,7 @@ class Packed:
 
     def __init__(self, *parts: bytes) -> None:
         self.parts = parts
-        self.size = sum(len(part) for part in parts)
+        self.size = sum(map(len, parts))
 
     @property
     def data(self) -> bytes:
@@ -225,17 +232,64 @@ def wholeRecord(message: list[Any], plain: bool = False) -> bytes | None:
     """
     The ``WHOLE`` record (header and envelope) of a message that fits in one, or ``None``.
 
+    A :class:`Packed` value of up to :data:`INLINE_LIMIT` bytes is carried in the envelope,
+    as msgpack ``bin``; a message with a larger one does not fit (see :func:`packMessage`).
+
     :param plain: the caller knows that no field is :class:`Packed` (no need to look).
     """
     if not plain:
-        for field in message:
-            if type(field) is Packed:
-                return None  # see packMessage
+        kinds = list(map(type, message))
+        if Packed in kinds:
+            return _splicedRecord(message, kinds)
     envelope = _packEnvelope(message)
     size = len(envelope)
     if size > FRAGMENT_SIZE:
         return None
     return _packHeader(size) + envelope
+
+
+def _splicedRecord(message: list[Any], kinds: list[type]) -> bytes | None:
+    """
+    The ``WHOLE`` record of a message with a :class:`Packed` value, which the envelope
+    carries as msgpack ``bin``: the same bytes as packing the message with the value as
+    bytes, but the value's parts are copied once, into the record, where they would go in
+    and out of two packers' buffers. ``None`` (the message goes in fragments) if the value
+    is over :data:`INLINE_LIMIT`, the record over :data:`FRAGMENT_SIZE`, or the message has
+    more than one such value or 16 fields or more.
+
+    :param kinds: the type of each field.
+    """
+    index = kinds.index(Packed)
+    value = message[index]
+    count = len(message)
+    if value.size > INLINE_LIMIT or count > 15 or Packed in kinds[index + 1 :]:
+        return None
+    # The fields around the value, packed as lists of fewer than 16 items: each list's
+    # header is one byte, replaced by the envelope's own (before) or dropped (after).
+    before = memoryview(_packEnvelope(message[:index]))[1:]
+    lead = binHeader(value.size)
+    size = 1 + len(before) + len(lead) + value.size
+    if index + 1 == count:  # an answer's value is its last field
+        if size > FRAGMENT_SIZE:
+            return None
+        return b"".join([_packHeader(size), _ARRAY_HEADERS[count], before, lead, *value.parts])
+    after = memoryview(_packEnvelope(message[index + 1 :]))[1:]
+    size += len(after)
+    if size > FRAGMENT_SIZE:
+        return None
+    return b"".join([_packHeader(size), _ARRAY_HEADERS[count], before, lead, *value.parts, after])
+
+
+def binHeader(size: int) -> bytes:
+    """
+    The msgpack header of a ``bin`` of ``size`` bytes, in the smallest form, as msgpack
+    writes it.
+    """
+    if size < 0x100:
+        return _BIN8 + bytes((size,))
+    if size < 0x10000:
+        return _BIN16 + _packShort(size)
+    return _BIN32 + _packHeader(size)
 
 
 #: The packed form of an empty dict (no keyword arguments).
@@ -669,11 +723,11 @@ class ValueCodec:
         if kind is bytes:
             if len(value) >= _LARGE_BYTES:
                 large: bytes = value
-                return Packed(_BIN32 + _packHeader(len(large)), large)
+                return Packed(binHeader(len(large)), large)
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
-                return Packed(_ONE_BIN32 + _packHeader(len(large)), large)
+                return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy

@@ -195,13 +195,41 @@ class ValueTests(NativeTestCase):
         codec = self.server._codec
         assert codec is not None
         large = bytes(range(256)) * 1200
-        for value in ([large], large, [large, 1], [b"small"], b"small", bytearray(b"ba")):
+        medium = bytes(range(256)) * 240  # 61,440 bytes: a msgpack bin 16
+        values = [[large], large, [large, 1], [b"small"], b"small", bytearray(b"ba")]
+        values += [[medium], medium]
+        for value in values:
             packed = codec.pack(value)
-            if isinstance(packed, _native.Packed):
-                self.assertIs(packed.parts[-1], large)  # not copied
+            alone = value[0] if type(value) is list and len(value) == 1 else value
+            if alone is large or alone is medium:
+                assert isinstance(packed, _native.Packed)
+                self.assertIs(packed.parts[-1], alone)  # not copied
                 packed = packed.data
             self.assertEqual(packed, msgpack.packb(value, use_bin_type=True))
         self.assertEqual(self.call("echo", large), large)
+
+    def test_mediumBytesInOneRecord(self) -> None:
+        """
+        A byte string between 32 KiB and 64 KiB, as the argument and as the answer, travels
+        in one WHOLE record, its bytes written uncopied until the record is made.
+        """
+        data = bytes(range(256)) * 234  # 59,904 bytes
+        writes: list[Any] = []
+
+        def recording(write: Any) -> Any:
+            return lambda chunk: (writes.append(chunk), write(chunk))[1]
+
+        for broker in (self.client, self.server):
+            transport = broker.transport._transport
+            transport.write = recording(transport.write)
+        self.assertEqual(self.call("echo", data), data)
+        self.assertEqual(len(writes), 2)
+        for record in writes:
+            self.assertEqual(record[0] >> 6, _native.WHOLE)
+            self.assertEqual(int.from_bytes(record[:4], "big"), len(record) - 4)
+        call, answer = (msgpack.unpackb(record[4:]) for record in writes)
+        self.assertEqual(msgpack.unpackb(call[5]), [data])
+        self.assertEqual(msgpack.unpackb(answer[2]), data)
 
     def test_plainValues(self) -> None:
         """Every plain type keeps its type: tuples, lists, sets, text, bytes, big numbers."""
@@ -1037,6 +1065,42 @@ class LocalStreamTests(SynchronousTestCase):
         failing = Stream()
         failing.fail(ValueError("broken"))
         self.failureResultOf(failing.__anext__(), ValueError)
+
+
+class WholeRecordTests(SynchronousTestCase):
+    def test_packedValueSpliced(self) -> None:
+        """
+        A Packed value in a message's envelope gives the bytes msgpack gives for the message
+        with the value as bytes, wherever the value is and whatever its size's header.
+        """
+        for size in (0, 255, 256, 8192, 65_535 - 3):
+            value = bytes(range(256)) * (size // 256) + b"v" * (size % 256)
+            packed = _native.Packed(_native.binHeader(len(value)), value)
+            for message in (
+                [b"answer", 5, packed],
+                [b"message", 6, b"root", b"echo", 1, packed, b"\x80"],
+                [packed, {"k": [1, 2]}],
+            ):
+                record = _native.wholeRecord(message)
+                plain = [b"".join(f.parts) if f is packed else f for f in message]
+                envelope = msgpack.packb(plain, use_bin_type=True)
+                self.assertEqual(record, len(envelope).to_bytes(4, "big") + envelope)
+
+    def test_fragmentedInstead(self) -> None:
+        """
+        A message with a value over INLINE_LIMIT, two Packed values, 16 fields or more, or an
+        envelope over FRAGMENT_SIZE has no WHOLE record: it goes in fragments.
+        """
+        small = _native.Packed(b"\xc4\x01", b"s")
+        large = _native.Packed(b"x" * (_native.INLINE_LIMIT + 1))
+        for message in (
+            [b"answer", 1, large],
+            [b"answer", 1, small, small],
+            [*range(15), small],
+            [b"x" * _native.FRAGMENT_SIZE, small],
+        ):
+            self.assertIsNone(_native.wholeRecord(message))
+        self.assertIsNotNone(_native.wholeRecord([*range(14), small]))
 
 
 class ReentrancyTests(SynchronousTestCase):

@@ -165,6 +165,16 @@ class PacedTransport:
         self._passHeld()
         self._held = None
 
+    def queued(self, size: int) -> None:
+        """
+        Count ``size`` bytes the broker keeps to write later (a large message waiting behind
+        another) as written while paused, if the transport is: they wait for the peer just
+        the same.
+        """
+        if self.paused:
+            self.bufferedWhilePaused += size
+            self._checkBuffered()
+
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:

@@ -519,9 +519,14 @@ class Broker(Banana):
         parts of a fragmented message through the large-message queue.
         """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
+        transport: Any = self.transport
         if isinstance(payload, bytes):
-            self.transport.write(payload)
+            transport.write(payload)
             return
+        if self._largeOut and type(transport) is PacedTransport:
+            # It waits behind another large message, held for the peer as written bytes are
+            # (the first is not counted, so that any message the limits allow can be sent).
+            transport.queued(payload.size)
         self._largeOut.append([[memoryview(part) for part in payload.parts], payload.size])
         self._pumpLarge()
 

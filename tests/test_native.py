@@ -1020,6 +1020,52 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(self.server._streams.outgoing, {})
 
 
+class LargeAnswersToANonReaderTests(SynchronousTestCase):
+    """
+    Large answers (sent in fragments) that wait for a peer that does not read count
+    against ``bufferedBytes``, as answers written whole do.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(
+                NativeRoot(), clock=self.clock, limits=pb.BrokerLimits(bufferedBytes=1024 * 1024)
+            ),
+            pb.PBClientFactory(clock=self.clock),
+            clock=self.clock,
+            bufferSize=64 * 1024,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def callWithoutReading(self, size: int) -> list[Any]:
+        answers: list[Any] = []
+        self.root.callRemote("big", size).addBoth(answers.append)
+        # Only the client's bytes move: the client does not read the server's.
+        self.pump.serverIO.bufferReceived(self.pump.clientIO.getOutBuffer())
+        self.clock.advance(0)
+        return answers
+
+    def test_dropped(self) -> None:
+        """The second large answer queued behind the first is counted, and the third
+        goes over the limit: the peer is dropped, with a log line."""
+        with capturedLogs() as events:
+            self.callWithoutReading(600 * 1024)
+            self.callWithoutReading(600 * 1024)
+            self.assertFalse(self.server.transport.disconnecting)
+            self.callWithoutReading(600 * 1024)
+        self.assertTrue(self.server.transport.disconnecting)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_oneAtATimeNotCounted(self) -> None:
+        """A large answer alone in the queue is not counted, however large: a reader that
+        takes its time gets it."""
+        answers = self.callWithoutReading(3 * 1024 * 1024)
+        self.assertFalse(self.server.transport.disconnecting)
+        self.pump.flush()
+        self.assertEqual([len(answer) for answer in answers], [3 * 1024 * 1024])
+
+
 class LocalStreamTests(SynchronousTestCase):
     """
     :class:`Stream` on its own: a buffer with back-pressure for writers and push producers.

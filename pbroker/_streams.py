@@ -56,6 +56,8 @@ class Connection(Protocol):
 
     def _unserializeFailure(self, netFailure: Any) -> Failure: ...
 
+    def _dropLateValue(self, netValue: Any) -> None: ...
+
     def _logFailure(self, message: str, failure: Failure) -> None: ...
 
 
@@ -234,7 +236,10 @@ class StreamTable:
     def item(self, streamID: Any, data: Any) -> None:
         reader = self._reader(streamID)
         if reader is None:
-            return  # sent before our cancel reached the peer
+            # Sent before our cancel reached the peer: dropped, but decoded all the same, so
+            # that the references in it are released.
+            self._connection._dropLateValue(data)
+            return
         try:
             item = self._connection.unserialize(data)
         except Exception:
@@ -257,3 +262,5 @@ class StreamTable:
         self.cancelled.discard(streamID)
         if reader is not None:
             reader._failed(self._connection._unserializeFailure(data))
+        else:
+            self._connection._dropLateValue(data)

@@ -1215,6 +1215,23 @@ class StreamLifecycleTests(NativeTestCase):
         self.assertEqual(self.server.luids, {})
         self.assertEqual(self.client._abandoned, set())
 
+    def test_itemsAfterCancelReleased(self) -> None:
+        """References in stream items that arrive after the reader cancelled are released,
+        not left exported on the sender."""
+
+        def references() -> Iterator[pb.Referenceable]:
+            return (pb.Referenceable() for _ in range(100))
+
+        self.rootObject.remote_references = references  # type: ignore[attr-defined]
+        for _ in range(3):
+            stream = self.call("references")
+            self.pump.pump()  # the reader's credit reaches the sender, whose items set out
+            stream.cancel()
+            self.pump.flush()
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.server.luids, {})
+
     def test_refusedCallClosesItsStreams(self) -> None:
         """A call that cannot be sent (too large) closes the stream it carried."""
         closed: list[bool] = []

@@ -12,6 +12,7 @@ into the table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 from weakref import WeakValueDictionary
 
@@ -57,6 +58,10 @@ class Connection(Protocol):
     def _unserializeFailure(self, netFailure: Any) -> Failure: ...
 
     def _dropLateValue(self, netValue: Any) -> None: ...
+
+    def _sendFailure(
+        self, send: Callable[..., None], command: bytes, key: int, failure: Any
+    ) -> None: ...
 
     def _logFailure(self, message: str, failure: Failure) -> None: ...
 
@@ -143,7 +148,7 @@ class StreamTable:
             return
         if failure.check(*connection.quietFailures) is None:
             connection._logFailure("Peer will receive the following stream error", failure)
-        connection._sendBehindLarge(b"streamerror", streamID, connection._serializeFailure(failure))
+        connection._sendFailure(connection._sendBehindLarge, b"streamerror", streamID, failure)
 
     # What the codec calls
 

@@ -1344,7 +1344,30 @@ class Broker(Banana):
         self._callContexts.pop(requestID, None)
         if self.disconnected:
             return
-        self.sendCall(b"error", requestID, self._serializeFailure(failure))
+        self._sendFailure(self.sendCall, b"error", requestID, failure)
+
+    def _sendFailure(
+        self, send: Callable[..., None], command: bytes, key: int, failure: Any
+    ) -> None:
+        """
+        Send ``failure`` in a ``command`` message about ``key`` (a call's error, a stream's)
+        with ``send``; if it is larger than the peer accepts, a :class:`LimitExceeded` that
+        says so goes instead, so that the peer learns how its call or stream ended and the
+        connection stays up.
+        """
+        try:
+            send(command, key, self._serializeFailure(failure))
+        except LimitExceeded as e:
+            value = failure.value if isinstance(failure, Failure) else failure
+            name = type(value).__name__
+            self._log.warn(
+                "Could not send a {name} error to the peer: {error}", name=name, error=str(e)
+            )
+            what = "stream" if command == b"streamerror" else "call"
+            instead = LimitExceeded(
+                f"the {what} failed with {name}, an error too large to send: {e}"
+            )
+            send(command, key, self._serializeFailure(Failure(instead)))
 
     def _serializeFailure(self, failure: Any) -> Any:
         """

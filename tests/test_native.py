@@ -369,6 +369,49 @@ class LargeMessageTests(NativeTestCase):
         self.assertIsInstance(failure, Failure)
         self.assertIn("limit the peer accepts", str(failure.value))
 
+    def test_errorOverPeerLimit(self) -> None:
+        """An error bigger than the caller accepts, raised at once or later, or ending a
+        stream, reaches the caller as a LimitExceeded that names it; the connection stays."""
+        self.server.peerMessageSize = 100_000
+        message = "e" * 200_000
+        later: Deferred[Any] = Deferred()
+
+        def failNow() -> None:
+            raise ValueError(message)
+
+        def failingStream() -> Iterator[int]:
+            yield 1
+            raise ValueError(message)
+
+        self.rootObject.remote_failNow = failNow  # type: ignore[attr-defined]
+        self.rootObject.remote_failLater = lambda: later  # type: ignore[attr-defined]
+        self.rootObject.remote_failingStream = failingStream  # type: ignore[attr-defined]
+        with capturedLogs() as events:
+            failures = [self.call("failNow")]
+            pending: list[Any] = []
+            self.root.callRemote("failLater").addBoth(pending.append)
+            self.pump.flush()
+            later.errback(ValueError(message))
+            self.settle(pending)
+            failures.append(pending[0])
+            stream = self.call("failingStream")
+            items: list[Any] = []
+            for _ in range(2):
+                stream.next().addBoth(items.append)
+            self.pump.flush()
+            self.assertEqual(items[0], 1)
+            failures.append(items[1])
+        for failure in failures:
+            self.assertIsInstance(failure, Failure)
+            self.assertIsNotNone(failure.check(LimitExceeded), failure.type)
+            self.assertIn("failed with ValueError, an error too large to send", str(failure.value))
+        self.assertIn("the stream failed", str(failures[2].value))
+        sendFailures = [e for e in events if "Could not send a" in str(e.get("log_format"))]
+        self.assertEqual(len(sendFailures), 3)
+        self.flushLoggedErrors(ValueError)
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(self.call("echo", 1), 1)
+
     def test_receivedOverLimitDrops(self) -> None:
         """A peer that ignores the announced limit is dropped."""
         self.server._decoder.messageSizeLimit = 1024 * 1024

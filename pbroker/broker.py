@@ -334,8 +334,10 @@ class Broker(Banana):
         self.jellyKw: Any = None
         # The native dialect's value codec (None in the banana dialects).
         self._codec: ValueCodec | None = None
-        # Large native messages waiting to be written, as [payload view, offset].
+        # Large native messages waiting to be written, as [parts left, bytes left, the
+        # request id of a call (else None)], and the ids of the calls among them.
         self._largeOut: list[list[Any]] = []
+        self._largeCalls: set[int] = set()
         self._largeScheduled = False
         self._pumpingLarge = False
         # Stream messages waiting for the large messages queued before them.
@@ -426,6 +428,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._largeCalls = set()
         self._replyTargets = {}
         self._streams.connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
@@ -513,10 +516,11 @@ class Broker(Banana):
                 f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
             )
 
-    def _writePayload(self, payload: bytes | _Payload) -> None:
+    def _writePayload(self, payload: bytes | _Payload, requestID: int | None = None) -> None:
         """
         Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
-        parts of a fragmented message through the large-message queue.
+        parts of a fragmented message through the large-message queue (``requestID``: the
+        message is that call).
         """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
         transport: Any = self.transport
@@ -527,7 +531,11 @@ class Broker(Banana):
             # It waits behind another large message, held for the peer as written bytes are
             # (the first is not counted, so that any message the limits allow can be sent).
             transport.queued(payload.size)
-        self._largeOut.append([[memoryview(part) for part in payload.parts], payload.size])
+        self._largeOut.append(
+            [[memoryview(part) for part in payload.parts], payload.size, requestID]
+        )
+        if requestID is not None:
+            self._largeCalls.add(requestID)
         self._pumpLarge()
 
     def _pumpLarge(self) -> None:
@@ -569,7 +577,7 @@ class Broker(Banana):
         """
         assert self.transport is not None
         entry = self._largeOut[0]
-        parts, remaining = entry
+        parts, remaining = entry[0], entry[1]
         # Up to FRAGMENT_SIZE bytes from the front of the parts; all but the last are full.
         pieces = []
         need = FRAGMENT_SIZE
@@ -591,14 +599,16 @@ class Broker(Banana):
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
             self._largeOut.pop(0)
+            self._largeCalls.discard(entry[2])
         else:
             entry[1] = remaining
         return size
 
     def _sendBehindLarge(self, *expression: Any) -> None:
         """
-        Send a stream's message after any large message already queued, so that a stream's
-        items and its end keep their order however large the items are.
+        Send a message after any large message already queued: a stream's, so that a
+        stream's items and its end keep their order however large the items are, or the
+        cancel of a call still being sent, so that it does not arrive before the call.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
@@ -759,7 +769,7 @@ class Broker(Banana):
         if type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
-            self._writePayload(data)
+            self._writePayload(data, requestID)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -829,7 +839,11 @@ class Broker(Banana):
         else:
             self._abandonedOverflow = True
         if self.isNative and self._canSend:
-            self.sendCall(b"cancel", requestID)
+            if requestID in self._largeCalls:
+                # The call is still being sent: the cancel must not overtake it.
+                self._sendBehindLarge(b"cancel", requestID)
+            else:
+                self.sendCall(b"cancel", requestID)
 
     def importReference(self, luid: int) -> None:
         """

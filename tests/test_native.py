@@ -816,6 +816,35 @@ class CancellationTests(NativeTestCase):
         self.assertEqual(self.server._answering, {})
         self.assertEqual(self.call("echo", 2), 2)
 
+    def test_cancelLargeCallWhileSent(self) -> None:
+        """
+        A call whose arguments are still being sent in fragments when it is cancelled, or
+        when its timeout passes, is cancelled on the server all the same: the cancel does
+        not overtake the call. A small call cancelled meanwhile is cancelled at once.
+        """
+        large = b"x" * (3 * 1024 * 1024)
+
+        def take(data: bytes) -> Deferred[Any]:
+            waiting: Deferred[Any] = Deferred(lambda _: cancelled.append(len(data)))
+            return waiting
+
+        cancelled: list[int] = []
+        self.rootObject.remote_take = take  # type: ignore[attr-defined]
+        timed = self.root.withOptions(timeout=0.5).callRemote("take", large)
+        d = self.root.callRemote("take", large)
+        small = self.root.callRemote("take", b"s")
+        self.assertTrue(self.client.sendingLarge)
+        d.cancel()
+        small.cancel()
+        self.clock.advance(1)
+        self.failureResultOf(d, CancelledError)
+        self.failureResultOf(small, CancelledError)
+        self.failureResultOf(timed, TimeoutError)
+        self.pump.flush()
+        self.assertEqual(sorted(cancelled), [1, len(large), len(large)])
+        self.assertEqual(self.server._answering, {})
+        self.assertEqual(self.client._largeCalls, set())
+
     def test_answerCrossesCancel(self) -> None:
         """An answer already on its way when the caller cancels is dropped quietly."""
         d = self.root.callRemote("wait")

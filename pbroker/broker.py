@@ -1255,6 +1255,8 @@ class Broker(Banana):
                 "Refusing a call: {count} calls from the peer are still in progress",
                 count=len(self._answering),
             )
+            self._dropLateValue(netArgs)  # releasing the references and streams in them
+            self._dropLateValue(netKw)
             if answerRequired:
                 error = LimitExceeded(f"more than {self.limits.pendingCalls} calls in progress")
                 self._sendError(CopyableFailure(error), requestID)
@@ -1274,6 +1276,8 @@ class Broker(Banana):
             else:
                 target = self.localObjectForID(objectID)
             if target is None:
+                self._dropLateValue(netArgs)  # as above
+                self._dropLateValue(netKw)
                 raise Error("Invalid Object ID")
             result = target.remoteMessageReceived(self, name, netArgs, netKw)
         except Error as e:
@@ -1468,8 +1472,9 @@ class Broker(Banana):
 
     def _dropLateValue(self, netValue: Any) -> None:
         """
-        The answer to a call this side gave up on: decoded all the same, then dropped, so the
-        references in it are counted and released and its streams cancelled.
+        A value this side will not use (the answer to a call it gave up on, the arguments of
+        a call it refused): decoded all the same, then dropped, so that the references in it
+        are counted and released and its streams cancelled.
         """
         with contextlib.suppress(Exception):
             self.unserialize(netValue)

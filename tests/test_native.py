@@ -1304,6 +1304,36 @@ class StreamLifecycleTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(self.server.luids, {})
 
+    def test_callRefusedUnreadReleasesItsArguments(self) -> None:
+        """
+        A call the server refuses before it reads the arguments (too many calls in
+        progress, an unknown object) still releases the streams and references in them:
+        the caller's generator is closed, and its object no longer exported.
+        """
+        closed: list[bool] = []
+
+        def source() -> Iterator[int]:
+            try:
+                yield 1
+            finally:
+                closed.append(True)
+
+        self.server.limits = pb.BrokerLimits(pendingCalls=1)
+        self.root.callRemote("wait")
+        self.pump.flush()
+        with capturedLogs():
+            busy = self.call("echo", source(), pb.Referenceable())
+        assert self.rootObject.pending is not None
+        self.rootObject.pending.callback(None)
+        unknown = self.call("echo", source(), target=self.client.remoteForName("nosuch"))
+        self.assertIn("calls in progress", str(busy.value))
+        self.assertIn("Invalid Object ID", str(unknown.value))
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(closed, [True, True])
+        self.assertEqual(self.client._streams.outgoing, {})
+        self.assertEqual(self.client.luids, {})
+
     def test_refusedCallClosesItsStreams(self) -> None:
         """A call that cannot be sent (too large) closes the stream it carried."""
         closed: list[bool] = []

@@ -20,8 +20,10 @@ __all__ = ["Keepalive", "KeepaliveTimer"]
 class Keepalive:
     """
     Dead-peer detection: when nothing has arrived for ``interval`` seconds the broker sends a
-    ping; when nothing has arrived for ``timeout`` seconds the connection is closed and every
-    pending call fails with :class:`~pbroker.errors.PBConnectionLost`.
+    ping; when nothing has arrived for ``timeout`` seconds (longer than ``interval``) the
+    connection is closed and every pending call fails with
+    :class:`~pbroker.errors.PBConnectionLost`. The time counts from the connection, so a
+    peer that connects and never says anything is dropped too.
 
     A pbroker peer answers the ping; a stock Twisted peer is pinged with a call to an object
     that does not exist, whose error answer serves as well, so keepalive works in every
@@ -32,10 +34,15 @@ class Keepalive:
     timeout: float = 90.0
 
     def __post_init__(self) -> None:
+        for name in ("interval", "timeout"):
+            value = getattr(self, name)
+            if type(value) not in (int, float):
+                raise TypeError(f"the Keepalive {name} must be a number of seconds, not {value!r}")
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")
-        if self.timeout < self.interval:
-            raise ValueError("the Keepalive timeout must not be shorter than its interval")
+        if self.timeout <= self.interval:
+            # At the timeout the peer must have had time to answer a ping.
+            raise ValueError("the Keepalive timeout must be longer than its interval")
 
 
 class KeepaliveTimer:

@@ -291,6 +291,11 @@ class Broker(Banana):
                     f"dialects must be taken from {Broker.knownDialects}, not {dialects!r}"
                 )
             self.knownDialects = dialects
+        if keepalive is not None and not isinstance(keepalive, Keepalive):
+            raise TypeError(
+                "keepalive must be a Keepalive, such as Keepalive(interval=30, timeout=90), "
+                f"not {keepalive!r}"
+            )
         self._clock = clock
         self.keepalive = keepalive
         self.limits = BrokerLimits() if limits is None else limits
@@ -408,7 +413,6 @@ class Broker(Banana):
         self.sendCall(b"version", self.version)
         if self.isNative:
             self.sendCall(b"hello", {"messageSize": self.limits.messageSize})
-        self._startKeepalive()
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -884,6 +888,12 @@ class Broker(Banana):
         # Write through a pacing wrapper: it knows when the peer stops taking data.
         super().makeConnection(PacedTransport(transport, self))  # type: ignore[no-untyped-call]
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # From now, not from the choice of dialect: a peer that connects and then says
+        # nothing is dropped too (no ping can be sent to it before the choice).
+        self._startKeepalive()
+
     def registerPageProducer(self, pager: Any) -> None:
         """
         Have ``pager.sendNextPage()`` called while the connection takes data, until
@@ -976,7 +986,7 @@ class Broker(Banana):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _sendPing(self) -> None:
-        if self.disconnected or self.transport is None:
+        if self.disconnected or self.transport is None or not self.currentDialect:
             return
         if self.isNative or self.peerIsPbroker:
             assert self._keepaliveTimer is not None

@@ -49,8 +49,11 @@ class CallOptions:
     reply: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"a timeout must be a positive number of seconds, not {self.timeout}")
+        if self.timeout is not None:
+            if type(self.timeout) not in (int, float):
+                raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
+            if not self.timeout > 0:
+                raise ValueError(f"a timeout must be positive, not {self.timeout}")
         if self.context is not None:
             if not isinstance(self.context, dict):
                 raise TypeError(f"a call context must be a dict, not {type(self.context).__name__}")

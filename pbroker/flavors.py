@@ -365,6 +365,18 @@ class RemoteCache(RemoteCopy, Serializable):
             broker.decCacheRef(self.luid)
 
 
+def _methodName(name: object) -> bytes:
+    """
+    The wire form of a remote method's name (what callRemote is given), or TypeError for
+    what cannot be one.
+    """
+    if isinstance(name, str):
+        return name.encode("utf-8")
+    if isinstance(name, bytes):
+        return name
+    raise TypeError(f"a remote method's name must be text, not {name!r}")
+
+
 class RemoteCacheObserver:
     """
     How a :class:`Cacheable`'s owner reaches one peer's copy: ``callRemote("name", ...)`` runs
@@ -380,7 +392,7 @@ class RemoteCacheObserver:
         """
         Call ``observe_<_name>`` on the copy; a Deferred of the result, as with references.
         """
-        name = _name.encode("utf-8") if isinstance(_name, str) else _name
+        name = _methodName(_name)
         cacheID = self.broker.cachedRemotelyAs(self.cached)
         if cacheID is None:
             return fail(ProtocolError("the copy this observer reached is gone"))

@@ -207,7 +207,8 @@ class PBServerFactory(protocol.ServerFactory):
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock
-        Broker(dialects=dialects)  # checks the dialects now rather than per connection
+        # Checks the dialects and keepalive now rather than per connection.
+        Broker(dialects=dialects, keepalive=keepalive)
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
         broker = _buildBroker(self, False)
@@ -252,7 +253,8 @@ class PBClientFactory(protocol.ClientFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
-        Broker(dialects=dialects)  # checks the dialects now rather than per connection
+        # Checks the dialects and keepalive now rather than per connection.
+        Broker(dialects=dialects, keepalive=keepalive)
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock

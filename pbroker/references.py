@@ -14,7 +14,7 @@ from pbroker._jellier import Jellier
 from pbroker._unjellier import Unjellier
 from pbroker.context import CallOptions
 from pbroker.errors import InvalidJelly, JellyError
-from pbroker.flavors import Serializable
+from pbroker.flavors import Serializable, _methodName
 
 __all__ = ["CallingWithOptions", "Local", "RemoteMethod", "RemoteReference"]
 
@@ -69,9 +69,8 @@ class RemoteReference(Serializable):
             that is already disconnected fails with
             :class:`~pbroker.errors.DeadReferenceError` (through the Deferred, not raised).
         """
-        name = _name.encode("utf-8") if isinstance(_name, str) else _name
         result: Deferred[Any] | None = self.broker._sendMessage(
-            b"", self.perspective, self.luid, name, args, kw
+            b"", self.perspective, self.luid, _methodName(_name), args, kw
         )
         return result
 
@@ -173,9 +172,8 @@ class CallingWithOptions:
         these options.
         """
         ref = self.reference
-        name = _name.encode("utf-8") if isinstance(_name, str) else _name
         result: Deferred[Any] | None = ref.broker._sendMessage(
-            b"", ref.perspective, ref.luid, name, args, kw, self.options
+            b"", ref.perspective, ref.luid, _methodName(_name), args, kw, self.options
         )
         return result
 

@@ -845,6 +845,24 @@ class CancellationTests(NativeTestCase):
         self.assertEqual(self.server._answering, {})
         self.assertEqual(self.client._largeCalls, set())
 
+    def test_badArgumentsRefusedAtOnce(self) -> None:
+        """A method name that is not text, or a timeout that is not a number of seconds, is
+        refused where it is given, with a TypeError; nothing reaches the peer."""
+        for name in (123, None, ["echo"]):
+            with self.assertRaises(TypeError) as caught:
+                self.root.callRemote(name)
+            self.assertIn("a remote method's name must be text", str(caught.exception))
+            with self.assertRaises(TypeError):
+                self.root.withOptions(timeout=1).callRemote(name)
+        for timeout in (True, "5", [1]):
+            with self.assertRaises(TypeError) as caught:
+                self.root.withOptions(timeout=timeout)
+            self.assertIn("a timeout must be a number of seconds", str(caught.exception))
+        self.assertRaises(ValueError, self.root.withOptions, timeout=0)
+        self.pump.flush()
+        self.assertFalse(self.server.disconnected)
+        self.assertEqual(self.call("echo", 3), 3)
+
     def test_answerCrossesCancel(self) -> None:
         """An answer already on its way when the caller cancels is dropped quietly."""
         d = self.root.callRemote("wait")
@@ -987,10 +1005,38 @@ class KeepaliveTests(SynchronousTestCase):
         failure = self.failureResultOf(d, PBConnectionLost)
         self.assertIn("keepalive", str(failure.value))
 
+    def test_silentFromTheStart(self) -> None:
+        """A peer that connects and then says nothing, not even its choice of dialect, is
+        dropped within the timeout too."""
+        clock = Clock()
+        server, _client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(
+                NativeRoot(), clock=clock, keepalive=pb.Keepalive(interval=1, timeout=3)
+            ),
+            pb.PBClientFactory(clock=clock),
+            greet=False,
+            clock=clock,
+        )
+        with capturedLogs() as events:
+            clock.advance(2)
+            self.assertFalse(server.transport.disconnecting)
+            clock.advance(1)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertTrue(any("silent peer" in str(e.get("log_format")) for e in events))
+
     def test_validation(self) -> None:
-        """A timeout shorter than the interval is refused."""
+        """A timeout no longer than the interval (the peer would have no time to answer a
+        ping), a value that is not positive, or not a number, is refused; so is a factory's
+        keepalive that is not a Keepalive."""
         self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=5)
+        self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=10)
         self.assertRaises(ValueError, pb.Keepalive, interval=0)
+        self.assertRaises(TypeError, pb.Keepalive, interval="10")
+        self.assertRaises(TypeError, pb.Keepalive, timeout=True)
+        for factory in (pb.PBClientFactory, lambda **kw: pb.PBServerFactory(pb.Root(), **kw)):
+            with self.assertRaises(TypeError) as caught:
+                factory(keepalive=30)
+            self.assertIn("keepalive must be a Keepalive", str(caught.exception))
 
 
 class HostileNativePeerTests(NativeTestCase):

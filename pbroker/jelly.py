@@ -37,6 +37,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from zope.interface import Interface, classImplements
+
 from pbroker._jellier import DictTypes, Jellier, Jellyable, getInstanceState
 from pbroker._jellycore import (
     DummySecurityOptions,
@@ -70,7 +72,9 @@ from pbroker.errors import InsecureJelly, InvalidJelly, JellyError
 __all__ = [
     "DictTypes",
     "DummySecurityOptions",
+    "IJellyable",
     "ISecurityOptions",
+    "IUnjellyable",
     "InsecureJelly",
     "InvalidJelly",
     "Jellier",
@@ -116,6 +120,35 @@ unjellyableRegistry = globalRegistry.classes
 unjellyableFactoryRegistry = globalRegistry.factories
 
 _ALLOW_ALL = DummySecurityOptions()
+
+
+class IJellyable(Interface):
+    """
+    What jellies itself: :class:`Jellyable` and its subclasses provide it.
+    """
+
+    def jellyFor(jellier: Jellier) -> Any:
+        """
+        This object's s-expression, made with ``jellier`` (which keeps references and
+        security for the value being jellied).
+        """
+
+
+class IUnjellyable(Interface):
+    """
+    What rebuilds itself from an s-expression: :class:`Unjellyable` and its subclasses
+    provide it.
+    """
+
+    def unjellyFor(unjellier: Unjellier, jellyList: list[Any]) -> Any:
+        """
+        Fill this object in from ``jellyList``, the expression its tag heads, with
+        ``unjellier``; the object that stands for the value.
+        """
+
+
+classImplements(Jellyable, IJellyable)
+classImplements(Unjellyable, IUnjellyable)
 
 
 def setUnjellyableForClass(classname: str | bytes | type, unjellyable: Any) -> None:

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
+from pbroker import banana, jelly  # noqa: F401 (pb.jelly, pb.banana, as in twisted.spread.pb)
 from pbroker.broker import (
     MAX_BROKER_REFS,
     NATIVE_DIALECT,
@@ -62,10 +63,28 @@ from pbroker.flavors import (
     setCopierForClassTree,
     setFactoryForClass,
 )
-from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalSecurity
+from pbroker.jelly import (
+    IJellyable,
+    ISecurityOptions,
+    IUnjellyable,
+    UnjellyableRegistry,
+    globalSecurity,
+    setUnjellyableFactoryForClass,
+    setUnjellyableForClass,
+    setUnjellyableForClassTree,
+    unjelly,
+)
 from pbroker.references import Local, RemoteMethod, RemoteReference
 
 if TYPE_CHECKING:
+    from twisted.cred.credentials import (
+        Anonymous,
+        IAnonymous,
+        ICredentials,
+        IUsernameHashedPassword,
+    )
+    from twisted.cred.portal import Portal
+
     from pbroker.cred import (
         AsReferenceable,
         Avatar,
@@ -81,6 +100,7 @@ __all__ = [
     "MAX_BROKER_REFS",
     "NATIVE_DIALECT",
     "PB_VERSION",
+    "Anonymous",
     "AsReferenceable",
     "Avatar",
     "Broker",
@@ -92,8 +112,13 @@ __all__ = [
     "CopyableFailure",
     "DeadReferenceError",
     "Error",
+    "IAnonymous",
+    "ICredentials",
+    "IJellyable",
     "IPBRoot",
     "IPerspective",
+    "IUnjellyable",
+    "IUsernameHashedPassword",
     "IUsernameMD5Password",
     "Jellyable",
     "Keepalive",
@@ -102,6 +127,7 @@ __all__ = [
     "PBClientFactory",
     "PBConnectionLost",
     "PBServerFactory",
+    "Portal",
     "ProtocolError",
     "Referenceable",
     "RemoteCache",
@@ -124,6 +150,10 @@ __all__ = [
     "setCopierForClass",
     "setCopierForClassTree",
     "setFactoryForClass",
+    "setUnjellyableFactoryForClass",
+    "setUnjellyableForClass",
+    "setUnjellyableForClassTree",
+    "unjelly",
 ]
 
 #: The port PB servers traditionally listen on, under Twisted's name.
@@ -142,6 +172,12 @@ _LAZY = {
     "challenge": "pbroker.cred",
     "respond": "pbroker.cred",
     "CertificateLogin": "pbroker.tls",
+    # twisted.cred's names, as twisted.spread.pb has them.
+    "Anonymous": "twisted.cred.credentials",
+    "IAnonymous": "twisted.cred.credentials",
+    "ICredentials": "twisted.cred.credentials",
+    "IUsernameHashedPassword": "twisted.cred.credentials",
+    "Portal": "twisted.cred.portal",
 }
 
 
@@ -349,14 +385,13 @@ class PBClientFactory(protocol.ClientFactory):
 
         # Callbacks, not a coroutine: a coroutine would turn the server's copied failure
         # (UnauthorizedLogin) into a RemoteError on its way out.
+        legacyOnly = "the server offers only the legacy MD5 login, which this client refuses"
+
         def start(root: RemoteReference) -> Deferred[Any]:
             if not root.broker.peerIsPbroker:
                 # A stock Twisted server: it has only the legacy login.
                 if not self.legacyLogin:
-                    refusal = UnauthorizedLogin(
-                        "the server offers only the legacy MD5 login, which this client refuses"
-                    )
-                    return fail(refusal)
+                    return fail(UnauthorizedLogin(legacyOnly))
                 return legacy(root)
             clientNonce = secrets.token_bytes(24)
             return _answered(root.callRemote("passwordLogin", username, clientNonce)).addCallbacks(
@@ -382,8 +417,10 @@ class PBClientFactory(protocol.ClientFactory):
 
         def fallBack(failure: Failure, root: RemoteReference) -> Any:
             # A pbroker server without a password file has only the legacy login.
-            if failure.check(NoSuchMethod) is None or not self.legacyLogin:
+            if failure.check(NoSuchMethod) is None:
                 return failure
+            if not self.legacyLogin:
+                raise UnauthorizedLogin(legacyOnly)  # as against a stock server
             return legacy(root)
 
         def legacy(root: RemoteReference) -> Deferred[Any]:

@@ -8,12 +8,14 @@ import ast
 import os
 import subprocess
 import sys
+import types
 from importlib.metadata import version
 from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import pbroker
+import pbroker.jelly
 
 PACKAGE = Path(pbroker.__file__).parent
 
@@ -103,6 +105,31 @@ class PackageTests(SynchronousTestCase):
         self.assertEqual(
             output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]", "True", "True True"]
         )
+
+    def test_twistedPbNames(self) -> None:
+        """
+        Every public name of twisted.spread.pb an application uses is in pbroker.pb, so that
+        porting is changing the import. Left out: the modules and helpers stock pb only
+        imports for itself, and copyTags, an internal table of stock flavors.
+        """
+        from twisted.spread import pb as stock
+
+        from pbroker import pb
+
+        internal = {"cmp", "comparable", "implementer", "Interface", "registerAdapter", "md5"}
+        internal |= {"copyTags"}
+        missing = []
+        for name in dir(stock):
+            value = getattr(stock, name)
+            if name.startswith("_") or name in internal:
+                continue
+            if isinstance(value, types.ModuleType) and name not in ("banana", "jelly"):
+                continue
+            if not hasattr(pb, name):
+                missing.append(name)
+        self.assertEqual(missing, [])
+        self.assertIs(pb.setUnjellyableForClass, pbroker.jelly.setUnjellyableForClass)
+        self.assertIs(pb.jelly, pbroker.jelly)
 
     def test_codecLayerIsSansIO(self) -> None:
         """The codec and serialiser modules import nothing from twisted.internet but the

@@ -123,14 +123,15 @@ class Error(PBrokerError):
 class RemoteError(PBrokerError):
     """
     A failure that happened on the peer, raised locally (inside ``inlineCallbacks`` or a
-    coroutine awaiting a remote call).
+    coroutine awaiting a remote call). As in Twisted, its text (and only argument) is the
+    remote exception's.
 
     :ivar remoteType: the fully qualified name of the exception class on the peer, as bytes.
-    :ivar args: ``(remoteType, value, remoteTraceback)``.
+    :ivar remoteTraceback: the peer's traceback, if it sent one.
     """
 
     def __init__(self, remoteType: bytes | str, value: str, remoteTraceback: str) -> None:
-        super().__init__(remoteType, value, remoteTraceback)
+        super().__init__(value)
         self.remoteType = remoteType
         self.remoteTraceback = remoteTraceback
 

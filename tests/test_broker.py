@@ -476,14 +476,18 @@ class CallTests(SynchronousTestCase):
             try:
                 await self.root.callRemote("fail", "oops")
             except RemoteError as e:
-                return e.args
+                return e.remoteType, str(e), e.args, e.remoteTraceback
 
         d = Deferred.fromCoroutine(use())
         self.pump.flush()
         self.flushLoggedErrors(ValueError)
         self.assertEqual(
-            self.successResultOf(d), (b"builtins.ValueError", "oops", "Traceback unavailable\n")
+            self.successResultOf(d),
+            (b"builtins.ValueError", "oops", ("oops",), "Traceback unavailable\n"),
         )
+        stock = twistedPb.RemoteError(b"builtins.ValueError", "oops", "tb")
+        mine = RemoteError(b"builtins.ValueError", "oops", "tb")
+        self.assertEqual((str(mine), mine.args), (str(stock), stock.args))
 
     def test_unsafeTracebacks(self) -> None:
         """With unsafeTracebacks the caller receives the remote traceback text."""

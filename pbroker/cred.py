@@ -194,11 +194,13 @@ class LoginGuard:
             return result
 
         def failed(failure: Failure) -> Deferred[Any]:
+            kind = getattr(failure.type, "__name__", describe(failure.type))
+            message = failure.getErrorMessage()
             self._log.warn(
                 "Login failed for {user!r} from {peer}: {reason}",
                 user=name,
                 peer=address,
-                reason=failure.getErrorMessage() or describe(failure.type),
+                reason=f"{kind}: {message}" if message else kind,
             )
             delay = self.delayFor(address)
             self._failures[address] = (self._recentFailures(address) + 1, self.reactor.seconds())

@@ -239,6 +239,8 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertIn("Login failed", text)
         self.assertIn("alice", text)
         self.assertNotIn("wrong", text)
+        reasons = {e["reason"] for e in events if "reason" in e}
+        self.assertEqual(reasons, {"UnauthorizedLogin"})
         self.flushLoggedErrors(UnauthorizedLogin)
 
     def test_successNotDelayedAndForgivesAddress(self) -> None:

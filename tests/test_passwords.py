@@ -243,6 +243,10 @@ class PasswordLoginTests(SynchronousTestCase):
         )
         avatar = self.login(server, pb.PBClientFactory(), b"legacy secret")
         self.assertEqual(self.name(avatar), "alice")
+        # A client that refuses the legacy login is refused as a stock server refuses it.
+        failure = self.login(server, pb.PBClientFactory(legacyLogin=False), b"legacy secret")
+        self.assertTrue(failure.check(UnauthorizedLogin))
+        self.assertIn("only the legacy MD5 login", failure.getErrorMessage())
 
     def test_dialectTellsPbrokerPeers(self) -> None:
         """Two pbroker peers agree on pbroker's dialect; a stock peer on both sides gets pb."""

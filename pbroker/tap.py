@@ -15,10 +15,16 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    AllowAnonymousAccess,
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import IAnonymous, IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.cred.strcred import AuthOptionMixin
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -195,7 +201,29 @@ class Options(usage.Options, AuthOptionMixin):
 
     @property
     def wantsLogin(self) -> bool:
-        return bool(self.get("credCheckers") or self["password-file"] or self["anonymous"])
+        return bool(
+            self.get("credCheckers")
+            or self["password-file"]
+            or self["anonymous"]
+            or self["tls-client-ca"]
+        )
+
+
+@implementer(ICredentialsChecker)
+class _CommonNameChecker:
+    """
+    Logs a client in as the user its certificate's common name names: for
+    ``--tls-client-ca``, whose CA issues certificates to the broker's users alone (TLS has
+    verified the certificate before this sees it).
+    """
+
+    credentialInterfaces = (tls.IPeerCertificate,)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        name = credentials.commonName
+        if not name:
+            return fail(UnauthorizedLogin("the client certificate names no user (common name)"))
+        return succeed(name.encode("utf-8"))
 
 
 def _bytesUsernames(checker: Any) -> Any:
@@ -246,6 +274,8 @@ def makeService(options: Options) -> service.MultiService:
         checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
         if options["password-file"]:
             checkers.append(ScramChecker(PasswordFile(options["password-file"])))
+        if options["tls-client-ca"]:
+            checkers.append(_CommonNameChecker())
         if options["anonymous"] or not options.wantsLogin:
             # With no login option at all, anonymous login is the embedded default.
             checkers.append(AllowAnonymousAccess())

@@ -13,6 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.cred.credentials import IAnonymous
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -237,6 +239,26 @@ class TLSTests(TestCase):
         )
         avatar = await factory.login(pb.CertificateLogin())
         self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+
+    async def test_twistdClientCertificateLogsIn(self) -> None:
+        """
+        ``twistd pbroker --tls-client-ca`` lets a client log in with its certificate, as the
+        user its common name names; anonymous login then needs --anonymous.
+        """
+        from pbroker import tap
+
+        options = tap.Options()
+        tlsFiles = ["--tls-certificate", self.serverCert, "--tls-key", self.serverKey]
+        options.parseOptions(["--tls-port", "0", *tlsFiles, "--tls-client-ca", self.authority.pem])
+        (listening,) = tap.makeService(options)
+        portal = listening.factory.root.portal
+        checker = portal.checkers[tls.IPeerCertificate]
+        self.assertEqual(
+            await checker.requestAvatarId(tls.PeerCertificate(b"der", "alice")), b"alice"
+        )
+        with self.assertRaises(UnauthorizedLogin):
+            await checker.requestAvatarId(tls.PeerCertificate(b"der", None))
+        self.assertNotIn(IAnonymous, portal.checkers)
 
     async def test_unmappedCertificateRefused(self) -> None:
         """A valid certificate with no account is refused at login."""

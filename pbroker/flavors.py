@@ -35,11 +35,14 @@ from pbroker.jelly import (
 )
 
 __all__ = [
+    "Cacheable",
     "Copyable",
     "IPBRoot",
     "Jellyable",
     "NoSuchMethod",
     "Referenceable",
+    "RemoteCache",
+    "RemoteCacheObserver",
     "RemoteCopy",
     "Root",
     "Serializable",

@@ -32,8 +32,10 @@ security options and copy registries rule it exactly as on a ``pb`` connection.
 
 One semantic difference from jelly, documented for users in ``docs/native.rst``: plain
 containers (``list``, ``dict``, ``tuple``, ``set``) are sent by value, so a list that appears
-twice in one value arrives as two equal lists. A value whose plain containers form a cycle
-(or nest deeper than msgpack allows) is sent whole through ``JELLY`` and keeps its shape.
+twice in one value arrives as two equal lists; each object that goes through ``JELLY`` is
+jellied on its own, so a copy that appears twice arrives as two copies as well. A value whose
+plain containers form a cycle (or nest deeper than msgpack allows) is sent whole through
+``JELLY`` and keeps its shape.
 """
 
 from __future__ import annotations

@@ -125,7 +125,9 @@ class BrokerLimits:
     (a message too large or too deep), which closes the connection. Each is logged.
 
     :ivar messageSize: the most bytes one incoming message may take (``None``: no limit).
-    :ivar nestingDepth: the deepest list nesting an incoming message may have.
+    :ivar nestingDepth: the deepest list nesting an incoming message may have (in the
+        native dialect: tuples, sets and jellied values; msgpack's lists and dicts nest at
+        most 1024 deep, see docs/security.rst).
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once.

@@ -208,6 +208,31 @@ class ValueTests(NativeTestCase):
             self.assertEqual(packed, msgpack.packb(value, use_bin_type=True))
         self.assertEqual(self.call("echo", large), large)
 
+    def test_repeatedObjectsArriveTwice(self) -> None:
+        """As docs/native.rst says: a copy that appears twice in one value arrives as two
+        copies, where the pb dialect gives one copy twice; a reference arrives as equal
+        references in both, as in Twisted."""
+        thing = Thing()
+        reference = pb.Referenceable()
+        twice = [thing, thing, reference, reference]
+        self.rootObject.remote_twice = lambda: twice  # type: ignore[attr-defined]
+        copies = self.call("twice")
+        self.assertIsInstance(copies[0], RemoteThing)
+        self.assertIsNot(copies[0], copies[1])
+        self.assertIsNot(copies[2], copies[3])
+        self.assertEqual(copies[2], copies[3])
+        self.assertEqual(copies[2].luid, copies[3].luid)
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject),
+            pb.PBClientFactory(registry=self.registry, dialects=[b"pb"]),
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("twice").addBoth(results.append)
+        pump.flush()
+        pbCopies = results[0]
+        self.assertIs(pbCopies[0], pbCopies[1])
+        self.assertEqual(pbCopies[2], pbCopies[3])
+
     def test_mediumBytesInOneRecord(self) -> None:
         """
         A byte string between 32 KiB and 64 KiB, as the argument and as the answer, travels

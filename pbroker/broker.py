@@ -1348,6 +1348,7 @@ class Broker(Banana):
         self._answering.pop(requestID, None)
         callContext = self._callContexts.pop(requestID, None)
         if self.disconnected:
+            self._dropStreamsIn(netResult)  # a stream made after the connection was lost
             return
         try:
             if callContext is not None and callContext.reply and self.isNative:

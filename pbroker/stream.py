@@ -481,18 +481,22 @@ class OutgoingStream:
         """
         if self._done:
             return
+        self._stop()
+        self._table.ended(self.streamID, None)
+
+    def connectionLost(self) -> None:
+        if not self._done:
+            self._stop()
+
+    def _stop(self) -> None:
+        # A step the source is in the middle of (an async generator awaiting something) is
+        # cancelled first: a running async generator cannot be closed.
         self._done = True
         if self._busy is not None:
             busy, self._busy = self._busy, None
             busy.addErrback(lambda _: None)
             busy.cancel()
         self._close()
-        self._table.ended(self.streamID, None)
-
-    def connectionLost(self) -> None:
-        if not self._done:
-            self._done = True
-            self._close()
 
     def _close(self) -> None:
         source = self._source

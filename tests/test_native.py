@@ -1375,6 +1375,46 @@ class StreamLifecycleTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(self.server.luids, {})
 
+    def test_connectionLostClosesAwaitingAsyncGenerator(self) -> None:
+        """An async generator being streamed, awaiting something when the connection drops,
+        is closed: the step it is in is cancelled, and its finally runs."""
+        closed: list[bool] = []
+        gate: Deferred[None] = Deferred()
+
+        async def gated() -> AsyncIterator[int]:
+            try:
+                yield 1
+                await gate
+                yield 2
+            finally:
+                closed.append(True)
+
+        self.rootObject.remote_gated = gated  # type: ignore[attr-defined]
+        stream = self.call("gated")
+        first: list[Any] = []
+        stream.next().addBoth(first.append)
+        stream.next().addErrback(lambda _: None)
+        self.pump.flush()
+        self.assertEqual(first, [1])
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(closed, [True])
+        self.assertTrue(gate.called)  # cancelled
+
+    def test_generatorAnsweredAfterDisconnectClosed(self) -> None:
+        """A method whose Deferred fires with a generator after the caller's connection is
+        gone has the generator closed, not kept in the dead connection's table."""
+        self.root.callRemote("wait").addErrback(lambda _: None)
+        self.pump.flush()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        generator = self.rootObject.remote_numbers(3)
+        next(generator)  # started, so that closing it runs its finally
+        assert self.rootObject.pending is not None
+        self.rootObject.pending.callback(generator)
+        self.assertTrue(self.rootObject.closed)
+        self.assertEqual(self.server._streams.outgoing, {})
+
     def test_callRefusedUnreadReleasesItsArguments(self) -> None:
         """
         A call the server refuses before it reads the arguments (too many calls in

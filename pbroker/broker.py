@@ -351,6 +351,10 @@ class Broker(Banana):
         self._afterLarge: list[bytes | _Payload] = []
         #: The largest message the peer accepts (it says so in its hello), if known.
         self.peerMessageSize: int | None = BrokerLimits.messageSize
+        # Whether the peer's hello came, and whether the factory is told of the connection
+        # only then (a native client: see connectionReady).
+        self._heardHello = False
+        self._factoryWaitsForHello = False
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = set()
         self._abandonedOverflow = False
@@ -422,7 +426,13 @@ class Broker(Banana):
             except Exception:
                 self._log.failure("Error in a connect notifier")
         if self.factory is not None:
-            self.factory.clientConnectionMade(self)
+            if self.isClient and self.isNative and not self._heardHello:
+                # The application gets the root once the server's hello has said how large
+                # a message it accepts: a call made earlier, larger than that, would have
+                # the server drop the connection instead of failing with LimitExceeded.
+                self._factoryWaitsForHello = True
+            else:
+                self.factory.clientConnectionMade(self)
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
@@ -1499,6 +1509,11 @@ class Broker(Banana):
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
             self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
+        self._heardHello = True
+        if self._factoryWaitsForHello:
+            self._factoryWaitsForHello = False
+            if self.factory is not None:
+                self.factory.clientConnectionMade(self)
 
     def _decref(self, objectID: Any) -> None:
         local = self.localObjects.get(objectID) if type(objectID) is int else None

@@ -437,6 +437,24 @@ class LargeMessageTests(NativeTestCase):
         self.assertFalse(self.client.disconnected)
         self.assertEqual(self.call("echo", 1), 1)
 
+    def test_firstCallKnowsTheServersLimit(self) -> None:
+        """The root reaches the application once the server's hello has said how large a
+        message it accepts: a call made at once, larger than that, fails with
+        LimitExceeded instead of having the server drop the connection."""
+        factory = pb.PBClientFactory()
+        results: list[Any] = []
+        factory.getRootObject().addCallback(
+            lambda root: root.callRemote("echo", b"x" * (2 * 1024 * 1024))
+        ).addBoth(results.append)
+        limits = pb.BrokerLimits(messageSize=1024 * 1024)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), limits=limits), factory
+        )
+        pump.flush()
+        self.assertEqual(client.peerMessageSize, 1024 * 1024)
+        results[0].trap(LimitExceeded)
+        self.assertFalse(server.disconnected)
+
     def test_receivedOverLimitDrops(self) -> None:
         """A peer that ignores the announced limit is dropped."""
         self.server._decoder.messageSizeLimit = 1024 * 1024

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
@@ -62,19 +62,29 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.clock = Clock()
         self.connected: list[Any] = []
 
-    def client(self, password: bytes = b"secret", **options: Any) -> ReconnectingClient:
+    def client(
+        self, password: bytes = b"secret", start: bool = True, **options: Any
+    ) -> ReconnectingClient:
+        options.setdefault("onConnect", self.connected.append)
         client = ReconnectingClient(
             self.endpoint,
             UsernamePassword(b"alice", password),
-            onConnect=self.connected.append,
             retryPolicy=lambda attempt: 1.0,
             reactor=self.clock,
             **options,
         )
-        client.startService()
         self.addCleanup(client.stopService)
-        self.endpoint.pump()
+        if start:
+            client.startService()
+            self.endpoint.pump()
         return client
+
+    def openConnections(self) -> list[Any]:
+        return [
+            broker
+            for _server, broker, _pump in self.endpoint.connections
+            if not broker.disconnected
+        ]
 
     def call(self, client: ReconnectingClient, name: str) -> Any:
         results: list[Any] = []
@@ -131,3 +141,140 @@ class ReconnectingClientTests(SynchronousTestCase):
         """maxRetries below 1 is refused."""
         with self.assertRaises(ValueError):
             ReconnectingClient(self.endpoint, maxRetries=0, reactor=self.clock)
+
+    def test_documentedUsage(self) -> None:
+        """The module docstring's pattern, await whenReady() then await callRemote(), works."""
+        client = self.client(start=False)
+
+        async def use() -> tuple[Any, Any]:
+            avatar = await client.whenReady()
+            return avatar, await client.callRemote("name")
+
+        first = Deferred.fromCoroutine(use())
+        client.startService()
+        self.endpoint.pump()
+        self.assertEqual(self.successResultOf(first), (self.connected[0], "alice"))
+        self.endpoint.drop()
+        second = Deferred.fromCoroutine(use())
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(self.successResultOf(second), (self.connected[1], "alice"))
+
+    def test_refusedLoginClosesItsConnection(self) -> None:
+        """A refused login closes its connection: only the logged-in one is ever left open."""
+        client = self.client(password=b"wrong")
+        for _ in range(3):
+            self.clock.advance(1.0)
+            self.endpoint.pump()
+        self.assertEqual(len(self.endpoint.connections), 4)
+        self.assertEqual(self.openConnections(), [])
+        client.credentials = UsernamePassword(b"alice", b"secret")
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(len(self.connected), 1)
+        self.assertEqual(len(self.openConnections()), 1)
+        self.clock.advance(10.0)
+        self.endpoint.pump()
+        self.assertEqual(len(self.endpoint.connections), 5, "it connected again while logged in")
+
+    def test_failingOnConnectIsAFailedAttempt(self) -> None:
+        """An onConnect that fails fails the attempt: its connection is closed, and it retries."""
+        calls: list[Any] = []
+
+        def onConnect(avatar: Any) -> None:
+            calls.append(avatar)
+            if len(calls) == 1:
+                raise RuntimeError("not yet")
+
+        client = self.client(onConnect=onConnect)
+        self.assertEqual(self.openConnections(), [])
+        self.assertIsNone(client.current)
+        self.assertEqual(client.failedAttempts, 1)
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertIs(self.successResultOf(client.whenReady()), calls[1])
+        self.assertEqual(len(self.openConnections()), 1)
+
+    def test_stopDuringLoginClosesTheConnection(self) -> None:
+        """stopService() during the login closes its connection before its Deferred fires."""
+        client = self.client(start=False)
+        client.startService()  # connected; the login's messages have not moved yet
+        _server, broker, _pump = self.endpoint.connections[0]
+        stopped = client.stopService()
+        self.endpoint.pump()
+        self.successResultOf(stopped)
+        self.assertTrue(broker.disconnected, "stopService() is done but the connection is open")
+        self.assertEqual(self.connected, [])
+        self.clock.advance(10.0)
+        self.assertEqual(len(self.endpoint.connections), 1)
+
+    def test_dropDuringLogin(self) -> None:
+        """A connection lost during the login raises nothing, and the client retries."""
+        client = self.client(start=False)
+        client.startService()
+        server, _broker, _pump = self.endpoint.connections[0]
+        server.transport.loseConnection()  # before the login's answer arrives
+        self.endpoint.pump()  # a real reactor would log what this raises as unhandled
+        waiting = client.whenReady()
+        self.assertNoResult(waiting)
+        self.assertEqual(client.failedAttempts, 1)
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertIs(self.successResultOf(waiting), self.connected[0])
+        self.assertEqual(len(self.openConnections()), 1)
+
+    def test_maxRetriesCountsForTheClient(self) -> None:
+        """After maxRetries failed attempts in a row new calls fail at once, until a login."""
+        client = self.client(maxRetries=2)
+        self.endpoint.up = False
+        self.endpoint.drop()
+        for _ in range(2):
+            self.clock.advance(1.0)
+        failure = self.failureResultOf(client.callRemote("name"), PBConnectionLost)
+        self.assertIn("after 2 failed attempts in a row", failure.getErrorMessage())
+        self.assertIn("switched off", failure.getErrorMessage())
+        self.assertEqual(client.failedAttempts, 2)
+        self.endpoint.up = True  # it keeps trying; a successful login resets the count
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(client.failedAttempts, 0)
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_stopFailsCallers(self) -> None:
+        """stopService() fails waiting callers, and later ones at once, until started again."""
+        client = self.client()
+        self.endpoint.up = False
+        self.endpoint.drop()
+        waiting = client.whenReady()
+        self.successResultOf(client.stopService())
+        for failed in [waiting, client.whenReady()]:
+            failure = self.failureResultOf(failed, PBConnectionLost)
+            self.assertIn("stopped", failure.getErrorMessage())
+        self.endpoint.up = True
+        client.startService()
+        self.endpoint.pump()
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_restartWaitsForTheLastConnection(self) -> None:
+        """Started again before its connection is closed, it connects once that one is gone."""
+        client = self.client()
+        stopped = client.stopService()
+        client.startService()
+        self.assertEqual(len(self.endpoint.connections), 1)
+        self.endpoint.pump()  # the old connection closes
+        self.successResultOf(stopped)
+        self.clock.advance(0)
+        self.endpoint.pump()
+        self.assertEqual(len(self.endpoint.connections), 2)
+        self.assertEqual(len(self.openConnections()), 1)
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_cancelWaiting(self) -> None:
+        """A caller may cancel its wait; the others still get the avatar."""
+        client = self.client(start=False)
+        cancelled, waiting = client.whenReady(), client.whenReady()
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        client.startService()
+        self.endpoint.pump()
+        self.assertIs(self.successResultOf(waiting), self.connected[0])

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.python.failure import Failure
@@ -93,15 +93,27 @@ def endpointFor(address: str, caFile: str | None = None) -> str | Any:
     raise CommandError(EXIT_USAGE, f"unknown scheme {scheme!r} in {address!r} (pb or pbs)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    argparse, with usage errors on one line like every other error.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"pbroker: {message} (pbroker --help shows the usage)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pbroker", description="Talk to a Perspective Broker (pbroker or Twisted PB)."
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     parser.add_argument("--user", help="log in as this user (password: PBROKER_PASSWORD or prompt)")
     parser.add_argument("--ca", help="trust this CA file for pbs:// addresses")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the whole command (default 30)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ping", help="check that the broker answers").add_argument("address")
     commands.add_parser("info", help="what the broker says about itself").add_argument("address")
@@ -160,7 +172,7 @@ def _remoteMessage(failure: Failure) -> str:
 
 
 async def _run(reactor: Any, options: argparse.Namespace) -> Any:
-    from twisted.internet.defer import Deferred
+    from twisted.internet.defer import CancelledError, Deferred
 
     from pbroker import pb
 
@@ -174,32 +186,46 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     password = _password(options.user) if options.user else None
     factory = pb.PBClientFactory()
     started = time.monotonic()
-    connecting = pb.connect(endpoint, factory, reactor)
-    timer = reactor.callLater(options.timeout, connecting.cancel)
-    try:
-        target = await connecting
-    except Exception as e:
-        raise CommandError(EXIT_CONNECTION, f"cannot connect to {options.address}: {e}") from e
-    finally:
-        if timer.active():
-            timer.cancel()
+
+    async def within(step: Deferred[Any], code: int, what: str) -> Any:
+        # Each step gets what is left of --timeout; its outcome, a Failure if it failed.
+        left = max(0.0, started + options.timeout - time.monotonic())
+        timer = reactor.callLater(left, step.cancel)
+        outcome: list[Any] = []
+        try:
+            await step.addBoth(outcome.append)
+        finally:
+            if timer.active():
+                timer.cancel()
+        if isinstance(outcome[0], Failure) and outcome[0].check(CancelledError):
+            raise CommandError(code, f"{what}: no answer within {options.timeout:g} seconds")
+        return outcome[0]
+
+    connected = await within(
+        pb.connect(endpoint, factory, reactor),
+        EXIT_CONNECTION,
+        f"cannot connect to {options.address}",
+    )
+    if isinstance(connected, Failure):
+        reason = connected.getErrorMessage() or type(connected.value).__name__
+        message = f"cannot connect to {options.address}: {reason}"
+        raise CommandError(EXIT_CONNECTION, message) from connected.value
+    target = connected
     try:
         if options.user and password is not None:
             credentials = UsernamePassword(options.user.encode(), password)
-            answer: list[Any] = []
-            await factory.login(credentials).addBoth(answer.append)
-            if isinstance(answer[0], Failure):
-                reason = _remoteMessage(answer[0])
-                raise CommandError(EXIT_LOGIN, f"login refused for {options.user}: {reason}")
-            target = answer[0]
+            what = f"login refused for {options.user}"
+            answer = await within(factory.login(credentials), EXIT_LOGIN, what)
+            if isinstance(answer, Failure):
+                raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}")
+            target = answer
         method = options.method if options.command == "call" else options.command
         call: Deferred[Any] | None = target.callRemote(method, *arguments)
         assert call is not None  # answered calls always have a Deferred
-        outcome: list[Any] = []
-        await call.addBoth(outcome.append)
-        if isinstance(outcome[0], Failure):
-            raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome[0])}")
-        return outcome[0], (time.monotonic() - started) * 1000
+        outcome = await within(call, EXIT_REMOTE, f"{method} failed")
+        if isinstance(outcome, Failure):
+            raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome)}")
+        return outcome, (time.monotonic() - started) * 1000
     finally:
         factory.disconnect()
 

@@ -15,6 +15,9 @@ from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -34,6 +37,9 @@ class Service(pb.Root):
 
     def remote_info(self) -> dict[str, Any]:
         return {"name": "test", "bytes": b"\xff"}
+
+    def remote_hang(self) -> Deferred[None]:
+        return Deferred()
 
 
 class CommandLineTests(TestCase):
@@ -106,6 +112,29 @@ class CommandLineTests(TestCase):
         code, _, err = await self.command("ping", "pb://127.0.0.1:1")
         self.assertEqual(code, cli.EXIT_CONNECTION)
         self.assertOneLine(err, "cannot connect to pb://127.0.0.1:1")
+
+    async def test_timeout(self) -> None:
+        """--timeout bounds the whole command: a server that accepts and never speaks, or a
+        call never answered, exits with one line that says so."""
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        address = f"pb://127.0.0.1:{silent.getHost().port}"
+        code, _, err = await self.command("--timeout", "0.5", "ping", address)
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(err, f"cannot connect to {address}: no answer within 0.5 seconds")
+        port = await self.serve(Service())
+        code, _, err = await self.command(
+            "--timeout", "0.5", "call", f"pb://127.0.0.1:{port}", "hang"
+        )
+        self.assertEqual(code, cli.EXIT_REMOTE)
+        self.assertOneLine(err, "hang failed: no answer within 0.5 seconds")
+
+    async def test_usageErrors(self) -> None:
+        """An unknown command or a missing argument is one line too, and exits 2."""
+        for arguments in (["bogus"], ["call", "pb://127.0.0.1:1"], ["--timeout"]):
+            code, _, err = await self.command(*arguments)
+            self.assertEqual(code, cli.EXIT_USAGE, err)
+            self.assertOneLine(err, "pbroker --help shows the usage")
 
     async def test_login(self) -> None:
         """--user logs in with PBROKER_PASSWORD; a wrong password exits 4; no password and no

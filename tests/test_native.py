@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import random
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -121,6 +122,16 @@ class NativeRoot(pb.Root):
 
 def pbContext() -> context.CallContext:
     return context.current()
+
+
+def closingSource(closed: list[bool]) -> Iterator[int]:
+    """
+    A generator of one item that notes in ``closed`` when it is closed.
+    """
+    try:
+        yield 1
+    finally:
+        closed.append(True)
 
 
 class NativeTestCase(SynchronousTestCase):
@@ -1440,12 +1451,7 @@ class StreamLifecycleTests(NativeTestCase):
         the caller's generator is closed, and its object no longer exported.
         """
         closed: list[bool] = []
-
-        def source() -> Iterator[int]:
-            try:
-                yield 1
-            finally:
-                closed.append(True)
+        source = partial(closingSource, closed)
 
         self.server.limits = pb.BrokerLimits(pendingCalls=1)
         self.root.callRemote("wait")
@@ -1466,12 +1472,7 @@ class StreamLifecycleTests(NativeTestCase):
     def test_refusedCallClosesItsStreams(self) -> None:
         """A call that cannot be sent (too large) closes the stream it carried."""
         closed: list[bool] = []
-
-        def source() -> Iterator[int]:
-            try:
-                yield 1
-            finally:
-                closed.append(True)
+        source = partial(closingSource, closed)
 
         self.client.peerMessageSize = 1024 * 1024
         generator = source()

@@ -65,11 +65,23 @@ class ISecurityOptions(Protocol):
     What jelly asks of a security policy ("taster"). Names arrive as bytes.
     """
 
-    def isModuleAllowed(self, moduleName: str | bytes) -> bool: ...
+    def isModuleAllowed(self, moduleName: str | bytes) -> bool:
+        """
+        Whether instances and classes of the module ``moduleName`` may be unjellied.
+        """
+        ...
 
-    def isClassAllowed(self, klass: type) -> bool: ...
+    def isClassAllowed(self, klass: type) -> bool:
+        """
+        Whether instances of ``klass`` may be jellied and unjellied.
+        """
+        ...
 
-    def isTypeAllowed(self, typeName: str | bytes) -> bool: ...
+    def isTypeAllowed(self, typeName: str | bytes) -> bool:
+        """
+        Whether the jelly type tag ``typeName`` (``list``, ``instance``...) may be read.
+        """
+        ...
 
 
 class DummySecurityOptions:
@@ -80,12 +92,21 @@ class DummySecurityOptions:
     """
 
     def isModuleAllowed(self, moduleName: str | bytes) -> bool:
+        """
+        Every module is allowed.
+        """
         return True
 
     def isClassAllowed(self, klass: type) -> bool:
+        """
+        Every class is allowed.
+        """
         return True
 
     def isTypeAllowed(self, typeName: str | bytes) -> bool:
+        """
+        Every type tag is allowed.
+        """
         return True
 
 

@@ -722,10 +722,16 @@ class Broker(Banana):
         )
 
     def newRequestID(self) -> int:
+        """
+        A request id this side has not used on this connection.
+        """
         self.currentRequestID += 1
         return self.currentRequestID
 
     def newLocalID(self) -> int:
+        """
+        An id for an object this side exports, not used on this connection before.
+        """
         self.currentLocalID += 1
         return self.currentLocalID
 

@@ -103,6 +103,10 @@ class Avatar:
     """
 
     def perspectiveMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        """
+        Run the ``perspective_`` method the peer called, on behalf of this avatar, and return its
+        serialised result.
+        """
         args = broker.unserialize(args, self)
         kw = textKeywords(broker.unserialize(kw, self))
         method = findRemoteMethod(self, "perspective_", message)
@@ -273,6 +277,9 @@ class PortalRoot:
         self.legacyLogin = legacyLogin
 
     def rootObject(self, broker: Any) -> Referenceable:
+        """
+        The login root the peer on ``broker`` sees.
+        """
         return _PortalWrapper(self.portal, broker, self.guard, self.legacyLogin)
 
 

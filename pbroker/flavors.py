@@ -166,6 +166,9 @@ class Root(Referenceable):
     """
 
     def rootObject(self, broker: Any) -> Any:
+        """
+        This object itself, for every connection.
+        """
         return self
 
 
@@ -321,6 +324,10 @@ class RemoteCache(RemoteCopy, Serializable):
     luid: Any = None
 
     def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        """
+        Run the ``observe_`` method the cache's owner called on this copy, and return its
+        serialised result.
+        """
         args = _positional(broker.unserialize(args))
         kw = textKeywords(broker.unserialize(kw))
         method = findRemoteMethod(self, "observe_", message)
@@ -402,6 +409,9 @@ class RemoteCacheObserver:
         return self.broker._sendMessage(b"cache", self.perspective, cacheID, name, args, kw)
 
     def remoteMethod(self, key: str) -> RemoteCacheMethod:
+        """
+        The ``observe_<key>`` method of the copy, callable like a local function.
+        """
         return RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
 
     def __eq__(self, other: object) -> bool:

@@ -287,6 +287,10 @@ class ScramChecker:
         return decoy, False
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        """
+        The username, if the client's proof matches the user's verifier; else
+        :class:`~twisted.cred.error.UnauthorizedLogin` (an unknown user is refused the same way).
+        """
         verifier, known = self.verifierFor(credentials.username)
         if known and credentials.checkVerifier(verifier):
             return succeed(credentials.username)

@@ -338,6 +338,9 @@ class PBClientFactory(protocol.ClientFactory):
             self._failAll(failure)
 
     def clientConnectionMade(self, broker: Broker) -> None:
+        """
+        The connection is ready: hand its root object to whoever asked for it.
+        """
         self._broker = broker
         self._root = broker.remoteForName(b"root")
         requests, self.rootObjectRequests = self.rootObjectRequests, []

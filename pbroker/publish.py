@@ -49,6 +49,10 @@ class Publishable(Cacheable):
         self.timestamp = time.time()
 
     def view_getStateToPublish(self, perspective: Any) -> Any:
+        """
+        What a :class:`RemotePublished` copy fetches to refresh itself: the state published to
+        the calling ``perspective``.
+        """
         return self.getStateToPublishFor(perspective)
 
     def getStateToPublishFor(self, perspective: Any) -> Any:

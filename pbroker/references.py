@@ -33,10 +33,16 @@ class Local:
         return f"<pbroker.Local {self.object!r} ref:{self.refcount}>"
 
     def incref(self) -> int:
+        """
+        Count one more reference the peer holds; the new count.
+        """
         self.refcount += 1
         return self.refcount
 
     def decref(self) -> int:
+        """
+        Count one reference fewer; the new count (at 0 the object is no longer exported).
+        """
         self.refcount -= 1
         return self.refcount
 
@@ -133,6 +139,10 @@ class RemoteReference(Serializable):
         return [b"local", self.luid]
 
     def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> RemoteReference:
+        """
+        Become the reference a ``[b"remote", luid]`` expression names, counting it on the
+        broker that received it.
+        """
         if len(jellyList) != 2 or type(jellyList[1]) is not int:
             raise InvalidJelly(f"a remote reference needs one integer id: {jellyList!r:.100}")
         broker = unjellier.invoker

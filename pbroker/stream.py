@@ -310,11 +310,20 @@ class Stream:
     # IConsumer
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """
+        Have ``producer`` (a push producer) paused while the buffer is full and resumed as
+        the reader drains it.
+
+        :raises ValueError: ``streaming`` is false (pull producers are not taken).
+        """
         if not streaming:
             raise ValueError("a Stream takes push producers (streaming=True) only")
         self._producer = producer
 
     def unregisterProducer(self) -> None:
+        """
+        Stop pausing and resuming the registered producer.
+        """
         self._producer = None
 
     # Reading

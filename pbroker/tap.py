@@ -56,12 +56,21 @@ class _Introspection:
     services: dict[str, Any]
 
     def remote_ping(self) -> str:
+        """
+        ``"pong"``: the broker is alive.
+        """
         return "pong"
 
     def remote_info(self) -> dict[str, Any]:
+        """
+        The broker's name, version, protocol version and services.
+        """
         return _info(self.services)
 
     def remote_services(self) -> list[str]:
+        """
+        The names of the services the broker serves.
+        """
         return sorted(self.services)
 
 
@@ -85,12 +94,21 @@ class BrokerAvatar(pb.Avatar):
         self.services = services
 
     def perspective_ping(self) -> str:
+        """
+        ``"pong"``: the broker is alive.
+        """
         return "pong"
 
     def perspective_info(self) -> dict[str, Any]:
+        """
+        What :meth:`BrokerRoot.remote_info` says, and the logged-in ``user``.
+        """
         return {**_info(self.services), "user": self.name}
 
     def perspective_services(self) -> list[str]:
+        """
+        The names of the services the broker serves.
+        """
         return sorted(self.services)
 
 
@@ -104,6 +122,10 @@ class BrokerRealm:
         self.services = {} if services is None else services
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        """
+        A :class:`BrokerAvatar` named after ``avatarId`` (``anonymous`` for an anonymous
+        login), as a PB perspective.
+        """
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("this realm only gives PB perspectives")
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else "anonymous"
@@ -201,6 +223,10 @@ class Options(usage.Options, AuthOptionMixin):
 
     @property
     def wantsLogin(self) -> bool:
+        """
+        Whether an option asks for logins to accounts (so that anonymous login needs
+        ``--anonymous``).
+        """
         return bool(
             self.get("credCheckers")
             or self["password-file"]

@@ -37,6 +37,10 @@ class PacingFakeTransport(iosim.FakeTransport):
         self.producerPaused = False
 
     def write(self, data: bytes) -> None:
+        """
+        Buffer ``data`` as the fake does, and pause a streaming producer once more than
+        ``bufferSize`` bytes wait, as a real transport would.
+        """
         super().write(data)  # type: ignore[no-untyped-call]
         self.waiting += len(data)
         if (

@@ -202,6 +202,10 @@ class PeerCertificateChecker:
         self.commonNames = dict(commonNames or {})
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        """
+        The avatar id the certificate's fingerprint, or else its common name, maps to; else
+        :class:`~twisted.cred.error.UnauthorizedLogin`.
+        """
         avatarId = self.fingerprints.get(credentials.fingerprint)
         if avatarId is None and credentials.commonName is not None:
             avatarId = self.commonNames.get(credentials.commonName)

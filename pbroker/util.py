@@ -56,6 +56,10 @@ class LocalAsRemote:
     reportAllTracebacks = True
 
     def callRemote(self, name: str, *args: Any, **kw: Any) -> Any:
+        """
+        Call ``sync_<name>`` (its result as it is) or ``async_<name>`` (its result in a
+        Deferred, a failure as a failed Deferred), as a remote call would.
+        """
         syncMethod = getattr(self, "sync_" + name, None)
         if syncMethod is not None:
             return syncMethod(*args, **kw)
@@ -68,6 +72,9 @@ class LocalAsRemote:
             return defer.fail(failure)
 
     def remoteMethod(self, name: str) -> LocalMethod:
+        """
+        The method ``name``, callable like a local function.
+        """
         return LocalMethod(self, name)
 
 
@@ -89,6 +96,10 @@ class LocalAsyncForwarder:
         self.failWhenNotImplemented = failWhenNotImplemented
 
     def callRemote(self, method: str, *args: Any, **kw: Any) -> Any:
+        """
+        Call ``method`` on the forwarded object if the interface declares it (a Deferred of the
+        result); else fail with NotImplementedError, or give ``None`` if told not to fail.
+        """
         if self.interfaceClass.queryDescriptionFor(method):
             return defer.maybeDeferred(getattr(self.forwarded, method), *args, **kw)
         if self.failWhenNotImplemented:
@@ -196,6 +207,9 @@ class FilePager(Pager):
         self.startProducing(fd)
 
     def startProducing(self, fd: IO[bytes]) -> None:
+        """
+        Start reading ``fd`` into pages.
+        """
         self.deferred = FileSender().beginFileTransfer(fd, self)  # type: ignore[no-untyped-call]
         self.deferred.addBoth(self._doneReading)
 
@@ -206,14 +220,24 @@ class FilePager(Pager):
         self.collector.broker.sendPages()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Take the file reader that writes pages here (started at once if it is a pull
+        producer).
+        """
         self.producer = producer
         if not streaming:
             producer.resumeProducing()
 
     def unregisterProducer(self) -> None:
+        """
+        The file reader is done.
+        """
         self.producer = None
 
     def write(self, data: bytes) -> None:
+        """
+        A page read from the file: queue it for the broker to send.
+        """
         self.chunks.append(data)
         # A page is ready: the broker sends it if the connection takes data.
         self.collector.broker.sendPages()
@@ -239,9 +263,15 @@ class CallbackPageCollector(Referenceable):
         self.callback = callback
 
     def remote_gotPage(self, page: Any) -> None:
+        """
+        One more page from the pager.
+        """
         self.pages.append(page)
 
     def remote_endedPaging(self) -> None:
+        """
+        The pager is done: fire with every page received.
+        """
         self.callback(self.pages)
 
 

@@ -131,6 +131,36 @@ class PackageTests(SynchronousTestCase):
         self.assertIs(pb.setUnjellyableForClass, pbroker.jelly.setUnjellyableForClass)
         self.assertIs(pb.jelly, pbroker.jelly)
 
+    def test_publicMethodsDocumented(self) -> None:
+        """Every public method of every public class has a docstring (its own, or the one it
+        overrides), so that the API page says what each does."""
+        import importlib
+        import inspect
+        import pkgutil
+
+        missing = set()
+        for info in pkgutil.iter_modules(pbroker.__path__):
+            if info.name.startswith("_"):
+                continue
+            module = importlib.import_module(f"pbroker.{info.name}")
+            for name in getattr(module, "__all__", []):
+                cls = getattr(module, name)
+                if not (inspect.isclass(cls) and cls.__module__.startswith("pbroker")):
+                    continue
+                for attribute in dir(cls):
+                    static = inspect.getattr_static(cls, attribute)
+                    kinds = (property, classmethod, staticmethod)
+                    if attribute.startswith("_") or not (
+                        inspect.isfunction(static) or isinstance(static, kinds)
+                    ):
+                        continue
+                    owner = next(b for b in cls.__mro__ if attribute in vars(b))
+                    if not owner.__module__.startswith("pbroker"):
+                        continue
+                    if not inspect.getdoc(getattr(cls, attribute)):
+                        missing.add(f"{owner.__module__}.{owner.__qualname__}.{attribute}")
+        self.assertEqual(sorted(missing), [])
+
     def test_codecLayerIsSansIO(self) -> None:
         """The codec and serialiser modules import nothing from twisted.internet but the
         Protocol base class of the Banana adapter."""

@@ -675,6 +675,111 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
 _PLAIN_SEQUENCES: dict[type, int] = {tuple: TUPLE, set: SET, frozenset: FROZENSET}
 _REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZENSET: frozenset}
 
+#: How deeply msgpack itself nests arrays and maps, packing or unpacking.
+MSGPACK_DEPTH = 1024
+
+# The bytes after each msgpack type byte from 0xc0 on that are not payload: (the width of a
+# length that follows, or 0; a fixed size to skip besides; items: 0, or 1 per array entry
+# and 2 per map entry). Type bytes below 0xc0 are fixed forms, decoded in deeperThan.
+_FORMS: dict[int, tuple[int, int, int]] = {
+    0xC0: (0, 0, 0),  # nil
+    0xC2: (0, 0, 0),  # false
+    0xC3: (0, 0, 0),  # true
+    0xC4: (1, 0, 0),  # bin 8, 16, 32
+    0xC5: (2, 0, 0),
+    0xC6: (4, 0, 0),
+    0xC7: (1, 1, 0),  # ext 8, 16, 32 (the type byte besides)
+    0xC8: (2, 1, 0),
+    0xC9: (4, 1, 0),
+    0xCA: (0, 4, 0),  # float 32, 64
+    0xCB: (0, 8, 0),
+    0xCC: (0, 1, 0),  # uint 8..64
+    0xCD: (0, 2, 0),
+    0xCE: (0, 4, 0),
+    0xCF: (0, 8, 0),
+    0xD0: (0, 1, 0),  # int 8..64
+    0xD1: (0, 2, 0),
+    0xD2: (0, 4, 0),
+    0xD3: (0, 8, 0),
+    0xD4: (0, 2, 0),  # fixext 1..16 (the type byte besides)
+    0xD5: (0, 3, 0),
+    0xD6: (0, 5, 0),
+    0xD7: (0, 9, 0),
+    0xD8: (0, 17, 0),
+    0xD9: (1, 0, 0),  # str 8, 16, 32
+    0xDA: (2, 0, 0),
+    0xDB: (4, 0, 0),
+    0xDC: (2, 0, 1),  # array 16, 32
+    0xDD: (4, 0, 1),
+    0xDE: (2, 0, 2),  # map 16, 32
+    0xDF: (4, 0, 2),
+}
+
+
+def deeperThan(data: bytes | memoryview, limit: int) -> bool:
+    """
+    Whether arrays and maps nest more than ``limit`` deep in the msgpack document ``data``
+    (``[]`` and ``[1]`` are one deep), counting the arrays that tuples and sets carry in
+    their extensions as they come; read without building anything, and stopped as soon as
+    the answer is known. Other extensions and ``bin`` payloads are not looked into.
+    Malformed data is judged by what was read before the fault (msgpack then reports it).
+    """
+    end = len(data)
+    if end <= limit:
+        return False  # each level takes a byte at least
+    position = 0
+    # Per open level: the items still to read in it, and whether it is an array or map
+    # (else the payload of a tuple's or set's extension, one document, not a level).
+    left = [1]
+    counted = [False]
+    depth = 0
+    while left and position < end:
+        left[-1] -= 1
+        byte = data[position]
+        position += 1
+        items = 0
+        if byte < 0x80 or byte >= 0xE0:  # positive and negative fixint
+            pass
+        elif byte < 0x90:  # fixmap
+            items = 2 * (byte & 0x0F) + 1
+        elif byte < 0xA0:  # fixarray
+            items = (byte & 0x0F) + 1
+        elif byte < 0xC0:  # fixstr
+            position += byte & 0x1F
+        else:
+            form = _FORMS.get(byte)
+            if form is None:
+                return False  # 0xc1, never used
+            width, skip, perItem = form
+            length = int.from_bytes(data[position : position + width], "big") if width else 0
+            position += width
+            if perItem:
+                items = perItem * length + 1
+            elif skip and byte != 0xCA and byte != 0xCB and not 0xCC <= byte <= 0xD3:
+                # An extension: its type byte, then its payload.
+                code = data[position] if position < end else -1
+                position += 1
+                if byte >= 0xD4:
+                    length = skip - 1
+                if code in _REBUILD:
+                    left.append(1)  # the payload: one document, read in place
+                    counted.append(False)
+                    continue
+                position += length
+            else:
+                position += skip + length
+        if items:
+            left.append(items - 1)  # (+1 and -1: a container counts even when empty)
+            counted.append(True)
+            depth += 1
+            if depth > limit:
+                return True
+        while left and not left[-1]:
+            left.pop()
+            if counted.pop():
+                depth -= 1
+    return False
+
 
 class ValueCodec:
     """
@@ -687,6 +792,9 @@ class ValueCodec:
     :param isStream: whether an object is to be sent as a stream.
     :param openStream: makes the receiving end of the peer's stream ``id``.
     :param depthLimit: how deeply extensions may nest in a received value.
+    :param measureDepth: measure how deeply each received value nests, and refuse one deeper
+        than ``depthLimit`` (msgpack's own arrays and maps are otherwise bounded only by
+        :data:`MSGPACK_DEPTH`).
     """
 
     def __init__(
@@ -697,6 +805,7 @@ class ValueCodec:
         stream: Callable[[Any], int],
         openStream: Callable[[int], Any],
         depthLimit: int,
+        measureDepth: bool = False,
     ) -> None:
         self._jelly = jelly
         self._unjelly = unjelly
@@ -704,6 +813,7 @@ class ValueCodec:
         self._stream = stream
         self._openStream = openStream
         self.depthLimit = depthLimit
+        self._measureDepth = measureDepth and depthLimit < MSGPACK_DEPTH
         self._depth = 0
         self._special = False
         self._packing = False
@@ -803,6 +913,8 @@ class ValueCodec:
             return data.value
         if kind is not bytes and kind is not memoryview:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
+        if self._measureDepth and deeperThan(data, self.depthLimit):
+            raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension

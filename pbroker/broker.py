@@ -126,8 +126,7 @@ class BrokerLimits:
 
     :ivar messageSize: the most bytes one incoming message may take (``None``: no limit).
     :ivar nestingDepth: the deepest list nesting an incoming message may have (in the
-        native dialect: tuples, sets and jellied values; msgpack's lists and dicts nest at
-        most 1024 deep, see docs/security.rst).
+        native dialect, each value's: see docs/security.rst).
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once.
@@ -410,6 +409,8 @@ class Broker(Banana):
             self._streams.register,
             self._streams.open,
             self.limits.nestingDepth,
+            # At the default, msgpack's own bound (MSGPACK_DEPTH) is taken as close enough.
+            measureDepth=self.limits.nestingDepth < DEPTH_LIMIT,
         )
         self._decoder = FrameDecoder(size)
         self.currentDialect = dialect

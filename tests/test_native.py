@@ -1238,6 +1238,72 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertEqual([len(answer) for answer in answers], [3 * 1024 * 1024])
 
 
+class NestingDepthTests(SynchronousTestCase):
+    """
+    ``BrokerLimits.nestingDepth`` bounds how deeply a native value nests: msgpack's lists
+    and dicts, the tuples and sets around them, together.
+    """
+
+    def setUp(self) -> None:
+        limits = pb.BrokerLimits(nestingDepth=6)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), limits=limits), pb.PBClientFactory()
+        )
+        self.root = self.client.remoteForName("root")
+
+    def echo(self, value: Any) -> Any:
+        results: list[Any] = []
+        with capturedLogs():
+            self.root.callRemote("echo", value).addBoth(results.append)
+            self.pump.flush()
+        return results[0]
+
+    def nested(self, depth: int, wrap: Any = lambda inner: [inner]) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = wrap(value)
+        return value
+
+    def test_deepValueRefused(self) -> None:
+        """Lists, dicts and tuples nested deeper than the limit fail that call with
+        InvalidJelly; the connection stays."""
+        # The arguments are a list themselves: a value 5 deep is 6 levels.
+        self.assertEqual(self.echo(self.nested(5)), self.nested(5))
+        mixed = self.nested(
+            5, lambda inner: {"k": (inner,)} if type(inner) is not dict else [inner]
+        )
+        for value in (self.nested(6), self.nested(6, lambda inner: {"k": inner}), mixed):
+            failure = self.echo(value)
+            self.assertIsInstance(failure, Failure)
+            self.assertIn("nested more than 6 levels deep", str(failure.value))
+        self.assertFalse(self.server.disconnected)
+        self.assertEqual(self.echo(3), 3)
+
+    def test_deeperThan(self) -> None:
+        """deeperThan reads how deeply a document nests without building it, tuples' and
+        sets' arrays included, and never fails on malformed or cut bytes."""
+        codec = self.server._codec
+        assert codec is not None
+        for value, depth in (
+            (1, 0),
+            ([], 1),
+            ([1, [2, {"a": [3]}]], 4),
+            ({"a": b"[[["}, 1),
+            ([(1, (2, [3]))], 4),
+            ({frozenset({(1,)})}, 3),
+        ):
+            data = codec.pack(value)
+            assert isinstance(data, bytes)
+            for limit in range(6):
+                self.assertEqual(_native.deeperThan(data, limit), depth > limit, (value, limit))
+        deep = msgpack.packb(self.nested(1000), use_bin_type=True)
+        self.assertTrue(_native.deeperThan(deep, 20))
+        for cut in range(len(deep)):
+            self.assertFalse(_native.deeperThan(deep[:cut], 1000))
+        self.assertTrue(_native.deeperThan(b"\xdd\xff\xff\xff\xff" * 3, 2))
+        self.assertFalse(_native.deeperThan(b"\xc7\xff\x01\x91" + b"\x91" * 5, 9))
+
+
 class LocalStreamTests(SynchronousTestCase):
     """
     :class:`Stream` on its own: a buffer with back-pressure for writers and push producers.

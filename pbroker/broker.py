@@ -750,14 +750,18 @@ class Broker(Banana):
         Send a call (``prefix`` is ``b""`` or ``b"cache"``) and return the Deferred of its
         answer, or ``None`` for a one-way call (``pbanswer=False``). Cancelling the Deferred
         abandons the call (and, in the native dialect, cancels it on the peer).
+
+        :raises Exception: why a one-way call could not be sent (a value too large or that
+            cannot be serialised, a dead connection): it has no Deferred to fail.
         """
         answerRequired = True
         if "pbanswer" in kw:
             kw = dict(kw)
             answerRequired = bool(kw.pop("pbanswer"))
         if self.disconnected:
-            failure = Failure(DeadReferenceError("Calling Stale Broker"))
-            return fail(failure) if answerRequired else None
+            if not answerRequired:
+                raise DeadReferenceError("Calling Stale Broker")
+            return fail(DeadReferenceError("Calling Stale Broker"))
         annotations = None if options is None else options.context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective
@@ -777,7 +781,9 @@ class Broker(Banana):
         except Exception:
             failure = Failure()
             self._streams.dropAfter(mark)
-            return fail(failure) if answerRequired else None
+            if not answerRequired:
+                raise
+            return fail(failure)
         finally:
             self.serializingPerspective = None
             self.jellyMethod = None
@@ -938,7 +944,11 @@ class Broker(Banana):
                 progress = False
                 for pager in list(self.pageProducers):
                     written = transport.written
-                    pager.sendNextPage()
+                    try:
+                        pager.sendNextPage()
+                    except Exception:
+                        self.pageProducers.remove(pager)  # a page it cannot send: it is done
+                        raise
                     progress = progress or transport.written != written
                     if not pager.stillPaging():
                         self.pageProducers.remove(pager)

@@ -74,6 +74,8 @@ class RemoteReference(Serializable):
             ``None`` for a one-way call made with ``pbanswer=False``. A call through a broker
             that is already disconnected fails with
             :class:`~pbroker.errors.DeadReferenceError` (through the Deferred, not raised).
+        :raises Exception: a one-way call that cannot be sent (too large, not serialisable,
+            or through a disconnected broker) raises why, having no Deferred to fail.
         """
         result: Deferred[Any] | None = self.broker._sendMessage(
             b"", self.perspective, self.luid, _methodName(_name), args, kw

@@ -5,6 +5,7 @@ calls, disconnects and protocol errors; against pbroker and against stock Twiste
 
 from __future__ import annotations
 
+import datetime
 import gc
 from typing import Any
 
@@ -385,6 +386,43 @@ class CallTests(SynchronousTestCase):
             pb.PBServerFactory(self.rootObject), pb.PBClientFactory()
         )
         self.root = self.client.remoteForName("root")
+
+    def test_oneWayCallThatCannotBeSent(self) -> None:
+        """A one-way call that cannot be sent raises why, having no Deferred to fail: a value
+        that cannot be serialised, one over PB's ceiling in the pb dialect, a dead broker."""
+        aware = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+        with self.assertRaises(jelly.JellyError):
+            self.root.callRemote("record", aware, pbanswer=False)
+        _server, client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb)), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        with self.assertRaises(banana.BananaEncodeError):
+            client.remoteForName("root").callRemote("record", b"x" * 700_000, pbanswer=False)
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        with self.assertRaises(DeadReferenceError):
+            self.root.callRemote("record", 1, pbanswer=False)
+
+    def test_pagerWithPagesThatCannotBeSent(self) -> None:
+        """A pager whose page cannot be sent (over PB's ceiling, in the pb dialect) fails at
+        once, where it was started, and is dropped: the call that started it fails (stock
+        PB raises there too), where it used to stall without a word."""
+        from pbroker import util
+
+        class Archive(pb.Root):
+            def remote_download(self, collector: Any) -> None:
+                util.StringPager(collector, b"a" * 1_400_000, 700_000)
+
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Archive()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        with capturedLogs():
+            util.getAllPages(client.remoteForName("root"), "download").addBoth(results.append)
+            pump.flush()
+        self.assertIn("too long to send", str(results[0].value))
+        self.assertEqual(server.pageProducers, [])
+        self.flushLoggedErrors()
 
     def test_asyncMethodsAwaited(self) -> None:
         """An async def remote method is awaited; its result is the answer."""

@@ -352,6 +352,9 @@ class RemoteCache(RemoteCopy, Serializable):
         self.luid = luid
         broker.cacheLocally(luid, self)
         handle = self._borgify()
+        # As in Twisted: __init__ (without arguments) runs on each received cache, before its
+        # state is set, so that what a subclass sets up there exists.
+        handle.__init__()  # type: ignore[misc]
         handle.setCopyableState(unjellier.unjelly(jellyList[2]))
         # setCopyableState may have replaced __dict__: share whatever it installed.
         self.__dict__ = handle.__dict__

@@ -46,7 +46,15 @@ def cacheableFor(module: Any) -> Any:
 
 def remoteCacheFor(module: Any) -> Any:
     class RemoteGauge(module.RemoteCache):
+        def __init__(self) -> None:
+            # Run (without arguments) on each copy received, before its state is set.
+            self.history: list[int] = []
+
+        def setCopyableState(self, state: dict[str, Any]) -> None:
+            self.__dict__.update(state)
+
         def observe_setValue(self, value: int) -> None:
+            self.history.append(self.value)
             self.value = value
 
     return RemoteGauge
@@ -105,6 +113,7 @@ class CacheTestsMixin:
         self.gauge.set(7)
         self.pump.flush()
         self.assertEqual(copy.value, 7)  # type: ignore[attr-defined]
+        self.assertEqual(copy.history, [3])  # type: ignore[attr-defined]
 
     def test_oneCopyPerConnection(self) -> None:
         """Sending it again gives another handle on the same state, and one observer."""

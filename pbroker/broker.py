@@ -480,10 +480,13 @@ class Broker(Banana):
 
     def notifyOnDisconnect(self, notifier: Callable[[], object]) -> None:
         """
-        Call ``notifier()`` when the connection is lost.
+        Call ``notifier()`` when the connection is lost (at once, if it already is).
         """
         if not callable(notifier):
             raise TypeError(f"notifyOnDisconnect() needs a callable, not {notifier!r}")
+        if self.disconnected:
+            notifier()
+            return
         self.disconnects.append(notifier)
 
     def dontNotifyOnDisconnect(self, notifier: Callable[[], object]) -> None:

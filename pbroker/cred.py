@@ -126,10 +126,6 @@ class AsReferenceable(Referenceable):
     def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
         return self._receive(broker, message, args, kw)
 
-    def processUniqueID(self) -> Any:
-        # One reference per avatar, however many times it is wrapped.
-        return id(self.object)
-
 
 class LoginGuard:
     """

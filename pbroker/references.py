@@ -110,7 +110,7 @@ class RemoteReference(Serializable):
 
     def notifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
         """
-        Call ``callback(self)`` when the broker disconnects.
+        Call ``callback(self)`` when the broker disconnects (at once, if it already has).
         """
         if not callable(callback):
             raise TypeError(f"notifyOnDisconnect() needs a callable, not {callback!r}")

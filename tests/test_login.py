@@ -8,10 +8,16 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.checkers import (
+    ANONYMOUS,
+    AllowAnonymousAccess,
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import Anonymous, IAnonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -169,6 +175,80 @@ class PbrokerServerTwistedClientLoginTests(LoginTestsMixin, SynchronousTestCase)
 class TwistedServerPbrokerClientLoginTests(LoginTestsMixin, SynchronousTestCase):
     serverModule = twistedPb
     clientModule = pb
+
+
+class LogoutOnceTests(SynchronousTestCase):
+    """
+    The realm's logout runs exactly once per login, in the cases where that takes care.
+    """
+
+    def setUp(self) -> None:
+        self.loggedOut: list[int] = []
+        self.avatar = pb.Avatar()  # the same avatar for every login
+        self.waiting: list[Any] = []
+        test = self
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                number = len(test.loggedOut) + len(test.waiting)
+                test.waiting.append(number)
+                return pb.IPerspective, test.avatar, lambda: test.loggedOut.append(number)
+
+        self.portal = Portal(Realm(), [AllowAnonymousAccess()])
+        self.clientFactory = pb.PBClientFactory()
+        self.server, self.client, self.pump = connect(
+            pb.PBServerFactory(self.portal), self.clientFactory
+        )
+
+    def login(self) -> Any:
+        results: list[Any] = []
+        self.clientFactory.login(Anonymous()).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+    def test_sameAvatarTwice(self) -> None:
+        """Two logins that get the same avatar are two references, each logged out when
+        the client drops it, as in Twisted."""
+        first, second = self.login(), self.login()
+        self.assertNotEqual(first, second)
+        del first
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.loggedOut, [0])
+        del second
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.loggedOut, [0, 1])
+
+    def test_loginCompletingAfterDisconnect(self) -> None:
+        """A login the checker answers after the client has gone is logged out at once."""
+        answer: Deferred[Any] = Deferred()
+
+        @implementer(ICredentialsChecker)
+        class Slow:
+            credentialInterfaces = (IAnonymous,)
+
+            def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+                return answer
+
+        self.portal.checkers[IAnonymous] = Slow()
+        self.clientFactory.login(Anonymous()).addErrback(lambda _: None)
+        self.pump.flush()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        answer.callback(ANONYMOUS)
+        self.assertEqual(self.loggedOut, [0])
+
+    def test_notifyAfterDisconnect(self) -> None:
+        """notifyOnDisconnect on a connection already lost calls back at once."""
+        root = self.client.remoteForName("root")
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        called: list[Any] = []
+        self.client.notifyOnDisconnect(lambda: called.append("broker"))
+        root.notifyOnDisconnect(lambda reference: called.append(reference))
+        self.assertEqual(called, ["broker", root])
 
 
 class ChallengeTests(SynchronousTestCase):

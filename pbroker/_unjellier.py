@@ -84,7 +84,7 @@ def _setState(inst: Any, state: Any) -> None:
 def _checkArity(node: list[Any], size: int) -> None:
     if len(node) != size:
         raise InvalidJelly(
-            f"a {_tagName(node)} expression has {size - 1} field(s), not {len(node) - 1}: "
+            f"a {_tagName(node)} expression needs {size - 1} field(s), not {len(node) - 1}: "
             f"{describe(node)}"
         )
 
@@ -472,8 +472,10 @@ class Unjellier:
         if factory is not None:
             _checkArity(node, 2)
             return _Frame(_closeFactory, node, 1, factory)
+        # The class first: a tag the security options refuse says so, whatever its shape.
+        cls = self._lookupClass(tag)
         _checkArity(node, 2)
-        return _Frame(_closeInstance, node, 1, self._lookupClass(tag))
+        return _Frame(_closeInstance, node, 1, cls)
 
     def _maybePostUnjelly(self, obj: Any) -> Any:
         postUnjelly = getattr(obj, "postUnjelly", None)

@@ -173,3 +173,24 @@ class PbrokerServerTwistedClientCacheTests(CacheTestsMixin, SynchronousTestCase)
 class TwistedServerPbrokerClientCacheTests(CacheTestsMixin, SynchronousTestCase):
     serverModule = twistedPb
     clientModule = pb
+
+
+class UnregisteredCacheTests(SynchronousTestCase):
+    def test_refusedClearly(self) -> None:
+        """A cacheable the client has no RemoteCache for is refused as the security options
+        refuse any class, in both dialects, not as a malformed expression."""
+
+        class Root(pb.Root):
+            def remote_cache(self) -> Any:
+                cacheable = pb.Cacheable()
+                return [cacheable, cacheable]
+
+        for dialects in (None, [b"pb"]):
+            _server, client, pump = connect(
+                pb.PBServerFactory(Root()), pb.PBClientFactory(dialects=dialects)
+            )
+            results: list[Any] = []
+            client.remoteForName("root").callRemote("cache").addBoth(results.append)
+            pump.flush()
+            results[0].trap(jelly.InsecureJelly)
+            self.assertIn("module 'pbroker.flavors' is not allowed", str(results[0].value))

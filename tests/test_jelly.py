@@ -779,7 +779,7 @@ class InvalidJellyTests(SynchronousTestCase):
         self.assertIn("b'true' or b'false'", str(caught.exception))
         with self.assertRaises(InvalidJelly) as caught:
             jelly.unjelly([b"None", 1])
-        self.assertIn("'None' expression has 0 field(s), not 1", str(caught.exception))
+        self.assertIn("'None' expression needs 0 field(s), not 1", str(caught.exception))
         with self.assertRaises(InvalidJelly) as caught:
             jelly.unjelly([b"dictionary", [[b"list"], 1]])
         self.assertIn("unusable dictionary key", str(caught.exception))

@@ -781,6 +781,16 @@ def deeperThan(data: bytes | memoryview, limit: int) -> bool:
     return False
 
 
+class _Raised(Exception):
+    """
+    Carries an error raised while a value's jelly was unjellied out through msgpack.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class ValueCodec:
     """
     Packs and unpacks values for one connection.
@@ -919,8 +929,10 @@ class ValueCodec:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
             )
+        except _Raised as e:
+            raise e.error from None  # an application's error, or the security options'
         except PBrokerError:
-            raise  # refused by the security options or a limit: the broker's business
+            raise  # refused by a limit: the broker's business
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
 
@@ -962,7 +974,12 @@ class ValueCodec:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
             return rebuild(items)
         if code == JELLY:
-            return self._unjelly(data)
+            try:
+                return self._unjelly(data)
+            except Exception as e:
+                # Raised by the jelly it carries (a setCopyableState, the security options):
+                # kept apart from msgpack's own errors, which mean a malformed value.
+                raise _Raised(e) from e
         if code == STREAM:
             streamID = msgpack.unpackb(data)
             if type(streamID) is not int:

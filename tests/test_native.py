@@ -219,6 +219,19 @@ class ValueTests(NativeTestCase):
             self.assertEqual(packed, msgpack.packb(value, use_bin_type=True))
         self.assertEqual(self.call("echo", large), large)
 
+    def test_applicationErrorInACopy(self) -> None:
+        """An error a RemoteCopy's setCopyableState raises reaches the caller as itself, as
+        in the pb dialect, not as a malformed value."""
+
+        class Fragile(pb.RemoteCopy):
+            def setCopyableState(self, state: Any) -> None:
+                raise KeyError("application bug")
+
+        self.registry.setUnjellyableForClass(Thing, Fragile)
+        failure = self.call("thing")
+        self.assertIsInstance(failure, Failure)
+        failure.trap(KeyError)
+
     def test_repeatedObjectsArriveTwice(self) -> None:
         """As docs/native.rst says: a copy that appears twice in one value arrives as two
         copies, where the pb dialect gives one copy twice; a reference arrives as equal

@@ -6,6 +6,7 @@ and :class:`Local`, the broker's record of an object it exports.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import total_ordering
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -47,6 +48,7 @@ class Local:
         return self.refcount
 
 
+@total_ordering
 class RemoteReference(Serializable):
     """
     A reference to an object on the other side of a broker (a Referenceable, a ViewPoint or
@@ -159,6 +161,13 @@ class RemoteReference(Serializable):
 
     def __hash__(self) -> int:
         return hash(self.luid)
+
+    def __lt__(self, other: object) -> bool:
+        # References through one broker sort by luid (numbered ones before named ones), as
+        # in Twisted; others do not compare. (functools.total_ordering adds the rest.)
+        if not isinstance(other, RemoteReference) or other.broker is not self.broker:
+            return NotImplemented
+        return (type(self.luid) is bytes, self.luid) < (type(other.luid) is bytes, other.luid)
 
     def __repr__(self) -> str:
         return f"<RemoteReference {self.luid!r} at 0x{id(self):x}>"

@@ -387,6 +387,27 @@ class CallTests(SynchronousTestCase):
         )
         self.root = self.client.remoteForName("root")
 
+    def test_referencesSort(self) -> None:
+        """References through one broker sort by luid, as in Twisted (numbered before
+        named); references through different brokers do not compare."""
+
+        class Root(pb.Root):
+            def remote_refs(self) -> list[pb.Referenceable]:
+                return [pb.Referenceable() for _ in range(3)]
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root()), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        root = client.remoteForName("root")
+        root.callRemote("refs").addBoth(results.append)
+        pump.flush()
+        refs = results[0]
+        self.assertEqual([r.luid for r in sorted([root, *refs[::-1]])], [1, 2, 3, b"root"])
+        self.assertTrue(refs[0] <= refs[0] < refs[1])
+        with self.assertRaises(TypeError):
+            _ = refs[0] < self.root
+
     def test_oneWayCallThatCannotBeSent(self) -> None:
         """A one-way call that cannot be sent raises why, having no Deferred to fail: a value
         that cannot be serialised, one over PB's ceiling in the pb dialect, a dead broker."""

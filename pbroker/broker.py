@@ -1195,6 +1195,14 @@ class Broker(Banana):
         self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
         return luid
 
+    def forgetRemoteCache(self, luid: int) -> None:
+        """
+        Undo :meth:`cacheRemotely` for a copy that was never sent (making its state failed).
+        """
+        local = self.remotelyCachedObjects.pop(luid, None)
+        if local is not None:
+            self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
+
     def remotelyCachedForLUID(self, luid: int) -> Any:
         """
         Our Cacheable whose copy the peer knows as ``luid``.

@@ -302,11 +302,16 @@ class Cacheable(Copyable):
             return [b"cached", luid]
         luid = broker.cacheRemotely(self)
         perspective = broker.serializingPerspective
-        tag = self.getTypeToCopyFor(perspective)
-        observer = RemoteCacheObserver(broker, self, perspective)
-        state = self.getStateToCacheAndObserveFor(perspective, observer)
-        sexp = jellier.prepare(self)
-        sexp.extend([tag, luid, jellier.jelly(state)])
+        try:
+            tag = self.getTypeToCopyFor(perspective)
+            observer = RemoteCacheObserver(broker, self, perspective)
+            state = self.getStateToCacheAndObserveFor(perspective, observer)
+            sexp = jellier.prepare(self)
+            sexp.extend([tag, luid, jellier.jelly(state)])
+        except BaseException:
+            # Nothing was sent: a later send must not take the copy for the peer's.
+            broker.forgetRemoteCache(luid)
+            raise
         return jellier.preserve(self, sexp)
 
 

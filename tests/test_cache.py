@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from twisted.logger import capturedLogs
 from twisted.spread import jelly as twistedJelly
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
@@ -194,3 +195,37 @@ class UnregisteredCacheTests(SynchronousTestCase):
             pump.flush()
             results[0].trap(jelly.InsecureJelly)
             self.assertIn("module 'pbroker.flavors' is not allowed", str(results[0].value))
+
+    def test_stateFailingOnceDoesNotStick(self) -> None:
+        """A cacheable whose state cannot be made once (the call fails) is not taken for
+        sent: the next send gives the peer its copy, in both dialects."""
+
+        class Flaky(pb.Cacheable):
+            failures = 1
+
+            def getTypeToCopy(self) -> bytes:
+                return TAG
+
+            def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+                if self.failures:
+                    self.failures -= 1
+                    raise ValueError("not yet")
+                return {"value": 5}
+
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        for dialects in (None, [b"pb"]):
+            flaky = Flaky()
+            server, client, pump = connect(
+                pb.PBServerFactory(rootWith(pb, flaky)),
+                pb.PBClientFactory(registry=registry, dialects=dialects),
+            )
+            results: list[Any] = []
+            with capturedLogs():
+                for _ in range(2):
+                    client.remoteForName("root").callRemote("gauge").addBoth(results.append)
+                    pump.flush()
+            results[0].trap(ValueError)
+            self.assertEqual(results[1].value, 5)
+            self.assertEqual(len(server.remotelyCachedObjects), 1)
+        self.flushLoggedErrors(ValueError)

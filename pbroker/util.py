@@ -18,6 +18,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pbroker.errors import PBConnectionLost
 from pbroker.flavors import Referenceable
 
 __all__ = [
@@ -279,6 +280,9 @@ def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> d
     """
     Call ``methodName`` on ``referenceable`` with a new collector as the first argument and
     return a Deferred of the list of every page the peer sends to it.
+
+    It fails if the call fails, or with :class:`~pbroker.errors.PBConnectionLost` if the
+    connection is lost before the last page.
     """
     deferred: defer.Deferred[Any] = defer.Deferred()
     collector = CallbackPageCollector(deferred.callback)
@@ -289,6 +293,17 @@ def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> d
         if not deferred.called:
             deferred.errback(failure)
 
+    def lost(_reference: Any) -> None:
+        failed(Failure(PBConnectionLost("the connection was lost before the last page")))
+
+    def done(result: Any) -> Any:
+        referenceable.dontNotifyOnDisconnect(lost)
+        return result
+
     if call is not None:
         call.addErrback(failed)
+    notify = getattr(referenceable, "notifyOnDisconnect", None)
+    if notify is not None:  # (a local stand-in has no connection)
+        notify(lost)
+        deferred.addBoth(done)
     return deferred

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
 from pbroker import jelly, pb, publish, util
+from pbroker.errors import PBConnectionLost
 from tests.test_broker import connect
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: more than PB's 640 KiB string limit
@@ -123,6 +124,24 @@ class PagerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(pages, [[b"a", b"b", b"c", b"d", b"e", b"f"]])
         self.assertEqual(done, ["done"])
+
+    def test_getAllPagesReportsLostConnection(self) -> None:
+        """If the connection is lost after the call was answered but before the last page,
+        getAllPages fails with PBConnectionLost instead of waiting for ever."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = util.StringPager(collector, b"abcdef", 1)
+
+        server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        server.transport.pauseProducing()  # the answer goes, the pages wait
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        pump.flush()
+        self.assertEqual(pages, [])
+        client.transport.loseConnection()
+        pump.flush()
+        pages[0].trap(PBConnectionLost)
 
     def test_getAllPagesReportsCallFailure(self) -> None:
         """If the paging call itself fails, getAllPages fails with it."""

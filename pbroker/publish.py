@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from pbroker import banana, jelly
 from pbroker.flavors import Cacheable, RemoteCache, ViewPoint
@@ -83,11 +84,17 @@ class Publishable(Cacheable):
         }
 
 
+# The largest string a saved state may hold (the file, unlike the wire, has no 640 KiB ceiling).
+_FILE_SIZE_LIMIT = 2**31
+
+
 class RemotePublished(RemoteCache):
     """
     The receiving side of a :class:`Publishable`. :meth:`activated` is called (and the
     :meth:`callWhenActivated` callbacks run) once the full state is here.
     """
+
+    _log = Logger()
 
     #: A directory to keep published state in between connections; ``None``: keep nothing.
     cacheDirectory: str | None = None
@@ -128,7 +135,7 @@ class RemotePublished(RemoteCache):
             return None
         try:
             with open(fileName, "rb") as dataFile:
-                saved = jelly.loads(dataFile.read())
+                saved = jelly.loads(dataFile.read(), sizeLimit=_FILE_SIZE_LIMIT)
         except (OSError, banana.BananaError, jelly.InsecureJelly):
             return None
         return saved if isinstance(saved, dict) else None
@@ -142,8 +149,15 @@ class RemotePublished(RemoteCache):
         self.activated()
         fileName = self.getFileName()
         if fileName is not None:
+            # Made before the file is opened, so that a state that cannot be saved leaves no
+            # empty file behind; a file is not the wire, so PB's 640 KiB ceiling is not its.
+            try:
+                data = jelly.dumps(self._savedState(), sizeLimit=_FILE_SIZE_LIMIT)
+            except (jelly.JellyError, banana.BananaError) as e:
+                self._log.warn("Not saving {name}: {error}", name=fileName, error=str(e))
+                return
             with open(fileName, "wb") as dataFile:
-                dataFile.write(jelly.dumps(self._savedState()))
+                dataFile.write(data)
 
     def _savedState(self) -> dict[str, Any]:
         transient = {"broker", "remote", "luid", "_activationListeners", "isActivated"}

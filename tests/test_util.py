@@ -274,3 +274,15 @@ class PublishTests(SynchronousTestCase):
         self.catalogue.republish()
         self.fetch()
         self.assertEqual(self.catalogue.fetches, 2)
+
+    def test_largeStateSaved(self) -> None:
+        """A state over PB's 640 KiB (which the native dialect carries) is saved and reused:
+        the file has no such ceiling."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(RemoteCatalogue, "cacheDirectory", directory)
+        self.catalogue.items = ["x" * 1_000_000]
+        first = self.fetch()
+        self.assertGreater(os.path.getsize(first.getFileName()), 1_000_000)
+        self.assertEqual(self.fetch().items, ["x" * 1_000_000])
+        self.assertEqual(self.catalogue.fetches, 1)

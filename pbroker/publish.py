@@ -122,12 +122,15 @@ class RemotePublished(RemoteCache):
     def setCopyableState(self, state: Any) -> None:
         self.__dict__.update(state)
         self._activationListeners: list[Callable[[RemotePublished], object]] = []
+        self._activationWaiters: list[defer.Deferred[Any]] = []
         saved = self._loadSaved()
         if saved is not None and saved.get("timestamp") == self.timestamp:
             self._wasCleanWhenLoaded = True
             self._cbGotUpdate(saved)
         else:
-            self.remote.callRemote("getStateToPublish").addCallback(self._cbGotUpdate)
+            self.remote.callRemote("getStateToPublish").addCallbacks(
+                self._cbGotUpdate, self._fetchFailed
+            )
 
     def _loadSaved(self) -> dict[str, Any] | None:
         fileName = self.getFileName()
@@ -146,6 +149,9 @@ class RemotePublished(RemoteCache):
         listeners, self._activationListeners = self._activationListeners, []
         for listener in listeners:
             listener(self)
+        waiters, self._activationWaiters = self._activationWaiters, []
+        for waiter in waiters:
+            waiter.callback(self)
         self.activated()
         fileName = self.getFileName()
         if fileName is not None:
@@ -159,8 +165,25 @@ class RemotePublished(RemoteCache):
             with open(fileName, "wb") as dataFile:
                 dataFile.write(data)
 
+    def _fetchFailed(self, failure: Any) -> None:
+        # The state could not be fetched (the publisher failed, the connection went): what
+        # waits for it through whenReady fails; callWhenActivated callbacks are not called.
+        waiters, self._activationWaiters = self._activationWaiters, []
+        if not waiters:
+            self._log.failure("Could not fetch a published state", failure)
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def _whenActivated(self) -> defer.Deferred[Any]:
+        if self.isActivated:
+            return defer.succeed(self)
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._activationWaiters.append(waiter)
+        return waiter
+
     def _savedState(self) -> dict[str, Any]:
         transient = {"broker", "remote", "luid", "_activationListeners", "isActivated"}
+        transient.add("_activationWaiters")
         return {k: v for k, v in self.__dict__.items() if k not in transient}
 
     def activated(self) -> None:
@@ -182,7 +205,15 @@ def whenReady(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     """
     Wrap the Deferred of a call that returns a :class:`Publishable` in one that fires with the
     :class:`RemotePublished` once its state has arrived.
+
+    It fails if the call fails, or if the state cannot be fetched (the publisher failed, or
+    the connection was lost).
     """
     ready: defer.Deferred[Any] = defer.Deferred()
-    d.addCallbacks(lambda published: published.callWhenActivated(ready.callback), ready.errback)
+
+    def called(published: Any) -> Any:
+        published._whenActivated().addCallbacks(ready.callback, ready.errback)
+        return published
+
+    d.addCallbacks(called, lambda failure: ready.errback(failure))
     return ready

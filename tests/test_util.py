@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 from twisted.spread import pb as twistedPb
 from twisted.spread import util as twistedUtil
 from twisted.trial.unittest import SynchronousTestCase
@@ -251,6 +252,19 @@ class PublishTests(SynchronousTestCase):
         self.assertTrue(remote.isActivated)
         self.assertEqual(remote.items, ["a", "b"])
         self.assertEqual(self.catalogue.fetches, 1)
+
+    def test_whenReadyFailsIfTheStateCannotBeFetched(self) -> None:
+        """whenReady fails, rather than waiting for ever, when the publisher cannot give its
+        state."""
+
+        def broken(catalogue: Any) -> Any:
+            raise ValueError("no state today")
+
+        self.patch(Catalogue, "getStateToPublish", broken)
+        with capturedLogs():
+            failure = self.fetch()
+        failure.trap(ValueError)
+        self.flushLoggedErrors(ValueError)
 
     def test_nothingWrittenByDefault(self) -> None:
         """Without a cache directory nothing touches the disk."""

@@ -197,7 +197,9 @@ class CopiedFailure(RemoteCopy, Failure):
     def __repr__(self) -> str:
         return f"<CopiedFailure {_text(self.type)}: {self.value}>"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        # Twisted's text for a failure, with its brief traceback: the remote type and value.
+        return f"[Failure instance: Traceback from remote host -- {_text(self.type)}: {self.value}]"
 
 
 def failure2Copyable(fail: Failure, unsafeTracebacks: bool = False) -> CopyableFailure:

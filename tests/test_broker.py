@@ -528,6 +528,18 @@ class CallTests(SynchronousTestCase):
         self.assertEqual(results, [9])
         self.assertEqual(echo, self.root.remoteMethod("echo"))
 
+    def test_copiedFailureText(self) -> None:
+        """A failure from the peer reads as Twisted's does: its brief remote traceback."""
+        results: list[Any] = []
+        self.root.callRemote("fail", "boom").addBoth(results.append)
+        self.pump.flush()
+        self.flushLoggedErrors(ValueError)
+        failure = results[0]
+        self.assertEqual(
+            str(failure),
+            "[Failure instance: Traceback from remote host -- builtins.ValueError: boom]",
+        )
+
     def test_remoteErrorInCoroutine(self) -> None:
         """Awaited in a coroutine, a remote failure raises RemoteError with type and value."""
 

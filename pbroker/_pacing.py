@@ -51,6 +51,8 @@ class PacedTransport:
         self._broker = broker
         self.paused = False
         self.bufferedWhilePaused = 0
+        # Bytes of large messages queued behind another while paused (see queued).
+        self.queuedWhilePaused = 0
         self.written = 0
         self._registered = False
         self._held: list[bytes] | None = None
@@ -165,26 +167,32 @@ class PacedTransport:
         self._passHeld()
         self._held = None
 
-    def queued(self, size: int) -> None:
+    def queued(self, size: int, allowance: int) -> None:
         """
         Count ``size`` bytes the broker keeps to write later (a large message waiting behind
-        another) as written while paused, if the transport is: they wait for the peer just
-        the same.
+        another) if the transport is paused: they wait for the peer too. Past the broker's
+        ``limits.bufferedBytes`` and ``allowance`` more (the largest message the peer
+        accepts, so that any one such message can always wait) the connection is dropped.
         """
         if self.paused:
-            self.bufferedWhilePaused += size
-            self._checkBuffered()
+            self.queuedWhilePaused += size
+            limit = self._broker.limits.bufferedBytes + allowance
+            if self.queuedWhilePaused > limit:
+                self._dropNonReader(self.queuedWhilePaused, limit)
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:
-            self._log.warn(
-                "Dropping a peer that stopped reading: {count} bytes wait for it (limit {limit})",
-                count=self.bufferedWhilePaused,
-                limit=limit,
-            )
-            self.paused = False
-            self.abortConnection()
+            self._dropNonReader(self.bufferedWhilePaused, limit)
+
+    def _dropNonReader(self, count: int, limit: int) -> None:
+        self._log.warn(
+            "Dropping a peer that stopped reading: {count} bytes wait for it (limit {limit})",
+            count=count,
+            limit=limit,
+        )
+        self.paused = False
+        self.abortConnection()
 
     def writeSequence(self, data: list[bytes]) -> None:
         self._passHeld()
@@ -225,7 +233,7 @@ class PacedTransport:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.bufferedWhilePaused = 0
+        self.bufferedWhilePaused = self.queuedWhilePaused = 0
         self._broker.transportResumed()
 
     def stopProducing(self) -> None:

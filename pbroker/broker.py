@@ -547,10 +547,12 @@ class Broker(Banana):
         if isinstance(payload, bytes):
             transport.write(payload)
             return
-        if self._largeOut and type(transport) is PacedTransport:
+        allowance = self.peerMessageSize
+        if self._largeOut and type(transport) is PacedTransport and allowance is not None:
             # It waits behind another large message, held for the peer as written bytes are
-            # (the first is not counted, so that any message the limits allow can be sent).
-            transport.queued(payload.size)
+            # (with room for one message as large as the peer accepts, besides the one being
+            # sent: a reader that reads gets any message the limits allow).
+            transport.queued(payload.size, allowance)
         self._largeOut.append(
             [[memoryview(part) for part in payload.parts], payload.size, requestID]
         )
@@ -926,15 +928,21 @@ class Broker(Banana):
         """
         Have ``pager.sendNextPage()`` called while the connection takes data, until
         ``pager.stillPaging()`` is false.
+
+        :raises Exception: why a page sent at once could not be (the pager is dropped).
         """
         self.pageProducers.append(pager)
-        self.sendPages()
+        self._sendPages(raising=True)
 
     def sendPages(self) -> None:
         """
         Send pages from the active pagers until the connection stops taking data, every pager
-        is done, or none has a page ready (a pager calls this again when it has one).
+        is done, or none has a page ready (a pager calls this again when it has one). A pager
+        whose page cannot be sent (too large for the peer, say) is dropped, and why logged.
         """
+        self._sendPages(raising=False)
+
+    def _sendPages(self, raising: bool) -> None:
         transport = self.transport
         if self._sendingPages or not isinstance(transport, PacedTransport):
             return
@@ -951,7 +959,13 @@ class Broker(Banana):
                         pager.sendNextPage()
                     except Exception:
                         self.pageProducers.remove(pager)  # a page it cannot send: it is done
-                        raise
+                        if raising:
+                            raise  # to whoever started it
+                        # Resumed by the transport, or a file read: the reactor's business
+                        # is not this pager's error.
+                        self._log.failure("A pager's page could not be sent; it stops")
+                        progress = True
+                        continue
                     progress = progress or transport.written != written
                     if not pager.stillPaging():
                         self.pageProducers.remove(pager)

@@ -1205,10 +1205,13 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(self.server._streams.outgoing, {})
 
 
+MiB = 1024 * 1024
+
+
 class LargeAnswersToANonReaderTests(SynchronousTestCase):
     """
     Large answers (sent in fragments) that wait for a peer that does not read count
-    against ``bufferedBytes``, as answers written whole do.
+    against ``bufferedBytes``, with room for one message as large as the peer accepts.
     """
 
     def setUp(self) -> None:
@@ -1217,7 +1220,7 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
             pb.PBServerFactory(
                 NativeRoot(), clock=self.clock, limits=pb.BrokerLimits(bufferedBytes=1024 * 1024)
             ),
-            pb.PBClientFactory(clock=self.clock),
+            pb.PBClientFactory(clock=self.clock, limits=pb.BrokerLimits(messageSize=MiB * 4)),
             clock=self.clock,
             bufferSize=64 * 1024,
         )
@@ -1232,15 +1235,31 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         return answers
 
     def test_dropped(self) -> None:
-        """The second large answer queued behind the first is counted, and the third
-        goes over the limit: the peer is dropped, with a log line."""
+        """Answers queued behind the first count until they pass bufferedBytes plus the
+        client's message limit (1 + 4 MiB here): the peer is dropped, with a log line."""
         with capturedLogs() as events:
-            self.callWithoutReading(600 * 1024)
-            self.callWithoutReading(600 * 1024)
+            for _ in range(4):  # the first is sent; 3 x 1.5 MiB = 4.5 MiB wait, under 5
+                self.callWithoutReading(MiB * 3 // 2)
             self.assertFalse(self.server.transport.disconnecting)
-            self.callWithoutReading(600 * 1024)
+            self.callWithoutReading(MiB * 3 // 2)
         self.assertTrue(self.server.transport.disconnecting)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_readerThatReadsKept(self) -> None:
+        """With the default limits, a reader that reads gets two large answers asked for at
+        once, the second (20 MB) larger than bufferedBytes but within messageSize."""
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(), bufferSize=64 * 1024
+        )
+        results: list[Any] = []
+        for size in (1_000_000, 20_000_000):
+            client.remoteForName("root").callRemote("big", size).addBoth(results.append)
+        for _ in range(1000):
+            if len(results) == 2:
+                break
+            pump.pump()
+        self.assertEqual([len(r) for r in results], [1_000_000, 20_000_000])
+        self.assertFalse(server.disconnected)
 
     def test_oneAtATimeNotCounted(self) -> None:
         """A large answer alone in the queue is not counted, however large: a reader that

@@ -126,6 +126,39 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(pages, [[b"a", b"b", b"c", b"d", b"e", b"f"]])
         self.assertEqual(done, ["done"])
 
+    def test_unsendablePageAfterResume(self) -> None:
+        """A page that cannot be sent once paging resumes (too large for the peer) stops
+        that pager with a log line; it does not raise into the transport, and the
+        connection stays."""
+
+        class BigSecondPage(util.Pager):
+            count = 0
+
+            def nextPage(self) -> Any:
+                self.count += 1
+                if self.count == 2:
+                    self.stopPaging()
+                    return b"x" * 200_000  # over the client's message limit
+                return b"page"
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = BigSecondPage(collector)
+
+        root = MyRoot()
+        limits = pb.BrokerLimits(messageSize=100_000)
+        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory(limits=limits))
+        server.transport.pauseProducing()  # the pages wait
+        util.getAllPages(client.remoteForName("root"), "send").addErrback(lambda _: None)
+        pump.flush()
+        with capturedLogs() as events:
+            server.transport.resumeProducing()  # what the transport does as its buffer drains
+            pump.flush()
+        self.assertTrue(any("could not be sent" in str(e.get("log_format")) for e in events))
+        self.flushLoggedErrors()
+        self.assertEqual(server.pageProducers, [])
+        self.assertFalse(server.disconnected)
+
     def test_getAllPagesReportsLostConnection(self) -> None:
         """If the connection is lost after the call was answered but before the last page,
         getAllPages fails with PBConnectionLost instead of waiting for ever."""

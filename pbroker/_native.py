@@ -714,6 +714,8 @@ _FORMS: dict[int, tuple[int, int, int]] = {
     0xDE: (2, 0, 2),  # map 16, 32
     0xDF: (4, 0, 2),
 }
+# The type bytes of extensions: ext 8, 16, 32 and fixext 1..16.
+_EXTENSION_FORMS = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 
 
 def deeperThan(data: bytes | memoryview, limit: int) -> bool:
@@ -755,7 +757,7 @@ def deeperThan(data: bytes | memoryview, limit: int) -> bool:
             position += width
             if perItem:
                 items = perItem * length + 1
-            elif skip and byte != 0xCA and byte != 0xCB and not 0xCC <= byte <= 0xD3:
+            elif byte in _EXTENSION_FORMS:
                 # An extension: its type byte, then its payload.
                 code = data[position] if position < end else -1
                 position += 1

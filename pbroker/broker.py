@@ -341,18 +341,16 @@ class Broker(Banana):
         # The native dialect's value codec (None in the banana dialects).
         self._codec: ValueCodec | None = None
         # Large native messages waiting to be written, as [parts left, bytes left, the
-        # request id of a call (else None)], and the ids of the calls among them.
+        # request id of a call (else None)].
         self._largeOut: list[list[Any]] = []
-        self._largeCalls: set[int] = set()
         self._largeScheduled = False
         self._pumpingLarge = False
         # Stream messages waiting for the large messages queued before them.
         self._afterLarge: list[bytes | _Payload] = []
         #: The largest message the peer accepts (it says so in its hello), if known.
         self.peerMessageSize: int | None = BrokerLimits.messageSize
-        # Whether the peer's hello came, and whether the factory is told of the connection
-        # only then (a native client: see connectionReady).
-        self._heardHello = False
+        # Whether the factory is told of the connection when the peer's hello comes (a
+        # native client: see connectionReady).
         self._factoryWaitsForHello = False
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = set()
@@ -427,10 +425,11 @@ class Broker(Banana):
             except Exception:
                 self._log.failure("Error in a connect notifier")
         if self.factory is not None:
-            if self.isClient and self.isNative and not self._heardHello:
-                # The application gets the root once the server's hello has said how large
-                # a message it accepts: a call made earlier, larger than that, would have
-                # the server drop the connection instead of failing with LimitExceeded.
+            if self.isClient and self.isNative:
+                # The application gets the root once the server's hello (which comes after
+                # the client's choice of dialect) has said how large a message it accepts:
+                # a call made earlier, larger than that, would have the server drop the
+                # connection instead of failing with LimitExceeded.
                 self._factoryWaitsForHello = True
             else:
                 self.factory.clientConnectionMade(self)
@@ -445,7 +444,6 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
-        self._largeCalls = set()
         self._replyTargets = {}
         self._streams.connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
@@ -556,8 +554,6 @@ class Broker(Banana):
         self._largeOut.append(
             [[memoryview(part) for part in payload.parts], payload.size, requestID]
         )
-        if requestID is not None:
-            self._largeCalls.add(requestID)
         self._pumpLarge()
 
     def _pumpLarge(self) -> None:
@@ -621,7 +617,6 @@ class Broker(Banana):
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
             self._largeOut.pop(0)
-            self._largeCalls.discard(entry[2])
         else:
             entry[1] = remaining
         return size
@@ -873,7 +868,7 @@ class Broker(Banana):
         else:
             self._abandonedOverflow = True
         if self.isNative and self._canSend:
-            if requestID in self._largeCalls:
+            if any(entry[2] == requestID for entry in self._largeOut):
                 # The call is still being sent: the cancel must not overtake it.
                 self._sendBehindLarge(b"cancel", requestID)
             else:
@@ -1551,7 +1546,6 @@ class Broker(Banana):
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
             self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
-        self._heardHello = True
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:

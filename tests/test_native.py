@@ -910,7 +910,7 @@ class CancellationTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(sorted(cancelled), [1, len(large), len(large)])
         self.assertEqual(self.server._answering, {})
-        self.assertEqual(self.client._largeCalls, set())
+        self.assertEqual(self.client._largeOut, [])
 
     def test_badArgumentsRefusedAtOnce(self) -> None:
         """A method name that is not text, or a timeout that is not a number of seconds, is

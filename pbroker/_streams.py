@@ -51,6 +51,8 @@ class Connection(Protocol):
 
     def serialize(self, object: Any, perspective: Any = None) -> Any: ...
 
+    def _unregisterUnsent(self, netValue: Any) -> None: ...
+
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
 
     def _serializeFailure(self, failure: Any) -> Any: ...
@@ -131,12 +133,12 @@ class StreamTable:
         self._connection.sendCall(b"streamcancel", streamID)
 
     def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
-        mark = self.currentStreamID
         connection = self._connection
+        netItem = connection.serialize(item, perspective)
         try:
-            connection._sendBehindLarge(b"item", streamID, connection.serialize(item, perspective))
+            connection._sendBehindLarge(b"item", streamID, netItem)
         except Exception:
-            self.dropAfter(mark)
+            connection._unregisterUnsent(netItem)  # not sent: it exports nothing
             raise
 
     def ended(self, streamID: int, failure: Failure | None) -> None:
@@ -189,14 +191,6 @@ class StreamTable:
         """
         for sender in list(self.outgoing.values()):
             sender.pump()
-
-    def dropAfter(self, mark: int) -> None:
-        """
-        Forget the streams registered for a message that could not be sent (their ids are
-        above ``mark``), closing their sources: the peer will never ask for their items.
-        """
-        for streamID in [i for i in self.outgoing if i > mark]:
-            self.outgoing.pop(streamID).connectionLost()
 
     def drop(self, streamIDs: list[int]) -> None:
         """

@@ -105,6 +105,8 @@ _SCALARS = frozenset({int, float, bool, type(None)})
 _PLAIN = _SCALARS | {bytes, str, list, dict, tuple, set, frozenset}
 # What serialize() gives that is not a Deferred.
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
+# What a registration made while serialising counted (see Broker._unregister).
+_EXPORT, _CACHE, _STREAM = 0, 1, 2
 
 # The smallest message limit a peer is taken at its word for.
 _MIN_PEER_MESSAGE_SIZE = 64 * 1024
@@ -361,6 +363,11 @@ class Broker(Banana):
         self._callContexts: dict[int, _context.CallContext] = {}
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self._streams = StreamTable(self)
+        # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
+        # a value is serialised, so that they can be undone if it is never sent; else None.
+        self._registrations: list[tuple[int, int]] | None = None
+        # The last serialised value that counted any, with them (see _takeRegistrations).
+        self._lastRegistered: tuple[Any, list[tuple[int, int]]] | None = None
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -404,7 +411,7 @@ class Broker(Banana):
             self._jellyNative,
             self._unjellyNative,
             isStreamable,
-            self._streams.register,
+            self._registerStream,
             self._streams.open,
             self.limits.nestingDepth,
             # At the default, msgpack's own bound (MSGPACK_DEPTH) is taken as close enough.
@@ -444,6 +451,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._lastRegistered = None
         self._replyTargets = {}
         self._streams.connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
@@ -658,27 +666,94 @@ class Broker(Banana):
         Deferred (or a coroutine, which is awaited) gives a Deferred of the encoded result.
         """
         codec = self._codec
-        if codec is not None and type(object) in _SCALARS:
-            return codec.pack(object)  # no hook can run: none of the bookkeeping below
+        if type(object) in _SCALARS:  # no hook can run: none of the bookkeeping below
+            if codec is not None:
+                return codec.pack(object)
+            if type(object) is int:
+                tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+                if 0 <= object < len(tokens.smallInts):
+                    return Encoded(tokens.smallInts[object])  # a common answer, without a walk
         if type(object) not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
             return object.addCallback(self.serialize, perspective, method, args, kw)
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
+        outer = self._registrations
+        registrations: list[tuple[int, int]] = []
+        self._registrations = registrations
+        result: Any
         try:
             if codec is not None:
-                return inline(codec.pack(object))
-            if isStreamable(object):
+                result = inline(codec.pack(object))
+            elif isStreamable(object):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
-            # Jellied straight to banana bytes (the fused encoder), spliced into the message.
-            tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
-            if type(object) is int and 0 <= object < len(tokens.smallInts):
-                return Encoded(tokens.smallInts[object])  # a common answer, without a walk
-            return Encoded(Jellier(self.security, None, self).encode(object, tokens))
+            else:
+                # Jellied straight to banana bytes (the fused encoder), spliced into the message.
+                tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
+                result = Encoded(Jellier(self.security, None, self).encode(object, tokens))
+        except BaseException:
+            self._unregister(registrations)  # exported half-way: nothing is sent
+            raise
         finally:
+            self._registrations = outer
             self.serializingPerspective = None
             self.jellyMethod = self.jellyArgs = self.jellyKw = None
+        if registrations:
+            if outer is not None:
+                outer.extend(registrations)  # part of a value being serialised: its own
+            else:
+                self._lastRegistered = (result, registrations)
+        return result
+
+    def _takeRegistrations(self, netValue: Any) -> list[tuple[int, int]] | None:
+        """
+        The exports and cache handles that :meth:`serialize` counted for ``netValue`` (the
+        value it returned last), for :meth:`_unregister` if the value cannot be sent.
+        """
+        last = self._lastRegistered
+        if last is None or last[0] is not netValue:
+            return None
+        self._lastRegistered = None
+        return last[1]
+
+    def _unregisterUnsent(self, netValue: Any) -> None:
+        """
+        Undo what serialising ``netValue`` exported (and close the streams it made): it will
+        not be sent.
+        """
+        self._unregister(self._takeRegistrations(netValue))
+
+    def _unregister(self, registrations: list[tuple[int, int]] | None) -> None:
+        """
+        Undo the exports and cache handles counted for a value the peer never received: the
+        peer cannot release them, so objects would stay exported (and Cacheables observed)
+        for as long as the connection lasts.
+        """
+        if not registrations:
+            return
+        for luid, kind in reversed(registrations):
+            if kind == _EXPORT:
+                local = self.localObjects.get(luid)
+                if local is not None:
+                    self._releaseLocal(luid, local)
+            elif kind == _CACHE:
+                local = self.remotelyCachedObjects.get(luid)
+                if local is not None and local.decref() == 0:
+                    del self.remotelyCachedObjects[luid]
+                    self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
+                    self._stopObserving(local)
+            else:
+                self._streams.drop([luid])
+
+    def _registerStream(self, source: Any) -> int:
+        """
+        Send ``source`` as a new stream (for the native codec); its id.
+        """
+        streamID = self._streams.register(source)
+        if self._registrations is not None:
+            self._registrations.append((streamID, _STREAM))
+        return streamID
 
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any:
         """
@@ -767,7 +842,9 @@ class Broker(Banana):
         self.serializingPerspective = perspective
         self.jellyMethod = message
         data: bytes | _Payload
-        mark = self._streams.currentStreamID
+        outer = self._registrations
+        registrations: list[tuple[int, int]] = []
+        self._registrations = registrations
         try:
             if self._codec is not None:
                 data = self._nativeCall(
@@ -780,11 +857,12 @@ class Broker(Banana):
             requestID = self.currentRequestID
         except Exception:
             failure = Failure()
-            self._streams.dropAfter(mark)
+            self._unregister(registrations)
             if not answerRequired:
                 raise
             return fail(failure)
         finally:
+            self._registrations = outer
             self.serializingPerspective = None
             self.jellyMethod = None
         deferred: Deferred[Any] | None = None
@@ -1133,12 +1211,14 @@ class Broker(Banana):
         luid = self.luids.get(puid)
         if luid is not None:
             self.localObjects[luid].incref()
-            return luid
-        if len(self.luids) >= self.limits.exportedReferences:  # named objects do not count
-            self._refuseOverLimit("reference")
-        luid = self.newLocalID()
-        self.localObjects[luid] = Local(object)
-        self.luids[puid] = luid
+        else:
+            if len(self.luids) >= self.limits.exportedReferences:  # named objects do not count
+                self._refuseOverLimit("reference")
+            luid = self.newLocalID()
+            self.localObjects[luid] = Local(object)
+            self.luids[puid] = luid
+        if self._registrations is not None:
+            self._registrations.append((luid, _EXPORT))
         return luid
 
     def _refuseOverLimit(self, what: str) -> NoReturn:
@@ -1189,6 +1269,8 @@ class Broker(Banana):
         luid = self.remotelyCachedLUIDs.get(instance.processUniqueID())
         if luid is not None and incref:
             self.remotelyCachedObjects[luid].incref()
+            if self._registrations is not None:
+                self._registrations.append((luid, _CACHE))
         return luid
 
     def cacheRemotely(self, instance: Any) -> int:
@@ -1202,6 +1284,8 @@ class Broker(Banana):
         luid = self.newLocalID()
         self.remotelyCachedLUIDs[instance.processUniqueID()] = luid
         self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
+        if self._registrations is not None:
+            self._registrations.append((luid, _CACHE))
         return luid
 
     def forgetRemoteCache(self, luid: int) -> None:
@@ -1365,8 +1449,11 @@ class Broker(Banana):
             if token is not None:
                 _context._current.reset(token)
         if not answerRequired:
-            if isinstance(result, Deferred):
-                result.addErrback(self._logOneWayFailure)
+            # The result is not sent: what serialising it exported is not exported.
+            if type(result) not in _SERIALIZED and isinstance(result, Deferred):
+                result.addCallbacks(self._unregisterUnsent, self._logOneWayFailure)
+            else:
+                self._unregisterUnsent(result)
             return
         if type(result) not in _SERIALIZED and isinstance(result, Deferred):
             self._answering[requestID] = result
@@ -1394,6 +1481,7 @@ class Broker(Banana):
     def _sendAnswer(self, netResult: Any, requestID: int) -> None:
         self._answering.pop(requestID, None)
         callContext = self._callContexts.pop(requestID, None)
+        registrations = None if self._lastRegistered is None else self._takeRegistrations(netResult)
         if self.disconnected:
             self._dropStreamsIn(netResult)  # a stream made after the connection was lost
             return
@@ -1409,6 +1497,7 @@ class Broker(Banana):
         except Exception:
             # The result cannot be sent (too large, say): the caller gets that instead.
             failure = Failure()
+            self._unregister(registrations)
             self._dropStreamsIn(netResult)
             self._sendFailureOrError(failure, requestID)
 
@@ -1433,9 +1522,11 @@ class Broker(Banana):
         says so goes instead, so that the peer learns how its call or stream ended and the
         connection stays up.
         """
+        netFailure = self._serializeFailure(failure)
         try:
-            send(command, key, self._serializeFailure(failure))
+            send(command, key, netFailure)
         except LimitExceeded as e:
+            self._unregisterUnsent(netFailure)
             value = failure.value if isinstance(failure, Failure) else failure
             name = type(value).__name__
             self._log.warn(
@@ -1555,8 +1646,14 @@ class Broker(Banana):
         local = self.localObjects.get(objectID) if type(objectID) is int else None
         if local is None:
             raise ProtocolError(f"decref of an unknown object id: {describe(objectID)}")
+        self._releaseLocal(objectID, local)
+
+    def _releaseLocal(self, luid: int, local: Local) -> None:
+        """
+        Count one reference fewer to the export ``luid``; at none, stop exporting it.
+        """
         if local.decref() == 0:
-            del self.localObjects[objectID]
+            del self.localObjects[luid]
             puid = local.object.processUniqueID()
             self.luids.pop(puid, None)
             cleanup = self.localCleanup.pop(puid, None)

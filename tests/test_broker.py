@@ -20,7 +20,13 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import banana, jelly, pb
-from pbroker.errors import DeadReferenceError, PBConnectionLost, RemoteError
+from pbroker.errors import (
+    BananaEncodeError,
+    DeadReferenceError,
+    LimitExceeded,
+    PBConnectionLost,
+    RemoteError,
+)
 from pbroker.testing import connectedServerAndClient
 from tests import interop_peer
 
@@ -602,3 +608,213 @@ class CallTests(SynchronousTestCase):
         self.pump.flush()
         self.client.connectionLost(Failure(Exception("gone")))
         self.assertTrue(self.failureResultOf(d).check(PBConnectionLost))
+
+
+class Gauge(pb.Cacheable):
+    """
+    A Cacheable that records who observes it.
+    """
+
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+        self.stopped = 0
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+        self.observers.append(observer)
+        return {"level": 1}
+
+    def stoppedObserving(self, perspective: Any, observer: Any) -> None:
+        self.stopped += 1
+
+
+class RemoteGauge(pb.RemoteCache):
+    pass
+
+
+class RichError(pb.Error, pb.Copyable):
+    """
+    An error copied whole to the caller, with what it holds.
+    """
+
+
+class Unserialisable(pb.Copyable):
+    def getStateToCopy(self) -> Any:
+        raise ValueError("no state to copy")
+
+
+class UnsentRoot(pb.Root):
+    """
+    Methods whose results hold exported objects and cannot all be sent.
+    """
+
+    #: Over PB's 640 KiB string limit, and over the native limit the tests set.
+    BIG = 700_000
+
+    def __init__(self) -> None:
+        self.counter = pb.Referenceable()
+        self.gauge = Gauge()
+        self.later: Deferred[Any] = Deferred()
+        self.received: list[Any] = []
+
+    def remote_counter(self) -> Any:
+        return self.counter
+
+    def remote_gauge(self) -> Any:
+        return self.gauge
+
+    def remote_tooLarge(self) -> Any:
+        return [self.counter, self.gauge, b"x" * self.BIG]
+
+    def remote_tooLargeLater(self) -> Any:
+        return self.later
+
+    def remote_unserialisable(self) -> Any:
+        return [self.counter, self.gauge, Unserialisable()]
+
+    def remote_record(self, value: Any) -> None:
+        self.received.append(value)
+
+    def remote_richError(self) -> None:
+        error = RichError("too rich to send")
+        error.parts = [self.counter, b"x" * self.BIG]  # type: ignore[attr-defined]
+        raise error
+
+
+class UnsentValueTestsMixin:
+    """
+    Objects exported while a value is serialised are exported only if the value is sent: a
+    value too large for the peer, one that fails half-way, or the unused result of a one-way
+    call would otherwise leave them exported (and Cacheables observed) for as long as the
+    connection lasts, since the peer can never release them.
+    """
+
+    clientOptions: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.rootObject = UnsentRoot()
+        self.registry = pb.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.server, self.client, self.pump = connect(
+            pb.PBServerFactory(self.rootObject),
+            pb.PBClientFactory(registry=self.registry, **self.clientOptions),
+        )
+        self.pump.flush()
+        # The native dialect's limit is 64 MiB: make the 700 KB values too large there too.
+        self.server.peerMessageSize = self.client.peerMessageSize = 100_000
+        self.root = self.client.remoteForName("root")
+
+    def call(self, *args: Any, **kw: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args, **kw).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return results[0]
+
+    def assertNothingExported(self, broker: Any) -> None:
+        named = [b"root"] if broker is self.server else []
+        self.assertEqual(list(broker.localObjects), named)  # type: ignore[attr-defined]
+        self.assertEqual(broker.luids, {})  # type: ignore[attr-defined]
+        self.assertEqual(broker.remotelyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertEqual(broker.remotelyCachedLUIDs, {})  # type: ignore[attr-defined]
+
+    def test_answerTooLarge(self) -> None:
+        """An answer too large to send exports nothing, and stops the observing it began."""
+        failure = self.call("tooLarge")
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertNothingExported(self.server)
+        self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
+        # What is sent later is exported as usual.
+        self.assertIsInstance(self.call("counter"), pb.RemoteReference)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.server.luids), 1)  # type: ignore[attr-defined]
+
+    def test_laterAnswerTooLarge(self) -> None:
+        """The same for an answer that comes from a Deferred."""
+        results: list[Any] = []
+        self.root.callRemote("tooLargeLater").addBoth(results.append)
+        self.pump.flush()
+        root = self.rootObject
+        root.later.callback([root.counter, root.gauge, b"x" * root.BIG])
+        self.pump.flush()
+        self.assertIsInstance(results[0], Failure)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertNothingExported(self.server)
+
+    def test_unserialisableAnswer(self) -> None:
+        """An answer that cannot be serialised leaves nothing exported that it met first."""
+        failure = self.call("unserialisable")
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertNothingExported(self.server)
+        self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
+
+    def test_errorTooLarge(self) -> None:
+        """An error too large to send exports nothing either."""
+        failure = self.call("richError")
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertNothingExported(self.server)
+
+    def test_countsOfSentExportsKept(self) -> None:
+        """An object the peer already holds keeps the count the peer knows: when the peer
+        releases its reference and copy, they are released."""
+        counter = self.call("counter")
+        gauge = self.call("gauge")
+        self.assertIsInstance(self.call("tooLarge"), Failure)  # type: ignore[attr-defined]
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertEqual(self.server.localObjects[counter.luid].refcount, 1)  # type: ignore[attr-defined]
+        (cached,) = self.server.remotelyCachedObjects.values()
+        self.assertEqual(cached.refcount, 1)  # type: ignore[attr-defined]
+        del counter, gauge
+        gc.collect()
+        self.pump.flush()
+        self.assertNothingExported(self.server)
+
+    def test_callTooLarge(self) -> None:
+        """Arguments of a call too large to send export nothing."""
+        mine = pb.Referenceable()
+        tooLarge = (LimitExceeded, BananaEncodeError)  # native, pb dialect
+        failure = self.call("record", [mine, b"x" * UnsentRoot.BIG])
+        self.assertIsNotNone(failure.check(*tooLarge))  # type: ignore[attr-defined]
+        self.assertNothingExported(self.client)
+        with self.assertRaises(tooLarge):  # type: ignore[attr-defined]
+            self.root.callRemote("record", [mine, b"x" * UnsentRoot.BIG], pbanswer=False)
+        self.assertNothingExported(self.client)
+
+    def test_oneWayResult(self) -> None:
+        """The result of a one-way call is not sent, so what it holds is not exported."""
+        self.root.callRemote("counter", pbanswer=False)
+        self.root.callRemote("gauge", pbanswer=False)
+        self.root.callRemote("tooLargeLater", pbanswer=False)
+        self.pump.flush()
+        self.rootObject.later.callback(self.rootObject.counter)
+        self.pump.flush()
+        self.assertNothingExported(self.server)
+        self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
+
+
+class NativeUnsentValueTests(UnsentValueTestsMixin, SynchronousTestCase):
+    def test_streamItemTooLarge(self) -> None:
+        """A stream item too large to send exports nothing."""
+        root = self.rootObject
+        root.remote_items = lambda: iter([[root.counter, b"x" * root.BIG]])  # type: ignore[attr-defined]
+        stream = self.call("items")
+        items: list[Any] = []
+        stream.next().addBoth(items.append)
+        self.pump.flush()
+        self.assertIsInstance(items[0], Failure)
+        self.flushLoggedErrors()
+        self.assertNothingExported(self.server)
+
+    def test_oneWayStream(self) -> None:
+        """A stream a one-way call returns is not sent: its source is closed."""
+        generator = (item for item in [1])
+        self.rootObject.remote_items = lambda: generator  # type: ignore[attr-defined]
+        self.root.callRemote("items", pbanswer=False)
+        self.pump.flush()
+        self.assertEqual(self.server._streams.outgoing, {})
+        self.assertIsNone(generator.gi_frame)  # closed
+
+
+class PbDialectUnsentValueTests(UnsentValueTestsMixin, SynchronousTestCase):
+    clientOptions = {"dialects": [b"pbroker1", b"pb"]}

@@ -103,6 +103,8 @@ _SCALARS = frozenset({int, float, bool, type(None)})
 # Results that are certainly not Deferreds or coroutines, tested by type first: Deferred is
 # an abc.ABC (Awaitable), so isinstance() on it is a Python-level check, slow on a hot path.
 _PLAIN = _SCALARS | {bytes, str, list, dict, tuple, set, frozenset}
+# Values the codecs encode without calling any hook: serialising them registers nothing.
+_HOOKLESS = _SCALARS | {bytes, str}
 # What serialize() gives that is not a Deferred.
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
 # What a registration made while serialising counted (see Broker._unregister).
@@ -666,14 +668,15 @@ class Broker(Banana):
         Deferred (or a coroutine, which is awaited) gives a Deferred of the encoded result.
         """
         codec = self._codec
-        if type(object) in _SCALARS:  # no hook can run: none of the bookkeeping below
+        kind = type(object)
+        if kind in _HOOKLESS:  # no hook can run: none of the bookkeeping below
             if codec is not None:
-                return codec.pack(object)
-            if type(object) is int:
+                return codec.pack(object) if kind in _SCALARS else inline(codec.pack(object))
+            if kind is int:
                 tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
                 if 0 <= object < len(tokens.smallInts):
                     return Encoded(tokens.smallInts[object])  # a common answer, without a walk
-        if type(object) not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
+        if kind not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
             return object.addCallback(self.serialize, perspective, method, args, kw)

@@ -23,14 +23,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -129,17 +129,25 @@ class AsReferenceable(Referenceable):
 
 class LoginGuard:
     """
-    Slows down password guessing: failed logins are answered late, later the more a peer
-    address has failed recently, and a connection that keeps failing is closed. Every
-    attempt is logged with its username, peer and outcome, never its secret.
+    Slows down password guessing: the attempts from one peer address are checked one at a
+    time, a failure is answered late (later the more the address has failed recently) and
+    holds back the address's next attempt until then, and a connection that keeps failing is
+    closed without checking what it still sent. Every attempt is logged with its username,
+    peer and outcome, never its secret.
 
-    One guard serves all the connections of a server factory.
+    A success is answered at once but does not clear the address's failures (an anonymous
+    login would otherwise reset the delays between guesses): they are forgotten
+    ``forgetAfter`` seconds after the last one. One guard serves all the connections of a
+    server factory, and remembers at most ``maxAddresses`` failing addresses.
 
     :param reactor: the clock the delays run on (the global reactor by default).
     :param baseDelay: seconds before the first failure from an address is answered; each
         further recent failure doubles it, up to ``maxDelay``.
     :param maxFailuresPerConnection: failures after which the connection is closed.
     :param forgetAfter: seconds after which an address's failures are forgotten.
+    :param maxAddresses: failing addresses remembered at once; beyond, the oldest go first.
+    :param checkTimeout: seconds a check may take (the portal's checker and realm) before
+        the attempt fails (``UnauthorizedLogin``).
     """
 
     _log = Logger()
@@ -151,6 +159,8 @@ class LoginGuard:
         maxDelay: float = 8.0,
         maxFailuresPerConnection: int = 5,
         forgetAfter: float = 600.0,
+        maxAddresses: int = 100_000,
+        checkTimeout: float = 60.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -158,13 +168,21 @@ class LoginGuard:
             reactor = globalReactor
         if baseDelay < 0 or maxDelay < baseDelay or maxFailuresPerConnection < 1:
             raise ValueError("LoginGuard needs 0 <= baseDelay <= maxDelay and at least 1 failure")
+        if forgetAfter < 0 or maxAddresses < 1 or not checkTimeout > 0:
+            raise ValueError(
+                "LoginGuard needs forgetAfter >= 0, maxAddresses >= 1 and checkTimeout > 0"
+            )
         self.reactor = reactor
         self.baseDelay = baseDelay
         self.maxDelay = maxDelay
         self.maxFailuresPerConnection = maxFailuresPerConnection
         self.forgetAfter = forgetAfter
-        # address -> (recent failures, time of the last one)
+        self.maxAddresses = maxAddresses
+        self.checkTimeout = checkTimeout
+        # address -> (recent failures, time of the last one), oldest failure first
         self._failures: dict[str, tuple[int, float]] = {}
+        # address -> the attempts waiting for the one being checked (present while one is)
+        self._waiting: dict[str, deque[Callable[[], object]]] = {}
 
     def _recentFailures(self, address: str) -> int:
         count, last = self._failures.get(address, (0, 0.0))
@@ -173,6 +191,19 @@ class LoginGuard:
             return 0
         return count
 
+    def _recordFailure(self, address: str) -> None:
+        count = self._recentFailures(address) + 1
+        failures = self._failures
+        failures.pop(address, None)  # to the end: the dict stays ordered by last failure
+        failures[address] = (count, self.reactor.seconds())
+        if len(failures) > self.maxAddresses:
+            # Forget what is stale, and if that is not enough, the oldest.
+            cutoff = self.reactor.seconds() - self.forgetAfter
+            for old, (_, last) in list(failures.items()):
+                if last >= cutoff and len(failures) <= self.maxAddresses:
+                    break
+                del failures[old]
+
     def delayFor(self, address: str) -> float:
         """
         How long the next failure from ``address`` is held back, in seconds.
@@ -180,20 +211,43 @@ class LoginGuard:
         count = self._recentFailures(address)
         return float(min(self.maxDelay, self.baseDelay * 2**count))
 
-    def attempt(self, broker: Any, username: bytes, login: Deferred[Any]) -> Deferred[Any]:
+    def attempt(
+        self, broker: Any, username: bytes, login: Callable[[], Deferred[Any]]
+    ) -> Deferred[Any]:
         """
-        Watch one login attempt: log it, answer a failure after the delay, and close a
+        Check one login attempt (``login`` starts the check) when the attempts from the same
+        address before it are done: log it, answer a failure after the delay, and close a
         connection that has failed too often.
         """
         address = _peerAddress(broker)
         name = username.decode("utf-8", "replace")
+        answer: Deferred[Any] = Deferred()
 
-        def succeeded(result: Any) -> Any:
+        def done(result: Any, close: bool = False) -> None:
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+            if close and broker.transport is not None:
+                self._log.warn(
+                    "Closing the connection from {peer} after {count} failed logins",
+                    peer=address,
+                    count=broker.loginFailures,
+                )
+                # Let the error reach the peer first.
+                self.reactor.callLater(0, broker.transport.loseConnection)
+            # The next attempt from the address may be checked.
+            waiting = self._waiting.get(address)
+            if waiting:
+                waiting.popleft()()
+            else:
+                self._waiting.pop(address, None)
+
+        def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user!r} from {peer}", user=name, peer=address)
-            self._failures.pop(address, None)
-            return result
+            done(result)
 
-        def failed(failure: Failure) -> Deferred[Any]:
+        def failed(failure: Failure) -> None:
             kind = getattr(failure.type, "__name__", describe(failure.type))
             message = failure.getErrorMessage()
             self._log.warn(
@@ -203,26 +257,36 @@ class LoginGuard:
                 reason=f"{kind}: {message}" if message else kind,
             )
             delay = self.delayFor(address)
-            self._failures[address] = (self._recentFailures(address) + 1, self.reactor.seconds())
+            self._recordFailure(address)
             broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
-            tooMany = broker.loginFailures >= self.maxFailuresPerConnection
-
-            def answer() -> Failure:
-                if tooMany and broker.transport is not None:
-                    self._log.warn(
-                        "Closing the connection from {peer} after {count} failed logins",
-                        peer=address,
-                        count=broker.loginFailures,
-                    )
-                    # Let the error reach the peer first.
-                    self.reactor.callLater(0, broker.transport.loseConnection)
-                return failure
-
+            close = broker.loginFailures == self.maxFailuresPerConnection
             if delay <= 0:
-                return succeed(None).addCallback(lambda _: answer())
-            return deferLater(self.reactor, delay, answer)
+                done(failure, close)
+            else:
+                self.reactor.callLater(delay, done, failure, close)
 
-        return login.addCallbacks(succeeded, failed)
+        def check() -> None:
+            if getattr(broker, "loginFailures", 0) >= self.maxFailuresPerConnection or getattr(
+                broker, "disconnected", False
+            ):
+                # Sent before the connection was condemned (or lost): not checked at all.
+                done(Failure(UnauthorizedLogin("too many failed logins on this connection")))
+                return
+            started = maybeDeferred(login)
+            # A checker that never answers must not hold up the address's logins for ever.
+            started.addTimeout(self.checkTimeout, self.reactor, onTimeoutCancel=_tookTooLong)
+            started.addCallbacks(succeeded, failed)
+
+        if address in self._waiting:
+            self._waiting[address].append(check)
+        else:
+            self._waiting[address] = deque()
+            check()
+        return answer
+
+
+def _tookTooLong(result: Any, timeout: float) -> Failure:
+    return Failure(UnauthorizedLogin(f"the login check took more than {timeout:g} seconds"))
 
 
 def _peerAddress(broker: Any) -> str:
@@ -250,9 +314,14 @@ def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -
 
     def logoutOnce() -> None:
         if pending:
+            # Run once, and forgotten by the other trigger: a peer that logs in and out
+            # again and again on one connection leaves nothing behind.
+            broker.dontNotifyOnDisconnect(logoutOnce)
+            broker.localCleanup.pop(puid, None)
             pending.pop()()
 
-    broker.localCleanup[avatar.processUniqueID()] = logoutOnce
+    puid = avatar.processUniqueID()
+    broker.localCleanup[puid] = logoutOnce
     broker.notifyOnDisconnect(logoutOnce)
     return avatar
 
@@ -341,12 +410,12 @@ class _PortalWrapper(Referenceable):
         from pbroker.tls import PeerCertificate
 
         credentials = PeerCertificate.fromTransport(self.broker.transport)
-        if credentials is None:
-            login: Deferred[Any] = fail(
-                UnauthorizedLogin("the connection has no client certificate")
-            )
-        else:
-            login = self.portal.login(credentials, mind, IPerspective)
+
+        def login() -> Deferred[Any]:
+            if credentials is None:
+                return fail(UnauthorizedLogin("the connection has no client certificate"))
+            return self.portal.login(credentials, mind, IPerspective)
+
         name = (credentials.commonName or "?") if credentials is not None else "?"
         deferred = self.guard.attempt(self.broker, f"<certificate {name}>".encode(), login)
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
@@ -356,7 +425,9 @@ class _PortalWrapper(Referenceable):
         Log in without credentials, if the portal has a checker for anonymous logins.
         """
         deferred = self.guard.attempt(
-            self.broker, b"<anonymous>", self.portal.login(Anonymous(), mind, IPerspective)
+            self.broker,
+            b"<anonymous>",
+            lambda: self.portal.login(Anonymous(), mind, IPerspective),
         )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
@@ -384,7 +455,7 @@ class _PortalAuthChallenger(Referenceable):
             raise UnauthorizedLogin("the response must be bytes")
         self.response = response
         deferred = self.guard.attempt(
-            self.broker, self.username, self.portal.login(self, mind, IPerspective)
+            self.broker, self.username, lambda: self.portal.login(self, mind, IPerspective)
         )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
@@ -431,7 +502,9 @@ class _PasswordProver(Referenceable):
 
         credentials = ScramProof(self.username, self.message, proof)
         login = self.guard.attempt(
-            self.broker, self.username, self.portal.login(credentials, mind, IPerspective)
+            self.broker,
+            self.username,
+            lambda: self.portal.login(credentials, mind, IPerspective),
         )
 
         def proven(result: Any) -> tuple[Any, bytes]:

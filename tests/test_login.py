@@ -15,10 +15,13 @@ from twisted.cred.checkers import (
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import Anonymous, IAnonymous, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword as IUsernameHashedPasswordInterface
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
@@ -165,6 +168,22 @@ class LoginTestsMixin:
 class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
     serverModule = pb
     clientModule = pb
+
+    def test_repeatedLoginsLeaveNothing(self) -> None:
+        """Logging in and dropping the avatar again and again on one connection leaves
+        nothing behind on the server: each logout forgets its disconnect notifier."""
+        before = len(self.server.disconnects)
+        for _ in range(5):
+            avatar = self.resolve(self.clientFactory.login(Anonymous()))
+            del avatar
+            gc.collect()
+            self.pump.flush()
+        self.assertEqual(self.realm.loggedOut, ["anonymous"] * 5)
+        self.assertEqual(len(self.server.disconnects), before)
+        self.assertEqual(self.server.localCleanup, {})
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(len(self.realm.loggedOut), 5)
 
 
 class PbrokerServerTwistedClientLoginTests(LoginTestsMixin, SynchronousTestCase):
@@ -323,14 +342,113 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(reasons, {"UnauthorizedLogin"})
         self.flushLoggedErrors(UnauthorizedLogin)
 
-    def test_successNotDelayedAndForgivesAddress(self) -> None:
-        """A successful login is answered at once and clears the address's failures."""
+    def test_successNotDelayedAndForgivesNothing(self) -> None:
+        """A successful login is answered at once, and leaves the address's failures: an
+        anonymous (or the attacker's own) login in between guesses does not reset the
+        delays."""
         self.login(b"wrong")
         results, _client, _pump = self.login(b"secret", advance=0)
         self.assertEqual(len(results), 1)
         self.assertNotIsInstance(results[0], Failure)
-        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)
         self.flushLoggedErrors(UnauthorizedLogin)
+
+    def pipelinedGuesses(self, passwords: list[bytes]) -> tuple[Any, Any, list[Any]]:
+        """
+        Ask for a challenge per password at once, then send every response at once, as a
+        hostile client can; the server, the pump, and the outcomes.
+        """
+        clientFactory = pb.PBClientFactory()
+        server, client, pump = connect(self.factory, clientFactory)
+        root = client.remoteForName("root")
+        challenges: list[Any] = []
+        for _ in passwords:
+            root.callRemote("login", b"alice").addCallback(challenges.append)
+        pump.flush()
+        outcomes: list[Any] = []
+        for password, (nonce, challenger) in zip(passwords, challenges, strict=True):
+            response = pb.respond(nonce, password)
+            challenger.callRemote("respond", response, None).addBoth(outcomes.append)
+        pump.flush()
+        return server, pump, outcomes
+
+    def test_pipelinedGuessesCheckedOneAtATime(self) -> None:
+        """Guesses sent all at once are checked one at a time, each after the delay of the
+        failure before it; once the connection has failed too often, the rest (the right
+        password among them) are refused unchecked, and the connection closed."""
+        checked: list[bytes] = []
+        checker = self.factory.root.portal.checkers[IUsernameHashedPasswordInterface]
+        original = checker.requestAvatarId
+
+        def counting(credentials: Any) -> Any:
+            checked.append(credentials.username)
+            return original(credentials)
+
+        checker.requestAvatarId = counting
+        with capturedLogs():
+            server, pump, outcomes = self.pipelinedGuesses([b"wrong"] * 3 + [b"secret"])
+            self.assertEqual((len(checked), outcomes), (1, []))
+            self.clock.advance(1.0)  # the first failure's delay
+            pump.flush()
+            self.assertEqual((len(checked), len(outcomes)), (2, 1))
+            self.clock.advance(2.0)
+            pump.flush()
+            self.assertEqual((len(checked), len(outcomes)), (3, 2))
+            self.clock.advance(4.0)
+            pump.flush()
+        self.assertEqual(len(checked), 3)  # the right password was never checked
+        self.assertEqual(len(outcomes), 4)
+        self.assertTrue(all(isinstance(o, Failure) for o in outcomes))
+        self.assertIn("too many failed logins", outcomes[3].getErrorMessage())
+        self.assertTrue(server.disconnected)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_addressesShareTheWait(self) -> None:
+        """A second connection from the same address waits for the first's failure."""
+        with capturedLogs():
+            first, _client, _pump = self.login(b"wrong", advance=0)
+            second, _client, pump = self.login(b"secret", advance=0)
+            self.assertEqual((first, second), ([], []))
+            self.clock.advance(1.0)
+            pump.flush()
+        self.assertNotIsInstance(second[0], Failure)
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_checkTimeout(self) -> None:
+        """A check that never answers fails after checkTimeout, and the address's next
+        attempt is checked."""
+        guard = pb.LoginGuard(reactor=self.clock, baseDelay=0, maxDelay=0, checkTimeout=5)
+        broker = _FakeBroker("10.0.0.1")
+        results: list[Any] = []
+        with capturedLogs():
+            guard.attempt(broker, b"alice", Deferred).addBoth(results.append)
+            guard.attempt(broker, b"bob", lambda: "bob").addBoth(results.append)
+            self.assertEqual(results, [])
+            self.clock.advance(5)
+        self.assertEqual(len(results), 2)
+        results[0].trap(UnauthorizedLogin)
+        self.assertIn("took more than 5 seconds", results[0].getErrorMessage())
+        self.assertEqual(results[1], "bob")
+
+    def test_failingAddressesBounded(self) -> None:
+        """At most maxAddresses failing addresses are remembered: stale ones go first, then
+        the oldest."""
+        guard = pb.LoginGuard(reactor=self.clock, baseDelay=1, maxDelay=8, maxAddresses=3)
+
+        def failFrom(host: str) -> None:
+            failure = guard.attempt(_FakeBroker(host), b"x", lambda: fail(UnauthorizedLogin()))
+            failure.addErrback(lambda _: None)
+            self.clock.advance(10)
+
+        with capturedLogs():
+            for host in ["10.0.0.1", "10.0.0.2", "10.0.0.3"]:
+                failFrom(host)
+            failFrom("10.0.0.1")  # failing again makes it the newest
+            failFrom("10.0.0.4")
+        self.assertEqual(guard.delayFor("10.0.0.2"), 1.0)  # the oldest, forgotten
+        self.assertEqual(guard.delayFor("10.0.0.1"), 4.0)
+        self.assertEqual(guard.delayFor("10.0.0.3"), 2.0)
+        self.assertEqual(guard.delayFor("10.0.0.4"), 2.0)
 
     def test_failuresForgotten(self) -> None:
         """Failures older than forgetAfter no longer count."""
@@ -361,3 +479,18 @@ class LoginGuardTests(SynchronousTestCase):
             pb.LoginGuard(baseDelay=5, maxDelay=1)
         with self.assertRaises(ValueError):
             pb.LoginGuard(maxFailuresPerConnection=0)
+        with self.assertRaises(ValueError):
+            pb.LoginGuard(maxAddresses=0)
+        with self.assertRaises(ValueError):
+            pb.LoginGuard(checkTimeout=0)
+
+
+class _FakeBroker:
+    """
+    What a LoginGuard reads of a broker: its peer's address.
+    """
+
+    disconnected = False
+
+    def __init__(self, host: str) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1234))

@@ -51,7 +51,9 @@ class Connection(Protocol):
 
     def serialize(self, object: Any, perspective: Any = None) -> Any: ...
 
-    def _unregisterUnsent(self, netValue: Any) -> None: ...
+    def _takeRegistrations(self, netValue: Any) -> list[tuple[int, int]] | None: ...
+
+    def _unregister(self, registrations: list[tuple[int, int]] | None) -> None: ...
 
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
 
@@ -135,10 +137,11 @@ class StreamTable:
     def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
         connection = self._connection
         netItem = connection.serialize(item, perspective)
+        registrations = connection._takeRegistrations(netItem)
         try:
             connection._sendBehindLarge(b"item", streamID, netItem)
         except Exception:
-            connection._unregisterUnsent(netItem)  # not sent: it exports nothing
+            connection._unregister(registrations)  # not sent: it exports nothing
             raise
 
     def ended(self, streamID: int, failure: Failure | None) -> None:

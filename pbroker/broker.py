@@ -682,6 +682,10 @@ class Broker(Banana):
             return object.addCallback(self.serialize, perspective, method, args, kw)
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
+        # A value an application serialised and never sent is let go here at the latest.
+        self._lastRegistered = None
+        # Each value has its own journal: one serialised by a hook while another is (an
+        # answer a getStateToCopy completes, say) is a message of its own.
         outer = self._registrations
         registrations: list[tuple[int, int]] = []
         self._registrations = registrations
@@ -703,10 +707,7 @@ class Broker(Banana):
             self.serializingPerspective = None
             self.jellyMethod = self.jellyArgs = self.jellyKw = None
         if registrations:
-            if outer is not None:
-                outer.extend(registrations)  # part of a value being serialised: its own
-            else:
-                self._lastRegistered = (result, registrations)
+            self._lastRegistered = (result, registrations)
         return result
 
     def _takeRegistrations(self, netValue: Any) -> list[tuple[int, int]] | None:
@@ -1486,7 +1487,9 @@ class Broker(Banana):
         callContext = self._callContexts.pop(requestID, None)
         registrations = None if self._lastRegistered is None else self._takeRegistrations(netResult)
         if self.disconnected:
-            self._dropStreamsIn(netResult)  # a stream made after the connection was lost
+            # Made after the connection was lost, so in tables already emptied.
+            self._unregister(registrations)
+            self._dropStreamsIn(netResult)
             return
         try:
             if callContext is not None and callContext.reply and self.isNative:
@@ -1526,10 +1529,11 @@ class Broker(Banana):
         connection stays up.
         """
         netFailure = self._serializeFailure(failure)
+        registrations = self._takeRegistrations(netFailure)
         try:
             send(command, key, netFailure)
         except LimitExceeded as e:
-            self._unregisterUnsent(netFailure)
+            self._unregister(registrations)
             value = failure.value if isinstance(failure, Failure) else failure
             name = type(value).__name__
             self._log.warn(

@@ -637,6 +637,21 @@ class RichError(pb.Error, pb.Copyable):
     """
 
 
+class Trigger(pb.Copyable):
+    """
+    A copy whose state, when taken, completes another call's answer (as an application's
+    "release the waiters" might).
+    """
+
+    def __init__(self, waiter: Deferred[Any], answer: Any) -> None:
+        self.waiter = waiter
+        self.answer = answer
+
+    def getStateToCopy(self) -> Any:
+        self.waiter.callback(self.answer)
+        return {}
+
+
 class Unserialisable(pb.Copyable):
     def getStateToCopy(self) -> Any:
         raise ValueError("no state to copy")
@@ -673,6 +688,9 @@ class UnsentRoot(pb.Root):
 
     def remote_record(self, value: Any) -> None:
         self.received.append(value)
+
+    def remote_trigger(self) -> Any:
+        return Trigger(self.later, [self.counter, self.gauge])
 
     def remote_richError(self) -> None:
         error = RichError("too rich to send")
@@ -711,7 +729,7 @@ class UnsentValueTestsMixin:
         return results[0]
 
     def assertNothingExported(self, broker: Any) -> None:
-        named = [b"root"] if broker is self.server else []
+        named = [b"root"] if broker is self.server and not broker.disconnected else []
         self.assertEqual(list(broker.localObjects), named)  # type: ignore[attr-defined]
         self.assertEqual(broker.luids, {})  # type: ignore[attr-defined]
         self.assertEqual(broker.remotelyCachedObjects, {})  # type: ignore[attr-defined]
@@ -754,6 +772,36 @@ class UnsentValueTestsMixin:
         self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
         self.flushLoggedErrors()  # type: ignore[attr-defined]
         self.assertNothingExported(self.server)
+
+    def test_answerSentFromAHook(self) -> None:
+        """An answer completed and sent while another value is serialised is a message of
+        its own: what it exported stays exported when the other value is not sent."""
+        waiting: list[Any] = []
+        self.root.callRemote("tooLargeLater").addBoth(waiting.append)
+        self.pump.flush()
+        self.root.callRemote("trigger", pbanswer=False)  # its result is not sent
+        self.pump.flush()
+        counter, gauge = waiting[0]
+        self.assertEqual(len(self.server.luids), 1)
+        self.assertEqual(self.rootObject.gauge.stopped, 0)
+        self.assertIsInstance(gauge, RemoteGauge)
+        del counter, gauge, waiting
+        gc.collect()
+        self.pump.flush()
+        self.assertFalse(self.server.disconnected)
+        self.assertNothingExported(self.server)
+        self.assertEqual(self.rootObject.gauge.stopped, 1)
+
+    def test_answerAfterDisconnect(self) -> None:
+        """An answer that comes after the connection is lost exports nothing."""
+        self.root.callRemote("tooLargeLater").addErrback(lambda _: None)
+        self.pump.flush()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        root = self.rootObject
+        root.later.callback([root.counter, root.gauge])
+        self.assertNothingExported(self.server)
+        self.assertEqual(root.gauge.stopped, 1)
 
     def test_countsOfSentExportsKept(self) -> None:
         """An object the peer already holds keeps the count the peer knows: when the peer

@@ -353,6 +353,8 @@ class _PortalWrapper(Referenceable):
     The login root one peer sees.
     """
 
+    _log = Logger()
+
     def __init__(
         self, portal: Portal, broker: Any, guard: LoginGuard, legacyLogin: bool = True
     ) -> None:
@@ -378,7 +380,13 @@ class _PortalWrapper(Referenceable):
             raise UnauthorizedLogin("the username and nonce must be bytes")
         if not 16 <= len(clientNonce) <= 64:
             raise UnauthorizedLogin("the client nonce must be 16 to 64 bytes")
-        verifier, _known = checker.verifierFor(username)
+        try:
+            verifier, _known = checker.verifierFor(username)
+        except Exception:
+            # A password file that became unreadable, say: the operator's business, not
+            # the peer's (whose error would otherwise name the server's files).
+            self._log.failure("Cannot look up {user!r} for a password login", user=username)
+            raise UnauthorizedLogin("the server cannot check passwords now") from None
         serverNonce = secrets.token_bytes(24)
         message = authMessage(
             username, clientNonce, serverNonce, verifier.salt, verifier.iterations

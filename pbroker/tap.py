@@ -11,6 +11,8 @@ for TLS), mutual TLS, logins (``--auth`` through :mod:`twisted.cred.strcred`, a 
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 from twisted.application import service, strports
@@ -138,17 +140,26 @@ class IntrospectingPortalRoot(PortalRoot):
     client can check a broker without an account.
     """
 
-    def __init__(self, portal: Portal, services: dict[str, Any]) -> None:
-        super().__init__(portal)
+    def __init__(self, portal: Portal, services: dict[str, Any], legacyLogin: bool = True) -> None:
+        super().__init__(portal, legacyLogin=legacyLogin)
         self.services = services
 
     def rootObject(self, broker: Any) -> pb.Referenceable:
-        return _IntrospectingLoginRoot(self.portal, broker, self.guard, self.services)
+        return _IntrospectingLoginRoot(
+            self.portal, broker, self.guard, self.services, self.legacyLogin
+        )
 
 
 class _IntrospectingLoginRoot(_Introspection, _PortalWrapper):
-    def __init__(self, portal: Portal, broker: Any, guard: Any, services: dict[str, Any]):
-        super().__init__(portal, broker, guard)
+    def __init__(
+        self,
+        portal: Portal,
+        broker: Any,
+        guard: Any,
+        services: dict[str, Any],
+        legacyLogin: bool = True,
+    ):
+        super().__init__(portal, broker, guard, legacyLogin)
         self.services = services
 
 
@@ -209,17 +220,93 @@ class Options(usage.Options, AuthOptionMixin):
     opt_l = opt_listen
 
     def postOptions(self) -> None:
+        """
+        Check everything the service will need, so that a mistake is a usage error at
+        startup, not a traceback or a server that runs without part of what was asked.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
         if self["tls-port"] is not None:
             if not (self["tls-certificate"] and self["tls-key"]):
                 raise usage.UsageError("--tls-port needs --tls-certificate and --tls-key")
+            if not 0 <= self["tls-port"] <= 65535:
+                raise usage.UsageError(f"--tls-port {self['tls-port']}: not a port number")
         elif self["tls-certificate"] or self["tls-key"] or self["tls-client-ca"]:
             raise usage.UsageError("the --tls-* options need --tls-port")
         if not self["listen"] and self["tls-port"] is None:
             self["listen"] = [DEFAULT_LISTEN]
-        if self["keepalive"] is not None and not self["keepalive"] > 0:
-            raise usage.UsageError("--keepalive needs a positive number of seconds")
-        if self["max-message-size"] is not None and not self["max-message-size"] > 0:
-            raise usage.UsageError("--max-message-size needs a positive number of MiB")
+        for description in self["listen"]:
+            try:
+                serverFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(f"--listen {description}: {_reason(e)}") from None
+        self["keepaliveSettings"] = None
+        seconds = self["keepalive"]
+        if seconds is not None:
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise usage.UsageError("--keepalive needs a positive number of seconds")
+            self["keepaliveSettings"] = pb.Keepalive(interval=seconds, timeout=3 * seconds)
+        self["limits"] = None
+        mebibytes = self["max-message-size"]
+        if mebibytes is not None:
+            size = int(mebibytes * 1024 * 1024) if math.isfinite(mebibytes) else 0
+            if size < 1:
+                raise usage.UsageError(
+                    "--max-message-size needs a positive number of MiB (at least one byte)"
+                )
+            self["limits"] = pb.BrokerLimits(messageSize=size)
+        self["tlsEndpoint"] = None
+        if self["tls-port"] is not None:
+            try:
+                self["tlsEndpoint"] = tls.serverEndpoint(
+                    reactor,
+                    self["tls-port"],
+                    self["tls-certificate"],
+                    self["tls-key"],
+                    clientCA=self["tls-client-ca"],
+                )
+            except Exception as e:
+                raise usage.UsageError(f"cannot use the TLS files: {_reason(e)}") from None
+        self._checkLogins()
+
+    def _checkLogins(self) -> None:
+        checkers = self.get("credCheckers", [])
+        for checker in checkers:
+            if not set(checker.credentialInterfaces) & _PB_CREDENTIALS:
+                names = ", ".join(i.__name__ for i in checker.credentialInterfaces)
+                raise usage.UsageError(
+                    f"--auth: {type(checker).__name__} checks {names} credentials, which no "
+                    "PB login sends"
+                )
+        accounts = [c for c in checkers if IUsernameHashedPassword in c.credentialInterfaces]
+        self["rootObject"] = None
+        if self["root"]:
+            if checkers or self["password-file"] or self["anonymous"]:
+                raise usage.UsageError(
+                    "--root serves the application's own root: --auth, --password-file and "
+                    "--anonymous do not apply to it"
+                )
+            root = _loadRoot(self["root"])
+            if self["no-legacy-login"] and not isinstance(root, Portal):
+                raise usage.UsageError("--no-legacy-login applies only when --root names a Portal")
+            self["rootObject"] = root
+        if self["password-file"]:
+            if accounts:
+                raise usage.UsageError(
+                    "--password-file and --auth with accounts cannot be combined: pbroker "
+                    "clients log in through the password file, so the --auth accounts "
+                    "would work only from stock Twisted clients"
+                )
+            path = self["password-file"]
+            if not os.path.isfile(path):
+                raise usage.UsageError(f"--password-file {path}: no such file")
+            try:
+                PasswordFile(path).verifierFor(b"pbroker-startup-check")
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--password-file {self['password-file']}: {_reason(e)}"
+                ) from None
 
     @property
     def wantsLogin(self) -> bool:
@@ -233,6 +320,21 @@ class Options(usage.Options, AuthOptionMixin):
             or self["anonymous"]
             or self["tls-client-ca"]
         )
+
+
+# What the PB logins offer a checker: the legacy exchange's challenger (a hashed password)
+# and anonymous login (the password file and certificates have checkers of their own).
+_PB_CREDENTIALS = {IUsernameHashedPassword, IAnonymous}
+
+
+def _reason(error: Exception) -> str:
+    """
+    An exception as a line of a usage error.
+    """
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @implementer(ICredentialsChecker)
@@ -290,12 +392,10 @@ def makeService(options: Options) -> service.MultiService:
     """
     The service ``twistd pbroker`` runs: one listening service per endpoint.
     """
-    from twisted.internet import reactor
-
     services: dict[str, Any] = {}
     root: Any
-    if options["root"]:
-        root = _loadRoot(options["root"])
+    if options["rootObject"] is not None:
+        root = options["rootObject"]
     else:
         checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
         if options["password-file"]:
@@ -305,30 +405,25 @@ def makeService(options: Options) -> service.MultiService:
         if options["anonymous"] or not options.wantsLogin:
             # With no login option at all, anonymous login is the embedded default.
             checkers.append(AllowAnonymousAccess())
-        root = IntrospectingPortalRoot(Portal(BrokerRealm(services), checkers), services)
-    keepalive = None
-    if options["keepalive"] is not None:
-        keepalive = pb.Keepalive(interval=options["keepalive"], timeout=3 * options["keepalive"])
-    limits = None
-    if options["max-message-size"] is not None:
-        limits = pb.BrokerLimits(messageSize=int(options["max-message-size"] * 1024 * 1024))
+        root = IntrospectingPortalRoot(
+            Portal(BrokerRealm(services), checkers),
+            services,
+            legacyLogin=not options["no-legacy-login"],
+        )
     factory = pb.PBServerFactory(
         root,
         unsafeTracebacks=bool(options["unsafe-tracebacks"]),
         legacyLogin=not options["no-legacy-login"],
-        limits=limits,
-        keepalive=keepalive,
+        limits=options["limits"],
+        keepalive=options["keepaliveSettings"],
     )
     top = service.MultiService()
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)
-    if options["tls-port"] is not None:
-        endpoint = tls.serverEndpoint(
-            reactor,
-            options["tls-port"],
-            options["tls-certificate"],
-            options["tls-key"],
-            clientCA=options["tls-client-ca"],
-        )
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if options["tlsEndpoint"] is not None:
+        tlsService = StreamServerEndpointService(options["tlsEndpoint"], factory)
+        # As strports.service does for --listen: a port that cannot be listened on stops
+        # twistd at startup, instead of leaving it running without TLS.
+        tlsService._raiseSynchronously = True
+        tlsService.setServiceParent(top)
     return top

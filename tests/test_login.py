@@ -485,6 +485,47 @@ class LoginGuardTests(SynchronousTestCase):
             pb.LoginGuard(checkTimeout=0)
 
 
+@implementer(ICredentialsChecker)
+class _BrokenPasswordChecker:
+    """
+    A password-login checker whose store cannot be read (a password file that became a
+    directory, say).
+    """
+
+    def __init__(self) -> None:
+        from pbroker.passwords import IScramProof
+
+        self.credentialInterfaces = (IScramProof,)
+
+    def verifierFor(self, username: bytes) -> Any:
+        raise IsADirectoryError(21, "Is a directory", "/etc/secret/place")
+
+    def requestAvatarId(self, credentials: Any) -> Any:
+        return fail(UnauthorizedLogin())
+
+
+class BrokenPasswordStoreTests(SynchronousTestCase):
+    def test_errorNotSentToThePeer(self) -> None:
+        """A checker that fails to look a user up refuses the login without telling the
+        peer why (which could name the server's files), and logs the error."""
+        portal = Portal(realmFor(pb), [_BrokenPasswordChecker()])
+        clientFactory = pb.PBClientFactory()
+        _server, _client, pump = connect(
+            pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0)),
+            clientFactory,
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            clientFactory.login(UsernamePassword(b"alice", b"pw")).addBoth(results.append)
+            pump.flush()
+        self.assertIsInstance(results[0], Failure)
+        self.assertTrue(results[0].check(UnauthorizedLogin))
+        self.assertNotIn("/etc/secret/place", results[0].getErrorMessage())
+        self.assertIn("cannot check passwords now", results[0].getErrorMessage())
+        self.assertTrue(any("Cannot look up" in str(e.get("log_format")) for e in events))
+        self.flushLoggedErrors(IsADirectoryError, UnauthorizedLogin)
+
+
 class _FakeBroker:
     """
     What a LoginGuard reads of a broker: its peer's address.

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import pbroker
 from pbroker import pb, tap
 from pbroker.passwords import PasswordFile
+from tests.test_tls import Authority
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -41,13 +43,64 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--listen", "tcp:1:interface=127.0.0.1", "-l", "unix:/tmp/x")
         self.assertEqual(options["listen"], ["tcp:1:interface=127.0.0.1", "unix:/tmp/x"])
 
+    def emptyPasswordFile(self) -> str:
+        path = self.mktemp()
+        Path(path).write_bytes(b"")
+        return path
+
+    def assertUsageError(self, expected: str, *arguments: str) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            self.parse(*arguments)
+        self.assertIn(expected, str(raised.exception))
+
     def test_loginOptions(self) -> None:
         """--auth, --password-file and --anonymous each turn the root into a portal."""
         self.assertTrue(self.parse("--auth", "memory:alice:secret").wantsLogin)
-        self.assertTrue(self.parse("--password-file", "p").wantsLogin)
+        self.assertTrue(self.parse("--password-file", self.emptyPasswordFile()).wantsLogin)
         self.assertTrue(self.parse("--anonymous").wantsLogin)
         with self.assertRaises(usage.UsageError):
             self.parse("--auth", "no-such-kind:x")
+
+    def test_passwordFileChecked(self) -> None:
+        """A password file that is missing, a directory or unreadable as one is a usage error
+        at startup, naming the problem."""
+        missing = self.mktemp()
+        self.assertUsageError(f"{missing}: no such file", "--password-file", missing)
+        directory = self.mktemp()
+        Path(directory).mkdir()
+        self.assertUsageError("no such file", "--password-file", directory)
+        malformed = self.mktemp()
+        Path(malformed).write_text("this is not a password line\n")
+        self.assertUsageError(f"--password-file {malformed}: ", "--password-file", malformed)
+
+    def test_loginOptionsThatCannotWork(self) -> None:
+        """Combinations that would leave some users unable to log in, or options that would
+        be ignored, are refused."""
+        path = self.emptyPasswordFile()
+        self.assertUsageError(
+            "cannot be combined", "--password-file", path, "--auth", "memory:bob:pw"
+        )
+        self.parse("--password-file", path, "--auth", "anonymous")  # no accounts: fine
+        self.assertUsageError("which no PB login sends", "--auth", "unix")
+        for extra in (["--auth", "memory:a:b"], ["--password-file", path], ["--anonymous"]):
+            self.assertUsageError("do not apply", "--root", "pbroker.tap.BrokerRoot", *extra)
+        self.assertUsageError(
+            "only when --root names a Portal",
+            "--root",
+            "pbroker.tap.BrokerRoot",
+            "--no-legacy-login",
+        )
+
+    def test_nonsenseValuesRefused(self) -> None:
+        """Values that cannot work are usage errors at startup, not tracebacks."""
+        self.assertUsageError("--listen bogus:1", "--listen", "bogus:1")
+        self.assertUsageError("--keepalive", "--keepalive", "inf")
+        self.assertUsageError("--keepalive", "--keepalive", "nan")
+        self.assertUsageError("--max-message-size", "--max-message-size", "inf")
+        self.assertUsageError("at least one byte", "--max-message-size", "1e-9")
+        self.assertUsageError(
+            "not a port number", "--tls-port", "-5", "--tls-certificate", "c", "--tls-key", "k"
+        )
 
     def test_keepaliveAndMessageSize(self) -> None:
         """--keepalive and --max-message-size reach the factory; nonsense is refused."""
@@ -66,8 +119,33 @@ class OptionsTests(SynchronousTestCase):
             self.parse("--tls-port", "8790")
         with self.assertRaises(usage.UsageError):
             self.parse("--tls-certificate", "c.pem")
-        options = self.parse("--tls-port", "8790", "--tls-certificate", "c", "--tls-key", "k")
+        authority = Authority(self.mktemp(), "ca")
+        certificate, key = authority.issue("localhost")
+        options = self.parse(
+            "--tls-port", "8790", "--tls-certificate", certificate, "--tls-key", key
+        )
         self.assertEqual(options["listen"], [])
+
+    def test_tlsFilesChecked(self) -> None:
+        """Missing or unusable TLS files are usage errors at startup, naming the file."""
+        authority = Authority(self.mktemp(), "ca")
+        certificate, key = authority.issue("localhost")
+        missing = self.mktemp()
+        for arguments in (
+            ["--tls-certificate", missing, "--tls-key", key],
+            ["--tls-certificate", certificate, "--tls-key", missing],
+            ["--tls-certificate", certificate, "--tls-key", key, "--tls-client-ca", missing],
+        ):
+            self.assertUsageError(missing, "--tls-port", "8790", *arguments)
+        self.assertUsageError(
+            "cannot use the TLS files",
+            "--tls-port",
+            "8790",
+            "--tls-certificate",
+            certificate,
+            "--tls-key",
+            certificate,
+        )
 
 
 class ServiceTests(TestCase):
@@ -170,12 +248,43 @@ class ServiceTests(TestCase):
         self.assertEqual(await root.callRemote("echo", 5), 5)
 
     def test_badRoot(self) -> None:
-        """A --root that cannot be loaded, or is not a root, is a usage error."""
+        """A --root that cannot be loaded, or is not a root, is a usage error when the
+        options are parsed (twistd prints it as one, without a traceback)."""
         for name in ("tests.test_tap.NoSuchThing", "tests.test_tap.LOOPBACK"):
             options = tap.Options()
-            options.parseOptions(["--root", name])
             with self.assertRaises(usage.UsageError):
-                tap.makeService(options)
+                options.parseOptions(["--root", name])
+
+    async def test_noLegacyLoginHonoured(self) -> None:
+        """--no-legacy-login refuses the MD5 login of a stock client to an --auth account."""
+        port = await self.start("--auth", "memory:alice:secret", "--no-legacy-login")
+        stock = await self.connect(port, twistedPb)
+        with self.assertRaises(Exception) as raised:
+            await stock.login(UsernamePassword(b"alice", b"secret"))
+        self.assertIn("legacy MD5 login", str(raised.exception))
+
+    def test_tlsPortInUseStopsStartup(self) -> None:
+        """A --tls-port that cannot be listened on stops the service from starting, as a
+        busy --listen port does, instead of leaving it running without TLS."""
+        busy = reactor.listenTCP(0, pb.PBServerFactory(pb.Root()), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(busy.stopListening)
+        authority = Authority(self.mktemp(), "ca")
+        certificate, key = authority.issue("localhost")
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--tls-port",
+                str(busy.getHost().port),
+                "--tls-certificate",
+                certificate,
+                "--tls-key",
+                key,
+            ]
+        )
+        service = tap.makeService(options)
+        with self.assertRaises(CannotListenError):
+            service.startService()
+        service.stopService()
 
     async def test_anonymous(self) -> None:
         """--anonymous allows anonymous login."""
@@ -206,6 +315,11 @@ class DocumentedCommandLineTests(SynchronousTestCase):
         for line in lines:
             words = shlex.split(line.split("#")[0])
             pluginArguments = words[words.index("pbroker") + 1 :]
+            if "--password-file" in pluginArguments:
+                # The page's path stands for a real password file: parsing reads it.
+                stand = self.mktemp()
+                Path(stand).write_bytes(b"")
+                pluginArguments[pluginArguments.index("--password-file") + 1] = stand
             options = tap.Options()
             options.parseOptions(pluginArguments)
             self.assertTrue(options["listen"] or options["tls-port"], line)

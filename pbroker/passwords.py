@@ -10,7 +10,9 @@ fake a successful login. Stock Twisted peers keep using the legacy MD5 exchange
 (:mod:`pbroker.cred`), which a server can switch off.
 
 The file has one line per user, ``name:scram-sha256:iterations:salt:storedKey:serverKey``
-with the last three in base64. Add or replace a user with::
+with the last three in base64; blank lines and lines that start with ``#`` are skipped. A
+username is UTF-8 text without whitespace, control characters or ``:``, and does not start
+with ``#`` (any other would not read back as written). Add or replace a user with::
 
     python -m pbroker.passwords add FILE USERNAME
 
@@ -25,6 +27,9 @@ import hmac
 import os
 import secrets
 import sys
+import unicodedata
+from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,19 +39,41 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Attribute, implementer
 
+from pbroker.errors import ProtocolError, describe
+
 __all__ = [
     "DEFAULT_ITERATIONS",
+    "MAX_ITERATIONS",
+    "MAX_SALT_LENGTH",
+    "MIN_SALT_LENGTH",
     "IScramProof",
     "PasswordFile",
     "ScramChecker",
     "ScramVerifier",
     "authMessage",
+    "checkUsername",
     "clientProof",
+    "clientProofAndSignature",
+    "parseChallenge",
     "serverSignature",
 ]
 
 #: PBKDF2 iterations for new verifiers (OWASP's 2023 figure for PBKDF2-HMAC-SHA256).
 DEFAULT_ITERATIONS = 600_000
+
+#: The largest PBKDF2 iteration count a verifier may have and a pbroker client accepts from a
+#: server: ten times :data:`DEFAULT_ITERATIONS`. The client derives its key on the reactor
+#: thread, so the count a server announces (or anyone who can change plain-TCP traffic) sets
+#: how long the client freezes; this bounds that to a few seconds.
+MAX_ITERATIONS = 10 * DEFAULT_ITERATIONS
+
+#: The salt lengths, in bytes, a verifier may have and a client accepts (new salts have 16).
+MIN_SALT_LENGTH = 8
+MAX_SALT_LENGTH = 64
+
+# Nonce lengths both sides accept (pbroker sends 24 bytes).
+_MIN_NONCE_LENGTH = 16
+_MAX_NONCE_LENGTH = 64
 
 _SCHEME = "scram-sha256"
 
@@ -61,6 +88,38 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 def _saltedPassword(password: bytes, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+
+
+def _checkSaltAndIterations(salt: bytes, iterations: int) -> None:
+    if not MIN_SALT_LENGTH <= len(salt) <= MAX_SALT_LENGTH:
+        raise ValueError(
+            f"a salt must have {MIN_SALT_LENGTH} to {MAX_SALT_LENGTH} bytes, not {len(salt)}"
+        )
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"iterations must be 1 to {MAX_ITERATIONS}, not {iterations}")
+
+
+def checkUsername(username: str) -> None:
+    """
+    Refuse a username the password file could not give back as written.
+
+    :raises ValueError: (with a one-line message) the username is empty, is not valid UTF-8
+        text, starts with ``#`` (a comment), or holds whitespace, control characters or ``:``.
+    """
+    try:
+        username.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"a username must be valid UTF-8 text: {username!r}") from None
+    if (
+        not username
+        or username.startswith("#")
+        or ":" in username
+        or any(c.isspace() or unicodedata.category(c) == "Cc" for c in username)
+    ):
+        raise ValueError(
+            "a username cannot be empty, start with '#', or hold whitespace, control "
+            f"characters or ':': {username!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,12 +139,14 @@ class ScramVerifier:
     ) -> ScramVerifier:
         """
         Derive a verifier from a password, with a fresh random salt unless one is given.
+
+        :raises ValueError: the iteration count or the salt's length is one that clients
+            refuse (see :data:`MAX_ITERATIONS`, :data:`MIN_SALT_LENGTH`).
         """
-        if iterations < 1:
-            raise ValueError(f"iterations must be at least 1, not {iterations}")
         salt = secrets.token_bytes(16) if salt is None else salt
+        _checkSaltAndIterations(salt, iterations)
         salted = _saltedPassword(password, salt, iterations)
-        clientKey = _hmac(salted, b"Client Key")
+        clientKey = _clientKey(salted)
         return cls(
             salt=salt,
             iterations=iterations,
@@ -96,9 +157,11 @@ class ScramVerifier:
     def toLine(self, username: str) -> str:
         """
         The password-file line for ``username``.
+
+        :raises ValueError: the username would not read back as written (see
+            :func:`checkUsername`).
         """
-        if not username or ":" in username or "\n" in username:
-            raise ValueError(f"a username cannot be empty or hold ':' or newlines: {username!r}")
+        checkUsername(username)
         fields = [self.salt, self.storedKey, self.serverKey]
         encoded = [base64.b64encode(field).decode("ascii") for field in fields]
         return ":".join([username, _SCHEME, str(self.iterations), *encoded])
@@ -139,14 +202,68 @@ def authMessage(
     return b"".join(len(field).to_bytes(4, "big") + field for field in fields)
 
 
+def parseChallenge(answer: object) -> tuple[bytes, bytes, int, object]:
+    """
+    Check the server's answer to ``passwordLogin`` before the client spends any work on it:
+    ``(serverNonce, salt, iterations, prover)``, with a nonce of 16 to 64 bytes, a salt of
+    :data:`MIN_SALT_LENGTH` to :data:`MAX_SALT_LENGTH` bytes and 1 to :data:`MAX_ITERATIONS`
+    iterations (the server chooses the count, and so how long the client computes). The
+    prover is returned unchecked.
+
+    :raises ProtocolError: the answer is malformed or out of bounds.
+    """
+    if not isinstance(answer, (tuple, list)) or len(answer) != 4:
+        raise ProtocolError(
+            "the server's password challenge is not (nonce, salt, iterations, prover): "
+            + describe(answer)
+        )
+    serverNonce, salt, iterations, prover = answer
+    if not isinstance(serverNonce, bytes) or not (
+        _MIN_NONCE_LENGTH <= len(serverNonce) <= _MAX_NONCE_LENGTH
+    ):
+        raise ProtocolError(
+            f"the server's nonce must be {_MIN_NONCE_LENGTH} to {_MAX_NONCE_LENGTH} bytes, "
+            f"not {describe(serverNonce)}"
+        )
+    if not isinstance(salt, bytes) or not MIN_SALT_LENGTH <= len(salt) <= MAX_SALT_LENGTH:
+        raise ProtocolError(
+            f"the server's salt must be {MIN_SALT_LENGTH} to {MAX_SALT_LENGTH} bytes, "
+            f"not {describe(salt)}"
+        )
+    if type(iterations) is not int or not 1 <= iterations <= MAX_ITERATIONS:
+        raise ProtocolError(
+            f"the server's iteration count must be an integer from 1 to {MAX_ITERATIONS}, "
+            f"not {describe(iterations)}"
+        )
+    return serverNonce, salt, iterations, prover
+
+
+def _clientKey(salted: bytes) -> bytes:
+    return _hmac(salted, b"Client Key")
+
+
+def _proof(salted: bytes, message: bytes) -> bytes:
+    clientKey = _clientKey(salted)
+    return _xor(clientKey, _hmac(hashlib.sha256(clientKey).digest(), message))
+
+
 def clientProof(password: bytes, salt: bytes, iterations: int, message: bytes) -> bytes:
     """
     The client's proof that it knows the password, for the transcript ``message``.
     """
+    return _proof(_saltedPassword(password, salt, iterations), message)
+
+
+def clientProofAndSignature(
+    password: bytes, salt: bytes, iterations: int, message: bytes
+) -> tuple[bytes, bytes]:
+    """
+    ``(proof, expected)``: the client's proof (:func:`clientProof`) and the server signature
+    it expects in return (:func:`expectedServerSignature`), from one PBKDF2 derivation, the
+    costly step.
+    """
     salted = _saltedPassword(password, salt, iterations)
-    clientKey = _hmac(salted, b"Client Key")
-    signature = _hmac(hashlib.sha256(clientKey).digest(), message)
-    return _xor(clientKey, signature)
+    return _proof(salted, message), serverSignature(_hmac(salted, b"Server Key"), message)
 
 
 def serverSignature(serverKey: bytes, message: bytes) -> bytes:
@@ -204,6 +321,7 @@ class PasswordFile:
         self.path = path
         self._stamp: tuple[float, int] | None = None
         self._verifiers: dict[bytes, ScramVerifier] = {}
+        self._decoyBasis: tuple[bytes, int] | None = None
 
     def verifierFor(self, username: bytes) -> ScramVerifier | None:
         """
@@ -212,11 +330,24 @@ class PasswordFile:
         self._reloadIfChanged()
         return self._verifiers.get(username)
 
+    def decoyBasis(self) -> tuple[bytes, int] | None:
+        """
+        ``(secret, iterations)`` to make the decoys of unknown users with (see
+        :class:`ScramChecker`), or ``None`` for a file without users.
+
+        The secret is derived from the keys of the file's first user, which a peer never
+        learns, so it stays the same across restarts and while users are added or other users'
+        passwords change (``setPassword`` moves a user it replaces to the end of the file). The
+        iteration count is the one most users have.
+        """
+        self._reloadIfChanged()
+        return self._decoyBasis
+
     def _reloadIfChanged(self) -> None:
         try:
             status = os.stat(self.path)
         except FileNotFoundError:
-            self._verifiers, self._stamp = {}, None
+            self._verifiers, self._decoyBasis, self._stamp = {}, None, None
             return
         stamp = (status.st_mtime, status.st_size)
         if stamp == self._stamp:
@@ -228,14 +359,27 @@ class PasswordFile:
                     continue
                 username, verifier = ScramVerifier.fromLine(line)
                 verifiers[username.encode("utf-8")] = verifier
-        self._verifiers, self._stamp = verifiers, stamp
+        basis = None
+        if verifiers:
+            first = next(iter(verifiers.values()))
+            secret = _hmac(first.storedKey + first.serverKey, b"pbroker decoy secret")
+            counts = Counter(verifier.iterations for verifier in verifiers.values())
+            basis = secret, counts.most_common(1)[0][0]
+        self._verifiers, self._decoyBasis, self._stamp = verifiers, basis, stamp
 
     def setPassword(
         self, username: str, password: bytes, iterations: int = DEFAULT_ITERATIONS
     ) -> None:
         """
-        Add ``username`` (or replace its verifier); the file is written readable by its owner
-        only.
+        Add ``username`` (or replace its verifier, moving it to the end of the file); the file
+        is written readable by its owner only (mode 0600).
+
+        The new file is written to ``FILE.new`` and then moved over ``FILE``; a ``FILE.new``
+        left behind (a stale file, or a symbolic link planted there) is removed first, never
+        written through, whatever its mode.
+
+        :raises ValueError: the username would not read back as written
+            (:func:`checkUsername`), or the iteration count is out of bounds.
         """
         line = ScramVerifier.fromPassword(password, iterations).toLine(username)
         kept: list[str] = []
@@ -247,10 +391,23 @@ class PasswordFile:
                     if existing.split(":", 1)[0] != username
                 ]
         temporary = self.path + ".new"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as passwordFile:
-            passwordFile.write("\n".join([*kept, line]) + "\n")
-        os.replace(temporary, self.path)
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        # O_EXCL: a file (or link) that appeared since the unlink makes this fail, not get
+        # written; fchmod: the umask must not leave the mode below 0600 either.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        descriptor = os.open(temporary, flags, 0o600)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as passwordFile:
+                os.fchmod(passwordFile.fileno(), 0o600)
+                passwordFile.write("\n".join([*kept, line]) + "\n")
+                passwordFile.flush()
+                os.fsync(passwordFile.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temporary)
+            raise
         self._stamp = None
 
 
@@ -261,7 +418,12 @@ class ScramChecker:
     :class:`PasswordFile`, or anything with ``verifierFor(username)``).
 
     Its ``verifierFor`` is also what the login exchange asks for a user's salt and iteration
-    count; an unknown user gets a made-up salt, so the exchange does not reveal who exists.
+    count. An unknown user gets a decoy that looks like a user of the source: a made-up salt
+    that stays the same across restarts, and the iteration count most users have, so that the
+    exchange does not tell who exists (except a user whose iteration count differs from most
+    users'). The decoys come from the source's ``decoyBasis()`` (see
+    :meth:`PasswordFile.decoyBasis`); a source without it, or without users, gets decoys
+    from a secret of this checker and ``iterations``, which change at every restart.
     """
 
     credentialInterfaces = (IScramProof,)
@@ -273,16 +435,19 @@ class ScramChecker:
 
     def verifierFor(self, username: bytes) -> tuple[ScramVerifier, bool]:
         """
-        ``(verifier, known)``: the user's verifier, or a decoy with a stable fake salt.
+        ``(verifier, known)``: the user's verifier, or a decoy for an unknown user.
         """
         verifier = self.verifiers.verifierFor(username)
         if verifier is not None:
             return verifier, True
+        decoyBasis = getattr(self.verifiers, "decoyBasis", None)
+        basis = decoyBasis() if decoyBasis is not None else None
+        secret, iterations = (self._secret, self.iterations) if basis is None else basis
         decoy = ScramVerifier(
-            salt=_hmac(self._secret, b"salt:" + username)[:16],
-            iterations=self.iterations,
-            storedKey=_hmac(self._secret, b"stored:" + username),
-            serverKey=_hmac(self._secret, b"server:" + username),
+            salt=_hmac(secret, b"salt:" + username)[:16],
+            iterations=iterations,
+            storedKey=_hmac(secret, b"stored:" + username),
+            serverKey=_hmac(secret, b"server:" + username),
         )
         return decoy, False
 
@@ -314,6 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("username")
     add.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     options = parser.parse_args(argv)
+    try:
+        checkUsername(options.username)
+    except ValueError as e:
+        print(f"{e}; nothing was changed.", file=sys.stderr)
+        return 1
+    if not 1 <= options.iterations <= MAX_ITERATIONS:
+        message = f"--iterations must be 1 to {MAX_ITERATIONS}; nothing was changed."
+        print(message, file=sys.stderr)
+        return 1
     password = os.environ.get("PBROKER_PASSWORD")
     if password is None:
         password = getpass.getpass(f"Password for {options.username}: ")

@@ -368,7 +368,10 @@ class PBClientFactory(protocol.ClientFactory):
         :param client: the "mind": an object the server may call back (usually a
             Referenceable), or ``None``.
         :returns: fails with ``twisted.cred.error.UnauthorizedLogin`` (as a copied failure)
-            on bad credentials.
+            on bad credentials, or when the server cannot prove it knows the password; with
+            :class:`ProtocolError` when the server's password challenge is malformed or out of
+            the bounds of :func:`pbroker.passwords.parseChallenge` (such as an iteration count
+            above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived.
         """
         import secrets
         from hmac import compare_digest
@@ -377,6 +380,7 @@ class PBClientFactory(protocol.ClientFactory):
         from twisted.cred.error import UnauthorizedLogin
 
         from pbroker.cred import respond
+        from pbroker.errors import describe
 
         root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
@@ -402,21 +406,32 @@ class PBClientFactory(protocol.ClientFactory):
             )
 
         def prove(answer: Any, clientNonce: bytes) -> Deferred[Any]:
-            from pbroker.passwords import authMessage, clientProof, expectedServerSignature
+            from pbroker.passwords import authMessage, clientProofAndSignature, parseChallenge
 
-            serverNonce, salt, iterations, prover = answer
+            # Checked before the key is derived: the server's iteration count sets how long
+            # this blocks the reactor.
+            serverNonce, salt, iterations, prover = parseChallenge(answer)
+            if not isinstance(prover, RemoteReference):
+                raise ProtocolError(
+                    f"the server's password prover is not a reference: {describe(prover)}"
+                )
             message = authMessage(username, clientNonce, serverNonce, salt, iterations)
-            proof = clientProof(password, salt, iterations, message)
+            proof, expected = clientProofAndSignature(password, salt, iterations, message)
             return _answered(prover.callRemote("prove", proof, client)).addCallback(
-                checkServer, expectedServerSignature(password, salt, iterations, message)
+                checkServer, expected
             )
 
         def checkServer(answer: Any, expected: bytes) -> RemoteReference:
+            if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+                raise ProtocolError(
+                    f"the server's login answer is not (avatar, signature): {describe(answer)}"
+                )
             avatar, signature = answer
             if not isinstance(signature, bytes) or not compare_digest(signature, expected):
                 raise UnauthorizedLogin("the server could not prove it knows the password")
-            result: RemoteReference = avatar
-            return result
+            if not isinstance(avatar, RemoteReference):
+                raise ProtocolError(f"the server's avatar is not a reference: {describe(avatar)}")
+            return avatar
 
         def fallBack(failure: Failure, root: RemoteReference) -> Any:
             # A pbroker server without a password file has only the legacy login.

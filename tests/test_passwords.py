@@ -16,10 +16,12 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import passwords, pb
+from pbroker.errors import ProtocolError
 from pbroker.passwords import PasswordFile, ScramChecker, ScramVerifier
 from tests.test_broker import connect
 from tests.test_login import realmFor
@@ -263,3 +265,278 @@ class PasswordLoginTests(SynchronousTestCase):
         for serverFactory, clientFactory, dialect in pairs:
             server, client, _pump = connect(serverFactory, clientFactory)
             self.assertEqual((server.currentDialect, client.currentDialect), (dialect, dialect))
+
+
+#: Stands for the hostile server's prover in a challenge of HostileServerTests.
+PROVER = object()
+
+
+class HostileServerTests(SynchronousTestCase):
+    """
+    A server (or whoever can change plain-TCP traffic) chooses the salt and iteration count
+    the client derives its key with: the client checks them before it spends any work.
+    """
+
+    def setUp(self) -> None:
+        self.derivations: list[int] = []
+        derive = passwords._saltedPassword
+
+        def counting(password: bytes, salt: bytes, iterations: int) -> bytes:
+            self.derivations.append(iterations)
+            # Counts above ITERATIONS are only checked for, not computed: tests stay fast.
+            return derive(password, salt, min(iterations, ITERATIONS))
+
+        self.patch(passwords, "_saltedPassword", counting)
+
+    def login(self, challenge: Any, proved: Any = None) -> Any:
+        """
+        The outcome of a login to a server that answers ``challenge`` to ``passwordLogin``
+        (``challenge(nonce)`` if callable) and ``proved`` to ``prove``.
+        """
+
+        class Prover(pb.Referenceable):
+            def remote_prove(self, proof: bytes, mind: Any) -> Any:
+                return proved
+
+        class Hostile(pb.Root):
+            def remote_passwordLogin(self, username: bytes, nonce: bytes) -> Any:
+                answer = challenge(nonce) if callable(challenge) else challenge
+                if not isinstance(answer, tuple):
+                    return answer
+                return tuple(Prover() if item is PROVER else item for item in answer)
+
+        factory = pb.PBClientFactory()
+        _server, _client, pump = connect(pb.PBServerFactory(Hostile()), factory)
+        results: list[Any] = []
+        factory.login(UsernamePassword(b"alice", b"pw")).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(results), 1)
+        return results[0]
+
+    def assertRefused(self, outcome: Any, *fragments: str) -> None:
+        self.assertIsInstance(outcome, Failure)
+        outcome.trap(ProtocolError)
+        for fragment in fragments:
+            self.assertIn(fragment, outcome.getErrorMessage())
+
+    def test_iterationCountBounded(self) -> None:
+        """MAX_ITERATIONS is derived with; one more fails the login before any derivation."""
+        limit = passwords.MAX_ITERATIONS
+        outcome = self.login((b"n" * 24, b"s" * 16, limit + 1, PROVER), (None, b""))
+        self.assertRefused(outcome, "iteration count", str(limit + 1))
+        self.assertEqual(self.derivations, [])
+        outcome = self.login((b"n" * 24, b"s" * 16, limit, PROVER), (pb.Referenceable(), b""))
+        self.assertTrue(outcome.check(UnauthorizedLogin))  # derived, then not proven
+        self.assertEqual(self.derivations, [limit])
+
+    def test_malformedChallenges(self) -> None:
+        """A malformed challenge fails the login with ProtocolError, nothing derived."""
+        nonce, salt = b"n" * 24, b"s" * 16
+        cases: list[tuple[Any, str]] = [
+            ("not a tuple", "is not (nonce, salt, iterations, prover)"),
+            ([1, 2], "is not (nonce, salt, iterations, prover)"),
+            ((nonce, salt, ITERATIONS, PROVER, 5), "is not (nonce, salt, iterations"),
+            ((nonce, salt, "many", PROVER), "iteration count"),
+            ((nonce, salt, 2.5, PROVER), "iteration count"),
+            ((nonce, salt, True, PROVER), "iteration count"),
+            ((nonce, salt, 0, PROVER), "iteration count"),
+            ((nonce, salt, -5, PROVER), "iteration count"),
+            ((nonce, 12345, ITERATIONS, PROVER), "salt"),
+            ((nonce, "s" * 16, ITERATIONS, PROVER), "salt"),
+            ((nonce, b"s" * (passwords.MIN_SALT_LENGTH - 1), ITERATIONS, PROVER), "salt"),
+            ((nonce, b"s" * (passwords.MAX_SALT_LENGTH + 1), ITERATIONS, PROVER), "salt"),
+            ((b"n" * 15, salt, ITERATIONS, PROVER), "nonce"),
+            ((b"n" * 65, salt, ITERATIONS, PROVER), "nonce"),
+            ((None, salt, ITERATIONS, PROVER), "nonce"),
+            ((nonce, salt, ITERATIONS, 5), "prover is not a reference"),
+        ]
+        for challenge, fragment in cases:
+            self.assertRefused(self.login(challenge), fragment)
+        self.assertEqual(self.derivations, [])
+
+    def test_saltBoundsAccepted(self) -> None:
+        """Salts of MIN_SALT_LENGTH and MAX_SALT_LENGTH bytes are derived with."""
+        for length in (passwords.MIN_SALT_LENGTH, passwords.MAX_SALT_LENGTH):
+            challenge = (b"n" * 16, b"s" * length, ITERATIONS, PROVER)
+            outcome = self.login(challenge, (pb.Referenceable(), b""))
+            self.assertTrue(outcome.check(UnauthorizedLogin))
+        self.assertEqual(self.derivations, [ITERATIONS, ITERATIONS])
+
+    def test_malformedLoginAnswer(self) -> None:
+        """An answer to the proof that is not (avatar, signature) fails with ProtocolError;
+        so does a proven signature that comes with something other than a reference."""
+        challenge = (b"n" * 24, b"s" * 16, ITERATIONS, PROVER)
+        for answer in ["not a tuple", (pb.Referenceable(),), (None, b"x", 3)]:
+            self.assertRefused(self.login(challenge, answer), "not (avatar, signature)")
+
+        def proving(nonce: bytes) -> Any:
+            message = passwords.authMessage(b"alice", nonce, b"n" * 24, b"s" * 16, ITERATIONS)
+            signature = passwords.expectedServerSignature(b"pw", b"s" * 16, ITERATIONS, message)
+            proved[:] = [5, signature]
+            return challenge
+
+        proved: list[Any] = []
+        self.assertRefused(self.login(proving, proved), "avatar is not a reference")
+
+    def test_keyDerivedOnce(self) -> None:
+        """A password login derives the client's salted password once, not once per key."""
+        path = self.mktemp()
+        PasswordFile(path).setPassword("alice", b"pw", ITERATIONS)
+        del self.derivations[:]
+        portal = Portal(realmFor(pb), [ScramChecker(PasswordFile(path), ITERATIONS)])
+        server = pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0))
+        factory = pb.PBClientFactory()
+        _server, _client, pump = connect(server, factory)
+        results: list[Any] = []
+        factory.login(UsernamePassword(b"alice", b"pw")).addBoth(results.append)
+        pump.flush()
+        self.assertIsInstance(results[0], pb.RemoteReference)
+        self.assertEqual(self.derivations, [ITERATIONS])
+
+    def test_clientProofAndSignature(self) -> None:
+        """The one-derivation helper agrees with clientProof and expectedServerSignature."""
+        message = passwords.authMessage(b"u", b"c" * 24, b"s" * 24, b"salt" * 4, ITERATIONS)
+        self.assertEqual(
+            passwords.clientProofAndSignature(b"pw", b"salt" * 4, ITERATIONS, message),
+            (
+                passwords.clientProof(b"pw", b"salt" * 4, ITERATIONS, message),
+                passwords.expectedServerSignature(b"pw", b"salt" * 4, ITERATIONS, message),
+            ),
+        )
+
+
+class DecoyTests(SynchronousTestCase):
+    """
+    An unknown user's salt and iteration count look like a user's of the same file.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        passwordFile = PasswordFile(self.path)
+        passwordFile.setPassword("alice", b"a", ITERATIONS)
+        passwordFile.setPassword("bob", b"b", ITERATIONS)
+        passwordFile.setPassword("carol", b"c", 2 * ITERATIONS)
+
+    def decoy(self, username: bytes, path: str | None = None) -> ScramVerifier:
+        """
+        The decoy a freshly started server (a new checker and file) offers ``username``.
+        """
+        checker = ScramChecker(PasswordFile(path or self.path))
+        verifier, known = checker.verifierFor(username)
+        self.assertFalse(known)
+        return verifier
+
+    def test_iterationsOfMostUsers(self) -> None:
+        """A decoy has the iteration count most users in the file have, not the checker's."""
+        self.assertEqual(self.decoy(b"mallory").iterations, ITERATIONS)
+        empty = self.mktemp()
+        self.assertEqual(
+            ScramChecker(PasswordFile(empty), 3 * ITERATIONS).verifierFor(b"x")[0].iterations,
+            3 * ITERATIONS,
+        )
+
+    def test_saltStableAcrossRestarts(self) -> None:
+        """A decoy's salt is the same after a restart, like a real user's, and as long."""
+        first = self.decoy(b"mallory")
+        self.assertEqual(self.decoy(b"mallory"), first)
+        self.assertEqual(len(first.salt), len(PasswordFile(self.path).verifierFor(b"alice").salt))
+        self.assertNotEqual(self.decoy(b"trent").salt, first.salt)
+        # Adding users and changing others' passwords keep it.
+        PasswordFile(self.path).setPassword("dave", b"d", ITERATIONS)
+        PasswordFile(self.path).setPassword("bob", b"new", ITERATIONS)
+        self.assertEqual(self.decoy(b"mallory").salt, first.salt)
+
+    def test_saltUnpredictable(self) -> None:
+        """The salt comes from the file's secret keys: the same users with other passwords
+        (or salts) give other decoys."""
+        other = self.mktemp()
+        for username in ("alice", "bob", "carol"):
+            PasswordFile(other).setPassword(username, b"a", ITERATIONS)
+        self.assertNotEqual(self.decoy(b"mallory", other).salt, self.decoy(b"mallory").salt)
+
+
+class PasswordFileWritingTests(SynchronousTestCase):
+    """
+    What ``setPassword`` (and the add command) write, and what they refuse.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.temporary = self.path + ".new"
+
+    def test_staleTemporaryFile(self) -> None:
+        """A FILE.new left behind with a loose mode does not make the file readable by all."""
+        with open(self.temporary, "w") as stale:
+            stale.write("stale")
+        os.chmod(self.temporary, 0o666)
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"alice"))
+        self.assertFalse(os.path.lexists(self.temporary))
+
+    def test_umaskCannotLoosenOrTighten(self) -> None:
+        """The file is 0600 whatever the umask."""
+        for mask in (0o000, 0o277):
+            previous = os.umask(mask)
+            try:
+                PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+            finally:
+                os.umask(previous)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_symlinkNotFollowed(self) -> None:
+        """A symbolic link planted at FILE.new is removed, not written through."""
+        victim = self.mktemp()
+        with open(victim, "w") as f:
+            f.write("precious\n")
+        os.symlink(victim, self.temporary)
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertFalse(os.path.islink(self.path))
+        self.assertFalse(os.path.lexists(self.temporary))
+        self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"alice"))
+
+    def test_usernamesThatWouldNotReadBack(self) -> None:
+        """Usernames the file would not give back as written are refused, in one line,
+        before a password is asked for."""
+        names = ["#bob", " carol", "carol ", "a b", "a\tb", "a\rb", "a\x00b", "a\x85b"]
+        names += ["a\u2028b", "a:b", "", "\udcff"]
+        self.patch(getpass, "getpass", lambda prompt: self.fail("asked for a password"))
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        for name in names:
+            with self.assertRaises(ValueError):
+                PasswordFile(self.path).setPassword(name, b"pw", ITERATIONS)
+            errors = io.StringIO()
+            with redirect_stderr(errors):
+                self.assertEqual(passwords.main(["add", self.path, name]), 1)
+            self.assertEqual(errors.getvalue().count("\n"), 1, errors.getvalue())
+            self.assertIn(repr(name), errors.getvalue())
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_usernamesReadBack(self) -> None:
+        """Every username that is accepted reads back as written."""
+        names = ["bob#", "ünïcødé", "a.b@c-d_e", "Ω", "x" * 200]
+        for name in names:
+            PasswordFile(self.path).setPassword(name, b"pw", ITERATIONS)
+        passwordFile = PasswordFile(self.path)
+        for name in names:
+            self.assertIsNotNone(passwordFile.verifierFor(name.encode("utf-8")), name)
+
+    def test_iterationsAndSaltBounded(self) -> None:
+        """Verifiers that clients would refuse are not made (at each limit + 1)."""
+        with self.assertRaises(ValueError):
+            ScramVerifier.fromPassword(b"pw", passwords.MAX_ITERATIONS + 1)
+        for length in (passwords.MIN_SALT_LENGTH - 1, passwords.MAX_SALT_LENGTH + 1):
+            with self.assertRaises(ValueError):
+                ScramVerifier.fromPassword(b"pw", ITERATIONS, b"s" * length)
+        limit = passwords.MIN_SALT_LENGTH
+        self.assertEqual(len(ScramVerifier.fromPassword(b"pw", 1, b"s" * limit).salt), limit)
+        errors = io.StringIO()
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "pw"})
+        arguments = ["add", self.path, "alice", "--iterations", str(passwords.MAX_ITERATIONS + 1)]
+        with redirect_stderr(errors):
+            self.assertEqual(passwords.main(arguments), 1)
+        self.assertIn("--iterations", errors.getvalue())
+        self.assertFalse(os.path.exists(self.path))

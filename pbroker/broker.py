@@ -331,6 +331,9 @@ class Broker(Banana):
         self.locallyCachedObjects: dict[int, Any] = {}
         #: Pagers (pbroker.util) sending pages while the connection takes data.
         self.pageProducers: list[Any] = []
+        # Pagers whose page was sent but not yet followed by stillPaging() (it waits for the
+        # page, if that is being sent in fragments).
+        self._pagesSent: set[Any] = set()
         self._sendingPages = False
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
@@ -585,6 +588,8 @@ class Broker(Banana):
                     self._flushAfterLarge()
                     if not self._largeOut:
                         self._streams.pump()
+                    if not self._largeOut and self.pageProducers:
+                        self.sendPages()  # pagers wait for large messages (see _sendPages)
                     if not self._largeOut:
                         return
                 transport = self.transport
@@ -1031,24 +1036,50 @@ class Broker(Banana):
                     break
                 progress = False
                 for pager in list(self.pageProducers):
-                    written = transport.written
-                    try:
-                        pager.sendNextPage()
-                    except Exception:
-                        self.pageProducers.remove(pager)  # a page it cannot send: it is done
-                        if raising:
-                            raise  # to whoever started it
-                        # Resumed by the transport, or a file read: the reactor's business
-                        # is not this pager's error.
-                        self._log.failure("A pager's page could not be sent; it stops")
-                        progress = True
-                        continue
-                    progress = progress or transport.written != written
+                    waited = pager in self._pagesSent  # its page went out in an earlier round
+                    if not waited:
+                        if self._largeOut:
+                            # A page (or another large message) is being sent in fragments:
+                            # a small page would overtake it. _pumpLarge comes back.
+                            return
+                        written = transport.written
+                        try:
+                            pager.sendNextPage()
+                        except Exception:
+                            self.dropPageProducer(pager, Failure(), raising)
+                            progress = True
+                            continue
+                        progress = progress or transport.written != written
+                        self._pagesSent.add(pager)
+                    if self._largeOut:
+                        return  # the end, if this was the last page, waits for the page
+                    self._pagesSent.discard(pager)
+                    progress = progress or waited
                     if not pager.stillPaging():
                         self.pageProducers.remove(pager)
                         progress = True
         finally:
             self._sendingPages = False
+
+    def dropPageProducer(self, pager: Any, failure: Failure, raising: bool = False) -> None:
+        """
+        Stop ``pager``, which failed (``failure``): it tells its collector (see
+        :meth:`pbroker.util.Pager.pagingFailed`). With ``raising``, the failure is raised (to
+        whoever started the pager); otherwise it is logged.
+        """
+        if pager in self.pageProducers:
+            self.pageProducers.remove(pager)
+        self._pagesSent.discard(pager)
+        pagingFailed = getattr(pager, "pagingFailed", None)
+        if pagingFailed is not None:
+            try:
+                pagingFailed(failure)
+            except Exception:
+                self._log.failure("A pager failed to stop")
+        if raising:
+            failure.raiseException()
+        # Resumed by the transport, or a file read: the reactor's business is not the pager's.
+        self._log.failure("A pager failed; it stops", failure)
 
     def transportResumed(self) -> None:
         """

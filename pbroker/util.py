@@ -5,11 +5,18 @@ that behave like remote references (for tests and for code that works either way
 Paging is a convention, not part of the protocol (wire specification, section 3.9): a
 :class:`Pager` sends its data in pieces with one-way ``gotPage`` calls to a collector the peer
 passed, then an ``endedPaging`` call. Pages are sent as the transport asks for data, so a large
-transfer neither blocks other calls nor fills memory with unsent bytes.
+transfer neither blocks other calls nor fills memory with unsent bytes; they arrive in order,
+and the end after the last, however large they are.
+
+A pager that fails (its ``nextPage`` or its file raised, a page too large for the peer) sends
+a one-way ``failedPaging(type, message)`` instead of the end: a pbroker collector fails its
+collection with :class:`~pbroker.errors.RemoteError`. (A stock Twisted collector does not know
+the call and logs it; its collection is never completed.)
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -18,7 +25,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.errors import PBConnectionLost
+from pbroker.errors import PBConnectionLost, RemoteError
 from pbroker.flavors import Referenceable
 
 __all__ = [
@@ -157,6 +164,19 @@ class Pager:
         """
         self._stillPaging = False
 
+    def pagingFailed(self, failure: Failure) -> None:
+        """
+        Called by the broker when it drops this pager (a page could not be made or sent):
+        tell the collector, so that the peer is not left waiting for the end.
+        """
+        self._stillPaging = False
+        value = failure.value
+        kind = type(value).__module__ + "." + type(value).__qualname__
+        with contextlib.suppress(Exception):  # the connection may be gone: nothing to tell
+            self.collector.callRemote(
+                "failedPaging", kind, str(value) or type(value).__name__, pbanswer=False
+            )
+
 
 class StringPager(Pager):
     """
@@ -204,6 +224,7 @@ class FilePager(Pager):
         self.chunks: list[bytes] = []
         self.producer: Any = None
         self._reading = True
+        self._failed = False
         super().__init__(collector, callback, *args, **kw)
         self.startProducing(fd)
 
@@ -216,9 +237,25 @@ class FilePager(Pager):
 
     def _doneReading(self, result: Any) -> None:
         self._reading = False
+        if self._failed:
+            return  # stopped by pagingFailed: the collector has been told why
+        if isinstance(result, Failure):
+            # The file could not be read to its end: the collector must not take what was
+            # read for all of it.
+            self.chunks = []
+            self.collector.broker.dropPageProducer(self, result)
+            return
         if not self.chunks:
             self.stopPaging()
         self.collector.broker.sendPages()
+
+    def pagingFailed(self, failure: Failure) -> None:
+        self._failed = True
+        super().pagingFailed(failure)
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.stopProducing()
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """
@@ -256,12 +293,18 @@ class FilePager(Pager):
 
 class CallbackPageCollector(Referenceable):
     """
-    Receives pages; calls ``callback(pages)`` with the list once paging ends.
+    Receives pages; calls ``callback(pages)`` with the list once paging ends, or
+    ``errback`` with a :class:`~pbroker.errors.RemoteError` if the pager says it failed.
     """
 
-    def __init__(self, callback: Callable[[list[Any]], object]) -> None:
+    def __init__(
+        self,
+        callback: Callable[[list[Any]], object],
+        errback: Callable[[Failure], object] | None = None,
+    ) -> None:
         self.pages: list[Any] = []
         self.callback = callback
+        self.errback = errback
 
     def remote_gotPage(self, page: Any) -> None:
         """
@@ -275,23 +318,37 @@ class CallbackPageCollector(Referenceable):
         """
         self.callback(self.pages)
 
+    def remote_failedPaging(self, errorType: Any, message: Any) -> None:
+        """
+        The pager failed (a pbroker pager says so): the pages received are not all.
+        """
+        if self.errback is not None:
+            error = RemoteError(str(errorType), f"the pager failed: {message}", "")
+            self.errback(Failure(error))
+
 
 def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> defer.Deferred[Any]:
     """
     Call ``methodName`` on ``referenceable`` with a new collector as the first argument and
     return a Deferred of the list of every page the peer sends to it.
 
-    It fails if the call fails, or with :class:`~pbroker.errors.PBConnectionLost` if the
-    connection is lost before the last page.
+    It fails if the call fails, with :class:`~pbroker.errors.RemoteError` if a pbroker pager
+    says it failed, or with :class:`~pbroker.errors.PBConnectionLost` if the connection is
+    lost before the last page.
     """
     deferred: defer.Deferred[Any] = defer.Deferred()
-    collector = CallbackPageCollector(deferred.callback)
-    call = referenceable.callRemote(methodName, collector, *args, **kw)
+
+    def completed(pages: list[Any]) -> None:
+        if not deferred.called:  # (the call may have failed after its pager ended)
+            deferred.callback(pages)
 
     def failed(failure: Failure) -> None:
-        # The call itself failed, so no pages will come: report that instead.
+        # The call itself failed, or its pager: no (more) pages will come.
         if not deferred.called:
             deferred.errback(failure)
+
+    collector = CallbackPageCollector(completed, failed)
+    call = referenceable.callRemote(methodName, collector, *args, **kw)
 
     def lost(_reference: Any) -> None:
         failed(Failure(PBConnectionLost("the connection was lost before the last page")))

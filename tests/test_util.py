@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.spread import pb as twistedPb
 from twisted.spread import util as twistedUtil
@@ -17,6 +18,7 @@ from zope.interface import Interface, implementer
 
 from pbroker import jelly, pb, publish, util
 from pbroker.errors import PBConnectionLost
+from pbroker.testing import connectedServerAndClient
 from tests.test_broker import connect
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: more than PB's 640 KiB string limit
@@ -149,15 +151,134 @@ class PagerTests(SynchronousTestCase):
         limits = pb.BrokerLimits(messageSize=100_000)
         server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory(limits=limits))
         server.transport.pauseProducing()  # the pages wait
-        util.getAllPages(client.remoteForName("root"), "send").addErrback(lambda _: None)
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
         pump.flush()
         with capturedLogs() as events:
             server.transport.resumeProducing()  # what the transport does as its buffer drains
             pump.flush()
-        self.assertTrue(any("could not be sent" in str(e.get("log_format")) for e in events))
+        self.assertTrue(any("A pager failed" in str(e.get("log_format")) for e in events))
         self.flushLoggedErrors()
         self.assertEqual(server.pageProducers, [])
         self.assertFalse(server.disconnected)
+        # The collector was told, so the collection fails instead of waiting for ever.
+        results[0].trap(pb.RemoteError)
+        self.assertIn("the pager failed", results[0].getErrorMessage())
+
+    def collectFrom(self, pager: Any, **options: Any) -> tuple[Any, list[Any]]:
+        """
+        getAllPages from a root whose ``send`` starts ``pager(collector)``; the server and
+        the outcome.
+        """
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = pager(collector)
+
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(MyRoot(), clock=clock),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+            **options,
+        )
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        for _ in range(1000):
+            if results:
+                break
+            pump.pump()
+            clock.advance(0)
+        return server, results
+
+    def test_largePagesKeepTheirOrder(self) -> None:
+        """In the native dialect, pages too large for one record are sent in fragments: the
+        small pages after them wait, and the end comes after the last, so the collector
+        gets every page in order."""
+        sizes = [3_000_000, 10, 20, 2_000_000, 30, 1_500_000]
+
+        class Sizes(util.Pager):
+            def __init__(self, collector: Any) -> None:
+                self.index = 0
+                super().__init__(collector)
+
+            def nextPage(self) -> bytes:
+                page = bytes([self.index]) * sizes[self.index]
+                self.index += 1
+                if self.index == len(sizes):
+                    self.stopPaging()
+                return page
+
+        for bufferSize in (None, 64 * 1024):
+            server, results = self.collectFrom(Sizes, bufferSize=bufferSize)
+            self.assertTrue(server.isNative)
+            self.assertEqual([(page[0], len(page)) for page in results[0]], list(enumerate(sizes)))
+            self.assertEqual(server.pageProducers, [])
+
+    def test_pagerThatRaises(self) -> None:
+        """A pager whose nextPage raises mid-transfer tells the collector: the collection
+        fails with RemoteError naming the error, and the connection stays."""
+
+        class Failing(util.Pager):
+            count = 0
+
+            def nextPage(self) -> bytes:
+                self.count += 1
+                if self.count == 3:
+                    raise RuntimeError("the source failed")
+                return b"page"
+
+        with capturedLogs():
+            server, results = self.collectFrom(Failing, bufferSize=8)
+        results[0].trap(pb.RemoteError)
+        self.assertIn("the source failed", results[0].getErrorMessage())
+        self.assertEqual(results[0].value.remoteType, "builtins.RuntimeError")
+        self.assertFalse(server.disconnected)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_fileThatFailsToRead(self) -> None:
+        """A FilePager whose file fails to read tells the collector why (not that the
+        transfer ended), and stops reading."""
+
+        class FailingFile(io.BytesIO):
+            reads = 0
+
+            def read(self, size: int | None = -1) -> bytes:
+                self.reads += 1
+                if self.reads == 3:
+                    raise OSError("disk read error")
+                return super().read(size)
+
+        source = FailingFile(BIG)
+        with capturedLogs():
+            server, results = self.collectFrom(lambda c: util.FilePager(c, source), bufferSize=8)
+        results[0].trap(pb.RemoteError)
+        self.assertIn("disk read error", results[0].getErrorMessage())
+        self.assertEqual(source.reads, 3)
+        self.assertEqual(server.pageProducers, [])
+        self.flushLoggedErrors(OSError)
+
+    def test_callFailingAfterItsPagerEnded(self) -> None:
+        """A method that starts a pager and then raises fails getAllPages with its error;
+        the pager's end, arriving later, is not an error of its own."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                util.StringPager(collector, b"abc", 1)
+                raise ValueError("failed after starting the pager")
+
+        server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        server.transport.pauseProducing()  # the error goes first, the pages wait
+        results: list[Any] = []
+        with capturedLogs():
+            util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+            pump.flush()
+            self.assertTrue(results[0].check(ValueError))
+            server.transport.resumeProducing()
+            pump.flush()
+        self.assertEqual(len(results), 1)
+        self.assertEqual(self.flushLoggedErrors(defer.AlreadyCalledError), [])
+        self.flushLoggedErrors(ValueError)
 
     def test_getAllPagesReportsLostConnection(self) -> None:
         """If the connection is lost after the call was answered but before the last page,

@@ -6,30 +6,36 @@ The ``pbroker`` command-line client (also ``python -m pbroker``)::
     pbroker call pb://127.0.0.1:8789 echo '"hello"' '[1, 2]'
     pbroker --user alice call pb://broker.example:8789 whoAmI
 
-The address is ``pb://host[:port]`` (TCP, port 8789 by default), ``pbs://host[:port]`` (TLS;
-``--ca FILE`` to trust a CA file rather than the platform's), or any Twisted client endpoint
-string (``unix:/run/pbroker.sock``). With ``--user`` the client logs in and calls the avatar;
-the password comes from ``PBROKER_PASSWORD`` or a prompt, never from the command line.
-Arguments to ``call`` are JSON values.
+The address is ``pb://host[:port]`` (TCP, port 8789 by default; ``pb://[::1]:8789`` for an
+IPv6 address), ``pbs://host[:port]`` (TLS; ``--ca FILE`` to trust a CA file rather than the
+platform's), or any Twisted client endpoint string (``unix:/run/pbroker.sock``). With
+``--user`` the client logs in and calls the avatar; the password comes from
+``PBROKER_PASSWORD`` or a prompt, never from the command line. Arguments to ``call`` are JSON
+values.
 
-Exit codes: 0 success, 2 bad usage (including a bad address or JSON argument), 3 cannot
-connect, 4 login refused, 5 the remote call failed. Errors are one line on stderr; ``--debug``
-adds the traceback.
+Exit codes: 0 success, 2 bad usage (including a bad address, ``--ca`` file, ``--timeout`` or
+JSON argument), 3 cannot connect, 4 login refused, 5 the remote call failed. Errors are one
+line on stderr; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
+import math
 import os
 import sys
 import time
 import traceback
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamClientEndpoint
 
 __all__ = [
     "EXIT_CONNECTION",
@@ -60,37 +66,115 @@ class CommandError(Exception):
         self.code = code
 
 
-def endpointFor(address: str, caFile: str | None = None) -> str | Any:
+def endpointFor(
+    address: str, caFile: str | None = None, *, reactor: Any = None
+) -> str | IStreamClientEndpoint:
     """
     The client endpoint (string or object) for a command-line address.
 
-    :raises CommandError: the address is not one of the accepted forms.
+    ``pb://HOST[:PORT]`` gives a ``tcp:`` endpoint string, ``pbs://HOST[:PORT]`` a TLS endpoint
+    that trusts ``caFile`` (or the platform's CAs); an IPv6 address goes in brackets
+    (``pb://[::1]:8789``). Anything else is parsed as a Twisted client endpoint string.
+
+    :raises CommandError: (exit code 2) the address is not one of these forms, or ``caFile``
+        cannot be read or is given for an address that is not ``pbs://``.
     """
-    from twisted.internet import reactor
-
-    from pbroker import tls
-
+    if reactor is None:
+        from twisted.internet import reactor
     if "://" not in address:
         if ":" not in address:
             raise CommandError(EXIT_USAGE, f"not an address: {address!r} (try pb://host:port)")
-        return address
+        if caFile is not None:
+            raise CommandError(EXIT_USAGE, "--ca is for pbs:// addresses only")
+        return _parsedEndpoint(reactor, address)
     scheme, _, rest = address.partition("://")
-    rest = rest.rstrip("/")
-    host, _, portText = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    host = host.strip("[]")
-    if not host:
-        raise CommandError(EXIT_USAGE, f"no host in {address!r}")
-    try:
-        port = int(portText) if portText else DEFAULT_PORT
-    except ValueError:
-        raise CommandError(EXIT_USAGE, f"bad port in {address!r}") from None
-    if not 0 < port < 65536:
-        raise CommandError(EXIT_USAGE, f"bad port in {address!r}")
+    scheme = scheme.lower()
+    if scheme not in ("pb", "pbs"):
+        raise CommandError(EXIT_USAGE, f"unknown scheme {scheme!r} in {address!r} (pb or pbs)")
+    host, port = _hostAndPort(address, rest.rstrip("/"))
     if scheme == "pb":
-        return f"tcp:host={host}:port={port}"
-    if scheme == "pbs":
-        return tls.clientEndpoint(reactor, host, port, caFile=caFile)
-    raise CommandError(EXIT_USAGE, f"unknown scheme {scheme!r} in {address!r} (pb or pbs)")
+        if caFile is not None:
+            raise CommandError(EXIT_USAGE, "--ca is for pbs:// addresses only")
+        return f"tcp:host={_escaped(host)}:port={port}"
+    return _tlsEndpoint(reactor, host, port, caFile)
+
+
+def _hostAndPort(address: str, rest: str) -> tuple[str, int]:
+    """
+    The host and port of ``HOST[:PORT]`` or ``[IPV6][:PORT]``.
+    """
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket:
+            raise CommandError(EXIT_USAGE, f"no ']' after the IPv6 address in {address!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise CommandError(EXIT_USAGE, f"bad IPv6 address in {address!r}") from None
+        if after and not after.startswith(":"):
+            raise CommandError(EXIT_USAGE, f"bad port in {address!r}")
+        portText = after[1:]
+    else:
+        host, _, portText = rest.partition(":")
+        if ":" in portText:
+            raise CommandError(
+                EXIT_USAGE,
+                f"an IPv6 address goes in brackets (pb://[ADDRESS]:PORT), not {address!r}",
+            )
+        if not host:
+            raise CommandError(EXIT_USAGE, f"no host in {address!r}")
+        # Host names and IPv4 addresses: anything else (a path, user@, spaces) is a mistake.
+        if not all(character.isalnum() or character in "-._" for character in host):
+            raise CommandError(EXIT_USAGE, f"bad host name in {address!r}")
+    if not portText:
+        return host, DEFAULT_PORT
+    # Only ASCII digits: int() would also take " 80", "+80" and other scripts' digits.
+    if not (portText.isascii() and portText.isdigit() and 0 < int(portText) < 65536):
+        raise CommandError(EXIT_USAGE, f"bad port in {address!r}")
+    return host, int(portText)
+
+
+def _escaped(text: str) -> str:
+    """
+    ``text`` as a value in an endpoint string, where ``:``, ``=`` and ``\\`` are special.
+    """
+    return "".join("\\" + character if character in ":=\\" else character for character in text)
+
+
+def _parsedEndpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
+    """
+    The endpoint of a Twisted client endpoint string.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, description)
+    except Exception as e:
+        # Endpoint parsers raise what they like for a bad string: ValueError for an unknown
+        # type, TypeError for a missing argument, OSError for a missing file, RuntimeError
+        # for a trailing backslash.
+        reason = str(e) or type(e).__name__
+        message = f"bad address {description!r}: {reason} (try pb://host:port)"
+        raise CommandError(EXIT_USAGE, message) from e
+    return endpoint
+
+
+def _tlsEndpoint(reactor: Any, host: str, port: int, caFile: str | None) -> IStreamClientEndpoint:
+    """
+    A TLS endpoint to ``host``, trusting the CA certificates in ``caFile``.
+    """
+    from OpenSSL.crypto import Error as OpenSSLError
+
+    from pbroker import tls
+
+    try:
+        endpoint: IStreamClientEndpoint = tls.clientEndpoint(reactor, host, port, caFile=caFile)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CommandError(EXIT_USAGE, f"cannot read the CA file {caFile!r}: {reason}") from e
+    except (ValueError, OpenSSLError) as e:
+        raise CommandError(EXIT_USAGE, f"bad CA file {caFile!r}: {e}") from e
+    return endpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +187,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _seconds(text: str) -> float:
+    """
+    A ``--timeout``: a finite number of seconds, more than zero.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds above 0: {text!r}")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pbroker", description="Talk to a Perspective Broker (pbroker or Twisted PB)."
@@ -112,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", help="log in as this user (password: PBROKER_PASSWORD or prompt)")
     parser.add_argument("--ca", help="trust this CA file for pbs:// addresses")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds for the whole command (default 30)"
+        "--timeout", type=_seconds, default=30.0, help="seconds for the whole command (default 30)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ping", help="check that the broker answers").add_argument("address")
@@ -132,7 +229,34 @@ def _password(user: str) -> bytes:
                 EXIT_USAGE, "no password: set PBROKER_PASSWORD or run in a terminal to be asked"
             )
         password = getpass.getpass(f"Password for {user}: ")
-    return password.encode("utf-8")
+    # surrogateescape: bytes that are not UTF-8 (in the environment) are sent as they are.
+    return password.encode("utf-8", "surrogateescape")
+
+
+def _jsonArguments(texts: list[str]) -> list[Any]:
+    """
+    The values of JSON command-line arguments.
+
+    :raises CommandError: (exit code 2) one is not JSON, or cannot be sent.
+    """
+    values = []
+    for index, text in enumerate(texts, start=1):
+        try:
+            value = json.loads(text)
+            # Text with a lone surrogate (from an escape, or bytes on the command line that
+            # are not UTF-8) cannot be sent: find it now rather than in the call.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise CommandError(EXIT_USAGE, f"argument {index} is nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise CommandError(EXIT_USAGE, f"argument {index} is not valid JSON: {e}") from None
+        except UnicodeEncodeError:
+            message = f"argument {index} holds text that is not valid Unicode"
+            raise CommandError(EXIT_USAGE, message) from None
+        except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+            raise CommandError(EXIT_USAGE, f"argument {index} is not usable: {e}") from None
+        values.append(value)
+    return values
 
 
 def _jsonable(value: Any) -> Any:
@@ -171,18 +295,34 @@ def _remoteMessage(failure: Failure) -> str:
     return f"{name}: {value}" if str(value) else name
 
 
+def _output(options: argparse.Namespace, value: Any, milliseconds: float) -> str:
+    """
+    The text that shows a result.
+    """
+    # A received value nests at most about a thousand deep (the decoders' limits) and
+    # _jsonable takes two frames a level: make room for that.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 4096)
+    try:
+        if options.json:
+            return json.dumps({"result": _jsonable(value), "ms": round(milliseconds, 1)})
+        if options.command == "ping":
+            return f"{_human(value)} ({milliseconds:.1f} ms)"
+        return _human(value)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     from twisted.internet.defer import CancelledError, Deferred
 
     from pbroker import pb
 
-    arguments: list[Any] = []
-    for index, text in enumerate(getattr(options, "arguments", []), start=1):
-        try:
-            arguments.append(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise CommandError(EXIT_USAGE, f"argument {index} is not valid JSON: {e}") from None
-    endpoint = endpointFor(options.address, options.ca)
+    arguments = _jsonArguments(getattr(options, "arguments", []))
+    method = options.method if options.command == "call" else options.command
+    if not method.isprintable():
+        raise CommandError(EXIT_USAGE, f"bad method name {method!r}")
+    endpoint = endpointFor(options.address, options.ca, reactor=reactor)
     password = _password(options.user) if options.user else None
     factory = pb.PBClientFactory()
     started = time.monotonic()
@@ -213,13 +353,13 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     target = connected
     try:
         if options.user and password is not None:
-            credentials = UsernamePassword(options.user.encode(), password)
+            user = options.user.encode("utf-8", "surrogateescape")
+            credentials = UsernamePassword(user, password)
             what = f"login refused for {options.user}"
             answer = await within(factory.login(credentials), EXIT_LOGIN, what)
             if isinstance(answer, Failure):
                 raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}")
             target = answer
-        method = options.method if options.command == "call" else options.command
         call: Deferred[Any] | None = target.callRemote(method, *arguments)
         assert call is not None  # answered calls always have a Deferred
         outcome = await within(call, EXIT_REMOTE, f"{method} failed")
@@ -254,10 +394,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbroker: unexpected error: {error!r}", file=sys.stderr)
         return 1
     value, milliseconds = result
-    if options.json:
-        print(json.dumps({"result": _jsonable(value), "ms": round(milliseconds, 1)}))
-    elif options.command == "ping":
-        print(f"{_human(value)} ({milliseconds:.1f} ms)")
-    else:
-        print(_human(value))
+    print(_output(options, value, milliseconds))
     return EXIT_OK

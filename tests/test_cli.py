@@ -5,7 +5,11 @@ on 127.0.0.1 in the test's reactor.
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import doctest
+import io
+import ipaddress
 import json
 import os
 import shlex
@@ -13,15 +17,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pbroker import cli, pb
+from pbroker import cli, pb, tls
 from pbroker.tap import BrokerRealm
 
 
@@ -136,6 +145,40 @@ class CommandLineTests(TestCase):
             self.assertEqual(code, cli.EXIT_USAGE, err)
             self.assertOneLine(err, "pbroker --help shows the usage")
 
+    async def test_ipv6(self) -> None:
+        """pb://[::1]:PORT and pbs://[::1]:PORT (with --ca) reach a broker on ::1."""
+        port = await pb.listen("tcp6:0:interface=\\:\\:1", pb.PBServerFactory(Service()))
+        self.addCleanup(port.stopListening)
+        code, out, err = await self.command("ping", f"pb://[::1]:{port.getHost().port}")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("pong ("), out)
+        certificate, key = selfSignedCertificate(self.mktemp(), "::1")
+        endpoint = tls.serverEndpoint(reactor, 0, certificate, key, interface="::1")
+        tlsPort = await pb.listen(endpoint, pb.PBServerFactory(Service()))
+        self.addCleanup(tlsPort.stopListening)
+        address = f"pbs://[::1]:{tlsPort.getHost().port}"
+        code, out, err = await self.command("--ca", certificate, "ping", address)
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("pong ("), out)
+
+    async def test_badInputsAreUsageErrors(self) -> None:
+        """Bad addresses, a missing --ca file, a bad --timeout and a JSON argument nested too
+        deeply exit 2 with one line, before connecting."""
+        missing = os.path.abspath(self.mktemp())
+        cases = [
+            (["ping", "localhost:1"], "bad address 'localhost:1'"),
+            (["ping", "tcp:nonsense"], "bad address 'tcp:nonsense'"),
+            (["ping", "pb://::1:8789"], "an IPv6 address goes in brackets"),
+            (["--ca", missing, "ping", "pbs://127.0.0.1:1"], f"CA file {missing!r}"),
+            (["--timeout", "nan", "ping", "pb://127.0.0.1:1"], "'nan'"),
+            (["--timeout", "-1", "ping", "pb://127.0.0.1:1"], "'-1'"),
+            (["call", "pb://127.0.0.1:1", "echo", "[" * 100000], "nested too deeply"),
+        ]
+        results = await gatherResults([ensureDeferred(self.command(*a)) for a, _ in cases])
+        for (arguments, fragment), (code, out, err) in zip(cases, results, strict=True):
+            self.assertEqual((code, out), (cli.EXIT_USAGE, ""), (arguments[:3], err))
+            self.assertOneLine(err, fragment)
+
     async def test_login(self) -> None:
         """--user logs in with PBROKER_PASSWORD; a wrong password exits 4; no password and no
         terminal is a usage error."""
@@ -154,16 +197,170 @@ class CommandLineTests(TestCase):
         self.assertEqual(code, cli.EXIT_USAGE)
         self.assertOneLine(err, "no password")
 
+    async def test_loginWithBytes(self) -> None:
+        """A user name and a password that are not UTF-8 are sent as the bytes given."""
+        checker = InMemoryUsernamePasswordDatabaseDontUse()
+        checker.addUser(b"b\xff", b"p\xff")
+        port = await self.serve(Portal(BrokerRealm(), [checker]))
+        user = b"b\xff".decode("utf-8", "surrogateescape")  # as Python shows argv and environ
+        password = b"p\xff".decode("utf-8", "surrogateescape")
+        address = f"pb://127.0.0.1:{port}"
+        code, out, err = await self.command("--user", user, "ping", address, password=password)
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("pong ("), out)
+
+
+def selfSignedCertificate(directory: str, address: str) -> tuple[str, str]:
+    """
+    Write a self-signed certificate for an IP address and its key; return their paths.
+    """
+    os.makedirs(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certificatePath = os.path.join(directory, "server.pem")
+    keyPath = os.path.join(directory, "server.key")
+    Path(certificatePath).write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    keyPEM = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    Path(keyPath).write_bytes(keyPEM)
+    return certificatePath, keyPath
+
 
 class AddressTests(SynchronousTestCase):
+    def assertUsageError(self, address: str, fragment: str, caFile: str | None = None) -> None:
+        with self.assertRaises(cli.CommandError) as caught:
+            cli.endpointFor(address, caFile, reactor=reactor)
+        self.assertEqual(caught.exception.code, cli.EXIT_USAGE)
+        self.assertIn(fragment, str(caught.exception))
+
     def test_forms(self) -> None:
-        """pb:// gives a TCP endpoint string (default port 8789); others pass through."""
+        """pb:// gives a TCP endpoint string (default port 8789); others are parsed."""
         self.assertEqual(cli.endpointFor("pb://example.org"), "tcp:host=example.org:port=8789")
         self.assertEqual(cli.endpointFor("pb://h:1234/"), "tcp:host=h:port=1234")
-        self.assertEqual(cli.endpointFor("unix:/run/x.sock"), "unix:/run/x.sock")
+        self.assertEqual(cli.endpointFor("PB://h:65535"), "tcp:host=h:port=65535")
+        self.assertIsInstance(cli.endpointFor("unix:/run/x.sock"), UNIXClientEndpoint)
         self.assertIsNotNone(cli.endpointFor("pbs://localhost:8790"))
-        with self.assertRaises(cli.CommandError):
-            cli.endpointFor("pb://:80")
+        self.assertUsageError("pb://:80", "no host")
+
+    def test_ipv6(self) -> None:
+        """An IPv6 address in brackets has its colons escaped in the endpoint string."""
+        for address, port in (("pb://[::1]:1234", 1234), ("pb://[::1]", 8789)):
+            description = cli.endpointFor(address)
+            self.assertEqual(description, f"tcp:host=\\:\\:1:port={port}")
+            assert isinstance(description, str)
+            endpoint = clientFromString(reactor, description)
+            self.assertEqual((endpoint._host, endpoint._port), ("::1", port))
+        self.assertIsNotNone(cli.endpointFor("pbs://[::1]"))
+
+    def test_badIPv6(self) -> None:
+        """An IPv6 address without brackets, or a bad one in them, is a usage error."""
+        self.assertUsageError("pb://::1:8789", "an IPv6 address goes in brackets")
+        self.assertUsageError("pbs://::1", "an IPv6 address goes in brackets")
+        self.assertUsageError("pb://[::1:8789", "no ']'")
+        self.assertUsageError("pb://[example.org]:1", "bad IPv6 address")
+        self.assertUsageError("pb://[::1]8789", "bad port")
+
+    def test_badHostsAndPorts(self) -> None:
+        """Only ASCII digits make a port, and a host is a name or an address."""
+        for port in (" 80", "+80", "\u0668\u0660", "0x10", "0", "65536", "80/x"):
+            self.assertUsageError(f"pb://h:{port}", "bad port")
+        for host in ("a b", "user@h", "h/x", "h\\", "h=1"):
+            self.assertUsageError(f"pb://{host}:80", "bad host name")
+
+    def test_badEndpointStrings(self) -> None:
+        """An endpoint string its parser refuses is a usage error naming it."""
+        for address in ("localhost:8789", "tcp:nonsense", "tcp:h:p", "tcp:h\\", ":"):
+            self.assertUsageError(address, f"bad address {address!r}")
+
+    def test_caFile(self) -> None:
+        """A --ca file that cannot be read or holds no certificate is a usage error naming it;
+        so is --ca with an address that is not pbs://."""
+        missing = self.mktemp()
+        self.assertUsageError("pbs://h", f"cannot read the CA file {missing!r}", missing)
+        empty = self.mktemp()
+        Path(empty).write_text("hello")
+        self.assertUsageError("pbs://h", f"bad CA file {empty!r}", empty)
+        garbage = self.mktemp()
+        Path(garbage).write_text("-----BEGIN CERTIFICATE-----\n!\n-----END CERTIFICATE-----\n")
+        self.assertUsageError("pbs://h", f"bad CA file {garbage!r}", garbage)
+        for address in ("pb://h", "tcp:h:1"):
+            self.assertUsageError(address, "--ca is for pbs:// addresses only", empty)
+
+
+class OptionTests(SynchronousTestCase):
+    def test_timeout(self) -> None:
+        """--timeout takes a finite number of seconds above 0; others are usage errors."""
+        self.assertEqual(cli._parser().parse_args(["--timeout", "0.5", "ping", "x"]).timeout, 0.5)
+        for text in ("nan", "inf", "-inf", "-1", "0", "soon"):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            with self.assertRaises(SystemExit) as caught:
+                cli._parser().parse_args([f"--timeout={text}", "ping", "x"])
+            self.assertEqual(caught.exception.code, cli.EXIT_USAGE)
+            self.assertIn("argument --timeout: not a", stderr.getvalue())
+            self.assertIn(repr(text), stderr.getvalue())
+
+    def test_jsonArguments(self) -> None:
+        """JSON arguments that are too deep, too long a number, or hold text that is not
+        Unicode are usage errors; others are their values."""
+        self.assertEqual(cli._jsonArguments(['"a"', "[1, {}]"]), ["a", [1, {}]])
+        [deep] = cli._jsonArguments(["[" * 300 + "]" * 300])
+        for _ in range(299):
+            deep = deep[0]
+        self.assertEqual(deep, [])
+        for text, fragment in (
+            ("[" * 100000, "argument 2 is nested too deeply"),
+            ("[" * 100000 + "]" * 100000, "argument 2 is nested too deeply"),
+            ("1" * 5000, "argument 2 is not usable"),
+            ('"\\ud800"', "argument 2 holds text that is not valid Unicode"),
+            ('"\udcff"', "argument 2 holds text that is not valid Unicode"),
+            ("{not json", "argument 2 is not valid JSON"),
+        ):
+            with self.assertRaises(cli.CommandError) as caught:
+                cli._jsonArguments(["1", text])
+            self.assertEqual(caught.exception.code, cli.EXIT_USAGE)
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_methodName(self) -> None:
+        """A method name that is not printable text is a usage error, before connecting."""
+        options = argparse.Namespace(
+            command="call", method="\udcff", arguments=[], address="pb://127.0.0.1:1"
+        )
+        failure = self.failureResultOf(ensureDeferred(cli._run(None, options)), cli.CommandError)
+        self.assertEqual(failure.value.code, cli.EXIT_USAGE)
+        self.assertIn("bad method name", str(failure.value))
+
+    def test_bytesFromTheEnvironment(self) -> None:
+        """A password that is not UTF-8 in the environment is sent as its bytes."""
+        self.patch(os, "environ", {"PBROKER_PASSWORD": b"\xffs".decode("utf-8", "surrogateescape")})
+        self.assertEqual(cli._password("alice"), b"\xffs")
+
+    def test_deepResult(self) -> None:
+        """A result nested as deeply as a broker delivers prints, as JSON too."""
+        value: list[Any] = []
+        for _ in range(1000):
+            value = [value]
+        for asJSON in (True, False):
+            options = argparse.Namespace(json=asJSON, command="call")
+            self.assertIn("[" * 1001, cli._output(options, value, 1.0))
 
 
 class TranscriptTests(TestCase):

@@ -10,7 +10,10 @@ state with :func:`whenReady` or :meth:`RemotePublished.callWhenActivated`.
 Unlike ``twisted.spread.publish``, a :class:`RemotePublished` writes nothing to disk unless its
 class (or instance) sets :attr:`RemotePublished.cacheDirectory`, and the file name is built
 from the peer's strings with every character outside ``[A-Za-z0-9_.-]`` replaced, so a peer
-cannot choose where the file goes.
+cannot choose where the file goes. The publisher's cache entry and state never set what the
+receiving class defines (its methods and settings) nor private attributes; a cache that cannot
+be written is a warning; and :func:`whenReady` fails, rather than waiting for ever, whenever
+the state will not arrive.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pbroker import banana, jelly
+from pbroker.errors import ProtocolError, describe
 from pbroker.flavors import Cacheable, RemoteCache, ViewPoint
 
-__all__ = ["Publishable", "RemotePublished", "whenReady"]
+__all__ = ["Publishable", "PublishedStateError", "RemotePublished", "whenReady"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -87,11 +92,29 @@ class Publishable(Cacheable):
 # The largest string a saved state may hold (the file, unlike the wire, has no 640 KiB ceiling).
 _FILE_SIZE_LIMIT = 2**31
 
+# The cache entry a publisher sends (Publishable.getStateToCacheAndObserveFor; stock Twisted
+# sends the same five fields).
+_ENTRY_FIELDS = frozenset({"remote", "publishedID", "perspective", "service", "timestamp"})
+# The entry fields that a published (or saved) state may also carry; "remote" is the entry's only.
+_PROTOCOL_FIELDS = _ENTRY_FIELDS - {"remote"}
+
+
+class PublishedStateError(ProtocolError):
+    """
+    A publisher sent what a :class:`RemotePublished` cannot use: a cache entry or a published
+    state that is not a dictionary, or a cache entry without one of its fields.
+    """
+
 
 class RemotePublished(RemoteCache):
     """
     The receiving side of a :class:`Publishable`. :meth:`activated` is called (and the
     :meth:`callWhenActivated` callbacks run) once the full state is here.
+
+    The published state becomes attributes, but never one the class defines (methods, and
+    settings such as :attr:`cacheDirectory` or :attr:`isActivated`), a private one (``_x``) or
+    ``remote``; such names are ignored, with a warning. Give published fields their defaults
+    in ``__init__``, not on the class.
     """
 
     _log = Logger()
@@ -99,7 +122,7 @@ class RemotePublished(RemoteCache):
     #: A directory to keep published state in between connections; ``None``: keep nothing.
     cacheDirectory: str | None = None
 
-    # Set from the state the publisher sends (see Publishable.getStateToCacheAndObserveFor).
+    # Set from the cache entry the publisher sends (see _ENTRY_FIELDS).
     remote: Any
     publishedID: Any
     perspective: Any
@@ -108,6 +131,8 @@ class RemotePublished(RemoteCache):
 
     isActivated = False
     _wasCleanWhenLoaded = False
+    # Why the state could not be fetched, once that has happened.
+    _fetchFailure: Failure | None = None
 
     def getFileName(self, ext: str = "pub") -> str | None:
         """
@@ -120,54 +145,155 @@ class RemotePublished(RemoteCache):
         return os.path.join(self.cacheDirectory, name)
 
     def setCopyableState(self, state: Any) -> None:
-        self.__dict__.update(state)
         self._activationListeners: list[Callable[[RemotePublished], object]] = []
         self._activationWaiters: list[defer.Deferred[Any]] = []
+        try:
+            entry = self._checkEntry(state)
+        except PublishedStateError:
+            self._fetchFailed(Failure())
+            return
+        self.__dict__.update(entry)
         saved = self._loadSaved()
         if saved is not None and saved.get("timestamp") == self.timestamp:
             self._wasCleanWhenLoaded = True
-            self._cbGotUpdate(saved)
+            self._cbGotUpdate(saved, save=False)
         else:
-            self.remote.callRemote("getStateToPublish").addCallbacks(
-                self._cbGotUpdate, self._fetchFailed
+            fetched = defer.maybeDeferred(self.remote.callRemote, "getStateToPublish")
+            fetched.addCallbacks(self._cbGotUpdate, self._fetchFailed)
+
+    def _checkEntry(self, state: Any) -> dict[str, Any]:
+        """
+        The fields of a publisher's cache entry, or :class:`PublishedStateError`.
+        """
+        if not isinstance(state, dict):
+            raise PublishedStateError(
+                f"a published object's cache entry must be a dictionary, not {describe(state)}"
+            )
+        entry = self._textKeys(state, "cache entry")
+        missing = _ENTRY_FIELDS - entry.keys()
+        if missing:
+            raise PublishedStateError(
+                f"a published object's cache entry lacks {', '.join(sorted(missing))}"
+            )
+        if not callable(getattr(entry["remote"], "callRemote", None)):
+            raise PublishedStateError(
+                "the 'remote' of a published object's cache entry must be a reference, "
+                f"not {describe(entry['remote'])}"
+            )
+        self._ignore(entry.keys() - _ENTRY_FIELDS, "cache entry", entry["publishedID"])
+        return {name: entry[name] for name in _ENTRY_FIELDS}
+
+    def _textKeys(self, state: dict[Any, Any], source: str) -> dict[str, Any]:
+        """
+        ``state`` with bytes keys (from Python 2 peers) decoded; other keys ignored.
+        """
+        fields: dict[str, Any] = {}
+        ignored: list[Any] = []
+        for key, value in state.items():
+            if isinstance(key, bytes):
+                key = key.decode("utf-8", "replace")
+            if isinstance(key, str):
+                fields[key] = value
+            else:
+                ignored.append(key)
+        self._ignore(ignored, source, state.get("publishedID", self.__dict__.get("publishedID")))
+        return fields
+
+    def _ignore(self, names: Any, source: str, publishedID: Any) -> None:
+        if names:
+            self._log.warn(
+                "Ignored {names} in the {source} of published object {publishedID}: "
+                "a publisher cannot set them",
+                names=describe(sorted(names, key=describe)),
+                source=source,
+                publishedID=describe(publishedID),
             )
 
+    def _isPublishedField(self, name: str) -> bool:
+        """
+        Whether a published state may set attribute ``name``: not one the class defines, a
+        private one or ``remote`` (the entry fields other than ``remote`` are allowed).
+        """
+        if name in _PROTOCOL_FIELDS:
+            return True
+        if name == "remote" or name.startswith("_"):
+            return False
+        return not any(name in vars(klass) for klass in type(self).__mro__)
+
     def _loadSaved(self) -> dict[str, Any] | None:
-        fileName = self.getFileName()
-        if fileName is None:
-            return None
         try:
+            fileName = self.getFileName()
+            if fileName is None:
+                return None
             with open(fileName, "rb") as dataFile:
                 saved = jelly.loads(dataFile.read(), sizeLimit=_FILE_SIZE_LIMIT)
-        except (OSError, banana.BananaError, jelly.InsecureJelly):
+        except (OSError, ValueError, banana.BananaError, jelly.InsecureJelly):
             return None
         return saved if isinstance(saved, dict) else None
 
-    def _cbGotUpdate(self, newState: dict[str, Any]) -> None:
-        self.__dict__.update(newState)
+    def _cbGotUpdate(self, newState: Any, save: bool = True) -> None:
+        if not isinstance(newState, dict):
+            self._fetchFailed(
+                Failure(
+                    PublishedStateError(
+                        f"the state of published object {describe(self.publishedID)} must be "
+                        f"a dictionary, not {describe(newState)}"
+                    )
+                )
+            )
+            return
+        fields = self._textKeys(newState, "published state")
+        refused = [name for name in fields if not self._isPublishedField(name)]
+        self._ignore(refused, "published state", self.publishedID)
+        for name in refused:
+            del fields[name]
+        self.__dict__.update(fields)
         self.isActivated = True
         listeners, self._activationListeners = self._activationListeners, []
         for listener in listeners:
-            listener(self)
+            self._run(listener, self)
         waiters, self._activationWaiters = self._activationWaiters, []
         for waiter in waiters:
             waiter.callback(self)
-        self.activated()
-        fileName = self.getFileName()
-        if fileName is not None:
+        self._run(self.activated)
+        if save:
+            self._save()
+
+    def _run(self, function: Callable[..., object], *args: Any) -> None:
+        # One failing activation callback neither stops the others nor the saving.
+        try:
+            function(*args)
+        except Exception:
+            self._log.failure("Error in the activation callback {function!r}", function=function)
+
+    def _save(self) -> None:
+        """
+        Save the state in :attr:`cacheDirectory`, if set; a state or file that cannot be
+        written is logged as a warning.
+        """
+        fileName: str | None = None
+        try:
+            fileName = self.getFileName()
+            if fileName is None:
+                return
             # Made before the file is opened, so that a state that cannot be saved leaves no
             # empty file behind; a file is not the wire, so PB's 640 KiB ceiling is not its.
-            try:
-                data = jelly.dumps(self._savedState(), sizeLimit=_FILE_SIZE_LIMIT)
-            except (jelly.JellyError, banana.BananaError) as e:
-                self._log.warn("Not saving {name}: {error}", name=fileName, error=str(e))
-                return
+            data = jelly.dumps(self._savedState(), sizeLimit=_FILE_SIZE_LIMIT)
             with open(fileName, "wb") as dataFile:
                 dataFile.write(data)
+        except (OSError, ValueError, jelly.JellyError, banana.BananaError) as e:
+            self._log.warn(
+                "Not saving published object {publishedID} to {name}: {error}",
+                publishedID=describe(self.publishedID),
+                name=fileName,
+                error=str(e),
+            )
 
-    def _fetchFailed(self, failure: Any) -> None:
-        # The state could not be fetched (the publisher failed, the connection went): what
-        # waits for it through whenReady fails; callWhenActivated callbacks are not called.
+    def _fetchFailed(self, failure: Failure) -> None:
+        # The state could not be fetched (the publisher failed, the connection went, the state
+        # was not a dictionary): what waits for it through whenReady fails, now or later;
+        # callWhenActivated callbacks are not called.
+        self._fetchFailure = failure
         waiters, self._activationWaiters = self._activationWaiters, []
         if not waiters:
             self._log.failure("Could not fetch a published state", failure)
@@ -177,14 +303,14 @@ class RemotePublished(RemoteCache):
     def _whenActivated(self) -> defer.Deferred[Any]:
         if self.isActivated:
             return defer.succeed(self)
+        if self._fetchFailure is not None:
+            return defer.fail(self._fetchFailure)
         waiter: defer.Deferred[Any] = defer.Deferred()
-        self._activationWaiters.append(waiter)
+        self.__dict__.setdefault("_activationWaiters", []).append(waiter)
         return waiter
 
     def _savedState(self) -> dict[str, Any]:
-        transient = {"broker", "remote", "luid", "_activationListeners", "isActivated"}
-        transient.add("_activationWaiters")
-        return {k: v for k, v in self.__dict__.items() if k not in transient}
+        return {k: v for k, v in self.__dict__.items() if self._isPublishedField(k)}
 
     def activated(self) -> None:
         """
@@ -206,13 +332,22 @@ def whenReady(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     Wrap the Deferred of a call that returns a :class:`Publishable` in one that fires with the
     :class:`RemotePublished` once its state has arrived.
 
-    It fails if the call fails, or if the state cannot be fetched (the publisher failed, or
-    the connection was lost).
+    It fails if the call fails; with :class:`TypeError` if the call returns something else
+    (``None``, say); and if the state cannot be fetched (the publisher failed, the connection
+    was lost, or :class:`PublishedStateError`), even if that happened before.
     """
     ready: defer.Deferred[Any] = defer.Deferred()
 
     def called(published: Any) -> Any:
-        published._whenActivated().addCallbacks(ready.callback, ready.errback)
+        if isinstance(published, RemotePublished):
+            published._whenActivated().addCallbacks(ready.callback, ready.errback)
+        else:
+            ready.errback(
+                TypeError(
+                    "whenReady needs a call that returns a published object (a "
+                    f"RemotePublished), not {describe(published)}"
+                )
+            )
         return published
 
     d.addCallbacks(called, lambda failure: ready.errback(failure))

@@ -1,0 +1,301 @@
+"""
+Tests for pbroker.publish: what a publisher may set on the receiving copy, how whenReady
+fails, and saving to a cache directory that cannot be written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs
+from twisted.spread import pb as twistedPb
+from twisted.spread import publish as twistedPublish
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import jelly, pb, publish
+from pbroker.testing import connectedServerAndClient
+
+TAG = b"tests.test_publish.Catalogue"
+
+
+class Catalogue(publish.Publishable):
+    """
+    A pbroker publisher; ``entryExtras`` are added to its cache entry.
+    """
+
+    def __init__(self, publishedID: Any, state: Any = None, entryExtras: Any = None) -> None:
+        super().__init__(publishedID)
+        self.state = {"items": ["a", "b"]} if state is None else state
+        self.entryExtras = entryExtras or {}
+        self.fetches = 0
+
+    def getTypeToCopy(self) -> bytes:
+        return TAG
+
+    def getStateToPublish(self) -> Any:
+        self.fetches += 1
+        if isinstance(self.state, Exception):
+            raise self.state
+        return self.state
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+        entry = super().getStateToCacheAndObserveFor(perspective, observer)
+        entry.update(self.entryExtras)
+        return entry
+
+
+class StockCatalogue(twistedPublish.Publishable):
+    """
+    A stock Twisted publisher.
+    """
+
+    def __init__(self, publishedID: Any, state: Any) -> None:
+        twistedPublish.Publishable.__init__(self, publishedID)
+        self.state = state
+        self.fetches = 0
+
+    def getTypeToCopy(self) -> bytes:
+        return TAG
+
+    def getStateToPublish(self) -> Any:
+        self.fetches += 1
+        return self.state
+
+
+class RemoteCatalogue(publish.RemotePublished):
+    def __init__(self) -> None:
+        self.items: list[Any] = []  # a published field's default
+
+    def summary(self) -> str:
+        return ",".join(self.items)
+
+
+def shopFor(module: Any, published: Any) -> Any:
+    class Shop(module.Root):
+        def remote_catalogue(self) -> Any:
+            return published
+
+        def remote_listing(self) -> Any:
+            return {"catalogue": published}
+
+        def remote_find(self) -> None:
+            return None
+
+    return Shop()
+
+
+class PublishTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = jelly.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(TAG, RemoteCatalogue)
+
+    def connect(self, published: Any, stock: bool = False) -> tuple[Any, Any]:
+        """
+        A client connected to a server (a stock one if ``stock``) publishing ``published``.
+        """
+        module = twistedPb if stock else pb
+        _server, client, pump = connectedServerAndClient(
+            module.PBServerFactory(shopFor(module, published)),
+            pb.PBClientFactory(registry=self.registry),
+        )
+        return client.remoteForName("root"), pump
+
+    def call(self, published: Any, method: str = "catalogue", stock: bool = False) -> Any:
+        """
+        What ``whenReady`` gives for a call of ``method`` (a result or a Failure).
+        """
+        root, pump = self.connect(published, stock)
+        results: list[Any] = []
+        publish.whenReady(root.callRemote(method)).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(results), 1, "whenReady never fired")
+        return results[0]
+
+    def cacheIn(self, directory: str) -> None:
+        self.patch(RemoteCatalogue, "cacheDirectory", directory)
+
+
+class PeerCannotSetMachineryTests(PublishTestCase):
+    """
+    A publisher's cache entry and state set published fields, never the receiver's own
+    settings or machinery.
+    """
+
+    def test_entryCannotChooseCacheDirectory(self) -> None:
+        """A cacheDirectory in the cache entry is ignored (with a warning): nothing is
+        written where the publisher asked."""
+        target = self.mktemp()
+        os.makedirs(target)
+        published = Catalogue("x", entryExtras={"cacheDirectory": target, "isActivated": True})
+        with capturedLogs() as events:
+            remote = self.call(published)
+        self.assertIsInstance(remote, RemoteCatalogue)
+        self.assertIsNone(remote.cacheDirectory)
+        self.assertIsNone(remote.getFileName())
+        self.assertEqual(os.listdir(target), [])
+        self.assertEqual(remote.items, ["a", "b"])
+        self.assertEqual(published.fetches, 1)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("cacheDirectory", warnings[0]["names"])
+
+    def test_stateCannotSetMachinery(self) -> None:
+        """Names the class defines, private names and ``remote`` in a published state are
+        ignored; the rest (and the protocol's fields) are installed."""
+        target = self.mktemp()
+        os.makedirs(target)
+        hostile = {
+            "cacheDirectory": target,
+            "isActivated": False,
+            "remote": "not a reference",
+            "broker": None,
+            "luid": 7,
+            "_activationWaiters": None,
+            "_fetchFailure": "x",
+            "activated": "not callable",
+            "getFileName": "x",
+            "summary": "x",
+            "__class__": "x",
+        }
+        state = {"items": ["tea"], "timestamp": 5.0, **hostile}
+        with capturedLogs() as events:
+            remote = self.call(Catalogue("x", state=state))
+        self.assertIsInstance(remote, RemoteCatalogue)
+        self.assertEqual(remote.items, ["tea"])
+        self.assertEqual(remote.timestamp, 5.0)
+        self.assertTrue(remote.isActivated)
+        self.assertIsNone(remote.getFileName())
+        self.assertEqual(os.listdir(target), [])
+        self.assertEqual(remote.summary(), "tea")
+        self.assertIsNotNone(remote.broker)
+        self.assertTrue(callable(remote.remote.callRemote))
+        for name, value in hostile.items():
+            self.assertNotEqual(vars(remote).get(name, self), value, name)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("cacheDirectory", warnings[0]["names"])
+
+    def test_stockPublisher(self) -> None:
+        """A stock Twisted publisher's entry and state are accepted, and saved and reused
+        where the receiver asks; a cacheDirectory in its state is ignored."""
+        target = self.mktemp()
+        os.makedirs(target)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.cacheIn(directory)
+        published = StockCatalogue("spring", {"items": ["tea", "cake"], "cacheDirectory": target})
+        with capturedLogs():
+            first = self.call(published, stock=True)
+        self.assertIsInstance(first, RemoteCatalogue)
+        self.assertEqual(first.items, ["tea", "cake"])
+        self.assertEqual(first.publishedID, "spring")
+        self.assertEqual(first.timestamp, published.timestamp)
+        self.assertEqual(first.cacheDirectory, directory)
+        self.assertEqual(os.listdir(target), [])
+        self.assertEqual(os.listdir(directory), ["None-None-spring.pub"])
+        second = self.call(published, stock=True)
+        self.assertEqual(second.items, ["tea", "cake"])
+        self.assertTrue(second._wasCleanWhenLoaded)
+        self.assertEqual(published.fetches, 1)
+
+
+class WhenReadyFailsTests(PublishTestCase):
+    """
+    whenReady fails, with a precise error, whenever the state will not arrive.
+    """
+
+    def test_callReturnsNone(self) -> None:
+        """A call that returns None (not found) fails whenReady with TypeError."""
+        failure = self.call(Catalogue("x"), method="find")
+        failure.trap(TypeError)
+        self.assertIn("not None", failure.getErrorMessage())
+
+    def test_stateNotADict(self) -> None:
+        """A published state that is not a dictionary fails whenReady with
+        PublishedStateError, not an unhandled error."""
+        failure = self.call(Catalogue("x", state=["not", "a", "dict"]))
+        failure.trap(publish.PublishedStateError)
+        self.assertIn("['not', 'a', 'dict']", failure.getErrorMessage())
+
+    def test_entryNotADict(self) -> None:
+        """A cache entry that is not a dictionary fails whenReady with PublishedStateError."""
+
+        class Broken(Catalogue):
+            def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+                return ["entry"]
+
+        with capturedLogs():
+            failure = self.call(Broken("x"))
+        self.flushLoggedErrors(publish.PublishedStateError)
+        failure.trap(publish.PublishedStateError)
+        self.assertIn("cache entry", failure.getErrorMessage())
+
+    def test_entryWithoutRemote(self) -> None:
+        """A cache entry without a field fails whenReady with PublishedStateError naming it."""
+        published = Catalogue("x")
+        self.patch(
+            Catalogue,
+            "getStateToCacheAndObserveFor",
+            lambda self, perspective, observer: {"publishedID": "x", "timestamp": 1.0},
+        )
+        with capturedLogs():
+            failure = self.call(published)
+        self.flushLoggedErrors(publish.PublishedStateError)
+        failure.trap(publish.PublishedStateError)
+        self.assertIn("remote", failure.getErrorMessage())
+
+    def test_askedAfterTheFetchFailed(self) -> None:
+        """whenReady asked after the state fetch failed fails with that error."""
+        root, pump = self.connect(Catalogue("x", state=ValueError("not now")))
+        listings: list[Any] = []
+        root.callRemote("listing").addCallback(listings.append)
+        with capturedLogs():
+            pump.flush()
+        self.flushLoggedErrors(ValueError)
+        remote = listings[0]["catalogue"]
+        failures: list[Any] = []
+        publish.whenReady(defer.succeed(remote)).addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        failures[0].trap(ValueError)
+        self.assertIn("not now", failures[0].getErrorMessage())
+
+
+class UnwritableCacheTests(PublishTestCase):
+    """
+    A cache that cannot be written is one warning; the object still works.
+    """
+
+    def assertOneWarning(self, published: Any, directory: str) -> None:
+        self.cacheIn(directory)
+        with capturedLogs() as events:
+            remote = self.call(published)
+        self.assertIsInstance(remote, RemoteCatalogue)
+        self.assertEqual(remote.items, ["a", "b"])
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn(os.path.basename(remote.getFileName()), warnings[0]["error"])
+
+    def test_missingDirectory(self) -> None:
+        """A cacheDirectory that does not exist."""
+        self.assertOneWarning(Catalogue("x"), self.mktemp())
+
+    def test_nameTooLong(self) -> None:
+        """A publishedID too long for a file name."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.assertOneWarning(Catalogue("x" * 300), directory)
+
+    def test_loadedStateNotRewritten(self) -> None:
+        """A state loaded from the cache is not written again."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.cacheIn(directory)
+        published = Catalogue("x")
+        fileName = self.call(published).getFileName()
+        os.utime(fileName, ns=(0, 0))
+        self.assertEqual(self.call(published).items, ["a", "b"])
+        self.assertEqual(published.fetches, 1)
+        self.assertEqual(os.stat(fileName).st_mtime_ns, 0)

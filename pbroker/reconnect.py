@@ -12,9 +12,11 @@ Every PB application ends up writing this; :class:`ReconnectingClient` is a Twis
     result = await client.callRemote("whoAmI")
 
 The client holds at most one connection at a time: a new attempt starts only once the last
-connection is closed. A connection that fails, or a login that is refused (or an ``onConnect``
-that fails), counts as one failed attempt: that connection is closed and the next attempt comes
-after the retry policy's delay (exponential backoff by default). With ``maxRetries``,
+connection is closed. Each of these counts as one failed attempt: a connection that fails, a
+login that is refused, an attempt not connected and logged in within ``attemptTimeout`` seconds
+(60 by default: a peer that accepts the connection but never answers), an ``onConnect`` that
+fails. That connection is closed and the next attempt comes after the retry policy's delay
+(exponential backoff by default). With ``maxRetries``,
 :meth:`~ReconnectingClient.whenReady` and :meth:`~ReconnectingClient.callRemote` fail with
 :class:`~pbroker.errors.PBConnectionLost` once that many attempts in a row have failed, instead
 of waiting for ever: callers already waiting then, and new callers at once until a login
@@ -27,15 +29,22 @@ exchange are :mod:`pbroker.pb`'s.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pbroker.broker import Broker
 from pbroker.errors import PBConnectionLost
@@ -58,6 +67,9 @@ class ReconnectingClient(Service):
         avatar it is given, not wait for :meth:`whenReady`). If it fails, the attempt fails.
     :param maxRetries: failed attempts in a row after which callers fail; ``None`` waits for
         ever.
+    :param attemptTimeout: seconds an attempt may take to connect, get the root and log in
+        (``onConnect`` is not counted) before its connection is closed and it counts as
+        failed; ``None`` for no limit.
     :param retryPolicy: seconds to wait before attempt ``n`` (``backoffPolicy()`` by default).
     :param factory: a :class:`~pbroker.pb.PBClientFactory` to use (for its security options,
         registry or limits), for this client only; a new one by default.
@@ -73,6 +85,7 @@ class ReconnectingClient(Service):
         client: Any = None,
         onConnect: Callable[[RemoteReference], object] | None = None,
         maxRetries: int | None = None,
+        attemptTimeout: float | None = 60.0,
         retryPolicy: Callable[[int], float] | None = None,
         factory: PBClientFactory | None = None,
         reactor: Any = None,
@@ -83,6 +96,8 @@ class ReconnectingClient(Service):
             reactor = globalReactor
         if maxRetries is not None and maxRetries < 1:
             raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
+        if attemptTimeout is not None and not attemptTimeout > 0:
+            raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
         self._endpoint: IStreamClientEndpoint = (
             clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
         )
@@ -92,6 +107,7 @@ class ReconnectingClient(Service):
         self.client = client
         self.onConnect = onConnect
         self.maxRetries = maxRetries
+        self.attemptTimeout = attemptTimeout
         self.factory = PBClientFactory() if factory is None else factory
         #: The avatar (or root) of the ready connection, or ``None`` between connections.
         self.current: RemoteReference | None = None
@@ -179,28 +195,45 @@ class ReconnectingClient(Service):
         self._retry = None
         if self._broker is not None:
             return  # the last connection is still closing; _lost connects once it is gone
-        # The endpoint fires with the protocol the factory built: a Broker.
-        connecting: Deferred[Any] = self._endpoint.connect(self.factory)
-        attempt = connecting.addCallback(self._logIn)
-        self._attempt = attempt
-        attempt.addCallbacks(self._ready, self._attemptFailed)
+        factory = _AttemptFactory(self.factory)
+        timer: list[IDelayedCall] = []
 
-    def _logIn(self, broker: Broker) -> Deferred[RemoteReference]:
+        def timedOut() -> None:
+            timer.clear()
+            factory.timedOut = True
+            attempt.cancel()
+
+        def stopTimer(result: object = None) -> object:
+            if timer:
+                timer.pop().cancel()
+            return result
+
+        # The endpoint fires with the protocol the factory built: a Broker.
+        connecting: Deferred[Any] = self._endpoint.connect(factory)
+        if self.attemptTimeout is not None:
+            timer.append(self._clock.callLater(self.attemptTimeout, timedOut))
+        attempt = connecting.addCallback(self._logIn, stopTimer)
+        self._attempt = attempt
+        attempt.addBoth(stopTimer)
+        attempt.addCallbacks(self._ready, self._attemptFailed, errbackArgs=(factory,))
+
+    def _logIn(self, broker: Broker, loggedIn: Callable[[], object]) -> Deferred[RemoteReference]:
         if broker.disconnected:
             raise PBConnectionLost("the connection was lost as it was made")
         self._broker = broker
         broker.notifyOnDisconnect(lambda: self._lost(broker))
         if self.credentials is None:
-            loggedIn = self.factory.getRootObject()
+            loggingIn = self.factory.getRootObject()
         else:
-            loggedIn = self.factory.login(self.credentials, self.client)
+            loggingIn = self.factory.login(self.credentials, self.client)
 
         def connected(reference: RemoteReference) -> Any:
+            loggedIn()  # onConnect is the application's: attemptTimeout does not bound it
             if self.onConnect is None:
                 return reference
             return maybeDeferred(self.onConnect, reference).addCallback(lambda _: reference)
 
-        return loggedIn.addCallback(connected)
+        return loggingIn.addCallback(connected)
 
     def _ready(self, reference: RemoteReference) -> None:
         self._attempt = None
@@ -212,33 +245,54 @@ class ReconnectingClient(Service):
         self.current = reference
         self.failedAttempts = 0
         self._retries = 0
-        # Last, with the client consistent: a waiter may call (or stop) it at once.
-        waiting, self._waiting = self._waiting, []
-        for deferred in waiting:
-            if not deferred.called:  # a caller may cancel another's wait from its callback
-                deferred.callback(reference)
+        # Last, with the client consistent: a waiter may call (or stop) it at once. One at a
+        # time from the list itself: once one stops the client (or loses the connection) the
+        # others are failed by stopService (or wait for the next connection).
+        while self._waiting and self.current is reference:
+            self._waiting.pop(0).callback(reference)
 
-    def _attemptFailed(self, failure: Failure) -> None:
+    def _attemptFailed(self, failure: Failure, factory: _AttemptFactory | None = None) -> None:
         self._attempt = None
         broker = self._broker
-        if broker is not None and broker.disconnected:
-            if failure.check(CancelledError, PBConnectionLost):
-                self._lastFailure = "the connection was lost while logging in"
-            else:
-                self._lastFailure = _describe(failure)
+        if factory is not None and factory.timedOut:
+            self._lastFailure = (
+                f"connecting and logging in took more than {self.attemptTimeout:g} seconds"
+            )
+        elif (
+            broker is not None
+            and broker.disconnected
+            and failure.check(CancelledError, PBConnectionLost)
+        ):
+            self._lastFailure = "the connection was lost while logging in"
         else:
             self._lastFailure = _describe(failure)
-            if broker is not None and broker.transport is not None:
-                # Nothing on this connection is worth waiting for, and the next attempt waits
-                # until it is gone.
-                transport = broker.transport
-                getattr(transport, "abortConnection", transport.loseConnection)()
+        if broker is not None and not broker.disconnected:
+            # Nothing on this connection is worth waiting for, and the next attempt waits until
+            # it is gone.
+            _abort(broker)
+        if factory is not None:
+            self._closeLate(factory)
         if not self.running:
             return
         self.failedAttempts += 1
         if self._gaveUp():
             self._failWaiting(self._gaveUpError())
         self._scheduleRetry(self._lastFailure)
+
+    def _closeLate(self, factory: _AttemptFactory) -> None:
+        """
+        Close what a failed attempt's endpoint connected anyway: one that ignores cancellation
+        delivers its connection to no one.
+        """
+        factory.abandoned = True
+        for broker in factory.brokers:
+            if broker is self._broker or broker.disconnected or broker.transport is None:
+                continue
+            if self._broker is None:
+                # Ours until it is closed: a new attempt (or stopService) waits for it.
+                self._broker = broker
+                broker.notifyOnDisconnect(partial(self._lost, broker))
+            _abort(broker)
 
     def _lost(self, broker: Broker) -> None:
         if broker is not self._broker:
@@ -275,6 +329,10 @@ class ReconnectingClient(Service):
         return self.maxRetries is not None and self.failedAttempts >= self.maxRetries
 
     def _gaveUpError(self) -> PBConnectionLost:
+        if self.failedAttempts == 1:
+            return PBConnectionLost(
+                f"no connection to the broker after 1 failed attempt: {self._lastFailure}"
+            )
         return PBConnectionLost(
             f"no connection to the broker after {self.failedAttempts} failed attempts in a "
             f"row; the last: {self._lastFailure}"
@@ -291,6 +349,49 @@ class ReconnectingClient(Service):
                 deferred.errback(Failure(error))
 
 
+@implementer(IProtocolFactory)
+class _AttemptFactory:
+    """
+    The factory one attempt gives the endpoint: it builds the client factory's brokers and
+    remembers them, so that a connection made after the attempt failed can be closed; once
+    the attempt has failed it builds none.
+    """
+
+    def __init__(self, factory: PBClientFactory) -> None:
+        self.factory = factory
+        self.brokers: list[Broker] = []
+        self.abandoned = False
+        self.timedOut = False
+
+    def buildProtocol(self, addr: IAddress) -> Broker | None:
+        if self.abandoned:
+            return None  # the transport closes the connection
+        broker = self.factory.buildProtocol(addr)
+        self.brokers.append(broker)
+        return broker
+
+    def doStart(self) -> None:
+        self.factory.doStart()  # type: ignore[no-untyped-call]
+
+    def doStop(self) -> None:
+        self.factory.doStop()  # type: ignore[no-untyped-call]
+
+
+def _abort(broker: Broker) -> None:
+    transport = broker.transport
+    if transport is not None:
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+
 def _describe(failure: Failure) -> str:
+    """
+    The type and message of ``failure``, such as ``UnauthorizedLogin: bad password`` (a
+    copied failure's type is the remote class's dotted name, in bytes).
+    """
+    kind = failure.type
+    if isinstance(kind, bytes):
+        kind = kind.decode("utf-8", "replace")
+    name = kind if isinstance(kind, str) else getattr(kind, "__name__", repr(kind))
+    name = name.rpartition(".")[2]
     message = failure.getErrorMessage()
-    return message if message else repr(failure.value)
+    return f"{name}: {message}" if message else name

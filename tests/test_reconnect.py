@@ -13,13 +13,15 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pbroker import pb
 from pbroker.errors import PBConnectionLost
-from pbroker.reconnect import ReconnectingClient
+from pbroker.reconnect import ReconnectingClient, _describe
 from pbroker.testing import connectedServerAndClient
 from tests.test_login import realmFor
 
@@ -30,15 +32,16 @@ class MemoryEndpoint:
     Connects to a server factory in memory; can be switched off to refuse connections.
     """
 
-    def __init__(self, serverFactory: Any) -> None:
+    def __init__(self, serverFactory: Any, greet: bool = True) -> None:
         self.serverFactory = serverFactory
+        self.greet = greet
         self.up = True
         self.connections: list[tuple[Any, Any, Any]] = []
 
     def connect(self, factory: Any) -> Any:
         if not self.up:
             return fail(ConnectionRefusedError("switched off"))
-        connection = connectedServerAndClient(self.serverFactory, factory)
+        connection = connectedServerAndClient(self.serverFactory, factory, greet=self.greet)
         self.connections.append(connection)
         return succeed(connection[1])
 
@@ -50,6 +53,32 @@ class MemoryEndpoint:
         server, _client, _pump = self.connections[-1]
         server.transport.loseConnection()
         self.pump()
+
+
+@implementer(IStreamClientEndpoint)
+class DeafEndpoint(MemoryEndpoint):
+    """
+    Connects at once but fires its Deferred only on :meth:`deliver`, and ignores cancellation
+    (its Deferred has no canceller), as some third-party endpoints do.
+    """
+
+    def __init__(self, serverFactory: Any) -> None:
+        super().__init__(serverFactory)
+        self.pending: list[tuple[Deferred[Any], Any]] = []
+        self.factories: list[Any] = []
+
+    def connect(self, factory: Any) -> Any:
+        self.factories.append(factory)
+        connection = connectedServerAndClient(self.serverFactory, factory)
+        self.connections.append(connection)
+        connecting: Deferred[Any] = Deferred()
+        self.pending.append((connecting, connection[1]))
+        return connecting
+
+    def deliver(self) -> None:
+        pending, self.pending = self.pending, []
+        for connecting, broker in pending:
+            connecting.callback(broker)  # dropped if cancelled, as Deferred does
 
 
 class ReconnectingClientTests(SynchronousTestCase):
@@ -278,3 +307,123 @@ class ReconnectingClientTests(SynchronousTestCase):
         client.startService()
         self.endpoint.pump()
         self.assertIs(self.successResultOf(waiting), self.connected[0])
+
+    def test_stopInAWaitersCallbackFailsTheOthers(self) -> None:
+        """A waiter that stops the client makes the callers still waiting fail, not succeed."""
+        client = self.client(start=False)
+        first, second = client.whenReady(), client.whenReady()
+        first.addCallback(lambda _: client.stopService())
+        client.startService()
+        self.endpoint.pump()
+        self.successResultOf(first)
+        failure = self.failureResultOf(second, PBConnectionLost)
+        self.assertIn("stopped", failure.getErrorMessage())
+
+    def test_refusedLoginNamesTheReason(self) -> None:
+        """Giving up after a refused login names the error's type (a copied failure's too)."""
+        client = self.client(password=b"wrong", maxRetries=1, start=False)
+        waiting = client.whenReady()
+        client.startService()
+        self.endpoint.pump()
+        message = self.failureResultOf(waiting, PBConnectionLost).getErrorMessage()
+        self.assertEqual(
+            message, "no connection to the broker after 1 failed attempt: UnauthorizedLogin"
+        )
+
+    def test_describe(self) -> None:
+        """A failure is described by its type's name and its message."""
+        self.assertEqual(_describe(Failure(ValueError("bad"))), "ValueError: bad")
+        self.assertEqual(_describe(Failure(CancelledError())), "CancelledError")
+
+    def hungClient(self, **options: Any) -> ReconnectingClient:
+        """A client of a server that accepts connections and never sends a byte."""
+        self.endpoint = MemoryEndpoint(Factory.forProtocol(Protocol), greet=False)
+        return self.client(**options)
+
+    def test_attemptTimeout(self) -> None:
+        """An attempt with no login within attemptTimeout fails and closes its connection."""
+        client = self.hungClient(maxRetries=2, attemptTimeout=10)
+        waiting = client.callRemote("name")
+        self.clock.advance(9.5)
+        self.endpoint.pump()
+        self.assertNoResult(waiting)
+        self.assertEqual((client.failedAttempts, len(self.openConnections())), (0, 1))
+        self.clock.advance(0.5)
+        self.endpoint.pump()
+        self.assertEqual((client.failedAttempts, self.openConnections()), (1, []))
+        self.clock.advance(1.0)  # the retry
+        self.endpoint.pump()
+        self.assertEqual(len(self.endpoint.connections), 2)
+        self.clock.advance(10.0)
+        self.endpoint.pump()
+        message = self.failureResultOf(waiting, PBConnectionLost).getErrorMessage()
+        self.assertIn("after 2 failed attempts", message)
+        self.assertIn("took more than 10 seconds", message)
+        self.assertEqual(self.openConnections(), [])
+
+    def test_attemptTimeoutByDefault(self) -> None:
+        """Without attemptTimeout an attempt still fails, after 60 seconds; None waits."""
+        client = self.hungClient()
+        self.clock.advance(60.0)
+        self.assertEqual(client.failedAttempts, 1)
+        patient = self.hungClient(attemptTimeout=None)
+        self.clock.advance(3600.0)
+        self.assertEqual(patient.failedAttempts, 0)
+        with self.assertRaises(ValueError):
+            ReconnectingClient(self.endpoint, attemptTimeout=0, reactor=self.clock)
+
+    def test_attemptTimeoutWhileConnecting(self) -> None:
+        """An endpoint that never connects is cancelled after attemptTimeout: a failed attempt."""
+        cancelled: list[Any] = []
+
+        @implementer(IStreamClientEndpoint)
+        class Unreachable:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                return Deferred(cancelled.append)
+
+        client = ReconnectingClient(Unreachable(), attemptTimeout=5, reactor=self.clock)
+        client.startService()
+        self.addCleanup(client.stopService)
+        self.clock.advance(5.0)
+        self.assertEqual((len(cancelled), client.failedAttempts), (1, 1))
+
+    def test_attemptTimeoutSparesOnConnect(self) -> None:
+        """attemptTimeout stops counting at the login: a slow onConnect is the application's."""
+        hook: Deferred[None] = Deferred()
+        client = self.client(attemptTimeout=5, onConnect=lambda avatar: hook)
+        self.clock.advance(30.0)
+        hook.callback(None)
+        self.assertEqual((client.failedAttempts, len(self.openConnections())), (0, 1))
+        self.assertEqual(self.call(client, "name"), "alice")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def deafClient(self) -> ReconnectingClient:
+        self.endpoint = DeafEndpoint(self.endpoint.serverFactory)
+        return self.client()
+
+    def test_stopWhileConnectingClosesALateConnection(self) -> None:
+        """Stopped while an endpoint that ignores cancellation connects, it closes that one."""
+        client = self.deafClient()
+        stopped = client.stopService()
+        self.endpoint.deliver()
+        self.assertNoResult(stopped)  # it waits for that connection to close, as for any other
+        self.endpoint.pump()
+        self.successResultOf(stopped)
+        self.assertEqual(self.openConnections(), [])
+        # Built after the attempt was given up, a connection is refused at once.
+        self.assertIsNone(self.endpoint.factories[0].buildProtocol(None))
+
+    def test_restartWhileConnectingKeepsOneConnection(self) -> None:
+        """Stopped and started while such an endpoint connects, it still holds one connection."""
+        client = self.deafClient()
+        client.stopService()
+        client.startService()
+        self.assertEqual(len(self.endpoint.connections), 1)
+        self.endpoint.deliver()
+        self.endpoint.pump()  # the late connection closes
+        self.clock.advance(0)  # then the new attempt starts
+        self.endpoint.deliver()
+        self.endpoint.pump()
+        self.assertEqual(len(self.endpoint.connections), 2)
+        self.assertEqual(len(self.openConnections()), 1)
+        self.assertEqual(self.call(client, "name"), "alice")

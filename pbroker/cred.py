@@ -30,7 +30,7 @@ from typing import Any
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -129,11 +129,15 @@ class AsReferenceable(Referenceable):
 
 class LoginGuard:
     """
-    Slows down password guessing: the attempts from one peer address are checked one at a
-    time, a failure is answered late (later the more the address has failed recently) and
-    holds back the address's next attempt until then, and a connection that keeps failing is
-    closed without checking what it still sent. Every attempt is logged with its username,
-    peer and outcome, never its secret.
+    Slows down password guessing: the password attempts from one peer address are checked one
+    at a time, a failure is answered late (later the more the address has failed recently)
+    and holds back the address's next password attempt until then, and a connection that
+    keeps failing is closed without checking what it still sent. Anonymous and certificate
+    logins, which have no secret to guess, are not held back. Every attempt is logged with its
+    username, peer and outcome, never its secret.
+
+    The price of the per-address order: users who share an address with a guesser (behind
+    one NAT or proxy, or on UNIX sockets, which have no address) wait for its delays too.
 
     A success is answered at once but does not clear the address's failures (an anonymous
     login would otherwise reset the delays between guesses): they are forgotten
@@ -148,6 +152,8 @@ class LoginGuard:
     :param maxAddresses: failing addresses remembered at once; beyond, the oldest go first.
     :param checkTimeout: seconds a check may take (the portal's checker and realm) before
         the attempt fails (``UnauthorizedLogin``).
+    :param maxWaiting: attempts with a secret that may wait at once for one address; more
+        are refused at once.
     """
 
     _log = Logger()
@@ -161,6 +167,7 @@ class LoginGuard:
         forgetAfter: float = 600.0,
         maxAddresses: int = 100_000,
         checkTimeout: float = 60.0,
+        maxWaiting: int = 100,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -168,9 +175,10 @@ class LoginGuard:
             reactor = globalReactor
         if baseDelay < 0 or maxDelay < baseDelay or maxFailuresPerConnection < 1:
             raise ValueError("LoginGuard needs 0 <= baseDelay <= maxDelay and at least 1 failure")
-        if forgetAfter < 0 or maxAddresses < 1 or not checkTimeout > 0:
+        if forgetAfter < 0 or maxAddresses < 1 or not checkTimeout > 0 or maxWaiting < 1:
             raise ValueError(
-                "LoginGuard needs forgetAfter >= 0, maxAddresses >= 1 and checkTimeout > 0"
+                "LoginGuard needs forgetAfter >= 0, maxAddresses >= 1, checkTimeout > 0 "
+                "and maxWaiting >= 1"
             )
         self.reactor = reactor
         self.baseDelay = baseDelay
@@ -179,10 +187,11 @@ class LoginGuard:
         self.forgetAfter = forgetAfter
         self.maxAddresses = maxAddresses
         self.checkTimeout = checkTimeout
+        self.maxWaiting = maxWaiting
         # address -> (recent failures, time of the last one), oldest failure first
         self._failures: dict[str, tuple[int, float]] = {}
-        # address -> the attempts waiting for the one being checked (present while one is)
-        self._waiting: dict[str, deque[Callable[[], object]]] = {}
+        # address -> its guessable attempts (present while one is checked or waiting)
+        self._queues: dict[str, _AddressQueue] = {}
 
     def _recentFailures(self, address: str) -> int:
         count, last = self._failures.get(address, (0, 0.0))
@@ -196,13 +205,9 @@ class LoginGuard:
         failures = self._failures
         failures.pop(address, None)  # to the end: the dict stays ordered by last failure
         failures[address] = (count, self.reactor.seconds())
-        if len(failures) > self.maxAddresses:
-            # Forget what is stale, and if that is not enough, the oldest.
-            cutoff = self.reactor.seconds() - self.forgetAfter
-            for old, (_, last) in list(failures.items()):
-                if last >= cutoff and len(failures) <= self.maxAddresses:
-                    break
-                del failures[old]
+        # Over the limit, the oldest go (the dict is ordered by last failure), one at a time.
+        while len(failures) > self.maxAddresses:
+            del failures[next(iter(failures))]
 
     def delayFor(self, address: str) -> float:
         """
@@ -212,19 +217,41 @@ class LoginGuard:
         return float(min(self.maxDelay, self.baseDelay * 2**count))
 
     def attempt(
-        self, broker: Any, username: bytes, login: Callable[[], Deferred[Any]]
+        self,
+        broker: Any,
+        username: bytes,
+        login: Callable[[], Deferred[Any]],
+        guessable: bool = True,
     ) -> Deferred[Any]:
         """
-        Check one login attempt (``login`` starts the check) when the attempts from the same
-        address before it are done: log it, answer a failure after the delay, and close a
-        connection that has failed too often.
+        Check one login attempt (``login`` starts the check): log it, answer a failure after
+        the delay, and close a connection that has failed too often. A ``guessable`` attempt
+        (one with a secret) waits for the guessable attempts from the same address before
+        it; others (anonymous, certificate logins) are checked at once.
+
+        Cancelling the returned Deferred abandons the attempt: it is not checked if it is
+        still waiting, its check is cancelled if it is running, and a login that completes
+        anyway is logged out at once.
         """
         address = _peerAddress(broker)
         name = username.decode("utf-8", "replace")
-        answer: Deferred[Any] = Deferred()
+        started: list[Deferred[Any]] = []
+        abandoned: list[bool] = []
+        queue = self._queues.get(address) if guessable else None
+
+        def cancel(_: Deferred[Any]) -> None:
+            abandoned.append(True)
+            if started:
+                started[0].cancel()
+            elif queue is not None and check in queue.waiting:
+                queue.waiting.remove(check)
+
+        answer: Deferred[Any] = Deferred(cancel)
 
         def done(result: Any, close: bool = False) -> None:
-            if isinstance(result, Failure):
+            if abandoned:  # cancelled (it fails with CancelledError): no one takes the avatar
+                _logOutUnwanted(result)
+            elif isinstance(result, Failure):
                 answer.errback(result)
             else:
                 answer.callback(result)
@@ -236,18 +263,18 @@ class LoginGuard:
                 )
                 # Let the error reach the peer first.
                 self.reactor.callLater(0, broker.transport.loseConnection)
-            # The next attempt from the address may be checked.
-            waiting = self._waiting.get(address)
-            if waiting:
-                waiting.popleft()()
-            else:
-                self._waiting.pop(address, None)
+            if queue is not None:
+                queue.busy = False
+                self._advance(address, queue)
 
         def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user!r} from {peer}", user=name, peer=address)
             done(result)
 
         def failed(failure: Failure) -> None:
+            if abandoned and failure.check(CancelledError):
+                done(failure)  # abandoned by the caller: not a failed guess
+                return
             kind = getattr(failure.type, "__name__", describe(failure.type))
             message = failure.getErrorMessage()
             self._log.warn(
@@ -260,7 +287,7 @@ class LoginGuard:
             self._recordFailure(address)
             broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
             close = broker.loginFailures == self.maxFailuresPerConnection
-            if delay <= 0:
+            if delay <= 0 or abandoned:
                 done(failure, close)
             else:
                 self.reactor.callLater(delay, done, failure, close)
@@ -272,17 +299,61 @@ class LoginGuard:
                 # Sent before the connection was condemned (or lost): not checked at all.
                 done(Failure(UnauthorizedLogin("too many failed logins on this connection")))
                 return
-            started = maybeDeferred(login)
+            deferred = maybeDeferred(login)
+            started.append(deferred)
             # A checker that never answers must not hold up the address's logins for ever.
-            started.addTimeout(self.checkTimeout, self.reactor, onTimeoutCancel=_tookTooLong)
-            started.addCallbacks(succeeded, failed)
+            deferred.addTimeout(self.checkTimeout, self.reactor, onTimeoutCancel=_tookTooLong)
+            deferred.addCallbacks(succeeded, failed)
 
-        if address in self._waiting:
-            self._waiting[address].append(check)
-        else:
-            self._waiting[address] = deque()
+        if not guessable:
             check()
+            return answer
+        if queue is None:
+            queue = self._queues[address] = _AddressQueue()
+        elif len(queue.waiting) >= self.maxWaiting:
+            self._log.warn("Refusing a login from {peer}: too many are waiting", peer=address)
+            return fail(UnauthorizedLogin("too many logins are waiting from this address"))
+        queue.waiting.append(check)
+        self._advance(address, queue)
         return answer
+
+    def _advance(self, address: str, queue: _AddressQueue) -> None:
+        """
+        Start the address's next waiting attempt if none is being checked. Checks that finish
+        at once (most checkers answer synchronously) come back here while the loop runs: the
+        loop, not recursion, starts the next one, however many wait.
+        """
+        if queue.looping:
+            return
+        queue.looping = True
+        try:
+            while not queue.busy and queue.waiting:
+                queue.busy = True
+                queue.waiting.popleft()()
+        finally:
+            queue.looping = False
+        if not queue.busy and not queue.waiting and self._queues.get(address) is queue:
+            del self._queues[address]
+
+
+class _AddressQueue:
+    """
+    The guessable login attempts from one address: the one being checked (``busy``) and
+    those waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: deque[Callable[[], None]] = deque()
+        self.busy = False
+        self.looping = False
+
+
+def _logOutUnwanted(result: Any) -> None:
+    """
+    Log out the avatar of a login whose caller gave up before it completed.
+    """
+    if isinstance(result, tuple) and len(result) == 3 and callable(result[2]):
+        result[2]()
 
 
 def _tookTooLong(result: Any, timeout: float) -> Failure:
@@ -425,7 +496,9 @@ class _PortalWrapper(Referenceable):
             return self.portal.login(credentials, mind, IPerspective)
 
         name = (credentials.commonName or "?") if credentials is not None else "?"
-        deferred = self.guard.attempt(self.broker, f"<certificate {name}>".encode(), login)
+        deferred = self.guard.attempt(
+            self.broker, f"<certificate {name}>".encode(), login, guessable=False
+        )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
     def remote_loginAnonymous(self, mind: Any) -> Deferred[Any]:
@@ -436,6 +509,7 @@ class _PortalWrapper(Referenceable):
             self.broker,
             b"<anonymous>",
             lambda: self.portal.login(Anonymous(), mind, IPerspective),
+            guessable=False,
         )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 

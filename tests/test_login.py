@@ -19,7 +19,7 @@ from twisted.cred.credentials import IUsernameHashedPassword as IUsernameHashedP
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -430,6 +430,78 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertIn("took more than 5 seconds", results[0].getErrorMessage())
         self.assertEqual(results[1], "bob")
 
+    def failOnce(self, guard: Any, host: str = "10.0.0.1") -> None:
+        guard.attempt(_FakeBroker(host), b"x", lambda: fail(UnauthorizedLogin())).addErrback(
+            lambda _: None
+        )
+
+    def test_manyWaitingChecksDoNotRecurse(self) -> None:
+        """Hundreds of attempts waiting behind a failure, each checked at once when its turn
+        comes, are all answered: the queue is drained by a loop, not by recursion."""
+        guard = pb.LoginGuard(reactor=self.clock, maxWaiting=2000)
+        self.failOnce(guard)
+        answered: list[Any] = []
+        with capturedLogs():
+            for _ in range(1500):
+                guard.attempt(_FakeBroker("10.0.0.1"), b"bob", lambda: "avatar").addBoth(
+                    answered.append
+                )
+            self.clock.advance(1)
+        self.assertEqual(answered, ["avatar"] * 1500)
+
+    def test_waitingBounded(self) -> None:
+        """Beyond maxWaiting, an attempt with a secret is refused at once."""
+        guard = pb.LoginGuard(reactor=self.clock, maxWaiting=2)
+        self.failOnce(guard)
+        results: list[Any] = []
+        with capturedLogs():
+            for _ in range(3):
+                guard.attempt(_FakeBroker("10.0.0.1"), b"bob", lambda: "avatar").addBoth(
+                    results.append
+                )
+            self.assertEqual(len(results), 1)
+            results[0].trap(UnauthorizedLogin)
+            self.assertIn("too many logins are waiting", results[0].getErrorMessage())
+            self.clock.advance(1)
+        self.assertEqual(results[1:], ["avatar", "avatar"])
+
+    def test_anonymousNotHeldBack(self) -> None:
+        """Logins without a secret do not wait for a guesser at the same address."""
+        self.failOnce(self.guard, "127.0.0.1")
+        results: list[Any] = []
+        self.guard.attempt(
+            _FakeBroker("127.0.0.1"), b"<anonymous>", lambda: "avatar", guessable=False
+        ).addBoth(results.append)
+        self.assertEqual(results, ["avatar"])
+        self.clock.advance(10)
+
+    def test_cancelWhileWaiting(self) -> None:
+        """An attempt its caller gives up on while it waits is never checked."""
+        self.failOnce(self.guard, "127.0.0.1")
+        checked: list[bool] = []
+        waiting = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: checked.append(True))
+        waiting.addErrback(lambda f: f.trap(CancelledError))
+        waiting.cancel()
+        self.clock.advance(10)
+        self.assertEqual(checked, [])
+        self.assertEqual(self.guard._queues, {})
+
+    def test_cancelWhileChecking(self) -> None:
+        """Cancelling an attempt being checked cancels the check (so no avatar is made for
+        no one), does not count as a failure, and lets the next attempt go."""
+        cancelled: list[bool] = []
+        slow: Deferred[Any] = Deferred(lambda _: cancelled.append(True))
+        first = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: slow)
+        results: list[Any] = []
+        self.guard.attempt(_FakeBroker("127.0.0.1"), b"carol", lambda: "avatar").addBoth(
+            results.append
+        )
+        first.addErrback(lambda f: f.trap(CancelledError))
+        first.cancel()
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(results, ["avatar"])
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
+
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then
         the oldest."""
@@ -483,6 +555,8 @@ class LoginGuardTests(SynchronousTestCase):
             pb.LoginGuard(maxAddresses=0)
         with self.assertRaises(ValueError):
             pb.LoginGuard(checkTimeout=0)
+        with self.assertRaises(ValueError):
+            pb.LoginGuard(maxWaiting=0)
 
 
 @implementer(ICredentialsChecker)

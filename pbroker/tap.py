@@ -299,10 +299,20 @@ class Options(usage.Options, AuthOptionMixin):
                     "would work only from stock Twisted clients"
                 )
             path = self["password-file"]
-            if not os.path.isfile(path):
-                raise usage.UsageError(f"--password-file {path}: no such file")
+            parent = getattr(self, "parent", None)
+            if parent is not None and parent.get("chroot"):
+                return  # read inside the chroot, which cannot be looked into from here
+            # The file is read once the server runs, from twistd's --rundir (the current
+            # directory by default): a relative path is checked where it will be read.
+            rundir = parent.get("rundir", ".") if parent is not None else "."
+            where = os.path.join(rundir or ".", path)
+            if not os.path.isfile(where):
+                raise usage.UsageError(
+                    f"--password-file {path}: no such file"
+                    + ("" if where == path else f" (read from --rundir as {where})")
+                )
             try:
-                PasswordFile(path).verifierFor(b"pbroker-startup-check")
+                PasswordFile(where).verifierFor(b"pbroker-startup-check")
             except Exception as e:
                 raise usage.UsageError(
                     f"--password-file {self['password-file']}: {_reason(e)}"

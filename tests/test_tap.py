@@ -73,6 +73,22 @@ class OptionsTests(SynchronousTestCase):
         Path(malformed).write_text("this is not a password line\n")
         self.assertUsageError(f"--password-file {malformed}: ", "--password-file", malformed)
 
+    def test_passwordFileUnderRundir(self) -> None:
+        """A relative --password-file is looked for where twistd will read it: under its
+        --rundir."""
+        rundir = self.mktemp()
+        Path(rundir).mkdir()
+        Path(rundir, "users").write_bytes(b"")
+        options = tap.Options()
+        options.parent = {"rundir": rundir, "chroot": None}  # as twistd's ServerOptions
+        options.parseOptions(["--password-file", "users"])
+        self.assertEqual(options["password-file"], "users")  # still read relative to rundir
+        missing = tap.Options()
+        missing.parent = {"rundir": rundir, "chroot": None}
+        with self.assertRaises(usage.UsageError) as raised:
+            missing.parseOptions(["--password-file", "other"])
+        self.assertIn("read from --rundir", str(raised.exception))
+
     def test_loginOptionsThatCannotWork(self) -> None:
         """Combinations that would leave some users unable to log in, or options that would
         be ignored, are refused."""

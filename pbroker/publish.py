@@ -10,8 +10,8 @@ state with :func:`whenReady` or :meth:`RemotePublished.callWhenActivated`.
 Unlike ``twisted.spread.publish``, a :class:`RemotePublished` writes nothing to disk unless its
 class (or instance) sets :attr:`RemotePublished.cacheDirectory`, and the file name is built
 from the peer's strings with every character outside ``[A-Za-z0-9_.-]`` replaced, so a peer
-cannot choose where the file goes. The publisher's cache entry and state never set what the
-receiving class defines (its methods and settings) nor private attributes; a cache that cannot
+cannot choose where the file goes. The publisher's cache entry and state never set the
+receiver's settings and bookkeeping, its methods nor private attributes; a cache that cannot
 be written is a warning; and :func:`whenReady` fails, rather than waiting for ever, whenever
 the state will not arrive.
 """
@@ -97,6 +97,8 @@ _FILE_SIZE_LIMIT = 2**31
 _ENTRY_FIELDS = frozenset({"remote", "publishedID", "perspective", "service", "timestamp"})
 # The entry fields that a published (or saved) state may also carry; "remote" is the entry's only.
 _PROTOCOL_FIELDS = _ENTRY_FIELDS - {"remote"}
+# The receiver's own settings and bookkeeping, which nothing a publisher sends may set.
+_RECEIVER_FIELDS = frozenset({"remote", "cacheDirectory", "isActivated", "broker", "luid"})
 
 
 class PublishedStateError(ProtocolError):
@@ -111,10 +113,11 @@ class RemotePublished(RemoteCache):
     The receiving side of a :class:`Publishable`. :meth:`activated` is called (and the
     :meth:`callWhenActivated` callbacks run) once the full state is here.
 
-    The published state becomes attributes, but never one the class defines (methods, and
-    settings such as :attr:`cacheDirectory` or :attr:`isActivated`), a private one (``_x``) or
-    ``remote``; such names are ignored, with a warning. Give published fields their defaults
-    in ``__init__``, not on the class.
+    The cache entry and the published state become attributes, but never the receiver's
+    settings and bookkeeping (:attr:`cacheDirectory`, :attr:`isActivated`, ``broker``,
+    ``luid``, ``remote``), a method or other descriptor its class defines, or a private name
+    (``_x``): such names are ignored, with a warning. Plain class attributes (``title =
+    "untitled"``) are defaults the publisher's values replace, as in Twisted.
     """
 
     _log = Logger()
@@ -170,18 +173,21 @@ class RemotePublished(RemoteCache):
                 f"a published object's cache entry must be a dictionary, not {describe(state)}"
             )
         entry = self._textKeys(state, "cache entry")
-        missing = _ENTRY_FIELDS - entry.keys()
-        if missing:
-            raise PublishedStateError(
-                f"a published object's cache entry lacks {', '.join(sorted(missing))}"
-            )
-        if not callable(getattr(entry["remote"], "callRemote", None)):
+        if "remote" not in entry:
+            raise PublishedStateError("a published object's cache entry lacks remote")
+        remote = entry.pop("remote")
+        if not callable(getattr(remote, "callRemote", None)):
             raise PublishedStateError(
                 "the 'remote' of a published object's cache entry must be a reference, "
-                f"not {describe(entry['remote'])}"
+                f"not {describe(remote)}"
             )
-        self._ignore(entry.keys() - _ENTRY_FIELDS, "cache entry", entry["publishedID"])
-        return {name: entry[name] for name in _ENTRY_FIELDS}
+        for name in _PROTOCOL_FIELDS:
+            entry.setdefault(name, None)  # (a stock publisher sends them all)
+        refused = [name for name in entry if not self._isPublishedField(name)]
+        self._ignore(refused, "cache entry", entry["publishedID"])
+        fields = {name: value for name, value in entry.items() if name not in refused}
+        fields["remote"] = remote
+        return fields
 
     def _textKeys(self, state: dict[Any, Any], source: str) -> dict[str, Any]:
         """
@@ -211,14 +217,19 @@ class RemotePublished(RemoteCache):
 
     def _isPublishedField(self, name: str) -> bool:
         """
-        Whether a published state may set attribute ``name``: not one the class defines, a
-        private one or ``remote`` (the entry fields other than ``remote`` are allowed).
+        Whether a publisher may set attribute ``name``: not one of the receiver's settings or
+        bookkeeping, not private, and not a method or other descriptor of the class (a plain
+        class attribute is a default, which it may replace).
         """
         if name in _PROTOCOL_FIELDS:
             return True
-        if name == "remote" or name.startswith("_"):
+        if name in _RECEIVER_FIELDS or name.startswith("_"):
             return False
-        return not any(name in vars(klass) for klass in type(self).__mro__)
+        for klass in type(self).__mro__:
+            if name in vars(klass):
+                value = vars(klass)[name]
+                return not (callable(value) or hasattr(type(value), "__get__"))
+        return True
 
     def _loadSaved(self) -> dict[str, Any] | None:
         try:
@@ -244,7 +255,10 @@ class RemotePublished(RemoteCache):
             return
         fields = self._textKeys(newState, "published state")
         refused = [name for name in fields if not self._isPublishedField(name)]
-        self._ignore(refused, "published state", self.publishedID)
+        # A file saved by an earlier version may hold its private bookkeeping: not a
+        # publisher's doing, so dropped without a warning.
+        unexpected = [name for name in refused if save or not name.startswith("_")]
+        self._ignore(unexpected, "published state", self.publishedID)
         for name in refused:
             del fields[name]
         self.__dict__.update(fields)

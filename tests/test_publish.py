@@ -201,6 +201,38 @@ class PeerCannotSetMachineryTests(PublishTestCase):
         self.assertEqual(published.fetches, 1)
 
 
+class ClassDefaultsTests(PublishTestCase):
+    """
+    Plain class attributes are defaults a publisher's values replace, as in Twisted.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+
+        class Titled(RemoteCatalogue):
+            title = "untitled"
+            count = 0
+
+        self.registry.setUnjellyableForClass(TAG, Titled)
+
+    def test_stockPublisherReplacesClassDefaults(self) -> None:
+        """A stock publisher's state sets fields the receiving class gives defaults."""
+        remote = self.call(StockCatalogue("x", {"title": "Spring", "count": 42}), stock=True)
+        self.assertEqual((remote.title, remote.count), ("Spring", 42))
+
+    def test_entryExtras(self) -> None:
+        """Fields a publisher adds to its cache entry are set, as in Twisted, except the
+        receiver's own."""
+        with capturedLogs() as events:
+            remote = self.call(
+                Catalogue("x", entryExtras={"title": "Summer", "cacheDirectory": "/tmp"})
+            )
+        self.assertEqual(remote.title, "Summer")
+        self.assertIsNone(remote.cacheDirectory)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+
+
 class WhenReadyFailsTests(PublishTestCase):
     """
     whenReady fails, with a precise error, whenever the state will not arrive.

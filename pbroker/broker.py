@@ -1063,21 +1063,22 @@ class Broker(Banana):
 
     def dropPageProducer(self, pager: Any, failure: Failure, raising: bool = False) -> None:
         """
-        Stop ``pager``, which failed (``failure``): it tells its collector (see
-        :meth:`pbroker.util.Pager.pagingFailed`). With ``raising``, the failure is raised (to
-        whoever started the pager); otherwise it is logged.
+        Stop ``pager``, which failed (``failure``). With ``raising``, the failure is raised to
+        whoever started the pager, who may handle it (with smaller pages, say); otherwise it
+        is logged and the pager tells its collector (see
+        :meth:`pbroker.util.Pager.pagingFailed`).
         """
         if pager in self.pageProducers:
             self.pageProducers.remove(pager)
         self._pagesSent.discard(pager)
+        if raising:
+            failure.raiseException()
         pagingFailed = getattr(pager, "pagingFailed", None)
         if pagingFailed is not None:
             try:
                 pagingFailed(failure)
             except Exception:
                 self._log.failure("A pager failed to stop")
-        if raising:
-            failure.raiseException()
         # Resumed by the transport, or a file read: the reactor's business is not the pager's.
         self._log.failure("A pager failed; it stops", failure)
 

@@ -67,13 +67,13 @@ class ReconnectingClient(Service):
         avatar it is given, not wait for :meth:`whenReady`). If it fails, the attempt fails.
     :param maxRetries: failed attempts in a row after which callers fail; ``None`` waits for
         ever.
-    :param attemptTimeout: seconds an attempt may take to connect, get the root and log in
-        (``onConnect`` is not counted) before its connection is closed and it counts as
-        failed; ``None`` for no limit.
     :param retryPolicy: seconds to wait before attempt ``n`` (``backoffPolicy()`` by default).
     :param factory: a :class:`~pbroker.pb.PBClientFactory` to use (for its security options,
         registry or limits), for this client only; a new one by default.
     :param reactor: the reactor to connect and wait with.
+    :param attemptTimeout: seconds an attempt may take to connect, get the root and log in
+        (``onConnect`` is not counted) before its connection is closed and it counts as
+        failed; ``None`` for no limit.
     """
 
     _log = Logger()
@@ -85,10 +85,10 @@ class ReconnectingClient(Service):
         client: Any = None,
         onConnect: Callable[[RemoteReference], object] | None = None,
         maxRetries: int | None = None,
-        attemptTimeout: float | None = 60.0,
         retryPolicy: Callable[[int], float] | None = None,
         factory: PBClientFactory | None = None,
         reactor: Any = None,
+        attemptTimeout: float | None = 60.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor

@@ -372,6 +372,12 @@ class ReconnectingClientTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             ReconnectingClient(self.endpoint, attemptTimeout=0, reactor=self.clock)
 
+    def test_positionalArguments(self) -> None:
+        """The arguments keep the positions they had before attemptTimeout was added."""
+        policy = lambda attempt: 2.0  # noqa: E731
+        client = ReconnectingClient(self.endpoint, None, None, None, 3, policy)
+        self.assertEqual((client.maxRetries, client._retryPolicy), (3, policy))
+
     def test_attemptTimeoutWhileConnecting(self) -> None:
         """An endpoint that never connects is cancelled after attemptTimeout: a failed attempt."""
         cancelled: list[Any] = []

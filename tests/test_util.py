@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
 from pbroker import jelly, pb, publish, util
-from pbroker.errors import PBConnectionLost
+from pbroker.errors import LimitExceeded, PBConnectionLost
 from pbroker.testing import connectedServerAndClient
 from tests.test_broker import connect
 
@@ -257,6 +257,30 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(source.reads, 3)
         self.assertEqual(server.pageProducers, [])
         self.flushLoggedErrors(OSError)
+
+    def test_firstPageRefusedThenSmallerPages(self) -> None:
+        """A method that handles the error of a pager whose first page is too large, and
+        falls back to smaller pages, gets its data through: the collector is not told of a
+        failure its caller handled."""
+        data = b"d" * 300_000
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> str:
+                try:
+                    util.StringPager(collector, data, 200_000)
+                except LimitExceeded:
+                    util.StringPager(collector, data, 50_000)
+                    return "fell back"
+                return "sent"
+
+        limits = pb.BrokerLimits(messageSize=100_000)
+        _server, client, pump = connect(
+            pb.PBServerFactory(MyRoot()), pb.PBClientFactory(limits=limits)
+        )
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        pump.flush()
+        self.assertEqual(b"".join(results[0]), data)
 
     def test_callFailingAfterItsPagerEnded(self) -> None:
         """A method that starts a pager and then raises fails getAllPages with its error;

@@ -37,6 +37,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from zope.interface import Attribute, implementer
 
 from pbroker.errors import ProtocolError, describe
@@ -76,6 +77,8 @@ _MIN_NONCE_LENGTH = 16
 _MAX_NONCE_LENGTH = 64
 
 _SCHEME = "scram-sha256"
+# The comment line that holds the secret decoys are made from (see PasswordFile.decoyBasis).
+_SECRET_PREFIX = "# pbroker-decoy-secret: "
 
 
 def _hmac(key: bytes, message: bytes) -> bytes:
@@ -317,6 +320,8 @@ class PasswordFile:
     Verifiers read from a password file, re-read whenever the file changes.
     """
 
+    _log = Logger()
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._stamp: tuple[float, int] | None = None
@@ -335,10 +340,11 @@ class PasswordFile:
         ``(secret, iterations)`` to make the decoys of unknown users with (see
         :class:`ScramChecker`), or ``None`` for a file without users.
 
-        The secret is derived from the keys of the file's first user, which a peer never
-        learns, so it stays the same across restarts and while users are added or other users'
-        passwords change (``setPassword`` moves a user it replaces to the end of the file). The
-        iteration count is the one most users have.
+        The secret is the random one ``setPassword`` writes into the file (a comment line
+        that older versions skip), so it stays the same across restarts and while users come
+        and go. A file without one (written by hand, or by an older version, until a password
+        is next set) gets one derived from every user's keys, which only someone who knows
+        every user's password could work out. The iteration count is the one most users have.
         """
         self._reloadIfChanged()
         return self._decoyBasis
@@ -353,16 +359,35 @@ class PasswordFile:
         if stamp == self._stamp:
             return
         verifiers: dict[bytes, ScramVerifier] = {}
+        secret = None
         with open(self.path, encoding="utf-8") as passwordFile:
             for line in passwordFile:
+                if line.startswith(_SECRET_PREFIX):
+                    with suppress(ValueError):
+                        secret = base64.b64decode(
+                            line[len(_SECRET_PREFIX) :].strip(), validate=True
+                        )
+                    continue
                 if not line.strip() or line.startswith("#"):
                     continue
                 username, verifier = ScramVerifier.fromLine(line)
                 verifiers[username.encode("utf-8")] = verifier
+        for username, verifier in verifiers.items():
+            try:
+                _checkSaltAndIterations(verifier.salt, verifier.iterations)
+            except ValueError as e:
+                self._log.warn(
+                    "User {user!r} in {path} cannot log in from a pbroker client: {reason}; "
+                    "set the password again (python -m pbroker.passwords add)",
+                    user=username.decode("utf-8", "replace"),
+                    path=self.path,
+                    reason=str(e),
+                )
         basis = None
         if verifiers:
-            first = next(iter(verifiers.values()))
-            secret = _hmac(first.storedKey + first.serverKey, b"pbroker decoy secret")
+            if not secret:
+                keys = b"".join(v.storedKey + v.serverKey for v in verifiers.values())
+                secret = _hmac(keys, b"pbroker decoy secret")
             counts = Counter(verifier.iterations for verifier in verifiers.values())
             basis = secret, counts.most_common(1)[0][0]
         self._verifiers, self._decoyBasis, self._stamp = verifiers, basis, stamp
@@ -390,6 +415,9 @@ class PasswordFile:
                     for existing in passwordFile
                     if existing.split(":", 1)[0] != username
                 ]
+        if not any(existing.startswith(_SECRET_PREFIX) for existing in kept):
+            # The secret the decoys of unknown users come from (see decoyBasis).
+            kept.insert(0, _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())
         temporary = self.path + ".new"
         with suppress(FileNotFoundError):
             os.unlink(temporary)

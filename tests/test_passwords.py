@@ -16,13 +16,14 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import passwords, pb
 from pbroker.errors import ProtocolError
-from pbroker.passwords import PasswordFile, ScramChecker, ScramVerifier
+from pbroker.passwords import MAX_ITERATIONS, PasswordFile, ScramChecker, ScramVerifier
 from tests.test_broker import connect
 from tests.test_login import realmFor
 
@@ -88,7 +89,8 @@ class PasswordFileTests(SynchronousTestCase):
         self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"bob"))
         with open(self.path, "rb") as f:
             content = f.read()
-        self.assertEqual(content.count(b"\n"), 2)
+        users = [line for line in content.splitlines() if not line.startswith(b"#")]
+        self.assertEqual(len(users), 2)
         for secret in (b"first secret", b"second secret", b"bob secret"):
             self.assertNotIn(secret, content)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
@@ -445,6 +447,51 @@ class DecoyTests(SynchronousTestCase):
         PasswordFile(self.path).setPassword("dave", b"d", ITERATIONS)
         PasswordFile(self.path).setPassword("bob", b"new", ITERATIONS)
         self.assertEqual(self.decoy(b"mallory").salt, first.salt)
+
+    def test_firstUserCannotWorkOutDecoys(self) -> None:
+        """The decoys come from the file's own random secret, not from a user's keys (which
+        that user can work out from the password): changing alice's password, even to the
+        same, leaves them; and the same users with another secret give others."""
+        first = self.decoy(b"mallory")
+        PasswordFile(self.path).setPassword("alice", b"a", ITERATIONS)
+        self.assertEqual(self.decoy(b"mallory").salt, first.salt)
+        with open(self.path, encoding="utf-8") as passwordFile:
+            lines = passwordFile.read().splitlines()
+        other = self.mktemp()
+        with open(other, "w", encoding="utf-8") as passwordFile:
+            passwordFile.write(
+                "\n".join(
+                    "# pbroker-decoy-secret: c2VjcmV0" if line.startswith("#") else line
+                    for line in lines
+                )
+                + "\n"
+            )
+        self.assertNotEqual(self.decoy(b"mallory", other).salt, first.salt)
+
+    def test_fileWithoutSecret(self) -> None:
+        """A file without a secret line (an older version's) still gets stable decoys, from
+        every user's keys."""
+        with open(self.path, encoding="utf-8") as passwordFile:
+            users = [line for line in passwordFile if not line.startswith("#")]
+        older = self.mktemp()
+        with open(older, "w", encoding="utf-8") as passwordFile:
+            passwordFile.writelines(users)
+        first = self.decoy(b"mallory", older)
+        self.assertEqual(self.decoy(b"mallory", older), first)
+
+    def test_verifiersClientsRefuseAreReported(self) -> None:
+        """A user whose stored verifier is outside what clients accept (written by an
+        older version) is named in a warning when the file is read."""
+        verifier = ScramVerifier.fromPassword(b"pw", ITERATIONS)
+        line = verifier.toLine("olduser").split(":")
+        line[2] = str(MAX_ITERATIONS + 1)
+        with open(self.path, "a", encoding="utf-8") as passwordFile:
+            passwordFile.write(":".join(line) + "\n")
+        with capturedLogs() as events:
+            PasswordFile(self.path).verifierFor(b"alice")
+        warnings = [e for e in events if "cannot log in from a pbroker client" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["user"], "olduser")
 
     def test_saltUnpredictable(self) -> None:
         """The salt comes from the file's secret keys: the same users with other passwords

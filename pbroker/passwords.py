@@ -372,14 +372,14 @@ class PasswordFile:
                     continue
                 username, verifier = ScramVerifier.fromLine(line)
                 verifiers[username.encode("utf-8")] = verifier
-        for username, verifier in verifiers.items():
+        for name, verifier in verifiers.items():
             try:
                 _checkSaltAndIterations(verifier.salt, verifier.iterations)
             except ValueError as e:
                 self._log.warn(
                     "User {user!r} in {path} cannot log in from a pbroker client: {reason}; "
                     "set the password again (python -m pbroker.passwords add)",
-                    user=username.decode("utf-8", "replace"),
+                    user=name.decode("utf-8", "replace"),
                     path=self.path,
                     reason=str(e),
                 )

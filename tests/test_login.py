@@ -435,30 +435,30 @@ class LoginGuardTests(SynchronousTestCase):
             lambda _: None
         )
 
+    def behindAFailure(self, maxWaiting: int, count: int) -> list[Any]:
+        """
+        ``count`` attempts (each checked at once when its turn comes) sent behind a failure
+        from the same address, to a guard with ``maxWaiting``; what each got, as it comes.
+        """
+        guard = pb.LoginGuard(reactor=self.clock, maxWaiting=maxWaiting)
+        self.failOnce(guard)
+        results: list[Any] = []
+        for _ in range(count):
+            guard.attempt(_FakeBroker("10.0.0.1"), b"bob", lambda: "avatar").addBoth(results.append)
+        return results
+
     def test_manyWaitingChecksDoNotRecurse(self) -> None:
         """Hundreds of attempts waiting behind a failure, each checked at once when its turn
         comes, are all answered: the queue is drained by a loop, not by recursion."""
-        guard = pb.LoginGuard(reactor=self.clock, maxWaiting=2000)
-        self.failOnce(guard)
-        answered: list[Any] = []
         with capturedLogs():
-            for _ in range(1500):
-                guard.attempt(_FakeBroker("10.0.0.1"), b"bob", lambda: "avatar").addBoth(
-                    answered.append
-                )
+            answered = self.behindAFailure(2000, 1500)
             self.clock.advance(1)
         self.assertEqual(answered, ["avatar"] * 1500)
 
     def test_waitingBounded(self) -> None:
         """Beyond maxWaiting, an attempt with a secret is refused at once."""
-        guard = pb.LoginGuard(reactor=self.clock, maxWaiting=2)
-        self.failOnce(guard)
-        results: list[Any] = []
         with capturedLogs():
-            for _ in range(3):
-                guard.attempt(_FakeBroker("10.0.0.1"), b"bob", lambda: "avatar").addBoth(
-                    results.append
-                )
+            results = self.behindAFailure(2, 3)
             self.assertEqual(len(results), 1)
             results[0].trap(UnauthorizedLogin)
             self.assertIn("too many logins are waiting", results[0].getErrorMessage())

@@ -1014,7 +1014,7 @@ class Broker(Banana):
         :raises Exception: why a page sent at once could not be (the pager is dropped).
         """
         self.pageProducers.append(pager)
-        self._sendPages(raising=True)
+        self._sendPages(first=pager)
 
     def sendPages(self) -> None:
         """
@@ -1022,9 +1022,14 @@ class Broker(Banana):
         is done, or none has a page ready (a pager calls this again when it has one). A pager
         whose page cannot be sent (too large for the peer, say) is dropped, and why logged.
         """
-        self._sendPages(raising=False)
+        self._sendPages()
 
-    def _sendPages(self, raising: bool) -> None:
+    def _sendPages(self, first: Any = None) -> None:
+        """
+        The loop of :meth:`sendPages`. The error of ``first``'s first page, if it is sent
+        here, is raised (to whoever is making that pager); every other pager's is its
+        collector's business (see :meth:`dropPageProducer`).
+        """
         transport = self.transport
         if self._sendingPages or not isinstance(transport, PacedTransport):
             return
@@ -1046,9 +1051,11 @@ class Broker(Banana):
                         try:
                             pager.sendNextPage()
                         except Exception:
-                            self.dropPageProducer(pager, Failure(), raising)
+                            self.dropPageProducer(pager, Failure(), raising=pager is first)
                             progress = True
                             continue
+                        if pager is first:
+                            first = None  # its later pages fail to its collector
                         progress = progress or transport.written != written
                         self._pagesSent.add(pager)
                     if self._largeOut:

@@ -30,7 +30,7 @@ from typing import Any
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -249,31 +249,38 @@ class LoginGuard:
         answer: Deferred[Any] = Deferred(cancel)
 
         def done(result: Any, close: bool = False) -> None:
-            if abandoned:  # cancelled (it fails with CancelledError): no one takes the avatar
-                _logOutUnwanted(result)
-            elif isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
-            if close and broker.transport is not None:
-                self._log.warn(
-                    "Closing the connection from {peer} after {count} failed logins",
-                    peer=address,
-                    count=broker.loginFailures,
-                )
-                # Let the error reach the peer first.
-                self.reactor.callLater(0, broker.transport.loseConnection)
-            if queue is not None:
-                queue.busy = False
-                self._advance(address, queue)
+            try:
+                if abandoned:  # cancelled (it fails with CancelledError): no one takes it
+                    try:
+                        _logOutUnwanted(result)
+                    except Exception:
+                        self._log.failure("The logout of an abandoned login failed")
+                elif isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+                if close and broker.transport is not None:
+                    self._log.warn(
+                        "Closing the connection from {peer} after {count} failed logins",
+                        peer=address,
+                        count=broker.loginFailures,
+                    )
+                    # Let the error reach the peer first.
+                    self.reactor.callLater(0, broker.transport.loseConnection)
+            finally:
+                # Whatever happened above (a logout that raised), the next attempt may go.
+                if queue is not None:
+                    queue.busy = False
+                    self._advance(address, queue)
 
         def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user!r} from {peer}", user=name, peer=address)
             done(result)
 
         def failed(failure: Failure) -> None:
-            if abandoned and failure.check(CancelledError):
-                done(failure)  # abandoned by the caller: not a failed guess
+            if abandoned:
+                # Given up by the caller, who learns nothing of the outcome: not a guess.
+                done(failure)
                 return
             kind = getattr(failure.type, "__name__", describe(failure.type))
             message = failure.getErrorMessage()

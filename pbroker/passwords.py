@@ -81,6 +81,19 @@ _SCHEME = "scram-sha256"
 _SECRET_PREFIX = "# pbroker-decoy-secret: "
 
 
+def _secretIn(line: str) -> bytes | None:
+    """
+    The decoy secret a password-file line holds, or ``None`` (another line, or a damaged one).
+    """
+    if not line.startswith(_SECRET_PREFIX):
+        return None
+    try:
+        secret = base64.b64decode(line[len(_SECRET_PREFIX) :].strip(), validate=True)
+    except ValueError:
+        return None
+    return secret if len(secret) >= 16 else None
+
+
 def _hmac(key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, hashlib.sha256).digest()
 
@@ -363,10 +376,14 @@ class PasswordFile:
         with open(self.path, encoding="utf-8") as passwordFile:
             for line in passwordFile:
                 if line.startswith(_SECRET_PREFIX):
-                    with suppress(ValueError):
-                        secret = base64.b64decode(
-                            line[len(_SECRET_PREFIX) :].strip(), validate=True
+                    found = _secretIn(line)
+                    if found is None:
+                        self._log.warn(
+                            "A damaged decoy secret line in {path} is ignored (setting a "
+                            "password replaces it)",
+                            path=self.path,
                         )
+                    secret = found or secret
                     continue
                 if not line.strip() or line.startswith("#"):
                     continue
@@ -415,8 +432,10 @@ class PasswordFile:
                     for existing in passwordFile
                     if existing.split(":", 1)[0] != username
                 ]
-        if not any(existing.startswith(_SECRET_PREFIX) for existing in kept):
-            # The secret the decoys of unknown users come from (see decoyBasis).
+        if not any(_secretIn(existing) for existing in kept):
+            # The secret the decoys of unknown users come from (see decoyBasis); a damaged
+            # secret line is replaced.
+            kept = [existing for existing in kept if not existing.startswith(_SECRET_PREFIX)]
             kept.insert(0, _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())
         temporary = self.path + ".new"
         with suppress(FileNotFoundError):

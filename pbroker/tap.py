@@ -305,7 +305,8 @@ class Options(usage.Options, AuthOptionMixin):
             # The file is read once the server runs, from twistd's --rundir (the current
             # directory by default): a relative path is checked where it will be read.
             rundir = parent.get("rundir", ".") if parent is not None else "."
-            where = os.path.join(rundir or ".", path)
+            rundir = rundir or "."
+            where = path if rundir == "." else os.path.join(rundir, path)
             if not os.path.isfile(where):
                 raise usage.UsageError(
                     f"--password-file {path}: no such file"

@@ -502,6 +502,42 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(results, ["avatar"])
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
 
+    def test_cancelledFailureNotCounted(self) -> None:
+        """A cancelled check that fails in its own way (a checker that turns every error into
+        UnauthorizedLogin) is not a failed guess: the caller learns nothing."""
+
+        def cancelled(deferred: Deferred[Any]) -> None:
+            deferred.errback(UnauthorizedLogin("the check was interrupted"))
+
+        broker = _FakeBroker("127.0.0.1")
+        attempt = self.guard.attempt(broker, b"bob", lambda: Deferred(cancelled))
+        attempt.addErrback(lambda _: None)
+        attempt.cancel()
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        self.assertEqual(getattr(broker, "loginFailures", 0), 0)
+
+    def test_queueGoesOnAfterALogoutRaises(self) -> None:
+        """A cancelled check that still succeeds is logged out; if that logout raises, the
+        address's next attempt is still checked."""
+
+        def logout() -> None:
+            raise RuntimeError("logout failed")
+
+        def cancelled(deferred: Deferred[Any]) -> None:
+            deferred.callback(("interface", "avatar", logout))
+
+        attempt = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: Deferred(cancelled))
+        results: list[Any] = []
+        self.guard.attempt(_FakeBroker("127.0.0.1"), b"carol", lambda: "avatar").addBoth(
+            results.append
+        )
+        attempt.addErrback(lambda _: None)
+        with capturedLogs() as events:
+            attempt.cancel()
+        self.assertEqual(results, ["avatar"])
+        self.assertTrue(any("logout of an abandoned login" in e["log_format"] for e in events))
+        self.flushLoggedErrors(RuntimeError)
+
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then
         the oldest."""

@@ -458,15 +458,31 @@ class DecoyTests(SynchronousTestCase):
         with open(self.path, encoding="utf-8") as passwordFile:
             lines = passwordFile.read().splitlines()
         other = self.mktemp()
+        otherSecret = "# pbroker-decoy-secret: " + "YW5vdGhlciBzZWNyZXQgb2YgMzIgYnl0ZXMuLi4uLi4="
         with open(other, "w", encoding="utf-8") as passwordFile:
             passwordFile.write(
-                "\n".join(
-                    "# pbroker-decoy-secret: c2VjcmV0" if line.startswith("#") else line
-                    for line in lines
-                )
-                + "\n"
+                "\n".join(otherSecret if line.startswith("#") else line for line in lines) + "\n"
             )
         self.assertNotEqual(self.decoy(b"mallory", other).salt, first.salt)
+
+    def test_damagedSecretReplaced(self) -> None:
+        """A damaged secret line is reported when the file is read, and replaced when a
+        password is next set."""
+        with open(self.path, encoding="utf-8") as passwordFile:
+            users = [line for line in passwordFile if not line.startswith("#")]
+        with open(self.path, "w", encoding="utf-8") as passwordFile:
+            passwordFile.writelines(["# pbroker-decoy-secret: not*base64\n", *users])
+        with capturedLogs() as events:
+            PasswordFile(self.path).verifierFor(b"alice")
+        self.assertTrue(any("damaged decoy secret" in e["log_format"] for e in events))
+        PasswordFile(self.path).setPassword("dave", b"d", ITERATIONS)
+        with open(self.path, encoding="utf-8") as passwordFile:
+            secretLines = [line for line in passwordFile if line.startswith("# pbroker-decoy")]
+        self.assertEqual(len(secretLines), 1)
+        self.assertNotIn("not*base64", secretLines[0])
+        with capturedLogs() as events:
+            PasswordFile(self.path).verifierFor(b"alice")
+        self.assertEqual(events, [])
 
     def test_fileWithoutSecret(self) -> None:
         """A file without a secret line (an older version's) still gets stable decoys, from

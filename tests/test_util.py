@@ -282,6 +282,40 @@ class PagerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(b"".join(results[0]), data)
 
+    def test_laterPageRefusedWhileStarting(self) -> None:
+        """A page after the first that cannot be sent, while the pager is being made, is the
+        collector's business: getAllPages fails, instead of the method taking it for a first
+        page refused and sending the data again."""
+
+        class Uneven(util.Pager):
+            sizes = [10_000, 200_000, 10_000]
+
+            def nextPage(self) -> bytes:
+                page = b"p" * self.sizes.pop(0)
+                if not self.sizes:
+                    self.stopPaging()
+                return page
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> str:
+                try:
+                    Uneven(collector)
+                except LimitExceeded:
+                    util.StringPager(collector, b"q" * 220_000, 50_000)
+                    return "fell back"
+                return "sent"
+
+        limits = pb.BrokerLimits(messageSize=100_000)
+        _server, client, pump = connect(
+            pb.PBServerFactory(MyRoot()), pb.PBClientFactory(limits=limits)
+        )
+        results: list[Any] = []
+        with capturedLogs():
+            util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+            pump.flush()
+        results[0].trap(pb.RemoteError)
+        self.flushLoggedErrors()
+
     def test_callFailingAfterItsPagerEnded(self) -> None:
         """A method that starts a pager and then raises fails getAllPages with its error;
         the pager's end, arriving later, is not an error of its own."""

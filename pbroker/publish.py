@@ -117,7 +117,9 @@ class RemotePublished(RemoteCache):
     settings and bookkeeping (:attr:`cacheDirectory`, :attr:`isActivated`, ``broker``,
     ``luid``, ``remote``), a method or other descriptor its class defines, or a private name
     (``_x``): such names are ignored, with a warning. Plain class attributes (``title =
-    "untitled"``) are defaults the publisher's values replace, as in Twisted.
+    "untitled"``) are defaults the publisher's values replace, as in Twisted: give a
+    subclass's own settings private names (or make them properties), so that a publisher
+    cannot set them.
     """
 
     _log = Logger()

@@ -258,16 +258,17 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(server.pageProducers, [])
         self.flushLoggedErrors(OSError)
 
-    def test_firstPageRefusedThenSmallerPages(self) -> None:
-        """A method that handles the error of a pager whose first page is too large, and
-        falls back to smaller pages, gets its data through: the collector is not told of a
-        failure its caller handled."""
-        data = b"d" * 300_000
+    def fallingBack(self, makePager: Any, data: bytes) -> list[Any]:
+        """
+        getAllPages from a method that makes a pager with ``makePager(collector)`` and, if
+        that raises LimitExceeded, sends ``data`` in 50 KB pages instead, to a client that
+        takes messages up to 100 KB; what getAllPages gave.
+        """
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> str:
                 try:
-                    util.StringPager(collector, data, 200_000)
+                    makePager(collector)
                 except LimitExceeded:
                     util.StringPager(collector, data, 50_000)
                     return "fell back"
@@ -278,8 +279,19 @@ class PagerTests(SynchronousTestCase):
             pb.PBServerFactory(MyRoot()), pb.PBClientFactory(limits=limits)
         )
         results: list[Any] = []
-        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
-        pump.flush()
+        with capturedLogs():
+            util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+            pump.flush()
+        return results
+
+    def test_firstPageRefusedThenSmallerPages(self) -> None:
+        """A method that handles the error of a pager whose first page is too large, and
+        falls back to smaller pages, gets its data through: the collector is not told of a
+        failure its caller handled."""
+        data = b"d" * 300_000
+        results = self.fallingBack(
+            lambda collector: util.StringPager(collector, data, 200_000), data
+        )
         self.assertEqual(b"".join(results[0]), data)
 
     def test_laterPageRefusedWhileStarting(self) -> None:
@@ -296,23 +308,7 @@ class PagerTests(SynchronousTestCase):
                     self.stopPaging()
                 return page
 
-        class MyRoot(pb.Root):
-            def remote_send(self, collector: Any) -> str:
-                try:
-                    Uneven(collector)
-                except LimitExceeded:
-                    util.StringPager(collector, b"q" * 220_000, 50_000)
-                    return "fell back"
-                return "sent"
-
-        limits = pb.BrokerLimits(messageSize=100_000)
-        _server, client, pump = connect(
-            pb.PBServerFactory(MyRoot()), pb.PBClientFactory(limits=limits)
-        )
-        results: list[Any] = []
-        with capturedLogs():
-            util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
-            pump.flush()
+        results = self.fallingBack(Uneven, b"q" * 220_000)
         results[0].trap(pb.RemoteError)
         self.flushLoggedErrors()
 

@@ -294,7 +294,7 @@ class LoginGuard:
             self._recordFailure(address)
             broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
             close = broker.loginFailures == self.maxFailuresPerConnection
-            if delay <= 0 or abandoned:
+            if delay <= 0:
                 done(failure, close)
             else:
                 self.reactor.callLater(delay, done, failure, close)

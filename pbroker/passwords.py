@@ -111,6 +111,10 @@ def _checkSaltAndIterations(salt: bytes, iterations: int) -> None:
         raise ValueError(
             f"a salt must have {MIN_SALT_LENGTH} to {MAX_SALT_LENGTH} bytes, not {len(salt)}"
         )
+    _checkIterations(iterations)
+
+
+def _checkIterations(iterations: int) -> None:
     if not 1 <= iterations <= MAX_ITERATIONS:
         raise ValueError(f"iterations must be 1 to {MAX_ITERATIONS}, not {iterations}")
 
@@ -167,7 +171,7 @@ class ScramVerifier:
             salt=salt,
             iterations=iterations,
             storedKey=hashlib.sha256(clientKey).digest(),
-            serverKey=_hmac(salted, b"Server Key"),
+            serverKey=_serverKey(salted),
         )
 
     def toLine(self, username: str) -> str:
@@ -258,6 +262,10 @@ def _clientKey(salted: bytes) -> bytes:
     return _hmac(salted, b"Client Key")
 
 
+def _serverKey(salted: bytes) -> bytes:
+    return _hmac(salted, b"Server Key")
+
+
 def _proof(salted: bytes, message: bytes) -> bytes:
     clientKey = _clientKey(salted)
     return _xor(clientKey, _hmac(hashlib.sha256(clientKey).digest(), message))
@@ -279,7 +287,7 @@ def clientProofAndSignature(
     costly step.
     """
     salted = _saltedPassword(password, salt, iterations)
-    return _proof(salted, message), serverSignature(_hmac(salted, b"Server Key"), message)
+    return _proof(salted, message), serverSignature(_serverKey(salted), message)
 
 
 def serverSignature(serverKey: bytes, message: bytes) -> bytes:
@@ -293,8 +301,7 @@ def expectedServerSignature(password: bytes, salt: bytes, iterations: int, messa
     """
     What the client expects :func:`serverSignature` to be, computed from the password.
     """
-    serverKey = _hmac(_saltedPassword(password, salt, iterations), b"Server Key")
-    return serverSignature(serverKey, message)
+    return serverSignature(_serverKey(_saltedPassword(password, salt, iterations)), message)
 
 
 class IScramProof(ICredentials):
@@ -531,9 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{e}; nothing was changed.", file=sys.stderr)
         return 1
-    if not 1 <= options.iterations <= MAX_ITERATIONS:
-        message = f"--iterations must be 1 to {MAX_ITERATIONS}; nothing was changed."
-        print(message, file=sys.stderr)
+    try:
+        _checkIterations(options.iterations)
+    except ValueError as e:
+        print(f"--{e}; nothing was changed.", file=sys.stderr)
         return 1
     password = os.environ.get("PBROKER_PASSWORD")
     if password is None:

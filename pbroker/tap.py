@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import (
     AllowAnonymousAccess,
@@ -236,9 +236,11 @@ class Options(usage.Options, AuthOptionMixin):
             raise usage.UsageError("the --tls-* options need --tls-port")
         if not self["listen"] and self["tls-port"] is None:
             self["listen"] = [DEFAULT_LISTEN]
+        # Every endpoint to listen on, parsed (and its files read) here.
+        self["endpoints"] = []
         for description in self["listen"]:
             try:
-                serverFromString(reactor, description)
+                self["endpoints"].append(serverFromString(reactor, description))
             except Exception as e:
                 raise usage.UsageError(f"--listen {description}: {_reason(e)}") from None
         self["keepaliveSettings"] = None
@@ -256,10 +258,9 @@ class Options(usage.Options, AuthOptionMixin):
                     "--max-message-size needs a positive number of MiB (at least one byte)"
                 )
             self["limits"] = pb.BrokerLimits(messageSize=size)
-        self["tlsEndpoint"] = None
         if self["tls-port"] is not None:
             try:
-                self["tlsEndpoint"] = tls.serverEndpoint(
+                tlsEndpoint = tls.serverEndpoint(
                     reactor,
                     self["tls-port"],
                     self["tls-certificate"],
@@ -268,6 +269,7 @@ class Options(usage.Options, AuthOptionMixin):
                 )
             except Exception as e:
                 raise usage.UsageError(f"cannot use the TLS files: {_reason(e)}") from None
+            self["endpoints"].append(tlsEndpoint)
         self._checkLogins()
 
     def _checkLogins(self) -> None:
@@ -298,26 +300,25 @@ class Options(usage.Options, AuthOptionMixin):
                     "clients log in through the password file, so the --auth accounts "
                     "would work only from stock Twisted clients"
                 )
-            path = self["password-file"]
-            parent = getattr(self, "parent", None)
-            if parent is not None and parent.get("chroot"):
-                return  # read inside the chroot, which cannot be looked into from here
-            # The file is read once the server runs, from twistd's --rundir (the current
-            # directory by default): a relative path is checked where it will be read.
-            rundir = parent.get("rundir", ".") if parent is not None else "."
-            rundir = rundir or "."
-            where = path if rundir == "." else os.path.join(rundir, path)
-            if not os.path.isfile(where):
-                raise usage.UsageError(
-                    f"--password-file {path}: no such file"
-                    + ("" if where == path else f" (read from --rundir as {where})")
-                )
-            try:
-                PasswordFile(where).verifierFor(b"pbroker-startup-check")
-            except Exception as e:
-                raise usage.UsageError(
-                    f"--password-file {self['password-file']}: {_reason(e)}"
-                ) from None
+            self._checkPasswordFile(self["password-file"])
+
+    def _checkPasswordFile(self, path: str) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("chroot"):
+            return  # read inside the chroot, which cannot be looked into from here
+        # The file is read once the server runs, from twistd's --rundir (the current
+        # directory by default): a relative path is checked where it will be read.
+        rundir = (parent.get("rundir") if parent is not None else None) or "."
+        where = path if rundir == "." else os.path.join(rundir, path)
+        if not os.path.isfile(where):
+            raise usage.UsageError(
+                f"--password-file {path}: no such file"
+                + ("" if where == path else f" (read from --rundir as {where})")
+            )
+        try:
+            PasswordFile(where).verifierFor(b"pbroker-startup-check")
+        except Exception as e:
+            raise usage.UsageError(f"--password-file {path}: {_reason(e)}") from None
 
     @property
     def wantsLogin(self) -> bool:
@@ -429,12 +430,10 @@ def makeService(options: Options) -> service.MultiService:
         keepalive=options["keepaliveSettings"],
     )
     top = service.MultiService()
-    for description in options["listen"]:
-        strports.service(description, factory).setServiceParent(top)
-    if options["tlsEndpoint"] is not None:
-        tlsService = StreamServerEndpointService(options["tlsEndpoint"], factory)
-        # As strports.service does for --listen: a port that cannot be listened on stops
-        # twistd at startup, instead of leaving it running without TLS.
-        tlsService._raiseSynchronously = True
-        tlsService.setServiceParent(top)
+    for endpoint in options["endpoints"]:
+        listening = StreamServerEndpointService(endpoint, factory)
+        # As strports.service does: a port that cannot be listened on stops twistd at
+        # startup, instead of leaving it running without that port.
+        listening._raiseSynchronously = True
+        listening.setServiceParent(top)
     return top

@@ -185,9 +185,7 @@ class RemotePublished(RemoteCache):
             )
         for name in _PROTOCOL_FIELDS:
             entry.setdefault(name, None)  # (a stock publisher sends them all)
-        refused = [name for name in entry if not self._isPublishedField(name)]
-        self._ignore(refused, "cache entry", entry["publishedID"])
-        fields = {name: value for name, value in entry.items() if name not in refused}
+        fields = self._publishedFields(entry, "cache entry", entry["publishedID"])
         fields["remote"] = remote
         return fields
 
@@ -216,6 +214,21 @@ class RemotePublished(RemoteCache):
                 source=source,
                 publishedID=describe(publishedID),
             )
+
+    def _publishedFields(
+        self, fields: dict[str, Any], source: str, publishedID: Any, warnPrivate: bool = True
+    ) -> dict[str, Any]:
+        """
+        The ``fields`` a publisher may set; the others are dropped, with a warning (for
+        private names, only if ``warnPrivate``).
+        """
+        refused = [name for name in fields if not self._isPublishedField(name)]
+        self._ignore(
+            [name for name in refused if warnPrivate or not name.startswith("_")],
+            source,
+            publishedID,
+        )
+        return {name: value for name, value in fields.items() if name not in refused}
 
     def _isPublishedField(self, name: str) -> bool:
         """
@@ -256,14 +269,11 @@ class RemotePublished(RemoteCache):
             )
             return
         fields = self._textKeys(newState, "published state")
-        refused = [name for name in fields if not self._isPublishedField(name)]
         # A file saved by an earlier version may hold its private bookkeeping: not a
         # publisher's doing, so dropped without a warning.
-        unexpected = [name for name in refused if save or not name.startswith("_")]
-        self._ignore(unexpected, "published state", self.publishedID)
-        for name in refused:
-            del fields[name]
-        self.__dict__.update(fields)
+        self.__dict__.update(
+            self._publishedFields(fields, "published state", self.publishedID, warnPrivate=save)
+        )
         self.isActivated = True
         listeners, self._activationListeners = self._activationListeners, []
         for listener in listeners:

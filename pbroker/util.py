@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from pbroker.errors import PBConnectionLost, RemoteError
 from pbroker.flavors import Referenceable
+from pbroker.jelly import qual
 
 __all__ = [
     "CallbackPageCollector",
@@ -171,10 +172,12 @@ class Pager:
         """
         self._stillPaging = False
         value = failure.value
-        kind = type(value).__module__ + "." + type(value).__qualname__
         with contextlib.suppress(Exception):  # the connection may be gone: nothing to tell
             self.collector.callRemote(
-                "failedPaging", kind, str(value) or type(value).__name__, pbanswer=False
+                "failedPaging",
+                qual(type(value)),
+                str(value) or type(value).__name__,
+                pbanswer=False,
             )
 
 

@@ -735,12 +735,18 @@ class UnsentValueTestsMixin:
         self.assertEqual(broker.remotelyCachedObjects, {})  # type: ignore[attr-defined]
         self.assertEqual(broker.remotelyCachedLUIDs, {})  # type: ignore[attr-defined]
 
-    def test_answerTooLarge(self) -> None:
-        """An answer too large to send exports nothing, and stops the observing it began."""
-        failure = self.call("tooLarge")
+    def assertFailsExportingNothing(self, method: str) -> None:
+        """
+        A call of ``method`` fails, and the server exports nothing for it.
+        """
+        failure = self.call(method)
         self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
         self.flushLoggedErrors()  # type: ignore[attr-defined]
         self.assertNothingExported(self.server)
+
+    def test_answerTooLarge(self) -> None:
+        """An answer too large to send exports nothing, and stops the observing it began."""
+        self.assertFailsExportingNothing("tooLarge")
         self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
         # What is sent later is exported as usual.
         self.assertIsInstance(self.call("counter"), pb.RemoteReference)  # type: ignore[attr-defined]
@@ -760,18 +766,12 @@ class UnsentValueTestsMixin:
 
     def test_unserialisableAnswer(self) -> None:
         """An answer that cannot be serialised leaves nothing exported that it met first."""
-        failure = self.call("unserialisable")
-        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
-        self.flushLoggedErrors()  # type: ignore[attr-defined]
-        self.assertNothingExported(self.server)
+        self.assertFailsExportingNothing("unserialisable")
         self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
 
     def test_errorTooLarge(self) -> None:
         """An error too large to send exports nothing either."""
-        failure = self.call("richError")
-        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
-        self.flushLoggedErrors()  # type: ignore[attr-defined]
-        self.assertNothingExported(self.server)
+        self.assertFailsExportingNothing("richError")
 
     def test_answerSentFromAHook(self) -> None:
         """An answer completed and sent while another value is serialised is a message of

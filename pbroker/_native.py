@@ -64,6 +64,7 @@ __all__ = [
     "FrameDecoder",
     "Packed",
     "ValueCodec",
+    "extensionsIn",
     "inline",
     "packMessage",
     "records",
@@ -943,22 +944,11 @@ class ValueCodec:
         The ids of the streams a packed value (bytes, or :class:`Packed`) refers to, found
         without unpacking anything else (for a value that could not be sent after all).
         """
-        found: list[int] = []
-
-        def hook(code: int, payload: bytes) -> Any:
-            if code in _REBUILD:
-                msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=hook)
-            elif code == STREAM:
-                found.append(msgpack.unpackb(payload))
-            return None
-
         if type(data) is Packed:
             if len(data.parts) > 1:
-                return found  # a byte string packed by hand (see pack): no streams in it
+                return []  # a byte string packed by hand (see pack): no streams in it
             data = data.data
-        with contextlib.suppress(Exception):
-            msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=hook)
-        return found
+        return extensionsIn(data)[1]
 
     def _extension(self, code: int, data: bytes) -> Any:
         rebuild = _REBUILD.get(code)
@@ -988,3 +978,29 @@ class ValueCodec:
                 raise InvalidJelly(f"a stream id must be an integer: {describe(streamID)}")
             return self._openStream(streamID)
         raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")
+
+
+def extensionsIn(data: Any) -> tuple[list[bytes], list[int]]:
+    """
+    The ``JELLY`` payloads and the stream ids in a packed value, found without unpacking
+    anything else: what a value that is not (or cannot be) unpacked refers to. As much as can
+    be found: a malformed value yields what came before the fault.
+    """
+    jellies: list[bytes] = []
+    streams: list[int] = []
+
+    def hook(code: int, payload: bytes) -> Any:
+        if code in _REBUILD:
+            msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=hook)
+        elif code == JELLY:
+            jellies.append(payload)
+        elif code == STREAM:
+            streamID = msgpack.unpackb(payload)
+            if type(streamID) is int:
+                streams.append(streamID)
+        return None
+
+    if type(data) in (bytes, memoryview):
+        with contextlib.suppress(Exception):
+            msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=hook)
+    return jellies, streams

@@ -858,3 +858,61 @@ _HANDLERS: dict[bytes, Callable[[Unjellier, list[Any]], Any]] = {
     b"instance": _openInstance,
     b"method": _openMethod,
 }
+
+
+# Tags whose fields hold no expression (atoms, and references by id), and the tags whose
+# fields do not all hold one: where their expressions are.
+_LEAVES = frozenset(
+    {
+        b"None",
+        b"unicode",
+        b"boolean",
+        b"datetime",
+        b"date",
+        b"time",
+        b"timedelta",
+        b"decimal",
+        b"unpersistable",
+        b"dereference",
+        b"class",
+        b"module",
+        b"function",
+        b"persistent",
+    }
+)
+
+
+def _pairValues(node: list[Any]) -> Iterator[Any]:
+    for pair in islice(node, 1, None):
+        if type(pair) is list:
+            yield from pair
+
+
+_FIELDS: dict[bytes, Callable[[list[Any]], Any]] = {
+    b"dictionary": _pairValues,  # [tag, [key, value], ...]: the pairs are not expressions
+    b"reference": lambda node: islice(node, 2, 3),  # [tag, id, value]
+    b"method": lambda node: islice(node, 2, 4),  # [tag, name, self, class]
+}
+
+
+def expressionsIn(sexp: Any) -> Iterator[list[Any]]:
+    """
+    Every expression (a list with a bytes tag) in the jelly ``sexp``, itself included,
+    without unjellying anything: for finding what a value refers to when it cannot be (or
+    will not be) unjellied.
+
+    The walk follows jelly's grammar, so that a dictionary's ``[key, value]`` pairs are not
+    taken for expressions; under a tag it does not know (an instance, a copy, a cache) every
+    list field is taken for one, as in ``[tag, state]``. Iterative: nesting costs memory.
+    """
+    pending = [sexp]
+    while pending:
+        node = pending.pop()
+        if type(node) is not list or not node or type(node[0]) is not bytes:
+            continue
+        yield node
+        tag = node[0]
+        if tag in _LEAVES:
+            continue
+        fields = _FIELDS.get(tag)
+        pending.extend(islice(node, 1, None) if fields is None else fields(node))

@@ -11,6 +11,7 @@ flavors reach it through ``jellier.invoker``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -35,6 +36,7 @@ from pbroker._native import (
     FrameDecoder,
     Packed,
     ValueCodec,
+    extensionsIn,
     fragmentHeader,
     inline,
     packMessage,
@@ -42,7 +44,7 @@ from pbroker._native import (
 )
 from pbroker._pacing import PacedTransport
 from pbroker._streams import StreamTable
-from pbroker._unjellier import Unjellier
+from pbroker._unjellier import Unjellier, expressionsIn
 from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
 from pbroker.errors import (
     BananaDecodeError,
@@ -58,7 +60,7 @@ from pbroker.errors import (
     describe,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
-from pbroker.flavors import RemoteCacheObserver
+from pbroker.flavors import RemoteCache, RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
 from pbroker.stream import DEFAULT_WINDOW, isStreamable
@@ -109,6 +111,8 @@ _HOOKLESS = _SCALARS | {bytes, str}
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
 # What a registration made while serialising counted (see Broker._unregister).
 _EXPORT, _CACHE, _STREAM = 0, 1, 2
+#: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
+_NEW_CACHE = 3
 
 # The smallest message limit a peer is taken at its word for.
 _MIN_PEER_MESSAGE_SIZE = 64 * 1024
@@ -185,9 +189,13 @@ def _unjellyCached(unjellier: Unjellier, jellyList: list[Any]) -> Any:
     """
     ``[b"cached", luid]``: another handle on a copy of the peer's Cacheable we already hold.
     """
-    cache = unjellier.invoker.locallyCachedObjects.get(_cacheID(jellyList))
+    broker = unjellier.invoker
+    luid = _cacheID(jellyList)
+    cache = broker.locallyCachedObjects.get(luid)
     if cache is None:
         raise InvalidJelly(f"a reference to an unknown cache: {describe(jellyList)}")
+    if broker._arrivals is not None:
+        broker._arrivals.append((luid, _CACHE))
     return cache._borgify()
 
 
@@ -371,6 +379,12 @@ class Broker(Banana):
         # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
         # a value is serialised, so that they can be undone if it is never sent; else None.
         self._registrations: list[tuple[int, int]] | None = None
+        # The same for what the peer counted in a value being unserialised (its references,
+        # cache handles and streams, as they arrive), so that what does not arrive because
+        # the value fails half-way can be released; else None.
+        self._arrivals: list[tuple[int, int]] | None = None
+        # Caches this side released unread (see _releaseUnread), whose uncache is to come.
+        self._unreadCaches: set[int] | None = None
         # The last serialised value that counted any, with them (see _takeRegistrations).
         self._lastRegistered: tuple[Any, list[tuple[int, int]]] | None = None
         self._keepaliveTimer: KeepaliveTimer | None = None
@@ -417,7 +431,7 @@ class Broker(Banana):
             self._unjellyNative,
             isStreamable,
             self._registerStream,
-            self._streams.open,
+            self._openStream,
             self.limits.nestingDepth,
             # At the default, msgpack's own bound (MSGPACK_DEPTH) is taken as close enough.
             measureDepth=self.limits.nestingDepth < DEPTH_LIMIT,
@@ -767,24 +781,122 @@ class Broker(Banana):
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any:
         """
         Unjelly what the peer sent, on behalf of ``perspective``.
+
+        If that fails half-way (a class the security options refuse, a limit), what the peer
+        counted in the rest of the value is released: its references, cache handles and
+        streams would otherwise stay exported for the peer for the life of the connection.
         """
-        codec = self._codec
-        if codec is not None and perspective is None and self.unserializingPerspective is None:
-            if sexp == EMPTY_MAP:
-                return {}  # the keywords of most calls
-            return codec.unpack(sexp)  # the common case, without the bookkeeping below
-        self.unserializingPerspective = perspective
+        outer = self._arrivals
+        arrivals: list[tuple[int, int]] = []
+        self._arrivals = arrivals
         try:
-            if codec is not None:
-                return codec.unpack(sexp)
-            return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
+            codec = self._codec
+            if codec is not None and perspective is None and self.unserializingPerspective is None:
+                if sexp == EMPTY_MAP:
+                    return {}  # the keywords of most calls
+                return codec.unpack(sexp)  # the common case, without the bookkeeping below
+            self.unserializingPerspective = perspective
+            try:
+                if codec is not None:
+                    return codec.unpack(sexp)
+                return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
+            finally:
+                self.unserializingPerspective = None
+        except BaseException:
+            self._releaseUnread(sexp, arrivals)
+            raise
         finally:
-            self.unserializingPerspective = None
+            self._arrivals = outer
+
+    def unserializeCall(self, netArgs: Any, netKw: Any, perspective: Any = None) -> tuple[Any, Any]:
+        """
+        Unserialise a call's positional and keyword arguments (see :meth:`unserialize`);
+        if the positional ones fail, the keywords are dropped (releasing what the peer
+        counted in them).
+        """
+        try:
+            args = self.unserialize(netArgs, perspective)
+        except BaseException:
+            self._dropLateValue(netKw)
+            raise
+        return args, self.unserialize(netKw, perspective)
+
+    def _releaseUnread(self, netValue: Any, arrived: list[tuple[int, int]]) -> None:
+        """
+        Release what the peer counted for this side in ``netValue`` (sent, not unserialised)
+        beyond what ``arrived`` lists: a decref for each reference, a decache for each cache
+        handle, a cancel for each stream. ``netValue`` is only scanned: nothing in it is
+        unjellied, no class looked up, no code run.
+        """
+        if not self._canSend:
+            return  # nothing to release on a connection that is gone
+        try:
+            counted = self._countedIn(netValue)
+        except Exception:
+            self._log.failure("Could not release what an unread value held")
+            return
+        unmatched = collections.Counter(arrived)
+        newCaches = {luid for luid, kind in counted if kind == _NEW_CACHE}
+        for luid, kind in counted:
+            if kind == _NEW_CACHE:
+                kind = _CACHE
+            if unmatched[luid, kind]:
+                unmatched[luid, kind] -= 1
+            elif kind == _EXPORT:
+                self.sendCall(b"decref", luid)
+            elif kind == _CACHE:
+                if luid in newCaches:
+                    # Its owner will uncache what this side never kept.
+                    if self._unreadCaches is None:
+                        self._unreadCaches = set()
+                    self._unreadCaches.add(luid)
+                elif luid not in self.locallyCachedObjects:
+                    continue  # not a cache of the peer's: its mistake, nothing to release
+                self.sendCall(b"decache", luid)
+            elif luid not in self._streams.incoming and luid not in self._streams.cancelled:
+                self._streams.cancel(luid)
+
+    def _countedIn(self, netValue: Any) -> list[tuple[int, int]]:
+        """
+        (id, kind) of each reference (_EXPORT), cache handle (_CACHE, or _NEW_CACHE for a
+        first copy) and stream (_STREAM) the peer counted for this side in ``netValue``.
+        """
+        counted: list[tuple[int, int]] = []
+        if self._codec is None:
+            expressions = [netValue]
+        else:
+            jellies, streams = extensionsIn(netValue)
+            counted.extend((streamID, _STREAM) for streamID in streams)
+            expressions = []
+            for data in jellies:
+                with contextlib.suppress(InvalidJelly):  # malformed: nothing to find in it
+                    expressions.append(self._nativeExpression(data))
+        classFor = self.registry.classFor
+        for expression in expressions:
+            for node in expressionsIn(expression):
+                tag = node[0]
+                if len(node) == 2 and type(node[1]) is int:
+                    if tag == b"remote":
+                        counted.append((node[1], _EXPORT))
+                    elif tag == b"cached":
+                        counted.append((node[1], _CACHE))
+                elif len(node) == 3 and type(node[1]) is int:
+                    cls = classFor(tag)
+                    if isinstance(cls, type) and issubclass(cls, RemoteCache):
+                        counted.append((node[1], _NEW_CACHE))
+        return counted
 
     def _jellyNative(self, object: Any) -> bytes:
         return Jellier(self.security, None, self).encode(object, self._tokens)
 
     def _unjellyNative(self, data: bytes) -> Any:
+        expression = self._nativeExpression(data)
+        return Unjellier(self.security, None, self, self.registry).unjellyFull(expression)
+
+    def _nativeExpression(self, data: bytes) -> Any:
+        """
+        The jelly expression in the banana bytes of a native ``JELLY`` extension.
+        """
         decoder = Decoder(
             b"none",
             sizeLimit=self._tokens.sizeLimit,
@@ -797,7 +909,12 @@ class Broker(Banana):
             raise InvalidJelly(f"a malformed jellied value: {e}") from None
         if len(expressions) != 1 or decoder.buffered:
             raise InvalidJelly("a jellied value must hold exactly one expression")
-        return Unjellier(self.security, None, self, self.registry).unjellyFull(expressions[0])
+        return expressions[0]
+
+    def _openStream(self, streamID: int) -> Any:
+        if self._arrivals is not None:
+            self._arrivals.append((streamID, _STREAM))
+        return self._streams.open(streamID)
 
     def _unsupported(self, what: str) -> UnsupportedByPeer:
         dialect = (self.currentDialect or b"none").decode("ascii", "replace")
@@ -968,6 +1085,9 @@ class Broker(Banana):
         :raises LimitExceeded: this side already holds as many as the limits allow. The peer
             is sent a decref for the refused reference, so its count stays right.
         """
+        if self._arrivals is not None:
+            # Counted as arrived even if refused below: the refusal sends its decref.
+            self._arrivals.append((luid, _EXPORT))
         if self.importedReferences >= self.limits.importedReferences:
             self._log.warn(
                 "Refusing a reference from the peer: it already gave {count}",
@@ -1350,6 +1470,8 @@ class Broker(Banana):
         Keep the copy of the peer's Cacheable ``cid``.
         """
         self.locallyCachedObjects[cid] = instance
+        if self._arrivals is not None:
+            self._arrivals.append((cid, _CACHE))
 
     def cachedLocallyAs(self, cid: Any) -> Any:
         """
@@ -1639,12 +1761,8 @@ class Broker(Banana):
         if deferred is None:
             self._dropLateValue(netResult)
             return
-        codec = self._codec
         try:
-            if codec is not None and self.unserializingPerspective is None:
-                result = codec.unpack(netResult)  # unserialize's common case, a call fewer
-            else:
-                result = self.unserialize(netResult)
+            result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays
             deferred.errback()
         else:
@@ -1671,7 +1789,9 @@ class Broker(Banana):
         """
         A value this side will not use (the answer to a call it gave up on, the arguments of
         a call it refused): decoded all the same, then dropped, so that the references in it
-        are counted and released and its streams cancelled.
+        are counted and released, its streams cancelled, and a first copy of a cache kept
+        for the handles on it that may follow. (If it cannot be decoded, unserialize
+        releases what it holds.)
         """
         with contextlib.suppress(Exception):
             self.unserialize(netValue)
@@ -1719,6 +1839,9 @@ class Broker(Banana):
     def _uncache(self, objectID: Any) -> None:
         cache = self.locallyCachedObjects.pop(objectID, None) if type(objectID) is int else None
         if cache is None:
+            if self._unreadCaches is not None and objectID in self._unreadCaches:
+                self._unreadCaches.discard(objectID)
+                return  # a first copy this side released unread
             raise ProtocolError(f"uncache of an unknown cache id: {describe(objectID)}")
         cache.broker = None
 

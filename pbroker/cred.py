@@ -107,8 +107,8 @@ class Avatar:
         Run the ``perspective_`` method the peer called, on behalf of this avatar, and return its
         serialised result.
         """
-        args = broker.unserialize(args, self)
-        kw = textKeywords(broker.unserialize(kw, self))
+        args, kw = broker.unserializeCall(args, kw, self)
+        kw = textKeywords(kw)
         method = findRemoteMethod(self, "perspective_", message)
         return broker.serialize(method(*args, **kw), self, method, args, kw)
 

@@ -147,8 +147,8 @@ class Referenceable(Serializable):
         """
         Run the ``remote_`` method a peer called and return its serialised result.
         """
-        args = _positional(broker.unserialize(args))
-        kw = textKeywords(broker.unserialize(kw))
+        args, kw = broker.unserializeCall(args, kw)
+        args, kw = _positional(args), textKeywords(kw)
         method = findRemoteMethod(self, "remote_", message)
         return broker.serialize(method(*args, **kw), self.perspective)
 
@@ -187,8 +187,8 @@ class ViewPoint(Referenceable):
         return (id(self.perspective), id(self.object))
 
     def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
-        args = _positional(broker.unserialize(args, self.perspective))
-        kw = textKeywords(broker.unserialize(kw, self.perspective))
+        args, kw = broker.unserializeCall(args, kw, self.perspective)
+        args, kw = _positional(args), textKeywords(kw)
         method = findRemoteMethod(self.object, "view_", message)
         result = method(self.perspective, *args, **kw)
         return broker.serialize(result, self.perspective, method, args, kw)
@@ -333,8 +333,8 @@ class RemoteCache(RemoteCopy, Serializable):
         Run the ``observe_`` method the cache's owner called on this copy, and return its
         serialised result.
         """
-        args = _positional(broker.unserialize(args))
-        kw = textKeywords(broker.unserialize(kw))
+        args, kw = broker.unserializeCall(args, kw)
+        args, kw = _positional(args), textKeywords(kw)
         method = findRemoteMethod(self, "observe_", message)
         return broker.serialize(method(*args, **kw), None, method, args, kw)
 

@@ -866,3 +866,227 @@ class NativeUnsentValueTests(UnsentValueTestsMixin, SynchronousTestCase):
 
 class PbDialectUnsentValueTests(UnsentValueTestsMixin, SynchronousTestCase):
     clientOptions = {"dialects": [b"pbroker1", b"pb"]}
+
+
+class Secret(pb.Copyable):
+    """
+    A copy no receiver in these tests registers, so unjellying it is refused.
+    """
+
+    def __init__(self, data: Any = None) -> None:
+        self.data = data
+
+
+class StockSecret(twistedPb.Copyable):
+    """
+    The same, sent by stock Twisted.
+    """
+
+    def __init__(self, data: Any = None) -> None:
+        self.data = data
+
+
+class StockGauge(twistedPb.Cacheable):
+    """
+    :class:`Gauge`, as a stock Twisted Cacheable.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
+        return {"level": 1}
+
+    def stoppedObserving(self, perspective: Any, observer: Any) -> None:
+        self.stopped += 1
+
+
+def unreadRootFor(module: Any) -> Any:
+    """
+    A root (of ``module``, pbroker.pb or twisted.spread.pb) that answers values the caller
+    refuses to unjellying half-way, and keeps what it is sent.
+    """
+    stock = module is twistedPb
+
+    class UnreadRoot(module.Root):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            self.counter = module.Referenceable()
+            self.other = module.Referenceable()
+            self.gauge = StockGauge() if stock else Gauge()
+            self.received: list[Any] = []
+            self.closed: list[bool] = []
+
+        def remote_refused(self) -> Any:
+            # What comes after the refused copy is what used to stay exported.
+            secret = StockSecret() if stock else Secret()
+            return [self.other, secret, self.counter, self.gauge, [self.counter], self.other]
+
+        def remote_refusedWithStream(self) -> Any:
+            return [Secret(), closingItems(self.closed), self.counter]
+
+        def remote_record(self, *values: Any) -> None:
+            self.received.extend(values)
+
+    return UnreadRoot()
+
+
+def closingItems(closed: list[bool]) -> Any:
+    """
+    A generator of two items that notes in ``closed`` when it is closed.
+    """
+    try:
+        yield 1
+        yield 2
+    finally:
+        closed.append(True)
+
+
+class UnreadValueTestsMixin:
+    """
+    A value this side refuses to unjellying half-way (a class it does not take) fails, and
+    what the peer counted in the rest of it is released: its references, cache handles and
+    streams would otherwise stay exported by the peer for as long as the connection lasts.
+    Subclasses choose the peers; the receiver is always a pbroker broker.
+    """
+
+    serverModule: Any = pb
+    clientModule: Any = pb
+    clientOptions: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.rootObject = unreadRootFor(self.serverModule)
+        options = dict(self.clientOptions)
+        if self.clientModule is pb:
+            registry = pb.UnjellyableRegistry()
+            registry.setUnjellyableForClass(Gauge, RemoteGauge)
+            registry.setUnjellyableForClass(b"tests.test_broker.StockGauge", RemoteGauge)
+            options["registry"] = registry
+        self.server, self.client, self.pump = connect(
+            self.serverModule.PBServerFactory(self.rootObject),
+            self.clientModule.PBClientFactory(**options),
+        )
+        self.pump.flush()
+        self.root = self.client.remoteForName("root")
+
+    def call(self, *args: Any, **kw: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args, **kw).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return results[0]
+
+    def release(self) -> None:
+        """
+        Let go of what arrived, and deliver what that says.
+        """
+        gc.collect()
+        self.pump.flush()
+
+    def assertExportsNothing(self, broker: Any) -> None:
+        self.assertFalse(broker.disconnected)  # type: ignore[attr-defined]
+        self.assertEqual(broker.luids, {})  # type: ignore[attr-defined]
+        self.assertEqual(broker.remotelyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertEqual(self.flushLoggedErrors(), [])  # type: ignore[attr-defined]
+
+
+class RefusedAnswerTestsMixin(UnreadValueTestsMixin):
+    """
+    A pbroker client refuses an answer.
+    """
+
+    def test_refusedAnswerReleased(self) -> None:
+        """
+        An answer refused half-way leaves the server exporting nothing: the references and
+        the cache after the refused copy are released (once each), the cache's observing
+        stopped, and the uncache that follows is taken without complaint.
+        """
+        failure = self.call("refused")
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.assertIn("not allowed", str(failure.value))  # type: ignore[attr-defined]
+        del failure  # its traceback holds what had arrived
+        self.release()
+        self.assertExportsNothing(self.server)
+        self.assertEqual(self.rootObject.gauge.stopped, 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.client.locallyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertEqual(self.client.importedReferences, 0)  # type: ignore[attr-defined]
+        # The connection still serves, and counts what it sends afresh.
+        self.assertEqual(self.call("record", 1), None)  # type: ignore[attr-defined]
+        self.assertIsInstance(self.call("refused"), Failure)  # type: ignore[attr-defined]
+        self.release()
+        self.assertExportsNothing(self.server)
+
+
+class RefusedArgumentsTestsMixin(UnreadValueTestsMixin):
+    """
+    A pbroker server refuses a call's arguments.
+    """
+
+    def secret(self, data: Any = None) -> Any:
+        return StockSecret(data) if self.clientModule is twistedPb else Secret(data)
+
+    def test_refusedArgumentsReleased(self) -> None:
+        """
+        Arguments refused half-way leave the caller exporting nothing.
+        """
+        module = self.clientModule
+        first, second = module.Referenceable(), module.Referenceable()
+        failure = self.call("record", first, self.secret(), second, [first], kw=second)
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        del first, second, failure
+        self.release()
+        self.assertExportsNothing(self.client)
+        self.assertEqual(self.server.importedReferences, 0)  # type: ignore[attr-defined]
+
+    def test_pairsAreNotReferences(self) -> None:
+        """
+        A dictionary entry that looks like a reference (``{b"remote": luid}``) in a refused
+        value is not taken for one: the caller's real export of that luid stays.
+        """
+        kept = self.clientModule.Referenceable()
+        self.assertIsNone(self.call("record", kept))  # type: ignore[attr-defined]
+        (luid,) = self.client.luids.values()
+        failure = self.call("record", self.secret({b"remote": luid, b"cached": luid}))
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        self.release()
+        self.assertFalse(self.server.disconnected)  # type: ignore[attr-defined]
+        self.assertEqual(list(self.client.luids.values()), [luid])  # type: ignore[attr-defined]
+        self.assertEqual(self.client.localObjects[luid].refcount, 1)  # type: ignore[attr-defined]
+
+
+class NativeUnreadValueTests(
+    RefusedAnswerTestsMixin, RefusedArgumentsTestsMixin, SynchronousTestCase
+):
+    def test_refusedAnswerClosesItsStreams(self) -> None:
+        """
+        A stream after the refused part of an answer is cancelled: the server closes its
+        source, and exports nothing else that came after it.
+        """
+        failure = self.call("refusedWithStream")
+        self.assertIsInstance(failure, Failure)
+        del failure
+        self.release()
+        self.assertEqual(self.server._streams.outgoing, {})
+        self.assertEqual(self.rootObject.closed, [])  # closed before it ever ran
+        self.assertExportsNothing(self.server)
+
+
+class PbDialectUnreadValueTests(
+    RefusedAnswerTestsMixin, RefusedArgumentsTestsMixin, SynchronousTestCase
+):
+    clientOptions = {"dialects": [b"pbroker1", b"pb"]}
+
+
+class StockClientUnreadValueTests(RefusedArgumentsTestsMixin, SynchronousTestCase):
+    """
+    A stock Twisted caller: the pbroker server's releases keep its counts right.
+    """
+
+    clientModule = twistedPb
+
+
+class StockServerUnreadValueTests(RefusedAnswerTestsMixin, SynchronousTestCase):
+    """
+    A stock Twisted server: the pbroker client's releases keep its counts right.
+    """
+
+    serverModule = twistedPb

@@ -106,7 +106,10 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertOthersServed()
 
     def test_referenceFlood(self) -> None:
-        """References beyond the import limit fail the call and are handed back (decref)."""
+        """
+        References beyond the import limit fail the call; every reference in the call is
+        handed back (decref), the ones after the refused one too.
+        """
         flood = [[b"remote", luid] for luid in range(1, 11)]
         with capturedLogs():
             requestID = self.call(b"count", *flood)
@@ -115,8 +118,28 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertIn("more than 5 references", failure.value)
         gc.collect()
         decrefs = [reply for reply in self.replies() if reply[0] == b"decref"]
-        self.assertEqual(sorted(reply[1] for reply in decrefs), list(range(1, 7)))
+        self.assertEqual(sorted(reply[1] for reply in decrefs), list(range(1, 11)))
         self.assertEqual(self.hostile.importedReferences, 0)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertOthersServed()
+
+    def test_refusedValueReleasesOnlyWhatWasCounted(self) -> None:
+        """
+        A refused call hands back the references after the refused part, and nothing the
+        peer never counted: no decache for a cache this side never had, none for a
+        malformed reference, none for a dictionary entry shaped like a reference.
+        """
+        with capturedLogs():
+            self.call(
+                b"count",
+                [b"no.such.Class", [b"remote", 7]],
+                [b"remote", 8],
+                [b"cached", 99],
+                [b"remote", b"not an id"],
+                [b"dictionary", [b"remote", 9]],
+            )
+        released = [reply for reply in self.replies() if reply[0] in (b"decref", b"decache")]
+        self.assertEqual(sorted(released), [[b"decref", 7], [b"decref", 8]])
         self.assertFalse(self.transport.disconnecting)
         self.assertOthersServed()
 

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.spread import jelly as twistedJelly
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import banana, jelly
+from pbroker import _unjellier, banana, jelly
 from pbroker.errors import BananaEncodeError, InsecureJelly, InvalidJelly, JellyError
 from pbroker.jelly import (
     DummySecurityOptions,
@@ -886,3 +886,37 @@ class PublicSurfaceTests(SynchronousTestCase):
         self.assertEqual(
             set(SecurityOptions().allowedTypes), set(twistedJelly.SecurityOptions().allowedTypes)
         )
+
+
+class ExpressionsInTests(SynchronousTestCase):
+    """
+    ``expressionsIn`` finds the expressions of a value by jelly's grammar, unjellying
+    nothing.
+    """
+
+    def test_grammar(self) -> None:
+        """Expressions in every position a value can take are found; dictionary pairs,
+        reference ids and the fields of atoms are not expressions."""
+        remote = [b"remote", 1]
+        sexp = [
+            b"list",
+            [b"dictionary", [[b"unicode", b"k"], remote], [b"remote", 2]],
+            [b"reference", 1, [b"tuple", remote]],
+            [b"method", b"m", [b"some.Class", remote], [b"class", b"some.Class"]],
+            [b"unicode", [b"remote", 3]],  # malformed, but an atom's field all the same
+            [b"some.Cache", 4, [b"set", remote]],
+        ]
+        found = [node for node in _unjellier.expressionsIn(sexp) if node == remote]
+        self.assertEqual(len(found), 4)
+        self.assertNotIn([b"remote", 2], list(_unjellier.expressionsIn(sexp)))
+        self.assertNotIn([b"remote", 3], list(_unjellier.expressionsIn(sexp)))
+
+    def test_notExpressions(self) -> None:
+        """Atoms, empty lists and lists without a bytes tag yield nothing, and unjellying
+        is never attempted: a refused class is only walked."""
+        for value in (1, b"x", [], [1, 2], ["text"]):
+            self.assertEqual(list(_unjellier.expressionsIn(value)), [])
+        deep: Any = [b"remote", 1]
+        for _ in range(10_000):  # deeper than any recursion limit: the walk is iterative
+            deep = [b"list", deep]
+        self.assertEqual(sum(1 for _ in _unjellier.expressionsIn(deep)), 10_001)

@@ -7,6 +7,7 @@ with a fake clock.
 from __future__ import annotations
 
 import gc
+import inspect
 import random
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -1546,24 +1547,23 @@ class StreamLifecycleTests(NativeTestCase):
         """
         A call the server refuses before it reads the arguments (too many calls in
         progress, an unknown object) still releases the streams and references in them:
-        the caller's generator is closed, and its object no longer exported.
+        the caller's generator is closed before it ran, and its object no longer exported.
         """
-        closed: list[bool] = []
-        source = partial(closingSource, closed)
-
         self.server.limits = pb.BrokerLimits(pendingCalls=1)
         self.root.callRemote("wait")
         self.pump.flush()
+        generators = [closingSource([]), closingSource([])]
         with capturedLogs():
-            busy = self.call("echo", source(), pb.Referenceable())
+            busy = self.call("echo", generators[0], pb.Referenceable())
         assert self.rootObject.pending is not None
         self.rootObject.pending.callback(None)
-        unknown = self.call("echo", source(), target=self.client.remoteForName("nosuch"))
+        unknown = self.call("echo", generators[1], target=self.client.remoteForName("nosuch"))
         self.assertIn("calls in progress", str(busy.value))
         self.assertIn("Invalid Object ID", str(unknown.value))
-        gc.collect()
         self.pump.flush()
-        self.assertEqual(closed, [True, True])
+        self.assertEqual(
+            [inspect.getgeneratorstate(g) for g in generators], [inspect.GEN_CLOSED] * 2
+        )
         self.assertEqual(self.client._streams.outgoing, {})
         self.assertEqual(self.client.luids, {})
 

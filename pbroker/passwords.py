@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_ITERATIONS",
     "MAX_ITERATIONS",
     "MAX_SALT_LENGTH",
+    "MIN_ITERATIONS",
     "MIN_SALT_LENGTH",
     "IScramProof",
     "PasswordFile",
@@ -67,6 +68,12 @@ DEFAULT_ITERATIONS = 600_000
 #: thread, so the count a server announces (or anyone who can change plain-TCP traffic) sets
 #: how long the client freezes; this bounds that to a few seconds.
 MAX_ITERATIONS = 10 * DEFAULT_ITERATIONS
+
+#: The smallest PBKDF2 iteration count a verifier may have and a pbroker client accepts (the
+#: floor RFC 5802 sets for SCRAM). The client's proof lets whoever saw it test password guesses
+#: at the cost of this many iterations each; the floor stops a server, or anyone who can change
+#: plain-TCP traffic, from asking for a proof that is cheap to attack.
+MIN_ITERATIONS = 4096
 
 #: The salt lengths, in bytes, a verifier may have and a client accepts (new salts have 16).
 MIN_SALT_LENGTH = 8
@@ -115,8 +122,10 @@ def _checkSaltAndIterations(salt: bytes, iterations: int) -> None:
 
 
 def _checkIterations(iterations: int) -> None:
-    if not 1 <= iterations <= MAX_ITERATIONS:
-        raise ValueError(f"iterations must be 1 to {MAX_ITERATIONS}, not {iterations}")
+    if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+        raise ValueError(
+            f"iterations must be {MIN_ITERATIONS} to {MAX_ITERATIONS}, not {iterations}"
+        )
 
 
 def checkUsername(username: str) -> None:
@@ -161,7 +170,7 @@ class ScramVerifier:
         Derive a verifier from a password, with a fresh random salt unless one is given.
 
         :raises ValueError: the iteration count or the salt's length is one that clients
-            refuse (see :data:`MAX_ITERATIONS`, :data:`MIN_SALT_LENGTH`).
+            refuse (see :data:`MIN_ITERATIONS`, :data:`MAX_ITERATIONS`, :data:`MIN_SALT_LENGTH`).
         """
         salt = secrets.token_bytes(16) if salt is None else salt
         _checkSaltAndIterations(salt, iterations)
@@ -226,9 +235,9 @@ def parseChallenge(answer: object) -> tuple[bytes, bytes, int, object]:
     """
     Check the server's answer to ``passwordLogin`` before the client spends any work on it:
     ``(serverNonce, salt, iterations, prover)``, with a nonce of 16 to 64 bytes, a salt of
-    :data:`MIN_SALT_LENGTH` to :data:`MAX_SALT_LENGTH` bytes and 1 to :data:`MAX_ITERATIONS`
-    iterations (the server chooses the count, and so how long the client computes). The
-    prover is returned unchecked.
+    :data:`MIN_SALT_LENGTH` to :data:`MAX_SALT_LENGTH` bytes and :data:`MIN_ITERATIONS` to
+    :data:`MAX_ITERATIONS` iterations (the server chooses the count, and so how long the client
+    computes and how cheaply its proof can be attacked). The prover is returned unchecked.
 
     :raises ProtocolError: the answer is malformed or out of bounds.
     """
@@ -250,9 +259,10 @@ def parseChallenge(answer: object) -> tuple[bytes, bytes, int, object]:
             f"the server's salt must be {MIN_SALT_LENGTH} to {MAX_SALT_LENGTH} bytes, "
             f"not {describe(salt)}"
         )
-    if type(iterations) is not int or not 1 <= iterations <= MAX_ITERATIONS:
+    if type(iterations) is not int or not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
         raise ProtocolError(
-            f"the server's iteration count must be an integer from 1 to {MAX_ITERATIONS}, "
+            "the server's iteration count must be an integer from "
+            f"{MIN_ITERATIONS} to {MAX_ITERATIONS}, "
             f"not {describe(iterations)}"
         )
     return serverNonce, salt, iterations, prover
@@ -478,11 +488,15 @@ class ScramChecker:
     users'). The decoys come from the source's ``decoyBasis()`` (see
     :meth:`PasswordFile.decoyBasis`); a source without it, or without users, gets decoys
     from a secret of this checker and ``iterations``, which change at every restart.
+
+    :raises ValueError: ``iterations`` is outside :data:`MIN_ITERATIONS` to
+        :data:`MAX_ITERATIONS`.
     """
 
     credentialInterfaces = (IScramProof,)
 
     def __init__(self, verifiers: Any, iterations: int = DEFAULT_ITERATIONS) -> None:
+        _checkIterations(iterations)  # a decoy clients refuse would give unknown users away
         self.verifiers = verifiers
         self.iterations = iterations
         self._secret = secrets.token_bytes(32)

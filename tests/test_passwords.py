@@ -27,7 +27,7 @@ from pbroker.passwords import MAX_ITERATIONS, PasswordFile, ScramChecker, ScramV
 from tests.test_broker import connect
 from tests.test_login import realmFor
 
-ITERATIONS = 1000  # fast for tests; real files use DEFAULT_ITERATIONS
+ITERATIONS = passwords.MIN_ITERATIONS  # fast for tests; real files use DEFAULT_ITERATIONS
 
 
 class VerifierTests(SynchronousTestCase):
@@ -343,6 +343,7 @@ class HostileServerTests(SynchronousTestCase):
             ((nonce, salt, True, PROVER), "iteration count"),
             ((nonce, salt, 0, PROVER), "iteration count"),
             ((nonce, salt, -5, PROVER), "iteration count"),
+            ((nonce, salt, passwords.MIN_ITERATIONS - 1, PROVER), "from 4096 to 6000000, not 4095"),
             ((nonce, 12345, ITERATIONS, PROVER), "salt"),
             ((nonce, "s" * 16, ITERATIONS, PROVER), "salt"),
             ((nonce, b"s" * (passwords.MIN_SALT_LENGTH - 1), ITERATIONS, PROVER), "salt"),
@@ -499,15 +500,16 @@ class DecoyTests(SynchronousTestCase):
         """A user whose stored verifier is outside what clients accept (written by an
         older version) is named in a warning when the file is read."""
         verifier = ScramVerifier.fromPassword(b"pw", ITERATIONS)
-        line = verifier.toLine("olduser").split(":")
-        line[2] = str(MAX_ITERATIONS + 1)
         with open(self.path, "a", encoding="utf-8") as passwordFile:
-            passwordFile.write(":".join(line) + "\n")
+            for name, iterations in [("olduser", MAX_ITERATIONS + 1), ("weakuser", 1000)]:
+                line = verifier.toLine(name).split(":")
+                line[2] = str(iterations)
+                passwordFile.write(":".join(line) + "\n")
         with capturedLogs() as events:
             PasswordFile(self.path).verifierFor(b"alice")
         warnings = [e for e in events if "cannot log in from a pbroker client" in e["log_format"]]
-        self.assertEqual(len(warnings), 1)
-        self.assertEqual(warnings[0]["user"], "olduser")
+        self.assertEqual([w["user"] for w in warnings], ["olduser", "weakuser"])
+        self.assertIn("not 1000", warnings[1]["reason"])
 
     def test_saltUnpredictable(self) -> None:
         """The salt comes from the file's secret keys: the same users with other passwords
@@ -587,19 +589,31 @@ class PasswordFileWritingTests(SynchronousTestCase):
         for name in names:
             self.assertIsNotNone(passwordFile.verifierFor(name.encode("utf-8")), name)
 
+    def test_checkerDecoyIterationsBounded(self) -> None:
+        """A checker is not made with a decoy iteration count clients would refuse."""
+        for iterations in (passwords.MIN_ITERATIONS - 1, passwords.MAX_ITERATIONS + 1):
+            with self.assertRaises(ValueError):
+                ScramChecker(PasswordFile(self.path), iterations)
+
     def test_iterationsAndSaltBounded(self) -> None:
         """Verifiers that clients would refuse are not made (at each limit + 1)."""
-        with self.assertRaises(ValueError):
-            ScramVerifier.fromPassword(b"pw", passwords.MAX_ITERATIONS + 1)
+        for iterations in (passwords.MIN_ITERATIONS - 1, passwords.MAX_ITERATIONS + 1):
+            with self.assertRaises(ValueError):
+                ScramVerifier.fromPassword(b"pw", iterations)
         for length in (passwords.MIN_SALT_LENGTH - 1, passwords.MAX_SALT_LENGTH + 1):
             with self.assertRaises(ValueError):
                 ScramVerifier.fromPassword(b"pw", ITERATIONS, b"s" * length)
         limit = passwords.MIN_SALT_LENGTH
-        self.assertEqual(len(ScramVerifier.fromPassword(b"pw", 1, b"s" * limit).salt), limit)
+        self.assertEqual(
+            len(ScramVerifier.fromPassword(b"pw", ITERATIONS, b"s" * limit).salt), limit
+        )
         errors = io.StringIO()
         self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "pw"})
-        arguments = ["add", self.path, "alice", "--iterations", str(passwords.MAX_ITERATIONS + 1)]
-        with redirect_stderr(errors):
-            self.assertEqual(passwords.main(arguments), 1)
-        self.assertIn("--iterations", errors.getvalue())
+        for iterations in (passwords.MIN_ITERATIONS - 1, passwords.MAX_ITERATIONS + 1):
+            arguments = ["add", self.path, "alice", "--iterations", str(iterations)]
+            with redirect_stderr(errors):
+                self.assertEqual(passwords.main(arguments), 1)
+            self.assertIn(
+                f"--iterations must be 4096 to 6000000, not {iterations}", errors.getvalue()
+            )
         self.assertFalse(os.path.exists(self.path))

@@ -235,7 +235,7 @@ class ServiceTests(TestCase):
     async def test_passwordFileWithoutLegacy(self) -> None:
         """--password-file with --no-legacy-login: pbroker clients only."""
         path = self.mktemp()
-        PasswordFile(path).setPassword("bob", b"pw", iterations=1000)
+        PasswordFile(path).setPassword("bob", b"pw", iterations=4096)
         port = await self.start("--password-file", path, "--no-legacy-login")
         factory = await self.connect(port)
         avatar = await factory.login(UsernamePassword(b"bob", b"pw"))

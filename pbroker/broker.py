@@ -1283,17 +1283,22 @@ class Broker(Banana):
     def dataReceived(self, data: bytes) -> None:
         """
         Handle what the peer sent, then send what that wrote (answers, and calls their
-        callbacks made) at once rather than on the reactor's next turn: one reactor turn
-        fewer on each side of every round trip (see PacedTransport.flush).
+        callbacks made) at once, in one write, rather than on the reactor's next turn: one
+        reactor turn fewer on each side of every round trip (see PacedTransport.flush).
         """
         transport: Any = self.transport
         if type(transport) is not PacedTransport:
             self._handleData(data)
             return
         written = transport.written
-        self._handleData(data)
-        if transport.written != written:
-            transport.flush()
+        holding = transport.hold()
+        try:
+            self._handleData(data)
+            if transport.written != written:
+                transport.flush()
+        finally:
+            if holding:
+                transport.release()
 
     def _handleData(self, data: bytes) -> None:
         if self._keepaliveTimer is not None:
@@ -1334,27 +1339,19 @@ class Broker(Banana):
             super().dataReceived(data)
 
     def _deliver(self, expressions: list[Any]) -> None:
-        # The answers to the messages of one read leave in one write (see PacedTransport), or
-        # in one per _FLUSH_EVERY messages, sent at once: the peer works on the first answers
-        # of a long run (pipelined calls) while this side works on the rest.
+        # The answers to the messages of one read leave in one write (dataReceived holds
+        # them), or in one per _FLUSH_EVERY messages, sent at once: the peer works on the
+        # first answers of a long run (pipelined calls) while this side works on the rest.
         transport = self.transport
-        if len(expressions) < 2 or not isinstance(transport, PacedTransport):
+        if len(expressions) <= _FLUSH_EVERY or not isinstance(transport, PacedTransport):
             super()._deliver(expressions)
             return
-        holding = transport.hold()
-        try:
-            if not holding or len(expressions) <= _FLUSH_EVERY:
-                super()._deliver(expressions)
-                return
-            for start in range(0, len(expressions), _FLUSH_EVERY):
-                if start:
-                    if self._decoder is None:
-                        return  # the connection was dropped while handling an expression
-                    transport.flush()
-                super()._deliver(expressions[start : start + _FLUSH_EVERY])
-        finally:
-            if holding:
-                transport.release()
+        for start in range(0, len(expressions), _FLUSH_EVERY):
+            if start:
+                if self._decoder is None:
+                    return  # the connection was dropped while handling an expression
+                transport.flush()
+            super()._deliver(expressions[start : start + _FLUSH_EVERY])
 
     def _ping(self, count: Any) -> None:
         self.sendCall(b"pong", count)

@@ -53,13 +53,22 @@ class SocketTransport(FileDescriptor):
         self.connected = 1
         self.sent: list[bytes] = []
         self.failure: Exception | None = None
+        #: The most one send takes, if set.
+        self.limit: int | None = None
+        #: How many times the transport registered as a writer.
+        self.registrations = 0
         self.startReading()
+
+    def startWriting(self) -> None:
+        self.registrations += 1
+        super().startWriting()
 
     def writeSomeData(self, data: bytes) -> int | Exception:
         if self.failure is not None:
             return self.failure
-        self.sent.append(bytes(data))
-        return len(data)
+        taken = bytes(data[: self.limit])
+        self.sent.append(taken)
+        return len(taken)
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("TCP", "127.0.0.1", 8789)
@@ -194,6 +203,48 @@ class FlushTests(SynchronousTestCase):
         self.assertEqual(self.real.sent, [b"first"])  # the reactor sends the rest, as usual
         self.assertEqual(self.real.buffered(), b"second")
         self.assertTrue(self.real.isWriter())
+
+    def test_idleTransportNeverRegistered(self) -> None:
+        """Held bytes a transport with nothing buffered would only buffer go straight to its
+        socket: it never registers as a writer (and unregisters again)."""
+        self.paced.hold()
+        self.paced.write(b"one ")
+        self.paced.write(b"two")
+        self.paced.flush()
+        self.assertEqual(self.real.sent, [b"one two"])
+        self.assertEqual(self.real.registrations, 0)
+        self.paced.release()
+
+    def test_partlySent(self) -> None:
+        """What the socket does not take at once is buffered and sent the transport's way,
+        in order."""
+        self.real.limit = 3
+        self.paced.hold()
+        self.paced.write(b"abcdefgh")
+        self.paced.flush()
+        self.assertEqual(self.real.sent, [b"abc", b"def"])  # at once, then by doWrite
+        self.assertEqual(self.real.buffered(), b"gh")
+        self.assertTrue(self.real.isWriter())  # the reactor sends the rest
+        self.paced.release()
+
+    def test_behindBufferedBytes(self) -> None:
+        """Held bytes never overtake bytes the transport still buffers."""
+        self.real.write(b"earlier ")
+        self.paced.hold()
+        self.paced.write(b"held")
+        self.paced.flush()
+        self.assertEqual(self.real.sent, [b"earlier held"])
+        self.paced.release()
+
+    def test_startedTLS(self) -> None:
+        """On a transport with TLS started (TCP's startTLS), bytes go through its write,
+        which encrypts them; never straight to the socket."""
+        self.real.TLS = True  # type: ignore[attr-defined]
+        self.paced.hold()
+        self.paced.write(b"secret")
+        self.paced.flush()
+        self.assertEqual(self.real.registrations, 1)
+        self.paced.release()
 
     def test_pausedOrClosing(self) -> None:
         """While the transport is paused, or closing, flush() only passes the bytes on."""

@@ -52,6 +52,7 @@ from pbroker.errors import BananaDecodeError, InvalidJelly, PBrokerError, descri
 _Packed = TypeVar("_Packed")
 
 __all__ = [
+    "EXTENSION_DEPTH",
     "FRAGMENT_SIZE",
     "FROZENSET",
     "JELLY",
@@ -679,6 +680,13 @@ _REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZE
 #: How deeply msgpack itself nests arrays and maps, packing or unpacking.
 MSGPACK_DEPTH = 1024
 
+#: The deepest tuples and sets may nest in a value. Each is an extension holding a msgpack
+#: document of its own, which a nested call of msgpack's C decoder reads, and each such call
+#: takes some 30 KiB of C stack: two hundred levels crashed the process. A value that nests
+#: deeper is sent through ``JELLY`` whole, which nests without bound (in memory, not on the
+#: stack), and a received value that nests deeper is refused.
+EXTENSION_DEPTH = 32
+
 # The bytes after each msgpack type byte from 0xc0 on that are not payload: (the width of a
 # length that follows, or 0; a fixed size to skip besides; items: 0, or 1 per array entry
 # and 2 per map entry). Type bytes below 0xc0 are fixed forms, decoded in deeperThan.
@@ -890,8 +898,8 @@ class ValueCodec:
 
     def _packNested(self, items: Any, code: int, default: Callable[[Any], Any]) -> Any:
         self._depth += 1
-        if self._depth > self.depthLimit:
-            raise ValueError("nested too deeply")
+        if self._depth > self.depthLimit or self._depth > EXTENSION_DEPTH:
+            raise ValueError("nested too deeply")  # sent through JELLY (see pack)
         try:
             data = msgpack.packb(list(items), default=default, use_bin_type=True, strict_types=True)
         finally:
@@ -956,6 +964,11 @@ class ValueCodec:
             self._depth += 1
             if self._depth > self.depthLimit:
                 raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
+            if self._depth > EXTENSION_DEPTH:
+                raise InvalidJelly(
+                    f"tuples or sets nested more than {EXTENSION_DEPTH} deep (a pbroker sender "
+                    "sends a deeper value as jelly)"
+                )
             try:
                 items = msgpack.unpackb(
                     data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -980,27 +993,47 @@ class ValueCodec:
         raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")
 
 
-def extensionsIn(data: Any) -> tuple[list[bytes], list[int]]:
+class _Enough(Exception):
+    pass
+
+
+def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list[int]]:
     """
     The ``JELLY`` payloads and the stream ids in a packed value, found without unpacking
     anything else: what a value that is not (or cannot be) unpacked refers to. As much as can
-    be found: a malformed value yields what came before the fault.
+    be found: a malformed value yields what came before the fault, tuples and sets nested
+    deeper than :data:`EXTENSION_DEPTH` are not looked into, and the search stops once it
+    found ``limit`` of the two together. Iterative, as deep nesting would otherwise take the
+    C stack.
     """
     jellies: list[bytes] = []
     streams: list[int] = []
+    if type(data) not in (bytes, memoryview):
+        return jellies, streams
+    nested: list[bytes] = []  # the payloads of the tuples and sets in one document
 
     def hook(code: int, payload: bytes) -> Any:
         if code in _REBUILD:
-            msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=hook)
+            nested.append(payload)
         elif code == JELLY:
             jellies.append(payload)
         elif code == STREAM:
-            streamID = msgpack.unpackb(payload)
-            if type(streamID) is int:
-                streams.append(streamID)
+            with contextlib.suppress(Exception):
+                streams.append(msgpack.unpackb(payload))
+        if limit is not None and len(jellies) + len(streams) >= limit:
+            raise _Enough()
         return None
 
-    if type(data) in (bytes, memoryview):
-        with contextlib.suppress(Exception):
-            msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=hook)
+    pending: list[tuple[Any, int]] = [(data, 0)]
+    while pending:
+        document, depth = pending.pop()
+        nested.clear()
+        try:
+            msgpack.unpackb(document, raw=False, strict_map_key=False, ext_hook=hook)
+        except _Enough:
+            break
+        except Exception:
+            pass  # malformed: what came before the fault was found
+        if depth < EXTENSION_DEPTH:
+            pending.extend((payload, depth + 1) for payload in nested)
     return jellies, streams

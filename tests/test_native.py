@@ -1206,6 +1206,66 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(self.server._streams.outgoing, {})
 
 
+class DeepExtensionTests(NativeTestCase):
+    """
+    Tuples and sets travel as msgpack extensions, each read by a nested call of msgpack's C
+    decoder; two hundred levels used to crash the process. They nest at most
+    EXTENSION_DEPTH deep on the wire: a deeper value travels as jelly, a deeper one
+    received is refused.
+    """
+
+    def deepTuples(self, depth: int) -> bytes:
+        """A call's arguments holding tuples nested ``depth`` deep, packed by hand."""
+        inner = msgpack.packb([1])
+        for _ in range(depth - 1):
+            inner = msgpack.packb([msgpack.ExtType(_native.TUPLE, inner)])
+        return bytes(msgpack.packb([msgpack.ExtType(_native.TUPLE, inner)]))
+
+    def test_deepValuesRoundTrip(self) -> None:
+        """Tuples (and sets) nested deeper than EXTENSION_DEPTH keep their shape, as jelly."""
+        for depth in (_native.EXTENSION_DEPTH, _native.EXTENSION_DEPTH + 1, 500):
+            value: Any = 1
+            for _ in range(depth):
+                value = (value, frozenset({depth}))
+            self.assertEqual(self.call("echo", value), value)
+
+    def test_deepExtensionsRefused(self) -> None:
+        """A value whose extensions nest deeper is refused (InvalidJelly, the call fails),
+        and so is scanning it for what to release: the process does not crash."""
+        depth = _native.EXTENSION_DEPTH
+        self.assertEqual(self.server._codec.unpack(self.deepTuples(depth))[0], self.nested(depth))
+        for deep in (depth + 1, 300, 3000):
+            with self.assertRaises(InvalidJelly) as caught:
+                self.server._codec.unpack(self.deepTuples(deep))
+            self.assertIn(f"nested more than {depth} deep", str(caught.exception))
+            self.assertEqual(_native.extensionsIn(self.deepTuples(deep)), ([], []))
+        results: list[Any] = []
+        message = [b"message", 1, b"root", b"echo", 1, self.deepTuples(300), _native.EMPTY_MAP]
+        with capturedLogs():
+            self.client.waitingForAnswers[1] = Deferred().addBoth(results.append)
+            self.client.transport.write(_native.records(message)[0])
+            self.pump.flush()
+        self.assertIn("nested more than", str(results[0].value))
+        self.assertFalse(self.server.disconnected)
+
+    def nested(self, depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = (value,)
+        return value
+
+    def test_scanFindsWithinTheDepth(self) -> None:
+        """extensionsIn finds streams and jelly in tuples nested up to EXTENSION_DEPTH, and
+        stops at its limit."""
+        inner = msgpack.packb([msgpack.ExtType(_native.STREAM, msgpack.packb(7))])
+        for _ in range(_native.EXTENSION_DEPTH):
+            inner = msgpack.packb([msgpack.ExtType(_native.TUPLE, inner)])
+        self.assertEqual(_native.extensionsIn(inner), ([], [7]))
+        many = msgpack.packb([msgpack.ExtType(_native.STREAM, msgpack.packb(i)) for i in range(50)])
+        self.assertEqual(len(_native.extensionsIn(many, 10)[1]), 10)
+
+
+MiB = 1024 * 1024
 MiB = 1024 * 1024
 
 

@@ -15,7 +15,8 @@ import collections
 import contextlib
 import functools
 import gc
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, ClassVar, NoReturn
@@ -113,6 +114,15 @@ _SERIALIZED = frozenset({bytes, Encoded, Packed})
 _EXPORT, _CACHE, _STREAM = 0, 1, 2
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
+
+
+def _isID(value: Any) -> bool:
+    """
+    Whether ``value`` can be an id the peer gave out (a reference, cache or stream id):
+    a positive integer that fits the wire's integers.
+    """
+    return type(value) is int and 0 < value < 2**63
+
 
 # The smallest message limit a peer is taken at its word for.
 _MIN_PEER_MESSAGE_SIZE = 64 * 1024
@@ -786,14 +796,14 @@ class Broker(Banana):
         counted in the rest of the value is released: its references, cache handles and
         streams would otherwise stay exported for the peer for the life of the connection.
         """
+        codec = self._codec
+        if codec is not None and sexp == EMPTY_MAP:
+            return {}  # the keywords of most calls
         outer = self._arrivals
         arrivals: list[tuple[int, int]] = []
         self._arrivals = arrivals
         try:
-            codec = self._codec
             if codec is not None and perspective is None and self.unserializingPerspective is None:
-                if sexp == EMPTY_MAP:
-                    return {}  # the keywords of most calls
                 return codec.unpack(sexp)  # the common case, without the bookkeeping below
             self.unserializingPerspective = perspective
             try:
@@ -827,14 +837,29 @@ class Broker(Banana):
         beyond what ``arrived`` lists: a decref for each reference, a decache for each cache
         handle, a cancel for each stream. ``netValue`` is only scanned: nothing in it is
         unjellied, no class looked up, no code run.
+
+        A value cannot make this side release more of each kind than its limits let it
+        hold (``importedReferences``, ``cachedObjects``, ``pendingCalls``): a value with
+        more was never going to be taken, and a hostile peer does not get a flood of
+        messages or tables that grow for nothing. Never raises.
         """
         if not self._canSend:
             return  # nothing to release on a connection that is gone
+        limits = self.limits
+        # The most there can be to release, and so to look for.
+        enough = limits.importedReferences + limits.cachedObjects + 2 * limits.pendingCalls
         try:
-            counted = self._countedIn(netValue)
+            self._release(self._countedIn(netValue, len(arrived) + enough), arrived)
         except Exception:
             self._log.failure("Could not release what an unread value held")
-            return
+
+    def _release(self, counted: list[tuple[int, int]], arrived: list[tuple[int, int]]) -> None:
+        limits = self.limits
+        budget = {
+            _EXPORT: limits.importedReferences,
+            _CACHE: limits.cachedObjects,
+            _STREAM: limits.pendingCalls,
+        }
         unmatched = collections.Counter(arrived)
         newCaches = {luid for luid, kind in counted if kind == _NEW_CACHE}
         for luid, kind in counted:
@@ -842,49 +867,69 @@ class Broker(Banana):
                 kind = _CACHE
             if unmatched[luid, kind]:
                 unmatched[luid, kind] -= 1
-            elif kind == _EXPORT:
+                continue
+            if budget[kind] <= 0:
+                continue
+            budget[kind] -= 1
+            if kind == _EXPORT:
                 self.sendCall(b"decref", luid)
             elif kind == _CACHE:
-                if luid in newCaches:
+                unread = self._unreadCaches
+                if luid in self.locallyCachedObjects or (unread is not None and luid in unread):
+                    pass  # a copy this side holds, or one it released unread already
+                elif luid in newCaches:
                     # Its owner will uncache what this side never kept.
-                    if self._unreadCaches is None:
-                        self._unreadCaches = set()
-                    self._unreadCaches.add(luid)
-                elif luid not in self.locallyCachedObjects:
+                    if unread is None:
+                        unread = self._unreadCaches = set()
+                    if len(unread) >= limits.cachedObjects:
+                        continue
+                    unread.add(luid)
+                else:
                     continue  # not a cache of the peer's: its mistake, nothing to release
                 self.sendCall(b"decache", luid)
-            elif luid not in self._streams.incoming and luid not in self._streams.cancelled:
-                self._streams.cancel(luid)
+            else:
+                streams = self._streams
+                if luid in streams.incoming or luid in streams.cancelled:
+                    continue  # open (a stream sent twice), or cancelled already
+                if len(streams.cancelled) >= 2 * limits.pendingCalls:
+                    # A peer that never ends what this side cancels. (Up to pendingCalls are
+                    # cancelled when they are open; as many again may be released unread.)
+                    continue
+                streams.cancel(luid)
 
-    def _countedIn(self, netValue: Any) -> list[tuple[int, int]]:
+    def _countedIn(self, netValue: Any, enough: int) -> list[tuple[int, int]]:
         """
         (id, kind) of each reference (_EXPORT), cache handle (_CACHE, or _NEW_CACHE for a
-        first copy) and stream (_STREAM) the peer counted for this side in ``netValue``.
+        first copy) and stream (_STREAM) the peer counted for this side in ``netValue``: the
+        first ``enough`` found (the search stops there).
         """
-        counted: list[tuple[int, int]] = []
+        return list(itertools.islice(self._counted(netValue, enough), enough))
+
+    def _counted(self, netValue: Any, enough: int) -> Iterator[tuple[int, int]]:
         if self._codec is None:
-            expressions = [netValue]
+            expressions: Iterable[Any] = [netValue]
         else:
-            jellies, streams = extensionsIn(netValue)
-            counted.extend((streamID, _STREAM) for streamID in streams)
-            expressions = []
-            for data in jellies:
-                with contextlib.suppress(InvalidJelly):  # malformed: nothing to find in it
-                    expressions.append(self._nativeExpression(data))
+            jellies, streams = extensionsIn(netValue, enough)
+            yield from ((streamID, _STREAM) for streamID in streams if _isID(streamID))
+            expressions = self._nativeExpressions(jellies)
         classFor = self.registry.classFor
         for expression in expressions:
             for node in expressionsIn(expression):
-                tag = node[0]
-                if len(node) == 2 and type(node[1]) is int:
+                tag, fields = node[0], len(node) - 1
+                if fields == 1 and _isID(node[1]):
                     if tag == b"remote":
-                        counted.append((node[1], _EXPORT))
+                        yield node[1], _EXPORT
                     elif tag == b"cached":
-                        counted.append((node[1], _CACHE))
-                elif len(node) == 3 and type(node[1]) is int:
+                        yield node[1], _CACHE
+                elif fields == 2 and _isID(node[1]):
                     cls = classFor(tag)
                     if isinstance(cls, type) and issubclass(cls, RemoteCache):
-                        counted.append((node[1], _NEW_CACHE))
-        return counted
+                        yield node[1], _NEW_CACHE
+
+    def _nativeExpressions(self, jellies: list[bytes]) -> Iterator[Any]:
+        for data in jellies:
+            with contextlib.suppress(InvalidJelly):  # malformed: nothing to find in it
+                yield self._nativeExpression(data)
 
     def _jellyNative(self, object: Any) -> bytes:
         return Jellier(self.security, None, self).encode(object, self._tokens)
@@ -912,9 +957,11 @@ class Broker(Banana):
         return expressions[0]
 
     def _openStream(self, streamID: int) -> Any:
+        reader = self._streams.open(streamID)
         if self._arrivals is not None:
+            # Only once open: one refused (over the limit) is released with the rest.
             self._arrivals.append((streamID, _STREAM))
-        return self._streams.open(streamID)
+        return reader
 
     def _unsupported(self, what: str) -> UnsupportedByPeer:
         dialect = (self.currentDialect or b"none").decode("ascii", "replace")

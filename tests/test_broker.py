@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import inspect
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -914,7 +915,7 @@ def unreadRootFor(module: Any) -> Any:
             self.other = module.Referenceable()
             self.gauge = StockGauge() if stock else Gauge()
             self.received: list[Any] = []
-            self.closed: list[bool] = []
+            self.generator = closingItems([])
 
         def remote_refused(self) -> Any:
             # What comes after the refused copy is what used to stay exported.
@@ -922,7 +923,7 @@ def unreadRootFor(module: Any) -> Any:
             return [self.other, secret, self.counter, self.gauge, [self.counter], self.other]
 
         def remote_refusedWithStream(self) -> Any:
-            return [Secret(), closingItems(self.closed), self.counter]
+            return [Secret(), self.generator, self.counter]
 
         def remote_record(self, *values: Any) -> None:
             self.received.extend(values)
@@ -961,8 +962,14 @@ class UnreadValueTestsMixin:
             registry.setUnjellyableForClass(Gauge, RemoteGauge)
             registry.setUnjellyableForClass(b"tests.test_broker.StockGauge", RemoteGauge)
             options["registry"] = registry
+        serverOptions = {}
+        if self.serverModule is pb:
+            registry = pb.UnjellyableRegistry()
+            registry.setUnjellyableForClass(Gauge, RemoteGauge)
+            registry.setUnjellyableForClass(b"tests.test_broker.StockGauge", RemoteGauge)
+            serverOptions["registry"] = registry
         self.server, self.client, self.pump = connect(
-            self.serverModule.PBServerFactory(self.rootObject),
+            self.serverModule.PBServerFactory(self.rootObject, **serverOptions),
             self.clientModule.PBClientFactory(**options),
         )
         self.pump.flush()
@@ -1037,6 +1044,21 @@ class RefusedArgumentsTestsMixin(UnreadValueTestsMixin):
         self.assertExportsNothing(self.client)
         self.assertEqual(self.server.importedReferences, 0)  # type: ignore[attr-defined]
 
+    def test_refusedArgumentsReleaseCaches(self) -> None:
+        """
+        A Cacheable in refused arguments, in the keywords too (a handle on the same copy,
+        jellied apart), is released: its owner stops observing it.
+        """
+        gauge = StockGauge() if self.clientModule is twistedPb else Gauge()
+        failure = self.call("record", self.secret(), gauge, kw=gauge)
+        self.assertIsInstance(failure, Failure)  # type: ignore[attr-defined]
+        del failure
+        self.release()
+        self.assertExportsNothing(self.client)
+        self.assertEqual(gauge.stopped, 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.server.locallyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertFalse(self.server._unreadCaches)  # type: ignore[attr-defined]
+
     def test_pairsAreNotReferences(self) -> None:
         """
         A dictionary entry that looks like a reference (``{b"remote": luid}``) in a refused
@@ -1066,8 +1088,24 @@ class NativeUnreadValueTests(
         del failure
         self.release()
         self.assertEqual(self.server._streams.outgoing, {})
-        self.assertEqual(self.rootObject.closed, [])  # closed before it ever ran
+        state = inspect.getgeneratorstate(self.rootObject.generator)
+        self.assertEqual(state, inspect.GEN_CLOSED)
         self.assertExportsNothing(self.server)
+
+    def test_streamsOverTheLimitClosed(self) -> None:
+        """
+        Streams in arguments beyond the receiver's limit fail the call, and every one of
+        them is released: those opened, the one refused and those after it.
+        """
+        self.server.limits = pb.BrokerLimits(pendingCalls=2)
+        generators = [closingItems([]) for _ in range(4)]
+        failure = self.call("record", *generators)
+        self.assertIn("more than 2 streams", str(failure.value))
+        del failure
+        self.release()
+        self.assertEqual(self.client._streams.outgoing, {})
+        states = {inspect.getgeneratorstate(generator) for generator in generators}
+        self.assertEqual(states, {inspect.GEN_CLOSED})
 
 
 class PbDialectUnreadValueTests(

@@ -136,12 +136,25 @@ class HostilePeerTests(SynchronousTestCase):
                 [b"remote", 8],
                 [b"cached", 99],
                 [b"remote", b"not an id"],
+                [b"remote", 2**70],
+                [b"remote", 0],
                 [b"dictionary", [b"remote", 9]],
             )
         released = [reply for reply in self.replies() if reply[0] in (b"decref", b"decache")]
         self.assertEqual(sorted(released), [[b"decref", 7], [b"decref", 8]])
         self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.flushLoggedErrors(), [])
         self.assertOthersServed()
+
+    def test_refusedValueReleasesWithinTheLimits(self) -> None:
+        """A refused value does not make this side release more references than it would
+        have taken (importedReferences): a flood gets no flood of decrefs back."""
+        flood = [[b"remote", luid] for luid in range(1, 301)]
+        with capturedLogs():
+            self.call(b"count", [b"no.such.Class", 1], *flood)
+        decrefs = [reply for reply in self.replies() if reply[0] == b"decref"]
+        self.assertEqual(len(decrefs), LIMITS.importedReferences)
+        self.assertFalse(self.transport.disconnecting)
 
     def test_exportFlood(self) -> None:
         """A peer that collects references without releasing them is refused, then dropped."""

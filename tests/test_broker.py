@@ -699,7 +699,23 @@ class UnsentRoot(pb.Root):
         raise error
 
 
-class UnsentValueTestsMixin:
+class RootCallsMixin:
+    """
+    ``call()``: a call on the peer's root, the bytes moved, its result (or Failure).
+    """
+
+    root: Any
+    pump: Any
+
+    def call(self, *args: Any, **kw: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args, **kw).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
+        return results[0]
+
+
+class UnsentValueTestsMixin(RootCallsMixin):
     """
     Objects exported while a value is serialised are exported only if the value is sent: a
     value too large for the peer, one that fails half-way, or the unused result of a one-way
@@ -721,13 +737,6 @@ class UnsentValueTestsMixin:
         # The native dialect's limit is 64 MiB: make the 700 KB values too large there too.
         self.server.peerMessageSize = self.client.peerMessageSize = 100_000
         self.root = self.client.remoteForName("root")
-
-    def call(self, *args: Any, **kw: Any) -> Any:
-        results: list[Any] = []
-        self.root.callRemote(*args, **kw).addBoth(results.append)
-        self.pump.flush()
-        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
-        return results[0]
 
     def assertNothingExported(self, broker: Any) -> None:
         named = [b"root"] if broker is self.server and not broker.disconnected else []
@@ -942,7 +951,7 @@ def closingItems(closed: list[bool]) -> Any:
         closed.append(True)
 
 
-class UnreadValueTestsMixin:
+class UnreadValueTestsMixin(RootCallsMixin):
     """
     A value this side refuses to unjellying half-way (a class it does not take) fails, and
     what the peer counted in the rest of it is released: its references, cache handles and
@@ -974,13 +983,6 @@ class UnreadValueTestsMixin:
         )
         self.pump.flush()
         self.root = self.client.remoteForName("root")
-
-    def call(self, *args: Any, **kw: Any) -> Any:
-        results: list[Any] = []
-        self.root.callRemote(*args, **kw).addBoth(results.append)
-        self.pump.flush()
-        self.assertEqual(len(results), 1)  # type: ignore[attr-defined]
-        return results[0]
 
     def release(self) -> None:
         """

@@ -64,9 +64,9 @@ __all__ = [
 DEFAULT_ITERATIONS = 600_000
 
 #: The largest PBKDF2 iteration count a verifier may have and a pbroker client accepts from a
-#: server: ten times :data:`DEFAULT_ITERATIONS`. The client derives its key on the reactor
-#: thread, so the count a server announces (or anyone who can change plain-TCP traffic) sets
-#: how long the client freezes; this bounds that to a few seconds.
+#: server: ten times :data:`DEFAULT_ITERATIONS`. The count a server announces (or anyone who
+#: can change plain-TCP traffic) sets how long the client computes, a core busy and the login
+#: waiting; this bounds that to a few seconds.
 MAX_ITERATIONS = 10 * DEFAULT_ITERATIONS
 
 #: The smallest PBKDF2 iteration count a verifier may have and a pbroker client accepts (the

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
@@ -406,17 +406,23 @@ class PBClientFactory(protocol.ClientFactory):
             )
 
         def prove(answer: Any, clientNonce: bytes) -> Deferred[Any]:
-            from pbroker.passwords import authMessage, clientProofAndSignature, parseChallenge
+            from pbroker import passwords
 
             # Checked before the key is derived: the server's iteration count sets how long
-            # this blocks the reactor.
-            serverNonce, salt, iterations, prover = parseChallenge(answer)
+            # that takes.
+            serverNonce, salt, iterations, prover = passwords.parseChallenge(answer)
             if not isinstance(prover, RemoteReference):
                 raise ProtocolError(
                     f"the server's password prover is not a reference: {describe(prover)}"
                 )
-            message = authMessage(username, clientNonce, serverNonce, salt, iterations)
-            proof, expected = clientProofAndSignature(password, salt, iterations, message)
+            message = passwords.authMessage(username, clientNonce, serverNonce, salt, iterations)
+            derived = _offTheReactor(
+                passwords.clientProofAndSignature, password, salt, iterations, message
+            )
+            return derived.addCallback(sendProof, prover)
+
+        def sendProof(derived: tuple[bytes, bytes], prover: RemoteReference) -> Deferred[Any]:
+            proof, expected = derived
             return _answered(prover.callRemote("prove", proof, client)).addCallback(
                 checkServer, expected
             )
@@ -492,6 +498,22 @@ def _isCertificateLogin(credentials: Any) -> bool:
 
 def _bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _offTheReactor(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    ``function(*args)`` in the reactor's thread pool while the reactor runs, so that it
+    serves its other connections meanwhile (deriving a login key takes a good part of a
+    second, and as much as a few seconds if the server asks for it); at once when it does
+    not run (in memory, as in tests), since no reactor turn would deliver the result.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThreadPool
+
+    if getattr(reactor, "running", False):
+        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+        return deferToThreadPool(reactor, pool, function, *args)  # type: ignore[arg-type]
+    return maybeDeferred(function, *args)
 
 
 def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:

@@ -9,6 +9,7 @@ import getpass
 import io
 import os
 import stat
+import threading
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
@@ -16,10 +17,11 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet import reactor, task
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import passwords, pb
 from pbroker.errors import ProtocolError
@@ -271,6 +273,57 @@ class PasswordLoginTests(SynchronousTestCase):
 
 #: Stands for the hostile server's prover in a challenge of HostileServerTests.
 PROVER = object()
+
+
+class KeyDerivedOffTheReactorTests(TestCase):
+    """
+    While the reactor runs, a client derives its login key in the reactor's thread pool:
+    PBKDF2 takes a good part of a second, in which the reactor would serve no one.
+    """
+
+    async def test_reactorServesWhileTheKeyIsDerived(self) -> None:
+        """The derivation runs off the reactor's thread, and the reactor turns meanwhile;
+        the login then completes."""
+        path = self.mktemp()
+        PasswordFile(path).setPassword("alice", b"scram secret", ITERATIONS)
+        derive = passwords.clientProofAndSignature
+        started, release = threading.Event(), threading.Event()
+        threads: list[threading.Thread] = []
+
+        def slowDerive(*args: Any) -> Any:
+            threads.append(threading.current_thread())
+            started.set()
+            release.wait(10)
+            return derive(*args)
+
+        self.patch(passwords, "clientProofAndSignature", slowDerive)
+        self.addCleanup(release.set)  # never leave the pool's thread waiting
+        portal = Portal(realmFor(pb), [ScramChecker(PasswordFile(path), ITERATIONS)])
+        server = pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0))
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = pb.PBClientFactory()
+        reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+        self.addCleanup(client.disconnect)
+        outcome: list[Any] = []
+        client.login(UsernamePassword(b"alice", b"scram secret")).addBoth(outcome.append)
+        for _ in range(1000):  # at most ten seconds
+            if started.is_set():
+                break
+            await task.deferLater(reactor, 0.01)
+        self.assertTrue(started.is_set())
+        turns = 0
+        for _ in range(3):  # the derivation still blocked: the reactor turns all the same
+            await task.deferLater(reactor, 0)
+            turns += 1
+        self.assertEqual((turns, outcome), (3, []))
+        release.set()
+        for _ in range(1000):
+            if outcome:
+                break
+            await task.deferLater(reactor, 0.01)
+        self.assertEqual(await outcome[0].callRemote("name"), "alice")
+        self.assertIsNot(threads[0], threading.main_thread())
 
 
 class HostileServerTests(SynchronousTestCase):

@@ -681,11 +681,13 @@ _REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZE
 MSGPACK_DEPTH = 1024
 
 #: The deepest tuples and sets may nest in a value. Each is an extension holding a msgpack
-#: document of its own, which a nested call of msgpack's C decoder reads, and each such call
-#: takes some 30 KiB of C stack: two hundred levels crashed the process. A value that nests
-#: deeper is sent through ``JELLY`` whole, which nests without bound (in memory, not on the
-#: stack), and a received value that nests deeper is refused.
-EXTENSION_DEPTH = 32
+#: document of its own, read (and written) by a nested call of msgpack's C code, which
+#: recurses on the C stack: a decoder takes some 30 KiB (two hundred levels crashed the
+#: process), and an encoder goes up to 1,024 lists deep in each document (twenty-four
+#: levels of that crashed it). A value that nests deeper is sent through ``JELLY`` whole,
+#: which nests without bound (in memory, not on the stack), and a received value that nests
+#: deeper is refused.
+EXTENSION_DEPTH = 8
 
 # The bytes after each msgpack type byte from 0xc0 on that are not payload: (the width of a
 # length that follows, or 0; a fixed size to skip besides; items: 0, or 1 per array entry
@@ -891,19 +893,21 @@ class ValueCodec:
         )
 
     def _packWith(self, value: Any, default: Callable[[Any], Any]) -> bytes:
-        self._depth = 0
         return msgpack.packb(  # type: ignore[no-any-return]
             value, default=default, use_bin_type=True, strict_types=True
         )
 
     def _packNested(self, items: Any, code: int, default: Callable[[Any], Any]) -> Any:
-        self._depth += 1
-        if self._depth > self.depthLimit or self._depth > EXTENSION_DEPTH:
+        # _depth counts the nested calls of msgpack's C code under way, packing or unpacking
+        # (a hook may pack while a value is unpacked): what the C stack holds.
+        depth = self._depth + 1
+        if depth > self.depthLimit or depth > EXTENSION_DEPTH:
             raise ValueError("nested too deeply")  # sent through JELLY (see pack)
+        self._depth = depth
         try:
             data = msgpack.packb(list(items), default=default, use_bin_type=True, strict_types=True)
         finally:
-            self._depth -= 1
+            self._depth = depth - 1
         return msgpack.ExtType(code, data)
 
     def _plainOnly(self, obj: Any) -> Any:
@@ -961,20 +965,21 @@ class ValueCodec:
     def _extension(self, code: int, data: bytes) -> Any:
         rebuild = _REBUILD.get(code)
         if rebuild is not None:
-            self._depth += 1
-            if self._depth > self.depthLimit:
+            depth = self._depth + 1
+            if depth > self.depthLimit:
                 raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-            if self._depth > EXTENSION_DEPTH:
+            if depth > EXTENSION_DEPTH:
                 raise InvalidJelly(
                     f"tuples or sets nested more than {EXTENSION_DEPTH} deep (a pbroker sender "
                     "sends a deeper value as jelly)"
                 )
+            self._depth = depth
             try:
                 items = msgpack.unpackb(
                     data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
                 )
             finally:
-                self._depth -= 1
+                self._depth = depth - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
             return rebuild(items)

@@ -31,6 +31,7 @@ from pbroker._jellier import Jellier, Jellyable
 from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._native import (
     EMPTY_MAP,
+    EXTENSION_DEPTH,
     FRAGMENT_SIZE,
     LAST,
     MORE,
@@ -53,6 +54,7 @@ from pbroker.errors import (
     Error,
     InsecureJelly,
     InvalidJelly,
+    JellyError,
     LimitExceeded,
     NoSuchMethod,
     PBConnectionLost,
@@ -114,6 +116,20 @@ _SERIALIZED = frozenset({bytes, Encoded, Packed})
 _EXPORT, _CACHE, _STREAM = 0, 1, 2
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
+
+
+def _refuseStreams(object: Any, jellier: Any) -> None:
+    """
+    Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
+    tuples and sets nest too deeply): jelly has no form for it, and it would arrive as an
+    Unpersistable.
+    """
+    if isStreamable(object):
+        raise JellyError(
+            f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
+            f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "
+            "a value nested deeper"
+        )
 
 
 def _isID(value: Any) -> bool:
@@ -932,7 +948,7 @@ class Broker(Banana):
                 yield self._nativeExpression(data)
 
     def _jellyNative(self, object: Any) -> bytes:
-        return Jellier(self.security, None, self).encode(object, self._tokens)
+        return Jellier(self.security, _refuseStreams, self).encode(object, self._tokens)
 
     def _unjellyNative(self, data: bytes) -> Any:
         expression = self._nativeExpression(data)

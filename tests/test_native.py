@@ -25,6 +25,7 @@ from pbroker import _native, context, pb
 from pbroker.errors import (
     BananaDecodeError,
     InvalidJelly,
+    JellyError,
     LimitExceeded,
     PBConnectionLost,
     UnsupportedByPeer,
@@ -1206,6 +1207,15 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(self.server._streams.outgoing, {})
 
 
+class Holder(pb.Copyable):
+    """
+    A copy holding ``content``.
+    """
+
+    def __init__(self, content: Any) -> None:
+        self.content = content
+
+
 class DeepExtensionTests(NativeTestCase):
     """
     Tuples and sets travel as msgpack extensions, each read by a nested call of msgpack's C
@@ -1253,6 +1263,53 @@ class DeepExtensionTests(NativeTestCase):
         for _ in range(depth):
             value = (value,)
         return value
+
+    def test_refusalsLeaveNoTrace(self) -> None:
+        """Values refused, or sent as jelly, for nesting too deeply change nothing for the
+        values after them: tuples and streams still travel as extensions."""
+        deep = self.nested(_native.EXTENSION_DEPTH + 5)
+        codec = self.server._codec
+        for _ in range(2 * _native.EXTENSION_DEPTH):
+            self.assertEqual(self.call("echo", deep), deep)
+            with self.assertRaises(InvalidJelly):
+                codec.unpack(self.deepTuples(_native.EXTENSION_DEPTH + 1))
+        self.assertEqual(self.call("echo", ((1, 2),)), ((1, 2),))
+        self.assertEqual(
+            codec.pack((1,)), msgpack.packb(msgpack.ExtType(_native.TUPLE, b"\x91\x01"))
+        )
+        stream, label = self.call("echo", (iter([1, 2]), "label"))
+        self.assertEqual(label, "label")
+        self.assertIsInstance(stream, RemoteStream)
+
+    def test_deepListsInsideTuples(self) -> None:
+        """Lists as deep as msgpack takes, inside tuples as deep as the wire takes, travel
+        (and are answered) without crashing; with one tuple more the value travels as jelly
+        (within the nesting limit, 1,000 levels in all)."""
+        for tuples, lists in ((_native.EXTENSION_DEPTH, 1000), (_native.EXTENSION_DEPTH + 1, 100)):
+            value: Any = 1
+            for _ in range(tuples):
+                for _ in range(lists):
+                    value = [value]
+                value = (value,)
+            answer = self.call("echo", value)
+            # Unwrapped level by level: comparing it whole would recurse too deeply.
+            shape = []
+            while type(answer) in (list, tuple) and len(answer) == 1:
+                shape.append(type(answer))
+                answer = answer[0]
+            self.assertEqual((answer, shape), (1, ([tuple] + [list] * lists) * tuples))
+
+    def test_streamsWhereJellyCannotCarryThem(self) -> None:
+        """A stream inside a copy, or in a value sent as jelly for nesting too deeply,
+        fails the call with JellyError, rather than arriving as an Unpersistable."""
+        deep: Any = iter([1])
+        for _ in range(_native.EXTENSION_DEPTH + 1):
+            deep = (deep,)
+        for value in (deep, Holder(iter([1]))):
+            failure = self.call("echo", value)
+            self.assertIsInstance(failure, Failure)
+            self.assertTrue(failure.check(JellyError))
+            self.assertIn("stream (list_iterator)", str(failure.value))
 
     def test_scanFindsWithinTheDepth(self) -> None:
         """extensionsIn finds streams and jelly in tuples nested up to EXTENSION_DEPTH, and

@@ -86,6 +86,9 @@ class StreamTable:
         # never do, and the two cost ~1 KiB each time a connection is made.
         self._incoming: WeakValueDictionary[int, RemoteStream] | None = None
         self._cancelled: set[int] | None = None
+        # Readers someone waits on (a next() or collect() pending): held, so that a reader
+        # only they refer to is not collected (and cancelled) before its items come.
+        self._waitedOn: dict[int, RemoteStream] = {}
 
     @property
     def incoming(self) -> WeakValueDictionary[int, RemoteStream]:
@@ -118,6 +121,12 @@ class StreamTable:
 
     def canStream(self) -> bool:
         return self._connection._canStream()
+
+    def keepReader(self, reader: RemoteStream) -> None:
+        self._waitedOn[reader.streamID] = reader
+
+    def dropReader(self, reader: RemoteStream) -> None:
+        self._waitedOn.pop(reader.streamID, None)
 
     def grantCredit(self, streamID: int, count: int) -> None:
         if self._connection._canSend:

@@ -122,6 +122,9 @@ class RemoteStream:
         if self._state == "open":
             waiter: Deferred[Any] = Deferred(self._forgetWaiter)
             self._waiters.append(waiter)
+            if len(self._waiters) == 1:
+                # Someone waits for an item: kept until it comes, however the reader is held.
+                self._table.keepReader(self)
             return waiter
         if self._state == "ended":
             return succeed(END)
@@ -131,6 +134,8 @@ class RemoteStream:
     def _forgetWaiter(self, waiter: Deferred[Any]) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            if not self._waiters:
+                self._table.dropReader(self)
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -203,7 +208,10 @@ class RemoteStream:
             raise ProtocolError(f"the peer sent stream {self.streamID} an item beyond its credit")
         self._outstanding -= 1
         if self._waiters:
-            self._waiters.popleft().callback(item)
+            waiter = self._waiters.popleft()
+            if not self._waiters:
+                self._table.dropReader(self)
+            waiter.callback(item)
             self._refill()
         else:
             self._items.append(item)
@@ -224,6 +232,8 @@ class RemoteStream:
         self._state = state
         self._finished = failure
         waiters, self._waiters = self._waiters, deque()
+        if waiters:
+            self._table.dropReader(self)
         for waiter in waiters:
             if failure is None:
                 waiter.callback(END)

@@ -1589,6 +1589,23 @@ class StreamLifecycleTests(NativeTestCase):
         self.assertTrue(self.rootObject.closed)
         self.assertEqual(self.server._streams.outgoing, {})
 
+    def test_readerWaitedOnIsKept(self) -> None:
+        """A reader only a pending next() or collect() refers to (a chain of callbacks no
+        one holds) is kept until its items come: a collection does not cancel it."""
+        collected: list[Any] = []
+        self.root.callRemote("numbers", 100).addCallback(lambda s: s.collect()).addBoth(
+            collected.append
+        )
+        nexts: list[Any] = []
+        self.root.callRemote("numbers", 3).addCallback(lambda s: s.next()).addBoth(nexts.append)
+        for _ in range(3):
+            self.pump.pump()
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(collected, [list(range(100))])
+        self.assertEqual(nexts, [0])
+        self.assertEqual(self.client._streams._waitedOn, {})
+
     def test_lateAnswerReleased(self) -> None:
         """An answer that arrives after its call was cancelled is released, not leaked."""
         d = self.root.callRemote("wait")

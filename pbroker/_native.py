@@ -58,6 +58,7 @@ __all__ = [
     "JELLY",
     "LAST",
     "MORE",
+    "RECEIVED_EXTENSION_DEPTH",
     "SET",
     "STREAM",
     "TUPLE",
@@ -680,14 +681,17 @@ _REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZE
 #: How deeply msgpack itself nests arrays and maps, packing or unpacking.
 MSGPACK_DEPTH = 1024
 
-#: The deepest tuples and sets may nest in a value. Each is an extension holding a msgpack
-#: document of its own, read (and written) by a nested call of msgpack's C code, which
-#: recurses on the C stack: a decoder takes some 30 KiB (two hundred levels crashed the
-#: process), and an encoder goes up to 1,024 lists deep in each document (twenty-four
-#: levels of that crashed it). A value that nests deeper is sent through ``JELLY`` whole,
-#: which nests without bound (in memory, not on the stack), and a received value that nests
-#: deeper is refused.
+#: The deepest tuples and sets nest in a value sent. Each is an extension holding a msgpack
+#: document of its own, written (and read) by a nested call of msgpack's C code, which
+#: recurses on the C stack: an encoder goes up to 1,024 lists deep in each document, and
+#: twenty-four levels of that crashed the process. A value that nests deeper is sent through
+#: ``JELLY`` whole, which nests without bound (in memory, not on the stack).
 EXTENSION_DEPTH = 8
+
+#: The deepest tuples and sets may nest in a value received (as earlier versions sent them).
+#: A decoder takes some 30 KiB of C stack per level (two hundred crashed the process); one
+#: that nests deeper is refused.
+RECEIVED_EXTENSION_DEPTH = 32
 
 # The bytes after each msgpack type byte from 0xc0 on that are not payload: (the width of a
 # length that follows, or 0; a fixed size to skip besides; items: 0, or 1 per array entry
@@ -837,7 +841,10 @@ class ValueCodec:
         self._openStream = openStream
         self.depthLimit = depthLimit
         self._measureDepth = measureDepth and depthLimit < MSGPACK_DEPTH
-        self._depth = 0
+        # The msgpack document being packed or unpacked, as a level: 0 for a value, one more
+        # for each tuple or set in it, and one more for a value a hook packs (or unpacks)
+        # meanwhile; -1 when none is. It bounds what msgpack's C code holds on the stack.
+        self._depth = -1
         self._special = False
         self._packing = False
         self._plainPacker = self._newPacker()
@@ -863,6 +870,17 @@ class ValueCodec:
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
+        level = self._depth + 1
+        if level > EXTENSION_DEPTH:
+            # Packed from a hook, inside documents already that deep: jelly, off the C stack.
+            return self._jellied(value)
+        self._depth = level
+        try:
+            return self._pack(value)
+        finally:
+            self._depth = level - 1
+
+    def _pack(self, value: Any) -> bytes:
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy
@@ -878,10 +896,13 @@ class ValueCodec:
                     self._packing = False
         except (ValueError, RecursionError):
             # Plain containers in a cycle, or deeper than msgpack goes: jelly keeps the shape.
-            return msgpack.packb(msgpack.ExtType(JELLY, self._jelly(value)))  # type: ignore[no-any-return]
+            return self._jellied(value)
         if not self._special:
             return packed
         return self._packWith(value, self._full)
+
+    def _jellied(self, value: Any) -> bytes:
+        return msgpack.packb(msgpack.ExtType(JELLY, self._jelly(value)))  # type: ignore[no-any-return]
 
     def _newPacker(self) -> Any:
         return msgpack.Packer(
@@ -898,16 +919,14 @@ class ValueCodec:
         )
 
     def _packNested(self, items: Any, code: int, default: Callable[[Any], Any]) -> Any:
-        # _depth counts the nested calls of msgpack's C code under way, packing or unpacking
-        # (a hook may pack while a value is unpacked): what the C stack holds.
-        depth = self._depth + 1
-        if depth > self.depthLimit or depth > EXTENSION_DEPTH:
+        level = self._depth + 1
+        if level > self.depthLimit or level > EXTENSION_DEPTH:
             raise ValueError("nested too deeply")  # sent through JELLY (see pack)
-        self._depth = depth
+        self._depth = level
         try:
             data = msgpack.packb(list(items), default=default, use_bin_type=True, strict_types=True)
         finally:
-            self._depth = depth - 1
+            self._depth = level - 1
         return msgpack.ExtType(code, data)
 
     def _plainOnly(self, obj: Any) -> Any:
@@ -940,6 +959,8 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
+        level = self._depth + 1
+        self._depth = level
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -950,6 +971,8 @@ class ValueCodec:
             raise  # refused by a limit: the broker's business
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
+        finally:
+            self._depth = level - 1
 
     def streamsIn(self, data: Any) -> list[int]:
         """
@@ -965,21 +988,21 @@ class ValueCodec:
     def _extension(self, code: int, data: bytes) -> Any:
         rebuild = _REBUILD.get(code)
         if rebuild is not None:
-            depth = self._depth + 1
-            if depth > self.depthLimit:
+            level = self._depth + 1
+            if level > self.depthLimit:
                 raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-            if depth > EXTENSION_DEPTH:
+            if level > RECEIVED_EXTENSION_DEPTH:
                 raise InvalidJelly(
-                    f"tuples or sets nested more than {EXTENSION_DEPTH} deep (a pbroker sender "
-                    "sends a deeper value as jelly)"
+                    f"tuples or sets nested more than {RECEIVED_EXTENSION_DEPTH} deep (a pbroker "
+                    "sender sends a deeper value as jelly)"
                 )
-            self._depth = depth
+            self._depth = level
             try:
                 items = msgpack.unpackb(
                     data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
                 )
             finally:
-                self._depth = depth - 1
+                self._depth = level - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
             return rebuild(items)
@@ -1007,7 +1030,7 @@ def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list
     The ``JELLY`` payloads and the stream ids in a packed value, found without unpacking
     anything else: what a value that is not (or cannot be) unpacked refers to. As much as can
     be found: a malformed value yields what came before the fault, tuples and sets nested
-    deeper than :data:`EXTENSION_DEPTH` are not looked into, and the search stops once it
+    deeper than :data:`RECEIVED_EXTENSION_DEPTH` are not looked into, and the search stops once it
     found ``limit`` of the two together. Iterative, as deep nesting would otherwise take the
     C stack.
     """
@@ -1039,6 +1062,6 @@ def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list
             break
         except Exception:
             pass  # malformed: what came before the fault was found
-        if depth < EXTENSION_DEPTH:
+        if depth < RECEIVED_EXTENSION_DEPTH:
             pending.extend((payload, depth + 1) for payload in nested)
     return jellies, streams

@@ -122,9 +122,10 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
     """
     Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
     tuples and sets nest too deeply): jelly has no form for it, and it would arrive as an
-    Unpersistable.
+    Unpersistable. (An iterator of a class the security options allow is copied, as in
+    the ``pb`` dialect.)
     """
-    if isStreamable(object):
+    if isStreamable(object) and not jellier.taster.isClassAllowed(type(object)):
         raise JellyError(
             f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
             f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _native, context, pb
+from pbroker import _native, context, jelly, pb
 from pbroker.errors import (
     BananaDecodeError,
     InvalidJelly,
@@ -1207,6 +1207,47 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(self.server._streams.outgoing, {})
 
 
+class Chain(pb.Copyable):
+    """
+    A copy whose state, when taken, makes a call holding the next one in lists 1,000 deep.
+    """
+
+    def __init__(self, root: Any, n: int) -> None:
+        self.root = root
+        self.n = n
+
+    @classmethod
+    def nested(cls, root: Any, n: int) -> Any:
+        value: Any = cls(root, n)
+        for _ in range(1000):
+            value = [value]
+        return value
+
+    def getStateToCopy(self) -> Any:
+        if self.n:
+            self.root.callRemote("take", Chain.nested(self.root, self.n - 1), pbanswer=False)
+        return {"n": self.n}
+
+
+class Cursor:
+    """
+    A value that is also its own iterator.
+    """
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
+        self.position = 0
+
+    def __iter__(self) -> Cursor:
+        return self
+
+    def __next__(self) -> Any:
+        if self.position >= len(self.rows):
+            raise StopIteration
+        self.position += 1
+        return self.rows[self.position - 1]
+
+
 class Holder(pb.Copyable):
     """
     A copy holding ``content``.
@@ -1240,9 +1281,10 @@ class DeepExtensionTests(NativeTestCase):
             self.assertEqual(self.call("echo", value), value)
 
     def test_deepExtensionsRefused(self) -> None:
-        """A value whose extensions nest deeper is refused (InvalidJelly, the call fails),
-        and so is scanning it for what to release: the process does not crash."""
-        depth = _native.EXTENSION_DEPTH
+        """A value whose extensions nest deeper than RECEIVED_EXTENSION_DEPTH (what earlier
+        versions sent) is refused (InvalidJelly, the call fails), and so is scanning it for
+        what to release: the process does not crash."""
+        depth = _native.RECEIVED_EXTENSION_DEPTH
         self.assertEqual(self.server._codec.unpack(self.deepTuples(depth))[0], self.nested(depth))
         for deep in (depth + 1, 300, 3000):
             with self.assertRaises(InvalidJelly) as caught:
@@ -1264,6 +1306,21 @@ class DeepExtensionTests(NativeTestCase):
             value = (value,)
         return value
 
+    def test_hooksPackingInsideHooks(self) -> None:
+        """Each value a hook packs while another is packed counts as a level: a chain of
+        copies whose state, when taken, makes a call with lists 1,000 deep holding the next
+        one does not crash the process. The calls past EXTENSION_DEPTH travel as jelly,
+        which the receiver refuses (lists 1,000 deep and a copy exceed its nesting limit)."""
+        received: list[Any] = []
+        self.rootObject.remote_take = received.append  # type: ignore[attr-defined]
+        self.server.registry.setUnjellyableForClass(Chain, pb.RemoteCopy)
+        with capturedLogs():
+            self.root.callRemote("take", Chain.nested(self.root, 20), pbanswer=False)
+            self.pump.flush()
+        self.assertEqual(len(received), _native.EXTENSION_DEPTH + 1)
+        self.assertEqual(self.server._codec._depth, -1)
+        self.assertEqual(self.client._codec._depth, -1)
+
     def test_refusalsLeaveNoTrace(self) -> None:
         """Values refused, or sent as jelly, for nesting too deeply change nothing for the
         values after them: tuples and streams still travel as extensions."""
@@ -1272,7 +1329,7 @@ class DeepExtensionTests(NativeTestCase):
         for _ in range(2 * _native.EXTENSION_DEPTH):
             self.assertEqual(self.call("echo", deep), deep)
             with self.assertRaises(InvalidJelly):
-                codec.unpack(self.deepTuples(_native.EXTENSION_DEPTH + 1))
+                codec.unpack(self.deepTuples(_native.RECEIVED_EXTENSION_DEPTH + 1))
         self.assertEqual(self.call("echo", ((1, 2),)), ((1, 2),))
         self.assertEqual(
             codec.pack((1,)), msgpack.packb(msgpack.ExtType(_native.TUPLE, b"\x91\x01"))
@@ -1298,6 +1355,25 @@ class DeepExtensionTests(NativeTestCase):
                 shape.append(type(answer))
                 answer = answer[0]
             self.assertEqual((answer, shape), (1, ([tuple] + [list] * lists) * tuples))
+
+    def test_allowedIteratorsCopied(self) -> None:
+        """An iterator of a class the security options allow, inside a copy, is copied by
+        its state, as in the pb dialect: only streams jelly has no form for are refused."""
+        security = jelly.SecurityOptions()
+        security.allowInstancesOf(Cursor)
+        root = NativeRoot()
+        received: list[Any] = []
+        root.remote_take = received.append  # type: ignore[attr-defined]
+        factory = pb.PBServerFactory(root, security=security)
+        _server, client, pump = connectedServerAndClient(
+            factory, pb.PBClientFactory(security=security)
+        )
+        _server.registry.setUnjellyableForClass(Holder, pb.RemoteCopy)
+        self.assertTrue(client.isNative)
+        client.remoteForName("root").callRemote("take", Holder(Cursor([1, 2])), pbanswer=False)
+        pump.flush()
+        (holder,) = received
+        self.assertEqual(list(holder.content), [1, 2])
 
     def test_streamsWhereJellyCannotCarryThem(self) -> None:
         """A stream inside a copy, or in a value sent as jelly for nesting too deeply,
@@ -1604,6 +1680,21 @@ class StreamLifecycleTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(collected, [list(range(100))])
         self.assertEqual(nexts, [0])
+        self.assertEqual(self.client._streams._waitedOn, {})
+
+    def test_cancelledCollectCancelsTheStream(self) -> None:
+        """Cancelling collect() cancels the stream: the sender's generator is closed and no
+        reader is kept."""
+        stream = self.call("numbers", 10_000)
+        collecting = stream.collect()
+        del stream
+        for _ in range(3):
+            self.pump.pump()
+        collecting.cancel()
+        self.failureResultOf(collecting, CancelledError)
+        self.pump.flush()
+        self.assertTrue(self.rootObject.closed)
+        self.assertEqual(self.server._streams.outgoing, {})
         self.assertEqual(self.client._streams._waitedOn, {})
 
     def test_lateAnswerReleased(self) -> None:

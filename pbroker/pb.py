@@ -417,11 +417,18 @@ class PBClientFactory(protocol.ClientFactory):
                 )
             message = passwords.authMessage(username, clientNonce, serverNonce, salt, iterations)
             derived = _offTheReactor(
-                passwords.clientProofAndSignature, password, salt, iterations, message
+                prover.broker,
+                passwords.clientProofAndSignature,
+                password,
+                salt,
+                iterations,
+                message,
             )
             return derived.addCallback(sendProof, prover)
 
         def sendProof(derived: tuple[bytes, bytes], prover: RemoteReference) -> Deferred[Any]:
+            if prover.broker.disconnected:
+                raise PBConnectionLost("the connection was lost while the login key was derived")
             proof, expected = derived
             return _answered(prover.callRemote("prove", proof, client)).addCallback(
                 checkServer, expected
@@ -500,20 +507,37 @@ def _bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _offTheReactor(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+def _offTheReactor(broker: Any, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
-    ``function(*args)`` in the reactor's thread pool while the reactor runs, so that it
-    serves its other connections meanwhile (deriving a login key takes a good part of a
-    second, and as much as a few seconds if the server asks for it); at once when it does
-    not run (in memory, as in tests), since no reactor turn would deliver the result.
+    ``function(*args)`` in the reactor's thread pool, so that the reactor serves its other
+    connections meanwhile (deriving a login key takes a good part of a second, and as much
+    as a few seconds if the server asks for it), when ``broker`` is connected through a
+    socket of the running reactor; otherwise at once. (In memory, as in tests, only the
+    reactor's turns would deliver a thread's result, and a pump does not turn it.)
     """
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
 
-    if getattr(reactor, "running", False):
+    if getattr(reactor, "running", False) and _onASocket(broker):
         pool = reactor.getThreadPool()  # type: ignore[attr-defined]
-        return deferToThreadPool(reactor, pool, function, *args)  # type: ignore[arg-type]
+        if not pool.joined:  # (a pool stopped for shutdown would never run it)
+            return deferToThreadPool(reactor, pool, function, *args)  # type: ignore[arg-type]
     return maybeDeferred(function, *args)
+
+
+def _onASocket(broker: Any) -> bool:
+    """
+    Whether ``broker``'s transport is (or wraps, as TLS and pacing do) a file descriptor
+    transport of the reactor: TCP or UNIX.
+    """
+    from twisted.internet.abstract import FileDescriptor
+
+    transport = getattr(broker, "transport", None)
+    for _ in range(4):  # pacing, TLS, the socket: a few layers at most
+        if transport is None or isinstance(transport, FileDescriptor):
+            break
+        transport = getattr(transport, "_transport", None) or getattr(transport, "transport", None)
+    return isinstance(transport, FileDescriptor)
 
 
 def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:

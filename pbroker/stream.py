@@ -148,10 +148,12 @@ class RemoteStream:
 
     def collect(self) -> Deferred[list[Any]]:
         """
-        A Deferred of every remaining item, as a list, once the stream ends.
+        A Deferred of every remaining item, as a list, once the stream ends; cancelling it
+        cancels the stream.
         """
         items: list[Any] = []
-        done: Deferred[list[Any]] = Deferred()
+        # Cancelling it cancels the stream (which fails it with CancelledError).
+        done: Deferred[list[Any]] = Deferred(lambda _: self.cancel())
 
         def step(item: Any) -> None:
             while True:

@@ -277,53 +277,100 @@ PROVER = object()
 
 class KeyDerivedOffTheReactorTests(TestCase):
     """
-    While the reactor runs, a client derives its login key in the reactor's thread pool:
-    PBKDF2 takes a good part of a second, in which the reactor would serve no one.
+    While the reactor runs, a client connected through a socket derives its login key in
+    the reactor's thread pool: PBKDF2 takes a good part of a second, in which the reactor
+    would serve no one.
     """
 
-    async def test_reactorServesWhileTheKeyIsDerived(self) -> None:
-        """The derivation runs off the reactor's thread, and the reactor turns meanwhile;
-        the login then completes."""
+    def setUp(self) -> None:
         path = self.mktemp()
         PasswordFile(path).setPassword("alice", b"scram secret", ITERATIONS)
+        portal = Portal(realmFor(pb), [ScramChecker(PasswordFile(path), ITERATIONS)])
+        self.serverFactory = pb.PBServerFactory(
+            portal, loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0)
+        )
+        self.threads: list[threading.Thread] = []
+        self.started, self.release = threading.Event(), threading.Event()
+        self.addCleanup(self.release.set)  # never leave a pool's thread waiting
         derive = passwords.clientProofAndSignature
-        started, release = threading.Event(), threading.Event()
-        threads: list[threading.Thread] = []
 
         def slowDerive(*args: Any) -> Any:
-            threads.append(threading.current_thread())
-            started.set()
-            release.wait(10)
+            self.threads.append(threading.current_thread())
+            self.started.set()
+            self.release.wait(10)
             return derive(*args)
 
         self.patch(passwords, "clientProofAndSignature", slowDerive)
-        self.addCleanup(release.set)  # never leave the pool's thread waiting
-        portal = Portal(realmFor(pb), [ScramChecker(PasswordFile(path), ITERATIONS)])
-        server = pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0))
-        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+
+    def loginOverTCP(self) -> tuple[pb.PBClientFactory, list[Any]]:
+        port = reactor.listenTCP(0, self.serverFactory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         client = pb.PBClientFactory()
         reactor.connectTCP("127.0.0.1", port.getHost().port, client)
         self.addCleanup(client.disconnect)
         outcome: list[Any] = []
         client.login(UsernamePassword(b"alice", b"scram secret")).addBoth(outcome.append)
+        return client, outcome
+
+    async def waitFor(self, condition: Any) -> None:
         for _ in range(1000):  # at most ten seconds
-            if started.is_set():
-                break
+            if condition():
+                return
             await task.deferLater(reactor, 0.01)
-        self.assertTrue(started.is_set())
+        self.fail("waited ten seconds")
+
+    async def test_reactorServesWhileTheKeyIsDerived(self) -> None:
+        """The derivation runs off the reactor's thread, and the reactor turns meanwhile;
+        the login then completes."""
+        _client, outcome = self.loginOverTCP()
+        await self.waitFor(self.started.is_set)
         turns = 0
         for _ in range(3):  # the derivation still blocked: the reactor turns all the same
             await task.deferLater(reactor, 0)
             turns += 1
         self.assertEqual((turns, outcome), (3, []))
-        release.set()
-        for _ in range(1000):
-            if outcome:
-                break
-            await task.deferLater(reactor, 0.01)
+        self.release.set()
+        await self.waitFor(lambda: outcome)
         self.assertEqual(await outcome[0].callRemote("name"), "alice")
-        self.assertIsNot(threads[0], threading.main_thread())
+        self.assertIsNot(self.threads[0], threading.main_thread())
+
+    async def test_connectionLostWhileDeriving(self) -> None:
+        """A connection lost while the key is derived fails the login with PBConnectionLost."""
+        client, outcome = self.loginOverTCP()
+        await self.waitFor(self.started.is_set)
+        client.disconnect()
+        await self.waitFor(lambda: client._broker is None or client._broker.disconnected)
+        self.release.set()
+        await self.waitFor(lambda: outcome)
+        self.assertTrue(outcome[0].check(pb.PBConnectionLost))
+
+    async def test_stoppedPoolDerivesInPlace(self) -> None:
+        """A thread pool already stopped (the reactor shutting down) would never run the
+        derivation: it runs in place instead."""
+        from twisted.python.threadpool import ThreadPool
+
+        stopped = ThreadPool()
+        stopped.start()
+        stopped.stop()
+        self.patch(reactor, "getThreadPool", lambda: stopped)
+        self.release.set()
+        _client, outcome = self.loginOverTCP()
+        await self.waitFor(lambda: outcome)
+        self.assertEqual(self.threads, [threading.main_thread()])
+        self.assertEqual(await outcome[0].callRemote("name"), "alice")
+
+    async def test_inMemoryWhileTheReactorRuns(self) -> None:
+        """In memory the key is derived at once, even while the reactor runs (a pump does
+        not turn the reactor that would deliver a thread's result)."""
+        await task.deferLater(reactor, 0)  # the reactor runs
+        self.release.set()
+        factory = pb.PBClientFactory()
+        _server, _client, pump = connect(self.serverFactory, factory)
+        outcome: list[Any] = []
+        factory.login(UsernamePassword(b"alice", b"scram secret")).addBoth(outcome.append)
+        pump.flush()
+        self.assertEqual(len(outcome), 1)
+        self.assertEqual(self.threads, [threading.main_thread()])
 
 
 class HostileServerTests(SynchronousTestCase):

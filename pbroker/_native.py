@@ -842,9 +842,10 @@ class ValueCodec:
         self.depthLimit = depthLimit
         self._measureDepth = measureDepth and depthLimit < MSGPACK_DEPTH
         # The msgpack document being packed or unpacked, as a level: 0 for a value, one more
-        # for each tuple or set in it, and one more for a value a hook packs (or unpacks)
-        # meanwhile; -1 when none is. It bounds what msgpack's C code holds on the stack.
-        self._depth = -1
+        # for each tuple or set in it, and one more for a value a hook (run to jelly or
+        # unjelly an object) packs or unpacks meanwhile. It bounds what msgpack's C code
+        # holds on the stack.
+        self._depth = 0
         self._special = False
         self._packing = False
         self._plainPacker = self._newPacker()
@@ -870,17 +871,9 @@ class ValueCodec:
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
-        level = self._depth + 1
-        if level > EXTENSION_DEPTH:
+        if self._depth > EXTENSION_DEPTH:
             # Packed from a hook, inside documents already that deep: jelly, off the C stack.
             return self._jellied(value)
-        self._depth = level
-        try:
-            return self._pack(value)
-        finally:
-            self._depth = level - 1
-
-    def _pack(self, value: Any) -> bytes:
         self._special = False
         try:
             if self._packing:  # re-entered from a hook: the shared packer is busy
@@ -902,7 +895,19 @@ class ValueCodec:
         return self._packWith(value, self._full)
 
     def _jellied(self, value: Any) -> bytes:
-        return msgpack.packb(msgpack.ExtType(JELLY, self._jelly(value)))  # type: ignore[no-any-return]
+        return msgpack.packb(msgpack.ExtType(JELLY, self._hooked(self._jelly, value)))  # type: ignore[no-any-return]
+
+    def _hooked(self, convert: Callable[[Any], Any], value: Any) -> Any:
+        """
+        ``convert(value)`` (jelly or unjelly), whose hooks may pack or unpack another value:
+        one level deeper than the document being packed or unpacked.
+        """
+        level = self._depth + 1
+        self._depth = level
+        try:
+            return convert(value)
+        finally:
+            self._depth = level - 1
 
     def _newPacker(self) -> Any:
         return msgpack.Packer(
@@ -942,7 +947,7 @@ class ValueCodec:
             return self._packNested(obj, code, self._full)
         if self._isStream(obj):
             return msgpack.ExtType(STREAM, msgpack.packb(self._stream(obj)))
-        return msgpack.ExtType(JELLY, self._jelly(obj))
+        return msgpack.ExtType(JELLY, self._hooked(self._jelly, obj))
 
     # Receiving
 
@@ -959,8 +964,6 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-        level = self._depth + 1
-        self._depth = level
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -971,8 +974,6 @@ class ValueCodec:
             raise  # refused by a limit: the broker's business
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
-        finally:
-            self._depth = level - 1
 
     def streamsIn(self, data: Any) -> list[int]:
         """
@@ -1008,7 +1009,7 @@ class ValueCodec:
             return rebuild(items)
         if code == JELLY:
             try:
-                return self._unjelly(data)
+                return self._hooked(self._unjelly, data)
             except Exception as e:
                 # Raised by the jelly it carries (a setCopyableState, the security options):
                 # kept apart from msgpack's own errors, which mean a malformed value.

@@ -66,7 +66,7 @@ from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
-from pbroker.stream import DEFAULT_WINDOW, isStreamable
+from pbroker.stream import DEFAULT_WINDOW, RemoteStream, Stream, isStreamable
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -122,10 +122,15 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
     """
     Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
     tuples and sets nest too deeply): jelly has no form for it, and it would arrive as an
-    Unpersistable. (An iterator of a class the security options allow is copied, as in
-    the ``pb`` dialect.)
+    Unpersistable, or as a meaningless state. (An iterator of a class of its own, with the
+    state in its ``__dict__``, that the security options allow is copied, as in the ``pb``
+    dialect.)
     """
-    if isStreamable(object) and not jellier.taster.isClassAllowed(type(object)):
+    if isStreamable(object) and not (
+        jellier.taster.isClassAllowed(type(object))
+        and hasattr(object, "__dict__")
+        and not isinstance(object, (Stream, RemoteStream))
+    ):
         raise JellyError(
             f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
             f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "

@@ -509,35 +509,40 @@ def _bytes(value: str | bytes) -> bytes:
 
 def _offTheReactor(broker: Any, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
-    ``function(*args)`` in the reactor's thread pool, so that the reactor serves its other
-    connections meanwhile (deriving a login key takes a good part of a second, and as much
-    as a few seconds if the server asks for it), when ``broker`` is connected through a
-    socket of the running reactor; otherwise at once. (In memory, as in tests, only the
-    reactor's turns would deliver a thread's result, and a pump does not turn it.)
+    ``function(*args)`` in the reactor's thread pool while the reactor runs, so that it serves
+    its other connections meanwhile (deriving a login key takes a good part of a second, and
+    as much as a few seconds if the server asks for it); at once when it does not run, or
+    when ``broker`` is connected in memory (as in tests, where only the reactor's turns would
+    deliver a thread's result, and a pump does not turn it).
     """
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
 
-    if getattr(reactor, "running", False) and _onASocket(broker):
+    if getattr(reactor, "running", False) and not _inMemory(broker):
         pool = reactor.getThreadPool()  # type: ignore[attr-defined]
         if not pool.joined:  # (a pool stopped for shutdown would never run it)
             return deferToThreadPool(reactor, pool, function, *args)  # type: ignore[arg-type]
     return maybeDeferred(function, *args)
 
 
-def _onASocket(broker: Any) -> bool:
-    """
-    Whether ``broker``'s transport is (or wraps, as TLS and pacing do) a file descriptor
-    transport of the reactor: TCP or UNIX.
-    """
-    from twisted.internet.abstract import FileDescriptor
+# Where the in-memory transports of tests come from: Twisted's (iosim, StringTransport) and
+# pbroker's own (pbroker.testing).
+_IN_MEMORY_MODULES = ("twisted.test.", "twisted.internet.testing", "pbroker.testing")
 
+
+def _inMemory(broker: Any) -> bool:
+    """
+    Whether ``broker``'s transport is (or is wrapped around, as pacing and TLS are) a test's
+    in-memory transport.
+    """
     transport = getattr(broker, "transport", None)
-    for _ in range(4):  # pacing, TLS, the socket: a few layers at most
-        if transport is None or isinstance(transport, FileDescriptor):
-            break
+    for _ in range(4):  # pacing, TLS, the transport itself: a few layers at most
+        if transport is None:
+            return False
+        if type(transport).__module__.startswith(_IN_MEMORY_MODULES):
+            return True
         transport = getattr(transport, "_transport", None) or getattr(transport, "transport", None)
-    return isinstance(transport, FileDescriptor)
+    return False
 
 
 def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:

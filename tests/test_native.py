@@ -1318,8 +1318,8 @@ class DeepExtensionTests(NativeTestCase):
             self.root.callRemote("take", Chain.nested(self.root, 20), pbanswer=False)
             self.pump.flush()
         self.assertEqual(len(received), _native.EXTENSION_DEPTH + 1)
-        self.assertEqual(self.server._codec._depth, -1)
-        self.assertEqual(self.client._codec._depth, -1)
+        self.assertEqual(self.server._codec._depth, 0)
+        self.assertEqual(self.client._codec._depth, 0)
 
     def test_refusalsLeaveNoTrace(self) -> None:
         """Values refused, or sent as jelly, for nesting too deeply change nothing for the
@@ -1374,6 +1374,19 @@ class DeepExtensionTests(NativeTestCase):
         pump.flush()
         (holder,) = received
         self.assertEqual(list(holder.content), [1, 2])
+
+    def test_iteratorsWithoutStateRefusedUnderAllowAll(self) -> None:
+        """Even when the security options allow every class, a generator, a C iterator or
+        a Stream inside a copy is refused at the sender (JellyError): jelly would send a
+        meaningless state."""
+        factory = pb.PBClientFactory(security=jelly.DummySecurityOptions())
+        _server, client, pump = connectedServerAndClient(pb.PBServerFactory(NativeRoot()), factory)
+        root = client.remoteForName("root")
+        for content in ((i for i in [1]), map(str, [1]), Stream()):
+            results: list[Any] = []
+            root.callRemote("echo", Holder(content)).addBoth(results.append)
+            pump.flush()
+            self.assertTrue(results[0].check(JellyError), content)
 
     def test_streamsWhereJellyCannotCarryThem(self) -> None:
         """A stream inside a copy, or in a value sent as jelly for nesting too deeply,

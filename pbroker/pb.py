@@ -525,21 +525,25 @@ def _offTheReactor(broker: Any, function: Callable[..., Any], *args: Any) -> Def
     return maybeDeferred(function, *args)
 
 
-# Where the in-memory transports of tests come from: Twisted's (iosim, StringTransport) and
-# pbroker's own (pbroker.testing).
-_IN_MEMORY_MODULES = ("twisted.test.", "twisted.internet.testing", "pbroker.testing")
+# The modules the in-memory transports of tests come from: Twisted's (iosim,
+# StringTransport) and pbroker's own (pbroker.testing).
+_IN_MEMORY_MODULES = ("twisted.internet.testing", "pbroker.testing")
+_IN_MEMORY_PACKAGE = "twisted.test."
 
 
 def _inMemory(broker: Any) -> bool:
     """
     Whether ``broker``'s transport is (or is wrapped around, as pacing and TLS are) a test's
-    in-memory transport.
+    in-memory transport, or one made from it.
     """
     transport = getattr(broker, "transport", None)
     for _ in range(4):  # pacing, TLS, the transport itself: a few layers at most
         if transport is None:
             return False
-        if type(transport).__module__.startswith(_IN_MEMORY_MODULES):
+        if any(
+            cls.__module__ in _IN_MEMORY_MODULES or cls.__module__.startswith(_IN_MEMORY_PACKAGE)
+            for cls in type(transport).__mro__
+        ):
             return True
         transport = getattr(transport, "_transport", None) or getattr(transport, "transport", None)
     return False

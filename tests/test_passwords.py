@@ -365,12 +365,17 @@ class KeyDerivedOffTheReactorTests(TestCase):
         await task.deferLater(reactor, 0)  # the reactor runs
         self.release.set()
         factory = pb.PBClientFactory()
-        _server, _client, pump = connect(self.serverFactory, factory)
+        _server, client, pump = connect(self.serverFactory, factory)
         outcome: list[Any] = []
         factory.login(UsernamePassword(b"alice", b"scram secret")).addBoth(outcome.append)
         pump.flush()
         self.assertEqual(len(outcome), 1)
         self.assertEqual(self.threads, [threading.main_thread()])
+        # So is a transport a test makes from one of Twisted's (here, a subclass).
+        client.transport._transport.__class__ = type(
+            "OwnFakeTransport", (type(client.transport._transport),), {}
+        )
+        self.assertTrue(pb._inMemory(client))
 
 
 class HostileServerTests(SynchronousTestCase):

@@ -172,7 +172,9 @@ class BrokerLimits:
     :ivar importedReferences: references to the peer's objects this side holds at once.
     :ivar pendingCalls: calls from the peer still being answered at once.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
-        (a reader that does not read); beyond this the connection is dropped.
+        (a reader that does not read); beyond this the connection is dropped. The peer's
+        messages that arrive meanwhile wait unhandled, up to this plus ``messageSize``
+        bytes, beyond which it is dropped too.
     """
 
     messageSize: int | None = 32 * 1024 * 1024
@@ -394,6 +396,14 @@ class Broker(Banana):
         self._pumpingLarge = False
         # Stream messages waiting for the large messages queued before them.
         self._afterLarge: list[bytes | _Payload] = []
+        # What the peer sent while the connection did not take this side's data (see
+        # _keepForLater): None when nothing waits, else the messages of a read left unhandled
+        # (decoded), followed by the reads that came after (raw), which add up to
+        # _backlogSize bytes.
+        self._backlog: list[Any] | None = None
+        self._backlogData: list[bytes] = []
+        self._backlogSize = 0
+        self._handlingBacklog = False
         #: The largest message the peer accepts (it says so in its hello), if known.
         self.peerMessageSize: int | None = BrokerLimits.messageSize
         # Whether the factory is told of the connection when the peer's hello comes (a
@@ -502,6 +512,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._backlog, self._backlogData = None, []
         self._lastRegistered = None
         self._replyTargets = {}
         self._streams.connectionLost(reason)
@@ -630,6 +641,9 @@ class Broker(Banana):
         try:
             budget = _LARGE_BYTES_PER_TURN
             while not self.disconnected and self.transport is not None:
+                if self._backlog is not None:
+                    # The peer's messages waited for the queue to shrink; it may have.
+                    self._handleBacklog()
                 if not self._largeOut:
                     self._flushAfterLarge()
                     if not self._largeOut:
@@ -1280,9 +1294,10 @@ class Broker(Banana):
 
     def transportResumed(self) -> None:
         """
-        The connection takes data again: large messages, streams and pagers go on.
+        The connection takes data again: what the peer sent meanwhile is handled first, then
+        large messages, streams and pagers go on.
         """
-        self._pumpLarge()  # which also lets streams with credit go on
+        self._pumpLarge()  # which handles the backlog first, and lets streams with credit go on
         self.sendPages()
 
     # Streams (native dialect): the bookkeeping is pbroker._streams.StreamTable's
@@ -1354,10 +1369,16 @@ class Broker(Banana):
         Handle what the peer sent, then send what that wrote (answers, and calls their
         callbacks made) at once, in one write, rather than on the reactor's next turn: one
         reactor turn fewer on each side of every round trip (see PacedTransport.flush).
+
+        While the connection does not take this side's data, what the peer sends waits,
+        unhandled (see :meth:`_keepForLater`).
         """
         transport: Any = self.transport
         if type(transport) is not PacedTransport:
             self._handleData(data)
+            return
+        if self._backlog is not None or transport.paused or self._queueFull():
+            self._keepForLater(data)
             return
         written = transport.written
         holding = transport.hold()
@@ -1411,16 +1432,107 @@ class Broker(Banana):
         # The answers to the messages of one read leave in one write (dataReceived holds
         # them), or in one per _FLUSH_EVERY messages, sent at once: the peer works on the
         # first answers of a long run (pipelined calls) while this side works on the rest.
-        transport = self.transport
-        if len(expressions) <= _FLUSH_EVERY or not isinstance(transport, PacedTransport):
+        # Once the connection stops taking data, the rest wait (see _keepForLater).
+        transport: Any = self.transport
+        if type(transport) is not PacedTransport:
             super()._deliver(expressions)
             return
-        for start in range(0, len(expressions), _FLUSH_EVERY):
-            if start:
-                if self._decoder is None:
-                    return  # the connection was dropped while handling an expression
+        for index, expression in enumerate(expressions):
+            if self._decoder is None:
+                return  # the connection was dropped while handling an expression
+            if transport.paused or self._queueFull():
+                self._backlog = expressions[index:]
+                return
+            if index and not index % _FLUSH_EVERY:
                 transport.flush()
-            super()._deliver(expressions[start : start + _FLUSH_EVERY])
+            self.expressionReceived(expression)
+
+    def _queueFull(self) -> bool:
+        """
+        Whether more than ``limits.bufferedBytes`` of large messages wait behind the one
+        being sent (native dialect).
+        """
+        largeOut = self._largeOut
+        if len(largeOut) < 2:
+            return False
+        waiting = 0
+        for entry in largeOut[1:]:
+            waiting += entry[1]
+        return waiting > self.limits.bufferedBytes
+
+    def _keepForLater(self, data: bytes) -> None:
+        """
+        Keep what the peer sent while the connection does not take this side's data (or
+        more than ``limits.bufferedBytes`` of large messages wait behind the one being sent),
+        to be handled once it does (:meth:`_handleBacklog`).
+
+        Handling it now would only add answers to those waiting: a peer that asks for many
+        large answers at once gets them as it reads them, rather than all at once into
+        memory. What waits is bounded: past ``limits.bufferedBytes`` plus the largest
+        message this side accepts (``limits.messageSize``) the peer, which sends but does
+        not read, is dropped.
+        """
+        if self._keepaliveTimer is not None:
+            self._keepaliveTimer.heard()
+        if self._decoder is None:
+            return  # the connection already failed
+        if self._backlog is None:
+            self._backlog = []
+        self._backlogData.append(data)
+        self._backlogSize += len(data)
+        limit = self.limits.bufferedBytes + (self.limits.messageSize or 0)
+        if self._backlogSize > limit:
+            self._log.warn(
+                "Dropping a peer that sends but does not read: {count} bytes from it wait "
+                "(limit {limit})",
+                count=self._backlogSize,
+                limit=limit,
+            )
+            self._backlog, self._backlogData = None, []
+            self._decoder = None
+            transport: Any = self.transport
+            transport.abortConnection()
+
+    def _handleBacklog(self) -> None:
+        """
+        Handle what the peer sent while the connection did not take data, in order, for as
+        long as it takes data (:meth:`_pumpLarge` calls this, and goes on with large
+        messages, streams and pagers).
+        """
+        transport: Any = self.transport
+        if (
+            self._backlog is None
+            or self._handlingBacklog
+            or self._decoder is None
+            or type(transport) is not PacedTransport
+        ):
+            return
+        if transport.paused or self._queueFull():
+            return  # transportResumed() or _pumpLarge() comes back
+        written = transport.written
+        holding = transport.hold()
+        self._handlingBacklog = True
+        try:
+            expressions, self._backlog = self._backlog, None
+            chunks, self._backlogData, self._backlogSize = self._backlogData, [], 0
+            self._deliver(expressions)
+            for index, chunk in enumerate(chunks):
+                if self._decoder is None:
+                    return
+                if self._backlog is not None or transport.paused or self._queueFull():
+                    # Paused again: the rest waits, behind what _deliver kept.
+                    if self._backlog is None:
+                        self._backlog = []
+                    self._backlogData = chunks[index:]
+                    self._backlogSize = sum(len(rest) for rest in self._backlogData)
+                    break
+                self._handleData(chunk)
+            if transport.written != written:
+                transport.flush()
+        finally:
+            self._handlingBacklog = False
+            if holding:
+                transport.release()
 
     def _ping(self, count: Any) -> None:
         self.sendCall(b"pong", count)

@@ -181,24 +181,54 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertOthersServed()
 
-    def test_readerThatNeverReads(self) -> None:
-        """A peer whose connection stopped taking data is dropped past bufferedBytes; under
-        the limit nothing happens, and the count starts again when it reads."""
+    def test_messagesWaitWhileTheConnectionIsFull(self) -> None:
+        """While the connection does not take data, the peer's messages wait unhandled; once
+        it does they are handled in order, and the count of what waits starts again."""
         paced = self.hostile.transport
         paced.pauseProducing()  # what the real transport does when its buffer is full
+        requests = [self.call(b"echo", b"x" * 1000) for _ in range(3)]
+        self.assertEqual(self.replies(), [])
+        paced.resumeProducing()
+        answers = [reply for reply in self.replies() if reply[0] == b"answer"]
+        self.assertEqual([reply[1] for reply in answers], requests)
+        self.assertEqual(self.hostile._backlogSize, 0)
+
+    def test_peerThatSendsButNeverReads(self) -> None:
+        """A peer that sends more than bufferedBytes plus messageSize while its connection
+        takes no data is dropped, with a log line; under that nothing happens."""
+        paced = self.hostile.transport
+        paced.pauseProducing()
+        callSize = len(
+            banana.encode(
+                [b"message", 1, b"root", b"echo", 1, [b"tuple", b"x" * 1000], [b"dictionary"]],
+                b"pb",
+            )
+        )
+        fits = (LIMITS.bufferedBytes + (LIMITS.messageSize or 0)) // callSize
         with capturedLogs() as events:
-            for _ in range(3):
-                self.call(b"echo", b"x" * 1000)
-            self.assertFalse(self.transport.disconnecting)
-            paced.resumeProducing()
-            paced.pauseProducing()
-            for _ in range(5):
+            for _ in range(fits):
                 self.call(b"echo", b"x" * 1000)
             self.assertFalse(self.transport.disconnecting)
             self.call(b"echo", b"x" * 1000)
         self.assertTrue(self.transport.disconnecting)
-        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+        self.assertTrue(any("does not read" in str(e.get("log_format")) for e in events))
+        self.assertEqual(self.replies(), [])
         self.assertOthersServed()
+
+    def test_answersForAReaderThatNeverReads(self) -> None:
+        """Answers that come while the connection takes no data (to calls handled before)
+        count against bufferedBytes: past it the peer is dropped."""
+        for _ in range(3):
+            self.call(b"wait")
+        paced = self.hostile.transport
+        paced.pauseProducing()
+        with capturedLogs() as events:
+            self.service.waiting[0].callback(b"x" * 2000)
+            self.service.waiting[1].callback(b"x" * 2000)
+            self.assertFalse(self.transport.disconnecting)
+            self.service.waiting[2].callback(b"x" * 2000)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
 
     def test_limitsAreValidated(self) -> None:
         """Limits below 1 are refused when the limits are made."""

@@ -390,19 +390,17 @@ class LargeMessageTests(NativeTestCase):
         """While 100 MB cross, small calls made meanwhile are answered before it ends."""
         big: list[Any] = []
         self.root.callRemote("big", 100 * 1024 * 1024).addBoth(big.append)
-        answered = 0
+        small: list[Any] = []
         for i in range(5000):
-            small: list[Any] = []
             self.root.callRemote("echo", i).addBoth(small.append)
             self.pump.pump()
             self.pump.pump()
-            if small == [i]:
-                answered += 1
             if big:
                 break
         self.assertEqual(len(big), 1)
         self.assertEqual(len(big[0]), 100 * 1024 * 1024)
-        self.assertGreater(answered, 50)
+        self.assertGreater(len(small), 50)
+        self.assertEqual(small, list(range(len(small))))
 
     def test_overPeerLimit(self) -> None:
         """A call bigger than the peer accepts fails at once with LimitExceeded."""
@@ -1442,15 +1440,40 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         return answers
 
     def test_dropped(self) -> None:
-        """Answers queued behind the first count until they pass bufferedBytes plus the
-        client's message limit (1 + 4 MiB here): the peer is dropped, with a log line."""
+        """Answers that come while the peer does not read, queued behind the first, count
+        until they pass bufferedBytes plus the client's message limit (1 + 4 MiB here): the
+        peer is dropped, with a log line."""
+        later: list[Deferred[Any]] = []
+        self.server.factory.root.remote_later = lambda: later.append(Deferred()) or later[-1]
+        for _ in range(5):
+            self.root.callRemote("later")
+        self.pump.flush()
+        self.assertEqual(len(later), 5)
         with capturedLogs() as events:
-            for _ in range(4):  # the first is sent; 3 x 1.5 MiB = 4.5 MiB wait, under 5
-                self.callWithoutReading(MiB * 3 // 2)
+            for deferred in later[:4]:  # the first is sent; 3 x 1.5 MiB = 4.5 MiB wait
+                deferred.callback(b"x" * (MiB * 3 // 2))
             self.assertFalse(self.server.transport.disconnecting)
-            self.callWithoutReading(MiB * 3 // 2)
+            later[4].callback(b"x" * (MiB * 3 // 2))
         self.assertTrue(self.server.transport.disconnecting)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_manyLargeAnswersAskedAtOnce(self) -> None:
+        """Ten 3 MiB answers asked for at once (30 MiB, far over bufferedBytes) all reach a
+        reader that reads: the calls after the first wait, unhandled, while the connection
+        is full or an answer waits behind the one being sent."""
+        results: list[Any] = []
+        for _ in range(10):
+            self.root.callRemote("big", 3 * MiB).addBoth(results.append)
+        mostQueued = 0
+        for _ in range(10_000):
+            if len(results) == 10:
+                break
+            self.pump.pump()
+            self.clock.advance(0)
+            mostQueued = max(mostQueued, len(self.server._largeOut))
+        self.assertEqual([len(result) for result in results], [3 * MiB] * 10)
+        self.assertFalse(self.server.disconnected)
+        self.assertEqual(mostQueued, 2)
 
     def test_readerThatReadsKept(self) -> None:
         """With the default limits, a reader that reads gets two large answers asked for at

@@ -113,11 +113,13 @@ class PagerTests(SynchronousTestCase):
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> None:
+                # The connection fills as the method runs (a paused broker handles no more
+                # of the peer's messages, so it cannot be paused before the call).
+                server.transport.pauseProducing()
                 self.pager = util.StringPager(collector, b"abcdef", 1, done.append, "done")
 
         root = MyRoot()
         server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
-        server.transport.pauseProducing()
         pages: list[Any] = []
         util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
         pump.flush()
@@ -145,12 +147,12 @@ class PagerTests(SynchronousTestCase):
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()  # the pages wait
                 self.pager = BigSecondPage(collector)
 
         root = MyRoot()
         limits = pb.BrokerLimits(messageSize=100_000)
         server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory(limits=limits))
-        server.transport.pauseProducing()  # the pages wait
         results: list[Any] = []
         util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
         pump.flush()
@@ -318,11 +320,11 @@ class PagerTests(SynchronousTestCase):
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()  # the error goes first, the pages wait
                 util.StringPager(collector, b"abc", 1)
                 raise ValueError("failed after starting the pager")
 
         server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
-        server.transport.pauseProducing()  # the error goes first, the pages wait
         results: list[Any] = []
         with capturedLogs():
             util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
@@ -340,10 +342,10 @@ class PagerTests(SynchronousTestCase):
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()  # the answer goes, the pages wait
                 self.pager = util.StringPager(collector, b"abcdef", 1)
 
         server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
-        server.transport.pauseProducing()  # the answer goes, the pages wait
         pages: list[Any] = []
         util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
         pump.flush()

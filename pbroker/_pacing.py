@@ -5,10 +5,11 @@ that pagers wait and a peer that stops reading is eventually dropped.
 :class:`PacedTransport` wraps the real transport and registers itself on it as a streaming
 producer. The real transport pauses it when its buffer fills and resumes it when the buffer
 drains. While paused, the bytes written are counted; past the broker's
-``limits.bufferedBytes`` the connection is aborted. Closing the connection through the
-wrapper unregisters the producer first, since a TLS transport will not close while a producer
-is registered on it. Everything else is delegated to the real transport, whose interfaces the
-wrapper declares.
+``limits.bufferedBytes`` the connection is aborted, once it has stayed paused for
+``limits.stallTimeout`` seconds more (a reader that reads, however slowly, resumes it
+first). Closing the connection through the wrapper unregisters the producer first, since a
+TLS transport will not close while a producer is registered on it. Everything else is
+delegated to the real transport, whose interfaces the wrapper declares.
 
 While the broker handles the messages of one read it may :meth:`~PacedTransport.hold` the
 small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
@@ -70,6 +71,8 @@ class PacedTransport:
         self.queuedWhilePaused = 0
         self.written = 0
         self._registered = False
+        # The timer that drops the peer if it stays paused with too much waiting (see _over).
+        self._stall: Any = None
         self._held: list[bytes] | None = None
         self._heldSize = 0
         directlyProvides(self, providedBy(transport))
@@ -208,12 +211,38 @@ class PacedTransport:
             self.queuedWhilePaused += size
             limit = self._broker.limits.bufferedBytes + allowance
             if self.queuedWhilePaused > limit:
-                self._dropNonReader(self.queuedWhilePaused, limit)
+                self._over(self.queuedWhilePaused, limit)
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:
-            self._dropNonReader(self.bufferedWhilePaused, limit)
+            self._over(self.bufferedWhilePaused, limit)
+
+    def _over(self, count: int, limit: int) -> None:
+        """
+        More than ``limit`` bytes wait for a peer whose connection takes no data: drop it
+        unless it takes some within ``limits.stallTimeout`` seconds. A reader that asked for
+        many answers at once and reads them keeps its connection; one that stopped reading
+        is dropped.
+        """
+        timeout = self._broker.limits.stallTimeout
+        if timeout is None:
+            self._dropNonReader(count, limit)
+        elif self._stall is None:
+            self._stall = self._broker.clock.callLater(timeout, self._stalled, limit)
+
+    def _stalled(self, limit: int) -> None:
+        self._stall = None
+        if self.paused:
+            self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
+
+    def stopStallTimer(self) -> None:
+        """
+        Forget a pending drop (the connection is gone, or took data).
+        """
+        stall, self._stall = self._stall, None
+        if stall is not None and stall.active():
+            stall.cancel()
 
     def _dropNonReader(self, count: int, limit: int) -> None:
         self._log.warn(
@@ -238,6 +267,7 @@ class PacedTransport:
             self._checkBuffered()
 
     def _release(self) -> None:
+        self.stopStallTimer()
         if self._registered:
             self._registered = False
             self._transport.unregisterProducer()
@@ -264,8 +294,10 @@ class PacedTransport:
     def resumeProducing(self) -> None:
         self.paused = False
         self.bufferedWhilePaused = self.queuedWhilePaused = 0
+        self.stopStallTimer()
         self._broker.transportResumed()
 
     def stopProducing(self) -> None:
+        self.stopStallTimer()
         self._registered = False
         self._broker.pageProducers = []

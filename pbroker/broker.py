@@ -172,9 +172,12 @@ class BrokerLimits:
     :ivar importedReferences: references to the peer's objects this side holds at once.
     :ivar pendingCalls: calls from the peer still being answered at once.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
-        (a reader that does not read); beyond this the connection is dropped. The peer's
-        messages that arrive meanwhile wait unhandled, up to this plus ``messageSize``
-        bytes, beyond which it is dropped too.
+        (a reader that does not read); beyond this the connection is dropped if it still
+        takes nothing ``stallTimeout`` seconds later. The peer's messages that arrive
+        meanwhile wait unhandled, up to this plus ``messageSize`` bytes, beyond which it is
+        dropped at once.
+    :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
+        go on taking nothing (``None``: it is dropped as soon as that much waits).
     """
 
     messageSize: int | None = 32 * 1024 * 1024
@@ -184,6 +187,7 @@ class BrokerLimits:
     importedReferences: int = 16 * 1024
     pendingCalls: int = 1000
     bufferedBytes: int = 16 * 1024 * 1024
+    stallTimeout: float | None = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -198,6 +202,8 @@ class BrokerLimits:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
         if self.messageSize is not None and self.messageSize < 1:
             raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
+        if self.stallTimeout is not None and not self.stallTimeout >= 0:
+            raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
@@ -509,6 +515,9 @@ class Broker(Banana):
         self.disconnected = True
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.stop()
+        transport: Any = self.transport
+        if type(transport) is PacedTransport:
+            transport.stopStallTimer()
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []

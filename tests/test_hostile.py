@@ -5,11 +5,13 @@ server keeps being served.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -51,7 +53,8 @@ LIMITS = pb.BrokerLimits(
 class HostilePeerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.service = Service()
-        self.factory = pb.PBServerFactory(self.service, limits=LIMITS)
+        self.clock = Clock()
+        self.factory = pb.PBServerFactory(self.service, limits=LIMITS, clock=self.clock)
         # The attacker speaks raw PB over a string transport.
         self.hostile = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.transport = StringTransport()
@@ -217,18 +220,55 @@ class HostilePeerTests(SynchronousTestCase):
 
     def test_answersForAReaderThatNeverReads(self) -> None:
         """Answers that come while the connection takes no data (to calls handled before)
-        count against bufferedBytes: past it the peer is dropped."""
+        count against bufferedBytes: past it, the peer is dropped if its connection still
+        takes nothing stallTimeout seconds later."""
         for _ in range(3):
             self.call(b"wait")
         paced = self.hostile.transport
         paced.pauseProducing()
+        timeout = pb.BrokerLimits().stallTimeout
+        assert timeout is not None
         with capturedLogs() as events:
             self.service.waiting[0].callback(b"x" * 2000)
             self.service.waiting[1].callback(b"x" * 2000)
+            self.service.waiting[2].callback(b"x" * 2000)  # 6000 bytes wait, over 5500
+            self.clock.advance(timeout - 1)
             self.assertFalse(self.transport.disconnecting)
-            self.service.waiting[2].callback(b"x" * 2000)
+            self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_answersForAReaderThatReads(self) -> None:
+        """A peer whose connection takes data again before stallTimeout is kept, however
+        much waited for it."""
+        for _ in range(3):
+            self.call(b"wait")
+        paced = self.hostile.transport
+        paced.pauseProducing()
+        for deferred in self.service.waiting:
+            deferred.callback(b"x" * 2000)
+        self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        paced.resumeProducing()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(1000)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_stallTimeoutNone(self) -> None:
+        """With stallTimeout None, a peer is dropped as soon as more than bufferedBytes
+        waits for it."""
+        hostile = pb.PBServerFactory(
+            self.service, limits=dataclasses.replace(LIMITS, stallTimeout=None)
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        hostile.makeConnection(transport)
+        hostile.dataReceived(banana.encode(b"pb"))
+        hostile.transport.pauseProducing()
+        with capturedLogs():
+            hostile.transport.write(b"x" * 5000)
+            self.assertFalse(transport.disconnecting)
+            hostile.transport.write(b"x" * 1000)
+        self.assertTrue(transport.disconnecting)
 
     def test_limitsAreValidated(self) -> None:
         """Limits below 1 are refused when the limits are made."""

@@ -1439,23 +1439,52 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.clock.advance(0)
         return answers
 
-    def test_dropped(self) -> None:
-        """Answers that come while the peer does not read, queued behind the first, count
-        until they pass bufferedBytes plus the client's message limit (1 + 4 MiB here): the
-        peer is dropped, with a log line."""
+    def later(self, count: int) -> list[Deferred[Any]]:
+        """
+        ``count`` calls to a method whose answers come later, handled: their Deferreds.
+        """
         later: list[Deferred[Any]] = []
         self.server.factory.root.remote_later = lambda: later.append(Deferred()) or later[-1]
-        for _ in range(5):
-            self.root.callRemote("later")
+        results = [self.root.callRemote("later") for _ in range(count)]
         self.pump.flush()
-        self.assertEqual(len(later), 5)
+        self.assertEqual(len(later), count)
+        self.results = results
+        return later
+
+    def test_dropped(self) -> None:
+        """Answers that come while the peer does not read, queued behind the first, count
+        until they pass bufferedBytes plus the client's message limit (1 + 4 MiB here);
+        if the peer still takes nothing stallTimeout seconds later, it is dropped, with a
+        log line."""
+        later = self.later(5)
+        timeout = pb.BrokerLimits().stallTimeout
+        assert timeout is not None
         with capturedLogs() as events:
             for deferred in later[:4]:  # the first is sent; 3 x 1.5 MiB = 4.5 MiB wait
                 deferred.callback(b"x" * (MiB * 3 // 2))
-            self.assertFalse(self.server.transport.disconnecting)
             later[4].callback(b"x" * (MiB * 3 // 2))
+            self.clock.advance(timeout - 1)
+            self.assertFalse(self.server.transport.disconnecting)
+            self.clock.advance(1)
         self.assertTrue(self.server.transport.disconnecting)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_answersThatComeAtOnceReachAReader(self) -> None:
+        """Ten 1.5 MiB answers that all come at once (from Deferreds: 15 MiB, over
+        bufferedBytes plus the client's limit) reach a reader that reads."""
+        later = self.later(10)
+        for deferred in later:
+            deferred.callback(b"x" * (MiB * 3 // 2))
+        results: list[Any] = []
+        for result in self.results:
+            result.addBoth(results.append)
+        for _ in range(10_000):
+            if len(results) == 10:
+                break
+            self.pump.pump()
+            self.clock.advance(1)
+        self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 10)
+        self.assertFalse(self.server.disconnected)
 
     def test_manyLargeAnswersAskedAtOnce(self) -> None:
         """Ten 3 MiB answers asked for at once (30 MiB, far over bufferedBytes) all reach a

@@ -509,6 +509,8 @@ class Broker(Banana):
                 self.factory.clientConnectionMade(self)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._backlog is not None and not self.disconnected:
+            self._handleBacklogOnLoss()
         super().connectionLost(reason)
         if self.disconnected:
             return
@@ -1501,6 +1503,23 @@ class Broker(Banana):
             self._decoder = None
             transport: Any = self.transport
             transport.abortConnection()
+
+    def _handleBacklogOnLoss(self) -> None:
+        """
+        Handle what the peer sent before the connection was lost and still waits: it
+        arrived, and a peer that sent a last message and closed expects it handled. What
+        that writes goes nowhere, and nothing is sent any more, so nothing waits for that.
+        """
+        transport: Any = self.transport
+        if type(transport) is not PacedTransport:
+            return
+        transport.paused = False
+        self._largeOut = []
+        try:
+            self._handleBacklog()
+        except Exception:
+            self._log.failure("Handling the messages that arrived before the connection was lost")
+        self._backlog, self._backlogData = None, []
 
     def _handleBacklog(self) -> None:
         """

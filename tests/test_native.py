@@ -1529,6 +1529,41 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertEqual([len(answer) for answer in answers], [3 * 1024 * 1024])
 
 
+class MessagesBeforeALossTests(SynchronousTestCase):
+    """
+    Messages that wait while the connection is full are handled if the connection is lost
+    before it drains: they arrived.
+    """
+
+    def test_lastMessageHandled(self) -> None:
+        """A client that asks for a large answer, sends a last one-way message and closes
+        without reading further: the server handles the message."""
+        seen: list[str] = []
+
+        class Root(NativeRoot):
+            def remote_bye(self, note: str) -> None:
+                seen.append(note)
+
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), clock=clock),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        root = client.remoteForName("root")
+        root.callRemote("big", 8 * MiB).addErrback(lambda _: None)
+        pump.serverIO.bufferReceived(pump.clientIO.getOutBuffer())
+        self.assertTrue(server.transport.paused)
+        root.callRemote("bye", "saved my work", pbanswer=False)
+        pump.serverIO.bufferReceived(pump.clientIO.getOutBuffer())
+        self.assertEqual(seen, [])  # it waits: the connection is full
+        pump.serverIO.disconnecting = True
+        pump.serverIO.reportDisconnect()  # lost before it drained
+        self.assertTrue(server.disconnected)
+        self.assertEqual(seen, ["saved my work"])
+
+
 class NestingDepthTests(SynchronousTestCase):
     """
     ``BrokerLimits.nestingDepth`` bounds how deeply a native value nests: msgpack's lists

@@ -223,10 +223,11 @@ class PacedTransport:
         More than ``limit`` bytes wait for a peer whose connection takes no data: drop it
         unless it takes some within ``limits.stallTimeout`` seconds. A reader that asked for
         many answers at once and reads them keeps its connection; one that stopped reading
-        is dropped.
+        is dropped. While the broker handles the peer's messages although the connection is
+        full (it sent too much meanwhile: ``overflowing``), the peer is dropped at once.
         """
         timeout = self._broker.limits.stallTimeout
-        if timeout is None:
+        if timeout is None or getattr(self._broker, "overflowing", False):
             self._dropNonReader(count, limit)
         elif self._stall is None:
             self._stall = self._broker.clock.callLater(timeout, self._stalled, limit)

@@ -410,6 +410,11 @@ class Broker(Banana):
         self._backlogData: list[bytes] = []
         self._backlogSize = 0
         self._handlingBacklog = False
+        #: Whether the peer's messages are handled although the connection is full, as it
+        #: sent too much meanwhile (see _keepForLater), until the connection drains.
+        self.overflowing = False
+        # Set while the messages before malformed input are handled (see _malformed).
+        self._failing = False
         #: The largest message the peer accepts (it says so in its hello), if known.
         self.peerMessageSize: int | None = BrokerLimits.messageSize
         # Whether the factory is told of the connection when the peer's hello comes (a
@@ -1308,6 +1313,7 @@ class Broker(Banana):
         The connection takes data again: what the peer sent meanwhile is handled first, then
         large messages, streams and pagers go on.
         """
+        self.overflowing = False
         self._pumpLarge()  # which handles the backlog first, and lets streams with credit go on
         self.sendPages()
 
@@ -1388,7 +1394,10 @@ class Broker(Banana):
         if type(transport) is not PacedTransport:
             self._handleData(data)
             return
-        if self._backlog is not None or transport.paused or self._queueFull():
+        if self._backlog is not None or (
+            (transport.paused or (len(self._largeOut) > 1 and self._queueFull()))
+            and not self.overflowing
+        ):
             self._keepForLater(data)
             return
         written = transport.written
@@ -1451,24 +1460,37 @@ class Broker(Banana):
         for index, expression in enumerate(expressions):
             if self._decoder is None:
                 return  # the connection was dropped while handling an expression
-            if transport.paused or self._queueFull():
+            if (transport.paused or (len(self._largeOut) > 1 and self._queueFull())) and not (
+                self._failing or self.overflowing
+            ):
                 self._backlog = expressions[index:]
                 return
             if index and not index % _FLUSH_EVERY:
                 transport.flush()
             self.expressionReceived(expression)
 
+    def _malformed(self, error: BananaDecodeError) -> None:
+        # What arrived intact before the garbage is handled, whether or not the connection
+        # takes data: it is dropped right after.
+        self._failing = True
+        try:
+            super()._malformed(error)
+        finally:
+            self._failing = False
+
     def _queueFull(self) -> bool:
         """
-        Whether more than ``limits.bufferedBytes`` of large messages wait behind the one
-        being sent (native dialect).
+        Whether more than ``limits.bufferedBytes`` of large messages made for the peer
+        (answers, errors, stream items: not this side's own calls) wait behind the one being
+        sent (native dialect).
         """
         largeOut = self._largeOut
         if len(largeOut) < 2:
             return False
         waiting = 0
         for entry in largeOut[1:]:
-            waiting += entry[1]
+            if entry[2] is None:
+                waiting += entry[1]
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:
@@ -1480,8 +1502,9 @@ class Broker(Banana):
         Handling it now would only add answers to those waiting: a peer that asks for many
         large answers at once gets them as it reads them, rather than all at once into
         memory. What waits is bounded: past ``limits.bufferedBytes`` plus the largest
-        message this side accepts (``limits.messageSize``) the peer, which sends but does
-        not read, is dropped.
+        message this side accepts (``limits.messageSize``) it is handled after all, until
+        the connection drains, and the peer is dropped as soon as more than
+        ``limits.bufferedBytes`` waits for it (a peer that sends but does not read).
         """
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.heard()
@@ -1491,18 +1514,11 @@ class Broker(Banana):
             self._backlog = []
         self._backlogData.append(data)
         self._backlogSize += len(data)
-        limit = self.limits.bufferedBytes + (self.limits.messageSize or 0)
-        if self._backlogSize > limit:
-            self._log.warn(
-                "Dropping a peer that sends but does not read: {count} bytes from it wait "
-                "(limit {limit})",
-                count=self._backlogSize,
-                limit=limit,
-            )
-            self._backlog, self._backlogData = None, []
-            self._decoder = None
-            transport: Any = self.transport
-            transport.abortConnection()
+        if self._backlogSize > self.limits.bufferedBytes + (self.limits.messageSize or 0):
+            # The peer sent too much while the connection was full: handle it after all, and
+            # drop the peer as soon as more than bufferedBytes waits for it (see _pacing).
+            self.overflowing = True
+            self._handleBacklog()
 
     def _handleBacklogOnLoss(self) -> None:
         """
@@ -1535,7 +1551,7 @@ class Broker(Banana):
             or type(transport) is not PacedTransport
         ):
             return
-        if transport.paused or self._queueFull():
+        if (transport.paused or self._queueFull()) and not self.overflowing:
             return  # transportResumed() or _pumpLarge() comes back
         written = transport.written
         holding = transport.hold()
@@ -1547,7 +1563,9 @@ class Broker(Banana):
             for index, chunk in enumerate(chunks):
                 if self._decoder is None:
                     return
-                if self._backlog is not None or transport.paused or self._queueFull():
+                if self._backlog is not None or (
+                    (transport.paused or self._queueFull()) and not self.overflowing
+                ):
                     # Paused again: the rest waits, behind what _deliver kept.
                     if self._backlog is None:
                         self._backlog = []

@@ -198,7 +198,9 @@ class HostilePeerTests(SynchronousTestCase):
 
     def test_peerThatSendsButNeverReads(self) -> None:
         """A peer that sends more than bufferedBytes plus messageSize while its connection
-        takes no data is dropped, with a log line; under that nothing happens."""
+        takes no data has its messages handled after all, and is dropped (with a log line)
+        as soon as more than bufferedBytes of answers wait for it; under that nothing
+        happens."""
         paced = self.hostile.transport
         paced.pauseProducing()
         callSize = len(
@@ -212,11 +214,54 @@ class HostilePeerTests(SynchronousTestCase):
             for _ in range(fits):
                 self.call(b"echo", b"x" * 1000)
             self.assertFalse(self.transport.disconnecting)
+            self.assertEqual(self.replies(), [])
             self.call(b"echo", b"x" * 1000)
+        self.assertTrue(self.hostile.overflowing)
         self.assertTrue(self.transport.disconnecting)
-        self.assertTrue(any("does not read" in str(e.get("log_format")) for e in events))
-        self.assertEqual(self.replies(), [])
+        answers = [reply for reply in self.replies() if reply[0] == b"answer"]
+        self.assertEqual(len(answers), fits + 1)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertOthersServed()
+
+    def test_overflowEndsWhenTheConnectionDrains(self) -> None:
+        """Messages handled because too many waited do not make the next pause drop the
+        peer at once: once the connection drains, answers wait for stallTimeout again."""
+        paced = self.hostile.transport
+        paced.pauseProducing()
+        with capturedLogs():
+            while not self.hostile.overflowing:
+                self.attack(b"pong", 1)  # cheap to handle, no answer
+        self.assertFalse(self.transport.disconnecting)
+        paced.resumeProducing()
+        self.assertFalse(self.hostile.overflowing)
+        for _ in range(3):
+            self.call(b"wait")
+        paced.pauseProducing()
+        for deferred in self.service.waiting:
+            deferred.callback(b"x" * 2000)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_messagesBeforeGarbageHandled(self) -> None:
+        """The messages that arrived intact before malformed input are all handled before
+        the connection is dropped, even if the connection fills while they are."""
+        handled: list[int] = []
+
+        def note(n: int) -> None:
+            handled.append(n)
+            self.hostile.transport.pauseProducing()  # the connection fills
+
+        self.service.remote_note = note  # type: ignore[attr-defined]
+        calls = [
+            banana.encode(
+                [b"message", n, b"root", b"note", 1, [b"tuple", n], [b"dictionary"]], b"pb"
+            )
+            for n in (1, 2, 3)
+        ]
+        with capturedLogs():
+            self.hostile.dataReceived(b"".join(calls) + b"\x01\x99")  # an unknown type byte
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(handled, [1, 2, 3])
 
     def test_answersForAReaderThatNeverReads(self) -> None:
         """Answers that come while the connection takes no data (to calls handled before)

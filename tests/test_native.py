@@ -1528,6 +1528,33 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual([len(answer) for answer in answers], [3 * 1024 * 1024])
 
+    def test_ownCallsDoNotHoldBackThePeer(self) -> None:
+        """Large calls this side queued itself do not count as answers waiting: while its
+        connection takes data, it goes on handling the peer's messages (its answers)."""
+        limits = pb.BrokerLimits(bufferedBytes=MiB)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), clock=self.clock, limits=limits),
+            pb.PBClientFactory(clock=self.clock, limits=limits),
+            clock=self.clock,
+            bufferSize=64 * 1024,
+        )
+        results: list[Any] = []
+        root = client.remoteForName("root")
+        for _ in range(10):
+            root.callRemote("echo", b"y" * (MiB * 3 // 2)).addBoth(results.append)
+        self.assertFalse(client._queueFull())
+        heldBack = 0
+        for _ in range(10_000):
+            if len(results) == 10:
+                break
+            pump.pump()
+            self.clock.advance(0)
+            if client._backlog is not None and not client.transport.paused:
+                heldBack += 1
+        self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 10)
+        self.assertEqual(heldBack, 0)
+        self.assertFalse(server.disconnected)
+
 
 class MessagesBeforeALossTests(SynchronousTestCase):
     """

@@ -5,9 +5,9 @@ that pagers wait and a peer that stops reading is eventually dropped.
 :class:`PacedTransport` wraps the real transport and registers itself on it as a streaming
 producer. The real transport pauses it when its buffer fills and resumes it when the buffer
 drains. While paused, the bytes written are counted; past the broker's
-``limits.bufferedBytes`` the connection is aborted, once it has stayed paused for
-``limits.stallTimeout`` seconds more (a reader that reads, however slowly, resumes it
-first). Closing the connection through the wrapper unregisters the producer first, since a
+``limits.bufferedBytes`` the connection is aborted if the real transport sends none of
+what it holds for ``limits.stallTimeout`` seconds (a reader that reads, however slowly,
+keeps it). Closing the connection through the wrapper unregisters the producer first, since a
 TLS transport will not close while a producer is registered on it. Everything else is
 delegated to the real transport, whose interfaces the wrapper declares.
 
@@ -53,6 +53,27 @@ def _idle(real: Any) -> bool:
     except AttributeError:
         return False
     return idle
+
+
+def _pendingIn(transport: Any) -> int | None:
+    """
+    How many bytes ``transport`` holds, not yet sent: read from Twisted's file descriptor
+    transports (and the one under TLS), or asked of a transport with ``pendingBytes()``;
+    ``None`` if it cannot tell.
+    """
+    if isinstance(transport, FileDescriptor):
+        try:
+            pending: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        except AttributeError:
+            return None
+        return pending
+    pendingBytes = getattr(transport, "pendingBytes", None)
+    if pendingBytes is not None:
+        return int(pendingBytes())
+    inner = getattr(transport, "transport", None)  # TLS: its encrypted bytes wait there
+    if isinstance(inner, FileDescriptor):
+        return _pendingIn(inner)
+    return None
 
 
 class PacedTransport:
@@ -230,12 +251,31 @@ class PacedTransport:
         if timeout is None or getattr(self._broker, "overflowing", False):
             self._dropNonReader(count, limit)
         elif self._stall is None:
-            self._stall = self._broker.clock.callLater(timeout, self._stalled, limit)
+            self._armStallTimer(timeout, limit)
 
-    def _stalled(self, limit: int) -> None:
+    def _armStallTimer(self, timeout: float, limit: int) -> None:
+        mark = (self.written, _pendingIn(self._transport))
+        self._stall = self._broker.clock.callLater(timeout, self._stalled, timeout, limit, mark)
+
+    def _stalled(self, timeout: float, limit: int, mark: tuple[int, int | None]) -> None:
+        """
+        ``timeout`` seconds after more than ``limit`` bytes waited: drop the peer unless the
+        connection drained (it resumed this producer) or sent some of what it holds since
+        ``mark`` (bytes written then, and held by the real transport then).
+        """
         self._stall = None
-        if self.paused:
-            self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
+        if not self.paused:
+            return
+        pending = _pendingIn(self._transport)
+        written, pendingThen = mark
+        if (
+            pending is not None
+            and pendingThen is not None
+            and pendingThen + (self.written - written) - pending > 0
+        ):
+            self._armStallTimer(timeout, limit)  # a slow reader, but a reader
+            return
+        self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
 
     def stopStallTimer(self) -> None:
         """
@@ -252,6 +292,11 @@ class PacedTransport:
             limit=limit,
         )
         self.paused = False
+        # What the peer sent meanwhile is not handled as the connection goes (as it is
+        # when a peer closes): this peer misbehaved.
+        discard = getattr(self._broker, "discardBacklog", None)
+        if discard is not None:
+            discard()
         self.abortConnection()
 
     def writeSequence(self, data: list[bytes]) -> None:

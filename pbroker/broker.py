@@ -172,8 +172,8 @@ class BrokerLimits:
     :ivar importedReferences: references to the peer's objects this side holds at once.
     :ivar pendingCalls: calls from the peer still being answered at once.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
-        (a reader that does not read); beyond this the connection is dropped if it still
-        takes nothing ``stallTimeout`` seconds later. The peer's messages that arrive
+        (a reader that does not read); beyond this the connection is dropped if it sends
+        none of it in ``stallTimeout`` seconds. The peer's messages that arrive
         meanwhile wait unhandled, up to this plus ``messageSize`` bytes, beyond which it is
         dropped at once.
     :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
@@ -1519,6 +1519,12 @@ class Broker(Banana):
             # drop the peer as soon as more than bufferedBytes waits for it (see _pacing).
             self.overflowing = True
             self._handleBacklog()
+
+    def discardBacklog(self) -> None:
+        """
+        Forget what the peer sent that waits, unhandled: it is being dropped for misbehaving.
+        """
+        self._backlog, self._backlogData, self._backlogSize = None, [], 0
 
     def _handleBacklogOnLoss(self) -> None:
         """

@@ -52,6 +52,13 @@ class PacingFakeTransport(iosim.FakeTransport):
             self.producerPaused = True
             self.producer.pauseProducing()
 
+    def pendingBytes(self) -> int:
+        """
+        The bytes written and not yet taken by the pump (what a broker's pacing reads to
+        tell a slow reader from a stalled one).
+        """
+        return sum(len(chunk) for chunk in self.stream)
+
     def getOutBuffer(self) -> Any:
         data = super().getOutBuffer()  # type: ignore[no-untyped-call]
         self.waiting = 0

@@ -11,9 +11,11 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import banana, jelly, pb
@@ -262,6 +264,25 @@ class HostilePeerTests(SynchronousTestCase):
             self.hostile.dataReceived(b"".join(calls) + b"\x01\x99")  # an unknown type byte
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(handled, [1, 2, 3])
+
+    def test_droppedPeersWaitingCallsNotRun(self) -> None:
+        """The calls of a peer dropped for not reading, waiting while the connection was
+        full, are not run as the connection goes."""
+        hostile = pb.PBServerFactory(
+            self.service, limits=dataclasses.replace(LIMITS, stallTimeout=None)
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        hostile.makeConnection(transport)
+        hostile.dataReceived(banana.encode(b"pb"))
+        hostile.transport.pauseProducing()
+        for n in (1, 2):
+            call = [b"message", n, b"root", b"wait", 1, [b"tuple"], [b"dictionary"]]
+            hostile.dataReceived(banana.encode(call, b"pb"))
+        with capturedLogs():
+            hostile.transport.write(b"x" * 6000)  # over bufferedBytes: dropped
+        self.assertTrue(transport.disconnecting)
+        hostile.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.service.waiting, [])
 
     def test_answersForAReaderThatNeverReads(self) -> None:
         """Answers that come while the connection takes no data (to calls handled before)

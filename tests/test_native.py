@@ -14,11 +14,13 @@ from functools import partial
 from typing import Any
 
 import msgpack
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, context, jelly, pb
@@ -31,7 +33,7 @@ from pbroker.errors import (
     UnsupportedByPeer,
 )
 from pbroker.stream import RemoteStream, Stream
-from pbroker.testing import connectedServerAndClient
+from pbroker.testing import PacingFakeTransport, connectedServerAndClient
 
 
 class Thing(pb.Copyable):
@@ -1554,6 +1556,73 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 10)
         self.assertEqual(heldBack, 0)
         self.assertFalse(server.disconnected)
+
+
+class SlowDrain(PacingFakeTransport):
+    """
+    A pacing fake transport whose peer reads ``chunk`` bytes per pump, and that resumes its
+    producer only once all it holds is taken, as Twisted's TCP transports do.
+    """
+
+    chunk = 16 * 1024
+
+    def getOutBuffer(self) -> Any:
+        if not self.stream:
+            return None
+        data = b"".join(self.stream)
+        out, rest = data[: self.chunk], data[self.chunk :]
+        self.stream = [rest] if rest else []
+        self.waiting = len(rest)
+        if not rest and self.producerPaused:
+            self.producerPaused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+        return out
+
+
+class SlowReaderTests(SynchronousTestCase):
+    def test_slowReaderKept(self) -> None:
+        """A reader that reads steadily, if too slowly to drain what waits for it within
+        stallTimeout, keeps its connection: what it took since the timer started counts."""
+        taken: list[int] = []
+
+        class Sink(pb.Referenceable):
+            def remote_take(self, data: bytes) -> None:
+                taken.append(len(data))
+
+        class Root(pb.Root):
+            def remote_burst(self, sink: Any, count: int) -> None:
+                for _ in range(count):
+                    sink.callRemote("take", b"x" * 8000)
+
+        clock = Clock()
+        limits = pb.BrokerLimits(bufferedBytes=256 * 1024, stallTimeout=5.0)
+        server = pb.PBServerFactory(Root(), clock=clock, limits=limits).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 54321)
+        )
+        client = pb.PBClientFactory(clock=clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 8789)
+        )
+        serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
+        pump = iosim.connect(
+            server,
+            SlowDrain(server, True, serverAddress, clientAddress, bufferSize=64 * 1024),
+            client,
+            PacingFakeTransport(client, False, clientAddress, serverAddress, bufferSize=64 * 1024),
+            greet=True,
+            clock=clock,
+        )
+        client.remoteForName("root").callRemote("burst", Sink(), 200)
+        with capturedLogs() as events:
+            for _ in range(400):  # 16 KiB per 0.1 s: 1.6 MB in about 10 s, over 5 s
+                clock.advance(0.1)
+                pump.pump()
+                if len(taken) == 200 or server.disconnected:
+                    break
+        self.assertEqual(len(taken), 200)
+        self.assertFalse(server.disconnected)
+        self.assertFalse(any("stopped reading" in str(e.get("log_format")) for e in events))
 
 
 class MessagesBeforeALossTests(SynchronousTestCase):

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, banana, pb
-from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport
+from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport, _pendingIn
 from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
 
 
@@ -601,3 +601,24 @@ class ResetPeerTests(TestCase):
         peer.close()
         [reason] = await lost
         self.assertIsInstance(reason.value, ConnectionLost)
+
+
+class PendingTests(SynchronousTestCase):
+    """
+    _pendingIn reads how much a transport holds unsent, which tells a slow reader from a
+    stalled one.
+    """
+
+    def test_fileDescriptor(self) -> None:
+        """A file descriptor transport's buffers, both of them, minus what it sent."""
+        real = SocketTransport()
+        real.limit = 3
+        real.write(b"abcde")
+        real.write(b"fg")
+        self.assertEqual(_pendingIn(real), 7)
+        real.doWrite()
+        self.assertEqual(_pendingIn(real), 4)
+
+    def test_unknown(self) -> None:
+        """A transport that cannot tell: None (a paused peer is then taken as stalled)."""
+        self.assertIsNone(_pendingIn(StringTransport()))

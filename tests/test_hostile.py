@@ -84,6 +84,20 @@ class HostilePeerTests(SynchronousTestCase):
                 return jelly.unjelly(reply[2], registry=self.hostile.registry)
         self.fail(f"no error for request {requestID}")
 
+    def pausedPeerDroppedAtOnce(self) -> tuple[Any, StringTransport]:
+        """
+        Another hostile connection, with ``stallTimeout=None``, whose transport has paused
+        its broker; the broker and the string transport under it.
+        """
+        hostile = pb.PBServerFactory(
+            self.service, limits=dataclasses.replace(LIMITS, stallTimeout=None)
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        hostile.makeConnection(transport)
+        hostile.dataReceived(banana.encode(b"pb"))
+        hostile.transport.pauseProducing()
+        return hostile, transport
+
     def assertOthersServed(self) -> None:
         """A well-behaved client of the same factory gets its answers."""
         _server, client, pump = connectedServerAndClient(self.factory, pb.PBClientFactory())
@@ -268,13 +282,7 @@ class HostilePeerTests(SynchronousTestCase):
     def test_droppedPeersWaitingCallsNotRun(self) -> None:
         """The calls of a peer dropped for not reading, waiting while the connection was
         full, are not run as the connection goes."""
-        hostile = pb.PBServerFactory(
-            self.service, limits=dataclasses.replace(LIMITS, stallTimeout=None)
-        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        transport = StringTransport()
-        hostile.makeConnection(transport)
-        hostile.dataReceived(banana.encode(b"pb"))
-        hostile.transport.pauseProducing()
+        hostile, transport = self.pausedPeerDroppedAtOnce()
         for n in (1, 2):
             call = [b"message", n, b"root", b"wait", 1, [b"tuple"], [b"dictionary"]]
             hostile.dataReceived(banana.encode(call, b"pb"))
@@ -323,13 +331,7 @@ class HostilePeerTests(SynchronousTestCase):
     def test_stallTimeoutNone(self) -> None:
         """With stallTimeout None, a peer is dropped as soon as more than bufferedBytes
         waits for it."""
-        hostile = pb.PBServerFactory(
-            self.service, limits=dataclasses.replace(LIMITS, stallTimeout=None)
-        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        transport = StringTransport()
-        hostile.makeConnection(transport)
-        hostile.dataReceived(banana.encode(b"pb"))
-        hostile.transport.pauseProducing()
+        hostile, transport = self.pausedPeerDroppedAtOnce()
         with capturedLogs():
             hostile.transport.write(b"x" * 5000)
             self.assertFalse(transport.disconnecting)

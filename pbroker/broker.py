@@ -1522,9 +1522,11 @@ class Broker(Banana):
 
     def discardBacklog(self) -> None:
         """
-        Forget what the peer sent that waits, unhandled: it is being dropped for misbehaving.
+        Handle nothing more the peer sent, waiting or not (a backlog being handled stops
+        too): it is being dropped for misbehaving.
         """
         self._backlog, self._backlogData, self._backlogSize = None, [], 0
+        self._decoder = None
 
     def _handleBacklogOnLoss(self) -> None:
         """

@@ -292,6 +292,45 @@ class HostilePeerTests(SynchronousTestCase):
         hostile.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.service.waiting, [])
 
+    def test_droppedWhileOverflowingRunsNoMore(self) -> None:
+        """A peer dropped while its waiting messages are handled after all (it sent too
+        much) has none of the rest run."""
+        ran: list[bool] = []
+        self.service.remote_note = lambda: ran.append(transport.disconnecting)  # type: ignore[attr-defined]
+        limits = dataclasses.replace(LIMITS, bufferedBytes=100_000, messageSize=70_000)
+        hostile = pb.PBServerFactory(self.service, limits=limits, clock=self.clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 1)
+        )
+        transport = StringTransport()
+        hostile.makeConnection(transport)
+        hostile.dataReceived(banana.encode(b"pb"))
+        hostile.transport.pauseProducing()
+        with capturedLogs():
+            for n in range(1, 40):
+                if transport.disconnecting:
+                    break
+                hostile.dataReceived(
+                    banana.encode(
+                        [
+                            b"message",
+                            n,
+                            b"root",
+                            b"echo",
+                            1,
+                            [b"tuple", b"x" * 10_000],
+                            [b"dictionary"],
+                        ],
+                        b"pb",
+                    )
+                    + banana.encode(
+                        [b"message", 0, b"root", b"note", 0, [b"tuple"], [b"dictionary"]], b"pb"
+                    )
+                )
+        self.assertTrue(hostile.overflowing)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(ran)
+        self.assertNotIn(True, ran)
+
     def test_answersForAReaderThatNeverReads(self) -> None:
         """Answers that come while the connection takes no data (to calls handled before)
         count against bufferedBytes: past it, the peer is dropped if its connection still

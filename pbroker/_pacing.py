@@ -40,21 +40,6 @@ HOLD_LIMIT = 64 * 1024
 LARGE_CHUNK = 1024 * 1024
 
 
-def _idle(real: Any) -> bool:
-    """
-    Whether the file descriptor transport ``real`` has nothing buffered and no TLS started
-    on it (TCP's startTLS: its bytes must be encrypted), so that bytes may go straight to its
-    socket. Read from Twisted's attributes; should they change, never.
-    """
-    if getattr(real, "TLS", False):
-        return False
-    try:
-        idle: bool = real.offset == len(real.dataBuffer) and not real._tempDataLen
-    except AttributeError:
-        return False
-    return idle
-
-
 def _pendingIn(transport: Any) -> int | None:
     """
     How many bytes ``transport`` holds, not yet sent: read from Twisted's file descriptor
@@ -74,6 +59,15 @@ def _pendingIn(transport: Any) -> int | None:
     if isinstance(inner, FileDescriptor):
         return _pendingIn(inner)
     return None
+
+
+def _idle(real: Any) -> bool:
+    """
+    Whether the file descriptor transport ``real`` has nothing buffered and no TLS started
+    on it (TCP's startTLS: its bytes must be encrypted), so that bytes may go straight to its
+    socket. Read from Twisted's attributes; should they change, never.
+    """
+    return not getattr(real, "TLS", False) and _pendingIn(real) == 0
 
 
 class PacedTransport:
@@ -248,7 +242,7 @@ class PacedTransport:
         full (it sent too much meanwhile: ``overflowing``), the peer is dropped at once.
         """
         timeout = self._broker.limits.stallTimeout
-        if timeout is None or getattr(self._broker, "overflowing", False):
+        if timeout is None or self._broker.overflowing:
             self._dropNonReader(count, limit)
         elif self._stall is None:
             self._armStallTimer(timeout, limit)
@@ -294,9 +288,7 @@ class PacedTransport:
         self.paused = False
         # What the peer sent meanwhile is not handled as the connection goes (as it is
         # when a peer closes): this peer misbehaved.
-        discard = getattr(self._broker, "discardBacklog", None)
-        if discard is not None:
-            discard()
+        self._broker.discardBacklog()
         self.abortConnection()
 
     def writeSequence(self, data: list[bytes]) -> None:

@@ -528,7 +528,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
-        self._backlog, self._backlogData = None, []
+        self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
         self._streams.connectionLost(reason)
@@ -1394,9 +1394,9 @@ class Broker(Banana):
         if type(transport) is not PacedTransport:
             self._handleData(data)
             return
+        # (_peerWaits is false unless one of the first two holds: a cheap test first.)
         if self._backlog is not None or (
-            (transport.paused or (len(self._largeOut) > 1 and self._queueFull()))
-            and not self.overflowing
+            (transport.paused or self._largeOut) and self._peerWaits(transport)
         ):
             self._keepForLater(data)
             return
@@ -1460,9 +1460,7 @@ class Broker(Banana):
         for index, expression in enumerate(expressions):
             if self._decoder is None:
                 return  # the connection was dropped while handling an expression
-            if (transport.paused or (len(self._largeOut) > 1 and self._queueFull())) and not (
-                self._failing or self.overflowing
-            ):
+            if (transport.paused or self._largeOut) and self._peerWaits(transport):
                 self._backlog = expressions[index:]
                 return
             if index and not index % _FLUSH_EVERY:
@@ -1478,17 +1476,25 @@ class Broker(Banana):
         finally:
             self._failing = False
 
+    def _peerWaits(self, transport: PacedTransport) -> bool:
+        """
+        Whether the peer's messages wait, unhandled: the connection takes no data, or more
+        than ``limits.bufferedBytes`` of large messages made for the peer (answers, errors,
+        stream items: not this side's own calls) wait behind the one being sent (native
+        dialect); unless they are handled after all (overflowing, or before malformed
+        input).
+        """
+        if self.overflowing or self._failing:
+            return False
+        return transport.paused or (len(self._largeOut) > 1 and self._queueFull())
+
     def _queueFull(self) -> bool:
         """
-        Whether more than ``limits.bufferedBytes`` of large messages made for the peer
-        (answers, errors, stream items: not this side's own calls) wait behind the one being
-        sent (native dialect).
+        Whether more than ``limits.bufferedBytes`` of large messages made for the peer wait
+        behind the one being sent.
         """
-        largeOut = self._largeOut
-        if len(largeOut) < 2:
-            return False
         waiting = 0
-        for entry in largeOut[1:]:
+        for entry in self._largeOut[1:]:
             if entry[2] is None:
                 waiting += entry[1]
         return waiting > self.limits.bufferedBytes
@@ -1543,7 +1549,6 @@ class Broker(Banana):
             self._handleBacklog()
         except Exception:
             self._log.failure("Handling the messages that arrived before the connection was lost")
-        self._backlog, self._backlogData = None, []
 
     def _handleBacklog(self) -> None:
         """
@@ -1559,7 +1564,7 @@ class Broker(Banana):
             or type(transport) is not PacedTransport
         ):
             return
-        if (transport.paused or self._queueFull()) and not self.overflowing:
+        if self._peerWaits(transport):
             return  # transportResumed() or _pumpLarge() comes back
         written = transport.written
         holding = transport.hold()
@@ -1571,9 +1576,7 @@ class Broker(Banana):
             for index, chunk in enumerate(chunks):
                 if self._decoder is None:
                     return
-                if self._backlog is not None or (
-                    (transport.paused or self._queueFull()) and not self.overflowing
-                ):
+                if self._backlog is not None or self._peerWaits(transport):
                     # Paused again: the rest waits, behind what _deliver kept.
                     if self._backlog is None:
                         self._backlog = []

@@ -103,9 +103,15 @@ def serveOn(transport: Any, dialect: bytes) -> Any:
 
 
 class FakeBroker:
+    overflowing = False
+
     def __init__(self) -> None:
         self.limits = pb.BrokerLimits()
         self.resumed = 0
+        self.discarded = 0
+
+    def discardBacklog(self) -> None:
+        self.discarded += 1
 
     def transportResumed(self) -> None:
         self.resumed += 1

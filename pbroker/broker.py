@@ -202,8 +202,16 @@ class BrokerLimits:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
         if self.messageSize is not None and self.messageSize < 1:
             raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
-        if self.stallTimeout is not None and not self.stallTimeout >= 0:
-            raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
+        if self.stallTimeout is not None:
+            if isinstance(self.stallTimeout, bool) or not isinstance(
+                self.stallTimeout, int | float
+            ):
+                raise TypeError(
+                    "BrokerLimits.stallTimeout must be a number of seconds or None, not "
+                    f"{type(self.stallTimeout).__name__}"
+                )
+            if not self.stallTimeout >= 0:
+                raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:

@@ -383,6 +383,20 @@ class HostilePeerTests(SynchronousTestCase):
             with self.assertRaises(ValueError):
                 pb.BrokerLimits(**{name: 0})
 
+    def test_stallTimeoutValidated(self) -> None:
+        """stallTimeout is seconds (0 or more) or None; anything else is refused, with a
+        message naming it."""
+        for bad in (-1, float("nan")):
+            with self.assertRaises(ValueError) as raised:
+                pb.BrokerLimits(stallTimeout=bad)
+            self.assertIn("stallTimeout must be at least 0", str(raised.exception))
+        for wrong in ("30", True):
+            with self.assertRaises(TypeError) as typed:
+                pb.BrokerLimits(stallTimeout=wrong)  # type: ignore[arg-type]
+            self.assertIn("stallTimeout must be a number of seconds", str(typed.exception))
+        self.assertEqual(pb.BrokerLimits(stallTimeout=0).stallTimeout, 0)
+        self.assertIsNone(pb.BrokerLimits(stallTimeout=None).stallTimeout)
+
 
 class AllowListTests(SynchronousTestCase):
     def test_twoServersAcceptDifferentClasses(self) -> None:

@@ -114,6 +114,9 @@ _HOOKLESS = _SCALARS | {bytes, str}
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
 # What a registration made while serialising counted (see Broker._unregister).
 _EXPORT, _CACHE, _STREAM = 0, 1, 2
+#: A reference to the peer's object, kept until the value naming it is sent (see
+#: Broker.keepUntilSent); not a count.
+_KEPT = 4
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -438,8 +441,9 @@ class Broker(Banana):
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self._streams = StreamTable(self)
         # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
-        # a value is serialised, so that they can be undone if it is never sent; else None.
-        self._registrations: list[tuple[int, int]] | None = None
+        # a value is serialised, so that they can be undone if it is never sent, and
+        # (reference, _KEPT) of each of the peer's objects it names; else None.
+        self._registrations: list[tuple[Any, int]] | None = None
         # The same for what the peer counted in a value being unserialised (its references,
         # cache handles and streams, as they arrive), so that what does not arrive because
         # the value fails half-way can be released; else None.
@@ -447,7 +451,7 @@ class Broker(Banana):
         # Caches this side released unread (see _releaseUnread), whose uncache is to come.
         self._unreadCaches: set[int] | None = None
         # The last serialised value that counted any, with them (see _takeRegistrations).
-        self._lastRegistered: tuple[Any, list[tuple[int, int]]] | None = None
+        self._lastRegistered: tuple[Any, list[tuple[Any, int]]] | None = None
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -732,6 +736,14 @@ class Broker(Banana):
         else:
             self.sendCall(*expression)
 
+    def _sendRelease(self, command: bytes, objectID: Any) -> None:
+        """
+        Send a ``decref`` or ``decache``: behind any large message being sent, which may name
+        the object it releases (as the target of a call, in an argument or in an answer), so
+        that the peer does not forget the object before that message arrives.
+        """
+        self._sendBehindLarge(command, objectID)
+
     def _flushAfterLarge(self) -> None:
         while self._afterLarge and not self._largeOut and not self.disconnected:
             self._writePayload(self._afterLarge.pop(0))
@@ -776,7 +788,7 @@ class Broker(Banana):
         # Each value has its own journal: one serialised by a hook while another is (an
         # answer a getStateToCopy completes, say) is a message of its own.
         outer = self._registrations
-        registrations: list[tuple[int, int]] = []
+        registrations: list[tuple[Any, int]] = []
         self._registrations = registrations
         result: Any
         try:
@@ -799,7 +811,7 @@ class Broker(Banana):
             self._lastRegistered = (result, registrations)
         return result
 
-    def _takeRegistrations(self, netValue: Any) -> list[tuple[int, int]] | None:
+    def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None:
         """
         The exports and cache handles that :meth:`serialize` counted for ``netValue`` (the
         value it returned last), for :meth:`_unregister` if the value cannot be sent.
@@ -817,7 +829,7 @@ class Broker(Banana):
         """
         self._unregister(self._takeRegistrations(netValue))
 
-    def _unregister(self, registrations: list[tuple[int, int]] | None) -> None:
+    def _unregister(self, registrations: list[tuple[Any, int]] | None) -> None:
         """
         Undo the exports and cache handles counted for a value the peer never received: the
         peer cannot release them, so objects would stay exported (and Cacheables observed)
@@ -836,7 +848,7 @@ class Broker(Banana):
                     del self.remotelyCachedObjects[luid]
                     self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
                     self._stopObserving(local)
-            else:
+            elif kind == _STREAM:
                 self._streams.drop([luid])
 
     def _registerStream(self, source: Any) -> int:
@@ -932,7 +944,7 @@ class Broker(Banana):
                 continue
             budget[kind] -= 1
             if kind == _EXPORT:
-                self.sendCall(b"decref", luid)
+                self._sendRelease(b"decref", luid)
             elif kind == _CACHE:
                 unread = self._unreadCaches
                 if luid in self.locallyCachedObjects or (unread is not None and luid in unread):
@@ -946,7 +958,7 @@ class Broker(Banana):
                     unread.add(luid)
                 else:
                     continue  # not a cache of the peer's: its mistake, nothing to release
-                self.sendCall(b"decache", luid)
+                self._sendRelease(b"decache", luid)
             else:
                 streams = self._streams
                 if luid in streams.incoming or luid in streams.cancelled:
@@ -1076,7 +1088,7 @@ class Broker(Banana):
         self.jellyMethod = message
         data: bytes | _Payload
         outer = self._registrations
-        registrations: list[tuple[int, int]] = []
+        registrations: list[tuple[Any, int]] = []
         self._registrations = registrations
         try:
             if self._codec is not None:
@@ -1201,7 +1213,7 @@ class Broker(Banana):
                 count=self.importedReferences,
             )
             if not self.disconnected and self.transport is not None:
-                self.sendCall(b"decref", luid)
+                self._sendRelease(b"decref", luid)
             raise LimitExceeded(
                 f"the peer sent more than {self.limits.importedReferences} references"
             )
@@ -1219,7 +1231,7 @@ class Broker(Banana):
         self.importedReferences -= 1
         if not self._canSend:
             return
-        self.sendCall(b"decref", objectID)
+        self._sendRelease(b"decref", objectID)
 
     # Paging: pagers send while the pacing transport says the connection takes data.
 
@@ -1627,6 +1639,20 @@ class Broker(Banana):
             self._registrations.append((luid, _EXPORT))
         return luid
 
+    def keepUntilSent(self, reference: Any) -> None:
+        """
+        Keep ``reference``, the peer's object (a RemoteReference or a cache copy) named in the
+        value being serialised, until that value has been written.
+
+        Its release (a ``decref`` or ``decache``) is sent when it is garbage collected, which
+        may happen between the packing of the value and its writing: a remote method's
+        arguments are freed once its result is packed, before the answer is sent. Sent then,
+        the release would overtake the answer, and the peer would forget the object the
+        answer hands back to it.
+        """
+        if self._registrations is not None:
+            self._registrations.append((reference, _KEPT))
+
     def _refuseOverLimit(self, what: str) -> NoReturn:
         """
         Refuse one more exported reference or cached object (Twisted's messages); after
@@ -1728,7 +1754,7 @@ class Broker(Banana):
         """
         if not self._canSend:
             return
-        self.sendCall(b"decache", objectID)
+        self._sendRelease(b"decache", objectID)
 
     def _stopObserving(self, local: Local) -> None:
         cacheable = local.object

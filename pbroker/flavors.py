@@ -343,6 +343,7 @@ class RemoteCache(RemoteCopy, Serializable):
             return getInstanceState(self, jellier)
         if jellier.invoker is not self.broker:
             raise JellyError("a RemoteCache can only be sent back over the connection it came from")
+        self.broker.keepUntilSent(self)  # its decache must not overtake the value naming it
         return [b"lcache", self.luid]
 
     def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:

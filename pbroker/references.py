@@ -140,6 +140,7 @@ class RemoteReference(Serializable):
             return jellier.unpersistable("References cannot be serialized")
         if jellier.invoker is not self.broker:
             raise JellyError("a RemoteReference can only be sent over the connection it came from")
+        self.broker.keepUntilSent(self)  # its decref must not overtake the value naming it
         return [b"local", self.luid]
 
     def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> RemoteReference:

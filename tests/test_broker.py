@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import gc
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -203,12 +204,40 @@ class BrokerTestsMixin:
         self.assertTrue(results[0].check(self.clientModule.PBConnectionLost))  # type: ignore[attr-defined]
 
 
-class PbrokerToPbrokerTests(BrokerTestsMixin, SynchronousTestCase):
+class ObjectGivenBackTestsMixin:
+    """
+    The caller's own object, handed back in an answer, by a pbroker server.
+    """
+
+    clientModule: Any
+    server: Any
+    client: Any
+    pump: Any
+    root: Any
+    call: Callable[..., Any]
+
+    def test_callersObjectGivenBack(self) -> None:
+        """
+        An answer that hands the caller's object back arrives as that object, although the
+        server's reference to it is gone once the answer is packed: its decref waits for the
+        answer. Stock Twisted PB sends the decref first, and the caller gets ``None``.
+        """
+        counter = self.clientModule.Referenceable()
+        self.assertIs(self.call(self.root, "echo", counter), counter)  # type: ignore[attr-defined]
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.client.localObjects.get(1), None)  # type: ignore[attr-defined]
+        self.assertEqual(self.server.importedReferences, 0)  # type: ignore[attr-defined]
+
+
+class PbrokerToPbrokerTests(ObjectGivenBackTestsMixin, BrokerTestsMixin, SynchronousTestCase):
     serverModule = pb
     clientModule = pb
 
 
-class PbrokerToPbrokerPbDialectTests(BrokerTestsMixin, SynchronousTestCase):
+class PbrokerToPbrokerPbDialectTests(
+    ObjectGivenBackTestsMixin, BrokerTestsMixin, SynchronousTestCase
+):
     """
     Two pbroker peers held to PB's encoding (the ``pbroker1`` dialect).
     """
@@ -223,7 +252,9 @@ class PbrokerToPbrokerPbDialectTests(BrokerTestsMixin, SynchronousTestCase):
         self.assertFalse(self.client.isNative)
 
 
-class PbrokerServerTwistedClientTests(BrokerTestsMixin, SynchronousTestCase):
+class PbrokerServerTwistedClientTests(
+    ObjectGivenBackTestsMixin, BrokerTestsMixin, SynchronousTestCase
+):
     serverModule = pb
     clientModule = twistedPb
 

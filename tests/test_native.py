@@ -55,6 +55,11 @@ class Counter(pb.Referenceable):
         return self.count
 
 
+class Sizer(pb.Referenceable):
+    def remote_size(self, data: bytes) -> int:
+        return len(data)
+
+
 class NativeRoot(pb.Root):
     def __init__(self) -> None:
         self.counter = Counter()
@@ -403,6 +408,69 @@ class LargeMessageTests(NativeTestCase):
         self.assertEqual(len(big[0]), 100 * 1024 * 1024)
         self.assertGreater(len(small), 50)
         self.assertEqual(small, list(range(len(small))))
+
+    def test_referenceDroppedWhileItsLargeCallIsSent(self) -> None:
+        """
+        A reference dropped while a large call made on it is still being sent does not
+        release its object before the call arrives: the decref waits behind the call.
+        """
+        self.rootObject.remote_sizer = Sizer  # type: ignore[attr-defined]
+        large = b"x" * (3 * 1024 * 1024)
+        sizer = self.call("sizer")
+        d = sizer.callRemote("size", large)
+        self.assertTrue(self.client.sendingLarge)
+        del sizer
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), len(large))
+        # The decref arrived after the call, and released the object.
+        self.assertEqual(
+            [type(local.object) for local in self.server.localObjects.values()], [NativeRoot]
+        )
+
+    def test_referenceDroppedWhileALargeAnswerHoldingItIsSent(self) -> None:
+        """
+        A reference to the caller's object, sent back in a large answer and dropped at once
+        by the server, reaches the caller as its own object: the decref does not overtake the
+        answer.
+        """
+
+        def giveBack(counter: Any) -> list[Any]:
+            return [counter, b"x" * (3 * 1024 * 1024)]
+
+        self.rootObject.remote_giveBack = giveBack  # type: ignore[attr-defined]
+        counter = Counter()
+        answer = self.call("giveBack", counter)
+        self.assertIs(answer[0], counter)
+        self.assertEqual(len(answer[1]), 3 * 1024 * 1024)
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.client.localObjects, {})
+
+    def test_cacheDroppedWhileALargeCallHoldingItIsSent(self) -> None:
+        """
+        A cached copy passed back to its owner in a large call, and dropped while that call
+        is being sent, arrives as the owner's own Cacheable: the decache waits behind it.
+        """
+        from tests.test_broker import Gauge, RemoteGauge
+
+        gauge = Gauge()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.rootObject.remote_gauge = lambda: gauge  # type: ignore[attr-defined]
+        self.rootObject.remote_isGauge = lambda g, data: (  # type: ignore[attr-defined]
+            g is gauge,
+            len(data),
+        )
+        copy = self.call("gauge")
+        self.assertIsInstance(copy, RemoteGauge)
+        d = self.root.callRemote("isGauge", copy, b"x" * (3 * 1024 * 1024))
+        self.assertTrue(self.client.sendingLarge)
+        del copy
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), (True, 3 * 1024 * 1024))
+        self.assertEqual(self.server.remotelyCachedObjects, {})
+        self.assertEqual(gauge.stopped, 1)
 
     def test_overPeerLimit(self) -> None:
         """A call bigger than the peer accepts fails at once with LimitExceeded."""

@@ -178,8 +178,7 @@ class BrokerLimits:
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive
         meanwhile wait unhandled, up to this plus ``messageSize`` bytes, beyond which it is
-        dropped at once. This side's large native calls that are sent and not yet
-        answered add up to at most this (one is always sent); the others wait, unsent.
+        dropped at once.
     :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
         go on taking nothing (``None``: it is dropped as soon as that much waits).
     """
@@ -414,12 +413,6 @@ class Broker(Banana):
         self._pumpingLarge = False
         # Stream messages waiting for the large messages queued before them.
         self._afterLarge: list[bytes | _Payload] = []
-        # Large calls this side sent (or is sending) whose answers have not come: request id
-        # -> size; their sizes add up to _largeCallBytes. Those that wait for room (see
-        # _sendLargeCall): (payload, request id, what it keeps alive), in order.
-        self._largeCalls: dict[int, int] = {}
-        self._largeCallBytes = 0
-        self._waitingCalls: collections.deque[tuple[_Payload, int, Any]] = collections.deque()
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -547,9 +540,6 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
-        self._largeCalls = {}
-        self._largeCallBytes = 0
-        self._waitingCalls.clear()
         self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
@@ -1075,14 +1065,11 @@ class Broker(Banana):
         args: tuple[Any, ...],
         kw: dict[str, Any],
         options: _context.CallOptions | None = None,
-        target: Any = None,
     ) -> Deferred[Any] | None:
         """
         Send a call (``prefix`` is ``b""`` or ``b"cache"``) and return the Deferred of its
         answer, or ``None`` for a one-way call (``pbanswer=False``). Cancelling the Deferred
-        abandons the call (and, in the native dialect, cancels it on the peer). ``target``:
-        the RemoteReference called, kept until the call is sent (its decref must not
-        overtake the call).
+        abandons the call (and, in the native dialect, cancels it on the peer).
 
         :raises Exception: why a one-way call could not be sent (a value too large or that
             cannot be serialised, a dead connection): it has no Deferred to fail.
@@ -1133,65 +1120,11 @@ class Broker(Banana):
         transport = self.transport
         if type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
-        elif deferred is not None and type(data) is _Payload:
-            self._sendLargeCall(data, requestID, (target, registrations))
         else:
             self._writePayload(data, requestID)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
-
-    def _sendLargeCall(self, payload: _Payload, requestID: int, keep: Any) -> None:
-        """
-        Send a large call (the native dialect's fragmented form), or have it wait, unsent,
-        while the large calls already sent and not yet answered add up to more than
-        ``limits.bufferedBytes`` with it (one call is always sent, however large).
-
-        The peer keeps the calls it gets while its own answers wait for this side, up to
-        its ``bufferedBytes`` plus ``messageSize``; two peers that each pipelined many
-        large calls at the other would otherwise both overflow that, and each drop the
-        other. ``keep`` (the reference called, and what packing counted) stays alive while
-        the call waits: no release overtakes it.
-        """
-        total = self._largeCallBytes
-        if total and (self._waitingCalls or total + payload.size > self.limits.bufferedBytes):
-            self._waitingCalls.append((payload, requestID, keep))
-            return
-        self._largeCalls[requestID] = payload.size
-        self._largeCallBytes = total + payload.size
-        self._writePayload(payload, requestID)
-
-    def _largeCallEnded(self, requestID: int) -> None:
-        """
-        A large call was answered or abandoned: send the calls that wait, as room allows.
-        """
-        size = self._largeCalls.pop(requestID, None)
-        if size is None:
-            return
-        self._largeCallBytes -= size
-        waiting = self._waitingCalls
-        limit = self.limits.bufferedBytes
-        while waiting and not self.disconnected:
-            payload, waitingID, _keep = waiting[0]
-            total = self._largeCallBytes
-            if total and total + payload.size > limit:
-                return
-            waiting.popleft()
-            self._largeCalls[waitingID] = payload.size
-            self._largeCallBytes = total + payload.size
-            self._writePayload(payload, waitingID)
-
-    def _dropWaitingCall(self, requestID: int) -> bool:
-        """
-        Forget the call ``requestID`` if it waits unsent (see :meth:`_sendLargeCall`),
-        undoing what packing it counted; whether it did.
-        """
-        for index, (_payload, waitingID, keep) in enumerate(self._waitingCalls):
-            if waitingID == requestID:
-                del self._waitingCalls[index]
-                self._unregister(keep[1])
-                return True
-        return False
 
     def _bananaCall(
         self,
@@ -1253,10 +1186,6 @@ class Broker(Banana):
         if self.waitingForAnswers.pop(requestID, None) is None:
             return
         self._replyTargets.pop(requestID, None)
-        if self._waitingCalls and self._dropWaitingCall(requestID):
-            return  # never sent: the peer has nothing to cancel, or to answer
-        if self._largeCalls:
-            self._largeCallEnded(requestID)
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
         else:
@@ -2096,8 +2025,6 @@ class Broker(Banana):
         deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
         if deferred is None:
             self._lateAnswer(requestID)
-        elif self._largeCalls:
-            self._largeCallEnded(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
         if deferred is None:
@@ -2120,8 +2047,6 @@ class Broker(Banana):
         deferred = self.waitingForAnswers.pop(requestID, None) if type(requestID) is int else None
         if deferred is None:
             self._lateAnswer(requestID)
-        elif self._largeCalls:
-            self._largeCallEnded(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
         if deferred is not None:

@@ -80,7 +80,7 @@ class RemoteReference(Serializable):
             or through a disconnected broker) raises why, having no Deferred to fail.
         """
         result: Deferred[Any] | None = self.broker._sendMessage(
-            b"", self.perspective, self.luid, _methodName(_name), args, kw, target=self
+            b"", self.perspective, self.luid, _methodName(_name), args, kw
         )
         return result
 
@@ -195,7 +195,7 @@ class CallingWithOptions:
         """
         ref = self.reference
         result: Deferred[Any] | None = ref.broker._sendMessage(
-            b"", ref.perspective, ref.luid, _methodName(_name), args, kw, self.options, ref
+            b"", ref.perspective, ref.luid, _methodName(_name), args, kw, self.options
         )
         return result
 

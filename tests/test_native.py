@@ -6,11 +6,10 @@ with a fake clock.
 
 from __future__ import annotations
 
-import collections
 import gc
 import inspect
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
 
@@ -1481,6 +1480,7 @@ class DeepExtensionTests(NativeTestCase):
 
 
 MiB = 1024 * 1024
+MiB = 1024 * 1024
 
 
 class LargeAnswersToANonReaderTests(SynchronousTestCase):
@@ -1624,161 +1624,6 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 10)
         self.assertEqual(heldBack, 0)
         self.assertFalse(server.disconnected)
-
-
-class LargeCallWindowTests(SynchronousTestCase):
-    """
-    Large calls this side sent and the peer has not answered add up to at most
-    ``bufferedBytes`` (one call is always sent); the others wait, unsent.
-    """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
-        self.rootObject = NativeRoot()
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=self.limits),
-            pb.PBClientFactory(clock=self.clock, limits=self.limits),
-            clock=self.clock,
-            bufferSize=64 * 1024,
-        )
-        self.root = self.client.remoteForName("root")
-
-    def settle(self, done: Callable[[], bool]) -> None:
-        for _ in range(100_000):
-            if done():
-                return
-            self.pump.pump()
-            self.clock.advance(0)
-        self.fail("not done")
-
-    def test_peersPipeliningAtEachOther(self) -> None:
-        """Two peers that each pipeline 15 MiB of large calls at the other (three times
-        bufferedBytes plus messageSize) both get every answer: neither overflows and drops
-        the other."""
-
-        # Both ends drain as TCP does: slowly, resuming their producer once empty, and taking
-        # up to 4 MiB (the kernel's buffers) before pausing it.
-        class Drain(SlowDrain):
-            chunk = 256 * 1024
-
-        serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
-        clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
-        self.server = pb.PBServerFactory(
-            self.rootObject, clock=self.clock, limits=self.limits
-        ).buildProtocol(clientAddress)
-        self.client = pb.PBClientFactory(clock=self.clock, limits=self.limits).buildProtocol(
-            serverAddress
-        )
-        self.pump = iosim.connect(
-            self.server,
-            Drain(self.server, True, serverAddress, clientAddress, bufferSize=4 * MiB),
-            self.client,
-            Drain(self.client, False, clientAddress, serverAddress, bufferSize=4 * MiB),
-            greet=True,
-            clock=self.clock,
-        )
-        self.root = self.client.remoteForName("root")
-        echo = Sizer()
-        self.rootObject.remote_hello = lambda ref: [  # type: ignore[attr-defined]
-            ref.callRemote("size", b"s" * (MiB * 3 // 2)).addBoth(theirs.append) for _ in range(10)
-        ]
-        theirs: list[Any] = []
-        mine: list[Any] = []
-        self.root.callRemote("hello", echo)
-        for _ in range(10):
-            self.root.callRemote("echo", b"c" * (MiB * 3 // 2)).addBoth(mine.append)
-        self.settle(lambda: len(mine) == len(theirs) == 10)
-        self.assertEqual(theirs, [MiB * 3 // 2] * 10)
-        self.assertEqual([len(answer) for answer in mine], [MiB * 3 // 2] * 10)
-        self.assertFalse(self.client.disconnected)
-        self.assertFalse(self.server.disconnected)
-        self.assertFalse(self.client.overflowing or self.server.overflowing)
-
-    def test_callsWaitForRoom(self) -> None:
-        """A large call waits while those in flight would pass bufferedBytes with it, and
-        goes once an answer makes room; small calls do not wait."""
-        self.rootObject.remote_take = lambda data: len(data)  # type: ignore[attr-defined]
-        results: list[Any] = []
-        for size in (600_000, 300_000, 600_000):
-            self.root.callRemote("take", b"x" * size).addBoth(results.append)
-        self.assertTrue(900_000 < self.client._largeCallBytes < 901_000)  # with the envelopes
-        self.assertEqual(len(self.client._waitingCalls), 1)
-        small: list[Any] = []
-        self.root.callRemote("echo", 1).addBoth(small.append)
-        self.settle(lambda: len(results) == 3)
-        self.assertEqual(results, [600_000, 300_000, 600_000])
-        self.assertEqual(small, [1])
-        self.assertEqual(self.client._largeCallBytes, 0)
-
-    def test_oneCallAlwaysSent(self) -> None:
-        """A call larger than bufferedBytes is sent when nothing else is in flight."""
-        data = b"x" * (3 * MiB)
-        results: list[Any] = []
-        self.root.callRemote("echo", data).addBoth(results.append)
-        self.assertEqual(self.client._waitingCalls, collections.deque())
-        self.settle(lambda: bool(results))
-        self.assertEqual(results, [data])
-
-    def test_waitingCallCancelled(self) -> None:
-        """A waiting call that is cancelled, or whose timeout passes, is never sent, and
-        what it exported is released; the calls behind it go on."""
-        taken: list[int] = []
-        self.rootObject.remote_take = lambda data, ref=None: (  # type: ignore[attr-defined]
-            taken.append(len(data)) or len(data)
-        )
-        first = self.root.callRemote("take", b"a" * (MiB * 3 // 2))
-        cancelled = self.root.callRemote("take", b"b" * (MiB * 3 // 2), Counter())
-        timed = self.root.withOptions(timeout=1).callRemote("take", b"c" * (MiB * 3 // 2))
-        last = self.root.callRemote("take", b"d" * 100_000)
-        self.assertEqual(len(self.client._waitingCalls), 3)
-        self.assertEqual(len(self.client.localObjects), 1)  # the Counter, exported by packing
-        cancelled.cancel()
-        self.failureResultOf(cancelled, CancelledError)
-        self.clock.advance(1)
-        self.failureResultOf(timed, TimeoutError)
-        self.assertEqual(self.client.localObjects, {})
-        self.assertEqual(len(self.client._waitingCalls), 1)
-        self.pump.flush()
-        self.assertEqual(self.successResultOf(first), MiB * 3 // 2)
-        self.assertEqual(self.successResultOf(last), 100_000)
-        self.assertEqual(taken, [MiB * 3 // 2, 100_000])
-        self.assertEqual(self.server._abandoned, set())
-        self.assertEqual(self.client._largeCallBytes, 0)
-
-    def test_referenceDroppedWhileItsCallWaits(self) -> None:
-        """A reference dropped while a call made on it waits for room keeps its object until
-        the call is sent: the call is answered, then the object released."""
-        self.rootObject.remote_sizer = Sizer  # type: ignore[attr-defined]
-        sizer = self.callNow("sizer")
-        first = self.root.callRemote("echo", b"a" * (MiB * 3 // 2))
-        waiting = sizer.callRemote("size", b"b" * (MiB * 3 // 2))
-        self.assertEqual(len(self.client._waitingCalls), 1)
-        del sizer
-        gc.collect()
-        self.pump.flush()
-        self.assertEqual(len(self.successResultOf(first)), MiB * 3 // 2)
-        self.assertEqual(self.successResultOf(waiting), MiB * 3 // 2)
-        self.assertEqual(
-            [type(local.object) for local in self.server.localObjects.values()], [NativeRoot]
-        )
-
-    def test_connectionLostFailsWaitingCalls(self) -> None:
-        """Calls waiting for room fail with PBConnectionLost when the connection is lost."""
-        first = self.root.callRemote("echo", b"a" * (MiB * 3 // 2))
-        waiting = self.root.callRemote("echo", b"b" * (MiB * 3 // 2))
-        self.client.transport.loseConnection()
-        self.pump.flush()
-        self.failureResultOf(first, PBConnectionLost)
-        self.failureResultOf(waiting, PBConnectionLost)
-        self.assertEqual(self.client._waitingCalls, collections.deque())
-        self.assertEqual(self.client._largeCallBytes, 0)
-
-    def callNow(self, *args: Any) -> Any:
-        results: list[Any] = []
-        self.root.callRemote(*args).addBoth(results.append)
-        self.settle(lambda: bool(results))
-        return results[0]
 
 
 class SlowDrain(PacingFakeTransport):

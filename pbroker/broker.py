@@ -117,6 +117,9 @@ _EXPORT, _CACHE, _STREAM = 0, 1, 2
 #: A reference to the peer's object, kept until the value naming it is sent (see
 #: Broker.keepUntilSent); not a count.
 _KEPT = 4
+#: A handle on a cache copy, named while large messages wait to be written (one may hold the
+#: first copy): the value waits behind them (see Broker._behindLarge). Not a count.
+_BEHIND = 5
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -411,8 +414,9 @@ class Broker(Banana):
         self._largeOut: list[list[Any]] = []
         self._largeScheduled = False
         self._pumpingLarge = False
-        # Stream messages waiting for the large messages queued before them.
-        self._afterLarge: list[bytes | _Payload] = []
+        # Messages waiting for the large messages queued before them (streams', releases,
+        # and what names a cache handle), with the request id of a call (else None).
+        self._afterLarge: list[tuple[bytes | _Payload, int | None]] = []
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -732,21 +736,31 @@ class Broker(Banana):
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
-            self._afterLarge.append(self._nativePayload(list(expression)))
+            self._afterLarge.append((self._nativePayload(list(expression)), None))
         else:
             self.sendCall(*expression)
 
+    def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
+        """
+        Whether a value serialised with ``registrations`` must wait behind the large messages
+        queued: it names a cache handle, whose first copy may be in one of them (a handle
+        that arrived first would be refused).
+        """
+        if not registrations or not (self._largeOut or self._afterLarge):
+            return False
+        return any(kind == _BEHIND for _, kind in registrations)
+
     def _sendRelease(self, command: bytes, objectID: Any) -> None:
         """
-        Send a ``decref`` or ``decache``: behind any large message being sent, which may name
-        the object it releases (as the target of a call, in an argument or in an answer), so
-        that the peer does not forget the object before that message arrives.
+        Send a ``decref``, ``decache`` or ``uncache``: behind any large message being sent,
+        which may name the object it releases (as the target of a call, in an argument or in
+        an answer), so that the peer does not forget the object before that message arrives.
         """
         self._sendBehindLarge(command, objectID)
 
     def _flushAfterLarge(self) -> None:
         while self._afterLarge and not self._largeOut and not self.disconnected:
-            self._writePayload(self._afterLarge.pop(0))
+            self._writePayload(*self._afterLarge.pop(0))
 
     @property
     def sendingLarge(self) -> bool:
@@ -1118,7 +1132,9 @@ class Broker(Banana):
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
         transport = self.transport
-        if type(data) is bytes and transport is not None:
+        if registrations and self._behindLarge(registrations):
+            self._afterLarge.append((data, requestID))
+        elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
             self._writePayload(data, requestID)
@@ -1191,7 +1207,9 @@ class Broker(Banana):
         else:
             self._abandonedOverflow = True
         if self.isNative and self._canSend:
-            if any(entry[2] == requestID for entry in self._largeOut):
+            if any(entry[2] == requestID for entry in self._largeOut) or any(
+                waiting == requestID for _, waiting in self._afterLarge
+            ):
                 # The call is still being sent: the cancel must not overtake it.
                 self._sendBehindLarge(b"cancel", requestID)
             else:
@@ -1703,6 +1721,8 @@ class Broker(Banana):
             self.remotelyCachedObjects[luid].incref()
             if self._registrations is not None:
                 self._registrations.append((luid, _CACHE))
+                if self._largeOut or self._afterLarge:
+                    self._registrations.append((luid, _BEHIND))
         return luid
 
     def cacheRemotely(self, instance: Any) -> int:
@@ -1923,7 +1943,12 @@ class Broker(Banana):
             return
         try:
             if callContext is not None and callContext.reply and self.isNative:
-                self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
+                if self._behindLarge(registrations):
+                    self._sendBehindLarge(b"answerctx", requestID, netResult, callContext.reply)
+                else:
+                    self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
+            elif self._behindLarge(registrations):
+                self._sendBehindLarge(b"answer", requestID, netResult)
             elif self._codec is not None:  # sendCall's work, without its two steps
                 self._writePayload(
                     self._nativePayload([b"answer", requestID, netResult], type(netResult) is bytes)
@@ -2103,7 +2128,8 @@ class Broker(Banana):
             del self.remotelyCachedObjects[objectID]
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
             self._stopObserving(local)
-            self.sendCall(b"uncache", objectID)
+            # Behind any large cache message to the copy still being sent.
+            self._sendRelease(b"uncache", objectID)
 
     def _uncache(self, objectID: Any) -> None:
         cache = self.locallyCachedObjects.pop(objectID, None) if type(objectID) is int else None

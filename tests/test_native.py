@@ -472,6 +472,114 @@ class LargeMessageTests(NativeTestCase):
         self.assertEqual(self.server.remotelyCachedObjects, {})
         self.assertEqual(gauge.stopped, 1)
 
+    def test_copyDroppedWhileALargeCacheMessageIsSent(self) -> None:
+        """
+        A copy dropped while its owner sends it a large update still gets the update: the
+        owner's uncache waits behind it.
+        """
+        from tests.test_broker import Gauge
+
+        class RemoteGauge(pb.RemoteCache):
+            def observe_update(self, data: bytes) -> int:
+                return len(data)
+
+        gauge = Gauge()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.rootObject.remote_gauge = lambda: gauge  # type: ignore[attr-defined]
+        copy = self.call("gauge")
+        self.assertIsInstance(copy, RemoteGauge)
+        d = gauge.observers[0].callRemote("update", b"u" * (3 * 1024 * 1024))
+        self.assertTrue(self.server.sendingLarge)
+        del copy
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(d), 3 * 1024 * 1024)
+        self.assertEqual(self.server.remotelyCachedObjects, {})
+        self.assertEqual(self.client.locallyCachedObjects, {})
+
+    def test_handleAfterALargeFirstCopy(self) -> None:
+        """
+        A small call or answer that names a Cacheable whose first copy is in a large call
+        still being sent waits behind that call: a handle never arrives before its copy.
+        """
+        from tests.test_broker import Gauge, RemoteGauge
+
+        gauge = Gauge()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        serverRegistry = self.server.registry
+        serverRegistry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.rootObject.remote_take = lambda g, data=b"": (  # type: ignore[attr-defined]
+            type(g).__name__,
+            len(data),
+        )
+        large = self.root.callRemote("take", gauge, b"x" * (3 * 1024 * 1024))
+        self.assertTrue(self.client.sendingLarge)
+        small = self.root.callRemote("take", gauge)
+        echoed = self.root.callRemote("echo", 1)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(large), ("RemoteGauge", 3 * 1024 * 1024))
+        self.assertEqual(self.successResultOf(small), ("RemoteGauge", 0))
+        self.assertEqual(self.successResultOf(echoed), 1)
+
+    def test_answerWithAHandleAfterALargeFirstCopy(self) -> None:
+        """
+        An answer that names a Cacheable whose first copy is in a large answer still being
+        sent waits behind it, with or without reply annotations.
+        """
+        from tests.test_broker import Gauge, RemoteGauge
+
+        gauge = Gauge()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+
+        def annotated() -> Gauge:
+            pbContext().reply["seen"] = True
+            return gauge
+
+        self.rootObject.remote_gaugeAndData = lambda: (  # type: ignore[attr-defined]
+            gauge,
+            b"x" * (3 * 1024 * 1024),
+        )
+        self.rootObject.remote_gauge = lambda: gauge  # type: ignore[attr-defined]
+        self.rootObject.remote_annotated = annotated  # type: ignore[attr-defined]
+        large = self.root.callRemote("gaugeAndData")
+        self.pump.pump()
+        self.assertTrue(self.server.sendingLarge)
+        small = self.root.callRemote("gauge")
+        reply: dict[str, Any] = {}
+        annotatedCall = self.root.withOptions(context={"id": 1}, reply=reply).callRemote(
+            "annotated"
+        )
+        self.pump.flush()
+        copy, data = self.successResultOf(large)
+        self.assertIsInstance(copy, RemoteGauge)
+        self.assertEqual(len(data), 3 * 1024 * 1024)
+        self.assertIsInstance(self.successResultOf(small), RemoteGauge)
+        self.assertIsInstance(self.successResultOf(annotatedCall), RemoteGauge)
+        self.assertEqual(reply, {"seen": True})
+
+    def test_cancelOfACallBehindALargeFirstCopy(self) -> None:
+        """
+        A call that waits behind a large first copy (see above) and is cancelled is cancelled
+        on the server: the cancel waits behind the call.
+        """
+        from tests.test_broker import Gauge, RemoteGauge
+
+        gauge = Gauge()
+        self.server.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        cancelled: list[str] = []
+        self.rootObject.remote_take = lambda g, data=b"": len(data)  # type: ignore[attr-defined]
+        self.rootObject.remote_hold = lambda g: Deferred(  # type: ignore[attr-defined]
+            lambda _: cancelled.append(type(g).__name__)
+        )
+        large = self.root.callRemote("take", gauge, b"x" * (3 * 1024 * 1024))
+        held = self.root.callRemote("hold", gauge)
+        held.cancel()
+        self.failureResultOf(held, CancelledError)
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(large), 3 * 1024 * 1024)
+        self.assertEqual(cancelled, ["RemoteGauge"])
+        self.assertEqual(self.server._answering, {})
+
     def test_overPeerLimit(self) -> None:
         """A call bigger than the peer accepts fails at once with LimitExceeded."""
         self.client.peerMessageSize = 1024 * 1024

@@ -181,7 +181,8 @@ class BrokerLimits:
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive
         meanwhile wait unhandled, up to this plus ``messageSize`` bytes, beyond which it is
-        dropped at once.
+        dropped at once. Large native calls that this side sent and a pbroker peer has not
+        started handling yet add up to at most this (one is always sent); the others wait.
     :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
         go on taking nothing (``None``: it is dropped as soon as that much waits).
     """
@@ -293,11 +294,13 @@ class _Payload:
     they are).
     """
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("parts", "size", "taken")
 
-    def __init__(self, parts: list[bytes], size: int) -> None:
+    def __init__(self, parts: list[bytes], size: int, taken: bool = False) -> None:
         self.parts = parts
         self.size = size
+        #: A call that asks the peer to say when it takes it (see Broker._startableLarge).
+        self.taken = taken
 
 
 class Broker(Banana):
@@ -414,6 +417,11 @@ class Broker(Banana):
         self._largeOut: list[list[Any]] = []
         self._largeScheduled = False
         self._pumpingLarge = False
+        # Whether the peer says when it takes (starts handling) a large call that asks (its
+        # hello said so), and the sizes of those sent and not yet taken, by request id.
+        self._peerTakes = False
+        self._untaken: dict[int, int] = {}
+        self._untakenBytes = 0
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call (else None).
         self._afterLarge: list[tuple[bytes | _Payload, int | None]] = []
@@ -512,7 +520,8 @@ class Broker(Banana):
     def connectionReady(self) -> None:
         self.sendCall(b"version", self.version)
         if self.isNative:
-            self.sendCall(b"hello", {"messageSize": self.limits.messageSize})
+            # "taken": this side says when it takes a large call that asks, and asks.
+            self.sendCall(b"hello", {"messageSize": self.limits.messageSize, "taken": True})
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -544,6 +553,8 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._untaken = {}
+        self._untakenBytes = 0
         self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
@@ -610,10 +621,14 @@ class Broker(Banana):
             return
         self._writePayload(self._nativePayload(expression))
 
-    def _nativePayload(self, expression: list[Any], plain: bool = False) -> bytes | _Payload:
+    def _nativePayload(
+        self, expression: list[Any], plain: bool = False, call: bool = False
+    ) -> bytes | _Payload:
         """
         A native message ready to be written: one whole record (bytes) for most messages,
         else the parts of a fragmented one. ``plain``: no field is :class:`Packed`.
+        ``call``: the message is a call; fragmented, it asks a peer that can to say when it
+        takes it (bit 2 of its answer field), and counts against the room for such calls.
 
         :raises LimitExceeded: the message is larger than the peer accepts.
         """
@@ -624,10 +639,13 @@ class Broker(Banana):
                 self._checkPeerLimit(len(record) - 4)
             return record
         # Large values, or a large envelope: the fragmented form (see pbroker._native).
+        taken = call and self._peerTakes
+        if taken:
+            expression[4] |= 2
         parts, _ = packMessage(expression)
         size = sum(len(part) for part in parts)
         self._checkPeerLimit(size)
-        return _Payload(parts, size)
+        return _Payload(parts, size, taken)
 
     def _checkPeerLimit(self, size: int) -> None:
         limit = self.peerMessageSize
@@ -654,7 +672,12 @@ class Broker(Banana):
             # sent: a reader that reads gets any message the limits allow).
             transport.queued(payload.size, allowance)
         self._largeOut.append(
-            [[memoryview(part) for part in payload.parts], payload.size, requestID]
+            [
+                [memoryview(part) for part in payload.parts],
+                payload.size,
+                requestID,
+                payload.size if payload.taken else 0,
+            ]
         )
         self._pumpLarge()
 
@@ -692,9 +715,53 @@ class Broker(Banana):
                         self._largeScheduled = True
                         self.clock.callLater(0, self._pumpLarge)
                     return
+                if self._largeOut[0][3] and not self._startableLarge():
+                    return  # calls that wait for the peer to take earlier ones: _taken resumes
                 budget -= self._writeFragment()
         finally:
             self._pumpingLarge = False
+
+    def _startableLarge(self) -> bool:
+        """
+        Put first the large message to send next, and count it if it is a call that asks to
+        be told when taken; ``False`` if only such calls wait, and there is no room for them.
+
+        The peer keeps the messages it gets while its answers wait for this side, up to its
+        ``bufferedBytes`` plus ``messageSize``. Two peers that each pipelined many large
+        calls at the other would both overflow that and drop each other; so such calls
+        that the peer has not taken (started handling) add up to at most ``bufferedBytes``
+        (one is always sent). Other large messages go ahead of calls that wait; those keep
+        their order, and what waits behind large messages (releases, cancels, stream
+        items, cache handles) waits for them too.
+        """
+        queue = self._largeOut
+        untaken = self._untakenBytes
+        blocked = False
+        for index, entry in enumerate(queue):
+            size = entry[3]
+            if size:
+                if blocked or (untaken and untaken + size > self.limits.bufferedBytes):
+                    blocked = True  # and the calls after it wait too: calls keep their order
+                    continue
+                entry[3] = 0
+                self._untaken[entry[2]] = size
+                self._untakenBytes = untaken + size
+            if index:
+                queue.insert(0, queue.pop(index))
+            return True
+        return False
+
+    def _taken(self, requestID: Any) -> None:
+        """
+        The peer started handling our large call ``requestID``: room for more.
+        """
+        size = self._untaken.pop(requestID, None) if type(requestID) is int else None
+        if size is None:
+            raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
+        self._untakenBytes -= size
+        if self._largeOut and not self._largeScheduled:
+            self._largeScheduled = True
+            self.clock.callLater(0, self._pumpLarge)
 
     def _writeFragment(self) -> int:
         """
@@ -1192,7 +1259,7 @@ class Broker(Banana):
                 context["timeout"] = timeout
             fields[0] = prefix + b"callctx"
             fields.append(context)
-        return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes)
+        return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes, True)
 
     def _cancelCall(self, requestID: int) -> None:
         """
@@ -1846,6 +1913,10 @@ class Broker(Banana):
         """
         if type(requestID) is not int or type(message) is not bytes:
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
+        if type(answerRequired) is int and answerRequired > 1 and self._codec is not None:
+            # A large call whose caller counts it until we take it (see _startableLarge).
+            self.sendCall(b"taken", requestID)
+            answerRequired &= 1
         answerRequired = bool(answerRequired)
         if len(self._answering) >= self.limits.pendingCalls:
             self._log.warn(
@@ -2097,6 +2168,7 @@ class Broker(Banana):
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
             self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
+        self._peerTakes = capabilities.get("taken") is True
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:
@@ -2156,6 +2228,7 @@ class Broker(Banana):
         b"callctx": (_message, 7),
         b"cachecallctx": (_cacheMessage, 7),
         b"answerctx": (_answerWithContext, 3),
+        b"taken": (_taken, 1),
         b"cancel": (_cancel, 1),
         b"ping": (_ping, 1),
         b"pong": (_pong, 1),

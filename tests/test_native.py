@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import inspect
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -1732,6 +1732,145 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 10)
         self.assertEqual(heldBack, 0)
         self.assertFalse(server.disconnected)
+
+
+class TakenLargeCallTests(SynchronousTestCase):
+    """
+    A pbroker peer says when it takes (starts handling) a large call; the large calls it has
+    not taken add up to at most ``bufferedBytes`` (one is always sent), and the others wait.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        self.rootObject = NativeRoot()
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=self.limits),
+            pb.PBClientFactory(clock=self.clock, limits=self.limits),
+            clock=self.clock,
+            bufferSize=64 * 1024,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def settle(self, done: Callable[[], bool]) -> None:
+        for _ in range(100_000):
+            if done():
+                return
+            self.pump.pump()
+            self.clock.advance(0)
+            self.assertLessEqual(self.client._untakenBytes, 2 * MiB)
+        self.fail("not done")
+
+    def test_peersPipeliningAtEachOther(self) -> None:
+        """Two peers that each pipeline 15 MiB of large calls at the other (three times
+        bufferedBytes plus messageSize) both get every answer: neither overflows and drops
+        the other."""
+
+        # Both ends drain as TCP does: slowly, resuming their producer once empty, and taking
+        # up to 4 MiB (the kernel's buffers) before pausing it.
+        class Drain(SlowDrain):
+            chunk = 256 * 1024
+
+        serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
+        self.server = pb.PBServerFactory(
+            self.rootObject, clock=self.clock, limits=self.limits
+        ).buildProtocol(clientAddress)
+        self.client = pb.PBClientFactory(clock=self.clock, limits=self.limits).buildProtocol(
+            serverAddress
+        )
+        self.pump = iosim.connect(
+            self.server,
+            Drain(self.server, True, serverAddress, clientAddress, bufferSize=4 * MiB),
+            self.client,
+            Drain(self.client, False, clientAddress, serverAddress, bufferSize=4 * MiB),
+            greet=True,
+            clock=self.clock,
+        )
+        self.root = self.client.remoteForName("root")
+        theirs: list[Any] = []
+        mine: list[Any] = []
+
+        def hello(ref: Any) -> None:
+            for _ in range(10):
+                ref.callRemote("size", b"s" * (MiB * 3 // 2)).addBoth(theirs.append)
+
+        self.rootObject.remote_hello = hello  # type: ignore[attr-defined]
+        self.root.callRemote("hello", Sizer())
+        for _ in range(10):
+            self.root.callRemote("echo", b"c" * (MiB * 3 // 2)).addBoth(mine.append)
+        self.settle(lambda: len(mine) == len(theirs) == 10)
+        self.assertEqual(theirs, [MiB * 3 // 2] * 10)
+        self.assertEqual([len(answer) for answer in mine], [MiB * 3 // 2] * 10)
+        self.assertFalse(self.client.disconnected or self.server.disconnected)
+        self.assertEqual((self.client._untakenBytes, self.server._untakenBytes), (0, 0))
+
+    def test_callsWaitForRoom(self) -> None:
+        """Large calls, one-way ones too, wait while those not taken would pass
+        bufferedBytes, and keep their order; answers and small calls do not wait."""
+        taken: list[int] = []
+        self.rootObject.remote_take = lambda data: taken.append(len(data))  # type: ignore
+        results: list[Any] = []
+        for size in (600_000, 300_000, 700_000):
+            self.root.callRemote("take", b"x" * size).addBoth(results.append)
+        self.root.callRemote("take", b"y" * 400_000, pbanswer=False)
+        self.root.callRemote("take", b"z" * 10)
+        big: list[Any] = []
+        self.root.callRemote("big", 2 * MiB).addBoth(big.append)
+        self.assertTrue(self.client._untakenBytes < MiB)
+        self.settle(lambda: len(results) == 3 and len(big) == 1 and len(taken) == 5)
+        self.assertEqual(taken, [10, 600_000, 300_000, 700_000, 400_000])
+        self.assertEqual(len(big[0]), 2 * MiB)
+        self.pump.flush()  # the last "taken"
+        self.assertEqual(self.client._untaken, {})
+
+    def test_earlierCallWaitsForALaterOne(self) -> None:
+        """A large call whose answer waits for a later large call is answered: calls are
+        taken as they are handled, not when they are answered."""
+        gate: Deferred[int] = Deferred()
+        self.rootObject.remote_waitForGate = lambda data: gate  # type: ignore[attr-defined]
+        self.rootObject.remote_open = lambda data: gate.callback(len(data))  # type: ignore
+        first = self.root.callRemote("waitForGate", b"a" * (MiB * 3 // 2))
+        second = self.root.callRemote("open", b"b" * (MiB * 3 // 2))
+        self.settle(lambda: first.called and second.called)
+        self.assertEqual(self.successResultOf(first), MiB * 3 // 2)
+        self.assertIsNone(self.successResultOf(second))
+
+    def test_peerThatDoesNotTake(self) -> None:
+        """A peer whose hello does not offer "taken" (an earlier pbroker) is not asked:
+        nothing waits for room, and it never gets a "taken" it would not understand."""
+        self.client._peerTakes = False
+        sent: list[Any] = []
+        sendCall = self.server.sendCall
+        self.server.sendCall = lambda *message: (sent.append(message[0]), sendCall(*message))[1]
+        results: list[Any] = []
+        for _ in range(3):
+            self.root.callRemote("echo", b"x" * (MiB * 3 // 2)).addBoth(results.append)
+        self.assertEqual(self.client._untakenBytes, 0)
+        self.settle(lambda: len(results) == 3)
+        self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 3)
+        self.assertNotIn(b"taken", sent)
+
+    def test_connectionLostForgetsUntaken(self) -> None:
+        """Calls not taken are forgotten when the connection is lost; they fail."""
+        results: list[Any] = []
+        for _ in range(2):
+            self.root.callRemote("echo", b"x" * (MiB * 3 // 2)).addBoth(results.append)
+        self.assertGreater(self.client._untakenBytes, 0)
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(len(results), 2)
+        for failure in results:
+            failure.trap(PBConnectionLost)
+        self.assertEqual((self.client._untaken, self.client._untakenBytes), ({}, 0))
+
+    def test_takenForACallNotSent(self) -> None:
+        """A "taken" for a call that does not wait for one is a protocol error: the peer is
+        dropped."""
+        with capturedLogs():
+            self.server.sendCall(b"taken", 999)
+            self.pump.flush()
+        self.assertTrue(self.client.disconnected)
 
 
 class SlowDrain(PacingFakeTransport):

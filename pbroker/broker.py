@@ -182,7 +182,8 @@ class BrokerLimits:
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive
         meanwhile wait unhandled, up to this plus ``messageSize`` bytes, beyond which it is
         dropped at once. Large native calls that this side sent and a pbroker peer has not
-        started handling yet add up to at most this (one is always sent); the others wait.
+        started handling yet add up to at most this or the peer's, the smaller (one is
+        always sent); the others wait.
     :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
         go on taking nothing (``None``: it is dropped as soon as that much waits).
     """
@@ -418,8 +419,10 @@ class Broker(Banana):
         self._largeScheduled = False
         self._pumpingLarge = False
         # Whether the peer says when it takes (starts handling) a large call that asks (its
-        # hello said so), and the sizes of those sent and not yet taken, by request id.
+        # hello said so), the most bytes of such calls it may hold untaken (the smaller of
+        # our bufferedBytes and its), and the sizes of those sent and not yet taken.
         self._peerTakes = False
+        self._untakenLimit = 0
         self._untaken: dict[int, int] = {}
         self._untakenBytes = 0
         # Messages waiting for the large messages queued before them (streams', releases,
@@ -520,8 +523,12 @@ class Broker(Banana):
     def connectionReady(self) -> None:
         self.sendCall(b"version", self.version)
         if self.isNative:
-            # "taken": this side says when it takes a large call that asks, and asks.
-            self.sendCall(b"hello", {"messageSize": self.limits.messageSize, "taken": True})
+            # "taken": this side says when it takes a large call that asks, and asks; it holds
+            # up to this many bytes of such calls untaken (see _startableLarge).
+            self.sendCall(
+                b"hello",
+                {"messageSize": self.limits.messageSize, "taken": self.limits.bufferedBytes},
+            )
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -553,6 +560,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._afterLarge = []
         self._untaken = {}
         self._untakenBytes = 0
         self.discardBacklog()
@@ -729,10 +737,10 @@ class Broker(Banana):
         The peer keeps the messages it gets while its answers wait for this side, up to its
         ``bufferedBytes`` plus ``messageSize``. Two peers that each pipelined many large
         calls at the other would both overflow that and drop each other; so such calls
-        that the peer has not taken (started handling) add up to at most ``bufferedBytes``
-        (one is always sent). Other large messages go ahead of calls that wait; those keep
-        their order, and what waits behind large messages (releases, cancels, stream
-        items, cache handles) waits for them too.
+        that the peer has not taken (started handling) add up to at most the smaller of the
+        two sides' ``bufferedBytes`` (one is always sent). Other large messages go ahead of
+        calls that wait; those keep their order, and what waits behind large messages
+        (releases, cancels, stream items, cache handles) waits for them too.
         """
         queue = self._largeOut
         untaken = self._untakenBytes
@@ -740,7 +748,7 @@ class Broker(Banana):
         for index, entry in enumerate(queue):
             size = entry[3]
             if size:
-                if blocked or (untaken and untaken + size > self.limits.bufferedBytes):
+                if blocked or (untaken and untaken + size > self._untakenLimit):
                     blocked = True  # and the calls after it wait too: calls keep their order
                     continue
                 entry[3] = 0
@@ -1199,7 +1207,11 @@ class Broker(Banana):
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
         transport = self.transport
-        if registrations and self._behindLarge(registrations):
+        if (registrations and self._behindLarge(registrations)) or (
+            prefix and (self._largeOut or self._afterLarge)
+        ):
+            # It names a cache handle, or is sent to a copy, whose first copy may be in a
+            # large message still queued (see _behindLarge).
             self._afterLarge.append((data, requestID))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
@@ -2056,6 +2068,8 @@ class Broker(Banana):
         """
         netFailure = self._serializeFailure(failure)
         registrations = self._takeRegistrations(netFailure)
+        if send == self.sendCall and self._behindLarge(registrations):
+            send = self._sendBehindLarge  # it names a cache handle (see _behindLarge)
         try:
             send(command, key, netFailure)
         except LimitExceeded as e:
@@ -2168,7 +2182,10 @@ class Broker(Banana):
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
             self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
-        self._peerTakes = capabilities.get("taken") is True
+        taken = capabilities.get("taken")
+        if type(taken) is int and taken > 0:
+            self._peerTakes = True
+            self._untakenLimit = min(taken, self.limits.bufferedBytes)
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:

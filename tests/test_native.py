@@ -557,6 +557,52 @@ class LargeMessageTests(NativeTestCase):
         self.assertIsInstance(self.successResultOf(annotatedCall), RemoteGauge)
         self.assertEqual(reply, {"seen": True})
 
+    def test_errorAndUpdateAfterALargeFirstCopy(self) -> None:
+        """
+        An error that names a Cacheable, and the owner's update to the copy, wait behind
+        the large answer still being sent that holds the first copy.
+        """
+        from tests.test_broker import Gauge
+
+        class RemoteGauge(pb.RemoteCache):
+            level = 1
+
+            def observe_level(self, level: int) -> None:
+                self.level = level
+
+        class GaugeError(pb.Error, pb.Copyable):
+            pass
+
+        class RemoteGaugeError(pb.RemoteCopy, pb.Error):
+            pass
+
+        gauge = Gauge()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.registry.setUnjellyableForClass(GaugeError, RemoteGaugeError)
+
+        def fail() -> None:
+            error = GaugeError("with a gauge")
+            error.gauge = gauge  # type: ignore[attr-defined]
+            raise error
+
+        self.rootObject.remote_gaugeAndData = lambda: (  # type: ignore[attr-defined]
+            gauge,
+            b"x" * (3 * 1024 * 1024),
+        )
+        self.rootObject.remote_fail = fail  # type: ignore[attr-defined]
+        large = self.root.callRemote("gaugeAndData")
+        self.pump.pump()
+        self.assertTrue(self.server.sendingLarge)
+        failing = self.root.callRemote("fail")
+        update = gauge.observers[0].callRemote("level", 2)
+        self.pump.flush()
+        copy, _ = self.successResultOf(large)
+        self.assertIsNone(self.successResultOf(update))
+        self.assertEqual(copy.level, 2)
+        error = self.failureResultOf(failing).value
+        self.assertIsInstance(error, RemoteGaugeError)
+        self.assertIsInstance(error.gauge, RemoteGauge)
+
     def test_cancelOfACallBehindALargeFirstCopy(self) -> None:
         """
         A call that waits behind a large first copy (see above) and is cancelled is cancelled
@@ -1765,6 +1811,15 @@ class TakenLargeCallTests(SynchronousTestCase):
         """Two peers that each pipeline 15 MiB of large calls at the other (three times
         bufferedBytes plus messageSize) both get every answer: neither overflows and drops
         the other."""
+        self.pipelineBothWays(self.limits, self.limits, 10)
+
+    def pipelineBothWays(
+        self, serverLimits: pb.BrokerLimits, clientLimits: pb.BrokerLimits, count: int
+    ) -> None:
+        """
+        Have the server and the client each pipeline ``count`` calls of 1.5 MiB at the other,
+        and check that all are answered and neither side drops the other.
+        """
 
         # Both ends drain as TCP does: slowly, resuming their producer once empty, and taking
         # up to 4 MiB (the kernel's buffers) before pausing it.
@@ -1774,9 +1829,9 @@ class TakenLargeCallTests(SynchronousTestCase):
         serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
         clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
         self.server = pb.PBServerFactory(
-            self.rootObject, clock=self.clock, limits=self.limits
+            self.rootObject, clock=self.clock, limits=serverLimits
         ).buildProtocol(clientAddress)
-        self.client = pb.PBClientFactory(clock=self.clock, limits=self.limits).buildProtocol(
+        self.client = pb.PBClientFactory(clock=self.clock, limits=clientLimits).buildProtocol(
             serverAddress
         )
         self.pump = iosim.connect(
@@ -1792,16 +1847,16 @@ class TakenLargeCallTests(SynchronousTestCase):
         mine: list[Any] = []
 
         def hello(ref: Any) -> None:
-            for _ in range(10):
+            for _ in range(count):
                 ref.callRemote("size", b"s" * (MiB * 3 // 2)).addBoth(theirs.append)
 
         self.rootObject.remote_hello = hello  # type: ignore[attr-defined]
         self.root.callRemote("hello", Sizer())
-        for _ in range(10):
+        for _ in range(count):
             self.root.callRemote("echo", b"c" * (MiB * 3 // 2)).addBoth(mine.append)
-        self.settle(lambda: len(mine) == len(theirs) == 10)
-        self.assertEqual(theirs, [MiB * 3 // 2] * 10)
-        self.assertEqual([len(answer) for answer in mine], [MiB * 3 // 2] * 10)
+        self.settle(lambda: len(mine) == len(theirs) == count)
+        self.assertEqual(theirs, [MiB * 3 // 2] * count)
+        self.assertEqual([len(answer) for answer in mine], [MiB * 3 // 2] * count)
         self.assertFalse(self.client.disconnected or self.server.disconnected)
         self.assertEqual((self.client._untakenBytes, self.server._untakenBytes), (0, 0))
 
@@ -1850,6 +1905,31 @@ class TakenLargeCallTests(SynchronousTestCase):
         self.settle(lambda: len(results) == 3)
         self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 3)
         self.assertNotIn(b"taken", sent)
+
+    def test_peerWithASmallerBufferedBytes(self) -> None:
+        """Each side holds back its large calls by the smaller of the two bufferedBytes
+        (the hello says each side's): a server that keeps less than its client is not
+        overflowed, nor is the client by the server."""
+        limits = pb.BrokerLimits(bufferedBytes=16 * MiB, messageSize=4 * MiB)
+        self.pipelineBothWays(self.limits, limits, 20)
+        self.assertEqual((self.client._untakenLimit, self.server._untakenLimit), (MiB, MiB))
+        self.pipelineBothWays(limits, self.limits, 20)
+
+    def test_afterLargeForgottenOnConnectionLost(self) -> None:
+        """What waits behind large messages is dropped with the connection."""
+        from tests.test_broker import Gauge, RemoteGauge
+
+        gauge = Gauge()
+        self.server.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.rootObject.remote_take = lambda g, data: len(data)  # type: ignore[attr-defined]
+        first = self.root.callRemote("take", gauge, b"x" * (3 * MiB))
+        behind = self.root.callRemote("take", gauge, b"y" * (3 * MiB))
+        self.assertEqual(len(self.client._afterLarge), 1)
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.failureResultOf(first, PBConnectionLost)
+        self.failureResultOf(behind, PBConnectionLost)
+        self.assertEqual((self.client._afterLarge, self.client._largeOut), ([], []))
 
     def test_connectionLostForgetsUntaken(self) -> None:
         """Calls not taken are forgotten when the connection is lost; they fail."""

@@ -414,7 +414,8 @@ class Broker(Banana):
         # The native dialect's value codec (None in the banana dialects).
         self._codec: ValueCodec | None = None
         # Large native messages waiting to be written, as [parts left, bytes left, the
-        # request id of a call (else None)].
+        # request id of a call (else None), its size while it waits for room (else 0), what
+        # packing a call counted until its first fragment is written (else None)].
         self._largeOut: list[list[Any]] = []
         self._largeScheduled = False
         self._pumpingLarge = False
@@ -426,8 +427,9 @@ class Broker(Banana):
         self._untaken: dict[int, int] = {}
         self._untakenBytes = 0
         # Messages waiting for the large messages queued before them (streams', releases,
-        # and what names a cache handle), with the request id of a call (else None).
-        self._afterLarge: list[tuple[bytes | _Payload, int | None]] = []
+        # and what names a cache handle), with the request id of a call and what packing it
+        # counted (else None, None).
+        self._afterLarge: list[tuple[bytes | _Payload, int | None, Any]] = []
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -662,7 +664,9 @@ class Broker(Banana):
                 f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
             )
 
-    def _writePayload(self, payload: bytes | _Payload, requestID: int | None = None) -> None:
+    def _writePayload(
+        self, payload: bytes | _Payload, requestID: int | None = None, counted: Any = None
+    ) -> None:
         """
         Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
         parts of a fragmented message through the large-message queue (``requestID``: the
@@ -685,6 +689,7 @@ class Broker(Banana):
                 payload.size,
                 requestID,
                 payload.size if payload.taken else 0,
+                counted,
             ]
         )
         self._pumpLarge()
@@ -777,6 +782,7 @@ class Broker(Banana):
         """
         assert self.transport is not None
         entry = self._largeOut[0]
+        entry[4] = None  # being written: no longer dropped if cancelled
         parts, remaining = entry[0], entry[1]
         # Up to FRAGMENT_SIZE bytes from the front of the parts; all but the last are full.
         pieces = []
@@ -811,7 +817,7 @@ class Broker(Banana):
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
-            self._afterLarge.append((self._nativePayload(list(expression)), None))
+            self._afterLarge.append((self._nativePayload(list(expression)), None, None))
         else:
             self.sendCall(*expression)
 
@@ -1212,11 +1218,11 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
-            self._afterLarge.append((data, requestID))
+            self._afterLarge.append((data, requestID, registrations))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
-            self._writePayload(data, requestID)
+            self._writePayload(data, requestID, registrations)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
         return deferred
@@ -1281,18 +1287,40 @@ class Broker(Banana):
         if self.waitingForAnswers.pop(requestID, None) is None:
             return
         self._replyTargets.pop(requestID, None)
+        if (self._largeOut or self._afterLarge) and self._dropUnsentCall(requestID):
+            return  # none of it was sent: the peer has nothing to cancel, nor to answer
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
         else:
             self._abandonedOverflow = True
         if self.isNative and self._canSend:
             if any(entry[2] == requestID for entry in self._largeOut) or any(
-                waiting == requestID for _, waiting in self._afterLarge
+                entry[1] == requestID for entry in self._afterLarge
             ):
                 # The call is still being sent: the cancel must not overtake it.
                 self._sendBehindLarge(b"cancel", requestID)
             else:
                 self.sendCall(b"cancel", requestID)
+
+    def _dropUnsentCall(self, requestID: int) -> bool:
+        """
+        Forget the large call ``requestID`` if none of it was written yet (it waits behind
+        other large messages, or for the peer to take earlier calls), undoing what packing
+        it counted (exports, cache handles, streams); whether it did.
+        """
+        for index, entry in enumerate(self._largeOut):
+            if entry[2] == requestID:
+                if entry[4] is None:
+                    return False  # being written
+                del self._largeOut[index]
+                self._unregister(entry[4])
+                return True
+        for index, (_payload, waiting, counted) in enumerate(self._afterLarge):
+            if waiting == requestID:
+                del self._afterLarge[index]
+                self._unregister(counted)
+                return True
+        return False
 
     def importReference(self, luid: int) -> None:
         """

@@ -605,26 +605,40 @@ class LargeMessageTests(NativeTestCase):
 
     def test_cancelOfACallBehindALargeFirstCopy(self) -> None:
         """
-        A call that waits behind a large first copy (see above) and is cancelled is cancelled
-        on the server: the cancel waits behind the call.
+        A call that waits behind a large first copy (see above), cancelled before any of it
+        is written, is never sent, and the cache handle it counted is released; one that
+        is cancelled once written is cancelled on the server (the cancel waits behind it).
         """
         from tests.test_broker import Gauge, RemoteGauge
 
         gauge = Gauge()
         self.server.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        ran: list[str] = []
         cancelled: list[str] = []
         self.rootObject.remote_take = lambda g, data=b"": len(data)  # type: ignore[attr-defined]
-        self.rootObject.remote_hold = lambda g: Deferred(  # type: ignore[attr-defined]
-            lambda _: cancelled.append(type(g).__name__)
-        )
+
+        def hold(g: Any, name: str) -> Deferred[None]:
+            ran.append(name)
+            return Deferred(lambda _: cancelled.append(name))
+
+        self.rootObject.remote_hold = hold  # type: ignore[attr-defined]
         large = self.root.callRemote("take", gauge, b"x" * (3 * 1024 * 1024))
-        held = self.root.callRemote("hold", gauge)
-        held.cancel()
-        self.failureResultOf(held, CancelledError)
+        unsent = self.root.callRemote("hold", gauge, "unsent")
+        sent = self.root.callRemote("hold", gauge, "sent")
+        self.assertEqual(len(self.client._afterLarge), 2)
+        unsent.cancel()
+        self.failureResultOf(unsent, CancelledError)
+        self.assertEqual(len(self.client._afterLarge), 1)
+        self.pump.flush()
+        sent.cancel()
+        self.failureResultOf(sent, CancelledError)
         self.pump.flush()
         self.assertEqual(self.successResultOf(large), 3 * 1024 * 1024)
-        self.assertEqual(cancelled, ["RemoteGauge"])
+        self.assertEqual((ran, cancelled), (["sent"], ["sent"]))
         self.assertEqual(self.server._answering, {})
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.client.remotelyCachedObjects, {})
 
     def test_overPeerLimit(self) -> None:
         """A call bigger than the peer accepts fails at once with LimitExceeded."""
@@ -1109,32 +1123,57 @@ class CancellationTests(NativeTestCase):
 
     def test_cancelLargeCallWhileSent(self) -> None:
         """
-        A call whose arguments are still being sent in fragments when it is cancelled, or
-        when its timeout passes, is cancelled on the server all the same: the cancel does
-        not overtake the call. A small call cancelled meanwhile is cancelled at once.
+        A call whose arguments are still being sent in fragments when its timeout passes,
+        or when it is cancelled, is cancelled on the server all the same: the cancel does
+        not overtake the call. One that waits behind it, none of it written yet, is never
+        sent, and what it exported is released. A small call cancelled meanwhile is
+        cancelled at once.
         """
         large = b"x" * (3 * 1024 * 1024)
 
-        def take(data: bytes) -> Deferred[Any]:
+        def take(data: bytes, *rest: Any) -> Deferred[Any]:
+            ran.append(len(data))
             waiting: Deferred[Any] = Deferred(lambda _: cancelled.append(len(data)))
             return waiting
 
+        ran: list[int] = []
         cancelled: list[int] = []
         self.rootObject.remote_take = take  # type: ignore[attr-defined]
         timed = self.root.withOptions(timeout=0.5).callRemote("take", large)
-        d = self.root.callRemote("take", large)
+        d = self.root.callRemote("take", large, Counter())
         small = self.root.callRemote("take", b"s")
         self.assertTrue(self.client.sendingLarge)
+        self.assertEqual(len(self.client.localObjects), 1)  # the Counter, exported by packing
         d.cancel()
         small.cancel()
         self.clock.advance(1)
         self.failureResultOf(d, CancelledError)
         self.failureResultOf(small, CancelledError)
         self.failureResultOf(timed, TimeoutError)
+        self.assertEqual(self.client.localObjects, {})
         self.pump.flush()
-        self.assertEqual(sorted(cancelled), [1, len(large), len(large)])
+        self.assertEqual(sorted(ran), [1, len(large)])
+        self.assertEqual(sorted(cancelled), [1, len(large)])
         self.assertEqual(self.server._answering, {})
         self.assertEqual(self.client._largeOut, [])
+
+    def test_callCancelledHalfWritten(self) -> None:
+        """A call cancelled while its fragments are being written is written whole all the
+        same (the peer could not make sense of half a message), then cancelled there."""
+        large = b"x" * (8 * 1024 * 1024)
+        cancelled: list[int] = []
+        self.rootObject.remote_take = lambda data: Deferred(  # type: ignore[attr-defined]
+            lambda _: cancelled.append(len(data))
+        )
+        d = self.root.callRemote("take", large)
+        self.assertTrue(self.client.sendingLarge)
+        self.assertIsNone(self.client._largeOut[0][4])  # being written
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.pump.flush()
+        self.assertEqual(cancelled, [len(large)])
+        self.assertFalse(self.client.disconnected or self.server.disconnected)
+        self.assertEqual(self.call("echo", 1), 1)
 
     def test_badArgumentsRefusedAtOnce(self) -> None:
         """A method name that is not text, or a timeout that is not a number of seconds, is
@@ -1890,6 +1929,21 @@ class TakenLargeCallTests(SynchronousTestCase):
         self.settle(lambda: first.called and second.called)
         self.assertEqual(self.successResultOf(first), MiB * 3 // 2)
         self.assertIsNone(self.successResultOf(second))
+
+    def test_waitingCallThatTimesOutIsNotSent(self) -> None:
+        """A call that waits for the peer to take an earlier one and times out meanwhile is
+        never sent: the peer does not run a call its caller gave up on."""
+        taken: list[int] = []
+        self.rootObject.remote_take = lambda data: taken.append(len(data))  # type: ignore
+        first = self.root.callRemote("take", b"1" * (MiB * 3 // 2))
+        second = self.root.withOptions(timeout=1).callRemote("take", b"2" * (MiB * 3 // 2))
+        self.assertGreater(self.client._largeOut[1][3], 0)  # waits for room
+        self.clock.advance(1)
+        self.failureResultOf(second, TimeoutError)
+        self.settle(lambda: first.called)
+        self.pump.flush()
+        self.assertEqual(taken, [MiB * 3 // 2])
+        self.assertEqual((self.client._largeOut, self.client._untaken), ([], {}))
 
     def test_peerThatDoesNotTake(self) -> None:
         """A peer whose hello does not offer "taken" (an earlier pbroker) is not asked:

@@ -120,6 +120,9 @@ _KEPT = 4
 #: A handle on a cache copy, named while large messages wait to be written (one may hold the
 #: first copy): the value waits behind them (see Broker._behindLarge). Not a count.
 _BEHIND = 5
+#: A first copy of a Cacheable made while serialising: a call holding one is not dropped
+#: unsent (later messages may name it by handle). Not a count.
+_FIRST = 6
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -932,6 +935,7 @@ class Broker(Banana):
         """
         if not registrations:
             return
+        first = {luid for luid, kind in registrations if kind == _FIRST}
         for luid, kind in reversed(registrations):
             if kind == _EXPORT:
                 local = self.localObjects.get(luid)
@@ -943,6 +947,8 @@ class Broker(Banana):
                     del self.remotelyCachedObjects[luid]
                     self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
                     self._stopObserving(local)
+                    if luid not in first and self._canSend:
+                        self._sendRelease(b"uncache", luid)  # the peer holds a copy
             elif kind == _STREAM:
                 self._streams.drop([luid])
 
@@ -1288,6 +1294,9 @@ class Broker(Banana):
             return
         self._replyTargets.pop(requestID, None)
         if (self._largeOut or self._afterLarge) and self._dropUnsentCall(requestID):
+            if not self._largeScheduled:
+                self._largeScheduled = True  # what waited behind it may go now
+                self.clock.callLater(0, self._pumpLarge)
             return  # none of it was sent: the peer has nothing to cancel, nor to answer
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
@@ -1310,13 +1319,19 @@ class Broker(Banana):
         """
         for index, entry in enumerate(self._largeOut):
             if entry[2] == requestID:
-                if entry[4] is None:
-                    return False  # being written
+                if entry[4] is None or any(kind == _FIRST for _, kind in entry[4]):
+                    return False  # being written, or holds a first copy later ones may name
                 del self._largeOut[index]
+                transport: Any = self.transport
+                if type(transport) is PacedTransport and transport.paused and index:
+                    # Uncount what queued() counted for it (an upper bound: reset on resume).
+                    transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
                 self._unregister(entry[4])
                 return True
         for index, (_payload, waiting, counted) in enumerate(self._afterLarge):
             if waiting == requestID:
+                if counted and any(kind == _FIRST for _, kind in counted):
+                    return False
                 del self._afterLarge[index]
                 self._unregister(counted)
                 return True
@@ -1845,6 +1860,7 @@ class Broker(Banana):
         self.remotelyCachedObjects[luid] = Local(instance, self.serializingPerspective)
         if self._registrations is not None:
             self._registrations.append((luid, _CACHE))
+            self._registrations.append((luid, _FIRST))
         return luid
 
     def forgetRemoteCache(self, luid: int) -> None:

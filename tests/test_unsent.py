@@ -17,24 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
+from tests.test_broker import Gauge, RemoteGauge
 
 MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
-
-
-class Gauge(pb.Cacheable):
-    def __init__(self) -> None:
-        self.stopped = 0
-
-    def getStateToCacheAndObserveFor(self, perspective: Any, observer: Any) -> Any:
-        return {"level": 1}
-
-    def stoppedObserving(self, perspective: Any, observer: Any) -> None:
-        self.stopped += 1
-
-
-class RemoteGauge(pb.RemoteCache):
-    pass
 
 
 class Child(pb.Referenceable):

@@ -422,10 +422,9 @@ class Broker(Banana):
         self._largeOut: list[list[Any]] = []
         self._largeScheduled = False
         self._pumpingLarge = False
-        # Whether the peer says when it takes (starts handling) a large call that asks (its
-        # hello said so), the most bytes of such calls it may hold untaken (the smaller of
-        # our bufferedBytes and its), and the sizes of those sent and not yet taken.
-        self._peerTakes = False
+        # The most bytes of large calls the peer may hold untaken (the smaller of our
+        # bufferedBytes and its), if it says when it takes (starts handling) a call that asks
+        # (its hello said so; else 0), and the sizes of those sent and not yet taken.
         self._untakenLimit = 0
         self._untaken: dict[int, int] = {}
         self._untakenBytes = 0
@@ -652,7 +651,7 @@ class Broker(Banana):
                 self._checkPeerLimit(len(record) - 4)
             return record
         # Large values, or a large envelope: the fragmented form (see pbroker._native).
-        taken = call and self._peerTakes
+        taken = call and self._untakenLimit > 0
         if taken:
             expression[4] |= 2
         parts, _ = packMessage(expression)
@@ -727,9 +726,7 @@ class Broker(Banana):
                 if isinstance(transport, PacedTransport) and transport.paused:
                     return  # resumeProducing() calls transportResumed(), which comes back
                 if budget <= 0:
-                    if not self._largeScheduled:
-                        self._largeScheduled = True
-                        self.clock.callLater(0, self._pumpLarge)
+                    self._schedulePump()
                     return
                 if self._largeOut[0][3] and not self._startableLarge():
                     return  # calls that wait for the peer to take earlier ones: _taken resumes
@@ -775,7 +772,14 @@ class Broker(Banana):
         if size is None:
             raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
         self._untakenBytes -= size
-        if self._largeOut and not self._largeScheduled:
+        if self._largeOut:
+            self._schedulePump()
+
+    def _schedulePump(self) -> None:
+        """
+        Have :meth:`_pumpLarge` run on the reactor's next turn (once, however often asked).
+        """
+        if not self._largeScheduled:
             self._largeScheduled = True
             self.clock.callLater(0, self._pumpLarge)
 
@@ -935,7 +939,6 @@ class Broker(Banana):
         """
         if not registrations:
             return
-        first = {luid for luid, kind in registrations if kind == _FIRST}
         for luid, kind in reversed(registrations):
             if kind == _EXPORT:
                 local = self.localObjects.get(luid)
@@ -947,7 +950,7 @@ class Broker(Banana):
                     del self.remotelyCachedObjects[luid]
                     self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
                     self._stopObserving(local)
-                    if luid not in first and self._canSend:
+                    if (luid, _FIRST) not in registrations and self._canSend:
                         self._sendRelease(b"uncache", luid)  # the peer holds a copy
             elif kind == _STREAM:
                 self._streams.drop([luid])
@@ -1293,29 +1296,28 @@ class Broker(Banana):
         if self.waitingForAnswers.pop(requestID, None) is None:
             return
         self._replyTargets.pop(requestID, None)
-        if (self._largeOut or self._afterLarge) and self._dropUnsentCall(requestID):
-            if not self._largeScheduled:
-                self._largeScheduled = True  # what waited behind it may go now
-                self.clock.callLater(0, self._pumpLarge)
+        queued = self._dropUnsentCall(requestID) if self._largeOut or self._afterLarge else None
+        if queued:
+            self._schedulePump()  # what waited behind it may go now
             return  # none of it was sent: the peer has nothing to cancel, nor to answer
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
         else:
             self._abandonedOverflow = True
         if self.isNative and self._canSend:
-            if any(entry[2] == requestID for entry in self._largeOut) or any(
-                entry[1] == requestID for entry in self._afterLarge
-            ):
+            if queued is not None:
                 # The call is still being sent: the cancel must not overtake it.
                 self._sendBehindLarge(b"cancel", requestID)
             else:
                 self.sendCall(b"cancel", requestID)
 
-    def _dropUnsentCall(self, requestID: int) -> bool:
+    def _dropUnsentCall(self, requestID: int) -> bool | None:
         """
-        Forget the large call ``requestID`` if none of it was written yet (it waits behind
-        other large messages, or for the peer to take earlier calls), undoing what packing
-        it counted (exports, cache handles, streams); whether it did.
+        Forget the call ``requestID`` if it waits in the large-message queues and none of it
+        was written yet (it waits behind other large messages, or for the peer to take
+        earlier calls), undoing what packing it counted (exports, cache handles, streams).
+
+        :returns: whether it did; ``None`` if the call is not queued (it was sent).
         """
         for index, entry in enumerate(self._largeOut):
             if entry[2] == requestID:
@@ -1335,7 +1337,7 @@ class Broker(Banana):
                 del self._afterLarge[index]
                 self._unregister(counted)
                 return True
-        return False
+        return None
 
     def importReference(self, luid: int) -> None:
         """
@@ -2228,7 +2230,6 @@ class Broker(Banana):
             self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
         taken = capabilities.get("taken")
         if type(taken) is int and taken > 0:
-            self._peerTakes = True
             self._untakenLimit = min(taken, self.limits.bufferedBytes)
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False

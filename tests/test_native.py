@@ -1948,7 +1948,7 @@ class TakenLargeCallTests(SynchronousTestCase):
     def test_peerThatDoesNotTake(self) -> None:
         """A peer whose hello does not offer "taken" (an earlier pbroker) is not asked:
         nothing waits for room, and it never gets a "taken" it would not understand."""
-        self.client._peerTakes = False
+        self.client._untakenLimit = 0
         sent: list[Any] = []
         sendCall = self.server.sendCall
         self.server.sendCall = lambda *message: (sent.append(message[0]), sendCall(*message))[1]

@@ -195,10 +195,10 @@ class DroppedUnsentCallTests(Base):
         """Only a positive int in the hello's "taken" has this side hold back its calls, by
         the smaller of it and its own bufferedBytes; other values are ignored."""
         for value in (True, False, -5, 0, 1.5, "x", None, 2**62):
-            self.client._peerTakes, self.client._untakenLimit = False, 0
+            self.client._untakenLimit = 0
             self.client._hello({"messageSize": 4 * MiB, "taken": value})
             expected = value == 2**62
-            self.assertEqual(self.client._peerTakes, expected, value)
+            self.assertEqual(self.client._untakenLimit, MiB if expected else 0, value)
         self.assertEqual(self.client._untakenLimit, MiB)
 
 

@@ -152,6 +152,9 @@ class StreamTable:
         except Exception:
             connection._unregister(registrations)  # not sent: it exports nothing
             raise
+        finally:
+            if connection._postponed:
+                connection._sendPostponed()
 
     def ended(self, streamID: int, failure: Failure | None) -> None:
         connection = self._connection

@@ -471,6 +471,9 @@ class Broker(Banana):
         self._unreadCaches: set[int] | None = None
         # The last serialised value that counted any, with them (see _takeRegistrations).
         self._lastRegistered: tuple[Any, list[tuple[Any, int]]] | None = None
+        # Answers and errors that came while a value was serialised (a hook completed them),
+        # each a Deferred to fire with its result once that value is sent (see _postpone).
+        self._postponed: list[tuple[Deferred[Any], Any]] = []
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -591,6 +594,7 @@ class Broker(Banana):
         brokerDisconnected = getattr(self.factory, "brokerDisconnected", None)
         if brokerDisconnected is not None:
             brokerDisconnected(self, reason)
+        self._sendPostponed()  # their answers are dropped, what they export let go
 
     def notifyOnConnect(self, notifier: Callable[[], object]) -> None:
         """
@@ -882,7 +886,11 @@ class Broker(Banana):
         if kind not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
-            return object.addCallback(self.serialize, perspective, method, args, kw)
+            return object.addCallbacks(
+                self._serializeResult,
+                self._postponeFailure,
+                callbackArgs=(perspective, method, args, kw),
+            )
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
         # A value an application serialised and never sent is let go here at the latest.
@@ -912,6 +920,55 @@ class Broker(Banana):
         if registrations:
             self._lastRegistered = (result, registrations)
         return result
+
+    def _serializeResult(
+        self, result: Any, perspective: Any, method: Any, args: Any, kw: Any
+    ) -> Any:
+        """
+        Serialise what a Deferred a method returned gave, or, if it came while another value
+        is serialised, a Deferred of that for once the other value is sent (see _postpone).
+        """
+        if self._registrations is None:
+            return self.serialize(result, perspective, method, args, kw)
+        return self._postpone(result).addCallback(self.serialize, perspective, method, args, kw)
+
+    def _postponeFailure(self, failure: Failure) -> Any:
+        """
+        A Deferred's failure, or a Deferred of it for later if it came while another value is
+        serialised: the error names what that value may send first.
+        """
+        if self._registrations is None:
+            return failure
+        return self._postpone(failure)
+
+    def _postpone(self, result: Any) -> Deferred[Any]:
+        """
+        A Deferred of ``result`` (an answer's value or a Failure), fired when the value being
+        serialised is sent (or dropped): :meth:`_sendPostponed`.
+
+        A hook (a Copyable's ``getStateToCopy``, say) may complete another call while a value
+        is serialised. Serialised and sent at once, that answer would reach the peer first,
+        though it may name a Cacheable whose first copy is in the value being serialised, a
+        handle the peer would refuse as unknown.
+        """
+        waiting: Deferred[Any] = Deferred()
+        self._postponed.append((waiting, result))
+        return waiting
+
+    def _sendPostponed(self) -> None:
+        """
+        Serialise and send (or fail) what :meth:`_postpone` held, in the order it came, unless
+        a value is still being serialised.
+        """
+        postponed = self._postponed
+        while postponed and (self._registrations is None or self.disconnected):
+            waiting, result = postponed.pop(0)
+            if waiting.called:
+                continue  # cancelled meanwhile: the chain went on with the cancel
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)
 
     def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None:
         """
@@ -1234,6 +1291,8 @@ class Broker(Banana):
             self._writePayload(data, requestID, registrations)
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock)
+        if self._postponed:
+            self._sendPostponed()
         return deferred
 
     def _bananaCall(
@@ -2034,9 +2093,9 @@ class Broker(Banana):
         if not answerRequired:
             # The result is not sent: what serialising it exported is not exported.
             if type(result) not in _SERIALIZED and isinstance(result, Deferred):
-                result.addCallbacks(self._unregisterUnsent, self._logOneWayFailure)
+                result.addCallbacks(self._dropResult, self._logOneWayFailure)
             else:
-                self._unregisterUnsent(result)
+                self._dropResult(result)
             return
         if type(result) not in _SERIALIZED and isinstance(result, Deferred):
             self._answering[requestID] = result
@@ -2058,8 +2117,18 @@ class Broker(Banana):
         if pending is not None:
             pending.cancel()
 
+    def _dropResult(self, netResult: Any) -> None:
+        """
+        Let go of the serialised result of a one-way call, which is not sent.
+        """
+        self._unregisterUnsent(netResult)
+        if self._postponed:
+            self._sendPostponed()
+
     def _logOneWayFailure(self, failure: Failure) -> None:
         self._log.failure("A one-way remote call failed", failure)
+        if self._postponed:
+            self._sendPostponed()
 
     def _sendAnswer(self, netResult: Any, requestID: int) -> None:
         self._answering.pop(requestID, None)
@@ -2090,6 +2159,8 @@ class Broker(Banana):
             self._unregister(registrations)
             self._dropStreamsIn(netResult)
             self._sendFailureOrError(failure, requestID)
+        if self._postponed:
+            self._sendPostponed()
 
     def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
         if failure.check(*self.quietFailures) is None:
@@ -2099,9 +2170,10 @@ class Broker(Banana):
     def _sendError(self, failure: Any, requestID: int) -> None:
         self._answering.pop(requestID, None)
         self._callContexts.pop(requestID, None)
-        if self.disconnected:
-            return
-        self._sendFailure(self.sendCall, b"error", requestID, failure)
+        if not self.disconnected:
+            self._sendFailure(self.sendCall, b"error", requestID, failure)
+        if self._postponed:
+            self._sendPostponed()
 
     def _sendFailure(
         self, send: Callable[..., None], command: bytes, key: int, failure: Any

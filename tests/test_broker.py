@@ -684,6 +684,28 @@ class Trigger(pb.Copyable):
         return {}
 
 
+class RemoteTrigger(pb.RemoteCopy):
+    pass
+
+
+class FailingTrigger(pb.Copyable):
+    """
+    A copy whose state, when taken, fails another call with ``error``.
+    """
+
+    def __init__(self, waiter: Deferred[Any], error: Exception) -> None:
+        self.waiter = waiter
+        self.error = error
+
+    def getStateToCopy(self) -> Any:
+        self.waiter.errback(self.error)
+        return {}
+
+
+class RemoteRichError(pb.RemoteCopy, pb.Error):
+    pass
+
+
 class Unserialisable(pb.Copyable):
     def getStateToCopy(self) -> Any:
         raise ValueError("no state to copy")
@@ -723,6 +745,17 @@ class UnsentRoot(pb.Root):
 
     def remote_trigger(self) -> Any:
         return Trigger(self.later, [self.counter, self.gauge])
+
+    def remote_gaugeAndTrigger(self) -> Any:
+        return [self.gauge, Trigger(self.later, self.gauge)]
+
+    def remote_sendGaugeAndTrigger(self, target: Any) -> Any:
+        return target.callRemote("take", [self.gauge, Trigger(self.later, self.gauge)])
+
+    def remote_gaugeAndFailingTrigger(self) -> Any:
+        error = RichError("with a gauge")
+        error.gauge = self.gauge  # type: ignore[attr-defined]
+        return [self.gauge, FailingTrigger(self.later, error)]
 
     def remote_richError(self) -> None:
         error = RichError("too rich to send")
@@ -832,6 +865,61 @@ class UnsentValueTestsMixin(RootCallsMixin):
         self.assertFalse(self.server.disconnected)
         self.assertNothingExported(self.server)
         self.assertEqual(self.rootObject.gauge.stopped, 1)
+
+    def test_answerFromAHookNamesACopyAfterIt(self) -> None:
+        """
+        An answer that a hook completes while another value is serialised is serialised and
+        sent after that value: a Cacheable whose first copy that value carries reaches the
+        peer first, and the answer's handle on it is understood.
+        """
+        self.registry.setUnjellyableForClass(Trigger, RemoteTrigger)
+        waiting: list[Any] = []
+        self.root.callRemote("tooLargeLater").addBoth(waiting.append)
+        self.pump.flush()
+        gauge, _ = self.call("gaugeAndTrigger")
+        self.assertIsInstance(gauge, RemoteGauge)
+        (answer,) = waiting
+        self.assertIsInstance(answer, RemoteGauge)
+        self.assertIs(answer.__dict__, gauge.__dict__)  # the same copy, seen through two proxies
+        self.assertFalse(self.client.disconnected)
+
+    def test_answerFromAHookInACall(self) -> None:
+        """
+        The same for an answer that a hook completes while a call's arguments are serialised:
+        it is sent after the call, which carries the first copy.
+        """
+        self.registry.setUnjellyableForClass(Trigger, RemoteTrigger)
+        taken: list[Any] = []
+
+        class Taker(pb.Referenceable):
+            def remote_take(self, value: Any) -> None:
+                taken.append(value)
+
+        waiting: list[Any] = []
+        self.root.callRemote("tooLargeLater").addBoth(waiting.append)
+        self.pump.flush()
+        self.assertIsNone(self.call("sendGaugeAndTrigger", Taker()))
+        ((gauge, _),) = taken
+        (answer,) = waiting
+        self.assertIsInstance(answer, RemoteGauge)
+        self.assertIs(answer.__dict__, gauge.__dict__)
+
+    def test_errorFromAHookNamesACopyAfterIt(self) -> None:
+        """
+        The same for an error: the hook fails a call with an error that holds the Cacheable.
+        """
+        self.registry.setUnjellyableForClass(FailingTrigger, RemoteTrigger)
+        self.registry.setUnjellyableForClass(RichError, RemoteRichError)
+        waiting: list[Any] = []
+        self.root.callRemote("tooLargeLater").addBoth(waiting.append)
+        self.pump.flush()
+        gauge, _ = self.call("gaugeAndFailingTrigger")
+        self.assertIsInstance(gauge, RemoteGauge)
+        (failure,) = waiting
+        self.assertIsInstance(failure.value, RemoteRichError)
+        self.assertIsInstance(failure.value.gauge, RemoteGauge)
+        self.assertIs(failure.value.gauge.__dict__, gauge.__dict__)
+        self.assertFalse(self.client.disconnected)
 
     def test_answerAfterDisconnect(self) -> None:
         """An answer that comes after the connection is lost exports nothing."""

@@ -33,6 +33,7 @@ class Connection(Protocol):
     limits: Any
     serializingPerspective: Any
     streamWindow: int
+    _postponed: list[Any]
 
     @property
     def clock(self) -> Any: ...
@@ -54,6 +55,8 @@ class Connection(Protocol):
     def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None: ...
 
     def _unregister(self, registrations: list[tuple[Any, int]] | None) -> None: ...
+
+    def _sendPostponed(self) -> None: ...
 
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
 

@@ -420,6 +420,9 @@ class Broker(Banana):
         # request id of a call (else None), its size while it waits for room (else 0), what
         # packing a call counted until its first fragment is written (else None)].
         self._largeOut: list[list[Any]] = []
+        # The bytes left of the messages in it that are not this side's calls (answers, errors,
+        # stream items), for _queueFull.
+        self._largeOutForPeer = 0
         self._largeScheduled = False
         self._pumpingLarge = False
         # The most bytes of large calls the peer may hold untaken (the smaller of our
@@ -428,6 +431,11 @@ class Broker(Banana):
         self._untakenLimit = 0
         self._untaken: dict[int, int] = {}
         self._untakenBytes = 0
+        # Whether the calls first in _largeOut wait for room and nothing else can go (the
+        # last _startableLarge found so): set until something changes that (a message that
+        # does not wait is queued, a call is taken or dropped), so that a long queue of
+        # waiting calls is not walked again on every pump.
+        self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
         # counted (else None, None).
@@ -567,9 +575,11 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._largeOutForPeer = 0
         self._afterLarge = []
         self._untaken = {}
         self._untakenBytes = 0
+        self._largeBlocked = False
         self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
@@ -698,6 +708,10 @@ class Broker(Banana):
                 counted,
             ]
         )
+        if requestID is None:
+            self._largeOutForPeer += payload.size
+        if not payload.taken:
+            self._largeBlocked = False  # it need not wait
         self._pumpLarge()
 
     def _pumpLarge(self) -> None:
@@ -751,6 +765,8 @@ class Broker(Banana):
         calls that wait; those keep their order, and what waits behind large messages
         (releases, cancels, stream items, cache handles) waits for them too.
         """
+        if self._largeBlocked:
+            return False
         queue = self._largeOut
         untaken = self._untakenBytes
         blocked = False
@@ -766,6 +782,7 @@ class Broker(Banana):
             if index:
                 queue.insert(0, queue.pop(index))
             return True
+        self._largeBlocked = True
         return False
 
     def _taken(self, requestID: Any) -> None:
@@ -776,6 +793,7 @@ class Broker(Banana):
         if size is None:
             raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
         self._untakenBytes -= size
+        self._largeBlocked = False
         if self._largeOut:
             self._schedulePump()
 
@@ -811,6 +829,8 @@ class Broker(Banana):
         size = FRAGMENT_SIZE - need
         remaining -= size
         last = remaining <= 0
+        if entry[2] is None:
+            self._largeOutForPeer -= size
         # One bytes object, header included: a transport whose buffer is empty sends it as it
         # is, where a sequence of parts would be copied into one first.
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
@@ -1383,6 +1403,7 @@ class Broker(Banana):
                 if entry[4] is None or any(kind == _FIRST for _, kind in entry[4]):
                     return False  # being written, or holds a first copy later ones may name
                 del self._largeOut[index]
+                self._largeBlocked = False  # the call behind it may fit
                 transport: Any = self.transport
                 if type(transport) is PacedTransport and transport.paused and index:
                     # Uncount what queued() counted for it (an upper bound: reset on resume).
@@ -1714,10 +1735,8 @@ class Broker(Banana):
         Whether more than ``limits.bufferedBytes`` of large messages made for the peer wait
         behind the one being sent.
         """
-        waiting = 0
-        for entry in self._largeOut[1:]:
-            if entry[2] is None:
-                waiting += entry[1]
+        head = self._largeOut[0]
+        waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:
@@ -1766,6 +1785,7 @@ class Broker(Banana):
             return
         transport.paused = False
         self._largeOut = []
+        self._largeOutForPeer = 0
         try:
             self._handleBacklog()
         except Exception:

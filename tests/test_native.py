@@ -1791,6 +1791,34 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual([len(answer) for answer in answers], [3 * 1024 * 1024])
 
+    def test_bytesForThePeerCounted(self) -> None:
+        """The bytes left of the large answers queued (not of this side's own calls) are
+        kept as a running count, the one _queueFull reads, which matches the queue at each
+        step and is 0 once all is sent."""
+        later = self.later(4)
+        server = self.server
+        for deferred in later:
+            deferred.callback(b"x" * (MiB * 3 // 2))
+            # The server's own large calls, between the answers: not counted.
+            server.remoteForName("root").callRemote("echo", b"y" * MiB).addErrback(lambda _: None)
+            self.assertEqual(server._largeOutForPeer, self.forPeer(server))
+        self.assertGreater(server._largeOutForPeer, 0)
+        results: list[Any] = []
+        for result in self.results:
+            result.addBoth(results.append)
+        for _ in range(10_000):
+            if len(results) == 4 and not server._largeOut:
+                break
+            self.pump.pump()
+            self.clock.advance(0)
+            self.assertEqual(server._largeOutForPeer, self.forPeer(server))
+        self.assertEqual([len(result) for result in results], [MiB * 3 // 2] * 4)
+        self.assertEqual(server._largeOutForPeer, 0)
+
+    @staticmethod
+    def forPeer(broker: Any) -> int:
+        return sum(entry[1] for entry in broker._largeOut if entry[2] is None)
+
     def test_ownCallsDoNotHoldBackThePeer(self) -> None:
         """Large calls this side queued itself do not count as answers waiting: while its
         connection takes data, it goes on handling the peer's messages (its answers)."""
@@ -1845,6 +1873,35 @@ class TakenLargeCallTests(SynchronousTestCase):
             self.clock.advance(0)
             self.assertLessEqual(self.client._untakenBytes, 2 * MiB)
         self.fail("not done")
+
+    def test_droppedWaitingCallLetsTheNextOneStart(self) -> None:
+        """A waiting call that is cancelled before any of it is written lets the call behind
+        it start, if that one fits the room left, without waiting for the peer."""
+        KiB = 1024
+        first = self.root.callRemote("echo", b"a" * (300 * KiB))
+        second = self.root.callRemote("echo", b"b" * (900 * KiB))  # over the room left
+        third = self.root.callRemote("echo", b"c" * (300 * KiB))  # fits, waits behind it
+        self.moveClientBytes()  # the first is sent; the others wait for room
+        self.assertEqual(list(self.client._untaken), [1])
+        self.assertEqual([entry[2] for entry in self.client._largeOut], [2, 3])
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.moveClientBytes()
+        self.assertEqual(list(self.client._untaken), [1, 3])
+        self.settle(lambda: first.called and third.called)
+        self.assertEqual(len(self.successResultOf(third)), 300 * KiB)
+        self.assertEqual(len(self.successResultOf(first)), 300 * KiB)
+
+    def moveClientBytes(self) -> None:
+        """
+        Deliver what the client writes, as it writes it, and nothing the server writes (so
+        no "taken" reaches the client).
+        """
+        for _ in range(100):
+            data = self.pump.clientIO.getOutBuffer()
+            if data:
+                self.pump.serverIO.bufferReceived(data)
+            self.clock.advance(0)
 
     def test_peersPipeliningAtEachOther(self) -> None:
         """Two peers that each pipeline 15 MiB of large calls at the other (three times

@@ -82,7 +82,8 @@ WHOLE, MORE, LAST = 0, 1, 2
 FRAGMENT_SIZE = 256 * 1024
 
 _LENGTH_MASK = (1 << 30) - 1
-# Reads up to this size holding exactly one whole record take a shortcut (FrameDecoder.feed).
+# A read holding exactly one whole record takes a shortcut (FrameDecoder.feed); up to this
+# size its payload is sliced off (a copy), above it viewed.
 _SMALL = 4096
 unpackb = msgpack.unpackb
 
@@ -390,13 +391,24 @@ class FrameDecoder:
         if type(data) is not bytes:
             data = bytes(data)  # kept by reference (see _keep): it must not change
         size = len(data) - 4
-        if 0 <= size <= _SMALL and not self._buffer and not self._fragmented and not self._pending:
-            # The common case, one small whole record and nothing before it, without the
-            # general loop. (A header that says otherwise goes the long way, to its error.)
+        if 0 <= size <= FRAGMENT_SIZE and not self._buffer and not self._fragmented:
+            # The common case, one whole record and nothing before it, without the general
+            # loop. (A header that says otherwise goes the long way, to its error.)
             (header,) = _unpackHeader(data, 0)
-            if header == size and (self.messageSizeLimit is None or size <= self.messageSizeLimit):
+            if (
+                header == size
+                and not self._pending
+                and (self.messageSizeLimit is None or size <= self.messageSizeLimit)
+            ):
                 try:
-                    return [unpackb(data[4:], raw=False, strict_map_key=False, use_list=True)]
+                    return [
+                        unpackb(
+                            data[4:] if size <= _SMALL else memoryview(data)[4:],
+                            raw=False,
+                            strict_map_key=False,
+                            use_list=True,
+                        )
+                    ]
                 except Exception:
                     pass  # the long way reports it
         results: list[Any] = []

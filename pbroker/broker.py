@@ -1659,36 +1659,44 @@ class Broker(Banana):
         if decoder is None:
             return  # the connection already failed, or connectionMade() was never called
         if len(data) >= _LARGE_READ or decoder.midExpression:
-            if not gc.isenabled():
-                super().dataReceived(data)
-            else:
-                # Decoding a large message makes many containers at once, and the cyclic
-                # collector would run over and over while it does (half the decoding time
-                # for a list of a thousand records). Those objects are new and alive; collect
-                # after.
+            # Decoding a large message makes many containers at once, and the cyclic
+            # collector would run over and over while it does (half the decoding time for a
+            # list of a thousand records). Those objects are new and alive; collect after.
+            collecting = gc.isenabled()
+            if collecting:
                 gc.disable()
-                try:
+            try:
+                if self._codec is not None:
+                    self._feedNative(decoder, data)
+                else:
                     super().dataReceived(data)
-                finally:
+            finally:
+                if collecting:
                     gc.enable()
             decoder = self._decoder
             transport: Any = self.transport
             if type(decoder) is FrameDecoder and type(transport) is PacedTransport:
                 transport.readLarge(decoder.largeMessage)
         elif self._codec is not None:
-            # Small messages of the native dialect, the common case: Banana.dataReceived's
-            # work without its negotiation step and a call fewer per message.
-            try:
-                expressions = decoder.feed(data)
-            except BananaDecodeError as e:
-                self._malformed(e)
-                return
-            if len(expressions) == 1:
-                self.expressionReceived(expressions[0])
-            else:
-                self._deliver(expressions)
+            self._feedNative(decoder, data)
         else:
             super().dataReceived(data)
+
+    def _feedNative(self, decoder: Any, data: bytes) -> None:
+        """
+        Decode and handle what the peer sent in the native dialect: Banana.dataReceived's
+        work without its negotiation step (the dialect is chosen) and a call fewer per
+        message.
+        """
+        try:
+            expressions = decoder.feed(data)
+        except BananaDecodeError as e:
+            self._malformed(e)
+            return
+        if len(expressions) == 1:
+            self.expressionReceived(expressions[0])
+        else:
+            self._deliver(expressions)
 
     def _deliver(self, expressions: list[Any]) -> None:
         # The answers to the messages of one read leave in one write (dataReceived holds

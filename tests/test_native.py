@@ -922,6 +922,24 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertRaises(BananaDecodeError, decoder.feed, _native.records([b"y" * 200])[0])
         self.assertRaises(BananaDecodeError, decoder.feed, small)  # refused for good
 
+    def test_oneLargeRecordPerRead(self) -> None:
+        """
+        A read of exactly one whole record larger than the small ones takes the shortcut
+        too, read where it is: its values are bytes of their own, and a broken or oversized
+        record is still refused.
+        """
+        message = [b"answer", 7, b"x" * 100_000]
+        (record,) = _native.records(message)
+        decoder = _native.FrameDecoder(None)
+        ((command, requestID, value),) = decoder.feed(record)
+        self.assertEqual([command, requestID, value], message)
+        self.assertIs(type(value), bytes)
+        self.assertFalse(decoder.midExpression)
+        self.assertEqual(decoder.feed(record), [message])
+        broken = record[:4] + b"\xc1" + record[5:]  # a type byte msgpack never uses
+        self.assertRaises(BananaDecodeError, _native.FrameDecoder(None).feed, broken)
+        self.assertRaises(BananaDecodeError, _native.FrameDecoder(50_000).feed, record)
+
     def test_malformed(self) -> None:
         """Garbage, oversized records and unknown kinds are refused for good."""
         for data in [

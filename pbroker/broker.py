@@ -292,6 +292,22 @@ def _noKeywords(tokens: Any) -> bytes:
     return Jellier(globalSecurity, None, None).encode({}, tokens)
 
 
+def _nearerEnd(queue: Sequence[Any], field: int, requestID: int) -> range:
+    """
+    The indices of ``queue`` to look for the call ``requestID`` in (``entry[field]`` is an
+    entry's request id, or None): from the end whose id is nearer. Request ids grow along
+    the queue, but for entries moved ahead of calls that wait (and answers, which have
+    none), so a caller that cancels its calls newest first finds each at once, as one that
+    cancels them oldest first does.
+    """
+    size = len(queue)
+    if size > 1:
+        first, last = queue[0][field], queue[-1][field]
+        if type(first) is int and type(last) is int and last - requestID < requestID - first:
+            return range(size - 1, -1, -1)
+    return range(size)
+
+
 class _Payload:
     """
     A native message to be written in fragments, in parts (as opposed to bytes, written as
@@ -1398,11 +1414,13 @@ class Broker(Banana):
 
         :returns: whether it did; ``None`` if the call is not queued (it was sent).
         """
-        for index, entry in enumerate(self._largeOut):
+        queue = self._largeOut
+        for index in _nearerEnd(queue, 2, requestID):
+            entry = queue[index]
             if entry[2] == requestID:
                 if entry[4] is None or any(kind == _FIRST for _, kind in entry[4]):
                     return False  # being written, or holds a first copy later ones may name
-                del self._largeOut[index]
+                del queue[index]
                 self._largeBlocked = False  # the call behind it may fit
                 transport: Any = self.transport
                 if type(transport) is PacedTransport and transport.paused and index:
@@ -1410,11 +1428,13 @@ class Broker(Banana):
                     transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
                 self._unregister(entry[4])
                 return True
-        for index, (_payload, waiting, counted) in enumerate(self._afterLarge):
+        after = self._afterLarge
+        for index in _nearerEnd(after, 1, requestID):
+            _payload, waiting, counted = after[index]
             if waiting == requestID:
                 if counted and any(kind == _FIRST for _, kind in counted):
                     return False
-                del self._afterLarge[index]
+                del after[index]
                 self._unregister(counted)
                 return True
         return None

@@ -102,6 +102,23 @@ class DroppedUnsentCallTests(Base):
         self.assertEqual(self.client._afterLarge, [])
         self.assertEqual(len(self.server.localObjects), before)  # the child is unexported
 
+    def test_cancelledInEitherOrder(self) -> None:
+        """Waiting calls cancelled newest first (the queue is searched from its nearer end)
+        or oldest first are each dropped unsent: the peer runs only the call written."""
+        ran: list[int] = []
+        self.rootObject.remote_take = lambda *args: ran.append(len(args)) or len(args)  # type: ignore[method-assign]
+        for order in (reversed, list):
+            first = self.root.callRemote("take", b"1" * BIG)
+            self.writeAll()
+            waiting = [self.root.callRemote("take", b"w" * BIG, index) for index in range(5)]
+            self.assertEqual(len(self.client._largeOut), 5)
+            for call in order(waiting):
+                call.cancel()
+                self.failureResultOf(call, CancelledError)
+            self.assertEqual(self.client._largeOut, [])
+            self.assertEqual(self.successResultOf_(first), 1)
+        self.assertEqual(ran, [1, 1])  # the two first calls, never a waiting one (two args)
+
     def test_streamsGoOn(self, cancel: bool = True) -> None:
         """Streams, which wait while anything waits behind large messages, go on once the
         last large call is dropped."""

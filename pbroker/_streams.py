@@ -148,16 +148,17 @@ class StreamTable:
 
     def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
         connection = self._connection
-        netItem = connection.serialize(item, perspective)
-        registrations = connection._takeRegistrations(netItem)
         try:
-            connection._sendBehindLarge(b"item", streamID, netItem)
-        except Exception:
-            connection._unregister(registrations)  # not sent: it exports nothing
-            raise
+            netItem = connection.serialize(item, perspective)
+            registrations = connection._takeRegistrations(netItem)
+            try:
+                connection._sendBehindLarge(b"item", streamID, netItem)
+            except Exception:
+                connection._unregister(registrations)  # not sent: it exports nothing
+                raise
         finally:
             if connection._postponed:
-                connection._sendPostponed()
+                connection._sendPostponed()  # what a hook in the item completed goes after it
 
     def ended(self, streamID: int, failure: Failure | None) -> None:
         connection = self._connection

@@ -498,6 +498,7 @@ class Broker(Banana):
         # Answers and errors that came while a value was serialised (a hook completed them),
         # each a Deferred to fire with its result once that value is sent (see _postpone).
         self._postponed: list[tuple[Deferred[Any], Any]] = []
+        self._postponedScheduled = False
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -964,7 +965,7 @@ class Broker(Banana):
         Serialise what a Deferred a method returned gave, or, if it came while another value
         is serialised, a Deferred of that for once the other value is sent (see _postpone).
         """
-        if self._registrations is None:
+        if self._registrations is None or self.disconnected:
             return self.serialize(result, perspective, method, args, kw)
         return self._postpone(result).addCallback(self.serialize, perspective, method, args, kw)
 
@@ -973,7 +974,7 @@ class Broker(Banana):
         A Deferred's failure, or a Deferred of it for later if it came while another value is
         serialised: the error names what that value may send first.
         """
-        if self._registrations is None:
+        if self._registrations is None or self.disconnected:
             return failure
         return self._postpone(failure)
 
@@ -989,7 +990,16 @@ class Broker(Banana):
         """
         waiting: Deferred[Any] = Deferred()
         self._postponed.append((waiting, result))
+        if not self._postponedScheduled:
+            # Each path that sends or drops a value sends what waited for it; should one
+            # be missed, nothing waits longer than the reactor's next turn.
+            self._postponedScheduled = True
+            self.clock.callLater(0, self._sendPostponedLater)
         return waiting
+
+    def _sendPostponedLater(self) -> None:
+        self._postponedScheduled = False
+        self._sendPostponed()
 
     def _sendPostponed(self) -> None:
         """
@@ -1279,6 +1289,19 @@ class Broker(Banana):
             if not answerRequired:
                 raise DeadReferenceError("Calling Stale Broker")
             return fail(DeadReferenceError("Calling Stale Broker"))
+        if self._registrations is not None:
+            # Made by a hook while a value is serialised: sent after it (see _postpone).
+            if not answerRequired:
+                kw = {**kw, "pbanswer": False}
+            later = self._postpone(None).addCallback(
+                lambda _: self._sendMessage(
+                    prefix, perspective, objectID, message, args, kw, options
+                )
+            )
+            if answerRequired:
+                return later
+            later.addErrback(self._logOneWayFailure)
+            return None
         annotations = None if options is None else options.context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective
@@ -1300,6 +1323,9 @@ class Broker(Banana):
         except Exception:
             failure = Failure()
             self._unregister(registrations)
+            self._registrations = outer
+            if self._postponed:
+                self._sendPostponed()  # what a hook completed before the arguments failed
             if not answerRequired:
                 raise
             return fail(failure)
@@ -2114,11 +2140,12 @@ class Broker(Banana):
                 raise Error("Invalid Object ID")
             result = target.remoteMessageReceived(self, name, netArgs, netKw)
         except Error as e:
-            if answerRequired:
-                if isinstance(e, Jellyable) or self.security.isClassAllowed(e.__class__):
-                    self._sendError(e, requestID)
-                else:
-                    self._sendError(CopyableFailure(e), requestID)
+            if not answerRequired:
+                self._sendPostponed()  # what a hook completed before the method failed
+            elif isinstance(e, Jellyable) or self.security.isClassAllowed(e.__class__):
+                self._sendError(e, requestID)
+            else:
+                self._sendError(CopyableFailure(e), requestID)
             return
         except (InsecureJelly, LimitExceeded) as e:
             # The peer sent what this side refuses to take: its mistake, one log line.
@@ -2127,6 +2154,8 @@ class Broker(Banana):
             )
             if answerRequired:
                 self._sendError(CopyableFailure(e), requestID)
+            else:
+                self._sendPostponed()
             return
         except Exception:
             failure = CopyableFailure()
@@ -2134,6 +2163,8 @@ class Broker(Banana):
                 self._log.failure("Peer will receive the following PB traceback", failure)
             if answerRequired:
                 self._sendError(failure, requestID)
+            else:
+                self._sendPostponed()
             return
         finally:
             if token is not None:
@@ -2220,8 +2251,6 @@ class Broker(Banana):
         self._callContexts.pop(requestID, None)
         if not self.disconnected:
             self._sendFailure(self.sendCall, b"error", requestID, failure)
-        if self._postponed:
-            self._sendPostponed()
 
     def _sendFailure(
         self, send: Callable[..., None], command: bytes, key: int, failure: Any
@@ -2250,6 +2279,8 @@ class Broker(Banana):
                 f"the {what} failed with {name}, an error too large to send: {e}"
             )
             send(command, key, self._serializeFailure(Failure(instead)))
+        if self._postponed:
+            self._sendPostponed()  # what a hook in the error completed goes after it
 
     def _serializeFailure(self, failure: Any) -> Any:
         """

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 from weakref import WeakValueDictionary
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
@@ -57,6 +58,10 @@ class Connection(Protocol):
     def _unregister(self, registrations: list[tuple[Any, int]] | None) -> None: ...
 
     def _sendPostponed(self) -> None: ...
+
+    def _afterSerializing(self, result: Any) -> Any: ...
+
+    def _postponeFailure(self, failure: Failure) -> Any: ...
 
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
 
@@ -145,6 +150,14 @@ class StreamTable:
             return
         self.cancelled.add(streamID)
         self._connection.sendCall(b"streamcancel", streamID)
+
+    def afterSerializing(self, pending: Deferred[Any]) -> Deferred[Any]:
+        """
+        ``pending`` (an item on its way), held back if it fires while the broker serialises
+        a value: the item may name what that value sends first.
+        """
+        connection = self._connection
+        return pending.addCallbacks(connection._afterSerializing, connection._postponeFailure)
 
     def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
         connection = self._connection

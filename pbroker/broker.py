@@ -499,6 +499,7 @@ class Broker(Banana):
         # each a Deferred to fire with its result once that value is sent (see _postpone).
         self._postponed: list[tuple[Deferred[Any], Any]] = []
         self._postponedScheduled = False
+        self._sendingPostponed = False
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
 
@@ -1001,20 +1002,36 @@ class Broker(Banana):
         self._postponedScheduled = False
         self._sendPostponed()
 
+    def _afterSerializing(self, result: Any) -> Any:
+        """
+        ``result``, or, if it came while a value is serialised, a Deferred of it for once
+        that value is sent (see _postpone): for a stream's item, say, which names what the
+        value may send first.
+        """
+        if self._registrations is None or self.disconnected:
+            return result
+        return self._postpone(result)
+
     def _sendPostponed(self) -> None:
         """
         Serialise and send (or fail) what :meth:`_postpone` held, in the order it came, unless
         a value is still being serialised.
         """
+        if self._sendingPostponed:
+            return  # the loop below goes on with what sending one of them postponed
         postponed = self._postponed
-        while postponed and (self._registrations is None or self.disconnected):
-            waiting, result = postponed.pop(0)
-            if waiting.called:
-                continue  # cancelled meanwhile: the chain went on with the cancel
-            if isinstance(result, Failure):
-                waiting.errback(result)
-            else:
-                waiting.callback(result)
+        self._sendingPostponed = True
+        try:
+            while postponed and (self._registrations is None or self.disconnected):
+                waiting, result = postponed.pop(0)
+                if waiting.called:
+                    continue  # cancelled meanwhile: the chain went on with the cancel
+                if isinstance(result, Failure):
+                    waiting.errback(result)
+                else:
+                    waiting.callback(result)
+        finally:
+            self._sendingPostponed = False
 
     def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None:
         """
@@ -1289,19 +1306,6 @@ class Broker(Banana):
             if not answerRequired:
                 raise DeadReferenceError("Calling Stale Broker")
             return fail(DeadReferenceError("Calling Stale Broker"))
-        if self._registrations is not None:
-            # Made by a hook while a value is serialised: sent after it (see _postpone).
-            if not answerRequired:
-                kw = {**kw, "pbanswer": False}
-            later = self._postpone(None).addCallback(
-                lambda _: self._sendMessage(
-                    prefix, perspective, objectID, message, args, kw, options
-                )
-            )
-            if answerRequired:
-                return later
-            later.addErrback(self._logOneWayFailure)
-            return None
         annotations = None if options is None else options.context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective

@@ -463,7 +463,8 @@ class OutgoingStream:
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending
-        pending.addCallbacks(self._pulled, self._pullFailed)
+        # An item a hook completes while the broker serialises a value is sent after it.
+        self._table.afterSerializing(pending).addCallbacks(self._pulled, self._pullFailed)
 
     def _pulled(self, item: Any) -> None:
         self._busy = None

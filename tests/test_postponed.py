@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _native, pb
+from pbroker import pb
 from pbroker.testing import connectedServerAndClient
 from tests.test_broker import RemoteTrigger, Trigger, Unserialisable
 
@@ -196,54 +196,74 @@ class RemoteGauge(pb.RemoteCache):
     pass
 
 
-class Caller(pb.Copyable):
+class Releaser(pb.Copyable):
     """
-    A copy whose state, when taken, makes a call (one-way if ``oneWay``) naming ``value``.
+    A copy whose state, when taken, fires each of ``waiters`` with ``value``.
     """
 
-    def __init__(self, target: Any, value: Any, oneWay: bool = False) -> None:
-        self.target = target
+    def __init__(self, waiters: list[Deferred[Any]], value: Any) -> None:
+        self.waiters = waiters
         self.value = value
-        self.oneWay = oneWay
-        self.calls: list[Any] = []
 
     def getStateToCopy(self) -> Any:
-        if self.oneWay:
-            self.calls.append(self.target.callRemote("take", self.value, pbanswer=False))
-        else:
-            self.calls.append(self.target.callRemote("take", self.value))
+        for waiter in self.waiters:
+            waiter.callback(self.value)
         return {}
 
 
-class CallFromAHookTests(SynchronousTestCase):
+class Snapshot(pb.Copyable):
     """
-    A call a hook makes while a value is serialised is sent after that value: a Cacheable
-    whose first copy the value carries is known to the peer when the call names it.
+    A copy whose state, when taken, makes calls with a dict it changes after each.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.record = {"step": 0}
+
+    def getStateToCopy(self) -> Any:
+        for step in (1, 2, 3):
+            self.record["step"] = step
+            self.target.callRemote("take", self.record)
+        return {}
+
+
+class HookTests(SynchronousTestCase):
+    """
+    Hooks that complete many answers, a stream's item, or make calls.
     """
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.gauge = Gauge()
-        gauge = self.gauge
+        self.waiters: list[Deferred[Any]] = []
+        self.value: Any = None
+        self.pending: Deferred[Any] = Deferred()
+        outer = self
 
-        class CallingRoot(pb.Root):
+        class HookRoot(pb.Root):
             target: Any = None
-            caller: Any = None
 
             def remote_keep(self, target: Any) -> None:
                 self.target = target
 
-            def remote_gaugeAndCaller(self, oneWay: bool = False) -> Any:
-                self.caller = Caller(self.target, gauge, oneWay)
-                return [gauge, self.caller]
+            def remote_wait(self) -> Deferred[Any]:
+                outer.waiters.append(Deferred())
+                return outer.waiters[-1]
 
-        self.rootObject = CallingRoot()
-        registry = pb.UnjellyableRegistry()
-        registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        registry.setUnjellyableForClass(Caller, RemoteTrigger)
+            def remote_value(self) -> Any:
+                return outer.value
+
+            def remote_stream(self) -> Any:
+                return iter([outer.pending])
+
+        self.rootObject = HookRoot()
+        self.registry = pb.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        for copyable in (Releaser, Snapshot, Trigger):
+            self.registry.setUnjellyableForClass(copyable, RemoteTrigger)
         self.server, self.client, self.pump = connectedServerAndClient(
             pb.PBServerFactory(self.rootObject, clock=self.clock),
-            pb.PBClientFactory(registry=registry, clock=self.clock),
+            pb.PBClientFactory(registry=self.registry, clock=self.clock),
             clock=self.clock,
         )
         self.root = self.client.remoteForName("root")
@@ -251,104 +271,47 @@ class CallFromAHookTests(SynchronousTestCase):
         self.root.callRemote("keep", self.taker)
         self.pump.flush()
 
-    def test_callNamesACopyAfterIt(self) -> None:
-        """The call arrives after the answer that carries the first copy, and is
-        answered."""
+    def test_manyAnswersFromAHook(self) -> None:
+        """A hook that completes 300 waiting calls: each is answered (the postponed
+        answers are sent one after the other, not each from inside the last)."""
+        answers: list[Any] = []
+        for index in range(300):
+            self.root.callRemote("wait").addCallback(lambda _, index=index: answers.append(index))
+        self.pump.flush()
+        self.value = Releaser(self.waiters, 1)
         results: list[Any] = []
-        self.root.callRemote("gaugeAndCaller").addBoth(results.append)
-        self.pump.flush()
-        self.assertFalse(self.client.disconnected)
-        ((gauge, _),) = results
-        ((taken,),) = self.taker.taken
-        self.assertIsInstance(taken, RemoteGauge)
-        self.assertIs(taken.__dict__, gauge.__dict__)
-        (call,) = self.rootObject.caller.calls
-        self.assertIsNone(self.successResultOf(call))
-
-    def test_oneWayCall(self) -> None:
-        """The same for a one-way call, which returns None at once."""
-        self.root.callRemote("gaugeAndCaller", True)
-        self.pump.flush()
-        ((taken,),) = self.taker.taken
-        self.assertIsInstance(taken, RemoteGauge)
-        self.assertEqual(self.rootObject.caller.calls, [None])
-        self.assertEqual(self.server.waitingForAnswers, {})
-
-    def test_cancelledBeforeSent(self) -> None:
-        """A call cancelled before the value it waits for is sent is never sent."""
-
-        class Canceller(pb.Copyable):
-            def getStateToCopy(inner) -> Any:
-                call = self.rootObject.target.callRemote("take", 1)
-                call.cancel()
-                inner.call = call
-                return {}
-
-        canceller = Canceller()
-        self.rootObject.remote_cancelling = lambda: canceller  # type: ignore[attr-defined]
-        self.client.factory.registry.setUnjellyableForClass(Canceller, RemoteTrigger)
-        results: list[Any] = []
-        self.root.callRemote("cancelling").addBoth(results.append)
-        self.pump.flush()
+        self.root.callRemote("value").addBoth(results.append)
+        for _ in range(20):
+            self.pump.flush()
         self.assertIsInstance(results[0], RemoteTrigger)
-        self.failureResultOf(canceller.call, CancelledError)
-        self.assertEqual(self.taker.taken, [])
+        self.assertEqual(answers, list(range(300)))
 
-    def test_streamArgumentFromDeepInAValue(self) -> None:
-        """A hook deep inside nested tuples (deeper than the codec packs as extensions)
-        can still send a stream in a call: the call is packed on its own, not inside the
-        value, where it would have to travel as jelly, which carries no streams."""
-        sums: list[Any] = []
-
-        async def total(stream: Any) -> None:
-            sums.append(sum([item async for item in stream]))
-
-        self.taker.remote_take = total  # type: ignore[method-assign]
-
-        class Streamer(pb.Copyable):
-            def getStateToCopy(inner) -> Any:
-                inner.call = self.rootObject.target.callRemote("take", iter([1, 2, 3]))
-                return {}
-
-        streamer = Streamer()
-        value: Any = streamer
-        for _ in range(_native.EXTENSION_DEPTH + 2):
-            value = (value,)
-        self.rootObject.remote_deep = lambda: value  # type: ignore[attr-defined]
-        self.client.factory.registry.setUnjellyableForClass(Streamer, RemoteTrigger)
-        results: list[Any] = []
-        self.root.callRemote("deep").addBoth(results.append)
+    def test_streamItemFromAHook(self) -> None:
+        """A stream's item that a hook completes (the Deferred its source yielded) is sent
+        after the value being serialised, whose first copy of a Cacheable it names."""
+        streams: list[Any] = []
+        self.root.callRemote("stream").addBoth(streams.append)
+        self.pump.flush()
+        (stream,) = streams
+        items: list[Any] = []
+        stream.next().addBoth(items.append)
+        self.pump.flush()
+        self.value = [self.gauge, Trigger(self.pending, self.gauge)]
+        values: list[Any] = []
+        self.root.callRemote("value").addBoth(values.append)
         for _ in range(20):
             self.pump.flush()
-        self.assertNotIsInstance(results[0], Failure)
-        self.assertEqual(sums, [6])
-        self.assertIsNone(self.successResultOf(streamer.call))
+        self.assertFalse(self.client.disconnected)
+        ((gauge, _),) = values
+        (item,) = items
+        self.assertIsInstance(item, RemoteGauge)
+        self.assertIs(item.__dict__, gauge.__dict__)
 
-    def test_streamArgumentFromDeepInArguments(self) -> None:
-        """The same for a hook deep inside a call's arguments."""
-        sums: list[Any] = []
-
-        async def total(stream: Any) -> None:
-            sums.append(sum([item async for item in stream]))
-
-        self.rootObject.remote_total = total  # type: ignore[attr-defined]
-        self.rootObject.remote_ignore = lambda value: None  # type: ignore[attr-defined]
-        root = self.root
-
-        class Streamer(pb.Copyable):
-            def getStateToCopy(inner) -> Any:
-                inner.call = root.callRemote("total", iter([1, 2, 3]))
-                return {}
-
-        streamer = Streamer()
-        value: Any = streamer
-        for _ in range(_native.EXTENSION_DEPTH + 2):
-            value = (value,)
-        self.server.registry.setUnjellyableForClass(Streamer, RemoteTrigger)
-        results: list[Any] = []
-        self.root.callRemote("ignore", value).addBoth(results.append)
+    def test_callFromAHookTakesItsArgumentsAtOnce(self) -> None:
+        """A call a hook makes is sent at once, with its arguments as they are then, as
+        any call is (and as in Twisted PB), not after the value being serialised."""
+        self.value = Snapshot(self.rootObject.target)
+        self.root.callRemote("value")
         for _ in range(20):
             self.pump.flush()
-        self.assertEqual(results, [None])
-        self.assertEqual(sums, [6])
-        self.assertIsNone(self.successResultOf(streamer.call))
+        self.assertEqual([value["step"] for (value,) in self.taker.taken], [1, 2, 3])

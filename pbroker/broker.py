@@ -495,8 +495,9 @@ class Broker(Banana):
         self._unreadCaches: set[int] | None = None
         # The last serialised value that counted any, with them (see _takeRegistrations).
         self._lastRegistered: tuple[Any, list[tuple[Any, int]]] | None = None
-        # Answers and errors that came while a value was serialised (a hook completed them),
-        # each a Deferred to fire with its result once that value is sent (see _postpone).
+        # Answers, errors and stream items that came while a value was serialised (a hook
+        # completed them), each a Deferred to fire with its result once that value is sent
+        # (see _postpone).
         self._postponed: list[tuple[Deferred[Any], Any]] = []
         self._postponedScheduled = False
         self._sendingPostponed = False
@@ -981,13 +982,14 @@ class Broker(Banana):
 
     def _postpone(self, result: Any) -> Deferred[Any]:
         """
-        A Deferred of ``result`` (an answer's value or a Failure), fired when the value being
-        serialised is sent (or dropped): :meth:`_sendPostponed`.
+        A Deferred of ``result`` (an answer's value, a stream's item, or a Failure), fired
+        when the value being serialised is sent (or dropped): :meth:`_sendPostponed`.
 
         A hook (a Copyable's ``getStateToCopy``, say) may complete another call while a value
         is serialised. Serialised and sent at once, that answer would reach the peer first,
         though it may name a Cacheable whose first copy is in the value being serialised, a
-        handle the peer would refuse as unknown.
+        handle the peer would refuse as unknown. (Calls a hook makes are sent at once, as in
+        PB: their arguments are taken when they are made.)
         """
         waiting: Deferred[Any] = Deferred()
         self._postponed.append((waiting, result))

@@ -2255,8 +2255,9 @@ class Broker(Banana):
     def _sendError(self, failure: Any, requestID: int) -> None:
         self._answering.pop(requestID, None)
         self._callContexts.pop(requestID, None)
-        if not self.disconnected:
-            self._sendFailure(self.sendCall, b"error", requestID, failure)
+        if self.disconnected:
+            return
+        self._sendFailure(self.sendCall, b"error", requestID, failure)
 
     def _sendFailure(
         self, send: Callable[..., None], command: bytes, key: int, failure: Any

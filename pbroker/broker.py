@@ -741,6 +741,12 @@ class Broker(Banana):
         with credit send more (their large items join the queue and this loop goes on: it
         does not recurse).
         """
+        if self._registrations is not None and not self.disconnected:
+            # A large call a hook made while a value is serialised: what this loop lets go
+            # (streams, the peer's waiting messages, pagers) would overtake that value. (A
+            # pump the reactor runs comes from no serialisation: this one is a direct call.)
+            self._schedulePump()
+            return
         self._largeScheduled = False
         if self._pumpingLarge:
             return  # the running loop will see what was added

@@ -315,3 +315,74 @@ class HookTests(SynchronousTestCase):
         for _ in range(20):
             self.pump.flush()
         self.assertEqual([value["step"] for (value,) in self.taker.taken], [1, 2, 3])
+
+
+class LargeCaller(pb.Copyable):
+    """
+    A copy whose state, when taken, makes a large call (one the broker fragments).
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def getStateToCopy(self) -> Any:
+        self.target.callRemote("take", b"x" * 300_000)
+        return {}
+
+
+class StreamPumpedMidSerialisationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gauge = Gauge()
+        self.later: Deferred[Any] = Deferred()
+        outer = self
+
+        class StreamingRoot(pb.Root):
+            target: Any = None
+
+            def remote_keep(self, target: Any) -> None:
+                self.target = target
+
+            def remote_waitLater(self) -> Any:
+                return outer.later
+
+            def remote_stream(self) -> Iterator[Any]:
+                yield from range(64)  # _ITEMS_PER_TURN: the rest waits for the next turn
+                yield outer.gauge
+
+        self.rootObject = StreamingRoot()
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        registry.setUnjellyableForClass(LargeCaller, RemoteTrigger)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock),
+            pb.PBClientFactory(registry=registry, clock=self.clock),
+            clock=self.clock,
+        )
+        self.root = self.client.remoteForName("root")
+        self.taker = Taker()
+        self.root.callRemote("keep", self.taker)
+        self.pump.flush()
+
+    def test_streamNotPumpedFromAHooksLargeCall(self) -> None:
+        """A large call a hook makes does not pump a stream waiting for the next reactor
+        turn: its item would name a Cacheable whose first copy is in the value still being
+        serialised, and reach the peer first. The call goes on the next turn."""
+        self.client.streamWindow = 200
+        answers: list[Any] = []
+        self.root.callRemote("waitLater").addBoth(answers.append)
+        streams: list[Any] = []
+        self.root.callRemote("stream").addBoth(streams.append)
+        self.pump.flush(advanceClock=False)  # 64 items sent, the next turn not run
+        (stream,) = streams
+        self.assertEqual(stream.buffered, 64)
+        # The server's method answers (from a timer, say): its value's hook makes a large call.
+        self.later.callback([self.gauge, LargeCaller(self.rootObject.target)])
+        for _ in range(20):
+            self.pump.flush()
+        self.assertFalse(self.client.disconnected)
+        ((gauge, _),) = answers
+        items = [self.successResultOf(stream.next()) for _ in range(65)]
+        self.assertIsInstance(items[64], RemoteGauge)
+        self.assertIs(items[64].__dict__, gauge.__dict__)
+        self.assertEqual(self.taker.taken, [(b"x" * 300_000,)])

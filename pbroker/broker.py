@@ -499,7 +499,8 @@ class Broker(Banana):
         # completed them), each a Deferred to fire with its result once that value is sent
         # (see _postpone).
         self._postponed: list[tuple[Deferred[Any], Any]] = []
-        self._postponedScheduled = False
+        # The reactor's call of _sendPostponedLater while any wait (see _postpone).
+        self._postponedTimer: Any = None
         self._sendingPostponed = False
         self._keepaliveTimer: KeepaliveTimer | None = None
         self._lostReason: str | None = None
@@ -999,15 +1000,14 @@ class Broker(Banana):
         """
         waiting: Deferred[Any] = Deferred()
         self._postponed.append((waiting, result))
-        if not self._postponedScheduled:
+        if self._postponedTimer is None:
             # Each path that sends or drops a value sends what waited for it; should one
             # be missed, nothing waits longer than the reactor's next turn.
-            self._postponedScheduled = True
-            self.clock.callLater(0, self._sendPostponedLater)
+            self._postponedTimer = self.clock.callLater(0, self._sendPostponedLater)
         return waiting
 
     def _sendPostponedLater(self) -> None:
-        self._postponedScheduled = False
+        self._postponedTimer = None
         self._sendPostponed()
 
     def _afterSerializing(self, result: Any) -> Any:
@@ -1040,6 +1040,11 @@ class Broker(Banana):
                     waiting.callback(result)
         finally:
             self._sendingPostponed = False
+        timer = self._postponedTimer
+        if not postponed and timer is not None:
+            self._postponedTimer = None  # nothing left for it: no call left on the reactor
+            if timer.active():
+                timer.cancel()
 
     def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None:
         """

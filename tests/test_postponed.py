@@ -120,6 +120,9 @@ class PostponedAnswerTests(SynchronousTestCase):
         d = target.callRemote("take", Trigger(self.rootObject.later, 1), Unserialisable())
         self.failureResultOf(d, ValueError)
         self.assertEqual(self.server._postponed, [])
+        # Nothing is left on the reactor for it either (trial would call that unclean).
+        pending = [call.func for call in self.clock.getDelayedCalls()]
+        self.assertNotIn(self.server._sendPostponedLater, pending)
         self.settle()
         self.assertEqual(self.waiting, [1])
 

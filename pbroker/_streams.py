@@ -61,8 +61,6 @@ class Connection(Protocol):
 
     def _afterSerializing(self, result: Any) -> Any: ...
 
-    def _postponeFailure(self, failure: Failure) -> Any: ...
-
     def unserialize(self, sexp: Any, perspective: Any = None) -> Any: ...
 
     def _serializeFailure(self, failure: Any) -> Any: ...
@@ -156,8 +154,7 @@ class StreamTable:
         ``pending`` (an item on its way), held back if it fires while the broker serialises
         a value: the item may name what that value sends first.
         """
-        connection = self._connection
-        return pending.addCallbacks(connection._afterSerializing, connection._postponeFailure)
+        return pending.addBoth(self._connection._afterSerializing)
 
     def sendItem(self, streamID: int, item: Any, perspective: Any) -> None:
         connection = self._connection

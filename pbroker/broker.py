@@ -932,10 +932,9 @@ class Broker(Banana):
         if kind not in _PLAIN and isinstance(object, (CoroutineType, Deferred)):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
-            return object.addCallbacks(
-                self._serializeResult,
-                self._postponeFailure,
-                callbackArgs=(perspective, method, args, kw),
+            # What a hook completes while another value is serialised waits for that value.
+            return object.addBoth(self._afterSerializing).addCallback(
+                self.serialize, perspective, method, args, kw
             )
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
@@ -967,26 +966,6 @@ class Broker(Banana):
             self._lastRegistered = (result, registrations)
         return result
 
-    def _serializeResult(
-        self, result: Any, perspective: Any, method: Any, args: Any, kw: Any
-    ) -> Any:
-        """
-        Serialise what a Deferred a method returned gave, or, if it came while another value
-        is serialised, a Deferred of that for once the other value is sent (see _postpone).
-        """
-        if self._registrations is None or self.disconnected:
-            return self.serialize(result, perspective, method, args, kw)
-        return self._postpone(result).addCallback(self.serialize, perspective, method, args, kw)
-
-    def _postponeFailure(self, failure: Failure) -> Any:
-        """
-        A Deferred's failure, or a Deferred of it for later if it came while another value is
-        serialised: the error names what that value may send first.
-        """
-        if self._registrations is None or self.disconnected:
-            return failure
-        return self._postpone(failure)
-
     def _postpone(self, result: Any) -> Deferred[Any]:
         """
         A Deferred of ``result`` (an answer's value, a stream's item, or a Failure), fired
@@ -1012,9 +991,9 @@ class Broker(Banana):
 
     def _afterSerializing(self, result: Any) -> Any:
         """
-        ``result``, or, if it came while a value is serialised, a Deferred of it for once
-        that value is sent (see _postpone): for a stream's item, say, which names what the
-        value may send first.
+        ``result`` (a value or a Failure), or, if it came while a value is serialised, a
+        Deferred of it for once that value is sent (see _postpone): for an answer or a
+        stream's item, which may name what that value sends first. Added with ``addBoth``.
         """
         if self._registrations is None or self.disconnected:
             return result

@@ -688,17 +688,13 @@ class RemoteTrigger(pb.RemoteCopy):
     pass
 
 
-class FailingTrigger(pb.Copyable):
+class FailingTrigger(Trigger):
     """
-    A copy whose state, when taken, fails another call with ``error``.
+    A copy whose state, when taken, fails another call with its ``answer``, an exception.
     """
-
-    def __init__(self, waiter: Deferred[Any], error: Exception) -> None:
-        self.waiter = waiter
-        self.error = error
 
     def getStateToCopy(self) -> Any:
-        self.waiter.errback(self.error)
+        self.waiter.errback(self.answer)
         return {}
 
 

@@ -83,24 +83,37 @@ class Root(pb.Root):
         return generate()
 
 
-class PostponedAnswerTests(SynchronousTestCase):
+class ConnectedTestCase(SynchronousTestCase):
+    """
+    A server and a client connected in memory, with one fake clock.
+    """
+
+    def connect(self, rootObject: Any, copies: dict[type, type]) -> None:
+        """
+        Serve ``rootObject``, to a client that takes each class in ``copies`` as the class
+        it maps to; ``self.root`` is the server's root.
+        """
+        self.clock = Clock()
+        self.rootObject = rootObject
+        registry = pb.UnjellyableRegistry()
+        for copyable, copy in copies.items():
+            registry.setUnjellyableForClass(copyable, copy)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(rootObject, clock=self.clock),
+            pb.PBClientFactory(registry=registry, clock=self.clock),
+            clock=self.clock,
+        )
+        self.root = self.client.remoteForName("root")
+
+
+class PostponedAnswerTests(ConnectedTestCase):
     """
     Each test has the server's ``waitLater`` call pending, completes it from a hook, and
     checks that its answer is sent at once (nothing left postponed) and arrives.
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.rootObject = Root()
-        registry = pb.UnjellyableRegistry()
-        registry.setUnjellyableForClass(Trigger, RemoteTrigger)
-        registry.setUnjellyableForClass(TriggeringError, RemoteTriggeringError)
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock),
-            pb.PBClientFactory(registry=registry, clock=self.clock),
-            clock=self.clock,
-        )
-        self.root = self.client.remoteForName("root")
+        self.connect(Root(), {Trigger: RemoteTrigger, TriggeringError: RemoteTriggeringError})
         self.waiting: list[Any] = []
         self.root.callRemote("waitLater").addBoth(self.waiting.append)
         self.pump.flush()
@@ -230,13 +243,12 @@ class Snapshot(pb.Copyable):
         return {}
 
 
-class HookTests(SynchronousTestCase):
+class HookTests(ConnectedTestCase):
     """
     Hooks that complete many answers, a stream's item, or make calls.
     """
 
     def setUp(self) -> None:
-        self.clock = Clock()
         self.gauge = Gauge()
         self.waiters: list[Deferred[Any]] = []
         self.value: Any = None
@@ -259,17 +271,15 @@ class HookTests(SynchronousTestCase):
             def remote_stream(self) -> Any:
                 return iter([outer.pending])
 
-        self.rootObject = HookRoot()
-        self.registry = pb.UnjellyableRegistry()
-        self.registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        for copyable in (Releaser, Snapshot, Trigger):
-            self.registry.setUnjellyableForClass(copyable, RemoteTrigger)
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock),
-            pb.PBClientFactory(registry=self.registry, clock=self.clock),
-            clock=self.clock,
+        self.connect(
+            HookRoot(),
+            {
+                Gauge: RemoteGauge,
+                Releaser: RemoteTrigger,
+                Snapshot: RemoteTrigger,
+                Trigger: RemoteTrigger,
+            },
         )
-        self.root = self.client.remoteForName("root")
         self.taker = Taker()
         self.root.callRemote("keep", self.taker)
         self.pump.flush()
@@ -333,9 +343,8 @@ class LargeCaller(pb.Copyable):
         return {}
 
 
-class StreamPumpedMidSerialisationTests(SynchronousTestCase):
+class StreamPumpedMidSerialisationTests(ConnectedTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
         self.gauge = Gauge()
         self.later: Deferred[Any] = Deferred()
         outer = self
@@ -353,16 +362,7 @@ class StreamPumpedMidSerialisationTests(SynchronousTestCase):
                 yield from range(64)  # _ITEMS_PER_TURN: the rest waits for the next turn
                 yield outer.gauge
 
-        self.rootObject = StreamingRoot()
-        registry = pb.UnjellyableRegistry()
-        registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        registry.setUnjellyableForClass(LargeCaller, RemoteTrigger)
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock),
-            pb.PBClientFactory(registry=registry, clock=self.clock),
-            clock=self.clock,
-        )
-        self.root = self.client.remoteForName("root")
+        self.connect(StreamingRoot(), {Gauge: RemoteGauge, LargeCaller: RemoteTrigger})
         self.taker = Taker()
         self.root.callRemote("keep", self.taker)
         self.pump.flush()

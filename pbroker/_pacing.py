@@ -43,7 +43,7 @@ LARGE_CHUNK = 1024 * 1024
 def _pendingIn(transport: Any) -> int | None:
     """
     How many bytes ``transport`` holds, not yet sent: read from Twisted's file descriptor
-    transports (and the one under TLS), or asked of a transport with ``pendingBytes()``;
+    transports (and TLS over one), or asked of a transport with ``pendingBytes()``;
     ``None`` if it cannot tell.
     """
     if isinstance(transport, FileDescriptor):
@@ -57,8 +57,26 @@ def _pendingIn(transport: Any) -> int | None:
         return int(pendingBytes())
     inner = getattr(transport, "transport", None)  # TLS: its encrypted bytes wait there
     if isinstance(inner, FileDescriptor):
-        return _pendingIn(inner)
+        below = _pendingIn(inner)
+        return None if below is None else below + _heldByTLS(transport)
     return None
+
+
+def _heldByTLS(transport: Any) -> int:
+    """
+    How many bytes Twisted's TLS transport ``transport`` holds before encrypting them: small
+    writes it gathers until the reactor's next turn (up to 64 KB) and writes made before the
+    handshake ends. Without them, bytes written just before a stalled peer's timer started
+    would seem to arrive in the TCP transport's buffer from nowhere, cancelling out as much
+    of what the peer read meanwhile. Counted as written: encryption adds about 0.2% to
+    what goes on to TCP, which a reader's progress must exceed.
+    """
+    held = 0
+    gathered = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
+    for chunks in (gathered, getattr(transport, "_appSendBuffer", None)):
+        if isinstance(chunks, list):
+            held += sum(map(len, chunks))
+    return held
 
 
 def _idle(real: Any) -> bool:

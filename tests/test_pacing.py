@@ -15,7 +15,10 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, banana, pb
@@ -624,6 +627,31 @@ class PendingTests(SynchronousTestCase):
         self.assertEqual(_pendingIn(real), 7)
         real.doWrite()
         self.assertEqual(_pendingIn(real), 4)
+
+    def test_TLS(self) -> None:
+        """Twisted's TLS over a file descriptor transport: the encrypted bytes under it, and
+        the bytes it holds before encrypting them (small writes gathered until the reactor's
+        next turn, writes made before the handshake ends). Missing those made a slow reader
+        seem to take nothing, and dropped it."""
+        clock = Clock()
+        factory = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(Protocol), clock=clock
+        )
+        tls = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
+        real = SocketTransport()
+        tls.makeConnection(real)
+        hello = _pendingIn(real)
+        assert hello is not None
+        self.assertGreater(hello, 0)  # the ClientHello, encrypted bytes waiting in TCP's buffer
+        self.assertEqual(_pendingIn(tls), hello)
+        tls.write(b"x" * 1000)  # gathered until the reactor's next turn
+        self.assertEqual(_pendingIn(tls), hello + 1000)
+        clock.advance(0)  # passed on, to wait for the handshake
+        self.assertEqual(_pendingIn(tls), hello + 1000)
+        tls.write(b"y" * 500)
+        self.assertEqual(_pendingIn(tls), hello + 1500)
+        real.doWrite()  # the ClientHello is sent
+        self.assertEqual(_pendingIn(tls), 1500)
 
     def test_unknown(self) -> None:
         """A transport that cannot tell: None (a paused peer is then taken as stalled)."""

@@ -127,6 +127,19 @@ _FIRST = 6
 _NEW_CACHE = 3
 
 
+def _jelliedAsStream(object: Any, taster: Any) -> bool:
+    """
+    Whether jelly must refuse ``object`` as a stream: it has no other form. An iterator of a
+    class of its own, with its state in its ``__dict__``, that the security options
+    (``taster``) allow is copied, as stock PB copies it.
+    """
+    return isStreamable(object) and not (
+        taster.isClassAllowed(type(object))
+        and hasattr(object, "__dict__")
+        and not isinstance(object, (Stream, RemoteStream))
+    )
+
+
 def _refuseStreams(object: Any, jellier: Any) -> None:
     """
     Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
@@ -135,11 +148,7 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
     state in its ``__dict__``, that the security options allow is copied, as in the ``pb``
     dialect.)
     """
-    if isStreamable(object) and not (
-        jellier.taster.isClassAllowed(type(object))
-        and hasattr(object, "__dict__")
-        and not isinstance(object, (Stream, RemoteStream))
-    ):
+    if _jelliedAsStream(object, jellier.taster):
         raise JellyError(
             f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
             f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "
@@ -949,7 +958,7 @@ class Broker(Banana):
         try:
             if codec is not None:
                 result = inline(codec.pack(object))
-            elif isStreamable(object):
+            elif _jelliedAsStream(object, self.security):
                 raise self._unsupported("sending a stream (an iterator or async iterator)")
             else:
                 # Jellied straight to banana bytes (the fused encoder), spliced into the message.
@@ -1362,7 +1371,8 @@ class Broker(Banana):
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> bytes:
-        if any(map(isStreamable, args)) or any(map(isStreamable, kw.values())):
+        taster = self.security
+        if any(_jelliedAsStream(arg, taster) for arg in (*args, *kw.values())):
             raise self._unsupported("sending a stream (an iterator or async iterator)")
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.

@@ -65,10 +65,11 @@ END: Any = _End()
 def isStreamable(value: Any) -> bool:
     """
     Whether ``value`` is sent as a stream: an iterator or an async iterator (but not a
-    container, a string or a file-like object, which are sent as what they are).
+    container, a string, a file-like object or a PB flavour, such as a Referenceable or a
+    Copyable, which are sent as what they are).
     """
     kind = type(value)
-    if kind in _NEVER_STREAMS:
+    if kind in _NEVER_STREAMS or hasattr(kind, "jellyFor"):
         return False
     if kind is types.GeneratorType or kind is types.AsyncGeneratorType or kind is Stream:
         return True

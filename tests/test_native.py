@@ -2566,3 +2566,103 @@ class StreamLifecycleTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(self.client.peerMessageSize, 64 * 1024)
         self.assertEqual(self.call("echo", 1), 1)
+
+
+class IteratingCursor(pb.Referenceable):
+    """A Referenceable that is also an iterator over its rows."""
+
+    def __init__(self) -> None:
+        self.rows = iter(range(3))
+
+    def __iter__(self) -> IteratingCursor:
+        return self
+
+    def __next__(self) -> int:
+        return next(self.rows)
+
+    def remote_fetch(self) -> int | None:
+        return next(self.rows, None)
+
+
+class IteratingPage(pb.Copyable):
+    """A Copyable that is also an iterator over its items."""
+
+    def __init__(self) -> None:
+        self.items = [1, 2]
+        self.position = 0
+
+    def __iter__(self) -> IteratingPage:
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self.items):
+            raise StopIteration
+        self.position += 1
+        return self.items[self.position - 1]
+
+
+class RemoteIteratingPage(pb.RemoteCopy):
+    pass
+
+
+class Countdown:
+    """A plain iterator class of its own, with its state in ``__dict__``."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Countdown:
+        return self
+
+    def __next__(self) -> int:
+        if self.start <= 0:
+            raise StopIteration
+        self.start -= 1
+        return self.start
+
+
+class FlavouredIteratorTests(NativeTestCase):
+    """
+    A PB flavour that happens to be an iterator is sent as what its flavour says, in either
+    dialect, as stock PB sends it: a stream is only what has no other form.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.setUnjellyableForClass(IteratingPage, RemoteIteratingPage)
+        self.rootObject.remote_cursor = IteratingCursor  # type: ignore[attr-defined]
+        self.rootObject.remote_page = IteratingPage  # type: ignore[attr-defined]
+
+    def test_referenceable(self) -> None:
+        """An iterating Referenceable arrives as a RemoteReference that can be called."""
+        cursor = self.call("cursor")
+        self.assertIsInstance(cursor, pb.RemoteReference)
+        self.assertEqual(self.call("fetch", target=cursor), 0)
+
+    def test_copyable(self) -> None:
+        """An iterating Copyable arrives as its copy."""
+        page = self.call("page")
+        self.assertIsInstance(page, RemoteIteratingPage)
+        self.assertEqual(page.items, [1, 2])
+
+    def test_asArgument(self) -> None:
+        """As an argument too: the server gets a reference, not a stream, and the reference
+        it sends back is the caller's own object."""
+        cursor = IteratingCursor()
+        self.assertIs(self.call("echo", cursor), cursor)
+
+
+class FlavouredIteratorPBDialectTests(FlavouredIteratorTests):
+    clientOptions = {"dialects": [b"pb"]}
+
+    def test_pbDialect(self) -> None:
+        self.assertEqual(self.client.currentDialect, b"pb")
+
+    def test_allowedIteratorCopied(self) -> None:
+        """An iterator of a class of its own that the security options allow is copied in
+        the pb dialect, as stock PB copies it (the native dialect sends it as a stream)."""
+        for broker in (self.client, self.server):
+            broker.security.allowInstancesOf(Countdown)
+        copied = self.call("echo", Countdown(2))
+        self.assertIsInstance(copied, Countdown)
+        self.assertEqual(list(copied), [1, 0])

@@ -132,8 +132,13 @@ class ReconnectingClient(Service):
         :returns: fails with :class:`~pbroker.errors.PBConnectionLost` once ``maxRetries``
             attempts in a row have failed, or when the service is stopped.
         """
-        if self.current is not None:
-            return succeed(self.current)
+        current = self.current
+        if current is not None:
+            if not current.broker.disconnected:
+                return succeed(current)
+            # Lost, and failing its pending calls before its disconnect notifiers (our
+            # _lost) run: a caller retrying at once waits for the next connection.
+            self._lost(current.broker)
         if self._stopped:
             return fail(PBConnectionLost("the reconnecting client is stopped"))
         if self._gaveUp():

@@ -142,6 +142,24 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(waiting), self.connected[1])
         self.assertEqual(self.call(client, "name"), "alice")
 
+    def test_retryFromAFailedCallWaitsForTheNextConnection(self) -> None:
+        """A call made again as soon as the lost connection fails it (in its errback, before
+        the broker's disconnect notifiers have run) waits for the next connection; it used
+        to go to the dead broker and fail with DeadReferenceError."""
+        client = self.client()
+        retried: list[Any] = []
+
+        def retry(failure: Failure) -> None:
+            failure.trap(PBConnectionLost)
+            client.callRemote("name").addBoth(retried.append)
+
+        client.callRemote("name").addErrback(retry)  # sent; the answer never comes
+        self.endpoint.drop()
+        self.assertEqual(retried, [])
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(retried, ["alice"])
+
     def test_givesUpAfterMaxRetries(self) -> None:
         """With the broker gone, waiting callers fail clearly after maxRetries attempts."""
         client = self.client(maxRetries=2)

@@ -65,6 +65,8 @@ class KeepaliveTimer:
         self._ping = ping
         self._dead = dead
         self._call: Any = None
+        # Whether the reactor has been given a turn to read, once silence reached the timeout.
+        self._rechecking = False
         self.lastHeard = 0.0
         self._lastPing = 0.0
         self.pings = 0
@@ -98,11 +100,18 @@ class KeepaliveTimer:
         now = self._clock.seconds()
         silent = now - self.lastHeard
         if silent >= settings.timeout:
+            if not self._rechecking:
+                # What arrived while this process was busy (the reactor blocked past the
+                # timeout, say) waits unread in the socket: let the reactor read it first.
+                self._rechecking = True
+                self._call = self._clock.callLater(0, self._tick)
+                return
             self._dead(
                 f"the peer sent nothing for {silent:g} seconds "
                 f"(keepalive timeout {settings.timeout:g} s)"
             )
             return
+        self._rechecking = False
         if now - max(self.lastHeard, self._lastPing) >= settings.interval:
             self.pings += 1
             self._lastPing = now

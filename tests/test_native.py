@@ -24,6 +24,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, context, jelly, pb
+from pbroker._keepalive import KeepaliveTimer
 from pbroker.errors import (
     BananaDecodeError,
     InvalidJelly,
@@ -1311,6 +1312,22 @@ class ContextTests(NativeTestCase):
         self.assertIn("call context", str(failure.value))
 
 
+class TurnClock(Clock):
+    """
+    A clock that runs, on each advance, only the calls due when it started, as a reactor's
+    turn does: a call scheduled meanwhile for now waits for the next turn.
+    """
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        due = [call for call in self.calls if call.getTime() <= self.rightNow]
+        for call in due:
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
 class KeepaliveTests(SynchronousTestCase):
     def connect(self, serverFactory: Any) -> Any:
         self.clock = Clock()
@@ -1371,6 +1388,27 @@ class KeepaliveTests(SynchronousTestCase):
             clock.advance(1)
         self.assertTrue(server.transport.disconnecting)
         self.assertTrue(any("silent peer" in str(e.get("log_format")) for e in events))
+
+    def test_readBeforeGivingUp(self) -> None:
+        """Silence reaching the timeout gives the reactor one more turn to read what may wait
+        unread (this process was busy past the timeout) before the peer is taken as dead."""
+        clock = TurnClock()
+        dead: list[str] = []
+        timer = KeepaliveTimer(
+            clock, pb.Keepalive(interval=1, timeout=3), lambda: None, dead.append
+        )
+        timer.start()
+        clock.advance(3.5)  # the reactor was blocked for 3.5 s
+        self.assertEqual(dead, [])
+        timer.heard()  # the next turn reads what the peer sent meanwhile
+        clock.advance(0)
+        self.assertEqual(dead, [])
+        for _ in range(3):
+            clock.advance(1)  # then the peer is silent: dead 3 s on, after one more turn
+        self.assertEqual(dead, [])
+        clock.advance(0)
+        self.assertEqual(len(dead), 1)
+        self.assertIn("sent nothing for 3 seconds", dead[0])
 
     def test_validation(self) -> None:
         """A timeout no longer than the interval (the peer would have no time to answer a

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import gc
 import itertools
@@ -942,8 +943,10 @@ class Broker(Banana):
             if isinstance(object, CoroutineType):
                 object = Deferred.fromCoroutine(object)
             # What a hook completes while another value is serialised waits for that value.
+            # The result is serialised in the context the Deferred was made in (a remote
+            # method's call context, which the streams in the result keep).
             return object.addBoth(self._afterSerializing).addCallback(
-                self.serialize, perspective, method, args, kw
+                self._serializeIn, contextvars.copy_context(), perspective, method, args, kw
             )
         self.serializingPerspective = perspective
         self.jellyMethod, self.jellyArgs, self.jellyKw = method, args, kw
@@ -997,6 +1000,9 @@ class Broker(Banana):
     def _sendPostponedLater(self) -> None:
         self._postponedTimer = None
         self._sendPostponed()
+
+    def _serializeIn(self, result: Any, context: contextvars.Context, *how: Any) -> Any:
+        return context.run(self.serialize, result, *how)
 
     def _afterSerializing(self, result: Any) -> Any:
         """

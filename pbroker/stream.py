@@ -25,6 +25,7 @@ On a ``pb`` connection (a stock Twisted peer) streams cannot be sent: the call f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import types
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -397,6 +398,9 @@ class OutgoingStream:
         self._perspective = perspective
         self.streamID = streamID
         self._source = source
+        # The source's code runs in the context it was made in (a remote method's call
+        # context, say), as a coroutine's does, however much later the reader asks.
+        self._context = contextvars.copy_context()
         self._async = not isinstance(source, Iterator)
         self._credit = 0
         self._busy: Deferred[Any] | None = None
@@ -438,7 +442,7 @@ class OutgoingStream:
                     self._pull(self._nextAsync())
                     continue
                 try:
-                    item = next(self._source)
+                    item = self._context.run(next, self._source)
                 except StopIteration:
                     self._finish()
                     return
@@ -460,7 +464,7 @@ class OutgoingStream:
         async def step(source: AsyncIterator[Any]) -> Any:
             return await source.__anext__()
 
-        return Deferred.fromCoroutine(step(self._source))
+        return self._context.run(Deferred.fromCoroutine, step(self._source))
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending

@@ -1298,6 +1298,42 @@ class ContextTests(NativeTestCase):
         self.settle(results)
         self.assertEqual(results[0], {"k": "v"})
 
+    def test_streamingMethods(self) -> None:
+        """A method whose body runs as its stream is read (a generator, an async generator,
+        a generator an async method returns) sees the context of its call."""
+
+        def rows() -> Iterator[Any]:
+            yield pbContext().annotations.get("cid")
+
+        async def asyncRows() -> AsyncIterator[Any]:
+            await succeed(None)
+            yield pbContext().annotations.get("cid")
+
+        gates: list[Deferred[None]] = []
+
+        async def later() -> Iterator[Any]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            await gate  # fired from outside the call
+            return rows()
+
+        self.rootObject.remote_rows = rows  # type: ignore[attr-defined]
+        self.rootObject.remote_asyncRows = asyncRows  # type: ignore[attr-defined]
+        self.rootObject.remote_later = later  # type: ignore[attr-defined]
+        ref = self.root.withOptions(context={"cid": "c-42"})
+        for name in ("rows", "asyncRows", "later"):
+            answers: list[Any] = []
+            ref.callRemote(name).addBoth(answers.append)
+            self.pump.flush()
+            if gates:
+                gates.pop().callback(None)
+            self.settle(answers)
+            items: list[Any] = []
+            answers[0].collect().addBoth(items.append)
+            self.settle(items)
+            self.assertEqual(items, [["c-42"]], name)
+        self.assertEqual(context.current().annotations, {})
+
     def test_outsideCall(self) -> None:
         """Outside a remote call the context is empty."""
         self.assertEqual(context.current().annotations, {})
@@ -2699,8 +2735,9 @@ class FlavouredIteratorPBDialectTests(FlavouredIteratorTests):
     def test_allowedIteratorCopied(self) -> None:
         """An iterator of a class of its own that the security options allow is copied in
         the pb dialect, as stock PB copies it (the native dialect sends it as a stream)."""
-        for broker in (self.client, self.server):
-            broker.security.allowInstancesOf(Countdown)
+        security = jelly.SecurityOptions()
+        security.allowInstancesOf(Countdown)
+        self.client.security = self.server.security = security
         copied = self.call("echo", Countdown(2))
         self.assertIsInstance(copied, Countdown)
         self.assertEqual(list(copied), [1, 0])

@@ -550,7 +550,10 @@ class Broker(Banana):
             super()._selectDialect(dialect)
             return
         size = self.limits.messageSize
-        self._tokens = getTokens(b"none", size or 2**62, self.prefixLimit)
+        # Jellied values are encoded without a bound of their own: what is sent is bounded by
+        # the limit the peer accepts (see _checkPeerLimit), what arrives by this side's.
+        self._tokens = getTokens(b"none", 2**62, self.prefixLimit)
+        self._jellySizeLimit = size or 2**62
         self._codec = ValueCodec(
             self._jellyNative,
             self._unjellyNative,
@@ -1247,7 +1250,7 @@ class Broker(Banana):
         """
         decoder = Decoder(
             b"none",
-            sizeLimit=self._tokens.sizeLimit,
+            sizeLimit=self._jellySizeLimit,
             prefixLimit=self.prefixLimit,
             depthLimit=self.limits.nestingDepth,
         )

@@ -2695,6 +2695,41 @@ class Countdown:
         return self.start
 
 
+class SenderLimitTests(NativeTestCase):
+    """
+    What a side sends is bounded by what the peer accepts, not by what this side accepts:
+    values that go through jelly (copies, errors) as well as plain ones.
+    """
+
+    clientOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}
+
+    def test_jelliedLargerThanOwnLimit(self) -> None:
+        """A jellied value (here nested too deep for msgpack's extensions) larger than the
+        sender's own limit, within the peer's, is sent."""
+        value: Any = b"x" * 512 * 1024
+        for _ in range(_native.EXTENSION_DEPTH + 2):
+            value = (value,)
+        self.rootObject.remote_keep = self.rootObject.received.append  # type: ignore[attr-defined]
+        self.assertIsNone(self.call("keep", value))
+        self.assertEqual(self.rootObject.received, [value])
+
+
+class ServerLimitTests(NativeTestCase):
+    serverOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}
+
+    def test_errorLargerThanOwnLimit(self) -> None:
+        """An error larger than the sender's own limit, within the peer's, is sent."""
+
+        def fail() -> None:
+            raise ValueError("e" * 512 * 1024)
+
+        self.rootObject.remote_fail = fail  # type: ignore[attr-defined]
+        failure = self.call("fail")
+        self.flushLoggedErrors(ValueError)
+        self.assertTrue(failure.check(ValueError), failure.getErrorMessage()[:200])
+        self.assertTrue(failure.getErrorMessage() == "e" * 512 * 1024)
+
+
 class FlavouredIteratorTests(NativeTestCase):
     """
     A PB flavour that happens to be an iterator is sent as what its flavour says, in either

@@ -151,7 +151,20 @@ class DeadReferenceError(ProtocolError):
 class PBConnectionLost(PBrokerError):
     """
     The connection was lost before the answer to a call arrived.
+
+    Its argument is a reason: text, or, as in stock PB, the Failure the connection was lost
+    with (still ``args[0]``), which its text names.
     """
+
+    def __str__(self) -> str:
+        if len(self.args) == 1:
+            reason = self.args[0]
+            value = getattr(reason, "value", None)
+            if isinstance(value, BaseException) and hasattr(reason, "getErrorMessage"):
+                return (
+                    f"the connection was lost: {type(value).__name__}: {reason.getErrorMessage()}"
+                )
+        return super().__str__()
 
 
 class LimitExceeded(PBrokerError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import banana, errors
@@ -74,3 +76,19 @@ class DescribeTests(SynchronousTestCase):
         with self.assertRaises(errors.BananaEncodeError) as caught:
             banana.encode([deep])
         self.assertIn("builtins.dict", str(caught.exception))
+
+
+class ConnectionLostTests(SynchronousTestCase):
+    def test_namesTheFailure(self) -> None:
+        """Given the Failure the connection was lost with (as stock PB gives it, and keeps it
+        as its argument), the text names what happened, not the Failure's repr."""
+        reason = Failure(ConnectionDone())
+        lost = errors.PBConnectionLost(reason)
+        self.assertIs(lost.args[0], reason)
+        self.assertEqual(
+            str(lost), "the connection was lost: ConnectionDone: Connection was closed cleanly."
+        )
+
+    def test_text(self) -> None:
+        """Given text, the text."""
+        self.assertEqual(str(errors.PBConnectionLost("gone")), "gone")

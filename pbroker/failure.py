@@ -91,7 +91,7 @@ class CopyableFailure(Failure, Copyable):
             parents = [wireName(cls) for cls in inspect.getmro(failureType)]
         else:  # a failure received from a peer and passed on
             typeName = failureType if isinstance(failureType, bytes) else str(failureType).encode()
-            parents = list(self.parents)
+            parents = [_text(parent) for parent in self.parents]
         if self.unsafeTracebacks:
             traceback = self.getTraceback()
         else:
@@ -207,6 +207,7 @@ def failure2Copyable(fail: Failure, unsafeTracebacks: bool = False) -> CopyableF
     A :class:`CopyableFailure` with the contents of ``fail``, ready to send.
     """
     copyable = CopyableFailure.__new__(CopyableFailure)
-    copyable.__dict__.update(fail.__getstate__())
+    # Failure's own __setstate__ puts each key where its properties read it (parents).
+    copyable.__setstate__(fail.__getstate__())
     copyable.unsafeTracebacks = unsafeTracebacks
     return copyable

@@ -1245,3 +1245,47 @@ class StockServerUnreadValueTests(RefusedAnswerTestsMixin, SynchronousTestCase):
     """
 
     serverModule = twistedPb
+
+
+class RelayedFailureTests(SynchronousTestCase):
+    """
+    A failure a server passes on from a call of its own (a relay) keeps the whole ancestry of
+    the original error, for a pbroker or a stock caller, as stock PB keeps it.
+    """
+
+    def relayedFailure(self, backendPb: Any, callerPb: Any) -> Failure:
+        class Backend(backendPb.Root):  # type: ignore[misc,name-defined]
+            def remote_divide(self) -> float:
+                return 1 / 0
+
+        _backend, relayClient, backendPump = connectedServerAndClient(
+            backendPb.PBServerFactory(Backend()), pb.PBClientFactory()
+        )
+        backendRoot = relayClient.remoteForName("root")
+
+        class Relay(pb.Root):
+            def remote_relay(self) -> Any:
+                return backendRoot.callRemote("divide")
+
+        _relay, caller, callerPump = connectedServerAndClient(
+            pb.PBServerFactory(Relay()), callerPb.PBClientFactory()
+        )
+        results: list[Any] = []
+        caller.remoteForName("root").callRemote("relay").addBoth(results.append)
+        for _ in range(100):
+            if results:
+                break
+            backendPump.pump()
+            callerPump.pump()
+        self.flushLoggedErrors(ZeroDivisionError)
+        [failure] = results
+        self.assertIsInstance(failure, Failure)
+        return failure
+
+    def test_ancestryKept(self) -> None:
+        for backendPb in (pb, twistedPb):
+            for callerPb in (pb, twistedPb):
+                with self.subTest(backend=backendPb.__name__, caller=callerPb.__name__):
+                    failure = self.relayedFailure(backendPb, callerPb)
+                    self.assertTrue(failure.check(ZeroDivisionError))
+                    self.assertTrue(failure.check(ArithmeticError))

@@ -157,6 +157,25 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
         )
 
 
+def _checkDialects(dialects: Any) -> list[bytes]:
+    """
+    The dialects a broker offers or accepts, in order of preference: ``dialects``, checked.
+    """
+    known = list(Broker.knownDialects)
+    if isinstance(dialects, (bytes, str)) or not hasattr(dialects, "__iter__"):
+        raise TypeError(
+            f"dialects must be a list of dialect names such as [b'pb'], not {dialects!r}"
+        )
+    chosen = list(dialects)
+    for dialect in chosen:
+        if type(dialect) is not bytes:
+            raise TypeError(f"a dialect name is bytes, such as b'pb', not {dialect!r}")
+    unknown = [dialect for dialect in chosen if dialect not in known]
+    if unknown or not chosen:
+        raise ValueError(f"dialects must be taken from {known}, not {chosen!r}")
+    return chosen
+
+
 def _isID(value: Any) -> bool:
     """
     Whether ``value`` can be an id the peer gave out (a reference, cache or stream id):
@@ -383,31 +402,12 @@ class Broker(Banana):
         keepalive: Keepalive | None = None,
     ) -> None:
         super().__init__(isClient)
-        if dialects is not None:
-            dialects = [bytes(dialect) for dialect in dialects]
-            unknown = [d for d in dialects if d not in Broker.knownDialects]
-            if unknown or not dialects:
-                raise ValueError(
-                    f"dialects must be taken from {Broker.knownDialects}, not {dialects!r}"
-                )
-            self.knownDialects = dialects
-        if keepalive is not None and not isinstance(keepalive, Keepalive):
-            raise TypeError(
-                "keepalive must be a Keepalive, such as Keepalive(interval=30, timeout=90), "
-                f"not {keepalive!r}"
-            )
-        self._clock = clock
-        self.keepalive = keepalive
-        self.limits = BrokerLimits() if limits is None else limits
-        # The decoder's limits (read by Banana.connectionMade).
-        self.messageSizeLimit = self.limits.messageSize
-        self.depthLimit = self.limits.nestingDepth
+        self.configure(registry, limits, dialects=dialects, clock=clock, keepalive=keepalive)
         #: How many references to the peer's objects this side holds.
         self.importedReferences = 0
         # Request ids of the peer's calls whose answers are still being computed.
         self._answering: dict[int, Deferred[Any]] = {}
         self.security: ISecurityOptions = globalSecurity if security is None else security
-        self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
         self.disconnected = False
         self.disconnects: list[Callable[[], object]] = []
         self.connects: list[Callable[[], object]] | None = []
@@ -533,6 +533,35 @@ class Broker(Banana):
         no 640 KiB ceiling).
         """
         return self._codec is not None
+
+    def configure(
+        self,
+        registry: UnjellyableRegistry | None = None,
+        limits: BrokerLimits | None = None,
+        *,
+        dialects: Sequence[bytes] | None = None,
+        clock: Any = None,
+        keepalive: Keepalive | None = None,
+    ) -> None:
+        """
+        Set the options a factory gives its brokers (see :class:`Broker`), before the
+        connection is made. The factories call it for a Broker subclass whose constructor
+        takes only stock PB's ``isClient`` and ``security``.
+        """
+        if dialects is not None:
+            self.knownDialects = _checkDialects(dialects)
+        if keepalive is not None and not isinstance(keepalive, Keepalive):
+            raise TypeError(
+                "keepalive must be a Keepalive, such as Keepalive(interval=30, timeout=90), "
+                f"not {keepalive!r}"
+            )
+        self._clock = clock
+        self.keepalive = keepalive
+        self.limits = BrokerLimits() if limits is None else limits
+        # The decoder's limits (read by Banana.connectionMade).
+        self.messageSizeLimit = self.limits.messageSize
+        self.depthLimit = self.limits.nestingDepth
+        self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
 
     @property
     def clock(self) -> Any:

@@ -12,7 +12,9 @@ Porting an application means changing ``from twisted.spread import pb`` to
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -477,17 +479,48 @@ def _buildBroker(factory: Any, isClient: bool) -> Broker:
     """
     A broker of ``factory``'s protocol class with the factory's options.
     """
-    broker: Broker = factory.protocol(
-        isClient,
-        factory.security,
-        factory.registry,
-        factory.limits,
-        dialects=factory.dialects,
-        keepalive=factory.keepalive,
-        clock=factory.clock,
-    )
+    options = {
+        "registry": factory.registry,
+        "limits": factory.limits,
+        "dialects": factory.dialects,
+        "keepalive": factory.keepalive,
+        "clock": factory.clock,
+    }
+    brokerClass = factory.protocol
+    accepted = _keywordsOf(brokerClass)
+    if accepted is None:
+        broker: Broker = brokerClass(isClient=isClient, security=factory.security, **options)
+    else:
+        # A subclass written for stock PB, whose constructor takes isClient and security
+        # only: the rest is set as soon as it is built.
+        taken = {name: value for name, value in options.items() if name in accepted}
+        broker = brokerClass(isClient=isClient, security=factory.security, **taken)
+        broker.configure(**options)
     broker.factory = factory
     return broker
+
+
+# Broker class -> the keywords its constructor takes (None: all of a Broker's).
+_keywords: dict[type, frozenset[str] | None] = {}
+
+
+def _keywordsOf(brokerClass: Any) -> frozenset[str] | None:
+    """
+    The keyword arguments ``brokerClass`` takes, or ``None`` if it takes all a Broker does
+    (it is Broker, or passes ``**kw`` on).
+    """
+    try:
+        return _keywords[brokerClass]
+    except (KeyError, TypeError):
+        pass
+    accepted: frozenset[str] | None = None
+    if brokerClass.__init__ is not Broker.__init__:
+        parameters = inspect.signature(brokerClass).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            accepted = frozenset(p.name for p in parameters)
+    with contextlib.suppress(TypeError):
+        _keywords[brokerClass] = accepted
+    return accepted
 
 
 def _isPortal(root: Any) -> bool:

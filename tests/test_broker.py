@@ -1289,3 +1289,67 @@ class RelayedFailureTests(SynchronousTestCase):
                     failure = self.relayedFailure(backendPb, callerPb)
                     self.assertTrue(failure.check(ZeroDivisionError))
                     self.assertTrue(failure.check(ArithmeticError))
+
+
+class KeywordsBroker(pb.Broker):
+    """A subclass that passes what it is given on, as many stock PB programs write it."""
+
+    def __init__(self, **kw: Any) -> None:
+        pb.Broker.__init__(self, **kw)
+        self.madeBy = "kw"
+
+
+class StockSignatureBroker(pb.Broker):
+    """A subclass with stock PB's constructor signature."""
+
+    def __init__(self, isClient: int = 1, security: Any = jelly.globalSecurity) -> None:
+        pb.Broker.__init__(self, isClient, security)
+        self.madeBy = "stock"
+
+
+class BrokerSubclassTests(SynchronousTestCase):
+    """
+    A factory builds its protocol as stock PB does (``isClient`` and ``security`` by
+    keyword), so Broker subclasses written for stock PB work, and still get the factory's
+    other options.
+    """
+
+    def test_subclasses(self) -> None:
+        limits = pb.BrokerLimits(messageSize=1024 * 1024)
+
+        class Echo(pb.Root):
+            def remote_echo(self, value: Any) -> Any:
+                return value
+
+        for brokerClass in (KeywordsBroker, StockSignatureBroker):
+            serverFactory = pb.PBServerFactory(Echo(), limits=limits)
+            serverFactory.protocol = brokerClass
+            clientFactory = pb.PBClientFactory(limits=limits, dialects=[b"pb"])
+            clientFactory.protocol = brokerClass
+            server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            for broker, isClient in ((server, False), (client, True)):
+                self.assertIsInstance(broker, brokerClass)
+                self.assertEqual(broker.isClient, isClient)
+                self.assertIs(broker.limits, limits)
+            self.assertEqual(client.currentDialect, b"pb")
+            results: list[Any] = []
+            client.remoteForName("root").callRemote("echo", 7).addBoth(results.append)
+            pump.flush()
+            self.assertEqual(results, [7])
+
+
+class DialectsValidationTests(SynchronousTestCase):
+    def test_messages(self) -> None:
+        """dialects= must be a list of known dialect names, as bytes: anything else is
+        refused with a message that says so, naming what was given."""
+        for bad, error, text in (
+            (b"pb", TypeError, "must be a list of dialect names such as [b'pb'], not b'pb'"),
+            ("pb", TypeError, "not 'pb'"),
+            (["pb"], TypeError, "a dialect name is bytes, such as b'pb', not 'pb'"),
+            ([7], TypeError, "not 7"),
+            ([b"xx"], ValueError, "not [b'xx']"),
+            ([], ValueError, "not []"),
+        ):
+            with self.assertRaises(error) as caught:
+                pb.PBClientFactory(dialects=bad)
+            self.assertIn(text, str(caught.exception))

@@ -57,7 +57,11 @@ __all__ = [
 Expression = bytes | int | float | list[Any] | tuple[Any, ...]
 
 #: The largest string (in bytes) or list (in elements) PB peers send or accept: 640 KiB.
-SIZE_LIMIT: Final = 640 * 1024
+#: As with Twisted, a program may raise it (``banana.SIZE_LIMIT = n``): connections made
+#: afterwards use the new value, unless their class or instance sets ``sizeLimit``.
+SIZE_LIMIT = 640 * 1024
+# What SIZE_LIMIT is unless a program changes it, as stock PB programs do (see connectionMade).
+_SIZE_LIMIT = SIZE_LIMIT
 
 #: The default number of prefix bytes allowed before a type byte.
 PREFIX_LIMIT: Final = 64
@@ -951,7 +955,7 @@ class Banana(Protocol):
     #: The dialects this side offers (server) or accepts (client), in order of preference.
     knownDialects: list[bytes] = [b"pb", b"none"]
     #: The largest string (bytes) or list (elements) sent or accepted.
-    sizeLimit: int = SIZE_LIMIT
+    sizeLimit: int = _SIZE_LIMIT
     #: The most prefix bytes accepted; set it with :meth:`setPrefixLimit`.
     prefixLimit: int = PREFIX_LIMIT
     #: The deepest list nesting accepted.
@@ -989,6 +993,9 @@ class Banana(Protocol):
         # The module-wide default applies unless this instance or its class chose a limit.
         if "prefixLimit" not in self.__dict__ and type(self).prefixLimit == PREFIX_LIMIT:
             self.prefixLimit = _defaultPrefixLimit
+        # So does SIZE_LIMIT, which stock PB programs raise with banana.SIZE_LIMIT = n.
+        if "sizeLimit" not in self.__dict__ and type(self).sizeLimit == _SIZE_LIMIT:
+            self.sizeLimit = SIZE_LIMIT
         self._decoder = Decoder(
             b"none",
             sizeLimit=self.sizeLimit,

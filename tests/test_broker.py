@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
+from twisted.spread import banana as twistedBanana
 from twisted.spread import jelly as twistedJelly
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
@@ -1353,3 +1354,49 @@ class DialectsValidationTests(SynchronousTestCase):
             with self.assertRaises(error) as caught:
                 pb.PBClientFactory(dialects=bad)
             self.assertIn(text, str(caught.exception))
+
+
+class ModuleSizeLimitTests(SynchronousTestCase):
+    """
+    ``banana.SIZE_LIMIT = n``, the way stock PB programs raise the 640 KiB limit, raises it
+    for the connections made afterwards, against a stock peer raised the same way.
+    """
+
+    def test_raisedBothWays(self) -> None:
+        size = 2 * 1024 * 1024
+        self.patch(banana, "SIZE_LIMIT", size)
+        self.patch(twistedBanana, "SIZE_LIMIT", size)
+
+        class Echo(pb.Root):
+            def remote_echo(self, value: Any) -> Any:
+                return value
+
+        class StockEcho(twistedPb.Root):
+            def remote_echo(self, value: Any) -> Any:
+                return value
+
+        payload = b"x" * (1024 * 1024)
+        for serverFactory, clientFactory in (
+            (twistedPb.PBServerFactory(StockEcho()), pb.PBClientFactory()),
+            (pb.PBServerFactory(Echo()), twistedPb.PBClientFactory()),
+            (pb.PBServerFactory(Echo()), pb.PBClientFactory(dialects=[b"pb"])),
+        ):
+            _server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            results: list[Any] = []
+            client.remoteForName("root").callRemote("echo", payload).addBoth(results.append)
+            pump.flush()
+            self.assertEqual(results, [payload])
+
+    def test_classLimitWins(self) -> None:
+        """A class or instance that sets sizeLimit keeps it."""
+        self.patch(banana, "SIZE_LIMIT", 10)
+
+        class Small(pb.Broker):
+            sizeLimit = 1000
+
+        broker = Small()
+        broker.makeConnection(StringTransport())
+        self.assertEqual(broker.sizeLimit, 1000)
+        plain = pb.Broker()
+        plain.makeConnection(StringTransport())
+        self.assertEqual(plain.sizeLimit, 10)

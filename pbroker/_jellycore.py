@@ -42,9 +42,10 @@ unpersistable_atom = b"unpersistable"
 
 def qual(cls: type) -> str:
     """
-    The fully qualified name of a class, as jelly puts it on the wire: ``module.QualName``.
+    The name a class travels under on the wire: ``module.Name``, as every PB peer names it
+    (Twisted's ``reflect.qual``), also for a class nested in another.
     """
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def toTag(name: str | bytes | type) -> bytes:

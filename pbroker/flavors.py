@@ -26,6 +26,7 @@ from twisted.internet.defer import fail
 from zope.interface import Interface, implementer
 
 from pbroker._jellier import Jellier, Jellyable, getInstanceState
+from pbroker._jellycore import qual
 from pbroker._unjellier import Unjellier, Unjellyable, setInstanceState
 from pbroker.errors import InvalidJelly, JellyError, NoSuchMethod, ProtocolError
 from pbroker.jelly import (
@@ -226,10 +227,10 @@ class Copyable(Serializable):
 
     def getTypeToCopy(self) -> bytes:
         """
-        The type tag to send; by default the fully qualified class name.
+        The type tag to send; by default the class's name as every PB peer gives it,
+        ``module.Name`` (also for a class nested in another).
         """
-        cls = type(self)
-        return f"{cls.__module__}.{cls.__qualname__}".encode()
+        return qual(type(self)).encode()
 
     def getTypeToCopyFor(self, perspective: Any) -> bytes:
         """

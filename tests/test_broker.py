@@ -1400,3 +1400,89 @@ class ModuleSizeLimitTests(SynchronousTestCase):
         plain = pb.Broker()
         plain.makeConnection(StringTransport())
         self.assertEqual(plain.sizeLimit, 10)
+
+
+class Shapes:
+    """A namespace class, with classes nested in it, as real programs have."""
+
+    class Point(pb.Copyable):
+        def __init__(self) -> None:
+            self.x = 1
+
+    class Denied(pb.Error):
+        pass
+
+
+class StockShapes:
+    """The same, with stock PB's classes: they travel under the same names."""
+
+    class Point(twistedPb.Copyable):
+        def __init__(self) -> None:
+            self.x = 1
+
+    class Denied(twistedPb.Error):
+        pass
+
+
+class NestedClassTests(SynchronousTestCase):
+    """
+    A nested class travels under the name stock PB gives it (``module.Name``, as Twisted's
+    ``reflect.qual`` makes it), so copies and failures of nested classes work between pbroker
+    and stock peers.
+    """
+
+    def test_tagIsModuleAndName(self) -> None:
+        self.assertEqual(Shapes.Point().getTypeToCopy(), f"{__name__}.Point".encode())
+        self.assertEqual(Shapes.Point().getTypeToCopy(), StockShapes.Point().getTypeToCopy())
+
+    def test_stockPeers(self) -> None:
+        class RemotePoint(pb.RemoteCopy):
+            pass
+
+        class StockRemotePoint(twistedPb.RemoteCopy):
+            pass
+
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Shapes.Point, RemotePoint)
+        self.patch(twistedJelly, "unjellyableRegistry", dict(twistedJelly.unjellyableRegistry))
+        twistedPb.setUnjellyableForClass(StockShapes.Point, StockRemotePoint)
+
+        class Root(pb.Root):
+            def remote_point(self) -> Any:
+                return Shapes.Point()
+
+            def remote_deny(self) -> None:
+                raise Shapes.Denied("no")
+
+        class StockRoot(twistedPb.Root):
+            def remote_point(self) -> Any:
+                return StockShapes.Point()
+
+            def remote_deny(self) -> None:
+                raise StockShapes.Denied("no")
+
+        for serverFactory, clientFactory, remote, denied in (
+            (
+                twistedPb.PBServerFactory(StockRoot()),
+                pb.PBClientFactory(registry=registry),
+                RemotePoint,
+                Shapes.Denied,
+            ),
+            (
+                pb.PBServerFactory(Root()),
+                twistedPb.PBClientFactory(),
+                StockRemotePoint,
+                StockShapes.Denied,
+            ),
+        ):
+            _server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            root = client.remoteForName("root")
+            results: list[Any] = []
+            root.callRemote("point").addBoth(results.append)
+            root.callRemote("deny").addBoth(results.append)
+            pump.flush()
+            point, failure = results
+            self.assertIsInstance(point, remote)
+            self.assertEqual(point.x, 1)
+            self.assertIsInstance(failure, Failure)
+            self.assertTrue(failure.check(denied), failure)

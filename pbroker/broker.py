@@ -260,9 +260,16 @@ def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
     """
     if len(jellyList) != 2:
         raise InvalidJelly(f"a local reference needs one id: {describe(jellyList)}")
-    found = unjellier.invoker.localObjectForID(jellyList[1])
+    broker = unjellier.invoker
+    found = broker.localObjectForID(jellyList[1])
     if found is None:
-        raise InvalidJelly(f"a local reference to an unknown id: {describe(jellyList[1])}")
+        # A stock peer that sends one of our objects back without keeping it releases it
+        # before its answer goes: the object arrives as None, as it does in stock PB.
+        broker._log.info(
+            "The peer sent back our object {luid}, which it had already released: it "
+            "arrives as None",
+            luid=describe(jellyList[1]),
+        )
     return found
 
 

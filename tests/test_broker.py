@@ -1486,3 +1486,28 @@ class NestedClassTests(SynchronousTestCase):
             self.assertEqual(point.x, 1)
             self.assertIsInstance(failure, Failure)
             self.assertTrue(failure.check(denied), failure)
+
+
+class OwnReferenceBackTests(SynchronousTestCase):
+    """
+    A stock server that sends back a reference to the client's own object without keeping
+    it releases it before its answer goes: the object arrives as None, as it does for a
+    stock client, and the rest of the answer arrives.
+    """
+
+    def test_releasedBeforeTheAnswer(self) -> None:
+        class StockRoot(twistedPb.Root):
+            def remote_wrap(self, obj: Any) -> Any:
+                return {"obj": obj, "n": 1}
+
+        _server, client, pump = connectedServerAndClient(
+            twistedPb.PBServerFactory(StockRoot()), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            client.remoteForName("root").callRemote("wrap", pb.Referenceable()).addBoth(
+                results.append
+            )
+            pump.flush()
+        self.assertEqual(results, [{"obj": None, "n": 1}])
+        self.assertTrue(any("already released" in str(e.get("log_format")) for e in events))

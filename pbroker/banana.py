@@ -35,6 +35,7 @@ from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, de
 __all__ = [
     "DEPTH_LIMIT",
     "DIALECTS",
+    "HIGH_BIT_SET",
     "PB_VOCABULARY",
     "PREFIX_LIMIT",
     "SIZE_LIMIT",
@@ -46,9 +47,11 @@ __all__ = [
     "Encoded",
     "Expression",
     "Tokens",
+    "b1282int",
     "decode",
     "encode",
     "getTokens",
+    "int2b128",
     "setPrefixLimit",
 ]
 
@@ -144,6 +147,33 @@ def _base128(value: int) -> bytes:
         groups.append(value & 0x7F)
         value >>= 7
     return bytes(groups)
+
+
+#: The first byte value that is a token's type byte rather than a prefix byte.
+HIGH_BIT_SET = b"\x80"
+
+
+def int2b128(integer: int, stream: Callable[[bytes], object]) -> None:
+    """
+    Write a non-negative integer as a banana prefix to ``stream`` (a callable taking bytes),
+    one byte per call, as Twisted's function of the same name does.
+
+    :raises ValueError: ``integer`` is negative.
+    """
+    if integer < 0:
+        raise ValueError(f"a banana prefix is a non-negative integer, not {integer}")
+    for group in _base128(integer):
+        stream(bytes((group,)))
+
+
+def b1282int(st: bytes) -> int:
+    """
+    The integer a banana prefix (base 128, least significant group first) stands for.
+    """
+    value = 0
+    for position, group in enumerate(st):
+        value += group << (7 * position)
+    return value
 
 
 def _intToken(value: int) -> bytes:

@@ -1048,3 +1048,19 @@ class LeavesTests(SynchronousTestCase):
         chunks: list[Any] = []
         self.assertRaises(ZeroDivisionError, list, self.leaves(source(), chunks))
         self.assertEqual(chunks, [])
+
+
+class PrefixHelperTests(SynchronousTestCase):
+    def test_sameAsTwisted(self) -> None:
+        """int2b128, b1282int and HIGH_BIT_SET are Twisted's, for code that used them."""
+        for value in (0, 1, 127, 128, 300, 2**64 + 5):
+            ours: list[bytes] = []
+            theirs: list[bytes] = []
+            banana.int2b128(value, ours.append)
+            twistedBanana.int2b128(value, theirs.append)
+            self.assertEqual(ours, theirs)
+            self.assertEqual(banana.b1282int(b"".join(ours)), value)
+            self.assertEqual(twistedBanana.b1282int(b"".join(ours)), value)
+        self.assertEqual(banana.HIGH_BIT_SET, twistedBanana.HIGH_BIT_SET)
+        with self.assertRaises(ValueError):
+            banana.int2b128(-1, ours.append)

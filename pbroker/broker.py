@@ -24,6 +24,7 @@ from typing import Any, ClassVar, NoReturn
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -174,6 +175,17 @@ def _checkDialects(dialects: Any) -> list[bytes]:
     if unknown or not chosen:
         raise ValueError(f"dialects must be taken from {known}, not {chosen!r}")
     return chosen
+
+
+def _timedOut(message: bytes, result: Any, timeout: float) -> Any:
+    """
+    A call's timeout cancelled it: a :class:`~twisted.internet.defer.TimeoutError` that says
+    which call and after how long (``onTimeoutCancel`` of ``Deferred.addTimeout``).
+    """
+    if isinstance(result, Failure) and result.check(CancelledError):
+        name = message.decode("utf-8", "replace")
+        raise DeferredTimeoutError(f"the call to {name!r} had no answer within {timeout:g} seconds")
+    return result
 
 
 def _isID(value: Any) -> bool:
@@ -1402,7 +1414,7 @@ class Broker(Banana):
         else:
             self._writePayload(data, requestID, registrations)
         if deferred is not None and timeout is not None:
-            deferred.addTimeout(timeout, self.clock)
+            deferred.addTimeout(timeout, self.clock, functools.partial(_timedOut, message))
         if self._postponed:
             self._sendPostponed()
         return deferred

@@ -1231,9 +1231,17 @@ class CancellationTests(NativeTestCase):
         self.clock.advance(4.9)
         self.assertNoResult(d)
         self.clock.advance(0.2)
-        self.failureResultOf(d, TimeoutError)
+        failure = self.failureResultOf(d, TimeoutError)
+        self.assertEqual(str(failure.value), "the call to 'wait' had no answer within 5 seconds")
         self.pump.flush()
         self.assertEqual(self.rootObject.cancelled, [True])
+
+    def test_cancelIsNotATimeout(self) -> None:
+        """A call with a timeout that the caller cancels first fails with CancelledError."""
+        d = self.root.withOptions(timeout=5).callRemote("wait")
+        self.pump.flush()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
 
     def test_timeoutNotReached(self) -> None:
         """A call answered in time is not disturbed by its timeout."""

@@ -269,16 +269,21 @@ class Stream:
         self._writers: deque[Deferred[None]] = deque()
         self._end: Failure | None = None
         self._closed = False
+        #: Whether the reader stopped reading (cancelled): what is written is dropped.
+        self.cancelled = False
         self._producer: Any = None
         self._producerPaused = False
 
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
-        Add ``item`` to the stream. The Deferred fires when there is room for more.
+        Add ``item`` to the stream. The Deferred fires when there is room for more. Once
+        the reader has stopped (:attr:`cancelled`), the item is dropped.
 
-        :raises ValueError: the stream was already finished.
+        :raises ValueError: the stream was already finished (or failed) by its writer.
         """
         if self._closed:
+            if self.cancelled:
+                return succeed(None)
             raise ValueError("write() on a finished stream")
         if self._readers:
             self._readers.popleft().callback(item)
@@ -375,6 +380,8 @@ class Stream:
         Called when the reader cancels: the items are dropped and a registered producer is
         stopped.
         """
+        if not self._closed:
+            self.cancelled = True
         self._closed = True
         self._items.clear()
         writers, self._writers = self._writers, deque()

@@ -2362,6 +2362,27 @@ class LocalStreamTests(SynchronousTestCase):
         stream.close()
         self.assertEqual(events, ["pause", "resume", "stop"])
 
+    def test_writeAfterTheReaderStopped(self) -> None:
+        """Writes to a stream whose reader stopped are dropped, not refused: a publisher
+        writing to many subscribers goes on, and can see which ones left (cancelled)."""
+        stream = Stream(bufferSize=1)
+        self.assertFalse(stream.cancelled)
+        waiting = stream.write(1)
+        self.assertNoResult(waiting)
+        stream.close()  # the reader cancelled
+        self.failureResultOf(waiting, CancelledError)
+        self.assertTrue(stream.cancelled)
+        self.assertIsNone(self.successResultOf(stream.write(2)))
+        stream.finish()  # nothing to finish: no error either
+
+    def test_writeAfterFinishRefused(self) -> None:
+        """Writing after finish() is the writer's mistake: ValueError."""
+        stream = Stream()
+        stream.finish()
+        self.assertFalse(stream.cancelled)
+        with self.assertRaises(ValueError):
+            stream.write(1)
+
     def test_pullProducersRefused(self) -> None:
         """Only push producers can drive a Stream."""
         self.assertRaises(ValueError, Stream().registerProducer, object(), False)

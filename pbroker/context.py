@@ -40,7 +40,7 @@ class CallOptions:
 
     :ivar timeout: seconds after which the call is cancelled (``None``: no timeout).
     :ivar context: annotations for the remote method: a dict with text keys and plain values
-        (numbers, text, bytes, lists, dicts).
+        (None, booleans, numbers, text, bytes, lists, dicts with text keys), checked here.
     :ivar reply: a dict the answer's annotations are written into, if given.
     """
 
@@ -50,7 +50,7 @@ class CallOptions:
 
     def __post_init__(self) -> None:
         if self.timeout is not None:
-            if type(self.timeout) not in (int, float):
+            if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool):
                 raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
             if not self.timeout > 0:
                 raise ValueError(f"a timeout must be positive, not {self.timeout}")
@@ -60,8 +60,44 @@ class CallOptions:
             for key in self.context:
                 if type(key) is not str:
                     raise TypeError(f"call context keys must be text, not {key!r}")
+            _checkPlain(self.context, "context", 0)
         if self.reply is not None and not isinstance(self.reply, dict):
             raise TypeError(f"reply must be a dict to fill, not {type(self.reply).__name__}")
+
+
+#: How deep the lists and dicts of a call context may nest.
+_CONTEXT_DEPTH = 32
+
+
+def _checkPlain(value: Any, path: str, depth: int) -> None:
+    """
+    Refuse, before the call is sent, a context value that cannot travel as annotations:
+    anything but None, booleans, numbers, text, bytes, and lists and dicts of them (dict
+    keys text), or an integer beyond 64 bits. ``path`` names the value in the message.
+    """
+    kind = type(value)
+    if value is None or kind in (bool, float, str, bytes):
+        return
+    if kind is int:
+        if not -(2**63) <= value < 2**64:
+            raise ValueError(f"{path} is an integer beyond 64 bits, which cannot travel: {value}")
+        return
+    if depth >= _CONTEXT_DEPTH:
+        raise ValueError(f"{path} nests more than {_CONTEXT_DEPTH} levels deep")
+    if kind is list:
+        for index, item in enumerate(value):
+            _checkPlain(item, f"{path}[{index}]", depth + 1)
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"the keys of {path} must be text, not {key!r}")
+            _checkPlain(item, f"{path}[{key!r}]", depth + 1)
+        return
+    raise TypeError(
+        f"{path} is a {kind.__name__}; a call context holds None, booleans, numbers, text, "
+        "bytes, and lists and dicts of them"
+    )
 
 
 @dataclass

@@ -1275,6 +1275,39 @@ class CancellationTests(NativeTestCase):
         self.assertRaises(TypeError, self.root.withOptions, context={1: 2})
         self.assertRaises(TypeError, self.root.withOptions, context=[("a", 1)])
 
+    def test_contextValuesChecked(self) -> None:
+        """A context value that cannot travel is refused when given, with a message naming
+        it, rather than failing the call later with msgpack's words."""
+        deep: Any = 1
+        for _ in range(40):
+            deep = [deep]
+        for value, error, text in (
+            (object(), TypeError, "context['v'] is a object"),
+            ({1, 2}, TypeError, "context['v'] is a set"),
+            (("a", 1), TypeError, "context['v'] is a tuple"),
+            (2**80, ValueError, "beyond 64 bits"),
+            ([1, {"k": [object()]}], TypeError, "context['v'][1]['k'][0] is a object"),
+            ({2: "x"}, TypeError, "the keys of context['v'] must be text"),
+            (deep, ValueError, "nests more than 32 levels deep"),
+        ):
+            with self.assertRaises(error) as caught:
+                self.root.withOptions(context={"v": value})
+            self.assertIn(text, str(caught.exception))
+        plain = {"n": None, "b": True, "i": -(2**63), "f": 1.5, "s": "t", "y": b"\x00"}
+        self.assertEqual(
+            self.call("annotated", 1, target=self.root.withOptions(context=plain)), [1, None, None]
+        )
+        self.assertEqual(self.rootObject.contexts[-1].annotations, plain)
+
+    def test_timeoutOfAFloatSubclass(self) -> None:
+        """A timeout may be any real number but a bool (a float subclass too)."""
+
+        class Seconds(float):
+            pass
+
+        self.assertEqual(self.root.withOptions(timeout=Seconds(5)).options.timeout, 5)
+        self.assertRaises(TypeError, self.root.withOptions, timeout=True)
+
 
 class ContextTests(NativeTestCase):
     def test_annotationsBothWays(self) -> None:

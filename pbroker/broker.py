@@ -250,10 +250,13 @@ class BrokerLimits:
             "pendingCalls",
             "bufferedBytes",
         ):
+            _checkCount(name, getattr(self, name))
             if getattr(self, name) < 1:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
-        if self.messageSize is not None and self.messageSize < 1:
-            raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
+        if self.messageSize is not None:
+            _checkCount("messageSize", self.messageSize, " (or None)")
+            if self.messageSize < 1:
+                raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
         if self.stallTimeout is not None:
             if isinstance(self.stallTimeout, bool) or not isinstance(
                 self.stallTimeout, int | float
@@ -264,6 +267,11 @@ class BrokerLimits:
                 )
             if not self.stallTimeout >= 0:
                 raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
+
+
+def _checkCount(name: str, value: Any, alternative: str = "") -> None:
+    if type(value) is not int:
+        raise TypeError(f"BrokerLimits.{name} must be an integer{alternative}, not {value!r}")
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
@@ -576,6 +584,11 @@ class Broker(Banana):
             )
         self._clock = clock
         self.keepalive = keepalive
+        if limits is not None and not isinstance(limits, BrokerLimits):
+            raise TypeError(
+                f"limits must be a BrokerLimits, such as BrokerLimits(messageSize=...), "
+                f"not {limits!r}"
+            )
         self.limits = BrokerLimits() if limits is None else limits
         # The decoder's limits (read by Banana.connectionMade).
         self.messageSizeLimit = self.limits.messageSize

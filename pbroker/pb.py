@@ -245,8 +245,8 @@ class PBServerFactory(protocol.ServerFactory):
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock
-        # Checks the dialects and keepalive now rather than per connection.
-        Broker(dialects=dialects, keepalive=keepalive)
+        # Checks the limits, dialects and keepalive now rather than per connection.
+        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
         broker = _buildBroker(self, False)
@@ -291,8 +291,8 @@ class PBClientFactory(protocol.ClientFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
-        # Checks the dialects and keepalive now rather than per connection.
-        Broker(dialects=dialects, keepalive=keepalive)
+        # Checks the limits, dialects and keepalive now rather than per connection.
+        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock

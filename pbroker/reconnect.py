@@ -94,13 +94,28 @@ class ReconnectingClient(Service):
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        if maxRetries is not None and maxRetries < 1:
-            raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
-        if attemptTimeout is not None and not attemptTimeout > 0:
-            raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
-        self._endpoint: IStreamClientEndpoint = (
-            clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
-        )
+        if maxRetries is not None:
+            if type(maxRetries) is not int:
+                raise TypeError(f"maxRetries must be an integer (or None), not {maxRetries!r}")
+            if maxRetries < 1:
+                raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
+        if attemptTimeout is not None:
+            if not isinstance(attemptTimeout, int | float) or isinstance(attemptTimeout, bool):
+                raise TypeError(
+                    f"attemptTimeout must be a number of seconds (or None), not {attemptTimeout!r}"
+                )
+            if not attemptTimeout > 0:
+                raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
+        if onConnect is not None and not callable(onConnect):
+            raise TypeError(f"onConnect must be callable (or None), not {onConnect!r}")
+        if isinstance(endpoint, str):
+            endpoint = clientFromString(reactor, endpoint)
+        elif not callable(getattr(endpoint, "connect", None)):
+            raise TypeError(
+                "endpoint must be an endpoint string such as 'tcp:host:8789' or an "
+                f"IStreamClientEndpoint, not {endpoint!r}"
+            )
+        self._endpoint: IStreamClientEndpoint = endpoint
         self._clock = reactor
         self._retryPolicy = retryPolicy or backoffPolicy()
         self.credentials = credentials

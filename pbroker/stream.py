@@ -261,6 +261,8 @@ class Stream:
     """
 
     def __init__(self, bufferSize: int = DEFAULT_WINDOW) -> None:
+        if type(bufferSize) is not int:
+            raise TypeError(f"bufferSize must be an integer, not {bufferSize!r}")
         if bufferSize < 1:
             raise ValueError(f"bufferSize must be at least 1, not {bufferSize}")
         self.bufferSize = bufferSize
@@ -308,6 +310,8 @@ class Stream:
         """
         End the stream with an error, which the reader gets after the items written so far.
         """
+        if not isinstance(reason, (Failure, BaseException)):
+            raise TypeError(f"a stream fails with an exception or a Failure, not {reason!r}")
         self._close(reason if isinstance(reason, Failure) else Failure(reason))
 
     def _close(self, failure: Failure | None) -> None:

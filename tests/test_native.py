@@ -2838,3 +2838,67 @@ class FlavouredIteratorPBDialectTests(FlavouredIteratorTests):
         copied = self.call("echo", Countdown(2))
         self.assertIsInstance(copied, Countdown)
         self.assertEqual(list(copied), [1, 0])
+
+
+class ArgumentCheckTests(SynchronousTestCase):
+    """
+    The constructors and methods of the native features refuse wrong types at once, with a
+    message naming the argument, not later with a comparison error from deep inside.
+    """
+
+    def assertRefused(self, error: type[Exception], text: str, call: Callable[[], Any]) -> None:
+        with self.assertRaises(error) as caught:
+            call()
+        self.assertIn(text, str(caught.exception))
+
+    def test_limits(self) -> None:
+        self.assertRefused(
+            TypeError,
+            "messageSize must be an integer (or None), not '1'",
+            lambda: pb.BrokerLimits(messageSize="1"),  # type: ignore[arg-type]
+        )
+        self.assertRefused(
+            TypeError,
+            "messageSize must be an integer (or None), not True",
+            lambda: pb.BrokerLimits(messageSize=True),
+        )
+        self.assertRefused(
+            TypeError,
+            "pendingCalls must be an integer, not None",
+            lambda: pb.BrokerLimits(pendingCalls=None),  # type: ignore[arg-type]
+        )
+        for factory in (pb.PBClientFactory, lambda **kw: pb.PBServerFactory(pb.Root(), **kw)):
+            self.assertRefused(
+                TypeError, "limits must be a BrokerLimits", partial(factory, limits={})
+            )
+
+    def test_stream(self) -> None:
+        self.assertRefused(
+            TypeError,
+            "bufferSize must be an integer, not 'a'",
+            lambda: Stream(bufferSize="a"),  # type: ignore[arg-type]
+        )
+        self.assertRefused(
+            TypeError,
+            "fails with an exception or a Failure, not 'str'",
+            lambda: Stream().fail("str"),  # type: ignore[arg-type]
+        )
+
+    def test_reconnectingClient(self) -> None:
+        from pbroker.reconnect import ReconnectingClient
+
+        endpoint = "tcp:127.0.0.1:1"
+        clock = Clock()
+        for kw, error, text in (
+            ({"maxRetries": "3"}, TypeError, "maxRetries must be an integer (or None), not '3'"),
+            ({"attemptTimeout": "5"}, TypeError, "attemptTimeout must be a number of seconds"),
+            ({"onConnect": 5}, TypeError, "onConnect must be callable (or None), not 5"),
+        ):
+            self.assertRefused(
+                error, text, partial(ReconnectingClient, endpoint, reactor=clock, **kw)
+            )
+        self.assertRefused(
+            TypeError,
+            "endpoint must be an endpoint string such as 'tcp:host:8789'",
+            lambda: ReconnectingClient(42, reactor=clock),  # type: ignore[arg-type]
+        )

@@ -190,6 +190,13 @@ class StreamTable:
         limit = self._connection.limits.pendingCalls
         if len(self.outgoing) >= limit:
             raise LimitExceeded(f"more than {limit} streams are being sent")
+        for sender in self.outgoing.values():
+            if sender._source is source:
+                # Two readers would each get some of its items.
+                raise ValueError(
+                    f"this {type(source).__name__} is already being sent as a stream: one "
+                    "source feeds one stream"
+                )
         self.currentStreamID += 1
         streamID = self.currentStreamID
         self.outgoing[streamID] = OutgoingStream(

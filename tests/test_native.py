@@ -1004,6 +1004,24 @@ class FrameDecoderTests(SynchronousTestCase):
 
 
 class StreamTests(NativeTestCase):
+    def test_oneSourceOneStream(self) -> None:
+        """A source already being sent cannot be sent again (two readers would share its
+        items): the second call fails, saying so; the first stream is whole."""
+        shared = Stream()
+        self.rootObject.remote_shared = lambda: shared  # type: ignore[attr-defined]
+        first = self.call("shared")
+        self.assertIsInstance(first, RemoteStream)
+        second = self.call("shared")
+        self.flushLoggedErrors(ValueError)
+        self.assertIsInstance(second, Failure)
+        self.assertIn("already being sent as a stream", second.getErrorMessage())
+        shared.write(1)
+        shared.finish()
+        items: list[Any] = []
+        first.collect().addBoth(items.append)
+        self.settle(items)
+        self.assertEqual(items, [[1]])
+
     def test_generatorResult(self) -> None:
         """A generator a method returns arrives as a stream, read whole by collect()."""
         stream = self.call("numbers", 100)

@@ -2319,7 +2319,11 @@ class Broker(Banana):
 
     def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
         if failure.check(*self.quietFailures) is None:
-            self._log.failure("Peer will receive the following PB traceback", failure)
+            if self.disconnected:
+                # Nobody will receive it: say so, rather than that the peer will.
+                self._log.failure("A call from a peer now disconnected failed", failure)
+            else:
+                self._log.failure("Peer will receive the following PB traceback", failure)
         self._sendError(failure, requestID)
 
     def _sendError(self, failure: Any, requestID: int) -> None:

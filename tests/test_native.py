@@ -1003,6 +1003,24 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertRaises(BananaDecodeError, decoder.feed, records[1])
 
 
+class LateFailureTests(NativeTestCase):
+    def test_failureAfterDisconnectLoggedAsSuch(self) -> None:
+        """A call that fails after its caller disconnected is logged as that, not as a
+        traceback the peer will receive."""
+        self.root.callRemote("wait").addErrback(lambda _: None)
+        self.pump.flush()
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        pending = self.rootObject.pending
+        assert pending is not None
+        with capturedLogs() as events:
+            pending.errback(ValueError("too late"))
+        self.flushLoggedErrors(ValueError)
+        formats = [str(e.get("log_format")) for e in events]
+        self.assertIn("A call from a peer now disconnected failed", formats)
+        self.assertFalse(any("Peer will receive" in f for f in formats))
+
+
 class StreamTests(NativeTestCase):
     def test_oneSourceOneStream(self) -> None:
         """A source already being sent cannot be sent again (two readers would share its

@@ -108,14 +108,14 @@ class ReconnectingClient(Service):
                 raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
         if onConnect is not None and not callable(onConnect):
             raise TypeError(f"onConnect must be callable (or None), not {onConnect!r}")
-        if isinstance(endpoint, str):
-            endpoint = clientFromString(reactor, endpoint)
-        elif not callable(getattr(endpoint, "connect", None)):
+        if not isinstance(endpoint, str) and not callable(getattr(endpoint, "connect", None)):
             raise TypeError(
                 "endpoint must be an endpoint string such as 'tcp:host:8789' or an "
                 f"IStreamClientEndpoint, not {endpoint!r}"
             )
-        self._endpoint: IStreamClientEndpoint = endpoint
+        self._endpoint: IStreamClientEndpoint = (
+            clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
+        )
         self._clock = reactor
         self._retryPolicy = retryPolicy or backoffPolicy()
         self.credentials = credentials

@@ -69,6 +69,8 @@ class KeepaliveTimer:
         self._rechecking = False
         self.lastHeard = 0.0
         self._lastPing = 0.0
+        # When the first ping since the peer was last heard went, if one did.
+        self._firstPing: float | None = None
         self.pings = 0
 
     def start(self) -> None:
@@ -86,20 +88,35 @@ class KeepaliveTimer:
             self._call.cancel()
         self._call = None
 
+    def _unanswered(self) -> float | None:
+        """
+        When the first ping the peer has not answered (nothing heard since) went, if any.
+        """
+        first = self._firstPing
+        return first if first is not None and first > self.lastHeard else None
+
     def _schedule(self) -> None:
         settings = self.settings
-        due = min(
-            max(self.lastHeard, self._lastPing) + settings.interval,
-            self.lastHeard + settings.timeout,
-        )
+        due = max(self.lastHeard, self._lastPing) + settings.interval
+        first = self._unanswered()
+        if first is not None:
+            due = min(due, max(self.lastHeard + settings.timeout, self._deadline(first)))
         self._call = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._tick)
+
+    def _deadline(self, first: float) -> float:
+        # A ping gets as long to be answered as the settings leave it normally: the time
+        # from the first ping (interval) to the timeout.
+        return first + self.settings.timeout - self.settings.interval
 
     def _tick(self) -> None:
         self._call = None
         settings = self.settings
         now = self._clock.seconds()
         silent = now - self.lastHeard
-        if silent >= settings.timeout:
+        first = self._unanswered()
+        # Dead only once a ping went unanswered for as long as it normally would be: a
+        # process busy past the timeout (the reactor blocked) pings first, and waits.
+        if silent >= settings.timeout and first is not None and now >= self._deadline(first):
             if not self._rechecking:
                 # What arrived while this process was busy (the reactor blocked past the
                 # timeout, say) waits unread in the socket: let the reactor read it first.
@@ -115,5 +132,7 @@ class KeepaliveTimer:
         if now - max(self.lastHeard, self._lastPing) >= settings.interval:
             self.pings += 1
             self._lastPing = now
+            if first is None:
+                self._firstPing = now
             self._ping()
         self._schedule()

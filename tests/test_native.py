@@ -1496,9 +1496,10 @@ class KeepaliveTests(SynchronousTestCase):
             clock=clock,
         )
         with capturedLogs() as events:
-            clock.advance(2)
+            for _ in range(5):
+                clock.advance(0.5)
             self.assertFalse(server.transport.disconnecting)
-            clock.advance(1)
+            clock.advance(0.5)
         self.assertTrue(server.transport.disconnecting)
         self.assertTrue(any("silent peer" in str(e.get("log_format")) for e in events))
 
@@ -1511,7 +1512,9 @@ class KeepaliveTests(SynchronousTestCase):
             clock, pb.Keepalive(interval=1, timeout=3), lambda: None, dead.append
         )
         timer.start()
-        clock.advance(3.5)  # the reactor was blocked for 3.5 s
+        for _ in range(2):
+            clock.advance(1)  # pinged at 1 and 2
+        clock.advance(1.5)  # then the reactor was blocked past the timeout
         self.assertEqual(dead, [])
         timer.heard()  # the next turn reads what the peer sent meanwhile
         clock.advance(0)
@@ -1522,6 +1525,33 @@ class KeepaliveTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(len(dead), 1)
         self.assertIn("sent nothing for 3 seconds", dead[0])
+
+    def test_busyPastTheTimeoutPingsFirst(self) -> None:
+        """A process blocked past the timeout on a quiet connection, with no ping sent, pings
+        now and gives the peer its usual time to answer, instead of dropping it unasked."""
+        clock = TurnClock()
+        dead: list[str] = []
+        pinged: list[float] = []
+        timer = KeepaliveTimer(
+            clock,
+            pb.Keepalive(interval=1, timeout=3),
+            lambda: pinged.append(clock.seconds()),
+            dead.append,
+        )
+        timer.start()
+        clock.advance(5)  # blocked: the tick due at 1 runs at 5
+        clock.advance(0)
+        self.assertEqual((pinged, dead), ([5], []))
+        clock.advance(1)
+        clock.advance(0.5)
+        timer.heard()  # the answer
+        clock.advance(0)
+        clock.advance(0.5)
+        self.assertEqual(dead, [])
+        for _ in range(6):
+            clock.advance(1)
+            clock.advance(0)
+        self.assertEqual(len(dead), 1)  # silent again: pinged, and dropped in time
 
     def test_validation(self) -> None:
         """A timeout no longer than the interval (the peer would have no time to answer a

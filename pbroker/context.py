@@ -40,7 +40,8 @@ class CallOptions:
 
     :ivar timeout: seconds after which the call is cancelled (``None``: no timeout).
     :ivar context: annotations for the remote method: a dict with text keys and plain values
-        (None, booleans, numbers, text, bytes, lists, dicts with text keys), checked here.
+        (None, booleans, numbers, text, bytes, lists and tuples, which arrive as lists, and
+        dicts with text keys), checked here.
     :ivar reply: a dict the answer's annotations are written into, if given.
     """
 
@@ -72,31 +73,31 @@ _CONTEXT_DEPTH = 32
 def _checkPlain(value: Any, path: str, depth: int) -> None:
     """
     Refuse, before the call is sent, a context value that cannot travel as annotations:
-    anything but None, booleans, numbers, text, bytes, and lists and dicts of them (dict
-    keys text), or an integer beyond 64 bits. ``path`` names the value in the message.
+    anything but None, booleans, numbers, text, bytes, and lists, tuples and dicts of them
+    (dict keys text; tuples arrive as lists, bytearrays as bytes), or an integer beyond
+    64 bits. ``path`` names the value in the message.
     """
-    kind = type(value)
-    if value is None or kind in (bool, float, str, bytes):
+    if value is None or isinstance(value, (float, str, bytes, bytearray)):
         return
-    if kind is int:
+    if isinstance(value, int):  # bool and IntEnum too
         if not -(2**63) <= value < 2**64:
             raise ValueError(f"{path} is an integer beyond 64 bits, which cannot travel: {value}")
         return
     if depth >= _CONTEXT_DEPTH:
         raise ValueError(f"{path} nests more than {_CONTEXT_DEPTH} levels deep")
-    if kind is list:
+    if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _checkPlain(item, f"{path}[{index}]", depth + 1)
         return
-    if kind is dict:
+    if isinstance(value, dict):
         for key, item in value.items():
-            if type(key) is not str:
+            if not isinstance(key, str):
                 raise TypeError(f"the keys of {path} must be text, not {key!r}")
             _checkPlain(item, f"{path}[{key!r}]", depth + 1)
         return
     raise TypeError(
-        f"{path} is a {kind.__name__}; a call context holds None, booleans, numbers, text, "
-        "bytes, and lists and dicts of them"
+        f"{path} is a {type(value).__name__}; a call context holds None, booleans, numbers, "
+        "text, bytes, and lists, tuples and dicts of them"
     )
 
 

@@ -412,6 +412,7 @@ class OutgoingStream:
         # The source's code runs in the context it was made in (a remote method's call
         # context, say), as a coroutine's does, however much later the reader asks.
         self._context = contextvars.copy_context()
+        self._entered = False
         self._async = not isinstance(source, Iterator)
         self._credit = 0
         self._busy: Deferred[Any] | None = None
@@ -453,7 +454,7 @@ class OutgoingStream:
                     self._pull(self._nextAsync())
                     continue
                 try:
-                    item = self._context.run(next, self._source)
+                    item = self._inContext(next, self._source)
                 except StopIteration:
                     self._finish()
                     return
@@ -463,9 +464,22 @@ class OutgoingStream:
                 if isinstance(item, Deferred):
                     self._pull(item)
                 else:
-                    self._send(item)
+                    self._inContext(self._send, item)
         finally:
             self._pumping = False
+
+    def _inContext(self, function: Any, *args: Any) -> Any:
+        """
+        ``function(*args)`` in the source's context (also what the source's items run: the
+        streams and hooks in them); directly if this stream is already in it.
+        """
+        if self._entered:
+            return function(*args)
+        self._entered = True
+        try:
+            return self._context.run(function, *args)
+        finally:
+            self._entered = False
 
     def _again(self) -> None:
         self._scheduled = False
@@ -475,7 +489,7 @@ class OutgoingStream:
         async def step(source: AsyncIterator[Any]) -> Any:
             return await source.__anext__()
 
-        return self._context.run(Deferred.fromCoroutine, step(self._source))
+        return self._inContext(Deferred.fromCoroutine, step(self._source))
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending
@@ -485,7 +499,7 @@ class OutgoingStream:
     def _pulled(self, item: Any) -> None:
         self._busy = None
         if not self._done:
-            self._send(item)
+            self._inContext(self._send, item)
             self.pump()
 
     def _pullFailed(self, failure: Failure) -> None:
@@ -537,6 +551,9 @@ class OutgoingStream:
         self._close()
 
     def _close(self) -> None:
+        self._inContext(self._closeSource)
+
+    def _closeSource(self) -> None:
         source = self._source
         try:
             if isinstance(source, types.GeneratorType):

@@ -1420,6 +1420,42 @@ class ContextTests(NativeTestCase):
             self.assertEqual(items, [["c-42"]], name)
         self.assertEqual(context.current().annotations, {})
 
+    def test_streamsInStreamsAndClosing(self) -> None:
+        """A stream sent as an item of another, and the source's cleanup when the reader
+        cancels, run in the call's context too."""
+        seen: dict[str, Any] = {}
+
+        def inner() -> Iterator[int]:
+            seen["inner"] = pbContext().annotations.get("cid")
+            yield 1
+
+        def outer() -> Iterator[Any]:
+            try:
+                yield inner()
+                count = 0
+                while True:
+                    count += 1
+                    yield count
+            finally:
+                seen["finally"] = pbContext().annotations.get("cid")
+
+        self.rootObject.remote_outer = outer  # type: ignore[attr-defined]
+        answers: list[Any] = []
+        self.root.withOptions(context={"cid": "c-7"}).callRemote("outer").addBoth(answers.append)
+        self.settle(answers)
+        stream = answers[0]
+        firsts: list[Any] = []
+        stream.next().addBoth(firsts.append)
+        self.settle(firsts)
+        items: list[Any] = []
+        firsts[0].collect().addBoth(items.append)
+        self.settle(items)
+        self.assertEqual(items, [[1]])
+        stream.cancel()
+        for _ in range(100):
+            self.pump.pump()
+        self.assertEqual(seen, {"inner": "c-7", "finally": "c-7"})
+
     def test_outsideCall(self) -> None:
         """Outside a remote call the context is empty."""
         self.assertEqual(context.current().annotations, {})

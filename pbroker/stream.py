@@ -489,7 +489,8 @@ class OutgoingStream:
         async def step(source: AsyncIterator[Any]) -> Any:
             return await source.__anext__()
 
-        return self._inContext(Deferred.fromCoroutine, step(self._source))
+        pending: Deferred[Any] = self._inContext(Deferred.fromCoroutine, step(self._source))
+        return pending
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending

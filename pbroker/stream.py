@@ -273,6 +273,8 @@ class Stream:
         self._closed = False
         #: Whether the reader stopped reading (cancelled): what is written is dropped.
         self.cancelled = False
+        # Why sending the stream failed, if it did: writes then raise.
+        self._failed: Failure | None = None
         self._producer: Any = None
         self._producerPaused = False
 
@@ -286,6 +288,10 @@ class Stream:
         if self._closed:
             if self.cancelled:
                 return succeed(None)
+            if self._failed is not None:
+                raise ValueError(
+                    f"write() on a stream that failed: {self._failed.getErrorMessage()}"
+                )
             raise ValueError("write() on a finished stream")
         if self._readers:
             self._readers.popleft().callback(item)
@@ -379,18 +385,25 @@ class Stream:
         if self._closed and not self._items:
             self._flushReaders()
 
-    def close(self) -> None:
+    def close(self, failure: Failure | None = None) -> None:
         """
-        Called when the reader cancels: the items are dropped and a registered producer is
-        stopped.
+        Called when the reader cancels (or, with ``failure``, when sending the stream
+        failed): the items are dropped and a registered producer is stopped. After a reader
+        cancelled, writes are dropped (:attr:`cancelled`); after a failure they raise it.
         """
         if not self._closed:
-            self.cancelled = True
+            if failure is None:
+                self.cancelled = True
+            else:
+                self._failed = failure
         self._closed = True
         self._items.clear()
         writers, self._writers = self._writers, deque()
         for writer in writers:
-            writer.errback(CancelledError("the reader stopped reading this stream"))
+            if failure is None:
+                writer.errback(CancelledError("the reader stopped reading this stream"))
+            else:
+                writer.errback(failure)
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None
@@ -525,7 +538,7 @@ class OutgoingStream:
 
     def _error(self, failure: Failure) -> None:
         self._done = True
-        self._close()
+        self._close(failure)
         self._table.ended(self.streamID, failure)
 
     def cancel(self) -> None:
@@ -551,10 +564,13 @@ class OutgoingStream:
             busy.cancel()
         self._close()
 
-    def _close(self) -> None:
-        self._inContext(self._closeSource)
+    def _close(self, failure: Failure | None = None) -> None:
+        self._inContext(self._closeSource, failure)
 
-    def _closeSource(self) -> None:
+    def _closeSource(self, failure: Failure | None) -> None:
+        """
+        Close the source: the reader stopped, or (``failure``) the stream failed.
+        """
         source = self._source
         try:
             if isinstance(source, types.GeneratorType):
@@ -562,7 +578,7 @@ class OutgoingStream:
             elif isinstance(source, types.AsyncGeneratorType):
                 Deferred.fromCoroutine(_aclose(source)).addErrback(lambda _: None)
             elif isinstance(source, Stream):
-                source.close()
+                source.close(failure)
         except Exception:
             self._log.failure("Error closing the source of a cancelled stream")
 

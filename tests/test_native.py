@@ -2886,6 +2886,24 @@ class SenderLimitTests(NativeTestCase):
         self.assertIsNone(self.call("keep", value))
         self.assertEqual(self.rootObject.received, [value])
 
+    def test_failedStreamTellsItsWriter(self) -> None:
+        """A pushed stream that fails on the sending side (an item over the peer's limit) is
+        not taken as cancelled by its reader: the writer's next write says why it failed."""
+        stream = self.call("pushed")
+        self.assertIsInstance(stream, RemoteStream)
+        source = self.rootObject.stream
+        source.write(b"x" * 300 * 1024)
+        items: list[Any] = []
+        stream.collect().addBoth(items.append)
+        self.settle(items)
+        self.flushLoggedErrors(LimitExceeded)
+        self.assertIsInstance(items[0], Failure)
+        self.assertFalse(source.cancelled)
+        with self.assertRaises(ValueError) as caught:
+            source.write(b"more")
+        self.assertIn("write() on a stream that failed", str(caught.exception))
+        self.assertIn("limit", str(caught.exception))
+
 
 class ServerLimitTests(NativeTestCase):
     serverOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}

@@ -158,6 +158,10 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
         )
 
 
+# An option Broker.configure was not given.
+_UNSET: Any = object()
+
+
 def _checkDialects(dialects: Any) -> list[bytes]:
     """
     The dialects a broker offers or accepts, in order of preference: ``dialects``, checked.
@@ -563,37 +567,42 @@ class Broker(Banana):
 
     def configure(
         self,
-        registry: UnjellyableRegistry | None = None,
-        limits: BrokerLimits | None = None,
+        registry: UnjellyableRegistry | None = _UNSET,
+        limits: BrokerLimits | None = _UNSET,
         *,
-        dialects: Sequence[bytes] | None = None,
-        clock: Any = None,
-        keepalive: Keepalive | None = None,
+        dialects: Sequence[bytes] | None = _UNSET,
+        clock: Any = _UNSET,
+        keepalive: Keepalive | None = _UNSET,
     ) -> None:
         """
         Set the options a factory gives its brokers (see :class:`Broker`), before the
-        connection is made. The factories call it for a Broker subclass whose constructor
-        takes only stock PB's ``isClient`` and ``security``.
+        connection is made; those not given are left as they are (``None``: the default).
+        The factories call it for a Broker subclass whose constructor takes only stock PB's
+        ``isClient`` and ``security``.
         """
-        if dialects is not None:
+        if dialects is not _UNSET and dialects is not None:
             self.knownDialects = _checkDialects(dialects)
-        if keepalive is not None and not isinstance(keepalive, Keepalive):
-            raise TypeError(
-                "keepalive must be a Keepalive, such as Keepalive(interval=30, timeout=90), "
-                f"not {keepalive!r}"
-            )
-        self._clock = clock
-        self.keepalive = keepalive
-        if limits is not None and not isinstance(limits, BrokerLimits):
-            raise TypeError(
-                f"limits must be a BrokerLimits, such as BrokerLimits(messageSize=...), "
-                f"not {limits!r}"
-            )
-        self.limits = BrokerLimits() if limits is None else limits
-        # The decoder's limits (read by Banana.connectionMade).
-        self.messageSizeLimit = self.limits.messageSize
-        self.depthLimit = self.limits.nestingDepth
-        self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
+        if keepalive is not _UNSET:
+            if keepalive is not None and not isinstance(keepalive, Keepalive):
+                raise TypeError(
+                    "keepalive must be a Keepalive, such as Keepalive(interval=30, timeout=90), "
+                    f"not {keepalive!r}"
+                )
+            self.keepalive = keepalive
+        if clock is not _UNSET:
+            self._clock = clock
+        if limits is not _UNSET:
+            if limits is not None and not isinstance(limits, BrokerLimits):
+                raise TypeError(
+                    f"limits must be a BrokerLimits, such as BrokerLimits(messageSize=...), "
+                    f"not {limits!r}"
+                )
+            self.limits = BrokerLimits() if limits is None else limits
+            # The decoder's limits (read by Banana.connectionMade).
+            self.messageSizeLimit = self.limits.messageSize
+            self.depthLimit = self.limits.nestingDepth
+        if registry is not _UNSET:
+            self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
 
     @property
     def clock(self) -> Any:

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -495,13 +496,21 @@ def _buildBroker(factory: Any, isClient: bool) -> Broker:
         # only: the rest is set as soon as it is built.
         taken = {name: value for name, value in options.items() if name in accepted}
         broker = brokerClass(isClient=isClient, security=factory.security, **taken)
-        broker.configure(**options)
+        # What the factory sets (not its defaults, which would undo the subclass's own).
+        chosen = {
+            name: value
+            for name, value in options.items()
+            if name not in accepted and value is not None and value != _DEFAULT_LIMITS
+        }
+        broker.configure(**chosen)
     broker.factory = factory
     return broker
 
 
+_DEFAULT_LIMITS = BrokerLimits()
+
 # Broker class -> the keywords its constructor takes (None: all of a Broker's).
-_keywords: dict[type, frozenset[str] | None] = {}
+_keywords: weakref.WeakKeyDictionary[type, frozenset[str] | None] = weakref.WeakKeyDictionary()
 
 
 def _keywordsOf(brokerClass: Any) -> frozenset[str] | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -1337,6 +1338,39 @@ class BrokerSubclassTests(SynchronousTestCase):
             client.remoteForName("root").callRemote("echo", 7).addBoth(results.append)
             pump.flush()
             self.assertEqual(results, [7])
+
+
+class ConfigureTests(SynchronousTestCase):
+    def test_leavesWhatItIsNotGiven(self) -> None:
+        """configure() sets the options it is given and leaves the others."""
+        clock = Clock()
+        limits = pb.BrokerLimits(pendingCalls=7)
+        broker = pb.Broker(clock=clock, limits=limits)
+        keepalive = pb.Keepalive(interval=1, timeout=3)
+        broker.configure(keepalive=keepalive)
+        self.assertIs(broker.clock, clock)
+        self.assertIs(broker.limits, limits)
+        self.assertIs(broker.keepalive, keepalive)
+        broker.configure(limits=None)
+        self.assertEqual(broker.limits, pb.BrokerLimits())
+
+    def test_subclassKeepsItsOwnUnlessTheFactorySets(self) -> None:
+        """A stock-style subclass that sets limits in its constructor keeps them, unless the
+        factory was given limits of its own."""
+        own = pb.BrokerLimits(pendingCalls=5)
+
+        class Limited(pb.Broker):
+            def __init__(self, isClient: int = 1, security: Any = jelly.globalSecurity) -> None:
+                pb.Broker.__init__(self, isClient, security)
+                self.limits = own
+
+        factory = pb.PBClientFactory()
+        factory.protocol = Limited
+        self.assertIs(factory.buildProtocol(None).limits, own)
+        chosen = pb.BrokerLimits(pendingCalls=9)
+        factory = pb.PBClientFactory(limits=chosen)
+        factory.protocol = Limited
+        self.assertIs(factory.buildProtocol(None).limits, chosen)
 
 
 class DialectsValidationTests(SynchronousTestCase):

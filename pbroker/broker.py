@@ -286,6 +286,9 @@ def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
         raise InvalidJelly(f"a local reference needs one id: {describe(jellyList)}")
     broker = unjellier.invoker
     found = broker.localObjectForID(jellyList[1])
+    if found is None and broker.peerIsPbroker:
+        # A pbroker peer releases what it sends back only after sending it.
+        raise InvalidJelly(f"a local reference to an unknown id: {describe(jellyList[1])}")
     if found is None:
         # A stock peer that sends one of our objects back without keeping it releases it
         # before its answer goes: the object arrives as None, as it does in stock PB.

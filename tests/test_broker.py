@@ -27,6 +27,7 @@ from pbroker import banana, jelly, pb
 from pbroker.errors import (
     BananaEncodeError,
     DeadReferenceError,
+    InvalidJelly,
     LimitExceeded,
     PBConnectionLost,
     RemoteError,
@@ -1545,3 +1546,14 @@ class OwnReferenceBackTests(SynchronousTestCase):
             pump.flush()
         self.assertEqual(results, [{"obj": None, "n": 1}])
         self.assertTrue(any("already released" in str(e.get("log_format")) for e in events))
+
+    def test_unknownFromAPbrokerPeer(self) -> None:
+        """A pbroker peer never sends back what it released: an unknown id from it is the
+        protocol error it was, not None."""
+        _server, client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(pb.Root()), pb.PBClientFactory(dialects=[b"pbroker1"])
+        )
+        self.assertTrue(client.peerIsPbroker)
+        with self.assertRaises(InvalidJelly) as caught:
+            client.unserialize([b"local", 987654])
+        self.assertIn("a local reference to an unknown id: 987654", str(caught.exception))

@@ -388,7 +388,7 @@ def encode(
     expression: Expression,
     dialect: bytes = b"none",
     *,
-    sizeLimit: int = SIZE_LIMIT,
+    sizeLimit: int | None = None,
     prefixLimit: int = PREFIX_LIMIT,
 ) -> bytes:
     """
@@ -398,12 +398,15 @@ def encode(
         nested to any depth.
     :param dialect: ``b"none"`` (the default, like :func:`twisted.spread.banana.encode`) or
         ``b"pb"``, which sends every byte string found in the PB vocabulary as a VOCAB token.
-    :param sizeLimit: the largest string (bytes) or list (elements) that may be sent.
+    :param sizeLimit: the largest string (bytes) or list (elements) that may be sent; by
+        default :data:`SIZE_LIMIT` as it is when called.
     :param prefixLimit: the largest prefix, in bytes; it bounds integer magnitudes to
         ``2 ** (7 * prefixLimit) - 1``.
     :raises BananaEncodeError: a value of another type, or one beyond the limits. Nothing is
         returned in that case, so nothing partial can reach the wire.
     """
+    if sizeLimit is None:
+        sizeLimit = SIZE_LIMIT
     vocabulary = _OUTGOING_TOKENS.get(dialect)
     if vocabulary is None:
         raise ValueError(_unknownDialect(dialect))
@@ -939,10 +942,12 @@ def decode(data: bytes, dialect: bytes = b"none", **limits: Any) -> Any:
     """
     Decode exactly one complete expression from ``data``.
 
-    :param limits: keyword limits passed to :class:`Decoder`.
+    :param limits: keyword limits passed to :class:`Decoder` (``sizeLimit`` by default
+        :data:`SIZE_LIMIT` as it is when called).
     :raises BananaDecodeError: ``data`` is malformed, breaks a limit, is incomplete, or holds
         more than one expression.
     """
+    limits.setdefault("sizeLimit", SIZE_LIMIT)
     decoder = Decoder(dialect, **limits)
     expressions = decoder.feed(data, maxExpressions=1)
     if not expressions:

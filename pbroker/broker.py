@@ -1453,8 +1453,9 @@ class Broker(Banana):
         args: tuple[Any, ...],
         kw: dict[str, Any],
     ) -> bytes:
-        taster = self.security
-        if any(_jelliedAsStream(arg, taster) for arg in (*args, *kw.values())):
+        if (any(map(isStreamable, args)) or any(map(isStreamable, kw.values()))) and any(
+            _jelliedAsStream(arg, self.security) for arg in (*args, *kw.values())
+        ):
             raise self._unsupported("sending a stream (an iterator or async iterator)")
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.

@@ -1422,6 +1422,16 @@ class ModuleSizeLimitTests(SynchronousTestCase):
             pump.flush()
             self.assertEqual(results, [payload])
 
+    def test_moduleFunctions(self) -> None:
+        """banana.encode() and decode() honour it too, as Twisted's do."""
+        self.patch(banana, "SIZE_LIMIT", 1024 * 1024)
+        data = b"x" * (700 * 1024)
+        self.assertEqual(banana.decode(banana.encode(data)), data)
+        self.patch(banana, "SIZE_LIMIT", 10)
+        self.assertRaises(BananaEncodeError, banana.encode, b"x" * 11)
+        eleven = banana.encode(b"x" * 11, sizeLimit=11)
+        self.assertRaises(banana.BananaDecodeError, banana.decode, eleven)
+
     def test_classLimitWins(self) -> None:
         """A class or instance that sets sizeLimit keeps it."""
         self.patch(banana, "SIZE_LIMIT", 10)

@@ -243,11 +243,12 @@ class PBServerFactory(protocol.ServerFactory):
         self.security = security
         self.registry = registry
         self.limits = BrokerLimits() if limits is None else limits
+        dialects = _listed(dialects)
+        # Checks the limits, dialects and keepalive now rather than per connection.
+        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock
-        # Checks the limits, dialects and keepalive now rather than per connection.
-        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
         broker = _buildBroker(self, False)
@@ -292,6 +293,7 @@ class PBClientFactory(protocol.ClientFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
+        dialects = _listed(dialects)
         # Checks the limits, dialects and keepalive now rather than per connection.
         Broker(limits=limits, dialects=dialects, keepalive=keepalive)
         self.dialects = dialects
@@ -505,6 +507,16 @@ def _buildBroker(factory: Any, isClient: bool) -> Broker:
         broker.configure(**chosen)
     broker.factory = factory
     return broker
+
+
+def _listed(dialects: Any) -> Any:
+    """
+    ``dialects`` as a list if it is an iterable of names (an iterator would be used up by
+    the first connection); as it is otherwise, for the broker to refuse.
+    """
+    if dialects is None or isinstance(dialects, (bytes, str)) or not hasattr(dialects, "__iter__"):
+        return dialects
+    return list(dialects)
 
 
 _DEFAULT_LIMITS = BrokerLimits()

@@ -1390,6 +1390,12 @@ class DialectsValidationTests(SynchronousTestCase):
                 pb.PBClientFactory(dialects=bad)
             self.assertIn(text, str(caught.exception))
 
+    def test_iterator(self) -> None:
+        """An iterator of names serves every connection, not just the check."""
+        factory = pb.PBClientFactory(dialects=iter([b"pb"]))
+        for _ in range(2):
+            self.assertEqual(factory.buildProtocol(None).knownDialects, [b"pb"])
+
 
 class ModuleSizeLimitTests(SynchronousTestCase):
     """

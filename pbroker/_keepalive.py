@@ -36,7 +36,7 @@ class Keepalive:
     def __post_init__(self) -> None:
         for name in ("interval", "timeout"):
             value = getattr(self, name)
-            if type(value) not in (int, float):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"the Keepalive {name} must be a number of seconds, not {value!r}")
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")

@@ -63,6 +63,7 @@ from pbroker.errors import (
     ProtocolError,
     UnsupportedByPeer,
     describe,
+    isInteger,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
@@ -274,7 +275,7 @@ class BrokerLimits:
 
 
 def _checkCount(name: str, value: Any, alternative: str = "") -> None:
-    if type(value) is not int:
+    if not isInteger(value):
         raise TypeError(f"BrokerLimits.{name} must be an integer{alternative}, not {value!r}")
 
 

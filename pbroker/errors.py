@@ -30,6 +30,7 @@ Twisted's names (``twisted.spread.pb.Error``...), see :mod:`pbroker.failure`.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 __all__ = [
@@ -220,3 +221,17 @@ def _describe(value: Any, depth: int, limit: int) -> str:
     else:
         text = f"<{kind.__module__}.{kind.__qualname__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def isInteger(value: Any) -> bool:
+    """
+    Whether ``value`` is an integer (an ``int``, an IntEnum, a numpy integer: anything with
+    ``__index__``) and not a bool: what argument checks take as a count.
+    """
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True

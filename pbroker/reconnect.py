@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.broker import Broker
-from pbroker.errors import PBConnectionLost
+from pbroker.errors import PBConnectionLost, isInteger
 from pbroker.pb import PBClientFactory
 from pbroker.references import RemoteReference
 
@@ -95,7 +95,7 @@ class ReconnectingClient(Service):
 
             reactor = globalReactor
         if maxRetries is not None:
-            if type(maxRetries) is not int:
+            if not isInteger(maxRetries):
                 raise TypeError(f"maxRetries must be an integer (or None), not {maxRetries!r}")
             if maxRetries < 1:
                 raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.errors import PBConnectionLost, ProtocolError
+from pbroker.errors import PBConnectionLost, ProtocolError, isInteger
 
 __all__ = ["DEFAULT_WINDOW", "END", "RemoteStream", "Stream", "isStreamable"]
 
@@ -261,7 +261,7 @@ class Stream:
     """
 
     def __init__(self, bufferSize: int = DEFAULT_WINDOW) -> None:
-        if type(bufferSize) is not int:
+        if not isInteger(bufferSize):
             raise TypeError(f"bufferSize must be an integer, not {bufferSize!r}")
         if bufferSize < 1:
             raise ValueError(f"bufferSize must be at least 1, not {bufferSize}")

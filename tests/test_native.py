@@ -3001,6 +3001,22 @@ class ArgumentCheckTests(SynchronousTestCase):
                 TypeError, "limits must be a BrokerLimits", partial(factory, limits={})
             )
 
+    def test_integersOfOtherTypes(self) -> None:
+        """Counts may be any integer (an IntEnum here, a numpy integer), not a bool; seconds
+        any real number, a float subclass too."""
+
+        class Size(enum.IntEnum):
+            SMALL = 5
+
+        class Seconds(float):
+            pass
+
+        self.assertEqual(pb.BrokerLimits(pendingCalls=Size.SMALL).pendingCalls, 5)
+        self.assertEqual(Stream(bufferSize=Size.SMALL).bufferSize, 5)
+        self.assertEqual(pb.Keepalive(interval=Seconds(1), timeout=Seconds(3)).timeout, 3)
+        refused = partial(pb.BrokerLimits, pendingCalls=True)
+        self.assertRefused(TypeError, "pendingCalls must be an integer", refused)
+
     def test_stream(self) -> None:
         self.assertRefused(
             TypeError,

@@ -9,6 +9,7 @@ This module knows nothing about how values are walked; :mod:`pbroker._jellier` a
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -268,6 +269,27 @@ class UnjellyableRegistry:
         #: A registry consulted for tags this one does not have (a broker puts its own
         #: PB tags in front of the application's registry this way).
         self.parent = parent
+        # Tag -> the class it was registered for, when a class was given (see _claim).
+        self._claimed: dict[bytes, type] = {}
+
+    def _claim(self, classname: str | bytes | type) -> bytes:
+        """
+        The tag of ``classname``; warn if it is a class whose tag another class, of another
+        qualified name, claimed before (two nested classes ``A.State`` and ``B.State`` of
+        one module both travel as ``module.State``, as in every PB peer).
+        """
+        tag = toTag(classname)
+        if isinstance(classname, type):
+            earlier = self._claimed.get(tag)
+            if earlier is not None and earlier.__qualname__ != classname.__qualname__:
+                warnings.warn(
+                    f"{tag.decode('utf-8', 'replace')} now names {classname.__qualname__} "
+                    f"instead of {earlier.__qualname__}: classes travel as module.Name, so "
+                    "classes of one module need different names",
+                    stacklevel=3,
+                )
+            self._claimed[tag] = classname
+        return tag
 
     def _chain(self) -> Iterator[UnjellyableRegistry]:
         registry: UnjellyableRegistry | None = self
@@ -302,7 +324,7 @@ class UnjellyableRegistry:
         """
         if not callable(unjellyable):
             raise TypeError(f"the unjellyable for {classname!r} must be a class or callable")
-        self.classes[toTag(classname)] = unjellyable
+        self.classes[self._claim(classname)] = unjellyable
 
     def setUnjellyableFactoryForClass(
         self, classname: str | bytes | type, factory: Factory
@@ -312,7 +334,7 @@ class UnjellyableRegistry:
         """
         if not callable(factory):
             raise TypeError(f"the factory for {classname!r} must be callable")
-        self.factories[toTag(classname)] = factory
+        self.factories[self._claim(classname)] = factory
 
     def setUnjellyableForClassTree(
         self, module: types.ModuleType, baseClass: type, prefix: str | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import gc
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -1485,6 +1486,23 @@ class NestedClassTests(SynchronousTestCase):
     def test_tagIsModuleAndName(self) -> None:
         self.assertEqual(Shapes.Point().getTypeToCopy(), f"{__name__}.Point".encode())
         self.assertEqual(Shapes.Point().getTypeToCopy(), StockShapes.Point().getTypeToCopy())
+
+    def test_sameNameWarns(self) -> None:
+        """Registering two classes of one module with the same name (nested in different
+        classes) warns: they share a tag, and the second replaces the first. Registering a
+        class again (a reload) does not."""
+        registry = pb.UnjellyableRegistry()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            registry.setUnjellyableForClass(Shapes.Point, pb.RemoteCopy)
+            registry.setUnjellyableForClass(Shapes.Point, pb.RemoteCopy)
+            self.assertEqual(caught, [])
+            registry.setUnjellyableForClass(StockShapes.Point, pb.RemoteCopy)
+        [warning] = caught
+        self.assertIn(
+            f"{__name__}.Point now names StockShapes.Point instead of Shapes.Point",
+            str(warning.message),
+        )
 
     def test_stockPeers(self) -> None:
         class RemotePoint(pb.RemoteCopy):

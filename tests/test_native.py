@@ -2842,6 +2842,59 @@ class RemoteIteratingPage(pb.RemoteCopy):
     pass
 
 
+class SenderLimitTests(NativeTestCase):
+    """
+    What a side sends is bounded by what the peer accepts, not by what this side accepts:
+    values that go through jelly (copies, errors) as well as plain ones.
+    """
+
+    clientOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}
+
+    def test_jelliedLargerThanOwnLimit(self) -> None:
+        """A jellied value (here nested too deep for msgpack's extensions) larger than the
+        sender's own limit, within the peer's, is sent."""
+        value: Any = b"x" * 512 * 1024
+        for _ in range(_native.EXTENSION_DEPTH + 2):
+            value = (value,)
+        self.rootObject.remote_keep = self.rootObject.received.append  # type: ignore[attr-defined]
+        self.assertIsNone(self.call("keep", value))
+        self.assertEqual(self.rootObject.received, [value])
+
+    def test_failedStreamTellsItsWriter(self) -> None:
+        """A pushed stream that fails on the sending side (an item over the peer's limit) is
+        not taken as cancelled by its reader: the writer's next write says why it failed."""
+        stream = self.call("pushed")
+        self.assertIsInstance(stream, RemoteStream)
+        source = self.rootObject.stream
+        source.write(b"x" * 300 * 1024)
+        items: list[Any] = []
+        stream.collect().addBoth(items.append)
+        self.settle(items)
+        self.flushLoggedErrors(LimitExceeded)
+        self.assertIsInstance(items[0], Failure)
+        self.assertFalse(source.cancelled)
+        with self.assertRaises(ValueError) as caught:
+            source.write(b"more")
+        self.assertIn("write() on a stream that failed", str(caught.exception))
+        self.assertIn("limit", str(caught.exception))
+
+
+class ServerLimitTests(NativeTestCase):
+    serverOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}
+
+    def test_errorLargerThanOwnLimit(self) -> None:
+        """An error larger than the sender's own limit, within the peer's, is sent."""
+
+        def fail() -> None:
+            raise ValueError("e" * 512 * 1024)
+
+        self.rootObject.remote_fail = fail  # type: ignore[attr-defined]
+        failure = self.call("fail")
+        self.flushLoggedErrors(ValueError)
+        self.assertTrue(failure.check(ValueError), failure.getErrorMessage()[:200])
+        self.assertTrue(failure.getErrorMessage() == "e" * 512 * 1024)
+
+
 class FlavouredIteratorTests(NativeTestCase):
     """
     A PB flavour that happens to be an iterator is sent as what its flavour says, in either

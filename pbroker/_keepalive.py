@@ -9,6 +9,7 @@ something is due, so an idle connection costs one timer, not a tick per second.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,15 @@ __all__ = ["Keepalive", "KeepaliveTimer"]
 class Keepalive:
     """
     Dead-peer detection: when nothing has arrived for ``interval`` seconds the broker sends a
-    ping; when nothing has arrived for ``timeout`` seconds (longer than ``interval``) the
+    ping, and another every ``interval`` seconds while the peer stays silent. When nothing
+    has arrived for ``timeout`` seconds (longer than ``interval``) and the first of those
+    pings has gone unanswered for ``timeout - interval`` seconds since it left, the
     connection is closed and every pending call fails with
-    :class:`~pbroker.errors.PBConnectionLost`. The time counts from the connection, so a
-    peer that connects and never says anything is dropped too.
+    :class:`~pbroker.errors.PBConnectionLost`. On a responsive reactor both come to the
+    same moment, ``timeout`` seconds after the peer was last heard; a process that was
+    itself blocked pings first, so a peer is never dropped without having had the time to
+    answer. The time counts from the connection, so a peer that connects and never says
+    anything is dropped too.
 
     A pbroker peer answers the ping; a stock Twisted peer is pinged with a call to an object
     that does not exist, whose error answer serves as well, so keepalive works in every
@@ -36,8 +42,9 @@ class Keepalive:
     def __post_init__(self) -> None:
         for name in ("interval", "timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise TypeError(f"the Keepalive {name} must be a number of seconds, not {value!r}")
+            object.__setattr__(self, name, float(value))
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")
         if self.timeout <= self.interval:
@@ -47,8 +54,8 @@ class Keepalive:
 
 class KeepaliveTimer:
     """
-    Pings a silent peer every ``settings.interval`` seconds and calls ``dead(why)`` once
-    nothing has been heard for ``settings.timeout`` seconds.
+    Pings a silent peer every ``settings.interval`` seconds and calls ``dead(why)`` once it
+    is dead by the rule of :class:`Keepalive`.
 
     :ivar pings: how many pings were sent.
     """
@@ -65,11 +72,14 @@ class KeepaliveTimer:
         self._ping = ping
         self._dead = dead
         self._call: Any = None
-        # Whether the reactor has been given a turn to read, once silence reached the timeout.
+        # The call that notes when a ping actually left (see _left).
+        self._leaving: Any = None
+        # Whether the reactor has been given a turn to read, once the peer seemed dead.
         self._rechecking = False
+        self._stopped = False
         self.lastHeard = 0.0
         self._lastPing = 0.0
-        # When the first ping since the peer was last heard went, if one did.
+        # When the first ping since the peer was last heard left, if one did.
         self._firstPing: float | None = None
         self.pings = 0
 
@@ -84,55 +94,72 @@ class KeepaliveTimer:
         self.lastHeard = self._clock.seconds()
 
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self._stopped = True
+        for call in (self._call, self._leaving):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._leaving = None
 
     def _unanswered(self) -> float | None:
         """
-        When the first ping the peer has not answered (nothing heard since) went, if any.
+        When the first ping the peer has not answered (nothing heard since) left, if any.
         """
         first = self._firstPing
         return first if first is not None and first > self.lastHeard else None
 
-    def _schedule(self) -> None:
+    def _nextPing(self) -> float:
+        return max(self.lastHeard, self._lastPing) + self.settings.interval
+
+    def _deadAt(self, first: float) -> float:
+        """
+        When the peer is dead if nothing comes, ``first`` being when the first unanswered
+        ping left: ``timeout`` after it was last heard, and ``timeout - interval`` after
+        that ping (the time an on-time ping gets to be answered).
+        """
         settings = self.settings
-        due = max(self.lastHeard, self._lastPing) + settings.interval
+        return max(self.lastHeard + settings.timeout, first + settings.timeout - settings.interval)
+
+    def _schedule(self) -> None:
+        due = self._nextPing()
         first = self._unanswered()
         if first is not None:
-            due = min(due, max(self.lastHeard + settings.timeout, self._deadline(first)))
+            due = min(due, self._deadAt(first))
         self._call = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._tick)
-
-    def _deadline(self, first: float) -> float:
-        # A ping gets as long to be answered as the settings leave it normally: the time
-        # from the first ping (interval) to the timeout.
-        return first + self.settings.timeout - self.settings.interval
 
     def _tick(self) -> None:
         self._call = None
-        settings = self.settings
         now = self._clock.seconds()
-        silent = now - self.lastHeard
         first = self._unanswered()
-        # Dead only once a ping went unanswered for as long as it normally would be: a
-        # process busy past the timeout (the reactor blocked) pings first, and waits.
-        if silent >= settings.timeout and first is not None and now >= self._deadline(first):
+        # (The comparisons use the very sums _schedule waited for, so that rounding cannot
+        # leave a tick that is due and does nothing, to be scheduled again at once.)
+        if first is not None and now >= self._deadAt(first):
             if not self._rechecking:
                 # What arrived while this process was busy (the reactor blocked past the
                 # timeout, say) waits unread in the socket: let the reactor read it first.
                 self._rechecking = True
                 self._call = self._clock.callLater(0, self._tick)
                 return
+            silent = now - self.lastHeard
             self._dead(
                 f"the peer sent nothing for {silent:g} seconds "
-                f"(keepalive timeout {settings.timeout:g} s)"
+                f"(keepalive timeout {self.settings.timeout:g} s)"
             )
             return
         self._rechecking = False
-        if now - max(self.lastHeard, self._lastPing) >= settings.interval:
+        if now >= self._nextPing():
             self.pings += 1
             self._lastPing = now
             if first is None:
                 self._firstPing = now
+                # It leaves when the reactor next writes: after this turn, which may be a
+                # long one (a blocked process). Its time to be answered counts from then.
+                self._leaving = self._clock.callLater(0, self._left, now)
             self._ping()
+            if self._stopped:
+                return  # the ping found the connection gone
         self._schedule()
+
+    def _left(self, queued: float) -> None:
+        self._leaving = None
+        if self._firstPing == queued:
+            self._firstPing = self._clock.seconds()

@@ -1548,55 +1548,113 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertTrue(server.transport.disconnecting)
         self.assertTrue(any("silent peer" in str(e.get("log_format")) for e in events))
 
-    def test_readBeforeGivingUp(self) -> None:
-        """Silence reaching the timeout gives the reactor one more turn to read what may wait
-        unread (this process was busy past the timeout) before the peer is taken as dead."""
+    def timer(self, interval: float, timeout: float) -> tuple[Any, Any, list[float], list[str]]:
         clock = TurnClock()
+        pinged: list[float] = []
         dead: list[str] = []
         timer = KeepaliveTimer(
-            clock, pb.Keepalive(interval=1, timeout=3), lambda: None, dead.append
+            clock,
+            pb.Keepalive(interval=interval, timeout=timeout),
+            lambda: pinged.append(clock.seconds()),
+            dead.append,
         )
+        return clock, timer, pinged, dead
+
+    @staticmethod
+    def turn(clock: Any, seconds: float) -> None:
+        """Wait ``seconds``, then the reactor's next turn at once (as a reactor runs them)."""
+        clock.advance(seconds)
+        clock.advance(0)
+
+    def test_onTime(self) -> None:
+        """On time, a silent peer is pinged every interval and dropped ``timeout`` after it
+        was last heard."""
+        clock, timer, pinged, dead = self.timer(1, 3)
         timer.start()
         for _ in range(2):
-            clock.advance(1)  # pinged at 1 and 2
-        clock.advance(1.5)  # then the reactor was blocked past the timeout
+            self.turn(clock, 1)
+        self.assertEqual((pinged, dead), ([1, 2], []))
+        self.turn(clock, 1)
+        self.assertEqual(len(dead), 1)
+        self.assertIn("sent nothing for 3 seconds", dead[0])
+
+    def test_readBeforeGivingUp(self) -> None:
+        """The peer seeming dead gives the reactor one more turn to read what may wait
+        unread, before it is taken as dead."""
+        clock, timer, _pinged, dead = self.timer(1, 3)
+        timer.start()
+        for _ in range(2):
+            self.turn(clock, 1)
+        clock.advance(1)  # at the timeout: one more turn first
         self.assertEqual(dead, [])
-        timer.heard()  # the next turn reads what the peer sent meanwhile
+        timer.heard()  # that turn reads what the peer sent
         clock.advance(0)
         self.assertEqual(dead, [])
-        for _ in range(3):
-            clock.advance(1)  # then the peer is silent: dead 3 s on, after one more turn
+        for _ in range(2):
+            self.turn(clock, 1)  # then the peer is silent: dead 3 s on
         self.assertEqual(dead, [])
-        clock.advance(0)
+        self.turn(clock, 1)
         self.assertEqual(len(dead), 1)
         self.assertIn("sent nothing for 3 seconds", dead[0])
 
     def test_busyPastTheTimeoutPingsFirst(self) -> None:
         """A process blocked past the timeout on a quiet connection, with no ping sent, pings
         now and gives the peer its usual time to answer, instead of dropping it unasked."""
-        clock = TurnClock()
-        dead: list[str] = []
-        pinged: list[float] = []
-        timer = KeepaliveTimer(
-            clock,
-            pb.Keepalive(interval=1, timeout=3),
-            lambda: pinged.append(clock.seconds()),
-            dead.append,
-        )
+        clock, timer, pinged, dead = self.timer(1, 3)
         timer.start()
-        clock.advance(5)  # blocked: the tick due at 1 runs at 5
-        clock.advance(0)
+        self.turn(clock, 5)  # blocked: the tick due at 1 runs at 5
         self.assertEqual((pinged, dead), ([5], []))
-        clock.advance(1)
+        self.turn(clock, 1)
         clock.advance(0.5)
         timer.heard()  # the answer
-        clock.advance(0)
-        clock.advance(0.5)
+        self.turn(clock, 0.5)
         self.assertEqual(dead, [])
-        for _ in range(6):
-            clock.advance(1)
-            clock.advance(0)
+        for _ in range(2):
+            self.turn(clock, 1)
+        self.assertEqual(dead, [])
+        self.turn(clock, 1)
         self.assertEqual(len(dead), 1)  # silent again: pinged, and dropped in time
+
+    def test_blockedAfterAPing(self) -> None:
+        """A ping's time to be answered counts from when it leaves: a process blocked in the
+        turn that wrote it gives the peer its whole time after the block."""
+        clock, timer, _pinged, dead = self.timer(1, 2)
+        timer.start()
+        clock.advance(1)  # the ping is written...
+        clock.advance(1.3)  # ...and the process is blocked before it leaves
+        clock.advance(0)
+        self.assertEqual(dead, [])
+        self.turn(clock, 0.9)
+        self.assertEqual(dead, [])
+        timer.heard()  # the answer, within the second the ping had
+        for _ in range(10):
+            self.turn(clock, 0.5)
+            if dead:
+                break
+        self.assertEqual(len(dead), 1)  # silent from then on: dropped
+
+    def test_stoppedByItsPing(self) -> None:
+        """A ping that finds the connection gone (and stops the timer) leaves no timer."""
+        clock = TurnClock()
+        timer = KeepaliveTimer(
+            clock, pb.Keepalive(interval=1, timeout=3), lambda: timer.stop(), lambda _: None
+        )
+        timer.start()
+        self.turn(clock, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_noTickDueAgainAtOnce(self) -> None:
+        """Rounding never leaves a tick that is due and does nothing, to be scheduled again
+        for the same moment (which spun for ever)."""
+        for start in (10.7, 0.3, 1e6 + 0.1, 7.123456789):
+            clock, timer, _pinged, _dead = self.timer(0.1, 0.3)
+            clock.rightNow = start
+            timer.start()
+            for _ in range(30):
+                self.turn(clock, 0.1)
+                timer.heard()
+                call = timer._call
+                self.assertGreater(call.getTime(), clock.seconds(), start)
 
     def test_validation(self) -> None:
         """A timeout no longer than the interval (the peer would have no time to answer a

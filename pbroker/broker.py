@@ -17,6 +17,8 @@ import contextvars
 import functools
 import gc
 import itertools
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import CoroutineType
@@ -255,16 +257,16 @@ class BrokerLimits:
             "pendingCalls",
             "bufferedBytes",
         ):
-            _checkCount(name, getattr(self, name))
+            _checkCount(self, name, getattr(self, name))
             if getattr(self, name) < 1:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
         if self.messageSize is not None:
-            _checkCount("messageSize", self.messageSize, " (or None)")
+            _checkCount(self, "messageSize", self.messageSize, " (or None)")
             if self.messageSize < 1:
                 raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
         if self.stallTimeout is not None:
             if isinstance(self.stallTimeout, bool) or not isinstance(
-                self.stallTimeout, int | float
+                self.stallTimeout, numbers.Real
             ):
                 raise TypeError(
                     "BrokerLimits.stallTimeout must be a number of seconds or None, not "
@@ -272,11 +274,17 @@ class BrokerLimits:
                 )
             if not self.stallTimeout >= 0:
                 raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
+            object.__setattr__(self, "stallTimeout", float(self.stallTimeout))
 
 
-def _checkCount(name: str, value: Any, alternative: str = "") -> None:
+def _checkCount(limits: Any, name: str, value: Any, alternative: str = "") -> None:
+    """
+    Check that the limit ``name`` is an integer, and store it as an ``int`` (a numpy
+    integer would go on to the wire, and to checks that take ints only).
+    """
     if not isInteger(value):
         raise TypeError(f"BrokerLimits.{name} must be an integer{alternative}, not {value!r}")
+    object.__setattr__(limits, name, operator.index(value))
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:

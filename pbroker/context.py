@@ -27,6 +27,7 @@ so the Deferred its method returned is cancelled. Annotations need the native di
 from __future__ import annotations
 
 import contextvars
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +52,11 @@ class CallOptions:
 
     def __post_init__(self) -> None:
         if self.timeout is not None:
-            if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool):
+            if not isinstance(self.timeout, numbers.Real) or isinstance(self.timeout, bool):
                 raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
             if not self.timeout > 0:
                 raise ValueError(f"a timeout must be positive, not {self.timeout}")
+            object.__setattr__(self, "timeout", float(self.timeout))
         if self.context is not None:
             if not isinstance(self.context, dict):
                 raise TypeError(f"a call context must be a dict, not {type(self.context).__name__}")

@@ -28,6 +28,8 @@ exchange are :mod:`pbroker.pb`'s.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -99,13 +101,15 @@ class ReconnectingClient(Service):
                 raise TypeError(f"maxRetries must be an integer (or None), not {maxRetries!r}")
             if maxRetries < 1:
                 raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
+            maxRetries = operator.index(maxRetries)
         if attemptTimeout is not None:
-            if not isinstance(attemptTimeout, int | float) or isinstance(attemptTimeout, bool):
+            if not isinstance(attemptTimeout, numbers.Real) or isinstance(attemptTimeout, bool):
                 raise TypeError(
                     f"attemptTimeout must be a number of seconds (or None), not {attemptTimeout!r}"
                 )
             if not attemptTimeout > 0:
                 raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
+            attemptTimeout = float(attemptTimeout)
         if onConnect is not None and not callable(onConnect):
             raise TypeError(f"onConnect must be callable (or None), not {onConnect!r}")
         if not isinstance(endpoint, str) and not callable(getattr(endpoint, "connect", None)):

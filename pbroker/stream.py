@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import operator
 import types
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -263,6 +264,7 @@ class Stream:
     def __init__(self, bufferSize: int = DEFAULT_WINDOW) -> None:
         if not isInteger(bufferSize):
             raise TypeError(f"bufferSize must be an integer, not {bufferSize!r}")
+        bufferSize = operator.index(bufferSize)
         if bufferSize < 1:
             raise ValueError(f"bufferSize must be at least 1, not {bufferSize}")
         self.bufferSize = bufferSize

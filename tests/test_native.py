@@ -7,6 +7,7 @@ with a fake clock.
 from __future__ import annotations
 
 import enum
+import fractions
 import gc
 import inspect
 import random
@@ -3043,9 +3044,37 @@ class ArgumentCheckTests(SynchronousTestCase):
         class Seconds(float):
             pass
 
-        self.assertEqual(pb.BrokerLimits(pendingCalls=Size.SMALL).pendingCalls, 5)
-        self.assertEqual(Stream(bufferSize=Size.SMALL).bufferSize, 5)
-        self.assertEqual(pb.Keepalive(interval=Seconds(1), timeout=Seconds(3)).timeout, 3)
+        class Index:
+            """An integer of another library (a numpy integer): it has __index__ only."""
+
+            def __index__(self) -> int:
+                return 5
+
+        for count in (Size.SMALL, Index()):
+            limits = pb.BrokerLimits(pendingCalls=count, messageSize=count)  # type: ignore[arg-type]
+            # Stored as ints: they go on to the wire and to checks that take ints only.
+            self.assertIs(type(limits.pendingCalls), int)
+            self.assertIs(type(limits.messageSize), int)
+            stream = Stream(bufferSize=count)  # type: ignore[arg-type]
+            self.assertIs(type(stream.bufferSize), int)
+
+        class Mebibyte:
+            def __index__(self) -> int:
+                return 1 << 20
+
+        limits = pb.BrokerLimits(messageSize=Mebibyte(), nestingDepth=Index())  # type: ignore[arg-type]
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), limits=limits), pb.PBClientFactory(limits=limits)
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("echo", [1]).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(results, [[1]])
+        keepalive = pb.Keepalive(interval=Seconds(1), timeout=fractions.Fraction(3))
+        self.assertEqual((keepalive.interval, keepalive.timeout), (1.0, 3.0))
+        self.assertIs(type(keepalive.timeout), float)
+        stall = pb.BrokerLimits(stallTimeout=fractions.Fraction(1, 2)).stallTimeout
+        self.assertEqual((stall, type(stall)), (0.5, float))
         refused = partial(pb.BrokerLimits, pendingCalls=True)
         self.assertRefused(TypeError, "pendingCalls must be an integer", refused)
 

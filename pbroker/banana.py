@@ -947,7 +947,8 @@ def decode(data: bytes, dialect: bytes = b"none", **limits: Any) -> Any:
     :raises BananaDecodeError: ``data`` is malformed, breaks a limit, is incomplete, or holds
         more than one expression.
     """
-    limits.setdefault("sizeLimit", SIZE_LIMIT)
+    if limits.get("sizeLimit") is None:
+        limits["sizeLimit"] = SIZE_LIMIT
     decoder = Decoder(dialect, **limits)
     expressions = decoder.feed(data, maxExpressions=1)
     if not expressions:

@@ -592,8 +592,11 @@ class Broker(Banana):
         The factories call it for a Broker subclass whose constructor takes only stock PB's
         ``isClient`` and ``security``.
         """
-        if dialects is not _UNSET and dialects is not None:
-            self.knownDialects = _checkDialects(dialects)
+        if dialects is not _UNSET:
+            if dialects is None:
+                self.__dict__.pop("knownDialects", None)  # the class's own
+            else:
+                self.knownDialects = _checkDialects(dialects)
         if keepalive is not _UNSET:
             if keepalive is not None and not isinstance(keepalive, Keepalive):
                 raise TypeError(

@@ -283,13 +283,16 @@ class Stream:
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
         Add ``item`` to the stream. The Deferred fires when there is room for more. Once
-        the reader has stopped (:attr:`cancelled`), the item is dropped.
+        the reader has stopped (:attr:`cancelled`), the item is dropped and the Deferred
+        fails with :class:`~twisted.internet.defer.CancelledError`.
 
         :raises ValueError: the stream was already finished (or failed) by its writer.
         """
         if self._closed:
             if self.cancelled:
-                return succeed(None)
+                # Not None at once: a writer that waits for room before each write would
+                # spin for ever, never told that its reader is gone.
+                return fail(CancelledError("the reader stopped reading this stream"))
             if self._failed is not None:
                 raise ValueError(
                     f"write() on a stream that failed: {self._failed.getErrorMessage()}"
@@ -349,6 +352,9 @@ class Stream:
         """
         if not streaming:
             raise ValueError("a Stream takes push producers (streaming=True) only")
+        if self._closed and (self.cancelled or self._failed is not None):
+            producer.stopProducing()  # nobody will read what it produces
+            return
         self._producer = producer
 
     def unregisterProducer(self) -> None:

@@ -1353,8 +1353,11 @@ class ConfigureTests(SynchronousTestCase):
         self.assertIs(broker.clock, clock)
         self.assertIs(broker.limits, limits)
         self.assertIs(broker.keepalive, keepalive)
-        broker.configure(limits=None)
+        broker.configure(limits=None, dialects=[b"pb"])
         self.assertEqual(broker.limits, pb.BrokerLimits())
+        self.assertEqual(broker.knownDialects, [b"pb"])
+        broker.configure(dialects=None)
+        self.assertEqual(broker.knownDialects, pb.Broker.knownDialects)
 
     def test_subclassKeepsItsOwnUnlessTheFactorySets(self) -> None:
         """A stock-style subclass that sets limits in its constructor keeps them, unless the
@@ -1436,7 +1439,9 @@ class ModuleSizeLimitTests(SynchronousTestCase):
         self.assertEqual(banana.decode(banana.encode(data)), data)
         self.patch(banana, "SIZE_LIMIT", 10)
         self.assertRaises(BananaEncodeError, banana.encode, b"x" * 11)
+        self.assertRaises(BananaEncodeError, banana.encode, b"x" * 11, sizeLimit=None)
         eleven = banana.encode(b"x" * 11, sizeLimit=11)
+        self.assertRaises(banana.BananaDecodeError, banana.decode, eleven, sizeLimit=None)
         self.assertRaises(banana.BananaDecodeError, banana.decode, eleven)
 
     def test_classLimitWins(self) -> None:

@@ -2575,8 +2575,24 @@ class LocalStreamTests(SynchronousTestCase):
         stream.close()  # the reader cancelled
         self.failureResultOf(waiting, CancelledError)
         self.assertTrue(stream.cancelled)
-        self.assertIsNone(self.successResultOf(stream.write(2)))
+        # Not refused (a publisher goes on with its other readers), but failed: a writer
+        # that waits for room before each write learns that its reader is gone.
+        self.failureResultOf(stream.write(2), CancelledError)
         stream.finish()  # nothing to finish: no error either
+        stopped: list[bool] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                stopped.append(True)
+
+        stream.registerProducer(Producer(), True)
+        self.assertEqual(stopped, [True])  # nobody will read what it would produce
 
     def test_writeAfterFinishRefused(self) -> None:
         """Writing after finish() is the writer's mistake: ValueError."""

@@ -88,6 +88,16 @@ _SCHEME = "scram-sha256"
 _SECRET_PREFIX = "# pbroker-decoy-secret: "
 
 
+def _parseLine(path: str, number: int, line: str) -> tuple[str, ScramVerifier]:
+    """
+    ``ScramVerifier.fromLine(line)``, its error naming the file and the line.
+    """
+    try:
+        return ScramVerifier.fromLine(line)
+    except ValueError as e:
+        raise ValueError(f"{path}, line {number}: {e}") from None
+
+
 def _secretIn(line: str) -> bytes | None:
     """
     The decoy secret a password-file line holds, or ``None`` (another line, or a damaged one).
@@ -391,7 +401,7 @@ class PasswordFile:
         verifiers: dict[bytes, ScramVerifier] = {}
         secret = None
         with open(self.path, encoding="utf-8") as passwordFile:
-            for line in passwordFile:
+            for number, line in enumerate(passwordFile, 1):
                 if line.startswith(_SECRET_PREFIX):
                     found = _secretIn(line)
                     if found is None:
@@ -404,7 +414,7 @@ class PasswordFile:
                     continue
                 if not line.strip() or line.startswith("#"):
                     continue
-                username, verifier = ScramVerifier.fromLine(line)
+                username, verifier = _parseLine(self.path, number, line)
                 verifiers[username.encode("utf-8")] = verifier
         for name, verifier in verifiers.items():
             try:
@@ -444,11 +454,13 @@ class PasswordFile:
         kept: list[str] = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as passwordFile:
-                kept = [
-                    existing.rstrip("\n")
-                    for existing in passwordFile
-                    if existing.split(":", 1)[0] != username
-                ]
+                lines = [existing.rstrip("\n") for existing in passwordFile]
+            for number, existing in enumerate(lines, 1):
+                if existing.strip() and not existing.startswith("#"):
+                    # Not a pbroker password file (/etc/passwd, a Twisted users file...):
+                    # refuse it rather than rewrite it.
+                    _parseLine(self.path, number, existing)
+            kept = [existing for existing in lines if existing.split(":", 1)[0] != username]
         if not any(_secretIn(existing) for existing in kept):
             # The secret the decoys of unknown users come from (see decoyBasis); a damaged
             # secret line is replaced.
@@ -559,8 +571,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     password = os.environ.get("PBROKER_PASSWORD")
     if password is None:
-        password = getpass.getpass(f"Password for {options.username}: ")
-        if getpass.getpass("Again: ") != password:
+        if not sys.stdin.isatty():
+            print(
+                "No password: set PBROKER_PASSWORD or run in a terminal; nothing was changed.",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            password = getpass.getpass(f"Password for {options.username}: ")
+            again = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nNo password given; nothing was changed.", file=sys.stderr)
+            return 1
+        if again != password:
             print("The passwords differ; nothing was changed.", file=sys.stderr)
             return 1
     if not password:

@@ -9,6 +9,7 @@ import getpass
 import io
 import os
 import stat
+import sys
 import threading
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
@@ -124,11 +125,51 @@ class PasswordFileTests(SynchronousTestCase):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
         environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
         self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", Terminal())
         typed = iter(["one", "two"])
         self.patch(getpass, "getpass", lambda prompt: next(typed))
-        with redirect_stderr(io.StringIO()):
+        err = io.StringIO()
+        with redirect_stderr(err):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
+        self.assertIn("The passwords differ", err.getvalue())
         self.assertFalse(os.path.exists(self.path))
+
+    def test_commandWithoutPasswordOrTerminal(self) -> None:
+        """No PBROKER_PASSWORD and no terminal to ask on: one line saying so, not getpass's
+        EOFError."""
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", io.StringIO(""))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
+        self.assertIn("set PBROKER_PASSWORD or run in a terminal", err.getvalue())
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_otherFilesRefused(self) -> None:
+        """A file that is not a pbroker password file (/etc/passwd, a Twisted users file) is
+        refused and left as it was, not rewritten; a damaged line is named by number."""
+        with open(self.path, "w") as f:
+            f.write("root:x:0:0:root:/root:/bin/bash\nalice:secret\n")
+        os.chmod(self.path, 0o644)
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "pw"})
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(passwords.main(["add", self.path, "bob"]), 1)
+        self.assertIn(f"{self.path}, line 1: not a pbroker password line", err.getvalue())
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "root:x:0:0:root:/root:/bin/bash\nalice:secret\n")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o644)
+        with self.assertRaises(ValueError) as caught:
+            PasswordFile(self.path).verifierFor(b"alice")
+        self.assertIn("line 1: not a pbroker password line", str(caught.exception))
+
+
+class Terminal(io.StringIO):
+    """Standard input that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 class PasswordLoginTests(SynchronousTestCase):

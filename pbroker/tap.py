@@ -169,7 +169,11 @@ class Options(usage.Options, AuthOptionMixin):
     """
 
     synopsis = "[options]"
-    longdesc = __doc__
+    longdesc = (
+        "Serve a broker. With no options it listens on tcp:8789:interface=127.0.0.1 and "
+        "serves a login root that also answers ping, info and services; clients may log in "
+        "anonymously. See the options below for endpoints, TLS, logins and another root."
+    )
     supportedInterfaces = [IUsernamePassword, IUsernameHashedPassword, IAnonymous]
     optFlags = [
         ["anonymous", None, "Allow anonymous login."],
@@ -185,7 +189,13 @@ class Options(usage.Options, AuthOptionMixin):
             "callable returning one, or a Portal).",
         ],
         ["password-file", None, None, "A pbroker password file (python -m pbroker.passwords)."],
-        ["tls-port", None, None, "Also listen for TLS on this port (loopback).", int],
+        [
+            "tls-port",
+            None,
+            None,
+            "Listen for TLS on this port (loopback); with --listen too, on both.",
+            int,
+        ],
         ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
         ["tls-key", None, None, "The server's PEM private key, for --tls-port."],
         ["tls-client-ca", None, None, "Require client certificates from these CAs (PEM)."],
@@ -281,7 +291,16 @@ class Options(usage.Options, AuthOptionMixin):
                     f"--auth: {type(checker).__name__} checks {names} credentials, which no "
                     "PB login sends"
                 )
+        for checker in checkers:
+            filename = getattr(checker, "filename", None)
+            if isinstance(filename, str) and not os.path.isfile(filename):
+                raise usage.UsageError(f"--auth: no such file: {filename}")
         accounts = [c for c in checkers if IUsernameHashedPassword in c.credentialInterfaces]
+        if accounts and self["no-legacy-login"]:
+            raise usage.UsageError(
+                "--auth accounts log in only through the legacy MD5 login, which "
+                "--no-legacy-login refuses: nobody could log in (use --password-file)"
+            )
         self["rootObject"] = None
         if self["root"]:
             if checkers or self["password-file"] or self["anonymous"]:
@@ -394,7 +413,10 @@ def _loadRoot(name: str) -> Any:
     except Exception as e:
         raise usage.UsageError(f"cannot load --root {name}: {e}") from None
     if not (pb.IPBRoot.providedBy(found) or isinstance(found, Portal)) and callable(found):
-        found = found()
+        try:
+            found = found()
+        except Exception as e:
+            raise usage.UsageError(f"cannot load --root {name}: {_reason(e)}") from None
     if not (pb.IPBRoot.providedBy(found) or isinstance(found, Portal)):
         raise usage.UsageError(f"--root {name} is not a pb.Root, an IPBRoot or a Portal")
     return found

@@ -271,13 +271,28 @@ class ServiceTests(TestCase):
             with self.assertRaises(usage.UsageError):
                 options.parseOptions(["--root", name])
 
-    async def test_noLegacyLoginHonoured(self) -> None:
-        """--no-legacy-login refuses the MD5 login of a stock client to an --auth account."""
-        port = await self.start("--auth", "memory:alice:secret", "--no-legacy-login")
-        stock = await self.connect(port, twistedPb)
-        with self.assertRaises(Exception) as raised:
-            await stock.login(UsernamePassword(b"alice", b"secret"))
-        self.assertIn("legacy MD5 login", str(raised.exception))
+    def test_noLegacyLoginWithAccountsRefused(self) -> None:
+        """--auth accounts log in only through the legacy MD5 login: with --no-legacy-login
+        nobody could use them, so the combination is a usage error, not a broker that
+        refuses every login."""
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--auth", "memory:alice:secret", "--no-legacy-login"])
+        self.assertIn("nobody could log in", str(raised.exception))
+
+    def test_missingAuthFileRefused(self) -> None:
+        """An --auth file: that does not exist is a usage error, not a warning and a broker
+        that refuses every login."""
+        missing = self.mktemp()
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--auth", f"file:{missing}"])
+        self.assertIn(f"--auth: no such file: {missing}", str(raised.exception))
+
+    def test_failingRootCallableIsAUsageError(self) -> None:
+        """A --root callable that raises is a usage error naming it, not a traceback."""
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--root", "tests.test_tap.failingRoot"])
+        self.assertIn("cannot load --root tests.test_tap.failingRoot", str(raised.exception))
+        self.assertIn("boom", str(raised.exception))
 
     def test_tlsPortInUseStopsStartup(self) -> None:
         """A --tls-port that cannot be listened on stops the service from starting, as a
@@ -336,6 +351,17 @@ class DocumentedCommandLineTests(SynchronousTestCase):
                 stand = self.mktemp()
                 Path(stand).write_bytes(b"")
                 pluginArguments[pluginArguments.index("--password-file") + 1] = stand
+            for index, argument in enumerate(pluginArguments):
+                if argument.startswith("file:"):
+                    # So does the path of an --auth file: users file.
+                    users = self.mktemp()
+                    Path(users).write_bytes(b"alice:secret\n")
+                    pluginArguments[index] = f"file:{users}"
             options = tap.Options()
             options.parseOptions(pluginArguments)
             self.assertTrue(options["listen"] or options["tls-port"], line)
+
+
+def failingRoot() -> None:
+    """A --root callable that fails."""
+    raise RuntimeError("boom")

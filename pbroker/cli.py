@@ -2,7 +2,7 @@
 The ``pbroker`` command-line client (also ``python -m pbroker``)::
 
     pbroker ping pb://127.0.0.1:8789
-    pbroker info pb://127.0.0.1:8789 --json
+    pbroker --json info pb://127.0.0.1:8789
     pbroker call pb://127.0.0.1:8789 echo '"hello"' '[1, 2]'
     pbroker --user alice call pb://broker.example:8789 whoAmI
 
@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     Run the command line; return the exit code.
     """
-    options = _parser().parse_args(argv)
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.user is not None and not options.user.strip():
+        parser.error("--user needs a user name")  # rather than not logging in at all
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 

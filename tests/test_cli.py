@@ -173,6 +173,7 @@ class CommandLineTests(TestCase):
             (["--timeout", "nan", "ping", "pb://127.0.0.1:1"], "'nan'"),
             (["--timeout", "-1", "ping", "pb://127.0.0.1:1"], "'-1'"),
             (["call", "pb://127.0.0.1:1", "echo", "[" * 100000], "nested too deeply"),
+            (["--user", "", "ping", "pb://127.0.0.1:1"], "--user needs a user name"),
         ]
         results = await gatherResults([ensureDeferred(self.command(*a)) for a, _ in cases])
         for (arguments, fragment), (code, out, err) in zip(cases, results, strict=True):

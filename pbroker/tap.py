@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any
 
 from twisted.application import service
@@ -248,7 +249,10 @@ class Options(usage.Options, AuthOptionMixin):
             self["listen"] = [DEFAULT_LISTEN]
         # Every endpoint to listen on, parsed (and its files read) here.
         self["endpoints"] = []
+        # What each endpoint was given as, for the error if it cannot be listened on.
+        self["endpointNames"] = []
         for description in self["listen"]:
+            self["endpointNames"].append(f"--listen {description}")
             try:
                 self["endpoints"].append(serverFromString(reactor, description))
             except Exception as e:
@@ -280,6 +284,7 @@ class Options(usage.Options, AuthOptionMixin):
             except Exception as e:
                 raise usage.UsageError(f"cannot use the TLS files: {_reason(e)}") from None
             self["endpoints"].append(tlsEndpoint)
+            self["endpointNames"].append(f"--tls-port {self['tls-port']}")
         self._checkLogins()
 
     def _checkLogins(self) -> None:
@@ -452,10 +457,53 @@ def makeService(options: Options) -> service.MultiService:
         keepalive=options["keepaliveSettings"],
     )
     top = service.MultiService()
-    for endpoint in options["endpoints"]:
-        listening = StreamServerEndpointService(endpoint, factory)
-        # As strports.service does: a port that cannot be listened on stops twistd at
-        # startup, instead of leaving it running without that port.
-        listening._raiseSynchronously = True
-        listening.setServiceParent(top)
+    for endpoint, name in zip(options["endpoints"], options["endpointNames"], strict=True):
+        _ListeningService(endpoint, factory, name).setServiceParent(top)  # type: ignore[no-untyped-call]
+    _reportCannotListenOnOneLine()
     return top
+
+
+class CannotListen(Exception):
+    """
+    ``twistd pbroker`` cannot listen on a port it was asked for (the message says which,
+    and why). It stops twistd at startup.
+    """
+
+
+class _ListeningService(StreamServerEndpointService):
+    """
+    Listens on one endpoint; one that cannot be listened on stops twistd at startup, as
+    ``strports.service`` does, instead of leaving it running without that port, with a
+    :class:`CannotListen` that names the option.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, name: str) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        self.name = name
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except Exception as e:
+            raise CannotListen(f"cannot listen on {self.name}: {_reason(e)}") from None
+
+
+def _reportCannotListenOnOneLine() -> None:
+    """
+    Have :class:`CannotListen`, which ends ``twistd -n`` at startup, reported on one line
+    rather than with a traceback (twistd raises it on, after removing its pid file; a
+    daemonising twistd reports it through its status pipe instead).
+    """
+    previous = sys.excepthook
+    if getattr(previous, "reportsCannotListen", False):
+        return
+
+    def report(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if issubclass(kind, CannotListen):
+            print(f"twistd pbroker: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    report.reportsCannotListen = True  # type: ignore[attr-defined]
+    sys.excepthook = report

@@ -4,14 +4,15 @@ Tests for ``twistd pbroker``'s options and service (pbroker.tap), over loopback.
 
 from __future__ import annotations
 
+import io
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
-from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -313,9 +314,30 @@ class ServiceTests(TestCase):
             ]
         )
         service = tap.makeService(options)
-        with self.assertRaises(CannotListenError):
-            service.startService()
+        with self.assertRaises(tap.CannotListen) as raised:
+            service.privilegedStartService()
+        self.assertIn(f"cannot listen on --tls-port {busy.getHost().port}", str(raised.exception))
+        self.assertIn("CannotListenError", str(raised.exception))
         service.stopService()
+
+    def test_cannotListenReportedOnOneLine(self) -> None:
+        """twistd -n ends with the CannotListen it raises: it is reported on one line, not
+        with a traceback; other errors are reported as before."""
+        self.patch(sys, "excepthook", lambda *args: reported.append(args))
+        reported: list[Any] = []
+        options = tap.Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
+        tap.makeService(options)
+        hook = sys.excepthook
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        hook(tap.CannotListen, tap.CannotListen("cannot listen on --listen x: why"), None)
+        self.assertEqual(err.getvalue(), "twistd pbroker: cannot listen on --listen x: why\n")
+        error = ValueError("other")
+        hook(ValueError, error, None)
+        self.assertEqual(reported, [(ValueError, error, None)])
+        tap.makeService(options)
+        self.assertIs(sys.excepthook, hook)  # installed once
 
     async def test_anonymous(self) -> None:
         """--anonymous allows anonymous login."""

@@ -479,8 +479,14 @@ class _PortalWrapper(Referenceable):
         Start a username/password login: a challenge, and the object to respond to.
         """
         if not self.legacyLogin:
+            self._log.info(
+                "Refused the legacy MD5 login of {user!r} from {peer}: it is turned off",
+                user=username,
+                peer=_peerAddress(self.broker),
+            )
             raise UnauthorizedLogin(
-                "this server does not accept the legacy MD5 login; use a pbroker client"
+                "this server does not accept the legacy MD5 login (stock Twisted clients, "
+                "and accounts outside its password file)"
             )
         if isinstance(username, str):
             username = username.encode("utf-8")

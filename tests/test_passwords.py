@@ -265,10 +265,15 @@ class PasswordLoginTests(SynchronousTestCase):
         """A stock Twisted client logs in with the legacy exchange unless it is disabled."""
         avatar = self.login(self.server(), twistedPb.PBClientFactory(), b"legacy secret")
         self.assertEqual(self.name(avatar), "alice")
-        failure = self.login(
-            self.server(legacyLogin=False), twistedPb.PBClientFactory(), b"legacy secret"
-        )
+        with capturedLogs() as events:
+            failure = self.login(
+                self.server(legacyLogin=False), twistedPb.PBClientFactory(), b"legacy secret"
+            )
         self.assertTrue(failure.check(UnauthorizedLogin))
+        self.assertIn("does not accept the legacy MD5 login", failure.getErrorMessage())
+        # Every login attempt is logged, this one too.
+        formats = [str(event.get("log_format")) for event in events]
+        self.assertTrue(any("Refused the legacy MD5 login" in f for f in formats), formats)
 
     def test_pbrokerClientFallsBackOnStockServer(self) -> None:
         """Against a stock Twisted server a pbroker client uses the legacy login, if allowed."""

@@ -28,6 +28,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.cred.strcred import AuthOptionMixin
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -298,8 +299,13 @@ class Options(usage.Options, AuthOptionMixin):
                 )
         for checker in checkers:
             filename = getattr(checker, "filename", None)
-            if isinstance(filename, str) and not os.path.isfile(filename):
-                raise usage.UsageError(f"--auth: no such file: {filename}")
+            if isinstance(filename, str):
+                where = self._whereRead(filename)
+                if where is not None and not os.path.isfile(where):
+                    raise usage.UsageError(
+                        f"--auth: no such file: {filename}"
+                        + ("" if where == filename else f" (read from --rundir as {where})")
+                    )
         accounts = [c for c in checkers if IUsernameHashedPassword in c.credentialInterfaces]
         if accounts and self["no-legacy-login"]:
             raise usage.UsageError(
@@ -326,14 +332,22 @@ class Options(usage.Options, AuthOptionMixin):
                 )
             self._checkPasswordFile(self["password-file"])
 
-    def _checkPasswordFile(self, path: str) -> None:
+    def _whereRead(self, path: str) -> str | None:
+        """
+        Where the server will read ``path`` from: twistd's ``--rundir`` (the current
+        directory by default) for a relative path; ``None`` inside a ``--chroot``, which
+        cannot be looked into from here.
+        """
         parent = getattr(self, "parent", None)
         if parent is not None and parent.get("chroot"):
-            return  # read inside the chroot, which cannot be looked into from here
-        # The file is read once the server runs, from twistd's --rundir (the current
-        # directory by default): a relative path is checked where it will be read.
+            return None
         rundir = (parent.get("rundir") if parent is not None else None) or "."
-        where = path if rundir == "." else os.path.join(rundir, path)
+        return path if rundir == "." else os.path.join(rundir, path)
+
+    def _checkPasswordFile(self, path: str) -> None:
+        where = self._whereRead(path)
+        if where is None:
+            return
         if not os.path.isfile(where):
             raise usage.UsageError(
                 f"--password-file {path}: no such file"
@@ -367,8 +381,17 @@ def _reason(error: Exception) -> str:
     """
     An exception as a line of a usage error.
     """
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, Exception):
+        return _reason(error.socketError)  # "Address already in use", not the address again
     if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.strerror or type(error).__name__}: {error.filename}"
+        # Of two paths (a symbolic link, as Twisted's lock files make), the second is
+        # where it was to go.
+        path = error.filename if error.filename2 is None else error.filename2
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        return f"{error.strerror or type(error).__name__}: {path}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -477,16 +500,18 @@ class _ListeningService(StreamServerEndpointService):
     :class:`CannotListen` that names the option.
     """
 
-    def __init__(self, endpoint: Any, factory: Any, name: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, option: str) -> None:
         super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
-        self.name = name
+        # (Not the service's name: a MultiService refuses two services of one name, and
+        # the same --listen may be given twice.)
+        self.option = option
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except Exception as e:
-            raise CannotListen(f"cannot listen on {self.name}: {_reason(e)}") from None
+            raise CannotListen(f"cannot listen on {self.option}: {_reason(e)}") from None
 
 
 def _reportCannotListenOnOneLine() -> None:

@@ -5,6 +5,7 @@ Tests for ``twistd pbroker``'s options and service (pbroker.tap), over loopback.
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -317,8 +318,42 @@ class ServiceTests(TestCase):
         with self.assertRaises(tap.CannotListen) as raised:
             service.privilegedStartService()
         self.assertIn(f"cannot listen on --tls-port {busy.getHost().port}", str(raised.exception))
-        self.assertIn("CannotListenError", str(raised.exception))
+        self.assertIn("Address already in use", str(raised.exception))
         service.stopService()
+
+    def test_sameListenTwice(self) -> None:
+        """The same --listen given twice starts (two ports), as it did before."""
+        options = tap.Options()
+        options.parseOptions(["--listen", LOOPBACK, "--listen", LOOPBACK])
+        service = tap.makeService(options)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+
+    def test_cannotListenNamesThePath(self) -> None:
+        """A UNIX socket in a directory that does not exist is named by its path (Twisted's
+        lock file is a symbolic link, whose first path is a process id)."""
+        missing = os.path.join(self.mktemp(), "sock")
+        options = tap.Options()
+        options.parseOptions(["--listen", f"unix:{missing}"])
+        service = tap.makeService(options)
+        with self.assertRaises(tap.CannotListen) as raised:
+            service.privilegedStartService()
+        self.assertIn(f"No such file or directory: {missing}.lock", str(raised.exception))
+        service.stopService()
+
+    def test_authFileReadFromTheRunDirectory(self) -> None:
+        """An --auth file: path is checked where twistd will read it: in --rundir."""
+        rundir = self.mktemp()
+        os.makedirs(rundir)
+        Path(rundir, "users.txt").write_bytes(b"alice:secret\n")
+        options = tap.Options()
+        options.parent = {"rundir": rundir}  # type: ignore[attr-defined]
+        options.parseOptions(["--auth", "file:users.txt"])
+        options = tap.Options()
+        options.parent = {"rundir": self.mktemp()}  # type: ignore[attr-defined]
+        with self.assertRaises(usage.UsageError) as raised:
+            options.parseOptions(["--auth", "file:users.txt"])
+        self.assertIn("read from --rundir as", str(raised.exception))
 
     def test_cannotListenReportedOnOneLine(self) -> None:
         """twistd -n ends with the CannotListen it raises: it is reported on one line, not

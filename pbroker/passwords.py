@@ -456,7 +456,8 @@ class PasswordFile:
             with open(self.path, encoding="utf-8") as passwordFile:
                 lines = [existing.rstrip("\n") for existing in passwordFile]
             for number, existing in enumerate(lines, 1):
-                if existing.strip() and not existing.startswith("#"):
+                mine = existing.split(":", 1)[0] == username  # replaced, damaged or not
+                if existing.strip() and not existing.startswith("#") and not mine:
                     # Not a pbroker password file (/etc/passwd, a Twisted users file...):
                     # refuse it rather than rewrite it.
                     _parseLine(self.path, number, existing)
@@ -571,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     password = os.environ.get("PBROKER_PASSWORD")
     if password is None:
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():
             print(
                 "No password: set PBROKER_PASSWORD or run in a terminal; nothing was changed.",
                 file=sys.stderr,

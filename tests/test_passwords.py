@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -145,6 +146,30 @@ class PasswordFileTests(SynchronousTestCase):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
         self.assertIn("set PBROKER_PASSWORD or run in a terminal", err.getvalue())
         self.assertFalse(os.path.exists(self.path))
+
+    def test_damagedLineOfTheUserRepaired(self) -> None:
+        """Setting the password of a user whose own line is damaged replaces that line (the
+        way to repair it), where another damaged line refuses the file."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        PasswordFile(self.path).setPassword("bob", b"pw", ITERATIONS)
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        lines = [line + "!" if line.startswith("alice:") else line for line in lines]
+        Path(self.path).write_text("\n".join(lines) + "\n")
+        PasswordFile(self.path).setPassword("alice", b"new", ITERATIONS)
+        reader = PasswordFile(self.path)
+        self.assertEqual(
+            reader.verifierFor(b"alice"),
+            ScramVerifier.fromPassword(b"new", ITERATIONS, reader.verifierFor(b"alice").salt),
+        )
+
+    def test_commandWithoutStandardInput(self) -> None:
+        """Standard input closed (None) is no terminal either."""
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", None)
+        with redirect_stderr(io.StringIO()):
+            self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
 
     def test_otherFilesRefused(self) -> None:
         """A file that is not a pbroker password file (/etc/passwd, a Twisted users file) is

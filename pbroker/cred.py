@@ -440,6 +440,9 @@ class _PortalWrapper(Referenceable):
         self.broker = broker
         self.guard = guard
         self.legacyLogin = legacyLogin
+        # Whether a refused legacy login was logged: once per connection, as a peer may
+        # ask again and again, at no cost to it.
+        self._refusalLogged = False
 
     def remote_passwordLogin(
         self, username: bytes, clientNonce: bytes
@@ -479,11 +482,14 @@ class _PortalWrapper(Referenceable):
         Start a username/password login: a challenge, and the object to respond to.
         """
         if not self.legacyLogin:
-            self._log.info(
-                "Refused the legacy MD5 login of {user!r} from {peer}: it is turned off",
-                user=username,
-                peer=_peerAddress(self.broker),
-            )
+            if not self._refusalLogged:
+                self._refusalLogged = True
+                self._log.info(
+                    "Refused the legacy MD5 login of {user} from {peer}: it is turned off "
+                    "(later attempts on this connection are not logged)",
+                    user=describe(username),
+                    peer=_peerAddress(self.broker),
+                )
             raise UnauthorizedLogin(
                 "this server does not accept the legacy MD5 login (stock Twisted clients, "
                 "and accounts outside its password file)"

@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from pbroker import passwords, pb
 from pbroker.errors import ProtocolError
 from pbroker.passwords import MAX_ITERATIONS, PasswordFile, ScramChecker, ScramVerifier
+from pbroker.testing import connectedServerAndClient
 from tests.test_broker import connect
 from tests.test_login import realmFor
 
@@ -299,6 +300,22 @@ class PasswordLoginTests(SynchronousTestCase):
         # Every login attempt is logged, this one too.
         formats = [str(event.get("log_format")) for event in events]
         self.assertTrue(any("Refused the legacy MD5 login" in f for f in formats), formats)
+
+    def test_refusedLegacyLoginsLoggedOncePerConnection(self) -> None:
+        """A peer asking for the refused legacy login again and again, with long names, is
+        logged once per connection, its name cut short: no flood of log text."""
+        server, client, pump = connectedServerAndClient(
+            self.server(legacyLogin=False), twistedPb.PBClientFactory()
+        )
+        root = client.remoteForName("root")
+        with capturedLogs() as events:
+            for _ in range(50):
+                root.callRemote("login", b"x" * 100_000).addErrback(lambda _: None)
+            pump.flush()
+        refusals = [e for e in events if "Refused the legacy" in str(e.get("log_format"))]
+        self.assertEqual(len(refusals), 1)
+        self.assertLess(len(refusals[0]["user"]), 1000)
+        self.assertFalse(server.disconnected)
 
     def test_pbrokerClientFallsBackOnStockServer(self) -> None:
         """Against a stock Twisted server a pbroker client uses the legacy login, if allowed."""

@@ -27,9 +27,10 @@ class Keepalive:
     connection is closed and every pending call fails with
     :class:`~pbroker.errors.PBConnectionLost`. On a responsive reactor both come to the
     same moment, ``timeout`` seconds after the peer was last heard; a process that was
-    itself blocked pings first, so a peer is never dropped without having had the time to
-    answer. The time counts from the connection, so a peer that connects and never says
-    anything is dropped too.
+    itself blocked pings first, and gives the peer that time to answer after the ping
+    leaves. A peer that is taking a backlog this side sends (a large answer it reads
+    slowly) counts as heard, as its answer to a ping waits behind it. The time counts from
+    the connection, so a peer that connects and never says anything is dropped too.
 
     A pbroker peer answers the ping; a stock Twisted peer is pinged with a call to an object
     that does not exist, whose error answer serves as well, so keepalive works in every
@@ -57,6 +58,10 @@ class KeepaliveTimer:
     Pings a silent peer every ``settings.interval`` seconds and calls ``dead(why)`` once it
     is dead by the rule of :class:`Keepalive`.
 
+    A peer that drains a backlog (``progress`` reports bytes waiting for it at one tick and
+    more bytes taken at the next) counts as heard at that tick: its answer to a ping may
+    wait behind a large answer it is still reading.
+
     :ivar pings: how many pings were sent.
     """
 
@@ -66,8 +71,13 @@ class KeepaliveTimer:
         settings: Keepalive,
         ping: Callable[[], object],
         dead: Callable[[str], object],
+        progress: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
         self._clock = clock
+        # How many bytes the peer has taken from us so far, and how many still wait for it
+        # here (None: cannot tell); see _tick.
+        self._progress = progress
+        self._lastProgress: tuple[int, int] | None = None
         self.settings = settings
         self._ping = ping
         self._dead = dead
@@ -84,6 +94,7 @@ class KeepaliveTimer:
         self.pings = 0
 
     def start(self) -> None:
+        self._stopped = False
         self.lastHeard = self._lastPing = self._clock.seconds()
         self._schedule()
 
@@ -129,6 +140,15 @@ class KeepaliveTimer:
     def _tick(self) -> None:
         self._call = None
         now = self._clock.seconds()
+        if self._progress is not None:
+            progress, last = self._progress(), self._lastProgress
+            if progress is not None and last is not None and last[1] > 0 and progress[0] > last[0]:
+                # Bytes waited here for the peer at the last tick, and it has taken some
+                # since: it reads, and its answers may only wait behind what it is still
+                # reading (a large answer to a slow reader). (Bytes the kernel accepts while
+                # nothing waits here say nothing of the peer: they may never be read.)
+                self.lastHeard = now
+            self._lastProgress = progress
         first = self._unanswered()
         # (The comparisons use the very sums _schedule waited for, so that rounding cannot
         # leave a tick that is due and does nothing, to be scheduled again at once.)

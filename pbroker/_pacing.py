@@ -289,6 +289,17 @@ class PacedTransport:
             return
         self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
 
+    def progress(self) -> tuple[int, int] | None:
+        """
+        How many of the bytes written through this wrapper the real transport has sent,
+        and how many wait in it or here, or ``None`` if the real transport cannot tell.
+        """
+        pending = _pendingIn(self._transport)
+        if pending is None:
+            return None
+        waiting = pending + self._heldSize
+        return self.written - waiting, waiting
+
     def stopStallTimer(self) -> None:
         """
         Forget a pending drop (the connection is gone, or took data).

@@ -1746,9 +1746,19 @@ class Broker(Banana):
     def _startKeepalive(self) -> None:
         if self.keepalive is not None:
             self._keepaliveTimer = KeepaliveTimer(
-                self.clock, self.keepalive, self._sendPing, self._peerIsDead
+                self.clock, self.keepalive, self._sendPing, self._peerIsDead, self._sendProgress
             )
             self._keepaliveTimer.start()
+
+    def _sendProgress(self) -> tuple[int, int] | None:
+        """
+        How many bytes the peer has taken so far, and how many wait for it (see
+        :meth:`PacedTransport.progress`), or ``None`` if the transport cannot tell.
+        """
+        transport: Any = self.transport
+        if type(transport) is not PacedTransport:
+            return None
+        return transport.progress()
 
     def _peerIsDead(self, why: str) -> None:
         if self.disconnected or self.transport is None:

@@ -1634,6 +1634,43 @@ class KeepaliveTests(SynchronousTestCase):
                 break
         self.assertEqual(len(dead), 1)  # silent from then on: dropped
 
+    def test_aPeerDrainingABacklogIsAlive(self) -> None:
+        """A peer that takes what waits for it (a large answer it reads slowly) is alive,
+        though its answer to a ping waits behind it; one that takes nothing is dropped, and
+        bytes sent while nothing waited (the kernel takes them, read or not) prove nothing."""
+        for draining, dropped in ((True, False), (False, True)):
+            clock = TurnClock()
+            dead: list[str] = []
+            state = {"taken": 0, "waiting": 10_000_000}
+            timer = KeepaliveTimer(
+                clock,
+                pb.Keepalive(interval=1, timeout=3),
+                lambda: None,
+                dead.append,
+                partial(lambda state: (state["taken"], state["waiting"]), state),
+            )
+            timer.start()
+            for _ in range(20):
+                if draining:
+                    state["taken"] += 100_000
+                    state["waiting"] -= 100_000
+                self.turn(clock, 1)
+            self.assertEqual(bool(dead), dropped, draining)
+        clock = TurnClock()
+        dead = []
+        sent = {"taken": 0}
+        timer = KeepaliveTimer(
+            clock,
+            pb.Keepalive(interval=1, timeout=3),
+            lambda: sent.update(taken=sent["taken"] + 50),  # the kernel takes each ping
+            dead.append,
+            lambda: (sent["taken"], 0),
+        )
+        timer.start()
+        for _ in range(5):
+            self.turn(clock, 1)
+        self.assertEqual(len(dead), 1)
+
     def test_stoppedByItsPing(self) -> None:
         """A ping that finds the connection gone (and stops the timer) leaves no timer."""
         clock = TurnClock()

@@ -653,6 +653,23 @@ class PendingTests(SynchronousTestCase):
         real.doWrite()  # the ClientHello is sent
         self.assertEqual(_pendingIn(tls), 1500)
 
+    def test_progress(self) -> None:
+        """PacedTransport.progress: bytes the real transport sent, and bytes that wait (in
+        it, or held); None if it cannot tell."""
+        real = SocketTransport()
+        real.limit = 3
+        paced = PacedTransport(real, None)
+        paced.write(b"abcde")
+        self.assertEqual(paced.progress(), (0, 5))
+        real.doWrite()
+        self.assertEqual(paced.progress(), (3, 2))
+        paced.hold()
+        paced.write(b"fg")
+        self.assertEqual(paced.progress(), (3, 4))
+        paced.writeSequence([b"h", b"i"])
+        self.assertEqual(paced.progress(), (3, 6))
+        self.assertIsNone(PacedTransport(StringTransport(), None).progress())
+
     def test_unknown(self) -> None:
         """A transport that cannot tell: None (a paused peer is then taken as stalled)."""
         self.assertIsNone(_pendingIn(StringTransport()))

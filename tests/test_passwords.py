@@ -125,28 +125,27 @@ class PasswordFileTests(SynchronousTestCase):
         self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": ""})
         with redirect_stderr(io.StringIO()):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
-        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
-        self.patch(os, "environ", environment)
-        self.patch(sys, "stdin", Terminal())
         typed = iter(["one", "two"])
         self.patch(getpass, "getpass", lambda prompt: next(typed))
+        self.assertIn("The passwords differ", self.addWithoutPassword(Terminal()))
+
+    def addWithoutPassword(self, stdin: Any) -> str:
+        """Run the add command with no PBROKER_PASSWORD and ``stdin``; check that it fails
+        and changes nothing; what it printed on standard error."""
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", stdin)
         err = io.StringIO()
         with redirect_stderr(err):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
-        self.assertIn("The passwords differ", err.getvalue())
         self.assertFalse(os.path.exists(self.path))
+        return err.getvalue()
 
     def test_commandWithoutPasswordOrTerminal(self) -> None:
         """No PBROKER_PASSWORD and no terminal to ask on: one line saying so, not getpass's
         EOFError."""
-        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
-        self.patch(os, "environ", environment)
-        self.patch(sys, "stdin", io.StringIO(""))
-        err = io.StringIO()
-        with redirect_stderr(err):
-            self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
-        self.assertIn("set PBROKER_PASSWORD or run in a terminal", err.getvalue())
-        self.assertFalse(os.path.exists(self.path))
+        err = self.addWithoutPassword(io.StringIO(""))
+        self.assertIn("set PBROKER_PASSWORD or run in a terminal", err)
 
     def test_damagedLineOfTheUserRepaired(self) -> None:
         """Setting the password of a user whose own line is damaged replaces that line (the
@@ -166,11 +165,7 @@ class PasswordFileTests(SynchronousTestCase):
 
     def test_commandWithoutStandardInput(self) -> None:
         """Standard input closed (None) is no terminal either."""
-        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
-        self.patch(os, "environ", environment)
-        self.patch(sys, "stdin", None)
-        with redirect_stderr(io.StringIO()):
-            self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
+        self.assertIn("run in a terminal", self.addWithoutPassword(None))
 
     def test_otherFilesRefused(self) -> None:
         """A file that is not a pbroker password file (/etc/passwd, a Twisted users file) is

@@ -9,10 +9,11 @@ something is due, so an idle connection costs one timer, not a tick per second.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from pbroker.errors import isSeconds
 
 __all__ = ["Keepalive", "KeepaliveTimer"]
 
@@ -43,7 +44,7 @@ class Keepalive:
     def __post_init__(self) -> None:
         for name in ("interval", "timeout"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            if not isSeconds(value):
                 raise TypeError(f"the Keepalive {name} must be a number of seconds, not {value!r}")
             object.__setattr__(self, name, float(value))
         if not self.interval > 0 or not self.timeout > 0:

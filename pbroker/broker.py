@@ -17,7 +17,6 @@ import contextvars
 import functools
 import gc
 import itertools
-import numbers
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ from pbroker.errors import (
     UnsupportedByPeer,
     describe,
     isInteger,
+    isSeconds,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
@@ -265,9 +265,7 @@ class BrokerLimits:
             if self.messageSize < 1:
                 raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
         if self.stallTimeout is not None:
-            if isinstance(self.stallTimeout, bool) or not isinstance(
-                self.stallTimeout, numbers.Real
-            ):
+            if not isSeconds(self.stallTimeout):
                 raise TypeError(
                     "BrokerLimits.stallTimeout must be a number of seconds or None, not "
                     f"{type(self.stallTimeout).__name__}"

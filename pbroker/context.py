@@ -27,9 +27,10 @@ so the Deferred its method returned is cancelled. Annotations need the native di
 from __future__ import annotations
 
 import contextvars
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from pbroker.errors import isSeconds
 
 __all__ = ["CallContext", "CallOptions", "current"]
 
@@ -52,7 +53,7 @@ class CallOptions:
 
     def __post_init__(self) -> None:
         if self.timeout is not None:
-            if not isinstance(self.timeout, numbers.Real) or isinstance(self.timeout, bool):
+            if not isSeconds(self.timeout):
                 raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
             if not self.timeout > 0:
                 raise ValueError(f"a timeout must be positive, not {self.timeout}")

@@ -30,6 +30,7 @@ Twisted's names (``twisted.spread.pb.Error``...), see :mod:`pbroker.failure`.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -221,6 +222,14 @@ def _describe(value: Any, depth: int, limit: int) -> str:
     else:
         text = f"<{kind.__module__}.{kind.__qualname__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def isSeconds(value: Any) -> bool:
+    """
+    Whether ``value`` is a real number (a float, an int, a Fraction, a numpy float...) and
+    not a bool: what argument checks take as a number of seconds.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def isInteger(value: Any) -> bool:

@@ -28,7 +28,6 @@ exchange are :mod:`pbroker.pb`'s.
 
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Callable
 from functools import partial
@@ -49,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.broker import Broker
-from pbroker.errors import PBConnectionLost, isInteger
+from pbroker.errors import PBConnectionLost, isInteger, isSeconds
 from pbroker.pb import PBClientFactory
 from pbroker.references import RemoteReference
 
@@ -103,7 +102,7 @@ class ReconnectingClient(Service):
                 raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
             maxRetries = operator.index(maxRetries)
         if attemptTimeout is not None:
-            if not isinstance(attemptTimeout, numbers.Real) or isinstance(attemptTimeout, bool):
+            if not isSeconds(attemptTimeout):
                 raise TypeError(
                     f"attemptTimeout must be a number of seconds (or None), not {attemptTimeout!r}"
                 )

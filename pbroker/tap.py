@@ -248,14 +248,13 @@ class Options(usage.Options, AuthOptionMixin):
             raise usage.UsageError("the --tls-* options need --tls-port")
         if not self["listen"] and self["tls-port"] is None:
             self["listen"] = [DEFAULT_LISTEN]
-        # Every endpoint to listen on, parsed (and its files read) here.
+        # Every endpoint to listen on, parsed (and its files read) here, with the option it
+        # was given as, for the error if it cannot be listened on.
         self["endpoints"] = []
-        # What each endpoint was given as, for the error if it cannot be listened on.
-        self["endpointNames"] = []
         for description in self["listen"]:
-            self["endpointNames"].append(f"--listen {description}")
             try:
-                self["endpoints"].append(serverFromString(reactor, description))
+                endpoint = serverFromString(reactor, description)
+                self["endpoints"].append((f"--listen {description}", endpoint))
             except Exception as e:
                 raise usage.UsageError(f"--listen {description}: {_reason(e)}") from None
         self["keepaliveSettings"] = None
@@ -284,8 +283,7 @@ class Options(usage.Options, AuthOptionMixin):
                 )
             except Exception as e:
                 raise usage.UsageError(f"cannot use the TLS files: {_reason(e)}") from None
-            self["endpoints"].append(tlsEndpoint)
-            self["endpointNames"].append(f"--tls-port {self['tls-port']}")
+            self["endpoints"].append((f"--tls-port {self['tls-port']}", tlsEndpoint))
         self._checkLogins()
 
     def _checkLogins(self) -> None:
@@ -297,7 +295,6 @@ class Options(usage.Options, AuthOptionMixin):
                     f"--auth: {type(checker).__name__} checks {names} credentials, which no "
                     "PB login sends"
                 )
-        for checker in checkers:
             filename = getattr(checker, "filename", None)
             if isinstance(filename, str):
                 where = self._whereRead(filename)
@@ -480,8 +477,8 @@ def makeService(options: Options) -> service.MultiService:
         keepalive=options["keepaliveSettings"],
     )
     top = service.MultiService()
-    for endpoint, name in zip(options["endpoints"], options["endpointNames"], strict=True):
-        _ListeningService(endpoint, factory, name).setServiceParent(top)  # type: ignore[no-untyped-call]
+    for option, endpoint in options["endpoints"]:
+        _ListeningService(endpoint, factory, option).setServiceParent(top)  # type: ignore[no-untyped-call]
     _reportCannotListenOnOneLine()
     return top
 

@@ -456,12 +456,13 @@ class PasswordFile:
             with open(self.path, encoding="utf-8") as passwordFile:
                 lines = [existing.rstrip("\n") for existing in passwordFile]
             for number, existing in enumerate(lines, 1):
-                mine = existing.split(":", 1)[0] == username  # replaced, damaged or not
-                if existing.strip() and not existing.startswith("#") and not mine:
+                if existing.split(":", 1)[0] == username:
+                    continue  # replaced, damaged or not
+                if existing.strip() and not existing.startswith("#"):
                     # Not a pbroker password file (/etc/passwd, a Twisted users file...):
                     # refuse it rather than rewrite it.
                     _parseLine(self.path, number, existing)
-            kept = [existing for existing in lines if existing.split(":", 1)[0] != username]
+                kept.append(existing)
         if not any(_secretIn(existing) for existing in kept):
             # The secret the decoys of unknown users come from (see decoyBasis); a damaged
             # secret line is replaced.

@@ -46,20 +46,27 @@ class Taker(pb.Referenceable):
         self.taken.append(values)
 
 
-class Root(pb.Root):
+class KeepingRoot(pb.Root):
+    """
+    A root that keeps the reference its client gives it (``target``), to call it back.
+    """
+
+    target: Any = None
+
+    def remote_keep(self, target: Any) -> None:
+        self.target = target
+
+
+class Root(KeepingRoot):
     def __init__(self) -> None:
         self.later: Deferred[Any] = Deferred()
         self.other: Deferred[Any] = Deferred()
-        self.target: Any = None
 
     def remote_waitLater(self) -> Any:
         return self.later
 
     def remote_waitOther(self) -> Any:
         return self.other
-
-    def remote_keep(self, target: Any) -> None:
-        self.target = target
 
     def remote_triggerThenFail(self) -> Any:
         # The hook completes waitLater's answer, then the value fails to serialise.
@@ -105,6 +112,16 @@ class ConnectedTestCase(SynchronousTestCase):
         )
         self.root = self.client.remoteForName("root")
 
+    def giveTaker(self) -> Taker:
+        """
+        Give the server's root (a :class:`KeepingRoot`) a :class:`Taker` of the client's to
+        call back; that taker.
+        """
+        taker = Taker()
+        self.root.callRemote("keep", taker)
+        self.pump.flush()
+        return taker
+
 
 class PostponedAnswerTests(ConnectedTestCase):
     """
@@ -126,8 +143,7 @@ class PostponedAnswerTests(ConnectedTestCase):
     def test_callWhoseArgumentsFail(self) -> None:
         """A call whose arguments fail to serialise after a hook in them completed an
         answer: the answer is sent as the call fails."""
-        taker = Taker()
-        self.root.callRemote("keep", taker)
+        self.giveTaker()
         self.settle()
         target = self.rootObject.target
         d = target.callRemote("take", Trigger(self.rootObject.later, 1), Unserialisable())
@@ -255,12 +271,7 @@ class HookTests(ConnectedTestCase):
         self.pending: Deferred[Any] = Deferred()
         outer = self
 
-        class HookRoot(pb.Root):
-            target: Any = None
-
-            def remote_keep(self, target: Any) -> None:
-                self.target = target
-
+        class HookRoot(KeepingRoot):
             def remote_wait(self) -> Deferred[Any]:
                 outer.waiters.append(Deferred())
                 return outer.waiters[-1]
@@ -280,9 +291,7 @@ class HookTests(ConnectedTestCase):
                 Trigger: RemoteTrigger,
             },
         )
-        self.taker = Taker()
-        self.root.callRemote("keep", self.taker)
-        self.pump.flush()
+        self.taker = self.giveTaker()
 
     def test_manyAnswersFromAHook(self) -> None:
         """A hook that completes 300 waiting calls: each is answered (the postponed
@@ -349,12 +358,7 @@ class StreamPumpedMidSerialisationTests(ConnectedTestCase):
         self.later: Deferred[Any] = Deferred()
         outer = self
 
-        class StreamingRoot(pb.Root):
-            target: Any = None
-
-            def remote_keep(self, target: Any) -> None:
-                self.target = target
-
+        class StreamingRoot(KeepingRoot):
             def remote_waitLater(self) -> Any:
                 return outer.later
 
@@ -363,9 +367,7 @@ class StreamPumpedMidSerialisationTests(ConnectedTestCase):
                 yield outer.gauge
 
         self.connect(StreamingRoot(), {Gauge: RemoteGauge, LargeCaller: RemoteTrigger})
-        self.taker = Taker()
-        self.root.callRemote("keep", self.taker)
-        self.pump.flush()
+        self.taker = self.giveTaker()
 
     def test_streamNotPumpedFromAHooksLargeCall(self) -> None:
         """A large call a hook makes does not pump a stream waiting for the next reactor

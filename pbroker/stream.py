@@ -29,7 +29,7 @@ import contextvars
 import operator
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -507,11 +507,7 @@ class OutgoingStream:
         self.pump()
 
     def _nextAsync(self) -> Deferred[Any]:
-        async def step(source: AsyncIterator[Any]) -> Any:
-            return await source.__anext__()
-
-        pending: Deferred[Any] = self._inContext(Deferred.fromCoroutine, step(self._source))
-        return pending
+        return _Awaiting(self._inContext(self._source.__anext__), self._inContext).result
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending
@@ -584,12 +580,74 @@ class OutgoingStream:
             if isinstance(source, types.GeneratorType):
                 source.close()
             elif isinstance(source, types.AsyncGeneratorType):
-                Deferred.fromCoroutine(_aclose(source)).addErrback(lambda _: None)
+                _Awaiting(source.aclose(), self._inContext).result.addErrback(lambda _: None)
             elif isinstance(source, Stream):
                 source.close(failure)
         except Exception:
             self._log.failure("Error closing the source of a cancelled stream")
 
 
-async def _aclose(source: Any) -> None:
-    await source.aclose()
+class _Awaiting:
+    """
+    Awaits ``awaitable`` (an async source's next item, or its closing) with each of its steps
+    run by ``runIn``: in the source's own context, as a sync generator's steps are.
+
+    ``Deferred.fromCoroutine`` would run each await in a fresh copy of the context, so what
+    an async generator set there (a context variable, a token it resets later) would be lost
+    between its items.
+    """
+
+    def __init__(self, awaitable: Any, runIn: Callable[..., Any]) -> None:
+        self._steps = awaitable.__await__()
+        self._runIn = runIn
+        self._waitingOn: Deferred[Any] | None = None
+        self.result: Deferred[Any] = Deferred(self._cancel)
+        self._step(self._steps.send, None)
+
+    def _step(self, how: Callable[..., Any], value: Any) -> None:
+        while True:
+            try:
+                awaited = self._runIn(how, value)
+            except StopIteration as stop:
+                self._settle(stop.value)
+                return
+            except BaseException:
+                self._settle(Failure())
+                return
+            if not isinstance(awaited, Deferred):
+                # Not something Twisted's reactor can wait for: given back, as
+                # Deferred.fromCoroutine does.
+                how, value = self._steps.send, awaited
+                continue
+            fired: list[Any] = []
+            awaited.addBoth(self._fired, fired)
+            if not fired:
+                fired.append(None)
+                self._waitingOn = awaited
+                return
+            how, value = self._resumption(fired[0])
+
+    def _fired(self, outcome: Any, fired: list[Any]) -> None:
+        if fired:
+            # Later: the awaitable goes on from here.
+            self._waitingOn = None
+            self._step(*self._resumption(outcome))
+        else:
+            fired.append(outcome)
+
+    def _resumption(self, outcome: Any) -> tuple[Callable[..., Any], Any]:
+        if isinstance(outcome, Failure):
+            return outcome.throwExceptionIntoGenerator, self._steps
+        return self._steps.send, outcome
+
+    def _settle(self, outcome: Any) -> None:
+        # A cancelled wait may end after its Deferred has failed with CancelledError.
+        if not self.result.called:
+            if isinstance(outcome, Failure):
+                self.result.errback(outcome)
+            else:
+                self.result.callback(outcome)
+
+    def _cancel(self, _: Deferred[Any]) -> None:
+        if self._waitingOn is not None:
+            self._waitingOn.cancel()

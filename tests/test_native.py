@@ -6,6 +6,7 @@ with a fake clock.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import fractions
 import gc
@@ -1456,6 +1457,80 @@ class ContextTests(NativeTestCase):
         for _ in range(100):
             self.pump.pump()
         self.assertEqual(seen, {"inner": "c-7", "finally": "c-7"})
+
+    def test_asyncSourceKeepsItsContext(self) -> None:
+        """What an async generator sets in its context carries over from item to item and
+        into its cleanup, as a sync generator's does: a token it made is reset later."""
+        var: contextvars.ContextVar[int] = contextvars.ContextVar("var", default=0)
+        seen: list[Any] = []
+
+        def counting(cleanup: str) -> Any:
+            async def source() -> AsyncIterator[int]:
+                token = var.set(1)
+                try:
+                    for _ in range(3):
+                        await succeed(None)
+                        var.set(var.get() + 1)
+                        yield var.get()
+                finally:
+                    var.reset(token)
+                    seen.append((cleanup, var.get()))
+
+            return source()
+
+        self.rootObject.remote_counting = counting  # type: ignore[attr-defined]
+        answers: list[Any] = []
+        self.root.callRemote("counting", "ended").addBoth(answers.append)
+        self.settle(answers)
+        items: list[Any] = []
+        answers[0].collect().addBoth(items.append)
+        self.settle(items)
+        self.assertEqual(items, [[2, 3, 4]])
+
+        answers = []
+        self.root.callRemote("counting", "cancelled").addBoth(answers.append)
+        self.settle(answers)
+        firsts: list[Any] = []
+        answers[0].next().addBoth(firsts.append)
+        self.settle(firsts)
+        self.assertEqual(firsts, [2])
+        answers[0].cancel()
+        for _ in range(100):
+            self.pump.pump()
+        self.assertEqual(seen, [("ended", 0), ("cancelled", 0)])
+        self.assertEqual(var.get(), 0)
+
+    def test_asyncSourceAwaitingOddValues(self) -> None:
+        """An async source that awaits what a Twisted coroutine may await (a value that is
+        not a Deferred, given back; a Deferred that has already fired) streams its items."""
+
+        class Handmade:
+            def __await__(self) -> Any:
+                given = yield "given back"
+                fired = yield succeed(given + ", then fired")
+                return fired
+
+        class Source:
+            left = 2
+
+            def __aiter__(self) -> Source:
+                return self
+
+            async def __anext__(self) -> str:
+                if not self.left:
+                    raise StopAsyncIteration
+                self.left -= 1
+                result: str = await Handmade()
+                return result
+
+        self.rootObject.remote_odd = Source  # type: ignore[attr-defined]
+        answers: list[Any] = []
+        self.root.callRemote("odd").addBoth(answers.append)
+        self.settle(answers)
+        items: list[Any] = []
+        answers[0].collect().addBoth(items.append)
+        self.settle(items)
+        self.assertEqual(items, [["given back, then fired"] * 2])
 
     def test_outsideCall(self) -> None:
         """Outside a remote call the context is empty."""

@@ -18,6 +18,10 @@ from pbroker.errors import isSeconds
 __all__ = ["Keepalive", "KeepaliveTimer"]
 
 
+#: The shortest :class:`Keepalive` interval, in seconds.
+MINIMUM_INTERVAL = 0.001
+
+
 @dataclass(frozen=True)
 class Keepalive:
     """
@@ -49,6 +53,12 @@ class Keepalive:
             object.__setattr__(self, name, float(value))
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")
+        if self.interval < MINIMUM_INTERVAL:
+            # A shorter one pings on every turn of the reactor, flooding the peer.
+            raise ValueError(
+                f"the Keepalive interval must be at least {MINIMUM_INTERVAL} seconds, "
+                f"not {self.interval!r}"
+            )
         if self.timeout <= self.interval:
             # At the timeout the peer must have had time to answer a ping.
             raise ValueError("the Keepalive timeout must be longer than its interval")

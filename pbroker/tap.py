@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 import pbroker
 from pbroker import pb, tls
+from pbroker._keepalive import MINIMUM_INTERVAL
 from pbroker.cred import PortalRoot, _PortalWrapper
 from pbroker.passwords import PasswordFile, ScramChecker
 
@@ -260,8 +261,10 @@ class Options(usage.Options, AuthOptionMixin):
         self["keepaliveSettings"] = None
         seconds = self["keepalive"]
         if seconds is not None:
-            if not (math.isfinite(seconds) and seconds > 0):
-                raise usage.UsageError("--keepalive needs a positive number of seconds")
+            if not (math.isfinite(seconds) and seconds >= MINIMUM_INTERVAL):
+                raise usage.UsageError(
+                    f"--keepalive needs a number of seconds, at least {MINIMUM_INTERVAL}"
+                )
             self["keepaliveSettings"] = pb.Keepalive(interval=seconds, timeout=3 * seconds)
         self["limits"] = None
         mebibytes = self["max-message-size"]

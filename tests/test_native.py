@@ -1776,6 +1776,11 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=5)
         self.assertRaises(ValueError, pb.Keepalive, interval=10, timeout=10)
         self.assertRaises(ValueError, pb.Keepalive, interval=0)
+        # An interval that would ping on every reactor turn.
+        with self.assertRaises(ValueError) as caught:
+            pb.Keepalive(interval=1e-300, timeout=1)
+        self.assertIn("at least 0.001 seconds, not 1e-300", str(caught.exception))
+        self.assertEqual(pb.Keepalive(interval=0.001, timeout=1).interval, 0.001)
         self.assertRaises(TypeError, pb.Keepalive, interval="10")
         self.assertRaises(TypeError, pb.Keepalive, timeout=True)
         for factory in (pb.PBClientFactory, lambda **kw: pb.PBServerFactory(pb.Root(), **kw)):

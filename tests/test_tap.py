@@ -114,6 +114,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsageError("--listen bogus:1", "--listen", "bogus:1")
         self.assertUsageError("--keepalive", "--keepalive", "inf")
         self.assertUsageError("--keepalive", "--keepalive", "nan")
+        self.assertUsageError("at least 0.001", "--keepalive", "1e-300")
         self.assertUsageError("--max-message-size", "--max-message-size", "inf")
         self.assertUsageError("at least one byte", "--max-message-size", "1e-9")
         self.assertUsageError(

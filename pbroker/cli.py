@@ -152,8 +152,10 @@ def _parsedEndpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
     except Exception as e:
         # Endpoint parsers raise what they like for a bad string: ValueError for an unknown
         # type, TypeError for a missing argument, OSError for a missing file, RuntimeError
-        # for a trailing backslash.
+        # from a StopIteration for a trailing backslash.
         reason = str(e) or type(e).__name__
+        if isinstance(e.__cause__, StopIteration):
+            reason = "it ends with a backslash that escapes nothing"
         message = f"bad address {description!r}: {reason} (try pb://host:port)"
         raise CommandError(EXIT_USAGE, message) from e
     return endpoint

@@ -392,6 +392,9 @@ def _reason(error: Exception) -> str:
         return f"{error.strerror or type(error).__name__}: {path}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
+    if isinstance(error.__cause__, StopIteration):
+        # What Twisted's endpoint-string parser raises for a trailing backslash.
+        return "it ends with a backslash that escapes nothing"
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

@@ -290,6 +290,7 @@ class AddressTests(SynchronousTestCase):
         """An endpoint string its parser refuses is a usage error naming it."""
         for address in ("localhost:8789", "tcp:nonsense", "tcp:h:p", "tcp:h\\", ":"):
             self.assertUsageError(address, f"bad address {address!r}")
+        self.assertUsageError("tcp:h:80\\", "ends with a backslash that escapes nothing")
 
     def test_caFile(self) -> None:
         """A --ca file that cannot be read or holds no certificate is a usage error naming it;

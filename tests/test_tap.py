@@ -112,6 +112,7 @@ class OptionsTests(SynchronousTestCase):
     def test_nonsenseValuesRefused(self) -> None:
         """Values that cannot work are usage errors at startup, not tracebacks."""
         self.assertUsageError("--listen bogus:1", "--listen", "bogus:1")
+        self.assertUsageError("escapes nothing", "--listen", "tcp:8789\\")
         self.assertUsageError("--keepalive", "--keepalive", "inf")
         self.assertUsageError("--keepalive", "--keepalive", "nan")
         self.assertUsageError("at least 0.001", "--keepalive", "1e-300")

@@ -76,6 +76,11 @@ class Connection(Protocol):
     def _logFailure(self, message: str, failure: Failure) -> None: ...
 
 
+# The stream each source is being sent as, by the source's id, in this process: a sender
+# keeps its source alive, so the id names that source until the sender is gone.
+_feeding: WeakValueDictionary[int, OutgoingStream] = WeakValueDictionary()
+
+
 class StreamTable:
     """
     The streams of one connection (see the module docstring).
@@ -190,18 +195,17 @@ class StreamTable:
         limit = self._connection.limits.pendingCalls
         if len(self.outgoing) >= limit:
             raise LimitExceeded(f"more than {limit} streams are being sent")
-        for sender in self.outgoing.values():
-            if sender._source is source:
-                # Two readers would each get some of its items.
-                raise ValueError(
-                    f"this {type(source).__name__} is already being sent as a stream: one "
-                    "source feeds one stream"
-                )
+        sender = _feeding.get(id(source))
+        if sender is not None and sender._source is source and not sender._done:
+            # Two readers, on this connection or another, would each get some of its items.
+            raise ValueError(
+                f"this {type(source).__name__} is already being sent as a stream: one "
+                "source feeds one stream"
+            )
         self.currentStreamID += 1
         streamID = self.currentStreamID
-        self.outgoing[streamID] = OutgoingStream(
-            self, streamID, source, self._connection.serializingPerspective
-        )
+        sender = OutgoingStream(self, streamID, source, self._connection.serializingPerspective)
+        self.outgoing[streamID] = _feeding[id(source)] = sender
         return streamID
 
     def open(self, streamID: int) -> RemoteStream:

@@ -1026,8 +1026,8 @@ class LateFailureTests(NativeTestCase):
 
 class StreamTests(NativeTestCase):
     def test_oneSourceOneStream(self) -> None:
-        """A source already being sent cannot be sent again (two readers would share its
-        items): the second call fails, saying so; the first stream is whole."""
+        """A source already being sent cannot be sent again, on any connection (two readers
+        would share its items): the second call fails, saying so; the first stream is whole."""
         shared = Stream()
         self.rootObject.remote_shared = lambda: shared  # type: ignore[attr-defined]
         first = self.call("shared")
@@ -1036,12 +1036,25 @@ class StreamTests(NativeTestCase):
         self.flushLoggedErrors(ValueError)
         self.assertIsInstance(second, Failure)
         self.assertIn("already being sent as a stream", second.getErrorMessage())
+        # Nor on another connection.
+        _server, otherClient, otherPump = connectedServerAndClient(
+            self.server.factory, pb.PBClientFactory()
+        )
+        third: list[Any] = []
+        otherClient.remoteForName("root").callRemote("shared").addBoth(third.append)
+        otherPump.flush()
+        self.flushLoggedErrors(ValueError)
+        self.assertIsInstance(third[0], Failure)
+        self.assertIn("already being sent as a stream", third[0].getErrorMessage())
         shared.write(1)
         shared.finish()
         items: list[Any] = []
         first.collect().addBoth(items.append)
         self.settle(items)
         self.assertEqual(items, [[1]])
+        # Once that stream has ended, the source may be sent again.
+        again = self.call("shared")
+        self.assertIsInstance(again, RemoteStream)
 
     def test_generatorResult(self) -> None:
         """A generator a method returns arrives as a stream, read whole by collect()."""

@@ -507,7 +507,7 @@ class OutgoingStream:
         self.pump()
 
     def _nextAsync(self) -> Deferred[Any]:
-        return _Awaiting(self._inContext(self._source.__anext__), self._inContext).result
+        return _Awaiting(self._source.__anext__, self._inContext).result
 
     def _pull(self, pending: Deferred[Any]) -> None:
         self._busy = pending
@@ -580,7 +580,7 @@ class OutgoingStream:
             if isinstance(source, types.GeneratorType):
                 source.close()
             elif isinstance(source, types.AsyncGeneratorType):
-                _Awaiting(source.aclose(), self._inContext).result.addErrback(lambda _: None)
+                _Awaiting(source.aclose, self._inContext).result.addErrback(lambda _: None)
             elif isinstance(source, Stream):
                 source.close(failure)
         except Exception:
@@ -589,20 +589,29 @@ class OutgoingStream:
 
 class _Awaiting:
     """
-    Awaits ``awaitable`` (an async source's next item, or its closing) with each of its steps
-    run by ``runIn``: in the source's own context, as a sync generator's steps are.
+    Awaits what ``start()`` returns (an async source's next item, or its closing), with
+    ``start`` and each step of the awaitable run by ``runIn``: in the source's own context,
+    as a sync generator's steps are. ``result`` fires with the outcome.
 
     ``Deferred.fromCoroutine`` would run each await in a fresh copy of the context, so what
     an async generator set there (a context variable, a token it resets later) would be lost
     between its items.
     """
 
-    def __init__(self, awaitable: Any, runIn: Callable[..., Any]) -> None:
-        self._steps = awaitable.__await__()
+    def __init__(self, start: Callable[[], Any], runIn: Callable[..., Any]) -> None:
+        self._steps: Any = None
         self._runIn = runIn
         self._waitingOn: Deferred[Any] | None = None
         self.result: Deferred[Any] = Deferred(self._cancel)
-        self._step(self._steps.send, None)
+        self._step(self._begin, start)
+
+    def _begin(self, start: Callable[[], Any]) -> Any:
+        awaitable = start()
+        if not hasattr(awaitable, "__await__"):
+            name = getattr(start, "__name__", repr(start))
+            raise TypeError(f"{name}() returned {awaitable!r}, which cannot be awaited")
+        self._steps = awaitable.__await__()
+        return self._steps.send(None)
 
     def _step(self, how: Callable[..., Any], value: Any) -> None:
         while True:

@@ -1545,6 +1545,38 @@ class ContextTests(NativeTestCase):
         self.settle(items)
         self.assertEqual(items, [["given back, then fired"] * 2])
 
+    def test_asyncSourceFailingAtOnce(self) -> None:
+        """An async iterator whose __anext__ raises before returning an awaitable, or returns
+        something that cannot be awaited, ends or fails its stream like any other."""
+
+        class Source:
+            def __init__(self, outcome: str) -> None:
+                self.outcome = outcome
+
+            def __aiter__(self) -> Source:
+                return self
+
+            def __anext__(self) -> Any:
+                if self.outcome == "stop":
+                    raise StopAsyncIteration
+                if self.outcome == "fail":
+                    raise ValueError("at once")
+                return 42
+
+        self.rootObject.remote_source = Source  # type: ignore[attr-defined]
+        outcomes: list[Any] = []
+        for given in ("stop", "fail", "number"):
+            answers: list[Any] = []
+            self.root.callRemote("source", given).addBoth(answers.append)
+            self.settle(answers)
+            items: list[Any] = []
+            answers[0].collect().addBoth(items.append)
+            self.settle(items)
+            outcomes.append(items[0] if isinstance(items[0], list) else items[0].getErrorMessage())
+        self.flushLoggedErrors(ValueError, TypeError)
+        self.assertEqual(outcomes[:2], [[], "at once"])
+        self.assertEqual(outcomes[2], "__anext__() returned 42, which cannot be awaited")
+
     def test_outsideCall(self) -> None:
         """Outside a remote call the context is empty."""
         self.assertEqual(context.current().annotations, {})

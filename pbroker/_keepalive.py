@@ -19,7 +19,7 @@ __all__ = ["Keepalive", "KeepaliveTimer"]
 
 
 #: The shortest :class:`Keepalive` interval, in seconds.
-MINIMUM_INTERVAL = 0.001
+MIN_INTERVAL = 0.001
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,10 @@ class Keepalive:
             object.__setattr__(self, name, float(value))
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")
-        if self.interval < MINIMUM_INTERVAL:
+        if self.interval < MIN_INTERVAL:
             # A shorter one pings on every turn of the reactor, flooding the peer.
             raise ValueError(
-                f"the Keepalive interval must be at least {MINIMUM_INTERVAL} seconds, "
+                f"the Keepalive interval must be at least {MIN_INTERVAL} seconds, "
                 f"not {self.interval!r}"
             )
         if self.timeout <= self.interval:

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 import pbroker
 from pbroker import pb, tls
-from pbroker._keepalive import MINIMUM_INTERVAL
+from pbroker._keepalive import MIN_INTERVAL
 from pbroker.cred import PortalRoot, _PortalWrapper
 from pbroker.passwords import PasswordFile, ScramChecker
 
@@ -261,9 +261,9 @@ class Options(usage.Options, AuthOptionMixin):
         self["keepaliveSettings"] = None
         seconds = self["keepalive"]
         if seconds is not None:
-            if not (math.isfinite(seconds) and seconds >= MINIMUM_INTERVAL):
+            if not (math.isfinite(seconds) and seconds >= MIN_INTERVAL):
                 raise usage.UsageError(
-                    f"--keepalive needs a number of seconds, at least {MINIMUM_INTERVAL}"
+                    f"--keepalive needs a number of seconds, at least {MIN_INTERVAL}"
                 )
             self["keepaliveSettings"] = pb.Keepalive(interval=seconds, timeout=3 * seconds)
         self["limits"] = None

@@ -75,6 +75,7 @@ from pbroker.stream import DEFAULT_WINDOW, RemoteStream, Stream, isStreamable
 
 __all__ = [
     "MAX_BROKER_REFS",
+    "MIN_MESSAGE_SIZE",
     "NATIVE_DIALECT",
     "PB_VERSION",
     "Broker",
@@ -203,8 +204,10 @@ def _isID(value: Any) -> bool:
     return type(value) is int and 0 < value < 2**63
 
 
-# The smallest message limit a peer is taken at its word for.
-_MIN_PEER_MESSAGE_SIZE = 64 * 1024
+#: The smallest :attr:`BrokerLimits.messageSize`: what a peer announces below it is taken as
+#: this much, since every message limit must leave room for pings and for the short error
+#: that says a larger message could not be sent.
+MIN_MESSAGE_SIZE = 1024
 
 # Cancelled calls whose late answers are still expected (pb dialect), at most.
 _MAX_ABANDONED = 10_000
@@ -221,7 +224,8 @@ class BrokerLimits:
     reference counts, as in Twisted), except where the stream itself can no longer be trusted
     (a message too large or too deep), which closes the connection. Each is logged.
 
-    :ivar messageSize: the most bytes one incoming message may take (``None``: no limit).
+    :ivar messageSize: the most bytes one incoming message may take, at least
+        :data:`MIN_MESSAGE_SIZE` (``None``: no limit).
     :ivar nestingDepth: the deepest list nesting an incoming message may have (in the
         native dialect, each value's: see docs/security.rst).
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
@@ -262,8 +266,11 @@ class BrokerLimits:
                 raise ValueError(f"BrokerLimits.{name} must be at least 1")
         if self.messageSize is not None:
             _checkCount(self, "messageSize", self.messageSize, " (or None)")
-            if self.messageSize < 1:
-                raise ValueError("BrokerLimits.messageSize must be at least 1 (or None)")
+            if self.messageSize < MIN_MESSAGE_SIZE:
+                raise ValueError(
+                    f"BrokerLimits.messageSize must be at least {MIN_MESSAGE_SIZE} (or None), "
+                    f"not {self.messageSize}"
+                )
         if self.stallTimeout is not None:
             if not isSeconds(self.stallTimeout):
                 raise TypeError(
@@ -2492,7 +2499,7 @@ class Broker(Banana):
         size = capabilities.get("messageSize")
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
-            self.peerMessageSize = None if size is None else max(size, _MIN_PEER_MESSAGE_SIZE)
+            self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
         taken = capabilities.get("taken")
         if type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)

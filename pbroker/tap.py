@@ -35,6 +35,7 @@ from zope.interface import implementer
 import pbroker
 from pbroker import pb, tls
 from pbroker._keepalive import MIN_INTERVAL
+from pbroker.broker import MIN_MESSAGE_SIZE
 from pbroker.cred import PortalRoot, _PortalWrapper
 from pbroker.passwords import PasswordFile, ScramChecker
 
@@ -270,9 +271,9 @@ class Options(usage.Options, AuthOptionMixin):
         mebibytes = self["max-message-size"]
         if mebibytes is not None:
             size = int(mebibytes * 1024 * 1024) if math.isfinite(mebibytes) else 0
-            if size < 1:
+            if size < MIN_MESSAGE_SIZE:
                 raise usage.UsageError(
-                    "--max-message-size needs a positive number of MiB (at least one byte)"
+                    f"--max-message-size needs a number of MiB, at least {MIN_MESSAGE_SIZE} bytes"
                 )
             self["limits"] = pb.BrokerLimits(messageSize=size)
         if self["tls-port"] is not None:

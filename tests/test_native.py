@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, context, jelly, pb
 from pbroker._keepalive import KeepaliveTimer
+from pbroker.broker import MIN_MESSAGE_SIZE
 from pbroker.errors import (
     BananaDecodeError,
     InvalidJelly,
@@ -3048,8 +3049,33 @@ class StreamLifecycleTests(NativeTestCase):
         """A hello announcing a tiny limit does not stop this side from answering."""
         self.server.sendCall(b"hello", {"messageSize": 1})
         self.pump.flush()
-        self.assertEqual(self.client.peerMessageSize, 64 * 1024)
+        self.assertEqual(self.client.peerMessageSize, MIN_MESSAGE_SIZE)
         self.assertEqual(self.call("echo", 1), 1)
+
+    def test_smallMessageLimitsKept(self) -> None:
+        """A limit as small as BrokerLimits allows is honoured by the sender: a larger call,
+        or answer, fails with LimitExceeded and the connection stays; a smaller limit is
+        refused when the limits are made."""
+        for small in (MIN_MESSAGE_SIZE, 4096):
+            limits = pb.BrokerLimits(messageSize=small)
+            for serverLimits, clientLimits in ((limits, None), (None, limits)):
+                _server, client, pump = connectedServerAndClient(
+                    pb.PBServerFactory(NativeRoot(), limits=serverLimits),
+                    pb.PBClientFactory(limits=clientLimits),
+                )
+                results: list[Any] = []
+                client.remoteForName("root").callRemote("echo", b"x" * 10_000).addBoth(
+                    results.append
+                )
+                client.remoteForName("root").callRemote("echo", 1).addBoth(results.append)
+                pump.flush()
+                self.assertTrue(results[0].check(LimitExceeded), results[0])
+                self.assertIn(f"over the {small}-byte limit", results[0].getErrorMessage())
+                self.assertEqual(results[1:], [1])
+                self.assertFalse(client.disconnected)
+        with self.assertRaises(ValueError) as caught:
+            pb.BrokerLimits(messageSize=MIN_MESSAGE_SIZE - 1)
+        self.assertIn("at least 1024 (or None), not 1023", str(caught.exception))
 
 
 class IteratingCursor(pb.Referenceable):
@@ -3229,10 +3255,10 @@ class ArgumentCheckTests(SynchronousTestCase):
                 return 5
 
         for count in (Size.SMALL, Index()):
-            limits = pb.BrokerLimits(pendingCalls=count, messageSize=count)  # type: ignore[arg-type]
+            limits = pb.BrokerLimits(pendingCalls=count, bufferedBytes=count)  # type: ignore[arg-type]
             # Stored as ints: they go on to the wire and to checks that take ints only.
             self.assertIs(type(limits.pendingCalls), int)
-            self.assertIs(type(limits.messageSize), int)
+            self.assertIs(type(limits.bufferedBytes), int)
             stream = Stream(bufferSize=count)  # type: ignore[arg-type]
             self.assertIs(type(stream.bufferSize), int)
 

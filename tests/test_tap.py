@@ -117,7 +117,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsageError("--keepalive", "--keepalive", "nan")
         self.assertUsageError("at least 0.001", "--keepalive", "1e-300")
         self.assertUsageError("--max-message-size", "--max-message-size", "inf")
-        self.assertUsageError("at least one byte", "--max-message-size", "1e-9")
+        self.assertUsageError("at least 1024 bytes", "--max-message-size", "1e-9")
+        self.assertUsageError("at least 1024 bytes", "--max-message-size", "0.0009")
+        self.assertEqual(self.parse("--max-message-size", "0.001")["limits"].messageSize, 1048)
         self.assertUsageError(
             "not a port number", "--tls-port", "-5", "--tls-certificate", "c", "--tls-key", "k"
         )

@@ -977,7 +977,14 @@ class Broker(Banana):
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
-            self._afterLarge.append((self._nativePayload(list(expression)), None, None))
+            payload = self._nativePayload(list(expression))
+            self._afterLarge.append((payload, None, None))
+            transport: Any = self.transport
+            if type(transport) is PacedTransport and type(payload) is bytes:
+                # A peer that makes this side keep releases or stream ends while it reads
+                # nothing is dropped as one that leaves written bytes unread is. (A large
+                # stream item is bounded by the stream's credit.)
+                transport.keptBehind(len(payload))
         else:
             self.sendCall(*expression)
 

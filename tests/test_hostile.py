@@ -398,6 +398,67 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertIsNone(pb.BrokerLimits(stallTimeout=None).stallTimeout)
 
 
+class NativeHostilePeerTests(SynchronousTestCase):
+    """
+    Hostile peers in the native dialect, driven through a client broker whose bytes the test
+    moves by hand, so that it decides when the client reads.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.service = Service()
+        self.service.remote_big = lambda: b"x" * 3_000_000  # type: ignore[attr-defined]
+        self.service.remote_drop = lambda reference: None  # type: ignore[attr-defined]
+        limits = pb.BrokerLimits(bufferedBytes=8192, messageSize=8192)
+        factory = pb.PBServerFactory(self.service, limits=limits, clock=self.clock)
+        self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.serverTransport = StringTransport()
+        self.server.makeConnection(self.serverTransport)
+        # The client may export many objects: the server's limits are under test.
+        clientLimits = pb.BrokerLimits(exportedReferences=10_000)
+        self.client = pb.PBClientFactory(clock=self.clock, limits=clientLimits).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 8789)
+        )
+        self.clientTransport = StringTransport()
+        self.client.makeConnection(self.clientTransport)
+        for _ in range(5):
+            self.toServer()
+            self.toClient()
+        self.assertTrue(self.server.isNative)
+        self.root = self.client.remoteForName("root")
+
+    def toServer(self) -> None:
+        data = self.clientTransport.value()
+        self.clientTransport.clear()
+        if data:
+            self.server.dataReceived(data)
+
+    def toClient(self) -> None:
+        data = self.serverTransport.value()
+        self.serverTransport.clear()
+        if data:
+            self.client.dataReceived(data)
+
+    def test_releasesKeptBehindALargeAnswer(self) -> None:
+        """A peer that stopped reading a large answer, and sends calls whose references the
+        server releases, is dropped once the releases kept behind that answer cost more than
+        bufferedBytes: they are not kept without bound."""
+        self.root.callRemote("big")
+        self.toServer()
+        self.assertTrue(self.server.sendingLarge)
+        self.server.transport.pauseProducing()  # the peer reads no more
+        with capturedLogs() as events:
+            for _ in range(2000):
+                if self.serverTransport.disconnecting:
+                    break
+                self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+                self.toServer()
+        self.assertTrue(self.server.overflowing)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertLess(len(self.server._afterLarge), 100)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+
 class AllowListTests(SynchronousTestCase):
     def test_twoServersAcceptDifferentClasses(self) -> None:
         """Two servers in one process, each with its own registry, accept different copies."""

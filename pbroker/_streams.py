@@ -215,8 +215,10 @@ class StreamTable:
         if streamID in self.incoming or streamID in self.cancelled:
             raise InvalidJelly(f"the peer sent stream {streamID} twice")
         limit = self._connection.limits.pendingCalls
-        if len(self.incoming) >= limit:
-            raise LimitExceeded(f"the peer sent more than {limit} streams")
+        # A stream this side cancelled counts until the peer ends it, so that a peer that
+        # never ends what it is told to stop cannot make the set of them grow.
+        if len(self.incoming) + len(self.cancelled) >= limit:
+            raise LimitExceeded(f"the peer sent more than {limit} streams not yet ended")
         reader = self.incoming[streamID] = RemoteStream(
             self, streamID, self._connection.streamWindow
         )

@@ -231,7 +231,9 @@ class BrokerLimits:
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once.
-    :ivar pendingCalls: calls from the peer still being answered at once.
+    :ivar pendingCalls: calls from the peer still being answered at once; also the most
+        streams the peer may send this side at once (in the native dialect), and the most
+        this side may send it, counting a stream this side stopped until the peer ends it.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 from typing import Any
 
+import msgpack
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -18,7 +19,7 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import banana, jelly, pb
+from pbroker import _native, banana, jelly, pb
 from pbroker.errors import LimitExceeded
 from pbroker.testing import connectedServerAndClient
 
@@ -457,6 +458,27 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertTrue(self.serverTransport.disconnecting)
         self.assertLess(len(self.server._afterLarge), 100)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_streamsNeverEnded(self) -> None:
+        """A peer that sends streams the server drops unread, and never ends them when told
+        to stop, cannot make the server remember ever more of them: streams not yet ended
+        count against pendingCalls, and calls over it fail."""
+        self.service.remote_drop = lambda streams: None  # type: ignore[attr-defined]
+        limit = self.server.limits.pendingCalls
+        nextID = 1
+        with capturedLogs():
+            for requestID in range(1, 51):
+                handles = [
+                    msgpack.ExtType(_native.STREAM, msgpack.packb(nextID + n)) for n in range(100)
+                ]
+                nextID += 100
+                self.client.sendCall(
+                    b"message", requestID, b"root", b"drop", 1, msgpack.packb([handles]), b"\x80"
+                )
+                self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertLessEqual(len(self.server._streams.cancelled), 2 * limit)
+        self.assertIn(b"not yet ended", self.serverTransport.value())
 
 
 class AllowListTests(SynchronousTestCase):

@@ -209,6 +209,9 @@ def _isID(value: Any) -> bool:
 #: that says a larger message could not be sent.
 MIN_MESSAGE_SIZE = 1024
 
+# The longest unknown command echoed back in didNotUnderstand (PB's are under 20 bytes).
+_MAX_COMMAND_SIZE = 256
+
 # Cancelled calls whose late answers are still expected (pb dialect), at most.
 _MAX_ABANDONED = 10_000
 
@@ -2012,6 +2015,9 @@ class Broker(Banana):
                 transport.release()
 
     def _ping(self, count: Any) -> None:
+        if type(count) is not int:
+            # Echoed back: only what this side's own pings carry.
+            raise ProtocolError(f"a ping must carry an integer: {describe(count)}")
         self.sendCall(b"pong", count)
 
     def _pong(self, count: Any) -> None:
@@ -2178,6 +2184,10 @@ class Broker(Banana):
         try:
             entry = self.messageHandlers[command]  # (keys are bytes)
         except (KeyError, TypeError):  # unknown, or not even hashable
+            if type(command) is bytes and len(command) > _MAX_COMMAND_SIZE:
+                # Not a command any peer has: not echoed back, it could be over the limit.
+                self._fail(f"an unknown command of {len(command)} bytes")
+                return
             self._log.info("Did not understand PB command {command}", command=describe(command))
             if type(command) is bytes:
                 self.sendCall(b"didNotUnderstand", command)
@@ -2190,6 +2200,10 @@ class Broker(Banana):
             handler(self, *expression[1:])
         except ProtocolError as e:
             self._fail(str(e))
+        except LimitExceeded as e:
+            # What the message made this side send is over the peer's limit, where a call's
+            # answer would have become an error: the peer's doing.
+            self._fail(f"the answer to a {describe(command)} message: {e}")
 
     def _version(self, version: Any) -> None:
         if version != self.version:

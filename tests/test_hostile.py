@@ -480,6 +480,33 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertLessEqual(len(self.server._streams.cancelled), 2 * limit)
         self.assertIn(b"not yet ended", self.serverTransport.value())
 
+    def test_pingsCarryIntegers(self) -> None:
+        """A ping carrying anything but an integer drops the peer, with a line saying why:
+        echoed back, a large one would be over the peer's own limit."""
+        self.client.sendCall(b"hello", {"messageSize": 1})
+        self.client.sendCall(b"ping", 7)
+        self.toServer()
+        self.assertIn(b"pong", self.serverTransport.value())
+        with capturedLogs() as events:
+            self.client.sendCall(b"ping", b"p" * 2000)
+            self.toServer()
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertTrue(any("a ping must carry an integer" in str(e) for e in events))
+
+    def test_longUnknownCommand(self) -> None:
+        """An unknown command too long to be any peer's is not echoed back: the peer is
+        dropped. A short one is answered with didNotUnderstand, as PB does."""
+        self.client.sendCall(b"hello", {"messageSize": 1})
+        with capturedLogs():
+            self.client.sendCall(b"nosuch")
+            self.toServer()
+            self.assertIn(b"didNotUnderstand", self.serverTransport.value())
+            self.assertFalse(self.serverTransport.disconnecting)
+            self.client.sendCall(b"n" * 2000)
+            self.toServer()
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertNotIn(b"n" * 2000, self.serverTransport.value())
+
 
 class AllowListTests(SynchronousTestCase):
     def test_twoServersAcceptDifferentClasses(self) -> None:

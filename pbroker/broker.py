@@ -234,7 +234,9 @@ class BrokerLimits:
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once.
-    :ivar pendingCalls: calls from the peer still being answered at once; also the most
+    :ivar pendingCalls: calls from the peer still being answered at once (a one-way call
+        until its method's Deferred fires; a call reusing the id of one in progress drops the
+        peer); also the most
         streams the peer may send this side at once (in the native dialect), and the most
         this side may send it, counting a stream this side stopped until the peer ends it.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
@@ -460,6 +462,9 @@ class Broker(Banana):
         self.importedReferences = 0
         # Request ids of the peer's calls whose answers are still being computed.
         self._answering: dict[int, Deferred[Any]] = {}
+        # One-way calls from the peer whose methods' Deferreds have not fired yet: they count
+        # against limits.pendingCalls too.
+        self._oneWayPending = 0
         self.security: ISecurityOptions = globalSecurity if security is None else security
         self.disconnected = False
         self.disconnects: list[Callable[[], object]] = []
@@ -2248,10 +2253,13 @@ class Broker(Banana):
             self.sendCall(b"taken", requestID)
             answerRequired &= 1
         answerRequired = bool(answerRequired)
-        if len(self._answering) >= self.limits.pendingCalls:
+        if answerRequired and requestID in self._answering:
+            raise ProtocolError(f"the peer reused the id {requestID} of a call still in progress")
+        inProgress = len(self._answering) + self._oneWayPending
+        if inProgress >= self.limits.pendingCalls:
             self._log.warn(
                 "Refusing a call: {count} calls from the peer are still in progress",
-                count=len(self._answering),
+                count=inProgress,
             )
             self._dropLateValue(netArgs)  # releasing the references and streams in them
             self._dropLateValue(netKw)
@@ -2266,7 +2274,12 @@ class Broker(Banana):
                 self._callContexts[requestID] = callContext
             token = _context._current.set(callContext)
         try:
-            name = message.decode("utf-8")
+            try:
+                name = message.decode("utf-8")
+            except UnicodeDecodeError:
+                self._dropLateValue(netArgs)  # as below
+                self._dropLateValue(netKw)
+                raise Error(f"a method name must be UTF-8, not {describe(message)}") from None
             if type(objectID) not in (int, bytes):
                 target = None
             elif cache:
@@ -2311,6 +2324,9 @@ class Broker(Banana):
         if not answerRequired:
             # The result is not sent: what serialising it exported is not exported.
             if type(result) not in _SERIALIZED and isinstance(result, Deferred):
+                if not result.called:
+                    self._oneWayPending += 1
+                    result.addBoth(self._oneWayDone)
                 result.addCallbacks(self._dropResult, self._logOneWayFailure)
             else:
                 self._dropResult(result)
@@ -2342,6 +2358,10 @@ class Broker(Banana):
         self._unregisterUnsent(netResult)
         if self._postponed:
             self._sendPostponed()
+
+    def _oneWayDone(self, result: Any) -> Any:
+        self._oneWayPending -= 1
+        return result
 
     def _logOneWayFailure(self, failure: Failure) -> None:
         self._log.failure("A one-way remote call failed", failure)

@@ -201,6 +201,43 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertOthersServed()
 
+    def test_oneWayCallFlood(self) -> None:
+        """One-way calls whose methods have not finished count as calls in progress: past
+        the limit they are not run, and one finishing frees room."""
+        with capturedLogs():
+            for requestID in range(1, 6):
+                self.attack(b"message", requestID, b"root", b"wait", 0, [b"tuple"], [b"dictionary"])
+            self.assertEqual(len(self.service.waiting), 3)
+            failure = self.errorFor(self.call(b"wait"))
+        self.assertIn("more than 3 calls in progress", failure.value)
+        self.service.waiting[0].callback("done")
+        self.call(b"wait")
+        self.assertEqual(len(self.service.waiting), 4)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_requestIDReused(self) -> None:
+        """A call reusing the id of one still in progress drops the peer: the first call's
+        answer could not be told from the second's."""
+        self.call(b"wait")
+        with capturedLogs() as events:
+            self.attack(b"message", 1, b"root", b"wait", 1, [b"tuple"], [b"dictionary"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.service.waiting), 1)
+        reason = "reused the id 1 of a call still in progress"
+        self.assertTrue(any(reason in str(e) for e in events))
+
+    def test_methodNameNotUTF8(self) -> None:
+        """A method name that is not UTF-8 fails its call quietly, not with a traceback."""
+        with capturedLogs() as events:
+            self.nextRequest += 1
+            self.attack(
+                b"message", self.nextRequest, b"root", b"\xff\xfe", 1, [b"tuple"], [b"dictionary"]
+            )
+        failure = self.errorFor(self.nextRequest)
+        self.assertIn("a method name must be UTF-8", str(failure.value))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertFalse(self.transport.disconnecting)
+
     def test_messagesWaitWhileTheConnectionIsFull(self) -> None:
         """While the connection does not take data, the peer's messages wait unhandled; once
         it does they are handled in order, and the count of what waits starts again."""

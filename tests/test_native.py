@@ -2008,10 +2008,12 @@ class DeepExtensionTests(NativeTestCase):
             self.assertEqual(self.call("echo", value), value)
 
     def test_deepExtensionsRefused(self) -> None:
-        """A value whose extensions nest deeper than RECEIVED_EXTENSION_DEPTH (what earlier
-        versions sent) is refused (InvalidJelly, the call fails), and so is scanning it for
-        what to release: the process does not crash."""
+        """A value whose extensions nest deeper than RECEIVED_EXTENSION_DEPTH, the sender's
+        EXTENSION_DEPTH (each level is decoded from its own copy of what it holds), is refused
+        (InvalidJelly, the call fails), and so is scanning it for what to release: the
+        process does not crash."""
         depth = _native.RECEIVED_EXTENSION_DEPTH
+        self.assertEqual(depth, _native.EXTENSION_DEPTH)
         self.assertEqual(self.server._codec.unpack(self.deepTuples(depth))[0], self.nested(depth))
         for deep in (depth + 1, 300, 3000):
             with self.assertRaises(InvalidJelly) as caught:

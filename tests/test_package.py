@@ -131,6 +131,28 @@ class PackageTests(SynchronousTestCase):
         self.assertIs(pb.setUnjellyableForClass, pbroker.jelly.setUnjellyableForClass)
         self.assertIs(pb.jelly, pbroker.jelly)
 
+    def test_everyTwistedSpreadModule(self) -> None:
+        """Each public module of twisted.spread has a pbroker module of the same name, with
+        the names its __all__ lists (but copyTags: see test_twistedPbNames), so that an import
+        of any of them ports by changing the package."""
+        import importlib
+        import pkgutil
+
+        import twisted.spread
+
+        for info in pkgutil.iter_modules(twisted.spread.__path__):
+            if info.name.startswith("_") or info.name == "test":
+                continue
+            ours = importlib.import_module(f"pbroker.{info.name}")
+            stock = importlib.import_module(f"twisted.spread.{info.name}")
+            names = [
+                n for n in getattr(stock, "__all__", []) if not hasattr(ours, n) and n != "copyTags"
+            ]
+            self.assertEqual(names, [], info.name)
+        self.assertIs(
+            importlib.import_module("pbroker.interfaces").IJellyable, pbroker.jelly.IJellyable
+        )
+
     def test_publicMethodsDocumented(self) -> None:
         """Every public method of every public class has a docstring (its own, or the one it
         overrides), so that the API page says what each does."""

@@ -29,7 +29,7 @@ import contextvars
 import operator
 import types
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -587,6 +587,14 @@ class OutgoingStream:
             self._log.failure("Error closing the source of a cancelled stream")
 
 
+def _stepsOf(awaitable: Any) -> Generator[Any, Any, Any]:
+    """
+    A generator through which ``awaitable`` runs: ``__await__`` may give any iterator, and
+    only a generator takes ``send`` and ``throw``.
+    """
+    return (yield from awaitable.__await__())
+
+
 class _Awaiting:
     """
     Awaits what ``start()`` returns (an async source's next item, or its closing), with
@@ -610,7 +618,7 @@ class _Awaiting:
         if not hasattr(awaitable, "__await__"):
             name = getattr(start, "__name__", repr(start))
             raise TypeError(f"{name}() returned {awaitable!r}, which cannot be awaited")
-        self._steps = awaitable.__await__()
+        self._steps = _stepsOf(awaitable)
         return self._steps.send(None)
 
     def _step(self, how: Callable[..., Any], value: Any) -> None:

@@ -33,6 +33,7 @@ from pbroker.jelly import (
     setUnjellyableFactoryForClass,
     setUnjellyableForClass,
     setUnjellyableForClassTree,
+    unjellyableRegistry,
 )
 
 __all__ = [
@@ -55,7 +56,14 @@ __all__ = [
     "setCopierForClassTree",
     "setFactoryForClass",
     "textKeywords",
+    "unjellyableRegistry",
 ]
+
+#: The tags of the PB flavours on the wire (see docs/wire.rst), under Twisted's names.
+copy_atom = b"copy"
+cache_atom = b"cache"
+cached_atom = b"cached"
+remote_atom = b"remote"
 
 #: Twisted's names for the copy-registry functions: a RemoteCopy class is a "copier".
 setCopierForClass = setUnjellyableForClass

@@ -614,7 +614,13 @@ class _Awaiting:
         self._step(self._begin, start)
 
     def _begin(self, start: Callable[[], Any]) -> Any:
-        awaitable = start()
+        try:
+            awaitable = start()
+        except StopIteration as e:
+            # Not the end of the awaitable (which _step takes it for): a mistake for
+            # StopAsyncIteration, an error, as in a coroutine.
+            name = getattr(start, "__name__", repr(start))
+            raise RuntimeError(f"{name}() raised StopIteration") from e
         if not hasattr(awaitable, "__await__"):
             name = getattr(start, "__name__", repr(start))
             raise TypeError(f"{name}() returned {awaitable!r}, which cannot be awaited")

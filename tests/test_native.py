@@ -1572,11 +1572,13 @@ class ContextTests(NativeTestCase):
                     raise StopAsyncIteration
                 if self.outcome == "fail":
                     raise ValueError("at once")
+                if self.outcome == "slip":
+                    raise StopIteration  # meant StopAsyncIteration: an error, not an end
                 return 42
 
         self.rootObject.remote_source = Source  # type: ignore[attr-defined]
         outcomes: list[Any] = []
-        for given in ("stop", "fail", "number"):
+        for given in ("stop", "fail", "number", "slip"):
             answers: list[Any] = []
             self.root.callRemote("source", given).addBoth(answers.append)
             self.settle(answers)
@@ -1584,9 +1586,10 @@ class ContextTests(NativeTestCase):
             answers[0].collect().addBoth(items.append)
             self.settle(items)
             outcomes.append(items[0] if isinstance(items[0], list) else items[0].getErrorMessage())
-        self.flushLoggedErrors(ValueError, TypeError)
+        self.flushLoggedErrors(ValueError, TypeError, RuntimeError)
         self.assertEqual(outcomes[:2], [[], "at once"])
         self.assertEqual(outcomes[2], "__anext__() returned 42, which cannot be awaited")
+        self.assertEqual(outcomes[3], "__anext__() raised StopIteration")
 
     def test_outsideCall(self) -> None:
         """Outside a remote call the context is empty."""

@@ -2324,9 +2324,10 @@ class Broker(Banana):
         if not answerRequired:
             # The result is not sent: what serialising it exported is not exported.
             if type(result) not in _SERIALIZED and isinstance(result, Deferred):
-                if not result.called:
-                    self._oneWayPending += 1
-                    result.addBoth(self._oneWayDone)
+                # Counted until it fires: at once if it has its result, or later if it
+                # has one but waits on another Deferred.
+                self._oneWayPending += 1
+                result.addBoth(self._oneWayDone)
                 result.addCallbacks(self._dropResult, self._logOneWayFailure)
             else:
                 self._dropResult(result)

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -214,6 +214,26 @@ class HostilePeerTests(SynchronousTestCase):
         self.call(b"wait")
         self.assertEqual(len(self.service.waiting), 4)
         self.assertFalse(self.transport.disconnecting)
+
+    def test_oneWayCallsWaitingOnAnotherDeferred(self) -> None:
+        """A one-way call whose Deferred has fired but waits on another one (a callback that
+        returned a Deferred) counts too."""
+        inner: list[Deferred[Any]] = []
+
+        def chained() -> Deferred[Any]:
+            inner.append(Deferred())
+            return succeed(None).addCallback(lambda _: inner[-1])
+
+        self.service.remote_chained = chained  # type: ignore[attr-defined]
+        with capturedLogs():
+            for requestID in range(1, 6):
+                self.attack(
+                    b"message", requestID, b"root", b"chained", 0, [b"tuple"], [b"dictionary"]
+                )
+        self.assertEqual(len(inner), 3)
+        inner[0].callback(None)
+        self.attack(b"message", 9, b"root", b"chained", 0, [b"tuple"], [b"dictionary"])
+        self.assertEqual(len(inner), 4)
 
     def test_requestIDReused(self) -> None:
         """A call reusing the id of one still in progress drops the peer: the first call's

@@ -151,6 +151,11 @@ class StreamTable:
         self.incoming.pop(streamID, None)
         if streamID in self.cancelled or not self._connection._canSend:
             return
+        if len(self.cancelled) >= 2 * self._connection.limits.pendingCalls:
+            # A peer that does not end what this side stops (a well-behaved one ends each
+            # soon, its end sent behind any large message it is sending): this stream is
+            # forgotten, not told to stop, and a message of the peer's for it is an error.
+            return
         self.cancelled.add(streamID)
         self._connection.sendCall(b"streamcancel", streamID)
 
@@ -215,10 +220,8 @@ class StreamTable:
         if streamID in self.incoming or streamID in self.cancelled:
             raise InvalidJelly(f"the peer sent stream {streamID} twice")
         limit = self._connection.limits.pendingCalls
-        # A stream this side cancelled counts until the peer ends it, so that a peer that
-        # never ends what it is told to stop cannot make the set of them grow.
-        if len(self.incoming) + len(self.cancelled) >= limit:
-            raise LimitExceeded(f"the peer sent more than {limit} streams not yet ended")
+        if len(self.incoming) >= limit:
+            raise LimitExceeded(f"the peer sent more than {limit} streams")
         reader = self.incoming[streamID] = RemoteStream(
             self, streamID, self._connection.streamWindow
         )

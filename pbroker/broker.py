@@ -238,7 +238,8 @@ class BrokerLimits:
         until its method's Deferred fires; a call reusing the id of one in progress drops the
         peer); also the most
         streams the peer may send this side at once (in the native dialect), and the most
-        this side may send it, counting a stream this side stopped until the peer ends it.
+        this side may send it. Of the peer's streams this side stopped, at most twice this
+        many are remembered until the peer ends them; a stream past that is forgotten.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive
@@ -1304,11 +1305,7 @@ class Broker(Banana):
                 streams = self._streams
                 if luid in streams.incoming or luid in streams.cancelled:
                     continue  # open (a stream sent twice), or cancelled already
-                if len(streams.cancelled) >= 2 * limits.pendingCalls:
-                    # A peer that never ends what this side cancels. (Up to pendingCalls are
-                    # cancelled when they are open; as many again may be released unread.)
-                    continue
-                streams.cancel(luid)
+                streams.cancel(luid)  # (which keeps at most 2 * pendingCalls cancelled)
 
     def _countedIn(self, netValue: Any, enough: int) -> list[tuple[int, int]]:
         """

@@ -518,8 +518,8 @@ class NativeHostilePeerTests(SynchronousTestCase):
 
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told
-        to stop, cannot make the server remember ever more of them: streams not yet ended
-        count against pendingCalls, and calls over it fail."""
+        to stop, cannot make the server remember ever more of them: at most twice
+        pendingCalls, past which a stream is forgotten rather than told to stop."""
         self.service.remote_drop = lambda streams: None  # type: ignore[attr-defined]
         limit = self.server.limits.pendingCalls
         nextID = 1
@@ -535,7 +535,42 @@ class NativeHostilePeerTests(SynchronousTestCase):
                 self.toServer()
         self.assertFalse(self.serverTransport.disconnecting)
         self.assertLessEqual(len(self.server._streams.cancelled), 2 * limit)
-        self.assertIn(b"not yet ended", self.serverTransport.value())
+        # A stream past that is forgotten: the peer's message for it is a protocol error.
+        with capturedLogs():
+            self.client.sendCall(b"end", nextID - 1)
+            self.toServer()
+        self.assertTrue(self.serverTransport.disconnecting)
+
+    def test_cancelledStreamsEndedBehindAnUpload(self) -> None:
+        """A well-behaved client whose stream ends wait behind a large call it is sending
+        (they keep their order) while its later calls go ahead is not refused: the streams
+        the server stopped do not count against pendingCalls."""
+
+        class Root(pb.Root):
+            def remote_upload(self, data: bytes) -> int:
+                return len(data)
+
+            def remote_maybe(self, stream: Any) -> str:
+                stream.cancel()
+                return "skipped"
+
+        clock = Clock()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), clock=clock, limits=pb.BrokerLimits(pendingCalls=4)),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        root = client.remoteForName("root")
+        results: list[Any] = []
+        root.callRemote("upload", b"u" * 8_000_000).addBoth(results.append)
+        for _ in range(6):
+            root.callRemote("maybe", iter(range(3))).addBoth(results.append)
+            for _ in range(3):
+                pump.pump()
+        for _ in range(400):
+            pump.pump()
+        self.assertEqual(sorted(results, key=str), [8_000_000] + ["skipped"] * 6)
 
     def test_pingsCarryIntegers(self) -> None:
         """A ping carrying anything but an integer drops the peer, with a line saying why:

@@ -39,10 +39,6 @@ HOLD_LIMIT = 64 * 1024
 #: where Twisted reads 64 KiB. A 4 MB echo over loopback takes about two thirds of the time.
 LARGE_CHUNK = 1024 * 1024
 
-# What the broker's keeping of one small message costs besides its bytes (its entry in the
-# list, its tuple, the bytes object), counted against limits.bufferedBytes (see keptBehind).
-_KEPT_OVERHEAD = 100
-
 
 def _pendingIn(transport: Any) -> int | None:
     """
@@ -106,8 +102,6 @@ class PacedTransport:
         self.bufferedWhilePaused = 0
         # Bytes of large messages queued behind another while paused (see queued).
         self.queuedWhilePaused = 0
-        # What keeping small messages behind a large one costs, while paused (see keptBehind).
-        self.keptWhilePaused = 0
         self.written = 0
         self._registered = False
         # The timer that drops the peer if it stays paused with too much waiting (see _over).
@@ -252,18 +246,17 @@ class PacedTransport:
             if self.queuedWhilePaused > limit:
                 self._over(self.queuedWhilePaused, limit)
 
-    def keptBehind(self, size: int) -> None:
+    def keptBehind(self, total: int) -> None:
         """
-        Count a small message of ``size`` bytes the broker keeps to write after a large one
-        (a release, a stream's end) if the transport is paused: it waits for the peer as
-        written bytes do. With what keeping it costs, past the broker's
-        ``limits.bufferedBytes`` the connection is dropped (as :meth:`_over` says).
+        The broker keeps ``total`` bytes of small messages to write after a large one
+        (releases, stream ends), counting what keeping each costs. Past its
+        ``limits.bufferedBytes`` the peer's messages wait; the peer is dropped at once if
+        they are handled after all (it sent too much meanwhile), or as :meth:`_over` says if
+        its connection takes nothing.
         """
-        if self.paused:
-            self.keptWhilePaused += size + _KEPT_OVERHEAD
-            limit = self._broker.limits.bufferedBytes
-            if self.keptWhilePaused > limit:
-                self._over(self.keptWhilePaused, limit)
+        limit = self._broker.limits.bufferedBytes
+        if total > limit and (self.paused or self._broker.overflowing):
+            self._over(total, limit)
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
@@ -306,8 +299,7 @@ class PacedTransport:
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
-        waiting = max(self.bufferedWhilePaused, self.queuedWhilePaused, self.keptWhilePaused)
-        self._dropNonReader(waiting, limit)
+        self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
 
     def progress(self) -> tuple[int, int] | None:
         """
@@ -380,7 +372,7 @@ class PacedTransport:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.bufferedWhilePaused = self.queuedWhilePaused = self.keptWhilePaused = 0
+        self.bufferedWhilePaused = self.queuedWhilePaused = 0
         self.stopStallTimer()
         self._broker.transportResumed()
 

@@ -209,6 +209,10 @@ def _isID(value: Any) -> bool:
 #: that says a larger message could not be sent.
 MIN_MESSAGE_SIZE = 1024
 
+# What keeping one small message in _afterLarge costs besides its bytes (its entry in the
+# list, its tuple, the bytes object): counted against limits.bufferedBytes.
+_KEPT_OVERHEAD = 100
+
 # The longest unknown command echoed back in didNotUnderstand (PB's are under 20 bytes).
 _MAX_COMMAND_SIZE = 256
 
@@ -525,6 +529,8 @@ class Broker(Banana):
         # and what names a cache handle), with the request id of a call and what packing it
         # counted (else None, None).
         self._afterLarge: list[tuple[bytes | _Payload, int | None, Any]] = []
+        # What keeping the peer's small messages in _afterLarge costs (see _sendBehindLarge).
+        self._keptBytes = 0
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -711,6 +717,7 @@ class Broker(Banana):
         self._largeOut = []
         self._largeOutForPeer = 0
         self._afterLarge = []
+        self._keptBytes = 0
         self._untaken = {}
         self._untakenBytes = 0
         self._largeBlocked = False
@@ -874,6 +881,8 @@ class Broker(Banana):
                     self._handleBacklog()
                 if not self._largeOut:
                     self._flushAfterLarge()
+                    if self._backlog is not None and not self._largeOut:
+                        self._handleBacklog()  # it may have waited for what was kept to go
                     if not self._largeOut:
                         self._streams.pump()
                     if not self._largeOut and self.pageProducers:
@@ -990,12 +999,14 @@ class Broker(Banana):
             # Packed now, so that a message too large for the peer fails here, not later.
             payload = self._nativePayload(list(expression))
             self._afterLarge.append((payload, None, None))
-            transport: Any = self.transport
-            if type(transport) is PacedTransport and type(payload) is bytes:
-                # A peer that makes this side keep releases or stream ends while it reads
-                # nothing is dropped as one that leaves written bytes unread is. (A large
-                # stream item is bounded by the stream's credit.)
-                transport.keptBehind(len(payload))
+            if type(payload) is bytes:
+                # Releases and stream ends the peer made this side keep: past bufferedBytes,
+                # its messages wait (see _peerWaits), and it is dropped if it goes on anyway
+                # or stops reading. (A large stream item is bounded by the stream's credit.)
+                self._keptBytes += len(payload) + _KEPT_OVERHEAD
+                transport: Any = self.transport
+                if type(transport) is PacedTransport:
+                    transport.keptBehind(self._keptBytes)
         else:
             self.sendCall(*expression)
 
@@ -1019,7 +1030,10 @@ class Broker(Banana):
 
     def _flushAfterLarge(self) -> None:
         while self._afterLarge and not self._largeOut and not self.disconnected:
-            self._writePayload(*self._afterLarge.pop(0))
+            payload, requestID, counted = self._afterLarge.pop(0)
+            if requestID is None and type(payload) is bytes:
+                self._keptBytes = max(0, self._keptBytes - len(payload) - _KEPT_OVERHEAD)
+            self._writePayload(payload, requestID, counted)
 
     @property
     def sendingLarge(self) -> bool:
@@ -1912,7 +1926,9 @@ class Broker(Banana):
         """
         if self.overflowing or self._failing:
             return False
-        return transport.paused or (len(self._largeOut) > 1 and self._queueFull())
+        if transport.paused or self._keptBytes > self.limits.bufferedBytes:
+            return True
+        return len(self._largeOut) > 1 and self._queueFull()
 
     def _queueFull(self) -> bool:
         """

@@ -465,7 +465,7 @@ class NativeHostilePeerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.service = Service()
-        self.service.remote_big = lambda: b"x" * 3_000_000  # type: ignore[attr-defined]
+        self.service.remote_big = lambda size=3_000_000: b"x" * size  # type: ignore[attr-defined]
         self.service.remote_drop = lambda reference: None  # type: ignore[attr-defined]
         limits = pb.BrokerLimits(bufferedBytes=8192, messageSize=8192)
         factory = pb.PBServerFactory(self.service, limits=limits, clock=self.clock)
@@ -515,6 +515,48 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertTrue(self.serverTransport.disconnecting)
         self.assertLess(len(self.server._afterLarge), 100)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
+    def test_releasesKeptAcrossReads(self) -> None:
+        """The releases kept behind a large answer stay counted while the peer reads a little
+        now and then: past bufferedBytes its messages wait, and it is dropped once it has
+        sent too much meanwhile; the kept releases stay bounded."""
+        self.root.callRemote("big", 30_000_000)  # more than the 25 reads below take
+        self.toServer()
+        with capturedLogs():
+            for _ in range(25):
+                if self.serverTransport.disconnecting:
+                    break
+                self.server.transport.pauseProducing()
+                for _ in range(60):
+                    self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+                    self.toServer()
+                self.serverTransport.clear()  # the peer read a little
+                self.server.transport.resumeProducing()
+        self.assertTrue(self.serverTransport.disconnecting)
+        kept = [p for p, requestID, _ in self.server._afterLarge if requestID is None]
+        self.assertLessEqual(sum(len(p) + 100 for p in kept), 2 * 8192)
+
+    def test_keptReleasesGoOnceTheAnswerIsOut(self) -> None:
+        """A reader that reads the large answer to the end gets the releases kept behind it,
+        and its calls that waited meanwhile are handled: nothing is lost or stuck."""
+        answers: list[Any] = []
+        self.root.callRemote("big").addBoth(answers.append)
+        self.toServer()
+        for _ in range(80):
+            self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+            self.toServer()
+        self.assertGreater(self.server._keptBytes, 8192)  # the peer's messages now wait
+        self.root.callRemote("echo", "after").addBoth(answers.append)
+        self.toServer()
+        for _ in range(20):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual([len(answers[0]), answers[1]], [3_000_000, "after"])
+        self.assertEqual(self.server._afterLarge, [])
+        self.assertEqual(self.server._keptBytes, 0)
+        self.assertEqual(self.client.luids, {})  # every reference released
 
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told

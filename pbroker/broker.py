@@ -2449,6 +2449,8 @@ class Broker(Banana):
             self._unregister(registrations)
             value = failure.value if isinstance(failure, Failure) else failure
             name = type(value).__name__
+            if len(name) > 100:
+                name = name[:100] + "..."  # what goes instead must fit the peer's limit
             self._log.warn(
                 "Could not send a {name} error to the peer: {error}", name=name, error=str(e)
             )

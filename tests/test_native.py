@@ -3088,6 +3088,25 @@ class StreamLifecycleTests(NativeTestCase):
                 self.assertIn(f"over the {small}-byte limit", results[0].getErrorMessage())
                 self.assertEqual(results[1:], [1])
                 self.assertFalse(client.disconnected)
+        # An error too large is replaced by a short one that fits, however long its class
+        # name: the caller learns how its call ended and the connection stays.
+        longName = type("E" + "x" * 900, (Exception,), {})
+
+        def failing() -> None:
+            raise longName("x" * 5000)
+
+        self.rootObject.remote_failing = failing  # type: ignore[attr-defined]
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject),
+            pb.PBClientFactory(limits=pb.BrokerLimits(messageSize=MIN_MESSAGE_SIZE)),
+        )
+        results: list[Any] = []
+        with capturedLogs():
+            client.remoteForName("root").callRemote("failing").addBoth(results.append)
+            pump.flush()
+        self.flushLoggedErrors(longName)
+        self.assertIn("an error too large to send", results[0].getErrorMessage())
+        self.assertFalse(client.disconnected)
         with self.assertRaises(ValueError) as caught:
             pb.BrokerLimits(messageSize=MIN_MESSAGE_SIZE - 1)
         self.assertIn("at least 1024 (or None), not 1023", str(caught.exception))

@@ -380,9 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.user is not None and not options.user.strip():
         parser.error("--user needs a user name")  # rather than not logging in at all
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
     from twisted.internet.defer import ensureDeferred
 
+    reactor: Any = _reactor  # the module's type says little before Twisted 26
     outcome: list[Any] = []
     deferred = ensureDeferred(_run(reactor, options))
     deferred.addBoth(outcome.append)

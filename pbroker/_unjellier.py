@@ -132,13 +132,23 @@ class _Unresolved:
         # Follow forwards (a placeholder resolved to another unresolved value) iteratively;
         # resolve() keeps their chains free of loops.
         node = self
-        while node.resolved:
-            value = node.value
-            if not isinstance(value, _Unresolved):
-                container[key] = value
-                return
-            node = value
-        node.dependants.append((container, key))
+        while node.resolved and isinstance(node.value, _Unresolved):
+            node = node.value
+        end = node.value if node.resolved else node
+        self._shorten(end)
+        if end is node and not node.resolved:
+            node.dependants.append((container, key))
+        else:
+            container[key] = end
+
+    def _shorten(self, end: Any) -> None:
+        """
+        Point each resolved link from here on at ``end``, so that the chain is not walked
+        again: a message of chained references costs in proportion to its size.
+        """
+        node: Any = self
+        while isinstance(node, _Unresolved) and node.resolved and node.value is not end:
+            node.value, node = end, node.value
 
     def resolve(self, value: Any) -> None:
         end = value
@@ -147,13 +157,17 @@ class _Unresolved:
         if end is self:
             raise InvalidJelly(f"a reference that only ever refers to itself: {self.description}")
         self.resolved = True
-        self.value = value
+        self.value = end  # the end of the chain, not the next link: chains stay short
         dependants, self.dependants = self.dependants, []
+        if isinstance(end, _Unresolved):
+            # Handed on whole, the shorter list into the longer: a chain of references each
+            # defined as the next moves each place a few times, not once per link.
+            if len(end.dependants) < len(dependants):
+                end.dependants, dependants = dependants, end.dependants
+            end.dependants.extend(dependants)
+            return
         for container, key in dependants:
-            if isinstance(end, _Unresolved):
-                end.dependants.append((container, key))
-            else:
-                container[key] = end
+            container[key] = end
 
     def final(self) -> Any:
         value: Any = self
@@ -161,6 +175,7 @@ class _Unresolved:
             if not value.resolved:
                 raise InvalidJelly(f"unresolvable reference: {value.description}")
             value = value.value
+        self._shorten(value)
         return value
 
 

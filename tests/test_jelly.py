@@ -297,6 +297,31 @@ class ReferenceTests(SynchronousTestCase):
             jelly.unjelly([b"list", [b"reference", 1, [b"list"]], [b"reference", 1, [b"list"]]])
         self.assertIn("defined twice", str(caught.exception))
 
+    def test_chainedReferencesCostTheirSize(self) -> None:
+        """References each defined as a dereference to the next, with many places naming the
+        first: every place gets the end value, and the links are followed a number of times
+        in proportion to the message, not to its square (a small message once took the
+        server minutes)."""
+        count = 2000
+        sexp: list[Any] = [b"list", [b"list"] + [[b"dereference", 1]] * count]
+        sexp += [[b"reference", i, [b"dereference", i + 1]] for i in range(1, count)]
+        sexp.append([b"reference", count, [b"unicode", b"end"]])
+        reads = [0]
+
+        class Counting(_unjellier._Unresolved):
+            __slots__ = ()
+
+            def __getattribute__(self, name: str) -> Any:
+                if name == "value":
+                    reads[0] += 1
+                return object.__getattribute__(self, name)
+
+        self.patch(_unjellier, "_Unresolved", Counting)
+        value = jelly.unjelly(sexp)
+        self.assertEqual(value[0], ["end"] * count)
+        self.assertEqual(value[1:], ["end"] * count)
+        self.assertLess(reads[0], 20 * count)
+
     def test_argsAndKwargsAreSeparateScopes(self) -> None:
         """Two jelly calls do not share references (PB jellies args and kwargs apart)."""
         shared = [1]

@@ -60,6 +60,11 @@ _STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# The keys of a copied failure's state kept: what CopyableFailure and stock Twisted send
+# (frames, stack and tb are replaced; unsafeTracebacks is the sender's business).
+_STATE_KEYS = frozenset({"type", "value", "traceback", "parents", "count", "captureVars"})
+
+
 def wireName(cls: type) -> str:
     """
     The name a class travels under: Twisted's for pbroker's PB exceptions, else its own.
@@ -123,7 +128,9 @@ class CopiedFailure(RemoteCopy, Failure):
     def setCopyableState(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise InvalidJelly(f"a copied failure needs a dictionary state, not {type(state)}")
-        state = {(_text(k)): v for k, v in state.items()}
+        # Only the keys a failure's state has: another (a "check" from a hostile peer) would
+        # become an attribute hiding a method of Failure's.
+        state = {_text(k): v for k, v in state.items() if _text(k) in _STATE_KEYS}
         for key, expected in _STATE_TYPES.items():
             if key not in state:
                 if key == "parents":
@@ -143,9 +150,18 @@ class CopiedFailure(RemoteCopy, Failure):
         state["value"] = _text(state["value"])
         state["traceback"] = _text(state["traceback"])
         state["tb"] = None
-        state.setdefault("count", 0)
-        state.setdefault("captureVars", False)
+        if type(state.get("count", 0)) is not int:
+            state["count"] = 0
+        state["captureVars"] = bool(state.get("captureVars", False))
+        state["pickled"] = 1
         self.__dict__ = state
+
+    def __setstate__(self, state: Any) -> None:
+        """
+        Install a state unjellied without a broker (``jelly.unjelly``) or unpickled, with the
+        same checks as one that arrives over a connection.
+        """
+        self.setCopyableState(state)
 
     def check(self, *errorTypes: Any) -> Any:
         """

@@ -633,6 +633,40 @@ class CallTests(SynchronousTestCase):
         with self.assertRaises(RemoteError):
             copied.raiseException()
 
+    def test_copiedFailureKeepsItsMethods(self) -> None:
+        """A copied failure whose state names methods of Failure's (a hostile peer's) keeps
+        them: only the keys a failure's state has are taken."""
+        state = twistedPb.CopyableFailure(twistedPb.Error("no")).getStateToCopy()
+        state.update(check=0, getErrorMessage=0, trap=0, raiseException=0, count="x")
+        copied = jelly.unjelly(
+            [b"twisted.spread.pb.CopyableFailure", twistedJelly.jelly(state)],
+            registry=self.client.registry,
+        )
+        self.assertIs(copied.check(pb.Error), pb.Error)
+        self.assertEqual(copied.getErrorMessage(), "no")
+        self.assertEqual(copied.count, 0)
+        with self.assertRaises(RemoteError):
+            copied.raiseException()
+        # And over a connection, from a peer whose error carries such a state.
+
+        class Evil(Exception, pb.Copyable):
+            def getTypeToCopy(self) -> bytes:
+                return b"twisted.spread.pb.CopyableFailure"
+
+            def getStateToCopy(self) -> Any:
+                return state
+
+        def evil() -> None:
+            raise Evil()
+
+        self.server.factory.root.remote_evil = evil
+        results: list[Any] = []
+        self.root.callRemote("evil").addBoth(results.append)
+        self.pump.flush()
+        self.flushLoggedErrors(Evil)
+        self.assertIs(results[0].check(pb.Error), pb.Error)
+        self.assertEqual(results[0].getErrorMessage(), "no")
+
     def test_rootMustBeIPBRoot(self) -> None:
         """A root that does not provide IPBRoot is refused when the factory is made."""
         with self.assertRaises(TypeError):

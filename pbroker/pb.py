@@ -376,7 +376,9 @@ class PBClientFactory(protocol.ClientFactory):
             on bad credentials, or when the server cannot prove it knows the password; with
             :class:`ProtocolError` when the server's password challenge is malformed or out of
             the bounds of :func:`pbroker.passwords.parseChallenge` (such as an iteration count
-            above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived.
+            above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived, and
+            when any login's answer is not what a login gives (an avatar that is not a
+            reference, a legacy challenge that is not ``(nonce, challenger)``).
         """
         import secrets
         from hmac import compare_digest
@@ -387,11 +389,20 @@ class PBClientFactory(protocol.ClientFactory):
         from pbroker.cred import respond
         from pbroker.errors import describe
 
+        def avatarOf(answer: Any) -> RemoteReference:
+            if not isinstance(answer, RemoteReference):
+                raise ProtocolError(f"the server's avatar is not a reference: {describe(answer)}")
+            return answer
+
         root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
-            return root.addCallback(lambda r: r.callRemote("loginAnonymous", client))
+            return root.addCallback(
+                lambda r: _answered(r.callRemote("loginAnonymous", client)).addCallback(avatarOf)
+            )
         if _isCertificateLogin(credentials):
-            return root.addCallback(lambda r: r.callRemote("loginCertificate", client))
+            return root.addCallback(
+                lambda r: _answered(r.callRemote("loginCertificate", client)).addCallback(avatarOf)
+            )
         username = _bytes(credentials.username)
         password = _bytes(credentials.password)
 
@@ -447,9 +458,7 @@ class PBClientFactory(protocol.ClientFactory):
             avatar, signature = answer
             if not isinstance(signature, bytes) or not compare_digest(signature, expected):
                 raise UnauthorizedLogin("the server could not prove it knows the password")
-            if not isinstance(avatar, RemoteReference):
-                raise ProtocolError(f"the server's avatar is not a reference: {describe(avatar)}")
-            return avatar
+            return avatarOf(avatar)
 
         def fallBack(failure: Failure, root: RemoteReference) -> Any:
             # A pbroker server without a password file has only the legacy login.
@@ -462,9 +471,19 @@ class PBClientFactory(protocol.ClientFactory):
         def legacy(root: RemoteReference) -> Deferred[Any]:
             return _answered(root.callRemote("login", username)).addCallback(sendResponse)
 
-        def sendResponse(answer: tuple[bytes, RemoteReference]) -> Deferred[Any]:
+        def sendResponse(answer: Any) -> Deferred[Any]:
+            if not (
+                isinstance(answer, (tuple, list))
+                and len(answer) == 2
+                and isinstance(answer[0], bytes)
+                and isinstance(answer[1], RemoteReference)
+            ):
+                raise ProtocolError(
+                    f"the server's login challenge is not (nonce, challenger): {describe(answer)}"
+                )
             nonce, challenger = answer
-            return _answered(challenger.callRemote("respond", respond(nonce, password), client))
+            responded = challenger.callRemote("respond", respond(nonce, password), client)
+            return _answered(responded).addCallback(avatarOf)
 
         return root.addCallback(start)
 

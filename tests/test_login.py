@@ -29,6 +29,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pbroker import pb
+from pbroker.errors import ProtocolError
+from pbroker.testing import connectedServerAndClient
 from tests.test_broker import connect
 
 
@@ -268,6 +270,54 @@ class LogoutOnceTests(SynchronousTestCase):
         self.client.notifyOnDisconnect(lambda: called.append("broker"))
         root.notifyOnDisconnect(lambda reference: called.append(reference))
         self.assertEqual(called, ["broker", root])
+
+
+class HostileServerLoginTests(SynchronousTestCase):
+    """
+    A server whose login answers are not what a login gives makes login() fail with
+    ProtocolError: the client never takes a non-reference for an avatar.
+    """
+
+    def login(self, root: pb.Root, credentials: Any) -> Any:
+        factory = pb.PBClientFactory()
+        _server, _client, pump = connectedServerAndClient(pb.PBServerFactory(root), factory)
+        results: list[Any] = []
+        factory.login(credentials).addBoth(results.append)
+        pump.flush()
+        return results[0]
+
+    def test_answersChecked(self) -> None:
+        class Hostile(pb.Root):
+            challenge: Any = None
+
+            def remote_loginAnonymous(self, mind: Any) -> int:
+                return 42
+
+            def remote_login(self, username: bytes) -> Any:
+                return self.challenge
+
+        result = self.login(Hostile(), Anonymous())
+        self.assertTrue(result.check(ProtocolError), result)
+        self.assertIn("avatar is not a reference: 42", result.getErrorMessage())
+        for challenge in (b"just bytes", (1, 2), ("nonce", "not a reference")):
+            root = Hostile()
+            root.challenge = challenge
+            result = self.login(root, UsernamePassword(b"alice", b"pw"))
+            self.assertTrue(result.check(ProtocolError), (challenge, result))
+            self.assertIn("is not (nonce, challenger)", result.getErrorMessage())
+
+    def test_legacyAvatarChecked(self) -> None:
+        class Challenger(pb.Referenceable):
+            def remote_respond(self, response: bytes, mind: Any) -> str:
+                return "not an avatar"
+
+        class Hostile(pb.Root):
+            def remote_login(self, username: bytes) -> Any:
+                return (b"nonce", Challenger())
+
+        result = self.login(Hostile(), UsernamePassword(b"alice", b"pw"))
+        self.assertTrue(result.check(ProtocolError), result)
+        self.assertIn("avatar is not a reference", result.getErrorMessage())
 
 
 class ChallengeTests(SynchronousTestCase):

@@ -39,6 +39,7 @@ from pbroker.errors import NoSuchMethod, describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
 
 __all__ = [
+    "MAX_USERNAME",
     "AsReferenceable",
     "Avatar",
     "IPerspective",
@@ -49,6 +50,10 @@ __all__ = [
     "respond",
 ]
 
+#: The longest username, in bytes (UTF-8), a login may give: a login started with a longer
+#: one is refused before anything is kept for it.
+MAX_USERNAME = 1024
+
 
 def respond(challenge: bytes, password: bytes) -> bytes:
     """
@@ -56,6 +61,11 @@ def respond(challenge: bytes, password: bytes) -> bytes:
     """
     hashed = hashlib.md5(password).digest()
     return hashlib.md5(hashed + challenge).digest()
+
+
+def _checkLength(username: bytes) -> None:
+    if len(username) > MAX_USERNAME:
+        raise UnauthorizedLogin(f"a username is at most {MAX_USERNAME} bytes, not {len(username)}")
 
 
 def challenge() -> bytes:
@@ -234,7 +244,7 @@ class LoginGuard:
         anyway is logged out at once.
         """
         address = _peerAddress(broker)
-        name = username.decode("utf-8", "replace")
+        name = describe(username.decode("utf-8", "replace"))  # for the log, cut short
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
         queue = self._queues.get(address) if guessable else None
@@ -274,7 +284,7 @@ class LoginGuard:
                     self._advance(address, queue)
 
         def succeeded(result: Any) -> None:
-            self._log.info("Login succeeded for {user!r} from {peer}", user=name, peer=address)
+            self._log.info("Login succeeded for {user} from {peer}", user=name, peer=address)
             done(result)
 
         def failed(failure: Failure) -> None:
@@ -285,7 +295,7 @@ class LoginGuard:
             kind = getattr(failure.type, "__name__", describe(failure.type))
             message = failure.getErrorMessage()
             self._log.warn(
-                "Login failed for {user!r} from {peer}: {reason}",
+                "Login failed for {user} from {peer}: {reason}",
                 user=name,
                 peer=address,
                 reason=f"{kind}: {message}" if message else kind,
@@ -459,6 +469,7 @@ class _PortalWrapper(Referenceable):
             raise NoSuchMethod("this server offers no pbroker password login")
         if not isinstance(username, bytes) or not isinstance(clientNonce, bytes):
             raise UnauthorizedLogin("the username and nonce must be bytes")
+        _checkLength(username)
         if not 16 <= len(clientNonce) <= 64:
             raise UnauthorizedLogin("the client nonce must be 16 to 64 bytes")
         try:
@@ -466,7 +477,7 @@ class _PortalWrapper(Referenceable):
         except Exception:
             # A password file that became unreadable, say: the operator's business, not
             # the peer's (whose error would otherwise name the server's files).
-            self._log.failure("Cannot look up {user!r} for a password login", user=username)
+            self._log.failure("Cannot look up {user} for a password login", user=describe(username))
             raise UnauthorizedLogin("the server cannot check passwords now") from None
         serverNonce = secrets.token_bytes(24)
         message = authMessage(
@@ -498,6 +509,7 @@ class _PortalWrapper(Referenceable):
             username = username.encode("utf-8")
         if not isinstance(username, bytes):
             raise UnauthorizedLogin("the username must be bytes or text")
+        _checkLength(username)
         nonce = challenge()
         return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce, self.guard)
 

@@ -143,12 +143,18 @@ def checkUsername(username: str) -> None:
     Refuse a username the password file could not give back as written.
 
     :raises ValueError: (with a one-line message) the username is empty, is not valid UTF-8
-        text, starts with ``#`` (a comment), or holds whitespace, control characters or ``:``.
+        text, is longer than :data:`pbroker.cred.MAX_USERNAME` bytes (a login gives no
+        longer one), starts with ``#`` (a comment), or holds whitespace, control characters
+        or ``:``.
     """
+    from pbroker.cred import MAX_USERNAME
+
     try:
-        username.encode("utf-8")
+        encoded = username.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"a username must be valid UTF-8 text: {username!r}") from None
+        raise ValueError(f"a username must be valid UTF-8 text: {describe(username)}") from None
+    if len(encoded) > MAX_USERNAME:
+        raise ValueError(f"a username is at most {MAX_USERNAME} bytes, not {len(encoded)}")
     if (
         not username
         or username.startswith("#")

@@ -26,6 +26,7 @@ from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import passwords, pb
+from pbroker.cred import MAX_USERNAME
 from pbroker.errors import ProtocolError
 from pbroker.passwords import MAX_ITERATIONS, PasswordFile, ScramChecker, ScramVerifier
 from pbroker.testing import connectedServerAndClient
@@ -242,6 +243,32 @@ class PasswordLoginTests(SynchronousTestCase):
         factory.login(UsernamePassword(b"mallory", b"x")).addBoth(results.append)
         pump.flush()
         self.assertTrue(results[0].check(UnauthorizedLogin))
+
+    def test_longUsernamesRefusedAtOnce(self) -> None:
+        """A username over MAX_USERNAME bytes is refused by both logins' first step, before
+        the server keeps anything for it; a failed login's log line cuts a long one short."""
+        serverFactory = self.server()
+        server, client, pump = connect(serverFactory, pb.PBClientFactory())
+        root = client.remoteForName("root")
+        long = b"u" * (MAX_USERNAME + 1)
+        exported = dict(server.luids)
+        results: list[Any] = []
+        root.callRemote("passwordLogin", long, b"n" * 24).addBoth(results.append)
+        root.callRemote("login", long).addBoth(results.append)
+        pump.flush()
+        for failure in results:
+            self.assertTrue(failure.check(UnauthorizedLogin))
+            self.assertIn(f"at most {MAX_USERNAME} bytes", failure.getErrorMessage())
+        self.assertEqual(server.luids, exported)
+        with capturedLogs() as events:
+            failed = pb.PBClientFactory()
+            _server, _client, pump = connect(serverFactory, failed)
+            failed.login(UsernamePassword(b"u" * MAX_USERNAME, b"x")).addBoth(results.append)
+            pump.flush()
+        (line,) = [e for e in events if "Login failed" in str(e.get("log_format"))]
+        self.assertLess(len(str(line["user"])), 200)
+        with self.assertRaises(ValueError):
+            ScramVerifier.fromPassword(b"pw", ITERATIONS).toLine("u" * (MAX_USERNAME + 1))
 
     def test_recordedProofCannotBeReplayed(self) -> None:
         """A proof that once logged in is useless against a fresh challenge."""

@@ -237,7 +237,8 @@ class BrokerLimits:
         native dialect, each value's: see docs/security.rst).
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
-    :ivar importedReferences: references to the peer's objects this side holds at once.
+    :ivar importedReferences: references to the peer's objects this side holds at once; and,
+        counted apart, copies of the peer's Cacheables this side keeps.
     :ivar pendingCalls: calls from the peer still being answered at once (a one-way call
         until its method's Deferred fires; a call reusing the id of one in progress drops the
         peer); also the most
@@ -2164,7 +2165,18 @@ class Broker(Banana):
     def cacheLocally(self, cid: int, instance: Any) -> None:
         """
         Keep the copy of the peer's Cacheable ``cid``.
+
+        :raises LimitExceeded: this side already keeps ``limits.importedReferences`` copies;
+            the value naming this one is refused, which releases it (its owner is sent a
+            ``decache``).
         """
+        limit = self.limits.importedReferences
+        if len(self.locallyCachedObjects) >= limit:
+            self._log.warn(
+                "Refusing a cache copy from the peer: this side already keeps {count}",
+                count=len(self.locallyCachedObjects),
+            )
+            raise LimitExceeded(f"the peer sent more than {limit} cache copies")
         self.locallyCachedObjects[cid] = instance
         if self._arrivals is not None:
             self._arrivals.append((cid, _CACHE))

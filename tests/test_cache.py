@@ -14,6 +14,7 @@ from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import jelly, pb
+from pbroker.errors import LimitExceeded
 from tests.test_broker import connect
 
 TAG = b"tests.cache.Gauge"
@@ -174,6 +175,45 @@ class PbrokerServerTwistedClientCacheTests(CacheTestsMixin, SynchronousTestCase)
 class TwistedServerPbrokerClientCacheTests(CacheTestsMixin, SynchronousTestCase):
     serverModule = twistedPb
     clientModule = pb
+
+
+class CopyLimitTests(SynchronousTestCase):
+    def test_copiesBounded(self) -> None:
+        """Copies of the peer's Cacheables count against importedReferences: a value with
+        more is refused with LimitExceeded, its copies released (their owner stops being
+        observed), and the connection stays; in both dialects."""
+        gauges = [cacheableFor(pb) for _ in range(5)]
+
+        class Root(pb.Root):
+            def remote_gauges(self, count: int) -> Any:
+                return gauges[:count]
+
+        for dialects in (None, [b"pb"]):
+            registry = jelly.UnjellyableRegistry()
+            registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+            server, client, pump = connect(
+                pb.PBServerFactory(Root()),
+                pb.PBClientFactory(
+                    registry=registry,
+                    dialects=dialects,
+                    limits=pb.BrokerLimits(importedReferences=3),
+                ),
+            )
+            results: list[Any] = []
+            with capturedLogs():
+                client.remoteForName("root").callRemote("gauges", 5).addBoth(results.append)
+                pump.flush()
+                client.remoteForName("root").callRemote("gauges", 3).addBoth(results.append)
+                pump.flush()
+            self.assertTrue(results[0].check(LimitExceeded), results[0])
+            self.assertIn("more than 3 cache copies", results[0].getErrorMessage())
+            self.assertEqual(len(results[1]), 3)
+            self.assertEqual(len(client.locallyCachedObjects), 3)
+            del results[:]
+            gc.collect()
+            pump.flush()
+            self.assertEqual(server.remotelyCachedObjects, {}, dialects)
+            self.assertEqual(client.locallyCachedObjects, {}, dialects)
 
 
 class UnregisteredCacheTests(SynchronousTestCase):

@@ -261,27 +261,88 @@ def _jsonArguments(texts: list[str]) -> list[Any]:
     return values
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
+#: The most parts (containers and the items in them) a result is shown with, a part counted
+#: each time it is shown: a value made of shared parts can stand for far more than it holds.
+MAX_SHOWN = 1_000_000
+
+
+class _Shown:
+    """
+    Counts the parts of a result as they are shown, and knows the containers being shown,
+    so that one holding itself is shown as ``...`` rather than for ever.
+    """
+
+    def __init__(self, limit: int = MAX_SHOWN) -> None:
+        self.left = limit
+        self.inside: set[int] = set()
+
+    def count(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise CommandError(
+                EXIT_REMOTE, f"the result is too large to show: over {MAX_SHOWN:,} parts"
+            )
+
+    def jsonable(self, value: Any) -> Any:
+        self.count()
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"bytes": value.hex()}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            return repr(value)
+        if id(value) in self.inside:
+            return "..."  # it holds itself
+        self.inside.add(id(value))
         try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return {"bytes": value.hex()}
-    if isinstance(value, dict):
-        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+            if isinstance(value, dict):
+                return {str(self.jsonable(k)): self.jsonable(v) for k, v in value.items()}
+            return [self.jsonable(item) for item in value]
+        finally:
+            self.inside.discard(id(value))
+
+    def size(self, value: Any) -> None:
+        """
+        Count ``value``'s parts as ``repr`` would show them (it shows a container holding
+        itself as ``[...]`` or ``{...}``).
+        """
+        self.count()
+        if isinstance(value, (dict, list, tuple, set, frozenset)) and id(value) not in self.inside:
+            self.inside.add(id(value))
+            try:
+                for item in value.items() if isinstance(value, dict) else value:
+                    self.size(item)
+            finally:
+                self.inside.discard(id(value))
+
+    def human(self, value: Any) -> str:
+        """
+        A dict as ``key: value`` lines (a dict in it the same way), text as it is, anything
+        else as its ``repr``, once its size is known to be within bounds.
+        """
+        if isinstance(value, dict) and id(value) not in self.inside:
+            self.count()
+            self.inside.add(id(value))
+            try:
+                return "\n".join(f"{k}: {self.human(v)}" for k, v in value.items())
+            finally:
+                self.inside.discard(id(value))
+        if isinstance(value, str):
+            self.count()
+            return value
+        self.size(value)  # before repr, which has no bound on what shared parts stand for
+        return repr(value)
+
+
+def _jsonable(value: Any) -> Any:
+    return _Shown().jsonable(value)
 
 
 def _human(value: Any) -> str:
-    if isinstance(value, dict):
-        return "\n".join(f"{k}: {_human(v)}" for k, v in value.items())
-    if isinstance(value, str):
-        return value
-    return repr(value)
+    return _Shown().human(value)
 
 
 def _remoteMessage(failure: Failure) -> str:
@@ -400,5 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbroker: unexpected error: {error!r}", file=sys.stderr)
         return 1
     value, milliseconds = result
-    print(_output(options, value, milliseconds))
+    try:
+        text = _output(options, value, milliseconds)
+    except CommandError as error:
+        print(f"pbroker: {error}", file=sys.stderr)
+        return error.code
+    print(text)
     return EXIT_OK

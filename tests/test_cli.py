@@ -365,6 +365,36 @@ class OptionTests(SynchronousTestCase):
             self.assertIn("[" * 1001, cli._output(options, value, 1.0))
 
 
+class OutputTests(SynchronousTestCase):
+    def test_sharedPartsBounded(self) -> None:
+        """A result whose shared parts stand for more than MAX_SHOWN parts (a few hundred
+        bytes can describe 2**40) is refused with one line, not expanded for ever."""
+        value: Any = ["leaf"]
+        for _ in range(40):
+            value = [value, value]
+        for asJSON in (False, True):
+            options = cli._parser().parse_args(["--json"] * asJSON + ["info", "pb://h:1"])
+            with self.assertRaises(cli.CommandError) as caught:
+                cli._output(options, value, 1.0)
+            self.assertEqual(caught.exception.code, cli.EXIT_REMOTE)
+            self.assertIn("too large to show", str(caught.exception))
+
+    def test_containersHoldingThemselves(self) -> None:
+        """A list or dict that holds itself is shown with an ellipsis, as repr shows it."""
+        loop: list[Any] = [1]
+        loop.append(loop)
+        cycle: dict[str, Any] = {"name": "x"}
+        cycle["self"] = cycle
+        plain = cli._parser().parse_args(["info", "pb://h:1"])
+        asJSON = cli._parser().parse_args(["--json", "info", "pb://h:1"])
+        self.assertEqual(cli._output(plain, loop, 1.0), "[1, [...]]")
+        self.assertIn('"result": [1, "..."]', cli._output(asJSON, loop, 1.0))
+        self.assertEqual(
+            cli._output(plain, cycle, 1.0), "name: x\nself: {'name': 'x', 'self': {...}}"
+        )
+        self.assertIn('"self": "..."', cli._output(asJSON, cycle, 1.0))
+
+
 class TranscriptTests(TestCase):
     """
     The transcript in docs/cli.rst, run against the service it describes.

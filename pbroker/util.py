@@ -308,23 +308,31 @@ class CallbackPageCollector(Referenceable):
         self.pages: list[Any] = []
         self.callback = callback
         self.errback = errback
+        self.done = False
 
     def remote_gotPage(self, page: Any) -> None:
         """
-        One more page from the pager.
+        One more page from the pager; none is taken once paging ended or failed (the list
+        given to ``callback`` stays as it was given).
         """
-        self.pages.append(page)
+        if not self.done:
+            self.pages.append(page)
 
     def remote_endedPaging(self) -> None:
         """
-        The pager is done: fire with every page received.
+        The pager is done: fire with every page received (once).
         """
-        self.callback(self.pages)
+        if not self.done:
+            self.done = True
+            self.callback(self.pages)
 
     def remote_failedPaging(self, errorType: Any, message: Any) -> None:
         """
         The pager failed (a pbroker pager says so): the pages received are not all.
         """
+        if self.done:
+            return
+        self.done = True
         if self.errback is not None:
             error = RemoteError(str(errorType), f"the pager failed: {message}", "")
             self.errback(Failure(error))
@@ -334,6 +342,10 @@ def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> d
     """
     Call ``methodName`` on ``referenceable`` with a new collector as the first argument and
     return a Deferred of the list of every page the peer sends to it.
+
+    Every page is kept in memory until the last: from a peer you do not trust to stop, page
+    into a collector of your own (a :class:`~pbroker.flavors.Referenceable` with
+    ``remote_gotPage`` and ``remote_endedPaging``) that bounds what it keeps.
 
     It fails if the call fails, with :class:`~pbroker.errors.RemoteError` if a pbroker pager
     says it failed, or with :class:`~pbroker.errors.PBConnectionLost` if the connection is

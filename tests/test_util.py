@@ -107,6 +107,25 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(pages, [[b"a", b"b", b"c"]])
         self.assertEqual(done, ["finished"])
 
+    def test_nothingTakenAfterTheEnd(self) -> None:
+        """Pages a peer sends after it ended paging are not taken: the list given stays as it
+        was given, and a second end or a failure changes nothing."""
+
+        class Hostile(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                collector.callRemote("gotPage", b"a")
+                collector.callRemote("endedPaging")
+                for page in (b"b", b"c"):
+                    collector.callRemote("gotPage", page)
+                collector.callRemote("endedPaging")
+                collector.callRemote("failedPaging", "x", "y")
+
+        _server, client, pump = connect(pb.PBServerFactory(Hostile()), pb.PBClientFactory())
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        pump.flush()
+        self.assertEqual(pages, [[b"a"]])
+
     def test_pagesWaitWhileTheConnectionIsFull(self) -> None:
         """No page is sent while the transport has paused the broker; they go on after."""
         done: list[Any] = []

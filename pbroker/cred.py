@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from pbroker.errors import NoSuchMethod, describe
+from pbroker.errors import LimitExceeded, NoSuchMethod, describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
 
 __all__ = [
@@ -394,24 +394,58 @@ def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -
     """
     Make a portal's login result sendable, and arrange for its logout to run exactly once:
     on the peer's last decref of the avatar or on disconnection, whichever comes first.
+
+    :raises LimitExceeded: the connection already holds ``limits.exportedReferences``
+        logins not logged out; this one is logged out at once.
     """
     _interface, avatar, logout = result
     if not isinstance(avatar, Jellyable):
         avatar = AsReferenceable(avatar, "perspective")
-    pending = [logout]
-
-    def logoutOnce() -> None:
-        if pending:
-            # Run once, and forgotten by the other trigger: a peer that logs in and out
-            # again and again on one connection leaves nothing behind.
-            broker.dontNotifyOnDisconnect(logoutOnce)
-            broker.localCleanup.pop(puid, None)
-            pending.pop()()
-
+    limit = broker.limits.exportedReferences
+    if getattr(broker, "loginsHeld", 0) >= limit:
+        logout()
+        raise LimitExceeded(f"more than {limit} logins at once on this connection")
     puid = avatar.processUniqueID()
-    broker.localCleanup[puid] = logoutOnce
-    broker.notifyOnDisconnect(logoutOnce)
+    logouts = broker.localCleanup.get(puid)
+    broker.loginsHeld = getattr(broker, "loginsHeld", 0) + 1
+    if isinstance(logouts, _Logouts):
+        logouts.pending.append(logout)
+    else:
+        # The first login on this connection that gave this avatar (a realm may give one
+        # object to many logins): its logouts run together, at the peer's last release.
+        logouts = broker.localCleanup[puid] = _Logouts(broker, puid)
+        logouts.pending.append(logout)
+        broker.notifyOnDisconnect(logouts)  # (at once if the connection is gone)
     return avatar
+
+
+class _Logouts:
+    """
+    The logouts of the logins on one connection that gave one avatar, each run once: when
+    the peer releases the avatar for the last time, or the connection is lost.
+    """
+
+    _log = Logger()
+
+    def __init__(self, broker: Any, puid: Any) -> None:
+        self.broker = broker
+        self.puid = puid
+        self.pending: list[Callable[[], object]] = []
+
+    def __call__(self) -> None:
+        broker = self.broker
+        # Forgotten by the other trigger: a peer that logs in and out again and again on
+        # one connection leaves nothing behind.
+        broker.dontNotifyOnDisconnect(self)
+        if broker.localCleanup.get(self.puid) is self:
+            del broker.localCleanup[self.puid]
+        pending, self.pending = self.pending, []
+        broker.loginsHeld -= len(pending)
+        for logout in pending:
+            try:
+                logout()
+            except Exception:
+                self._log.failure("A realm's logout failed")
 
 
 @implementer(IPBRoot)

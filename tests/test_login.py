@@ -242,6 +242,45 @@ class LogoutOnceTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(self.loggedOut, [0, 1])
 
+    def test_sharedReferenceableAvatar(self) -> None:
+        """Logins that get one Referenceable avatar (a realm may give one object to many)
+        each have their logout run once, when the client has released the avatar for the
+        last time; they leave one disconnect notifier, and at most exportedReferences of
+        them are held at once: the next is refused, and logged out at once."""
+        shared = pb.Referenceable()
+        loggedOut: list[int] = []
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                number = len(self.numbers)
+                self.numbers.append(number)
+                return pb.IPerspective, shared, lambda: loggedOut.append(number)
+
+            numbers: list[int] = []
+
+        factory = pb.PBServerFactory(
+            Portal(Realm(), [AllowAnonymousAccess()]),
+            limits=pb.BrokerLimits(exportedReferences=3),
+        )
+        clientFactory = pb.PBClientFactory()
+        server, _client, pump = connect(factory, clientFactory)
+        results: list[Any] = []
+        for _ in range(4):
+            clientFactory.login(Anonymous()).addBoth(results.append)
+        pump.flush()
+        avatars = results[:3]
+        self.assertTrue(all(isinstance(a, pb.RemoteReference) for a in avatars))
+        self.assertIn("more than 3 logins at once", results[3].getErrorMessage())
+        self.assertEqual(loggedOut, [3])
+        self.assertEqual(server.disconnects.count(server.localCleanup[shared.processUniqueID()]), 1)
+        del results[:], avatars
+        gc.collect()
+        pump.flush()
+        self.assertEqual(sorted(loggedOut), [0, 1, 2, 3])
+        self.assertEqual((server.localCleanup, server.loginsHeld), ({}, 0))
+        self.assertNotIn(shared.processUniqueID(), server.luids)
+
     def test_loginCompletingAfterDisconnect(self) -> None:
         """A login the checker answers after the client has gone is logged out at once."""
         answer: Deferred[Any] = Deferred()

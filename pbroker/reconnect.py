@@ -16,7 +16,9 @@ connection is closed. Each of these counts as one failed attempt: a connection t
 login that is refused, an attempt not connected and logged in within ``attemptTimeout`` seconds
 (60 by default: a peer that accepts the connection but never answers), an ``onConnect`` that
 fails. That connection is closed and the next attempt comes after the retry policy's delay
-(exponential backoff by default). With ``maxRetries``,
+(exponential backoff by default). The backoff starts over once a connection has stayed up
+longer than the delay before it, so a server that logs the client in and hangs up at once is
+not reconnected to ever faster. With ``maxRetries``,
 :meth:`~ReconnectingClient.whenReady` and :meth:`~ReconnectingClient.callRemote` fail with
 :class:`~pbroker.errors.PBConnectionLost` once that many attempts in a row have failed, instead
 of waiting for ever: callers already waiting then, and new callers at once until a login
@@ -132,8 +134,12 @@ class ReconnectingClient(Service):
         #: Attempts that failed in a row; a successful login resets it.
         self.failedAttempts = 0
         self._lastFailure = ""
-        # Retries scheduled since the last successful login: the retry policy's argument.
+        # Retries scheduled since a connection last stayed up longer than the delay before
+        # it: the retry policy's argument.
         self._retries = 0
+        self._lastDelay = 0.0
+        # When the current connection became ready (clock seconds).
+        self._readyAt = 0.0
         # The connection logging in, logged in or closing: at most one at a time.
         self._broker: Broker | None = None
         # Connecting and logging in, until the connection is ready or the attempt fails.
@@ -267,7 +273,9 @@ class ReconnectingClient(Service):
             return
         self.current = reference
         self.failedAttempts = 0
-        self._retries = 0
+        # The backoff goes on until this connection proves it stays (see _lost): a server
+        # that logs the client in and hangs up at once is not retried ever faster.
+        self._readyAt = self._clock.seconds()
         # Last, with the client consistent: a waiter may call (or stop) it at once. One at a
         # time from the list itself: once one stops the client (or loses the connection) the
         # others are failed by stopService (or wait for the next connection).
@@ -328,6 +336,8 @@ class ReconnectingClient(Service):
         self._broker = None
         if attempt is None and self.running and self._retry is None:
             if wasReady:
+                if self._clock.seconds() - self._readyAt > self._lastDelay:
+                    self._retries = 0  # it stayed up longer than the delay before it
                 self._scheduleRetry("the connection was lost")
             else:
                 # An attempt was waiting for this connection to close; it starts once the
@@ -339,7 +349,7 @@ class ReconnectingClient(Service):
 
     def _scheduleRetry(self, reason: str) -> None:
         self._retries += 1
-        delay = self._retryPolicy(self._retries)
+        delay = self._lastDelay = self._retryPolicy(self._retries)
         self._log.info(
             "No connection to {endpoint} ({reason}); retrying in {delay} seconds",
             endpoint=self._endpoint,

@@ -95,10 +95,10 @@ class ReconnectingClientTests(SynchronousTestCase):
         self, password: bytes = b"secret", start: bool = True, **options: Any
     ) -> ReconnectingClient:
         options.setdefault("onConnect", self.connected.append)
+        options.setdefault("retryPolicy", lambda attempt: 1.0)
         client = ReconnectingClient(
             self.endpoint,
             UsernamePassword(b"alice", password),
-            retryPolicy=lambda attempt: 1.0,
             reactor=self.clock,
             **options,
         )
@@ -141,6 +141,25 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertEqual(len(self.connected), 2)
         self.assertIs(self.successResultOf(waiting), self.connected[1])
         self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_backoffGoesOnForAServerThatHangsUp(self) -> None:
+        """A server that logs the client in and hangs up at once is not reconnected to ever
+        faster: the backoff starts over only once a connection stays up longer than the
+        delay before it."""
+        client = self.client(retryPolicy=lambda attempt: float(attempt))
+        delays = []
+        for _ in range(4):
+            self.endpoint.drop()  # as soon as it is logged in
+            (retry,) = self.clock.getDelayedCalls()
+            delays.append(retry.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+            self.endpoint.pump()
+        self.assertEqual(delays, [1.0, 2.0, 3.0, 4.0])
+        self.assertEqual(client.failedAttempts, 0)  # each login succeeded
+        self.clock.advance(4.5)  # this one stays up longer than the 4 s before it
+        self.endpoint.drop()
+        (retry,) = self.clock.getDelayedCalls()
+        self.assertEqual(retry.getTime() - self.clock.seconds(), 1.0)
 
     def test_retryFromAFailedCallWaitsForTheNextConnection(self) -> None:
         """A call made again as soon as the lost connection fails it (in its errback, before

@@ -882,6 +882,11 @@ class Broker(Banana):
                     self._handleBacklog()
                 if not self._largeOut:
                     self._flushAfterLarge()
+                    transport = self.transport
+                    if self.overflowing and isinstance(transport, PacedTransport):
+                        # Handled after all while what was kept waited (the connection took
+                        # data): that is over now.
+                        self.overflowing = transport.paused
                     if self._backlog is not None and not self._largeOut:
                         self._handleBacklog()  # it may have waited for what was kept to go
                     if not self._largeOut:
@@ -897,7 +902,11 @@ class Broker(Banana):
                     self._schedulePump()
                     return
                 if self._largeOut[0][3] and not self._startableLarge():
-                    return  # calls that wait for the peer to take earlier ones: _taken resumes
+                    # Calls that wait for the peer to take earlier ones: _taken resumes. The
+                    # peer's messages waiting (its taken among them) go on now.
+                    if self._backlog is not None:
+                        self._handleBacklog()
+                    return
                 budget -= self._writeFragment()
         finally:
             self._pumpingLarge = False
@@ -1927,7 +1936,11 @@ class Broker(Banana):
         """
         if self.overflowing or self._failing:
             return False
-        if transport.paused or self._keptBytes > self.limits.bufferedBytes:
+        if transport.paused:
+            return True
+        if self._keptBytes > self.limits.bufferedBytes and not self._largeBlocked:
+            # (Unless this side's large calls wait for the peer to say it took one: its
+            # taken would wait behind them for ever.)
             return True
         return len(self._largeOut) > 1 and self._queueFull()
 
@@ -1987,6 +2000,7 @@ class Broker(Banana):
         transport.paused = False
         self._largeOut = []
         self._largeOutForPeer = 0
+        self._keptBytes = 0
         try:
             self._handleBacklog()
         except Exception:

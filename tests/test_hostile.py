@@ -558,6 +558,83 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertEqual(self.server._keptBytes, 0)
         self.assertEqual(self.client.luids, {})  # every reference released
 
+    def test_keptReleasesDoNotStallLargeCalls(self) -> None:
+        """A well-behaved client that keeps releases behind its own large calls, over its
+        bufferedBytes, still handles the server's taken for them: the uploads are answered
+        (the server's messages do not wait for ever)."""
+
+        class Thing(pb.Referenceable):
+            pass
+
+        class Root(pb.Root):
+            def remote_refs(self, count: int) -> list[Thing]:
+                return [Thing() for _ in range(count)]
+
+            def remote_upload(self, data: bytes) -> int:
+                return len(data)
+
+        clock = Clock()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), clock=clock),
+            pb.PBClientFactory(clock=clock, limits=pb.BrokerLimits(bufferedBytes=65536)),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        root = client.remoteForName("root")
+        got: list[Any] = []
+        root.callRemote("refs", 1000).addCallback(got.append)
+        pump.flush()
+        results: list[Any] = []
+        for _ in range(3):
+            root.callRemote("upload", b"u" * 1_000_000).addBoth(results.append)
+        got.clear()  # 1000 decrefs kept behind the uploads
+        gc.collect()
+        self.assertGreater(client._keptBytes, 65536)
+        for _ in range(200):
+            pump.pump()
+            clock.advance(1)
+        self.assertEqual(results, [1_000_000] * 3)
+        self.assertEqual((client._afterLarge, client._keptBytes), ([], 0))
+        self.assertFalse(client.overflowing)
+
+    def test_overflowEndsWhenWhatWasKeptGoes(self) -> None:
+        """A peer whose messages were handled after all while releases kept behind a large
+        answer waited (the connection taking data) is treated as any other once they have
+        gone: its messages may wait again, rather than getting it dropped."""
+        self.root.callRemote("big")
+        self.toServer()
+        for _ in range(200):  # releases kept behind the answer, just past bufferedBytes
+            if self.server._keptBytes > 8192:
+                break
+            self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+            self.toServer()
+        with capturedLogs():
+            for _ in range(400):  # calls that release nothing: they wait, then overflow
+                self.root.callRemote("echo", "x" * 50)
+                self.toServer()
+        self.assertTrue(self.server.overflowing)
+        self.assertFalse(self.serverTransport.disconnecting)
+        for _ in range(10):
+            self.clock.advance(0)  # the answer goes out, then what was kept
+        self.assertEqual(self.server._keptBytes, 0)
+        self.assertFalse(self.server.overflowing)
+
+    def test_waitingAnswersHandledOnLossWhateverIsKept(self) -> None:
+        """Answers that wait unhandled when the connection is lost are handled as it goes,
+        however much this side keeps to send after a large message."""
+        self.server.transport.pauseProducing()  # our answers wait in the server...
+        self.client.transport.pauseProducing()  # ... and the server's in the client
+        results: list[Any] = []
+        self.root.callRemote("echo", "arrived").addBoth(results.append)
+        self.toServer()
+        self.server.transport.resumeProducing()
+        self.toClient()
+        self.assertEqual(results, [])  # waiting in the client's backlog
+        # As if more than bufferedBytes of releases were kept behind a large message:
+        self.client._keptBytes = self.client.limits.bufferedBytes + 1
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(results, ["arrived"])
+
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told
         to stop, cannot make the server remember ever more of them: at most twice

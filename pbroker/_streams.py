@@ -151,10 +151,11 @@ class StreamTable:
         self.incoming.pop(streamID, None)
         if streamID in self.cancelled or not self._connection._canSend:
             return
-        if len(self.cancelled) >= 2 * self._connection.limits.pendingCalls:
+        if len(self.cancelled) >= self._connection.limits.importedReferences:
             # A peer that does not end what this side stops (a well-behaved one ends each
-            # soon, its end sent behind any large message it is sending): this stream is
-            # forgotten, not told to stop, and a message of the peer's for it is an error.
+            # soon, its end sent behind any large message it is sending: thousands can
+            # wait behind a long upload): this stream is forgotten, not told to stop, and
+            # a message of the peer's for it is an error.
             return
         self.cancelled.add(streamID)
         self._connection.sendCall(b"streamcancel", streamID)

@@ -238,13 +238,14 @@ class BrokerLimits:
     :ivar exportedReferences: objects this side exports to the peer by reference at once.
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once; and,
-        counted apart, copies of the peer's Cacheables this side keeps.
+        counted apart, copies of the peer's Cacheables this side keeps, and the peer's streams
+        this side stopped reading that the peer has not ended yet (one past that is
+        forgotten, and a message of the peer's for it drops the connection).
     :ivar pendingCalls: calls from the peer still being answered at once (a one-way call
         until its method's Deferred fires; a call reusing the id of one in progress drops the
         peer); also the most
         streams the peer may send this side at once (in the native dialect), and the most
-        this side may send it. Of the peer's streams this side stopped, at most twice this
-        many are remembered until the peer ends them; a stream past that is forgotten.
+        this side may send it.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive
@@ -1329,7 +1330,7 @@ class Broker(Banana):
                 streams = self._streams
                 if luid in streams.incoming or luid in streams.cancelled:
                     continue  # open (a stream sent twice), or cancelled already
-                streams.cancel(luid)  # (which keeps at most 2 * pendingCalls cancelled)
+                streams.cancel(luid)  # (which keeps at most importedReferences cancelled)
 
     def _countedIn(self, netValue: Any, enough: int) -> list[tuple[int, int]]:
         """

@@ -637,10 +637,11 @@ class NativeHostilePeerTests(SynchronousTestCase):
 
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told
-        to stop, cannot make the server remember ever more of them: at most twice
-        pendingCalls, past which a stream is forgotten rather than told to stop."""
+        to stop, cannot make the server remember ever more of them: at most
+        importedReferences, past which a stream is forgotten rather than told to stop."""
         self.service.remote_drop = lambda streams: None  # type: ignore[attr-defined]
-        limit = self.server.limits.pendingCalls
+        limit = 2000
+        self.server.limits = dataclasses.replace(self.server.limits, importedReferences=limit)
         nextID = 1
         with capturedLogs():
             for requestID in range(1, 51):
@@ -653,7 +654,7 @@ class NativeHostilePeerTests(SynchronousTestCase):
                 )
                 self.toServer()
         self.assertFalse(self.serverTransport.disconnecting)
-        self.assertLessEqual(len(self.server._streams.cancelled), 2 * limit)
+        self.assertEqual(len(self.server._streams.cancelled), limit)
         # A stream past that is forgotten: the peer's message for it is a protocol error.
         with capturedLogs():
             self.client.sendCall(b"end", nextID - 1)
@@ -683,13 +684,13 @@ class NativeHostilePeerTests(SynchronousTestCase):
         root = client.remoteForName("root")
         results: list[Any] = []
         root.callRemote("upload", b"u" * 8_000_000).addBoth(results.append)
-        for _ in range(6):
+        for _ in range(20):  # more than twice pendingCalls
             root.callRemote("maybe", iter(range(3))).addBoth(results.append)
             for _ in range(3):
                 pump.pump()
         for _ in range(400):
             pump.pump()
-        self.assertEqual(sorted(results, key=str), [8_000_000] + ["skipped"] * 6)
+        self.assertEqual(sorted(results, key=str), [8_000_000] + ["skipped"] * 20)
 
     def test_pingsCarryIntegers(self) -> None:
         """A ping carrying anything but an integer drops the peer, with a line saying why:

@@ -377,8 +377,8 @@ class PBClientFactory(protocol.ClientFactory):
             :class:`ProtocolError` when the server's password challenge is malformed or out of
             the bounds of :func:`pbroker.passwords.parseChallenge` (such as an iteration count
             above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived, and
-            when any login's answer is not what a login gives (an avatar that is not a
-            reference, a legacy challenge that is not ``(nonce, challenger)``).
+            when any login's answer is not what a login gives (an avatar that is a plain
+            value, a legacy challenge that is not ``(nonce, challenger)``).
         """
         import secrets
         from hmac import compare_digest
@@ -389,9 +389,10 @@ class PBClientFactory(protocol.ClientFactory):
         from pbroker.cred import respond
         from pbroker.errors import describe
 
-        def avatarOf(answer: Any) -> RemoteReference:
-            if not isinstance(answer, RemoteReference):
-                raise ProtocolError(f"the server's avatar is not a reference: {describe(answer)}")
+        def avatarOf(answer: Any) -> Any:
+            # A reference, as a rule; a Copyable or Cacheable avatar arrives as its copy.
+            if answer is None or isinstance(answer, _PLAIN_VALUES):
+                raise ProtocolError(f"the server's avatar is a plain value: {describe(answer)}")
             return answer
 
         root = self.getRootObject()
@@ -450,7 +451,7 @@ class PBClientFactory(protocol.ClientFactory):
                 checkServer, expected
             )
 
-        def checkServer(answer: Any, expected: bytes) -> RemoteReference:
+        def checkServer(answer: Any, expected: bytes) -> Any:
             if not isinstance(answer, (tuple, list)) or len(answer) != 2:
                 raise ProtocolError(
                     f"the server's login answer is not (avatar, signature): {describe(answer)}"
@@ -620,6 +621,10 @@ def _inMemory(broker: Any) -> bool:
             return True
         transport = getattr(transport, "_transport", None) or getattr(transport, "transport", None)
     return False
+
+
+# What no login gives as an avatar.
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
 
 
 def _answered(deferred: Deferred[Any] | None) -> Deferred[Any]:

@@ -337,13 +337,40 @@ class HostileServerLoginTests(SynchronousTestCase):
 
         result = self.login(Hostile(), Anonymous())
         self.assertTrue(result.check(ProtocolError), result)
-        self.assertIn("avatar is not a reference: 42", result.getErrorMessage())
+        self.assertIn("avatar is a plain value: 42", result.getErrorMessage())
         for challenge in (b"just bytes", (1, 2), ("nonce", "not a reference")):
             root = Hostile()
             root.challenge = challenge
             result = self.login(root, UsernamePassword(b"alice", b"pw"))
             self.assertTrue(result.check(ProtocolError), (challenge, result))
             self.assertIn("is not (nonce, challenger)", result.getErrorMessage())
+
+    def test_copiedAvatarAccepted(self) -> None:
+        """A realm's avatar that is a Copyable arrives as its copy, and the login succeeds,
+        as with stock PB."""
+
+        class Card(pb.Copyable):
+            def getStateToCopy(self) -> Any:
+                return {"holder": "anonymous"}
+
+        class CardCopy(pb.RemoteCopy):
+            pass
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                return pb.IPerspective, Card(), lambda: None
+
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Card, CardCopy)
+        factory = pb.PBClientFactory(registry=registry)
+        serverFactory = pb.PBServerFactory(Portal(Realm(), [AllowAnonymousAccess()]))
+        _server, _client, pump = connectedServerAndClient(serverFactory, factory)
+        results: list[Any] = []
+        factory.login(Anonymous()).addBoth(results.append)
+        pump.flush()
+        self.assertIsInstance(results[0], CardCopy)
+        self.assertEqual(results[0].holder, "anonymous")
 
     def test_legacyAvatarChecked(self) -> None:
         class Challenger(pb.Referenceable):
@@ -356,7 +383,7 @@ class HostileServerLoginTests(SynchronousTestCase):
 
         result = self.login(Hostile(), UsernamePassword(b"alice", b"pw"))
         self.assertTrue(result.check(ProtocolError), result)
-        self.assertIn("avatar is not a reference", result.getErrorMessage())
+        self.assertIn("avatar is a plain value", result.getErrorMessage())
 
 
 class ChallengeTests(SynchronousTestCase):

@@ -582,7 +582,7 @@ class HostileServerTests(SynchronousTestCase):
 
     def test_malformedLoginAnswer(self) -> None:
         """An answer to the proof that is not (avatar, signature) fails with ProtocolError;
-        so does a proven signature that comes with something other than a reference."""
+        so does a proven signature that comes with a plain value for an avatar."""
         challenge = (b"n" * 24, b"s" * 16, ITERATIONS, PROVER)
         for answer in ["not a tuple", (pb.Referenceable(),), (None, b"x", 3)]:
             self.assertRefused(self.login(challenge, answer), "not (avatar, signature)")
@@ -594,7 +594,7 @@ class HostileServerTests(SynchronousTestCase):
             return challenge
 
         proved: list[Any] = []
-        self.assertRefused(self.login(proving, proved), "avatar is not a reference")
+        self.assertRefused(self.login(proving, proved), "avatar is a plain value")
 
     def test_keyDerivedOnce(self) -> None:
         """A password login derives the client's salted password once, not once per key."""

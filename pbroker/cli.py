@@ -333,7 +333,13 @@ class _Shown:
         if isinstance(value, str):
             self.count()
             return value
-        self.size(value)  # before repr, which has no bound on what shared parts stand for
+        # Counted before repr, which has no bound on what shared parts stand for, as repr
+        # will show it: from the start, holding itself only where it holds itself.
+        inside, self.inside = self.inside, set()
+        try:
+            self.size(value)
+        finally:
+            self.inside = inside
         return repr(value)
 
 

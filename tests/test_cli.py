@@ -372,12 +372,15 @@ class OutputTests(SynchronousTestCase):
         value: Any = ["leaf"]
         for _ in range(40):
             value = [value, value]
-        for asJSON in (False, True):
-            options = cli._parser().parse_args(["--json"] * asJSON + ["info", "pb://h:1"])
-            with self.assertRaises(cli.CommandError) as caught:
-                cli._output(options, value, 1.0)
-            self.assertEqual(caught.exception.code, cli.EXIT_REMOTE)
-            self.assertIn("too large to show", str(caught.exception))
+        holding: dict[str, Any] = {}
+        holding.update(self=holding, parts=value)  # shown by repr as the value of "self"
+        for shown in (value, holding):
+            for asJSON in (False, True):
+                options = cli._parser().parse_args(["--json"] * asJSON + ["info", "pb://h:1"])
+                with self.assertRaises(cli.CommandError) as caught:
+                    cli._output(options, shown, 1.0)
+                self.assertEqual(caught.exception.code, cli.EXIT_REMOTE)
+                self.assertIn("too large to show", str(caught.exception))
 
     def test_containersHoldingThemselves(self) -> None:
         """A list or dict that holds itself is shown with an ellipsis, as repr shows it."""

@@ -158,8 +158,8 @@ class CopiedFailure(RemoteCopy, Failure):
 
     def __setstate__(self, state: Any) -> None:
         """
-        Install a state unjellied without a broker (``jelly.unjelly``) or unpickled, with the
-        same checks as one that arrives over a connection.
+        Install a state unjellied without a broker (``jelly.unjelly``), with the same checks
+        as one that arrives over a connection.
         """
         self.setCopyableState(state)
 

@@ -243,9 +243,8 @@ class BrokerLimits:
         forgotten, and a message of the peer's for it drops the connection).
     :ivar pendingCalls: calls from the peer still being answered at once (a one-way call
         until its method's Deferred fires; a call reusing the id of one in progress drops the
-        peer); also the most
-        streams the peer may send this side at once (in the native dialect), and the most
-        this side may send it.
+        peer); also the most streams the peer may send this side at once (in the native
+        dialect), and the most this side may send it.
     :ivar bufferedBytes: bytes written for a peer after its connection stopped taking them
         (a reader that does not read); beyond this the connection is dropped if it sends
         none of it in ``stallTimeout`` seconds. The peer's messages that arrive

@@ -246,18 +246,6 @@ class PacedTransport:
             if self.queuedWhilePaused > limit:
                 self._over(self.queuedWhilePaused, limit)
 
-    def keptBehind(self, total: int) -> None:
-        """
-        The broker keeps ``total`` bytes of small messages to write after a large one
-        (releases, stream ends), counting what keeping each costs. Past its
-        ``limits.bufferedBytes`` the peer's messages wait; the peer is dropped at once if
-        they are handled after all (it sent too much meanwhile), or as :meth:`_over` says if
-        its connection takes nothing.
-        """
-        limit = self._broker.limits.bufferedBytes
-        if total > limit and (self.paused or self._broker.overflowing):
-            self._over(total, limit)
-
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:

@@ -209,10 +209,6 @@ def _isID(value: Any) -> bool:
 #: that says a larger message could not be sent.
 MIN_MESSAGE_SIZE = 1024
 
-# What keeping one small message in _afterLarge costs besides its bytes (its entry in the
-# list, its tuple, the bytes object): counted against limits.bufferedBytes.
-_KEPT_OVERHEAD = 100
-
 # The longest unknown command echoed back in didNotUnderstand (PB's are under 20 bytes).
 _MAX_COMMAND_SIZE = 256
 
@@ -530,8 +526,6 @@ class Broker(Banana):
         # and what names a cache handle), with the request id of a call and what packing it
         # counted (else None, None).
         self._afterLarge: list[tuple[bytes | _Payload, int | None, Any]] = []
-        # What keeping the peer's small messages in _afterLarge costs (see _sendBehindLarge).
-        self._keptBytes = 0
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -718,7 +712,6 @@ class Broker(Banana):
         self._largeOut = []
         self._largeOutForPeer = 0
         self._afterLarge = []
-        self._keptBytes = 0
         self._untaken = {}
         self._untakenBytes = 0
         self._largeBlocked = False
@@ -882,13 +875,6 @@ class Broker(Banana):
                     self._handleBacklog()
                 if not self._largeOut:
                     self._flushAfterLarge()
-                    transport = self.transport
-                    if self.overflowing and isinstance(transport, PacedTransport):
-                        # Handled after all while what was kept waited (the connection took
-                        # data): that is over now.
-                        self.overflowing = transport.paused
-                    if self._backlog is not None and not self._largeOut:
-                        self._handleBacklog()  # it may have waited for what was kept to go
                     if not self._largeOut:
                         self._streams.pump()
                     if not self._largeOut and self.pageProducers:
@@ -902,11 +888,7 @@ class Broker(Banana):
                     self._schedulePump()
                     return
                 if self._largeOut[0][3] and not self._startableLarge():
-                    # Calls that wait for the peer to take earlier ones: _taken resumes. The
-                    # peer's messages waiting (its taken among them) go on now.
-                    if self._backlog is not None:
-                        self._handleBacklog()
-                    return
+                    return  # calls that wait for the peer to take earlier ones: _taken resumes
                 budget -= self._writeFragment()
         finally:
             self._pumpingLarge = False
@@ -1007,16 +989,7 @@ class Broker(Banana):
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
-            payload = self._nativePayload(list(expression))
-            self._afterLarge.append((payload, None, None))
-            if type(payload) is bytes:
-                # Releases and stream ends the peer made this side keep: past bufferedBytes,
-                # its messages wait (see _peerWaits), and it is dropped if it goes on anyway
-                # or stops reading. (A large stream item is bounded by the stream's credit.)
-                self._keptBytes += len(payload) + _KEPT_OVERHEAD
-                transport: Any = self.transport
-                if type(transport) is PacedTransport:
-                    transport.keptBehind(self._keptBytes)
+            self._afterLarge.append((self._nativePayload(list(expression)), None, None))
         else:
             self.sendCall(*expression)
 
@@ -1040,10 +1013,7 @@ class Broker(Banana):
 
     def _flushAfterLarge(self) -> None:
         while self._afterLarge and not self._largeOut and not self.disconnected:
-            payload, requestID, counted = self._afterLarge.pop(0)
-            if requestID is None and type(payload) is bytes:
-                self._keptBytes = max(0, self._keptBytes - len(payload) - _KEPT_OVERHEAD)
-            self._writePayload(payload, requestID, counted)
+            self._writePayload(*self._afterLarge.pop(0))
 
     @property
     def sendingLarge(self) -> bool:
@@ -1936,13 +1906,7 @@ class Broker(Banana):
         """
         if self.overflowing or self._failing:
             return False
-        if transport.paused:
-            return True
-        if self._keptBytes > self.limits.bufferedBytes and not self._largeBlocked:
-            # (Unless this side's large calls wait for the peer to say it took one: its
-            # taken would wait behind them for ever.)
-            return True
-        return len(self._largeOut) > 1 and self._queueFull()
+        return transport.paused or (len(self._largeOut) > 1 and self._queueFull())
 
     def _queueFull(self) -> bool:
         """
@@ -2000,7 +1964,6 @@ class Broker(Banana):
         transport.paused = False
         self._largeOut = []
         self._largeOutForPeer = 0
-        self._keptBytes = 0
         try:
             self._handleBacklog()
         except Exception:

@@ -870,6 +870,8 @@ class Broker(Banana):
         try:
             budget = _LARGE_BYTES_PER_TURN
             while not self.disconnected and self.transport is not None:
+                if self.overflowing:
+                    self._endOverflow()
                 if self._backlog is not None:
                     # The peer's messages waited for the queue to shrink; it may have.
                     self._handleBacklog()
@@ -1907,6 +1909,18 @@ class Broker(Banana):
         if self.overflowing or self._failing:
             return False
         return transport.paused or (len(self._largeOut) > 1 and self._queueFull())
+
+    def _endOverflow(self) -> None:
+        """
+        End an overflow that began while large messages for the peer filled the queue, the
+        connection taking data, once they no longer do (one that began while the connection
+        took none ends when it resumes): else the peer's messages would never wait again,
+        and a later moment of a full connection would drop it at once.
+        """
+        transport: Any = self.transport
+        full = len(self._largeOut) > 1 and self._queueFull()
+        if type(transport) is PacedTransport and not transport.paused and not full:
+            self.overflowing = False
 
     def _queueFull(self) -> bool:
         """

@@ -556,6 +556,33 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertEqual(client._afterLarge, [])
         self.assertFalse(client.overflowing)
 
+    def test_overflowWhileTheQueueWasFullEnds(self) -> None:
+        """A peer whose messages were handled after all while large answers filled the
+        queue (the connection taking data) is treated as any other once they have gone: at
+        a later moment of a full connection its few calls wait, rather than getting it
+        dropped at once."""
+        for _ in range(3):  # more than bufferedBytes of large answers behind the first
+            self.root.callRemote("big")
+        self.toServer()
+        with capturedLogs():
+            for _ in range(400):  # small calls: they wait, then overflow
+                self.root.callRemote("echo", "x" * 50)
+                self.toServer()
+        self.assertTrue(self.server.overflowing)
+        for _ in range(50):  # the reader reads everything
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertEqual(self.server._largeOut, [])
+        self.assertFalse(self.server.overflowing)
+        self.server.transport.pauseProducing()  # a moment later the connection is full
+        for _ in range(100):  # fewer bytes than bufferedBytes + messageSize: they wait
+            self.root.callRemote("echo", "y" * 100)
+            self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.server.transport.resumeProducing()
+        self.assertFalse(self.serverTransport.disconnecting)
+
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told
         to stop, cannot make the server remember ever more of them: at most

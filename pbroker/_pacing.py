@@ -135,15 +135,20 @@ class PacedTransport:
                 return
             if held:
                 self._passHeld()
-        # _pass(data), inline: this is the path of every write that is not held.
-        self._transport.write(data)
+        # _pass(data), inline: this is the path of every write that is not held. A write
+        # counts as waiting for the peer only if the transport was paused before it: the
+        # write that fills the connection (Twisted pauses the producer within it) was taken.
         if self.paused:
+            self._transport.write(data)
             self.bufferedWhilePaused += size
             self._checkBuffered()
+        else:
+            self._transport.write(data)
 
     def _pass(self, data: bytes) -> None:
+        paused = self.paused
         self._transport.write(data)
-        if not self.paused:
+        if not paused:
             return
         self.bufferedWhilePaused += len(data)
         self._checkBuffered()
@@ -322,6 +327,7 @@ class PacedTransport:
 
     def writeSequence(self, data: list[bytes]) -> None:
         self._passHeld()
+        paused = self.paused  # (see write)
         writeSequence = getattr(self._transport, "writeSequence", None)
         if writeSequence is None:
             self._transport.write(b"".join(data))
@@ -329,7 +335,7 @@ class PacedTransport:
             writeSequence(data)
         size = sum(len(chunk) for chunk in data)
         self.written += size
-        if self.paused:
+        if paused:
             self.bufferedWhilePaused += size
             self._checkBuffered()
 

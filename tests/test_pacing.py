@@ -189,6 +189,37 @@ class PacedTransportTests(SynchronousTestCase):
         self.paced.release()
         self.assertEqual(self.paced.bufferedWhilePaused, 100)
 
+    def test_theWriteThatFillsTheConnectionIsTaken(self) -> None:
+        """A write during which the real transport pauses its producer (it filled the
+        connection, as Twisted's file descriptors do within write) was taken: it does not
+        count against bufferedBytes; the writes after it, while paused, do. Also through
+        hold/release and writeSequence."""
+        paced = self.paced
+        original = self.real.write
+
+        def pausingWrite(data: bytes) -> None:
+            original(data)
+            paced.pauseProducing()
+
+        def pausingWriteSequence(data: list[bytes]) -> None:
+            pausingWrite(b"".join(data))
+
+        self.real.write = pausingWrite  # type: ignore[method-assign]
+        self.real.writeSequence = pausingWriteSequence  # type: ignore[method-assign]
+        paced.write(b"x" * 300)
+        self.assertEqual(paced.bufferedWhilePaused, 0)
+        paced.write(b"y" * 20)
+        self.assertEqual(paced.bufferedWhilePaused, 20)
+        for send in (
+            lambda: paced.writeSequence([b"a" * 7, b"b" * 3]),
+            lambda: (paced.hold(), paced.write(b"c" * 10), paced.release()),
+        ):
+            paced.resumeProducing()
+            send()
+            self.assertEqual(paced.bufferedWhilePaused, 0)
+            send()
+            self.assertEqual(paced.bufferedWhilePaused, 10)
+
 
 class FlushTests(SynchronousTestCase):
     """

@@ -251,6 +251,16 @@ class PacedTransport:
             if self.queuedWhilePaused > limit:
                 self._over(self.queuedWhilePaused, limit)
 
+    def overflowed(self) -> None:
+        """
+        The broker handles the peer's messages after all (it sent too much while its
+        connection took nothing): if more than ``limits.bufferedBytes`` waits for it already
+        (the stall timer runs), it is dropped now, as one is whose overflow came first.
+        """
+        if self._stall is not None:
+            limit = self._broker.limits.bufferedBytes
+            self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
+
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
         if self.bufferedWhilePaused > limit:

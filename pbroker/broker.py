@@ -1954,8 +1954,12 @@ class Broker(Banana):
         self._backlogSize += len(data)
         if self._backlogSize > self.limits.bufferedBytes + (self.limits.messageSize or 0):
             # The peer sent too much while the connection was full: handle it after all, and
-            # drop the peer as soon as more than bufferedBytes waits for it (see _pacing).
+            # drop the peer as soon as more than bufferedBytes waits for it (see _pacing),
+            # now if that much waits already.
             self.overflowing = True
+            transport: Any = self.transport
+            if type(transport) is PacedTransport:
+                transport.overflowed()
             self._handleBacklog()
 
     def discardBacklog(self) -> None:

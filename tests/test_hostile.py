@@ -409,6 +409,28 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
 
+    def test_overflowWithTooMuchWaitingDropsAtOnce(self) -> None:
+        """A peer for which more than bufferedBytes already waits (the stall timer runs),
+        and which then sends too much anyway, one-way calls that write nothing, is dropped
+        as it overflows, without waiting for stallTimeout."""
+        for _ in range(3):
+            self.call(b"wait")
+        self.hostile.transport.pauseProducing()
+        with capturedLogs() as events:
+            for waiting in self.service.waiting:
+                waiting.callback(b"x" * 2000)  # 6000 bytes wait, over 5500
+            self.assertFalse(self.transport.disconnecting)
+            for _ in range(100):
+                if self.transport.disconnecting:
+                    break
+                self.attack(
+                    b"message", 0, b"root", b"count", 0, [b"tuple"] + [1] * 50, [b"dictionary"]
+                )
+        self.assertTrue(self.hostile.overflowing)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.seconds(), 0)
+        self.assertTrue(any("stopped reading" in str(e.get("log_format")) for e in events))
+
     def test_answersForAReaderThatReads(self) -> None:
         """A peer whose connection takes data again before stallTimeout is kept, however
         much waited for it."""

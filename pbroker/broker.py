@@ -535,7 +535,8 @@ class Broker(Banana):
         self._backlogSize = 0
         self._handlingBacklog = False
         #: Whether the peer's messages are handled although the connection is full, as it
-        #: sent too much meanwhile (see _keepForLater), until the connection drains.
+        #: sent too much meanwhile (see _keepForLater), until the connection drains (or the
+        #: queue of large messages for the peer is no longer full: _endOverflow).
         self.overflowing = False
         # Set while the messages before malformed input are handled (see _malformed).
         self._failing = False

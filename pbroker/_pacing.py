@@ -138,12 +138,11 @@ class PacedTransport:
         # _pass(data), inline: this is the path of every write that is not held. A write
         # counts as waiting for the peer only if the transport was paused before it: the
         # write that fills the connection (Twisted pauses the producer within it) was taken.
-        if self.paused:
-            self._transport.write(data)
+        paused = self.paused
+        self._transport.write(data)
+        if paused:
             self.bufferedWhilePaused += size
             self._checkBuffered()
-        else:
-            self._transport.write(data)
 
     def _pass(self, data: bytes) -> None:
         paused = self.paused

@@ -62,7 +62,7 @@ _STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 
 # The keys of a copied failure's state kept: what CopyableFailure and stock Twisted send
 # (frames, stack and tb are replaced; unsafeTracebacks is the sender's business).
-_STATE_KEYS = frozenset({"type", "value", "traceback", "parents", "count", "captureVars"})
+_STATE_KEYS = frozenset(_STATE_TYPES) | {"count", "captureVars"}
 
 
 def wireName(cls: type) -> str:

@@ -250,6 +250,16 @@ class PacedTransport:
             if self.queuedWhilePaused > limit:
                 self._over(self.queuedWhilePaused, limit)
 
+    def kept(self, size: int) -> None:
+        """
+        Count ``size`` bytes of a small message for the peer that the broker keeps to write
+        later (behind large messages) if the transport is paused: it waits for the peer as
+        one written now would, against ``limits.bufferedBytes``.
+        """
+        if self.paused:
+            self.bufferedWhilePaused += size
+            self._checkBuffered()
+
     def overflowed(self) -> None:
         """
         The broker handles the peer's messages after all (it sent too much while its

@@ -409,6 +409,25 @@ class _Payload:
         self.taken = taken
 
 
+class _Release:
+    """
+    The ``decref`` or ``decache`` messages for one of the peer's objects kept behind large
+    messages (see :meth:`Broker._keepRelease`): ``count`` of them, sent together.
+    """
+
+    __slots__ = ("command", "count", "holdsImport", "objectID", "serial")
+
+    def __init__(self, command: bytes, objectID: Any, holdsImport: bool, serial: int) -> None:
+        self.command = command
+        self.objectID = objectID
+        self.count = 1
+        #: A decref's: it still counts in importedReferences until sent (one for all).
+        self.holdsImport = holdsImport
+        #: Broker._afterLargeSerial when it was kept: releases asked for while it is
+        #: unchanged join this one.
+        self.serial = serial
+
+
 class Broker(Banana):
     """
     A Perspective Broker connection.
@@ -524,8 +543,16 @@ class Broker(Banana):
         self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
-        # counted (else None, None).
-        self._afterLarge: list[tuple[bytes | _Payload, int | None, Any]] = []
+        # counted (else None, None); or (None, None, a _Release).
+        self._afterLarge: collections.deque[tuple[bytes | _Payload | None, int | None, Any]] = (
+            collections.deque()
+        )
+        # The _Release last kept in it for each (command, object id); how many other
+        # messages were put in it so far; how many of its releases were emptied (an uncache
+        # came first) and still take a place (see _keepRelease).
+        self._keptReleases: dict[tuple[bytes, Any], _Release] = {}
+        self._afterLargeSerial = 0
+        self._emptiedReleases = 0
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -712,7 +739,13 @@ class Broker(Banana):
             reason = self._lostReason
         self._largeOut = []
         self._largeOutForPeer = 0
-        self._afterLarge = []
+        # A decref kept unsent still counted its reference as held.
+        self.importedReferences -= sum(
+            1 for payload, _, release in self._afterLarge if payload is None and release.holdsImport
+        )
+        self._afterLarge = collections.deque()
+        self._keptReleases = {}
+        self._emptiedReleases = 0
         self._untaken = {}
         self._untakenBytes = 0
         self._largeBlocked = False
@@ -984,15 +1017,29 @@ class Broker(Banana):
             entry[1] = remaining
         return size
 
-    def _sendBehindLarge(self, *expression: Any) -> None:
+    def _sendBehindLarge(self, *expression: Any, forPeer: bool = False) -> None:
         """
         Send a message after any large message already queued: a stream's, so that a
-        stream's items and its end keep their order however large the items are, or the
-        cancel of a call still being sent, so that it does not arrive before the call.
+        stream's items and its end keep their order however large the items are, the
+        cancel of a call still being sent, so that it does not arrive before the call, or
+        what names a cache handle or a copy.
+
+        ``forPeer``: the message answers the peer (an answer, an error, an uncache). Kept
+        while the connection takes no data, it counts as waiting for the peer, as written
+        bytes do (see PacedTransport.kept and queued): a peer that leaves a large answer unread
+        while it asks for more cannot make this side keep them without end.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
-            self._afterLarge.append((self._nativePayload(list(expression)), None, None))
+            payload = self._nativePayload(list(expression))
+            transport: Any = self.transport
+            if forPeer and type(transport) is PacedTransport:
+                if isinstance(payload, bytes):
+                    transport.kept(len(payload))
+                elif self.peerMessageSize is not None:  # as _writePayload counts one
+                    transport.queued(payload.size, self.peerMessageSize)
+            self._afterLargeSerial += 1
+            self._afterLarge.append((payload, None, None))
         else:
             self.sendCall(*expression)
 
@@ -1006,17 +1053,85 @@ class Broker(Banana):
             return False
         return any(kind == _BEHIND for _, kind in registrations)
 
-    def _sendRelease(self, command: bytes, objectID: Any) -> None:
+    def _sendRelease(self, command: bytes, objectID: Any, holdsImport: bool = False) -> None:
         """
-        Send a ``decref``, ``decache`` or ``uncache``: behind any large message being sent,
-        which may name the object it releases (as the target of a call, in an argument or in
-        an answer), so that the peer does not forget the object before that message arrives.
+        Send a ``decref`` or ``decache`` this side's code asked for (a reference or a handle
+        on a copy was garbage collected): behind any large message being sent, which may name
+        the object it releases (as the target of a call, in an argument or in an answer), so
+        that the peer does not forget the object before that message arrives.
+
+        ``holdsImport``: a decref, whose reference counts in ``importedReferences`` until it
+        is sent, as the peer counts it (see :meth:`_keepRelease`).
         """
-        self._sendBehindLarge(command, objectID)
+        if self._largeOut or self._afterLarge:
+            self._keepRelease(command, objectID, holdsImport)
+            return
+        if holdsImport:
+            self.importedReferences -= 1
+        self.sendCall(command, objectID)
+
+    def _keepRelease(self, command: bytes, objectID: Any, holdsImport: bool) -> None:
+        """
+        Keep a release until the large messages queued before it are out.
+
+        Releases of one object asked for while no other message was kept meanwhile join one
+        entry, sent together where the first was asked for: no message kept since names the
+        object, and the large messages queued go first anyway. So a peer that sends one
+        object over and over while it leaves a large answer unread makes this side keep one
+        entry. A kept decref holds its reference in ``importedReferences`` until it is sent
+        (one for the entry), as the peer counts it: a peer that sends new objects meanwhile
+        is refused more once the limit is reached, and their decrefs are written at once
+        (see :meth:`importReference`), counted as waiting for the peer as any write is.
+        """
+        key = (command, objectID)
+        kept = self._keptReleases.get(key)
+        if kept is not None and kept.serial == self._afterLargeSerial:
+            kept.count += 1
+            if holdsImport:
+                self.importedReferences -= 1  # the kept decref holds one for all of them
+            return
+        release = self._keptReleases[key] = _Release(
+            command, objectID, holdsImport, self._afterLargeSerial
+        )
+        self._afterLarge.append((None, None, release))
+
+    def _emptyKeptDecache(self, objectID: Any) -> None:
+        """
+        Forget the decaches kept for the peer's copy ``objectID``, which it uncached: it
+        would not know the id any more. (A peer does so only before it got them all, which a
+        well-behaved peer never does.) Emptied entries are dropped once they are half the
+        queue, so that a peer doing it over and over does not make it grow.
+        """
+        kept = self._keptReleases.pop((b"decache", objectID), None)
+        if kept is None:
+            return
+        kept.count = 0
+        self._emptiedReleases += 1
+        after = self._afterLarge
+        if self._emptiedReleases * 2 > len(after):
+            self._afterLarge = collections.deque(
+                entry for entry in after if entry[0] is not None or entry[2].count
+            )
+            self._emptiedReleases = 0
 
     def _flushAfterLarge(self) -> None:
         while self._afterLarge and not self._largeOut and not self.disconnected:
-            self._writePayload(*self._afterLarge.pop(0))
+            payload, requestID, counted = self._afterLarge.popleft()
+            if payload is not None:
+                self._writePayload(payload, requestID, counted)
+                continue
+            release: _Release = counted
+            key = (release.command, release.objectID)
+            if self._keptReleases.get(key) is release:
+                del self._keptReleases[key]
+            if release.holdsImport:
+                self.importedReferences -= 1
+            if not release.count:
+                self._emptiedReleases -= 1
+                continue
+            message = self._nativePayload([release.command, release.objectID])
+            for _ in range(release.count):
+                self._writePayload(message)
 
     @property
     def sendingLarge(self) -> bool:
@@ -1186,7 +1301,8 @@ class Broker(Banana):
                     self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
                     self._stopObserving(local)
                     if (luid, _FIRST) not in registrations and self._canSend:
-                        self._sendRelease(b"uncache", luid)  # the peer holds a copy
+                        # The peer holds a copy. (Behind any large message to the copy.)
+                        self._sendBehindLarge(b"uncache", luid, forPeer=True)
             elif kind == _STREAM:
                 self._streams.drop([luid])
 
@@ -1282,8 +1398,11 @@ class Broker(Banana):
             if budget[kind] <= 0:
                 continue
             budget[kind] -= 1
+            # Releases of what arrived unread go at once, ahead of the large messages being
+            # sent: a message of this side's that names the object keeps a reference of its
+            # own until it is written (keepUntilSent), which the peer still counts.
             if kind == _EXPORT:
-                self._sendRelease(b"decref", luid)
+                self.sendCall(b"decref", luid)
             elif kind == _CACHE:
                 unread = self._unreadCaches
                 if luid in self.locallyCachedObjects or (unread is not None and luid in unread):
@@ -1297,7 +1416,7 @@ class Broker(Banana):
                     unread.add(luid)
                 else:
                     continue  # not a cache of the peer's: its mistake, nothing to release
-                self._sendRelease(b"decache", luid)
+                self.sendCall(b"decache", luid)
             else:
                 streams = self._streams
                 if luid in streams.incoming or luid in streams.cancelled:
@@ -1461,6 +1580,7 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
+            self._afterLargeSerial += 1
             self._afterLarge.append((data, requestID, registrations))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
@@ -1598,7 +1718,8 @@ class Broker(Banana):
                 count=self.importedReferences,
             )
             if not self.disconnected and self.transport is not None:
-                self._sendRelease(b"decref", luid)
+                # At once, even ahead of large messages being sent: see _release.
+                self.sendCall(b"decref", luid)
             raise LimitExceeded(
                 f"the peer sent more than {self.limits.importedReferences} references"
             )
@@ -1613,10 +1734,10 @@ class Broker(Banana):
         """
         Tell the peer one reference to its object ``objectID`` is gone.
         """
-        self.importedReferences -= 1
         if not self._canSend:
+            self.importedReferences -= 1
             return
-        self._sendRelease(b"decref", objectID)
+        self._sendRelease(b"decref", objectID, holdsImport=True)
 
     # Paging: pagers send while the pacing transport says the connection takes data.
 
@@ -2402,11 +2523,13 @@ class Broker(Banana):
         try:
             if callContext is not None and callContext.reply and self.isNative:
                 if self._behindLarge(registrations):
-                    self._sendBehindLarge(b"answerctx", requestID, netResult, callContext.reply)
+                    self._sendBehindLarge(
+                        b"answerctx", requestID, netResult, callContext.reply, forPeer=True
+                    )
                 else:
                     self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
             elif self._behindLarge(registrations):
-                self._sendBehindLarge(b"answer", requestID, netResult)
+                self._sendBehindLarge(b"answer", requestID, netResult, forPeer=True)
             elif self._codec is not None:  # sendCall's work, without its two steps
                 self._writePayload(
                     self._nativePayload([b"answer", requestID, netResult], type(netResult) is bytes)
@@ -2450,7 +2573,8 @@ class Broker(Banana):
         netFailure = self._serializeFailure(failure)
         registrations = self._takeRegistrations(netFailure)
         if send == self.sendCall and self._behindLarge(registrations):
-            send = self._sendBehindLarge  # it names a cache handle (see _behindLarge)
+            # It names a cache handle (see _behindLarge); an error for the peer's call.
+            send = functools.partial(self._sendBehindLarge, forPeer=True)
         try:
             send(command, key, netFailure)
         except LimitExceeded as e:
@@ -2602,7 +2726,7 @@ class Broker(Banana):
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
             self._stopObserving(local)
             # Behind any large cache message to the copy still being sent.
-            self._sendRelease(b"uncache", objectID)
+            self._sendBehindLarge(b"uncache", objectID, forPeer=True)
 
     def _uncache(self, objectID: Any) -> None:
         cache = self.locallyCachedObjects.pop(objectID, None) if type(objectID) is int else None
@@ -2612,6 +2736,8 @@ class Broker(Banana):
                 return  # a first copy this side released unread
             raise ProtocolError(f"uncache of an unknown cache id: {describe(objectID)}")
         cache.broker = None
+        if self._keptReleases:
+            self._emptyKeptDecache(objectID)
 
     #: command -> (handler, number of fields). Subclasses extend a copy for new messages.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {

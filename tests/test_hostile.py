@@ -537,7 +537,7 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.assertFalse(self.serverTransport.disconnecting)
         self.assertEqual(answers[0], "after")  # a small answer goes ahead of a large one
         self.assertEqual(len(answers[1]), 3_000_000)
-        self.assertEqual(self.server._afterLarge, [])
+        self.assertEqual(list(self.server._afterLarge), [])
         self.assertEqual(self.client.luids, {})  # every reference released
 
     def test_keptReleasesDoNotStallLargeCalls(self) -> None:
@@ -575,7 +575,7 @@ class NativeHostilePeerTests(SynchronousTestCase):
             pump.pump()
             clock.advance(1)
         self.assertEqual(results, [1_000_000] * 3)
-        self.assertEqual(client._afterLarge, [])
+        self.assertEqual(list(client._afterLarge), [])
         self.assertFalse(client.overflowing)
 
     def test_overflowWhileTheQueueWasFullEnds(self) -> None:

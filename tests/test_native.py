@@ -2521,7 +2521,7 @@ class TakenLargeCallTests(SynchronousTestCase):
         self.pump.flush()
         self.failureResultOf(first, PBConnectionLost)
         self.failureResultOf(behind, PBConnectionLost)
-        self.assertEqual((self.client._afterLarge, self.client._largeOut), ([], []))
+        self.assertEqual((list(self.client._afterLarge), self.client._largeOut), ([], []))
 
     def test_connectionLostForgetsUntaken(self) -> None:
         """Calls not taken are forgotten when the connection is lost; they fail."""

@@ -99,7 +99,7 @@ class DroppedUnsentCallTests(Base):
             self.pump.flush()
             self.clock.advance(1)
         self.assertEqual(self.successResultOf(first), 1)
-        self.assertEqual(self.client._afterLarge, [])
+        self.assertEqual(list(self.client._afterLarge), [])
         self.assertEqual(len(self.server.localObjects), before)  # the child is unexported
 
     def test_cancelledInEitherOrder(self) -> None:

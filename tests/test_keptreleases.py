@@ -1,0 +1,342 @@
+"""
+Releases (``decref``, ``decache``) and answers kept behind large native messages: what is
+kept stays bounded whatever the peer sends, nothing kept overtakes a message that names its
+object, and everything kept is sent once the large messages are out.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import pb
+from pbroker.testing import connectedServerAndClient
+from tests.test_broker import Gauge, RemoteGauge
+
+MiB = 1024 * 1024
+BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
+
+
+class Child(pb.Referenceable):
+    def remote_ping(self, *args: Any) -> int:
+        return len(args)
+
+
+class Unknown(pb.Copyable):
+    """A class the server does not take."""
+
+
+class Root(pb.Root):
+    def __init__(self) -> None:
+        self.child = Child()
+        self.gauge = Gauge()
+        self.kept: Any = None
+
+    def remote_take(self, *args: Any) -> int:
+        return len(args)
+
+    def remote_child(self) -> Child:
+        return self.child
+
+    def remote_newChild(self) -> Child:
+        return Child()
+
+    def remote_gauge(self) -> Gauge:
+        return self.gauge
+
+    def remote_newGauge(self) -> Gauge:
+        return Gauge()
+
+    def remote_keep(self, value: Any) -> None:
+        self.kept = value
+
+
+class ClientKeepsReleasesTests(SynchronousTestCase):
+    """
+    A client whose large calls wait for the server to take them keeps its releases behind
+    them: the server's calls are made, answered and released as it would have otherwise.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.rootObject = Root()
+        self.connect(pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB))
+
+    def connect(self, clientLimits: pb.BrokerLimits) -> None:
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        # Unbounded fake transports: what the client writes waits there until pumped.
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=limits, registry=registry),
+            pb.PBClientFactory(clock=self.clock, limits=clientLimits, registry=registry),
+            clock=self.clock,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def answer(self, name: str, *args: Any) -> Any:
+        d = self.root.callRemote(name, *args)
+        self.pump.flush()
+        return self.successResultOf(d)
+
+    def queueLarge(self) -> list[Any]:
+        """
+        Two large calls: the first written (and not yet delivered), the second waiting in
+        the client's queue for the server to take the first.
+        """
+        calls = [self.root.callRemote("take", b"1" * BIG)]
+        for _ in range(1000):
+            if not self.client._largeOut:
+                break
+            self.clock.advance(0)
+        calls.append(self.root.callRemote("take", b"2" * BIG))
+        self.assertGreater(self.client._largeOut[0][3], 0)  # waits for room
+        return calls
+
+    def drain(self) -> None:
+        for _ in range(100):
+            self.pump.flush()
+            self.clock.advance(1)
+
+    def test_releasesOfOneObjectJoin(self) -> None:
+        """References to one object released while large calls wait keep one entry, and
+        one imported reference for all; every decref is sent once the calls are out."""
+        references = [self.answer("child") for _ in range(200)]
+        self.assertEqual(self.client.importedReferences, 200)
+        calls = self.queueLarge()
+        del references[:]
+        gc.collect()
+        self.assertEqual(len(self.client._afterLarge), 1)
+        self.assertEqual(self.client.importedReferences, 1)  # held by the kept entry
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(list(self.client._afterLarge), [])
+        self.assertEqual(self.client.importedReferences, 0)
+        self.assertEqual(self.client._keptReleases, {})
+        # The server got all 200 decrefs: the child is no longer exported.
+        self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
+
+    def test_aCallKeptAfterAReleaseIsNotOvertaken(self) -> None:
+        """A release of an object asked for after a call to it was kept behind the large
+        messages goes after that call, not with the releases kept before it."""
+        first, second = self.answer("child"), self.answer("child")
+        gauge = Gauge()
+        self.answer("keep", gauge)  # the server holds a copy: later calls name it by handle
+        calls = self.queueLarge()
+        del first
+        gc.collect()  # one decref kept
+        pinged = second.callRemote("ping", gauge)  # names a handle: kept behind them
+        self.assertEqual(len(self.client._afterLarge), 2)
+        del second
+        gc.collect()  # the last reference: its decref must follow the call
+        self.assertEqual(len(self.client._afterLarge), 3)
+        self.drain()
+        self.assertEqual(self.successResultOf(pinged), 1)
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
+        self.assertEqual(self.client.importedReferences, 0)
+
+    def test_decachesOfOneCopyJoin(self) -> None:
+        """Handles on one cache copy released while large calls wait keep one entry; the
+        server gets every decache, and uncaches its copy."""
+        handles = [self.answer("gauge") for _ in range(50)]
+        calls = self.queueLarge()
+        del handles[:]
+        gc.collect()
+        self.assertEqual(len(self.client._afterLarge), 1)
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(self.server.remotelyCachedObjects, {})  # every handle released
+        self.assertEqual(self.client.locallyCachedObjects, {})  # and uncached
+        self.assertEqual(self.rootObject.gauge.stopped, 1)
+
+    def test_decachesForgottenOnAnEarlyUncache(self) -> None:
+        """A peer that uncaches copies before it got their kept decaches is sent none of
+        them, and the emptied entries do not stay in the queue."""
+        handles = [self.answer("newGauge") for _ in range(10)]
+        luids = [handle.luid for handle in handles]
+        calls = self.queueLarge()
+        del handles[:]
+        gc.collect()
+        self.assertEqual(len(self.client._afterLarge), 10)
+        for luid in luids:
+            self.client.expressionReceived([b"uncache", luid])
+        self.assertEqual((len(self.client._afterLarge), self.client._keptReleases), (0, {}))
+        self.assertEqual(self.client._emptiedReleases, 0)
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(len(self.server.remotelyCachedObjects), 10)  # no decache came
+
+    def test_emptiedEntriesAreSkipped(self) -> None:
+        """An emptied entry still queued sends nothing; the others are sent."""
+        kept = [self.answer("newGauge") for _ in range(3)]
+        calls = self.queueLarge()
+        forgotten = kept.pop(0).luid
+        gc.collect()
+        kept.clear()
+        gc.collect()
+        self.assertEqual(len(self.client._afterLarge), 3)
+        self.client.expressionReceived([b"uncache", forgotten])
+        self.assertEqual(len(self.client._afterLarge), 3)  # under half emptied: kept
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(list(self.server.remotelyCachedObjects), [forgotten])
+        self.assertEqual(self.client._emptiedReleases, 0)
+
+    def test_keptDecrefsForgottenOnConnectionLost(self) -> None:
+        """Kept releases are dropped with the connection, and the references their decrefs
+        held are no longer counted."""
+        references = [self.answer("newChild") for _ in range(3)]
+        calls = self.queueLarge()
+        references.clear()
+        gc.collect()
+        self.assertEqual(self.client.importedReferences, 3)
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual((list(self.client._afterLarge), self.client._keptReleases), ([], {}))
+        self.assertEqual(self.client.importedReferences, 0)
+        self.failureResultOf(calls[1], pb.PBConnectionLost)  # (the first was delivered)
+
+
+class NativeFloodTests(SynchronousTestCase):
+    """
+    A hostile client leaves a large answer unread and floods the server, driven through a
+    client broker whose bytes the test moves by hand.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.rootObject = Root()
+        self.rootObject.remote_big = lambda: b"x" * 3_000_000  # type: ignore[attr-defined]
+        self.rootObject.remote_drop = lambda *references: None  # type: ignore[attr-defined]
+        limits = pb.BrokerLimits(bufferedBytes=8192, messageSize=8192, importedReferences=16)
+        factory = pb.PBServerFactory(self.rootObject, limits=limits, clock=self.clock)
+        self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.serverTransport = StringTransport()
+        self.server.makeConnection(self.serverTransport)
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        self.client = pb.PBClientFactory(
+            clock=self.clock, limits=pb.BrokerLimits(exportedReferences=100_000), registry=registry
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
+        self.clientTransport = StringTransport()
+        self.client.makeConnection(self.clientTransport)
+        for _ in range(5):
+            self.toServer()
+            self.toClient()
+        self.assertTrue(self.server.isNative)
+        self.root = self.client.remoteForName("root")
+
+    def toServer(self) -> None:
+        data = self.clientTransport.value()
+        self.clientTransport.clear()
+        if data:
+            self.server.dataReceived(data)
+
+    def toClient(self) -> None:
+        data = self.serverTransport.value()
+        self.serverTransport.clear()
+        if data:
+            self.client.dataReceived(data)
+
+    def unreadBigAnswer(self) -> None:
+        self.root.callRemote("big")
+        self.toServer()
+        self.assertTrue(self.server._largeOut)
+        self.server.transport.pauseProducing()  # the client reads none of it
+        self.serverTransport.clear()
+
+    def test_oneObjectOverAndOver(self) -> None:
+        """One object sent in thousands of one-way calls keeps one release."""
+        thing = pb.Referenceable()
+        self.unreadBigAnswer()
+        for _ in range(50):
+            for _ in range(40):
+                self.root.callRemote("drop", thing, pbanswer=False)
+            self.toServer()
+        self.assertEqual(len(self.server._afterLarge), 1)
+        self.assertEqual(self.server.importedReferences, 1)
+        self.assertFalse(self.serverTransport.disconnecting)
+
+    def test_newObjectsOverAndOver(self) -> None:
+        """New objects in one-way calls: the server keeps at most its importedReferences
+        decrefs, and a peer that goes on is dropped."""
+        self.unreadBigAnswer()
+        with capturedLogs():
+            for _ in range(2000):
+                if self.serverTransport.disconnecting:
+                    break
+                self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+                self.toServer()
+        self.assertLessEqual(len(self.server._afterLarge), 16)
+        self.assertTrue(self.serverTransport.disconnecting)
+
+    def test_newObjectsPastTheLimitAreRefused(self) -> None:
+        """Past importedReferences kept decrefs, a new reference is refused and its decref
+        written at once; once the client reads, every reference is released."""
+        self.root.callRemote("big")
+        self.toServer()  # (only the answer's first fragments are written)
+        for _ in range(16):
+            self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+        self.toServer()
+        self.assertEqual(len(self.server._afterLarge), 16)
+        self.assertEqual(self.server.importedReferences, 16)
+        before = len(self.serverTransport.value())
+        with capturedLogs() as logs:
+            self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+            self.toServer()
+        self.assertIn(b"decref", self.serverTransport.value()[before:])  # written at once
+        self.assertEqual(len(self.server._afterLarge), 16)
+        self.assertIn("Refusing a reference", logs[0]["log_format"])
+        for _ in range(20):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual(self.server.importedReferences, 0)
+        self.assertEqual(list(self.server._afterLarge), [])
+        self.assertEqual(self.client.luids, {})  # every reference released, the refused too
+
+    def test_answersKeptCountAsWaiting(self) -> None:
+        """Answers kept behind an unread large answer (they name a cache handle) count as
+        waiting for the peer: one that asks for more and more of them is dropped."""
+        handles: list[Any] = []
+        self.root.callRemote("gauge").addCallback(handles.append)
+        for _ in range(3):
+            self.toServer()
+            self.toClient()
+        self.assertEqual(len(handles), 1)
+        self.unreadBigAnswer()
+        with capturedLogs() as logs:
+            for _ in range(3000):
+                if self.serverTransport.disconnecting:
+                    break
+                self.root.callRemote("gauge")
+                self.toServer()
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertLess(len(self.server._afterLarge), 1000)
+        self.assertIn("stopped reading", logs[-1]["log_format"])
+
+    def test_unreadReferencesReleasedAtOnce(self) -> None:
+        """References in a value the server refuses half-way, never unjellied, are released
+        at once rather than kept: a peer sending such values keeps nothing growing."""
+        self.root.callRemote("big")
+        self.toServer()
+        before = len(self.serverTransport.value())
+        with capturedLogs():
+            for _ in range(20):
+                self.root.callRemote("drop", Unknown(), pb.Referenceable(), pbanswer=False)
+            self.toServer()
+        self.assertEqual(list(self.server._afterLarge), [])
+        self.assertEqual(self.serverTransport.value()[before:].count(b"decref"), 20)
+        for _ in range(20):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertEqual(self.client.luids, {})

@@ -423,8 +423,8 @@ class _Release:
         self.count = 1
         #: A decref's: it still counts in importedReferences until sent (one for all).
         self.holdsImport = holdsImport
-        #: Broker._afterLargeSerial when it was kept: releases asked for while it is
-        #: unchanged join this one.
+        #: Broker._queueSerial when it was kept: it waits for the large messages up to that
+        #: one, and releases asked for while it is unchanged join this one.
         self.serial = serial
 
 
@@ -523,7 +523,8 @@ class Broker(Banana):
         self._codec: ValueCodec | None = None
         # Large native messages waiting to be written, as [parts left, bytes left, the
         # request id of a call (else None), its size while it waits for room (else 0), what
-        # packing a call counted until its first fragment is written (else None)].
+        # packing a call counted until its first fragment is written (else None), its serial
+        # (see _queueSerial)].
         self._largeOut: list[list[Any]] = []
         # The bytes left of the messages in it that are not this side's calls (answers, errors,
         # stream items), for _queueFull.
@@ -543,15 +544,17 @@ class Broker(Banana):
         self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
-        # counted (else None, None); or (None, None, a _Release).
-        self._afterLarge: collections.deque[tuple[bytes | _Payload | None, int | None, Any]] = (
-            collections.deque()
-        )
-        # The _Release last kept in it for each (command, object id); how many other
-        # messages were put in it so far; how many of its releases were emptied (an uncache
-        # came first) and still take a place (see _keepRelease).
+        # counted (else None, None), and their serial; or (None, None, a _Release, its).
+        self._afterLarge: collections.deque[
+            tuple[bytes | _Payload | None, int | None, Any, int]
+        ] = collections.deque()
+        # How many messages were put in either queue so far: each has its number as its
+        # serial, and waits in _afterLarge for the large messages of smaller serials only.
+        self._queueSerial = 0
+        # The _Release last kept in _afterLarge for each (command, object id); how many of
+        # its releases were emptied (an uncache came first) and still take a place (see
+        # _keepRelease).
         self._keptReleases: dict[tuple[bytes, Any], _Release] = {}
-        self._afterLargeSerial = 0
         self._emptiedReleases = 0
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
@@ -741,7 +744,7 @@ class Broker(Banana):
         self._largeOutForPeer = 0
         # A decref kept unsent still counted its reference as held.
         self.importedReferences -= sum(
-            1 for payload, _, release in self._afterLarge if payload is None and release.holdsImport
+            1 for entry in self._afterLarge if entry[0] is None and entry[2].holdsImport
         )
         self._afterLarge = collections.deque()
         self._keptReleases = {}
@@ -850,12 +853,16 @@ class Broker(Banana):
             )
 
     def _writePayload(
-        self, payload: bytes | _Payload, requestID: int | None = None, counted: Any = None
+        self,
+        payload: bytes | _Payload,
+        requestID: int | None = None,
+        counted: Any = None,
+        serial: int | None = None,
     ) -> None:
         """
         Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
         parts of a fragmented message through the large-message queue (``requestID``: the
-        message is that call).
+        message is that call; ``serial``: the one it had in ``_afterLarge``, else a new one).
         """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
         transport: Any = self.transport
@@ -875,6 +882,7 @@ class Broker(Banana):
                 requestID,
                 payload.size if payload.taken else 0,
                 counted,
+                self._nextSerial() if serial is None else serial,
             ]
         )
         if requestID is None:
@@ -909,10 +917,10 @@ class Broker(Banana):
                 if self._backlog is not None:
                     # The peer's messages waited for the queue to shrink; it may have.
                     self._handleBacklog()
-                if not self._largeOut:
+                if self._afterLarge:
                     self._flushAfterLarge()
-                    if not self._largeOut:
-                        self._streams.pump()
+                if not self._largeOut:
+                    self._streams.pump()
                     if not self._largeOut and self.pageProducers:
                         self.sendPages()  # pagers wait for large messages (see _sendPages)
                     if not self._largeOut:
@@ -1038,8 +1046,7 @@ class Broker(Banana):
                     transport.kept(len(payload))
                 elif self.peerMessageSize is not None:  # as _writePayload counts one
                     transport.queued(payload.size, self.peerMessageSize)
-            self._afterLargeSerial += 1
-            self._afterLarge.append((payload, None, None))
+            self._afterLarge.append((payload, None, None, self._nextSerial()))
         else:
             self.sendCall(*expression)
 
@@ -1074,9 +1081,9 @@ class Broker(Banana):
         """
         Keep a release until the large messages queued before it are out.
 
-        Releases of one object asked for while no other message was kept meanwhile join one
-        entry, sent together where the first was asked for: no message kept since names the
-        object, and the large messages queued go first anyway. So a peer that sends one
+        Releases of one object asked for while no other message was queued meanwhile (kept
+        or large) join one entry, sent together where the first was asked for: no message
+        that could name the object comes between. So a peer that sends one
         object over and over while it leaves a large answer unread makes this side keep one
         entry. A kept decref holds its reference in ``importedReferences`` until it is sent
         (one for the entry), as the peer counts it: a peer that sends new objects meanwhile
@@ -1085,15 +1092,15 @@ class Broker(Banana):
         """
         key = (command, objectID)
         kept = self._keptReleases.get(key)
-        if kept is not None and kept.serial == self._afterLargeSerial:
+        if kept is not None and kept.serial == self._queueSerial:
             kept.count += 1
             if holdsImport:
                 self.importedReferences -= 1  # the kept decref holds one for all of them
             return
-        release = self._keptReleases[key] = _Release(
-            command, objectID, holdsImport, self._afterLargeSerial
-        )
-        self._afterLarge.append((None, None, release))
+        serial = self._queueSerial
+        release = self._keptReleases[key] = _Release(command, objectID, holdsImport, serial)
+        # It waits for the large messages up to the last one queued (serial + 1 > theirs).
+        self._afterLarge.append((None, None, release, serial + 1))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1114,11 +1121,25 @@ class Broker(Banana):
             )
             self._emptiedReleases = 0
 
+    def _nextSerial(self) -> int:
+        self._queueSerial += 1
+        return self._queueSerial
+
     def _flushAfterLarge(self) -> None:
-        while self._afterLarge and not self._largeOut and not self.disconnected:
-            payload, requestID, counted = self._afterLarge.popleft()
+        """
+        Send what waits in ``_afterLarge`` for large messages that are all out now: each
+        waits for those queued before it only (messages of smaller serials).
+        """
+        first = min(entry[5] for entry in self._largeOut) if self._largeOut else None
+        while self._afterLarge and not self.disconnected:
+            serial = self._afterLarge[0][3]
+            if first is not None and first < serial:
+                return
+            payload, requestID, counted, serial = self._afterLarge.popleft()
             if payload is not None:
-                self._writePayload(payload, requestID, counted)
+                self._writePayload(payload, requestID, counted, serial)
+                if isinstance(payload, _Payload):
+                    first = serial  # a large message now, before the rest: they wait for it
                 continue
             release: _Release = counted
             key = (release.command, release.objectID)
@@ -1580,8 +1601,7 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
-            self._afterLargeSerial += 1
-            self._afterLarge.append((data, requestID, registrations))
+            self._afterLarge.append((data, requestID, registrations, self._nextSerial()))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
@@ -1693,7 +1713,7 @@ class Broker(Banana):
                 return True
         after = self._afterLarge
         for index in _nearerEnd(after, 1, requestID):
-            _payload, waiting, counted = after[index]
+            _payload, waiting, counted, _serial = after[index]
             if waiting == requestID:
                 if counted and any(kind == _FIRST for _, kind in counted):
                     return False

@@ -10,6 +10,7 @@ import gc
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -141,6 +142,42 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
         self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
         self.assertEqual(self.client.importedReferences, 0)
+
+    def test_aLargeCallToAnObjectIsNotOvertakenByItsRelease(self) -> None:
+        """A release asked for after a large call to its object was queued does not join
+        the releases kept before that call: it goes after the call."""
+        first, second = self.answer("child"), self.answer("child")
+        calls = self.queueLarge()
+        del first
+        gc.collect()  # one decref kept, behind the two large calls
+        pinged = second.callRemote("ping", b"p" * BIG)  # queued after that decref
+        del second
+        gc.collect()  # the last reference: its decref must follow the call
+        self.assertEqual(len(self.client._afterLarge), 2)
+        self.drain()
+        self.assertEqual(self.successResultOf(pinged), 1)
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
+
+    def test_aCancelKeptBehindItsLargeCallFollowsIt(self) -> None:
+        """A large call kept behind others, then cancelled, is followed by its cancel, even
+        once the call has joined the large messages being sent."""
+        cancelled: list[bool] = []
+        self.rootObject.remote_slow = lambda *args: Deferred(  # type: ignore[attr-defined]
+            lambda _: cancelled.append(True)
+        )
+        gauge = Gauge()
+        self.answer("keep", gauge)  # the server holds a copy: later calls name it by handle
+        calls = self.queueLarge()
+        # A handle: it waits behind the large calls; a first copy: not dropped unsent.
+        call = self.root.callRemote("slow", gauge, Gauge(), b"s" * BIG)
+        self.assertEqual(len(self.client._afterLarge), 1)
+        call.cancel()
+        self.failureResultOf(call, CancelledError)
+        self.assertEqual(len(self.client._afterLarge), 2)  # its cancel, behind it
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(cancelled, [True])
 
     def test_decachesOfOneCopyJoin(self) -> None:
         """Handles on one cache copy released while large calls wait keep one entry; the
@@ -340,3 +377,28 @@ class NativeFloodTests(SynchronousTestCase):
             self.toClient()
             self.toServer()
         self.assertEqual(self.client.luids, {})
+
+    def test_keptGoesOnceTheLargeMessagesBeforeItAreOut(self) -> None:
+        """What waits behind large messages goes once those queued before it are out, not
+        after large messages queued later too (a reader that keeps asking for large answers
+        would otherwise never get it)."""
+        answers: list[Any] = []
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        self.root.callRemote("drop", pb.Referenceable(), pbanswer=False)
+        self.toServer()
+        self.assertEqual(len(self.server._afterLarge), 1)  # its decref waits
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        self.assertEqual(len(self.server._largeOut), 2)
+        self.clock.advance(0)  # the server writes both answers, and the decref
+        data = self.serverTransport.value()
+        self.serverTransport.clear()
+        for start in range(0, len(data), 65536):  # the client reads a piece at a time
+            self.client.dataReceived(data[start : start + 65536])
+            if not self.client.luids:
+                break
+        self.assertEqual(self.client.luids, {})  # the decref came
+        self.assertEqual(len(answers), 1)  # between the two answers
+        self.client.dataReceived(data[start + 65536 :])
+        self.assertEqual([len(answer) for answer in answers], [3_000_000] * 2)

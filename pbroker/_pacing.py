@@ -250,15 +250,18 @@ class PacedTransport:
             if self.queuedWhilePaused > limit:
                 self._over(self.queuedWhilePaused, limit)
 
-    def kept(self, size: int) -> None:
+    def kept(self, total: int, allowance: int) -> None:
         """
-        Count ``size`` bytes of a small message for the peer that the broker keeps to write
-        later (behind large messages) if the transport is paused: it waits for the peer as
-        one written now would, against ``limits.bufferedBytes``.
+        The broker keeps ``total`` bytes of messages for the peer to write later, behind
+        large messages: they wait for the peer as written ones do. Past the broker's
+        ``limits.bufferedBytes`` and ``allowance`` more (the message just kept: any one
+        message may wait), the peer is dropped as one with that much written for it is: at
+        once while the broker overflows, else if its connection stays full
+        ``limits.stallTimeout`` seconds.
         """
-        if self.paused:
-            self.bufferedWhilePaused += size
-            self._checkBuffered()
+        limit = self._broker.limits.bufferedBytes + allowance
+        if total > limit:
+            self._over(total, limit)
 
     def overflowed(self) -> None:
         """

@@ -99,6 +99,10 @@ NATIVE_DIALECT = b"pbroker2"
 # Bytes of fragments of large messages written in one reactor turn before others get a turn.
 _LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
 
+# What a message kept behind large messages costs in memory besides its bytes (its entry in
+# Broker._afterLarge and its bytes object's header, about 130 bytes), counted with them.
+_KEPT_OVERHEAD = 128
+
 # The object a keepalive ping calls on a stock Twisted peer: it is never exported.
 _PING_OBJECT = b"pbroker.keepalive"
 
@@ -421,7 +425,8 @@ class _Release:
         self.command = command
         self.objectID = objectID
         self.count = 1
-        #: A decref's: it still counts in importedReferences until sent (one for all).
+        #: A decref's: its object still counts in importedReferences (once, however many
+        #: of its decrefs are kept) until the last of them is sent.
         self.holdsImport = holdsImport
         #: Broker._queueSerial when it was kept: it waits for the large messages up to that
         #: one, and releases asked for while it is unchanged join this one.
@@ -544,17 +549,21 @@ class Broker(Banana):
         self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
-        # counted (else None, None), and their serial; or (None, None, a _Release, its).
+        # counted (else None, None), their serial, and what they count in _keptForPeer; or
+        # (None, None, a _Release, its serial, 0).
         self._afterLarge: collections.deque[
-            tuple[bytes | _Payload | None, int | None, Any, int]
+            tuple[bytes | _Payload | None, int | None, Any, int, int]
         ] = collections.deque()
+        # What the messages kept there for the peer (answers, errors, uncaches) count: their
+        # size and _KEPT_OVERHEAD each (see _sendBehindLarge).
+        self._keptForPeer = 0
         # How many messages were put in either queue so far: each has its number as its
         # serial, and waits in _afterLarge for the large messages of smaller serials only.
         self._queueSerial = 0
-        # The _Release last kept in _afterLarge for each (command, object id); how many of
-        # its releases were emptied (an uncache came first) and still take a place (see
+        # The _Releases kept in _afterLarge for each (command, object id), in order; how many
+        # of its releases were emptied (an uncache came first) and still take a place (see
         # _keepRelease).
-        self._keptReleases: dict[tuple[bytes, Any], _Release] = {}
+        self._keptReleases: dict[tuple[bytes, Any], collections.deque[_Release]] = {}
         self._emptiedReleases = 0
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
@@ -742,11 +751,12 @@ class Broker(Banana):
             reason = self._lostReason
         self._largeOut = []
         self._largeOutForPeer = 0
-        # A decref kept unsent still counted its reference as held.
+        # An object with decrefs kept unsent still counted as held.
         self.importedReferences -= sum(
-            1 for entry in self._afterLarge if entry[0] is None and entry[2].holdsImport
+            1 for command, _ in self._keptReleases if command == b"decref"
         )
         self._afterLarge = collections.deque()
+        self._keptForPeer = 0
         self._keptReleases = {}
         self._emptiedReleases = 0
         self._untaken = {}
@@ -912,13 +922,13 @@ class Broker(Banana):
         try:
             budget = _LARGE_BYTES_PER_TURN
             while not self.disconnected and self.transport is not None:
+                if self._afterLarge:
+                    self._flushAfterLarge()
                 if self.overflowing:
                     self._endOverflow()
                 if self._backlog is not None:
                     # The peer's messages waited for the queue to shrink; it may have.
                     self._handleBacklog()
-                if self._afterLarge:
-                    self._flushAfterLarge()
                 if not self._largeOut:
                     self._streams.pump()
                     if not self._largeOut and self.pageProducers:
@@ -1032,21 +1042,25 @@ class Broker(Banana):
         cancel of a call still being sent, so that it does not arrive before the call, or
         what names a cache handle or a copy.
 
-        ``forPeer``: the message answers the peer (an answer, an error, an uncache). Kept
-        while the connection takes no data, it counts as waiting for the peer, as written
-        bytes do (see PacedTransport.kept and queued): a peer that leaves a large answer unread
-        while it asks for more cannot make this side keep them without end.
+        ``forPeer``: the message answers the peer (an answer, an error, an uncache). Kept,
+        it counts in ``_keptForPeer`` until sent, as large messages for the peer count
+        (see :meth:`_queueFull`): past ``limits.bufferedBytes`` the peer's messages wait,
+        unhandled, and a peer that sent too much meanwhile is dropped (see
+        PacedTransport.kept). So a peer that leaves a large answer unread while it asks for
+        answers that have to wait behind it cannot make this side keep them without end.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
             payload = self._nativePayload(list(expression))
-            transport: Any = self.transport
-            if forPeer and type(transport) is PacedTransport:
-                if isinstance(payload, bytes):
-                    transport.kept(len(payload))
-                elif self.peerMessageSize is not None:  # as _writePayload counts one
-                    transport.queued(payload.size, self.peerMessageSize)
-            self._afterLarge.append((payload, None, None, self._nextSerial()))
+            kept = 0
+            if forPeer:
+                size = payload.size if isinstance(payload, _Payload) else len(payload)
+                kept = size + _KEPT_OVERHEAD
+                self._keptForPeer += kept
+                transport: Any = self.transport
+                if type(transport) is PacedTransport:
+                    transport.kept(self._keptForPeer, kept)
+            self._afterLarge.append((payload, None, None, self._nextSerial(), kept))
         else:
             self.sendCall(*expression)
 
@@ -1067,8 +1081,8 @@ class Broker(Banana):
         the object it releases (as the target of a call, in an argument or in an answer), so
         that the peer does not forget the object before that message arrives.
 
-        ``holdsImport``: a decref, whose reference counts in ``importedReferences`` until it
-        is sent, as the peer counts it (see :meth:`_keepRelease`).
+        ``holdsImport``: a decref, whose object counts in ``importedReferences`` until it is
+        sent, as the peer counts it (see :meth:`_keepRelease`).
         """
         if self._largeOut or self._afterLarge:
             self._keepRelease(command, objectID, holdsImport)
@@ -1083,24 +1097,30 @@ class Broker(Banana):
 
         Releases of one object asked for while no other message was queued meanwhile (kept
         or large) join one entry, sent together where the first was asked for: no message
-        that could name the object comes between. So a peer that sends one
-        object over and over while it leaves a large answer unread makes this side keep one
-        entry. A kept decref holds its reference in ``importedReferences`` until it is sent
-        (one for the entry), as the peer counts it: a peer that sends new objects meanwhile
-        is refused more once the limit is reached, and their decrefs are written at once
-        (see :meth:`importReference`), counted as waiting for the peer as any write is.
+        that could name the object comes between. So a peer that sends one object over and
+        over while it leaves a large answer unread makes this side keep one entry (or one
+        per other message kept meanwhile, which are bounded themselves). An object with
+        decrefs kept still counts once in ``importedReferences`` until the last is sent, as
+        the peer counts it: a peer that sends new objects meanwhile is refused more once
+        the limit is reached, and their decrefs are written at once (see
+        :meth:`importReference`), counted as waiting for the peer as any write is.
         """
         key = (command, objectID)
         kept = self._keptReleases.get(key)
-        if kept is not None and kept.serial == self._queueSerial:
-            kept.count += 1
+        if kept is not None:
             if holdsImport:
-                self.importedReferences -= 1  # the kept decref holds one for all of them
-            return
+                self.importedReferences -= 1  # its object counts once, for all its decrefs
+            last = kept[-1]
+            if last.serial == self._queueSerial:
+                last.count += 1
+                return
+        else:
+            kept = self._keptReleases[key] = collections.deque()
         serial = self._queueSerial
-        release = self._keptReleases[key] = _Release(command, objectID, holdsImport, serial)
+        release = _Release(command, objectID, holdsImport, serial)
+        kept.append(release)
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        self._afterLarge.append((None, None, release, serial + 1))
+        self._afterLarge.append((None, None, release, serial + 1, 0))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1112,8 +1132,9 @@ class Broker(Banana):
         kept = self._keptReleases.pop((b"decache", objectID), None)
         if kept is None:
             return
-        kept.count = 0
-        self._emptiedReleases += 1
+        for release in kept:
+            release.count = 0
+        self._emptiedReleases += len(kept)
         after = self._afterLarge
         if self._emptiedReleases * 2 > len(after):
             self._afterLarge = collections.deque(
@@ -1135,21 +1156,24 @@ class Broker(Banana):
             serial = self._afterLarge[0][3]
             if first is not None and first < serial:
                 return
-            payload, requestID, counted, serial = self._afterLarge.popleft()
+            payload, requestID, counted, serial, kept = self._afterLarge.popleft()
             if payload is not None:
+                self._keptForPeer -= kept
                 self._writePayload(payload, requestID, counted, serial)
                 if isinstance(payload, _Payload):
                     first = serial  # a large message now, before the rest: they wait for it
                 continue
             release: _Release = counted
-            key = (release.command, release.objectID)
-            if self._keptReleases.get(key) is release:
-                del self._keptReleases[key]
-            if release.holdsImport:
-                self.importedReferences -= 1
             if not release.count:
                 self._emptiedReleases -= 1
                 continue
+            key = (release.command, release.objectID)
+            releases = self._keptReleases[key]
+            releases.popleft()  # (this one: the first kept of its object's)
+            if not releases:
+                del self._keptReleases[key]
+                if release.holdsImport:
+                    self.importedReferences -= 1
             message = self._nativePayload([release.command, release.objectID])
             for _ in range(release.count):
                 self._writePayload(message)
@@ -1601,7 +1625,7 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
-            self._afterLarge.append((data, requestID, registrations, self._nextSerial()))
+            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), 0))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
@@ -1712,8 +1736,11 @@ class Broker(Banana):
                 self._unregister(entry[4])
                 return True
         after = self._afterLarge
-        for index in _nearerEnd(after, 1, requestID):
-            _payload, waiting, counted, _serial = after[index]
+        order = _nearerEnd(after, 1, requestID)
+        # (Walked, not indexed: indexing a deque away from its ends costs its length.)
+        entries = reversed(after) if order.step < 0 else after
+        for index, entry in zip(order, entries, strict=True):
+            _payload, waiting, counted, _serial, _kept = entry
             if waiting == requestID:
                 if counted and any(kind == _FIRST for _, kind in counted):
                     return False
@@ -2043,14 +2070,13 @@ class Broker(Banana):
     def _peerWaits(self, transport: PacedTransport) -> bool:
         """
         Whether the peer's messages wait, unhandled: the connection takes no data, or more
-        than ``limits.bufferedBytes`` of large messages made for the peer (answers, errors,
-        stream items: not this side's own calls) wait behind the one being sent (native
-        dialect); unless they are handled after all (overflowing, or before malformed
-        input).
+        than ``limits.bufferedBytes`` of messages made for the peer wait behind the large
+        message being sent (native dialect, see :meth:`_queueFull`); unless they are
+        handled after all (overflowing, or before malformed input).
         """
         if self.overflowing or self._failing:
             return False
-        return transport.paused or (len(self._largeOut) > 1 and self._queueFull())
+        return transport.paused or self._queueFull()
 
     def _endOverflow(self) -> None:
         """
@@ -2060,17 +2086,20 @@ class Broker(Banana):
         and a later moment of a full connection would drop it at once.
         """
         transport: Any = self.transport
-        full = len(self._largeOut) > 1 and self._queueFull()
-        if type(transport) is PacedTransport and not transport.paused and not full:
+        if type(transport) is PacedTransport and not transport.paused and not self._queueFull():
             self.overflowing = False
 
     def _queueFull(self) -> bool:
         """
-        Whether more than ``limits.bufferedBytes`` of large messages made for the peer wait
-        behind the one being sent.
+        Whether more than ``limits.bufferedBytes`` of messages made for the peer wait behind
+        the large message being sent: large ones (answers, errors, stream items: not this
+        side's own calls), and those kept behind large messages (``_keptForPeer``).
         """
-        head = self._largeOut[0]
-        waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
+        waiting = self._keptForPeer
+        queue = self._largeOut
+        if queue:
+            head = queue[0]
+            waiting += self._largeOutForPeer - (head[1] if head[2] is None else 0)
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:

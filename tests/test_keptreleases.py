@@ -210,6 +210,25 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
         self.assertEqual(len(self.server.remotelyCachedObjects), 10)  # no decache came
 
+    def test_everyKeptDecacheOfACopyIsEmptied(self) -> None:
+        """An early uncache empties all the decaches kept for the copy, also those kept in
+        more than one entry (another message was kept between them)."""
+        mine = Gauge()
+        self.answer("keep", mine)  # the server holds a copy of it
+        first, second = self.answer("gauge"), self.answer("gauge")
+        luid = first.luid
+        calls = self.queueLarge()
+        del first
+        gc.collect()
+        self.root.callRemote("keep", mine)  # names a handle: kept between the two decaches
+        del second
+        gc.collect()
+        self.assertEqual(len(self.client._afterLarge), 3)
+        self.client.expressionReceived([b"uncache", luid])
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(self.server.remotelyCachedObjects[luid].refcount, 2)  # none came
+
     def test_emptiedEntriesAreSkipped(self) -> None:
         """An emptied entry still queued sends nothing; the others are sent."""
         kept = [self.answer("newGauge") for _ in range(3)]
@@ -252,7 +271,9 @@ class NativeFloodTests(SynchronousTestCase):
         self.rootObject = Root()
         self.rootObject.remote_big = lambda: b"x" * 3_000_000  # type: ignore[attr-defined]
         self.rootObject.remote_drop = lambda *references: None  # type: ignore[attr-defined]
-        limits = pb.BrokerLimits(bufferedBytes=8192, messageSize=8192, importedReferences=16)
+        self.connect(pb.BrokerLimits(bufferedBytes=8192, messageSize=8192, importedReferences=16))
+
+    def connect(self, limits: pb.BrokerLimits) -> None:
         factory = pb.PBServerFactory(self.rootObject, limits=limits, clock=self.clock)
         self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.serverTransport = StringTransport()
@@ -402,3 +423,66 @@ class NativeFloodTests(SynchronousTestCase):
         self.assertEqual(len(answers), 1)  # between the two answers
         self.client.dataReceived(data[start + 65536 :])
         self.assertEqual([len(answer) for answer in answers], [3_000_000] * 2)
+
+    def holdGauge(self) -> None:
+        """The client takes a copy of the server's gauge: answers naming it are kept behind
+        large messages being sent."""
+        handles: list[Any] = []
+        self.root.callRemote("gauge").addCallback(handles.append)
+        for _ in range(3):
+            self.toServer()
+            self.toClient()
+        self.assertEqual(len(handles), 1)
+        self.handles = handles
+
+    def test_keptAnswersMakeThePeerWait(self) -> None:
+        """Past bufferedBytes of answers kept behind a large answer, the peer's messages
+        wait, unhandled, also once the connection took data again; once it reads, every
+        call is answered."""
+        self.holdGauge()
+        answers: list[Any] = []
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        self.server.transport.pauseProducing()
+        for _ in range(300):
+            self.root.callRemote("gauge").addCallback(answers.append)
+        self.toServer()  # waits: the connection takes no data
+        self.assertIsNotNone(self.server._backlog)
+        self.server.transport.resumeProducing()  # it took some: the calls are handled ...
+        self.assertGreater(len(self.server._afterLarge), 10)
+        self.assertLess(len(self.server._afterLarge), 100)  # ... until too much is kept
+        self.assertIsNotNone(self.server._backlog)
+        self.assertLessEqual(self.server._keptForPeer, 8192 + 200)
+        for _ in range(100):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertEqual(len(answers), 301)
+        self.assertEqual((self.server._keptForPeer, list(self.server._afterLarge)), (0, []))
+        self.assertFalse(self.serverTransport.disconnecting)
+
+    def test_oneObjectBetweenKeptAnswersIsNotRefused(self) -> None:
+        """One object sent over and over between answers kept behind a large answer counts
+        once in importedReferences, however many entries its decrefs take: a well-behaved
+        peer is not refused it."""
+        self.connect(pb.BrokerLimits(importedReferences=100))
+        self.holdGauge()
+        listener = pb.Referenceable()
+        answers: list[Any] = []
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        with capturedLogs() as logs:
+            for _ in range(150):
+                self.root.callRemote("drop", listener, pbanswer=False)
+                self.root.callRemote("gauge").addCallback(answers.append)
+                self.toServer()
+            self.assertGreater(len(self.server._afterLarge), 200)
+            self.assertEqual(self.server.importedReferences, 1)
+            for _ in range(100):
+                self.clock.advance(0)
+                self.toClient()
+                self.toServer()
+        self.assertEqual([log["log_format"] for log in logs if "Refusing" in log["log_format"]], [])
+        self.assertEqual(len(answers), 151)
+        self.assertEqual(self.server.importedReferences, 0)
+        self.assertEqual(self.client.luids, {})

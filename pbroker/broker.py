@@ -2094,12 +2094,18 @@ class Broker(Banana):
         Whether more than ``limits.bufferedBytes`` of messages made for the peer wait behind
         the large message being sent: large ones (answers, errors, stream items: not this
         side's own calls), and those kept behind large messages (``_keptForPeer``).
+
+        Kept ones count only while no large call waits for the peer to take earlier ones:
+        they may wait behind that call, which the peer's ``taken`` lets go, and the peer's
+        messages must be handled for it to arrive.
         """
-        waiting = self._keptForPeer
         queue = self._largeOut
+        waiting = 0
         if queue:
             head = queue[0]
-            waiting += self._largeOutForPeer - (head[1] if head[2] is None else 0)
+            waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
+        if self._keptForPeer and not any(entry[3] for entry in queue):
+            waiting += self._keptForPeer
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:

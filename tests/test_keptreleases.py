@@ -33,6 +33,16 @@ class Unknown(pb.Copyable):
     """A class the server does not take."""
 
 
+class Helper(pb.Referenceable):
+    """A client's object the server calls back: its answer names a cache handle."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+
+    def remote_gauge(self) -> list[Any]:
+        return [self.gauge, b"h" * (MiB + MiB // 4)]
+
+
 class Root(pb.Root):
     def __init__(self) -> None:
         self.child = Child()
@@ -56,6 +66,9 @@ class Root(pb.Root):
 
     def remote_keep(self, value: Any) -> None:
         self.kept = value
+
+    def remote_ask(self, helper: Any) -> Any:
+        return helper.callRemote("gauge").addCallback(len)
 
 
 class ClientKeepsReleasesTests(SynchronousTestCase):
@@ -178,6 +191,19 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.drain()
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
         self.assertEqual(cancelled, [True])
+
+    def test_keptAnswersBehindAWaitingCallDoNotStopTaken(self) -> None:
+        """Answers kept behind a large call that waits for the peer to take earlier ones
+        do not make the peer's messages wait: its "taken" lets that call go."""
+        mine = Gauge()
+        self.answer("keep", mine)  # the server holds a copy: the helper's answer names it
+        calls = self.queueLarge()
+        calls.append(self.root.callRemote("take", b"3" * BIG))  # waits for the second
+        asked = self.root.callRemote("ask", Helper(mine))  # its answer: kept, 1.25 MiB
+        self.drain()
+        self.assertEqual(self.successResultOf(asked), 2)
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1, 1])
+        self.assertEqual((self.client._keptForPeer, list(self.client._afterLarge)), (0, []))
 
     def test_decachesOfOneCopyJoin(self) -> None:
         """Handles on one cache copy released while large calls wait keep one entry; the

@@ -478,27 +478,28 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertIsNone(pb.BrokerLimits(stallTimeout=None).stallTimeout)
 
 
-class NativeHostilePeerTests(SynchronousTestCase):
+class HandDriven(SynchronousTestCase):
     """
-    Hostile peers in the native dialect, driven through a client broker whose bytes the test
-    moves by hand, so that it decides when the client reads.
+    A server broker and a native client broker over fake transports whose bytes the test
+    moves by hand, so that it decides when each side reads.
     """
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.service = Service()
-        self.service.remote_big = lambda size=3_000_000: b"x" * size  # type: ignore[attr-defined]
-        self.service.remote_drop = lambda reference: None  # type: ignore[attr-defined]
-        limits = pb.BrokerLimits(bufferedBytes=8192, messageSize=8192)
-        factory = pb.PBServerFactory(self.service, limits=limits, clock=self.clock)
+    def connectPeers(
+        self,
+        root: Any,
+        limits: pb.BrokerLimits,
+        registry: pb.UnjellyableRegistry | None = None,
+    ) -> None:
+        self.clock = getattr(self, "clock", None) or Clock()
+        factory = pb.PBServerFactory(root, limits=limits, clock=self.clock)
         self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.serverTransport = StringTransport()
         self.server.makeConnection(self.serverTransport)
         # The client may export many objects: the server's limits are under test.
-        clientLimits = pb.BrokerLimits(exportedReferences=10_000)
-        self.client = pb.PBClientFactory(clock=self.clock, limits=clientLimits).buildProtocol(
-            IPv4Address("TCP", "127.0.0.1", 8789)
-        )
+        clientLimits = pb.BrokerLimits(exportedReferences=100_000)
+        self.client = pb.PBClientFactory(
+            clock=self.clock, limits=clientLimits, registry=registry
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
         self.clientTransport = StringTransport()
         self.client.makeConnection(self.clientTransport)
         for _ in range(5):
@@ -518,6 +519,19 @@ class NativeHostilePeerTests(SynchronousTestCase):
         self.serverTransport.clear()
         if data:
             self.client.dataReceived(data)
+
+
+class NativeHostilePeerTests(HandDriven):
+    """
+    Hostile peers in the native dialect, driven through a client broker whose bytes the test
+    moves by hand, so that it decides when the client reads.
+    """
+
+    def setUp(self) -> None:
+        self.service = Service()
+        self.service.remote_big = lambda size=3_000_000: b"x" * size  # type: ignore[attr-defined]
+        self.service.remote_drop = lambda reference: None  # type: ignore[attr-defined]
+        self.connectPeers(self.service, pb.BrokerLimits(bufferedBytes=8192, messageSize=8192))
 
     def test_keptReleasesGoOnceTheAnswerIsOut(self) -> None:
         """A reader that reads the large answer to the end gets the releases kept behind it,

@@ -9,16 +9,15 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
 from tests.test_broker import Gauge, RemoteGauge
+from tests.test_hostile import HandDriven
 
 MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
@@ -136,41 +135,38 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         # The server got all 200 decrefs: the child is no longer exported.
         self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
 
-    def test_aCallKeptAfterAReleaseIsNotOvertaken(self) -> None:
-        """A release of an object asked for after a call to it was kept behind the large
-        messages goes after that call, not with the releases kept before it."""
+    def releaseAfterACall(self, *args: Any) -> int:
+        """
+        Release one of two references to the server's child while large calls wait, call
+        the child with ``args``, release the other: the last decref must follow the call.
+        The number of entries kept then.
+        """
         first, second = self.answer("child"), self.answer("child")
-        gauge = Gauge()
-        self.answer("keep", gauge)  # the server holds a copy: later calls name it by handle
         calls = self.queueLarge()
         del first
-        gc.collect()  # one decref kept
-        pinged = second.callRemote("ping", gauge)  # names a handle: kept behind them
-        self.assertEqual(len(self.client._afterLarge), 2)
+        gc.collect()  # one decref kept, behind the large calls
+        pinged = second.callRemote("ping", *args)  # queued after that decref
         del second
         gc.collect()  # the last reference: its decref must follow the call
-        self.assertEqual(len(self.client._afterLarge), 3)
+        kept = len(self.client._afterLarge)
         self.drain()
-        self.assertEqual(self.successResultOf(pinged), 1)
+        self.assertEqual(self.successResultOf(pinged), len(args))
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
         self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
         self.assertEqual(self.client.importedReferences, 0)
+        return kept
+
+    def test_aCallKeptAfterAReleaseIsNotOvertaken(self) -> None:
+        """A release of an object asked for after a call to it was kept behind the large
+        messages goes after that call, not with the releases kept before it."""
+        gauge = Gauge()
+        self.answer("keep", gauge)  # the server holds a copy: later calls name it by handle
+        self.assertEqual(self.releaseAfterACall(gauge), 3)  # decref, call, decref
 
     def test_aLargeCallToAnObjectIsNotOvertakenByItsRelease(self) -> None:
         """A release asked for after a large call to its object was queued does not join
         the releases kept before that call: it goes after the call."""
-        first, second = self.answer("child"), self.answer("child")
-        calls = self.queueLarge()
-        del first
-        gc.collect()  # one decref kept, behind the two large calls
-        pinged = second.callRemote("ping", b"p" * BIG)  # queued after that decref
-        del second
-        gc.collect()  # the last reference: its decref must follow the call
-        self.assertEqual(len(self.client._afterLarge), 2)
-        self.drain()
-        self.assertEqual(self.successResultOf(pinged), 1)
-        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
-        self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
+        self.assertEqual(self.releaseAfterACall(b"p" * BIG), 2)  # two decrefs: not joined
 
     def test_aCancelKeptBehindItsLargeCallFollowsIt(self) -> None:
         """A large call kept behind others, then cancelled, is followed by its cancel, even
@@ -286,7 +282,7 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.failureResultOf(calls[1], pb.PBConnectionLost)  # (the first was delivered)
 
 
-class NativeFloodTests(SynchronousTestCase):
+class NativeFloodTests(HandDriven):
     """
     A hostile client leaves a large answer unread and floods the server, driven through a
     client broker whose bytes the test moves by hand.
@@ -300,34 +296,9 @@ class NativeFloodTests(SynchronousTestCase):
         self.connect(pb.BrokerLimits(bufferedBytes=8192, messageSize=8192, importedReferences=16))
 
     def connect(self, limits: pb.BrokerLimits) -> None:
-        factory = pb.PBServerFactory(self.rootObject, limits=limits, clock=self.clock)
-        self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        self.serverTransport = StringTransport()
-        self.server.makeConnection(self.serverTransport)
         registry = pb.UnjellyableRegistry()
         registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        self.client = pb.PBClientFactory(
-            clock=self.clock, limits=pb.BrokerLimits(exportedReferences=100_000), registry=registry
-        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))
-        self.clientTransport = StringTransport()
-        self.client.makeConnection(self.clientTransport)
-        for _ in range(5):
-            self.toServer()
-            self.toClient()
-        self.assertTrue(self.server.isNative)
-        self.root = self.client.remoteForName("root")
-
-    def toServer(self) -> None:
-        data = self.clientTransport.value()
-        self.clientTransport.clear()
-        if data:
-            self.server.dataReceived(data)
-
-    def toClient(self) -> None:
-        data = self.serverTransport.value()
-        self.serverTransport.clear()
-        if data:
-            self.client.dataReceived(data)
+        self.connectPeers(self.rootObject, limits, registry)
 
     def unreadBigAnswer(self) -> None:
         self.root.callRemote("big")
@@ -390,12 +361,7 @@ class NativeFloodTests(SynchronousTestCase):
     def test_answersKeptCountAsWaiting(self) -> None:
         """Answers kept behind an unread large answer (they name a cache handle) count as
         waiting for the peer: one that asks for more and more of them is dropped."""
-        handles: list[Any] = []
-        self.root.callRemote("gauge").addCallback(handles.append)
-        for _ in range(3):
-            self.toServer()
-            self.toClient()
-        self.assertEqual(len(handles), 1)
+        self.holdGauge()
         self.unreadBigAnswer()
         with capturedLogs() as logs:
             for _ in range(3000):

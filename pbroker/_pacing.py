@@ -253,14 +253,15 @@ class PacedTransport:
     def kept(self, total: int, allowance: int) -> None:
         """
         The broker keeps ``total`` bytes of messages for the peer to write later, behind
-        large messages: they wait for the peer as written ones do. Past the broker's
-        ``limits.bufferedBytes`` and ``allowance`` more (the message just kept: any one
-        message may wait), the peer is dropped as one with that much written for it is: at
-        once while the broker overflows, else if its connection stays full
-        ``limits.stallTimeout`` seconds.
+        large messages: while the transport is paused, they wait for the peer as written
+        ones do. Past the broker's ``limits.bufferedBytes`` and ``allowance`` more (the
+        message just kept: any one message may wait), the peer is dropped as one with that
+        much written for it is: at once while the broker overflows, else if its connection
+        stays full ``limits.stallTimeout`` seconds. (While the connection takes data, the
+        peer reads: what is kept goes as the large messages before it do.)
         """
         limit = self._broker.limits.bufferedBytes + allowance
-        if total > limit:
+        if self.paused and total > limit:
             self._over(total, limit)
 
     def overflowed(self) -> None:

@@ -102,6 +102,9 @@ _LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
 # What a message kept behind large messages costs in memory besides its bytes (its entry in
 # Broker._afterLarge and its bytes object's header, about 130 bytes), counted with them.
 _KEPT_OVERHEAD = 128
+# What a release kept there costs (its entry, its _Release, its place in _keptReleases: about
+# 200 bytes measured), counted as kept for the peer.
+_KEPT_RELEASE = 200
 
 # The object a keepalive ping calls on a stock Twisted peer: it is never exported.
 _PING_OBJECT = b"pbroker.keepalive"
@@ -1119,8 +1122,11 @@ class Broker(Banana):
         serial = self._queueSerial
         release = _Release(command, objectID, holdsImport, serial)
         kept.append(release)
+        # Each entry counts as kept for the peer (what it costs), so that releases split by
+        # the messages kept between them are bounded as those are (see _queueFull).
+        self._keptForPeer += _KEPT_RELEASE
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        self._afterLarge.append((None, None, release, serial + 1, 0))
+        self._afterLarge.append((None, None, release, serial + 1, _KEPT_RELEASE))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1137,9 +1143,13 @@ class Broker(Banana):
         self._emptiedReleases += len(kept)
         after = self._afterLarge
         if self._emptiedReleases * 2 > len(after):
-            self._afterLarge = collections.deque(
-                entry for entry in after if entry[0] is not None or entry[2].count
-            )
+            remaining: collections.deque[Any] = collections.deque()
+            for entry in after:
+                if entry[0] is None and not entry[2].count:
+                    self._keptForPeer -= entry[4]
+                else:
+                    remaining.append(entry)
+            self._afterLarge = remaining
             self._emptiedReleases = 0
 
     def _nextSerial(self) -> int:
@@ -1157,8 +1167,8 @@ class Broker(Banana):
             if first is not None and first < serial:
                 return
             payload, requestID, counted, serial, kept = self._afterLarge.popleft()
+            self._keptForPeer -= kept
             if payload is not None:
-                self._keptForPeer -= kept
                 self._writePayload(payload, requestID, counted, serial)
                 if isinstance(payload, _Payload):
                     first = serial  # a large message now, before the rest: they wait for it
@@ -2160,6 +2170,7 @@ class Broker(Banana):
         self._largeOut = []
         self._largeOutForPeer = 0
         try:
+            self._flushAfterLarge()  # (into the lost connection: nothing waits any more)
             self._handleBacklog()
         except Exception:
             self._log.failure("Handling the messages that arrived before the connection was lost")

@@ -10,8 +10,10 @@ import gc
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
@@ -478,3 +480,48 @@ class NativeFloodTests(HandDriven):
         self.assertEqual(len(answers), 151)
         self.assertEqual(self.server.importedReferences, 0)
         self.assertEqual(self.client.luids, {})
+
+    def test_releasesSplitByKeptAnswersAreBounded(self) -> None:
+        """Releases of the same objects split into new entries by the answers kept between
+        them count as kept for the peer: past bufferedBytes, its messages wait."""
+        self.connect(pb.BrokerLimits(bufferedBytes=8192, messageSize=8192))
+        self.holdGauge()
+        self.root.callRemote("big")
+        self.toServer()
+        listeners = [pb.Referenceable() for _ in range(20)]
+        for _ in range(40):  # (the kept answers alone stay under bufferedBytes)
+            self.root.callRemote("drop", *listeners, pbanswer=False)
+            self.root.callRemote("gauge")  # kept: the next releases start new entries
+            self.toServer()
+        self.assertLess(len(self.server._afterLarge), 100)
+        self.assertIsNotNone(self.server._backlog)  # the rest waits
+        self.assertLessEqual(self.server._keptForPeer, 8192 + 4400)
+
+    def test_whatWaitedIsHandledOnLoss(self) -> None:
+        """A peer's messages that waited behind answers kept for it are handled when the
+        connection is lost: it sent them before it closed."""
+        self.holdGauge()
+        self.root.callRemote("big")
+        self.toServer()
+        for _ in range(100):
+            self.root.callRemote("gauge")  # kept behind the answer: its last message waits
+        self.root.callRemote("keep", "last", pbanswer=False)
+        self.toServer()
+        self.assertIsNotNone(self.server._backlog)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.rootObject.kept, "last")
+        self.assertEqual(self.server._keptForPeer, 0)
+
+    def test_keptPastTheLimitDropsOnlyAPeerNotReading(self) -> None:
+        """Too much kept for the peer drops it only while its connection takes no data:
+        while it does, the peer reads, and what is kept goes as the large messages before
+        it do."""
+        transport = self.server.transport
+        self.server.overflowing = True
+        transport.kept(10_000_000, 0)
+        self.assertFalse(self.serverTransport.disconnecting)
+        transport.pauseProducing()
+        with capturedLogs() as logs:
+            transport.kept(10_000_000, 0)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("stopped reading", logs[-1]["log_format"])

@@ -557,8 +557,9 @@ class Broker(Banana):
         self._afterLarge: collections.deque[
             tuple[bytes | _Payload | None, int | None, Any, int, int]
         ] = collections.deque()
-        # What the messages kept there for the peer (answers, errors, uncaches) count: their
-        # size and _KEPT_OVERHEAD each (see _sendBehindLarge).
+        # What is kept there for the peer counts (see _queueFull): answers, errors and
+        # uncaches at their size and _KEPT_OVERHEAD (see _sendBehindLarge), each release
+        # entry at _KEPT_RELEASE (see _keepRelease).
         self._keptForPeer = 0
         # How many messages were put in either queue so far: each has its number as its
         # serial, and waits in _afterLarge for the large messages of smaller serials only.

@@ -558,8 +558,8 @@ class Broker(Banana):
             tuple[bytes | _Payload | None, int | None, Any, int, int]
         ] = collections.deque()
         # What is kept there for the peer counts (see _queueFull): answers, errors and
-        # uncaches at their size and _KEPT_OVERHEAD (see _sendBehindLarge), each release
-        # entry at _KEPT_RELEASE (see _keepRelease).
+        # uncaches at their size and _KEPT_OVERHEAD (see _sendBehindLarge), release entries
+        # split from an object's first at _KEPT_RELEASE (see _keepRelease).
         self._keptForPeer = 0
         # How many messages were put in either queue so far: each has its number as its
         # serial, and waits in _afterLarge for the large messages of smaller serials only.
@@ -569,6 +569,9 @@ class Broker(Banana):
         # _keepRelease).
         self._keptReleases: dict[tuple[bytes, Any], collections.deque[_Release]] = {}
         self._emptiedReleases = 0
+        # Whether the messages the peer sent before the connection was lost are handled now
+        # (see _handleBacklogOnLoss): none of them waits.
+        self._losing = False
         # What the peer sent while the connection did not take this side's data (see
         # _keepForLater): None when nothing waits, else the messages of a read left unhandled
         # (decoded), followed by the reads that came after (raw), which add up to
@@ -1111,6 +1114,7 @@ class Broker(Banana):
         """
         key = (command, objectID)
         kept = self._keptReleases.get(key)
+        cost = 0
         if kept is not None:
             if holdsImport:
                 self.importedReferences -= 1  # its object counts once, for all its decrefs
@@ -1118,16 +1122,20 @@ class Broker(Banana):
             if last.serial == self._queueSerial:
                 last.count += 1
                 return
+            # Another entry for the object, split from the last by a message queued since:
+            # counted as kept for the peer (what it costs), so that these are bounded as
+            # those messages are (see _queueFull). An object's first entry is not: objects
+            # are bounded by importedReferences, and this side's own releases of many
+            # objects do not make a peer that reads wait.
+            cost = _KEPT_RELEASE
+            self._keptForPeer += cost
         else:
             kept = self._keptReleases[key] = collections.deque()
         serial = self._queueSerial
         release = _Release(command, objectID, holdsImport, serial)
         kept.append(release)
-        # Each entry counts as kept for the peer (what it costs), so that releases split by
-        # the messages kept between them are bounded as those are (see _queueFull).
-        self._keptForPeer += _KEPT_RELEASE
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        self._afterLarge.append((None, None, release, serial + 1, _KEPT_RELEASE))
+        self._afterLarge.append((None, None, release, serial + 1, cost))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -2085,7 +2093,7 @@ class Broker(Banana):
         message being sent (native dialect, see :meth:`_queueFull`); unless they are
         handled after all (overflowing, or before malformed input).
         """
-        if self.overflowing or self._failing:
+        if self.overflowing or self._failing or self._losing:
             return False
         return transport.paused or self._queueFull()
 
@@ -2170,11 +2178,13 @@ class Broker(Banana):
         transport.paused = False
         self._largeOut = []
         self._largeOutForPeer = 0
+        self._losing = True  # nothing waits for the peer any more: it is all handled
         try:
-            self._flushAfterLarge()  # (into the lost connection: nothing waits any more)
             self._handleBacklog()
         except Exception:
             self._log.failure("Handling the messages that arrived before the connection was lost")
+        finally:
+            self._losing = False
 
     def _handleBacklog(self) -> None:
         """

@@ -71,6 +71,15 @@ class Root(pb.Root):
     def remote_ask(self, helper: Any) -> Any:
         return helper.callRemote("gauge").addCallback(len)
 
+    def remote_hold(self, *references: Any) -> None:
+        self.held = list(references)
+
+    def remote_bigGauge(self, size: int) -> list[Any]:
+        return [self.gauge, b"h" * size]
+
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
 
 class ClientKeepsReleasesTests(SynchronousTestCase):
     """
@@ -525,3 +534,46 @@ class NativeFloodTests(HandDriven):
             transport.kept(10_000_000, 0)
         self.assertTrue(self.serverTransport.disconnecting)
         self.assertIn("stopped reading", logs[-1]["log_format"])
+
+    def test_whatWaitedBehindKeptLargeAnswersIsHandledOnLoss(self) -> None:
+        """Also when large answers are kept (which join the large messages as the others
+        go), what the peer sent before the connection was lost is handled."""
+        self.connect(pb.BrokerLimits(bufferedBytes=4 * MiB, messageSize=8192))
+        self.holdGauge()
+        self.root.callRemote("big")
+        self.toServer()
+        for size in (1_500_000, 4_500_000):
+            self.root.callRemote("bigGauge", size)  # names a handle: kept, large
+            self.toServer()
+        self.root.callRemote("keep", "last", pbanswer=False)
+        self.toServer()
+        self.assertIsNotNone(self.server._backlog)  # it waits
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.rootObject.kept, "last")
+
+    def test_ownReleasesDoNotMakeAReaderWait(self) -> None:
+        """This side's own releases of many objects, kept behind a large answer, do not
+        make the peer's messages wait: a reader pipelining calls is not pushed into an
+        overflow, and so not dropped at a moment of a full connection."""
+        self.connect(pb.BrokerLimits(bufferedBytes=8192, messageSize=8192))
+        answers: list[Any] = []
+        self.root.callRemote("hold", *[pb.Referenceable() for _ in range(50)])
+        self.toServer()
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        self.toClient()  # the client reads what was written so far
+        del self.rootObject.held
+        gc.collect()  # the server's code lets the references go: 50 decrefs kept
+        self.assertEqual(len(self.server._afterLarge), 50)
+        self.assertEqual(self.server._keptForPeer, 0)
+        with capturedLogs():
+            for _ in range(20):  # 20 KB of pipelined calls, read as they come
+                self.root.callRemote("echo", "x" * 1000).addCallback(answers.append)
+                self.toServer()
+            self.assertFalse(self.server.overflowing)
+            self.toClient()
+            self.server.transport.pauseProducing()  # a moment of a full connection
+            for _ in range(10):
+                self.root.callRemote("echo", "y" * 1000).addCallback(answers.append)
+                self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)

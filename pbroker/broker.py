@@ -422,15 +422,12 @@ class _Release:
     messages (see :meth:`Broker._keepRelease`): ``count`` of them, sent together.
     """
 
-    __slots__ = ("command", "count", "holdsImport", "objectID", "serial")
+    __slots__ = ("command", "count", "objectID", "serial")
 
-    def __init__(self, command: bytes, objectID: Any, holdsImport: bool, serial: int) -> None:
+    def __init__(self, command: bytes, objectID: Any, serial: int) -> None:
         self.command = command
         self.objectID = objectID
         self.count = 1
-        #: A decref's: its object still counts in importedReferences (once, however many
-        #: of its decrefs are kept) until the last of them is sent.
-        self.holdsImport = holdsImport
         #: Broker._queueSerial when it was kept: it waits for the large messages up to that
         #: one, and releases asked for while it is unchanged join this one.
         self.serial = serial
@@ -1081,24 +1078,24 @@ class Broker(Banana):
             return False
         return any(kind == _BEHIND for _, kind in registrations)
 
-    def _sendRelease(self, command: bytes, objectID: Any, holdsImport: bool = False) -> None:
+    def _sendRelease(self, command: bytes, objectID: Any) -> None:
         """
         Send a ``decref`` or ``decache`` this side's code asked for (a reference or a handle
         on a copy was garbage collected): behind any large message being sent, which may name
         the object it releases (as the target of a call, in an argument or in an answer), so
         that the peer does not forget the object before that message arrives.
 
-        ``holdsImport``: a decref, whose object counts in ``importedReferences`` until it is
-        sent, as the peer counts it (see :meth:`_keepRelease`).
+        A decref's object counts in ``importedReferences`` until it is sent, as the peer
+        counts it (see :meth:`_keepRelease`).
         """
         if self._largeOut or self._afterLarge:
-            self._keepRelease(command, objectID, holdsImport)
+            self._keepRelease(command, objectID)
             return
-        if holdsImport:
+        if command == b"decref":
             self.importedReferences -= 1
         self.sendCall(command, objectID)
 
-    def _keepRelease(self, command: bytes, objectID: Any, holdsImport: bool) -> None:
+    def _keepRelease(self, command: bytes, objectID: Any) -> None:
         """
         Keep a release until the large messages queued before it are out.
 
@@ -1116,7 +1113,7 @@ class Broker(Banana):
         kept = self._keptReleases.get(key)
         cost = 0
         if kept is not None:
-            if holdsImport:
+            if command == b"decref":
                 self.importedReferences -= 1  # its object counts once, for all its decrefs
             last = kept[-1]
             if last.serial == self._queueSerial:
@@ -1132,7 +1129,7 @@ class Broker(Banana):
         else:
             kept = self._keptReleases[key] = collections.deque()
         serial = self._queueSerial
-        release = _Release(command, objectID, holdsImport, serial)
+        release = _Release(command, objectID, serial)
         kept.append(release)
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
         self._afterLarge.append((None, None, release, serial + 1, cost))
@@ -1191,8 +1188,8 @@ class Broker(Banana):
             releases.popleft()  # (this one: the first kept of its object's)
             if not releases:
                 del self._keptReleases[key]
-                if release.holdsImport:
-                    self.importedReferences -= 1
+                if release.command == b"decref":
+                    self.importedReferences -= 1  # its object's last kept decref
             message = self._nativePayload([release.command, release.objectID])
             for _ in range(release.count):
                 self._writePayload(message)
@@ -1803,7 +1800,7 @@ class Broker(Banana):
         if not self._canSend:
             self.importedReferences -= 1
             return
-        self._sendRelease(b"decref", objectID, holdsImport=True)
+        self._sendRelease(b"decref", objectID)
 
     # Paging: pagers send while the pacing transport says the connection takes data.
 

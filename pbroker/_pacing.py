@@ -102,6 +102,8 @@ class PacedTransport:
         self.bufferedWhilePaused = 0
         # Bytes of large messages queued behind another while paused (see queued).
         self.queuedWhilePaused = 0
+        # Bytes of messages the broker kept, last said while paused (see kept).
+        self.keptWhilePaused = 0
         self.written = 0
         self._registered = False
         # The timer that drops the peer if it stays paused with too much waiting (see _over).
@@ -252,16 +254,20 @@ class PacedTransport:
 
     def kept(self, total: int, allowance: int) -> None:
         """
-        The broker keeps ``total`` bytes of messages for the peer to write later, behind
-        large messages: while the transport is paused, they wait for the peer as written
-        ones do. Past the broker's ``limits.bufferedBytes`` and ``allowance`` more (the
-        message just kept: any one message may wait), the peer is dropped as one with that
-        much written for it is: at once while the broker overflows, else if its connection
-        stays full ``limits.stallTimeout`` seconds. (While the connection takes data, the
-        peer reads: what is kept goes as the large messages before it do.)
+        The broker keeps ``total`` bytes of messages to write later, behind large
+        messages (for the peer and its own): while the transport is paused, they wait for
+        the peer as written ones do. Past the broker's ``limits.bufferedBytes`` and
+        ``allowance`` more (the message just kept: any one message may wait), the peer is
+        dropped as one with that much written for it is: at once while the broker
+        overflows, else if its connection stays full ``limits.stallTimeout`` seconds.
+        (While the connection takes data, the peer reads: what is kept goes as the large
+        messages before it do.)
         """
+        if not self.paused:
+            return
+        self.keptWhilePaused = total
         limit = self._broker.limits.bufferedBytes + allowance
-        if self.paused and total > limit:
+        if total > limit:
             self._over(total, limit)
 
     def overflowed(self) -> None:
@@ -272,7 +278,7 @@ class PacedTransport:
         """
         if self._stall is not None:
             limit = self._broker.limits.bufferedBytes
-            self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
+            self._dropNonReader(self._waiting(), limit)
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
@@ -315,7 +321,14 @@ class PacedTransport:
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
-        self._dropNonReader(max(self.bufferedWhilePaused, self.queuedWhilePaused), limit)
+        self._dropNonReader(self._waiting(), limit)
+
+    def _waiting(self) -> int:
+        """
+        How many bytes wait for the peer, as counted since the transport paused: the
+        largest of the written, the queued and the kept, each counted against the limit.
+        """
+        return max(self.bufferedWhilePaused, self.queuedWhilePaused, self.keptWhilePaused)
 
     def progress(self) -> tuple[int, int] | None:
         """
@@ -389,7 +402,7 @@ class PacedTransport:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.bufferedWhilePaused = self.queuedWhilePaused = 0
+        self.bufferedWhilePaused = self.queuedWhilePaused = self.keptWhilePaused = 0
         self.stopStallTimer()
         self._broker.transportResumed()
 

@@ -100,7 +100,8 @@ NATIVE_DIALECT = b"pbroker2"
 _LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
 
 # What a message kept behind large messages costs in memory besides its bytes (its entry in
-# Broker._afterLarge and its bytes object's header, about 130 bytes), counted with them.
+# Broker._afterLarge and its bytes object's header, about 130 bytes), counted with them (see
+# Broker._keep).
 _KEPT_OVERHEAD = 128
 # What a release kept there costs (its entry, its _Release, its place in _keptReleases: about
 # 200 bytes measured), counted as kept for the peer.
@@ -549,15 +550,19 @@ class Broker(Banana):
         self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
-        # counted (else None, None), their serial, and what they count in _keptForPeer; or
-        # (None, None, a _Release, its serial, 0).
+        # counted (else None, None), their serial, and what they count in _keptForPeer and
+        # in _keptOwn; or (None, None, a _Release, its serial, its cost, 0).
         self._afterLarge: collections.deque[
-            tuple[bytes | _Payload | None, int | None, Any, int, int]
+            tuple[bytes | _Payload | None, int | None, Any, int, int, int]
         ] = collections.deque()
         # What is kept there for the peer counts (see _queueFull): answers, errors and
-        # uncaches at their size and _KEPT_OVERHEAD (see _sendBehindLarge), release entries
-        # split from an object's first at _KEPT_RELEASE (see _keepRelease).
+        # uncaches at their size and _KEPT_OVERHEAD (see _keep), release entries split from
+        # an object's first at _KEPT_RELEASE (see _keepRelease).
         self._keptForPeer = 0
+        # What is kept there of this side's own (calls to the peer's copies and naming
+        # cache handles, cancels, stream items and ends), counted as _keptForPeer is: they
+        # too wait for the peer, but do not make its messages wait (see _keep).
+        self._keptOwn = 0
         # How many messages were put in either queue so far: each has its number as its
         # serial, and waits in _afterLarge for the large messages of smaller serials only.
         self._queueSerial = 0
@@ -760,7 +765,7 @@ class Broker(Banana):
             1 for command, _ in self._keptReleases if command == b"decref"
         )
         self._afterLarge = collections.deque()
-        self._keptForPeer = 0
+        self._keptForPeer = self._keptOwn = 0
         self._keptReleases = {}
         self._emptiedReleases = 0
         self._untaken = {}
@@ -1046,27 +1051,44 @@ class Broker(Banana):
         cancel of a call still being sent, so that it does not arrive before the call, or
         what names a cache handle or a copy.
 
-        ``forPeer``: the message answers the peer (an answer, an error, an uncache). Kept,
-        it counts in ``_keptForPeer`` until sent, as large messages for the peer count
-        (see :meth:`_queueFull`): past ``limits.bufferedBytes`` the peer's messages wait,
-        unhandled, and a peer that sent too much meanwhile is dropped (see
-        PacedTransport.kept). So a peer that leaves a large answer unread while it asks for
-        answers that have to wait behind it cannot make this side keep them without end.
+        ``forPeer``: the message answers the peer (an answer, an error, an uncache), which
+        :meth:`_keep` counts so that a peer that leaves a large answer unread while it asks
+        for answers that have to wait behind it cannot make this side keep them without end.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
             payload = self._nativePayload(list(expression))
-            kept = 0
-            if forPeer:
-                size = payload.size if isinstance(payload, _Payload) else len(payload)
-                kept = size + _KEPT_OVERHEAD
-                self._keptForPeer += kept
-                transport: Any = self.transport
-                if type(transport) is PacedTransport:
-                    transport.kept(self._keptForPeer, kept)
-            self._afterLarge.append((payload, None, None, self._nextSerial(), kept))
+            cost = self._keep(payload, forPeer)
+            self._afterLarge.append(
+                (payload, None, None, self._nextSerial(), *((cost, 0) if forPeer else (0, cost)))
+            )
         else:
             self.sendCall(*expression)
+
+    def _keep(self, payload: bytes | _Payload, forPeer: bool) -> int:
+        """
+        Count a message about to be kept in ``_afterLarge`` until it is sent, and return
+        what it costs: its size and ``_KEPT_OVERHEAD``.
+
+        A message for the peer (``forPeer``) counts in ``_keptForPeer``, as large messages
+        for the peer count (see :meth:`_queueFull`): past ``limits.bufferedBytes`` the
+        peer's messages wait, unhandled. This side's own count in ``_keptOwn``, and do not:
+        neither do its own written calls. Both wait for the peer as written bytes do (see
+        PacedTransport.kept): past ``limits.bufferedBytes`` while the connection takes no
+        data, the peer is dropped unless it reads (at once if it sent too much meanwhile).
+        So a peer that stops reading while this side keeps calling its copies (an
+        observer's updates) behind a large message is dropped, not kept for without end.
+        """
+        size = payload.size if isinstance(payload, _Payload) else len(payload)
+        cost = size + _KEPT_OVERHEAD
+        if forPeer:
+            self._keptForPeer += cost
+        else:
+            self._keptOwn += cost
+        transport: Any = self.transport
+        if type(transport) is PacedTransport:
+            transport.kept(self._keptForPeer + self._keptOwn, cost)
+        return cost
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
         """
@@ -1132,7 +1154,7 @@ class Broker(Banana):
         release = _Release(command, objectID, serial)
         kept.append(release)
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        self._afterLarge.append((None, None, release, serial + 1, cost))
+        self._afterLarge.append((None, None, release, serial + 1, cost, 0))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1172,8 +1194,9 @@ class Broker(Banana):
             serial = self._afterLarge[0][3]
             if first is not None and first < serial:
                 return
-            payload, requestID, counted, serial, kept = self._afterLarge.popleft()
+            payload, requestID, counted, serial, kept, own = self._afterLarge.popleft()
             self._keptForPeer -= kept
+            self._keptOwn -= own
             if payload is not None:
                 self._writePayload(payload, requestID, counted, serial)
                 if isinstance(payload, _Payload):
@@ -1641,7 +1664,8 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
-            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), 0))
+            cost = self._keep(data, False)
+            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), 0, cost))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:
@@ -1756,11 +1780,12 @@ class Broker(Banana):
         # (Walked, not indexed: indexing a deque away from its ends costs its length.)
         entries = reversed(after) if order.step < 0 else after
         for index, entry in zip(order, entries, strict=True):
-            _payload, waiting, counted, _serial, _kept = entry
+            _payload, waiting, counted, _serial, _kept, own = entry
             if waiting == requestID:
                 if counted and any(kind == _FIRST for _, kind in counted):
                     return False
                 del after[index]
+                self._keptOwn -= own
                 self._unregister(counted)
                 return True
         return None

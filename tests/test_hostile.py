@@ -507,6 +507,18 @@ class HandDriven(SynchronousTestCase):
             self.toClient()
         self.assertTrue(self.server.isNative)
         self.root = self.client.remoteForName("root")
+        # Ended while their fake transports are open: a copy collected later, in a cycle
+        # with one, would write its release to a closed one.
+        for broker in (self.client, self.server):
+            self.addCleanup(self.disconnect, broker)
+
+    @staticmethod
+    def disconnect(broker: Any) -> None:
+        if broker.disconnected:
+            return
+        for waiting in broker.waitingForAnswers.values():
+            waiting.addErrback(lambda _: None)  # calls the test left unanswered
+        broker.connectionLost(Failure(ConnectionDone()))
 
     def toServer(self) -> None:
         data = self.clientTransport.value()

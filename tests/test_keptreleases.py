@@ -437,6 +437,7 @@ class NativeFloodTests(HandDriven):
             self.toClient()
         self.assertEqual(len(handles), 1)
         self.handles = handles
+        self.addCleanup(handles.clear)  # its decache written while the fake transport is open
 
     def test_keptAnswersMakeThePeerWait(self) -> None:
         """Past bufferedBytes of answers kept behind a large answer, the peer's messages
@@ -576,4 +577,66 @@ class NativeFloodTests(HandDriven):
             for _ in range(10):
                 self.root.callRemote("echo", "y" * 1000).addCallback(answers.append)
                 self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+
+    def observeMany(self, count: int, size: int = 100) -> list[Deferred[Any]]:
+        """This side's code calls the client's copy of the gauge ``count`` times, until the
+        client is dropped: the calls wait behind the large answer being sent."""
+        observer = self.rootObject.gauge.observers[0]
+        calls = []
+        for _ in range(count):
+            if self.serverTransport.disconnecting:
+                break
+            calls.append(observer.callRemote("level", "l" * size))
+        return calls
+
+    def test_ownCallsKeptForAPeerNotReadingDropIt(self) -> None:
+        """This side's own calls kept behind a large message count as waiting for the peer,
+        as written ones do: past bufferedBytes while its connection takes nothing, a peer
+        that reads none of them is dropped after stallTimeout."""
+        self.holdGauge()
+        self.unreadBigAnswer()
+        calls = self.observeMany(100)
+        self.assertEqual(len(calls), 100)
+        self.assertGreater(self.server._keptOwn, 8192)
+        self.assertIsNotNone(self.server.transport._stall)
+        with capturedLogs() as logs:
+            self.clock.advance(30)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("stopped reading", logs[-1]["log_format"])
+        self.assertEqual(logs[-1]["count"], self.server._keptOwn)  # what waits, said
+
+    def test_ownCallsKeptWhileOverflowingDropAtOnce(self) -> None:
+        """While the peer's messages are handled although its connection takes nothing (it
+        sent too much meanwhile), past bufferedBytes of this side's kept calls drop it at
+        once, as written ones would: nothing grows meanwhile."""
+        self.holdGauge()
+        self.unreadBigAnswer()
+        self.server.overflowing = True
+        with capturedLogs() as logs:
+            calls = self.observeMany(10_000)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertLess(len(calls), 100)
+        self.assertIn("stopped reading", logs[-1]["log_format"])
+
+    def test_ownCallsKeptGoAsTheyWaitForNothing(self) -> None:
+        """A reader gets this side's kept calls once the large answer is out, and nothing is
+        counted any more; a kept call cancelled before it is sent is uncounted too."""
+        self.holdGauge()
+        answers: list[Any] = []
+        self.root.callRemote("big").addCallback(answers.append)
+        self.toServer()
+        calls = self.observeMany(50)
+        kept = self.server._keptOwn
+        calls[-1].cancel()
+        self.failureResultOf(calls[-1], CancelledError)
+        self.assertEqual(self.server._keptOwn, kept * 49 // 50)  # all 50 are the same size
+        for _ in range(100):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+        self.assertEqual(len(answers), 1)
+        self.assertEqual((self.server._keptOwn, list(self.server._afterLarge)), (0, []))
+        for call in calls[:-1]:
+            self.failureResultOf(call)  # the client's copy has no observe_level
         self.assertFalse(self.serverTransport.disconnecting)

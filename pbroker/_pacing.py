@@ -102,8 +102,10 @@ class PacedTransport:
         self.bufferedWhilePaused = 0
         # Bytes of large messages queued behind another while paused (see queued).
         self.queuedWhilePaused = 0
-        # Bytes of messages the broker kept, last said while paused (see kept).
+        # Bytes of messages for the peer the broker keeps, last said while paused (see
+        # kept), and of its own it kept while paused (see keptOwn).
         self.keptWhilePaused = 0
+        self.ownKeptWhilePaused = 0
         self.written = 0
         self._registered = False
         # The timer that drops the peer if it stays paused with too much waiting (see _over).
@@ -254,14 +256,13 @@ class PacedTransport:
 
     def kept(self, total: int, allowance: int) -> None:
         """
-        The broker keeps ``total`` bytes of messages to write later, behind large
-        messages (for the peer and its own): while the transport is paused, they wait for
-        the peer as written ones do. Past the broker's ``limits.bufferedBytes`` and
-        ``allowance`` more (the message just kept: any one message may wait), the peer is
-        dropped as one with that much written for it is: at once while the broker
-        overflows, else if its connection stays full ``limits.stallTimeout`` seconds.
-        (While the connection takes data, the peer reads: what is kept goes as the large
-        messages before it do.)
+        The broker keeps ``total`` bytes of messages for the peer to write later, behind
+        large messages: while the transport is paused, they wait for the peer as written
+        ones do. Past the broker's ``limits.bufferedBytes`` and ``allowance`` more (the
+        message just kept: any one message may wait), the peer is dropped as one with that
+        much written for it is: at once while the broker overflows, else if its connection
+        stays full ``limits.stallTimeout`` seconds. (While the connection takes data, the
+        peer reads: what is kept goes as the large messages before it do.)
         """
         if not self.paused:
             return
@@ -269,6 +270,23 @@ class PacedTransport:
         limit = self._broker.limits.bufferedBytes + allowance
         if total > limit:
             self._over(total, limit)
+
+    def keptOwn(self, size: int, allowance: int) -> None:
+        """
+        The broker keeps ``size`` bytes of a message of its own (not an answer) to write
+        later, behind large messages: counted as a write is, only if the transport is
+        paused, until it resumes. Past the broker's ``limits.bufferedBytes`` and
+        ``allowance`` more, the peer is dropped as it is when that much is written for it.
+        (What was kept while the connection took data waits for the large messages
+        before it, not for the peer: a reader of a long answer is not dropped at a moment
+        of a full connection for what this side kept meanwhile.)
+        """
+        if not self.paused:
+            return
+        self.ownKeptWhilePaused += size
+        limit = self._broker.limits.bufferedBytes + allowance
+        if self.ownKeptWhilePaused > limit:
+            self._over(self.ownKeptWhilePaused, limit)
 
     def overflowed(self) -> None:
         """
@@ -328,7 +346,12 @@ class PacedTransport:
         How many bytes wait for the peer, as counted since the transport paused: the
         largest of the written, the queued and the kept, each counted against the limit.
         """
-        return max(self.bufferedWhilePaused, self.queuedWhilePaused, self.keptWhilePaused)
+        return max(
+            self.bufferedWhilePaused,
+            self.queuedWhilePaused,
+            self.keptWhilePaused,
+            self.ownKeptWhilePaused,
+        )
 
     def progress(self) -> tuple[int, int] | None:
         """
@@ -402,7 +425,8 @@ class PacedTransport:
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.bufferedWhilePaused = self.queuedWhilePaused = self.keptWhilePaused = 0
+        self.bufferedWhilePaused = self.queuedWhilePaused = 0
+        self.keptWhilePaused = self.ownKeptWhilePaused = 0
         self.stopStallTimer()
         self._broker.transportResumed()
 

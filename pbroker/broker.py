@@ -1072,22 +1072,25 @@ class Broker(Banana):
 
         A message for the peer (``forPeer``) counts in ``_keptForPeer``, as large messages
         for the peer count (see :meth:`_queueFull`): past ``limits.bufferedBytes`` the
-        peer's messages wait, unhandled. This side's own count in ``_keptOwn``, and do not:
-        neither do its own written calls. Both wait for the peer as written bytes do (see
-        PacedTransport.kept): past ``limits.bufferedBytes`` while the connection takes no
-        data, the peer is dropped unless it reads (at once if it sent too much meanwhile).
-        So a peer that stops reading while this side keeps calling its copies (an
-        observer's updates) behind a large message is dropped, not kept for without end.
+        peer's messages wait, unhandled, and a peer that sent too much meanwhile is dropped
+        if its connection takes nothing (see PacedTransport.kept). This side's own count in
+        ``_keptOwn``, and do not make the peer's messages wait: neither do its own written
+        calls. Kept while the connection takes no data, they count as written ones do (see
+        PacedTransport.keptOwn): a peer that stops reading while this side keeps calling
+        its copies (an observer's updates) behind a large message is dropped, not kept
+        for without end.
         """
         size = payload.size if isinstance(payload, _Payload) else len(payload)
         cost = size + _KEPT_OVERHEAD
+        transport: Any = self.transport
         if forPeer:
             self._keptForPeer += cost
+            if type(transport) is PacedTransport:
+                transport.kept(self._keptForPeer, cost)
         else:
             self._keptOwn += cost
-        transport: Any = self.transport
-        if type(transport) is PacedTransport:
-            transport.kept(self._keptForPeer + self._keptOwn, cost)
+            if type(transport) is PacedTransport:
+                transport.keptOwn(cost, cost)
         return cost
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
@@ -1786,6 +1789,10 @@ class Broker(Banana):
                     return False
                 del after[index]
                 self._keptOwn -= own
+                transport = self.transport
+                if type(transport) is PacedTransport and transport.paused:
+                    # Uncount what keptOwn() counted for it (an upper bound, as above).
+                    transport.ownKeptWhilePaused = max(0, transport.ownKeptWhilePaused - own)
                 self._unregister(counted)
                 return True
         return None

@@ -640,3 +640,44 @@ class NativeFloodTests(HandDriven):
         for call in calls[:-1]:
             self.failureResultOf(call)  # the client's copy has no observe_level
         self.assertFalse(self.serverTransport.disconnecting)
+
+    def test_ownCallsKeptWhileTheReaderReadsDoNotDropIt(self) -> None:
+        """This side's calls kept while the connection took data count only once it takes
+        none, as written ones do: a reader of a long answer, at a moment of a full
+        connection while it overflows, is not dropped for what this side's code kept
+        before."""
+        self.holdGauge()
+        self.root.callRemote("big")
+        self.toServer()
+        self.observeMany(100)  # 22 KB kept while the connection takes data
+        self.server.transport.pauseProducing()  # a moment of a full connection ...
+        self.server.overflowing = True  # ... while the client sent too much
+        with capturedLogs():
+            self.observeMany(1)
+        self.assertFalse(self.serverTransport.disconnecting)
+
+    def test_ownCallsCancelledUnsentNoLongerCount(self) -> None:
+        """A kept call cancelled before it is sent no longer counts as waiting for the
+        peer."""
+        self.holdGauge()
+        self.unreadBigAnswer()
+        for _ in range(2):
+            calls = self.observeMany(25)  # about 5.7 KB each time: two are over 8 KB
+            self.assertIsNone(self.server.transport._stall)
+            for call in calls:
+                call.cancel()
+                self.failureResultOf(call, CancelledError)
+        self.assertEqual((self.server._keptOwn, self.server.transport.ownKeptWhilePaused), (0, 0))
+
+    def test_ownCallsCountOnlyUntilTheConnectionTakesData(self) -> None:
+        """What this side kept while the connection took no data stops counting once it
+        takes some: counted again from nothing at the next moment it is full."""
+        self.holdGauge()
+        self.unreadBigAnswer()
+        self.observeMany(30)  # about 6.8 KB
+        self.server.transport.resumeProducing()  # the client read some of the answer
+        self.assertTrue(self.server._largeOut)  # (not all: the calls are still kept)
+        self.server.transport.pauseProducing()
+        self.observeMany(30)
+        self.assertIsNone(self.server.transport._stall)
+        self.assertEqual(len(self.server._afterLarge), 60)

@@ -57,6 +57,10 @@ from pbroker.references import RemoteReference
 __all__ = ["ReconnectingClient"]
 
 
+#: Twisted's backoff, as ClientService uses it: the delay before each retry.
+_defaultPolicy = backoffPolicy()
+
+
 class ReconnectingClient(Service):
     """
     Keeps one logged-in connection to a broker (see the module docstring).
@@ -71,6 +75,8 @@ class ReconnectingClient(Service):
     :param maxRetries: failed attempts in a row after which callers fail; ``None`` waits for
         ever.
     :param retryPolicy: seconds to wait before attempt ``n`` (``backoffPolicy()`` by default).
+        Should it raise, or give anything but a number of seconds from 0 up, the failure is
+        logged and the default policy's delay is used for that attempt.
     :param factory: a :class:`~pbroker.pb.PBClientFactory` to use (for its security options,
         registry or limits), for this client only; a new one by default.
     :param reactor: the reactor to connect and wait with.
@@ -111,6 +117,8 @@ class ReconnectingClient(Service):
             if not attemptTimeout > 0:
                 raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
             attemptTimeout = float(attemptTimeout)
+        if retryPolicy is not None and not callable(retryPolicy):
+            raise TypeError(f"retryPolicy must be callable (or None), not {retryPolicy!r}")
         if onConnect is not None and not callable(onConnect):
             raise TypeError(f"onConnect must be callable (or None), not {onConnect!r}")
         if not isinstance(endpoint, str) and not callable(getattr(endpoint, "connect", None)):
@@ -122,7 +130,7 @@ class ReconnectingClient(Service):
             clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
         )
         self._clock = reactor
-        self._retryPolicy = retryPolicy or backoffPolicy()
+        self._retryPolicy = retryPolicy or _defaultPolicy
         self.credentials = credentials
         self.client = client
         self.onConnect = onConnect
@@ -349,7 +357,7 @@ class ReconnectingClient(Service):
 
     def _scheduleRetry(self, reason: str) -> None:
         self._retries += 1
-        delay = self._lastDelay = self._retryPolicy(self._retries)
+        delay = self._lastDelay = self._delay(self._retries)
         self._log.info(
             "No connection to {endpoint} ({reason}); retrying in {delay} seconds",
             endpoint=self._endpoint,
@@ -357,6 +365,29 @@ class ReconnectingClient(Service):
             delay=delay,
         )
         self._retry = self._clock.callLater(delay, self._connect)
+
+    def _delay(self, attempt: int) -> float:
+        """
+        The retry policy's delay before ``attempt``; the default policy's, logged, if it
+        failed or gave no number of seconds from 0 up: a mistake in it must not stop the
+        client from reconnecting (callers would wait for ever) nor go unseen.
+        """
+        try:
+            delay = self._retryPolicy(attempt)
+        except Exception:
+            self._log.failure(
+                "retryPolicy({attempt}) failed; using the default delay", attempt=attempt
+            )
+            return _defaultPolicy(attempt)
+        if not isSeconds(delay) or not 0 <= delay < float("inf"):
+            self._log.error(
+                "retryPolicy({attempt}) gave {delay!r}, not a number of seconds from 0 up; "
+                "using the default delay",
+                attempt=attempt,
+                delay=delay,
+            )
+            return _defaultPolicy(attempt)
+        return float(delay)
 
     def _gaveUp(self) -> bool:
         return self.maxRetries is not None and self.failedAttempts >= self.maxRetries

@@ -3337,6 +3337,7 @@ class ArgumentCheckTests(SynchronousTestCase):
             ({"maxRetries": "3"}, TypeError, "maxRetries must be an integer (or None), not '3'"),
             ({"attemptTimeout": "5"}, TypeError, "attemptTimeout must be a number of seconds"),
             ({"onConnect": 5}, TypeError, "onConnect must be callable (or None), not 5"),
+            ({"retryPolicy": 5}, TypeError, "retryPolicy must be callable (or None), not 5"),
         ):
             self.assertRefused(
                 error, text, partial(ReconnectingClient, endpoint, reactor=clock, **kw)

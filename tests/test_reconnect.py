@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
@@ -15,6 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -397,6 +399,37 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertIn("after 2 failed attempts", message)
         self.assertIn("took more than 10 seconds", message)
         self.assertEqual(self.openConnections(), [])
+
+    def test_aFailingRetryPolicyDoesNotStopTheClient(self) -> None:
+        """A retry policy that raises, or gives no number of seconds from 0 up, is logged at
+        once and the default delay used: the client goes on reconnecting, and callers are
+        answered once it is back."""
+        given = iter([1.0, "soon", -1.0, float("nan")])
+
+        def policy(attempt: int) -> float:
+            if attempt == 5:
+                raise IndexError("no delay for attempt 5")
+            return next(given)
+
+        client = self.client(retryPolicy=policy)
+        delays = []
+        with capturedLogs() as logs:
+            for _ in range(5):
+                self.endpoint.drop()  # at once: the backoff does not start over
+                (retry,) = self.clock.getDelayedCalls()
+                delays.append(retry.getTime() - self.clock.seconds())
+                self.clock.advance(delays[-1])
+                self.endpoint.pump()
+        default = backoffPolicy(jitter=lambda: 0)  # Twisted's; the client's adds up to 1 s
+        self.assertEqual(delays[0], 1.0)
+        for attempt, delay in enumerate(delays[1:], 2):
+            self.assertTrue(default(attempt) <= delay < default(attempt) + 1, (attempt, delay))
+        problems = [entry for entry in logs if "retryPolicy" in entry["log_format"]]
+        self.assertEqual(len(problems), 4)
+        self.assertIn("'soon'", formatEvent(problems[0]))
+        self.assertIsInstance(problems[3]["log_failure"].value, IndexError)
+        self.assertEqual(len(self.flushLoggedErrors(IndexError)), 1)
+        self.assertEqual(self.call(client, "name"), "alice")
 
     def test_attemptTimeoutByDefault(self) -> None:
         """Without attemptTimeout an attempt still fails, after 60 seconds; None waits."""

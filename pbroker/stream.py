@@ -282,9 +282,11 @@ class Stream:
 
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
-        Add ``item`` to the stream. The Deferred fires when there is room for more. Once
-        the reader has stopped (:attr:`cancelled`), the item is dropped and the Deferred
-        fails with :class:`~twisted.internet.defer.CancelledError`.
+        Add ``item`` to the stream. The Deferred fires when there is room for more, or
+        once the stream is closed (its reader stopped, or sending it failed): then there is
+        nothing to wait for, and the next write says so. Once the reader has stopped
+        (:attr:`cancelled`), the item is dropped and the Deferred fails with
+        :class:`~twisted.internet.defer.CancelledError`.
 
         :raises ValueError: the stream was already finished (or failed) by its writer.
         """
@@ -398,6 +400,12 @@ class Stream:
         Called when the reader cancels (or, with ``failure``, when sending the stream
         failed): the items are dropped and a registered producer is stopped. After a reader
         cancelled, writes are dropped (:attr:`cancelled`); after a failure they raise it.
+
+        Writes waiting for room fire, with no error: the writer learns why at its next
+        write. Failing them would log "Unhandled error in Deferred" for every write of a
+        writer that does not wait on them, which a push producer never does
+        (``IConsumer.write`` gives it nothing to wait on), and of one that checks
+        :attr:`cancelled` before each write, as a publisher does.
         """
         if not self._closed:
             if failure is None:
@@ -408,10 +416,7 @@ class Stream:
         self._items.clear()
         writers, self._writers = self._writers, deque()
         for writer in writers:
-            if failure is None:
-                writer.errback(CancelledError("the reader stopped reading this stream"))
-            else:
-                writer.errback(failure)
+            writer.callback(None)
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None

@@ -84,6 +84,12 @@ class RemoteStream:
     """
     The reading end of a stream the peer sends.
 
+    A reader that may stop before the end should close it: ``async with stream:``
+    around the ``async for`` (or ``contextlib.aclosing(stream)``, or :meth:`cancel` in a
+    ``finally``) cancels it however the block is left, where a stream still referred to
+    (by a variable, or a traceback kept in a Failure) stays open until it is collected,
+    its sender's generator suspended.
+
     :ivar streamID: the sender's id for the stream.
     :ivar window: the most items in flight or unread at once.
     """
@@ -183,6 +189,19 @@ class RemoteStream:
         self._items.clear()
         self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
         self._table.cancel(self.streamID)
+
+    async def aclose(self) -> None:
+        """
+        :meth:`cancel` the stream unless it has ended, as ``contextlib.aclosing`` and code
+        that closes async generators expect.
+        """
+        self.cancel()
+
+    async def __aenter__(self) -> RemoteStream:
+        return self
+
+    async def __aexit__(self, *exceptionInfo: object) -> None:
+        self.cancel()
 
     def __del__(self) -> None:
         # A stream dropped unread would leave its sender waiting for credit.

@@ -6,6 +6,7 @@ with a fake clock.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import fractions
@@ -2901,6 +2902,37 @@ class StreamLifecycleTests(NativeTestCase):
         self.assertEqual(collected, [list(range(100))])
         self.assertEqual(nexts, [0])
         self.assertEqual(self.client._streams._waitedOn, {})
+
+    def test_asyncWithClosesTheStream(self) -> None:
+        """A reader that leaves ``async with stream:`` early (a break, an exception) has the
+        stream cancelled there, although a variable still refers to it: the sender's
+        generator is closed. contextlib.aclosing does the same through aclose()."""
+        for close in (lambda stream: stream, contextlib.aclosing):
+            self.rootObject.closed = False
+            stream = self.call("numbers", 10_000)
+            seen: list[int] = []
+
+            async def read(stream: Any, close: Any, seen: list[int]) -> None:
+                async with close(stream):
+                    async for item in stream:
+                        seen.append(item)
+                        if item == 2:
+                            raise ValueError("enough")
+
+            done: list[Any] = []
+            Deferred.fromCoroutine(read(stream, close, seen)).addBoth(done.append)
+            self.pump.flush()
+            self.assertEqual(seen, [0, 1, 2])
+            self.assertTrue(done[0].check(ValueError))
+            self.assertTrue(self.rootObject.closed)
+            self.assertEqual(repr(stream), f"<RemoteStream {stream.streamID} cancelled>")
+        self.assertEqual(self.server._streams.outgoing, {})
+        ended = self.call("numbers", 2)
+        collected = ended.collect()
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(collected), [0, 1])
+        self.successResultOf(Deferred.fromCoroutine(ended.aclose()))  # ended: nothing to do
+        self.assertEqual(repr(ended), f"<RemoteStream {ended.streamID} ended>")
 
     def test_cancelledCollectCancelsTheStream(self) -> None:
         """Cancelling collect() cancels the stream: the sender's generator is closed and no

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pbroker.errors import isSeconds
+from pbroker.errors import isSeconds, toSeconds
 
 __all__ = ["Keepalive", "KeepaliveTimer"]
 
@@ -50,7 +50,7 @@ class Keepalive:
             value = getattr(self, name)
             if not isSeconds(value):
                 raise TypeError(f"the Keepalive {name} must be a number of seconds, not {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, toSeconds(value))
         if not self.interval > 0 or not self.timeout > 0:
             raise ValueError("Keepalive interval and timeout must be positive")
         if self.interval < MIN_INTERVAL:

@@ -66,6 +66,7 @@ from pbroker.errors import (
     describe,
     isInteger,
     isSeconds,
+    toSeconds,
 )
 from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
@@ -296,7 +297,7 @@ class BrokerLimits:
                 )
             if not self.stallTimeout >= 0:
                 raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
-            object.__setattr__(self, "stallTimeout", float(self.stallTimeout))
+            object.__setattr__(self, "stallTimeout", toSeconds(self.stallTimeout))
 
 
 def _checkCount(limits: Any, name: str, value: Any, alternative: str = "") -> None:

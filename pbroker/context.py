@@ -30,7 +30,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbroker.errors import isSeconds
+from pbroker.errors import isSeconds, toSeconds
 
 __all__ = ["CallContext", "CallOptions", "current"]
 
@@ -57,7 +57,7 @@ class CallOptions:
                 raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
             if not self.timeout > 0:
                 raise ValueError(f"a timeout must be positive, not {self.timeout}")
-            object.__setattr__(self, "timeout", float(self.timeout))
+            object.__setattr__(self, "timeout", toSeconds(self.timeout))
         if self.context is not None:
             if not isinstance(self.context, dict):
                 raise TypeError(f"a call context must be a dict, not {type(self.context).__name__}")

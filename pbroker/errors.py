@@ -232,6 +232,17 @@ def isSeconds(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def toSeconds(value: Any) -> float:
+    """
+    A number of seconds that :func:`isSeconds` took, as a float: infinity for one too
+    large for a float (``10**400``), which waits as long.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
 def isInteger(value: Any) -> bool:
     """
     Whether ``value`` is an integer (an ``int``, an IntEnum, a numpy integer: anything with

@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.broker import Broker
-from pbroker.errors import PBConnectionLost, isInteger, isSeconds
+from pbroker.errors import PBConnectionLost, isInteger, isSeconds, toSeconds
 from pbroker.pb import PBClientFactory
 from pbroker.references import RemoteReference
 
@@ -116,7 +116,7 @@ class ReconnectingClient(Service):
                 )
             if not attemptTimeout > 0:
                 raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
-            attemptTimeout = float(attemptTimeout)
+            attemptTimeout = toSeconds(attemptTimeout)
         if retryPolicy is not None and not callable(retryPolicy):
             raise TypeError(f"retryPolicy must be callable (or None), not {retryPolicy!r}")
         if onConnect is not None and not callable(onConnect):

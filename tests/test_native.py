@@ -3353,6 +3353,20 @@ class ArgumentCheckTests(SynchronousTestCase):
         refused = partial(pb.BrokerLimits, pendingCalls=True)
         self.assertRefused(TypeError, "pendingCalls must be an integer", refused)
 
+    def test_secondsTooLargeForAFloat(self) -> None:
+        """A number of seconds too large for a float waits for ever, as infinity does,
+        rather than failing with OverflowError."""
+        from pbroker.reconnect import ReconnectingClient
+
+        huge = 10**400
+        inf = float("inf")
+        self.assertEqual(pb.Keepalive(interval=1, timeout=huge).timeout, inf)
+        self.assertEqual(pb.BrokerLimits(stallTimeout=huge).stallTimeout, inf)
+        self.assertEqual(context.CallOptions(timeout=huge).timeout, inf)
+        client = ReconnectingClient("tcp:127.0.0.1:1", attemptTimeout=huge, reactor=Clock())
+        self.assertEqual(client.attemptTimeout, inf)
+        self.assertRefused(ValueError, "must be positive", partial(pb.Keepalive, 1, -huge))
+
     def test_stream(self) -> None:
         self.assertRefused(
             TypeError,

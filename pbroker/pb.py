@@ -380,6 +380,30 @@ class PBClientFactory(protocol.ClientFactory):
             when any login's answer is not what a login gives (an avatar that is a plain
             value, a legacy challenge that is not ``(nonce, challenger)``).
         """
+        return self.getRootObject().addCallback(self._loginOn, credentials, client)
+
+    def _cbSendUsername(
+        self, root: RemoteReference, username: bytes, password: bytes, client: Any
+    ) -> Deferred[RemoteReference]:
+        """
+        Log in with a username and password on ``root``, the server's root object, as
+        :meth:`login` does: a Deferred of the avatar's reference.
+
+        Private in Twisted too, but what reconnecting PB clients (buildbot-worker's
+        ``AutoLoginPBFactory`` and its many copies) call from ``clientConnectionMade`` with
+        ``self._root`` to log in again on each new connection; kept so that they move over
+        unchanged. New code uses :meth:`login`, or :class:`pbroker.reconnect.ReconnectingClient`.
+        """
+        from twisted.cred.credentials import UsernamePassword
+
+        return self._loginOn(root, UsernamePassword(username, password), client)
+
+    def _loginOn(
+        self, root: RemoteReference, credentials: Any, client: Any
+    ) -> Deferred[RemoteReference]:
+        """
+        :meth:`login` on ``root``, the server's root object.
+        """
         import secrets
         from hmac import compare_digest
 
@@ -395,15 +419,10 @@ class PBClientFactory(protocol.ClientFactory):
                 raise ProtocolError(f"the server's avatar is a plain value: {describe(answer)}")
             return answer
 
-        root = self.getRootObject()
         if IAnonymous.providedBy(credentials):
-            return root.addCallback(
-                lambda r: _answered(r.callRemote("loginAnonymous", client)).addCallback(avatarOf)
-            )
+            return _answered(root.callRemote("loginAnonymous", client)).addCallback(avatarOf)
         if _isCertificateLogin(credentials):
-            return root.addCallback(
-                lambda r: _answered(r.callRemote("loginCertificate", client)).addCallback(avatarOf)
-            )
+            return _answered(root.callRemote("loginCertificate", client)).addCallback(avatarOf)
         username = _bytes(credentials.username)
         password = _bytes(credentials.password)
 
@@ -486,7 +505,7 @@ class PBClientFactory(protocol.ClientFactory):
             responded = challenger.callRemote("respond", respond(nonce, password), client)
             return _answered(responded).addCallback(avatarOf)
 
-        return root.addCallback(start)
+        return maybeDeferred(start, root)
 
     def disconnect(self) -> None:
         """

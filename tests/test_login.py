@@ -114,6 +114,19 @@ class LoginTestsMixin:
         avatar = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"secret")))
         self.assertEqual(self.resolve(avatar.callRemote("name")), "alice")  # type: ignore[attr-defined]
 
+    def test_loginOnTheRoot(self) -> None:
+        """``_cbSendUsername(root, username, password, mind)``, private in Twisted too, logs
+        in on the root object as reconnecting PB clients do (buildbot-worker's
+        AutoLoginPBFactory, from clientConnectionMade with ``_root``)."""
+        root = self.resolve(self.clientFactory.getRootObject())
+        self.assertIs(root, self.clientFactory._root)
+        login = self.clientFactory._cbSendUsername(root, b"alice", b"secret", self.mind())
+        avatar = self.resolve(login)
+        self.assertEqual(self.resolve(avatar.callRemote("callMind")), "hello alice")  # type: ignore[attr-defined]
+        wrong = self.resolve(self.clientFactory._cbSendUsername(root, b"alice", b"x", None))
+        self.assertTrue(wrong.check(UnauthorizedLogin))  # type: ignore[attr-defined]
+        self.flushLoggedErrors(UnauthorizedLogin)  # type: ignore[attr-defined]
+
     def test_wrongPassword(self) -> None:
         """A wrong password fails with UnauthorizedLogin, under Twisted's name."""
         failure = self.resolve(self.clientFactory.login(UsernamePassword(b"alice", b"wrong")))

@@ -681,3 +681,99 @@ class NativeFloodTests(HandDriven):
         self.observeMany(30)
         self.assertIsNone(self.server.transport._stall)
         self.assertEqual(len(self.server._afterLarge), 60)
+
+    def largeCallsToTheClient(self, hostile: bool, count: int = 2) -> None:
+        """Large calls of the server's to a client object: each after the first waits for
+        the client to take the one before. A ``hostile`` client does not say it took one:
+        its takens are kept in ``self.takens``."""
+        self.holdGauge()
+        self.root.callRemote("hold", Child())
+        for _ in range(3):
+            self.toServer()
+            self.toClient()
+        child = self.rootObject.held[0]
+        self.takens: list[tuple[Any, ...]] = []
+        if hostile:
+            send = self.client.sendCall
+
+            def sendCall(*expression: Any) -> None:
+                if expression[0] == b"taken":
+                    self.takens.append(expression)
+                else:
+                    send(*expression)
+
+            self.client.sendCall = sendCall  # type: ignore[method-assign]
+        self.calls = [child.callRemote("ping", b"x" * 2_000_000) for _ in range(count)]
+        self.assertTrue(any(entry[3] for entry in self.server._largeOut))  # the second waits
+
+    def readForAWhile(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.clock.advance(1)
+            self.toClient()
+            self.toServer()
+
+    def test_aPeerThatTakesNoCallIsDropped(self) -> None:
+        """A peer that reads everything but never says it took a call (so the next waits)
+        is dropped once more than bufferedBytes is kept behind the waiting call for
+        stallTimeout without a taken: it cannot have this side keep without end."""
+        self.largeCallsToTheClient(hostile=True)
+        with capturedLogs() as logs:
+            for call in self.observeMany(100, size=100):  # 23 KB kept behind the waiting call
+                call.addErrback(lambda _: None)  # (the client's copy has no observe_level)
+            self.readForAWhile(29)
+            self.assertFalse(self.serverTransport.disconnecting)
+            self.readForAWhile(2)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("takes none of this side's calls", logs[-1]["log_format"])
+        self.assertEqual(logs[-1]["count"], self.server._keptOwn)
+
+    def test_aPeerThatTakesNoCallWithoutStallTimeout(self) -> None:
+        """Without stallTimeout, such a peer is dropped as soon as too much is kept."""
+        self.connect(pb.BrokerLimits(bufferedBytes=8192, messageSize=8192, stallTimeout=None))
+        self.largeCallsToTheClient(hostile=True)
+        with capturedLogs() as logs:
+            calls = self.observeMany(100, size=100)
+        for call in calls:
+            call.addErrback(lambda _: None)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertLess(len(calls), 40)
+        self.assertIn("takes none of this side's calls", logs[-1]["log_format"])
+
+    def test_aPeerThatTakesCallsSlowlyIsNotDroppedMeanwhile(self) -> None:
+        """A taken within stallTimeout gives the peer stallTimeout more: it takes, slowly."""
+        self.largeCallsToTheClient(hostile=True, count=3)
+        with capturedLogs() as logs:
+            for call in self.observeMany(100, size=100):
+                call.addErrback(lambda _: None)
+            self.readForAWhile(25)
+            for taken in self.takens:
+                self.client.sendEncoded(list(taken))  # late, but taken: the next call goes
+            self.readForAWhile(10)
+            self.assertFalse(self.serverTransport.disconnecting)
+            self.assertTrue(any(entry[3] for entry in self.server._largeOut))  # the third
+            self.readForAWhile(30)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("takes none of this side's calls", logs[-1]["log_format"])
+
+    def test_noTakenTimerWhileNothingWaitsForOne(self) -> None:
+        """Kept messages over the limit arm no taken timer while no call waits for the
+        peer to take one: what they wait for is the connection (see the stall rules)."""
+        self.holdGauge()
+        self.root.callRemote("big")
+        self.toServer()
+        for call in self.observeMany(100, size=100):
+            call.addErrback(lambda _: None)
+        self.assertGreater(self.server._keptOwn, 8192)
+        self.assertIsNone(self.server._takenTimer)
+
+    def test_aPeerThatTakesCallsIsNotDropped(self) -> None:
+        """A peer that takes the calls gets them, and what was kept behind them."""
+        self.largeCallsToTheClient(hostile=False)
+        observed = self.observeMany(100, size=100)
+        self.readForAWhile(60)
+        for call in observed:
+            self.failureResultOf(call)  # (the client's copy has no observe_level)
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual([self.successResultOf(call) for call in self.calls], [1, 1])
+        self.assertEqual((self.server._keptOwn, list(self.server._afterLarge)), (0, []))
+        self.assertIsNone(self.server._takenTimer)

@@ -325,7 +325,8 @@ class PacedTransport:
         """
         ``timeout`` seconds after more than ``limit`` bytes waited: drop the peer unless the
         connection drained (it resumed this producer) or sent some of what it holds since
-        ``mark`` (bytes written then, and held by the real transport then).
+        ``mark`` (bytes written then, and held by the real transport then), or no more than
+        ``limit`` waits now.
         """
         self._stall = None
         if not self.paused:
@@ -339,7 +340,10 @@ class PacedTransport:
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
-        self._dropNonReader(self._waiting(), limit)
+        waiting = self._waiting()
+        if waiting <= limit:
+            return  # what was over the limit no longer waits (kept calls, cancelled unsent)
+        self._dropNonReader(waiting, limit)
 
     def _waiting(self) -> int:
         """

@@ -669,6 +669,21 @@ class NativeFloodTests(HandDriven):
                 self.failureResultOf(call, CancelledError)
         self.assertEqual((self.server._keptOwn, self.server.transport.ownKeptWhilePaused), (0, 0))
 
+    def test_stallForgottenOnceWhatWaitedIsCancelled(self) -> None:
+        """A peer is not dropped for kept calls that were cancelled unsent before
+        stallTimeout passed: nothing over the limit waits for it any more."""
+        self.holdGauge()
+        self.unreadBigAnswer()
+        calls = self.observeMany(100)
+        self.assertIsNotNone(self.server.transport._stall)
+        for call in calls:
+            call.cancel()
+            self.failureResultOf(call, CancelledError)
+        self.clock.advance(30)
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.observeMany(100)  # over the limit again: armed again
+        self.assertIsNotNone(self.server.transport._stall)
+
     def test_ownCallsCountOnlyUntilTheConnectionTakesData(self) -> None:
         """What this side kept while the connection took no data stops counting once it
         takes some: counted again from nothing at the next moment it is full."""

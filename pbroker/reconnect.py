@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.broker import Broker
-from pbroker.errors import PBConnectionLost, isInteger, isSeconds, toSeconds
+from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
 from pbroker.pb import PBClientFactory
 from pbroker.references import RemoteReference
 
@@ -75,8 +75,8 @@ class ReconnectingClient(Service):
     :param maxRetries: failed attempts in a row after which callers fail; ``None`` waits for
         ever.
     :param retryPolicy: seconds to wait before attempt ``n`` (``backoffPolicy()`` by default).
-        Should it raise, or give anything but a number of seconds from 0 up, the failure is
-        logged and the default policy's delay is used for that attempt.
+        Should it raise, or give anything but a finite number of seconds from 0 up, the
+        failure is logged and the default policy's delay is used for that attempt.
     :param factory: a :class:`~pbroker.pb.PBClientFactory` to use (for its security options,
         registry or limits), for this client only; a new one by default.
     :param reactor: the reactor to connect and wait with.
@@ -130,7 +130,7 @@ class ReconnectingClient(Service):
             clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
         )
         self._clock = reactor
-        self._retryPolicy = retryPolicy or _defaultPolicy
+        self._retryPolicy = _defaultPolicy if retryPolicy is None else retryPolicy
         self.credentials = credentials
         self.client = client
         self.onConnect = onConnect
@@ -369,25 +369,26 @@ class ReconnectingClient(Service):
     def _delay(self, attempt: int) -> float:
         """
         The retry policy's delay before ``attempt``; the default policy's, logged, if it
-        failed or gave no number of seconds from 0 up: a mistake in it must not stop the
-        client from reconnecting (callers would wait for ever) nor go unseen.
+        failed or gave no finite number of seconds from 0 up: a mistake in it must not stop
+        the client from reconnecting (callers would wait for ever) nor go unseen.
         """
         try:
             delay = self._retryPolicy(attempt)
+            seconds = toSeconds(delay) if isSeconds(delay) else None
         except Exception:
             self._log.failure(
                 "retryPolicy({attempt}) failed; using the default delay", attempt=attempt
             )
             return _defaultPolicy(attempt)
-        if not isSeconds(delay) or not 0 <= delay < float("inf"):
+        if seconds is None or not 0 <= seconds < float("inf"):
             self._log.error(
-                "retryPolicy({attempt}) gave {delay!r}, not a number of seconds from 0 up; "
-                "using the default delay",
+                "retryPolicy({attempt}) gave {delay}, not a finite number of seconds from 0 "
+                "up; using the default delay",
                 attempt=attempt,
-                delay=delay,
+                delay=describe(delay) if seconds is None else seconds,
             )
             return _defaultPolicy(attempt)
-        return float(delay)
+        return seconds
 
     def _gaveUp(self) -> bool:
         return self.maxRetries is not None and self.failedAttempts >= self.maxRetries

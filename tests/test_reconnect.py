@@ -404,7 +404,7 @@ class ReconnectingClientTests(SynchronousTestCase):
         """A retry policy that raises, or gives no number of seconds from 0 up, is logged at
         once and the default delay used: the client goes on reconnecting, and callers are
         answered once it is back."""
-        given = iter([1.0, "soon", -1.0, float("nan")])
+        given = iter([1.0, "soon", -1.0, float("nan"), None, 10**400, float("inf")])
 
         def policy(attempt: int) -> float:
             if attempt == 5:
@@ -414,7 +414,7 @@ class ReconnectingClientTests(SynchronousTestCase):
         client = self.client(retryPolicy=policy)
         delays = []
         with capturedLogs() as logs:
-            for _ in range(5):
+            for _ in range(8):
                 self.endpoint.drop()  # at once: the backoff does not start over
                 (retry,) = self.clock.getDelayedCalls()
                 delays.append(retry.getTime() - self.clock.seconds())
@@ -425,10 +425,29 @@ class ReconnectingClientTests(SynchronousTestCase):
         for attempt, delay in enumerate(delays[1:], 2):
             self.assertTrue(default(attempt) <= delay < default(attempt) + 1, (attempt, delay))
         problems = [entry for entry in logs if "retryPolicy" in entry["log_format"]]
-        self.assertEqual(len(problems), 4)
+        self.assertEqual(len(problems), 7)
         self.assertIn("'soon'", formatEvent(problems[0]))
         self.assertIsInstance(problems[3]["log_failure"].value, IndexError)
+        self.assertIn("gave None", formatEvent(problems[4]))
+        self.assertIn("gave inf", formatEvent(problems[5]))  # 10**400 seconds: never
+        self.assertIn("gave inf", formatEvent(problems[6]))
         self.assertEqual(len(self.flushLoggedErrors(IndexError)), 1)
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_aFalsyRetryPolicyIsUsed(self) -> None:
+        """A policy object that is false (an empty container with __call__) is still the
+        policy: only None means the default."""
+
+        class Policy(list[float]):
+            def __call__(self, attempt: int) -> float:
+                return 7.0
+
+        client = self.client(retryPolicy=Policy())
+        self.endpoint.drop()
+        (retry,) = self.clock.getDelayedCalls()
+        self.assertEqual(retry.getTime() - self.clock.seconds(), 7.0)
+        self.clock.advance(7.0)
+        self.endpoint.pump()
         self.assertEqual(self.call(client, "name"), "alice")
 
     def test_attemptTimeoutByDefault(self) -> None:

@@ -190,12 +190,14 @@ class RemoteStream:
         self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
         self._table.cancel(self.streamID)
 
-    async def aclose(self) -> None:
+    def aclose(self) -> Deferred[None]:
         """
         :meth:`cancel` the stream unless it has ended, as ``contextlib.aclosing`` and code
-        that closes async generators expect.
+        that closes async generators expect: a Deferred that has fired, so that it works
+        awaited, yielded or returned from a callback alike.
         """
         self.cancel()
+        return succeed(None)
 
     async def __aenter__(self) -> RemoteStream:
         return self
@@ -289,7 +291,9 @@ class Stream:
         self.bufferSize = bufferSize
         self._items: deque[Any] = deque()
         self._readers: deque[Deferred[Any]] = deque()
-        self._writers: deque[Deferred[None]] = deque()
+        # Writes waiting for room, each with whether a push producer was registered when
+        # it was made (its producer made it, and waits by being paused instead).
+        self._writers: deque[tuple[Deferred[None], bool]] = deque()
         self._end: Failure | None = None
         self._closed = False
         #: Whether the reader stopped reading (cancelled): what is written is dropped.
@@ -301,11 +305,13 @@ class Stream:
 
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
-        Add ``item`` to the stream. The Deferred fires when there is room for more, or
-        once the stream is closed (its reader stopped, or sending it failed): then there is
-        nothing to wait for, and the next write says so. Once the reader has stopped
-        (:attr:`cancelled`), the item is dropped and the Deferred fails with
-        :class:`~twisted.internet.defer.CancelledError`.
+        Add ``item`` to the stream. The Deferred fires when there is room for more. If the
+        reader stops first, it fails with :class:`~twisted.internet.defer.CancelledError`
+        (with why, if sending the stream failed); one made while a push producer is
+        registered fires instead, as the producer is stopped (it waits by being paused, and
+        ``IConsumer.write`` gives it nothing to wait on). Once the stream is
+        :attr:`closed` by its reader (:attr:`cancelled`), the item is dropped and the
+        Deferred fails with ``CancelledError``.
 
         :raises ValueError: the stream was already finished (or failed) by its writer.
         """
@@ -329,8 +335,18 @@ class Stream:
             self._producerPaused = True
             self._producer.pauseProducing()
         waiter: Deferred[None] = Deferred()
-        self._writers.append(waiter)
+        self._writers.append((waiter, self._producer is not None))
         return waiter
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the stream takes no more items: it was finished or failed by its writer,
+        its reader stopped (:attr:`cancelled`: writes then fail with ``CancelledError``),
+        or sending it failed (writes then raise ``ValueError`` saying why). A publisher
+        drops such a stream from its subscribers.
+        """
+        return self._closed
 
     def finish(self) -> None:
         """
@@ -406,7 +422,7 @@ class Stream:
         if len(self._items) >= self.bufferSize:
             return
         writers, self._writers = self._writers, deque()
-        for writer in writers:
+        for writer, _ in writers:
             writer.callback(None)
         if self._producer is not None and self._producerPaused:
             self._producerPaused = False
@@ -420,11 +436,10 @@ class Stream:
         failed): the items are dropped and a registered producer is stopped. After a reader
         cancelled, writes are dropped (:attr:`cancelled`); after a failure they raise it.
 
-        Writes waiting for room fire, with no error: the writer learns why at its next
-        write. Failing them would log "Unhandled error in Deferred" for every write of a
-        writer that does not wait on them, which a push producer never does
-        (``IConsumer.write`` gives it nothing to wait on), and of one that checks
-        :attr:`cancelled` before each write, as a publisher does.
+        Writes waiting for room fail with ``CancelledError`` (or the failure), so that a
+        writer waiting on them learns; those a push producer made fire instead (it is
+        stopped, and never waits on them: failing them would log "Unhandled error in
+        Deferred").
         """
         if not self._closed:
             if failure is None:
@@ -434,8 +449,13 @@ class Stream:
         self._closed = True
         self._items.clear()
         writers, self._writers = self._writers, deque()
-        for writer in writers:
-            writer.callback(None)
+        for writer, produced in writers:
+            if produced:
+                writer.callback(None)
+            elif failure is None:
+                writer.errback(CancelledError("the reader stopped reading this stream"))
+            else:
+                writer.errback(failure)
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None

@@ -2752,8 +2752,9 @@ class LocalStreamTests(SynchronousTestCase):
         waiting = stream.write(1)
         self.assertNoResult(waiting)
         stream.close()  # the reader cancelled
-        self.assertIsNone(self.successResultOf(waiting))  # nothing to wait for
+        self.failureResultOf(waiting, CancelledError)
         self.assertTrue(stream.cancelled)
+        self.assertTrue(stream.closed)
         # Not refused (a publisher goes on with its other readers), but failed: a writer
         # that waits for room before each write learns that its reader is gone.
         self.failureResultOf(stream.write(2), CancelledError)
@@ -2931,7 +2932,7 @@ class StreamLifecycleTests(NativeTestCase):
         collected = ended.collect()
         self.pump.flush()
         self.assertEqual(self.successResultOf(collected), [0, 1])
-        self.successResultOf(Deferred.fromCoroutine(ended.aclose()))  # ended: nothing to do
+        self.successResultOf(ended.aclose())  # ended: nothing to do
         self.assertEqual(repr(ended), f"<RemoteStream {ended.streamID} ended>")
 
     def test_cancelledCollectCancelsTheStream(self) -> None:
@@ -3078,24 +3079,72 @@ class StreamLifecycleTests(NativeTestCase):
         self.flushLoggedErrors(ValueError)
 
     def test_writersToleratedAfterCancel(self) -> None:
-        """Writes waiting for room on a Stream whose reader cancels fire, with no error
-        (nothing is logged for a writer that does not wait on them, as a push producer
-        does not); a writer that waits before each write learns at its next write."""
+        """Writers waiting on a Stream whose reader cancels get CancelledError."""
         stream = self.call("pushed")
         source = self.rootObject.stream
         waiting = [source.write(i) for i in range(40)]
         self.pump.flush()  # the reader takes its window's worth; later writers wait
         self.assertNoResult(waiting[-1])
         outcomes: list[Any] = []
-        for writer in waiting[:-1]:
+        for writer in waiting:
             writer.addBoth(outcomes.append)
         stream.cancel()
         self.pump.flush()
-        self.assertEqual(len(outcomes), len(waiting) - 1)
-        del waiting, outcomes
-        gc.collect()  # (the last one's result, unread, would be logged if it failed)
+        self.assertEqual(len(outcomes), len(waiting))
+        self.assertTrue(outcomes[-1].check(CancelledError))
+
+    def test_publisherAsDocumented(self) -> None:
+        """The publisher of the docs (it drops closed streams and does not wait on its
+        writes) logs nothing when a reader stops while writes wait for room, and forgets
+        that reader."""
+        stream = self.call("pushed")
+        subscribers = [self.rootObject.stream]
+
+        def publish(event: int) -> None:
+            subscribers[:] = [s for s in subscribers if not s.closed]
+            for subscriber in subscribers:
+                subscriber.write(event).addErrback(lambda failure: None)
+
+        for event in range(40):
+            publish(event)
+        read: list[Any] = []
+        for _ in range(3):
+            stream.next().addCallback(read.append)
+        self.pump.flush()
+        stream.cancel()
+        self.pump.flush()
+        publish(40)
+        self.assertEqual((read, subscribers), ([0, 1, 2], []))
+        gc.collect()
         self.assertEqual(self.flushLoggedErrors(), [])
-        self.failureResultOf(source.write(40), CancelledError)
+
+    def test_producerWritesFireWhenTheReaderCancels(self) -> None:
+        """The writes a registered push producer made while the buffer was full fire when
+        the reader cancels, as the producer is stopped: it never waits on them, and failed
+        they would be logged as unhandled errors."""
+        stream = self.call("pushed")
+        source = self.rootObject.stream
+        events: list[str] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                events.append("pause")
+
+            def resumeProducing(self) -> None:
+                events.append("resume")
+
+            def stopProducing(self) -> None:
+                events.append("stop")
+
+        source.registerProducer(Producer(), True)
+        for i in range(40):
+            source.write(i)  # as a producer writes: the Deferred ignored
+        self.assertEqual(events, ["pause"])
+        stream.cancel()
+        self.pump.flush()
+        self.assertEqual(events, ["pause", "stop"])
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_tinyMessageLimitFloored(self) -> None:
         """A hello announcing a tiny limit does not stop this side from answering."""

@@ -379,7 +379,19 @@ class PBClientFactory(protocol.ClientFactory):
             above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived, and
             when any login's answer is not what a login gives (an avatar that is a plain
             value, a legacy challenge that is not ``(nonce, challenger)``).
+        :raises TypeError: ``credentials`` is none of those (at once, before connecting).
         """
+        from twisted.cred.credentials import IAnonymous
+
+        if not (
+            IAnonymous.providedBy(credentials)
+            or _isCertificateLogin(credentials)
+            or (hasattr(credentials, "username") and hasattr(credentials, "password"))
+        ):
+            raise TypeError(
+                "credentials must be UsernamePassword(...), Anonymous() or "
+                f"pb.CertificateLogin(), not {credentials!r}"
+            )
         return self.getRootObject().addCallback(self._loginOn, credentials, client)
 
     def _cbSendUsername(

@@ -184,6 +184,13 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
     serverModule = pb
     clientModule = pb
 
+    def test_credentialsChecked(self) -> None:
+        """What cannot be logged in with is refused at once, with TypeError, as stock PB
+        refuses it at once (with an AttributeError)."""
+        with self.assertRaises(TypeError) as caught:
+            self.clientFactory.login(None)
+        self.assertIn("credentials must be UsernamePassword", str(caught.exception))
+
     def test_repeatedLoginsLeaveNothing(self) -> None:
         """Logging in and dropping the avatar again and again on one connection leaves
         nothing behind on the server: each logout forgets its disconnect notifier."""

@@ -544,10 +544,6 @@ class Broker(Banana):
         self._untakenLimit = 0
         self._untaken: dict[int, int] = {}
         self._untakenBytes = 0
-        # How many takens the peer sent, and the timer that drops it if it sends none while
-        # a call waits for one and too much is kept behind (see _checkUntaken).
-        self._takenCount = 0
-        self._takenTimer: Any = None
         # Whether the calls first in _largeOut wait for room and nothing else can go (the
         # last _startableLarge found so): set until something changes that (a message that
         # does not wait is queued, a call is taken or dropped), so that a long queue of
@@ -758,10 +754,6 @@ class Broker(Banana):
         self.disconnected = True
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.stop()
-        if self._takenTimer is not None:
-            if self._takenTimer.active():
-                self._takenTimer.cancel()
-            self._takenTimer = None
         transport: Any = self.transport
         if type(transport) is PacedTransport:
             transport.stopStallTimer()
@@ -1006,7 +998,6 @@ class Broker(Banana):
         if size is None:
             raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
         self._untakenBytes -= size
-        self._takenCount += 1
         self._largeBlocked = False
         if self._largeOut:
             self._schedulePump()
@@ -1101,54 +1092,7 @@ class Broker(Banana):
             self._keptOwn += cost
             if type(transport) is PacedTransport:
                 transport.keptOwn(cost, cost)
-        if self._takenTimer is None and self._keptForPeer + self._keptOwn > self._keptLimit(cost):
-            self._checkUntaken()
         return cost
-
-    def _keptLimit(self, allowance: int) -> int:
-        return self.limits.bufferedBytes + allowance
-
-    def _checkUntaken(self, takenThen: int | None = None) -> None:
-        """
-        More than ``limits.bufferedBytes`` is kept behind large messages: if a large call of
-        this side's waits for the peer to take earlier ones, the peer must take one within
-        ``limits.stallTimeout`` seconds, or be dropped.
-
-        What is kept behind such a call does not make the peer's messages wait (the peer's
-        ``taken`` is among them, see :meth:`_queueFull`), and while the connection takes
-        data nothing drops a peer that reads: a peer that reads everything but never says
-        it took a call would have this side keep, without end, the answers it asks for
-        and this side's calls to its copies. A pbroker peer takes each call as soon as it
-        handles the messages before it, which this side lets it do. (With no
-        ``stallTimeout`` the peer is dropped at once, as it is for what is written.)
-
-        :param takenThen: when the timer fires, how many takens the peer had sent when it
-            was armed (any since is progress: armed again).
-        """
-        self._takenTimer = None
-        if self.disconnected or self.transport is None:
-            return
-        kept = self._keptForPeer + self._keptOwn
-        limit = self._keptLimit(0)
-        if kept <= limit or not any(entry[3] for entry in self._largeOut):
-            return
-        timeout = self.limits.stallTimeout
-        if timeout is not None and (takenThen is None or takenThen != self._takenCount):
-            self._takenTimer = self.clock.callLater(timeout, self._checkUntaken, self._takenCount)
-            return
-        self._log.warn(
-            "Dropping a peer that takes none of this side's calls: {count} bytes are kept "
-            "behind them (limit {limit})",
-            count=kept,
-            limit=limit,
-        )
-        self.discardBacklog()
-        transport: Any = self.transport
-        abort = getattr(transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            transport.loseConnection()
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
         """

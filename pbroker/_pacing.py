@@ -325,8 +325,8 @@ class PacedTransport:
         """
         ``timeout`` seconds after more than ``limit`` bytes waited: drop the peer unless the
         connection drained (it resumed this producer) or sent some of what it holds since
-        ``mark`` (bytes written then, and held by the real transport then), or no more than
-        ``limit`` waits now.
+        ``mark`` (bytes written then, and held by the real transport then), or nothing
+        waits over its limit now.
         """
         self._stall = None
         if not self.paused:
@@ -340,10 +340,23 @@ class PacedTransport:
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
-        waiting = self._waiting()
-        if waiting <= limit:
+        if not self._overLimits():
             return  # what was over the limit no longer waits (kept calls, cancelled unsent)
-        self._dropNonReader(waiting, limit)
+        self._dropNonReader(self._waiting(), limit)
+
+    def _overLimits(self) -> bool:
+        """
+        Whether what waits for the peer, as counted since the transport paused, is over
+        its limit: written or kept bytes over ``limits.bufferedBytes``, or large messages
+        queued over that and the largest message the peer accepts (see :meth:`queued`).
+        Each against its own: the timer may have been armed by another.
+        """
+        buffered: int = self._broker.limits.bufferedBytes
+        allowance: int = getattr(self._broker, "peerMessageSize", None) or 0
+        return (
+            max(self.bufferedWhilePaused, self.keptWhilePaused, self.ownKeptWhilePaused) > buffered
+            or self.queuedWhilePaused > buffered + allowance
+        )
 
     def _waiting(self) -> int:
         """

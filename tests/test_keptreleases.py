@@ -684,6 +684,28 @@ class NativeFloodTests(HandDriven):
         self.observeMany(100)  # over the limit again: armed again
         self.assertIsNotNone(self.server.transport._stall)
 
+    def test_stallTimerChecksEachCountAgainstItsOwnLimit(self) -> None:
+        """A stall timer armed by large calls queued behind the answer (whose limit allows
+        the largest message the peer accepts) that are then cancelled still drops a peer
+        that reads nothing while more than bufferedBytes was written for it meanwhile."""
+        self.root.callRemote("hold", Child())
+        for _ in range(3):
+            self.toServer()
+            self.toClient()
+        child = self.rootObject.held[0]
+        self.unreadBigAnswer()
+        large = [child.callRemote("ping", b"x" * 17_000_000) for _ in range(2)]
+        self.assertIsNotNone(self.server.transport._stall)  # 34 MB queued: over 32 MiB
+        small = [child.callRemote("ping", b"s" * 100) for _ in range(200)]  # 26 KB written
+        for call in large + small:
+            call.addErrback(lambda _: None)
+        for call in large:
+            call.cancel()
+        with capturedLogs() as logs:
+            self.clock.advance(31)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("stopped reading", logs[-1]["log_format"])
+
     def test_ownCallsCountOnlyUntilTheConnectionTakesData(self) -> None:
         """What this side kept while the connection took no data stops counting once it
         takes some: counted again from nothing at the next moment it is full."""

@@ -381,17 +381,18 @@ class PBClientFactory(protocol.ClientFactory):
             value, a legacy challenge that is not ``(nonce, challenger)``).
         :raises TypeError: ``credentials`` is none of those (at once, before connecting).
         """
-        from twisted.cred.credentials import IAnonymous
+        from twisted.cred.credentials import IAnonymous, UsernamePassword
 
-        if not (
-            IAnonymous.providedBy(credentials)
-            or _isCertificateLogin(credentials)
-            or (hasattr(credentials, "username") and hasattr(credentials, "password"))
-        ):
-            raise TypeError(
-                "credentials must be UsernamePassword(...), Anonymous() or "
-                f"pb.CertificateLogin(), not {credentials!r}"
-            )
+        if not (IAnonymous.providedBy(credentials) or _isCertificateLogin(credentials)):
+            # Read once, now, as Twisted does: a password property may ask the user.
+            try:
+                username, password = credentials.username, credentials.password
+            except AttributeError as error:
+                raise TypeError(
+                    "credentials must be UsernamePassword(...), Anonymous() or "
+                    f"pb.CertificateLogin(), not {credentials!r}"
+                ) from error
+            credentials = UsernamePassword(username, password)
         return self.getRootObject().addCallback(self._loginOn, credentials, client)
 
     def _cbSendUsername(

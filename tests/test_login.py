@@ -191,6 +191,25 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
             self.clientFactory.login(None)
         self.assertIn("credentials must be UsernamePassword", str(caught.exception))
 
+    def test_passwordReadOnce(self) -> None:
+        """The password is read once, when login() is called, as Twisted reads it: a
+        property that asks the user (or a keyring) asks once."""
+        asked: list[bool] = []
+
+        class Prompting:
+            username = b"alice"
+
+            @property
+            def password(self) -> bytes:
+                asked.append(True)
+                return b"secret"
+
+        login = self.clientFactory.login(Prompting())
+        self.assertEqual(asked, [True])
+        avatar = self.resolve(login)
+        self.assertEqual(self.resolve(avatar.callRemote("name")), "alice")
+        self.assertEqual(asked, [True])
+
     def test_repeatedLoginsLeaveNothing(self) -> None:
         """Logging in and dropping the avatar again and again on one connection leaves
         nothing behind on the server: each logout forgets its disconnect notifier."""

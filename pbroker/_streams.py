@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
-from pbroker.stream import OutgoingStream, RemoteStream
+from pbroker.stream import OutgoingStream, RemoteStream, Stream
 
 __all__ = ["Connection", "StreamTable"]
 
@@ -200,7 +200,10 @@ class StreamTable:
         """
         limit = self._connection.limits.pendingCalls
         if len(self.outgoing) >= limit:
-            raise LimitExceeded(f"more than {limit} streams are being sent")
+            error = LimitExceeded(f"more than {limit} streams are being sent")
+            if isinstance(source, Stream):
+                source.close(Failure(error))  # never sent: its writer must learn (Stream.closed)
+            raise error
         sender = _feeding.get(id(source))
         if sender is not None and sender._source is source and not sender._done:
             # Two readers, on this connection or another, would each get some of its items.

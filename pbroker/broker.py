@@ -155,6 +155,18 @@ def _jelliedAsStream(object: Any, taster: Any) -> bool:
     )
 
 
+def _refusedStreams(error: Exception, *values: Any) -> Exception:
+    """
+    ``error``, after closing with it each :class:`Stream` among ``values`` that it refuses
+    to send: it will never be sent, and its writer (a publisher that keeps its streams)
+    must learn so, as when sending one fails (see :attr:`Stream.closed`).
+    """
+    for value in values:
+        if isinstance(value, Stream):
+            value.close(Failure(error))
+    return error
+
+
 def _refuseStreams(object: Any, jellier: Any) -> None:
     """
     Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
@@ -164,10 +176,13 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
     dialect.)
     """
     if _jelliedAsStream(object, jellier.taster):
-        raise JellyError(
-            f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
-            f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "
-            "a value nested deeper"
+        raise _refusedStreams(
+            JellyError(
+                f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
+                f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "
+                "a value nested deeper"
+            ),
+            object,
         )
 
 
@@ -1273,7 +1288,9 @@ class Broker(Banana):
             if codec is not None:
                 result = inline(codec.pack(object))
             elif _jelliedAsStream(object, self.security):
-                raise self._unsupported("sending a stream (an iterator or async iterator)")
+                raise _refusedStreams(
+                    self._unsupported("sending a stream (an iterator or async iterator)"), object
+                )
             else:
                 # Jellied straight to banana bytes (the fused encoder), spliced into the message.
                 tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
@@ -1692,7 +1709,11 @@ class Broker(Banana):
         if (any(map(isStreamable, args)) or any(map(isStreamable, kw.values()))) and any(
             _jelliedAsStream(arg, self.security) for arg in (*args, *kw.values())
         ):
-            raise self._unsupported("sending a stream (an iterator or async iterator)")
+            raise _refusedStreams(
+                self._unsupported("sending a stream (an iterator or async iterator)"),
+                *args,
+                *kw.values(),
+            )
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
         netArgs = Jellier(self.security, None, self).encode(args, tokens)

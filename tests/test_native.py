@@ -3262,6 +3262,56 @@ class SenderLimitTests(NativeTestCase):
         self.assertIn("limit", str(caught.exception))
 
 
+class RefusedStreamTests(NativeTestCase):
+    """
+    A :class:`Stream` the broker refuses to send (over the limit of streams, or to a peer
+    that cannot take streams) is closed with why: it will never be read, and a publisher
+    that keeps its streams forgets it (``closed``) rather than buffer for it without end.
+    """
+
+    serverOptions = {"limits": pb.BrokerLimits(pendingCalls=1)}
+
+    def assertRefused(self, stream: Stream, error: type[Exception]) -> None:
+        self.assertTrue(stream.closed)
+        self.assertFalse(stream.cancelled)
+        with self.assertRaises(ValueError) as caught:
+            stream.write(1)
+        self.assertIn("write() on a stream that failed", str(caught.exception))
+        self.flushLoggedErrors(error)
+
+    def test_overTheLimitOfStreams(self) -> None:
+        first = self.call("pushed")
+        self.assertIsInstance(first, RemoteStream)
+        kept = self.rootObject.stream
+        refused = self.call("pushed")
+        self.assertIn("streams are being sent", refused.getErrorMessage())
+        self.assertRefused(self.rootObject.stream, LimitExceeded)
+        self.assertFalse(kept.closed)  # the one being sent goes on
+
+    def test_toAPeerThatCannotTakeStreams(self) -> None:
+        root = NativeRoot()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("pushed").addBoth(results.append)
+        pump.flush()
+        self.assertIn("stream", results[0].getErrorMessage())
+        self.assertRefused(root.stream, UnsupportedByPeer)
+        mine = Stream()
+        with self.assertRaises(UnsupportedByPeer):
+            client.remoteForName("root").callRemote("sum", mine, pbanswer=False)
+        self.assertRefused(mine, UnsupportedByPeer)
+
+    def test_insideACopy(self) -> None:
+        stream = Stream()
+        thing = Thing()
+        thing.stream = stream  # type: ignore[attr-defined]
+        failure = self.call("echo", thing)
+        self.assertTrue(failure.check(JellyError))
+        self.assertRefused(stream, JellyError)
+
+
 class ServerLimitTests(NativeTestCase):
     serverOptions = {"limits": pb.BrokerLimits(messageSize=256 * 1024)}
 

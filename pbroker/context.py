@@ -30,7 +30,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbroker.errors import isSeconds, toSeconds
+from pbroker.errors import describe, isSeconds, toSeconds
 
 __all__ = ["CallContext", "CallOptions", "current"]
 
@@ -56,7 +56,7 @@ class CallOptions:
             if not isSeconds(self.timeout):
                 raise TypeError(f"a timeout must be a number of seconds, not {self.timeout!r}")
             if not self.timeout > 0:
-                raise ValueError(f"a timeout must be positive, not {self.timeout}")
+                raise ValueError(f"a timeout must be positive, not {describe(self.timeout)}")
             object.__setattr__(self, "timeout", toSeconds(self.timeout))
         if self.context is not None:
             if not isinstance(self.context, dict):

@@ -115,7 +115,9 @@ class ReconnectingClient(Service):
                     f"attemptTimeout must be a number of seconds (or None), not {attemptTimeout!r}"
                 )
             if not attemptTimeout > 0:
-                raise ValueError(f"attemptTimeout must be above 0 (or None), not {attemptTimeout}")
+                raise ValueError(
+                    f"attemptTimeout must be above 0 (or None), not {describe(attemptTimeout)}"
+                )
             attemptTimeout = toSeconds(attemptTimeout)
         if retryPolicy is not None and not callable(retryPolicy):
             raise TypeError(f"retryPolicy must be callable (or None), not {retryPolicy!r}")

@@ -3465,6 +3465,12 @@ class ArgumentCheckTests(SynchronousTestCase):
         client = ReconnectingClient("tcp:127.0.0.1:1", attemptTimeout=huge, reactor=Clock())
         self.assertEqual(client.attemptTimeout, inf)
         self.assertRefused(ValueError, "must be positive", partial(pb.Keepalive, 1, -huge))
+        hugest = 10**5000  # too long for str(): the message must not try
+        self.assertRefused(
+            ValueError, "a timeout must be positive", partial(context.CallOptions, -hugest)
+        )
+        refused = partial(ReconnectingClient, "tcp:127.0.0.1:1", attemptTimeout=-hugest)
+        self.assertRefused(ValueError, "attemptTimeout must be above 0", refused)
 
     def test_stream(self) -> None:
         self.assertRefused(

@@ -311,6 +311,13 @@ class NativeFloodTests(HandDriven):
         registry.setUnjellyableForClass(Gauge, RemoteGauge)
         self.connectPeers(self.rootObject, limits, registry)
 
+    def exchange(self, rounds: int = 100) -> None:
+        """Both sides read what the other wrote, turn after turn."""
+        for _ in range(rounds):
+            self.clock.advance(0)
+            self.toClient()
+            self.toServer()
+
     def unreadBigAnswer(self) -> None:
         self.root.callRemote("big")
         self.toServer()
@@ -360,10 +367,7 @@ class NativeFloodTests(HandDriven):
         self.assertIn(b"decref", self.serverTransport.value()[before:])  # written at once
         self.assertEqual(len(self.server._afterLarge), 16)
         self.assertIn("Refusing a reference", logs[0]["log_format"])
-        for _ in range(20):
-            self.clock.advance(0)
-            self.toClient()
-            self.toServer()
+        self.exchange(20)
         self.assertFalse(self.serverTransport.disconnecting)
         self.assertEqual(self.server.importedReferences, 0)
         self.assertEqual(list(self.server._afterLarge), [])
@@ -396,10 +400,7 @@ class NativeFloodTests(HandDriven):
             self.toServer()
         self.assertEqual(list(self.server._afterLarge), [])
         self.assertEqual(self.serverTransport.value()[before:].count(b"decref"), 20)
-        for _ in range(20):
-            self.clock.advance(0)
-            self.toClient()
-            self.toServer()
+        self.exchange(20)
         self.assertEqual(self.client.luids, {})
 
     def test_keptGoesOnceTheLargeMessagesBeforeItAreOut(self) -> None:
@@ -457,10 +458,7 @@ class NativeFloodTests(HandDriven):
         self.assertLess(len(self.server._afterLarge), 100)  # ... until too much is kept
         self.assertIsNotNone(self.server._backlog)
         self.assertLessEqual(self.server._keptForPeer, 8192 + 200)
-        for _ in range(100):
-            self.clock.advance(0)
-            self.toClient()
-            self.toServer()
+        self.exchange()
         self.assertEqual(len(answers), 301)
         self.assertEqual((self.server._keptForPeer, list(self.server._afterLarge)), (0, []))
         self.assertFalse(self.serverTransport.disconnecting)
@@ -482,10 +480,7 @@ class NativeFloodTests(HandDriven):
                 self.toServer()
             self.assertGreater(len(self.server._afterLarge), 200)
             self.assertEqual(self.server.importedReferences, 1)
-            for _ in range(100):
-                self.clock.advance(0)
-                self.toClient()
-                self.toServer()
+            self.exchange()
         self.assertEqual([log["log_format"] for log in logs if "Refusing" in log["log_format"]], [])
         self.assertEqual(len(answers), 151)
         self.assertEqual(self.server.importedReferences, 0)
@@ -631,10 +626,7 @@ class NativeFloodTests(HandDriven):
         calls[-1].cancel()
         self.failureResultOf(calls[-1], CancelledError)
         self.assertEqual(self.server._keptOwn, kept * 49 // 50)  # all 50 are the same size
-        for _ in range(100):
-            self.clock.advance(0)
-            self.toClient()
-            self.toServer()
+        self.exchange()
         self.assertEqual(len(answers), 1)
         self.assertEqual((self.server._keptOwn, list(self.server._afterLarge)), (0, []))
         for call in calls[:-1]:

@@ -2714,6 +2714,24 @@ class NestingDepthTests(SynchronousTestCase):
         self.assertFalse(_native.deeperThan(b"\xc7\xff\x01\x91" + b"\x91" * 5, 9))
 
 
+class RecordingProducer:
+    """
+    A push producer that records what it is told, in ``events``.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
 class LocalStreamTests(SynchronousTestCase):
     """
     :class:`Stream` on its own: a buffer with back-pressure for writers and push producers.
@@ -2721,20 +2739,10 @@ class LocalStreamTests(SynchronousTestCase):
 
     def test_pushProducerPausedAndResumed(self) -> None:
         """A registered push producer is paused when the buffer fills and resumed as it drains."""
-        events: list[str] = []
-
-        class Producer:
-            def pauseProducing(self) -> None:
-                events.append("pause")
-
-            def resumeProducing(self) -> None:
-                events.append("resume")
-
-            def stopProducing(self) -> None:
-                events.append("stop")
-
+        producer = RecordingProducer()
+        events = producer.events
         stream = Stream(bufferSize=2)
-        stream.registerProducer(Producer(), True)
+        stream.registerProducer(producer, True)
         stream.write(1)
         self.assertEqual(events, [])
         stream.write(2)
@@ -3124,19 +3132,9 @@ class StreamLifecycleTests(NativeTestCase):
         they would be logged as unhandled errors."""
         stream = self.call("pushed")
         source = self.rootObject.stream
-        events: list[str] = []
-
-        class Producer:
-            def pauseProducing(self) -> None:
-                events.append("pause")
-
-            def resumeProducing(self) -> None:
-                events.append("resume")
-
-            def stopProducing(self) -> None:
-                events.append("stop")
-
-        source.registerProducer(Producer(), True)
+        producer = RecordingProducer()
+        events = producer.events
+        source.registerProducer(producer, True)
         for i in range(40):
             source.write(i)  # as a producer writes: the Deferred ignored
         self.assertEqual(events, ["pause"])

@@ -81,6 +81,33 @@ class Connection(Protocol):
 _feeding: WeakValueDictionary[int, OutgoingStream] = WeakValueDictionary()
 
 
+def _beingSent(source: Any) -> bool:
+    """
+    Whether ``source`` feeds a stream being sent, on any connection.
+    """
+    sender = _feeding.get(id(source))
+    return sender is not None and sender._source is source and not sender._done
+
+
+def refusedStreams(error: Exception, *values: Any) -> Exception:
+    """
+    ``error``, after closing with it each :class:`Stream` among ``values`` that it refuses
+    to send and that nothing else uses: it will never be sent, and its writer (a publisher
+    that keeps its streams) must learn so, as when sending one fails (see
+    :attr:`Stream.closed`). One being sent elsewhere, already closed, or read here by
+    someone waiting for an item is left as it is.
+    """
+    for value in values:
+        if (
+            isinstance(value, Stream)
+            and not value.closed
+            and not value._readers
+            and not _beingSent(value)
+        ):
+            value.close(Failure(error))
+    return error
+
+
 class StreamTable:
     """
     The streams of one connection (see the module docstring).
@@ -198,19 +225,16 @@ class StreamTable:
         """
         Send ``source`` (an iterator, async iterator or Stream) as a new stream; its id.
         """
-        limit = self._connection.limits.pendingCalls
-        if len(self.outgoing) >= limit:
-            error = LimitExceeded(f"more than {limit} streams are being sent")
-            if isinstance(source, Stream):
-                source.close(Failure(error))  # never sent: its writer must learn (Stream.closed)
-            raise error
-        sender = _feeding.get(id(source))
-        if sender is not None and sender._source is source and not sender._done:
+        if _beingSent(source):
             # Two readers, on this connection or another, would each get some of its items.
             raise ValueError(
                 f"this {type(source).__name__} is already being sent as a stream: one "
                 "source feeds one stream"
             )
+        limit = self._connection.limits.pendingCalls
+        if len(self.outgoing) >= limit:
+            error = LimitExceeded(f"more than {limit} streams are being sent")
+            raise refusedStreams(error, source)
         self.currentStreamID += 1
         streamID = self.currentStreamID
         sender = OutgoingStream(self, streamID, source, self._connection.serializingPerspective)

@@ -48,7 +48,7 @@ from pbroker._native import (
     wholeRecord,
 )
 from pbroker._pacing import PacedTransport
-from pbroker._streams import StreamTable
+from pbroker._streams import StreamTable, refusedStreams
 from pbroker._unjellier import Unjellier, expressionsIn
 from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
 from pbroker.errors import (
@@ -155,18 +155,6 @@ def _jelliedAsStream(object: Any, taster: Any) -> bool:
     )
 
 
-def _refusedStreams(error: Exception, *values: Any) -> Exception:
-    """
-    ``error``, after closing with it each :class:`Stream` among ``values`` that it refuses
-    to send: it will never be sent, and its writer (a publisher that keeps its streams)
-    must learn so, as when sending one fails (see :attr:`Stream.closed`).
-    """
-    for value in values:
-        if isinstance(value, Stream):
-            value.close(Failure(error))
-    return error
-
-
 def _refuseStreams(object: Any, jellier: Any) -> None:
     """
     Refuse a stream met while a native value is jellied (inside a copy, or in a value whose
@@ -176,7 +164,7 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
     dialect.)
     """
     if _jelliedAsStream(object, jellier.taster):
-        raise _refusedStreams(
+        raise refusedStreams(
             JellyError(
                 f"a stream ({type(object).__name__}) can be sent as a value, or in lists, dicts, "
                 f"tuples and sets nested at most {EXTENSION_DEPTH} deep, not inside a copy or "
@@ -1288,7 +1276,7 @@ class Broker(Banana):
             if codec is not None:
                 result = inline(codec.pack(object))
             elif _jelliedAsStream(object, self.security):
-                raise _refusedStreams(
+                raise refusedStreams(
                     self._unsupported("sending a stream (an iterator or async iterator)"), object
                 )
             else:
@@ -1709,7 +1697,7 @@ class Broker(Banana):
         if (any(map(isStreamable, args)) or any(map(isStreamable, kw.values()))) and any(
             _jelliedAsStream(arg, self.security) for arg in (*args, *kw.values())
         ):
-            raise _refusedStreams(
+            raise refusedStreams(
                 self._unsupported("sending a stream (an iterator or async iterator)"),
                 *args,
                 *kw.values(),

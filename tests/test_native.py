@@ -3301,6 +3301,35 @@ class RefusedStreamTests(NativeTestCase):
             client.remoteForName("root").callRemote("sum", mine, pbanswer=False)
         self.assertRefused(mine, UnsupportedByPeer)
 
+    def test_aStreamBeingSentIsLeftAlone(self) -> None:
+        """A refusal does not close a Stream that is being sent already (asked for again,
+        by a pb-dialect peer, or inside a copy): its reader gets every item."""
+        shared = Stream()
+        thing = Thing()
+        thing.stream = shared  # type: ignore[attr-defined]
+        self.rootObject.remote_shared = lambda: shared  # type: ignore[attr-defined]
+        self.rootObject.remote_sharedInACopy = lambda: thing  # type: ignore[attr-defined]
+        reader = self.call("shared")
+        self.assertIsInstance(reader, RemoteStream)
+        self.assertTrue(self.call("shared").check(ValueError))  # already being sent
+        self.assertTrue(self.call("sharedInACopy").check(JellyError))
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("shared").addBoth(results.append)
+        pump.flush()
+        self.assertIn("stream", results[0].getErrorMessage())
+        self.assertFalse(shared.closed)
+        for item in range(5):
+            shared.write(item)
+        shared.finish()
+        items: list[Any] = []
+        reader.collect().addBoth(items.append)
+        self.settle(items)
+        self.assertEqual(items, [[0, 1, 2, 3, 4]])
+        self.flushLoggedErrors(JellyError, ValueError, UnsupportedByPeer)
+
     def test_insideACopy(self) -> None:
         stream = Stream()
         thing = Thing()

@@ -340,23 +340,30 @@ class PacedTransport:
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
-        if not self._overLimits():
+        over = self._overLimit()
+        if over is None:
             return  # what was over the limit no longer waits (kept calls, cancelled unsent)
-        self._dropNonReader(self._waiting(), limit)
+        self._dropNonReader(*over)
 
-    def _overLimits(self) -> bool:
+    def _overLimit(self) -> tuple[int, int] | None:
         """
-        Whether what waits for the peer, as counted since the transport paused, is over
-        its limit: written or kept bytes over ``limits.bufferedBytes``, or large messages
-        queued over that and the largest message the peer accepts (see :meth:`queued`).
-        Each against its own: the timer may have been armed by another.
+        A count of what waits for the peer, since the transport paused, that is over its
+        limit, and that limit; ``None`` if none is: written or kept bytes over
+        ``limits.bufferedBytes``, or large messages queued over that and the largest
+        message the peer accepts (see :meth:`queued`). Each against its own: the timer may
+        have been armed by another.
         """
         buffered: int = self._broker.limits.bufferedBytes
         allowance: int = getattr(self._broker, "peerMessageSize", None) or 0
-        return (
-            max(self.bufferedWhilePaused, self.keptWhilePaused, self.ownKeptWhilePaused) > buffered
-            or self.queuedWhilePaused > buffered + allowance
-        )
+        for count, limit in (
+            (self.bufferedWhilePaused, buffered),
+            (self.keptWhilePaused, buffered),
+            (self.ownKeptWhilePaused, buffered),
+            (self.queuedWhilePaused, buffered + allowance),
+        ):
+            if count > limit:
+                return count, limit
+        return None
 
     def _waiting(self) -> int:
         """

@@ -697,6 +697,9 @@ class NativeFloodTests(HandDriven):
             self.clock.advance(31)
         self.assertTrue(self.serverTransport.disconnecting)
         self.assertIn("stopped reading", logs[-1]["log_format"])
+        # The count over its limit, and that limit (not the one the timer was armed with).
+        self.assertEqual(logs[-1]["limit"], 8192)
+        self.assertEqual(logs[-1]["count"], self.server.transport.bufferedWhilePaused)
 
     def test_ownCallsCountOnlyUntilTheConnectionTakesData(self) -> None:
         """What this side kept while the connection took no data stops counting once it

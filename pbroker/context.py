@@ -84,7 +84,9 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
         return
     if isinstance(value, int):  # bool and IntEnum too
         if not -(2**63) <= value < 2**64:
-            raise ValueError(f"{path} is an integer beyond 64 bits, which cannot travel: {value}")
+            raise ValueError(
+                f"{path} is an integer beyond 64 bits, which cannot travel: {describe(value)}"
+            )
         return
     if depth >= _CONTEXT_DEPTH:
         raise ValueError(f"{path} nests more than {_CONTEXT_DEPTH} levels deep")

@@ -390,7 +390,7 @@ class PBClientFactory(protocol.ClientFactory):
             except AttributeError as error:
                 raise TypeError(
                     "credentials must be UsernamePassword(...), Anonymous() or "
-                    f"pb.CertificateLogin(), not {credentials!r}"
+                    f"pb.CertificateLogin(), not a {type(credentials).__name__}"
                 ) from error
             credentials = UsernamePassword(username, password)
         return self.getRootObject().addCallback(self._loginOn, credentials, client)

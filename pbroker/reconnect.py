@@ -107,7 +107,9 @@ class ReconnectingClient(Service):
             if not isInteger(maxRetries):
                 raise TypeError(f"maxRetries must be an integer (or None), not {maxRetries!r}")
             if maxRetries < 1:
-                raise ValueError(f"maxRetries must be at least 1 (or None), not {maxRetries}")
+                raise ValueError(
+                    f"maxRetries must be at least 1 (or None), not {describe(maxRetries)}"
+                )
             maxRetries = operator.index(maxRetries)
         if attemptTimeout is not None:
             if not isSeconds(attemptTimeout):

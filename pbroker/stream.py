@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.errors import PBConnectionLost, ProtocolError, isInteger
+from pbroker.errors import PBConnectionLost, ProtocolError, describe, isInteger
 
 __all__ = ["DEFAULT_WINDOW", "END", "RemoteStream", "Stream", "isStreamable"]
 
@@ -287,7 +287,7 @@ class Stream:
             raise TypeError(f"bufferSize must be an integer, not {bufferSize!r}")
         bufferSize = operator.index(bufferSize)
         if bufferSize < 1:
-            raise ValueError(f"bufferSize must be at least 1, not {bufferSize}")
+            raise ValueError(f"bufferSize must be at least 1, not {describe(bufferSize)}")
         self.bufferSize = bufferSize
         self._items: deque[Any] = deque()
         self._readers: deque[Deferred[Any]] = deque()

@@ -191,6 +191,18 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
             self.clientFactory.login(None)
         self.assertIn("credentials must be UsernamePassword", str(caught.exception))
 
+        class Credentials:
+            def __init__(self) -> None:
+                self.user, self.secret = "alice", "hunter2"
+
+            def __repr__(self) -> str:
+                return f"Credentials({self.user!r}, {self.secret!r})"
+
+        with self.assertRaises(TypeError) as caught:
+            self.clientFactory.login(Credentials())
+        self.assertIn("not a Credentials", str(caught.exception))
+        self.assertNotIn("hunter2", str(caught.exception))  # its repr may hold the password
+
     def test_passwordReadOnce(self) -> None:
         """The password is read once, when login() is called, as Twisted reads it: a
         property that asks the user (or a keyring) asks once."""

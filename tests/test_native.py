@@ -3498,6 +3498,11 @@ class ArgumentCheckTests(SynchronousTestCase):
         )
         refused = partial(ReconnectingClient, "tcp:127.0.0.1:1", attemptTimeout=-hugest)
         self.assertRefused(ValueError, "attemptTimeout must be above 0", refused)
+        refused = partial(ReconnectingClient, "tcp:127.0.0.1:1", maxRetries=-hugest)
+        self.assertRefused(ValueError, "maxRetries must be at least 1", refused)
+        self.assertRefused(ValueError, "bufferSize must be at least 1", partial(Stream, -hugest))
+        refused = partial(context.CallOptions, context={"k": hugest})
+        self.assertRefused(ValueError, "an integer beyond 64 bits", refused)
 
     def test_stream(self) -> None:
         self.assertRefused(

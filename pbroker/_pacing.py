@@ -295,8 +295,9 @@ class PacedTransport:
         (the stall timer runs), it is dropped now, as one is whose overflow came first.
         """
         if self._stall is not None:
-            limit = self._broker.limits.bufferedBytes
-            self._dropNonReader(self._waiting(), limit)
+            over = self._overLimit()
+            if over is not None:  # (else what was over no longer waits: the timer decides)
+                self._dropNonReader(*over)
 
     def _checkBuffered(self) -> None:
         limit = self._broker.limits.bufferedBytes
@@ -364,18 +365,6 @@ class PacedTransport:
             if count > limit:
                 return count, limit
         return None
-
-    def _waiting(self) -> int:
-        """
-        How many bytes wait for the peer, as counted since the transport paused: the
-        largest of the written, the queued and the kept, each counted against the limit.
-        """
-        return max(
-            self.bufferedWhilePaused,
-            self.queuedWhilePaused,
-            self.keptWhilePaused,
-            self.ownKeptWhilePaused,
-        )
 
     def progress(self) -> tuple[int, int] | None:
         """

@@ -701,6 +701,42 @@ class NativeFloodTests(HandDriven):
         self.assertEqual(logs[-1]["limit"], 8192)
         self.assertEqual(logs[-1]["count"], self.server.transport.bufferedWhilePaused)
 
+    def overflowWhileTheStallTimerRuns(self, cancel: bool) -> list[Any]:
+        """Large calls of the server's, queued behind its unread answer, arm the stall
+        timer (``cancel``: and are cancelled unsent); then the client sends too much while
+        the connection is full. The drops logged."""
+        self.root.callRemote("hold", Child())
+        for _ in range(3):
+            self.toServer()
+            self.toClient()
+        child = self.rootObject.held[0]
+        self.unreadBigAnswer()
+        calls = [child.callRemote("ping", b"x" * 17_000_000) for _ in range(2)]
+        self.assertIsNotNone(self.server.transport._stall)  # 34 MB queued: over 32 MiB
+        for call in calls:
+            call.addErrback(lambda _: None)
+            if cancel:
+                call.cancel()
+        with capturedLogs() as logs:
+            for _ in range(40):  # one-way calls: 20 KB
+                self.root.callRemote("keep", "k" * 500, pbanswer=False)
+                self.toServer()
+        self.assertTrue(self.server.overflowing)
+        return [log for log in logs if "stopped reading" in log["log_format"]]
+
+    def test_overflowDropsWhileSomethingIsOverItsLimit(self) -> None:
+        """A peer that overflows while the stall timer runs is dropped at once, and the log
+        says what is over which limit."""
+        drops = self.overflowWhileTheStallTimerRuns(cancel=False)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertEqual([(log["count"], log["limit"]) for log in drops], [(34000076, 33562624)])
+
+    def test_overflowSparesAPeerOnceNothingIsOver(self) -> None:
+        """Not once the large calls that armed the timer were cancelled unsent: nothing
+        waits over its limit then."""
+        self.assertEqual(self.overflowWhileTheStallTimerRuns(cancel=True), [])
+        self.assertFalse(self.serverTransport.disconnecting)
+
     def test_ownCallsCountOnlyUntilTheConnectionTakesData(self) -> None:
         """What this side kept while the connection took no data stops counting once it
         takes some: counted again from nothing at the next moment it is full."""

@@ -94,14 +94,14 @@ def refusedStreams(error: Exception, *values: Any) -> Exception:
     ``error``, after closing with it each :class:`Stream` among ``values`` that it refuses
     to send and that nothing else uses: it will never be sent, and its writer (a publisher
     that keeps its streams) must learn so, as when sending one fails (see
-    :attr:`Stream.closed`). One being sent elsewhere, already closed, or read here by
-    someone waiting for an item is left as it is.
+    :attr:`Stream.closed`). One already closed, being sent, or read by anything yet (here,
+    or by a sender) is left as it is.
     """
     for value in values:
         if (
             isinstance(value, Stream)
             and not value.closed
-            and not value._readers
+            and not value._read
             and not _beingSent(value)
         ):
             value.close(Failure(error))

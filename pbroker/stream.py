@@ -302,6 +302,8 @@ class Stream:
         self._failed: Failure | None = None
         self._producer: Any = None
         self._producerPaused = False
+        # Whether anything read it yet (here, or a sender): see refusedStreams.
+        self._read = False
 
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
@@ -406,6 +408,7 @@ class Stream:
         return self
 
     def __anext__(self) -> Deferred[Any]:
+        self._read = True
         if self._items:
             item = self._items.popleft()
             self._drained()

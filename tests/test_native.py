@@ -13,6 +13,7 @@ import fractions
 import gc
 import inspect
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
@@ -3329,6 +3330,37 @@ class RefusedStreamTests(NativeTestCase):
         self.settle(items)
         self.assertEqual(items, [[0, 1, 2, 3, 4]])
         self.flushLoggedErrors(JellyError, ValueError, UnsupportedByPeer)
+
+    def test_aStreamReadHereIsLeftAlone(self) -> None:
+        """Nor a Stream this side reads (async for) when it is refused, busy with an item
+        or waiting for the next: its reader gets every item and the end."""
+        shared = Stream()
+        self.rootObject.remote_shared = lambda: shared  # type: ignore[attr-defined]
+        got: list[Any] = []
+        busy: Deferred[None] = Deferred()
+
+        async def read() -> None:
+            async for item in shared:
+                got.append(item)
+                if item == 0:
+                    await busy  # busy with an item, not waiting for the next, when refused
+
+        shared.write(0)
+        reading = Deferred.fromCoroutine(read())
+        self.assertEqual((got, shared._readers), ([0], deque()))
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        client.remoteForName("root").callRemote("shared").addErrback(lambda _: None)
+        pump.flush()
+        self.assertFalse(shared.closed)
+        busy.callback(None)
+        shared.write(1)
+        shared.write(2)
+        shared.finish()
+        self.successResultOf(reading)
+        self.assertEqual(got, [0, 1, 2])
+        self.flushLoggedErrors(UnsupportedByPeer)
 
     def test_insideACopy(self) -> None:
         stream = Stream()

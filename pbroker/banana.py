@@ -161,7 +161,7 @@ def int2b128(integer: int, stream: Callable[[bytes], object]) -> None:
     :raises ValueError: ``integer`` is negative.
     """
     if integer < 0:
-        raise ValueError(f"a banana prefix is a non-negative integer, not {integer}")
+        raise ValueError(f"a banana prefix is a non-negative integer, not {describe(integer)}")
     for group in _base128(integer):
         stream(bytes((group,)))
 
@@ -242,7 +242,7 @@ def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     integer takes at most three prefix bytes and so needs no range check.
     """
     if prefixLimit < 1:
-        raise ValueError(f"the prefix limit must be at least 1, not {prefixLimit}")
+        raise ValueError(f"the prefix limit must be at least 1, not {describe(prefixLimit)}")
     largest = 2 ** (7 * prefixLimit) - 1
     return largest, min(0x200000, largest + 1)
 
@@ -532,13 +532,15 @@ class Decoder:
             if not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+                raise ValueError(f"{name} must be at least 1, not {describe(value)}")
         if messageSizeLimit is not None and not isinstance(messageSizeLimit, int):
             raise TypeError(
                 f"messageSizeLimit must be an int or None, not {type(messageSizeLimit).__name__}"
             )
         if messageSizeLimit is not None and messageSizeLimit < 1:
-            raise ValueError(f"messageSizeLimit must be at least 1, not {messageSizeLimit}")
+            raise ValueError(
+                f"messageSizeLimit must be at least 1, not {describe(messageSizeLimit)}"
+            )
         self._dialect = dialect
         self._vocabulary = _incomingVocabulary(dialect)
         self.sizeLimit = sizeLimit
@@ -610,7 +612,7 @@ class Decoder:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
         if maxExpressions is not None and maxExpressions < 1:
-            raise ValueError(f"maxExpressions must be at least 1, not {maxExpressions}")
+            raise ValueError(f"maxExpressions must be at least 1, not {describe(maxExpressions)}")
         results: list[Any] = []
         try:
             self._parse(data, maxExpressions, results)
@@ -971,7 +973,7 @@ def setPrefixLimit(limit: int) -> None:
     """
     global _defaultPrefixLimit
     if limit < 1:
-        raise ValueError(f"the prefix limit must be at least 1, not {limit}")
+        raise ValueError(f"the prefix limit must be at least 1, not {describe(limit)}")
     _defaultPrefixLimit = limit
 
 
@@ -1019,7 +1021,7 @@ class Banana(Protocol):
         Set the prefix limit for this connection, for both decoding and encoding.
         """
         if limit < 1:
-            raise ValueError(f"the prefix limit must be at least 1, not {limit}")
+            raise ValueError(f"the prefix limit must be at least 1, not {describe(limit)}")
         self.prefixLimit = limit
         if self._decoder is not None:
             self._decoder.prefixLimit = limit

@@ -290,7 +290,7 @@ class BrokerLimits:
             if self.messageSize < MIN_MESSAGE_SIZE:
                 raise ValueError(
                     f"BrokerLimits.messageSize must be at least {MIN_MESSAGE_SIZE} (or None), "
-                    f"not {self.messageSize}"
+                    f"not {describe(self.messageSize)}"
                 )
         if self.stallTimeout is not None:
             if not isSeconds(self.stallTimeout):

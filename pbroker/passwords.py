@@ -134,7 +134,7 @@ def _checkSaltAndIterations(salt: bytes, iterations: int) -> None:
 def _checkIterations(iterations: int) -> None:
     if not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
         raise ValueError(
-            f"iterations must be {MIN_ITERATIONS} to {MAX_ITERATIONS}, not {iterations}"
+            f"iterations must be {MIN_ITERATIONS} to {MAX_ITERATIONS}, not {describe(iterations)}"
         )
 
 

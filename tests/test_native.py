@@ -3535,6 +3535,16 @@ class ArgumentCheckTests(SynchronousTestCase):
         self.assertRefused(ValueError, "bufferSize must be at least 1", partial(Stream, -hugest))
         refused = partial(context.CallOptions, context={"k": hugest})
         self.assertRefused(ValueError, "an integer beyond 64 bits", refused)
+        from pbroker import banana, passwords
+
+        for refused, text in (
+            (partial(banana.Decoder, sizeLimit=-hugest), "sizeLimit must be at least 1"),
+            (partial(banana.Decoder, messageSizeLimit=-hugest), "messageSizeLimit must be"),
+            (partial(banana.setPrefixLimit, -hugest), "the prefix limit must be"),
+            (partial(banana.int2b128, -hugest, list.append), "a banana prefix is"),
+            (partial(passwords._checkIterations, hugest), "iterations must be"),
+        ):
+            self.assertRefused(ValueError, text, refused)
 
     def test_stream(self) -> None:
         self.assertRefused(

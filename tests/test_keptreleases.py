@@ -676,18 +676,25 @@ class NativeFloodTests(HandDriven):
         self.observeMany(100)  # over the limit again: armed again
         self.assertIsNotNone(self.server.transport._stall)
 
-    def test_stallTimerChecksEachCountAgainstItsOwnLimit(self) -> None:
-        """A stall timer armed by large calls queued behind the answer (whose limit allows
-        the largest message the peer accepts) that are then cancelled still drops a peer
-        that reads nothing while more than bufferedBytes was written for it meanwhile."""
+    def largeCallsArmTheStallTimer(self) -> tuple[Any, list[Deferred[Any]]]:
+        """Two large calls of the server's to a client object, queued behind an answer the
+        client does not read: 34 MB, over the 32 MiB (and bufferedBytes) they may take,
+        which arms the stall timer. The client object's reference, and the calls."""
         self.root.callRemote("hold", Child())
         for _ in range(3):
             self.toServer()
             self.toClient()
         child = self.rootObject.held[0]
         self.unreadBigAnswer()
-        large = [child.callRemote("ping", b"x" * 17_000_000) for _ in range(2)]
-        self.assertIsNotNone(self.server.transport._stall)  # 34 MB queued: over 32 MiB
+        calls = [child.callRemote("ping", b"x" * 17_000_000) for _ in range(2)]
+        self.assertIsNotNone(self.server.transport._stall)
+        return child, calls
+
+    def test_stallTimerChecksEachCountAgainstItsOwnLimit(self) -> None:
+        """A stall timer armed by large calls queued behind the answer (whose limit allows
+        the largest message the peer accepts) that are then cancelled still drops a peer
+        that reads nothing while more than bufferedBytes was written for it meanwhile."""
+        child, large = self.largeCallsArmTheStallTimer()
         small = [child.callRemote("ping", b"s" * 100) for _ in range(200)]  # 26 KB written
         for call in large + small:
             call.addErrback(lambda _: None)
@@ -705,14 +712,7 @@ class NativeFloodTests(HandDriven):
         """Large calls of the server's, queued behind its unread answer, arm the stall
         timer (``cancel``: and are cancelled unsent); then the client sends too much while
         the connection is full. The drops logged."""
-        self.root.callRemote("hold", Child())
-        for _ in range(3):
-            self.toServer()
-            self.toClient()
-        child = self.rootObject.held[0]
-        self.unreadBigAnswer()
-        calls = [child.callRemote("ping", b"x" * 17_000_000) for _ in range(2)]
-        self.assertIsNotNone(self.server.transport._stall)  # 34 MB queued: over 32 MiB
+        _child, calls = self.largeCallsArmTheStallTimer()
         for call in calls:
             call.addErrback(lambda _: None)
             if cancel:

@@ -250,9 +250,7 @@ class PacedTransport:
         """
         if self.paused:
             self.queuedWhilePaused += size
-            limit = self._broker.limits.bufferedBytes + allowance
-            if self.queuedWhilePaused > limit:
-                self._over(self.queuedWhilePaused, limit)
+            self._check(self.queuedWhilePaused, allowance)
 
     def kept(self, total: int, allowance: int) -> None:
         """
@@ -264,29 +262,23 @@ class PacedTransport:
         stays full ``limits.stallTimeout`` seconds. (While the connection takes data, the
         peer reads: what is kept goes as the large messages before it do.)
         """
-        if not self.paused:
-            return
-        self.keptWhilePaused = total
-        limit = self._broker.limits.bufferedBytes + allowance
-        if total > limit:
-            self._over(total, limit)
+        if self.paused:
+            self.keptWhilePaused = total
+            self._check(total, allowance)
 
-    def keptOwn(self, size: int, allowance: int) -> None:
+    def keptOwn(self, size: int) -> None:
         """
         The broker keeps ``size`` bytes of a message of its own (not an answer) to write
         later, behind large messages: counted as a write is, only if the transport is
-        paused, until it resumes. Past the broker's ``limits.bufferedBytes`` and
-        ``allowance`` more, the peer is dropped as it is when that much is written for it.
-        (What was kept while the connection took data waits for the large messages
-        before it, not for the peer: a reader of a long answer is not dropped at a moment
-        of a full connection for what this side kept meanwhile.)
+        paused, until it resumes. Past the broker's ``limits.bufferedBytes`` and ``size``
+        more (any one message may wait), the peer is dropped as it is when that much is
+        written for it. (What was kept while the connection took data waits for the large
+        messages before it, not for the peer: a reader of a long answer is not dropped at
+        a moment of a full connection for what this side kept meanwhile.)
         """
-        if not self.paused:
-            return
-        self.ownKeptWhilePaused += size
-        limit = self._broker.limits.bufferedBytes + allowance
-        if self.ownKeptWhilePaused > limit:
-            self._over(self.ownKeptWhilePaused, limit)
+        if self.paused:
+            self.ownKeptWhilePaused += size
+            self._check(self.ownKeptWhilePaused, size)
 
     def overflowed(self) -> None:
         """
@@ -300,9 +292,16 @@ class PacedTransport:
                 self._dropNonReader(*over)
 
     def _checkBuffered(self) -> None:
-        limit = self._broker.limits.bufferedBytes
-        if self.bufferedWhilePaused > limit:
-            self._over(self.bufferedWhilePaused, limit)
+        self._check(self.bufferedWhilePaused, 0)
+
+    def _check(self, count: int, allowance: int) -> None:
+        """
+        :meth:`_over` if ``count`` bytes waiting for the peer are more than the broker's
+        ``limits.bufferedBytes`` and ``allowance``.
+        """
+        limit = self._broker.limits.bufferedBytes + allowance
+        if count > limit:
+            self._over(count, limit)
 
     def _over(self, count: int, limit: int) -> None:
         """

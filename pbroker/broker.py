@@ -1062,17 +1062,16 @@ class Broker(Banana):
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
             payload = self._nativePayload(list(expression))
-            cost = self._keep(payload, forPeer)
-            self._afterLarge.append(
-                (payload, None, None, self._nextSerial(), *((cost, 0) if forPeer else (0, cost)))
-            )
+            kept, own = self._keep(payload, forPeer)
+            self._afterLarge.append((payload, None, None, self._nextSerial(), kept, own))
         else:
             self.sendCall(*expression)
 
-    def _keep(self, payload: bytes | _Payload, forPeer: bool) -> int:
+    def _keep(self, payload: bytes | _Payload, forPeer: bool) -> tuple[int, int]:
         """
         Count a message about to be kept in ``_afterLarge`` until it is sent, and return
-        what it costs: its size and ``_KEPT_OVERHEAD``.
+        what it costs (its size and ``_KEPT_OVERHEAD``) in ``_keptForPeer`` and in
+        ``_keptOwn``, as its entry there holds them.
 
         A message for the peer (``forPeer``) counts in ``_keptForPeer``, as large messages
         for the peer count (see :meth:`_queueFull`): past ``limits.bufferedBytes`` the
@@ -1091,11 +1090,11 @@ class Broker(Banana):
             self._keptForPeer += cost
             if type(transport) is PacedTransport:
                 transport.kept(self._keptForPeer, cost)
-        else:
-            self._keptOwn += cost
-            if type(transport) is PacedTransport:
-                transport.keptOwn(cost, cost)
-        return cost
+            return cost, 0
+        self._keptOwn += cost
+        if type(transport) is PacedTransport:
+            transport.keptOwn(cost)
+        return 0, cost
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
         """
@@ -1673,8 +1672,8 @@ class Broker(Banana):
         ):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
-            cost = self._keep(data, False)
-            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), 0, cost))
+            kept, own = self._keep(data, False)
+            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), kept, own))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         else:

@@ -49,7 +49,9 @@ class Connection(Protocol):
 
     def sendCall(self, *expression: Any) -> None: ...
 
-    def _sendBehindLarge(self, *expression: Any) -> None: ...
+    def _sendBehindLarge(self, *expression: Any, keys: Any = None) -> None: ...
+
+    def _streamKeys(self, streamID: int, registrations: Any = None) -> Any: ...
 
     def serialize(self, object: Any, perspective: Any = None) -> Any: ...
 
@@ -200,7 +202,8 @@ class StreamTable:
             netItem = connection.serialize(item, perspective)
             registrations = connection._takeRegistrations(netItem)
             try:
-                connection._sendBehindLarge(b"item", streamID, netItem)
+                keys = connection._streamKeys(streamID, registrations)
+                connection._sendBehindLarge(b"item", streamID, netItem, keys=keys)
             except Exception:
                 connection._unregister(registrations)  # not sent: it exports nothing
                 raise
@@ -213,7 +216,7 @@ class StreamTable:
         if self.outgoing.pop(streamID, None) is None or not connection._canSend:
             return
         if failure is None:
-            connection._sendBehindLarge(b"end", streamID)
+            connection._sendBehindLarge(b"end", streamID, keys=connection._streamKeys(streamID))
             return
         if failure.check(*connection.quietFailures) is None:
             connection._logFailure("Peer will receive the following stream error", failure)

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import gc
+import heapq
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -138,6 +139,13 @@ _BEHIND = 5
 #: A first copy of a Cacheable made while serialising: a call holding one is not dropped
 #: unsent (later messages may name it by handle). Not a count.
 _FIRST = 6
+
+# What a queued message names (see Broker._keysOf), as (kind, id): an object of this side's
+# (an export or a Cacheable the peer holds a copy of, by luid), one of the peer's (a
+# reference or a copy, by its luid there), a stream of this side's, or a call of this side's
+# (by request id).
+_OURS, _THEIRS, _STREAM_KEY, _CALL = 0, 1, 2, 3
+_Keys = frozenset[tuple[int, Any]]
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -406,6 +414,14 @@ def _nearerEnd(queue: Sequence[Any], field: int, requestID: int) -> range:
     return range(size)
 
 
+def _keptOrder(entry: _KeptEntry) -> tuple[int, bool]:
+    """
+    Where an entry of Broker._afterLarge stands among the others: by serial, a release
+    before the message of its serial (queued after it, see Broker._keepRelease).
+    """
+    return entry[3], entry[0] is not None
+
+
 class _Payload:
     """
     A native message to be written in fragments, in parts (as opposed to bytes, written as
@@ -436,6 +452,10 @@ class _Release:
         #: Broker._queueSerial when it was kept: it waits for the large messages up to that
         #: one, and releases asked for while it is unchanged join this one.
         self.serial = serial
+
+
+# An entry of Broker._afterLarge (see there).
+_KeptEntry = tuple[bytes | _Payload | None, int | None, Any, int, int, int, _Keys | None]
 
 
 class Broker(Banana):
@@ -534,7 +554,8 @@ class Broker(Banana):
         # Large native messages waiting to be written, as [parts left, bytes left, the
         # request id of a call (else None), its size while it waits for room (else 0), what
         # packing a call counted until its first fragment is written (else None), its serial
-        # (see _queueSerial)].
+        # (see _queueSerial), what a call that may wait for room names (see _keysOf; else
+        # None)].
         self._largeOut: list[list[Any]] = []
         # The bytes left of the messages in it that are not this side's calls (answers, errors,
         # stream items), for _queueFull.
@@ -554,11 +575,19 @@ class Broker(Banana):
         self._largeBlocked = False
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
-        # counted (else None, None), their serial, and what they count in _keptForPeer and
-        # in _keptOwn; or (None, None, a _Release, its serial, its cost, 0).
-        self._afterLarge: collections.deque[
-            tuple[bytes | _Payload | None, int | None, Any, int, int, int]
-        ] = collections.deque()
+        # counted (else None, None), their serial, what they count in _keptForPeer and in
+        # _keptOwn, and what they name (see _keysOf); or (None, None, a _Release, its
+        # serial, its cost, 0, what it names).
+        self._afterLarge: collections.deque[_KeptEntry] = collections.deque()
+        # Those of them that name what a large call waiting for room names (see
+        # _startableLarge), or what one already here names, in order: they wait for that
+        # call to start, where the others go ahead of it (see _flushAfterLarge). How many of
+        # them name each key, how many name keys unknown (they wait for every such call), and
+        # what they count in _keptForPeer.
+        self._afterBlocked: collections.deque[_KeptEntry] = collections.deque()
+        self._blockedKeys: dict[tuple[int, Any], int] = {}
+        self._blockedUnknown = 0
+        self._blockedForPeer = 0
         # What is kept there for the peer counts (see _queueFull): answers, errors and
         # uncaches at their size and _KEPT_OVERHEAD (see _keep), release entries split from
         # an object's first at _KEPT_RELEASE (see _keepRelease).
@@ -769,6 +798,9 @@ class Broker(Banana):
             1 for command, _ in self._keptReleases if command == b"decref"
         )
         self._afterLarge = collections.deque()
+        self._afterBlocked = collections.deque()
+        self._blockedKeys = {}
+        self._blockedUnknown = self._blockedForPeer = 0
         self._keptForPeer = self._keptOwn = 0
         self._keptReleases = {}
         self._emptiedReleases = 0
@@ -881,11 +913,13 @@ class Broker(Banana):
         requestID: int | None = None,
         counted: Any = None,
         serial: int | None = None,
+        keys: _Keys | None = None,
     ) -> None:
         """
         Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
         parts of a fragmented message through the large-message queue (``requestID``: the
-        message is that call; ``serial``: the one it had in ``_afterLarge``, else a new one).
+        message is that call, which names ``keys``, see :meth:`_keysOf`; ``serial``: the one
+        it had in ``_afterLarge``, else a new one).
         """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
         transport: Any = self.transport
@@ -906,6 +940,7 @@ class Broker(Banana):
                 payload.size if payload.taken else 0,
                 counted,
                 self._nextSerial() if serial is None else serial,
+                keys if payload.taken else None,
             ]
         )
         if requestID is None:
@@ -970,8 +1005,9 @@ class Broker(Banana):
         calls at the other would both overflow that and drop each other; so such calls
         that the peer has not taken (started handling) add up to at most the smaller of the
         two sides' ``bufferedBytes`` (one is always sent). Other large messages go ahead of
-        calls that wait; those keep their order, and what waits behind large messages
-        (releases, cancels, stream items, cache handles) waits for them too.
+        calls that wait; those keep their order. What waits behind large messages
+        (releases, cancels, stream items, cache handles) waits for such a call only if it
+        names what the call names (see :meth:`_flushAfterLarge`).
         """
         if self._largeBlocked:
             return False
@@ -987,6 +1023,8 @@ class Broker(Banana):
                 entry[3] = 0
                 self._untaken[entry[2]] = size
                 self._untakenBytes = untaken + size
+                if self._afterBlocked:
+                    self._unblockKept()  # what waited for it to start now waits behind it
             if index:
                 queue.insert(0, queue.pop(index))
             return True
@@ -1048,7 +1086,9 @@ class Broker(Banana):
             entry[1] = remaining
         return size
 
-    def _sendBehindLarge(self, *expression: Any, forPeer: bool = False) -> None:
+    def _sendBehindLarge(
+        self, *expression: Any, forPeer: bool = False, keys: _Keys | None = None
+    ) -> None:
         """
         Send a message after any large message already queued: a stream's, so that a
         stream's items and its end keep their order however large the items are, the
@@ -1058,14 +1098,51 @@ class Broker(Banana):
         ``forPeer``: the message answers the peer (an answer, an error, an uncache), which
         :meth:`_keep` counts so that a peer that leaves a large answer unread while it asks
         for answers that have to wait behind it cannot make this side keep them without end.
+        ``keys``: what it names (see :meth:`_keysOf`); ``None``: unknown, so it waits for
+        every large message queued before it.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
             payload = self._nativePayload(list(expression))
             kept, own = self._keep(payload, forPeer)
-            self._afterLarge.append((payload, None, None, self._nextSerial(), kept, own))
+            self._keepEntry((payload, None, None, self._nextSerial(), kept, own, keys))
         else:
             self.sendCall(*expression)
+
+    def _keepEntry(self, entry: _KeptEntry) -> None:
+        """
+        Keep ``entry`` in ``_afterLarge``. If only large calls that wait for the peer to take
+        earlier ones are queued, nothing else would let it go: the pump sees whether it may
+        go ahead of them (see :meth:`_flushAfterLarge`).
+        """
+        self._afterLarge.append(entry)
+        if self._largeBlocked:
+            self._schedulePump()
+
+    @staticmethod
+    def _keysOf(
+        registrations: list[tuple[Any, int]] | None, *keys: tuple[int, Any]
+    ) -> _Keys | None:
+        """
+        What a message names, besides ``keys``: the exports, cache handles and streams
+        packing it registered, and the peer's objects it names (``None`` if one has no
+        luid, which does not happen). A message kept behind large messages waits for a
+        large call that waits for room only if the two name something in common (see
+        :meth:`_flushAfterLarge`).
+        """
+        named = set(keys)
+        if registrations:
+            for item, kind in registrations:
+                if kind == _STREAM:
+                    named.add((_STREAM_KEY, item))
+                elif kind == _KEPT:
+                    luid = getattr(item, "luid", None)
+                    if luid is None:
+                        return None
+                    named.add((_THEIRS, luid))
+                else:  # _EXPORT, _CACHE, _FIRST, _BEHIND: a luid of this side's
+                    named.add((_OURS, item))
+        return frozenset(named)
 
     def _keep(self, payload: bytes | _Payload, forPeer: bool) -> tuple[int, int]:
         """
@@ -1160,7 +1237,8 @@ class Broker(Banana):
         release = _Release(command, objectID, serial)
         kept.append(release)
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        self._afterLarge.append((None, None, release, serial + 1, cost, 0))
+        keys = frozenset({(_THEIRS, objectID)})
+        self._keepEntry((None, None, release, serial + 1, cost, 0, keys))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1175,16 +1253,77 @@ class Broker(Banana):
         for release in kept:
             release.count = 0
         self._emptiedReleases += len(kept)
-        after = self._afterLarge
-        if self._emptiedReleases * 2 > len(after):
-            remaining: collections.deque[Any] = collections.deque()
-            for entry in after:
-                if entry[0] is None and not entry[2].count:
-                    self._keptForPeer -= entry[4]
-                else:
-                    remaining.append(entry)
-            self._afterLarge = remaining
+        if self._emptiedReleases * 2 > len(self._afterLarge) + len(self._afterBlocked):
+            for queue in (self._afterLarge, self._afterBlocked):
+                remaining = [entry for entry in queue if entry[0] is not None or entry[2].count]
+                if len(remaining) == len(queue):
+                    continue
+                for entry in queue:
+                    if entry[0] is None and not entry[2].count:
+                        self._keptForPeer -= entry[4]
+                        if queue is self._afterBlocked:
+                            self._unblockEntry(entry)
+                queue.clear()
+                queue.extend(remaining)
             self._emptiedReleases = 0
+
+    def _mustWait(self, entry: _KeptEntry, waiting: list[list[Any]]) -> bool:
+        """
+        Whether ``entry`` must wait for one of the calls ``waiting`` for room queued before
+        it, or behind what waits for one already (see :meth:`_flushAfterLarge`).
+        """
+        serial, keys = entry[3], entry[6]
+        if keys is None or self._blockedUnknown:
+            return bool(self._afterBlocked) or any(call[5] < serial for call in waiting)
+        if self._blockedKeys and not keys.isdisjoint(self._blockedKeys):
+            return True
+        return any(call[5] < serial and not keys.isdisjoint(call[6]) for call in waiting)
+
+    def _blockEntry(self, entry: _KeptEntry) -> None:
+        self._afterBlocked.append(entry)
+        keys = entry[6]
+        if keys is None:
+            self._blockedUnknown += 1
+        else:
+            counts = self._blockedKeys
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+        self._blockedForPeer += entry[4]
+
+    def _unblockEntry(self, entry: _KeptEntry) -> None:
+        """
+        Uncount ``entry``, taken out of ``_afterBlocked``.
+        """
+        keys = entry[6]
+        if keys is None:
+            self._blockedUnknown -= 1
+        else:
+            counts = self._blockedKeys
+            for key in keys:
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+        self._blockedForPeer -= entry[4]
+
+    def _unblockKept(self) -> None:
+        """
+        A call that waited for room started or was dropped: put what waited in
+        ``_afterBlocked`` back in ``_afterLarge``, in order, for the pump to see again.
+        """
+        blocked = self._afterBlocked
+        if not blocked:
+            return
+        # In the order they were kept: by serial, a release before the message of its serial
+        # (which was queued after it, see _keepRelease).
+        merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
+        self._afterLarge.clear()
+        self._afterLarge.extend(merged)
+        blocked.clear()
+        self._blockedKeys = {}
+        self._blockedUnknown = self._blockedForPeer = 0
+        self._schedulePump()
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -1194,19 +1333,42 @@ class Broker(Banana):
         """
         Send what waits in ``_afterLarge`` for large messages that are all out now: each
         waits for those queued before it only (messages of smaller serials).
+
+        Except large calls that wait for the peer to take earlier ones (see
+        :meth:`_startableLarge`): a peer that never takes them would make what waits behind
+        them grow without end. A message goes ahead of such a call unless it names what the
+        call names (see :meth:`_keysOf`): a handle whose first copy is in it, an object it
+        names (a release must not overtake it), a stream it carries, or the call itself (a
+        cancel). Those that do wait in ``_afterBlocked`` until the call starts (then behind
+        it), and so does what names what one of them names, so that they keep their order.
         """
-        first = min(entry[5] for entry in self._largeOut) if self._largeOut else None
-        while self._afterLarge and not self.disconnected:
-            serial = self._afterLarge[0][3]
-            if first is not None and first < serial:
+        first = None
+        waiting: list[list[Any]] = []  # calls waiting for room that what follows may pass
+        for large in self._largeOut:
+            if large[3] and large[6] is not None:
+                waiting.append(large)
+            elif first is None or large[5] < first:
+                first = large[5]
+        after = self._afterLarge
+        while after and not self.disconnected:
+            entry = after[0]
+            if first is not None and first < entry[3]:
                 return
-            payload, requestID, counted, serial, kept, own = self._afterLarge.popleft()
+            after.popleft()
+            if (waiting or self._afterBlocked) and self._mustWait(entry, waiting):
+                self._blockEntry(entry)
+                continue
+            payload, requestID, counted, serial, kept, own, keys = entry
             self._keptForPeer -= kept
             self._keptOwn -= own
             if payload is not None:
-                self._writePayload(payload, requestID, counted, serial)
+                self._writePayload(payload, requestID, counted, serial, keys)
                 if isinstance(payload, _Payload):
-                    first = serial  # a large message now, before the rest: they wait for it
+                    written = self._largeOut[-1]
+                    if written[3] and written[6] is not None:
+                        waiting.append(written)
+                    else:
+                        first = serial  # a large message now, before the rest: they wait for it
                 continue
             release: _Release = counted
             if not release.count:
@@ -1394,9 +1556,17 @@ class Broker(Banana):
                     self._stopObserving(local)
                     if (luid, _FIRST) not in registrations and self._canSend:
                         # The peer holds a copy. (Behind any large message to the copy.)
-                        self._sendBehindLarge(b"uncache", luid, forPeer=True)
+                        keys = frozenset({(_OURS, luid)})
+                        self._sendBehindLarge(b"uncache", luid, forPeer=True, keys=keys)
             elif kind == _STREAM:
                 self._streams.drop([luid])
+
+    def _streamKeys(self, streamID: int, registrations: Any = None) -> _Keys | None:
+        """
+        What a message of the stream ``streamID`` names (see :meth:`_keysOf`): the stream,
+        and what packing an item or error registered (``registrations``).
+        """
+        return self._keysOf(registrations, (_STREAM_KEY, streamID))
 
     def _registerStream(self, source: Any) -> int:
         """
@@ -1673,9 +1843,13 @@ class Broker(Banana):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
             kept, own = self._keep(data, False)
-            self._afterLarge.append((data, requestID, registrations, self._nextSerial(), kept, own))
+            keys = self._keysOf(registrations, self._callKey(prefix, objectID), (_CALL, requestID))
+            self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
+        elif isinstance(data, _Payload) and data.taken:
+            keys = self._keysOf(registrations, self._callKey(prefix, objectID), (_CALL, requestID))
+            self._writePayload(data, requestID, registrations, None, keys)
         else:
             self._writePayload(data, requestID, registrations)
         if deferred is not None and timeout is not None:
@@ -1683,6 +1857,14 @@ class Broker(Banana):
         if self._postponed:
             self._sendPostponed()
         return deferred
+
+    @staticmethod
+    def _callKey(prefix: bytes, objectID: int | bytes) -> tuple[int, Any]:
+        """
+        What a call names as its target: one of the peer's objects, or (``b"cache"``) the
+        peer's copy of a Cacheable of this side's, by this side's luid.
+        """
+        return (_OURS, objectID) if prefix else (_THEIRS, objectID)
 
     def _bananaCall(
         self,
@@ -1761,7 +1943,7 @@ class Broker(Banana):
         if self.isNative and self._canSend:
             if queued is not None:
                 # The call is still being sent: the cancel must not overtake it.
-                self._sendBehindLarge(b"cancel", requestID)
+                self._sendBehindLarge(b"cancel", requestID, keys=frozenset({(_CALL, requestID)}))
             else:
                 self.sendCall(b"cancel", requestID)
 
@@ -1786,24 +1968,28 @@ class Broker(Banana):
                     # Uncount what queued() counted for it (an upper bound: reset on resume).
                     transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
                 self._unregister(entry[4])
+                if entry[3] and self._afterBlocked:
+                    self._unblockKept()  # what waited for it may go
                 return True
-        after = self._afterLarge
-        order = _nearerEnd(after, 1, requestID)
-        # (Walked, not indexed: indexing a deque away from its ends costs its length.)
-        entries = reversed(after) if order.step < 0 else after
-        for index, entry in zip(order, entries, strict=True):
-            _payload, waiting, counted, _serial, _kept, own = entry
-            if waiting == requestID:
-                if counted and any(kind == _FIRST for _, kind in counted):
-                    return False
-                del after[index]
-                self._keptOwn -= own
-                transport = self.transport
-                if type(transport) is PacedTransport and transport.paused:
-                    # Uncount what keptOwn() counted for it (an upper bound, as above).
-                    transport.ownKeptWhilePaused = max(0, transport.ownKeptWhilePaused - own)
-                self._unregister(counted)
-                return True
+        for after in (self._afterLarge, self._afterBlocked):
+            order = _nearerEnd(after, 1, requestID)
+            # (Walked, not indexed: indexing a deque away from its ends costs its length.)
+            entries = reversed(after) if order.step < 0 else after
+            for index, kept in zip(order, entries, strict=True):
+                _payload, waiting, counted, _serial, _kept, own, _keys = kept
+                if waiting == requestID:
+                    if counted and any(kind == _FIRST for _, kind in counted):
+                        return False
+                    del after[index]
+                    if after is self._afterBlocked:
+                        self._unblockEntry(kept)
+                    self._keptOwn -= own
+                    transport = self.transport
+                    if type(transport) is PacedTransport and transport.paused:
+                        # Uncount what keptOwn() counted for it (an upper bound, as above).
+                        transport.ownKeptWhilePaused = max(0, transport.ownKeptWhilePaused - own)
+                    self._unregister(counted)
+                    return True
         return None
 
     def importReference(self, luid: int) -> None:
@@ -2152,17 +2338,19 @@ class Broker(Banana):
         the large message being sent: large ones (answers, errors, stream items: not this
         side's own calls), and those kept behind large messages (``_keptForPeer``).
 
-        Kept ones count only while no large call waits for the peer to take earlier ones:
-        they may wait behind that call, which the peer's ``taken`` lets go, and the peer's
-        messages must be handled for it to arrive.
+        Kept ones that wait for a large call that waits for the peer to take earlier ones
+        (those in ``_afterBlocked``) do not count: the peer's ``taken`` lets that call go, and
+        the peer's messages must be handled for it to arrive. (Nor does anything kept while
+        such a call names what it names is unknown, which does not happen: see _keysOf.)
         """
         queue = self._largeOut
         waiting = 0
         if queue:
             head = queue[0]
             waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
-        if self._keptForPeer and not any(entry[3] for entry in queue):
-            waiting += self._keptForPeer
+        kept = self._keptForPeer - self._blockedForPeer
+        if kept and not any(entry[3] and entry[6] is None for entry in queue):
+            waiting += kept
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:
@@ -2639,12 +2827,18 @@ class Broker(Banana):
             if callContext is not None and callContext.reply and self.isNative:
                 if self._behindLarge(registrations):
                     self._sendBehindLarge(
-                        b"answerctx", requestID, netResult, callContext.reply, forPeer=True
+                        b"answerctx",
+                        requestID,
+                        netResult,
+                        callContext.reply,
+                        forPeer=True,
+                        keys=self._keysOf(registrations),
                     )
                 else:
                     self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
             elif self._behindLarge(registrations):
-                self._sendBehindLarge(b"answer", requestID, netResult, forPeer=True)
+                keys = self._keysOf(registrations)
+                self._sendBehindLarge(b"answer", requestID, netResult, forPeer=True, keys=keys)
             elif self._codec is not None:  # sendCall's work, without its two steps
                 self._writePayload(
                     self._nativePayload([b"answer", requestID, netResult], type(netResult) is bytes)
@@ -2687,9 +2881,12 @@ class Broker(Banana):
         """
         netFailure = self._serializeFailure(failure)
         registrations = self._takeRegistrations(netFailure)
-        if send == self.sendCall and self._behindLarge(registrations):
+        if send == self._sendBehindLarge:  # a stream's error, after its items
+            send = functools.partial(send, keys=self._streamKeys(key, registrations))
+        elif send == self.sendCall and self._behindLarge(registrations):
             # It names a cache handle (see _behindLarge); an error for the peer's call.
-            send = functools.partial(self._sendBehindLarge, forPeer=True)
+            keys = self._keysOf(registrations)
+            send = functools.partial(self._sendBehindLarge, forPeer=True, keys=keys)
         try:
             send(command, key, netFailure)
         except LimitExceeded as e:
@@ -2841,7 +3038,8 @@ class Broker(Banana):
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
             self._stopObserving(local)
             # Behind any large cache message to the copy still being sent.
-            self._sendBehindLarge(b"uncache", objectID, forPeer=True)
+            keys = frozenset({(_OURS, objectID)})
+            self._sendBehindLarge(b"uncache", objectID, forPeer=True, keys=keys)
 
     def _uncache(self, objectID: Any) -> None:
         cache = self.locallyCachedObjects.pop(objectID, None) if type(objectID) is int else None

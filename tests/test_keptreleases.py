@@ -44,6 +44,21 @@ class Helper(pb.Referenceable):
         return [self.gauge, b"h" * (MiB + MiB // 4)]
 
 
+class LevelGauge(Gauge):
+    """A Cacheable whose observer the client calls (an observer's updates)."""
+
+
+class RemoteLevelGauge(pb.RemoteCache):
+    levels: list[Any]
+
+    def setCopyableState(self, state: Any) -> None:
+        super().setCopyableState(state)
+        self.levels = []
+
+    def observe_level(self, level: Any) -> None:
+        self.levels.append(level)
+
+
 class Root(pb.Root):
     def __init__(self) -> None:
         self.child = Child()
@@ -95,6 +110,7 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
     def connect(self, clientLimits: pb.BrokerLimits) -> None:
         registry = pb.UnjellyableRegistry()
         registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        registry.setUnjellyableForClass(LevelGauge, RemoteLevelGauge)
         limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
         # Unbounded fake transports: what the client writes waits there until pumped.
         self.server, self.client, self.pump = connectedServerAndClient(
@@ -175,9 +191,10 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.releaseAfterACall(gauge), 3)  # decref, call, decref
 
     def test_aLargeCallToAnObjectIsNotOvertakenByItsRelease(self) -> None:
-        """A release asked for after a large call to its object was queued does not join
-        the releases kept before that call: it goes after the call."""
-        self.assertEqual(self.releaseAfterACall(b"p" * BIG), 2)  # two decrefs: not joined
+        """A release asked for after a large call to its object was queued goes after the
+        call, which waits for the server to take earlier ones; the release asked for before
+        it goes ahead of the waiting calls (none of them names the object then)."""
+        self.assertEqual(self.releaseAfterACall(b"p" * BIG), 1)  # the last decref only
 
     def test_aCancelKeptBehindItsLargeCallFollowsIt(self) -> None:
         """A large call kept behind others, then cancelled, is followed by its cancel, even
@@ -211,6 +228,80 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(asked), 2)
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1, 1])
         self.assertEqual((self.client._keptForPeer, list(self.client._afterLarge)), (0, []))
+
+    def neverTaken(self) -> None:
+        """The server no longer says when it takes a large call (as a hostile peer might)."""
+        send = self.server.sendCall
+
+        def sendCall(*expression: Any) -> None:
+            if expression[0] != b"taken":
+                send(*expression)
+
+        self.server.sendCall = sendCall  # type: ignore[method-assign]
+
+    def kept(self) -> tuple[int, int, int]:
+        """What the client keeps behind large calls: entries, for the server, of its own."""
+        client = self.client
+        entries = len(client._afterLarge) + len(client._afterBlocked)
+        return entries, client._keptForPeer, client._keptOwn
+
+    def test_updatesGoAheadOfACallThatIsNeverTaken(self) -> None:
+        """An observer's updates to a copy the server already holds go ahead of a large
+        call that waits for the server to take an earlier one: a server that never does
+        cannot make the client keep them without end."""
+        self.neverTaken()
+        gauge = LevelGauge()
+        self.answer("keep", gauge)
+        observer = gauge.observers[0]
+        calls = self.queueLarge()
+        for level in range(1000):
+            observer.callRemote("level", level)
+        self.drain()
+        self.assertEqual(self.rootObject.kept.levels, list(range(1000)))
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.successResultOf(calls[0]), 1)
+        self.assertNoResult(calls[1])  # still waiting: the server never took the first
+        self.assertGreater(self.client._largeOut[0][3], 0)
+
+    def test_answersGoAheadOfACallThatIsNeverTaken(self) -> None:
+        """Answers that name a cache handle go ahead of a large call that waits for the
+        server to take an earlier one, unless the handle's first copy is in it."""
+        self.neverTaken()
+        mine = Gauge()
+        helper = Helper(mine)
+        helper.remote_small = lambda: [mine]  # type: ignore[attr-defined]
+        self.answer("keep", [mine, helper])  # the server holds a copy and the helper
+        calls = self.queueLarge()
+        answers = [self.rootObject.kept[1].callRemote("small") for _ in range(200)]
+        self.drain()
+        self.assertEqual([len(self.successResultOf(answer)) for answer in answers], [1] * 200)
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertNoResult(calls[1])
+
+    def test_anUpdateWaitsForTheCallWithItsFirstCopy(self) -> None:
+        """An update to a copy whose first copy is in a large call waiting to be taken
+        waits for that call, and so does what names what the update names: the server
+        gets each copy before a message naming it."""
+        known = LevelGauge()
+        self.answer("hold", known)  # the server holds a copy, in no waiting call
+        calls = self.queueLarge()
+        second = LevelGauge()
+        calls.append(self.root.callRemote("keep", [second, b"3" * BIG]))  # waits too
+        third = LevelGauge()
+        second.observers[0].callRemote("level", third)  # third's first copy: waits
+        third.observers[0].callRemote("level", 7)  # names third: waits behind it
+        known.observers[0].callRemote("level", 1)  # goes ahead
+        self.assertEqual(len(self.client._afterLarge), 3)
+        self.clock.advance(0)
+        self.assertEqual((len(self.client._afterLarge), len(self.client._afterBlocked)), (0, 2))
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1, None])
+        copy = self.rootObject.kept[0]
+        self.assertEqual(len(copy.levels), 1)
+        self.assertIsInstance(copy.levels[0], RemoteLevelGauge)
+        self.assertEqual(copy.levels[0].levels, [7])
+        self.assertEqual(self.rootObject.held[0].levels, [1])
+        self.assertEqual(self.kept(), (0, 0, 0))
 
     def test_decachesOfOneCopyJoin(self) -> None:
         """Handles on one cache copy released while large calls wait keep one entry; the

@@ -417,9 +417,14 @@ class Stream:
             if self._end is None:
                 return fail(StopAsyncIteration())
             return fail(self._end)
-        reader: Deferred[Any] = Deferred()
+        reader: Deferred[Any] = Deferred(self._forgetReader)
         self._readers.append(reader)
         return reader
+
+    def _forgetReader(self, reader: Deferred[Any]) -> None:
+        # A read cancelled (a timeout, say): the next item goes to the next read, not to it.
+        with contextlib.suppress(ValueError):
+            self._readers.remove(reader)
 
     def _drained(self) -> None:
         if len(self._items) >= self.bufferSize:
@@ -442,15 +447,21 @@ class Stream:
         Writes waiting for room fail with ``CancelledError`` (or the failure), so that a
         writer waiting on them learns; those a push producer made fire instead (it is
         stopped, and never waits on them: failing them would log "Unhandled error in
-        Deferred").
+        Deferred"). A reader here (``async for``) that waits for an item, or reads later,
+        gets the same error, rather than waiting for ever or an end as if nothing was lost.
         """
+        reason = failure or Failure(CancelledError("the reader stopped reading this stream"))
         if not self._closed:
             if failure is None:
                 self.cancelled = True
             else:
                 self._failed = failure
+            self._end = reason
+        elif self._items and self._end is None:
+            self._end = reason  # finished, but what was still to be read is dropped
         self._closed = True
         self._items.clear()
+        self._flushReaders()
         writers, self._writers = self._writers, deque()
         for writer, produced in writers:
             if produced:

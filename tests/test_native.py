@@ -2783,6 +2783,43 @@ class LocalStreamTests(SynchronousTestCase):
         stream.registerProducer(Producer(), True)
         self.assertEqual(stopped, [True])  # nobody will read what it would produce
 
+    def test_closeEndsAWaitingRead(self) -> None:
+        """A read waiting here when the stream is closed (its remote reader cancelled, or
+        sending it failed) fails as a later read does, rather than waiting for ever."""
+        stream = Stream()
+        waiting = stream.__anext__()
+        stream.close()
+        self.failureResultOf(waiting, CancelledError)
+        self.failureResultOf(stream.__anext__(), CancelledError)
+        failed = Stream()
+        waiting = failed.__anext__()
+        failed.close(Failure(ValueError("the connection was lost")))
+        self.failureResultOf(waiting, ValueError)
+        self.failureResultOf(failed.__anext__(), ValueError)
+
+    def test_closeAfterFinishWithItemsUnread(self) -> None:
+        """A finished stream closed before its items were read ends with the error: the
+        reader is not told it got everything."""
+        stream = Stream()
+        stream.write(1)
+        stream.finish()
+        stream.close()
+        self.failureResultOf(stream.__anext__(), CancelledError)
+        read = Stream()
+        read.finish()
+        read.close()  # nothing was dropped: the end stays clean
+        self.failureResultOf(read.__anext__(), StopAsyncIteration)
+
+    def test_aCancelledReadTakesNoItem(self) -> None:
+        """A read cancelled while it waits (a timeout, say) is forgotten: the next item
+        goes to the next read."""
+        stream = Stream()
+        abandoned = stream.__anext__()
+        abandoned.cancel()
+        self.failureResultOf(abandoned, CancelledError)
+        stream.write(1)
+        self.assertEqual(self.successResultOf(stream.__anext__()), 1)
+
     def test_writeAfterFinishRefused(self) -> None:
         """Writing after finish() is the writer's mistake: ValueError."""
         stream = Stream()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
-from weakref import WeakValueDictionary
+from weakref import WeakSet, WeakValueDictionary
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from pbroker._native import Unpacked
 from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
 from pbroker.stream import OutgoingStream, RemoteStream, Stream
 
@@ -110,6 +111,32 @@ def refusedStreams(error: Exception, *values: Any) -> Exception:
     return error
 
 
+# What an unread item costs besides its packed bytes (its place in the reader's queues, and
+# an object at least), counted with them: many small items are bounded as few large ones.
+_ITEM_OVERHEAD = 64
+
+
+def _unreadBytesOf(reader: RemoteStream) -> int:
+    return reader.unreadBytes
+
+
+def _packedSize(data: Any) -> int:
+    """
+    The bytes a received value took: packed, or a large byte string the frame decoder
+    already put together (alone, or the one item of a list).
+    """
+    kind = type(data)
+    if kind is bytes or kind is memoryview:
+        return len(data)
+    if kind is Unpacked:
+        value = data.value
+        if type(value) is list and value:
+            value = value[0]
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return len(value)
+    return 0
+
+
 class StreamTable:
     """
     The streams of one connection (see the module docstring).
@@ -129,6 +156,10 @@ class StreamTable:
         # Readers someone waits on (a next() or collect() pending): held, so that a reader
         # only they refer to is not collected (and cancelled) before its items come.
         self._waitedOn: dict[int, RemoteStream] = {}
+        #: Bytes of items of the peer's streams received and not read yet (see admit), and
+        #: the readers holding them (ended ones too).
+        self.unreadBytes = 0
+        self._holding: WeakSet[RemoteStream] | None = None
 
     @property
     def incoming(self) -> WeakValueDictionary[int, RemoteStream]:
@@ -167,6 +198,57 @@ class StreamTable:
 
     def dropReader(self, reader: RemoteStream) -> None:
         self._waitedOn.pop(reader.streamID, None)
+
+    @property
+    def streamShare(self) -> int:
+        """
+        The bytes of items one reader is given credit for at most (see RemoteStream._refill).
+        """
+        return int(self._connection.limits.streamBytes) // 4
+
+    def unread(self, reader: RemoteStream, delta: int) -> None:
+        """
+        ``reader`` now holds ``delta`` more bytes of unread items (fewer, if negative), as
+        its ``unreadBytes`` already says.
+        """
+        self.unreadBytes += delta
+        held = reader.unreadBytes
+        if held == delta > 0:  # it held none
+            if self._holding is None:
+                self._holding = WeakSet()
+            self._holding.add(reader)
+        elif held <= 0 and self._holding is not None:
+            self._holding.discard(reader)
+
+    def collected(self, size: int) -> None:
+        """
+        A reader holding ``size`` bytes of unread items was collected (it leaves
+        ``_holding`` by itself).
+        """
+        self.unreadBytes -= size
+
+    def admit(self, reader: RemoteStream, size: int) -> bool:
+        """
+        Make room for an item of ``size`` bytes that ``reader`` is to keep unread: while
+        the unread items of the peer's streams would pass ``limits.streamBytes`` (and any
+        are held), the stream holding the most fails with ``LimitExceeded``, its unread
+        items dropped, and is stopped. So what a peer that sends streams nobody reads (to a
+        method that keeps its arguments, say) makes this side hold is bounded, whatever its
+        items' sizes and however many streams it sends. ``False`` if that was ``reader``:
+        the item is dropped too.
+        """
+        limit = self._connection.limits.streamBytes
+        while self.unreadBytes and self.unreadBytes + size > limit and self._holding:
+            victim = max(self._holding, key=_unreadBytesOf)
+            error = LimitExceeded(
+                f"more than {limit} bytes of stream items were received and not read "
+                f"(BrokerLimits.streamBytes): stream {victim.streamID}, which held "
+                f"{victim.unreadBytes} of them, was dropped"
+            )
+            victim._evict(Failure(error))
+            if victim is reader:
+                return False
+        return True
 
     def grantCredit(self, streamID: int, count: int) -> None:
         if self._connection._canSend:
@@ -322,7 +404,7 @@ class StreamTable:
             reader._failed(Failure())
             self.cancel(streamID)
             return
-        reader._itemReceived(item)
+        reader._itemReceived(item, _packedSize(data) + _ITEM_OVERHEAD)
 
     def end(self, streamID: Any) -> None:
         reader = self._reader(streamID)

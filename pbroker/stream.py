@@ -101,6 +101,11 @@ class RemoteStream:
         self.streamID = streamID
         self.window = window
         self._items: deque[Any] = deque()
+        # The size of each (as received), their sum, and the largest item seen so far: what
+        # the table bounds (BrokerLimits.streamBytes) and credit is given by.
+        self._sizes: deque[int] = deque()
+        self.unreadBytes = 0
+        self._largest = 0
         self._waiters: deque[Deferred[Any]] = deque()
         # Credit given to the sender and not yet used by an item.
         self._outstanding = 0
@@ -125,7 +130,7 @@ class RemoteStream:
         with the sender's error (or ``CancelledError`` after :meth:`cancel`).
         """
         if self._items:
-            item = self._items.popleft()
+            item = self._take()
             self._refill()
             return succeed(item)
         if self._state == "open":
@@ -172,7 +177,7 @@ class RemoteStream:
                 items.append(item)
                 if not self._items:
                     break
-                item = self._items.popleft()
+                item = self._take()
             self._refill()
             self.next().addCallbacks(step, done.errback)
 
@@ -186,7 +191,7 @@ class RemoteStream:
         """
         if self._state != "open":
             return
-        self._items.clear()
+        self._dropUnread()
         self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
         self._table.cancel(self.streamID)
 
@@ -206,6 +211,9 @@ class RemoteStream:
         self.cancel()
 
     def __del__(self) -> None:
+        if getattr(self, "unreadBytes", 0):
+            with contextlib.suppress(Exception):
+                self._table.collected(self.unreadBytes)
         # A stream dropped unread would leave its sender waiting for credit.
         if getattr(self, "_state", None) == "open" and not getattr(
             self._table, "disconnected", True
@@ -213,34 +221,74 @@ class RemoteStream:
             with contextlib.suppress(Exception):
                 self._table.cancel(self.streamID)
 
+    def _take(self) -> Any:
+        size = self._sizes.popleft()
+        self.unreadBytes -= size
+        self._table.unread(self, -size)
+        return self._items.popleft()
+
+    def _dropUnread(self) -> None:
+        self._items.clear()
+        self._sizes.clear()
+        if self.unreadBytes:
+            self._table.unread(self, -self.unreadBytes)
+            self.unreadBytes = 0
+
+    def _evict(self, failure: Failure) -> None:
+        """
+        Drop the unread items and fail: the connection holds too many bytes of unread items
+        (see :meth:`pbroker._streams.StreamTable.admit`). A stream still open is stopped.
+        """
+        self._dropUnread()
+        if self._state == "open":
+            self._finish("failed", failure)
+            self._table.cancel(self.streamID)
+        else:
+            self._state, self._finished = "failed", failure
+
     # Driven by the broker
 
     def _start(self) -> None:
         self._refill()
 
     def _refill(self) -> None:
+        """
+        Give the sender credit for more items, up to the window (items on their way or
+        unread), and, once items came, up to what a quarter of ``streamBytes`` holds of
+        the largest so far; a stream's first credit is for one item, whose size sets that.
+        """
         if self._state != "open":
             return
         used = self._outstanding + len(self._items)
-        if used <= self.window // 2:
-            grant = self.window - used
+        window = self.window
+        largest = self._largest
+        window = min(window, max(1, self._table.streamShare // largest)) if largest else 1
+        if used <= window // 2:
+            grant = window - used
             self._outstanding += grant
             self._table.grantCredit(self.streamID, grant)
 
-    def _itemReceived(self, item: Any) -> None:
+    def _itemReceived(self, item: Any, size: int) -> None:
         if self._state != "open":
             return
         if self._outstanding < 1:
             raise ProtocolError(f"the peer sent stream {self.streamID} an item beyond its credit")
         self._outstanding -= 1
+        if size > self._largest:
+            self._largest = size
         if self._waiters:
             waiter = self._waiters.popleft()
             if not self._waiters:
                 self._table.dropReader(self)
             waiter.callback(item)
-            self._refill()
         else:
+            if not self._table.admit(self, size):
+                return  # this stream held the most unread: dropped, with its items
             self._items.append(item)
+            self._sizes.append(size)
+            self.unreadBytes += size
+            self._table.unread(self, size)
+        self._refill()
 
     def _ended(self) -> None:
         if self._state == "open":

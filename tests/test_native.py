@@ -3261,6 +3261,97 @@ class RemoteIteratingPage(pb.RemoteCopy):
     pass
 
 
+class UnreadStreamBytesTests(NativeTestCase):
+    """
+    What the peer's streams make this side hold unread is bounded in bytes
+    (``BrokerLimits.streamBytes``), however large their items and however many streams.
+    """
+
+    serverOptions = {"limits": pb.BrokerLimits(streamBytes=1024 * 1024)}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.kept: list[Any] = []
+        self.rootObject.remote_keep = lambda *streams: self.kept.extend(streams)  # type: ignore[attr-defined]
+        self.closed: list[int] = []
+
+    def chunks(self, number: int, size: int) -> Iterator[bytes]:
+        try:
+            while True:
+                yield bytes([number % 256]) * size
+        finally:
+            self.closed.append(number)
+
+    def test_unreadStreamsAreBounded(self) -> None:
+        """Streams of large items sent to a method that keeps them and never reads them:
+        past streamBytes the streams holding the most unread fail with LimitExceeded and
+        are stopped (their generators closed); the connection stays, and what the server
+        holds stays under the limit plus one item."""
+        table = self.server._streams
+        limit = self.server.limits.streamBytes
+        streams = [self.chunks(number, 300_000) for number in range(8)]
+        self.assertIsNone(self.call("keep", *streams))
+        for _ in range(100):
+            self.pump.pump()
+            self.assertLessEqual(table.unreadBytes, limit)
+        self.assertEqual(len(self.kept), 8)
+        failed = []
+        for reader in self.kept:
+            results: list[Any] = []
+            for _ in range(reader.buffered + 1):  # its items, then its error (or a wait)
+                reader.next().addBoth(results.append)
+            if results and isinstance(results[-1], Failure):
+                self.assertTrue(results[-1].check(LimitExceeded))
+                self.assertIn("BrokerLimits.streamBytes", results[-1].getErrorMessage())
+                failed.append(reader.streamID)
+        self.assertTrue(failed)
+        self.pump.flush()
+        # The senders were stopped (the client numbers its streams from 1, in order).
+        self.assertEqual(sorted(number + 1 for number in self.closed), sorted(failed))
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_creditByItemSize(self) -> None:
+        """A stream's first credit is for one item; then credit goes by the size of its
+        largest item: a reader that does not read holds about a quarter of streamBytes of
+        large items, and its window of small ones."""
+        self.assertIsNone(self.call("keep", self.chunks(0, 100_000)))
+        self.pump.flush()
+        (large,) = self.kept
+        share = self.server.limits.streamBytes // 4
+        self.assertEqual(large.buffered, share // (100_000 + 64))
+        self.assertEqual(self.closed, [])  # not failed: it stays under the limit
+        self.assertIsNone(self.call("keep", iter(range(1000))))
+        self.pump.flush()
+        self.assertEqual(self.kept[1].buffered, self.server.streamWindow)
+
+    def test_readingFreesTheBytes(self) -> None:
+        """What is read no longer counts; a reader collected unread no longer counts."""
+        table = self.server._streams
+        self.assertIsNone(self.call("keep", self.chunks(0, 100_000), self.chunks(1, 100_000)))
+        self.pump.flush()
+        held = table.unreadBytes
+        self.assertGreater(held, 0)
+        first, second = self.kept
+        self.successResultOf(first.next())
+        self.assertEqual(table.unreadBytes, held - 100_064)
+        first.cancel()
+        self.kept.remove(first)
+        del first
+        self.assertEqual(table.unreadBytes, second.unreadBytes)
+        self.kept.clear()
+        del second
+        gc.collect()
+        self.assertEqual(table.unreadBytes, 0)
+        self.pump.flush()
+        self.assertEqual(sorted(self.closed), [0, 1])
+
+    def test_limitChecked(self) -> None:
+        """streamBytes is a count, at least 1."""
+        self.assertRaises(ValueError, pb.BrokerLimits, streamBytes=0)
+        self.assertRaises(TypeError, pb.BrokerLimits, streamBytes=1.5)
+
+
 class SenderLimitTests(NativeTestCase):
     """
     What a side sends is bounded by what the peer accepts, not by what this side accepts:

@@ -2863,7 +2863,14 @@ class Broker(Banana):
 
     def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
         if failure.check(*self.quietFailures) is None:
-            if self.disconnected:
+            if self.disconnected and failure.check(PBConnectionLost):
+                # It failed because the connection was lost (an argument stream it read, a
+                # call it made back): that is the news, not a traceback.
+                self._log.info(
+                    "A call from a peer now disconnected failed: {error}",
+                    error=failure.getErrorMessage(),
+                )
+            elif self.disconnected:
                 # Nobody will receive it: say so, rather than that the peer will.
                 self._log.failure("A call from a peer now disconnected failed", failure)
             else:

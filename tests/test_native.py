@@ -3053,6 +3053,27 @@ class StreamLifecycleTests(NativeTestCase):
         self.assertEqual(closed, [True])
         self.assertTrue(gate.called)  # cancelled
 
+    def test_argumentStreamLostWithItsCallerLogsNoTraceback(self) -> None:
+        """A method reading an argument stream fails with PBConnectionLost when its caller's
+        connection drops: one line says so, no traceback is logged as an error."""
+        outcome: list[Any] = []
+
+        def consume(stream: Any) -> Deferred[Any]:
+            return stream.collect().addErrback(lambda f: outcome.append(f) or f)
+
+        self.rootObject.remote_consume = consume  # type: ignore[attr-defined]
+        source = Stream()
+        source.write(1)
+        self.root.callRemote("consume", source).addErrback(lambda _: None)
+        self.pump.flush()
+        with capturedLogs() as events:
+            self.client.transport.loseConnection()
+            self.pump.flush()
+        self.assertTrue(outcome[0].check(PBConnectionLost))
+        self.assertEqual(self.flushLoggedErrors(PBConnectionLost), [])
+        lines = [event["log_format"] for event in events]
+        self.assertIn("A call from a peer now disconnected failed: {error}", lines)
+
     def test_generatorAnsweredAfterDisconnectClosed(self) -> None:
         """A method whose Deferred fires with a generator after the caller's connection is
         gone has the generator closed, not kept in the dead connection's table."""

@@ -140,12 +140,16 @@ _BEHIND = 5
 #: unsent (later messages may name it by handle). Not a count.
 _FIRST = 6
 
-# What a queued message names (see Broker._keysOf), as (kind, id): an object of this side's
-# (an export or a Cacheable the peer holds a copy of, by luid), one of the peer's (a
-# reference or a copy, by its luid there), a stream of this side's, or a call of this side's
-# (by request id).
-_OURS, _THEIRS, _STREAM_KEY, _CALL = 0, 1, 2, 3
-_Keys = frozenset[tuple[int, Any]]
+# What a queued message needs to arrive before it, and what it provides to those after it
+# (see Broker._keysOf), as (kind, id): the first copy of one of this side's Cacheables (by
+# luid), a message naming one the peer holds a copy of, a message naming one of the peer's
+# objects (a reference or a copy, by its luid there), a stream of this side's, or a call of
+# this side's (by request id).
+_FIRST_KEY, _OURS, _THEIRS, _STREAM_KEY, _CALL = 0, 1, 2, 3, 4
+_KeySet = frozenset[tuple[int, Any]]
+# (needs, provides)
+_Keys = tuple[_KeySet, _KeySet]
+_NOTHING: _KeySet = frozenset()
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -561,8 +565,8 @@ class Broker(Banana):
         # Large native messages waiting to be written, as [parts left, bytes left, the
         # request id of a call (else None), its size while it waits for room (else 0), what
         # packing a call counted until its first fragment is written (else None), its serial
-        # (see _queueSerial), what a call that may wait for room names (see _keysOf; else
-        # None)].
+        # (see _queueSerial), what a call that may wait for room needs and provides (see
+        # _keysOf; else None)].
         self._largeOut: list[list[Any]] = []
         # The bytes left of the messages in it that are not this side's calls (answers, errors,
         # stream items), for _queueFull.
@@ -583,18 +587,18 @@ class Broker(Banana):
         # Messages waiting for the large messages queued before them (streams', releases,
         # and what names a cache handle), with the request id of a call and what packing it
         # counted (else None, None), their serial, what they count in _keptForPeer and in
-        # _keptOwn, and what they name (see _keysOf); or (None, None, a _Release, its
-        # serial, its cost, 0, what it names).
+        # _keptOwn, and what they need and provide (see _keysOf); or (None, None, a
+        # _Release, its serial, its cost, 0, its keys).
         self._afterLarge: collections.deque[_KeptEntry] = collections.deque()
-        # Those of them that name what a large call waiting for room names (see
-        # _startableLarge), or what one already here names, in order: they wait for that
-        # call to start, where the others go ahead of it (see _flushAfterLarge). How many of
-        # them name each key, how many name keys unknown (they wait for every such call), and
-        # what they count in _keptForPeer.
+        # Those of them that need what a large call waiting for room provides (see
+        # _startableLarge, _keysOf), or what one already here provides, in order: they wait
+        # for that call to be written, where the others go ahead of it (see
+        # _flushAfterLarge). How many of them provide and need each key, and how many are
+        # unknown (they wait for every such call).
         self._afterBlocked: collections.deque[_KeptEntry] = collections.deque()
         self._blockedKeys: dict[tuple[int, Any], int] = {}
+        self._blockedNeeds: dict[tuple[int, Any], int] = {}
         self._blockedUnknown = 0
-        self._blockedForPeer = 0
         # What is kept there for the peer counts (see _queueFull): answers, errors and
         # uncaches at their size and _KEPT_OVERHEAD (see _keep), release entries split from
         # an object's first at _KEPT_RELEASE (see _keepRelease).
@@ -806,8 +810,7 @@ class Broker(Banana):
         )
         self._afterLarge = collections.deque()
         self._afterBlocked = collections.deque()
-        self._blockedKeys = {}
-        self._blockedUnknown = self._blockedForPeer = 0
+        self._blockedKeys, self._blockedNeeds, self._blockedUnknown = {}, {}, 0
         self._keptForPeer = self._keptOwn = 0
         self._keptReleases = {}
         self._emptiedReleases = 0
@@ -1030,8 +1033,6 @@ class Broker(Banana):
                 entry[3] = 0
                 self._untaken[entry[2]] = size
                 self._untakenBytes = untaken + size
-                if self._afterBlocked:
-                    self._unblockKept()  # what waited for it to start now waits behind it
             if index:
                 queue.insert(0, queue.pop(index))
             return True
@@ -1089,6 +1090,8 @@ class Broker(Banana):
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
             self._largeOut.pop(0)
+            if entry[6] is not None and self._afterBlocked:
+                self._unblockKept(entry[6][1])  # what needed it may go
         else:
             entry[1] = remaining
         return size
@@ -1118,38 +1121,46 @@ class Broker(Banana):
 
     def _keepEntry(self, entry: _KeptEntry) -> None:
         """
-        Keep ``entry`` in ``_afterLarge``. If only large calls that wait for the peer to take
-        earlier ones are queued, nothing else would let it go: the pump sees whether it may
-        go ahead of them (see :meth:`_flushAfterLarge`).
+        Keep ``entry`` in ``_afterLarge``, and have the pump see on the next turn whether it
+        may go (see :meth:`_flushAfterLarge`): if only large calls that wait for the peer to
+        take earlier ones are queued, nothing else would.
         """
         self._afterLarge.append(entry)
-        if self._largeBlocked:
-            self._schedulePump()
+        self._schedulePump()
 
     @staticmethod
     def _keysOf(
-        registrations: list[tuple[Any, int]] | None, *keys: tuple[int, Any]
+        registrations: list[tuple[Any, int]] | None,
+        needs: Iterable[tuple[int, Any]] = (),
+        provides: Iterable[tuple[int, Any]] = (),
     ) -> _Keys | None:
         """
-        What a message names, besides ``keys``: the exports, cache handles and streams
-        packing it registered, and the peer's objects it names (``None`` if one has no
-        luid, which does not happen). A message kept behind large messages waits for a
-        large call that waits for room only if the two name something in common (see
-        :meth:`_flushAfterLarge`).
+        What a message needs to have arrived before it, and what it provides to those after
+        it (see :meth:`_flushAfterLarge`), besides ``needs`` and ``provides``: a handle it
+        names on a copy the peer holds needs that copy's first copy, and a first copy
+        provides it; a copy's handle it names, one of the peer's objects it names, and a
+        stream it carries, are provided (to the uncache, the release, the stream's items
+        and end that must not overtake it). Exports need nothing: a reference arrives in any
+        order. ``None`` if a peer's object it names has no luid (which does not happen).
         """
-        named = set(keys)
+        needed = set(needs)
+        provided = set(provides)
         if registrations:
             for item, kind in registrations:
-                if kind == _STREAM:
-                    named.add((_STREAM_KEY, item))
+                if kind == _CACHE:
+                    provided.add((_OURS, item))
+                elif kind == _BEHIND:
+                    needed.add((_FIRST_KEY, item))
+                elif kind == _FIRST:
+                    provided.add((_FIRST_KEY, item))
+                elif kind == _STREAM:
+                    provided.add((_STREAM_KEY, item))
                 elif kind == _KEPT:
                     luid = getattr(item, "luid", None)
                     if luid is None:
                         return None
-                    named.add((_THEIRS, luid))
-                else:  # _EXPORT, _CACHE, _FIRST, _BEHIND: a luid of this side's
-                    named.add((_OURS, item))
-        return frozenset(named)
+                    provided.add((_THEIRS, luid))
+        return frozenset(needed), frozenset(provided)
 
     def _keep(self, payload: bytes | _Payload, forPeer: bool) -> tuple[int, int]:
         """
@@ -1244,8 +1255,9 @@ class Broker(Banana):
         release = _Release(command, objectID, serial)
         kept.append(release)
         # It waits for the large messages up to the last one queued (serial + 1 > theirs).
-        keys = frozenset({(_THEIRS, objectID)})
-        self._keepEntry((None, None, release, serial + 1, cost, 0, keys))
+        # After what names the object, and the releases of it kept before (in order).
+        named = frozenset({(_THEIRS, objectID)})
+        self._keepEntry((None, None, release, serial + 1, cost, 0, (named, named)))
 
     def _emptyKeptDecache(self, objectID: Any) -> None:
         """
@@ -1277,25 +1289,29 @@ class Broker(Banana):
     def _mustWait(self, entry: _KeptEntry, waiting: list[list[Any]]) -> bool:
         """
         Whether ``entry`` must wait for one of the calls ``waiting`` for room queued before
-        it, or behind what waits for one already (see :meth:`_flushAfterLarge`).
+        it (it needs what one provides), or behind what waits for one already (see
+        :meth:`_flushAfterLarge`).
         """
         serial, keys = entry[3], entry[6]
         if keys is None or self._blockedUnknown:
             return bool(self._afterBlocked) or any(call[5] < serial for call in waiting)
-        if self._blockedKeys and not keys.isdisjoint(self._blockedKeys):
+        needs = keys[0]
+        if not needs:
+            return False
+        if self._blockedKeys and not needs.isdisjoint(self._blockedKeys):
             return True
-        return any(call[5] < serial and not keys.isdisjoint(call[6]) for call in waiting)
+        return any(call[5] < serial and not needs.isdisjoint(call[6][1]) for call in waiting)
 
     def _blockEntry(self, entry: _KeptEntry) -> None:
         self._afterBlocked.append(entry)
         keys = entry[6]
         if keys is None:
             self._blockedUnknown += 1
-        else:
-            counts = self._blockedKeys
-            for key in keys:
+            return
+        needs, provides = keys
+        for counts, named in ((self._blockedKeys, provides), (self._blockedNeeds, needs)):
+            for key in named:
                 counts[key] = counts.get(key, 0) + 1
-        self._blockedForPeer += entry[4]
 
     def _unblockEntry(self, entry: _KeptEntry) -> None:
         """
@@ -1304,33 +1320,54 @@ class Broker(Banana):
         keys = entry[6]
         if keys is None:
             self._blockedUnknown -= 1
-        else:
-            counts = self._blockedKeys
-            for key in keys:
+            return
+        needs, provides = keys
+        for counts, named in ((self._blockedKeys, provides), (self._blockedNeeds, needs)):
+            for key in named:
                 left = counts[key] - 1
                 if left:
                     counts[key] = left
                 else:
                     del counts[key]
-        self._blockedForPeer -= entry[4]
 
-    def _unblockKept(self) -> None:
+    def _unblockKept(self, provided: _KeySet | None) -> None:
         """
-        A call that waited for room started or was dropped: put what waited in
-        ``_afterBlocked`` back in ``_afterLarge``, in order, for the pump to see again.
+        A call that waited for room, and ``provided`` that (``None``: unknown), was written
+        or dropped: send (through ``_afterLarge``, in order) what waited in
+        ``_afterBlocked`` and no longer must.
+
+        Nothing can go if each key of the call's that something there needs is provided by
+        another call waiting, queued before all of it: that is checked first, so that many
+        calls that each carry the same handle do not each walk all that waits.
         """
         blocked = self._afterBlocked
         if not blocked:
             return
-        # In the order they were kept: by serial, a release before the message of its serial
-        # (which was queued after it, see _keepRelease).
-        merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
-        self._afterLarge.clear()
-        self._afterLarge.extend(merged)
-        blocked.clear()
-        self._blockedKeys = {}
-        self._blockedUnknown = self._blockedForPeer = 0
-        self._schedulePump()
+        waiting = [call for call in self._largeOut if call[3] and call[6] is not None]
+        if provided is not None and not self._blockedUnknown:
+            first = blocked[0][3]
+            needed = self._blockedNeeds
+            if all(
+                any(call[5] < first and key in call[6][1] for call in waiting)
+                for key in provided
+                if key in needed
+            ):
+                return
+        self._afterBlocked = collections.deque()
+        self._blockedKeys, self._blockedNeeds, self._blockedUnknown = {}, {}, 0
+        free = []
+        for entry in blocked:
+            if self._mustWait(entry, waiting):
+                self._blockEntry(entry)
+            else:
+                free.append(entry)
+        if free:
+            # In the order they were kept: by serial, a release before the message of its
+            # serial (which was queued after it, see _keepRelease).
+            merged = list(heapq.merge(free, self._afterLarge, key=_keptOrder))
+            self._afterLarge.clear()
+            self._afterLarge.extend(merged)
+            self._schedulePump()
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -1343,11 +1380,11 @@ class Broker(Banana):
 
         Except large calls that wait for the peer to take earlier ones (see
         :meth:`_startableLarge`): a peer that never takes them would make what waits behind
-        them grow without end. A message goes ahead of such a call unless it names what the
-        call names (see :meth:`_keysOf`): a handle whose first copy is in it, an object it
-        names (a release must not overtake it), a stream it carries, or the call itself (a
-        cancel). Those that do wait in ``_afterBlocked`` until the call starts (then behind
-        it), and so does what names what one of them names, so that they keep their order.
+        them grow without end. A message goes ahead of such a call unless it needs what the
+        call provides (see :meth:`_keysOf`): the first copy of a handle it names, the call
+        naming an object it releases, a stream's start, the call it cancels. Those that do
+        wait in ``_afterBlocked`` until the call is written (or dropped), and so does what
+        needs what one of them provides, so that they keep their order.
         """
         first = None
         waiting: list[list[Any]] = []  # calls waiting for room that what follows may pass
@@ -1563,17 +1600,19 @@ class Broker(Banana):
                     self._stopObserving(local)
                     if (luid, _FIRST) not in registrations and self._canSend:
                         # The peer holds a copy. (Behind any large message to the copy.)
-                        keys = frozenset({(_OURS, luid)})
+                        keys = (frozenset({(_OURS, luid)}), _NOTHING)
                         self._sendBehindLarge(b"uncache", luid, forPeer=True, keys=keys)
             elif kind == _STREAM:
                 self._streams.drop([luid])
 
     def _streamKeys(self, streamID: int, registrations: Any = None) -> _Keys | None:
         """
-        What a message of the stream ``streamID`` names (see :meth:`_keysOf`): the stream,
-        and what packing an item or error registered (``registrations``).
+        What a message of the stream ``streamID`` needs and provides (see :meth:`_keysOf`):
+        the stream (its items and end keep their order, after the message that carried
+        it), and what packing an item or error registered (``registrations``).
         """
-        return self._keysOf(registrations, (_STREAM_KEY, streamID))
+        stream = ((_STREAM_KEY, streamID),)
+        return self._keysOf(registrations, stream, stream)
 
     def _registerStream(self, source: Any) -> int:
         """
@@ -1850,12 +1889,12 @@ class Broker(Banana):
             # It names a cache handle, or is sent to a copy, whose first copy may be in a
             # large message still queued (see _behindLarge).
             kept, own = self._keep(data, False)
-            keys = self._keysOf(registrations, self._callKey(prefix, objectID), (_CALL, requestID))
+            keys = self._callKeys(registrations, prefix, objectID, requestID)
             self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         elif isinstance(data, _Payload) and data.taken:
-            keys = self._keysOf(registrations, self._callKey(prefix, objectID), (_CALL, requestID))
+            keys = self._callKeys(registrations, prefix, objectID, requestID)
             self._writePayload(data, requestID, registrations, None, keys)
         else:
             self._writePayload(data, requestID, registrations)
@@ -1865,13 +1904,21 @@ class Broker(Banana):
             self._sendPostponed()
         return deferred
 
-    @staticmethod
-    def _callKey(prefix: bytes, objectID: int | bytes) -> tuple[int, Any]:
+    def _callKeys(
+        self, registrations: list[tuple[Any, int]], prefix: bytes, objectID: Any, requestID: int
+    ) -> _Keys | None:
         """
-        What a call names as its target: one of the peer's objects, or (``b"cache"``) the
-        peer's copy of a Cacheable of this side's, by this side's luid.
+        What a call needs and provides (see :meth:`_keysOf`): besides what its arguments
+        name, itself (for its cancel), and its target: one of the peer's objects (for its
+        release), or (``b"cache"``) the peer's copy of a Cacheable of this side's, which
+        needs that copy's first copy, and comes before its uncache.
         """
-        return (_OURS, objectID) if prefix else (_THEIRS, objectID)
+        if prefix:
+            target = (_OURS, objectID)
+            return self._keysOf(
+                registrations, ((_FIRST_KEY, objectID),), (target, (_CALL, requestID))
+            )
+        return self._keysOf(registrations, (), ((_THEIRS, objectID), (_CALL, requestID)))
 
     def _bananaCall(
         self,
@@ -1950,7 +1997,8 @@ class Broker(Banana):
         if self.isNative and self._canSend:
             if queued is not None:
                 # The call is still being sent: the cancel must not overtake it.
-                self._sendBehindLarge(b"cancel", requestID, keys=frozenset({(_CALL, requestID)}))
+                keys = (frozenset({(_CALL, requestID)}), _NOTHING)
+                self._sendBehindLarge(b"cancel", requestID, keys=keys)
             else:
                 self.sendCall(b"cancel", requestID)
 
@@ -1976,7 +2024,7 @@ class Broker(Banana):
                     transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
                 self._unregister(entry[4])
                 if entry[3] and self._afterBlocked:
-                    self._unblockKept()  # what waited for it may go
+                    self._unblockKept(None if entry[6] is None else entry[6][1])
                 return True
         for after in (self._afterLarge, self._afterBlocked):
             order = _nearerEnd(after, 1, requestID)
@@ -2345,19 +2393,17 @@ class Broker(Banana):
         the large message being sent: large ones (answers, errors, stream items: not this
         side's own calls), and those kept behind large messages (``_keptForPeer``).
 
-        Kept ones that wait for a large call that waits for the peer to take earlier ones
-        (those in ``_afterBlocked``) do not count: the peer's ``taken`` lets that call go, and
-        the peer's messages must be handled for it to arrive. (Nor does anything kept while
-        such a call names what it names is unknown, which does not happen: see _keysOf.)
+        Kept ones count only while no large call waits for the peer to take earlier ones:
+        some may wait for that call (see :meth:`_flushAfterLarge`), which the peer's
+        ``taken`` lets go, and the peer's messages must be handled for it to arrive.
         """
         queue = self._largeOut
         waiting = 0
         if queue:
             head = queue[0]
             waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
-        kept = self._keptForPeer - self._blockedForPeer
-        if kept and not any(entry[3] and entry[6] is None for entry in queue):
-            waiting += kept
+        if self._keptForPeer and not any(entry[3] for entry in queue):
+            waiting += self._keptForPeer
         return waiting > self.limits.bufferedBytes
 
     def _keepForLater(self, data: bytes) -> None:
@@ -3052,7 +3098,7 @@ class Broker(Banana):
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
             self._stopObserving(local)
             # Behind any large cache message to the copy still being sent.
-            keys = frozenset({(_OURS, objectID)})
+            keys = (frozenset({(_OURS, objectID)}), _NOTHING)
             self._sendBehindLarge(b"uncache", objectID, forPeer=True, keys=keys)
 
     def _uncache(self, objectID: Any) -> None:

@@ -489,14 +489,16 @@ class HandDriven(SynchronousTestCase):
         root: Any,
         limits: pb.BrokerLimits,
         registry: pb.UnjellyableRegistry | None = None,
+        clientLimits: pb.BrokerLimits | None = None,
+        serverRegistry: pb.UnjellyableRegistry | None = None,
     ) -> None:
         self.clock = getattr(self, "clock", None) or Clock()
-        factory = pb.PBServerFactory(root, limits=limits, clock=self.clock)
+        factory = pb.PBServerFactory(root, limits=limits, clock=self.clock, registry=serverRegistry)
         self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.serverTransport = StringTransport()
         self.server.makeConnection(self.serverTransport)
         # The client may export many objects: the server's limits are under test.
-        clientLimits = pb.BrokerLimits(exportedReferences=100_000)
+        clientLimits = clientLimits or pb.BrokerLimits(exportedReferences=100_000)
         self.client = pb.PBClientFactory(
             clock=self.clock, limits=clientLimits, registry=registry
         ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8789))

@@ -278,6 +278,24 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.kept(), (0, 0, 0))
         self.assertNoResult(calls[1])
 
+    def test_anUpdateGoesAheadOfACallThatOnlyNamesItsCopy(self) -> None:
+        """Updates to a copy the server holds go ahead of a waiting large call that names
+        that copy (as do calls to the same object as the waiting call): only its first
+        copy, or a release of what the call names, would have to wait for it."""
+        self.neverTaken()
+        known = LevelGauge()
+        self.answer("hold", known)
+        calls = self.queueLarge()
+        calls.append(self.root.callRemote("keep", [known, b"3" * BIG]))  # waits; names it
+        calls.append(self.root.callRemote("take", known))  # small, kept: names the handle
+        for level in range(100):
+            known.observers[0].callRemote("level", level)
+        self.drain()
+        self.assertEqual(self.rootObject.held[0].levels, list(range(100)))
+        self.assertEqual(self.successResultOf(calls[3]), 1)
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertNoResult(calls[2])
+
     def test_anUpdateWaitsForTheCallWithItsFirstCopy(self) -> None:
         """An update to a copy whose first copy is in a large call waiting to be taken
         waits for that call, and so does what names what the update names: the server
@@ -382,6 +400,70 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual((list(self.client._afterLarge), self.client._keptReleases), ([], {}))
         self.assertEqual(self.client.importedReferences, 0)
         self.failureResultOf(calls[1], pb.PBConnectionLost)  # (the first was delivered)
+
+
+class KeptWhileABacklogIsHandledTests(HandDriven):
+    """
+    What is kept while the client handles the server's messages that waited, in the turn
+    the pump finds only calls that wait for the server to take earlier ones, is sent.
+    """
+
+    def test_answersKeptWhileHandlingTheBacklogGo(self) -> None:
+        """The server calls the client back for a large answer and forty that name a
+        handle, and takes the client's first large call, all read in one go: every call
+        both ways is answered (the answers kept meanwhile did not stay kept for ever)."""
+        asked, results = self.callBackWhileALargeCallWaits(taking=True)
+        self.assertEqual(results, [None, 1, 1])
+        self.assertEqual([d.called for d in asked], [True] * 41)
+        self.assertEqual((list(self.client._afterLarge), self.client._keptForPeer), ([], 0))
+
+    def test_answersKeptWhileHandlingTheBacklogGoWithoutTaken(self) -> None:
+        """The same with a server that never says it takes a large call: the client's
+        second large call waits for ever, and the answers kept meanwhile go all the same."""
+        asked, results = self.callBackWhileALargeCallWaits(taking=False)
+        self.assertEqual(results, [None, 1])
+        self.assertEqual([d.called for d in asked], [True] * 41)
+        self.assertEqual((list(self.client._afterLarge), self.client._keptForPeer), ([], 0))
+        self.assertTrue(self.client._largeOut)  # the second large call, still waiting
+
+    def callBackWhileALargeCallWaits(self, taking: bool) -> tuple[list[Any], list[Any]]:
+        self.clock = Clock()
+        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Gauge, RemoteGauge)
+        rootObject = Root()
+        asked: list[Any] = []
+        rootObject.remote_trigger = lambda helper: asked.extend(  # type: ignore[attr-defined]
+            helper.callRemote(name) for name in ["big"] + ["mid"] * 40
+        )
+        self.connectPeers(rootObject, limits, registry, limits, registry)
+        if not taking:
+            send = self.server.sendCall
+            self.server.sendCall = lambda *expression: (  # type: ignore[method-assign]
+                None if expression[0] == b"taken" else send(*expression)
+            )
+        mine = Gauge()
+        helper = Helper(mine)
+        helper.remote_big = lambda: b"b" * BIG  # type: ignore[attr-defined]
+        helper.remote_mid = lambda: [mine, b"m" * 60_000]  # type: ignore[attr-defined]
+        self.root.callRemote("keep", [mine, helper])
+        self.settle(200)
+        results: list[Any] = []
+        self.root.callRemote("trigger", helper).addBoth(results.append)
+        for data in (b"1", b"2"):
+            self.root.callRemote("take", data * BIG).addBoth(results.append)
+        for _ in range(20):
+            self.clock.advance(0)  # the first large call written; the second waits
+        self.toServer()  # the server calls the helper back, and takes the first call
+        self.toClient()  # the client reads all of that in one go
+        self.settle(500)
+        return asked, results
+
+    def settle(self, turns: int) -> None:
+        for _ in range(turns):
+            self.clock.advance(0)
+            self.toServer()
+            self.toClient()
 
 
 class NativeFloodTests(HandDriven):

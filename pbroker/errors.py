@@ -156,7 +156,13 @@ class PBConnectionLost(PBrokerError):
 
     Its argument is a reason: text, or, as in stock PB, the Failure the connection was lost
     with (still ``args[0]``), which its text names.
+
+    :ivar lastFailure: when a :class:`~pbroker.reconnect.ReconnectingClient` gives up, the
+        Failure its last attempt failed with (``None`` if it timed out), so that a refused
+        login (``lastFailure.check(UnauthorizedLogin)``) can be told from a network error.
     """
+
+    lastFailure: Any = None
 
     def __str__(self) -> str:
         if len(self.args) == 1:

@@ -22,7 +22,9 @@ not reconnected to ever faster. With ``maxRetries``,
 :meth:`~ReconnectingClient.whenReady` and :meth:`~ReconnectingClient.callRemote` fail with
 :class:`~pbroker.errors.PBConnectionLost` once that many attempts in a row have failed, instead
 of waiting for ever: callers already waiting then, and new callers at once until a login
-succeeds again (the client keeps trying in the background).
+succeeds again (the client keeps trying in the background). The error's ``lastFailure`` is the
+Failure the last attempt failed with, so that a refused login
+(``lastFailure.check(UnauthorizedLogin)``) can be told from a network error.
 
 This module owns the retry loop and the login on each connection; the broker and the login
 exchange are :mod:`pbroker.pb`'s.
@@ -146,6 +148,7 @@ class ReconnectingClient(Service):
         #: Attempts that failed in a row; a successful login resets it.
         self.failedAttempts = 0
         self._lastFailure = ""
+        self._lastAttemptFailure: Failure | None = None
         # Retries scheduled since a connection last stayed up longer than the delay before
         # it: the retry policy's argument.
         self._retries = 0
@@ -297,6 +300,7 @@ class ReconnectingClient(Service):
     def _attemptFailed(self, failure: Failure, factory: _AttemptFactory | None = None) -> None:
         self._attempt = None
         broker = self._broker
+        self._lastAttemptFailure = None if factory is not None and factory.timedOut else failure
         if factory is not None and factory.timedOut:
             self._lastFailure = (
                 f"connecting and logging in took more than {self.attemptTimeout:g} seconds"
@@ -399,13 +403,16 @@ class ReconnectingClient(Service):
 
     def _gaveUpError(self) -> PBConnectionLost:
         if self.failedAttempts == 1:
-            return PBConnectionLost(
+            error = PBConnectionLost(
                 f"no connection to the broker after 1 failed attempt: {self._lastFailure}"
             )
-        return PBConnectionLost(
-            f"no connection to the broker after {self.failedAttempts} failed attempts in a "
-            f"row; the last: {self._lastFailure}"
-        )
+        else:
+            error = PBConnectionLost(
+                f"no connection to the broker after {self.failedAttempts} failed attempts in "
+                f"a row; the last: {self._lastFailure}"
+            )
+        error.lastFailure = self._lastAttemptFailure
+        return error
 
     def _forget(self, waiting: Deferred[RemoteReference]) -> None:
         if waiting in self._waiting:

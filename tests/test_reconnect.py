@@ -10,6 +10,7 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -368,6 +369,21 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertEqual(
             message, "no connection to the broker after 1 failed attempt: UnauthorizedLogin"
         )
+
+    def test_refusedLoginToldFromANetworkError(self) -> None:
+        """The error a client that gave up fails with holds its last attempt's Failure: a
+        refused login can be told from a lost connection or a timeout (None)."""
+        client = self.client(password=b"wrong", maxRetries=2)
+        waiting = client.whenReady()
+        for _ in range(3):
+            self.clock.advance(1.0)
+            self.endpoint.pump()
+        error = self.failureResultOf(waiting, PBConnectionLost).value
+        self.assertTrue(error.lastFailure.check(UnauthorizedLogin))
+        hung = self.hungClient(maxRetries=1, attemptTimeout=10)
+        waiting = hung.whenReady()
+        self.clock.advance(11)
+        self.assertIsNone(self.failureResultOf(waiting, PBConnectionLost).value.lastFailure)
 
     def test_describe(self) -> None:
         """A failure is described by its type's name and its message."""

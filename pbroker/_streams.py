@@ -160,6 +160,8 @@ class StreamTable:
         #: the readers holding them (ended ones too).
         self.unreadBytes = 0
         self._holding: WeakSet[RemoteStream] | None = None
+        #: What the readers' credit not used yet may bring, at their items' sizes.
+        self.promisedBytes = 0
 
     @property
     def incoming(self) -> WeakValueDictionary[int, RemoteStream]:
@@ -200,11 +202,15 @@ class StreamTable:
         self._waitedOn.pop(reader.streamID, None)
 
     @property
-    def streamShare(self) -> int:
+    def streamBytes(self) -> int:
+        return int(self._connection.limits.streamBytes)
+
+    def promise(self, delta: int) -> None:
         """
-        The bytes of items one reader is given credit for at most (see RemoteStream._refill).
+        A reader's credit not used yet may bring ``delta`` more bytes (see
+        RemoteStream._refill).
         """
-        return int(self._connection.limits.streamBytes) // 4
+        self.promisedBytes += delta
 
     def unread(self, reader: RemoteStream, delta: int) -> None:
         """
@@ -220,12 +226,13 @@ class StreamTable:
         elif held <= 0 and self._holding is not None:
             self._holding.discard(reader)
 
-    def collected(self, size: int) -> None:
+    def collected(self, size: int, promised: int) -> None:
         """
-        A reader holding ``size`` bytes of unread items was collected (it leaves
-        ``_holding`` by itself).
+        A reader holding ``size`` bytes of unread items, and credit for ``promised`` more,
+        was collected (it leaves ``_holding`` by itself).
         """
         self.unreadBytes -= size
+        self.promisedBytes -= promised
 
     def admit(self, reader: RemoteStream, size: int) -> bool:
         """
@@ -240,6 +247,8 @@ class StreamTable:
         limit = self._connection.limits.streamBytes
         while self.unreadBytes and self.unreadBytes + size > limit and self._holding:
             victim = max(self._holding, key=_unreadBytesOf)
+            if not victim.unreadBytes:
+                break  # (does not happen: the readers held hold some)
             error = LimitExceeded(
                 f"more than {limit} bytes of stream items were received and not read "
                 f"(BrokerLimits.streamBytes): stream {victim.streamID}, which held "

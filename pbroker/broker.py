@@ -275,10 +275,10 @@ class BrokerLimits:
     :ivar stallTimeout: how long a peer with more than ``bufferedBytes`` waiting for it may
         go on taking nothing (``None``: it is dropped as soon as that much waits).
     :ivar streamBytes: bytes of items of the peer's streams (native dialect) received and
-        not yet read, at once; an item past this makes the stream holding the most of them
-        fail with ``LimitExceeded``, its unread items dropped (one item always fits). Each
-        stream is also given credit for at most a quarter of this, by the size of its
-        largest item so far.
+        not yet read, at once, as packed; an item past this makes the stream holding the
+        most of them fail with ``LimitExceeded``, its unread items dropped (one item always
+        fits). Each stream is also given credit for at most half the room left, by the size
+        of its largest items lately.
     """
 
     messageSize: int | None = 32 * 1024 * 1024
@@ -289,7 +289,7 @@ class BrokerLimits:
     pendingCalls: int = 1000
     bufferedBytes: int = 16 * 1024 * 1024
     stallTimeout: float | None = 30.0
-    streamBytes: int = 16 * 1024 * 1024
+    streamBytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in (

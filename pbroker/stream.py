@@ -101,11 +101,14 @@ class RemoteStream:
         self.streamID = streamID
         self.window = window
         self._items: deque[Any] = deque()
-        # The size of each (as received), their sum, and the largest item seen so far: what
-        # the table bounds (BrokerLimits.streamBytes) and credit is given by.
+        # The size of each (as received), their sum (what the table bounds: see
+        # BrokerLimits.streamBytes), and the size credit is given by: the largest item lately
+        # (it decays by a quarter with each item, so one large item does not slow the rest).
         self._sizes: deque[int] = deque()
         self.unreadBytes = 0
-        self._largest = 0
+        self._itemSize = 0
+        # What the credit given and not used yet may bring, at that size (see _refill).
+        self._promised = 0
         self._waiters: deque[Deferred[Any]] = deque()
         # Credit given to the sender and not yet used by an item.
         self._outstanding = 0
@@ -211,9 +214,9 @@ class RemoteStream:
         self.cancel()
 
     def __del__(self) -> None:
-        if getattr(self, "unreadBytes", 0):
+        if getattr(self, "unreadBytes", 0) or getattr(self, "_promised", 0):
             with contextlib.suppress(Exception):
-                self._table.collected(self.unreadBytes)
+                self._table.collected(self.unreadBytes, self._promised)
         # A stream dropped unread would leave its sender waiting for credit.
         if getattr(self, "_state", None) == "open" and not getattr(
             self._table, "disconnected", True
@@ -230,9 +233,9 @@ class RemoteStream:
     def _dropUnread(self) -> None:
         self._items.clear()
         self._sizes.clear()
-        if self.unreadBytes:
-            self._table.unread(self, -self.unreadBytes)
-            self.unreadBytes = 0
+        held, self.unreadBytes = self.unreadBytes, 0
+        if held:
+            self._table.unread(self, -held)
 
     def _evict(self, failure: Failure) -> None:
         """
@@ -254,19 +257,37 @@ class RemoteStream:
     def _refill(self) -> None:
         """
         Give the sender credit for more items, up to the window (items on their way or
-        unread), and, once items came, up to what a quarter of ``streamBytes`` holds of
-        the largest so far; a stream's first credit is for one item, whose size sets that.
+        unread) and, by bytes, up to half of what ``streamBytes`` leaves once the other
+        streams' unread items and credit are counted, in items the size of the largest
+        lately (at least one item): streams read slowly share the room, and together stay
+        within it. A stream's first credit is for two items (one, for a window of one),
+        whose size sets that.
         """
         if self._state != "open":
             return
         used = self._outstanding + len(self._items)
         window = self.window
-        largest = self._largest
-        window = min(window, max(1, self._table.streamShare // largest)) if largest else 1
+        if self._itemSize:
+            table = self._table
+            others = table.unreadBytes - self.unreadBytes + table.promisedBytes - self._promised
+            room = max(0, table.streamBytes - others) // 2
+            window = min(window, max(1, room // self._itemSize))
+        else:
+            window = min(window, 2)
         if used <= window // 2:
             grant = window - used
             self._outstanding += grant
+            self._promise()
             self._table.grantCredit(self.streamID, grant)
+
+    def _promise(self) -> None:
+        """
+        Count in the table what the credit not used yet may bring (nothing once closed).
+        """
+        promised = self._outstanding * self._itemSize if self._state == "open" else 0
+        if promised != self._promised:
+            self._table.promise(promised - self._promised)
+            self._promised = promised
 
     def _itemReceived(self, item: Any, size: int) -> None:
         if self._state != "open":
@@ -274,8 +295,8 @@ class RemoteStream:
         if self._outstanding < 1:
             raise ProtocolError(f"the peer sent stream {self.streamID} an item beyond its credit")
         self._outstanding -= 1
-        if size > self._largest:
-            self._largest = size
+        self._itemSize = max(size, self._itemSize * 3 // 4)
+        self._promise()
         if self._waiters:
             waiter = self._waiters.popleft()
             if not self._waiters:
@@ -308,6 +329,7 @@ class RemoteStream:
         waiters, self._waiters = self._waiters, deque()
         if waiters:
             self._table.dropReader(self)
+        self._promise()
         for waiter in waiters:
             if failure is None:
                 waiter.callback(END)

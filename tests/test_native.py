@@ -3333,18 +3333,58 @@ class UnreadStreamBytesTests(NativeTestCase):
         self.assertEqual(self.call("echo", 3), 3)
 
     def test_creditByItemSize(self) -> None:
-        """A stream's first credit is for one item; then credit goes by the size of its
-        largest item: a reader that does not read holds about a quarter of streamBytes of
+        """A stream's first credit is for two items; then credit goes by the size of its
+        items: a reader that does not read holds at most about half of streamBytes of
         large items, and its window of small ones."""
+        limit = self.server.limits.streamBytes
         self.assertIsNone(self.call("keep", self.chunks(0, 100_000)))
         self.pump.flush()
         (large,) = self.kept
-        share = self.server.limits.streamBytes // 4
-        self.assertEqual(large.buffered, share // (100_000 + 64))
+        self.assertGreaterEqual(large.buffered, 2)  # one in flight while one is read
+        self.assertLess(large.buffered, self.server.streamWindow)
+        self.assertLessEqual(large.unreadBytes, limit // 2)
         self.assertEqual(self.closed, [])  # not failed: it stays under the limit
         self.assertIsNone(self.call("keep", iter(range(1000))))
         self.pump.flush()
         self.assertEqual(self.kept[1].buffered, self.server.streamWindow)
+
+    def test_aLargeItemDoesNotSlowTheRest(self) -> None:
+        """Credit goes by the items lately: after one large item, small ones soon get the
+        whole window again."""
+
+        def items() -> Iterator[Any]:
+            yield b"x" * 400_000
+            yield from range(1000)
+
+        self.assertIsNone(self.call("keep", items()))
+        self.pump.flush()
+        (stream,) = self.kept
+        for _ in range(60):
+            self.successResultOf(stream.next())
+            self.pump.flush()
+        self.assertGreater(stream.buffered, self.server.streamWindow // 2)  # not one by one
+
+    def test_slowReadersShareTheRoom(self) -> None:
+        """Streams whose items are a sixteenth of streamBytes, not read yet: each gets
+        credit from the room the others leave, and none fails."""
+        streams = [self.chunks(number, 65_536 - 64) for number in range(4)]
+        self.assertIsNone(self.call("keep", *streams))
+        for _ in range(50):
+            self.pump.pump()
+        self.assertEqual(self.closed, [])
+        self.assertTrue(all(reader.buffered >= 2 for reader in self.kept))
+        self.assertLessEqual(self.server._streams.unreadBytes, self.server.limits.streamBytes)
+
+    def test_aDroppedReaderLeavesTheTable(self) -> None:
+        """A reader cancelled (or failed for the limit) no longer counts among those
+        holding unread items."""
+        self.assertIsNone(self.call("keep", self.chunks(0, 1000)))
+        self.pump.flush()
+        (reader,) = self.kept
+        self.assertIn(reader, set(self.server._streams._holding or ()))
+        reader.cancel()
+        self.assertNotIn(reader, set(self.server._streams._holding or ()))
+        self.assertEqual(self.server._streams.unreadBytes, 0)
 
     def test_readingFreesTheBytes(self) -> None:
         """What is read no longer counts; a reader collected unread no longer counts."""

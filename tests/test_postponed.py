@@ -363,9 +363,9 @@ class StreamPumpedMidSerialisationTests(ConnectedTestCase):
                 return outer.later
 
             def remote_stream(self) -> Iterator[Any]:
-                # The first credit is for one item; then _ITEMS_PER_TURN (64) go in a turn,
+                # The first credit is for two items; then _ITEMS_PER_TURN (64) go in a turn,
                 # and the rest waits for the next.
-                yield from range(65)
+                yield from range(66)
                 yield outer.gauge
 
         self.connect(StreamingRoot(), {Gauge: RemoteGauge, LargeCaller: RemoteTrigger})
@@ -380,18 +380,18 @@ class StreamPumpedMidSerialisationTests(ConnectedTestCase):
         self.root.callRemote("waitLater").addBoth(answers.append)
         streams: list[Any] = []
         self.root.callRemote("stream").addBoth(streams.append)
-        # The first item (a stream's first credit is for one), then 64 more in one turn; the
-        # next turn not run.
+        # The first two items (a stream's first credit), then 64 more in one turn; the next
+        # turn not run.
         self.pump.flush(advanceClock=False)
         (stream,) = streams
-        self.assertEqual(stream.buffered, 65)
+        self.assertEqual(stream.buffered, 66)
         # The server's method answers (from a timer, say): its value's hook makes a large call.
         self.later.callback([self.gauge, LargeCaller(self.rootObject.target)])
         for _ in range(20):
             self.pump.flush()
         self.assertFalse(self.client.disconnected)
         ((gauge, _),) = answers
-        items = [self.successResultOf(stream.next()) for _ in range(66)]
-        self.assertIsInstance(items[65], RemoteGauge)
-        self.assertIs(items[65].__dict__, gauge.__dict__)
+        items = [self.successResultOf(stream.next()) for _ in range(67)]
+        self.assertIsInstance(items[66], RemoteGauge)
+        self.assertIs(items[66].__dict__, gauge.__dict__)
         self.assertEqual(self.taker.taken, [(b"x" * 300_000,)])

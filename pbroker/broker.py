@@ -143,9 +143,10 @@ _FIRST = 6
 # What a queued message needs to arrive before it, and what it provides to those after it
 # (see Broker._keysOf), as (kind, id): the first copy of one of this side's Cacheables (by
 # luid), a message naming one the peer holds a copy of, a message naming one of the peer's
-# objects (a reference or a copy, by its luid there), a stream of this side's, or a call of
-# this side's (by request id).
-_FIRST_KEY, _OURS, _THEIRS, _STREAM_KEY, _CALL = 0, 1, 2, 3, 4
+# objects (a reference or a copy, by its luid there), a stream of this side's, a call of
+# this side's (by request id), or a call to one of the peer's copies of this side's
+# Cacheables (by luid: such calls, an observer's updates, keep their order).
+_FIRST_KEY, _OURS, _THEIRS, _STREAM_KEY, _CALL, _TO_COPY = 0, 1, 2, 3, 4, 5
 _KeySet = frozenset[tuple[int, Any]]
 # (needs, provides)
 _Keys = tuple[_KeySet, _KeySet]
@@ -423,6 +424,27 @@ def _nearerEnd(queue: Sequence[Any], field: int, requestID: int) -> range:
         if type(first) is int and type(last) is int and last - requestID < requestID - first:
             return range(size - 1, -1, -1)
     return range(size)
+
+
+class _Waiting:
+    """
+    Large calls that wait for room (see Broker._flushAfterLarge): the first one's serial,
+    and for each key one of them provides, the smallest serial of those that do.
+    """
+
+    __slots__ = ("first", "provided")
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.provided: dict[tuple[int, Any], int] = {}
+
+    def add(self, serial: int, provides: _KeySet) -> None:
+        if self.first is None or serial < self.first:
+            self.first = serial
+        provided = self.provided
+        for key in provides:
+            if key not in provided or serial < provided[key]:
+                provided[key] = serial
 
 
 def _keptOrder(entry: _KeptEntry) -> tuple[int, bool]:
@@ -1285,8 +1307,9 @@ class Broker(Banana):
                 queue.clear()
                 queue.extend(remaining)
             self._emptiedReleases = 0
+            self._unblockKept(None)  # what waited for an entry dropped must not stay
 
-    def _mustWait(self, entry: _KeptEntry, waiting: list[list[Any]]) -> bool:
+    def _mustWait(self, entry: _KeptEntry, waiting: _Waiting) -> bool:
         """
         Whether ``entry`` must wait for one of the calls ``waiting`` for room queued before
         it (it needs what one provides), or behind what waits for one already (see
@@ -1294,13 +1317,19 @@ class Broker(Banana):
         """
         serial, keys = entry[3], entry[6]
         if keys is None or self._blockedUnknown:
-            return bool(self._afterBlocked) or any(call[5] < serial for call in waiting)
+            first = waiting.first
+            return bool(self._afterBlocked) or (first is not None and first < serial)
         needs = keys[0]
         if not needs:
             return False
         if self._blockedKeys and not needs.isdisjoint(self._blockedKeys):
             return True
-        return any(call[5] < serial and not needs.isdisjoint(call[6][1]) for call in waiting)
+        provided = waiting.provided
+        for key in needs:
+            by = provided.get(key)
+            if by is not None and by < serial:
+                return True
+        return False
 
     def _blockEntry(self, entry: _KeptEntry) -> None:
         self._afterBlocked.append(entry)
@@ -1338,36 +1367,39 @@ class Broker(Banana):
 
         Nothing can go if each key of the call's that something there needs is provided by
         another call waiting, queued before all of it: that is checked first, so that many
-        calls that each carry the same handle do not each walk all that waits.
+        calls that each carry the same handle do not each walk all that waits. Otherwise
+        all of it goes back, in order (``_afterBlocked`` and ``_afterLarge`` are each
+        ordered by serial, and all of the first came before all of the second), for the
+        pump to see again: an entry is only ever checked against what came before it.
+        (What leaves ``_afterBlocked`` otherwise, a call cancelled or a decache emptied,
+        comes here with ``None``, so that what waited for it is not left waiting.)
         """
         blocked = self._afterBlocked
         if not blocked:
             return
-        waiting = [call for call in self._largeOut if call[3] and call[6] is not None]
         if provided is not None and not self._blockedUnknown:
             first = blocked[0][3]
             needed = self._blockedNeeds
-            if all(
-                any(call[5] < first and key in call[6][1] for call in waiting)
-                for key in provided
-                if key in needed
-            ):
+            by = self._waitingCalls().provided
+            if all(by.get(key, first) < first for key in provided if key in needed):
                 return
+        merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
+        self._afterLarge.clear()
+        self._afterLarge.extend(merged)
         self._afterBlocked = collections.deque()
         self._blockedKeys, self._blockedNeeds, self._blockedUnknown = {}, {}, 0
-        free = []
-        for entry in blocked:
-            if self._mustWait(entry, waiting):
-                self._blockEntry(entry)
-            else:
-                free.append(entry)
-        if free:
-            # In the order they were kept: by serial, a release before the message of its
-            # serial (which was queued after it, see _keepRelease).
-            merged = list(heapq.merge(free, self._afterLarge, key=_keptOrder))
-            self._afterLarge.clear()
-            self._afterLarge.extend(merged)
-            self._schedulePump()
+        self._schedulePump()
+
+    def _waitingCalls(self) -> _Waiting:
+        """
+        The large calls queued that wait for room (see :meth:`_startableLarge`) and whose
+        keys are known, by what they provide.
+        """
+        waiting = _Waiting()
+        for large in self._largeOut:
+            if large[3] and large[6] is not None:
+                waiting.add(large[5], large[6][1])
+        return waiting
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -1387,10 +1419,10 @@ class Broker(Banana):
         needs what one of them provides, so that they keep their order.
         """
         first = None
-        waiting: list[list[Any]] = []  # calls waiting for room that what follows may pass
+        waiting = _Waiting()  # calls waiting for room that what follows may pass
         for large in self._largeOut:
             if large[3] and large[6] is not None:
-                waiting.append(large)
+                waiting.add(large[5], large[6][1])
             elif first is None or large[5] < first:
                 first = large[5]
         after = self._afterLarge
@@ -1399,7 +1431,7 @@ class Broker(Banana):
             if first is not None and first < entry[3]:
                 return
             after.popleft()
-            if (waiting or self._afterBlocked) and self._mustWait(entry, waiting):
+            if (waiting.first is not None or self._afterBlocked) and self._mustWait(entry, waiting):
                 self._blockEntry(entry)
                 continue
             payload, requestID, counted, serial, kept, own, keys = entry
@@ -1410,7 +1442,7 @@ class Broker(Banana):
                 if isinstance(payload, _Payload):
                     written = self._largeOut[-1]
                     if written[3] and written[6] is not None:
-                        waiting.append(written)
+                        waiting.add(serial, written[6][1])
                     else:
                         first = serial  # a large message now, before the rest: they wait for it
                 continue
@@ -1911,12 +1943,15 @@ class Broker(Banana):
         What a call needs and provides (see :meth:`_keysOf`): besides what its arguments
         name, itself (for its cancel), and its target: one of the peer's objects (for its
         release), or (``b"cache"``) the peer's copy of a Cacheable of this side's, which
-        needs that copy's first copy, and comes before its uncache.
+        needs that copy's first copy and the calls to the copy made before it (an
+        observer's updates arrive in order), and comes before its uncache.
         """
         if prefix:
-            target = (_OURS, objectID)
+            toCopy = (_TO_COPY, objectID)
             return self._keysOf(
-                registrations, ((_FIRST_KEY, objectID),), (target, (_CALL, requestID))
+                registrations,
+                ((_FIRST_KEY, objectID), toCopy),
+                ((_OURS, objectID), toCopy, (_CALL, requestID)),
             )
         return self._keysOf(registrations, (), ((_THEIRS, objectID), (_CALL, requestID)))
 
@@ -2038,6 +2073,7 @@ class Broker(Banana):
                     del after[index]
                     if after is self._afterBlocked:
                         self._unblockEntry(kept)
+                        self._unblockKept(None)  # what waited for it must not stay
                     self._keptOwn -= own
                     transport = self.transport
                     if type(transport) is PacedTransport and transport.paused:

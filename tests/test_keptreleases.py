@@ -29,6 +29,9 @@ class Child(pb.Referenceable):
     def remote_ping(self, *args: Any) -> int:
         return len(args)
 
+    def remote_take(self, *args: Any) -> int:
+        return len(args)
+
 
 class Unknown(pb.Copyable):
     """A class the server does not take."""
@@ -295,6 +298,66 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(calls[3]), 1)
         self.assertEqual(self.kept(), (0, 0, 0))
         self.assertNoResult(calls[2])
+
+    def writeOneLarge(self) -> Any:
+        """A large call written, not yet delivered: the next large calls wait for "taken"."""
+        call = self.root.callRemote("take", b"0" * BIG)
+        for _ in range(50):
+            self.clock.advance(0)
+        return call
+
+    def test_aReleaseBehindACancelledCallIsSent(self) -> None:
+        """A decref that waited behind a kept call to its object is sent once that call is
+        cancelled unsent, not kept for ever."""
+        child = self.answer("child")
+        calls = [self.writeOneLarge()]
+        copy = Gauge()
+        calls.append(self.root.callRemote("take", b"1" * BIG, copy))  # its first copy: waits
+        kept = child.callRemote("ping", copy)  # needs that first copy: waits for that call
+        self.clock.advance(0)
+        del child
+        gc.collect()  # the decref: waits behind the kept call, which names the child
+        self.clock.advance(0)
+        self.assertEqual(len(self.client._afterBlocked), 2)
+        kept.cancel()
+        self.failureResultOf(kept, CancelledError)
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 2])
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.client.importedReferences, 0)
+        self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
+
+    def test_aReleaseDoesNotOvertakeACallKeptAgain(self) -> None:
+        """A kept large call that goes ahead only to wait for "taken" again stays ahead of
+        what came after it: the decref of the object a later call names follows that call."""
+        child = self.answer("newChild")
+        calls = [self.writeOneLarge()]
+        first, second = Gauge(), Gauge()
+        calls.append(self.root.callRemote("take", first, b"c" * BIG))  # waits
+        calls.append(child.callRemote("take", first, second, b"l" * BIG))  # kept: needs first
+        calls.append(child.callRemote("ping", second))  # kept: needs second
+        calls.append(child.callRemote("take", b"w" * BIG))  # waits
+        del child
+        gc.collect()  # its decref: after every call to it
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 2, 3, 1, 1])
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.server.luids, {})
+
+    def test_updatesKeepTheirOrderBehindALargeOne(self) -> None:
+        """An observer's small updates made after a large one that waits for "taken" follow
+        it: updates to one copy arrive in order."""
+        known = LevelGauge()
+        self.answer("hold", known)
+        calls = self.queueLarge()
+        observer = known.observers[0]
+        observer.callRemote("level", b"L" * BIG)
+        for level in range(20):
+            observer.callRemote("level", level)
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(self.rootObject.held[0].levels, [b"L" * BIG, *range(20)])
+        self.assertEqual(self.kept(), (0, 0, 0))
 
     def test_anUpdateWaitsForTheCallWithItsFirstCopy(self) -> None:
         """An update to a copy whose first copy is in a large call waiting to be taken

@@ -244,7 +244,7 @@ class StreamTable:
         items' sizes and however many streams it sends. ``False`` if that was ``reader``:
         the item is dropped too.
         """
-        limit = self._connection.limits.streamBytes
+        limit = self.streamBytes
         while self.unreadBytes and self.unreadBytes + size > limit and self._holding:
             victim = max(self._holding, key=_unreadBytesOf)
             if not victim.unreadBytes:

@@ -151,6 +151,15 @@ _KeySet = frozenset[tuple[int, Any]]
 # (needs, provides)
 _Keys = tuple[_KeySet, _KeySet]
 _NOTHING: _KeySet = frozenset()
+
+
+def _needing(key: tuple[int, Any]) -> _Keys:
+    """
+    The keys of a message that needs ``key`` and provides nothing (an uncache, a cancel).
+    """
+    return frozenset({key}), _NOTHING
+
+
 #: A first copy of a Cacheable, as counted in a received value (see Broker._countedIn).
 _NEW_CACHE = 3
 
@@ -429,13 +438,15 @@ def _nearerEnd(queue: Sequence[Any], field: int, requestID: int) -> range:
 class _Waiting:
     """
     Large calls that wait for room (see Broker._flushAfterLarge): the first one's serial,
-    and for each key one of them provides, the smallest serial of those that do.
+    and for each key one of them provides, the smallest serial of those that do; and the
+    serial of the first large message queued that does not wait so (``firstOther``).
     """
 
-    __slots__ = ("first", "provided")
+    __slots__ = ("first", "firstOther", "provided")
 
     def __init__(self) -> None:
         self.first: int | None = None
+        self.firstOther: int | None = None
         self.provided: dict[tuple[int, Any], int] = {}
 
     def add(self, serial: int, provides: _KeySet) -> None:
@@ -950,8 +961,8 @@ class Broker(Banana):
         """
         Write what :meth:`_nativePayload` (or the banana encoder) made: bytes at once, the
         parts of a fragmented message through the large-message queue (``requestID``: the
-        message is that call, which names ``keys``, see :meth:`_keysOf`; ``serial``: the one
-        it had in ``_afterLarge``, else a new one).
+        message is that call, which needs and provides ``keys``, see :meth:`_keysOf`;
+        ``serial``: the one it had in ``_afterLarge``, else a new one).
         """
         assert self.transport is not None, "sendEncoded() called before connectionMade()"
         transport: Any = self.transport
@@ -1039,7 +1050,7 @@ class Broker(Banana):
         two sides' ``bufferedBytes`` (one is always sent). Other large messages go ahead of
         calls that wait; those keep their order. What waits behind large messages
         (releases, cancels, stream items, cache handles) waits for such a call only if it
-        names what the call names (see :meth:`_flushAfterLarge`).
+        needs what the call provides (see :meth:`_flushAfterLarge`).
         """
         if self._largeBlocked:
             return False
@@ -1130,8 +1141,8 @@ class Broker(Banana):
         ``forPeer``: the message answers the peer (an answer, an error, an uncache), which
         :meth:`_keep` counts so that a peer that leaves a large answer unread while it asks
         for answers that have to wait behind it cannot make this side keep them without end.
-        ``keys``: what it names (see :meth:`_keysOf`); ``None``: unknown, so it waits for
-        every large message queued before it.
+        ``keys``: what it needs and provides (see :meth:`_keysOf`); ``None``: unknown, so it
+        waits for every large message queued before it.
         """
         if self._largeOut or self._afterLarge:
             # Packed now, so that a message too large for the peer fails here, not later.
@@ -1295,19 +1306,19 @@ class Broker(Banana):
             release.count = 0
         self._emptiedReleases += len(kept)
         if self._emptiedReleases * 2 > len(self._afterLarge) + len(self._afterBlocked):
-            for queue in (self._afterLarge, self._afterBlocked):
-                remaining = [entry for entry in queue if entry[0] is not None or entry[2].count]
-                if len(remaining) == len(queue):
-                    continue
-                for entry in queue:
-                    if entry[0] is None and not entry[2].count:
-                        self._keptForPeer -= entry[4]
-                        if queue is self._afterBlocked:
-                            self._unblockEntry(entry)
-                queue.clear()
-                queue.extend(remaining)
+            # What waited for an entry about to be dropped must not stay waiting: it all goes
+            # back, in order, for the pump to see again.
+            self._unblockKept(None)
+            after = self._afterLarge
+            remaining: list[_KeptEntry] = []
+            for entry in after:
+                if entry[0] is None and not entry[2].count:
+                    self._keptForPeer -= entry[4]
+                else:
+                    remaining.append(entry)
+            after.clear()
+            after.extend(remaining)
             self._emptiedReleases = 0
-            self._unblockKept(None)  # what waited for an entry dropped must not stay
 
     def _mustWait(self, entry: _KeptEntry, waiting: _Waiting) -> bool:
         """
@@ -1393,12 +1404,14 @@ class Broker(Banana):
     def _waitingCalls(self) -> _Waiting:
         """
         The large calls queued that wait for room (see :meth:`_startableLarge`) and whose
-        keys are known, by what they provide.
+        keys are known, by what they provide, and the first of the other large messages.
         """
         waiting = _Waiting()
         for large in self._largeOut:
             if large[3] and large[6] is not None:
                 waiting.add(large[5], large[6][1])
+            elif waiting.firstOther is None or large[5] < waiting.firstOther:
+                waiting.firstOther = large[5]
         return waiting
 
     def _nextSerial(self) -> int:
@@ -1418,13 +1431,8 @@ class Broker(Banana):
         wait in ``_afterBlocked`` until the call is written (or dropped), and so does what
         needs what one of them provides, so that they keep their order.
         """
-        first = None
-        waiting = _Waiting()  # calls waiting for room that what follows may pass
-        for large in self._largeOut:
-            if large[3] and large[6] is not None:
-                waiting.add(large[5], large[6][1])
-            elif first is None or large[5] < first:
-                first = large[5]
+        waiting = self._waitingCalls()  # calls waiting for room that what follows may pass
+        first = waiting.firstOther
         after = self._afterLarge
         while after and not self.disconnected:
             entry = after[0]
@@ -1632,7 +1640,7 @@ class Broker(Banana):
                     self._stopObserving(local)
                     if (luid, _FIRST) not in registrations and self._canSend:
                         # The peer holds a copy. (Behind any large message to the copy.)
-                        keys = (frozenset({(_OURS, luid)}), _NOTHING)
+                        keys = _needing((_OURS, luid))
                         self._sendBehindLarge(b"uncache", luid, forPeer=True, keys=keys)
             elif kind == _STREAM:
                 self._streams.drop([luid])
@@ -2032,8 +2040,7 @@ class Broker(Banana):
         if self.isNative and self._canSend:
             if queued is not None:
                 # The call is still being sent: the cancel must not overtake it.
-                keys = (frozenset({(_CALL, requestID)}), _NOTHING)
-                self._sendBehindLarge(b"cancel", requestID, keys=keys)
+                self._sendBehindLarge(b"cancel", requestID, keys=_needing((_CALL, requestID)))
             else:
                 self.sendCall(b"cancel", requestID)
 
@@ -3134,7 +3141,7 @@ class Broker(Banana):
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
             self._stopObserving(local)
             # Behind any large cache message to the copy still being sent.
-            keys = (frozenset({(_OURS, objectID)}), _NOTHING)
+            keys = _needing((_OURS, objectID))
             self._sendBehindLarge(b"uncache", objectID, forPeer=True, keys=keys)
 
     def _uncache(self, objectID: Any) -> None:

@@ -536,10 +536,8 @@ class Stream:
         for writer, produced in writers:
             if produced:
                 writer.callback(None)
-            elif failure is None:
-                writer.errback(CancelledError("the reader stopped reading this stream"))
             else:
-                writer.errback(failure)
+                writer.errback(reason)
         if self._producer is not None:
             self._producer.stopProducing()
             self._producer = None

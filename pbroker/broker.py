@@ -21,8 +21,8 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import CoroutineType
-from typing import Any, ClassVar, NoReturn
+from types import CoroutineType, MappingProxyType
+from typing import Any, ClassVar, NoReturn, cast
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -498,6 +498,15 @@ class _Release:
         self.serial = serial
 
 
+# What a connection's queues and tables that only some connections use are until one is
+# needed: empty, and shared, as a deque costs about 760 bytes, a set 216 and a dict 64 at
+# once, which each of many idle connections would pay for nothing. Reading one is reading an
+# empty container; writing to one fails loudly (AttributeError, TypeError), so each write
+# makes its own first (see Broker._keepEntry, _blockEntry, _keepRelease, registerPageProducer).
+_NOTHING_KEPT: collections.deque[Any] = cast("collections.deque[Any]", ())
+_NO_MEMBERS: set[Any] = cast("set[Any]", frozenset())
+_NO_ENTRIES: dict[Any, Any] = cast("dict[Any, Any]", MappingProxyType({}))
+
 # An entry of Broker._afterLarge (see there).
 _KeptEntry = tuple[bytes | _Payload | None, int | None, Any, int, int, int, _Keys | None]
 
@@ -581,7 +590,7 @@ class Broker(Banana):
         self.pageProducers: list[Any] = []
         # Pagers whose page was sent but not yet followed by stillPaging() (it waits for the
         # page, if that is being sent in fragments).
-        self._pagesSent: set[Any] = set()
+        self._pagesSent: set[Any] = _NO_MEMBERS
         self._sendingPages = False
         #: request id -> the Deferred waiting for its answer.
         self.waitingForAnswers: dict[int, Deferred[Any]] = {}
@@ -610,7 +619,7 @@ class Broker(Banana):
         # bufferedBytes and its), if it says when it takes (starts handling) a call that asks
         # (its hello said so; else 0), and the sizes of those sent and not yet taken.
         self._untakenLimit = 0
-        self._untaken: dict[int, int] = {}
+        self._untaken: dict[int, int] = _NO_ENTRIES
         self._untakenBytes = 0
         # Whether the calls first in _largeOut wait for room and nothing else can go (the
         # last _startableLarge found so): set until something changes that (a message that
@@ -622,15 +631,15 @@ class Broker(Banana):
         # counted (else None, None), their serial, what they count in _keptForPeer and in
         # _keptOwn, and what they need and provide (see _keysOf); or (None, None, a
         # _Release, its serial, its cost, 0, its keys).
-        self._afterLarge: collections.deque[_KeptEntry] = collections.deque()
+        self._afterLarge: collections.deque[_KeptEntry] = _NOTHING_KEPT
         # Those of them that need what a large call waiting for room provides (see
         # _startableLarge, _keysOf), or what one already here provides, in order: they wait
         # for that call to be written, where the others go ahead of it (see
         # _flushAfterLarge). How many of them provide and need each key, and how many are
         # unknown (they wait for every such call).
-        self._afterBlocked: collections.deque[_KeptEntry] = collections.deque()
-        self._blockedKeys: dict[tuple[int, Any], int] = {}
-        self._blockedNeeds: dict[tuple[int, Any], int] = {}
+        self._afterBlocked: collections.deque[_KeptEntry] = _NOTHING_KEPT
+        self._blockedKeys: dict[tuple[int, Any], int] = _NO_ENTRIES
+        self._blockedNeeds: dict[tuple[int, Any], int] = _NO_ENTRIES
         self._blockedUnknown = 0
         # What is kept there for the peer counts (see _queueFull): answers, errors and
         # uncaches at their size and _KEPT_OVERHEAD (see _keep), release entries split from
@@ -646,7 +655,7 @@ class Broker(Banana):
         # The _Releases kept in _afterLarge for each (command, object id), in order; how many
         # of its releases were emptied (an uncache came first) and still take a place (see
         # _keepRelease).
-        self._keptReleases: dict[tuple[bytes, Any], collections.deque[_Release]] = {}
+        self._keptReleases: dict[tuple[bytes, Any], collections.deque[_Release]] = _NO_ENTRIES
         self._emptiedReleases = 0
         # Whether the messages the peer sent before the connection was lost are handled now
         # (see _handleBacklogOnLoss): none of them waits.
@@ -671,7 +680,7 @@ class Broker(Banana):
         # native client: see connectionReady).
         self._factoryWaitsForHello = False
         # Calls this side cancelled whose answers may still arrive.
-        self._abandoned: set[int] = set()
+        self._abandoned: set[int] = _NO_MEMBERS
         self._abandonedOverflow = False
         # Request id -> the dict a call's reply annotations go to.
         self._replyTargets: dict[int, dict[str, Any]] = {}
@@ -841,13 +850,13 @@ class Broker(Banana):
         self.importedReferences -= sum(
             1 for command, _ in self._keptReleases if command == b"decref"
         )
-        self._afterLarge = collections.deque()
-        self._afterBlocked = collections.deque()
-        self._blockedKeys, self._blockedNeeds, self._blockedUnknown = {}, {}, 0
+        self._afterLarge = self._afterBlocked = _NOTHING_KEPT
+        self._blockedKeys = self._blockedNeeds = _NO_ENTRIES
+        self._blockedUnknown = 0
         self._keptForPeer = self._keptOwn = 0
-        self._keptReleases = {}
+        self._keptReleases = _NO_ENTRIES
         self._emptiedReleases = 0
-        self._untaken = {}
+        self._untaken = _NO_ENTRIES
         self._untakenBytes = 0
         self._largeBlocked = False
         self.discardBacklog()
@@ -1064,6 +1073,8 @@ class Broker(Banana):
                     blocked = True  # and the calls after it wait too: calls keep their order
                     continue
                 entry[3] = 0
+                if self._untaken is _NO_ENTRIES:
+                    self._untaken = {}
                 self._untaken[entry[2]] = size
                 self._untakenBytes = untaken + size
             if index:
@@ -1076,7 +1087,9 @@ class Broker(Banana):
         """
         The peer started handling our large call ``requestID``: room for more.
         """
-        size = self._untaken.pop(requestID, None) if type(requestID) is int else None
+        size = (
+            self._untaken.pop(requestID, None) if type(requestID) is int and self._untaken else None
+        )
         if size is None:
             raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
         self._untakenBytes -= size
@@ -1158,7 +1171,10 @@ class Broker(Banana):
         may go (see :meth:`_flushAfterLarge`): if only large calls that wait for the peer to
         take earlier ones are queued, nothing else would.
         """
-        self._afterLarge.append(entry)
+        after = self._afterLarge
+        if after is _NOTHING_KEPT:
+            after = self._afterLarge = collections.deque()
+        after.append(entry)
         self._schedulePump()
 
     @staticmethod
@@ -1283,6 +1299,8 @@ class Broker(Banana):
             cost = _KEPT_RELEASE
             self._keptForPeer += cost
         else:
+            if self._keptReleases is _NO_ENTRIES:
+                self._keptReleases = {}
             kept = self._keptReleases[key] = collections.deque()
         serial = self._queueSerial
         release = _Release(command, objectID, serial)
@@ -1299,7 +1317,7 @@ class Broker(Banana):
         well-behaved peer never does.) Emptied entries are dropped once they are half the
         queue, so that a peer doing it over and over does not make it grow.
         """
-        kept = self._keptReleases.pop((b"decache", objectID), None)
+        kept = self._keptReleases.pop((b"decache", objectID), None) if self._keptReleases else None
         if kept is None:
             return
         for release in kept:
@@ -1343,6 +1361,9 @@ class Broker(Banana):
         return False
 
     def _blockEntry(self, entry: _KeptEntry) -> None:
+        if self._afterBlocked is _NOTHING_KEPT:
+            self._afterBlocked = collections.deque()
+            self._blockedKeys, self._blockedNeeds = {}, {}
         self._afterBlocked.append(entry)
         keys = entry[6]
         if keys is None:
@@ -1395,10 +1416,15 @@ class Broker(Banana):
             if all(by.get(key, first) < first for key in provided if key in needed):
                 return
         merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
-        self._afterLarge.clear()
-        self._afterLarge.extend(merged)
-        self._afterBlocked = collections.deque()
-        self._blockedKeys, self._blockedNeeds, self._blockedUnknown = {}, {}, 0
+        if self._afterLarge is _NOTHING_KEPT:
+            self._afterLarge = collections.deque(merged)
+        else:
+            # (In place: _flushAfterLarge may be walking it.)
+            self._afterLarge.clear()
+            self._afterLarge.extend(merged)
+        self._afterBlocked = _NOTHING_KEPT
+        self._blockedKeys = self._blockedNeeds = _NO_ENTRIES
+        self._blockedUnknown = 0
         self._schedulePump()
 
     def _waitingCalls(self) -> _Waiting:
@@ -2033,6 +2059,8 @@ class Broker(Banana):
         if queued:
             self._schedulePump()  # what waited behind it may go now
             return  # none of it was sent: the peer has nothing to cancel, nor to answer
+        if self._abandoned is _NO_MEMBERS:
+            self._abandoned = set()
         if len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(requestID)
         else:
@@ -2146,6 +2174,8 @@ class Broker(Banana):
 
         :raises Exception: why a page sent at once could not be (the pager is dropped).
         """
+        if self._pagesSent is _NO_MEMBERS:
+            self._pagesSent = set()
         self.pageProducers.append(pager)
         self._sendPages(first=pager)
 
@@ -2210,7 +2240,8 @@ class Broker(Banana):
         """
         if pager in self.pageProducers:
             self.pageProducers.remove(pager)
-        self._pagesSent.discard(pager)
+        if pager in self._pagesSent:
+            self._pagesSent.discard(pager)
         if raising:
             failure.raiseException()
         pagingFailed = getattr(pager, "pagingFailed", None)

@@ -5,12 +5,15 @@ use is made on first use, and still works once it is.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from pbroker import broker as brokerModule
 from pbroker import pb
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
@@ -22,6 +25,12 @@ class Root(pb.Root):
 
     def remote_numbers(self, count: int) -> Iterator[int]:
         yield from range(count)
+
+    def remote_never(self) -> Deferred[None]:
+        return Deferred()
+
+    def remote_child(self) -> pb.Referenceable:
+        return pb.Referenceable()
 
 
 class LazyStreamTableTests(SynchronousTestCase):
@@ -62,3 +71,88 @@ class LazyStreamTableTests(SynchronousTestCase):
             self.pump.flush()
         self.assertEqual(items, [0, 1, 2])
         self.assertEqual(len(self.client._streams.incoming), 0)
+
+
+class LazyQueuesTests(SynchronousTestCase):
+    """
+    The queues and tables of large messages, kept releases, cancelled calls and pagers are
+    made by the first connection that needs them: the others share one empty, read-only
+    stand-in for each.
+    """
+
+    def connect(self) -> tuple[Any, Any, Any]:
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), clock=clock), pb.PBClientFactory(clock=clock), clock=clock
+        )
+        return server, client, pump
+
+    def call(self, client: Any, pump: Any, *arguments: Any) -> Deferred[Any]:
+        deferred: Deferred[Any] = client.remoteForName("root").callRemote(*arguments)
+        pump.flush()
+        return deferred
+
+    def assertUnmade(self, broker: Any) -> None:
+        self.assertIs(broker._afterLarge, brokerModule._NOTHING_KEPT)
+        self.assertIs(broker._afterBlocked, brokerModule._NOTHING_KEPT)
+        for table in (broker._keptReleases, broker._untaken, broker._blockedKeys):
+            self.assertIs(table, brokerModule._NO_ENTRIES)
+        for members in (broker._abandoned, broker._pagesSent):
+            self.assertIs(members, brokerModule._NO_MEMBERS)
+
+    def test_noneMadeForPlainCalls(self) -> None:
+        """Connecting and answering calls make none of them, on either side."""
+        server, client, pump = self.connect()
+        self.assertEqual(
+            self.successResultOf(self.call(client, pump, "echo", [1, "two"])), [1, "two"]
+        )
+        self.assertUnmade(server)
+        self.assertUnmade(client)
+
+    def test_madeByTheConnectionThatNeedsIt(self) -> None:
+        """
+        A cancelled call and a large message make their own tables, which work as before;
+        another connection's stay the shared empty ones, untouched.
+        """
+        server, client, pump = self.connect()
+        other, otherClient, otherPump = self.connect()
+        waiting = self.call(client, pump, "never")
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(len(client._abandoned), 1)
+        child = self.successResultOf(self.call(client, pump, "child"))
+        large = b"x" * (3 * 1024 * 1024)
+        answer = client.remoteForName("root").callRemote("echo", large)
+        self.assertTrue(client._largeOut)
+        # Released while the large call is written: its decref is kept behind that call.
+        del child
+        gc.collect()
+        self.assertEqual(len(client._afterLarge), 1)
+        self.assertEqual(len(client._keptReleases), 1)
+        for _ in range(200):
+            if answer.called:
+                break
+            pump.flush()
+        self.assertEqual(self.successResultOf(answer), large)
+        self.assertEqual((len(client._afterLarge), len(client._keptReleases)), (0, 0))
+        self.assertEqual(len(server.localObjects), 1)  # the root only: the decref came
+        self.assertUnmade(other)
+        self.assertUnmade(otherClient)
+        self.assertEqual(self.successResultOf(self.call(otherClient, otherPump, "echo", 2)), 2)
+
+    def test_readOnly(self) -> None:
+        """The shared stand-ins cannot be written to by mistake: that fails loudly."""
+        with self.assertRaises(AttributeError):
+            brokerModule._NOTHING_KEPT.append(1)
+        with self.assertRaises(AttributeError):
+            brokerModule._NO_MEMBERS.add(1)
+        with self.assertRaises(TypeError):
+            brokerModule._NO_ENTRIES[1] = 1
+        self.assertEqual(
+            (
+                len(brokerModule._NOTHING_KEPT),
+                len(brokerModule._NO_MEMBERS),
+                len(brokerModule._NO_ENTRIES),
+            ),
+            (0, 0, 0),
+        )

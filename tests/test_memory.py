@@ -6,15 +6,19 @@ use is made on first use, and still works once it is.
 from __future__ import annotations
 
 import gc
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.spread import pb as stockpb
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import broker as brokerModule
 from pbroker import pb
+from pbroker.banana import Banana
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
 
@@ -156,3 +160,81 @@ class LazyQueuesTests(SynchronousTestCase):
             ),
             (0, 0, 0),
         )
+
+
+class BrokerFootprintTests(SynchronousTestCase):
+    """
+    What a server holds for each connection: a broker's own state is in slots, and a
+    connection costs it no more than it costs stock Twisted PB.
+    """
+
+    def test_stateInSlots(self) -> None:
+        """
+        After negotiating and answering a call, a broker's instance dict holds only what the
+        Banana layer sets (a new attribute of the broker belongs in ``Broker.__slots__``).
+        """
+        banana = Banana()
+        banana.makeConnection(StringTransport())
+        # (And the dialects a client was given, which stand in for the class's list.)
+        allowed = set(vars(banana)) | {"factory", "messageSizeLimit", "depthLimit", "knownDialects"}
+        for dialects in (None, [b"pb"]):
+            clock = Clock()
+            server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(Root(), clock=clock),
+                pb.PBClientFactory(dialects=dialects, clock=clock),
+                clock=clock,
+            )
+            answer = client.remoteForName("root").callRemote("echo", [1])
+            pump.flush()
+            self.assertEqual(self.successResultOf(answer), [1])
+            for broker in (server, client):
+                self.assertEqual(set(vars(broker)) - allowed, set(), dialects)
+
+    def serverCost(self, serverPB: Any, connections: int = 50) -> float:
+        """
+        The bytes allocated per connection, and still held, by ``connections`` in-memory
+        connections of stock clients to a server of ``serverPB`` that each answered a call.
+        """
+
+        class Echo(serverPB.Root):  # type: ignore[misc,name-defined]
+            def remote_echo(self, value: Any) -> Any:
+                return value
+
+        factory = serverPB.PBServerFactory(Echo())
+        held: list[Any] = []
+
+        def connect() -> None:
+            client = stockpb.PBClientFactory()
+            server, clientBroker, pump = connectedServerAndClient(factory, client)
+            roots: list[Any] = []
+            client.getRootObject().addCallback(roots.append)
+            pump.flush()
+            answers: list[Any] = []
+            roots[0].callRemote("echo", 1).addCallback(answers.append)
+            pump.flush()
+            self.assertEqual(answers, [1])
+            held.append((server, clientBroker, pump, client, roots))
+
+        connect()  # a first one makes what every connection shares (caches, tables)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(connections):
+                connect()
+            gc.collect()
+            return (tracemalloc.get_traced_memory()[0] - before) / connections
+        finally:
+            tracemalloc.stop()
+
+    def test_noMoreThanStock(self) -> None:
+        """
+        A connection from a stock client, with its client side and the in-memory transport,
+        costs a pbroker server no more memory than it costs a stock one.
+        """
+        # What either makes once per process (tables of classes, interned names) is made
+        # before measuring, by a few connections to each.
+        self.serverCost(pb, 3)
+        self.serverCost(stockpb, 3)
+        ours, stock = self.serverCost(pb), self.serverCost(stockpb)
+        self.assertLessEqual(ours, stock, f"pbroker {ours:.0f} bytes, stock {stock:.0f}")

@@ -153,6 +153,10 @@ class StreamTable:
         # never do, and the two cost ~1 KiB each time a connection is made.
         self._incoming: WeakValueDictionary[int, RemoteStream] | None = None
         self._cancelled: set[int] | None = None
+        # Whether a stream was stopped past the cap of cancelled ones (see cancel), and the
+        # highest id of the peer's streams opened so far.
+        self._cancelledOverflow = False
+        self._highestIncoming = 0
         # Readers someone waits on (a next() or collect() pending): held, so that a reader
         # only they refer to is not collected (and cancelled) before its items come.
         self._waitedOn: dict[int, RemoteStream] = {}
@@ -274,10 +278,13 @@ class StreamTable:
         if len(self.cancelled) >= self._connection.limits.importedReferences:
             # A peer that does not end what this side stops (a well-behaved one ends each
             # soon, its end sent behind any large message it is sending: thousands can
-            # wait behind a long upload): this stream is forgotten, not told to stop, and
-            # a message of the peer's for it is an error.
-            return
-        self.cancelled.add(streamID)
+            # wait behind a long upload): this stream is told to stop all the same, but not
+            # remembered. From now on a message for a stream the peer opened earlier and
+            # this side does not know is taken for one of these, and dropped (as a late
+            # answer is once too many calls were cancelled to remember).
+            self._cancelledOverflow = True
+        else:
+            self.cancelled.add(streamID)
         self._connection.sendCall(b"streamcancel", streamID)
 
     def afterSerializing(self, pending: Deferred[Any]) -> Deferred[Any]:
@@ -347,6 +354,8 @@ class StreamTable:
         reader = self.incoming[streamID] = RemoteStream(
             self, streamID, self._connection.streamWindow
         )
+        if streamID > self._highestIncoming:
+            self._highestIncoming = streamID
         reader._start()
         return reader
 
@@ -395,7 +404,11 @@ class StreamTable:
         if type(streamID) is not int:
             raise ProtocolError(f"a malformed stream id: {describe(streamID)}")
         reader = self.incoming.get(streamID)
-        if reader is None and streamID not in self.cancelled:
+        if (
+            reader is None
+            and streamID not in self.cancelled
+            and not (self._cancelledOverflow and 0 < streamID <= self._highestIncoming)
+        ):
             raise ProtocolError(f"a message for an unknown stream: {describe(streamID)}")
         return reader
 

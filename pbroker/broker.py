@@ -269,8 +269,9 @@ class BrokerLimits:
     :ivar cachedObjects: Cacheables the peer holds copies of at once.
     :ivar importedReferences: references to the peer's objects this side holds at once; and,
         counted apart, copies of the peer's Cacheables this side keeps, and the peer's streams
-        this side stopped reading that the peer has not ended yet (one past that is
-        forgotten, and a message of the peer's for it drops the connection).
+        this side stopped reading that the peer has not ended yet (one past that is told
+        to stop but not remembered; from then on a message for any stream the peer opened
+        before and this side does not know is dropped rather than taken for an error).
     :ivar pendingCalls: calls from the peer still being answered at once (a one-way call
         until its method's Deferred fires; a call reusing the id of one in progress drops the
         peer); also the most streams the peer may send this side at once (in the native

@@ -636,7 +636,8 @@ class NativeHostilePeerTests(HandDriven):
     def test_streamsNeverEnded(self) -> None:
         """A peer that sends streams the server drops unread, and never ends them when told
         to stop, cannot make the server remember ever more of them: at most
-        importedReferences, past which a stream is forgotten rather than told to stop."""
+        importedReferences. Past that each is still told to stop, and a late message for
+        one is dropped; a message for a stream the peer never opened is still an error."""
         self.service.remote_drop = lambda streams: None  # type: ignore[attr-defined]
         limit = 2000
         self.server.limits = dataclasses.replace(self.server.limits, importedReferences=limit)
@@ -653,9 +654,20 @@ class NativeHostilePeerTests(HandDriven):
                 self.toServer()
         self.assertFalse(self.serverTransport.disconnecting)
         self.assertEqual(len(self.server._streams.cancelled), limit)
-        # A stream past that is forgotten: the peer's message for it is a protocol error.
+        # Every one was told to stop, those past the limit too.
+        sent = _native.FrameDecoder(None).feed(self.serverTransport.value())
+        told = [message[1] for message in sent if message[0] == b"streamcancel"]
+        self.assertEqual(sorted(told), list(range(1, nextID)))
+        # A late message for one past the limit is dropped, the connection kept.
         with capturedLogs():
+            self.client.sendCall(b"item", nextID - 1, msgpack.packb("late"))
             self.client.sendCall(b"end", nextID - 1)
+            self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual(len(self.server._streams.cancelled), limit)
+        # One for a stream the peer never opened is still a protocol error.
+        with capturedLogs():
+            self.client.sendCall(b"end", nextID)
             self.toServer()
         self.assertTrue(self.serverTransport.disconnecting)
 

@@ -273,6 +273,9 @@ class StreamTable:
         dropped unread and collected).
         """
         self.incoming.pop(streamID, None)
+        # (One in a value refused as it arrived is stopped without being opened.)
+        if streamID > self._highestIncoming:
+            self._highestIncoming = streamID
         if streamID in self.cancelled or not self._connection._canSend:
             return
         if len(self.cancelled) >= self._connection.limits.importedReferences:

@@ -671,6 +671,38 @@ class NativeHostilePeerTests(HandDriven):
             self.toServer()
         self.assertTrue(self.serverTransport.disconnecting)
 
+    def test_refusedStreamPastTheCap(self) -> None:
+        """A well-behaved client, once the server has stopped as many of its streams as it
+        remembers: a stream in a value the server refuses (a class it does not take) is
+        stopped without being opened, and the client's end for it is dropped, not taken for
+        a message about a stream that never was."""
+
+        class Unknown(pb.Copyable):
+            pass
+
+        self.service.remote_drop = lambda *values: None  # type: ignore[attr-defined]
+        self.server.limits = dataclasses.replace(self.server.limits, importedReferences=2)
+        answers: list[Any] = []
+        for _ in range(2):  # stopped, their ends not read yet: the cap is reached
+            self.root.callRemote("drop", iter(range(3))).addBoth(answers.append)
+            self.toServer()
+            gc.collect()
+        self.assertEqual(len(self.server._streams.cancelled), 2)
+        with capturedLogs():
+            self.root.callRemote("drop", Unknown(), iter(range(3))).addBoth(answers.append)
+            self.toServer()
+            for _ in range(5):
+                self.toClient()
+                self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual(answers[:2], [None, None])
+        self.assertIsInstance(answers[2], Failure)
+        self.assertEqual(self.client._streams.outgoing, {})  # every sender was stopped
+        after = self.root.callRemote("echo", "after")
+        self.toServer()
+        self.toClient()
+        self.assertEqual(self.successResultOf(after), "after")
+
     def test_cancelledStreamsEndedBehindAnUpload(self) -> None:
         """A well-behaved client whose stream ends wait behind a large call it is sending
         (they keep their order) while its later calls go ahead is not refused: the streams

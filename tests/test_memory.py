@@ -248,6 +248,11 @@ def connectionCost(kind: str, connections: int = 50) -> float:
         tracemalloc.stop()
 
 
+# The checkout these tests are in, found as they are imported: trial runs them from a
+# directory of its own, where a relative __file__ no longer leads here.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _costInChild(kind: str) -> float:
     """
     :func:`connectionCost` measured in a new Python process, with this one's import path.
@@ -256,9 +261,8 @@ def _costInChild(kind: str) -> float:
         "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
         "from tests.test_memory import connectionCost; print(connectionCost(sys.argv[2]))"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([root, *sys.path]), kind],
+        [sys.executable, "-c", code, json.dumps([_ROOT, *sys.path]), kind],
         capture_output=True,
         text=True,
         timeout=120,

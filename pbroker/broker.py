@@ -1251,11 +1251,16 @@ class Broker(Banana):
         may go (see :meth:`_flushAfterLarge`): if only large calls that wait for the peer to
         take earlier ones are queued, nothing else would.
         """
-        after = self._afterLarge
-        if after is _NOTHING_KEPT:
-            after = self._afterLarge = collections.deque()
-        after.append(entry)
+        self._keptQueue().append(entry)
         self._schedulePump()
+
+    def _keptQueue(self) -> collections.deque[_KeptEntry]:
+        """
+        ``_afterLarge``, made first if this connection has not kept anything yet.
+        """
+        if self._afterLarge is _NOTHING_KEPT:
+            self._afterLarge = collections.deque()
+        return self._afterLarge
 
     @staticmethod
     def _keysOf(
@@ -1496,12 +1501,9 @@ class Broker(Banana):
             if all(by.get(key, first) < first for key in provided if key in needed):
                 return
         merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
-        if self._afterLarge is _NOTHING_KEPT:
-            self._afterLarge = collections.deque(merged)
-        else:
-            # (In place: _flushAfterLarge may be walking it.)
-            self._afterLarge.clear()
-            self._afterLarge.extend(merged)
+        after = self._keptQueue()
+        after.clear()  # (in place: _flushAfterLarge may be walking it)
+        after.extend(merged)
         self._afterBlocked = _NOTHING_KEPT
         self._blockedKeys = self._blockedNeeds = _NO_ENTRIES
         self._blockedUnknown = 0

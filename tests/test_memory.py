@@ -41,14 +41,17 @@ class Root(pb.Root):
         return pb.Referenceable()
 
 
+def _connect(clock: Clock) -> tuple[Any, Any, Any]:
+    """A server of :class:`Root` and a native client, connected in memory on ``clock``."""
+    return connectedServerAndClient(
+        pb.PBServerFactory(Root(), clock=clock), pb.PBClientFactory(clock=clock), clock=clock
+    )
+
+
 class LazyStreamTableTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(Root(), clock=self.clock),
-            pb.PBClientFactory(clock=self.clock),
-            clock=self.clock,
-        )
+        self.server, self.client, self.pump = _connect(self.clock)
         self.assertTrue(self.client.isNative)
 
     def call(self, *arguments: Any) -> Any:
@@ -89,11 +92,7 @@ class LazyQueuesTests(SynchronousTestCase):
     """
 
     def connect(self) -> tuple[Any, Any, Any]:
-        clock = Clock()
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(Root(), clock=clock), pb.PBClientFactory(clock=clock), clock=clock
-        )
-        return server, client, pump
+        return _connect(Clock())
 
     def call(self, client: Any, pump: Any, *arguments: Any) -> Deferred[Any]:
         deferred: Deferred[Any] = client.remoteForName("root").callRemote(*arguments)

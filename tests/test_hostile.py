@@ -477,6 +477,113 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertEqual(pb.BrokerLimits(stallTimeout=0).stallTimeout, 0)
         self.assertIsNone(pb.BrokerLimits(stallTimeout=None).stallTimeout)
 
+    def test_messageSizeNone(self) -> None:
+        """messageSize None means no limit, and the other limits are still checked."""
+        self.assertIsNone(pb.BrokerLimits(messageSize=None).messageSize)
+        with self.assertRaises(ValueError):
+            pb.BrokerLimits(messageSize=None, pendingCalls=0)
+
+    def refusedArgument(self, argument: Any) -> str:
+        """
+        Call echo with ``argument``: the error's text, once it is checked that the call
+        failed with InvalidJelly and the connection stays.
+        """
+        with capturedLogs():
+            requestID = self.call(b"echo", argument)
+        failure = self.errorFor(requestID)
+        self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+        self.assertFalse(self.transport.disconnecting)
+        return str(failure.value)
+
+    def test_malformedOwnObjectReferences(self) -> None:
+        """A reference back to this side's object or Cacheable that is malformed or names
+        nothing fails the call with InvalidJelly; the connection stays."""
+        self.assertEqual(
+            self.refusedArgument([b"local"]), "a local reference needs one id: [b'local']"
+        )
+        self.assertEqual(
+            self.refusedArgument([b"cached", b"x"]),
+            "a cache reference needs one integer id: [b'cached', b'x']",
+        )
+        self.assertEqual(
+            self.refusedArgument([b"lcache", 99]),
+            "a reference to an unknown cacheable: [b'lcache', 99]",
+        )
+        self.assertOthersServed()
+
+    def test_objectIDOfAnotherType(self) -> None:
+        """A call to an object id that is neither a number nor a name fails as a call to an
+        unknown object does; the connection stays."""
+        self.attack(b"message", 1, [b"list"], b"echo", 1, [b"tuple", 1], [b"dictionary"])
+        failure = self.errorFor(1)
+        self.assertEqual(failure.type, b"twisted.spread.pb.Error")
+        self.assertEqual(failure.value, "Invalid Object ID")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_oneWayCallToAnUnknownObject(self) -> None:
+        """A one-way call to an unknown object gets no answer, and the connection goes on."""
+        with capturedLogs() as events:
+            self.attack(b"message", 1, b"nothing", b"echo", 0, [b"tuple", 1], [b"dictionary"])
+        self.assertEqual(self.replies(), [])
+        self.assertEqual(events, [])
+        requestID = self.call(b"echo", 5)
+        self.assertEqual(self.replies(), [[b"answer", requestID, 5]])
+
+    def test_malformedMessageHeader(self) -> None:
+        """A call whose request id is not a number drops the connection, saying why."""
+        with capturedLogs() as events:
+            self.attack(b"message", b"x", b"root", b"echo", 1, [b"tuple", 1], [b"dictionary"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.replies(), [])
+        self.assertIn(
+            "malformed message header: [b'x', b'echo']", [str(e.get("why")) for e in events]
+        )
+
+    def test_didNotUnderstandIsLogged(self) -> None:
+        """The peer saying it did not understand a message is logged; the connection stays."""
+        with capturedLogs() as events:
+            self.attack(b"didNotUnderstand", b"frobnicate")
+        self.assertEqual(
+            [(e["log_format"], e["command"]) for e in events],
+            [("The peer did not understand {command}", "b'frobnicate'")],
+        )
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.replies(), [])
+
+    def test_uncacheOfAnUnknownCopy(self) -> None:
+        """An uncache of a copy this side never held drops the connection, saying why."""
+        with capturedLogs() as events:
+            self.attack(b"uncache", 77)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn("uncache of an unknown cache id: 77", [str(e.get("why")) for e in events])
+
+    def callToThePeer(self) -> Deferred[Any]:
+        """
+        A call this side makes to the hostile peer's root (request id 1), written out.
+        """
+        called = self.hostile.remoteForName("root").callRemote("anything")
+        self.assertEqual(self.replies()[0][:4], [b"message", 1, b"root", b"anything"])
+        self.transport.clear()
+        return called
+
+    def test_errorThatIsNotAnException(self) -> None:
+        """An error answer whose value is no exception fails the call with pb.Error naming
+        it; the connection stays."""
+        called = self.callToThePeer()
+        self.attack(b"error", 1, 5)
+        failure = self.failureResultOf(called, pb.Error)
+        self.assertEqual(str(failure.value), "the peer sent a non-exception error: 5")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_errorThatCannotBeRead(self) -> None:
+        """An error answer this side refuses to unjelly fails the call with why; the
+        connection stays."""
+        called = self.callToThePeer()
+        self.attack(b"error", 1, [b"some.unknown.Class", 1])
+        failure = self.failureResultOf(called, jelly.InsecureJelly)
+        self.assertIn("some.unknown.Class", str(failure.value))
+        self.assertFalse(self.transport.disconnecting)
+
 
 class HandDriven(SynchronousTestCase):
     """

@@ -969,6 +969,10 @@ class Broker(Banana):
         """
         Call ``notifier()`` once the connection is ready (now, if it already is).
         """
+        if not callable(notifier):
+            # Checked now, as notifyOnDisconnect does: found only once the connection is
+            # ready, it would be a logged "not callable" far from the mistake.
+            raise TypeError(f"notifyOnConnect() needs a callable, not {notifier!r}")
         if self.connects is None:
             notifier()
         else:

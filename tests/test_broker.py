@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -1630,3 +1631,104 @@ class OwnReferenceBackTests(SynchronousTestCase):
         with self.assertRaises(InvalidJelly) as caught:
             client.unserialize([b"local", 987654])
         self.assertIn("a local reference to an unknown id: 987654", str(caught.exception))
+
+
+class BareBrokerTests(SynchronousTestCase):
+    """
+    Brokers built without a factory, and the broker's own API for notifiers and names.
+    """
+
+    def connectBare(self) -> tuple[Any, Any, iosim.IOPump]:
+        """
+        A server and a client Broker without factories, connected in memory and not yet
+        greeted; the server exports a root under a name given as str.
+        """
+        server, client = pb.Broker(isClient=False), pb.Broker(isClient=True)
+        server.setNameForLocal("root", rootFor(pb))
+        serverAddress = IPv4Address("TCP", "127.0.0.1", 8789)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", 54321)
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, True, serverAddress, clientAddress),
+            client,
+            iosim.FakeTransport(client, False, clientAddress, serverAddress),
+            greet=False,
+        )
+        return server, client, pump
+
+    def test_withoutFactories(self) -> None:
+        """Brokers without factories negotiate and carry calls; a name given as str is
+        the same as bytes."""
+        server, client, pump = self.connectBare()
+        pump.flush()
+        self.assertEqual(server.currentDialect, pb.NATIVE_DIALECT)
+        self.assertIs(server.localObjectForID("root"), server.localObjectForID(b"root"))
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("echo", 5).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(results, [5])
+
+    def test_noneIsNotExported(self) -> None:
+        """None cannot be exported under a name: nothing is exported."""
+        broker = pb.Broker()
+        with self.assertRaises(ValueError) as raised:
+            broker.setNameForLocal(b"nothing", None)
+        self.assertEqual(str(raised.exception), "cannot export None")
+        self.assertEqual(broker.localObjects, {})
+
+    def test_connectNotifiers(self) -> None:
+        """Connect notifiers run once the connection is ready, in order; one that raises is
+        logged and the others still run; one added once ready runs at once."""
+        _server, client, pump = self.connectBare()
+        seen: list[str] = []
+
+        def failing() -> None:
+            seen.append("failing")
+            raise RuntimeError("notifier failed")
+
+        client.notifyOnConnect(lambda: seen.append("first"))
+        client.notifyOnConnect(failing)
+        client.notifyOnConnect(lambda: seen.append("third"))
+        self.assertEqual(seen, [])
+        with capturedLogs() as events:
+            pump.flush()
+        self.assertEqual(seen, ["first", "failing", "third"])
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertEqual(event["log_format"], "Error in a connect notifier")
+        self.assertEqual(str(event["log_failure"].value), "notifier failed")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        client.notifyOnConnect(lambda: seen.append("late"))
+        self.assertEqual(seen, ["first", "failing", "third", "late"])
+
+    def test_notifiersMustBeCallable(self) -> None:
+        """A notifier that is not callable is refused when it is given, connected or not."""
+        broker = pb.Broker()
+        for register in (broker.notifyOnConnect, broker.notifyOnDisconnect):
+            with self.assertRaises(TypeError) as raised:
+                register(None)  # type: ignore[arg-type]
+            self.assertIn("needs a callable, not None", str(raised.exception))
+        self.assertEqual((broker.connects, broker.disconnects), ([], []))
+
+    def test_disconnectNotifiers(self) -> None:
+        """Disconnect notifiers run once, in order, however often the loss is reported; one
+        that raises is logged and the others still run."""
+        _server, client, pump = self.connectBare()
+        pump.flush()
+        seen: list[str] = []
+
+        def failing() -> None:
+            seen.append("failing")
+            raise RuntimeError("notifier failed")
+
+        client.notifyOnDisconnect(failing)
+        client.notifyOnDisconnect(lambda: seen.append("second"))
+        with capturedLogs() as events:
+            client.connectionLost(Failure(ConnectionDone()))
+            client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(seen, ["failing", "second"])
+        self.assertEqual(
+            [e["log_format"] for e in events if "log_failure" in e],
+            ["Error in a disconnect notifier"],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(client.disconnected)

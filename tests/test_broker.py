@@ -673,6 +673,22 @@ class CallTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             pb.PBServerFactory(pb.Referenceable())
 
+    def test_oneWayCallThatFailsLater(self) -> None:
+        """A one-way call whose method's Deferred fails is logged; the caller is sent
+        nothing, and the call stops counting as in progress."""
+        self.root.callRemote("wait", pbanswer=False)
+        self.pump.flush()
+        self.assertEqual(self.server._oneWayPending, 1)
+        with capturedLogs() as events:
+            self.rootObject.pending.errback(ValueError("failed later"))
+        self.assertEqual(self.server._oneWayPending, 0)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertEqual(event["log_format"], "A one-way remote call failed")
+        self.assertEqual(str(event["log_failure"].value), "failed later")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertFalse(self.pump.pump())  # nothing was written for the caller
+        self.assertEqual(self.client.waitingForAnswers, {})
+
     def test_pendingCallsOnLostConnection(self) -> None:
         """The failure of a pending call says the connection was lost."""
         d = self.root.callRemote("wait")
@@ -1375,6 +1391,33 @@ class BrokerSubclassTests(SynchronousTestCase):
             client.remoteForName("root").callRemote("echo", 7).addBoth(results.append)
             pump.flush()
             self.assertEqual(results, [7])
+
+    def test_handlerSendingOverThePeersLimit(self) -> None:
+        """A message a subclass handles by sending what is over the peer's limit drops the
+        peer, with one line saying so, rather than raising out of dataReceived."""
+
+        class Shouting(pb.Broker):
+            def _shout(self, size: Any) -> None:
+                self.sendCall(b"shouted", b"x" * size)
+
+            messageHandlers = {**pb.Broker.messageHandlers, b"shout": (_shout, 1)}
+
+        serverFactory = pb.PBServerFactory(rootFor(pb))
+        serverFactory.protocol = Shouting
+        server, client, pump = connectedServerAndClient(serverFactory, pb.PBClientFactory())
+        client.sendCall(b"hello", {"messageSize": 1})  # floored to MIN_MESSAGE_SIZE
+        client.sendCall(b"shout", 100)
+        pump.flush()
+        self.assertFalse(server.disconnected)
+        with capturedLogs() as events:
+            client.sendCall(b"shout", 5000)
+            pump.flush()
+        self.assertTrue(server.disconnected)
+        self.assertIn(
+            "the answer to a b'shout' message: a message of 5013 bytes is over the 1024-byte "
+            "limit the peer accepts",
+            [str(e.get("why")) for e in events],
+        )
 
 
 class ConfigureTests(SynchronousTestCase):

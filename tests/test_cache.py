@@ -269,3 +269,76 @@ class UnregisteredCacheTests(SynchronousTestCase):
             self.assertEqual(results[1].value, 5)
             self.assertEqual(len(server.remotelyCachedObjects), 1)
         self.flushLoggedErrors(ValueError)
+
+
+class CacheEdgeTests(SynchronousTestCase):
+    def connectGauges(self, gauges: list[Any], **limits: Any) -> tuple[Any, Any, Any]:
+        """
+        A pbroker pair whose server's root gives ``gauges[:count]`` (``remote_gauges``).
+        """
+
+        class Root(pb.Root):
+            def remote_gauges(self, count: int) -> Any:
+                return gauges[:count]
+
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        return connect(
+            pb.PBServerFactory(Root(), limits=pb.BrokerLimits(**limits)),
+            pb.PBClientFactory(registry=registry),
+        )
+
+    def test_cachedObjectsLimit(self) -> None:
+        """A value with more Cacheables than the peer may hold copies of fails the call with
+        pb.Error, and none of its Cacheables stays counted as copied or observed."""
+        gauges = [cacheableFor(pb) for _ in range(3)]
+        server, client, pump = self.connectGauges(gauges, cachedObjects=2)
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("gauges", 3).addBoth(results.append)
+        pump.flush()
+        results[0].trap(pb.Error)
+        self.assertEqual(results[0].getErrorMessage(), "Maximum PB cache count exceeded.")
+        self.assertEqual((server.remotelyCachedObjects, server.remotelyCachedLUIDs), ({}, {}))
+        self.assertFalse(server.disconnected)
+        client.remoteForName("root").callRemote("gauges", 2).addBoth(results.append)
+        pump.flush()
+        self.assertEqual([copy.value for copy in results[1]], [0, 0])
+        luids = sorted(server.remotelyCachedObjects)
+        self.assertEqual([server.remotelyCachedForLUID(luid) for luid in luids], gauges[:2])
+
+    def test_stoppedObservingFails(self) -> None:
+        """A Cacheable whose stoppedObserving raises is logged, and forgotten all the same:
+        when the peer lets go of its copy (the connection stays), and when the connection
+        is lost."""
+
+        def failing(perspective: Any, observer: Any) -> None:
+            raise RuntimeError("cannot stop")
+
+        gauges = [cacheableFor(pb) for _ in range(2)]
+        for gauge in gauges:
+            gauge.stoppedObserving = failing
+        server, client, pump = self.connectGauges(gauges)
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("gauges", 1).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(server.remotelyCachedObjects), 1)
+        with capturedLogs() as events:
+            del results[:]
+            gc.collect()
+            pump.flush()
+        self.assertEqual(server.remotelyCachedObjects, {})
+        self.assertFalse(server.disconnected)
+        self.assertEqual(
+            [e["log_format"] for e in events if "log_failure" in e], ["Error in stoppedObserving"]
+        )
+        client.remoteForName("root").callRemote("gauges", 2).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(server.remotelyCachedObjects), 2)
+        with capturedLogs() as events:
+            server.connectionLost(None)
+        self.assertEqual(server.remotelyCachedObjects, {})
+        self.assertEqual(
+            [e["log_format"] for e in events if "log_failure" in e],
+            ["Error in stoppedObserving"] * 2,
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)

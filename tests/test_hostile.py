@@ -11,7 +11,7 @@ from typing import Any
 
 import msgpack
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, banana, jelly, pb
+from pbroker import broker as brokerModule
 from pbroker.errors import LimitExceeded
 from pbroker.testing import connectedServerAndClient
 
@@ -583,6 +584,30 @@ class HostilePeerTests(SynchronousTestCase):
         failure = self.failureResultOf(called, jelly.InsecureJelly)
         self.assertIn("some.unknown.Class", str(failure.value))
         self.assertFalse(self.transport.disconnecting)
+
+    def test_tooManyCancelledCalls(self) -> None:
+        """
+        Past the number of cancelled calls remembered one by one, a late answer to any call
+        this side made is still taken quietly; one to a call never made still drops the
+        peer.
+        """
+        self.patch(brokerModule, "_MAX_ABANDONED", 1)
+        root = self.hostile.remoteForName("root")
+        calls = [root.callRemote("slow") for _ in range(3)]
+        for call in calls[:2]:
+            call.cancel()
+            self.failureResultOf(call, CancelledError)
+        self.assertEqual(self.hostile._abandoned, {1})
+        self.attack(b"answer", 2, 5)  # not remembered, yet made and cancelled
+        self.attack(b"answer", 1, 5)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.hostile._abandoned, set())
+        self.attack(b"answer", 3, 7)
+        self.assertEqual(self.successResultOf(calls[2]), 7)
+        with capturedLogs() as events:
+            self.attack(b"answer", 4, 5)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn("an answer to a request never made: 4", [str(e.get("why")) for e in events])
 
 
 class HandDriven(SynchronousTestCase):

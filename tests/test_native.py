@@ -1388,6 +1388,23 @@ class ContextTests(NativeTestCase):
         self.assertEqual(call.deadline, self.clock.seconds() + 30)
         self.assertEqual(reply, {"seen": 7})
 
+    def test_replyOfAFailedCall(self) -> None:
+        """A call that fails gets no reply annotations (an error carries none), and this
+        side keeps nothing for it."""
+
+        def failing() -> None:
+            pbContext().reply["seen"] = True
+            raise pb.Error("refused")
+
+        self.rootObject.remote_failing = failing  # type: ignore[attr-defined]
+        reply: dict[str, Any] = {}
+        failure = self.call("failing", target=self.root.withOptions(context={}, reply=reply))
+        failure.trap(pb.Error)
+        self.assertEqual(failure.getErrorMessage(), "refused")
+        self.assertEqual(reply, {})
+        self.assertEqual(self.client._replyTargets, {})
+        self.assertEqual(self.server._callContexts, {})
+
     def test_keywordNamesStayFree(self) -> None:
         """Keywords named timeout or context reach the method as ordinary arguments."""
         result = self.call("annotated", 1, timeout=2, context=3)
@@ -1886,6 +1903,17 @@ class HostileNativePeerTests(NativeTestCase):
     def test_malformedHello(self) -> None:
         """A hello that is not a dict."""
         self.assertDropped(b"hello", [1, 2])
+
+    def test_helloWithAMessageSizeOfAnotherType(self) -> None:
+        """A hello whose messageSize is not an integer (nor nil) leaves the limit this side
+        knew; the connection stays."""
+        self.client.sendCall(b"hello", {"messageSize": 4096})
+        self.pump.flush()
+        self.assertEqual(self.server.peerMessageSize, 4096)
+        self.client.sendCall(b"hello", {"messageSize": "8192"})
+        self.pump.flush()
+        self.assertEqual(self.server.peerMessageSize, 4096)
+        self.assertFalse(self.server.disconnected)
 
     def test_malformedContext(self) -> None:
         """A call whose context is not a dict of annotations."""

@@ -945,7 +945,9 @@ class Broker(Banana):
         self._streams.connectionLost(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
-            deferred.errback(Failure(PBConnectionLost(reason)))
+            # One cancelled by an earlier one's errback has failed already.
+            if not deferred.called:
+                deferred.errback(Failure(PBConnectionLost(reason)))
         cached, self.remotelyCachedObjects = self.remotelyCachedObjects, {}
         self.remotelyCachedLUIDs = {}
         for local in cached.values():

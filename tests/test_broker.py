@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -695,6 +695,20 @@ class CallTests(SynchronousTestCase):
         self.pump.flush()
         self.client.connectionLost(Failure(Exception("gone")))
         self.assertTrue(self.failureResultOf(d).check(PBConnectionLost))
+
+    def test_callCancelledWhileTheOthersFail(self) -> None:
+        """A pending call that the failure of another cancels, as the connection is lost,
+        fails once, with CancelledError; the rest of the loss is handled (the disconnect
+        notifiers run)."""
+        first, second = self.root.callRemote("wait"), self.root.callRemote("wait")
+        self.pump.flush()
+        seen: list[Any] = []
+        first.addErrback(lambda failure: (seen.append(failure.type), second.cancel()))
+        second.addErrback(lambda failure: seen.append(failure.type))
+        self.client.notifyOnDisconnect(lambda: seen.append("notified"))
+        self.client.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(seen, [PBConnectionLost, CancelledError, "notified"])
+        self.assertEqual(self.client.waitingForAnswers, {})
 
 
 class Gauge(pb.Cacheable):

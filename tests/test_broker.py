@@ -689,6 +689,17 @@ class CallTests(SynchronousTestCase):
         self.assertFalse(self.pump.pump())  # nothing was written for the caller
         self.assertEqual(self.client.waitingForAnswers, {})
 
+    def test_largeReadsLeaveTheCollectorOff(self) -> None:
+        """An application that turned the cyclic collector off finds it off after large
+        reads (which pause it while they are decoded), in both directions."""
+        self.addCleanup(gc.enable)
+        gc.disable()
+        results: list[Any] = []
+        self.root.callRemote("echo", b"x" * 10_000).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(results, [b"x" * 10_000])
+        self.assertFalse(gc.isenabled())
+
     def test_pendingCallsOnLostConnection(self) -> None:
         """The failure of a pending call says the connection was lost."""
         d = self.root.callRemote("wait")

@@ -21,7 +21,9 @@ from typing import Any
 import msgpack
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
@@ -1681,6 +1683,36 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertLessEqual(self.clock.seconds() - start, 30)
         failure = self.failureResultOf(d, PBConnectionLost)
         self.assertIn("keepalive", str(failure.value))
+
+    def test_peerHeardWhileItsMessagesWait(self) -> None:
+        """A peer whose messages wait unhandled, as the connection takes none of this side's
+        data, is heard all the same: it is not dropped as silent."""
+        clock = Clock()
+        server = pb.PBServerFactory(
+            NativeRoot(), clock=clock, keepalive=pb.Keepalive(interval=1, timeout=3)
+        ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        serverTransport = StringTransport()
+        server.makeConnection(serverTransport)
+        client = pb.PBClientFactory(clock=clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        clientTransport = StringTransport()
+        client.makeConnection(clientTransport)
+        for _ in range(3):
+            for transport, broker in ((clientTransport, server), (serverTransport, client)):
+                data = transport.value()
+                transport.clear()
+                broker.dataReceived(data)
+        self.assertTrue(server.isNative)
+        server.transport.pauseProducing()
+        with capturedLogs() as events:
+            for count in range(10):
+                client.sendCall(b"ping", count)
+                server.dataReceived(clientTransport.value())
+                clientTransport.clear()
+                clock.advance(1)
+        self.assertIsNotNone(server._backlog)  # the pings wait, unanswered
+        self.assertFalse(serverTransport.disconnecting)
+        self.assertEqual(events, [])
+        server.connectionLost(Failure(ConnectionDone()))
 
     def test_silentFromTheStart(self) -> None:
         """A peer that connects and then says nothing, not even its choice of dialect, is

@@ -658,7 +658,14 @@ class Jellier:
                 chunks.append(what)
                 self._hasExpressions = True
             else:
-                chunks.append(encode(what, tokens.dialect))
+                chunks.append(
+                    encode(
+                        what,
+                        tokens.dialect,
+                        sizeLimit=tokens.sizeLimit,
+                        prefixLimit=tokens.prefixLimit,
+                    )
+                )
         else:
             chunks.append(jellyTokens.unpersistable + tokens.symbol(what.encode("utf-8")))
         return None

@@ -81,6 +81,12 @@ def helper() -> int:
     return 1
 
 
+class Unpersisted:
+    """
+    An instance that a persistentStore replaces with an id.
+    """
+
+
 def roundTrip(value: Any, **options: Any) -> Any:
     return jelly.unjelly(jelly.jelly(value), **options)
 
@@ -759,6 +765,19 @@ class JellyErrorTests(SynchronousTestCase):
         self.assertEqual(
             jelly.dumps(list(range(9)), sizeLimit=10), banana.encode(jelly.jelly(list(range(9))))
         )
+
+    def test_persistentIdsInDumps(self) -> None:
+        """dumps() writes a persistent id as banana.encode(jelly()) does, within its limits."""
+        for persistentID in [b"p1", 7, [b"list", 1]]:
+            for dialect in (b"none", b"pb"):
+                store = lambda obj, jellier, pid=persistentID: pid  # noqa: E731
+                self.assertEqual(
+                    jelly.dumps([Unpersisted()], dialect, persistentStore=store),
+                    banana.encode(jelly.jelly([Unpersisted()], persistentStore=store), dialect),
+                )
+        with self.assertRaises(BananaEncodeError) as caught:
+            jelly.dumps([Unpersisted()], persistentStore=lambda obj, j: b"x" * 200, sizeLimit=100)
+        self.assertIn("byte string of 200 bytes is too long", str(caught.exception))
 
 
 class InvalidJellyTests(SynchronousTestCase):

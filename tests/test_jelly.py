@@ -81,10 +81,28 @@ def helper() -> int:
     return 1
 
 
+class Kept:
+    """
+    Takes its state through ``__setstate__``, whatever it is.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
 class Unpersisted:
     """
     An instance that a persistentStore replaces with an id.
     """
+
+
+class Token(Jellyable):
+    """
+    Jellies as a bare byte string rather than an expression.
+    """
+
+    def jellyFor(self, jellier: Any) -> Any:
+        return b"token"
 
 
 def roundTrip(value: Any, **options: Any) -> Any:
@@ -212,6 +230,20 @@ class ReferenceTests(SynchronousTestCase):
             jelly.jelly([shared, shared]),
             [b"list", [b"reference", 1, [b"list", 1]], [b"dereference", 1]],
         )
+
+    def test_stateThatIsATupleStillBeingBuilt(self) -> None:
+        """An instance whose whole state is the tuple that holds it gets that tuple, once
+        built, through its __setstate__ (a tuple is made only when its items are known)."""
+        options = SecurityOptions()
+        options.allowBasicTypes()
+        options.allowInstancesOf(Kept)
+        value = jelly.unjelly(
+            [b"reference", 1, [b"tuple", [b"tests.test_jelly.Kept", [b"dereference", 1]]]],
+            options,
+        )
+        self.assertIsInstance(value, tuple)
+        self.assertIsInstance(value[0], Kept)
+        self.assertIs(value[0].state, value)
 
     def test_selfCycleForm(self) -> None:
         """A list containing itself has the form given in the specification."""
@@ -779,6 +811,14 @@ class JellyErrorTests(SynchronousTestCase):
             jelly.dumps([Unpersisted()], persistentStore=lambda obj, j: b"x" * 200, sizeLimit=100)
         self.assertIn("byte string of 200 bytes is too long", str(caught.exception))
 
+    def test_aJellyForThatReturnsALeaf(self) -> None:
+        """A jellyFor that returns a byte string, not an expression, is written as that string,
+        within the size limit."""
+        self.assertEqual(jelly.jelly([Token()]), [b"list", b"token"])
+        self.assertEqual(jelly.dumps([Token()]), banana.encode([b"list", b"token"]))
+        with self.assertRaises(BananaEncodeError):
+            jelly.dumps([Token()], sizeLimit=4)
+
 
 class InvalidJellyTests(SynchronousTestCase):
     MALFORMED: list[Any] = [
@@ -837,6 +877,81 @@ class InvalidJellyTests(SynchronousTestCase):
                 [b"types.SimpleNamespace", [b"dictionary", [[b"unicode", b"a"], 1]]], options
             )
         self.assertIn("cannot install the state", str(caught.exception))
+
+    def test_trustedNamesThatDoNotResolve(self) -> None:
+        """With every name allowed, a name that imports nothing or names the wrong kind of
+        thing is an InvalidJelly that says which, never an ImportError or AttributeError."""
+        point = [b"class", b"tests.test_jelly.Point"]
+        cases: list[tuple[Any, type[Exception], str]] = [
+            (
+                [b"module", b"no_such_module_here"],
+                InvalidJelly,
+                "cannot import module 'no_such_module_here': No module named",
+            ),
+            (
+                [b"class", b"no_such_module_here.Thing"],
+                InvalidJelly,
+                "cannot import module 'no_such_module_here' for class 'no_such_module_here.Thing'",
+            ),
+            (
+                [b"function", b"tests.test_jelly.Point"],
+                InvalidJelly,
+                "'tests.test_jelly.Point' does not name a function",
+            ),
+            (
+                [b"function", b"tests.test_jelly.TRUSTED"],
+                InvalidJelly,
+                "'tests.test_jelly.TRUSTED' does not name a function",
+            ),
+            (
+                [b"method", b"norm", [b"None"], 5],
+                InsecureJelly,
+                "a method expression needs a class",
+            ),
+            (
+                [b"method", b"nothere", [b"None"], point],
+                InvalidJelly,
+                "class tests.test_jelly.Point has no method 'nothere'",
+            ),
+            (
+                [b"reference", 1, [b"tuple", [b"method", b"norm", [b"dereference", 1], point]]],
+                InvalidJelly,
+                "a method bound to an object still being built is not supported",
+            ),
+        ]
+        for sexp, error, text in cases:
+            with self.assertRaises(error, msg=repr(sexp)) as caught:
+                jelly.unjelly(sexp, TRUSTED)
+            self.assertIn(text, str(caught.exception))
+            self.assertIs(type(caught.exception), error)
+        # Without an owner, a method expression is the class's function, as in Twisted.
+        self.assertIs(jelly.unjelly([b"method", b"norm", [b"None"], point], TRUSTED), Point.norm)
+
+    def test_factoryCopyInACycle(self) -> None:
+        """A factory-built copy whose own state refers back to it is refused plainly; one
+        whose state merely holds a list that refers back is built."""
+        registry = UnjellyableRegistry()
+        registry.setUnjellyableFactoryForClass("remote.Pair", lambda state: ("pair", state))
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly(
+                [b"reference", 1, [b"remote.Pair", [b"dereference", 1]]], registry=registry
+            )
+        self.assertEqual(
+            str(caught.exception), "a factory-built copy cannot take part in a reference cycle"
+        )
+        value = jelly.unjelly(
+            [b"reference", 1, [b"remote.Pair", [b"list", [b"dereference", 1]]]], registry=registry
+        )
+        self.assertEqual(value[0], "pair")
+        self.assertIs(value[1][0], value)
+
+    def test_unpersistableReasons(self) -> None:
+        """An unpersistable marker's reason is kept as text, whatever it was sent as."""
+        for reason, text in [(b"gone", "gone"), ("gone", "gone"), (5, "5"), (b"\xff", "\ufffd")]:
+            marker = jelly.unjelly([b"unpersistable", reason])
+            self.assertEqual(marker, Unpersistable(f"Unpersistable data: {text}"))
+        self.assertNotEqual(Unpersistable("gone"), "gone")
+        self.assertIs(Unpersistable("gone").__eq__("gone"), NotImplemented)
 
     def test_unknownUndottedTag(self) -> None:
         """An undotted tag that is neither built in nor registered is refused."""

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from pbroker import pb
 from pbroker.errors import PBConnectionLost
-from pbroker.reconnect import ReconnectingClient, _describe
+from pbroker.reconnect import ReconnectingClient, _AttemptFactory, _describe
 from pbroker.testing import connectedServerAndClient
 from tests.test_login import realmFor
 
@@ -538,3 +538,142 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertEqual(len(self.endpoint.connections), 2)
         self.assertEqual(len(self.openConnections()), 1)
         self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_rootObjectWithoutCredentials(self) -> None:
+        """Without credentials (and without onConnect) it gets the server's root object."""
+
+        class Root(pb.Root):
+            def remote_name(self) -> str:
+                return "root"
+
+        self.endpoint = MemoryEndpoint(pb.PBServerFactory(Root()))
+        client = ReconnectingClient(self.endpoint, reactor=self.clock)
+        self.addCleanup(client.stopService)
+        client.startService()
+        self.endpoint.pump()
+        root = self.successResultOf(client.whenReady())
+        self.assertIsInstance(root, pb.RemoteReference)
+        self.assertEqual(self.call(client, "name"), "root")
+
+    def test_startingTwiceConnectsOnce(self) -> None:
+        """startService() on a running client does nothing: still one connection."""
+        client = self.client()
+        client.startService()
+        self.endpoint.pump()
+        self.clock.advance(10.0)
+        self.assertEqual(len(self.endpoint.connections), 1)
+        self.assertEqual(len(self.connected), 1)
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_connectionLostAsItWasMade(self) -> None:
+        """A connection the endpoint delivers already closed is a failed attempt that says
+        so, and the client retries."""
+        client = self.deafClient()
+        waiting = client.whenReady()
+        server, broker, _pump = self.endpoint.connections[0]
+        server.transport.loseConnection()
+        self.endpoint.pump()
+        self.assertTrue(broker.disconnected)
+        client.maxRetries = 1
+        self.endpoint.deliver()
+        self.assertEqual(client.failedAttempts, 1)
+        failure = self.failureResultOf(waiting, PBConnectionLost)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "no connection to the broker after 1 failed attempt: "
+            "PBConnectionLost: the connection was lost as it was made",
+        )
+        self.clock.advance(1.0)
+        self.endpoint.deliver()
+        self.endpoint.pump()
+        self.assertEqual(self.call(client, "name"), "alice")
+
+    def test_stoppedByOnConnect(self) -> None:
+        """An onConnect that stops the client: no avatar is made current, its connection
+        closes, and it never connects again."""
+        stopping: list[Deferred[None]] = []
+        client = self.client(
+            start=False, onConnect=lambda avatar: stopping.append(client.stopService())
+        )
+        waiting = client.whenReady()
+        client.startService()
+        self.endpoint.pump()
+        (stopped,) = stopping
+        self.successResultOf(stopped)
+        self.assertIsNone(client.current)
+        self.assertEqual(self.openConnections(), [])
+        self.assertIn("stopped", self.failureResultOf(waiting, PBConnectionLost).getErrorMessage())
+        self.clock.advance(10.0)
+        self.assertEqual(len(self.endpoint.connections), 1)
+
+    def test_lostWhileOnConnectWaits(self) -> None:
+        """A connection lost while onConnect's Deferred is pending cancels that Deferred and
+        fails the attempt; the client retries and runs onConnect on the next connection."""
+        pending: list[Deferred[None]] = []
+        seen: list[Any] = []
+
+        def onConnect(avatar: Any) -> Any:
+            self.connected.append(avatar)
+            if not pending:
+                pending.append(Deferred())
+                return pending[0].addErrback(lambda failure: seen.append(failure.type) or failure)
+            return None
+
+        client = self.client(onConnect=onConnect, maxRetries=1)
+        self.assertEqual(seen, [])
+        self.endpoint.drop()
+        self.assertEqual(seen, [CancelledError])
+        self.assertEqual(client.failedAttempts, 1)
+        self.assertIsNone(client.current)
+        failure = self.failureResultOf(client.whenReady(), PBConnectionLost)
+        self.assertIn("the connection was lost while logging in", failure.getErrorMessage())
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(len(self.connected), 2)
+        self.assertIs(self.successResultOf(client.whenReady()), self.connected[1])
+
+    def test_lostSynchronouslyInOnConnect(self) -> None:
+        """A connection that a transport reports lost during onConnect itself (before the
+        attempt can be cancelled) fails the attempt once it returns: not made current."""
+
+        def onConnect(avatar: Any) -> None:
+            self.connected.append(avatar)
+            if len(self.connected) == 1:
+                avatar.broker.connectionLost(Failure(ConnectionRefusedError("gone")))
+
+        client = self.client(onConnect=onConnect, maxRetries=1)
+        self.assertIsNone(client.current)
+        self.assertEqual(client.failedAttempts, 1)
+        failure = self.failureResultOf(client.whenReady(), PBConnectionLost)
+        self.assertIn("PBConnectionLost: the connection was lost", failure.getErrorMessage())
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertIs(self.successResultOf(client.whenReady()), self.connected[1])
+        self.assertEqual(len(self.openConnections()), 1)
+
+    def test_aFailedWaiterCancelsAnother(self) -> None:
+        """A caller whose wait fails may cancel another one still waiting: that one fails
+        with CancelledError, and the failing goes on without an AlreadyCalledError."""
+        self.endpoint.up = False
+        client = self.client(start=False, maxRetries=1)
+        first, second, third = client.whenReady(), client.whenReady(), client.whenReady()
+        failed: list[Failure] = []
+
+        def cancelSecond(failure: Failure) -> None:
+            failed.append(failure)
+            second.cancel()
+
+        first.addErrback(cancelSecond)
+        client.startService()
+        self.assertEqual([failure.type for failure in failed], [PBConnectionLost])
+        self.failureResultOf(second, CancelledError)
+        self.failureResultOf(third, PBConnectionLost)
+
+    def test_attemptFactoryStartsAndStopsTheClientFactory(self) -> None:
+        """The factory an attempt gives the endpoint starts and stops the client's factory."""
+        factory = pb.PBClientFactory()
+        attempt = _AttemptFactory(factory)
+        attempt.doStart()
+        self.assertEqual(factory.numPorts, 1)
+        attempt.doStop()
+        self.assertEqual(factory.numPorts, 0)

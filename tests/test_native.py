@@ -1978,6 +1978,42 @@ class HostileNativePeerTests(NativeTestCase):
                 received(self.server, "echo", args, kw)
             self.assertIn(text, str(caught.exception))
 
+    def test_refusedValues(self) -> None:
+        """A call whose arguments hold a malformed extension (a stream named twice, a tuple
+        without an array, a stream id that is not an integer, an unknown type) fails with an
+        InvalidJelly that says which; the streams it named are stopped, the peer kept."""
+        stream = partial(msgpack.ExtType, _native.STREAM)
+        cases = [
+            (
+                [stream(msgpack.packb(5)), stream(msgpack.packb(5))],
+                "the peer sent stream 5 twice",
+                {5},
+            ),
+            ([msgpack.ExtType(_native.TUPLE, msgpack.packb(5))], "must hold an array: 5", set()),
+            ([stream(msgpack.packb("x"))], "a stream id must be an integer: 'x'", set()),
+            (
+                [stream(msgpack.packb(7)), msgpack.ExtType(9, b"")],
+                "an unknown pbroker2 extension type: 9",
+                {7},
+            ),
+        ]
+        for args, text, stopped in cases:
+            requestID = self.client.newRequestID()
+            answer = self.client.waitingForAnswers[requestID] = Deferred()
+            self.server._streams.cancelled.clear()
+            with capturedLogs():
+                self.client.sendCall(
+                    b"message", requestID, b"root", b"echo", 1, msgpack.packb([args]), b"\x80"
+                )
+                self.pump.flush()
+            failure = self.failureResultOf(answer)
+            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+            self.assertIn(text, failure.getErrorMessage())
+            self.assertFalse(self.server.disconnected)
+            self.assertEqual(dict(self.server._streams.incoming), {})
+            self.assertEqual(self.server._streams.cancelled, stopped)
+        self.assertEqual(self.call("echo", 3), 3)
+
     def test_itemBeyondCredit(self) -> None:
         """A sender that ignores the reader's credit is dropped."""
         stream = self.call("pushed")
@@ -2813,6 +2849,17 @@ class LocalStreamTests(SynchronousTestCase):
         stream.close()
         self.assertEqual(events, ["pause", "resume", "stop"])
 
+    def test_unregisteredProducerIsLeftAlone(self) -> None:
+        """Once unregistered, a producer is no longer paused, resumed or stopped."""
+        producer = RecordingProducer()
+        stream = Stream(bufferSize=1)
+        stream.registerProducer(producer, True)
+        stream.unregisterProducer()
+        stream.write(1)
+        self.assertEqual(self.successResultOf(stream.__anext__()), 1)
+        stream.close()
+        self.assertEqual(producer.events, [])
+
     def test_writeAfterTheReaderStopped(self) -> None:
         """Writes to a stream whose reader stopped are dropped, not refused: a publisher
         writing to many subscribers goes on, and can see which ones left (cancelled)."""
@@ -3466,6 +3513,92 @@ class UnreadStreamBytesTests(NativeTestCase):
         self.assertEqual(table.unreadBytes, 0)
         self.pump.flush()
         self.assertEqual(sorted(self.closed), [0, 1])
+
+    def test_aStreamThatOutgrowsTheLimitItself(self) -> None:
+        """An item that would take the unread bytes past streamBytes, on the stream that
+        holds the most already, fails that very stream: the item is dropped with the rest."""
+
+        def items() -> Iterator[bytes]:
+            try:
+                yield b"s" * 1000
+                yield b"L" * (1024 * 1024)
+                yield b"never"
+            finally:
+                self.closed.append(0)
+
+        self.assertIsNone(self.call("keep", items()))
+        self.pump.flush()
+        (reader,) = self.kept
+        failure = self.failureResultOf(reader.next(), LimitExceeded)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "more than 1048576 bytes of stream items were received and not read "
+            "(BrokerLimits.streamBytes): stream 1, which held 1067 of them, was dropped",
+        )
+        self.assertEqual((reader.buffered, self.server._streams.unreadBytes), (0, 0))
+        self.assertEqual(self.closed, [0])
+        self.assertFalse(self.client.disconnected)
+
+    def test_anEndedStreamHoldingTheMost(self) -> None:
+        """A stream that has ended but whose items are unread is the one dropped when it
+        holds the most: reading it then fails with LimitExceeded, the other keeps its item."""
+
+        def once() -> Iterator[bytes]:
+            yield b"a" * 600_000
+
+        later = Stream()
+        self.assertIsNone(self.call("keep", once(), later))
+        self.pump.flush()
+        ended, open = self.kept
+        self.assertEqual((ended.buffered, repr(ended)), (1, "<RemoteStream 1 ended>"))
+        later.write(b"b" * 600_000)
+        self.pump.flush()
+        failure = self.failureResultOf(ended.next(), LimitExceeded)
+        self.assertIn("stream 1, which held 600064 of them", failure.getErrorMessage())
+        self.assertEqual(repr(ended), "<RemoteStream 1 failed>")
+        self.assertEqual(self.successResultOf(open.next()), b"b" * 600_000)
+
+    def test_aSourceThatFailsToClose(self) -> None:
+        """A generator that raises as it is closed (its reader cancelled) is logged; the
+        stream is gone all the same and the connection stays."""
+
+        def items() -> Iterator[int]:
+            try:
+                yield from range(100)
+            finally:
+                raise RuntimeError("cannot close")
+
+        self.assertIsNone(self.call("keep", items()))
+        self.pump.flush()
+        with capturedLogs() as events:
+            self.kept[0].cancel()
+            self.pump.flush()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn(
+            "Error closing the source of a cancelled stream",
+            [event.get("log_format") for event in events],
+        )
+        self.assertEqual(self.client._streams.outgoing, {})
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_aCancelledReadLosesNoItem(self) -> None:
+        """A read cancelled while it waits fails with CancelledError and no longer holds the
+        reader; the item that comes next goes to the next read, the stream still open."""
+        later = Stream()
+        self.assertIsNone(self.call("keep", later))
+        self.pump.flush()
+        (reader,) = self.kept
+        first, second = reader.next(), reader.next()
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertIn(reader.streamID, self.server._streams._waitedOn)  # second still waits
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.assertNotIn(reader.streamID, self.server._streams._waitedOn)
+        later.write(1)
+        self.pump.flush()
+        self.assertEqual((reader.buffered, repr(reader)), (1, "<RemoteStream 1 open>"))
+        self.assertEqual(self.successResultOf(reader.next()), 1)
 
     def test_limitChecked(self) -> None:
         """streamBytes is a count, at least 1."""

@@ -630,6 +630,59 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(server.received, [[b"version", 6]])
         self.assertEqual(server.ready, 1)
 
+    def test_greetingInPieces(self) -> None:
+        """A dialect offer that arrives a byte at a time is answered once whole, not before."""
+        client = _Collector()
+        transport = self.connected(client)
+        offer = encode([b"none", b"pb"])
+        for byte in offer[:-1]:
+            client.dataReceived(bytes((byte,)))
+        self.assertEqual((transport.value(), client.currentDialect), (b"", None))
+        client.dataReceived(offer[-1:])
+        self.assertEqual((transport.value(), client.currentDialect), (encode(b"none"), b"none"))
+
+    def test_nothingDeliveredAfterADrop(self) -> None:
+        """Once a handler drops the connection, the expressions left in the same read are not
+        delivered; the connection is closed even by a transport without abortConnection."""
+
+        class Closing:
+            closed = 0
+
+            def write(self, data: bytes) -> None:
+                pass
+
+            def loseConnection(self) -> None:
+                self.closed += 1
+
+        class Dropping(_Collector):
+            def expressionReceived(self, expression: Any) -> None:
+                super().expressionReceived(expression)
+                self._fail("enough")
+
+        server = Dropping(isClient=False)
+        transport = Closing()
+        server.makeConnection(transport)  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            server.dataReceived(encode(b"none") + encode(1) + encode(2))
+        self.assertEqual(server.received, [1])
+        self.assertEqual(transport.closed, 1)
+        self.assertEqual([event.get("why") for event in events], ["enough"])
+
+    def test_setPrefixLimitBeforeConnecting(self) -> None:
+        """The prefix limit may be set before the connection is made, and then applies; it
+        must be at least 1."""
+        protocol = _Collector()
+        protocol.setPrefixLimit(2)
+        self.assertRaises(ValueError, protocol.setPrefixLimit, 0)
+        self.connected(protocol)
+        self.assertEqual((protocol.prefixLimit, protocol._decoder.prefixLimit), (2, 2))
+
+    def test_expressionReceivedMustBeImplemented(self) -> None:
+        """The base protocol says which method a subclass must write."""
+        with self.assertRaises(NotImplementedError) as caught:
+            Banana().expressionReceived(1)
+        self.assertEqual(str(caught.exception), "Banana must implement expressionReceived")
+
     def test_sendEncodedUsesDialect(self) -> None:
         """After negotiation sendEncoded writes in the chosen dialect."""
         server = _Collector(isClient=False)

@@ -150,7 +150,8 @@ class CopiedFailure(RemoteCopy, Failure):
         state["value"] = _text(state["value"])
         state["traceback"] = _text(state["traceback"])
         state["tb"] = None
-        if type(state.get("count", 0)) is not int:
+        # Failure has no class default for count: passing this failure on reads it.
+        if type(state.get("count")) is not int:
             state["count"] = 0
         state["captureVars"] = bool(state.get("captureVars", False))
         state["pickled"] = 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import gc
 import inspect
+import io
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -720,6 +722,165 @@ class CallTests(SynchronousTestCase):
         self.client.connectionLost(Failure(Exception("gone")))
         self.assertEqual(seen, [PBConnectionLost, CancelledError, "notified"])
         self.assertEqual(self.client.waitingForAnswers, {})
+
+
+class CopiedFailureStateTests(SynchronousTestCase):
+    """
+    The state of a copied failure comes from any peer (a hostile one, an old stock Twisted
+    one): each malformed state is refused with an error that names what is wrong.
+    """
+
+    def setUp(self) -> None:
+        self.registry = jelly.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(b"twisted.spread.pb.CopyableFailure", pb.CopiedFailure)
+
+    def copied(self, state: Any) -> Any:
+        """
+        The copied failure ``state`` (jellied as a stock Twisted peer would) becomes here.
+        """
+        return jelly.unjelly(
+            [b"twisted.spread.pb.CopyableFailure", twistedJelly.jelly(state)],
+            registry=self.registry,
+        )
+
+    def refused(self, state: Any) -> str:
+        """
+        The message of the InvalidJelly that refuses ``state``.
+        """
+        with self.assertRaises(InvalidJelly) as caught:
+            self.copied(state)
+        return str(caught.exception)
+
+    def test_stateMustBeADictionary(self) -> None:
+        """A state that is not a dictionary is refused, naming its type."""
+        self.assertEqual(
+            self.refused([b"type", b"value"]),
+            "a copied failure needs a dictionary state, not <class 'list'>",
+        )
+
+    def test_typeAndValueAreRequired(self) -> None:
+        """Without a type or a value there is nothing to report: refused, naming the key."""
+        self.assertEqual(self.refused({"value": "v"}), "a copied failure has no 'type'")
+        self.assertEqual(self.refused({"type": b"x.Y"}), "a copied failure has no 'value'")
+
+    def test_wrongTypes(self) -> None:
+        """Each checked key of the wrong type is refused, naming the key."""
+        good = {"type": b"x.Y", "value": "v", "traceback": "tb", "parents": ["x.Y"]}
+        for key, bad in [("type", 5), ("value", 3), ("traceback", None), ("parents", "x.Y")]:
+            self.assertEqual(
+                self.refused({**good, key: bad}), f"a copied failure's {key!r} has the wrong type"
+            )
+
+    def test_minimalState(self) -> None:
+        """A state with only type and value (bytes keys and values, as a minimal peer sends)
+        is completed: the parents are the type alone, the traceback is unavailable."""
+        copied = self.copied({b"type": b"x.Y", b"value": b"caf\xc3\xa9 \xff"})
+        self.assertEqual(copied.type, b"x.Y")
+        self.assertEqual(copied.value, "caf\xe9 \ufffd")
+        self.assertEqual(copied.parents, ["x.Y"])
+        self.assertEqual(copied.traceback, "Traceback unavailable\n")
+        self.assertEqual((copied.count, copied.captureVars, copied.tb), (0, False, None))
+        self.assertEqual(copied.check("x.Y"), "x.Y")
+        self.assertEqual(repr(copied), "<CopiedFailure x.Y: caf\xe9 \ufffd>")
+
+    def test_relayMinimalFailure(self) -> None:
+        """A server that passes on a failure from a peer that sent a minimal state gives its
+        caller that failure, not an error from taking the failure's state."""
+        back = rootFor(pb)
+
+        class Minimal(Exception, pb.Copyable):
+            def getTypeToCopy(self) -> bytes:
+                return b"twisted.spread.pb.CopyableFailure"
+
+            def getStateToCopy(self) -> Any:
+                return {"type": b"x.Y", "value": "v"}
+
+        def minimal() -> None:
+            raise Minimal()
+
+        back.remote_minimal = minimal
+        _backServer, backClient, backPump = connectedServerAndClient(
+            pb.PBServerFactory(back), pb.PBClientFactory()
+        )
+        front = rootFor(pb)
+        front.remote_relay = lambda: backClient.remoteForName("root").callRemote("minimal")
+        _frontServer, frontClient, frontPump = connectedServerAndClient(
+            pb.PBServerFactory(front), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        frontClient.remoteForName("root").callRemote("relay").addBoth(results.append)
+        for _ in range(3):
+            frontPump.flush()
+            backPump.flush()
+        self.flushLoggedErrors(Minimal)
+        [failure] = results
+        self.assertIsInstance(failure, pb.CopiedFailure)
+        self.assertEqual((failure.type, failure.value), (b"x.Y", "v"))
+        self.assertEqual(failure.parents, ["x.Y"])
+        # The front server logged what it passed on, and nothing else.
+        [relayed] = self.flushLoggedErrors()
+        self.assertEqual((relayed.type, relayed.value, relayed.count), (b"x.Y", "v", 0))
+
+    def test_checkByName(self) -> None:
+        """check() takes a class or its name (text or bytes, as Twisted's takes names) and
+        returns what it was given; an unmatched name gives None."""
+        copied = self.copied({"type": b"builtins.ValueError", "value": "v"})
+        copied.parents.append("builtins.Exception")
+        self.assertEqual(copied.check("builtins.Exception"), "builtins.Exception")
+        self.assertEqual(copied.check(b"builtins.ValueError"), b"builtins.ValueError")
+        self.assertIs(copied.check("builtins.KeyError", ValueError), ValueError)
+        self.assertIsNone(copied.check("builtins.KeyError", b"x.Y", KeyError))
+
+    def test_printTraceback(self) -> None:
+        """printTraceback writes the remote type and value, then the remote traceback when
+        one was sent; with no file given, to standard error."""
+        copied = self.copied({"type": b"x.Y", "value": "v", "traceback": "Traceback: here\n"})
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        copied.printTraceback()
+        self.assertEqual(
+            stderr.getvalue(), "Traceback from remote host -- x.Y: v\nTraceback: here\n"
+        )
+        brief = io.StringIO()
+        self.copied({"type": b"x.Y", "value": "v"}).printBriefTraceback(brief)
+        self.assertEqual(brief.getvalue(), "Traceback from remote host -- x.Y: v\n")
+
+    def test_malformedFailureFromAPeer(self) -> None:
+        """A peer whose error answer carries a malformed failure state fails that call with
+        InvalidJelly naming the fault, in both dialects, and the connection keeps serving."""
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            rootObject = rootFor(pb)
+
+            class Malformed(Exception, pb.Copyable):
+                def getTypeToCopy(self) -> bytes:
+                    return b"twisted.spread.pb.CopyableFailure"
+
+                def getStateToCopy(self) -> Any:
+                    return {"type": b"x.Y", "value": 3}
+
+            def malformed() -> None:
+                raise Malformed()
+
+            rootObject.remote_malformed = malformed
+            server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootObject), pb.PBClientFactory(dialects=dialects)
+            )
+            root = client.remoteForName("root")
+            results: list[Any] = []
+            root.callRemote("malformed").addBoth(results.append)
+            pump.flush()
+            self.flushLoggedErrors(Malformed)
+            [failure] = results
+            self.assertIs(failure.type, InvalidJelly)
+            self.assertEqual(
+                failure.getErrorMessage(), "a copied failure's 'value' has the wrong type"
+            )
+            root.callRemote("echo", 7).addBoth(results.append)
+            pump.flush()
+            self.assertEqual(results[1:], [7])
+            self.assertEqual(client.currentDialect, dialects[0])
+            self.assertFalse(client.transport.disconnecting)
+            self.assertFalse(server.transport.disconnecting)
 
 
 class Gauge(pb.Cacheable):

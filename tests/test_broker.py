@@ -453,6 +453,61 @@ class CallTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             _ = refs[0] < self.root
 
+    def test_referenceOnlyOverItsConnection(self) -> None:
+        """A reference given to a call on another connection fails that call with JellyError
+        (stock PB asserts), in both dialects; both connections keep serving and the reference
+        still works on its own; without a broker it jellies as unpersistable, as in Twisted."""
+        answers: list[Any] = []
+        self.root.callRemote("counter").addBoth(answers.append)
+        self.pump.flush()
+        [counter] = answers
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, other, otherPump = connectedServerAndClient(
+                pb.PBServerFactory(rootFor(pb)), pb.PBClientFactory(dialects=dialects)
+            )
+            results: list[Any] = []
+            otherRoot = other.remoteForName("root")
+            otherRoot.callRemote("echo", [counter]).addBoth(results.append)
+            otherPump.flush()
+            [failure] = results
+            self.assertIs(failure.type, jelly.JellyError)
+            self.assertEqual(
+                failure.getErrorMessage(),
+                "a RemoteReference can only be sent over the connection it came from",
+            )
+            otherRoot.callRemote("echo", 2).addBoth(results.append)
+            otherPump.flush()
+            self.assertEqual(results[1:], [2])
+            self.assertFalse(other.transport.disconnecting)
+        counter.callRemote("add").addBoth(answers.append)
+        self.pump.flush()
+        self.assertEqual(answers[1:], [1])
+        self.assertEqual(
+            jelly.jelly(counter), [b"unpersistable", b"References cannot be serialized"]
+        )
+
+    def test_referenceComparisons(self) -> None:
+        """A reference, or a remote method, equals only its own kind: against anything else
+        it is unequal and does not order; equal remote methods hash alike."""
+        self.assertNotEqual(self.root, b"root")
+        self.assertFalse(self.root == 1)
+        with self.assertRaises(TypeError):
+            _ = self.root < 1
+        echo = self.root.remoteMethod("echo")
+        self.assertNotEqual(echo, "echo")
+        self.assertEqual(hash(echo), hash(self.root.remoteMethod("echo")))
+        self.assertEqual(len({echo, self.root.remoteMethod("echo")}), 1)
+
+    def test_notifyOnDisconnectNeedsACallable(self) -> None:
+        """A callback that cannot be called is refused when given, not when the connection
+        is lost, and is not registered."""
+        with self.assertRaises(TypeError) as caught:
+            self.root.notifyOnDisconnect(None)  # type: ignore[arg-type]
+        self.assertEqual(str(caught.exception), "notifyOnDisconnect() needs a callable, not None")
+        self.assertEqual(self.root.disconnectCallbacks, [])
+        self.client.transport.loseConnection()
+        self.pump.flush()
+
     def test_oneWayCallThatCannotBeSent(self) -> None:
         """A one-way call that cannot be sent raises why, having no Deferred to fail: a value
         that cannot be serialised, one over PB's ceiling in the pb dialect, a dead broker."""

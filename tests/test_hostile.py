@@ -259,6 +259,20 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertEqual([e for e in events if e.get("log_failure")], [])
         self.assertFalse(self.transport.disconnecting)
 
+    def test_malformedRemoteReference(self) -> None:
+        """A reference expression without exactly one integer id fails its call with
+        InvalidJelly quoting it; nothing is imported and the connection stays."""
+        for bad in ([b"remote"], [b"remote", b"x"], [b"remote", 1, 2]):
+            with capturedLogs():
+                failure = self.errorFor(self.call(b"count", bad))
+            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+            self.assertEqual(
+                failure.value, f"a remote reference needs one integer id: {bad!r:.100}"
+            )
+        self.assertEqual(self.hostile.importedReferences, 0)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertOthersServed()
+
     def test_messagesWaitWhileTheConnectionIsFull(self) -> None:
         """While the connection does not take data, the peer's messages wait unhandled; once
         it does they are handled in order, and the count of what waits starts again."""

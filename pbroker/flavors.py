@@ -267,9 +267,19 @@ class RemoteCopy(Unjellyable):
     def setCopyableState(self, state: Any) -> None:
         """
         Install the received state; by default it becomes ``__dict__`` (text keys).
+
+        :raises InvalidJelly: the state is not a dictionary with text keys (the peer's fault).
         """
-        if isinstance(state, dict):
+        if not isinstance(state, dict):
+            raise InvalidJelly(
+                f"a copy of {qual(type(self))} needs a dictionary state, not {type(state).__name__}"
+            )
+        try:
             state = textKeywords(state)
+        except TypeError:
+            raise InvalidJelly(
+                f"the state of a copy of {qual(type(self))} has a key that is not text"
+            ) from None
         self.__dict__ = state
 
     def unjellyFor(self, unjellier: Unjellier, jellyList: list[Any]) -> Any:

@@ -325,6 +325,80 @@ class CopyTests(SynchronousTestCase):
         pump.flush()
         self.assertTrue(results[0].check(jelly.InsecureJelly))
 
+    def test_malformedCopyState(self) -> None:
+        """A copy whose state (from the peer) cannot become a RemoteCopy's attributes fails
+        the call with InvalidJelly naming the class and the fault, not a TypeError from
+        inside; in both dialects, and the connection keeps serving."""
+        rootObject = self.server.localObjectForID(b"root")
+        cases = [
+            ([1, 2], "a copy of tests.test_broker.RemotePoint needs a dictionary state, not list"),
+            (
+                {1: 2},
+                "the state of a copy of tests.test_broker.RemotePoint has a key that is not text",
+            ),
+        ]
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootObject, registry=self.registry),
+                pb.PBClientFactory(registry=self.registry, dialects=dialects),
+            )
+            root = client.remoteForName("root")
+            for state, message in cases:
+
+                class Malformed(Point):
+                    def getTypeToCopy(self) -> bytes:
+                        return b"tests.test_broker.Point"
+
+                    def getStateToCopy(self, state: Any = state) -> Any:
+                        return state
+
+                rootObject.remote_malformed = lambda: Malformed(0, 0)
+                results: list[Any] = []
+                root.callRemote("malformed").addBoth(results.append)
+                root.callRemote("point").addBoth(results.append)
+                pump.flush()
+                failure, point = results
+                self.assertIs(failure.type, InvalidJelly)
+                self.assertEqual(failure.getErrorMessage(), message)
+                self.assertEqual((point.x, point.y), (1, 2))
+            self.assertFalse(client.transport.disconnecting)
+
+    def test_withoutABroker(self) -> None:
+        """Jellied without a broker (jelly.jelly), a Copyable or a Cacheable is its class
+        name and attributes, as in Twisted, and unjellies as the registered copy; a
+        Referenceable or a Viewable, which only a connection can carry, is unpersistable."""
+        expression = jelly.jelly(Point(1, 2))
+        self.assertEqual(
+            expression,
+            [
+                b"tests.test_broker.Point",
+                [b"dictionary", [[b"unicode", b"x"], 1], [[b"unicode", b"y"], 2]],
+            ],
+        )
+        point = jelly.unjelly(expression, registry=self.registry)
+        self.assertIsInstance(point, RemotePoint)
+        self.assertEqual(vars(point), {"x": 1, "y": 2})
+        gauge = Gauge()
+        self.assertEqual(
+            jelly.jelly(gauge),
+            [
+                b"tests.test_broker.Gauge",
+                [
+                    b"dictionary",
+                    [[b"unicode", b"observers"], [b"list"]],
+                    [[b"unicode", b"stopped"], 0],
+                ],
+            ],
+        )
+        self.assertEqual(
+            jelly.jelly([pb.Referenceable(), pb.Viewable()]),
+            [
+                b"list",
+                [b"unpersistable", b"a Referenceable can only be sent through a broker"],
+                [b"unpersistable", b"a Viewable can only be sent through a broker"],
+            ],
+        )
+
 
 class ProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:

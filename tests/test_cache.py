@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import jelly, pb
 from pbroker.errors import LimitExceeded
+from pbroker.jelly import qual
 from tests.test_broker import connect
 
 TAG = b"tests.cache.Gauge"
@@ -342,3 +343,124 @@ class CacheEdgeTests(SynchronousTestCase):
             ["Error in stoppedObserving"] * 2,
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
+
+
+class ObserverTests(SynchronousTestCase):
+    """
+    A pbroker owner's observers and a pbroker client's copies, at their edges.
+    """
+
+    def setUp(self) -> None:
+        self.gauge = cacheableFor(pb)
+        self.registry = jelly.UnjellyableRegistry()
+        self.registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        self.rootObject = rootWith(pb, self.gauge)
+        self.server, self.client, self.pump = connect(
+            pb.PBServerFactory(self.rootObject), pb.PBClientFactory(registry=self.registry)
+        )
+        self.root = self.client.remoteForName("root")
+
+    def call(self, *args: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+    def test_observerMethods(self) -> None:
+        """An observer takes a method name as text or bytes, and gives a remote method
+        callable like a function; a name of another type is refused at once."""
+        copy = self.call("gauge")
+        [observer] = self.gauge.observers
+        observer.callRemote(b"setValue", 4)
+        self.pump.flush()
+        setValue = observer.remoteMethod("setValue")
+        setValue(5)
+        self.pump.flush()
+        self.assertEqual((copy.value, copy.history), (5, [0, 4]))
+        with self.assertRaises(TypeError) as caught:
+            observer.callRemote(5)
+        self.assertEqual(str(caught.exception), "a remote method's name must be text, not 5")
+
+    def test_observerIdentity(self) -> None:
+        """Observers of one copy for one perspective are equal and hash alike; an observer
+        equals nothing else; its repr names the cacheable."""
+        self.call("gauge")
+        [observer] = self.gauge.observers
+        same = pb.RemoteCacheObserver(self.server, self.gauge, None)
+        self.assertEqual(observer, same)
+        self.assertEqual(hash(observer), hash(same))
+        self.assertNotEqual(observer, pb.RemoteCacheObserver(self.client, self.gauge, None))
+        self.assertNotEqual(observer, self.gauge)
+        self.assertEqual(repr(observer), f"<RemoteCacheObserver {self.gauge!r} for None>")
+
+    def test_observerOfACopyGone(self) -> None:
+        """An observer kept after the peer dropped its copy fails its calls with
+        ProtocolError through the Deferred, sending nothing."""
+        copy = self.call("gauge")
+        [observer] = self.gauge.observers
+        del copy
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.gauge.stopped, [observer])
+        written = self.server.transport._transport.stream
+        del written[:]
+        failure = self.failureResultOf(observer.callRemote("setValue", 1), pb.ProtocolError)
+        self.assertEqual(failure.getErrorMessage(), "the copy this observer reached is gone")
+        self.assertEqual(written, [])
+
+    def test_copyOnlyBackOverItsConnection(self) -> None:
+        """A copy given to a call on another connection fails that call with JellyError, in
+        both dialects; jellied without a broker it is its class name and attributes."""
+        copy = self.call("gauge")
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, other, otherPump = connect(
+                pb.PBServerFactory(rootWith(pb, cacheableFor(pb))),
+                pb.PBClientFactory(dialects=dialects),
+            )
+            results: list[Any] = []
+            other.remoteForName("root").callRemote("isGauge", copy).addBoth(results.append)
+            otherPump.flush()
+            [failure] = results
+            self.assertIs(failure.type, jelly.JellyError)
+            self.assertEqual(
+                failure.getErrorMessage(),
+                "a RemoteCache can only be sent back over the connection it came from",
+            )
+        self.assertIs(self.call("isGauge", copy), True)
+        # As in Twisted, its attributes: the connection's too (jelly is not for copies).
+        self.assertEqual(jelly.jelly(copy)[0], qual(type(copy)).encode())
+        unjellied = jelly.unjelly(
+            [TAG, [b"dictionary", [[b"unicode", b"value"], 3]]], registry=self.registry
+        )
+        self.assertEqual((type(unjellied), unjellied.value), (type(copy), 3))
+
+    def test_malformedCacheable(self) -> None:
+        """A cacheable from the peer without [tag, id, state] fails the call with
+        InvalidJelly quoting it, in both dialects; the connection keeps serving."""
+
+        class NotACacheable(pb.Copyable):
+            def getTypeToCopy(self) -> bytes:
+                return TAG
+
+            def getStateToCopy(self) -> Any:
+                return 5
+
+        self.rootObject.remote_malformed = NotACacheable
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, client, pump = connect(
+                pb.PBServerFactory(self.rootObject),
+                pb.PBClientFactory(registry=self.registry, dialects=dialects),
+            )
+            results: list[Any] = []
+            root = client.remoteForName("root")
+            root.callRemote("malformed").addBoth(results.append)
+            root.callRemote("gauge").addBoth(results.append)
+            pump.flush()
+            failure, copy = results
+            self.assertIs(failure.type, jelly.InvalidJelly)
+            self.assertEqual(
+                failure.getErrorMessage(),
+                f"a cacheable needs [tag, id, state]: {[TAG, 5]!r}",
+            )
+            self.assertEqual(copy.value, 0)
+            self.assertEqual(len(client.locallyCachedObjects), 1)

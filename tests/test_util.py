@@ -149,6 +149,94 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(pages, [[b"a", b"b", b"c", b"d", b"e", b"f"]])
         self.assertEqual(done, ["done"])
 
+    def test_filePagerWhileTheConnectionIsFull(self) -> None:
+        """A FilePager started on a full connection reads no further than one page ahead
+        while it waits; once resumed, the file arrives whole and in order, then the end and
+        the pager's callback."""
+        data = bytes(range(256)) * 200  # 51,200 bytes: four reads
+        done: list[Any] = []
+        source = io.BytesIO(data)
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()
+                self.pager = util.FilePager(collector, source, done.append, "done")
+
+        server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        pump.flush()
+        self.assertEqual((pages, done, source.tell()), ([], [], 16384))
+        server.transport.resumeProducing()
+        pump.flush()
+        self.assertEqual([len(page) for page in pages[0]], [16384, 16384, 16384, 2048])
+        self.assertEqual(b"".join(pages[0]), data)
+        self.assertEqual(done, ["done"])
+        self.assertEqual(server.pageProducers, [])
+
+    def test_filePagerPageRefusedAfterReading(self) -> None:
+        """A FilePager whose last page cannot be sent (over the peer's message limit), once
+        the file is read, tells the collector: the collection fails, the connection stays."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()
+                self.pager = util.FilePager(collector, io.BytesIO(b"f" * 8000))
+
+        limits = pb.BrokerLimits(messageSize=4096)
+        server, client, pump = connect(
+            pb.PBServerFactory(MyRoot()), pb.PBClientFactory(limits=limits)
+        )
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        pump.flush()
+        with capturedLogs() as events:
+            server.transport.resumeProducing()
+            pump.flush()
+        self.assertTrue(any("A pager failed" in str(e.get("log_format")) for e in events))
+        self.flushLoggedErrors()
+        results[0].trap(pb.RemoteError)
+        self.assertIn("the pager failed", results[0].getErrorMessage())
+        self.assertEqual(server.pageProducers, [])
+        self.assertFalse(server.disconnected)
+
+    def test_pagerWithoutNextPage(self) -> None:
+        """A Pager subclass that does not implement nextPage fails where it is made, naming
+        itself, and is dropped."""
+
+        class Bare(util.Pager):
+            pass
+
+        errors: list[str] = []
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                try:
+                    Bare(collector)
+                except NotImplementedError as e:
+                    errors.append(str(e))
+                    raise
+
+        server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        pump.flush()
+        self.flushLoggedErrors(NotImplementedError)
+        self.assertEqual(errors, ["Bare must implement nextPage()"])
+        self.assertTrue(results[0].check(NotImplementedError))
+        self.assertEqual(server.pageProducers, [])
+
+    def test_collectorWithoutErrback(self) -> None:
+        """A collector without an errback, told the pager failed, neither calls back nor
+        takes later pages."""
+        called: list[Any] = []
+        collector = util.CallbackPageCollector(called.append)
+        collector.remote_gotPage(b"a")
+        collector.remote_failedPaging("builtins.OSError", "gone")
+        collector.remote_gotPage(b"b")
+        collector.remote_endedPaging()
+        self.assertEqual((called, collector.pages, collector.done), ([], [b"a"], True))
+
     def test_unsendablePageAfterResume(self) -> None:
         """A page that cannot be sent once paging resumes (too large for the peer) stops
         that pager with a log line; it does not raise into the transport, and the
@@ -418,6 +506,40 @@ class LocalStandInTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(local.remoteMethod("add")(1, 2)), 3)
         self.assertTrue(self.failureResultOf(local.callRemote("fail")).check(ValueError))
         self.assertTrue(self.failureResultOf(local.callRemote("missing")).check(AttributeError))
+
+    def test_reportAllTracebacks(self) -> None:
+        """By default a failing async_ method's traceback is logged as an error, and the
+        Deferred fails with it."""
+
+        class Local(util.LocalAsRemote):
+            def async_fail(self) -> None:
+                raise ValueError("logged")
+
+        with capturedLogs() as events:
+            failure = self.failureResultOf(Local().callRemote("fail"), ValueError)
+        self.assertEqual(failure.getErrorMessage(), "logged")
+        text = "".join(str(e.get("log_io", "")) for e in events)
+        self.assertIn("ValueError: logged", text)
+
+    def test_getAllPagesFromALocalStandIn(self) -> None:
+        """getAllPages works on a local stand-in (no connection to watch, a sync_ method
+        returning None): it fires with the pages; a failure of the call after the last
+        page does not undo the pages."""
+
+        class Local(util.LocalAsRemote):
+            def sync_send(self, collector: Any) -> None:
+                collector.remote_gotPage(b"a")
+                collector.remote_gotPage(b"b")
+                collector.remote_endedPaging()
+
+            def sync_sendThenFail(self, collector: Any) -> Any:
+                self.sync_send(collector)
+                return defer.fail(ValueError("after the pages"))
+
+        self.assertEqual(self.successResultOf(util.getAllPages(Local(), "send")), [b"a", b"b"])
+        self.assertEqual(
+            self.successResultOf(util.getAllPages(Local(), "sendThenFail")), [b"a", b"b"]
+        )
 
     def test_localAsyncForwarder(self) -> None:
         """Interface methods are forwarded; others succeed with None or fail, as asked."""

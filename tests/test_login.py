@@ -18,7 +18,7 @@ from twisted.cred.credentials import Anonymous, IAnonymous, UsernamePassword
 from twisted.cred.credentials import IUsernameHashedPassword as IUsernameHashedPasswordInterface
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -360,6 +360,104 @@ class LogoutOnceTests(SynchronousTestCase):
         self.client.notifyOnDisconnect(lambda: called.append("broker"))
         root.notifyOnDisconnect(lambda reference: called.append(reference))
         self.assertEqual(called, ["broker", root])
+
+
+class LogoutFailureTests(SynchronousTestCase):
+    def test_failingLogoutDoesNotStopTheOthers(self) -> None:
+        """A realm's logout that raises is logged; the other logins' logouts of the same
+        avatar still run when the connection is lost."""
+        loggedOut: list[int] = []
+        avatar = pb.Avatar()
+        count: list[int] = []
+
+        def logoutFor(number: int) -> Any:
+            def logout() -> None:
+                loggedOut.append(number)
+                if number == 0:
+                    raise RuntimeError("the realm failed to log out")
+
+            return logout
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                count.append(1)
+                return pb.IPerspective, avatar, logoutFor(len(count) - 1)
+
+        clientFactory = pb.PBClientFactory()
+        server, client, pump = connect(
+            pb.PBServerFactory(Portal(Realm(), [AllowAnonymousAccess()])), clientFactory
+        )
+        avatars: list[Any] = []
+        for _ in range(2):
+            clientFactory.login(Anonymous()).addBoth(avatars.append)
+            pump.flush()
+        self.assertEqual(loggedOut, [])
+        with capturedLogs() as events:
+            client.transport.loseConnection()
+            pump.flush()
+        self.assertEqual(sorted(loggedOut), [0, 1])
+        self.assertTrue(any(e.get("log_format") == "A realm's logout failed" for e in events))
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(logged.getErrorMessage(), "the realm failed to log out")
+        self.assertEqual(server.loginsHeld, 0)
+
+
+class MalformedLoginTests(SynchronousTestCase):
+    """
+    A client's login messages of the wrong types are refused with UnauthorizedLogin naming
+    what is wrong, before anything is checked or kept.
+    """
+
+    def setUp(self) -> None:
+        checker = InMemoryUsernamePasswordDatabaseDontUse()
+        checker.addUser(b"alice", "text secret")  # a text password, as a realm may hold
+        self.clientFactory = pb.PBClientFactory()
+        self.server, self.client, self.pump = connect(
+            pb.PBServerFactory(
+                Portal(realmFor(pb), [checker]), loginGuard=pb.LoginGuard(baseDelay=0, maxDelay=0)
+            ),
+            self.clientFactory,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def call(self, target: Any, *args: Any) -> Any:
+        results: list[Any] = []
+        target.callRemote(*args).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+    def refusal(self, target: Any, *args: Any) -> str:
+        failure = self.call(target, *args)
+        self.assertTrue(failure.check(UnauthorizedLogin), failure)
+        return str(failure.getErrorMessage())
+
+    def test_textPasswordInTheChecker(self) -> None:
+        """A checker holding the password as text checks a legacy login's response as
+        if it were UTF-8 bytes."""
+        results: list[Any] = []
+        self.clientFactory.login(UsernamePassword(b"alice", b"text secret")).addBoth(results.append)
+        self.pump.flush()
+        self.assertEqual(self.call(results[0], "name"), "alice")
+
+    def test_legacyLogin(self) -> None:
+        """The legacy login takes a text username as UTF-8; another type, or a response
+        that is not bytes, is refused; that refusal does not use up the challenge."""
+        self.assertEqual(self.refusal(self.root, "login", 5), "the username must be bytes or text")
+        nonce, challenger = self.call(self.root, "login", "alice")
+        self.assertEqual(
+            self.refusal(challenger, "respond", "not bytes", None), "the response must be bytes"
+        )
+        avatar = self.call(challenger, "respond", pb.respond(nonce, b"text secret"), None)
+        self.assertEqual(self.call(avatar, "name"), "alice")
+
+    def test_certificateLoginWithoutCertificate(self) -> None:
+        """A certificate login on a connection without a client certificate is refused."""
+        self.assertEqual(
+            self.refusal(self.root, "loginCertificate", None),
+            "the connection has no client certificate",
+        )
+        self.flushLoggedErrors(UnauthorizedLogin)
 
 
 class HostileServerLoginTests(SynchronousTestCase):
@@ -704,6 +802,19 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(results, ["avatar"])
         self.assertTrue(any("logout of an abandoned login" in e["log_format"] for e in events))
         self.flushLoggedErrors(RuntimeError)
+
+    def test_peersWithoutAHost(self) -> None:
+        """Peers whose address has no host (UNIX sockets) are one address to the guard,
+        named by the address type: a failure from one delays the next."""
+        broker = _FakeBroker("127.0.0.1")
+        broker.transport = StringTransport(peerAddress=UNIXAddress(b"/tmp/socket"))
+        with capturedLogs() as events:
+            failure = self.guard.attempt(broker, b"bob", lambda: fail(UnauthorizedLogin()))
+            failure.addErrback(lambda _: None)
+            self.clock.advance(10)
+        self.assertEqual(self.guard.delayFor("UNIXAddress"), 2.0)
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
+        self.assertEqual([e["peer"] for e in events if "peer" in e], ["UNIXAddress"])
 
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then

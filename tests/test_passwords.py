@@ -270,6 +270,41 @@ class PasswordLoginTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             ScramVerifier.fromPassword(b"pw", ITERATIONS).toLine("u" * (MAX_USERNAME + 1))
 
+    def test_malformedPasswordLogin(self) -> None:
+        """The password login's first step takes bytes and a client nonce of 16 to 64 bytes
+        (both ends accepted); a proof that is not bytes is refused and uses up the prover."""
+        factory = pb.PBClientFactory()
+        _server, client, pump = connect(self.server(), factory)
+        root = client.remoteForName("root")
+
+        def call(target: Any, *args: Any) -> Any:
+            results: list[Any] = []
+            target.callRemote(*args).addBoth(results.append)
+            pump.flush()
+            return results[0]
+
+        def refusal(target: Any, *args: Any) -> str:
+            failure = call(target, *args)
+            self.assertTrue(failure.check(UnauthorizedLogin), failure)
+            return str(failure.getErrorMessage())
+
+        bytesOnly = "the username and nonce must be bytes"
+        self.assertEqual(refusal(root, "passwordLogin", "alice", b"n" * 24), bytesOnly)
+        self.assertEqual(refusal(root, "passwordLogin", b"alice", "n" * 24), bytesOnly)
+        sizes = "the client nonce must be 16 to 64 bytes"
+        self.assertEqual(refusal(root, "passwordLogin", b"alice", b"n" * 15), sizes)
+        self.assertEqual(refusal(root, "passwordLogin", b"alice", b"n" * 65), sizes)
+        for size in (16, 64):
+            serverNonce, _salt, iterations, _prover = call(
+                root, "passwordLogin", b"alice", b"n" * size
+            )
+            self.assertEqual((len(serverNonce), iterations), (24, ITERATIONS))
+        *_, prover = call(root, "passwordLogin", b"alice", b"n" * 24)
+        self.assertEqual(refusal(prover, "prove", "text", None), "the proof must be bytes")
+        self.assertEqual(
+            refusal(prover, "prove", b"p" * 32, None), "a login challenge can be answered only once"
+        )
+
     def test_recordedProofCannotBeReplayed(self) -> None:
         """A proof that once logged in is useless against a fresh challenge."""
         factory = pb.PBClientFactory()

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -753,6 +753,42 @@ class CallTests(SynchronousTestCase):
         root = self.successResultOf(early)
         self.assertEqual(root.luid, b"root")
         self.assertIs(self.successResultOf(factory.getRootObject()), root)
+
+    def test_factoryConnectionFailed(self) -> None:
+        """A failed connection fails every getRootObject caller with its reason, once; a
+        connection lost while reconnecting fails them too but keeps the broker and root, as
+        in Twisted."""
+        factory = pb.PBClientFactory()
+        waiting = [factory.getRootObject(), factory.getRootObject()]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))  # type: ignore[arg-type]
+        for deferred in waiting:
+            self.failureResultOf(deferred, ConnectionRefusedError)
+        self.assertEqual(factory.rootObjectRequests, [])
+        connected = self.client.factory
+        root = connected._root
+        pending = Deferred[Any]()
+        connected.rootObjectRequests.append(pending)
+        connected.clientConnectionLost(None, Failure(ConnectionDone()), reconnecting=True)
+        self.failureResultOf(pending, ConnectionDone)
+        self.assertIs(connected._broker, self.client)
+        self.assertIs(connected._root, root)
+
+    def test_connectThroughAFailingEndpoint(self) -> None:
+        """pb.connect through an endpoint that cannot connect fails its Deferred, and the
+        factory's getRootObject callers, with the endpoint's reason."""
+
+        class Refusing:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                return fail(ConnectionRefusedError("no one there"))
+
+        factory = pb.PBClientFactory()
+        early = factory.getRootObject()
+        root = pb.connect(Refusing(), factory)  # type: ignore[arg-type]
+        self.assertEqual(
+            self.failureResultOf(root, ConnectionRefusedError).getErrorMessage(),
+            "Connection was refused by other side: no one there.",
+        )
+        self.failureResultOf(early, ConnectionRefusedError)
 
     def test_twistedFailureCopiedFailureTrapsPbrokerNames(self) -> None:
         """A failure from stock Twisted traps with pbroker's class of the same role."""

@@ -89,6 +89,20 @@ class ConnectionLostTests(SynchronousTestCase):
             str(lost), "the connection was lost: ConnectionDone: Connection was closed cleanly."
         )
 
+    def test_reasonThatIsNotAnException(self) -> None:
+        """Given a Failure-like reason whose value is not an exception, or an exception
+        alone, the text is the argument's, as any exception's."""
+
+        class Odd:
+            value = "not an exception"
+
+            def getErrorMessage(self) -> str:
+                return "unused"
+
+        odd = Odd()
+        self.assertEqual(str(errors.PBConnectionLost(odd)), str(odd))
+        self.assertEqual(str(errors.PBConnectionLost(ConnectionDone())), str(ConnectionDone()))
+
     def test_text(self) -> None:
         """Given text, the text."""
         self.assertEqual(str(errors.PBConnectionLost("gone")), "gone")

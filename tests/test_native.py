@@ -3893,6 +3893,17 @@ class ArgumentCheckTests(SynchronousTestCase):
         refused = partial(pb.BrokerLimits, pendingCalls=True)
         self.assertRefused(TypeError, "pendingCalls must be an integer", refused)
 
+    def test_callOptionsReply(self) -> None:
+        """A reply that is not a dict to fill is refused when the options are made, naming
+        its type; a dict is taken as it is."""
+        self.assertRefused(
+            TypeError,
+            "reply must be a dict to fill, not list",
+            partial(context.CallOptions, reply=[]),
+        )
+        reply: dict[str, Any] = {}
+        self.assertIs(context.CallOptions(reply=reply).reply, reply)
+
     def test_secondsTooLargeForAFloat(self) -> None:
         """A number of seconds too large for a float waits for ever, as infinity does,
         rather than failing with OverflowError."""

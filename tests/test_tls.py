@@ -240,6 +240,26 @@ class TLSTests(TestCase):
         avatar = await factory.login(pb.CertificateLogin())
         self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
 
+    async def test_clientEndpointCertificateLogsIn(self) -> None:
+        """clientEndpoint with a certificate and its key presents them: the certificate
+        logs in to the avatar it maps to."""
+        port = await self.mutualServer()
+        certificate, key = self.authority.issue("alice")
+        endpoint = tls.clientEndpoint(
+            reactor,
+            "127.0.0.1",
+            port,
+            caFile=self.authority.pem,
+            hostname="localhost",
+            certificate=certificate,
+            privateKey=key,
+        )
+        factory = pb.PBClientFactory()
+        root = await pb.connect(endpoint, factory)
+        self.waitForClose(root.broker)
+        avatar = await factory.login(pb.CertificateLogin())
+        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+
     async def test_twistdClientCertificateLogsIn(self) -> None:
         """
         ``twistd pbroker --tls-client-ca`` lets a client log in with its certificate, as the

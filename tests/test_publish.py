@@ -278,6 +278,37 @@ class WhenReadyFailsTests(PublishTestCase):
         failure.trap(publish.PublishedStateError)
         self.assertIn("remote", failure.getErrorMessage())
 
+    def test_remoteNotAReference(self) -> None:
+        """A cache entry whose remote is not a reference fails whenReady with
+        PublishedStateError naming what it is."""
+        self.patch(
+            Catalogue,
+            "getStateToCacheAndObserveFor",
+            lambda self, perspective, observer: {"remote": 5, "publishedID": "x"},
+        )
+        with capturedLogs():
+            failure = self.call(Catalogue("x"))
+        self.flushLoggedErrors(publish.PublishedStateError)
+        failure.trap(publish.PublishedStateError)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "the 'remote' of a published object's cache entry must be a reference, not 5",
+        )
+
+    def test_publisherWithoutState(self) -> None:
+        """A Publishable that does not override getStateToPublish fails whenReady with the
+        NotImplementedError its publisher raised."""
+
+        class Bare(publish.Publishable):
+            def getTypeToCopy(self) -> bytes:
+                return TAG
+
+        with capturedLogs():
+            failure = self.call(Bare("x"))
+        self.flushLoggedErrors(NotImplementedError)
+        self.assertTrue(failure.check(NotImplementedError))
+        self.assertEqual(failure.getErrorMessage(), "Bare.getStateToPublishFor")
+
     def test_askedAfterTheFetchFailed(self) -> None:
         """whenReady asked after the state fetch failed fails with that error."""
         root, pump = self.connect(Catalogue("x", state=ValueError("not now")))
@@ -292,6 +323,55 @@ class WhenReadyFailsTests(PublishTestCase):
         self.assertEqual(len(failures), 1)
         failures[0].trap(ValueError)
         self.assertIn("not now", failures[0].getErrorMessage())
+
+
+class ActivationTests(PublishTestCase):
+    """
+    What a receiver learns once the full state is here.
+    """
+
+    def test_listenersCalledOnceActivated(self) -> None:
+        """callWhenActivated before the state arrives calls back once it has, in order; one
+        that raises is logged and the others still run; after, it calls back at once."""
+        root, pump = self.connect(Catalogue("x"))
+        listings: list[Any] = []
+        root.callRemote("listing").addCallback(listings.append)
+        root.callRemote("listing").addCallback(listings.append)
+        # The first answer arrives; the state is fetched by a call of its own.
+        called: list[Any] = []
+
+        def failing(remote: Any) -> None:
+            called.append("failing")
+            raise RuntimeError("listener failed")
+
+        pump.pump()
+        pump.pump()
+        remote = listings[0]["catalogue"]
+        self.assertFalse(remote.isActivated)
+        remote.callWhenActivated(lambda r: called.append(("first", r.items)))
+        remote.callWhenActivated(failing)
+        remote.callWhenActivated(lambda r: called.append(("last", r is remote)))
+        with capturedLogs() as events:
+            pump.flush()
+        self.assertEqual(called, [("first", ["a", "b"]), "failing", ("last", True)])
+        self.assertTrue(
+            any("Error in the activation callback" in e.get("log_format", "") for e in events)
+        )
+        self.assertEqual(
+            [f.getErrorMessage() for f in self.flushLoggedErrors(RuntimeError)],
+            ["listener failed"],
+        )
+        remote.callWhenActivated(lambda r: called.append("now"))
+        self.assertEqual(called[-1], "now")
+
+    def test_stateKeysOfOtherPeers(self) -> None:
+        """A published state's bytes keys (a Python 2 publisher's) are decoded; keys that
+        are not text are ignored with a warning naming them."""
+        with capturedLogs() as events:
+            remote = self.call(Catalogue("x", state={b"items": ["c"], 5: "five"}))
+        self.assertEqual(remote.items, ["c"])
+        [warning] = [e for e in events if "Ignored" in e.get("log_format", "")]
+        self.assertEqual((warning["names"], warning["source"]), ("[5]", "published state"))
 
 
 class UnwritableCacheTests(PublishTestCase):

@@ -268,7 +268,8 @@ class RemoteCopy(Unjellyable):
         """
         Install the received state; by default it becomes ``__dict__`` (text keys).
 
-        :raises InvalidJelly: the state is not a dictionary with text keys (the peer's fault).
+        :raises ~pbroker.errors.InvalidJelly: the state is not a dictionary with text keys
+            (the peer's fault).
         """
         if not isinstance(state, dict):
             raise InvalidJelly(

@@ -567,6 +567,7 @@ class CallTests(SynchronousTestCase):
         self.assertFalse(self.root == 1)
         with self.assertRaises(TypeError):
             _ = self.root < 1
+        self.assertEqual(repr(self.root), f"<RemoteReference b'root' at 0x{id(self.root):x}>")
         echo = self.root.remoteMethod("echo")
         self.assertNotEqual(echo, "echo")
         self.assertEqual(hash(echo), hash(self.root.remoteMethod("echo")))

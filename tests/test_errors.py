@@ -102,6 +102,8 @@ class ConnectionLostTests(SynchronousTestCase):
         odd = Odd()
         self.assertEqual(str(errors.PBConnectionLost(odd)), str(odd))
         self.assertEqual(str(errors.PBConnectionLost(ConnectionDone())), str(ConnectionDone()))
+        self.assertEqual(str(errors.PBConnectionLost()), "")
+        self.assertEqual(str(errors.PBConnectionLost("a", "b")), "('a', 'b')")
 
     def test_text(self) -> None:
         """Given text, the text."""

@@ -3160,6 +3160,41 @@ class StreamLifecycleTests(NativeTestCase):
         self.assertEqual(closed, [True])
         self.assertTrue(gate.called)  # cancelled
 
+    def test_readersUsedAsTheConnectionGoes(self) -> None:
+        """A reader whose error handler, as the connection goes, reads another stream and
+        cancels a third (``async with a, b, c`` does): the read gets a buffered item, the
+        cancelled one fails with CancelledError, and nothing is sent on the lost connection
+        (no credit for the item read, no streamcancel); the read one then fails with
+        PBConnectionLost after its other items."""
+        first = self.call("pushed")  # nothing written to it: a read waits
+        read = self.call("pushed")
+        for item in range(20):
+            self.rootObject.stream.write(item).addErrback(lambda _: None)
+        cancelled = self.call("numbers", 100)
+        self.pump.flush()
+        self.assertEqual((first.buffered, read.buffered, cancelled.buffered), (0, 16, 16))
+        # Half the window read: the next read gives credit again.
+        self.assertEqual([self.successResultOf(read.next()) for _ in range(7)], [*range(7)])
+        seen: list[Any] = []
+
+        def lost(failure: Failure) -> None:
+            seen.append(failure.type)
+            read.next().addBoth(seen.append)
+            cancelled.cancel()
+
+        first.next().addErrback(lost)
+        sent: list[Any] = []
+        self.client.sendEncoded = sent.append  # type: ignore[method-assign]
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(seen, [PBConnectionLost, 7])
+        self.assertEqual(sent, [])
+        self.failureResultOf(cancelled.next(), CancelledError)
+        self.assertEqual(repr(cancelled), f"<RemoteStream {cancelled.streamID} cancelled>")
+        self.assertEqual([self.successResultOf(read.next()) for _ in range(8)], [*range(8, 16)])
+        self.failureResultOf(read.next(), PBConnectionLost)
+        self.assertEqual(self.client._streams.cancelled, set())
+
     def test_argumentStreamLostWithItsCallerLogsNoTraceback(self) -> None:
         """A method reading an argument stream fails with PBConnectionLost when its caller's
         connection drops: one line says so, no traceback is logged as an error."""

@@ -18,7 +18,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, banana, pb
@@ -701,6 +703,145 @@ class PendingTests(SynchronousTestCase):
         self.assertEqual(paced.progress(), (3, 6))
         self.assertIsNone(PacedTransport(StringTransport(), None).progress())
 
+    def test_protocolWrapper(self) -> None:
+        """A protocol wrapper over a file descriptor transport (twisted.protocols.policies'
+        ProtocolWrapper, as a user's own layer may be) holds nothing itself: what waits
+        is what the file descriptor holds."""
+        real = SocketTransport()
+        real.limit = 2
+        wrapper = policies.ProtocolWrapper(
+            policies.WrappingFactory(Factory.forProtocol(Protocol)), Protocol()
+        )
+        wrapper.makeConnection(real)
+        wrapper.write(b"abcde")
+        self.assertEqual(_pendingIn(wrapper), 5)
+        real.doWrite()
+        self.assertEqual(_pendingIn(wrapper), 3)
+
+    def test_fileDescriptorOfAnotherMake(self) -> None:
+        """A file descriptor transport without Twisted's buffers (a subclass that keeps its
+        own) cannot tell: None, as for any other transport, and the wrapper's progress too."""
+
+        class OwnBuffer(FileDescriptor):
+            def __init__(self) -> None:  # keeps its own buffer: FileDescriptor's is never made
+                self.chunks: list[bytes] = []
+
+        self.assertIsNone(_pendingIn(OwnBuffer()))
+        self.assertIsNone(PacedTransport(OwnBuffer(), None).progress())
+
     def test_unknown(self) -> None:
         """A transport that cannot tell: None (a paused peer is then taken as stalled)."""
         self.assertIsNone(_pendingIn(StringTransport()))
+
+
+class BareTransport:
+    """
+    A transport with only what ITransport asks for (write, loseConnection, the addresses):
+    no producer registration, no writeSequence, no abortConnection, as a user's own
+    wrapper may be. What one side writes waits in ``written`` until :func:`deliver`.
+    """
+
+    def __init__(self, host: int, peer: int) -> None:
+        self.written: list[bytes] = []
+        self.lost = False
+        self._host = IPv4Address("TCP", "127.0.0.1", host)
+        self._peer = IPv4Address("TCP", "127.0.0.1", peer)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def getHost(self) -> IPv4Address:
+        return self._host
+
+    def getPeer(self) -> IPv4Address:
+        return self._peer
+
+
+class BareTransportTests(SynchronousTestCase):
+    """
+    A broker works over a transport that lacks what pacing uses when it is there (producer
+    registration, writeSequence, abortConnection, a count of what waits): it is never
+    paused, and it is closed with loseConnection.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = pb.PBServerFactory(Root(), clock=self.clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 1)
+        )
+        self.client = pb.PBClientFactory(clock=self.clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 8789)
+        )
+        self.serverTransport = BareTransport(8789, 1)
+        self.clientTransport = BareTransport(1, 8789)
+        self.server.makeConnection(self.serverTransport)
+        self.client.makeConnection(self.clientTransport)
+        self.deliver()
+
+    def deliver(self) -> None:
+        """
+        Move what each side wrote to the other until neither writes; close both sides once
+        either asked to.
+        """
+        for _ in range(1000):
+            self.clock.advance(0)
+            moved = False
+            for transport, receiver in (
+                (self.serverTransport, self.client),
+                (self.clientTransport, self.server),
+            ):
+                data, transport.written = b"".join(transport.written), []
+                if data and not receiver.disconnected:
+                    moved = True
+                    receiver.dataReceived(data)
+            if self.serverTransport.lost or self.clientTransport.lost:
+                for broker in (self.server, self.client):
+                    if not broker.disconnected:
+                        broker.connectionLost(Failure(ConnectionLost()))
+                return
+            if not moved:
+                return
+        self.fail("the brokers kept writing")
+
+    def test_callsAndLargeAnswers(self) -> None:
+        """The native dialect is chosen; calls are answered, a large one (sent in parts)
+        whole; the wrapper never registered with the transport, and never pauses."""
+        paced = self.server.transport
+        self.assertIsInstance(paced, PacedTransport)
+        self.assertFalse(paced._registered)
+        self.assertEqual(self.client.currentDialect, NATIVE_DIALECT)
+        root = self.client.remoteForName("root")
+        small = root.callRemote("echo", [1, "two"])
+        large = root.callRemote("echo", b"x" * (3 * 1024 * 1024))
+        self.deliver()
+        self.assertEqual(self.successResultOf(small), [1, "two"])
+        self.assertEqual(self.successResultOf(large), b"x" * (3 * 1024 * 1024))
+        self.assertFalse(paced.paused)
+        self.assertIsNone(paced.progress())  # it cannot tell what waits
+
+    def test_writeSequence(self) -> None:
+        """writeSequence through the wrapper (as an application may use a broker's
+        transport) writes the parts joined, in order after what was held, and counts them."""
+        paced = self.server.transport
+        written = paced.written
+        paced.hold()
+        paced.write(b"a")
+        paced.writeSequence([b"b", b"cd"])
+        paced.release()
+        self.assertEqual(self.serverTransport.written, [b"a", b"bcd"])
+        self.assertEqual(paced.written, written + 4)
+        self.serverTransport.written = []
+
+    def test_closing(self) -> None:
+        """Closing uses loseConnection (no producer to unregister); so does dropping a peer,
+        as the transport has no abortConnection."""
+        self.server.transport.loseConnection()
+        self.assertTrue(self.serverTransport.lost)
+        self.deliver()
+        self.assertTrue(self.server.disconnected and self.client.disconnected)
+        self.assertFalse(self.clientTransport.lost)
+        self.client.transport.abortConnection()
+        self.assertTrue(self.clientTransport.lost)

@@ -3024,6 +3024,22 @@ class ReentrancyTests(SynchronousTestCase):
         self.assertTrue(fragmented)
 
 
+class StopSign(pb.Copyable):
+    pass
+
+
+class RemoteStopSign(pb.RemoteCopy):
+    """
+    Calls ``arrived`` as it is unjellied: application code that runs while a stream's item
+    is decoded.
+    """
+
+    arrived: Callable[[], None] = staticmethod(lambda: None)
+
+    def setCopyableState(self, state: dict[str, Any]) -> None:
+        type(self).arrived()
+
+
 class StreamLifecycleTests(NativeTestCase):
     """
     Streams are released however a call ends: dropped unread, answered after a cancel,
@@ -3133,6 +3149,102 @@ class StreamLifecycleTests(NativeTestCase):
         gc.collect()
         self.pump.flush()
         self.assertEqual(self.server.luids, {})
+
+    def test_asyncSourceThatYieldsWhenCancelled(self) -> None:
+        """An async source that, stopped while it awaits, catches the CancelledError and
+        yields one more item: the item is dropped, not sent, and the source is closed."""
+        closed: list[bool] = []
+
+        async def stubborn() -> AsyncIterator[int]:
+            try:
+                yield 1
+                await Deferred()
+            except CancelledError:
+                yield 99
+            finally:
+                closed.append(True)
+
+        self.rootObject.remote_stubborn = stubborn  # type: ignore[attr-defined]
+        sent: list[Any] = []
+        table = self.server._streams
+        sendItem = table.sendItem
+        table.sendItem = lambda *args: (sent.append(args[1]), sendItem(*args))[1]  # type: ignore[method-assign]
+        stream = self.call("stubborn")
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(stream.next()), 1)
+        stream.cancel()
+        with capturedLogs() as events:
+            self.pump.flush()
+        self.assertEqual((sent, closed, events), ([1], [True], []))
+        self.assertEqual(table.outgoing, {})
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_asyncSourceThatCleansUpWhenCancelled(self) -> None:
+        """An async source that, stopped while it awaits, awaits its own clean-up before it
+        ends with the CancelledError: its end, once the clean-up is done, is dropped (its
+        step was already cancelled), nothing is sent or logged, and its finally runs."""
+        closed: list[bool] = []
+        cleanup: Deferred[None] = Deferred()
+
+        async def careful() -> AsyncIterator[int]:
+            try:
+                yield 1
+                await Deferred()
+            except CancelledError:
+                await cleanup
+                raise
+            finally:
+                closed.append(True)
+
+        self.rootObject.remote_careful = careful  # type: ignore[attr-defined]
+        stream = self.call("careful")
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(stream.next()), 1)
+        stream.cancel()
+        with capturedLogs() as events:
+            self.pump.flush()
+            self.assertEqual(closed, [])  # still cleaning up
+            self.assertEqual(self.server._streams.outgoing, {})
+            cleanup.callback(None)
+            self.pump.flush()
+        self.assertEqual((closed, events), ([True], []))
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_readerCancelledWhileItsItemIsDecoded(self) -> None:
+        """Application code run while an item is decoded (a RemoteCopy's setCopyableState)
+        cancels the stream, and may then raise: the item is dropped, not kept in a stream
+        that is cancelled, nothing of it counts as unread, the stream is cancelled once
+        (not failed by the error), the sender stopped, and the connection kept."""
+
+        def raiseAfter(stream: RemoteStream) -> None:
+            stream.cancel()
+            raise ValueError("seen enough")
+
+        self.registry.setUnjellyableForClass(StopSign, RemoteStopSign)
+        self.addCleanup(setattr, RemoteStopSign, "arrived", RemoteStopSign.arrived)
+        for hook in (RemoteStream.cancel, raiseAfter):
+            self.rootObject.remote_signs = lambda: iter([1, StopSign(), 2])  # type: ignore[attr-defined]
+            stream = self.call("signs")
+            RemoteStopSign.arrived = staticmethod(partial(hook, stream))  # type: ignore[method-assign]
+            table = self.client._streams
+            sent: list[Any] = []
+
+            def sendCall(*message: Any, sent: list[Any] = sent) -> None:
+                sent.append(message)
+                pb.Broker.sendCall(self.client, *message)
+
+            self.patch(self.client, "sendCall", sendCall)
+            with capturedLogs() as events:
+                self.pump.flush()
+            self.assertEqual(repr(stream), f"<RemoteStream {stream.streamID} cancelled>")
+            self.failureResultOf(stream.next(), CancelledError)
+            self.assertEqual((stream.buffered, table.unreadBytes, table.promisedBytes), (0, 0, 0))
+            self.assertEqual(
+                [m for m in sent if m[0] == b"streamcancel"], [(b"streamcancel", stream.streamID)]
+            )
+            self.assertEqual([e for e in events if e.get("log_level").name != "debug"], [])
+            self.assertEqual(self.server._streams.outgoing, {})
+        self.assertEqual(self.call("echo", 3), 3)
 
     def test_connectionLostClosesAwaitingAsyncGenerator(self) -> None:
         """An async generator being streamed, awaiting something when the connection drops,

@@ -121,9 +121,13 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(banana.PB_VOCABULARY[b"uncache"], 31)
 
     def test_tuplesAndSubclassesTravelAsBaseTypes(self) -> None:
-        """Tuples encode as lists; bool and subclasses of int, bytes and list as their base."""
+        """Tuples encode as lists; bool and subclasses of int, bytes, list and float as their
+        base."""
 
         class MyBytes(bytes):
+            pass
+
+        class MyFloat(float):
             pass
 
         class MyList(list[Any]):
@@ -134,6 +138,8 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(encode(False), encode(0))
         self.assertEqual(encode(MyBytes(b"ab")), encode(b"ab"))
         self.assertEqual(encode(MyList([1])), encode([1]))
+        self.assertEqual(encode([MyFloat(1.5)], b"pb"), encode([1.5], b"pb"))
+        self.assertIs(type(decode(encode(MyFloat(1.5)))), float)
 
     def test_unsupportedType(self) -> None:
         """Text, None and other objects cannot be sent; the error names the type."""
@@ -212,6 +218,29 @@ class EncodeTests(SynchronousTestCase):
         with self.assertRaises(BananaEncodeError):
             small.symbol(b"abc")
         self.assertEqual(len(small.smallInts), 128)
+
+    def test_joinListPastTheCachedHeaders(self) -> None:
+        """A list of more elements than the cached headers gets its header made, as encode
+        makes it; past the size limit it is refused, saying so."""
+        tokens = banana.Tokens(b"pb")
+        elements = [tokens.integer(1)] * 300
+        self.assertEqual(tokens.joinList(elements), encode([1] * 300, b"pb"))
+        small = banana.Tokens(b"pb", sizeLimit=2)
+        with self.assertRaises(BananaEncodeError) as caught:
+            small.joinList(elements[:3])
+        self.assertEqual(
+            str(caught.exception), "list of 3 elements is too long to send (the size limit is 2)"
+        )
+
+    def test_prefixLimitBelowOne(self) -> None:
+        """A prefix limit below one is a mistake of the caller's: ValueError, naming it."""
+        for make in (
+            lambda: encode(1, prefixLimit=0),
+            lambda: banana.Tokens(b"pb", prefixLimit=0),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                make()
+            self.assertEqual(str(caught.exception), "the prefix limit must be at least 1, not 0")
 
 
 class IntegerPrefixTests(SynchronousTestCase):

@@ -1011,6 +1011,55 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertRaises(BananaDecodeError, decoder.feed, records[1])
 
 
+class CodecEdgeTests(SynchronousTestCase):
+    """
+    The codec's entry points given what they do not usually get: other bytes-like types,
+    values that are not bytes, hand-packed values, malformed documents.
+    """
+
+    def test_reprs(self) -> None:
+        """A packed value shows its size; a value already unpacked, its type."""
+        self.assertEqual(repr(_native.Packed(b"ab", b"c")), "<Packed 3 bytes>")
+        self.assertEqual(repr(_native.Unpacked([b"x"])), "<Unpacked list>")
+
+    def test_feedAnyBytesLike(self) -> None:
+        """The frame decoder takes a bytearray or memoryview as it takes bytes, and what it
+        keeps of one is a copy: a buffer the caller reuses does not change the message."""
+        record = b"".join(_native.records([b"answer", 1, msgpack.packb([5, b"abc"])]))
+        expected = _native.FrameDecoder(None).feed(record)
+        for kind in (bytearray, memoryview):
+            self.assertEqual(_native.FrameDecoder(None).feed(kind(record)), expected)
+        decoder = _native.FrameDecoder(None)
+        reused = bytearray(record[:-2])
+        self.assertEqual(decoder.feed(reused), [])
+        reused[:] = b"\xff" * len(reused)
+        self.assertEqual(decoder.feed(bytearray(record[-2:])), expected)
+
+    def test_unpackRefusesWhatIsNotBytes(self) -> None:
+        """A value that is not bytes (a peer's malformed message put a string where a
+        packed value goes) is refused with InvalidJelly, naming it."""
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        with self.assertRaises(InvalidJelly) as caught:
+            codec.unpack("text")
+        self.assertEqual(str(caught.exception), "a pbroker2 value must be bytes, not 'text'")
+
+    def test_noStreamsInWhatCannotHoldThem(self) -> None:
+        """A byte string packed by hand (in parts) and a value that is not bytes name no
+        streams and no jellied objects."""
+        codec = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        self.assertEqual(codec.streamsIn(_native.Packed(b"\xc4\x01", b"x")), [])
+        self.assertEqual(_native.extensionsIn("text"), ([], []))
+        self.assertEqual(_native.extensionsIn(None), ([], []))
+
+    def test_depthOfMalformedDocuments(self) -> None:
+        """deeperThan judges a malformed document (the never-used type byte 0xc1, an
+        extension cut before its type byte) by what came before the fault."""
+        self.assertFalse(_native.deeperThan(bytes([0x91, 0xC1, 0, 0, 0]), 1))
+        self.assertTrue(_native.deeperThan(bytes([0x91, 0x91, 0xC1, 0, 0]), 1))
+        self.assertFalse(_native.deeperThan(bytes([0x91, 0xD4]), 1))
+        self.assertTrue(_native.deeperThan(bytes([0x91, 0x91, 0xD4]), 1))
+
+
 class LateFailureTests(NativeTestCase):
     def test_failureAfterDisconnectLoggedAsSuch(self) -> None:
         """A call that fails after its caller disconnected is logged as that, not as a

@@ -11,6 +11,7 @@ against either name, so ``failure.trap(pb.NoSuchMethod)`` works whichever peer r
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.python.failure import Failure
@@ -200,13 +201,17 @@ class CopiedFailure(RemoteCopy, Failure):
         self, file: TextIO | None = None, elideFrameworkCode: int = 0, detail: str = "default"
     ) -> None:
         if file is None:
-            import sys
+            # Where Twisted's Failure.printTraceback writes: the log, as errors (under
+            # twistd, standard error goes nowhere).
+            from twisted.python import log
 
-            file = sys.stderr
+            write: Callable[[str], object] = log.logerr.write
+        else:
+            write = file.write
         remoteType, value, traceback = self._remote()
-        file.write(f"Traceback from remote host -- {_text(remoteType)}: {value}\n")
+        write(f"Traceback from remote host -- {_text(remoteType)}: {value}\n")
         if traceback and traceback != "Traceback unavailable\n":
-            file.write(traceback)
+            write(traceback)
 
     printBriefTraceback = printTraceback
     printDetailedTraceback = printTraceback

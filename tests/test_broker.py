@@ -9,7 +9,6 @@ import datetime
 import gc
 import inspect
 import io
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import banana as twistedBanana
 from twisted.spread import jelly as twistedJelly
@@ -999,13 +998,16 @@ class CopiedFailureStateTests(SynchronousTestCase):
 
     def test_printTraceback(self) -> None:
         """printTraceback writes the remote type and value, then the remote traceback when
-        one was sent; with no file given, to standard error."""
+        one was sent; with no file given, to the log as errors, as Twisted's Failure does."""
         copied = self.copied({"type": b"x.Y", "value": "v", "traceback": "Traceback: here\n"})
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        copied.printTraceback()
+        with capturedLogs() as events:
+            copied.printTraceback()
         self.assertEqual(
-            stderr.getvalue(), "Traceback from remote host -- x.Y: v\nTraceback: here\n"
+            [(event["log_io"], event["log_level"]) for event in events],
+            [
+                ("Traceback from remote host -- x.Y: v", LogLevel.error),
+                ("Traceback: here", LogLevel.error),
+            ],
         )
         brief = io.StringIO()
         self.copied({"type": b"x.Y", "value": "v"}).printBriefTraceback(brief)

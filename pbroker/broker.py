@@ -3186,9 +3186,13 @@ class Broker(Banana):
         try:
             result = self.unserialize(netResult)
         except Exception:  # refused or over a limit: this call fails, the link stays
-            deferred.errback()
+            if not deferred.called:
+                deferred.errback()
         else:
-            deferred.callback(result)
+            # Application code run by unjellying (a copy's setCopyableState) may have
+            # cancelled the call: its caller has its CancelledError, the answer is dropped.
+            if not deferred.called:
+                deferred.callback(result)
 
     def _answerWithContext(self, requestID: Any, netResult: Any, reply: Any) -> None:
         target = self._replyTargets.get(requestID) if type(requestID) is int else None
@@ -3203,7 +3207,9 @@ class Broker(Banana):
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
         if deferred is not None:
-            deferred.errback(self._unserializeFailure(netFailure))
+            failure = self._unserializeFailure(netFailure)
+            if not deferred.called:  # else cancelled while unjellied, as in _answer
+                deferred.errback(failure)
         else:
             self._dropLateValue(netFailure)
 

@@ -398,6 +398,55 @@ class CopyTests(SynchronousTestCase):
             ],
         )
 
+    def test_callCancelledWhileItsAnswerIsUnjellied(self) -> None:
+        """A call that application code cancels while its answer or error is unjellied (a
+        copy's setCopyableState) fails with CancelledError alone: the answer, the error, or
+        the refusal of the answer that follows the cancel, is dropped, and the connection
+        stays."""
+        calls: list[Deferred[Any]] = []
+
+        class CancellingPoint(pb.RemoteCopy):
+            def setCopyableState(self, state: Any) -> None:
+                calls[-1].cancel()
+                if state["x"] < 0:
+                    raise ValueError("refused after the cancel")
+                super().setCopyableState(state)
+
+        class CancellingError(pb.RemoteCopy, pb.Error):
+            def setCopyableState(self, state: Any) -> None:
+                calls[-1].cancel()
+                super().setCopyableState(state)
+
+        class Root(pb.Root):
+            def remote_point(self, x: int) -> Point:
+                return Point(x, 2)
+
+            def remote_error(self) -> None:
+                raise RichError("failed")
+
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Point, CancellingPoint)
+        registry.setUnjellyableForClass(RichError, CancellingError)
+        for dialects in (None, [b"pb"]):
+            server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(Root()), pb.PBClientFactory(registry=registry, dialects=dialects)
+            )
+            root = client.remoteForName("root")
+            for args in (("point", 1), ("point", -1), ("error",)):
+                calls.append(root.callRemote(*args))
+                pump.flush()
+                self.failureResultOf(calls[-1], CancelledError)
+                self.assertEqual((client.waitingForAnswers, client._abandoned), ({}, set()))
+                self.assertFalse(client.disconnected)
+            unrelated: Deferred[Any] = Deferred()
+            unrelated.addErrback(lambda _: None)
+            calls.append(unrelated)  # what the next copy cancels: the call is answered
+            results: list[Any] = []
+            root.callRemote("point", 3).addBoth(results.append)
+            pump.flush()
+            self.assertEqual([(point.x, point.y) for point in results], [(3, 2)])
+            self.assertFalse(server.disconnected)
+
 
 class ProtocolTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -11,12 +11,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
-from tests.test_broker import RemoteTrigger, Trigger, Unserialisable
+from tests.test_broker import FailingTrigger, RemoteTrigger, Trigger, Unserialisable
 
 
 class TriggeringError(pb.Error, pb.Copyable):
@@ -36,6 +37,21 @@ class TriggeringError(pb.Error, pb.Copyable):
 
 class RemoteTriggeringError(pb.RemoteCopy, pb.Error):
     pass
+
+
+class Canceller(pb.Copyable):
+    """
+    A copy whose state, when taken, completes another call's answer and then cancels that
+    call (an application giving up on it), while the answer waits for this value.
+    """
+
+    def __init__(self, waiter: Deferred[Any]) -> None:
+        self.waiter = waiter
+
+    def getStateToCopy(self) -> Any:
+        self.waiter.callback(1)
+        self.waiter.cancel()
+        return {}
 
 
 class Taker(pb.Referenceable):
@@ -67,6 +83,16 @@ class Root(KeepingRoot):
 
     def remote_waitOther(self) -> Any:
         return self.other
+
+    def remote_waitOtherOneWay(self) -> Any:
+        return self.other
+
+    def remote_cancelLater(self) -> Any:
+        return [Canceller(self.later)]
+
+    def remote_failOtherThenAnswerLater(self) -> Any:
+        # The hooks fail the one-way waitOtherOneWay, then complete waitLater's answer.
+        return [FailingTrigger(self.other, ValueError("one-way failed")), Trigger(self.later, 1)]
 
     def remote_triggerThenFail(self) -> Any:
         # The hook completes waitLater's answer, then the value fails to serialise.
@@ -130,7 +156,15 @@ class PostponedAnswerTests(ConnectedTestCase):
     """
 
     def setUp(self) -> None:
-        self.connect(Root(), {Trigger: RemoteTrigger, TriggeringError: RemoteTriggeringError})
+        self.connect(
+            Root(),
+            {
+                Trigger: RemoteTrigger,
+                FailingTrigger: RemoteTrigger,
+                Canceller: RemoteTrigger,
+                TriggeringError: RemoteTriggeringError,
+            },
+        )
         self.waiting: list[Any] = []
         self.root.callRemote("waitLater").addBoth(self.waiting.append)
         self.pump.flush()
@@ -195,6 +229,38 @@ class PostponedAnswerTests(ConnectedTestCase):
         self.flushLoggedErrors()
         self.assertIsInstance(items[0], Failure)
         self.assertEqual(self.waiting, [1])
+
+    def test_answerCancelledWhilePostponed(self) -> None:
+        """A call whose answer a hook completes, then cancels while that answer waits for
+        the value being serialised, is answered once, with its CancelledError; the value
+        is sent, and nothing is left waiting."""
+        values: list[Any] = []
+        self.root.callRemote("cancelLater").addBoth(values.append)
+        self.settle()
+        [[copy]] = values
+        self.assertIsInstance(copy, RemoteTrigger)
+        [failure] = self.waiting
+        self.assertTrue(failure.check("twisted.internet.defer.CancelledError"))
+        self.assertEqual((self.server._postponed, self.server._answering), ([], {}))
+        self.assertEqual(self.client.waitingForAnswers, {})
+        self.assertFalse(self.server.disconnected)
+
+    def test_oneWayCallFailingBeforeAPostponedAnswer(self) -> None:
+        """A one-way call a hook fails, and an answer the next hook completes, both wait
+        for the value: the failure is logged, then the answer is sent."""
+        self.root.callRemote("waitOtherOneWay", pbanswer=False)
+        self.settle()
+        values: list[Any] = []
+        with capturedLogs() as events:
+            self.root.callRemote("failOtherThenAnswerLater").addBoth(values.append)
+            self.settle()
+        [failed] = [event for event in events if "log_failure" in event]
+        self.assertEqual(failed["log_format"], "A one-way remote call failed")
+        self.assertEqual(str(failed["log_failure"].value), "one-way failed")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.waiting, [1])
+        self.assertEqual([type(copy) for copy in values[0]], [RemoteTrigger, RemoteTrigger])
+        self.assertEqual((self.server._postponed, self.server._oneWayPending), ([], 0))
 
     def test_missedPathStillSentNextTurn(self) -> None:
         """Should a path that drops a value not send what waited for it, the reactor's

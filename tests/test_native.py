@@ -1456,6 +1456,18 @@ class ContextTests(NativeTestCase):
         self.assertEqual(self.client._replyTargets, {})
         self.assertEqual(self.server._callContexts, {})
 
+    def test_oneWayCallWithAContext(self) -> None:
+        """A one-way call carries its annotations and deadline to the method; nothing is
+        kept for a reply that is never sent."""
+        ref = self.root.withOptions(timeout=30, context={"k": "v"})
+        self.assertIsNone(ref.callRemote("annotated", 4, pbanswer=False))
+        self.pump.flush()
+        [call] = self.rootObject.contexts
+        self.assertEqual((call.annotations, call.deadline), ({"k": "v"}, self.clock.seconds() + 30))
+        self.assertEqual(call.reply, {"seen": 4})  # the method's, which goes nowhere
+        self.assertEqual(self.server._callContexts, {})
+        self.assertEqual(self.client.waitingForAnswers, {})
+
     def test_keywordNamesStayFree(self) -> None:
         """Keywords named timeout or context reach the method as ordinary arguments."""
         result = self.call("annotated", 1, timeout=2, context=3)

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.spread import util as twistedUtil
 from twisted.trial.unittest import SynchronousTestCase
@@ -460,6 +461,103 @@ class PagerTests(SynchronousTestCase):
         client.transport.loseConnection()
         pump.flush()
         pages[0].trap(PBConnectionLost)
+
+    def test_noPageAfterTheConnectionIsLost(self) -> None:
+        """A pager still registered when this side closes the connection (its transport
+        no longer stops it) is asked for no page when it says it has one ready."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()  # the answer goes, the pages wait
+                self.pager = util.StringPager(collector, b"abcdef", 1)
+
+        root = MyRoot()
+        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
+        pages: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(pages.append)
+        pump.flush()
+        server.transport.loseConnection()
+        pump.flush()
+        self.assertTrue(server.disconnected)
+        self.assertEqual(server.pageProducers, [root.pager])
+        written = server.transport.written
+        server.sendPages()  # what a pager does once it has a page ready
+        self.assertEqual((root.pager.pointer, server.transport.written), (0, written))
+        pages[0].trap(PBConnectionLost)
+
+    def test_pagerStartedWhileALargeMessageIsSent(self) -> None:
+        """A pager started while a large message is sent in fragments sends its first page
+        only once that message is out: its pages follow it, in order."""
+        large = b"L" * 3_000_000
+        pointers: list[int] = []
+
+        def startBehindALargePage(collector: Any) -> Any:
+            collector.callRemote("gotPage", large, pbanswer=False)
+            pager = util.StringPager(collector, b"abc", 1)
+            pointers.append(pager.pointer)
+            return pager
+
+        server, results = self.collectFrom(startBehindALargePage)
+        self.assertEqual(pointers, [0])  # nothing sent while the large page was queued
+        self.assertEqual(results, [[large, b"a", b"b", b"c"]])
+        self.assertEqual((server.pageProducers, server._pagesSent), ([], set()))
+
+    def test_droppingAPager(self) -> None:
+        """A pager dropped while its large page is being sent is forgotten, and told why;
+        one dropped again once gone is told again, one without pagingFailed, or whose
+        pagingFailed raises, is only logged: each drop logs why the pager stops."""
+        stopped: list[Any] = []
+
+        class LargeFirst(util.Pager):
+            def nextPage(self) -> bytes:
+                return b"p" * 1_000_000
+
+            def pagingFailed(self, failure: Failure) -> None:
+                stopped.append(failure.value)
+                super().pagingFailed(failure)
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = LargeFirst(collector)
+
+        root = MyRoot()
+        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
+        results: list[Any] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        pump.pump()
+        pump.pump()
+        self.assertTrue(server.sendingLarge)  # the first page, in fragments
+        self.assertEqual(server._pagesSent, {root.pager})
+        failure = Failure(OSError("the source failed"))
+        with capturedLogs() as events:
+            server.dropPageProducer(root.pager, failure)
+            self.assertEqual((server.pageProducers, server._pagesSent), ([], set()))
+            server.dropPageProducer(root.pager, failure)  # no longer registered
+            self.assertEqual([str(value) for value in stopped], ["the source failed"] * 2)
+
+            class Bare:
+                """A pager of the broker's protocol alone: no pagingFailed."""
+
+            class FailsToStop(Bare):
+                def pagingFailed(self, failure: Failure) -> None:
+                    raise RuntimeError("cannot stop")
+
+            server.dropPageProducer(Bare(), failure)
+            server.dropPageProducer(FailsToStop(), failure)
+        self.assertEqual(
+            [(event["log_format"], str(event["log_failure"].value)) for event in events],
+            [("A pager failed; it stops", "the source failed")] * 3
+            + [
+                ("A pager failed to stop", "cannot stop"),
+                ("A pager failed; it stops", "the source failed"),
+            ],
+        )
+        self.flushLoggedErrors(OSError, RuntimeError)
+        pump.flush()
+        # The collector got the page being sent, then the news.
+        results[0].trap(pb.RemoteError)
+        self.assertIn("the source failed", results[0].getErrorMessage())
+        self.assertFalse(server.disconnected)
 
     def test_getAllPagesReportsCallFailure(self) -> None:
         """If the paging call itself fails, getAllPages fails with it."""

@@ -327,6 +327,53 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.client.importedReferences, 0)
         self.assertNotIn(self.rootObject.child.processUniqueID(), self.server.luids)
 
+    def test_aReleaseBehindACancelledLargeCallIsSent(self) -> None:
+        """A decref that waited behind a large call to its object, itself waiting for the
+        server to take an earlier one, is sent once that call is cancelled unsent."""
+        ran: list[int] = []
+
+        class Recording(Child):
+            def remote_take(self, *args: Any) -> int:
+                ran.append(len(args))
+                return len(args)
+
+        self.rootObject.remote_newChild = Recording  # type: ignore[method-assign]
+        child = self.answer("newChild")
+        first = self.writeOneLarge()
+        large = child.callRemote("take", b"c" * BIG)  # waits for "taken"; names the child
+        del child
+        gc.collect()  # its decref: must follow that call
+        self.clock.advance(0)
+        self.assertEqual(len(self.client._afterBlocked), 1)
+        large.cancel()
+        self.failureResultOf(large, CancelledError)
+        self.assertEqual(len(self.client._afterBlocked), 0)
+        self.drain()
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.client.importedReferences, 0)
+        self.assertEqual(self.server.luids, {})  # the decref came
+        self.assertEqual(ran, [])  # the call never did
+
+    def test_cancellingOneOfManyKeptCalls(self) -> None:
+        """Cancelling a kept call found past another one drops it alone: the others are
+        sent, and the server never runs it."""
+        gauge = Gauge()
+        self.answer("keep", gauge)  # the server holds a copy: later calls name it by handle
+        ran: list[Any] = []
+        self.rootObject.remote_note = lambda _, tag: ran.append(tag)  # type: ignore[attr-defined]
+        calls = self.queueLarge()
+        kept = [self.root.callRemote("note", gauge, tag) for tag in ("a", "b", "c")]
+        self.assertEqual(len(self.client._afterLarge), 3)
+        kept[1].cancel()
+        self.failureResultOf(kept[1], CancelledError)
+        self.assertEqual(len(self.client._afterLarge), 2)
+        self.drain()
+        self.assertEqual(ran, ["a", "c"])
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.client.waitingForAnswers, {})
+
     def test_aReleaseDoesNotOvertakeACallKeptAgain(self) -> None:
         """A kept large call that goes ahead only to wait for "taken" again stays ahead of
         what came after it: the decref of the object a later call names follows that call."""
@@ -449,6 +496,31 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
         self.assertEqual(list(self.server.remotelyCachedObjects), [forgotten])
         self.assertEqual(self.client._emptiedReleases, 0)
+
+    def test_anUncacheWhileOtherReleasesAreKept(self) -> None:
+        """The server's uncache of a copy whose decache was sent, arriving while other
+        releases are kept, forgets the copy and leaves those releases kept, to be sent
+        once the large calls are out."""
+        gauge = self.answer("newGauge")
+        luid = gauge.luid
+        child = self.answer("newChild")
+        del gauge
+        gc.collect()  # its decache: written at once, nothing large is queued yet
+        calls = self.queueLarge()
+        del child
+        gc.collect()  # its decref: kept behind the large calls
+        kept = dict(self.client._keptReleases)
+        self.assertEqual([command for command, _ in kept], [b"decref"])
+        self.pump.flush(advanceClock=False)  # the uncache (and "taken") arrive; no pump runs
+        self.assertNotIn(luid, self.client.locallyCachedObjects)
+        self.assertEqual(self.client._keptReleases, kept)
+        self.assertEqual(len(self.client._afterLarge), 1)
+        self.drain()
+        self.assertEqual([self.successResultOf(call) for call in calls], [1, 1])
+        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.client._keptReleases, {})
+        self.assertEqual((self.server.luids, self.server.remotelyCachedObjects), ({}, {}))
+        self.assertFalse(self.client.disconnected)
 
     def test_keptDecrefsForgottenOnConnectionLost(self) -> None:
         """Kept releases are dropped with the connection, and the references their decrefs

@@ -2114,6 +2114,20 @@ class BareBrokerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(results, [5])
 
+    def test_unconnectedBrokerRefusesAReference(self) -> None:
+        """A broker with no connection that unjellies a reference over its limit (an
+        application's own call) refuses it with LimitExceeded, and writes nothing: there
+        is no peer to send its decref, or the release of the rest of the value, to."""
+        broker = pb.Broker(limits=pb.BrokerLimits(importedReferences=1))
+        held = broker.unserialize([b"remote", 1])
+        self.assertIsInstance(held, pb.RemoteReference)
+        with self.assertRaises(LimitExceeded) as raised:
+            broker.unserialize([b"list", [b"remote", 2], [b"remote", 3]])
+        self.assertEqual(str(raised.exception), "the peer sent more than 1 references")
+        self.assertIsNone(broker.transport)
+        self.assertEqual(broker.importedReferences, 1)
+        self.assertEqual(broker._unreadCaches, None)
+
     def test_noneIsNotExported(self) -> None:
         """None cannot be exported under a name: nothing is exported."""
         broker = pb.Broker()

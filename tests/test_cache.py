@@ -307,6 +307,28 @@ class CacheEdgeTests(SynchronousTestCase):
         luids = sorted(server.remotelyCachedObjects)
         self.assertEqual([server.remotelyCachedForLUID(luid) for luid in luids], gauges[:2])
 
+    def test_handleCountedByTheApplication(self) -> None:
+        """cachedRemotelyAs with incref, called by the application (outside any value being
+        sent, as Twisted's Broker allows), counts one more handle: the peer's decache of its
+        only handle leaves the Cacheable copied and observed. A Cacheable the peer holds no
+        copy of is not counted."""
+        gauges = [cacheableFor(pb)]
+        server, client, pump = self.connectGauges(gauges)
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("gauges", 1).addBoth(results.append)
+        pump.flush()
+        luid = server.cachedRemotelyAs(gauges[0])
+        self.assertEqual(server.remotelyCachedObjects[luid].refcount, 1)
+        self.assertEqual(server.cachedRemotelyAs(gauges[0], incref=True), luid)
+        self.assertEqual(server.remotelyCachedObjects[luid].refcount, 2)
+        del results[:]
+        gc.collect()
+        pump.flush()  # the client's decache of its only handle
+        self.assertEqual(server.remotelyCachedObjects[luid].refcount, 1)
+        self.assertEqual(gauges[0].stopped, [])
+        self.assertEqual(list(client.locallyCachedObjects), [luid])  # no uncache came
+        self.assertIsNone(server.cachedRemotelyAs(cacheableFor(pb), incref=True))
+
     def test_stoppedObservingFails(self) -> None:
         """A Cacheable whose stoppedObserving raises is logged, and forgotten all the same:
         when the peer lets go of its copy (the connection stays), and when the connection

@@ -116,6 +116,19 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertTrue(any("message size limit" in str(e.get("why")) for e in events))
         self.assertOthersServed()
 
+    def test_nothingKeptAfterTheConnectionFailed(self) -> None:
+        """What a peer sends after its garbage failed the connection, while the connection
+        takes no data, is neither handled nor kept for later."""
+        with capturedLogs():
+            self.hostile.dataReceived(b"\xff" * 70)  # an unknown type byte: dropped
+        self.assertTrue(self.transport.disconnecting)
+        self.hostile.transport.pauseProducing()
+        written = len(self.transport.value())
+        self.call(b"echo", 1)
+        self.assertEqual((self.hostile._backlog, self.hostile._backlogData), (None, []))
+        self.assertEqual(self.hostile._backlogSize, 0)
+        self.assertEqual(len(self.transport.value()), written)
+
     def test_deepNesting(self) -> None:
         """A message nested deeper than the limit closes that connection."""
         deep: Any = 1

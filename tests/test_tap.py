@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import IResource
 
 import pbroker
 from pbroker import pb, tap
@@ -90,6 +91,18 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as raised:
             missing.parseOptions(["--password-file", "other"])
         self.assertIn("read from --rundir", str(raised.exception))
+
+    def test_filesInsideAChrootNotChecked(self) -> None:
+        """Inside twistd's --chroot the --password-file and --auth file: paths cannot be
+        looked into before twistd changes root: they are taken as given, not refused."""
+        missing = self.mktemp()
+        for arguments in (["--password-file", missing], ["--auth", f"file:{missing}"]):
+            options = tap.Options()
+            options.parent = {"rundir": ".", "chroot": self.mktemp()}  # as twistd's
+            options.parseOptions(arguments)
+            self.assertEqual(options["listen"], [tap.DEFAULT_LISTEN])
+            self.assertTrue(options.wantsLogin)
+        self.assertEqual(options["credCheckers"][0].filename, missing)
 
     def test_loginOptionsThatCannotWork(self) -> None:
         """Combinations that would leave some users unable to log in, or options that would
@@ -212,6 +225,7 @@ class ServiceTests(TestCase):
         self.assertEqual(await root.callRemote("services"), [])
         avatar = await factory.login(Anonymous())
         self.assertEqual((await avatar.callRemote("info"))["user"], "anonymous")
+        self.assertEqual(await avatar.callRemote("services"), [])
 
     async def test_noAnonymousWithAccounts(self) -> None:
         """With accounts configured, anonymous login needs --anonymous."""
@@ -237,6 +251,21 @@ class ServiceTests(TestCase):
         factory = await self.connect(port)
         with self.assertRaises(pb.RemoteError):
             await factory.login(UsernamePassword(b"alice", b"wrong"))
+
+    async def test_authFile(self) -> None:
+        """--auth file: logs in the users of a Twisted users file (its checker keeps bytes
+        usernames already), from either kind of client."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"alice:secret\n")
+        port = await self.start("--auth", f"file:{path}")
+        for module in (pb, twistedPb):
+            factory = await self.connect(port, module)
+            avatar = await factory.login(UsernamePassword(b"alice", b"secret"))
+            self.assertEqual((await avatar.callRemote("info"))["user"], "alice")
+        factory = await self.connect(port)
+        with self.assertRaises(pb.RemoteError) as raised:
+            await factory.login(UsernamePassword(b"alice", b"wrong"))
+        self.assertEqual(raised.exception.remoteType, b"twisted.cred.error.UnauthorizedLogin")
 
     async def test_passwordFileWithoutLegacy(self) -> None:
         """--password-file with --no-legacy-login: pbroker clients only."""
@@ -383,6 +412,21 @@ class ServiceTests(TestCase):
         factory = await self.connect(await self.start("--anonymous"))
         avatar = await factory.login(Anonymous())
         self.assertEqual((await avatar.callRemote("info"))["user"], "anonymous")
+
+
+class RealmTests(SynchronousTestCase):
+    def test_onlyPerspectives(self) -> None:
+        """The default realm, used through a portal by something other than PB, says it
+        only gives PB perspectives rather than giving an avatar of the wrong kind."""
+        realm = tap.BrokerRealm({"clock": object()})
+        with self.assertRaises(NotImplementedError) as raised:
+            realm.requestAvatar(b"alice", None, IResource)
+        self.assertEqual(str(raised.exception), "this realm only gives PB perspectives")
+        interface, avatar, logout = realm.requestAvatar(b"alice", None, IResource, pb.IPerspective)
+        self.assertIs(interface, pb.IPerspective)
+        self.assertEqual(avatar.name, "alice")
+        self.assertEqual(avatar.perspective_services(), ["clock"])
+        self.assertIsNone(logout())
 
 
 class EchoRoot(pb.Root):

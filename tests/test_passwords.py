@@ -5,12 +5,15 @@ file and its command, and how it coexists with the legacy MD5 login of stock Twi
 
 from __future__ import annotations
 
+import errno
 import getpass
 import io
 import os
+import runpy
 import stat
 import sys
 import threading
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -141,6 +144,81 @@ class PasswordFileTests(SynchronousTestCase):
             self.assertEqual(passwords.main(["add", self.path, "erin"]), 1)
         self.assertFalse(os.path.exists(self.path))
         return err.getvalue()
+
+    def test_commandAsksTwice(self) -> None:
+        """Without PBROKER_PASSWORD, in a terminal, the password is asked twice and set when
+        both typings agree."""
+        prompts: list[str] = []
+        typed = iter(["typed pw", "typed pw"])
+
+        def getpassword(prompt: str) -> str:
+            prompts.append(prompt)
+            return next(typed)
+
+        self.patch(getpass, "getpass", getpassword)
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", Terminal())
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = passwords.main(["add", self.path, "erin", "--iterations", str(ITERATIONS)])
+        self.assertEqual(code, 0)
+        self.assertEqual(prompts, ["Password for erin: ", "Again: "])
+        self.assertEqual(out.getvalue(), f"Set the password of erin in {self.path}.\n")
+        verifier = PasswordFile(self.path).verifierFor(b"erin")
+        self.assertEqual(
+            verifier, ScramVerifier.fromPassword(b"typed pw", ITERATIONS, verifier.salt)
+        )
+
+    def test_commandPromptEndedOrInterrupted(self) -> None:
+        """End of input (Ctrl-D) or Ctrl-C at the prompt changes nothing and says so on a line
+        of its own (the prompt's line is left unfinished), not with a traceback."""
+        for raised in (EOFError, KeyboardInterrupt):
+
+            def getpassword(prompt: str, raised: type[BaseException] = raised) -> str:
+                raise raised()
+
+            self.patch(getpass, "getpass", getpassword)
+            err = self.addWithoutPassword(Terminal())
+            self.assertEqual(err, "\nNo password given; nothing was changed.\n")
+
+    def test_commandEmptyTypedPassword(self) -> None:
+        """An empty password typed twice is refused like an empty PBROKER_PASSWORD."""
+        self.patch(getpass, "getpass", lambda prompt: "")
+        err = self.addWithoutPassword(Terminal())
+        self.assertEqual(err, "An empty password is not allowed; nothing was changed.\n")
+
+    def test_runAsAModule(self) -> None:
+        """python -m pbroker.passwords runs the command and exits with its code."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "module pw"})
+        arguments = ["add", self.path, "frank", "--iterations", str(ITERATIONS)]
+        self.patch(sys, "argv", ["python -m pbroker.passwords", *arguments])
+        out = io.StringIO()
+        with redirect_stdout(out), warnings.catch_warnings():
+            # runpy warns that the module is imported already: it is, by this test.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with self.assertRaises(SystemExit) as exited:
+                runpy.run_module("pbroker.passwords", run_name="__main__")
+        self.assertEqual(exited.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"Set the password of frank in {self.path}.\n")
+        self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"frank"))
+
+    def test_commentsAndBlankLines(self) -> None:
+        """Comments and blank lines an administrator adds are skipped when the file is read,
+        and kept when a password is set."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        with open(self.path, "a") as f:
+            f.write("\n# bob left on 1 May\n   \n")
+        reader = PasswordFile(self.path)
+        alice = reader.verifierFor(b"alice")
+        self.assertEqual(alice, ScramVerifier.fromPassword(b"pw", ITERATIONS, alice.salt))
+        self.assertIsNone(reader.verifierFor(b"# bob left on 1 May"))
+        PasswordFile(self.path).setPassword("carol", b"pw", ITERATIONS)
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines[2:5], ["", "# bob left on 1 May", "   "])
+        self.assertEqual([line.split(":")[0] for line in lines[1::4]], ["alice", "carol"])
+        self.assertIsNotNone(reader.verifierFor(b"carol"))
 
     def test_commandWithoutPasswordOrTerminal(self) -> None:
         """No PBROKER_PASSWORD and no terminal to ask on: one line saying so, not getpass's
@@ -811,6 +889,32 @@ class PasswordFileWritingTests(SynchronousTestCase):
         self.assertFalse(os.path.islink(self.path))
         self.assertFalse(os.path.lexists(self.temporary))
         self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"alice"))
+
+    def test_replaceFails(self) -> None:
+        """When the new file cannot be moved over the old one (a bind-mounted file gives
+        EBUSY), the old file is left as it was, FILE.new is removed, and the command says
+        so in one line."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        with open(self.path, "rb") as f:
+            before = f.read()
+
+        def busy(source: str, destination: str) -> None:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+
+        self.patch(os, "replace", busy)
+        with self.assertRaises(OSError) as raised:
+            PasswordFile(self.path).setPassword("bob", b"pw", ITERATIONS)
+        self.assertEqual(raised.exception.errno, errno.EBUSY)
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "pw"})
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(passwords.main(["add", self.path, "bob"]), 1)
+        self.assertEqual(
+            err.getvalue(), f"Could not update {self.path}: [Errno 16] Device or resource busy\n"
+        )
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertFalse(os.path.lexists(self.temporary))
 
     def test_usernamesThatWouldNotReadBack(self) -> None:
         """Usernames the file would not give back as written are refused, in one line,

@@ -17,7 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import banana as twistedBanana
@@ -838,6 +838,59 @@ class CallTests(SynchronousTestCase):
             "Connection was refused by other side: no one there.",
         )
         self.failureResultOf(early, ConnectionRefusedError)
+
+    def test_listenAndConnectOnTheReactorGiven(self) -> None:
+        """pb.listen and pb.connect with an endpoint string listen and connect through the
+        reactor they are given, not the global one."""
+        memory = MemoryReactorClock()
+        listening = pb.listen(
+            "tcp:8790:interface=127.0.0.1", pb.PBServerFactory(self.rootObject), memory
+        )
+        [(port, _factory, _backlog, interface)] = memory.tcpServers
+        self.assertEqual((port, interface), (8790, "127.0.0.1"))
+        self.assertEqual(self.successResultOf(listening).getHost().port, 8790)
+        root = pb.connect("tcp:host=127.0.0.1:port=8790", pb.PBClientFactory(), memory)
+        [(host, port, *_)] = memory.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 8790))
+        pump = iosim.ConnectionCompleter(memory).succeedOnce()
+        assert pump is not None
+        pump.flush()
+        answers: list[Any] = []
+        self.successResultOf(root).callRemote("echo", "through memory").addBoth(answers.append)
+        pump.flush()
+        self.assertEqual(answers, ["through memory"])
+
+    def test_inMemoryLooksAFewLayersDeep(self) -> None:
+        """Whether a broker is connected in memory is looked for through a few wrapping
+        transports only: a transport that wraps itself ends the search (no endless loop),
+        as does an in-memory transport under more wrappers than a broker ever has."""
+
+        class Wrapping:
+            def __init__(self, transport: Any) -> None:
+                self.transport = transport
+
+        class Broker:
+            transport: Any = None
+
+        broker = Broker()
+        broker.transport = Wrapping(Wrapping(Wrapping(StringTransport())))
+        self.assertTrue(pb._inMemory(broker))
+        broker.transport = Wrapping(broker.transport)
+        self.assertFalse(pb._inMemory(broker))
+        loop = Wrapping(None)
+        loop.transport = loop
+        broker.transport = loop
+        self.assertFalse(pb._inMemory(broker))
+
+    def test_exportedObjectRepr(self) -> None:
+        """The exporting side's entry for an object shows it and how many references the
+        peer holds to it."""
+        received: list[Any] = []
+        for _ in range(2):
+            self.root.callRemote("counter").addBoth(received.append)
+        self.pump.flush()
+        local = self.server.localObjects[received[0].luid]
+        self.assertEqual(repr(local), f"<pbroker.Local {self.rootObject.counter!r} ref:2>")
 
     def test_twistedFailureCopiedFailureTrapsPbrokerNames(self) -> None:
         """A failure from stock Twisted traps with pbroker's class of the same role."""

@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.credentials import Anonymous
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs
 from twisted.spread import pb as twistedPb
 from twisted.spread import publish as twistedPublish
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pbroker import jelly, pb, publish
 from pbroker.testing import connectedServerAndClient
@@ -372,6 +376,90 @@ class ActivationTests(PublishTestCase):
         self.assertEqual(remote.items, ["c"])
         [warning] = [e for e in events if "Ignored" in e.get("log_format", "")]
         self.assertEqual((warning["names"], warning["source"]), ("[5]", "published state"))
+
+
+class ChatService:
+    serviceName = "chat"
+
+
+class OldStyleAvatar(pb.Avatar):
+    """
+    An avatar of the old perspective API (a perspectiveName and a getService).
+    """
+
+    perspectiveName = "alice"
+
+    def __init__(self, published: Any) -> None:
+        self.published = published
+
+    def getService(self) -> ChatService:
+        return ChatService()
+
+    def perspective_catalogue(self) -> Any:
+        return self.published
+
+
+class PerspectiveCatalogue(Catalogue):
+    """
+    A publisher that records who its state is published to.
+    """
+
+    def getStateToPublishFor(self, perspective: Any) -> Any:
+        self.publishedTo = perspective
+        return super().getStateToPublishFor(perspective)
+
+
+class PublishedToAvatarTests(PublishTestCase):
+    """
+    A publisher sent from an avatar: its cache entry names the perspective and service where
+    the avatar has the old perspective API, and its state is fetched for that avatar.
+    """
+
+    def callAvatar(self, avatar: Any) -> Any:
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                return pb.IPerspective, avatar, lambda: None
+
+        clientFactory = pb.PBClientFactory(registry=self.registry)
+        _server, _client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Portal(Realm(), [AllowAnonymousAccess()])), clientFactory
+        )
+        results: list[Any] = []
+        clientFactory.login(Anonymous()).addCallback(
+            lambda perspective: publish.whenReady(perspective.callRemote("catalogue"))
+        ).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(len(results), 1, "whenReady never fired")
+        return results[0]
+
+    def test_oldPerspectiveAPI(self) -> None:
+        """The entry names the avatar's perspectiveName and its service's serviceName, and
+        the state is saved under them."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.cacheIn(directory)
+        published = PerspectiveCatalogue("spring")
+        avatar = OldStyleAvatar(published)
+        remote = self.callAvatar(avatar)
+        self.assertEqual((remote.perspective, remote.service), ("alice", "chat"))
+        self.assertEqual(remote.items, ["a", "b"])
+        self.assertIs(published.publishedTo, avatar)
+        self.assertEqual(os.listdir(directory), ["chat-alice-spring.pub"])
+
+    def test_avatarWithoutThem(self) -> None:
+        """An avatar without perspectiveName or getService is named "None", as no avatar
+        is (stock Twisted fails to send the publisher at all)."""
+
+        class Avatar(pb.Avatar):
+            def perspective_catalogue(self) -> Any:
+                return published
+
+        published = PerspectiveCatalogue("spring")
+        avatar = Avatar()
+        remote = self.callAvatar(avatar)
+        self.assertEqual((remote.perspective, remote.service), ("None", "None"))
+        self.assertIs(published.publishedTo, avatar)
 
 
 class UnwritableCacheTests(PublishTestCase):

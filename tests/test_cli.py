@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import doctest
+import getpass
 import io
 import ipaddress
 import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import twisted.internet
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,11 +29,17 @@ from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.spread import jelly as twistedJelly
+from twisted.spread import pb as twistedPb
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pbroker import cli, pb, tls
+from pbroker import cli, jelly, pb, tls
 from pbroker.tap import BrokerRealm
 
 
@@ -382,6 +391,20 @@ class OutputTests(SynchronousTestCase):
                 self.assertEqual(caught.exception.code, cli.EXIT_REMOTE)
                 self.assertIn("too large to show", str(caught.exception))
 
+    def test_remoteMessage(self) -> None:
+        """A copied failure is named by its remote type, sent as bytes or (by some peers)
+        as text, with its message if it has one; a local failure by its class."""
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(b"twisted.spread.pb.CopyableFailure", pb.CopiedFailure)
+        for remoteType in (b"x.Y", "x.Y"):
+            for value, shown in (("why", "x.Y: why"), ("", "x.Y")):
+                state = twistedJelly.jelly({"type": remoteType, "value": value})
+                copied = jelly.unjelly(
+                    [b"twisted.spread.pb.CopyableFailure", state], registry=registry
+                )
+                self.assertEqual(cli._remoteMessage(copied), shown)
+        self.assertEqual(cli._remoteMessage(Failure(KeyError())), "KeyError")
+
     def test_containersHoldingThemselves(self) -> None:
         """A list or dict that holds itself is shown with an ellipsis, as repr shows it."""
         loop: list[Any] = [1]
@@ -396,6 +419,253 @@ class OutputTests(SynchronousTestCase):
             cli._output(plain, cycle, 1.0), "name: x\nself: {'name': 'x', 'self': {...}}"
         )
         self.assertIn('"self": "..."', cli._output(asJSON, cycle, 1.0))
+
+
+class CommandReactor(MemoryReactorClock):
+    """
+    The reactor ``cli.main`` runs in a test: ``run`` connects the command's connections in
+    memory to what listens on it (refusing the others), moves their data and the clock
+    along (a tenth of a second a turn) until the command stops it, for at most 200 turns.
+    With ``interrupted``, it returns at once, as a Ctrl-C makes a real one do.
+    """
+
+    def __init__(self, interrupted: bool = False) -> None:
+        super().__init__()
+        self.interrupted = interrupted
+
+    def run(self) -> None:
+        self.running = True
+        if self.interrupted:
+            return
+        completer = iosim.ConnectionCompleter(self)
+        pumps = []
+        for _ in range(200):
+            pump = completer.succeedOnce()
+            if pump is not None:
+                pumps.append(pump)
+            elif self.tcpClients:
+                completer.failOnce(Failure(ConnectionRefusedError()))
+            for each in pumps:
+                each.flush()
+            self.advance(0.1)
+            if not self.running:
+                return
+        raise AssertionError("the command did not stop the reactor in 200 turns")
+
+
+class InProcessService(Service):
+    def remote_many(self) -> list[int]:
+        return list(range(cli.MAX_SHOWN))
+
+    def remote_reference(self) -> pb.Referenceable:
+        return pb.Referenceable()
+
+    def remote_texts(self) -> list[bytes]:
+        return [b"caf\xc3\xa9", b"\xff"]
+
+
+class DroppingService(pb.Root):
+    """
+    Drops the connection when ``drop`` is called.
+    """
+
+    def rootObject(self, broker: Any) -> Any:
+        self.broker = broker
+        return self
+
+    def remote_drop(self) -> Deferred[None]:
+        self.broker.transport.loseConnection()
+        return Deferred()
+
+
+class StockService(twistedPb.Root):
+    def remote_fail(self, message: str) -> None:
+        raise ValueError(message)
+
+
+class InProcessTests(SynchronousTestCase):
+    """
+    ``cli.main`` run in the test's process, on a :class:`CommandReactor`: what it prints and
+    the exit code it returns.
+    """
+
+    address = "pb://127.0.0.1:8789"
+
+    def main(
+        self, *arguments: str, root: Any = None, interrupted: bool = False
+    ) -> tuple[int, str, str]:
+        commandReactor = CommandReactor(interrupted)
+        if isinstance(root, twistedPb.Root):
+            commandReactor.listenTCP(8789, twistedPb.PBServerFactory(root), interface="127.0.0.1")
+        elif root is not None:
+            # (Failed logins are answered after a delay, on the reactor given.)
+            guard = pb.LoginGuard(reactor=commandReactor)
+            factory = pb.PBServerFactory(root, loginGuard=guard, clock=commandReactor)
+            pb.listen("tcp:8789:interface=127.0.0.1", factory, commandReactor)
+        self.patch(twisted.internet, "reactor", commandReactor)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = cli.main(list(arguments))
+        return code, out.getvalue(), err.getvalue()
+
+    def withoutPassword(self, typed: Callable[[str], str]) -> list[str]:
+        """No PBROKER_PASSWORD, standard input a terminal, and ``typed`` for getpass; the
+        prompts it is called with."""
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", Terminal())
+        prompts: list[str] = []
+
+        def getpassword(prompt: str) -> str:
+            prompts.append(prompt)
+            return typed(prompt)
+
+        self.patch(getpass, "getpass", getpassword)
+        return prompts
+
+    def loginRoot(self) -> Portal:
+        return Portal(BrokerRealm(), [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")])
+
+    def test_pingAndCall(self) -> None:
+        """ping prints pong and the time taken; call prints the result, as JSON with
+        --json."""
+        code, out, err = self.main("ping", self.address, root=Service())
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertRegex(out, r"^pong \(\d+\.\d ms\)\n$")
+        code, out, err = self.main(
+            "--json", "call", self.address, "echo", '"a"', "[1]", root=Service()
+        )
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertEqual(json.loads(out)["result"], ["a", [1]])
+
+    def test_resultsShownAsJSON(self) -> None:
+        """Bytes that are UTF-8 are shown as text, others as hex; a reference as its repr."""
+        root = InProcessService()
+        code, out, err = self.main("--json", "call", self.address, "texts", root=root)
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertEqual(json.loads(out)["result"], ["café", {"bytes": "ff"}])
+        code, out, err = self.main("--json", "call", self.address, "reference", root=root)
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertRegex(json.loads(out)["result"], r"^<RemoteReference 1 at 0x[0-9a-f]+>$")
+
+    def test_resultTooLargeToShow(self) -> None:
+        """A result of more than MAX_SHOWN parts exits 5 with one line and prints nothing."""
+        code, out, err = self.main("call", self.address, "many", root=InProcessService())
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(err, "pbroker: the result is too large to show: over 1,000,000 parts\n")
+
+    def test_remoteError(self) -> None:
+        """A remote exception exits 5 with one line naming it."""
+        code, out, err = self.main("call", self.address, "fail", '"boom"', root=Service())
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(err, "pbroker: remote error: builtins.ValueError: boom\n")
+        self.flushLoggedErrors(ValueError)
+
+    def test_failedWithoutAnException(self) -> None:
+        """A call failed by the connection's loss, or by a stock Twisted server's exception,
+        is named in the line as well."""
+        code, out, err = self.main("call", self.address, "drop", root=DroppingService())
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(
+            err,
+            "pbroker: remote error: PBConnectionLost: the connection was lost: ConnectionDone: "
+            "Connection was closed cleanly: Connection done.\n",
+        )
+        code, out, err = self.main("call", self.address, "fail", '"boom"', root=StockService())
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(err, "pbroker: remote error: builtins.ValueError: boom\n")
+        self.flushLoggedErrors(ValueError)
+
+    def test_timeout(self) -> None:
+        """A call never answered within --timeout exits 5, saying so."""
+        code, out, err = self.main("--timeout", "0.5", "call", self.address, "hang", root=Service())
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(err, "pbroker: hang failed: no answer within 0.5 seconds\n")
+
+    def test_usageErrors(self) -> None:
+        """An address that is not one, an unknown scheme and an empty --user exit 2 with one
+        line, before connecting (argparse's errors exit through SystemExit)."""
+        for address, message in (
+            ("nowhere", "not an address: 'nowhere' (try pb://host:port)"),
+            ("ftp://h", "unknown scheme 'ftp' in 'ftp://h' (pb or pbs)"),
+        ):
+            code, out, err = self.main("ping", address)
+            self.assertEqual((code, out, err), (cli.EXIT_USAGE, "", f"pbroker: {message}\n"))
+        with self.assertRaises(SystemExit) as exited:
+            self.main("--user", " ", "ping", self.address)
+        self.assertEqual(exited.exception.code, cli.EXIT_USAGE)
+        self.assertEqual(
+            sys.stderr.getvalue(),
+            "pbroker: --user needs a user name (pbroker --help shows the usage)\n",
+        )
+
+    def test_refused(self) -> None:
+        """Nothing listening: exit 3, one line with the reason."""
+        code, out, err = self.main("ping", self.address)
+        self.assertEqual((code, out), (cli.EXIT_CONNECTION, ""))
+        self.assertEqual(
+            err,
+            f"pbroker: cannot connect to {self.address}: Connection was refused by other side.\n",
+        )
+
+    def test_interrupted(self) -> None:
+        """A reactor stopped before the command is done (Ctrl-C) exits 3, saying so."""
+        code, out, err = self.main("ping", self.address, root=Service(), interrupted=True)
+        self.assertEqual((code, out, err), (cli.EXIT_CONNECTION, "", "pbroker: interrupted\n"))
+
+    def test_unexpectedError(self) -> None:
+        """An error the command does not foresee is still one line, exit 1; --debug adds
+        its traceback."""
+
+        async def failing(reactor: Any, options: Any) -> None:
+            raise RuntimeError("unforeseen")
+
+        self.patch(cli, "_run", failing)
+        code, out, err = self.main("ping", self.address)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "pbroker: unexpected error: RuntimeError('unforeseen')\n")
+        code, out, err = self.main("--debug", "ping", self.address)
+        self.assertEqual((code, out), (1, ""))
+        self.assertTrue(err.startswith("Traceback (most recent call last):\n"), err)
+        self.assertTrue(err.endswith("pbroker: unexpected error: RuntimeError('unforeseen')\n"))
+
+    def test_passwordPrompt(self) -> None:
+        """Without PBROKER_PASSWORD, in a terminal, the password is asked for."""
+        prompts = self.withoutPassword(lambda prompt: "secret")
+        code, out, err = self.main(
+            "--json", "--user", "alice", "info", self.address, root=self.loginRoot()
+        )
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertEqual(json.loads(out)["result"]["user"], "alice")
+        self.assertEqual(prompts, ["Password for alice: "])
+
+    def test_noPasswordAndNoTerminal(self) -> None:
+        """No PBROKER_PASSWORD and no terminal to ask in: exit 2, one line saying so."""
+        self.withoutPassword(lambda prompt: "never asked")
+        self.patch(sys, "stdin", io.StringIO())
+        code, out, err = self.main("--user", "alice", "ping", self.address, root=self.loginRoot())
+        self.assertEqual((code, out), (cli.EXIT_USAGE, ""))
+        self.assertEqual(
+            err, "pbroker: no password: set PBROKER_PASSWORD or run in a terminal to be asked\n"
+        )
+
+    def test_loginRefused(self) -> None:
+        """A wrong password exits 4 with one line naming the refusal."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "wrong"})
+        code, out, err = self.main("--user", "alice", "ping", self.address, root=self.loginRoot())
+        self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
+        self.assertEqual(
+            err,
+            "pbroker: login refused for alice: twisted.cred.error.UnauthorizedLogin\n",
+        )
+
+
+class Terminal(io.StringIO):
+    """Standard input that is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 class TranscriptTests(TestCase):

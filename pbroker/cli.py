@@ -230,7 +230,14 @@ def _password(user: str) -> bytes:
             raise CommandError(
                 EXIT_USAGE, "no password: set PBROKER_PASSWORD or run in a terminal to be asked"
             )
-        password = getpass.getpass(f"Password for {user}: ")
+        try:
+            password = getpass.getpass(f"Password for {user}: ")
+        except (EOFError, KeyboardInterrupt):
+            # Ctrl-D or Ctrl-C at the prompt. getpass leaves the prompt's line unfinished:
+            # end it on a terminal, so that the error is a line of its own.
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+            raise CommandError(EXIT_USAGE, "no password given") from None
     # surrogateescape: bytes that are not UTF-8 (in the environment) are sent as they are.
     return password.encode("utf-8", "surrogateescape")
 

@@ -640,6 +640,20 @@ class InProcessTests(SynchronousTestCase):
         self.assertEqual(json.loads(out)["result"]["user"], "alice")
         self.assertEqual(prompts, ["Password for alice: "])
 
+    def test_passwordPromptEndedOrInterrupted(self) -> None:
+        """End of input (Ctrl-D) or Ctrl-C at the prompt is no password: a usage error on
+        one line, exit 2, without connecting."""
+        for raised in (EOFError, KeyboardInterrupt):
+
+            def typed(prompt: str, raised: type[BaseException] = raised) -> str:
+                raise raised()
+
+            self.withoutPassword(typed)
+            code, out, err = self.main(
+                "--user", "alice", "ping", self.address, root=self.loginRoot()
+            )
+            self.assertEqual((code, out, err), (cli.EXIT_USAGE, "", "pbroker: no password given\n"))
+
     def test_noPasswordAndNoTerminal(self) -> None:
         """No PBROKER_PASSWORD and no terminal to ask in: exit 2, one line saying so."""
         self.withoutPassword(lambda prompt: "never asked")
@@ -649,6 +663,21 @@ class InProcessTests(SynchronousTestCase):
         self.assertEqual(
             err, "pbroker: no password: set PBROKER_PASSWORD or run in a terminal to be asked\n"
         )
+
+    def test_promptLineEndedOnATerminal(self) -> None:
+        """On a terminal, the error after an ended prompt starts on a line of its own
+        (getpass leaves the prompt's line unfinished)."""
+
+        def ended(prompt: str) -> str:
+            raise EOFError()
+
+        self.withoutPassword(ended)
+        err = Terminal()
+        self.patch(sys, "stderr", err)
+        with self.assertRaises(cli.CommandError) as raised:
+            cli._password("alice")
+        self.assertEqual((raised.exception.code, str(raised.exception)), (2, "no password given"))
+        self.assertEqual(err.getvalue(), "\n")
 
     def test_loginRefused(self) -> None:
         """A wrong password exits 4 with one line naming the refusal."""

@@ -598,8 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         print("An empty password is not allowed; nothing was changed.", file=sys.stderr)
         return 1
     try:
+        # surrogateescape: bytes that are not UTF-8 (in the environment) are the password, as
+        # the pbroker command sends them.
         PasswordFile(options.file).setPassword(
-            options.username, password.encode("utf-8"), options.iterations
+            options.username, password.encode("utf-8", "surrogateescape"), options.iterations
         )
     except (OSError, ValueError) as e:
         print(f"Could not update {options.file}: {e}", file=sys.stderr)

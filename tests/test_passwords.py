@@ -124,6 +124,17 @@ class PasswordFileTests(SynchronousTestCase):
             verifier, ScramVerifier.fromPassword(b"from env", ITERATIONS, verifier.salt)
         )
 
+    def test_commandPasswordNotUTF8(self) -> None:
+        """A PBROKER_PASSWORD that is not UTF-8 is set as its bytes, as the pbroker command
+        sends it, not refused with an encoding error blamed on the file."""
+        password = b"p\xff".decode("utf-8", "surrogateescape")  # as Python shows environ
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": password})
+        with redirect_stdout(io.StringIO()):
+            code = passwords.main(["add", self.path, "dave", "--iterations", str(ITERATIONS)])
+        self.assertEqual(code, 0)
+        verifier = PasswordFile(self.path).verifierFor(b"dave")
+        self.assertEqual(verifier, ScramVerifier.fromPassword(b"p\xff", ITERATIONS, verifier.salt))
+
     def test_commandRefusesEmptyAndMismatch(self) -> None:
         """An empty password, or two different typings, change nothing."""
         self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": ""})

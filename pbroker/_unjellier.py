@@ -640,7 +640,14 @@ def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
             f"dereference {describe(reference)} to an id that is never defined"
         )
     elif isinstance(value, _Unresolved) and value.resolved:
-        value = value.value
+        # The end of its chain: an id defined as a dereference to an id defined as another
+        # (a forward one) holds a link whose value may be a placeholder resolved since. A
+        # hook (a copy's unjellyFor) must get the value, not a placeholder.
+        end = value.value
+        while isinstance(end, _Unresolved) and end.resolved:
+            end = end.value
+        value._shorten(end)
+        value = end
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.spread import jelly as twistedJelly
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _unjellier, banana, jelly
+from pbroker import _unjellier, banana, jelly, pb
 from pbroker.errors import BananaEncodeError, InsecureJelly, InvalidJelly, JellyError
 from pbroker.jelly import (
     DummySecurityOptions,
@@ -360,6 +360,94 @@ class ReferenceTests(SynchronousTestCase):
         self.assertEqual(value[1:], ["end"] * count)
         self.assertLess(reads[0], 20 * count)
 
+    def test_topLevelTupleWithAForwardDereference(self) -> None:
+        """A tuple that dereferences an id defined later inside it is built once the id is
+        known, even at the top level (Twisted returns its internal placeholder there)."""
+        value = jelly.unjelly([b"tuple", [b"dereference", 1], [b"reference", 1, [b"list", 5]]])
+        self.assertEqual(value, ([5], [5]))
+        self.assertIs(type(value), tuple)
+        self.assertIs(value[0], value[1])
+
+    def test_placeholdersMergedEitherWay(self) -> None:
+        """An id defined as a dereference to another id not defined yet: every place that
+        named either gets the value, whichever of the two was named in more places."""
+        for first, second in [(1, 2), (2, 1)]:
+            sexp = [
+                b"list",
+                [b"list", [b"dereference", 2], [b"dereference", 2]],
+                [b"list", [b"dereference", 1]],
+                [b"reference", first, [b"dereference", second]],
+                [b"reference", second, [b"list", 7]],
+            ]
+            value = jelly.unjelly(sexp)
+            end = value[3]
+            self.assertEqual(end, [7])
+            places = [value[0][0], value[0][1], value[1][0], value[2]]
+            self.assertEqual([place is end for place in places], [True] * 4, (first, second))
+
+    def test_dereferenceToAChainOfForwardReferences(self) -> None:
+        """A dereference to an id defined, through forward dereferences, as another gives a
+        copy's hook the value, not the unjellier's placeholder: a copy's state and a place
+        unjellyInto fills are the value (they were an internal _Unresolved object, and a
+        RemoteCopy refused its state)."""
+
+        class Box:
+            def unjellyFor(self, unjellier: Any, jellyList: list[Any]) -> Box:
+                unjellier.unjellyInto(self.__dict__, "content", jellyList[1])
+                return self
+
+        class RemoteBox(pb.RemoteCopy):
+            pass
+
+        registry = UnjellyableRegistry()
+        registry.setUnjellyableForClass("box", Box)
+        registry.setUnjellyableForClass("remote.Box", RemoteBox)
+        chain = [
+            [b"reference", 1, [b"dereference", 2]],
+            [b"reference", 2, [b"dereference", 3]],
+            [b"reference", 3, [b"dictionary", [[b"unicode", b"size"], 3]]],
+        ]
+        value = jelly.unjelly(
+            [b"list", *chain, [b"box", [b"dereference", 1]], [b"dereference", 1]],
+            registry=registry,
+        )
+        self.assertEqual(value[:3], [{"size": 3}] * 3)
+        self.assertIs(value[3].content, value[2])
+        self.assertIs(value[4], value[2])
+        copy = jelly.unjelly(
+            [b"list", *chain, [b"remote.Box", [b"dereference", 1]]],
+            registry=registry,
+            invoker=object(),  # as a broker unjellies: RemoteCopy.setCopyableState
+        )[3]
+        self.assertIsInstance(copy, RemoteBox)
+        self.assertEqual(copy.__dict__, {"size": 3})
+
+    def test_hookThatReturnsAPlaceholderItResolved(self) -> None:
+        """A hook that unjellies a forward dereference, then the reference that defines it,
+        and returns the first: the value it stands for takes its place, also as the value of
+        a reference defined by the hook's expression."""
+
+        class Alias:
+            def unjellyFor(self, unjellier: Any, jellyList: list[Any]) -> Any:
+                target = unjellier.unjelly(jellyList[1])
+                unjellier.unjelly(jellyList[2])
+                return target
+
+        registry = UnjellyableRegistry()
+        registry.setUnjellyableForClass("alias", Alias)
+        sexp = [
+            b"list",
+            [b"dereference", 5],
+            [
+                b"reference",
+                5,
+                [b"alias", [b"dereference", 9], [b"reference", 9, [b"list", 1]]],
+            ],
+        ]
+        value = jelly.unjelly(sexp, registry=registry)
+        self.assertEqual(value, [[1], [1]])
+        self.assertIs(value[0], value[1])
+
     def test_argsAndKwargsAreSeparateScopes(self) -> None:
         """Two jelly calls do not share references (PB jellies args and kwargs apart)."""
         shared = [1]
@@ -533,6 +621,24 @@ class SecurityTests(SynchronousTestCase):
             jelly.dumps({"x": 2.5}, taster=NoFloats())
         self.assertEqual(jelly.dumps([1, "a"], taster=NoFloats()), jelly.dumps([1, "a"]))
 
+    def test_customTasterNoneAsTwisted(self) -> None:
+        """With a taster that refuses a basic type, None (in a list, a dictionary, a tuple)
+        takes the long way and is jellied as Twisted jellies it with the same taster."""
+
+        class NoFloats(SecurityOptions):
+            def isTypeAllowed(self, typeName: str | bytes) -> bool:
+                return typeName != b"builtins.float" and super().isTypeAllowed(typeName)
+
+        class TwistedNoFloats(twistedJelly.SecurityOptions):
+            def isTypeAllowed(self, typeName: bytes) -> bool:
+                return typeName != b"builtins.float" and super().isTypeAllowed(typeName)
+
+        value = [None, {"k": None}, (None, 1)]
+        sexp = jelly.jelly(value, NoFloats())
+        self.assertEqual(sexp, twistedJelly.jelly(value, TwistedNoFloats()))
+        self.assertEqual(sexp[1], [b"None"])
+        self.assertEqual(jelly.dumps(value, taster=NoFloats()), banana.encode(sexp))
+
 
 def _asLists(sexp: Any) -> Any:
     """
@@ -672,6 +778,41 @@ class RemoteShape(jelly.Unjellyable):
         self.rebuilt = True
 
 
+class Plain(Jellyable):
+    """
+    Jellied the default way: its class name and its ``__dict__``.
+    """
+
+    def __init__(self) -> None:
+        self.size = 3
+        self.name = "plain"
+
+
+class Withheld(Jellyable):
+    """
+    Sent as an ``unpersistable`` marker made by the jellier.
+    """
+
+    def jellyFor(self, jellier: Any) -> Any:
+        return jellier.unpersistable("withheld on purpose")
+
+
+class TwistedPlain(twistedJelly.Jellyable):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.size = 3
+        self.name = "plain"
+
+
+class TwistedWithheld(twistedJelly.Jellyable):  # type: ignore[misc]
+    def jellyFor(self, jellier: Any) -> Any:
+        return jellier.unpersistable("withheld on purpose")
+
+
+# Twisted's jelly tags a class by its __name__: these twins get the tags of the classes above.
+TwistedPlain.__name__ = "Plain"
+TwistedWithheld.__name__ = "Withheld"
+
+
 class HookTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.registry = UnjellyableRegistry()
@@ -688,6 +829,30 @@ class HookTests(SynchronousTestCase):
         self.assertEqual(shape.sides, 3)
         self.assertTrue(shape.rebuilt)
         self.assertFalse(hasattr(shape, "secret"))
+
+    def test_jellyableDefaults(self) -> None:
+        """A Jellyable that overrides nothing sends its class name and __dict__, and one
+        whose jellyFor returns jellier.unpersistable(reason) sends the marker alone: the
+        expressions Twisted makes for the same classes."""
+        for ours, theirs in [(Plain(), TwistedPlain()), (Withheld(), TwistedWithheld())]:
+            self.assertEqual(jelly.jelly([ours, ours]), twistedJelly.jelly([theirs, theirs]))
+        self.assertEqual(
+            jelly.jelly(Plain()),
+            [
+                b"tests.test_jelly.Plain",
+                [
+                    b"dictionary",
+                    [[b"unicode", b"size"], 3],
+                    [[b"unicode", b"name"], [b"unicode", b"plain"]],
+                ],
+            ],
+        )
+        self.assertEqual(jelly.jelly(Withheld()), [b"unpersistable", b"withheld on purpose"])
+        self.assertEqual(jelly.dumps(Withheld()), banana.encode(jelly.jelly(Withheld())))
+        self.assertEqual(
+            jelly.unjelly(jelly.jelly(Withheld())),
+            Unpersistable("Unpersistable data: withheld on purpose"),
+        )
 
     def test_jellyableSharing(self) -> None:
         """A Jellyable met twice is referenced, in dumps() as in jelly()."""
@@ -763,6 +928,24 @@ class HookTests(SynchronousTestCase):
         target: dict[str, Any] = {}
         self.assertEqual(unjellier.unjellyInto(target, "k", [b"unicode", b"v"]), "v")
         self.assertEqual(target, {"k": "v"})
+
+    def test_unjellyIntoAnObjectStillBeingBuilt(self) -> None:
+        """A place unjellyInto fills with a reference to an object still being built gets
+        the object once it is (as Twisted's hooks expect); the hook is given a placeholder."""
+        given: list[Any] = []
+
+        class Holder:
+            def unjellyFor(self, unjellier: Any, jellyList: list[Any]) -> Holder:
+                given.append(unjellier.unjellyInto(self.__dict__, "owner", jellyList[1]))
+                return self
+
+        self.registry.setUnjellyableForClass("holder", Holder)
+        value = jelly.unjelly(
+            [b"reference", 1, [b"list", [b"holder", [b"dereference", 1]]]],
+            registry=self.registry,
+        )
+        self.assertIs(value[0].owner, value)
+        self.assertIsInstance(given[0], _unjellier._Unresolved)
 
 
 class JellyErrorTests(SynchronousTestCase):
@@ -1069,6 +1252,13 @@ class ExpressionsInTests(SynchronousTestCase):
         self.assertEqual(len(found), 4)
         self.assertNotIn([b"remote", 2], list(_unjellier.expressionsIn(sexp)))
         self.assertNotIn([b"remote", 3], list(_unjellier.expressionsIn(sexp)))
+
+    def test_malformedDictionaryEntries(self) -> None:
+        """Dictionary entries that are not [key, value] lists (garbage, or an entry the
+        decoder read as text) hold no expressions; the well-formed ones are still walked."""
+        remote = [b"remote", 1]
+        sexp = [b"dictionary", b"junk", 7, "text", [[b"unicode", b"k"], remote]]
+        self.assertEqual(list(_unjellier.expressionsIn(sexp)), [sexp, remote, [b"unicode", b"k"]])
 
     def test_notExpressions(self) -> None:
         """Atoms, empty lists and lists without a bytes tag yield nothing, and unjellying

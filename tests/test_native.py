@@ -31,6 +31,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, context, jelly, pb
+from pbroker import broker as brokerModule
 from pbroker._keepalive import KeepaliveTimer
 from pbroker.broker import MIN_MESSAGE_SIZE
 from pbroker.errors import (
@@ -1051,6 +1052,34 @@ class CodecEdgeTests(SynchronousTestCase):
         self.assertEqual(_native.extensionsIn("text"), ([], []))
         self.assertEqual(_native.extensionsIn(None), ([], []))
 
+    def test_extensionDepthWithoutMeasuring(self) -> None:
+        """A codec that does not measure values first (the default) still refuses tuples and
+        sets nested deeper than its depthLimit, as they are unpacked, with the message a
+        measuring codec gives; as deep as the limit arrives."""
+        sender = _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+        fits = sender.pack([((1,),)])  # a list: a level msgpack counts, not the codec
+        deeper = sender.pack((((1,),),))
+        assert isinstance(fits, bytes) and isinstance(deeper, bytes)
+        for measure in (False, True):
+            codec = _native.ValueCodec(
+                None,  # type: ignore[arg-type]
+                None,  # type: ignore[arg-type]
+                None,  # type: ignore[arg-type]
+                None,  # type: ignore[arg-type]
+                None,  # type: ignore[arg-type]
+                2,
+                measureDepth=measure,
+            )
+            with self.assertRaises(InvalidJelly) as caught:
+                codec.unpack(deeper)
+            self.assertEqual(str(caught.exception), "a value nested more than 2 levels deep")
+            self.assertEqual(codec._depth, 0)  # back at the top for the next value
+            self.assertEqual(codec.unpack(sender.pack(((1,),))), ((1,),))
+        self.assertEqual(
+            _native.ValueCodec(None, None, None, None, None, 2).unpack(fits),  # type: ignore[arg-type]
+            [((1,),)],
+        )
+
     def test_depthOfMalformedDocuments(self) -> None:
         """deeperThan judges a malformed document (the never-used type byte 0xc1, an
         extension cut before its type byte) by what came before the fault."""
@@ -1438,6 +1467,43 @@ class ContextTests(NativeTestCase):
         self.assertEqual(call.annotations, {"correlationId": "c-1", "caller": "tests"})
         self.assertEqual(call.deadline, self.clock.seconds() + 30)
         self.assertEqual(reply, {"seen": 7})
+
+    def test_largeAnnotations(self) -> None:
+        """Annotations that take a call's envelope past one record (FRAGMENT_SIZE), alone or
+        after an argument small enough to be carried in the envelope, are sent in fragments
+        and arrive whole; so do reply annotations as large after such a result."""
+        blob = bytes(range(256)) * 1100  # 281,600 bytes: more than a record holds
+        value = b"v" * 40_000  # packed apart, yet small enough for an envelope
+        self.assertLess(_native.INLINE_LIMIT, len(blob))
+        self.assertGreater(len(blob), _native.FRAGMENT_SIZE)
+
+        def annotatedLarge(value: Any) -> Any:
+            pbContext().reply["echo"] = pbContext().annotations["blob"]
+            return value
+
+        self.rootObject.remote_annotatedLarge = annotatedLarge  # type: ignore[attr-defined]
+        whole: list[Any] = []
+
+        def wholeRecord(message: list[Any], plain: bool = False) -> Any:
+            record = _native.wholeRecord(message, plain)
+            whole.append((message[0], record))
+            return record
+
+        self.patch(brokerModule, "wholeRecord", wholeRecord)
+        for argument in (1, value):
+            reply: dict[str, Any] = {}
+            target = self.root.withOptions(context={"blob": blob}, reply=reply)
+            del whole[:]
+            result = self.call("annotatedLarge", argument, target=target)
+            self.assertTrue(result == argument)
+            self.assertTrue(reply == {"echo": blob})  # (no diff of large strings)
+            # Neither the call nor its answer had a whole record: both went in fragments
+            # (the server says it took the call in a message of its own).
+            self.assertEqual(
+                [(name, record) for name, record in whole if name != b"taken"],
+                [(b"callctx", None), (b"answerctx", None)],
+            )
+        self.assertFalse(self.client.disconnected)
 
     def test_replyOfAFailedCall(self) -> None:
         """A call that fails gets no reply annotations (an error carries none), and this
@@ -2074,6 +2140,33 @@ class HostileNativePeerTests(NativeTestCase):
             self.assertEqual(dict(self.server._streams.incoming), {})
             self.assertEqual(self.server._streams.cancelled, stopped)
         self.assertEqual(self.call("echo", 3), 3)
+
+    def test_streamsOpenedOutOfOrder(self) -> None:
+        """Streams a peer names out of order (as it may when a value naming one waits behind
+        a large message) are each read; the highest id seen stays the highest."""
+        kept: list[RemoteStream] = []
+        self.rootObject.remote_keep = kept.append  # type: ignore[attr-defined]
+        table = self.server._streams
+        for streamID in (5, 3):
+            self.client.sendCall(
+                b"message",
+                self.client.newRequestID(),
+                b"root",
+                b"keep",
+                0,
+                msgpack.packb([msgpack.ExtType(_native.STREAM, msgpack.packb(streamID))]),
+                b"\x80",
+            )
+            self.pump.flush()
+            self.assertEqual(table._highestIncoming, 5)
+        self.assertEqual([reader.streamID for reader in kept], [5, 3])
+        for streamID in (3, 5):
+            self.client.sendCall(b"item", streamID, msgpack.packb(streamID * 10))
+            self.client.sendCall(b"end", streamID)
+        self.pump.flush()
+        self.assertEqual([self.successResultOf(reader.collect()) for reader in kept], [[50], [30]])
+        self.assertEqual(dict(table.incoming), {})
+        self.assertFalse(self.server.disconnected)
 
     def test_itemBeyondCredit(self) -> None:
         """A sender that ignores the reader's credit is dropped."""
@@ -3211,6 +3304,38 @@ class StreamLifecycleTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(self.server.luids, {})
 
+    def test_errorAfterCancelDropped(self) -> None:
+        """A stream error that crosses the reader's cancel is dropped: the reader stays
+        cancelled, the stream is forgotten on both sides, the connection stays; references
+        in the error's value are released, not left exported on the sender."""
+        stream = self.call("pushed")
+        self.pump.flush()
+        stream.cancel()  # its streamcancel is on its way...
+        self.rootObject.stream.close(Failure(ValueError("broken")))  # ...as this is sent
+        self.assertIn(stream.streamID, self.client._streams.cancelled)
+        with capturedLogs() as events:
+            self.pump.flush()
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertEqual(self.client._streams.cancelled, set())
+        self.assertEqual(repr(stream), f"<RemoteStream {stream.streamID} cancelled>")
+        self.assertEqual(self.server._streams.outgoing, {})
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # the sender's log
+        # A peer whose error value holds a reference (a copy's state may): the sender
+        # ends its stream with that error, as the cancel crosses it.
+        stream = self.call("pushed")
+        self.pump.flush()
+        stream.cancel()
+        self.server._streams.drop([stream.streamID])
+        self.server.sendCall(b"streamerror", stream.streamID, self.server.serialize(Counter()))
+        self.assertEqual(len(self.server.luids), 1)
+        self.pump.flush()
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.server.luids, {})
+        self.assertEqual(self.client._streams.cancelled, set())
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(self.call("echo", 3), 3)
+
     def test_asyncSourceThatYieldsWhenCancelled(self) -> None:
         """An async source that, stopped while it awaits, catches the CancelledError and
         yields one more item: the item is dropped, not sent, and the source is closed."""
@@ -3745,6 +3870,44 @@ class UnreadStreamBytesTests(NativeTestCase):
         )
         self.assertEqual((reader.buffered, self.server._streams.unreadBytes), (0, 0))
         self.assertEqual(self.closed, [0])
+        self.assertFalse(self.client.disconnected)
+
+    def test_aLargeItemInAListCounts(self) -> None:
+        """An item that is a list of one large byte string (which arrives put together, not
+        packed) counts at the size of its string: one past streamBytes fails its stream as
+        a bare string does, and a smaller one is held at its size."""
+
+        def items(size: int) -> Iterator[list[bytes]]:
+            try:
+                yield [b"s" * 1000]
+                yield [b"L" * size]
+                yield [b"never"]
+            finally:
+                self.closed.append(size)
+
+        table = self.server._streams
+        self.assertIsNone(self.call("keep", items(100_000)))
+        self.pump.flush()
+        (reader,) = self.kept
+        # All held, each with 64 bytes besides: the small items packed (1,004 and 8 bytes),
+        # the large one at the size of its string.
+        self.assertEqual(reader.buffered, 3)
+        self.assertEqual((reader.unreadBytes, table.unreadBytes), (1068 + 100_064 + 72,) * 2)
+        self.assertEqual(self.successResultOf(reader.next()), [b"s" * 1000])
+        self.assertTrue(self.successResultOf(reader.next()) == [b"L" * 100_000])
+        self.assertEqual(table.unreadBytes, 72)
+        self.assertEqual(self.successResultOf(reader.next()), [b"never"])
+        self.assertEqual(table.unreadBytes, 0)
+        reader.cancel()
+        self.pump.flush()
+        self.kept.clear()
+        self.assertIsNone(self.call("keep", items(1024 * 1024)))
+        self.pump.flush()
+        (reader,) = self.kept
+        failure = self.failureResultOf(reader.next(), LimitExceeded)
+        self.assertIn("stream 2, which held 1068 of them, was dropped", failure.getErrorMessage())
+        self.assertEqual((reader.buffered, table.unreadBytes), (0, 0))
+        self.assertEqual(self.closed, [100_000, 1024 * 1024])
         self.assertFalse(self.client.disconnected)
 
     def test_anEndedStreamHoldingTheMost(self) -> None:

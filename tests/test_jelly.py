@@ -1051,6 +1051,30 @@ class InvalidJellyTests(SynchronousTestCase):
             jelly.unjelly([b"dictionary", [[b"list"], 1]])
         self.assertIn("unusable dictionary key", str(caught.exception))
 
+    def test_keyUnhashableOnlyOnce(self) -> None:
+        """A key of an allowed class whose hash fails once (a key of the application's,
+        hashed from state it fills in lazily) makes the fast insertion fail; the entries
+        are then inserted one by one, and every one is there."""
+
+        class Lazy:
+            calls = 0
+
+            def __hash__(self) -> int:
+                Lazy.calls += 1
+                if Lazy.calls == 1:
+                    raise TypeError("not ready yet")
+                return 1
+
+        registry = UnjellyableRegistry()
+        registry.setUnjellyableFactoryForClass("lazy", lambda state: Lazy())
+        value = jelly.unjelly(
+            [b"dictionary", [1, 2], [[b"lazy", 0], b"value"], [3, 4]], registry=registry
+        )
+        self.assertEqual(sorted(map(repr, value.values())), ["2", "4", "b'value'"])
+        self.assertEqual(value[1], 2)
+        self.assertEqual(value[3], 4)
+        self.assertEqual(Lazy.calls, 2)
+
     def test_stateTheClassRefuses(self) -> None:
         """State an allowed class cannot take is an InvalidJelly, not an AttributeError."""
         options = SecurityOptions()

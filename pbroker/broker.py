@@ -3038,6 +3038,22 @@ class Broker(Banana):
             self._unregister(registrations)
             self._dropStreamsIn(netResult)
             return
+        if callContext is not None and callContext.reply and self.isNative:
+            try:
+                _context._checkReply(callContext.reply)
+            except (TypeError, ValueError) as e:
+                # The method's mistake, found once it has answered: its caller gets the error
+                # a context like this gets, and the log one line (a traceback would show only
+                # this check, not the method).
+                self._log.error(
+                    "Not sending the answer to call {requestID}: {error}",
+                    requestID=requestID,
+                    error=str(e),
+                )
+                self._unregister(registrations)
+                self._dropStreamsIn(netResult)
+                self._sendError(CopyableFailure(e), requestID)
+                return
         try:
             if callContext is not None and callContext.reply and self.isNative:
                 if self._behindLarge(registrations):

@@ -106,6 +106,20 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
     )
 
 
+def _checkReply(reply: Any) -> None:
+    """
+    Refuse the reply annotations a method set, before its answer is sent, as
+    :class:`CallOptions` refuses a context: the answer cannot go without them, so its caller
+    gets this error instead, naming the annotation, rather than msgpack's words.
+    """
+    if not isinstance(reply, dict):
+        raise TypeError(f"a call's reply must be a dict, not {type(reply).__name__}")
+    for key in reply:
+        if type(key) is not str:
+            raise TypeError(f"reply keys must be text, not {key!r}")
+    _checkPlain(reply, "reply", 0)
+
+
 @dataclass
 class CallContext:
     """
@@ -116,7 +130,10 @@ class CallContext:
         (``clock.seconds()``), or ``None``.
     :ivar requestID: the call's request id on its connection.
     :ivar broker: the connection the call came through.
-    :ivar reply: annotations for the answer; the method may add to it (native dialect only).
+    :ivar reply: annotations for the answer (native dialect only): the method may add to it
+        the plain values a :attr:`CallOptions.context` holds. They are checked when it
+        answers: if one cannot travel, its caller gets the :exc:`TypeError` or
+        :exc:`ValueError` that names it instead of the answer. An error carries none.
     """
 
     annotations: dict[str, Any] = field(default_factory=dict)

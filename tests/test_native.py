@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
@@ -1521,6 +1521,104 @@ class ContextTests(NativeTestCase):
         self.assertEqual(reply, {})
         self.assertEqual(self.client._replyTargets, {})
         self.assertEqual(self.server._callContexts, {})
+
+    def test_replyAnnotationsChecked(self) -> None:
+        """Reply annotations that cannot travel fail the call with the error a context like
+        them gets when given, naming the annotation, whether the answer is small or goes in
+        fragments and whether the method answers at once or later; the server logs one
+        line, keeps nothing for the call, and the connection stays."""
+        deep: Any = 1
+        for _ in range(40):
+            deep = [deep]
+
+        def annotate(key: Any, value: Any) -> Callable[[context.CallContext], None]:
+            return lambda call: call.reply.update({"fine": 1, key: value})
+
+        def replace(call: context.CallContext) -> None:
+            call.reply = ["fine"]  # type: ignore[assignment]
+
+        cases: list[tuple[Callable[[context.CallContext], None], type[Exception], str]] = [
+            (annotate("bad", object()), TypeError, "reply['bad'] is a object; a call context"),
+            (annotate("bad", pb.Referenceable()), TypeError, "reply['bad'] is a Referenceable"),
+            (annotate("bad", 2**80), ValueError, "reply['bad'] is an integer beyond 64 bits"),
+            (annotate("bad", [{2: "x"}]), TypeError, "the keys of reply['bad'][0] must be text"),
+            (annotate("bad", deep), ValueError, "nests more than 32 levels deep"),
+            (annotate(2, "x"), TypeError, "reply keys must be text, not 2"),
+            (replace, TypeError, "a call's reply must be a dict, not list"),
+        ]
+        gates: list[Deferred[None]] = []
+
+        def badReply(case: int, size: int) -> list[Any]:
+            cases[case][0](pbContext())
+            return [self.rootObject.counter, b"x" * size]  # exports the counter
+
+        async def badReplyLater(case: int, size: int) -> list[Any]:
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            await gate
+            return badReply(case, size)
+
+        self.rootObject.remote_badReply = badReply  # type: ignore[attr-defined]
+        self.rootObject.remote_badReplyLater = badReplyLater  # type: ignore[attr-defined]
+        for case, (_, error, text) in enumerate(cases):
+            for size in (10, 200_000):  # the larger goes in fragments
+                for method in ("badReply", "badReplyLater"):
+                    what = (text, size, method)
+                    reply: dict[str, Any] = {}
+                    results: list[Any] = []
+                    with capturedLogs() as events:
+                        target = self.root.withOptions(context={}, reply=reply)
+                        target.callRemote(method, case, size).addBoth(results.append)
+                        self.pump.flush()
+                        if gates:
+                            gates.pop().callback(None)
+                        self.settle(results)
+                    [failure] = results
+                    self.assertIsInstance(failure, Failure, what)
+                    self.assertEqual(failure.type, f"builtins.{error.__name__}".encode(), what)
+                    self.assertIn(text, failure.getErrorMessage(), what)
+                    [event] = [e for e in events if e["log_level"] != LogLevel.debug]
+                    self.assertEqual(event["log_level"], LogLevel.error, what)
+                    self.assertNotIn("log_failure", event, what)
+                    self.assertIn(text, formatEvent(event), what)
+                    self.assertEqual(reply, {}, what)
+                    self.assertEqual(self.server.luids, {}, what)  # the counter released
+                    self.assertEqual(
+                        (self.server._answering, self.server._callContexts), ({}, {}), what
+                    )
+                    self.assertEqual(
+                        (self.client.waitingForAnswers, self.client._replyTargets), ({}, {}), what
+                    )
+                    self.assertFalse(self.server._largeOut or self.server._afterLarge, what)
+        self.assertFalse(self.client.disconnected)
+        reply = {}
+        ref = self.root.withOptions(context={}, reply=reply)
+        self.assertEqual(self.call("annotated", 1, target=ref), [1, None, None])
+        self.assertEqual(reply, {"seen": 1})
+
+    def test_badReplyOfAFailedCall(self) -> None:
+        """A method that fails after setting a reply annotation that cannot travel, at once
+        or later, fails with its own error: an error carries no annotations."""
+
+        def failing() -> None:
+            pbContext().reply["bad"] = object()
+            raise pb.Error("refused")
+
+        async def failingLater() -> None:
+            await succeed(None)
+            failing()
+
+        self.rootObject.remote_failing = failing  # type: ignore[attr-defined]
+        self.rootObject.remote_failingLater = failingLater  # type: ignore[attr-defined]
+        for method in ("failing", "failingLater"):
+            reply: dict[str, Any] = {}
+            with capturedLogs() as events:
+                failure = self.call(method, target=self.root.withOptions(context={}, reply=reply))
+            failure.trap(pb.Error)
+            self.assertEqual(failure.getErrorMessage(), "refused")
+            self.assertEqual([e for e in events if e["log_level"] != LogLevel.debug], [])
+            self.assertEqual(reply, {})
+            self.assertEqual((self.client._replyTargets, self.server._callContexts), ({}, {}))
 
     def test_oneWayCallWithAContext(self) -> None:
         """A one-way call carries its annotations and deadline to the method; nothing is

@@ -42,12 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import sys
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import msgpack
 
-from pbroker.errors import BananaDecodeError, InvalidJelly, PBrokerError, describe
+from pbroker import _accelerator
+from pbroker.errors import (
+    BananaDecodeError,
+    InvalidJelly,
+    LimitExceeded,
+    PBrokerError,
+    describe,
+)
 
 _Packed = TypeVar("_Packed")
 
@@ -821,6 +829,102 @@ class _Raised(Exception):
         self.error = error
 
 
+# How deeply extent() lets containers nest: deeper than packing goes (tuples and sets each
+# hold a document of their own, EXTENSION_DEPTH of them, in which lists and dicts nest 1,025
+# deep), so that a value packing takes is not taken from it; one that nests deeper is jellied
+# (see ValueCodec.pack), as packing would end up doing.
+_WALK_DEPTH: Final = (EXTENSION_DEPTH + 1) * (MSGPACK_DEPTH + 2)
+
+# extent() counts no further (so that its counts fit in a C Py_ssize_t).
+_MAX_BUDGET: Final = sys.maxsize // 4
+
+# What extent() finds.
+EXTENT_WITHIN: Final = 0
+EXTENT_OVER: Final = 1
+EXTENT_CYCLE: Final = 2
+
+_CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
+
+
+def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
+    """
+    :func:`extent` in Python (the C extension's ``extent`` is its twin: the same steps).
+    """
+    if budget < 0 or maxDepth < 1:
+        raise ValueError("extent() needs a budget >= 0 and a maxDepth >= 1")
+    if budget == 0:
+        return EXTENT_OVER
+    budget = min(budget, _MAX_BUDGET)  # as the C twin clamps it
+    containers = _CONTAINERS
+    if type(value) not in containers:
+        return EXTENT_WITHIN
+    left = budget - 1  # the value itself
+    counted: dict[int, int] = {}  # the items inside each container walked, by id
+    onPath: set[int] = set()
+    # For each container entered: its id, its containers not entered yet (the next one
+    # last), and the items counted inside it so far (in a list, to add to).
+    frames: list[tuple[int, list[Any], list[int]]] = [(0, [value], [0])]
+    while frames:
+        ident, waiting, inside = frames[-1]
+        if not waiting:  # done with it: its count goes to its parent, and is remembered
+            frames.pop()
+            if frames:
+                frames[-1][2][0] += inside[0]
+                counted[ident] = inside[0]
+                onPath.discard(ident)
+            continue
+        container = waiting.pop()
+        ident = id(container)
+        if ident in onPath:
+            return EXTENT_CYCLE
+        known = counted.get(ident)
+        if known is not None:  # walked before, here or elsewhere in the value
+            left -= known
+            inside[0] += known
+            if left < 0:
+                return EXTENT_OVER
+            continue
+        if len(frames) > maxDepth:
+            return EXTENT_CYCLE
+        # Its items count as it is entered: a dictionary's keys and values.
+        if type(container) is dict:
+            size = 2 * len(container)
+            inner = [
+                item for pair in container.items() for item in pair if type(item) in containers
+            ]
+        else:
+            size = len(container)
+            inner = [item for item in container if type(item) in containers]
+        left -= size
+        if left < 0:
+            return EXTENT_OVER
+        onPath.add(ident)
+        inner.reverse()
+        frames.append((ident, inner, [size]))
+    return EXTENT_WITHIN
+
+
+def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
+    """
+    Whether the native codec would pack ``value`` in ``budget`` items or fewer: it counts the
+    items of the plain containers (lists, dicts with their keys, tuples, sets and frozensets,
+    of exactly those types) as packing does, a container each time it appears, without
+    packing anything and without running any code of the value's. A container that appears
+    again is not walked again: the walk takes time in proportion to the distinct containers
+    at most, or to ``budget``.
+
+    :data:`EXTENT_WITHIN` if so, :data:`EXTENT_OVER` if not, :data:`EXTENT_CYCLE` if a
+    container holds itself or they nest more than ``maxDepth`` deep (packing would give up
+    and jelly the value).
+
+    Lists that share their parts are packed once per appearance: a value of a few hundred
+    bytes can stand for more items than any message holds.
+    """
+    if _accelerator.speedups is not None:
+        return _accelerator.speedups.extent(value, budget, maxDepth)  # type: ignore[no-any-return]
+    return _extentPython(value, budget, maxDepth)
+
+
 class ValueCodec:
     """
     Packs and unpacks values for one connection.
@@ -835,6 +939,10 @@ class ValueCodec:
     :param measureDepth: measure how deeply each received value nests, and refuse one deeper
         than ``depthLimit`` (msgpack's own arrays and maps are otherwise bounded only by
         :data:`MSGPACK_DEPTH`).
+
+    :ivar itemLimit: the most items a value sent may be packed in (see :func:`extent`), or
+        ``None``: the bytes the peer takes in a message, since each item takes one at least.
+        A value over it is refused before it is packed.
     """
 
     def __init__(
@@ -862,6 +970,11 @@ class ValueCodec:
         self._special = False
         self._packing = False
         self._plainPacker = self._newPacker()
+        self.itemLimit: int | None = None
+        speedups = _accelerator.speedups
+        self._extent: Callable[[Any, int, int], int] = (
+            _extentPython if speedups is None else speedups.extent
+        )
 
     # Sending
 
@@ -874,6 +987,12 @@ class ValueCodec:
         met something else is the value packed again with the hooks that export references
         and jelly instances; if it met a cycle (or nesting deeper than msgpack goes) the value
         is jellied whole instead. Either way nothing is registered twice or half-way.
+
+        Before either, the plain containers are counted (see :func:`extent`): one that would
+        be packed in more than ``itemLimit`` items raises
+        :class:`~pbroker.errors.LimitExceeded`, having taken no more time and memory than
+        that count. (Lists that share their parts could otherwise be packed in more bytes
+        than memory holds.)
         """
         kind = type(value)
         if kind is bytes:
@@ -884,6 +1003,17 @@ class ValueCodec:
             large = value[0]
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
+        limit = self.itemLimit
+        if limit is not None and kind in _CONTAINERS:
+            verdict = self._extent(value, limit, _WALK_DEPTH)
+            if verdict == EXTENT_OVER:
+                raise LimitExceeded(
+                    f"a value of more than {limit} items is over the {limit}-byte limit of "
+                    "a message to the peer (each item takes a byte at least; a list or other "
+                    "container that appears more than once in a value is sent each time)"
+                )
+            if verdict == EXTENT_CYCLE:
+                return self._jellied(value)  # as the first pass would, having gone round
         if self._depth > EXTENSION_DEPTH:
             # Packed from a hook, inside documents already that deep: jelly, off the C stack.
             return self._jellied(value)

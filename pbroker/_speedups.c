@@ -6,6 +6,7 @@
  *   keeping, limits, messages); scan() only turns bytes into tokens and tokens into lists.
  * - Leaves writes the jelly encoder's common leaves (see pbroker._jellier.Jellier._emit).
  * - plain() builds the unjellier's plain expressions (see pbroker._unjellier.Unjellier).
+ * - extent() counts what the native codec would pack for a value (see pbroker._native).
  *
  * Each has a pure-Python twin that gives the same results; the differential fuzzers in
  * tests/test_fuzz.py hold each pair to each other.
@@ -1287,7 +1288,281 @@ plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return plainList(args[0], &tags, 0);
 }
 
+/*
+ * extent(): how many items the native codec would pack for a value's plain containers,
+ * walked as it packs them (lists, dicts with their keys, tuples, sets and frozensets, of
+ * exactly those types), depth first, without packing anything. A container that appears
+ * more than once is counted each time, as it would be packed: a small value whose lists share
+ * their parts may stand for more items than any message holds. The count of one that appears
+ * again is remembered rather than walked again, so the walk takes time in proportion to the
+ * distinct containers at most. See pbroker._native.extent, its twin in Python.
+ *
+ * No Python code runs during the walk (no hashing of the value's objects, no iteration
+ * protocol of a class), so no container can change under it. The walk keeps its own stack,
+ * not the C stack.
+ */
+enum {
+    EXTENT_WITHIN = 0,
+    EXTENT_OVER = 1,
+    EXTENT_CYCLE = 2,
+};
+
+typedef struct {
+    PyObject *container;    /* borrowed: the value holds it */
+    PyObject *iterator;     /* a set's iterator (owned), else NULL */
+    PyObject *pendingValue; /* a dictionary's value, visited after its key (borrowed) */
+    Py_ssize_t position;    /* the next index of a list or tuple; PyDict_Next's position */
+    Py_ssize_t inside;      /* the items counted inside it so far */
+} ExtentFrame;
+
+typedef struct {
+    Py_ssize_t left; /* items that may still be counted */
+    Py_ssize_t maxDepth;
+    PyObject *counted; /* {address: items inside} of the shared containers walked, or NULL */
+    ExtentFrame *frames; /* the containers being walked, outermost first */
+    Py_ssize_t depth;
+    Py_ssize_t capacity;
+    ExtentFrame inlineFrames[32];
+} Extent;
+
+static inline int
+isPlainContainer(PyObject *object)
+{
+    PyTypeObject *kind = Py_TYPE(object);
+    return kind == &PyList_Type || kind == &PyDict_Type || kind == &PyTuple_Type
+           || kind == &PySet_Type || kind == &PyFrozenSet_Type;
+}
+
+/* Count container's items and make it the innermost frame, or add what it held when it was
+ * walked before, or say why not (or -1 on an error). */
+static int
+extentEnter(Extent *walk, PyObject *container)
+{
+    ExtentFrame *parent = walk->depth ? &walk->frames[walk->depth - 1] : NULL;
+    /* One held once appears once: it cannot be on the path, or have been walked. */
+    if (Py_REFCNT(container) > 1) {
+        for (Py_ssize_t i = 0; i < walk->depth; i++) {
+            if (walk->frames[i].container == container) {
+                return EXTENT_CYCLE;
+            }
+        }
+        if (walk->counted != NULL) {
+            PyObject *address = PyLong_FromVoidPtr(container);
+            if (address == NULL) {
+                return -1;
+            }
+            PyObject *known = PyDict_GetItemWithError(walk->counted, address);
+            Py_DECREF(address);
+            if (known != NULL) {
+                Py_ssize_t inside = PyLong_AsSsize_t(known);
+                walk->left -= inside;
+                parent->inside += inside;
+                return walk->left < 0 ? EXTENT_OVER : EXTENT_WITHIN;
+            }
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+        }
+    }
+    if (walk->depth >= walk->maxDepth) {
+        return EXTENT_CYCLE;
+    }
+    /* Its items count as it is entered: a dictionary's keys and values. */
+    PyTypeObject *kind = Py_TYPE(container);
+    int isSet = kind == &PySet_Type || kind == &PyFrozenSet_Type;
+    Py_ssize_t size;
+    if (kind == &PyDict_Type) {
+        size = 2 * PyDict_GET_SIZE(container);
+    }
+    else if (isSet) {
+        size = PySet_GET_SIZE(container);
+    }
+    else {
+        size = PySequence_Fast_GET_SIZE(container);
+    }
+    walk->left -= size;
+    if (walk->left < 0) {
+        return EXTENT_OVER;
+    }
+    if (walk->depth == walk->capacity) {
+        Py_ssize_t capacity = walk->capacity * 2;
+        ExtentFrame *frames;
+        if (walk->frames == walk->inlineFrames) {
+            frames = PyMem_New(ExtentFrame, (size_t)capacity);
+            if (frames != NULL) {
+                memcpy(frames, walk->inlineFrames, sizeof(walk->inlineFrames));
+            }
+        }
+        else {
+            frames = PyMem_Resize(walk->frames, ExtentFrame, (size_t)capacity);
+        }
+        if (frames == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        walk->frames = frames;
+        walk->capacity = capacity;
+    }
+    PyObject *iterator = NULL;
+    if (isSet) {
+        iterator = PyObject_GetIter(container);
+        if (iterator == NULL) {
+            return -1;
+        }
+    }
+    ExtentFrame *frame = &walk->frames[walk->depth++];
+    frame->container = container;
+    frame->iterator = iterator;
+    frame->pendingValue = NULL;
+    frame->position = 0;
+    frame->inside = size;
+    return EXTENT_WITHIN;
+}
+
+/* Done with the innermost frame: its count goes to its parent, and is remembered if its
+ * container may appear again. */
+static int
+extentLeave(Extent *walk)
+{
+    ExtentFrame *frame = &walk->frames[--walk->depth];
+    Py_CLEAR(frame->iterator);
+    if (walk->depth == 0) {
+        return 0;
+    }
+    walk->frames[walk->depth - 1].inside += frame->inside;
+    if (Py_REFCNT(frame->container) > 1) {
+        if (walk->counted == NULL && (walk->counted = PyDict_New()) == NULL) {
+            return -1;
+        }
+        PyObject *address = PyLong_FromVoidPtr(frame->container);
+        PyObject *inside = PyLong_FromSsize_t(frame->inside);
+        int stored = -1;
+        if (address != NULL && inside != NULL) {
+            stored = PyDict_SetItem(walk->counted, address, inside);
+        }
+        Py_XDECREF(address);
+        Py_XDECREF(inside);
+        return stored;
+    }
+    return 0;
+}
+
+/* The next item of the frame's container that is a container itself (borrowed), or NULL
+ * when there is none left (or on an error). */
+static PyObject *
+extentNext(ExtentFrame *frame)
+{
+    PyObject *container = frame->container;
+    PyTypeObject *kind = Py_TYPE(container);
+    if (kind == &PyList_Type || kind == &PyTuple_Type) {
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(container);
+        PyObject **items = PySequence_Fast_ITEMS(container);
+        while (frame->position < size) {
+            PyObject *item = items[frame->position++];
+            if (isPlainContainer(item)) {
+                return item;
+            }
+        }
+        return NULL;
+    }
+    if (kind == &PyDict_Type) {
+        PyObject *pending = frame->pendingValue;
+        frame->pendingValue = NULL;
+        if (pending != NULL && isPlainContainer(pending)) {
+            return pending;
+        }
+        PyObject *key, *value;
+        while (PyDict_Next(container, &frame->position, &key, &value)) {
+            if (isPlainContainer(key)) {
+                frame->pendingValue = value; /* after the key's walk */
+                return key;
+            }
+            if (isPlainContainer(value)) {
+                return value;
+            }
+        }
+        return NULL;
+    }
+    PyObject *item;
+    while ((item = PyIter_Next(frame->iterator)) != NULL) {
+        Py_DECREF(item); /* the set holds it still */
+        if (isPlainContainer(item)) {
+            return item;
+        }
+    }
+    return NULL;
+}
+
+static int
+extentWalk(Extent *walk, PyObject *value)
+{
+    int verdict = extentEnter(walk, value);
+    while (verdict == EXTENT_WITHIN && walk->depth > 0) {
+        PyObject *item = extentNext(&walk->frames[walk->depth - 1]);
+        if (item != NULL) {
+            verdict = extentEnter(walk, item);
+        }
+        else if (PyErr_Occurred() || extentLeave(walk) < 0) {
+            return -1;
+        }
+    }
+    return verdict;
+}
+
+static PyObject *
+extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "extent() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    /* Counts stay below twice the budget: it is clamped so that they cannot overflow. */
+    Py_ssize_t budget;
+    if (toLimit(args[1], PY_SSIZE_T_MAX / 4, &budget) < 0) {
+        return NULL;
+    }
+    Py_ssize_t maxDepth = PyLong_AsSsize_t(args[2]);
+    if (maxDepth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (budget < 0 || maxDepth < 1) {
+        PyErr_SetString(PyExc_ValueError, "extent() needs a budget >= 0 and a maxDepth >= 1");
+        return NULL;
+    }
+    if (budget == 0) {
+        return PyLong_FromLong(EXTENT_OVER);
+    }
+    if (!isPlainContainer(args[0])) {
+        return PyLong_FromLong(EXTENT_WITHIN);
+    }
+    Extent walk;
+    walk.left = budget - 1; /* the value itself */
+    walk.maxDepth = maxDepth;
+    walk.counted = NULL;
+    walk.frames = walk.inlineFrames;
+    walk.depth = 0;
+    walk.capacity = (Py_ssize_t)(sizeof(walk.inlineFrames) / sizeof(walk.inlineFrames[0]));
+    int verdict = extentWalk(&walk, args[0]);
+    for (Py_ssize_t i = 0; i < walk.depth; i++) {
+        Py_XDECREF(walk.frames[i].iterator);
+    }
+    if (walk.frames != walk.inlineFrames) {
+        PyMem_Free(walk.frames);
+    }
+    Py_XDECREF(walk.counted);
+    if (verdict < 0) {
+        return NULL;
+    }
+    return PyLong_FromLong(verdict);
+}
+
 static PyMethodDef methods[] = {
+    {"extent", (PyCFunction)(void (*)(void))extent, METH_FASTCALL,
+     "extent(value, budget, maxDepth)\n--\n\n"
+     "0: the native codec would pack value's plain containers in budget items or fewer;\n"
+     "1: more; 2: a container inside itself, or containers nested deeper than maxDepth.\n"
+     "See pbroker._native.extent."},
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(buffer, position, expressionStart, vocabulary, sizeLimit, prefixLimit, depthLimit,\n"
      "     messageSizeLimit, text, current, remaining, parents, wanted, results)\n"

@@ -881,6 +881,7 @@ class Broker(Banana):
             # At the default, msgpack's own bound (MSGPACK_DEPTH) is taken as close enough.
             measureDepth=self.limits.nestingDepth < DEPTH_LIMIT,
         )
+        self._setItemLimit()
         self._decoder = FrameDecoder(size)
         self.currentDialect = dialect
         self.connectionReady()
@@ -1037,6 +1038,17 @@ class Broker(Banana):
         size = sum(len(part) for part in parts)
         self._checkPeerLimit(size)
         return _Payload(parts, size, taken)
+
+    def _setItemLimit(self) -> None:
+        """
+        Bound the items of a value packed for the peer (see ValueCodec.pack) by the bytes it
+        takes in a message; to a peer that takes any size, by what this side takes. Only if
+        neither has a limit is a value packed however many items it expands to.
+        """
+        codec = self._codec
+        if codec is not None:
+            limit = self.peerMessageSize
+            codec.itemLimit = self.limits.messageSize if limit is None else limit
 
     def _checkPeerLimit(self, size: int) -> None:
         limit = self.peerMessageSize
@@ -3247,6 +3259,7 @@ class Broker(Banana):
         if size is None or type(size) is int:
             # Below a floor, even this side's answers and pings would be refused.
             self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
+            self._setItemLimit()
         taken = capabilities.get("taken")
         if type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)

@@ -4439,3 +4439,242 @@ class ArgumentCheckTests(SynchronousTestCase):
             "endpoint must be an endpoint string such as 'tcp:host:8789'",
             lambda: ReconnectingClient(42, reactor=clock),  # type: ignore[arg-type]
         )
+
+
+def sharedLists(depth: int) -> list[Any]:
+    """
+    ``depth`` lists, each holding the next one twice: 2 ** depth appearances of the last,
+    in a few hundred bytes of memory.
+    """
+    value: list[Any] = [1]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+def shapeOf(value: Any) -> list[int]:
+    """
+    For each level of ``sharedLists``: whether its two items are the same list (1) or equal
+    copies (2); walked level by level, never whole.
+    """
+    shape = []
+    while len(value) == 2:
+        shape.append(1 if value[0] is value[1] else 2)
+        value = value[0]
+    return shape
+
+
+class SharedPartsTests(NativeTestCase):
+    """
+    Values whose lists share their parts: packed once per appearance, they are counted
+    before they are packed, so that a small value cannot stand for more than a message may
+    hold (see pbroker._native.extent).
+    """
+
+    clientOptions = {"limits": pb.BrokerLimits(messageSize=4096)}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.rootObject.remote_shared = sharedLists  # type: ignore[attr-defined]
+        self.rootObject.remote_second = lambda pair: pair[1]  # type: ignore[attr-defined]
+
+    def test_refusedBeforePacking(self) -> None:
+        """An answer that would be packed in more items than the caller takes bytes fails
+        with LimitExceeded saying so, counted before anything is packed; the connection
+        stays, and one within the limit travels (a copy per appearance)."""
+        with capturedLogs():
+            failure = self.call("shared", 12)
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertIn(
+            "a value of more than 4096 items is over the 4096-byte limit of a message to the peer",
+            failure.getErrorMessage(),
+        )
+        self.assertEqual(shapeOf(self.call("shared", 5)), [2] * 5)
+        self.assertFalse(self.server.disconnected)
+
+    def test_refusedWithoutWalkingItAll(self) -> None:
+        """Lists sharing their parts 100 levels deep (2 ** 100 appearances) are refused at
+        once: each is counted once, the count of one seen before added, not walked again."""
+        with capturedLogs():
+            failure = self.call("shared", 100)
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_sharedValueFromThePeer(self) -> None:
+        """A peer can send a value whose lists share their parts, jellied (here, as a cycle
+        comes first in it, which makes the sender jelly it whole): a method that returns part
+        of it has its answer refused, not packed without end; the connection stays."""
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        with capturedLogs():
+            failure = self.call("second", [cycle, sharedLists(60)])
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertEqual(self.call("echo", 3), 3)
+
+    def test_cycleJellied(self) -> None:
+        """A value whose lists hold themselves is jellied at once, keeping its shape, rather
+        than packed round the cycle until msgpack gives up."""
+        packed: list[Any] = []
+        codec = self.server._codec
+        self.patch(codec, "_plainPacker", RecordingPacker(codec._plainPacker, packed))
+        cycle: list[Any] = [list(range(100))]
+        cycle.append(cycle)
+        result = self.call("second", [1, cycle])
+        self.assertIs(result[1], result)
+        self.assertEqual(result[0], list(range(100)))
+        self.assertEqual(packed, [])  # the answer never went to msgpack's plain pass
+
+    def test_limitFromThisSide(self) -> None:
+        """To a peer that takes messages of any size, a value is bounded by what this side
+        takes; with no limit on either side, by nothing."""
+        codec = self.server._codec
+        self.assertEqual(codec.itemLimit, 4096)
+        self.server.peerMessageSize = None
+        self.server._setItemLimit()
+        self.assertEqual(codec.itemLimit, self.server.limits.messageSize)
+        self.server.limits = pb.BrokerLimits(messageSize=None)
+        self.server._setItemLimit()
+        self.assertIsNone(codec.itemLimit)
+        self.assertEqual(shapeOf(self.call("shared", 3)), [2] * 3)
+
+
+class RecordingPacker:
+    """
+    A msgpack packer that notes each value it packs.
+    """
+
+    def __init__(self, packer: Any, packed: list[Any]) -> None:
+        self._packer = packer
+        self._packed = packed
+
+    def pack(self, value: Any) -> bytes:
+        self._packed.append(value)
+        return self._packer.pack(value)  # type: ignore[no-any-return]
+
+
+class ExtentTests(SynchronousTestCase):
+    """
+    pbroker._native.extent, and its twins in C and in Python.
+    """
+
+    def twins(self) -> list[Callable[[Any, int, int], int]]:
+        from pbroker import _accelerator
+
+        found = [_native._extentPython]
+        if _accelerator.speedups is not None:
+            found.append(_accelerator.speedups.extent)
+        return found
+
+    def test_counts(self) -> None:
+        """Each item of a list, tuple, set or frozenset counts, a dict's keys and values,
+        the value itself, and a container each time it appears."""
+        inner = [1, 2]
+        cases = [
+            (5, 1),
+            ([], 1),
+            ([1, 2, 3], 4),
+            ({"a": 1, "b": [1, 2]}, 7),
+            ((1, (2, 3)), 5),
+            ({1, (2, 3)}, 5),
+            (frozenset({frozenset({1})}), 3),
+            ([inner, inner, [inner]], 11),
+            ({(1, 2): [3]}, 6),
+        ]
+        for extent in self.twins():
+            for value, items in cases:
+                self.assertEqual(extent(value, items, 100), _native.EXTENT_WITHIN, (value, items))
+                self.assertEqual(extent(value, items - 1, 100), _native.EXTENT_OVER, (value, items))
+
+    def test_cyclesAndDepth(self) -> None:
+        """A container inside itself, or containers nested deeper than maxDepth, end the
+        walk; subclasses and other objects are items, not walked."""
+        cycle: list[Any] = [1]
+        cycle.append({"again": (cycle,)})
+
+        class Listish(list[Any]):
+            pass
+
+        nested: Any = 1
+        for _ in range(10):
+            nested = [nested]
+        for extent in self.twins():
+            self.assertEqual(extent(cycle, 1000, 100), _native.EXTENT_CYCLE)
+            self.assertEqual(extent(nested, 1000, 10), _native.EXTENT_WITHIN)
+            self.assertEqual(extent(nested, 1000, 9), _native.EXTENT_CYCLE)
+            self.assertEqual(extent([Listish(range(100))], 2, 100), _native.EXTENT_WITHIN)
+            self.assertEqual(extent(sharedLists(200), 10**9, 300), _native.EXTENT_OVER)
+            total = 3 * 2**20 - 1  # the value, and 3 * 2**k - 2 items inside level k
+            self.assertEqual(extent(sharedLists(20), total, 300), _native.EXTENT_WITHIN)
+            self.assertEqual(extent(sharedLists(20), total - 1, 300), _native.EXTENT_OVER)
+            self.assertEqual(extent([5], 0, 1), _native.EXTENT_OVER)
+            self.assertEqual(extent([5], 2**200, 1), _native.EXTENT_WITHIN)
+            for budget, depth in ((-1, 5), (5, 0)):
+                with self.assertRaises(ValueError):
+                    extent([], budget, depth)
+
+    def test_twinsAgree(self) -> None:
+        """The C walk and the Python one give the same verdict on random values with shared
+        parts, cycles and every kind of container, at every budget and depth tried."""
+        from pbroker import _accelerator
+
+        if _accelerator.speedups is None:
+            return  # one twin only: nothing to compare (test_counts checks it)
+        python, c = _native._extentPython, _accelerator.speedups.extent
+        generator = random.Random(1729)
+        for _ in range(400):
+            value = randomValue(generator)
+            for budget in (0, 1, 3, 10, 30, 100, 10_000):
+                for depth in (1, 2, 4, 50):
+                    self.assertEqual(
+                        python(value, budget, depth), c(value, budget, depth), (budget, depth)
+                    )
+
+
+def randomValue(generator: random.Random) -> Any:
+    """
+    A value of lists, dicts, tuples, sets and frozensets (and leaves), some shared, some
+    holding themselves.
+    """
+    made: list[Any] = []
+    hashable: list[Any] = [1, "a", b"b", 2.5, None]
+
+    def pick() -> Any:
+        roll = generator.random()
+        if made and roll < 0.3:
+            return generator.choice(made)
+        if roll < 0.5:
+            return generator.choice(hashable)
+        return build()
+
+    def build() -> Any:
+        kind = generator.choice(["list", "dict", "tuple", "set", "frozenset"])
+        size = generator.randrange(4)
+        if kind == "tuple":
+            items = tuple(pick() for _ in range(size))
+            made.append(items)
+            with contextlib.suppress(TypeError):
+                hash(items)
+                hashable.append(items)
+            return items
+        if kind in ("set", "frozenset"):
+            items = {generator.choice(hashable) for _ in range(size)}
+            group = set(items) if kind == "set" else frozenset(items)
+            if kind == "frozenset":
+                hashable.append(group)
+            made.append(group)
+            return group
+        container: Any = [] if kind == "list" else {}
+        made.append(container)
+        for index in range(size):
+            item = pick()
+            if kind == "list":
+                container.append(item)
+            else:
+                container[f"k{index}"] = item
+        if generator.random() < 0.1:
+            target = generator.choice(made)
+            if isinstance(target, list):
+                target.append(container)  # may close a cycle
+        return container
+
+    return build()

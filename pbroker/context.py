@@ -30,6 +30,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
+from pbroker._native import EXTENT_OVER, EXTENT_WITHIN, extent
 from pbroker.errors import describe, isSeconds, toSeconds
 
 __all__ = ["CallContext", "CallOptions", "current"]
@@ -64,13 +65,34 @@ class CallOptions:
             for key in self.context:
                 if type(key) is not str:
                     raise TypeError(f"call context keys must be text, not {key!r}")
-            _checkPlain(self.context, "context", 0)
+            _checkAnnotations(self.context, "context")
         if self.reply is not None and not isinstance(self.reply, dict):
             raise TypeError(f"reply must be a dict to fill, not {type(self.reply).__name__}")
 
 
 #: How deep the lists and dicts of a call context may nest.
 _CONTEXT_DEPTH = 32
+
+#: How many items the lists and dicts of a call context (or reply) may hold in all, counting
+#: one that appears more than once each time, as it is sent.
+_CONTEXT_ITEMS = 1_000_000
+
+
+def _checkAnnotations(value: dict[Any, Any], path: str) -> None:
+    """
+    Refuse annotations (a context, or a reply) that cannot travel: see :func:`_checkPlain`.
+    They are counted first, so that lists sharing their parts cannot make the check (or the
+    packing) take time without end.
+    """
+    found = extent(value, _CONTEXT_ITEMS)
+    if found == EXTENT_OVER:
+        raise ValueError(
+            f"{path} holds more than {_CONTEXT_ITEMS:,} items (a list or dict that appears "
+            "more than once is counted, and sent, each time)"
+        )
+    if found != EXTENT_WITHIN:
+        raise ValueError(f"{path} holds a list or dict inside itself, which cannot travel")
+    _checkPlain(value, path, 0)
 
 
 def _checkPlain(value: Any, path: str, depth: int) -> None:
@@ -117,7 +139,7 @@ def _checkReply(reply: Any) -> None:
     for key in reply:
         if type(key) is not str:
             raise TypeError(f"reply keys must be text, not {key!r}")
-    _checkPlain(reply, "reply", 0)
+    _checkAnnotations(reply, "reply")
 
 
 @dataclass

@@ -4537,6 +4537,24 @@ class SharedPartsTests(NativeTestCase):
         self.assertIsNone(codec.itemLimit)
         self.assertEqual(shapeOf(self.call("shared", 3)), [2] * 3)
 
+    def test_sharedAnnotationsRefused(self) -> None:
+        """Annotations whose lists share their parts are refused when they are made, with
+        the count, in time that does not grow with the appearances."""
+        with self.assertRaises(ValueError) as raised:
+            context.CallOptions(context={"x": sharedLists(60)})
+        self.assertEqual(
+            str(raised.exception),
+            "context holds more than 1,000,000 items (a list or dict that appears more than "
+            "once is counted, and sent, each time)",
+        )
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        with self.assertRaises(ValueError) as raised:
+            context.CallOptions(context={"x": cycle})
+        self.assertEqual(
+            str(raised.exception), "context holds a list or dict inside itself, which cannot travel"
+        )
+
 
 class RecordingPacker:
     """

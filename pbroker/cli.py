@@ -434,6 +434,13 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             what = f"login refused for {options.user}"
             answer = await within(factory.login(credentials), EXIT_LOGIN, what)
             if isinstance(answer, Failure):
+                if answer.check("twisted.spread.flavors.NoSuchMethod") and "remote_login" in str(
+                    answer.value
+                ):
+                    # Its root is not a portal's: say so, rather than name the missing method.
+                    raise CommandError(
+                        EXIT_LOGIN, f"{what}: {options.address} takes no logins (leave out --user)"
+                    )
                 raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}")
             target = answer
         call: Deferred[Any] | None = target.callRemote(method, *arguments)

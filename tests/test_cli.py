@@ -689,6 +689,20 @@ class InProcessTests(SynchronousTestCase):
             "pbroker: login refused for alice: twisted.cred.error.UnauthorizedLogin\n",
         )
 
+    def test_loginToARootWithoutLogins(self) -> None:
+        """--user against a server whose root takes no logins exits 4 with one line saying
+        so, not naming the method it lacks."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
+        for root in (Service(), StockService()):
+            code, out, err = self.main("--user", "alice", "ping", self.address, root=root)
+            self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
+            self.assertEqual(
+                err,
+                "pbroker: login refused for alice: pb://127.0.0.1:8789 takes no logins "
+                "(leave out --user)\n",
+            )
+        self.flushLoggedErrors()  # (a stock server logs the call it could not answer)
+
 
 class Terminal(io.StringIO):
     """Standard input that is a terminal."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import defer, interfaces
+from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -28,6 +29,8 @@ from zope.interface import implementer
 from pbroker.errors import PBConnectionLost, RemoteError
 from pbroker.flavors import Referenceable
 from pbroker.jelly import qual
+
+_log = Logger()
 
 __all__ = [
     "CallbackPageCollector",
@@ -349,7 +352,7 @@ def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> d
 
     It fails if the call fails, with :class:`~pbroker.errors.RemoteError` if a pbroker pager
     says it failed, or with :class:`~pbroker.errors.PBConnectionLost` if the connection is
-    lost before the last page.
+    lost before the last page. A call that fails after the last page is logged.
     """
     deferred: defer.Deferred[Any] = defer.Deferred()
 
@@ -361,6 +364,9 @@ def getAllPages(referenceable: Any, methodName: str, *args: Any, **kw: Any) -> d
         # The call itself failed, or its pager: no (more) pages will come.
         if not deferred.called:
             deferred.errback(failure)
+        elif not failure.check(PBConnectionLost):
+            # After its last page: the pages stand, and the failure is not lost.
+            _log.failure("{method} failed after its last page", failure, method=methodName)
 
     collector = CallbackPageCollector(completed, failed)
     call = referenceable.callRemote(methodName, collector, *args, **kw)

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.spread import util as twistedUtil
@@ -624,7 +624,7 @@ class LocalStandInTests(SynchronousTestCase):
     def test_getAllPagesFromALocalStandIn(self) -> None:
         """getAllPages works on a local stand-in (no connection to watch, a sync_ method
         returning None): it fires with the pages; a failure of the call after the last
-        page does not undo the pages."""
+        page does not undo the pages, and is logged."""
 
         class Local(util.LocalAsRemote):
             def sync_send(self, collector: Any) -> None:
@@ -637,9 +637,13 @@ class LocalStandInTests(SynchronousTestCase):
                 return defer.fail(ValueError("after the pages"))
 
         self.assertEqual(self.successResultOf(util.getAllPages(Local(), "send")), [b"a", b"b"])
-        self.assertEqual(
-            self.successResultOf(util.getAllPages(Local(), "sendThenFail")), [b"a", b"b"]
-        )
+        with capturedLogs() as events:
+            pages = self.successResultOf(util.getAllPages(Local(), "sendThenFail"))
+        self.assertEqual(pages, [b"a", b"b"])
+        [event] = events
+        self.assertEqual(formatEvent(event), "sendThenFail failed after its last page")
+        self.assertEqual(str(event["log_failure"].value), "after the pages")
+        self.flushLoggedErrors(ValueError)
 
     def test_localAsyncForwarder(self) -> None:
         """Interface methods are forwarded; others succeed with None or fail, as asked."""

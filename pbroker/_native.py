@@ -844,6 +844,8 @@ EXTENT_OVER: Final = 1
 EXTENT_CYCLE: Final = 2
 
 _CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
+# What extent() looks at: the containers, and the strings whose lengths it counts.
+_WALKED: Final = _CONTAINERS | {str, bytes}
 
 
 def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
@@ -856,6 +858,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
         return EXTENT_OVER
     budget = min(budget, _MAX_BUDGET)  # as the C twin clamps it
     containers = _CONTAINERS
+    walked = _WALKED
     if type(value) not in containers:
         return EXTENT_WITHIN
     left = budget - 1  # the value itself
@@ -874,6 +877,13 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
                 onPath.discard(ident)
             continue
         container = waiting.pop()
+        kind = type(container)
+        if kind is str or kind is bytes:  # packed each time it appears, its length at least
+            left -= len(container)
+            if left < 0:
+                return EXTENT_OVER
+            inside[0] += len(container)
+            continue
         ident = id(container)
         if ident in onPath:
             return EXTENT_CYCLE
@@ -886,15 +896,14 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
             continue
         if len(frames) > maxDepth:
             return EXTENT_CYCLE
-        # Its items count as it is entered: a dictionary's keys and values.
-        if type(container) is dict:
+        # Its items count as it is entered: a dictionary's keys and values. Strings are
+        # walked too, for their lengths, in turn (as the C twin meets them).
+        if kind is dict:
             size = 2 * len(container)
-            inner = [
-                item for pair in container.items() for item in pair if type(item) in containers
-            ]
+            inner = [item for pair in container.items() for item in pair if type(item) in walked]
         else:
             size = len(container)
-            inner = [item for item in container if type(item) in containers]
+            inner = [item for item in container if type(item) in walked]
         left -= size
         if left < 0:
             return EXTENT_OVER
@@ -908,17 +917,19 @@ def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
     """
     Whether the native codec would pack ``value`` in ``budget`` items or fewer: it counts the
     items of the plain containers (lists, dicts with their keys, tuples, sets and frozensets,
-    of exactly those types) as packing does, a container each time it appears, without
-    packing anything and without running any code of the value's. A container that appears
-    again is not walked again: the walk takes time in proportion to the distinct containers
-    at most, or to ``budget``.
+    of exactly those types) as packing does, a container each time it appears, and the
+    length of each string and byte string in them (``str`` and ``bytes``: it takes that many
+    bytes at least, each time it appears), without packing anything and without running any
+    code of the value's. A container that appears again is not walked again: the walk takes
+    time in proportion to the distinct containers at most, or to ``budget``.
 
     :data:`EXTENT_WITHIN` if so, :data:`EXTENT_OVER` if not, :data:`EXTENT_CYCLE` if a
     container holds itself or they nest more than ``maxDepth`` deep (packing would give up
     and jelly the value).
 
     Lists that share their parts are packed once per appearance: a value of a few hundred
-    bytes can stand for more items than any message holds.
+    bytes can stand for more items than any message holds, or a string of a few kilobytes for
+    more bytes than memory holds.
     """
     if _accelerator.speedups is not None:
         return _accelerator.speedups.extent(value, budget, maxDepth)  # type: ignore[no-any-return]
@@ -940,8 +951,9 @@ class ValueCodec:
         than ``depthLimit`` (msgpack's own arrays and maps are otherwise bounded only by
         :data:`MSGPACK_DEPTH`).
 
-    :ivar itemLimit: the most items a value sent may be packed in (see :func:`extent`), or
-        ``None``: the bytes the peer takes in a message, since each item takes one at least.
+    :ivar itemLimit: the most items a value sent may be packed in (see :func:`extent`; each
+        character or byte of a string counts as one), or ``None``: the bytes the peer takes
+        in a message, since each item takes one at least.
         A value over it is refused before it is packed.
     """
 
@@ -1009,8 +1021,9 @@ class ValueCodec:
             if verdict == EXTENT_OVER:
                 raise LimitExceeded(
                     f"a value of more than {limit} items is over the {limit}-byte limit of "
-                    "a message to the peer (each item takes a byte at least; a list or other "
-                    "container that appears more than once in a value is sent each time)"
+                    "a message to the peer (each item, and each character of a string, takes a "
+                    "byte at least; a list or other container that appears more than once in a "
+                    "value is sent each time)"
                 )
             if verdict == EXTENT_CYCLE:
                 return self._jellied(value)  # as the first pass would, having gone round

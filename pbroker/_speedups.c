@@ -1291,9 +1291,10 @@ plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /*
  * extent(): how many items the native codec would pack for a value's plain containers,
  * walked as it packs them (lists, dicts with their keys, tuples, sets and frozensets, of
- * exactly those types), depth first, without packing anything. A container that appears
- * more than once is counted each time, as it would be packed: a small value whose lists share
- * their parts may stand for more items than any message holds. The count of one that appears
+ * exactly those types), depth first, without packing anything, and the length of each str
+ * and bytes in them. A container that appears more than once is counted each time, as it
+ * would be packed: a small value whose lists share their parts may stand for more items (or
+ * more copies of a long string) than any message holds. The count of one that appears
  * again is remembered rather than walked again, so the walk takes time in proportion to the
  * distinct containers at most. See pbroker._native.extent, its twin in Python.
  *
@@ -1447,60 +1448,95 @@ extentLeave(Extent *walk)
     return 0;
 }
 
+/* Whether item is a plain container to walk (1) or a leaf (0). A string's or a byte
+ * string's length counts besides, as it is packed each time it appears: -1 if that spends
+ * the budget. */
+static inline int
+extentItem(Extent *walk, ExtentFrame *frame, PyObject *item)
+{
+    PyTypeObject *kind = Py_TYPE(item);
+    Py_ssize_t length;
+    if (kind == &PyUnicode_Type) {
+        length = PyUnicode_GET_LENGTH(item); /* code points: its UTF-8 bytes at least */
+    }
+    else if (kind == &PyBytes_Type) {
+        length = PyBytes_GET_SIZE(item);
+    }
+    else {
+        return isPlainContainer(item);
+    }
+    walk->left -= length; /* left >= 0 before: it cannot overflow */
+    if (walk->left < 0) {
+        return -1;
+    }
+    frame->inside += length;
+    return 0;
+}
+
 /* The next item of the frame's container that is a container itself (borrowed), or NULL
- * when there is none left (or on an error). */
+ * when there is none left (or on an error; or with *over set, if the strings met on the
+ * way spend the budget). */
 static PyObject *
-extentNext(ExtentFrame *frame)
+extentNext(Extent *walk, ExtentFrame *frame, int *over)
 {
     PyObject *container = frame->container;
     PyTypeObject *kind = Py_TYPE(container);
+    PyObject *item = NULL;
+    int found = 0;
     if (kind == &PyList_Type || kind == &PyTuple_Type) {
         Py_ssize_t size = PySequence_Fast_GET_SIZE(container);
         PyObject **items = PySequence_Fast_ITEMS(container);
         while (frame->position < size) {
-            PyObject *item = items[frame->position++];
-            if (isPlainContainer(item)) {
-                return item;
+            item = items[frame->position++];
+            if ((found = extentItem(walk, frame, item)) != 0) {
+                break;
             }
         }
-        return NULL;
     }
-    if (kind == &PyDict_Type) {
-        PyObject *pending = frame->pendingValue;
+    else if (kind == &PyDict_Type) {
+        item = frame->pendingValue;
         frame->pendingValue = NULL;
-        if (pending != NULL && isPlainContainer(pending)) {
-            return pending;
-        }
-        PyObject *key, *value;
-        while (PyDict_Next(container, &frame->position, &key, &value)) {
-            if (isPlainContainer(key)) {
-                frame->pendingValue = value; /* after the key's walk */
-                return key;
+        if (item == NULL || (found = extentItem(walk, frame, item)) == 0) {
+            PyObject *key, *value;
+            while (PyDict_Next(container, &frame->position, &key, &value)) {
+                item = key;
+                if ((found = extentItem(walk, frame, key)) != 0) {
+                    frame->pendingValue = value; /* after the key's walk */
+                    break;
+                }
+                item = value;
+                if ((found = extentItem(walk, frame, value)) != 0) {
+                    break;
+                }
             }
-            if (isPlainContainer(value)) {
-                return value;
-            }
-        }
-        return NULL;
-    }
-    PyObject *item;
-    while ((item = PyIter_Next(frame->iterator)) != NULL) {
-        Py_DECREF(item); /* the set holds it still */
-        if (isPlainContainer(item)) {
-            return item;
         }
     }
-    return NULL;
+    else {
+        while ((item = PyIter_Next(frame->iterator)) != NULL) {
+            Py_DECREF(item); /* the set holds it still */
+            if ((found = extentItem(walk, frame, item)) != 0) {
+                break;
+            }
+        }
+    }
+    if (found < 0) {
+        *over = 1;
+    }
+    return found > 0 ? item : NULL;
 }
 
 static int
 extentWalk(Extent *walk, PyObject *value)
 {
     int verdict = extentEnter(walk, value);
+    int over = 0;
     while (verdict == EXTENT_WITHIN && walk->depth > 0) {
-        PyObject *item = extentNext(&walk->frames[walk->depth - 1]);
+        PyObject *item = extentNext(walk, &walk->frames[walk->depth - 1], &over);
         if (item != NULL) {
             verdict = extentEnter(walk, item);
+        }
+        else if (over) {
+            verdict = EXTENT_OVER;
         }
         else if (PyErr_Occurred() || extentLeave(walk) < 0) {
             return -1;

@@ -4511,6 +4511,25 @@ class SharedPartsTests(NativeTestCase):
         self.assertTrue(failure.check(LimitExceeded))
         self.assertEqual(self.call("echo", 3), 3)
 
+    def test_sharedStringRefused(self) -> None:
+        """Lists that share their parts and hold a long string stand for as many copies of it
+        as appearances: a few thousand items, but the string's length each time. The answer
+        is refused before msgpack packs any of it (it packed 100 MB here, and with 20 levels
+        more than memory holds); the connection stays."""
+        packed: list[Any] = []
+        codec = self.server._codec
+        self.patch(codec, "_plainPacker", RecordingPacker(codec._plainPacker, packed))
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        shared: list[Any] = ["x" * 100_000]
+        for _ in range(10):  # 3,071 items: within the 4,096 the client takes
+            shared = [shared, shared]
+        with capturedLogs():
+            failure = self.call("second", [cycle, shared])
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertEqual([value for value in packed if type(value) is list], [])
+        self.assertEqual(self.call("echo", 3), 3)
+
     def test_cycleJellied(self) -> None:
         """A value whose lists hold themselves is jellied at once, keeping its shape, rather
         than packed round the cycle until msgpack gives up."""
@@ -4585,18 +4604,23 @@ class ExtentTests(SynchronousTestCase):
 
     def test_counts(self) -> None:
         """Each item of a list, tuple, set or frozenset counts, a dict's keys and values,
-        the value itself, and a container each time it appears."""
+        the value itself, and a container each time it appears; and each character or byte
+        of a string (str or bytes) in them, each time."""
         inner = [1, 2]
         cases = [
             (5, 1),
             ([], 1),
             ([1, 2, 3], 4),
-            ({"a": 1, "b": [1, 2]}, 7),
+            ({"a": 1, "b": [1, 2]}, 7 + 2),
             ((1, (2, 3)), 5),
             ({1, (2, 3)}, 5),
             (frozenset({frozenset({1})}), 3),
             ([inner, inner, [inner]], 11),
             ({(1, 2): [3]}, 6),
+            (["abc", b"de", ""], 4 + 5),
+            ({"key": "\u20ac" * 3}, 3 + 6),
+            ([[inner, "xyz"]] * 2, 3 + 2 * (2 + 2 + 3)),
+            ({frozenset({"ab"}): ("cd",)}, 5 + 4),
         ]
         for extent in self.twins():
             for value, items in cases:
@@ -4646,6 +4670,154 @@ class ExtentTests(SynchronousTestCase):
                     self.assertEqual(
                         python(value, budget, depth), c(value, budget, depth), (budget, depth)
                     )
+
+
+def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
+    """
+    What extent() finds, found the slow way: every appearance walked (no memory of
+    containers seen before), recursively. For small values only.
+    """
+    containers = (list, dict, tuple, set, frozenset)
+    left = budget - 1
+    path: list[int] = []
+
+    class Over(Exception):
+        pass
+
+    class Cycle(Exception):
+        pass
+
+    def walk(item: Any) -> None:
+        nonlocal left
+        kind = type(item)
+        if kind is str or kind is bytes:
+            left -= len(item)
+            if left < 0:
+                raise Over()
+            return
+        if kind not in containers:
+            return
+        if id(item) in path:
+            raise Cycle()
+        if len(path) >= maxDepth:
+            raise Cycle()
+        if kind is dict:
+            left -= 2 * len(item)
+            inner = [part for pair in item.items() for part in pair]
+        else:
+            left -= len(item)
+            inner = list(item)
+        if left < 0:
+            raise Over()
+        path.append(id(item))
+        for part in inner:
+            walk(part)
+        path.pop()
+
+    if budget == 0:
+        return _native.EXTENT_OVER
+    if type(value) not in containers:
+        return _native.EXTENT_WITHIN
+    try:
+        walk(value)
+    except Over:
+        return _native.EXTENT_OVER
+    except Cycle:
+        return _native.EXTENT_CYCLE
+    return _native.EXTENT_WITHIN
+
+
+class ExtentDifferentialTests(SynchronousTestCase):
+    """
+    extent()'s twins against each other and against a walk without memory, on random
+    values whose parts are shared at different depths and hold strings.
+    """
+
+    def test_twinsAndOracleAgree(self) -> None:
+        """Both twins give the verdict of a walk that visits every appearance, at budgets
+        around the value's exact count and at every depth up to its own; where the oracle
+        finds the value too deep only at a container's second appearance (the twins add the
+        count remembered from its first), they agree with each other and say within."""
+        from pbroker import _accelerator
+
+        twins = [_native._extentPython]
+        if _accelerator.speedups is not None:
+            twins.append(_accelerator.speedups.extent)
+        generator = random.Random(4099)
+        for _ in range(1500):
+            value = randomGraph(generator)
+            budgets = [0, 1, 2, 5, 10**6]
+            if naiveExtent(value, 10**6, 10**6) == _native.EXTENT_WITHIN:
+                low, high = 1, 10**6  # the exact count, found by bisection
+                while low < high:
+                    middle = (low + high) // 2
+                    if naiveExtent(value, middle, 10**6) == _native.EXTENT_WITHIN:
+                        high = middle
+                    else:
+                        low = middle + 1
+                budgets += [low - 1, low, low + 1]
+            for budget in budgets:
+                for depth in range(1, 9):
+                    verdicts = {twin(value, max(budget, 0), depth) for twin in twins}
+                    self.assertEqual(len(verdicts), 1, (value, budget, depth))
+                    oracle = naiveExtent(value, max(budget, 0), depth)
+                    (verdict,) = verdicts
+                    if verdict != oracle:
+                        self.assertIn((verdict, oracle), [(0, 2), (1, 2)], (value, budget, depth))
+
+
+def randomGraph(generator: random.Random) -> Any:
+    """
+    A small value of containers, strings and leaves in which containers are shared at
+    random depths (a list may also be appended to, closing a cycle).
+    """
+    made: list[Any] = []
+    hashable: list[Any] = [1, "a", b"bc", "", "\u20ac\u20ac", None]
+
+    def leaf() -> Any:
+        return generator.choice([1, 2.5, None, "", "s" * generator.randrange(6), b"b" * 3])
+
+    def pick(level: int) -> Any:
+        roll = generator.random()
+        if made and roll < 0.35:
+            return generator.choice(made)
+        if level > 4 or roll < 0.6:
+            return leaf()
+        return build(level + 1)
+
+    def build(level: int) -> Any:
+        kind = generator.choice(["list", "list", "dict", "tuple", "set", "frozenset"])
+        size = generator.randrange(4)
+        if kind == "tuple":
+            items = tuple(pick(level) for _ in range(size))
+            made.append(items)
+            with contextlib.suppress(TypeError):
+                hash(items)
+                hashable.append(items)
+            return items
+        if kind in ("set", "frozenset"):
+            members = {generator.choice(hashable) for _ in range(size)}
+            group = set(members) if kind == "set" else frozenset(members)
+            if kind == "frozenset":
+                hashable.append(group)
+            made.append(group)
+            return group
+        container: Any = [] if kind == "list" else {}
+        made.append(container)
+        for index in range(size):
+            item = pick(level)
+            if kind == "list":
+                container.append(item)
+            else:
+                key = generator.choice(hashable) if generator.random() < 0.3 else f"k{index}"
+                container[key] = item
+        if generator.random() < 0.05:
+            target = generator.choice(made)
+            if type(target) is list:
+                target.append(container)  # may close a cycle
+        return container
+
+    return build(0)
 
 
 def randomValue(generator: random.Random) -> Any:

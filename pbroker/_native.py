@@ -983,6 +983,10 @@ class ValueCodec:
         self._packing = False
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
+        # The bytes the objects jellied in the value being packed may still take, if bounded,
+        # and whether one was jellied yet (the first is not counted: see _full).
+        self._jellyLeft: int | None = None
+        self._jelliedAny = False
         speedups = _accelerator.speedups
         self._extent: Callable[[Any, int, int], int] = (
             _extentPython if speedups is None else speedups.extent
@@ -1048,7 +1052,14 @@ class ValueCodec:
             return self._jellied(value)
         if not self._special:
             return packed
-        return self._packWith(value, self._full)
+        # The objects are jellied each time they appear (as a list is packed): their jelly
+        # counts against the limit as it is made (see _full).
+        outer = self._jellyLeft, self._jelliedAny
+        self._jellyLeft, self._jelliedAny = limit, False
+        try:
+            return self._packWith(value, self._full)
+        finally:
+            self._jellyLeft, self._jelliedAny = outer
 
     def _jellied(self, value: Any) -> bytes:
         return msgpack.packb(msgpack.ExtType(JELLY, self._hooked(self._jelly, value)))  # type: ignore[no-any-return]
@@ -1103,7 +1114,24 @@ class ValueCodec:
             return self._packNested(obj, code, self._full)
         if self._isStream(obj):
             return msgpack.ExtType(STREAM, msgpack.packb(self._stream(obj)))
-        return msgpack.ExtType(JELLY, self._hooked(self._jelly, obj))
+        jellied = self._hooked(self._jelly, obj)
+        left = self._jellyLeft
+        if left is not None:
+            # An object in lists that share their parts is jellied once per appearance: a
+            # copy of a large state, a thousand times, say (extent() counts it as one item).
+            # The first is let through however large, as a value jellied whole is (the
+            # message's own check refuses it if need be, as before).
+            if self._jelliedAny:
+                left -= len(jellied)
+            self._jelliedAny = True
+            if left < 0:
+                raise LimitExceeded(
+                    f"a value whose objects take more than {self.itemLimit} bytes jellied is "
+                    f"over the {self.itemLimit}-byte limit of a message to the peer (an object "
+                    "that appears more than once in a value is sent each time)"
+                )
+            self._jellyLeft = left
+        return msgpack.ExtType(JELLY, jellied)
 
     # Receiving
 

@@ -56,6 +56,15 @@ class RemoteThing(pb.RemoteCopy):
     pass
 
 
+class Mirrored(pb.Copyable, pb.RemoteCopy):
+    """
+    A copy that both sides copy: one received can be sent on.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        self.text = text
+
+
 class Counter(pb.Referenceable):
     def __init__(self) -> None:
         self.count = 0
@@ -4529,6 +4538,43 @@ class SharedPartsTests(NativeTestCase):
         self.assertTrue(failure.check(LimitExceeded))
         self.assertEqual([value for value in packed if type(value) is list], [])
         self.assertEqual(self.call("echo", 3), 3)
+
+    def test_sharedCopyRefused(self) -> None:
+        """A copy that appears many times (lists sharing their parts) is jellied each time, its
+        whole state: a copy the peer sent, of a class both sides copy, and a method that returns
+        it. The jellied states count against the limit as they are made: the answer is refused
+        after a few of them (it took 100 MB here, and without end at 20 levels)."""
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Mirrored, Mirrored)
+        self.registry.setUnjellyableForClass(Mirrored, Mirrored)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, registry=registry),
+            pb.PBClientFactory(
+                registry=self.registry,
+                clock=self.clock,
+                limits=pb.BrokerLimits(messageSize=4096),
+            ),
+            clock=self.clock,
+        )
+        jellied: list[type] = []
+        jelly = server._codec._jelly
+        server._codec._jelly = lambda value: jellied.append(type(value)) or jelly(value)
+        cycle: list[Any] = []
+        cycle.append(cycle)
+        shared: list[Any] = [Mirrored("x" * 100_000)]
+        for _ in range(10):  # 3,071 items: within the 4,096 the client takes
+            shared = [shared, shared]
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("second", [cycle, shared]).addBoth(
+            results.append
+        )
+        with capturedLogs():
+            for _ in range(10_000):
+                if results:
+                    break
+                pump.pump()
+        self.assertTrue(results[0].check(LimitExceeded), results[0])
+        self.assertEqual(jellied.count(Mirrored), 2)  # the first is not counted: one more
 
     def test_cycleJellied(self) -> None:
         """A value whose lists hold themselves is jellied at once, keeping its shape, rather

@@ -74,7 +74,7 @@ class CallOptions:
 _CONTEXT_DEPTH = 32
 
 #: How many items the lists and dicts of a call context (or reply) may hold in all, counting
-#: one that appears more than once each time, as it is sent.
+#: one that appears more than once each time, as it is sent, and each character of a string.
 _CONTEXT_ITEMS = 1_000_000
 
 
@@ -87,8 +87,9 @@ def _checkAnnotations(value: dict[Any, Any], path: str) -> None:
     found = extent(value, _CONTEXT_ITEMS)
     if found == EXTENT_OVER:
         raise ValueError(
-            f"{path} holds more than {_CONTEXT_ITEMS:,} items (a list or dict that appears "
-            "more than once is counted, and sent, each time)"
+            f"{path} holds more than {_CONTEXT_ITEMS:,} items, each character of a string "
+            "counting as one (a list or dict that appears more than once is counted, and "
+            "sent, each time)"
         )
     if found != EXTENT_WITHIN:
         raise ValueError(f"{path} holds a list or dict inside itself, which cannot travel")

@@ -4609,9 +4609,14 @@ class SharedPartsTests(NativeTestCase):
             context.CallOptions(context={"x": sharedLists(60)})
         self.assertEqual(
             str(raised.exception),
-            "context holds more than 1,000,000 items (a list or dict that appears more than "
-            "once is counted, and sent, each time)",
+            "context holds more than 1,000,000 items, each character of a string counting as "
+            "one (a list or dict that appears more than once is counted, and sent, each time)",
         )
+        text: list[Any] = ["x" * 10_000]
+        for _ in range(8):  # 767 items, but 256 copies of the string
+            text = [text, text]
+        with self.assertRaises(ValueError):
+            context.CallOptions(context={"x": text})
         cycle: list[Any] = []
         cycle.append(cycle)
         with self.assertRaises(ValueError) as raised:

@@ -4565,9 +4565,7 @@ class SharedPartsTests(NativeTestCase):
         for _ in range(10):  # 3,071 items: within the 4,096 the client takes
             shared = [shared, shared]
         results: list[Any] = []
-        client.remoteForName("root").callRemote("second", [cycle, shared]).addBoth(
-            results.append
-        )
+        client.remoteForName("root").callRemote("second", [cycle, shared]).addBoth(results.append)
         with capturedLogs():
             for _ in range(10_000):
                 if results:

@@ -1309,9 +1309,9 @@ enum {
 };
 
 typedef struct {
-    PyObject *container;    /* borrowed: the value holds it */
+    PyObject *container;    /* owned while it is walked (see extentEnter) */
     PyObject *iterator;     /* a set's iterator (owned), else NULL */
-    PyObject *pendingValue; /* a dictionary's value, visited after its key (borrowed) */
+    int pendingValue;       /* a dictionary's value is visited after its key's walk */
     Py_ssize_t position;    /* the next index of a list or tuple; PyDict_Next's position */
     Py_ssize_t inside;      /* the items counted inside it so far */
 } ExtentFrame;
@@ -1404,17 +1404,22 @@ extentEnter(Extent *walk, PyObject *container)
         walk->frames = frames;
         walk->capacity = capacity;
     }
+    /* Held while it is walked: allocating an object the garbage collector tracks (a set
+     * iterator, the dictionary of counts) may run a collection, and so a finaliser, before
+     * Python 3.12; one that takes a list out of the value must not free it under the walk. */
+    Py_INCREF(container);
     PyObject *iterator = NULL;
     if (isSet) {
         iterator = PyObject_GetIter(container);
         if (iterator == NULL) {
+            Py_DECREF(container);
             return -1;
         }
     }
     ExtentFrame *frame = &walk->frames[walk->depth++];
     frame->container = container;
     frame->iterator = iterator;
-    frame->pendingValue = NULL;
+    frame->pendingValue = 0;
     frame->position = 0;
     frame->inside = size;
     return EXTENT_WITHIN;
@@ -1426,26 +1431,27 @@ static int
 extentLeave(Extent *walk)
 {
     ExtentFrame *frame = &walk->frames[--walk->depth];
+    PyObject *container = frame->container; /* the frame's reference, released below */
     Py_CLEAR(frame->iterator);
-    if (walk->depth == 0) {
-        return 0;
-    }
-    walk->frames[walk->depth - 1].inside += frame->inside;
-    if (Py_REFCNT(frame->container) > 1) {
-        if (walk->counted == NULL && (walk->counted = PyDict_New()) == NULL) {
-            return -1;
+    int stored = 0;
+    /* Held by more than the frame and one other: it may appear again. */
+    if (walk->depth > 0) {
+        walk->frames[walk->depth - 1].inside += frame->inside;
+        if (Py_REFCNT(container) > 2) {
+            stored = -1;
+            if (walk->counted != NULL || (walk->counted = PyDict_New()) != NULL) {
+                PyObject *address = PyLong_FromVoidPtr(container);
+                PyObject *inside = PyLong_FromSsize_t(frame->inside);
+                if (address != NULL && inside != NULL) {
+                    stored = PyDict_SetItem(walk->counted, address, inside);
+                }
+                Py_XDECREF(address);
+                Py_XDECREF(inside);
+            }
         }
-        PyObject *address = PyLong_FromVoidPtr(frame->container);
-        PyObject *inside = PyLong_FromSsize_t(frame->inside);
-        int stored = -1;
-        if (address != NULL && inside != NULL) {
-            stored = PyDict_SetItem(walk->counted, address, inside);
-        }
-        Py_XDECREF(address);
-        Py_XDECREF(inside);
-        return stored;
     }
-    return 0;
+    Py_DECREF(container);
+    return stored;
 }
 
 /* Whether item is a plain container to walk (1) or a leaf (0). A string's or a byte
@@ -1494,14 +1500,22 @@ extentNext(Extent *walk, ExtentFrame *frame, int *over)
         }
     }
     else if (kind == &PyDict_Type) {
-        item = frame->pendingValue;
-        frame->pendingValue = NULL;
-        if (item == NULL || (found = extentItem(walk, frame, item)) == 0) {
-            PyObject *key, *value;
+        PyObject *key, *value;
+        if (frame->pendingValue) {
+            /* Read again, not kept from before the key's walk (during which a finaliser may
+             * have changed the dictionary: then this is another entry, or none). */
+            frame->pendingValue = 0;
+            Py_ssize_t entry = frame->position - 1;
+            if (PyDict_Next(container, &entry, &key, &value)) {
+                item = value;
+                found = extentItem(walk, frame, value);
+            }
+        }
+        if (found == 0) {
             while (PyDict_Next(container, &frame->position, &key, &value)) {
                 item = key;
                 if ((found = extentItem(walk, frame, key)) != 0) {
-                    frame->pendingValue = value; /* after the key's walk */
+                    frame->pendingValue = 1; /* after the key's walk */
                     break;
                 }
                 item = value;
@@ -1582,6 +1596,7 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int verdict = extentWalk(&walk, args[0]);
     for (Py_ssize_t i = 0; i < walk.depth; i++) {
         Py_XDECREF(walk.frames[i].iterator);
+        Py_DECREF(walk.frames[i].container);
     }
     if (walk.frames != walk.inlineFrames) {
         PyMem_Free(walk.frames);

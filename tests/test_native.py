@@ -4703,6 +4703,37 @@ class ExtentTests(SynchronousTestCase):
                 with self.assertRaises(ValueError):
                     extent([], budget, depth)
 
+    def test_finaliserDuringTheWalk(self) -> None:
+        """Before Python 3.12, allocating a set's iterator may run a garbage collection, and
+        so a finaliser: one that takes the list being walked out of the value does not free
+        it under the C walk (which crashed the process)."""
+        from pbroker import _accelerator
+
+        value: list[Any] = [[{1}, [[1, 2, 3]] * 50, "x"]]
+        ran: list[bool] = []
+
+        class Trap:
+            def __init__(self) -> None:
+                self.me = self
+
+            def __del__(self) -> None:
+                ran.append(True)
+                value[0] = None
+
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        for extent in self.twins():
+            value[0] = [{1}, [[1, 2, 3]] * 50, "x"]
+            Trap()  # garbage in a cycle, with a finaliser
+            gc.set_threshold(1)
+            try:
+                verdict = extent(value, 10**6, 100)
+            finally:
+                gc.set_threshold(*thresholds)
+            self.assertIn(verdict, (_native.EXTENT_WITHIN, _native.EXTENT_OVER))
+            gc.collect()
+        self.assertTrue(ran or _accelerator.speedups is None)
+
     def test_twinsAgree(self) -> None:
         """The C walk and the Python one give the same verdict on random values with shared
         parts, cycles and every kind of container, at every budget and depth tried."""

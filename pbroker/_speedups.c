@@ -1298,8 +1298,10 @@ plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * again is remembered rather than walked again, so the walk takes time in proportion to the
  * distinct containers at most. See pbroker._native.extent, its twin in Python.
  *
- * No Python code runs during the walk (no hashing of the value's objects, no iteration
- * protocol of a class), so no container can change under it. The walk keeps its own stack,
+ * No code of the value's runs during the walk (no hashing of its objects, no iteration
+ * protocol of a class); but before Python 3.12 a garbage collection, and so a finaliser, may
+ * run when it allocates, so it holds the containers it is inside (a finaliser that changes
+ * the value can make the verdict wrong, not the walk unsafe). The walk keeps its own stack,
  * not the C stack.
  */
 enum {

@@ -835,6 +835,10 @@ class _Raised(Exception):
 # (see ValueCodec.pack), as packing would end up doing.
 _WALK_DEPTH: Final = (EXTENSION_DEPTH + 1) * (MSGPACK_DEPTH + 2)
 
+# How many shared containers extent() remembers the counts of (its C twin, those held more
+# than once only): past that, one met again is walked again, within the budget.
+_REMEMBERED: Final = 65536
+
 # extent() counts no further (so that its counts fit in a C Py_ssize_t).
 _MAX_BUDGET: Final = sys.maxsize // 4
 
@@ -864,17 +868,22 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
     left = budget - 1  # the value itself
     counted: dict[int, int] = {}  # the items inside each container walked, by id
     onPath: set[int] = set()
-    # For each container entered: its id, its containers not entered yet (the next one
-    # last), and the items counted inside it so far (in a list, to add to).
-    frames: list[tuple[int, list[Any], list[int]]] = [(0, [value], [0])]
+    # For each container entered: the container, its id, its containers not entered yet
+    # (the next one last), and the items counted inside it so far (in a list, to add to).
+    frames: list[tuple[Any, int, list[Any], list[int]]] = [(None, 0, [value], [0])]
+    container: Any = None
     while frames:
-        ident, waiting, inside = frames[-1]
+        entered, ident, waiting, inside = frames[-1]
         if not waiting:  # done with it: its count goes to its parent, and is remembered
             frames.pop()
             if frames:
-                frames[-1][2][0] += inside[0]
-                counted[ident] = inside[0]
+                frames[-1][3][0] += inside[0]
                 onPath.discard(ident)
+                # If it may appear again: held by more than its parent (here, besides, by
+                # ``entered`` and getrefcount's argument), as the C twin judges it.
+                container = None
+                if sys.getrefcount(entered) > 3 and len(counted) < _REMEMBERED:
+                    counted[ident] = inside[0]
             continue
         container = waiting.pop()
         kind = type(container)
@@ -909,7 +918,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
             return EXTENT_OVER
         onPath.add(ident)
         inner.reverse()
-        frames.append((ident, inner, [size]))
+        frames.append((container, ident, inner, [size]))
     return EXTENT_WITHIN
 
 

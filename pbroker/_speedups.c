@@ -1318,10 +1318,25 @@ typedef struct {
     Py_ssize_t inside;      /* the items counted inside it so far */
 } ExtentFrame;
 
+struct ExtentCount {
+    PyObject *container; /* NULL: a free slot */
+    Py_ssize_t inside;
+};
+
+/* How many shared containers a walk remembers the counts of (16 bytes each, in a table at
+ * most twice as large): enough for any value short of a hostile one, whose walk the budget
+ * bounds all the same. pbroker._native._REMEMBERED is the same. */
+#define EXTENT_REMEMBERED 65536
+
 typedef struct {
     Py_ssize_t left; /* items that may still be counted */
     Py_ssize_t maxDepth;
-    PyObject *counted; /* {address: items inside} of the shared containers walked, or NULL */
+    /* The items inside each shared container walked, by address: an open-addressing table
+     * of countsSize slots (a power of 2, or 0), countsUsed of them taken, at most
+     * EXTENT_REMEMBERED (past that, a container met again is walked again, within budget). */
+    struct ExtentCount *counts;
+    Py_ssize_t countsSize;
+    Py_ssize_t countsUsed;
     ExtentFrame *frames; /* the containers being walked, outermost first */
     Py_ssize_t depth;
     Py_ssize_t capacity;
@@ -1334,6 +1349,73 @@ isPlainContainer(PyObject *object)
     PyTypeObject *kind = Py_TYPE(object);
     return kind == &PyList_Type || kind == &PyDict_Type || kind == &PyTuple_Type
            || kind == &PySet_Type || kind == &PyFrozenSet_Type;
+}
+
+static inline size_t
+extentSlot(PyObject *container, Py_ssize_t size)
+{
+    uint64_t hash = ((uint64_t)(uintptr_t)container >> 4) * UINT64_C(0x9E3779B97F4A7C15);
+    return (size_t)(hash >> 32) & (size_t)(size - 1);
+}
+
+/* The count remembered for container, or -1. */
+static Py_ssize_t
+extentRemembered(Extent *walk, PyObject *container)
+{
+    if (walk->countsUsed == 0) {
+        return -1;
+    }
+    size_t mask = (size_t)walk->countsSize - 1;
+    for (size_t slot = extentSlot(container, walk->countsSize);; slot = (slot + 1) & mask) {
+        struct ExtentCount *entry = &walk->counts[slot];
+        if (entry->container == container) {
+            return entry->inside;
+        }
+        if (entry->container == NULL) {
+            return -1;
+        }
+    }
+}
+
+/* Remember container's count (unless EXTENT_REMEMBERED are already); -1 if out of memory. */
+static int
+extentRemember(Extent *walk, PyObject *container, Py_ssize_t inside)
+{
+    if (walk->countsUsed >= EXTENT_REMEMBERED) {
+        return 0;
+    }
+    if ((walk->countsUsed + 1) * 2 > walk->countsSize) {
+        Py_ssize_t size = walk->countsSize ? walk->countsSize * 2 : 64;
+        struct ExtentCount *counts = PyMem_Calloc((size_t)size, sizeof(struct ExtentCount));
+        if (counts == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < walk->countsSize; i++) {
+            struct ExtentCount *old = &walk->counts[i];
+            if (old->container != NULL) {
+                size_t slot = extentSlot(old->container, size);
+                while (counts[slot].container != NULL) {
+                    slot = (slot + 1) & (size_t)(size - 1);
+                }
+                counts[slot] = *old;
+            }
+        }
+        PyMem_Free(walk->counts);
+        walk->counts = counts;
+        walk->countsSize = size;
+    }
+    size_t mask = (size_t)walk->countsSize - 1;
+    size_t slot = extentSlot(container, walk->countsSize);
+    while (walk->counts[slot].container != NULL && walk->counts[slot].container != container) {
+        slot = (slot + 1) & mask;
+    }
+    if (walk->counts[slot].container == NULL) {
+        walk->countsUsed++;
+    }
+    walk->counts[slot].container = container;
+    walk->counts[slot].inside = inside;
+    return 0;
 }
 
 /* Count container's items and make it the innermost frame, or add what it held when it was
@@ -1349,22 +1431,11 @@ extentEnter(Extent *walk, PyObject *container)
                 return EXTENT_CYCLE;
             }
         }
-        if (walk->counted != NULL) {
-            PyObject *address = PyLong_FromVoidPtr(container);
-            if (address == NULL) {
-                return -1;
-            }
-            PyObject *known = PyDict_GetItemWithError(walk->counted, address);
-            Py_DECREF(address);
-            if (known != NULL) {
-                Py_ssize_t inside = PyLong_AsSsize_t(known);
-                walk->left -= inside;
-                parent->inside += inside;
-                return walk->left < 0 ? EXTENT_OVER : EXTENT_WITHIN;
-            }
-            if (PyErr_Occurred()) {
-                return -1;
-            }
+        Py_ssize_t inside = extentRemembered(walk, container);
+        if (inside >= 0) {
+            walk->left -= inside;
+            parent->inside += inside;
+            return walk->left < 0 ? EXTENT_OVER : EXTENT_WITHIN;
         }
     }
     if (walk->depth >= walk->maxDepth) {
@@ -1440,16 +1511,7 @@ extentLeave(Extent *walk)
     if (walk->depth > 0) {
         walk->frames[walk->depth - 1].inside += frame->inside;
         if (Py_REFCNT(container) > 2) {
-            stored = -1;
-            if (walk->counted != NULL || (walk->counted = PyDict_New()) != NULL) {
-                PyObject *address = PyLong_FromVoidPtr(container);
-                PyObject *inside = PyLong_FromSsize_t(frame->inside);
-                if (address != NULL && inside != NULL) {
-                    stored = PyDict_SetItem(walk->counted, address, inside);
-                }
-                Py_XDECREF(address);
-                Py_XDECREF(inside);
-            }
+            stored = extentRemember(walk, container, frame->inside);
         }
     }
     Py_DECREF(container);
@@ -1591,7 +1653,9 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Extent walk;
     walk.left = budget - 1; /* the value itself */
     walk.maxDepth = maxDepth;
-    walk.counted = NULL;
+    walk.counts = NULL;
+    walk.countsSize = 0;
+    walk.countsUsed = 0;
     walk.frames = walk.inlineFrames;
     walk.depth = 0;
     walk.capacity = (Py_ssize_t)(sizeof(walk.inlineFrames) / sizeof(walk.inlineFrames[0]));
@@ -1603,7 +1667,7 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (walk.frames != walk.inlineFrames) {
         PyMem_Free(walk.frames);
     }
-    Py_XDECREF(walk.counted);
+    PyMem_Free(walk.counts);
     if (verdict < 0) {
         return NULL;
     }

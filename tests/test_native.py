@@ -13,6 +13,7 @@ import fractions
 import gc
 import inspect
 import random
+import tracemalloc
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -4675,6 +4676,28 @@ class ExtentTests(SynchronousTestCase):
             for value, items in cases:
                 self.assertEqual(extent(value, items, 100), _native.EXTENT_WITHIN, (value, items))
                 self.assertEqual(extent(value, items - 1, 100), _native.EXTENT_OVER, (value, items))
+
+    def test_countsRememberedWithinBounds(self) -> None:
+        """Many shared containers: the walk remembers the counts of at most 65,536 of them
+        (those past that are walked again, within the budget), so its memory stays bounded
+        (the C twin's table: 2 MiB, and 1 MiB as it grows to that), and the verdict is the
+        same."""
+        pairs: list[Any] = []
+        for index in range(70_000):
+            shared = [index]
+            pairs += [shared, shared]
+        total = 1 + len(pairs) + len(pairs)  # the list, its items, and one in each
+        for extent in self.twins():
+            tracemalloc.start()
+            try:
+                self.assertEqual(extent(pairs, total, 10), _native.EXTENT_WITHIN)
+                self.assertEqual(extent(pairs, total - 1, 10), _native.EXTENT_OVER)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            if extent is not _native._extentPython:
+                self.assertLess(peak, 3 * 2**20 + 2**16)
+        self.assertEqual(_native._REMEMBERED, 65536)
 
     def test_cyclesAndDepth(self) -> None:
         """A container inside itself, or containers nested deeper than maxDepth, end the

@@ -1340,6 +1340,12 @@ typedef struct {
     ExtentFrame *frames; /* the containers being walked, outermost first */
     Py_ssize_t depth;
     Py_ssize_t capacity;
+    /* Once the frames outgrow inlineFrames, their containers by address as well: an
+     * open-addressing table of 2 * capacity slots (NULL: a free slot), so that a deep walk
+     * does not look through every frame for each shared container it meets. They come and
+     * go last in, first out, so a frame's slot is simply freed as it is left (the table is
+     * then as if that one had never been added). */
+    PyObject **path;
     ExtentFrame inlineFrames[32];
 } Extent;
 
@@ -1418,6 +1424,56 @@ extentRemember(Extent *walk, PyObject *container, Py_ssize_t inside)
     return 0;
 }
 
+/* The slot of container in walk->path, or the free one where it would go (there is room). */
+static size_t
+extentPathSlot(Extent *walk, PyObject *container)
+{
+    size_t mask = (size_t)(2 * walk->capacity) - 1;
+    size_t slot = extentSlot(container, 2 * walk->capacity);
+    while (walk->path[slot] != NULL && walk->path[slot] != container) {
+        slot = (slot + 1) & mask;
+    }
+    return slot;
+}
+
+/* Room for twice the frames, and walk->path for them; -1 if out of memory. Out of
+ * extentEnter (which the compiler then inlines): only deep walks need it. */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static int
+extentGrow(Extent *walk)
+{
+    Py_ssize_t capacity = walk->capacity * 2;
+    ExtentFrame *frames;
+    if (walk->frames == walk->inlineFrames) {
+        frames = PyMem_New(ExtentFrame, (size_t)capacity);
+        if (frames != NULL) {
+            memcpy(frames, walk->inlineFrames, sizeof(walk->inlineFrames));
+        }
+    }
+    else {
+        frames = PyMem_Resize(walk->frames, ExtentFrame, (size_t)capacity);
+    }
+    if (frames == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    walk->frames = frames;
+    walk->capacity = capacity;
+    PyMem_Free(walk->path);
+    walk->path = PyMem_Calloc((size_t)(2 * capacity), sizeof(PyObject *));
+    if (walk->path == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < walk->depth; i++) {
+        PyObject *entered = walk->frames[i].container;
+        walk->path[extentPathSlot(walk, entered)] = entered;
+    }
+    return 0;
+}
+
 /* Count container's items and make it the innermost frame, or add what it held when it was
  * walked before, or say why not (or -1 on an error). */
 static int
@@ -1426,9 +1482,16 @@ extentEnter(Extent *walk, PyObject *container)
     ExtentFrame *parent = walk->depth ? &walk->frames[walk->depth - 1] : NULL;
     /* One held once appears once: it cannot be on the path, or have been walked. */
     if (Py_REFCNT(container) > 1) {
-        for (Py_ssize_t i = 0; i < walk->depth; i++) {
-            if (walk->frames[i].container == container) {
+        if (walk->path != NULL) {
+            if (walk->path[extentPathSlot(walk, container)] != NULL) {
                 return EXTENT_CYCLE;
+            }
+        }
+        else {
+            for (Py_ssize_t i = 0; i < walk->depth; i++) {
+                if (walk->frames[i].container == container) {
+                    return EXTENT_CYCLE;
+                }
             }
         }
         Py_ssize_t inside = extentRemembered(walk, container);
@@ -1458,28 +1521,12 @@ extentEnter(Extent *walk, PyObject *container)
     if (walk->left < 0) {
         return EXTENT_OVER;
     }
-    if (walk->depth == walk->capacity) {
-        Py_ssize_t capacity = walk->capacity * 2;
-        ExtentFrame *frames;
-        if (walk->frames == walk->inlineFrames) {
-            frames = PyMem_New(ExtentFrame, (size_t)capacity);
-            if (frames != NULL) {
-                memcpy(frames, walk->inlineFrames, sizeof(walk->inlineFrames));
-            }
-        }
-        else {
-            frames = PyMem_Resize(walk->frames, ExtentFrame, (size_t)capacity);
-        }
-        if (frames == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        walk->frames = frames;
-        walk->capacity = capacity;
+    if (walk->depth == walk->capacity && extentGrow(walk) < 0) {
+        return -1;
     }
     /* Held while it is walked: allocating an object the garbage collector tracks (a set
-     * iterator, the dictionary of counts) may run a collection, and so a finaliser, before
-     * Python 3.12; one that takes a list out of the value must not free it under the walk. */
+     * iterator) may run a collection, and so a finaliser, before Python 3.12; one that
+     * takes a list out of the value must not free it under the walk. */
     Py_INCREF(container);
     PyObject *iterator = NULL;
     if (isSet) {
@@ -1495,6 +1542,9 @@ extentEnter(Extent *walk, PyObject *container)
     frame->pendingValue = 0;
     frame->position = 0;
     frame->inside = size;
+    if (walk->path != NULL) {
+        walk->path[extentPathSlot(walk, container)] = container;
+    }
     return EXTENT_WITHIN;
 }
 
@@ -1505,6 +1555,9 @@ extentLeave(Extent *walk)
 {
     ExtentFrame *frame = &walk->frames[--walk->depth];
     PyObject *container = frame->container; /* the frame's reference, released below */
+    if (walk->path != NULL) {
+        walk->path[extentPathSlot(walk, container)] = NULL; /* the last one added */
+    }
     Py_CLEAR(frame->iterator);
     int stored = 0;
     /* Held by more than the frame and one other: it may appear again. */
@@ -1659,6 +1712,7 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     walk.frames = walk.inlineFrames;
     walk.depth = 0;
     walk.capacity = (Py_ssize_t)(sizeof(walk.inlineFrames) / sizeof(walk.inlineFrames[0]));
+    walk.path = NULL;
     int verdict = extentWalk(&walk, args[0]);
     for (Py_ssize_t i = 0; i < walk.depth; i++) {
         Py_XDECREF(walk.frames[i].iterator);
@@ -1667,6 +1721,7 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (walk.frames != walk.inlineFrames) {
         PyMem_Free(walk.frames);
     }
+    PyMem_Free(walk.path);
     PyMem_Free(walk.counts);
     if (verdict < 0) {
         return NULL;

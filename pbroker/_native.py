@@ -835,10 +835,6 @@ class _Raised(Exception):
 # (see ValueCodec.pack), as packing would end up doing.
 _WALK_DEPTH: Final = (EXTENSION_DEPTH + 1) * (MSGPACK_DEPTH + 2)
 
-# How many shared containers extent() remembers the counts of (its C twin, those held more
-# than once only): past that, one met again is walked again, within the budget.
-_REMEMBERED: Final = 65536
-
 # extent() counts no further (so that its counts fit in a C Py_ssize_t).
 _MAX_BUDGET: Final = sys.maxsize // 4
 
@@ -882,7 +878,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
                 # If it may appear again: held by more than its parent (here, besides, by
                 # ``entered`` and getrefcount's argument), as the C twin judges it.
                 container = None
-                if sys.getrefcount(entered) > 3 and len(counted) < _REMEMBERED:
+                if sys.getrefcount(entered) > 3:
                     counted[ident] = inside[0]
             continue
         container = waiting.pop()

@@ -1323,17 +1323,12 @@ struct ExtentCount {
     Py_ssize_t inside;
 };
 
-/* How many shared containers a walk remembers the counts of (16 bytes each, in a table at
- * most twice as large): enough for any value short of a hostile one, whose walk the budget
- * bounds all the same. pbroker._native._REMEMBERED is the same. */
-#define EXTENT_REMEMBERED 65536
-
 typedef struct {
     Py_ssize_t left; /* items that may still be counted */
     Py_ssize_t maxDepth;
     /* The items inside each shared container walked, by address: an open-addressing table
-     * of countsSize slots (a power of 2, or 0), countsUsed of them taken, at most
-     * EXTENT_REMEMBERED (past that, a container met again is walked again, within budget). */
+     * of countsSize slots (a power of 2, or 0), countsUsed of them taken, at most half. It
+     * takes 32 bytes a container at most, less than the container itself (56 at least). */
     struct ExtentCount *counts;
     Py_ssize_t countsSize;
     Py_ssize_t countsUsed;
@@ -1383,13 +1378,10 @@ extentRemembered(Extent *walk, PyObject *container)
     }
 }
 
-/* Remember container's count (unless EXTENT_REMEMBERED are already); -1 if out of memory. */
+/* Remember container's count; -1 if out of memory. */
 static int
 extentRemember(Extent *walk, PyObject *container, Py_ssize_t inside)
 {
-    if (walk->countsUsed >= EXTENT_REMEMBERED) {
-        return 0;
-    }
     if ((walk->countsUsed + 1) * 2 > walk->countsSize) {
         Py_ssize_t size = walk->countsSize ? walk->countsSize * 2 : 64;
         struct ExtentCount *counts = PyMem_Calloc((size_t)size, sizeof(struct ExtentCount));

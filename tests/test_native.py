@@ -13,7 +13,6 @@ import fractions
 import gc
 import inspect
 import random
-import time
 import tracemalloc
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -4679,10 +4678,9 @@ class ExtentTests(SynchronousTestCase):
                 self.assertEqual(extent(value, items - 1, 100), _native.EXTENT_OVER, (value, items))
 
     def test_countsRememberedWithinBounds(self) -> None:
-        """Many shared containers: the walk remembers the counts of at most 65,536 of them
-        (those past that are walked again, within the budget), so its memory stays bounded
-        (the C twin's table: 2 MiB, and 1 MiB as it grows to that), and the verdict is the
-        same."""
+        """Many shared containers: the walk remembers the count of each, in less memory than
+        the containers take themselves (the C twin's table: 32 bytes a container at most, as
+        it grows; a list takes 56 at least), and the verdict is the same."""
         pairs: list[Any] = []
         for index in range(70_000):
             shared = [index]
@@ -4697,15 +4695,14 @@ class ExtentTests(SynchronousTestCase):
             finally:
                 tracemalloc.stop()
             if extent is not _native._extentPython:
-                self.assertLess(peak, 3 * 2**20 + 2**16)
-        self.assertEqual(_native._REMEMBERED, 65536)
+                # 70,000 in 262,144 slots of 16 bytes, and the 131,072 it grew from.
+                self.assertLessEqual(peak, 6 * 2**20 + 2**16)
+                self.assertLess(peak, 70_000 * 100)
 
     def test_deepCyclesAndSharedParts(self) -> None:
         """Deeper than the frames the walk starts with (32), where the C twin finds the
         containers it is inside by address: a container inside itself at any depth is a
-        cycle, one met again beside its first place or after the walk left it is not, and
-        each shared container met deep down costs the same as near the top (it did cost the
-        C twin a look through every frame: 0.7 s for 200,000 met 9,000 deep)."""
+        cycle, and one met again beside its first place or after the walk left it is not."""
         for depth in (31, 32, 33, 40, 64, 65, 200, 1000):
             top: list[Any] = []
             path = [top]
@@ -4726,25 +4723,6 @@ class ExtentTests(SynchronousTestCase):
                     self.assertEqual(extent(top, total - 1, 2000), _native.EXTENT_OVER)
                 path[-1].pop()
                 path[at].pop()
-        from pbroker import _accelerator
-
-        if _accelerator.speedups is None:
-            return
-        extent = _accelerator.speedups.extent
-        held = [[index] for index in range(100_000)]  # each held outside the value too
-
-        def seconds(depth: int) -> float:
-            value: Any = held[:]
-            for _ in range(depth):
-                value = [value]
-            best = float("inf")
-            for _ in range(3):
-                started = time.perf_counter()
-                self.assertEqual(extent(value, 10**9, 10_000), _native.EXTENT_WITHIN)
-                best = min(best, time.perf_counter() - started)
-            return best
-
-        self.assertLess(seconds(5000), 10 * seconds(40) + 0.01)
 
     def test_cyclesAndDepth(self) -> None:
         """A container inside itself, or containers nested deeper than maxDepth, end the

@@ -4792,7 +4792,7 @@ class ExtentTests(SynchronousTestCase):
         python, c = _native._extentPython, _accelerator.speedups.extent
         generator = random.Random(1729)
         for _ in range(400):
-            value = randomValue(generator)
+            value = randomGraph(generator)
             for budget in (0, 1, 3, 10, 30, 100, 10_000):
                 for depth in (1, 2, 4, 50):
                     self.assertEqual(
@@ -4946,53 +4946,3 @@ def randomGraph(generator: random.Random) -> Any:
         return container
 
     return build(0)
-
-
-def randomValue(generator: random.Random) -> Any:
-    """
-    A value of lists, dicts, tuples, sets and frozensets (and leaves), some shared, some
-    holding themselves.
-    """
-    made: list[Any] = []
-    hashable: list[Any] = [1, "a", b"b", 2.5, None]
-
-    def pick() -> Any:
-        roll = generator.random()
-        if made and roll < 0.3:
-            return generator.choice(made)
-        if roll < 0.5:
-            return generator.choice(hashable)
-        return build()
-
-    def build() -> Any:
-        kind = generator.choice(["list", "dict", "tuple", "set", "frozenset"])
-        size = generator.randrange(4)
-        if kind == "tuple":
-            items = tuple(pick() for _ in range(size))
-            made.append(items)
-            with contextlib.suppress(TypeError):
-                hash(items)
-                hashable.append(items)
-            return items
-        if kind in ("set", "frozenset"):
-            items = {generator.choice(hashable) for _ in range(size)}
-            group = set(items) if kind == "set" else frozenset(items)
-            if kind == "frozenset":
-                hashable.append(group)
-            made.append(group)
-            return group
-        container: Any = [] if kind == "list" else {}
-        made.append(container)
-        for index in range(size):
-            item = pick()
-            if kind == "list":
-                container.append(item)
-            else:
-                container[f"k{index}"] = item
-        if generator.random() < 0.1:
-            target = generator.choice(made)
-            if isinstance(target, list):
-                target.append(container)  # may close a cycle
-        return container
-
-    return build()

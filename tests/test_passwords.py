@@ -359,6 +359,15 @@ class PasswordLoginTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             ScramVerifier.fromPassword(b"pw", ITERATIONS).toLine("u" * (MAX_USERNAME + 1))
 
+    def answerTo(self, pump: Any, target: Any, *args: Any) -> Any:
+        """
+        What ``target.callRemote(*args)`` fires with, once ``pump`` has carried it.
+        """
+        results: list[Any] = []
+        target.callRemote(*args).addBoth(results.append)
+        pump.flush()
+        return results[0]
+
     def test_malformedPasswordLogin(self) -> None:
         """The password login's first step takes bytes and a client nonce of 16 to 64 bytes
         (both ends accepted); a proof that is not bytes is refused and uses up the prover."""
@@ -367,10 +376,7 @@ class PasswordLoginTests(SynchronousTestCase):
         root = client.remoteForName("root")
 
         def call(target: Any, *args: Any) -> Any:
-            results: list[Any] = []
-            target.callRemote(*args).addBoth(results.append)
-            pump.flush()
-            return results[0]
+            return self.answerTo(pump, target, *args)
 
         def refusal(target: Any, *args: Any) -> str:
             failure = call(target, *args)
@@ -401,10 +407,7 @@ class PasswordLoginTests(SynchronousTestCase):
         root = client.remoteForName("root")
 
         def call(target: Any, *args: Any) -> Any:
-            results: list[Any] = []
-            target.callRemote(*args).addBoth(results.append)
-            pump.flush()
-            return results[0]
+            return self.answerTo(pump, target, *args)
 
         clientNonce = b"n" * 24
         serverNonce, salt, iterations, prover = call(root, "passwordLogin", b"alice", clientNonce)

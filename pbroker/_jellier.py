@@ -169,6 +169,16 @@ class _JellyTokens:
         )
 
 
+def _encodeWithin(tokens: Tokens, expression: Any) -> bytes:
+    """
+    The banana bytes of ``expression`` in ``tokens``' dialect, within its size and prefix
+    limits.
+    """
+    return encode(
+        expression, tokens.dialect, sizeLimit=tokens.sizeLimit, prefixLimit=tokens.prefixLimit
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _jellyTokens(tokens: Tokens) -> _JellyTokens:
     return _JellyTokens(tokens)
@@ -299,12 +309,7 @@ class Jellier:
         if not self._fast or self._tokens is not None or not jellyTokens.usable:
             # A custom taster that refuses basic types, a nested call, or a tiny size limit:
             # take the long way.
-            return encode(
-                self.jelly(obj),
-                tokens.dialect,
-                sizeLimit=tokens.sizeLimit,
-                prefixLimit=tokens.prefixLimit,
-            )
+            return _encodeWithin(tokens, self.jelly(obj))
         self._tokens = jellyTokens
         chunks = self._chunks
         try:
@@ -320,12 +325,7 @@ class Jellier:
         # Expressions made by jellyFor hooks are encoded last: a later reference to something
         # inside them may still rewrite them in place.
         return b"".join(
-            chunk
-            if type(chunk) is bytes
-            else encode(
-                chunk, tokens.dialect, sizeLimit=tokens.sizeLimit, prefixLimit=tokens.prefixLimit
-            )
-            for chunk in chunks
+            chunk if type(chunk) is bytes else _encodeWithin(tokens, chunk) for chunk in chunks
         )
 
     def _walk(self, items: Iterator[Any], out: list[Any]) -> None:
@@ -504,14 +504,7 @@ class Jellier:
                         append(result)  # encoded at the end, see encode()
                         self._hasExpressions = True
                     else:
-                        append(
-                            encode(
-                                result,
-                                tokens.dialect,
-                                sizeLimit=tokens.sizeLimit,
-                                prefixLimit=tokens.prefixLimit,
-                            )
-                        )
+                        append(_encodeWithin(tokens, result))
             else:
                 if not stack:
                     return
@@ -658,14 +651,7 @@ class Jellier:
                 chunks.append(what)
                 self._hasExpressions = True
             else:
-                chunks.append(
-                    encode(
-                        what,
-                        tokens.dialect,
-                        sizeLimit=tokens.sizeLimit,
-                        prefixLimit=tokens.prefixLimit,
-                    )
-                )
+                chunks.append(_encodeWithin(tokens, what))
         else:
             chunks.append(jellyTokens.unpersistable + tokens.symbol(what.encode("utf-8")))
         return None

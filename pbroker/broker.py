@@ -3050,9 +3050,11 @@ class Broker(Banana):
             self._unregister(registrations)
             self._dropStreamsIn(netResult)
             return
-        if callContext is not None and callContext.reply and self.isNative:
+        # Reply annotations travel in the native dialect only.
+        reply = callContext.reply if callContext is not None and self.isNative else None
+        if reply:
             try:
-                _context._checkReply(callContext.reply)
+                _context._checkReply(reply)
             except (TypeError, ValueError) as e:
                 # The method's mistake, found once it has answered: its caller gets the error
                 # a context like this gets, and the log one line (a traceback would show only
@@ -3067,18 +3069,18 @@ class Broker(Banana):
                 self._sendError(CopyableFailure(e), requestID)
                 return
         try:
-            if callContext is not None and callContext.reply and self.isNative:
+            if reply:
                 if self._behindLarge(registrations):
                     self._sendBehindLarge(
                         b"answerctx",
                         requestID,
                         netResult,
-                        callContext.reply,
+                        reply,
                         forPeer=True,
                         keys=self._keysOf(registrations),
                     )
                 else:
-                    self.sendCall(b"answerctx", requestID, netResult, callContext.reply)
+                    self.sendCall(b"answerctx", requestID, netResult, reply)
             elif self._behindLarge(registrations):
                 keys = self._keysOf(registrations)
                 self._sendBehindLarge(b"answer", requestID, netResult, forPeer=True, keys=keys)

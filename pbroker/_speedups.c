@@ -1359,6 +1359,19 @@ extentSlot(PyObject *container, Py_ssize_t size)
     return (size_t)(hash >> 32) & (size_t)(size - 1);
 }
 
+/* The slot of container in counts (size slots, a power of 2, fewer than half taken), or the
+ * free one where it would go. */
+static size_t
+extentCountSlot(struct ExtentCount *counts, Py_ssize_t size, PyObject *container)
+{
+    size_t mask = (size_t)size - 1;
+    size_t slot = extentSlot(container, size);
+    while (counts[slot].container != NULL && counts[slot].container != container) {
+        slot = (slot + 1) & mask;
+    }
+    return slot;
+}
+
 /* The count remembered for container, or -1. */
 static Py_ssize_t
 extentRemembered(Extent *walk, PyObject *container)
@@ -1366,16 +1379,9 @@ extentRemembered(Extent *walk, PyObject *container)
     if (walk->countsUsed == 0) {
         return -1;
     }
-    size_t mask = (size_t)walk->countsSize - 1;
-    for (size_t slot = extentSlot(container, walk->countsSize);; slot = (slot + 1) & mask) {
-        struct ExtentCount *entry = &walk->counts[slot];
-        if (entry->container == container) {
-            return entry->inside;
-        }
-        if (entry->container == NULL) {
-            return -1;
-        }
-    }
+    struct ExtentCount *entry =
+        &walk->counts[extentCountSlot(walk->counts, walk->countsSize, container)];
+    return entry->container == container ? entry->inside : -1;
 }
 
 /* Remember container's count; -1 if out of memory. */
@@ -1392,27 +1398,20 @@ extentRemember(Extent *walk, PyObject *container, Py_ssize_t inside)
         for (Py_ssize_t i = 0; i < walk->countsSize; i++) {
             struct ExtentCount *old = &walk->counts[i];
             if (old->container != NULL) {
-                size_t slot = extentSlot(old->container, size);
-                while (counts[slot].container != NULL) {
-                    slot = (slot + 1) & (size_t)(size - 1);
-                }
-                counts[slot] = *old;
+                counts[extentCountSlot(counts, size, old->container)] = *old;
             }
         }
         PyMem_Free(walk->counts);
         walk->counts = counts;
         walk->countsSize = size;
     }
-    size_t mask = (size_t)walk->countsSize - 1;
-    size_t slot = extentSlot(container, walk->countsSize);
-    while (walk->counts[slot].container != NULL && walk->counts[slot].container != container) {
-        slot = (slot + 1) & mask;
-    }
-    if (walk->counts[slot].container == NULL) {
+    struct ExtentCount *entry =
+        &walk->counts[extentCountSlot(walk->counts, walk->countsSize, container)];
+    if (entry->container == NULL) {
         walk->countsUsed++;
     }
-    walk->counts[slot].container = container;
-    walk->counts[slot].inside = inside;
+    entry->container = container;
+    entry->inside = inside;
     return 0;
 }
 

@@ -12,7 +12,8 @@ into the table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import chain, islice
 from typing import Any, Protocol
 from weakref import WeakSet, WeakValueDictionary
 
@@ -58,7 +59,9 @@ class Connection(Protocol):
 
     def _takeRegistrations(self, netValue: Any) -> list[tuple[Any, int]] | None: ...
 
-    def _unregister(self, registrations: list[tuple[Any, int]] | None) -> None: ...
+    def _unregister(
+        self, registrations: list[tuple[Any, int]] | None, failure: Failure | None = None
+    ) -> None: ...
 
     def _sendPostponed(self) -> None: ...
 
@@ -109,6 +112,38 @@ def refusedStreams(error: Exception, *values: Any) -> Exception:
         ):
             value.close(Failure(error))
     return error
+
+
+# The most items findStreams looks at: a value refused for its size costs this at most.
+_SEARCHED_ITEMS = 1_000_000
+
+# The containers the native codec sends streams in.
+_SEARCHED_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+
+
+def findStreams(values: Iterable[Any], budget: int = _SEARCHED_ITEMS) -> list[Stream]:
+    """
+    The :class:`Stream` objects among ``values`` and in the lists, tuples, sets and dicts in
+    them, each container looked into once, ``budget`` items at most: those of a value refused
+    before packing reached them, which :func:`refusedStreams` closes.
+    """
+    found: list[Stream] = []
+    seen: set[int] = set()
+    pending = list(islice(values, budget))
+    budget -= len(pending)
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind in _SEARCHED_CONTAINERS:
+            if budget > 0 and id(value) not in seen:
+                seen.add(id(value))
+                items = chain.from_iterable(value.items()) if kind is dict else value
+                more = list(islice(items, budget))
+                budget -= len(more)
+                pending.extend(more)
+        elif isinstance(value, Stream):
+            found.append(value)
+    return found
 
 
 # What an unread item costs besides its packed bytes (its place in the reader's queues, and
@@ -371,14 +406,15 @@ class StreamTable:
         for sender in list(self.outgoing.values()):
             sender.pump()
 
-    def drop(self, streamIDs: list[int]) -> None:
+    def drop(self, streamIDs: list[int], failure: Failure | None = None) -> None:
         """
-        Forget these streams of ours, closing their sources.
+        Forget these streams of ours, closing their sources: with ``failure``, why the value
+        that carried them was not sent.
         """
         for streamID in streamIDs:
             sender = self.outgoing.pop(streamID, None)
             if sender is not None:
-                sender.connectionLost()
+                sender.connectionLost(failure)
 
     def connectionLost(self, reason: Any) -> None:
         outgoing, self.outgoing = self.outgoing, {}

@@ -49,7 +49,7 @@ from pbroker._native import (
     wholeRecord,
 )
 from pbroker._pacing import PacedTransport
-from pbroker._streams import StreamTable, refusedStreams
+from pbroker._streams import StreamTable, findStreams, refusedStreams
 from pbroker._unjellier import Unjellier, expressionsIn
 from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
 from pbroker.errors import (
@@ -194,6 +194,16 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
             ),
             object,
         )
+
+
+def _closeUnpersistableStreams(object: Any, jellier: Any) -> None:
+    """
+    Close a :class:`~pbroker.stream.Stream` met while a value is jellied for a ``pb``
+    dialect: it travels as an ``Unpersistable``, as stock PB sends what it cannot copy, and
+    will never be read, so its writer (a publisher that keeps its streams) must learn so.
+    """
+    if isinstance(object, Stream) and not jellier.taster.isClassAllowed(type(object)):
+        refusedStreams(jellier.invoker._unsupported("sending a stream (a Stream)"), object)
 
 
 # An option Broker.configure was not given.
@@ -1653,9 +1663,10 @@ class Broker(Banana):
             else:
                 # Jellied straight to banana bytes (the fused encoder), spliced into the message.
                 tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
-                result = Encoded(Jellier(self.security, None, self).encode(object, tokens))
-        except BaseException:
-            self._unregister(registrations)  # exported half-way: nothing is sent
+                jellier = Jellier(self.security, _closeUnpersistableStreams, self)
+                result = Encoded(jellier.encode(object, tokens))
+        except BaseException as e:
+            self._refuseValue(registrations, e, object)  # exported half-way: nothing is sent
             raise
         finally:
             self._registrations = outer
@@ -1738,6 +1749,21 @@ class Broker(Banana):
         self._lastRegistered = None
         return last[1]
 
+    def _refuseValue(
+        self, registrations: list[tuple[Any, int]], error: BaseException, *values: Any
+    ) -> None:
+        """
+        Undo what serialising ``values`` registered before it failed with ``error``, and
+        close with ``error`` every :class:`~pbroker.stream.Stream` in them that nothing else
+        uses: those packing reached, and those after the part refused. None of them will be
+        sent, and a publisher that keeps its streams must learn so.
+        """
+        if not isinstance(error, Exception):  # KeyboardInterrupt, say: only undo
+            self._unregister(registrations)
+            return
+        self._unregister(registrations, Failure(error))
+        refusedStreams(error, *findStreams(values))
+
     def _unregisterUnsent(self, netValue: Any) -> None:
         """
         Undo what serialising ``netValue`` exported (and close the streams it made): it will
@@ -1745,11 +1771,14 @@ class Broker(Banana):
         """
         self._unregister(self._takeRegistrations(netValue))
 
-    def _unregister(self, registrations: list[tuple[Any, int]] | None) -> None:
+    def _unregister(
+        self, registrations: list[tuple[Any, int]] | None, failure: Failure | None = None
+    ) -> None:
         """
         Undo the exports and cache handles counted for a value the peer never received: the
         peer cannot release them, so objects would stay exported (and Cacheables observed)
-        for as long as the connection lasts.
+        for as long as the connection lasts. Its streams are closed, with ``failure`` (why
+        the value was not sent) if given.
         """
         if not registrations:
             return
@@ -1769,7 +1798,7 @@ class Broker(Banana):
                         keys = _needing((_OURS, luid))
                         self._sendBehindLarge(b"uncache", luid, forPeer=True, keys=keys)
             elif kind == _STREAM:
-                self._streams.drop([luid])
+                self._streams.drop([luid], failure)
 
     def _streamKeys(self, streamID: int, registrations: Any = None) -> _Keys | None:
         """
@@ -2028,9 +2057,9 @@ class Broker(Banana):
                     raise self._unsupported("a call context")
                 data = self._bananaCall(prefix, objectID, message, answerRequired, args, kw)
             requestID = self.currentRequestID
-        except Exception:
+        except Exception as e:
             failure = Failure()
-            self._unregister(registrations)
+            self._refuseValue(registrations, e, *args, *kw.values())
             self._registrations = outer
             if self._postponed:
                 self._sendPostponed()  # what a hook completed before the arguments failed
@@ -2108,8 +2137,12 @@ class Broker(Banana):
             )
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
-        netArgs = Jellier(self.security, None, self).encode(args, tokens)
-        netKw = Jellier(self.security, None, self).encode(kw, tokens) if kw else _noKeywords(tokens)
+        netArgs = Jellier(self.security, _closeUnpersistableStreams, self).encode(args, tokens)
+        netKw = (
+            Jellier(self.security, _closeUnpersistableStreams, self).encode(kw, tokens)
+            if kw
+            else _noKeywords(tokens)
+        )
         return tokens.joinList(
             [
                 tokens.symbol(prefix + b"message"),
@@ -2375,12 +2408,13 @@ class Broker(Banana):
     def _logFailure(self, message: str, failure: Failure) -> None:
         self._log.failure(message, failure)
 
-    def _dropStreamsIn(self, netValue: Any) -> None:
+    def _dropStreamsIn(self, netValue: Any, failure: Failure | None = None) -> None:
         """
-        Forget the streams a packed value that could not be sent refers to.
+        Forget the streams a packed value that could not be sent refers to (closed with
+        ``failure``, why, if given).
         """
         if self._codec is not None:
-            self._streams.drop(self._codec.streamsIn(netValue))
+            self._streams.drop(self._codec.streamsIn(netValue), failure)
 
     def _credit(self, streamID: Any, count: Any) -> None:
         self._streams.credit(streamID, count)
@@ -3064,9 +3098,10 @@ class Broker(Banana):
                     requestID=requestID,
                     error=str(e),
                 )
-                self._unregister(registrations)
-                self._dropStreamsIn(netResult)
-                self._sendError(CopyableFailure(e), requestID)
+                refusal = CopyableFailure(e)
+                self._unregister(registrations, refusal)
+                self._dropStreamsIn(netResult, refusal)
+                self._sendError(refusal, requestID)
                 return
         try:
             if reply:
@@ -3093,8 +3128,8 @@ class Broker(Banana):
         except Exception:
             # The result cannot be sent (too large, say): the caller gets that instead.
             failure = Failure()
-            self._unregister(registrations)
-            self._dropStreamsIn(netResult)
+            self._unregister(registrations, failure)
+            self._dropStreamsIn(netResult, failure)
             self._sendFailureOrError(failure, requestID)
         if self._postponed:
             self._sendPostponed()

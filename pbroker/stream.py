@@ -680,11 +680,15 @@ class OutgoingStream:
         self._stop()
         self._table.ended(self.streamID, None)
 
-    def connectionLost(self) -> None:
+    def connectionLost(self, failure: Failure | None = None) -> None:
+        """
+        The stream will not be read: the connection is gone, or (``failure``) the value that
+        carried it was not sent. A :class:`Stream` source is closed with ``failure``.
+        """
         if not self._done:
-            self._stop()
+            self._stop(failure)
 
-    def _stop(self) -> None:
+    def _stop(self, failure: Failure | None = None) -> None:
         # A step the source is in the middle of (an async generator awaiting something) is
         # cancelled first: a running async generator cannot be closed.
         self._done = True
@@ -692,7 +696,7 @@ class OutgoingStream:
             busy, self._busy = self._busy, None
             busy.addErrback(lambda _: None)
             busy.cancel()
-        self._close()
+        self._close(failure)
 
     def _close(self, failure: Failure | None = None) -> None:
         self._inContext(self._closeSource, failure)

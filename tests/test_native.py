@@ -31,7 +31,7 @@ from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _native, context, jelly, pb
+from pbroker import _native, _streams, context, jelly, pb
 from pbroker import broker as brokerModule
 from pbroker._keepalive import KeepaliveTimer
 from pbroker.broker import MIN_MESSAGE_SIZE
@@ -4230,6 +4230,85 @@ class RefusedStreamTests(NativeTestCase):
         failure = self.call("echo", thing)
         self.assertTrue(failure.check(JellyError))
         self.assertRefused(stream, JellyError)
+
+    def test_everyStreamOfARefusedAnswer(self) -> None:
+        """All the Streams of an answer refused for its second are closed with why: the
+        first, which was being sent, and the third, which packing never reached."""
+        streams = [Stream(), Stream(), Stream()]
+        self.rootObject.remote_three = lambda: streams  # type: ignore[attr-defined]
+        failure = self.call("three")
+        self.assertIn("streams are being sent", failure.getErrorMessage())
+        for stream in streams:
+            self.assertRefused(stream, LimitExceeded)
+        self.assertEqual(self.server._streams.outgoing, {})
+
+    def test_streamsAroundARefusedPart(self) -> None:
+        """A call whose arguments fail half-way (a copy's hook raises) closes with that
+        error each Stream in them, before and after the part refused, at any depth."""
+        streams = [Stream(), Stream(), Stream()]
+        failing = Thing()
+        failing.getStateToCopy = lambda: 1 / 0  # type: ignore[method-assign]
+        failure = self.call("echo", [streams[0], failing, {"later": (streams[1],)}], streams[2])
+        self.assertTrue(failure.check(ZeroDivisionError))
+        for stream in streams:
+            self.assertRefused(stream, ZeroDivisionError)
+        self.assertEqual(self.client._streams.outgoing, {})
+
+    def test_streamsOfAValueOverTheLimit(self) -> None:
+        """A value refused for its size before any of it is packed closes its Streams."""
+        self.client.peerMessageSize = 1024 * 1024
+        stream = Stream()
+        failure = self.call("echo", [b"x" * (2 * 1024 * 1024), [stream]])
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertRefused(stream, LimitExceeded)
+
+    def test_answerWithABadReply(self) -> None:
+        """An answer not sent because of its method's reply annotations closes the Streams
+        in it with that error."""
+        stream = Stream()
+
+        def badReply() -> list[Stream]:
+            pbContext().reply["bad"] = object()
+            return [stream]
+
+        self.rootObject.remote_badReply = badReply  # type: ignore[attr-defined]
+        with capturedLogs():
+            failure = self.call("badReply", target=self.root.withOptions(context={}, reply={}))
+        self.assertIn("reply['bad'] is a object", failure.getErrorMessage())
+        self.assertRefused(stream, TypeError)
+        self.assertEqual(self.server._streams.outgoing, {})
+
+    def test_findStreams(self) -> None:
+        """The search for a refused value's Streams looks into each container once, so a
+        value of shared parts costs its distinct containers, and at most its budget."""
+        stream = Stream()
+        shared: Any = [stream, {"k": (1, frozenset({2}))}]
+        for _ in range(100):
+            shared = [shared, shared]
+        self.assertEqual(_streams.findStreams([shared]), [stream])
+        self.assertEqual(_streams.findStreams([[*range(10), stream]], budget=5), [])
+        self.assertEqual(_streams.findStreams([[*range(10), stream]], budget=12), [stream])
+
+    def test_nestedInAValueToAPbPeer(self) -> None:
+        """To a pb-dialect peer a Stream inside a list travels as an Unpersistable, as stock
+        PB sends what it cannot copy; it will never be read, so it is closed with why."""
+        root = NativeRoot()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        answered = Stream()
+        root.remote_nested = lambda: [answered]  # type: ignore[attr-defined]
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("nested").addBoth(results.append)
+        argument = Stream()
+        client.remoteForName("root").callRemote("echo", {"s": argument}).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(
+            [type(results[0][0]).__name__, type(results[1]["s"]).__name__],
+            ["Unpersistable", "Unpersistable"],
+        )
+        self.assertRefused(answered, UnsupportedByPeer)
+        self.assertRefused(argument, UnsupportedByPeer)
 
 
 class ServerLimitTests(NativeTestCase):

@@ -41,6 +41,7 @@ plain containers form a cycle (or nest deeper than msgpack allows) is sent whole
 from __future__ import annotations
 
 import contextlib
+import operator
 import struct
 import sys
 from collections.abc import Callable
@@ -852,6 +853,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
     """
     :func:`extent` in Python (the C extension's ``extent`` is its twin: the same steps).
     """
+    budget, maxDepth = operator.index(budget), operator.index(maxDepth)  # as C takes them
     if budget < 0 or maxDepth < 1:
         raise ValueError("extent() needs a budget >= 0 and a maxDepth >= 1")
     if budget == 0:

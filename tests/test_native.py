@@ -4829,6 +4829,9 @@ class ExtentTests(SynchronousTestCase):
             for budget, depth in ((-1, 5), (5, 0)):
                 with self.assertRaises(ValueError):
                     extent([], budget, depth)
+            for budget, depth in ((1.0, 5), (5, 5.0), ("5", 5)):
+                with self.assertRaises(TypeError):
+                    extent([], budget, depth)  # type: ignore[arg-type]
 
     def test_finaliserDuringTheWalk(self) -> None:
         """Before Python 3.12, allocating a set's iterator may run a garbage collection, and

@@ -74,7 +74,22 @@ def rootWith(module: Any, gauge: Any) -> Any:
     return GaugeRoot()
 
 
-class CacheTestsMixin:
+class CallsRoot:
+    """
+    ``call``: the result of a call to the root, after the pump moved everything.
+    """
+
+    root: Any
+    pump: Any
+
+    def call(self, *args: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+
+class CacheTestsMixin(CallsRoot):
     serverModule: Any
     clientModule: Any
     clientOptions: dict[str, Any] = {}
@@ -101,12 +116,6 @@ class CacheTestsMixin:
             self.serverModule.PBServerFactory(rootWith(self.serverModule, self.gauge)), factory
         )
         self.root = self.client.remoteForName("root")
-
-    def call(self, *args: Any) -> Any:
-        results: list[Any] = []
-        self.root.callRemote(*args).addBoth(results.append)
-        self.pump.flush()
-        return results[0]
 
     def test_copyAndUpdates(self) -> None:
         """The copy gets the state, then every update the owner sends through its observer."""
@@ -367,7 +376,7 @@ class CacheEdgeTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
 
-class ObserverTests(SynchronousTestCase):
+class ObserverTests(CallsRoot, SynchronousTestCase):
     """
     A pbroker owner's observers and a pbroker client's copies, at their edges.
     """
@@ -381,12 +390,6 @@ class ObserverTests(SynchronousTestCase):
             pb.PBServerFactory(self.rootObject), pb.PBClientFactory(registry=self.registry)
         )
         self.root = self.client.remoteForName("root")
-
-    def call(self, *args: Any) -> Any:
-        results: list[Any] = []
-        self.root.callRemote(*args).addBoth(results.append)
-        self.pump.flush()
-        return results[0]
 
     def test_observerMethods(self) -> None:
         """An observer takes a method name as text or bytes, and gives a remote method

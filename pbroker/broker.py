@@ -69,7 +69,13 @@ from pbroker.errors import (
     isSeconds,
     toSeconds,
 )
-from pbroker.failure import COPYABLE_FAILURE_TAG, CopiedFailure, CopyableFailure, failure2Copyable
+from pbroker.failure import (
+    COPYABLE_FAILURE_TAG,
+    CopiedFailure,
+    CopyableFailure,
+    failure2Copyable,
+    loggable,
+)
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
@@ -2406,7 +2412,12 @@ class Broker(Banana):
         return not (isinstance(transport, PacedTransport) and transport.paused)
 
     def _logFailure(self, message: str, failure: Failure) -> None:
-        self._log.failure(message, failure)
+        """
+        Log ``failure``, a remote call's or a stream's: its exception may hold a value from
+        the peer, which is described rather than written out if it is too large (see
+        :func:`~pbroker.failure.loggable`).
+        """
+        self._log.failure(message, loggable(failure))
 
     def _dropStreamsIn(self, netValue: Any, failure: Failure | None = None) -> None:
         """
@@ -3018,7 +3029,7 @@ class Broker(Banana):
         except Exception:
             failure = CopyableFailure()
             if failure.check(*self.quietFailures) is None:
-                self._log.failure("Peer will receive the following PB traceback", failure)
+                self._logFailure("Peer will receive the following PB traceback", failure)
             if answerRequired:
                 self._sendError(failure, requestID)
             else:
@@ -3071,7 +3082,7 @@ class Broker(Banana):
         return result
 
     def _logOneWayFailure(self, failure: Failure) -> None:
-        self._log.failure("A one-way remote call failed", failure)
+        self._logFailure("A one-way remote call failed", failure)
         if self._postponed:
             self._sendPostponed()
 
@@ -3145,9 +3156,9 @@ class Broker(Banana):
                 )
             elif self.disconnected:
                 # Nobody will receive it: say so, rather than that the peer will.
-                self._log.failure("A call from a peer now disconnected failed", failure)
+                self._logFailure("A call from a peer now disconnected failed", failure)
             else:
-                self._log.failure("Peer will receive the following PB traceback", failure)
+                self._logFailure("Peer will receive the following PB traceback", failure)
         self._sendError(failure, requestID)
 
     def _sendError(self, failure: Any, requestID: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from twisted.python.failure import Failure
 
+from pbroker._native import EXTENT_OVER, EXTENT_WITHIN, extent
 from pbroker.errors import (
     BananaError,
     DeadReferenceError,
@@ -26,6 +27,7 @@ from pbroker.errors import (
     PBConnectionLost,
     ProtocolError,
     RemoteError,
+    describe,
 )
 from pbroker.flavors import Copyable, RemoteCopy
 from pbroker.jelly import qual
@@ -34,7 +36,9 @@ __all__ = [
     "COPYABLE_FAILURE_TAG",
     "CopiedFailure",
     "CopyableFailure",
+    "errorText",
     "failure2Copyable",
+    "loggable",
     "wireName",
 ]
 
@@ -73,6 +77,70 @@ def wireName(cls: type) -> str:
     return _TWISTED_NAMES.get(cls) or qual(cls)
 
 
+#: The most items an exception's arguments may stand for (as :func:`~pbroker._native.extent`
+#: counts them: a container each time it appears, a string by its length) for pbroker to
+#: write the exception out with ``str()`` when it sends or logs it.
+_FORMATTED_ITEMS = 1_000_000
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _describedArgs(value: object) -> str | None:
+    """
+    A short description of ``value``'s arguments if they hold lists or dicts that stand for
+    more than ``_FORMATTED_ITEMS`` items (or hold themselves, or nest more deeply than a
+    native message may), else ``None``.
+
+    A value from a peer whose lists share their parts takes little memory and stands for
+    more items than memory holds: ``repr`` writes each appearance, so an exception raised
+    with it as an argument (``raise KeyError(key)``) would take time without end to write
+    out. Arguments that hold no container are written out as they are, however long.
+    """
+    args = getattr(value, "args", None)
+    if type(args) is not tuple or not any(isinstance(arg, _CONTAINERS) for arg in args):
+        return None
+    found = extent(args, _FORMATTED_ITEMS)
+    if found == EXTENT_WITHIN:
+        return None
+    if found == EXTENT_OVER:
+        why = f"stand for more than {_FORMATTED_ITEMS:,} items, counting each appearance"
+    else:
+        why = "hold themselves, or nest more deeply than a message may"
+    return f"{describe(args)} (not written out: its lists and dicts {why})"
+
+
+def errorText(value: object) -> str:
+    """
+    ``str(value)``, the text of an exception sent to a peer, unless its arguments stand for
+    too many items to write out (see :func:`loggable`): a short description of them then.
+    """
+    described = _describedArgs(value)
+    return str(value) if described is None else described
+
+
+class _Described(Exception):
+    """
+    Stands in for an exception too large to write out, in a failure that is logged.
+    """
+
+
+def loggable(failure: Failure) -> Failure:
+    """
+    ``failure``, or a copy to log in its place if its exception's arguments hold lists or
+    dicts that stand for more than a million items (a value from the peer whose lists share
+    their parts, say): the copy has the same type and traceback, and writes a short
+    description of the arguments where the exception's ``str()`` would take time without
+    end.
+    """
+    described = _describedArgs(failure.value)
+    if described is None:
+        return failure
+    copy = Failure.__new__(type(failure))
+    copy.__dict__.update(failure.__dict__)
+    copy.value = _Described(described)
+    return copy
+
+
 def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
@@ -104,7 +172,7 @@ class CopyableFailure(Failure, Copyable):
             traceback = "Traceback unavailable\n"
         return {
             "type": typeName,
-            "value": str(self.value),
+            "value": errorText(self.value),
             "traceback": traceback,
             "parents": parents,
             "frames": [],

@@ -35,6 +35,7 @@ from pbroker.errors import (
     PBConnectionLost,
     RemoteError,
 )
+from pbroker.failure import errorText, loggable
 from pbroker.testing import connectedServerAndClient
 from tests import interop_peer
 
@@ -2245,3 +2246,95 @@ class BareBrokerTests(SynchronousTestCase):
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(client.disconnected)
+
+
+def sharedLists(depth: int) -> list[Any]:
+    """
+    Lists that share their parts: ``depth`` levels of ``[v, v]`` over ``[1]``, a few
+    hundred bytes in memory that stand for ``2**(depth + 1)`` lists when written out.
+    """
+    value: list[Any] = [1]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+class SharedValueInErrorTests(SynchronousTestCase):
+    """
+    An exception raised with a value from the peer whose lists share their parts (jelly
+    keeps the sharing, so it is cheap to send) stands for more items than can be written
+    out: ``str()`` of it would take time and memory without end. pbroker describes it
+    briefly instead, to the caller and in its log.
+    """
+
+    def test_describedToTheCallerAndInTheLog(self) -> None:
+        class Root(pb.Root):
+            def remote_lookup(self, key: Any) -> None:
+                raise KeyError(key)
+
+        for clientFactory in (pb.PBClientFactory(dialects=[b"pb"]), twistedPb.PBClientFactory()):
+            with self.subTest(client=type(clientFactory).__module__):
+                _server, client, pump = connectedServerAndClient(
+                    pb.PBServerFactory(Root()), clientFactory
+                )
+                results: list[Any] = []
+                with capturedLogs() as events:
+                    root = client.remoteForName("root")
+                    root.callRemote("lookup", sharedLists(21)).addBoth(results.append)
+                    pump.flush()
+                [failure] = results
+                self.assertTrue(failure.check(KeyError))
+                message = failure.getErrorMessage()
+                self.assertIn("not written out", message)
+                self.assertIn("more than 1,000,000 items", message)
+                self.assertLess(len(message), 300)
+                [event] = [e for e in events if "log_failure" in e]
+                logged = event["log_failure"]
+                self.assertTrue(logged.check(KeyError))
+                text = logged.getTraceback()
+                self.assertIn("remote_lookup", text)  # the traceback is the method's
+                self.assertIn("KeyError: ([[[...], [...]], [[...], [...]]]) (not written", text)
+                self.assertLess(len(text), 5000)
+                self.flushLoggedErrors(KeyError)
+
+    def test_errorText(self) -> None:
+        """Only arguments holding containers that stand for too much are described: long
+        strings, and containers within the bound, are written out as str() writes them."""
+        cycle: list[Any] = [1]
+        cycle.append(cycle)
+        written = [
+            ValueError("e" * 3_000_000),
+            KeyError(b"k" * 3_000_000),
+            ValueError([1, 2], {"a": (3,)}),
+            KeyError(sharedLists(17)),  # 2**18 lists: within the bound
+            ValueError(),
+        ]
+        for error in written:
+            self.assertEqual(errorText(error), str(error))
+        cases = [
+            (KeyError(sharedLists(60)), "stand for more than 1,000,000 items"),
+            (ValueError("why", cycle), "hold themselves"),
+        ]
+        for error, why in cases:
+            text = errorText(error)
+            self.assertIn(f"(not written out: its lists and dicts {why}", text)
+            self.assertLess(len(text), 300)
+        self.assertTrue(errorText(ValueError("why", cycle)).startswith("('why', [1, [1, [...]]])"))
+
+    def test_loggableKeepsTheFailure(self) -> None:
+        """A failure with nothing too large is logged as it is; one with a value too large
+        is logged as a copy of the same type and traceback, the original left alone."""
+        try:
+            raise ValueError(sharedLists(60))
+        except ValueError:
+            large = Failure()
+        try:
+            raise ValueError("small")
+        except ValueError:
+            small = Failure()
+        self.assertIs(loggable(small), small)
+        copy = loggable(large)
+        self.assertIsNot(copy, large)
+        self.assertEqual((copy.type, copy.tb, copy.frames), (large.type, large.tb, large.frames))
+        self.assertIn("ValueError: ([[[...], [...]], [[...], [...]]]) (not", copy.getTraceback())
+        self.assertIsInstance(large.value.args[0], list)  # the application's error unchanged

@@ -73,6 +73,7 @@ __all__ = [
     "TUPLE",
     "WHOLE",
     "FrameDecoder",
+    "HashBudget",
     "Packed",
     "ValueCodec",
     "extensionsIn",
@@ -920,6 +921,76 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
     return EXTENT_WITHIN
 
 
+#: The most items hashing the set elements and dictionary keys of one received value may walk
+#: once its tuples share their parts (see :class:`HashBudget`).
+HASHED_ITEMS: Final = 16_000_000
+
+
+class HashBudget:
+    """
+    What hashing the tuples of one received value may cost.
+
+    Python hashes a tuple by hashing each of its items, each time the tuple is hashed, and
+    remembers nothing: a value whose tuples share their parts (jelly keeps them shared) takes
+    a few hundred bytes and walks more items than any machine can when it is used as a set
+    element or a dictionary key. Before such a value is hashed, :meth:`spend` counts the
+    items hashing it walks: each appearance of a tuple, with its items, and one for anything
+    else (strings and frozensets remember their hash; a list ends the walk with
+    ``TypeError``). The count of each tuple is remembered, so counting takes time in
+    proportion to the distinct tuples.
+    """
+
+    __slots__ = ("_counts", "left")
+
+    def __init__(self, items: int = HASHED_ITEMS) -> None:
+        self.left = items
+        # id -> (count, the tuple, kept so that its id is not reused)
+        self._counts: dict[int, tuple[int, tuple[Any, ...]]] = {}
+
+    def spend(self, value: Any) -> None:
+        """
+        Count what hashing ``value`` walks.
+
+        :raises InvalidJelly: the values counted so far walk more than the budget's items.
+        """
+        if type(value) is not tuple:
+            return
+        self.left -= self._count(value)
+        if self.left < 0:
+            raise InvalidJelly(
+                f"set elements or dictionary keys whose tuples share their parts stand for "
+                f"more than {HASHED_ITEMS:,} items when hashed (each appearance counts)"
+            )
+
+    def _count(self, value: tuple[Any, ...]) -> int:
+        counts = self._counts
+        known = counts.get(id(value))
+        if known is not None:
+            return known[0]
+        # Each frame: a tuple, the index of its next item, and its count so far.
+        frames: list[list[Any]] = [[value, 0, 1]]
+        while True:
+            frame = frames[-1]
+            entered, index, count = frame
+            if index < len(entered):
+                frame[1] = index + 1
+                item = entered[index]
+                if type(item) is tuple:
+                    known = counts.get(id(item))
+                    if known is None:
+                        frames.append([item, 0, 1])
+                        continue
+                    frame[2] = count + known[0]
+                else:
+                    frame[2] = count + 1
+                continue
+            frames.pop()
+            counts[id(entered)] = (count, entered)
+            if not frames:
+                return count  # type: ignore[no-any-return]
+            frames[-1][2] += count
+
+
 def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
     """
     Whether the native codec would pack ``value`` in ``budget`` items or fewer: it counts the
@@ -988,6 +1059,8 @@ class ValueCodec:
         self._depth = 0
         self._special = False
         self._packing = False
+        # What hashing may still cost in the value being unpacked (see hashing()).
+        self._hashBudget: HashBudget | None = None
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1155,6 +1228,7 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
+        outer, self._hashBudget = self._hashBudget, None  # (a hook may unpack meanwhile)
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -1165,6 +1239,18 @@ class ValueCodec:
             raise  # refused by a limit: the broker's business
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
+        finally:
+            self._hashBudget = outer
+
+    def hashing(self) -> HashBudget:
+        """
+        What hashing may still cost in the value being unpacked, for all the ``JELLY``
+        extensions in it: their tuples may share their parts, and a tuple one gives may be a
+        set element or dictionary key here (see :class:`HashBudget`).
+        """
+        if self._hashBudget is None:
+            self._hashBudget = HashBudget()
+        return self._hashBudget
 
     def streamsIn(self, data: Any) -> list[int]:
         """
@@ -1200,11 +1286,14 @@ class ValueCodec:
             return rebuild(items)
         if code == JELLY:
             try:
-                return self._hooked(self._unjelly, data)
+                value = self._hooked(self._unjelly, data)
             except Exception as e:
                 # Raised by the jelly it carries (a setCopyableState, the security options):
                 # kept apart from msgpack's own errors, which mean a malformed value.
                 raise _Raised(e) from e
+            if type(value) is tuple:  # it may be hashed here, as a key or in a set
+                self.hashing().spend(value)
+            return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)
             if type(streamID) is not int:

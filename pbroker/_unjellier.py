@@ -18,7 +18,7 @@ import datetime
 import importlib
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from pbroker._jellycore import (
     globalRegistry,
     qual,
 )
+from pbroker._native import HashBudget
 from pbroker.errors import InsecureJelly, InvalidJelly, describe
 
 if TYPE_CHECKING:
@@ -184,18 +185,27 @@ class _PendingContainer(_Unresolved):
     A tuple, set or frozenset with elements still unresolved; built once they all are.
     """
 
-    __slots__ = ("factory", "items", "missing")
+    __slots__ = ("factory", "items", "missing", "unjellier")
 
-    def __init__(self, factory: Callable[[list[Any]], Any], items: list[Any], missing: int):
+    def __init__(
+        self,
+        factory: Callable[[list[Any]], Any],
+        items: list[Any],
+        missing: int,
+        unjellier: Unjellier,
+    ):
         super().__init__(f"a {factory.__name__} containing an object still being built")
         self.factory = factory
         self.items = items
         self.missing = missing
+        self.unjellier = unjellier
 
     def __setitem__(self, index: int, value: Any) -> None:
         self.items[index] = value
         self.missing -= 1
         if not self.missing:
+            if self.factory is not tuple:
+                self.unjellier._beforeHashing(self.items)
             self.resolve(_build(self.factory, self.items))
 
 
@@ -204,17 +214,21 @@ class _PendingPair:
     A dictionary entry whose key or value is unresolved; inserted once both are known.
     """
 
-    __slots__ = ("dictionary", "missing", "pair")
+    __slots__ = ("dictionary", "missing", "pair", "unjellier")
 
-    def __init__(self, dictionary: dict[Any, Any], key: Any, value: Any, missing: int) -> None:
+    def __init__(
+        self, dictionary: dict[Any, Any], key: Any, value: Any, missing: int, unjellier: Unjellier
+    ) -> None:
         self.dictionary = dictionary
         self.pair = [key, value]
         self.missing = missing
+        self.unjellier = unjellier
 
     def __setitem__(self, index: int, value: Any) -> None:
         self.pair[index] = value
         self.missing -= 1
         if not self.missing:
+            self.unjellier._beforeHashing(self.pair[:1])
             _insert(self.dictionary, self.pair[0], self.pair[1])
 
 
@@ -313,6 +327,7 @@ class Unjellier:
         persistentLoad: Callable[[Any, Unjellier], Any] | None = None,
         invoker: Any = None,
         registry: UnjellyableRegistry | None = None,
+        hashBudget: HashBudget | None = None,
     ) -> None:
         self.taster = taster
         self.persistentLoad = persistentLoad
@@ -325,6 +340,10 @@ class Unjellier:
         # The _PLAIN_TAGS bits of the tags already found allowed: the C builder is never the
         # reason the security options are asked about a tag.
         self._plainMask = 0
+        # Whether a tuple (or what may become one) was met again: from then on, set elements
+        # and dictionary keys are counted before they are hashed (_beforeHashing).
+        self._sharesTuples = False
+        self._hashBudget = hashBudget
 
     def unjellyFull(self, sexp: Any) -> Any:
         """
@@ -446,6 +465,19 @@ class Unjellier:
             if isinstance(value, _Unresolved):
                 _notePending(frame)
             frame.values.append(value)
+
+    def _beforeHashing(self, values: Iterable[Any]) -> None:
+        """
+        Count what hashing ``values`` (set elements, dictionary keys) walks, once this value's
+        tuples share their parts: see :class:`~pbroker._native.HashBudget`.
+        """
+        if not self._sharesTuples:
+            return
+        budget = self._hashBudget
+        if budget is None:
+            budget = self._hashBudget = HashBudget()
+        for value in values:
+            budget.spend(value)
 
     def _isAllowed(self, tag: bytes) -> bool:
         allowed = self._tagAllowed.get(tag)
@@ -639,7 +671,9 @@ def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
         value = references[reference] = unjellier._newPlaceholder(
             f"dereference {describe(reference)} to an id that is never defined"
         )
-    elif isinstance(value, _Unresolved) and value.resolved:
+    if type(value) is tuple or isinstance(value, _Unresolved):
+        unjellier._sharesTuples = True  # (a placeholder may stand for a tuple)
+    if isinstance(value, _Unresolved) and value.resolved:
         # The end of its chain: an id defined as a dereference to an id defined as another
         # (a forward one) holds a link whose value may be a placeholder resolved since. A
         # hook (a copy's unjellyFor) must get the value, not a placeholder.
@@ -753,8 +787,10 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
     factory = frame.extra
     values = frame.values
     if not frame.pending:
+        if factory is not tuple:
+            unjellier._beforeHashing(values)
         return _build(factory, values)
-    container = _PendingContainer(factory, values, len(frame.pending))
+    container = _PendingContainer(factory, values, len(frame.pending), unjellier)
     unjellier._placeholders.append(container)
     for index in frame.pending:
         values[index].addDependant(container, index)
@@ -764,6 +800,8 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
 def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
     values = frame.values
     result: dict[Any, Any] = {}
+    if unjellier._sharesTuples:
+        unjellier._beforeHashing(values[::2])
     if not frame.pending:
         try:
             result.update(zip(values[::2], values[1::2], strict=True))
@@ -777,7 +815,7 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
         if index not in pending and index + 1 not in pending:
             _insert(result, values[index], values[index + 1])
             continue
-        entry = _PendingPair(result, values[index], values[index + 1], 0)
+        entry = _PendingPair(result, values[index], values[index + 1], 0, unjellier)
         for position in (index, index + 1):
             if position in pending:
                 entry.missing += 1

@@ -1971,7 +1971,9 @@ class Broker(Banana):
 
     def _unjellyNative(self, data: bytes) -> Any:
         expression = self._nativeExpression(data)
-        return Unjellier(self.security, None, self, self.registry).unjellyFull(expression)
+        assert self._codec is not None
+        unjellier = Unjellier(self.security, None, self, self.registry, self._codec.hashing())
+        return unjellier.unjellyFull(expression)
 
     def _nativeExpression(self, data: bytes) -> Any:
         """

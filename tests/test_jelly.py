@@ -14,7 +14,7 @@ from typing import Any
 from twisted.spread import jelly as twistedJelly
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _unjellier, banana, jelly, pb
+from pbroker import _native, _unjellier, banana, jelly, pb
 from pbroker.errors import BananaEncodeError, InsecureJelly, InvalidJelly, JellyError
 from pbroker.jelly import (
     DummySecurityOptions,
@@ -220,6 +220,56 @@ class ValueTagTests(SynchronousTestCase):
 
         self.assertEqual(jelly.jelly(Tagged(a=1))[0], jelly.qual(Tagged).encode())
         self.assertTrue(jelly.jelly(Tagged(a=1))[0].endswith(b".Tagged"))
+
+
+class SharedTupleHashTests(SynchronousTestCase):
+    """
+    Tuples that share their parts as set elements or dictionary keys: Python hashes each
+    appearance, so a few hundred bytes of jelly could walk more items than any machine can.
+    Past :data:`pbroker._native.HASHED_ITEMS` such a value is refused before it is hashed.
+    """
+
+    def shared(self, depth: int) -> tuple[Any, ...]:
+        value: tuple[Any, ...] = (1,)
+        for _ in range(depth):
+            value = (value, value)
+        return value
+
+    def test_refused(self) -> None:
+        # (Made as jelly by hand: a set of it, made here, would be hashed here.)
+        deep = jelly.jelly(self.shared(24))  # hashing it walks 50M items
+        for sexp in (
+            [b"set", deep],
+            [b"frozenset", deep],
+            [b"dictionary", [deep, 1]],
+            [b"list", [b"dictionary", [1, 2]], [b"dictionary", [[b"tuple", deep, 5], 1]]],
+        ):
+            with self.assertRaises(InvalidJelly) as caught:
+                jelly.unjelly(sexp)
+            self.assertIn("16,000,000 items when hashed", str(caught.exception))
+
+    def test_withinTheBound(self) -> None:
+        """Sharing within the bound is taken, and so is any value without shared tuples
+        (a tuple met twice starts the count): nothing is counted for it."""
+        part = self.shared(20)  # 2**21 appearances: hashing it walks 4M items
+        for value in ({part, (part, 1)}, {(part, 2): 1, (1, part): {part}}):
+            self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
+        large = {(i, i): i for i in range(20_000)}
+        self.assertEqual(jelly.unjelly(jelly.jelly(large)), large)
+
+    def test_budget(self) -> None:
+        """HashBudget counts each appearance of a tuple and its items, one for anything
+        else, and remembers the count of each tuple it met."""
+        budget = _native.HashBudget(100)
+        budget.spend([1, 2, 3])  # not hashed as a tuple: not counted
+        budget.spend((1, "abc", (2, 3)))
+        self.assertEqual(budget.left, 100 - 6)
+        part = (1, 2)
+        budget.spend((part, part, part))
+        self.assertEqual(budget.left, 94 - 10)
+        with self.assertRaises(InvalidJelly):  # counted in its distinct tuples' time
+            budget.spend(self.shared(60))
+        self.assertLess(budget.left, 0)
 
 
 class ReferenceTests(SynchronousTestCase):

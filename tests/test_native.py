@@ -31,7 +31,7 @@ from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import _native, _streams, context, jelly, pb
+from pbroker import _native, _streams, banana, context, jelly, pb
 from pbroker import broker as brokerModule
 from pbroker._keepalive import KeepaliveTimer
 from pbroker.broker import MIN_MESSAGE_SIZE
@@ -2248,6 +2248,50 @@ class HostileNativePeerTests(NativeTestCase):
             self.assertEqual(dict(self.server._streams.incoming), {})
             self.assertEqual(self.server._streams.cancelled, stopped)
         self.assertEqual(self.call("echo", 3), 3)
+
+    def test_sharedTuplesHashed(self) -> None:
+        """Tuples that share their parts (jelly keeps them shared) as a dict key or set
+        element: hashing walks each appearance, so past a bound the value is refused before
+        anything is hashed, whichever JELLY extension of the value brings them; sharing
+        within the bound is taken."""
+
+        def shared(depth: int) -> tuple[Any, ...]:
+            value: tuple[Any, ...] = (1,)
+            for _ in range(depth):
+                value = (value, value)
+            return value
+
+        def jellied(value: Any) -> msgpack.ExtType:
+            return msgpack.ExtType(_native.JELLY, jelly.dumps(value))
+
+        def setOf(*items: Any) -> msgpack.ExtType:
+            return msgpack.ExtType(_native.SET, msgpack.packb(list(items)))
+
+        # (Jelly made by hand: a set of such a tuple, made here, would be hashed here.)
+        refused = [
+            {jellied(shared(24)): 1},
+            setOf(jellied(shared(24))),
+            # each within the bound, more than it together: the bound is the message's
+            [{jellied(shared(21)): 1}, {jellied(shared(21)): 2}, {jellied(shared(21)): 3}],
+            msgpack.ExtType(
+                _native.JELLY, banana.encode([b"set", jelly.jelly(shared(24))], b"none")
+            ),  # hashed by the unjelly of the extension itself
+        ]
+        for value in refused:
+            requestID = self.client.newRequestID()
+            answer = self.client.waitingForAnswers[requestID] = Deferred()
+            with capturedLogs():
+                self.client.sendCall(
+                    b"message", requestID, b"root", b"echo", 1, msgpack.packb([value]), b"\x80"
+                )
+                self.pump.flush()
+            failure = self.failureResultOf(answer)
+            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+            self.assertIn("stand for more than 16,000,000 items when hashed", str(failure.value))
+            self.assertFalse(self.server.disconnected)
+        part = shared(10)
+        taken = {(part, 1): 1, (part, 2): 2, (1, part): {part}}
+        self.assertEqual(self.call("echo", taken), taken)
 
     def test_streamsOpenedOutOfOrder(self) -> None:
         """Streams a peer names out of order (as it may when a value naming one waits behind

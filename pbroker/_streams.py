@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from weakref import WeakSet, WeakValueDictionary
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pbroker._native import Unpacked
@@ -82,6 +83,8 @@ class Connection(Protocol):
     def _logFailure(self, message: str, failure: Failure) -> None: ...
 
 
+_log = Logger()
+
 # The stream each source is being sent as, by the source's id, in this process: a sender
 # keeps its source alive, so the id names that source until the sender is gone.
 _feeding: WeakValueDictionary[int, OutgoingStream] = WeakValueDictionary()
@@ -110,7 +113,12 @@ def refusedStreams(error: Exception, *values: Any) -> Exception:
             and not value._read
             and not _beingSent(value)
         ):
-            value.close(Failure(error))
+            try:
+                value.close(Failure(error))
+            except Exception:
+                # (Its push producer's stopProducing raised.) The refusal goes on: the
+                # caller's error, and the other streams, are what matter here.
+                _log.failure("Error closing a refused stream")
     return error
 
 
@@ -129,8 +137,11 @@ def findStreams(values: Iterable[Any], budget: int = _SEARCHED_ITEMS) -> list[St
     """
     found: list[Stream] = []
     seen: set[int] = set()
+    # A stack walked in order (each container's items pushed reversed): the first items
+    # of the value are the ones looked at.
     pending = list(islice(values, budget))
     budget -= len(pending)
+    pending.reverse()
     while pending:
         value = pending.pop()
         kind = type(value)
@@ -140,8 +151,9 @@ def findStreams(values: Iterable[Any], budget: int = _SEARCHED_ITEMS) -> list[St
                 items = chain.from_iterable(value.items()) if kind is dict else value
                 more = list(islice(items, budget))
                 budget -= len(more)
+                more.reverse()
                 pending.extend(more)
-        elif isinstance(value, Stream):
+        elif issubclass(kind, Stream):  # by type: no __class__ of the application's is run
             found.append(value)
     return found
 
@@ -341,7 +353,8 @@ class StreamTable:
                 keys = connection._streamKeys(streamID, registrations)
                 connection._sendBehindLarge(b"item", streamID, netItem, keys=keys)
             except Exception:
-                connection._unregister(registrations)  # not sent: it exports nothing
+                # Not sent: it exports nothing, and its streams are closed with why.
+                connection._unregister(registrations, Failure())
                 raise
         finally:
             if connection._postponed:

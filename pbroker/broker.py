@@ -202,14 +202,29 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
         )
 
 
-def _closeUnpersistableStreams(object: Any, jellier: Any) -> None:
+class _UnpersistableStreams:
     """
-    Close a :class:`~pbroker.stream.Stream` met while a value is jellied for a ``pb``
-    dialect: it travels as an ``Unpersistable``, as stock PB sends what it cannot copy, and
-    will never be read, so its writer (a publisher that keeps its streams) must learn so.
+    A ``persistentStore`` for jelly in a ``pb`` dialect that notes each
+    :class:`~pbroker.stream.Stream` met: it travels as an ``Unpersistable``, as stock PB
+    sends what it cannot copy, and will never be read, so its writer (a publisher that keeps
+    its streams) must learn so. They are closed once the value is jellied (:meth:`close`),
+    not during the walk: closing runs the application's code (a waiting write's errback, a
+    producer's ``stopProducing``), which could change a container being jellied.
     """
-    if isinstance(object, Stream) and not jellier.taster.isClassAllowed(type(object)):
-        refusedStreams(jellier.invoker._unsupported("sending a stream (a Stream)"), object)
+
+    __slots__ = ("streams",)
+
+    def __init__(self) -> None:
+        self.streams: list[Stream] = []
+
+    def __call__(self, object: Any, jellier: Any) -> None:
+        if isinstance(object, Stream) and not jellier.taster.isClassAllowed(type(object)):
+            self.streams.append(object)
+
+    def close(self, broker: Any) -> None:
+        if self.streams:
+            streams, self.streams = self.streams, []
+            refusedStreams(broker._unsupported("sending a stream (a Stream)"), *streams)
 
 
 # An option Broker.configure was not given.
@@ -1659,6 +1674,7 @@ class Broker(Banana):
         registrations: list[tuple[Any, int]] = []
         self._registrations = registrations
         result: Any
+        unpersistable = None
         try:
             if codec is not None:
                 result = inline(codec.pack(object))
@@ -1669,8 +1685,8 @@ class Broker(Banana):
             else:
                 # Jellied straight to banana bytes (the fused encoder), spliced into the message.
                 tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
-                jellier = Jellier(self.security, _closeUnpersistableStreams, self)
-                result = Encoded(jellier.encode(object, tokens))
+                unpersistable = _UnpersistableStreams()
+                result = Encoded(Jellier(self.security, unpersistable, self).encode(object, tokens))
         except BaseException as e:
             self._refuseValue(registrations, e, object)  # exported half-way: nothing is sent
             raise
@@ -1678,6 +1694,8 @@ class Broker(Banana):
             self._registrations = outer
             self.serializingPerspective = None
             self.jellyMethod = self.jellyArgs = self.jellyKw = None
+        if unpersistable is not None:
+            unpersistable.close(self)
         if registrations:
             self._lastRegistered = (result, registrations)
         return result
@@ -2145,12 +2163,16 @@ class Broker(Banana):
             )
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
-        netArgs = Jellier(self.security, _closeUnpersistableStreams, self).encode(args, tokens)
+        unpersistable = _UnpersistableStreams()
+        netArgs = Jellier(self.security, unpersistable, self).encode(args, tokens)
         netKw = (
-            Jellier(self.security, _closeUnpersistableStreams, self).encode(kw, tokens)
+            Jellier(self.security, unpersistable, self).encode(kw, tokens)
             if kw
             else _noKeywords(tokens)
         )
+        # (Before the request id is taken: closing runs the application's code, which may
+        # make a call of its own.)
+        unpersistable.close(self)
         return tokens.joinList(
             [
                 tokens.symbol(prefix + b"message"),

@@ -14,6 +14,7 @@ import gc
 import inspect
 import random
 import tracemalloc
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -23,6 +24,7 @@ import msgpack
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -30,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pbroker import _native, _streams, banana, context, jelly, pb
 from pbroker import broker as brokerModule
@@ -4353,6 +4356,129 @@ class RefusedStreamTests(NativeTestCase):
         )
         self.assertRefused(answered, UnsupportedByPeer)
         self.assertRefused(argument, UnsupportedByPeer)
+
+
+@implementer(IPushProducer)
+class FailingProducer:
+    """A push producer whose stopProducing raises."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        raise RuntimeError("stopProducing failed")
+
+
+class RefusedStreamEdgeTests(NativeTestCase):
+    """
+    Closing the Streams of a value not sent, at its edges: the application's code that
+    closing runs, values that fail oddly, the order of the search.
+    """
+
+    def pbClient(self) -> tuple[Any, iosim.IOPump]:
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        return client.remoteForName("root"), pump
+
+    def test_producerThatRaises(self) -> None:
+        """A call refused half-way fails its Deferred (callRemote does not raise), and a
+        pb call holding a Stream in a list is still sent, when closing a Stream runs a
+        producer whose stopProducing raises; that is logged."""
+        stream = Stream()
+        stream.registerProducer(FailingProducer(), True)
+        failing = Thing()
+        failing.getStateToCopy = lambda: 1 / 0  # type: ignore[method-assign]
+        failure = self.failureResultOf(self.root.callRemote("echo", [failing, stream]))
+        self.assertTrue(failure.check(ZeroDivisionError))
+        stream = Stream()
+        stream.registerProducer(FailingProducer(), True)
+        root, pump = self.pbClient()
+        results: list[Any] = []
+        root.callRemote("echo", [stream, 1]).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(type(results[0][0]).__name__, "Unpersistable")
+        self.assertTrue(stream.closed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_deadProxy(self) -> None:
+        """The search for Streams runs none of the value's code: a dead weak proxy in
+        refused arguments fails the call's Deferred, as before."""
+
+        class Gone:
+            pass
+
+        gone = Gone()
+        proxy = weakref.proxy(gone)
+        del gone
+        self.failureResultOf(self.root.callRemote("echo", [proxy]))
+
+    def test_writerChangesTheValueBeingJellied(self) -> None:
+        """A publisher that forgets a stream when a write fails (its errback removes it
+        from its list) while that list is jellied for a pb peer: the Streams are closed
+        once the value is jellied, so the message stays well-formed and later calls are
+        answered."""
+        root, pump = self.pbClient()
+        subscribers: list[Any] = []
+        for _ in range(2):
+            stream = Stream(bufferSize=2)
+            stream.write("first")
+            stream.write("waiting").addErrback(lambda _, s=stream: subscribers.remove(s))
+            subscribers.append(stream)
+        results: list[Any] = []
+        root.callRemote("echo", subscribers).addBoth(results.append)
+        pump.flush()
+        root.callRemote("echo", 5).addBoth(results.append)
+        pump.flush()
+        self.assertEqual([len(results[0]), results[1]], [2, 5])
+        self.assertEqual(subscribers, [])
+
+    def test_callMadeWhileClosing(self) -> None:
+        """A call the closing makes (a write's errback) goes after the call carrying the
+        Stream, with its own request id."""
+        root, pump = self.pbClient()
+        other: list[Any] = []
+        stream = Stream(bufferSize=2)
+        stream.write("first")
+        stream.write("waiting").addErrback(
+            lambda _: root.callRemote("echo", 7).addBoth(other.append)
+        )
+        results: list[Any] = []
+        root.callRemote("echo", [stream, "x"]).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(other, [7])
+        self.assertEqual([type(results[0][0]).__name__, results[0][1]], ["Unpersistable", "x"])
+        self.assertTrue(stream.closed)
+
+    def test_streamInAnItemOverTheLimit(self) -> None:
+        """A Stream inside a stream's item that packs but whose message is over the peer's
+        limit is closed with why (as an answer's are), not taken as cancelled."""
+        reader = self.call("pushed")
+        self.assertIsInstance(reader, RemoteStream)
+        self.server.peerMessageSize = limit = 1024 * 1024  # (the pack's own bound stays)
+        inner = Stream()
+        self.rootObject.stream.write([inner, b"x" * (limit - 8)])
+        items: list[Any] = []
+        reader.collect().addBoth(items.append)
+        self.settle(items)
+        self.flushLoggedErrors(LimitExceeded)
+        self.assertTrue(inner.closed)
+        self.assertFalse(inner.cancelled)
+
+    def test_firstItemsSearched(self) -> None:
+        """The search looks at a value's first items, in order: a Stream first in a call's
+        arguments is closed when a later argument makes the call too large."""
+        stream = Stream()
+        self.assertEqual(_streams.findStreams([[stream], list(range(10))], budget=5), [stream])
+        self.client.peerMessageSize = 1024 * 1024
+        self.client._setItemLimit()  # as a peer that takes 1 MiB messages would have it
+        failure = self.call("echo", [[stream], list(range(2_000_000))])
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertTrue(stream.closed)
+        self.assertFalse(stream.cancelled)
 
 
 class ServerLimitTests(NativeTestCase):

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from pbroker._native import Unpacked
 from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
-from pbroker.stream import OutgoingStream, RemoteStream, Stream
+from pbroker.stream import OutgoingStream, RemoteStream, Stream, unclosedStreams
 
 __all__ = ["Connection", "StreamTable"]
 
@@ -136,6 +136,8 @@ def findStreams(values: Iterable[Any], budget: int = _SEARCHED_ITEMS) -> list[St
     before packing reached them, which :func:`refusedStreams` closes.
     """
     found: list[Stream] = []
+    if not unclosedStreams:
+        return found  # none to find: a large value is not walked for nothing
     seen: set[int] = set()
     # A stack walked in order (each container's items pushed reversed): the first items
     # of the value are the ones looked at.

@@ -2062,9 +2062,11 @@ class Broker(Banana):
             kw = dict(kw)
             answerRequired = bool(kw.pop("pbanswer"))
         if self.disconnected:
+            stale = DeadReferenceError("Calling Stale Broker")
+            refusedStreams(stale, *findStreams((*args, *kw.values())))  # never to be sent
             if not answerRequired:
-                raise DeadReferenceError("Calling Stale Broker")
-            return fail(DeadReferenceError("Calling Stale Broker"))
+                raise stale
+            return fail(stale)
         annotations = None if options is None else options.context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective
@@ -2092,6 +2094,9 @@ class Broker(Banana):
             if not answerRequired:
                 raise
             return fail(failure)
+        except BaseException as e:  # KeyboardInterrupt, say: what was registered is undone
+            self._refuseValue(registrations, e)
+            raise
         finally:
             self._registrations = outer
             self.serializingPerspective = None

@@ -4468,6 +4468,45 @@ class RefusedStreamEdgeTests(NativeTestCase):
         self.assertTrue(inner.closed)
         self.assertFalse(inner.cancelled)
 
+    def test_callOnALostConnection(self) -> None:
+        """A call through a broker already disconnected closes the Streams in it with
+        DeadReferenceError: they will never be sent."""
+        self.client.connectionLost(Failure(ConnectionDone()))
+        stream = Stream()
+        failure = self.failureResultOf(self.root.callRemote("echo", [stream]))
+        self.assertTrue(failure.check(pb.DeadReferenceError))
+        self.assertTrue(stream.closed)
+        self.assertFalse(stream.cancelled)
+
+    def test_interruptedWhileSerializing(self) -> None:
+        """A KeyboardInterrupt while a call's arguments are serialised goes on up, and the
+        stream the arguments registered before it is forgotten and closed."""
+        interrupting = Thing()
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt()
+
+        interrupting.getStateToCopy = interrupt  # type: ignore[method-assign]
+        closed: list[bool] = []
+        generator = closingSource(closed)
+        next(generator)  # started, so that closing it runs its finally
+        with self.assertRaises(KeyboardInterrupt):
+            self.root.callRemote("echo", [generator, interrupting])
+        self.assertEqual(self.client._streams.outgoing, {})
+        self.assertEqual(closed, [True])
+
+    def test_unclosedStreams(self) -> None:
+        """The Streams not closed are known, so a refused value is searched only while
+        some exist."""
+        from pbroker.stream import unclosedStreams
+
+        finished, failed, cancelled = Stream(), Stream(), Stream()
+        self.assertTrue({finished, failed, cancelled} <= set(unclosedStreams))
+        finished.finish()
+        failed.fail(ValueError())
+        cancelled.close()
+        self.assertFalse({finished, failed, cancelled} & set(unclosedStreams))
+
     def test_firstItemsSearched(self) -> None:
         """The search looks at a value's first items, in order: a Stream first in a call's
         arguments is closed when a later argument makes the call too large."""

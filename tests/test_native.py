@@ -2216,6 +2216,20 @@ class HostileNativePeerTests(NativeTestCase):
                 received(self.server, "echo", args, kw)
             self.assertIn(text, str(caught.exception))
 
+    def echoPacked(self, args: list[Any]) -> Failure:
+        """
+        Call ``echo`` with ``args`` packed as they are (extensions made by hand), and return
+        the failure the call gets.
+        """
+        requestID = self.client.newRequestID()
+        answer = self.client.waitingForAnswers[requestID] = Deferred()
+        with capturedLogs():
+            self.client.sendCall(
+                b"message", requestID, b"root", b"echo", 1, msgpack.packb(args), b"\x80"
+            )
+            self.pump.flush()
+        return self.failureResultOf(answer)
+
     def test_refusedValues(self) -> None:
         """A call whose arguments hold a malformed extension (a stream named twice, a tuple
         without an array, a stream id that is not an integer, an unknown type) fails with an
@@ -2236,15 +2250,8 @@ class HostileNativePeerTests(NativeTestCase):
             ),
         ]
         for args, text, stopped in cases:
-            requestID = self.client.newRequestID()
-            answer = self.client.waitingForAnswers[requestID] = Deferred()
             self.server._streams.cancelled.clear()
-            with capturedLogs():
-                self.client.sendCall(
-                    b"message", requestID, b"root", b"echo", 1, msgpack.packb([args]), b"\x80"
-                )
-                self.pump.flush()
-            failure = self.failureResultOf(answer)
+            failure = self.echoPacked([args])
             self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
             self.assertIn(text, failure.getErrorMessage())
             self.assertFalse(self.server.disconnected)
@@ -2281,14 +2288,7 @@ class HostileNativePeerTests(NativeTestCase):
             ),  # hashed by the unjelly of the extension itself
         ]
         for value in refused:
-            requestID = self.client.newRequestID()
-            answer = self.client.waitingForAnswers[requestID] = Deferred()
-            with capturedLogs():
-                self.client.sendCall(
-                    b"message", requestID, b"root", b"echo", 1, msgpack.packb([value]), b"\x80"
-                )
-                self.pump.flush()
-            failure = self.failureResultOf(answer)
+            failure = self.echoPacked([value])
             self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
             self.assertIn("stand for more than 16,000,000 items when hashed", str(failure.value))
             self.assertFalse(self.server.disconnected)
@@ -3184,20 +3184,9 @@ class LocalStreamTests(SynchronousTestCase):
         # that waits for room before each write learns that its reader is gone.
         self.failureResultOf(stream.write(2), CancelledError)
         stream.finish()  # nothing to finish: no error either
-        stopped: list[bool] = []
-
-        class Producer:
-            def pauseProducing(self) -> None:
-                pass
-
-            def resumeProducing(self) -> None:
-                pass
-
-            def stopProducing(self) -> None:
-                stopped.append(True)
-
-        stream.registerProducer(Producer(), True)
-        self.assertEqual(stopped, [True])  # nobody will read what it would produce
+        producer = RecordingProducer()
+        stream.registerProducer(producer, True)
+        self.assertEqual(producer.events, ["stop"])  # nobody will read what it would produce
 
     def test_closeEndsAWaitingRead(self) -> None:
         """A read waiting here when the stream is closed (its remote reader cancelled, or
@@ -4359,16 +4348,11 @@ class RefusedStreamTests(NativeTestCase):
 
 
 @implementer(IPushProducer)
-class FailingProducer:
+class FailingProducer(RecordingProducer):
     """A push producer whose stopProducing raises."""
 
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
     def stopProducing(self) -> None:
+        super().stopProducing()
         raise RuntimeError("stopProducing failed")
 
 

@@ -44,7 +44,7 @@ import contextlib
 import operator
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 import msgpack
@@ -925,10 +925,18 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
 #: once its tuples share their parts (see :class:`HashBudget`).
 HASHED_ITEMS: Final = 16_000_000
 
+#: The most items the distinct tuples and frozensets of one received container (set elements,
+#: dictionary keys) that have the same hash may hold in all, counting each appearance, once the
+#: value shares its parts: Python compares them with ``==`` as it inserts them, and so may a
+#: container holding them later. The same bound holds, in the native dialect, for the tuples and
+#: frozensets ``JELLY`` extensions give that stand for more than their bytes (see
+#: :meth:`HashBudget.spendJellied`): msgpack may compare them as map keys.
+COMPARED_ITEMS: Final = 4096
+
 
 class HashBudget:
     """
-    What hashing the tuples of one received value may cost.
+    What hashing, and comparing, the tuples of one received value may cost.
 
     Python hashes a tuple by hashing each of its items, each time the tuple is hashed, and
     remembers nothing: a value whose tuples share their parts (jelly keeps them shared) takes
@@ -938,14 +946,26 @@ class HashBudget:
     else (strings and frozensets remember their hash; a list ends the walk with
     ``TypeError``). The count of each tuple is remembered, so counting takes time in
     proportion to the distinct tuples.
+
+    ``==`` walks each appearance too, through frozensets as well (which remember their hash,
+    not what they hold), and a set or dictionary compares a key with those of the same hash
+    already in it. :meth:`spendKeys` refuses a container whose distinct tuple or frozenset keys
+    of one hash hold more than :data:`COMPARED_ITEMS` items together (as their *weight*
+    counts them: each appearance, in frozensets too); sent by a Python peer, a container has
+    no two equal keys, and keys of one hash are otherwise rare and small.
     """
 
-    __slots__ = ("_counts", "left")
+    __slots__ = ("_counts", "_heavy", "_items", "_weights", "left")
 
     def __init__(self, items: int = HASHED_ITEMS) -> None:
-        self.left = items
+        self.left = self._items = items
         # id -> (count, the tuple, kept so that its id is not reused)
         self._counts: dict[int, tuple[int, tuple[Any, ...]]] = {}
+        # id -> (weight, the tuple or frozenset, kept so that its id is not reused)
+        self._weights: dict[int, tuple[int, Any]] = {}
+        # The weights of the tuples and frozensets that JELLY extensions gave, and that stand
+        # for more than their bytes, so far (see spendJellied).
+        self._heavy: list[int] = []
 
     def spend(self, value: Any) -> None:
         """
@@ -959,8 +979,125 @@ class HashBudget:
         if self.left < 0:
             raise InvalidJelly(
                 f"set elements or dictionary keys whose tuples share their parts stand for "
-                f"more than {HASHED_ITEMS:,} items when hashed (each appearance counts)"
+                f"more than {self._items:,} items when hashed (each appearance counts)"
             )
+
+    def spendKeys(self, values: Iterable[Any], ring: dict[int, list[Any]] | None = None) -> None:
+        """
+        Count what hashing ``values`` walks (:meth:`spend`), the elements or keys of one
+        container, and refuse them if those of one hash would take too long to compare (see
+        :data:`COMPARED_ITEMS`). ``ring``: the keys of the same container met before (by
+        :meth:`ringOf`), for one whose keys arrive one by one.
+
+        :raises InvalidJelly: either.
+        """
+        values = list(values)
+        for value in values:
+            self.spend(value)
+        compared = [value for value in values if type(value) is tuple or type(value) is frozenset]
+        if ring is None and len(compared) < 2:
+            return
+        try:
+            hashes = list(map(hash, compared))
+        except (TypeError, RecursionError):
+            # The container refuses one itself, once it has inserted those before it.
+            compared, hashes = _hashable(compared)
+        if ring is None:
+            if len(set(hashes)) == len(hashes):
+                return  # (the common case: no two of one hash)
+            ring = {}
+        for value, key in zip(compared, hashes, strict=True):
+            if self._join(ring, value, key) > COMPARED_ITEMS:
+                raise InvalidJelly(
+                    f"set elements or dictionary keys with the same hash whose tuples share "
+                    f"their parts stand for more than {COMPARED_ITEMS:,} items when compared "
+                    "(each appearance counts)"
+                )
+
+    def ringOf(self, keys: Iterable[Any]) -> dict[int, list[Any]]:
+        """
+        The ring :meth:`spendKeys` takes for a container that already holds ``keys``.
+        """
+        ring: dict[int, list[Any]] = {}
+        for key in keys:
+            if type(key) is tuple or type(key) is frozenset:
+                self._join(ring, key, hash(key))
+        return ring
+
+    def spendJellied(self, value: Any, size: int) -> None:
+        """
+        Count ``value``, what a ``JELLY`` extension of ``size`` bytes gave: a tuple may be
+        hashed as a map key or set element (:meth:`spend`), and a tuple or frozenset compared
+        with another extension's there. One that stands for more than its bytes (its tuples
+        or frozensets share their parts) may be compared with another such only if the two
+        stand for :data:`COMPARED_ITEMS` items at most together.
+
+        :raises InvalidJelly: either is over its bound.
+        """
+        kind = type(value)
+        if kind is tuple:
+            self.spend(value)
+        elif kind is not frozenset:
+            return
+        weight = self._weight(value)
+        if weight <= 64 + 8 * size:
+            return  # no more than its bytes could hold without sharing anything
+        heavy = self._heavy
+        heavy.append(weight)
+        if len(heavy) > 1 and sum(heavy) > COMPARED_ITEMS:
+            raise InvalidJelly(
+                f"tuples or frozensets sent as jelly that share their parts stand for more "
+                f"than {COMPARED_ITEMS:,} items together when compared (each appearance counts)"
+            )
+
+    def _join(self, ring: dict[int, list[Any]], value: Any, key: int) -> int:
+        """
+        Put ``value``, a tuple or frozenset whose hash is ``key``, in ``ring``; the weight of
+        the values of that hash in it so far (0 for the first).
+        """
+        group = ring.get(key)
+        if group is None:
+            ring[key] = [value, 0]  # its first value, weighed only if another comes
+            return 0
+        first, weight = group
+        if first is value:
+            return weight  # type: ignore[no-any-return]  # (compared by identity)
+        if not weight:
+            weight = self._weight(first)
+        weight += self._weight(value)
+        group[1] = weight
+        return weight  # type: ignore[no-any-return]
+
+    def _weight(self, value: Any) -> int:
+        """
+        The items comparing ``value`` (a tuple or frozenset) with ``==`` may walk: each
+        appearance of a tuple or frozenset with its items, one for anything else; remembered
+        for each one.
+        """
+        weights = self._weights
+        known = weights.get(id(value))
+        if known is not None:
+            return known[0]
+        # Each frame: a tuple or frozenset, an iterator over its items, its weight so far.
+        frames: list[list[Any]] = [[value, iter(value), 1]]
+        while True:
+            frame = frames[-1]
+            for item in frame[1]:
+                if type(item) is tuple or type(item) is frozenset:
+                    known = weights.get(id(item))
+                    if known is None:
+                        frames.append([item, iter(item), 1])
+                        break
+                    frame[2] += known[0]
+                else:
+                    frame[2] += 1
+            else:
+                frames.pop()
+                entered, _, weight = frame
+                weights[id(entered)] = (weight, entered)
+                if not frames:
+                    return weight  # type: ignore[no-any-return]
+                frames[-1][2] += weight
 
     def _count(self, value: tuple[Any, ...]) -> int:
         counts = self._counts
@@ -989,6 +1126,21 @@ class HashBudget:
             if not frames:
                 return count  # type: ignore[no-any-return]
             frames[-1][2] += count
+
+
+def _hashable(values: list[Any]) -> tuple[list[Any], list[int]]:
+    """
+    The values that can be hashed, and their hashes.
+    """
+    kept: list[Any] = []
+    hashes: list[int] = []
+    for value in values:
+        try:
+            hashes.append(hash(value))
+        except (TypeError, RecursionError):
+            continue
+        kept.append(value)
+    return kept, hashes
 
 
 def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
@@ -1291,8 +1443,10 @@ class ValueCodec:
                 # Raised by the jelly it carries (a setCopyableState, the security options):
                 # kept apart from msgpack's own errors, which mean a malformed value.
                 raise _Raised(e) from e
-            if type(value) is tuple:  # it may be hashed here, as a key or in a set
-                self.hashing().spend(value)
+            # A tuple may be hashed here, as a key or in a set, and a tuple or frozenset
+            # compared with another extension's there.
+            if type(value) is tuple or type(value) is frozenset:
+                self.hashing().spendJellied(value, len(data))
             return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)

@@ -212,23 +212,33 @@ class _PendingContainer(_Unresolved):
 class _PendingPair:
     """
     A dictionary entry whose key or value is unresolved; inserted once both are known.
+
+    ``ring`` is shared by the pending entries of one dictionary: the keys it holds by their
+    hash, made when the first of them is inserted (see :meth:`HashBudget.spendKeys`).
     """
 
-    __slots__ = ("dictionary", "missing", "pair", "unjellier")
+    __slots__ = ("dictionary", "missing", "pair", "ring", "unjellier")
 
     def __init__(
-        self, dictionary: dict[Any, Any], key: Any, value: Any, missing: int, unjellier: Unjellier
+        self,
+        dictionary: dict[Any, Any],
+        key: Any,
+        value: Any,
+        missing: int,
+        unjellier: Unjellier,
+        ring: list[Any],
     ) -> None:
         self.dictionary = dictionary
         self.pair = [key, value]
         self.missing = missing
         self.unjellier = unjellier
+        self.ring = ring
 
     def __setitem__(self, index: int, value: Any) -> None:
         self.pair[index] = value
         self.missing -= 1
         if not self.missing:
-            self.unjellier._beforeHashing(self.pair[:1])
+            self.unjellier._beforeHashing(self.pair[:1], self.ring, self.dictionary)
             _insert(self.dictionary, self.pair[0], self.pair[1])
 
 
@@ -340,8 +350,9 @@ class Unjellier:
         # The _PLAIN_TAGS bits of the tags already found allowed: the C builder is never the
         # reason the security options are asked about a tag.
         self._plainMask = 0
-        # Whether a tuple (or what may become one) was met again: from then on, set elements
-        # and dictionary keys are counted before they are hashed (_beforeHashing).
+        # Whether a tuple or frozenset (or what may become one) was met again: from then on,
+        # set elements and dictionary keys are counted before they are hashed
+        # (_beforeHashing).
         self._sharesTuples = False
         self._hashBudget = hashBudget
 
@@ -466,18 +477,26 @@ class Unjellier:
                 _notePending(frame)
             frame.values.append(value)
 
-    def _beforeHashing(self, values: Iterable[Any]) -> None:
+    def _beforeHashing(
+        self, values: Iterable[Any], ring: list[Any] | None = None, into: Any = None
+    ) -> None:
         """
-        Count what hashing ``values`` (set elements, dictionary keys) walks, once this value's
-        tuples share their parts: see :class:`~pbroker._native.HashBudget`.
+        Count what hashing ``values`` (the elements or keys of one container) walks, and what
+        comparing those of one hash may walk, once this value's tuples or frozensets share
+        their parts: see :class:`~pbroker._native.HashBudget`. ``ring`` and ``into``: for a
+        key inserted alone into the dictionary ``into`` (see :class:`_PendingPair`).
         """
         if not self._sharesTuples:
             return
         budget = self._hashBudget
         if budget is None:
             budget = self._hashBudget = HashBudget()
-        for value in values:
-            budget.spend(value)
+        if ring is None:
+            budget.spendKeys(values)
+            return
+        if not ring:
+            ring.append(budget.ringOf(into))
+        budget.spendKeys(values, ring[0])
 
     def _isAllowed(self, tag: bytes) -> bool:
         allowed = self._tagAllowed.get(tag)
@@ -671,8 +690,10 @@ def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
         value = references[reference] = unjellier._newPlaceholder(
             f"dereference {describe(reference)} to an id that is never defined"
         )
-    if type(value) is tuple or isinstance(value, _Unresolved):
-        unjellier._sharesTuples = True  # (a placeholder may stand for a tuple)
+    if type(value) is tuple or type(value) is frozenset or isinstance(value, _Unresolved):
+        # (A placeholder may stand for a tuple; a frozenset remembers its hash, but ``==``
+        # goes through what it holds each time.)
+        unjellier._sharesTuples = True
     if isinstance(value, _Unresolved) and value.resolved:
         # The end of its chain: an id defined as a dereference to an id defined as another
         # (a forward one) holds a link whose value may be a placeholder resolved since. A
@@ -811,11 +832,12 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
                 _insert(result, values[index], values[index + 1])
         return result
     pending = set(frame.pending)
+    ring: list[Any] = []  # (shared by its pending entries)
     for index in range(0, len(values), 2):
         if index not in pending and index + 1 not in pending:
             _insert(result, values[index], values[index + 1])
             continue
-        entry = _PendingPair(result, values[index], values[index + 1], 0, unjellier)
+        entry = _PendingPair(result, values[index], values[index + 1], 0, unjellier, ring)
         for position in (index, index + 1):
             if position in pending:
                 entry.missing += 1

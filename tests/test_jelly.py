@@ -272,6 +272,74 @@ class SharedTupleHashTests(SynchronousTestCase):
         self.assertLess(budget.left, 0)
 
 
+class SharedCompareTests(SynchronousTestCase):
+    """
+    Set elements or dictionary keys of one hash are compared with ``==`` as they are
+    inserted, and ``==`` walks each appearance of a tuple, and of a frozenset (which
+    remembers its hash, not what it holds). Once a value shares its parts, distinct keys of
+    one hash that stand for more than :data:`pbroker._native.COMPARED_ITEMS` items together
+    are refused before they are inserted.
+    """
+
+    def shared(self, depth: int) -> tuple[Any, ...]:
+        value: tuple[Any, ...] = (1,)
+        for _ in range(depth):
+            value = (value, value)
+        return value
+
+    def nested(self, depth: int, tags: tuple[int, int] = (0, 1)) -> frozenset[Any]:
+        value: frozenset[Any] = frozenset([0])
+        for _ in range(depth):
+            value = frozenset([(value, tags[0]), (value, tags[1])])
+        return value
+
+    def asSet(self, items: list[Any]) -> list[Any]:
+        # (Made as jelly by hand: a set of them, made here, would compare them here.)
+        sexp = jelly.jelly(items)
+        sexp[0] = b"set"
+        return sexp
+
+    def test_refused(self) -> None:
+        # (Sizes the old code gets through, slowly, rather than hangs on.)
+        same = [self.nested(20), self.nested(20)]  # hashed at once, 2**20 steps to compare
+        tails = [(-1, -1), (-1, -2), (-2, -1), (-2, -2)]  # hash(-1) == hash(-2)
+        parts = [frozenset([self.shared(12)]), frozenset([self.shared(12)])]
+        cases = [
+            self.asSet(same),
+            [b"dictionary", *([key, 1] for key in jelly.jelly(same)[1:])],
+            # equal, in 1-tuples: each is compared with the other's part, hashed once
+            self.asSet([(parts[i % 2],) for i in range(1000)]),
+            # tuples only, unequal, of one hash: each compared with all before it
+            self.asSet([(self.shared(12), *tail) for tail in tails]),
+            # frozensets of colliding elements: 4**depth steps to compare
+            self.asSet([self.nested(11, (-1, -2)), self.nested(11, (-1, -2))]),
+        ]
+        for sexp in cases:
+            with self.assertRaises(InvalidJelly) as caught:
+                jelly.unjelly(sexp)
+            self.assertIn("4,096 items when compared", str(caught.exception))
+
+    def test_taken(self) -> None:
+        """Keys of one hash that stand for little, shared parts in keys of distinct hashes,
+        and the same part twice, are taken."""
+        part = self.shared(10)
+        big = self.nested(10)  # (assertEqual compares it: 2**10 steps)
+        for value in (
+            {(0, -1): 1, (0, -2): 2, (part, 1): 3, (part, 2): 4},
+            {big, (big, 1), (big, 2)},
+            {(1, big): part},
+        ):
+            self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
+
+    def test_weight(self) -> None:
+        """A tuple's or frozenset's weight counts each appearance, through frozensets too."""
+        budget = _native.HashBudget()
+        inner = frozenset([(1, 2)])
+        self.assertEqual(budget._weight((inner, inner, 3)), 1 + 2 * (1 + 3) + 1)
+        # nested(k) weighs 1 + 2 * (1 + nested(k - 1) + 1), and nested(0) 2: 7 * 2**k - 5
+        self.assertEqual(budget._weight(self.nested(60)), 7 * 2**60 - 5)
+
+
 class ReferenceTests(SynchronousTestCase):
     def test_sharedForm(self) -> None:
         """A container met twice is defined where first met and dereferenced after."""

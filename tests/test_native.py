@@ -2281,8 +2281,15 @@ class HostileNativePeerTests(NativeTestCase):
         refused = [
             {jellied(shared(24)): 1},
             setOf(jellied(shared(24))),
-            # each within the bound, more than it together: the bound is the message's
-            [{jellied(shared(21)): 1}, {jellied(shared(21)): 2}, {jellied(shared(21)): 3}],
+            # each within the bound, more than it together: the bound is the message's (sets
+            # made by the extensions' own unjelly: two tuples that stand for more than their
+            # bytes, as map keys, are refused sooner, see test_sharedTuplesCompared)
+            [
+                msgpack.ExtType(
+                    _native.JELLY, banana.encode([b"set", jelly.jelly(shared(21))], b"none")
+                )
+                for _ in range(3)
+            ],
             msgpack.ExtType(
                 _native.JELLY, banana.encode([b"set", jelly.jelly(shared(24))], b"none")
             ),  # hashed by the unjelly of the extension itself
@@ -2294,6 +2301,44 @@ class HostileNativePeerTests(NativeTestCase):
             self.assertFalse(self.server.disconnected)
         part = shared(10)
         taken = {(part, 1): 1, (part, 2): 2, (1, part): {part}}
+        self.assertEqual(self.call("echo", taken), taken)
+
+    def test_sharedTuplesCompared(self) -> None:
+        """Tuples or frozensets that share their parts, given by two JELLY extensions, may be
+        compared by msgpack as map keys (or by a SET extension) however their hashes fall:
+        ``==`` walks each appearance, also through frozensets, which remember their hash. Two
+        that stand for more than their bytes are refused past a bound; one is taken."""
+
+        def nested(depth: int) -> frozenset[Any]:
+            # (hashed in linear time: a frozenset remembers its hash; compared in 2**depth)
+            value: frozenset[Any] = frozenset([0])
+            for _ in range(depth):
+                value = frozenset([(value, 0), (value, 1)])
+            return value
+
+        def jellied(value: Any) -> bytes:
+            return msgpack.packb(msgpack.ExtType(_native.JELLY, jelly.dumps(value)))
+
+        def setOf(*packed: bytes) -> bytes:
+            data = msgpack.packb([0] * len(packed))[: -len(packed)] + b"".join(packed)
+            return msgpack.packb(msgpack.ExtType(_native.SET, data))
+
+        # (Packed by hand: the two extensions are equal bytes, a dict here would keep one.)
+        heavy = jellied(nested(20))  # (the old code gets through it, slowly)
+        for args in (
+            b"\x91\x82" + heavy + b"\x01" + heavy + b"\x02",
+            b"\x91" + setOf(heavy, heavy),
+        ):
+            requestID = self.client.newRequestID()
+            answer = self.client.waitingForAnswers[requestID] = Deferred()
+            with capturedLogs():
+                self.client.sendCall(b"message", requestID, b"root", b"echo", 1, args, b"\x80")
+                self.pump.flush()
+            failure = self.failureResultOf(answer)
+            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+            self.assertIn("4,096 items together when compared", str(failure.value))
+            self.assertFalse(self.server.disconnected)
+        taken = {nested(10): 1, (1, 2): nested(3)}  # (assertEqual compares them)
         self.assertEqual(self.call("echo", taken), taken)
 
     def test_streamsOpenedOutOfOrder(self) -> None:

@@ -2419,7 +2419,7 @@ class Broker(Banana):
             except Exception:
                 self._log.failure("A pager failed to stop")
         # Resumed by the transport, or a file read: the reactor's business is not the pager's.
-        self._log.failure("A pager failed; it stops", failure)
+        self._logFailure("A pager failed; it stops", failure)
 
     def transportResumed(self) -> None:
         """

@@ -167,7 +167,8 @@ class CopyableFailure(Failure, Copyable):
             typeName = failureType if isinstance(failureType, bytes) else str(failureType).encode()
             parents = [_text(parent) for parent in self.parents]
         if self.unsafeTracebacks:
-            traceback = self.getTraceback()
+            # (Its last line is str() of the exception: described if too large, as logged.)
+            traceback = loggable(self).getTraceback()
         else:
             traceback = "Traceback unavailable\n"
         return {

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.errors import PBConnectionLost, RemoteError
+from pbroker.failure import errorText
 from pbroker.flavors import Referenceable
 from pbroker.jelly import qual
 
@@ -179,7 +180,7 @@ class Pager:
             self.collector.callRemote(
                 "failedPaging",
                 qual(type(value)),
-                str(value) or type(value).__name__,
+                errorText(value) or type(value).__name__,
                 pbanswer=False,
             )
 

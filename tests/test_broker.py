@@ -26,7 +26,7 @@ from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import banana, jelly, pb
+from pbroker import banana, jelly, pb, util
 from pbroker.errors import (
     BananaEncodeError,
     DeadReferenceError,
@@ -2296,6 +2296,63 @@ class SharedValueInErrorTests(SynchronousTestCase):
                 self.assertIn("KeyError: ([[[...], [...]], [[...], [...]]]) (not written", text)
                 self.assertLess(len(text), 5000)
                 self.flushLoggedErrors(KeyError)
+
+    def test_unsafeTracebacks(self) -> None:
+        """The traceback a server sends when it sends tracebacks ends with the description
+        too, not str() of the exception."""
+
+        class Root(pb.Root):
+            def remote_lookup(self, key: Any) -> None:
+                raise KeyError(key)
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), unsafeTracebacks=True), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        with capturedLogs():
+            client.remoteForName("root").callRemote("lookup", sharedLists(21)).addBoth(
+                results.append
+            )
+            pump.flush()
+        [failure] = results
+        text = failure.getTraceback()
+        self.assertIn("remote_lookup", text)
+        self.assertIn("(not written out", text)
+        self.assertLess(len(text), 5000)
+        self.flushLoggedErrors(KeyError)
+
+    def test_pagerFailure(self) -> None:
+        """A pager that fails with such a value tells its collector, and the log, briefly."""
+
+        class Failing(util.Pager):
+            def __init__(self, collector: Any, key: Any) -> None:
+                self.key = key
+                super().__init__(collector)
+
+            def nextPage(self) -> Any:
+                self.pages = getattr(self, "pages", 0) + 1
+                if self.pages < 3:
+                    return b"page"
+                raise LookupError("no page for", self.key)
+
+        class Root(pb.Root):
+            def remote_fetch(self, collector: Any, key: Any) -> None:
+                Failing(collector, key)
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            root = client.remoteForName("root")
+            util.getAllPages(root, "fetch", sharedLists(21)).addBoth(results.append)
+            pump.flush()
+        [failure] = results
+        self.assertIn("(not written out", failure.getErrorMessage())
+        self.assertLess(len(failure.getErrorMessage()), 300)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertLess(len(event["log_failure"].getTraceback()), 5000)
+        self.flushLoggedErrors(LookupError)
 
     def test_errorText(self) -> None:
         """Only arguments holding containers that stand for too much are described: long

@@ -29,12 +29,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pbroker import banana, jelly
+from pbroker._native import EXTENT_WITHIN, extent
 from pbroker.errors import ProtocolError, describe
 from pbroker.flavors import Cacheable, RemoteCache, ViewPoint
 
 __all__ = ["Publishable", "PublishedStateError", "RemotePublished", "whenReady"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+# The most items (as extent() counts them: each appearance) a part of a saved state's file
+# name may stand for: str() writes each appearance of a list the publisher shares.
+_NAME_ITEMS = 10_000
+
+# The types of a timestamp that is compared with a saved one (time.time() for a stock
+# publisher): == on containers goes through each appearance of what they share.
+_TIMESTAMP_TYPES = (int, float, str, bytes)
 
 
 class Publishable(Cacheable):
@@ -146,6 +155,12 @@ class RemotePublished(RemoteCache):
         if self.cacheDirectory is None:
             return None
         parts = (self.service, self.perspective, self.publishedID, ext)
+        for part in parts[:3]:
+            if extent(part, _NAME_ITEMS) != EXTENT_WITHIN:
+                raise ValueError(
+                    f"a published object named by {describe(part)}, which stands for more than "
+                    f"{_NAME_ITEMS:,} items (or holds itself), has no file name"
+                )
         name = "-".join(_UNSAFE.sub("_", str(part)) for part in parts[:3]) + "." + parts[3]
         return os.path.join(self.cacheDirectory, name)
 
@@ -159,7 +174,7 @@ class RemotePublished(RemoteCache):
             return
         self.__dict__.update(entry)
         saved = self._loadSaved()
-        if saved is not None and saved.get("timestamp") == self.timestamp:
+        if saved is not None and _sameTimestamp(saved.get("timestamp"), self.timestamp):
             self._wasCleanWhenLoaded = True
             self._cbGotUpdate(saved, save=False)
         else:
@@ -351,6 +366,17 @@ class RemotePublished(RemoteCache):
             callback(self)
         else:
             self._activationListeners.append(callback)
+
+
+def _sameTimestamp(saved: Any, timestamp: Any) -> bool:
+    """
+    Whether a saved state's timestamp is the publisher's: numbers or strings only.
+    """
+    return (
+        isinstance(saved, _TIMESTAMP_TYPES)
+        and isinstance(timestamp, _TIMESTAMP_TYPES)
+        and saved == timestamp
+    )
 
 
 def whenReady(d: defer.Deferred[Any]) -> defer.Deferred[Any]:

@@ -499,3 +499,37 @@ class UnwritableCacheTests(PublishTestCase):
         self.assertEqual(self.call(published).items, ["a", "b"])
         self.assertEqual(published.fetches, 1)
         self.assertEqual(os.stat(fileName).st_mtime_ns, 0)
+
+
+class SharedPartsFromThePublisherTests(PublishTestCase):
+    """
+    A publisher's id or timestamp whose lists share their parts (jelly keeps them shared):
+    ``str()`` and ``==`` go through each appearance, so a saved state's file is neither
+    named with ``str()`` of such an id nor checked with ``==`` on such a timestamp.
+    """
+
+    def sharedLists(self, depth: int) -> list[Any]:
+        value: list[Any] = [1]
+        for _ in range(depth):
+            value = [value, value]
+        return value
+
+    def test_sharedID(self) -> None:
+        self.cacheIn(self.mktemp())
+        os.mkdir(RemoteCatalogue.cacheDirectory)  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            remote = self.call(Catalogue(self.sharedLists(20)))
+        self.assertEqual(remote.items, ["a", "b"])
+        self.assertEqual(os.listdir(RemoteCatalogue.cacheDirectory), [])  # type: ignore[arg-type]
+        [warning] = [e for e in events if "has no file name" in str(e.get("error"))]
+        self.assertLess(len(warning["error"]), 300)
+
+    def test_sharedTimestamp(self) -> None:
+        self.cacheIn(self.mktemp())
+        os.mkdir(RemoteCatalogue.cacheDirectory)  # type: ignore[arg-type]
+        for _ in range(2):  # saved, then checked against what is saved
+            published = Catalogue("c")
+            published.timestamp = self.sharedLists(20)  # type: ignore[assignment]
+            remote = self.call(published)
+            self.assertEqual(remote.items, ["a", "b"])
+            self.assertEqual(published.fetches, 1)

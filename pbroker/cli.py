@@ -325,6 +325,19 @@ class _Shown:
             finally:
                 self.inside.discard(id(value))
 
+    def key(self, key: Any) -> str:
+        """
+        A dict key as ``human`` shows it (``str``), once its size is known to be within
+        bounds: a tuple key may share its parts too.
+        """
+        if not isinstance(key, str):
+            inside, self.inside = self.inside, set()
+            try:
+                self.size(key)
+            finally:
+                self.inside = inside
+        return str(key)
+
     def human(self, value: Any) -> str:
         """
         A dict as ``key: value`` lines (a dict in it the same way), text as it is, anything
@@ -334,7 +347,7 @@ class _Shown:
             self.count()
             self.inside.add(id(value))
             try:
-                return "\n".join(f"{k}: {self.human(v)}" for k, v in value.items())
+                return "\n".join(f"{self.key(k)}: {self.human(v)}" for k, v in value.items())
             finally:
                 self.inside.discard(id(value))
         if isinstance(value, str):

@@ -139,7 +139,7 @@ def _checkReply(reply: Any) -> None:
         raise TypeError(f"a call's reply must be a dict, not {type(reply).__name__}")
     for key in reply:
         if type(key) is not str:
-            raise TypeError(f"reply keys must be text, not {key!r}")
+            raise TypeError(f"reply keys must be text, not {describe(key)}")
     _checkAnnotations(reply, "reply")
 
 

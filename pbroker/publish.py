@@ -38,12 +38,9 @@ __all__ = ["Publishable", "PublishedStateError", "RemotePublished", "whenReady"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 # The most items (as extent() counts them: each appearance) a part of a saved state's file
-# name may stand for: str() writes each appearance of a list the publisher shares.
+# name, or a timestamp compared, may stand for: str() and == go through each appearance of
+# a list the publisher shares.
 _NAME_ITEMS = 10_000
-
-# The types of a timestamp that is compared with a saved one (time.time() for a stock
-# publisher): == on containers goes through each appearance of what they share.
-_TIMESTAMP_TYPES = (int, float, str, bytes)
 
 
 class Publishable(Cacheable):
@@ -370,11 +367,14 @@ class RemotePublished(RemoteCache):
 
 def _sameTimestamp(saved: Any, timestamp: Any) -> bool:
     """
-    Whether a saved state's timestamp is the publisher's: numbers or strings only.
+    Whether a saved state's timestamp is the publisher's (``time.time()`` for a stock
+    publisher; a datetime or a version tuple will do). Compared only if both stand for
+    ``_NAME_ITEMS`` items at most: ``==`` goes through each appearance of a list the
+    publisher shares.
     """
     return (
-        isinstance(saved, _TIMESTAMP_TYPES)
-        and isinstance(timestamp, _TIMESTAMP_TYPES)
+        extent(saved, _NAME_ITEMS) == EXTENT_WITHIN
+        and extent(timestamp, _NAME_ITEMS) == EXTENT_WITHIN
         and saved == timestamp
     )
 

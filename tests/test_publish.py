@@ -533,3 +533,16 @@ class SharedPartsFromThePublisherTests(PublishTestCase):
             remote = self.call(published)
             self.assertEqual(remote.items, ["a", "b"])
             self.assertEqual(published.fetches, 1)
+
+    def test_timestampOfAnotherType(self) -> None:
+        """A publisher's own timestamp of another type than time.time()'s (a version
+        tuple) still lets a saved state be used."""
+        self.cacheIn(self.mktemp())
+        os.mkdir(RemoteCatalogue.cacheDirectory)  # type: ignore[arg-type]
+        published = Catalogue("v")
+        published.timestamp = (2, 1)  # type: ignore[assignment]
+        self.call(published)
+        second = self.call(published)
+        self.assertEqual(second.items, ["a", "b"])
+        self.assertTrue(second._wasCleanWhenLoaded)
+        self.assertEqual(published.fetches, 1)

@@ -991,11 +991,12 @@ class HashBudget:
 
         :raises InvalidJelly: either.
         """
-        values = list(values)
-        for value in values:
-            self.spend(value)
+        # (Only tuples are counted, and only tuples and frozensets compared at length: keys
+        # of other kinds, the usual case, cost one pass.)
         compared = [value for value in values if type(value) is tuple or type(value) is frozenset]
-        if ring is None and len(compared) < 2:
+        for value in compared:
+            self.spend(value)
+        if len(compared) < (2 if ring is None else 1):
             return
         try:
             hashes = list(map(hash, compared))

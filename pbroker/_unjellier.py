@@ -808,7 +808,7 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
     factory = frame.extra
     values = frame.values
     if not frame.pending:
-        if factory is not tuple:
+        if unjellier._sharesTuples and factory is not tuple:
             unjellier._beforeHashing(values)
         return _build(factory, values)
     container = _PendingContainer(factory, values, len(frame.pending), unjellier)
@@ -833,6 +833,7 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
         return result
     pending = set(frame.pending)
     ring: list[Any] = []  # (shared by its pending entries)
+    entries: list[tuple[_PendingPair, int]] = []
     for index in range(0, len(values), 2):
         if index not in pending and index + 1 not in pending:
             _insert(result, values[index], values[index + 1])
@@ -841,6 +842,11 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
         for position in (index, index + 1):
             if position in pending:
                 entry.missing += 1
+        entries.append((entry, index))
+    # Wired once every known entry is in: one whose placeholder resolved already (a forward
+    # reference defined later in this dictionary) is inserted at once, and its key must be
+    # weighed against all the others (the ring is made from the dictionary then).
+    for entry, index in entries:
         for position in (index, index + 1):
             if position in pending:
                 values[position].addDependant(entry, position - index)

@@ -1688,7 +1688,10 @@ class Broker(Banana):
                 unpersistable = _UnpersistableStreams()
                 result = Encoded(Jellier(self.security, unpersistable, self).encode(object, tokens))
         except BaseException as e:
-            self._refuseValue(registrations, e, object)  # exported half-way: nothing is sent
+            # Exported half-way: nothing is sent. (The Streams jelly noted, in a copy say,
+            # are closed with the error too, as they would have been had it succeeded.)
+            noted = () if unpersistable is None else unpersistable.streams
+            self._refuseValue(registrations, e, object, *noted)
             raise
         finally:
             self._registrations = outer
@@ -2169,12 +2172,18 @@ class Broker(Banana):
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
         unpersistable = _UnpersistableStreams()
-        netArgs = Jellier(self.security, unpersistable, self).encode(args, tokens)
-        netKw = (
-            Jellier(self.security, unpersistable, self).encode(kw, tokens)
-            if kw
-            else _noKeywords(tokens)
-        )
+        try:
+            netArgs = Jellier(self.security, unpersistable, self).encode(args, tokens)
+            netKw = (
+                Jellier(self.security, unpersistable, self).encode(kw, tokens)
+                if kw
+                else _noKeywords(tokens)
+            )
+        except Exception as e:
+            # Those noted before the failure (in a copy, say) are closed with it, as the
+            # call's others are (see _refuseValue), not left open.
+            refusedStreams(e, *unpersistable.streams)
+            raise
         # (Before the request id is taken: closing runs the application's code, which may
         # make a call of its own.)
         unpersistable.close(self)

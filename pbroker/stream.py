@@ -31,7 +31,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
-from weakref import WeakSet
+from weakref import WeakValueDictionary
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IProducer
@@ -46,9 +46,10 @@ __all__ = ["DEFAULT_WINDOW", "END", "RemoteStream", "Stream", "isStreamable"]
 #: How many items a reader lets a sender have in flight or unread, by default.
 DEFAULT_WINDOW = 16
 
-# The Streams of this process not closed yet: a value refused when there are none has no
-# Stream to close, and is not searched (see pbroker._streams.findStreams).
-unclosedStreams: WeakSet[Stream] = WeakSet()
+# The Streams of this process not closed yet, by id (not by hash: a subclass may define
+# __eq__, and so have none): a value refused when there are none has no Stream to close,
+# and is not searched (see pbroker._streams.findStreams).
+unclosedStreams: WeakValueDictionary[int, Stream] = WeakValueDictionary()
 
 # Items an outgoing stream sends in one turn of the reactor before letting others run.
 _ITEMS_PER_TURN = 64
@@ -379,7 +380,7 @@ class Stream:
         self._producerPaused = False
         # Whether anything read it yet (here, or a sender): see refusedStreams.
         self._read = False
-        unclosedStreams.add(self)
+        unclosedStreams[id(self)] = self
 
     def write(self, item: Any) -> Deferred[None]:  # type: ignore[override]
         """
@@ -444,7 +445,7 @@ class Stream:
         if self._closed:
             return
         self._closed = True
-        unclosedStreams.discard(self)
+        unclosedStreams.pop(id(self), None)
         self._end = failure
         if not self._items:
             self._flushReaders()
@@ -537,7 +538,7 @@ class Stream:
         elif self._items and self._end is None:
             self._end = reason  # finished, but what was still to be read is dropped
         self._closed = True
-        unclosedStreams.discard(self)
+        unclosedStreams.pop(id(self), None)
         self._items.clear()
         self._flushReaders()
         writers, self._writers = self._writers, deque()

@@ -267,9 +267,12 @@ class SharedTupleHashTests(SynchronousTestCase):
         part = (1, 2)
         budget.spend((part, part, part))
         self.assertEqual(budget.left, 94 - 10)
+        known = len(budget._counts)
+        # (22 levels, not more: were the counts not remembered, it would still end, and fail)
         with self.assertRaises(InvalidJelly):  # counted in its distinct tuples' time
-            budget.spend(self.shared(60))
+            budget.spend(self.shared(22))
         self.assertLess(budget.left, 0)
+        self.assertEqual(len(budget._counts), known + 23)  # each distinct tuple once
 
 
 class SharedCompareTests(SynchronousTestCase):
@@ -313,6 +316,13 @@ class SharedCompareTests(SynchronousTestCase):
             self.asSet([(self.shared(12), *tail) for tail in tails]),
             # frozensets of colliding elements: 4**depth steps to compare
             self.asSet([self.nested(11, (-1, -2)), self.nested(11, (-1, -2))]),
+            # a forward reference in a key, defined later in the same dictionary (so resolved
+            # before it closes), weighed against a key inserted after it
+            [
+                b"dictionary",
+                [[b"dereference", 9999], 1],
+                [jelly.jelly(same)[1], [b"reference", 9999, jelly.jelly(same)[2]]],
+            ],
         ]
         for sexp in cases:
             with self.assertRaises(InvalidJelly) as caught:
@@ -337,7 +347,10 @@ class SharedCompareTests(SynchronousTestCase):
         inner = frozenset([(1, 2)])
         self.assertEqual(budget._weight((inner, inner, 3)), 1 + 2 * (1 + 3) + 1)
         # nested(k) weighs 1 + 2 * (1 + nested(k - 1) + 1), and nested(0) 2: 7 * 2**k - 5
-        self.assertEqual(budget._weight(self.nested(60)), 7 * 2**60 - 5)
+        # (20 levels, not more: were weights not remembered, it would still end, and fail)
+        known = len(budget._weights)
+        self.assertEqual(budget._weight(self.nested(20)), 7 * 2**20 - 5)
+        self.assertEqual(len(budget._weights), known + 3 * 20 + 1)  # each distinct one once
 
 
 class ReferenceTests(SynchronousTestCase):

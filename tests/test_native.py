@@ -4244,6 +4244,28 @@ class RefusedStreamTests(NativeTestCase):
             client.remoteForName("root").callRemote("sum", mine, pbanswer=False)
         self.assertRefused(mine, UnsupportedByPeer)
 
+    def test_inACopyOfAValueRefusedOnAPBConnection(self) -> None:
+        """On a pb connection a Stream in a copy is closed when a later part of the value
+        fails, as it is when the value is sent (it would travel as an Unpersistable)."""
+
+        class Failing(pb.Copyable):
+            def getStateToCopy(self) -> Any:
+                raise ZeroDivisionError()
+
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
+        )
+        inCall, inAnswer = Thing(), Thing()
+        inCall.stream, inAnswer.stream = Stream(), Stream()  # type: ignore[attr-defined]
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("sum", inCall, Failing()).addBoth(results.append)
+        pump.flush()
+        self.assertTrue(results[0].check(ZeroDivisionError))
+        self.assertRefused(inCall.stream, ZeroDivisionError)  # type: ignore[attr-defined]
+        with self.assertRaises(ZeroDivisionError):
+            server.serialize([inAnswer, Failing()])
+        self.assertRefused(inAnswer.stream, ZeroDivisionError)  # type: ignore[attr-defined]
+
     def test_aStreamBeingSentIsLeftAlone(self) -> None:
         """A refusal does not close a Stream that is being sent already (asked for again,
         by a pb-dialect peer, or inside a copy): its reader gets every item."""
@@ -4530,11 +4552,25 @@ class RefusedStreamEdgeTests(NativeTestCase):
         from pbroker.stream import unclosedStreams
 
         finished, failed, cancelled = Stream(), Stream(), Stream()
-        self.assertTrue({finished, failed, cancelled} <= set(unclosedStreams))
+        self.assertTrue({finished, failed, cancelled} <= set(unclosedStreams.values()))
         finished.finish()
         failed.fail(ValueError())
         cancelled.close()
-        self.assertFalse({finished, failed, cancelled} & set(unclosedStreams))
+        self.assertFalse({finished, failed, cancelled} & set(unclosedStreams.values()))
+
+    def test_unhashableStream(self) -> None:
+        """A Stream of a class that defines __eq__ (and so is unhashable) is made and closed
+        as any other: the Streams not closed are known by id, not by hash."""
+        from pbroker.stream import unclosedStreams
+
+        class Compared(Stream):
+            def __eq__(self, other: object) -> bool:
+                return self is other
+
+        stream = Compared()
+        self.assertIs(unclosedStreams[id(stream)], stream)
+        stream.close()
+        self.assertNotIn(id(stream), unclosedStreams)
 
     def test_firstItemsSearched(self) -> None:
         """The search looks at a value's first items, in order: a Stream first in a call's

@@ -325,17 +325,25 @@ class _Shown:
             finally:
                 self.inside.discard(id(value))
 
+    def sizeAlone(self, value: Any) -> None:
+        """
+        Count ``value``'s parts as ``repr`` or ``str`` will show it on its own: from the
+        start, holding itself only where it holds itself. (They have no bound on what shared
+        parts stand for.)
+        """
+        inside, self.inside = self.inside, set()
+        try:
+            self.size(value)
+        finally:
+            self.inside = inside
+
     def key(self, key: Any) -> str:
         """
         A dict key as ``human`` shows it (``str``), once its size is known to be within
         bounds: a tuple key may share its parts too.
         """
         if not isinstance(key, str):
-            inside, self.inside = self.inside, set()
-            try:
-                self.size(key)
-            finally:
-                self.inside = inside
+            self.sizeAlone(key)
         return str(key)
 
     def human(self, value: Any) -> str:
@@ -353,13 +361,7 @@ class _Shown:
         if isinstance(value, str):
             self.count()
             return value
-        # Counted before repr, which has no bound on what shared parts stand for, as repr
-        # will show it: from the start, holding itself only where it holds itself.
-        inside, self.inside = self.inside, set()
-        try:
-            self.size(value)
-        finally:
-            self.inside = inside
+        self.sizeAlone(value)
         return repr(value)
 
 

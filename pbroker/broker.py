@@ -79,7 +79,7 @@ from pbroker.failure import (
 from pbroker.flavors import RemoteCache, RemoteCacheObserver
 from pbroker.jelly import ISecurityOptions, UnjellyableRegistry, globalRegistry, globalSecurity
 from pbroker.references import Local, RemoteReference
-from pbroker.stream import DEFAULT_WINDOW, RemoteStream, Stream, isStreamable
+from pbroker.stream import DEFAULT_WINDOW, RemoteStream, Stream, isStreamable, unclosedStreams
 
 __all__ = [
     "MAX_BROKER_REFS",
@@ -1685,7 +1685,8 @@ class Broker(Banana):
             else:
                 # Jellied straight to banana bytes (the fused encoder), spliced into the message.
                 tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
-                unpersistable = _UnpersistableStreams()
+                # (Only if there is a Stream to meet: none, in most processes.)
+                unpersistable = _UnpersistableStreams() if unclosedStreams else None
                 result = Encoded(Jellier(self.security, unpersistable, self).encode(object, tokens))
         except BaseException as e:
             # Exported half-way: nothing is sent. (The Streams jelly noted, in a copy say,
@@ -2171,7 +2172,7 @@ class Broker(Banana):
             )
         tokens = getTokens(self.currentDialect or b"none", self.sizeLimit, self.prefixLimit)
         # Arguments and keywords are jellied separately, as every PB peer does.
-        unpersistable = _UnpersistableStreams()
+        unpersistable = _UnpersistableStreams() if unclosedStreams else None
         try:
             netArgs = Jellier(self.security, unpersistable, self).encode(args, tokens)
             netKw = (
@@ -2182,11 +2183,13 @@ class Broker(Banana):
         except Exception as e:
             # Those noted before the failure (in a copy, say) are closed with it, as the
             # call's others are (see _refuseValue), not left open.
-            refusedStreams(e, *unpersistable.streams)
+            if unpersistable is not None:
+                refusedStreams(e, *unpersistable.streams)
             raise
         # (Before the request id is taken: closing runs the application's code, which may
         # make a call of its own.)
-        unpersistable.close(self)
+        if unpersistable is not None:
+            unpersistable.close(self)
         return tokens.joinList(
             [
                 tokens.symbol(prefix + b"message"),

@@ -933,6 +933,10 @@ HASHED_ITEMS: Final = 16_000_000
 #: :meth:`HashBudget.spendJellied`): msgpack may compare them as map keys.
 COMPARED_ITEMS: Final = 4096
 
+#: The most comparisons between tuples or frozensets of one hash that the extensions of one
+#: received native value may cost (see :meth:`HashBudget.noteKey`).
+KEY_COMPARISONS: Final = 1_000_000
+
 
 class HashBudget:
     """
@@ -955,7 +959,7 @@ class HashBudget:
     no two equal keys, and keys of one hash are otherwise rare and small.
     """
 
-    __slots__ = ("_counts", "_heavy", "_items", "_weights", "left")
+    __slots__ = ("_compared", "_counts", "_groups", "_heavy", "_items", "_weights", "left")
 
     def __init__(self, items: int = HASHED_ITEMS) -> None:
         self.left = self._items = items
@@ -966,6 +970,10 @@ class HashBudget:
         # The weights of the tuples and frozensets that JELLY extensions gave, and that stand
         # for more than their bytes, so far (see spendJellied).
         self._heavy: list[int] = []
+        # hash -> the distinct tuples and frozensets of that hash the extensions gave (the
+        # one, or a list of them), and the comparisons made between them so far (noteKey).
+        self._groups: dict[int, Any] = {}
+        self._compared = 0
 
     def spend(self, value: Any) -> None:
         """
@@ -1024,6 +1032,41 @@ class HashBudget:
             if type(key) is tuple or type(key) is frozenset:
                 self._join(ring, key, hash(key))
         return ring
+
+    def noteKey(self, value: Any) -> None:
+        """
+        Note ``value``, a tuple or frozenset an extension gave, which msgpack may take as a
+        map key (or a ``SET`` extension as an element). Python does not randomise the hashes
+        of numbers and tuples, so a peer can send many distinct tuples of one hash (of ``-1``
+        and ``-2``, which hash alike), and building a map of them takes time in proportion to
+        the square of their number. Here those of one hash are compared with each other as
+        they come, so that their cost is known before any map is built.
+
+        :raises InvalidJelly: the value's extensions made more than
+            :data:`KEY_COMPARISONS` such comparisons.
+        """
+        try:
+            key = hash(value)
+        except (TypeError, RecursionError):
+            return  # it holds a list (or nests too deeply to hash): never a key
+        groups = self._groups
+        group = groups.get(key)
+        if group is None:
+            groups[key] = value  # (the usual case: one of its hash, kept without a list)
+            return
+        if type(group) is not list:
+            group = groups[key] = [group]
+        for known in group:
+            self._compared += 1
+            if known is value or known == value:
+                break
+        else:
+            group.append(value)
+        if self._compared > KEY_COMPARISONS:
+            raise InvalidJelly(
+                f"tuples or frozensets of one hash need more than {KEY_COMPARISONS:,} "
+                "comparisons to tell apart (keys chosen to collide)"
+            )
 
     def spendJellied(self, value: Any, size: int) -> None:
         """
@@ -1436,7 +1479,10 @@ class ValueCodec:
                 self._depth = level - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
-            return rebuild(items)
+            value = rebuild(items)
+            if code != SET:  # (a set is never a key)
+                (self._hashBudget or self.hashing()).noteKey(value)
+            return value
         if code == JELLY:
             try:
                 value = self._hooked(self._unjelly, data)
@@ -1447,7 +1493,9 @@ class ValueCodec:
             # A tuple may be hashed here, as a key or in a set, and a tuple or frozenset
             # compared with another extension's there.
             if type(value) is tuple or type(value) is frozenset:
-                self.hashing().spendJellied(value, len(data))
+                budget = self.hashing()
+                budget.spendJellied(value, len(data))
+                budget.noteKey(value)
             return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)

@@ -933,8 +933,9 @@ HASHED_ITEMS: Final = 16_000_000
 #: :meth:`HashBudget.spendJellied`): msgpack may compare them as map keys.
 COMPARED_ITEMS: Final = 4096
 
-#: The most comparisons between tuples or frozensets of one hash that the extensions of one
-#: received native value may cost (see :meth:`HashBudget.noteKey`).
+#: The most comparisons between distinct tuples or frozensets of one hash that the extensions
+#: of one received native value may cost, besides one for each of its bytes (see
+#: :meth:`HashBudget.noteKey`).
 KEY_COMPARISONS: Final = 1_000_000
 
 
@@ -959,10 +960,20 @@ class HashBudget:
     no two equal keys, and keys of one hash are otherwise rare and small.
     """
 
-    __slots__ = ("_compared", "_counts", "_groups", "_heavy", "_items", "_weights", "left")
+    __slots__ = (
+        "_compared",
+        "_counts",
+        "_groups",
+        "_heavy",
+        "_items",
+        "_keyComparisons",
+        "_weights",
+        "left",
+    )
 
-    def __init__(self, items: int = HASHED_ITEMS) -> None:
+    def __init__(self, items: int = HASHED_ITEMS, keyComparisons: int = KEY_COMPARISONS) -> None:
         self.left = self._items = items
+        self._keyComparisons = keyComparisons
         # id -> (count, the tuple, kept so that its id is not reused)
         self._counts: dict[int, tuple[int, tuple[Any, ...]]] = {}
         # id -> (weight, the tuple or frozenset, kept so that its id is not reused)
@@ -1040,10 +1051,12 @@ class HashBudget:
         of numbers and tuples, so a peer can send many distinct tuples of one hash (of ``-1``
         and ``-2``, which hash alike), and building a map of them takes time in proportion to
         the square of their number. Here those of one hash are compared with each other as
-        they come, so that their cost is known before any map is built.
+        they come, so that their cost is known before any map is built. One equal to the
+        first of its hash costs nothing (the same tuple many times is common); one equal to a
+        later one costs the comparisons it took to find it.
 
-        :raises InvalidJelly: the value's extensions made more than
-            :data:`KEY_COMPARISONS` such comparisons.
+        :raises InvalidJelly: the value's extensions made more than the budget's
+            comparisons (``keyComparisons``).
         """
         try:
             key = hash(value)
@@ -1056,15 +1069,16 @@ class HashBudget:
             return
         if type(group) is not list:
             group = groups[key] = [group]
-        for known in group:
-            self._compared += 1
+        for index, known in enumerate(group):
             if known is value or known == value:
+                self._compared += index
                 break
         else:
+            self._compared += len(group)
             group.append(value)
-        if self._compared > KEY_COMPARISONS:
+        if self._compared > self._keyComparisons:
             raise InvalidJelly(
-                f"tuples or frozensets of one hash need more than {KEY_COMPARISONS:,} "
+                f"tuples or frozensets of one hash need more than {self._keyComparisons:,} "
                 "comparisons to tell apart (keys chosen to collide)"
             )
 
@@ -1255,8 +1269,10 @@ class ValueCodec:
         self._depth = 0
         self._special = False
         self._packing = False
-        # What hashing may still cost in the value being unpacked (see hashing()).
+        # What hashing may still cost in the value being unpacked (see hashing()), and its
+        # size in bytes.
         self._hashBudget: HashBudget | None = None
+        self._unpackedBytes = 0
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1424,7 +1440,9 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-        outer, self._hashBudget = self._hashBudget, None  # (a hook may unpack meanwhile)
+        # (A hook may unpack meanwhile.)
+        outer = self._hashBudget, self._unpackedBytes
+        self._hashBudget, self._unpackedBytes = None, len(data)
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -1436,7 +1454,7 @@ class ValueCodec:
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
         finally:
-            self._hashBudget = outer
+            self._hashBudget, self._unpackedBytes = outer
 
     def hashing(self) -> HashBudget:
         """
@@ -1445,7 +1463,7 @@ class ValueCodec:
         set element or dictionary key here (see :class:`HashBudget`).
         """
         if self._hashBudget is None:
-            self._hashBudget = HashBudget()
+            self._hashBudget = HashBudget(keyComparisons=KEY_COMPARISONS + self._unpackedBytes)
         return self._hashBudget
 
     def streamsIn(self, data: Any) -> list[int]:

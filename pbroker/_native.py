@@ -933,11 +933,6 @@ HASHED_ITEMS: Final = 16_000_000
 #: :meth:`HashBudget.spendJellied`): msgpack may compare them as map keys.
 COMPARED_ITEMS: Final = 4096
 
-#: The most comparisons between distinct tuples or frozensets of one hash that the extensions
-#: of one received native value may cost, besides one for each of its bytes (see
-#: :meth:`HashBudget.noteKey`).
-KEY_COMPARISONS: Final = 1_000_000
-
 
 class HashBudget:
     """
@@ -960,20 +955,10 @@ class HashBudget:
     no two equal keys, and keys of one hash are otherwise rare and small.
     """
 
-    __slots__ = (
-        "_compared",
-        "_counts",
-        "_groups",
-        "_heavy",
-        "_items",
-        "_keyComparisons",
-        "_weights",
-        "left",
-    )
+    __slots__ = ("_counts", "_heavy", "_items", "_weights", "left")
 
-    def __init__(self, items: int = HASHED_ITEMS, keyComparisons: int = KEY_COMPARISONS) -> None:
+    def __init__(self, items: int = HASHED_ITEMS) -> None:
         self.left = self._items = items
-        self._keyComparisons = keyComparisons
         # id -> (count, the tuple, kept so that its id is not reused)
         self._counts: dict[int, tuple[int, tuple[Any, ...]]] = {}
         # id -> (weight, the tuple or frozenset, kept so that its id is not reused)
@@ -981,10 +966,6 @@ class HashBudget:
         # The weights of the tuples and frozensets that JELLY extensions gave, and that stand
         # for more than their bytes, so far (see spendJellied).
         self._heavy: list[int] = []
-        # hash -> the distinct tuples and frozensets of that hash the extensions gave (the
-        # one, or a list of them), and the comparisons made between them so far (noteKey).
-        self._groups: dict[int, Any] = {}
-        self._compared = 0
 
     def spend(self, value: Any) -> None:
         """
@@ -1043,44 +1024,6 @@ class HashBudget:
             if type(key) is tuple or type(key) is frozenset:
                 self._join(ring, key, hash(key))
         return ring
-
-    def noteKey(self, value: Any) -> None:
-        """
-        Note ``value``, a tuple or frozenset an extension gave, which msgpack may take as a
-        map key (or a ``SET`` extension as an element). Python does not randomise the hashes
-        of numbers and tuples, so a peer can send many distinct tuples of one hash (of ``-1``
-        and ``-2``, which hash alike), and building a map of them takes time in proportion to
-        the square of their number. Here those of one hash are compared with each other as
-        they come, so that their cost is known before any map is built. One equal to the
-        first of its hash costs nothing (the same tuple many times is common); one equal to a
-        later one costs the comparisons it took to find it.
-
-        :raises InvalidJelly: the value's extensions made more than the budget's
-            comparisons (``keyComparisons``).
-        """
-        try:
-            key = hash(value)
-        except (TypeError, RecursionError):
-            return  # it holds a list (or nests too deeply to hash): never a key
-        groups = self._groups
-        group = groups.get(key)
-        if group is None:
-            groups[key] = value  # (the usual case: one of its hash, kept without a list)
-            return
-        if type(group) is not list:
-            group = groups[key] = [group]
-        for index, known in enumerate(group):
-            if known is value or known == value:
-                self._compared += index
-                break
-        else:
-            self._compared += len(group)
-            group.append(value)
-        if self._compared > self._keyComparisons:
-            raise InvalidJelly(
-                f"tuples or frozensets of one hash need more than {self._keyComparisons:,} "
-                "comparisons to tell apart (keys chosen to collide)"
-            )
 
     def spendJellied(self, value: Any, size: int) -> None:
         """
@@ -1269,10 +1212,8 @@ class ValueCodec:
         self._depth = 0
         self._special = False
         self._packing = False
-        # What hashing may still cost in the value being unpacked (see hashing()), and its
-        # size in bytes.
+        # What hashing may still cost in the value being unpacked (see hashing()).
         self._hashBudget: HashBudget | None = None
-        self._unpackedBytes = 0
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1440,9 +1381,7 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-        # (A hook may unpack meanwhile.)
-        outer = self._hashBudget, self._unpackedBytes
-        self._hashBudget, self._unpackedBytes = None, len(data)
+        outer, self._hashBudget = self._hashBudget, None  # (a hook may unpack meanwhile)
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
@@ -1454,7 +1393,7 @@ class ValueCodec:
         except Exception as e:
             raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
         finally:
-            self._hashBudget, self._unpackedBytes = outer
+            self._hashBudget = outer
 
     def hashing(self) -> HashBudget:
         """
@@ -1463,7 +1402,7 @@ class ValueCodec:
         set element or dictionary key here (see :class:`HashBudget`).
         """
         if self._hashBudget is None:
-            self._hashBudget = HashBudget(keyComparisons=KEY_COMPARISONS + self._unpackedBytes)
+            self._hashBudget = HashBudget()
         return self._hashBudget
 
     def streamsIn(self, data: Any) -> list[int]:
@@ -1497,10 +1436,7 @@ class ValueCodec:
                 self._depth = level - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
-            value = rebuild(items)
-            if code != SET:  # (a set is never a key)
-                (self._hashBudget or self.hashing()).noteKey(value)
-            return value
+            return rebuild(items)
         if code == JELLY:
             try:
                 value = self._hooked(self._unjelly, data)
@@ -1511,9 +1447,7 @@ class ValueCodec:
             # A tuple may be hashed here, as a key or in a set, and a tuple or frozenset
             # compared with another extension's there.
             if type(value) is tuple or type(value) is frozenset:
-                budget = self.hashing()
-                budget.spendJellied(value, len(data))
-                budget.noteKey(value)
+                self.hashing().spendJellied(value, len(data))
             return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)

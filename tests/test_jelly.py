@@ -275,29 +275,6 @@ class SharedTupleHashTests(SynchronousTestCase):
         self.assertEqual(len(budget._counts), known + 23)  # each distinct tuple once
 
 
-class CollidingKeyTests(SynchronousTestCase):
-    """
-    HashBudget.noteKey: what telling apart tuples of one hash costs, counted as they come.
-    """
-
-    def test_counted(self) -> None:
-        colliding = [(-1, -1), (-1, -2), (-2, -1), (-2, -2)]  # hash(-1) == hash(-2)
-        self.assertEqual(len({hash(key) for key in colliding}), 1)
-        budget = _native.HashBudget(keyComparisons=10)
-        for _ in range(1000):
-            budget.noteKey((-1, -1))  # the first of its hash, again: free
-            budget.noteKey((5, 6))  # another hash
-            budget.noteKey([1])  # never a key: not noted
-        for key in colliding:
-            budget.noteKey(key)  # each compared with those before it: 0 + 1 + 2 + 3
-        self.assertEqual(budget._compared, 6)
-        budget.noteKey((-2, -1))  # found third: 2 more
-        self.assertEqual(budget._compared, 8)
-        with self.assertRaises(InvalidJelly) as caught:
-            budget.noteKey((-2, -2))  # found fourth: 3 more, 11 in all
-        self.assertIn("more than 10 comparisons", str(caught.exception))
-
-
 class SharedCompareTests(SynchronousTestCase):
     """
     Set elements or dictionary keys of one hash are compared with ``==`` as they are

@@ -2303,34 +2303,6 @@ class HostileNativePeerTests(NativeTestCase):
         taken = {(part, 1): 1, (part, 2): 2, (1, part): {part}}
         self.assertEqual(self.call("echo", taken), taken)
 
-    def test_collidingKeys(self) -> None:
-        """Distinct tuples of one hash (of -1 and -2, which hash alike) as map keys or set
-        elements: building the map compares each with all those before it, so past a bound
-        the value is refused before any map is built. Tuples of distinct hashes, and many
-        equal ones, are taken."""
-        colliding = [
-            tuple(-1 - (i >> bit & 1) for bit in range(11)) for i in range(2048)
-        ]  # (all of one hash: 2,048 * 2,047 / 2 comparisons to build a map of them)
-        self.assertEqual(len({hash(key) for key in colliding}), 1)
-
-        def tupleOf(items: Any) -> msgpack.ExtType:
-            return msgpack.ExtType(_native.TUPLE, msgpack.packb(list(items)))
-
-        def setOf(items: Any) -> msgpack.ExtType:
-            return msgpack.ExtType(_native.SET, msgpack.packb(list(items)))
-
-        for value in (
-            {tupleOf(key): i for i, key in enumerate(colliding)},
-            setOf(tupleOf(key) for key in colliding),
-        ):
-            failure = self.echoPacked([value])
-            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
-            self.assertIn("(keys chosen to collide)", failure.getErrorMessage())
-            self.assertFalse(self.server.disconnected)
-        taken = {(i, -1, -2): [(0, 0)] * 100 for i in range(2000)}
-        taken[(-1, -1)] = taken[(-2, -2)] = taken[(-1, -2)] = []  # a few of one hash
-        self.assertEqual(self.call("echo", taken), taken)
-
     def test_sharedTuplesCompared(self) -> None:
         """Tuples or frozensets that share their parts, given by two JELLY extensions, may be
         compared by msgpack as map keys (or by a SET extension) however their hashes fall:

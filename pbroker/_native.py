@@ -1075,55 +1075,47 @@ class HashBudget:
         appearance of a tuple or frozenset with its items, one for anything else; remembered
         for each one.
         """
-        weights = self._weights
-        known = weights.get(id(value))
-        if known is not None:
-            return known[0]
-        # Each frame: a tuple or frozenset, an iterator over its items, its weight so far.
-        frames: list[list[Any]] = [[value, iter(value), 1]]
-        while True:
-            frame = frames[-1]
-            for item in frame[1]:
-                if type(item) is tuple or type(item) is frozenset:
-                    known = weights.get(id(item))
-                    if known is None:
-                        frames.append([item, iter(item), 1])
-                        break
-                    frame[2] += known[0]
-                else:
-                    frame[2] += 1
-            else:
-                frames.pop()
-                entered, _, weight = frame
-                weights[id(entered)] = (weight, entered)
-                if not frames:
-                    return weight  # type: ignore[no-any-return]
-                frames[-1][2] += weight
+        return _appearances(value, self._weights, _COMPARED_KINDS)
 
     def _count(self, value: tuple[Any, ...]) -> int:
-        counts = self._counts
-        known = counts.get(id(value))
-        if known is not None:
-            return known[0]
-        # Each frame: a tuple, the index of its next item, and its count so far.
-        frames: list[list[Any]] = [[value, 0, 1]]
-        while True:
-            frame = frames[-1]
-            entered, index, count = frame
-            if index < len(entered):
-                frame[1] = index + 1
-                item = entered[index]
-                if type(item) is tuple:
-                    known = counts.get(id(item))
-                    if known is None:
-                        frames.append([item, 0, 1])
-                        continue
-                    frame[2] = count + known[0]
-                else:
-                    frame[2] = count + 1
-                continue
+        """
+        The items hashing ``value`` walks (see :meth:`spend`); remembered for each tuple.
+        """
+        return _appearances(value, self._counts, _HASHED_KINDS)
+
+
+# What hashing goes into each time (a frozenset remembers its hash), and what ``==`` does.
+_HASHED_KINDS = frozenset({tuple})
+_COMPARED_KINDS = frozenset({tuple, frozenset})
+
+
+def _appearances(value: Any, memo: dict[int, tuple[int, Any]], kinds: frozenset[type]) -> int:
+    """
+    The items a walk of ``value`` (of a type in ``kinds``) meets going into each appearance
+    of a container of those types: each such container with its items, one for anything
+    else. The count of each container is remembered in ``memo``, by id, with the container
+    (so that its id is not reused), and it is not walked again.
+    """
+    known = memo.get(id(value))
+    if known is not None:
+        return known[0]
+    # Each frame: a container, an iterator over its items, its count so far.
+    frames: list[list[Any]] = [[value, iter(value), 1]]
+    while True:
+        frame = frames[-1]
+        for item in frame[1]:
+            if type(item) in kinds:
+                known = memo.get(id(item))
+                if known is None:
+                    frames.append([item, iter(item), 1])
+                    break
+                frame[2] += known[0]
+            else:
+                frame[2] += 1
+        else:
             frames.pop()
-            counts[id(entered)] = (count, entered)
+            entered, _, count = frame
+            memo[id(entered)] = (count, entered)
             if not frames:
                 return count  # type: ignore[no-any-return]
             frames[-1][2] += count

@@ -24,7 +24,14 @@ code   name           payload
 3      ``FROZENSET``  a msgpack array of the items
 4      ``JELLY``      banana (``none`` dialect) of the object's jelly s-expression
 5      ``STREAM``     a msgpack integer: the sender's stream id
+7      ``KEYED``      a whole value (a msgpack document) whose maps' keys may be anything
 =====  =============  ===============================================================
+
+A msgpack map's keys are text or byte strings, whose hashes Python randomises, unless the
+value is wrapped in ``KEYED``: its receiver then checks the keys of each map before it builds
+it (keys chosen to collide would make building it take time in proportion to the square of
+their number; see :class:`HashBudget`), which costs about a microsecond a map. ``KEYED`` is
+not nested in itself.
 
 Everything jelly carries that is not plain data (references, copies, caches, failures,
 big integers, instances allowed by the security options) goes through ``JELLY``, so the
@@ -65,6 +72,7 @@ __all__ = [
     "FRAGMENT_SIZE",
     "FROZENSET",
     "JELLY",
+    "KEYED",
     "LAST",
     "MORE",
     "RECEIVED_EXTENSION_DEPTH",
@@ -84,6 +92,8 @@ __all__ = [
 ]
 
 TUPLE, SET, FROZENSET, JELLY, STREAM = 1, 2, 3, 4, 5
+#: (6 is VALUE, in a message's envelope.)
+KEYED = 7
 
 #: Record kinds (the top two bits of a header).
 WHOLE, MORE, LAST = 0, 1, 2
@@ -415,7 +425,7 @@ class FrameDecoder:
                         unpackb(
                             data[4:] if size <= _SMALL else memoryview(data)[4:],
                             raw=False,
-                            strict_map_key=False,
+                            strict_map_key=True,
                             use_list=True,
                         )
                     ]
@@ -476,11 +486,11 @@ class FrameDecoder:
                         break
                     try:
                         message = unpackb(
-                            view[start:stop], raw=False, strict_map_key=False, use_list=True
+                            view[start:stop], raw=False, strict_map_key=True, use_list=True
                         )
                     except Exception as e:
                         raise BananaDecodeError(
-                            f"a malformed pbroker2 message: {describe(str(e))}"
+                            f"a malformed pbroker2 message: {_malformed(e)}"
                         ) from None
                     results.append(message)
                     position = stop
@@ -684,14 +694,14 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
         message = msgpack.unpackb(
             envelope[0] if len(envelope) == 1 else b"".join(envelope),
             raw=False,
-            strict_map_key=False,
+            strict_map_key=True,
             use_list=True,
             ext_hook=value,
         )
     except BananaDecodeError:
         raise
     except Exception as e:
-        raise BananaDecodeError(f"a malformed pbroker2 message: {describe(str(e))}") from None
+        raise BananaDecodeError(f"a malformed pbroker2 message: {_malformed(e)}") from None
     if reader.left:
         raise BananaDecodeError("a pbroker2 message with bytes after its values")
     return message
@@ -699,6 +709,10 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
 
 _PLAIN_SEQUENCES: dict[type, int] = {tuple: TUPLE, set: SET, frozenset: FROZENSET}
 _REBUILD: dict[int, Callable[[list[Any]], Any]] = {TUPLE: tuple, SET: set, FROZENSET: frozenset}
+_first = operator.itemgetter(0)
+
+# The extensions whose payload is a msgpack document.
+_DOCUMENTS = frozenset({*_REBUILD, KEYED})
 
 #: How deeply msgpack itself nests arrays and maps, packing or unpacking.
 MSGPACK_DEPTH = 1024
@@ -801,7 +815,7 @@ def deeperThan(data: bytes | memoryview, limit: int) -> bool:
                 position += 1
                 if byte >= 0xD4:
                     length = skip - 1
-                if code in _REBUILD:
+                if code in _DOCUMENTS:
                     left.append(1)  # the payload: one document, read in place
                     counted.append(False)
                     continue
@@ -819,6 +833,21 @@ def deeperThan(data: bytes | memoryview, limit: int) -> bool:
             if counted.pop():
                 depth -= 1
     return False
+
+
+_STRICT_KEYS = " is not allowed for map key when strict_map_key=True"
+
+
+def _malformed(error: Exception) -> str:
+    """
+    What msgpack's ``error`` says is wrong with a document, in a few words.
+    """
+    text = str(error)
+    if text.endswith(_STRICT_KEYS):
+        # Maps are read with text and byte string keys only: Python randomises their hashes,
+        # so that they cannot be chosen to collide (other keys arrive as jelly, checked).
+        return f"a map key of type {text[: -len(_STRICT_KEYS)]} (keys must be text or bytes)"
+    return describe(text)
 
 
 class _Raised(Exception):
@@ -844,6 +873,7 @@ _MAX_BUDGET: Final = sys.maxsize // 4
 EXTENT_WITHIN: Final = 0
 EXTENT_OVER: Final = 1
 EXTENT_CYCLE: Final = 2
+EXTENT_KEYS: Final = 3
 
 _CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
 # What extent() looks at: the containers, and the strings whose lengths it counts.
@@ -871,6 +901,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
     # (the next one last), and the items counted inside it so far (in a list, to add to).
     frames: list[tuple[Any, int, list[Any], list[int]]] = [(None, 0, [value], [0])]
     container: Any = None
+    keys = False  # whether a dictionary with a key that is not a string was met
     while frames:
         entered, ident, waiting, inside = frames[-1]
         if not waiting:  # done with it: its count goes to its parent, and is remembered
@@ -915,57 +946,67 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
         left -= size
         if left < 0:
             return EXTENT_OVER
+        if kind is dict and not keys:
+            for key in container:
+                if type(key) is not str and type(key) is not bytes:
+                    keys = True
+                    break
         onPath.add(ident)
         inner.reverse()
         frames.append((container, ident, inner, [size]))
-    return EXTENT_WITHIN
+    return EXTENT_KEYS if keys else EXTENT_WITHIN
 
 
 #: The most items hashing the set elements and dictionary keys of one received value may walk
 #: once its tuples share their parts (see :class:`HashBudget`).
 HASHED_ITEMS: Final = 16_000_000
 
-#: The most items the distinct tuples and frozensets of one received container (set elements,
-#: dictionary keys) that have the same hash may hold in all, counting each appearance, once the
-#: value shares its parts: Python compares them with ``==`` as it inserts them, and so may a
-#: container holding them later. The same bound holds, in the native dialect, for the tuples and
-#: frozensets ``JELLY`` extensions give that stand for more than their bytes (see
-#: :meth:`HashBudget.spendJellied`): msgpack may compare them as map keys.
-COMPARED_ITEMS: Final = 4096
+#: The most items comparing the set elements and dictionary keys of one received value that
+#: have the same hash may walk (see :class:`HashBudget`): Python compares each with ``==``
+#: against those of its hash already in the container as it inserts it.
+COMPARED_ITEMS: Final = 4_000_000
 
 
 class HashBudget:
     """
-    What hashing, and comparing, the tuples of one received value may cost.
+    What hashing, and comparing, the set elements and dictionary keys of one received value
+    may cost. (In the native dialect, one budget serves a whole message.)
 
     Python hashes a tuple by hashing each of its items, each time the tuple is hashed, and
     remembers nothing: a value whose tuples share their parts (jelly keeps them shared) takes
     a few hundred bytes and walks more items than any machine can when it is used as a set
     element or a dictionary key. Before such a value is hashed, :meth:`spend` counts the
-    items hashing it walks: each appearance of a tuple, with its items, and one for anything
-    else (strings and frozensets remember their hash; a list ends the walk with
-    ``TypeError``). The count of each tuple is remembered, so counting takes time in
+    items hashing it walks, by its *weight* (:meth:`_weigh`): each appearance of a tuple, with
+    its items, a number (hashed digit by digit each time) or a string by its size, and one
+    for anything else (frozensets remember their hash; a list ends the walk with
+    ``TypeError``). The weight of each tuple is remembered, so counting takes time in
     proportion to the distinct tuples.
 
-    ``==`` walks each appearance too, through frozensets as well (which remember their hash,
-    not what they hold), and a set or dictionary compares a key with those of the same hash
-    already in it. :meth:`spendKeys` refuses a container whose distinct tuple or frozenset keys
-    of one hash hold more than :data:`COMPARED_ITEMS` items together (as their *weight*
-    counts them: each appearance, in frozensets too); sent by a Python peer, a container has
-    no two equal keys, and keys of one hash are otherwise rare and small.
+    Inserting a key into a set or dictionary compares it with ``==`` against each key of the
+    same hash already there, and Python does not randomise the hashes of numbers and tuples:
+    a peer can send many distinct keys of one hash (tuples of ``-1`` and ``-2``, which hash
+    alike), and building the container then takes time in proportion to the square of their
+    number. :meth:`spendKeys` looks at the keys of each container before it is built. Keys
+    of distinct hashes, the usual case, cost one ``hash()`` each; text and byte strings
+    (whose hashes Python randomises) nothing. Keys of one hash are *compared*: each with
+    each of its hash before it, at most the weight of the two (:meth:`_weigh`: the items of
+    each appearance of its tuples, numbers and strings by their size), and all of a value's
+    comparisons may walk :data:`COMPARED_ITEMS` items together. Of the keys of one hash in
+    one container, at most one may hold a frozenset: ``==`` on two frozensets looks each
+    element of one up in the other, comparing it in turn with those of its hash, so keys of
+    one hash nested in frozensets would multiply. With that, every ``==`` compares something
+    with a key that holds no frozenset, and walks no more than that key's items.
     """
 
-    __slots__ = ("_counts", "_heavy", "_items", "_weights", "left")
+    __slots__ = ("_items", "_weights", "compared", "left")
 
-    def __init__(self, items: int = HASHED_ITEMS) -> None:
+    def __init__(self, items: int = HASHED_ITEMS, compared: int = COMPARED_ITEMS) -> None:
         self.left = self._items = items
-        # id -> (count, the tuple, kept so that its id is not reused)
-        self._counts: dict[int, tuple[int, tuple[Any, ...]]] = {}
-        # id -> (weight, the tuple or frozenset, kept so that its id is not reused)
-        self._weights: dict[int, tuple[int, Any]] = {}
-        # The weights of the tuples and frozensets that JELLY extensions gave, and that stand
-        # for more than their bytes, so far (see spendJellied).
-        self._heavy: list[int] = []
+        #: What comparing keys of one hash may still walk.
+        self.compared = compared
+        # id -> (weight, whether it holds a frozenset, the tuple, kept so that its id is not
+        # reused)
+        self._weights: dict[int, tuple[int, bool, tuple[Any, ...]]] = {}
 
     def spend(self, value: Any) -> None:
         """
@@ -975,28 +1016,41 @@ class HashBudget:
         """
         if type(value) is not tuple:
             return
-        self.left -= self._count(value)
+        self.left -= self._weigh(value)[0]
         if self.left < 0:
             raise InvalidJelly(
                 f"set elements or dictionary keys whose tuples share their parts stand for "
                 f"more than {self._items:,} items when hashed (each appearance counts)"
             )
 
-    def spendKeys(self, values: Iterable[Any], ring: dict[int, list[Any]] | None = None) -> None:
+    def spendKeys(
+        self, values: Iterable[Any], ring: dict[int, list[Any]] | None = None, shared: bool = True
+    ) -> None:
         """
-        Count what hashing ``values`` walks (:meth:`spend`), the elements or keys of one
-        container, and refuse them if those of one hash would take too long to compare (see
-        :data:`COMPARED_ITEMS`). ``ring``: the keys of the same container met before (by
-        :meth:`ringOf`), for one whose keys arrive one by one.
+        Count what inserting ``values``, the elements or keys of one container, into it costs:
+        hashing them (:meth:`spend`), unless ``shared`` is false (the value shares no tuple,
+        so that hashing walks what its bytes hold), and comparing those of one hash.
+        ``ring``: the keys of the same container met before (by :meth:`ringOf`), for one whose
+        keys arrive a few at a time.
 
-        :raises InvalidJelly: either.
+        :raises InvalidJelly: either is over its bound, or two keys of one hash hold
+            frozensets.
         """
-        # (Only tuples are counted, and only tuples and frozensets compared at length: keys
-        # of other kinds, the usual case, cost one pass.)
-        compared = [value for value in values if type(value) is tuple or type(value) is frozenset]
-        for value in compared:
-            self.spend(value)
-        if len(compared) < (2 if ring is None else 1):
+        if type(values) is not list:
+            values = list(values)
+        if ring is None and _plainKeys is not None and _plainKeys(values):
+            return  # (in C: text, byte strings, numbers of distinct hashes, the usual case)
+        kinds = set(map(type, values))
+        if kinds <= _RANDOMISED:
+            return  # (no key, or text and byte strings only)
+        compared = values
+        if str in kinds or bytes in kinds:
+            compared = [value for value in values if type(value) not in _RANDOMISED]
+        if shared and tuple in kinds:
+            for value in compared:
+                if type(value) is tuple:
+                    self.spend(value)
+        if ring is None and len(compared) < 2:
             return
         try:
             hashes = list(map(hash, compared))
@@ -1008,12 +1062,7 @@ class HashBudget:
                 return  # (the common case: no two of one hash)
             ring = {}
         for value, key in zip(compared, hashes, strict=True):
-            if self._join(ring, value, key) > COMPARED_ITEMS:
-                raise InvalidJelly(
-                    f"set elements or dictionary keys with the same hash whose tuples share "
-                    f"their parts stand for more than {COMPARED_ITEMS:,} items when compared "
-                    "(each appearance counts)"
-                )
+            self._join(ring, value, key, True)
 
     def ringOf(self, keys: Iterable[Any]) -> dict[int, list[Any]]:
         """
@@ -1021,104 +1070,103 @@ class HashBudget:
         """
         ring: dict[int, list[Any]] = {}
         for key in keys:
-            if type(key) is tuple or type(key) is frozenset:
-                self._join(ring, key, hash(key))
+            if type(key) not in _RANDOMISED:
+                self._join(ring, key, hash(key), False)
         return ring
 
-    def spendJellied(self, value: Any, size: int) -> None:
+    def _join(self, ring: dict[int, list[Any]], value: Any, key: int, compare: bool) -> None:
         """
-        Count ``value``, what a ``JELLY`` extension of ``size`` bytes gave: a tuple may be
-        hashed as a map key or set element (:meth:`spend`), and a tuple or frozenset compared
-        with another extension's there. One that stands for more than its bytes (its tuples
-        or frozensets share their parts) may be compared with another such only if the two
-        stand for :data:`COMPARED_ITEMS` items at most together.
-
-        :raises InvalidJelly: either is over its bound.
-        """
-        kind = type(value)
-        if kind is tuple:
-            self.spend(value)
-        elif kind is not frozenset:
-            return
-        weight = self._weight(value)
-        if weight <= 64 + 8 * size:
-            return  # no more than its bytes could hold without sharing anything
-        heavy = self._heavy
-        heavy.append(weight)
-        if len(heavy) > 1 and sum(heavy) > COMPARED_ITEMS:
-            raise InvalidJelly(
-                f"tuples or frozensets sent as jelly that share their parts stand for more "
-                f"than {COMPARED_ITEMS:,} items together when compared (each appearance counts)"
-            )
-
-    def _join(self, ring: dict[int, list[Any]], value: Any, key: int) -> int:
-        """
-        Put ``value``, a tuple or frozenset whose hash is ``key``, in ``ring``; the weight of
-        the values of that hash in it so far (0 for the first).
+        Put ``value``, whose hash is ``key``, in ``ring``, and count what comparing it with
+        those of its hash there walks (if ``compare``).
         """
         group = ring.get(key)
         if group is None:
-            ring[key] = [value, 0]  # its first value, weighed only if another comes
-            return 0
-        first, weight = group
-        if first is value:
-            return weight  # type: ignore[no-any-return]  # (compared by identity)
-        if not weight:
-            weight = self._weight(first)
-        weight += self._weight(value)
-        group[1] = weight
-        return weight  # type: ignore[no-any-return]
+            ring[key] = [value, 1, -1, False]  # weighed only if another of its hash comes
+            return
+        first, count, weight, holds = group
+        if weight < 0:
+            weight, holds = self._weigh(first)
+        added, adds = self._weigh(value)
+        if adds and holds and value is not first:
+            raise InvalidJelly(
+                "set elements or dictionary keys of one hash of which two hold frozensets "
+                "(comparing them could take without bound)"
+            )
+        if compare:
+            # Compared with each before it: at most the weight of the two, each time.
+            self.compared -= count * added + weight
+            if self.compared < 0:
+                raise InvalidJelly(
+                    f"set elements or dictionary keys with the same hash that take more than "
+                    f"{COMPARED_ITEMS:,} items to compare (keys chosen to collide?)"
+                )
+        group[1:] = count + 1, weight + added, holds or adds
 
-    def _weight(self, value: Any) -> int:
+    def _weigh(self, value: Any) -> tuple[int, bool]:
         """
-        The items comparing ``value`` (a tuple or frozenset) with ``==`` may walk: each
-        appearance of a tuple or frozenset with its items, one for anything else; remembered
-        for each one.
+        The items comparing ``value`` with ``==`` against a key that holds no frozenset may
+        walk (each appearance of a tuple with its items, a number or string by its size, a
+        frozenset one: it equals nothing else), and whether it holds a frozenset; remembered
+        for each tuple.
         """
-        return _appearances(value, self._weights, _COMPARED_KINDS)
-
-    def _count(self, value: tuple[Any, ...]) -> int:
-        """
-        The items hashing ``value`` walks (see :meth:`spend`); remembered for each tuple.
-        """
-        return _appearances(value, self._counts, _HASHED_KINDS)
-
-
-# What hashing goes into each time (a frozenset remembers its hash), and what ``==`` does.
-_HASHED_KINDS = frozenset({tuple})
-_COMPARED_KINDS = frozenset({tuple, frozenset})
-
-
-def _appearances(value: Any, memo: dict[int, tuple[int, Any]], kinds: frozenset[type]) -> int:
-    """
-    The items a walk of ``value`` (of a type in ``kinds``) meets going into each appearance
-    of a container of those types: each such container with its items, one for anything
-    else. The count of each container is remembered in ``memo``, by id, with the container
-    (so that its id is not reused), and it is not walked again.
-    """
-    known = memo.get(id(value))
-    if known is not None:
-        return known[0]
-    # Each frame: a container, an iterator over its items, its count so far.
-    frames: list[list[Any]] = [[value, iter(value), 1]]
-    while True:
-        frame = frames[-1]
-        for item in frame[1]:
-            if type(item) in kinds:
-                known = memo.get(id(item))
-                if known is None:
-                    frames.append([item, iter(item), 1])
-                    break
-                frame[2] += known[0]
+        if type(value) is not tuple:
+            return _atomWeight(value), type(value) is frozenset
+        weights = self._weights
+        known = weights.get(id(value))
+        if known is not None:
+            return known[0], known[1]
+        # Each frame: a tuple, an iterator over its items, its weight and whether it holds a
+        # frozenset so far.
+        frames: list[list[Any]] = [[value, iter(value), 1, False]]
+        while True:
+            frame = frames[-1]
+            for item in frame[1]:
+                if type(item) is tuple:
+                    known = weights.get(id(item))
+                    if known is None:
+                        frames.append([item, iter(item), 1, False])
+                        break
+                    frame[2] += known[0]
+                    frame[3] = frame[3] or known[1]
+                else:
+                    frame[2] += _atomWeight(item)
+                    frame[3] = frame[3] or type(item) is frozenset
             else:
-                frame[2] += 1
-        else:
-            frames.pop()
-            entered, _, count = frame
-            memo[id(entered)] = (count, entered)
-            if not frames:
-                return count  # type: ignore[no-any-return]
-            frames[-1][2] += count
+                frames.pop()
+                entered, _, weight, holds = frame
+                weights[id(entered)] = (weight, holds, entered)
+                if not frames:
+                    return weight, holds
+                frames[-1][2] += weight
+                frames[-1][3] = frames[-1][3] or holds
+
+
+_plainKeys: Callable[[list[Any]], bool] | None = (
+    None if _accelerator.speedups is None else _accelerator.speedups.plainKeys
+)
+
+# The keys whose hashes Python randomises (unless PYTHONHASHSEED says otherwise): they cannot
+# be chosen to collide.
+_RANDOMISED = frozenset({str, bytes})
+
+
+def _atomWeight(value: Any) -> int:
+    """
+    What ``==`` may walk comparing ``value`` (not a tuple) with a value of the same hash: a
+    number or string by its size, anything else one.
+    """
+    kind = type(value)
+    if kind is int:
+        bits: int = value.bit_length()
+        return 1 + (bits >> 8)
+    if kind is str or kind is bytes:
+        return 1 + (len(value) >> 6)
+    if kind is float or kind is bool or kind is frozenset or value is None:
+        return 1
+    try:  # a decimal, say, compared digit by digit
+        return 1 + (sys.getsizeof(value) >> 6)
+    except Exception:
+        return 1
 
 
 def _hashable(values: list[Any]) -> tuple[list[Any], list[int]]:
@@ -1148,7 +1196,9 @@ def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
 
     :data:`EXTENT_WITHIN` if so, :data:`EXTENT_OVER` if not, :data:`EXTENT_CYCLE` if a
     container holds itself or they nest more than ``maxDepth`` deep (packing would give up
-    and jelly the value).
+    and jelly the value). :data:`EXTENT_KEYS` instead of within if a dictionary has a key
+    that is not a string or byte string (``str`` or ``bytes``): the value is then sent in a
+    ``KEYED`` extension, whose maps are read checked.
 
     Lists that share their parts are packed once per appearance: a value of a few hundred
     bytes can stand for more items than any message holds, or a string of a few kilobytes for
@@ -1206,6 +1256,8 @@ class ValueCodec:
         self._packing = False
         # What hashing may still cost in the value being unpacked (see hashing()).
         self._hashBudget: HashBudget | None = None
+        # Whether a KEYED extension is being unpacked: its maps are built checked.
+        self._keyedMaps = False
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1233,7 +1285,8 @@ class ValueCodec:
         be packed in more than ``itemLimit`` items raises
         :class:`~pbroker.errors.LimitExceeded`, having taken no more time and memory than
         that count. (Lists that share their parts could otherwise be packed in more bytes
-        than memory holds.)
+        than memory holds.) A value with a dict whose keys are not all text or byte strings
+        goes in a ``KEYED`` extension (see :class:`HashBudget`).
         """
         kind = type(value)
         if kind is bytes:
@@ -1245,17 +1298,28 @@ class ValueCodec:
             if type(large) is bytes and len(large) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
         limit = self.itemLimit
-        if limit is not None and kind in _CONTAINERS:
-            verdict = self._extent(value, limit, _WALK_DEPTH)
+        if kind in _CONTAINERS:
+            # (Walked without a limit too: for a dictionary's keys, and a cycle.)
+            budget = _MAX_BUDGET if limit is None else limit
+            verdict = self._extent(value, budget, _WALK_DEPTH)
             if verdict == EXTENT_OVER:
                 raise LimitExceeded(
-                    f"a value of more than {limit} items is over the {limit}-byte limit of "
+                    f"a value of more than {budget} items is over the {budget}-byte limit of "
                     "a message to the peer (each item, and each character of a string, takes a "
                     "byte at least; a list or other container that appears more than once in a "
                     "value is sent each time)"
                 )
             if verdict == EXTENT_CYCLE:
                 return self._jellied(value)  # as the first pass would, having gone round
+            if verdict == EXTENT_KEYS:
+                # Maps with other keys than strings are read checked, in a KEYED value only.
+                return msgpack.packb(msgpack.ExtType(KEYED, self._packValue(value)))  # type: ignore[no-any-return]
+        return self._packValue(value)
+
+    def _packValue(self, value: Any) -> bytes:
+        """
+        ``value`` packed (see :meth:`pack`), once counted.
+        """
         if self._depth > EXTENSION_DEPTH:
             # Packed from a hook, inside documents already that deep: jelly, off the C stack.
             return self._jellied(value)
@@ -1280,7 +1344,7 @@ class ValueCodec:
         # The objects are jellied each time they appear (as a list is packed): their jelly
         # counts against the limit as it is made (see _full).
         outer = self._jellyLeft, self._jelliedAny
-        self._jellyLeft, self._jelliedAny = limit, False
+        self._jellyLeft, self._jelliedAny = self.itemLimit, False
         try:
             return self._packWith(value, self._full)
         finally:
@@ -1373,19 +1437,49 @@ class ValueCodec:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
-        outer, self._hashBudget = self._hashBudget, None  # (a hook may unpack meanwhile)
+        # (A hook may unpack another value meanwhile.)
+        outer, self._hashBudget = self._hashBudget, None
+        outerKeyed, self._keyedMaps = self._keyedMaps, False
         try:
             return msgpack.unpackb(
-                data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
+                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
             )
         except _Raised as e:
             raise e.error from None  # an application's error, or the security options'
         except PBrokerError:
             raise  # refused by a limit: the broker's business
         except Exception as e:
-            raise InvalidJelly(f"a malformed pbroker2 value: {describe(str(e))}") from None
+            raise InvalidJelly(f"a malformed pbroker2 value: {_malformed(e)}") from None
         finally:
             self._hashBudget = outer
+            self._keyedMaps = outerKeyed
+
+    def _document(self, data: bytes) -> Any:
+        """
+        The msgpack document an extension holds. Its maps' keys are text or byte strings,
+        unless it is in a ``KEYED`` value: then each map is built once its keys are checked.
+        """
+        if self._keyedMaps:
+            return msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=False,
+                object_pairs_hook=self._checkedMap,
+                use_list=True,
+                ext_hook=self._extension,
+            )
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
+        )
+
+    def _checkedMap(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        """
+        A map of a ``KEYED`` value, built once its keys are checked (see :class:`HashBudget`).
+        """
+        keys = list(map(_first, pairs))
+        if _plainKeys is None or not _plainKeys(keys):
+            self.hashing().spendKeys(keys)
+        return dict(pairs)
 
     def hashing(self) -> HashBudget:
         """
@@ -1421,14 +1515,23 @@ class ValueCodec:
                 )
             self._depth = level
             try:
-                items = msgpack.unpackb(
-                    data, raw=False, strict_map_key=False, use_list=True, ext_hook=self._extension
-                )
+                items = self._document(data)
             finally:
                 self._depth = level - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
+            if code != TUPLE:
+                # Hashed and compared as the set is built (see HashBudget).
+                self.hashing().spendKeys(items)
             return rebuild(items)
+        if code == KEYED:
+            if self._keyedMaps:
+                raise InvalidJelly("a pbroker2 KEYED extension inside another")
+            self._keyedMaps = True
+            try:
+                return self._document(data)
+            finally:
+                self._keyedMaps = False
         if code == JELLY:
             try:
                 value = self._hooked(self._unjelly, data)
@@ -1436,10 +1539,6 @@ class ValueCodec:
                 # Raised by the jelly it carries (a setCopyableState, the security options):
                 # kept apart from msgpack's own errors, which mean a malformed value.
                 raise _Raised(e) from e
-            # A tuple may be hashed here, as a key or in a set, and a tuple or frozenset
-            # compared with another extension's there.
-            if type(value) is tuple or type(value) is frozenset:
-                self.hashing().spendJellied(value, len(data))
             return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)
@@ -1469,7 +1568,7 @@ def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list
     nested: list[bytes] = []  # the payloads of the tuples and sets in one document
 
     def hook(code: int, payload: bytes) -> Any:
-        if code in _REBUILD:
+        if code in _DOCUMENTS:
             nested.append(payload)
         elif code == JELLY:
             jellies.append(payload)

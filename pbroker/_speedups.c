@@ -1090,6 +1090,89 @@ plainAllowed(PyObject *tag, unsigned bit, PlainTags *tags)
 
 static PyObject *plainNode(PyObject *node, PlainTags *tags, int depth);
 
+/* Keys whose hashes are distinct need no comparing as a dictionary is built: pbroker checks
+ * other keys in Python first (see pbroker._native.HashBudget), as Python does not randomise
+ * the hashes of numbers, and keys chosen to collide take time in proportion to the square of
+ * their number to insert. */
+
+static int
+compareHashes(const void *first, const void *second)
+{
+    Py_hash_t a = *(const Py_hash_t *)first, b = *(const Py_hash_t *)second;
+    return (a > b) - (a < b);
+}
+
+/* Whether the count hashes are distinct (sorting them). */
+static int
+hashesDistinct(Py_hash_t *hashes, Py_ssize_t count)
+{
+    if (count < 2) {
+        return 1;
+    }
+    Py_ssize_t rising = 1; /* (numbered keys often come in order: no sorting then) */
+    while (rising < count && hashes[rising - 1] < hashes[rising]) {
+        rising++;
+    }
+    if (rising == count) {
+        return 1;
+    }
+    qsort(hashes, (size_t)count, sizeof(Py_hash_t), compareHashes);
+    for (Py_ssize_t i = 1; i < count; i++) {
+        if (hashes[i] == hashes[i - 1]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Whether key is a number whose hash runs no Python code (exactly an int or a float). */
+static inline int
+isNumberKey(PyObject *key)
+{
+    return PyLong_CheckExact(key) || PyFloat_CheckExact(key);
+}
+
+/* Whether the keys in the list are text, byte strings, or numbers of distinct hashes (then
+ * none needs comparing as they are inserted). */
+static PyObject *
+plainKeys(PyObject *module, PyObject *keys)
+{
+    (void)module;
+    if (!PyList_CheckExact(keys)) {
+        PyErr_SetString(PyExc_TypeError, "plainKeys() takes a list");
+        return NULL;
+    }
+    Py_ssize_t size = PyList_GET_SIZE(keys);
+    Py_hash_t inlineHashes[16];
+    Py_hash_t *hashes = inlineHashes;
+    if (size > 16) {
+        hashes = PyMem_New(Py_hash_t, (size_t)size);
+        if (hashes == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    Py_ssize_t count = 0;
+    int plain = 1;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i); /* (no Python code runs: the list stays) */
+        if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) {
+            continue;
+        }
+        if (!isNumberKey(key)) {
+            plain = 0;
+            break;
+        }
+        hashes[count++] = PyObject_Hash(key); /* runs no Python code, cannot fail */
+    }
+    if (plain) {
+        plain = hashesDistinct(hashes, count);
+    }
+    if (hashes != inlineHashes) {
+        PyMem_Free(hashes);
+    }
+    return PyBool_FromLong(plain);
+}
+
 /* plainNode, noting the id of a node that is not plain (and of each node around it) in
  * tags->failed, where it is a set, so that the Python walk does not try it again. */
 static PyObject *
@@ -1183,26 +1266,56 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
         return tuple;
     }
     if (bit == PLAIN_DICTIONARY) {
-        /* Every entry a [key, value] list before any is visited, as _openDictionary checks. */
+        /* Every entry a [key, value] list before any is visited, as _openDictionary checks;
+         * and the hashes of its number keys (which stand for themselves) distinct. */
+        Py_hash_t inlineHashes[32];
+        Py_hash_t *hashes = inlineHashes;
+        if (size > 17) {
+            hashes = PyMem_New(Py_hash_t, (size_t)(2 * size));
+            if (hashes == NULL) {
+                return PyErr_NoMemory();
+            }
+        }
+        Py_hash_t *sorted = hashes + (size > 17 ? size : 16);
+        Py_ssize_t count = 0;
+        int plainEntries = 1;
         for (Py_ssize_t i = 1; i < size; i++) {
             PyObject *entry = PyList_GET_ITEM(node, i);
             if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2) {
-                Py_RETURN_NOTIMPLEMENTED;
+                plainEntries = 0;
+                break;
+            }
+            PyObject *key = PyList_GET_ITEM(entry, 0);
+            if (isNumberKey(key)) {
+                hashes[count] = sorted[count] = PyObject_Hash(key); /* runs no Python code */
+                count++;
             }
         }
-        PyObject *dictionary = PyDict_New();
+        if (plainEntries) {
+            plainEntries = hashesDistinct(sorted, count);
+        }
+        PyObject *dictionary = plainEntries ? PyDict_New() : NULL;
         if (dictionary == NULL) {
-            return NULL;
+            if (hashes != inlineHashes) {
+                PyMem_Free(hashes);
+            }
+            if (plainEntries) {
+                return NULL;
+            }
+            Py_RETURN_NOTIMPLEMENTED;
         }
-        for (Py_ssize_t i = 1; i < size; i++) {
+        /* result: the dictionary, NotImplemented, or NULL (each a new reference). */
+        PyObject *result = dictionary;
+        Py_ssize_t seen = 0;
+        for (Py_ssize_t i = 1; i < size && result == dictionary; i++) {
             if (PyList_GET_SIZE(node) != size) {
-                Py_DECREF(dictionary);
-                Py_RETURN_NOTIMPLEMENTED;
+                result = Py_NotImplemented;
+                break;
             }
             PyObject *entry = PyList_GET_ITEM(node, i);
             if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2) {
-                Py_DECREF(dictionary);
-                Py_RETURN_NOTIMPLEMENTED;
+                result = Py_NotImplemented;
+                break;
             }
             Py_INCREF(entry);
             PyObject *first = Py_NewRef(PyList_GET_ITEM(entry, 0));
@@ -1210,21 +1323,23 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
             Py_DECREF(first);
             if (key == NULL || key == Py_NotImplemented || PyList_GET_SIZE(entry) != 2) {
                 Py_DECREF(entry);
-                Py_DECREF(dictionary);
-                if (key != NULL && key != Py_NotImplemented) {
-                    Py_DECREF(key);
-                    Py_RETURN_NOTIMPLEMENTED;
-                }
-                return key;
+                result = key == NULL ? NULL : Py_NotImplemented;
+                Py_XDECREF(key);
+                break;
             }
-            /* Keys whose hash runs no Python code only: the node cannot change under us. */
-            PyTypeObject *kind = Py_TYPE(key);
-            if (kind != &PyUnicode_Type && kind != &PyBytes_Type && kind != &PyLong_Type
-                && kind != &PyFloat_Type) {
+            /* Keys whose hash runs no Python code only: the node cannot change under us.
+             * Text and byte strings, whose hashes Python randomises, and numbers of the
+             * distinct hashes found above, in turn (the unjellier checks other keys, and
+             * numbers of one hash, see HashBudget). */
+            int allowed = PyUnicode_CheckExact(key) || PyBytes_CheckExact(key);
+            if (!allowed && isNumberKey(key) && seen < count) {
+                allowed = PyObject_Hash(key) == hashes[seen++];
+            }
+            if (!allowed) {
                 Py_DECREF(entry);
                 Py_DECREF(key);
-                Py_DECREF(dictionary);
-                Py_RETURN_NOTIMPLEMENTED;
+                result = Py_NotImplemented;
+                break;
             }
             PyObject *second = Py_NewRef(PyList_GET_ITEM(entry, 1));
             Py_DECREF(entry);
@@ -1232,16 +1347,23 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
             Py_DECREF(second);
             if (value == NULL || value == Py_NotImplemented) {
                 Py_DECREF(key);
-                Py_DECREF(dictionary);
-                return value;
+                result = value;
+                Py_XDECREF(value);
+                break;
             }
             int stored = PyDict_SetItem(dictionary, key, value);
             Py_DECREF(key);
             Py_DECREF(value);
             if (stored < 0) {
-                Py_DECREF(dictionary);
-                return NULL;
+                result = NULL;
             }
+        }
+        if (hashes != inlineHashes) {
+            PyMem_Free(hashes);
+        }
+        if (result != dictionary) {
+            Py_DECREF(dictionary);
+            return Py_XNewRef(result);
         }
         return dictionary;
     }
@@ -1308,6 +1430,7 @@ enum {
     EXTENT_WITHIN = 0,
     EXTENT_OVER = 1,
     EXTENT_CYCLE = 2,
+    EXTENT_KEYS = 3,
 };
 
 typedef struct {
@@ -1326,6 +1449,7 @@ struct ExtentCount {
 typedef struct {
     Py_ssize_t left; /* items that may still be counted */
     Py_ssize_t maxDepth;
+    int keys; /* whether a dictionary with a key that is not a string was met */
     /* The items inside each shared container walked, by address: an open-addressing table
      * of countsSize slots (a power of 2, or 0), countsUsed of them taken, at most half. It
      * takes 32 bytes a container at most, less than the container itself (56 at least). */
@@ -1512,6 +1636,19 @@ extentEnter(Extent *walk, PyObject *container)
     if (walk->left < 0) {
         return EXTENT_OVER;
     }
+    if (kind == &PyDict_Type && !walk->keys) {
+        /* Keys other than strings are not sent as a map: a receiver builds such a dictionary
+         * itself, after checking that they do not collide (msgpack would build it
+         * unchecked). No code of the value's runs here, so the dictionary cannot change. */
+        Py_ssize_t position = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(container, &position, &key, &value)) {
+            if (!PyUnicode_CheckExact(key) && !PyBytes_CheckExact(key)) {
+                walk->keys = 1;
+                break;
+            }
+        }
+    }
     if (walk->depth == walk->capacity && extentGrow(walk) < 0) {
         return -1;
     }
@@ -1697,6 +1834,7 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Extent walk;
     walk.left = budget - 1; /* the value itself */
     walk.maxDepth = maxDepth;
+    walk.keys = 0;
     walk.counts = NULL;
     walk.countsSize = 0;
     walk.countsUsed = 0;
@@ -1717,6 +1855,9 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (verdict < 0) {
         return NULL;
     }
+    if (verdict == EXTENT_WITHIN && walk.keys) {
+        verdict = EXTENT_KEYS;
+    }
     return PyLong_FromLong(verdict);
 }
 
@@ -1724,13 +1865,18 @@ static PyMethodDef methods[] = {
     {"extent", (PyCFunction)(void (*)(void))extent, METH_FASTCALL,
      "extent(value, budget, maxDepth)\n--\n\n"
      "0: the native codec would pack value's plain containers in budget items or fewer;\n"
-     "1: more; 2: a container inside itself, or containers nested deeper than maxDepth.\n"
+     "1: more; 2: a container inside itself, or containers nested deeper than maxDepth;\n"
+     "3: within budget, but a dictionary has a key that is not a string or byte string.\n"
      "See pbroker._native.extent."},
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(buffer, position, expressionStart, vocabulary, sizeLimit, prefixLimit, depthLimit,\n"
      "     messageSizeLimit, text, current, remaining, parents, wanted, results)\n"
      "--\n\n"
      "Decode banana tokens into the open lists and results; see pbroker.banana._scanPython."},
+    {"plainKeys", (PyCFunction)plainKeys, METH_O,
+     "plainKeys(keys)\n--\n\n"
+     "Whether the keys in a list are text, byte strings, or numbers of distinct hashes;\n"
+     "see pbroker._native.HashBudget.spendKeys."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
      "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},

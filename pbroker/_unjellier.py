@@ -481,22 +481,20 @@ class Unjellier:
         self, values: Iterable[Any], ring: list[Any] | None = None, into: Any = None
     ) -> None:
         """
-        Count what hashing ``values`` (the elements or keys of one container) walks, and what
-        comparing those of one hash may walk, once this value's tuples or frozensets share
-        their parts: see :class:`~pbroker._native.HashBudget`. ``ring`` and ``into``: for a
-        key inserted alone into the dictionary ``into`` (see :class:`_PendingPair`).
+        Count what comparing those of ``values`` (the elements or keys of one container) that
+        have the same hash may walk, and, once this value's tuples share their parts, what
+        hashing them walks: see :class:`~pbroker._native.HashBudget`. ``ring`` and ``into``:
+        for a key inserted alone into the dictionary ``into`` (see :class:`_PendingPair`).
         """
-        if not self._sharesTuples:
-            return
         budget = self._hashBudget
         if budget is None:
             budget = self._hashBudget = HashBudget()
         if ring is None:
-            budget.spendKeys(values)
+            budget.spendKeys(values, None, self._sharesTuples)
             return
         if not ring:
             ring.append(budget.ringOf(into))
-        budget.spendKeys(values, ring[0])
+        budget.spendKeys(values, ring[0], self._sharesTuples)
 
     def _isAllowed(self, tag: bytes) -> bool:
         allowed = self._tagAllowed.get(tag)
@@ -808,7 +806,7 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
     factory = frame.extra
     values = frame.values
     if not frame.pending:
-        if unjellier._sharesTuples and factory is not tuple:
+        if factory is not tuple:
             unjellier._beforeHashing(values)
         return _build(factory, values)
     container = _PendingContainer(factory, values, len(frame.pending), unjellier)
@@ -821,8 +819,7 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
 def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
     values = frame.values
     result: dict[Any, Any] = {}
-    if unjellier._sharesTuples:
-        unjellier._beforeHashing(values[::2])
+    unjellier._beforeHashing(values[::2])
     if not frame.pending:
         try:
             result.update(zip(values[::2], values[1::2], strict=True))

@@ -30,7 +30,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbroker._native import EXTENT_OVER, EXTENT_WITHIN, extent
+from pbroker._native import EXTENT_CYCLE, EXTENT_OVER, extent
 from pbroker.errors import describe, isSeconds, toSeconds
 
 __all__ = ["CallContext", "CallOptions", "current"]
@@ -91,8 +91,10 @@ def _checkAnnotations(value: dict[Any, Any], path: str) -> None:
             "counting as one (a list or dict that appears more than once is counted, and "
             "sent, each time)"
         )
-    if found != EXTENT_WITHIN:
+    if found == EXTENT_CYCLE:
         raise ValueError(f"{path} holds a list or dict inside itself, which cannot travel")
+    # (EXTENT_KEYS: a dict with a key that is not text, which the check below finds where the
+    # count stopped, having walked no more than it counted.)
     _checkPlain(value, path, 0)
 
 
@@ -118,9 +120,10 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
             _checkPlain(item, f"{path}[{index}]", depth + 1)
         return
     if isinstance(value, dict):
-        for key, item in value.items():
+        for key in value:  # (all of them first, as extent() looks at them)
             if not isinstance(key, str):
-                raise TypeError(f"the keys of {path} must be text, not {key!r}")
+                raise TypeError(f"the keys of {path} must be text, not {describe(key)}")
+        for key, item in value.items():
             _checkPlain(item, f"{path}[{key!r}]", depth + 1)
         return
     raise TypeError(

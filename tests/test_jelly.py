@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import itertools
+import random
 import sys
 import types
 import warnings
 from typing import Any
 
 from twisted.spread import jelly as twistedJelly
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from pbroker import _native, _unjellier, banana, jelly, pb
+from pbroker import _accelerator, _native, _unjellier, banana, jelly, pb
 from pbroker.errors import BananaEncodeError, InsecureJelly, InvalidJelly, JellyError
 from pbroker.jelly import (
     DummySecurityOptions,
@@ -267,21 +269,32 @@ class SharedTupleHashTests(SynchronousTestCase):
         part = (1, 2)
         budget.spend((part, part, part))
         self.assertEqual(budget.left, 94 - 10)
-        known = len(budget._counts)
+        known = len(budget._weights)
         # (22 levels, not more: were the counts not remembered, it would still end, and fail)
         with self.assertRaises(InvalidJelly):  # counted in its distinct tuples' time
             budget.spend(self.shared(22))
         self.assertLess(budget.left, 0)
-        self.assertEqual(len(budget._counts), known + 23)  # each distinct tuple once
+        self.assertEqual(len(budget._weights), known + 23)  # each distinct tuple once
+
+    def test_largeNumbersWeighed(self) -> None:
+        """Python hashes an int digit by digit, each time: shared tuples of a large one are
+        counted by its size (here 2**18 appearances of 20,001 bits, 1 + 78 each)."""
+        value: tuple[Any, ...] = (2**20000,)
+        for _ in range(18):
+            value = (value, value)
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"set", jelly.jelly(value)])  # (the old code hashes it in 0.2 s)
+        self.assertIn("16,000,000 items when hashed", str(caught.exception))
+        self.assertEqual(_native.HashBudget()._weigh(value)[0], 2**18 * 79 + 2**19 - 1)
 
 
-class SharedCompareTests(SynchronousTestCase):
+class CollidingKeysTests(SynchronousTestCase):
     """
     Set elements or dictionary keys of one hash are compared with ``==`` as they are
-    inserted, and ``==`` walks each appearance of a tuple, and of a frozenset (which
-    remembers its hash, not what it holds). Once a value shares its parts, distinct keys of
-    one hash that stand for more than :data:`pbroker._native.COMPARED_ITEMS` items together
-    are refused before they are inserted.
+    inserted, each with those of its hash before it, and Python does not randomise the
+    hashes of numbers and tuples: what comparing them may walk is counted before they are
+    inserted (at most :data:`pbroker._native.COMPARED_ITEMS` items in a value), and two keys
+    of one hash may not both hold a frozenset (see :class:`pbroker._native.HashBudget`).
     """
 
     def shared(self, depth: int) -> tuple[Any, ...]:
@@ -296,24 +309,71 @@ class SharedCompareTests(SynchronousTestCase):
             value = frozenset([(value, tags[0]), (value, tags[1])])
         return value
 
-    def asSet(self, items: list[Any]) -> list[Any]:
+    def colliding(self, count: int) -> list[tuple[int, ...]]:
+        """``count`` distinct tuples of one hash: hash(-1) == hash(-2)."""
+        length = max(count - 1, 1).bit_length()
+        return [tuple(-1 - ((index >> bit) & 1) for bit in range(length)) for index in range(count)]
+
+    def asSet(self, items: list[Any], tag: bytes = b"set") -> list[Any]:
         # (Made as jelly by hand: a set of them, made here, would compare them here.)
         sexp = jelly.jelly(items)
-        sexp[0] = b"set"
+        sexp[0] = tag
         return sexp
 
-    def test_refused(self) -> None:
-        # (Sizes the old code gets through, slowly, rather than hangs on.)
-        same = [self.nested(20), self.nested(20)]  # hashed at once, 2**20 steps to compare
-        tails = [(-1, -1), (-1, -2), (-2, -1), (-2, -2)]  # hash(-1) == hash(-2)
+    def asDictionary(self, keys: list[Any]) -> list[Any]:
+        return [b"dictionary", *([key, 1] for key in jelly.jelly(keys)[1:])]
+
+    def test_collidingKeysRefused(self) -> None:
+        """Many distinct keys of one hash (tuples of -1 and -2, or numbers equal modulo
+        2**61 - 1) are refused before they are inserted, in time in proportion to their
+        number, as a set, a frozenset or a dictionary's keys; so are tuples of one hash whose
+        parts, shared, stand for many items each."""
+        keys = self.colliding(4096)  # (the old code gets through them, in seconds)
+        numbers = [5 + index * (2**61 - 1) * 2**64 for index in range(4096)]
+        heavy = [(self.shared(20), *tail) for tail in self.colliding(4)]
+        for sexp in (
+            self.asSet(keys),
+            self.asSet(keys, b"frozenset"),
+            self.asDictionary(keys),
+            self.asDictionary(numbers),
+            self.asSet(heavy),
+            [b"list", [b"dictionary", [1, 2]], self.asSet([(key,) for key in keys])],
+        ):
+            with self.assertRaises(InvalidJelly) as caught:
+                jelly.unjelly(sexp)
+            self.assertIn(
+                "set elements or dictionary keys with the same hash that take more than "
+                "4,000,000 items to compare",
+                str(caught.exception),
+            )
+
+    def test_collisionsTaken(self) -> None:
+        """Keys that collide as ordinary data does (coordinates around -1 and -2, five
+        dimensions deep; numbers of one hash; a frozenset and a number of its hash) are
+        taken, in any number of containers."""
+        grid = {key: sum(key) for key in itertools.product(range(-3, 2), repeat=5)}
+        frozen = frozenset({(-1, 0), (-2, 0)})
+        for value in (
+            grid,
+            [set(grid)] * 3,
+            {-1: "a", -2: "b", 2**61 - 2: "c", 2**62 - 3: "d"},
+            frozen,
+            {frozen: 1, hash(frozen): 2},
+            {(frozen, -1): 1, (0, -2): 2},
+        ):
+            self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
+
+    def test_frozensetsOfOneHash(self) -> None:
+        """Two keys of one hash that both hold a frozenset are refused: ``==`` between
+        frozensets compares their elements with those of the same hash, which could nest.
+        Equal ones too (a Python peer never sends two equal keys)."""
+        same = [self.nested(20), self.nested(20)]  # (compared in 2**20 steps)
         parts = [frozenset([self.shared(12)]), frozenset([self.shared(12)])]
-        cases = [
+        for sexp in (
             self.asSet(same),
-            [b"dictionary", *([key, 1] for key in jelly.jelly(same)[1:])],
-            # equal, in 1-tuples: each is compared with the other's part, hashed once
+            self.asDictionary(same),
             self.asSet([(parts[i % 2],) for i in range(1000)]),
-            # tuples only, unequal, of one hash: each compared with all before it
-            self.asSet([(self.shared(12), *tail) for tail in tails]),
+            self.asSet([frozenset([-1]), frozenset([-2])]),
             # frozensets of colliding elements: 4**depth steps to compare
             self.asSet([self.nested(11, (-1, -2)), self.nested(11, (-1, -2))]),
             # a forward reference in a key, defined later in the same dictionary (so resolved
@@ -323,11 +383,13 @@ class SharedCompareTests(SynchronousTestCase):
                 [[b"dereference", 9999], 1],
                 [jelly.jelly(same)[1], [b"reference", 9999, jelly.jelly(same)[2]]],
             ],
-        ]
-        for sexp in cases:
+        ):
             with self.assertRaises(InvalidJelly) as caught:
                 jelly.unjelly(sexp)
-            self.assertIn("4,096 items when compared", str(caught.exception))
+            self.assertIn(
+                "set elements or dictionary keys of one hash of which two hold frozensets",
+                str(caught.exception),
+            )
 
     def test_taken(self) -> None:
         """Keys of one hash that stand for little, shared parts in keys of distinct hashes,
@@ -341,16 +403,63 @@ class SharedCompareTests(SynchronousTestCase):
         ):
             self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
 
-    def test_weight(self) -> None:
-        """A tuple's or frozenset's weight counts each appearance, through frozensets too."""
+    def test_charges(self) -> None:
+        """What the budget counts: nothing for keys of distinct hashes, or for text and byte
+        strings; for a key of a hash met before, its weight for each before it, and theirs;
+        a tuple's weight is each appearance with its items, a number by its size."""
+        budget = _native.HashBudget(compared=1000)
+        budget.spendKeys(["a", b"b", 1, 2, (1, 2)])
+        self.assertEqual(budget.compared, 1000)
+        budget.spendKeys([-1, -2, -(2**61 + 1)])  # weights 1, each with those before it
+        self.assertEqual(budget.compared, 1000 - (1 + 1) - (2 + 2))
+        part = (5, 6)
+        budget.spendKeys([(part, part, -1), (part, part, -2)])  # weights 8
+        self.assertEqual(budget.compared, 994 - (8 + 8))
+        large = 5 + 2**2000
+        budget.spendKeys([large, large + 2**61 - 1])  # 2001 bits: weight 1 + 2001 // 256
+        self.assertEqual(budget.compared, 978 - 2 * 8)
+        with self.assertRaises(InvalidJelly):
+            budget.spendKeys(self.colliding(64))  # 64 of weight 7: 7 * 64 * 63 > 962
+
+    def test_plainKeys(self) -> None:
+        """The C extension's plainKeys (spendKeys' fast path) says whether keys are text,
+        byte strings, or exactly ints and floats of distinct hashes, as found the slow way;
+        numbers in order or not."""
+        speedups = _accelerator.speedups
+        if speedups is None:
+            raise SkipTest("the C extension is not built")
+        pool: list[Any] = ["a", b"b", 1, -1, -2, 2.5, 0.5, 2**60, 2**61, 5 + 2**64, True, None]
+        pool += [(1,), frozenset(), 2**61 - 1, 1.0]
+        generator = random.Random(61)
+        for _ in range(3000):
+            keys = [generator.choice(pool) for _ in range(generator.randrange(40))]
+            numbers = [key for key in keys if type(key) in (int, float)]
+            expected = all(type(key) in (str, bytes, int, float) for key in keys) and len(
+                set(map(hash, numbers))
+            ) == len(numbers)
+            self.assertEqual(speedups.plainKeys(keys), expected, keys)
+        for keys, expected in (
+            (list(range(1000)), True),
+            (list(range(1000, 0, -1)), True),
+            ([*range(1000), 999], False),
+            ([*range(1000), 2**61 + 500], False),
+        ):
+            self.assertEqual(speedups.plainKeys(keys), expected)
+        with self.assertRaises(TypeError):
+            speedups.plainKeys((1, 2))
+
+    def test_weights(self) -> None:
+        """A tuple's weight counts each appearance (of its tuples, with their items), and is
+        remembered for each one; a frozenset weighs one and holds a frozenset."""
         budget = _native.HashBudget()
         inner = frozenset([(1, 2)])
-        self.assertEqual(budget._weight((inner, inner, 3)), 1 + 2 * (1 + 3) + 1)
-        # nested(k) weighs 1 + 2 * (1 + nested(k - 1) + 1), and nested(0) 2: 7 * 2**k - 5
+        self.assertEqual(budget._weigh((inner, inner, 3)), (4, True))
+        self.assertEqual(budget._weigh(inner), (1, True))
+        self.assertEqual(budget._weigh(("x" * 640, 2**1024)), (1 + 11 + 5, False))
         # (20 levels, not more: were weights not remembered, it would still end, and fail)
         known = len(budget._weights)
-        self.assertEqual(budget._weight(self.nested(20)), 7 * 2**20 - 5)
-        self.assertEqual(len(budget._weights), known + 3 * 20 + 1)  # each distinct one once
+        self.assertEqual(budget._weigh(self.shared(20)), (3 * 2**20 - 1, False))
+        self.assertEqual(len(budget._weights), known + 21)  # each distinct one once
 
 
 class ReferenceTests(SynchronousTestCase):
@@ -1192,7 +1301,7 @@ class InvalidJellyTests(SynchronousTestCase):
 
             def __hash__(self) -> int:
                 Lazy.calls += 1
-                if Lazy.calls == 1:
+                if Lazy.calls == 2:  # (the first: looking for keys of one hash)
                     raise TypeError("not ready yet")
                 return 1
 
@@ -1204,7 +1313,7 @@ class InvalidJellyTests(SynchronousTestCase):
         self.assertEqual(sorted(map(repr, value.values())), ["2", "4", "b'value'"])
         self.assertEqual(value[1], 2)
         self.assertEqual(value[3], 4)
-        self.assertEqual(Lazy.calls, 2)
+        self.assertEqual(Lazy.calls, 3)
 
     def test_stateTheClassRefuses(self) -> None:
         """State an allowed class cannot take is an InvalidJelly, not an AttributeError."""

@@ -12,6 +12,7 @@ import enum
 import fractions
 import gc
 import inspect
+import itertools
 import random
 import tracemalloc
 import weakref
@@ -250,6 +251,31 @@ class ValueTests(NativeTestCase):
                 packed = packed.data
             self.assertEqual(packed, msgpack.packb(value, use_bin_type=True))
         self.assertEqual(self.call("echo", large), large)
+
+    def test_dictionariesOfOtherKeys(self) -> None:
+        """A value with a dict whose keys are not all text or bytes travels in a KEYED
+        extension (a msgpack map's keys are otherwise text or bytes only); one without such
+        a dict is packed as msgpack alone."""
+        codec = self.server._codec
+        assert codec is not None
+        part = [1, 2]
+        for value in (
+            {1: "a", (1, 2): [3], None: 0, 2.5: {"x": 1}, frozenset({-1}): b"f"},
+            [{"a": 1}, ({"b": {True: 2}},), part, part],
+        ):
+            packed = codec.pack(value)
+            assert isinstance(packed, bytes)
+            keyed = msgpack.unpackb(packed)
+            self.assertEqual(keyed.code, _native.KEYED)
+            self.assertEqual(
+                keyed.data, msgpack.packb(value, default=_plainExtensions, strict_types=True)
+            )
+            self.assertEqual(self.call("echo", value), value)
+        plain = {"a": [{b"b": 1}], "c": (2, {"d": 3})}
+        self.assertEqual(
+            codec.pack(plain), msgpack.packb(plain, default=_plainExtensions, strict_types=True)
+        )
+        self.assertEqual(self.call("echo", plain), plain)
 
     def test_applicationErrorInACopy(self) -> None:
         """An error a RemoteCopy's setCopyableState raises reaches the caller as itself, as
@@ -760,7 +786,27 @@ class LargeMessageTests(NativeTestCase):
         self.assertIsInstance(results[0], Failure)
 
 
+def _plainExtensions(value: Any) -> msgpack.ExtType:
+    """
+    A tuple, set or frozenset as the native codec packs it (for msgpack's ``default``).
+    """
+    code = {tuple: _native.TUPLE, set: _native.SET, frozenset: _native.FROZENSET}[type(value)]
+    return msgpack.ExtType(
+        code, msgpack.packb(list(value), default=_plainExtensions, strict_types=True)
+    )
+
+
 class FrameDecoderTests(SynchronousTestCase):
+    def test_mapKeysText(self) -> None:
+        """A message whose envelope holds a map with a key that is not text or bytes is
+        malformed: msgpack would build it unchecked (numbers can be chosen to collide)."""
+        record = _native.records([b"answer", 1, {"a": 1, b"b": 2}])[0]
+        self.assertEqual(_native.FrameDecoder(None).feed(record)[0][2], {"a": 1, b"b": 2})
+        for message in ([b"answer", 1, {1: 2}], [b"answer", 2, [{"a": {2.5: 0}}]]):
+            with self.assertRaises(BananaDecodeError) as caught:
+                _native.FrameDecoder(None).feed(_native.records(message)[0])
+            self.assertIn("a malformed pbroker2 message: a map key of type", str(caught.exception))
+
     def test_splitAnywhere(self) -> None:
         """Records split at every byte boundary decode to the same messages."""
         messages = [[b"answer", i, b"v" * i] for i in (1, 300_000, 5)]
@@ -2209,12 +2255,23 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertEqual(received(self.server, "echo", b"\x91\x07", b"\x80"), b"\x07")
         for args, kw, text in [
             (b"\x91\x07", b"\x90", "keyword arguments must arrive as a dictionary"),
-            (b"\x91\x07", b"\x81\x01\x02", "keyword names must be text"),
+            (
+                b"\x91\x07",
+                msgpack.packb(msgpack.ExtType(_native.JELLY, jelly.dumps({1: 2}))),
+                "keyword names must be text",
+            ),
             (b"\x07", b"\x80", "positional arguments must arrive as a tuple"),
         ]:
             with self.assertRaises(TypeError) as caught:
                 received(self.server, "echo", args, kw)
             self.assertIn(text, str(caught.exception))
+        # A map's keys are text or bytes only (a pbroker sender jellies other dicts).
+        with self.assertRaises(InvalidJelly) as refused:
+            received(self.server, "echo", b"\x91\x07", b"\x81\x01\x02")
+        self.assertIn(
+            "a malformed pbroker2 value: a map key of type int (keys must be text or bytes)",
+            str(refused.exception),
+        )
 
     def echoPacked(self, args: list[Any]) -> Failure:
         """
@@ -2259,6 +2316,56 @@ class HostileNativePeerTests(NativeTestCase):
             self.assertEqual(self.server._streams.cancelled, stopped)
         self.assertEqual(self.call("echo", 3), 3)
 
+    def test_collidingSetElementsRefused(self) -> None:
+        """A set extension of many distinct tuples of one hash (-1 and -2 hash alike) is
+        refused before it is built, as is the same number as keys of a dict sent as jelly;
+        the connection stays."""
+        count = 4096  # (the old code builds them, in a quarter of a second)
+        keys = [[-1 - ((index >> bit) & 1) for bit in range(12)] for index in range(count)]
+        tuples = [msgpack.ExtType(_native.TUPLE, msgpack.packb(key)) for key in keys]
+        for kind in (_native.SET, _native.FROZENSET):
+            failure = self.echoPacked([msgpack.ExtType(kind, msgpack.packb(tuples))])
+            self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
+            self.assertIn("keys with the same hash that take more than", str(failure.value))
+        jellied = msgpack.ExtType(_native.JELLY, jelly.dumps({tuple(key): 1 for key in keys}))
+        keyed = msgpack.ExtType(
+            _native.KEYED, msgpack.packb({key: 1 for key in tuples}, strict_types=True)
+        )
+        for value in (jellied, keyed):
+            failure = self.echoPacked([value])
+            self.assertIn("keys with the same hash that take more than", str(failure.value))
+        self.assertFalse(self.server.disconnected)
+        natural = set(itertools.product((-1, -2, 0), repeat=5))  # up to 32 of one hash
+        self.assertEqual(self.call("echo", natural), natural)
+
+    def test_keyedValues(self) -> None:
+        """A KEYED extension holds a whole value whose maps' keys may be of any kind (each
+        map's keys are checked before it is built), not another KEYED one; stream ids and
+        nesting are found inside it."""
+
+        def keyed(value: Any) -> msgpack.ExtType:
+            return msgpack.ExtType(_native.KEYED, msgpack.packb(value, strict_types=True))
+
+        tupleKey = msgpack.ExtType(_native.TUPLE, msgpack.packb([1, 2]))
+        self.assertEqual(
+            self.call("echo", {(1, 2): {3: [4.5]}, None: 0}), {(1, 2): {3: [4.5]}, None: 0}
+        )
+        failure = self.echoPacked([keyed({tupleKey: keyed({1: 2})})])
+        self.assertIn("a pbroker2 KEYED extension inside another", str(failure.value))
+        # Maps with other keys outside a KEYED one are malformed, in a tuple inside it taken.
+        inner = msgpack.ExtType(_native.TUPLE, msgpack.packb([{5: 6}]))
+        self.assertIn("a map key of type int", str(self.echoPacked([[inner]]).value))
+        received = self.rootObject.remoteMessageReceived
+        self.assertEqual(
+            received(self.server, "echo", msgpack.packb([keyed([inner])]), b"\x80"),
+            msgpack.packb(keyed([msgpack.ExtType(_native.TUPLE, msgpack.packb([{5: 6}]))])),
+        )
+        stream = msgpack.ExtType(_native.STREAM, msgpack.packb(5))
+        self.assertEqual(_native.extensionsIn(msgpack.packb(keyed({1: [stream]}))), ([], [5]))
+        self.assertTrue(_native.deeperThan(msgpack.packb(keyed({1: [[2]]})), 2))
+        self.assertFalse(_native.deeperThan(msgpack.packb(keyed({1: [[2]]})), 3))
+        self.assertFalse(self.server.disconnected)
+
     def test_sharedTuplesHashed(self) -> None:
         """Tuples that share their parts (jelly keeps them shared) as a dict key or set
         element: hashing walks each appearance, so past a bound the value is refused before
@@ -2279,7 +2386,6 @@ class HostileNativePeerTests(NativeTestCase):
 
         # (Jelly made by hand: a set of such a tuple, made here, would be hashed here.)
         refused = [
-            {jellied(shared(24)): 1},
             setOf(jellied(shared(24))),
             # each within the bound, more than it together: the bound is the message's (sets
             # made by the extensions' own unjelly: two tuples that stand for more than their
@@ -2299,15 +2405,18 @@ class HostileNativePeerTests(NativeTestCase):
             self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
             self.assertIn("stand for more than 16,000,000 items when hashed", str(failure.value))
             self.assertFalse(self.server.disconnected)
+        # Never hashed as a map key: a map's keys are text or bytes only.
+        failure = self.echoPacked([{jellied(shared(24)): 1}])
+        self.assertIn("a map key of type tuple", str(failure.value))
         part = shared(10)
         taken = {(part, 1): 1, (part, 2): 2, (1, part): {part}}
         self.assertEqual(self.call("echo", taken), taken)
 
     def test_sharedTuplesCompared(self) -> None:
-        """Tuples or frozensets that share their parts, given by two JELLY extensions, may be
-        compared by msgpack as map keys (or by a SET extension) however their hashes fall:
-        ``==`` walks each appearance, also through frozensets, which remember their hash. Two
-        that stand for more than their bytes are refused past a bound; one is taken."""
+        """Frozensets that share their parts, given by two JELLY extensions, are compared in
+        a SET extension (``==`` walks each appearance through frozensets, which remember
+        their hash): two of one hash are refused, and a map's keys are text or bytes only.
+        One is taken, as a key of a dict sent as jelly."""
 
         def nested(depth: int) -> frozenset[Any]:
             # (hashed in linear time: a frozenset remembers its hash; compared in 2**depth)
@@ -2325,9 +2434,9 @@ class HostileNativePeerTests(NativeTestCase):
 
         # (Packed by hand: the two extensions are equal bytes, a dict here would keep one.)
         heavy = jellied(nested(20))  # (the old code gets through it, slowly)
-        for args in (
-            b"\x91\x82" + heavy + b"\x01" + heavy + b"\x02",
-            b"\x91" + setOf(heavy, heavy),
+        for args, text in (
+            (b"\x91\x82" + heavy + b"\x01" + heavy + b"\x02", "a map key of type frozenset"),
+            (b"\x91" + setOf(heavy, heavy), "of one hash of which two hold frozensets"),
         ):
             requestID = self.client.newRequestID()
             answer = self.client.waitingForAnswers[requestID] = Deferred()
@@ -2336,7 +2445,7 @@ class HostileNativePeerTests(NativeTestCase):
                 self.pump.flush()
             failure = self.failureResultOf(answer)
             self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
-            self.assertIn("4,096 items together when compared", str(failure.value))
+            self.assertIn(text, str(failure.value))
             self.assertFalse(self.server.disconnected)
         taken = {nested(10): 1, (1, 2): nested(3)}  # (assertEqual compares them)
         self.assertEqual(self.call("echo", taken), taken)
@@ -5019,16 +5128,41 @@ class ExtentTests(SynchronousTestCase):
             ({1, (2, 3)}, 5),
             (frozenset({frozenset({1})}), 3),
             ([inner, inner, [inner]], 11),
-            ({(1, 2): [3]}, 6),
             (["abc", b"de", ""], 4 + 5),
             ({"key": "\u20ac" * 3}, 3 + 6),
             ([[inner, "xyz"]] * 2, 3 + 2 * (2 + 2 + 3)),
-            ({frozenset({"ab"}): ("cd",)}, 5 + 4),
         ]
         for extent in self.twins():
             for value, items in cases:
                 self.assertEqual(extent(value, items, 100), _native.EXTENT_WITHIN, (value, items))
                 self.assertEqual(extent(value, items - 1, 100), _native.EXTENT_OVER, (value, items))
+
+    def test_dictionaryKeys(self) -> None:
+        """A value within the budget with a dict whose keys are not all exactly str or
+        bytes is EXTENT_KEYS (it goes in a KEYED extension); over the budget, or with a
+        cycle, it is that."""
+
+        class Text(str):
+            pass
+
+        for extent in self.twins():
+            for value in (
+                {(1, 2): [3]},
+                [1, {"a": 1, 2: 3}],
+                {frozenset({"ab"}): ("cd",)},
+                {Text("a"): 1},
+                {None: 1},
+                ([{"a": {1.5: 0}}],),
+                {"a": [{"b": 1}, {True: 2}]},
+            ):
+                self.assertEqual(extent(value, 100, 100), _native.EXTENT_KEYS, value)
+            self.assertEqual(extent({b"k": 1, "s": {"t": 2}}, 100, 100), _native.EXTENT_WITHIN)
+            # The list, its two items, the dict's two, the string's three
+            self.assertEqual(extent([{1: 2}, "abc"], 7, 100), _native.EXTENT_OVER)
+            self.assertEqual(extent([{1: 2}, "abc"], 8, 100), _native.EXTENT_KEYS)
+            cycle: list[Any] = [{1: 2}]
+            cycle.append(cycle)
+            self.assertEqual(extent(cycle, 100, 100), _native.EXTENT_CYCLE)
 
     def test_countsRememberedWithinBounds(self) -> None:
         """Many shared containers: the walk remembers the count of each, in less memory than
@@ -5164,6 +5298,7 @@ def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
     containers = (list, dict, tuple, set, frozenset)
     left = budget - 1
     path: list[int] = []
+    keys: list[Any] = []  # the dicts met with keys other than strings
 
     class Over(Exception):
         pass
@@ -5193,6 +5328,8 @@ def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
             inner = list(item)
         if left < 0:
             raise Over()
+        if kind is dict and any(type(key) is not str and type(key) is not bytes for key in item):
+            keys.append(item)
         path.append(id(item))
         for part in inner:
             walk(part)
@@ -5208,7 +5345,7 @@ def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
         return _native.EXTENT_OVER
     except Cycle:
         return _native.EXTENT_CYCLE
-    return _native.EXTENT_WITHIN
+    return _native.EXTENT_KEYS if keys else _native.EXTENT_WITHIN
 
 
 class ExtentDifferentialTests(SynchronousTestCase):
@@ -5221,7 +5358,8 @@ class ExtentDifferentialTests(SynchronousTestCase):
         """Both twins give the verdict of a walk that visits every appearance, at budgets
         around the value's exact count and at every depth up to its own; where the oracle
         finds the value too deep only at a container's second appearance (the twins add the
-        count remembered from its first), they agree with each other and say within."""
+        count remembered from its first), they agree with each other and go on (to say
+        within, over, or that a dictionary's keys are not strings)."""
         from pbroker import _accelerator
 
         twins = [_native._extentPython]
@@ -5247,7 +5385,9 @@ class ExtentDifferentialTests(SynchronousTestCase):
                     oracle = naiveExtent(value, max(budget, 0), depth)
                     (verdict,) = verdicts
                     if verdict != oracle:
-                        self.assertIn((verdict, oracle), [(0, 2), (1, 2)], (value, budget, depth))
+                        self.assertIn(
+                            (verdict, oracle), [(0, 2), (1, 2), (3, 2)], (value, budget, depth)
+                        )
 
 
 def randomGraph(generator: random.Random) -> Any:

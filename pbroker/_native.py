@@ -1258,6 +1258,8 @@ class ValueCodec:
         self._hashBudget: HashBudget | None = None
         # Whether a KEYED extension is being unpacked: its maps are built checked.
         self._keyedMaps = False
+        # Whether the value being unpacked had a JELLY extension so far.
+        self._jellyMet = False
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1440,6 +1442,7 @@ class ValueCodec:
         # (A hook may unpack another value meanwhile.)
         outer, self._hashBudget = self._hashBudget, None
         outerKeyed, self._keyedMaps = self._keyedMaps, False
+        outerJelly, self._jellyMet = self._jellyMet, False
         try:
             return msgpack.unpackb(
                 data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
@@ -1453,6 +1456,7 @@ class ValueCodec:
         finally:
             self._hashBudget = outer
             self._keyedMaps = outerKeyed
+            self._jellyMet = outerJelly
 
     def _document(self, data: bytes) -> Any:
         """
@@ -1478,7 +1482,7 @@ class ValueCodec:
         """
         keys = list(map(_first, pairs))
         if _plainKeys is None or not _plainKeys(keys):
-            self.hashing().spendKeys(keys)
+            self.hashing().spendKeys(keys, None, self._jellyMet)
         return dict(pairs)
 
     def hashing(self) -> HashBudget:
@@ -1522,7 +1526,7 @@ class ValueCodec:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
             if code != TUPLE:
                 # Hashed and compared as the set is built (see HashBudget).
-                self.hashing().spendKeys(items)
+                self.hashing().spendKeys(items, None, self._jellyMet)
             return rebuild(items)
         if code == KEYED:
             if self._keyedMaps:
@@ -1533,6 +1537,9 @@ class ValueCodec:
             finally:
                 self._keyedMaps = False
         if code == JELLY:
+            # Only jelly shares tuples: those of a value without it are hashed in time in
+            # proportion to its bytes, and not counted (see HashBudget.spendKeys).
+            self._jellyMet = True
             try:
                 value = self._hooked(self._unjelly, data)
             except Exception as e:

@@ -1077,6 +1077,33 @@ class CodecEdgeTests(SynchronousTestCase):
     values that are not bytes, hand-packed values, malformed documents.
     """
 
+    def test_hashingCountedAfterJelly(self) -> None:
+        """The tuples of a set or KEYED map are counted before they are hashed only once the
+        value had a JELLY extension (which may share them): msgpack's own tuples are hashed in
+        time in proportion to their bytes. Their comparing is counted either way."""
+        codec = _native.ValueCodec(None, jelly.loads, None, None, None, 10)  # type: ignore[arg-type]
+        budget = _native.HashBudget(items=10, compared=3)
+        codec.hashing = lambda: budget  # type: ignore[method-assign]
+        tuples = [msgpack.ExtType(_native.TUPLE, msgpack.packb([i, i, i])) for i in range(5)]
+        for kind, wrap in (
+            (_native.SET, lambda items: msgpack.ExtType(_native.SET, msgpack.packb(items))),
+            (
+                _native.KEYED,
+                lambda items: msgpack.ExtType(
+                    _native.KEYED, msgpack.packb({item: 0 for item in items})
+                ),
+            ),
+        ):
+            self.assertEqual(len(codec.unpack(msgpack.packb(wrap(tuples)))), 5, kind)
+            self.assertEqual(budget.left, 10)  # five tuples of weight 4: not counted
+            jellied = msgpack.ExtType(_native.JELLY, jelly.dumps(1))
+            with self.assertRaises(InvalidJelly):
+                codec.unpack(msgpack.packb([jellied, wrap(tuples)]))
+            budget.left = 10
+        colliding = [msgpack.ExtType(_native.TUPLE, msgpack.packb([-1 - i])) for i in range(2)]
+        with self.assertRaises(InvalidJelly):  # weights 2 each: 4 to compare
+            codec.unpack(msgpack.packb(msgpack.ExtType(_native.SET, msgpack.packb(colliding))))
+
     def test_reprs(self) -> None:
         """A packed value shows its size; a value already unpacked, its type."""
         self.assertEqual(repr(_native.Packed(b"ab", b"c")), "<Packed 3 bytes>")

@@ -51,6 +51,7 @@ import contextlib
 import operator
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Generic, TypeVar
 
@@ -1004,9 +1005,9 @@ class HashBudget:
         self.left = self._items = items
         #: What comparing keys of one hash may still walk.
         self.compared = compared
-        # id -> (weight, whether it holds a frozenset, the tuple, kept so that its id is not
-        # reused)
-        self._weights: dict[int, tuple[int, bool, tuple[Any, ...]]] = {}
+        # id -> (weight, whether it holds a frozenset, the tuple or frozenset, kept so that its
+        # id is not reused, its hash weight)
+        self._weights: dict[int, tuple[int, bool, Any, int]] = {}
 
     def spend(self, value: Any) -> None:
         """
@@ -1016,7 +1017,7 @@ class HashBudget:
         """
         if type(value) is not tuple:
             return
-        self.left -= self._weigh(value)[0]
+        self.left -= self._hashWeight(value)
         if self.left < 0:
             raise InvalidJelly(
                 f"set elements or dictionary keys whose tuples share their parts stand for "
@@ -1057,11 +1058,15 @@ class HashBudget:
         except (TypeError, RecursionError):
             # The container refuses one itself, once it has inserted those before it.
             compared, hashes = _hashable(compared)
+        pairs: Iterable[tuple[Any, int]] = zip(compared, hashes, strict=True)
         if ring is None:
             if len(set(hashes)) == len(hashes):
                 return  # (the common case: no two of one hash)
             ring = {}
-        for value, key in zip(compared, hashes, strict=True):
+            # Only the keys whose hash repeats: one alone in its hash is never compared.
+            counts = Counter(hashes)
+            pairs = ((value, key) for value, key in pairs if counts[key] > 1)
+        for value, key in pairs:
             self._join(ring, value, key, True)
 
     def ringOf(self, keys: Iterable[Any]) -> dict[int, list[Any]]:
@@ -1106,39 +1111,87 @@ class HashBudget:
         """
         The items comparing ``value`` with ``==`` against a key that holds no frozenset may
         walk (each appearance of a tuple with its items, a number or string by its size, a
-        frozenset one: it equals nothing else), and whether it holds a frozenset; remembered
-        for each tuple.
+        frozenset by :meth:`_weighSet`), and whether it holds a frozenset; remembered for
+        each tuple and frozenset.
         """
-        if type(value) is not tuple:
-            return _atomWeight(value), type(value) is frozenset
+        if type(value) is tuple:
+            weight, holds, _ = self._weighTuple(value)
+            return weight, holds
+        if type(value) is frozenset:
+            return self._weighSet(value)
+        return _atomWeight(value), False
+
+    def _hashWeight(self, value: tuple[Any, ...]) -> int:
+        """
+        The items hashing the tuple ``value`` walks: as :meth:`_weigh`, but a frozenset is
+        one (it remembers its hash).
+        """
+        return self._weighTuple(value)[2]
+
+    def _weighTuple(self, value: tuple[Any, ...]) -> tuple[int, bool, int]:
+        """
+        :meth:`_weigh` for a tuple, with :meth:`_hashWeight`.
+        """
         weights = self._weights
         known = weights.get(id(value))
         if known is not None:
-            return known[0], known[1]
-        # Each frame: a tuple, an iterator over its items, its weight and whether it holds a
-        # frozenset so far.
-        frames: list[list[Any]] = [[value, iter(value), 1, False]]
+            return known[0], known[1], known[3]
+        # Each frame: a tuple, an iterator over its items, its weight, whether it holds a
+        # frozenset, and its hash weight, so far.
+        frames: list[list[Any]] = [[value, iter(value), 1, False, 1]]
         while True:
             frame = frames[-1]
             for item in frame[1]:
                 if type(item) is tuple:
                     known = weights.get(id(item))
                     if known is None:
-                        frames.append([item, iter(item), 1, False])
+                        frames.append([item, iter(item), 1, False, 1])
                         break
                     frame[2] += known[0]
                     frame[3] = frame[3] or known[1]
+                    frame[4] += known[3]
+                elif type(item) is frozenset:
+                    weight, holds = self._weighSet(item)
+                    frame[2] += weight
+                    frame[3] = frame[3] or holds
+                    frame[4] += 1
                 else:
-                    frame[2] += _atomWeight(item)
-                    frame[3] = frame[3] or type(item) is frozenset
+                    weight = _atomWeight(item)
+                    frame[2] += weight
+                    frame[4] += weight
             else:
                 frames.pop()
-                entered, _, weight, holds = frame
-                weights[id(entered)] = (weight, holds, entered)
+                entered, _, weight, holds, hashed = frame
+                weights[id(entered)] = (weight, holds, entered, hashed)
                 if not frames:
-                    return weight, holds
+                    return weight, holds, hashed
                 frames[-1][2] += weight
                 frames[-1][3] = frames[-1][3] or holds
+                frames[-1][4] += hashed
+
+    def _weighSet(self, value: frozenset[Any]) -> tuple[int, bool]:
+        """
+        :meth:`_weigh` for a frozenset. One of atoms (no tuple or frozenset) of distinct
+        hashes is *flat*: ``==`` with another frozenset of its size looks each element of
+        one up in the other, where an element meets at most one of its hash (of the flat
+        one's, or the one element it is), so that comparing it walks no more than the
+        elements' weights; it weighs them, and does not count as holding a frozenset. Any
+        other weighs one, and holds a frozenset.
+        """
+        weights = self._weights
+        known = weights.get(id(value))
+        if known is not None:
+            return known[0], known[1]
+        weight, holds = 1, True
+        if not any(type(item) is tuple or type(item) is frozenset for item in value):
+            try:
+                distinct = len(set(map(hash, value))) == len(value)
+            except Exception:
+                distinct = False
+            if distinct:
+                weight, holds = 1 + sum(map(_atomWeight, value)), False
+        weights[id(value)] = (weight, holds, value, 1)
+        return weight, holds
 
 
 _plainKeys: Callable[[list[Any]], bool] | None = (
@@ -1164,9 +1217,18 @@ def _atomWeight(value: Any) -> int:
     if kind is float or kind is bool or kind is frozenset or value is None:
         return 1
     try:  # a decimal, say, compared digit by digit
-        return 1 + (sys.getsizeof(value) >> 6)
+        weight = 1 + (sys.getsizeof(value) >> 6)
     except Exception:
         return 1
+    if kind.__module__ == "decimal":
+        # Compared with a float or an int, a Decimal converts it to a Decimal first, each
+        # time: up to a few microseconds (a float near 2**-1074 has 751 digits).
+        weight += _DECIMAL_WEIGHT
+    return weight
+
+
+#: What a Decimal weighs besides its size (see _atomWeight).
+_DECIMAL_WEIGHT: Final = 256
 
 
 def _hashable(values: list[Any]) -> tuple[list[Any], list[int]]:

@@ -114,6 +114,19 @@ def _intField(node: list[Any], position: int) -> int:
     return field
 
 
+# Reference ids key Unjellier.references: Python hashes an int modulo 2**61 - 1, so ids beyond
+# it could be chosen to share one hash, and each definition or lookup would compare the id with
+# all those before it (time in the square of their number). A sender numbers them from 1.
+_REFERENCE_IDS = 2**61 - 1
+
+
+def _referenceField(node: list[Any]) -> int:
+    reference = _intField(node, 1)
+    if not -_REFERENCE_IDS < reference < _REFERENCE_IDS:
+        raise InvalidJelly(f"a {_tagName(node)} id out of range: {describe(reference)}")
+    return reference
+
+
 class _Unresolved:
     """
     A value that is not known yet: a dereference to an object still being built, or a
@@ -681,7 +694,7 @@ def _unjellyUnpersistable(unjellier: Unjellier, node: list[Any]) -> Unpersistabl
 
 def _unjellyDereference(unjellier: Unjellier, node: list[Any]) -> Any:
     _checkArity(node, 2)
-    reference = _intField(node, 1)
+    reference = _referenceField(node)
     references = unjellier.references
     value = references.get(reference, _MISSING)
     if value is _MISSING:
@@ -775,7 +788,7 @@ def _entry(pair: Any) -> list[Any]:
 
 def _openReference(unjellier: Unjellier, node: list[Any]) -> _Frame:
     _checkArity(node, 3)
-    reference = _intField(node, 1)
+    reference = _referenceField(node)
     return _Frame(_closeReference, node, 2, reference)
 
 

@@ -373,7 +373,6 @@ class CollidingKeysTests(SynchronousTestCase):
             self.asSet(same),
             self.asDictionary(same),
             self.asSet([(parts[i % 2],) for i in range(1000)]),
-            self.asSet([frozenset([-1]), frozenset([-2])]),
             # frozensets of colliding elements: 4**depth steps to compare
             self.asSet([self.nested(11, (-1, -2)), self.nested(11, (-1, -2))]),
             # a forward reference in a key, defined later in the same dictionary (so resolved
@@ -402,6 +401,60 @@ class CollidingKeysTests(SynchronousTestCase):
             {(1, big): part},
         ):
             self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
+
+    def test_flatFrozensetsOfOneHash(self) -> None:
+        """Frozensets of atoms of distinct hashes compare in time in proportion to their
+        elements, and collide as ordinary data does (frozenset({1421, 1422}) and
+        frozenset({2621, 2622}) hash alike; so do {-1} and {-2}): any number of them may
+        share a hash, as keys or inside tuple keys; and a frozenset in a shared tuple is
+        hashed once, whatever it holds."""
+        edges = {frozenset({i, i + 1}): i for i in range(3000)}
+        tags = frozenset({"a", "b"})
+        big = frozenset(range(20000))
+        shared: tuple[Any, ...] = (big,)
+        for _ in range(10):
+            shared = (shared, shared)
+        for value in (
+            edges,
+            {frozenset([-1]), frozenset([-2])},
+            {(tags, -1): 1, (tags, -2): 2, (frozenset({"c"}), -1): 3},
+            [{shared: 1}, {(shared, 1), (shared, 2)}],
+        ):
+            self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
+        # Two that hold colliding elements may still not share a hash.
+        with self.assertRaises(InvalidJelly):
+            jelly.unjelly(self.asSet([frozenset([-1, -2, 3]), frozenset([-1, -2, 2**61 + 2])]))
+
+    def test_decimalsCompared(self) -> None:
+        """A Decimal compared with a float or an int of its hash converts it each time (some
+        microseconds for a tiny float): it weighs what that costs, and a set of Decimals and
+        floats of shared hashes is refused before it is built."""
+        budget = _native.HashBudget()
+        tiny = 2.0**-1074
+        budget.spendKeys([tiny, decimal.Decimal(hash(tiny))])
+        self.assertLessEqual(budget.compared, _native.COMPARED_ITEMS - 256)
+        items: list[Any] = []
+        for family in range(1000):  # (the old code builds it, in over half a second)
+            floats = [(2 * family + 1) * 2.0 ** (-1074 + 61 * k) for k in range(17)]
+            residue = hash(floats[0]) % (2**61 - 1)
+            items += floats
+            items += ([b"decimal", residue + k * (2**61 - 1), 0] for k in range(1, 18))
+        with self.assertRaises(InvalidJelly) as caught:
+            jelly.unjelly([b"set", *items])
+        self.assertIn("4,000,000 items to compare", str(caught.exception))
+
+    def test_joinedOnlyWhenRepeated(self) -> None:
+        """Keys whose hash no other key has are neither weighed nor put in the ring, however
+        many there are beside a few that collide (a grid around -1 and -2)."""
+        joined: list[Any] = []
+
+        class Counting(_native.HashBudget):
+            def _join(self, ring: Any, value: Any, key: int, compare: bool) -> None:
+                joined.append(value)
+                super()._join(ring, value, key, compare)
+
+        Counting().spendKeys([(i, i) for i in range(1000)] + [(0, -1), (0, -2)], None, False)
+        self.assertEqual(joined, [(0, -1), (0, -2)])
 
     def test_charges(self) -> None:
         """What the budget counts: nothing for keys of distinct hashes, or for text and byte
@@ -463,6 +516,27 @@ class CollidingKeysTests(SynchronousTestCase):
 
 
 class ReferenceTests(SynchronousTestCase):
+    def test_idsOfOneHash(self) -> None:
+        """Reference ids key a dictionary, and Python hashes an int modulo 2**61 - 1: an id
+        beyond it is refused (ids chosen to share one hash would take time in the square of
+        their number to define and look up); ids within it, negative ones too, are taken."""
+        modulus = 2**61 - 1
+        # (the old code takes them, in a tenth of a second)
+        many = [b"list", *([b"reference", (i + 1) * modulus, [b"list"]] for i in range(2000))]
+        for sexp in (
+            many,
+            [b"list", [b"dereference", modulus]],
+            [b"list", [b"dereference", -modulus]],
+        ):
+            with self.assertRaises(InvalidJelly) as caught:
+                jelly.unjelly(sexp)
+            self.assertIn("id out of range", str(caught.exception))
+        for ident in (modulus - 1, -(modulus - 1), -1, 0):
+            sexp = [b"list", [b"reference", ident, [b"list", 1]], [b"dereference", ident]]
+            value = jelly.unjelly(sexp)
+            self.assertEqual(value, [[1], [1]])
+            self.assertIs(value[0], value[1])
+
     def test_sharedForm(self) -> None:
         """A container met twice is defined where first met and dereferenced after."""
         shared = [1]

@@ -2365,6 +2365,16 @@ class HostileNativePeerTests(NativeTestCase):
         natural = set(itertools.product((-1, -2, 0), repeat=5))  # up to 32 of one hash
         self.assertEqual(self.call("echo", natural), natural)
 
+    def test_flatFrozensetsOfOneHash(self) -> None:
+        """Frozensets of atoms of distinct hashes that collide as ordinary data does (edges
+        of a path graph: frozenset({1421, 1422}) and frozenset({2621, 2622}) hash alike) are
+        taken as map keys and set elements."""
+        edges = {frozenset({i, i + 1}): i for i in range(3000)}
+        self.assertEqual(self.call("echo", edges), edges)
+        self.assertEqual(self.call("echo", set(edges)), set(edges))
+        tagged = {(frozenset({"a"}), -1): 1, (frozenset({"a"}), -2): 2}
+        self.assertEqual(self.call("echo", tagged), tagged)
+
     def test_keyedValues(self) -> None:
         """A KEYED extension holds a whole value whose maps' keys may be of any kind (each
         map's keys are checked before it is built), not another KEYED one; stream ids and

@@ -367,3 +367,18 @@ globalSecurity.allowBasicTypes()
 
 #: The process-wide copy registry.
 globalRegistry = UnjellyableRegistry()
+
+
+#: Ids a peer chooses (jelly references, its objects and caches) are below this, in absolute
+#: value: Python hashes an int modulo it, so ids beyond it could be chosen to share one hash,
+#: and a table of them would compare each id with all those before it (time in the square of
+#: their number). Senders number them from 1.
+ID_LIMIT = 2**61 - 1
+
+
+def isPeerID(value: Any) -> bool:
+    """
+    Whether ``value`` can be the id of an object or cache the peer gave out: a positive
+    integer below :data:`ID_LIMIT`.
+    """
+    return type(value) is int and 0 < value < ID_LIMIT

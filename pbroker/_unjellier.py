@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pbroker import _accelerator
 from pbroker._jellycore import (
+    ID_LIMIT,
     ISecurityOptions,
     UnjellyableRegistry,
     Unpersistable,
@@ -114,15 +115,10 @@ def _intField(node: list[Any], position: int) -> int:
     return field
 
 
-# Reference ids key Unjellier.references: Python hashes an int modulo 2**61 - 1, so ids beyond
-# it could be chosen to share one hash, and each definition or lookup would compare the id with
-# all those before it (time in the square of their number). A sender numbers them from 1.
-_REFERENCE_IDS = 2**61 - 1
-
-
 def _referenceField(node: list[Any]) -> int:
+    # (They key Unjellier.references: see ID_LIMIT.)
     reference = _intField(node, 1)
-    if not -_REFERENCE_IDS < reference < _REFERENCE_IDS:
+    if not -ID_LIMIT < reference < ID_LIMIT:
         raise InvalidJelly(f"a {_tagName(node)} id out of range: {describe(reference)}")
     return reference
 

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
+from pbroker._jellycore import isPeerID
 from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._native import (
     EMPTY_MAP,
@@ -397,8 +398,10 @@ def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
 
 
 def _cacheID(jellyList: list[Any]) -> int:
-    if len(jellyList) != 2 or type(jellyList[1]) is not int:
-        raise InvalidJelly(f"a cache reference needs one integer id: {describe(jellyList)}")
+    if len(jellyList) != 2 or not isPeerID(jellyList[1]):
+        raise InvalidJelly(
+            f"a cache reference needs one integer id from 1 below 2**61 - 1: {describe(jellyList)}"
+        )
     luid: int = jellyList[1]
     return luid
 

@@ -26,7 +26,7 @@ from twisted.internet.defer import fail
 from zope.interface import Interface, implementer
 
 from pbroker._jellier import Jellier, Jellyable, getInstanceState
-from pbroker._jellycore import qual
+from pbroker._jellycore import isPeerID, qual
 from pbroker._unjellier import Unjellier, Unjellyable, setInstanceState
 from pbroker.errors import InvalidJelly, JellyError, NoSuchMethod, ProtocolError
 from pbroker.jelly import (
@@ -370,8 +370,11 @@ class RemoteCache(RemoteCopy, Serializable):
         broker = unjellier.invoker
         if broker is None:
             return setInstanceState(self, unjellier, jellyList)
-        if len(jellyList) != 3 or type(jellyList[1]) is not int:
-            raise InvalidJelly(f"a cacheable needs [tag, id, state]: {jellyList!r:.100}")
+        if len(jellyList) != 3 or not isPeerID(jellyList[1]):
+            raise InvalidJelly(
+                "a cacheable needs [tag, id, state], an integer id from 1 below 2**61 - 1: "
+                f"{jellyList!r:.100}"
+            )
         luid = jellyList[1]
         # This first instance holds the shared state; callers get handles ("borgs") on it.
         self.broker = broker

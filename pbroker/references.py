@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from pbroker._jellier import Jellier
+from pbroker._jellycore import isPeerID
 from pbroker._unjellier import Unjellier
 from pbroker.context import CallOptions
 from pbroker.errors import InvalidJelly, JellyError
@@ -148,8 +149,11 @@ class RemoteReference(Serializable):
         Become the reference a ``[b"remote", luid]`` expression names, counting it on the
         broker that received it.
         """
-        if len(jellyList) != 2 or type(jellyList[1]) is not int:
-            raise InvalidJelly(f"a remote reference needs one integer id: {jellyList!r:.100}")
+        if len(jellyList) != 2 or not isPeerID(jellyList[1]):
+            raise InvalidJelly(
+                "a remote reference needs one integer id from 1 below 2**61 - 1: "
+                f"{jellyList!r:.100}"
+            )
         broker = unjellier.invoker
         broker.importReference(jellyList[1])
         self.__init__(broker.unserializingPerspective, broker, jellyList[1], True)  # type: ignore[misc]

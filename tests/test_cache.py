@@ -14,6 +14,7 @@ from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import jelly, pb
+from pbroker._unjellier import Unjellier
 from pbroker.errors import LimitExceeded
 from pbroker.jelly import qual
 from tests.test_broker import connect
@@ -493,7 +494,14 @@ class ObserverTests(CallsRoot, SynchronousTestCase):
             self.assertIs(failure.type, jelly.InvalidJelly)
             self.assertEqual(
                 failure.getErrorMessage(),
-                f"a cacheable needs [tag, id, state]: {[TAG, 5]!r}",
+                "a cacheable needs [tag, id, state], an integer id from 1 below 2**61 - 1: "
+                f"{[TAG, 5]!r}",
             )
             self.assertEqual(copy.value, 0)
+            self.assertEqual(len(client.locallyCachedObjects), 1)
+            # An id a table of them could not hold without colliding (see ID_LIMIT).
+            for ident in (0, 2**61 - 1, 5 * (2**61 - 1)):
+                unjellier = Unjellier(client.security, None, client, self.registry)
+                with self.assertRaises(jelly.InvalidJelly):
+                    unjellier.unjellyFull([TAG, ident, [b"dictionary"]])
             self.assertEqual(len(client.locallyCachedObjects), 1)

@@ -275,12 +275,19 @@ class HostilePeerTests(SynchronousTestCase):
     def test_malformedRemoteReference(self) -> None:
         """A reference expression without exactly one integer id fails its call with
         InvalidJelly quoting it; nothing is imported and the connection stays."""
-        for bad in ([b"remote"], [b"remote", b"x"], [b"remote", 1, 2]):
+        for bad in (
+            [b"remote"],
+            [b"remote", b"x"],
+            [b"remote", 1, 2],
+            [b"remote", 0],
+            [b"remote", 3 * (2**61 - 1)],  # (ids of one hash: see ID_LIMIT)
+        ):
             with capturedLogs():
                 failure = self.errorFor(self.call(b"count", bad))
             self.assertEqual(failure.type, b"pbroker.errors.InvalidJelly")
             self.assertEqual(
-                failure.value, f"a remote reference needs one integer id: {bad!r:.100}"
+                failure.value,
+                f"a remote reference needs one integer id from 1 below 2**61 - 1: {bad!r:.100}",
             )
         self.assertEqual(self.hostile.importedReferences, 0)
         self.assertFalse(self.transport.disconnecting)
@@ -531,7 +538,11 @@ class HostilePeerTests(SynchronousTestCase):
         )
         self.assertEqual(
             self.refusedArgument([b"cached", b"x"]),
-            "a cache reference needs one integer id: [b'cached', b'x']",
+            "a cache reference needs one integer id from 1 below 2**61 - 1: [b'cached', b'x']",
+        )
+        self.assertIn(
+            "a cache reference needs one integer id",
+            self.refusedArgument([b"cached", 2**61 - 1]),
         )
         self.assertEqual(
             self.refusedArgument([b"lcache", 99]),

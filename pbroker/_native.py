@@ -971,7 +971,8 @@ COMPARED_ITEMS: Final = 4_000_000
 class HashBudget:
     """
     What hashing, and comparing, the set elements and dictionary keys of one received value
-    may cost. (In the native dialect, one budget serves a whole message.)
+    may cost. (In the native dialect, one budget serves a whole value, across its
+    extensions: a call's arguments, its keyword arguments, or an answer.)
 
     Python hashes a tuple by hashing each of its items, each time the tuple is hashed, and
     remembers nothing: a value whose tuples share their parts (jelly keeps them shared) takes

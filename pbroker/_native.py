@@ -48,6 +48,7 @@ plain containers form a cycle (or nest deeper than msgpack allows) is sent whole
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import struct
 import sys
@@ -1333,6 +1334,13 @@ class ValueCodec:
         self._extent: Callable[[Any, int, int], int] = (
             _extentPython if speedups is None else speedups.extent
         )
+        # A KEYED value's maps: in C at once if their keys are text, byte strings, or numbers
+        # of distinct hashes (the usual case, for which _checkedMap counts nothing).
+        self._mapHook: Callable[[list[tuple[Any, Any]]], dict[Any, Any]] = (
+            self._checkedMap
+            if speedups is None
+            else functools.partial(speedups.keyedMap, self._checkedMap)
+        )
 
     # Sending
 
@@ -1531,7 +1539,7 @@ class ValueCodec:
                 data,
                 raw=False,
                 strict_map_key=False,
-                object_pairs_hook=self._checkedMap,
+                object_pairs_hook=self._mapHook,
                 use_list=True,
                 ext_hook=self._extension,
             )
@@ -1543,9 +1551,7 @@ class ValueCodec:
         """
         A map of a ``KEYED`` value, built once its keys are checked (see :class:`HashBudget`).
         """
-        keys = list(map(_first, pairs))
-        if _plainKeys is None or not _plainKeys(keys):
-            self.hashing().spendKeys(keys, None, self._jellyMet)
+        self.hashing().spendKeys(list(map(_first, pairs)), None, self._jellyMet)
         return dict(pairs)
 
     def hashing(self) -> HashBudget:

@@ -1173,6 +1173,91 @@ plainKeys(PyObject *module, PyObject *keys)
     return PyBool_FromLong(plain);
 }
 
+/* Whether pair is a (key, value) tuple whose key is text or a byte string (0) or a number
+ * (1); -1 if neither. */
+static inline int
+keyedPair(PyObject *pair)
+{
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        return -1;
+    }
+    PyObject *key = PyTuple_GET_ITEM(pair, 0);
+    if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) {
+        return 0;
+    }
+    return isNumberKey(key) ? 1 : -1;
+}
+
+/* The dict of pairs, a list of (key, value) tuples (a msgpack map, as object_pairs_hook gets
+ * it), if its keys are text, byte strings, or numbers of distinct hashes; else
+ * fallback(pairs), which checks them (pbroker._native.ValueCodec._checkedMap). */
+static PyObject *
+keyedMap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "keyedMap() takes a fallback and a list of pairs");
+        return NULL;
+    }
+    PyObject *fallback = args[0], *pairs = args[1];
+    Py_ssize_t size = PyList_GET_SIZE(pairs);
+    /* The numbers' hashes in order, then a copy sorted (to find two alike). */
+    Py_hash_t inlineHashes[32];
+    Py_hash_t *hashes = inlineHashes, *sorted = inlineHashes + 16;
+    if (size > 16) {
+        hashes = PyMem_New(Py_hash_t, (size_t)(2 * size));
+        if (hashes == NULL) {
+            return PyErr_NoMemory();
+        }
+        sorted = hashes + size;
+    }
+    Py_ssize_t count = 0;
+    int plain = 1;
+    for (Py_ssize_t i = 0; i < size && plain; i++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, i);
+        int number = keyedPair(pair);
+        if (number < 0) {
+            plain = 0;
+        }
+        else if (number) {
+            /* (Runs no Python code, and cannot fail.) */
+            hashes[count] = sorted[count] = PyObject_Hash(PyTuple_GET_ITEM(pair, 0));
+            count++;
+        }
+    }
+    PyObject *dictionary = plain && hashesDistinct(sorted, count) ? PyDict_New() : NULL;
+    /* Inserting a key again releases the value it had, whose finaliser may run Python code:
+     * each pair is looked at again, and a number must have the hash it had. */
+    Py_ssize_t seen = 0;
+    for (Py_ssize_t i = 0; dictionary != NULL && i < size; i++) {
+        PyObject *pair = PyList_GET_SIZE(pairs) == size ? PyList_GET_ITEM(pairs, i) : NULL;
+        int number = pair == NULL ? -1 : keyedPair(pair);
+        if (number > 0
+            && (seen >= count || PyObject_Hash(PyTuple_GET_ITEM(pair, 0)) != hashes[seen++])) {
+            number = -1;
+        }
+        if (number < 0) {
+            Py_CLEAR(dictionary);
+            break;
+        }
+        Py_INCREF(pair);
+        int stored = PyDict_SetItem(dictionary, PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+        if (stored < 0) {
+            Py_DECREF(dictionary);
+            dictionary = NULL;
+            plain = -1; /* an error, not a fallback */
+        }
+    }
+    if (hashes != inlineHashes) {
+        PyMem_Free(hashes);
+    }
+    if (dictionary != NULL || plain < 0) {
+        return dictionary;
+    }
+    return PyObject_CallOneArg(fallback, pairs);
+}
+
 /* plainNode, noting the id of a node that is not plain (and of each node around it) in
  * tags->failed, where it is a set, so that the Python walk does not try it again. */
 static PyObject *
@@ -1873,6 +1958,10 @@ static PyMethodDef methods[] = {
      "     messageSizeLimit, text, current, remaining, parents, wanted, results)\n"
      "--\n\n"
      "Decode banana tokens into the open lists and results; see pbroker.banana._scanPython."},
+    {"keyedMap", (PyCFunction)(void (*)(void))keyedMap, METH_FASTCALL,
+     "keyedMap(fallback, pairs)\n--\n\n"
+     "The dict of a list of (key, value) pairs whose keys are text, byte strings, or numbers\n"
+     "of distinct hashes; else fallback(pairs). See pbroker._native.ValueCodec._document."},
     {"plainKeys", (PyCFunction)plainKeys, METH_O,
      "plainKeys(keys)\n--\n\n"
      "Whether the keys in a list are text, byte strings, or numbers of distinct hashes;\n"

@@ -32,7 +32,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from pbroker import _native, _streams, banana, context, jelly, pb
@@ -1076,6 +1076,40 @@ class CodecEdgeTests(SynchronousTestCase):
     The codec's entry points given what they do not usually get: other bytes-like types,
     values that are not bytes, hand-packed values, malformed documents.
     """
+
+    def test_keyedMapInC(self) -> None:
+        """The C extension's keyedMap builds a KEYED value's map at once when its keys are
+        text, byte strings, or ints and floats of distinct hashes, and hands any other to
+        the fallback that checks them, as found the slow way."""
+        from pbroker import _accelerator
+
+        speedups = _accelerator.speedups
+        if speedups is None:
+            raise SkipTest("the C extension is not built")
+        fallen: list[Any] = []
+
+        def fallback(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+            fallen.append(pairs)
+            return {"fallback": len(pairs)}
+
+        pool: list[Any] = ["a", b"b", 1, -1, -2, 2.5, 2**61, 5 + 2**64, True, None, (1,), 1.0]
+        generator = random.Random(67)
+        for _ in range(2000):
+            pairs = [(generator.choice(pool), index) for index in range(generator.randrange(30))]
+            numbers = [key for key, _ in pairs if type(key) in (int, float)]
+            plain = all(type(key) in (str, bytes, int, float) for key, _ in pairs) and len(
+                set(map(hash, numbers))
+            ) == len(numbers)
+            fallen.clear()
+            made = speedups.keyedMap(fallback, pairs)
+            if plain:
+                self.assertEqual(made, dict(pairs))
+                self.assertEqual(fallen, [])
+            else:
+                self.assertEqual((made, fallen), ({"fallback": len(pairs)}, [pairs]))
+        self.assertEqual(speedups.keyedMap(fallback, [(i, i) for i in range(100)])[99], 99)
+        with self.assertRaises(TypeError):
+            speedups.keyedMap(fallback, ((1, 2),))
 
     def test_hashingCountedAfterJelly(self) -> None:
         """The tuples of a set or KEYED map are counted before they are hashed only once the

@@ -838,6 +838,7 @@ def deeperThan(data: bytes | memoryview, limit: int) -> bool:
 
 
 _STRICT_KEYS = " is not allowed for map key when strict_map_key=True"
+_STRICT_KEYS_FALLBACK = " is not allowed for map key"
 
 
 def _malformed(error: Exception) -> str:
@@ -845,10 +846,18 @@ def _malformed(error: Exception) -> str:
     What msgpack's ``error`` says is wrong with a document, in a few words.
     """
     text = str(error)
+    kind = None
     if text.endswith(_STRICT_KEYS):
+        kind = text[: -len(_STRICT_KEYS)]
+    elif text.endswith(_STRICT_KEYS_FALLBACK):
+        # (msgpack's pure-Python unpacker, MSGPACK_PUREPYTHON: "<class 'int'> is not ...")
+        kind = text[: -len(_STRICT_KEYS_FALLBACK)]
+        if kind.startswith("<class '") and kind.endswith("'>"):
+            kind = kind[8:-2]
+    if kind is not None:
         # Maps are read with text and byte string keys only: Python randomises their hashes,
         # so that they cannot be chosen to collide (other keys arrive as jelly, checked).
-        return f"a map key of type {text[: -len(_STRICT_KEYS)]} (keys must be text or bytes)"
+        return f"a map key of type {kind} (keys must be text or bytes)"
     return describe(text)
 
 
@@ -1628,6 +1637,10 @@ class _Enough(Exception):
     pass
 
 
+def _noMap(pairs: list[tuple[Any, Any]]) -> None:
+    return None
+
+
 def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list[int]]:
     """
     The ``JELLY`` payloads and the stream ids in a packed value, found without unpacking
@@ -1660,7 +1673,14 @@ def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list
         document, depth = pending.pop()
         nested.clear()
         try:
-            msgpack.unpackb(document, raw=False, strict_map_key=False, ext_hook=hook)
+            # (Maps are not built: their keys may be anything, and only extensions matter.)
+            msgpack.unpackb(
+                document,
+                raw=False,
+                strict_map_key=False,
+                object_pairs_hook=_noMap,
+                ext_hook=hook,
+            )
         except _Enough:
             break
         except Exception:

@@ -1225,7 +1225,13 @@ keyedMap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             count++;
         }
     }
-    PyObject *dictionary = plain && hashesDistinct(sorted, count) ? PyDict_New() : NULL;
+    PyObject *dictionary = NULL;
+    if (plain && hashesDistinct(sorted, count)) {
+        dictionary = PyDict_New();
+        if (dictionary == NULL) {
+            plain = -1; /* an error (no memory), not a fallback */
+        }
+    }
     /* Inserting a key again releases the value it had, whose finaliser may run Python code:
      * each pair is looked at again, and a number must have the hash it had. */
     Py_ssize_t seen = 0;

@@ -797,6 +797,18 @@ def _plainExtensions(value: Any) -> msgpack.ExtType:
 
 
 class FrameDecoderTests(SynchronousTestCase):
+    def test_mapKeysTextPurePythonMsgpack(self) -> None:
+        """msgpack's pure-Python unpacker words a refused map key differently ("<class 'int'>
+        is not allowed for map key"): the refusal reads the same either way."""
+        from msgpack import fallback
+
+        with self.assertRaises(ValueError) as caught:
+            fallback.unpackb(msgpack.packb({1: 2}), strict_map_key=True)
+        self.assertEqual(
+            _native._malformed(caught.exception),
+            "a map key of type int (keys must be text or bytes)",
+        )
+
     def test_mapKeysText(self) -> None:
         """A message whose envelope holds a map with a key that is not text or bytes is
         malformed: msgpack would build it unchecked (numbers can be chosen to collide)."""
@@ -2433,6 +2445,8 @@ class HostileNativePeerTests(NativeTestCase):
         )
         stream = msgpack.ExtType(_native.STREAM, msgpack.packb(5))
         self.assertEqual(_native.extensionsIn(msgpack.packb(keyed({1: [stream]}))), ([], [5]))
+        # (Looked for without building maps, whatever their keys.)
+        self.assertEqual(_native.extensionsIn(msgpack.packb({2.5: [stream], 1: 0})), ([], [5]))
         self.assertTrue(_native.deeperThan(msgpack.packb(keyed({1: [[2]]})), 2))
         self.assertFalse(_native.deeperThan(msgpack.packb(keyed({1: [[2]]})), 3))
         self.assertFalse(self.server.disconnected)

@@ -977,6 +977,16 @@ HASHED_ITEMS: Final = 16_000_000
 #: against those of its hash already in the container as it inserts it.
 COMPARED_ITEMS: Final = 4_000_000
 
+#: How many numbers (exactly ints and floats) of one hash a container may hold without their
+#: comparing being counted: each is compared with at most that many, cheaply (by its size),
+#: and ordinary data has a few (-1 and -2 hash alike). The C extension's twin is the same.
+NUMBER_GROUP: Final = 16
+
+#: What looking at a key of a hash that repeats in its container counts besides (see
+#: :meth:`HashBudget.spendKeys`): it is weighed in Python, some hundreds of nanoseconds, where
+#: an item compared takes some nanoseconds.
+JOIN_COST: Final = 32
+
 
 class HashBudget:
     """
@@ -1051,7 +1061,7 @@ class HashBudget:
         if type(values) is not list:
             values = list(values)
         if ring is None and _plainKeys is not None and _plainKeys(values):
-            return  # (in C: text, byte strings, numbers of distinct hashes, the usual case)
+            return  # (in C: text, byte strings, numbers few of one hash, the usual case)
         kinds = set(map(type, values))
         if kinds <= _RANDOMISED:
             return  # (no key, or text and byte strings only)
@@ -1069,16 +1079,51 @@ class HashBudget:
         except (TypeError, RecursionError):
             # The container refuses one itself, once it has inserted those before it.
             compared, hashes = _hashable(compared)
-        pairs: Iterable[tuple[Any, int]] = zip(compared, hashes, strict=True)
-        if ring is None:
-            if len(set(hashes)) == len(hashes):
-                return  # (the common case: no two of one hash)
-            ring = {}
-            # Only the keys whose hash repeats: one alone in its hash is never compared.
+        if ring is not None:
+            for value, key in zip(compared, hashes, strict=True):
+                self._join(ring, value, key, True)
+            return
+        if len(set(hashes)) == len(hashes):
+            return  # (the common case: no two of one hash)
+        # Only the keys whose hash repeats: one alone in its hash is never compared.
+        groups: dict[int, list[Any]] = {}
+        if len(hashes) > 16:
             counts = Counter(hashes)
-            pairs = ((value, key) for value, key in pairs if counts[key] > 1)
-        for value, key in pairs:
-            self._join(ring, value, key, True)
+            for value, key in zip(compared, hashes, strict=True):
+                if counts[key] > 1:
+                    groups.setdefault(key, []).append(value)
+        else:
+            for value, key in zip(compared, hashes, strict=True):
+                groups.setdefault(key, []).append(value)
+        for group in groups.values():
+            if len(group) > 1 and (
+                len(group) > NUMBER_GROUP or not all(type(key) in _NUMBERS for key in group)
+            ):
+                self._charge(group)
+
+    def _charge(self, group: list[Any]) -> None:
+        """
+        Count what inserting ``group``, keys of one hash in one container, compares: each
+        with each before it, at most the weight of the two, and :data:`JOIN_COST` for looking
+        at each after the first here.
+        """
+        first = group[0]
+        weigh = self._weigh
+        before = 0  # the weight of those before
+        holds = False
+        charge = 0
+        left = self.compared
+        for count, value in enumerate(group):
+            weight, adds = weigh(value)
+            if adds and holds and value is not first:
+                raise _twoFrozensets()
+            holds = holds or adds
+            if count:
+                charge += count * weight + before + JOIN_COST
+            if charge > left:
+                raise _overCompared()
+            before += weight
+        self.compared = left - charge
 
     def ringOf(self, keys: Iterable[Any]) -> dict[int, list[Any]]:
         """
@@ -1097,26 +1142,31 @@ class HashBudget:
         """
         group = ring.get(key)
         if group is None:
-            ring[key] = [value, 1, -1, False]  # weighed only if another of its hash comes
+            # (Weighed only if another of its hash comes.)
+            ring[key] = [value, 1, -1, False, type(value) in _NUMBERS, 0]
             return
-        first, count, weight, holds = group
+        first, count, weight, holds, numbers, owed = group
         if weight < 0:
             weight, holds = self._weigh(first)
         added, adds = self._weigh(value)
         if adds and holds and value is not first:
-            raise InvalidJelly(
-                "set elements or dictionary keys of one hash of which two hold frozensets "
-                "(comparing them could take without bound)"
-            )
+            raise _twoFrozensets()
+        # Compared with each before it: at most the weight of the two, each time. Up to
+        # NUMBER_GROUP numbers go free, as they do together (see spendKeys): what they would
+        # cost is owed, and counted once the group is past that.
+        numbers = numbers and type(value) in _NUMBERS
+        free = numbers and count < NUMBER_GROUP
         if compare:
-            # Compared with each before it: at most the weight of the two, each time.
-            self.compared -= count * added + weight
-            if self.compared < 0:
-                raise InvalidJelly(
-                    f"set elements or dictionary keys with the same hash that take more than "
-                    f"{COMPARED_ITEMS:,} items to compare (keys chosen to collide?)"
-                )
-        group[1:] = count + 1, weight + added, holds or adds
+            owed += count * added + weight + JOIN_COST
+            if not free:
+                self.compared -= owed
+                owed = 0
+                if self.compared < 0:
+                    raise _overCompared()
+        else:
+            # Keys already in the container: counted then unless free.
+            owed = owed + count * added + weight + JOIN_COST if free else 0
+        group[1:] = count + 1, weight + added, holds or adds, numbers, owed
 
     def _weigh(self, value: Any) -> tuple[int, bool]:
         """
@@ -1205,9 +1255,25 @@ class HashBudget:
         return weight, holds
 
 
+def _twoFrozensets() -> InvalidJelly:
+    return InvalidJelly(
+        "set elements or dictionary keys of one hash of which two hold frozensets "
+        "(comparing them could take without bound)"
+    )
+
+
+def _overCompared() -> InvalidJelly:
+    return InvalidJelly(
+        f"set elements or dictionary keys with the same hash that take more than "
+        f"{COMPARED_ITEMS:,} items to compare (keys chosen to collide?)"
+    )
+
+
 _plainKeys: Callable[[list[Any]], bool] | None = (
     None if _accelerator.speedups is None else _accelerator.speedups.plainKeys
 )
+
+_NUMBERS = frozenset({int, float})
 
 # The keys whose hashes Python randomises (unless PYTHONHASHSEED says otherwise): they cannot
 # be chosen to collide.
@@ -1602,7 +1668,7 @@ class ValueCodec:
                 self._depth = level - 1
             if type(items) is not list:
                 raise InvalidJelly(f"a pbroker2 sequence must hold an array: {describe(items)}")
-            if code != TUPLE:
+            if code != TUPLE and (_plainKeys is None or not _plainKeys(items)):
                 # Hashed and compared as the set is built (see HashBudget).
                 self.hashing().spendKeys(items, None, self._jellyMet)
             return rebuild(items)

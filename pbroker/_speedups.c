@@ -1090,10 +1090,12 @@ plainAllowed(PyObject *tag, unsigned bit, PlainTags *tags)
 
 static PyObject *plainNode(PyObject *node, PlainTags *tags, int depth);
 
-/* Keys whose hashes are distinct need no comparing as a dictionary is built: pbroker checks
- * other keys in Python first (see pbroker._native.HashBudget), as Python does not randomise
- * the hashes of numbers, and keys chosen to collide take time in proportion to the square of
- * their number to insert. */
+/* Python does not randomise the hashes of numbers, and keys chosen to collide take time in
+ * proportion to the square of their number to insert. Numbers of which no more than
+ * NUMBER_GROUP share a hash (as ordinary data has them: -1 and -2 hash alike) are inserted
+ * here at once, each compared with at most that many others; pbroker checks other keys in
+ * Python first (see pbroker._native.HashBudget, where NUMBER_GROUP is the same). */
+#define NUMBER_GROUP 16
 
 static int
 compareHashes(const void *first, const void *second)
@@ -1102,11 +1104,11 @@ compareHashes(const void *first, const void *second)
     return (a > b) - (a < b);
 }
 
-/* Whether the count hashes are distinct (sorting them). */
+/* Whether no more than NUMBER_GROUP of the count hashes are alike (sorting them). */
 static int
-hashesDistinct(Py_hash_t *hashes, Py_ssize_t count)
+hashesSpread(Py_hash_t *hashes, Py_ssize_t count)
 {
-    if (count < 2) {
+    if (count <= NUMBER_GROUP) {
         return 1;
     }
     Py_ssize_t rising = 1; /* (numbered keys often come in order: no sorting then) */
@@ -1117,8 +1119,10 @@ hashesDistinct(Py_hash_t *hashes, Py_ssize_t count)
         return 1;
     }
     qsort(hashes, (size_t)count, sizeof(Py_hash_t), compareHashes);
+    Py_ssize_t run = 1;
     for (Py_ssize_t i = 1; i < count; i++) {
-        if (hashes[i] == hashes[i - 1]) {
+        run = hashes[i] == hashes[i - 1] ? run + 1 : 1;
+        if (run > NUMBER_GROUP) {
             return 0;
         }
     }
@@ -1132,8 +1136,8 @@ isNumberKey(PyObject *key)
     return PyLong_CheckExact(key) || PyFloat_CheckExact(key);
 }
 
-/* Whether the keys in the list are text, byte strings, or numbers of distinct hashes (then
- * none needs comparing as they are inserted). */
+/* Whether the keys in the list are text, byte strings, or numbers no more than NUMBER_GROUP
+ * of which share a hash (then they are inserted without counting). */
 static PyObject *
 plainKeys(PyObject *module, PyObject *keys)
 {
@@ -1165,7 +1169,7 @@ plainKeys(PyObject *module, PyObject *keys)
         hashes[count++] = PyObject_Hash(key); /* runs no Python code, cannot fail */
     }
     if (plain) {
-        plain = hashesDistinct(hashes, count);
+        plain = hashesSpread(hashes, count);
     }
     if (hashes != inlineHashes) {
         PyMem_Free(hashes);
@@ -1189,7 +1193,8 @@ keyedPair(PyObject *pair)
 }
 
 /* The dict of pairs, a list of (key, value) tuples (a msgpack map, as object_pairs_hook gets
- * it), if its keys are text, byte strings, or numbers of distinct hashes; else
+ * it), if its keys are text, byte strings, or numbers no more than NUMBER_GROUP of which
+ * share a hash; else
  * fallback(pairs), which checks them (pbroker._native.ValueCodec._checkedMap). */
 static PyObject *
 keyedMap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -1226,7 +1231,7 @@ keyedMap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     PyObject *dictionary = NULL;
-    if (plain && hashesDistinct(sorted, count)) {
+    if (plain && hashesSpread(sorted, count)) {
         dictionary = PyDict_New();
         if (dictionary == NULL) {
             plain = -1; /* an error (no memory), not a fallback */
@@ -1358,7 +1363,8 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
     }
     if (bit == PLAIN_DICTIONARY) {
         /* Every entry a [key, value] list before any is visited, as _openDictionary checks;
-         * and the hashes of its number keys (which stand for themselves) distinct. */
+         * and no more than NUMBER_GROUP of its number keys (which stand for themselves) of
+         * one hash. */
         Py_hash_t inlineHashes[32];
         Py_hash_t *hashes = inlineHashes;
         if (size > 17) {
@@ -1383,7 +1389,7 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
             }
         }
         if (plainEntries) {
-            plainEntries = hashesDistinct(sorted, count);
+            plainEntries = hashesSpread(sorted, count);
         }
         PyObject *dictionary = plainEntries ? PyDict_New() : NULL;
         if (dictionary == NULL) {
@@ -1420,8 +1426,8 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
             }
             /* Keys whose hash runs no Python code only: the node cannot change under us.
              * Text and byte strings, whose hashes Python randomises, and numbers of the
-             * distinct hashes found above, in turn (the unjellier checks other keys, and
-             * numbers of one hash, see HashBudget). */
+             * hashes found above, in turn (the unjellier checks other keys, and more numbers
+             * of one hash, see HashBudget). */
             int allowed = PyUnicode_CheckExact(key) || PyBytes_CheckExact(key);
             if (!allowed && isNumberKey(key) && seen < count) {
                 allowed = PyObject_Hash(key) == hashes[seen++];
@@ -1967,11 +1973,12 @@ static PyMethodDef methods[] = {
     {"keyedMap", (PyCFunction)(void (*)(void))keyedMap, METH_FASTCALL,
      "keyedMap(fallback, pairs)\n--\n\n"
      "The dict of a list of (key, value) pairs whose keys are text, byte strings, or numbers\n"
-     "of distinct hashes; else fallback(pairs). See pbroker._native.ValueCodec._document."},
+     "no more than 16 of which share a hash; else fallback(pairs). See\n"
+     "pbroker._native.ValueCodec._document."},
     {"plainKeys", (PyCFunction)plainKeys, METH_O,
      "plainKeys(keys)\n--\n\n"
-     "Whether the keys in a list are text, byte strings, or numbers of distinct hashes;\n"
-     "see pbroker._native.HashBudget.spendKeys."},
+     "Whether the keys in a list are text, byte strings, or numbers no more than 16 of\n"
+     "which share a hash; see pbroker._native.HashBudget.spendKeys."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
      "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},

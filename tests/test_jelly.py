@@ -11,6 +11,8 @@ import random
 import sys
 import types
 import warnings
+from collections import Counter
+from functools import partial
 from typing import Any
 
 from twisted.spread import jelly as twistedJelly
@@ -363,6 +365,15 @@ class CollidingKeysTests(SynchronousTestCase):
         ):
             self.assertEqual(jelly.unjelly(jelly.jelly(value)), value)
 
+    def test_grids(self) -> None:
+        """The keys of a six-dimensional grid from -3 to 2 (up to 64 of one hash) count
+        what docs/security.rst says, within the bound; seven dimensions are over it."""
+        budget = _native.HashBudget()
+        budget.spendKeys(list(itertools.product(range(-3, 3), repeat=6)), None, False)
+        self.assertEqual(_native.COMPARED_ITEMS - budget.compared, 2_501_408)
+        with self.assertRaises(InvalidJelly):
+            _native.HashBudget().spendKeys(list(itertools.product(range(-3, 2), repeat=7)))
+
     def test_frozensetsOfOneHash(self) -> None:
         """Two keys of one hash that both hold a frozenset are refused: ``==`` between
         frozensets compares their elements with those of the same hash, which could nest.
@@ -444,40 +455,58 @@ class CollidingKeysTests(SynchronousTestCase):
         self.assertIn("4,000,000 items to compare", str(caught.exception))
 
     def test_joinedOnlyWhenRepeated(self) -> None:
-        """Keys whose hash no other key has are neither weighed nor put in the ring, however
-        many there are beside a few that collide (a grid around -1 and -2)."""
+        """Keys whose hash no other key has are neither weighed nor charged, however many
+        there are beside a few that collide (a grid around -1 and -2)."""
         joined: list[Any] = []
 
         class Counting(_native.HashBudget):
-            def _join(self, ring: Any, value: Any, key: int, compare: bool) -> None:
-                joined.append(value)
-                super()._join(ring, value, key, compare)
+            def _charge(self, group: list[Any]) -> None:
+                joined.extend(group)
+                super()._charge(group)
 
         Counting().spendKeys([(i, i) for i in range(1000)] + [(0, -1), (0, -2)], None, False)
         self.assertEqual(joined, [(0, -1), (0, -2)])
 
     def test_charges(self) -> None:
-        """What the budget counts: nothing for keys of distinct hashes, or for text and byte
-        strings; for a key of a hash met before, its weight for each before it, and theirs;
-        a tuple's weight is each appearance with its items, a number by its size."""
-        budget = _native.HashBudget(compared=1000)
-        budget.spendKeys(["a", b"b", 1, 2, (1, 2)])
-        self.assertEqual(budget.compared, 1000)
-        budget.spendKeys([-1, -2, -(2**61 + 1)])  # weights 1, each with those before it
-        self.assertEqual(budget.compared, 1000 - (1 + 1) - (2 + 2))
-        part = (5, 6)
-        budget.spendKeys([(part, part, -1), (part, part, -2)])  # weights 8
-        self.assertEqual(budget.compared, 994 - (8 + 8))
-        large = 5 + 2**2000
-        budget.spendKeys([large, large + 2**61 - 1])  # 2001 bits: weight 1 + 2001 // 256
-        self.assertEqual(budget.compared, 978 - 2 * 8)
-        with self.assertRaises(InvalidJelly):
-            budget.spendKeys(self.colliding(64))  # 64 of weight 7: 7 * 64 * 63 > 962
+        """What the budget counts: nothing for keys of distinct hashes, text and byte
+        strings, or up to NUMBER_GROUP numbers of one hash; for any other key of a hash met
+        before, its weight for each before it, theirs, and JOIN_COST; a tuple's weight is
+        each appearance with its items, a number by its size. The same, keys one at a time
+        (the ring of a dictionary whose keys wait for forward references)."""
+        join = _native.JOIN_COST
+        for ringed in (False, True):
+            budget = _native.HashBudget(compared=1000 + 3 * join)
+            spend = partial(self.spendKeys, budget, ringed)
+            spend(["a", b"b", 1, 2, (1, 2), -1, -2, -(2**61 + 1)])
+            spend([2**61 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP)])
+            self.assertEqual(budget.compared, 1000 + 3 * join)
+            part = (5, 6)
+            spend([(part, part, -1), (part, part, -2)])  # weights 8
+            self.assertEqual(budget.compared, 1000 + 2 * join - (8 + 8))
+            large = 5 + 2**2000
+            spend([(large,), (large + 2**61 - 1,)])  # 2001 bits: weight 1 + 1 + 2001 // 256
+            self.assertEqual(budget.compared, 984 + join - 2 * 9)
+            many = [1 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP + 1)]  # weights 1
+            spend(many)
+            self.assertEqual(budget.compared, 966 + join - 16 * join - 16 * 17)
+            with self.assertRaises(InvalidJelly):
+                spend(self.colliding(64))  # 64 of weight 7: 7 * 64 * 63 > 966
+
+    def spendKeys(self, budget: _native.HashBudget, ringed: bool, keys: list[Any]) -> None:
+        """
+        ``budget.spendKeys(keys)``, or (``ringed``) the same keys one at a time.
+        """
+        if not ringed:
+            budget.spendKeys(keys)
+            return
+        ring = budget.ringOf([])
+        for key in keys:
+            budget.spendKeys([key], ring)
 
     def test_plainKeys(self) -> None:
         """The C extension's plainKeys (spendKeys' fast path) says whether keys are text,
-        byte strings, or exactly ints and floats of distinct hashes, as found the slow way;
-        numbers in order or not."""
+        byte strings, or exactly ints and floats no more than NUMBER_GROUP of which share a
+        hash, as found the slow way; numbers in order or not."""
         speedups = _accelerator.speedups
         if speedups is None:
             raise SkipTest("the C extension is not built")
@@ -487,15 +516,17 @@ class CollidingKeysTests(SynchronousTestCase):
         for _ in range(3000):
             keys = [generator.choice(pool) for _ in range(generator.randrange(40))]
             numbers = [key for key in keys if type(key) in (int, float)]
-            expected = all(type(key) in (str, bytes, int, float) for key in keys) and len(
-                set(map(hash, numbers))
-            ) == len(numbers)
+            expected = all(type(key) in (str, bytes, int, float) for key in keys) and all(
+                count <= _native.NUMBER_GROUP for count in Counter(map(hash, numbers)).values()
+            )
             self.assertEqual(speedups.plainKeys(keys), expected, keys)
+        spread = [5 + k * (2**61 - 1) for k in range(1, _native.NUMBER_GROUP)]  # and 5
         for keys, expected in (
             (list(range(1000)), True),
             (list(range(1000, 0, -1)), True),
-            ([*range(1000), 999], False),
-            ([*range(1000), 2**61 + 500], False),
+            ([*range(1000), *spread], True),
+            ([*range(1000), *spread, 5 + 16 * (2**61 - 1)], False),
+            ([*range(1000), *([999] * 17)], False),
         ):
             self.assertEqual(speedups.plainKeys(keys), expected)
         with self.assertRaises(TypeError):

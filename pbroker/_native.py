@@ -977,6 +977,12 @@ HASHED_ITEMS: Final = 16_000_000
 #: against those of its hash already in the container as it inserts it.
 COMPARED_ITEMS: Final = 4_000_000
 
+#: What each key looked at adds to what comparing may count (COMPARED_ITEMS to start with): a
+#: large value may hold keys of one hash in proportion (a dict keyed by (name, -1) and
+#: (name, -2) for each of 200,000 names, say), and checking it still takes time in proportion
+#: to its size.
+KEY_ALLOWANCE: Final = 8
+
 #: How many numbers (exactly ints and floats) of one hash a container may hold without their
 #: comparing being counted: each is compared with at most that many, cheaply (by its size),
 #: and ordinary data has a few (-1 and -2 hash alike). The C extension's twin is the same.
@@ -1020,12 +1026,14 @@ class HashBudget:
     with a key that holds no frozenset, and walks no more than that key's items.
     """
 
-    __slots__ = ("_items", "_weights", "compared", "left")
+    __slots__ = ("_items", "_weights", "charged", "compared", "left")
 
     def __init__(self, items: int = HASHED_ITEMS, compared: int = COMPARED_ITEMS) -> None:
         self.left = self._items = items
-        #: What comparing keys of one hash may still walk.
+        #: What comparing keys of one hash may still count (see KEY_ALLOWANCE), and what it
+        #: counted so far.
         self.compared = compared
+        self.charged = 0
         # id -> (weight, whether it holds a frozenset, the tuple or frozenset, kept so that its
         # id is not reused, its hash weight)
         self._weights: dict[int, tuple[int, bool, Any, int]] = {}
@@ -1060,6 +1068,7 @@ class HashBudget:
         """
         if type(values) is not list:
             values = list(values)
+        self.compared += KEY_ALLOWANCE * len(values)
         if ring is None and _plainKeys is not None and _plainKeys(values):
             return  # (in C: text, byte strings, numbers few of one hash, the usual case)
         kinds = set(map(type, values))
@@ -1095,10 +1104,14 @@ class HashBudget:
         else:
             for value, key in zip(compared, hashes, strict=True):
                 groups.setdefault(key, []).append(value)
+        # Numbers of one hash go free only where C inserts them unchecked (see plainKeys):
+        # a container of text, byte strings and numbers, no more than NUMBER_GROUP of one
+        # hash. Anywhere else each key of a repeated hash is looked at here, in Python, and
+        # counted (a map {None: 0, -1: 0, -2: 0} is).
+        if kinds <= _PLAIN and all(len(group) <= NUMBER_GROUP for group in groups.values()):
+            return
         for group in groups.values():
-            if len(group) > 1 and (
-                len(group) > NUMBER_GROUP or not all(type(key) in _NUMBERS for key in group)
-            ):
+            if len(group) > 1:
                 self._charge(group)
 
     def _charge(self, group: list[Any]) -> None:
@@ -1124,6 +1137,7 @@ class HashBudget:
                 raise _overCompared()
             before += weight
         self.compared = left - charge
+        self.charged += charge
 
     def ringOf(self, keys: Iterable[Any]) -> dict[int, list[Any]]:
         """
@@ -1151,21 +1165,21 @@ class HashBudget:
         added, adds = self._weigh(value)
         if adds and holds and value is not first:
             raise _twoFrozensets()
-        # Compared with each before it: at most the weight of the two, each time. Up to
-        # NUMBER_GROUP numbers go free, as they do together (see spendKeys): what they would
-        # cost is owed, and counted once the group is past that.
+        # Compared with each before it: at most the weight of the two, each time.
         numbers = numbers and type(value) in _NUMBERS
-        free = numbers and count < NUMBER_GROUP
+        increment = count * added + weight + JOIN_COST
         if compare:
-            owed += count * added + weight + JOIN_COST
-            if not free:
-                self.compared -= owed
-                owed = 0
-                if self.compared < 0:
-                    raise _overCompared()
+            # A key inserted alone is never inserted by C: it is counted, with what those of
+            # its hash already in the container were let off.
+            self.compared -= owed + increment
+            self.charged += owed + increment
+            owed = 0
+            if self.compared < 0:
+                raise _overCompared()
+        elif numbers and count < NUMBER_GROUP:
+            owed += increment  # (let off if C inserted them: see spendKeys)
         else:
-            # Keys already in the container: counted then unless free.
-            owed = owed + count * added + weight + JOIN_COST if free else 0
+            owed = 0
         group[1:] = count + 1, weight + added, holds or adds, numbers, owed
 
     def _weigh(self, value: Any) -> tuple[int, bool]:
@@ -1265,7 +1279,8 @@ def _twoFrozensets() -> InvalidJelly:
 def _overCompared() -> InvalidJelly:
     return InvalidJelly(
         f"set elements or dictionary keys with the same hash that take more than "
-        f"{COMPARED_ITEMS:,} items to compare (keys chosen to collide?)"
+        f"{COMPARED_ITEMS:,} items, and {KEY_ALLOWANCE} for each key, to compare (keys chosen "
+        "to collide?)"
     )
 
 
@@ -1274,6 +1289,9 @@ _plainKeys: Callable[[list[Any]], bool] | None = (
 )
 
 _NUMBERS = frozenset({int, float})
+
+# The keys C inserts unchecked, numbers if few of one hash (see spendKeys).
+_PLAIN = frozenset({str, bytes, int, float})
 
 # The keys whose hashes Python randomises (unless PYTHONHASHSEED says otherwise): they cannot
 # be chosen to collide.

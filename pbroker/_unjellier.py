@@ -828,7 +828,19 @@ def _closeImmutable(unjellier: Unjellier, frame: _Frame) -> Any:
 def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
     values = frame.values
     result: dict[Any, Any] = {}
-    unjellier._beforeHashing(values[::2])
+    if not frame.pending:
+        unjellier._beforeHashing(values[::2])
+    else:
+        # Only the entries inserted now: the others' keys are counted as each is inserted
+        # (_PendingPair), and must not be counted twice.
+        waiting = set(frame.pending)
+        unjellier._beforeHashing(
+            [
+                values[index]
+                for index in range(0, len(values), 2)
+                if index not in waiting and index + 1 not in waiting
+            ]
+        )
     if not frame.pending:
         try:
             result.update(zip(values[::2], values[1::2], strict=True))

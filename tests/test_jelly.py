@@ -12,7 +12,6 @@ import sys
 import types
 import warnings
 from collections import Counter
-from functools import partial
 from typing import Any
 
 from twisted.spread import jelly as twistedJelly
@@ -345,7 +344,7 @@ class CollidingKeysTests(SynchronousTestCase):
                 jelly.unjelly(sexp)
             self.assertIn(
                 "set elements or dictionary keys with the same hash that take more than "
-                "4,000,000 items to compare",
+                "4,000,000 items, and 8 for each key, to compare",
                 str(caught.exception),
             )
 
@@ -370,7 +369,7 @@ class CollidingKeysTests(SynchronousTestCase):
         what docs/security.rst says, within the bound; seven dimensions are over it."""
         budget = _native.HashBudget()
         budget.spendKeys(list(itertools.product(range(-3, 3), repeat=6)), None, False)
-        self.assertEqual(_native.COMPARED_ITEMS - budget.compared, 2_501_408)
+        self.assertEqual(budget.charged, 2_501_408)
         with self.assertRaises(InvalidJelly):
             _native.HashBudget().spendKeys(list(itertools.product(range(-3, 2), repeat=7)))
 
@@ -452,7 +451,7 @@ class CollidingKeysTests(SynchronousTestCase):
             items += ([b"decimal", residue + k * (2**61 - 1), 0] for k in range(1, 18))
         with self.assertRaises(InvalidJelly) as caught:
             jelly.unjelly([b"set", *items])
-        self.assertIn("4,000,000 items to compare", str(caught.exception))
+        self.assertIn("4,000,000 items, and 8 for each key", str(caught.exception))
 
     def test_joinedOnlyWhenRepeated(self) -> None:
         """Keys whose hash no other key has are neither weighed nor charged, however many
@@ -469,28 +468,84 @@ class CollidingKeysTests(SynchronousTestCase):
 
     def test_charges(self) -> None:
         """What the budget counts: nothing for keys of distinct hashes, text and byte
-        strings, or up to NUMBER_GROUP numbers of one hash; for any other key of a hash met
+        strings, or up to NUMBER_GROUP numbers of one hash in a container of text, byte
+        strings and numbers only (C inserts it unchecked); for any other key of a hash met
         before, its weight for each before it, theirs, and JOIN_COST; a tuple's weight is
         each appearance with its items, a number by its size. The same, keys one at a time
-        (the ring of a dictionary whose keys wait for forward references)."""
+        (the ring of a dictionary whose keys wait for forward references), but for the
+        numbers: a key inserted alone is always counted."""
         join = _native.JOIN_COST
+        spread = [2**61 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP)]
+        many = [1 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP + 1)]  # weights 1
+        part = (5, 6)
+        large = 5 + 2**2000  # 2001 bits: weight 1 + 2001 // 256
         for ringed in (False, True):
-            budget = _native.HashBudget(compared=1000 + 3 * join)
-            spend = partial(self.spendKeys, budget, ringed)
-            spend(["a", b"b", 1, 2, (1, 2), -1, -2, -(2**61 + 1)])
-            spend([2**61 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP)])
-            self.assertEqual(budget.compared, 1000 + 3 * join)
-            part = (5, 6)
-            spend([(part, part, -1), (part, part, -2)])  # weights 8
-            self.assertEqual(budget.compared, 1000 + 2 * join - (8 + 8))
-            large = 5 + 2**2000
-            spend([(large,), (large + 2**61 - 1,)])  # 2001 bits: weight 1 + 1 + 2001 // 256
-            self.assertEqual(budget.compared, 984 + join - 2 * 9)
-            many = [1 + k * (2**61 - 1) for k in range(_native.NUMBER_GROUP + 1)]  # weights 1
-            spend(many)
-            self.assertEqual(budget.compared, 966 + join - 16 * join - 16 * 17)
+            budget = _native.HashBudget()
+
+            def charged(
+                keys: list[Any], budget: _native.HashBudget = budget, ringed: bool = ringed
+            ) -> int:
+                before = budget.charged
+                self.spendKeys(budget, ringed, keys)
+                return budget.charged - before
+
+            # (One at a time, numbers count: weights 1, each with those before it.)
+            numbers = ["a", b"b", 1, 2, -1, -2, -(2**61 + 1)]
+            self.assertEqual(charged(numbers), (1 + 1 + join) + (2 + 2 + join) if ringed else 0)
+            self.assertEqual(charged(["a", (1, 2)]), 0)
+            self.assertEqual(charged(spread), 15 * join + 2 * 120 if ringed else 0)
+            self.assertEqual(charged([(part, part, -1), (part, part, -2)]), 8 + 8 + join)
+            self.assertEqual(charged([(large,), (large + 2**61 - 1,)]), 9 + 9 + join)
+            self.assertEqual(charged(many), 16 * join + 2 * 136)
             with self.assertRaises(InvalidJelly):
-                spend(self.colliding(64))  # 64 of weight 7: 7 * 64 * 63 > 966
+                charged(self.colliding(1000))  # 1,000 of weight 11: 11 * 1000 * 999 > 4M
+
+    def test_allowance(self) -> None:
+        """Each key looked at adds KEY_ALLOWANCE to what comparing may count: a value may
+        hold keys of one hash in proportion to its size (here (name, -1) and (name, -2) for
+        each of 120,000 names, over COMPARED_ITEMS alone)."""
+        budget = _native.HashBudget(compared=0)
+        budget.spendKeys(["a", "b", 1])
+        self.assertEqual(budget.compared, 3 * _native.KEY_ALLOWANCE)
+        with self.assertRaises(InvalidJelly):  # 2 + 2 + JOIN_COST, over 2 * KEY_ALLOWANCE
+            _native.HashBudget(compared=0).spendKeys([(-1,), (-2,)])
+        names = [(f"n{index}", tail) for index in range(120_000) for tail in (-1, -2)]
+        budget = _native.HashBudget()
+        budget.spendKeys(names, None, False)
+        self.assertEqual(budget.charged, 120_000 * (3 + 3 + _native.JOIN_COST))
+        self.assertGreater(budget.charged, _native.COMPARED_ITEMS)
+
+    def test_numbersFreeOnlyInC(self) -> None:
+        """Numbers of one hash go free only in a container of text, byte strings and numbers,
+        which C builds unchecked: with any other key beside them, Python looks at each, and
+        counts it (a value of a few hundred thousand maps {None: 0, -1: 0, -2: 0} took
+        seconds more than one of {None: 0, 1: 0, 2: 0} otherwise)."""
+        join = _native.JOIN_COST
+        for keys, charge in (
+            ([-1, -2], 0),
+            (["a", -1, -2, 2.0**-60 * -1], 0),
+            ([None, -1, -2], 2 + join),
+            ([(0,), -1, -2], 2 + join),
+            ([True, -1, -2], 2 + join),
+        ):
+            budget = _native.HashBudget()
+            budget.spendKeys(keys)
+            self.assertEqual(budget.charged, charge, keys)
+        budget = _native.HashBudget(compared=1000)
+        with self.assertRaises(InvalidJelly):
+            for _ in range(1000 // (2 + join - 3 * _native.KEY_ALLOWANCE) + 1):
+                budget.spendKeys([None, -1, -2])
+
+    def test_pendingValuesCountedOnce(self) -> None:
+        """The keys of a dictionary whose values wait for a forward reference (a cycle) are
+        counted once, as they are inserted, as those of the same dictionary without it: the
+        grid of test_grids is taken either way."""
+        keys = list(itertools.product(range(-3, 3), repeat=6))
+        cycle: list[Any] = []
+        cycle.append({key: cycle for key in keys})
+        back = jelly.unjelly(jelly.jelly(cycle))
+        self.assertEqual(len(back[0]), len(keys))
+        self.assertIs(back[0][keys[0]], back)
 
     def spendKeys(self, budget: _native.HashBudget, ringed: bool, keys: list[Any]) -> None:
         """

@@ -1149,7 +1149,8 @@ class CodecEdgeTests(SynchronousTestCase):
                 codec.unpack(msgpack.packb([jellied, wrap(tuples)]))
             budget.left = 10
         colliding = [msgpack.ExtType(_native.TUPLE, msgpack.packb([-1 - i])) for i in range(2)]
-        with self.assertRaises(InvalidJelly):  # weights 2 each: 4 to compare
+        budget.compared = 3  # (each key looked at added to it)
+        with self.assertRaises(InvalidJelly):  # weights 2 each, and the cost of looking
             codec.unpack(msgpack.packb(msgpack.ExtType(_native.SET, msgpack.packb(colliding))))
 
     def test_reprs(self) -> None:

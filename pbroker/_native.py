@@ -1016,14 +1016,17 @@ class HashBudget:
     alike), and building the container then takes time in proportion to the square of their
     number. :meth:`spendKeys` looks at the keys of each container before it is built. Keys
     of distinct hashes, the usual case, cost one ``hash()`` each; text and byte strings
-    (whose hashes Python randomises) nothing. Keys of one hash are *compared*: each with
-    each of its hash before it, at most the weight of the two (:meth:`_weigh`: the items of
-    each appearance of its tuples, numbers and strings by their size), and all of a value's
-    comparisons may walk :data:`COMPARED_ITEMS` items together. Of the keys of one hash in
-    one container, at most one may hold a frozenset: ``==`` on two frozensets looks each
-    element of one up in the other, comparing it in turn with those of its hash, so keys of
-    one hash nested in frozensets would multiply. With that, every ``==`` compares something
-    with a key that holds no frozenset, and walks no more than that key's items.
+    (whose hashes Python randomises) nothing, and up to :data:`NUMBER_GROUP` numbers of one
+    hash in a container that C builds unchecked. Other keys of one hash are *compared*:
+    each with each of its hash before it, at most the weight of the two (:meth:`_weigh`:
+    the items of each appearance of its tuples, numbers and strings by their size), and
+    :data:`JOIN_COST` for looking at it in Python. All of a value's may count
+    :data:`COMPARED_ITEMS` items, and :data:`KEY_ALLOWANCE` more for each key looked at.
+    Of the keys of one hash in one container, at most one may hold a frozenset (but for a
+    flat one, see :meth:`_weighSet`): ``==`` on two frozensets looks each element of one
+    up in the other, comparing it in turn with those of its hash, so keys of one hash
+    nested in frozensets would multiply. With that, every ``==`` compares something with a
+    key that holds no frozenset (or a flat one), and walks no more than that key's items.
     """
 
     __slots__ = ("_items", "_weights", "charged", "compared", "left")

@@ -44,3 +44,9 @@ def plainKeys(keys: list[Any]) -> bool: ...
 def keyedMap(
     fallback: Callable[[list[tuple[Any, Any]]], dict[Any, Any]], pairs: list[tuple[Any, Any]]
 ) -> dict[Any, Any]: ...
+def weighTuple(
+    value: tuple[Any, ...],
+    weights: dict[int, tuple[int, bool, Any, int]],
+    weighSet: Callable[[frozenset[Any]], tuple[int, bool]],
+    atomWeight: Callable[[Any], int],
+) -> tuple[int, bool, int]: ...

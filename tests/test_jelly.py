@@ -587,6 +587,42 @@ class CollidingKeysTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             speedups.plainKeys((1, 2))
 
+    def test_weighTupleTwins(self) -> None:
+        """The C extension's weighTuple gives what the Python walk gives, and remembers the
+        same, on random tuples sharing their parts, holding frozensets (flat or not), large
+        and small numbers, strings and decimals; capped where the Python walk is not."""
+        speedups = _accelerator.speedups
+        if speedups is None:
+            raise SkipTest("the C extension is not built")
+        generator = random.Random(71)
+        atoms: list[Any] = [0, -1, 2**300, 1.5, None, True, "s", "t" * 200, b"b" * 70]
+        atoms += [decimal.Decimal("1.5"), frozenset({1, 2}), frozenset({-1, -2}), frozenset()]
+        atoms += [frozenset({(1,)}), 2**63, -(2**64)]
+        for _ in range(500):
+            made: list[Any] = []
+            for _ in range(generator.randrange(1, 12)):
+                items = [
+                    generator.choice(made)
+                    if made and generator.random() < 0.4
+                    else generator.choice(atoms)
+                    for _ in range(generator.randrange(5))
+                ]
+                made.append(tuple(items))
+            value = made[-1]
+            inC, inPython = _native.HashBudget(), _native.HashBudget()
+            self.patch(_native, "_weighTupleC", None)
+            expected = inPython._weighTuple(value)
+            self.patch(_native, "_weighTupleC", speedups.weighTuple)
+            self.assertEqual(inC._weighTuple(value), expected, value)
+            self.assertEqual(inC._weights, inPython._weights)
+        cap = sys.maxsize // 4
+        deep: tuple[Any, ...] = (1,)
+        for _ in range(100):
+            deep = (deep, deep)
+        self.assertEqual(_native.HashBudget()._weighTuple(deep), (cap, False, cap))
+        with self.assertRaises(TypeError):
+            speedups.weighTuple([1], {}, print, print)
+
     def test_weights(self) -> None:
         """A tuple's weight counts each appearance (of its tuples, with their items), and is
         remembered for each one; a frozenset weighs one and holds a frozenset."""

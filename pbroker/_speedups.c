@@ -1340,7 +1340,7 @@ atomWeight(PyObject *item, PyObject *fallback)
         int overflow;
         (void)PyLong_AsLongLongAndOverflow(item, &overflow);
         if (!overflow) {
-            return 1; /* fewer than 256 bits */
+            return 1; /* (one that does not fit in 64 bits is asked about) */
         }
     }
     else if (kind == &PyUnicode_Type) {

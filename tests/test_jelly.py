@@ -615,6 +615,15 @@ class CollidingKeysTests(SynchronousTestCase):
             self.patch(_native, "_weighTupleC", speedups.weighTuple)
             self.assertEqual(inC._weighTuple(value), expected, value)
             self.assertEqual(inC._weights, inPython._weights)
+        chain: tuple[Any, ...] = ("end", frozenset({(1,)}))
+        for index in range(40):  # (deeper than the C walk's first 16 frames)
+            chain = (index, chain, 2**300 if index % 7 else "x" * 100)
+        inC, inPython = _native.HashBudget(), _native.HashBudget()
+        self.patch(_native, "_weighTupleC", None)
+        expected = inPython._weighTuple(chain)
+        self.patch(_native, "_weighTupleC", speedups.weighTuple)
+        self.assertEqual(inC._weighTuple(chain), expected)
+        self.assertEqual(inC._weights, inPython._weights)
         cap = sys.maxsize // 4
         deep: tuple[Any, ...] = (1,)
         for _ in range(100):

@@ -830,18 +830,6 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
     result: dict[Any, Any] = {}
     if not frame.pending:
         unjellier._beforeHashing(values[::2])
-    else:
-        # Only the entries inserted now: the others' keys are counted as each is inserted
-        # (_PendingPair), and must not be counted twice.
-        waiting = set(frame.pending)
-        unjellier._beforeHashing(
-            [
-                values[index]
-                for index in range(0, len(values), 2)
-                if index not in waiting and index + 1 not in waiting
-            ]
-        )
-    if not frame.pending:
         try:
             result.update(zip(values[::2], values[1::2], strict=True))
         except (TypeError, RecursionError):
@@ -850,12 +838,21 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
                 _insert(result, values[index], values[index + 1])
         return result
     pending = set(frame.pending)
+    known = [
+        index
+        for index in range(0, len(values), 2)
+        if index not in pending and index + 1 not in pending
+    ]
+    # Only the entries inserted now: the others' keys are counted as each is inserted
+    # (_PendingPair), and must not be counted twice.
+    unjellier._beforeHashing([values[index] for index in known])
+    for index in known:
+        _insert(result, values[index], values[index + 1])
     ring: list[Any] = []  # (shared by its pending entries)
     entries: list[tuple[_PendingPair, int]] = []
     for index in range(0, len(values), 2):
         if index not in pending and index + 1 not in pending:
-            _insert(result, values[index], values[index + 1])
-            continue
+            continue  # (inserted above)
         entry = _PendingPair(result, values[index], values[index + 1], 0, unjellier, ring)
         for position in (index, index + 1):
             if position in pending:

@@ -1136,6 +1136,17 @@ isNumberKey(PyObject *key)
     return PyLong_CheckExact(key) || PyFloat_CheckExact(key);
 }
 
+/* What C inserts a key as: 0 text or a byte string (its hash randomised), 1 a number (few
+ * of one hash, see hashesSpread), -1 anything else (checked in Python). */
+static inline int
+plainKeyKind(PyObject *key)
+{
+    if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) {
+        return 0;
+    }
+    return isNumberKey(key) ? 1 : -1;
+}
+
 /* Whether the keys in the list are text, byte strings, or numbers no more than NUMBER_GROUP
  * of which share a hash (then they are inserted without counting). */
 static PyObject *
@@ -1159,14 +1170,14 @@ plainKeys(PyObject *module, PyObject *keys)
     int plain = 1;
     for (Py_ssize_t i = 0; i < size; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i); /* (no Python code runs: the list stays) */
-        if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) {
-            continue;
-        }
-        if (!isNumberKey(key)) {
+        int kind = plainKeyKind(key);
+        if (kind < 0) {
             plain = 0;
             break;
         }
-        hashes[count++] = PyObject_Hash(key); /* runs no Python code, cannot fail */
+        if (kind) {
+            hashes[count++] = PyObject_Hash(key); /* runs no Python code, cannot fail */
+        }
     }
     if (plain) {
         plain = hashesSpread(hashes, count);
@@ -1185,11 +1196,7 @@ keyedPair(PyObject *pair)
     if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
         return -1;
     }
-    PyObject *key = PyTuple_GET_ITEM(pair, 0);
-    if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) {
-        return 0;
-    }
-    return isNumberKey(key) ? 1 : -1;
+    return plainKeyKind(PyTuple_GET_ITEM(pair, 0));
 }
 
 /* The dict of pairs, a list of (key, value) tuples (a msgpack map, as object_pairs_hook gets
@@ -1643,8 +1650,9 @@ plainNode(PyObject *node, PlainTags *tags, int depth)
              * Text and byte strings, whose hashes Python randomises, and numbers of the
              * hashes found above, in turn (the unjellier checks other keys, and more numbers
              * of one hash, see HashBudget). */
-            int allowed = PyUnicode_CheckExact(key) || PyBytes_CheckExact(key);
-            if (!allowed && isNumberKey(key) && seen < count) {
+            int kind = plainKeyKind(key);
+            int allowed = kind == 0;
+            if (kind > 0 && seen < count) {
                 allowed = PyObject_Hash(key) == hashes[seen++];
             }
             if (!allowed) {

@@ -1328,7 +1328,7 @@ def _atomWeight(value: Any) -> int:
         return 1 + (bits >> 8)
     if kind is str or kind is bytes:
         return 1 + (len(value) >> 6)
-    if kind is float or kind is bool or kind is frozenset or value is None:
+    if kind is float or kind is bool or value is None:
         return 1
     try:  # a decimal, say, compared digit by digit
         weight = 1 + (sys.getsizeof(value) >> 6)
@@ -1447,7 +1447,7 @@ class ValueCodec:
             _extentPython if speedups is None else speedups.extent
         )
         # A KEYED value's maps: in C at once if their keys are text, byte strings, or numbers
-        # of distinct hashes (the usual case, for which _checkedMap counts nothing).
+        # few of one hash (the usual case, for which _checkedMap counts nothing).
         self._mapHook: Callable[[list[tuple[Any, Any]]], dict[Any, Any]] = (
             self._checkedMap
             if speedups is None

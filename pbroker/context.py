@@ -93,8 +93,8 @@ def _checkAnnotations(value: dict[Any, Any], path: str) -> None:
         )
     if found == EXTENT_CYCLE:
         raise ValueError(f"{path} holds a list or dict inside itself, which cannot travel")
-    # (EXTENT_KEYS: a dict with a key that is not text, which the check below finds where the
-    # count stopped, having walked no more than it counted.)
+    # (EXTENT_KEYS is within the count too: a dict with a key that is not text, which the
+    # check below refuses.)
     _checkPlain(value, path, 0)
 
 
@@ -120,7 +120,7 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
             _checkPlain(item, f"{path}[{index}]", depth + 1)
         return
     if isinstance(value, dict):
-        for key in value:  # (all of them first, as extent() looks at them)
+        for key in value:  # (all of them first: a bad key is named before what it holds)
             if not isinstance(key, str):
                 raise TypeError(f"the keys of {path} must be text, not {describe(key)}")
         for key, item in value.items():

@@ -256,6 +256,12 @@ def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
     return [_packHeader(len(envelope)), envelope], True
 
 
+#: Packs the usual messages in C: their records are what wholeRecord makes in Python.
+_record: Callable[[list[Any], type, int, int], bytes | None] | None = (
+    None if _accelerator.speedups is None else _accelerator.speedups.record
+)
+
+
 def wholeRecord(message: list[Any], plain: bool = False) -> bytes | None:
     """
     The ``WHOLE`` record (header and envelope) of a message that fits in one, or ``None``.
@@ -265,6 +271,10 @@ def wholeRecord(message: list[Any], plain: bool = False) -> bytes | None:
 
     :param plain: the caller knows that no field is :class:`Packed` (no need to look).
     """
+    if _record is not None:
+        record = _record(message, Packed, INLINE_LIMIT, FRAGMENT_SIZE)
+        if record is not None:
+            return record
     if not plain:
         kinds = list(map(type, message))
         if Packed in kinds:
@@ -359,6 +369,22 @@ def fragmentHeader(kind: int, size: int) -> bytes:
     return _packHeader(kind << 30 | size)
 
 
+#: For each message that carries values, a bit for each field that is one (packed bytes, which
+#: the broker unpacks with :meth:`ValueCodec.unpack`): in a whole record, such a field of
+#: ``_LARGE_BYTES`` or more is read as a view of the record, not copied once more before it is
+#: unpacked (see :class:`FrameDecoder`).
+VALUE_FIELDS: dict[bytes, int] = {
+    **dict.fromkeys([b"message", b"cachemessage", b"callctx", b"cachecallctx"], 1 << 5 | 1 << 6),
+    **dict.fromkeys([b"answer", b"answerctx", b"error", b"item", b"streamerror"], 1 << 2),
+}
+
+#: Reads a whole record's envelope of the usual shape (see VALUE_FIELDS), or says ``None``:
+#: msgpack reads it.
+_envelope: Callable[[bytes, int, int, int, dict[bytes, int]], list[Any] | None] | None = (
+    None if _accelerator.speedups is None else _accelerator.speedups.envelope
+)
+
+
 class FrameDecoder:
     """
     Turns the bytes of a ``pbroker2`` stream into message envelopes (lists).
@@ -370,8 +396,11 @@ class FrameDecoder:
     ``messageSizeLimit``; it then refuses further input.
     """
 
-    def __init__(self, messageSizeLimit: int | None) -> None:
+    def __init__(
+        self, messageSizeLimit: int | None, valueFields: dict[bytes, int] = VALUE_FIELDS
+    ) -> None:
         self.messageSizeLimit = messageSizeLimit
+        self._valueFields = valueFields
         self._buffer = bytearray()
         self._position = 0
         # The payload of the message being reassembled, as the pieces it came in (views of
@@ -422,6 +451,10 @@ class FrameDecoder:
                 and not self._pending
                 and (self.messageSizeLimit is None or size <= self.messageSizeLimit)
             ):
+                if size >= _LARGE_BYTES and _envelope is not None:
+                    message = _envelope(data, 4, size + 4, _LARGE_BYTES, self._valueFields)
+                    if message is not None:
+                        return [message]
                 try:
                     return [
                         unpackb(
@@ -486,6 +519,12 @@ class FrameDecoder:
                     stop = start + header
                     if stop > end:
                         break
+                    if header >= _LARGE_BYTES and type(buffer) is bytes and _envelope is not None:
+                        message = _envelope(buffer, start, stop, _LARGE_BYTES, self._valueFields)
+                        if message is not None:
+                            results.append(message)
+                            position = stop
+                            continue
                     try:
                         message = unpackb(
                             view[start:stop], raw=False, strict_map_key=True, use_list=True

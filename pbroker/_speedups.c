@@ -2181,6 +2181,496 @@ extent(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(verdict);
 }
 
+/*
+ * envelope(): a pbroker2 message envelope of the usual shape, read without copying its large
+ * values. See pbroker._native.FrameDecoder.
+ */
+
+static uint64_t
+readBig(const unsigned char *p, int size)
+{
+    uint64_t value = 0;
+    for (int i = 0; i < size; i++) {
+        value = (value << 8) | p[i];
+    }
+    return value;
+}
+
+/* The field at *at (before end), or NULL with no error set if it is of another kind (or cut
+ * short, or not UTF-8): the caller then leaves the envelope to msgpack. If asView, a byte
+ * string of `large` bytes or more is a slice of *view, made from data on first use. */
+static PyObject *
+envelopeField(const unsigned char **at, const unsigned char *end, PyObject *data,
+              const unsigned char *base, Py_ssize_t large, int asView, PyObject **view)
+{
+    const unsigned char *p = *at;
+    unsigned char tag = *p++;
+    uint64_t size;
+    int width;
+    if (tag <= 0x7f) {
+        *at = p;
+        return PyLong_FromLong(tag);
+    }
+    if (tag >= 0xe0) {
+        *at = p;
+        return PyLong_FromLong((long)(signed char)tag);
+    }
+    if (tag >= 0xa0 && tag <= 0xbf) {
+        size = tag & 0x1f;
+        goto text;
+    }
+    switch (tag) {
+    case 0x80: /* an empty map (a call's keyword arguments, none) */
+        *at = p;
+        return PyDict_New();
+    case 0xc0:
+        *at = p;
+        Py_RETURN_NONE;
+    case 0xc2:
+        *at = p;
+        Py_RETURN_FALSE;
+    case 0xc3:
+        *at = p;
+        Py_RETURN_TRUE;
+    case 0xcc: case 0xcd: case 0xce: case 0xcf:
+        width = 1 << (tag - 0xcc);
+        if (end - p < width) {
+            return NULL;
+        }
+        *at = p + width;
+        return PyLong_FromUnsignedLongLong((unsigned long long)readBig(p, width));
+    case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+        width = 1 << (tag - 0xd0);
+        if (end - p < width) {
+            return NULL;
+        }
+        uint64_t raw = readBig(p, width);
+        int64_t value;
+        if (width < 8 && (raw >> (8 * width - 1))) {
+            value = (int64_t)(raw | (~(uint64_t)0 << (8 * width))); /* sign-extended */
+        }
+        else {
+            memcpy(&value, &raw, sizeof(value));
+        }
+        *at = p + width;
+        return PyLong_FromLongLong((long long)value);
+    }
+    case 0xd9: case 0xda: case 0xdb:
+        width = 1 << (tag - 0xd9);
+        if (end - p < width) {
+            return NULL;
+        }
+        size = readBig(p, width);
+        p += width;
+        goto text;
+    case 0xc4: case 0xc5: case 0xc6:
+        width = 1 << (tag - 0xc4);
+        if (end - p < width) {
+            return NULL;
+        }
+        size = readBig(p, width);
+        p += width;
+        if (size > (uint64_t)(end - p)) {
+            return NULL;
+        }
+        *at = p + size;
+        if ((Py_ssize_t)size < large || !asView) {
+            return PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)size);
+        }
+        if (*view == NULL) {
+            *view = PyMemoryView_FromObject(data);
+            if (*view == NULL) {
+                return NULL;
+            }
+        }
+        return PySequence_GetSlice(*view, p - base, p - base + (Py_ssize_t)size);
+    default:
+        return NULL;
+    }
+text:
+    if (size > (uint64_t)(end - p)) {
+        return NULL;
+    }
+    {
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)size, "strict");
+        if (text == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear(); /* msgpack reports it, in its words */
+            }
+            return NULL;
+        }
+        *at = p + size;
+        return text;
+    }
+}
+
+static PyObject *
+envelope(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "envelope() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *valueFields = args[4];
+    if (!PyDict_CheckExact(valueFields)) {
+        PyErr_SetString(PyExc_TypeError, "envelope() needs a dict of value fields");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "envelope() reads bytes only");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
+    if (stop == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t large = PyLong_AsSsize_t(args[3]);
+    if (large == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || stop < start || stop > PyBytes_GET_SIZE(data) || large < 1) {
+        PyErr_SetString(PyExc_ValueError, "envelope() needs 0 <= start <= stop <= len(data)");
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(data);
+    const unsigned char *p = base + start;
+    const unsigned char *end = base + stop;
+    Py_ssize_t count;
+    if (p == end) {
+        Py_RETURN_NONE;
+    }
+    unsigned char tag = *p++;
+    if ((tag & 0xf0) == 0x90) {
+        count = tag & 0x0f;
+    }
+    else if (tag == 0xdc && end - p >= 2) {
+        count = (Py_ssize_t)readBig(p, 2);
+        p += 2;
+    }
+    else {
+        Py_RETURN_NONE; /* array32 and other values: not an envelope this reads */
+    }
+    if (count > end - p) {
+        Py_RETURN_NONE; /* each field takes a byte at least: msgpack says what is wrong */
+    }
+    PyObject *fields = PyList_New(count);
+    if (fields == NULL) {
+        return NULL;
+    }
+    PyObject *view = NULL;
+    unsigned long long views = 0; /* bit i: field i is a value (see VALUE_FIELDS) */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *field =
+            p < end ? envelopeField(&p, end, data, base, large, i < 64 && ((views >> i) & 1), &view)
+                    : NULL;
+        if (field != NULL && i == 0 && PyBytes_CheckExact(field)) {
+            PyObject *mask = PyDict_GetItemWithError(valueFields, field); /* borrowed */
+            if (mask != NULL) {
+                views = PyLong_AsUnsignedLongLongMask(mask);
+            }
+            if (PyErr_Occurred()) {
+                Py_DECREF(field);
+                field = NULL;
+            }
+        }
+        if (field == NULL) {
+            Py_DECREF(fields);
+            Py_XDECREF(view);
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(fields, i, field);
+    }
+    Py_XDECREF(view);
+    if (p != end) {
+        Py_DECREF(fields);
+        Py_RETURN_NONE; /* bytes after the envelope */
+    }
+    return fields;
+}
+
+/*
+ * record(): the WHOLE record of a message of the usual shape, packed in one piece. See
+ * pbroker._native.wholeRecord.
+ */
+
+#define RECORD_PARTS 4
+
+typedef struct {
+    Py_buffer parts[RECORD_PARTS];
+    Py_ssize_t count;
+} RecordValue;
+
+static void
+writeBig(unsigned char *p, uint64_t value, int size)
+{
+    for (int i = size - 1; i >= 0; i--) {
+        p[i] = (unsigned char)(value & 0xff);
+        value >>= 8;
+    }
+}
+
+/* The msgpack header of a str (tag 0xd9) or bin (0xc4) of size bytes, as msgpack writes it
+ * (a fixstr below 32 bytes); its length. */
+static int
+sizedHeader(unsigned char *out, int text, Py_ssize_t size)
+{
+    if (text && size < 32) {
+        out[0] = (unsigned char)(0xa0 | size);
+        return 1;
+    }
+    unsigned char first = text ? 0xd9 : 0xc4;
+    if (size < 0x100) {
+        out[0] = first;
+        out[1] = (unsigned char)size;
+        return 2;
+    }
+    if (size < 0x10000) {
+        out[0] = first + 1;
+        writeBig(out + 1, (uint64_t)size, 2);
+        return 3;
+    }
+    out[0] = first + 2;
+    writeBig(out + 1, (uint64_t)size, 4);
+    return 5;
+}
+
+/* An int as msgpack packs it, into out (9 bytes at most); its length, or 0 if it does not
+ * fit 64 bits (msgpack then says so). */
+static int
+packedInt(unsigned char *out, PyObject *number)
+{
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(number, &overflow);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow < 0) {
+        return 0;
+    }
+    if (overflow > 0) {
+        unsigned long long big = PyLong_AsUnsignedLongLong(number);
+        if (big == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        out[0] = 0xcf;
+        writeBig(out + 1, (uint64_t)big, 8);
+        return 9;
+    }
+    if (value >= 0) {
+        if (value < 0x80) {
+            out[0] = (unsigned char)value;
+            return 1;
+        }
+        if (value < 0x100) {
+            out[0] = 0xcc;
+            out[1] = (unsigned char)value;
+            return 2;
+        }
+        if (value < 0x10000) {
+            out[0] = 0xcd;
+            writeBig(out + 1, (uint64_t)value, 2);
+            return 3;
+        }
+        if (value < 0x100000000LL) {
+            out[0] = 0xce;
+            writeBig(out + 1, (uint64_t)value, 4);
+            return 5;
+        }
+        out[0] = 0xcf;
+        writeBig(out + 1, (uint64_t)value, 8);
+        return 9;
+    }
+    if (value >= -32) {
+        out[0] = (unsigned char)(signed char)value;
+        return 1;
+    }
+    if (value >= -0x80) {
+        out[0] = 0xd0;
+        out[1] = (unsigned char)(signed char)value;
+        return 2;
+    }
+    if (value >= -0x8000) {
+        out[0] = 0xd1;
+        writeBig(out + 1, (uint64_t)value, 2);
+        return 3;
+    }
+    if (value >= -0x80000000LL) {
+        out[0] = 0xd2;
+        writeBig(out + 1, (uint64_t)value, 4);
+        return 5;
+    }
+    out[0] = 0xd3;
+    writeBig(out + 1, (uint64_t)value, 8);
+    return 9;
+}
+
+/* Writes field to out (NULL: only sizes it) and returns its packed size; 0 if it is of
+ * another kind (the caller leaves the message to msgpack), -1 on an error. A field of
+ * packedType has its parts' buffers taken into value, the first time (out == NULL). */
+static Py_ssize_t
+recordField(unsigned char *out, PyObject *field, PyObject *packedType, Py_ssize_t inlineLimit,
+            RecordValue *value)
+{
+    unsigned char head[9];
+    PyTypeObject *type = Py_TYPE(field);
+    if (type == &PyBytes_Type) {
+        Py_ssize_t size = PyBytes_GET_SIZE(field);
+        int length = sizedHeader(head, 0, size);
+        if (out != NULL) {
+            memcpy(out, head, (size_t)length);
+            memcpy(out + length, PyBytes_AS_STRING(field), (size_t)size);
+        }
+        return length + size;
+    }
+    if (type == &PyLong_Type) {
+        int length = packedInt(head, field);
+        if (length > 0 && out != NULL) {
+            memcpy(out, head, (size_t)length);
+        }
+        return length;
+    }
+    if (field == Py_None || field == Py_False || field == Py_True) {
+        if (out != NULL) {
+            out[0] = field == Py_None ? 0xc0 : field == Py_True ? 0xc3 : 0xc2;
+        }
+        return 1;
+    }
+    if (type == &PyUnicode_Type) {
+        Py_ssize_t size;
+        const char *text = PyUnicode_AsUTF8AndSize(field, &size);
+        if (text == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+                PyErr_Clear(); /* msgpack reports it, in its words */
+                return 0;
+            }
+            return -1;
+        }
+        int length = sizedHeader(head, 1, size);
+        if (out != NULL) {
+            memcpy(out, head, (size_t)length);
+            memcpy(out + length, text, (size_t)size);
+        }
+        return length + size;
+    }
+    if ((PyObject *)type != packedType) {
+        return 0;
+    }
+    if (out == NULL) {
+        if (value->count >= 0) {
+            return 0; /* a second value: the Python way */
+        }
+        PyObject *parts = PyObject_GetAttrString(field, "parts");
+        if (parts == NULL) {
+            return -1;
+        }
+        if (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) > RECORD_PARTS) {
+            Py_DECREF(parts);
+            return 0;
+        }
+        value->count = 0;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts); i++) {
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(parts, i), &value->parts[i], PyBUF_SIMPLE)
+                < 0) {
+                Py_DECREF(parts);
+                return -1;
+            }
+            value->count++;
+        }
+        Py_DECREF(parts);
+    }
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < value->count; i++) {
+        size += value->parts[i].len;
+    }
+    if (size > inlineLimit) {
+        return 0; /* it goes after the envelope, in fragments */
+    }
+    int length = sizedHeader(head, 0, size);
+    if (out != NULL) {
+        memcpy(out, head, (size_t)length);
+        out += length;
+        for (Py_ssize_t i = 0; i < value->count; i++) {
+            memcpy(out, value->parts[i].buf, (size_t)value->parts[i].len);
+            out += value->parts[i].len;
+        }
+    }
+    return length + size;
+}
+
+static PyObject *
+record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "record() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *message = args[0];
+    PyObject *packedType = args[1];
+    Py_ssize_t inlineLimit = PyLong_AsSsize_t(args[2]);
+    if (inlineLimit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(message)) {
+        PyErr_SetString(PyExc_TypeError, "record() packs a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(message);
+    if (count > 15) {
+        Py_RETURN_NONE;
+    }
+    RecordValue value;
+    value.count = -1;
+    PyObject *result = NULL;
+    Py_ssize_t size = 1; /* the fixarray header */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t field = recordField(NULL, PyList_GET_ITEM(message, i), packedType, inlineLimit, &value);
+        if (field < 0) {
+            goto done;
+        }
+        if (field == 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        size += field;
+    }
+    if (size > limit || size > 0x3fffffff) {
+        result = Py_NewRef(Py_None); /* fragments */
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, 4 + size);
+    if (result == NULL) {
+        goto done;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+    writeBig(out, (uint64_t)size, 4);
+    out[4] = (unsigned char)(0x90 | count);
+    out += 5;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        /* (The fields cannot change between the passes: no Python code runs.) */
+        out += recordField(out, PyList_GET_ITEM(message, i), packedType, inlineLimit, &value);
+    }
+done:
+    for (Py_ssize_t i = 0; i < value.count; i++) {
+        PyBuffer_Release(&value.parts[i]);
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"extent", (PyCFunction)(void (*)(void))extent, METH_FASTCALL,
      "extent(value, budget, maxDepth)\n--\n\n"
@@ -2205,6 +2695,18 @@ static PyMethodDef methods[] = {
      "plainKeys(keys)\n--\n\n"
      "Whether the keys in a list are text, byte strings, or numbers no more than 16 of\n"
      "which share a hash; see pbroker._native.HashBudget.spendKeys."},
+    {"envelope", (PyCFunction)(void (*)(void))envelope, METH_FASTCALL,
+     "envelope(data, start, stop, large, valueFields)\n--\n\n"
+     "The list msgpack reads from data[start:stop] if it is an array of integers, text, byte\n"
+     "strings, None, booleans and empty maps; else None. A byte string of large bytes or\n"
+     "more is a memoryview of data if it is a value: its field's bit is set in\n"
+     "valueFields[first field]. See pbroker._native.FrameDecoder."},
+    {"record", (PyCFunction)(void (*)(void))record, METH_FASTCALL,
+     "record(message, packedType, inlineLimit, limit)\n--\n\n"
+     "The WHOLE record (header and msgpack array) of a list of fewer than 16 byte strings,\n"
+     "text, integers, None and booleans, with at most one packedType value of no more than\n"
+     "inlineLimit bytes carried as bin; None if the message is of another kind or its\n"
+     "envelope over limit bytes. See pbroker._native.wholeRecord."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
      "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},

@@ -40,6 +40,7 @@ from pbroker._native import (
     FRAGMENT_SIZE,
     LAST,
     MORE,
+    VALUE_FIELDS,
     FrameDecoder,
     Packed,
     ValueCodec,
@@ -916,7 +917,7 @@ class Broker(Banana):
             measureDepth=self.limits.nestingDepth < DEPTH_LIMIT,
         )
         self._setItemLimit()
-        self._decoder = FrameDecoder(size)
+        self._decoder = FrameDecoder(size, self.valueFields)
         self.currentDialect = dialect
         self.connectionReady()
 
@@ -3427,3 +3428,7 @@ class Broker(Banana):
         b"streamerror": (_streamError, 2),
         b"streamcancel": (_streamCancel, 1),
     }
+    #: command -> a bit for each of its fields that is a value the handler unserialises: in the
+    #: native dialect such a field, if large, is handed over as a view of the bytes read rather
+    #: than a copy. Subclasses whose new messages carry values may extend a copy.
+    valueFields: ClassVar[dict[bytes, int]] = VALUE_FIELDS

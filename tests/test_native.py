@@ -36,7 +36,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
-from pbroker import _native, _streams, banana, context, jelly, pb
+from pbroker import _accelerator, _native, _streams, banana, context, jelly, pb
 from pbroker import broker as brokerModule
 from pbroker._keepalive import KeepaliveTimer
 from pbroker.broker import MIN_MESSAGE_SIZE
@@ -1007,15 +1007,19 @@ class FrameDecoderTests(SynchronousTestCase):
     def test_oneLargeRecordPerRead(self) -> None:
         """
         A read of exactly one whole record larger than the small ones takes the shortcut
-        too, read where it is: its values are bytes of their own, and a broken or oversized
-        record is still refused.
+        too, read where it is: its value is bytes of its own, or, with the C extension, a
+        view of the (immutable) bytes read; and a broken or oversized record is still refused.
         """
         message = [b"answer", 7, b"x" * 100_000]
         (record,) = _native.records(message)
         decoder = _native.FrameDecoder(None)
         ((command, requestID, value),) = decoder.feed(record)
         self.assertEqual([command, requestID, value], message)
-        self.assertIs(type(value), bytes)
+        if _native._envelope is None:
+            self.assertIs(type(value), bytes)
+        else:
+            self.assertIs(type(value), memoryview)
+            self.assertIs(value.obj, record)
         self.assertFalse(decoder.midExpression)
         self.assertEqual(decoder.feed(record), [message])
         broken = record[:4] + b"\xc1" + record[5:]  # a type byte msgpack never uses
@@ -3526,6 +3530,189 @@ class WholeRecordTests(SynchronousTestCase):
         ):
             self.assertIsNone(_native.wholeRecord(message))
         self.assertIsNotNone(_native.wholeRecord([*range(14), small]))
+
+
+#: Integers at the edges of msgpack's forms.
+_EDGE_INTEGERS = [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32, 2**63 - 1, 2**63]
+_EDGE_INTEGERS += [2**64 - 1, -1, -32, -33, -128, -129, -32_768, -32_769, -(2**31), -(2**31) - 1]
+_EDGE_INTEGERS += [-(2**63)]
+
+
+def _randomField(rng: random.Random) -> Any:
+    """
+    A field for a message envelope: mostly of the kinds the C extension packs and reads
+    (integers at the edges of msgpack's forms, byte strings and text at the edges of their
+    headers, None, booleans), sometimes of others (which it leaves to msgpack).
+    """
+    kind = rng.randrange(10)
+    if kind < 3:
+        return rng.choice([*_EDGE_INTEGERS, rng.randrange(-(2**40), 2**40)])
+    if kind < 5:
+        size = rng.choice([0, 1, 31, 32, 255, 256, 65_535, 65_536, rng.randrange(40_000, 70_000)])
+        return rng.randbytes(size)
+    if kind == 5:
+        return rng.choice(["", "é", "ü" * 16, "x" * 31, "x" * 32, "€" * 100, "y" * 70_000])
+    if kind == 6:
+        return rng.choice([None, True, False, {}])
+    if kind == 7:
+        return rng.choice([2**64, -(2**63) - 1, 1.5, {"k": 1}, [1, [2]], "\udc80"])
+    return _native.Packed(*[rng.randbytes(rng.randrange(3000)) for _ in range(rng.randrange(1, 6))])
+
+
+class RecordAcceleratorTests(SynchronousTestCase):
+    """
+    The C extension's record() and envelope() give what wholeRecord's Python and msgpack
+    give, or leave the message to them.
+    """
+
+    def setUp(self) -> None:
+        if _native._record is None or _native._envelope is None:
+            raise SkipTest("the C extension is not built")
+
+    def inPython(self, message: list[Any]) -> Any:
+        self.patch(_native, "_record", None)
+        try:
+            return _native.wholeRecord(message)
+        except Exception as e:
+            return type(e)
+        finally:
+            self.patch(_native, "_record", _accelerator.speedups.record)
+
+    def test_recordTwin(self) -> None:
+        """
+        Any record C packs is the one Python packs, byte for byte; the usual messages (calls,
+        answers, with a large value or a small one) are packed in C.
+        """
+        rng = random.Random(17)
+        record = _accelerator.speedups.record
+        packed = 0
+        for _ in range(3000):
+            message = [_randomField(rng) for _ in range(rng.randrange(0, 18))]
+            made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
+            if made is not None:
+                packed += 1
+                shape = [(type(f).__name__, getattr(f, "size", None)) for f in message]
+                self.assertEqual(made, self.inPython(message), shape)
+        self.assertGreater(packed, 300)
+        value = b"v" * 60_000
+        for message in [
+            [
+                b"message",
+                7,
+                b"root",
+                b"echo",
+                1,
+                _native.Packed(b"\x91\xc5\xea\x60", value),
+                b"\x80",
+            ],
+            [b"answer", 2**40, _native.Packed(b"\xc5\xea\x60", value)],
+            [b"answer", 9, b"\x05"],
+            [b"decref", -3],
+        ]:
+            made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
+            self.assertIsNotNone(made)
+            self.assertEqual(made, self.inPython(message))
+
+    def test_envelopeTwin(self) -> None:
+        """
+        Any envelope C reads is the list msgpack reads; a large byte string in a field that is a
+        value of its message is a view of the bytes read, any other a bytes object; what C does
+        not read (other kinds, broken or cut-short envelopes), msgpack does.
+        """
+        rng = random.Random(29)
+        envelope = _accelerator.speedups.envelope
+        large = _native._LARGE_BYTES
+        commands = [*_native.VALUE_FIELDS, b"other", b"decref"]
+        read = views = 0
+        for _ in range(3000):
+            fields = [_randomField(rng) for _ in range(rng.randrange(0, 10))]
+            fields = [b"".join(f.parts) if type(f) is _native.Packed else f for f in fields]
+            if fields and rng.random() < 0.7:
+                fields[0] = rng.choice(commands)
+            try:
+                data = bytearray(b"\0\0\0\0" + msgpack.packb(fields, use_bin_type=True))
+            except (OverflowError, UnicodeEncodeError):
+                continue  # an int over 64 bits, a lone surrogate: not sent
+            if rng.random() < 0.2:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            stop = len(data) if rng.random() < 0.8 else rng.randrange(4, len(data) + 1)
+            data = bytes(data)
+            got = envelope(data, 4, stop, large, _native.VALUE_FIELDS)
+            try:
+                expected = msgpack.unpackb(
+                    data[4:stop], raw=False, strict_map_key=True, use_list=True
+                )
+            except Exception:
+                self.assertIsNone(got)
+                continue
+            if got is None:
+                continue
+            read += 1
+            self.assertEqual(got, expected)
+            mask = _native.VALUE_FIELDS.get(got[0], 0) if got and type(got[0]) is bytes else 0
+            for index, (field, want) in enumerate(zip(got, expected, strict=True)):
+                if type(want) is bytes and len(want) >= large and index and mask >> index & 1:
+                    views += 1
+                    self.assertIs(type(field), memoryview)
+                    self.assertIs(field.obj, data)
+                else:
+                    self.assertIs(type(field), type(want))
+        self.assertGreater(read, 500)
+        self.assertGreater(views, 20)
+
+    def test_envelopeArguments(self) -> None:
+        """
+        envelope() reads bytes only, within them, and is given the table of value fields.
+        """
+        envelope = _accelerator.speedups.envelope
+        data = b"\0\0\0\0\x91\x01"
+        self.assertEqual(envelope(data, 4, 6, 1, {}), [1])
+        self.assertRaises(TypeError, envelope, bytearray(data), 4, 6, 1, {})
+        self.assertRaises(TypeError, envelope, data, 4, 6, 1, [])
+        self.assertRaises(ValueError, envelope, data, 4, 7, 1, {})
+        self.assertRaises(ValueError, envelope, data, 5, 4, 1, {})
+        self.assertRaises(TypeError, envelope, data, 4, 6)
+        many = b"\0\0\0\0" + msgpack.packb([b"message", *range(69), b"z" * 40_000])
+        self.assertEqual(envelope(many, 4, len(many), 10, {b"message": -1})[-1], b"z" * 40_000)
+
+    def test_onlyValuesAreViews(self) -> None:
+        """
+        In a call with a large method name and a large argument, only the argument is a view:
+        the name, and the fields of a command that carries no values, are bytes as before.
+        """
+        name = b"n" * 40_000
+        args = msgpack.packb([b"a" * 40_000])
+        (record,) = _native.records([b"message", 1, 0, name, 1, args, b"\x80"])
+        ((_, _, _, gotName, _, gotArgs, _),) = _native.FrameDecoder(None).feed(record)
+        self.assertIs(type(gotName), bytes)
+        self.assertIs(type(gotArgs), memoryview)
+        (record,) = _native.records([b"custom", 1, name])
+        ((_, _, gotName),) = _native.FrameDecoder(None).feed(record)
+        self.assertIs(type(gotName), bytes)
+
+
+class LargeValuesReadInPlaceTests(NativeTestCase):
+    def test_methodsGetBytes(self) -> None:
+        """
+        A large byte string read in place reaches the method, and comes back, as bytes.
+        """
+        for size in (32 * 1024, 60_000, 100_000):
+            value = random.Random(size).randbytes(size)
+            result = self.call("echo", value)
+            self.assertIs(type(result), bytes)
+            self.assertEqual(result, value)
+            self.assertIs(type(self.call("echo", [value])[0]), bytes)
+
+    def test_largeMethodNameAsBefore(self) -> None:
+        """
+        A call to a method with a large name fails as it does when msgpack reads it.
+        """
+        name = "m" * 40_000
+        first = self.call(name, b"a" * 40_000)
+        self.patch(_native, "_envelope", None)
+        second = self.call(name, b"a" * 40_000)
+        self.assertIsInstance(first, Failure)
+        self.assertEqual(first.getErrorMessage(), second.getErrorMessage())
 
 
 class ReentrancyTests(SynchronousTestCase):

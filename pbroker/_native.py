@@ -59,6 +59,7 @@ from typing import Any, Final, Generic, TypeVar
 import msgpack
 
 from pbroker import _accelerator
+from pbroker._jellycore import ID_LIMIT, isPeerID
 from pbroker.errors import (
     BananaDecodeError,
     InvalidJelly,
@@ -1769,8 +1770,11 @@ class ValueCodec:
             return value
         if code == STREAM:
             streamID = msgpack.unpackb(data)
-            if type(streamID) is not int:
-                raise InvalidJelly(f"a stream id must be an integer: {describe(streamID)}")
+            if not isPeerID(streamID):
+                # (Stream ids key tables: beyond ID_LIMIT, or negative, ids could share a hash.)
+                raise InvalidJelly(
+                    f"a stream id must be an integer from 1 to {ID_LIMIT - 1}: {describe(streamID)}"
+                )
             return self._openStream(streamID)
         raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")
 

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
-from pbroker._jellycore import isPeerID
+from pbroker._jellycore import ID_LIMIT, isPeerID
 from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._native import (
     EMPTY_MAP,
@@ -261,14 +261,6 @@ def _timedOut(message: bytes, result: Any, timeout: float) -> Any:
         name = message.decode("utf-8", "replace")
         raise DeferredTimeoutError(f"the call to {name!r} had no answer within {timeout:g} seconds")
     return result
-
-
-def _isID(value: Any) -> bool:
-    """
-    Whether ``value`` can be an id the peer gave out (a reference, cache or stream id):
-    a positive integer that fits the wire's integers.
-    """
-    return type(value) is int and 0 < value < 2**63
 
 
 #: The smallest :attr:`BrokerLimits.messageSize`: what a peer announces below it is taken as
@@ -1971,18 +1963,18 @@ class Broker(Banana):
             expressions: Iterable[Any] = [netValue]
         else:
             jellies, streams = extensionsIn(netValue, enough)
-            yield from ((streamID, _STREAM) for streamID in streams if _isID(streamID))
+            yield from ((streamID, _STREAM) for streamID in streams if isPeerID(streamID))
             expressions = self._nativeExpressions(jellies)
         classFor = self.registry.classFor
         for expression in expressions:
             for node in expressionsIn(expression):
                 tag, fields = node[0], len(node) - 1
-                if fields == 1 and _isID(node[1]):
+                if fields == 1 and isPeerID(node[1]):
                     if tag == b"remote":
                         yield node[1], _EXPORT
                     elif tag == b"cached":
                         yield node[1], _CACHE
-                elif fields == 2 and _isID(node[1]):
+                elif fields == 2 and isPeerID(node[1]):
                     cls = classFor(tag)
                     if isinstance(cls, type) and issubclass(cls, RemoteCache):
                         yield node[1], _NEW_CACHE
@@ -3008,7 +3000,8 @@ class Broker(Banana):
         Run a call the peer made (on an exported object, or with ``cache`` on a cache copy, for
         ``cachemessage``; ``context`` comes with ``callctx``) and send its answer or error.
         """
-        if type(requestID) is not int or type(message) is not bytes:
+        # (A request id keys tables: beyond ID_LIMIT, or negative, ids could share a hash.)
+        if not (type(requestID) is int and 0 <= requestID < ID_LIMIT) or type(message) is not bytes:
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
         if type(answerRequired) is int and answerRequired > 1 and self._codec is not None:
             # A large call whose caller counts it until we take it (see _startableLarge).

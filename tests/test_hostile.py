@@ -578,6 +578,28 @@ class HostilePeerTests(SynchronousTestCase):
             "malformed message header: [b'x', b'echo']", [str(e.get("why")) for e in events]
         )
 
+    def test_requestIDsThatCouldShareAHash(self) -> None:
+        """
+        A call whose request id is negative or 2**61 - 1 or more (such ids can share a hash:
+        -1 and -2 do, as do 1 and 2**61) drops the connection, as a malformed header does;
+        0 and 2**61 - 2 are ids like any other.
+        """
+        for requestID in (0, 2**61 - 2):
+            self.attack(b"message", requestID, b"root", b"echo", 1, [b"tuple", 1], [b"dictionary"])
+            self.assertEqual(self.replies()[-1], [b"answer", requestID, 1])
+        for requestID in (-1, 2**61 - 1, 2**61):
+            self.setUp()
+            with capturedLogs() as events:
+                self.attack(
+                    b"message", requestID, b"root", b"echo", 1, [b"tuple", 1], [b"dictionary"]
+                )
+            self.assertTrue(self.transport.disconnecting)
+            self.assertEqual(self.replies(), [])
+            self.assertIn(
+                f"malformed message header: [{requestID}, b'echo']",
+                [str(e.get("why")) for e in events],
+            )
+
     def test_didNotUnderstandIsLogged(self) -> None:
         """The peer saying it did not understand a message is logged; the connection stays."""
         with capturedLogs() as events:

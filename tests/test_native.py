@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from pbroker import _accelerator, _native, _streams, banana, context, jelly, pb
 from pbroker import broker as brokerModule
+from pbroker._jellycore import ID_LIMIT
 from pbroker._keepalive import KeepaliveTimer
 from pbroker.broker import MIN_MESSAGE_SIZE
 from pbroker.errors import (
@@ -2369,7 +2370,8 @@ class HostileNativePeerTests(NativeTestCase):
 
     def test_refusedValues(self) -> None:
         """A call whose arguments hold a malformed extension (a stream named twice, a tuple
-        without an array, a stream id that is not an integer, an unknown type) fails with an
+        without an array, a stream id that is not an integer from 1 to 2**61 - 2, an unknown
+        type) fails with an
         InvalidJelly that says which; the streams it named are stopped, the peer kept."""
         stream = partial(msgpack.ExtType, _native.STREAM)
         cases = [
@@ -2379,7 +2381,15 @@ class HostileNativePeerTests(NativeTestCase):
                 {5},
             ),
             ([msgpack.ExtType(_native.TUPLE, msgpack.packb(5))], "must hold an array: 5", set()),
-            ([stream(msgpack.packb("x"))], "a stream id must be an integer: 'x'", set()),
+            (
+                [stream(msgpack.packb("x"))],
+                f"a stream id must be an integer from 1 to {ID_LIMIT - 1}: 'x'",
+                set(),
+            ),
+            # Ids that would share a hash with others: -1 and -2, 1 and 2**61.
+            ([stream(msgpack.packb(-1))], "must be an integer from 1 to", set()),
+            ([stream(msgpack.packb(2**61))], "must be an integer from 1 to", set()),
+            ([stream(msgpack.packb(ID_LIMIT))], "must be an integer from 1 to", set()),
             (
                 [stream(msgpack.packb(7)), msgpack.ExtType(9, b"")],
                 "an unknown pbroker2 extension type: 9",

@@ -2626,8 +2626,7 @@ record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (!PyList_CheckExact(message)) {
-        PyErr_SetString(PyExc_TypeError, "record() packs a list");
-        return NULL;
+        Py_RETURN_NONE; /* a tuple (Twisted's sendCall), a list subclass: the Python way */
     }
     Py_ssize_t count = PyList_GET_SIZE(message);
     if (count > 15) {

@@ -3725,6 +3725,27 @@ class LargeValuesReadInPlaceTests(NativeTestCase):
         self.assertEqual(first.getErrorMessage(), second.getErrorMessage())
 
 
+
+class WholeRecordOfAnySequenceTests(NativeTestCase):
+    def test_tupleOrListSubclass(self) -> None:
+        """
+        A message that is a tuple (Twisted's Broker.sendCall hands sendEncoded its fields as
+        one) or a list subclass is packed as msgpack packs it, as before the C extension
+        packed records: the extension leaves what is not a list to Python, never raises.
+        """
+
+        class Fields(list):  # type: ignore[type-arg]
+            pass
+
+        expected = b"\0\0\0\x0a\x92\xc4\x06decref\x05"
+        self.assertEqual(_native.wholeRecord([b"decref", 5]), expected)
+        for message in [(b"decref", 5), Fields([b"decref", 5])]:
+            self.assertEqual(_native.wholeRecord(message), expected)  # type: ignore[arg-type]
+        self.client.sendEncoded((b"didNotUnderstand", b"nothing"))
+        self.assertEqual(self.call("echo", 5), 5)
+        self.assertFalse(self.client.disconnected)
+
+
 class ReentrancyTests(SynchronousTestCase):
     def test_nestedPackingDuringCollection(self) -> None:
         """

@@ -2632,12 +2632,18 @@ record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (count > 15) {
         Py_RETURN_NONE;
     }
+    /* The fields, held: taking a part's buffer can run Python code (__buffer__, from Python
+     * 3.12), which may change the list; the record is sized and written from these. */
+    PyObject *fields[15];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        fields[i] = Py_NewRef(PyList_GET_ITEM(message, i));
+    }
     RecordValue value;
     value.count = -1;
     PyObject *result = NULL;
     Py_ssize_t size = 1; /* the fixarray header */
     for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t field = recordField(NULL, PyList_GET_ITEM(message, i), packedType, inlineLimit, &value);
+        Py_ssize_t field = recordField(NULL, fields[i], packedType, inlineLimit, &value);
         if (field < 0) {
             goto done;
         }
@@ -2660,12 +2666,15 @@ record(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     out[4] = (unsigned char)(0x90 | count);
     out += 5;
     for (Py_ssize_t i = 0; i < count; i++) {
-        /* (The fields cannot change between the passes: no Python code runs.) */
-        out += recordField(out, PyList_GET_ITEM(message, i), packedType, inlineLimit, &value);
+        /* (Held, immutable or with their buffers taken: as they were sized.) */
+        out += recordField(out, fields[i], packedType, inlineLimit, &value);
     }
 done:
     for (Py_ssize_t i = 0; i < value.count; i++) {
         PyBuffer_Release(&value.parts[i]);
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_DECREF(fields[i]);
     }
     return result;
 }

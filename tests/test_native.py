@@ -15,6 +15,7 @@ import gc
 import inspect
 import itertools
 import random
+import sys
 import tracemalloc
 import weakref
 from collections import deque
@@ -3699,6 +3700,36 @@ class RecordAcceleratorTests(SynchronousTestCase):
         (record,) = _native.records([b"custom", 1, name])
         ((_, _, gotName),) = _native.FrameDecoder(None).feed(record)
         self.assertIs(type(gotName), bytes)
+
+    def test_recordWhilePythonCodeChangesTheMessage(self) -> None:
+        """
+        A part of a Packed value whose buffer Python code makes (``__buffer__``, Python 3.12
+        on) may change the message while record() packs it: the record is that of the fields
+        as they were, never written past its end (it was sized with the field before the
+        change, then written with the field after: a heap overflow) nor read past the list's.
+        """
+        if sys.version_info < (3, 12):
+            raise SkipTest("Python code makes a buffer from Python 3.12 on")
+        record = _accelerator.speedups.record
+        for change in ["grow", "shrink"]:
+            message: list[Any] = [b"answer", 7, None]
+
+            class Sneaky:
+                def __buffer__(self, flags: int) -> memoryview:
+                    if change == "grow":
+                        message[0] = b"A" * 300_000
+                        message[1] = "x" * 70_000
+                    else:
+                        message.clear()
+                    gc.collect()
+                    return memoryview(b"v" * 10)
+
+            value = _native.Packed(b"\xc4\x0a")
+            value.parts = (b"\xc4\x0a", Sneaky())
+            message[2] = value
+            made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
+            envelope = msgpack.packb([b"answer", 7, b"\xc4\x0a" + b"v" * 10])
+            self.assertEqual(made, _native._packHeader(len(envelope)) + envelope, change)
 
 
 class LargeValuesReadInPlaceTests(NativeTestCase):

@@ -3701,6 +3701,55 @@ class RecordAcceleratorTests(SynchronousTestCase):
         ((_, _, gotName),) = _native.FrameDecoder(None).feed(record)
         self.assertIs(type(gotName), bytes)
 
+    def test_envelopeHostileSizes(self) -> None:
+        """
+        A peer's envelope whose last field claims more bytes than are left (a byte string or
+        text of up to 4 GiB, an integer cut short) or whose array claims more fields, at the
+        very end of the bytes read: left to msgpack, nothing read past the end (a missing
+        check here copies gigabytes from beyond the buffer, or crashes).
+        """
+        envelope = _accelerator.speedups.envelope
+        tails = [b"\xc4\xff", b"\xc5\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xc6\x7f\xff\xff\xff"]
+        tails += [b"\xd9\xff", b"\xda\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff"]
+        tails += [b"\xbf", b"\xc4", b"\xc5\x01", b"\xc6\x00\x01", b"\xd9", b"\xda\x01", b"\xdb"]
+        tails += [b"\xcc", b"\xcd\x01", b"\xce\x01\x02\x03", b"\xcf", b"\xd0", b"\xd3\x01"]
+        for prefix in [b"\x91", b"\x93\xc4\x06answer\x07", b"\xdc\x00\x01", b"\xdc\xff\xff"]:
+            for tail in [b"", *tails]:
+                data = b"\0\0\0\0" + prefix + tail
+                got = envelope(data, 4, len(data), 1, {b"answer": -1})
+                self.assertIsNone(got, (prefix, tail))
+        data = b"\0\0\0\0\x92\xc4\x06answer\xc6\x00\x00\x00\x02xy"
+        for stop in range(4, len(data)):
+            self.assertIsNone(envelope(data, 4, stop, 1, {b"answer": -1}), stop)
+        self.assertEqual(envelope(data, 4, len(data), 1, {b"answer": -1}), [b"answer", b"xy"])
+
+    def test_envelopeViewEdges(self) -> None:
+        """
+        A byte string is a view from exactly ``large`` bytes on, and only in the first 64
+        fields (the bits of a mask); a larger one past them is bytes.
+        """
+        envelope = _accelerator.speedups.envelope
+        for size, kind in [(99, bytes), (100, memoryview), (101, memoryview)]:
+            data = b"\0\0\0\0" + msgpack.packb([b"answer", 1, b"x" * size])
+            (_, _, value) = envelope(data, 4, len(data), 100, _native.VALUE_FIELDS)
+            self.assertIs(type(value), kind, size)
+        data = b"\0\0\0\0" + msgpack.packb([b"many", *[b"y" * 100] * 69])
+        got = envelope(data, 4, len(data), 100, {b"many": -1})
+        self.assertEqual([type(field) for field in got], [bytes] + [memoryview] * 63 + [bytes] * 6)
+
+    def test_recordLeavesPackedSubclass(self) -> None:
+        """
+        A subclass of Packed is not a value record() splices (Python refuses it too).
+        """
+
+        class Sub(_native.Packed):
+            pass
+
+        message = [b"answer", 1, Sub(b"\x01")]
+        record = _accelerator.speedups.record
+        self.assertIsNone(record(message, _native.Packed, _native.INLINE_LIMIT, 1 << 18))
+        self.assertEqual(self.inPython(message), TypeError)
+
     def test_recordWhilePythonCodeChangesTheMessage(self) -> None:
         """
         A part of a Packed value whose buffer Python code makes (``__buffer__``, Python 3.12
@@ -3715,17 +3764,20 @@ class RecordAcceleratorTests(SynchronousTestCase):
             message: list[Any] = [b"answer", 7, None]
 
             class Sneaky:
+                def __init__(self, message: list[Any], change: str) -> None:
+                    self.message, self.change = message, change
+
                 def __buffer__(self, flags: int) -> memoryview:
-                    if change == "grow":
-                        message[0] = b"A" * 300_000
-                        message[1] = "x" * 70_000
+                    if self.change == "grow":
+                        self.message[0] = b"A" * 300_000
+                        self.message[1] = "x" * 70_000
                     else:
-                        message.clear()
+                        self.message.clear()
                     gc.collect()
                     return memoryview(b"v" * 10)
 
             value = _native.Packed(b"\xc4\x0a")
-            value.parts = (b"\xc4\x0a", Sneaky())
+            value.parts = (b"\xc4\x0a", Sneaky(message, change))
             message[2] = value
             made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
             envelope = msgpack.packb([b"answer", 7, b"\xc4\x0a" + b"v" * 10])
@@ -3754,7 +3806,6 @@ class LargeValuesReadInPlaceTests(NativeTestCase):
         second = self.call(name, b"a" * 40_000)
         self.assertIsInstance(first, Failure)
         self.assertEqual(first.getErrorMessage(), second.getErrorMessage())
-
 
 
 class WholeRecordOfAnySequenceTests(NativeTestCase):

@@ -401,6 +401,10 @@ class FrameDecoder:
         self, messageSizeLimit: int | None, valueFields: dict[bytes, int] = VALUE_FIELDS
     ) -> None:
         self.messageSizeLimit = messageSizeLimit
+        if type(valueFields) is not dict or not all(
+            type(command) is bytes and type(bits) is int for command, bits in valueFields.items()
+        ):
+            raise TypeError(f"valueFields must map bytes to int bits, not {valueFields!r:.80}")
         self._valueFields = valueFields
         self._buffer = bytearray()
         self._position = 0

@@ -3422,6 +3422,7 @@ class Broker(Banana):
         b"streamcancel": (_streamCancel, 1),
     }
     #: command -> a bit for each of its fields that is a value the handler unserialises: in the
-    #: native dialect such a field, if large, is handed over as a view of the bytes read rather
-    #: than a copy. Subclasses whose new messages carry values may extend a copy.
+    #: native dialect such a field, if large, is handed over as a memoryview of the bytes read
+    #: rather than a copy (a subclass's handler of one of these commands gets that too).
+    #: Subclasses whose new messages carry values may extend a copy.
     valueFields: ClassVar[dict[bytes, int]] = VALUE_FIELDS

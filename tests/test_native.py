@@ -1006,6 +1006,15 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertRaises(BananaDecodeError, decoder.feed, _native.records([b"y" * 200])[0])
         self.assertRaises(BananaDecodeError, decoder.feed, small)  # refused for good
 
+    def test_valueFieldsChecked(self) -> None:
+        """
+        A table of value fields that does not map byte strings to int bits is refused when the
+        decoder is made, not when the first large record arrives.
+        """
+        for table in ({"answer": 4}, {b"answer": "4"}, [(b"answer", 4)]):
+            self.assertRaises(TypeError, _native.FrameDecoder, None, table)
+        _native.FrameDecoder(None, {b"answer": 4})
+
     def test_oneLargeRecordPerRead(self) -> None:
         """
         A read of exactly one whole record larger than the small ones takes the shortcut
@@ -3756,9 +3765,9 @@ class RecordAcceleratorTests(SynchronousTestCase):
         on) may change the message while record() packs it: the record is that of the fields
         as they were, never written past its end (it was sized with the field before the
         change, then written with the field after: a heap overflow) nor read past the list's.
+        Before Python 3.12 such a part is no buffer: record() refuses it with the TypeError
+        Python's packing raises.
         """
-        if sys.version_info < (3, 12):
-            raise SkipTest("Python code makes a buffer from Python 3.12 on")
         record = _accelerator.speedups.record
         for change in ["grow", "shrink"]:
             message: list[Any] = [b"answer", 7, None]
@@ -3779,6 +3788,18 @@ class RecordAcceleratorTests(SynchronousTestCase):
             value = _native.Packed(b"\xc4\x0a")
             value.parts = (b"\xc4\x0a", Sneaky(message, change))
             message[2] = value
+            if sys.version_info < (3, 12):
+                self.assertIs(self.inPython(message), TypeError)
+                self.assertRaises(
+                    TypeError,
+                    record,
+                    message,
+                    _native.Packed,
+                    _native.INLINE_LIMIT,
+                    _native.FRAGMENT_SIZE,
+                )
+                self.assertEqual(message[:2], [b"answer", 7])  # no Python code ran
+                continue
             made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
             envelope = msgpack.packb([b"answer", 7, b"\xc4\x0a" + b"v" * 10])
             self.assertEqual(made, _native._packHeader(len(envelope)) + envelope, change)

@@ -40,9 +40,10 @@ from itertools import islice
 from random import Random
 from typing import Any
 
+import msgpack
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from pbroker import _unjellier, banana, jelly
+from pbroker import _accelerator, _native, _unjellier, banana, jelly
 from pbroker._jellier import _jellyTokens
 from pbroker.errors import (
     BananaDecodeError,
@@ -1758,6 +1759,157 @@ def fuzzUnjellyAccelerator(rng: Random, count: int, run: FuzzRun) -> None:
                 )
 
 
+# ---------------------------------------------------------------------------------------------
+# Native records: the C extension's record() and envelope() against their Python twins
+
+#: Integers at the edges of msgpack's forms.
+_MSGPACK_INTEGERS = [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32, 2**63 - 1]
+_MSGPACK_INTEGERS += [2**63, 2**64 - 1, -1, -32, -33, -128, -129, -32_768, -32_769, -(2**31)]
+_MSGPACK_INTEGERS += [-(2**31) - 1, -(2**63)]
+
+
+def randomField(rng: Random) -> Any:
+    """
+    A field for a native message envelope: mostly of the kinds the C extension packs and
+    reads (integers at the edges of msgpack's forms, byte strings and text at the edges of
+    their headers, None, booleans, a Packed value), sometimes of others (which it leaves to
+    Python).
+    """
+    kind = rng.randrange(10)
+    if kind < 3:
+        return rng.choice([*_MSGPACK_INTEGERS, rng.randrange(-(2**40), 2**40)])
+    if kind < 5:
+        size = rng.choice([0, 1, 31, 32, 255, 256, 65_535, 65_536, rng.randrange(40_000, 70_000)])
+        return rng.randbytes(size)
+    if kind == 5:
+        return rng.choice(["", "é", "ü" * 16, "x" * 31, "x" * 32, "€" * 100, "y" * 70_000])
+    if kind == 6:
+        return rng.choice([None, True, False, {}])
+    if kind == 7:
+        return rng.choice([2**64, -(2**63) - 1, 1.5, {"k": 1}, [1, [2]], "\udc80"])
+    return _native.Packed(*[rng.randbytes(rng.randrange(3000)) for _ in range(rng.randrange(1, 6))])
+
+
+def _shape(fields: list[Any]) -> str:
+    return repr([(type(f).__name__, getattr(f, "size", None) or _size(f)) for f in fields])
+
+
+def _size(field: Any) -> int | None:
+    return len(field) if isinstance(field, (bytes, str, list, dict)) else None
+
+
+def recordProblem(message: list[Any]) -> str | None:
+    """
+    What is wrong with the C record of ``message``, or ``None``: C must give the bytes
+    :func:`pbroker._native.wholeRecord` gives in Python, or leave the message to it.
+    """
+    record = _accelerator.speedups.record  # type: ignore[union-attr]
+    try:
+        made = record(message, _native.Packed, _native.INLINE_LIMIT, _native.FRAGMENT_SIZE)
+    except Exception as e:
+        return f"record() raised {e!r}"
+    if made is None:
+        return None
+    saved, _native._record = _native._record, None
+    try:
+        expected = _native.wholeRecord(message)
+    except Exception as e:
+        return f"record() packed what Python refuses ({e!r})"
+    finally:
+        _native._record = saved
+    if made != expected:
+        return "record() and Python packed different records"
+    return None
+
+
+def envelopeProblem(
+    data: bytes, stop: int, large: int, valueFields: dict[bytes, int]
+) -> str | None:
+    """
+    What is wrong with C's reading of the envelope in ``data[4:stop]``, or ``None``: it must
+    be msgpack's, with a byte string of ``large`` bytes or more in a value field (by
+    ``valueFields``) a view of ``data`` and any other field of msgpack's type; or it must be
+    left to msgpack.
+    """
+    envelope = _accelerator.speedups.envelope  # type: ignore[union-attr]
+    try:
+        got = envelope(data, 4, stop, large, valueFields)
+    except Exception as e:
+        return f"envelope() raised {e!r}"
+    try:
+        expected = msgpack.unpackb(data[4:stop], raw=False, strict_map_key=True, use_list=True)
+    except Exception:
+        return None if got is None else "envelope() read what msgpack refuses"
+    if got is None:
+        return None
+    if got != expected:
+        return "envelope() and msgpack read different fields"
+    mask = valueFields.get(got[0], 0) if got and type(got[0]) is bytes else 0
+    for index, (item, want) in enumerate(zip(got, expected, strict=True)):
+        if (
+            type(want) is bytes
+            and len(want) >= large
+            and index
+            and index < 64
+            and mask >> index & 1
+        ):
+            if type(item) is not memoryview or item.obj is not data:
+                return f"field {index} is not a view of the bytes read"
+        elif type(item) is not type(want):
+            return f"field {index} is a {type(item).__name__}, not a {type(want).__name__}"
+    return None
+
+
+def fuzzNativeRecords(rng: Random, count: int, run: FuzzRun) -> None:
+    """
+    The C extension's native record packer and envelope reader against Python's
+    ``wholeRecord`` and msgpack: random messages, packed, then mutated and cut short (half the
+    time where the bytes end, so that a read past them is past their memory, which
+    ``.ci/sanitize`` sees). ``decodeOk`` counts the records C packed and the envelopes it
+    read. Does nothing where the extension is not built.
+    """
+    if _native._record is None or _native._envelope is None:
+        return
+    commands = [*_native.VALUE_FIELDS, b"other", b"decref"]
+    for _ in range(count):
+        if run.stopped:
+            return
+        run.inputs += 1
+        message = [randomField(rng) for _ in range(rng.randrange(0, 18))]
+        problem = recordProblem(message)
+        if problem is None:
+            fields = [b"".join(f.parts) if type(f) is _native.Packed else f for f in message]
+            if fields and rng.random() < 0.7:
+                fields[0] = rng.choice(commands)
+            try:
+                data = bytearray(rng.randbytes(4) + msgpack.packb(fields, use_bin_type=True))
+            except (OverflowError, UnicodeEncodeError, ValueError):
+                continue  # an int over 64 bits, a lone surrogate: never sent
+            for _ in range(rng.choice([0, 0, 1, 3])):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            stop = len(data) if rng.random() < 0.8 else rng.randrange(4, len(data) + 1)
+            data = bytearray(data[:stop]) if rng.random() < 0.5 else data
+            large = rng.choice([1, 100, _native._LARGE_BYTES])
+            valueFields = rng.choice([_native.VALUE_FIELDS, {b"other": -1}])
+            problem = envelopeProblem(bytes(data), stop, large, valueFields)
+            if problem is not None:
+                problem = f"{problem}: {bytes(data[:200]).hex()} (first 200 bytes), stop {stop}"
+        else:
+            problem = f"{problem}: {_shape(message)}"
+        if problem is None:
+            run.decodeOk += 1
+            continue
+        run.record(
+            Failure(
+                generator="native-records",
+                problem=problem.split(":")[0],
+                signature=("native-records", problem.split(":")[0]),
+                details=problem,
+            ),
+            None,
+        )
+
+
 #: The generators, by name, with the batch size the runner uses for each.
 GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "random-bytes": (fuzzRandomBytes, 200),
@@ -1768,6 +1920,7 @@ GENERATORS: dict[str, tuple[Callable[[Random, int, FuzzRun], None], int]] = {
     "accelerator": (fuzzAccelerator, 200),
     "encoder": (fuzzEncoder, 50),
     "unjelly-accelerator": (fuzzUnjellyAccelerator, 50),
+    "native-records": (fuzzNativeRecords, 50),
 }
 
 
@@ -1980,6 +2133,38 @@ class UnjellyAcceleratorFuzzTests(FuzzTestCase):
         self.assertNotEqual(canonical(0.0), canonical(-0.0))
         self.assertEqual(canonical(float("nan")), canonical(float("nan")))
         self.assertEqual(canonical(cyclic), "list(#0,),")
+
+
+class NativeRecordFuzzTests(FuzzTestCase):
+    """
+    The C extension's record() and envelope() agree with their Python twins.
+    """
+
+    def setUp(self) -> None:
+        if _native._record is None:
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
+
+    def test_agrees(self) -> None:
+        """Random messages, packed, mutated and cut short: C gives what Python gives."""
+        run = self.fuzz(fuzzNativeRecords, 7, 3000)
+        self.assertEqual(run.inputs, 3000)
+        self.assertGreater(run.decodeOk, 1000)
+
+    def test_problemsSeen(self) -> None:
+        """The checks tell a wrong record or a wrong reading apart from a right one."""
+        message = [b"answer", 1, b"x" * 40]
+        self.assertIsNone(recordProblem(message))
+        data = b"\0\0\0\0" + msgpack.packb([b"answer", 1, b"x" * 40])
+        self.assertIsNone(envelopeProblem(data, len(data), 10, _native.VALUE_FIELDS))
+        # (Read with every field a copy, as msgpack reads it: no views.)
+        self.patch(_accelerator.speedups, "envelope", lambda data, *args: msgpack.unpackb(data[4:]))
+        self.assertIn(
+            "not a view", envelopeProblem(data, len(data), 10, _native.VALUE_FIELDS) or ""
+        )
+        self.patch(_accelerator.speedups, "record", lambda *args: b"wrong")
+        self.assertIn("different records", recordProblem(message) or "")
+        self.patch(_accelerator.speedups, "envelope", lambda *args: [b"answer", 2, b"x" * 40])
+        self.assertIn("different fields", envelopeProblem(data, len(data), 10, {}) or "")
 
 
 class UnjellyFuzzTests(FuzzTestCase):

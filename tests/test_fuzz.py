@@ -612,8 +612,26 @@ def _decodeAll(
     return expressions, None, None
 
 
-def _encodeAll(expressions: list[Any]) -> list[bytes]:
-    return [banana.encode(expression) for expression in expressions]
+def _encodeAll(expressions: list[Any]) -> list[list[tuple[str, Any]]]:
+    """
+    The expressions as lists of tokens, to compare: each leaf by its type and repr (0.0 and
+    -0.0 differ, a NaN equals itself), each list by its length. Walked on a stack of its own
+    (expressions nest deeper than repr goes), and text too: with the ``text`` limit the
+    decoder gives ``str``, which banana.encode cannot send.
+    """
+    flattened = []
+    for expression in expressions:
+        tokens: list[tuple[str, Any]] = []
+        stack = [expression]
+        while stack:
+            item = stack.pop()
+            if type(item) is list:
+                tokens.append(("list", len(item)))
+                stack.extend(reversed(item))
+            else:
+                tokens.append((type(item).__name__, repr(item)))
+        flattened.append(tokens)
+    return flattened
 
 
 def _bytesFailure(

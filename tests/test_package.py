@@ -219,6 +219,21 @@ class PackageTests(SynchronousTestCase):
             "pbroker._speedups was not built (no C compiler or Python headers?)",
         )
 
+    def test_sanitizeSeesSmallObjects(self) -> None:
+        """.ci/sanitize runs its Python with PYTHONMALLOC=malloc (else a read past the end of
+        an object under 512 bytes stays inside pymalloc's arena, unseen by AddressSanitizer)
+        and with PBROKER_PURE_PYTHON unset (else the sanitized build goes unused and every
+        test of it is skipped: a pass that checked nothing)."""
+        script = PACKAGE.parent / ".ci" / "sanitize"
+        if not script.exists():
+            raise SkipTest("not run from a checkout")
+        lines = script.read_text().splitlines()
+        runs = [line for line in lines if "LD_PRELOAD=" in line]
+        self.assertTrue(runs)
+        for line in runs:
+            self.assertIn("PYTHONMALLOC=malloc", line)
+        self.assertIn("unset PBROKER_PURE_PYTHON", lines)
+
     def test_typed(self) -> None:
         """The package ships its py.typed marker."""
         self.assertTrue((PACKAGE / "py.typed").exists())

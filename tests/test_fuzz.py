@@ -1816,6 +1816,17 @@ def _size(field: Any) -> int | None:
     return len(field) if isinstance(field, (bytes, str, list, dict)) else None
 
 
+def wholeRecordInPython(message: list[Any]) -> bytes | None:
+    """
+    :func:`pbroker._native.wholeRecord` with the C extension's ``record()`` set aside.
+    """
+    saved, _native._record = _native._record, None
+    try:
+        return _native.wholeRecord(message)
+    finally:
+        _native._record = saved
+
+
 def recordProblem(message: list[Any]) -> str | None:
     """
     What is wrong with the C record of ``message``, or ``None``: C must give the bytes
@@ -1828,13 +1839,10 @@ def recordProblem(message: list[Any]) -> str | None:
         return f"record() raised {e!r}"
     if made is None:
         return None
-    saved, _native._record = _native._record, None
     try:
-        expected = _native.wholeRecord(message)
+        expected = wholeRecordInPython(message)
     except Exception as e:
         return f"record() packed what Python refuses ({e!r})"
-    finally:
-        _native._record = saved
     if made != expected:
         return "record() and Python packed different records"
     return None

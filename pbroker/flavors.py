@@ -257,6 +257,11 @@ class Copyable(Serializable):
         return jellier.preserve(self, sexp)
 
 
+# The types whose empty values a copy takes as "no attributes", as Twisted takes any false
+# state; others (an application's class with its own ``__bool__``) are not asked.
+_EMPTIABLE = (list, tuple, set, frozenset, str, bytes, int, float)
+
+
 class RemoteCopy(Unjellyable):
     """
     The receiving side of a :class:`Copyable`: register a subclass for the copyable's tag
@@ -266,12 +271,16 @@ class RemoteCopy(Unjellyable):
 
     def setCopyableState(self, state: Any) -> None:
         """
-        Install the received state; by default it becomes ``__dict__`` (text keys).
+        Install the received state; by default it becomes ``__dict__`` (text keys). An empty
+        state (``None``, which ``__getstate__`` gives for an object without attributes, or an
+        empty list, string or zero) leaves no attributes, as in Twisted.
 
         :raises ~pbroker.errors.InvalidJelly: the state is not a dictionary with text keys
             (the peer's fault).
         """
-        if not isinstance(state, dict):
+        if state is None or (isinstance(state, _EMPTIABLE) and not state):
+            state = {}
+        elif not isinstance(state, dict):
             raise InvalidJelly(
                 f"a copy of {qual(type(self))} needs a dictionary state, not {type(state).__name__}"
             )

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 POINT_TAG = b"interop.Point"
 GAUGE_TAG = b"interop.Gauge"
+BLANK_TAG = b"interop.Blank"
 BIG = bytes(range(256)) * 4096  # 1 MiB, beyond PB's 640 KiB string limit
 VALUES: list[Any] = [
     None,
@@ -61,6 +62,18 @@ def build(pb: Any, util: Any) -> Any:
             return POINT_TAG
 
     class RemotePoint(pb.RemoteCopy):
+        pass
+
+    class Blank(pb.Copyable):
+        """A copy with no state: ``None``, as ``__getstate__`` gives for no attributes."""
+
+        def getTypeToCopy(self) -> bytes:
+            return BLANK_TAG
+
+        def getStateToCopy(self) -> Any:
+            return None
+
+    class RemoteBlank(pb.RemoteCopy):
         pass
 
     class Gauge(pb.Cacheable):
@@ -116,6 +129,12 @@ def build(pb: Any, util: Any) -> Any:
 
         def perspective_norm(self, point: Any) -> int:
             return int(point.x + point.y)
+
+        def perspective_blank(self) -> Any:
+            return Blank()
+
+        def perspective_isBlank(self, value: Any) -> bool:
+            return isinstance(value, RemoteBlank) and not vars(value)
 
         def perspective_gauge(self) -> Any:
             return self.state["gauge"]
@@ -187,6 +206,9 @@ def build(pb: Any, util: Any) -> Any:
         point = await avatar.callRemote("point")
         check(isinstance(point, RemotePoint) and (point.x, point.y) == (3, 4), "copy received")
         check(await avatar.callRemote("norm", Point(5, 6)) == 11, "copy sent")
+        blank = await avatar.callRemote("blank")
+        check(isinstance(blank, RemoteBlank) and not vars(blank), "copy without state received")
+        check(await avatar.callRemote("isBlank", Blank()), "copy without state sent")
         gauge = await avatar.callRemote("gauge")
         check(isinstance(gauge, RemoteGauge) and gauge.value == 1, "cacheable received")
         await avatar.callRemote("setGauge", 9)
@@ -205,12 +227,13 @@ def build(pb: Any, util: Any) -> Any:
         check(pipelined == list(range(200)), "200 calls pipelined")
         pages = await util.getAllPages(avatar, "pages")
         check(b"".join(pages) == BIG, "pager larger than 640 KiB")
-        del counter, point, gauge, board
+        del counter, point, blank, gauge, board
         gc.collect()
 
     return types.SimpleNamespace(
         Point=Point,
         RemotePoint=RemotePoint,
+        RemoteBlank=RemoteBlank,
         Gauge=Gauge,
         RemoteGauge=RemoteGauge,
         portal=portal,
@@ -233,6 +256,7 @@ def stock() -> Any:
     classes = build(pb, util)
     pb.setUnjellyableForClass(POINT_TAG, classes.RemotePoint)
     pb.setUnjellyableForClass(GAUGE_TAG, classes.RemoteGauge)
+    pb.setUnjellyableForClass(BLANK_TAG, classes.RemoteBlank)
     return classes
 
 

@@ -363,6 +363,34 @@ class CopyTests(SynchronousTestCase):
                 self.assertEqual((point.x, point.y), (1, 2))
             self.assertFalse(client.transport.disconnecting)
 
+    def test_emptyCopyState(self) -> None:
+        """A copy whose state is empty (``None``, as ``__getstate__`` gives for an object
+        without attributes, or an empty list, text or zero) arrives with no attributes, as
+        Twisted's RemoteCopy takes it; in both dialects."""
+        rootObject = self.server.localObjectForID(b"root")
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootObject, registry=self.registry),
+                pb.PBClientFactory(registry=self.registry, dialects=dialects),
+            )
+            root = client.remoteForName("root")
+            for state in (None, [], (), "", b"", 0, 0.0, False, {}):
+
+                class Empty(Point):
+                    def getTypeToCopy(self) -> bytes:
+                        return b"tests.test_broker.Point"
+
+                    def getStateToCopy(self, state: Any = state) -> Any:
+                        return state
+
+                rootObject.remote_empty = lambda: Empty(0, 0)
+                results: list[Any] = []
+                root.callRemote("empty").addBoth(results.append)
+                pump.flush()
+                [copy] = results
+                self.assertIsInstance(copy, RemotePoint, f"{dialects} {state!r}")
+                self.assertEqual(copy.__dict__, {})
+
     def test_withoutABroker(self) -> None:
         """Jellied without a broker (jelly.jelly), a Copyable or a Cacheable is its class
         name and attributes, as in Twisted, and unjellies as the registered copy; a

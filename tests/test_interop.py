@@ -2,7 +2,8 @@
 Interoperability over real loopback sockets with a stock Twisted PB peer in another process.
 
 Both directions run the same scenarios (tests/interop_peer.py): login with a right and a wrong
-password, every basic type, a Referenceable called again, a Copyable each way, a Cacheable
+password, every basic type, a Referenceable called again, a Copyable each way (one without
+state too), a Cacheable
 observed and updated, a Viewable, a remote exception with its type name, a one-way call, 200
 calls pipelined and a Pager transfer larger than 640 KiB.
 """
@@ -33,6 +34,7 @@ def pbrokerClasses() -> tuple[Any, jelly.UnjellyableRegistry]:
     registry = jelly.UnjellyableRegistry()
     registry.setUnjellyableForClass(interop_peer.POINT_TAG, classes.RemotePoint)
     registry.setUnjellyableForClass(interop_peer.GAUGE_TAG, classes.RemoteGauge)
+    registry.setUnjellyableForClass(interop_peer.BLANK_TAG, classes.RemoteBlank)
     return classes, registry
 
 
@@ -96,7 +98,7 @@ class InteropTests(TestCase):
         passed: list[str] = []
         await defer.ensureDeferred(classes.scenarios(factory, passed.append))
         self.assertIn("pager larger than 640 KiB", passed)
-        self.assertEqual(len(passed), 13 + len(interop_peer.VALUES))
+        self.assertEqual(len(passed), 15 + len(interop_peer.VALUES))
 
     async def test_stockClientPbrokerServer(self) -> None:
         """A stock Twisted client process runs every scenario against a pbroker server."""
@@ -112,5 +114,5 @@ class InteropTests(TestCase):
         report = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, report)
         self.assertIn("OK pager larger than 640 KiB", report)
-        self.assertEqual(report.count("OK "), 13 + len(interop_peer.VALUES), report)
+        self.assertEqual(report.count("OK "), 15 + len(interop_peer.VALUES), report)
         self.flushLoggedErrors(ValueError, UnauthorizedLogin)

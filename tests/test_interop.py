@@ -3,9 +3,8 @@ Interoperability over real loopback sockets with a stock Twisted PB peer in anot
 
 Both directions run the same scenarios (tests/interop_peer.py): login with a right and a wrong
 password, every basic type, a Referenceable called again, a Copyable each way (one without
-state too), a Cacheable
-observed and updated, a Viewable, a remote exception with its type name, a one-way call, 200
-calls pipelined and a Pager transfer larger than 640 KiB.
+state too), a Cacheable observed and updated, a Viewable, a remote exception with its type
+name, a one-way call, 200 calls pipelined and a Pager transfer larger than 640 KiB.
 """
 
 from __future__ import annotations

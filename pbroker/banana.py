@@ -35,10 +35,18 @@ from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, de
 __all__ = [
     "DEPTH_LIMIT",
     "DIALECTS",
+    "FLOAT",
     "HIGH_BIT_SET",
+    "INT",
+    "LIST",
+    "LONGINT",
+    "LONGNEG",
+    "NEG",
     "PB_VOCABULARY",
     "PREFIX_LIMIT",
     "SIZE_LIMIT",
+    "STRING",
+    "VOCAB",
     "Banana",
     "BananaDecodeError",
     "BananaEncodeError",
@@ -73,14 +81,21 @@ PREFIX_LIMIT: Final = 64
 #: jelly or unjelly structures this deep, so no stock peer sends them.
 DEPTH_LIMIT: Final = 1000
 
-LIST: Final = 0x80
-INT: Final = 0x81
-STRING: Final = 0x82
-NEG: Final = 0x83
-FLOAT: Final = 0x84
-LONGINT: Final = 0x85
-LONGNEG: Final = 0x86
-VOCAB: Final = 0x87
+# The type bytes (specification 1.1), as ints for building tokens.
+_LIST: Final = 0x80
+_INT: Final = 0x81
+_STRING: Final = 0x82
+
+#: The type bytes as one-byte strings, as Twisted names them, for code that writes tokens
+#: itself (``int2b128(size, write); write(STRING); write(data)``).
+LIST: Final = b"\x80"
+INT: Final = b"\x81"
+STRING: Final = b"\x82"
+NEG: Final = b"\x83"
+FLOAT: Final = b"\x84"
+LONGINT: Final = b"\x85"
+LONGNEG: Final = b"\x86"
+VOCAB: Final = b"\x87"
 
 _INT32_MAX: Final = 2**31 - 1
 
@@ -204,8 +219,8 @@ _CACHED: Final = 0x400
 _HEADERS: Final = 0x400
 _LIST_CACHED: Final = 0x100
 _INT_TOKENS: Final = [_intToken(i) for i in range(_CACHED)]
-_STRING_HEADERS: Final = [_header(i, STRING) for i in range(_HEADERS)]
-_LIST_HEADERS: Final = [_header(i, LIST) for i in range(_LIST_CACHED)]
+_STRING_HEADERS: Final = [_header(i, _STRING) for i in range(_HEADERS)]
+_LIST_HEADERS: Final = [_header(i, _LIST) for i in range(_LIST_CACHED)]
 
 
 def _prefix(table: list[bytes], length: int) -> list[bytes]:
@@ -317,7 +332,7 @@ class Tokens:
         """
         if size > self.sizeLimit:
             raise BananaEncodeError(_stringError(size, self.sizeLimit))
-        return _header(size, STRING)
+        return _header(size, _STRING)
 
     def listHeader(self, size: int) -> bytes:
         """
@@ -327,7 +342,7 @@ class Tokens:
         """
         if size > self.sizeLimit:
             raise BananaEncodeError(_listError(size, self.sizeLimit))
-        return _header(size, LIST)
+        return _header(size, _LIST)
 
     def joinList(self, elements: list[bytes]) -> bytes:
         """
@@ -425,9 +440,9 @@ def encode(
                     if item < cached:
                         append(intTokens[item])
                     elif item < 0x4000:
-                        append(bytes((item & 0x7F, item >> 7, INT)))
+                        append(bytes((item & 0x7F, item >> 7, _INT)))
                     else:
-                        append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, INT)))
+                        append(bytes((item & 0x7F, (item >> 7) & 0x7F, item >> 14, _INT)))
                 else:
                     if not -largest <= item <= largest:
                         raise BananaEncodeError(_integerError(item, prefixLimit))
@@ -440,13 +455,13 @@ def encode(
                 size = len(item)
                 if size > sizeLimit:
                     raise BananaEncodeError(_stringError(size, sizeLimit))
-                append(_STRING_HEADERS[size] if size < _HEADERS else _header(size, STRING))
+                append(_STRING_HEADERS[size] if size < _HEADERS else _header(size, _STRING))
                 append(item)
             elif kind is list or kind is tuple:
                 size = len(item)
                 if size > sizeLimit:
                     raise BananaEncodeError(_listError(size, sizeLimit))
-                append(_LIST_HEADERS[size] if size < _LIST_CACHED else _header(size, LIST))
+                append(_LIST_HEADERS[size] if size < _LIST_CACHED else _header(size, _LIST))
                 parents.append(items)
                 items = iter(item)
                 break

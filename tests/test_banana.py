@@ -5,6 +5,7 @@ Tests for pbroker.banana: golden vectors, incremental decoding, limits, errors, 
 from __future__ import annotations
 
 import gc
+import io
 import random
 import struct
 import sys
@@ -1134,7 +1135,8 @@ class LeavesTests(SynchronousTestCase):
 
 class PrefixHelperTests(SynchronousTestCase):
     def test_sameAsTwisted(self) -> None:
-        """int2b128, b1282int and HIGH_BIT_SET are Twisted's, for code that used them."""
+        """int2b128, b1282int, HIGH_BIT_SET and the type bytes are Twisted's, for code that
+        used them."""
         for value in (0, 1, 127, 128, 300, 2**64 + 5):
             ours: list[bytes] = []
             theirs: list[bytes] = []
@@ -1144,5 +1146,20 @@ class PrefixHelperTests(SynchronousTestCase):
             self.assertEqual(banana.b1282int(b"".join(ours)), value)
             self.assertEqual(twistedBanana.b1282int(b"".join(ours)), value)
         self.assertEqual(banana.HIGH_BIT_SET, twistedBanana.HIGH_BIT_SET)
+        for name in ("LIST", "INT", "STRING", "NEG", "FLOAT", "LONGINT", "LONGNEG", "VOCAB"):
+            self.assertEqual(getattr(banana, name), getattr(twistedBanana, name), name)
         with self.assertRaises(ValueError):
             banana.int2b128(-1, ours.append)
+
+    def test_typeBytesWriteTokens(self) -> None:
+        """The type bytes are one-byte strings, as in Twisted, so code that writes its own
+        tokens with int2b128 and them writes what the codec decodes."""
+        written = io.BytesIO()
+        banana.int2b128(2, written.write)
+        written.write(banana.LIST)
+        banana.int2b128(5, written.write)
+        written.write(banana.STRING)
+        written.write(b"hello")
+        banana.int2b128(7, written.write)
+        written.write(banana.NEG)
+        self.assertEqual(banana.decode(written.getvalue()), [b"hello", -7])

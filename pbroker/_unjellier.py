@@ -556,10 +556,14 @@ class Unjellier:
             self.postCallbacks.append(postUnjelly)
         return obj
 
-    def _lookupName(self, name: str, what: str) -> Any:
+    def _lookupName(self, name: str, what: str, nested: bool = False) -> Any:
         """
         Find ``module.name`` for a tag, importing the module only if the security options
-        allow it.
+        allow it (the part before the last dot is what they are asked about, as in Twisted).
+
+        :param nested: when that part is not a module, find ``name`` as a path of attributes
+            in the longest part of it that is one, as Twisted does for a function (a method
+            reached through its class, ``module.Class.method``).
         """
         moduleName, _, attribute = name.rpartition(".")
         if not moduleName:
@@ -570,18 +574,34 @@ class Unjellier:
             raise InsecureJelly(
                 f"module {describe(moduleName)} is not allowed (in {what} {describe(name)})"
             )
-        try:
-            module = importlib.import_module(moduleName)
-        except ImportError as e:
+        path = [attribute]
+        while True:
+            try:
+                found = importlib.import_module(moduleName)
+                break
+            except ModuleNotFoundError as e:
+                # The first missing module on the way, then look from its parent (shorter
+                # each time round).
+                missing = e.name or ""
+                parent = missing.rpartition(".")[0]
+                if nested and parent and f"{moduleName}.".startswith(f"{missing}."):
+                    path[:0] = moduleName[len(parent) + 1 :].split(".")
+                    moduleName = parent
+                    continue
+                error: ImportError = e
+            except ImportError as e:
+                error = e
             raise InvalidJelly(
-                f"cannot import module {describe(moduleName)} for {what} {describe(name)}: {e}"
+                f"cannot import module {describe(moduleName)} for {what} {describe(name)}: {error}"
             ) from None
-        try:
-            return getattr(module, attribute)
-        except AttributeError:
-            raise InvalidJelly(
-                f"module {describe(moduleName)} has no {what} {describe(attribute)}"
-            ) from None
+        for step in path:
+            try:
+                found = getattr(found, step)
+            except AttributeError:
+                raise InvalidJelly(
+                    f"module {describe(moduleName)} has no {what} {describe('.'.join(path))}"
+                ) from None
+        return found
 
     def _lookupClass(self, tag: bytes | str) -> type:
         name = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
@@ -732,7 +752,7 @@ def _unjellyModule(unjellier: Unjellier, node: list[Any]) -> types.ModuleType:
 def _unjellyFunction(unjellier: Unjellier, node: list[Any]) -> Any:
     _checkArity(node, 2)
     name = _textField(node, 1)
-    function = unjellier._lookupName(name, "function")
+    function = unjellier._lookupName(name, "function", nested=True)
     if not callable(function) or isinstance(function, type):
         raise InvalidJelly(f"{describe(name)} does not name a function")
     return function

@@ -187,6 +187,41 @@ class ValueTagTests(SynchronousTestCase):
         method = roundTrip(Point(3, -4).norm, taster=options)
         self.assertEqual(method(), 7)
 
+    def test_functionReachedThroughItsClass(self) -> None:
+        """A function named through its class (``module.Class.function``, what jelly gives
+        for a function defined in a class body) comes back, as in Twisted; the security
+        options are asked about everything before the last dot, as Twisted asks them."""
+        sexp = jelly.jelly(Point.norm)
+        self.assertEqual(sexp, [b"function", b"tests.test_jelly.Point.norm"])
+        self.assertIs(twistedJelly.unjelly(sexp), Point.norm)
+        options = SecurityOptions()
+        options.allowTypes("function")
+        options.allowModules("tests.test_jelly")
+        with self.assertRaises(InsecureJelly) as caught:
+            jelly.unjelly(sexp, options)
+        self.assertIn("module 'tests.test_jelly.Point' is not allowed", str(caught.exception))
+        options.allowModules("tests.test_jelly.Point")
+        self.assertIs(jelly.unjelly(sexp, options), Point.norm)
+        self.assertIs(jelly.unjelly(sexp, jelly.DummySecurityOptions()), Point.norm)
+        for name, message in [
+            (
+                b"tests.test_jelly.Point.nothing",
+                "module 'tests.test_jelly' has no function 'Point.nothing'",
+            ),
+            (b"tests.test_jelly.Nowhere.norm", "module 'tests.test_jelly' has no function"),
+            (b"tests.test_jelly.Point.x.y", "module 'tests.test_jelly' has no function"),
+            (
+                b"no_such_module_here.Point.norm",
+                "cannot import module 'no_such_module_here.Point' for function",
+            ),
+        ]:
+            with self.assertRaises(InvalidJelly) as caught:
+                jelly.unjelly([b"function", name], jelly.DummySecurityOptions())
+            self.assertIn(message, str(caught.exception))
+        # A class is still looked up in its module only, as in Twisted.
+        with self.assertRaises(InvalidJelly):
+            jelly.unjelly([b"class", b"tests.test_jelly.Point.Inner"], jelly.DummySecurityOptions())
+
     def test_instances(self) -> None:
         """An instance travels as its class name and state and is rebuilt without __init__."""
         options = SecurityOptions()

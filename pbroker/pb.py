@@ -193,6 +193,10 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 class PBServerFactory(protocol.ServerFactory):
     """
     Serves ``root`` to every client: an :class:`IPBRoot` (such as a :class:`Root`), or a

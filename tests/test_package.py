@@ -84,13 +84,14 @@ class PackageTests(SynchronousTestCase):
         """Importing pbroker.pb and serving a plain root does not load what such a server
         never uses (decimal, twisted.cred and the logins, TLS); a decimal still travels both
         ways in a process that had not loaded it, and the lazily taken names of pb are still
-        the classes of the modules that define them."""
+        the classes of the modules that define them, and dir() lists them."""
         script = (
             "import sys\n"
             "import pbroker.pb\n"
             "from pbroker import jelly\n"
             "pbroker.pb.PBServerFactory(pbroker.pb.Root())\n"
             "print(sorted(m for m in sys.modules if m in {LAZY!r}))\n"
+            "print({'Avatar', 'Portal', 'PBServerFactory'} <= set(dir(pbroker.pb)))\n"
             "value = jelly.unjelly([b'decimal', -125, -2])\n"
             "print(repr(value), jelly.jelly(value))\n"
             "from pbroker.pb import *\n"
@@ -103,7 +104,8 @@ class PackageTests(SynchronousTestCase):
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
         ).stdout.splitlines()
         self.assertEqual(
-            output, ["[]", "Decimal('-1.25') [b'decimal', -125, -2]", "True", "True True"]
+            output,
+            ["[]", "True", "Decimal('-1.25') [b'decimal', -125, -2]", "True", "True True"],
         )
 
     def test_twistedPbNames(self) -> None:

@@ -2924,14 +2924,21 @@ class Broker(Banana):
             return
         self._sendRelease(b"decache", objectID)
 
-    def _stopObserving(self, local: Local) -> None:
+    def _stopObserving(self, local: Local, farewellID: int | None = None) -> None:
+        """
+        Tell a Cacheable its copy is going. With ``farewellID`` (the peer still holds the
+        copy until the ``uncache`` sent after this) the observer it is given reaches the copy
+        until it returns, so it can send a last call, as in Twisted.
+        """
         cacheable = local.object
+        observer = RemoteCacheObserver(self, cacheable, local.perspective)
+        observer.farewellID = farewellID
         try:
-            cacheable.stoppedObserving(
-                local.perspective, RemoteCacheObserver(self, cacheable, local.perspective)
-            )
+            cacheable.stoppedObserving(local.perspective, observer)
         except Exception:
             self._log.failure("Error in stoppedObserving")
+        finally:
+            observer.farewellID = None
 
     # Receiving
 
@@ -3379,7 +3386,7 @@ class Broker(Banana):
         if local.decref() == 0:
             del self.remotelyCachedObjects[objectID]
             self.remotelyCachedLUIDs.pop(local.object.processUniqueID(), None)
-            self._stopObserving(local)
+            self._stopObserving(local, farewellID=objectID)
             # Behind any large cache message to the copy still being sent.
             keys = _needing((_OURS, objectID))
             self._sendBehindLarge(b"uncache", objectID, forPeer=True, keys=keys)

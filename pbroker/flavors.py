@@ -319,7 +319,9 @@ class Cacheable(Copyable):
 
     def stoppedObserving(self, perspective: Any, observer: RemoteCacheObserver) -> None:
         """
-        The copy reached by ``observer`` is gone; stop sending it updates.
+        The copy reached by ``observer`` is going; stop sending it updates. While this runs
+        (when the peer dropped its copy) ``observer`` can still send the copy a last call, as
+        in Twisted; after it returns, calls through ``observer`` fail.
         """
 
     def jellyFor(self, jellier: Jellier) -> Any:
@@ -434,6 +436,10 @@ class RemoteCacheObserver:
     ``observe_name`` there.
     """
 
+    #: The id of a copy the peer dropped, which this observer still reaches while the
+    #: owner's :meth:`Cacheable.stoppedObserving` runs (set and cleared by the broker).
+    farewellID: int | None = None
+
     def __init__(self, broker: Any, cached: Cacheable, perspective: Any) -> None:
         self.broker = broker
         self.cached = cached
@@ -446,14 +452,18 @@ class RemoteCacheObserver:
         name = _methodName(_name)
         cacheID = self.broker.cachedRemotelyAs(self.cached)
         if cacheID is None:
-            return fail(ProtocolError("the copy this observer reached is gone"))
+            cacheID = self.farewellID
+            if cacheID is None:
+                return fail(ProtocolError("the copy this observer reached is gone"))
         return self.broker._sendMessage(b"cache", self.perspective, cacheID, name, args, kw)
 
     def remoteMethod(self, key: str) -> RemoteCacheMethod:
         """
         The ``observe_<key>`` method of the copy, callable like a local function.
         """
-        return RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
+        method = RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
+        method.observer = self  # reaching what this observer reaches, for as long
+        return method
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RemoteCacheObserver):

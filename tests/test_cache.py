@@ -61,6 +61,12 @@ def remoteCacheFor(module: Any) -> Any:
             self.history.append(self.value)
             self.value = value
 
+        def observe_goodbye(self, word: str) -> str:
+            farewells.append(word)
+            return word
+
+    farewells: list[str] = []
+    RemoteGauge.farewells = farewells  # type: ignore[attr-defined]
     return RemoteGauge
 
 
@@ -113,6 +119,7 @@ class CacheTestsMixin(CallsRoot):
             )
             twistedJelly.setUnjellyableForClass(TAG, remoteClass)
             factory = twistedPb.PBClientFactory()
+        self.farewells = remoteClass.farewells
         self.server, self.client, self.pump = connect(
             self.serverModule.PBServerFactory(rootWith(self.serverModule, self.gauge)), factory
         )
@@ -157,6 +164,42 @@ class CacheTestsMixin(CallsRoot):
         self.assertEqual(self.gauge.observers, [])  # type: ignore[attr-defined]
         self.assertEqual(self.client.locallyCachedObjects, {})  # type: ignore[attr-defined]
         self.assertEqual(self.server.remotelyCachedObjects, {})  # type: ignore[attr-defined]
+
+    def test_lastCallFromStoppedObserving(self) -> None:
+        """While stoppedObserving runs, its observer still reaches the copy the peer dropped
+        (it holds it until told the owner let go), so the owner can send a last call, as in
+        Twisted; once it returns, calls through that observer fail. (Stock Twisted's
+        remote methods of an observer cannot send their text name.)"""
+        answers: list[Any] = []
+        kept: list[Any] = []
+        ours = self.serverModule is pb  # type: ignore[attr-defined]
+
+        def stoppedObserving(perspective: Any, observer: Any) -> None:
+            observer.callRemote("goodbye", "bye").addBoth(answers.append)
+            if ours:
+                observer.remoteMethod("goodbye")("again").addBoth(answers.append)
+            else:
+                observer.callRemote("goodbye", "again").addBoth(answers.append)
+            kept.append(observer)
+
+        self.gauge.stoppedObserving = stoppedObserving  # type: ignore[attr-defined]
+        copy = self.call("gauge")
+        del copy
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.farewells, ["bye", "again"])  # type: ignore[attr-defined]
+        self.assertEqual(answers, ["bye", "again"])  # type: ignore[attr-defined]
+        self.assertEqual(self.client.locallyCachedObjects, {})  # type: ignore[attr-defined]
+        self.assertEqual(self.server.remotelyCachedObjects, {})  # type: ignore[attr-defined]
+        if not ours:
+            return
+        [observer] = kept
+        late: list[Any] = []
+        observer.callRemote("goodbye", "late").addErrback(late.append)
+        self.pump.flush()
+        self.assertEqual(self.farewells, ["bye", "again"])  # type: ignore[attr-defined]
+        [failure] = late
+        self.assertEqual(failure.getErrorMessage(), "the copy this observer reached is gone")
 
     def test_disconnectStopsObserving(self) -> None:
         """Losing the connection stops every observation."""

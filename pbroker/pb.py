@@ -214,7 +214,8 @@ class PBServerFactory(protocol.ServerFactory):
         native dialect, then ``pbroker1`` and ``pb`` (see :ref:`native`).
     :param keepalive: ping silent clients and drop dead ones
         (a :class:`~pbroker.broker.Keepalive`).
-    :param clock: what schedules keepalive pings and call timeouts (the reactor by default).
+    :param clock: what schedules keepalive pings and call timeouts (the reactor by default),
+        and with a portal the default login guard's delays.
     """
 
     protocol = Broker
@@ -234,8 +235,10 @@ class PBServerFactory(protocol.ServerFactory):
         clock: Any = None,
     ) -> None:
         if _isPortal(root):
-            from pbroker.cred import PortalRoot
+            from pbroker.cred import LoginGuard, PortalRoot
 
+            if loginGuard is None and clock is not None:
+                loginGuard = LoginGuard(reactor=clock)
             root = PortalRoot(root, loginGuard, legacyLogin)
         if not IPBRoot.providedBy(root):
             raise TypeError(

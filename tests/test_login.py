@@ -607,6 +607,23 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(reasons, {"UnauthorizedLogin"})
         self.flushLoggedErrors(UnauthorizedLogin)
 
+    def test_factoryClockDrivesTheDefaultGuard(self) -> None:
+        """A server factory given a clock and no guard makes its default guard run its
+        delays on that clock, not on the reactor."""
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        factory = pb.PBServerFactory(Portal(realmFor(pb), [checker]), clock=self.clock)
+        self.assertIs(factory.root.guard.reactor, self.clock)
+        clientFactory = pb.PBClientFactory()
+        _server, _client, pump = connect(factory, clientFactory)
+        results: list[Any] = []
+        clientFactory.login(UsernamePassword(b"alice", b"wrong")).addBoth(results.append)
+        pump.flush()
+        self.assertEqual(results, [])
+        self.clock.advance(0.5)
+        pump.flush()
+        self.assertTrue(results[0].check(UnauthorizedLogin))
+        self.flushLoggedErrors(UnauthorizedLogin)
+
     def test_successNotDelayedAndForgivesNothing(self) -> None:
         """A successful login is answered at once, and leaves the address's failures: an
         anonymous (or the attacker's own) login in between guesses does not reset the

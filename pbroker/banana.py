@@ -1058,7 +1058,7 @@ class Banana(Protocol):
             text=self.decodeText,
         )
         if not self.isClient:
-            self.sendEncoded(list(self.knownDialects))
+            self._sendNegotiation(list(self.knownDialects))
 
     def connectionReady(self) -> None:
         """
@@ -1070,6 +1070,11 @@ class Banana(Protocol):
         Called with each complete expression after the dialect is chosen. Override it.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement expressionReceived")
+
+    def _sendNegotiation(self, expression: Expression) -> None:
+        # The dialects offered, or the one chosen: always plain banana, whatever a subclass
+        # does with what it sends before the choice.
+        Banana.sendEncoded(self, expression)
 
     def sendEncoded(self, expression: Expression) -> None:
         """
@@ -1131,7 +1136,7 @@ class Banana(Protocol):
             offered = expression if isinstance(expression, list) else []
             for dialect in offered:
                 if isinstance(dialect, bytes) and dialect in self.knownDialects:
-                    self.sendEncoded(dialect)
+                    self._sendNegotiation(dialect)
                     self._selectDialect(dialect)
                     return
             self._fail(f"the server offered no dialect this client knows: {describe(expression)}")

@@ -494,6 +494,28 @@ def _keptOrder(entry: _KeptEntry) -> tuple[int, bool]:
     return entry[3], entry[0] is not None
 
 
+class _Early:
+    """
+    A message sent before the connection could carry it (see Broker._sendWhenReady): a call
+    (``deferred`` is its answer's, ``None`` for a one-way call), or a message given whole
+    (``expression``).
+    """
+
+    __slots__ = ("call", "deferred", "expression", "sent")
+
+    def __init__(
+        self,
+        call: tuple[Any, ...] | None,
+        deferred: Deferred[Any] | None = None,
+        expression: Any = None,
+    ) -> None:
+        self.call = call
+        self.deferred = deferred
+        self.expression = expression
+        # The Deferred of the call once it was sent (so cancelling reaches it).
+        self.sent: Deferred[Any] | None = None
+
+
 class _Payload:
     """
     A native message to be written in fragments, in parts (as opposed to bytes, written as
@@ -564,6 +586,7 @@ class Broker(Banana):
         "_backlog",
         "_backlogData",
         "_backlogSize",
+        "_beforeReady",
         "_blockedKeys",
         "_blockedNeeds",
         "_blockedUnknown",
@@ -786,6 +809,10 @@ class Broker(Banana):
         # Whether the factory is told of the connection when the peer's hello comes (a
         # native client: see connectionReady).
         self._factoryWaitsForHello = False
+        # What this side sent before it could (see _sendWhenReady): a list from
+        # connectionMade until the dialect is chosen (for a native client, until the
+        # server's hello), else None.
+        self._beforeReady: list[_Early] | None = None
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = _NO_MEMBERS
         self._abandonedOverflow = False
@@ -914,6 +941,7 @@ class Broker(Banana):
         self.connectionReady()
 
     def connectionReady(self) -> None:
+        early, self._beforeReady = self._beforeReady, None
         self.sendCall(b"version", self.version)
         if self.isNative:
             # "taken": this side says when it takes a large call that asks, and asks; it holds
@@ -922,6 +950,13 @@ class Broker(Banana):
                 b"hello",
                 {"messageSize": self.limits.messageSize, "taken": self.limits.bufferedBytes},
             )
+        if early is not None:
+            if self.isClient and self.isNative:
+                # Sent once the server's hello says how large a message it takes (as the
+                # application's own calls are: see below).
+                self._beforeReady = early
+            else:
+                self._sendEarly(early)
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -947,6 +982,8 @@ class Broker(Banana):
         self.disconnected = True
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.stop()
+        if self._beforeReady is not None:
+            self._dropEarly(self._lostReason or reason)
         transport: Any = self.transport
         if type(transport) is PacedTransport:
             transport.stopStallTimer()
@@ -1035,6 +1072,9 @@ class Broker(Banana):
         self.sendEncoded(list(expression))
 
     def sendEncoded(self, expression: Any) -> None:
+        if self._beforeReady is not None and not self.disconnected:
+            self._sendWhenReady(None, expression=expression)
+            return
         if self._codec is None:
             super().sendEncoded(expression)
             return
@@ -2059,8 +2099,15 @@ class Broker(Banana):
         """
         answerRequired = True
         if "pbanswer" in kw:
+            answerRequired = bool(kw["pbanswer"])
+            if self._beforeReady is not None and not self.disconnected:
+                call = (prefix, perspective, objectID, message, args, kw, options)
+                return self._sendWhenReady(call, answerRequired)
             kw = dict(kw)
-            answerRequired = bool(kw.pop("pbanswer"))
+            del kw["pbanswer"]
+        elif self._beforeReady is not None and not self.disconnected:
+            call = (prefix, perspective, objectID, message, args, kw, options)
+            return self._sendWhenReady(call)
         if self.disconnected:
             stale = DeadReferenceError("Calling Stale Broker")
             refusedStreams(stale, *findStreams((*args, *kw.values())))  # never to be sent
@@ -2338,10 +2385,74 @@ class Broker(Banana):
         super().makeConnection(PacedTransport(transport, self))  # type: ignore[no-untyped-call]
 
     def connectionMade(self) -> None:
+        self._beforeReady = []
         super().connectionMade()
         # From now, not from the choice of dialect: a peer that connects and then says
         # nothing is dropped too (no ping can be sent to it before the choice).
         self._startKeepalive()
+
+    def _sendWhenReady(
+        self, call: tuple[Any, ...] | None, answerRequired: bool = True, expression: Any = None
+    ) -> Deferred[Any] | None:
+        """
+        Keep a message sent before the dialect is chosen, to send once it is (encoded in it):
+        a call's arguments to :meth:`_sendMessage` (the Deferred of its answer returned, or
+        ``None`` for a one-way call), else an ``expression`` for :meth:`sendEncoded`.
+        """
+        assert self._beforeReady is not None
+        early = self._beforeReady
+
+        def cancel(_: Deferred[Any]) -> None:
+            if entry.sent is not None:
+                entry.sent.cancel()
+            elif entry in early:
+                early.remove(entry)  # never to be sent (the Deferred fails CancelledError)
+
+        deferred: Deferred[Any] | None = None
+        if call is not None and answerRequired:
+            deferred = Deferred(cancel)
+        entry = _Early(call, deferred, expression)
+        early.append(entry)
+        return deferred
+
+    def _sendEarly(self, early: list[_Early]) -> None:
+        """
+        Send, in order, what was sent before the connection was ready.
+        """
+        entries = early[:]
+        del early[:]
+        for entry in entries:
+            if entry.call is None:
+                self.sendEncoded(entry.expression)
+                continue
+            deferred = entry.deferred
+            if deferred is not None and deferred.called:
+                continue  # cancelled meanwhile (by a callback of one sent before it)
+            if deferred is None:
+                try:
+                    self._sendMessage(*entry.call)
+                except Exception:
+                    self._log.failure("A one-way call made before the connection was ready")
+                continue
+            sent = self._sendMessage(*entry.call)
+            assert sent is not None
+            entry.sent = sent
+            sent.chainDeferred(deferred)
+
+    def _dropEarly(self, reason: Any) -> None:
+        """
+        Fail what was sent before the connection was ready and never went: the connection was
+        lost first.
+        """
+        early, self._beforeReady = self._beforeReady, None
+        for entry in early or ():
+            if entry.call is None:
+                continue
+            lost = PBConnectionLost(reason)
+            _, _, _, _, args, kw, _ = entry.call
+            refusedStreams(lost, *findStreams((*args, *kw.values())))  # never to be sent
+            if entry.deferred is not None and not entry.deferred.called:
+                entry.deferred.errback(Failure(lost))
 
     def registerPageProducer(self, pager: Any) -> None:
         """
@@ -3356,6 +3467,9 @@ class Broker(Banana):
         taken = capabilities.get("taken")
         if type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)
+        early, self._beforeReady = self._beforeReady, None
+        if early is not None:
+            self._sendEarly(early)
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:

@@ -36,6 +36,7 @@ from pbroker.errors import (
     RemoteError,
 )
 from pbroker.failure import errorText, loggable
+from pbroker.stream import Stream
 from pbroker.testing import connectedServerAndClient
 from tests import interop_peer
 
@@ -2423,3 +2424,105 @@ class SharedValueInErrorTests(SynchronousTestCase):
         self.assertEqual((copy.type, copy.tb, copy.frames), (large.type, large.tb, large.frames))
         self.assertIn("ValueError: ([[[...], [...]], [[...], [...]]]) (not", copy.getTraceback())
         self.assertIsInstance(large.value.args[0], list)  # the application's error unchanged
+
+
+class EarlyCallTests(SynchronousTestCase):
+    """
+    Calls and messages a broker sends before the dialect is chosen (from a ``Broker``
+    subclass's ``connectionMade``, say) wait, and go in order, encoded in the chosen dialect.
+    """
+
+    def connectEarly(self, serverFactory: Any, clientFactory: Any) -> tuple[Any, Any, Any]:
+        return connectedServerAndClient(serverFactory, clientFactory, greet=False)
+
+    def test_serverCallsBeforeTheClientChose(self) -> None:
+        """A server that calls the client at once is answered, in every dialect a pbroker
+        client chooses, and by a stock client; the calls keep their order."""
+        results: list[Any] = []
+
+        class Eager(pb.Broker):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                for value in ("first", "second"):
+                    self.remoteForName("hello").callRemote("echo", value).addBoth(results.append)
+                self.remoteForName("hello").callRemote("record", "one-way", pbanswer=False)
+
+        for clientModule, dialects in [
+            (pb, [b"pbroker2"]),
+            (pb, [b"pbroker1"]),
+            (pb, [b"pb"]),
+            (twistedPb, None),
+        ]:
+            del results[:]
+            hello = rootFor(clientModule)
+            serverFactory = pb.PBServerFactory(pb.Root())
+            serverFactory.protocol = Eager
+            options = {} if dialects is None else {"dialects": dialects}
+            clientFactory = clientModule.PBClientFactory(**options)
+            server, client, pump = self.connectEarly(serverFactory, clientFactory)
+            client.setNameForLocal(b"hello", hello)
+            pump.flush()
+            self.assertEqual(results, ["first", "second"], dialects)
+            self.assertEqual(hello.received, ["one-way"])
+            self.assertFalse(server.transport.disconnecting)
+            self.assertFalse(client.transport.disconnecting)
+            if dialects is not None:
+                self.assertEqual(client.currentDialect, dialects[0])
+
+    def test_clientCallsBeforeItChose(self) -> None:
+        """A client that calls the server before it has chosen a dialect (and, in the native
+        dialect, before the server's hello) is answered; messages given whole wait too."""
+        root = rootFor(pb)
+        results: list[Any] = []
+
+        class Eager(pb.Broker):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.remoteForName("root").callRemote("echo", 1).addBoth(results.append)
+                self.remoteForName("root").callRemote("record", 2, pbanswer=False)
+                self.sendCall(b"ping", 7)
+
+        for dialects in ([b"pbroker2"], [b"pb"]):
+            del results[:]
+            del root.received[:]
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            clientFactory.protocol = Eager
+            server, client, pump = self.connectEarly(pb.PBServerFactory(root), clientFactory)
+            pump.flush()
+            self.assertEqual(results, [1])
+            self.assertEqual(root.received, [2])
+            self.assertEqual(client.currentDialect, dialects[0])
+            self.assertFalse(server.transport.disconnecting)
+
+    def test_cancelledBeforeReady(self) -> None:
+        """A call cancelled before the connection was ready fails with CancelledError and
+        is never sent; one cancelled after it went is abandoned as any call is."""
+        root = rootFor(pb)
+        _server, client, pump = self.connectEarly(pb.PBServerFactory(root), pb.PBClientFactory())
+        target = client.remoteForName("root")
+        first = target.callRemote("record", "never")
+        second = target.callRemote("wait")
+        kept = target.callRemote("echo", "kept")
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        pump.flush()
+        self.assertEqual(root.received, [])
+        self.assertEqual(self.successResultOf(kept), "kept")
+        self.assertNoResult(second)
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        pump.flush()
+        self.assertEqual(client.waitingForAnswers, {})
+
+    def test_lostBeforeReady(self) -> None:
+        """Calls made before the connection was ready fail with PBConnectionLost if it is
+        lost first; a stream argument is closed, not left open."""
+        root = rootFor(pb)
+        _server, client, pump = self.connectEarly(pb.PBServerFactory(root), pb.PBClientFactory())
+        stream = Stream()
+        call = client.remoteForName("root").callRemote("record", stream)
+        client.transport.loseConnection()
+        pump.flush()
+        self.failureResultOf(call, PBConnectionLost)
+        self.assertEqual(root.received, [])
+        self.assertTrue(stream.closed)

@@ -810,8 +810,7 @@ class Broker(Banana):
         # native client: see connectionReady).
         self._factoryWaitsForHello = False
         # What this side sent before it could (see _sendWhenReady): a list from
-        # connectionMade until the dialect is chosen (for a native client, until the
-        # server's hello), else None.
+        # connectionMade until the dialect is chosen, else None.
         self._beforeReady: list[_Early] | None = None
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = _NO_MEMBERS
@@ -951,12 +950,7 @@ class Broker(Banana):
                 {"messageSize": self.limits.messageSize, "taken": self.limits.bufferedBytes},
             )
         if early is not None:
-            if self.isClient and self.isNative:
-                # Sent once the server's hello says how large a message it takes (as the
-                # application's own calls are: see below).
-                self._beforeReady = early
-            else:
-                self._sendEarly(early)
+            self._sendEarly(early)
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:
@@ -3467,9 +3461,6 @@ class Broker(Banana):
         taken = capabilities.get("taken")
         if type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)
-        early, self._beforeReady = self._beforeReady, None
-        if early is not None:
-            self._sendEarly(early)
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:

@@ -2470,8 +2470,8 @@ class EarlyCallTests(SynchronousTestCase):
                 self.assertEqual(client.currentDialect, dialects[0])
 
     def test_clientCallsBeforeItChose(self) -> None:
-        """A client that calls the server before it has chosen a dialect (and, in the native
-        dialect, before the server's hello) is answered; messages given whole wait too."""
+        """A client that calls the server before it has chosen a dialect is answered;
+        messages given whole wait too."""
         root = rootFor(pb)
         results: list[Any] = []
 

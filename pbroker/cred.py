@@ -63,9 +63,10 @@ def respond(challenge: bytes, password: bytes) -> bytes:
     return hashlib.md5(hashed + challenge).digest()
 
 
-def _checkLength(username: bytes) -> None:
-    if len(username) > MAX_USERNAME:
-        raise UnauthorizedLogin(f"a username is at most {MAX_USERNAME} bytes, not {len(username)}")
+def _checkLength(username: bytes | str) -> None:
+    size = len(username) if isinstance(username, bytes) else len(username.encode("utf-8"))
+    if size > MAX_USERNAME:
+        raise UnauthorizedLogin(f"a username is at most {MAX_USERNAME} bytes, not {size}")
 
 
 def challenge() -> bytes:
@@ -229,7 +230,7 @@ class LoginGuard:
     def attempt(
         self,
         broker: Any,
-        username: bytes,
+        username: bytes | str,
         login: Callable[[], Deferred[Any]],
         guessable: bool = True,
     ) -> Deferred[Any]:
@@ -244,7 +245,9 @@ class LoginGuard:
         anyway is logged out at once.
         """
         address = _peerAddress(broker)
-        name = describe(username.decode("utf-8", "replace"))  # for the log, cut short
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        name = describe(username)  # for the log, cut short
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
         queue = self._queues.get(address) if guessable else None
@@ -522,7 +525,7 @@ class _PortalWrapper(Referenceable):
         )
         return serverNonce, verifier.salt, verifier.iterations, challenger
 
-    def remote_login(self, username: bytes) -> tuple[bytes, Referenceable]:
+    def remote_login(self, username: bytes | str) -> tuple[bytes, Referenceable]:
         """
         Start a username/password login: a challenge, and the object to respond to.
         """
@@ -539,9 +542,8 @@ class _PortalWrapper(Referenceable):
                 "this server does not accept the legacy MD5 login (stock Twisted clients, "
                 "and accounts outside its password file)"
             )
-        if isinstance(username, str):
-            username = username.encode("utf-8")
-        if not isinstance(username, bytes):
+        # Kept as sent (bytes or text), as Twisted keeps it: the portal's checker decides.
+        if not isinstance(username, (bytes, str)):
             raise UnauthorizedLogin("the username must be bytes or text")
         _checkLength(username)
         nonce = challenge()
@@ -586,7 +588,12 @@ class _PortalAuthChallenger(Referenceable):
     """
 
     def __init__(
-        self, portal: Portal, broker: Any, username: bytes, nonce: bytes, guard: LoginGuard
+        self,
+        portal: Portal,
+        broker: Any,
+        username: bytes | str,
+        nonce: bytes,
+        guard: LoginGuard,
     ) -> None:
         self.portal = portal
         self.broker = broker

@@ -443,7 +443,10 @@ class PBClientFactory(protocol.ClientFactory):
             return _answered(root.callRemote("loginAnonymous", client)).addCallback(avatarOf)
         if _isCertificateLogin(credentials):
             return _answered(root.callRemote("loginCertificate", client)).addCallback(avatarOf)
-        username = _bytes(credentials.username)
+        # The legacy login sends the username as it is given, as Twisted does: a server's
+        # checker may keep text usernames. pbroker's password login sends UTF-8 bytes.
+        givenUsername = credentials.username
+        username = _bytes(givenUsername)
         password = _bytes(credentials.password)
 
         # Callbacks, not a coroutine: a coroutine would turn the server's copied failure
@@ -509,7 +512,7 @@ class PBClientFactory(protocol.ClientFactory):
             return legacy(root)
 
         def legacy(root: RemoteReference) -> Deferred[Any]:
-            return _answered(root.callRemote("login", username)).addCallback(sendResponse)
+            return _answered(root.callRemote("login", givenUsername)).addCallback(sendResponse)
 
         def sendResponse(answer: Any) -> Deferred[Any]:
             if not (

@@ -134,7 +134,12 @@ class BrokerRealm:
         """
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("this realm only gives PB perspectives")
-        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else "anonymous"
+        if isinstance(avatarId, bytes):
+            name = avatarId.decode("utf-8", "replace")
+        elif isinstance(avatarId, str) and avatarId:
+            name = avatarId
+        else:
+            name = "anonymous"
         return pb.IPerspective, BrokerAvatar(name, self.services), lambda: None
 
 
@@ -417,18 +422,24 @@ class _CommonNameChecker:
         return succeed(name.encode("utf-8"))
 
 
-def _bytesUsernames(checker: Any) -> Any:
+def _eitherUsernames(checker: Any) -> Any:
     """
-    strcred's ``memory:`` checker keeps text usernames; PB sends them as bytes, so they would
-    never match. Give it bytes keys (and passwords).
+    strcred's ``memory:`` checker keeps text usernames; clients send them as bytes (pbroker's,
+    and most stock ones) or as text (a stock client given a text username). Give it each
+    user under both, with bytes passwords.
     """
     if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
-        checker.users = {
-            (k.encode("utf-8") if isinstance(k, str) else k): (
-                v.encode("utf-8") if isinstance(v, str) else v
-            )
-            for k, v in checker.users.items()
-        }
+        users: dict[bytes | str, bytes] = {}
+        for name, password in checker.users.items():
+            if isinstance(password, str):
+                password = password.encode("utf-8")
+            users[name] = password
+            try:
+                other = name.decode("utf-8") if isinstance(name, bytes) else name.encode("utf-8")
+            except UnicodeError:
+                continue  # only ever sent as these bytes
+            users.setdefault(other, password)
+        checker.users = users  # type: ignore[assignment]  # (strcred keeps text keys too)
     return checker
 
 
@@ -463,7 +474,7 @@ def makeService(options: Options) -> service.MultiService:
     if options["rootObject"] is not None:
         root = options["rootObject"]
     else:
-        checkers = [_bytesUsernames(checker) for checker in options.get("credCheckers", [])]
+        checkers = [_eitherUsernames(checker) for checker in options.get("credCheckers", [])]
         if options["password-file"]:
             checkers.append(ScramChecker(PasswordFile(options["password-file"])))
         if options["tls-client-ca"]:

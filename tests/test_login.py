@@ -64,7 +64,7 @@ def realmFor(module: Any) -> Any:
             self.loggedOut: list[str] = []
 
         def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
-            name = avatarId.decode() if isinstance(avatarId, bytes) else "anonymous"
+            name = avatarId.decode() if isinstance(avatarId, bytes) else avatarId or "anonymous"
             user = User(name, self.board)
             user.mind = mind  # type: ignore[attr-defined]
             return module.IPerspective, user, lambda: self.loggedOut.append(name)
@@ -89,6 +89,7 @@ class LoginTestsMixin:
     def setUp(self) -> None:
         self.realm = realmFor(self.serverModule)
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        checker.addUser("carol", b"secret")  # a text username (the checker keeps it so)
         portal = Portal(self.realm, [checker, AllowAnonymousAccess()])
         self.clientFactory = self.clientModule.PBClientFactory()
         if self.serverModule is pb:
@@ -108,6 +109,12 @@ class LoginTestsMixin:
 
     def mind(self) -> Any:
         return Mind() if self.clientModule is pb else TwistedMind()
+
+    def test_textUsername(self) -> None:
+        """A text username is sent and checked as text, as Twisted does it: the user a
+        checker keeps under a text name logs in, in every pairing with a stock peer too."""
+        avatar = self.resolve(self.clientFactory.login(UsernamePassword("carol", b"secret")))
+        self.assertEqual(self.resolve(avatar.callRemote("name")), "carol")  # type: ignore[attr-defined]
 
     def test_passwordLogin(self) -> None:
         """The right password logs in to an avatar whose perspective_ methods can be called."""
@@ -412,6 +419,7 @@ class MalformedLoginTests(SynchronousTestCase):
     def setUp(self) -> None:
         checker = InMemoryUsernamePasswordDatabaseDontUse()
         checker.addUser(b"alice", "text secret")  # a text password, as a realm may hold
+        checker.addUser("carol", b"secret")  # a text username, as strcred's memory: keeps
         self.clientFactory = pb.PBClientFactory()
         self.server, self.client, self.pump = connect(
             pb.PBServerFactory(
@@ -441,15 +449,22 @@ class MalformedLoginTests(SynchronousTestCase):
         self.assertEqual(self.call(results[0], "name"), "alice")
 
     def test_legacyLogin(self) -> None:
-        """The legacy login takes a text username as UTF-8; another type, or a response
-        that is not bytes, is refused; that refusal does not use up the challenge."""
+        """The legacy login keeps a username as it was sent, bytes or text, for the checker
+        to look up, as Twisted does; another type, or a response that is not bytes, is
+        refused; that refusal does not use up the challenge."""
         self.assertEqual(self.refusal(self.root, "login", 5), "the username must be bytes or text")
-        nonce, challenger = self.call(self.root, "login", "alice")
+        nonce, challenger = self.call(self.root, "login", b"alice")
         self.assertEqual(
             self.refusal(challenger, "respond", "not bytes", None), "the response must be bytes"
         )
         avatar = self.call(challenger, "respond", pb.respond(nonce, b"text secret"), None)
         self.assertEqual(self.call(avatar, "name"), "alice")
+        nonce, challenger = self.call(self.root, "login", "carol")
+        avatar = self.call(challenger, "respond", pb.respond(nonce, b"secret"), None)
+        self.assertEqual(self.call(avatar, "name"), "carol")
+        nonce, challenger = self.call(self.root, "login", "alice")  # not kept under text
+        self.refusal(challenger, "respond", pb.respond(nonce, b"text secret"), None)
+        self.flushLoggedErrors(UnauthorizedLogin)
 
     def test_certificateLoginWithoutCertificate(self) -> None:
         """A certificate login on a connection without a client certificate is refused."""

@@ -242,12 +242,14 @@ class ServiceTests(TestCase):
         self.assertEqual(await root.callRemote("ping"), "pong")
 
     async def test_authMemory(self) -> None:
-        """--auth memory: logs users in with the legacy exchange, from either kind of client."""
+        """--auth memory: logs users in with the legacy exchange, from either kind of client,
+        which may send the username as bytes or as text."""
         port = await self.start("--auth", "memory:alice:secret")
         for module in (pb, twistedPb):
-            factory = await self.connect(port, module)
-            avatar = await factory.login(UsernamePassword(b"alice", b"secret"))
-            self.assertEqual((await avatar.callRemote("info"))["user"], "alice")
+            for username in (b"alice", "alice"):
+                factory = await self.connect(port, module)
+                avatar = await factory.login(UsernamePassword(username, b"secret"))
+                self.assertEqual((await avatar.callRemote("info"))["user"], "alice")
         factory = await self.connect(port)
         with self.assertRaises(pb.RemoteError):
             await factory.login(UsernamePassword(b"alice", b"wrong"))

@@ -2088,8 +2088,9 @@ class Broker(Banana):
         answer, or ``None`` for a one-way call (``pbanswer=False``). Cancelling the Deferred
         abandons the call (and, in the native dialect, cancels it on the peer).
 
+        :raises DeadReferenceError: the connection is already lost (as in Twisted).
         :raises Exception: why a one-way call could not be sent (a value too large or that
-            cannot be serialised, a dead connection): it has no Deferred to fail.
+            cannot be serialised): it has no Deferred to fail.
         """
         answerRequired = True
         if "pbanswer" in kw:
@@ -2103,11 +2104,10 @@ class Broker(Banana):
             call = (prefix, perspective, objectID, message, args, kw, options)
             return self._sendWhenReady(call)
         if self.disconnected:
+            # Raised, as Twisted raises it: code written for PB catches it around the call.
             stale = DeadReferenceError("Calling Stale Broker")
             refusedStreams(stale, *findStreams((*args, *kw.values())))  # never to be sent
-            if not answerRequired:
-                raise stale
-            return fail(stale)
+            raise stale
         annotations = None if options is None else options.context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective

@@ -74,11 +74,11 @@ class RemoteReference(Serializable):
         Call the remote method ``_name`` with ``args`` and ``kw``.
 
         :returns: a Deferred that fires with the result, or fails with the remote failure; or
-            ``None`` for a one-way call made with ``pbanswer=False``. A call through a broker
-            that is already disconnected fails with
-            :class:`~pbroker.errors.DeadReferenceError` (through the Deferred, not raised).
-        :raises Exception: a one-way call that cannot be sent (too large, not serialisable,
-            or through a disconnected broker) raises why, having no Deferred to fail.
+            ``None`` for a one-way call made with ``pbanswer=False``.
+        :raises ~pbroker.errors.DeadReferenceError: the broker is already disconnected (raised
+            at once, as Twisted raises it).
+        :raises Exception: a one-way call that cannot be sent (too large, not serialisable)
+            raises why, having no Deferred to fail.
         """
         result: Deferred[Any] | None = self.broker._sendMessage(
             b"", self.perspective, self.luid, _methodName(_name), args, kw

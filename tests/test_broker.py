@@ -750,12 +750,16 @@ class CallTests(SynchronousTestCase):
                 self.assertEqual(results[1:], [None, None])
                 self.assertEqual(root.received, [b"bytes", {b"unicode": b"xy"}])
 
-    def test_callAfterDisconnectFailsThroughDeferred(self) -> None:
-        """A call through a dead broker fails through its Deferred with DeadReferenceError."""
+    def test_callAfterDisconnectRaises(self) -> None:
+        """A call through a dead broker raises DeadReferenceError at once, as Twisted's does
+        (code written for PB catches it around the call); with options too."""
         self.client.transport.loseConnection()
         self.pump.flush()
-        failure = self.failureResultOf(self.root.callRemote("echo", 1))
-        self.assertTrue(failure.check(DeadReferenceError))
+        with self.assertRaises(DeadReferenceError) as caught:
+            self.root.callRemote("echo", 1)
+        self.assertEqual(str(caught.exception), "Calling Stale Broker")
+        with self.assertRaises(DeadReferenceError):
+            self.root.withOptions(timeout=5).callRemote("echo", 1)
 
     def test_notifyOnDisconnect(self) -> None:
         """Disconnect callbacks of a reference run once with the reference."""

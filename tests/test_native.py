@@ -4962,8 +4962,8 @@ class RefusedStreamEdgeTests(NativeTestCase):
         DeadReferenceError: they will never be sent."""
         self.client.connectionLost(Failure(ConnectionDone()))
         stream = Stream()
-        failure = self.failureResultOf(self.root.callRemote("echo", [stream]))
-        self.assertTrue(failure.check(pb.DeadReferenceError))
+        with self.assertRaises(pb.DeadReferenceError):
+            self.root.callRemote("echo", [stream])
         self.assertTrue(stream.closed)
         self.assertFalse(stream.cancelled)
 

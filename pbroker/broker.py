@@ -2417,7 +2417,14 @@ class Broker(Banana):
         del early[:]
         for entry in entries:
             if entry.call is None:
-                self.sendEncoded(entry.expression)
+                # Raised here, its error would skip the entries after it (their Deferreds
+                # never fired) and the rest of connectionReady: whoever sent it is gone.
+                try:
+                    self.sendEncoded(entry.expression)
+                except Exception:
+                    self._log.failure(
+                        "A message sent before the connection was ready could not be sent"
+                    )
                 continue
             deferred = entry.deferred
             if deferred is not None and deferred.called:

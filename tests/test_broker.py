@@ -2530,3 +2530,24 @@ class EarlyCallTests(SynchronousTestCase):
         self.failureResultOf(call, PBConnectionLost)
         self.assertEqual(root.received, [])
         self.assertTrue(stream.closed)
+
+    def test_unsendableMessageBeforeReady(self) -> None:
+        """A message given whole before the connection was ready that cannot be encoded
+        once it is is logged and dropped; the calls made after it still go and are
+        answered (not left waiting for ever), and the root is still handed out."""
+        root = rootFor(pb)
+        for dialects in ([b"pbroker2"], [b"pb"]):
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            rootReference = clientFactory.getRootObject()
+            _server, client, pump = self.connectEarly(pb.PBServerFactory(root), clientFactory)
+            client.sendCall(b"bogus", object())
+            call = client.remoteForName("root").callRemote("echo", "after")
+            with capturedLogs() as events:
+                pump.flush()
+            self.assertEqual(self.successResultOf(call), "after")
+            self.successResultOf(rootReference)
+            self.assertIn(
+                "A message sent before the connection was ready could not be sent",
+                [event.get("log_format") for event in events],
+            )
+            self.flushLoggedErrors()

@@ -951,6 +951,10 @@ class Broker(Banana):
             )
         if early is not None:
             self._sendEarly(early)
+            if self.pageProducers:
+                # A pager started before now had its first page kept, and nothing written:
+                # nothing else would ask it for the next.
+                self.sendPages()
         connects, self.connects = self.connects or [], None
         for notifier in connects:
             try:

@@ -2551,3 +2551,24 @@ class EarlyCallTests(SynchronousTestCase):
                 [event.get("log_format") for event in events],
             )
             self.flushLoggedErrors()
+
+    def test_pagerBeforeReady(self) -> None:
+        """A pager started before the connection was ready sends every page once it is (its
+        first page waited: nothing else would have asked it for the next)."""
+        for dialects in ([b"pbroker2"], [b"pb"]):
+            pages: list[Any] = []
+
+            class Eager(pb.Broker):
+                def connectionMade(self) -> None:
+                    super().connectionMade()
+                    util.StringPager(self.remoteForName("collector"), b"x" * 100, chunkSize=10)
+
+            serverFactory = pb.PBServerFactory(pb.Root())
+            serverFactory.protocol = Eager
+            server, client, pump = self.connectEarly(
+                serverFactory, pb.PBClientFactory(dialects=dialects)
+            )
+            client.setNameForLocal(b"collector", util.CallbackPageCollector(pages.append))
+            pump.flush()
+            self.assertEqual(pages, [[b"x" * 10] * 10], dialects)
+            self.assertEqual(server.pageProducers, [])

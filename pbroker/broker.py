@@ -2409,6 +2409,14 @@ class Broker(Banana):
         deferred: Deferred[Any] | None = None
         if call is not None and answerRequired:
             deferred = Deferred(cancel)
+            options = call[6]
+            if options is not None and options.timeout is not None:
+                # Counted from the call, as for any call, not from when it can be sent: a
+                # peer that never chooses a dialect does not keep it waiting past it. (The
+                # call sent times out no earlier: its own timeout starts later.)
+                deferred.addTimeout(
+                    options.timeout, self.clock, functools.partial(_timedOut, call[3])
+                )
         entry = _Early(call, deferred, expression)
         early.append(entry)
         return deferred

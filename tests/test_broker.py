@@ -2572,3 +2572,43 @@ class EarlyCallTests(SynchronousTestCase):
             pump.flush()
             self.assertEqual(pages, [[b"x" * 10] * 10], dialects)
             self.assertEqual(server.pageProducers, [])
+
+    def test_timeoutCountsTheWait(self) -> None:
+        """A call's timeout counts from the call, also while it waits for the dialect: a
+        peer that never chooses one does not keep it waiting past its timeout."""
+        from twisted.internet.defer import TimeoutError
+        from twisted.internet.protocol import Factory, Protocol
+
+        clock = Clock()
+        _server, client, pump = connectedServerAndClient(
+            Factory.forProtocol(Protocol),
+            pb.PBClientFactory(clock=clock),
+            greet=False,
+            clock=clock,
+        )
+        call = client.remoteForName("root").withOptions(timeout=5).callRemote("echo", 1)
+        pump.flush()
+        clock.advance(4)
+        self.assertNoResult(call)
+        clock.advance(1)
+        failure = self.failureResultOf(call, TimeoutError)
+        self.assertIn("'echo' had no answer within 5 seconds", failure.getErrorMessage())
+        # One answered in time is not failed later.
+        root = rootFor(pb)
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root, clock=clock),
+            pb.PBClientFactory(clock=clock),
+            greet=False,
+            clock=clock,
+        )
+        call = client.remoteForName("root").withOptions(timeout=5).callRemote("echo", 2)
+        # One sent, then unanswered, times out as any call does, and is cancelled.
+        waiting = client.remoteForName("root").withOptions(timeout=5).callRemote("wait")
+        pump.flush()
+        self.assertEqual(self.successResultOf(call), 2)
+        self.assertEqual(len(client.waitingForAnswers), 1)
+        clock.advance(5)
+        self.assertIn(
+            "'wait' had no answer", self.failureResultOf(waiting, TimeoutError).getErrorMessage()
+        )
+        self.assertEqual(client.waitingForAnswers, {})

@@ -1072,9 +1072,9 @@ class Banana(Protocol):
         raise NotImplementedError(f"{type(self).__name__} must implement expressionReceived")
 
     def _sendNegotiation(self, expression: Expression) -> None:
-        # The dialects offered, or the one chosen: always plain banana, whatever a subclass
-        # does with what it sends before the choice.
-        Banana.sendEncoded(self, expression)
+        # The dialects offered, or the one chosen (in plain banana): through sendEncoded, as
+        # in Twisted, which a subclass may override to watch what it sends.
+        self.sendEncoded(expression)
 
     def sendEncoded(self, expression: Expression) -> None:
         """

@@ -2389,6 +2389,15 @@ class Broker(Banana):
         # nothing is dropped too (no ping can be sent to it before the choice).
         self._startKeepalive()
 
+    def _sendNegotiation(self, expression: Any) -> None:
+        # Through sendEncoded (a subclass may watch it), but sent now: not kept, as what is
+        # sent before the choice is.
+        early, self._beforeReady = self._beforeReady, None
+        try:
+            self.sendEncoded(expression)
+        finally:
+            self._beforeReady = early
+
     def _sendWhenReady(
         self, call: tuple[Any, ...] | None, answerRequired: bool = True, expression: Any = None
     ) -> Deferred[Any] | None:

@@ -651,6 +651,31 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(client.currentDialect, b"none")
         self.assertEqual(client.ready, 1)
 
+    def test_negotiationThroughSendEncoded(self) -> None:
+        """The dialects offered and the one chosen go through sendEncoded, as in Twisted,
+        so a subclass that overrides it (to count or record what it sends) sees them."""
+        for module in (banana, twistedBanana):
+
+            class Recording(module.Banana):  # type: ignore[name-defined, misc]
+                def __init__(self, isClient: bool) -> None:
+                    super().__init__(isClient)
+                    self.sent: list[Any] = []
+
+                def sendEncoded(self, expression: Any) -> None:
+                    self.sent.append(expression)
+                    super().sendEncoded(expression)
+
+                def expressionReceived(self, expression: Any) -> None:
+                    pass
+
+            server = Recording(False)
+            serverTransport = self.connected(server)
+            client = Recording(True)
+            self.connected(client)
+            client.dataReceived(serverTransport.value())
+            self.assertEqual(server.sent, [[b"pb", b"none"]], module)
+            self.assertEqual(client.sent, [b"pb"], module)
+
     def test_negotiationAndFirstMessageInOneRead(self) -> None:
         """A dialect choice followed by a 'pb' message in the same read is decoded right."""
         server = _Collector(isClient=False)

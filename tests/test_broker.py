@@ -2612,3 +2612,29 @@ class EarlyCallTests(SynchronousTestCase):
             "'wait' had no answer", self.failureResultOf(waiting, TimeoutError).getErrorMessage()
         )
         self.assertEqual(client.waitingForAnswers, {})
+
+    def test_negotiationThroughSendEncoded(self) -> None:
+        """A Broker subclass that overrides sendEncoded sees the dialects offered and the one
+        chosen, as with stock PB, though what it sends before the choice waits."""
+        sent: list[Any] = []
+
+        class Recording(pb.Broker):
+            def sendEncoded(self, expression: Any) -> None:
+                sent.append((self.isClient, expression))
+                super().sendEncoded(expression)
+
+        for factories in (
+            (pb.PBServerFactory(rootFor(pb)), pb.PBClientFactory(dialects=[b"pb"])),
+            (twistedPb.PBServerFactory(rootFor(twistedPb)), pb.PBClientFactory()),
+        ):
+            del sent[:]
+            for factory in factories:
+                if factory.__module__.startswith("pbroker"):
+                    factory.protocol = Recording
+            server, client, pump = self.connectEarly(*factories)
+            client.remoteForName("root").callRemote("echo", 1)
+            pump.flush()
+            choice = next(expression for isClient, expression in sent if isClient)
+            self.assertEqual(choice, b"pb")
+            if isinstance(server, Recording):
+                self.assertIn(b"pb", sent[0][1])

@@ -574,6 +574,7 @@ class Unjellier:
             raise InsecureJelly(
                 f"module {describe(moduleName)} is not allowed (in {what} {describe(name)})"
             )
+        _checkModuleName(moduleName, f"{what} {describe(name)}")
         path = [attribute]
         while True:
             try:
@@ -738,11 +739,22 @@ def _unjellyClass(unjellier: Unjellier, node: list[Any]) -> type:
     return unjellier._lookupClass(_textField(node, 1))
 
 
+def _checkModuleName(name: str, what: str) -> None:
+    """
+    Refuse a module name import_module would take as relative (an empty component: raw
+    TypeError), or whose NUL a finder may cut it at (the frozen ``os`` imported anew as
+    ``"os\\x00"``).
+    """
+    if "" in name.split(".") or "\x00" in name:
+        raise InvalidJelly(f"{describe(name)} is not a module name (in {what})")
+
+
 def _unjellyModule(unjellier: Unjellier, node: list[Any]) -> types.ModuleType:
     _checkArity(node, 2)
     name = _textField(node, 1)
     if not unjellier.taster.isModuleAllowed(name):
         raise InsecureJelly(f"module {describe(name)} is not allowed by the security options")
+    _checkModuleName(name, "a module tag")
     try:
         return importlib.import_module(name)
     except ImportError as e:

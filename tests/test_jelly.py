@@ -1014,6 +1014,26 @@ class SecurityTests(SynchronousTestCase):
                 jelly.unjelly(sexp, taster=SecurityOptions())
         self.assertNotIn("tabnanny", sys.modules)
 
+    def test_malformedModuleName(self) -> None:
+        """A name whose module part has an empty component (a relative name) or a NUL is
+        invalid jelly, even where every module is allowed: never a raw TypeError from the
+        import machinery, nor a module imported under a name with a NUL in it."""
+        for sexp in (
+            [b"class", b"..X"],
+            [b"..X", [b"dictionary"]],
+            [b"class", b".os.X"],
+            [b"function", b".os.system"],
+            [b"function", b"..f"],
+            [b"function", b"a..b.f"],
+            [b"function", b"os\x00.path"],
+            [b"class", b"os\x00.X"],
+            [b"module", b".os"],
+            [b"module", b"os\x00"],
+        ):
+            with self.assertRaises(InvalidJelly, msg=repr(sexp)):
+                jelly.unjelly(sexp, jelly.DummySecurityOptions())
+        self.assertEqual([name for name in sys.modules if "\x00" in name], [])
+
     def test_allowedModuleButNotClass(self) -> None:
         """An allowed module still needs its class allowed."""
         options = SecurityOptions()

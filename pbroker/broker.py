@@ -596,6 +596,7 @@ class Broker(Banana):
         "_emptiedReleases",
         "_factoryWaitsForHello",
         "_failing",
+        "_farewell",
         "_handlingBacklog",
         "_jellySizeLimit",
         "_keepaliveTimer",
@@ -812,6 +813,9 @@ class Broker(Banana):
         # What this side sent before it could (see _sendWhenReady): a list from
         # connectionMade until the dialect is chosen, else None.
         self._beforeReady: list[_Early] | None = None
+        # (cacheable, id) of the copy the peer dropped while its stoppedObserving runs: the
+        # copy any observer of it still reaches (see cachedRemotelyAs).
+        self._farewell: tuple[Any, int] | None = None
         # Calls this side cancelled whose answers may still arrive.
         self._abandoned: set[int] = _NO_MEMBERS
         self._abandonedOverflow = False
@@ -2994,6 +2998,16 @@ class Broker(Banana):
                     self._registrations.append((luid, _BEHIND))
         return luid
 
+    def _farewellID(self, instance: Any) -> int | None:
+        """
+        The id of the copy of ``instance`` the peer dropped, while its stoppedObserving runs
+        (the peer holds the copy until the uncache sent after it); else ``None``.
+        """
+        farewell = self._farewell
+        if farewell is not None and farewell[0] is instance:
+            return farewell[1]
+        return None
+
     def cacheRemotely(self, instance: Any) -> int:
         """
         Record that the peer is getting a copy of ``instance`` and return its new luid.
@@ -3060,18 +3074,23 @@ class Broker(Banana):
     def _stopObserving(self, local: Local, farewellID: int | None = None) -> None:
         """
         Tell a Cacheable its copy is going. With ``farewellID`` (the peer still holds the
-        copy until the ``uncache`` sent after this) the observer it is given reaches the copy
-        until it returns, so it can send a last call, as in Twisted.
+        copy until the ``uncache`` sent after this) its observers (the one it is given, or
+        one it kept) reach the copy until it returns, so it can send a last call, as in
+        Twisted.
         """
         cacheable = local.object
         observer = RemoteCacheObserver(self, cacheable, local.perspective)
-        observer.farewellID = farewellID
+        outer = self._farewell
+        if farewellID is not None:
+            # Any observer of it, not only the one given: the one the owner kept from
+            # getStateToCacheAndObserveFor too, as in Twisted.
+            self._farewell = (cacheable, farewellID)
         try:
             cacheable.stoppedObserving(local.perspective, observer)
         except Exception:
             self._log.failure("Error in stoppedObserving")
         finally:
-            observer.farewellID = None
+            self._farewell = outer
 
     # Receiving
 

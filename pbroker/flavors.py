@@ -320,8 +320,9 @@ class Cacheable(Copyable):
     def stoppedObserving(self, perspective: Any, observer: RemoteCacheObserver) -> None:
         """
         The copy reached by ``observer`` is going; stop sending it updates. While this runs
-        (when the peer dropped its copy) ``observer`` can still send the copy a last call, as
-        in Twisted; after it returns, calls through ``observer`` fail.
+        (when the peer dropped its copy) ``observer``, or an equal one kept from
+        :meth:`getStateToCacheAndObserveFor`, can still send the copy a last call, as in
+        Twisted; after it returns, calls through it fail.
         """
 
     def jellyFor(self, jellier: Jellier) -> Any:
@@ -436,10 +437,6 @@ class RemoteCacheObserver:
     ``observe_name`` there.
     """
 
-    #: The id of a copy the peer dropped, which this observer still reaches while the
-    #: owner's :meth:`Cacheable.stoppedObserving` runs (set and cleared by the broker).
-    farewellID: int | None = None
-
     def __init__(self, broker: Any, cached: Cacheable, perspective: Any) -> None:
         self.broker = broker
         self.cached = cached
@@ -452,7 +449,8 @@ class RemoteCacheObserver:
         name = _methodName(_name)
         cacheID = self.broker.cachedRemotelyAs(self.cached)
         if cacheID is None:
-            cacheID = self.farewellID
+            # A copy the peer dropped still reaches it while stoppedObserving runs.
+            cacheID = self.broker._farewellID(self.cached)
             if cacheID is None:
                 return fail(ProtocolError("the copy this observer reached is gone"))
         return self.broker._sendMessage(b"cache", self.perspective, cacheID, name, args, kw)

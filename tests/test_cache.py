@@ -201,6 +201,28 @@ class CacheTestsMixin(CallsRoot):
         [failure] = late
         self.assertEqual(failure.getErrorMessage(), "the copy this observer reached is gone")
 
+    def test_lastCallThroughAStoredObserver(self) -> None:
+        """While stoppedObserving runs, the observer the owner kept from
+        getStateToCacheAndObserveFor (equal to the one it is given, not the same object)
+        reaches the dropped copy too, as in Twisted."""
+        answers: list[Any] = []
+        gauge = self.gauge
+
+        def stoppedObserving(perspective: Any, observer: Any) -> None:
+            for stored in gauge.observers:
+                self.assertIsNot(stored, observer)
+                stored.callRemote("goodbye", "stored").addBoth(answers.append)
+            gauge.observers.remove(observer)
+
+        gauge.stoppedObserving = stoppedObserving  # type: ignore[attr-defined]
+        copy = self.call("gauge")
+        del copy
+        gc.collect()
+        self.pump.flush()
+        self.assertEqual(self.farewells, ["stored"])  # type: ignore[attr-defined]
+        self.assertEqual(answers, ["stored"])
+        self.assertEqual(self.client.locallyCachedObjects, {})  # type: ignore[attr-defined]
+
     def test_disconnectStopsObserving(self) -> None:
         """Losing the connection stops every observation."""
         copy = self.call("gauge")

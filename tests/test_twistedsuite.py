@@ -21,9 +21,10 @@ listed in :data:`PASSING` must pass; the others fail for differences pbroker doc
   writes no file unless told where, arguments arrive as a list in
   ``perspectiveMessageReceived``, and ``_localCleanup`` is ``localCleanup``.
 
-Some of test_pbfailure's tests do not return their Deferreds, so an error in one of them can
-be reported against a test run after it: those left out include the ones whose errors land
-elsewhere.
+NewStyleCachedTests is left out because it listens on every interface, where this suite
+keeps to 127.0.0.1. Some of test_pbfailure's tests do not return their Deferreds, so an
+error in one of them can be reported against a test run after it: those left out include
+the ones whose errors land elsewhere.
 
 A test of a newer or older Twisted that is not installed is left out, and the run must still
 find most of the list.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +106,6 @@ PASSING = {
         "NewCredTests.test_loginConnectionRefused",
         "NewCredTests.test_loginLogout",
         "NewCredTests.test_view",
-        "NewStyleCachedTests.test_newStyleCache",
         "PBWithSecurityOptionsTests.test_clientDefaultSecurityOptions",
         "PBWithSecurityOptionsTests.test_clientSecurityCustomization",
         "PBWithSecurityOptionsTests.test_serverDefaultSecurityOptions",
@@ -187,8 +188,9 @@ class TwistedSuiteTests(TestCase):
 
     def test_twistedTestsPass(self) -> None:
         """Every listed test of Twisted's own suite passes against pbroker."""
-        directory = Path(self.mktemp())
+        directory = Path(self.mktemp()).resolve()
         (directory / PACKAGE).mkdir(parents=True)
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         (directory / PACKAGE / "__init__.py").write_text("")
         for module in PASSING:
             text = (SOURCE / f"{module}.py").read_text(encoding="utf-8")

@@ -458,7 +458,13 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     )
                 raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}")
             target = answer
-        call: Deferred[Any] | None = target.callRemote(method, *arguments)
+        try:
+            call: Deferred[Any] | None = target.callRemote(method, *arguments)
+        except pb.DeadReferenceError:
+            # Lost between the login (or the connection) and the call.
+            raise CommandError(
+                EXIT_CONNECTION, f"the connection to {options.address} was lost"
+            ) from None
         assert call is not None  # answered calls always have a Deferred
         outcome = await within(call, EXIT_REMOTE, f"{method} failed")
         if isinstance(outcome, Failure):

@@ -614,6 +614,21 @@ class InProcessTests(SynchronousTestCase):
         code, out, err = self.main("ping", self.address, root=Service(), interrupted=True)
         self.assertEqual((code, out, err), (cli.EXIT_CONNECTION, "", "pbroker: interrupted\n"))
 
+    def test_lostBeforeTheCall(self) -> None:
+        """A connection lost after connecting (or logging in) and before the call is made
+        exits 3, saying so in one line: not an unexpected DeadReferenceError."""
+        original = pb.RemoteReference.callRemote
+
+        def lost(reference: Any, name: Any, *args: Any, **kw: Any) -> Any:
+            if name == "echo":
+                raise pb.DeadReferenceError("Calling Stale Broker")
+            return original(reference, name, *args, **kw)
+
+        self.patch(pb.RemoteReference, "callRemote", lost)
+        code, out, err = self.main("call", self.address, "echo", "1", root=Service())
+        self.assertEqual((code, out), (cli.EXIT_CONNECTION, ""))
+        self.assertEqual(err, f"pbroker: the connection to {self.address} was lost\n")
+
     def test_unexpectedError(self) -> None:
         """An error the command does not foresee is still one line, exit 1; --debug adds
         its traceback."""

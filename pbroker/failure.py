@@ -166,11 +166,16 @@ class CopyableFailure(Failure, Copyable):
         else:  # a failure received from a peer and passed on
             typeName = failureType if isinstance(failureType, bytes) else str(failureType).encode()
             parents = [_text(parent) for parent in self.parents]
-        if self.unsafeTracebacks:
+        if not self.unsafeTracebacks:
+            traceback = "Traceback unavailable\n"
+        elif isinstance(failureType, type):
             # (Its last line is str() of the exception: described if too large, as logged.)
             traceback = loggable(self).getTraceback()
         else:
-            traceback = "Traceback unavailable\n"
+            # Passed on: the traceback the peer sent, if it sent one (Failure cannot format
+            # a type that is a name; stock Twisted fails to send such a failure at all).
+            remote = self.__dict__.get("traceback")
+            traceback = remote if isinstance(remote, str) else "Traceback unavailable\n"
         return {
             "type": typeName,
             "value": errorText(self.value),

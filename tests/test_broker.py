@@ -1798,13 +1798,13 @@ class RelayedFailureTests(SynchronousTestCase):
     the original error, for a pbroker or a stock caller, as stock PB keeps it.
     """
 
-    def relayedFailure(self, backendPb: Any, callerPb: Any) -> Failure:
+    def relayedFailure(self, backendPb: Any, callerPb: Any, unsafe: bool = False) -> Failure:
         class Backend(backendPb.Root):  # type: ignore[misc,name-defined]
             def remote_divide(self) -> float:
                 return 1 / 0
 
         _backend, relayClient, backendPump = connectedServerAndClient(
-            backendPb.PBServerFactory(Backend()), pb.PBClientFactory()
+            backendPb.PBServerFactory(Backend(), unsafeTracebacks=unsafe), pb.PBClientFactory()
         )
         backendRoot = relayClient.remoteForName("root")
 
@@ -1813,7 +1813,7 @@ class RelayedFailureTests(SynchronousTestCase):
                 return backendRoot.callRemote("divide")
 
         _relay, caller, callerPump = connectedServerAndClient(
-            pb.PBServerFactory(Relay()), callerPb.PBClientFactory()
+            pb.PBServerFactory(Relay(), unsafeTracebacks=unsafe), callerPb.PBClientFactory()
         )
         results: list[Any] = []
         caller.remoteForName("root").callRemote("relay").addBoth(results.append)
@@ -1834,6 +1834,18 @@ class RelayedFailureTests(SynchronousTestCase):
                     failure = self.relayedFailure(backendPb, callerPb)
                     self.assertTrue(failure.check(ZeroDivisionError))
                     self.assertTrue(failure.check(ArithmeticError))
+
+    def test_relayedWithTracebacks(self) -> None:
+        """A relay that sends tracebacks (unsafeTracebacks) passes on the original error and
+        the traceback its own peer sent. (Stock PB cannot format a failure whose type is a
+        name, and fails to send it: the caller got an AttributeError.)"""
+        for backendPb in (pb, twistedPb):
+            for callerPb in (pb, twistedPb):
+                with self.subTest(backend=backendPb.__name__, caller=callerPb.__name__):
+                    failure = self.relayedFailure(backendPb, callerPb, unsafe=True)
+                    self.assertTrue(failure.check(ZeroDivisionError))
+                    self.assertIn("remote_divide", failure.traceback)
+                    self.assertIn("ZeroDivisionError", failure.traceback)
 
 
 class KeywordsBroker(pb.Broker):

@@ -1058,7 +1058,7 @@ class Banana(Protocol):
             text=self.decodeText,
         )
         if not self.isClient:
-            self._sendNegotiation(list(self.knownDialects))
+            self._sendNegotiation(self._offer())
 
     def connectionReady(self) -> None:
         """
@@ -1070,6 +1070,14 @@ class Banana(Protocol):
         Called with each complete expression after the dialect is chosen. Override it.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement expressionReceived")
+
+    def _offer(self) -> list[bytes]:
+        # What a server offers: its dialects (a subclass may add entries a client skips).
+        return list(self.knownDialects)
+
+    def _sawOffer(self, offered: list[Any]) -> None:
+        # A client's look at the whole offer, before it answers (a subclass's hook).
+        pass
 
     def _sendNegotiation(self, expression: Expression) -> None:
         # The dialects offered, or the one chosen (in plain banana): through sendEncoded, as
@@ -1136,6 +1144,7 @@ class Banana(Protocol):
             offered = expression if isinstance(expression, list) else []
             for dialect in offered:
                 if isinstance(dialect, bytes) and dialect in self.knownDialects:
+                    self._sawOffer(offered)
                     self._sendNegotiation(dialect)
                     self._selectDialect(dialect)
                     return

@@ -105,6 +105,11 @@ _MAX_REFERENCE_VIOLATIONS = 3
 #: pbroker's native dialect: PB's messages, msgpack values, fragmented records (see
 #: :mod:`pbroker._native`). The number is its version.
 NATIVE_DIALECT = b"pbroker2"
+# An entry a server adds to its offer of dialects (after them: a client that does not know it
+# skips it, as it skips any name it does not know): the limits its hello will give,
+# ``pbroker-limits:<messageSize, 0 for none>:<taken>``, so that a pbroker client knows them
+# as it chooses and hands out the root then, as a stock client does.
+_LIMITS_OFFER = b"pbroker-limits:"
 
 # Bytes of fragments of large messages written in one reactor turn before others get a turn.
 _LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
@@ -231,6 +236,20 @@ class _UnpersistableStreams:
 
 # An option Broker.configure was not given.
 _UNSET: Any = object()
+
+
+def _parseLimits(entry: bytes) -> tuple[int | None, int] | None:
+    """
+    ``(messageSize, taken)`` from a ``pbroker-limits:`` entry of a server's offer, ``None``
+    if it is malformed (the client then waits for the hello, as from an earlier server).
+    """
+    if len(entry) > 64:
+        return None
+    fields = entry[len(_LIMITS_OFFER) :].split(b":")
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        return None
+    size, taken = int(fields[0]), int(fields[1])
+    return (size or None, taken)
 
 
 def _checkDialects(dialects: Any) -> list[bytes]:
@@ -610,6 +629,7 @@ class Broker(Banana):
         "_lastRegistered",
         "_losing",
         "_lostReason",
+        "_offeredLimits",
         "_oneWayPending",
         "_pagesSent",
         "_postponed",
@@ -810,6 +830,8 @@ class Broker(Banana):
         # Whether the factory is told of the connection when the peer's hello comes (a
         # native client: see connectionReady).
         self._factoryWaitsForHello = False
+        # The limits a server's offer of dialects gave (messageSize, taken), if it did.
+        self._offeredLimits: tuple[int | None, int] | None = None
         # What this side sent before it could (see _sendWhenReady): a list from
         # connectionMade until the dialect is chosen, else None.
         self._beforeReady: list[_Early] | None = None
@@ -919,7 +941,33 @@ class Broker(Banana):
             self._clock = reactor
         return self._clock
 
+    def _offer(self) -> list[bytes]:
+        offer = list(self.knownDialects)
+        if NATIVE_DIALECT in offer or b"pbroker1" in offer:
+            size = self.limits.messageSize or 0
+            offer.append(b"%s%d:%d" % (_LIMITS_OFFER, size, self.limits.bufferedBytes))
+        return offer
+
+    def _sawOffer(self, offered: list[Any]) -> None:
+        for entry in offered:
+            if isinstance(entry, bytes) and entry.startswith(_LIMITS_OFFER):
+                self._offeredLimits = _parseLimits(entry)
+                return
+
+    def _setPeerLimits(self, size: int | None, taken: Any) -> None:
+        """
+        Take the limits the peer gave (in its hello, or its offer of dialects): the largest
+        message it accepts (``None``: any), and the bytes of large calls it holds untaken.
+        """
+        # Below a floor, even this side's answers and pings would be refused.
+        self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
+        self._setItemLimit()
+        if type(taken) is int and taken > 0:
+            self._untakenLimit = min(taken, self.limits.bufferedBytes)
+
     def _selectDialect(self, dialect: bytes) -> None:
+        if self._offeredLimits is not None and dialect in (NATIVE_DIALECT, b"pbroker1"):
+            self._setPeerLimits(*self._offeredLimits)
         if dialect != NATIVE_DIALECT:
             super()._selectDialect(dialect)
             return
@@ -966,11 +1014,12 @@ class Broker(Banana):
             except Exception:
                 self._log.failure("Error in a connect notifier")
         if self.factory is not None:
-            if self.isClient and self.isNative:
-                # The application gets the root once the server's hello (which comes after
-                # the client's choice of dialect) has said how large a message it accepts:
-                # a call made earlier, larger than that, would have the server drop the
-                # connection instead of failing with LimitExceeded.
+            if self.isClient and self.isNative and self._offeredLimits is None:
+                # A server whose offer did not say how large a message it accepts (an
+                # earlier pbroker): the application gets the root once its hello (which
+                # comes after the client's choice of dialect) has said so. A call made
+                # earlier, larger than that, would have the server drop the connection
+                # instead of failing with LimitExceeded.
                 self._factoryWaitsForHello = True
             else:
                 self.factory.clientConnectionMade(self)
@@ -3501,12 +3550,10 @@ class Broker(Banana):
         if type(capabilities) is not dict:
             raise ProtocolError(f"a malformed hello: {describe(capabilities)}")
         size = capabilities.get("messageSize")
-        if size is None or type(size) is int:
-            # Below a floor, even this side's answers and pings would be refused.
-            self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
-            self._setItemLimit()
         taken = capabilities.get("taken")
-        if type(taken) is int and taken > 0:
+        if size is None or type(size) is int:
+            self._setPeerLimits(size, taken)
+        elif type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False

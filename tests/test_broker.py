@@ -2650,3 +2650,90 @@ class EarlyCallTests(SynchronousTestCase):
             self.assertEqual(choice, b"pb")
             if isinstance(server, Recording):
                 self.assertIn(b"pb", sent[0][1])
+
+
+class OfferedLimitsTests(SynchronousTestCase):
+    """
+    A pbroker server's offer of dialects ends with the limits its hello will give, so a
+    pbroker client knows them as it chooses and hands out the root then, as a stock client
+    does (one pump); a stock client skips the entry as it skips any dialect it does not know.
+    """
+
+    def test_rootAfterOnePump(self) -> None:
+        """The root is handed out once the client has read the offer, in both of pbroker's
+        dialects, as stock PB hands it out."""
+        for dialects in ([b"pbroker2"], [b"pbroker1"]):
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            roots: list[Any] = []
+            clientFactory.getRootObject().addBoth(roots.append)
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootFor(pb)), clientFactory, greet=False
+            )
+            pump.pump()
+            self.assertEqual(len(roots), 1, dialects)
+            self.assertIsInstance(roots[0], pb.RemoteReference)
+            self.assertEqual(client.currentDialect, dialects[0])
+
+    def test_limitsKnownBeforeTheHello(self) -> None:
+        """A call over the server's message limit, made before its hello arrived, fails
+        with LimitExceeded and the connection stays, as after the hello."""
+        limits = pb.BrokerLimits(messageSize=2048)
+        clientFactory = pb.PBClientFactory()
+        roots: list[Any] = []
+        clientFactory.getRootObject().addBoth(roots.append)
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb), limits=limits), clientFactory, greet=False
+        )
+        pump.pump()
+        [root] = roots
+        self.assertEqual(client.peerMessageSize, 2048)
+        failure = self.failureResultOf(root.callRemote("echo", b"x" * 4096))
+        self.assertTrue(failure.check(LimitExceeded))
+        answer = root.callRemote("echo", b"small")
+        pump.flush()
+        self.assertEqual(self.successResultOf(answer), b"small")
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_offer(self) -> None:
+        """The entry comes after the dialects: the server's message size (0: none) and the
+        bytes of large calls it holds untaken."""
+        broker = pb.Broker(isClient=False)
+        self.assertEqual(
+            broker._offer(),
+            [b"pbroker2", b"pbroker1", b"pb", b"none", b"pbroker-limits:33554432:16777216"],
+        )
+        broker = pb.Broker(isClient=False, limits=pb.BrokerLimits(messageSize=None))
+        self.assertEqual(broker._offer()[-1], b"pbroker-limits:0:16777216")
+        self.assertEqual(pb.Broker(isClient=False, dialects=[b"pb"])._offer(), [b"pb"])
+
+    def test_malformedOrMissingEntry(self) -> None:
+        """A malformed entry is ignored, and so is a missing one (an earlier server): the
+        client then hands out the root after the server's hello."""
+        from pbroker.broker import _parseLimits
+
+        self.assertEqual(_parseLimits(b"pbroker-limits:1024:5"), (1024, 5))
+        self.assertEqual(_parseLimits(b"pbroker-limits:0:0"), (None, 0))
+        for bad in (
+            b"pbroker-limits:",
+            b"pbroker-limits:1:2:3",
+            b"pbroker-limits:-1:2",
+            b"pbroker-limits:1:x",
+            b"pbroker-limits:\xd9\xa1:2",
+            b"pbroker-limits:" + b"9" * 60 + b":1",
+        ):
+            self.assertIsNone(_parseLimits(bad), bad)
+
+        class Earlier(pb.Broker):
+            def _offer(self) -> list[bytes]:
+                return list(self.knownDialects)
+
+        serverFactory = pb.PBServerFactory(rootFor(pb))
+        serverFactory.protocol = Earlier
+        clientFactory = pb.PBClientFactory()
+        roots: list[Any] = []
+        clientFactory.getRootObject().addBoth(roots.append)
+        _server, _client, pump = connectedServerAndClient(serverFactory, clientFactory, greet=False)
+        pump.pump()
+        self.assertEqual(roots, [])
+        pump.flush()
+        self.assertEqual(len(roots), 1)

@@ -193,6 +193,32 @@ class CopyableFailure(Failure, Copyable):
     def getTypeToCopy(self) -> bytes:
         return COPYABLE_FAILURE_TAG
 
+    def printTraceback(
+        self, file: TextIO | None = None, elideFrameworkCode: int = 0, detail: str = "default"
+    ) -> None:
+        failureType = self.type
+        if isinstance(failureType, type):
+            super().printTraceback(file, elideFrameworkCode, detail)  # type: ignore[no-untyped-call]
+            return
+        # A failure received from a peer and passed on (wrapped by a relay): Failure cannot
+        # format a type that is a name. As CopiedFailure writes it: the remote type and
+        # message, and (but in a brief traceback) the traceback that peer sent, if any.
+        if file is None:
+            from twisted.python import log
+
+            write: Callable[[str], object] = log.logerr.write
+        else:
+            write = file.write
+        write(f"Traceback from remote host -- {_text(failureType)}: {self.getErrorMessage()}\n")
+        remote = self.__dict__.get("traceback")
+        if detail != "brief" and isinstance(remote, str) and remote != "Traceback unavailable\n":
+            write(remote)
+
+    def __repr__(self) -> str:
+        if isinstance(self.type, type):
+            return super().__repr__()
+        return f"<CopyableFailure {_text(self.type)}: {self.getErrorMessage()}>"
+
 
 class CopiedFailure(RemoteCopy, Failure):
     """

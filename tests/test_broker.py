@@ -1847,6 +1847,53 @@ class RelayedFailureTests(SynchronousTestCase):
                     self.assertIn("remote_divide", failure.traceback)
                     self.assertIn("ZeroDivisionError", failure.traceback)
 
+    def test_wrappedRelayedFailureFormats(self) -> None:
+        """A failure received from a peer and wrapped in CopyableFailure by a relay (as the
+        migration guide allows) formats as the remote error, as the CopiedFailure it wraps
+        does: its repr and traceback do not raise, and the relay logs the remote error and
+        the traceback its peer sent, not a failure to format it."""
+        from pbroker.failure import CopyableFailure
+
+        class Backend(pb.Root):
+            def remote_divide(self) -> float:
+                return 1 / 0
+
+        _backend, relayClient, backendPump = connectedServerAndClient(
+            pb.PBServerFactory(Backend(), unsafeTracebacks=True), pb.PBClientFactory()
+        )
+        backendRoot = relayClient.remoteForName("root")
+        received: list[Failure] = []
+
+        class Relay(pb.Root):
+            def remote_relay(self) -> Deferred[Any]:
+                def wrap(failure: Failure) -> Failure:
+                    received.append(failure)
+                    return CopyableFailure(failure)
+
+                return backendRoot.callRemote("divide").addErrback(wrap)
+
+        _relay, caller, callerPump = connectedServerAndClient(
+            pb.PBServerFactory(Relay()), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            caller.remoteForName("root").callRemote("relay").addBoth(results.append)
+            for _ in range(10):
+                callerPump.pump()
+                backendPump.pump()
+        self.flushLoggedErrors()
+        [failure] = results
+        self.assertTrue(failure.check(ZeroDivisionError))
+        wrapped = CopyableFailure(received[0])
+        self.assertIn("ZeroDivisionError", repr(wrapped))
+        text = wrapped.getTraceback()
+        self.assertIn("Traceback from remote host -- builtins.ZeroDivisionError", text)
+        self.assertIn("remote_divide", text)
+        logged = [event["log_failure"] for event in events if event.get("log_failure") is not None]
+        self.assertTrue(logged)
+        for loggedFailure in logged:
+            self.assertIn("ZeroDivisionError", loggedFailure.getTraceback())
+
 
 class KeywordsBroker(pb.Broker):
     """A subclass that passes what it is given on, as many stock PB programs write it."""

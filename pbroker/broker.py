@@ -53,7 +53,7 @@ from pbroker._native import (
 from pbroker._pacing import PacedTransport
 from pbroker._streams import StreamTable, findStreams, refusedStreams
 from pbroker._unjellier import Unjellier, expressionsIn
-from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
+from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, encode, getTokens
 from pbroker.errors import (
     BananaDecodeError,
     DeadReferenceError,
@@ -605,6 +605,7 @@ class Broker(Banana):
         "_backlog",
         "_backlogData",
         "_backlogSize",
+        "_bananaPeerLimit",
         "_beforeReady",
         "_blockedKeys",
         "_blockedNeeds",
@@ -832,6 +833,9 @@ class Broker(Banana):
         self._factoryWaitsForHello = False
         # The limits a server's offer of dialects gave (messageSize, taken), if it did.
         self._offeredLimits: tuple[int | None, int] | None = None
+        # In pbroker1 (PB's encoding), the largest message the server's offer said it takes:
+        # what this client checks its messages against (None: unchecked, as in pb).
+        self._bananaPeerLimit: int | None = None
         # What this side sent before it could (see _sendWhenReady): a list from
         # connectionMade until the dialect is chosen, else None.
         self._beforeReady: list[_Early] | None = None
@@ -968,6 +972,8 @@ class Broker(Banana):
     def _selectDialect(self, dialect: bytes) -> None:
         if self._offeredLimits is not None and dialect in (NATIVE_DIALECT, b"pbroker1"):
             self._setPeerLimits(*self._offeredLimits)
+            if dialect == b"pbroker1":
+                self._bananaPeerLimit = self.peerMessageSize
         if dialect != NATIVE_DIALECT:
             super()._selectDialect(dialect)
             return
@@ -1127,7 +1133,18 @@ class Broker(Banana):
             self._sendWhenReady(None, expression=expression)
             return
         if self._codec is None:
-            super().sendEncoded(expression)
+            if self._bananaPeerLimit is None:
+                super().sendEncoded(expression)
+                return
+            data = encode(
+                expression,
+                self.currentDialect or b"none",
+                sizeLimit=self.sizeLimit,
+                prefixLimit=self.prefixLimit,
+            )
+            self._checkBananaLimit(len(data))
+            assert self.transport is not None, "sendEncoded() called before connectionMade()"
+            self.transport.write(data)
             return
         self._writePayload(self._nativePayload(expression))
 
@@ -2284,7 +2301,7 @@ class Broker(Banana):
         # make a call of its own.)
         if unpersistable is not None:
             unpersistable.close(self)
-        return tokens.joinList(
+        data = tokens.joinList(
             [
                 tokens.symbol(prefix + b"message"),
                 tokens.integer(self.newRequestID()),
@@ -2295,6 +2312,22 @@ class Broker(Banana):
                 netKw,
             ]
         )
+        if self._bananaPeerLimit is not None:
+            self._checkBananaLimit(len(data))
+        return data
+
+    def _checkBananaLimit(self, size: int) -> None:
+        """
+        In pbroker1, refuse a message larger than the server's offer said it takes: it would
+        drop the connection (as pbroker2 refuses it, see _checkPeerLimit).
+
+        :raises LimitExceeded: it is.
+        """
+        limit = self._bananaPeerLimit
+        if limit is not None and size > limit:
+            raise LimitExceeded(
+                f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
+            )
 
     def _nativeCall(
         self,

@@ -2784,3 +2784,35 @@ class OfferedLimitsTests(SynchronousTestCase):
         self.assertEqual(roots, [])
         pump.flush()
         self.assertEqual(len(roots), 1)
+
+    def test_pbroker1ChecksTheOfferedLimit(self) -> None:
+        """In pbroker1 (PB's encoding between pbroker peers), where no hello is sent, the
+        client checks its calls and its answers to the server against the limit the offer
+        gave: over it, they fail with LimitExceeded instead of the server dropping the
+        connection."""
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb), limits=pb.BrokerLimits(messageSize=2048)),
+            pb.PBClientFactory(dialects=[b"pbroker1"]),
+        )
+        self.assertEqual(client.currentDialect, b"pbroker1")
+        root = client.remoteForName("root")
+        failure = self.failureResultOf(root.callRemote("echo", b"x" * 4096))
+        self.assertTrue(failure.check(LimitExceeded))
+        self.assertIn("over the 2048-byte limit the peer accepts", failure.getErrorMessage())
+        answer = root.callRemote("echo", b"x" * 1000)
+        pump.flush()
+        self.assertEqual(self.successResultOf(answer), b"x" * 1000)
+
+        class Big(pb.Referenceable):
+            def remote_big(self) -> bytes:
+                return b"y" * 4096
+
+        client.setNameForLocal(b"big", Big())
+        results: list[Any] = []
+        server.remoteForName(b"big").callRemote("big").addBoth(results.append)
+        pump.flush()
+        [refused] = results
+        self.assertTrue(refused.check(LimitExceeded))
+        self.assertFalse(client.transport.disconnecting)
+        self.assertFalse(server.transport.disconnecting)
+        self.flushLoggedErrors(LimitExceeded)

@@ -605,7 +605,7 @@ class Broker(Banana):
         "_backlog",
         "_backlogData",
         "_backlogSize",
-        "_bananaPeerLimit",
+        "_bananaLimited",
         "_beforeReady",
         "_blockedKeys",
         "_blockedNeeds",
@@ -833,9 +833,9 @@ class Broker(Banana):
         self._factoryWaitsForHello = False
         # The limits a server's offer of dialects gave (messageSize, taken), if it did.
         self._offeredLimits: tuple[int | None, int] | None = None
-        # In pbroker1 (PB's encoding), the largest message the server's offer said it takes:
-        # what this client checks its messages against (None: unchecked, as in pb).
-        self._bananaPeerLimit: int | None = None
+        # In pbroker1 (PB's encoding), whether this client checks its messages against the
+        # peerMessageSize the server's offer gave (not in pb: no stock peer says one).
+        self._bananaLimited = False
         # What this side sent before it could (see _sendWhenReady): a list from
         # connectionMade until the dialect is chosen, else None.
         self._beforeReady: list[_Early] | None = None
@@ -972,8 +972,7 @@ class Broker(Banana):
     def _selectDialect(self, dialect: bytes) -> None:
         if self._offeredLimits is not None and dialect in (NATIVE_DIALECT, b"pbroker1"):
             self._setPeerLimits(*self._offeredLimits)
-            if dialect == b"pbroker1":
-                self._bananaPeerLimit = self.peerMessageSize
+            self._bananaLimited = dialect == b"pbroker1"
         if dialect != NATIVE_DIALECT:
             super()._selectDialect(dialect)
             return
@@ -1133,7 +1132,7 @@ class Broker(Banana):
             self._sendWhenReady(None, expression=expression)
             return
         if self._codec is None:
-            if self._bananaPeerLimit is None:
+            if not self._bananaLimited:
                 super().sendEncoded(expression)
                 return
             data = encode(
@@ -1142,7 +1141,7 @@ class Broker(Banana):
                 sizeLimit=self.sizeLimit,
                 prefixLimit=self.prefixLimit,
             )
-            self._checkBananaLimit(len(data))
+            self._checkPeerLimit(len(data))
             assert self.transport is not None, "sendEncoded() called before connectionMade()"
             self.transport.write(data)
             return
@@ -2312,22 +2311,9 @@ class Broker(Banana):
                 netKw,
             ]
         )
-        if self._bananaPeerLimit is not None:
-            self._checkBananaLimit(len(data))
+        if self._bananaLimited:
+            self._checkPeerLimit(len(data))  # (in pbroker1 the server would drop the connection)
         return data
-
-    def _checkBananaLimit(self, size: int) -> None:
-        """
-        In pbroker1, refuse a message larger than the server's offer said it takes: it would
-        drop the connection (as pbroker2 refuses it, see _checkPeerLimit).
-
-        :raises LimitExceeded: it is.
-        """
-        limit = self._bananaPeerLimit
-        if limit is not None and size > limit:
-            raise LimitExceeded(
-                f"a message of {size} bytes is over the {limit}-byte limit the peer accepts"
-            )
 
     def _nativeCall(
         self,

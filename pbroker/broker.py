@@ -958,14 +958,16 @@ class Broker(Banana):
                 self._offeredLimits = _parseLimits(entry)
                 return
 
-    def _setPeerLimits(self, size: int | None, taken: Any) -> None:
+    def _setPeerLimits(self, size: Any, taken: Any) -> None:
         """
         Take the limits the peer gave (in its hello, or its offer of dialects): the largest
         message it accepts (``None``: any), and the bytes of large calls it holds untaken.
+        A value of another type is left out.
         """
-        # Below a floor, even this side's answers and pings would be refused.
-        self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
-        self._setItemLimit()
+        if size is None or type(size) is int:
+            # Below a floor, even this side's answers and pings would be refused.
+            self.peerMessageSize = None if size is None else max(size, MIN_MESSAGE_SIZE)
+            self._setItemLimit()
         if type(taken) is int and taken > 0:
             self._untakenLimit = min(taken, self.limits.bufferedBytes)
 
@@ -3568,12 +3570,7 @@ class Broker(Banana):
     def _hello(self, capabilities: Any) -> None:
         if type(capabilities) is not dict:
             raise ProtocolError(f"a malformed hello: {describe(capabilities)}")
-        size = capabilities.get("messageSize")
-        taken = capabilities.get("taken")
-        if size is None or type(size) is int:
-            self._setPeerLimits(size, taken)
-        elif type(taken) is int and taken > 0:
-            self._untakenLimit = min(taken, self.limits.bufferedBytes)
+        self._setPeerLimits(capabilities.get("messageSize"), capabilities.get("taken"))
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:

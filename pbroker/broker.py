@@ -2167,17 +2167,14 @@ class Broker(Banana):
         :raises Exception: why a one-way call could not be sent (a value too large or that
             cannot be serialised): it has no Deferred to fail.
         """
+        if self._beforeReady is not None and not self.disconnected:
+            # Sent once the dialect is chosen (pbanswer still in the keywords, for then).
+            call = (prefix, perspective, objectID, message, args, kw, options)
+            return self._sendWhenReady(call, bool(kw.get("pbanswer", True)))
         answerRequired = True
         if "pbanswer" in kw:
-            answerRequired = bool(kw["pbanswer"])
-            if self._beforeReady is not None and not self.disconnected:
-                call = (prefix, perspective, objectID, message, args, kw, options)
-                return self._sendWhenReady(call, answerRequired)
             kw = dict(kw)
-            del kw["pbanswer"]
-        elif self._beforeReady is not None and not self.disconnected:
-            call = (prefix, perspective, objectID, message, args, kw, options)
-            return self._sendWhenReady(call)
+            answerRequired = bool(kw.pop("pbanswer"))
         if self.disconnected:
             # Raised, as Twisted raises it: code written for PB catches it around the call.
             stale = DeadReferenceError("Calling Stale Broker")

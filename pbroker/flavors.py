@@ -459,9 +459,7 @@ class RemoteCacheObserver:
         """
         The ``observe_<key>`` method of the copy, callable like a local function.
         """
-        method = RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
-        method.observer = self  # reaching what this observer reaches, for as long
-        return method
+        return RemoteCacheMethod(key, self.broker, self.cached, self.perspective)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RemoteCacheObserver):

@@ -145,6 +145,24 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def _printRemote(file: TextIO | None, remoteType: Any, message: str, traceback: Any) -> None:
+    """
+    Write a failure received from a peer, as Twisted writes one: its remote type and message,
+    then the traceback text the peer sent, if it sent one (``traceback``, if a str).
+    """
+    if file is None:
+        # Where Twisted's Failure.printTraceback writes: the log, as errors (under twistd,
+        # standard error goes nowhere).
+        from twisted.python import log
+
+        write: Callable[[str], object] = log.logerr.write
+    else:
+        write = file.write
+    write(f"Traceback from remote host -- {_text(remoteType)}: {message}\n")
+    if isinstance(traceback, str) and traceback and traceback != "Traceback unavailable\n":
+        write(traceback)
+
+
 class CopyableFailure(Failure, Copyable):
     """
     A :class:`~twisted.python.failure.Failure` that can be sent to a peer.
@@ -201,18 +219,10 @@ class CopyableFailure(Failure, Copyable):
             super().printTraceback(file, elideFrameworkCode, detail)  # type: ignore[no-untyped-call]
             return
         # A failure received from a peer and passed on (wrapped by a relay): Failure cannot
-        # format a type that is a name. As CopiedFailure writes it: the remote type and
-        # message, and (but in a brief traceback) the traceback that peer sent, if any.
-        if file is None:
-            from twisted.python import log
-
-            write: Callable[[str], object] = log.logerr.write
-        else:
-            write = file.write
-        write(f"Traceback from remote host -- {_text(failureType)}: {self.getErrorMessage()}\n")
-        remote = self.__dict__.get("traceback")
-        if detail != "brief" and isinstance(remote, str) and remote != "Traceback unavailable\n":
-            write(remote)
+        # format a type that is a name. As CopiedFailure writes it, but for the traceback in
+        # a brief one.
+        remote = None if detail == "brief" else self.__dict__.get("traceback")
+        _printRemote(file, failureType, self.getErrorMessage(), remote)
 
     def __repr__(self) -> str:
         if isinstance(self.type, type):
@@ -300,18 +310,7 @@ class CopiedFailure(RemoteCopy, Failure):
     def printTraceback(
         self, file: TextIO | None = None, elideFrameworkCode: int = 0, detail: str = "default"
     ) -> None:
-        if file is None:
-            # Where Twisted's Failure.printTraceback writes: the log, as errors (under
-            # twistd, standard error goes nowhere).
-            from twisted.python import log
-
-            write: Callable[[str], object] = log.logerr.write
-        else:
-            write = file.write
-        remoteType, value, traceback = self._remote()
-        write(f"Traceback from remote host -- {_text(remoteType)}: {value}\n")
-        if traceback and traceback != "Traceback unavailable\n":
-            write(traceback)
+        _printRemote(file, *self._remote())
 
     printBriefTraceback = printTraceback
     printDetailedTraceback = printTraceback

@@ -10,7 +10,7 @@ import gc
 import inspect
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -282,6 +282,21 @@ class RemotePoint(pb.RemoteCopy):
     pass
 
 
+def pointStating(state: Any) -> Point:
+    """
+    A Point sent under Point's tag with ``state`` for its state (malformed, or empty).
+    """
+
+    class Stated(Point):
+        def getTypeToCopy(self) -> bytes:
+            return b"tests.test_broker.Point"
+
+        def getStateToCopy(self) -> Any:
+            return state
+
+    return Stated(0, 0)
+
+
 class CopyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.registry = jelly.UnjellyableRegistry()
@@ -326,6 +341,18 @@ class CopyTests(SynchronousTestCase):
         pump.flush()
         self.assertTrue(results[0].check(jelly.InsecureJelly))
 
+    def eachDialect(self, rootObject: Any) -> Iterator[tuple[list[bytes], Any, Any]]:
+        """
+        ``(dialects, client, pump)`` for a new connection to ``rootObject`` in each of
+        ``pb`` and ``pbroker2``.
+        """
+        for dialects in ([b"pb"], [b"pbroker2"]):
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootObject, registry=self.registry),
+                pb.PBClientFactory(registry=self.registry, dialects=dialects),
+            )
+            yield dialects, client, pump
+
     def test_malformedCopyState(self) -> None:
         """A copy whose state (from the peer) cannot become a RemoteCopy's attributes fails
         the call with InvalidJelly naming the class and the fault, not a TypeError from
@@ -338,22 +365,10 @@ class CopyTests(SynchronousTestCase):
                 "the state of a copy of tests.test_broker.RemotePoint has a key that is not text",
             ),
         ]
-        for dialects in ([b"pb"], [b"pbroker2"]):
-            _server, client, pump = connectedServerAndClient(
-                pb.PBServerFactory(rootObject, registry=self.registry),
-                pb.PBClientFactory(registry=self.registry, dialects=dialects),
-            )
+        for _dialects, client, pump in self.eachDialect(rootObject):
             root = client.remoteForName("root")
             for state, message in cases:
-
-                class Malformed(Point):
-                    def getTypeToCopy(self) -> bytes:
-                        return b"tests.test_broker.Point"
-
-                    def getStateToCopy(self, state: Any = state) -> Any:
-                        return state
-
-                rootObject.remote_malformed = lambda: Malformed(0, 0)
+                rootObject.remote_malformed = lambda state=state: pointStating(state)
                 results: list[Any] = []
                 root.callRemote("malformed").addBoth(results.append)
                 root.callRemote("point").addBoth(results.append)
@@ -369,22 +384,10 @@ class CopyTests(SynchronousTestCase):
         without attributes, or an empty list, text or zero) arrives with no attributes, as
         Twisted's RemoteCopy takes it; in both dialects."""
         rootObject = self.server.localObjectForID(b"root")
-        for dialects in ([b"pb"], [b"pbroker2"]):
-            _server, client, pump = connectedServerAndClient(
-                pb.PBServerFactory(rootObject, registry=self.registry),
-                pb.PBClientFactory(registry=self.registry, dialects=dialects),
-            )
+        for dialects, client, pump in self.eachDialect(rootObject):
             root = client.remoteForName("root")
             for state in (None, [], (), "", b"", 0, 0.0, False, {}):
-
-                class Empty(Point):
-                    def getTypeToCopy(self) -> bytes:
-                        return b"tests.test_broker.Point"
-
-                    def getStateToCopy(self, state: Any = state) -> Any:
-                        return state
-
-                rootObject.remote_empty = lambda: Empty(0, 0)
+                rootObject.remote_empty = lambda state=state: pointStating(state)
                 results: list[Any] = []
                 root.callRemote("empty").addBoth(results.append)
                 pump.flush()

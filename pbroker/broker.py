@@ -610,6 +610,7 @@ class Broker(Banana):
         "_blockedKeys",
         "_blockedNeeds",
         "_blockedUnknown",
+        "_callArgs",
         "_callContexts",
         "_clock",
         "_codec",
@@ -849,6 +850,9 @@ class Broker(Banana):
         self._replyTargets: dict[int, dict[str, Any]] = {}
         # Request id -> the context of a call from the peer that carried one.
         self._callContexts: dict[int, _context.CallContext] = {}
+        # The positional arguments of the call being run, as sent: unserialised, they are a
+        # tuple in either dialect (the native codec gives a list).
+        self._callArgs: Any = None
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self._streams = StreamTable(self)
         # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
@@ -891,6 +895,13 @@ class Broker(Banana):
         no 640 KiB ceiling).
         """
         return self._codec is not None
+
+    @property
+    def _localCleanup(self) -> dict[Any, Callable[[], object]]:
+        """
+        Stock PB's name for :attr:`localCleanup`, which code written for it reads.
+        """
+        return self.localCleanup
 
     def configure(
         self,
@@ -1967,14 +1978,18 @@ class Broker(Banana):
         self._arrivals = arrivals
         try:
             if codec is not None and perspective is None and self.unserializingPerspective is None:
-                return codec.unpack(sexp)  # the common case, without the bookkeeping below
-            self.unserializingPerspective = perspective
-            try:
-                if codec is not None:
-                    return codec.unpack(sexp)
-                return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
-            finally:
-                self.unserializingPerspective = None
+                value = codec.unpack(sexp)  # the common case, without the bookkeeping below
+            else:
+                self.unserializingPerspective = perspective
+                try:
+                    if codec is None:
+                        return Unjellier(self.security, None, self, self.registry).unjellyFull(sexp)
+                    value = codec.unpack(sexp)
+                finally:
+                    self.unserializingPerspective = None
+            if sexp is self._callArgs and type(value) is list:
+                return tuple(value)  # a call's positional arguments, as jelly gives them
+            return value
         except BaseException:
             self._releaseUnread(sexp, arrivals)
             raise
@@ -3271,6 +3286,7 @@ class Broker(Banana):
                 self._dropLateValue(netArgs)  # as above
                 self._dropLateValue(netKw)
                 raise Error("Invalid Object ID")
+            self._callArgs = netArgs
             result = target.remoteMessageReceived(self, name, netArgs, netKw)
         except Error as e:
             if not answerRequired:
@@ -3300,6 +3316,7 @@ class Broker(Banana):
                 self._sendPostponed()
             return
         finally:
+            self._callArgs = None
             if token is not None:
                 _context._current.reset(token)
         if not answerRequired:

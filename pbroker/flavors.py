@@ -124,7 +124,7 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
 def _positional(args: Any) -> tuple[Any, ...]:
     if isinstance(args, tuple):
         return args
-    if isinstance(args, list):  # as the native dialect delivers them
+    if isinstance(args, list):  # (a subclass's own; a broker unserialises them as a tuple)
         return tuple(args)
     raise TypeError(f"positional arguments must arrive as a tuple, not {type(args).__name__}")
 

@@ -236,7 +236,38 @@ class NegotiationTests(NativeTestCase):
         self.assertFalse(client.isNative)
 
 
+class Unserializing(pb.Referenceable):
+    """
+    Unserialises its calls itself, as code that overrides ``remoteMessageReceived`` (or an
+    ``IPerspective``'s ``perspectiveMessageReceived``) does.
+    """
+
+    def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
+        args = broker.unserialize(args)
+        kw = broker.unserialize(kw)
+        return broker.serialize((message, args, kw))
+
+
 class ValueTests(NativeTestCase):
+    def test_unserialisedArgumentsAreATuple(self) -> None:
+        """A call's positional arguments, unserialised by a method of the target's own, are a
+        tuple in every dialect, as jelly gives them; the lists in them stay lists."""
+        large = b"L" * 40_000  # a value field the decoder reads in place
+        for dialects in ([b"pbroker2"], [b"pbroker1"], [b"pb"]):
+            target = Unserializing()
+            server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(pb.Root()), pb.PBClientFactory(dialects=dialects)
+            )
+            self.assertEqual(client.currentDialect, dialects[0])
+            server.setNameForLocal("unserializing", target)
+            reference = client.remoteForName("unserializing")
+            for args in [("here",), (), ([1], (2,)), (large,)]:
+                results: list[Any] = []
+                reference.callRemote("ANY", *args, bar=[3]).addBoth(results.append)
+                pump.flush()
+                self.assertEqual(results, [("ANY", args, {"bar": [3]})], dialects)
+            self.assertIsNone(server._callArgs)
+
     def test_largeBytesPackedAsMsgpackDoes(self) -> None:
         """Large byte strings, alone or as the one argument of a call, are packed by hand to
         exactly the bytes msgpack writes; and they travel."""

@@ -231,7 +231,8 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
 
     def test_repeatedLoginsLeaveNothing(self) -> None:
         """Logging in and dropping the avatar again and again on one connection leaves
-        nothing behind on the server: each logout forgets its disconnect notifier."""
+        nothing behind on the server: each logout forgets its disconnect notifier (in
+        ``localCleanup``, which stock PB's name ``_localCleanup`` reads too)."""
         before = len(self.server.disconnects)
         for _ in range(5):
             avatar = self.resolve(self.clientFactory.login(Anonymous()))
@@ -241,6 +242,7 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
         self.assertEqual(self.realm.loggedOut, ["anonymous"] * 5)
         self.assertEqual(len(self.server.disconnects), before)
         self.assertEqual(self.server.localCleanup, {})
+        self.assertIs(self.server._localCleanup, self.server.localCleanup)  # stock's name
         self.client.transport.loseConnection()
         self.pump.flush()
         self.assertEqual(len(self.realm.loggedOut), 5)

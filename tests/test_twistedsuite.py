@@ -18,9 +18,7 @@ listed in :data:`PASSING` must pass; the others fail for differences pbroker doc
 - refused logins are answered late (test_pb's two NewCredTests of refused logins wait for
   that on the reactor while nothing moves their bytes, until trial's timeout), and neither
   they nor ``NoSuchMethod`` are logged (the caller's business); named objects do not count
-  in the reference limit, ``RemotePublished`` writes no file unless told where, arguments
-  arrive as a list in ``perspectiveMessageReceived``, and ``_localCleanup`` is
-  ``localCleanup``.
+  in the reference limit, and ``RemotePublished`` writes no file unless told where.
 
 NewStyleCachedTests is left out because it listens on every interface, where this suite
 keeps to 127.0.0.1. Some of test_pbfailure's tests do not return their Deferreds, so an
@@ -109,7 +107,9 @@ PASSING = {
         "NewCredTests.test_immediateClose",
         "NewCredTests.test_loginConnectionRefused",
         "NewCredTests.test_loginLogout",
+        "NewCredTests.test_logoutAfterDecref",
         "NewCredTests.test_view",
+        "NSPTests.test_NSP",
         "NewStyleTests.test_alloc",
         "NewStyleTests.test_newStyle",
         "NewStyleTests.test_newStyleWithKeywords",

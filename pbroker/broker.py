@@ -157,9 +157,11 @@ _FIRST = 6
 # (see Broker._keysOf), as (kind, id): the first copy of one of this side's Cacheables (by
 # luid), a message naming one the peer holds a copy of, a message naming one of the peer's
 # objects (a reference or a copy, by its luid there), a stream of this side's, a call of
-# this side's (by request id), or a call to one of the peer's copies of this side's
-# Cacheables (by luid: such calls, an observer's updates, keep their order).
-_FIRST_KEY, _OURS, _THEIRS, _STREAM_KEY, _CALL, _TO_COPY = 0, 1, 2, 3, 4, 5
+# this side's (by request id), a call to one of the peer's copies of this side's
+# Cacheables (by luid: such calls, an observer's updates, keep their order), or any call
+# that keeps its place among this side's calls (the default: see CallOptions.ordered).
+_FIRST_KEY, _OURS, _THEIRS, _STREAM_KEY, _CALL, _TO_COPY, _ORDER = 0, 1, 2, 3, 4, 5, 6
+_IN_ORDER = (_ORDER, None)
 _KeySet = frozenset[tuple[int, Any]]
 # (needs, provides)
 _Keys = tuple[_KeySet, _KeySet]
@@ -2237,18 +2239,21 @@ class Broker(Banana):
             if options is not None and options.reply is not None:
                 self._replyTargets[requestID] = options.reply
         transport = self.transport
+        ordered = options is None or options.ordered
         if (registrations and self._behindLarge(registrations)) or (
-            prefix and (self._largeOut or self._afterLarge)
+            (prefix or (ordered and type(data) is bytes)) and (self._largeOut or self._afterLarge)
         ):
-            # It names a cache handle, or is sent to a copy, whose first copy may be in a
-            # large message still queued (see _behindLarge).
+            # Calls keep their order, as in stock PB (unless told otherwise): a small one
+            # waits for the large messages queued before it (a large one joins them, and
+            # large calls keep their order). So does a call that names a cache handle, or
+            # is sent to a copy, whose first copy may be in one (see _behindLarge).
             kept, own = self._keep(data, False)
-            keys = self._callKeys(registrations, prefix, objectID, requestID)
+            keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         elif isinstance(data, _Payload) and data.taken:
-            keys = self._callKeys(registrations, prefix, objectID, requestID)
+            keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._writePayload(data, requestID, registrations, None, keys)
         else:
             self._writePayload(data, requestID, registrations)
@@ -2259,23 +2264,31 @@ class Broker(Banana):
         return deferred
 
     def _callKeys(
-        self, registrations: list[tuple[Any, int]], prefix: bytes, objectID: Any, requestID: int
+        self,
+        registrations: list[tuple[Any, int]],
+        prefix: bytes,
+        objectID: Any,
+        requestID: int,
+        ordered: bool,
     ) -> _Keys | None:
         """
         What a call needs and provides (see :meth:`_keysOf`): besides what its arguments
         name, itself (for its cancel), and its target: one of the peer's objects (for its
         release), or (``b"cache"``) the peer's copy of a Cacheable of this side's, which
         needs that copy's first copy and the calls to the copy made before it (an
-        observer's updates arrive in order), and comes before its uncache.
+        observer's updates arrive in order), and comes before its uncache. A call that
+        keeps its order (``ordered``) needs the ordered calls made before it, and provides
+        itself to those after it.
         """
+        order = (_IN_ORDER,) if ordered else ()
         if prefix:
             toCopy = (_TO_COPY, objectID)
             return self._keysOf(
                 registrations,
-                ((_FIRST_KEY, objectID), toCopy),
-                ((_OURS, objectID), toCopy, (_CALL, requestID)),
+                ((_FIRST_KEY, objectID), toCopy, *order),
+                ((_OURS, objectID), toCopy, (_CALL, requestID), *order),
             )
-        return self._keysOf(registrations, (), ((_THEIRS, objectID), (_CALL, requestID)))
+        return self._keysOf(registrations, order, ((_THEIRS, objectID), (_CALL, requestID), *order))
 
     def _bananaCall(
         self,

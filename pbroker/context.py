@@ -46,11 +46,16 @@ class CallOptions:
         (None, booleans, numbers, text, bytes, lists and tuples, which arrive as lists, and
         dicts with text keys), checked here.
     :ivar reply: a dict the answer's annotations are written into, if given.
+    :ivar ordered: whether the call keeps its place among this side's calls, as in stock PB
+        (the default). ``False`` lets it reach the peer before calls made earlier that are
+        still being sent, in the native dialect, where a large call is sent in fragments:
+        for a call that should not wait behind a transfer, such as a status query.
     """
 
     timeout: float | None = None
     context: dict[str, Any] | None = None
     reply: dict[str, Any] | None = None
+    ordered: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout is not None:
@@ -68,6 +73,8 @@ class CallOptions:
             _checkAnnotations(self.context, "context")
         if self.reply is not None and not isinstance(self.reply, dict):
             raise TypeError(f"reply must be a dict to fill, not {type(self.reply).__name__}")
+        if type(self.ordered) is not bool:
+            raise TypeError(f"ordered must be True or False, not {self.ordered!r}")
 
 
 #: How deep the lists and dicts of a call context may nest.

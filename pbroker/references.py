@@ -90,6 +90,7 @@ class RemoteReference(Serializable):
         timeout: float | None = None,
         context: dict[str, Any] | None = None,
         reply: dict[str, Any] | None = None,
+        ordered: bool = True,
     ) -> CallingWithOptions:
         """
         This reference with call options: ``ref.withOptions(timeout=5).callRemote(...)``.
@@ -100,10 +101,13 @@ class RemoteReference(Serializable):
         :param context: annotations the remote method reads with
             :func:`pbroker.context.current` (native dialect only).
         :param reply: a dict to receive the annotations the remote method answers with.
+        :param ordered: ``False`` lets the call reach the peer before large calls made
+            earlier that are still being sent (native dialect only); by default calls keep
+            the order they were made in.
 
         See :mod:`pbroker.context`. Options never take a keyword name from the remote method.
         """
-        return CallingWithOptions(self, CallOptions(timeout, context, reply))
+        return CallingWithOptions(self, CallOptions(timeout, context, reply, ordered))
 
     def remoteMethod(self, key: str) -> RemoteMethod:
         """

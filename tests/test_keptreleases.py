@@ -248,10 +248,10 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         entries = len(client._afterLarge) + len(client._afterBlocked)
         return entries, client._keptForPeer, client._keptOwn
 
-    def test_updatesGoAheadOfACallThatIsNeverTaken(self) -> None:
-        """An observer's updates to a copy the server already holds go ahead of a large
-        call that waits for the server to take an earlier one: a server that never does
-        cannot make the client keep them without end."""
+    def test_updatesKeepTheirPlaceBehindACallThatIsNeverTaken(self) -> None:
+        """An observer's updates to a copy the server already holds are calls, and keep
+        their place behind a large call that waits for the server to take an earlier one,
+        as in stock PB; a call made to go ahead (``ordered=False``) does not wait."""
         self.neverTaken()
         gauge = LevelGauge()
         self.answer("keep", gauge)
@@ -259,9 +259,11 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         calls = self.queueLarge()
         for level in range(1000):
             observer.callRemote("level", level)
+        ahead = self.root.withOptions(ordered=False).callRemote("take", b"a")
         self.drain()
-        self.assertEqual(self.rootObject.kept.levels, list(range(1000)))
-        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.successResultOf(ahead), 1)
+        self.assertEqual(self.rootObject.kept.levels, [])
+        self.assertEqual(self.kept()[:2], (1000, 0))  # the client's own, none for the server
         self.assertEqual(self.successResultOf(calls[0]), 1)
         self.assertNoResult(calls[1])  # still waiting: the server never took the first
         self.assertGreater(self.client._largeOut[0][3], 0)
@@ -281,22 +283,25 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual(self.kept(), (0, 0, 0))
         self.assertNoResult(calls[1])
 
-    def test_anUpdateGoesAheadOfACallThatOnlyNamesItsCopy(self) -> None:
-        """Updates to a copy the server holds go ahead of a waiting large call that names
-        that copy (as do calls to the same object as the waiting call): only its first
-        copy, or a release of what the call names, would have to wait for it."""
+    def test_aCallGoesAheadOfACallThatOnlyNamesItsCopy(self) -> None:
+        """A call made to go ahead (``ordered=False``) that names a copy the server holds
+        goes ahead of a waiting large call that names that copy too (to the same object as
+        the waiting call): only its first copy, or a release of what the call names, would
+        have to wait for it. Updates to the copy are calls that keep their place."""
         self.neverTaken()
         known = LevelGauge()
         self.answer("hold", known)
         calls = self.queueLarge()
         calls.append(self.root.callRemote("keep", [known, b"3" * BIG]))  # waits; names it
-        calls.append(self.root.callRemote("take", known))  # small, kept: names the handle
+        # Small, kept behind the large calls as it names the handle; then goes ahead.
+        calls.append(self.root.withOptions(ordered=False).callRemote("take", known))
+        self.assertEqual(len(self.client._afterLarge), 2)  # (the two that name the handle)
         for level in range(100):
             known.observers[0].callRemote("level", level)
         self.drain()
-        self.assertEqual(self.rootObject.held[0].levels, list(range(100)))
         self.assertEqual(self.successResultOf(calls[3]), 1)
-        self.assertEqual(self.kept(), (0, 0, 0))
+        self.assertEqual(self.rootObject.held[0].levels, [])
+        self.assertEqual(self.kept()[:2], (101, 0))  # the updates, and that large call
         self.assertNoResult(calls[2])
 
     def writeOneLarge(self) -> Any:
@@ -409,7 +414,8 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
     def test_anUpdateWaitsForTheCallWithItsFirstCopy(self) -> None:
         """An update to a copy whose first copy is in a large call waiting to be taken
         waits for that call, and so does what names what the update names: the server
-        gets each copy before a message naming it."""
+        gets each copy before a message naming it. (An update to a copy the server holds
+        already waits too, as calls keep their order.)"""
         known = LevelGauge()
         self.answer("hold", known)  # the server holds a copy, in no waiting call
         calls = self.queueLarge()
@@ -418,10 +424,10 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         third = LevelGauge()
         second.observers[0].callRemote("level", third)  # third's first copy: waits
         third.observers[0].callRemote("level", 7)  # names third: waits behind it
-        known.observers[0].callRemote("level", 1)  # goes ahead
+        known.observers[0].callRemote("level", 1)  # keeps its place
         self.assertEqual(len(self.client._afterLarge), 3)
         self.clock.advance(0)
-        self.assertEqual((len(self.client._afterLarge), len(self.client._afterBlocked)), (0, 2))
+        self.assertEqual((len(self.client._afterLarge), len(self.client._afterBlocked)), (0, 3))
         self.drain()
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1, None])
         copy = self.rootObject.kept[0]
@@ -1003,7 +1009,8 @@ class NativeFloodTests(HandDriven):
         the largest message the peer accepts) that are then cancelled still drops a peer
         that reads nothing while more than bufferedBytes was written for it meanwhile."""
         child, large = self.largeCallsArmTheStallTimer()
-        small = [child.callRemote("ping", b"s" * 100) for _ in range(200)]  # 26 KB written
+        ahead = child.withOptions(ordered=False)
+        small = [ahead.callRemote("ping", b"s" * 100) for _ in range(200)]  # 26 KB written
         for call in large + small:
             call.addErrback(lambda _: None)
         for call in large:

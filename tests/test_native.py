@@ -493,6 +493,59 @@ class LargeMessageTests(NativeTestCase):
         self.assertGreater(len(small), 50)
         self.assertEqual(small, list(range(len(small))))
 
+    def test_callsKeepTheirOrder(self) -> None:
+        """Calls reach the server in the order they were made, as in stock PB, though a
+        large one is sent in fragments and small ones could go between them: a body
+        written in parts, then finished (twisted.web.distrib's pattern), arrives whole.
+        One-way calls, and calls to another object, keep their place too. A call made
+        with ``ordered=False`` goes ahead."""
+        arrived: list[Any] = []
+        self.rootObject.remote_write = lambda data: arrived.append(len(data))  # type: ignore
+        self.rootObject.remote_finish = lambda: arrived.append("finish")  # type: ignore
+        counter = self.call("counter")
+        results: list[Any] = []
+        self.root.callRemote("write", b"x" * (640 * 1024)).addBoth(results.append)
+        self.root.withOptions(ordered=False).callRemote("write", b"ahead")
+        self.root.callRemote("write", b"y").addBoth(results.append)
+        self.root.callRemote("write", b"x" * (300 * 1024)).addBoth(results.append)
+        self.root.callRemote("write", b"zz", pbanswer=False)
+        self.rootObject.counter.remote_add = lambda n: arrived.append(("add", n)) or n
+        counter.callRemote("add", 1).addBoth(results.append)
+        self.root.callRemote("finish").addBoth(results.append)
+        self.assertTrue(self.client.sendingLarge)
+        self.pump.flush()
+        self.assertEqual(arrived, [5, 640 * 1024, 1, 300 * 1024, 2, ("add", 1), "finish"])
+        self.assertEqual(results, [None, None, None, 1, None])
+
+    def test_callsKeepTheirOrderBehindALargeAnswer(self) -> None:
+        """The server's calls made while it sends a large answer keep their order among
+        themselves; answers to small calls do not wait for the large answer."""
+        arrived: list[int] = []
+
+        class Sink(pb.Referenceable):
+            def remote_write(self, data: bytes) -> None:
+                arrived.append(len(data))
+
+        held: list[Any] = []
+        self.rootObject.remote_hold = held.append  # type: ignore[attr-defined]
+        self.call("hold", Sink())
+        big: list[Any] = []
+        self.root.callRemote("big", 2 * 1024 * 1024).addBoth(big.append)
+        self.pump.pump()  # the call reaches the server, which starts its large answer
+        self.assertTrue(self.server.sendingLarge)
+        for size in (1, 300 * 1024, 2):
+            held[0].callRemote("write", b"w" * size)
+        small: list[Any] = []
+        self.root.callRemote("echo", 1).addBoth(small.append)
+        for _ in range(1000):
+            if small or big:
+                break
+            self.pump.pump()
+        self.assertEqual((small, big), ([1], []))  # the small answer went ahead
+        self.pump.flush()
+        self.assertEqual(len(big[0]), 2 * 1024 * 1024)
+        self.assertEqual(arrived, [1, 300 * 1024, 2])
+
     def test_referenceDroppedWhileItsLargeCallIsSent(self) -> None:
         """
         A reference dropped while a large call made on it is still being sent does not
@@ -1461,9 +1514,9 @@ class CancellationTests(NativeTestCase):
         """
         A call whose arguments are still being sent in fragments when its timeout passes,
         or when it is cancelled, is cancelled on the server all the same: the cancel does
-        not overtake the call. One that waits behind it, none of it written yet, is never
-        sent, and what it exported is released. A small call cancelled meanwhile is
-        cancelled at once.
+        not overtake the call. Those that wait behind it (calls keep their order), none of
+        them written yet, are never sent, and what they exported is released. A small call
+        made to go ahead (``ordered=False``) and cancelled meanwhile is cancelled at once.
         """
         large = b"x" * (3 * 1024 * 1024)
 
@@ -1478,13 +1531,16 @@ class CancellationTests(NativeTestCase):
         timed = self.root.withOptions(timeout=0.5).callRemote("take", large)
         d = self.root.callRemote("take", large, Counter())
         small = self.root.callRemote("take", b"s")
+        ahead = self.root.withOptions(ordered=False).callRemote("take", b"a")
         self.assertTrue(self.client.sendingLarge)
         self.assertEqual(len(self.client.localObjects), 1)  # the Counter, exported by packing
         d.cancel()
         small.cancel()
+        ahead.cancel()
         self.clock.advance(1)
         self.failureResultOf(d, CancelledError)
         self.failureResultOf(small, CancelledError)
+        self.failureResultOf(ahead, CancelledError)
         self.failureResultOf(timed, TimeoutError)
         self.assertEqual(self.client.localObjects, {})
         self.pump.flush()
@@ -3144,7 +3200,8 @@ class TakenLargeCallTests(SynchronousTestCase):
 
     def test_callsWaitForRoom(self) -> None:
         """Large calls, one-way ones too, wait while those not taken would pass
-        bufferedBytes, and keep their order; answers and small calls do not wait."""
+        bufferedBytes, and keep their order, and so does a small call made after them;
+        answers, and small calls made to go ahead (``ordered=False``), do not wait."""
         taken: list[int] = []
         self.rootObject.remote_take = lambda data: taken.append(len(data))  # type: ignore
         results: list[Any] = []
@@ -3152,11 +3209,12 @@ class TakenLargeCallTests(SynchronousTestCase):
             self.root.callRemote("take", b"x" * size).addBoth(results.append)
         self.root.callRemote("take", b"y" * 400_000, pbanswer=False)
         self.root.callRemote("take", b"z" * 10)
+        self.root.withOptions(ordered=False).callRemote("take", b"w" * 5)
         big: list[Any] = []
-        self.root.callRemote("big", 2 * MiB).addBoth(big.append)
+        self.root.withOptions(ordered=False).callRemote("big", 2 * MiB).addBoth(big.append)
         self.assertTrue(self.client._untakenBytes < MiB)
-        self.settle(lambda: len(results) == 3 and len(big) == 1 and len(taken) == 5)
-        self.assertEqual(taken, [10, 600_000, 300_000, 700_000, 400_000])
+        self.settle(lambda: len(results) == 3 and len(big) == 1 and len(taken) == 6)
+        self.assertEqual(taken, [5, 600_000, 300_000, 700_000, 400_000, 10])
         self.assertEqual(len(big[0]), 2 * MiB)
         self.pump.flush()  # the last "taken"
         self.assertEqual(self.client._untaken, {})
@@ -5204,6 +5262,18 @@ class ArgumentCheckTests(SynchronousTestCase):
         )
         reply: dict[str, Any] = {}
         self.assertIs(context.CallOptions(reply=reply).reply, reply)
+
+    def test_callOptionsOrdered(self) -> None:
+        """``ordered`` must be True or False (a truthy value is not taken for True); calls
+        are ordered by default."""
+        for value in (1, "no", None):
+            self.assertRefused(
+                TypeError,
+                f"ordered must be True or False, not {value!r}",
+                partial(context.CallOptions, ordered=value),
+            )
+        self.assertTrue(context.CallOptions().ordered)
+        self.assertFalse(context.CallOptions(ordered=False).ordered)
 
     def test_secondsTooLargeForAFloat(self) -> None:
         """A number of seconds too large for a float waits for ever, as infinity does,

@@ -523,7 +523,10 @@ class PagerTests(SynchronousTestCase):
                 self.pager = LargeFirst(collector)
 
         root = MyRoot()
-        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root, clock=clock), pb.PBClientFactory(clock=clock), clock=clock
+        )
         results: list[Any] = []
         util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
         pump.pump()
@@ -556,7 +559,8 @@ class PagerTests(SynchronousTestCase):
         )
         self.flushLoggedErrors(OSError, RuntimeError)
         pump.flush()
-        # The collector got the page being sent, then the news.
+        # The collector got the page being sent, then the news (a call: behind the page).
+        self.assertFalse(server.sendingLarge)
         results[0].trap(pb.RemoteError)
         self.assertIn("the source failed", results[0].getErrorMessage())
         self.assertFalse(server.disconnected)

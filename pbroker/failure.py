@@ -319,8 +319,10 @@ class CopiedFailure(RemoteCopy, Failure):
         return f"<CopiedFailure {_text(self.type)}: {self.value}>"
 
     def __str__(self) -> str:
-        # Twisted's text for a failure, with its brief traceback: the remote type and value.
-        return f"[Failure instance: Traceback from remote host -- {_text(self.type)}: {self.value}]"
+        # Twisted's text for a failure, with its brief traceback: the remote type and value,
+        # and the end of that line (pages and logs that embed it match stock's).
+        remote = f"{_text(self.type)}: {self.value}"
+        return f"[Failure instance: Traceback from remote host -- {remote}\n]"
 
 
 def failure2Copyable(fail: Failure, unsafeTracebacks: bool = False) -> CopyableFailure:

@@ -789,16 +789,31 @@ class CallTests(SynchronousTestCase):
         self.assertEqual(echo, self.root.remoteMethod("echo"))
 
     def test_copiedFailureText(self) -> None:
-        """A failure from the peer reads as Twisted's does: its brief remote traceback."""
-        results: list[Any] = []
-        self.root.callRemote("fail", "boom").addBoth(results.append)
-        self.pump.flush()
-        self.flushLoggedErrors(ValueError)
-        failure = results[0]
-        self.assertEqual(
-            str(failure),
-            "[Failure instance: Traceback from remote host -- builtins.ValueError: boom]",
-        )
+        """A failure from the peer reads as Twisted's does: its brief remote traceback, a
+        line ending in a newline (twisted.web.distrib's error page embeds it), whether or
+        not the peer sent its traceback."""
+        text = "[Failure instance: Traceback from remote host -- builtins.ValueError: boom\n]"
+        for module in (twistedPb, pb):
+            for unsafe in (False, True):
+                root = rootFor(module)
+                _server, client, pump = connect(
+                    module.PBServerFactory(root, unsafeTracebacks=unsafe), pb.PBClientFactory()
+                )
+                results: list[Any] = []
+                client.remoteForName("root").callRemote("fail", "boom").addBoth(results.append)
+                pump.flush()
+                self.flushLoggedErrors(ValueError)
+                self.assertEqual(str(results[0]), text, (module, unsafe))
+                # What a stock client reads for the same failure.
+                _server, stock, pump = connect(
+                    module.PBServerFactory(root, unsafeTracebacks=unsafe),
+                    twistedPb.PBClientFactory(),
+                )
+                results = []
+                stock.remoteForName("root").callRemote("fail", "boom").addBoth(results.append)
+                pump.flush()
+                self.flushLoggedErrors(ValueError)
+                self.assertEqual(str(results[0]), text, (module, unsafe, "stock client"))
 
     def test_remoteErrorInCoroutine(self) -> None:
         """Awaited in a coroutine, a remote failure raises RemoteError with type and value."""

@@ -487,7 +487,7 @@ def encode(
                     continue
                 else:
                     raise BananaEncodeError(
-                        f"banana cannot send {kind.__module__}.{kind.__qualname__} "
+                        f"Banana cannot send {kind.__module__}.{kind.__qualname__} "
                         f"objects: {describe(item)}"
                     )
                 break

@@ -147,7 +147,7 @@ class EncodeTests(SynchronousTestCase):
         for value in ["text", None, {1: 2}, object(), [1, [2, "x"]]]:
             with self.assertRaises(BananaEncodeError) as caught:
                 encode(value)
-            self.assertIn("banana cannot send", str(caught.exception))
+            self.assertIn("Banana cannot send", str(caught.exception))
         with self.assertRaises(BananaEncodeError) as caught:
             encode("text")
         self.assertIn("builtins.str", str(caught.exception))

@@ -27,7 +27,7 @@ from twisted.cred.credentials import IAnonymous, IUsernameHashedPassword, IUsern
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.cred.strcred import AuthOptionMixin
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from zope.interface import implementer
@@ -181,7 +181,7 @@ class Options(usage.Options, AuthOptionMixin):
     longdesc = (
         "Serve a broker. With no options it listens on tcp:8789:interface=127.0.0.1 and "
         "serves a login root that also answers ping, info and services; clients may log in "
-        "anonymously. See the options below for endpoints, TLS, logins and another root."
+        "anonymously. The options above set endpoints, TLS, logins and another root."
     )
     supportedInterfaces = [IUsernamePassword, IUsernameHashedPassword, IAnonymous]
     optFlags = [
@@ -443,6 +443,48 @@ def _eitherUsernames(checker: Any) -> Any:
     return checker
 
 
+@implementer(ICredentialsChecker)
+class _FirstOf:
+    """
+    The checkers of one kind of credentials, tried in the order given until one accepts:
+    so that several ``--auth`` options of one kind (``memory:``, ``file:``) all log their
+    users in, where a Portal keeps only the last checker of each kind.
+    """
+
+    def __init__(self, interface: Any, checkers: list[Any]) -> None:
+        self.credentialInterfaces = (interface,)
+        self.checkers = checkers
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return self._tryFrom(0, credentials)
+
+    def _tryFrom(self, index: int, credentials: Any) -> Deferred[Any]:
+        attempt: Deferred[Any] = maybeDeferred(self.checkers[index].requestAvatarId, credentials)
+        if index + 1 < len(self.checkers):
+
+            def next(failure: Any) -> Deferred[Any]:
+                failure.trap(UnauthorizedLogin)
+                return self._tryFrom(index + 1, credentials)
+
+            attempt.addErrback(next)
+        return attempt
+
+
+def _registerCheckers(portal: Portal, checkers: list[Any]) -> None:
+    """
+    Register ``checkers`` with ``portal``, those of a kind of credentials that another
+    checks too combined into one that tries each in turn (see :class:`_FirstOf`).
+    """
+    byKind: dict[Any, list[Any]] = {}
+    for checker in checkers:
+        for interface in checker.credentialInterfaces:
+            byKind.setdefault(interface, []).append(checker)
+    for interface, ofKind in byKind.items():
+        portal.registerChecker(
+            ofKind[0] if len(ofKind) == 1 else _FirstOf(interface, ofKind), interface
+        )
+
+
 def _loadRoot(name: str) -> Any:
     """
     The object ``--root`` names: an IPBRoot or a Portal, or a callable that returns one.
@@ -482,8 +524,10 @@ def makeService(options: Options) -> service.MultiService:
         if options["anonymous"] or not options.wantsLogin:
             # With no login option at all, anonymous login is the embedded default.
             checkers.append(AllowAnonymousAccess())
+        portal = Portal(BrokerRealm(services))
+        _registerCheckers(portal, checkers)
         root = IntrospectingPortalRoot(
-            Portal(BrokerRealm(services), checkers),
+            portal,
             services,
             legacyLogin=not options["no-legacy-login"],
         )

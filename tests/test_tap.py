@@ -269,6 +269,26 @@ class ServiceTests(TestCase):
             await factory.login(UsernamePassword(b"alice", b"wrong"))
         self.assertEqual(raised.exception.remoteType, b"twisted.cred.error.UnauthorizedLogin")
 
+    async def test_authRepeated(self) -> None:
+        """Several --auth options of one kind all log their users in (a Portal keeps one
+        checker per kind of credentials: each is tried in turn); a user none knows, or a
+        wrong password, is refused."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"carol:c\n")
+        port = await self.start(
+            "--auth", "memory:alice:a", "--auth", f"file:{path}", "--auth", "memory:bob:b"
+        )
+        for module in (pb, twistedPb):
+            for name, password in (("alice", b"a"), ("bob", b"b"), ("carol", b"c")):
+                factory = await self.connect(port, module)
+                avatar = await factory.login(UsernamePassword(name.encode(), password))
+                self.assertEqual((await avatar.callRemote("info"))["user"], name)
+        for name, password in ((b"alice", b"b"), (b"dave", b"d")):
+            factory = await self.connect(port)
+            with self.assertRaises(pb.RemoteError) as raised:
+                await factory.login(UsernamePassword(name, password))
+            self.assertEqual(raised.exception.remoteType, b"twisted.cred.error.UnauthorizedLogin")
+
     async def test_passwordFileWithoutLegacy(self) -> None:
         """--password-file with --no-legacy-login: pbroker clients only."""
         path = self.mktemp()

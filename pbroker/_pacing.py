@@ -251,6 +251,7 @@ class PacedTransport:
         if self.paused:
             self.queuedWhilePaused += size
             self._check(self.queuedWhilePaused, allowance)
+            self._checkHolding()
 
     def kept(self, total: int, allowance: int) -> None:
         """
@@ -265,6 +266,7 @@ class PacedTransport:
         if self.paused:
             self.keptWhilePaused = total
             self._check(total, allowance)
+            self._checkHolding()
 
     def keptOwn(self, size: int) -> None:
         """
@@ -290,6 +292,21 @@ class PacedTransport:
             over = self._overLimit()
             if over is not None:  # (else what was over no longer waits: the timer decides)
                 self._dropNonReader(*over)
+
+    def _checkHolding(self) -> None:
+        """
+        Start the stall timer if more than ``limits.bufferedBytes`` of messages for the peer
+        wait behind the one being sent while the connection takes nothing, though they are
+        within what may wait (answers made before it filled, say): a peer that takes none
+        of it for ``stallTimeout`` seconds stopped reading, and may not hold it for ever.
+        """
+        timeout = self._broker.limits.stallTimeout
+        if (
+            self._stall is None
+            and timeout is not None
+            and self._broker.waitingForPeer() > self._broker.limits.bufferedBytes
+        ):
+            self._armStallTimer(timeout, self._broker.limits.bufferedBytes)
 
     def _checkBuffered(self) -> None:
         self._check(self.bufferedWhilePaused, 0)
@@ -342,7 +359,10 @@ class PacedTransport:
             return
         over = self._overLimit()
         if over is None:
-            return  # what was over the limit no longer waits (kept calls, cancelled unsent)
+            waiting = self._broker.waitingForPeer()
+            if waiting <= self._broker.limits.bufferedBytes:
+                return  # what was over the limit no longer waits (kept, cancelled unsent)
+            over = waiting, self._broker.limits.bufferedBytes
         self._dropNonReader(*over)
 
     def _overLimit(self) -> tuple[int, int] | None:
@@ -434,6 +454,7 @@ class PacedTransport:
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self._checkHolding()
 
     def resumeProducing(self) -> None:
         self.paused = False

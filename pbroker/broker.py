@@ -2885,6 +2885,13 @@ class Broker(Banana):
         some may wait for that call (see :meth:`_flushAfterLarge`), which the peer's
         ``taken`` lets go, and the peer's messages must be handled for it to arrive.
         """
+        return self.waitingForPeer() > self.limits.bufferedBytes
+
+    def waitingForPeer(self) -> int:
+        """
+        Bytes of messages made for the peer that wait behind the large message being sent
+        (see :meth:`_queueFull`).
+        """
         queue = self._largeOut
         waiting = 0
         if queue:
@@ -2892,7 +2899,7 @@ class Broker(Banana):
             waiting = self._largeOutForPeer - (head[1] if head[2] is None else 0)
         if self._keptForPeer and not any(entry[3] for entry in queue):
             waiting += self._keptForPeer
-        return waiting > self.limits.bufferedBytes
+        return waiting
 
     def _keepForLater(self, data: bytes) -> None:
         """

@@ -639,6 +639,34 @@ class NativeFloodTests(HandDriven):
         self.server.transport.pauseProducing()  # the client reads none of it
         self.serverTransport.clear()
 
+    def test_aPeerThatStopsReadingIsDroppedWithinTheAllowance(self) -> None:
+        """Answers made before the connection filled, more than bufferedBytes waiting
+        behind the one being sent but within what may wait, get a peer that takes none of
+        them for stallTimeout seconds dropped: it cannot make the server hold them for
+        ever. One that drains its connection in time is not."""
+        self.root.callRemote("big")
+        self.root.callRemote("big")
+        self.toServer()  # both answered: one being sent, one behind it
+        self.assertGreater(self.server.waitingForPeer(), 8192)
+        transport = self.server.transport
+        transport.pauseProducing()  # the client reads none of it
+        self.assertIsNotNone(transport._stall)
+        transport.resumeProducing()  # it read: the timer is off
+        self.assertIsNone(transport._stall)
+        self.root.callRemote("big")
+        self.toServer()  # answered behind the one now being sent
+        self.assertGreater(self.server.waitingForPeer(), 8192)
+        transport.pauseProducing()
+        self.serverTransport.clear()
+        with capturedLogs() as logs:
+            self.clock.advance(29)
+            self.assertFalse(self.serverTransport.disconnecting)
+            self.clock.advance(2)
+        self.assertTrue(self.serverTransport.disconnecting)
+        self.assertIn("stopped reading", logs[-1]["log_format"])
+        self.assertEqual(logs[-1]["limit"], 8192)
+        self.assertEqual(logs[-1]["count"], self.server.waitingForPeer())
+
     def test_oneObjectOverAndOver(self) -> None:
         """One object sent in thousands of one-way calls keeps one release."""
         thing = pb.Referenceable()

@@ -118,6 +118,9 @@ class FakeBroker:
     def discardBacklog(self) -> None:
         self.discarded += 1
 
+    def waitingForPeer(self) -> int:
+        return 0  # no large message waits
+
     def transportResumed(self) -> None:
         self.resumed += 1
 

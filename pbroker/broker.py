@@ -2198,6 +2198,8 @@ class Broker(Banana):
             refusedStreams(stale, *findStreams((*args, *kw.values())))  # never to be sent
             raise stale
         annotations = None if options is None else options.context
+        if annotations is None and options is not None and options.reply is not None:
+            annotations = {}  # the answer's annotations are asked for: the call has a context
         timeout = None if options is None else options.timeout
         self.serializingPerspective = perspective
         self.jellyMethod = message

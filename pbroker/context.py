@@ -134,8 +134,8 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
             _checkPlain(item, f"{path}[{key!r}]", depth + 1)
         return
     raise TypeError(
-        f"{path} is a {type(value).__name__}; a call context holds None, booleans, numbers, "
-        "text, bytes, and lists, tuples and dicts of them"
+        f"{path} is of type {type(value).__name__}; a call context holds None, booleans, "
+        "numbers, text, bytes, and lists, tuples and dicts of them"
     )
 
 

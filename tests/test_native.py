@@ -1655,10 +1655,10 @@ class CancellationTests(NativeTestCase):
         for _ in range(40):
             deep = [deep]
         for value, error, text in (
-            (object(), TypeError, "context['v'] is a object"),
-            ({1, 2}, TypeError, "context['v'] is a set"),
+            (object(), TypeError, "context['v'] is of type object"),
+            ({1, 2}, TypeError, "context['v'] is of type set"),
             (2**80, ValueError, "beyond 64 bits"),
-            ([1, {"k": [object()]}], TypeError, "context['v'][1]['k'][0] is a object"),
+            ([1, {"k": [object()]}], TypeError, "context['v'][1]['k'][0] is of type object"),
             ({2: "x"}, TypeError, "the keys of context['v'] must be text"),
             (deep, ValueError, "nests more than 32 levels deep"),
         ):
@@ -1776,8 +1776,16 @@ class ContextTests(NativeTestCase):
             call.reply = ["fine"]  # type: ignore[assignment]
 
         cases: list[tuple[Callable[[context.CallContext], None], type[Exception], str]] = [
-            (annotate("bad", object()), TypeError, "reply['bad'] is a object; a call context"),
-            (annotate("bad", pb.Referenceable()), TypeError, "reply['bad'] is a Referenceable"),
+            (
+                annotate("bad", object()),
+                TypeError,
+                "reply['bad'] is of type object; a call context",
+            ),
+            (
+                annotate("bad", pb.Referenceable()),
+                TypeError,
+                "reply['bad'] is of type Referenceable",
+            ),
             (annotate("bad", 2**80), ValueError, "reply['bad'] is an integer beyond 64 bits"),
             (annotate("bad", [{2: "x"}]), TypeError, "the keys of reply['bad'][0] must be text"),
             (annotate("bad", deep), ValueError, "nests more than 32 levels deep"),
@@ -2084,9 +2092,26 @@ class ContextTests(NativeTestCase):
         _server, client, _pump = connectedServerAndClient(
             pb.PBServerFactory(NativeRoot()), pb.PBClientFactory(dialects=[b"pb"])
         )
-        d = client.remoteForName("root").withOptions(context={"a": 1}).callRemote("echo", 1)
-        failure = self.failureResultOf(d, UnsupportedByPeer)
-        self.assertIn("call context", str(failure.value))
+        for options in ({"context": {"a": 1}}, {"reply": {}}):
+            d = client.remoteForName("root").withOptions(**options).callRemote("echo", 1)
+            failure = self.failureResultOf(d, UnsupportedByPeer)
+            self.assertIn("call context", str(failure.value))
+
+    def test_replyWithoutContext(self) -> None:
+        """A reply asked for without a context or timeout gets the method's annotations too,
+        checked as any reply is."""
+        reply: dict[str, Any] = {}
+        self.assertEqual(
+            self.call("annotated", 5, target=self.root.withOptions(reply=reply)), [5, None, None]
+        )
+        self.assertEqual(reply, {"seen": 5})
+
+        def bad() -> None:
+            pbContext().reply["bad"] = object()
+
+        self.rootObject.remote_bad = bad  # type: ignore[attr-defined]
+        failure = self.call("bad", target=self.root.withOptions(reply={}))
+        self.assertIn("reply['bad'] is of type object", failure.getErrorMessage())
 
 
 class TurnClock(Clock):
@@ -4904,7 +4929,7 @@ class RefusedStreamTests(NativeTestCase):
         self.rootObject.remote_badReply = badReply  # type: ignore[attr-defined]
         with capturedLogs():
             failure = self.call("badReply", target=self.root.withOptions(context={}, reply={}))
-        self.assertIn("reply['bad'] is a object", failure.getErrorMessage())
+        self.assertIn("reply['bad'] is of type object", failure.getErrorMessage())
         self.assertRefused(stream, TypeError)
         self.assertEqual(self.server._streams.outgoing, {})
 

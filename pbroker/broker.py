@@ -2242,13 +2242,18 @@ class Broker(Banana):
                 self._replyTargets[requestID] = options.reply
         transport = self.transport
         ordered = options is None or options.ordered
-        if (registrations and self._behindLarge(registrations)) or (
-            (prefix or (ordered and type(data) is bytes)) and (self._largeOut or self._afterLarge)
+        if (self._largeOut or self._afterLarge) and (
+            prefix
+            or (registrations and self._behindLarge(registrations))
+            or (ordered and (type(data) is bytes or self._keptOwn))
         ):
             # Calls keep their order, as in stock PB (unless told otherwise): a small one
-            # waits for the large messages queued before it (a large one joins them, and
-            # large calls keep their order). So does a call that names a cache handle, or
-            # is sent to a copy, whose first copy may be in one (see _behindLarge).
+            # waits for the large messages queued before it. A large one joins them, and
+            # large calls keep their order there; but while calls of this side's are kept
+            # (_keptOwn: a large call to a copy, or one naming a cache handle, say, joins
+            # the large messages only once those before it are out), it is kept behind
+            # them, else it would overtake them. So does a call that names a cache handle,
+            # or is sent to a copy, whose first copy may be in one (see _behindLarge).
             kept, own = self._keep(data, False)
             keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))

@@ -203,6 +203,40 @@ class NativeTestCase(SynchronousTestCase):
         return results[0]
 
 
+def keptLargeCalls(test: Any, first: int, size: int) -> Callable[[], list[Any]]:
+    """
+    Make a large call of ``first`` bytes, then three of ``size``: one to a cached copy, one
+    naming a cache handle (both wait behind the first), and a plain one; return what reads
+    the order in which the server started them.
+    """
+    from tests.test_broker import Gauge, RemoteGauge
+
+    arrived: list[Any] = []
+
+    class RecordingGauge(RemoteGauge):
+        def observe_write(self, data: bytes) -> None:
+            arrived.append(("copy", len(data)))
+
+    test.server.registry.setUnjellyableForClass(Gauge, RecordingGauge)
+    held: list[Any] = []  # the server's copy, kept
+
+    def write(data: bytes, *rest: Any) -> None:
+        held.extend(rest)
+        arrived.append(len(data))
+
+    test.rootObject.remote_write = write
+    gauge = Gauge()
+    test.root.callRemote("write", b"", gauge)
+    test.pump.flush()
+    observer = gauge.observers[0]
+    del arrived[:]
+    test.root.callRemote("write", b"a" * first)
+    observer.callRemote("write", b"b" * size)
+    test.root.callRemote("write", b"c" * size, gauge)
+    test.root.callRemote("write", b"d" * size)
+    return lambda: arrived
+
+
 class NegotiationTests(NativeTestCase):
     def test_nativeChosen(self) -> None:
         """Two pbroker peers speak the native dialect and learn each other's message limit."""
@@ -545,6 +579,14 @@ class LargeMessageTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(len(big[0]), 2 * 1024 * 1024)
         self.assertEqual(arrived, [1, 300 * 1024, 2])
+
+    def test_largeCallsKeepTheirOrderBehindKeptOnes(self) -> None:
+        """A large call that waits behind the large messages queued (one to a cached copy,
+        or naming a cache handle) is not overtaken by a large call made after it, which
+        would otherwise join the large messages first."""
+        arrived = keptLargeCalls(self, 3 * 1024 * 1024, 600 * 1024)
+        self.pump.flush()
+        self.assertEqual(arrived(), [3 * 1024 * 1024, ("copy", 600 * 1024), 600 * 1024, 600 * 1024])
 
     def test_referenceDroppedWhileItsLargeCallIsSent(self) -> None:
         """
@@ -3140,6 +3182,13 @@ class TakenLargeCallTests(SynchronousTestCase):
             self.clock.advance(0)
             self.assertLessEqual(self.client._untakenBytes, 2 * MiB)
         self.fail("not done")
+
+    def test_largeCallsKeepTheirOrderBehindKeptOnes(self) -> None:
+        """Large calls that wait behind large messages keep their place among large calls
+        that wait for room: a large call made after them does not start first."""
+        arrived = keptLargeCalls(self, 900 * 1024, 900 * 1024)
+        self.settle(lambda: len(arrived()) == 4)
+        self.assertEqual(arrived(), [900 * 1024, ("copy", 900 * 1024), 900 * 1024, 900 * 1024])
 
     def test_droppedWaitingCallLetsTheNextOneStart(self) -> None:
         """A waiting call that is cancelled before any of it is written lets the call behind

@@ -2435,7 +2435,11 @@ class Broker(Banana):
                     del after[index]
                     if after is self._afterBlocked:
                         self._unblockEntry(kept)
-                        self._unblockKept(None)  # what waited for it must not stay
+                        # What waited for it must not stay; but what needs only what a
+                        # call waiting before all of them provides still waits, and is
+                        # not walked again (many calls kept behind a call waiting for
+                        # room, each timing out, would walk all the others each).
+                        self._unblockKept(None if _keys is None else _keys[1])
                     self._keptOwn -= own
                     transport = self.transport
                     if type(transport) is PacedTransport and transport.paused:

@@ -3208,6 +3208,37 @@ class TakenLargeCallTests(SynchronousTestCase):
         self.assertEqual(len(self.successResultOf(third)), 300 * KiB)
         self.assertEqual(len(self.successResultOf(first)), 300 * KiB)
 
+    def test_cancelledKeptCallsLeaveTheOthersWaiting(self) -> None:
+        """Calls kept behind a large call that waits for room, cancelled one at a time (as
+        they time out, say), are each dropped without those still waiting being checked
+        over again (which made cancelling n of them cost n squared); the others still wait
+        for the large call, and go after it."""
+        KiB = 1024
+        started: list[Any] = []
+        self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
+        self.root.callRemote("take", "first", b"a" * (900 * KiB))
+        self.root.callRemote("take", "second", b"b" * (900 * KiB))  # waits for room
+        self.moveClientBytes()
+        kept = [self.root.callRemote("take", tag) for tag in range(100)]
+        self.clock.advance(0)
+        self.assertEqual(len(self.client._afterBlocked), 100)
+        checked: list[Any] = []
+        blockEntry = brokerModule.Broker._blockEntry
+
+        def counting(broker: Any, entry: Any) -> None:
+            checked.append(entry)
+            blockEntry(broker, entry)
+
+        self.patch(brokerModule.Broker, "_blockEntry", counting)
+        for call in kept[:-1]:
+            call.cancel()
+            self.failureResultOf(call, CancelledError)
+            self.clock.advance(0)
+        self.assertEqual((len(self.client._afterBlocked), len(checked)), (1, 0))
+        self.settle(lambda: len(started) == 3)
+        self.assertEqual(started, ["first", "second", 99])
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+
     def moveClientBytes(self) -> None:
         """
         Deliver what the client writes, as it writes it, and nothing the server writes (so

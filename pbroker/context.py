@@ -47,9 +47,10 @@ class CallOptions:
         dicts with text keys), checked here.
     :ivar reply: a dict the answer's annotations are written into, if given.
     :ivar ordered: whether the call keeps its place among this side's calls, as in stock PB
-        (the default). ``False`` lets it reach the peer before calls made earlier that are
-        still being sent, in the native dialect, where a large call is sent in fragments:
-        for a call that should not wait behind a transfer, such as a status query.
+        (the default). ``False`` lets a small call reach the peer before calls made earlier
+        that are still being sent, in the native dialect, where a large call is sent in
+        fragments: for a call that should not wait behind a transfer, such as a status
+        query. (A large call made so is sent after the large messages queued before it.)
     """
 
     timeout: float | None = None

@@ -101,7 +101,7 @@ class RemoteReference(Serializable):
         :param context: annotations the remote method reads with
             :func:`pbroker.context.current` (native dialect only).
         :param reply: a dict to receive the annotations the remote method answers with.
-        :param ordered: ``False`` lets the call reach the peer before large calls made
+        :param ordered: ``False`` lets a small call reach the peer before large calls made
             earlier that are still being sent (native dialect only); by default calls keep
             the order they were made in.
 

@@ -580,6 +580,34 @@ class LargeMessageTests(NativeTestCase):
         self.assertEqual(len(big[0]), 2 * 1024 * 1024)
         self.assertEqual(arrived, [1, 300 * 1024, 2])
 
+    def test_whatGoesBetweenFragments(self) -> None:
+        """As docs/native.rst says: a small answer goes between the fragments of a large
+        answer, a stream's items wait behind it; a large call made with ``ordered=False``
+        is sent after a large call made before it, a small one goes ahead."""
+        events: list[Any] = []
+        self.root.callRemote("big", 3 * 1024 * 1024).addCallback(lambda _: events.append("big"))
+        self.pump.pump()
+        self.assertTrue(self.server.sendingLarge)
+        self.root.callRemote("echo", "small").addCallback(events.append)
+        streams: list[Any] = []
+        self.root.callRemote("numbers", 3).addCallback(streams.append)
+        self.settle(streams)
+
+        async def read() -> None:
+            async for item in streams[0]:
+                events.append(item)
+
+        Deferred.fromCoroutine(read())
+        self.pump.flush()
+        self.assertEqual(events, ["small", "big", 0, 1, 2])
+        arrived: list[Any] = []
+        self.rootObject.remote_write = lambda data: arrived.append(len(data))  # type: ignore
+        self.root.callRemote("write", b"a" * (3 * 1024 * 1024))
+        self.root.withOptions(ordered=False).callRemote("write", b"b" * (300 * 1024))
+        self.root.withOptions(ordered=False).callRemote("write", b"c")
+        self.pump.flush()
+        self.assertEqual(arrived, [1, 3 * 1024 * 1024, 300 * 1024])
+
     def test_largeCallsKeepTheirOrderBehindKeptOnes(self) -> None:
         """A large call that waits behind the large messages queued (one to a cached copy,
         or naming a cache handle) is not overtaken by a large call made after it, which

@@ -2245,15 +2245,17 @@ class Broker(Banana):
         if (self._largeOut or self._afterLarge) and (
             prefix
             or (registrations and self._behindLarge(registrations))
-            or (ordered and (type(data) is bytes or self._keptOwn))
+            or (ordered and (self._keptOwn or (type(data) is bytes and self._largeCallOut())))
         ):
             # Calls keep their order, as in stock PB (unless told otherwise): a small one
-            # waits for the large messages queued before it. A large one joins them, and
-            # large calls keep their order there; but while calls of this side's are kept
-            # (_keptOwn: a large call to a copy, or one naming a cache handle, say, joins
-            # the large messages only once those before it are out), it is kept behind
-            # them, else it would overtake them. So does a call that names a cache handle,
-            # or is sent to a copy, whose first copy may be in one (see _behindLarge).
+            # waits for the large calls queued before it (not for large answers: a method
+            # that calls its caller back, then answers, has its call arrive first). A large
+            # one joins them, and large calls keep their order there; but while messages
+            # of this side's are kept (_keptOwn: a large call to a copy, or one naming a
+            # cache handle, say, joins the large messages only once those before it are
+            # out), a call is kept behind them, else it would overtake them. So is a call
+            # that names a cache handle, or is sent to a copy, whose first copy may be in a
+            # large message (see _behindLarge).
             kept, own = self._keep(data, False)
             keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
@@ -2269,6 +2271,12 @@ class Broker(Banana):
         if self._postponed:
             self._sendPostponed()
         return deferred
+
+    def _largeCallOut(self) -> bool:
+        """
+        Whether a large call of this side's is queued (being sent, or waiting to be).
+        """
+        return any(entry[2] is not None for entry in self._largeOut)
 
     def _callKeys(
         self,

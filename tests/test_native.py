@@ -616,6 +616,31 @@ class LargeMessageTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(arrived(), [3 * 1024 * 1024, ("copy", 600 * 1024), 600 * 1024, 600 * 1024])
 
+    def test_aCallBackArrivesBeforeTheAnswer(self) -> None:
+        """A method that calls its caller back, then answers, while the server sends a
+        large answer: the call arrives first, as in stock PB (calls wait only for large
+        calls, not for large answers)."""
+        events: list[Any] = []
+
+        class Sink(pb.Referenceable):
+            def remote_initial(self) -> None:
+                events.append("initial")
+
+        def subscribe(sink: Any) -> str:
+            sink.callRemote("initial")
+            return "ok"
+
+        self.rootObject.remote_subscribe = subscribe  # type: ignore[attr-defined]
+        self.root.callRemote("big", 4 * 1024 * 1024)
+        for _ in range(1000):
+            if self.server.sendingLarge:
+                break
+            self.pump.pump()
+        self.assertTrue(self.server.sendingLarge)
+        self.root.callRemote("subscribe", Sink()).addCallback(events.append)
+        self.pump.flush()
+        self.assertEqual(events, ["initial", "ok"])
+
     def test_referenceDroppedWhileItsLargeCallIsSent(self) -> None:
         """
         A reference dropped while a large call made on it is still being sent does not

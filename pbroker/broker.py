@@ -645,6 +645,8 @@ class Broker(Banana):
         "_sendingPages",
         "_sendingPostponed",
         "_streams",
+        "_takeTimer",
+        "_takenCount",
         "_tokens",
         "_unreadCaches",
         "_untaken",
@@ -877,6 +879,11 @@ class Broker(Banana):
         self._postponedTimer: Any = None
         self._sendingPostponed = False
         self._keepaliveTimer: KeepaliveTimer | None = None
+        # The timer that drops a peer which takes none of this side's large calls while
+        # more than bufferedBytes of this side's own messages wait behind them (see
+        # _checkTakes), and how many "taken" it has sent.
+        self._takeTimer: Any = None
+        self._takenCount = 0
         self._lostReason: str | None = None
 
     # Connection life cycle
@@ -1053,6 +1060,9 @@ class Broker(Banana):
         self.disconnected = True
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.stop()
+        takeTimer, self._takeTimer = self._takeTimer, None
+        if takeTimer is not None and takeTimer.active():
+            takeTimer.cancel()
         if self._beforeReady is not None:
             self._dropEarly(self._lostReason or reason)
         transport: Any = self.transport
@@ -1341,6 +1351,7 @@ class Broker(Banana):
             raise ProtocolError(f"taken for a call not waiting for it: {describe(requestID)}")
         self._untakenBytes -= size
         self._largeBlocked = False
+        self._takenCount += 1
         if self._largeOut:
             self._schedulePump()
 
@@ -1490,7 +1501,41 @@ class Broker(Banana):
         self._keptOwn += cost
         if type(transport) is PacedTransport:
             transport.keptOwn(cost)
+        if self._keptOwn > self.limits.bufferedBytes and self._untaken and self._takeTimer is None:
+            self._armTakeTimer()
         return 0, cost
+
+    def _written(self) -> int | None:
+        transport: Any = self.transport
+        return transport.written if type(transport) is PacedTransport else None
+
+    def _armTakeTimer(self) -> None:
+        timeout = self.limits.stallTimeout
+        self._takeTimer = self.clock.callLater(
+            0 if timeout is None else timeout, self._checkTakes, self._takenCount, self._written()
+        )
+
+    def _checkTakes(self, takenThen: int, writtenThen: int | None) -> None:
+        """
+        ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of this
+        side's own messages (calls keep their order) came to wait behind large calls the
+        peer has not taken: drop a peer that has taken none since, while nothing more
+        could be written for it. Such a peer reads, but would make this side keep every
+        call it makes for ever; a slow link still takes what is written.
+        """
+        self._takeTimer = None
+        if self.disconnected or not (self._untaken and self._keptOwn > self.limits.bufferedBytes):
+            return
+        if self._takenCount != takenThen or self._written() != writtenThen:
+            self._armTakeTimer()  # it took some, or the connection moved: a peer, if slow
+            return
+        why = (
+            f"the peer took none of this side's large calls for {self.limits.stallTimeout} "
+            f"seconds while {self._keptOwn} bytes of calls waited behind them"
+        )
+        self._lostReason = why
+        self._log.warn("Dropping a peer that takes no calls: {why}", why=why)
+        self._fail(why)
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
         """

@@ -296,13 +296,22 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         # Small, kept behind the large calls as it names the handle; then goes ahead.
         calls.append(self.root.withOptions(ordered=False).callRemote("take", known))
         self.assertEqual(len(self.client._afterLarge), 2)  # (the two that name the handle)
-        for level in range(100):
-            known.observers[0].callRemote("level", level)
-        self.drain()
+        updates = [known.observers[0].callRemote("level", level) for level in range(100)]
+        for _ in range(20):  # (within stallTimeout: see below)
+            self.pump.flush()
+            self.clock.advance(1)
         self.assertEqual(self.successResultOf(calls[3]), 1)
         self.assertEqual(self.rootObject.held[0].levels, [])
         self.assertEqual(self.kept()[:2], (101, 0))  # the updates, and that large call
         self.assertNoResult(calls[2])
+        # Over bufferedBytes of the client's own calls wait, and the server takes none:
+        # it is dropped (a peer that takes no calls), and the calls fail.
+        with capturedLogs():
+            self.drain()
+        self.assertTrue(self.client.disconnected)
+        for call in [calls[1], calls[2], *updates]:
+            self.failureResultOf(call, pb.PBConnectionLost)
+        self.assertEqual(self.kept(), (0, 0, 0))
 
     def writeOneLarge(self) -> Any:
         """A large call written, not yet delivered: the next large calls wait for "taken"."""

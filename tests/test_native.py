@@ -3236,6 +3236,67 @@ class TakenLargeCallTests(SynchronousTestCase):
             self.assertLessEqual(self.client._untakenBytes, 2 * MiB)
         self.fail("not done")
 
+    def neverTaken(self) -> None:
+        """The server no longer says when it takes a large call (as a hostile peer might)."""
+        send = self.server.sendCall
+
+        def sendCall(*expression: Any) -> None:
+            if expression[0] != b"taken":
+                send(*expression)
+
+        self.server.sendCall = sendCall  # type: ignore[method-assign]
+
+    def test_aPeerThatTakesNothingIsDropped(self) -> None:
+        """A peer that reads everything but never takes a large call would make this side
+        keep every call made after it (calls keep their order): once more than
+        bufferedBytes of them wait, and it takes none for stallTimeout seconds while the
+        connection has nothing more to move, it is dropped, and the calls fail."""
+        self.neverTaken()
+        results: list[Any] = []
+        for size in (MiB * 3 // 2, MiB * 3 // 2):  # the second waits for room
+            self.root.callRemote("echo", b"L" * size).addBoth(results.append)
+        for _ in range(40):
+            self.root.callRemote("echo", b"s" * 40_000).addBoth(results.append)  # kept
+        for _ in range(200):
+            self.pump.pump()
+            self.clock.advance(0)
+        self.assertEqual(len(results), 1)  # the first was answered
+        self.assertGreater(self.client._keptOwn, MiB)
+        with capturedLogs() as logs:
+            # The timer started as the calls were kept, before the first call was written:
+            # the connection moved since, so it starts again.
+            self.clock.advance(31)
+            self.assertFalse(self.client.disconnected)
+            self.clock.advance(29)
+            self.assertFalse(self.client.disconnected)
+            self.clock.advance(2)
+            self.pump.flush()
+        self.assertTrue(self.client.disconnected)
+        self.assertIn("took none of this side's large calls", formatEvent(logs[-1]))
+        self.assertEqual(len(results), 42)
+        for failure in results[1:]:
+            failure.trap(pb.PBConnectionLost)
+        self.assertIn("took none", failure.getErrorMessage())
+
+    def test_aSlowTakerIsNotDropped(self) -> None:
+        """The same calls to a peer that takes the large ones, however late, all go: the
+        timer starts again after each."""
+        results: list[Any] = []
+        for size in (MiB * 3 // 2, MiB * 3 // 2, MiB * 3 // 2):
+            self.root.callRemote("echo", b"L" * size).addBoth(results.append)
+        for _ in range(40):
+            self.root.callRemote("echo", b"s" * 40_000).addBoth(results.append)
+        for _ in range(100_000):
+            if len(results) == 43:
+                break
+            self.pump.pump()
+            self.clock.advance(20)  # a slow peer: each turn takes 20 seconds
+        self.assertEqual(len(results), 43)
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(
+            sorted(len(result) for result in results), [40_000] * 40 + [MiB * 3 // 2] * 3
+        )
+
     def test_largeCallsKeepTheirOrderBehindKeptOnes(self) -> None:
         """Large calls that wait behind large messages keep their place among large calls
         that wait for room: a large call made after them does not start first."""

@@ -25,6 +25,17 @@ MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
 
 
+def stopTaking(server: Any) -> None:
+    """``server`` no longer says when it takes a large call (as a hostile peer might)."""
+    send = server.sendCall
+
+    def sendCall(*expression: Any) -> None:
+        if expression[0] != b"taken":
+            send(*expression)
+
+    server.sendCall = sendCall
+
+
 class Child(pb.Referenceable):
     def remote_ping(self, *args: Any) -> int:
         return len(args)
@@ -232,16 +243,6 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(call) for call in calls], [1, 1, 1])
         self.assertEqual((self.client._keptForPeer, list(self.client._afterLarge)), (0, []))
 
-    def neverTaken(self) -> None:
-        """The server no longer says when it takes a large call (as a hostile peer might)."""
-        send = self.server.sendCall
-
-        def sendCall(*expression: Any) -> None:
-            if expression[0] != b"taken":
-                send(*expression)
-
-        self.server.sendCall = sendCall  # type: ignore[method-assign]
-
     def kept(self) -> tuple[int, int, int]:
         """What the client keeps behind large calls: entries, for the server, of its own."""
         client = self.client
@@ -252,7 +253,7 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         """An observer's updates to a copy the server already holds are calls, and keep
         their place behind a large call that waits for the server to take an earlier one,
         as in stock PB; a call made to go ahead (``ordered=False``) does not wait."""
-        self.neverTaken()
+        stopTaking(self.server)
         gauge = LevelGauge()
         self.answer("keep", gauge)
         observer = gauge.observers[0]
@@ -271,7 +272,7 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
     def test_answersGoAheadOfACallThatIsNeverTaken(self) -> None:
         """Answers that name a cache handle go ahead of a large call that waits for the
         server to take an earlier one, unless the handle's first copy is in it."""
-        self.neverTaken()
+        stopTaking(self.server)
         mine = Gauge()
         helper = Helper(mine)
         helper.remote_small = lambda: [mine]  # type: ignore[attr-defined]
@@ -288,7 +289,7 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         goes ahead of a waiting large call that names that copy too (to the same object as
         the waiting call): only its first copy, or a release of what the call names, would
         have to wait for it. Updates to the copy are calls that keep their place."""
-        self.neverTaken()
+        stopTaking(self.server)
         known = LevelGauge()
         self.answer("hold", known)
         calls = self.queueLarge()

@@ -53,6 +53,7 @@ from pbroker.errors import (
 from pbroker.stream import RemoteStream, Stream
 from pbroker.testing import PacingFakeTransport, connectedServerAndClient
 from tests.test_fuzz import wholeRecordInPython
+from tests.test_keptreleases import stopTaking
 
 
 class Thing(pb.Copyable):
@@ -3236,22 +3237,12 @@ class TakenLargeCallTests(SynchronousTestCase):
             self.assertLessEqual(self.client._untakenBytes, 2 * MiB)
         self.fail("not done")
 
-    def neverTaken(self) -> None:
-        """The server no longer says when it takes a large call (as a hostile peer might)."""
-        send = self.server.sendCall
-
-        def sendCall(*expression: Any) -> None:
-            if expression[0] != b"taken":
-                send(*expression)
-
-        self.server.sendCall = sendCall  # type: ignore[method-assign]
-
     def test_aPeerThatTakesNothingIsDropped(self) -> None:
         """A peer that reads everything but never takes a large call would make this side
         keep every call made after it (calls keep their order): once more than
         bufferedBytes of them wait, and it takes none for stallTimeout seconds while the
         connection has nothing more to move, it is dropped, and the calls fail."""
-        self.neverTaken()
+        stopTaking(self.server)
         results: list[Any] = []
         for size in (MiB * 3 // 2, MiB * 3 // 2):  # the second waits for room
             self.root.callRemote("echo", b"L" * size).addBoth(results.append)

@@ -175,16 +175,30 @@ def rewrite(source: str) -> str:
     )
 
 
-def trial(directory: Path, *arguments: str) -> str:
+def scratchPackage(test: TestCase, package: str) -> Path:
     """
-    Run trial in a subprocess on the rewritten package in ``directory``; its output.
+    A directory, removed after ``test``, holding an empty package ``package``.
+    """
+    directory = Path(test.mktemp()).resolve()
+    (directory / package).mkdir(parents=True)
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    (directory / package / "__init__.py").write_text("")
+    return directory
+
+
+def trial(
+    directory: Path, *arguments: str, runner: tuple[str, ...] = ("-m", "twisted.trial")
+) -> str:
+    """
+    Run trial (through ``runner``, a module or script) in a subprocess on the rewritten
+    package in ``directory``; its output.
     """
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(directory), str(ROOT), environment.get("PYTHONPATH", "")]
     )
     return subprocess.run(
-        [sys.executable, "-m", "twisted.trial", "--reporter=bwverbose", *arguments],
+        [sys.executable, *runner, "--reporter=bwverbose", *arguments],
         cwd=directory,
         env=environment,
         capture_output=True,
@@ -198,10 +212,7 @@ class TwistedSuiteTests(TestCase):
 
     def test_twistedTestsPass(self) -> None:
         """Every listed test of Twisted's own suite passes against pbroker."""
-        directory = Path(self.mktemp()).resolve()
-        (directory / PACKAGE).mkdir(parents=True)
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        (directory / PACKAGE / "__init__.py").write_text("")
+        directory = scratchPackage(self, PACKAGE)
         for module in PASSING:
             text = (SOURCE / f"{module}.py").read_text(encoding="utf-8")
             rewritten = rewrite(text)

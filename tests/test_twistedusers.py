@@ -17,19 +17,16 @@ and pbroker does not log a failure that is the caller's business (docs/migration
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import twisted
 from twisted.trial.unittest import TestCase
 
+from tests.test_twistedsuite import scratchPackage, trial
+
 TWISTED = Path(twisted.__file__).parent
 PACKAGE = "twistedusers"
-ROOT = Path(__file__).resolve().parent.parent
 
 #: The test modules, and the tests of each not expected to pass.
 MODULES = {
@@ -80,10 +77,7 @@ class TwistedUsersTests(TestCase):
 
     def test_twistedUsersPass(self) -> None:
         """Twisted's distrib and words tests pass with pbroker as twisted.spread."""
-        directory = Path(self.mktemp()).resolve()
-        (directory / PACKAGE).mkdir(parents=True)
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        (directory / PACKAGE / "__init__.py").write_text("")
+        directory = scratchPackage(self, PACKAGE)
         (directory / "swaprun.py").write_text(RUNNER)
         names = []
         for path in MODULES:
@@ -92,28 +86,15 @@ class TwistedUsersTests(TestCase):
             name = Path(path).stem
             (directory / PACKAGE / f"{name}.py").write_text(text, encoding="utf-8")
             names.append(f"{PACKAGE}.{name}")
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(directory), str(ROOT), environment.get("PYTHONPATH", "")]
-        )
-        output = subprocess.run(
-            [sys.executable, "swaprun.py", "--reporter=bwverbose", *names],
-            cwd=directory,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        outcomes = dict(
-            re.findall(rf"^{PACKAGE}\.\w+\.([\w.]+) \.\.\. (\S+)$", output.stdout, flags=re.M)
-        )
+        output = trial(directory, *names, runner=("swaprun.py",))
+        outcomes = dict(re.findall(rf"^{PACKAGE}\.\w+\.([\w.]+) \.\.\. (\S+)$", output, flags=re.M))
         expectedFailures = set().union(*MODULES.values())
-        self.assertGreater(len(outcomes), 30, output.stdout[-3000:] + output.stderr[-3000:])
+        self.assertGreater(len(outcomes), 30, output[-3000:])
         unexpected = {
             test: outcome
             for test, outcome in outcomes.items()
             if (outcome == "[OK]") == (test in expectedFailures)
         }
-        self.assertEqual(unexpected, {}, output.stdout[-6000:])
+        self.assertEqual(unexpected, {}, output[-6000:])
         # The large writes are there, and pass.
         self.assertEqual(outcomes.get("DistribTests.test_largeWrite"), "[OK]")

@@ -1334,6 +1334,10 @@ class Broker(Banana):
                     self._untaken = {}
                 self._untaken[entry[2]] = size
                 self._untakenBytes = untaken + size
+                if self._keptOwn > self.limits.bufferedBytes and self._takeTimer is None:
+                    # Calls kept while no call was untaken (behind a large answer, say, or
+                    # between a taken and the next call) armed no timer.
+                    self._armTakeTimer()
             if index:
                 queue.insert(0, queue.pop(index))
             return True

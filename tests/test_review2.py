@@ -1,0 +1,71 @@
+"""Reviewer's reproductions (review2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import pb
+from pbroker.testing import connectedServerAndClient
+from tests.test_native import NativeRoot
+
+MiB = 1024 * 1024
+
+
+class TakeTimerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        self.rootObject = NativeRoot()
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=self.limits),
+            pb.PBClientFactory(clock=self.clock, limits=self.limits),
+            clock=self.clock,
+            bufferSize=64 * 1024,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def neverTaken(self) -> None:
+        send = self.server.sendCall
+
+        def sendCall(*expression: Any) -> None:
+            if expression[0] != b"taken":
+                send(*expression)
+
+        self.server.sendCall = sendCall  # type: ignore[method-assign]
+
+    def test_takeTimerArmedWhenCallsWereKeptBehindAnAnswer(self) -> None:
+        """More than bufferedBytes of calls kept while the large message being sent is
+        an answer (the large calls before them not yet counted as untaken): once those
+        large calls are sent, a peer that never takes them is still dropped after
+        stallTimeout, not kept for as long as the connection lasts."""
+        self.neverTaken()
+
+        class Big(pb.Referenceable):
+            def remote_big(self, size: int) -> bytes:
+                return b"A" * size
+
+        self.rootObject.remote_hello = lambda ref: ref.callRemote("big", 3 * MiB)  # type: ignore
+        self.root.callRemote("hello", Big())
+        for _ in range(1000):
+            if self.client.sendingLarge:
+                break
+            self.pump.pump()
+        self.assertTrue(self.client.sendingLarge)  # its large answer
+        results: list[Any] = []
+        for _ in range(2):
+            self.root.callRemote("echo", b"L" * (MiB * 3 // 2)).addBoth(results.append)
+        for _ in range(40):
+            self.root.callRemote("echo", b"s" * 40_000).addBoth(results.append)
+        self.assertGreater(self.client._keptOwn, MiB)
+        for _ in range(200):
+            self.pump.pump()
+            self.clock.advance(0)
+        self.assertTrue(self.client._untaken)
+        for _ in range(10):
+            self.clock.advance(31)
+            self.pump.pump()
+        self.assertTrue(self.client.disconnected)
+        self.assertIn("took none", self.client._lostReason or "")

@@ -640,6 +640,7 @@ class Broker(Banana):
         "_postponedTimer",
         "_pumpingLarge",
         "_queueSerial",
+        "_receivedBytes",
         "_registrations",
         "_replyTargets",
         "_sendingPages",
@@ -884,6 +885,9 @@ class Broker(Banana):
         # _checkTakes), and how many "taken" it has sent.
         self._takeTimer: Any = None
         self._takenCount = 0
+        # Bytes the peer sent so far: a peer still sending (the answers this side asked for
+        # before its large calls, which it handles first) is busy, not one that takes none.
+        self._receivedBytes = 0
         self._lostReason: str | None = None
 
     # Connection life cycle
@@ -1516,10 +1520,14 @@ class Broker(Banana):
     def _armTakeTimer(self) -> None:
         timeout = self.limits.stallTimeout
         self._takeTimer = self.clock.callLater(
-            0 if timeout is None else timeout, self._checkTakes, self._takenCount, self._written()
+            0 if timeout is None else timeout,
+            self._checkTakes,
+            self._takenCount,
+            self._written(),
+            self._receivedBytes,
         )
 
-    def _checkTakes(self, takenThen: int, writtenThen: int | None) -> None:
+    def _checkTakes(self, takenThen: int, writtenThen: int | None, receivedThen: int = 0) -> None:
         """
         ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of this
         side's own messages (calls keep their order) came to wait behind large calls the
@@ -1530,8 +1538,14 @@ class Broker(Banana):
         self._takeTimer = None
         if self.disconnected or not (self._untaken and self._keptOwn > self.limits.bufferedBytes):
             return
-        if self._takenCount != takenThen or self._written() != writtenThen:
-            self._armTakeTimer()  # it took some, or the connection moved: a peer, if slow
+        if (
+            self._takenCount != takenThen
+            or self._written() != writtenThen
+            or self._receivedBytes != receivedThen
+        ):
+            # It took some, or the connection moved either way (a peer sending the answers
+            # asked for before those calls handles them after): a peer, if slow.
+            self._armTakeTimer()
             return
         why = (
             f"the peer took none of this side's large calls for {self.limits.stallTimeout} "
@@ -2827,6 +2841,7 @@ class Broker(Banana):
         While the connection does not take this side's data, what the peer sends waits,
         unhandled (see :meth:`_keepForLater`).
         """
+        self._receivedBytes += len(data)
         transport: Any = self.transport
         if type(transport) is not PacedTransport:
             self._handleData(data)

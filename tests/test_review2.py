@@ -27,6 +27,31 @@ class TakeTimerTests(SynchronousTestCase):
         )
         self.root = self.client.remoteForName("root")
 
+    def test_busyServerSendingAnswersIsNotDropped(self) -> None:
+        """A client that asked for many large answers, then pipelines large calls and
+        small ones: the server handles none of them until its answers drain (it keeps
+        the client's messages unhandled meanwhile), which on a slow link takes longer
+        than stallTimeout. The server is reading and sending all along: it must not
+        be dropped as one that "takes no calls"."""
+        answers: list[Any] = []
+        for _ in range(40):
+            self.root.callRemote("big", 2 * MiB).addBoth(answers.append)
+        self.pump.pump()
+        self.clock.advance(0)
+        results: list[Any] = []
+        for _ in range(2):
+            self.root.callRemote("echo", b"L" * (MiB * 3 // 2)).addBoth(results.append)
+        for _ in range(40):
+            self.root.callRemote("echo", b"s" * 40_000).addBoth(results.append)
+        for _ in range(10_000):
+            if len(results) == 42 or self.client.disconnected:
+                break
+            self.pump.pump()
+            self.clock.advance(1)  # a slow link: a second per round trip of the pump
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual(len(answers), 40)
+        self.assertEqual(len(results), 42)
+
     def neverTaken(self) -> None:
         send = self.server.sendCall
 

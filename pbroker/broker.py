@@ -1397,6 +1397,10 @@ class Broker(Banana):
         last = remaining <= 0
         if entry[2] is None:
             self._largeOutForPeer -= size
+        # Counted before the write: a transport that fills pauses its producer within it, and
+        # the pacing then reads what waits (see waitingForPeer), which must not count this
+        # fragment twice over.
+        entry[1] = remaining
         # One bytes object, header included: a transport whose buffer is empty sends it as it
         # is, where a sequence of parts would be copied into one first.
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
@@ -1404,8 +1408,6 @@ class Broker(Banana):
             self._largeOut.pop(0)
             if entry[6] is not None and self._afterBlocked:
                 self._unblockKept(entry[6][1])  # what needed it may go
-        else:
-            entry[1] = remaining
         return size
 
     def _sendBehindLarge(

@@ -94,3 +94,31 @@ class TakeTimerTests(SynchronousTestCase):
             self.pump.pump()
         self.assertTrue(self.client.disconnected)
         self.assertIn("took none", self.client._lostReason or "")
+
+
+class HoldingTimerTests(SynchronousTestCase):
+    def test_pauseWithinAFragmentWriteArmsTheStallTimer(self) -> None:
+        """The connection fills within the write of a fragment of a large answer, with
+        more than bufferedBytes of answers behind it: the stall timer starts, and a client
+        that reads nothing more is dropped after stallTimeout (the fragment being written
+        was subtracted twice from what waits, so the timer did not start and the server
+        held the answers for as long as the connection lasted)."""
+        clock = Clock()
+        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits),
+            pb.PBClientFactory(clock=clock, limits=limits),
+            clock=clock,
+            bufferSize=3_000_000,
+        )
+        root = client.remoteForName("root")
+        for size in (3 * MiB, 600_000, 600_000):
+            root.callRemote("big", size)
+        pump.pump()  # the server reads the calls; the client reads nothing from now on
+        for _ in range(10):
+            clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        self.assertGreater(server.waitingForPeer(), MiB)
+        clock.advance(31)
+        self.assertTrue(transport._transport.disconnecting)

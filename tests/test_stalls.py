@@ -1,4 +1,8 @@
-"""Reviewer's reproductions (review2)."""
+"""
+Telling a stalled peer from a slow or busy one: the timer that drops a peer which takes none
+of this side's large calls (while this side's own calls wait behind them), and the pacing's
+stall timer for a peer that stops reading.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ MiB = 1024 * 1024
 
 
 class TakeTimerTests(SynchronousTestCase):
+    """
+    The timer that drops a peer which takes none of this side's large calls.
+    """
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
@@ -97,6 +105,10 @@ class TakeTimerTests(SynchronousTestCase):
 
 
 class HoldingTimerTests(SynchronousTestCase):
+    """
+    The pacing's stall timer, for answers waiting behind the one being sent.
+    """
+
     def test_pauseWithinAFragmentWriteArmsTheStallTimer(self) -> None:
         """The connection fills within the write of a fragment of a large answer, with
         more than bufferedBytes of answers behind it: the stall timer starts, and a client

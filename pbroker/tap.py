@@ -24,7 +24,7 @@ from twisted.cred.checkers import (
     InMemoryUsernamePasswordDatabaseDontUse,
 )
 from twisted.cred.credentials import IAnonymous, IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.cred.strcred import AuthOptionMixin
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -463,7 +463,9 @@ class _FirstOf:
         if index + 1 < len(self.checkers):
 
             def next(failure: Any) -> Deferred[Any]:
-                failure.trap(UnauthorizedLogin)
+                # A refusal ("not mine", or wrong password) passes to the next; any other
+                # error (a database down) fails the login, closed.
+                failure.trap(LoginFailed)
                 return self._tryFrom(index + 1, credentials)
 
             attempt.addErrback(next)

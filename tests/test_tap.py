@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.cred.credentials import Anonymous, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse as Memory
+from twisted.cred.credentials import Anonymous, IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.spread import pb as twistedPb
@@ -288,6 +289,36 @@ class ServiceTests(TestCase):
             with self.assertRaises(pb.RemoteError) as raised:
                 await factory.login(UsernamePassword(name, password))
             self.assertEqual(raised.exception.remoteType, b"twisted.cred.error.UnauthorizedLogin")
+
+    def test_checkersOfOneKindInTurn(self) -> None:
+        """The checkers of one kind are tried in turn past a refusal of any kind (one that
+        does not handle the credentials too); another error fails the login."""
+
+        class Refusing:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def __init__(self, error: Exception) -> None:
+                self.error = error
+
+            def requestAvatarId(self, credentials: Any) -> Any:
+                raise self.error
+
+        good = Memory(alice=b"a")
+        for first, outcome in [
+            (Refusing(UnhandledCredentials("not mine")), b"alice"),
+            (Refusing(UnauthorizedLogin("no")), b"alice"),
+            (Refusing(ValueError("db down")), ValueError),
+        ]:
+            checker = tap._FirstOf(IUsernamePassword, [first, good])
+            result = checker.requestAvatarId(UsernamePassword(b"alice", b"a"))
+            if isinstance(outcome, bytes):
+                self.assertEqual(self.successResultOf(result), outcome)
+            else:
+                self.failureResultOf(result, outcome)
+        both = tap._FirstOf(IUsernamePassword, [Memory(bob=b"b"), good])
+        self.failureResultOf(
+            both.requestAvatarId(UsernamePassword(b"carol", b"c")), UnauthorizedLogin
+        )
 
     async def test_passwordFileWithoutLegacy(self) -> None:
         """--password-file with --no-legacy-login: pbroker clients only."""

@@ -297,8 +297,14 @@ class CopiedFailure(RemoteCopy, Failure):
     def raiseException(self) -> Any:
         """
         Raise :class:`~pbroker.errors.RemoteError`: the remote exception class does not exist
-        here, only its name.
+        here, only its name. An exception the application put in ``value`` (buildbot's
+        ``RemoteCommand`` replaces ``value`` and ``type`` with a ``RemoteException``) is
+        raised itself, as Failure's raiseException (which stock PB's CopiedFailure keeps)
+        raises it. A peer cannot set one: the state's value is always text.
         """
+        value = self.__dict__.get("value")
+        if isinstance(value, BaseException):
+            raise value.with_traceback(self.tb)
         raise RemoteError(*self._remote())
 
     def throwExceptionIntoGenerator(self, g: Any) -> Any:

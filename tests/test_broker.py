@@ -1102,6 +1102,24 @@ class CopiedFailureStateTests(SynchronousTestCase):
         self.assertEqual(copied.check("x.Y"), "x.Y")
         self.assertEqual(repr(copied), "<CopiedFailure x.Y: caf\xe9 \ufffd>")
 
+    def test_raiseExceptionRaisesAnExceptionTheApplicationSet(self) -> None:
+        """raiseException() raises RemoteError for the remote failure, but an exception the
+        application put in ``value`` is raised as Failure.raiseException raises it, as with
+        stock PB: buildbot's RemoteCommand.remoteComplete sets ``value`` and ``type`` to a
+        RemoteException of its own and expects that raised."""
+        copied = self.copied({"type": b"x.Y", "value": "v"})
+        with self.assertRaises(RemoteError):
+            copied.raiseException()
+
+        class AppError(Exception):
+            pass
+
+        copied.value = AppError(f"{copied.type!r}: {copied.value}")
+        copied.type = AppError
+        with self.assertRaises(AppError) as caught:
+            copied.raiseException()
+        self.assertIs(caught.exception, copied.value)
+
     def test_relayMinimalFailure(self) -> None:
         """A server that passes on a failure from a peer that sent a minimal state gives its
         caller that failure, not an error from taking the failure's state."""

@@ -147,8 +147,9 @@ def _text(value: Any) -> Any:
 
 def _printRemote(file: TextIO | None, remoteType: Any, message: str, traceback: Any) -> None:
     """
-    Write a failure received from a peer, as Twisted writes one: its remote type and message,
-    then the traceback text the peer sent, if it sent one (``traceback``, if a str).
+    Write a failure received from a peer: its remote type and message, as Twisted writes
+    them, then the traceback text the peer sent, if it sent one (``traceback``, if a str),
+    which current Twisted leaves out.
     """
     if file is None:
         # Where Twisted's Failure.printTraceback writes: the log, as errors (under twistd,

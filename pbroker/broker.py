@@ -1533,9 +1533,10 @@ class Broker(Banana):
         """
         ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of this
         side's own messages (calls keep their order) came to wait behind large calls the
-        peer has not taken: drop a peer that has taken none since, while nothing more
-        could be written for it. Such a peer reads, but would make this side keep every
-        call it makes for ever; a slow link still takes what is written.
+        peer has not taken: drop a peer that has taken none since, while the connection
+        moved nothing either way (nothing more written for it, nothing received from it).
+        Such a peer reads, but would make this side keep every call it makes for ever; a
+        slow link still takes what is written, and a busy peer still sends.
         """
         self._takeTimer = None
         if self.disconnected or not (self._untaken and self._keptOwn > self.limits.bufferedBytes):
@@ -1710,9 +1711,9 @@ class Broker(Banana):
 
     def _unblockKept(self, provided: _KeySet | None) -> None:
         """
-        A call that waited for room, and ``provided`` that (``None``: unknown), was written
-        or dropped: send (through ``_afterLarge``, in order) what waited in
-        ``_afterBlocked`` and no longer must.
+        A call that waited for room, or a message kept in ``_afterBlocked``, was written or
+        dropped, and ``provided`` that (``None``: unknown): send (through ``_afterLarge``,
+        in order) what waited in ``_afterBlocked`` and no longer must.
 
         Nothing can go if each key of the call's that something there needs is provided by
         another call waiting, queued before all of it: that is checked first, so that many
@@ -1720,8 +1721,9 @@ class Broker(Banana):
         all of it goes back, in order (``_afterBlocked`` and ``_afterLarge`` are each
         ordered by serial, and all of the first came before all of the second), for the
         pump to see again: an entry is only ever checked against what came before it.
-        (What leaves ``_afterBlocked`` otherwise, a call cancelled or a decache emptied,
-        comes here with ``None``, so that what waited for it is not left waiting.)
+        (A kept call cancelled there comes with what it provides; a decache emptied there,
+        or a kept entry whose keys are unknown, comes with ``None``, so that what waited
+        for it is not left waiting.)
         """
         blocked = self._afterBlocked
         if not blocked:

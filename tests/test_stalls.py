@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
+from tests.test_keptreleases import stopTaking
 from tests.test_native import NativeRoot
 
 MiB = 1024 * 1024
@@ -60,21 +61,12 @@ class TakeTimerTests(SynchronousTestCase):
         self.assertEqual(len(answers), 40)
         self.assertEqual(len(results), 42)
 
-    def neverTaken(self) -> None:
-        send = self.server.sendCall
-
-        def sendCall(*expression: Any) -> None:
-            if expression[0] != b"taken":
-                send(*expression)
-
-        self.server.sendCall = sendCall  # type: ignore[method-assign]
-
     def test_takeTimerArmedWhenCallsWereKeptBehindAnAnswer(self) -> None:
         """More than bufferedBytes of calls kept while the large message being sent is
         an answer (the large calls before them not yet counted as untaken): once those
         large calls are sent, a peer that never takes them is still dropped after
         stallTimeout, not kept for as long as the connection lasts."""
-        self.neverTaken()
+        stopTaking(self.server)
 
         class Big(pb.Referenceable):
             def remote_big(self, size: int) -> bytes:

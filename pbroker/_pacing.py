@@ -299,18 +299,14 @@ class PacedTransport:
         wait behind the one being sent while the connection takes nothing, though they are
         within what may wait (answers made before it filled, say): a peer that takes none
         of it for ``stallTimeout`` seconds stopped reading, and may not hold it for ever.
-        With ``stallTimeout=None`` it is dropped at once, as :meth:`_over` drops one.
         """
-        if self._stall is not None:
-            return
-        limit = self._broker.limits.bufferedBytes
-        waiting = self._broker.waitingForPeer()
-        if waiting > limit:
-            timeout = self._broker.limits.stallTimeout
-            if timeout is None:
-                self._dropNonReader(waiting, limit)
-            else:
-                self._armStallTimer(timeout, limit)
+        timeout = self._broker.limits.stallTimeout
+        if (
+            self._stall is None
+            and timeout is not None
+            and self._broker.waitingForPeer() > self._broker.limits.bufferedBytes
+        ):
+            self._armStallTimer(timeout, self._broker.limits.bufferedBytes)
 
     def _checkBuffered(self) -> None:
         self._check(self.bufferedWhilePaused, 0)

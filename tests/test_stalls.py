@@ -126,25 +126,3 @@ class HoldingTimerTests(SynchronousTestCase):
         self.assertGreater(server.waitingForPeer(), MiB)
         clock.advance(31)
         self.assertTrue(transport._transport.disconnecting)
-
-    def test_noStallTimeoutDropsAtOnce(self) -> None:
-        """With ``stallTimeout=None`` (a peer is dropped as soon as more than bufferedBytes
-        waits for it), a connection that fills with more than bufferedBytes of answers
-        behind the one being sent is dropped at once: it was held for as long as the
-        connection lasted, no timer being started without a timeout."""
-        clock = Clock()
-        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB, stallTimeout=None)
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits),
-            pb.PBClientFactory(clock=clock, limits=limits),
-            clock=clock,
-            bufferSize=3_000_000,
-        )
-        root = client.remoteForName("root")
-        for size in (3 * MiB, 600_000, 600_000):
-            root.callRemote("big", size)
-        pump.pump()  # the server reads the calls; the client reads nothing from now on
-        for _ in range(10):
-            clock.advance(0)
-        transport: Any = server.transport
-        self.assertTrue(server.disconnected or transport._transport.disconnecting)

@@ -149,6 +149,10 @@ _KEPT = 4
 #: A handle on a cache copy, named while large messages wait to be written (one may hold the
 #: first copy): the value waits behind them (see Broker._behindLarge). Not a count.
 _BEHIND = 5
+#: Bytes a connection must move (either way) in ``stallTimeout`` for a peer that takes none
+#: of this side's large calls to count as slow, not stalled (see Broker._checkTakes): more
+#: than keepalive's pings and pongs.
+_TAKE_MOVEMENT = 64 * 1024
 #: A first copy of a Cacheable made while serialising: a call holding one is not dropped
 #: unsent (later messages may name it by handle). Not a count.
 _FIRST = 6
@@ -1515,9 +1519,15 @@ class Broker(Banana):
             self._armTakeTimer()
         return 0, cost
 
-    def _written(self) -> int | None:
+    def _sent(self) -> int:
+        """
+        Bytes this side's transport has sent so far, where it can tell (else handed to it).
+        """
         transport: Any = self.transport
-        return transport.written if type(transport) is PacedTransport else None
+        if type(transport) is not PacedTransport:
+            return 0
+        progress = transport.progress()
+        return transport.written if progress is None else progress[0]
 
     def _armTakeTimer(self) -> None:
         timeout = self.limits.stallTimeout
@@ -1525,38 +1535,35 @@ class Broker(Banana):
             0 if timeout is None else timeout,
             self._checkTakes,
             self._takenCount,
-            self._written(),
-            self._receivedBytes,
+            self._sent() + self._receivedBytes,
         )
 
-    def _checkTakes(self, takenThen: int, writtenThen: int | None, receivedThen: int = 0) -> None:
+    def _checkTakes(self, takenThen: int, movedThen: int) -> None:
         """
         ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of this
         side's own messages (calls keep their order) came to wait behind large calls the
         peer has not taken: drop a peer that has taken none since, while the connection
-        moved nothing either way (nothing more written for it, nothing received from it).
+        moved less than ``_TAKE_MOVEMENT`` bytes either way (sent to it, received from it).
         Such a peer reads, but would make this side keep every call it makes for ever; a
-        slow link still takes what is written, and a busy peer still sends.
+        slow link still takes what was written, and a busy peer still sends (keepalive's
+        pings and pongs, a few bytes each, are not movement).
         """
         self._takeTimer = None
         if self.disconnected or not (self._untaken and self._keptOwn > self.limits.bufferedBytes):
             return
-        if (
-            self._takenCount != takenThen
-            or self._written() != writtenThen
-            or self._receivedBytes != receivedThen
-        ):
+        moved = self._sent() + self._receivedBytes - movedThen
+        if self._takenCount != takenThen or moved >= _TAKE_MOVEMENT:
             # It took some, or the connection moved either way (a peer sending the answers
             # asked for before those calls handles them after): a peer, if slow.
             self._armTakeTimer()
             return
-        why = (
-            f"the peer took none of this side's large calls for {self.limits.stallTimeout} "
-            f"seconds while {self._keptOwn} bytes of calls waited behind them"
+        timeout = self.limits.stallTimeout
+        self._lostReason = (
+            "the peer took none of this side's large calls "
+            + ("" if timeout is None else f"for {timeout} seconds ")
+            + f"while {self._keptOwn} bytes of calls waited behind them"
         )
-        self._lostReason = why
-        self._log.warn("Dropping a peer that takes no calls: {why}", why=why)
-        self._fail(why)
+        self._fail(self._lostReason)
 
     def _behindLarge(self, registrations: list[tuple[Any, int]] | None) -> bool:
         """

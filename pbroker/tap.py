@@ -462,13 +462,13 @@ class _FirstOf:
         attempt: Deferred[Any] = maybeDeferred(self.checkers[index].requestAvatarId, credentials)
         if index + 1 < len(self.checkers):
 
-            def next(failure: Any) -> Deferred[Any]:
+            def tryNext(failure: Any) -> Deferred[Any]:
                 # A refusal ("not mine", or wrong password) passes to the next; any other
                 # error (a database down) fails the login, closed.
                 failure.trap(LoginFailed)
                 return self._tryFrom(index + 1, credentials)
 
-            attempt.addErrback(next)
+            attempt.addErrback(tryNext)
         return attempt
 
 

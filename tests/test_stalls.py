@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
@@ -94,6 +95,44 @@ class TakeTimerTests(SynchronousTestCase):
             self.pump.pump()
         self.assertTrue(self.client.disconnected)
         self.assertIn("took none", self.client._lostReason or "")
+
+
+class TakeTimerWithKeepaliveTests(SynchronousTestCase):
+    """
+    Keepalive's pings and pongs, a few bytes each, do not count as the connection moving.
+    """
+
+    def test_pingsDoNotKeepAPeerThatTakesNothing(self) -> None:
+        """A peer that never takes a large call, but answers every ping, is dropped all the
+        same (within three stallTimeouts), and the calls kept behind fail."""
+        clock = Clock()
+        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+        keepalive = pb.Keepalive(interval=1, timeout=3)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits, keepalive=keepalive),
+            pb.PBClientFactory(clock=clock, limits=limits, keepalive=keepalive),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        stopTaking(server)
+        root = client.remoteForName("root")
+        results: list[Any] = []
+        for size in (MiB * 3 // 2, MiB * 3 // 2):  # the second waits for room
+            root.callRemote("echo", b"L" * size).addBoth(results.append)
+        for _ in range(40):
+            root.callRemote("echo", b"s" * 40_000).addBoth(results.append)  # kept
+        seconds = 0
+        with capturedLogs() as logs:
+            while not client.disconnected and seconds < 200:
+                pump.pump()
+                clock.advance(1)
+                seconds += 1
+        self.assertTrue(client.disconnected)
+        self.assertLessEqual(seconds, 95)  # the timer starts once the calls are kept
+        self.assertIn("took none of this side's large calls", formatEvent(logs[-1]))
+        self.assertEqual(len(results), 42)
+        for failure in results[1:]:
+            failure.trap(pb.PBConnectionLost)
 
 
 class HoldingTimerTests(SynchronousTestCase):

@@ -3210,10 +3210,9 @@ class LargeAnswersToANonReaderTests(SynchronousTestCase):
         self.assertFalse(server.disconnected)
 
 
-class TakenLargeCallTests(SynchronousTestCase):
+class TakenLargeCallPeers(SynchronousTestCase):
     """
-    A pbroker peer says when it takes (starts handling) a large call; the large calls it has
-    not taken add up to at most ``bufferedBytes`` (one is always sent), and the others wait.
+    Two native peers with a 1 MiB ``bufferedBytes``: room for one large call not yet taken.
     """
 
     def setUp(self) -> None:
@@ -3227,6 +3226,13 @@ class TakenLargeCallTests(SynchronousTestCase):
             bufferSize=64 * 1024,
         )
         self.root = self.client.remoteForName("root")
+
+
+class TakenLargeCallTests(TakenLargeCallPeers):
+    """
+    A pbroker peer says when it takes (starts handling) a large call; the large calls it has
+    not taken add up to at most ``bufferedBytes`` (one is always sent), and the others wait.
+    """
 
     def settle(self, done: Callable[[], bool]) -> None:
         for _ in range(100_000):

@@ -15,27 +15,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
 from tests.test_keptreleases import stopTaking
-from tests.test_native import NativeRoot
+from tests.test_native import NativeRoot, TakenLargeCallPeers
 
 MiB = 1024 * 1024
 
 
-class TakeTimerTests(SynchronousTestCase):
+class TakeTimerTests(TakenLargeCallPeers):
     """
     The timer that drops a peer which takes none of this side's large calls.
     """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
-        self.rootObject = NativeRoot()
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=self.limits),
-            pb.PBClientFactory(clock=self.clock, limits=self.limits),
-            clock=self.clock,
-            bufferSize=64 * 1024,
-        )
-        self.root = self.client.remoteForName("root")
 
     def test_busyServerSendingAnswersIsNotDropped(self) -> None:
         """A client that asked for many large answers, then pipelines large calls and

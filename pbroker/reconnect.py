@@ -10,6 +10,8 @@ Every PB application ends up writing this; :class:`ReconnectingClient` is a Twis
     # ... then, in a coroutine:
     avatar = await client.whenReady()          # the current avatar (or root), waiting if needed
     result = await client.callRemote("whoAmI")
+    # call options (a timeout, a context, ordered=False) go on the current avatar:
+    result = await (await client.whenReady()).withOptions(timeout=5).callRemote("whoAmI")
 
 The client holds at most one connection at a time: a new attempt starts only once the last
 connection is closed. Each of these counts as one failed attempt: a connection that fails, a

@@ -1090,14 +1090,18 @@ class Banana(Protocol):
 
         :raises BananaEncodeError: the expression cannot be sent; nothing was written.
         """
-        data = encode(
+        data = self._encoded(expression)
+        assert self.transport is not None, "sendEncoded() called before connectionMade()"
+        self.transport.write(data)
+
+    def _encoded(self, expression: Expression) -> bytes:
+        # ``expression`` in the current dialect, within this protocol's limits.
+        return encode(
             expression,
             self.currentDialect or b"none",
             sizeLimit=self.sizeLimit,
             prefixLimit=self.prefixLimit,
         )
-        assert self.transport is not None, "sendEncoded() called before connectionMade()"
-        self.transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         decoder = self._decoder

@@ -53,7 +53,7 @@ from pbroker._native import (
 from pbroker._pacing import PacedTransport
 from pbroker._streams import StreamTable, findStreams, refusedStreams
 from pbroker._unjellier import Unjellier, expressionsIn
-from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, encode, getTokens
+from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
 from pbroker.errors import (
     BananaDecodeError,
     DeadReferenceError,
@@ -113,6 +113,10 @@ _LIMITS_OFFER = b"pbroker-limits:"
 
 # Bytes of fragments of large messages written in one reactor turn before others get a turn.
 _LARGE_BYTES_PER_TURN = 4 * FRAGMENT_SIZE
+#: Bytes a connection must move (either way) in ``stallTimeout`` for a peer that takes none
+#: of this side's large calls to count as slow, not stalled (see Broker._checkTakes): more
+#: than keepalive's pings and pongs.
+_TAKE_MOVEMENT = 64 * 1024
 
 # What a message kept behind large messages costs in memory besides its bytes (its entry in
 # Broker._afterLarge and its bytes object's header, about 130 bytes), counted with them (see
@@ -149,10 +153,6 @@ _KEPT = 4
 #: A handle on a cache copy, named while large messages wait to be written (one may hold the
 #: first copy): the value waits behind them (see Broker._behindLarge). Not a count.
 _BEHIND = 5
-#: Bytes a connection must move (either way) in ``stallTimeout`` for a peer that takes none
-#: of this side's large calls to count as slow, not stalled (see Broker._checkTakes): more
-#: than keepalive's pings and pongs.
-_TAKE_MOVEMENT = 64 * 1024
 #: A first copy of a Cacheable made while serialising: a call holding one is not dropped
 #: unsent (later messages may name it by handle). Not a count.
 _FIRST = 6
@@ -1168,12 +1168,7 @@ class Broker(Banana):
             if not self._bananaLimited:
                 super().sendEncoded(expression)
                 return
-            data = encode(
-                expression,
-                self.currentDialect or b"none",
-                sizeLimit=self.sizeLimit,
-                prefixLimit=self.prefixLimit,
-            )
+            data = self._encoded(expression)
             self._checkPeerLimit(len(data))
             assert self.transport is not None, "sendEncoded() called before connectionMade()"
             self.transport.write(data)
@@ -1342,10 +1337,9 @@ class Broker(Banana):
                     self._untaken = {}
                 self._untaken[entry[2]] = size
                 self._untakenBytes = untaken + size
-                if self._keptOwn > self.limits.bufferedBytes and self._takeTimer is None:
-                    # Calls kept while no call was untaken (behind a large answer, say, or
-                    # between a taken and the next call) armed no timer.
-                    self._armTakeTimer()
+                # Calls kept while no call was untaken (behind a large answer, say, or
+                # between a taken and the next call) started no timer.
+                self._startTakeTimer()
             if index:
                 queue.insert(0, queue.pop(index))
             return True
@@ -1515,9 +1509,19 @@ class Broker(Banana):
         self._keptOwn += cost
         if type(transport) is PacedTransport:
             transport.keptOwn(cost)
-        if self._keptOwn > self.limits.bufferedBytes and self._untaken and self._takeTimer is None:
-            self._armTakeTimer()
+        self._startTakeTimer()
         return 0, cost
+
+    def _holdingBehindUntaken(self) -> bool:
+        """
+        Whether more than ``limits.bufferedBytes`` of this side's own messages are kept while
+        large calls wait for the peer to take them (see :meth:`_checkTakes`).
+        """
+        return bool(self._untaken) and self._keptOwn > self.limits.bufferedBytes
+
+    def _startTakeTimer(self) -> None:
+        if self._takeTimer is None and self._holdingBehindUntaken():
+            self._armTakeTimer()
 
     def _sent(self) -> int:
         """
@@ -1549,7 +1553,7 @@ class Broker(Banana):
         pings and pongs, a few bytes each, are not movement).
         """
         self._takeTimer = None
-        if self.disconnected or not (self._untaken and self._keptOwn > self.limits.bufferedBytes):
+        if self.disconnected or not self._holdingBehindUntaken():
             return
         moved = self._sent() + self._receivedBytes - movedThen
         if self._takenCount != takenThen or moved >= _TAKE_MOVEMENT:

@@ -10,8 +10,8 @@ Every PB application ends up writing this; :class:`ReconnectingClient` is a Twis
     # ... then, in a coroutine:
     avatar = await client.whenReady()          # the current avatar (or root), waiting if needed
     result = await client.callRemote("whoAmI")
-    # call options (a timeout, a context, ordered=False) go on the current avatar:
-    result = await (await client.whenReady()).withOptions(timeout=5).callRemote("whoAmI")
+    # with call options; the timeout counts any wait for a connection too:
+    result = await client.withOptions(timeout=5).callRemote("whoAmI")
 
 The client holds at most one connection at a time: a new attempt starts only once the last
 connection is closed. Each of these counts as one failed attempt: a connection that fails, a
@@ -36,12 +36,20 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -54,11 +62,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pbroker.broker import Broker
+from pbroker.context import CallOptions
 from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
 from pbroker.pb import PBClientFactory
-from pbroker.references import RemoteReference
+from pbroker.references import CallingWithOptions, RemoteReference
 
-__all__ = ["ReconnectingClient"]
+__all__ = ["ReconnectingCalls", "ReconnectingClient"]
 
 
 #: Twisted's backoff, as ClientService uses it: the delay before each retry.
@@ -83,7 +92,8 @@ class ReconnectingClient(Service):
         failure is logged and the default policy's delay is used for that attempt.
     :param factory: a :class:`~pbroker.pb.PBClientFactory` to use (for its security options,
         registry or limits), for this client only; a new one by default.
-    :param reactor: the reactor to connect and wait with.
+    :param reactor: the reactor to connect and wait with (and, with the client's own
+        factory, to time calls and pings with).
     :param attemptTimeout: seconds an attempt may take to connect, get the root and log in
         (``onConnect`` is not counted) before its connection is closed and it counts as
         failed; ``None`` for no limit.
@@ -144,7 +154,8 @@ class ReconnectingClient(Service):
         self.onConnect = onConnect
         self.maxRetries = maxRetries
         self.attemptTimeout = attemptTimeout
-        self.factory = PBClientFactory() if factory is None else factory
+        # Its call timeouts and keepalive run on this client's reactor too.
+        self.factory = PBClientFactory(clock=reactor) if factory is None else factory
         #: The avatar (or root) of the ready connection, or ``None`` between connections.
         self.current: RemoteReference | None = None
         #: Attempts that failed in a row; a successful login resets it.
@@ -198,6 +209,24 @@ class ReconnectingClient(Service):
             return reference.callRemote(_name, *args, **kw)
 
         return self.whenReady().addCallback(call)
+
+    def withOptions(
+        self,
+        timeout: float | None = None,
+        context: dict[str, Any] | None = None,
+        reply: dict[str, Any] | None = None,
+        ordered: bool = True,
+    ) -> ReconnectingCalls:
+        """
+        This client with call options: ``client.withOptions(timeout=5).callRemote(...)``.
+
+        The options are those of :meth:`RemoteReference.withOptions
+        <pbroker.references.RemoteReference.withOptions>`, checked here. The timeout counts
+        from the call and includes any wait for a connection: a call made while the client
+        is reconnecting fails with :class:`twisted.internet.defer.TimeoutError` if it has no
+        answer within ``timeout`` seconds, whether or not a connection came in time.
+        """
+        return ReconnectingCalls(self, CallOptions(timeout, context, reply, ordered))
 
     def startService(self) -> None:
         """
@@ -425,6 +454,61 @@ class ReconnectingClient(Service):
         for deferred in waiting:
             if not deferred.called:
                 deferred.errback(Failure(error))
+
+
+class ReconnectingCalls:
+    """
+    A :class:`ReconnectingClient` with call options (see
+    :meth:`ReconnectingClient.withOptions`).
+    """
+
+    def __init__(self, client: ReconnectingClient, options: CallOptions) -> None:
+        self.client = client
+        self.options = options
+
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any]:
+        """
+        Call ``_name`` on the current avatar (or root) with these options, waiting for a
+        connection if there is none, as :meth:`ReconnectingClient.callRemote` does.
+        """
+        options = self.options
+        clock = self.client._clock
+        started = clock.seconds()
+        waiting = self.client.whenReady()
+        limit = options.timeout
+        if limit is not None and not waiting.called:
+            # Cancelling the wait (this timer, or the caller) takes it out of the waiting list.
+            timer = clock.callLater(limit, waiting.cancel)
+
+            def waited(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                elif isinstance(result, Failure) and result.check(CancelledError):
+                    raise TimeoutError(
+                        f"the call to {_callName(_name)!r} had no answer within {limit:g} "
+                        "seconds (no connection to the broker was ready)"
+                    )
+                return result
+
+            waiting.addBoth(waited)
+
+        def call(reference: RemoteReference) -> Any:
+            callOptions = options
+            if limit is not None:
+                left = limit - (clock.seconds() - started)
+                if not left > 0:
+                    raise TimeoutError(
+                        f"the call to {_callName(_name)!r} had no answer within {limit:g} "
+                        "seconds (the connection was ready only then)"
+                    )
+                callOptions = replace(options, timeout=left)
+            return CallingWithOptions(reference, callOptions).callRemote(_name, *args, **kw)
+
+        return waiting.addCallback(call)
+
+
+def _callName(name: str | bytes) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 @implementer(IProtocolFactory)

@@ -12,7 +12,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from pbroker import pb
+from pbroker import context, pb
 from pbroker.errors import PBConnectionLost
 from pbroker.reconnect import ReconnectingClient, _AttemptFactory, _describe
 from pbroker.testing import connectedServerAndClient
@@ -677,3 +677,159 @@ class ReconnectingClientTests(SynchronousTestCase):
         self.assertEqual(factory.numPorts, 1)
         attempt.doStop()
         self.assertEqual(factory.numPorts, 0)
+
+
+class Slow(pb.Root):
+    """
+    A root whose ``wait`` answers only when the test says, and whose ``tag`` answers with the
+    call's context.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[str]] = []
+        self.cancelled: list[Deferred[str]] = []
+
+    def remote_wait(self) -> Deferred[str]:
+        waiting: Deferred[str] = Deferred(self.cancelled.append)
+        self.waiting.append(waiting)
+        return waiting
+
+    def remote_tag(self) -> Any:
+        call = context.current()
+        call.reply["seen"] = call.annotations.get("tag")
+        return "tagged"
+
+
+class WithOptionsTests(SynchronousTestCase):
+    """
+    ReconnectingClient.withOptions: call options on whatever connection is ready, with a
+    timeout that counts the wait for a connection too.
+    """
+
+    def setUp(self) -> None:
+        self.root = Slow()
+        self.endpoint = MemoryEndpoint(pb.PBServerFactory(self.root))
+        self.clock = Clock()
+        self.client = ReconnectingClient(
+            self.endpoint, reactor=self.clock, retryPolicy=lambda attempt: 1.0
+        )
+        self.addCleanup(self.client.stopService)
+
+    def start(self) -> None:
+        self.client.startService()
+        self.endpoint.pump()
+
+    def test_optionsReachTheCall(self) -> None:
+        """The context reaches the remote method and its reply annotations come back."""
+        self.start()
+        reply: dict[str, Any] = {}
+        calling = self.client.withOptions(context={"tag": "t-1"}, reply=reply)
+        result = calling.callRemote("tag")
+        self.endpoint.pump()
+        self.assertEqual(self.successResultOf(result), "tagged")
+        self.assertEqual(reply, {"seen": "t-1"})
+
+    def test_optionsWaitForAConnection(self) -> None:
+        """Made while no connection is ready, the call goes, with its options, on the next."""
+        reply: dict[str, Any] = {}
+        result = self.client.withOptions(context={"tag": "t-2"}, reply=reply).callRemote("tag")
+        self.assertNoResult(result)
+        self.start()
+        self.assertEqual(self.successResultOf(result), "tagged")
+        self.assertEqual(reply, {"seen": "t-2"})
+
+    def test_timeoutOnTheConnection(self) -> None:
+        """A call with no answer in time fails with TimeoutError, on the client's reactor, and
+        the server's Deferred is cancelled."""
+        self.start()
+        result = self.client.withOptions(timeout=5).callRemote("wait")
+        self.endpoint.pump()
+        self.assertEqual(len(self.root.waiting), 1)
+        self.clock.advance(4.9)
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        self.endpoint.pump()
+        self.failureResultOf(result, TimeoutError)
+        self.assertEqual(self.root.cancelled, self.root.waiting)
+
+    def test_timeoutWhileNoConnection(self) -> None:
+        """With the broker down, the call fails with TimeoutError when its time is up rather
+        than waiting for ever, saying why; it no longer waits for a connection."""
+        self.endpoint.up = False
+        self.start()
+        result = self.client.withOptions(timeout=5).callRemote("wait")
+        self.clock.advance(4.9)
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(result, TimeoutError)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "the call to 'wait' had no answer within 5 seconds (no connection to the broker "
+            "was ready)",
+        )
+        self.assertEqual(self.client._waiting, [])
+        self.endpoint.up = True
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        self.assertEqual(self.root.waiting, [])  # never sent
+
+    def test_theWaitCountsTowardTheTimeout(self) -> None:
+        """Time spent waiting for a connection is taken from the call's timeout."""
+        self.endpoint.up = False
+        self.start()
+        result = self.client.withOptions(timeout=5).callRemote("wait")
+        self.clock.advance(3.0)
+        self.endpoint.up = True
+        self.clock.advance(1.0)  # the next attempt, 4 s after the call
+        self.endpoint.pump()
+        self.assertEqual(len(self.root.waiting), 1)
+        self.clock.advance(0.9)
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        self.failureResultOf(result, TimeoutError)
+
+    def test_readyJustAsTheTimeRunsOut(self) -> None:
+        """A connection ready no earlier than the deadline does not get the call."""
+        self.endpoint.up = False
+        self.start()
+        result = self.client.withOptions(timeout=1).callRemote("wait")
+        self.endpoint.up = True
+        # The retry and the timeout are due at the same moment; the retry was scheduled first.
+        self.clock.advance(1.0)
+        self.endpoint.pump()
+        failure = self.failureResultOf(result, TimeoutError)
+        self.assertIn("within 1 seconds", failure.getErrorMessage())
+        self.assertEqual(self.root.waiting, [])
+
+    def test_cancelWhileWaiting(self) -> None:
+        """The caller may cancel while no connection is ready: CancelledError, and no timer
+        is left behind."""
+        self.endpoint.up = False
+        self.start()
+        result = self.client.withOptions(timeout=5).callRemote("wait")
+        result.cancel()
+        self.failureResultOf(result, CancelledError)
+        self.assertEqual(self.client._waiting, [])
+        self.assertEqual(
+            [call.getTime() for call in self.clock.getDelayedCalls()], [1.0]
+        )  # the retry only
+
+    def test_givingUpStillFailsClearly(self) -> None:
+        """With maxRetries reached before the timeout, the call fails as without options."""
+        self.endpoint.up = False
+        client = ReconnectingClient(
+            self.endpoint, reactor=self.clock, retryPolicy=lambda attempt: 1.0, maxRetries=1
+        )
+        self.addCleanup(client.stopService)
+        client.startService()
+        result = client.withOptions(timeout=5).callRemote("wait")
+        self.failureResultOf(result, PBConnectionLost)
+
+    def test_optionsAreCheckedAtOnce(self) -> None:
+        """Bad options are refused when given, as RemoteReference.withOptions refuses them."""
+        with self.assertRaises(ValueError):
+            self.client.withOptions(timeout=0)
+        with self.assertRaises(TypeError):
+            self.client.withOptions(ordered="no")  # type: ignore[arg-type]
+        with self.assertRaises(TypeError):
+            self.client.withOptions(context=[("tag", 1)])  # type: ignore[arg-type]

@@ -634,6 +634,7 @@ class Broker(Banana):
         "_largeOut",
         "_largeOutForPeer",
         "_largeScheduled",
+        "_lastOrderedCall",
         "_lastRegistered",
         "_losing",
         "_lostReason",
@@ -814,6 +815,10 @@ class Broker(Banana):
         # How many messages were put in either queue so far: each has its number as its
         # serial, and waits in _afterLarge for the large messages of smaller serials only.
         self._queueSerial = 0
+        # The serial of the last ordered call of this side's that was kept, or queued as a
+        # large message: an answer waits behind such a call made after its request arrived
+        # (see _orderedCallUnsent).
+        self._lastOrderedCall = 0
         # The _Releases kept in _afterLarge for each (command, object id), in order; how many
         # of its releases were emptied (an uncache came first) and still take a place (see
         # _keepRelease).
@@ -2337,18 +2342,44 @@ class Broker(Banana):
             kept, own = self._keep(data, False)
             keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
+            if ordered:
+                self._lastOrderedCall = self._queueSerial
         elif type(data) is bytes and transport is not None:
             transport.write(data)  # _writePayload's common case, a call fewer
         elif isinstance(data, _Payload) and data.taken:
             keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
             self._writePayload(data, requestID, registrations, None, keys)
+            if ordered:
+                self._lastOrderedCall = self._queueSerial
         else:
             self._writePayload(data, requestID, registrations)
+            if ordered and isinstance(data, _Payload):
+                self._lastOrderedCall = self._queueSerial
         if deferred is not None and timeout is not None:
             deferred.addTimeout(timeout, self.clock, functools.partial(_timedOut, message))
         if self._postponed:
             self._sendPostponed()
         return deferred
+
+    def _orderedCallUnsent(self, since: int) -> bool:
+        """
+        Whether an ordered call of this side's queued after serial ``since`` (made after a
+        request of the peer's arrived, so perhaps by its method) is not written yet: kept
+        behind large messages, or a large call not all written. The answer to that request
+        then waits behind it, as in stock PB, where a method that calls its caller back
+        and then answers has its call arrive first.
+        """
+        for large in self._largeOut:
+            if large[5] > since and large[2] is not None:
+                return True
+        for after in (self._afterLarge, self._afterBlocked):
+            for entry in reversed(after):
+                if entry[3] <= since:
+                    break
+                keys = entry[6]
+                if entry[1] is not None and (keys is None or _IN_ORDER in keys[1]):
+                    return True
+        return False
 
     def _largeCallOut(self) -> bool:
         """
@@ -3382,6 +3413,8 @@ class Broker(Banana):
                 self._sendError(CopyableFailure(error), requestID)
             return
         token = None
+        # Calls the method makes from now on come before its answer (see _orderedCallUnsent).
+        since = self._queueSerial
         if context is not None:
             callContext = self._callContext(requestID, context)
             if answerRequired:
@@ -3410,9 +3443,9 @@ class Broker(Banana):
             if not answerRequired:
                 self._sendPostponed()  # what a hook completed before the method failed
             elif isinstance(e, Jellyable) or self.security.isClassAllowed(e.__class__):
-                self._sendError(e, requestID)
+                self._sendError(e, requestID, since)
             else:
-                self._sendError(CopyableFailure(e), requestID)
+                self._sendError(CopyableFailure(e), requestID, since)
             return
         except (InsecureJelly, LimitExceeded) as e:
             # The peer sent what this side refuses to take: its mistake, one log line.
@@ -3420,7 +3453,7 @@ class Broker(Banana):
                 "Refused a call to {method}: {error}", method=describe(message), error=str(e)
             )
             if answerRequired:
-                self._sendError(CopyableFailure(e), requestID)
+                self._sendError(CopyableFailure(e), requestID, since)
             else:
                 self._sendPostponed()
             return
@@ -3429,7 +3462,7 @@ class Broker(Banana):
             if failure.check(*self.quietFailures) is None:
                 self._logFailure("Peer will receive the following PB traceback", failure)
             if answerRequired:
-                self._sendError(failure, requestID)
+                self._sendError(failure, requestID, since)
             else:
                 self._sendPostponed()
             return
@@ -3453,11 +3486,11 @@ class Broker(Banana):
             result.addCallbacks(
                 self._sendAnswer,
                 self._sendFailureOrError,
-                callbackArgs=(requestID,),
-                errbackArgs=(requestID,),
+                callbackArgs=(requestID, since),
+                errbackArgs=(requestID, since),
             )
         else:
-            self._sendAnswer(result, requestID)
+            self._sendAnswer(result, requestID, since)
 
     def _cancel(self, requestID: Any) -> None:
         """
@@ -3485,7 +3518,11 @@ class Broker(Banana):
         if self._postponed:
             self._sendPostponed()
 
-    def _sendAnswer(self, netResult: Any, requestID: int) -> None:
+    def _sendAnswer(self, netResult: Any, requestID: int, since: int | None = None) -> None:
+        """
+        Send the answer to the peer's call ``requestID``; behind the ordered calls this side
+        queued after serial ``since`` (when the call arrived) that are not written yet.
+        """
         self._answering.pop(requestID, None)
         callContext = self._callContexts.pop(requestID, None)
         registrations = None if self._lastRegistered is None else self._takeRegistrations(netResult)
@@ -3513,21 +3550,22 @@ class Broker(Banana):
                 self._dropStreamsIn(netResult, refusal)
                 self._sendError(refusal, requestID)
                 return
+        needs = self._answerNeeds(since)
         try:
             if reply:
-                if self._behindLarge(registrations):
+                if needs or self._behindLarge(registrations):
                     self._sendBehindLarge(
                         b"answerctx",
                         requestID,
                         netResult,
                         reply,
                         forPeer=True,
-                        keys=self._keysOf(registrations),
+                        keys=self._keysOf(registrations, needs),
                     )
                 else:
                     self.sendCall(b"answerctx", requestID, netResult, reply)
-            elif self._behindLarge(registrations):
-                keys = self._keysOf(registrations)
+            elif needs or self._behindLarge(registrations):
+                keys = self._keysOf(registrations, needs)
                 self._sendBehindLarge(b"answer", requestID, netResult, forPeer=True, keys=keys)
             elif self._codec is not None:  # sendCall's work, without its two steps
                 self._writePayload(
@@ -3540,11 +3578,23 @@ class Broker(Banana):
             failure = Failure()
             self._unregister(registrations, failure)
             self._dropStreamsIn(netResult, failure)
-            self._sendFailureOrError(failure, requestID)
+            self._sendFailureOrError(failure, requestID, since)
         if self._postponed:
             self._sendPostponed()
 
-    def _sendFailureOrError(self, failure: Failure, requestID: int) -> None:
+    def _answerNeeds(self, since: int | None) -> tuple[tuple[int, Any], ...]:
+        """
+        What the answer to a call that arrived at serial ``since`` needs (see
+        :meth:`_orderedCallUnsent`): the ordered calls before it, if one made since is not
+        written yet.
+        """
+        if since is not None and self._lastOrderedCall > since and self._orderedCallUnsent(since):
+            return (_IN_ORDER,)
+        return ()
+
+    def _sendFailureOrError(
+        self, failure: Failure, requestID: int, since: int | None = None
+    ) -> None:
         if failure.check(*self.quietFailures) is None:
             if self.disconnected and failure.check(PBConnectionLost):
                 # It failed because the connection was lost (an argument stream it read, a
@@ -3558,17 +3608,22 @@ class Broker(Banana):
                 self._logFailure("A call from a peer now disconnected failed", failure)
             else:
                 self._logFailure("Peer will receive the following PB traceback", failure)
-        self._sendError(failure, requestID)
+        self._sendError(failure, requestID, since)
 
-    def _sendError(self, failure: Any, requestID: int) -> None:
+    def _sendError(self, failure: Any, requestID: int, since: int | None = None) -> None:
         self._answering.pop(requestID, None)
         self._callContexts.pop(requestID, None)
         if self.disconnected:
             return
-        self._sendFailure(self.sendCall, b"error", requestID, failure)
+        self._sendFailure(self.sendCall, b"error", requestID, failure, self._answerNeeds(since))
 
     def _sendFailure(
-        self, send: Callable[..., None], command: bytes, key: int, failure: Any
+        self,
+        send: Callable[..., None],
+        command: bytes,
+        key: int,
+        failure: Any,
+        needs: tuple[tuple[int, Any], ...] = (),
     ) -> None:
         """
         Send ``failure`` in a ``command`` message about ``key`` (a call's error, a stream's)
@@ -3580,9 +3635,10 @@ class Broker(Banana):
         registrations = self._takeRegistrations(netFailure)
         if send == self._sendBehindLarge:  # a stream's error, after its items
             send = functools.partial(send, keys=self._streamKeys(key, registrations))
-        elif send == self.sendCall and self._behindLarge(registrations):
-            # It names a cache handle (see _behindLarge); an error for the peer's call.
-            keys = self._keysOf(registrations)
+        elif send == self.sendCall and (needs or self._behindLarge(registrations)):
+            # It names a cache handle (see _behindLarge), or follows a call this side made
+            # since the peer's call arrived (see _orderedCallUnsent); an error for that call.
+            keys = self._keysOf(registrations, needs)
             send = functools.partial(self._sendBehindLarge, forPeer=True, keys=keys)
         try:
             send(command, key, netFailure)

@@ -642,6 +642,85 @@ class LargeMessageTests(NativeTestCase):
         self.pump.flush()
         self.assertEqual(events, ["initial", "ok"])
 
+    def test_anAnswerFollowsTheCallsItsMethodMade(self) -> None:
+        """While this side sends a large call, a method that calls its caller back and then
+        answers (or fails, or answers later) has its answer arrive after that call, which
+        waits behind the large one, as in stock PB; the answer to a call whose method made
+        none still goes between the fragments."""
+        events: list[Any] = []
+        size = 4 * 1024 * 1024
+
+        class Sink(pb.Referenceable):
+            def remote_big(self, data: bytes) -> None:
+                events.append(len(data))
+
+            def remote_initial(self, tag: str) -> None:
+                events.append(tag)
+
+        def subscribe(sink: Any) -> str:
+            sink.callRemote("initial", "sync")
+            return "answered"
+
+        def refuse(sink: Any) -> None:
+            sink.callRemote("initial", "error")
+            raise ValueError("failed")
+
+        later: list[tuple[Any, Deferred[str]]] = []
+
+        def wait(sink: Any) -> Deferred[str]:
+            later.append((sink, Deferred()))
+            return later[-1][1]
+
+        self.rootObject.remote_push = lambda sink: sink.callRemote("big", b"x" * size)  # type: ignore[attr-defined]
+        self.rootObject.remote_subscribe = subscribe  # type: ignore[attr-defined]
+        self.rootObject.remote_refuse = refuse  # type: ignore[attr-defined]
+        self.rootObject.remote_wait = wait  # type: ignore[attr-defined]
+        sink = Sink()
+        self.root.callRemote("push", sink)
+        for _ in range(1000):
+            if self.server.sendingLarge:
+                break
+            self.pump.pump()
+        self.assertTrue(self.server.sendingLarge)
+        self.root.callRemote("echo", "unrelated").addCallback(events.append)
+        self.root.callRemote("subscribe", sink).addCallback(events.append)
+        self.root.callRemote("refuse", sink).addErrback(
+            lambda failure: events.append(failure.getErrorMessage())
+        )
+        self.root.callRemote("wait", sink).addCallback(events.append)
+        for _ in range(1000):
+            if events:
+                break
+            self.pump.pump()
+        self.assertEqual(events, ["unrelated"])  # before the large call has arrived
+        waiting, answer = later[0]
+        waiting.callRemote("initial", "deferred")
+        answer.callback("later")
+        self.pump.flush()
+        self.assertEqual(
+            events,
+            ["unrelated", size, "sync", "answered", "error", "failed", "deferred", "later"],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_anAnswerFollowsALargeCallItsMethodMade(self) -> None:
+        """A method that makes a large call back and then answers has its answer arrive
+        after the whole call, as in stock PB (not between the call's fragments)."""
+        events: list[Any] = []
+
+        class Sink(pb.Referenceable):
+            def remote_big(self, data: bytes) -> None:
+                events.append(len(data))
+
+        def upload(sink: Any) -> str:
+            sink.callRemote("big", b"x" * (3 * 1024 * 1024))
+            return "uploaded"
+
+        self.rootObject.remote_upload = upload  # type: ignore[attr-defined]
+        self.root.callRemote("upload", Sink()).addCallback(events.append)
+        self.pump.flush()
+        self.assertEqual(events, [3 * 1024 * 1024, "uploaded"])
+
     def test_referenceDroppedWhileItsLargeCallIsSent(self) -> None:
         """
         A reference dropped while a large call made on it is still being sent does not

@@ -3548,7 +3548,7 @@ class Broker(Banana):
                 refusal = CopyableFailure(e)
                 self._unregister(registrations, refusal)
                 self._dropStreamsIn(netResult, refusal)
-                self._sendError(refusal, requestID)
+                self._sendError(refusal, requestID, since)  # where the answer would go
                 return
         needs = self._answerNeeds(since)
         try:

@@ -2370,7 +2370,10 @@ class Broker(Banana):
         and then answers has its call arrive first.
         """
         for large in self._largeOut:
-            if large[5] > since and large[2] is not None:
+            # (A call that may wait for room has its keys: one made with ordered=False
+            # makes no answer wait. Others are taken as ordered.)
+            keys = large[6]
+            if large[5] > since and large[2] is not None and (keys is None or _IN_ORDER in keys[1]):
                 return True
         for after in (self._afterLarge, self._afterBlocked):
             for entry in reversed(after):

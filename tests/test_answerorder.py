@@ -258,6 +258,23 @@ class AnswerOrderTests(SynchronousTestCase):
         """A call made with ordered=False makes no answer wait (docs/native.rst)."""
         self.assertEqual(self.orderOf("unordered"), ["ahead", "answered", ("take", LARGE)])
 
+    def test_unorderedLargeAfterAnOrderedOne(self) -> None:
+        """A large call made with ordered=False, after an ordered call back that is out by
+        then: the answer does not wait for the large one (a call made with ordered=False
+        makes no answer wait), though the call back was kept when it was made."""
+        self.largeCallOut()
+        self.ask("later")
+        self.deliver()
+        self.helper.back("cb")  # kept behind the large call
+        self.drain()
+        self.assertEqual(self.events, [("take", LARGE), "cb"])
+        self.assertNothingKept()
+        self.root.withOptions(ordered=False).callRemote("take", b"u" * BIG)
+        self.assertTrue(self.client.sendingLarge)  # being written
+        self.helper.later[0].callback("answered")
+        self.drain()
+        self.assertEqual(self.events, [("take", LARGE), "cb", "answered", ("take", BIG)])
+
     def test_connectionLostWhileKept(self) -> None:
         """Lost while an answer waits behind the calls its method made: nothing stays
         counted, and every Deferred fires."""

@@ -1510,6 +1510,7 @@ class Broker(Banana):
             self._keptForPeer += cost
             if type(transport) is PacedTransport:
                 transport.kept(self._keptForPeer, cost)
+            self._startTakeTimer()
             return cost, 0
         self._keptOwn += cost
         if type(transport) is PacedTransport:
@@ -1519,10 +1520,13 @@ class Broker(Banana):
 
     def _holdingBehindUntaken(self) -> bool:
         """
-        Whether more than ``limits.bufferedBytes`` of this side's own messages are kept while
-        large calls wait for the peer to take them (see :meth:`_checkTakes`).
+        Whether more than ``limits.bufferedBytes`` of messages are kept while large calls
+        wait for the peer to take them (see :meth:`_checkTakes`): this side's own, and
+        those for the peer (answers that follow the calls their methods made, which wait
+        with those calls: they do not make the peer's messages wait then, see
+        :meth:`_queueFull`, and would otherwise be kept for as long as the peer calls).
         """
-        return bool(self._untaken) and self._keptOwn > self.limits.bufferedBytes
+        return bool(self._untaken) and self._keptOwn + self._keptForPeer > self.limits.bufferedBytes
 
     def _startTakeTimer(self) -> None:
         if self._takeTimer is None and self._holdingBehindUntaken():
@@ -1549,11 +1553,12 @@ class Broker(Banana):
 
     def _checkTakes(self, takenThen: int, movedThen: int) -> None:
         """
-        ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of this
-        side's own messages (calls keep their order) came to wait behind large calls the
-        peer has not taken: drop a peer that has taken none since, while the connection
-        moved less than ``_TAKE_MOVEMENT`` bytes either way (sent to it, received from it).
-        Such a peer reads, but would make this side keep every call it makes for ever; a
+        ``limits.stallTimeout`` seconds after more than ``limits.bufferedBytes`` of
+        messages (this side's calls, which keep their order, and the answers that follow
+        them) came to wait behind large calls the peer has not taken: drop a peer that has
+        taken none since, while the connection moved less than ``_TAKE_MOVEMENT`` bytes
+        either way (sent to it, received from it). Such a peer reads, but would make this
+        side keep every call it makes, and every answer after one, for ever; a
         slow link still takes what was written, and a busy peer still sends (keepalive's
         pings and pongs, a few bytes each, are not movement).
         """
@@ -1570,7 +1575,7 @@ class Broker(Banana):
         self._lostReason = (
             "the peer took none of this side's large calls "
             + ("" if timeout is None else f"for {timeout} seconds ")
-            + f"while {self._keptOwn} bytes of calls waited behind them"
+            + f"while {self._keptOwn + self._keptForPeer} bytes of messages waited behind them"
         )
         self._fail(self._lostReason)
 

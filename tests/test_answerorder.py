@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pbroker import context, pb
 from pbroker.testing import connectedServerAndClient
 from tests.test_broker import Gauge, RemoteGauge
+from tests.test_keptreleases import stopTaking
 
 MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
@@ -305,3 +306,38 @@ class AnswerOrderTests(SynchronousTestCase):
         self.drain()
         self.assertEqual(self.events, [("take", LARGE), "answered"])
         self.assertNothingKept()
+
+    def test_neverTakenBoundsKeptAnswers(self) -> None:
+        """A peer that reads but never takes this side's large calls, and keeps calling a
+        method that calls it back and answers with 300 KiB: the answers kept behind the
+        call waiting for room count as the calls kept there do, and the peer is dropped
+        ("took none") once more than bufferedBytes of them wait for stallTimeout, not let
+        make this side keep answers for as long as it calls. (Before, the large answers
+        went ahead of the waiting call, and were bounded as any large answer is.)"""
+        stopTaking(self.server)
+        self.largeCallOut()
+        for _ in range(100):
+            if not self.client._largeOut:
+                break
+            self.clock.advance(0)
+        waiting = self.root.callRemote("take", b"2" * BIG)  # waits for room, never given
+        self.assertGreater(self.client._largeOut[0][3], 0)
+        asked: list[Any] = []
+        made = most = 0
+        with capturedLogs():
+            for _ in range(200):
+                if self.client.disconnected:
+                    break
+                self.rootObject.helper.callRemote("bigAnswer").addBoth(asked.append)
+                made += 1
+                self.pump.flush()
+                self.clock.advance(1)
+                most = max(most, self.client._keptForPeer)
+        self.assertTrue(self.client.disconnected)
+        self.assertIn("took none", self.client._lostReason or "")
+        # At most bufferedBytes, and what came during stallTimeout (30 answers).
+        self.assertLess(most, MiB + 31 * 310 * 1024)
+        self.failureResultOf(waiting, pb.PBConnectionLost)
+        self.pump.flush()
+        self.assertNothingKept()
+        self.assertEqual(len(asked), made)  # each of the server's calls has its result

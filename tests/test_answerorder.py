@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -120,11 +120,14 @@ class Helper(pb.Referenceable):
         return b"a" * (300 * 1024)
 
 
-class AnswerOrderTests(SynchronousTestCase):
+class AnswerOrderPeers(SynchronousTestCase):
     """
     The client is the side that sends large calls; the server calls the client's helper,
     whose methods call the server back and answer. The server records what arrives, in order.
     """
+
+    #: If set, the transports push back past this many bytes (see connectedServerAndClient).
+    bufferSize: int | None = None
 
     def setUp(self) -> None:
         Root.events = []
@@ -138,6 +141,7 @@ class AnswerOrderTests(SynchronousTestCase):
             pb.PBServerFactory(self.rootObject, clock=self.clock, limits=limits, registry=registry),
             pb.PBClientFactory(clock=self.clock, limits=limits, registry=registry),
             clock=self.clock,
+            bufferSize=self.bufferSize,
         )
         self.root = self.client.remoteForName("root")
         self.helper = Helper(self)
@@ -187,6 +191,12 @@ class AnswerOrderTests(SynchronousTestCase):
         self.drain()
         self.assertNothingKept()
         return self.events
+
+
+class AnswerOrderTests(AnswerOrderPeers):
+    """
+    Answers and errors arrive after the calls their methods made.
+    """
 
     def test_sync(self) -> None:
         self.assertEqual(self.orderOf("sync"), [("take", LARGE), "cb", "answered"])
@@ -341,3 +351,74 @@ class AnswerOrderTests(SynchronousTestCase):
         self.pump.flush()
         self.assertNothingKept()
         self.assertEqual(len(asked), made)  # each of the server's calls has its result
+
+    def test_peerCancelsWhileItsAnswerIsKept(self) -> None:
+        """The server gives up on (times out) its call while the answer waits behind the
+        call back: the answer, already on its way, arrives late and is dropped there; the
+        connection stays, nothing stays counted."""
+        self.largeCallOut()
+        asked = self.rootObject.helper.withOptions(timeout=1).callRemote("sync")
+        self.deliver()
+        self.assertGreater(self.client._keptForPeer, 0)
+        self.clock.advance(2)  # the server's call times out: it sends a cancel
+        self.failureResultOf(asked, TimeoutError)
+        self.drain()
+        self.assertEqual(self.events, [("take", LARGE), "cb"])
+        self.assertFalse(self.client.disconnected or self.server.disconnected)
+        self.assertNothingKept()
+        self.assertEqual(self.server._abandoned, set())  # the late answer was seen
+
+    def test_afterAWaitingCallIsCancelled(self) -> None:
+        """A call back and its answer wait for a large call that waits for room; that call
+        is cancelled unsent, and what waited for it goes back in order (_unblockKept): an
+        answer made then still finds the call back unsent, and follows it."""
+        self.largeCallOut()
+        waiting = self.root.callRemote("take", b"y" * BIG)
+        self.ask("later")
+        self.ask("sync")
+        self.deliver()  # the server's calls reach the client; nothing reaches the server
+        client = self.client
+        for _ in range(10):
+            if len(client._largeOut) > 1:
+                client._pumpLarge()  # the rest of the first large call, not delivered
+        self.assertEqual(len(client._largeOut), 1)  # the call waiting for room
+        self.assertEqual(len(client._afterBlocked), 2)  # the call back, and its answer
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.assertEqual((len(client._afterBlocked), len(client._afterLarge)), (0, 2))
+        self.helper.later[0].callback("later")
+        self.assertEqual(len(client._afterLarge), 3)  # kept: the call back is not out yet
+        self.drain()
+        self.assertEqual(self.events, [("take", LARGE), "cb", "answered", "later"])
+        self.assertNothingKept()
+
+
+class PacedAnswerOrderTests(AnswerOrderPeers):
+    """
+    The same over transports that push back (64 KiB), where what is kept for the peer makes
+    its messages wait once more than bufferedBytes waits (_queueFull).
+    """
+
+    bufferSize = 64 * 1024
+
+    def test_keptAnswersFillTheQueue(self) -> None:
+        """Twenty answers of 300 KiB kept behind the calls back, which wait behind a large
+        call: past bufferedBytes the server's calls wait unhandled; all of it is sent in
+        the end, each answer after its call back, and nothing stays counted."""
+        self.largeCallOut()
+        for _ in range(20):
+            self.ask("bigAnswer")
+        self.deliver()
+        waited = False
+        for _ in range(2000):
+            waited = waited or self.client._backlog is not None
+            if len(self.events) == 41:
+                break
+            self.pump.pump()
+            self.clock.advance(0)
+        self.assertTrue(waited)
+        self.assertEqual(self.events[0], ("take", LARGE))
+        self.assertEqual(self.events[1:], ["cb", b"a" * (300 * 1024)] * 20)
+        self.drain()
+        self.assertNothingKept()
+        self.assertFalse(self.client.disconnected)

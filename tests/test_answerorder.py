@@ -17,9 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, pb
-from pbroker.testing import connectedServerAndClient
-from tests.test_broker import Gauge, RemoteGauge
-from tests.test_keptreleases import stopTaking
+from tests.test_broker import Gauge
+from tests.test_keptreleases import gaugePeers, stopTaking
 
 MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
@@ -133,15 +132,11 @@ class AnswerOrderPeers(SynchronousTestCase):
         Root.events = []
         self.clock = Clock()
         self.rootObject = Root()
-        registry = pb.UnjellyableRegistry()
-        registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        registry.setUnjellyableForClass(LevelGauge, RemoteLevelGauge)
-        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=limits, registry=registry),
-            pb.PBClientFactory(clock=self.clock, limits=limits, registry=registry),
-            clock=self.clock,
+        self.server, self.client, self.pump = gaugePeers(
+            self.rootObject,
+            self.clock,
             bufferSize=self.bufferSize,
+            levelGauges=(LevelGauge, RemoteLevelGauge),
         )
         self.root = self.client.remoteForName("root")
         self.helper = Helper(self)

@@ -25,6 +25,31 @@ MiB = 1024 * 1024
 BIG = MiB * 3 // 2  # over half the 1 MiB window: a second one waits for the first's "taken"
 
 
+def gaugePeers(
+    rootObject: Any,
+    clock: Clock,
+    clientLimits: pb.BrokerLimits | None = None,
+    bufferSize: int | None = None,
+    levelGauges: tuple[type, type] | None = None,
+) -> tuple[Any, Any, Any]:
+    """
+    A server serving ``rootObject`` and a client, connected in memory on ``clock``, that
+    copy the test gauges (``levelGauges``: the level gauge and its copy's class, this
+    module's by default); the server's limits are 1 MiB buffered and 4 MiB messages, the
+    client's ``clientLimits`` (the same by default).
+    """
+    registry = pb.UnjellyableRegistry()
+    registry.setUnjellyableForClass(Gauge, RemoteGauge)
+    registry.setUnjellyableForClass(*(levelGauges or (LevelGauge, RemoteLevelGauge)))
+    limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
+    return connectedServerAndClient(
+        pb.PBServerFactory(rootObject, clock=clock, limits=limits, registry=registry),
+        pb.PBClientFactory(clock=clock, limits=clientLimits or limits, registry=registry),
+        clock=clock,
+        bufferSize=bufferSize,
+    )
+
+
 def stopTaking(server: Any) -> None:
     """``server`` no longer says when it takes a large call (as a hostile peer might)."""
     send = server.sendCall
@@ -122,16 +147,8 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         self.connect(pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB))
 
     def connect(self, clientLimits: pb.BrokerLimits) -> None:
-        registry = pb.UnjellyableRegistry()
-        registry.setUnjellyableForClass(Gauge, RemoteGauge)
-        registry.setUnjellyableForClass(LevelGauge, RemoteLevelGauge)
-        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
         # Unbounded fake transports: what the client writes waits there until pumped.
-        self.server, self.client, self.pump = connectedServerAndClient(
-            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=limits, registry=registry),
-            pb.PBClientFactory(clock=self.clock, limits=clientLimits, registry=registry),
-            clock=self.clock,
-        )
+        self.server, self.client, self.pump = gaugePeers(self.rootObject, self.clock, clientLimits)
         self.root = self.client.remoteForName("root")
 
     def answer(self, name: str, *args: Any) -> Any:

@@ -203,7 +203,14 @@ class PacedTransport:
             real.write(data[sent:] if isinstance(sent, int) and sent > 0 else data)
         else:
             self._passHeld()
-        # What the reactor does when the socket is writable.
+        if _pendingIn(real) == 0:
+            # Nothing to send (the messages handled wrote nothing, or it all went above).
+            # Not even an empty send: on a connection the peer reset it fails, and the
+            # handling below would stop reading a transport not registered as a writer,
+            # which no reactor then polls, so its loss would never be reported.
+            return
+        # What the reactor does when the socket is writable. (Bytes wait in the transport:
+        # it is registered as a writer.)
         failed = real.doWrite()
         if failed:
             # The send failed, and took the socket's error with it. The transport is

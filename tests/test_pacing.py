@@ -10,7 +10,7 @@ import struct
 from typing import Any
 
 import msgpack
-from twisted.internet import defer, main, reactor
+from twisted.internet import defer, main, reactor, task
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
@@ -320,6 +320,17 @@ class FlushTests(SynchronousTestCase):
         self.assertEqual(self.real.sent, [])
         self.assertTrue(self.real.isWriter())
         self.assertFalse(self.real.isReader())
+
+    def test_failedSendOfNothingLeftToTheReactor(self) -> None:
+        """A flush() with nothing held or buffered (the messages of a read answered nothing)
+        leaves the transport as the reactor watches it, even if a send would fail now (the
+        peer reset the connection): a transport that neither reads nor writes is never
+        polled again, and its connection would never be reported lost."""
+        self.real.failure = main.CONNECTION_LOST
+        self.paced.hold()
+        self.paced.flush()
+        self.assertTrue(self.real.isReader() or self.real.isWriter())
+        self.paced.release()
 
     def test_halfClosed(self) -> None:
         """After loseWriteConnection() the reactor sends what is buffered, then half-closes;
@@ -646,6 +657,104 @@ class ResetPeerTests(TestCase):
         peer.close()
         [reason] = await lost
         self.assertIsInstance(reason.value, ConnectionLost)
+
+
+class OneWayCallsThenResetTests(TestCase):
+    """
+    A peer that sends more one-way calls in one read than the broker handles between two
+    flushes, and then resets the connection: the flush in the middle of the read, with
+    nothing to send, must not leave the transport unwatched by the reactor, or the server
+    would never learn that the connection is gone (a leaked connection and broker).
+    """
+
+    timeout = 30
+
+    def test_fakeSocket(self) -> None:
+        """On a file descriptor transport whose send fails, the broker that handled the
+        calls still has its transport watched by the reactor."""
+        handled: list[int] = []
+
+        class Dropping(pb.Root):
+            def remote_drop(self, value: int) -> None:
+                handled.append(value)
+
+        real = SocketTransport()
+        broker = pb.PBServerFactory(Dropping()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        broker.makeConnection(real)
+        broker.dataReceived(banana.encode(b"pb"))
+        real.failure = main.CONNECTION_LOST  # the peer reset the connection
+        count = _FLUSH_EVERY + 10
+        broker.dataReceived(
+            b"".join(
+                banana.encode(
+                    [b"message", i + 1, b"root", b"drop", 0, [b"tuple", i], [b"dictionary"]],
+                    b"pb",
+                )
+                for i in range(count)
+            )
+        )
+        self.assertEqual(handled, list(range(count)))
+        self.assertTrue(real.isReader() or real.isWriter())
+        broker.connectionLost(Failure(ConnectionLost()))
+
+    async def test_loopback(self) -> None:
+        """Over a real loopback connection, the server is told the connection is lost."""
+        count = _FLUSH_EVERY + 10
+        allHandled: defer.Deferred[None] = defer.Deferred()
+        lost: defer.Deferred[None] = defer.Deferred()
+        brokers: list[Any] = []
+
+        class Dropping(pb.Root):
+            handled = 0
+
+            def remote_drop(self, value: int) -> None:
+                Dropping.handled += 1
+                if Dropping.handled == count:
+                    allHandled.callback(None)
+
+        class Tracking(pb.PBServerFactory):
+            def clientConnectionMade(self, broker: Any) -> None:
+                super().clientConnectionMade(broker)
+                brokers.append(broker)
+                broker.notifyOnDisconnect(lambda: lost.callback(None))
+
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, Tracking(Dropping()), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        peer = socket.create_connection(("127.0.0.1", listening.getHost().port))
+        self.addCleanup(peer.close)
+
+        async def received() -> bytes:
+            while True:
+                await task.deferLater(reactor, 0.01, lambda: None)
+                try:
+                    return peer.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+
+        await received()  # the server's offer of dialects
+        peer.sendall(banana.encode(b"pb"))
+        await received()  # its version message: it took the choice, and reads messages
+        # The calls and the reset arrive together: the server reads the calls, and the
+        # flush between them meets the reset.
+        peer.sendall(
+            b"".join(
+                banana.encode(
+                    [b"message", i + 1, b"root", b"drop", 0, [b"tuple", i], [b"dictionary"]],
+                    b"pb",
+                )
+                for i in range(count)
+            )
+        )
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        await allHandled
+        [broker] = brokers
+        real = broker.transport._transport
+        watched = reactor.getReaders() + reactor.getWriters()  # type: ignore[attr-defined]
+        self.assertIn(real, watched)
+        await lost
 
 
 class PendingTests(SynchronousTestCase):

@@ -2544,9 +2544,14 @@ class Broker(Banana):
                 if type(transport) is PacedTransport and transport.paused and index:
                     # Uncount what queued() counted for it (an upper bound: reset on resume).
                     transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
-                self._unregister(entry[4])
                 if entry[3] and self._afterBlocked:
                     self._unblockKept(None if entry[6] is None else entry[6][1])
+                # Only now (as for a kept call, below): what waited for the call is back in
+                # _afterLarge, or still waits for another call queued. Releasing what the
+                # call counted may send an uncache, or run application code that calls
+                # (stoppedObserving, an export's cleanup), and with neither queue holding
+                # anything they would be written at once, ahead of the calls that waited.
+                self._unregister(entry[4])
                 return True
         for after in (self._afterLarge, self._afterBlocked):
             order = _nearerEnd(after, 1, requestID)

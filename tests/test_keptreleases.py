@@ -227,6 +227,65 @@ class ClientKeepsReleasesTests(SynchronousTestCase):
         it goes ahead of the waiting calls (none of them names the object then)."""
         self.assertEqual(self.releaseAfterACall(b"p" * BIG), 1)  # the last decref only
 
+    def test_anUncacheOnCancellingFollowsTheUpdatesKeptBehindTheCall(self) -> None:
+        """A large call naming a copy by handle waits for room, an update to the copy
+        kept behind it; the server drops its copy meanwhile (the call's handle still counts).
+        Cancelling the call unsent releases the last handle: the uncache follows the
+        update, which arrives. (Found by tests/test_orderfuzz.py, seed 17061: the uncache
+        was written while the update still waited in _afterBlocked with no large message
+        queued, so the server had forgotten the copy when the update came: Invalid Object
+        ID.)"""
+        gauge = LevelGauge()
+        self.answer("keep", gauge)  # the server holds a copy: count 1
+        levels = self.rootObject.kept.levels
+        first = self.writeOneLarge()
+        large = self.root.callRemote("take", b"c" * BIG, gauge)  # a handle: count 2
+        self.clock.advance(0)
+        self.assertGreater(self.client._largeOut[-1][3], 0)  # it waits for room
+        update = gauge.observers[0].callRemote("level", 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.client._afterBlocked), 1)  # the update, behind that call
+        self.rootObject.kept = None
+        gc.collect()  # the server's decache: count 1 (the waiting call's handle)
+        self.pump.clientIO.bufferReceived(self.pump.serverIO.getOutBuffer())
+        self.assertEqual(len(self.client.remotelyCachedObjects), 1)
+        large.cancel()  # unsent: its handle is released, the last one
+        self.failureResultOf(large, CancelledError)
+        self.drain()
+        self.assertIsNone(self.successResultOf(update))
+        self.assertEqual(levels, [1])
+        self.assertEqual(self.successResultOf(first), 1)
+        self.assertEqual(
+            (self.client.remotelyCachedObjects, self.server.locallyCachedObjects), ({}, {})
+        )
+        self.assertEqual(self.kept(), (0, 0, 0))
+
+    def test_aCallFromStoppedObservingOnCancellingKeepsItsPlace(self) -> None:
+        """As above, with a call kept behind the waiting call: the Cacheable's
+        stoppedObserving, run as the cancel releases the last handle, makes a call; it
+        arrives after the call made before it, not ahead of it."""
+        ran: list[Any] = []
+        self.rootObject.remote_note = ran.append  # type: ignore[attr-defined]
+        gauge = Gauge()
+        gauge.stoppedObserving = lambda *_: self.root.callRemote(  # type: ignore[method-assign]
+            "note", "farewell"
+        )
+        self.answer("keep", gauge)
+        self.writeOneLarge()
+        large = self.root.callRemote("take", b"c" * BIG, gauge)
+        self.clock.advance(0)
+        self.root.callRemote("note", "before")  # kept behind the waiting call
+        self.clock.advance(0)
+        self.assertEqual(len(self.client._afterBlocked), 1)
+        self.rootObject.kept = None
+        gc.collect()
+        self.pump.clientIO.bufferReceived(self.pump.serverIO.getOutBuffer())
+        large.cancel()
+        self.failureResultOf(large, CancelledError)
+        self.drain()
+        self.assertEqual(ran, ["before", "farewell"])
+        self.assertEqual(self.kept(), (0, 0, 0))
+
     def test_aCancelKeptBehindItsLargeCallFollowsIt(self) -> None:
         """A large call kept behind others, then cancelled, is followed by its cancel, even
         once the call has joined the large messages being sent."""

@@ -452,7 +452,10 @@ class RemoteCacheObserver:
             # A copy the peer dropped still reaches it while stoppedObserving runs.
             cacheID = self.broker._farewellID(self.cached)
             if cacheID is None:
-                return fail(ProtocolError("the copy this observer reached is gone"))
+                gone = ProtocolError("the copy this observer reached is gone")
+                if not kw.get("pbanswer", True):
+                    raise gone  # a one-way call has no Deferred to fail (see pb.rst)
+                return fail(gone)
         return self.broker._sendMessage(b"cache", self.perspective, cacheID, name, args, kw)
 
     def remoteMethod(self, key: str) -> RemoteCacheMethod:

@@ -486,7 +486,7 @@ class ObserverTests(CallsRoot, SynchronousTestCase):
 
     def test_observerOfACopyGone(self) -> None:
         """An observer kept after the peer dropped its copy fails its calls with
-        ProtocolError through the Deferred, sending nothing."""
+        ProtocolError through the Deferred (a one-way call raises it), sending nothing."""
         copy = self.call("gauge")
         [observer] = self.gauge.observers
         del copy
@@ -497,6 +497,11 @@ class ObserverTests(CallsRoot, SynchronousTestCase):
         del written[:]
         failure = self.failureResultOf(observer.callRemote("setValue", 1), pb.ProtocolError)
         self.assertEqual(failure.getErrorMessage(), "the copy this observer reached is gone")
+        # A one-way call has no Deferred: it raises, as one that cannot be sent does.
+        with self.assertRaises(pb.ProtocolError):
+            observer.callRemote("setValue", 1, pbanswer=False)
+        with self.assertRaises(pb.ProtocolError):
+            observer.remoteMethod("setValue")(1, pbanswer=False)
         self.assertEqual(written, [])
 
     def test_copyOnlyBackOverItsConnection(self) -> None:

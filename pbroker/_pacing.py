@@ -8,7 +8,9 @@ drains. While paused, the bytes written are counted; past the broker's
 ``limits.bufferedBytes`` the connection is aborted if the real transport sends none of
 what it holds for ``limits.stallTimeout`` seconds (a reader that reads, however slowly,
 keeps it). Closing the connection through the wrapper unregisters the producer first, since a
-TLS transport will not close while a producer is registered on it. Everything else is
+TLS transport will not close while a producer is registered on it; a stall timer running then
+goes on running, so that a peer that reads none of what the closing connection still holds is
+dropped, not held for ever. Everything else is
 delegated to the real transport, whose interfaces the wrapper declares.
 
 While the broker handles the messages of one read it may :meth:`~PacedTransport.hold` the
@@ -437,20 +439,28 @@ class PacedTransport:
             self.bufferedWhilePaused += size
             self._checkBuffered()
 
-    def _release(self) -> None:
-        self.stopStallTimer()
+    def _unregister(self) -> None:
         if self._registered:
             self._registered = False
             self._transport.unregisterProducer()
 
     def loseConnection(self) -> None:
+        """
+        Close the connection once what was written is sent.
+
+        A stall timer that runs goes on running, though the real transport no longer pauses
+        or resumes this producer: a peer that stops reading what a closing connection still
+        holds for it is dropped as it would be if the connection stayed open, rather than
+        held for ever (the connection closes once it has read it all).
+        """
         self._passHeld()
-        self._release()
+        self._unregister()
         self._transport.loseConnection()
 
     def abortConnection(self) -> None:
         self._held = None  # aborting discards what was not sent, held or buffered
-        self._release()
+        self.stopStallTimer()
+        self._unregister()
         abort = getattr(self._transport, "abortConnection", None)
         if abort is not None:
             abort()

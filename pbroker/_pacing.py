@@ -7,11 +7,12 @@ producer. The real transport pauses it when its buffer fills and resumes it when
 drains. While paused, the bytes written are counted; past the broker's
 ``limits.bufferedBytes`` the connection is aborted if the real transport sends none of
 what it holds for ``limits.stallTimeout`` seconds (a reader that reads, however slowly,
-keeps it). Closing the connection through the wrapper unregisters the producer first, since a
-TLS transport will not close while a producer is registered on it; a stall timer running then
-goes on running, so that a peer that reads none of what the closing connection still holds is
-dropped, not held for ever. Everything else is
-delegated to the real transport, whose interfaces the wrapper declares.
+keeps it). Closing the connection through the wrapper writes what the broker still queues (the
+rest of large messages), then unregisters the producer, since a TLS transport will not close
+while a producer is registered on it; a stall timer running then goes on running, so that a
+peer that reads none of what the closing connection still holds is dropped, not held for
+ever. Everything else is delegated to the real transport, whose interfaces the wrapper
+declares.
 
 While the broker handles the messages of one read it may :meth:`~PacedTransport.hold` the
 small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
@@ -109,6 +110,8 @@ class PacedTransport:
         self.keptWhilePaused = 0
         self.ownKeptWhilePaused = 0
         self.written = 0
+        #: Whether abortConnection() was called: nothing more is sent.
+        self.aborted = False
         self._registered = False
         # The timer that drops the peer if it stays paused with too much waiting (see _over).
         self._stall: Any = None
@@ -446,18 +449,28 @@ class PacedTransport:
 
     def loseConnection(self) -> None:
         """
-        Close the connection once what was written is sent.
+        Close the connection once what was written, and what the broker queued to write (the
+        rest of its large messages, see ``Broker.writeQueued``), is sent.
 
-        A stall timer that runs goes on running, though the real transport no longer pauses
-        or resumes this producer: a peer that stops reading what a closing connection still
-        holds for it is dropped as it would be if the connection stayed open, rather than
-        held for ever (the connection closes once it has read it all).
+        What the broker queued is written now, counted as any write is while the connection
+        takes nothing. A stall timer that runs (or starts then) goes on running, though the
+        real transport no longer pauses or resumes this producer: a peer that stops reading
+        what a closing connection still holds for it is dropped as it would be if the
+        connection stayed open, rather than held for ever (the connection closes once it
+        has read it all).
         """
         self._passHeld()
+        writeQueued = getattr(self._broker, "writeQueued", None)
+        if writeQueued is not None:
+            writeQueued()
+            if self.aborted:
+                return  # the peer was dropped meanwhile: more waits than it may hold
+            self._passHeld()  # (the last fragment of a message may have been held)
         self._unregister()
         self._transport.loseConnection()
 
     def abortConnection(self) -> None:
+        self.aborted = True
         self._held = None  # aborting discards what was not sent, held or buffered
         self.stopStallTimer()
         self._unregister()

@@ -1337,19 +1337,69 @@ class Broker(Banana):
                 if blocked or (untaken and untaken + size > self._untakenLimit):
                     blocked = True  # and the calls after it wait too: calls keep their order
                     continue
-                entry[3] = 0
-                if self._untaken is _NO_ENTRIES:
-                    self._untaken = {}
-                self._untaken[entry[2]] = size
-                self._untakenBytes = untaken + size
-                # Calls kept while no call was untaken (behind a large answer, say, or
-                # between a taken and the next call) started no timer.
-                self._startTakeTimer()
+                self._startUntaken(entry)
             if index:
                 queue.insert(0, queue.pop(index))
             return True
         self._largeBlocked = True
         return False
+
+    def _startUntaken(self, entry: list[Any]) -> None:
+        """
+        Count the large call ``entry`` as sent and not yet taken by the peer: it no longer
+        waits for room (see :meth:`_startableLarge`).
+        """
+        size = entry[3]
+        entry[3] = 0
+        if self._untaken is _NO_ENTRIES:
+            self._untaken = {}
+        self._untaken[entry[2]] = size
+        self._untakenBytes += size
+        # Calls kept while no call was untaken (behind a large answer, say, or between a
+        # taken and the next call) started no timer.
+        self._startTakeTimer()
+
+    def writeQueued(self) -> None:
+        """
+        Write now, in order, every large message queued and what waits behind them: the
+        connection is being closed (:meth:`PacedTransport.loseConnection`), and a transport
+        closes once it has sent what it was given, where the queue would be written only
+        on later reactor turns, or never once the transport no longer resumes the broker.
+        A message already sent in part would be cut short, and one not started yet dropped,
+        where the ``pb`` dialect, which writes each message whole, sends them all. Large calls
+        that wait for the peer to take earlier ones go too, as they would in ``pb``.
+
+        Written through the pacing as any write: while the connection takes nothing, what
+        this writes counts against ``limits.bufferedBytes``, so that a peer that does not
+        read it is dropped after ``limits.stallTimeout`` rather than held for ever.
+        """
+        transport: Any = self.transport
+        if self.disconnected or type(transport) is not PacedTransport:
+            return
+        if not (self._largeOut or self._afterLarge or self._afterBlocked):
+            return
+        pumping, self._pumpingLarge = self._pumpingLarge, True  # no pump from _writePayload
+        try:
+            for entry in self._largeOut:
+                if entry[3]:
+                    self._startUntaken(entry)
+            self._largeBlocked = False
+            self._unblockKept(None)  # nothing waits for room any more
+            while not self.disconnected and not transport.aborted:
+                if self._afterLarge:
+                    self._flushAfterLarge()
+                queue = self._largeOut
+                if not queue:
+                    if self._afterBlocked:
+                        self._unblockKept(None)
+                    if not self._afterLarge:
+                        return
+                    continue
+                if queue[0][3]:  # a call kept behind a large message, queued just now
+                    self._startUntaken(queue[0])
+                self._writeFragment()
+        finally:
+            self._pumpingLarge = pumping
 
     def _taken(self, requestID: Any) -> None:
         """

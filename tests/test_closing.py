@@ -1,6 +1,7 @@
 """
-Closing a connection with loseConnection() while data still waits for the peer: the stall
-timer still drops a peer that reads none of it.
+Closing a connection with loseConnection() while data still waits for the peer: what was
+sent, large native messages queued included, goes before the connection closes, and the
+stall timer still drops a peer that reads none of it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
+from tests.test_keptreleases import stopTaking
 from tests.test_native import NativeRoot
 
 MiB = 1024 * 1024
@@ -127,3 +129,132 @@ class StallTimerAfterLoseConnectionTests(SynchronousTestCase):
         )
         self.assertTrue(server.disconnected)
         self.assertEqual(len(self.successResultOf(answers[0])), 3 * MiB)
+
+
+class Taker(pb.Root):
+    """
+    A root that records the size of what its ``take`` is given (a small value as it is).
+    """
+
+    def __init__(self) -> None:
+        self.taken: list[Any] = []
+
+    def remote_take(self, data: Any) -> None:
+        self.taken.append(len(data) if isinstance(data, bytes) else data)
+
+
+class QueuedOnLoseConnectionTests(SynchronousTestCase):
+    """
+    loseConnection() sends the large native messages queued (the rest of the one being sent,
+    those behind it, and what is kept behind them) before the connection closes, as the
+    ``pb`` dialect, which writes every message whole, does: once the real transport is
+    closing, the pump that writes them a few fragments per reactor turn, and only while the
+    connection takes data, would leave a message cut short, or never started.
+    """
+
+    limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=30)
+
+    def connect(self, root: Any, bufferSize: int) -> tuple[Any, Any, Any, Clock]:
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root, clock=clock, limits=self.limits),
+            pb.PBClientFactory(clock=clock, limits=self.limits),
+            clock=clock,
+            bufferSize=bufferSize,
+        )
+        return server, client, pump, clock
+
+    def test_answerBeingSent(self) -> None:
+        """The server closes the connection right after its method answered with a large
+        value: the client gets the whole answer, then the connection closes."""
+        server, client, pump, _ = self.connect(NativeRoot(), 64 * 1024)
+        answer = client.remoteForName("root").callRemote("big", 3 * MiB)
+        pump.pump()  # the server reads the call; its answer is queued, partly written
+        self.assertTrue(server.sendingLarge)
+        server.transport.loseConnection()  # type: ignore[union-attr]
+        self.assertFalse(server.sendingLarge)
+        pump.flush()
+        self.assertEqual(len(self.successResultOf(answer)), 3 * MiB)
+        self.assertTrue(server.disconnected)
+        self.assertTrue(client.disconnected)
+
+    def test_answersWaitingWhilePaused(self) -> None:
+        """The server closes the connection while it is full, with large answers queued
+        (the transport no longer resumes the broker once it is closing): the client that
+        reads on gets them all."""
+        server, client, pump, clock = self.connect(NativeRoot(), 3_000_000)
+        root = client.remoteForName("root")
+        answers = [root.callRemote("big", size) for size in (3 * MiB, 600_000, 600_000)]
+        pump.pump()
+        for _ in range(10):
+            clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        self.assertEqual(len(server._largeOut), 3)
+        transport.loseConnection()
+        pump.flush()
+        self.assertEqual(
+            [len(self.successResultOf(d)) for d in answers], [3 * MiB, 600_000, 600_000]
+        )
+        self.assertTrue(server.disconnected)
+
+    def test_callsThenClientCloses(self) -> None:
+        """A client that makes large calls and closes the connection at once (one-way
+        uploads, say) has them all arrive, in order with the small call made after them,
+        those waiting for the server to take earlier ones (which it never says) too."""
+        taker = Taker()
+        server, client, pump, _ = self.connect(taker, 64 * 1024)
+        stopTaking(server)
+        root = client.remoteForName("root")
+        results: list[Any] = []
+        for value in (b"a" * (MiB * 3 // 2), b"b" * (MiB * 3 // 2), "small"):
+            root.callRemote("take", value).addBoth(results.append)
+        self.assertTrue(client._largeOut[1][3])  # the second waits for room
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        pump.flush()
+        self.assertEqual(taker.taken, [MiB * 3 // 2, MiB * 3 // 2, "small"])
+        self.assertTrue(server.disconnected)
+        self.assertEqual(len(results), 3)  # answered or failed, none left pending
+
+    def test_nonReaderDropped(self) -> None:
+        """What is written at the close while the connection takes nothing counts as any
+        write does then: a peer that reads none of it is dropped after stallTimeout,
+        though only the message being sent was queued (which alone starts no timer)."""
+        server, client, pump, clock = self.connect(NativeRoot(), 64 * 1024)
+        client.remoteForName("root").callRemote("big", 6 * MiB).addErrback(lambda f: None)
+        pump.pump()  # the server reads the call; the client reads nothing from now on
+        for _ in range(10):
+            clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        self.assertIsNone(transport._stall)
+        with capturedLogs() as logs:
+            transport.loseConnection()
+            clock.advance(31)
+        self.assertIn(
+            "Dropping a peer that stopped reading", " ".join(formatEvent(e) for e in logs)
+        )
+        self.assertTrue(transport.aborted)
+
+    def test_droppedAtOnce(self) -> None:
+        """Without a stallTimeout, a peer for which more than bufferedBytes comes to wait
+        as the queue is written is dropped at once, and the connection is not then closed
+        as well."""
+        self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=None)
+        server, client, pump, clock = self.connect(NativeRoot(), 64 * 1024)
+        client.remoteForName("root").callRemote("big", 6 * MiB).addErrback(lambda f: None)
+        pump.pump()
+        for _ in range(10):
+            clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        real = transport._transport
+        closes: list[str] = []
+        real.loseConnection = lambda: closes.append("lose")
+        with capturedLogs() as logs:
+            transport.loseConnection()
+        self.assertIn(
+            "Dropping a peer that stopped reading", " ".join(formatEvent(e) for e in logs)
+        )
+        self.assertTrue(transport.aborted)
+        self.assertEqual(closes, [])

@@ -1102,6 +1102,7 @@ class Broker(Banana):
         self._lastRegistered = None
         self._replyTargets = {}
         self._streams.connectionLost(reason)
+        self._stopPagers(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
         for deferred in waiting.values():
             # One cancelled by an earlier one's errback has failed already.
@@ -2829,6 +2830,23 @@ class Broker(Banana):
                         progress = True
         finally:
             self._sendingPages = False
+
+    def _stopPagers(self, reason: Any) -> None:
+        """
+        The connection is lost: let go of the pagers still sending, and stop them (a
+        :class:`~pbroker.util.FilePager` stops reading its file), without a log line each:
+        the loss is the news. A pager's callback is not called, its transfer not finished.
+        """
+        pagers, self.pageProducers = self.pageProducers, []
+        self._pagesSent = _NO_MEMBERS
+        for pager in pagers:
+            pagingFailed = getattr(pager, "pagingFailed", None)
+            if pagingFailed is None:
+                continue
+            try:
+                pagingFailed(Failure(PBConnectionLost(reason)))
+            except Exception:
+                self._log.failure("A pager failed to stop")
 
     def dropPageProducer(self, pager: Any, failure: Failure, raising: bool = False) -> None:
         """

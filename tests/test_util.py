@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.spread import util as twistedUtil
@@ -174,6 +174,38 @@ class PagerTests(SynchronousTestCase):
         self.assertEqual(b"".join(pages[0]), data)
         self.assertEqual(done, ["done"])
         self.assertEqual(server.pageProducers, [])
+
+    def test_pagersStopWhenTheConnectionIsLost(self) -> None:
+        """Lost while pagers wait for a full connection: the broker lets go of them, a
+        FilePager stops reading its file (its reader's Deferred fires), nothing is logged
+        and no pager's callback runs."""
+        done: list[Any] = []
+        source = io.BytesIO(bytes(200_000))
+
+        class MyRoot(pb.Root):
+            def remote_send(self, forFile: Any, forString: Any) -> None:
+                server.transport.pauseProducing()
+                self.filePager = util.FilePager(forFile, source, done.append, "file")
+                self.stringPager = util.StringPager(forString, b"s" * 100, 1, done.append, "s")
+
+        root = MyRoot()
+        server, client, pump = connect(pb.PBServerFactory(root), pb.PBClientFactory())
+        results: list[Any] = []
+        collectors = [util.CallbackPageCollector(results.append, results.append) for _ in range(2)]
+        client.remoteForName("root").callRemote("send", *collectors)
+        pump.flush()
+        self.assertEqual(len(server.pageProducers), 2)
+        self.assertEqual(source.tell(), 16384)  # one page read ahead, waiting
+        with capturedLogs() as events:
+            server.transport.abortConnection()
+            pump.flush()
+        self.assertEqual(server.pageProducers, [])
+        self.assertTrue(root.filePager.deferred.called)
+        self.assertIsNone(root.filePager.producer)
+        self.assertEqual(source.tell(), 16384)
+        self.assertEqual(done, [])
+        self.assertEqual([e for e in events if e.get("log_level") == LogLevel.error], [])
+        self.assertEqual(results, [])  # the collectors never hear the end
 
     def test_filePagerPageRefusedAfterReading(self) -> None:
         """A FilePager whose last page cannot be sent (over the peer's message limit), once
@@ -463,9 +495,9 @@ class PagerTests(SynchronousTestCase):
         pages[0].trap(PBConnectionLost)
 
     def test_noPageAfterTheConnectionIsLost(self) -> None:
-        """A pager still registered when this side closes the connection (its transport
-        no longer stops it) is asked for no page, when it says it has one ready or when
-        the transport says it drains."""
+        """A pager sending when this side closes the connection (its transport no longer
+        stops it) is asked for no page, when it says it has one ready or when the transport
+        says it drains."""
 
         class MyRoot(pb.Root):
             def remote_send(self, collector: Any) -> None:
@@ -480,7 +512,9 @@ class PagerTests(SynchronousTestCase):
         server.transport.loseConnection()
         pump.flush()
         self.assertTrue(server.disconnected)
-        self.assertEqual(server.pageProducers, [root.pager])
+        self.assertEqual(
+            server.pageProducers, []
+        )  # let go of (see test_pagersStopWhenTheConnectionIsLost)
         written = server.transport.written
         server.transport.resumeProducing()  # a drain reported late: the pump runs, sends none
         server.sendPages()  # what a pager does once it has a page ready

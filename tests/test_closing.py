@@ -21,6 +21,23 @@ from tests.test_native import NativeRoot
 MiB = 1024 * 1024
 
 
+def nativePeers(
+    limits: pb.BrokerLimits, bufferSize: int, root: Any = None
+) -> tuple[Any, Any, Any, Clock]:
+    """
+    A server serving ``root`` (a NativeRoot by default) and a client, both with ``limits``,
+    connected in memory through transports that take ``bufferSize`` bytes, on a new clock.
+    """
+    clock = Clock()
+    server, client, pump = connectedServerAndClient(
+        pb.PBServerFactory(NativeRoot() if root is None else root, clock=clock, limits=limits),
+        pb.PBClientFactory(clock=clock, limits=limits),
+        clock=clock,
+        bufferSize=bufferSize,
+    )
+    return server, client, pump, clock
+
+
 class LaterRoot(pb.Root):
     """
     A root whose ``later`` answers when the test says, with strings of 500,000 bytes (the
@@ -64,13 +81,7 @@ class StallTimerAfterLoseConnectionTests(SynchronousTestCase):
     def test_native(self) -> None:
         """More than bufferedBytes of large answers wait behind the one being sent, the
         connection full (the stall timer runs), when the server closes the connection."""
-        clock = Clock()
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(NativeRoot(), clock=clock, limits=self.limits),
-            pb.PBClientFactory(clock=clock, limits=self.limits),
-            clock=clock,
-            bufferSize=3_000_000,
-        )
+        server, client, pump, clock = nativePeers(self.limits, 3_000_000)
         root = client.remoteForName("root")
         for size in (3 * MiB, 600_000, 600_000):
             root.callRemote("big", size)
@@ -103,13 +114,7 @@ class StallTimerAfterLoseConnectionTests(SynchronousTestCase):
     def test_readerNotDropped(self) -> None:
         """A client that reads what the closing connection holds gets it all, and the
         connection then closes as asked: the timer that went on running drops no one."""
-        clock = Clock()
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(NativeRoot(), clock=clock, limits=self.limits),
-            pb.PBClientFactory(clock=clock, limits=self.limits),
-            clock=clock,
-            bufferSize=3_000_000,
-        )
+        server, client, pump, clock = nativePeers(self.limits, 3_000_000)
         root = client.remoteForName("root")
         answers = [root.callRemote("big", 3 * MiB)]
         pump.flush()
@@ -155,14 +160,7 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
     limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=30)
 
     def connect(self, root: Any, bufferSize: int) -> tuple[Any, Any, Any, Clock]:
-        clock = Clock()
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(root, clock=clock, limits=self.limits),
-            pb.PBClientFactory(clock=clock, limits=self.limits),
-            clock=clock,
-            bufferSize=bufferSize,
-        )
-        return server, client, pump, clock
+        return nativePeers(self.limits, bufferSize, root)
 
     def test_answerBeingSent(self) -> None:
         """The server closes the connection right after its method answered with a large

@@ -659,6 +659,18 @@ class ResetPeerTests(TestCase):
         self.assertIsInstance(reason.value, ConnectionLost)
 
 
+def _dropCalls(count: int) -> bytes:
+    """
+    ``count`` one-way calls of the root's ``drop``, in the ``pb`` dialect, as one read.
+    """
+    return b"".join(
+        banana.encode(
+            [b"message", i + 1, b"root", b"drop", 0, [b"tuple", i], [b"dictionary"]], b"pb"
+        )
+        for i in range(count)
+    )
+
+
 class OneWayCallsThenResetTests(TestCase):
     """
     A peer that sends more one-way calls in one read than the broker handles between two
@@ -684,15 +696,7 @@ class OneWayCallsThenResetTests(TestCase):
         broker.dataReceived(banana.encode(b"pb"))
         real.failure = main.CONNECTION_LOST  # the peer reset the connection
         count = _FLUSH_EVERY + 10
-        broker.dataReceived(
-            b"".join(
-                banana.encode(
-                    [b"message", i + 1, b"root", b"drop", 0, [b"tuple", i], [b"dictionary"]],
-                    b"pb",
-                )
-                for i in range(count)
-            )
-        )
+        broker.dataReceived(_dropCalls(count))
         self.assertEqual(handled, list(range(count)))
         self.assertTrue(real.isReader() or real.isWriter())
         broker.connectionLost(Failure(ConnectionLost()))
@@ -726,27 +730,20 @@ class OneWayCallsThenResetTests(TestCase):
         self.addCleanup(peer.close)
 
         async def received() -> bytes:
-            while True:
+            for _ in range(1000):  # 10 s at most
                 await task.deferLater(reactor, 0.01, lambda: None)
                 try:
                     return peer.recv(65536, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     pass
+            raise AssertionError("the server sent nothing")
 
         await received()  # the server's offer of dialects
         peer.sendall(banana.encode(b"pb"))
         await received()  # its version message: it took the choice, and reads messages
         # The calls and the reset arrive together: the server reads the calls, and the
         # flush between them meets the reset.
-        peer.sendall(
-            b"".join(
-                banana.encode(
-                    [b"message", i + 1, b"root", b"drop", 0, [b"tuple", i], [b"dictionary"]],
-                    b"pb",
-                )
-                for i in range(count)
-            )
-        )
+        peer.sendall(_dropCalls(count))
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()
         await allHandled

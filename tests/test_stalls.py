@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
+from tests.test_closing import nativePeers
 from tests.test_keptreleases import stopTaking
 from tests.test_native import NativeRoot, TakenLargeCallPeers
 
@@ -134,14 +135,8 @@ class HoldingTimerTests(SynchronousTestCase):
         that reads nothing more is dropped after stallTimeout (the fragment being written
         was subtracted twice from what waits, so the timer did not start and the server
         held the answers for as long as the connection lasted)."""
-        clock = Clock()
         limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits),
-            pb.PBClientFactory(clock=clock, limits=limits),
-            clock=clock,
-            bufferSize=3_000_000,
-        )
+        server, client, pump, clock = nativePeers(limits, 3_000_000)
         root = client.remoteForName("root")
         for size in (3 * MiB, 600_000, 600_000):
             root.callRemote("big", size)

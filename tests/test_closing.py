@@ -38,6 +38,21 @@ def nativePeers(
     return server, client, pump, clock
 
 
+def fillWithAnswers(client: Any, pump: Any, clock: Clock) -> list[Deferred[Any]]:
+    """
+    Ask the server's NativeRoot for large answers (3 MiB, then two of 600,000 bytes), let the
+    server read the calls and write what the connection takes, and return their Deferreds:
+    with a transport that takes 3,000,000 bytes, the connection is then full (the client
+    reads nothing more until pumped) and more than 1 MiB waits behind the answer being sent.
+    """
+    root = client.remoteForName("root")
+    answers = [root.callRemote("big", size) for size in (3 * MiB, 600_000, 600_000)]
+    pump.pump()
+    for _ in range(10):
+        clock.advance(0)
+    return answers
+
+
 class LaterRoot(pb.Root):
     """
     A root whose ``later`` answers when the test says, with strings of 500,000 bytes (the
@@ -82,12 +97,7 @@ class StallTimerAfterLoseConnectionTests(SynchronousTestCase):
         """More than bufferedBytes of large answers wait behind the one being sent, the
         connection full (the stall timer runs), when the server closes the connection."""
         server, client, pump, clock = nativePeers(self.limits, 3_000_000)
-        root = client.remoteForName("root")
-        for size in (3 * MiB, 600_000, 600_000):
-            root.callRemote("big", size)
-        pump.pump()  # the server reads the calls; the client reads nothing from now on
-        for _ in range(10):
-            clock.advance(0)
+        fillWithAnswers(client, pump, clock)  # the client reads nothing from now on
         self.assertDroppedAfterStall(server, clock)
 
     def test_pb(self) -> None:
@@ -118,11 +128,8 @@ class StallTimerAfterLoseConnectionTests(SynchronousTestCase):
         root = client.remoteForName("root")
         answers = [root.callRemote("big", 3 * MiB)]
         pump.flush()
-        for size in (3 * MiB, 600_000, 600_000):
-            answers.append(root.callRemote("big", size).addErrback(lambda f: f.value))
-        pump.pump()
-        for _ in range(10):
-            clock.advance(0)
+        for answer in fillWithAnswers(client, pump, clock):
+            answers.append(answer.addErrback(lambda f: f.value))
         transport: Any = server.transport
         self.assertTrue(transport.paused)
         with capturedLogs() as logs:
@@ -181,11 +188,7 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         (the transport no longer resumes the broker once it is closing): the client that
         reads on gets them all."""
         server, client, pump, clock = self.connect(NativeRoot(), 3_000_000)
-        root = client.remoteForName("root")
-        answers = [root.callRemote("big", size) for size in (3 * MiB, 600_000, 600_000)]
-        pump.pump()
-        for _ in range(10):
-            clock.advance(0)
+        answers = fillWithAnswers(client, pump, clock)
         transport: Any = server.transport
         self.assertTrue(transport.paused)
         self.assertEqual(len(server._largeOut), 3)

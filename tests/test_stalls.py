@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb
 from pbroker.testing import connectedServerAndClient
-from tests.test_closing import nativePeers
+from tests.test_closing import fillWithAnswers, nativePeers
 from tests.test_keptreleases import stopTaking
 from tests.test_native import NativeRoot, TakenLargeCallPeers
 
@@ -137,12 +137,7 @@ class HoldingTimerTests(SynchronousTestCase):
         held the answers for as long as the connection lasted)."""
         limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB)
         server, client, pump, clock = nativePeers(limits, 3_000_000)
-        root = client.remoteForName("root")
-        for size in (3 * MiB, 600_000, 600_000):
-            root.callRemote("big", size)
-        pump.pump()  # the server reads the calls; the client reads nothing from now on
-        for _ in range(10):
-            clock.advance(0)
+        fillWithAnswers(client, pump, clock)  # the client reads nothing from now on
         transport: Any = server.transport
         self.assertTrue(transport.paused)
         self.assertGreater(server.waitingForPeer(), MiB)

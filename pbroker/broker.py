@@ -277,15 +277,25 @@ def _checkDialects(dialects: Any) -> list[bytes]:
     return chosen
 
 
-def _timedOut(message: bytes, result: Any, timeout: float) -> Any:
+def _timedOut(message: bytes | str, result: Any, timeout: float, why: str = "") -> Any:
     """
     A call's timeout cancelled it: a :class:`~twisted.internet.defer.TimeoutError` that says
-    which call and after how long (``onTimeoutCancel`` of ``Deferred.addTimeout``).
+    which call and after how long, and ``why`` if given (``onTimeoutCancel`` of
+    ``Deferred.addTimeout``).
     """
     if isinstance(result, Failure) and result.check(CancelledError):
-        name = message.decode("utf-8", "replace")
-        raise DeferredTimeoutError(f"the call to {name!r} had no answer within {timeout:g} seconds")
+        raise _timeoutError(message, timeout, why)
     return result
+
+
+def _timeoutError(message: bytes | str, timeout: float, why: str = "") -> DeferredTimeoutError:
+    """
+    The error of the call to ``message`` that had no answer within ``timeout`` seconds.
+    """
+    name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return DeferredTimeoutError(
+        f"the call to {name!r} had no answer within {timeout:g} seconds{why}"
+    )
 
 
 #: The smallest :attr:`BrokerLimits.messageSize`: what a peer announces below it is taken as

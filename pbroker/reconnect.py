@@ -45,7 +45,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    TimeoutError,
     fail,
     maybeDeferred,
     succeed,
@@ -61,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.broker import Broker
+from pbroker.broker import Broker, _timedOut, _timeoutError
 from pbroker.context import CallOptions
 from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
 from pbroker.pb import PBClientFactory
@@ -477,29 +476,22 @@ class ReconnectingCalls:
         waiting = self.client.whenReady()
         limit = options.timeout
         if limit is not None and not waiting.called:
-            # Cancelling the wait (this timer, or the caller) takes it out of the waiting list.
-            timer = clock.callLater(limit, waiting.cancel)
-
-            def waited(result: Any) -> Any:
-                if timer.active():
-                    timer.cancel()
-                elif isinstance(result, Failure) and result.check(CancelledError):
-                    raise TimeoutError(
-                        f"the call to {_callName(_name)!r} had no answer within {limit:g} "
-                        "seconds (no connection to the broker was ready)"
-                    )
-                return result
-
-            waiting.addBoth(waited)
+            # Cancelling the wait (the timeout, or the caller) takes it out of the waiting list.
+            waiting.addTimeout(
+                limit,
+                clock,
+                partial(
+                    _timedOut, _callName(_name), why=" (no connection to the broker was ready)"
+                ),
+            )
 
         def call(reference: RemoteReference) -> Any:
             callOptions = options
             if limit is not None:
                 left = limit - (clock.seconds() - started)
                 if not left > 0:
-                    raise TimeoutError(
-                        f"the call to {_callName(_name)!r} had no answer within {limit:g} "
-                        "seconds (the connection was ready only then)"
+                    raise _timeoutError(
+                        _callName(_name), limit, " (the connection was ready only then)"
                     )
                 callOptions = replace(options, timeout=left)
             return CallingWithOptions(reference, callOptions).callRemote(_name, *args, **kw)
@@ -507,7 +499,10 @@ class ReconnectingCalls:
         return waiting.addCallback(call)
 
 
-def _callName(name: str | bytes) -> str:
+def _callName(name: object) -> str:
+    """
+    The name of the method called, as a timeout's error gives it.
+    """
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 

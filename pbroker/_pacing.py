@@ -8,11 +8,11 @@ drains. While paused, the bytes written are counted; past the broker's
 ``limits.bufferedBytes`` the connection is aborted if the real transport sends none of
 what it holds for ``limits.stallTimeout`` seconds (a reader that reads, however slowly,
 keeps it). Closing the connection through the wrapper writes what the broker still queues (the
-rest of large messages), then unregisters the producer, since a TLS transport will not close
-while a producer is registered on it; a stall timer running then goes on running, so that a
-peer that reads none of what the closing connection still holds is dropped, not held for
-ever. Everything else is delegated to the real transport, whose interfaces the wrapper
-declares.
+rest of large messages) as the connection takes it, then unregisters the producer, since a TLS
+transport will not close while a producer is registered on it, and closes the real transport;
+a stall timer running then goes on running, so that a peer that reads none of what the closing
+connection still holds is dropped, not held for ever. Everything else is delegated to the real
+transport, whose interfaces the wrapper declares.
 
 While the broker handles the messages of one read it may :meth:`~PacedTransport.hold` the
 small writes their answers make and :meth:`~PacedTransport.release` them as one: a write to a
@@ -112,6 +112,10 @@ class PacedTransport:
         self.written = 0
         #: Whether abortConnection() was called: nothing more is sent.
         self.aborted = False
+        #: Whether loseConnection() was called: what the broker queued is being written.
+        self.closing = False
+        #: Whether the real transport was then closed, all of it written.
+        self.closed = False
         self._registered = False
         # The timer that drops the peer if it stays paused with too much waiting (see _over).
         self._stall: Any = None
@@ -370,6 +374,12 @@ class PacedTransport:
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
             return
         over = self._overLimit()
+        if over is None and self.closing and not self.closed:
+            queued = self._broker.queuedBytes()
+            if queued:
+                # What a closing connection still has to write for a peer that took none
+                # of it: the connection would never close.
+                over = queued, 0
         if over is None:
             waiting = self._broker.waitingForPeer()
             if waiting <= self._broker.limits.bufferedBytes:
@@ -452,20 +462,40 @@ class PacedTransport:
         Close the connection once what was written, and what the broker queued to write (the
         rest of its large messages, see ``Broker.writeQueued``), is sent.
 
-        What the broker queued is written now, counted as any write is while the connection
-        takes nothing. A stall timer that runs (or starts then) goes on running, though the
-        real transport no longer pauses or resumes this producer: a peer that stops reading
-        what a closing connection still holds for it is dropped as it would be if the
-        connection stayed open, rather than held for ever (the connection closes once it
-        has read it all).
+        What the broker queued goes as the connection takes it, as it would have if the
+        connection stayed open, so that closing takes no more memory than sending does; the
+        real transport is closed once all of it is written. Meanwhile nothing the peer
+        sends is handled. A peer that takes none of it for ``limits.stallTimeout`` seconds
+        is dropped (``stallTimeout=None``: the connection waits for it). A stall timer that
+        runs when the real transport is closed goes on running, though that transport no
+        longer pauses or resumes this producer: a peer that stops reading what it still
+        holds is dropped as it would be if the connection stayed open, rather than held for
+        ever (the connection closes once it has read it all).
         """
+        if self.closing or self.aborted:
+            return
+        self.closing = True
         self._passHeld()
+        self._closeOnceWritten()
+
+    def _closeOnceWritten(self) -> None:
+        """
+        Write what the broker queued while the connection takes data, and close the real
+        transport once all of it is written (:meth:`resumeProducing` comes back until then).
+        """
         writeQueued = getattr(self._broker, "writeQueued", None)
         if writeQueued is not None:
-            writeQueued()
+            written = writeQueued()
             if self.aborted:
                 return  # the peer was dropped meanwhile: more waits than it may hold
             self._passHeld()  # (the last fragment of a message may have been held)
+            if not written:
+                timeout = self._broker.limits.stallTimeout
+                if self.paused and self._stall is None and timeout is not None:
+                    # The closing connection is full: the peer takes the rest, or is dropped.
+                    self._armStallTimer(timeout, 0)
+                return
+        self.closed = True
         self._unregister()
         self._transport.loseConnection()
 
@@ -491,6 +521,9 @@ class PacedTransport:
         self.bufferedWhilePaused = self.queuedWhilePaused = 0
         self.keptWhilePaused = self.ownKeptWhilePaused = 0
         self.stopStallTimer()
+        if self.closing:
+            self._closeOnceWritten()
+            return
         self._broker.transportResumed()
 
     def stopProducing(self) -> None:

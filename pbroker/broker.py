@@ -629,6 +629,7 @@ class Broker(Banana):
         "_callArgs",
         "_callContexts",
         "_clock",
+        "_closing",
         "_codec",
         "_emptiedReleases",
         "_factoryWaitsForHello",
@@ -788,6 +789,9 @@ class Broker(Banana):
         self._largeOutForPeer = 0
         self._largeScheduled = False
         self._pumpingLarge = False
+        # Whether the connection is being closed (see writeQueued): what the peer sends is
+        # no longer handled, and what is queued is written as the connection takes it.
+        self._closing = False
         # The most bytes of large calls the peer may hold untaken (the smaller of our
         # bufferedBytes and its), if it says when it takes (starts handling) a call that asks
         # (its hello said so; else 0), and the sizes of those sent and not yet taken.
@@ -1294,6 +1298,13 @@ class Broker(Banana):
         self._largeScheduled = False
         if self._pumpingLarge:
             return  # the running loop will see what was added
+        if self._closing:
+            # Only what is queued goes, as the closing transport asks (writeQueued); once it
+            # has handed the connection to the real transport, what was queued since.
+            transport: Any = self.transport
+            if type(transport) is PacedTransport and transport.closed:
+                self.writeQueued(untilFull=False)
+            return
         self._pumpingLarge = True
         try:
             budget = _LARGE_BYTES_PER_TURN
@@ -1370,25 +1381,32 @@ class Broker(Banana):
         # taken and the next call) started no timer.
         self._startTakeTimer()
 
-    def writeQueued(self) -> None:
+    def writeQueued(self, untilFull: bool = True) -> bool:
         """
-        Write now, in order, every large message queued and what waits behind them: the
-        connection is being closed (:meth:`PacedTransport.loseConnection`), and a transport
-        closes once it has sent what it was given, where the queue would be written only
-        on later reactor turns, or never once the transport no longer resumes the broker.
-        A message already sent in part would be cut short, and one not started yet dropped,
-        where the ``pb`` dialect, which writes each message whole, sends them all. Large calls
-        that wait for the peer to take earlier ones go too, as they would in ``pb``.
+        The connection is being closed (:meth:`PacedTransport.loseConnection`): write, in
+        order, every large message queued and what waits behind them, for as long as the
+        connection takes data (``untilFull``; else all of it, once the transport no longer
+        paces the broker). Return whether all of it is written: if not, the transport calls
+        again each time the connection drains, and closes it once it is.
 
-        Written through the pacing as any write: while the connection takes nothing, what
-        this writes counts against ``limits.bufferedBytes``, so that a peer that does not
-        read it is dropped after ``limits.stallTimeout`` rather than held for ever.
+        From the first call on, what the peer sends is no longer handled (as a transport
+        that is closing reads nothing more), large calls no longer wait for the peer to take
+        earlier ones (it is not heard), and streams and pagers send nothing more. A message
+        already sent in part would otherwise be cut short, and one not started yet dropped,
+        where the ``pb`` dialect, which writes each message whole, sends them all; and
+        handing all of it to the transport at once would take up to twice its size again in
+        memory until sent.
         """
+        if not self._closing:
+            self._closing = True
+            takeTimer, self._takeTimer = self._takeTimer, None
+            if takeTimer is not None and takeTimer.active():
+                takeTimer.cancel()
         transport: Any = self.transport
         if self.disconnected or type(transport) is not PacedTransport:
-            return
+            return not self.disconnected
         if not (self._largeOut or self._afterLarge or self._afterBlocked):
-            return
+            return True
         pumping, self._pumpingLarge = self._pumpingLarge, True  # no pump from _writePayload
         try:
             for entry in self._largeOut:
@@ -1404,13 +1422,24 @@ class Broker(Banana):
                     if self._afterBlocked:
                         self._unblockKept(None)
                     if not self._afterLarge:
-                        return
+                        return True
                     continue
+                if untilFull and transport.paused:
+                    return False  # resumeProducing() comes back
                 if queue[0][3]:  # a call kept behind a large message, queued just now
                     self._startUntaken(queue[0])
                 self._writeFragment()
+            return False
         finally:
             self._pumpingLarge = pumping
+
+    def queuedBytes(self) -> int:
+        """
+        Bytes of messages queued to be written later: the rest of the large messages and
+        what waits behind them.
+        """
+        large: int = sum(entry[1] for entry in self._largeOut)
+        return large + self._keptForPeer + self._keptOwn
 
     def _taken(self, requestID: Any) -> None:
         """
@@ -1590,7 +1619,7 @@ class Broker(Banana):
         return bool(self._untaken) and self._keptOwn + self._keptForPeer > self.limits.bufferedBytes
 
     def _startTakeTimer(self) -> None:
-        if self._takeTimer is None and self._holdingBehindUntaken():
+        if self._takeTimer is None and not self._closing and self._holdingBehindUntaken():
             self._armTakeTimer()
 
     def _sent(self) -> int:
@@ -2979,6 +3008,14 @@ class Broker(Banana):
         unhandled (see :meth:`_keepForLater`).
         """
         self._receivedBytes += len(data)
+        if self._closing:
+            # This side closes the connection (see writeQueued): as a transport that is
+            # closing reads nothing more, nothing more is handled. (Read and dropped rather
+            # than left unread: the peer's own close is noticed, and a socket closed with
+            # bytes unread is reset, which may cost the peer what it had not read yet.)
+            if self._keepaliveTimer is not None:
+                self._keepaliveTimer.heard()
+            return
         transport: Any = self.transport
         if type(transport) is not PacedTransport:
             self._handleData(data)

@@ -252,7 +252,7 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         """A large answer made while the closing connection is full (a method that answered
         later) is written after what was queued, before the connection closes."""
         root = NativeRoot()
-        server, client, pump, clock = self.connect(root, 64 * 1024)
+        server, client, pump, _ = self.connect(root, 64 * 1024)
         remote = client.remoteForName("root")
         later = remote.callRemote("wait")
         answer = remote.callRemote("big", 3 * MiB)

@@ -5,11 +5,11 @@ calls, calls to the peer's copy of a Cacheable (an observer's) and to references
 sent; methods call the other side back (0 to 3 times) before answering at once, raising, or
 answering later through a Deferred the test fires; values carry cache handles, first copies
 and references, which the receiver holds for a while and then drops (decrefs and decaches
-behind large messages); some calls are cancelled or time out, some connections are lost
-part way; calls, cancels and answers are also made from inside methods and callbacks (so
-from inside the brokers' delivery and pumps). The pump moves in random small steps (partial
-deliveries included), over transports that sometimes push back (``bufferSize``), between
-peers whose ``bufferedBytes`` differ. Each side records the order in which the peer's calls
+behind large messages); some calls are cancelled or time out, some connections are closed
+or aborted part way; calls, cancels and answers are also made from inside methods and
+callbacks (so from inside the brokers' delivery and pumps). The pump moves in random small
+steps (partial deliveries included), over transports that sometimes push back
+(``bufferSize``), between peers whose ``bufferedBytes`` differ. Each side records the order in which the peer's calls
 arrive and its own calls' answers and errors come, and the run checks docs/native.rst's
 rules:
 
@@ -19,6 +19,9 @@ rules:
     answers arrived (calls dropped unsent, being cancelled or timed out, excepted);
 (c) where it is decided: an answer or error is kept behind large messages only if its side
     made an ordered call since the call it answers arrived, or it names a cache handle;
+(d) a side that closes the connection (``loseConnection()``, not ``abortConnection()``)
+    sends every call it made before, large ones and those waiting for the peer to take
+    earlier ones included;
 
 and that every call arrives once (a cancelled one at most once), every Deferred fires once
 with what its method gave, nothing hangs (every loop is bounded), nothing is logged as an
@@ -406,6 +409,10 @@ class Scenario:
         # Whether the connection is lost part way (then calls need not all arrive).
         self.loseAt = rng.randrange(160) if rng.random() < 0.06 else None
         self.lost = False
+        # The side that closed the connection with loseConnection() (not aborted it), and
+        # how many calls it had made by then: those must all arrive (see checkCalls).
+        self.closer: Side | None = None
+        self.madeBeforeClose = 0
         self.reactions = rng.choice([0, 5, 20])
         self.reactChance = rng.choice([0.1, 0.3])
         self.bufferSize = rng.choice([None, None, 16 * KiB, 64 * KiB, 300 * KiB, 2 * MiB])
@@ -577,7 +584,12 @@ class Scenario:
         for count in range(rng.randrange(20, 160)):
             if count == self.loseAt:
                 self.lost = True
-                rng.choice([self.clientBroker, self.serverBroker]).transport.loseConnection()
+                side = rng.choice([self.client, self.server])
+                if rng.random() < 0.2:
+                    side.broker.transport.abortConnection()
+                else:
+                    self.closer, self.madeBeforeClose = side, len(side.made)
+                    side.broker.transport.loseConnection()
             self.step(budget)
         self.settle()
         self.check()
@@ -634,9 +646,14 @@ class Scenario:
             if record.seq < lastOrdered:
                 problems.append(f"(a) {tag} arrived after {side.name}{lastOrdered}, made after it")
             lastOrdered = max(lastOrdered, record.seq)
-        for record in side.made:
+        for index, record in enumerate(side.made):
             arrived = peer.arrivals.get(record.tag, [])
-            if len(arrived) > 1 or (not arrived and not record.cancelled and not self.lost):
+            # (A side that closes the connection sends what it made before, as it would
+            # have had the connection stayed open.)
+            closing = side is self.closer and index < self.madeBeforeClose
+            if len(arrived) > 1 or (
+                not arrived and not record.cancelled and (closing or not self.lost)
+            ):
                 problems.append(f"{record.tag} arrived {len(arrived)} times")
             if record.deferred is None and record.outcomes != [("dead",)]:
                 continue

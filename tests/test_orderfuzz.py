@@ -9,9 +9,9 @@ behind large messages); some calls are cancelled or time out, some connections a
 or aborted part way; calls, cancels and answers are also made from inside methods and
 callbacks (so from inside the brokers' delivery and pumps). The pump moves in random small
 steps (partial deliveries included), over transports that sometimes push back
-(``bufferSize``), between peers whose ``bufferedBytes`` differ. Each side records the order in which the peer's calls
-arrive and its own calls' answers and errors come, and the run checks docs/native.rst's
-rules:
+(``bufferSize``), between peers whose ``bufferedBytes`` differ. Each side records the order
+in which the peer's calls arrive and its own calls' answers and errors come, and the run
+checks docs/native.rst's rules:
 
 (a) a side's calls reach the peer in the order they were made, unless made with
     ``ordered=False``;

@@ -2833,7 +2833,10 @@ class Broker(Banana):
         collector's business (see :meth:`dropPageProducer`).
         """
         transport = self.transport
-        if self._sendingPages or not isinstance(transport, PacedTransport):
+        if self._sendingPages or self._closing or not isinstance(transport, PacedTransport):
+            # Closing (see writeQueued): pagers send nothing more. (Once the closing transport
+            # has handed everything over it no longer pauses the broker: every page would go
+            # at once, unpaced.)
             return
         self._sendingPages = True
         try:
@@ -2923,8 +2926,17 @@ class Broker(Banana):
     def _canStream(self) -> bool:
         # Nothing is pulled from a stream's source while large messages wait: memory stays
         # bounded by what is on its way, and items keep their order.
+        # Nor once the connection is closing (see writeQueued): its transport no longer
+        # pauses the broker once handed the last of what was queued, and the items would go
+        # to it unpaced, all at once.
         transport = self.transport
-        if self.disconnected or transport is None or self._largeOut or self._afterLarge:
+        if (
+            self.disconnected
+            or self._closing
+            or transport is None
+            or self._largeOut
+            or self._afterLarge
+        ):
             return False
         return not (isinstance(transport, PacedTransport) and transport.paused)
 

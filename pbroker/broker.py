@@ -1399,6 +1399,11 @@ class Broker(Banana):
         """
         if not self._closing:
             self._closing = True
+            # The peer's messages are no longer handled: an overflow (handling them though
+            # the connection is full) is over, and no resume would end it any more
+            # (transportResumed is not called while closing): else a reader would be dropped
+            # at once, not after stallTimeout, for late answers written while it is full.
+            self.overflowing = False
             takeTimer, self._takeTimer = self._takeTimer, None
             if takeTimer is not None and takeTimer.active():
                 takeTimer.cancel()

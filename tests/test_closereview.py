@@ -81,3 +81,43 @@ class AfterCloseTests(SynchronousTestCase):
         clock.advance(0)
         self.assertLess(sum(given), 2 * MiB + 256 * 1024)
 
+
+class OverflowThenCloseTests(SynchronousTestCase):
+    limits = pb.BrokerLimits(bufferedBytes=256 * 1024, messageSize=MiB, stallTimeout=30)
+
+    def test_overflowForgottenAtClose(self) -> None:
+        """A peer that sent too much while the connection was full (the broker handled its
+        messages after all: overflowing) and then reads what the closing connection writes
+        is not dropped at once for late answers written while the connection is full: its
+        messages are no longer handled, and a resume used to end the overflow."""
+        root = Root()
+        server, client, pump, clock = nativePeers(self.limits, 64 * 1024, root)
+        remote = client.remoteForName("root")
+        big = remote.callRemote("big", 900_000)
+        pump.pump()
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        lates = [remote.callRemote("later", b"d" * 60_000) for _ in range(30)]
+        for _ in range(40):  # the client sends; it reads nothing
+            data = pump.clientIO.getOutBuffer()
+            if data:
+                pump.serverIO.bufferReceived(data)
+            clock.advance(0)
+            if server.overflowing:
+                break
+        self.assertTrue(server.overflowing)
+        self.assertTrue(transport.paused)
+        with capturedLogs() as logs:
+            transport.loseConnection()
+            self.assertFalse(transport.closed)
+            pump.pump()  # the client reads: the server resumes, writes more, fills again
+            self.assertTrue(transport.paused)
+            for d in root.later:
+                d.callback(b"a" * 100_000)
+            self.assertFalse(transport.aborted, "a reader was dropped at once")
+            pump.flush()
+        self.assertEqual([e for e in logs if "Dropping" in formatEvent(e)], [])
+        self.assertEqual(len(self.successResultOf(big)), 900_000)
+        for d in lates:
+            d.addErrback(lambda f: None)
+

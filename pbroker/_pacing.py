@@ -489,7 +489,7 @@ class PacedTransport:
             if self.aborted:
                 return  # the peer was dropped meanwhile: more waits than it may hold
             self._passHeld()  # (the last fragment of a message may have been held)
-            if not written:
+            if not written and not getattr(self._broker, "disconnected", False):
                 timeout = self._broker.limits.stallTimeout
                 if self.paused and self._stall is None and timeout is not None:
                     # The closing connection is full: the peer takes the rest, or is dropped.

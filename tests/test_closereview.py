@@ -11,7 +11,6 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import pb, util
-from pbroker.stream import Stream
 from tests.test_closing import nativePeers
 from tests.test_native import NativeRoot
 
@@ -121,3 +120,30 @@ class OverflowThenCloseTests(SynchronousTestCase):
         for d in lates:
             d.addErrback(lambda f: None)
 
+
+class CloseAfterLossTests(SynchronousTestCase):
+    limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=4 * MiB, stallTimeout=30)
+
+    def test_loseConnectionInDisconnectNotifier(self) -> None:
+        """loseConnection() once the connection is lost (a disconnect notifier that closes
+        the transport, say) while it was full arms no stall timer: it used to leave one
+        that kept the broker stallTimeout seconds and then warned it was dropping a peer
+        that stopped reading, long gone."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        from tests.test_closing import fillWithAnswers
+
+        server, client, pump, clock = nativePeers(self.limits, 3_000_000)
+        for d in fillWithAnswers(client, pump, clock):
+            d.addErrback(lambda f: None)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        self.assertIsNotNone(transport._stall)
+        server.notifyOnDisconnect(lambda: server.transport.loseConnection())
+        with capturedLogs() as logs:
+            server.connectionLost(Failure(ConnectionLost("reset")))
+            stall = transport._stall
+            clock.advance(31)
+        self.assertIsNone(stall)
+        self.assertEqual([formatEvent(e) for e in logs if "Dropping" in formatEvent(e)], [])

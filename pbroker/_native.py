@@ -184,9 +184,14 @@ class _MessagePacker:
         raise TypeError(f"a message cannot hold {type(obj).__name__} values")
 
     def pack(self, message: list[Any]) -> list[bytes]:
-        values = self._values = []
-        envelope: bytes = self._packer.pack(message)
-        return [_packHeader(len(envelope)) + envelope, *values]
+        # The values are let go once packed: the shared packer would otherwise keep the last
+        # message's large values (an answer of 100 MB, say) alive until the next such message.
+        values = self._values
+        try:
+            envelope: bytes = self._packer.pack(message)
+            return [_packHeader(len(envelope)) + envelope, *values]
+        finally:
+            values.clear()
 
 
 class _SharedPacker(Generic[_Packed]):

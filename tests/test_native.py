@@ -4188,6 +4188,31 @@ class ReentrancyTests(SynchronousTestCase):
         self.assertEqual(bytes(out[1][2]), b"x" * 100_000)
         self.assertTrue(fragmented)
 
+    def test_packedValuesLetGo(self) -> None:
+        """
+        Once a message with a large value is packed, and its parts sent and dropped, the
+        shared packer holds nothing of it: the value is freed, not kept until the next
+        message with a large value (a 100 MB answer stayed in memory after its connection
+        closed).
+        """
+        large = b"x" * 100_000
+        before = sys.getrefcount(large)
+        parts, fragmented = _native.packMessage([b"answer", 5, _native.Packed(b"h", large)])
+        self.assertTrue(fragmented)
+        self.assertIs(parts[-1], large)
+        del parts
+        self.assertEqual(sys.getrefcount(large), before)
+
+    def test_packedValuesLetGoOnError(self) -> None:
+        """
+        A message that cannot be packed leaves none of its large values with the packer.
+        """
+        large = b"x" * 100_000
+        before = sys.getrefcount(large)
+        with self.assertRaises(TypeError):
+            _native.packMessage([_native.Packed(b"h", large), object()])
+        self.assertEqual(sys.getrefcount(large), before)
+
 
 class StopSign(pb.Copyable):
     pass

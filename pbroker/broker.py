@@ -1300,10 +1300,13 @@ class Broker(Banana):
             return  # the running loop will see what was added
         if self._closing:
             # Only what is queued goes, as the closing transport asks (writeQueued); once it
-            # has handed the connection to the real transport, what was queued since.
+            # has handed the connection to the real transport, what was queued since (a
+            # method that closed its connection, then answered), a bounded amount per turn:
+            # the real transport no longer paces the broker, and would join all of it into
+            # one string at once.
             transport: Any = self.transport
             if type(transport) is PacedTransport and transport.closed:
-                self.writeQueued(untilFull=False)
+                self.writeQueued(untilFull=False, budget=_LARGE_BYTES_PER_TURN)
             return
         self._pumpingLarge = True
         try:
@@ -1381,13 +1384,14 @@ class Broker(Banana):
         # taken and the next call) started no timer.
         self._startTakeTimer()
 
-    def writeQueued(self, untilFull: bool = True) -> bool:
+    def writeQueued(self, untilFull: bool = True, budget: int | None = None) -> bool:
         """
         The connection is being closed (:meth:`PacedTransport.loseConnection`): write, in
         order, every large message queued and what waits behind them, for as long as the
         connection takes data (``untilFull``; else all of it, once the transport no longer
-        paces the broker). Return whether all of it is written: if not, the transport calls
-        again each time the connection drains, and closes it once it is.
+        paces the broker, ``budget`` bytes of fragments per reactor turn if given). Return
+        whether all of it is written: if not, the transport calls again each time the
+        connection drains, and closes it once it is.
 
         From the first call on, what the peer sends is no longer handled (as a transport
         that is closing reads nothing more), large calls no longer wait for the peer to take
@@ -1431,6 +1435,11 @@ class Broker(Banana):
                     continue
                 if untilFull and transport.paused:
                     return False  # resumeProducing() comes back
+                if budget is not None:
+                    if budget <= 0:
+                        self._schedulePump()  # which comes back
+                        return False
+                    budget -= FRAGMENT_SIZE
                 if queue[0][3]:  # a call kept behind a large message, queued just now
                     self._startUntaken(queue[0])
                 self._writeFragment()

@@ -25,6 +25,8 @@ starts on the first answers while this side works on the rest.
 
 from __future__ import annotations
 
+import array
+import sys
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -63,6 +65,44 @@ def _pendingIn(transport: Any) -> int | None:
         below = _pendingIn(inner)
         return None if below is None else below + _heldByTLS(transport)
     return None
+
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # (not on Windows)
+    _OUTQ: int | None = None
+else:
+    # SIOCOUTQ, which Linux gives sockets the number of a terminal's TIOCOUTQ.
+    _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+
+
+def _kernelUnsent(transport: Any) -> int | None:
+    """
+    How many bytes the kernel holds in the send queue of the socket under ``transport``
+    (a TCP or UNIX transport, or TLS over one): on TCP, not yet acknowledged by the peer,
+    which, once its receive buffer is full, acknowledges only as fast as it reads. ``None``
+    where the system cannot tell (not Linux, no socket, or the socket is gone).
+
+    The stall timer counts this besides what Twisted holds: the kernel's send buffer can
+    take megabytes, and Twisted's transport is told it may send more only once a good
+    part of that has drained, so a reader that takes a few kilobytes a second would show
+    no progress in Twisted's buffer for longer than ``stallTimeout``.
+    """
+    if _OUTQ is None:
+        return None
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        sock = getattr(getattr(transport, "transport", None), "socket", None)  # TLS
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        return None
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(fileno(), _OUTQ, count, True)
+    except (OSError, ValueError):
+        return None
+    return count[0]
 
 
 def _heldByTLS(transport: Any) -> int:
@@ -351,21 +391,31 @@ class PacedTransport:
             self._armStallTimer(timeout, limit)
 
     def _armStallTimer(self, timeout: float, limit: int) -> None:
-        mark = (self.written, _pendingIn(self._transport))
+        transport = self._transport
+        mark = (self.written, _pendingIn(transport), _kernelUnsent(transport))
         self._stall = self._broker.clock.callLater(timeout, self._stalled, timeout, limit, mark)
 
-    def _stalled(self, timeout: float, limit: int, mark: tuple[int, int | None]) -> None:
+    def _stalled(
+        self, timeout: float, limit: int, mark: tuple[int, int | None, int | None]
+    ) -> None:
         """
         ``timeout`` seconds after more than ``limit`` bytes waited: drop the peer unless the
-        connection drained (it resumed this producer) or sent some of what it holds since
-        ``mark`` (bytes written then, and held by the real transport then), or nothing
-        waits over its limit now.
+        connection drained (it resumed this producer) or the peer took some of what waits
+        for it since ``mark`` (bytes written then, held by the real transport then, and by
+        the kernel then where it says, see :func:`_kernelUnsent`), or nothing waits over its
+        limit now.
         """
         self._stall = None
         if not self.paused:
             return
-        pending = _pendingIn(self._transport)
-        written, pendingThen = mark
+        transport = self._transport
+        pending = _pendingIn(transport)
+        written, pendingThen, kernelThen = mark
+        kernel = _kernelUnsent(transport)
+        if kernel is not None and kernelThen is not None and pending is not None:
+            pending += kernel
+            if pendingThen is not None:
+                pendingThen += kernelThen
         if (
             pending is not None
             and pendingThen is not None

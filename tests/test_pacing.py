@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from typing import Any
 
 import msgpack
@@ -23,9 +24,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pbroker import _native, banana, pb
+from pbroker import _native, _pacing, banana, pb
 from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport, _pendingIn
 from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
+from pbroker.testing import connectedServerAndClient
+from tests.test_native import NativeRoot
 
 
 class CountingTransport(StringTransport):
@@ -841,6 +844,72 @@ class PendingTests(SynchronousTestCase):
     def test_unknown(self) -> None:
         """A transport that cannot tell: None (a paused peer is then taken as stalled)."""
         self.assertIsNone(_pendingIn(StringTransport()))
+
+
+class KernelQueueTests(SynchronousTestCase):
+    """
+    The stall timer counts what the kernel still holds in the socket's send queue: its
+    send buffer can take megabytes, and Twisted's transport may send more only once a good
+    part of that has drained, so a reader taking a few kilobytes a second showed no progress
+    in Twisted's buffer for longer than stallTimeout, and was dropped.
+    """
+
+    def test_socketQueue(self) -> None:
+        """On Linux, the bytes a socket's kernel send queue holds, of a transport's socket or
+        of the socket of the transport under it (TLS); None without a socket, for a closed
+        one, and on other systems."""
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+        a.setblocking(False)
+        for _ in range(10):
+            a.send(b"x" * 5_000)
+        direct = type("Direct", (), {"socket": a})()
+        under = type("Under", (), {"transport": direct})()
+        if not sys.platform.startswith("linux"):
+            self.assertIsNone(_pacing._kernelUnsent(direct))
+            a.close()
+            return
+        queued = _pacing._kernelUnsent(direct)
+        assert queued is not None
+        self.assertGreaterEqual(queued, 50_000)
+        self.assertEqual(_pacing._kernelUnsent(under), queued)
+        taken = 0
+        while taken < 30_000:
+            taken += len(b.recv(30_000 - taken))
+        after = _pacing._kernelUnsent(direct)
+        assert after is not None
+        self.assertLess(after, queued)
+        self.assertIsNone(_pacing._kernelUnsent(StringTransport()))
+        a.close()
+        self.assertIsNone(_pacing._kernelUnsent(direct))
+
+    def test_readerSeenInTheKernel(self) -> None:
+        """A peer whose connection's transport sends nothing more for stallTimeout, while
+        the kernel's send queue shrinks (it reads, slowly), is not dropped; once the queue
+        stops shrinking, it is."""
+        limits = pb.BrokerLimits(bufferedBytes=1024 * 1024, messageSize=8 * 1024 * 1024)
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits),
+            pb.PBClientFactory(clock=clock, limits=limits),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        client.remoteForName("root").callRemote("big", 6 * 1024 * 1024).addErrback(lambda f: None)
+        pump.pump()  # the server reads the call; the client reads nothing from now on
+        for _ in range(10):
+            clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(server.sendingLarge)
+        self.assertTrue(transport.paused)
+        queue = [900_000]
+        self.patch(_pacing, "_kernelUnsent", lambda real: queue[0])
+        transport.loseConnection()  # the closing connection waits: the stall timer runs
+        queue[0] = 880_000  # the peer takes 20,000 bytes
+        clock.advance(31)
+        self.assertFalse(transport.aborted)
+        clock.advance(31)  # it took nothing more
+        self.assertTrue(transport.aborted)
 
 
 class BareTransport:

@@ -459,14 +459,22 @@ class PacedTransport:
 
     def progress(self) -> tuple[int, int] | None:
         """
-        How many of the bytes written through this wrapper the real transport has sent,
-        and how many wait in it or here, or ``None`` if the real transport cannot tell.
+        How many of the bytes written through this wrapper the real transport has sent
+        (and, where the kernel says, the kernel has sent on, see :func:`_kernelUnsent`),
+        and how many wait in the real transport or here, or ``None`` if the real transport
+        cannot tell.
+
+        While bytes wait here, the kernel's send buffer is full, and what it sends on is what
+        the peer reads: a slow reader of a large answer is seen taking it, although the
+        megabytes of that buffer tell the real transport nothing for longer.
         """
-        pending = _pendingIn(self._transport)
+        transport = self._transport
+        pending = _pendingIn(transport)
         if pending is None:
             return None
         waiting = pending + self._heldSize
-        return self.written - waiting, waiting
+        kernel = _kernelUnsent(transport)
+        return self.written - waiting - (kernel or 0), waiting
 
     def stopStallTimer(self) -> None:
         """

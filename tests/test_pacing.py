@@ -883,6 +883,21 @@ class KernelQueueTests(SynchronousTestCase):
         a.close()
         self.assertIsNone(_pacing._kernelUnsent(direct))
 
+    def test_progress(self) -> None:
+        """progress() counts as sent only what the kernel has sent on too, where it says:
+        keepalive then sees a slow reader of a large answer taking it (while bytes wait in
+        the transport, the kernel's send buffer is full, and it sends only what the peer
+        reads)."""
+        real = SocketTransport()
+        real.limit = 3
+        paced = PacedTransport(real, None)
+        paced.write(b"abcde")
+        real.doWrite()
+        self.patch(_pacing, "_kernelUnsent", lambda transport: 2)
+        self.assertEqual(paced.progress(), (1, 2))
+        self.patch(_pacing, "_kernelUnsent", lambda transport: None)
+        self.assertEqual(paced.progress(), (3, 2))
+
     def test_readerSeenInTheKernel(self) -> None:
         """A peer whose connection's transport sends nothing more for stallTimeout, while
         the kernel's send queue shrinks (it reads, slowly), is not dropped; once the queue

@@ -56,6 +56,19 @@ def fillWithAnswers(client: Any, pump: Any, clock: Clock) -> list[Deferred[Any]]
     return answers
 
 
+def unreadAnswer(client: Any, pump: Any, clock: Clock) -> Deferred[Any]:
+    """
+    Ask the server's NativeRoot for an answer of 6 MiB and let the server read the call and
+    write what the connection takes: with a transport that takes 64 KiB, the connection is
+    then full (the client reads nothing more until pumped), the answer being sent.
+    """
+    answer = client.remoteForName("root").callRemote("big", 6 * MiB)
+    pump.pump()
+    for _ in range(10):
+        clock.advance(0)
+    return answer
+
+
 class LaterRoot(pb.Root):
     """
     A root whose ``later`` answers when the test says, with strings of 500,000 bytes (the
@@ -314,10 +327,7 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         dropped after stallTimeout, though only the message being sent was queued (which
         alone starts no timer while the connection stays open)."""
         server, client, pump, clock = self.connect(NativeRoot(), 64 * 1024)
-        client.remoteForName("root").callRemote("big", 6 * MiB).addErrback(lambda f: None)
-        pump.pump()  # the server reads the call; the client reads nothing from now on
-        for _ in range(10):
-            clock.advance(0)
+        unreadAnswer(client, pump, clock).addErrback(lambda f: None)
         transport: Any = server.transport
         self.assertTrue(transport.paused)
         self.assertIsNone(transport._stall)
@@ -335,10 +345,7 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         nor closed, and gets it all once it reads."""
         self.limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=None)
         server, client, pump, clock = self.connect(NativeRoot(), 64 * 1024)
-        answer = client.remoteForName("root").callRemote("big", 6 * MiB)
-        pump.pump()
-        for _ in range(10):
-            clock.advance(0)
+        answer = unreadAnswer(client, pump, clock)
         transport: Any = server.transport
         self.assertTrue(transport.paused)
         with capturedLogs() as logs:

@@ -27,8 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from pbroker import _native, _pacing, banana, pb
 from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport, _pendingIn
 from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
-from pbroker.testing import connectedServerAndClient
-from tests.test_native import NativeRoot
+from tests.test_closing import nativePeers, unreadAnswer
 
 
 class CountingTransport(StringTransport):
@@ -903,17 +902,8 @@ class KernelQueueTests(SynchronousTestCase):
         the kernel's send queue shrinks (it reads, slowly), is not dropped; once the queue
         stops shrinking, it is."""
         limits = pb.BrokerLimits(bufferedBytes=1024 * 1024, messageSize=8 * 1024 * 1024)
-        clock = Clock()
-        server, client, pump = connectedServerAndClient(
-            pb.PBServerFactory(NativeRoot(), clock=clock, limits=limits),
-            pb.PBClientFactory(clock=clock, limits=limits),
-            clock=clock,
-            bufferSize=64 * 1024,
-        )
-        client.remoteForName("root").callRemote("big", 6 * 1024 * 1024).addErrback(lambda f: None)
-        pump.pump()  # the server reads the call; the client reads nothing from now on
-        for _ in range(10):
-            clock.advance(0)
+        server, client, pump, clock = nativePeers(limits, 64 * 1024)
+        unreadAnswer(client, pump, clock).addErrback(lambda f: None)
         transport: Any = server.transport
         self.assertTrue(server.sendingLarge)
         self.assertTrue(transport.paused)

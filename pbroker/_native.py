@@ -619,8 +619,9 @@ class FrameDecoder:
         The message whose last fragment has arrived.
         """
         pieces, size = self._pieces, self._fragmented
-        # Values must not be views of bytes that can change (nor unhashable as such).
-        pieces = [bytes(piece) if type(piece) is bytearray else piece for piece in pieces]
+        # (Pieces copied into bytearrays are not copied again into bytes here: that took the
+        # payload's size twice over at once, on top of the value joined from them. They no
+        # longer change, and _value copies what would be a view of one out of it.)
         self._pieces = []
         self._fragmented = 0
         return _assemble(pieces, size)
@@ -717,7 +718,12 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
         return Unpacked(b"".join(_drop(parts, 5)))
     if length >= 6 and lead[:2] == _ONE_BIN32 and _unpackHeader(lead, 2)[0] == length - 6:
         return Unpacked([b"".join(_drop(parts, 6))])
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(parts) != 1:
+        return b"".join(parts)
+    # Not a view of a bytearray piece: values must not be views of bytes that can change
+    # (nor unhashable as such).
+    part = parts[0]
+    return part if part.readonly else bytes(part)
 
 
 def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:

@@ -13,12 +13,14 @@ The fragment size is shrunk so that small streams hold many fragments.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import tracemalloc
 from random import Random
 from typing import Any
 
 import msgpack
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import _native
 from pbroker.errors import BananaDecodeError
@@ -242,7 +244,51 @@ class FrameDecoderDifferentialTests(SynchronousTestCase):
         self.check(3, 200)
 
 
+# Decodes a 64 MiB value from the records of its message, read 1 MiB at a time (so each read
+# holds four fragments, which the decoder copies out), and prints how much the process's peak
+# resident memory grew from the start of the decoding, in multiples of the value's size.
+_PEAK_SCRIPT = """
+from pbroker import _native
+MiB = 1 << 20
+size = 64 * MiB
+value = _native.Packed(_native.binHeader(size), b"v" * size)
+data = b"".join(_native.records([b"answer", 1, value]))
+del value
+reads = [data[i : i + MiB] for i in range(0, len(data), MiB)]
+del data
+decoder = _native.FrameDecoder(None)
+def peak():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # the peak starts again from here
+start = peak()
+out = []
+for i in range(len(reads)):
+    out += decoder.feed(reads[i])
+    reads[i] = None
+assert len(out) == 1 and out[0][2].value == b"v" * size
+print((peak() - start) / size)
+"""
+
+
 class FrameDecoderMemoryTests(SynchronousTestCase):
+    def test_largeMessagePeak(self) -> None:
+        """
+        A value of a fragmented message takes about its size in memory once more as it is
+        put together (the value joined from the pieces kept), not twice: the pieces copied
+        out of reads are not copied again before they are joined. (Linux: read from /proc.)
+        """
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("reads the peak resident memory from /proc")
+        result = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertLess(float(result.stdout), 1.5)
+
     def test_tinyReads(self) -> None:
         """
         However small the reads, the pieces of a message take about its size in memory:

@@ -105,6 +105,13 @@ def _kernelUnsent(transport: Any) -> int | None:
     return count[0]
 
 
+#: What the kernel's send queue must hold to count as waiting for the peer in
+#: :meth:`PacedTransport.progress` (see :func:`_kernelUnsent`): the megabytes of a large
+#: answer's end that a slow reader takes from it, not a few small messages in flight (pings,
+#: which a hung peer's kernel still acknowledges while its receive buffer has room).
+_KERNEL_BACKLOG = 64 * 1024
+
+
 def _heldByTLS(transport: Any) -> int:
     """
     How many bytes Twisted's TLS transport ``transport`` holds before encrypting them: small
@@ -466,15 +473,22 @@ class PacedTransport:
 
         While bytes wait here, the kernel's send buffer is full, and what it sends on is what
         the peer reads: a slow reader of a large answer is seen taking it, although the
-        megabytes of that buffer tell the real transport nothing for longer.
+        megabytes of that buffer tell the real transport nothing for longer. What the kernel
+        holds counts as waiting too once it is a backlog (see :data:`_KERNEL_BACKLOG`): the
+        end of a large answer, all handed to the kernel, waits for the peer as well.
         """
         transport = self._transport
         pending = _pendingIn(transport)
         if pending is None:
             return None
         waiting = pending + self._heldSize
-        kernel = _kernelUnsent(transport)
-        return self.written - waiting - (kernel or 0), waiting
+        kernel = _kernelUnsent(transport) or 0
+        sent = self.written - waiting - kernel
+        if kernel >= _KERNEL_BACKLOG:
+            # The rest of a large answer, all handed to the kernel: the peer reads it as
+            # slowly as before (its pong waits behind it), though nothing waits here.
+            waiting += kernel
+        return sent, waiting
 
     def stopStallTimer(self) -> None:
         """

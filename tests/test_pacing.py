@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import _native, _pacing, banana, pb
+from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._pacing import HOLD_LIMIT, LARGE_CHUNK, PacedTransport, _pendingIn
 from pbroker.broker import _FLUSH_EVERY, NATIVE_DIALECT
 from tests.test_closing import nativePeers, unreadAnswer
@@ -1028,3 +1029,47 @@ class BareTransportTests(SynchronousTestCase):
         self.assertFalse(self.clientTransport.lost)
         self.client.transport.abortConnection()
         self.assertTrue(self.clientTransport.lost)
+
+
+class KernelBacklogKeepaliveTests(SynchronousTestCase):
+    """
+    Keepalive hears a slow reader of a large answer while the rest of it waits in the
+    kernel's send queue only (Twisted's transport has handed it all over): the peer's pong
+    waits behind megabytes it reads a few kilobytes a second. A few bytes the kernel holds
+    (a ping in flight) are no backlog: a hung peer whose kernel acknowledges them is not heard.
+    """
+
+    def timer(self, queue: list[int]) -> tuple[Clock, list[str]]:
+        real = SocketTransport()
+        paced = PacedTransport(real, None)
+        for _ in range(50):  # (under the transport's buffer size: it never pauses)
+            paced.write(b"x" * 60_000)
+            real.doWrite()  # the kernel took all of it
+        self.assertEqual(_pendingIn(real), 0)
+        self.patch(_pacing, "_kernelUnsent", lambda transport: queue[0])
+        clock = Clock()
+        dead: list[str] = []
+        timer = KeepaliveTimer(clock, Keepalive(1, 3), lambda: None, dead.append, paced.progress)
+        timer.start()
+        self.addCleanup(timer.stop)
+        return clock, dead
+
+    def test_readerOfTheKernelQueue(self) -> None:
+        queue = [2_900_000]
+        clock, dead = self.timer(queue)
+        for _ in range(30):
+            queue[0] -= 2_000  # the peer reads 2 KB a second
+            clock.advance(1)
+        self.assertEqual(dead, [])
+        for _ in range(3):  # it stopped reading
+            clock.advance(1)
+        self.assertEqual(len(dead), 1)
+
+    def test_pingInFlight(self) -> None:
+        """(Bytes that were already sent, of pings, acknowledged one tick later.)"""
+        queue = [0]
+        clock, dead = self.timer(queue)
+        for second in range(10):
+            queue[0] = 40 if second % 2 else 0
+            clock.advance(1)
+        self.assertEqual(len(dead), 1)

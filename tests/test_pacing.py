@@ -1055,6 +1055,8 @@ class KernelBacklogKeepaliveTests(SynchronousTestCase):
         return clock, dead
 
     def test_readerOfTheKernelQueue(self) -> None:
+        """A peer taking 2 KB a second of the 2.9 MB the kernel holds is heard; once it
+        stops, it is dropped after the timeout."""
         queue = [2_900_000]
         clock, dead = self.timer(queue)
         for _ in range(30):

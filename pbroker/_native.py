@@ -384,6 +384,12 @@ VALUE_FIELDS: dict[bytes, int] = {
     **dict.fromkeys([b"answer", b"answerctx", b"error", b"item", b"streamerror"], 1 << 2),
 }
 
+#: Joins the parts of a large byte string of a fragmented message, letting go of each (and,
+#: in C, of the memory of each piece the decoder copied) once copied.
+_joinParts: Callable[[list[Any]], bytes] = (
+    b"".join if _accelerator.speedups is None else _accelerator.speedups.joinParts
+)
+
 #: Reads a whole record's envelope of the usual shape (see VALUE_FIELDS), or says ``None``:
 #: msgpack reads it.
 _envelope: Callable[[bytes, int, int, int, dict[bytes, int]], list[Any] | None] | None = (
@@ -653,7 +659,7 @@ class _Reader:
     """
 
     def __init__(self, pieces: list[bytes | bytearray | memoryview], size: int) -> None:
-        self._pieces = [memoryview(piece) for piece in pieces]
+        self._pieces: list[memoryview | None] = [memoryview(piece) for piece in pieces]
         self._index = 0
         self._offset = 0  # into the current piece
         self.left = size
@@ -667,10 +673,12 @@ class _Reader:
         parts = []
         while count:
             piece = self._pieces[self._index]
+            assert piece is not None
             start = self._offset
             available = len(piece) - start
             if available <= count:
                 parts.append(piece[start:] if start else piece)
+                self._pieces[self._index] = None  # (read once: its last view frees it)
                 self._index += 1
                 self._offset = 0
                 count -= available
@@ -714,10 +722,16 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
     packed by hand (alone, or the one item of a list), the string itself.
     """
     lead = _lead(parts, 6)
+    # A large byte string is joined by _joinParts, which lets go of each part (and, in C,
+    # of its memory) once copied: the pieces and the value do not take its size twice.
     if length >= 5 and lead[:1] == _BIN32 and _unpackHeader(lead, 1)[0] == length - 5:
-        return Unpacked(b"".join(_drop(parts, 5)))
+        rest = _drop(parts, 5)
+        parts.clear()
+        return Unpacked(_joinParts(rest))
     if length >= 6 and lead[:2] == _ONE_BIN32 and _unpackHeader(lead, 2)[0] == length - 6:
-        return Unpacked([b"".join(_drop(parts, 6))])
+        rest = _drop(parts, 6)
+        parts.clear()
+        return Unpacked([_joinParts(rest)])
     if len(parts) != 1:
         return b"".join(parts)
     # Not a view of a bytearray piece: values must not be views of bytes that can change
@@ -732,12 +746,14 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
     envelope, the envelope, then the values it refers to (see :func:`packMessage`).
     """
     reader = _Reader(pieces, size)
+    pieces.clear()  # the reader's views hold them, and let go of each once it is read
     if size < 4:
         raise BananaDecodeError("a pbroker2 message shorter than its envelope length")
     (envelopeSize,) = _unpackHeader(b"".join(reader.take(4)), 0)
     if reader.left < envelopeSize:
         raise BananaDecodeError("a pbroker2 message shorter than its envelope")
-    envelope = reader.take(envelopeSize)
+    # (Copied: a view would hold the piece it is in while the values after it are joined.)
+    envelope = b"".join(reader.take(envelopeSize))
 
     def value(code: int, data: bytes) -> Any:
         if code != VALUE or len(data) != 4:
@@ -749,7 +765,7 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
 
     try:
         message = msgpack.unpackb(
-            envelope[0] if len(envelope) == 1 else b"".join(envelope),
+            envelope,
             raw=False,
             strict_map_key=True,
             use_list=True,

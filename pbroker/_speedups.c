@@ -16,6 +16,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 /* The error codes of pbroker.banana (_ERROR_*). */
 enum {
@@ -2679,6 +2683,93 @@ done:
     return result;
 }
 
+/* Let the kernel have back the whole pages of a writable buffer whose bytes were just copied
+ * and will never be read again (a piece of a large message the decoder made, see joinParts):
+ * freed later, a piece in the allocator's heap would otherwise keep its pages resident while
+ * the value joined from the pieces takes as much again. Only pages entirely inside the buffer
+ * are given back: the allocator's own bytes around it are not touched, and a page given back
+ * reads as zeros if it is ever touched again. */
+static void
+discardPages(Py_buffer *view)
+{
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    long page = sysconf(_SC_PAGESIZE);
+    if (view->readonly || page <= 0) {
+        return;
+    }
+    uintptr_t start = (uintptr_t)view->buf;
+    uintptr_t end = start + (uintptr_t)view->len;
+    uintptr_t first = (start + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t last = end & ~((uintptr_t)page - 1);
+    if (last > first) {
+        (void)madvise((void *)first, last - first, MADV_DONTNEED);
+    }
+#else
+    (void)view;
+#endif
+}
+
+static PyObject *
+joinParts(PyObject *module, PyObject *parts)
+{
+    (void)module;
+    if (!PyList_CheckExact(parts)) {
+        PyErr_Format(PyExc_TypeError, "joinParts() needs a list, not %.80s", Py_TYPE(parts)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(parts);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        Py_ssize_t length = view.len;
+        PyBuffer_Release(&view);
+        if (length > PY_SSIZE_T_MAX - total) {
+            PyErr_SetString(PyExc_OverflowError, "joinParts(): the parts are too large");
+            return NULL;
+        }
+        total += length;
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(joined);
+    Py_ssize_t offset = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i >= PyList_GET_SIZE(parts)) {
+            break;  /* (reported below: the list changed) */
+        }
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(joined);
+            return NULL;
+        }
+        if (view.len > total - offset) {
+            PyBuffer_Release(&view);
+            break;
+        }
+        memcpy(out + offset, view.buf, (size_t)view.len);
+        offset += view.len;
+        discardPages(&view);
+        PyBuffer_Release(&view);
+        /* Let go of the part at once: the last view of a piece frees it. */
+        Py_INCREF(Py_None);
+        if (PyList_SetItem(parts, i, Py_None) < 0) {
+            Py_DECREF(joined);
+            return NULL;
+        }
+    }
+    if (offset != total) {
+        Py_DECREF(joined);
+        PyErr_SetString(PyExc_RuntimeError, "joinParts(): the parts changed while joined");
+        return NULL;
+    }
+    return joined;
+}
+
 static PyMethodDef methods[] = {
     {"extent", (PyCFunction)(void (*)(void))extent, METH_FASTCALL,
      "extent(value, budget, maxDepth)\n--\n\n"
@@ -2715,6 +2806,11 @@ static PyMethodDef methods[] = {
      "text, integers, None and booleans, with at most one packedType value of no more than\n"
      "inlineLimit bytes carried as bin; None if the message is of another kind or its\n"
      "envelope over limit bytes. See pbroker._native.wholeRecord."},
+    {"joinParts", (PyCFunction)joinParts, METH_O,
+     "joinParts(parts)\n--\n\n"
+     "The bytes of a list of buffers joined, which are its parts of a large message nothing\n"
+     "reads again: each is let go of (its list item set to None) once copied, and the whole\n"
+     "pages of a writable one given back to the system (Linux). See pbroker._native._value."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
      "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},

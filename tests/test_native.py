@@ -3937,6 +3937,47 @@ class WholeRecordTests(SynchronousTestCase):
         self.assertIsNotNone(_native.wholeRecord([*range(14), small]))
 
 
+class JoinPartsTests(SynchronousTestCase):
+    """
+    The C extension's joinParts() joins the parts of a large byte string as b"".join does,
+    letting go of each once copied, and of no byte outside them.
+    """
+
+    def setUp(self) -> None:
+        if _accelerator.speedups is None:
+            raise SkipTest("the C extension is not built")
+        self.joinParts = _accelerator.speedups.joinParts
+
+    def test_joined(self) -> None:
+        """Bytes, bytearrays and views of either, joined in order; the list then holds
+        None only (so the last view of a piece frees it)."""
+        piece = bytearray(b"a" * 10_000 + b"b" * 20_000 + b"c" * 10_000)
+        parts: list[Any] = [b"head", memoryview(piece)[10_000:30_000], bytearray(b"ba"), b""]
+        self.assertEqual(self.joinParts(parts), b"head" + b"b" * 20_000 + b"ba")
+        self.assertEqual(parts, [None] * 4)
+        self.assertEqual(self.joinParts([]), b"")
+
+    def test_nothingOutsideThePartsTouched(self) -> None:
+        """A writable part's memory given back is only whole pages inside it: the bytes of
+        its piece before and after it are as they were."""
+        piece = bytearray(b"a" * 10_000 + b"b" * 70_000 + b"c" * 10_000)
+        self.assertEqual(self.joinParts([memoryview(piece)[10_000:80_000]]), b"b" * 70_000)
+        self.assertEqual(piece[:10_000], b"a" * 10_000)
+        self.assertEqual(piece[80_000:], b"c" * 10_000)
+        shared = b"r" * 70_000  # read-only (a read someone else may hold): never touched
+        self.assertEqual(self.joinParts([memoryview(shared)[1:]]), shared[1:])
+        self.assertEqual(shared, b"r" * 70_000)
+
+    def test_refused(self) -> None:
+        """Not a list, or a part that is not a buffer: TypeError, and nothing let go of."""
+        with self.assertRaises(TypeError):
+            self.joinParts((b"a", b"b"))  # type: ignore[arg-type]
+        parts: list[Any] = [b"a", "text"]
+        with self.assertRaises(TypeError):
+            self.joinParts(parts)
+        self.assertEqual(parts, [b"a", "text"])
+
+
 class RecordAcceleratorTests(SynchronousTestCase):
     """
     The C extension's record() and envelope() give what wholeRecord's Python and msgpack

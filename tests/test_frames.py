@@ -244,6 +244,83 @@ class FrameDecoderDifferentialTests(SynchronousTestCase):
         self.check(3, 200)
 
 
+def givenBackStream(rng: Random, large: int) -> tuple[bytes, list[Any]]:
+    """
+    Fragmented messages with several values each, some byte strings of ``large`` bytes or
+    more (joined by _joinParts, which gives the memory of pieces back), some smaller, in
+    random bytes: a byte of a value read after its memory was given back would read as 0.
+    """
+    records, expected = [], []
+    for _ in range(rng.randint(1, 3)):
+        values = []
+        for _ in range(rng.randint(1, 5)):
+            if rng.random() < 0.5:
+                body = rng.randbytes(rng.randint(large, large * 3))
+                value = b"\xc6" + _header.pack(len(body)) + body
+                values.append(b"\x91" + value if rng.random() < 0.3 else value)
+            else:
+                values.append(
+                    rng.choice(
+                        [
+                            b"\xc6" + _header.pack(300) + rng.randbytes(300),
+                            msgpack.packb([rng.randbytes(rng.randint(0, 5000)), 1]),
+                            msgpack.packb(rng.randbytes(rng.randint(0, 20))),
+                        ]
+                    )
+                )
+        payload = b"".join(_native.packMessage([b"call", 1, *map(_native.Packed, values)])[0])
+        expected.append(referenceAssemble(payload))
+        size = _native.FRAGMENT_SIZE
+        pieces = [payload[i : i + size] for i in range(0, len(payload), size)]
+        for index, piece in enumerate(pieces):
+            kind = _native.LAST if index == len(pieces) - 1 else _native.MORE
+            records.append(header(kind, len(piece)) + piece)
+    return b"".join(records), expected
+
+
+class FrameDecoderGiveBackTests(SynchronousTestCase):
+    """
+    Values of GIVE_BACK bytes or more, joined by _joinParts (which, in C, gives back the
+    pages of the pieces it joins), several in one message, the next often in the same piece
+    as the one before it, read in random splits: every value decoded exactly.
+    """
+
+    def check(self, seed: int, count: int, large: int) -> None:
+        self.patch(_native, "GIVE_BACK", large)
+        joined = [0]
+        join = _native._joinParts
+
+        def counted(parts: list[Any]) -> bytes:
+            joined[0] += 1
+            return join(parts)
+
+        self.patch(_native, "_joinParts", counted)
+        rng = Random(seed)
+        for _ in range(count):
+            stream, expected = givenBackStream(rng, large)
+            cuts = sorted(rng.sample(range(len(stream)), min(len(stream), rng.randint(0, 40))))
+            if rng.random() < 0.5:  # reads of a record or more: kept as they are
+                step = rng.choice([_native.FRAGMENT_SIZE + 4, 3 * _native.FRAGMENT_SIZE + 7])
+                cuts = sorted({*cuts, *range(0, len(stream), step)})
+            decoder = _native.FrameDecoder(None)
+            got: list[Any] = []
+            previous = 0
+            for cut in [*cuts, len(stream)]:
+                got.extend(decoder.feed(stream[previous:cut]))
+                previous = cut
+            self.assertEqual(canonical(got), canonical(expected))
+        self.assertGreater(joined[0], 0)
+
+    def test_pages(self) -> None:
+        """Values of a few pages, in fragments of one page."""
+        self.patch(_native, "FRAGMENT_SIZE", 4096)
+        self.check(4, 60, 9000)
+
+    def test_fullFragments(self) -> None:
+        """Values of a few fragments of the usual size."""
+        self.check(5, 15, 300_000)
+
+
 # Decodes a 64 MiB value from the records of its message, read a record at a time or 1 MiB at
 # a time (so each read holds four fragments, which the decoder copies out), and prints how much
 # the process's peak resident memory grew from the start of the decoding, in multiples of the

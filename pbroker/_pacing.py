@@ -26,6 +26,7 @@ starts on the first answers while this side works on the rest.
 from __future__ import annotations
 
 import array
+import socket
 import sys
 from typing import Any
 
@@ -77,12 +78,18 @@ else:
     _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
-def _kernelUnsent(transport: Any) -> int | None:
+#: The socket families whose send queue the kernel counts in bytes (TCP's).
+_BYTE_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
+
+
+def _kernelUnsent(transport: Any, bytesOnly: bool = False) -> int | None:
     """
     How many bytes the kernel holds in the send queue of the socket under ``transport``
     (a TCP or UNIX transport, or TLS over one): on TCP, not yet acknowledged by the peer,
     which, once its receive buffer is full, acknowledges only as fast as it reads. ``None``
-    where the system cannot tell (not Linux, no socket, or the socket is gone).
+    where the system cannot tell (not Linux, no socket, or the socket is gone), and, with
+    ``bytesOnly``, for a UNIX socket, whose count is the memory its packets take (768 for a
+    message of 10 bytes), which tells whether the peer reads but not how much.
 
     The stall timer counts this besides what Twisted holds: the kernel's send buffer can
     take megabytes, and Twisted's transport is told it may send more only once a good
@@ -96,6 +103,8 @@ def _kernelUnsent(transport: Any) -> int | None:
         sock = getattr(getattr(transport, "transport", None), "socket", None)  # TLS
     fileno = getattr(sock, "fileno", None)
     if fileno is None:
+        return None
+    if bytesOnly and getattr(sock, "family", None) not in _BYTE_FAMILIES:
         return None
     count = array.array("i", [0])
     try:
@@ -467,7 +476,8 @@ class PacedTransport:
     def progress(self) -> tuple[int, int] | None:
         """
         How many of the bytes written through this wrapper the real transport has sent
-        (and, where the kernel says, the kernel has sent on, see :func:`_kernelUnsent`),
+        (and, on TCP where the kernel says, the kernel has sent on, see
+        :func:`_kernelUnsent`),
         and how many wait in the real transport or here, or ``None`` if the real transport
         cannot tell.
 
@@ -482,7 +492,8 @@ class PacedTransport:
         if pending is None:
             return None
         waiting = pending + self._heldSize
-        kernel = _kernelUnsent(transport) or 0
+        # (In bytes only: the take timer counts how much moved.)
+        kernel = _kernelUnsent(transport, bytesOnly=True) or 0
         sent = self.written - waiting - kernel
         if kernel >= _KERNEL_BACKLOG:
             # The rest of a large answer, all handed to the kernel: the peer reads it as

@@ -880,8 +880,26 @@ class KernelQueueTests(SynchronousTestCase):
         assert after is not None
         self.assertLess(after, queued)
         self.assertIsNone(_pacing._kernelUnsent(StringTransport()))
+        # A UNIX socket counts the memory its packets take, not bytes: not for bytesOnly.
+        self.assertIsNone(_pacing._kernelUnsent(direct, bytesOnly=True))
         a.close()
         self.assertIsNone(_pacing._kernelUnsent(direct))
+
+    def test_tcpQueueInBytes(self) -> None:
+        """A TCP socket's queue is counted in bytes: bytesOnly gives it too (Linux)."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+        direct = type("Direct", (), {"socket": client})()
+        if not sys.platform.startswith("linux"):
+            self.assertIsNone(_pacing._kernelUnsent(direct, bytesOnly=True))
+            return
+        self.assertEqual(_pacing._kernelUnsent(direct, bytesOnly=True), 0)
 
     def test_progress(self) -> None:
         """progress() counts as sent only what the kernel has sent on too, where it says:
@@ -893,9 +911,9 @@ class KernelQueueTests(SynchronousTestCase):
         paced = PacedTransport(real, None)
         paced.write(b"abcde")
         real.doWrite()
-        self.patch(_pacing, "_kernelUnsent", lambda transport: 2)
+        self.patch(_pacing, "_kernelUnsent", lambda transport, bytesOnly=False: 2)
         self.assertEqual(paced.progress(), (1, 2))
-        self.patch(_pacing, "_kernelUnsent", lambda transport: None)
+        self.patch(_pacing, "_kernelUnsent", lambda transport, bytesOnly=False: None)
         self.assertEqual(paced.progress(), (3, 2))
 
     def test_readerSeenInTheKernel(self) -> None:
@@ -909,7 +927,7 @@ class KernelQueueTests(SynchronousTestCase):
         self.assertTrue(server.sendingLarge)
         self.assertTrue(transport.paused)
         queue = [900_000]
-        self.patch(_pacing, "_kernelUnsent", lambda real: queue[0])
+        self.patch(_pacing, "_kernelUnsent", lambda real, bytesOnly=False: queue[0])
         transport.loseConnection()  # the closing connection waits: the stall timer runs
         queue[0] = 880_000  # the peer takes 20,000 bytes
         clock.advance(31)
@@ -1046,7 +1064,7 @@ class KernelBacklogKeepaliveTests(SynchronousTestCase):
             paced.write(b"x" * 60_000)
             real.doWrite()  # the kernel took all of it
         self.assertEqual(_pendingIn(real), 0)
-        self.patch(_pacing, "_kernelUnsent", lambda transport: queue[0])
+        self.patch(_pacing, "_kernelUnsent", lambda transport, bytesOnly=False: queue[0])
         clock = Clock()
         dead: list[str] = []
         timer = KeepaliveTimer(clock, Keepalive(1, 3), lambda: None, dead.append, paced.progress)

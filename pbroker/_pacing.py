@@ -34,6 +34,15 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 
+try:
+    import fcntl
+    import termios
+except ImportError:  # (not on Windows)
+    _OUTQ: int | None = None
+else:
+    # SIOCOUTQ, which Linux gives sockets the number of a terminal's TIOCOUTQ.
+    _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+
 __all__ = ["HOLD_LIMIT", "LARGE_CHUNK", "PacedTransport"]
 
 #: Held writes are passed on once they add up to this many bytes (and a write this large is
@@ -66,16 +75,6 @@ def _pendingIn(transport: Any) -> int | None:
         below = _pendingIn(inner)
         return None if below is None else below + _heldByTLS(transport)
     return None
-
-
-try:
-    import fcntl
-    import termios
-except ImportError:  # (not on Windows)
-    _OUTQ: int | None = None
-else:
-    # SIOCOUTQ, which Linux gives sockets the number of a terminal's TIOCOUTQ.
-    _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
 
 #: The socket families whose send queue the kernel counts in bytes (TCP's).

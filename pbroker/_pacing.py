@@ -476,9 +476,8 @@ class PacedTransport:
         """
         How many of the bytes written through this wrapper the real transport has sent
         (and, on TCP where the kernel says, the kernel has sent on, see
-        :func:`_kernelUnsent`),
-        and how many wait in the real transport or here, or ``None`` if the real transport
-        cannot tell.
+        :func:`_kernelUnsent`), and how many wait in the real transport or here, or
+        ``None`` if the real transport cannot tell.
 
         While bytes wait here, the kernel's send buffer is full, and what it sends on is what
         the peer reads: a slow reader of a large answer is seen taking it, although the

@@ -1435,14 +1435,14 @@ class Broker(Banana):
                     continue
                 if untilFull and transport.paused:
                     return False  # resumeProducing() comes back
-                if budget is not None:
-                    if budget <= 0:
-                        self._schedulePump()  # which comes back
-                        return False
-                    budget -= FRAGMENT_SIZE
+                if budget is not None and budget <= 0:
+                    self._schedulePump()  # which comes back
+                    return False
                 if queue[0][3]:  # a call kept behind a large message, queued just now
                     self._startUntaken(queue[0])
-                self._writeFragment()
+                written = self._writeFragment()
+                if budget is not None:
+                    budget -= written
             return False
         finally:
             self._pumpingLarge = pumping
@@ -2896,11 +2896,16 @@ class Broker(Banana):
         pagers, self.pageProducers = self.pageProducers, []
         self._pagesSent = _NO_MEMBERS
         for pager in pagers:
-            pagingFailed = getattr(pager, "pagingFailed", None)
-            if pagingFailed is None:
-                continue
+            self._stopPager(pager, Failure(PBConnectionLost(reason)))
+
+    def _stopPager(self, pager: Any, failure: Failure) -> None:
+        """
+        Tell ``pager`` it stops, with ``failure`` (see :meth:`pbroker.util.Pager.pagingFailed`).
+        """
+        pagingFailed = getattr(pager, "pagingFailed", None)
+        if pagingFailed is not None:
             try:
-                pagingFailed(Failure(PBConnectionLost(reason)))
+                pagingFailed(failure)
             except Exception:
                 self._log.failure("A pager failed to stop")
 
@@ -2917,12 +2922,7 @@ class Broker(Banana):
             self._pagesSent.discard(pager)
         if raising:
             failure.raiseException()
-        pagingFailed = getattr(pager, "pagingFailed", None)
-        if pagingFailed is not None:
-            try:
-                pagingFailed(failure)
-            except Exception:
-                self._log.failure("A pager failed to stop")
+        self._stopPager(pager, failure)
         # Resumed by the transport, or a file read: the reactor's business is not the pager's.
         self._logFailure("A pager failed; it stops", failure)
 

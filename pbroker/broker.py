@@ -11,6 +11,7 @@ flavors reach it through ``jellier.invoker``.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import contextvars
@@ -812,11 +813,12 @@ class Broker(Banana):
         # Those of them that need what a large call waiting for room provides (see
         # _startableLarge, _keysOf), or what one already here provides, in order: they wait
         # for that call to be written, where the others go ahead of it (see
-        # _flushAfterLarge). How many of them provide and need each key, and how many are
+        # _flushAfterLarge). For each key, where the ones that provide it stand (see
+        # _keptOrder, sorted) and the ones that need it (by id, in order); how many are
         # unknown (they wait for every such call).
         self._afterBlocked: collections.deque[_KeptEntry] = _NOTHING_KEPT
-        self._blockedKeys: dict[tuple[int, Any], int] = _NO_ENTRIES
-        self._blockedNeeds: dict[tuple[int, Any], int] = _NO_ENTRIES
+        self._blockedKeys: dict[tuple[int, Any], list[tuple[int, bool]]] = _NO_ENTRIES
+        self._blockedNeeds: dict[tuple[int, Any], dict[int, _KeptEntry]] = _NO_ENTRIES
         self._blockedUnknown = 0
         # What is kept there for the peer counts (see _queueFull): answers, errors and
         # uncaches at their size and _KEPT_OVERHEAD (see _keep), release entries split from
@@ -1794,8 +1796,13 @@ class Broker(Banana):
         needs = keys[0]
         if not needs:
             return False
-        if self._blockedKeys and not needs.isdisjoint(self._blockedKeys):
-            return True
+        blockedBy = self._blockedKeys
+        if blockedBy and not needs.isdisjoint(blockedBy):
+            order = _keptOrder(entry)
+            for key in needs:
+                before = blockedBy.get(key)
+                if before and before[0] < order:
+                    return True
         provided = waiting.provided
         for key in needs:
             by = provided.get(key)
@@ -1804,18 +1811,47 @@ class Broker(Banana):
         return False
 
     def _blockEntry(self, entry: _KeptEntry) -> None:
-        if self._afterBlocked is _NOTHING_KEPT:
-            self._afterBlocked = collections.deque()
+        """
+        Keep ``entry`` in ``_afterBlocked``, in order (see :meth:`_keptOrder`), and count
+        what it needs and provides.
+        """
+        blocked = self._afterBlocked
+        if blocked is _NOTHING_KEPT:
+            blocked = self._afterBlocked = collections.deque()
             self._blockedKeys, self._blockedNeeds = {}, {}
-        self._afterBlocked.append(entry)
+        order = _keptOrder(entry)
+        inOrder = not blocked or _keptOrder(blocked[-1]) <= order
+        if inOrder:
+            blocked.append(entry)
+        else:
+            # One let go ahead of others still here (see _releaseBlocked) that must wait
+            # after all (for a call that was behind it in _afterLarge): back in its place.
+            entries = list(blocked)
+            entries.insert(bisect.bisect_right(entries, order, key=_keptOrder), entry)
+            blocked.clear()
+            blocked.extend(entries)
         keys = entry[6]
         if keys is None:
             self._blockedUnknown += 1
             return
         needs, provides = keys
-        for counts, named in ((self._blockedKeys, provides), (self._blockedNeeds, needs)):
-            for key in named:
-                counts[key] = counts.get(key, 0) + 1
+        blockedBy = self._blockedKeys
+        for key in provides:
+            before = blockedBy.get(key)
+            if before is None:
+                blockedBy[key] = [order]
+            else:
+                bisect.insort(before, order)
+        waiters = self._blockedNeeds
+        for key in needs:
+            needing = waiters.get(key)
+            if needing is None:
+                waiters[key] = {id(entry): entry}
+            elif inOrder:
+                needing[id(entry)] = entry
+            else:
+                needing[id(entry)] = entry
+                waiters[key] = {id(kept): kept for kept in sorted(needing.values(), key=_keptOrder)}
 
     def _unblockEntry(self, entry: _KeptEntry) -> None:
         """
@@ -1826,13 +1862,20 @@ class Broker(Banana):
             self._blockedUnknown -= 1
             return
         needs, provides = keys
-        for counts, named in ((self._blockedKeys, provides), (self._blockedNeeds, needs)):
-            for key in named:
-                left = counts[key] - 1
-                if left:
-                    counts[key] = left
-                else:
-                    del counts[key]
+        order = _keptOrder(entry)
+        blockedBy = self._blockedKeys
+        for key in provides:
+            before = blockedBy[key]
+            if len(before) == 1:
+                del blockedBy[key]
+            else:
+                del before[bisect.bisect_left(before, order)]
+        waiters = self._blockedNeeds
+        for key in needs:
+            needing = waiters[key]
+            del needing[id(entry)]
+            if not needing:
+                del waiters[key]
 
     def _unblockKept(self, provided: _KeySet | None) -> None:
         """
@@ -1840,24 +1883,33 @@ class Broker(Banana):
         dropped, and ``provided`` that (``None``: unknown): send (through ``_afterLarge``,
         in order) what waited in ``_afterBlocked`` and no longer must.
 
-        Nothing can go if each key of the call's that something there needs is provided by
-        another call waiting, queued before all of it: that is checked first, so that many
-        calls that each carry the same handle do not each walk all that waits. Otherwise
-        all of it goes back, in order (``_afterBlocked`` and ``_afterLarge`` are each
-        ordered by serial, and all of the first came before all of the second), for the
-        pump to see again: an entry is only ever checked against what came before it.
-        (A kept call cancelled there comes with what it provides; a decache emptied there,
-        or a kept entry whose keys are unknown, comes with ``None``, so that what waited
-        for it is not left waiting.)
+        Only what needed one of those keys is looked at, and what needed what that
+        provides in turn (see :meth:`_releaseBlocked`), so that many calls waiting that
+        each let one kept message go do not each walk all that waits. If the keys are
+        unknown, or something kept is, all of it goes back, in order (``_afterBlocked`` and
+        ``_afterLarge`` are each ordered), for the pump to see again: an entry is only ever
+        checked against what came before it. (A kept call cancelled there comes with what
+        it provides; a decache emptied there, or a kept entry whose keys are unknown, comes
+        with ``None``, so that what waited for it is not left waiting.)
         """
         blocked = self._afterBlocked
         if not blocked:
             return
         if provided is not None and not self._blockedUnknown:
-            first = blocked[0][3]
-            needed = self._blockedNeeds
-            by = self._waitingCalls().provided
-            if all(by.get(key, first) < first for key in provided if key in needed):
+            released = self._releaseBlocked(provided)
+            if not released:
+                return
+            if len(released) < len(blocked):
+                gone = {id(entry) for entry in released}
+                remaining = [entry for entry in blocked if id(entry) not in gone]
+                blocked.clear()
+                blocked.extend(remaining)
+                released.sort(key=_keptOrder)
+                merged = list(heapq.merge(released, self._afterLarge, key=_keptOrder))
+                after = self._keptQueue()
+                after.clear()  # (in place: _flushAfterLarge may be walking it)
+                after.extend(merged)
+                self._schedulePump()
                 return
         merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
         after = self._keptQueue()
@@ -1867,6 +1919,73 @@ class Broker(Banana):
         self._blockedKeys = self._blockedNeeds = _NO_ENTRIES
         self._blockedUnknown = 0
         self._schedulePump()
+
+    def _releaseBlocked(self, provided: _KeySet) -> list[_KeptEntry]:
+        """
+        Take out of ``_afterBlocked`` (uncounted, in no particular order) the entries that
+        no longer wait now that what provided the keys ``provided`` is gone from before
+        them, and those that then no longer wait for those; leave the rest there.
+
+        An entry waits while a call waiting for room queued before it, or an entry kept
+        before it here, provides a key it needs (as :meth:`_mustWait` checks). Only
+        entries that need a key freed are looked at, each key's in order, and no further
+        than the first that a call waiting for room keeps (those after it are kept too),
+        or than the first that provides the key itself (those after it wait for it, unless
+        it goes too, and then its key is looked at again): a chain of ordered calls costs
+        what goes, not what stays. What needs a large call that goes, and may wait for room
+        once written, stays until that call is written or dropped.
+        """
+        waiters = self._blockedNeeds
+        if not any(key in waiters for key in provided):
+            return []
+        waitingBy = self._waitingCalls().provided
+        blockedBy = self._blockedKeys
+        released: list[_KeptEntry] = []
+        heap: list[tuple[tuple[int, bool], int, _KeptEntry]] = []
+        pending: set[int] = set()
+        tieBreak = itertools.count()
+
+        def lookAt(key: tuple[int, Any]) -> None:
+            needing = waiters.get(key)
+            if not needing:
+                return
+            limit = waitingBy.get(key)
+            for entry in needing.values():
+                if limit is not None and limit < entry[3]:
+                    return  # (it and those after it wait for that call)
+                if id(entry) not in pending:
+                    pending.add(id(entry))
+                    heapq.heappush(heap, (_keptOrder(entry), next(tieBreak), entry))
+                keys = entry[6]
+                assert keys is not None  # (only entries whose keys are known are indexed)
+                if key in keys[1]:
+                    return  # (those after it wait for it, unless it goes)
+
+        for key in provided:
+            lookAt(key)
+        while heap:
+            order, _, entry = heapq.heappop(heap)
+            pending.discard(id(entry))
+            serial = entry[3]
+            keys = entry[6]
+            assert keys is not None
+            needs, provides = keys
+            if any(waitingBy.get(key, serial) < serial for key in needs) or any(
+                (before := blockedBy.get(key)) and before[0] < order for key in needs
+            ):
+                continue
+            self._unblockEntry(entry)
+            released.append(entry)
+            payload = entry[0]
+            if isinstance(payload, _Payload) and payload.taken:
+                # A large call that may wait for room once written, and what needs it would
+                # be blocked again: that stays here, and is looked at when the call is
+                # written (or dropped). (Other large messages are written as they come,
+                # and what follows them in _afterLarge waits for them there.)
+                continue
+            for key in provides:
+                lookAt(key)
+        return released
 
     def _waitingCalls(self) -> _Waiting:
         """
@@ -2648,7 +2767,9 @@ class Broker(Banana):
                 if type(transport) is PacedTransport and transport.paused and index:
                     # Uncount what queued() counted for it (an upper bound: reset on resume).
                     transport.queuedWhilePaused = max(0, transport.queuedWhilePaused - entry[1])
-                if entry[3] and self._afterBlocked:
+                if self._afterBlocked and (entry[3] or entry[6] is not None):
+                    # (A call that waited for room, or one that could: what needs a large
+                    # call let go ahead of it waits for it too, see _releaseBlocked.)
                     self._unblockKept(None if entry[6] is None else entry[6][1])
                 # Only now (as for a kept call, below): what waited for the call is back in
                 # _afterLarge, or still waits for another call queued. Releasing what the
@@ -2673,6 +2794,10 @@ class Broker(Banana):
                         # call waiting before all of them provides still waits, and is
                         # not walked again (many calls kept behind a call waiting for
                         # room, each timing out, would walk all the others each).
+                        self._unblockKept(None if _keys is None else _keys[1])
+                    elif self._afterBlocked and isinstance(_payload, _Payload) and _payload.taken:
+                        # A large call let go ahead of what needs it (see _releaseBlocked):
+                        # that must not stay waiting for it.
                         self._unblockKept(None if _keys is None else _keys[1])
                     self._keptOwn -= own
                     transport = self.transport

@@ -3429,6 +3429,35 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual(started, ["first", "second", 99])
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
 
+    def test_callsThatWaitInTurnAreNotCheckedOverAgain(self, count: int = 60) -> None:
+        """
+        Large calls each followed by a small one, all in order, more than the peer's room
+        holds: as each large call is written, only the messages up to the next large call
+        go, and the others still waiting are not checked over again (which made ``count``
+        such pairs cost ``count`` squared).
+        """
+        KiB = 1024
+        started: list[Any] = []
+        self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
+        checked: list[Any] = []
+        blockEntry = brokerModule.Broker._blockEntry
+
+        def counting(broker: Any, entry: Any) -> None:
+            checked.append(entry)
+            blockEntry(broker, entry)
+
+        self.patch(brokerModule.Broker, "_blockEntry", counting)
+        expected: list[Any] = []
+        for index in range(count):
+            self.root.callRemote("take", ("large", index), b"x" * (200 * KiB))
+            self.root.callRemote("take", ("small", index))
+            expected += [("large", index), ("small", index)]
+        self.settle(lambda: len(started) == 2 * count)
+        self.assertEqual(started, expected)
+        self.assertLessEqual(len(checked), 3 * count)
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+        self.assertFalse(self.client._afterBlocked)
+
     def moveClientBytes(self) -> None:
         """
         Deliver what the client writes, as it writes it, and nothing the server writes (so

@@ -732,3 +732,14 @@ class OrderFuzzTests(SynchronousTestCase):
                 if len(failed) >= 3:
                     break
         self.assertEqual(failed, [], "\n\n".join(failed))
+
+    def test_seedsThatFoundDefects(self) -> None:
+        """
+        Seeds beyond the first 300 that found defects of changes before they were taken:
+        a large call let go ahead of what waits for it (see Broker._releaseBlocked) whose
+        dependents were never let go once it was written (621, 3025, 3034), or once it was
+        cancelled before it was (810, 1156).
+        """
+        scenarios = [runScenario(seed) for seed in (621, 810, 1156, 3025, 3034)]
+        failed = [scenario.describe() for scenario in scenarios if scenario.problems]
+        self.assertEqual(failed, [], "\n\n".join(failed))

@@ -400,6 +400,12 @@ class PacedTransport:
         full (it sent too much meanwhile: ``overflowing``), the peer is dropped at once.
         """
         timeout = self._broker.limits.stallTimeout
+        if timeout is None and self.closed:
+            # The real transport is closed and writes what it holds; nothing resumes this
+            # one, so ``paused`` is as the close left it, and an answer made since (handed
+            # over unpaced) says nothing of the peer. Without stallTimeout the connection
+            # waits for the peer, as it did while closing.
+            return
         if timeout is None or self._broker.overflowing:
             self._dropNonReader(count, limit)
         elif self._stall is None:

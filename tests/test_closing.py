@@ -376,6 +376,18 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         self.assertEqual(len(self.successResultOf(answer)), 2 * MiB)
 
 
+def givenToTransport(server: Any) -> list[int]:
+    """
+    The sizes of what ``server``'s paced transport gives its real transport from now on.
+    """
+    transport: Any = server.transport
+    given: list[int] = []
+    real = transport._transport
+    original = real.write
+    real.write = lambda data: (given.append(len(data)), original(data))
+    return given
+
+
 class CollectingRoot(NativeRoot):
     """A NativeRoot that keeps the page collectors it is given, and whose ``later`` answers
     when the test says."""
@@ -402,14 +414,6 @@ class AfterCloseTests(SynchronousTestCase):
 
     limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=30)
 
-    def givenAfterClose(self, server: Any) -> list[int]:
-        transport: Any = server.transport
-        given: list[int] = []
-        real = transport._transport
-        original = real.write
-        real.write = lambda data: (given.append(len(data)), original(data))
-        return given
-
     def test_pagerAfterClose(self) -> None:
         """A pager started once the connection is closing sends nothing (docs: 'streams
         and pagers send nothing more'); it used to put every page in the real transport at
@@ -423,7 +427,7 @@ class AfterCloseTests(SynchronousTestCase):
         transport: Any = server.transport
         transport.loseConnection()
         self.assertTrue(transport.closed)
-        given = self.givenAfterClose(server)
+        given = givenToTransport(server)
         util.StringPager(root.collectors[0], b"p" * (4 * MiB), chunkSize=64 * 1024)
         self.assertLess(sum(given), 256 * 1024)
 
@@ -441,11 +445,52 @@ class AfterCloseTests(SynchronousTestCase):
         transport: Any = server.transport
         transport.loseConnection()
         self.assertTrue(transport.closed)
-        given = self.givenAfterClose(server)
+        given = givenToTransport(server)
         root.stream.write(b"s" * (2 * MiB))
         root.stream.write(b"s" * (2 * MiB))
         clock.advance(0)
         self.assertLess(sum(given), 2 * MiB + 256 * 1024)
+
+
+class LateAnswerWithoutStallTimeoutTests(SynchronousTestCase):
+    """
+    With ``stallTimeout=None`` a connection whose close finished while it was full (so the
+    wrapper stays paused: nothing resumes it any more) is not dropped for an answer made
+    after the close: a peer that reads gets it, and what the real transport held before.
+    """
+
+    def test_lateAnswerAfterCloseWhileFull(self) -> None:
+        limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=None)
+        root = NativeRoot()
+        server, client, pump, clock = nativePeers(limits, 64 * 1024, root)
+        remote = client.remoteForName("root")
+        late = remote.callRemote("wait")
+        big = remote.callRemote("big", 3 * MiB + 200_000)
+        pump.pump()
+        clock.advance(0)
+        transport: Any = server.transport
+        self.assertTrue(transport.paused)
+        transport.loseConnection()
+        for _ in range(200):  # the client reads what it is given
+            if transport.closed:
+                break
+            pump.clientIO.bufferReceived(pump.serverIO.getOutBuffer())
+            clock.advance(0)
+        self.assertTrue((transport.closed, transport.paused), (True, True))
+        assert root.pending is not None
+        given = givenToTransport(server)
+        with capturedLogs() as logs:
+            root.pending.callback(b"y" * (2 * MiB))
+            for _ in range(10):
+                clock.advance(0)
+        self.assertFalse(transport.aborted)
+        self.assertEqual([formatEvent(event) for event in logs], [])
+        self.assertGreater(sum(given), 2 * MiB)  # the late answer, handed over
+        pump.flush()
+        self.assertEqual(len(self.successResultOf(big)), 3 * MiB + 200_000)
+        # (The in-memory transport drops what is written after its close, so the late
+        # answer does not arrive here; a TCP connection delivers it.)
+        self.failureResultOf(late, pb.PBConnectionLost)
 
 
 class OverflowThenCloseTests(SynchronousTestCase):

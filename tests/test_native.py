@@ -1373,7 +1373,7 @@ class CodecEdgeTests(SynchronousTestCase):
 
         speedups = _accelerator.speedups
         if speedups is None:
-            raise SkipTest("the C extension is not built")
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
         fallen: list[Any] = []
 
         def fallback(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -3974,7 +3974,7 @@ class JoinPartsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         if _accelerator.speedups is None:
-            raise SkipTest("the C extension is not built")
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
         self.joinParts = _accelerator.speedups.joinParts
 
     def test_joined(self) -> None:
@@ -4015,7 +4015,7 @@ class RecordAcceleratorTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         if _native._record is None or _native._envelope is None:
-            raise SkipTest("the C extension is not built")
+            raise SkipTest("pbroker._speedups is not in use (test_package checks why)")
 
     def inPython(self, message: list[Any]) -> Any:
         try:

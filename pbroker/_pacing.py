@@ -427,7 +427,9 @@ class PacedTransport:
         limit now.
         """
         self._stall = None
-        if not self.paused:
+        if not (self.paused or self.closed):
+            return
+        if getattr(self._broker, "disconnected", False):
             return
         transport = self._transport
         pending = _pendingIn(transport)
@@ -443,6 +445,13 @@ class PacedTransport:
             and pendingThen + (self.written - written) - pending > 0
         ):
             self._armStallTimer(timeout, limit)  # a slow reader, but a reader
+            return
+        if self.closed:
+            # The real transport is closed: it holds what it has still to send (an answer
+            # made since, say), and ``paused`` is as the close left it. Nothing sent since
+            # the mark: the peer takes none of it.
+            if pending:
+                self._dropNonReader(pending, 0)
             return
         over = self._overLimit()
         if over is None and self.closing and not self.closed:
@@ -553,11 +562,12 @@ class PacedTransport:
         connection stayed open, so that closing takes no more memory than sending does; the
         real transport is closed once all of it is written. Meanwhile nothing the peer
         sends is handled. A peer that takes none of it for ``limits.stallTimeout`` seconds
-        is dropped (``stallTimeout=None``: the connection waits for it). A stall timer that
-        runs when the real transport is closed goes on running, though that transport no
-        longer pauses or resumes this producer: a peer that stops reading what it still
-        holds is dropped as it would be if the connection stayed open, rather than held for
-        ever (the connection closes once it has read it all).
+        is dropped (``stallTimeout=None``: the connection waits for it). When the real
+        transport is closed while it still holds some, a stall timer watches it (or the one
+        running goes on), though that transport no longer pauses or resumes this producer:
+        a peer that stops reading what it holds (an answer made since included) is dropped
+        as it would be if the connection stayed open, rather than held for ever (the
+        connection closes once it has read it all).
         """
         if self.closing or self.aborted:
             return
@@ -585,6 +595,17 @@ class PacedTransport:
         self.closed = True
         self._unregister()
         self._transport.loseConnection()
+        timeout = self._broker.limits.stallTimeout
+        if (
+            timeout is not None
+            and self._stall is None
+            and not getattr(self._broker, "disconnected", False)
+            and _pendingIn(self._transport)
+        ):
+            # It sends what it holds; a peer that takes none of it (or of an answer made
+            # since, written after it) for stallTimeout seconds is dropped, rather than
+            # keeping the connection and that memory for as long as it stays up.
+            self._armStallTimer(timeout, 0)
 
     def abortConnection(self) -> None:
         self.aborted = True

@@ -493,6 +493,71 @@ class LateAnswerWithoutStallTimeoutTests(SynchronousTestCase):
         self.failureResultOf(late, pb.PBConnectionLost)
 
 
+class LateAnswerStallTests(SynchronousTestCase):
+    """
+    Once a closing connection has been handed all it had to write, and the real transport
+    is closed, a stall timer still watches what that transport holds (an answer made since
+    included): a peer that takes none of it for ``stallTimeout`` seconds is dropped, and a
+    peer that reads is not.
+    """
+
+    limits = pb.BrokerLimits(bufferedBytes=MiB, messageSize=8 * MiB, stallTimeout=30)
+
+    def closedWithALateAnswer(self) -> tuple[Any, Any, Any, Any]:
+        root = NativeRoot()
+        server, client, pump, clock = nativePeers(self.limits, 64 * 1024, root)
+        remote = client.remoteForName("root")
+        late = remote.callRemote("wait")
+        big = remote.callRemote("big", 3 * MiB)
+        pump.pump()
+        clock.advance(0)
+        transport: Any = server.transport
+        transport.loseConnection()
+        for _ in range(200):  # the client reads what it is given until the close
+            if transport.closed:
+                break
+            pump.clientIO.bufferReceived(pump.serverIO.getOutBuffer())
+            clock.advance(0)
+        self.assertTrue(transport.closed)
+        # A TCP transport takes writes while it drains after its close (the in-memory one
+        # drops them): as TCP does.
+        transport._transport.disconnecting = False
+        assert root.pending is not None
+        root.pending.callback(b"y" * (2 * MiB))  # the method answers after the close
+        for _ in range(10):
+            clock.advance(0)
+        self.assertGreater(transport._transport.pendingBytes(), 2 * MiB)
+        return transport, pump, clock, (late, big)
+
+    def test_nonReaderDropped(self) -> None:
+        """A peer that reads none of the late answer is dropped after stallTimeout: the
+        connection and the answer's memory were kept for as long as it stayed up."""
+        transport, _, clock, calls = self.closedWithALateAnswer()
+        for call in calls:
+            call.addErrback(lambda _: None)
+        with capturedLogs() as logs:
+            clock.advance(29)
+            self.assertFalse(transport.aborted)
+            clock.advance(2)
+        self.assertTrue(transport.aborted)
+        self.assertIn("stopped reading", formatEvent(logs[-1]))
+
+    def test_slowReaderKept(self) -> None:
+        """A peer that reads, however slowly, is not dropped."""
+        transport, pump, clock, _ = self.closedWithALateAnswer()
+        real = transport._transport
+        received = 0
+        for _ in range(4):
+            clock.advance(20)
+            held = b"".join(real.stream)  # the peer takes 256 KiB every 20 seconds
+            real.stream[:] = [held[256 * 1024 :]]
+            received += len(held[: 256 * 1024])
+            pump.clientIO.bufferReceived(held[: 256 * 1024])
+        clock.advance(20)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(received, 4 * 256 * 1024)
+
+
 class OverflowThenCloseTests(SynchronousTestCase):
     """
     Closing ends an overflow: the peer's messages are no longer handled.

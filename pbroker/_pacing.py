@@ -523,11 +523,20 @@ class PacedTransport:
             stall.cancel()
 
     def _dropNonReader(self, count: int, limit: int) -> None:
-        self._log.warn(
-            "Dropping a peer that stopped reading: {count} bytes wait for it (limit {limit})",
-            count=count,
-            limit=limit,
-        )
+        if limit == 0 and self.closing:
+            # What a closing connection still has to write has no limit of its own: "limit 0"
+            # read as a misconfigured one.
+            self._log.warn(
+                "Dropping a peer that stopped reading: {count} bytes wait for it"
+                " (the connection is closing; it took none for stallTimeout)",
+                count=count,
+            )
+        else:
+            self._log.warn(
+                "Dropping a peer that stopped reading: {count} bytes wait for it (limit {limit})",
+                count=count,
+                limit=limit,
+            )
         self.paused = False
         # What the peer sent meanwhile is not handled as the connection goes (as it is
         # when a peer closes): this peer misbehaved.

@@ -334,9 +334,10 @@ class QueuedOnLoseConnectionTests(SynchronousTestCase):
         with capturedLogs() as logs:
             transport.loseConnection()
             clock.advance(31)
-        self.assertIn(
-            "Dropping a peer that stopped reading", " ".join(formatEvent(e) for e in logs)
-        )
+        text = " ".join(formatEvent(e) for e in logs)
+        self.assertIn("Dropping a peer that stopped reading", text)
+        self.assertIn("the connection is closing", text)
+        self.assertNotIn("limit 0", text)
         self.assertTrue(transport.aborted)
 
     def test_waitsWithoutStallTimeout(self) -> None:

@@ -542,6 +542,7 @@ class LateAnswerStallTests(SynchronousTestCase):
             clock.advance(2)
         self.assertTrue(transport.aborted)
         self.assertIn("stopped reading", formatEvent(logs[-1]))
+        self.assertIn("the connection is closing", formatEvent(logs[-1]))
 
     def test_slowReaderKept(self) -> None:
         """A peer that reads, however slowly, is not dropped."""

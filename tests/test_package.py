@@ -47,6 +47,17 @@ def importedModules(path: Path) -> set[str]:
 
 
 class PackageTests(SynchronousTestCase):
+    def test_twistdPluginFound(self) -> None:
+        """
+        twistd finds the pbroker plugin where the suite runs: in the README's editable
+        install too, which puts the checkout's twisted/plugins folder on the path (it used to
+        be a folder of another name, mapped at install, that an editable install missed).
+        """
+        from twisted.application.service import IServiceMaker
+        from twisted.plugin import getPlugins
+
+        self.assertIn("pbroker", [maker.tapname for maker in getPlugins(IServiceMaker)])
+
     def test_neverImportsTwistedSpread(self) -> None:
         """No product module imports twisted.spread: pbroker is written independently."""
         sources = sorted(PACKAGE.rglob("*.py"))

@@ -11,6 +11,7 @@ for TLS), mutual TLS, logins (``--auth`` through :mod:`twisted.cred.strcred`, a 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -498,7 +499,20 @@ def _loadRoot(name: str) -> Any:
     try:
         found = namedAny(name)  # type: ignore[no-untyped-call]
     except Exception as e:
-        raise usage.UsageError(f"cannot load --root {name}: {e}") from None
+        reason = str(e)
+        top = name.split(".")[0]
+        try:
+            missing = bool(top) and importlib.util.find_spec(top) is None
+        except (ImportError, ValueError):
+            missing = False
+        if missing:
+            # namedAny says only "does not name an object"; the usual cause is a module in
+            # the current directory, which twistd does not put on sys.path.
+            reason = (
+                f"no module {top!r} can be imported (twistd does not look in the current"
+                " directory: add the module's directory to PYTHONPATH)"
+            )
+        raise usage.UsageError(f"cannot load --root {name}: {reason}") from None
     if not (pb.IPBRoot.providedBy(found) or isinstance(found, Portal)) and callable(found):
         try:
             found = found()

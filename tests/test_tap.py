@@ -382,6 +382,16 @@ class ServiceTests(TestCase):
         self.assertIn("cannot load --root tests.test_tap.failingRoot", str(raised.exception))
         self.assertIn("boom", str(raised.exception))
 
+    def test_rootModuleNotImportable(self) -> None:
+        """A --root whose module cannot be imported says so, and where to put it, rather
+        than that the name names no object (twistd does not look in the current
+        directory)."""
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--root", "noSuchModuleHere.root"])
+        self.assertIn("cannot load --root noSuchModuleHere.root", str(raised.exception))
+        self.assertIn("no module 'noSuchModuleHere' can be imported", str(raised.exception))
+        self.assertIn("PYTHONPATH", str(raised.exception))
+
     def test_tlsPortInUseStopsStartup(self) -> None:
         """A --tls-port that cannot be listened on stops the service from starting, as a
         busy --listen port does, instead of leaving it running without TLS."""

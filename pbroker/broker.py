@@ -1900,15 +1900,28 @@ class Broker(Banana):
             if not released:
                 return
             if len(released) < len(blocked):
-                gone = {id(entry) for entry in released}
-                remaining = [entry for entry in blocked if id(entry) not in gone]
-                blocked.clear()
-                blocked.extend(remaining)
                 released.sort(key=_keptOrder)
-                merged = list(heapq.merge(released, self._afterLarge, key=_keptOrder))
+                # What goes is most often the first of what waits (the messages up to the
+                # next call that waits, as each is written): taken from the front, the rest
+                # not walked; else the rest are kept, in order.
+                front = 0
+                for entry in released:
+                    if blocked[0] is not entry:
+                        break
+                    blocked.popleft()
+                    front += 1
+                if front < len(released):
+                    gone = {id(entry) for entry in released[front:]}
+                    remaining = [entry for entry in blocked if id(entry) not in gone]
+                    blocked.clear()
+                    blocked.extend(remaining)
                 after = self._keptQueue()
-                after.clear()  # (in place: _flushAfterLarge may be walking it)
-                after.extend(merged)
+                if not after or _keptOrder(released[-1]) < _keptOrder(after[0]):
+                    after.extendleft(reversed(released))  # (all before what is there)
+                else:
+                    merged = list(heapq.merge(released, after, key=_keptOrder))
+                    after.clear()  # (in place: _flushAfterLarge may be walking it)
+                    after.extend(merged)
                 self._schedulePump()
                 return
         merged = list(heapq.merge(blocked, self._afterLarge, key=_keptOrder))
@@ -1941,6 +1954,11 @@ class Broker(Banana):
         waitingBy = self._waitingCalls().provided
         blockedBy = self._blockedKeys
         released: list[_KeptEntry] = []
+        # What the large calls let go here that may wait for room once written provide
+        # (where the first that does stands): what needs one of them stays, as if it were
+        # still here (else it would go, only to wait again, out of its place, once that
+        # call is written and waits).
+        held: dict[tuple[int, Any], tuple[int, bool]] = {}
         heap: list[tuple[tuple[int, bool], int, _KeptEntry]] = []
         pending: set[int] = set()
         tieBreak = itertools.count()
@@ -1970,8 +1988,10 @@ class Broker(Banana):
             keys = entry[6]
             assert keys is not None
             needs, provides = keys
-            if any(waitingBy.get(key, serial) < serial for key in needs) or any(
-                (before := blockedBy.get(key)) and before[0] < order for key in needs
+            if (
+                any(waitingBy.get(key, serial) < serial for key in needs)
+                or any((before := blockedBy.get(key)) and before[0] < order for key in needs)
+                or (held and any((by := held.get(key)) and by < order for key in needs))
             ):
                 continue
             self._unblockEntry(entry)
@@ -1980,8 +2000,11 @@ class Broker(Banana):
             if isinstance(payload, _Payload) and payload.taken:
                 # A large call that may wait for room once written, and what needs it would
                 # be blocked again: that stays here, and is looked at when the call is
-                # written (or dropped). (Other large messages are written as they come,
-                # and what follows them in _afterLarge waits for them there.)
+                # written (or dropped), whether it was reached through this call's keys or
+                # another's. (Other large messages are written as they come, and what
+                # follows them in _afterLarge waits for them there.)
+                for key in provides:
+                    held.setdefault(key, order)
                 continue
             for key in provides:
                 lookAt(key)

@@ -3458,6 +3458,88 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
         self.assertFalse(self.client._afterBlocked)
 
+    def test_pairsLetGoDoNotWalkAllThatStillWaits(self, count: int = 300) -> None:
+        """
+        As each of ``count`` large calls, each followed by a small one, is written, the
+        messages it lets go are taken out of those still waiting without walking all of
+        them (which cost ``count`` squared steps, counted here by the ``id`` calls the
+        broker makes).
+        """
+        KiB = 1024
+        started: list[Any] = []
+        self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
+        ids = [0]
+
+        def countingID(obj: object) -> int:
+            ids[0] += 1
+            return id(obj)
+
+        brokerModule.id = countingID  # type: ignore[attr-defined]
+        self.addCleanup(delattr, brokerModule, "id")
+        expected: list[Any] = []
+        for index in range(count):
+            self.root.callRemote("take", ("large", index), b"x" * (200 * KiB))
+            self.root.callRemote("take", ("small", index))
+            expected += [("large", index), ("small", index)]
+        self.settle(lambda: len(started) == 2 * count)
+        self.assertEqual(started, expected)
+        self.assertLessEqual(ids[0], 20 * count)
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+        self.assertFalse(self.client._afterBlocked)
+
+    def test_releasesBehindCallsLetGoAheadStayInPlace(self, count: int = 60) -> None:
+        """
+        Large calls to one of the peer's objects, each followed by a release of it (a
+        reference to it dropped), all kept behind a call that waits for room: as each call
+        is written, the next call goes ahead, and the release behind that call, which needs
+        it, stays where it waits; it is not let go too, only to wait again out of its
+        place (which cost a walk of all that waits, and a sort of what needs the object,
+        for each call).
+        """
+        KiB = 1024
+        got: list[Any] = []
+
+        class Target(pb.Referenceable):
+            def remote_take(self, tag: Any, data: bytes = b"") -> None:
+                got.append(tag)
+
+        target = Target()
+        self.rootObject.remote_get = lambda: target  # type: ignore[attr-defined]
+        refs: list[Any] = []
+        for _ in range(count + 1):
+            self.root.callRemote("get").addCallback(refs.append)
+        self.pump.flush()
+        self.assertEqual(len(refs), count + 1)
+        remote = refs.pop()
+        checked: list[Any] = []
+        outOfOrder: list[Any] = []
+        blockEntry = brokerModule.Broker._blockEntry
+
+        def counting(broker: Any, entry: Any) -> None:
+            checked.append(entry)
+            blocked = broker._afterBlocked
+            if blocked and brokerModule._keptOrder(blocked[-1]) > brokerModule._keptOrder(entry):
+                outOfOrder.append(entry)
+            blockEntry(broker, entry)
+
+        self.patch(brokerModule.Broker, "_blockEntry", counting)
+        remote.callRemote("take", "first", b"x" * (1024 * KiB))  # being written
+        remote.callRemote("take", "small")  # kept: the calls after it are kept too
+        expected: list[Any] = ["first", "small"]
+        for index in range(count):
+            remote.callRemote("take", index, b"x" * (200 * KiB))
+            refs.pop()  # its decref is kept behind the call
+            expected.append(index)
+        self.settle(lambda: len(got) == count + 2)
+        self.assertEqual(got, expected)
+        self.assertEqual(outOfOrder, [])
+        self.assertLessEqual(len(checked), 2 * count + 2)
+        self.pump.flush()
+        self.assertFalse(self.client._keptReleases)  # every decref was sent
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+        self.assertFalse(self.client._afterBlocked)
+        self.assertFalse(self.client._afterLarge)
+
     def moveClientBytes(self) -> None:
         """
         Deliver what the client writes, as it writes it, and nothing the server writes (so

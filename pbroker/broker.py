@@ -1916,7 +1916,9 @@ class Broker(Banana):
                     blocked.clear()
                     blocked.extend(remaining)
                 after = self._keptQueue()
-                if not after or _keptOrder(released[-1]) < _keptOrder(after[0]):
+                if not after or _keptOrder(released[0]) > _keptOrder(after[-1]):
+                    after.extend(released)  # (all after what is there)
+                elif _keptOrder(released[-1]) < _keptOrder(after[0]):
                     after.extendleft(reversed(released))  # (all before what is there)
                 else:
                     merged = list(heapq.merge(released, after, key=_keptOrder))

@@ -3487,6 +3487,41 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
         self.assertFalse(self.client._afterBlocked)
 
+    def test_cancelsOldestFirstDoNotWalkWhatWasLetGo(self, count: int = 300) -> None:
+        """
+        Large calls each followed by a small one, kept behind a call that waits for room,
+        the large ones cancelled oldest first before the pump runs again: what each cancel
+        lets go (the small call behind it, and the next large call) comes after all that
+        was let go before it, and joins it without a merge of all of it (which cost
+        ``count`` squared steps, counted here by the broker's ordering of entries).
+        """
+        KiB = 1024
+        started: list[Any] = []
+        self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
+        calls = []
+        self.root.callRemote("take", "first", b"x" * (1024 * KiB))
+        for index in range(count):
+            calls.append(self.root.callRemote("take", ("large", index), b"x" * (200 * KiB)))
+            self.root.callRemote("take", ("small", index))
+        self.settle(lambda: len(self.client._afterBlocked) >= 2 * count - 3)
+        orders = [0]
+        keptOrder = brokerModule._keptOrder
+
+        def counting(entry: Any) -> Any:
+            orders[0] += 1
+            return keptOrder(entry)
+
+        self.patch(brokerModule, "_keptOrder", counting)
+        for call in calls:
+            call.addErrback(lambda failure: failure.trap(CancelledError))
+            call.cancel()
+        self.assertLessEqual(orders[0], 20 * count)
+        expected = ["first", *(("small", index) for index in range(count))]
+        self.settle(lambda: len(started) == count + 1)
+        self.assertEqual(started, expected)
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+        self.assertFalse(self.client._afterBlocked)
+
     def test_releasesBehindCallsLetGoAheadStayInPlace(self, count: int = 60) -> None:
         """
         Large calls to one of the peer's objects, each followed by a release of it (a

@@ -2006,7 +2006,8 @@ class Broker(Banana):
                 # another's. (Other large messages are written as they come, and what
                 # follows them in _afterLarge waits for them there.)
                 for key in provides:
-                    held.setdefault(key, order)
+                    if key not in held or order < held[key]:
+                        held[key] = order
                 continue
             for key in provides:
                 lookAt(key)

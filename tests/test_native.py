@@ -3398,6 +3398,20 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual(len(self.successResultOf(third)), 300 * KiB)
         self.assertEqual(len(self.successResultOf(first)), 300 * KiB)
 
+    def blockedFromNowOn(self) -> list[Any]:
+        """
+        The entries put in ``_afterBlocked`` from now on (see Broker._blockEntry), in turn.
+        """
+        blocked: list[Any] = []
+        blockEntry = brokerModule.Broker._blockEntry
+
+        def counting(broker: Any, entry: Any) -> None:
+            blocked.append(entry)
+            blockEntry(broker, entry)
+
+        self.patch(brokerModule.Broker, "_blockEntry", counting)
+        return blocked
+
     def test_cancelledKeptCallsLeaveTheOthersWaiting(self) -> None:
         """Calls kept behind a large call that waits for room, cancelled one at a time (as
         they time out, say), are each dropped without those still waiting being checked
@@ -3412,14 +3426,7 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         kept = [self.root.callRemote("take", tag) for tag in range(100)]
         self.clock.advance(0)
         self.assertEqual(len(self.client._afterBlocked), 100)
-        checked: list[Any] = []
-        blockEntry = brokerModule.Broker._blockEntry
-
-        def counting(broker: Any, entry: Any) -> None:
-            checked.append(entry)
-            blockEntry(broker, entry)
-
-        self.patch(brokerModule.Broker, "_blockEntry", counting)
+        checked = self.blockedFromNowOn()
         for call in kept[:-1]:
             call.cancel()
             self.failureResultOf(call, CancelledError)
@@ -3429,45 +3436,18 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual(started, ["first", "second", 99])
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
 
-    def test_callsThatWaitInTurnAreNotCheckedOverAgain(self, count: int = 60) -> None:
+    def test_callsThatWaitInTurnAreNotCheckedOverAgain(self, count: int = 300) -> None:
         """
         Large calls each followed by a small one, all in order, more than the peer's room
         holds: as each large call is written, only the messages up to the next large call
-        go, and the others still waiting are not checked over again (which made ``count``
-        such pairs cost ``count`` squared).
+        go, and the others still waiting are neither checked over again nor walked (each
+        made ``count`` such pairs cost ``count`` squared steps: entries blocked again, and
+        the ``id`` calls the broker makes).
         """
         KiB = 1024
         started: list[Any] = []
         self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
-        checked: list[Any] = []
-        blockEntry = brokerModule.Broker._blockEntry
-
-        def counting(broker: Any, entry: Any) -> None:
-            checked.append(entry)
-            blockEntry(broker, entry)
-
-        self.patch(brokerModule.Broker, "_blockEntry", counting)
-        expected: list[Any] = []
-        for index in range(count):
-            self.root.callRemote("take", ("large", index), b"x" * (200 * KiB))
-            self.root.callRemote("take", ("small", index))
-            expected += [("large", index), ("small", index)]
-        self.settle(lambda: len(started) == 2 * count)
-        self.assertEqual(started, expected)
-        self.assertLessEqual(len(checked), 3 * count)
-        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
-        self.assertFalse(self.client._afterBlocked)
-
-    def test_pairsLetGoDoNotWalkAllThatStillWaits(self, count: int = 300) -> None:
-        """
-        As each of ``count`` large calls, each followed by a small one, is written, the
-        messages it lets go are taken out of those still waiting without walking all of
-        them (which cost ``count`` squared steps, counted here by the ``id`` calls the
-        broker makes).
-        """
-        KiB = 1024
-        started: list[Any] = []
-        self.rootObject.remote_take = lambda tag, data=b"": started.append(tag)  # type: ignore
+        checked = self.blockedFromNowOn()
         ids = [0]
 
         def countingID(obj: object) -> int:
@@ -3483,6 +3463,7 @@ class TakenLargeCallTests(TakenLargeCallPeers):
             expected += [("large", index), ("small", index)]
         self.settle(lambda: len(started) == 2 * count)
         self.assertEqual(started, expected)
+        self.assertLessEqual(len(checked), 3 * count)
         self.assertLessEqual(ids[0], 20 * count)
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
         self.assertFalse(self.client._afterBlocked)

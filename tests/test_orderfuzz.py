@@ -35,6 +35,7 @@ and every reference and copy sent is released.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -52,10 +53,14 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def _seeds() -> range:
-    spec = os.environ.get("PBROKER_ORDERFUZZ_SEEDS")
+def seedsFrom(variable: str, default: int) -> range:
+    """
+    The seeds the environment variable ``variable`` names (``first:count``), else the first
+    ``default``.
+    """
+    spec = os.environ.get(variable)
     if not spec:
-        return range(300)
+        return range(default)
     first, _, count = spec.partition(":")
     return range(int(first), int(first) + int(count or 1))
 
@@ -395,6 +400,16 @@ class ServerGaugeCopy(FuzzCopy):
 class Scenario:
     """One random run, from its seed."""
 
+    # What the run is drawn from (a variant draws from others, see test_orderfuzz_stress).
+    largeChances: tuple[float, ...] = (0.1, 0.25, 0.4)
+    extrasChances: tuple[float, ...] = (0, 0.2, 0.5)
+    loseChance, loseWithin = 0.06, 160
+    reactionCounts: tuple[int, ...] = (0, 5, 20)
+    reactChances: tuple[float, ...] = (0.1, 0.3)
+    bufferSizes: tuple[int | None, ...] = (None, None, 16 * KiB, 64 * KiB, 300 * KiB, 2 * MiB)
+    bufferedSizes: tuple[int, ...] = (64 * KiB, 300 * KiB, MiB, MiB, 3 * MiB)
+    budgets, stepCounts = (4, 16), (20, 160)
+
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.rng = Random(seed)
@@ -404,18 +419,19 @@ class Scenario:
         self.serverGauge = ServerGauge()
         self.clientGauge = ClientGauge()
         rng = self.rng
-        self.largeChance = rng.choice([0.1, 0.25, 0.4])
-        self.extrasChance = rng.choice([0, 0.2, 0.5])
+        self.largeChance = rng.choice(self.largeChances)
+        self.extrasChance = rng.choice(self.extrasChances)
         # Whether the connection is lost part way (then calls need not all arrive).
-        self.loseAt = rng.randrange(160) if rng.random() < 0.06 else None
+        self.loseAt = rng.randrange(self.loseWithin) if rng.random() < self.loseChance else None
         self.lost = False
         # The side that closed the connection with loseConnection() (not aborted it), and
         # how many calls it had made by then: those must all arrive (see checkCalls).
         self.closer: Side | None = None
         self.madeBeforeClose = 0
-        self.reactions = rng.choice([0, 5, 20])
-        self.reactChance = rng.choice([0.1, 0.3])
-        self.bufferSize = rng.choice([None, None, 16 * KiB, 64 * KiB, 300 * KiB, 2 * MiB])
+        self.reactions = rng.choice(self.reactionCounts)
+        self.reactChance = rng.choice(self.reactChances)
+        self.chooseMore(rng)
+        self.bufferSize = rng.choice(self.bufferSizes)
         self.clock = Clock()
         self.client = Side(self, "c")
         self.server = Side(self, "s")
@@ -423,7 +439,7 @@ class Scenario:
         registry.setUnjellyableForClass(ClientGauge, ClientGaugeCopy)
         registry.setUnjellyableForClass(ServerGauge, ServerGaugeCopy)
         registry.setUnjellyableForClass(PoolGauge, PoolGaugeCopy)
-        self.buffered = [rng.choice([64 * KiB, 300 * KiB, MiB, MiB, 3 * MiB]) for _ in range(2)]
+        self.buffered = [rng.choice(self.bufferedSizes) for _ in range(2)]
         self.serverBroker, self.clientBroker, self.pump = connectedServerAndClient(
             pb.PBServerFactory(
                 ServerRoot(self.server),
@@ -578,10 +594,16 @@ class Scenario:
                 self.clock.advance(0.5)
         self.problems.append("it never settled")
 
+    def chooseMore(self, rng: Random) -> None:
+        """
+        Draw what a variant needs besides (at this point of the draws, so that the others
+        stay as they are for a seed).
+        """
+
     def run(self) -> None:
         rng = self.rng
-        budget = [rng.randrange(4, 16)]
-        for count in range(rng.randrange(20, 160)):
+        budget = [rng.randrange(*self.budgets)]
+        for count in range(rng.randrange(*self.stepCounts)):
             if count == self.loseAt:
                 self.lost = True
                 side = rng.choice([self.client, self.server])
@@ -704,8 +726,8 @@ class Scenario:
         return "\n".join(lines)
 
 
-def runScenario(seed: int) -> Scenario:
-    scenario = Scenario(seed)
+def runScenario(seed: int, kind: type[Scenario] = Scenario) -> Scenario:
+    scenario = kind(seed)
     with capturedLogs() as events:
         scenario.run()
     for event in events:
@@ -718,19 +740,27 @@ def runScenario(seed: int) -> Scenario:
     return scenario
 
 
+def failedScenarios(seeds: Iterable[int], kind: type[Scenario] = Scenario) -> list[str]:
+    """
+    What the first three scenarios of ``seeds`` that break a rule did.
+    """
+    failed = []
+    for seed in seeds:
+        scenario = runScenario(seed, kind)
+        if scenario.problems:
+            failed.append(scenario.describe())
+            if len(failed) >= 3:
+                break
+    return failed
+
+
 class OrderFuzzTests(SynchronousTestCase):
     """
     Many random scenarios, each from its seed: run ``runScenario(seed)`` again to see one.
     """
 
     def test_scenarios(self) -> None:
-        failed = []
-        for seed in _seeds():
-            scenario = runScenario(seed)
-            if scenario.problems:
-                failed.append(scenario.describe())
-                if len(failed) >= 3:
-                    break
+        failed = failedScenarios(seedsFrom("PBROKER_ORDERFUZZ_SEEDS", 300))
         self.assertEqual(failed, [], "\n\n".join(failed))
 
     def test_seedsThatFoundDefects(self) -> None:

@@ -503,23 +503,59 @@ class _Waiting:
     """
     Large calls that wait for room (see Broker._flushAfterLarge): the first one's serial,
     and for each key one of them provides, the smallest serial of those that do; and the
-    serial of the first large message queued that does not wait so (``firstOther``).
+    serial of the first large message queued that does not wait so (``firstOther``). Kept
+    up to date as large messages are queued, start and go (see Broker._largeQueued), so
+    that a flush does not walk all of them.
     """
 
-    __slots__ = ("first", "firstOther", "provided")
+    __slots__ = ("_byKey", "_calls", "_others", "first", "firstOther", "provided")
 
     def __init__(self) -> None:
         self.first: int | None = None
         self.firstOther: int | None = None
         self.provided: dict[tuple[int, Any], int] = {}
+        self._calls: list[int] = []
+        self._others: list[int] = []
+        self._byKey: dict[tuple[int, Any], list[int]] = {}
 
-    def add(self, serial: int, provides: _KeySet) -> None:
-        if self.first is None or serial < self.first:
-            self.first = serial
-        provided = self.provided
+    def addCall(self, serial: int, provides: _KeySet) -> None:
+        bisect.insort(self._calls, serial)
+        self.first = self._calls[0]
+        byKey, provided = self._byKey, self.provided
         for key in provides:
-            if key not in provided or serial < provided[key]:
+            serials = byKey.get(key)
+            if serials is None:
+                byKey[key] = [serial]
                 provided[key] = serial
+            else:
+                bisect.insort(serials, serial)
+                provided[key] = serials[0]
+
+    def removeCall(self, serial: int, provides: _KeySet) -> None:
+        calls = self._calls
+        del calls[bisect.bisect_left(calls, serial)]
+        self.first = calls[0] if calls else None
+        byKey, provided = self._byKey, self.provided
+        for key in provides:
+            serials = byKey[key]
+            del serials[bisect.bisect_left(serials, serial)]
+            if serials:
+                provided[key] = serials[0]
+            else:
+                del byKey[key], provided[key]
+
+    def addOther(self, serial: int) -> None:
+        bisect.insort(self._others, serial)
+        self.firstOther = self._others[0]
+
+    def removeOther(self, serial: int) -> None:
+        others = self._others
+        del others[bisect.bisect_left(others, serial)]
+        self.firstOther = others[0] if others else None
+
+
+#: What no large message queued gives (never changed).
+_NO_WAITING = _Waiting()
 
 
 def _keptOrder(entry: _KeptEntry) -> tuple[int, bool]:
@@ -646,6 +682,7 @@ class Broker(Banana):
         "_largeOut",
         "_largeOutForPeer",
         "_largeScheduled",
+        "_largeWaiting",
         "_lastOrderedCall",
         "_lastRegistered",
         "_losing",
@@ -785,6 +822,8 @@ class Broker(Banana):
         # (see _queueSerial), what a call that may wait for room needs and provides (see
         # _keysOf; else None)].
         self._largeOut: list[list[Any]] = []
+        # Its calls that wait for room and the others, by what they provide (see _Waiting).
+        self._largeWaiting: _Waiting = _NO_WAITING
         # The bytes left of the messages in it that are not this side's calls (answers, errors,
         # stream items), for _queueFull.
         self._largeOutForPeer = 0
@@ -1100,6 +1139,7 @@ class Broker(Banana):
         if self._lostReason is not None:
             reason = self._lostReason
         self._largeOut = []
+        self._largeWaiting = _NO_WAITING
         self._largeOutForPeer = 0
         # An object with decrefs kept unsent still counted as held.
         self.importedReferences -= sum(
@@ -1266,17 +1306,23 @@ class Broker(Banana):
             # (with room for one message as large as the peer accepts, besides the one being
             # sent: a reader that reads gets any message the limits allow).
             transport.queued(payload.size, allowance)
-        self._largeOut.append(
-            [
-                [memoryview(part) for part in payload.parts],
-                payload.size,
-                requestID,
-                payload.size if payload.taken else 0,
-                counted,
-                self._nextSerial() if serial is None else serial,
-                keys if payload.taken else None,
-            ]
-        )
+        entry = [
+            [memoryview(part) for part in payload.parts],
+            payload.size,
+            requestID,
+            payload.size if payload.taken else 0,
+            counted,
+            self._nextSerial() if serial is None else serial,
+            keys if payload.taken else None,
+        ]
+        self._largeOut.append(entry)
+        waiting = self._largeWaiting
+        if waiting is _NO_WAITING:
+            waiting = self._largeWaiting = _Waiting()
+        if entry[3] and keys is not None:
+            waiting.addCall(entry[5], keys[1])
+        else:
+            waiting.addOther(entry[5])
         if requestID is None:
             self._largeOutForPeer += payload.size
         if not payload.taken:
@@ -1378,6 +1424,10 @@ class Broker(Banana):
         """
         size = entry[3]
         entry[3] = 0
+        if size and entry[6] is not None:
+            # It no longer waits: what follows waits for it as for any large message.
+            self._largeWaiting.removeCall(entry[5], entry[6][1])
+            self._largeWaiting.addOther(entry[5])
         if self._untaken is _NO_ENTRIES:
             self._untaken = {}
         self._untaken[entry[2]] = size
@@ -1514,7 +1564,7 @@ class Broker(Banana):
         # is, where a sequence of parts would be copied into one first.
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
-            self._largeOut.pop(0)
+            self._largeGone(self._largeOut.pop(0))
             if entry[6] is not None and self._afterBlocked:
                 self._unblockKept(entry[6][1])  # what needed it may go
         return size
@@ -2018,13 +2068,16 @@ class Broker(Banana):
         The large calls queued that wait for room (see :meth:`_startableLarge`) and whose
         keys are known, by what they provide, and the first of the other large messages.
         """
-        waiting = _Waiting()
-        for large in self._largeOut:
-            if large[3] and large[6] is not None:
-                waiting.add(large[5], large[6][1])
-            elif waiting.firstOther is None or large[5] < waiting.firstOther:
-                waiting.firstOther = large[5]
-        return waiting
+        return self._largeWaiting
+
+    def _largeGone(self, entry: list[Any]) -> None:
+        """
+        Uncount the large message ``entry``, written or dropped (see :class:`_Waiting`).
+        """
+        if entry[3] and entry[6] is not None:
+            self._largeWaiting.removeCall(entry[5], entry[6][1])
+        else:
+            self._largeWaiting.removeOther(entry[5])
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -2043,11 +2096,13 @@ class Broker(Banana):
         wait in ``_afterBlocked`` until the call is written (or dropped), and so does what
         needs what one of them provides, so that they keep their order.
         """
-        waiting = self._waitingCalls()  # calls waiting for room that what follows may pass
-        first = waiting.firstOther
         after = self._afterLarge
         while after and not self.disconnected:
             entry = after[0]
+            # The calls waiting for room that what follows may pass, and the first other
+            # large message, which it waits for (one written here counts at once).
+            waiting = self._largeWaiting
+            first = waiting.firstOther
             if first is not None and first < entry[3]:
                 return
             after.popleft()
@@ -2059,12 +2114,6 @@ class Broker(Banana):
             self._keptOwn -= own
             if payload is not None:
                 self._writePayload(payload, requestID, counted, serial, keys)
-                if isinstance(payload, _Payload):
-                    written = self._largeOut[-1]
-                    if written[3] and written[6] is not None:
-                        waiting.add(serial, written[6][1])
-                    else:
-                        first = serial  # a large message now, before the rest: they wait for it
                 continue
             release: _Release = counted
             if not release.count:
@@ -2788,6 +2837,7 @@ class Broker(Banana):
                 if entry[4] is None or any(kind == _FIRST for _, kind in entry[4]):
                     return False  # being written, or holds a first copy later ones may name
                 del queue[index]
+                self._largeGone(entry)
                 self._largeBlocked = False  # the call behind it may fit
                 transport: Any = self.transport
                 if type(transport) is PacedTransport and transport.paused and index:
@@ -3385,6 +3435,7 @@ class Broker(Banana):
             return
         transport.paused = False
         self._largeOut = []
+        self._largeWaiting = _NO_WAITING
         self._largeOutForPeer = 0
         self._losing = True  # nothing waits for the peer any more: it is all handled
         try:

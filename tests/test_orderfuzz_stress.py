@@ -2,7 +2,8 @@
 A harder variant of tests/test_orderfuzz.py for the messages kept behind large calls that
 wait for room (Broker._afterBlocked, _releaseBlocked): more and larger calls, little room
 (small ``bufferedBytes``), more cache handles and references in values, more cancels and
-timeouts, more calls made from inside methods. The same rules are checked.
+timeouts, more calls made from inside methods. The same rules are checked, and so is what a
+broker keeps of those calls (Broker._largeWaiting), through both fuzzes.
 
 ``PBROKER_ORDERSTRESS_SEEDS=first:count`` runs other seeds (default: 0 to 100).
 """
@@ -14,7 +15,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_orderfuzz import KiB, MiB, Scenario, failedScenarios, seedsFrom
+from pbroker.broker import Broker
+from tests.test_orderfuzz import KiB, MiB, Scenario, failedScenarios, runScenario, seedsFrom
 
 
 class StressScenario(Scenario):
@@ -82,3 +84,50 @@ class OrderStressTests(SynchronousTestCase):
     def test_scenarios(self) -> None:
         failed = failedScenarios(seedsFrom("PBROKER_ORDERSTRESS_SEEDS", 100), StressScenario)
         self.assertEqual(failed, [], "\n\n".join(failed))
+
+
+def walkedWaiting(broker: Any) -> tuple[Any, Any, dict[Any, int]]:
+    """
+    What a walk of ``broker._largeOut`` says of its large calls that wait for room (see
+    Broker._Waiting): the first one's serial, the first other large message's, and for each
+    key the smallest serial of the waiting calls that provide it.
+    """
+    first = firstOther = None
+    provided: dict[Any, int] = {}
+    for large in broker._largeOut:
+        serial = large[5]
+        if large[3] and large[6] is not None:
+            first = serial if first is None else min(first, serial)
+            for key in large[6][1]:
+                provided[key] = min(provided.get(key, serial), serial)
+        else:
+            firstOther = serial if firstOther is None else min(firstOther, serial)
+    return first, firstOther, provided
+
+
+class WaitingIndexTests(SynchronousTestCase):
+    def test_keptUpToDate(self) -> None:
+        """
+        What a broker keeps of its large calls that wait for room, up to date as they are
+        queued, start and go (so that a flush does not walk them all), is what a walk of
+        them says, wherever it is read, through the scenarios of both fuzzes.
+        """
+        checked: list[int] = []
+        mismatches: list[Any] = []
+        for name in ("_flushAfterLarge", "_releaseBlocked", "_mustWait"):
+            original = getattr(Broker, name)
+
+            def checking(broker: Any, *args: Any, _original: Any = original) -> Any:
+                index = broker._largeWaiting
+                kept = (index.first, index.firstOther, index.provided)
+                checked.append(1)
+                if kept != walkedWaiting(broker):
+                    mismatches.append((kept, walkedWaiting(broker)))
+                return _original(broker, *args)
+
+            self.patch(Broker, name, checking)
+        for seed in range(40):
+            runScenario(seed)
+            runScenario(seed, StressScenario)
+        self.assertGreater(len(checked), 1000)
+        self.assertEqual(mismatches[:3], [])

@@ -1404,11 +1404,16 @@ class Broker(Banana):
         queue = self._largeOut
         untaken = self._untakenBytes
         blocked = False
+        # (Whether a message that does not wait for room may be queued after the calls
+        # that do: if not, the first of those that cannot start is as far as to look.)
+        others = bool(self._largeWaiting._others)
         for index, entry in enumerate(queue):
             size = entry[3]
             if size:
                 if blocked or (untaken and untaken + size > self._untakenLimit):
                     blocked = True  # and the calls after it wait too: calls keep their order
+                    if not others:
+                        break
                     continue
                 self._startUntaken(entry)
             if index:

@@ -3468,6 +3468,56 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
         self.assertFalse(self.client._afterBlocked)
 
+    def test_callsToOneObjectEachReleasedAreNotWalkedEachTime(self, count: int = 200) -> None:
+        """
+        Large calls to one of the peer's objects, each followed by a release of it, all
+        waiting for room: as each starts or is written, the calls still waiting are not
+        walked again, neither to find what they provide nor which may start (each made
+        ``count`` such calls cost ``count`` squared steps, counted here by the items the
+        broker's ``enumerate`` and ``_Waiting.addCall`` see).
+        """
+        KiB = 1024
+        limits = pb.BrokerLimits(bufferedBytes=64 * KiB, messageSize=4 * MiB)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.rootObject, clock=self.clock, limits=limits),
+            pb.PBClientFactory(clock=self.clock, limits=limits),
+            clock=self.clock,
+            bufferSize=64 * KiB,
+        )  # (room for one call of 100 KiB at a time)
+        self.root = self.client.remoteForName("root")
+        sizer = Sizer()
+        self.rootObject.remote_sizer = lambda: sizer  # type: ignore[attr-defined]
+        references: list[Any] = []
+        for _ in range(count + 1):
+            self.root.callRemote("sizer").addCallback(references.append)
+        self.pump.flush()
+        target = references.pop()
+        steps = [0]
+
+        def countingEnumerate(items: Any) -> Any:
+            for item in enumerate(items):
+                steps[0] += 1
+                yield item
+
+        brokerModule.enumerate = countingEnumerate  # type: ignore[attr-defined]
+        self.addCleanup(delattr, brokerModule, "enumerate")
+        addCall = brokerModule._Waiting.addCall
+
+        def countingAddCall(waiting: Any, *args: Any) -> None:
+            steps[0] += 1
+            addCall(waiting, *args)
+
+        self.patch(brokerModule._Waiting, "addCall", countingAddCall)
+        sizes: list[int] = []
+        for _ in range(count):
+            target.callRemote("size", b"x" * (100 * KiB)).addCallback(sizes.append)
+            references.pop()  # released: its decref waits behind the call
+        self.settle(lambda: len(sizes) == count)
+        self.assertEqual(sizes, [100 * KiB] * count)
+        self.assertLessEqual(steps[0], 20 * count)
+        self.assertEqual((self.client._keptOwn, self.client._keptForPeer), (0, 0))
+        self.assertFalse(self.client._afterBlocked or self.client._keptReleases)
+
     def test_cancelsOldestFirstDoNotWalkWhatWasLetGo(self, count: int = 300) -> None:
         """
         Large calls each followed by a small one, kept behind a call that waits for room,

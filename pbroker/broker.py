@@ -504,8 +504,8 @@ class _Waiting:
     Large calls that wait for room (see Broker._flushAfterLarge): the first one's serial,
     and for each key one of them provides, the smallest serial of those that do; and the
     serial of the first large message queued that does not wait so (``firstOther``). Kept
-    up to date as large messages are queued, start and go (see Broker._largeQueued), so
-    that a flush does not walk all of them.
+    up to date as large messages are queued, start and go (Broker._writePayload,
+    _startUntaken, _largeGone), so that a flush does not walk all of them.
     """
 
     __slots__ = ("_byKey", "_calls", "_others", "first", "firstOther", "provided")

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from pbroker import broker as brokerModule
 from pbroker.broker import Broker
 from tests.test_orderfuzz import KiB, MiB, Scenario, failedScenarios, runScenario, seedsFrom
 
@@ -131,3 +132,9 @@ class WaitingIndexTests(SynchronousTestCase):
             runScenario(seed, StressScenario)
         self.assertGreater(len(checked), 1000)
         self.assertEqual(mismatches[:3], [])
+        # The index every broker has before its first large message, shared: never changed.
+        empty = brokerModule._NO_WAITING
+        self.assertEqual(
+            (empty.first, empty.firstOther, empty.provided, empty._calls, empty._others),
+            (None, None, {}, [], []),
+        )

@@ -505,15 +505,18 @@ class _Waiting:
     and for each key one of them provides, the smallest serial of those that do; and the
     serial of the first large message queued that does not wait so (``firstOther``). Kept
     up to date as large messages are queued, start and go (Broker._writePayload,
-    _startUntaken, _largeGone), so that a flush does not walk all of them.
+    _startUntaken, _largeGone), so that a flush does not walk all of them. Also the serials
+    of this side's calls among all of them that keep their order (``ordered``, see
+    Broker._orderedCallUnsent), so that an answer does not walk them either.
     """
 
-    __slots__ = ("_byKey", "_calls", "_others", "first", "firstOther", "provided")
+    __slots__ = ("_byKey", "_calls", "_others", "first", "firstOther", "ordered", "provided")
 
     def __init__(self) -> None:
         self.first: int | None = None
         self.firstOther: int | None = None
         self.provided: dict[tuple[int, Any], int] = {}
+        self.ordered: list[int] = []
         self._calls: list[int] = []
         self._others: list[int] = []
         self._byKey: dict[tuple[int, Any], list[int]] = {}
@@ -552,6 +555,16 @@ class _Waiting:
         others = self._others
         del others[bisect.bisect_left(others, serial)]
         self.firstOther = others[0] if others else None
+
+
+def _orderedCall(large: list[Any]) -> bool:
+    """
+    Whether the entry ``large`` of Broker._largeOut is a call of this side's that keeps its
+    order. (A call that may wait for room has its keys: one made with ``ordered=False``
+    makes no answer wait. Others are taken as ordered.)
+    """
+    keys = large[6]
+    return large[2] is not None and (keys is None or _IN_ORDER in keys[1])
 
 
 #: What no large message queued gives (never changed).
@@ -1323,6 +1336,8 @@ class Broker(Banana):
             waiting.addCall(entry[5], keys[1])
         else:
             waiting.addOther(entry[5])
+        if _orderedCall(entry):
+            bisect.insort(waiting.ordered, entry[5])
         if requestID is None:
             self._largeOutForPeer += payload.size
         if not payload.taken:
@@ -2079,10 +2094,14 @@ class Broker(Banana):
         """
         Uncount the large message ``entry``, written or dropped (see :class:`_Waiting`).
         """
+        waiting = self._largeWaiting
         if entry[3] and entry[6] is not None:
-            self._largeWaiting.removeCall(entry[5], entry[6][1])
+            waiting.removeCall(entry[5], entry[6][1])
         else:
-            self._largeWaiting.removeOther(entry[5])
+            waiting.removeOther(entry[5])
+        if _orderedCall(entry):
+            ordered = waiting.ordered
+            del ordered[bisect.bisect_left(ordered, entry[5])]
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -2677,12 +2696,9 @@ class Broker(Banana):
         then waits behind it, as in stock PB, where a method that calls its caller back
         and then answers has its call arrive first.
         """
-        for large in self._largeOut:
-            # (A call that may wait for room has its keys: one made with ordered=False
-            # makes no answer wait. Others are taken as ordered.)
-            keys = large[6]
-            if large[5] > since and large[2] is not None and (keys is None or _IN_ORDER in keys[1]):
-                return True
+        ordered = self._largeWaiting.ordered  # (the large ones, see _orderedCall)
+        if ordered and ordered[-1] > since:
+            return True
         for after in (self._afterLarge, self._afterBlocked):
             for entry in reversed(after):
                 if entry[3] <= since:

@@ -87,23 +87,28 @@ class OrderStressTests(SynchronousTestCase):
         self.assertEqual(failed, [], "\n\n".join(failed))
 
 
-def walkedWaiting(broker: Any) -> tuple[Any, Any, dict[Any, int]]:
+def walkedWaiting(broker: Any) -> tuple[Any, Any, dict[Any, int], list[int]]:
     """
     What a walk of ``broker._largeOut`` says of its large calls that wait for room (see
-    Broker._Waiting): the first one's serial, the first other large message's, and for each
-    key the smallest serial of the waiting calls that provide it.
+    Broker._Waiting): the first one's serial, the first other large message's, for each
+    key the smallest serial of the waiting calls that provide it, and the serials of the
+    calls that keep their order.
     """
     first = firstOther = None
     provided: dict[Any, int] = {}
+    ordered = []
     for large in broker._largeOut:
         serial = large[5]
+        keys = large[6]
+        if large[2] is not None and (keys is None or brokerModule._IN_ORDER in keys[1]):
+            ordered.append(serial)
         if large[3] and large[6] is not None:
             first = serial if first is None else min(first, serial)
             for key in large[6][1]:
                 provided[key] = min(provided.get(key, serial), serial)
         else:
             firstOther = serial if firstOther is None else min(firstOther, serial)
-    return first, firstOther, provided
+    return first, firstOther, provided, sorted(ordered)
 
 
 class WaitingIndexTests(SynchronousTestCase):
@@ -115,12 +120,12 @@ class WaitingIndexTests(SynchronousTestCase):
         """
         checked: list[int] = []
         mismatches: list[Any] = []
-        for name in ("_flushAfterLarge", "_releaseBlocked", "_mustWait"):
+        for name in ("_flushAfterLarge", "_releaseBlocked", "_mustWait", "_orderedCallUnsent"):
             original = getattr(Broker, name)
 
             def checking(broker: Any, *args: Any, _original: Any = original) -> Any:
                 index = broker._largeWaiting
-                kept = (index.first, index.firstOther, index.provided)
+                kept = (index.first, index.firstOther, index.provided, index.ordered)
                 checked.append(1)
                 if kept != walkedWaiting(broker):
                     mismatches.append((kept, walkedWaiting(broker)))
@@ -135,6 +140,6 @@ class WaitingIndexTests(SynchronousTestCase):
         # The index every broker has before its first large message, shared: never changed.
         empty = brokerModule._NO_WAITING
         self.assertEqual(
-            (empty.first, empty.firstOther, empty.provided, empty._calls, empty._others),
+            (empty.first, empty.firstOther, empty.provided, empty.ordered, empty._calls),
             (None, None, {}, [], []),
         )

@@ -499,62 +499,37 @@ def _nearerEnd(queue: Sequence[Any], field: int, requestID: int) -> range:
     return range(size)
 
 
-class _Waiting:
+def _addSorted(table: dict[Any, list[Any]], key: Any, value: Any) -> list[Any]:
     """
-    Large calls that wait for room (see Broker._flushAfterLarge): the first one's serial,
-    and for each key one of them provides, the smallest serial of those that do; and the
-    serial of the first large message queued that does not wait so (``firstOther``). Kept
-    up to date as large messages are queued, start and go (Broker._writePayload,
-    _startUntaken, _largeGone), so that a flush does not walk all of them. Also the serials
-    of this side's calls among all of them that keep their order (``ordered``, see
-    Broker._orderedCallUnsent), so that an answer does not walk them either.
+    Put ``value`` in ``table[key]``, a sorted list (made if missing); return that list.
     """
+    values = table.get(key)
+    if values is None:
+        values = table[key] = [value]
+    else:
+        bisect.insort(values, value)
+    return values
 
-    __slots__ = ("_byKey", "_calls", "_others", "first", "firstOther", "ordered", "provided")
 
-    def __init__(self) -> None:
-        self.first: int | None = None
-        self.firstOther: int | None = None
-        self.provided: dict[tuple[int, Any], int] = {}
-        self.ordered: list[int] = []
-        self._calls: list[int] = []
-        self._others: list[int] = []
-        self._byKey: dict[tuple[int, Any], list[int]] = {}
+def _removeSorted(table: dict[Any, list[Any]], key: Any, value: Any) -> list[Any] | None:
+    """
+    Take one ``value`` out of ``table[key]``, a sorted list holding it; return what is left,
+    or ``None`` if nothing is (the key is then gone).
+    """
+    values = table[key]
+    del values[bisect.bisect_left(values, value)]
+    if values:
+        return values
+    del table[key]
+    return None
 
-    def addCall(self, serial: int, provides: _KeySet) -> None:
-        bisect.insort(self._calls, serial)
-        self.first = self._calls[0]
-        byKey, provided = self._byKey, self.provided
-        for key in provides:
-            serials = byKey.get(key)
-            if serials is None:
-                byKey[key] = [serial]
-                provided[key] = serial
-            else:
-                bisect.insort(serials, serial)
-                provided[key] = serials[0]
 
-    def removeCall(self, serial: int, provides: _KeySet) -> None:
-        calls = self._calls
-        del calls[bisect.bisect_left(calls, serial)]
-        self.first = calls[0] if calls else None
-        byKey, provided = self._byKey, self.provided
-        for key in provides:
-            serials = byKey[key]
-            del serials[bisect.bisect_left(serials, serial)]
-            if serials:
-                provided[key] = serials[0]
-            else:
-                del byKey[key], provided[key]
-
-    def addOther(self, serial: int) -> None:
-        bisect.insort(self._others, serial)
-        self.firstOther = self._others[0]
-
-    def removeOther(self, serial: int) -> None:
-        others = self._others
-        del others[bisect.bisect_left(others, serial)]
-        self.firstOther = others[0] if others else None
+def _waitsForRoom(large: list[Any]) -> bool:
+    """
+    Whether the entry ``large`` of Broker._largeOut is a call that waits for room and whose
+    keys are known (see Broker._startableLarge).
+    """
+    return bool(large[3]) and large[6] is not None
 
 
 def _orderedCall(large: list[Any]) -> bool:
@@ -565,6 +540,80 @@ def _orderedCall(large: list[Any]) -> bool:
     """
     keys = large[6]
     return large[2] is not None and (keys is None or _IN_ORDER in keys[1])
+
+
+class _Waiting:
+    """
+    The large messages of Broker._largeOut, kept up to date as they are queued (``add``),
+    start (``start``) and go (``remove``), so that a flush or an answer does not walk them
+    all. Of the calls that wait for room (see Broker._flushAfterLarge): the first one's
+    serial, and for each key one of them provides, the smallest serial of those that do;
+    the serial of the first other large message (``firstOther``), and whether there is one
+    (``others``); and the serials of this side's calls that keep their order (``ordered``,
+    see Broker._orderedCallUnsent).
+    """
+
+    __slots__ = ("_byKey", "_calls", "first", "firstOther", "ordered", "others", "provided")
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.firstOther: int | None = None
+        self.provided: dict[tuple[int, Any], int] = {}
+        self.ordered: list[int] = []
+        self.others: list[int] = []
+        self._calls: list[int] = []
+        self._byKey: dict[tuple[int, Any], list[int]] = {}
+
+    def add(self, large: list[Any]) -> None:
+        serial = large[5]
+        if _waitsForRoom(large):
+            self._addCall(serial, large[6][1])
+        else:
+            self._addOther(serial)
+        if _orderedCall(large):
+            bisect.insort(self.ordered, serial)
+
+    def start(self, large: list[Any]) -> None:
+        """
+        ``large`` no longer waits for room (called before it is marked so): what follows
+        waits for it as for any large message.
+        """
+        if _waitsForRoom(large):
+            self._removeCall(large[5], large[6][1])
+            self._addOther(large[5])
+
+    def remove(self, large: list[Any]) -> None:
+        serial = large[5]
+        if _waitsForRoom(large):
+            self._removeCall(serial, large[6][1])
+        else:
+            others = self.others
+            del others[bisect.bisect_left(others, serial)]
+            self.firstOther = others[0] if others else None
+        if _orderedCall(large):
+            ordered = self.ordered
+            del ordered[bisect.bisect_left(ordered, serial)]
+
+    def _addCall(self, serial: int, provides: _KeySet) -> None:
+        bisect.insort(self._calls, serial)
+        self.first = self._calls[0]
+        for key in provides:
+            self.provided[key] = _addSorted(self._byKey, key, serial)[0]
+
+    def _removeCall(self, serial: int, provides: _KeySet) -> None:
+        calls = self._calls
+        del calls[bisect.bisect_left(calls, serial)]
+        self.first = calls[0] if calls else None
+        for key in provides:
+            left = _removeSorted(self._byKey, key, serial)
+            if left:
+                self.provided[key] = left[0]
+            else:
+                del self.provided[key]
+
+    def _addOther(self, serial: int) -> None:
+        bisect.insort(self.others, serial)
+        self.firstOther = self.others[0]
 
 
 #: What no large message queued gives (never changed).
@@ -1329,15 +1378,9 @@ class Broker(Banana):
             keys if payload.taken else None,
         ]
         self._largeOut.append(entry)
-        waiting = self._largeWaiting
-        if waiting is _NO_WAITING:
-            waiting = self._largeWaiting = _Waiting()
-        if entry[3] and keys is not None:
-            waiting.addCall(entry[5], keys[1])
-        else:
-            waiting.addOther(entry[5])
-        if _orderedCall(entry):
-            bisect.insort(waiting.ordered, entry[5])
+        if self._largeWaiting is _NO_WAITING:
+            self._largeWaiting = _Waiting()
+        self._largeWaiting.add(entry)
         if requestID is None:
             self._largeOutForPeer += payload.size
         if not payload.taken:
@@ -1421,7 +1464,7 @@ class Broker(Banana):
         blocked = False
         # (Whether a message that does not wait for room may be queued after the calls
         # that do: if not, the first of those that cannot start is as far as to look.)
-        others = bool(self._largeWaiting._others)
+        others = bool(self._largeWaiting.others)
         for index, entry in enumerate(queue):
             size = entry[3]
             if size:
@@ -1442,12 +1485,9 @@ class Broker(Banana):
         Count the large call ``entry`` as sent and not yet taken by the peer: it no longer
         waits for room (see :meth:`_startableLarge`).
         """
+        self._largeWaiting.start(entry)
         size = entry[3]
         entry[3] = 0
-        if size and entry[6] is not None:
-            # It no longer waits: what follows waits for it as for any large message.
-            self._largeWaiting.removeCall(entry[5], entry[6][1])
-            self._largeWaiting.addOther(entry[5])
         if self._untaken is _NO_ENTRIES:
             self._untaken = {}
         self._untaken[entry[2]] = size
@@ -1584,7 +1624,7 @@ class Broker(Banana):
         # is, where a sequence of parts would be copied into one first.
         self.transport.write(b"".join([fragmentHeader(LAST if last else MORE, size), *pieces]))
         if last:
-            self._largeGone(self._largeOut.pop(0))
+            self._largeWaiting.remove(self._largeOut.pop(0))
             if entry[6] is not None and self._afterBlocked:
                 self._unblockKept(entry[6][1])  # what needed it may go
         return size
@@ -1905,22 +1945,13 @@ class Broker(Banana):
             self._blockedUnknown += 1
             return
         needs, provides = keys
-        blockedBy = self._blockedKeys
         for key in provides:
-            before = blockedBy.get(key)
-            if before is None:
-                blockedBy[key] = [order]
-            else:
-                bisect.insort(before, order)
+            _addSorted(self._blockedKeys, key, order)
         waiters = self._blockedNeeds
         for key in needs:
-            needing = waiters.get(key)
-            if needing is None:
-                waiters[key] = {id(entry): entry}
-            elif inOrder:
-                needing[id(entry)] = entry
-            else:
-                needing[id(entry)] = entry
+            needing = waiters.setdefault(key, {})
+            needing[id(entry)] = entry
+            if not inOrder and len(needing) > 1:
                 waiters[key] = {id(kept): kept for kept in sorted(needing.values(), key=_keptOrder)}
 
     def _unblockEntry(self, entry: _KeptEntry) -> None:
@@ -1933,13 +1964,8 @@ class Broker(Banana):
             return
         needs, provides = keys
         order = _keptOrder(entry)
-        blockedBy = self._blockedKeys
         for key in provides:
-            before = blockedBy[key]
-            if len(before) == 1:
-                del blockedBy[key]
-            else:
-                del before[bisect.bisect_left(before, order)]
+            _removeSorted(self._blockedKeys, key, order)
         waiters = self._blockedNeeds
         for key in needs:
             needing = waiters[key]
@@ -2023,7 +2049,7 @@ class Broker(Banana):
         waiters = self._blockedNeeds
         if not any(key in waiters for key in provided):
             return []
-        waitingBy = self._waitingCalls().provided
+        waitingBy = self._largeWaiting.provided
         blockedBy = self._blockedKeys
         released: list[_KeptEntry] = []
         # What the large calls let go here that may wait for room once written provide
@@ -2082,26 +2108,6 @@ class Broker(Banana):
             for key in provides:
                 lookAt(key)
         return released
-
-    def _waitingCalls(self) -> _Waiting:
-        """
-        The large calls queued that wait for room (see :meth:`_startableLarge`) and whose
-        keys are known, by what they provide, and the first of the other large messages.
-        """
-        return self._largeWaiting
-
-    def _largeGone(self, entry: list[Any]) -> None:
-        """
-        Uncount the large message ``entry``, written or dropped (see :class:`_Waiting`).
-        """
-        waiting = self._largeWaiting
-        if entry[3] and entry[6] is not None:
-            waiting.removeCall(entry[5], entry[6][1])
-        else:
-            waiting.removeOther(entry[5])
-        if _orderedCall(entry):
-            ordered = waiting.ordered
-            del ordered[bisect.bisect_left(ordered, entry[5])]
 
     def _nextSerial(self) -> int:
         self._queueSerial += 1
@@ -2858,7 +2864,7 @@ class Broker(Banana):
                 if entry[4] is None or any(kind == _FIRST for _, kind in entry[4]):
                     return False  # being written, or holds a first copy later ones may name
                 del queue[index]
-                self._largeGone(entry)
+                self._largeWaiting.remove(entry)
                 self._largeBlocked = False  # the call behind it may fit
                 transport: Any = self.transport
                 if type(transport) is PacedTransport and transport.paused and index:
@@ -2885,16 +2891,15 @@ class Broker(Banana):
                     if counted and any(kind == _FIRST for _, kind in counted):
                         return False
                     del after[index]
-                    if after is self._afterBlocked:
+                    blocked = after is self._afterBlocked
+                    if blocked:
                         self._unblockEntry(kept)
-                        # What waited for it must not stay; but what needs only what a
-                        # call waiting before all of them provides still waits, and is
+                    if blocked or (isinstance(_payload, _Payload) and _payload.taken):
+                        # What waited for it must not stay (a large call let go ahead of
+                        # what needs it too, see _releaseBlocked); but what needs only what
+                        # a call waiting before all of them provides still waits, and is
                         # not walked again (many calls kept behind a call waiting for
                         # room, each timing out, would walk all the others each).
-                        self._unblockKept(None if _keys is None else _keys[1])
-                    elif self._afterBlocked and isinstance(_payload, _Payload) and _payload.taken:
-                        # A large call let go ahead of what needs it (see _releaseBlocked):
-                        # that must not stay waiting for it.
                         self._unblockKept(None if _keys is None else _keys[1])
                     self._keptOwn -= own
                     transport = self.transport

@@ -3474,7 +3474,7 @@ class TakenLargeCallTests(TakenLargeCallPeers):
         waiting for room: as each starts or is written, the calls still waiting are not
         walked again, neither to find what they provide nor which may start (each made
         ``count`` such calls cost ``count`` squared steps, counted here by the items the
-        broker's ``enumerate`` and ``_Waiting.addCall`` see).
+        broker's ``enumerate`` and ``_Waiting.add`` see).
         """
         KiB = 1024
         limits = pb.BrokerLimits(bufferedBytes=64 * KiB, messageSize=4 * MiB)
@@ -3501,13 +3501,13 @@ class TakenLargeCallTests(TakenLargeCallPeers):
 
         brokerModule.enumerate = countingEnumerate  # type: ignore[attr-defined]
         self.addCleanup(delattr, brokerModule, "enumerate")
-        addCall = brokerModule._Waiting.addCall
+        add = brokerModule._Waiting.add
 
-        def countingAddCall(waiting: Any, *args: Any) -> None:
+        def countingAdd(waiting: Any, *args: Any) -> None:
             steps[0] += 1
-            addCall(waiting, *args)
+            add(waiting, *args)
 
-        self.patch(brokerModule._Waiting, "addCall", countingAddCall)
+        self.patch(brokerModule._Waiting, "add", countingAdd)
         sizes: list[int] = []
         for _ in range(count):
             target.callRemote("size", b"x" * (100 * KiB)).addCallback(sizes.append)

@@ -596,24 +596,26 @@ class PacedTransport:
                 return  # the peer was dropped meanwhile: more waits than it may hold
             self._passHeld()  # (the last fragment of a message may have been held)
             if not written and not getattr(self._broker, "disconnected", False):
-                timeout = self._broker.limits.stallTimeout
-                if self.paused and self._stall is None and timeout is not None:
+                if self.paused:
                     # The closing connection is full: the peer takes the rest, or is dropped.
-                    self._armStallTimer(timeout, 0)
+                    self._watchClosing()
                 return
         self.closed = True
         self._unregister()
         self._transport.loseConnection()
-        timeout = self._broker.limits.stallTimeout
-        if (
-            timeout is not None
-            and self._stall is None
-            and not getattr(self._broker, "disconnected", False)
-            and _pendingIn(self._transport)
-        ):
+        if not getattr(self._broker, "disconnected", False) and _pendingIn(self._transport):
             # It sends what it holds; a peer that takes none of it (or of an answer made
             # since, written after it) for stallTimeout seconds is dropped, rather than
             # keeping the connection and that memory for as long as it stays up.
+            self._watchClosing()
+
+    def _watchClosing(self) -> None:
+        """
+        Start the stall timer for what the closing connection still has to send (it has no
+        limit of its own), unless one runs or there is no ``limits.stallTimeout``.
+        """
+        timeout = self._broker.limits.stallTimeout
+        if timeout is not None and self._stall is None:
             self._armStallTimer(timeout, 0)
 
     def abortConnection(self) -> None:

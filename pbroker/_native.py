@@ -47,8 +47,10 @@ plain containers form a cycle (or nest deeper than msgpack allows) is sent whole
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
+import itertools
 import operator
 import struct
 import sys
@@ -334,6 +336,28 @@ def binHeader(size: int) -> bytes:
     if size < 0x10000:
         return _BIN16 + _packShort(size)
     return _BIN32 + _packHeader(size)
+
+
+def _arrayHeader(count: int) -> bytes:
+    """
+    The msgpack header of an array of ``count`` items, in the smallest form.
+    """
+    if count < 16:
+        return _ARRAY_HEADERS[count]
+    if count < 0x10000:
+        return b"\xdc" + _packShort(count)
+    return b"\xdd" + _packHeader(count)
+
+
+def _mapHeader(count: int) -> bytes:
+    """
+    The msgpack header of a map of ``count`` entries, in the smallest form.
+    """
+    if count < 16:
+        return bytes((0x80 | count,))
+    if count < 0x10000:
+        return b"\xde" + _packShort(count)
+    return b"\xdf" + _packHeader(count)
 
 
 #: The packed form of an empty dict (no keyword arguments).
@@ -725,10 +749,11 @@ def _drop(parts: list[memoryview], count: int) -> list[memoryview]:
     return parts
 
 
-def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacked:
+def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacked | Spliced:
     """
-    One value after a message's envelope: its msgpack bytes, or, for a large byte string
-    packed by hand (alone, or the one item of a list), the string itself.
+    One value after a message's envelope: its msgpack bytes; for a large byte string
+    packed by hand (alone, or the one item of a list), the string itself; for a large value
+    with large byte strings in its lists and dicts, a :class:`Spliced`.
     """
     lead = _lead(parts, 6)
     # A large byte string is joined by _joinParts, which lets go of each part (and, in C,
@@ -744,12 +769,217 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
         rest = _drop(parts, 6)
         parts.clear()
         return Unpacked([join(rest)])
+    if length >= _SPLICE_FROM:
+        spliced = _spliced(parts, length)
+        if spliced is not None:
+            return spliced
     if len(parts) != 1:
         return b"".join(parts)
     # Not a view of a bytearray piece: values must not be views of bytes that can change
     # (nor unhashable as such).
     part = parts[0]
     return part if part.readonly else bytes(part)
+
+
+class Spliced:
+    """
+    A value of a received message whose large byte strings the frame decoder has already put
+    together, each from the pieces it came in (its only copy), and the rest of whose msgpack
+    document it has copied out around them, with a :data:`_PLACEHOLDER` extension where each
+    was: :meth:`ValueCodec.unpack` puts them back in their places.
+    """
+
+    __slots__ = ("document", "size", "values")
+
+    def __init__(self, document: bytes, values: list[bytes], size: int) -> None:
+        self.document = document
+        self.values = values
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"<Spliced {len(self.values)} byte strings in {self.size} bytes>"
+
+
+#: A value of this many bytes or more is looked through for large byte strings, to send (and
+#: receive) each as it is rather than copied in and out of a packed document with the rest.
+_SPLICE_FROM = 1024 * 1024
+#: The most items a value may hold around its large byte strings to be looked through (each
+#: is read by a Python loop); a value of more goes whole through msgpack, as any other.
+_SPLICE_ITEMS = 4096
+#: How deeply lists and dicts are looked into for large byte strings, to send.
+_SPLICE_DEPTH = 32
+#: The extension type that stands for a large byte string in a :class:`Spliced` document: it
+#: never travels (a document that carries it is not spliced, and msgpack then refuses it).
+_PLACEHOLDER = 127
+
+
+def _holdsLargeBytes(value: Any) -> bool:
+    """
+    Whether a byte string of :data:`_LARGE_BYTES` or more is among the first
+    :data:`_SPLICE_ITEMS` items of ``value``'s lists and dicts (a quick look, before packing
+    it in parts: most large values are many small items).
+    """
+    pending = [value]
+    budget = _SPLICE_ITEMS
+    while pending and budget > 0:
+        item = pending.pop()
+        budget -= 1
+        kind = type(item)
+        if kind is bytes:
+            if len(item) >= _LARGE_BYTES:
+                return True
+        elif kind is list:
+            pending.extend(item[:budget])
+        elif kind is dict:
+            pending.extend(itertools.islice(item.values(), budget))
+    return False
+
+
+def _splicedExtension(
+    values: list[bytes], extension: Callable[[int, bytes], Any], code: int, data: bytes
+) -> Any:
+    """
+    The extension hook of a :class:`Spliced` document: a placeholder's byte string, or what
+    ``extension`` makes of any other extension.
+    """
+    if code == _PLACEHOLDER:
+        return values[_unpackHeader(data)[0]]
+    return extension(code, data)
+
+
+def _placeholder(index: int) -> bytes:
+    return b"\xd6\x7f" + _packHeader(index)  # fixext 4, type _PLACEHOLDER
+
+
+class _Positions:
+    """
+    Reads a payload held as parts by position, without joining them.
+    """
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.starts: list[int] = []
+        total = 0
+        for part in parts:
+            self.starts.append(total)
+            total += len(part)
+        self.size = total
+
+    def read(self, position: int, count: int) -> bytes:
+        """
+        ``count`` bytes from ``position`` (fewer at the end), copied.
+        """
+        return b"".join(self.views(position, min(position + count, self.size)))
+
+    def views(self, start: int, stop: int) -> list[memoryview]:
+        """
+        The bytes from ``start`` to ``stop``, as views of the parts.
+        """
+        views = []
+        index = bisect.bisect_right(self.starts, start) - 1
+        parts = self.parts
+        starts = self.starts
+        while start < stop:
+            part = parts[index]
+            offset = start - starts[index]
+            take = min(len(part) - offset, stop - start)
+            views.append(part[offset : offset + take] if take < len(part) else part)
+            start += take
+            index += 1
+        return views
+
+
+def _largeBins(payload: _Positions) -> list[tuple[int, int, int]] | None:
+    """
+    Where the large byte strings (``bin`` of :data:`_LARGE_BYTES` or more) of a msgpack
+    document are, outside its extensions: (header, payload, end) positions of each, or
+    ``None`` if it has none, more than :data:`_SPLICE_ITEMS` items, a :data:`_PLACEHOLDER`
+    extension, or is not well-formed (msgpack then says what is wrong with it).
+    """
+    end = payload.size
+    read = payload.read
+    found = []
+    position = 0
+    left = 1  # items still to read, in all the open arrays and maps
+    budget = _SPLICE_ITEMS
+    while left:
+        if position >= end or not budget:
+            return None
+        left -= 1
+        budget -= 1
+        head = read(position, 10)
+        byte = head[0]
+        if byte < 0x80 or byte >= 0xE0:  # positive and negative fixint
+            position += 1
+        elif byte < 0x90:  # fixmap
+            left += 2 * (byte & 0x0F)
+            position += 1
+        elif byte < 0xA0:  # fixarray
+            left += byte & 0x0F
+            position += 1
+        elif byte < 0xC0:  # fixstr
+            position += 1 + (byte & 0x1F)
+        else:
+            form = _FORMS.get(byte)
+            if form is None:
+                return None  # 0xc1, never used
+            width, skip, perItem = form
+            if len(head) < 1 + width:
+                return None
+            length = int.from_bytes(head[1 : 1 + width], "big") if width else 0
+            start = position + 1 + width
+            if perItem:
+                left += perItem * length
+                position = start
+            elif byte in _EXTENSION_FORMS:
+                if len(head) <= 1 + width or head[1 + width] == _PLACEHOLDER:
+                    return None
+                position = start + (skip if byte >= 0xD4 else 1 + length)
+            else:
+                stop = start + skip + length
+                if 0xC4 <= byte <= 0xC6 and length >= _LARGE_BYTES:
+                    found.append((position, start, stop))
+                position = stop
+    if position != end or not found:
+        return None
+    return found
+
+
+def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
+    """
+    A large value's large byte strings, each put together from the parts it is in, and the
+    rest of its document copied out around them (see :class:`Spliced`); ``None`` if it has
+    none that can be (see :func:`_largeBins`).
+
+    Each string is joined as :func:`_value` joins one alone, so that it, the parts and the
+    document do not take its size two or three times.
+    """
+    payload = _Positions(parts)
+    found = _largeBins(payload)
+    if found is None:
+        return None
+    views = payload.views
+    document: list[memoryview | bytes] = []
+    strings: list[list[memoryview] | None] = []
+    done = 0
+    for index, (header, start, stop) in enumerate(found):
+        document += views(done, header)
+        document.append(_placeholder(index))
+        strings.append(views(start, stop))
+        done = stop
+    document += views(done, length)
+    parts.clear()  # the views hold them, and let go of each once the strings after it are made
+    del payload
+    copied = b"".join(document)
+    del document
+    values = []
+    for index, string in enumerate(strings):
+        assert string is not None
+        strings[index] = None
+        size = sum(map(len, string))
+        values.append((_joinParts if size >= GIVE_BACK else b"".join)(string))
+        del string
+    return Spliced(copied, values, length)
 
 
 def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
@@ -1569,7 +1799,12 @@ class ValueCodec:
         if kind in _CONTAINERS:
             # (Walked without a limit too: for a dictionary's keys, and a cycle.)
             budget = _MAX_BUDGET if limit is None else limit
-            verdict = self._extent(value, budget, _WALK_DEPTH)
+            # Counted within _SPLICE_FROM items first: most values are, and a larger one is
+            # counted again against the limit, then looked through for large byte strings.
+            verdict = self._extent(value, min(budget, _SPLICE_FROM), _WALK_DEPTH)
+            sizeable = verdict == EXTENT_OVER and budget > _SPLICE_FROM
+            if sizeable:
+                verdict = self._extent(value, budget, _WALK_DEPTH)
             if verdict == EXTENT_OVER:
                 raise LimitExceeded(
                     f"a value of more than {budget} items is over the {budget}-byte limit of "
@@ -1582,7 +1817,71 @@ class ValueCodec:
             if verdict == EXTENT_KEYS:
                 # Maps with other keys than strings are read checked, in a KEYED value only.
                 return msgpack.packb(msgpack.ExtType(KEYED, self._packValue(value)))  # type: ignore[no-any-return]
+            if sizeable and (kind is list or kind is dict):
+                spliced = self._packSpliced(value)
+                if spliced is not None:
+                    return spliced
         return self._packValue(value)
+
+    def _packSpliced(self, value: Any) -> Packed | None:
+        """
+        ``value`` (a list or dict) packed as :meth:`_packValue` packs it, but with its large
+        byte strings left out of the packed bytes: each is a part of its own, between those
+        packed around it, so that it is not copied in and out of the packer's buffer (and a
+        value of one 100 MB string does not take 200 MB more to send). ``None`` if it holds
+        none, holds more than :data:`_SPLICE_ITEMS` items around them, or holds something
+        other than plain data (packing it has effects): it is then packed whole.
+        """
+        if self._packing or self._depth or not _holdsLargeBytes(value):
+            return None
+        packer = self._plainPacker
+        parts: list[bytes] = []
+        run: list[bytes] = []
+        budget = _SPLICE_ITEMS
+
+        def leaf(item: Any) -> None:
+            self._special = False
+            packed = packer.pack(item)
+            if self._special:
+                raise _Enough()
+            run.append(packed)
+
+        def walk(item: Any, depth: int) -> None:
+            nonlocal budget
+            budget -= 1
+            if budget < 0:
+                raise _Enough()
+            kind = type(item)
+            if kind is bytes and len(item) >= _LARGE_BYTES:
+                run.append(binHeader(len(item)))
+                parts.append(b"".join(run))
+                parts.append(item)
+                run.clear()
+            elif kind is list and depth < _SPLICE_DEPTH:
+                run.append(_arrayHeader(len(item)))
+                for each in item:
+                    walk(each, depth + 1)
+            elif kind is dict and depth < _SPLICE_DEPTH:
+                run.append(_mapHeader(len(item)))
+                for key, each in item.items():
+                    leaf(key)
+                    walk(each, depth + 1)
+            else:
+                leaf(item)
+
+        self._packing = True
+        try:
+            walk(value, 0)
+        except (_Enough, ValueError, RecursionError):
+            return None  # packed whole (which deals with cycles and objects)
+        finally:
+            self._packing = False
+            self._plainPacker = self._newPacker()
+        if not parts:
+            return None
+        if run:
+            parts.append(b"".join(run))
+        return Packed(*parts)
 
     def _packValue(self, value: Any) -> bytes:
         """
@@ -1701,7 +2000,11 @@ class ValueCodec:
         kind = type(data)
         if kind is Unpacked:
             return data.value
-        if kind is not bytes and kind is not memoryview:
+        hook: Callable[[int, bytes], Any] = self._extension
+        if kind is Spliced:
+            hook = functools.partial(_splicedExtension, data.values, hook)
+            data = data.document
+        elif kind is not bytes and kind is not memoryview:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
         if self._measureDepth and deeperThan(data, self.depthLimit):
             raise InvalidJelly(f"a value nested more than {self.depthLimit} levels deep")
@@ -1711,7 +2014,7 @@ class ValueCodec:
         outerJelly, self._jellyMet = self._jellyMet, False
         try:
             return msgpack.unpackb(
-                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
+                data, raw=False, strict_map_key=True, use_list=True, ext_hook=hook
             )
         except _Raised as e:
             raise e.error from None  # an application's error, or the security options'
@@ -1766,7 +2069,7 @@ class ValueCodec:
         """
         if type(data) is Packed:
             if len(data.parts) > 1:
-                return []  # a byte string packed by hand (see pack): no streams in it
+                return []  # byte strings packed by hand, in plain data (see pack): no streams
             data = data.data
         return extensionsIn(data)[1]
 
@@ -1841,6 +2144,8 @@ def extensionsIn(data: Any, limit: int | None = None) -> tuple[list[bytes], list
     """
     jellies: list[bytes] = []
     streams: list[int] = []
+    if type(data) is Spliced:
+        data = data.document  # (without the byte strings, which hold no extensions)
     if type(data) not in (bytes, memoryview):
         return jellies, streams
     nested: list[bytes] = []  # the payloads of the tuples and sets in one document

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pbroker._native import Unpacked
+from pbroker._native import Spliced, Unpacked
 from pbroker.errors import InvalidJelly, LimitExceeded, ProtocolError, describe
 from pbroker.stream import OutgoingStream, RemoteStream, Stream, unclosedStreams
 
@@ -171,12 +171,15 @@ def _unreadBytesOf(reader: RemoteStream) -> int:
 
 def _packedSize(data: Any) -> int:
     """
-    The bytes a received value took: packed, or a large byte string the frame decoder
-    already put together (alone, or the one item of a list).
+    The bytes a received value took: packed, or with the large byte strings the frame
+    decoder already put together (alone, the one item of a list, or spliced).
     """
     kind = type(data)
     if kind is bytes or kind is memoryview:
         return len(data)
+    if kind is Spliced:
+        size: int = data.size
+        return size
     if kind is Unpacked:
         value = data.value
         if type(value) is list and value:

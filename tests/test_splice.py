@@ -1,0 +1,364 @@
+"""
+Large byte strings inside larger values (an item of a list or dict, one of several arguments,
+a keyword argument) on the native dialect: sent as they are, between the packed bytes around
+them, and received each put together once from the pieces it came in, with the same bytes on
+the wire as packing the value whole.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import _native, _streams, pb
+from pbroker.errors import InvalidJelly
+from pbroker.testing import connectedServerAndClient
+
+MiB = 1024 * 1024
+
+
+class Thing(pb.Copyable):
+    pass
+
+
+class Root(pb.Root):
+    def remote_echo(self, value: Any) -> Any:
+        return value
+
+    def remote_echoAll(self, *args: Any, **kw: Any) -> Any:
+        return [list(args), kw]
+
+    def remote_items(self, count: int, size: int) -> Iterator[Any]:
+        return ([index, bytes([index]) * size] for index in range(count))
+
+
+def plainCodec() -> _native.ValueCodec:
+    """A codec for plain data (no jelly): what the frame decoder's values are read with."""
+    return _native.ValueCodec(None, None, None, None, None, 10)  # type: ignore[arg-type]
+
+
+def jellyingCodec(jellied: list[Any]) -> _native.ValueCodec:
+    """A codec that jellies objects into ``b"j"``, adding each to ``jellied``."""
+
+    def jelly(value: Any) -> bytes:
+        jellied.append(value)
+        return b"j"
+
+    return _native.ValueCodec(
+        jelly,
+        None,  # type: ignore[arg-type]
+        lambda value: False,
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        10,
+    )
+
+
+def received(packed: bytes | _native.Packed, step: int | None = None) -> Any:
+    """
+    What a frame decoder makes of an answer carrying ``packed``, fed ``step`` bytes at a time
+    (all at once if ``None``): the value field as it arrives, before it is unpacked.
+    """
+    field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
+    data = b"".join(_native.records([b"answer", 1, field]))
+    step = step or len(data)
+    decoder = _native.FrameDecoder(None)
+    out: list[Any] = []
+    for start in range(0, len(data), step):
+        out.extend(decoder.feed(data[start : start + step]))
+    ((_, _, arrived),) = out
+    return arrived
+
+
+def largeStrings(value: Any) -> list[bytes]:
+    """The byte strings of ``value`` (in its lists and dicts) that are spliced."""
+    if type(value) is bytes:
+        return [value] if len(value) >= _native._LARGE_BYTES else []
+    if type(value) is list:
+        return [found for item in value for found in largeStrings(item)]
+    if type(value) is dict:
+        return [found for item in value.values() for found in largeStrings(item)]
+    return []
+
+
+def shapeOf(value: Any) -> Any:
+    """``value`` with each byte or text string replaced by its type and length."""
+    if isinstance(value, (bytes, str)):
+        return f"{type(value).__name__}[{len(value)}]"
+    if isinstance(value, (list, tuple, set)):
+        return [shapeOf(item) for item in list(value)[:20]]
+    if isinstance(value, dict):
+        return {key: shapeOf(item) for key, item in list(value.items())[:20]}
+    return value
+
+
+# Values of more than _SPLICE_FROM bytes with large byte strings at different places.
+BIG = bytes(range(256)) * 4100  # 1,049,600 bytes
+MEDIUM = b"m" * 70_000  # a bin 32, under _SPLICE_FROM alone
+SHAPES: list[Any] = [
+    [b"name", BIG],
+    {"data": BIG},
+    {"name": "n", "blob": BIG, "size": len(BIG)},
+    [BIG, BIG, 3],
+    [[b"a", [BIG]], {"x": MEDIUM, "y": {"z": BIG}}, (1, 2), {1, 2}, "text", None, 2.5],
+    [MEDIUM] * 20,  # array 16, under _SPLICE_FROM for each item
+    {f"k{i}": (MEDIUM if i % 3 else i) for i in range(30)},  # map 16
+    [b"s" * 100, b"t" * 300, BIG, "u" * 40, "v" * 300, "w" * 70_000, -1, -200, 2**40, True],
+]
+
+
+class SendTests(SynchronousTestCase):
+    def test_sameBytesAsPackedWhole(self) -> None:
+        """
+        A list or dict of more than _SPLICE_FROM bytes with large byte strings in it is
+        packed into the same bytes as packing it whole, with each large string a part of its
+        own, not copied.
+        """
+        codec = plainCodec()
+        for value in SHAPES:
+            packed = codec.pack(value)
+            assert isinstance(packed, _native.Packed), shapeOf(value)
+            strings = largeStrings(value)
+            parts = [part for part in packed.parts if any(part is each for each in strings)]
+            self.assertEqual(len(parts), len(strings))
+            # (Each after the packed bytes before it; then those after the last, if any.)
+            self.assertIn(len(packed.parts), (2 * len(strings), 2 * len(strings) + 1))
+            for part, string in zip(parts, strings, strict=True):
+                self.assertIs(part, string)
+            self.assertEqual(packed.size, len(packed.data))
+            self.assertTrue(packed.data == codec._packValue(value), "the bytes differ")
+
+    def test_packedWhole(self) -> None:
+        """
+        A value is packed whole, as before, when it is small, has no large byte string, has
+        more than _SPLICE_ITEMS items, or holds a container that is not plain data.
+        """
+        jellied: list[Any] = []
+        codec = jellyingCodec(jellied)
+
+        class Listed(list):  # type: ignore[type-arg]
+            pass
+
+        for value in (
+            [b"name", MEDIUM],
+            [b"x" * 30_000] * 40,  # over _SPLICE_FROM, in strings under _LARGE_BYTES
+            [*range(_native._SPLICE_ITEMS), BIG],
+            [BIG, Listed([1])],
+        ):
+            self.assertIs(type(codec.pack(value)), bytes, shapeOf(value))
+        self.assertEqual(jellied, [[1]])  # the list subclass, jellied once
+
+    def test_objectsPackedWhole(self) -> None:
+        """
+        A value with an object that goes through jelly is packed whole, with the object
+        jellied once: the look for large strings, which stops at it, has no effect.
+        """
+        jellied: list[Any] = []
+        codec = jellyingCodec(jellied)
+        thing = Thing()
+        packed = codec.pack([BIG, thing])
+        self.assertIsInstance(packed, bytes)
+        self.assertEqual(jellied, [thing])
+
+
+class ReceiveTests(SynchronousTestCase):
+    def test_putTogetherOnce(self) -> None:
+        """
+        A received value of more than _SPLICE_FROM bytes arrives with its large byte strings
+        put together (each once, from the pieces it came in) and the rest of its document
+        around them: it unpacks to the value sent, however it was read.
+        """
+        codec = plainCodec()
+        for value in SHAPES:
+            packed = codec.pack(value)
+            for step in (7, 65_536, None):
+                arrived = received(packed, step)
+                self.assertTrue(type(arrived) is _native.Spliced, shapeOf(value))
+                self.assertEqual(arrived.size, packed.size)  # type: ignore[union-attr]
+                self.assertTrue(arrived.values == largeStrings(value), "other strings")
+                self.assertTrue(codec.unpack(arrived) == value, "the value changed")
+
+    def test_anySender(self) -> None:
+        """
+        The receiver looks for large strings whoever packed the value: one packed whole
+        (in one part) is put together the same way.
+        """
+        codec = plainCodec()
+        value = {"a": [BIG, 1], "b": b"x" * 40_000}
+        arrived = received(msgpack.packb(value, use_bin_type=True))
+        self.assertIs(type(arrived), _native.Spliced)
+        self.assertEqual(len(arrived.values), 2)
+        self.assertTrue(codec.unpack(arrived) == value)
+
+    def test_extensionForms(self) -> None:
+        """
+        The look through a document steps over extensions of each form (fixext 1 to 16,
+        ext 8, 16 and 32), whose payloads it leaves to the codec.
+        """
+        codec = plainCodec()
+        tuples = [(), (1,), (1, 2, 3), (1, 2, 3, 4, 5, 6, 7), tuple(range(15)), tuple(range(50))]
+        tuples += [tuple(range(300)), tuple(range(70_000))]
+        lengths = []
+        for item in tuples:
+            lengths.append(len(msgpack.packb(list(item))))
+        self.assertEqual(lengths[:5], [1, 2, 4, 8, 16])  # the fixext forms
+        value = [*tuples, BIG, (BIG,), 4.5, -(2**63)]
+        arrived = received(codec.pack(value), 65_536)
+        self.assertIs(type(arrived), _native.Spliced)
+        self.assertEqual(len(arrived.values), 1)  # (the one in a tuple is not looked into)
+        self.assertTrue(codec.unpack(arrived) == value)
+
+    def test_notSpliced(self) -> None:
+        """
+        A value too small, with more than _SPLICE_ITEMS items, or without a large string,
+        arrives as its bytes, and unpacks as before.
+        """
+        codec = plainCodec()
+        for value in (
+            [b"name", MEDIUM],
+            [*range(_native._SPLICE_ITEMS), BIG],
+            ["t" * (2 * MiB)],
+        ):
+            arrived = received(msgpack.packb(value, use_bin_type=True), 65_536)
+            self.assertIn(type(arrived), (bytes, memoryview))
+            self.assertTrue(codec.unpack(arrived) == value)
+
+    def test_placeholderRefused(self) -> None:
+        """
+        The extension type that stands for a spliced string in the document is refused in
+        what the peer sends, as any unknown type: at the top, or in a tuple.
+        """
+        codec = plainCodec()
+        placeholder = msgpack.ExtType(_native._PLACEHOLDER, b"\x00\x00\x00\x00")
+        inTuple = msgpack.ExtType(_native.TUPLE, msgpack.packb([placeholder]))
+        for value in ([BIG, placeholder], [BIG, inTuple]):
+            arrived = received(msgpack.packb(value, use_bin_type=True))
+            with self.assertRaises(InvalidJelly) as caught:
+                codec.unpack(arrived)
+            self.assertIn("unknown pbroker2 extension type: 127", str(caught.exception))
+
+    def test_malformed(self) -> None:
+        """
+        A large document that is not well-formed is not spliced: msgpack reads it, and says
+        what is wrong, as before.
+        """
+        codec = plainCodec()
+        whole = msgpack.packb([b"n", BIG], use_bin_type=True)
+        for data, expected in (
+            (whole + b"\xc0", "extra data"),
+            (whole[:-1] + b"\x92\x01", "extra data"),
+            (b"\x93" + whole[1:], "incomplete"),
+            (b"\x92\xc1" + whole[2:], "a malformed pbroker2 value"),
+        ):
+            arrived = received(data)
+            self.assertIn(type(arrived), (bytes, memoryview))
+            with self.assertRaises(InvalidJelly) as caught:
+                codec.unpack(arrived)
+            self.assertIn(expected, str(caught.exception))
+
+    def test_extensionsFound(self) -> None:
+        """
+        What a spliced value refers to (streams, jelly) is found in its document without
+        unpacking it, as a value not unpacked is released.
+        """
+        value = [BIG, msgpack.ExtType(_native.STREAM, msgpack.packb(5))]
+        arrived = received(msgpack.packb(value, use_bin_type=True))
+        self.assertIs(type(arrived), _native.Spliced)
+        self.assertEqual(_native.extensionsIn(arrived), ([], [5]))
+        self.assertEqual(_streams._packedSize(arrived), arrived.size)
+
+    def test_memory(self) -> None:
+        """
+        Sending a value with a large string in it takes no copy of the string, and receiving
+        it one (the string itself) besides the records it came in, where it took two: the
+        value's document joined from them, then the string msgpack copies out of it.
+        """
+        codec = plainCodec()
+        large = b"L" * (8 * MiB)
+        value = [b"name", {"blob": large}]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            packed = codec.pack(value)
+            sent = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        self.assertLess(sent, MiB)
+        field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
+        records = _native.records([b"answer", 1, field])
+        del packed, field
+        decoder = _native.FrameDecoder(None)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            out: list[Any] = []
+            while records:
+                out.extend(decoder.feed(records.pop(0)))
+            result = codec.unpack(out[0][2])
+            del out
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        self.assertTrue(result == value)
+        self.assertLess(peak, 1.5 * len(large))
+
+
+class EndToEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(Root(), clock=clock),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+        )
+        self.root = self.client.remoteForName("root")
+
+    def call(self, *args: Any, **kw: Any) -> Any:
+        results: list[Any] = []
+        self.root.callRemote(*args, **kw).addBoth(results.append)
+        for _ in range(10_000):
+            if results:
+                break
+            self.pump.pump()
+        (result,) = results
+        return result
+
+    def test_argumentsAndAnswers(self) -> None:
+        """
+        Large strings among several arguments, in keyword arguments and in answers travel
+        whole, both ways.
+        """
+        self.assertTrue(
+            self.call("echoAll", b"name", BIG, data=BIG) == [[b"name", BIG], {"data": BIG}]
+        )
+        for value in SHAPES:
+            self.assertTrue(self.call("echo", value) == value, "the value changed")
+
+    def test_streamItems(self) -> None:
+        """
+        Stream items with large strings in them are counted against the stream's credit by
+        the bytes they took, and arrive whole.
+        """
+        stream = self.call("items", 3, 2 * MiB)
+        items: list[Any] = []
+
+        async def read() -> None:
+            async for item in stream:
+                items.append(item)
+
+        from twisted.internet.defer import Deferred
+
+        done: list[Any] = []
+        Deferred.fromCoroutine(read()).addBoth(done.append)
+        for _ in range(10_000):
+            if done:
+                break
+            self.pump.pump()
+        self.assertEqual(done, [None])
+        self.assertEqual([index for index, _ in items], [0, 1, 2])
+        self.assertTrue(all(data == bytes([index]) * (2 * MiB) for index, data in items))

@@ -349,6 +349,25 @@ def _arrayHeader(count: int) -> bytes:
     return b"\xdd" + _packHeader(count)
 
 
+def _extensionHeader(code: int, size: int) -> bytes:
+    """
+    The msgpack header of an extension of type ``code`` holding ``size`` bytes, in the
+    smallest form, as msgpack writes it.
+    """
+    fixed = _FIXED_EXTENSIONS.get(size)
+    if fixed is not None:
+        return bytes((fixed, code))
+    if size < 0x100:
+        return bytes((0xC7, size, code))
+    if size < 0x10000:
+        return b"\xc8" + _packShort(size) + bytes((code,))
+    return b"\xc9" + _packHeader(size) + bytes((code,))
+
+
+# The fixext forms, by the size of their payload.
+_FIXED_EXTENSIONS = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+
+
 def _mapHeader(count: int) -> bytes:
     """
     The msgpack header of a map of ``count`` entries, in the smallest form.
@@ -753,7 +772,7 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
     """
     One value after a message's envelope: its msgpack bytes; for a large byte string
     packed by hand (alone, or the one item of a list), the string itself; for a large value
-    with large byte strings in its lists and dicts, a :class:`Spliced`.
+    with large byte strings in its containers, a :class:`Spliced`.
     """
     lead = _lead(parts, 6)
     # A large byte string is joined by _joinParts, which lets go of each part (and, in C,
@@ -806,18 +825,18 @@ _SPLICE_FROM = 1024 * 1024
 #: The most items a value may hold around its large byte strings to be looked through (each
 #: is read by a Python loop); a value of more goes whole through msgpack, as any other.
 _SPLICE_ITEMS = 4096
-#: How deeply lists and dicts are looked into for large byte strings, to send.
+#: How deeply containers are looked into for large byte strings, to send.
 _SPLICE_DEPTH = 32
 #: The extension type that stands for a large byte string in a :class:`Spliced` document: it
-#: never travels (a document that carries it is not spliced, and msgpack then refuses it).
+#: never travels (a value that carries it is not spliced, and the codec refuses it as unknown).
 _PLACEHOLDER = 127
 
 
 def _holdsLargeBytes(value: Any) -> bool:
     """
     Whether a byte string of :data:`_LARGE_BYTES` or more is among the first
-    :data:`_SPLICE_ITEMS` items of ``value``'s lists and dicts (a quick look, before packing
-    it in parts: most large values are many small items).
+    :data:`_SPLICE_ITEMS` items of ``value``'s lists, dicts, tuples and sets (a quick look,
+    before packing it in parts: most large values are many small items).
     """
     pending = [value]
     budget = _SPLICE_ITEMS
@@ -828,23 +847,13 @@ def _holdsLargeBytes(value: Any) -> bool:
         if kind is bytes:
             if len(item) >= _LARGE_BYTES:
                 return True
-        elif kind is list:
+        elif kind is list or kind is tuple:
             pending.extend(item[:budget])
         elif kind is dict:
             pending.extend(itertools.islice(item.values(), budget))
+        elif kind is set or kind is frozenset:
+            pending.extend(itertools.islice(item, budget))
     return False
-
-
-def _splicedExtension(
-    values: list[bytes], extension: Callable[[int, bytes], Any], code: int, data: bytes
-) -> Any:
-    """
-    The extension hook of a :class:`Spliced` document: a placeholder's byte string, or what
-    ``extension`` makes of any other extension.
-    """
-    if code == _PLACEHOLDER:
-        return values[_unpackHeader(data)[0]]
-    return extension(code, data)
 
 
 def _placeholder(index: int) -> bytes:
@@ -889,33 +898,71 @@ class _Positions:
         return views
 
 
-def _largeBins(payload: _Positions) -> list[tuple[int, int, int]] | None:
+class _Document:
     """
-    Where the large byte strings (``bin`` of :data:`_LARGE_BYTES` or more) of a msgpack
-    document are, outside its extensions: (header, payload, end) positions of each, or
-    ``None`` if it has none, more than :data:`_SPLICE_ITEMS` items, a :data:`_PLACEHOLDER`
-    extension, or is not well-formed (msgpack then says what is wrong with it).
+    A tuple's, set's or ``KEYED`` extension met by :func:`_largeBins`: where its header and
+    payload are, and how much smaller the payload gets as its large strings are left out.
+    """
+
+    __slots__ = ("edit", "end", "header", "shrunk", "width")
+
+    def __init__(self, header: int, width: int, end: int, edit: list[Any]) -> None:
+        self.header = header
+        self.width = width
+        self.end = end
+        self.edit = edit
+        self.shrunk = 0
+
+
+def _largeBins(payload: _Positions) -> list[list[Any]] | None:
+    """
+    The edits that leave the large byte strings (``bin`` of :data:`_LARGE_BYTES` or more)
+    out of a msgpack document, in order: ``[start, stop, None, (begin, end)]`` for a string
+    whose header starts at ``start``, whose bytes are ``begin`` to ``end`` (= ``stop``), and
+    ``[start, stop, header, None]`` for the new header (same form, shorter length) of a tuple,
+    set or ``KEYED`` extension that holds some, whose payloads are looked into as documents
+    of their own.
+
+    ``None`` if it has no large string, more than :data:`_SPLICE_ITEMS` items, extensions
+    nested deeper than :data:`RECEIVED_EXTENSION_DEPTH` (which the codec refuses), a
+    :data:`_PLACEHOLDER` extension anywhere it looks, or is not well-formed (msgpack then
+    says what is wrong with it).
     """
     end = payload.size
     read = payload.read
-    found = []
+    edits: list[list[Any]] = []
+    strings = 0
     position = 0
-    left = 1  # items still to read, in all the open arrays and maps
+    # Per open document: the items still to read in it (in all its arrays and maps), and the
+    # extension it is the payload of (None for the value itself).
+    stack: list[list[Any]] = [[1, None]]
     budget = _SPLICE_ITEMS
-    while left:
+    while stack:
+        frame = stack[-1]
+        if not frame[0]:
+            stack.pop()
+            document = frame[1]
+            if document is not None:
+                if position != document.end:
+                    return None  # its payload is not one document
+                if document.shrunk:
+                    head = read(document.header, 1 + document.width + 1)
+                    length = int.from_bytes(head[1:-1], "big") - document.shrunk
+                    document.edit[2] = head[:1] + length.to_bytes(document.width, "big") + head[-1:]
+            continue
         if position >= end or not budget:
             return None
-        left -= 1
+        frame[0] -= 1
         budget -= 1
         head = read(position, 10)
         byte = head[0]
         if byte < 0x80 or byte >= 0xE0:  # positive and negative fixint
             position += 1
         elif byte < 0x90:  # fixmap
-            left += 2 * (byte & 0x0F)
+            frame[0] += 2 * (byte & 0x0F)
             position += 1
         elif byte < 0xA0:  # fixarray
-            left += byte & 0x0F
+            frame[0] += byte & 0x0F
             position += 1
         elif byte < 0xC0:  # fixstr
             position += 1 + (byte & 0x1F)
@@ -929,20 +976,37 @@ def _largeBins(payload: _Positions) -> list[tuple[int, int, int]] | None:
             length = int.from_bytes(head[1 : 1 + width], "big") if width else 0
             start = position + 1 + width
             if perItem:
-                left += perItem * length
+                frame[0] += perItem * length
                 position = start
             elif byte in _EXTENSION_FORMS:
-                if len(head) <= 1 + width or head[1 + width] == _PLACEHOLDER:
+                if len(head) < 2 + width:
                     return None
-                position = start + (skip if byte >= 0xD4 else 1 + length)
+                code = head[1 + width]
+                if code == _PLACEHOLDER:
+                    return None
+                stop = start + (skip if byte >= 0xD4 else 1 + length)
+                if code in _DOCUMENTS:
+                    if len(stack) > RECEIVED_EXTENSION_DEPTH:
+                        return None
+                    edit = [position, start + 1, None, None]
+                    edits.append(edit)
+                    stack.append([1, _Document(position, width, stop, edit)])
+                    position = start + 1
+                else:
+                    position = stop
             else:
                 stop = start + skip + length
                 if 0xC4 <= byte <= 0xC6 and length >= _LARGE_BYTES:
-                    found.append((position, start, stop))
+                    edits.append([position, stop, None, (start, stop)])
+                    strings += 1
+                    shrunk = stop - position - len(_placeholder(0))
+                    for _, document in stack:
+                        if document is not None:
+                            document.shrunk += shrunk
                 position = stop
-    if position != end or not found:
+    if position != end or not strings:
         return None
-    return found
+    return [edit for edit in edits if edit[2] is not None or edit[3] is not None]
 
 
 def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
@@ -955,21 +1019,24 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
     document do not take its size two or three times.
     """
     payload = _Positions(parts)
-    found = _largeBins(payload)
-    if found is None:
+    edits = _largeBins(payload)
+    if edits is None:
         return None
     views = payload.views
     document: list[memoryview | bytes] = []
     strings: list[list[memoryview] | None] = []
     done = 0
-    for index, (header, start, stop) in enumerate(found):
-        document += views(done, header)
-        document.append(_placeholder(index))
-        strings.append(views(start, stop))
+    for start, stop, header, string in edits:
+        document += views(done, start)
+        if string is None:
+            document.append(header)
+        else:
+            document.append(_placeholder(len(strings)))
+            strings.append(views(*string))
         done = stop
     document += views(done, length)
     parts.clear()  # the views hold them, and let go of each once the strings after it are made
-    del payload
+    del payload, edits
     copied = b"".join(document)
     del document
     values = []
@@ -1749,6 +1816,8 @@ class ValueCodec:
         self._keyedMaps = False
         # Whether the value being unpacked had a JELLY extension so far.
         self._jellyMet = False
+        # The large byte strings of the value being unpacked, if it is Spliced.
+        self._splicedStrings: list[bytes] | None = None
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1814,58 +1883,76 @@ class ValueCodec:
                 )
             if verdict == EXTENT_CYCLE:
                 return self._jellied(value)  # as the first pass would, having gone round
+            if sizeable:
+                spliced = self._packSpliced(value, verdict == EXTENT_KEYS)
+                if spliced is not None:
+                    return spliced
             if verdict == EXTENT_KEYS:
                 # Maps with other keys than strings are read checked, in a KEYED value only.
                 return msgpack.packb(msgpack.ExtType(KEYED, self._packValue(value)))  # type: ignore[no-any-return]
-            if sizeable and (kind is list or kind is dict):
-                spliced = self._packSpliced(value)
-                if spliced is not None:
-                    return spliced
         return self._packValue(value)
 
-    def _packSpliced(self, value: Any) -> Packed | None:
+    def _packSpliced(self, value: Any, keyed: bool) -> Packed | None:
         """
-        ``value`` (a list or dict) packed as :meth:`_packValue` packs it, but with its large
-        byte strings left out of the packed bytes: each is a part of its own, between those
-        packed around it, so that it is not copied in and out of the packer's buffer (and a
-        value of one 100 MB string does not take 200 MB more to send). ``None`` if it holds
-        none, holds more than :data:`_SPLICE_ITEMS` items around them, or holds something
-        other than plain data (packing it has effects): it is then packed whole.
+        ``value`` packed as :meth:`_packValue` packs it, but with its large byte strings left
+        out of the packed bytes: each is a part of its own, between those packed around it,
+        so that it is not copied in and out of the packer's buffer (and a value of one 100 MB
+        string does not take 200 MB more to send). Its lists, dicts, tuples and sets are
+        looked into. ``None`` if it holds no large byte string, holds more than
+        :data:`_SPLICE_ITEMS` items around them, or holds something other than plain data
+        (packing it has effects): it is then packed whole.
+
+        :param keyed: wrap it in a ``KEYED`` extension (a dict in it has other keys than text
+            and byte strings).
         """
         if self._packing or self._depth or not _holdsLargeBytes(value):
             return None
         packer = self._plainPacker
-        parts: list[bytes] = []
-        run: list[bytes] = []
+        segments: list[bytes] = [b""]  # (the KEYED header, if any)
+        strings: set[int] = set()  # the indices of the large strings in segments
         budget = _SPLICE_ITEMS
 
         def leaf(item: Any) -> None:
             self._special = False
-            packed = packer.pack(item)
+            segments.append(packer.pack(item))
             if self._special:
                 raise _Enough()
-            run.append(packed)
 
         def walk(item: Any, depth: int) -> None:
             nonlocal budget
             budget -= 1
-            if budget < 0:
+            if budget < 0 or depth > _SPLICE_DEPTH:
                 raise _Enough()
             kind = type(item)
             if kind is bytes and len(item) >= _LARGE_BYTES:
-                run.append(binHeader(len(item)))
-                parts.append(b"".join(run))
-                parts.append(item)
-                run.clear()
-            elif kind is list and depth < _SPLICE_DEPTH:
-                run.append(_arrayHeader(len(item)))
+                segments.append(binHeader(len(item)))
+                strings.add(len(segments))
+                segments.append(item)
+            elif kind is list:
+                segments.append(_arrayHeader(len(item)))
                 for each in item:
                     walk(each, depth + 1)
-            elif kind is dict and depth < _SPLICE_DEPTH:
-                run.append(_mapHeader(len(item)))
+            elif kind is dict:
+                segments.append(_mapHeader(len(item)))
                 for key, each in item.items():
                     leaf(key)
                     walk(each, depth + 1)
+            elif kind in _PLAIN_SEQUENCES:
+                # An extension holding a document of the items, as _packNested packs it.
+                level = self._depth + 1
+                if level > self.depthLimit or level > EXTENSION_DEPTH:
+                    raise _Enough()  # packed whole: jellied
+                self._depth = level
+                try:
+                    header = len(segments)
+                    segments.append(b"")
+                    segments.append(_arrayHeader(len(item)))
+                    for each in item:
+                        walk(each, depth + 1)
+                    size = sum(map(len, segments[header + 1 :]))
+                    segments[header] = _extensionHeader(_PLAIN_SEQUENCES[kind], size)
+                finally:
+                    self._depth = level - 1
             else:
                 leaf(item)
 
@@ -1873,12 +1960,24 @@ class ValueCodec:
         try:
             walk(value, 0)
         except (_Enough, ValueError, RecursionError):
-            return None  # packed whole (which deals with cycles and objects)
+            return None  # packed whole (which deals with cycles, depth and objects)
         finally:
             self._packing = False
+            self._depth = 0
             self._plainPacker = self._newPacker()
-        if not parts:
+        if not strings:
             return None
+        if keyed:
+            segments[0] = _extensionHeader(KEYED, sum(map(len, segments)))
+        parts: list[bytes] = []
+        run: list[bytes] = []
+        for index, segment in enumerate(segments):
+            if index in strings:
+                parts.append(b"".join(run))
+                parts.append(segment)
+                run.clear()
+            else:
+                run.append(segment)
         if run:
             parts.append(b"".join(run))
         return Packed(*parts)
@@ -2000,9 +2099,9 @@ class ValueCodec:
         kind = type(data)
         if kind is Unpacked:
             return data.value
-        hook: Callable[[int, bytes], Any] = self._extension
+        strings = None
         if kind is Spliced:
-            hook = functools.partial(_splicedExtension, data.values, hook)
+            strings = data.values
             data = data.document
         elif kind is not bytes and kind is not memoryview:
             raise InvalidJelly(f"a pbroker2 value must be bytes, not {describe(data)}")
@@ -2012,9 +2111,10 @@ class ValueCodec:
         outer, self._hashBudget = self._hashBudget, None
         outerKeyed, self._keyedMaps = self._keyedMaps, False
         outerJelly, self._jellyMet = self._jellyMet, False
+        outerStrings, self._splicedStrings = self._splicedStrings, strings
         try:
             return msgpack.unpackb(
-                data, raw=False, strict_map_key=True, use_list=True, ext_hook=hook
+                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
             )
         except _Raised as e:
             raise e.error from None  # an application's error, or the security options'
@@ -2026,6 +2126,7 @@ class ValueCodec:
             self._hashBudget = outer
             self._keyedMaps = outerKeyed
             self._jellyMet = outerJelly
+            self._splicedStrings = outerStrings
 
     def _document(self, data: bytes) -> Any:
         """
@@ -2122,6 +2223,10 @@ class ValueCodec:
                     f"a stream id must be an integer from 1 to {ID_LIMIT - 1}: {describe(streamID)}"
                 )
             return self._openStream(streamID)
+        strings = self._splicedStrings
+        if code == _PLACEHOLDER and strings is not None:
+            # (Only where _largeBins put it: it refuses a value that carries one.)
+            return strings[_unpackHeader(data)[0]]
         raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")
 
 

@@ -7,6 +7,7 @@ the wire as packing the value whole.
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -76,14 +77,34 @@ def received(packed: bytes | _native.Packed, step: int | None = None) -> Any:
 
 
 def largeStrings(value: Any) -> list[bytes]:
-    """The byte strings of ``value`` (in its lists and dicts) that are spliced."""
+    """The byte strings of ``value`` (in its plain containers) that are spliced, in order."""
     if type(value) is bytes:
         return [value] if len(value) >= _native._LARGE_BYTES else []
-    if type(value) is list:
+    if type(value) in (list, tuple, set, frozenset):
         return [found for item in value for found in largeStrings(item)]
     if type(value) is dict:
         return [found for item in value.values() for found in largeStrings(item)]
     return []
+
+
+def packedWhole(codec: _native.ValueCodec, value: Any) -> bytes:
+    """``value`` as ``codec`` packs it with no large byte string left out."""
+    splicing = _native._SPLICE_FROM
+    _native._SPLICE_FROM = sys.maxsize
+    try:
+        packed = codec.pack(value)
+    finally:
+        _native._SPLICE_FROM = splicing
+    assert isinstance(packed, bytes)
+    return packed
+
+
+def plainExtensions(value: Any) -> msgpack.ExtType:
+    """A tuple, set or frozenset as the native codec packs it (for msgpack's ``default``)."""
+    code = {tuple: _native.TUPLE, set: _native.SET, frozenset: _native.FROZENSET}[type(value)]
+    return msgpack.ExtType(
+        code, msgpack.packb(list(value), default=plainExtensions, strict_types=True)
+    )
 
 
 def shapeOf(value: Any) -> Any:
@@ -109,6 +130,11 @@ SHAPES: list[Any] = [
     [MEDIUM] * 20,  # array 16, under _SPLICE_FROM for each item
     {f"k{i}": (MEDIUM if i % 3 else i) for i in range(30)},  # map 16
     [b"s" * 100, b"t" * 300, BIG, "u" * 40, "v" * 300, "w" * 70_000, -1, -200, 2**40, True],
+    ("name", BIG),  # an answer of a tuple
+    [(1, (BIG, [MEDIUM])), {b"k" * 40_000, BIG}, frozenset({BIG}), ((),)],
+    {"rows": [(index, MEDIUM) for index in range(20)]},  # tuples in ext 32
+    [(b"q" * 40_000,), BIG, {"k": (b"r" * 40_000, 1)}],  # tuples in ext 16
+    {"keyed": {1: BIG}},  # a KEYED value: its maps' keys are checked
 ]
 
 
@@ -131,7 +157,7 @@ class SendTests(SynchronousTestCase):
             for part, string in zip(parts, strings, strict=True):
                 self.assertIs(part, string)
             self.assertEqual(packed.size, len(packed.data))
-            self.assertTrue(packed.data == codec._packValue(value), "the bytes differ")
+            self.assertTrue(packed.data == packedWhole(codec, value), "the bytes differ")
 
     def test_packedWhole(self) -> None:
         """
@@ -194,15 +220,25 @@ class ReceiveTests(SynchronousTestCase):
         self.assertIs(type(arrived), _native.Spliced)
         self.assertEqual(len(arrived.values), 2)
         self.assertTrue(codec.unpack(arrived) == value)
+        # Extensions that do not hold a document are stepped over, whatever their form.
+        for size in (1, 2, 4, 8, 16, 50, 300, 70_000):
+            other = msgpack.ExtType(_native.JELLY, b"j" * size)
+            document = msgpack.packb([other, BIG, other], use_bin_type=True)
+            edits = _native._largeBins(_native._Positions([memoryview(document)]))
+            assert edits is not None
+            ((start, stop, header, string),) = edits
+            self.assertEqual(document[start:stop], document[start : start + 5] + BIG)
+            self.assertEqual(string, (start + 5, stop))
+            self.assertIsNone(header)
 
     def test_extensionForms(self) -> None:
         """
-        The look through a document steps over extensions of each form (fixext 1 to 16,
-        ext 8, 16 and 32), whose payloads it leaves to the codec.
+        The look through a document steps into extensions of each form (fixext 1 to 16,
+        ext 8, 16 and 32) that hold documents, and over the others.
         """
         codec = plainCodec()
         tuples = [(), (1,), (1, 2, 3), (1, 2, 3, 4, 5, 6, 7), tuple(range(15)), tuple(range(50))]
-        tuples += [tuple(range(300)), tuple(range(70_000))]
+        tuples += [tuple(range(300)), ("w" * 70_000,)]
         lengths = []
         for item in tuples:
             lengths.append(len(msgpack.packb(list(item))))
@@ -210,7 +246,7 @@ class ReceiveTests(SynchronousTestCase):
         value = [*tuples, BIG, (BIG,), 4.5, -(2**63)]
         arrived = received(codec.pack(value), 65_536)
         self.assertIs(type(arrived), _native.Spliced)
-        self.assertEqual(len(arrived.values), 1)  # (the one in a tuple is not looked into)
+        self.assertEqual(len(arrived.values), 2)
         self.assertTrue(codec.unpack(arrived) == value)
 
     def test_notSpliced(self) -> None:
@@ -228,15 +264,34 @@ class ReceiveTests(SynchronousTestCase):
             self.assertIn(type(arrived), (bytes, memoryview))
             self.assertTrue(codec.unpack(arrived) == value)
 
+    def test_deepExtensions(self) -> None:
+        """
+        Tuples nested deeper than a receiver accepts are not looked into: the value is packed
+        whole (jellied, as any so deep) and refused whole.
+        """
+        value: Any = [BIG]
+        for _ in range(_native.RECEIVED_EXTENSION_DEPTH + 1):
+            value = (value,)
+        jellied: list[Any] = []
+        self.assertIs(type(jellyingCodec(jellied).pack([value])), bytes)
+        self.assertEqual(len(jellied), 1)
+        data = msgpack.packb([value], default=plainExtensions, strict_types=True)
+        arrived = received(data)
+        self.assertIn(type(arrived), (bytes, memoryview))
+        with self.assertRaises(InvalidJelly) as caught:
+            plainCodec().unpack(arrived)
+        self.assertIn("nested more than", str(caught.exception))
+
     def test_placeholderRefused(self) -> None:
         """
         The extension type that stands for a spliced string in the document is refused in
-        what the peer sends, as any unknown type: at the top, or in a tuple.
+        what the peer sends, as any unknown type: at the top, in a tuple, in a KEYED value.
         """
         codec = plainCodec()
         placeholder = msgpack.ExtType(_native._PLACEHOLDER, b"\x00\x00\x00\x00")
         inTuple = msgpack.ExtType(_native.TUPLE, msgpack.packb([placeholder]))
-        for value in ([BIG, placeholder], [BIG, inTuple]):
+        inKeyed = msgpack.ExtType(_native.KEYED, msgpack.packb({1: [placeholder]}))
+        for value in ([BIG, placeholder], [BIG, inTuple], [(BIG,), inKeyed]):
             arrived = received(msgpack.packb(value, use_bin_type=True))
             with self.assertRaises(InvalidJelly) as caught:
                 codec.unpack(arrived)

@@ -822,9 +822,13 @@ class Spliced:
 #: A value of this many bytes or more is looked through for large byte strings, to send (and
 #: receive) each as it is rather than copied in and out of a packed document with the rest.
 _SPLICE_FROM = 1024 * 1024
-#: The most items a value may hold around its large byte strings to be looked through (each
-#: is read by a Python loop); a value of more goes whole through msgpack, as any other.
-_SPLICE_ITEMS = 4096
+#: The most items a value may hold before its first large byte string, between two and after
+#: the last, to be looked through (each is read by a Python loop, which costs a few tenths of
+#: a microsecond: a large value of many small items is not worth looking through, and goes
+#: whole through msgpack, as any other).
+_SPLICE_AROUND = 256
+#: The most items a value may hold in all, to be looked through.
+_SPLICE_ITEMS = 65536
 #: How deeply containers are looked into for large byte strings, to send.
 _SPLICE_DEPTH = 32
 #: The extension type that stands for a large byte string in a :class:`Spliced` document: it
@@ -835,11 +839,12 @@ _PLACEHOLDER = 127
 def _holdsLargeBytes(value: Any) -> bool:
     """
     Whether a byte string of :data:`_LARGE_BYTES` or more is among the first
-    :data:`_SPLICE_ITEMS` items of ``value``'s lists, dicts, tuples and sets (a quick look,
-    before packing it in parts: most large values are many small items).
+    :data:`_SPLICE_AROUND` items of ``value``'s lists, dicts, tuples and sets, in the order
+    they are packed (a quick look, before packing it in parts: most large values are many
+    small items).
     """
     pending = [value]
-    budget = _SPLICE_ITEMS
+    budget = _SPLICE_AROUND
     while pending and budget > 0:
         item = pending.pop()
         budget -= 1
@@ -848,11 +853,11 @@ def _holdsLargeBytes(value: Any) -> bool:
             if len(item) >= _LARGE_BYTES:
                 return True
         elif kind is list or kind is tuple:
-            pending.extend(item[:budget])
+            pending.extend(reversed(item[:budget]))
         elif kind is dict:
-            pending.extend(itertools.islice(item.values(), budget))
+            pending.extend(reversed(list(itertools.islice(item.values(), budget))))
         elif kind is set or kind is frozenset:
-            pending.extend(itertools.islice(item, budget))
+            pending.extend(reversed(list(itertools.islice(item, budget))))
     return False
 
 
@@ -873,12 +878,27 @@ class _Positions:
             self.starts.append(total)
             total += len(part)
         self.size = total
+        # The part read last, and where it starts and ends.
+        self._part = parts[0] if parts else memoryview(b"")
+        self._start = 0
+        self._end = len(self._part)
 
-    def read(self, position: int, count: int) -> bytes:
+    def read(self, position: int, count: int) -> bytes | memoryview:
         """
-        ``count`` bytes from ``position`` (fewer at the end), copied.
+        ``count`` bytes from ``position`` (fewer at the end): a view, if they are in the part
+        read last (as they mostly are), else a copy.
         """
-        return b"".join(self.views(position, min(position + count, self.size)))
+        offset = position - self._start
+        if offset >= 0 and position + count <= self._end:
+            return self._part[offset : offset + count]
+        stop = min(position + count, self.size)
+        index = bisect.bisect_right(self.starts, position) - 1
+        if 0 <= index < len(self.parts) and stop <= self.starts[index] + len(self.parts[index]):
+            self._part = self.parts[index]
+            self._start = self.starts[index]
+            self._end = self._start + len(self._part)
+            return self._part[position - self._start : stop - self._start]
+        return b"".join(self.views(position, stop))
 
     def views(self, start: int, stop: int) -> list[memoryview]:
         """
@@ -923,7 +943,8 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
     set or ``KEYED`` extension that holds some, whose payloads are looked into as documents
     of their own.
 
-    ``None`` if it has no large string, more than :data:`_SPLICE_ITEMS` items, extensions
+    ``None`` if it has no large string, more than :data:`_SPLICE_AROUND` items before the
+    first, between two or after the last, more than :data:`_SPLICE_ITEMS` in all, extensions
     nested deeper than :data:`RECEIVED_EXTENSION_DEPTH` (which the codec refuses), a
     :data:`_PLACEHOLDER` extension anywhere it looks, or is not well-formed (msgpack then
     says what is wrong with it).
@@ -936,7 +957,8 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
     # Per open document: the items still to read in it (in all its arrays and maps), and the
     # extension it is the payload of (None for the value itself).
     stack: list[list[Any]] = [[1, None]]
-    budget = _SPLICE_ITEMS
+    budget = _SPLICE_AROUND
+    total = _SPLICE_ITEMS
     while stack:
         frame = stack[-1]
         if not frame[0]:
@@ -948,12 +970,15 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
                 if document.shrunk:
                     head = read(document.header, 1 + document.width + 1)
                     length = int.from_bytes(head[1:-1], "big") - document.shrunk
-                    document.edit[2] = head[:1] + length.to_bytes(document.width, "big") + head[-1:]
+                    document.edit[2] = (
+                        bytes(head[:1]) + length.to_bytes(document.width, "big") + bytes(head[-1:])
+                    )
             continue
-        if position >= end or not budget:
+        if position >= end or not budget or not total:
             return None
         frame[0] -= 1
         budget -= 1
+        total -= 1
         head = read(position, 10)
         byte = head[0]
         if byte < 0x80 or byte >= 0xE0:  # positive and negative fixint
@@ -999,6 +1024,7 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
                 if 0xC4 <= byte <= 0xC6 and length >= _LARGE_BYTES:
                     edits.append([position, stop, None, (start, stop)])
                     strings += 1
+                    budget = _SPLICE_AROUND
                     shrunk = stop - position - len(_placeholder(0))
                     for _, document in stack:
                         if document is not None:
@@ -1898,9 +1924,9 @@ class ValueCodec:
         out of the packed bytes: each is a part of its own, between those packed around it,
         so that it is not copied in and out of the packer's buffer (and a value of one 100 MB
         string does not take 200 MB more to send). Its lists, dicts, tuples and sets are
-        looked into. ``None`` if it holds no large byte string, holds more than
-        :data:`_SPLICE_ITEMS` items around them, or holds something other than plain data
-        (packing it has effects): it is then packed whole.
+        looked into. ``None`` if it holds no large byte string, more items around them than
+        the receiver looks through (see :func:`_largeBins`), or something other than plain
+        data (packing it has effects): it is then packed whole.
 
         :param keyed: wrap it in a ``KEYED`` extension (a dict in it has other keys than text
             and byte strings).
@@ -1910,9 +1936,20 @@ class ValueCodec:
         packer = self._plainPacker
         segments: list[bytes] = [b""]  # (the KEYED header, if any)
         strings: set[int] = set()  # the indices of the large strings in segments
-        budget = _SPLICE_ITEMS
+        # Items are counted as the receiver counts them (see _largeBins): each msgpack item,
+        # an extension and the array it holds as two.
+        budget = _SPLICE_AROUND
+        total = _SPLICE_ITEMS
+
+        def count(items: int) -> None:
+            nonlocal budget, total
+            budget -= items
+            total -= items
+            if budget < 0 or total < 0:
+                raise _Enough()
 
         def leaf(item: Any) -> None:
+            count(1)
             self._special = False
             segments.append(packer.pack(item))
             if self._special:
@@ -1920,25 +1957,29 @@ class ValueCodec:
 
         def walk(item: Any, depth: int) -> None:
             nonlocal budget
-            budget -= 1
-            if budget < 0 or depth > _SPLICE_DEPTH:
+            if depth > _SPLICE_DEPTH:
                 raise _Enough()
             kind = type(item)
             if kind is bytes and len(item) >= _LARGE_BYTES:
+                count(1)
+                budget = _SPLICE_AROUND
                 segments.append(binHeader(len(item)))
                 strings.add(len(segments))
                 segments.append(item)
             elif kind is list:
+                count(1)
                 segments.append(_arrayHeader(len(item)))
                 for each in item:
                     walk(each, depth + 1)
             elif kind is dict:
+                count(1)
                 segments.append(_mapHeader(len(item)))
                 for key, each in item.items():
                     leaf(key)
                     walk(each, depth + 1)
             elif kind in _PLAIN_SEQUENCES:
                 # An extension holding a document of the items, as _packNested packs it.
+                count(2)
                 level = self._depth + 1
                 if level > self.depthLimit or level > EXTENSION_DEPTH:
                     raise _Enough()  # packed whole: jellied
@@ -1958,6 +1999,8 @@ class ValueCodec:
 
         self._packing = True
         try:
+            if keyed:
+                count(1)
             walk(value, 0)
         except (_Enough, ValueError, RecursionError):
             return None  # packed whole (which deals with cycles, depth and objects)

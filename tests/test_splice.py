@@ -162,7 +162,7 @@ class SendTests(SynchronousTestCase):
     def test_packedWhole(self) -> None:
         """
         A value is packed whole, as before, when it is small, has no large byte string, has
-        more than _SPLICE_ITEMS items, or holds a container that is not plain data.
+        too many items around it, or holds a container that is not plain data.
         """
         jellied: list[Any] = []
         codec = jellyingCodec(jellied)
@@ -173,7 +173,8 @@ class SendTests(SynchronousTestCase):
         for value in (
             [b"name", MEDIUM],
             [b"x" * 30_000] * 40,  # over _SPLICE_FROM, in strings under _LARGE_BYTES
-            [*range(_native._SPLICE_ITEMS), BIG],
+            [*range(_native._SPLICE_AROUND), BIG],
+            [BIG, *range(_native._SPLICE_AROUND + 1)],
             [BIG, Listed([1])],
         ):
             self.assertIs(type(codec.pack(value)), bytes, shapeOf(value))
@@ -238,7 +239,7 @@ class ReceiveTests(SynchronousTestCase):
         """
         codec = plainCodec()
         tuples = [(), (1,), (1, 2, 3), (1, 2, 3, 4, 5, 6, 7), tuple(range(15)), tuple(range(50))]
-        tuples += [tuple(range(300)), ("w" * 70_000,)]
+        tuples += [("w" * 300,), ("w" * 70_000,)]
         lengths = []
         for item in tuples:
             lengths.append(len(msgpack.packb(list(item))))
@@ -251,18 +252,51 @@ class ReceiveTests(SynchronousTestCase):
 
     def test_notSpliced(self) -> None:
         """
-        A value too small, with more than _SPLICE_ITEMS items, or without a large string,
+        A value too small, with too many items around its large strings, or without one,
         arrives as its bytes, and unpacks as before.
         """
         codec = plainCodec()
         for value in (
             [b"name", MEDIUM],
-            [*range(_native._SPLICE_ITEMS), BIG],
+            [*range(_native._SPLICE_AROUND), BIG],
+            [BIG, *range(_native._SPLICE_AROUND + 1)],
             ["t" * (2 * MiB)],
         ):
             arrived = received(msgpack.packb(value, use_bin_type=True), 65_536)
             self.assertIn(type(arrived), (bytes, memoryview))
             self.assertTrue(codec.unpack(arrived) == value)
+
+    def test_itemsAround(self) -> None:
+        """
+        A value is looked through if at most _SPLICE_AROUND items come up to its first large
+        string (itself included), up to each next one, and after the last, and at most
+        _SPLICE_ITEMS in all; the sender and the receiver count them alike (each msgpack
+        item, a tuple as two: its extension and its array), so that what one sends in parts
+        the other receives in parts.
+        """
+        around = _native._SPLICE_AROUND
+        self.patch(_native, "_SPLICE_ITEMS", 4 * around)
+        codec = plainCodec()
+        cases: list[tuple[Any, bool]] = []
+        for count in (around - 1, around, around + 1):
+            within = count <= around
+            cases += [
+                ([*range(count - 2), BIG], within),  # the list counts too
+                ([BIG, *range(count)], within),
+                ([BIG, *range(count - 1), BIG], within),
+                ([*range(count - 4), (BIG,)], within),
+                ([*([BIG, *range(around - 1)] * 3), BIG, *range(count - 2)], within),  # in all
+            ]
+        for pairs, within in ((around // 2 - 2, True), (around // 2 - 1, False)):
+            # A map counts its keys; a KEYED value its extension and its map.
+            cases.append(({**{f"k{i}": i for i in range(pairs)}, "a": BIG}, within))
+            cases.append(({**{i + 2: i for i in range(pairs)}, 1: BIG}, within))
+        for last, within in (([], True), ([0], False)):  # 256 and 257 items
+            cases.append(({**{i + 2: i for i in range(around // 2 - 3)}, 0: last, 1: BIG}, within))
+        for value, within in cases:
+            self.assertIs(type(codec.pack(value)) is _native.Packed, within, shapeOf(value))
+            arrived = received(packedWhole(codec, value))
+            self.assertIs(type(arrived) is _native.Spliced, within, shapeOf(value))
 
     def test_deepExtensions(self) -> None:
         """

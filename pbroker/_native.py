@@ -338,6 +338,20 @@ def binHeader(size: int) -> bytes:
     return _BIN32 + _packHeader(size)
 
 
+def _textHeader(size: int) -> bytes:
+    """
+    The msgpack header of a ``str`` of ``size`` bytes (of UTF-8), in the smallest form, as
+    msgpack writes it.
+    """
+    if size < 32:
+        return bytes((0xA0 | size,))
+    if size < 0x100:
+        return bytes((0xD9, size))
+    if size < 0x10000:
+        return b"\xda" + _packShort(size)
+    return b"\xdb" + _packHeader(size)
+
+
 def _arrayHeader(count: int) -> bytes:
     """
     The msgpack header of an array of ``count`` items, in the smallest form.
@@ -437,6 +451,17 @@ GIVE_BACK = 16 * 1024 * 1024
 #: in C, of the memory of each piece the decoder copied) once copied.
 _joinParts: Callable[[list[Any]], bytes] = (
     b"".join if _accelerator.speedups is None else _accelerator.speedups.joinParts
+)
+
+
+def _noText(parts: list[Any]) -> str | None:
+    return None
+
+
+#: Joins the parts of a large ASCII string of text as _joinParts joins bytes (None if a byte
+#: is not ASCII, or without the C extension: the caller joins, then decodes).
+_joinText: Callable[[list[Any]], str | None] = (
+    _noText if _accelerator.speedups is None else _accelerator.speedups.joinText
 )
 
 #: Reads a whole record's envelope of the usual shape (see VALUE_FIELDS), or says ``None``:
@@ -810,7 +835,9 @@ class Spliced:
 
     __slots__ = ("document", "size", "values")
 
-    def __init__(self, document: bytes, values: list[bytes], size: int) -> None:
+    def __init__(
+        self, document: bytes, values: list[bytes | str | UnicodeDecodeError], size: int
+    ) -> None:
         self.document = document
         self.values = values
         self.size = size
@@ -836,9 +863,9 @@ _SPLICE_DEPTH = 32
 _PLACEHOLDER = 127
 
 
-def _holdsLargeBytes(value: Any) -> bool:
+def _holdsLargeStrings(value: Any) -> bool:
     """
-    Whether a byte string of :data:`_LARGE_BYTES` or more is among the first
+    Whether a byte or text string of :data:`_LARGE_BYTES` or more is among the first
     :data:`_SPLICE_AROUND` items of ``value``'s lists, dicts, tuples and sets, in the order
     they are packed (a quick look, before packing it in parts: most large values are many
     small items).
@@ -849,7 +876,7 @@ def _holdsLargeBytes(value: Any) -> bool:
         item = pending.pop()
         budget -= 1
         kind = type(item)
-        if kind is bytes:
+        if kind is bytes or kind is str:
             if len(item) >= _LARGE_BYTES:
                 return True
         elif kind is list or kind is tuple:
@@ -936,9 +963,10 @@ class _Document:
 
 def _largeBins(payload: _Positions) -> list[list[Any]] | None:
     """
-    The edits that leave the large byte strings (``bin`` of :data:`_LARGE_BYTES` or more)
-    out of a msgpack document, in order: ``[start, stop, None, (begin, end)]`` for a string
-    whose header starts at ``start``, whose bytes are ``begin`` to ``end`` (= ``stop``), and
+    The edits that leave the large strings (``bin`` or ``str`` of :data:`_LARGE_BYTES` bytes
+    or more) out of a msgpack document, in order: ``[start, stop, None, (begin, end, text)]``
+    for a string whose header starts at ``start``, whose bytes are ``begin`` to ``end``
+    (= ``stop``), and which is text (``str``) or not, and
     ``[start, stop, header, None]`` for the new header (same form, shorter length) of a tuple,
     set or ``KEYED`` extension that holds some, whose payloads are looked into as documents
     of their own.
@@ -1021,8 +1049,8 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
                     position = stop
             else:
                 stop = start + skip + length
-                if 0xC4 <= byte <= 0xC6 and length >= _LARGE_BYTES:
-                    edits.append([position, stop, None, (start, stop)])
+                if length >= _LARGE_BYTES and (0xC4 <= byte <= 0xC6 or 0xD9 <= byte <= 0xDB):
+                    edits.append([position, stop, None, (start, stop, byte >= 0xD9)])
                     strings += 1
                     budget = _SPLICE_AROUND
                     shrunk = stop - position - len(_placeholder(0))
@@ -1051,6 +1079,7 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
     views = payload.views
     document: list[memoryview | bytes] = []
     strings: list[list[memoryview] | None] = []
+    texts: list[bool] = []
     done = 0
     for start, stop, header, string in edits:
         document += views(done, start)
@@ -1058,19 +1087,34 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
             document.append(header)
         else:
             document.append(_placeholder(len(strings)))
-            strings.append(views(*string))
+            strings.append(views(string[0], string[1]))
+            texts.append(string[2])
         done = stop
     document += views(done, length)
     parts.clear()  # the views hold them, and let go of each once the strings after it are made
     del payload, edits
     copied = b"".join(document)
     del document
-    values = []
+    values: list[bytes | str | UnicodeDecodeError] = []
     for index, string in enumerate(strings):
         assert string is not None
         strings[index] = None
         size = sum(map(len, string))
-        values.append((_joinParts if size >= GIVE_BACK else b"".join)(string))
+        large = size >= GIVE_BACK
+        if texts[index]:
+            text = _joinText(string) if large else None  # (ASCII, in C: put together once)
+            if text is None:
+                data = (_joinParts if large else b"".join)(string)
+                try:
+                    text = str(data, "utf-8")
+                except UnicodeDecodeError as e:
+                    values.append(e)  # (refused when the value is unpacked, as msgpack would)
+                    continue
+                finally:
+                    del data
+            values.append(text)
+        else:
+            values.append((_joinParts if large else b"".join)(string))
         del string
     return Spliced(copied, values, length)
 
@@ -1842,8 +1886,8 @@ class ValueCodec:
         self._keyedMaps = False
         # Whether the value being unpacked had a JELLY extension so far.
         self._jellyMet = False
-        # The large byte strings of the value being unpacked, if it is Spliced.
-        self._splicedStrings: list[bytes] | None = None
+        # The large strings of the value being unpacked, if it is Spliced.
+        self._splicedStrings: list[bytes | str | UnicodeDecodeError] | None = None
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
@@ -1916,6 +1960,10 @@ class ValueCodec:
             if verdict == EXTENT_KEYS:
                 # Maps with other keys than strings are read checked, in a KEYED value only.
                 return msgpack.packb(msgpack.ExtType(KEYED, self._packValue(value)))  # type: ignore[no-any-return]
+        elif kind is str and len(value) >= _SPLICE_FROM:
+            spliced = self._packSpliced(value, False)
+            if spliced is not None:
+                return spliced
         return self._packValue(value)
 
     def _packSpliced(self, value: Any, keyed: bool) -> Packed | None:
@@ -1931,7 +1979,7 @@ class ValueCodec:
         :param keyed: wrap it in a ``KEYED`` extension (a dict in it has other keys than text
             and byte strings).
         """
-        if self._packing or self._depth or not _holdsLargeBytes(value):
+        if self._packing or self._depth or not _holdsLargeStrings(value):
             return None
         packer = self._plainPacker
         segments: list[bytes] = [b""]  # (the KEYED header, if any)
@@ -1966,6 +2014,14 @@ class ValueCodec:
                 segments.append(binHeader(len(item)))
                 strings.add(len(segments))
                 segments.append(item)
+            elif kind is str and len(item) >= _LARGE_BYTES:
+                # Encoded once (a surrogate raises, and the value is packed whole: jellied).
+                count(1)
+                budget = _SPLICE_AROUND
+                data = item.encode("utf-8")
+                segments.append(_textHeader(len(data)))
+                strings.add(len(segments))
+                segments.append(data)
             elif kind is list:
                 count(1)
                 segments.append(_arrayHeader(len(item)))
@@ -2269,7 +2325,10 @@ class ValueCodec:
         strings = self._splicedStrings
         if code == _PLACEHOLDER and strings is not None:
             # (Only where _largeBins put it: it refuses a value that carries one.)
-            return strings[_unpackHeader(data)[0]]
+            string = strings[_unpackHeader(data)[0]]
+            if type(string) is UnicodeDecodeError:
+                raise InvalidJelly(f"a malformed pbroker2 value: {_malformed(string)}")
+            return string
         raise InvalidJelly(f"an unknown pbroker2 extension type: {code}")
 
 

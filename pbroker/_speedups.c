@@ -2770,6 +2770,90 @@ joinParts(PyObject *module, PyObject *parts)
     return joined;
 }
 
+/* Whether the n bytes at p are all ASCII (below 0x80). */
+static int
+allAscii(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        memcpy(&word, p + i, 8);
+        if (word & UINT64_C(0x8080808080808080)) {
+            return 0;
+        }
+    }
+    for (; i < n; i++) {
+        if (p[i] & 0x80) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+joinText(PyObject *module, PyObject *parts)
+{
+    (void)module;
+    if (!PyList_CheckExact(parts)) {
+        PyErr_Format(PyExc_TypeError, "joinText() needs a list, not %.80s", Py_TYPE(parts)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(parts);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        int ascii = allAscii((const unsigned char *)view.buf, view.len);
+        Py_ssize_t length = view.len;
+        PyBuffer_Release(&view);
+        if (!ascii) {
+            Py_RETURN_NONE;  /* (the parts untouched: joined and decoded by the caller) */
+        }
+        if (length > PY_SSIZE_T_MAX - total) {
+            PyErr_SetString(PyExc_OverflowError, "joinText(): the parts are too large");
+            return NULL;
+        }
+        total += length;
+    }
+    PyObject *text = PyUnicode_New(total, 127);
+    if (text == NULL) {
+        return NULL;
+    }
+    char *out = (char *)PyUnicode_DATA(text);
+    Py_ssize_t offset = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (i >= PyList_GET_SIZE(parts)) {
+            break;  /* (reported below: the list changed) */
+        }
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(text);
+            return NULL;
+        }
+        if (view.len > total - offset || !allAscii((const unsigned char *)view.buf, view.len)) {
+            PyBuffer_Release(&view);
+            break;
+        }
+        memcpy(out + offset, view.buf, (size_t)view.len);
+        offset += view.len;
+        discardPages(&view);
+        PyBuffer_Release(&view);
+        Py_INCREF(Py_None);
+        if (PyList_SetItem(parts, i, Py_None) < 0) {
+            Py_DECREF(text);
+            return NULL;
+        }
+    }
+    if (offset != total) {
+        Py_DECREF(text);
+        PyErr_SetString(PyExc_RuntimeError, "joinText(): the parts changed while joined");
+        return NULL;
+    }
+    return text;
+}
+
 static PyMethodDef methods[] = {
     {"extent", (PyCFunction)(void (*)(void))extent, METH_FASTCALL,
      "extent(value, budget, maxDepth)\n--\n\n"
@@ -2811,6 +2895,11 @@ static PyMethodDef methods[] = {
      "The bytes of a list of buffers joined, which are its parts of a large message nothing\n"
      "reads again: each is let go of (its list item set to None) once copied, and the whole\n"
      "pages of a writable one given back to the system (Linux). See pbroker._native._value."},
+    {"joinText", (PyCFunction)joinText, METH_O,
+     "joinText(parts)\n--\n\n"
+     "The text of a list of buffers of ASCII, joined as joinParts joins bytes (each part let\n"
+     "go of once copied, the whole pages of a writable one given back), or None, the parts\n"
+     "untouched, if a byte is not ASCII. See pbroker._native._spliced."},
     {"plain", (PyCFunction)(void (*)(void))plain, METH_FASTCALL,
      "plain(node, allowed, ask)\n--\n\n"
      "The value of a plain jelly expression, or NotImplemented; see pbroker._unjellier."},

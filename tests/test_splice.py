@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import _native, _streams, pb
 from pbroker.errors import InvalidJelly
@@ -79,9 +79,12 @@ def received(packed: bytes | _native.Packed, step: int | None = None) -> Any:
     return arrived
 
 
-def largeStrings(value: Any) -> list[bytes]:
-    """The byte strings of ``value`` (in its plain containers) that are spliced, in order."""
-    if type(value) is bytes:
+def largeStrings(value: Any) -> list[bytes | str]:
+    """
+    The byte and text strings of ``value`` (in its plain containers) that are spliced, in
+    order (the text as it arrives).
+    """
+    if type(value) is bytes or type(value) is str:
         return [value] if len(value) >= _native._LARGE_BYTES else []
     if type(value) in (list, tuple, set, frozenset):
         return [found for item in value for found in largeStrings(item)]
@@ -153,12 +156,13 @@ class SendTests(SynchronousTestCase):
             packed = codec.pack(value)
             assert isinstance(packed, _native.Packed), shapeOf(value)
             strings = largeStrings(value)
-            parts = [part for part in packed.parts if any(part is each for each in strings)]
-            self.assertEqual(len(parts), len(strings))
-            # (Each after the packed bytes before it; then those after the last, if any.)
+            # Each after the packed bytes before it; then those after the last, if any.
             self.assertIn(len(packed.parts), (2 * len(strings), 2 * len(strings) + 1))
-            for part, string in zip(parts, strings, strict=True):
-                self.assertIs(part, string)
+            for part, string in zip(packed.parts[1::2], strings, strict=True):
+                if type(string) is bytes:
+                    self.assertIs(part, string)
+                else:
+                    self.assertTrue(part == string.encode(), "other text")
             self.assertEqual(packed.size, len(packed.data))
             self.assertTrue(packed.data == packedWhole(codec, value), "the bytes differ")
 
@@ -237,16 +241,6 @@ class ReceiveTests(SynchronousTestCase):
         self.assertIs(type(arrived), _native.Spliced)
         self.assertEqual(len(arrived.values), 2)
         self.assertTrue(codec.unpack(arrived) == value)
-        # Extensions that do not hold a document are stepped over, whatever their form.
-        for size in (1, 2, 4, 8, 16, 50, 300, 70_000):
-            other = msgpack.ExtType(_native.JELLY, b"j" * size)
-            document = msgpack.packb([other, BIG, other], use_bin_type=True)
-            edits = _native._largeBins(_native._Positions([memoryview(document)]))
-            assert edits is not None
-            ((start, stop, header, string),) = edits
-            self.assertEqual(document[start:stop], document[start : start + 5] + BIG)
-            self.assertEqual(string, (start + 5, stop))
-            self.assertIsNone(header)
 
     def test_extensionForms(self) -> None:
         """
@@ -263,8 +257,18 @@ class ReceiveTests(SynchronousTestCase):
         value = [*tuples, BIG, (BIG,), 4.5, -(2**63)]
         arrived = received(codec.pack(value), 65_536)
         self.assertIs(type(arrived), _native.Spliced)
-        self.assertEqual(len(arrived.values), 2)
+        self.assertEqual(len(arrived.values), 3)  # (BIG twice, and the text of 70,000)
         self.assertTrue(codec.unpack(arrived) == value)
+        # Extensions that do not hold a document are stepped over, whatever their form.
+        for size in (1, 2, 4, 8, 16, 50, 300, 70_000):
+            other = msgpack.ExtType(_native.JELLY, b"j" * size)
+            document = msgpack.packb([other, BIG, other], use_bin_type=True)
+            edits = _native._largeBins(_native._Positions([memoryview(document)]))
+            assert edits is not None
+            ((start, stop, header, string),) = edits
+            self.assertEqual(document[start:stop], document[start : start + 5] + BIG)
+            self.assertEqual(string, (start + 5, stop, False))
+            self.assertIsNone(header)
 
     def test_notSpliced(self) -> None:
         """
@@ -276,7 +280,7 @@ class ReceiveTests(SynchronousTestCase):
             [b"name", MEDIUM],
             [*range(_native._SPLICE_AROUND), BIG],
             [BIG, *range(_native._SPLICE_AROUND + 1)],
-            ["t" * (2 * MiB)],
+            ["t" * 30_000] * 70,  # (text too, from 32 KiB)
         ):
             arrived = received(msgpack.packb(value, use_bin_type=True), 65_536)
             self.assertIn(type(arrived), (bytes, memoryview))
@@ -411,6 +415,142 @@ class ReceiveTests(SynchronousTestCase):
             tracemalloc.stop()
         self.assertTrue(result == value)
         self.assertLess(peak, 1.5 * len(large))
+
+
+class TextTests(SynchronousTestCase):
+    def test_sentAndReceived(self) -> None:
+        """
+        Text of 32 KiB or more in a value of 1 MiB or more, or alone, is sent encoded once
+        (not copied in and out of the packer besides) and arrives decoded from the pieces it
+        came in: ASCII or not.
+        """
+        codec = plainCodec()
+        for value in (
+            ["name", "a" * (MiB + 1)],
+            {"text": "é" * 40_000, "blob": BIG},
+            "t" * (MiB + 7),  # alone
+            ("ü" * MiB, 1),  # (a value's size is counted in characters)
+        ):
+            packed = codec.pack(value)
+            assert isinstance(packed, _native.Packed), shapeOf(value)
+            self.assertTrue(packed.data == packedWhole(codec, value), "the bytes differ")
+            for step in (7, 65_536, None):
+                arrived = received(packed, step)
+                self.assertIs(type(arrived), _native.Spliced)
+                self.assertTrue(codec.unpack(arrived) == value, "the value changed")
+
+    def test_largeAsciiPutTogetherOnce(self) -> None:
+        """
+        Large ASCII text (from GIVE_BACK bytes) is put together straight from the pieces
+        where the C extension is built, as large byte strings are; other text is joined,
+        then decoded.
+        """
+        self.patch(_native, "GIVE_BACK", 64 * 1024)
+        joined: list[int] = []
+        ascii: list[bool] = []
+        join = _native._joinParts
+        joinText = _native._joinText
+
+        def countedJoin(parts: list[Any]) -> bytes:
+            joined.append(len(parts))
+            return join(parts)
+
+        def countedText(parts: list[Any]) -> str | None:
+            text = joinText(parts)
+            ascii.append(text is not None)
+            return text
+
+        self.patch(_native, "_joinParts", countedJoin)
+        self.patch(_native, "_joinText", countedText)
+        codec = plainCodec()
+        for text in ("a" * (2 * MiB), "é" * MiB):
+            arrived = received(codec.pack([1, text]), 65_536)
+            self.assertTrue(codec.unpack(arrived) == [1, text])
+        speedups = _native._accelerator.speedups is not None
+        self.assertEqual(ascii, [speedups, False])
+        self.assertEqual(len(joined), 1 if speedups else 2)  # (what joinText did not join)
+
+    def test_joinText(self) -> None:
+        """
+        The C extension's joinText() joins ASCII parts into text, letting go of each; it
+        leaves the parts alone and returns None if a byte is not ASCII.
+        """
+        speedups = _native._accelerator.speedups
+        if speedups is None:
+            raise SkipTest("the C extension is switched off (PBROKER_PURE_PYTHON)")
+        parts: list[Any] = [memoryview(bytearray(b"ab" * 70_000)), b"cd", memoryview(b"xyz")[1:]]
+        self.assertEqual(speedups.joinText(parts), "ab" * 70_000 + "cdyz")
+        self.assertEqual(parts, [None, None, None])
+        for other in ([b"ab", "é".encode()], [b"a" * 9 + b"\x80"], [b"\xff" * 16]):
+            kept = list(other)
+            self.assertIsNone(speedups.joinText(kept))
+            self.assertEqual(kept, other)
+        self.assertEqual(speedups.joinText([]), "")
+        with self.assertRaises(TypeError):
+            speedups.joinText((b"a",))  # type: ignore[arg-type]
+
+    def test_invalidUtf8(self) -> None:
+        """
+        Large text that is not UTF-8 is refused when the value is unpacked, as msgpack
+        refuses it (the rest of the message is read).
+        """
+        codec = plainCodec()
+        bad = b"\xdb" + (40_000).to_bytes(4, "big") + b"ok" * 10_000 + b"\xff" + b"k" * 19_999
+        data = b"\x92" + bad + b"\xc6" + len(BIG).to_bytes(4, "big") + BIG
+        arrived = received(data)
+        self.assertIs(type(arrived), _native.Spliced)
+        with self.assertRaises(InvalidJelly) as spliced:
+            codec.unpack(arrived)
+        with self.assertRaises(InvalidJelly) as whole:
+            codec.unpack(data)
+        self.assertEqual(str(spliced.exception), str(whole.exception))
+        self.assertIn("can't decode byte 0xff in position 20000", str(spliced.exception))
+
+    def test_surrogates(self) -> None:
+        """
+        Text with a lone surrogate (which UTF-8 cannot carry) is packed whole, as before:
+        the value goes through jelly.
+        """
+        jellied: list[Any] = []
+        value = ["\ud800" * 40_000, BIG]
+        self.assertIs(type(jellyingCodec(jellied).pack(value)), bytes)
+        self.assertEqual(jellied, [value])
+
+    def test_memory(self) -> None:
+        """
+        Sending large text takes one copy (its UTF-8); receiving large ASCII text, with the C
+        extension, one (the text itself) besides the records it came in (and the decoder's
+        copies of those past GIVE_BACK, whose pages it gives back as it copies them).
+        """
+        if _native._accelerator.speedups is None:
+            raise SkipTest("the C extension is switched off (PBROKER_PURE_PYTHON)")
+        codec = plainCodec()
+        text = "T" * (_native.GIVE_BACK + MiB)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            packed = codec.pack(["name", text])
+            sent = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        self.assertLess(sent, 1.2 * len(text))
+        field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
+        records = _native.records([b"answer", 1, field])
+        del packed, field
+        decoder = _native.FrameDecoder(None)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            out: list[Any] = []
+            while records:
+                out.extend(decoder.feed(records.pop(0)))
+            result = codec.unpack(out[0][2])
+            del out
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        self.assertTrue(result == ["name", text])
+        self.assertLess(peak, 1.5 * len(text))
 
 
 class EndToEndTests(SynchronousTestCase):
@@ -864,7 +1004,7 @@ def damaged(rng: random.Random, packed: _native.Packed) -> bytes:
         # string replaced by another item (a placeholder, ours or of another form, at times).
         damages -= 1
         header, stop = rng.choice(strings)
-        width = {0xC4: 1, 0xC5: 2, 0xC6: 4}[data[header]]
+        width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}[data[header]]
         if rng.random() < 0.5:
             length = int.from_bytes(data[header + 1 : header + 1 + width], "big")
             wrong = rng.choice((0, 1, length - 1, length + 1, length + 6, 2 ** (8 * width) - 1))

@@ -2709,67 +2709,6 @@ discardPages(Py_buffer *view)
 #endif
 }
 
-static PyObject *
-joinParts(PyObject *module, PyObject *parts)
-{
-    (void)module;
-    if (!PyList_CheckExact(parts)) {
-        PyErr_Format(PyExc_TypeError, "joinParts() needs a list, not %.80s", Py_TYPE(parts)->tp_name);
-        return NULL;
-    }
-    Py_ssize_t count = PyList_GET_SIZE(parts);
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
-            return NULL;
-        }
-        Py_ssize_t length = view.len;
-        PyBuffer_Release(&view);
-        if (length > PY_SSIZE_T_MAX - total) {
-            PyErr_SetString(PyExc_OverflowError, "joinParts(): the parts are too large");
-            return NULL;
-        }
-        total += length;
-    }
-    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
-    if (joined == NULL) {
-        return NULL;
-    }
-    char *out = PyBytes_AS_STRING(joined);
-    Py_ssize_t offset = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (i >= PyList_GET_SIZE(parts)) {
-            break;  /* (reported below: the list changed) */
-        }
-        Py_buffer view;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
-            Py_DECREF(joined);
-            return NULL;
-        }
-        if (view.len > total - offset) {
-            PyBuffer_Release(&view);
-            break;
-        }
-        memcpy(out + offset, view.buf, (size_t)view.len);
-        offset += view.len;
-        discardPages(&view);
-        PyBuffer_Release(&view);
-        /* Let go of the part at once: the last view of a piece frees it. */
-        Py_INCREF(Py_None);
-        if (PyList_SetItem(parts, i, Py_None) < 0) {
-            Py_DECREF(joined);
-            return NULL;
-        }
-    }
-    if (offset != total) {
-        Py_DECREF(joined);
-        PyErr_SetString(PyExc_RuntimeError, "joinParts(): the parts changed while joined");
-        return NULL;
-    }
-    return joined;
-}
-
 /* Whether the n bytes at p are all ASCII (below 0x80). */
 static int
 allAscii(const unsigned char *p, Py_ssize_t n)
@@ -2790,49 +2729,50 @@ allAscii(const unsigned char *p, Py_ssize_t n)
     return 1;
 }
 
-static PyObject *
-joinText(PyObject *module, PyObject *parts)
+/* The bytes in a list of buffers, or -1 with an exception set; or -2 (no exception) if
+   asciiOnly and a byte is not ASCII. */
+static Py_ssize_t
+partsSize(PyObject *parts, const char *name, int asciiOnly)
 {
-    (void)module;
     if (!PyList_CheckExact(parts)) {
-        PyErr_Format(PyExc_TypeError, "joinText() needs a list, not %.80s", Py_TYPE(parts)->tp_name);
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s() needs a list, not %.80s", name, Py_TYPE(parts)->tp_name);
+        return -1;
     }
-    Py_ssize_t count = PyList_GET_SIZE(parts);
     Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
-            return NULL;
+            return -1;
         }
-        int ascii = allAscii((const unsigned char *)view.buf, view.len);
         Py_ssize_t length = view.len;
+        int ascii = !asciiOnly || allAscii((const unsigned char *)view.buf, view.len);
         PyBuffer_Release(&view);
         if (!ascii) {
-            Py_RETURN_NONE;  /* (the parts untouched: joined and decoded by the caller) */
+            return -2;
         }
         if (length > PY_SSIZE_T_MAX - total) {
-            PyErr_SetString(PyExc_OverflowError, "joinText(): the parts are too large");
-            return NULL;
+            PyErr_Format(PyExc_OverflowError, "%s(): the parts are too large", name);
+            return -1;
         }
         total += length;
     }
-    PyObject *text = PyUnicode_New(total, 127);
-    if (text == NULL) {
-        return NULL;
-    }
-    char *out = (char *)PyUnicode_DATA(text);
+    return total;
+}
+
+/* Copy the parts into out (total bytes), letting go of each once copied (its list item set
+   to None) and giving back the whole pages of a writable one; 0, or -1 with an exception
+   set if they changed meanwhile (or, if asciiOnly, stopped being ASCII). */
+static int
+copyParts(PyObject *parts, char *out, Py_ssize_t total, const char *name, int asciiOnly)
+{
     Py_ssize_t offset = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (i >= PyList_GET_SIZE(parts)) {
-            break;  /* (reported below: the list changed) */
-        }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
         Py_buffer view;
         if (PyObject_GetBuffer(PyList_GET_ITEM(parts, i), &view, PyBUF_SIMPLE) < 0) {
-            Py_DECREF(text);
-            return NULL;
+            return -1;
         }
-        if (view.len > total - offset || !allAscii((const unsigned char *)view.buf, view.len)) {
+        if (view.len > total - offset
+            || (asciiOnly && !allAscii((const unsigned char *)view.buf, view.len))) {
             PyBuffer_Release(&view);
             break;
         }
@@ -2840,15 +2780,55 @@ joinText(PyObject *module, PyObject *parts)
         offset += view.len;
         discardPages(&view);
         PyBuffer_Release(&view);
+        /* Let go of the part at once: the last view of a piece frees it. */
         Py_INCREF(Py_None);
         if (PyList_SetItem(parts, i, Py_None) < 0) {
-            Py_DECREF(text);
-            return NULL;
+            return -1;
         }
     }
     if (offset != total) {
+        PyErr_Format(PyExc_RuntimeError, "%s(): the parts changed while joined", name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+joinParts(PyObject *module, PyObject *parts)
+{
+    (void)module;
+    Py_ssize_t total = partsSize(parts, "joinParts", 0);
+    if (total < 0) {
+        return NULL;
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL) {
+        return NULL;
+    }
+    if (copyParts(parts, PyBytes_AS_STRING(joined), total, "joinParts", 0) < 0) {
+        Py_DECREF(joined);
+        return NULL;
+    }
+    return joined;
+}
+
+static PyObject *
+joinText(PyObject *module, PyObject *parts)
+{
+    (void)module;
+    Py_ssize_t total = partsSize(parts, "joinText", 1);
+    if (total == -2) {
+        Py_RETURN_NONE;  /* (the parts untouched: joined and decoded by the caller) */
+    }
+    if (total < 0) {
+        return NULL;
+    }
+    PyObject *text = PyUnicode_New(total, 127);
+    if (text == NULL) {
+        return NULL;
+    }
+    if (copyParts(parts, (char *)PyUnicode_DATA(text), total, "joinText", 1) < 0) {
         Py_DECREF(text);
-        PyErr_SetString(PyExc_RuntimeError, "joinText(): the parts changed while joined");
         return NULL;
     }
     return text;

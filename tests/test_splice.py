@@ -93,6 +93,36 @@ def largeStrings(value: Any) -> list[bytes | str]:
     return []
 
 
+def measuredRoundTrip(codec: _native.ValueCodec, value: Any) -> tuple[int, int, Any]:
+    """
+    The memory ``codec`` allocates at its peak to pack ``value``, then to read it back from
+    the records of an answer carrying it (besides the records), and the value read.
+    """
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        packed = codec.pack(value)
+        sent = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
+    records = _native.records([b"answer", 1, field])
+    del packed, field
+    decoder = _native.FrameDecoder(None)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out: list[Any] = []
+        while records:
+            out.extend(decoder.feed(records.pop(0)))
+        result = codec.unpack(out[0][2])
+        del out
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    return sent, peak, result
+
+
 def packedWhole(codec: _native.ValueCodec, value: Any) -> bytes:
     """``value`` as ``codec`` packs it with no large byte string left out."""
     splicing = _native._SPLICE_FROM
@@ -390,29 +420,8 @@ class ReceiveTests(SynchronousTestCase):
         codec = plainCodec()
         large = b"L" * (8 * MiB)
         value = [b"name", {"blob": large}]
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            packed = codec.pack(value)
-            sent = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        sent, peak, result = measuredRoundTrip(codec, value)
         self.assertLess(sent, MiB)
-        field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
-        records = _native.records([b"answer", 1, field])
-        del packed, field
-        decoder = _native.FrameDecoder(None)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            out: list[Any] = []
-            while records:
-                out.extend(decoder.feed(records.pop(0)))
-            result = codec.unpack(out[0][2])
-            del out
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
         self.assertTrue(result == value)
         self.assertLess(peak, 1.5 * len(large))
 
@@ -526,29 +535,8 @@ class TextTests(SynchronousTestCase):
             raise SkipTest("the C extension is switched off (PBROKER_PURE_PYTHON)")
         codec = plainCodec()
         text = "T" * (_native.GIVE_BACK + MiB)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            packed = codec.pack(["name", text])
-            sent = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
+        sent, peak, result = measuredRoundTrip(codec, ["name", text])
         self.assertLess(sent, 1.2 * len(text))
-        field = packed if isinstance(packed, _native.Packed) else _native.Packed(packed)
-        records = _native.records([b"answer", 1, field])
-        del packed, field
-        decoder = _native.FrameDecoder(None)
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            out: list[Any] = []
-            while records:
-                out.extend(decoder.feed(records.pop(0)))
-            result = codec.unpack(out[0][2])
-            del out
-            peak = tracemalloc.get_traced_memory()[1] - before
-        finally:
-            tracemalloc.stop()
         self.assertTrue(result == ["name", text])
         self.assertLess(peak, 1.5 * len(text))
 

@@ -876,7 +876,7 @@ def _holdsLargeStrings(value: Any) -> bool:
         item = pending.pop()
         budget -= 1
         kind = type(item)
-        if kind is bytes or kind is str:
+        if kind is bytes or kind is str or kind is bytearray:
             if len(item) >= _LARGE_BYTES:
                 return True
         elif kind is list or kind is tuple:
@@ -1911,7 +1911,8 @@ class ValueCodec:
     def pack(self, value: Any) -> bytes | Packed:
         """
         The msgpack bytes of ``value``: a large byte string (alone, or as the one item of a
-        list) comes back as a :class:`Packed` of a header and the string itself, uncopied.
+        list) comes back as a :class:`Packed` of a header and the string itself, uncopied (a
+        bytearray, copied once); so do those in a larger value (see :meth:`_packSpliced`).
 
         A first pass, with no effects, packs plain data and walks the whole value. Only if it
         met something else is the value packed again with the hooks that export references
@@ -1930,10 +1931,17 @@ class ValueCodec:
             if len(value) >= _LARGE_BYTES:
                 large: bytes = value
                 return Packed(binHeader(len(large)), large)
+        elif kind is bytearray:
+            if len(value) >= _LARGE_BYTES:
+                # Copied once, as it is when the call is made (it may change before it is
+                # written), where the packer copied it in and out.
+                return Packed(binHeader(len(value)), bytes(value))
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
-            large = value[0]
-            if type(large) is bytes and len(large) >= _LARGE_BYTES:
-                return Packed(_ARRAY_OF_ONE + binHeader(len(large)), large)
+            only = value[0]
+            if type(only) is bytes and len(only) >= _LARGE_BYTES:
+                return Packed(_ARRAY_OF_ONE + binHeader(len(only)), only)
+            if type(only) is bytearray and len(only) >= _LARGE_BYTES:
+                return Packed(_ARRAY_OF_ONE + binHeader(len(only)), bytes(only))
         limit = self.itemLimit
         if kind in _CONTAINERS:
             # (Walked without a limit too: for a dictionary's keys, and a cycle.)
@@ -2014,6 +2022,13 @@ class ValueCodec:
                 segments.append(binHeader(len(item)))
                 strings.add(len(segments))
                 segments.append(item)
+            elif kind is bytearray and len(item) >= _LARGE_BYTES:
+                # Copied once, as it is now (it may change before it is written).
+                count(1)
+                budget = _SPLICE_AROUND
+                segments.append(binHeader(len(item)))
+                strings.add(len(segments))
+                segments.append(bytes(item))
             elif kind is str and len(item) >= _LARGE_BYTES:
                 # Encoded once (a surrogate raises, and the value is packed whole: jellied).
                 count(1)

@@ -217,6 +217,29 @@ class SendTests(SynchronousTestCase):
             self.assertIs(type(codec.pack(value)), bytes, shapeOf(value))
         self.assertEqual(jellied, [[1]])  # the list subclass, jellied once
 
+    def test_bytearrays(self) -> None:
+        """
+        A large bytearray, alone, as the one argument of a call, or in a value whose byte and
+        text strings make it large, is sent as the bytes packing it gives, copied once when
+        it is packed (as it is then: it may change before it is written), and arrives as
+        bytes. (A value's size is counted without its bytearrays.)
+        """
+        codec = plainCodec()
+        alone = bytearray(b"a" * 40_000)
+        inside = bytearray(BIG)
+        self.assertIs(type(codec.pack(["name", inside])), bytes)
+        for value in (alone, [alone], ["name", inside, BIG], {"b": (inside, "t" * MiB)}):
+            packed = codec.pack(value)
+            assert isinstance(packed, _native.Packed), shapeOf(value)
+            data = packed.data
+            self.assertTrue(data == packedWhole(codec, value), "the bytes differ")
+            alone[0] = inside[0] = ord("z")  # (changed after the call)
+            self.assertTrue(packed.data == data, "not copied")
+            arrived = plainCodec().unpack(received(packed))
+            self.assertTrue(arrived == plainCodec().unpack(data), "the value changed")
+            alone[0] = ord("a")
+            inside[0] = BIG[0]
+
     def test_deeperThanMsgpackPacks(self) -> None:
         """
         A value with lists nested deeper than msgpack packs (1,024) beside a large string is

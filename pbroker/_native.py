@@ -972,19 +972,21 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
     of their own.
 
     ``None`` if it has no large string, more than :data:`_SPLICE_AROUND` items before the
-    first, between two or after the last, more than :data:`_SPLICE_ITEMS` in all, extensions
-    nested deeper than :data:`RECEIVED_EXTENSION_DEPTH` (which the codec refuses), a
-    :data:`_PLACEHOLDER` extension anywhere it looks, or is not well-formed (msgpack then
-    says what is wrong with it).
+    first, between two or after the last, more than :data:`_SPLICE_ITEMS` in all, tuples and
+    sets nested deeper than :data:`RECEIVED_EXTENSION_DEPTH` or a ``KEYED`` extension in
+    another (which the codec refuses), a :data:`_PLACEHOLDER` extension anywhere it looks, or
+    is not well-formed (msgpack then says what is wrong with it).
     """
     end = payload.size
     read = payload.read
     edits: list[list[Any]] = []
     strings = 0
     position = 0
-    # Per open document: the items still to read in it (in all its arrays and maps), and the
-    # extension it is the payload of (None for the value itself).
-    stack: list[list[Any]] = [[1, None]]
+    # Per open document: the items still to read in it (in all its arrays and maps), the
+    # extension it is the payload of (None for the value itself), how many tuples and sets
+    # it is in (the codec refuses more than RECEIVED_EXTENSION_DEPTH; a KEYED extension is
+    # not one of them), and whether it is in a KEYED one (the codec refuses a second).
+    stack: list[list[Any]] = [[1, None, 0, False]]
     budget = _SPLICE_AROUND
     total = _SPLICE_ITEMS
     while stack:
@@ -1039,11 +1041,14 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
                     return None
                 stop = start + (skip if byte >= 0xD4 else 1 + length)
                 if code in _DOCUMENTS:
-                    if len(stack) > RECEIVED_EXTENSION_DEPTH:
+                    keyed = code == KEYED
+                    levels = frame[2] + (not keyed)
+                    if levels > RECEIVED_EXTENSION_DEPTH or (keyed and frame[3]):
                         return None
                     edit = [position, start + 1, None, None]
                     edits.append(edit)
-                    stack.append([1, _Document(position, width, stop, edit)])
+                    document = _Document(position, width, stop, edit)
+                    stack.append([1, document, levels, keyed or frame[3]])
                     position = start + 1
                 else:
                     position = stop
@@ -1054,9 +1059,9 @@ def _largeBins(payload: _Positions) -> list[list[Any]] | None:
                     strings += 1
                     budget = _SPLICE_AROUND
                     shrunk = stop - position - len(_placeholder(0))
-                    for _, document in stack:
-                        if document is not None:
-                            document.shrunk += shrunk
+                    for each in stack:
+                        if each[1] is not None:
+                            each[1].shrunk += shrunk
                 position = stop
     if position != end or not strings:
         return None

@@ -389,6 +389,32 @@ class ReceiveTests(SynchronousTestCase):
             plainCodec().unpack(arrived)
         self.assertIn("nested more than", str(caught.exception))
 
+    def test_keyedDeepTuples(self) -> None:
+        """
+        A KEYED value holding tuples as deeply nested as a sender sends them (KEYED is not a
+        level of tuples, for the codec) is spliced by the receiver as it was by the sender;
+        a KEYED extension in another, which the codec refuses, is not looked into.
+        """
+        codec = plainCodec()
+        value: Any = [BIG]
+        for _ in range(_native.EXTENSION_DEPTH):
+            value = (value,)
+        for keyed in ({1: value}, {1: 2, "a": [value]}):
+            packed = codec.pack(keyed)
+            self.assertIs(type(packed), _native.Packed)
+            arrived = received(packed)
+            self.assertIs(type(arrived), _native.Spliced)
+            self.assertTrue(codec.unpack(arrived) == keyed)
+        inner = msgpack.ExtType(_native.KEYED, msgpack.packb({1: BIG}, use_bin_type=True))
+        data = msgpack.packb(
+            msgpack.ExtType(_native.KEYED, msgpack.packb({2: inner}, use_bin_type=True))
+        )
+        arrived = received(data)
+        self.assertIn(type(arrived), (bytes, memoryview))
+        with self.assertRaises(InvalidJelly) as caught:
+            codec.unpack(arrived)
+        self.assertIn("KEYED extension inside another", str(caught.exception))
+
     def test_placeholderRefused(self) -> None:
         """
         The extension type that stands for a spliced string in the document is refused in

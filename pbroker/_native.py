@@ -2010,7 +2010,8 @@ class ValueCodec:
                 raise _Enough()
 
         def leaf(item: Any) -> None:
-            count(1)
+            # (A tuple or frozenset, only as a KEYED value's key, is items of its own.)
+            count(_itemsIn(item) if type(item) in _PLAIN_SEQUENCES else 1)
             self._special = False
             segments.append(packer.pack(item))
             if self._special:
@@ -2354,6 +2355,23 @@ class ValueCodec:
 
 class _Enough(Exception):
     pass
+
+
+def _itemsIn(key: Any) -> int:
+    """
+    The msgpack items a dict's key takes as :func:`_largeBins` counts them: a tuple or
+    frozenset two (its extension and its array) and those it holds (counted up to a little
+    past :data:`_SPLICE_ITEMS`: more is too many already).
+    """
+    pending = [key]
+    items = 0
+    while pending and items <= _SPLICE_ITEMS:
+        item = pending.pop()
+        items += 1
+        if type(item) in _PLAIN_SEQUENCES:
+            items += 1
+            pending.extend(item)
+    return items
 
 
 def _noMap(pairs: list[tuple[Any, Any]]) -> None:

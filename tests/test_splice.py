@@ -371,6 +371,21 @@ class ReceiveTests(SynchronousTestCase):
             arrived = received(packedWhole(codec, value))
             self.assertIs(type(arrived) is _native.Spliced, within, shapeOf(value))
 
+    def test_keysCountedAlike(self) -> None:
+        """
+        A KEYED value's tuple and frozenset keys are counted by the sender as the receiver
+        counts them (each msgpack item in them, a tuple as two), not as one item: what is
+        sent in parts is received in parts.
+        """
+        around = _native._SPLICE_AROUND
+        codec = plainCodec()
+        for size, within in ((around - 12, True), (around - 6, False), (around, False)):
+            for key in (tuple(range(size)), frozenset(range(size)), ((tuple(range(size)),),)):
+                value = {key: 1, "a": BIG}
+                sent = type(codec.pack(value)) is _native.Packed
+                arrived = type(received(packedWhole(codec, value))) is _native.Spliced
+                self.assertEqual((sent, arrived), (within, within), (size, type(key)))
+
     def test_deepExtensions(self) -> None:
         """
         Tuples nested deeper than a receiver accepts are not looked into: the value is packed

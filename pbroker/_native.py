@@ -1113,7 +1113,10 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
                 try:
                     text = str(data, "utf-8")
                 except UnicodeDecodeError as e:
-                    values.append(e)  # (refused when the value is unpacked, as msgpack would)
+                    # Refused when the value is unpacked, as msgpack would refuse it. (Kept
+                    # without its traceback, whose frame, this one, holds ``values``: in a
+                    # cycle, the value's strings would outlive it until the collector ran.)
+                    values.append(e.with_traceback(None))
                     continue
                 finally:
                     del data

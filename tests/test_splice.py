@@ -7,6 +7,7 @@ the wire as packing the value whole.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 import sys
@@ -578,6 +579,32 @@ class TextTests(SynchronousTestCase):
             codec.unpack(data)
         self.assertEqual(str(spliced.exception), str(whole.exception))
         self.assertIn("can't decode byte 0xff in position 20000", str(spliced.exception))
+
+    def test_invalidUtf8LetGo(self) -> None:
+        """
+        A received value whose large text is not UTF-8 holds no memory once let go, without
+        waiting for the garbage collector: the error kept for it does not keep the frame that
+        decoded it (and the value's other strings, in a cycle through its traceback).
+        """
+        codec = plainCodec()
+        bad = b"\xdb" + (40_000).to_bytes(4, "big") + b"\xff" * 40_000
+        data = b"\x93" + bad + b"\xc6" + len(BIG).to_bytes(4, "big") + BIG + bad
+        collecting = gc.isenabled()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            arrived = received(data, 65_536)
+            self.assertIs(type(arrived), _native.Spliced)
+            with self.assertRaises(InvalidJelly):
+                codec.unpack(arrived)
+            del arrived
+            left = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            if collecting:
+                gc.enable()
+        self.assertLess(left, 64 * 1024)
 
     def test_surrogates(self) -> None:
         """

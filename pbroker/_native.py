@@ -1346,7 +1346,7 @@ EXTENT_KEYS: Final = 3
 
 _CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
 # What extent() looks at: the containers, and the strings whose lengths it counts.
-_WALKED: Final = _CONTAINERS | {str, bytes}
+_WALKED: Final = _CONTAINERS | {str, bytes, bytearray}
 
 
 def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
@@ -1386,7 +1386,7 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
             continue
         container = waiting.pop()
         kind = type(container)
-        if kind is str or kind is bytes:  # packed each time it appears, its length at least
+        if kind is str or kind is bytes or kind is bytearray:  # packed each time it appears
             left -= len(container)
             if left < 0:
                 return EXTENT_OVER
@@ -1823,10 +1823,11 @@ def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
     Whether the native codec would pack ``value`` in ``budget`` items or fewer: it counts the
     items of the plain containers (lists, dicts with their keys, tuples, sets and frozensets,
     of exactly those types) as packing does, a container each time it appears, and the
-    length of each string and byte string in them (``str`` and ``bytes``: it takes that many
-    bytes at least, each time it appears), without packing anything and without running any
-    code of the value's. A container that appears again is not walked again: the walk takes
-    time in proportion to the distinct containers at most, or to ``budget``.
+    length of each string and byte string in them (``str``, ``bytes`` and ``bytearray``: it
+    takes that many bytes at least, each time it appears), without packing anything and
+    without running any code of the value's. A container that appears again is not walked
+    again: the walk takes time in proportion to the distinct containers at most, or to
+    ``budget``.
 
     :data:`EXTENT_WITHIN` if so, :data:`EXTENT_OVER` if not, :data:`EXTENT_CYCLE` if a
     container holds itself or they nest more than ``maxDepth`` deep (packing would give up

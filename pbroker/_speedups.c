@@ -2023,9 +2023,9 @@ extentLeave(Extent *walk)
     return stored;
 }
 
-/* Whether item is a plain container to walk (1) or a leaf (0). A string's or a byte
- * string's length counts besides, as it is packed each time it appears: -1 if that spends
- * the budget. */
+/* Whether item is a plain container to walk (1) or a leaf (0). A string's, a byte string's
+ * or a bytearray's length counts besides, as it is packed each time it appears: -1 if that
+ * spends the budget. */
 static inline int
 extentItem(Extent *walk, ExtentFrame *frame, PyObject *item)
 {
@@ -2036,6 +2036,9 @@ extentItem(Extent *walk, ExtentFrame *frame, PyObject *item)
     }
     else if (kind == &PyBytes_Type) {
         length = PyBytes_GET_SIZE(item);
+    }
+    else if (kind == &PyByteArray_Type) {
+        length = PyByteArray_GET_SIZE(item);
     }
     else {
         return isPlainContainer(item);

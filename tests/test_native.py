@@ -6085,7 +6085,7 @@ class ExtentTests(SynchronousTestCase):
     def test_counts(self) -> None:
         """Each item of a list, tuple, set or frozenset counts, a dict's keys and values,
         the value itself, and a container each time it appears; and each character or byte
-        of a string (str or bytes) in them, each time."""
+        of a string (str, bytes or bytearray) in them, each time."""
         inner = [1, 2]
         cases = [
             (5, 1),
@@ -6097,6 +6097,7 @@ class ExtentTests(SynchronousTestCase):
             (frozenset({frozenset({1})}), 3),
             ([inner, inner, [inner]], 11),
             (["abc", b"de", ""], 4 + 5),
+            ([bytearray(b"fgh"), (bytearray(),)], 3 + 3 + 1),
             ({"key": "\u20ac" * 3}, 3 + 6),
             ([[inner, "xyz"]] * 2, 3 + 2 * (2 + 2 + 3)),
         ]
@@ -6277,7 +6278,7 @@ def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
     def walk(item: Any) -> None:
         nonlocal left
         kind = type(item)
-        if kind is str or kind is bytes:
+        if kind is str or kind is bytes or kind is bytearray:
             left -= len(item)
             if left < 0:
                 raise Over()

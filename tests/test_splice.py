@@ -220,16 +220,14 @@ class SendTests(SynchronousTestCase):
 
     def test_bytearrays(self) -> None:
         """
-        A large bytearray, alone, as the one argument of a call, or in a value whose byte and
-        text strings make it large, is sent as the bytes packing it gives, copied once when
-        it is packed (as it is then: it may change before it is written), and arrives as
-        bytes. (A value's size is counted without its bytearrays.)
+        A large bytearray, alone, as the one argument of a call, or in a large value, is sent
+        as the bytes packing it gives, copied once when it is packed (as it is then: it may
+        change before it is written), and arrives as bytes.
         """
         codec = plainCodec()
         alone = bytearray(b"a" * 40_000)
         inside = bytearray(BIG)
-        self.assertIs(type(codec.pack(["name", inside])), bytes)
-        for value in (alone, [alone], ["name", inside, BIG], {"b": (inside, "t" * MiB)}):
+        for value in (alone, [alone], ["name", inside], {"b": (inside, 1)}):
             packed = codec.pack(value)
             assert isinstance(packed, _native.Packed), shapeOf(value)
             data = packed.data

@@ -827,10 +827,11 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
 
 class Spliced:
     """
-    A value of a received message whose large byte strings the frame decoder has already put
-    together, each from the pieces it came in (its only copy), and the rest of whose msgpack
-    document it has copied out around them, with a :data:`_PLACEHOLDER` extension where each
-    was: :meth:`ValueCodec.unpack` puts them back in their places.
+    A value of a received message whose large strings (bytes, and text: decoded, or the error
+    that refuses it) the frame decoder has already put together, each from the pieces it came
+    in, and the rest of whose msgpack document it has copied out around them, with a
+    :data:`_PLACEHOLDER` extension where each was: :meth:`ValueCodec.unpack` puts them back
+    in their places.
     """
 
     __slots__ = ("document", "size", "values")
@@ -843,22 +844,22 @@ class Spliced:
         self.size = size
 
     def __repr__(self) -> str:
-        return f"<Spliced {len(self.values)} byte strings in {self.size} bytes>"
+        return f"<Spliced {len(self.values)} strings in {self.size} bytes>"
 
 
-#: A value of this many bytes or more is looked through for large byte strings, to send (and
+#: A value of this many bytes or more is looked through for large strings, to send (and
 #: receive) each as it is rather than copied in and out of a packed document with the rest.
 _SPLICE_FROM = 1024 * 1024
-#: The most items a value may hold before its first large byte string, between two and after
-#: the last, to be looked through (each is read by a Python loop, which costs a few tenths of
+#: The most items a value may hold up to its first large string, between two and after the
+#: last, to be looked through (each is read by a Python loop, which costs a few tenths of
 #: a microsecond: a large value of many small items is not worth looking through, and goes
 #: whole through msgpack, as any other).
 _SPLICE_AROUND = 256
 #: The most items a value may hold in all, to be looked through.
 _SPLICE_ITEMS = 65536
-#: How deeply containers are looked into for large byte strings, to send.
+#: How deeply containers are looked into for large strings, to send.
 _SPLICE_DEPTH = 32
-#: The extension type that stands for a large byte string in a :class:`Spliced` document: it
+#: The extension type that stands for a large string in a :class:`Spliced` document: it
 #: never travels (a value that carries it is not spliced, and the codec refuses it as unknown).
 _PLACEHOLDER = 127
 

@@ -247,6 +247,27 @@ class PackageTests(SynchronousTestCase):
             self.assertIn("PYTHONMALLOC=malloc", line)
         self.assertIn("unset PBROKER_PURE_PYTHON", lines)
 
+    def test_byteOrderGiven(self) -> None:
+        """Every ``to_bytes``/``from_bytes`` call in the package, its tests and its benchmarks
+        names its byte order: the argument is optional only from Python 3.11, and pbroker and
+        its suite support 3.10 (test_splice's fuzz helpers once left it out, and failed there
+        with a TypeError)."""
+        root = PACKAGE.parent
+        missing = []
+        for folder in ("pbroker", "tests", "bench"):
+            for path in sorted((root / folder).rglob("*.py")):
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+                for node in ast.walk(tree):
+                    if (
+                        isinstance(node, ast.Call)
+                        and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("to_bytes", "from_bytes")
+                        and len(node.args) < 2
+                        and "byteorder" not in {keyword.arg for keyword in node.keywords}
+                    ):
+                        missing.append(f"{path.relative_to(root)}:{node.lineno}")
+        self.assertEqual(missing, [])
+
     def test_typed(self) -> None:
         """The package ships its py.typed marker."""
         self.assertTrue((PACKAGE / "py.typed").exists())

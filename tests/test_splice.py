@@ -1293,10 +1293,10 @@ def _documentItems(data: bytes) -> list[tuple[int, int]]:
             position += 1 + (byte & 0x1F)
         elif byte in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):
             width = 1 << ((byte - 0xC4) % 3 if byte < 0xD0 else (byte - 0xD9))
-            position += 1 + width + int.from_bytes(data[position + 1 : position + 1 + width])
+            position += 1 + width + int.from_bytes(data[position + 1 : position + 1 + width], "big")
         elif byte in (0xDC, 0xDD, 0xDE, 0xDF):
             width = 2 if byte in (0xDC, 0xDE) else 4
-            count = int.from_bytes(data[position + 1 : position + 1 + width])
+            count = int.from_bytes(data[position + 1 : position + 1 + width], "big")
             frame[1] += count * (2 if byte >= 0xDE else 1)
             position += 1 + width
         elif 0xCA <= byte <= 0xD3:
@@ -1306,7 +1306,7 @@ def _documentItems(data: bytes) -> list[tuple[int, int]]:
                 width, size = 0, 1 << (byte - 0xD4)
             else:
                 width = 1 << (byte - 0xC7)
-                size = int.from_bytes(data[position + 1 : position + 1 + width])
+                size = int.from_bytes(data[position + 1 : position + 1 + width], "big")
             start = position + 2 + width
             if data[start - 1] in _FUZZ_DOCUMENTS:
                 stack.append([start, 1, frame[2] + 1, start + size])
@@ -1332,12 +1332,12 @@ def headerDamaged(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         at = rng.choice(extensions)
         byte = out[at]
         width = 1 << (byte - 0xC7) if byte <= 0xC9 else 0
-        size = int.from_bytes(out[at + 1 : at + 1 + width]) if width else 1 << (byte - 0xD4)
+        size = int.from_bytes(out[at + 1 : at + 1 + width], "big") if width else 1 << (byte - 0xD4)
         code = out[at + 1 + width]
         choice = rng.randrange(5)
         if choice == 0 and width:  # its length made wrong
             wrong = rng.choice((0, 1, size - 1, size + 1, size - 6, size + 6, 2 ** (8 * width) - 1))
-            out[at + 1 : at + 1 + width] = (wrong % 2 ** (8 * width)).to_bytes(width)
+            out[at + 1 : at + 1 + width] = (wrong % 2 ** (8 * width)).to_bytes(width, "big")
             return "extension length", bytes(out)
         if choice == 1:  # its type made another
             out[at + 1 + width] = rng.choice(FUZZ_EXTENSION_TYPES)
@@ -1347,7 +1347,7 @@ def headerDamaged(rng: random.Random, data: bytes) -> tuple[str, bytes]:
                 [width for width in (1, 2, 4) if width > 0 and size >> (8 * width) == 0]
             )
             out[at : at + 1 + width] = bytes((0xC7 + wider.bit_length() - 1,)) + size.to_bytes(
-                wider
+                wider, "big"
             )
             return "extension widened", bytes(out)
         if choice == 3:  # the type of a fixext form with another size
@@ -1360,7 +1360,7 @@ def headerDamaged(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         if code in _FUZZ_DOCUMENTS and width and rng.random() < 0.5:
             start = at + 2 + width
             out[start:start] = b"\xc0"
-            out[at + 1 : at + 1 + width] = ((size + 1) % 2 ** (8 * width)).to_bytes(width)
+            out[at + 1 : at + 1 + width] = ((size + 1) % 2 ** (8 * width)).to_bytes(width, "big")
             return "extension payload", bytes(out)
         out[at : at + 1] = rng.choice((b"\xc0", b"\x91\xc0"))
         return "extension replaced", bytes(out)
@@ -1368,18 +1368,18 @@ def headerDamaged(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         at = rng.choice(strings)
         byte = out[at]
         width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}[byte]
-        size = int.from_bytes(out[at + 1 : at + 1 + width])
+        size = int.from_bytes(out[at + 1 : at + 1 + width], "big")
         choice = rng.randrange(4)
         if choice == 0:  # its length made wrong
             wrong = rng.choice((0, 1, size - 1, size + 1, 32_767, 32_768, 2 ** (8 * width) - 1))
-            out[at + 1 : at + 1 + width] = (wrong % 2 ** (8 * width)).to_bytes(width)
+            out[at + 1 : at + 1 + width] = (wrong % 2 ** (8 * width)).to_bytes(width, "big")
             return "string length", bytes(out)
         if choice == 1:  # text made bytes, or bytes text
             out[at] = byte + 0x15 if byte < 0xD0 else byte - 0x15
             return "string kind", bytes(out)
         if choice == 2:  # written in the widest form
             form = 0xDB if byte >= 0xD9 else 0xC6
-            out[at : at + 1 + width] = bytes((form,)) + size.to_bytes(4)
+            out[at : at + 1 + width] = bytes((form,)) + size.to_bytes(4, "big")
             return "string widened", bytes(out)
         out[at] = rng.choice((0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6, 0xA5, 0xC1))
         return "string form", bytes(out)
@@ -1389,7 +1389,7 @@ def headerDamaged(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         at = rng.choice(texts)
         width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[out[at]]
         start = at + 1 + width
-        size = int.from_bytes(out[at + 1 : start])
+        size = int.from_bytes(out[at + 1 : start], "big")
         bad = rng.choice(FUZZ_NOT_UTF8 + FUZZ_NOT_ASCII)
         where = rng.choice((0, size - len(bad), rng.randrange(max(1, size - len(bad)))))
         out[start + where : start + where + len(bad)] = bad

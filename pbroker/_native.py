@@ -153,7 +153,7 @@ class Packed:
 
     __slots__ = ("parts", "size")
 
-    def __init__(self, *parts: bytes) -> None:
+    def __init__(self, *parts: bytes | memoryview) -> None:
         self.parts = parts
         self.size = sum(map(len, parts))
 
@@ -174,7 +174,7 @@ class _MessagePacker:
     """
 
     def __init__(self) -> None:
-        self._values: list[bytes] = []
+        self._values: list[bytes | memoryview] = []
         self._packer = msgpack.Packer(
             default=self._default, use_bin_type=True, autoreset=True, buf_size=_BUFFER
         )
@@ -185,7 +185,7 @@ class _MessagePacker:
             return msgpack.ExtType(VALUE, _packHeader(obj.size))
         raise TypeError(f"a message cannot hold {type(obj).__name__} values")
 
-    def pack(self, message: list[Any]) -> list[bytes]:
+    def pack(self, message: list[Any]) -> list[bytes | memoryview]:
         # The values are let go once packed: the shared packer would otherwise keep the last
         # message's large values (an answer of 100 MB, say) alive until the next such message.
         values = self._values
@@ -229,7 +229,7 @@ def _freshEnvelope(message: list[Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _freshParts(message: list[Any]) -> list[bytes]:
+def _freshParts(message: list[Any]) -> list[bytes | memoryview]:
     return _MessagePacker().pack(message)
 
 
@@ -238,14 +238,14 @@ _packEnvelope = _SharedPacker[bytes](
     msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_BUFFER).pack, _freshEnvelope
 ).pack
 #: Packs a message with :class:`Packed` values: its parts.
-_packParts = _SharedPacker[list[bytes]](_MessagePacker().pack, _freshParts).pack
+_packParts = _SharedPacker[list[bytes | memoryview]](_MessagePacker().pack, _freshParts).pack
 
 
 #: Packed values up to this size travel inside the envelope, as msgpack ``bin``.
 INLINE_LIMIT = 64 * 1024
 
 
-def packMessage(message: list[Any]) -> tuple[list[bytes], bool]:
+def packMessage(message: list[Any]) -> tuple[list[bytes | memoryview], bool]:
     """
     The payload of one message as parts to be written one after the other, and whether it
     must be sent in fragments.
@@ -880,6 +880,9 @@ def _holdsLargeStrings(value: Any) -> bool:
         if kind is bytes or kind is str or kind is bytearray:
             if len(item) >= _LARGE_BYTES:
                 return True
+        elif kind is memoryview:
+            if item.nbytes >= _LARGE_BYTES:
+                return True
         elif kind is list or kind is tuple:
             pending.extend(reversed(item[:budget]))
         elif kind is dict:
@@ -887,6 +890,19 @@ def _holdsLargeStrings(value: Any) -> bool:
         elif kind is set or kind is frozenset:
             pending.extend(reversed(list(itertools.islice(item, budget))))
     return False
+
+
+def _viewPart(view: memoryview) -> memoryview | bytes | None:
+    """
+    The bytes of a memoryview, as a part of a packed value: a view of them if they are a
+    byte string's (which cannot change before they are written), else a copy of them as they
+    are now; ``None`` if they are not in one piece (msgpack refuses such a view).
+    """
+    if not view.c_contiguous:
+        return None
+    if view.readonly and type(view.obj) is bytes:
+        return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+    return view.tobytes()
 
 
 def _placeholder(index: int) -> bytes:
@@ -1347,7 +1363,7 @@ EXTENT_KEYS: Final = 3
 
 _CONTAINERS: Final = frozenset({list, dict, tuple, set, frozenset})
 # What extent() looks at: the containers, and the strings whose lengths it counts.
-_WALKED: Final = _CONTAINERS | {str, bytes, bytearray}
+_WALKED: Final = _CONTAINERS | {str, bytes, bytearray, memoryview}
 
 
 def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
@@ -1387,11 +1403,13 @@ def _extentPython(value: Any, budget: int, maxDepth: int) -> int:
             continue
         container = waiting.pop()
         kind = type(container)
-        if kind is str or kind is bytes or kind is bytearray:  # packed each time it appears
-            left -= len(container)
+        if kind is str or kind is bytes or kind is bytearray or kind is memoryview:
+            # Packed each time it appears, in its length at least.
+            length = container.nbytes if kind is memoryview else len(container)
+            left -= length
             if left < 0:
                 return EXTENT_OVER
-            inside[0] += len(container)
+            inside[0] += length
             continue
         ident = id(container)
         if ident in onPath:
@@ -1824,11 +1842,11 @@ def extent(value: Any, budget: int, maxDepth: int = _WALK_DEPTH) -> int:
     Whether the native codec would pack ``value`` in ``budget`` items or fewer: it counts the
     items of the plain containers (lists, dicts with their keys, tuples, sets and frozensets,
     of exactly those types) as packing does, a container each time it appears, and the
-    length of each string and byte string in them (``str``, ``bytes`` and ``bytearray``: it
-    takes that many bytes at least, each time it appears), without packing anything and
-    without running any code of the value's. A container that appears again is not walked
-    again: the walk takes time in proportion to the distinct containers at most, or to
-    ``budget``.
+    length of each string and byte string in them (``str``, ``bytes``, ``bytearray`` and the
+    bytes of a ``memoryview``: it takes that many bytes at least, each time it appears),
+    without packing anything and without running any code of the value's. A container that
+    appears again is not walked again: the walk takes time in proportion to the distinct
+    containers at most, or to ``budget``.
 
     :data:`EXTENT_WITHIN` if so, :data:`EXTENT_OVER` if not, :data:`EXTENT_CYCLE` if a
     container holds itself or they nest more than ``maxDepth`` deep (packing would give up
@@ -1946,12 +1964,21 @@ class ValueCodec:
                 # Copied once, as it is when the call is made (it may change before it is
                 # written), where the packer copied it in and out.
                 return Packed(binHeader(len(value)), bytes(value))
+        elif kind is memoryview:
+            if value.nbytes >= _LARGE_BYTES:
+                part = _viewPart(value)
+                if part is not None:
+                    return Packed(binHeader(value.nbytes), part)
         elif kind is list and len(value) == 1:  # the arguments of a call with one argument
             only = value[0]
             if type(only) is bytes and len(only) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(only)), only)
             if type(only) is bytearray and len(only) >= _LARGE_BYTES:
                 return Packed(_ARRAY_OF_ONE + binHeader(len(only)), bytes(only))
+            if type(only) is memoryview and only.nbytes >= _LARGE_BYTES:
+                part = _viewPart(only)
+                if part is not None:
+                    return Packed(_ARRAY_OF_ONE + binHeader(only.nbytes), part)
         limit = self.itemLimit
         if kind in _CONTAINERS:
             # (Walked without a limit too: for a dictionary's keys, and a cycle.)
@@ -2000,7 +2027,7 @@ class ValueCodec:
         if self._packing or self._depth or not _holdsLargeStrings(value):
             return None
         packer = self._plainPacker
-        segments: list[bytes] = [b""]  # (the KEYED header, if any)
+        segments: list[bytes | memoryview] = [b""]  # (the KEYED header, if any)
         strings: set[int] = set()  # the indices of the large strings in segments
         # Items are counted as the receiver counts them (see _largeBins): each msgpack item,
         # an extension and the array it holds as two.
@@ -2040,6 +2067,15 @@ class ValueCodec:
                 segments.append(binHeader(len(item)))
                 strings.add(len(segments))
                 segments.append(bytes(item))
+            elif kind is memoryview and item.nbytes >= _LARGE_BYTES:
+                part = _viewPart(item)
+                if part is None:
+                    raise _Enough()  # packed whole, as msgpack packs it (or refuses it)
+                count(1)
+                budget = _SPLICE_AROUND
+                segments.append(binHeader(item.nbytes))
+                strings.add(len(segments))
+                segments.append(part)
             elif kind is str and len(item) >= _LARGE_BYTES:
                 # Encoded once (a surrogate raises, and the value is packed whole: jellied).
                 count(1)
@@ -2094,8 +2130,8 @@ class ValueCodec:
             return None
         if keyed:
             segments[0] = _extensionHeader(KEYED, sum(map(len, segments)))
-        parts: list[bytes] = []
-        run: list[bytes] = []
+        parts: list[bytes | memoryview] = []
+        run: list[bytes | memoryview] = []
         for index, segment in enumerate(segments):
             if index in strings:
                 parts.append(b"".join(run))

@@ -2023,9 +2023,9 @@ extentLeave(Extent *walk)
     return stored;
 }
 
-/* Whether item is a plain container to walk (1) or a leaf (0). A string's, a byte string's
- * or a bytearray's length counts besides, as it is packed each time it appears: -1 if that
- * spends the budget. */
+/* Whether item is a plain container to walk (1) or a leaf (0). A string's, a byte string's,
+ * a bytearray's or a memoryview's length (in bytes) counts besides, as it is packed each
+ * time it appears: -1 if that spends the budget. */
 static inline int
 extentItem(Extent *walk, ExtentFrame *frame, PyObject *item)
 {
@@ -2039,6 +2039,9 @@ extentItem(Extent *walk, ExtentFrame *frame, PyObject *item)
     }
     else if (kind == &PyByteArray_Type) {
         length = PyByteArray_GET_SIZE(item);
+    }
+    else if (kind == &PyMemoryView_Type) {
+        length = PyMemoryView_GET_BUFFER(item)->len;
     }
     else {
         return isPlainContainer(item);

@@ -658,7 +658,7 @@ class _Payload:
 
     __slots__ = ("parts", "size", "taken")
 
-    def __init__(self, parts: list[bytes], size: int, taken: bool = False) -> None:
+    def __init__(self, parts: list[bytes | memoryview], size: int, taken: bool = False) -> None:
         self.parts = parts
         self.size = size
         #: A call that asks the peer to say when it takes it (see Broker._startableLarge).

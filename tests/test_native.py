@@ -6098,6 +6098,7 @@ class ExtentTests(SynchronousTestCase):
             ([inner, inner, [inner]], 11),
             (["abc", b"de", ""], 4 + 5),
             ([bytearray(b"fgh"), (bytearray(),)], 3 + 3 + 1),
+            ([memoryview(b"abcdefgh").cast("I")], 2 + 8),  # its bytes
             ({"key": "\u20ac" * 3}, 3 + 6),
             ([[inner, "xyz"]] * 2, 3 + 2 * (2 + 2 + 3)),
         ]
@@ -6278,8 +6279,8 @@ def naiveExtent(value: Any, budget: int, maxDepth: int) -> int:
     def walk(item: Any) -> None:
         nonlocal left
         kind = type(item)
-        if kind is str or kind is bytes or kind is bytearray:
-            left -= len(item)
+        if kind is str or kind is bytes or kind is bytearray or kind is memoryview:
+            left -= item.nbytes if kind is memoryview else len(item)
             if left < 0:
                 raise Over()
             return

@@ -239,6 +239,36 @@ class SendTests(SynchronousTestCase):
             alone[0] = ord("a")
             inside[0] = BIG[0]
 
+    def test_memoryviews(self) -> None:
+        """
+        A large memoryview, alone, as the one argument of a call, or in a large value, is
+        sent as the bytes packing it gives: a view of them if they are a byte string's
+        (which cannot change), else copied once when it is packed; it arrives as bytes. One
+        not in one piece is packed whole, as before.
+        """
+        codec = plainCodec()
+        shared = bytearray(BIG)
+        for view in (memoryview(BIG), memoryview(BIG).cast("I"), memoryview(shared)):
+            for value in (view, [view], ["name", view], {"v": (view, 1)}):
+                packed = codec.pack(value)
+                assert isinstance(packed, _native.Packed), shapeOf(value)
+                data = packed.data
+                self.assertTrue(data == packedWhole(codec, value), "the bytes differ")
+                (part,) = [each for each in packed.parts if len(each) == len(BIG)]
+                if view.obj is BIG:
+                    self.assertIsInstance(part, memoryview)
+                    self.assertIs(part.obj, BIG)  # (not copied)
+                else:
+                    shared[0] = 1 - shared[0]  # (changed after the call)
+                    self.assertTrue(packed.data == data, "not copied")
+                arrived = plainCodec().unpack(received(packed))
+                self.assertTrue(arrived == plainCodec().unpack(data), "the value changed")
+        scattered = ["name", memoryview(BIG)[::2]]
+        with self.assertRaises(BufferError):
+            packedWhole(codec, scattered)
+        with self.assertRaises(BufferError):
+            codec.pack(scattered)
+
     def test_deeperThanMsgpackPacks(self) -> None:
         """
         A value with lists nested deeper than msgpack packs (1,024) beside a large string is

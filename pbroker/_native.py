@@ -2120,7 +2120,7 @@ class ValueCodec:
             if keyed:
                 count(1)
             walk(value, 0)
-        except (_Enough, ValueError, RecursionError):
+        except (_Enough, ValueError, RecursionError, BufferError):
             return None  # packed whole (which deals with cycles, depth and objects)
         finally:
             self._packing = False
@@ -2166,6 +2166,12 @@ class ValueCodec:
         except (ValueError, RecursionError):
             # Plain containers in a cycle, or deeper than msgpack goes: jelly keeps the shape.
             return self._jellied(value)
+        except BufferError as e:
+            # (msgpack reads a memoryview's bytes in one piece, as they lie in memory.)
+            raise TypeError(
+                f"a memoryview whose bytes are not in one piece cannot be sent ({e}): send "
+                "bytes(view), or view.tobytes()"
+            ) from None
         if not self._special:
             return packed
         # The objects are jellied each time they appear (as a list is packed): their jelly

@@ -458,6 +458,15 @@ def _noText(parts: list[Any]) -> str | None:
     return None
 
 
+def _joinFor(size: int) -> Callable[[list[Any]], bytes]:
+    """
+    How to join the parts of a large byte string of ``size`` bytes: with :data:`_joinParts`
+    (which gives back their memory) from :data:`GIVE_BACK` bytes on (memory given back is
+    faulted in again when reused, which cost a stream of 4 MB messages a tenth of its speed).
+    """
+    return _joinParts if size >= GIVE_BACK else b"".join
+
+
 #: Joins the parts of a large ASCII string of text as _joinParts joins bytes (None if a byte
 #: is not ASCII, or without the C extension: the caller joins, then decodes).
 _joinText: Callable[[list[Any]], str | None] = (
@@ -802,9 +811,7 @@ def _value(parts: list[memoryview], length: int) -> bytes | memoryview | Unpacke
     lead = _lead(parts, 6)
     # A large byte string is joined by _joinParts, which lets go of each part (and, in C,
     # of its memory) once copied: the pieces and the value do not take its size twice.
-    # (Only a value of GIVE_BACK bytes or more: memory given back is faulted in again when
-    # reused, which cost a stream of 4 MB messages a tenth of its speed.)
-    join = _joinParts if length >= GIVE_BACK else b"".join
+    join = _joinFor(length)
     if length >= 5 and lead[:1] == _BIN32 and _unpackHeader(lead, 1)[0] == length - 5:
         rest = _drop(parts, 5)
         parts.clear()
@@ -877,19 +884,56 @@ def _holdsLargeStrings(value: Any) -> bool:
         item = pending.pop()
         budget -= 1
         kind = type(item)
-        if kind is bytes or kind is str or kind is bytearray:
-            if len(item) >= _LARGE_BYTES:
-                return True
-        elif kind is memoryview:
-            if item.nbytes >= _LARGE_BYTES:
-                return True
-        elif kind is list or kind is tuple:
+        if _stringSize(item) >= _LARGE_BYTES:
+            return True
+        if kind is list or kind is tuple:
             pending.extend(reversed(item[:budget]))
         elif kind is dict:
             pending.extend(reversed(list(itertools.islice(item.values(), budget))))
         elif kind is set or kind is frozenset:
             pending.extend(reversed(list(itertools.islice(item, budget))))
     return False
+
+
+# The types sent as msgpack bin.
+_BYTE_STRINGS: Final = frozenset({bytes, bytearray, memoryview})
+
+
+def _stringSize(item: Any) -> int:
+    """
+    The bytes of a byte string, bytearray or memoryview, or the characters of a text (its
+    UTF-8 bytes at least); -1 for anything else.
+    """
+    kind = type(item)
+    if kind is bytes or kind is str or kind is bytearray:
+        return len(item)
+    if kind is memoryview:
+        return item.nbytes  # type: ignore[no-any-return]
+    return -1
+
+
+def _largePart(item: Any, text: bool) -> tuple[bytes, bytes | memoryview] | None:
+    """
+    The msgpack header and the bytes of a large string (of :data:`_LARGE_BYTES` or more) to
+    be sent as a part of its own: a byte string as it is, a bytearray copied as it is now (it
+    may change before it is written), a memoryview as :func:`_viewPart` gives it, and, if
+    ``text``, a text encoded (a surrogate raises UnicodeEncodeError). ``None`` for anything
+    else, or a view whose bytes are not in one piece.
+    """
+    if _stringSize(item) < _LARGE_BYTES:
+        return None
+    kind = type(item)
+    if kind is bytes:
+        return binHeader(len(item)), item
+    if kind is bytearray:
+        return binHeader(len(item)), bytes(item)
+    if kind is memoryview:
+        part = _viewPart(item)
+        return None if part is None else (binHeader(item.nbytes), part)
+    if text:
+        data = item.encode("utf-8")
+        return _textHeader(len(data)), data
+    return None
 
 
 def _viewPart(view: memoryview) -> memoryview | bytes | None:
@@ -1122,11 +1166,12 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
         assert string is not None
         strings[index] = None
         size = sum(map(len, string))
-        large = size >= GIVE_BACK
+        join = _joinFor(size)
         if texts[index]:
-            text = _joinText(string) if large else None  # (ASCII, in C: put together once)
+            # (ASCII, in C, is put together once, as _joinFor would join bytes.)
+            text = _joinText(string) if join is _joinParts else None
             if text is None:
-                data = (_joinParts if large else b"".join)(string)
+                data = join(string)
                 try:
                     text = str(data, "utf-8")
                 except UnicodeDecodeError as e:
@@ -1139,7 +1184,7 @@ def _spliced(parts: list[memoryview], length: int) -> Spliced | None:
                     del data
             values.append(text)
         else:
-            values.append((_joinParts if large else b"".join)(string))
+            values.append(join(string))
         del string
     return Spliced(copied, values, length)
 
@@ -1955,30 +2000,17 @@ class ValueCodec:
         goes in a ``KEYED`` extension (see :class:`HashBudget`).
         """
         kind = type(value)
-        if kind is bytes:
-            if len(value) >= _LARGE_BYTES:
-                large: bytes = value
-                return Packed(binHeader(len(large)), large)
-        elif kind is bytearray:
-            if len(value) >= _LARGE_BYTES:
-                # Copied once, as it is when the call is made (it may change before it is
-                # written), where the packer copied it in and out.
-                return Packed(binHeader(len(value)), bytes(value))
-        elif kind is memoryview:
-            if value.nbytes >= _LARGE_BYTES:
-                part = _viewPart(value)
-                if part is not None:
-                    return Packed(binHeader(value.nbytes), part)
-        elif kind is list and len(value) == 1:  # the arguments of a call with one argument
-            only = value[0]
-            if type(only) is bytes and len(only) >= _LARGE_BYTES:
-                return Packed(_ARRAY_OF_ONE + binHeader(len(only)), only)
-            if type(only) is bytearray and len(only) >= _LARGE_BYTES:
-                return Packed(_ARRAY_OF_ONE + binHeader(len(only)), bytes(only))
-            if type(only) is memoryview and only.nbytes >= _LARGE_BYTES:
-                part = _viewPart(only)
-                if part is not None:
-                    return Packed(_ARRAY_OF_ONE + binHeader(only.nbytes), part)
+        # (The type looked at first: most values are small, and packed for every call. Text
+        # alone is looked at below: from _SPLICE_FROM on.)
+        if kind in _BYTE_STRINGS:
+            large = _largePart(value, False)
+            if large is not None:
+                return Packed(*large)
+        elif kind is list and len(value) == 1 and type(value[0]) in _BYTE_STRINGS:
+            large = _largePart(value[0], False)  # the one argument of a call
+            if large is not None:
+                header, part = large
+                return Packed(_ARRAY_OF_ONE + header, part)
         limit = self.itemLimit
         if kind in _CONTAINERS:
             # (Walked without a limit too: for a dictionary's keys, and a cycle.)
@@ -2054,36 +2086,15 @@ class ValueCodec:
             if depth > _SPLICE_DEPTH:
                 raise _Enough()
             kind = type(item)
-            if kind is bytes and len(item) >= _LARGE_BYTES:
+            # (A surrogate in a text raises, and the value is packed whole: jellied; a view
+            # not in one piece is a leaf, which msgpack refuses.)
+            large = _largePart(item, True)
+            if large is not None:
                 count(1)
                 budget = _SPLICE_AROUND
-                segments.append(binHeader(len(item)))
+                segments.append(large[0])
                 strings.add(len(segments))
-                segments.append(item)
-            elif kind is bytearray and len(item) >= _LARGE_BYTES:
-                # Copied once, as it is now (it may change before it is written).
-                count(1)
-                budget = _SPLICE_AROUND
-                segments.append(binHeader(len(item)))
-                strings.add(len(segments))
-                segments.append(bytes(item))
-            elif kind is memoryview and item.nbytes >= _LARGE_BYTES:
-                part = _viewPart(item)
-                if part is None:
-                    raise _Enough()  # packed whole, as msgpack packs it (or refuses it)
-                count(1)
-                budget = _SPLICE_AROUND
-                segments.append(binHeader(item.nbytes))
-                strings.add(len(segments))
-                segments.append(part)
-            elif kind is str and len(item) >= _LARGE_BYTES:
-                # Encoded once (a surrogate raises, and the value is packed whole: jellied).
-                count(1)
-                budget = _SPLICE_AROUND
-                data = item.encode("utf-8")
-                segments.append(_textHeader(len(data)))
-                strings.add(len(segments))
-                segments.append(data)
+                segments.append(large[1])
             elif kind is list:
                 count(1)
                 segments.append(_arrayHeader(len(item)))

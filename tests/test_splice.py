@@ -17,12 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pbroker import _native, _streams, pb
 from pbroker.errors import InvalidJelly
 from pbroker.testing import connectedServerAndClient
+from tests.test_native import _plainExtensions
 
 MiB = 1024 * 1024
 
@@ -134,14 +136,6 @@ def packedWhole(codec: _native.ValueCodec, value: Any) -> bytes:
         _native._SPLICE_FROM = splicing
     # (A list of one large string is packed by hand in parts whatever its size.)
     return packed.data if isinstance(packed, _native.Packed) else packed
-
-
-def plainExtensions(value: Any) -> msgpack.ExtType:
-    """A tuple, set or frozenset as the native codec packs it (for msgpack's ``default``)."""
-    code = {tuple: _native.TUPLE, set: _native.SET, frozenset: _native.FROZENSET}[type(value)]
-    return msgpack.ExtType(
-        code, msgpack.packb(list(value), default=plainExtensions, strict_types=True)
-    )
 
 
 def shapeOf(value: Any) -> Any:
@@ -432,7 +426,7 @@ class ReceiveTests(SynchronousTestCase):
         jellied: list[Any] = []
         self.assertIs(type(jellyingCodec(jellied).pack([value])), bytes)
         self.assertEqual(len(jellied), 1)
-        data = msgpack.packb([value], default=plainExtensions, strict_types=True)
+        data = msgpack.packb([value], default=_plainExtensions, strict_types=True)
         arrived = received(data)
         self.assertIn(type(arrived), (bytes, memoryview))
         with self.assertRaises(InvalidJelly) as caught:
@@ -708,8 +702,6 @@ class EndToEndTests(SynchronousTestCase):
         async def read() -> None:
             async for item in stream:
                 items.append(item)
-
-        from twisted.internet.defer import Deferred
 
         done: list[Any] = []
         Deferred.fromCoroutine(read()).addBoth(done.append)

@@ -523,20 +523,18 @@ class PacedTransport:
             stall.cancel()
 
     def _dropNonReader(self, count: int, limit: int) -> None:
+        # (What a closing connection still has to write has no limit of its own: "limit 0"
+        # read as a misconfigured one.)
         if limit == 0 and self.closing:
-            # What a closing connection still has to write has no limit of its own: "limit 0"
-            # read as a misconfigured one.
-            self._log.warn(
-                "Dropping a peer that stopped reading: {count} bytes wait for it"
-                " (the connection is closing; it took none for stallTimeout)",
-                count=count,
-            )
+            why = "the connection is closing; it took none for stallTimeout"
         else:
-            self._log.warn(
-                "Dropping a peer that stopped reading: {count} bytes wait for it (limit {limit})",
-                count=count,
-                limit=limit,
-            )
+            why = f"limit {limit}"
+        self._log.warn(
+            "Dropping a peer that stopped reading: {count} bytes wait for it ({why})",
+            count=count,
+            limit=limit,
+            why=why,
+        )
         self.paused = False
         # What the peer sent meanwhile is not handled as the connection goes (as it is
         # when a peer closes): this peer misbehaved.

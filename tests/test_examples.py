@@ -1,0 +1,96 @@
+"""
+The programs in ``examples/`` run, over loopback TCP, and print what their docstrings say.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Each program exits by itself in about a second; this only bounds a hang.
+_TIMEOUT = 120
+
+
+def run(name: str, *arguments: str) -> list[str]:
+    """
+    Run the example ``name`` to its end; the lines it printed.
+    """
+    finished = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=_TIMEOUT,
+    )
+    if finished.returncode != 0 or finished.stderr:
+        raise AssertionError(
+            f"{name} exited with {finished.returncode}:\n{finished.stdout}\n{finished.stderr}"
+        )
+    return finished.stdout.splitlines()
+
+
+class ExampleTests(TestCase):
+    def test_streams(self) -> None:
+        self.assertEqual(
+            run("streams.py"),
+            [
+                "dialect: pbroker2",
+                "squares: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]",
+                "read tick 0",
+                "read tick 1",
+                "read tick 2",
+                "closed on the server: ['ticks(1000)']",
+                "stored bytes: 8000000",
+            ],
+        )
+
+    def test_deadlines(self) -> None:
+        lines = run("deadlines.py")
+        self.assertEqual(
+            lines[:2],
+            [
+                "server: r-1 has 5.0 s before its caller gives up",
+                "client: rows for 'select 1' answered by {'server': 'db-1'}",
+            ],
+        )
+        # The server hears of the timeout and the cancellation after the client does.
+        self.assertEqual(
+            sorted(lines[2:]),
+            sorted(
+                [
+                    "server: r-2 has 0.5 s before its caller gives up",
+                    "client: timed out: the call to 'query' had no answer within 0.5 seconds",
+                    "server: r-2 cancelled, stopping the query",
+                    "client: cancelled",
+                    "server: r-3 cancelled, stopping the query",
+                    "client: retry with timeout=3",
+                ]
+            ),
+        )
+        self.assertLess(
+            lines.index("client: cancelled"), lines.index("client: retry with timeout=3")
+        )
+
+    def test_transfer(self) -> None:
+        lines = run("transfer.py", "--mib", "8")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertRegex(lines[0], r"^sent 8 MiB in [0-9.]+ s \([0-9]+ MB/s\)$")
+        self.assertRegex(lines[1], r"^status calls answered at [0-9.]+ s, [0-9.]+ s, [0-9.]+ s$")
+        self.assertRegex(lines[2], r"^peak memory grew by [0-9]+ MiB \(both sides\)$")
+
+    def test_reconnect(self) -> None:
+        self.assertEqual(
+            run("reconnect.py"),
+            [
+                "client: logged in",
+                "client: alice, on server run 1",
+                "server: stopped",
+                "server: started again",
+                "client: logged in",
+                "client: alice, on server run 2",
+            ],
+        )

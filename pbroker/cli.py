@@ -13,6 +13,11 @@ platform's), or any Twisted client endpoint string (``unix:/run/pbroker.sock``).
 ``PBROKER_PASSWORD`` or a prompt, never from the command line. Arguments to ``call`` are JSON
 values.
 
+A method that answers with a stream has its items printed as they arrive, one a line (with
+``--json``, ``{"item": ...}`` lines, then ``{"items": N, "ms": ...}``); streams inside a result
+(a list, a tuple...) are read to their end and shown as lists. ``--timeout`` bounds the
+reading too.
+
 Exit codes: 0 success, 2 bad usage (including a bad address, ``--ca`` file, ``--timeout`` or
 JSON argument), 3 cannot connect, 4 login refused, 5 the remote call failed. Errors are one
 line on stderr; ``--debug`` adds the traceback.
@@ -29,6 +34,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.cred.credentials import UsernamePassword
@@ -386,15 +392,30 @@ def _remoteMessage(failure: Failure) -> str:
     return f"{name}: {value}" if str(value) else name
 
 
+class StreamRead:
+    """
+    What :func:`_run` gives for a call answered with a stream, whose items it has printed.
+
+    :ivar count: the items printed.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
 def _output(options: argparse.Namespace, value: Any, milliseconds: float) -> str:
     """
-    The text that shows a result.
+    The text that shows a result (for a stream read to its end, what follows its items).
     """
     # A received value nests at most about a thousand deep (the decoders' limits) and
     # _jsonable takes two frames a level: make room for that.
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(limit + 4096)
     try:
+        if isinstance(value, StreamRead):
+            if options.json:
+                return json.dumps({"items": value.count, "ms": round(milliseconds, 1)})
+            return ""
         if options.json:
             return json.dumps({"result": _jsonable(value), "ms": round(milliseconds, 1)})
         if options.command == "ping":
@@ -404,10 +425,87 @@ def _output(options: argparse.Namespace, value: Any, milliseconds: float) -> str
         sys.setrecursionlimit(limit)
 
 
+def _itemOutput(options: argparse.Namespace, item: Any) -> str:
+    """
+    The line that shows one item of a stream: as JSON, or text as it is and anything else
+    as its ``repr``.
+    """
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 4096)
+    try:
+        if options.json:
+            return json.dumps({"item": _jsonable(item)})
+        if isinstance(item, str):
+            return item
+        _Shown().sizeAlone(item)
+        return repr(item)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _streamsIn(value: Any) -> list[Any]:
+    """
+    The remote streams in a result (in its lists, tuples, sets and dicts), each once, looked
+    for among its first :data:`MAX_SHOWN` parts (more cannot be shown anyway).
+    """
+    from pbroker.stream import RemoteStream
+
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    pending = [value]
+    left = MAX_SHOWN
+    while pending and left > 0:
+        item = pending.pop()
+        left -= 1
+        if isinstance(item, RemoteStream):
+            found.setdefault(id(item), item)
+        elif isinstance(item, (list, tuple, set, frozenset, dict)) and id(item) not in seen:
+            seen.add(id(item))
+            pending.extend(item.items() if isinstance(item, dict) else item)
+    return list(found.values())
+
+
+def _withStreamsRead(value: Any, read: dict[int, list[Any]]) -> Any:
+    """
+    ``value`` with each remote stream in it replaced by the items ``read`` from it: a list,
+    or a tuple where it must be hashable (in a set, or a dict's key). A container that
+    holds itself keeps doing so.
+    """
+    from pbroker.stream import RemoteStream
+
+    made: dict[int, Any] = {}
+
+    def rebuilt(item: Any, hashable: bool = False) -> Any:
+        if isinstance(item, RemoteStream):
+            items = read.get(id(item), [])
+            return tuple(items) if hashable else items
+        if not isinstance(item, (list, tuple, set, frozenset, dict)):
+            return item
+        if id(item) in made:
+            return made[id(item)]
+        if isinstance(item, list):
+            copy: Any = []
+            made[id(item)] = copy
+            copy.extend(rebuilt(each) for each in item)
+            return copy
+        if isinstance(item, dict):
+            mapping: dict[Any, Any] = {}
+            made[id(item)] = mapping
+            for key, each in item.items():
+                mapping[rebuilt(key, True)] = rebuilt(each)
+            return mapping
+        # Tuples and sets cannot hold themselves but through a list or dict, built above.
+        items = [rebuilt(each, isinstance(item, (set, frozenset))) for each in item]
+        return type(item)(items) if type(item) in (tuple, set, frozenset) else tuple(items)
+
+    return rebuilt(value)
+
+
 async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     from twisted.internet.defer import CancelledError, Deferred
 
     from pbroker import pb
+    from pbroker.stream import END, RemoteStream
 
     arguments = _jsonArguments(getattr(options, "arguments", []))
     method = options.method if options.command == "call" else options.command
@@ -417,10 +515,12 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     password = _password(options.user) if options.user else None
     factory = pb.PBClientFactory()
     started = time.monotonic()
+    deadline = reactor.seconds() + options.timeout
 
-    async def within(step: Deferred[Any], code: int, what: str) -> Any:
+    async def within(step: Deferred[Any], code: int, what: str, late: str = "no answer") -> Any:
         # Each step gets what is left of --timeout; its outcome, a Failure if it failed.
-        left = max(0.0, started + options.timeout - time.monotonic())
+        # (Counted on the reactor's clock, which a test may drive.)
+        left = max(0.0, deadline - reactor.seconds())
         timer = reactor.callLater(left, step.cancel)
         outcome: list[Any] = []
         try:
@@ -429,8 +529,35 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             if timer.active():
                 timer.cancel()
         if isinstance(outcome[0], Failure) and outcome[0].check(CancelledError):
-            raise CommandError(code, f"{what}: no answer within {options.timeout:g} seconds")
+            raise CommandError(code, f"{what}: {late} within {options.timeout:g} seconds")
         return outcome[0]
+
+    itemsRead = 0
+
+    async def read(stream: RemoteStream, shown: Callable[[Any], None] | None) -> list[Any]:
+        # The stream's items to its end: each passed to shown as it comes, if given (and
+        # not kept), else kept and returned; at most MAX_SHOWN kept, of all streams. (A
+        # stream left unread is stopped by the disconnection that ends every command.)
+        nonlocal itemsRead
+        items: list[Any] = []
+        while True:
+            item = await within(stream.next(), EXIT_REMOTE, method, "the stream did not end")
+            if isinstance(item, Failure):
+                after = f"{itemsRead} item" + ("" if itemsRead == 1 else "s")
+                raise CommandError(
+                    EXIT_REMOTE, f"remote error in a stream, after {after}: {_remoteMessage(item)}"
+                )
+            if item is END:
+                return items
+            itemsRead += 1
+            if shown is not None:
+                shown(item)
+                continue
+            if itemsRead > MAX_SHOWN:
+                raise CommandError(
+                    EXIT_REMOTE, f"the result is too large to show: over {MAX_SHOWN:,} stream items"
+                )
+            items.append(item)
 
     connected = await within(
         pb.connect(endpoint, factory, reactor),
@@ -469,6 +596,16 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         outcome = await within(call, EXIT_REMOTE, f"{method} failed")
         if isinstance(outcome, Failure):
             raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome)}")
+        if isinstance(outcome, RemoteStream):
+            # Printed as they come (the stream may be long, or endless until --timeout).
+            await read(outcome, lambda item: print(_itemOutput(options, item), flush=True))
+            outcome = StreamRead(itemsRead)
+        else:
+            streams = _streamsIn(outcome)
+            if streams:
+                # Read one after the other: a sender feeds each as its reader gives credit.
+                items = {id(stream): await read(stream, None) for stream in streams}
+                outcome = _withStreamsRead(outcome, items)
         return outcome, (time.monotonic() - started) * 1000
     finally:
         factory.disconnect()
@@ -507,5 +644,6 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"pbroker: {error}", file=sys.stderr)
         return error.code
-    print(text)
+    if text:  # (nothing follows a stream's items, but with --json)
+        print(text)
     return EXIT_OK

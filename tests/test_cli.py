@@ -15,7 +15,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.error import ConnectionRefusedError
@@ -40,6 +40,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import cli, jelly, pb, tls
+from pbroker.stream import RemoteStream
 from pbroker.tap import BrokerRealm
 
 
@@ -375,6 +376,21 @@ class OptionTests(SynchronousTestCase):
 
 
 class OutputTests(SynchronousTestCase):
+    def test_withStreamsRead(self) -> None:
+        """Each stream in a result is replaced by its items: a list, or a tuple where it must
+        be hashable; containers that hold themselves still do; other values are kept."""
+        first, second = RemoteStream(None, 1), RemoteStream(None, 2)
+        loop: list[Any] = [first]
+        loop.append(loop)
+        value = {"a": (first, 1), second: {frozenset({second})}, "loop": loop}
+        self.assertEqual(cli._streamsIn(value), [first, second])
+        shown = cli._withStreamsRead(value, {id(first): [1, 2], id(second): ["x"]})
+        self.assertEqual(shown["a"], ([1, 2], 1))
+        self.assertEqual(shown[("x",)], {frozenset({("x",)})})
+        self.assertEqual(shown["loop"][0], [1, 2])
+        self.assertIs(shown["loop"][1], shown["loop"])
+        self.assertEqual(cli._streamsIn([1, "a", (2,)]), [])
+
     def test_sharedPartsBounded(self) -> None:
         """A result whose shared parts stand for more than MAX_SHOWN parts (a few hundred
         bytes can describe 2**40) is refused with one line, not expanded for ever."""
@@ -432,13 +448,21 @@ class CommandReactor(MemoryReactorClock):
     def __init__(self, interrupted: bool = False) -> None:
         super().__init__()
         self.interrupted = interrupted
+        self.pumps: list[iosim.IOPump] = []
+
+    def flush(self) -> None:
+        """
+        Deliver what the command wrote as it stopped (a real reactor's kernel would).
+        """
+        for pump in self.pumps:
+            pump.flush()
 
     def run(self) -> None:
         self.running = True
         if self.interrupted:
             return
         completer = iosim.ConnectionCompleter(self)
-        pumps = []
+        pumps = self.pumps
         for _ in range(200):
             pump = completer.succeedOnce()
             if pump is not None:
@@ -481,6 +505,39 @@ class DroppingService(pb.Root):
 class StockService(twistedPb.Root):
     def remote_fail(self, message: str) -> None:
         raise ValueError(message)
+
+
+class StreamingService(pb.Root):
+    """
+    Methods that answer with streams; ``closed`` names the sources closed.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.closed: list[str] = []
+
+    def remote_count(self, n: int) -> Iterator[dict[str, int]]:
+        return ({"n": i} for i in range(n))
+
+    def remote_broken(self) -> Iterator[int]:
+        yield 1
+        raise ValueError("broken source")
+
+    async def remote_endless(self) -> AsyncIterator[int]:
+        try:
+            n = 0
+            while True:
+                await task.deferLater(self.clock, 0.2, lambda: None)
+                yield n
+                n += 1
+        finally:
+            self.closed.append("endless")
+
+    def remote_pair(self, n: int = 3) -> tuple[Iterator[int], str]:
+        return (i for i in range(n)), "label"
+
+    def remote_nested(self) -> dict[str, Any]:
+        return {"first": iter([b"a", b"b"]), "more": [iter([1]), iter([])]}
 
 
 class InProcessTests(SynchronousTestCase):
@@ -576,6 +633,73 @@ class InProcessTests(SynchronousTestCase):
         self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
         self.assertEqual(err, "pbroker: remote error: builtins.ValueError: boom\n")
         self.flushLoggedErrors(ValueError)
+
+    def streaming(self, *arguments: str) -> tuple[int, str, str, StreamingService]:
+        """
+        Run the command against a :class:`StreamingService` on the command's reactor.
+        """
+        commandReactor = CommandReactor()
+        root = StreamingService(commandReactor)
+        pb.listen("tcp:8789:interface=127.0.0.1", pb.PBServerFactory(root), commandReactor)
+        self.patch(twisted.internet, "reactor", commandReactor)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = cli.main(list(arguments))
+        commandReactor.flush()
+        return code, out.getvalue(), err.getvalue(), root
+
+    def test_streamPrinted(self) -> None:
+        """A method that answers with a stream has its items printed a line each (with
+        --json, a JSON object each, then one with their count and the time taken)."""
+        code, out, err, _ = self.streaming("call", self.address, "count", "3")
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertEqual(out, "{'n': 0}\n{'n': 1}\n{'n': 2}\n")
+        code, out, err, _ = self.streaming("--json", "call", self.address, "count", "2")
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(lines[:2], [{"item": {"n": 0}}, {"item": {"n": 1}}])
+        self.assertEqual((len(lines), lines[2]["items"]), (3, 2))
+        self.assertIsInstance(lines[2]["ms"], float)
+        code, out, err, _ = self.streaming("call", self.address, "count", "0")
+        self.assertEqual((code, out, err), (cli.EXIT_OK, "", ""))
+
+    def test_streamFails(self) -> None:
+        """A stream that fails exits 5 after the items before the error, which is named."""
+        code, out, err, _ = self.streaming("call", self.address, "broken")
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, "1\n"))
+        self.assertEqual(
+            err,
+            "pbroker: remote error in a stream, after 1 item: builtins.ValueError: broken source\n",
+        )
+        self.flushLoggedErrors(ValueError)
+
+    def test_streamTimeout(self) -> None:
+        """A stream that has not ended within --timeout exits 5, saying so, and is cancelled:
+        the server's generator is closed."""
+        code, out, err, root = self.streaming("--timeout", "1", "call", self.address, "endless")
+        self.assertEqual(code, cli.EXIT_REMOTE)
+        self.assertEqual(err, "pbroker: endless: the stream did not end within 1 seconds\n")
+        self.assertEqual(out, "0\n1\n2\n3\n")
+        self.assertEqual(root.closed, ["endless"])
+
+    def test_streamsInAResult(self) -> None:
+        """Streams inside a result are read to their end and shown as lists."""
+        code, out, err, _ = self.streaming("call", self.address, "pair")
+        self.assertEqual((code, out, err), (cli.EXIT_OK, "([0, 1, 2], 'label')\n", ""))
+        code, out, err, _ = self.streaming("--json", "call", self.address, "nested")
+        self.assertEqual((code, err), (cli.EXIT_OK, ""))
+        self.assertEqual(json.loads(out)["result"], {"first": ["a", "b"], "more": [[1], []]})
+
+    def test_streamItemsTooManyToShow(self) -> None:
+        """The items of streams inside a result count against MAX_SHOWN as they are read:
+        past it, the command exits 5, saying so."""
+        self.patch(cli, "MAX_SHOWN", 3)
+        code, out, err, _ = self.streaming("call", self.address, "pair", "3")
+        self.assertEqual((code, out, err), (cli.EXIT_OK, "([0, 1, 2], 'label')\n", ""))
+        code, out, err, _ = self.streaming("call", self.address, "pair", "4")
+        self.assertEqual((code, out), (cli.EXIT_REMOTE, ""))
+        self.assertEqual(err, "pbroker: the result is too large to show: over 3 stream items\n")
 
     def test_timeout(self) -> None:
         """A call never answered within --timeout exits 5, saying so."""

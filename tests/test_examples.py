@@ -34,6 +34,16 @@ def run(name: str, *arguments: str) -> list[str]:
 
 
 class ExampleTests(TestCase):
+    def test_interop(self) -> None:
+        self.assertEqual(
+            run("interop.py"),
+            [
+                "twisted client -> pbroker server (pb): StockPoint(3, 5)",
+                "pbroker client -> twisted server (pb): Point(3, 5)",
+                "pbroker client -> pbroker server (pbroker2): Point(3, 5)",
+            ],
+        )
+
     def test_streams(self) -> None:
         self.assertEqual(
             run("streams.py"),

@@ -21,7 +21,7 @@ import heapq
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import CoroutineType, MappingProxyType
 from typing import Any, ClassVar, NoReturn, cast
 
@@ -299,6 +299,17 @@ def _timeoutError(message: bytes | str, timeout: float, why: str = "") -> Deferr
     )
 
 
+def _timeoutNamed(failure: Failure, message: bytes | str, timeout: float) -> Failure:
+    """
+    A call sent with the time left of a timeout given earlier (before the connection was
+    ready) timed out: its error names the timeout the caller gave, not what was left. (Only
+    this side's own TimeoutError: a remote error is another type.)
+    """
+    if type(failure.value) is DeferredTimeoutError:
+        raise _timeoutError(message, timeout)
+    return failure
+
+
 #: The smallest :attr:`BrokerLimits.messageSize`: what a peer announces below it is taken as
 #: this much, since every message limit must leave room for pings and for the short error
 #: that says a larger message could not be sent.
@@ -402,6 +413,19 @@ def _checkCount(limits: Any, name: str, value: Any, alternative: str = "") -> No
     if not isInteger(value):
         raise TypeError(f"BrokerLimits.{name} must be an integer{alternative}, not {value!r}")
     object.__setattr__(limits, name, operator.index(value))
+
+
+def _checkedWindow(window: Any) -> int:
+    """
+    A :attr:`Broker.streamWindow`: an integer, at least 1 (a reader that gave no credit
+    would never get an item; the peer takes a credit of 0 for a protocol error).
+    """
+    if not isInteger(window):
+        raise TypeError(f"Broker.streamWindow must be an integer, not {window!r}")
+    checked = operator.index(window)
+    if checked < 1:
+        raise ValueError(f"Broker.streamWindow must be at least 1, not {checked}")
+    return checked
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
@@ -635,17 +659,20 @@ class _Early:
     (``expression``).
     """
 
-    __slots__ = ("call", "deferred", "expression", "sent")
+    __slots__ = ("call", "deferred", "expression", "made", "sent")
 
     def __init__(
         self,
         call: tuple[Any, ...] | None,
         deferred: Deferred[Any] | None = None,
         expression: Any = None,
+        made: float = 0.0,
     ) -> None:
         self.call = call
         self.deferred = deferred
         self.expression = expression
+        # When it was made (the broker's clock): a call's timeout counts from then.
+        self.made = made
         # The Deferred of the call once it was sent (so cancelling reaches it).
         self.sent: Deferred[Any] | None = None
 
@@ -802,8 +829,8 @@ class Broker(Banana):
     #: skips both. ``pbroker1`` is PB's encoding between pbroker peers (it marks the peer as
     #: one, for the password login).
     knownDialects = [NATIVE_DIALECT, b"pbroker1", b"pb", b"none"]
-    #: How many items a stream this side reads may have in flight or unread.
-    streamWindow = DEFAULT_WINDOW
+    # (See streamWindow.)
+    _streamWindow = DEFAULT_WINDOW
     #: Failures that are the caller's business (a refused login, a method that does not
     #: exist, a deliberate pb.Error): they are sent without logging a traceback here. Others
     #: are logged, as Twisted does.
@@ -822,6 +849,27 @@ class Broker(Banana):
     decodeText = True
 
     _log = Logger()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        window = cls.__dict__.get("streamWindow")
+        if window is not None and not isinstance(window, property):
+            # A subclass's own window (streamWindow = 64): checked now, where it is set, and
+            # kept behind the property, which checks what is set later.
+            cls._streamWindow = _checkedWindow(window)
+            delattr(cls, "streamWindow")
+
+    @property
+    def streamWindow(self) -> int:
+        """
+        How many items a stream this side reads may have in flight or unread (16 by
+        default): an integer, at least 1; set it on a broker, or in a subclass.
+        """
+        return self._streamWindow
+
+    @streamWindow.setter
+    def streamWindow(self, window: int) -> None:
+        self._streamWindow = _checkedWindow(window)
 
     def __init__(
         self,
@@ -2993,11 +3041,11 @@ class Broker(Banana):
             if options is not None and options.timeout is not None:
                 # Counted from the call, as for any call, not from when it can be sent: a
                 # peer that never chooses a dialect does not keep it waiting past it. (The
-                # call sent times out no earlier: its own timeout starts later.)
+                # call sent is given the time left, see _sendEarly.)
                 deferred.addTimeout(
                     options.timeout, self.clock, functools.partial(_timedOut, call[3])
                 )
-        entry = _Early(call, deferred, expression)
+        entry = _Early(call, deferred, expression, self.clock.seconds())
         early.append(entry)
         return deferred
 
@@ -3021,15 +3069,26 @@ class Broker(Banana):
             deferred = entry.deferred
             if deferred is not None and deferred.called:
                 continue  # cancelled meanwhile (by a callback of one sent before it)
+            call = entry.call
+            options = call[6]
+            if options is not None and options.timeout is not None:
+                # The peer is told the time left, so that the method's deadline is the
+                # caller's: the timeout counts from the call (see _sendWhenReady).
+                left = options.timeout - (self.clock.seconds() - entry.made)
+                if not left > 0:
+                    continue  # its timer is due now, and fails it
+                call = (*call[:6], replace(options, timeout=left))
             if deferred is None:
                 try:
-                    self._sendMessage(*entry.call)
+                    self._sendMessage(*call)
                 except Exception:
                     self._log.failure("A one-way call made before the connection was ready")
                 continue
-            sent = self._sendMessage(*entry.call)
+            sent = self._sendMessage(*call)
             assert sent is not None
             entry.sent = sent
+            if call is not entry.call:  # sent with the time left
+                sent.addErrback(_timeoutNamed, call[3], options.timeout)
             sent.chainDeferred(deferred)
 
     def _dropEarly(self, reason: Any) -> None:
@@ -3880,8 +3939,17 @@ class Broker(Banana):
         The peer still gets one error (or the answer, if it was already on its way).
         """
         pending = self._answering.get(requestID) if type(requestID) is int else None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.cancel()
+        except Exception:
+            # The method's canceller raised: the application's error, logged as a method's
+            # would be, and the peer still gets its one error (Deferred.cancel() fails the
+            # Deferred only after a canceller that returns).
+            self._logFailure("The canceller of a call the peer cancelled failed", Failure())
+            if not pending.called:
+                pending.errback(Failure(CancelledError()))
 
     def _dropResult(self, netResult: Any) -> None:
         """

@@ -60,9 +60,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.broker import Broker, _timedOut, _timeoutError
+from pbroker.broker import Broker, _timedOut, _timeoutError, _timeoutNamed
 from pbroker.context import CallOptions
 from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
+from pbroker.flavors import _methodName
 from pbroker.pb import PBClientFactory
 from pbroker.references import CallingWithOptions, RemoteReference
 
@@ -202,7 +203,10 @@ class ReconnectingClient(Service):
         """
         Call ``_name`` on the current avatar (or root), waiting for a connection if there is
         none; fails as :meth:`whenReady` does when there will be none.
+
+        :raises TypeError: ``_name`` is not text (at once, as a reference's would).
         """
+        _methodName(_name)
 
         def call(reference: RemoteReference) -> Any:
             return reference.callRemote(_name, *args, **kw)
@@ -470,6 +474,7 @@ class ReconnectingCalls:
         Call ``_name`` on the current avatar (or root) with these options, waiting for a
         connection if there is none, as :meth:`ReconnectingClient.callRemote` does.
         """
+        _methodName(_name)
         options = self.options
         clock = self.client._clock
         started = clock.seconds()
@@ -494,6 +499,10 @@ class ReconnectingCalls:
                         _callName(_name), limit, " (the connection was ready only then)"
                     )
                 callOptions = replace(options, timeout=left)
+                sent = CallingWithOptions(reference, callOptions).callRemote(_name, *args, **kw)
+                if sent is not None:  # (a one-way call has none)
+                    sent.addErrback(_timeoutNamed, _callName(_name), limit)
+                return sent
             return CallingWithOptions(reference, callOptions).callRemote(_name, *args, **kw)
 
         return waiting.addCallback(call)

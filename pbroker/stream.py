@@ -196,8 +196,14 @@ class RemoteStream:
     def cancel(self) -> None:
         """
         Stop reading: the sender is told to stop (its generator is closed), unread items are
-        dropped, and pending :meth:`next` calls fail with ``CancelledError``.
+        dropped, and pending :meth:`next` calls fail with ``CancelledError``. A stream whose
+        end has arrived has its unread items dropped too (the sender has stopped already).
         """
+        if self._state == "ended" and self._items:
+            self._dropUnread()
+            self._state = "cancelled"
+            self._finished = Failure(CancelledError("the stream was cancelled"))
+            return
         if self._state != "open":
             return
         self._dropUnread()
@@ -704,7 +710,12 @@ class OutgoingStream:
         if self._busy is not None:
             busy, self._busy = self._busy, None
             busy.addErrback(lambda _: None)
-            busy.cancel()
+            try:
+                busy.cancel()
+            except Exception:
+                # The canceller of what the source waits for raised: the application's
+                # error, logged; the stream still stops (and its connection is unharmed).
+                self._log.failure("Error cancelling what the source of a stopped stream waits for")
         self._close(failure)
 
     def _close(self, failure: Failure | None = None) -> None:
@@ -719,11 +730,20 @@ class OutgoingStream:
             if isinstance(source, types.GeneratorType):
                 source.close()
             elif isinstance(source, types.AsyncGeneratorType):
-                _Awaiting(source.aclose, self._inContext).result.addErrback(lambda _: None)
+                # One still running (its step was cancelled above) ends with that step.
+                if not source.ag_running:
+                    _Awaiting(source.aclose, self._inContext).result.addErrback(self._closeFailed)
             elif isinstance(source, Stream):
                 source.close(failure)
+            elif isinstance(source, RemoteStream):
+                # A stream passed on (a method returned one it was given, or read from
+                # another peer): its own sender stops too.
+                source.cancel()
         except Exception:
             self._log.failure("Error closing the source of a cancelled stream")
+
+    def _closeFailed(self, failure: Failure) -> None:
+        self._log.failure("Error closing the source of a cancelled stream", failure)
 
 
 def _stepsOf(awaitable: Any) -> Generator[Any, Any, Any]:

@@ -786,7 +786,23 @@ class WithOptionsTests(SynchronousTestCase):
         self.clock.advance(0.9)
         self.assertNoResult(result)
         self.clock.advance(0.1)
-        self.failureResultOf(result, TimeoutError)
+        failure = self.failureResultOf(result, TimeoutError)
+        # The timeout the caller gave, not the second left when the call was sent.
+        self.assertEqual(
+            failure.getErrorMessage(), "the call to 'wait' had no answer within 5 seconds"
+        )
+
+    def test_badNameRefusedAtOnce(self) -> None:
+        """A method name that is not text raises TypeError at once, as a reference's
+        callRemote does, rather than after waiting for a connection (for ever, with the
+        broker down and no maxRetries)."""
+        self.endpoint.up = False
+        self.start()
+        for calling in (self.client, self.client.withOptions(timeout=5)):
+            with self.assertRaises(TypeError) as raised:
+                calling.callRemote(123)  # type: ignore[arg-type]
+            self.assertEqual(str(raised.exception), "a remote method's name must be text, not 123")
+        self.assertEqual(self.client._waiting, [])
 
     def test_readyJustAsTheTimeRunsOut(self) -> None:
         """A connection ready no earlier than the deadline does not get the call."""

@@ -58,6 +58,23 @@ class ExampleTests(TestCase):
             ],
         )
 
+    def test_events(self) -> None:
+        lines = run("events.py")
+        self.assertEqual(
+            [line for line in lines if line.startswith("first: ")],
+            [f"first: event {n}" for n in (1, 2, 3)],
+        )
+        self.assertEqual(
+            [line for line in lines if line.startswith("second: ")],
+            [f"second: event {n}" for n in (1, 2, 3, 4, 5)],
+        )
+        # Each leaving is noticed once, after the subscriber's last event.
+        left = [i for i, line in enumerate(lines) if line == "server: a subscriber left"]
+        self.assertEqual(len(left), 2, lines)
+        self.assertGreater(left[0], lines.index("first: event 3"))
+        self.assertGreater(left[1], lines.index("second: event 5"))
+        self.assertEqual(len(lines), 10, lines)
+
     def test_deadlines(self) -> None:
         lines = run("deadlines.py")
         self.assertEqual(

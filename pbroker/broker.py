@@ -1184,7 +1184,7 @@ class Broker(Banana):
         self._codec = ValueCodec(
             self._jellyNative,
             self._unjellyNative,
-            isStreamable,
+            self._sentAsStream,
             self._registerStream,
             self._openStream,
             self.limits.nestingDepth,
@@ -2574,6 +2574,14 @@ class Broker(Banana):
             with contextlib.suppress(InvalidJelly):  # malformed: nothing to find in it
                 yield self._nativeExpression(data)
 
+    def _sentAsStream(self, object: Any) -> bool:
+        """
+        Whether the native codec sends ``object`` as a stream: an iterator or async iterator,
+        unless it is one of a class of its own that the security options allow, which is
+        copied, as in the ``pb`` dialect and by stock PB.
+        """
+        return _jelliedAsStream(object, self.security)
+
     def _jellyNative(self, object: Any) -> bytes:
         return Jellier(self.security, _refuseStreams, self).encode(object, self._tokens)
 
@@ -3882,7 +3890,9 @@ class Broker(Banana):
             result = target.remoteMessageReceived(self, name, netArgs, netKw)
         except Error as e:
             if not answerRequired:
-                self._sendPostponed()  # what a hook completed before the method failed
+                # No caller will see it (a quiet failure is the caller's business): logged,
+                # as a one-way call whose Deferred fails is, and as stock PB logs it.
+                self._logOneWayFailure(Failure())  # (and what a hook completed goes)
             elif isinstance(e, Jellyable) or self.security.isClassAllowed(e.__class__):
                 self._sendError(e, requestID, since)
             else:
@@ -3900,12 +3910,12 @@ class Broker(Banana):
             return
         except Exception:
             failure = CopyableFailure()
+            if not answerRequired:
+                self._logOneWayFailure(failure)  # nothing goes to the peer
+                return
             if failure.check(*self.quietFailures) is None:
                 self._logFailure("Peer will receive the following PB traceback", failure)
-            if answerRequired:
-                self._sendError(failure, requestID, since)
-            else:
-                self._sendPostponed()
+            self._sendError(failure, requestID, since)
             return
         finally:
             self._callArgs = None
@@ -3964,7 +3974,19 @@ class Broker(Banana):
         return result
 
     def _logOneWayFailure(self, failure: Failure) -> None:
-        self._logFailure("A one-way remote call failed", failure)
+        """
+        Log the failure of a one-way call, which no caller will see: the caller's business
+        (a pb.Error, a method or object that does not exist) in one line, anything else with
+        its traceback.
+        """
+        if failure.check(*self.quietFailures) is not None:
+            kind = failure.type.__name__ if isinstance(failure.type, type) else str(failure.type)
+            self._log.warn(
+                "A one-way remote call failed: {error}",
+                error=f"{kind}: {failure.getErrorMessage()}",
+            )
+        else:
+            self._logFailure("A one-way remote call failed", failure)
         if self._postponed:
             self._sendPostponed()
 

@@ -92,7 +92,10 @@ def findRemoteMethod(obj: object, prefix: str, name: str) -> Any:
     :raises NoSuchMethod: no such callable, or a name that may not be called.
     """
     if not name.isidentifier() or name.startswith("_"):
-        raise NoSuchMethod(f"No such method: {prefix}{name!r:.100} is not a callable name")
+        wanted = prefix + name
+        # (Shown as it is if it can be, else quoted: a name from the peer may hold anything.)
+        shown = wanted if wanted.isprintable() and len(wanted) <= 100 else f"{wanted!r:.100}"
+        raise NoSuchMethod(f"No such method: {shown} (not a name that may be called)")
     method = getattr(obj, prefix + name, None)
     if method is None or not callable(method):
         raise NoSuchMethod(f"No such method: {prefix}{name}")
@@ -425,7 +428,13 @@ def _methodName(name: object) -> bytes:
     what cannot be one.
     """
     if isinstance(name, str):
-        return name.encode("utf-8")
+        try:
+            return name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"a remote method's name must be valid Unicode text, not {name!r:.100} (it holds "
+                "a lone surrogate)"
+            ) from None
     if isinstance(name, bytes):
         return name
     raise TypeError(f"a remote method's name must be text, not {name!r}")

@@ -15,7 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -560,11 +560,15 @@ class HostilePeerTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_oneWayCallToAnUnknownObject(self) -> None:
-        """A one-way call to an unknown object gets no answer, and the connection goes on."""
+        """A one-way call to an unknown object gets no answer, is logged in one line (no
+        caller will see it), and the connection goes on."""
         with capturedLogs() as events:
             self.attack(b"message", 1, b"nothing", b"echo", 0, [b"tuple", 1], [b"dictionary"])
         self.assertEqual(self.replies(), [])
-        self.assertEqual(events, [])
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            ["A one-way remote call failed: Error: Invalid Object ID"],
+        )
         requestID = self.call(b"echo", 5)
         self.assertEqual(self.replies(), [[b"answer", requestID, 5]])
 

@@ -1,0 +1,220 @@
+"""
+The native dialect and the ``pb`` dialect treat the same application code alike where the
+documentation says they do: iterators of allowed classes are copied, one-way calls that fail
+are logged however they fail, method names that cannot be called or sent get messages that
+say so, and a copy whose state refers to itself gets that state as documented.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pbroker import jelly, pb
+from pbroker.stream import RemoteStream
+from pbroker.testing import connectedServerAndClient
+
+# Each test runs in both dialects: None is the native one (two pbroker peers choose it).
+DIALECTS = (None, [b"pb"])
+
+
+def connect(root: Any, dialects: list[bytes] | None, **options: Any) -> tuple[Any, Any, Any]:
+    client = pb.PBClientFactory(**options, **({} if dialects is None else {"dialects": dialects}))
+    server, broker, pump = connectedServerAndClient(pb.PBServerFactory(root, **options), client)
+    pump.flush()
+    return server, broker, pump
+
+
+def answer(broker: Any, pump: Any, name: Any, *args: Any) -> Any:
+    results: list[Any] = []
+    broker.remoteForName("root").callRemote(name, *args).addBoth(results.append)
+    pump.flush()
+    return results[0]
+
+
+class Cursor:
+    """
+    A value of the application's own class that is also its own iterator (a result set).
+    """
+
+    def __init__(self, rows: Any = None) -> None:
+        self.rows = rows
+        self.position = 0
+
+    def __iter__(self) -> Cursor:
+        return self
+
+    def __next__(self) -> Any:
+        if self.position >= len(self.rows):
+            raise StopIteration
+        self.position += 1
+        return self.rows[self.position - 1]
+
+
+class Cursors(pb.Root):
+    def remote_take(self, value: Any) -> Any:
+        return [type(value).__name__, getattr(value, "rows", None)]
+
+    def remote_give(self) -> Any:
+        return Cursor([1, 2])
+
+    def remote_giveUnallowed(self) -> Any:
+        return iter([1, 2])
+
+
+class AllowedIteratorTests(SynchronousTestCase):
+    def test_copiedInEveryDialect(self) -> None:
+        """An iterator of a class the security options allow is copied by its state, as an
+        argument and as an answer, in the native dialect as in the pb dialect."""
+        for dialects in DIALECTS:
+            security = jelly.SecurityOptions()
+            security.allowInstancesOf(Cursor)
+            _server, broker, pump = connect(Cursors(), dialects, security=security)
+            self.assertEqual(answer(broker, pump, "take", Cursor([1, 2])), ["Cursor", [1, 2]])
+            given = answer(broker, pump, "give")
+            self.assertIsInstance(given, Cursor, dialects)
+            self.assertEqual(list(given), [1, 2])
+
+    def test_otherIteratorsStream(self) -> None:
+        """Between pbroker peers, an iterator of a class not allowed is still a stream."""
+        _server, broker, pump = connect(Cursors(), None)
+        stream = answer(broker, pump, "giveUnallowed")
+        self.assertIsInstance(stream, RemoteStream)
+        items: list[Any] = []
+        stream.collect().addCallback(items.extend)
+        pump.flush()
+        self.assertEqual(items, [1, 2])
+
+
+class OneWay(pb.Root):
+    def remote_error(self) -> None:
+        raise pb.Error("deliberate, at once")
+
+    def remote_failedDeferred(self) -> Any:
+        return defer.fail(pb.Error("deliberate, later"))
+
+    def remote_bug(self) -> None:
+        raise ValueError("a bug")
+
+
+class OneWayTests(SynchronousTestCase):
+    def oneWay(self, name: str, dialects: list[bytes] | None) -> list[str]:
+        _server, broker, pump = connect(OneWay(), dialects)
+        with capturedLogs() as events:
+            broker.remoteForName("root").callRemote(name, pbanswer=False)
+            pump.flush()
+        self.flushLoggedErrors()
+        # (A failure logged with its traceback is marked with its type.)
+        return [
+            formatEvent(event)
+            + (f" [{event['log_failure'].type.__name__}]" if "log_failure" in event else "")
+            for event in events
+        ]
+
+    def test_everyFailureLogged(self) -> None:
+        """A one-way call that fails is logged once, whether its method raised or its
+        Deferred failed: the caller's business in one line, a bug with its traceback."""
+        for dialects in DIALECTS:
+            for name, logged in (
+                ("error", ["A one-way remote call failed: Error: deliberate, at once"]),
+                ("failedDeferred", ["A one-way remote call failed: Error: deliberate, later"]),
+                (
+                    "missing",
+                    ["A one-way remote call failed: NoSuchMethod: No such method: remote_missing"],
+                ),
+            ):
+                self.assertEqual(self.oneWay(name, dialects), logged, dialects)
+            self.assertEqual(
+                self.oneWay("bug", dialects), ["A one-way remote call failed [ValueError]"]
+            )
+
+    def test_answeredCallsUnchanged(self) -> None:
+        """A call with an answer still logs none of the caller's business, and a bug as what
+        the peer will receive."""
+        for dialects in DIALECTS:
+            _server, broker, pump = connect(OneWay(), dialects)
+            with capturedLogs() as events:
+                for name in ("error", "missing", "bug"):
+                    self.assertIsInstance(answer(broker, pump, name), Failure)
+            self.flushLoggedErrors(ValueError)
+            logged = [formatEvent(event) for event in events]
+            self.assertEqual(len(logged), 1, logged)
+            self.assertTrue(logged[0].startswith("Peer will receive the following PB traceback"))
+
+
+class Echo(pb.Root):
+    def remote_echo(self, value: Any = None) -> Any:
+        return value
+
+
+class MethodNameTests(SynchronousTestCase):
+    def test_uncallableName(self) -> None:
+        """A name that may not be called is named in the error as it was looked up."""
+        for dialects in DIALECTS:
+            _server, broker, pump = connect(Echo(), dialects)
+            for name, shown in (
+                ("echo.x", "remote_echo.x"),
+                ("_echo", "remote__echo"),
+                ("", "remote_"),
+                ("echo\x00", "'remote_echo\\x00'"),
+            ):
+                failure = answer(broker, pump, name)
+                self.assertEqual(
+                    failure.getErrorMessage(),
+                    f"No such method: {shown} (not a name that may be called)",
+                )
+
+    def test_surrogateInName(self) -> None:
+        """A method name holding a lone surrogate cannot be sent: ValueError at once, saying
+        that the name is the problem."""
+        for dialects in DIALECTS:
+            _server, broker, _pump = connect(Echo(), dialects)
+            with self.assertRaises(ValueError) as raised:
+                broker.remoteForName("root").callRemote("echo\udc80", 1)
+            self.assertEqual(
+                str(raised.exception),
+                "a remote method's name must be valid Unicode text, not 'echo\\udc80' (it holds "
+                "a lone surrogate)",
+            )
+
+
+class Selfish(pb.Copyable):
+    def getStateToCopy(self) -> Any:
+        return {"name": "x", "me": self}
+
+
+class RemoteSelfish(pb.RemoteCopy):
+    def setCopyableState(self, state: Any) -> None:
+        self.keysSet = sorted(state)
+        self.state = state
+        self.__dict__.update(state)
+
+    def postUnjelly(self) -> None:
+        self.keysAfter = sorted(self.state)
+
+
+class SelfReferenceTests(SynchronousTestCase):
+    def test_stateReferringToTheCopy(self) -> None:
+        """As docs/migration.rst says: setCopyableState gets the state without the entry that
+        refers to the copy being built; it is in the same dict by postUnjelly."""
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Selfish, RemoteSelfish)
+
+        class Root(pb.Root):
+            def remote_selfish(self) -> Any:
+                return Selfish()
+
+        for dialects in DIALECTS:
+            _server, broker, pump = connectedServerAndClient(
+                pb.PBServerFactory(Root()),
+                pb.PBClientFactory(
+                    registry=registry, **({} if dialects is None else {"dialects": dialects})
+                ),
+            )
+            copy = answer(broker, pump, "selfish")
+            self.assertEqual((copy.keysSet, copy.keysAfter), (["name"], ["me", "name"]))
+            self.assertIs(copy.state["me"], copy)

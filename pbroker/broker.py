@@ -216,6 +216,27 @@ def _refuseStreams(object: Any, jellier: Any) -> None:
         )
 
 
+class _NativeJellier(Jellier):
+    """
+    Jelly inside a native value (an object's state, or a value sent whole through jelly):
+    a ``bytearray`` or ``memoryview`` goes as ``bytes``, as it does anywhere else in a native
+    value, where jelly in the ``pb`` dialect sends an unpersistable marker.
+    """
+
+    def _leaf(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytearray:
+            return bytes(obj)
+        if kind is memoryview:
+            if not obj.c_contiguous:
+                raise TypeError(
+                    "a memoryview whose bytes are not in one piece cannot be sent: send "
+                    "bytes(view), or view.tobytes()"
+                )
+            return obj.tobytes()
+        return super()._leaf(obj)
+
+
 class _UnpersistableStreams:
     """
     A ``persistentStore`` for jelly in a ``pb`` dialect that notes each
@@ -2583,7 +2604,7 @@ class Broker(Banana):
         return _jelliedAsStream(object, self.security)
 
     def _jellyNative(self, object: Any) -> bytes:
-        return Jellier(self.security, _refuseStreams, self).encode(object, self._tokens)
+        return _NativeJellier(self.security, _refuseStreams, self).encode(object, self._tokens)
 
     def _unjellyNative(self, data: bytes) -> Any:
         expression = self._nativeExpression(data)

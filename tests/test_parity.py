@@ -146,6 +146,71 @@ class OneWayTests(SynchronousTestCase):
             self.assertTrue(logged[0].startswith("Peer will receive the following PB traceback"))
 
 
+class Keeper(pb.Root):
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    def remote_keep(self, value: Any) -> int:
+        self.received.append(value)
+        return 0
+
+
+class Holder(pb.Copyable):
+    def __init__(self, data: Any = None) -> None:
+        self.data = data
+
+
+class BytesLikeTests(SynchronousTestCase):
+    """
+    In the native dialect a bytearray or memoryview arrives as bytes however the value
+    travels: also inside a value sent whole through jelly (a cycle, tuples nested more than
+    8 deep) and in a copy's state; in the pb dialect jelly sends an unpersistable marker,
+    as stock PB does.
+    """
+
+    def keep(self, value: Any, dialects: list[bytes] | None = None, **options: Any) -> Any:
+        keeper = Keeper()
+        _server, broker, pump = connect(keeper, dialects, **options)
+        result = answer(broker, pump, "keep", value)
+        if isinstance(result, Failure):
+            return result
+        [received] = keeper.received
+        return received
+
+    def test_throughJelly(self) -> None:
+        cyclic: list[Any] = [bytearray(b"abc"), memoryview(b"xyz")]
+        cyclic.append(cyclic)
+        received = self.keep(cyclic)
+        self.assertIs(received[2], received)  # sent whole through jelly: the cycle kept
+        self.assertEqual(received[:2], [b"abc", b"xyz"])
+        self.assertEqual([type(item) for item in received[:2]], [bytes, bytes])
+        deep: Any = (bytearray(b"abc"),)
+        for _ in range(9):
+            deep = (deep,)
+        received = self.keep(deep)
+        for _ in range(9):
+            (received,) = received
+        self.assertEqual(received, (b"abc",))
+
+    def test_inACopysState(self) -> None:
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Holder, pb.RemoteCopy)
+        self.assertEqual(self.keep(Holder(bytearray(b"abc")), registry=registry).data, b"abc")
+        unpersistable = self.keep(Holder(bytearray(b"abc")), [b"pb"], registry=registry).data
+        self.assertIsInstance(unpersistable, jelly.Unpersistable)
+
+    def test_viewNotInOnePieceRefused(self) -> None:
+        """A memoryview whose bytes are not in one piece is refused with the TypeError that
+        says what to send instead, in a value sent through jelly as in any other."""
+        for value in ([memoryview(b"abcdef")[::2]], [memoryview(b"abcdef")[::2], None]):
+            if value[-1] is None:
+                value[-1] = value  # a cycle: sent through jelly
+            failure = self.keep(value)
+            self.assertIsInstance(failure, Failure)
+            failure.trap(TypeError)
+            self.assertIn("send bytes(view), or view.tobytes()", failure.getErrorMessage())
+
+
 class Echo(pb.Root):
     def remote_echo(self, value: Any = None) -> Any:
         return value

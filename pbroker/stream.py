@@ -349,6 +349,22 @@ class RemoteStream:
                 waiter.errback(failure)
 
 
+def _snapshot(item: Any) -> Any:
+    """
+    ``item``, with a ``bytearray`` or a (contiguous) ``memoryview`` of changeable bytes
+    copied, in its own type: what is sent later is what was written.
+    """
+    kind = type(item)
+    if kind is bytearray:
+        return bytearray(item)
+    if kind is memoryview and item.c_contiguous and not (item.readonly and type(item.obj) is bytes):
+        copy = memoryview(item.tobytes())
+        if item.ndim == 1 and item.format == "B":
+            return copy
+        return copy.cast(item.format, item.shape)  # (C-contiguous: the same layout)
+    return item
+
+
 @implementer(IConsumer)
 class Stream:
     """
@@ -398,8 +414,12 @@ class Stream:
         :attr:`closed` by its reader (:attr:`cancelled`), the item is dropped and the
         Deferred fails with ``CancelledError``.
 
+        A ``bytearray`` or a ``memoryview`` of changeable bytes is copied as it is now, as a
+        call's arguments are: changing it afterwards does not change the item.
+
         :raises ValueError: the stream was already finished (or failed) by its writer.
         """
+        item = _snapshot(item)
         if self._closed:
             if self.cancelled:
                 # Not None at once: a writer that waits for room before each write would

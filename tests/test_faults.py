@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, pb
-from pbroker.stream import END, RemoteStream
+from pbroker.stream import END, RemoteStream, Stream
 from pbroker.testing import connectedServerAndClient
 from tests.test_native import NativeTestCase
 
@@ -349,6 +349,41 @@ class SourceCleanupTests(StreamCase):
         self.assertEqual(notified, [True])
         self.assertEqual([f.type for f in pending], [pb.PBConnectionLost])
         self.assertEqual(self.server._streams.outgoing, {})
+
+
+class WrittenItemTests(StreamCase):
+    def test_changeableBytesCopiedWhenWritten(self) -> None:
+        """A bytearray or a memoryview of one written to a Stream is sent as it was when
+        written, as a call's argument is, though changed before it is sent."""
+
+        def chunks() -> Stream:
+            stream = Stream()
+            buffer = bytearray(b"a" * 100)
+            stream.write(buffer)
+            stream.write(memoryview(buffer)[:10])
+            buffer[:] = b"b" * 100  # changed after it was written, before it is sent
+            stream.finish()
+            return stream
+
+        self.rootObject.remote_chunks = chunks  # type: ignore[attr-defined]
+        stream = self.call("chunks")
+        items: list[Any] = []
+        stream.collect().addCallback(items.extend)
+        self.pumpRounds()
+        self.assertEqual(items, [b"a" * 100, b"a" * 10])
+
+    def test_localReaderGetsTheSameType(self) -> None:
+        """Read locally, the copy keeps the item's type and shape."""
+        stream = Stream()
+        buffer = bytearray(b"abcd")
+        stream.write(buffer)
+        stream.write(memoryview(buffer).cast("B", (2, 2)))
+        buffer[:] = b"wxyz"
+        stream.finish()
+        first = self.successResultOf(stream.__anext__())
+        second = self.successResultOf(stream.__anext__())
+        self.assertEqual((type(first), first), (bytearray, bytearray(b"abcd")))
+        self.assertEqual((second.shape, second.tolist()), ((2, 2), [[97, 98], [99, 100]]))
 
 
 class StreamWindowTests(SynchronousTestCase):

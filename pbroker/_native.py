@@ -168,6 +168,10 @@ class Packed:
         return f"<Packed {self.size} bytes>"
 
 
+#: What ValueCodec.limitSaid says of the peer's limit (see Broker._setItemLimit).
+LIMIT_OF_THE_PEER = "of a message to the peer"
+
+
 class _MessagePacker:
     """
     Packs message envelopes, setting :class:`Packed` values aside.
@@ -1927,6 +1931,7 @@ class ValueCodec:
         character or byte of a string counts as one), or ``None``: the bytes the peer takes
         in a message, since each item takes one at least.
         A value over it is refused before it is packed.
+    :ivar limitSaid: whose limit ``itemLimit`` is, as the refusal says it (after "limit").
     """
 
     def __init__(
@@ -1963,6 +1968,7 @@ class ValueCodec:
         self._splicedStrings: list[bytes | str | UnicodeDecodeError] | None = None
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
+        self.limitSaid = LIMIT_OF_THE_PEER
         # The bytes the objects jellied in the value being packed may still take, if bounded,
         # and whether one was jellied yet (the first is not counted: see _full).
         self._jellyLeft: int | None = None
@@ -2023,8 +2029,8 @@ class ValueCodec:
                 verdict = self._extent(value, budget, _WALK_DEPTH)
             if verdict == EXTENT_OVER:
                 raise LimitExceeded(
-                    f"a value of more than {budget} items is over the {budget}-byte limit of "
-                    "a message to the peer (each item, and each character of a string, takes a "
+                    f"a value of more than {budget} items is over the {budget}-byte limit "
+                    f"{self.limitSaid} (each item, and each character of a string, takes a "
                     "byte at least; a list or other container that appears more than once in a "
                     "value is sent each time)"
                 )
@@ -2260,7 +2266,7 @@ class ValueCodec:
             if left < 0:
                 raise LimitExceeded(
                     f"a value whose objects take more than {self.itemLimit} bytes jellied is "
-                    f"over the {self.itemLimit}-byte limit of a message to the peer (an object "
+                    f"over the {self.itemLimit}-byte limit {self.limitSaid} (an object "
                     "that appears more than once in a value is sent each time)"
                 )
             self._jellyLeft = left

@@ -40,6 +40,7 @@ from pbroker._native import (
     EXTENSION_DEPTH,
     FRAGMENT_SIZE,
     LAST,
+    LIMIT_OF_THE_PEER,
     MORE,
     VALUE_FIELDS,
     FrameDecoder,
@@ -1403,7 +1404,16 @@ class Broker(Banana):
         codec = self._codec
         if codec is not None:
             limit = self.peerMessageSize
-            codec.itemLimit = self.limits.messageSize if limit is None else limit
+            if limit is None:
+                # (A value that shares its parts could expand to more than memory holds.)
+                codec.itemLimit = self.limits.messageSize
+                codec.limitSaid = (
+                    "this side takes in a message (the peer announced none: a value sent is "
+                    "bounded by it too, by its items)"
+                )
+            else:
+                codec.itemLimit = limit
+                codec.limitSaid = LIMIT_OF_THE_PEER
 
     def _checkPeerLimit(self, size: int) -> None:
         limit = self.peerMessageSize

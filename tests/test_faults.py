@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, pb
+from pbroker.errors import LimitExceeded
 from pbroker.stream import END, RemoteStream, Stream
 from pbroker.testing import connectedServerAndClient
 from tests.test_native import NativeTestCase
@@ -43,6 +44,9 @@ class Methods(pb.Root):
 
     def remote_echo(self, value: Any) -> Any:
         return value
+
+    def remote_size(self, value: Any) -> int:
+        return len(value)
 
 
 class CallCancellerTests(SynchronousTestCase):
@@ -384,6 +388,37 @@ class WrittenItemTests(StreamCase):
         second = self.successResultOf(stream.__anext__())
         self.assertEqual((type(first), first), (bytearray, bytearray(b"abcd")))
         self.assertEqual((second.shape, second.tolist()), ((2, 2), [[97, 98], [99, 100]]))
+
+
+class PeerWithoutLimitTests(SynchronousTestCase):
+    def test_refusalSaysWhoseLimit(self) -> None:
+        """To a peer that announced no message limit, a value is bounded by its items by
+        this side's own limit (one whose lists share their parts could expand without end,
+        see docs/security.rst), and the refusal says that it is this side's limit."""
+        clock = Clock()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Methods(), limits=pb.BrokerLimits(messageSize=None), clock=clock),
+            pb.PBClientFactory(limits=pb.BrokerLimits(messageSize=MiB), clock=clock),
+            clock=clock,
+        )
+        self.assertIsNone(client.peerMessageSize)
+        root = client.remoteForName("root")
+        alone: list[Any] = []
+        root.callRemote("size", b"x" * (2 * MiB)).addBoth(alone.append)
+        for _ in range(1000):
+            if alone:
+                break
+            pump.pump()
+        self.assertEqual(alone, [2 * MiB])  # a string alone cannot expand
+        shared = [[b"x" * 1024] * 1024] * 2  # 2 MiB packed, from 1 KiB
+        failure = self.failureResultOf(root.callRemote("size", shared), LimitExceeded)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            f"a value of more than {MiB} items is over the {MiB}-byte limit this side takes "
+            "in a message (the peer announced none: a value sent is bounded by it too, by its "
+            "items) (each item, and each character of a string, takes a byte at least; a list "
+            "or other container that appears more than once in a value is sent each time)",
+        )
 
 
 class StreamWindowTests(SynchronousTestCase):

@@ -1932,6 +1932,8 @@ class ValueCodec:
         in a message, since each item takes one at least.
         A value over it is refused before it is packed.
     :ivar limitSaid: whose limit ``itemLimit`` is, as the refusal says it (after "limit").
+    :ivar stringLimit: the bytes the peer takes in a message, if it said: a text, bytearray
+        or memoryview sent alone over it is refused before it is encoded or copied.
     """
 
     def __init__(
@@ -1969,6 +1971,7 @@ class ValueCodec:
         self._plainPacker = self._newPacker()
         self.itemLimit: int | None = None
         self.limitSaid = LIMIT_OF_THE_PEER
+        self.stringLimit: int | None = None
         # The bytes the objects jellied in the value being packed may still take, if bounded,
         # and whether one was jellied yet (the first is not counted: see _full).
         self._jellyLeft: int | None = None
@@ -2009,10 +2012,14 @@ class ValueCodec:
         # (The type looked at first: most values are small, and packed for every call. Text
         # alone is looked at below: from _SPLICE_FROM on.)
         if kind in _BYTE_STRINGS:
+            if kind is not bytes:
+                self._checkString(value)  # before it is copied
             large = _largePart(value, False)
             if large is not None:
                 return Packed(*large)
         elif kind is list and len(value) == 1 and type(value[0]) in _BYTE_STRINGS:
+            if type(value[0]) is not bytes:
+                self._checkString(value[0])
             large = _largePart(value[0], False)  # the one argument of a call
             if large is not None:
                 header, part = large
@@ -2044,10 +2051,27 @@ class ValueCodec:
                 # Maps with other keys than strings are read checked, in a KEYED value only.
                 return msgpack.packb(msgpack.ExtType(KEYED, self._packValue(value)))  # type: ignore[no-any-return]
         elif kind is str and len(value) >= _SPLICE_FROM:
+            self._checkString(value)  # before it is encoded
             spliced = self._packSpliced(value, False)
             if spliced is not None:
                 return spliced
         return self._packValue(value)
+
+    def _checkString(self, string: Any) -> None:
+        """
+        Refuse a text, bytearray or memoryview sent alone that is over the peer's limit
+        before it is encoded or copied (a byte string is neither: the message's own check
+        refuses it). Each character of a text takes a byte at least.
+        """
+        limit = self.stringLimit
+        if limit is not None:
+            size = _stringSize(string)
+            if size > limit:
+                units = "characters" if type(string) is str else "bytes"
+                raise LimitExceeded(
+                    f"a {type(string).__name__} of {size} {units} is over the {limit}-byte "
+                    f"limit {LIMIT_OF_THE_PEER}"
+                )
 
     def _packSpliced(self, value: Any, keyed: bool) -> Packed | None:
         """

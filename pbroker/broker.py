@@ -1403,7 +1403,7 @@ class Broker(Banana):
         """
         codec = self._codec
         if codec is not None:
-            limit = self.peerMessageSize
+            limit = codec.stringLimit = self.peerMessageSize
             if limit is None:
                 # (A value that shares its parts could expand to more than memory holds.)
                 codec.itemLimit = self.limits.messageSize

@@ -7,11 +7,13 @@ made), the connection stays up, and what the call or stream held is let go.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, pb
@@ -419,6 +421,79 @@ class PeerWithoutLimitTests(SynchronousTestCase):
             "items) (each item, and each character of a string, takes a byte at least; a list "
             "or other container that appears more than once in a value is sent each time)",
         )
+
+
+class Giver(pb.Root):
+    def __init__(self) -> None:
+        self.answer: Any = None
+
+    def remote_give(self) -> Any:
+        answer, self.answer = self.answer, None
+        return answer
+
+
+class RefusedBeforeCopiedTests(SynchronousTestCase):
+    """
+    An answer too large for the caller that is a text, bytearray or memoryview is refused
+    before it is encoded or copied, as a byte string is: sending it takes no memory in
+    proportion to it.
+    """
+
+    def setUp(self) -> None:
+        clock = Clock()
+        self.giver = Giver()
+        _server, client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.giver, clock=clock),
+            pb.PBClientFactory(limits=pb.BrokerLimits(messageSize=MiB), clock=clock),
+            clock=clock,
+        )
+        self.root = client.remoteForName("root")
+
+    def peakWhileRefused(self, answer: Any) -> tuple[int, Failure]:
+        """The memory traced at its peak while ``answer`` is refused, and the failure."""
+        self.giver.answer = answer
+        del answer
+        results: list[Any] = []
+        tracemalloc.start()
+        try:
+            self.root.callRemote("give").addBoth(results.append)
+            for _ in range(100):
+                if results:
+                    break
+                self.pump.pump()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        [failure] = results
+        failure.trap(LimitExceeded)
+        return peak, failure
+
+    def test_text(self) -> None:
+        peak, failure = self.peakWhileRefused("x" * (16 * MiB))
+        self.assertLess(peak, 2 * MiB)
+        self.assertIn(f"a str of {16 * MiB} characters is over the", failure.getErrorMessage())
+
+    def test_bytearray(self) -> None:
+        peak, failure = self.peakWhileRefused(bytearray(16 * MiB))
+        self.assertLess(peak, 2 * MiB)
+        self.assertIn(f"a bytearray of {16 * MiB} bytes is over the", failure.getErrorMessage())
+
+    def test_memoryview(self) -> None:
+        peak, failure = self.peakWhileRefused(memoryview(bytearray(16 * MiB)))
+        self.assertLess(peak, 2 * MiB)
+        self.assertIn(f"a memoryview of {16 * MiB} bytes is over the", failure.getErrorMessage())
+
+    def test_withinTheLimit(self) -> None:
+        """Text and a bytearray just under the limit still go."""
+        for answer in ("x" * (MiB - 100), bytearray(MiB - 100)):
+            self.giver.answer = answer
+            results: list[Any] = []
+            self.root.callRemote("give").addBoth(results.append)
+            for _ in range(100):
+                if results:
+                    break
+                self.pump.pump()
+            self.assertEqual(results, [bytes(answer) if type(answer) is bytearray else answer])
 
 
 class StreamWindowTests(SynchronousTestCase):

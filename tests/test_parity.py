@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pbroker import jelly, pb
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
+from tests.test_native import Cursor
 
 # Each test runs in both dialects: None is the native one (two pbroker peers choose it).
 DIALECTS = (None, [b"pb"])
@@ -34,25 +35,6 @@ def answer(broker: Any, pump: Any, name: Any, *args: Any) -> Any:
     broker.remoteForName("root").callRemote(name, *args).addBoth(results.append)
     pump.flush()
     return results[0]
-
-
-class Cursor:
-    """
-    A value of the application's own class that is also its own iterator (a result set).
-    """
-
-    def __init__(self, rows: Any = None) -> None:
-        self.rows = rows
-        self.position = 0
-
-    def __iter__(self) -> Cursor:
-        return self
-
-    def __next__(self) -> Any:
-        if self.position >= len(self.rows):
-            raise StopIteration
-        self.position += 1
-        return self.rows[self.position - 1]
 
 
 class Cursors(pb.Root):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -998,3 +999,39 @@ class AllowListTests(SynchronousTestCase):
         self.assertTrue(outcomes["pears", "Apple"].check(jelly.InsecureJelly))
         self.assertNotIn(b"fruit.Apple", jelly.globalRegistry)
         self.flushLoggedErrors()
+
+
+class TrickledBacklogTests(HandDriven):
+    def test_tinyReadsHeldAsTheirBytes(self) -> None:
+        """
+        While the connection takes no data, what the peer sends waits unhandled, up to its
+        bound; sent in reads of a byte or two it is held in shared pieces, in about its own
+        bytes, not an object for each read (40 times as much), and all of it is handled once
+        the connection drains.
+        """
+        self.connectPeers(Service(), pb.BrokerLimits(bufferedBytes=1 << 20, messageSize=1 << 20))
+        self.server.transport.pauseProducing()  # the peer stopped reading
+        data = _native.records([b"pong", 1])[0] * 25_000  # 300,000 bytes, within the bound
+        echo = _native.records([b"message", 1, b"root", b"echo", 1, b"\x91\x07", b"\x80"])[0]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for start in range(0, len(data), 2):
+                self.server.dataReceived(data[start : start + 2])
+            for start in range(len(echo)):
+                self.server.dataReceived(echo[start : start + 1])
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        self.assertFalse(self.server.overflowing)
+        self.assertEqual(self.server._backlogSize, len(data) + len(echo))
+        self.assertLess(held, 1.5 * len(data))
+        self.serverTransport.clear()
+        self.server.transport.resumeProducing()
+        self.assertEqual(self.server._backlogSize, 0)
+        answers = []
+        self.client.waitingForAnswers[1] = Deferred()
+        self.client.waitingForAnswers[1].addBoth(answers.append)
+        self.toClient()
+        self.assertEqual(answers, [7])

@@ -106,10 +106,13 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
     """
     Keyword arguments as received, with bytes keys (sent by Python 2 peers) decoded as UTF-8.
 
-    :raises NoSuchMethod: never; :raises TypeError: the keywords are not a dict of names.
+    :raises InvalidJelly: the keywords are not a dict of names (the peer's mistake: its
+        call is refused in one log line, not as the method's error).
     """
     if not isinstance(keywords, dict):
-        raise TypeError(f"keyword arguments must arrive as a dictionary, not {type(keywords)}")
+        raise InvalidJelly(
+            f"keyword arguments must arrive as a dictionary, not {type(keywords).__name__}"
+        )
     if not keywords:
         return keywords
     if all(type(key) is str for key in keywords):
@@ -117,9 +120,12 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
     decoded: dict[str, Any] = {}
     for key, value in keywords.items():
         if isinstance(key, bytes):
-            key = key.decode("utf-8")
+            try:
+                key = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidJelly(f"a keyword name must be UTF-8, not {key!r:.100}") from None
         if not isinstance(key, str):
-            raise TypeError(f"keyword names must be text, not {type(key).__name__}")
+            raise InvalidJelly(f"keyword names must be text, not {type(key).__name__}")
         decoded[key] = value
     return decoded
 
@@ -129,7 +135,7 @@ def _positional(args: Any) -> tuple[Any, ...]:
         return args
     if isinstance(args, list):  # (a subclass's own; a broker unserialises them as a tuple)
         return tuple(args)
-    raise TypeError(f"positional arguments must arrive as a tuple, not {type(args).__name__}")
+    raise InvalidJelly(f"positional arguments must arrive as a tuple, not {type(args).__name__}")
 
 
 class Serializable(Jellyable):
@@ -289,7 +295,7 @@ class RemoteCopy(Unjellyable):
             )
         try:
             state = textKeywords(state)
-        except TypeError:
+        except InvalidJelly:
             raise InvalidJelly(
                 f"the state of a copy of {qual(type(self))} has a key that is not text"
             ) from None

@@ -1035,3 +1035,37 @@ class TrickledBacklogTests(HandDriven):
         self.client.waitingForAnswers[1].addBoth(answers.append)
         self.toClient()
         self.assertEqual(answers, [7])
+
+
+class MalformedCallTests(HandDriven):
+    def test_oneLineEach(self) -> None:
+        """A call whose arguments are not a list, or whose keywords are not a map of names,
+        is the peer's malformed message: refused in one log line each, as other malformed
+        values are, not with a traceback; the caller gets the error and the connection
+        stays."""
+        self.connectPeers(Service(), pb.BrokerLimits())
+        answers: dict[int, list[Any]] = {}
+        for requestID, args, kw in (
+            (1, msgpack.packb(5), b"\x80"),
+            (2, msgpack.packb([1]), msgpack.packb([1])),
+        ):
+            answers[requestID] = []
+            waiting = self.client.waitingForAnswers[requestID] = Deferred()
+            waiting.addBoth(answers[requestID].append)
+            self.client.sendCall(b"message", requestID, b"root", b"echo", 1, args, kw)
+        with capturedLogs() as events:
+            self.toServer()
+        self.toClient()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual([e.get("log_failure") for e in events], [None, None])
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "Refused a call to b'echo': positional arguments must arrive as a tuple, not int",
+                "Refused a call to b'echo': keyword arguments must arrive as a dictionary, not "
+                "list",
+            ],
+        )
+        for requestID in (1, 2):
+            [failure] = answers[requestID]
+            self.assertIn("must arrive as a", failure.getErrorMessage())

@@ -2629,7 +2629,8 @@ class HostileNativePeerTests(NativeTestCase):
 
     def test_malformedArguments(self) -> None:
         """Arguments that are not an array, or keywords that are not a map of names (even an
-        empty array), are refused with a TypeError, which the caller gets as the error."""
+        empty array), are refused with InvalidJelly (the peer's mistake, logged in one line),
+        which the caller gets as the error."""
         received = self.rootObject.remoteMessageReceived
         self.assertEqual(received(self.server, "echo", b"\x91\x07", b"\x80"), b"\x07")
         for args, kw, text in [
@@ -2640,8 +2641,13 @@ class HostileNativePeerTests(NativeTestCase):
                 "keyword names must be text",
             ),
             (b"\x07", b"\x80", "positional arguments must arrive as a tuple"),
+            (
+                b"\x91\x07",
+                msgpack.packb(msgpack.ExtType(_native.JELLY, jelly.dumps({b"\xff": 2}))),
+                "a keyword name must be UTF-8, not b'\\xff'",
+            ),
         ]:
-            with self.assertRaises(TypeError) as caught:
+            with self.assertRaises(InvalidJelly) as caught:
                 received(self.server, "echo", args, kw)
             self.assertIn(text, str(caught.exception))
         # A map's keys are text or bytes only (a pbroker sender jellies other dicts).

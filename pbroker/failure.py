@@ -85,6 +85,11 @@ _FORMATTED_ITEMS = 1_000_000
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
+# Arguments nested deeper than this are described, not written out: repr recurses once a
+# level, and a value from the peer may nest as deep as a message may (a thousand levels).
+_FORMATTED_DEPTH = 100
+
+
 def _describedArgs(value: object) -> str | None:
     """
     A short description of ``value``'s arguments if they hold lists or dicts that stand for
@@ -99,13 +104,13 @@ def _describedArgs(value: object) -> str | None:
     args = getattr(value, "args", None)
     if type(args) is not tuple or not any(isinstance(arg, _CONTAINERS) for arg in args):
         return None
-    found = extent(args, _FORMATTED_ITEMS)
+    found = extent(args, _FORMATTED_ITEMS, _FORMATTED_DEPTH)
     if found == EXTENT_WITHIN:
         return None
     if found == EXTENT_OVER:
         why = f"stand for more than {_FORMATTED_ITEMS:,} items, counting each appearance"
     else:
-        why = "hold themselves, or nest more deeply than a message may"
+        why = f"hold themselves, or nest more than {_FORMATTED_DEPTH} deep"
     return f"{describe(args)} (not written out: its lists and dicts {why})"
 
 

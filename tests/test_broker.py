@@ -2505,6 +2505,40 @@ class SharedValueInErrorTests(SynchronousTestCase):
             self.assertIn(f"(not written out: its lists and dicts {why}", text)
             self.assertLess(len(text), 300)
         self.assertTrue(errorText(ValueError("why", cycle)).startswith("('why', [1, [1, [...]]])"))
+        # Nested deeper than repr goes (a peer's value may nest a thousand levels): described.
+        shallow: Any = 1
+        deep: Any = 1
+        for level in range(1000):
+            deep = [deep]
+            if level < 99:
+                shallow = [shallow]
+        self.assertEqual(errorText(KeyError(shallow)), str(KeyError(shallow)))
+        text = errorText(KeyError(deep))
+        self.assertIn("(not written out: its lists and dicts hold themselves, or nest more", text)
+        self.assertLess(len(text), 300)
+
+    def test_deeplyNestedErrorValue(self) -> None:
+        """A method that raises KeyError(key) with a key the peer nested a thousand deep:
+        the caller gets the KeyError, and the server logs it once."""
+        deep: Any = 1
+        for _ in range(1000):
+            deep = [deep]
+
+        class Root(pb.Root):
+            def remote_boom(self, key: Any) -> None:
+                raise KeyError(key)
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root()), pb.PBClientFactory()
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            client.remoteForName("root").callRemote("boom", deep).addBoth(results.append)
+            pump.flush()
+        [failure] = results
+        self.assertTrue(failure.check(KeyError), failure)
+        self.assertEqual(len([e for e in events if e.get("log_failure") is not None]), 1)
+        self.flushLoggedErrors(KeyError)
 
     def test_loggableKeepsTheFailure(self) -> None:
         """A failure with nothing too large is logged as it is; one with a value too large

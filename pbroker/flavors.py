@@ -106,8 +106,8 @@ def textKeywords(keywords: Any) -> dict[str, Any]:
     """
     Keyword arguments as received, with bytes keys (sent by Python 2 peers) decoded as UTF-8.
 
-    :raises InvalidJelly: the keywords are not a dict of names (the peer's mistake: its
-        call is refused in one log line, not as the method's error).
+    :raises ~pbroker.errors.InvalidJelly: the keywords are not a dict of names (the peer's
+        mistake: its call is refused in one log line, not as the method's error).
     """
     if not isinstance(keywords, dict):
         raise InvalidJelly(

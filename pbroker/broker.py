@@ -783,6 +783,7 @@ class Broker(Banana):
         "_clock",
         "_closing",
         "_codec",
+        "_detached",
         "_emptiedReleases",
         "_factoryWaitsForHello",
         "_failing",
@@ -917,6 +918,8 @@ class Broker(Banana):
         # One-way calls from the peer whose methods' Deferreds have not fired yet: they count
         # against limits.pendingCalls too.
         self._oneWayPending = 0
+        # The peer's calls it cancelled whose Deferreds could not be (see _cancel).
+        self._detached: set[int] = _NO_MEMBERS
         self.security: ISecurityOptions = globalSecurity if security is None else security
         self.disconnected = False
         self.disconnects: list[Callable[[], object]] = []
@@ -3995,6 +3998,17 @@ class Broker(Banana):
         pending = self._answering.get(requestID) if type(requestID) is int else None
         if pending is None:
             return
+        if getattr(pending, "_canceller", True) is None and not pending.called:
+            # A Deferred without a canceller (deferToThread's, a database query's) would
+            # only fail now, its work going on unseen: a peer could start work without end,
+            # call after cancelled call. The peer gets its CancelledError now, and the call
+            # counts against pendingCalls, as a one-way call's does, until the work ends.
+            if self._detached is _NO_MEMBERS:
+                self._detached = set()
+            self._detached.add(requestID)
+            self._oneWayPending += 1
+            self._sendError(CopyableFailure(CancelledError()), requestID)
+            return
         try:
             pending.cancel()
         except Exception:
@@ -4012,6 +4026,14 @@ class Broker(Banana):
         self._unregisterUnsent(netResult)
         if self._postponed:
             self._sendPostponed()
+
+    def _endDetached(self, requestID: int) -> None:
+        """
+        A call the peer cancelled whose Deferred could not be cancelled has ended (see
+        _cancel): it no longer counts against pendingCalls.
+        """
+        self._detached.discard(requestID)
+        self._oneWayPending -= 1
 
     def _oneWayDone(self, result: Any) -> Any:
         self._oneWayPending -= 1
@@ -4039,6 +4061,10 @@ class Broker(Banana):
         Send the answer to the peer's call ``requestID``; behind the ordered calls this side
         queued after serial ``since`` (when the call arrived) that are not written yet.
         """
+        if self._detached and requestID in self._detached:
+            self._endDetached(requestID)
+            self._dropResult(netResult)  # (answered already: cancelled)
+            return
         self._answering.pop(requestID, None)
         callContext = self._callContexts.pop(requestID, None)
         registrations = None if self._lastRegistered is None else self._takeRegistrations(netResult)
@@ -4111,6 +4137,10 @@ class Broker(Banana):
     def _sendFailureOrError(
         self, failure: Failure, requestID: int, since: int | None = None
     ) -> None:
+        if self._detached and requestID in self._detached:
+            self._endDetached(requestID)
+            self._logOneWayFailure(failure)  # (answered already: cancelled)
+            return
         if failure.check(*self.quietFailures) is None:
             if self.disconnected and failure.check(PBConnectionLost):
                 # It failed because the connection was lost (an argument stream it read, a

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -127,6 +128,66 @@ class CallCancellerTests(SynchronousTestCase):
         self.assertEqual(
             failure.getErrorMessage(), "the call to 'wait' had no answer within 2.3 seconds"
         )
+
+
+class Jobs(pb.Root):
+    """
+    Starts work whose Deferred has no canceller (as deferToThread's and a database query's
+    have none): cancelling it could not stop the work.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[Deferred[Any]] = []
+
+    def remote_work(self) -> Deferred[Any]:
+        job: Deferred[Any] = Deferred()
+        self.jobs.append(job)
+        return job
+
+
+class UncancellableWorkTests(SynchronousTestCase):
+    def test_countedUntilItEnds(self) -> None:
+        """A call the peer cancels whose Deferred cannot be cancelled: the caller gets its
+        CancelledError at once, and the call counts against pendingCalls until the work
+        ends, its outcome then dropped (a failure logged): cancelled calls cannot start
+        work without end."""
+        clock = Clock()
+        jobs = Jobs()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(jobs, limits=pb.BrokerLimits(pendingCalls=3), clock=clock),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+        )
+        root = client.remoteForName("root")
+        calls = [root.callRemote("work") for _ in range(5)]
+        with capturedLogs() as refusals:
+            pump.flush()
+        self.assertEqual(len(jobs.jobs), 3)
+        for call in calls[3:]:
+            self.failureResultOf(call).trap(LimitExceeded)
+        self.assertEqual(len(refusals), 2)
+        for call in calls[:3]:
+            call.cancel()
+            self.failureResultOf(call, CancelledError)
+        pump.flush()
+        self.assertEqual(set(client._abandoned), set())  # each was answered, once
+        more = [root.callRemote("work") for _ in range(2)]
+        with capturedLogs():
+            pump.flush()
+        self.assertEqual(len(jobs.jobs), 3)  # still counted: refused
+        for call in more:
+            self.failureResultOf(call).trap(LimitExceeded)
+        jobs.jobs[0].callback("done")  # dropped: answered already
+        jobs.jobs[1].errback(ValueError("late"))  # logged, as a one-way call's failure
+        pump.flush()
+        [logged] = self.flushLoggedErrors(ValueError)
+        self.assertEqual(str(logged.value), "late")
+        again = [root.callRemote("work") for _ in range(3)]
+        with capturedLogs():
+            pump.flush()
+        self.assertEqual(len(jobs.jobs), 5)  # two slots free again
+        self.failureResultOf(again[2]).trap(LimitExceeded)
+        self.assertFalse(client.disconnected)
 
 
 def tracked(log: list[str], count: int = 10**6, size: int | None = None) -> Iterator[Any]:

@@ -255,9 +255,20 @@ class LoginGuard:
         def cancel(_: Deferred[Any]) -> None:
             abandoned.append(True)
             if started:
-                started[0].cancel()
+                running = started[0]
+                if getattr(running, "_canceller", True) is None and not running.called:
+                    # A check that cannot be stopped (in a thread, a database): cancelling
+                    # would only fail it now, and the address's next check would start while
+                    # it runs. It is left to end, holding the address's turn.
+                    return
+                running.cancel()
             elif queue is not None and check in queue.waiting:
                 queue.waiting.remove(check)
+                self._log.info(
+                    "Login abandoned by {peer} for {user} before it was checked",
+                    user=name,
+                    peer=address,
+                )
 
         answer: Deferred[Any] = Deferred(cancel)
 
@@ -293,6 +304,11 @@ class LoginGuard:
         def failed(failure: Failure) -> None:
             if abandoned:
                 # Given up by the caller, who learns nothing of the outcome: not a guess.
+                self._log.info(
+                    "Login abandoned by {peer} for {user} before its check ended",
+                    user=name,
+                    peer=address,
+                )
                 done(failure)
                 return
             kind = getattr(failure.type, "__name__", describe(failure.type))

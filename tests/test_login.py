@@ -22,7 +22,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SynchronousTestCase
@@ -800,6 +800,43 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(cancelled, [True])
         self.assertEqual(results, ["avatar"])
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
+
+    def test_cancelWhileAnUnstoppableCheckRuns(self) -> None:
+        """A check whose Deferred has no canceller (in a thread, a database) is not
+        cancelled with its attempt: the caller gets CancelledError at once, and the
+        address's next attempt waits until the check ends (else a peer could run any number
+        of checks at once, cancelling each); the outcome is logged, and is not a failure."""
+        checks: list[Deferred[Any]] = []
+
+        def unstoppable() -> Deferred[Any]:
+            checks.append(Deferred())
+            return checks[-1]
+
+        first = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", unstoppable)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        second = self.guard.attempt(_FakeBroker("127.0.0.1"), b"carol", unstoppable)
+        self.assertEqual(len(checks), 1)  # waits for the first check to end
+        with capturedLogs() as events:
+            checks[0].errback(UnauthorizedLogin())
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Login abandoned by 127.0.0.1 for 'bob' before its check ended"],
+        )
+        self.assertEqual(len(checks), 2)  # now the second goes
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        with capturedLogs() as events:
+            waiting = self.guard.attempt(_FakeBroker("127.0.0.1"), b"dave", unstoppable)
+            waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Login abandoned by 127.0.0.1 for 'dave' before it was checked"],
+        )
+        checks[1].callback(("interface", "avatar", lambda: None))
+        self.assertEqual(self.guard._queues, {})
 
     def test_cancelledFailureNotCounted(self) -> None:
         """A cancelled check that fails in its own way (a checker that turns every error into

@@ -131,6 +131,9 @@ _KEPT_RELEASE = 200
 # The object a keepalive ping calls on a stock Twisted peer: it is never exported.
 _PING_OBJECT = b"pbroker.keepalive"
 
+#: The refusals of what the peer sent logged on one connection (see Broker._logRefusal).
+REFUSALS_LOGGED = 100
+
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
 # decoded with the cyclic garbage collector paused.
 _LARGE_READ = 4096
@@ -811,6 +814,7 @@ class Broker(Banana):
         "_pumpingLarge",
         "_queueSerial",
         "_receivedBytes",
+        "_refusals",
         "_registrations",
         "_replyTargets",
         "_sendingPages",
@@ -918,6 +922,8 @@ class Broker(Banana):
         # One-way calls from the peer whose methods' Deferreds have not fired yet: they count
         # against limits.pendingCalls too.
         self._oneWayPending = 0
+        # Refusals of what the peer sent, logged or not (see _logRefusal).
+        self._refusals = 0
         # The peer's calls it cancelled whose Deferreds could not be (see _cancel).
         self._detached: set[int] = _NO_MEMBERS
         self.security: ISecurityOptions = globalSecurity if security is None else security
@@ -1265,6 +1271,11 @@ class Broker(Banana):
         if self.disconnected:
             return
         self.disconnected = True
+        if self._refusals > REFUSALS_LOGGED:
+            self._log.warn(
+                "{count} more refusals of what the peer sent were not logged",
+                count=self._refusals - REFUSALS_LOGGED,
+            )
         if self._keepaliveTimer is not None:
             self._keepaliveTimer.stop()
         takeTimer, self._takeTimer = self._takeTimer, None
@@ -3833,7 +3844,9 @@ class Broker(Banana):
                 # Not a command any peer has: not echoed back, it could be over the limit.
                 self._fail(f"an unknown command of {len(command)} bytes")
                 return
-            self._log.info("Did not understand PB command {command}", command=describe(command))
+            self._logRefusal(
+                self._log.info, "Did not understand PB command {command}", command=describe(command)
+            )
             if type(command) is bytes:
                 self.sendCall(b"didNotUnderstand", command)
             return
@@ -3898,7 +3911,8 @@ class Broker(Banana):
             raise ProtocolError(f"the peer reused the id {requestID} of a call still in progress")
         inProgress = len(self._answering) + self._oneWayPending
         if inProgress >= self.limits.pendingCalls:
-            self._log.warn(
+            self._logRefusal(
+                self._log.warn,
                 "Refusing a call: {count} calls from the peer are still in progress",
                 count=inProgress,
             )
@@ -3947,8 +3961,11 @@ class Broker(Banana):
             return
         except (InsecureJelly, LimitExceeded) as e:
             # The peer sent what this side refuses to take: its mistake, one log line.
-            self._log.warn(
-                "Refused a call to {method}: {error}", method=describe(message), error=str(e)
+            self._logRefusal(
+                self._log.warn,
+                "Refused a call to {method}: {error}",
+                method=describe(message),
+                error=str(e),
             )
             if answerRequired:
                 self._sendError(CopyableFailure(e), requestID, since)
@@ -4027,6 +4044,22 @@ class Broker(Banana):
         if self._postponed:
             self._sendPostponed()
 
+    def _logRefusal(self, log: Callable[..., None], format: str, **fields: Any) -> None:
+        """
+        Log, in one line, a refusal of what the peer sent (a call it may not make, a command
+        it does not know): the first :data:`REFUSALS_LOGGED` of a connection, then that more
+        go unlogged, and their count when it ends. A peer repeating a refused message must
+        not fill the log.
+        """
+        self._refusals += 1
+        if self._refusals <= REFUSALS_LOGGED:
+            log(format, **fields)
+        elif self._refusals == REFUSALS_LOGGED + 1:
+            self._log.warn(
+                "More refusals of what the peer sent are not logged on this connection: "
+                "their count is, when it ends"
+            )
+
     def _endDetached(self, requestID: int) -> None:
         """
         A call the peer cancelled whose Deferred could not be cancelled has ended (see
@@ -4047,7 +4080,8 @@ class Broker(Banana):
         """
         if failure.check(*self.quietFailures) is not None:
             kind = failure.type.__name__ if isinstance(failure.type, type) else str(failure.type)
-            self._log.warn(
+            self._logRefusal(
+                self._log.warn,
                 "A one-way remote call failed: {error}",
                 error=f"{kind}: {failure.getErrorMessage()}",
             )

@@ -1069,3 +1069,31 @@ class MalformedCallTests(HandDriven):
         for requestID in (1, 2):
             [failure] = answers[requestID]
             self.assertIn("must arrive as a", failure.getErrorMessage())
+
+
+class RefusalFloodTests(HandDriven):
+    def test_refusalsLoggedUpToABound(self) -> None:
+        """Refusals of what the peer sent (an unknown command, a call past pendingCalls) are
+        logged a line each up to REFUSALS_LOGGED a connection, then once that more are not,
+        and their count when it ends: a peer repeating them cannot fill the log."""
+        self.patch(brokerModule, "REFUSALS_LOGGED", 3)
+        self.connectPeers(Service(), pb.BrokerLimits())
+        with capturedLogs() as events:
+            for _ in range(10):
+                self.client.sendCall(b"z")
+            self.toServer()
+        self.assertFalse(self.serverTransport.disconnecting)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["Did not understand PB command b'z'"] * 3
+            + [
+                "More refusals of what the peer sent are not logged on this connection: "
+                "their count is, when it ends"
+            ],
+        )
+        with capturedLogs() as events:
+            self.disconnect(self.server)
+        self.assertIn(
+            "7 more refusals of what the peer sent were not logged",
+            [formatEvent(e) for e in events],
+        )

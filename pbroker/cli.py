@@ -64,12 +64,14 @@ DEFAULT_PORT = 8789
 
 class CommandError(Exception):
     """
-    A failure to report as one line, with its exit code.
+    A failure to report as one line, with its exit code; ``failure``, the remote failure it
+    reports, if any (``--debug`` prints its traceback, the one the peer sent).
     """
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, failure: Failure | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.failure = failure
 
 
 def endpointFor(
@@ -545,7 +547,9 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             if isinstance(item, Failure):
                 after = f"{itemsRead} item" + ("" if itemsRead == 1 else "s")
                 raise CommandError(
-                    EXIT_REMOTE, f"remote error in a stream, after {after}: {_remoteMessage(item)}"
+                    EXIT_REMOTE,
+                    f"remote error in a stream, after {after}: {_remoteMessage(item)}",
+                    item,
                 )
             if item is END:
                 return items
@@ -583,7 +587,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     raise CommandError(
                         EXIT_LOGIN, f"{what}: {options.address} takes no logins (leave out --user)"
                     )
-                raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}")
+                raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}", answer)
             target = answer
         try:
             call: Deferred[Any] | None = target.callRemote(method, *arguments)
@@ -595,7 +599,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         assert call is not None  # answered calls always have a Deferred
         outcome = await within(call, EXIT_REMOTE, f"{method} failed")
         if isinstance(outcome, Failure):
-            raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome)}")
+            raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome)}", outcome)
         if isinstance(outcome, RemoteStream):
             # Printed as they come (the stream may be long, or endless until --timeout).
             await read(outcome, lambda item: print(_itemOutput(options, item), flush=True))
@@ -632,7 +636,13 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result, Failure):
         error = result.value
         if options.debug:
-            traceback.print_exception(error, file=sys.stderr)
+            remote = error.failure if isinstance(error, CommandError) else None
+            if remote is not None:
+                # The traceback the peer sent (with unsafeTracebacks, or from a stock peer),
+                # not that of this command's own reporting.
+                print(remote.getTraceback(), file=sys.stderr, end="")
+            else:
+                traceback.print_exception(error, file=sys.stderr)
         if isinstance(error, CommandError):
             print(f"pbroker: {error}", file=sys.stderr)
             return error.code

@@ -649,6 +649,25 @@ class InProcessTests(SynchronousTestCase):
         commandReactor.flush()
         return code, out.getvalue(), err.getvalue(), root
 
+    def test_debugShowsTheRemoteTraceback(self) -> None:
+        """--debug with a remote error prints the traceback the server sent (with
+        unsafeTracebacks), not the command's own."""
+        commandReactor = CommandReactor()
+        factory = pb.PBServerFactory(Service(), unsafeTracebacks=True)
+        pb.listen("tcp:8789:interface=127.0.0.1", factory, commandReactor)
+        self.patch(twisted.internet, "reactor", commandReactor)
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = cli.main(["--debug", "call", self.address, "fail", '"boom"'])
+        self.flushLoggedErrors(ValueError)
+        self.assertEqual((code, out.getvalue()), (cli.EXIT_REMOTE, ""))
+        text = err.getvalue()
+        self.assertIn("remote_fail", text)  # the server's frame
+        self.assertIn("ValueError: boom", text)
+        self.assertNotIn("pbroker/cli.py", text)  # not the command's own
+        self.assertTrue(text.endswith("pbroker: remote error: builtins.ValueError: boom\n"))
+
     def test_streamPrinted(self) -> None:
         """A method that answers with a stream has its items printed a line each (with
         --json, a JSON object each, then one with their count and the time taken)."""

@@ -173,6 +173,33 @@ class _IntrospectingLoginRoot(_Introspection, _PortalWrapper):
         self.services = services
 
 
+def _number(option: str, kind: type) -> Any:
+    """
+    A coercer for a numeric option whose error names the option (Twisted's says only
+    "Parameter type enforcement failed").
+    """
+
+    def coerce(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            wanted = "a whole number" if kind is int else "a number"
+            raise usage.UsageError(f"{option} needs {wanted}, not {text!r}") from None
+
+    return coerce
+
+
+def _notAFile(path: str) -> str:
+    """
+    Why ``path`` cannot be read as a file, as an error says it.
+    """
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    if os.path.exists(path):
+        return "is not a regular file"
+    return "no such file"
+
+
 class Options(usage.Options, AuthOptionMixin):
     """
     The command line of ``twistd pbroker``.
@@ -204,7 +231,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Listen for TLS on this port (loopback); with --listen too, on both.",
-            int,
+            _number("--tls-port", int),
         ],
         ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
         ["tls-key", None, None, "The server's PEM private key, for --tls-port."],
@@ -214,7 +241,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Ping clients silent for this many seconds; drop them after three times as long.",
-            float,
+            _number("--keepalive", float),
         ],
         [
             "max-message-size",
@@ -222,7 +249,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "The largest message (MiB) a client may send in pbroker's native dialect "
             "[default: 32].",
-            float,
+            _number("--max-message-size", float),
         ],
     ]
 
@@ -310,7 +337,7 @@ class Options(usage.Options, AuthOptionMixin):
                 where = self._whereRead(filename)
                 if where is not None and not os.path.isfile(where):
                     raise usage.UsageError(
-                        f"--auth: no such file: {filename}"
+                        f"--auth: {_notAFile(where)}: {filename}"
                         + ("" if where == filename else f" (read from --rundir as {where})")
                     )
         accounts = [c for c in checkers if IUsernameHashedPassword in c.credentialInterfaces]
@@ -357,7 +384,7 @@ class Options(usage.Options, AuthOptionMixin):
             return
         if not os.path.isfile(where):
             raise usage.UsageError(
-                f"--password-file {path}: no such file"
+                f"--password-file {path}: {_notAFile(where)}"
                 + ("" if where == path else f" (read from --rundir as {where})")
             )
         try:

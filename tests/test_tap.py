@@ -72,7 +72,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsageError(f"{missing}: no such file", "--password-file", missing)
         directory = self.mktemp()
         Path(directory).mkdir()
-        self.assertUsageError("no such file", "--password-file", directory)
+        self.assertUsageError(
+            f"--password-file {directory}: is a directory, not a file", "--password-file", directory
+        )
+        self.assertUsageError(
+            "--password-file /dev/null: is not a regular file", "--password-file", "/dev/null"
+        )
         malformed = self.mktemp()
         Path(malformed).write_text("this is not a password line\n")
         self.assertUsageError(f"--password-file {malformed}: ", "--password-file", malformed)
@@ -136,6 +141,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse("--max-message-size", "0.001")["limits"].messageSize, 1048)
         self.assertUsageError(
             "not a port number", "--tls-port", "-5", "--tls-certificate", "c", "--tls-key", "k"
+        )
+        # Not a number: the error names the option.
+        self.assertUsageError("--keepalive needs a number, not 'abc'", "--keepalive", "abc")
+        self.assertUsageError(
+            "--max-message-size needs a number, not 'x'", "--max-message-size", "x"
+        )
+        self.assertUsageError(
+            "--tls-port needs a whole number, not '1.5'",
+            "--tls-port",
+            "1.5",
+            "--tls-certificate",
+            "c",
+            "--tls-key",
+            "k",
         )
 
     def test_keepaliveAndMessageSize(self) -> None:

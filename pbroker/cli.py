@@ -587,6 +587,14 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     raise CommandError(
                         EXIT_LOGIN, f"{what}: {options.address} takes no logins (leave out --user)"
                     )
+                if answer.check("twisted.cred.error.UnhandledCredentials"):
+                    # No checker for passwords: the list of interfaces tells a user nothing.
+                    raise CommandError(
+                        EXIT_LOGIN,
+                        f"{what}: {options.address} has no accounts to log in to with a "
+                        "password (its portal checks no passwords)",
+                        answer,
+                    )
                 raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}", answer)
             target = answer
         try:

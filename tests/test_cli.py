@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -860,6 +860,19 @@ class InProcessTests(SynchronousTestCase):
                 "(leave out --user)\n",
             )
         self.flushLoggedErrors()  # (a stock server logs the call it could not answer)
+
+    def test_loginToAPortalWithoutAccounts(self) -> None:
+        """--user against a broker whose portal checks no passwords (anonymous logins only)
+        exits 4 saying that it has no accounts, not listing credential interfaces."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
+        portal = Portal(BrokerRealm(), [AllowAnonymousAccess()])
+        code, out, err = self.main("--user", "alice", "ping", self.address, root=portal)
+        self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
+        self.assertEqual(
+            err,
+            "pbroker: login refused for alice: pb://127.0.0.1:8789 has no accounts to log in "
+            "to with a password (its portal checks no passwords)\n",
+        )
 
 
 class Terminal(io.StringIO):

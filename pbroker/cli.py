@@ -212,7 +212,9 @@ def _seconds(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="pbroker", description="Talk to a Perspective Broker (pbroker or Twisted PB)."
+        prog="pbroker",
+        description="Talk to a Perspective Broker (pbroker or Twisted PB).",
+        epilog="Options go before the command: pbroker --json ping pb://127.0.0.1:8789",
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
@@ -222,9 +224,15 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=30.0, help="seconds for the whole command (default 30)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("ping", help="check that the broker answers").add_argument("address")
-    commands.add_parser("info", help="what the broker says about itself").add_argument("address")
-    call = commands.add_parser("call", help="call a remote method")
+    # (Each command's own --help points to the options, which go before it.)
+    before = "--json, --timeout, --user, --ca and --debug go before the command (pbroker --help)"
+    commands.add_parser("ping", help="check that the broker answers", epilog=before).add_argument(
+        "address"
+    )
+    commands.add_parser(
+        "info", help="what the broker says about itself", epilog=before
+    ).add_argument("address")
+    call = commands.add_parser("call", help="call a remote method", epilog=before)
     call.add_argument("address")
     call.add_argument("method")
     call.add_argument("arguments", nargs="*", help="JSON values")

@@ -3907,7 +3907,7 @@ class Broker(Banana):
             self.sendCall(b"taken", requestID)
             answerRequired &= 1
         answerRequired = bool(answerRequired)
-        if answerRequired and requestID in self._answering:
+        if answerRequired and (requestID in self._answering or requestID in self._detached):
             raise ProtocolError(f"the peer reused the id {requestID} of a call still in progress")
         inProgress = len(self._answering) + self._oneWayPending
         if inProgress >= self.limits.pendingCalls:

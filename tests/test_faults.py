@@ -189,6 +189,27 @@ class UncancellableWorkTests(SynchronousTestCase):
         self.failureResultOf(again[2]).trap(LimitExceeded)
         self.assertFalse(client.disconnected)
 
+    def test_idOfACancelledCallStillInProgress(self) -> None:
+        """A peer that reuses the id of a call it cancelled whose work goes on reuses the id
+        of a call in progress: a protocol error, as for any call in progress."""
+        clock = Clock()
+        jobs = Jobs()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(jobs, clock=clock), pb.PBClientFactory(clock=clock), clock=clock
+        )
+        call = client.remoteForName("root").callRemote("work")
+        pump.flush()
+        call.cancel()
+        self.failureResultOf(call, CancelledError)
+        pump.flush()
+        requestID = max(server._detached)
+        client.waitingForAnswers[requestID] = Deferred()
+        client.waitingForAnswers[requestID].addErrback(lambda _: None)
+        client.sendCall(b"message", requestID, b"root", b"work", 1, b"\x90", b"\x80")
+        with capturedLogs():
+            pump.flush()
+        self.assertTrue(server.disconnected)
+
 
 def tracked(log: list[str], count: int = 10**6, size: int | None = None) -> Iterator[Any]:
     """

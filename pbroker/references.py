@@ -207,6 +207,19 @@ class CallingWithOptions:
         )
         return result
 
+    def notifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """
+        The reference's :meth:`RemoteReference.notifyOnDisconnect`: what watches the
+        connection (:func:`pbroker.util.getAllPages`, say) watches it through the options too.
+        """
+        self.reference.notifyOnDisconnect(callback)
+
+    def dontNotifyOnDisconnect(self, callback: Callable[[RemoteReference], object]) -> None:
+        """
+        The reference's :meth:`RemoteReference.dontNotifyOnDisconnect`.
+        """
+        self.reference.dontNotifyOnDisconnect(callback)
+
 
 class RemoteMethod:
     """

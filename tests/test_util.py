@@ -494,6 +494,28 @@ class PagerTests(SynchronousTestCase):
         pump.flush()
         pages[0].trap(PBConnectionLost)
 
+    def test_getAllPagesThroughCallOptions(self) -> None:
+        """Through a reference with call options (``withOptions``), getAllPages watches the
+        connection too: a loss before the last page fails it, in every dialect."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                server.transport.pauseProducing()  # the answer goes, the pages wait
+                self.pager = util.StringPager(collector, b"abcdef", 1)
+
+        for dialects in ([b"pbroker2"], [b"pb"]):
+            server, client, pump = connect(
+                pb.PBServerFactory(MyRoot()), pb.PBClientFactory(dialects=dialects)
+            )
+            pages: list[Any] = []
+            options = client.remoteForName("root").withOptions(timeout=30)
+            util.getAllPages(options, "send").addBoth(pages.append)
+            pump.flush()
+            self.assertEqual(pages, [])
+            client.transport.loseConnection()
+            pump.flush()
+            pages[0].trap(PBConnectionLost)
+
     def test_noPageAfterTheConnectionIsLost(self) -> None:
         """A pager sending when this side closes the connection (its transport no longer
         stops it) is asked for no page, when it says it has one ready or when the transport

@@ -2532,15 +2532,16 @@ class Broker(Banana):
         unjellied, no class looked up, no code run.
 
         A value cannot make this side release more of each kind than its limits let it
-        hold (``importedReferences``, ``cachedObjects``, ``pendingCalls``): a value with
-        more was never going to be taken, and a hostile peer does not get a flood of
-        messages or tables that grow for nothing. Never raises.
+        hold (``importedReferences`` of the peer's references, as many copies of its
+        Cacheables, which ``cacheLocally`` keeps to that limit too, and ``pendingCalls``
+        streams): a value with more was never going to be taken, and a hostile peer does
+        not get a flood of messages or tables that grow for nothing. Never raises.
         """
         if not self._canSend:
             return  # nothing to release on a connection that is gone
         limits = self.limits
         # The most there can be to release, and so to look for.
-        enough = limits.importedReferences + limits.cachedObjects + 2 * limits.pendingCalls
+        enough = 2 * limits.importedReferences + 2 * limits.pendingCalls
         try:
             self._release(self._countedIn(netValue, len(arrived) + enough), arrived)
         except Exception:
@@ -2550,7 +2551,7 @@ class Broker(Banana):
         limits = self.limits
         budget = {
             _EXPORT: limits.importedReferences,
-            _CACHE: limits.cachedObjects,
+            _CACHE: limits.importedReferences,  # (the copies cacheLocally keeps at most)
             _STREAM: limits.pendingCalls,
         }
         unmatched = collections.Counter(arrived)
@@ -2577,7 +2578,7 @@ class Broker(Banana):
                     # Its owner will uncache what this side never kept.
                     if unread is None:
                         unread = self._unreadCaches = set()
-                    if len(unread) >= limits.cachedObjects:
+                    if len(unread) >= limits.importedReferences:
                         continue
                     unread.add(luid)
                 else:

@@ -575,3 +575,72 @@ class ObserverTests(CallsRoot, SynchronousTestCase):
                 with self.assertRaises(jelly.InvalidJelly):
                     unjellier.unjellyFull([TAG, ident, [b"dictionary"]])
             self.assertEqual(len(client.locallyCachedObjects), 1)
+
+
+class Unregistered(pb.Copyable):
+    """A copy no client registers: refused (InsecureJelly) where it is met."""
+
+
+class StockUnregistered(twistedPb.Copyable):
+    """The same, from a stock Twisted server."""
+
+
+class RefusedValueCachesTests(SynchronousTestCase):
+    """
+    A value the receiver refuses part way through hands back the first copies of Cacheables
+    in its unread part: as many as the receiver would have kept (importedReferences), so
+    that the owner stops observing each, whatever its own cachedObjects.
+    """
+
+    def registry(self) -> Any:
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        return registry
+
+    def test_moreCopiesThanTheReceiversCachedObjects(self) -> None:
+        gauges = [cacheableFor(pb) for _ in range(2000)]
+
+        class Root(pb.Root):
+            def remote_gauges(self) -> Any:
+                return [Unregistered(), *gauges]
+
+        for dialects in ([b"pbroker2"], [b"pb"]):
+            for gauge in gauges:
+                del gauge.stopped[:]
+            server, client, pump = connect(
+                pb.PBServerFactory(Root(), limits=pb.BrokerLimits(cachedObjects=5000)),
+                pb.PBClientFactory(registry=self.registry(), dialects=dialects),
+            )
+            results: list[Any] = []
+            with capturedLogs():
+                client.remoteForName("root").callRemote("gauges").addBoth(results.append)
+                pump.flush()
+            results[0].trap(jelly.InsecureJelly)
+            del results[:]
+            gc.collect()
+            pump.flush()
+            self.assertEqual(client.locallyCachedObjects, {})
+            self.assertEqual(server.remotelyCachedObjects, {}, dialects)
+            self.assertEqual([gauge for gauge in gauges if not gauge.stopped], [])
+
+    def test_stockOwner(self) -> None:
+        """A stock Twisted owner may send 1025 first copies in one value (it refuses more):
+        all are handed back."""
+        gauges = [cacheableFor(twistedPb) for _ in range(1025)]
+
+        class Root(twistedPb.Root):
+            def remote_gauges(self) -> Any:
+                return [StockUnregistered(), *gauges]
+
+        server, client, pump = connect(
+            twistedPb.PBServerFactory(Root()), pb.PBClientFactory(registry=self.registry())
+        )
+        results: list[Any] = []
+        with capturedLogs():
+            client.remoteForName("root").callRemote("gauges").addBoth(results.append)
+            pump.flush()
+        results[0].trap(jelly.InsecureJelly)
+        del results[:]
+        gc.collect()
+        pump.flush()
+        self.assertEqual(len(server.remotelyCachedObjects), 0)

@@ -18,6 +18,7 @@ the state will not arrive.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -35,7 +36,25 @@ from pbroker.flavors import Cacheable, RemoteCache, ViewPoint
 
 __all__ = ["Publishable", "PublishedStateError", "RemotePublished", "whenReady"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+# The longest file name made from a published object's names (most file systems take 255
+# bytes, and the extension follows).
+_NAME_LENGTH = 200
+
+
+def _fileNamePart(text: str) -> str:
+    """
+    ``text`` as part of a file name: letters, digits, ``_`` and ``.`` as they are, anything
+    else (``-`` too, which joins the parts) as ``%`` and the hex of its UTF-8 bytes, so that
+    different names never share a file ("price list" and "price_list" did).
+    """
+    return _UNSAFE.sub(
+        lambda match: "".join(
+            f"%{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass")
+        ),
+        text,
+    )
+
 
 # The most items (as extent() counts them: each appearance) a part of a saved state's file
 # name, or a timestamp compared, may stand for: str() and == go through each appearance of
@@ -158,8 +177,12 @@ class RemotePublished(RemoteCache):
                     f"a published object named by {describe(part)}, which stands for more than "
                     f"{_NAME_ITEMS:,} items (or holds itself), has no file name"
                 )
-        name = "-".join(_UNSAFE.sub("_", str(part)) for part in parts[:3]) + "." + parts[3]
-        return os.path.join(self.cacheDirectory, name)
+        name = "-".join(_fileNamePart(str(part)) for part in parts[:3])
+        if len(name) > _NAME_LENGTH:
+            # (Too long for a file system: the start, and a digest of the whole.)
+            digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+            name = f"{name[: _NAME_LENGTH - 33]}-{digest}"
+        return os.path.join(self.cacheDirectory, f"{name}.{parts[3]}")
 
     def setCopyableState(self, state: Any) -> None:
         self._activationListeners: list[Callable[[RemotePublished], object]] = []
@@ -263,9 +286,28 @@ class RemotePublished(RemoteCache):
             fileName = self.getFileName()
             if fileName is None:
                 return None
+            # Read as the state arrived: with the connection's security options and
+            # registry (a copy in the state is of a class they allow).
+            broker = getattr(self, "broker", None)
             with open(fileName, "rb") as dataFile:
-                saved = jelly.loads(dataFile.read(), sizeLimit=_FILE_SIZE_LIMIT)
-        except (OSError, ValueError, banana.BananaError, jelly.InsecureJelly):
+                saved = jelly.loads(
+                    dataFile.read(),
+                    sizeLimit=_FILE_SIZE_LIMIT,
+                    taster=getattr(broker, "security", None),
+                    registry=getattr(broker, "registry", None),
+                )
+        except jelly.InsecureJelly as e:
+            # Saved, but not to be read back (a copy in it, of a class the security options
+            # do not allow as itself): say why it is fetched each time.
+            self._log.warn(
+                "Not using the saved state of published object {publishedID} in {name}: "
+                "{error}; it is fetched instead",
+                publishedID=describe(self.publishedID),
+                name=fileName,
+                error=str(e),
+            )
+            return None
+        except (OSError, ValueError, banana.BananaError):
             return None
         return saved if isinstance(saved, dict) else None
 

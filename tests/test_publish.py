@@ -12,7 +12,7 @@ from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.credentials import Anonymous
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.spread import pb as twistedPb
 from twisted.spread import publish as twistedPublish
 from twisted.trial.unittest import SynchronousTestCase
@@ -483,10 +483,20 @@ class UnwritableCacheTests(PublishTestCase):
         self.assertOneWarning(Catalogue("x"), self.mktemp())
 
     def test_nameTooLong(self) -> None:
-        """A publishedID too long for a file name."""
+        """A publishedID too long for a file name is saved under its start and a digest of
+        the whole, and read back."""
         directory = self.mktemp()
         os.makedirs(directory)
-        self.assertOneWarning(Catalogue("x" * 300), directory)
+        self.cacheIn(directory)
+        published = Catalogue("x" * 300)
+        with capturedLogs() as events:
+            self.assertEqual(self.call(published).items, ["a", "b"])
+            self.assertEqual(self.call(published).items, ["a", "b"])
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
+        self.assertEqual(published.fetches, 1)
+        [name] = os.listdir(directory)
+        self.assertTrue(name.startswith("None-None-xxx"), name)
+        self.assertLessEqual(len(name), 204)
 
     def test_loadedStateNotRewritten(self) -> None:
         """A state loaded from the cache is not written again."""
@@ -546,3 +556,59 @@ class SharedPartsFromThePublisherTests(PublishTestCase):
         self.assertEqual(second.items, ["a", "b"])
         self.assertTrue(second._wasCleanWhenLoaded)
         self.assertEqual(published.fetches, 1)
+
+
+class Point(pb.Copyable):
+    def __init__(self, x: int = 0) -> None:
+        self.x = x
+
+
+class SavedFileTests(PublishTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.cacheIn(self.directory)
+
+    def test_distinctNamesDistinctFiles(self) -> None:
+        """Published objects whose names differ only in characters a file name cannot hold
+        are saved apart (names used to share a file: "price list" and "price_list"), and
+        an object saved under equal timestamps is not given another's state."""
+        first = Catalogue("price list", state={"items": ["first"]})
+        second = Catalogue("price_list", state={"items": ["second"]})
+        first.timestamp = second.timestamp = 1  # version 1 of each
+        self.assertEqual(self.call(first).items, ["first"])
+        copy = self.call(second)
+        self.assertEqual(
+            (copy.publishedID, copy.items, second.fetches), ("price_list", ["second"], 1)
+        )
+        self.assertEqual(
+            sorted(os.listdir(self.directory)),
+            ["None-None-price%20list.pub", "None-None-price_list.pub"],
+        )
+        for names in (("a-b", "c"), ("a", "b-c")):  # the joining "-" is escaped too
+            remote = RemoteCatalogue()
+            remote.service, remote.perspective, remote.publishedID = names[0], None, names[1]
+            remote.cacheDirectory = self.directory
+            self.assertNotIn(os.path.basename(remote.getFileName() or ""), ("a-b-None-c.pub",))
+        remote = RemoteCatalogue()
+        remote.service, remote.perspective, remote.publishedID = None, None, "x" * 1000
+        remote.cacheDirectory = self.directory
+        name = os.path.basename(remote.getFileName() or "")
+        self.assertLessEqual(len(name), 204)  # long names end in a digest
+        remote.publishedID = "x" * 999 + "y"
+        self.assertNotEqual(os.path.basename(remote.getFileName() or ""), name)
+
+    def test_savedStateNotReadBackIsSaid(self) -> None:
+        """A saved state that cannot be read back (a copy in it, of a class the security
+        options do not allow as itself) is fetched again, with a warning that says why."""
+        self.registry.setUnjellyableForClass(Point, pb.RemoteCopy)
+        catalogue = Catalogue("points", state={"items": [Point(3)]})
+        self.call(catalogue)
+        with capturedLogs() as events:
+            again = self.call(catalogue)
+        self.assertEqual((again.items[0].x, catalogue.fetches), (3, 2))
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn(
+            "Not using the saved state of published object 'points'", formatEvent(warning)
+        )

@@ -28,7 +28,7 @@ from zope.interface import Interface, implementer
 from pbroker._jellier import Jellier, Jellyable, getInstanceState
 from pbroker._jellycore import isPeerID, qual
 from pbroker._unjellier import Unjellier, Unjellyable, setInstanceState
-from pbroker.errors import InvalidJelly, JellyError, NoSuchMethod, ProtocolError
+from pbroker.errors import DeadReferenceError, InvalidJelly, JellyError, NoSuchMethod, ProtocolError
 from pbroker.jelly import (
     setUnjellyableFactoryForClass,
     setUnjellyableForClass,
@@ -462,6 +462,10 @@ class RemoteCacheObserver:
         Call ``observe_<_name>`` on the copy; a Deferred of the result, as with references.
         """
         name = _methodName(_name)
+        if self.broker.disconnected:
+            # As a call through any reference on a lost connection, and as stock PB: what
+            # code written for it traps (in stoppedObserving too, which the loss runs).
+            raise DeadReferenceError("Calling Stale Broker")
         cacheID = self.broker.cachedRemotelyAs(self.cached)
         if cacheID is None:
             # A copy the peer dropped still reaches it while stoppedObserving runs.

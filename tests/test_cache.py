@@ -644,3 +644,36 @@ class RefusedValueCachesTests(SynchronousTestCase):
         gc.collect()
         pump.flush()
         self.assertEqual(len(server.remotelyCachedObjects), 0)
+
+
+class ObserverOnALostConnectionTests(SynchronousTestCase):
+    def test_deadReference(self) -> None:
+        """A call through a cache observer once the connection is lost (in the
+        stoppedObserving the loss runs, and after) raises DeadReferenceError, as a call
+        through any reference on it does, and as stock PB does."""
+        gauge = cacheableFor(pb)
+        raised: list[Exception] = []
+        observers: list[Any] = []
+
+        def stoppedObserving(perspective: Any, observer: Any) -> None:
+            observers.append(observer)
+            try:
+                observer.callRemote("setValue", 1)
+            except Exception as e:
+                raised.append(e)
+
+        gauge.stoppedObserving = stoppedObserving
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        _server, client, pump = connect(
+            pb.PBServerFactory(rootWith(pb, gauge)), pb.PBClientFactory(registry=registry)
+        )
+        results: list[Any] = []
+        client.remoteForName("root").callRemote("gauge").addBoth(results.append)
+        pump.flush()
+        client.transport.loseConnection()
+        pump.flush()
+        [error] = raised
+        self.assertIsInstance(error, pb.DeadReferenceError)
+        with self.assertRaises(pb.DeadReferenceError):
+            observers[0].callRemote("setValue", 2)

@@ -597,6 +597,17 @@ class RefusedValueCachesTests(SynchronousTestCase):
         registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
         return registry
 
+    def refused(self, server: Any, client: Any, pump: Any) -> None:
+        """Have the client ask for the gauges, refuse them, and let go of all it got."""
+        results: list[Any] = []
+        with capturedLogs():
+            client.remoteForName("root").callRemote("gauges").addBoth(results.append)
+            pump.flush()
+        results[0].trap(jelly.InsecureJelly)
+        del results[:]
+        gc.collect()
+        pump.flush()
+
     def test_moreCopiesThanTheReceiversCachedObjects(self) -> None:
         gauges = [cacheableFor(pb) for _ in range(2000)]
 
@@ -611,14 +622,7 @@ class RefusedValueCachesTests(SynchronousTestCase):
                 pb.PBServerFactory(Root(), limits=pb.BrokerLimits(cachedObjects=5000)),
                 pb.PBClientFactory(registry=self.registry(), dialects=dialects),
             )
-            results: list[Any] = []
-            with capturedLogs():
-                client.remoteForName("root").callRemote("gauges").addBoth(results.append)
-                pump.flush()
-            results[0].trap(jelly.InsecureJelly)
-            del results[:]
-            gc.collect()
-            pump.flush()
+            self.refused(server, client, pump)
             self.assertEqual(client.locallyCachedObjects, {})
             self.assertEqual(server.remotelyCachedObjects, {}, dialects)
             self.assertEqual([gauge for gauge in gauges if not gauge.stopped], [])
@@ -635,14 +639,7 @@ class RefusedValueCachesTests(SynchronousTestCase):
         server, client, pump = connect(
             twistedPb.PBServerFactory(Root()), pb.PBClientFactory(registry=self.registry())
         )
-        results: list[Any] = []
-        with capturedLogs():
-            client.remoteForName("root").callRemote("gauges").addBoth(results.append)
-            pump.flush()
-        results[0].trap(jelly.InsecureJelly)
-        del results[:]
-        gc.collect()
-        pump.flush()
+        self.refused(server, client, pump)
         self.assertEqual(len(server.remotelyCachedObjects), 0)
 
 

@@ -1097,3 +1097,52 @@ class RefusalFloodTests(HandDriven):
             "7 more refusals of what the peer sent were not logged",
             [formatEvent(e) for e in events],
         )
+
+
+class Noting(pb.Root):
+    """
+    Notes the numbers it is called with; on those in ``pauseOn``, the connection fills.
+    """
+
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+        self.pauseOn: set[int] = set()
+        self.server: Any = None
+
+    def remote_note(self, n: int, padding: bytes = b"") -> int:
+        self.noted.append(n)
+        if n in self.pauseOn:
+            self.server.transport.pauseProducing()
+        return n
+
+
+class BacklogOrderTests(HandDriven):
+    def test_pausedAgainWhileHandled(self) -> None:
+        """What waited while the connection took no data, in small reads kept in shared
+        pieces and large reads kept as they came, is handled in the order it came, also
+        when the connection fills again part way through (the rest waits again, in order)."""
+        noting = Noting()
+        self.connectPeers(noting, pb.BrokerLimits())
+        noting.server = self.server
+        noting.pauseOn = {7, 19}
+        self.server.transport.pauseProducing()
+        for n in range(1, 31):
+            # Every fifth a large read of its own, the others in reads of 1 to 3 bytes.
+            padding = b"p" * 40_000 if n % 5 == 0 else b""
+            self.root.callRemote("note", n, padding)
+            data = self.clientTransport.value()
+            self.clientTransport.clear()
+            if padding:
+                self.server.dataReceived(data)
+            else:
+                for start in range(0, len(data), 1 + n % 3):
+                    self.server.dataReceived(data[start : start + 1 + n % 3])
+        self.assertEqual(noting.noted, [])
+        pieces = [type(chunk) for chunk in self.server._backlogData]
+        self.assertIn(bytes, pieces)  # the large reads
+        self.assertIn(bytearray, pieces)  # the small ones, shared
+        self.assertLess(len(pieces), 20)
+        for expected in (list(range(1, 8)), list(range(1, 20)), list(range(1, 31))):
+            self.server.transport.resumeProducing()
+            self.assertEqual(noting.noted, expected)
+        self.assertEqual(self.server._backlogSize, 0)

@@ -527,7 +527,9 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     started = time.monotonic()
     deadline = reactor.seconds() + options.timeout
 
-    async def within(step: Deferred[Any], code: int, what: str, late: str = "no answer") -> Any:
+    async def within(
+        step: Deferred[Any], code: int, what: str, late: str = "no answer", hint: str = ""
+    ) -> Any:
         # Each step gets what is left of --timeout; its outcome, a Failure if it failed.
         # (Counted on the reactor's clock, which a test may drive.)
         left = max(0.0, deadline - reactor.seconds())
@@ -539,7 +541,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             if timer.active():
                 timer.cancel()
         if isinstance(outcome[0], Failure) and outcome[0].check(CancelledError):
-            raise CommandError(code, f"{what}: {late} within {options.timeout:g} seconds")
+            raise CommandError(code, f"{what}: {late} within {options.timeout:g} seconds{hint}")
         return outcome[0]
 
     itemsRead = 0
@@ -575,6 +577,8 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         pb.connect(endpoint, factory, reactor),
         EXIT_CONNECTION,
         f"cannot connect to {options.address}",
+        # (A TLS port takes the connection, then waits for a TLS hello that never comes.)
+        hint=" (if it is a TLS port, use pbs://)" if options.address.startswith("pb://") else "",
     )
     if isinstance(connected, Failure):
         reason = connected.getErrorMessage() or type(connected.value).__name__

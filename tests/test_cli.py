@@ -140,7 +140,11 @@ class CommandLineTests(TestCase):
         address = f"pb://127.0.0.1:{silent.getHost().port}"
         code, _, err = await self.command("--timeout", "0.5", "ping", address)
         self.assertEqual(code, cli.EXIT_CONNECTION)
-        self.assertOneLine(err, f"cannot connect to {address}: no answer within 0.5 seconds")
+        self.assertOneLine(
+            err,
+            f"cannot connect to {address}: no answer within 0.5 seconds (if it is a TLS port, "
+            "use pbs://)",
+        )
         port = await self.serve(Service())
         code, _, err = await self.command(
             "--timeout", "0.5", "call", f"pb://127.0.0.1:{port}", "hang"

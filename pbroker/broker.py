@@ -2916,9 +2916,10 @@ class Broker(Banana):
         annotations: dict[str, Any] | None,
         timeout: float | None,
     ) -> bytes | _Payload:
-        assert self._codec is not None
-        netArgs = inline(self._codec.pack(list(args)))
-        netKw = inline(self._codec.pack(kw)) if kw else EMPTY_MAP
+        codec = self._codec
+        assert codec is not None
+        netArgs = inline(codec.pack(list(args)))
+        netKw = self._packKeywords(codec, kw, netArgs) if kw else EMPTY_MAP
         requestID = self.newRequestID()
         answer = 1 if answerRequired else 0
         fields = [prefix + b"message", requestID, objectID, message, answer, netArgs, netKw]
@@ -2929,6 +2930,26 @@ class Broker(Banana):
             fields[0] = prefix + b"callctx"
             fields.append(context)
         return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes, True)
+
+    def _packKeywords(self, codec: ValueCodec, kw: dict[str, Any], netArgs: Any) -> Any:
+        """
+        A call's keywords packed within what its arguments left of the peer's limit: keywords
+        that could not fit with them are refused before they are packed, not after.
+        """
+        limit, peer = codec.itemLimit, self.peerMessageSize
+        if limit is None or peer is None:
+            return inline(codec.pack(kw))
+        used = len(netArgs) if type(netArgs) is bytes else netArgs.size
+        codec.itemLimit = max(0, limit - used)
+        try:
+            return inline(codec.pack(kw))
+        except LimitExceeded:
+            raise LimitExceeded(
+                f"a call's arguments take {used} bytes, and its keywords more than the "
+                f"{max(0, limit - used)} left of the {peer}-byte limit of a message to the peer"
+            ) from None
+        finally:
+            codec.itemLimit = limit
 
     def _cancelCall(self, requestID: int) -> None:
         """

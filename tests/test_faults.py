@@ -51,6 +51,9 @@ class Methods(pb.Root):
     def remote_size(self, value: Any) -> int:
         return len(value)
 
+    def remote_sizes(self, first: Any, second: Any = b"") -> int:
+        return len(first) + len(second)
+
 
 class CallCancellerTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -576,6 +579,50 @@ class RefusedBeforeCopiedTests(SynchronousTestCase):
                     break
                 self.pump.pump()
             self.assertEqual(results, [bytes(answer) if type(answer) is bytearray else answer])
+
+
+class ArgumentsAndKeywordsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        _server, client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(
+                Methods(), limits=pb.BrokerLimits(messageSize=16 * MiB), clock=clock
+            ),
+            pb.PBClientFactory(clock=clock),
+            clock=clock,
+        )
+        self.root = client.remoteForName("root")
+
+    def test_keywordsRefusedBeforePacked(self) -> None:
+        """Arguments and keywords that each fit the peer's limit but together do not: the
+        keywords are refused before they are packed, within what the arguments left."""
+        args, keywords = "x" * (10 * MiB), "y" * (10 * MiB)
+        results: list[Any] = []
+        tracemalloc.start()
+        try:
+            self.root.callRemote("echo", args, kw=keywords).addBoth(results.append)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        [failure] = results
+        failure.trap(LimitExceeded)
+        self.assertLess(peak, 12 * MiB)  # the arguments' 10 MiB, not the keywords' as well
+        self.assertRegex(
+            failure.getErrorMessage(),
+            r"^a call's arguments take 1048\d{4} bytes, and its keywords more than the \d+ left "
+            r"of the 16777216-byte limit of a message to the peer$",
+        )
+
+    def test_togetherWithinTheLimit(self) -> None:
+        results: list[Any] = []
+        self.root.callRemote("sizes", "x" * (6 * MiB), second="y" * (6 * MiB)).addBoth(
+            results.append
+        )
+        for _ in range(1000):
+            if results:
+                break
+            self.pump.pump()
+        self.assertEqual(results, [12 * MiB])
 
 
 class StreamWindowTests(SynchronousTestCase):

@@ -2516,6 +2516,10 @@ class SharedValueInErrorTests(SynchronousTestCase):
         text = errorText(KeyError(deep))
         self.assertIn("(not written out: its lists and dicts hold themselves, or nest more", text)
         self.assertLess(len(text), 300)
+        justOver: Any = 1
+        for _ in range(101):
+            justOver = [justOver]
+        self.assertIn("nest more than 100 deep", errorText(KeyError(justOver)))
 
     def test_deeplyNestedErrorValue(self) -> None:
         """A method that raises KeyError(key) with a key the peer nested a thousand deep:

@@ -422,7 +422,7 @@ class SourceCleanupTests(StreamCase):
         """The connection is lost while the source waits: the canceller's error is logged,
         and the rest of the broker's teardown happens (disconnect notifiers, pending calls
         failed, streams dropped)."""
-        self.waitingSource()
+        _log, stream = self.waitingSource()  # (kept: dropped, it would be cancelled first)
         notified: list[bool] = []
         self.server.notifyOnDisconnect(lambda: notified.append(True))
 
@@ -434,9 +434,11 @@ class SourceCleanupTests(StreamCase):
         pending: list[Any] = []
         self.server.remoteForName("waiter").callRemote("wait").addErrback(pending.append)
         self.pumpRounds(5)
+        self.assertEqual(repr(stream), "<RemoteStream 1 open>")  # the source still waits
         self.server.transport.loseConnection()
         self.pumpRounds(50)
-        self.flushLoggedErrors(RuntimeError)
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "the application's canceller broke")
         self.assertEqual(notified, [True])
         self.assertEqual([f.type for f in pending], [pb.PBConnectionLost])
         self.assertEqual(self.server._streams.outgoing, {})
@@ -567,6 +569,24 @@ class RefusedBeforeCopiedTests(SynchronousTestCase):
         peak, failure = self.peakWhileRefused(memoryview(bytearray(16 * MiB)))
         self.assertLess(peak, 2 * MiB)
         self.assertIn(f"a memoryview of {16 * MiB} bytes is over the", failure.getErrorMessage())
+
+    def test_callArgument(self) -> None:
+        """A call's one bytearray argument over the peer's limit is refused before it is
+        copied too."""
+        _server, client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(Methods(), limits=pb.BrokerLimits(messageSize=MiB)),
+            pb.PBClientFactory(),
+        )
+        data = bytearray(16 * MiB)
+        tracemalloc.start()
+        try:
+            call = client.remoteForName("root").callRemote("size", data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        failure = self.failureResultOf(call, LimitExceeded)
+        self.assertLess(peak, 2 * MiB)
+        self.assertIn(f"a bytearray of {16 * MiB} bytes is over the", failure.getErrorMessage())
 
     def test_withinTheLimit(self) -> None:
         """Text and a bytearray just under the limit still go."""

@@ -1077,10 +1077,14 @@ class RefusalFloodTests(HandDriven):
         logged a line each up to REFUSALS_LOGGED a connection, then once that more are not,
         and their count when it ends: a peer repeating them cannot fill the log."""
         self.patch(brokerModule, "REFUSALS_LOGGED", 3)
-        self.connectPeers(Service(), pb.BrokerLimits())
+        self.connectPeers(Service(), pb.BrokerLimits(pendingCalls=1))
+        self.root.callRemote("wait")  # takes the one call in progress allowed
+        self.toServer()
         with capturedLogs() as events:
-            for _ in range(10):
+            for _ in range(5):
                 self.client.sendCall(b"z")
+            for _ in range(5):  # each past pendingCalls
+                self.root.callRemote("echo", 1).addErrback(lambda _: None)
             self.toServer()
         self.assertFalse(self.serverTransport.disconnecting)
         self.assertEqual(
@@ -1094,7 +1098,7 @@ class RefusalFloodTests(HandDriven):
         with capturedLogs() as events:
             self.disconnect(self.server)
         self.assertIn(
-            "7 more refusals of what the peer sent were not logged",
+            "7 more refusals of what the peer sent were not logged",  # of both kinds
             [formatEvent(e) for e in events],
         )
 

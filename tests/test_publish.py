@@ -586,11 +586,13 @@ class SavedFileTests(PublishTestCase):
             sorted(os.listdir(self.directory)),
             ["None-None-price%20list.pub", "None-None-price_list.pub"],
         )
-        for names in (("a-b", "c"), ("a", "b-c")):  # the joining "-" is escaped too
+        named = []
+        for names in (("s", "p-q", "r"), ("s", "p", "q-r")):  # the joining "-" is escaped too
             remote = RemoteCatalogue()
-            remote.service, remote.perspective, remote.publishedID = names[0], None, names[1]
+            remote.service, remote.perspective, remote.publishedID = names
             remote.cacheDirectory = self.directory
-            self.assertNotIn(os.path.basename(remote.getFileName() or ""), ("a-b-None-c.pub",))
+            named.append(remote.getFileName())
+        self.assertNotEqual(named[0], named[1])
         remote = RemoteCatalogue()
         remote.service, remote.perspective, remote.publishedID = None, None, "x" * 1000
         remote.cacheDirectory = self.directory

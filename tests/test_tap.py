@@ -393,6 +393,11 @@ class ServiceTests(TestCase):
         with self.assertRaises(usage.UsageError) as raised:
             tap.Options().parseOptions(["--auth", f"file:{missing}"])
         self.assertIn(f"--auth: no such file: {missing}", str(raised.exception))
+        directory = self.mktemp()
+        Path(directory).mkdir()
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--auth", f"file:{directory}"])
+        self.assertIn(f"--auth: is a directory, not a file: {directory}", str(raised.exception))
 
     def test_failingRootCallableIsAUsageError(self) -> None:
         """A --root callable that raises is a usage error naming it, not a traceback."""

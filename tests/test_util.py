@@ -516,6 +516,23 @@ class PagerTests(SynchronousTestCase):
             pump.flush()
             pages[0].trap(PBConnectionLost)
 
+    def test_getAllPagesThroughCallOptionsLeavesNoWatch(self) -> None:
+        """Once getAllPages through a reference with call options has all its pages, it no
+        longer watches the connection: nothing is left registered, call after call."""
+
+        class MyRoot(pb.Root):
+            def remote_send(self, collector: Any) -> None:
+                self.pager = util.StringPager(collector, b"abcdef", 2)
+
+        _server, client, pump = connect(pb.PBServerFactory(MyRoot()), pb.PBClientFactory())
+        root = client.remoteForName("root")
+        for _ in range(3):
+            pages: list[Any] = []
+            util.getAllPages(root.withOptions(timeout=30), "send").addBoth(pages.append)
+            pump.flush()
+            self.assertEqual(pages, [[b"ab", b"cd", b"ef"]])
+        self.assertEqual(root.disconnectCallbacks, [])
+
     def test_noPageAfterTheConnectionIsLost(self) -> None:
         """A pager sending when this side closes the connection (its transport no longer
         stops it) is asked for no page, when it says it has one ready or when the transport

@@ -30,6 +30,11 @@ def _raise(deferred: Deferred[Any]) -> None:
     raise RuntimeError("the application's canceller broke")
 
 
+class Holder(pb.Copyable):
+    def __init__(self, data: Any = None) -> None:
+        self.data = data
+
+
 class Methods(pb.Root):
     def __init__(self) -> None:
         self.waiting: list[Deferred[Any]] = []
@@ -507,6 +512,27 @@ class PeerWithoutLimitTests(SynchronousTestCase):
             "in a message (the peer announced none: a value sent is bounded by it too, by its "
             "items) (each item, and each character of a string, takes a byte at least; a list "
             "or other container that appears more than once in a value is sent each time)",
+        )
+
+    def test_jelliedObjectsSayWhoseLimit(self) -> None:
+        """The same for objects that travel through jelly, counted as they are jellied."""
+        clock = Clock()
+        registry = pb.UnjellyableRegistry()
+        registry.setUnjellyableForClass(Holder, pb.RemoteCopy)
+        _server, client, _pump = connectedServerAndClient(
+            pb.PBServerFactory(
+                Methods(), limits=pb.BrokerLimits(messageSize=None), registry=registry
+            ),
+            pb.PBClientFactory(limits=pb.BrokerLimits(messageSize=MiB), clock=clock),
+            clock=clock,
+        )
+        holders = [Holder(b"x" * (600 * 1024)) for _ in range(3)]  # (the first goes free)
+        failure = self.failureResultOf(
+            client.remoteForName("root").callRemote("size", holders), LimitExceeded
+        )
+        self.assertIn(
+            f"over the {MiB}-byte limit this side takes in a message (the peer announced none",
+            failure.getErrorMessage(),
         )
 
 

@@ -199,16 +199,13 @@ class RemoteStream:
         dropped, and pending :meth:`next` calls fail with ``CancelledError``. A stream whose
         end has arrived has its unread items dropped too (the sender has stopped already).
         """
-        if self._state == "ended" and self._items:
-            self._dropUnread()
-            self._state = "cancelled"
-            self._finished = Failure(CancelledError("the stream was cancelled"))
-            return
-        if self._state != "open":
+        ended = self._state == "ended"
+        if self._state != "open" and not (ended and self._items):
             return
         self._dropUnread()
         self._finish("cancelled", Failure(CancelledError("the stream was cancelled")))
-        self._table.cancel(self.streamID)
+        if not ended:
+            self._table.cancel(self.streamID)
 
     def aclose(self) -> Deferred[None]:
         """

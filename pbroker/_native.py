@@ -940,6 +940,17 @@ def _largePart(item: Any, text: bool) -> tuple[bytes, bytes | memoryview] | None
     return None
 
 
+def notInOnePiece(why: str = "") -> TypeError:
+    """
+    The error for a memoryview whose bytes are not in one piece, which no dialect sends
+    (``why``: what found it, after the first words).
+    """
+    return TypeError(
+        f"a memoryview whose bytes are not in one piece cannot be sent{why}: send "
+        "bytes(view), or view.tobytes()"
+    )
+
+
 def _viewPart(view: memoryview) -> memoryview | bytes | None:
     """
     The bytes of a memoryview, as a part of a packed value: a view of them if they are a
@@ -2209,10 +2220,7 @@ class ValueCodec:
             return self._jellied(value)
         except BufferError as e:
             # (msgpack reads a memoryview's bytes in one piece, as they lie in memory.)
-            raise TypeError(
-                f"a memoryview whose bytes are not in one piece cannot be sent ({e}): send "
-                "bytes(view), or view.tobytes()"
-            ) from None
+            raise notInOnePiece(f" ({e})") from None
         if not self._special:
             return packed
         # The objects are jellied each time they appear (as a list is packed): their jelly

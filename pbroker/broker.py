@@ -49,6 +49,7 @@ from pbroker._native import (
     extensionsIn,
     fragmentHeader,
     inline,
+    notInOnePiece,
     packMessage,
     wholeRecord,
 )
@@ -237,10 +238,7 @@ class _NativeJellier(Jellier):
             return bytes(obj)
         if kind is memoryview:
             if not obj.c_contiguous:
-                raise TypeError(
-                    "a memoryview whose bytes are not in one piece cannot be sent: send "
-                    "bytes(view), or view.tobytes()"
-                )
+                raise notInOnePiece()
             return obj.tobytes()
         return super()._leaf(obj)
 

@@ -69,6 +69,7 @@ from pbroker.errors import (
     PBConnectionLost,
     ProtocolError,
     UnsupportedByPeer,
+    cannotStop,
     describe,
     isInteger,
     isSeconds,
@@ -4035,7 +4036,7 @@ class Broker(Banana):
         pending = self._answering.get(requestID) if type(requestID) is int else None
         if pending is None:
             return
-        if getattr(pending, "_canceller", True) is None and not pending.called:
+        if cannotStop(pending):
             # A Deferred without a canceller (deferToThread's, a database query's) would
             # only fail now, its work going on unseen: a peer could start work without end,
             # call after cancelled call. The peer gets its CancelledError now, and the call

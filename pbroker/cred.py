@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from pbroker.errors import LimitExceeded, NoSuchMethod, describe
+from pbroker.errors import LimitExceeded, NoSuchMethod, cannotStop, describe
 from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
 
 __all__ = [
@@ -256,7 +256,7 @@ class LoginGuard:
             abandoned.append(True)
             if started:
                 running = started[0]
-                if getattr(running, "_canceller", True) is None and not running.called:
+                if cannotStop(running):
                     # A check that cannot be stopped (in a thread, a database): cancelling
                     # would only fail it now, and the address's next check would start while
                     # it runs. It is left to end, holding the address's turn.

@@ -261,3 +261,12 @@ def isInteger(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def cannotStop(deferred: Any) -> bool:
+    """
+    Whether cancelling ``deferred`` would only fail it while its work went on: it has not
+    fired and has no canceller (``deferToThread``'s, a database query's). Read from
+    Twisted's Deferred; should that change, every Deferred is taken as one that can stop.
+    """
+    return getattr(deferred, "_canceller", True) is None and not deferred.called

@@ -137,6 +137,34 @@ class CallCancellerTests(SynchronousTestCase):
             failure.getErrorMessage(), "the call to 'wait' had no answer within 2.3 seconds"
         )
 
+    def test_callWhoseTimeIsUpAsTheDialectIsChosenIsNotSent(self) -> None:
+        """A call made before the dialect is chosen whose timeout is reached in the same
+        tick as the choice (its timer due, not yet run): it is not sent, with no time or
+        a negative time left, and its timer then fails it naming the caller's timeout;
+        the call made after it is sent, and the connection stays up."""
+        # (A pump that leaves the clock alone: the choice comes before the timer runs.)
+        self.server, self.client, self.pump = connectedServerAndClient(
+            pb.PBServerFactory(self.methods, clock=self.clock),
+            pb.PBClientFactory(clock=self.clock),
+            greet=False,
+        )
+        root = self.client.remoteForName("root")
+        late = root.withOptions(timeout=2).callRemote("wait")
+        self.clock.rightNow += 2  # the time has come; the clock has not run the timer yet
+        echo = root.callRemote("echo", 7)
+        self.pump.flush()
+        self.assertEqual(self.methods.waiting, [])  # never sent
+        self.assertEqual(self.successResultOf(echo), 7)
+        self.assertNoResult(late)
+        self.clock.advance(0)
+        failure = self.failureResultOf(late, TimeoutError)
+        self.assertEqual(
+            failure.getErrorMessage(), "the call to 'wait' had no answer within 2 seconds"
+        )
+        self.pump.flush()
+        self.assertFalse(self.server.disconnected or self.client.disconnected)
+        self.assertEqual(list(self.client._abandoned), [])
+
 
 class Jobs(pb.Root):
     """

@@ -138,6 +138,10 @@ class AsReferenceable(Referenceable):
         return self._receive(broker, message, args, kw)
 
 
+#: The most doublings of LoginGuard's delay counted: far past any maxDelay a guard is given.
+_MOST_DOUBLINGS = 1000
+
+
 class LoginGuard:
     """
     Slows down password guessing: the password attempts from one peer address are checked one
@@ -224,8 +228,11 @@ class LoginGuard:
         """
         How long the next failure from ``address`` is held back, in seconds.
         """
-        count = self._recentFailures(address)
-        return float(min(self.maxDelay, self.baseDelay * 2**count))
+        # (The exponent is bounded: past about 1,000 failures the power would not fit in a
+        # float, and the failure's answer would never be sent. A product too large for a
+        # float is inf, which maxDelay caps.)
+        count = min(self._recentFailures(address), _MOST_DOUBLINGS)
+        return float(min(self.maxDelay, self.baseDelay * 2.0**count))
 
     def attempt(
         self,
@@ -311,18 +318,25 @@ class LoginGuard:
                 )
                 done(failure)
                 return
-            kind = getattr(failure.type, "__name__", describe(failure.type))
-            message = failure.getErrorMessage()
-            self._log.warn(
-                "Login failed for {user} from {peer}: {reason}",
-                user=name,
-                peer=address,
-                reason=f"{kind}: {message}" if message else kind,
-            )
-            delay = self.delayFor(address)
-            self._recordFailure(address)
-            broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
-            close = broker.loginFailures == self.maxFailuresPerConnection
+            try:
+                kind = getattr(failure.type, "__name__", describe(failure.type))
+                message = failure.getErrorMessage()
+                self._log.warn(
+                    "Login failed for {user} from {peer}: {reason}",
+                    user=name,
+                    peer=address,
+                    reason=f"{kind}: {message}" if message else kind,
+                )
+                delay = self.delayFor(address)
+                self._recordFailure(address)
+                broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
+                close = broker.loginFailures == self.maxFailuresPerConnection
+            except Exception:
+                # Answered all the same, and the address's turn passed on: a failure left
+                # unanswered here would hold up every later password login from the address.
+                self._log.failure("Could not count a failed login from {peer}", peer=address)
+                done(failure)
+                return
             if delay <= 0:
                 done(failure, close)
             else:

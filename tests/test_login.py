@@ -652,6 +652,54 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)
         self.flushLoggedErrors(UnauthorizedLogin)
 
+    def test_manyFailuresDoNotLockTheAddressOut(self) -> None:
+        """Past a thousand recent failures from an address (certificate logins, which fail
+        at once, count too) the delay stays the maximum, and the address's password logins
+        are still answered: the power of two once overflowed, the failure was never
+        answered and the address's turn never passed on."""
+        guard = pb.LoginGuard(reactor=self.clock, maxFailuresPerConnection=2000)
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        factory = pb.PBServerFactory(Portal(realmFor(pb), [checker]), loginGuard=guard)
+        with capturedLogs():
+            failed = []
+            for _ in range(2):  # (a connection takes at most 1,000 calls in progress)
+                _server, client, pump = connect(factory, pb.PBClientFactory())
+                root = client.remoteForName("root")
+                failed += [root.callRemote("loginCertificate", None) for _ in range(515)]
+                pump.flush()
+                self.clock.advance(guard.maxDelay)
+                pump.flush()
+            for attempt in failed:
+                self.failureResultOf(attempt, UnauthorizedLogin)
+            self.assertEqual(guard.delayFor("127.0.0.1"), guard.maxDelay)
+            self.factory = factory
+            wrong, _client, _pump = self.login(b"wrong")
+            right, _client, _pump = self.login(b"secret")
+        self.assertTrue(wrong[0].check(UnauthorizedLogin))
+        self.assertIsInstance(right[0], pb.RemoteReference)
+        self.assertEqual(self.flushLoggedErrors(OverflowError), [])
+        self.flushLoggedErrors(UnauthorizedLogin)
+
+    def test_answeredWhenAFailureCannotBeCounted(self) -> None:
+        """A failure whose counting raises (a guard subclass's bug) is still answered, with
+        the error logged, and the address's next password login is checked."""
+
+        class BrokenGuard(pb.LoginGuard):
+            def delayFor(self, address: str) -> float:
+                raise RuntimeError("the guard's own bug")
+
+        self.factory = pb.PBServerFactory(
+            Portal(realmFor(pb), [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")]),
+            loginGuard=BrokenGuard(reactor=self.clock),
+        )
+        with capturedLogs():
+            wrong, _client, _pump = self.login(b"wrong", advance=0)
+            right, _client, _pump = self.login(b"secret", advance=0)
+        self.assertTrue(wrong[0].check(UnauthorizedLogin))
+        self.assertIsInstance(right[0], pb.RemoteReference)
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "the guard's own bug")
+
     def pipelinedGuesses(self, passwords: list[bytes]) -> tuple[Any, Any, list[Any]]:
         """
         Ask for a challenge per password at once, then send every response at once, as a

@@ -249,7 +249,8 @@ class LoginGuard:
 
         Cancelling the returned Deferred abandons the attempt: it is not checked if it is
         still waiting, its check is cancelled if it is running, and a login that completes
-        anyway is logged out at once.
+        anyway is logged out at once. A check that cannot be cancelled runs to its end, and
+        its failure counts as any other.
         """
         address = _peerAddress(broker)
         if isinstance(username, bytes):
@@ -257,6 +258,7 @@ class LoginGuard:
         name = describe(username)  # for the log, cut short
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
+        leftToEnd: list[bool] = []
         queue = self._queues.get(address) if guessable else None
 
         def cancel(_: Deferred[Any]) -> None:
@@ -266,7 +268,9 @@ class LoginGuard:
                 if cannotStop(running):
                     # A check that cannot be stopped (in a thread, a database): cancelling
                     # would only fail it now, and the address's next check would start while
-                    # it runs. It is left to end, holding the address's turn.
+                    # it runs. It is left to end, holding the address's turn, and a failure
+                    # then counts as any other (see failed).
+                    leftToEnd.append(True)
                     return
                 running.cancel()
             elif queue is not None and check in queue.waiting:
@@ -309,8 +313,12 @@ class LoginGuard:
             done(result)
 
         def failed(failure: Failure) -> None:
-            if abandoned:
-                # Given up by the caller, who learns nothing of the outcome: not a guess.
+            if abandoned and not leftToEnd:
+                # Stopped, or never started: given up by the caller, who learns nothing of
+                # the outcome, it is not a guess. A check left to end ran to its outcome:
+                # the portal may already have given the realm the caller's mind, which could
+                # tell it a right guess, so a wrong one counts and is delayed as any other
+                # (else cancelling each guess would make guessing free).
                 self._log.info(
                     "Login abandoned by {peer} for {user} before its check ended",
                     user=name,
@@ -322,10 +330,11 @@ class LoginGuard:
                 kind = getattr(failure.type, "__name__", describe(failure.type))
                 message = failure.getErrorMessage()
                 self._log.warn(
-                    "Login failed for {user} from {peer}: {reason}",
+                    "Login failed for {user} from {peer}: {reason}{abandoned}",
                     user=name,
                     peer=address,
                     reason=f"{kind}: {message}" if message else kind,
+                    abandoned=" (abandoned by the peer as it was checked)" if abandoned else "",
                 )
                 delay = self.delayFor(address)
                 self._recordFailure(address)

@@ -853,7 +853,9 @@ class LoginGuardTests(SynchronousTestCase):
         """A check whose Deferred has no canceller (in a thread, a database) is not
         cancelled with its attempt: the caller gets CancelledError at once, and the
         address's next attempt waits until the check ends (else a peer could run any number
-        of checks at once, cancelling each); the outcome is logged, and is not a failure."""
+        of checks at once, cancelling each); a failure then counts, delayed as any other
+        (the realm may have been given the caller's mind, which a right guess could reach:
+        cancelling each guess must not make guessing free)."""
         checks: list[Deferred[Any]] = []
 
         def unstoppable() -> Deferred[Any]:
@@ -869,10 +871,15 @@ class LoginGuardTests(SynchronousTestCase):
             checks[0].errback(UnauthorizedLogin())
         self.assertEqual(
             [formatEvent(e) for e in events],
-            ["Login abandoned by 127.0.0.1 for 'bob' before its check ended"],
+            [
+                "Login failed for 'bob' from 127.0.0.1: UnauthorizedLogin "
+                "(abandoned by the peer as it was checked)"
+            ],
         )
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)  # a failure counted
+        self.assertEqual(len(checks), 1)  # the next waits out the failure's delay
+        self.clock.advance(1.0)
         self.assertEqual(len(checks), 2)  # now the second goes
-        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
         second.cancel()
         self.failureResultOf(second, CancelledError)
         with capturedLogs() as events:
@@ -1009,6 +1016,91 @@ class _BrokenPasswordChecker:
 
     def requestAvatarId(self, credentials: Any) -> Any:
         return fail(UnauthorizedLogin())
+
+
+@implementer(ICredentialsChecker)
+class _UnstoppableChecker:
+    """
+    Answers later through a Deferred without a canceller, as a checker in a thread or a
+    database does; ``pending`` holds each check's Deferred, whether its password is right,
+    and the username.
+    """
+
+    credentialInterfaces = (IUsernameHashedPasswordInterface,)
+
+    def __init__(self, password: bytes) -> None:
+        self.password = password
+        self.pending: list[tuple[Deferred[Any], bool, bytes]] = []
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        answer: Deferred[Any] = Deferred()
+        self.pending.append(
+            (answer, credentials.checkPassword(self.password), credentials.username)
+        )
+        return answer
+
+
+class _GreetedMind(pb.Referenceable):
+    def __init__(self) -> None:
+        self.greeted = 0
+
+    def remote_attached(self) -> None:
+        self.greeted += 1
+
+
+@implementer(IRealm)
+class _GreetingRealm:
+    """
+    Calls the client's mind as it logs in (as Buildbot's realm does).
+    """
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        mind.callRemote("attached")
+        return pb.IPerspective, pb.Avatar(), lambda: None
+
+
+class AbandonedGuessTests(SynchronousTestCase):
+    def test_guessesCancelledAsTheyAreCheckedCount(self) -> None:
+        """A client that cancels each password response (native dialect) while an
+        uncancellable checker runs: each wrong guess still counts, is delayed, and the
+        connection is closed after five, so that the right guess is never checked and the
+        realm never reaches the client's mind with it."""
+        clock = Clock()
+        guard = pb.LoginGuard(reactor=clock)
+        checker = _UnstoppableChecker(b"secret")
+        factory = pb.PBServerFactory(Portal(_GreetingRealm(), [checker]), loginGuard=guard)
+        _server, client, pump = connectedServerAndClient(factory, pb.PBClientFactory())
+        self.assertTrue(client.isNative)
+        root = client.remoteForName("root")
+        mind = _GreetedMind()
+        checked = []
+        with capturedLogs():
+            for guess in [b"a", b"b", b"c", b"d", b"e", b"f", b"secret"]:
+                if client.disconnected:
+                    break
+                challenge = root.callRemote("login", b"alice")
+                pump.flush()
+                nonce, challenger = self.successResultOf(challenge)
+                outcome = challenger.callRemote("respond", pb.respond(nonce, guess), mind)
+                pump.flush()
+                outcome.cancel()
+                self.failureResultOf(outcome, CancelledError)
+                pump.flush()
+                if not checker.pending:
+                    continue
+                answer, right, username = checker.pending.pop()
+                checked.append(guess)
+                if right:
+                    answer.callback(username)
+                else:
+                    answer.errback(UnauthorizedLogin("bad password"))
+                clock.advance(guard.maxDelay)
+                pump.flush()
+        self.assertEqual(checked, [b"a", b"b", b"c", b"d", b"e"])
+        self.assertTrue(client.disconnected)
+        self.assertEqual(guard.delayFor("127.0.0.1"), guard.maxDelay)
+        self.assertEqual(mind.greeted, 0)
+        self.flushLoggedErrors(UnauthorizedLogin)
 
 
 class BrokenPasswordStoreTests(SynchronousTestCase):

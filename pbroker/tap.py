@@ -233,7 +233,12 @@ class Options(usage.Options, AuthOptionMixin):
             "Listen for TLS on this port (loopback); with --listen too, on both.",
             _number("--tls-port", int),
         ],
-        ["tls-certificate", None, None, "The server's PEM certificate, for --tls-port."],
+        [
+            "tls-certificate",
+            None,
+            None,
+            "The server's PEM certificate, for --tls-port (any chain after it is sent too).",
+        ],
         ["tls-key", None, None, "The server's PEM private key, for --tls-port."],
         ["tls-client-ca", None, None, "Require client certificates from these CAs (PEM)."],
         [

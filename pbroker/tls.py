@@ -65,20 +65,25 @@ def serverEndpoint(
     from twisted.internet import ssl
     from twisted.internet.endpoints import SSL4ServerEndpoint
 
-    serverCertificate = ssl.PrivateCertificate.loadPEM(
-        _readPEM(certificate) + b"\n" + _readPEM(privateKey)
-    )
-    if clientCA is None:
-        contextFactory = serverCertificate.options()
-    else:
+    certificates = _readPEM(certificate)
+    serverCertificate = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + _readPEM(privateKey))
+    # The certificates after the server's own (a "fullchain.pem"): sent with it, so that a
+    # client that trusts only the root can verify it. (loadPEM reads only the first.)
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
+    verification: dict[str, Any] = {}
+    if clientCA is not None:
         authorities = _loadAuthorities(clientCA)
-        contextFactory = ssl.CertificateOptions(
-            privateKey=serverCertificate.privateKey.original,
-            certificate=serverCertificate.original,
-            verify=True,
-            requireCertificate=True,
-            caCerts=[authority.original for authority in authorities],
-        )
+        verification = {
+            "verify": True,
+            "requireCertificate": True,
+            "caCerts": [authority.original for authority in authorities],
+        }
+    contextFactory = ssl.CertificateOptions(
+        privateKey=serverCertificate.privateKey.original,
+        certificate=serverCertificate.original,
+        extraCertChain=chain,
+        **verification,
+    )
     return SSL4ServerEndpoint(reactor, port, contextFactory, interface=interface)
 
 

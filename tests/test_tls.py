@@ -32,20 +32,23 @@ class Authority:
     A certificate authority that writes PEM files for itself and what it issues.
     """
 
-    def __init__(self, directory: str, name: str) -> None:
+    def __init__(self, directory: str, name: str, parent: Authority | None = None) -> None:
+        """
+        A root CA, or with ``parent`` an intermediate one that ``parent`` certifies.
+        """
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
-            .issuer_name(_name(name))
+            .issuer_name(_name(name) if parent is None else parent.certificate.subject)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
+            .sign(self.key if parent is None else parent.key, hashes.SHA256())
         )
         # A directory holding just this CA's certificate, for tls: trustRoots=.
         self.trustRoots = os.path.join(directory, f"{name}-roots")
@@ -229,6 +232,38 @@ class TLSTests(TestCase):
             reactor, 0, self.serverCert, self.serverKey, clientCA=self.authority.pem
         )
         return await self.listen(endpoint, Portal(Realm(), [checker]))
+
+    def fullChain(self) -> tuple[str, str]:
+        """
+        A server certificate from an intermediate CA, in one file with that CA's certificate
+        after it (a "fullchain.pem"); the paths of that file and of the key.
+        """
+        middle = Authority(self.directory, "middle", parent=self.authority)
+        certificate, key = middle.issue("localhost", ("localhost",))
+        chain = os.path.join(self.directory, "fullchain.pem")
+        with open(certificate, "rb") as leaf, open(middle.pem, "rb") as intermediate:
+            pems = leaf.read() + intermediate.read()
+        with open(chain, "wb") as chainFile:
+            chainFile.write(pems)
+        return chain, key
+
+    async def test_chainSent(self) -> None:
+        """serverEndpoint sends the certificates after the server's own in its file: a
+        client that trusts only the root CA verifies a server certified by an intermediate
+        one, with or without client certificates."""
+        chain, key = self.fullChain()
+        port = await self.listen(tls.serverEndpoint(reactor, 0, chain, key), Echo())
+        root, _ = await self.connect(self.clientString(port))
+        self.assertEqual(await root.callRemote("echo", "chained"), "chained")
+        checker = tls.PeerCertificateChecker(commonNames={"alice": b"alice"})
+        endpoint = tls.serverEndpoint(reactor, 0, chain, key, clientCA=self.authority.pem)
+        port = await self.listen(endpoint, Portal(Realm(), [checker]))
+        certificate, clientKey = self.authority.issue("alice")
+        _, factory = await self.connect(
+            self.clientString(port, extra=f":certificate={certificate}:privateKey={clientKey}")
+        )
+        avatar = await factory.login(pb.CertificateLogin())
+        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
 
     async def test_clientCertificateLogsIn(self) -> None:
         """With mutual TLS the client certificate logs in to the avatar it maps to."""

@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 import sys
 import unicodedata
 from collections import Counter
@@ -447,7 +448,10 @@ class PasswordFile:
     ) -> None:
         """
         Add ``username`` (or replace its verifier, moving it to the end of the file); the file
-        is written readable by its owner only (mode 0600).
+        is written readable by its owner only (mode 0600), or by its group too if the file
+        it replaces was (0640). The file it replaces keeps its owner and group where this
+        process may give them (as root): a server that runs as its own user still reads a
+        file that root updated.
 
         The new file is written to ``FILE.new`` and then moved over ``FILE``; a ``FILE.new``
         left behind (a stale file, or a symbolic link planted there) is removed first, never
@@ -474,6 +478,10 @@ class PasswordFile:
             # secret line is replaced.
             kept = [existing for existing in kept if not existing.startswith(_SECRET_PREFIX)]
             kept.insert(0, _SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode())
+        previous = None
+        with suppress(FileNotFoundError):
+            previous = os.stat(self.path)
+        mode = 0o600 if previous is None else 0o600 | (previous.st_mode & stat.S_IRGRP)
         temporary = self.path + ".new"
         with suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -483,7 +491,12 @@ class PasswordFile:
         descriptor = os.open(temporary, flags, 0o600)
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as passwordFile:
-                os.fchmod(passwordFile.fileno(), 0o600)
+                if previous is not None:
+                    # (A user other than root may not give a file away: it is then theirs,
+                    # as any file they write is; the command says so.)
+                    with suppress(PermissionError):
+                        os.fchown(passwordFile.fileno(), previous.st_uid, previous.st_gid)
+                os.fchmod(passwordFile.fileno(), mode)
                 passwordFile.write("\n".join([*kept, line]) + "\n")
                 passwordFile.flush()
                 os.fsync(passwordFile.fileno())
@@ -597,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     if not password:
         print("An empty password is not allowed; nothing was changed.", file=sys.stderr)
         return 1
+    owner = None
+    with suppress(OSError):
+        before = os.stat(options.file)
+        owner = before.st_uid, before.st_gid
     try:
         # surrogateescape: bytes that are not UTF-8 (in the environment) are the password, as
         # the pbroker command sends them.
@@ -607,6 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Could not update {options.file}: {e}", file=sys.stderr)
         return 1
     print(f"Set the password of {options.username} in {options.file}.")
+    with suppress(OSError):
+        after = os.stat(options.file)
+        if owner is not None and (after.st_uid, after.st_gid) != owner:
+            print(
+                f"Warning: {options.file} now belongs to user {after.st_uid} and group "
+                f"{after.st_gid}, not {owner[0]} and {owner[1]} as before (only root may "
+                "keep them): a server running as that user may no longer read it.",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -26,7 +26,7 @@ from twisted.internet import reactor, task
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from pbroker import passwords, pb
 from pbroker.cred import MAX_USERNAME
@@ -103,6 +103,58 @@ class PasswordFileTests(SynchronousTestCase):
         for secret in (b"first secret", b"second secret", b"bob secret"):
             self.assertNotIn(secret, content)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_groupReadKept(self) -> None:
+        """A file its group may read (0640, as a server's group is given it) stays so when
+        a password is set; one others may read too loses that; a private one stays so."""
+        passwordFile = PasswordFile(self.path)
+        passwordFile.setPassword("alice", b"pw", ITERATIONS)
+        for before, after in ((0o640, 0o640), (0o644, 0o640), (0o604, 0o600), (0o600, 0o600)):
+            os.chmod(self.path, before)
+            passwordFile.setPassword("alice", b"pw", ITERATIONS)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), after)
+
+    def test_ownerAndGroupKept(self) -> None:
+        """Setting a password as root keeps the file's owner and group, so that a server
+        running as its own user still reads it (the file is written anew, and was root's)."""
+        if os.geteuid() != 0:
+            raise SkipTest("only root can give the file another owner to keep")
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        os.chown(self.path, 65534, 65534)
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "bob's"})
+        err = io.StringIO()
+        with redirect_stdout(io.StringIO()), redirect_stderr(err):
+            code = passwords.main(["add", self.path, "bob", "--iterations", str(ITERATIONS)])
+        self.assertEqual(code, 0)
+        self.assertEqual(err.getvalue(), "")
+        status = os.stat(self.path)
+        self.assertEqual((status.st_uid, status.st_gid), (65534, 65534))
+        self.assertEqual(stat.S_IMODE(status.st_mode), 0o600)
+        self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"bob"))
+
+    def test_ownerNotKeptSaid(self) -> None:
+        """Where the owner cannot be kept (a user other than root), the command says whose
+        the file now is, and that a server running as its former owner may not read it."""
+        if os.geteuid() != 0:
+            raise SkipTest("only root can make a file of another owner to replace")
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        os.chown(self.path, 65534, 65534)
+
+        def refused(descriptor: int, uid: int, gid: int) -> None:
+            raise PermissionError("Operation not permitted")
+
+        self.patch(os, "fchown", refused)
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "bob's"})
+        err = io.StringIO()
+        with redirect_stdout(io.StringIO()), redirect_stderr(err):
+            code = passwords.main(["add", self.path, "bob", "--iterations", str(ITERATIONS)])
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            err.getvalue(),
+            f"Warning: {self.path} now belongs to user 0 and group 0, not 65534 and 65534 as "
+            "before (only root may keep them): a server running as that user may no longer "
+            "read it.\n",
+        )
 
     def test_reloadsWhenChanged(self) -> None:
         """A running server sees users added to the file afterwards."""

@@ -371,7 +371,7 @@ class PasswordFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._verifiers: dict[bytes, ScramVerifier] = {}
         self._decoyBasis: tuple[bytes, int] | None = None
 
@@ -402,7 +402,9 @@ class PasswordFile:
         except FileNotFoundError:
             self._verifiers, self._decoyBasis, self._stamp = {}, None, None
             return
-        stamp = (status.st_mtime, status.st_size)
+        # (The inode too: the tool writes a new file each time, and a password set again
+        # is a line of the same size, perhaps within the file system's timestamp tick.)
+        stamp = (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
         if stamp == self._stamp:
             return
         verifiers: dict[bytes, ScramVerifier] = {}

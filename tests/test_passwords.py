@@ -163,6 +163,23 @@ class PasswordFileTests(SynchronousTestCase):
         PasswordFile(self.path).setPassword("carol", b"pw", ITERATIONS)
         self.assertIsNotNone(reader.verifierFor(b"carol"))
 
+    def test_passwordSetAgainWithinATimestampTickSeen(self) -> None:
+        """A password set again is a line of the same size; written within the file
+        system's timestamp tick (seconds on some), the file has the same size and time: a
+        running server still sees the change (the old password stops working)."""
+        PasswordFile(self.path).setPassword("alice", b"compromised", ITERATIONS)
+        reader = PasswordFile(self.path)
+        old = reader.verifierFor(b"alice")
+        before = os.stat(self.path)
+        PasswordFile(self.path).setPassword("alice", b"changed-now", ITERATIONS)
+        os.utime(self.path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+        self.assertEqual(os.stat(self.path).st_size, before.st_size)
+        self.assertEqual(
+            reader.verifierFor(b"alice"),
+            PasswordFile(self.path).verifierFor(b"alice"),
+        )
+        self.assertNotEqual(reader.verifierFor(b"alice"), old)
+
     def test_command(self) -> None:
         """The add command takes the password from PBROKER_PASSWORD and writes the file."""
         self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "from env"})

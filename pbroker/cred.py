@@ -36,7 +36,15 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from pbroker.errors import LimitExceeded, NoSuchMethod, cannotStop, describe
-from pbroker.flavors import IPBRoot, Jellyable, Referenceable, findRemoteMethod, textKeywords
+from pbroker.flavors import (
+    IPBRoot,
+    Jellyable,
+    Referenceable,
+    Viewable,
+    ViewPoint,
+    findRemoteMethod,
+    textKeywords,
+)
 
 __all__ = [
     "MAX_USERNAME",
@@ -441,11 +449,20 @@ def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -
         logins not logged out; this one is logged out at once.
     """
     _interface, avatar, logout = result
-    if not isinstance(avatar, Jellyable):
+    if isinstance(avatar, Viewable):
+        # Sent as the ViewPoint it would become (for no perspective, as stock PB sends it):
+        # its logouts are kept under the id of what the peer holds and releases.
+        avatar = ViewPoint(None, avatar)
+    elif not isinstance(avatar, Jellyable):
         avatar = AsReferenceable(avatar, "perspective")
     limit = broker.limits.exportedReferences
     if getattr(broker, "loginsHeld", 0) >= limit:
-        logout()
+        try:
+            logout()
+        except Exception:
+            # Logged, as any logout that fails: the peer is told it is over the limit, not
+            # what the realm's error says of the server.
+            _Logouts._log.failure("The logout of a login over the limit failed")
         raise LimitExceeded(f"more than {limit} logins at once on this connection")
     puid = avatar.processUniqueID()
     logouts = broker.localCleanup.get(puid)

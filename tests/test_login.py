@@ -341,6 +341,78 @@ class LogoutOnceTests(SynchronousTestCase):
         self.assertEqual((server.localCleanup, server.loginsHeld), ({}, 0))
         self.assertNotIn(shared.processUniqueID(), server.luids)
 
+    def test_viewableAvatarLoggedOutOnRelease(self) -> None:
+        """A Viewable avatar (sent as a ViewPoint) is logged out when the client releases
+        it, as any avatar is, not only when the connection ends; its logins held go back
+        to none; its view_ methods get no perspective, as from stock PB."""
+        loggedOut: list[int] = []
+
+        class Board(pb.Viewable):
+            def view_who(self, perspective: Any) -> str:
+                return repr(perspective)
+
+        board = Board()
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                return pb.IPerspective, board, lambda: loggedOut.append(1)
+
+        for dialects in (None, [b"pb"]):
+            del loggedOut[:]
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            server, _client, pump = connect(
+                pb.PBServerFactory(Portal(Realm(), [AllowAnonymousAccess()])), clientFactory
+            )
+            results: list[Any] = []
+            clientFactory.login(Anonymous()).addBoth(results.append)
+            pump.flush()
+            [avatar] = results
+            who = avatar.callRemote("who")
+            pump.flush()
+            self.assertEqual(self.successResultOf(who), "None")
+            self.assertEqual(server.loginsHeld, 1)
+            del results[:], avatar
+            gc.collect()
+            pump.flush()
+            self.assertEqual(loggedOut, [1])
+            self.assertEqual((server.localCleanup, server.loginsHeld), ({}, 0))
+
+    def test_failingLogoutOverTheLimitNotSent(self) -> None:
+        """A login over the limit is logged out at once; a logout that raises then is
+        logged, and the peer is told it is over the limit, not what the realm's error says
+        (which could name the server's internals)."""
+
+        def logout() -> None:
+            raise RuntimeError("cannot reach db at 10.1.2.3 as admin")
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+                return pb.IPerspective, pb.Avatar(), logout
+
+        clientFactory = pb.PBClientFactory()
+        _server, _client, pump = connect(
+            pb.PBServerFactory(
+                Portal(Realm(), [AllowAnonymousAccess()]),
+                limits=pb.BrokerLimits(exportedReferences=2),
+            ),
+            clientFactory,
+        )
+        results: list[Any] = []
+        with capturedLogs() as events:
+            for _ in range(3):
+                clientFactory.login(Anonymous()).addBoth(results.append)
+            pump.flush()
+        refused = results[2]
+        self.assertIsInstance(refused, Failure)
+        self.assertEqual(refused.getErrorMessage(), "more than 2 logins at once on this connection")
+        self.assertIn(
+            "The logout of a login over the limit failed", [e.get("log_format") for e in events]
+        )
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "cannot reach db at 10.1.2.3 as admin")
+
     def test_loginCompletingAfterDisconnect(self) -> None:
         """A login the checker answers after the client has gone is logged out at once."""
         answer: Deferred[Any] = Deferred()

@@ -154,6 +154,48 @@ _SCALARS = frozenset({int, float, bool, type(None)})
 _PLAIN = _SCALARS | {bytes, str, list, dict, tuple, set, frozenset}
 # Values the codecs encode without calling any hook: serialising them registers nothing.
 _HOOKLESS = _SCALARS | {bytes, str}
+# The values the native dialect decodes itself (not through jelly), by the jelly tag of the
+# security options that rules them in the pb dialect (see Broker._checkKinds).
+_KIND_TAGS = (
+    (list, b"list"),
+    (dict, b"dictionary"),
+    (tuple, b"tuple"),
+    (set, b"set"),
+    (frozenset, b"frozenset"),
+    (str, b"unicode"),
+)
+_CONTAINERS = frozenset({list, tuple, set, frozenset})
+
+
+def _checkKinds(value: Any, refused: dict[type, bytes]) -> None:
+    """
+    Refuse a value the native codec decoded that holds a kind of value the security
+    options refuse (a list, a dict...), as the pb dialect refuses its jelly tag. Values
+    within it that came through jelly (copies) were checked by their unjellier.
+
+    :raises InsecureJelly: the first refused kind found.
+    """
+    stack = [value]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        tag = refused.get(kind)
+        if tag is not None:
+            raise InsecureJelly(
+                f"type {describe(tag.decode())} is not allowed by the security options"
+            )
+        if kind in _CONTAINERS or kind is dict:
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if kind is dict:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+
+
 # What serialize() gives that is not a Deferred.
 _SERIALIZED = frozenset({bytes, Encoded, Packed})
 # What a registration made while serialising counted (see Broker._unregister).
@@ -1066,6 +1108,9 @@ class Broker(Banana):
         # The positional arguments of the call being run, as sent: unserialised, they are a
         # tuple in either dialect (the native codec gives a list).
         self._callArgs: Any = None
+        # In the native dialect, the kinds of values its codec decodes that the security
+        # options refuse (type -> jelly tag; most often none), see _checkKinds.
+        self._refusedKinds: dict[type, bytes] = {}
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self._streams = StreamTable(self)
         # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
@@ -1226,6 +1271,12 @@ class Broker(Banana):
             measureDepth=self.limits.nestingDepth < DEPTH_LIMIT,
         )
         self._setItemLimit()
+        security, registry = self.security, self.registry
+        self._refusedKinds = {
+            kind: tag
+            for kind, tag in _KIND_TAGS
+            if not (security.isTypeAllowed(tag) or tag in registry)
+        }
         self._decoder = FrameDecoder(size, self.valueFields)
         self.currentDialect = dialect
         self.connectionReady()
@@ -2485,7 +2536,8 @@ class Broker(Banana):
         streams would otherwise stay exported for the peer for the life of the connection.
         """
         codec = self._codec
-        if codec is not None and sexp == EMPTY_MAP:
+        refused = self._refusedKinds
+        if codec is not None and sexp == EMPTY_MAP and not refused:
             return {}  # the keywords of most calls
         outer = self._arrivals
         arrivals: list[tuple[int, int]] = []
@@ -2502,7 +2554,9 @@ class Broker(Banana):
                 finally:
                     self.unserializingPerspective = None
             if sexp is self._callArgs and type(value) is list:
-                return tuple(value)  # a call's positional arguments, as jelly gives them
+                value = tuple(value)  # a call's positional arguments, as jelly gives them
+            if refused:
+                _checkKinds(value, refused)
             return value
         except BaseException:
             self._releaseUnread(sexp, arrivals)

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import jelly, pb
+from pbroker.errors import InsecureJelly
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
 from tests.test_native import Cursor
@@ -265,3 +266,60 @@ class SelfReferenceTests(SynchronousTestCase):
             copy = answer(broker, pump, "selfish")
             self.assertEqual((copy.keysSet, copy.keysAfter), (["name"], ["me", "name"]))
             self.assertIs(copy.state["me"], copy)
+
+
+class KindOf(pb.Root):
+    def remote_kind(self, value: Any) -> bytes:
+        return type(value).__name__.encode()
+
+    def remote_text(self) -> str:
+        return "text"
+
+
+class SecurityOptionsTests(SynchronousTestCase):
+    def options(self, *allowed: str) -> jelly.SecurityOptions:
+        options = jelly.SecurityOptions()
+        options.allowTypes(*allowed)
+        return options
+
+    def refused(self, broker: Any, pump: Any, name: str, *args: Any) -> str:
+        """
+        Call ``name``, which the server refuses; the error's message.
+        """
+        with capturedLogs() as events:
+            failure = answer(broker, pump, name, *args)
+        self.assertIsInstance(failure, Failure, repr(args))
+        self.assertTrue(failure.check(InsecureJelly), failure)
+        self.assertIn("Refused a call to {method}: {error}", [e["log_format"] for e in events])
+        return str(failure.getErrorMessage())
+
+    def test_containersRuledAlike(self) -> None:
+        """Options that refuse a kind of container refuse it in the native dialect too,
+        where the codec builds it without jelly, anywhere in a call's arguments: the server
+        refuses the call with InsecureJelly, as in the pb dialect; what they allow passes.
+        (A call's arguments are a tuple and its keywords a dictionary in both.)"""
+        for dialects in DIALECTS:
+            options = self.options("tuple", "dictionary")  # no lists
+            _server, broker, pump = connect(KindOf(), dialects, security=options)
+            for value in ([1, 2], (1, [2]), {"a": [1]}, {frozenset({"x"}): (1, [])}):
+                self.assertEqual(
+                    self.refused(broker, pump, "kind", value),
+                    "type 'list' is not allowed by the security options",
+                )
+            for value, kind in (((1, 2), b"tuple"), ({"a": (1,)}, b"dict"), ({1, 2}, b"set")):
+                self.assertEqual(answer(broker, pump, "kind", value), kind)
+
+    def test_textRuledAlike(self) -> None:
+        """Options that refuse text refuse it in the native dialect too, in a call's
+        arguments and in an answer."""
+        for dialects in DIALECTS:
+            options = self.options("tuple", "dictionary", "list")
+            options.allowedTypes.pop(b"unicode")
+            _server, broker, pump = connect(KindOf(), dialects, security=options)
+            self.assertEqual(
+                self.refused(broker, pump, "kind", ["text"]),
+                "type 'unicode' is not allowed by the security options",
+            )
+            self.assertEqual(answer(broker, pump, "kind", [b"bytes"]), b"list")
+            failure = answer(broker, pump, "text")
+            self.assertTrue(failure.check(InsecureJelly), failure)

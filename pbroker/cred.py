@@ -42,6 +42,7 @@ from pbroker.flavors import (
     Referenceable,
     Viewable,
     ViewPoint,
+    _positional,
     findRemoteMethod,
     textKeywords,
 )
@@ -127,7 +128,7 @@ class Avatar:
         serialised result.
         """
         args, kw = broker.unserializeCall(args, kw, self)
-        kw = textKeywords(kw)
+        args, kw = _positional(args), textKeywords(kw)
         method = findRemoteMethod(self, "perspective_", message)
         return broker.serialize(method(*args, **kw), self, method, args, kw)
 

@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pbroker import pb
-from pbroker.errors import ProtocolError
+from pbroker.errors import InvalidJelly, ProtocolError
 from pbroker.testing import connectedServerAndClient
 from tests.test_broker import connect
 
@@ -482,6 +482,40 @@ class LogoutFailureTests(SynchronousTestCase):
         [logged] = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(logged.getErrorMessage(), "the realm failed to log out")
         self.assertEqual(server.loginsHeld, 0)
+
+
+class _AsSent:
+    """
+    What an avatar reads of a broker, giving a call's arguments back as they were sent.
+    """
+
+    def unserializeCall(self, args: Any, kw: Any, perspective: Any) -> tuple[Any, Any]:
+        return args, kw
+
+    def serialize(self, value: Any, *rest: Any) -> Any:
+        return value
+
+
+class AvatarArgumentTests(SynchronousTestCase):
+    def test_positionalArgumentsMustBeATuple(self) -> None:
+        """A perspective_ call whose positional arguments arrived as something other than
+        a sequence of them is refused with InvalidJelly, as a call to any other object is,
+        not spread into arguments (a text "ab" as two of them)."""
+
+        class User(pb.Avatar):
+            def perspective_pair(self, first: Any = None, second: Any = None) -> Any:
+                return first, second
+
+        user = User()
+        self.assertEqual(user.perspectiveMessageReceived(_AsSent(), "pair", (1, 2), {}), (1, 2))
+        self.assertEqual(user.perspectiveMessageReceived(_AsSent(), "pair", [1, 2], {}), (1, 2))
+        for args in ("ab", 5, {"a": 1}):
+            with self.assertRaises(InvalidJelly) as raised:
+                user.perspectiveMessageReceived(_AsSent(), "pair", args, {})
+            self.assertEqual(
+                str(raised.exception),
+                f"positional arguments must arrive as a tuple, not {type(args).__name__}",
+            )
 
 
 class MalformedLoginTests(SynchronousTestCase):

@@ -463,18 +463,58 @@ class PasswordFile:
             (:func:`checkUsername`), or the iteration count is out of bounds.
         """
         line = ScramVerifier.fromPassword(password, iterations).toLine(username)
+        kept, _ = self._linesWithout(username)
+        self._write([*kept, line])
+
+    def removeUser(self, username: str) -> bool:
+        """
+        Remove ``username`` from the file (written as :meth:`setPassword` writes it);
+        whether it was there. A file without the user is left as it is.
+
+        :raises ValueError: the file is not a pbroker password file.
+        """
+        if not os.path.exists(self.path):
+            return False
+        kept, found = self._linesWithout(username)
+        if found:
+            self._write(kept)
+        return found
+
+    def usernames(self) -> list[str]:
+        """
+        The users in the file, in its order (the ones whose lines can be read).
+        """
+        self._reloadIfChanged()
+        return [username.decode("utf-8", "surrogateescape") for username in self._verifiers]
+
+    def _linesWithout(self, username: str) -> tuple[list[str], bool]:
+        """
+        The file's lines without ``username``'s (none for a file that does not exist), and
+        whether it had one.
+
+        :raises ValueError: a line of another user is not a pbroker password line.
+        """
         kept: list[str] = []
+        found = False
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as passwordFile:
                 lines = [existing.rstrip("\n") for existing in passwordFile]
             for number, existing in enumerate(lines, 1):
                 if existing.split(":", 1)[0] == username:
-                    continue  # replaced, damaged or not
+                    found = True
+                    continue  # replaced or removed, damaged or not
                 if existing.strip() and not existing.startswith("#"):
                     # Not a pbroker password file (/etc/passwd, a Twisted users file...):
                     # refuse it rather than rewrite it.
                     _parseLine(self.path, number, existing)
                 kept.append(existing)
+        return kept, found
+
+    def _write(self, lines: list[str]) -> None:
+        """
+        Replace the file with ``lines`` (and the decoy secret, if they have none).
+        """
+        kept = lines
         if not any(_secretIn(existing) for existing in kept):
             # The secret the decoys of unknown users come from (see decoyBasis); a damaged
             # secret line is replaced.
@@ -499,7 +539,7 @@ class PasswordFile:
                     with suppress(PermissionError):
                         os.fchown(passwordFile.fileno(), previous.st_uid, previous.st_gid)
                 os.fchmod(passwordFile.fileno(), mode)
-                passwordFile.write("\n".join([*kept, line]) + "\n")
+                passwordFile.write("\n".join(kept) + "\n")
                 passwordFile.flush()
                 os.fsync(passwordFile.fileno())
             os.replace(temporary, self.path)
@@ -567,11 +607,11 @@ class ScramChecker:
 
 def main(argv: list[str] | None = None) -> int:
     """
-    ``python -m pbroker.passwords add FILE USERNAME [--iterations N]``.
+    ``python -m pbroker.passwords add FILE USERNAME [--iterations N]``, ``remove FILE
+    USERNAME`` or ``list FILE``.
     """
-    # Imported here: only the command line needs them.
+    # Imported here: only the command line needs it.
     import argparse
-    import getpass
 
     parser = argparse.ArgumentParser(
         prog="python -m pbroker.passwords", description="Manage a pbroker password file."
@@ -581,14 +621,37 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("file")
     add.add_argument("username")
     add.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    remove = commands.add_parser("remove", help="remove a user")
+    remove.add_argument("file")
+    remove.add_argument("username")
+    listing = commands.add_parser("list", help="list the users, one a line")
+    listing.add_argument("file")
     options = parser.parse_args(argv)
+    if options.command == "list":
+        return _list(options.file)
+    owner = None
+    with suppress(OSError):
+        before = os.stat(options.file)
+        owner = before.st_uid, before.st_gid
+    if options.command == "remove":
+        code = _remove(options.file, options.username)
+    else:
+        code = _add(options.file, options.username, options.iterations)
+    if code == 0 and owner is not None:
+        _warnIfGivenAway(options.file, owner)
+    return code
+
+
+def _add(path: str, username: str, iterations: int) -> int:
+    import getpass
+
     try:
-        checkUsername(options.username)
+        checkUsername(username)
     except ValueError as e:
         print(f"{e}; nothing was changed.", file=sys.stderr)
         return 1
     try:
-        _checkIterations(options.iterations)
+        _checkIterations(iterations)
     except ValueError as e:
         print(f"--{e}; nothing was changed.", file=sys.stderr)
         return 1
@@ -601,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         try:
-            password = getpass.getpass(f"Password for {options.username}: ")
+            password = getpass.getpass(f"Password for {username}: ")
             again = getpass.getpass("Again: ")
         except (EOFError, KeyboardInterrupt):
             print("\nNo password given; nothing was changed.", file=sys.stderr)
@@ -612,30 +675,61 @@ def main(argv: list[str] | None = None) -> int:
     if not password:
         print("An empty password is not allowed; nothing was changed.", file=sys.stderr)
         return 1
-    owner = None
-    with suppress(OSError):
-        before = os.stat(options.file)
-        owner = before.st_uid, before.st_gid
     try:
         # surrogateescape: bytes that are not UTF-8 (in the environment) are the password, as
         # the pbroker command sends them.
-        PasswordFile(options.file).setPassword(
-            options.username, password.encode("utf-8", "surrogateescape"), options.iterations
+        PasswordFile(path).setPassword(
+            username, password.encode("utf-8", "surrogateescape"), iterations
         )
     except (OSError, ValueError) as e:
-        print(f"Could not update {options.file}: {e}", file=sys.stderr)
+        print(f"Could not update {path}: {e}", file=sys.stderr)
         return 1
-    print(f"Set the password of {options.username} in {options.file}.")
+    print(f"Set the password of {username} in {path}.")
+    return 0
+
+
+def _remove(path: str, username: str) -> int:
+    try:
+        removed = PasswordFile(path).removeUser(username)
+    except (OSError, ValueError) as e:
+        print(f"Could not update {path}: {e}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"{username} is not in {path}; nothing was changed.", file=sys.stderr)
+        return 1
+    print(f"Removed {username} from {path}.")
+    return 0
+
+
+def _list(path: str) -> int:
+    if not os.path.exists(path):
+        print(f"No such file: {path}", file=sys.stderr)
+        return 1
+    try:
+        with open(path, "rb"):
+            pass  # (unreadable: said here, where reading it for users would only log it)
+        usernames = PasswordFile(path).usernames()
+    except (OSError, ValueError) as e:
+        print(f"Could not read {path}: {e}", file=sys.stderr)
+        return 1
+    for username in usernames:
+        print(username.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    return 0
+
+
+def _warnIfGivenAway(path: str, owner: tuple[int, int]) -> None:
+    """
+    Say so if ``path`` no longer has ``owner`` (user and group) after being written anew.
+    """
     with suppress(OSError):
-        after = os.stat(options.file)
-        if owner is not None and (after.st_uid, after.st_gid) != owner:
+        after = os.stat(path)
+        if (after.st_uid, after.st_gid) != owner:
             print(
-                f"Warning: {options.file} now belongs to user {after.st_uid} and group "
+                f"Warning: {path} now belongs to user {after.st_uid} and group "
                 f"{after.st_gid}, not {owner[0]} and {owner[1]} as before (only root may "
                 "keep them): a server running as that user may no longer read it.",
                 file=sys.stderr,
             )
-    return 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,51 @@ class PasswordFileTests(SynchronousTestCase):
             verifier, ScramVerifier.fromPassword(b"from env", ITERATIONS, verifier.salt)
         )
 
+    def test_removeAndList(self) -> None:
+        """The remove command takes a user out (a running server no longer knows it) and
+        keeps the file's mode; list shows the users in the file's order; each says what is
+        wrong, with exit status 1, for a user or a file that is not there and for a file
+        that is not a password file."""
+        reader = PasswordFile(self.path)
+        for username in ("alice", "bob", "carol"):
+            PasswordFile(self.path).setPassword(username, b"pw", ITERATIONS)
+        os.chmod(self.path, 0o640)
+        self.assertIsNotNone(reader.verifierFor(b"bob"))
+
+        def run(*arguments: str) -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                code = passwords.main(list(arguments))
+            return code, out.getvalue(), err.getvalue()
+
+        self.assertEqual(run("list", self.path), (0, "alice\nbob\ncarol\n", ""))
+        self.assertEqual(
+            run("remove", self.path, "bob"), (0, f"Removed bob from {self.path}.\n", "")
+        )
+        self.assertIsNone(reader.verifierFor(b"bob"))
+        self.assertIsNotNone(reader.verifierFor(b"carol"))
+        self.assertEqual(reader.usernames(), ["alice", "carol"])
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        self.assertEqual(
+            run("remove", self.path, "bob"),
+            (1, "", f"bob is not in {self.path}; nothing was changed.\n"),
+        )
+        missing = self.mktemp()
+        self.assertEqual(
+            run("remove", missing, "bob"),
+            (1, "", f"bob is not in {missing}; nothing was changed.\n"),
+        )
+        self.assertFalse(os.path.exists(missing))
+        self.assertEqual(run("list", missing), (1, "", f"No such file: {missing}\n"))
+        other = self.mktemp()
+        with open(other, "w") as otherFile:
+            otherFile.write("root:x:0:0:root:/root:/bin/bash\n")
+        code, out, err = run("list", other)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(
+            err, f"Could not read {other}: {other}, line 1: not a pbroker password line\n"
+        )
+
     def test_commandPasswordNotUTF8(self) -> None:
         """A PBROKER_PASSWORD that is not UTF-8 is set as its bytes, as the pbroker command
         sends it, not refused with an encoding error blamed on the file."""

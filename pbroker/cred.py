@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -160,8 +161,10 @@ class LoginGuard:
     logins, which have no secret to guess, are not held back. Every attempt is logged with its
     username, peer and outcome, never its secret.
 
-    The price of the per-address order: users who share an address with a guesser (behind
-    one NAT or proxy, or on UNIX sockets, which have no address) wait for its delays too.
+    An IPv6 peer's address counts as its /64 network, which one site may pick any address
+    in. The price of the per-address order: users who share an address with a guesser
+    (behind one NAT or proxy, on UNIX sockets, which have no address, or in one IPv6 /64
+    network) wait for its delays too.
 
     A success is answered at once but does not clear the address's failures (an anonymous
     login would otherwise reset the delays between guesses): they are forgotten
@@ -240,7 +243,7 @@ class LoginGuard:
         # (The exponent is bounded: past about 1,000 failures the power would not fit in a
         # float, and the failure's answer would never be sent. A product too large for a
         # float is inf, which maxDelay caps.)
-        count = min(self._recentFailures(address), _MOST_DOUBLINGS)
+        count = min(self._recentFailures(_addressKey(address)), _MOST_DOUBLINGS)
         return float(min(self.maxDelay, self.baseDelay * 2.0**count))
 
     def attempt(
@@ -261,7 +264,8 @@ class LoginGuard:
         anyway is logged out at once. A check that cannot be cancelled runs to its end, and
         its failure counts as any other.
         """
-        address = _peerAddress(broker)
+        shown = _peerHost(broker)  # (in the log)
+        address = _addressKey(shown)
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         name = describe(username)  # for the log, cut short
@@ -287,7 +291,7 @@ class LoginGuard:
                 self._log.info(
                     "Login abandoned by {peer} for {user} before it was checked",
                     user=name,
-                    peer=address,
+                    peer=shown,
                 )
 
         answer: Deferred[Any] = Deferred(cancel)
@@ -306,7 +310,7 @@ class LoginGuard:
                 if close and broker.transport is not None:
                     self._log.warn(
                         "Closing the connection from {peer} after {count} failed logins",
-                        peer=address,
+                        peer=shown,
                         count=broker.loginFailures,
                     )
                     # Let the error reach the peer first.
@@ -318,7 +322,7 @@ class LoginGuard:
                     self._advance(address, queue)
 
         def succeeded(result: Any) -> None:
-            self._log.info("Login succeeded for {user} from {peer}", user=name, peer=address)
+            self._log.info("Login succeeded for {user} from {peer}", user=name, peer=shown)
             done(result)
 
         def failed(failure: Failure) -> None:
@@ -331,7 +335,7 @@ class LoginGuard:
                 self._log.info(
                     "Login abandoned by {peer} for {user} before its check ended",
                     user=name,
-                    peer=address,
+                    peer=shown,
                 )
                 done(failure)
                 return
@@ -341,7 +345,7 @@ class LoginGuard:
                 self._log.warn(
                     "Login failed for {user} from {peer}: {reason}{abandoned}",
                     user=name,
-                    peer=address,
+                    peer=shown,
                     reason=f"{kind}: {message}" if message else kind,
                     abandoned=" (abandoned by the peer as it was checked)" if abandoned else "",
                 )
@@ -352,7 +356,7 @@ class LoginGuard:
             except Exception:
                 # Answered all the same, and the address's turn passed on: a failure left
                 # unanswered here would hold up every later password login from the address.
-                self._log.failure("Could not count a failed login from {peer}", peer=address)
+                self._log.failure("Could not count a failed login from {peer}", peer=shown)
                 done(failure)
                 return
             if delay <= 0:
@@ -379,7 +383,7 @@ class LoginGuard:
         if queue is None:
             queue = self._queues[address] = _AddressQueue()
         elif len(queue.waiting) >= self.maxWaiting:
-            self._log.warn("Refusing a login from {peer}: too many are waiting", peer=address)
+            self._log.warn("Refusing a login from {peer}: too many are waiting", peer=shown)
             return fail(UnauthorizedLogin("too many logins are waiting from this address"))
         queue.waiting.append(check)
         self._advance(address, queue)
@@ -428,10 +432,10 @@ def _tookTooLong(result: Any, timeout: float) -> Failure:
     return Failure(UnauthorizedLogin(f"the login check took more than {timeout:g} seconds"))
 
 
-def _peerAddress(broker: Any) -> str:
+def _peerHost(broker: Any) -> str:
     """
-    The address failures are counted against: the peer's host for IP connections; for other
-    transports (UNIX sockets, in-memory) one name for all, as they cannot be told apart.
+    The peer's address as logged: its host for IP connections; for other transports (UNIX
+    sockets, in-memory) the kind of address, as they cannot be told apart.
     """
     transport = getattr(broker, "transport", None)
     peer = transport.getPeer() if transport is not None else None
@@ -439,6 +443,23 @@ def _peerAddress(broker: Any) -> str:
     if host is not None:
         return str(host)
     return type(peer).__name__
+
+
+def _addressKey(host: str) -> str:
+    """
+    What the failures of ``host`` are counted against: an IPv6 address's /64 network (one
+    site's, which picks any address in it at will), an IPv4 address mapped into IPv6 as
+    that address; any other as it is.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # (without a zone)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
 
 
 def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -> Any:
@@ -593,7 +614,7 @@ class _PortalWrapper(Referenceable):
                     "Refused the legacy MD5 login of {user} from {peer}: it is turned off "
                     "(later attempts on this connection are not logged)",
                     user=describe(username),
-                    peer=_peerAddress(self.broker),
+                    peer=_peerHost(self.broker),
                 )
             raise UnauthorizedLogin(
                 "this server does not accept the legacy MD5 login (stock Twisted clients, "

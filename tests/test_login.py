@@ -18,7 +18,7 @@ from twisted.cred.credentials import Anonymous, IAnonymous, UsernamePassword
 from twisted.cred.credentials import IUsernameHashedPassword as IUsernameHashedPasswordInterface
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -1047,6 +1047,30 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.delayFor("UNIXAddress"), 2.0)
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
         self.assertEqual([e["peer"] for e in events if "peer" in e], ["UNIXAddress"])
+
+    def test_ipv6CountedByNetwork(self) -> None:
+        """IPv6 peers are counted by their /64 network (a site picks any address in it at
+        will), logged by their own address; an IPv4 address mapped into IPv6 counts as
+        that IPv4 address."""
+        failures = [
+            ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+            ("2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"),
+            ("fe80::1%eth0", "fe80::/64"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+        ]
+        with capturedLogs() as events:
+            for host, _counted in failures:
+                broker = _FakeBroker("127.0.0.1")
+                broker.transport = StringTransport(peerAddress=IPv6Address("TCP", host, 1234))
+                failure = self.guard.attempt(broker, b"bob", lambda: fail(UnauthorizedLogin()))
+                failure.addErrback(lambda _: None)
+                self.clock.advance(10)
+        self.assertEqual(self.guard.delayFor("2001:db8:1:2::/64"), 4.0)
+        self.assertEqual(self.guard.delayFor("2001:db8:1:2:abcd::5"), 4.0)  # same network
+        self.assertEqual(self.guard.delayFor("2001:db8:1:3::1"), 1.0)  # another one
+        self.assertEqual(self.guard.delayFor("fe80::/64"), 2.0)
+        self.assertEqual(self.guard.delayFor("192.0.2.7"), 2.0)
+        self.assertEqual([e["peer"] for e in events if "peer" in e], [host for host, _ in failures])
 
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then

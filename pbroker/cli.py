@@ -515,6 +515,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     from twisted.internet.defer import CancelledError, Deferred
 
     from pbroker import pb
+    from pbroker.cred import NO_PASSWORD_ACCOUNTS
     from pbroker.stream import END, RemoteStream
 
     arguments = _jsonArguments(getattr(options, "arguments", []))
@@ -599,8 +600,11 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     raise CommandError(
                         EXIT_LOGIN, f"{what}: {options.address} takes no logins (leave out --user)"
                     )
-                if answer.check("twisted.cred.error.UnhandledCredentials"):
-                    # No checker for passwords: the list of interfaces tells a user nothing.
+                if answer.check("twisted.cred.error.UnhandledCredentials") or (
+                    NO_PASSWORD_ACCOUNTS in _remoteMessage(answer)
+                ):
+                    # No checker for passwords (a stock server names its interfaces, which
+                    # tell a user nothing).
                     raise CommandError(
                         EXIT_LOGIN,
                         f"{what}: {options.address} has no accounts to log in to with a "

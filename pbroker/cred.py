@@ -50,6 +50,7 @@ from pbroker.flavors import (
 
 __all__ = [
     "MAX_USERNAME",
+    "NO_PASSWORD_ACCOUNTS",
     "AsReferenceable",
     "Avatar",
     "IPerspective",
@@ -147,6 +148,9 @@ class AsReferenceable(Referenceable):
     def remoteMessageReceived(self, broker: Any, message: str, args: Any, kw: Any) -> Any:
         return self._receive(broker, message, args, kw)
 
+
+#: Why a password login is refused by a server whose portal checks no passwords.
+NO_PASSWORD_ACCOUNTS = "this server has no accounts to log in to with a password"
 
 #: The most doublings of LoginGuard's delay counted: far past any maxDelay a guard is given.
 _MOST_DOUBLINGS = 1000
@@ -625,7 +629,28 @@ class _PortalWrapper(Referenceable):
             raise UnauthorizedLogin("the username must be bytes or text")
         _checkLength(username)
         nonce = challenge()
-        return nonce, _PortalAuthChallenger(self.portal, self.broker, username, nonce, self.guard)
+        challenger = _PortalAuthChallenger(self.portal, self.broker, username, nonce, self.guard)
+        checkers = getattr(self.portal, "checkers", None)
+        if isinstance(checkers, dict) and not any(i.providedBy(challenger) for i in checkers):
+            # The portal could only answer the response with UnhandledCredentials, which
+            # names interfaces of the server's: say what is missing, before a challenge.
+            from pbroker.passwords import IScramProof
+
+            if not self._refusalLogged:
+                self._refusalLogged = True
+                self._log.info(
+                    "Refused the legacy MD5 login of {user} from {peer}: no checker of the "
+                    "portal takes it (later attempts on this connection are not logged)",
+                    user=describe(username),
+                    peer=_peerHost(self.broker),
+                )
+            if IScramProof in checkers:
+                raise UnauthorizedLogin(
+                    "this server has no accounts for the legacy MD5 login (of stock Twisted "
+                    "clients, and pbroker clients limited to the pb dialect)"
+                )
+            raise UnauthorizedLogin(NO_PASSWORD_ACCOUNTS)
+        return nonce, challenger
 
     def remote_loginCertificate(self, mind: Any) -> Deferred[Any]:
         """

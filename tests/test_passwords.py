@@ -18,7 +18,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -29,7 +29,7 @@ from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from pbroker import passwords, pb
-from pbroker.cred import MAX_USERNAME
+from pbroker.cred import MAX_USERNAME, NO_PASSWORD_ACCOUNTS
 from pbroker.errors import ProtocolError
 from pbroker.passwords import MAX_ITERATIONS, PasswordFile, ScramChecker, ScramVerifier
 from pbroker.testing import connectedServerAndClient
@@ -563,6 +563,38 @@ class PasswordLoginTests(SynchronousTestCase):
         # Every login attempt is logged, this one too.
         formats = [str(event.get("log_format")) for event in events]
         self.assertTrue(any("Refused the legacy MD5 login" in f for f in formats), formats)
+
+    def test_legacyLoginWithoutLegacyAccounts(self) -> None:
+        """A server whose accounts are all in its password file has none for the legacy
+        login: a stock client, or a pbroker client limited to the pb dialect, is told so
+        before a challenge (the portal would answer with UnhandledCredentials, naming the
+        server's interfaces), once in the log per connection."""
+        self.checkers = self.checkers[:1]
+        for clientFactory in (twistedPb.PBClientFactory(), pb.PBClientFactory(dialects=[b"pb"])):
+            with capturedLogs() as events:
+                failure = self.login(self.server(), clientFactory, b"scram secret")
+            self.assertTrue(failure.check(UnauthorizedLogin), failure)
+            self.assertEqual(
+                failure.getErrorMessage(),
+                "this server has no accounts for the legacy MD5 login (of stock Twisted "
+                "clients, and pbroker clients limited to the pb dialect)",
+            )
+            formats = [str(event.get("log_format")) for event in events]
+            self.assertEqual(
+                [f for f in formats if "Refused the legacy MD5 login" in f],
+                [
+                    "Refused the legacy MD5 login of {user} from {peer}: no checker of the "
+                    "portal takes it (later attempts on this connection are not logged)"
+                ],
+            )
+        avatar = self.login(self.server(), pb.PBClientFactory(), b"scram secret")
+        self.assertEqual(self.name(avatar), "alice")
+        self.checkers = [AllowAnonymousAccess()]  # no passwords at all
+        for clientFactory in (twistedPb.PBClientFactory(), pb.PBClientFactory()):
+            with capturedLogs():
+                failure = self.login(self.server(), clientFactory, b"scram secret")
+            self.assertTrue(failure.check(UnauthorizedLogin), failure)
+            self.assertEqual(failure.getErrorMessage(), NO_PASSWORD_ACCOUNTS)
 
     def test_refusedLegacyLoginsLoggedOncePerConnection(self) -> None:
         """A peer asking for the refused legacy login again and again, with long names, is

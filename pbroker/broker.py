@@ -165,6 +165,8 @@ _KIND_TAGS = (
     (str, b"unicode"),
 )
 _CONTAINERS = frozenset({list, tuple, set, frozenset})
+# (Shared by the brokers whose options refuse none of them: never changed, only replaced.)
+_NO_KINDS: dict[type, bytes] = {}
 
 
 def _checkKinds(value: Any, refused: dict[type, bytes]) -> None:
@@ -856,6 +858,7 @@ class Broker(Banana):
         "_queueSerial",
         "_receivedBytes",
         "_refusals",
+        "_refusedKinds",
         "_registrations",
         "_replyTargets",
         "_sendingPages",
@@ -1110,7 +1113,7 @@ class Broker(Banana):
         self._callArgs: Any = None
         # In the native dialect, the kinds of values its codec decodes that the security
         # options refuse (type -> jelly tag; most often none), see _checkKinds.
-        self._refusedKinds: dict[type, bytes] = {}
+        self._refusedKinds: dict[type, bytes] = _NO_KINDS
         # Request ids of the peer's calls it cancelled, whose errors are still to be sent.
         self._streams = StreamTable(self)
         # (id, _EXPORT/_CACHE/_STREAM) of each export, cache handle and stream counted while
@@ -1276,7 +1279,7 @@ class Broker(Banana):
             kind: tag
             for kind, tag in _KIND_TAGS
             if not (security.isTypeAllowed(tag) or tag in registry)
-        }
+        } or _NO_KINDS
         self._decoder = FrameDecoder(size, self.valueFields)
         self.currentDialect = dialect
         self.connectionReady()

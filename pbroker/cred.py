@@ -264,9 +264,10 @@ class LoginGuard:
         it; others (anonymous, certificate logins) are checked at once.
 
         Cancelling the returned Deferred abandons the attempt: it is not checked if it is
-        still waiting, its check is cancelled if it is running, and a login that completes
-        anyway is logged out at once. A check that cannot be cancelled runs to its end, and
-        its failure counts as any other.
+        still waiting, its check is cancelled if it is running (the address's next check then
+        waits out the delay, as the work may go on), and a login that completes anyway is
+        logged out at once. A check that cannot be cancelled runs to its end, and its failure
+        counts as any other.
         """
         shown = _peerHost(broker)  # (in the log)
         address = _addressKey(shown)
@@ -341,7 +342,15 @@ class LoginGuard:
                     user=name,
                     peer=shown,
                 )
-                done(failure)
+                # Its check was cancelled, but the work it awaited may not have been (an
+                # async checker awaiting a thread cancels only its own await): the address's
+                # next check waits out the delay, so that cancelling each attempt cannot
+                # start checks side by side. Not counted: the caller learns nothing.
+                delay = self.delayFor(address) if started else 0.0
+                if delay > 0:
+                    self.reactor.callLater(delay, done, failure)
+                else:
+                    done(failure)
                 return
             try:
                 kind = getattr(failure.type, "__name__", describe(failure.type))

@@ -941,7 +941,9 @@ class LoginGuardTests(SynchronousTestCase):
 
     def test_cancelWhileChecking(self) -> None:
         """Cancelling an attempt being checked cancels the check (so no avatar is made for
-        no one), does not count as a failure, and lets the next attempt go."""
+        no one) and does not count as a failure; the next attempt goes once the delay is
+        over (what the check awaited may go on: cancelling must not start checks side by
+        side)."""
         cancelled: list[bool] = []
         slow: Deferred[Any] = Deferred(lambda _: cancelled.append(True))
         first = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: slow)
@@ -952,8 +954,34 @@ class LoginGuardTests(SynchronousTestCase):
         first.addErrback(lambda f: f.trap(CancelledError))
         first.cancel()
         self.assertEqual(cancelled, [True])
+        self.assertEqual(results, [])
+        self.clock.advance(1.0)
         self.assertEqual(results, ["avatar"])
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
+
+    def test_cancelledAsyncCheckAwaitingAThread(self) -> None:
+        """An async checker awaiting work that goes on when cancelled (a thread): each
+        attempt cancelled while it runs holds the address's turn for the delay, so that a
+        peer cancelling every attempt cannot start the work of many at once."""
+        jobs: list[Deferred[Any]] = []
+
+        async def check() -> Any:
+            job: Deferred[Any] = Deferred()  # no canceller: the thread's work goes on
+            jobs.append(job)
+            return await job
+
+        broker = _FakeBroker("127.0.0.1")
+        for started in range(1, 4):
+            attempt = self.guard.attempt(broker, b"bob", lambda: Deferred.fromCoroutine(check()))
+            attempt.addErrback(lambda f: f.trap(CancelledError))
+            if started > 1:
+                self.assertEqual(len(jobs), started - 1)  # waits for the turn
+                self.clock.advance(0.9)
+                self.assertEqual(len(jobs), started - 1)
+                self.clock.advance(0.1)
+            self.assertEqual(len(jobs), started)
+            attempt.cancel()
+        self.assertEqual(getattr(broker, "loginFailures", 0), 0)
 
     def test_cancelWhileAnUnstoppableCheckRuns(self) -> None:
         """A check whose Deferred has no canceller (in a thread, a database) is not

@@ -369,8 +369,15 @@ class LoginGuard:
             except Exception:
                 # Answered all the same, and the address's turn passed on: a failure left
                 # unanswered here would hold up every later password login from the address.
+                # Failing closed: the longest delay, and the connection counts it.
                 self._log.failure("Could not count a failed login from {peer}", peer=shown)
-                done(failure)
+                broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
+                close = broker.loginFailures >= self.maxFailuresPerConnection
+                try:
+                    self.reactor.callLater(self.maxDelay, done, failure, close)
+                except Exception:
+                    self._log.failure("Could not delay a failed login from {peer}", peer=shown)
+                    done(failure, close)
                 return
             if delay <= 0:
                 done(failure, close)

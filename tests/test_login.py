@@ -788,23 +788,40 @@ class LoginGuardTests(SynchronousTestCase):
 
     def test_answeredWhenAFailureCannotBeCounted(self) -> None:
         """A failure whose counting raises (a guard subclass's bug) is still answered, with
-        the error logged, and the address's next password login is checked."""
+        the error logged, and the address's next password login is checked; failing
+        closed: after the longest delay, and counted against the connection, which is
+        closed after as many failures as any other."""
 
         class BrokenGuard(pb.LoginGuard):
             def delayFor(self, address: str) -> float:
                 raise RuntimeError("the guard's own bug")
 
+        guard = BrokenGuard(reactor=self.clock, maxDelay=4.0, maxFailuresPerConnection=2)
         self.factory = pb.PBServerFactory(
             Portal(realmFor(pb), [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")]),
-            loginGuard=BrokenGuard(reactor=self.clock),
+            loginGuard=guard,
         )
         with capturedLogs():
-            wrong, _client, _pump = self.login(b"wrong", advance=0)
+            wrong, _client, pump = self.login(b"wrong", advance=3.9)
+            self.assertEqual(wrong, [])
+            self.clock.advance(0.1)
+            pump.flush()
             right, _client, _pump = self.login(b"secret", advance=0)
+            clientFactory = pb.PBClientFactory()
+            _server, client, pump = connect(self.factory, clientFactory)
+            for _ in range(2):
+                failed: list[Any] = []
+                clientFactory.login(UsernamePassword(b"alice", b"wrong")).addBoth(failed.append)
+                pump.flush()
+                self.clock.advance(4.0)
+                pump.flush()
+                self.assertTrue(failed[0].check(UnauthorizedLogin))
         self.assertTrue(wrong[0].check(UnauthorizedLogin))
         self.assertIsInstance(right[0], pb.RemoteReference)
-        [logged] = self.flushLoggedErrors(RuntimeError)
-        self.assertEqual(str(logged.value), "the guard's own bug")
+        self.assertTrue(client.disconnected)
+        self.assertEqual(
+            {str(e.value) for e in self.flushLoggedErrors(RuntimeError)}, {"the guard's own bug"}
+        )
 
     def pipelinedGuesses(self, passwords: list[bytes]) -> tuple[Any, Any, list[Any]]:
         """

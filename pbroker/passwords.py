@@ -473,6 +473,7 @@ class PasswordFile:
 
         :raises ValueError: the file is not a pbroker password file.
         """
+        checkUsername(username)  # (not a blank line, a comment or the decoy secret's)
         if not os.path.exists(self.path):
             return False
         kept, found = self._linesWithout(username)
@@ -500,7 +501,7 @@ class PasswordFile:
             with open(self.path, encoding="utf-8") as passwordFile:
                 lines = [existing.rstrip("\n") for existing in passwordFile]
             for number, existing in enumerate(lines, 1):
-                if existing.split(":", 1)[0] == username:
+                if existing.strip().split(":", 1)[0] == username:  # (read as the server reads it)
                     found = True
                     continue  # replaced or removed, damaged or not
                 if existing.strip() and not existing.startswith("#"):
@@ -523,7 +524,6 @@ class PasswordFile:
         previous = None
         with suppress(FileNotFoundError):
             previous = os.stat(self.path)
-        mode = 0o600 if previous is None else 0o600 | (previous.st_mode & stat.S_IRGRP)
         temporary = self.path + ".new"
         with suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -533,12 +533,15 @@ class PasswordFile:
         descriptor = os.open(temporary, flags, 0o600)
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as passwordFile:
+                descriptor = passwordFile.fileno()
+                mode = 0o600
                 if previous is not None:
-                    # (A user other than root may not give a file away: it is then theirs,
-                    # as any file they write is; the command says so.)
-                    with suppress(PermissionError):
-                        os.fchown(passwordFile.fileno(), previous.st_uid, previous.st_gid)
-                os.fchmod(passwordFile.fileno(), mode)
+                    _keepOwner(descriptor, previous)
+                    if os.fstat(descriptor).st_gid == previous.st_gid:
+                        # Readable by the group only if it is still the file's group, not
+                        # the one of whoever wrote it.
+                        mode |= previous.st_mode & stat.S_IRGRP
+                os.fchmod(descriptor, mode)
                 passwordFile.write("\n".join(kept) + "\n")
                 passwordFile.flush()
                 os.fsync(passwordFile.fileno())
@@ -548,6 +551,20 @@ class PasswordFile:
                 os.unlink(temporary)
             raise
         self._stamp = None
+
+
+def _keepOwner(descriptor: int, previous: os.stat_result) -> None:
+    """
+    Give the file open as ``descriptor`` the owner and group of the one it replaces, as far
+    as this process may: root keeps both; another user keeps the group if it is one of
+    theirs, and the file is otherwise theirs, as any file they write is (the command says
+    so).
+    """
+    try:
+        os.fchown(descriptor, previous.st_uid, previous.st_gid)
+    except PermissionError:
+        with suppress(PermissionError):
+            os.fchown(descriptor, -1, previous.st_gid)
 
 
 @implementer(ICredentialsChecker)
@@ -690,6 +707,11 @@ def _add(path: str, username: str, iterations: int) -> int:
 
 def _remove(path: str, username: str) -> int:
     try:
+        checkUsername(username)
+    except ValueError as e:
+        print(f"{e}; nothing was changed.", file=sys.stderr)
+        return 1
+    try:
         removed = PasswordFile(path).removeUser(username)
     except (OSError, ValueError) as e:
         print(f"Could not update {path}: {e}", file=sys.stderr)
@@ -713,8 +735,17 @@ def _list(path: str) -> int:
         print(f"Could not read {path}: {e}", file=sys.stderr)
         return 1
     for username in usernames:
-        print(username.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        # (A file edited by hand may hold any characters: none reaches the terminal raw.)
+        print(_printable(username))
     return 0
+
+
+def _printable(username: str) -> str:
+    """
+    ``username`` as it may be printed: as it is if it is printable text, else its repr.
+    """
+    text = username.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text if text.isprintable() and text == username else repr(username)
 
 
 def _warnIfGivenAway(path: str, owner: tuple[int, int]) -> None:

@@ -132,6 +132,46 @@ class PasswordFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(status.st_mode), 0o600)
         self.assertIsNotNone(PasswordFile(self.path).verifierFor(b"bob"))
 
+    def test_groupReadOnlyForTheSameGroup(self) -> None:
+        """Where the group cannot be kept (written by a user outside it), the new file is
+        not readable by the writer's group: the group read bit is kept only with the
+        group."""
+        if os.geteuid() != 0:
+            raise SkipTest("only root can make a file of another group to replace")
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        os.chown(self.path, 65534, 65534)
+        os.chmod(self.path, 0o640)
+
+        def refused(descriptor: int, uid: int, gid: int) -> None:
+            raise PermissionError("Operation not permitted")
+
+        self.patch(os, "fchown", refused)
+        PasswordFile(self.path).setPassword("bob", b"pw", ITERATIONS)
+        status = os.stat(self.path)
+        self.assertEqual((status.st_gid, stat.S_IMODE(status.st_mode)), (0, 0o600))
+
+    def test_groupKeptWithoutTheOwner(self) -> None:
+        """A writer who cannot keep the owner but may keep the group (one of theirs)
+        keeps the group, and its read bit."""
+        if os.geteuid() != 0:
+            raise SkipTest("only root can make a file of another owner to replace")
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        os.chown(self.path, 65534, 65533)
+        os.chmod(self.path, 0o640)
+        real = os.fchown
+
+        def onlyTheGroup(descriptor: int, uid: int, gid: int) -> None:
+            if uid != -1:
+                raise PermissionError("Operation not permitted")
+            real(descriptor, uid, gid)
+
+        self.patch(os, "fchown", onlyTheGroup)
+        PasswordFile(self.path).setPassword("bob", b"pw", ITERATIONS)
+        status = os.stat(self.path)
+        self.assertEqual(
+            (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)), (0, 65533, 0o640)
+        )
+
     def test_ownerNotKeptSaid(self) -> None:
         """Where the owner cannot be kept (a user other than root), the command says whose
         the file now is, and that a server running as its former owner may not read it."""
@@ -237,6 +277,52 @@ class PasswordFileTests(SynchronousTestCase):
         self.assertEqual(
             err, f"Could not read {other}: {other}, line 1: not a pbroker password line\n"
         )
+
+    def test_removeReadsLinesAsTheServerDoes(self) -> None:
+        """A line the server reads as a user's (one indented by hand: the server strips
+        it) is the one remove takes out; an absent user leaves the file untouched."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        PasswordFile(self.path).setPassword("bob", b"pw", ITERATIONS)
+        text = Path(self.path).read_text()
+        Path(self.path).write_text(text.replace("\nalice:", "\n  alice:"))
+        reader = PasswordFile(self.path)
+        self.assertIsNotNone(reader.verifierFor(b"alice"))
+        before = os.stat(self.path)
+        self.assertFalse(PasswordFile(self.path).removeUser("carol"))
+        after = os.stat(self.path)
+        self.assertEqual((after.st_ino, after.st_mtime_ns), (before.st_ino, before.st_mtime_ns))
+        self.assertTrue(PasswordFile(self.path).removeUser("alice"))
+        self.assertIsNone(reader.verifierFor(b"alice"))
+        self.assertEqual(reader.usernames(), ["bob"])
+
+    def test_removeRefusesWhatIsNotAUsername(self) -> None:
+        """remove checks its username as add does: an empty one (which would match blank
+        lines) or the decoy secret's comment (whose removal would give the file a new
+        secret, changing every unknown user's decoy) is refused, and nothing changes."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        with open(self.path, "a") as passwordFile:
+            passwordFile.write("\n")
+        before = Path(self.path).read_text()
+        secret = next(line for line in before.splitlines() if line.startswith("#"))
+        for name in ("", secret.split(":", 1)[0], "a b"):
+            with self.assertRaises(ValueError):
+                PasswordFile(self.path).removeUser(name)
+            err = io.StringIO()
+            with redirect_stdout(io.StringIO()), redirect_stderr(err):
+                self.assertEqual(passwords.main(["remove", self.path, name]), 1)
+            self.assertIn("nothing was changed", err.getvalue())
+        self.assertEqual(Path(self.path).read_text(), before)
+
+    def test_listShowsNoControlCharacters(self) -> None:
+        """A username written into the file by hand with a control character is listed
+        as its repr, not printed raw to the terminal."""
+        PasswordFile(self.path).setPassword("alice", b"pw", ITERATIONS)
+        text = Path(self.path).read_text()
+        Path(self.path).write_text(text.replace("\nalice:", "\nal\x1b[2Jice:"))
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(passwords.main(["list", self.path]), 0)
+        self.assertEqual(out.getvalue(), "'al\\x1b[2Jice'\n")
 
     def test_commandPasswordNotUTF8(self) -> None:
         """A PBROKER_PASSWORD that is not UTF-8 is set as its bytes, as the pbroker command

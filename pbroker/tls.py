@@ -104,7 +104,8 @@ def clientEndpoint(
     :param caFile: path of a PEM file of the CA certificates to trust (the platform's CAs if
         not given).
     :param hostname: the name the server's certificate must carry (``host`` if not given).
-    :param certificate: path of this client's PEM certificate, for mutual TLS.
+    :param certificate: path of this client's PEM certificate (and any chain after it),
+        for mutual TLS.
     :param privateKey: path of this client's PEM private key (with ``certificate``).
     """
     # Imported here: OpenSSL is loaded only by programs that use TLS.
@@ -116,14 +117,23 @@ def clientEndpoint(
         authorities = _loadAuthorities(caFile)
         trustRoot = ssl.trustRootFromCertificates(authorities)
     clientCertificate = None
+    extra: dict[str, Any] = {}
     if certificate is not None:
         if privateKey is None:
             raise ValueError("a client certificate needs its private key")
+        certificates = _readPEM(certificate)
         clientCertificate = ssl.PrivateCertificate.loadPEM(
-            _readPEM(certificate) + b"\n" + _readPEM(privateKey)
+            certificates + b"\n" + _readPEM(privateKey)
         )
+        # The certificates after the client's own: sent with it (see serverEndpoint).
+        extra["extraCertChain"] = [
+            ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]
+        ]
     options = ssl.optionsForClientTLS(
-        hostname or host, trustRoot=trustRoot, clientCertificate=clientCertificate
+        hostname or host,
+        trustRoot=trustRoot,
+        clientCertificate=clientCertificate,
+        extraCertificateOptions=extra,
     )
     return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
 

@@ -265,6 +265,33 @@ class TLSTests(TestCase):
         avatar = await factory.login(pb.CertificateLogin())
         self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
 
+    async def test_clientChainSent(self) -> None:
+        """clientEndpoint sends the certificates after the client's own in its file: a
+        client certified by an intermediate CA logs in to a server that trusts only the
+        root."""
+        port = await self.mutualServer()
+        middle = Authority(self.directory, "middle", parent=self.authority)
+        certificate, key = middle.issue("alice")
+        chain = os.path.join(self.directory, "alice-fullchain.pem")
+        with open(certificate, "rb") as leaf, open(middle.pem, "rb") as intermediate:
+            pems = leaf.read() + intermediate.read()
+        with open(chain, "wb") as chainFile:
+            chainFile.write(pems)
+        endpoint = tls.clientEndpoint(
+            reactor,
+            "127.0.0.1",
+            port,
+            caFile=self.authority.pem,
+            hostname="localhost",
+            certificate=chain,
+            privateKey=key,
+        )
+        factory = pb.PBClientFactory()
+        root = await pb.connect(endpoint, factory)
+        self.waitForClose(root.broker)
+        avatar = await factory.login(pb.CertificateLogin())
+        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+
     async def test_clientCertificateLogsIn(self) -> None:
         """With mutual TLS the client certificate logs in to the avatar it maps to."""
         port = await self.mutualServer()

@@ -163,6 +163,8 @@ _KIND_TAGS = (
     (set, b"set"),
     (frozenset, b"frozenset"),
     (str, b"unicode"),
+    (type(None), b"None"),
+    (bool, b"boolean"),
 )
 _CONTAINERS = frozenset({list, tuple, set, frozenset})
 # (Shared by the brokers whose options refuse none of them: never changed, only replaced.)
@@ -4015,6 +4017,14 @@ class Broker(Banana):
                 self._dropLateValue(netArgs)  # as below
                 self._dropLateValue(netKw)
                 raise Error(f"a method name must be UTF-8, not {describe(message)}") from None
+            if context is not None and self._refusedKinds:
+                try:
+                    # The annotations are refused as the arguments would be.
+                    _checkKinds(callContext.annotations, self._refusedKinds)
+                except InsecureJelly:
+                    self._dropLateValue(netArgs)  # as below
+                    self._dropLateValue(netKw)
+                    raise
             if type(objectID) not in (int, bytes):
                 target = None
             elif cache:
@@ -4386,6 +4396,17 @@ class Broker(Banana):
     def _answerWithContext(self, requestID: Any, netResult: Any, reply: Any) -> None:
         target = self._replyTargets.get(requestID) if type(requestID) is int else None
         if target is not None and type(reply) is dict:
+            if self._refusedKinds:
+                try:
+                    _checkKinds(reply, self._refusedKinds)
+                except InsecureJelly:
+                    # Refused as the answer's value would be: the call fails with it.
+                    deferred = self.waitingForAnswers.pop(requestID, None)
+                    self._replyTargets.pop(requestID, None)
+                    self._dropLateValue(netResult)
+                    if deferred is not None and not deferred.called:
+                        deferred.errback()
+                    return
             target.update(reply)
         self._answer(requestID, netResult)
 

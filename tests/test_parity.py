@@ -14,7 +14,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pbroker import jelly, pb
+from pbroker import context, jelly, pb
 from pbroker.errors import InsecureJelly
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
@@ -323,3 +323,77 @@ class SecurityOptionsTests(SynchronousTestCase):
             self.assertEqual(answer(broker, pump, "kind", [b"bytes"]), b"list")
             failure = answer(broker, pump, "text")
             self.assertTrue(failure.check(InsecureJelly), failure)
+
+    def test_noneAndBooleansRuledAlike(self) -> None:
+        """Options that refuse None or booleans (their jelly tags) refuse them in the
+        native dialect too."""
+        for dialects in DIALECTS:
+            for tag, value, shown in ((b"None", None, "None"), (b"boolean", True, "boolean")):
+                options = self.options("tuple", "dictionary", "list")
+                options.allowedTypes.pop(tag)
+                _server, broker, pump = connect(KindOf(), dialects, security=options)
+                self.assertEqual(
+                    self.refused(broker, pump, "kind", [1, value]),
+                    f"type {shown!r} is not allowed by the security options",
+                )
+
+    def test_refusedWhereverTheyAre(self) -> None:
+        """A refused kind is found in a dictionary's keys and in a set as well as in
+        lists; options refusing dictionaries refuse every call, whose keywords are one
+        (as in the pb dialect)."""
+        for dialects in DIALECTS:
+            options = self.options("tuple", "dictionary")
+            options.allowedTypes.pop(b"unicode")
+            _server, broker, pump = connect(KindOf(), dialects, security=options)
+            for value in ({("x",): 1}, {b"a", "b"}):
+                self.assertEqual(
+                    self.refused(broker, pump, "kind", value),
+                    "type 'unicode' is not allowed by the security options",
+                )
+            options = self.options("tuple", "list")
+            _server, broker, pump = connect(KindOf(), dialects, security=options)
+            self.assertEqual(
+                self.refused(broker, pump, "kind", 1),
+                "type 'dictionary' is not allowed by the security options",
+            )
+
+
+class Annotated(pb.Root):
+    def remote_annotations(self) -> bytes:
+        return repr(sorted(context.current().annotations)).encode()
+
+    def remote_replying(self) -> bytes:
+        context.current().reply["tags"] = ["a"]
+        return b"answered"
+
+
+class AnnotationKindsTests(SynchronousTestCase):
+    def test_callAnnotationsRuledByTheOptions(self) -> None:
+        """A call's annotations (native dialect only) are refused as its arguments
+        would be when they hold a kind the options refuse, and so are the reply
+        annotations of its answer: the call fails with InsecureJelly."""
+        options = jelly.SecurityOptions()
+        options.allowTypes("tuple", "dictionary")  # no lists
+        _server, broker, pump = connect(Annotated(), None, security=options)
+        root = broker.remoteForName("root")
+        results: list[Any] = []
+        with capturedLogs() as events:
+            root.withOptions(context={"x": [1, 2]}).callRemote("annotations").addBoth(
+                results.append
+            )
+            pump.flush()
+        [failure] = results
+        self.assertTrue(failure.check(InsecureJelly), failure)
+        self.assertIn("Refused a call to {method}: {error}", [e["log_format"] for e in events])
+        answer = root.withOptions(context={"x": {"y": 1}}).callRemote("annotations")
+        pump.flush()
+        self.assertEqual(self.successResultOf(answer), b"['x']")
+        reply: dict[str, Any] = {}
+        replied = root.withOptions(reply=reply).callRemote("replying")
+        pump.flush()
+        failure = self.failureResultOf(replied, InsecureJelly)
+        self.assertEqual(
+            failure.getErrorMessage(), "type 'list' is not allowed by the security options"
+        )
+        self.assertEqual(reply, {})
+        self.assertEqual(broker._replyTargets, {})

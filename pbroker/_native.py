@@ -111,6 +111,10 @@ _LENGTH_MASK = (1 << 30) - 1
 # size its payload is sliced off (a copy), above it viewed.
 _SMALL = 4096
 unpackb = msgpack.unpackb
+#: How the values pbroker decodes take msgpack's timestamp extension (-1), which msgpack reads
+#: itself, past any hook: as an int of nanoseconds (a kind of value the security options do not
+#: rule), never as a ``msgpack.Timestamp`` (a class no option allows, that no stock peer sends).
+_TIMESTAMP_AS_INT = 2
 
 # The buffer the shared packers start with (msgpack's default is 256 KiB), the buffer each
 # connection's packer starts with (it grows when a value needs more), and the largest a
@@ -565,6 +569,7 @@ class FrameDecoder:
                             raw=False,
                             strict_map_key=True,
                             use_list=True,
+                            timestamp=_TIMESTAMP_AS_INT,
                         )
                     ]
                 except Exception:
@@ -630,7 +635,11 @@ class FrameDecoder:
                             continue
                     try:
                         message = unpackb(
-                            view[start:stop], raw=False, strict_map_key=True, use_list=True
+                            view[start:stop],
+                            raw=False,
+                            strict_map_key=True,
+                            use_list=True,
+                            timestamp=_TIMESTAMP_AS_INT,
                         )
                     except Exception as e:
                         raise BananaDecodeError(
@@ -1234,6 +1243,7 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
             strict_map_key=True,
             use_list=True,
             ext_hook=value,
+            timestamp=_TIMESTAMP_AS_INT,
         )
     except BananaDecodeError:
         raise
@@ -2330,7 +2340,12 @@ class ValueCodec:
         outerStrings, self._splicedStrings = self._splicedStrings, strings
         try:
             return msgpack.unpackb(
-                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
+                data,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                ext_hook=self._extension,
+                timestamp=_TIMESTAMP_AS_INT,
             )
         except _Raised as e:
             raise e.error from None  # an application's error, or the security options'
@@ -2357,9 +2372,15 @@ class ValueCodec:
                 object_pairs_hook=self._mapHook,
                 use_list=True,
                 ext_hook=self._extension,
+                timestamp=_TIMESTAMP_AS_INT,
             )
         return msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, ext_hook=self._extension
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=self._extension,
+            timestamp=_TIMESTAMP_AS_INT,
         )
 
     def _checkedMap(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:

@@ -607,8 +607,8 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     # tell a user nothing).
                     raise CommandError(
                         EXIT_LOGIN,
-                        f"{what}: {options.address} has no accounts to log in to with a "
-                        "password (its portal checks no passwords)",
+                        f"{what}: {options.address} takes no password logins (no checker "
+                        "of its portal takes one)",
                         answer,
                     )
                 raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}", answer)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.credentials import Anonymous, IUsernameHashedPassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
@@ -51,6 +51,7 @@ from pbroker.flavors import (
 __all__ = [
     "MAX_USERNAME",
     "NO_PASSWORD_ACCOUNTS",
+    "NoCheckerFor",
     "AsReferenceable",
     "Avatar",
     "IPerspective",
@@ -149,8 +150,18 @@ class AsReferenceable(Referenceable):
         return self._receive(broker, message, args, kw)
 
 
-#: Why a password login is refused by a server whose portal checks no passwords.
-NO_PASSWORD_ACCOUNTS = "this server has no accounts to log in to with a password"
+#: Why a password login is refused by a server whose portal takes none that PB sends.
+NO_PASSWORD_ACCOUNTS = "no checker of this server's portal takes a password login over PB"
+
+
+class NoCheckerFor(UnhandledCredentials, UnauthorizedLogin):
+    """
+    A login no checker of the portal takes. An ``UnhandledCredentials``, as a stock PB
+    server's portal answers it (a client may trap that, to fall back to another login),
+    and an ``UnauthorizedLogin``, as every other refusal is; its message says why in words,
+    where the portal's names the server's interfaces.
+    """
+
 
 #: The most doublings of LoginGuard's delay counted: far past any maxDelay a guard is given.
 _MOST_DOUBLINGS = 1000
@@ -661,11 +672,11 @@ class _PortalWrapper(Referenceable):
                     peer=_peerHost(self.broker),
                 )
             if IScramProof in checkers:
-                raise UnauthorizedLogin(
+                raise NoCheckerFor(
                     "this server has no accounts for the legacy MD5 login (of stock Twisted "
                     "clients, and pbroker clients limited to the pb dialect)"
                 )
-            raise UnauthorizedLogin(NO_PASSWORD_ACCOUNTS)
+            raise NoCheckerFor(NO_PASSWORD_ACCOUNTS)
         return nonce, challenger
 
     def remote_loginCertificate(self, mind: Any) -> Deferred[Any]:

@@ -867,15 +867,16 @@ class InProcessTests(SynchronousTestCase):
 
     def test_loginToAPortalWithoutAccounts(self) -> None:
         """--user against a broker whose portal checks no passwords (anonymous logins only)
-        exits 4 saying that it has no accounts, not listing credential interfaces."""
+        exits 4 saying that it takes no password logins, not listing credential
+        interfaces."""
         self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
         portal = Portal(BrokerRealm(), [AllowAnonymousAccess()])
         code, out, err = self.main("--user", "alice", "ping", self.address, root=portal)
         self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
         self.assertEqual(
             err,
-            "pbroker: login refused for alice: pb://127.0.0.1:8789 has no accounts to log in "
-            "to with a password (its portal checks no passwords)\n",
+            "pbroker: login refused for alice: pb://127.0.0.1:8789 takes no password logins "
+            "(no checker of its portal takes one)\n",
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import reactor, task
 from twisted.logger import capturedLogs
@@ -660,6 +660,7 @@ class PasswordLoginTests(SynchronousTestCase):
             with capturedLogs() as events:
                 failure = self.login(self.server(), clientFactory, b"scram secret")
             self.assertTrue(failure.check(UnauthorizedLogin), failure)
+            self.assertTrue(failure.check(UnhandledCredentials), failure)  # as from stock PB
             self.assertEqual(
                 failure.getErrorMessage(),
                 "this server has no accounts for the legacy MD5 login (of stock Twisted "
@@ -680,6 +681,7 @@ class PasswordLoginTests(SynchronousTestCase):
             with capturedLogs():
                 failure = self.login(self.server(), clientFactory, b"scram secret")
             self.assertTrue(failure.check(UnauthorizedLogin), failure)
+            self.assertTrue(failure.check(UnhandledCredentials), failure)  # as from stock PB
             self.assertEqual(failure.getErrorMessage(), NO_PASSWORD_ACCOUNTS)
 
     def test_refusedLegacyLoginsLoggedOncePerConnection(self) -> None:

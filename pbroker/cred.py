@@ -51,12 +51,12 @@ from pbroker.flavors import (
 __all__ = [
     "MAX_USERNAME",
     "NO_PASSWORD_ACCOUNTS",
-    "NoCheckerFor",
     "AsReferenceable",
     "Avatar",
     "IPerspective",
     "IUsernameMD5Password",
     "LoginGuard",
+    "NoCheckerFor",
     "PortalRoot",
     "challenge",
     "respond",

@@ -177,9 +177,10 @@ class LoginGuard:
     username, peer and outcome, never its secret.
 
     An IPv6 peer's address counts as its /64 network, which one site may pick any address
-    in. The price of the per-address order: users who share an address with a guesser
-    (behind one NAT or proxy, on UNIX sockets, which have no address, or in one IPv6 /64
-    network) wait for its delays too.
+    in; the failures of all the /64s of a /48 (one site's, often) also count, one for every
+    16, for each of them. The price of the per-address order: users who share an address
+    with a guesser (behind one NAT or proxy, on UNIX sockets, which have no address, or in
+    one IPv6 /64 network) wait for its delays too.
 
     A success is answered at once but does not clear the address's failures (an anonymous
     login would otherwise reset the delays between guesses): they are forgotten
@@ -258,7 +259,13 @@ class LoginGuard:
         # (The exponent is bounded: past about 1,000 failures the power would not fit in a
         # float, and the failure's answer would never be sent. A product too large for a
         # float is inf, which maxDelay caps.)
-        count = min(self._recentFailures(_addressKey(address)), _MOST_DOUBLINGS)
+        key = _addressKey(address)
+        count = self._recentFailures(key)
+        site = _siteKey(key)
+        if site is not None:
+            # Each /64 of a site counts on its own, and the site's, shared, more slowly.
+            count = max(count, self._recentFailures(site) // _SITE_SHARE)
+        count = min(count, _MOST_DOUBLINGS)
         return float(min(self.maxDelay, self.baseDelay * 2.0**count))
 
     def attempt(
@@ -375,6 +382,9 @@ class LoginGuard:
                 )
                 delay = self.delayFor(address)
                 self._recordFailure(address)
+                site = _siteKey(address)
+                if site is not None:
+                    self._recordFailure(site)
                 broker.loginFailures = getattr(broker, "loginFailures", 0) + 1
                 close = broker.loginFailures == self.maxFailuresPerConnection
             except Exception:
@@ -474,6 +484,24 @@ def _peerHost(broker: Any) -> str:
     if host is not None:
         return str(host)
     return type(peer).__name__
+
+
+#: The failures of an IPv6 site (a /48) that count as one for each of its /64 networks.
+_SITE_SHARE = 16
+
+
+def _siteKey(key: str) -> str | None:
+    """
+    For the key of an IPv6 /64 network, that of its /48, which one site is often given
+    (its /64s are then its own to pick from); else ``None``.
+    """
+    if "/" not in key:
+        return None
+    try:
+        network = ipaddress.IPv6Network(key)
+    except ValueError:
+        return None
+    return str(network.supernet(new_prefix=48))
 
 
 def _addressKey(host: str) -> str:

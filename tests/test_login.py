@@ -1117,6 +1117,25 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.delayFor("192.0.2.7"), 2.0)
         self.assertEqual([e["peer"] for e in events if "peer" in e], [host for host, _ in failures])
 
+    def test_ipv6SiteSharesItsFailures(self) -> None:
+        """Failures from many /64 networks of one /48 (a site that picks a new network for
+        each guess) raise the delay of every /64 in it, one doubling for every 16; another
+        /48 is not affected."""
+        with capturedLogs():
+            for number in range(32):
+                broker = _FakeBroker("127.0.0.1")
+                host = f"2001:db8:7:{number:x}::1"
+                broker.transport = StringTransport(peerAddress=IPv6Address("TCP", host, 1234))
+                failure = self.guard.attempt(broker, b"bob", lambda: fail(UnauthorizedLogin()))
+                failure.addErrback(lambda _: None)
+                self.clock.advance(10)
+                if number == 15:
+                    self.assertEqual(self.guard.delayFor("2001:db8:7:ff::1"), 2.0)
+        self.assertEqual(self.guard.delayFor("2001:db8:7:ff::1"), 4.0)  # a fresh /64 of it
+        self.assertEqual(self.guard.delayFor("2001:db8:7:0::9"), 4.0)
+        self.assertEqual(self.guard.delayFor("2001:db8:8::1"), 1.0)  # another site
+        self.assertEqual(self.guard.delayFor("192.0.2.1"), 1.0)
+
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then
         the oldest."""

@@ -166,7 +166,9 @@ _KIND_TAGS = (
     (type(None), b"None"),
     (bool, b"boolean"),
 )
-_CONTAINERS = frozenset({list, tuple, set, frozenset})
+_NESTED = frozenset({list, tuple, set, frozenset, dict})
+# Past this many members, _checkKinds looks at the set of their kinds, not at each.
+_MANY_MEMBERS = 16
 # (Shared by the brokers whose options refuse none of them: never changed, only replaced.)
 _NO_KINDS: dict[type, bytes] = {}
 
@@ -179,25 +181,37 @@ def _checkKinds(value: Any, refused: dict[type, bytes]) -> None:
 
     :raises InsecureJelly: the first refused kind found.
     """
-    stack = [value]
+    _refuseKinds((type(value),), refused)
+    stack = [value] if type(value) in _NESTED else []
     seen: set[int] = set()
     while stack:
         item = stack.pop()
-        kind = type(item)
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        for members in (item.keys(), item.values()) if type(item) is dict else (item,):
+            if len(members) > _MANY_MEMBERS:
+                # The kinds of many members at once: a list of numbers is one look.
+                kinds = set(map(type, members))
+                _refuseKinds(kinds, refused)
+                if not kinds.isdisjoint(_NESTED):
+                    stack.extend(member for member in members if type(member) in _NESTED)
+                continue
+            for member in members:
+                kind = type(member)
+                if kind in refused:
+                    _refuseKinds((kind,), refused)
+                if kind in _NESTED:
+                    stack.append(member)
+
+
+def _refuseKinds(kinds: Iterable[type], refused: dict[type, bytes]) -> None:
+    for kind in kinds:
         tag = refused.get(kind)
         if tag is not None:
             raise InsecureJelly(
                 f"type {describe(tag.decode())} is not allowed by the security options"
             )
-        if kind in _CONTAINERS or kind is dict:
-            if id(item) in seen:
-                continue
-            seen.add(id(item))
-            if kind is dict:
-                stack.extend(item.keys())
-                stack.extend(item.values())
-            else:
-                stack.extend(item)
 
 
 # What serialize() gives that is not a Deferred.

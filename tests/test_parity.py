@@ -346,11 +346,20 @@ class SecurityOptionsTests(SynchronousTestCase):
             options = self.options("tuple", "dictionary")
             options.allowedTypes.pop(b"unicode")
             _server, broker, pump = connect(KindOf(), dialects, security=options)
-            for value in ({("x",): 1}, {b"a", "b"}):
+            many = dict.fromkeys(range(20), 1)
+            for value in (
+                {("x",): 1},
+                {b"a", "b"},
+                (*range(30), ("x",)),  # (containers of many members are looked at at once)
+                (*range(30), "x"),
+                {**many, 20: (1, ("x",))},
+                {**many, ("x",): 1},
+            ):
                 self.assertEqual(
                     self.refused(broker, pump, "kind", value),
                     "type 'unicode' is not allowed by the security options",
                 )
+            self.assertEqual(answer(broker, pump, "kind", (*range(30), (b"x",))), b"tuple")
             options = self.options("tuple", "list")
             _server, broker, pump = connect(KindOf(), dialects, security=options)
             self.assertEqual(

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from pbroker.errors import LimitExceeded, NoSuchMethod, cannotStop, describe
+from pbroker.errors import LimitExceeded, NoSuchMethod, describe
 from pbroker.flavors import (
     IPBRoot,
     Jellyable,
@@ -178,9 +178,9 @@ class LoginGuard:
 
     An IPv6 peer's address counts as its /64 network, which one site may pick any address
     in; the failures of all the /64s of a /48 (one site's, often) also count, one for every
-    16, for each of them. The price of the per-address order: users who share an address
-    with a guesser (behind one NAT or proxy, on UNIX sockets, which have no address, or in
-    one IPv6 /64 network) wait for its delays too.
+    16, for each of them, and the /48's password attempts take turns. The price of the
+    per-address order: users who share an address with a guesser (behind one NAT or proxy,
+    on UNIX sockets, which have no address, or in one IPv6 /48) wait for its delays too.
 
     A success is answered at once but does not clear the address's failures (an anonymous
     login would otherwise reset the delays between guesses): they are forgotten
@@ -282,34 +282,33 @@ class LoginGuard:
         it; others (anonymous, certificate logins) are checked at once.
 
         Cancelling the returned Deferred abandons the attempt: it is not checked if it is
-        still waiting, its check is cancelled if it is running (the address's next check then
-        waits out the delay, as the work may go on), and a login that completes anyway is
-        logged out at once. A check that cannot be cancelled runs to its end, and its failure
-        counts as any other.
+        still waiting; a check already running is not cancelled (whether the work it awaits,
+        in a thread or a database, would stop cannot be known), but runs to its end, holding
+        the address's turn: a failure counts as any other, and a login that completes is
+        logged out at once. Every attempt is still bounded by ``checkTimeout``.
         """
         shown = _peerHost(broker)  # (in the log)
         address = _addressKey(shown)
+        # Guesses take turns per address, and per site for IPv6 (a /48: its /64s, whose
+        # failures count apart, are its own to pick from, and would guess side by side).
+        turn = _siteKey(address) or address
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         name = describe(username)  # for the log, cut short
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
-        leftToEnd: list[bool] = []
-        queue = self._queues.get(address) if guessable else None
+        queue = self._queues.get(turn) if guessable else None
 
         def cancel(_: Deferred[Any]) -> None:
             abandoned.append(True)
             if started:
-                running = started[0]
-                if cannotStop(running):
-                    # A check that cannot be stopped (in a thread, a database): cancelling
-                    # would only fail it now, and the address's next check would start while
-                    # it runs. It is left to end, holding the address's turn, and a failure
-                    # then counts as any other (see failed).
-                    leftToEnd.append(True)
-                    return
-                running.cancel()
-            elif queue is not None and check in queue.waiting:
+                # A check already running is left to end, holding the address's turn: the
+                # work it awaits (a thread, a database) may not stop with it, even where its
+                # Deferred can be cancelled (an async checker's stops only its own await),
+                # and the address's next check would start while it runs. Its failure then
+                # counts as any other (see failed).
+                return
+            if queue is not None and check in queue.waiting:
                 queue.waiting.remove(check)
                 self._log.info(
                     "Login abandoned by {peer} for {user} before it was checked",
@@ -342,34 +341,17 @@ class LoginGuard:
                 # Whatever happened above (a logout that raised), the next attempt may go.
                 if queue is not None:
                     queue.busy = False
-                    self._advance(address, queue)
+                    self._advance(turn, queue)
 
         def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user} from {peer}", user=name, peer=shown)
             done(result)
 
         def failed(failure: Failure) -> None:
-            if abandoned and not leftToEnd:
-                # Stopped, or never started: given up by the caller, who learns nothing of
-                # the outcome, it is not a guess. A check left to end ran to its outcome:
-                # the portal may already have given the realm the caller's mind, which could
-                # tell it a right guess, so a wrong one counts and is delayed as any other
-                # (else cancelling each guess would make guessing free).
-                self._log.info(
-                    "Login abandoned by {peer} for {user} before its check ended",
-                    user=name,
-                    peer=shown,
-                )
-                # Its check was cancelled, but the work it awaited may not have been (an
-                # async checker awaiting a thread cancels only its own await): the address's
-                # next check waits out the delay, so that cancelling each attempt cannot
-                # start checks side by side. Not counted: the caller learns nothing.
-                delay = self.delayFor(address) if started else 0.0
-                if delay > 0:
-                    self.reactor.callLater(delay, done, failure)
-                else:
-                    done(failure)
-                return
+            # (Also for a check its caller gave up on, which ran to its end: the portal may
+            # have given the realm the caller's mind, which could tell it of a right guess,
+            # so a wrong one counts and is delayed as any other, else giving up on each
+            # guess would make guessing free.)
             try:
                 kind = getattr(failure.type, "__name__", describe(failure.type))
                 message = failure.getErrorMessage()
@@ -422,12 +404,12 @@ class LoginGuard:
             check()
             return answer
         if queue is None:
-            queue = self._queues[address] = _AddressQueue()
+            queue = self._queues[turn] = _AddressQueue()
         elif len(queue.waiting) >= self.maxWaiting:
             self._log.warn("Refusing a login from {peer}: too many are waiting", peer=shown)
             return fail(UnauthorizedLogin("too many logins are waiting from this address"))
         queue.waiting.append(check)
-        self._advance(address, queue)
+        self._advance(turn, queue)
         return answer
 
     def _advance(self, address: str, queue: _AddressQueue) -> None:

@@ -957,10 +957,10 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard._queues, {})
 
     def test_cancelWhileChecking(self) -> None:
-        """Cancelling an attempt being checked cancels the check (so no avatar is made for
-        no one) and does not count as a failure; the next attempt goes once the delay is
-        over (what the check awaited may go on: cancelling must not start checks side by
-        side)."""
+        """Cancelling an attempt being checked fails it with CancelledError at once, but
+        leaves its check running (its canceller is not called: whether the work it awaits
+        would stop cannot be known): the address's next attempt waits for it to end, and a
+        failure then counts, delayed as any other."""
         cancelled: list[bool] = []
         slow: Deferred[Any] = Deferred(lambda _: cancelled.append(True))
         first = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: slow)
@@ -968,18 +968,20 @@ class LoginGuardTests(SynchronousTestCase):
         self.guard.attempt(_FakeBroker("127.0.0.1"), b"carol", lambda: "avatar").addBoth(
             results.append
         )
-        first.addErrback(lambda f: f.trap(CancelledError))
         first.cancel()
-        self.assertEqual(cancelled, [True])
+        self.failureResultOf(first, CancelledError)
+        self.assertEqual((cancelled, results), ([], []))
+        with capturedLogs():
+            slow.errback(UnauthorizedLogin())
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 2.0)  # counted
         self.assertEqual(results, [])
         self.clock.advance(1.0)
         self.assertEqual(results, ["avatar"])
-        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)  # no failure counted
 
     def test_cancelledAsyncCheckAwaitingAThread(self) -> None:
-        """An async checker awaiting work that goes on when cancelled (a thread): each
-        attempt cancelled while it runs holds the address's turn for the delay, so that a
-        peer cancelling every attempt cannot start the work of many at once."""
+        """An async checker awaiting work that would go on if cancelled (a thread): a peer
+        that cancels every attempt cannot start that work for many at once; each waits
+        for the one before to end."""
         jobs: list[Deferred[Any]] = []
 
         async def check() -> Any:
@@ -988,17 +990,20 @@ class LoginGuardTests(SynchronousTestCase):
             return await job
 
         broker = _FakeBroker("127.0.0.1")
-        for started in range(1, 4):
-            attempt = self.guard.attempt(broker, b"bob", lambda: Deferred.fromCoroutine(check()))
-            attempt.addErrback(lambda f: f.trap(CancelledError))
-            if started > 1:
-                self.assertEqual(len(jobs), started - 1)  # waits for the turn
-                self.clock.advance(0.9)
-                self.assertEqual(len(jobs), started - 1)
-                self.clock.advance(0.1)
-            self.assertEqual(len(jobs), started)
+        attempts = [
+            self.guard.attempt(broker, b"bob", lambda: Deferred.fromCoroutine(check()))
+            for _ in range(3)
+        ]
+        for attempt in attempts:
             attempt.cancel()
-        self.assertEqual(getattr(broker, "loginFailures", 0), 0)
+            self.failureResultOf(attempt, CancelledError)
+        self.assertEqual(len(jobs), 1)
+        with capturedLogs():
+            jobs[0].errback(UnauthorizedLogin())
+        self.clock.advance(1.0)
+        self.assertEqual(len(jobs), 1)  # the others were given up while they waited
+        self.assertEqual(self.guard._queues, {})
+        self.assertEqual(getattr(broker, "loginFailures", 0), 1)
 
     def test_cancelWhileAnUnstoppableCheckRuns(self) -> None:
         """A check whose Deferred has no canceller (in a thread, a database) is not
@@ -1044,38 +1049,24 @@ class LoginGuardTests(SynchronousTestCase):
         checks[1].callback(("interface", "avatar", lambda: None))
         self.assertEqual(self.guard._queues, {})
 
-    def test_cancelledFailureNotCounted(self) -> None:
-        """A cancelled check that fails in its own way (a checker that turns every error into
-        UnauthorizedLogin) is not a failed guess: the caller learns nothing."""
-
-        def cancelled(deferred: Deferred[Any]) -> None:
-            deferred.errback(UnauthorizedLogin("the check was interrupted"))
-
-        broker = _FakeBroker("127.0.0.1")
-        attempt = self.guard.attempt(broker, b"bob", lambda: Deferred(cancelled))
-        attempt.addErrback(lambda _: None)
-        attempt.cancel()
-        self.assertEqual(self.guard.delayFor("127.0.0.1"), 1.0)
-        self.assertEqual(getattr(broker, "loginFailures", 0), 0)
-
     def test_queueGoesOnAfterALogoutRaises(self) -> None:
-        """A cancelled check that still succeeds is logged out; if that logout raises, the
-        address's next attempt is still checked."""
+        """A check whose attempt was given up that still succeeds is logged out; if that
+        logout raises, the address's next attempt is still checked."""
 
         def logout() -> None:
             raise RuntimeError("logout failed")
 
-        def cancelled(deferred: Deferred[Any]) -> None:
-            deferred.callback(("interface", "avatar", logout))
-
-        attempt = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: Deferred(cancelled))
+        running: Deferred[Any] = Deferred()
+        attempt = self.guard.attempt(_FakeBroker("127.0.0.1"), b"bob", lambda: running)
         results: list[Any] = []
         self.guard.attempt(_FakeBroker("127.0.0.1"), b"carol", lambda: "avatar").addBoth(
             results.append
         )
         attempt.addErrback(lambda _: None)
+        attempt.cancel()
+        self.assertEqual(results, [])
         with capturedLogs() as events:
-            attempt.cancel()
+            running.callback(("interface", "avatar", logout))
         self.assertEqual(results, ["avatar"])
         self.assertTrue(any("logout of an abandoned login" in e["log_format"] for e in events))
         self.flushLoggedErrors(RuntimeError)
@@ -1135,6 +1126,29 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.delayFor("2001:db8:7:0::9"), 4.0)
         self.assertEqual(self.guard.delayFor("2001:db8:8::1"), 1.0)  # another site
         self.assertEqual(self.guard.delayFor("192.0.2.1"), 1.0)
+
+    def test_ipv6SiteTakesTurns(self) -> None:
+        """The password attempts from the /64s of one /48 take turns, as those from one
+        address do (a site picking a /64 for each guess would guess side by side); another
+        site's are checked meanwhile."""
+        checks: list[Deferred[Any]] = []
+
+        def slow() -> Deferred[Any]:
+            checks.append(Deferred())
+            return checks[-1]
+
+        def fromHost(host: str) -> Any:
+            broker = _FakeBroker("127.0.0.1")
+            broker.transport = StringTransport(peerAddress=IPv6Address("TCP", host, 1234))
+            return broker
+
+        for number in range(3):
+            self.guard.attempt(fromHost(f"2001:db8:7:{number}::1"), b"bob", slow)
+        self.assertEqual(len(checks), 1)
+        self.guard.attempt(fromHost("2001:db8:8::1"), b"bob", slow)
+        self.assertEqual(len(checks), 2)
+        checks[0].callback(("interface", "avatar", lambda: None))
+        self.assertEqual(len(checks), 3)
 
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then

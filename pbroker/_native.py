@@ -569,6 +569,7 @@ class FrameDecoder:
                             raw=False,
                             strict_map_key=True,
                             use_list=True,
+                            ext_hook=_noExtension,
                             timestamp=_TIMESTAMP_AS_INT,
                         )
                     ]
@@ -639,6 +640,7 @@ class FrameDecoder:
                             raw=False,
                             strict_map_key=True,
                             use_list=True,
+                            ext_hook=_noExtension,
                             timestamp=_TIMESTAMP_AS_INT,
                         )
                     except Exception as e:
@@ -730,6 +732,15 @@ class FrameDecoder:
         self._pieces = []
         self._fragmented = 0
         return _assemble(pieces, size)
+
+
+def _noExtension(code: int, data: bytes) -> Any:
+    """
+    Refuse an extension in the envelope of a whole record, which has none (its values are
+    ``bin``; a fragmented message's refer to what follows it, see :func:`_assemble`): an
+    ``ExtType`` must not reach a call's annotations.
+    """
+    raise BananaDecodeError(f"an unknown extension type {code} in a message envelope")
 
 
 def _tooLarge(size: int, limit: int) -> str:

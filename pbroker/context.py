@@ -30,6 +30,8 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgpack import ExtType
+
 from pbroker._native import EXTENT_CYCLE, EXTENT_OVER, extent
 from pbroker.errors import describe, isSeconds, toSeconds
 
@@ -123,7 +125,7 @@ def _checkPlain(value: Any, path: str, depth: int) -> None:
         return
     if depth >= _CONTEXT_DEPTH:
         raise ValueError(f"{path} nests more than {_CONTEXT_DEPTH} levels deep")
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not isinstance(value, ExtType):
         for index, item in enumerate(value):
             _checkPlain(item, f"{path}[{index}]", depth + 1)
         return

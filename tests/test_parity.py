@@ -456,3 +456,43 @@ class MsgpackTimestampTests(SynchronousTestCase):
                 )
                 pump.flush()
                 self.assertEqual(self.successResultOf(annotated), ["int", 1_000_000_005])
+
+    def test_extensionInAnEnvelopeIsMalformed(self) -> None:
+        """An extension where a whole record's envelope has none (in a call's annotations,
+        or in an answer's reply annotations) is a malformed message: the connection is
+        dropped, as for any other, and no msgpack.ExtType reaches a method or a reply."""
+        for sender in ("client", "server"):
+            server, broker, pump = connect(Kinds(), None)
+            reply: dict[str, Any] = {}
+            waiting = broker.waitingForAnswers[999] = defer.Deferred()
+            if sender == "server":
+                broker._replyTargets[999] = reply
+                server.sendCall(b"answerctx", 999, msgpack.packb(1), {"at": msgpack.ExtType(7, b"q")})
+            else:
+                broker.sendCall(
+                    b"callctx",
+                    999,
+                    b"root",
+                    b"annotated",
+                    1,
+                    msgpack.packb([]),
+                    b"\x80",
+                    {"annotations": {"at": msgpack.ExtType(42, b"xyz")}},
+                )
+            with capturedLogs() as events:
+                pump.flush()
+            self.failureResultOf(waiting, pb.PBConnectionLost)
+            self.assertEqual(reply, {})
+            self.assertTrue(
+                any("unknown extension type" in formatEvent(e) for e in events),
+                [formatEvent(e) for e in events],
+            )
+
+    def test_callerSendsNoExtensionInAnnotations(self) -> None:
+        """A pbroker caller refuses an ExtType in a call's annotations before it is sent,
+        as it refuses any value that is not plain."""
+        _server, broker, _pump = connect(Kinds(), None)
+        root = broker.remoteForName("root")
+        with self.assertRaises(TypeError) as raised:
+            root.withOptions(context={"at": msgpack.ExtType(42, b"xyz")}).callRemote("annotated")
+        self.assertIn("context['at'] is of type ExtType", str(raised.exception))

@@ -389,6 +389,14 @@ def _human(value: Any) -> str:
     return _Shown().human(value)
 
 
+#: What a server that takes no password logins says (pbroker.cred.NO_PASSWORD_ACCOUNTS, and
+#: what servers before it said).
+_NO_PASSWORD_LOGINS = (
+    "no checker of this server's portal takes a password login over PB",
+    "this server has no accounts to log in to with a password",
+)
+
+
 def _remoteMessage(failure: Failure) -> str:
     # A copied failure holds the remote class name (bytes) and message (text).
     remoteType: Any = failure.type
@@ -515,7 +523,6 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     from twisted.internet.defer import CancelledError, Deferred
 
     from pbroker import pb
-    from pbroker.cred import NO_PASSWORD_ACCOUNTS
     from pbroker.stream import END, RemoteStream
 
     arguments = _jsonArguments(getattr(options, "arguments", []))
@@ -600,9 +607,11 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                     raise CommandError(
                         EXIT_LOGIN, f"{what}: {options.address} takes no logins (leave out --user)"
                     )
-                if answer.check("twisted.cred.error.UnhandledCredentials") or (
-                    NO_PASSWORD_ACCOUNTS in _remoteMessage(answer)
-                ):
+                message = _remoteMessage(answer)
+                if (
+                    answer.check("twisted.cred.error.UnhandledCredentials")
+                    and not answer.check("pbroker.cred.NoCheckerFor")
+                ) or any(said in message for said in _NO_PASSWORD_LOGINS):
                     # No checker for passwords (a stock server names its interfaces, which
                     # tell a user nothing).
                     raise CommandError(
@@ -611,7 +620,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
                         "of its portal takes one)",
                         answer,
                     )
-                raise CommandError(EXIT_LOGIN, f"{what}: {_remoteMessage(answer)}", answer)
+                raise CommandError(EXIT_LOGIN, f"{what}: {message}", answer)
             target = answer
         try:
             call: Deferred[Any] | None = target.callRemote(method, *arguments)

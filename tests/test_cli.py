@@ -40,6 +40,8 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pbroker import cli, jelly, pb, tls
+from pbroker.cred import NO_PASSWORD_ACCOUNTS
+from pbroker.passwords import MIN_ITERATIONS, PasswordFile, ScramChecker
 from pbroker.stream import RemoteStream
 from pbroker.tap import BrokerRealm
 
@@ -553,7 +555,11 @@ class InProcessTests(SynchronousTestCase):
     address = "pb://127.0.0.1:8789"
 
     def main(
-        self, *arguments: str, root: Any = None, interrupted: bool = False
+        self,
+        *arguments: str,
+        root: Any = None,
+        interrupted: bool = False,
+        dialects: list[bytes] | None = None,
     ) -> tuple[int, str, str]:
         commandReactor = CommandReactor(interrupted)
         if isinstance(root, twistedPb.Root):
@@ -561,7 +567,8 @@ class InProcessTests(SynchronousTestCase):
         elif root is not None:
             # (Failed logins are answered after a delay, on the reactor given.)
             guard = pb.LoginGuard(reactor=commandReactor)
-            factory = pb.PBServerFactory(root, loginGuard=guard, clock=commandReactor)
+            options = {} if dialects is None else {"dialects": dialects}
+            factory = pb.PBServerFactory(root, loginGuard=guard, clock=commandReactor, **options)
             pb.listen("tcp:8789:interface=127.0.0.1", factory, commandReactor)
         self.patch(twisted.internet, "reactor", commandReactor)
         out, err = io.StringIO(), io.StringIO()
@@ -864,6 +871,30 @@ class InProcessTests(SynchronousTestCase):
                 "(leave out --user)\n",
             )
         self.flushLoggedErrors()  # (a stock server logs the call it could not answer)
+
+    def test_loginToAccountsOnlyPbrokerLoginReaches(self) -> None:
+        """--user against a server whose accounts are all in a password file, where only
+        the legacy MD5 login is left (a server that offers only the pb dialect): the
+        server's own words, not that it takes no password logins."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
+        path = self.mktemp()
+        PasswordFile(path).setPassword("alice", b"secret", MIN_ITERATIONS)
+        portal = Portal(BrokerRealm(), [ScramChecker(PasswordFile(path), MIN_ITERATIONS)])
+        code, out, err = self.main(
+            "--user", "alice", "ping", self.address, root=portal, dialects=[b"pb"]
+        )
+        self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
+        self.assertEqual(
+            err,
+            "pbroker: login refused for alice: pbroker.cred.NoCheckerFor: this server has no "
+            "accounts for the legacy MD5 login (of stock Twisted clients, and pbroker clients "
+            "limited to the pb dialect)\n",
+        )
+
+    def test_noPasswordLoginsSaidAsTheServerSays(self) -> None:
+        """What the command recognises as "takes no password logins" is what the server
+        says (and what servers before it said)."""
+        self.assertEqual(cli._NO_PASSWORD_LOGINS[0], NO_PASSWORD_ACCOUNTS)
 
     def test_loginToAPortalWithoutAccounts(self) -> None:
         """--user against a broker whose portal checks no passwords (anonymous logins only)

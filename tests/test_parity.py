@@ -467,7 +467,9 @@ class MsgpackTimestampTests(SynchronousTestCase):
             waiting = broker.waitingForAnswers[999] = defer.Deferred()
             if sender == "server":
                 broker._replyTargets[999] = reply
-                server.sendCall(b"answerctx", 999, msgpack.packb(1), {"at": msgpack.ExtType(7, b"q")})
+                server.sendCall(
+                    b"answerctx", 999, msgpack.packb(1), {"at": msgpack.ExtType(7, b"q")}
+                )
             else:
                 broker.sendCall(
                     b"callctx",

@@ -1115,7 +1115,7 @@ class LoginGuardTests(SynchronousTestCase):
         with capturedLogs():
             for number in range(32):
                 broker = _FakeBroker("127.0.0.1")
-                host = f"2001:db8:7:{number:x}::1"
+                host = f"2001:db8:7:{number << 8:x}::1"  # (each /64 in a /56 of its own)
                 broker.transport = StringTransport(peerAddress=IPv6Address("TCP", host, 1234))
                 failure = self.guard.attempt(broker, b"bob", lambda: fail(UnauthorizedLogin()))
                 failure.addErrback(lambda _: None)
@@ -1123,7 +1123,7 @@ class LoginGuardTests(SynchronousTestCase):
                 if number == 15:
                     self.assertEqual(self.guard.delayFor("2001:db8:7:ff::1"), 2.0)
         self.assertEqual(self.guard.delayFor("2001:db8:7:ff::1"), 4.0)  # a fresh /64 of it
-        self.assertEqual(self.guard.delayFor("2001:db8:7:0::9"), 4.0)
+        self.assertEqual(self.guard.delayFor("2001:db8:7:100::9"), 4.0)
         self.assertEqual(self.guard.delayFor("2001:db8:8::1"), 1.0)  # another site
         self.assertEqual(self.guard.delayFor("192.0.2.1"), 1.0)
 

@@ -369,12 +369,21 @@ class SecurityOptionsTests(SynchronousTestCase):
 
 
 class Annotated(pb.Root):
-    def remote_annotations(self) -> bytes:
+    def remote_annotations(self, *ignored: Any) -> bytes:
         return repr(sorted(context.current().annotations)).encode()
 
     def remote_replying(self) -> bytes:
         context.current().reply["tags"] = ["a"]
         return b"answered"
+
+    def remote_replyingWithAReference(self) -> Any:
+        context.current().reply["tags"] = ["a"]
+        return pb.Referenceable()
+
+    def remote_cycle(self) -> Any:
+        cycle: list[Any] = [(1,)]
+        cycle.append(cycle)
+        return cycle
 
 
 class AnnotationKindsTests(SynchronousTestCase):
@@ -407,6 +416,40 @@ class AnnotationKindsTests(SynchronousTestCase):
         )
         self.assertEqual(reply, {})
         self.assertEqual(broker._replyTargets, {})
+
+    def test_refusedAnnotationsReleaseWhatTheCallHeld(self) -> None:
+        """A call refused for its annotations lets go of the references in its
+        arguments, and an answer refused for its reply annotations of the reference it
+        answered with: neither side keeps an object exported for nothing."""
+        options = jelly.SecurityOptions()
+        options.allowTypes("tuple", "dictionary")  # no lists
+        server, broker, pump = connect(Annotated(), None, security=options)
+        root = broker.remoteForName("root")
+        exported = dict(broker.localObjects)
+        with capturedLogs():
+            refused = root.withOptions(context={"x": [1]}).callRemote(
+                "annotations", pb.Referenceable()
+            )
+            pump.flush()
+        self.failureResultOf(refused, InsecureJelly)
+        self.assertEqual(broker.localObjects, exported)
+        served = dict(server.localObjects)
+        refused = root.withOptions(reply={}).callRemote("replyingWithAReference")
+        pump.flush()
+        self.failureResultOf(refused, InsecureJelly)
+        self.assertEqual(server.localObjects, served)
+
+    def test_cyclesChecked(self) -> None:
+        """A value with a cycle (sent through jelly) is checked once per container: it
+        arrives, and a refused kind in it is found."""
+        options = jelly.SecurityOptions()
+        options.allowBasicTypes()
+        options.allowedTypes.pop(b"frozenset")
+        _server, broker, pump = connect(Annotated(), None, security=options)
+        answer = broker.remoteForName("root").callRemote("cycle")
+        pump.flush()
+        cycle = self.successResultOf(answer)
+        self.assertIs(cycle[1], cycle)
 
 
 class Kinds(pb.Root):

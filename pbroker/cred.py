@@ -649,14 +649,7 @@ class _PortalWrapper(Referenceable):
         Start a username/password login: a challenge, and the object to respond to.
         """
         if not self.legacyLogin:
-            if not self._refusalLogged:
-                self._refusalLogged = True
-                self._log.info(
-                    "Refused the legacy MD5 login of {user} from {peer}: it is turned off "
-                    "(later attempts on this connection are not logged)",
-                    user=describe(username),
-                    peer=_peerHost(self.broker),
-                )
+            self._logLegacyRefusal(username, "it is turned off")
             raise UnauthorizedLogin(
                 "this server does not accept the legacy MD5 login (stock Twisted clients, "
                 "and accounts outside its password file)"
@@ -673,14 +666,7 @@ class _PortalWrapper(Referenceable):
             # names interfaces of the server's: say what is missing, before a challenge.
             from pbroker.passwords import IScramProof
 
-            if not self._refusalLogged:
-                self._refusalLogged = True
-                self._log.info(
-                    "Refused the legacy MD5 login of {user} from {peer}: no checker of the "
-                    "portal takes it (later attempts on this connection are not logged)",
-                    user=describe(username),
-                    peer=_peerHost(self.broker),
-                )
+            self._logLegacyRefusal(username, "no checker of the portal takes it")
             if IScramProof in checkers:
                 raise NoCheckerFor(
                     "this server has no accounts for the legacy MD5 login (of stock Twisted "
@@ -688,6 +674,21 @@ class _PortalWrapper(Referenceable):
                 )
             raise NoCheckerFor(NO_PASSWORD_ACCOUNTS)
         return nonce, challenger
+
+    def _logLegacyRefusal(self, username: bytes | str, why: str) -> None:
+        """
+        Log a refused legacy login, the first of the connection only (a peer asking again
+        and again, with long names, would flood the log).
+        """
+        if not self._refusalLogged:
+            self._refusalLogged = True
+            self._log.info(
+                "Refused the legacy MD5 login of {user} from {peer}: {why} "
+                "(later attempts on this connection are not logged)",
+                user=describe(username),
+                peer=_peerHost(self.broker),
+                why=why,
+            )
 
     def remote_loginCertificate(self, mind: Any) -> Deferred[Any]:
         """

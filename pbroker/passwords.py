@@ -646,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.command == "list":
         return _list(options.file)
+    try:
+        checkUsername(options.username)
+    except ValueError as e:
+        print(f"{e}; nothing was changed.", file=sys.stderr)
+        return 1
     owner = None
     with suppress(OSError):
         before = os.stat(options.file)
@@ -662,11 +667,6 @@ def main(argv: list[str] | None = None) -> int:
 def _add(path: str, username: str, iterations: int) -> int:
     import getpass
 
-    try:
-        checkUsername(username)
-    except ValueError as e:
-        print(f"{e}; nothing was changed.", file=sys.stderr)
-        return 1
     try:
         _checkIterations(iterations)
     except ValueError as e:
@@ -706,11 +706,6 @@ def _add(path: str, username: str, iterations: int) -> int:
 
 
 def _remove(path: str, username: str) -> int:
-    try:
-        checkUsername(username)
-    except ValueError as e:
-        print(f"{e}; nothing was changed.", file=sys.stderr)
-        return 1
     try:
         removed = PasswordFile(path).removeUser(username)
     except (OSError, ValueError) as e:

@@ -240,12 +240,18 @@ class TLSTests(TestCase):
         """
         middle = Authority(self.directory, "middle", parent=self.authority)
         certificate, key = middle.issue("localhost", ("localhost",))
-        chain = os.path.join(self.directory, "fullchain.pem")
-        with open(certificate, "rb") as leaf, open(middle.pem, "rb") as intermediate:
-            pems = leaf.read() + intermediate.read()
-        with open(chain, "wb") as chainFile:
-            chainFile.write(pems)
-        return chain, key
+        return self.joined("fullchain.pem", certificate, middle.pem), key
+
+    def joined(self, name: str, *paths: str) -> str:
+        """
+        The path of a new file ``name`` holding the PEM files at ``paths``, in order.
+        """
+        joined = os.path.join(self.directory, name)
+        with open(joined, "wb") as joinedFile:
+            for path in paths:
+                with open(path, "rb") as part:
+                    joinedFile.write(part.read())
+        return joined
 
     async def test_chainSent(self) -> None:
         """serverEndpoint sends the certificates after the server's own in its file: a
@@ -272,25 +278,8 @@ class TLSTests(TestCase):
         port = await self.mutualServer()
         middle = Authority(self.directory, "middle", parent=self.authority)
         certificate, key = middle.issue("alice")
-        chain = os.path.join(self.directory, "alice-fullchain.pem")
-        with open(certificate, "rb") as leaf, open(middle.pem, "rb") as intermediate:
-            pems = leaf.read() + intermediate.read()
-        with open(chain, "wb") as chainFile:
-            chainFile.write(pems)
-        endpoint = tls.clientEndpoint(
-            reactor,
-            "127.0.0.1",
-            port,
-            caFile=self.authority.pem,
-            hostname="localhost",
-            certificate=chain,
-            privateKey=key,
-        )
-        factory = pb.PBClientFactory()
-        root = await pb.connect(endpoint, factory)
-        self.waitForClose(root.broker)
-        avatar = await factory.login(pb.CertificateLogin())
-        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+        chain = self.joined("alice-fullchain.pem", certificate, middle.pem)
+        self.assertEqual(await self.certificateLogin(port, chain, key), "alice")
 
     async def test_clientCertificateLogsIn(self) -> None:
         """With mutual TLS the client certificate logs in to the avatar it maps to."""
@@ -307,6 +296,13 @@ class TLSTests(TestCase):
         logs in to the avatar it maps to."""
         port = await self.mutualServer()
         certificate, key = self.authority.issue("alice")
+        self.assertEqual(await self.certificateLogin(port, certificate, key), "alice")
+
+    async def certificateLogin(self, port: int, certificate: str, key: str) -> str:
+        """
+        Connect with clientEndpoint and the client certificate at ``certificate``, log in
+        with it: whom the server says it is.
+        """
         endpoint = tls.clientEndpoint(
             reactor,
             "127.0.0.1",
@@ -320,7 +316,7 @@ class TLSTests(TestCase):
         root = await pb.connect(endpoint, factory)
         self.waitForClose(root.broker)
         avatar = await factory.login(pb.CertificateLogin())
-        self.assertEqual(await avatar.callRemote("whoAmI"), "alice")
+        return str(await avatar.callRemote("whoAmI"))
 
     async def test_twistdClientCertificateLogsIn(self) -> None:
         """

@@ -463,6 +463,18 @@ class Kinds(pb.Root):
         return [type(at).__name__, at]
 
 
+def callAnnotated(broker: Any, annotations: dict[str, Any]) -> defer.Deferred[Any]:
+    """
+    Call the root's ``annotated`` with ``annotations``, sent by hand (bypassing the
+    caller's own checks); the Deferred of its answer.
+    """
+    answer: defer.Deferred[Any] = defer.Deferred()
+    broker.waitingForAnswers[999] = answer
+    context = {"annotations": annotations}
+    broker.sendCall(b"callctx", 999, b"root", b"annotated", 1, msgpack.packb([]), b"\x80", context)
+    return answer
+
+
 class MsgpackTimestampTests(SynchronousTestCase):
     def test_noTimestampReachesAMethod(self) -> None:
         """msgpack's timestamp extension, which msgpack decodes itself past the codec's
@@ -486,17 +498,7 @@ class MsgpackTimestampTests(SynchronousTestCase):
                     ],
                 )
                 # (A pbroker caller refuses to send one in annotations: sent by hand.)
-                annotated = broker.waitingForAnswers[999] = defer.Deferred()
-                broker.sendCall(
-                    b"callctx",
-                    999,
-                    b"root",
-                    b"annotated",
-                    1,
-                    msgpack.packb([]),
-                    b"\x80",
-                    {"annotations": {"at": stamp}},
-                )
+                annotated = callAnnotated(broker, {"at": stamp})
                 pump.flush()
                 self.assertEqual(self.successResultOf(annotated), ["int", 1_000_000_005])
 
@@ -507,23 +509,14 @@ class MsgpackTimestampTests(SynchronousTestCase):
         for sender in ("client", "server"):
             server, broker, pump = connect(Kinds(), None)
             reply: dict[str, Any] = {}
-            waiting = broker.waitingForAnswers[999] = defer.Deferred()
             if sender == "server":
+                waiting = broker.waitingForAnswers[999] = defer.Deferred()
                 broker._replyTargets[999] = reply
                 server.sendCall(
                     b"answerctx", 999, msgpack.packb(1), {"at": msgpack.ExtType(7, b"q")}
                 )
             else:
-                broker.sendCall(
-                    b"callctx",
-                    999,
-                    b"root",
-                    b"annotated",
-                    1,
-                    msgpack.packb([]),
-                    b"\x80",
-                    {"annotations": {"at": msgpack.ExtType(42, b"xyz")}},
-                )
+                waiting = callAnnotated(broker, {"at": msgpack.ExtType(42, b"xyz")})
             with capturedLogs() as events:
                 pump.flush()
             self.failureResultOf(waiting, pb.PBConnectionLost)

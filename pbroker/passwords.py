@@ -739,8 +739,8 @@ def _printable(username: str) -> str:
     """
     ``username`` as it may be printed: as it is if it is printable text, else its repr.
     """
-    text = username.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text if text.isprintable() and text == username else repr(username)
+    # (A lone surrogate, which the terminal could not show either, is not printable.)
+    return username if username.isprintable() else repr(username)
 
 
 def _warnIfGivenAway(path: str, owner: tuple[int, int]) -> None:

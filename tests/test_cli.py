@@ -560,9 +560,10 @@ class InProcessTests(SynchronousTestCase):
         root: Any = None,
         interrupted: bool = False,
         dialects: list[bytes] | None = None,
+        stock: bool = False,
     ) -> tuple[int, str, str]:
         commandReactor = CommandReactor(interrupted)
-        if isinstance(root, twistedPb.Root):
+        if isinstance(root, twistedPb.Root) or stock:
             commandReactor.listenTCP(8789, twistedPb.PBServerFactory(root), interface="127.0.0.1")
         elif root is not None:
             # (Failed logins are answered after a delay, on the reactor given.)
@@ -890,6 +891,21 @@ class InProcessTests(SynchronousTestCase):
             "accounts for the legacy MD5 login (of stock Twisted clients, and pbroker clients "
             "limited to the pb dialect)\n",
         )
+
+    def test_loginToAStockPortalWithoutAccounts(self) -> None:
+        """--user against a stock server whose portal checks no passwords, which answers
+        UnhandledCredentials naming its interfaces: the command says it takes no password
+        logins."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
+        portal = Portal(BrokerRealm(), [AllowAnonymousAccess()])
+        code, out, err = self.main("--user", "alice", "ping", self.address, root=portal, stock=True)
+        self.assertEqual((code, out), (cli.EXIT_LOGIN, ""))
+        self.assertEqual(
+            err,
+            "pbroker: login refused for alice: pb://127.0.0.1:8789 takes no password logins "
+            "(no checker of its portal takes one)\n",
+        )
+        self.flushLoggedErrors()
 
     def test_noPasswordLoginsSaidAsTheServerSays(self) -> None:
         """What the command recognises as "takes no password logins" is what the server

@@ -323,6 +323,8 @@ class PasswordFileTests(SynchronousTestCase):
         with redirect_stdout(out):
             self.assertEqual(passwords.main(["list", self.path]), 0)
         self.assertEqual(out.getvalue(), "'al\\x1b[2Jice'\n")
+        self.assertEqual(passwords._printable("caf\u00e9"), "caf\u00e9")
+        self.assertEqual(passwords._printable("bad\udcff"), "'bad\\udcff'")
 
     def test_commandPasswordNotUTF8(self) -> None:
         """A PBROKER_PASSWORD that is not UTF-8 is set as its bytes, as the pbroker command

@@ -178,9 +178,11 @@ class LoginGuard:
 
     An IPv6 peer's address counts as its /64 network, which one site may pick any address
     in; the failures of all the /64s of a /48 (one site's, often) also count, one for every
-    16, for each of them, and the /48's password attempts take turns. The price of the
-    per-address order: users who share an address with a guesser (behind one NAT or proxy,
-    on UNIX sockets, which have no address, or in one IPv6 /48) wait for its delays too.
+    16, for each of them, so that a site guessing from many /64s is slowed down too (its
+    /64s still take turns each on their own: a /48 may be a provider's, shared by unrelated
+    customers). The price of the per-address order: users who share an address with a
+    guesser (behind one NAT or proxy, on UNIX sockets, which have no address, or in one
+    IPv6 /64) wait for its delays too.
 
     A success is answered at once but does not clear the address's failures (an anonymous
     login would otherwise reset the delays between guesses): they are forgotten
@@ -289,9 +291,10 @@ class LoginGuard:
         """
         shown = _peerHost(broker)  # (in the log)
         address = _addressKey(shown)
-        # Guesses take turns per address, and per site for IPv6 (a /48: its /64s, whose
-        # failures count apart, are its own to pick from, and would guess side by side).
-        turn = _siteKey(address) or address
+        # Guesses take turns per address (for IPv6, per /64: a /48 is often shared by a
+        # provider's unrelated customers, whom one guesser must not keep from logging in;
+        # its failures count for the whole /48, see delayFor).
+        turn = address
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         name = describe(username)  # for the log, cut short

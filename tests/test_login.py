@@ -1127,10 +1127,10 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(self.guard.delayFor("2001:db8:8::1"), 1.0)  # another site
         self.assertEqual(self.guard.delayFor("192.0.2.1"), 1.0)
 
-    def test_ipv6SiteTakesTurns(self) -> None:
-        """The password attempts from the /64s of one /48 take turns, as those from one
-        address do (a site picking a /64 for each guess would guess side by side); another
-        site's are checked meanwhile."""
+    def test_ipv6NetworksTakeTheirOwnTurns(self) -> None:
+        """The password attempts of each /64 take their own turns, even within one /48
+        (which may be a provider's, shared by unrelated customers: one guessing must not
+        keep the others from logging in); a /64's own attempts wait for each other."""
         checks: list[Deferred[Any]] = []
 
         def slow() -> Deferred[Any]:
@@ -1144,11 +1144,11 @@ class LoginGuardTests(SynchronousTestCase):
 
         for number in range(3):
             self.guard.attempt(fromHost(f"2001:db8:7:{number}::1"), b"bob", slow)
-        self.assertEqual(len(checks), 1)
-        self.guard.attempt(fromHost("2001:db8:8::1"), b"bob", slow)
-        self.assertEqual(len(checks), 2)
-        checks[0].callback(("interface", "avatar", lambda: None))
         self.assertEqual(len(checks), 3)
+        self.guard.attempt(fromHost("2001:db8:7:0::2"), b"bob", slow)  # the first /64's
+        self.assertEqual(len(checks), 3)
+        checks[0].callback(("interface", "avatar", lambda: None))
+        self.assertEqual(len(checks), 4)
 
     def test_failingAddressesBounded(self) -> None:
         """At most maxAddresses failing addresses are remembered: stale ones go first, then

@@ -290,17 +290,16 @@ class LoginGuard:
         logged out at once. Every attempt is still bounded by ``checkTimeout``.
         """
         shown = _peerHost(broker)  # (in the log)
-        address = _addressKey(shown)
         # Guesses take turns per address (for IPv6, per /64: a /48 is often shared by a
         # provider's unrelated customers, whom one guesser must not keep from logging in;
         # its failures count for the whole /48, see delayFor).
-        turn = address
+        address = _addressKey(shown)
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         name = describe(username)  # for the log, cut short
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
-        queue = self._queues.get(turn) if guessable else None
+        queue = self._queues.get(address) if guessable else None
 
         def cancel(_: Deferred[Any]) -> None:
             abandoned.append(True)
@@ -344,7 +343,7 @@ class LoginGuard:
                 # Whatever happened above (a logout that raised), the next attempt may go.
                 if queue is not None:
                     queue.busy = False
-                    self._advance(turn, queue)
+                    self._advance(address, queue)
 
         def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user} from {peer}", user=name, peer=shown)
@@ -407,12 +406,12 @@ class LoginGuard:
             check()
             return answer
         if queue is None:
-            queue = self._queues[turn] = _AddressQueue()
+            queue = self._queues[address] = _AddressQueue()
         elif len(queue.waiting) >= self.maxWaiting:
             self._log.warn("Refusing a login from {peer}: too many are waiting", peer=shown)
             return fail(UnauthorizedLogin("too many logins are waiting from this address"))
         queue.waiting.append(check)
-        self._advance(turn, queue)
+        self._advance(address, queue)
         return answer
 
     def _advance(self, address: str, queue: _AddressQueue) -> None:

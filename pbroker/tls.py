@@ -65,11 +65,7 @@ def serverEndpoint(
     from twisted.internet import ssl
     from twisted.internet.endpoints import SSL4ServerEndpoint
 
-    certificates = _readPEM(certificate)
-    serverCertificate = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + _readPEM(privateKey))
-    # The certificates after the server's own (a "fullchain.pem"): sent with it, so that a
-    # client that trusts only the root can verify it. (loadPEM reads only the first.)
-    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
+    serverCertificate, chain = _withChain(certificate, privateKey)
     verification: dict[str, Any] = {}
     if clientCA is not None:
         authorities = _loadAuthorities(clientCA)
@@ -121,14 +117,7 @@ def clientEndpoint(
     if certificate is not None:
         if privateKey is None:
             raise ValueError("a client certificate needs its private key")
-        certificates = _readPEM(certificate)
-        clientCertificate = ssl.PrivateCertificate.loadPEM(
-            certificates + b"\n" + _readPEM(privateKey)
-        )
-        # The certificates after the client's own: sent with it (see serverEndpoint).
-        extra["extraCertChain"] = [
-            ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]
-        ]
+        clientCertificate, extra["extraCertChain"] = _withChain(certificate, privateKey)
     options = ssl.optionsForClientTLS(
         hostname or host,
         trustRoot=trustRoot,
@@ -136,6 +125,20 @@ def clientEndpoint(
         extraCertificateOptions=extra,
     )
     return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+
+
+def _withChain(certificate: str, privateKey: str) -> tuple[Any, list[Any]]:
+    """
+    The certificate at the start of the PEM file ``certificate``, with the key in
+    ``privateKey``, and the certificates after it (a "fullchain.pem"), sent with it so that
+    a peer that trusts only the root can verify it. (loadPEM reads only the first.)
+    """
+    from twisted.internet import ssl
+
+    certificates = _readPEM(certificate)
+    own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + _readPEM(privateKey))
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
+    return own, chain
 
 
 def _loadAuthorities(path: str) -> list[Any]:

@@ -511,11 +511,10 @@ class PasswordFile:
                 kept.append(existing)
         return kept, found
 
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, kept: list[str]) -> None:
         """
-        Replace the file with ``lines`` (and the decoy secret, if they have none).
+        Replace the file with the lines ``kept`` (and the decoy secret, if they have none).
         """
-        kept = lines
         if not any(_secretIn(existing) for existing in kept):
             # The secret the decoys of unknown users come from (see decoyBasis); a damaged
             # secret line is replaced.

@@ -317,9 +317,13 @@ class PBClientFactory(protocol.ClientFactory):
         self.rootObjectRequests: list[Deferred[RemoteReference]] = []
         self._broker: Broker | None = None
         self._root: RemoteReference | None = None
+        # The broker last built, while it is not ready yet (see disconnect).
+        self._connecting: Broker | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        return _buildBroker(self, True)
+        broker = _buildBroker(self, True)
+        self._connecting = broker
+        return broker
 
     def _failAll(self, reason: Failure) -> None:
         requests, self.rootObjectRequests = self.rootObjectRequests, []
@@ -345,6 +349,8 @@ class PBClientFactory(protocol.ClientFactory):
         if broker is self._broker:
             self._broker = None
             self._root = None
+        if broker is self._connecting:
+            self._connecting = None
         if self.rootObjectRequests:
             failure = reason if isinstance(reason, Failure) else Failure(PBConnectionLost(reason))
             self._failAll(failure)
@@ -354,6 +360,8 @@ class PBClientFactory(protocol.ClientFactory):
         The connection is ready: hand its root object to whoever asked for it.
         """
         self._broker = broker
+        if broker is self._connecting:
+            self._connecting = None
         self._root = broker.remoteForName(b"root")
         requests, self.rootObjectRequests = self.rootObjectRequests, []
         for deferred in requests:
@@ -532,12 +540,16 @@ class PBClientFactory(protocol.ClientFactory):
 
     def disconnect(self) -> None:
         """
-        Close the connection, if there is one.
+        Close the connection, if there is one, also one still choosing its dialect (whose
+        root requests fail at once).
         """
         if self._broker is not None and self._broker.transport is not None:
             self._broker.transport.loseConnection()
         elif self._broker is None:
+            connecting, self._connecting = self._connecting, None
             self._failAll(Failure(PBConnectionLost("disconnected before connecting")))
+            if connecting is not None and connecting.transport is not None:
+                connecting.transport.loseConnection()
 
 
 def _buildBroker(factory: Any, isClient: bool) -> Broker:

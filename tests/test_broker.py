@@ -855,6 +855,23 @@ class CallTests(SynchronousTestCase):
         self.assertEqual(root.luid, b"root")
         self.assertIs(self.successResultOf(factory.getRootObject()), root)
 
+    def test_factoryDisconnectBeforeReady(self) -> None:
+        """disconnect() while the connection is still choosing its dialect fails the root
+        requests and closes that connection, in either dialect, rather than leaving it up
+        for a later getRootObject to take."""
+        for dialects in (None, [b"pb"]):
+            factory = pb.PBClientFactory(dialects=dialects)
+            server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(rootFor(pb)), factory, greet=False
+            )
+            early = factory.getRootObject()
+            factory.disconnect()
+            self.failureResultOf(early, PBConnectionLost)
+            pump.flush()
+            self.assertTrue(client.disconnected)
+            self.assertTrue(server.disconnected)
+            self.assertNoResult(factory.getRootObject())
+
     def test_factoryConnectionFailed(self) -> None:
         """A failed connection fails every getRootObject caller with its reason, once; a
         connection lost while reconnecting fails them too but keeps the broker and root, as

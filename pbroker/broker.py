@@ -4473,7 +4473,12 @@ class Broker(Banana):
             self.luids.pop(puid, None)
             cleanup = self.localCleanup.pop(puid, None)
             if cleanup is not None:
-                cleanup()
+                # The application's: a raising one is logged, not let out of dataReceived
+                # (or out of a release loop, leaving the rest exported).
+                try:
+                    cleanup()
+                except Exception:
+                    self._log.failure("Error in the cleanup of an export")
 
     def _decache(self, objectID: Any) -> None:
         local = self.remotelyCachedObjects.get(objectID) if type(objectID) is int else None

@@ -10,6 +10,7 @@ from functools import total_ordering
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from pbroker._jellier import Jellier
 from pbroker._jellycore import isPeerID
@@ -17,6 +18,8 @@ from pbroker._unjellier import Unjellier
 from pbroker.context import CallOptions
 from pbroker.errors import InvalidJelly, JellyError
 from pbroker.flavors import Serializable, _methodName
+
+_log = Logger()
 
 __all__ = ["CallingWithOptions", "Local", "RemoteMethod", "RemoteReference"]
 
@@ -135,9 +138,16 @@ class RemoteReference(Serializable):
                 self.broker.dontNotifyOnDisconnect(self._disconnected)
 
     def _disconnected(self) -> None:
+        # Each runs, and each failure is logged, as the broker does for its own notifiers:
+        # one raising callback must not skip the cleanup of the others.
         callbacks, self.disconnectCallbacks = self.disconnectCallbacks, []
         for callback in callbacks:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:
+                _log.failure(
+                    "Error in a reference's disconnect callback {callback!r}", callback=callback
+                )
 
     def jellyFor(self, jellier: Jellier) -> Any:
         # Sent back to its owner, a reference arrives there as the original object.

@@ -2392,6 +2392,75 @@ class BareBrokerTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(client.disconnected)
 
+    def test_referenceDisconnectCallbacks(self) -> None:
+        """A reference's disconnect callbacks all run, in either dialect: one that raises is
+        logged and does not skip the cleanup of those after it."""
+        self.inBothDialects(self.checkReferenceDisconnectCallbacks)
+
+    def checkReferenceDisconnectCallbacks(self, dialects: list[bytes] | None) -> None:
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb)), pb.PBClientFactory(dialects=dialects)
+        )
+        called = client.remoteForName("root").callRemote("counter")
+        pump.flush()
+        counter = self.successResultOf(called)
+        seen: list[str] = []
+
+        def failing(reference: Any) -> None:
+            seen.append("failing")
+            raise RuntimeError("callback failed")
+
+        counter.notifyOnDisconnect(failing)
+        counter.notifyOnDisconnect(lambda reference: seen.append("second"))
+        with capturedLogs() as events:
+            client.transport.loseConnection()
+            pump.flush()
+        self.assertEqual(seen, ["failing", "second"])
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertIn("disconnect callback", event["log_format"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_raisingExportCleanup(self) -> None:
+        """A cleanup an application keeps in ``localCleanup`` (stock's ``_localCleanup``)
+        that raises when the peer releases the export is logged; the connection and its
+        other calls go on, in either dialect."""
+        self.inBothDialects(self.checkRaisingExportCleanup)
+
+    def inBothDialects(self, check: Callable[[list[bytes] | None], None]) -> None:
+        for dialects in (None, [b"pb"]):
+            check(dialects)
+
+    def checkRaisingExportCleanup(self, dialects: list[bytes] | None) -> None:
+        root = rootFor(pb)
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(root), pb.PBClientFactory(dialects=dialects)
+        )
+        remoteRoot = client.remoteForName("root")
+        called = remoteRoot.callRemote("counter")
+        pump.flush()
+        counter = self.successResultOf(called)
+        cleaned: list[str] = []
+
+        def cleanup() -> None:
+            cleaned.append("cleanup")
+            raise RuntimeError("cleanup failed")
+
+        server.localCleanup[root.counter.processUniqueID()] = cleanup
+        del counter
+        gc.collect()
+        with capturedLogs() as events:
+            pump.flush()
+        self.assertEqual(cleaned, ["cleanup"])
+        self.assertEqual(
+            [e["log_format"] for e in events if "log_failure" in e],
+            ["Error in the cleanup of an export"],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(list(server.localObjects), [b"root"])
+        called = remoteRoot.callRemote("echo", 7)
+        pump.flush()
+        self.assertEqual(self.successResultOf(called), 7)
+
 
 def sharedLists(depth: int) -> list[Any]:
     """

@@ -46,7 +46,7 @@ class Database(pb.Root):
         return f"retry with timeout={timeout}"
 
 
-async def client(root: Any, reactor: Any) -> None:
+async def client(root: pb.RemoteReference, reactor: Any) -> None:
     reply: dict[str, Any] = {}
     fast = root.withOptions(timeout=5, context={"requestId": "r-1"}, reply=reply)
     print("client:", await fast.callRemote("query", "select 1", 0.1), "answered by", reply)

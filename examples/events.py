@@ -44,7 +44,7 @@ class Events(pb.Root):
             stream.write({"event": self.published}).addErrback(lambda failure: None)
 
 
-async def subscriber(name: str, root: Any, count: int) -> None:
+async def subscriber(name: str, root: pb.RemoteReference, count: int) -> None:
     stream = await root.callRemote("subscribe")
     async with stream:  # leaving the block cancels the stream
         async for event in stream:

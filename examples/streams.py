@@ -55,7 +55,7 @@ class Library(pb.Root):
         return self.closed
 
 
-async def client(root: Any) -> None:
+async def client(root: pb.RemoteReference) -> None:
     squares = await root.callRemote("squares", 10)
     print("squares:", [n async for n in squares])
 

@@ -40,7 +40,7 @@ def peakMiB() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
-async def client(root: Any, reactor: Any, size: int) -> None:
+async def client(root: pb.RemoteReference, reactor: Any, size: int) -> None:
     data = b"\x5a" * size
     before = peakMiB()
     started = time.perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import total_ordering
-from typing import Any
+from typing import Any, Literal, overload
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -71,6 +71,14 @@ class RemoteReference(Serializable):
         self.doRefCount = doRefCount
         self.perspective = perspective
         self.disconnectCallbacks: list[Callable[[RemoteReference], object]] = []
+
+    @overload
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: Literal[False], **kw: Any
+    ) -> None: ...
+
+    @overload
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any]: ...
 
     def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
         """
@@ -206,6 +214,14 @@ class CallingWithOptions:
         self.reference = reference
         self.options = options
 
+    @overload
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: Literal[False], **kw: Any
+    ) -> None: ...
+
+    @overload
+    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any]: ...
+
     def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
         """
         Call the remote method ``_name`` as :meth:`RemoteReference.callRemote` does, with
@@ -240,8 +256,15 @@ class RemoteMethod:
         self.obj = obj
         self.name = name
 
+    @overload
+    def __call__(self, *args: Any, pbanswer: Literal[False], **kw: Any) -> None: ...
+
+    @overload
+    def __call__(self, *args: Any, **kw: Any) -> Deferred[Any]: ...
+
     def __call__(self, *args: Any, **kw: Any) -> Deferred[Any] | None:
-        return self.obj.callRemote(self.name, *args, **kw)
+        result: Deferred[Any] | None = self.obj.callRemote(self.name, *args, **kw)
+        return result
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RemoteMethod):

@@ -23,7 +23,7 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import CoroutineType, MappingProxyType
-from typing import Any, ClassVar, NoReturn, cast
+from typing import Any, ClassVar, Final, NoReturn, cast
 
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -419,7 +419,8 @@ class BrokerLimits:
     Going over a limit fails the call or value concerned with
     :class:`~pbroker.errors.LimitExceeded` (or :class:`~pbroker.errors.Error` for the
     reference counts, as in Twisted), except where the stream itself can no longer be trusted
-    (a message too large or too deep), which closes the connection. Each is logged.
+    (a message too large or too deep), which closes the connection. Each is logged. Each
+    limit is an integer from 1 to ``2**63 - 1`` (the peer is told some of them).
 
     :ivar messageSize: the most bytes one incoming message may take, at least
         :data:`MIN_MESSAGE_SIZE` (``None``: no limit).
@@ -493,6 +494,9 @@ class BrokerLimits:
             object.__setattr__(self, "stallTimeout", toSeconds(self.stallTimeout))
 
 
+_LARGEST_LIMIT: Final = 2**63 - 1
+
+
 def _checkCount(limits: Any, name: str, value: Any, alternative: str = "") -> None:
     """
     Check that the limit ``name`` is an integer, and store it as an ``int`` (a numpy
@@ -500,7 +504,13 @@ def _checkCount(limits: Any, name: str, value: Any, alternative: str = "") -> No
     """
     if not isInteger(value):
         raise TypeError(f"BrokerLimits.{name} must be an integer{alternative}, not {value!r}")
-    object.__setattr__(limits, name, operator.index(value))
+    checked = operator.index(value)
+    if checked > _LARGEST_LIMIT:
+        # Limits are told to the peer as msgpack integers, which stop there.
+        raise ValueError(
+            f"BrokerLimits.{name} must be at most 2**63 - 1{alternative}, not {describe(checked)}"
+        )
+    object.__setattr__(limits, name, checked)
 
 
 def _checkedWindow(window: Any) -> int:

@@ -499,6 +499,24 @@ class HostilePeerTests(SynchronousTestCase):
             with self.assertRaises(ValueError):
                 pb.BrokerLimits(**{name: 0})
 
+    def test_limitsAreBoundedAbove(self) -> None:
+        """Limits past what the hello can carry (2**63 - 1, msgpack's largest integer) are
+        refused when the limits are made, naming the limit; the largest connects, in either
+        dialect."""
+        for name in ("messageSize", "bufferedBytes", "pendingCalls", "streamBytes"):
+            with self.assertRaises(ValueError) as raised:
+                pb.BrokerLimits(**{name: 2**64})
+            self.assertIn(f"BrokerLimits.{name} must be at most 2**63 - 1", str(raised.exception))
+        largest = pb.BrokerLimits(messageSize=2**63 - 1, bufferedBytes=2**63 - 1)
+        for dialects in (None, [b"pb"]):
+            _server, client, pump = connectedServerAndClient(
+                pb.PBServerFactory(Service(), limits=largest),
+                pb.PBClientFactory(limits=largest, dialects=dialects),
+            )
+            answer = client.remoteForName("root").callRemote("echo", 5)
+            pump.flush()
+            self.assertEqual(self.successResultOf(answer), 5)
+
     def test_stallTimeoutValidated(self) -> None:
         """stallTimeout is seconds (0 or more) or None; anything else is refused, with a
         message naming it."""

@@ -86,6 +86,19 @@ class ISecurityOptions(Protocol):
         ...
 
 
+def checkSecurity(options: Any, name: str) -> None:
+    """
+    TypeError, naming the argument ``name``, unless ``options`` has the methods of
+    :class:`ISecurityOptions` (at the call, not when the first value needs them).
+    """
+    methods = ("isModuleAllowed", "isClassAllowed", "isTypeAllowed")
+    if not all(callable(getattr(options, method, None)) for method in methods):
+        raise TypeError(
+            f"{name} must be security options such as jelly.SecurityOptions() (with "
+            f"isTypeAllowed, isClassAllowed and isModuleAllowed), not {type(options).__name__}"
+        )
+
+
 class DummySecurityOptions:
     """
     Security options that allow everything: every type, module and class.

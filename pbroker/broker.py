@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from pbroker import context as _context
 from pbroker._jellier import Jellier, Jellyable
-from pbroker._jellycore import ID_LIMIT, isPeerID
+from pbroker._jellycore import ID_LIMIT, checkSecurity, isPeerID
 from pbroker._keepalive import Keepalive, KeepaliveTimer
 from pbroker._native import (
     EMPTY_MAP,
@@ -492,6 +492,21 @@ class BrokerLimits:
             if not self.stallTimeout >= 0:
                 raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
             object.__setattr__(self, "stallTimeout", toSeconds(self.stallTimeout))
+
+
+def _checkedClock(clock: Any) -> Any:
+    """
+    ``clock``, if it is ``None`` (the reactor) or schedules calls as a reactor does; else
+    TypeError, now rather than when the first timeout or ping is set.
+    """
+    if clock is not None and not (
+        callable(getattr(clock, "callLater", None)) and callable(getattr(clock, "seconds", None))
+    ):
+        raise TypeError(
+            "clock must be a reactor or twisted.internet.task.Clock (with callLater and "
+            f"seconds), or None, not {describe(clock)}"
+        )
+    return clock
 
 
 _LARGEST_LIMIT: Final = 2**63 - 1
@@ -997,6 +1012,7 @@ class Broker(Banana):
         # The peer's calls it cancelled whose Deferreds could not be (see _cancel).
         self._detached: set[int] = _NO_MEMBERS
         self.security: ISecurityOptions = globalSecurity if security is None else security
+        checkSecurity(self.security, "security")
         self.disconnected = False
         self.disconnects: list[Callable[[], object]] = []
         self.connects: list[Callable[[], object]] | None = []
@@ -1226,7 +1242,7 @@ class Broker(Banana):
                 )
             self.keepalive = keepalive
         if clock is not _UNSET:
-            self._clock = clock
+            self._clock = _checkedClock(clock)
         if limits is not _UNSET:
             if limits is not None and not isinstance(limits, BrokerLimits):
                 raise TypeError(
@@ -1238,6 +1254,11 @@ class Broker(Banana):
             self.messageSizeLimit = self.limits.messageSize
             self.depthLimit = self.limits.nestingDepth
         if registry is not _UNSET:
+            if registry is not None and not isinstance(registry, UnjellyableRegistry):
+                raise TypeError(
+                    "registry must be an UnjellyableRegistry, such as jelly.UnjellyableRegistry() "
+                    f"with setUnjellyableForClass calls, not {describe(registry)}"
+                )
             self.registry = _brokerRegistry(globalRegistry if registry is None else registry)
 
     @property

@@ -583,6 +583,10 @@ class PortalRoot:
     def __init__(
         self, portal: Portal, guard: LoginGuard | None = None, legacyLogin: bool = True
     ) -> None:
+        if guard is not None and not isinstance(guard, LoginGuard):
+            raise TypeError(f"loginGuard must be a LoginGuard (or None), not {describe(guard)}")
+        if not isinstance(legacyLogin, bool):
+            raise TypeError(f"legacyLogin must be True or False, not {describe(legacyLogin)}")
         self.portal = portal
         self.guard = LoginGuard() if guard is None else guard
         self.legacyLogin = legacyLogin

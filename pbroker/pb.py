@@ -251,8 +251,15 @@ class PBServerFactory(protocol.ServerFactory):
         self.registry = registry
         self.limits = BrokerLimits() if limits is None else limits
         dialects = _listed(dialects)
-        # Checks the limits, dialects and keepalive now rather than per connection.
-        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
+        # Checks the options now rather than per connection.
+        Broker(
+            security=security,
+            registry=registry,
+            limits=limits,
+            dialects=dialects,
+            keepalive=keepalive,
+            clock=clock,
+        )
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock
@@ -301,8 +308,15 @@ class PBClientFactory(protocol.ClientFactory):
         clock: Any = None,
     ) -> None:
         dialects = _listed(dialects)
-        # Checks the limits, dialects and keepalive now rather than per connection.
-        Broker(limits=limits, dialects=dialects, keepalive=keepalive)
+        # Checks the options now rather than per connection.
+        Broker(
+            security=security,
+            registry=registry,
+            limits=limits,
+            dialects=dialects,
+            keepalive=keepalive,
+            clock=clock,
+        )
         self.dialects = dialects
         self.keepalive = keepalive
         self.clock = clock
@@ -394,20 +408,11 @@ class PBClientFactory(protocol.ClientFactory):
             above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived, and
             when any login's answer is not what a login gives (an avatar that is a plain
             value, a legacy challenge that is not ``(nonce, challenger)``).
-        :raises TypeError: ``credentials`` is none of those (at once, before connecting).
+        :raises TypeError: ``credentials`` is none of those, or its username or password is
+            neither bytes nor str (at once, before connecting).
+        :raises ValueError: its username or password is text UTF-8 cannot encode.
         """
-        from twisted.cred.credentials import IAnonymous, UsernamePassword
-
-        if not (IAnonymous.providedBy(credentials) or _isCertificateLogin(credentials)):
-            # Read once, now, as Twisted does: a password property may ask the user.
-            try:
-                username, password = credentials.username, credentials.password
-            except AttributeError as error:
-                raise TypeError(
-                    "credentials must be UsernamePassword(...), Anonymous() or "
-                    f"pb.CertificateLogin(), not a {type(credentials).__name__}"
-                ) from error
-            credentials = UsernamePassword(username, password)
+        credentials = _checkedCredentials(credentials, read=True)
         return self.getRootObject().addCallback(self._loginOn, credentials, client)
 
     def _cbSendUsername(
@@ -622,6 +627,51 @@ def _isPortal(root: Any) -> bool:
     # A program that never imported twisted.cred.portal holds no Portal.
     portal = sys.modules.get("twisted.cred.portal")
     return portal is not None and isinstance(root, portal.Portal)
+
+
+def _checkedCredentials(credentials: Any, read: bool) -> Any:
+    """
+    ``credentials`` as :meth:`PBClientFactory.login` takes them, or TypeError at once.
+
+    :param read: read a username and password now, as Twisted does (a password property
+        may ask the user), and return them as a ``UsernamePassword``; else only check that
+        the object is one of the kinds a login takes (a reconnecting client reads them at
+        each login).
+    """
+    from twisted.cred.credentials import IAnonymous, IUsernamePassword, UsernamePassword
+
+    if IAnonymous.providedBy(credentials) or _isCertificateLogin(credentials):
+        return credentials
+    if not read and IUsernamePassword.providedBy(credentials):
+        # Only what it holds as plain attributes: a property may ask the user, at a login.
+        held = getattr(credentials, "__dict__", {})
+        _checkTextOrBytes([(name, held[name]) for name in ("username", "password") if name in held])
+        return credentials
+    try:
+        username, password = credentials.username, credentials.password
+    except AttributeError as error:
+        raise TypeError(
+            "credentials must be UsernamePassword(...), Anonymous() or "
+            f"pb.CertificateLogin(), not a {type(credentials).__name__}"
+        ) from error
+    _checkTextOrBytes([("username", username), ("password", password)])
+    return UsernamePassword(username, password) if read else credentials
+
+
+def _checkTextOrBytes(fields: list[tuple[str, Any]]) -> None:
+    for name, value in fields:
+        if not isinstance(value, (bytes, str)):
+            raise TypeError(
+                f"the credentials' {name} must be bytes or str, not {type(value).__name__}"
+            )
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"the credentials' {name} is not text that UTF-8 can encode "
+                    "(it holds a lone surrogate)"
+                ) from None
 
 
 def _isCertificateLogin(credentials: Any) -> bool:

@@ -64,7 +64,7 @@ from pbroker.broker import Broker, _timedOut, _timeoutError, _timeoutNamed
 from pbroker.context import CallOptions
 from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
 from pbroker.flavors import _methodName
-from pbroker.pb import PBClientFactory
+from pbroker.pb import PBClientFactory, _checkedCredentials
 from pbroker.references import CallingWithOptions, RemoteReference
 
 __all__ = ["ReconnectingCalls", "ReconnectingClient"]
@@ -117,6 +117,19 @@ class ReconnectingClient(Service):
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
+        elif not (
+            callable(getattr(reactor, "callLater", None))
+            and callable(getattr(reactor, "seconds", None))
+        ):
+            raise TypeError(
+                f"reactor must be a reactor (with callLater and seconds), not {describe(reactor)}"
+            )
+        if factory is not None and not isinstance(factory, PBClientFactory):
+            raise TypeError(
+                f"factory must be a pb.PBClientFactory (or None), not {describe(factory)}"
+            )
+        if credentials is not None:
+            _checkedCredentials(credentials, read=False)
         if maxRetries is not None:
             if not isInteger(maxRetries):
                 raise TypeError(f"maxRetries must be an integer (or None), not {maxRetries!r}")

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -25,6 +26,7 @@ from twisted.spread import jelly as twistedJelly
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pbroker import banana, jelly, pb, util
 from pbroker.errors import (
@@ -2056,6 +2058,36 @@ class ConfigureTests(SynchronousTestCase):
         factory = pb.PBClientFactory(limits=chosen)
         factory.protocol = Limited
         self.assertIs(factory.buildProtocol(None).limits, chosen)
+
+    def test_factoryOptionsCheckedAtOnce(self) -> None:
+        """A clock, security options, registry or login guard of the wrong kind is refused
+        when the factory is made, naming it, rather than failing on the wire later (a clock
+        once a call with a timeout has been sent, say)."""
+        portal = Portal(_NoRealm(), [])
+        for make, named in (
+            (lambda: pb.PBClientFactory(clock="not a clock"), "clock must be a reactor"),
+            (lambda: pb.PBServerFactory(rootFor(pb), clock=5), "clock must be a reactor"),
+            (lambda: pb.PBClientFactory(security=5), "security must be security options"),
+            (lambda: pb.PBServerFactory(rootFor(pb), security=object()), "security must be"),
+            (lambda: pb.PBClientFactory(registry={}), "registry must be an UnjellyableRegistry"),
+            (lambda: pb.PBServerFactory(portal, loginGuard=5), "loginGuard must be a LoginGuard"),
+            (lambda: pb.PBServerFactory(portal, legacyLogin=None), "legacyLogin must be True"),
+        ):
+            with self.assertRaises(TypeError) as caught:
+                make()
+            self.assertIn(named, str(caught.exception))
+        # What they take: a Clock, the defaults, a registry, a guard.
+        clock = Clock()
+        pb.PBClientFactory(
+            clock=clock, security=jelly.SecurityOptions(), registry=jelly.UnjellyableRegistry()
+        )
+        pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(), clock=clock)
+
+
+@implementer(IRealm)
+class _NoRealm:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        raise NotImplementedError()
 
 
 class DialectsValidationTests(SynchronousTestCase):

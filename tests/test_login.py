@@ -210,6 +210,19 @@ class PbrokerLoginTests(LoginTestsMixin, SynchronousTestCase):
         self.assertIn("not a Credentials", str(caught.exception))
         self.assertNotIn("hunter2", str(caught.exception))  # its repr may hold the password
 
+    def test_usernameAndPasswordChecked(self) -> None:
+        """A username or password that is neither bytes nor str, or text UTF-8 cannot
+        encode, is refused at once, naming which (rather than failing after a round trip
+        with hashlib's words)."""
+        for credentials, error, named in (
+            (UsernamePassword(b"alice", None), TypeError, "password must be bytes or str"),
+            (UsernamePassword(5, b"pw"), TypeError, "username must be bytes or str"),
+            (UsernamePassword(b"alice", "\ud800"), ValueError, "password is not text"),
+        ):
+            with self.assertRaises(error) as caught:
+                self.clientFactory.login(credentials)  # type: ignore[arg-type]
+            self.assertIn(named, str(caught.exception))
+
     def test_passwordReadOnce(self) -> None:
         """The password is read once, when login() is called, as Twisted reads it: a
         property that asks the user (or a keyring) asks once."""

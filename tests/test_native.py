@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import msgpack
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
@@ -5876,10 +5877,43 @@ class ArgumentCheckTests(SynchronousTestCase):
             ({"attemptTimeout": "5"}, TypeError, "attemptTimeout must be a number of seconds"),
             ({"onConnect": 5}, TypeError, "onConnect must be callable (or None), not 5"),
             ({"retryPolicy": 5}, TypeError, "retryPolicy must be callable (or None), not 5"),
+            # Credentials and a factory that no attempt could ever use: refused now, rather
+            # than retried for ever.
+            ({"credentials": "alice"}, TypeError, "credentials must be UsernamePassword"),
+            ({"credentials": ("alice", b"pw")}, TypeError, "credentials must be Username"),
+            (
+                {"credentials": UsernamePassword(b"alice", None)},
+                TypeError,
+                "the credentials' password must be bytes or str, not NoneType",
+            ),
+            (
+                {"factory": pb.PBServerFactory(pb.Root())},
+                TypeError,
+                "factory must be a pb.PBClientFactory (or None)",
+            ),
         ):
             self.assertRefused(
                 error, text, partial(ReconnectingClient, endpoint, reactor=clock, **kw)
             )
+        self.assertRefused(
+            TypeError,
+            "reactor must be a reactor (with callLater and seconds), not 'x'",
+            lambda: ReconnectingClient(endpoint, reactor="x"),
+        )
+        # A password property is not read until a login needs it.
+        asked: list[str] = []
+
+        @implementer(IUsernamePassword)
+        class Asking:
+            username = b"alice"
+
+            @property
+            def password(self) -> bytes:
+                asked.append("password")
+                return b"pw"
+
+        ReconnectingClient(endpoint, Asking(), reactor=clock)
+        self.assertEqual(asked, [])
         self.assertRefused(
             TypeError,
             "endpoint must be an endpoint string such as 'tcp:host:8789'",

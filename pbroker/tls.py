@@ -28,6 +28,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import Attribute, implementer
 
+from pbroker.errors import isInteger
+
 __all__ = [
     "CertificateLogin",
     "IPeerCertificate",
@@ -36,6 +38,22 @@ __all__ = [
     "clientEndpoint",
     "serverEndpoint",
 ]
+
+
+def _checkPort(port: Any, lowest: int) -> None:
+    """
+    TypeError or ValueError, naming ``port``, unless it is an integer from ``lowest`` to
+    65535 (now, not when the endpoint listens or connects).
+    """
+    if not isInteger(port):
+        raise TypeError(f"port must be an integer, not {port!r}")
+    if not lowest <= port <= 65535:
+        raise ValueError(f"port must be from {lowest} to 65535, not {port}")
+
+
+def _checkText(value: Any, name: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be text (str), not {value!r}")
 
 
 def _readPEM(path: str) -> bytes:
@@ -65,6 +83,8 @@ def serverEndpoint(
     from twisted.internet import ssl
     from twisted.internet.endpoints import SSL4ServerEndpoint
 
+    _checkPort(port, 0)  # 0: any free port
+    _checkText(interface, "interface")
     serverCertificate, chain = _withChain(certificate, privateKey)
     verification: dict[str, Any] = {}
     if clientCA is not None:
@@ -108,6 +128,10 @@ def clientEndpoint(
     from twisted.internet import ssl
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
+    _checkText(host, "host")
+    _checkPort(port, 1)
+    if privateKey is not None and certificate is None:
+        raise ValueError("a client private key needs its certificate (certificate=...)")
     trustRoot: Any = None
     if caFile is not None:
         authorities = _loadAuthorities(caFile)

@@ -397,6 +397,38 @@ class CheckerTests(TestCase):
         with self.assertRaises(ValueError):
             tls.clientEndpoint(reactor, "localhost", 1, caFile=empty)
 
+    def test_endpointPortsAndNamesChecked(self) -> None:
+        """A port that is not an integer from 0 (server) or 1 (client) to 65535, a host or
+        interface that is not text, or a client key without its certificate, is refused
+        at the call, naming it, rather than when the endpoint listens or connects."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = Authority(directory, "ca").issue("localhost", ("localhost",))
+        for call, error, named in (
+            (lambda: tls.serverEndpoint(reactor, "8789", certificate, key), TypeError, "port"),
+            (lambda: tls.serverEndpoint(reactor, None, certificate, key), TypeError, "port"),
+            (lambda: tls.serverEndpoint(reactor, 70000, certificate, key), ValueError, "port"),
+            (lambda: tls.serverEndpoint(reactor, -1, certificate, key), ValueError, "port"),
+            (
+                lambda: tls.serverEndpoint(reactor, 0, certificate, key, interface=5),
+                TypeError,
+                "interface",
+            ),
+            (lambda: tls.clientEndpoint(reactor, "localhost", 0), ValueError, "port"),
+            (lambda: tls.clientEndpoint(reactor, "localhost", "1"), TypeError, "port"),
+            (lambda: tls.clientEndpoint(reactor, b"localhost", 1), TypeError, "host"),
+            (
+                lambda: tls.clientEndpoint(reactor, "localhost", 1, privateKey=key),
+                ValueError,
+                "a client private key needs its certificate",
+            ),
+        ):
+            with self.assertRaises(error) as caught:
+                call()
+            self.assertIn(named, str(caught.exception))
+        tls.serverEndpoint(reactor, 0, certificate, key)  # any free port
+        tls.clientEndpoint(reactor, "localhost", 65535)
+
     def test_noCertificateOnPlainTransport(self) -> None:
         """A transport without TLS has no peer certificate."""
         self.assertIsNone(tls.PeerCertificate.fromTransport(object()))

@@ -745,13 +745,21 @@ def listen(
     ``"ssl:..."``, ``"unix:..."``) or an endpoint object (such as
     :func:`pbroker.tls.serverEndpoint` for mutual TLS).
     """
+    if isinstance(factory, PBClientFactory) or not callable(
+        getattr(factory, "buildProtocol", None)
+    ):
+        from pbroker.errors import describe
+
+        raise TypeError(
+            f"listen() serves a server factory (PBServerFactory), not {describe(factory)}"
+        )
     endpoint: IStreamServerEndpoint
     if isinstance(description, str):
         from twisted.internet.endpoints import serverFromString  # loads OpenSSL: only if used
 
         endpoint = serverFromString(_reactor(reactor), description)
     else:
-        endpoint = description
+        endpoint = _endpoint(description, "listen", "'tcp:8789:interface=127.0.0.1'")
     listening: Deferred[IListeningPort] = endpoint.listen(factory)
     return listening
 
@@ -764,13 +772,17 @@ def connect(
     ``"tls:host:port:trustRoots=..."``, ``"unix:..."``) or object, and return a Deferred of
     the server's root object. A failed connection fails it (and ``getRootObject`` callers).
     """
+    if not isinstance(factory, PBClientFactory):
+        from pbroker.errors import describe
+
+        raise TypeError(f"connect() needs a PBClientFactory, not {describe(factory)}")
     endpoint: IStreamClientEndpoint
     if isinstance(description, str):
         from twisted.internet.endpoints import clientFromString  # loads OpenSSL: only if used
 
         endpoint = clientFromString(_reactor(reactor), description)
     else:
-        endpoint = description
+        endpoint = _endpoint(description, "connect", "'tcp:127.0.0.1:8789'")
     root = factory.getRootObject()
 
     def failed(reason: Failure) -> None:
@@ -778,6 +790,20 @@ def connect(
 
     endpoint.connect(factory).addErrback(failed)
     return root
+
+
+def _endpoint(description: Any, method: str, example: str) -> Any:
+    """
+    ``description``, if it is an endpoint (it has ``method``); else TypeError.
+    """
+    if not callable(getattr(description, method, None)):
+        from pbroker.errors import describe
+
+        raise TypeError(
+            f"the endpoint must be an endpoint string such as {example} or an endpoint "
+            f"object, not {describe(description)}"
+        )
+    return description
 
 
 def _reactor(reactor: Any) -> Any:

@@ -910,6 +910,23 @@ class CallTests(SynchronousTestCase):
         )
         self.failureResultOf(early, ConnectionRefusedError)
 
+    def test_listenAndConnectCheckTheirArguments(self) -> None:
+        """pb.listen and pb.connect refuse, naming it, an endpoint that is neither a string
+        nor an endpoint (bytes, say) and a factory of the wrong side, at the call."""
+        memory = MemoryReactorClock()
+        server, client = pb.PBServerFactory(self.rootObject), pb.PBClientFactory()
+        for call, named in (
+            (lambda: pb.listen(b"tcp:0", server, memory), "endpoint must be an endpoint string"),
+            (lambda: pb.connect(b"tcp:h:1", client, memory), "endpoint must be an endpoint string"),
+            (lambda: pb.listen("tcp:0", client, memory), "serves a server factory"),
+            (lambda: pb.listen("tcp:0", None, memory), "serves a server factory"),
+            (lambda: pb.connect("tcp:h:1", server, memory), "needs a PBClientFactory"),
+        ):
+            with self.assertRaises(TypeError) as caught:
+                call()
+            self.assertIn(named, str(caught.exception))
+        self.assertEqual((memory.tcpServers, memory.tcpClients), ([], []))
+
     def test_listenAndConnectOnTheReactorGiven(self) -> None:
         """pb.listen and pb.connect with an endpoint string listen and connect through the
         reactor they are given, not the global one."""

@@ -175,6 +175,8 @@ def int2b128(integer: int, stream: Callable[[bytes], object]) -> None:
 
     :raises ValueError: ``integer`` is negative.
     """
+    if not isinstance(integer, int):
+        raise TypeError(f"a banana prefix is a non-negative integer, not {type(integer).__name__}")
     if integer < 0:
         raise ValueError(f"a banana prefix is a non-negative integer, not {describe(integer)}")
     for group in _base128(integer):
@@ -250,14 +252,24 @@ _TEXT_TAG = b"\x07\x82unicode"
 _BYTES_TYPES = frozenset({bytes, bytearray})
 
 
+def _checkLimit(name: str, value: Any) -> None:
+    """
+    TypeError or ValueError, naming the limit, unless ``value`` is an integer of at least 1.
+    """
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {describe(value)}")
+
+
 @functools.lru_cache(maxsize=16)
 def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     """
     The largest magnitude a prefix limit allows, and the bound below which a non-negative
-    integer takes at most three prefix bytes and so needs no range check.
+    integer takes at most three prefix bytes and so needs no range check. (Cached: the check
+    runs for each new value only.)
     """
-    if prefixLimit < 1:
-        raise ValueError(f"the prefix limit must be at least 1, not {describe(prefixLimit)}")
+    _checkLimit("prefixLimit", prefixLimit)
     largest = 2 ** (7 * prefixLimit) - 1
     return largest, min(0x200000, largest + 1)
 
@@ -301,6 +313,7 @@ class Tokens:
         prefixLimit: int = PREFIX_LIMIT,
     ) -> None:
         _checkDialect(dialect)
+        _checkLimit("sizeLimit", sizeLimit)
         self.dialect = dialect
         self.sizeLimit = sizeLimit
         self.prefixLimit = prefixLimit
@@ -370,13 +383,14 @@ class Tokens:
 
 
 def getTokens(
-    dialect: bytes = b"none", sizeLimit: int = SIZE_LIMIT, prefixLimit: int = PREFIX_LIMIT
+    dialect: bytes = b"none", sizeLimit: int | None = SIZE_LIMIT, prefixLimit: int = PREFIX_LIMIT
 ) -> Tokens:
     """
     The shared :class:`Tokens` for a dialect and limits (they are immutable, so one serves all),
-    the same object however the arguments are passed.
+    the same object however the arguments are passed. A ``sizeLimit`` of ``None`` is
+    :data:`SIZE_LIMIT` as it is when called, as in :func:`encode`.
     """
-    return _sharedTokens(dialect, sizeLimit, prefixLimit)
+    return _sharedTokens(dialect, SIZE_LIMIT if sizeLimit is None else sizeLimit, prefixLimit)
 
 
 @functools.lru_cache(maxsize=32)
@@ -422,6 +436,8 @@ def encode(
     """
     if sizeLimit is None:
         sizeLimit = SIZE_LIMIT
+    elif type(sizeLimit) is not int or sizeLimit < 1:
+        _checkLimit("sizeLimit", sizeLimit)
     vocabulary = _OUTGOING_TOKENS.get(dialect)
     if vocabulary is None:
         raise ValueError(_unknownDialect(dialect))
@@ -544,10 +560,7 @@ class Decoder:
             ("prefixLimit", prefixLimit),
             ("depthLimit", depthLimit),
         ):
-            if not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {describe(value)}")
+            _checkLimit(name, value)
         if messageSizeLimit is not None and not isinstance(messageSizeLimit, int):
             raise TypeError(
                 f"messageSizeLimit must be an int or None, not {type(messageSizeLimit).__name__}"
@@ -626,8 +639,8 @@ class Decoder:
         """
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
-        if maxExpressions is not None and maxExpressions < 1:
-            raise ValueError(f"maxExpressions must be at least 1, not {describe(maxExpressions)}")
+        if maxExpressions is not None:
+            _checkLimit("maxExpressions", maxExpressions)
         results: list[Any] = []
         try:
             self._parse(data, maxExpressions, results)
@@ -987,8 +1000,7 @@ def setPrefixLimit(limit: int) -> None:
     :meth:`Banana.setPrefixLimit` or the ``prefixLimit`` argument of :class:`Decoder`.
     """
     global _defaultPrefixLimit
-    if limit < 1:
-        raise ValueError(f"the prefix limit must be at least 1, not {describe(limit)}")
+    _checkLimit("the prefix limit", limit)
     _defaultPrefixLimit = limit
 
 
@@ -1035,8 +1047,7 @@ class Banana(Protocol):
         """
         Set the prefix limit for this connection, for both decoding and encoding.
         """
-        if limit < 1:
-            raise ValueError(f"the prefix limit must be at least 1, not {describe(limit)}")
+        _checkLimit("the prefix limit", limit)
         self.prefixLimit = limit
         if self._decoder is not None:
             self._decoder.prefixLimit = limit

@@ -241,7 +241,27 @@ class EncodeTests(SynchronousTestCase):
         ):
             with self.assertRaises(ValueError) as caught:
                 make()
-            self.assertEqual(str(caught.exception), "the prefix limit must be at least 1, not 0")
+            self.assertEqual(str(caught.exception), "prefixLimit must be at least 1, not 0")
+
+    def test_limitsCheckedWhenEncoding(self) -> None:
+        """The encoder's limits are checked as the decoder's are, naming the limit, rather
+        than failing deep inside or blaming the data; a sizeLimit of None is the default,
+        in getTokens and jelly.dumps as in encode."""
+        for make, error, message in (
+            (lambda: encode(b"abc", sizeLimit=-1), ValueError, "sizeLimit must be at least 1"),
+            (lambda: encode(b"abc", sizeLimit=1.5), TypeError, "sizeLimit must be an int"),
+            (lambda: encode(1, prefixLimit="64"), TypeError, "prefixLimit must be an int"),
+            (lambda: jelly.dumps(1, sizeLimit=1.5), TypeError, "sizeLimit must be an int"),
+            (lambda: banana.setPrefixLimit("a"), TypeError, "the prefix limit must be an int"),
+            (lambda: banana.int2b128("a", print), TypeError, "non-negative integer, not str"),
+            (lambda: Decoder().feed(b"", maxExpressions="1"), TypeError, "maxExpressions must"),
+            (lambda: Decoder().feed(b"", maxExpressions=1.5), TypeError, "maxExpressions must"),
+        ):
+            with self.assertRaises(error) as caught:
+                make()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(jelly.dumps([1], sizeLimit=None), jelly.dumps([1]))
+        self.assertIs(banana.getTokens(b"pb", None), banana.getTokens(b"pb"))
 
 
 class IntegerPrefixTests(SynchronousTestCase):

@@ -47,6 +47,7 @@ from pbroker._jellycore import (
     SecurityOptions,
     UnjellyableRegistry,
     Unpersistable,
+    checkSecurity,
     class_atom,
     dereference_atom,
     dictionary_atom,
@@ -201,6 +202,7 @@ def jelly(
     :raises JellyError: a value jelly cannot represent.
     :raises InsecureJelly: a custom taster refused a type.
     """
+    _checkOptions(taster, persistentStore, "persistentStore")
     return Jellier(_ALLOW_ALL if taster is None else taster, persistentStore, invoker).jelly(object)
 
 
@@ -223,6 +225,7 @@ def unjelly(
     :raises InsecureJelly: a type, module or class the security options do not allow.
     :raises InvalidJelly: a malformed expression.
     """
+    _checkOptions(taster, persistentLoad, "persistentLoad", registry)
     unjellier = Unjellier(
         globalSecurity if taster is None else taster, persistentLoad, invoker, registry
     )
@@ -249,8 +252,24 @@ def dumps(
     :raises JellyError: a value jelly cannot represent.
     :raises BananaEncodeError: a string, list or integer beyond the banana limits.
     """
+    _checkOptions(taster, persistentStore, "persistentStore")
     jellier = Jellier(_ALLOW_ALL if taster is None else taster, persistentStore, invoker)
     return jellier.encode(object, getTokens(dialect, sizeLimit, prefixLimit))
+
+
+def _checkOptions(taster: Any, persistent: Any, persistentName: str, registry: Any = None) -> None:
+    """
+    TypeError, naming the argument, for options of the wrong kind: at the call, not when
+    the first value that needs them is met.
+    """
+    if taster is not None:
+        checkSecurity(taster, "taster")
+    if persistent is not None and not callable(persistent):
+        raise TypeError(f"{persistentName} must be callable (or None), not {persistent!r}")
+    if registry is not None and not isinstance(registry, UnjellyableRegistry):
+        raise TypeError(
+            f"registry must be an UnjellyableRegistry (or None), not {type(registry).__name__}"
+        )
 
 
 def loads(

@@ -1258,6 +1258,23 @@ class RegistryTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             UnjellyableRegistry().setUnjellyableForClass(5, Copy)  # type: ignore[arg-type]
 
+    def test_optionsCheckedAtTheCall(self) -> None:
+        """A taster, registry or persistent hook of the wrong kind is refused at the call,
+        naming it, even for a value that would never have needed it."""
+        for call, message in (
+            (lambda: jelly.jelly(1, taster=5), "taster must be security options"),
+            (lambda: jelly.dumps(1, taster=5), "taster must be security options"),
+            (lambda: jelly.unjelly(1, taster=5), "taster must be security options"),
+            (lambda: jelly.loads(jelly.dumps(1), taster=5), "taster must be security options"),
+            (lambda: jelly.unjelly(1, registry={}), "registry must be an UnjellyableRegistry"),
+            (lambda: jelly.jelly(1, persistentStore=5), "persistentStore must be callable"),
+            (lambda: jelly.unjelly(1, persistentLoad=5), "persistentLoad must be callable"),
+        ):
+            with self.assertRaises(TypeError) as caught:
+                call()
+            self.assertIn(message, str(caught.exception))
+        self.assertEqual(jelly.unjelly(1, taster=jelly.SecurityOptions()), 1)
+
 
 class Shape(Jellyable):
     """

@@ -26,7 +26,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pbroker.errors import PBConnectionLost, RemoteError
+from pbroker.errors import PBConnectionLost, RemoteError, isInteger
 from pbroker.failure import errorText
 from pbroker.flavors import Referenceable
 from pbroker.jelly import qual
@@ -134,7 +134,10 @@ class Pager:
     def __init__(
         self, collector: Any, callback: Callable[..., object] | None = None, *args: Any, **kw: Any
     ) -> None:
-        self.callback = callback if callable(callback) else None
+        if callback is not None and not callable(callback):
+            # (Stock PB drops it in silence, and its "done" code never runs.)
+            raise TypeError(f"a pager's callback must be callable (or None), not {callback!r}")
+        self.callback = callback
         self.callbackArgs = args
         self.callbackKeyword = kw
         self._stillPaging = True
@@ -199,8 +202,12 @@ class StringPager(Pager):
         *args: Any,
         **kw: Any,
     ) -> None:
+        if not isInteger(chunkSize):
+            raise TypeError(f"chunkSize must be an integer, not {chunkSize!r}")
         if chunkSize < 1:
             raise ValueError(f"chunkSize must be at least 1, not {chunkSize}")
+        if not isinstance(st, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"a StringPager pages a byte string, not {type(st).__name__}")
         self.string = st
         self.pointer = 0
         self.chunkSize = chunkSize
@@ -309,6 +316,10 @@ class CallbackPageCollector(Referenceable):
         callback: Callable[[list[Any]], object],
         errback: Callable[[Failure], object] | None = None,
     ) -> None:
+        if not callable(callback):
+            raise TypeError(f"CallbackPageCollector needs a callable, not {callback!r}")
+        if errback is not None and not callable(errback):
+            raise TypeError(f"errback must be callable (or None), not {errback!r}")
         self.pages: list[Any] = []
         self.callback = callback
         self.errback = errback

@@ -92,6 +92,23 @@ class PagerTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             util.StringPager(object(), b"x", chunkSize=0)
 
+    def test_argumentsChecked(self) -> None:
+        """A chunk size that is not an integer (or a callback given in its place), a string
+        that is not one, and a callback that cannot be called are refused when the pager or
+        collector is made, naming them, rather than at the first page or the end."""
+        for make, message in (
+            (lambda: util.StringPager(object(), b"x", 2.5), "chunkSize must be an integer"),
+            (lambda: util.StringPager(object(), b"x", print), "chunkSize must be an integer"),
+            (lambda: util.StringPager(object(), None), "pages a byte string, not NoneType"),
+            (lambda: util.StringPager(object(), b"x", 8, "done"), "callback must be callable"),
+            (lambda: util.FilePager(object(), io.BytesIO(), "done"), "callback must be callable"),
+            (lambda: util.CallbackPageCollector(5), "needs a callable, not 5"),
+            (lambda: util.CallbackPageCollector(print, 5), "errback must be callable"),
+        ):
+            with self.assertRaises(TypeError) as caught:
+                make()
+            self.assertIn(message, str(caught.exception))
+
     def test_callbackAfterLastPage(self) -> None:
         """The pager's callback runs with its arguments once the last page is sent."""
         done: list[Any] = []

@@ -492,6 +492,12 @@ class Stream:
         """
         if not streaming:
             raise ValueError("a Stream takes push producers (streaming=True) only")
+        methods = ("pauseProducing", "resumeProducing", "stopProducing")
+        if not all(callable(getattr(producer, method, None)) for method in methods):
+            raise TypeError(
+                "a Stream takes a push producer (with pauseProducing, resumeProducing and "
+                f"stopProducing), not {type(producer).__name__}"
+            )
         if self._closed and (self.cancelled or self._failed is not None):
             producer.stopProducing()  # nobody will read what it produces
             return

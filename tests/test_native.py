@@ -5866,6 +5866,13 @@ class ArgumentCheckTests(SynchronousTestCase):
             "fails with an exception or a Failure, not 'str'",
             lambda: Stream().fail("str"),  # type: ignore[arg-type]
         )
+        for notAProducer in (object(), None):
+            self.assertRefused(
+                TypeError,
+                "a Stream takes a push producer (with pauseProducing, resumeProducing and "
+                f"stopProducing), not {type(notAProducer).__name__}",
+                partial(Stream().registerProducer, notAProducer, True),
+            )
 
     def test_reconnectingClient(self) -> None:
         from pbroker.reconnect import ReconnectingClient

@@ -359,7 +359,12 @@ class UnjellyableRegistry:
         module's name, and an empty prefix registers bare class names.
 
         :returns: the tags registered.
+        :raises TypeError: ``module`` is not a module, or ``baseClass`` not a class.
         """
+        if not isinstance(module, types.ModuleType):
+            raise TypeError(f"setUnjellyableForClassTree takes a module, not {module!r}")
+        if not isinstance(baseClass, type):
+            raise TypeError(f"setUnjellyableForClassTree takes a base class, not {baseClass!r}")
         if prefix is None:
             prefix = module.__name__
         if prefix:

@@ -430,6 +430,9 @@ def whenReady(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     (``None``, say); and if the state cannot be fetched (the publisher failed, the connection
     was lost, or :class:`PublishedStateError`), even if that happened before.
     """
+    if not isinstance(d, defer.Deferred):
+        # (A one-way call, made with pbanswer=False, gives None.)
+        raise TypeError(f"whenReady() takes the Deferred of a call, not {d!r}")
     ready: defer.Deferred[Any] = defer.Deferred()
 
     def called(published: Any) -> Any:

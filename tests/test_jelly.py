@@ -1257,6 +1257,12 @@ class RegistryTests(SynchronousTestCase):
             UnjellyableRegistry().setUnjellyableFactoryForClass("x.Y", 5)  # type: ignore[arg-type]
         with self.assertRaises(TypeError):
             UnjellyableRegistry().setUnjellyableForClass(5, Copy)  # type: ignore[arg-type]
+        with self.assertRaises(TypeError) as caught:
+            UnjellyableRegistry().setUnjellyableForClassTree("os", Copy)  # type: ignore[arg-type]
+        self.assertIn("takes a module, not 'os'", str(caught.exception))
+        with self.assertRaises(TypeError) as caught:
+            UnjellyableRegistry().setUnjellyableForClassTree(jelly, "Copy")  # type: ignore[arg-type]
+        self.assertIn("takes a base class, not 'Copy'", str(caught.exception))
 
     def test_optionsCheckedAtTheCall(self) -> None:
         """A taster, registry or persistent hook of the wrong kind is refused at the call,

@@ -248,6 +248,15 @@ class WhenReadyFailsTests(PublishTestCase):
         failure.trap(TypeError)
         self.assertIn("not None", failure.getErrorMessage())
 
+    def test_notADeferred(self) -> None:
+        """whenReady given what is not a call's Deferred (the None of a one-way call, say)
+        raises TypeError at once, naming it."""
+        with self.assertRaises(TypeError) as caught:
+            publish.whenReady(None)  # type: ignore[arg-type]
+        self.assertEqual(
+            str(caught.exception), "whenReady() takes the Deferred of a call, not None"
+        )
+
     def test_stateNotADict(self) -> None:
         """A published state that is not a dictionary fails whenReady with
         PublishedStateError, not an unhandled error."""

@@ -197,7 +197,49 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-class PBServerFactory(protocol.ServerFactory):
+class _BrokerOptions:
+    """
+    The options a factory gives each broker it builds (see :class:`Broker`).
+    """
+
+    unsafeTracebacks: bool
+    security: ISecurityOptions
+    registry: UnjellyableRegistry | None
+    limits: BrokerLimits
+    dialects: list[bytes] | None
+    keepalive: Keepalive | None
+    clock: Any
+
+    def _setOptions(
+        self,
+        unsafeTracebacks: bool,
+        security: ISecurityOptions,
+        registry: UnjellyableRegistry | None,
+        limits: BrokerLimits | None,
+        dialects: Sequence[bytes] | None,
+        keepalive: Keepalive | None,
+        clock: Any,
+    ) -> None:
+        # Checked now rather than per connection: a Broker checks them as it is built.
+        listed = _listed(dialects)
+        Broker(
+            security=security,
+            registry=registry,
+            limits=limits,
+            dialects=listed,
+            keepalive=keepalive,
+            clock=clock,
+        )
+        self.unsafeTracebacks = unsafeTracebacks
+        self.security = security
+        self.registry = registry
+        self.limits = BrokerLimits() if limits is None else limits
+        self.dialects = listed
+        self.keepalive = keepalive
+        self.clock = clock
+
+
+class PBServerFactory(_BrokerOptions, protocol.ServerFactory):
     """
     Serves ``root`` to every client: an :class:`IPBRoot` (such as a :class:`Root`), or a
     :class:`~twisted.cred.portal.Portal`, in which case clients log in to an avatar.
@@ -234,6 +276,7 @@ class PBServerFactory(protocol.ServerFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
+        self._setOptions(unsafeTracebacks, security, registry, limits, dialects, keepalive, clock)
         if _isPortal(root):
             from pbroker.cred import LoginGuard, PortalRoot
 
@@ -246,23 +289,6 @@ class PBServerFactory(protocol.ServerFactory):
                 f"not {type(root).__name__}"
             )
         self.root = root
-        self.unsafeTracebacks = unsafeTracebacks
-        self.security = security
-        self.registry = registry
-        self.limits = BrokerLimits() if limits is None else limits
-        dialects = _listed(dialects)
-        # Checks the options now rather than per connection.
-        Broker(
-            security=security,
-            registry=registry,
-            limits=limits,
-            dialects=dialects,
-            keepalive=keepalive,
-            clock=clock,
-        )
-        self.dialects = dialects
-        self.keepalive = keepalive
-        self.clock = clock
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
         broker = _buildBroker(self, False)
@@ -275,7 +301,7 @@ class PBServerFactory(protocol.ServerFactory):
         """
 
 
-class PBClientFactory(protocol.ClientFactory):
+class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
     """
     Connects to a PB server and hands out its root object.
 
@@ -307,24 +333,10 @@ class PBClientFactory(protocol.ClientFactory):
         keepalive: Keepalive | None = None,
         clock: Any = None,
     ) -> None:
-        dialects = _listed(dialects)
-        # Checks the options now rather than per connection.
-        Broker(
-            security=security,
-            registry=registry,
-            limits=limits,
-            dialects=dialects,
-            keepalive=keepalive,
-            clock=clock,
-        )
-        self.dialects = dialects
-        self.keepalive = keepalive
-        self.clock = clock
+        self._setOptions(unsafeTracebacks, security, registry, limits, dialects, keepalive, clock)
+        if not isinstance(legacyLogin, bool):
+            raise TypeError(f"legacyLogin must be True or False, not {legacyLogin!r}")
         self.legacyLogin = legacyLogin
-        self.unsafeTracebacks = unsafeTracebacks
-        self.security = security
-        self.registry = registry
-        self.limits = BrokerLimits() if limits is None else limits
         self._reset()
 
     def _reset(self) -> None:

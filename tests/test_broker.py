@@ -2089,6 +2089,7 @@ class ConfigureTests(SynchronousTestCase):
             (lambda: pb.PBClientFactory(registry={}), "registry must be an UnjellyableRegistry"),
             (lambda: pb.PBServerFactory(portal, loginGuard=5), "loginGuard must be a LoginGuard"),
             (lambda: pb.PBServerFactory(portal, legacyLogin=None), "legacyLogin must be True"),
+            (lambda: pb.PBClientFactory(legacyLogin="no"), "legacyLogin must be True"),
         ):
             with self.assertRaises(TypeError) as caught:
                 make()

@@ -3349,9 +3349,18 @@ class Broker(Banana):
                         return  # the end, if this was the last page, waits for the page
                     self._pagesSent.discard(pager)
                     progress = progress or waited
-                    if not pager.stillPaging():
-                        self.pageProducers.remove(pager)
+                    try:
+                        ended = not pager.stillPaging()  # runs its callback at the end
+                    except Exception:
+                        # Its pages are all sent: what failed is the application's ending.
+                        self._log.failure("Error at the end of a pager (in its callback?)")
+                        ended = True
+                    if ended:
+                        if pager in self.pageProducers:  # (unless the callback disconnected)
+                            self.pageProducers.remove(pager)
                         progress = True
+                    if self.disconnected:
+                        return
         finally:
             self._sendingPages = False
 

@@ -240,7 +240,12 @@ class FilePager(Pager):
         self._reading = True
         self._failed = False
         super().__init__(collector, callback, *args, **kw)
-        self.startProducing(fd)
+        try:
+            self.startProducing(fd)
+        except Exception:
+            # Raised to whoever made the pager, as a first page that cannot be sent is; it
+            # is not left registered on the broker.
+            collector.broker.dropPageProducer(self, Failure(), raising=True)
 
     def startProducing(self, fd: IO[bytes]) -> None:
         """

@@ -4,11 +4,13 @@ Tests for pbroker.util (paging, local stand-ins for references) and pbroker.publ
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -349,6 +351,90 @@ class PagerTests(SynchronousTestCase):
             pump.pump()
             clock.advance(0)
         return server, results
+
+    def pagedThrough(
+        self, pager: Any, dialects: list[bytes] | None
+    ) -> tuple[Any, list[Any], list[Exception]]:
+        """
+        getAllPages from a root whose ``send`` starts ``pager(collector, broker)``, in the
+        given dialects, through transports that push back past 64 KiB (so the pager's end
+        comes from a later round, run by the transport's resume); the server, the outcome,
+        and what escaped the brokers into the transport.
+        """
+
+        class MyRoot(pb.Root):
+            def rootObject(self, broker: Any) -> Any:
+                self.broker = broker
+                return self
+
+            def remote_send(self, collector: Any) -> None:
+                pager(collector, self.broker)
+
+        clock = Clock()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(MyRoot(), clock=clock),
+            pb.PBClientFactory(clock=clock, dialects=dialects),
+            clock=clock,
+            bufferSize=64 * 1024,
+        )
+        results: list[Any] = []
+        escaped: list[Exception] = []
+        util.getAllPages(client.remoteForName("root"), "send").addBoth(results.append)
+        for _ in range(1000):
+            if results and not pump.clientIO.stream and not pump.serverIO.stream:
+                break
+            try:
+                pump.pump()
+            except Exception as e:
+                escaped.append(e)
+            clock.advance(0)
+        return server, results, escaped
+
+    def test_raisingPagerCallback(self) -> None:
+        """A pager's callback that raises at the end is logged, in either dialect: it runs
+        once, nothing escapes into the transport, the pager is let go, and the collector
+        has every page."""
+        for dialects in (None, [b"pb"]):
+            calls: list[str] = []
+            with capturedLogs() as events:
+                server, results, escaped = self.pagedThrough(
+                    functools.partial(_raisingPager, calls=calls), dialects
+                )
+            self.assertEqual((escaped, calls, server.pageProducers), ([], ["done"], []))
+            self.assertEqual(b"".join(results[0]), BIG)
+            self.assertEqual(
+                [e["log_format"] for e in events if "log_failure" in e],
+                ["Error at the end of a pager (in its callback?)"],
+            )
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_pagerCallbackDroppingTheConnection(self) -> None:
+        """A pager's callback that drops the connection (as an application may) leaves the
+        broker's loop without an error, in either dialect."""
+        for dialects in (None, [b"pb"]):
+            with capturedLogs() as events:
+                server, _results, escaped = self.pagedThrough(
+                    lambda c, broker: util.StringPager(
+                        c, BIG, 8192, broker.connectionLost, Failure(ConnectionDone())
+                    ),
+                    dialects,
+                )
+            self.assertEqual((escaped, server.pageProducers), ([], []))
+            self.assertTrue(server.disconnected)
+            self.assertEqual([e for e in events if "log_failure" in e], [])
+
+    def test_filePagerFailingAtOnce(self) -> None:
+        """A FilePager whose file fails at its first read raises to the method that makes
+        it, which fails, and is not left registered on the broker."""
+        for dialects in (None, [b"pb"]):
+            with capturedLogs():
+                server, results, escaped = self.pagedThrough(
+                    lambda c, broker: util.FilePager(c, _Unreadable()), dialects
+                )
+            self.assertEqual((escaped, server.pageProducers), ([], []))
+            self.assertIsInstance(results[0], Failure)
+            self.assertIn("disk gone", results[0].getErrorMessage())
+            self.flushLoggedErrors(OSError)
 
     def test_largePagesKeepTheirOrder(self) -> None:
         """In the native dialect, pages too large for one record are sent in fragments: the
@@ -849,3 +935,17 @@ class PublishTests(SynchronousTestCase):
         self.assertGreater(os.path.getsize(first.getFileName()), 1_000_000)
         self.assertEqual(self.fetch().items, ["x" * 1_000_000])
         self.assertEqual(self.catalogue.fetches, 1)
+
+
+def _raisingPager(collector: Any, broker: Any, calls: list[str]) -> Any:
+    # A pager of BIG whose callback notes it ran, then raises.
+    def done() -> None:
+        calls.append("done")
+        raise RuntimeError("callback failed")
+
+    return util.StringPager(collector, BIG, 8192, done)
+
+
+class _Unreadable(io.BytesIO):
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError("disk gone")

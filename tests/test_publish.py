@@ -248,6 +248,30 @@ class WhenReadyFailsTests(PublishTestCase):
         failure.trap(TypeError)
         self.assertIn("not None", failure.getErrorMessage())
 
+    def test_connectionClosedWhileFetching(self) -> None:
+        """A connection closed while a copy no one waits on (through whenReady) fetches its
+        state is noted as information, not logged as a failure with a traceback; a copy
+        someone waits on fails them, as before."""
+        root, pump = self.connect(Catalogue("x", state=defer.Deferred()))
+        got: list[Any] = []
+        root.callRemote("catalogue").addBoth(got.append)
+        pump.flush()
+        self.assertIsInstance(got[0], RemoteCatalogue)
+        with capturedLogs() as events:
+            root.broker.transport.loseConnection()
+            pump.flush()
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        [event] = [e for e in events if e["log_format"].startswith("A published state")]
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertIn("not fetched", formatEvent(event))
+        root, pump = self.connect(Catalogue("x", state=defer.Deferred()))
+        waiting: list[Any] = []
+        publish.whenReady(root.callRemote("catalogue")).addBoth(waiting.append)
+        pump.flush()
+        root.broker.transport.loseConnection()
+        pump.flush()
+        waiting[0].trap(pb.PBConnectionLost)
+
     def test_notADeferred(self) -> None:
         """whenReady given what is not a call's Deferred (the None of a one-way call, say)
         raises TypeError at once, naming it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 __all__ = [
     "DummySecurityOptions",
@@ -86,17 +86,29 @@ class ISecurityOptions(Protocol):
         ...
 
 
-def checkSecurity(options: Any, name: str) -> None:
+#: What jellying asks of security options (unjellying asks isModuleAllowed too).
+JELLYING_CHECKS: Final = ("isTypeAllowed", "isClassAllowed")
+ALL_CHECKS: Final = ("isTypeAllowed", "isClassAllowed", "isModuleAllowed")
+
+
+def checkSecurity(options: Any, name: str, methods: tuple[str, ...] = ALL_CHECKS) -> None:
     """
-    TypeError, naming the argument ``name``, unless ``options`` has the methods of
-    :class:`ISecurityOptions` (at the call, not when the first value needs them).
+    TypeError, naming the argument ``name``, unless ``options`` is an object with the
+    ``methods`` of :class:`ISecurityOptions` that its use calls (at the call, not when the
+    first value needs them).
     """
-    methods = ("isModuleAllowed", "isClassAllowed", "isTypeAllowed")
-    if not all(callable(getattr(options, method, None)) for method in methods):
+    if isinstance(options, type) or not all(
+        callable(getattr(options, method, None)) for method in methods
+    ):
         raise TypeError(
             f"{name} must be security options such as jelly.SecurityOptions() (with "
-            f"isTypeAllowed, isClassAllowed and isModuleAllowed), not {type(options).__name__}"
+            f"{', '.join(methods)}), not {describeKind(options)}"
         )
+
+
+def describeKind(value: Any) -> str:
+    # "the class X" for a class given where an instance is wanted, else its type's name.
+    return f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
 
 
 class DummySecurityOptions:

@@ -41,6 +41,8 @@ from zope.interface import Interface, classImplements
 
 from pbroker._jellier import DictTypes, Jellier, Jellyable, getInstanceState
 from pbroker._jellycore import (
+    ALL_CHECKS,
+    JELLYING_CHECKS,
     DummySecurityOptions,
     ISecurityOptions,
     None_atom,
@@ -202,7 +204,7 @@ def jelly(
     :raises JellyError: a value jelly cannot represent.
     :raises InsecureJelly: a custom taster refused a type.
     """
-    _checkOptions(taster, persistentStore, "persistentStore")
+    _checkOptions(taster, persistentStore, "persistentStore", jellying=True)
     return Jellier(_ALLOW_ALL if taster is None else taster, persistentStore, invoker).jelly(object)
 
 
@@ -225,7 +227,7 @@ def unjelly(
     :raises InsecureJelly: a type, module or class the security options do not allow.
     :raises InvalidJelly: a malformed expression.
     """
-    _checkOptions(taster, persistentLoad, "persistentLoad", registry)
+    _checkOptions(taster, persistentLoad, "persistentLoad", registry, jellying=False)
     unjellier = Unjellier(
         globalSecurity if taster is None else taster, persistentLoad, invoker, registry
     )
@@ -252,18 +254,20 @@ def dumps(
     :raises JellyError: a value jelly cannot represent.
     :raises BananaEncodeError: a string, list or integer beyond the banana limits.
     """
-    _checkOptions(taster, persistentStore, "persistentStore")
+    _checkOptions(taster, persistentStore, "persistentStore", jellying=True)
     jellier = Jellier(_ALLOW_ALL if taster is None else taster, persistentStore, invoker)
     return jellier.encode(object, getTokens(dialect, sizeLimit, prefixLimit))
 
 
-def _checkOptions(taster: Any, persistent: Any, persistentName: str, registry: Any = None) -> None:
+def _checkOptions(
+    taster: Any, persistent: Any, persistentName: str, registry: Any = None, *, jellying: bool
+) -> None:
     """
     TypeError, naming the argument, for options of the wrong kind: at the call, not when
     the first value that needs them is met.
     """
     if taster is not None:
-        checkSecurity(taster, "taster")
+        checkSecurity(taster, "taster", JELLYING_CHECKS if jellying else ALL_CHECKS)
     if persistent is not None and not callable(persistent):
         raise TypeError(f"{persistentName} must be callable (or None), not {persistent!r}")
     if registry is not None and not isinstance(registry, UnjellyableRegistry):

@@ -105,7 +105,7 @@ def serverEndpoint(
 
 def clientEndpoint(
     reactor: Any,
-    host: str,
+    host: str | bytes,
     port: int,
     *,
     caFile: str | None = None,
@@ -128,7 +128,8 @@ def clientEndpoint(
     from twisted.internet import ssl
     from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-    _checkText(host, "host")
+    if not isinstance(host, (str, bytes)):
+        raise TypeError(f"host must be a name or address (str or bytes), not {host!r}")
     _checkPort(port, 1)
     if privateKey is not None and certificate is None:
         raise ValueError("a client private key needs its certificate (certificate=...)")
@@ -142,8 +143,10 @@ def clientEndpoint(
         if privateKey is None:
             raise ValueError("a client certificate needs its private key")
         clientCertificate, extra["extraCertChain"] = _withChain(certificate, privateKey)
+    if hostname is None:
+        hostname = host.decode("ascii") if isinstance(host, bytes) else host
     options = ssl.optionsForClientTLS(
-        hostname or host,
+        hostname,
         trustRoot=trustRoot,
         clientCertificate=clientCertificate,
         extraCertificateOptions=extra,

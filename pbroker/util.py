@@ -206,7 +206,10 @@ class StringPager(Pager):
             raise TypeError(f"chunkSize must be an integer, not {chunkSize!r}")
         if chunkSize < 1:
             raise ValueError(f"chunkSize must be at least 1, not {chunkSize}")
-        if not isinstance(st, (bytes, bytearray, memoryview, str)):
+        if not (
+            callable(getattr(st, "__getitem__", None)) and callable(getattr(st, "__len__", None))
+        ):
+            # (Anything sliced as bytes are, as stock's: an mmap, say.)
             raise TypeError(f"a StringPager pages a byte string, not {type(st).__name__}")
         self.string = st
         self.pointer = 0

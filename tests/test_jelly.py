@@ -1281,6 +1281,20 @@ class RegistryTests(SynchronousTestCase):
             self.assertIn(message, str(caught.exception))
         self.assertEqual(jelly.unjelly(1, taster=jelly.SecurityOptions()), 1)
 
+        class JellyingTaster:
+            # All that jellying asks of a taster, as stock jelly takes it.
+            def isTypeAllowed(self, typeName: Any) -> bool:
+                return True
+
+            def isClassAllowed(self, klass: type) -> bool:
+                return True
+
+        self.assertEqual(jelly.jelly([1], taster=JellyingTaster()), [b"list", 1])
+        self.assertEqual(jelly.loads(jelly.dumps([1], taster=JellyingTaster())), [1])
+        with self.assertRaises(TypeError) as caught:
+            jelly.unjelly([b"list", 1], taster=JellyingTaster())
+        self.assertIn("isModuleAllowed", str(caught.exception))
+
 
 class Shape(Jellyable):
     """

@@ -412,11 +412,15 @@ class CheckerTests(TestCase):
             (
                 lambda: tls.serverEndpoint(reactor, 0, certificate, key, interface=5),
                 TypeError,
-                "interface",
+                "interface must be text (str), not 5",
             ),
             (lambda: tls.clientEndpoint(reactor, "localhost", 0), ValueError, "port"),
             (lambda: tls.clientEndpoint(reactor, "localhost", "1"), TypeError, "port"),
-            (lambda: tls.clientEndpoint(reactor, b"localhost", 1), TypeError, "host"),
+            (
+                lambda: tls.clientEndpoint(reactor, None, 1),
+                TypeError,
+                "host must be a name or address (str or bytes), not None",
+            ),
             (
                 lambda: tls.clientEndpoint(reactor, "localhost", 1, privateKey=key),
                 ValueError,
@@ -428,6 +432,8 @@ class CheckerTests(TestCase):
             self.assertIn(named, str(caught.exception))
         tls.serverEndpoint(reactor, 0, certificate, key)  # any free port
         tls.clientEndpoint(reactor, "localhost", 65535)
+        tls.clientEndpoint(reactor, b"127.0.0.1", 1, hostname="localhost")
+        tls.clientEndpoint(reactor, b"localhost", 1)
 
     def test_noCertificateOnPlainTransport(self) -> None:
         """A transport without TLS has no peer certificate."""

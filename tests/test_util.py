@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import os
 from typing import Any
 
@@ -422,6 +423,15 @@ class PagerTests(SynchronousTestCase):
             self.assertEqual((escaped, server.pageProducers), ([], []))
             self.assertTrue(server.disconnected)
             self.assertEqual([e for e in events if "log_failure" in e], [])
+
+    def test_stringPagerOfAnMmap(self) -> None:
+        """A StringPager pages anything sliced as bytes are, as stock's does: an mmap."""
+        with mmap.mmap(-1, len(BIG)) as mapped:
+            mapped.write(BIG)
+            _server, results, escaped = self.pagedThrough(
+                lambda c, broker: util.StringPager(c, mapped, 65536), None
+            )
+        self.assertEqual((escaped, b"".join(results[0])), ([], BIG))
 
     def test_filePagerFailingAtOnce(self) -> None:
         """A FilePager whose file fails at its first read raises to the method that makes

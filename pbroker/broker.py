@@ -72,6 +72,7 @@ from pbroker.errors import (
     cannotStop,
     describe,
     isInteger,
+    isReactorTime,
     isSeconds,
     toSeconds,
 )
@@ -499,9 +500,7 @@ def _checkedClock(clock: Any) -> Any:
     ``clock``, if it is ``None`` (the reactor) or schedules calls as a reactor does; else
     TypeError, now rather than when the first timeout or ping is set.
     """
-    if clock is not None and not (
-        callable(getattr(clock, "callLater", None)) and callable(getattr(clock, "seconds", None))
-    ):
+    if clock is not None and not isReactorTime(clock):
         raise TypeError(
             "clock must be a reactor or twisted.internet.task.Clock (with callLater and "
             f"seconds), or None, not {describe(clock)}"
@@ -3185,6 +3184,11 @@ class Broker(Banana):
 
     def connectionMade(self) -> None:
         self._beforeReady = []
+        # A client factory learns of the connection before its dialect is chosen (to close
+        # it on disconnect()), however its buildProtocol made this broker.
+        brokerConnecting = getattr(self.factory, "brokerConnecting", None)
+        if self.isClient and brokerConnecting is not None:
+            brokerConnecting(self)
         super().connectionMade()
         # From now, not from the choice of dialect: a peer that connects and then says
         # nothing is dropped too (no ping can be sent to it before the choice).

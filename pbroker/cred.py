@@ -36,7 +36,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from pbroker.errors import LimitExceeded, NoSuchMethod, describe
+from pbroker.errors import (
+    LimitExceeded,
+    NoSuchMethod,
+    describe,
+    isInteger,
+    isReactorTime,
+    isSeconds,
+)
 from pbroker.flavors import (
     IPBRoot,
     Jellyable,
@@ -218,6 +225,25 @@ class LoginGuard:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
+        elif not isReactorTime(reactor):
+            raise TypeError(
+                f"reactor must be a reactor (with callLater and seconds), not {describe(reactor)}"
+            )
+        for name, value in (
+            ("baseDelay", baseDelay),
+            ("maxDelay", maxDelay),
+            ("forgetAfter", forgetAfter),
+            ("checkTimeout", checkTimeout),
+        ):
+            if not isSeconds(value) or value != value:
+                raise TypeError(f"LoginGuard's {name} must be a number of seconds, not {value!r}")
+        for name, value in (
+            ("maxFailuresPerConnection", maxFailuresPerConnection),
+            ("maxAddresses", maxAddresses),
+            ("maxWaiting", maxWaiting),
+        ):
+            if not isInteger(value):
+                raise TypeError(f"LoginGuard's {name} must be an integer, not {value!r}")
         if baseDelay < 0 or maxDelay < baseDelay or maxFailuresPerConnection < 1:
             raise ValueError("LoginGuard needs 0 <= baseDelay <= maxDelay and at least 1 failure")
         if forgetAfter < 0 or maxAddresses < 1 or not checkTimeout > 0 or maxWaiting < 1:

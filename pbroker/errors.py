@@ -230,6 +230,18 @@ def _describe(value: Any, depth: int, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def isReactorTime(value: Any) -> bool:
+    """
+    Whether ``value`` schedules calls as a reactor does (``callLater`` and ``seconds``, as
+    ``twisted.internet.task.Clock`` has): an object, not a class.
+    """
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "callLater", None))
+        and callable(getattr(value, "seconds", None))
+    )
+
+
 def isSeconds(value: Any) -> bool:
     """
     Whether ``value`` is a real number (a float, an int, a Fraction, a numpy float...) and

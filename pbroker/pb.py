@@ -18,7 +18,7 @@ import inspect
 import sys
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -343,13 +343,24 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
         self.rootObjectRequests: list[Deferred[RemoteReference]] = []
         self._broker: Broker | None = None
         self._root: RemoteReference | None = None
-        # The broker last built, while it is not ready yet (see disconnect).
+        # The connection being made (its connector, from connectTCP), then its broker,
+        # until it is ready or lost (see disconnect).
+        self._connector: IConnector | None = None
         self._connecting: Broker | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
-        broker = _buildBroker(self, True)
+        return _buildBroker(self, True)
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self._connector = connector
+
+    def brokerConnecting(self, broker: Broker) -> None:
+        """
+        Called by a broker of this factory once it is connected, before its dialect is
+        chosen: :meth:`disconnect` closes it even then.
+        """
+        self._connector = None
         self._connecting = broker
-        return broker
 
     def _failAll(self, reason: Failure) -> None:
         requests, self.rootObjectRequests = self.rootObjectRequests, []
@@ -357,6 +368,7 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
             deferred.errback(reason)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self._connector = None
         self._failAll(reason)
 
     def clientConnectionLost(
@@ -564,9 +576,15 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
             self._broker.transport.loseConnection()
         elif self._broker is None:
             connecting, self._connecting = self._connecting, None
+            connector, self._connector = self._connector, None
             self._failAll(Failure(PBConnectionLost("disconnected before connecting")))
             if connecting is not None and connecting.transport is not None:
                 connecting.transport.loseConnection()
+            elif connector is not None:
+                from twisted.internet.error import NotConnectingError
+
+                with contextlib.suppress(NotConnectingError):
+                    connector.stopConnecting()  # connectTCP's, still connecting
 
 
 def _buildBroker(factory: Any, isClient: bool) -> Broker:
@@ -641,6 +659,9 @@ def _isPortal(root: Any) -> bool:
     return portal is not None and isinstance(root, portal.Portal)
 
 
+_MISSING: Final = object()
+
+
 def _checkedCredentials(credentials: Any, read: bool) -> Any:
     """
     ``credentials`` as :meth:`PBClientFactory.login` takes them, or TypeError at once.
@@ -654,8 +675,20 @@ def _checkedCredentials(credentials: Any, read: bool) -> Any:
 
     if IAnonymous.providedBy(credentials) or _isCertificateLogin(credentials):
         return credentials
-    if not read and IUsernamePassword.providedBy(credentials):
-        # Only what it holds as plain attributes: a property may ask the user, at a login.
+    if not read:
+        # Without reading a property, which may ask the user (at each login, later): what
+        # it lacks, and what it holds as plain attributes, are checked.
+        missing = [
+            name
+            for name in ("username", "password")
+            if not IUsernamePassword.providedBy(credentials)
+            and inspect.getattr_static(credentials, name, _MISSING) is _MISSING
+        ]
+        if missing or isinstance(credentials, type):
+            raise TypeError(
+                "credentials must be UsernamePassword(...), Anonymous() or "
+                f"pb.CertificateLogin(), not a {type(credentials).__name__}"
+            )
         held = getattr(credentials, "__dict__", {})
         _checkTextOrBytes([(name, held[name]) for name in ("username", "password") if name in held])
         return credentials
@@ -667,7 +700,7 @@ def _checkedCredentials(credentials: Any, read: bool) -> Any:
             f"pb.CertificateLogin(), not a {type(credentials).__name__}"
         ) from error
     _checkTextOrBytes([("username", username), ("password", password)])
-    return UsernamePassword(username, password) if read else credentials
+    return UsernamePassword(username, password)
 
 
 def _checkTextOrBytes(fields: list[tuple[str, Any]]) -> None:

@@ -62,7 +62,14 @@ from zope.interface import implementer
 
 from pbroker.broker import Broker, _timedOut, _timeoutError, _timeoutNamed
 from pbroker.context import CallOptions
-from pbroker.errors import PBConnectionLost, describe, isInteger, isSeconds, toSeconds
+from pbroker.errors import (
+    PBConnectionLost,
+    describe,
+    isInteger,
+    isReactorTime,
+    isSeconds,
+    toSeconds,
+)
 from pbroker.flavors import _methodName
 from pbroker.pb import PBClientFactory, _checkedCredentials
 from pbroker.references import CallingWithOptions, RemoteReference
@@ -117,10 +124,7 @@ class ReconnectingClient(Service):
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        elif not (
-            callable(getattr(reactor, "callLater", None))
-            and callable(getattr(reactor, "seconds", None))
-        ):
+        elif not isReactorTime(reactor):
             raise TypeError(
                 f"reactor must be a reactor (with callLater and seconds), not {describe(reactor)}"
             )

@@ -874,6 +874,39 @@ class CallTests(SynchronousTestCase):
             self.assertTrue(server.disconnected)
             self.assertNoResult(factory.getRootObject())
 
+    def test_factoryDisconnectBeforeConnected(self) -> None:
+        """disconnect() right after connectTCP, before the connection is made, stops the
+        connector, as well as failing the root requests."""
+        memory = MemoryReactorClock()
+        factory = pb.PBClientFactory()
+        memory.connectTCP("127.0.0.1", 8789, factory)
+        early = factory.getRootObject()
+        factory.disconnect()
+        self.failureResultOf(early, PBConnectionLost)
+        [connector] = memory.connectors
+        self.assertTrue(connector.stoppedConnecting)
+
+    def test_factoryDisconnectBeforeReadyStockStyleSubclass(self) -> None:
+        """A factory subclass whose buildProtocol builds its broker the stock way (not
+        through PBClientFactory.buildProtocol) has a connection still choosing its dialect
+        closed by disconnect() too: the broker tells its factory it is connecting."""
+
+        class StockStyle(pb.PBClientFactory):
+            def buildProtocol(self, addr: Any) -> pb.Broker:
+                broker = self.protocol(isClient=True)
+                broker.factory = self
+                return broker
+
+        factory = StockStyle()
+        server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(rootFor(pb)), factory, greet=False
+        )
+        factory.getRootObject().addErrback(lambda failure: None)
+        factory.disconnect()
+        pump.flush()
+        self.assertTrue(client.disconnected)
+        self.assertTrue(server.disconnected)
+
     def test_factoryConnectionFailed(self) -> None:
         """A failed connection fails every getRootObject caller with its reason, once; a
         connection lost while reconnecting fails them too but keeps the broker and root, as
@@ -2090,6 +2123,12 @@ class ConfigureTests(SynchronousTestCase):
             (lambda: pb.PBServerFactory(portal, loginGuard=5), "loginGuard must be a LoginGuard"),
             (lambda: pb.PBServerFactory(portal, legacyLogin=None), "legacyLogin must be True"),
             (lambda: pb.PBClientFactory(legacyLogin="no"), "legacyLogin must be True"),
+            (lambda: pb.LoginGuard(reactor="x"), "reactor must be a reactor"),
+            (lambda: pb.LoginGuard(baseDelay="1"), "baseDelay must be a number of seconds"),
+            (lambda: pb.LoginGuard(maxWaiting=2.5), "maxWaiting must be an integer"),
+            # A class where an instance is wanted.
+            (lambda: pb.PBClientFactory(clock=Clock), "clock must be a reactor"),
+            (lambda: pb.PBClientFactory(security=jelly.SecurityOptions), "not the class Secur"),
         ):
             with self.assertRaises(TypeError) as caught:
                 make()

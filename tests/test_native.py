@@ -5910,7 +5910,6 @@ class ArgumentCheckTests(SynchronousTestCase):
         # A password property is not read until a login needs it.
         asked: list[str] = []
 
-        @implementer(IUsernamePassword)
         class Asking:
             username = b"alice"
 
@@ -5919,7 +5918,14 @@ class ArgumentCheckTests(SynchronousTestCase):
                 asked.append("password")
                 return b"pw"
 
-        ReconnectingClient(endpoint, Asking(), reactor=clock)
+        ReconnectingClient(endpoint, Asking(), reactor=clock)  # as stock's login takes it
+        ReconnectingClient(endpoint, implementer(IUsernamePassword)(Asking)(), reactor=clock)
+        self.assertRefused(
+            TypeError,
+            "credentials must be UsernamePassword(...), Anonymous() or pb.CertificateLogin(), "
+            "not a type",
+            lambda: ReconnectingClient(endpoint, Asking, reactor=clock),
+        )
         self.assertEqual(asked, [])
         self.assertRefused(
             TypeError,

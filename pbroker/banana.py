@@ -21,6 +21,7 @@ this module that imports from Twisted, and it does so only for the ``Protocol`` 
 from __future__ import annotations
 
 import functools
+import operator
 import struct
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -30,7 +31,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from pbroker import _accelerator
-from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, describe
+from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, describe, isInteger
 
 __all__ = [
     "DEPTH_LIMIT",
@@ -252,14 +253,17 @@ _TEXT_TAG = b"\x07\x82unicode"
 _BYTES_TYPES = frozenset({bytes, bytearray})
 
 
-def _checkLimit(name: str, value: Any) -> None:
+def _checkedLimit(name: str, value: Any) -> int:
     """
-    TypeError or ValueError, naming the limit, unless ``value`` is an integer of at least 1.
+    ``value`` as an ``int``, if it is an integer of at least 1 (a numpy integer too, not a
+    bool, as everywhere in pbroker); else TypeError or ValueError, naming the limit.
     """
-    if not isinstance(value, int):
+    if not isInteger(value):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, not {describe(value)}")
+    checked = operator.index(value)
+    if checked < 1:
+        raise ValueError(f"{name} must be at least 1, not {describe(checked)}")
+    return checked
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,8 +273,7 @@ def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     integer takes at most three prefix bytes and so needs no range check. (Cached: the check
     runs for each new value only.)
     """
-    _checkLimit("prefixLimit", prefixLimit)
-    largest = 2 ** (7 * prefixLimit) - 1
+    largest = 2 ** (7 * _checkedLimit("prefixLimit", prefixLimit)) - 1
     return largest, min(0x200000, largest + 1)
 
 
@@ -313,10 +316,10 @@ class Tokens:
         prefixLimit: int = PREFIX_LIMIT,
     ) -> None:
         _checkDialect(dialect)
-        _checkLimit("sizeLimit", sizeLimit)
+        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
         self.dialect = dialect
         self.sizeLimit = sizeLimit
-        self.prefixLimit = prefixLimit
+        self.prefixLimit = prefixLimit = _checkedLimit("prefixLimit", prefixLimit)
         self.symbols = _OUTGOING_TOKENS[dialect]
         self._largest, fastIntLimit = _integerBounds(prefixLimit)
         #: Non-negative integers below this take at most three prefix bytes.
@@ -437,7 +440,7 @@ def encode(
     if sizeLimit is None:
         sizeLimit = SIZE_LIMIT
     elif type(sizeLimit) is not int or sizeLimit < 1:
-        _checkLimit("sizeLimit", sizeLimit)
+        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
     vocabulary = _OUTGOING_TOKENS.get(dialect)
     if vocabulary is None:
         raise ValueError(_unknownDialect(dialect))
@@ -555,20 +558,11 @@ class Decoder:
         text: bool = False,
     ) -> None:
         _checkDialect(dialect)
-        for name, value in (
-            ("sizeLimit", sizeLimit),
-            ("prefixLimit", prefixLimit),
-            ("depthLimit", depthLimit),
-        ):
-            _checkLimit(name, value)
-        if messageSizeLimit is not None and not isinstance(messageSizeLimit, int):
-            raise TypeError(
-                f"messageSizeLimit must be an int or None, not {type(messageSizeLimit).__name__}"
-            )
-        if messageSizeLimit is not None and messageSizeLimit < 1:
-            raise ValueError(
-                f"messageSizeLimit must be at least 1, not {describe(messageSizeLimit)}"
-            )
+        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
+        prefixLimit = _checkedLimit("prefixLimit", prefixLimit)
+        depthLimit = _checkedLimit("depthLimit", depthLimit)
+        if messageSizeLimit is not None:
+            messageSizeLimit = _checkedLimit("messageSizeLimit", messageSizeLimit)
         self._dialect = dialect
         self._vocabulary = _incomingVocabulary(dialect)
         self.sizeLimit = sizeLimit
@@ -640,7 +634,7 @@ class Decoder:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
         if maxExpressions is not None:
-            _checkLimit("maxExpressions", maxExpressions)
+            maxExpressions = _checkedLimit("maxExpressions", maxExpressions)
         results: list[Any] = []
         try:
             self._parse(data, maxExpressions, results)
@@ -1000,8 +994,7 @@ def setPrefixLimit(limit: int) -> None:
     :meth:`Banana.setPrefixLimit` or the ``prefixLimit`` argument of :class:`Decoder`.
     """
     global _defaultPrefixLimit
-    _checkLimit("the prefix limit", limit)
-    _defaultPrefixLimit = limit
+    _defaultPrefixLimit = _checkedLimit("the prefix limit", limit)
 
 
 class Banana(Protocol):
@@ -1047,7 +1040,7 @@ class Banana(Protocol):
         """
         Set the prefix limit for this connection, for both decoding and encoding.
         """
-        _checkLimit("the prefix limit", limit)
+        limit = _checkedLimit("the prefix limit", limit)
         self.prefixLimit = limit
         if self._decoder is not None:
             self._decoder.prefixLimit = limit

@@ -262,6 +262,14 @@ class EncodeTests(SynchronousTestCase):
             self.assertIn(message, str(caught.exception))
         self.assertEqual(jelly.dumps([1], sizeLimit=None), jelly.dumps([1]))
         self.assertIs(banana.getTokens(b"pb", None), banana.getTokens(b"pb"))
+        # Integers as everywhere in pbroker: anything with __index__ (a numpy integer), but
+        # not a bool.
+        self.assertEqual(encode(b"abc", sizeLimit=_Index(3), prefixLimit=_Index(4)), encode(b"abc"))
+        self.assertEqual(Decoder(sizeLimit=_Index(3)).sizeLimit, 3)
+        for make in (lambda: Decoder(sizeLimit=True), lambda: encode(b"", sizeLimit=True)):
+            with self.assertRaises(TypeError) as caught:
+                make()
+            self.assertEqual(str(caught.exception), "sizeLimit must be an int, not bool")
 
 
 class IntegerPrefixTests(SynchronousTestCase):
@@ -1208,3 +1216,15 @@ class PrefixHelperTests(SynchronousTestCase):
         banana.int2b128(7, written.write)
         written.write(banana.NEG)
         self.assertEqual(banana.decode(written.getvalue()), [b"hello", -7])
+
+
+class _Index:
+    """
+    An integer that is not an int (as a numpy integer is): it has ``__index__``.
+    """
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value

@@ -150,6 +150,8 @@ def checkUsername(username: str) -> None:
     """
     from pbroker.cred import MAX_USERNAME
 
+    if not isinstance(username, str):
+        raise TypeError(f"a username must be text (str), not {type(username).__name__}")
     try:
         encoded = username.encode("utf-8")
     except UnicodeEncodeError:
@@ -181,14 +183,23 @@ class ScramVerifier:
 
     @classmethod
     def fromPassword(
-        cls, password: bytes, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None
+        cls, password: bytes | str, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None
     ) -> ScramVerifier:
         """
         Derive a verifier from a password, with a fresh random salt unless one is given.
 
+        :param password: bytes, or text, which is taken as its UTF-8 bytes (as a login takes it).
         :raises ValueError: the iteration count or the salt's length is one that clients
             refuse (see :data:`MIN_ITERATIONS`, :data:`MAX_ITERATIONS`, :data:`MIN_SALT_LENGTH`).
+        :raises TypeError: the password is neither bytes nor text.
         """
+        if isinstance(password, str):
+            try:
+                password = password.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a password must be valid UTF-8 text") from None
+        elif not isinstance(password, bytes):
+            raise TypeError(f"a password must be bytes or str, not {type(password).__name__}")
         salt = secrets.token_bytes(16) if salt is None else salt
         _checkSaltAndIterations(salt, iterations)
         salted = _saltedPassword(password, salt, iterations)
@@ -446,7 +457,7 @@ class PasswordFile:
         self._verifiers, self._decoyBasis, self._stamp = verifiers, basis, stamp
 
     def setPassword(
-        self, username: str, password: bytes, iterations: int = DEFAULT_ITERATIONS
+        self, username: str, password: bytes | str, iterations: int = DEFAULT_ITERATIONS
     ) -> None:
         """
         Add ``username`` (or replace its verifier, moving it to the end of the file); the file
@@ -462,6 +473,7 @@ class PasswordFile:
         :raises ValueError: the username would not read back as written
             (:func:`checkUsername`), or the iteration count is out of bounds.
         """
+        checkUsername(username)  # before the verifier, which takes a while to derive
         line = ScramVerifier.fromPassword(password, iterations).toLine(username)
         kept, _ = self._linesWithout(username)
         self._write([*kept, line])

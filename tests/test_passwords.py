@@ -1187,6 +1187,28 @@ class PasswordFileWritingTests(SynchronousTestCase):
             self.assertIn(repr(name), errors.getvalue())
         self.assertFalse(os.path.exists(self.path))
 
+    def test_argumentsOfTheWrongType(self) -> None:
+        """A username that is not text, or a password that is neither bytes nor text, is
+        refused naming it, before a verifier is derived; a text password is taken as its
+        UTF-8 bytes, as a login takes it."""
+        passwordFile = PasswordFile(self.path)
+        for call, message in (
+            (lambda: passwordFile.setPassword(b"alice", b"pw", ITERATIONS), "not bytes"),
+            (lambda: passwordFile.removeUser(b"alice"), "a username must be text (str)"),
+            (lambda: passwords.checkUsername(None), "a username must be text (str)"),
+            (lambda: passwordFile.setPassword("alice", None, ITERATIONS), "bytes or str"),
+            (lambda: ScramVerifier.fromPassword(5, ITERATIONS), "a password must be bytes or str"),
+        ):
+            with self.assertRaises(TypeError) as caught:
+                call()
+            self.assertIn(message, str(caught.exception))
+        self.assertFalse(os.path.exists(self.path))
+        salt = b"s" * 16
+        self.assertEqual(
+            ScramVerifier.fromPassword("pässword", ITERATIONS, salt),
+            ScramVerifier.fromPassword("pässword".encode(), ITERATIONS, salt),
+        )
+
     def test_usernamesReadBack(self) -> None:
         """Every username that is accepted reads back as written."""
         names = ["bob#", "ünïcødé", "a.b@c-d_e", "Ω", "x" * 200]

@@ -78,7 +78,14 @@ class RemoteReference(Serializable):
     ) -> None: ...
 
     @overload
-    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any]: ...
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: Literal[True] = ..., **kw: Any
+    ) -> Deferred[Any]: ...
+
+    @overload
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: bool, **kw: Any
+    ) -> Deferred[Any] | None: ...
 
     def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
         """
@@ -220,7 +227,14 @@ class CallingWithOptions:
     ) -> None: ...
 
     @overload
-    def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any]: ...
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: Literal[True] = ..., **kw: Any
+    ) -> Deferred[Any]: ...
+
+    @overload
+    def callRemote(
+        self, _name: str | bytes, *args: Any, pbanswer: bool, **kw: Any
+    ) -> Deferred[Any] | None: ...
 
     def callRemote(self, _name: str | bytes, *args: Any, **kw: Any) -> Deferred[Any] | None:
         """
@@ -260,7 +274,10 @@ class RemoteMethod:
     def __call__(self, *args: Any, pbanswer: Literal[False], **kw: Any) -> None: ...
 
     @overload
-    def __call__(self, *args: Any, **kw: Any) -> Deferred[Any]: ...
+    def __call__(self, *args: Any, pbanswer: Literal[True] = ..., **kw: Any) -> Deferred[Any]: ...
+
+    @overload
+    def __call__(self, *args: Any, pbanswer: bool, **kw: Any) -> Deferred[Any] | None: ...
 
     def __call__(self, *args: Any, **kw: Any) -> Deferred[Any] | None:
         result: Deferred[Any] | None = self.obj.callRemote(self.name, *args, **kw)

@@ -1,0 +1,35 @@
+"""
+What a typed application sees of pbroker's public API: checked by mypy in CI
+(``mypy pbroker examples tests/typing_usage.py``), never run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from typing_extensions import assert_type
+
+from pbroker import pb
+from pbroker.stream import RemoteStream
+
+
+async def calls(root: pb.RemoteReference, flag: bool) -> None:
+    # A call answers with a Deferred, which may be awaited or given callbacks.
+    assert_type(root.callRemote("echo", 1), Deferred[Any])
+    assert_type(await root.callRemote("echo", 1), Any)
+    root.callRemote("echo", 1).addCallback(print)
+    assert_type(root.withOptions(timeout=5).callRemote("echo"), Deferred[Any])
+    assert_type(root.remoteMethod("echo")(1), Deferred[Any])
+    assert_type(root.callRemote("echo", 1, pbanswer=True), Deferred[Any])
+    # One-way calls answer nothing; a flag known only when run may be either.
+    assert_type(root.callRemote("note", 1, pbanswer=False), None)
+    assert_type(root.remoteMethod("note")(1, pbanswer=False), None)
+    assert_type(root.callRemote("note", 1, pbanswer=flag), Deferred[Any] | None)
+
+
+def factories(factory: pb.PBClientFactory, stream: RemoteStream) -> None:
+    assert_type(factory.getRootObject(), Deferred[pb.RemoteReference])
+    assert_type(factory.limits, pb.BrokerLimits)
+    assert_type(factory.dialects, list[bytes] | None)
+    assert_type(stream.collect(), Deferred[list[Any]])

@@ -40,7 +40,6 @@ from pbroker.errors import (
     LimitExceeded,
     NoSuchMethod,
     describe,
-    isInteger,
     isReactorTime,
     isSeconds,
 )
@@ -234,16 +233,13 @@ class LoginGuard:
             ("maxDelay", maxDelay),
             ("forgetAfter", forgetAfter),
             ("checkTimeout", checkTimeout),
-        ):
-            if not isSeconds(value) or value != value:
-                raise TypeError(f"LoginGuard's {name} must be a number of seconds, not {value!r}")
-        for name, value in (
+            # Counts compared with, so inf is "no limit".
             ("maxFailuresPerConnection", maxFailuresPerConnection),
             ("maxAddresses", maxAddresses),
             ("maxWaiting", maxWaiting),
         ):
-            if not isInteger(value):
-                raise TypeError(f"LoginGuard's {name} must be an integer, not {value!r}")
+            if not isSeconds(value) or value != value:
+                raise TypeError(f"LoginGuard's {name} must be a number, not {value!r}")
         if baseDelay < 0 or maxDelay < baseDelay or maxFailuresPerConnection < 1:
             raise ValueError("LoginGuard needs 0 <= baseDelay <= maxDelay and at least 1 failure")
         if forgetAfter < 0 or maxAddresses < 1 or not checkTimeout > 0 or maxWaiting < 1:

@@ -346,6 +346,7 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
         # The connection being made (its connector, from connectTCP), then its broker,
         # until it is ready or lost (see disconnect).
         self._connector: IConnector | None = None
+        self._attempt: Deferred[Any] | None = None  # pb.connect's, through an endpoint
         self._connecting: Broker | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Broker:
@@ -359,7 +360,7 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
         Called by a broker of this factory once it is connected, before its dialect is
         chosen: :meth:`disconnect` closes it even then.
         """
-        self._connector = None
+        self._connector = self._attempt = None
         self._connecting = broker
 
     def _failAll(self, reason: Failure) -> None:
@@ -577,6 +578,7 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
         elif self._broker is None:
             connecting, self._connecting = self._connecting, None
             connector, self._connector = self._connector, None
+            attempt, self._attempt = self._attempt, None
             self._failAll(Failure(PBConnectionLost("disconnected before connecting")))
             if connecting is not None and connecting.transport is not None:
                 connecting.transport.loseConnection()
@@ -585,6 +587,8 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
 
                 with contextlib.suppress(NotConnectingError):
                     connector.stopConnecting()  # connectTCP's, still connecting
+            elif attempt is not None:
+                attempt.cancel()  # an endpoint's, still connecting
 
 
 def _buildBroker(factory: Any, isClient: bool) -> Broker:
@@ -678,10 +682,11 @@ def _checkedCredentials(credentials: Any, read: bool) -> Any:
     if not read:
         # Without reading a property, which may ask the user (at each login, later): what
         # it lacks, and what it holds as plain attributes, are checked.
+        dynamic = getattr(type(credentials), "__getattr__", None) is not None  # a proxy, say
         missing = [
             name
             for name in ("username", "password")
-            if not IUsernamePassword.providedBy(credentials)
+            if not (IUsernamePassword.providedBy(credentials) or dynamic)
             and inspect.getattr_static(credentials, name, _MISSING) is _MISSING
         ]
         if missing or isinstance(credentials, type):
@@ -833,7 +838,14 @@ def connect(
     def failed(reason: Failure) -> None:
         factory.clientConnectionFailed(None, reason)  # type: ignore[arg-type]
 
-    endpoint.connect(factory).addErrback(failed)
+    def settled(result: Any) -> Any:
+        if factory._attempt is attempt:
+            factory._attempt = None
+        return result
+
+    # Kept until it settles, for disconnect() to cancel.
+    attempt = factory._attempt = endpoint.connect(factory)
+    attempt.addBoth(settled).addErrback(failed)
     return root
 
 

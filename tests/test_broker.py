@@ -886,6 +886,34 @@ class CallTests(SynchronousTestCase):
         [connector] = memory.connectors
         self.assertTrue(connector.stoppedConnecting)
 
+    def test_factoryDisconnectBeforeTheEndpointConnects(self) -> None:
+        """disconnect() after pb.connect, before its endpoint has connected, cancels the
+        endpoint's attempt (endpoints call no startedConnecting)."""
+        cancelled: list[str] = []
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                return Deferred(lambda attempt: cancelled.append("cancelled"))
+
+        factory = pb.PBClientFactory()
+        root = pb.connect(Endpoint(), factory)  # type: ignore[arg-type]
+        factory.disconnect()
+        self.failureResultOf(root, PBConnectionLost)
+        self.assertEqual(cancelled, ["cancelled"])
+        self.assertIsNone(factory._attempt)
+        # One that connected is not cancelled later: the connection is the factory's.
+        connected: list[Deferred[Any]] = []
+
+        class Connecting:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                connected.append(Deferred(lambda attempt: cancelled.append("late")))
+                return connected[-1]
+
+        factory = pb.PBClientFactory()
+        pb.connect(Connecting(), factory)  # type: ignore[arg-type]
+        connected[0].callback(None)
+        self.assertIsNone(factory._attempt)
+
     def test_factoryDisconnectBeforeReadyStockStyleSubclass(self) -> None:
         """A factory subclass whose buildProtocol builds its broker the stock way (not
         through PBClientFactory.buildProtocol) has a connection still choosing its dialect
@@ -2124,8 +2152,9 @@ class ConfigureTests(SynchronousTestCase):
             (lambda: pb.PBServerFactory(portal, legacyLogin=None), "legacyLogin must be True"),
             (lambda: pb.PBClientFactory(legacyLogin="no"), "legacyLogin must be True"),
             (lambda: pb.LoginGuard(reactor="x"), "reactor must be a reactor"),
-            (lambda: pb.LoginGuard(baseDelay="1"), "baseDelay must be a number of seconds"),
-            (lambda: pb.LoginGuard(maxWaiting=2.5), "maxWaiting must be an integer"),
+            (lambda: pb.LoginGuard(baseDelay="1"), "baseDelay must be a number"),
+            (lambda: pb.LoginGuard(maxDelay=float("nan")), "maxDelay must be a number"),
+            (lambda: pb.LoginGuard(maxWaiting="5"), "maxWaiting must be a number"),
             # A class where an instance is wanted.
             (lambda: pb.PBClientFactory(clock=Clock), "clock must be a reactor"),
             (lambda: pb.PBClientFactory(security=jelly.SecurityOptions), "not the class Secur"),
@@ -2139,6 +2168,8 @@ class ConfigureTests(SynchronousTestCase):
             clock=clock, security=jelly.SecurityOptions(), registry=jelly.UnjellyableRegistry()
         )
         pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(), clock=clock)
+        # Counts it compares with, as before: a float, and inf for no limit.
+        pb.LoginGuard(clock, maxFailuresPerConnection=float("inf"), maxAddresses=100.0)
 
 
 @implementer(IRealm)

@@ -5919,6 +5919,16 @@ class ArgumentCheckTests(SynchronousTestCase):
                 return b"pw"
 
         ReconnectingClient(endpoint, Asking(), reactor=clock)  # as stock's login takes it
+
+        class Proxy:
+            # Credentials whose fields come from __getattr__ (a proxy, a config wrapper).
+            def __getattr__(self, name: str) -> bytes:
+                if name in ("username", "password"):
+                    asked.append(name)
+                    return b"x"
+                raise AttributeError(name)
+
+        ReconnectingClient(endpoint, Proxy(), reactor=clock)
         ReconnectingClient(endpoint, implementer(IUsernamePassword)(Asking)(), reactor=clock)
         self.assertRefused(
             TypeError,

@@ -8,6 +8,7 @@ This module knows nothing about how values are walked; :mod:`pbroker._jellier` a
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -97,13 +98,20 @@ def checkSecurity(options: Any, name: str, methods: tuple[str, ...] = ALL_CHECKS
     ``methods`` of :class:`ISecurityOptions` that its use calls (at the call, not when the
     first value needs them).
     """
-    if isinstance(options, type) or not all(
-        callable(getattr(options, method, None)) for method in methods
-    ):
+    if not all(_callableOn(options, method) for method in methods):
         raise TypeError(
             f"{name} must be security options such as jelly.SecurityOptions() (with "
             f"{', '.join(methods)}), not {describeKind(options)}"
         )
+
+
+def _callableOn(options: Any, method: str) -> bool:
+    # A class given for options works only if its methods need no instance (static or
+    # class methods, as a namespace of checks may have).
+    if not isinstance(options, type):
+        return callable(getattr(options, method, None))
+    found = inspect.getattr_static(options, method, None)
+    return isinstance(found, (staticmethod, classmethod))
 
 
 def describeKind(value: Any) -> str:

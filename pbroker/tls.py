@@ -143,8 +143,17 @@ def clientEndpoint(
         if privateKey is None:
             raise ValueError("a client certificate needs its private key")
         clientCertificate, extra["extraCertChain"] = _withChain(certificate, privateKey)
-    if hostname is None:
-        hostname = host.decode("ascii") if isinstance(host, bytes) else host
+    if not hostname:
+        if isinstance(host, bytes):
+            try:
+                hostname = host.decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"a bytes host must be ASCII (an IDNA name), not {host!r}: give a "
+                    "non-ASCII name as str"
+                ) from None
+        else:
+            hostname = host
     options = ssl.optionsForClientTLS(
         hostname,
         trustRoot=trustRoot,

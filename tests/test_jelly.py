@@ -1295,6 +1295,17 @@ class RegistryTests(SynchronousTestCase):
             jelly.unjelly([b"list", 1], taster=JellyingTaster())
         self.assertIn("isModuleAllowed", str(caught.exception))
 
+        class StaticTaster:
+            # A class of static checks works without an instance, as stock jelly takes it.
+            isTypeAllowed = staticmethod(lambda typeName: True)
+            isClassAllowed = staticmethod(lambda klass: True)
+            isModuleAllowed = staticmethod(lambda moduleName: True)
+
+        self.assertEqual(jelly.unjelly(jelly.jelly([1], taster=StaticTaster), StaticTaster), [1])
+        with self.assertRaises(TypeError) as caught:
+            jelly.jelly([1], taster=JellyingTaster)  # the class: its methods need an instance
+        self.assertIn("not the class JellyingTaster", str(caught.exception))
+
 
 class Shape(Jellyable):
     """

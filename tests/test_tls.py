@@ -434,6 +434,10 @@ class CheckerTests(TestCase):
         tls.clientEndpoint(reactor, "localhost", 65535)
         tls.clientEndpoint(reactor, b"127.0.0.1", 1, hostname="localhost")
         tls.clientEndpoint(reactor, b"localhost", 1)
+        tls.clientEndpoint(reactor, "localhost", 1, hostname="")  # the host's name, as before
+        with self.assertRaises(ValueError) as caught:
+            tls.clientEndpoint(reactor, "caf\u00e9".encode(), 1)
+        self.assertIn("a bytes host must be ASCII (an IDNA name)", str(caught.exception))
 
     def test_noCertificateOnPlainTransport(self) -> None:
         """A transport without TLS has no peer certificate."""

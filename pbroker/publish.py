@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from pbroker import banana, jelly
 from pbroker._native import EXTENT_WITHIN, extent
-from pbroker.errors import DeadReferenceError, PBConnectionLost, ProtocolError, describe
+from pbroker.errors import PBConnectionLost, ProtocolError, describe
 from pbroker.flavors import Cacheable, RemoteCache, ViewPoint
 
 __all__ = ["Publishable", "PublishedStateError", "RemotePublished", "whenReady"]
@@ -376,7 +376,7 @@ class RemotePublished(RemoteCache):
         self._fetchFailure = failure
         waiters, self._activationWaiters = self._activationWaiters, []
         if not waiters:
-            if failure.check(PBConnectionLost, DeadReferenceError):
+            if failure.check(PBConnectionLost):
                 # A connection closed while the state was on its way: no one's error.
                 self._log.info(
                     "A published state was not fetched: {reason}", reason=failure.getErrorMessage()

@@ -1192,6 +1192,13 @@ class PasswordFileWritingTests(SynchronousTestCase):
         refused naming it, before a verifier is derived; a text password is taken as its
         UTF-8 bytes, as a login takes it."""
         passwordFile = PasswordFile(self.path)
+        derive = ScramVerifier.fromPassword
+        self.patch(
+            ScramVerifier, "fromPassword", lambda *a, **k: self.fail("derived a verifier first")
+        )
+        with self.assertRaises(ValueError):
+            passwordFile.setPassword("a b", b"pw", ITERATIONS)
+        self.patch(ScramVerifier, "fromPassword", derive)
         for call, message in (
             (lambda: passwordFile.setPassword(b"alice", b"pw", ITERATIONS), "not bytes"),
             (lambda: passwordFile.removeUser(b"alice"), "a username must be text (str)"),

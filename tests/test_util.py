@@ -433,6 +433,21 @@ class PagerTests(SynchronousTestCase):
             )
         self.assertEqual((escaped, b"".join(results[0])), ([], BIG))
 
+    def test_pagerCallbackDroppingTheConnectionBeforeAnother(self) -> None:
+        """When one pager's callback drops the connection, the pagers after it in that round
+        are not asked for pages on the lost connection (which would fail them, logged)."""
+
+        def twoPagers(collector: Any, broker: Any) -> None:
+            lost = Failure(ConnectionDone())
+            util.StringPager(collector, BIG, 65536, broker.connectionLost, lost)
+            util.StringPager(collector, BIG, 65536)
+
+        with capturedLogs() as events:
+            server, _results, escaped = self.pagedThrough(twoPagers, None)
+        self.assertEqual((escaped, server.pageProducers), ([], []))
+        self.assertTrue(server.disconnected)
+        self.assertEqual([e["log_format"] for e in events if "log_failure" in e], [])
+
     def test_filePagerFailingAtOnce(self) -> None:
         """A FilePager whose file fails at its first read raises to the method that makes
         it, which fails, and is not left registered on the broker."""

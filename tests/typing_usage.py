@@ -26,6 +26,9 @@ async def calls(root: pb.RemoteReference, flag: bool) -> None:
     assert_type(root.callRemote("note", 1, pbanswer=False), None)
     assert_type(root.remoteMethod("note")(1, pbanswer=False), None)
     assert_type(root.callRemote("note", 1, pbanswer=flag), Deferred[Any] | None)
+    assert_type(root.withOptions().callRemote("note", pbanswer=flag), Deferred[Any] | None)
+    assert_type(root.withOptions().callRemote("note", pbanswer=False), None)
+    assert_type(root.remoteMethod("note")(1, pbanswer=flag), Deferred[Any] | None)
 
 
 def factories(factory: pb.PBClientFactory, stream: RemoteStream) -> None:

@@ -21,7 +21,6 @@ this module that imports from Twisted, and it does so only for the ``Protocol`` 
 from __future__ import annotations
 
 import functools
-import operator
 import struct
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -31,7 +30,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from pbroker import _accelerator
-from pbroker.errors import BananaDecodeError, BananaEncodeError, BananaError, describe, isInteger
+from pbroker.errors import (
+    BananaDecodeError,
+    BananaEncodeError,
+    BananaError,
+    checkedCount,
+    describe,
+)
 
 __all__ = [
     "DEPTH_LIMIT",
@@ -253,19 +258,6 @@ _TEXT_TAG = b"\x07\x82unicode"
 _BYTES_TYPES = frozenset({bytes, bytearray})
 
 
-def _checkedLimit(name: str, value: Any) -> int:
-    """
-    ``value`` as an ``int``, if it is an integer of at least 1 (a numpy integer too, not a
-    bool, as everywhere in pbroker); else TypeError or ValueError, naming the limit.
-    """
-    if not isInteger(value):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    checked = operator.index(value)
-    if checked < 1:
-        raise ValueError(f"{name} must be at least 1, not {describe(checked)}")
-    return checked
-
-
 @functools.lru_cache(maxsize=16)
 def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     """
@@ -273,7 +265,7 @@ def _integerBounds(prefixLimit: int) -> tuple[int, int]:
     integer takes at most three prefix bytes and so needs no range check. (Cached: the check
     runs for each new value only.)
     """
-    largest = 2 ** (7 * _checkedLimit("prefixLimit", prefixLimit)) - 1
+    largest = 2 ** (7 * checkedCount("prefixLimit", prefixLimit)) - 1
     return largest, min(0x200000, largest + 1)
 
 
@@ -316,10 +308,10 @@ class Tokens:
         prefixLimit: int = PREFIX_LIMIT,
     ) -> None:
         _checkDialect(dialect)
-        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
+        sizeLimit = checkedCount("sizeLimit", sizeLimit)
         self.dialect = dialect
         self.sizeLimit = sizeLimit
-        self.prefixLimit = prefixLimit = _checkedLimit("prefixLimit", prefixLimit)
+        self.prefixLimit = prefixLimit = checkedCount("prefixLimit", prefixLimit)
         self.symbols = _OUTGOING_TOKENS[dialect]
         self._largest, fastIntLimit = _integerBounds(prefixLimit)
         #: Non-negative integers below this take at most three prefix bytes.
@@ -440,7 +432,7 @@ def encode(
     if sizeLimit is None:
         sizeLimit = SIZE_LIMIT
     elif type(sizeLimit) is not int or sizeLimit < 1:
-        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
+        sizeLimit = checkedCount("sizeLimit", sizeLimit)
     vocabulary = _OUTGOING_TOKENS.get(dialect)
     if vocabulary is None:
         raise ValueError(_unknownDialect(dialect))
@@ -558,11 +550,11 @@ class Decoder:
         text: bool = False,
     ) -> None:
         _checkDialect(dialect)
-        sizeLimit = _checkedLimit("sizeLimit", sizeLimit)
-        prefixLimit = _checkedLimit("prefixLimit", prefixLimit)
-        depthLimit = _checkedLimit("depthLimit", depthLimit)
+        sizeLimit = checkedCount("sizeLimit", sizeLimit)
+        prefixLimit = checkedCount("prefixLimit", prefixLimit)
+        depthLimit = checkedCount("depthLimit", depthLimit)
         if messageSizeLimit is not None:
-            messageSizeLimit = _checkedLimit("messageSizeLimit", messageSizeLimit)
+            messageSizeLimit = checkedCount("messageSizeLimit", messageSizeLimit)
         self._dialect = dialect
         self._vocabulary = _incomingVocabulary(dialect)
         self.sizeLimit = sizeLimit
@@ -634,7 +626,7 @@ class Decoder:
         if self._failure is not None:
             raise BananaDecodeError(f"decoder stopped after an earlier error: {self._failure}")
         if maxExpressions is not None:
-            maxExpressions = _checkedLimit("maxExpressions", maxExpressions)
+            maxExpressions = checkedCount("maxExpressions", maxExpressions)
         results: list[Any] = []
         try:
             self._parse(data, maxExpressions, results)
@@ -994,7 +986,7 @@ def setPrefixLimit(limit: int) -> None:
     :meth:`Banana.setPrefixLimit` or the ``prefixLimit`` argument of :class:`Decoder`.
     """
     global _defaultPrefixLimit
-    _defaultPrefixLimit = _checkedLimit("the prefix limit", limit)
+    _defaultPrefixLimit = checkedCount("the prefix limit", limit)
 
 
 class Banana(Protocol):
@@ -1040,7 +1032,7 @@ class Banana(Protocol):
         """
         Set the prefix limit for this connection, for both decoding and encoding.
         """
-        limit = _checkedLimit("the prefix limit", limit)
+        limit = checkedCount("the prefix limit", limit)
         self.prefixLimit = limit
         if self._decoder is not None:
             self._decoder.prefixLimit = limit

@@ -70,6 +70,7 @@ from pbroker.errors import (
     ProtocolError,
     UnsupportedByPeer,
     cannotStop,
+    checkedCount,
     describe,
     isInteger,
     isReactorTime,
@@ -532,12 +533,7 @@ def _checkedWindow(window: Any) -> int:
     A :attr:`Broker.streamWindow`: an integer, at least 1 (a reader that gave no credit
     would never get an item; the peer takes a credit of 0 for a protocol error).
     """
-    if not isInteger(window):
-        raise TypeError(f"Broker.streamWindow must be an integer, not {window!r}")
-    checked = operator.index(window)
-    if checked < 1:
-        raise ValueError(f"Broker.streamWindow must be at least 1, not {checked}")
-    return checked
+    return checkedCount("Broker.streamWindow", window)
 
 
 def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:

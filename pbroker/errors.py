@@ -230,6 +230,19 @@ def _describe(value: Any, depth: int, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def checkedCount(name: str, value: Any) -> int:
+    """
+    ``value`` as an ``int``, if it is an integer (:func:`isInteger`) of at least 1; else
+    TypeError or ValueError naming ``name``: the check of a limit or window argument.
+    """
+    if not isInteger(value):
+        raise TypeError(f"{name} must be an integer, not {describe(value)}")
+    checked = operator.index(value)
+    if checked < 1:
+        raise ValueError(f"{name} must be at least 1, not {describe(checked)}")
+    return checked
+
+
 def isReactorTime(value: Any) -> bool:
     """
     Whether ``value`` schedules calls as a reactor does (``callLater`` and ``seconds``, as

@@ -249,10 +249,10 @@ class EncodeTests(SynchronousTestCase):
         in getTokens and jelly.dumps as in encode."""
         for make, error, message in (
             (lambda: encode(b"abc", sizeLimit=-1), ValueError, "sizeLimit must be at least 1"),
-            (lambda: encode(b"abc", sizeLimit=1.5), TypeError, "sizeLimit must be an int"),
-            (lambda: encode(1, prefixLimit="64"), TypeError, "prefixLimit must be an int"),
-            (lambda: jelly.dumps(1, sizeLimit=1.5), TypeError, "sizeLimit must be an int"),
-            (lambda: banana.setPrefixLimit("a"), TypeError, "the prefix limit must be an int"),
+            (lambda: encode(b"abc", sizeLimit=1.5), TypeError, "sizeLimit must be an integer"),
+            (lambda: encode(1, prefixLimit="64"), TypeError, "prefixLimit must be an integer"),
+            (lambda: jelly.dumps(1, sizeLimit=1.5), TypeError, "sizeLimit must be an integer"),
+            (lambda: banana.setPrefixLimit("a"), TypeError, "the prefix limit must be an integer"),
             (lambda: banana.int2b128("a", print), TypeError, "non-negative integer, not str"),
             (lambda: Decoder().feed(b"", maxExpressions="1"), TypeError, "maxExpressions must"),
             (lambda: Decoder().feed(b"", maxExpressions=1.5), TypeError, "maxExpressions must"),
@@ -269,7 +269,7 @@ class EncodeTests(SynchronousTestCase):
         for make in (lambda: Decoder(sizeLimit=True), lambda: encode(b"", sizeLimit=True)):
             with self.assertRaises(TypeError) as caught:
                 make()
-            self.assertEqual(str(caught.exception), "sizeLimit must be an int, not bool")
+            self.assertEqual(str(caught.exception), "sizeLimit must be an integer, not True")
 
 
 class IntegerPrefixTests(SynchronousTestCase):

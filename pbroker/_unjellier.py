@@ -226,7 +226,7 @@ class _PendingPair:
     hash, made when the first of them is inserted (see :meth:`HashBudget.spendKeys`).
     """
 
-    __slots__ = ("dictionary", "missing", "pair", "ring", "unjellier")
+    __slots__ = ("dictionary", "missing", "order", "pair", "ring", "unjellier")
 
     def __init__(
         self,
@@ -242,6 +242,7 @@ class _PendingPair:
         self.missing = missing
         self.unjellier = unjellier
         self.ring = ring
+        self.order: _KeyOrder | None = None
 
     def __setitem__(self, index: int, value: Any) -> None:
         self.pair[index] = value
@@ -249,6 +250,43 @@ class _PendingPair:
         if not self.missing:
             self.unjellier._beforeHashing(self.pair[:1], self.ring, self.dictionary)
             _insert(self.dictionary, self.pair[0], self.pair[1])
+            if self.order is not None:
+                self.order.inserted()
+
+
+class _KeyOrder:
+    """
+    The sender's order of a dictionary's keys, some of whose entries were inserted late
+    (their key or value was unresolved): once the last is in, the dictionary is put back in
+    that order, as stock PB keeps it. Until then it holds only its known entries (what a
+    copy's ``setCopyableState`` sees: see docs/migration.rst).
+    """
+
+    __slots__ = ("dictionary", "keys", "unjellier", "waiting")
+
+    def __init__(self, dictionary: dict[Any, Any], keys: list[Any], unjellier: Unjellier) -> None:
+        self.dictionary = dictionary
+        self.keys = keys  # a key, or the _PendingPair that holds it
+        self.unjellier = unjellier
+        self.waiting = 0
+
+    def inserted(self) -> None:
+        self.waiting -= 1
+        if self.waiting:
+            return
+        keys = [key.pair[0] if type(key) is _PendingPair else key for key in self.keys]
+        dictionary = self.dictionary
+        if len(keys) != len(dictionary) or all(
+            mine is theirs for mine, theirs in zip(dictionary, keys, strict=True)
+        ):
+            return  # in order already, or keys that were equal (rare: left as they are)
+        # (The same key objects, all distinct: found by identity. Putting them back hashes
+        # each once more, counted as the first time was.)
+        self.unjellier._beforeHashing(keys)
+        valueOf = {id(key): value for key, value in dictionary.items()}
+        items = [(key, valueOf[id(key)]) for key in keys]
+        dictionary.clear()
+        dictionary.update(items)
 
 
 class _PendingState:
@@ -882,14 +920,22 @@ def _closeDictionary(unjellier: Unjellier, frame: _Frame) -> dict[Any, Any]:
         _insert(result, values[index], values[index + 1])
     ring: list[Any] = []  # (shared by its pending entries)
     entries: list[tuple[_PendingPair, int]] = []
+    # The keys in the sender's order, a pending entry standing for its own: restored once
+    # the last is inserted (see _KeyOrder).
+    order: list[Any] = []
+    keyOrder = _KeyOrder(result, order, unjellier)
     for index in range(0, len(values), 2):
         if index not in pending and index + 1 not in pending:
+            order.append(values[index])
             continue  # (inserted above)
         entry = _PendingPair(result, values[index], values[index + 1], 0, unjellier, ring)
+        entry.order = keyOrder
         for position in (index, index + 1):
             if position in pending:
                 entry.missing += 1
         entries.append((entry, index))
+        order.append(entry)
+    keyOrder.waiting = len(entries)
     # Wired once every known entry is in: one whose placeholder resolved already (a forward
     # reference defined later in this dictionary) is inserted at once, and its key must be
     # weighed against all the others (the ring is made from the dictionary then).

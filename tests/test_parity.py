@@ -13,6 +13,7 @@ import msgpack
 from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.spread import jelly as twistedJelly
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, jelly, pb
@@ -267,6 +268,41 @@ class SelfReferenceTests(SynchronousTestCase):
             copy = answer(broker, pump, "selfish")
             self.assertEqual((copy.keysSet, copy.keysAfter), (["name"], ["me", "name"]))
             self.assertIs(copy.state["me"], copy)
+
+
+class KeyOrderTests(SynchronousTestCase):
+    def test_entriesReferringBackKeepTheirPlace(self) -> None:
+        """A dictionary whose values refer back to what is still being built (itself, or a
+        list holding it) keeps the sender's key order, as stock PB keeps it, in each dialect
+        and from stock's jelly."""
+        for which, expected in (("self", ["a", "b", "c", "d"]), ("cycle", ["a", "b"])):
+            made = _referringBack(which)
+            received = [jelly.unjelly(twistedJelly.jelly(made), jelly.DummySecurityOptions())]
+            for dialects in DIALECTS:
+                _server, broker, pump = connectedServerAndClient(
+                    pb.PBServerFactory(_ReferringBack()),
+                    pb.PBClientFactory(**({} if dialects is None else {"dialects": dialects})),
+                )
+                received.append(answer(broker, pump, "value", which))
+            for value in received:
+                d = value if which == "self" else value[0]
+                self.assertEqual(list(d), expected, (which, value))
+                self.assertIs(d["a"], value)
+
+
+def _referringBack(which: str) -> Any:
+    if which == "self":
+        d: dict[str, Any] = {"a": None, "b": 2, "c": None, "d": 4}
+        d["a"] = d["c"] = d
+        return d
+    outer: list[Any] = []
+    outer.append({"a": outer, "b": 2})
+    return outer
+
+
+class _ReferringBack(pb.Root):
+    def remote_value(self, which: str) -> Any:
+        return _referringBack(which)
 
 
 class KindOf(pb.Root):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from types import CoroutineType, MappingProxyType
 from typing import Any, ClassVar, Final, NoReturn, cast
 
+import msgpack
 from twisted.cred.error import LoginFailed
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -303,6 +304,9 @@ class _NativeJellier(Jellier):
             if not obj.c_contiguous:
                 raise notInOnePiece()
             return obj.tobytes()
+        if kind is msgpack.Timestamp:
+            # As it arrives anywhere else in a native value: an int of nanoseconds.
+            return obj.to_unix_nano()
         return super()._leaf(obj)
 
 

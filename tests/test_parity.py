@@ -17,7 +17,7 @@ from twisted.spread import jelly as twistedJelly
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import context, jelly, pb
-from pbroker.errors import InsecureJelly
+from pbroker.errors import BananaEncodeError, InsecureJelly
 from pbroker.stream import RemoteStream
 from pbroker.testing import connectedServerAndClient
 from tests.test_native import Cursor
@@ -538,6 +538,38 @@ class MsgpackTimestampTests(SynchronousTestCase):
                 pump.flush()
                 self.assertEqual(self.successResultOf(annotated), ["int", 1_000_000_005])
 
+    def test_timestampInWhatJellyCarries(self) -> None:
+        """Where a native value goes through jelly (a copy's state, a value whose plain
+        containers form a cycle, tuples nested more than 8 deep), a msgpack.Timestamp
+        arrives as an int of nanoseconds too, as everywhere else, not as an Unpersistable."""
+        stamp, nanoseconds = msgpack.Timestamp(3, 500), 3_000_000_500
+        cycle: list[Any] = [stamp]
+        cycle.append(cycle)
+        deep: Any = stamp
+        for _ in range(10):
+            deep = (deep,)
+        _server, broker, pump = connect(Kinds(), None)
+        result = answer(broker, pump, "kinds", [cycle, deep])
+        self.assertIs(result[0][1][1], result[0][1])  # the cycle kept its shape
+        self.assertEqual(result[0][1][0], nanoseconds)
+        inner = result[1][1]
+        for _ in range(10):
+            inner = inner[0]
+        self.assertEqual(inner, nanoseconds)
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(_Stamped, _RemoteStamped)
+        _server, broker, pump = connect(_StampedRoot(), None, registry=registry)
+        self.assertEqual(answer(broker, pump, "stamped").at, nanoseconds)
+
+    def test_integersAsLargeAsJellySends(self) -> None:
+        """Integers below 2**448 travel in either dialect; a larger one fails the call with
+        BananaEncodeError, as in the pb dialect (docs/native.rst)."""
+        for dialects in DIALECTS:
+            _server, broker, pump = connect(Kinds(), dialects)
+            self.assertEqual(answer(broker, pump, "kinds", [2**448 - 1])[0], ["int", 2**448 - 1])
+            refused = broker.remoteForName("root").callRemote("kinds", [2**448])
+            self.failureResultOf(refused, BananaEncodeError)
+
     def test_extensionInAnEnvelopeIsMalformed(self) -> None:
         """An extension where a whole record's envelope has none (in a call's annotations,
         or in an answer's reply annotations) is a malformed message: the connection is
@@ -570,3 +602,17 @@ class MsgpackTimestampTests(SynchronousTestCase):
         with self.assertRaises(TypeError) as raised:
             root.withOptions(context={"at": msgpack.ExtType(42, b"xyz")}).callRemote("annotated")
         self.assertIn("context['at'] is of type ExtType", str(raised.exception))
+
+
+class _Stamped(pb.Copyable):
+    def getStateToCopy(self) -> Any:
+        return {"at": msgpack.Timestamp(3, 500)}
+
+
+class _RemoteStamped(pb.RemoteCopy):
+    pass
+
+
+class _StampedRoot(pb.Root):
+    def remote_stamped(self) -> Any:
+        return _Stamped()

@@ -308,12 +308,13 @@ class Options(usage.Options, AuthOptionMixin):
         self["limits"] = None
         mebibytes = self["max-message-size"]
         if mebibytes is not None:
-            size = int(mebibytes * 1024 * 1024) if math.isfinite(mebibytes) else 0
-            if size < MIN_MESSAGE_SIZE:
+            size = mebibytes * 1024 * 1024
+            if not (math.isfinite(size) and MIN_MESSAGE_SIZE <= size < 2**63):
                 raise usage.UsageError(
-                    f"--max-message-size needs a number of MiB, at least {MIN_MESSAGE_SIZE} bytes"
+                    f"--max-message-size needs a number of MiB, at least {MIN_MESSAGE_SIZE} "
+                    "bytes and below 2**63 bytes (8 EiB)"
                 )
-            self["limits"] = pb.BrokerLimits(messageSize=size)
+            self["limits"] = pb.BrokerLimits(messageSize=int(size))
         if self["tls-port"] is not None:
             try:
                 tlsEndpoint = tls.serverEndpoint(
@@ -329,6 +330,11 @@ class Options(usage.Options, AuthOptionMixin):
         self._checkLogins()
 
     def _checkLogins(self) -> None:
+        for name in ("password-file", "root"):
+            if self[name] == "":
+                # (An unset shell variable, say: taken as not given, it would serve the
+                # embedded defaults, anonymous logins among them.)
+                raise usage.UsageError(f"--{name} needs a value, not an empty one")
         checkers = self.get("credCheckers", [])
         for checker in checkers:
             if not set(checker.credentialInterfaces) & _PB_CREDENTIALS:
@@ -340,9 +346,18 @@ class Options(usage.Options, AuthOptionMixin):
             filename = getattr(checker, "filename", None)
             if isinstance(filename, str):
                 where = self._whereRead(filename)
+                reason = None
                 if where is not None and not os.path.isfile(where):
+                    reason = _notAFile(where)
+                elif where is not None:
+                    try:
+                        with open(where, "rb"):
+                            pass
+                    except OSError as e:
+                        reason = e.strerror or type(e).__name__
+                if reason is not None:
                     raise usage.UsageError(
-                        f"--auth: {_notAFile(where)}: {filename}"
+                        f"--auth: {reason}: {filename}"
                         + ("" if where == filename else f" (read from --rundir as {where})")
                     )
         accounts = [c for c in checkers if IUsernameHashedPassword in c.credentialInterfaces]

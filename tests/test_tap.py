@@ -4,6 +4,7 @@ Tests for ``twistd pbroker``'s options and service (pbroker.tap), over loopback.
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import shlex
@@ -82,6 +83,12 @@ class OptionsTests(SynchronousTestCase):
         Path(malformed).write_text("this is not a password line\n")
         self.assertUsageError(f"--password-file {malformed}: ", "--password-file", malformed)
 
+    def test_emptyValuesRefused(self) -> None:
+        """An empty --password-file or --root (an unset shell variable, say) is a usage error:
+        taken as not given, it would serve the defaults, anonymous logins among them."""
+        for option in ("--password-file", "--root"):
+            self.assertUsageError(f"{option} needs a value, not an empty one", option, "")
+
     def test_passwordFileUnderRundir(self) -> None:
         """A relative --password-file is looked for where twistd will read it: under its
         --rundir."""
@@ -139,6 +146,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsageError("at least 1024 bytes", "--max-message-size", "1e-9")
         self.assertUsageError("at least 1024 bytes", "--max-message-size", "0.0009")
         self.assertEqual(self.parse("--max-message-size", "0.001")["limits"].messageSize, 1048)
+        # Past what a limit can be (2**63 bytes), or a float overflowing: a usage error too.
+        for huge in ("9e15", "1e308"):
+            self.assertUsageError("below 2**63 bytes", "--max-message-size", huge)
         self.assertUsageError(
             "not a port number", "--tls-port", "-5", "--tls-certificate", "c", "--tls-key", "k"
         )
@@ -398,6 +408,20 @@ class ServiceTests(TestCase):
         with self.assertRaises(usage.UsageError) as raised:
             tap.Options().parseOptions(["--auth", f"file:{directory}"])
         self.assertIn(f"--auth: is a directory, not a file: {directory}", str(raised.exception))
+        # One that cannot be opened (as root, whom modes do not stop, the refusal is made).
+        unreadable = self.mktemp()
+        Path(unreadable).write_text("alice:secret\n")
+        real = builtins.open
+
+        def refusing(file: Any, *args: Any, **kw: Any) -> Any:
+            if file == unreadable:
+                raise PermissionError(13, "Permission denied", unreadable)
+            return real(file, *args, **kw)
+
+        self.patch(builtins, "open", refusing)
+        with self.assertRaises(usage.UsageError) as raised:
+            tap.Options().parseOptions(["--auth", f"file:{unreadable}"])
+        self.assertIn(f"--auth: Permission denied: {unreadable}", str(raised.exception))
 
     def test_failingRootCallableIsAUsageError(self) -> None:
         """A --root callable that raises is a usage error naming it, not a traceback."""

@@ -26,6 +26,8 @@ line on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import getpass
 import ipaddress
 import json
@@ -47,6 +49,7 @@ __all__ = [
     "EXIT_CONNECTION",
     "EXIT_LOGIN",
     "EXIT_OK",
+    "EXIT_OUTPUT",
     "EXIT_REMOTE",
     "EXIT_USAGE",
     "endpointFor",
@@ -58,6 +61,7 @@ EXIT_USAGE = 2
 EXIT_CONNECTION = 3
 EXIT_LOGIN = 4
 EXIT_REMOTE = 5
+EXIT_OUTPUT = 6
 
 DEFAULT_PORT = 8789
 
@@ -135,6 +139,8 @@ def _hostAndPort(address: str, rest: str) -> tuple[str, int]:
         if not all(character.isalnum() or character in "-._" for character in host):
             raise CommandError(EXIT_USAGE, f"bad host name in {address!r}")
     if not portText:
+        if rest.endswith(":"):
+            raise CommandError(EXIT_USAGE, f"no port after ':' in {address!r}")
         return host, DEFAULT_PORT
     # Only ASCII digits: int() would also take " 80", "+80" and other scripts' digits.
     if not (portText.isascii() and portText.isdigit() and 0 < int(portText) < 65536):
@@ -193,7 +199,7 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        print(f"pbroker: {message} (pbroker --help shows the usage)", file=sys.stderr)
+        print(f"pbroker: {_oneLine(message)} (pbroker --help shows the usage)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -242,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
 def _password(user: str) -> bytes:
     password = os.environ.get("PBROKER_PASSWORD")
     if password is None:
-        if not sys.stdin.isatty():
+        if sys.stdin is None or not sys.stdin.isatty():  # (None: standard input closed)
             raise CommandError(
                 EXIT_USAGE, "no password: set PBROKER_PASSWORD or run in a terminal to be asked"
             )
@@ -313,6 +319,8 @@ class _Shown:
                 return value.decode("utf-8")
             except UnicodeDecodeError:
                 return {"bytes": value.hex()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"float": repr(value)}  # (JSON has no NaN or Infinity)
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if not isinstance(value, (dict, list, tuple, set, frozenset)):
@@ -635,7 +643,7 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             raise CommandError(EXIT_REMOTE, f"remote error: {_remoteMessage(outcome)}", outcome)
         if isinstance(outcome, RemoteStream):
             # Printed as they come (the stream may be long, or endless until --timeout).
-            await read(outcome, lambda item: print(_itemOutput(options, item), flush=True))
+            await read(outcome, lambda item: _printItem(_itemOutput(options, item)))
             outcome = StreamRead(itemsRead)
         else:
             streams = _streamsIn(outcome)
@@ -646,6 +654,35 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         return outcome, (time.monotonic() - started) * 1000
     finally:
         factory.disconnect()
+
+
+def _printItem(text: str) -> None:
+    """
+    Print a stream's item as it comes. A reader that left (a broken pipe) ends the command
+    as at the end (see :func:`main`); another failure to write is an error of its own.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise CommandError(
+            EXIT_OUTPUT, f"cannot write the output: {error.strerror or error}"
+        ) from None
+
+
+def _oneLine(text: str) -> str:
+    """
+    ``text`` with its line breaks and other control characters escaped: an error is one line,
+    and what a server (or the user) put in it must not drive the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _report(message: str) -> None:
+    print(f"pbroker: {_oneLine(message)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,11 +698,19 @@ def main(argv: list[str] | None = None) -> int:
 
     reactor: Any = _reactor  # the module's type says little before Twisted 26
     outcome: list[Any] = []
+    interrupted: list[bool] = []
+    # A shutdown before the command is done is not its own (Ctrl-C, SIGTERM): the reactor
+    # drops the connection as it stops, which must not be reported as the server's doing.
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: None if outcome else interrupted.append(True)
+    )
     deferred = ensureDeferred(_run(reactor, options))
     deferred.addBoth(outcome.append)
     deferred.addBoth(lambda _: reactor.callLater(0, reactor.stop))
     reactor.run()
-    result = outcome[0] if outcome else Failure(CommandError(EXIT_CONNECTION, "interrupted"))
+    if interrupted or not outcome:
+        outcome[:] = [Failure(CommandError(EXIT_CONNECTION, "interrupted"))]
+    result = outcome[0]
     if isinstance(result, Failure):
         error = result.value
         if options.debug:
@@ -677,16 +722,36 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 traceback.print_exception(error, file=sys.stderr)
         if isinstance(error, CommandError):
-            print(f"pbroker: {error}", file=sys.stderr)
+            _report(str(error))
             return error.code
-        print(f"pbroker: unexpected error: {error!r}", file=sys.stderr)
+        if isinstance(error, OSError) and error.errno == errno.EPIPE:
+            return _readerLeft()
+        _report(f"unexpected error: {error!r}")
         return 1
     value, milliseconds = result
     try:
         text = _output(options, value, milliseconds)
     except CommandError as error:
-        print(f"pbroker: {error}", file=sys.stderr)
+        _report(str(error))
         return error.code
     if text:  # (nothing follows a stream's items, but with --json)
-        print(text)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            return _readerLeft()
+        except OSError as error:
+            _report(f"cannot write the output: {error.strerror or error}")
+            return EXIT_OUTPUT
     return EXIT_OK
+
+
+def _readerLeft() -> int:
+    """
+    What the output was piped to stopped reading (``| head``): end quietly, as other
+    commands do, with the exit code of a broken pipe.
+    """
+    # (Python's advice: point standard output at nothing, so that exiting flushes nowhere.)
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OUTPUT

@@ -30,7 +30,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
@@ -100,6 +100,24 @@ class CommandLineTests(TestCase):
         self.assertEqual((code, json.loads(out)["result"]), (0, ["a", [1, 2], None]))
         code, out, _ = await self.command("call", f"tcp:127.0.0.1:{port}", "echo", "3")
         self.assertEqual((code, out.strip()), (0, "[3]"))
+
+    async def test_interruptedWhileCalling(self) -> None:
+        """Ctrl-C (SIGINT) or SIGTERM while a call waits says "interrupted" and exits 3: the
+        reactor drops the connection as it stops, which is not the server's doing."""
+        for signal in ("INT", "TERM"):
+            called: Deferred[None] = Deferred()
+            port = await self.serve(_Hanging(called))
+            ended = _Ended()
+            process = reactor.spawnProcess(
+                ended,
+                sys.executable,
+                [sys.executable, "-m", "pbroker", "call", f"pb://127.0.0.1:{port}", "hang"],
+                env=dict(os.environ),
+            )
+            await called
+            process.signalProcess(signal)
+            code = await ended.ended
+            self.assertEqual((code, ended.err.decode()), (3, "pbroker: interrupted\n"), signal)
 
     async def test_remoteError(self) -> None:
         """A remote exception exits 5 with one line naming it; --debug adds a traceback."""
@@ -261,6 +279,27 @@ def selfSignedCertificate(directory: str, address: str) -> tuple[str, str]:
     return certificatePath, keyPath
 
 
+class _Hanging(pb.Root):
+    def __init__(self, called: Deferred[None]) -> None:
+        self.called = called
+
+    def remote_hang(self) -> Deferred[None]:
+        self.called.callback(None)
+        return Deferred()
+
+
+class _Ended(ProcessProtocol):
+    def __init__(self) -> None:
+        self.err = b""
+        self.ended: Deferred[int] = Deferred()
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
 class AddressTests(SynchronousTestCase):
     def assertUsageError(self, address: str, fragment: str, caFile: str | None = None) -> None:
         with self.assertRaises(cli.CommandError) as caught:
@@ -301,6 +340,9 @@ class AddressTests(SynchronousTestCase):
             self.assertUsageError(f"pb://h:{port}", "bad port")
         for host in ("a b", "user@h", "h/x", "h\\", "h=1"):
             self.assertUsageError(f"pb://{host}:80", "bad host name")
+        # A ':' with no port after it (pb://$HOST:$PORT with PORT unset) is not the default.
+        for address in ("pb://127.0.0.1:", "pbs://h:", "pb://[::1]:"):
+            self.assertUsageError(address, f"no port after ':' in {address!r}")
 
     def test_badEndpointStrings(self) -> None:
         """An endpoint string its parser refuses is a usage error naming it."""
@@ -493,6 +535,15 @@ class InProcessService(Service):
     def remote_texts(self) -> list[bytes]:
         return [b"caf\xc3\xa9", b"\xff"]
 
+    def remote_multiline(self) -> None:
+        raise ValueError("first line\nsecond line\x1b[31m")
+
+    def remote_notANumber(self) -> list[float]:
+        return [float("nan"), float("inf"), -float("inf"), 1.5]
+
+    def remote_count(self, n: int) -> Any:
+        return iter(range(n))
+
 
 class DroppingService(pb.Root):
     """
@@ -577,6 +628,81 @@ class InProcessTests(SynchronousTestCase):
         self.patch(sys, "stderr", err)
         code = cli.main(list(arguments))
         return code, out.getvalue(), err.getvalue()
+
+    def test_closedStandardInputIsNoPassword(self) -> None:
+        """--user with standard input closed (sys.stdin is None: cron, some service managers)
+        and no PBROKER_PASSWORD is a usage error, as with no terminal."""
+        environment = {k: v for k, v in os.environ.items() if k != "PBROKER_PASSWORD"}
+        self.patch(os, "environ", environment)
+        self.patch(sys, "stdin", None)
+        code, _out, err = self.main("--user", "alice", "ping", self.address, root=Service())
+        self.assertEqual(
+            (code, err),
+            (
+                cli.EXIT_USAGE,
+                "pbroker: no password: set PBROKER_PASSWORD or run in a terminal to be asked\n",
+            ),
+        )
+
+    def test_errorsAreOneLine(self) -> None:
+        """A server's error message with line breaks and terminal escapes, and the user's
+        own input holding a newline, are shown escaped, on one line."""
+        code, _out, err = self.main("call", self.address, "multiline", root=InProcessService())
+        self.flushLoggedErrors(ValueError)
+        self.assertEqual(code, cli.EXIT_REMOTE)
+        self.assertEqual(
+            err,
+            "pbroker: remote error: builtins.ValueError: first line\\nsecond line\\x1b[31m\n",
+        )
+        code, _out, err = self.main("ping", "tcp:host=127.0.0.1:port=x\ny")
+        self.assertEqual(code, cli.EXIT_USAGE)
+        self.assertEqual(err.count("\n"), 1, err)
+
+    def test_jsonHasNoNaN(self) -> None:
+        """--json prints JSON: floats JSON has no form for go as {"float": ...}."""
+        code, out, _err = self.main(
+            "--json", "call", self.address, "notANumber", root=InProcessService()
+        )
+
+        def refused(token: str) -> Any:
+            raise ValueError(f"not JSON: {token}")
+
+        self.assertEqual(code, cli.EXIT_OK)
+        self.assertEqual(
+            json.loads(out, parse_constant=refused)["result"],
+            [{"float": "nan"}, {"float": "inf"}, {"float": "-inf"}, 1.5],
+        )
+
+    def test_readerLeft(self) -> None:
+        """Output piped to a reader that left (| head) ends quietly with exit 6, for a result
+        and for a stream's items; another failure to write says so in one line."""
+
+        class Gone(io.StringIO):
+            def write(self, text: str) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        class Full(io.StringIO):
+            def write(self, text: str) -> int:
+                raise OSError(28, "No space left on device")
+
+        self.patch(os, "dup2", lambda *descriptors: None)  # (no real standard output here)
+        for arguments in (
+            ("call", self.address, "echo", "1"),
+            ("call", self.address, "count", "5"),
+        ):
+            for output, said in (
+                (Gone(), ""),
+                (Full(), "pbroker: cannot write the output: No space left on device\n"),
+            ):
+                commandReactor = CommandReactor()
+                factory = pb.PBServerFactory(InProcessService(), clock=commandReactor)
+                pb.listen("tcp:8789:interface=127.0.0.1", factory, commandReactor)
+                self.patch(twisted.internet, "reactor", commandReactor)
+                err = io.StringIO()
+                self.patch(sys, "stdout", output)
+                self.patch(sys, "stderr", err)
+                code = cli.main(list(arguments))
+                self.assertEqual((code, err.getvalue()), (cli.EXIT_OUTPUT, said), arguments)
 
     def withoutPassword(self, typed: Callable[[str], str]) -> list[str]:
         """No PBROKER_PASSWORD, standard input a terminal, and ``typed`` for getpass; the

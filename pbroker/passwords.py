@@ -655,8 +655,18 @@ def main(argv: list[str] | None = None) -> int:
     listing = commands.add_parser("list", help="list the users, one a line")
     listing.add_argument("file")
     options = parser.parse_args(argv)
+    path = options.file
+    unchanged = "" if options.command == "list" else "; nothing was changed"
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A directory, a named pipe (whose read would wait for ever), a device (which a
+        # new file would replace): none is a password file.
+        print(f"{path} is not a regular file{unchanged}.", file=sys.stderr)
+        return 1
     if options.command == "list":
-        return _list(options.file)
+        return _list(path)
+    if options.command == "remove" and not os.path.exists(path):
+        print(f"No such file: {path}{unchanged}.", file=sys.stderr)
+        return 1
     try:
         checkUsername(options.username)
     except ValueError as e:

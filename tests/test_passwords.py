@@ -265,10 +265,23 @@ class PasswordFileTests(SynchronousTestCase):
         missing = self.mktemp()
         self.assertEqual(
             run("remove", missing, "bob"),
-            (1, "", f"bob is not in {missing}; nothing was changed.\n"),
+            (1, "", f"No such file: {missing}; nothing was changed.\n"),
         )
         self.assertFalse(os.path.exists(missing))
         self.assertEqual(run("list", missing), (1, "", f"No such file: {missing}\n"))
+        # Not a regular file: a named pipe (whose read would wait for ever) or a directory
+        # (or a device, which add would replace) is refused by each command, untouched.
+        pipe = self.mktemp()
+        os.mkfifo(pipe)
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "pw"})
+        for path in (pipe, directory):
+            for arguments in (("list", path), ("remove", path, "bob"), ("add", path, "bob")):
+                code, out, err = run(*arguments)
+                self.assertEqual((code, out), (1, ""))
+                self.assertIn(f"{path} is not a regular file", err)
+            self.assertFalse(os.path.isfile(path))
         other = self.mktemp()
         with open(other, "w") as otherFile:
             otherFile.write("root:x:0:0:root:/root:/bin/bash\n")

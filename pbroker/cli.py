@@ -199,6 +199,8 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
+        # (argparse names a list that may be empty among what is missing: not so here.)
+        message = message.replace("required: method, arguments", "required: method")
         print(f"pbroker: {_oneLine(message)} (pbroker --help shows the usage)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -597,8 +599,8 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         hint=" (if it is a TLS port, use pbs://)" if options.address.startswith("pb://") else "",
     )
     if isinstance(connected, Failure):
-        reason = connected.getErrorMessage() or type(connected.value).__name__
-        message = f"cannot connect to {options.address}: {reason}"
+        reason = _tlsReason(connected) or connected.getErrorMessage()
+        message = f"cannot connect to {options.address}: {reason or type(connected.value).__name__}"
         raise CommandError(EXIT_CONNECTION, message) from connected.value
     target = connected
     try:
@@ -606,7 +608,10 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
             user = options.user.encode("utf-8", "surrogateescape")
             credentials = UsernamePassword(user, password)
             what = f"login refused for {options.user}"
-            answer = await within(factory.login(credentials), EXIT_LOGIN, what)
+            # (Not answered in time is not refused: the timeout says which it was.)
+            answer = await within(
+                factory.login(credentials), EXIT_LOGIN, f"login as {options.user}"
+            )
             if isinstance(answer, Failure):
                 if answer.check("twisted.spread.flavors.NoSuchMethod") and "remote_login" in str(
                     answer.value
@@ -654,6 +659,37 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
         return outcome, (time.monotonic() - started) * 1000
     finally:
         factory.disconnect()
+
+
+#: What a failed TLS handshake's reason (OpenSSL's words) most likely means, as a hint.
+_TLS_HINTS = {
+    "wrong version number": "is it a plain port? use pb://",
+    "certificate verify failed": "the server's certificate is not trusted: use --ca FILE",
+    "certificate required": "the server asks for a client certificate",
+}
+
+
+def _tlsReason(failure: Failure) -> str | None:
+    """
+    A failed TLS handshake's reason in words, with a hint, rather than OpenSSL's list of
+    (library, function, reason) tuples; ``None`` for another failure.
+    """
+    if failure.check("service_identity.exceptions.VerificationError"):
+        return "TLS: the server's certificate does not name this host (or address)"
+    if not failure.check("OpenSSL.SSL.Error"):
+        return None
+    arguments = getattr(failure.value, "args", ())
+    errors = arguments[0] if arguments else None
+    reasons = (
+        [e[2] for e in errors if isinstance(e, tuple) and len(e) == 3]
+        if isinstance(errors, list)
+        else []
+    )
+    if not reasons:
+        return None
+    reason = f"TLS handshake failed: {reasons[-1]}"
+    hint = next((words for said, words in _TLS_HINTS.items() if said in reasons[-1]), None)
+    return f"{reason} ({hint})" if hint else reason
 
 
 def _printItem(text: str) -> None:

@@ -24,7 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    AllowAnonymousAccess,
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.portal import Portal
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -38,6 +42,7 @@ from twisted.spread import jelly as twistedJelly
 from twisted.spread import pb as twistedPb
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from pbroker import cli, jelly, pb, tls
 from pbroker.cred import NO_PASSWORD_ACCOUNTS
@@ -118,6 +123,42 @@ class CommandLineTests(TestCase):
             process.signalProcess(signal)
             code = await ended.ended
             self.assertEqual((code, ended.err.decode()), (3, "pbroker: interrupted\n"), signal)
+
+    async def test_tlsHandshakeFailuresSaidInWords(self) -> None:
+        """A TLS handshake that fails is said in words with a hint, not as OpenSSL's list of
+        tuples: pbs:// to a plain port, and a server whose CA is not trusted."""
+        from tests.test_tls import Authority
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        authority = Authority(directory, "ca")
+        plain = await self.serve(Service())
+        code, _out, err = await self.command(
+            "--timeout", "10", "--ca", authority.pem, "ping", f"pbs://127.0.0.1:{plain}"
+        )
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(
+            err, "TLS handshake failed: wrong version number (is it a plain port? use pb://)"
+        )
+        certificate, key = authority.issue("localhost", ("localhost",))
+        listening = await pb.listen(
+            tls.serverEndpoint(reactor, 0, certificate, key), pb.PBServerFactory(Service())
+        )
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        other = Authority(os.path.join(directory, "other"), "other")
+        code, _out, err = await self.command(
+            "--timeout", "10", "--ca", other.pem, "ping", f"pbs://localhost:{port}"
+        )
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(
+            err, "certificate verify failed (the server's certificate is not trusted"
+        )
+        code, _out, err = await self.command(
+            "--timeout", "10", "--ca", authority.pem, "ping", f"pbs://127.0.0.1:{port}"
+        )
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(err, "the server's certificate does not name this host (or address)")
 
     async def test_remoteError(self) -> None:
         """A remote exception exits 5 with one line naming it; --debug adds a traceback."""
@@ -277,6 +318,15 @@ def selfSignedCertificate(directory: str, address: str) -> tuple[str, str]:
     )
     Path(keyPath).write_bytes(keyPEM)
     return certificatePath, keyPath
+
+
+@implementer(ICredentialsChecker)
+class _NeverAnswers:
+    # (What pbroker's password login, and the legacy one, take.)
+    credentialInterfaces = InMemoryUsernamePasswordDatabaseDontUse.credentialInterfaces
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return Deferred()
 
 
 class _Hanging(pb.Root):
@@ -628,6 +678,23 @@ class InProcessTests(SynchronousTestCase):
         self.patch(sys, "stderr", err)
         code = cli.main(list(arguments))
         return code, out.getvalue(), err.getvalue()
+
+    def test_loginNotAnsweredInTime(self) -> None:
+        """A login the server does not answer within --timeout says so, exit 4, without
+        calling it refused (the password may be right and the server slow); a call without
+        its method names only the method as missing (its JSON arguments are optional)."""
+        self.patch(os, "environ", {**os.environ, "PBROKER_PASSWORD": "secret"})
+        portal = Portal(BrokerRealm(), [_NeverAnswers()])
+        code, _out, err = self.main(
+            "--timeout", "2", "--user", "alice", "ping", self.address, root=portal
+        )
+        self.assertEqual(
+            (code, err), (cli.EXIT_LOGIN, "pbroker: login as alice: no answer within 2 seconds\n")
+        )
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit):
+            cli.main(["call", self.address])
+        self.assertIn("arguments are required: method (pbroker", sys.stderr.getvalue())
 
     def test_closedStandardInputIsNoPassword(self) -> None:
         """--user with standard input closed (sys.stdin is None: cron, some service managers)

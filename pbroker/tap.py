@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -296,7 +297,13 @@ class Options(usage.Options, AuthOptionMixin):
                 endpoint = serverFromString(reactor, description)
                 self["endpoints"].append((f"--listen {description}", endpoint))
             except Exception as e:
-                raise usage.UsageError(f"--listen {description}: {_reason(e)}") from None
+                hint = ""
+                if re.search(r"=[^:]*(?<!\\):", description.partition(":")[2]) and isinstance(
+                    e, (TypeError, ValueError)
+                ):
+                    # An IPv6 address (interface=::1) split at its colons.
+                    hint = " (a colon in a value is written \\:, as in interface=\\:\\:1)"
+                raise usage.UsageError(f"--listen {description}: {_reason(e)}{hint}") from None
         self["keepaliveSettings"] = None
         seconds = self["keepalive"]
         if seconds is not None:

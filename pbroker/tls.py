@@ -172,8 +172,18 @@ def _withChain(certificate: str, privateKey: str) -> tuple[Any, list[Any]]:
     from twisted.internet import ssl
 
     certificates = _readPEM(certificate)
-    own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + _readPEM(privateKey))
-    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
+    found = _splitPEM(certificates)
+    if not found:
+        raise ValueError(f"no certificate in {certificate!r}")
+    keyPEM = _readPEM(privateKey)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        load_pem_private_key(keyPEM, password=None)
+    except (ValueError, TypeError):  # (TypeError: it needs a password)
+        raise ValueError(f"no private key that can be read in {privateKey!r}") from None
+    own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + keyPEM)
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in found[1:]]
     return own, chain
 
 

@@ -139,6 +139,13 @@ class OptionsTests(SynchronousTestCase):
         """Values that cannot work are usage errors at startup, not tracebacks."""
         self.assertUsageError("--listen bogus:1", "--listen", "bogus:1")
         self.assertUsageError("escapes nothing", "--listen", "tcp:8789\\")
+        # An IPv6 address whose colons split the string: the hint says how to write them.
+        self.assertUsageError(
+            "(a colon in a value is written \\:, as in interface=\\:\\:1)",
+            "--listen",
+            "tcp:8789:interface=::1",
+        )
+        self.assertEqual(len(self.parse("--listen", "tcp:0:interface=\\:\\:1")["endpoints"]), 1)
         self.assertUsageError("--keepalive", "--keepalive", "inf")
         self.assertUsageError("--keepalive", "--keepalive", "nan")
         self.assertUsageError("at least 0.001", "--keepalive", "1e-300")
@@ -202,15 +209,18 @@ class OptionsTests(SynchronousTestCase):
             ["--tls-certificate", certificate, "--tls-key", key, "--tls-client-ca", missing],
         ):
             self.assertUsageError(missing, "--tls-port", "8790", *arguments)
-        self.assertUsageError(
-            "cannot use the TLS files",
-            "--tls-port",
-            "8790",
-            "--tls-certificate",
-            certificate,
-            "--tls-key",
-            certificate,
-        )
+        # A file that holds no certificate, or no key, is named (rather than OpenSSL's list).
+        garbage = self.mktemp()
+        Path(garbage).write_text("not PEM\n")
+        for arguments, named in (
+            (["--tls-certificate", certificate, "--tls-key", certificate], f"in {certificate!r}"),
+            (["--tls-certificate", garbage, "--tls-key", key], f"no certificate in {garbage!r}"),
+            (
+                ["--tls-certificate", certificate, "--tls-key", garbage],
+                f"key that can be read in {garbage!r}",
+            ),
+        ):
+            self.assertUsageError(named, "--tls-port", "8790", *arguments)
 
 
 class ServiceTests(TestCase):

@@ -531,6 +531,7 @@ def _withStreamsRead(value: Any, read: dict[int, list[Any]]) -> Any:
 
 async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     from twisted.internet.defer import CancelledError, Deferred
+    from twisted.internet.error import ConnectionLost
 
     from pbroker import pb
     from pbroker.stream import END, RemoteStream
@@ -601,6 +602,10 @@ async def _run(reactor: Any, options: argparse.Namespace) -> Any:
     if isinstance(connected, Failure):
         reason = _tlsReason(connected) or connected.getErrorMessage()
         message = f"cannot connect to {options.address}: {reason or type(connected.value).__name__}"
+        if options.address.startswith("pbs://") and connected.check(ConnectionLost):
+            # (A plain PB port drops the TLS hello it cannot read: the client may see that
+            # before, or instead of, the TLS error.)
+            message += " (if it is a plain port, use pb://)"
         raise CommandError(EXIT_CONNECTION, message) from connected.value
     target = connected
     try:

@@ -137,9 +137,10 @@ class CommandLineTests(TestCase):
             "--timeout", "10", "--ca", authority.pem, "ping", f"pbs://127.0.0.1:{plain}"
         )
         self.assertEqual(code, cli.EXIT_CONNECTION)
-        self.assertOneLine(
-            err, "TLS handshake failed: wrong version number (is it a plain port? use pb://)"
-        )
+        # (Either words: a plain port may drop the TLS hello before the client reads its
+        # reply as TLS.)
+        self.assertOneLine(err, "use pb://)")
+        self.assertNotIn("[('SSL routines'", err)
         certificate, key = authority.issue("localhost", ("localhost",))
         listening = await pb.listen(
             tls.serverEndpoint(reactor, 0, certificate, key), pb.PBServerFactory(Service())

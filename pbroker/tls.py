@@ -172,18 +172,27 @@ def _withChain(certificate: str, privateKey: str) -> tuple[Any, list[Any]]:
     from twisted.internet import ssl
 
     certificates = _readPEM(certificate)
-    found = _splitPEM(certificates)
-    if not found:
+    if b"CERTIFICATE-----" not in certificates:  # (any label: X509, TRUSTED...)
         raise ValueError(f"no certificate in {certificate!r}")
     keyPEM = _readPEM(privateKey)
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+    encrypted = False
     try:
         load_pem_private_key(keyPEM, password=None)
-    except (ValueError, TypeError):  # (TypeError: it needs a password)
+    except TypeError:
+        encrypted = True  # OpenSSL asks for its pass phrase (in a terminal), as it always did
+    except ValueError:
         raise ValueError(f"no private key that can be read in {privateKey!r}") from None
-    own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + keyPEM)
-    chain = [ssl.Certificate.loadPEM(pem).original for pem in found[1:]]
+    try:
+        own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + keyPEM)
+    except Exception:
+        if not encrypted:
+            raise
+        raise ValueError(
+            f"the private key in {privateKey!r} is encrypted, and no pass phrase was given"
+        ) from None
+    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
     return own, chain
 
 

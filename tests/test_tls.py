@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -438,6 +439,32 @@ class CheckerTests(TestCase):
         with self.assertRaises(ValueError) as caught:
             tls.clientEndpoint(reactor, "caf\u00e9".encode(), 1)
         self.assertIn("a bytes host must be ASCII (an IDNA name)", str(caught.exception))
+
+    def test_keyAndCertificateForms(self) -> None:
+        """An encrypted key is taken as before (OpenSSL asks for its pass phrase in a
+        terminal); refused without one, the error says so. A certificate under the old
+        'X509 CERTIFICATE' label is a certificate."""
+        from cryptography.hazmat.primitives import serialization
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certificate, key = Authority(directory, "ca").issue("localhost", ("localhost",))
+        loaded = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+        encrypted = os.path.join(directory, "encrypted.key")
+        Path(encrypted).write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+        with self.assertRaises(ValueError) as caught:
+            tls.serverEndpoint(reactor, 0, certificate, encrypted)
+        self.assertIn("is encrypted, and no pass phrase was given", str(caught.exception))
+        old = os.path.join(directory, "old.pem")
+        text = Path(certificate).read_text()
+        Path(old).write_text(text.replace(" CERTIFICATE-----", " X509 CERTIFICATE-----"))
+        tls.serverEndpoint(reactor, 0, old, key)
 
     def test_noCertificateOnPlainTransport(self) -> None:
         """A transport without TLS has no peer certificate."""

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import traceback
+import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -200,7 +201,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # (argparse names a list that may be empty among what is missing: not so here.)
-        message = message.replace("required: method, arguments", "required: method")
+        if "required:" in message:
+            message = message.replace(", arguments", "")
         print(f"pbroker: {_oneLine(message)} (pbroker --help shows the usage)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -712,14 +714,28 @@ def _printItem(text: str) -> None:
         ) from None
 
 
+#: Unicode categories escaped in an error line: controls (a newline, an escape), line and
+#: paragraph separators, and surrogates; and these format characters, which reorder text.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
 def _oneLine(text: str) -> str:
     """
     ``text`` with its line breaks and other control characters escaped: an error is one line,
-    and what a server (or the user) put in it must not drive the terminal.
+    and what a server (or the user) put in it must not drive the terminal. Other text, such
+    as non-breaking spaces or an emoji's joiners, is kept.
     """
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(
+        repr(c)[1:-1]
+        if c in _BIDI_CONTROLS or unicodedata.category(c) in _ESCAPED_CATEGORIES
+        else c
+        for c in text
+    )
 
 
 def _report(message: str) -> None:
@@ -736,19 +752,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--user needs a user name")  # rather than not logging in at all
     from twisted.internet import reactor as _reactor
     from twisted.internet.defer import ensureDeferred
+    from twisted.internet.error import ReactorNotRunning
 
     reactor: Any = _reactor  # the module's type says little before Twisted 26
     outcome: list[Any] = []
     interrupted: list[bool] = []
     # A shutdown before the command is done is not its own (Ctrl-C, SIGTERM): the reactor
     # drops the connection as it stops, which must not be reported as the server's doing.
-    reactor.addSystemEventTrigger(
+    trigger = reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: None if outcome else interrupted.append(True)
     )
+
+    def stop() -> None:
+        # (Unless a signal stopped it in the same turn.)
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
     deferred = ensureDeferred(_run(reactor, options))
     deferred.addBoth(outcome.append)
-    deferred.addBoth(lambda _: reactor.callLater(0, reactor.stop))
+    deferred.addBoth(lambda _: reactor.callLater(0, stop))
     reactor.run()
+    with contextlib.suppress(Exception):
+        reactor.removeSystemEventTrigger(trigger)
     if interrupted or not outcome:
         outcome[:] = [Failure(CommandError(EXIT_CONNECTION, "interrupted"))]
     result = outcome[0]
@@ -791,8 +816,12 @@ def _readerLeft() -> int:
     What the output was piped to stopped reading (``| head``): end quietly, as other
     commands do, with the exit code of a broken pipe.
     """
-    # (Python's advice: point standard output at nothing, so that exiting flushes nowhere.)
-    with contextlib.suppress(OSError):
+    # (Python's advice: point standard output at nothing, so that exiting flushes nowhere.
+    # A replaced sys.stdout may have no descriptor: then there is nothing to point.)
+    with contextlib.suppress(OSError, AttributeError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
     return EXIT_OUTPUT

@@ -298,9 +298,7 @@ class Options(usage.Options, AuthOptionMixin):
                 self["endpoints"].append((f"--listen {description}", endpoint))
             except Exception as e:
                 hint = ""
-                if re.search(r"=[^:]*(?<!\\):", description.partition(":")[2]) and isinstance(
-                    e, (TypeError, ValueError)
-                ):
+                if re.search(r"=[^:]*(?<!\\)::", description) and isinstance(e, TypeError):
                     # An IPv6 address (interface=::1) split at its colons.
                     hint = " (a colon in a value is written \\:, as in interface=\\:\\:1)"
                 raise usage.UsageError(f"--listen {description}: {_reason(e)}{hint}") from None

@@ -726,6 +726,43 @@ class InProcessTests(SynchronousTestCase):
         self.assertEqual(code, cli.EXIT_USAGE)
         self.assertEqual(err.count("\n"), 1, err)
 
+    def test_oneLineKeepsText(self) -> None:
+        """Error lines escape controls, line separators and bidirectional overrides, and
+        keep other text: accents, CJK, non-breaking and ideographic spaces, emoji joiners."""
+        kept = "caf\u00e9 \u6f22\u5b57 a\u00a0b c\u3000d \U0001f469\u200d\U0001f4bb"
+        self.assertEqual(cli._oneLine(kept), kept)
+        self.assertEqual(
+            cli._oneLine("a\nb\x1b[31m\u2028c\u202ed"), "a\\nb\\x1b[31m\\u2028c\\u202ed"
+        )
+        # argparse's own errors too (an unknown command holding a newline).
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit):
+            cli.main(["pi\nng", self.address])
+        self.assertEqual(sys.stderr.getvalue().count("\n"), 1, sys.stderr.getvalue())
+
+    def test_readerLeftWithoutADescriptor(self) -> None:
+        """A reader that left, with a sys.stdout that has no file descriptor (replaced by an
+        application), still ends with exit 6."""
+
+        class Gone:
+            # (Only write and flush: no fileno at all.)
+            def write(self, text: str) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+            def flush(self) -> None:
+                pass
+
+        commandReactor = CommandReactor()
+        pb.listen(
+            "tcp:8789:interface=127.0.0.1",
+            pb.PBServerFactory(InProcessService(), clock=commandReactor),
+            commandReactor,
+        )
+        self.patch(twisted.internet, "reactor", commandReactor)
+        self.patch(sys, "stdout", Gone())
+        self.patch(sys, "stderr", io.StringIO())
+        self.assertEqual(cli.main(["call", self.address, "echo", "1"]), cli.EXIT_OUTPUT)
+
     def test_jsonHasNoNaN(self) -> None:
         """--json prints JSON: floats JSON has no form for go as {"float": ...}."""
         code, out, _err = self.main(

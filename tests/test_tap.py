@@ -146,6 +146,9 @@ class OptionsTests(SynchronousTestCase):
             "tcp:8789:interface=::1",
         )
         self.assertEqual(len(self.parse("--listen", "tcp:0:interface=\\:\\:1")["endpoints"]), 1)
+        with self.assertRaises(usage.UsageError) as raised:
+            self.parse("--listen", "tcp:port=abc:interface=127.0.0.1")
+        self.assertNotIn("colon in a value", str(raised.exception))  # (no IPv6 there)
         self.assertUsageError("--keepalive", "--keepalive", "inf")
         self.assertUsageError("--keepalive", "--keepalive", "nan")
         self.assertUsageError("at least 0.001", "--keepalive", "1e-300")

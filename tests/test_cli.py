@@ -696,6 +696,10 @@ class InProcessTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             cli.main(["call", self.address])
         self.assertIn("arguments are required: method (pbroker", sys.stderr.getvalue())
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit):
+            cli.main(["call"])
+        self.assertIn("arguments are required: address, method (pbroker", sys.stderr.getvalue())
 
     def test_closedStandardInputIsNoPassword(self) -> None:
         """--user with standard input closed (sys.stdin is None: cron, some service managers)

@@ -72,9 +72,9 @@ from pbroker.errors import (
     UnsupportedByPeer,
     cannotStop,
     checkedCount,
+    checkReactorTime,
     describe,
     isInteger,
-    isReactorTime,
     isSeconds,
     toSeconds,
 )
@@ -498,19 +498,6 @@ class BrokerLimits:
             if not self.stallTimeout >= 0:
                 raise ValueError("BrokerLimits.stallTimeout must be at least 0 (or None)")
             object.__setattr__(self, "stallTimeout", toSeconds(self.stallTimeout))
-
-
-def _checkedClock(clock: Any) -> Any:
-    """
-    ``clock``, if it is ``None`` (the reactor) or schedules calls as a reactor does; else
-    TypeError, now rather than when the first timeout or ping is set.
-    """
-    if clock is not None and not isReactorTime(clock):
-        raise TypeError(
-            "clock must be a reactor or twisted.internet.task.Clock (with callLater and "
-            f"seconds), or None, not {describe(clock)}"
-        )
-    return clock
 
 
 _LARGEST_LIMIT: Final = 2**63 - 1
@@ -1241,7 +1228,9 @@ class Broker(Banana):
                 )
             self.keepalive = keepalive
         if clock is not _UNSET:
-            self._clock = _checkedClock(clock)
+            if clock is not None:
+                checkReactorTime("clock", clock)
+            self._clock = clock
         if limits is not _UNSET:
             if limits is not None and not isinstance(limits, BrokerLimits):
                 raise TypeError(

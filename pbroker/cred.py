@@ -39,8 +39,8 @@ from zope.interface import Attribute, Interface, implementer
 from pbroker.errors import (
     LimitExceeded,
     NoSuchMethod,
+    checkReactorTime,
     describe,
-    isReactorTime,
     isSeconds,
 )
 from pbroker.flavors import (
@@ -224,10 +224,8 @@ class LoginGuard:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        elif not isReactorTime(reactor):
-            raise TypeError(
-                f"reactor must be a reactor (with callLater and seconds), not {describe(reactor)}"
-            )
+        else:
+            checkReactorTime("reactor", reactor)
         for name, value in (
             ("baseDelay", baseDelay),
             ("maxDelay", maxDelay),

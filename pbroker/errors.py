@@ -243,16 +243,20 @@ def checkedCount(name: str, value: Any) -> int:
     return checked
 
 
-def isReactorTime(value: Any) -> bool:
+def checkReactorTime(name: str, value: Any) -> None:
     """
-    Whether ``value`` schedules calls as a reactor does (``callLater`` and ``seconds``, as
-    ``twisted.internet.task.Clock`` has): an object, not a class.
+    TypeError, naming the argument ``name``, unless ``value`` schedules calls as a reactor
+    does (``callLater`` and ``seconds``, as ``twisted.internet.task.Clock`` has): an object,
+    not a class. Checked when given, not when the first timeout or delay is set.
     """
-    return (
-        not isinstance(value, type)
-        and callable(getattr(value, "callLater", None))
-        and callable(getattr(value, "seconds", None))
-    )
+    if (
+        isinstance(value, type)
+        or not callable(getattr(value, "callLater", None))
+        or not callable(getattr(value, "seconds", None))
+    ):
+        raise TypeError(
+            f"{name} must be a reactor (with callLater and seconds), not {describe(value)}"
+        )
 
 
 def isSeconds(value: Any) -> bool:

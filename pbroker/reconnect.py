@@ -64,9 +64,9 @@ from pbroker.broker import Broker, _timedOut, _timeoutError, _timeoutNamed
 from pbroker.context import CallOptions
 from pbroker.errors import (
     PBConnectionLost,
+    checkReactorTime,
     describe,
     isInteger,
-    isReactorTime,
     isSeconds,
     toSeconds,
 )
@@ -124,10 +124,8 @@ class ReconnectingClient(Service):
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        elif not isReactorTime(reactor):
-            raise TypeError(
-                f"reactor must be a reactor (with callLater and seconds), not {describe(reactor)}"
-            )
+        else:
+            checkReactorTime("reactor", reactor)
         if factory is not None and not isinstance(factory, PBClientFactory):
             raise TypeError(
                 f"factory must be a pb.PBClientFactory (or None), not {describe(factory)}"

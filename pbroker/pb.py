@@ -682,30 +682,33 @@ def _checkedCredentials(credentials: Any, read: bool) -> Any:
     if not read:
         # Without reading a property, which may ask the user (at each login, later): what
         # it lacks, and what it holds as plain attributes, are checked.
+        declared = IUsernamePassword.providedBy(credentials)
         dynamic = getattr(type(credentials), "__getattr__", None) is not None  # a proxy, say
-        missing = [
-            name
-            for name in ("username", "password")
-            if not (IUsernamePassword.providedBy(credentials) or dynamic)
-            and inspect.getattr_static(credentials, name, _MISSING) is _MISSING
-        ]
-        if missing or isinstance(credentials, type):
-            raise TypeError(
-                "credentials must be UsernamePassword(...), Anonymous() or "
-                f"pb.CertificateLogin(), not a {type(credentials).__name__}"
+        if isinstance(credentials, type) or not (
+            declared
+            or dynamic
+            or all(
+                inspect.getattr_static(credentials, name, _MISSING) is not _MISSING
+                for name in ("username", "password")
             )
+        ):
+            raise _notCredentials(credentials)
         held = getattr(credentials, "__dict__", {})
         _checkTextOrBytes([(name, held[name]) for name in ("username", "password") if name in held])
         return credentials
     try:
         username, password = credentials.username, credentials.password
     except AttributeError as error:
-        raise TypeError(
-            "credentials must be UsernamePassword(...), Anonymous() or "
-            f"pb.CertificateLogin(), not a {type(credentials).__name__}"
-        ) from error
+        raise _notCredentials(credentials) from error
     _checkTextOrBytes([("username", username), ("password", password)])
     return UsernamePassword(username, password)
+
+
+def _notCredentials(credentials: Any) -> TypeError:
+    return TypeError(
+        "credentials must be UsernamePassword(...), Anonymous() or "
+        f"pb.CertificateLogin(), not a {type(credentials).__name__}"
+    )
 
 
 def _checkTextOrBytes(fields: list[tuple[str, Any]]) -> None:

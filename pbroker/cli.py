@@ -701,8 +701,8 @@ def _tlsReason(failure: Failure) -> str | None:
 
 def _printItem(text: str) -> None:
     """
-    Print a stream's item as it comes. A reader that left (a broken pipe) ends the command
-    as at the end (see :func:`main`); another failure to write is an error of its own.
+    Print a result, or a stream's item as it comes. A reader that left (a broken pipe) ends
+    the command quietly (see :func:`main`); another failure to write is an error of its own.
     """
     try:
         print(text, flush=True)
@@ -802,12 +802,12 @@ def main(argv: list[str] | None = None) -> int:
         return error.code
     if text:  # (nothing follows a stream's items, but with --json)
         try:
-            print(text, flush=True)
+            _printItem(text)
         except BrokenPipeError:
             return _readerLeft()
-        except OSError as error:
-            _report(f"cannot write the output: {error.strerror or error}")
-            return EXIT_OUTPUT
+        except CommandError as error:
+            _report(str(error))
+            return error.code
     return EXIT_OK
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import struct
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, Final
@@ -989,6 +991,18 @@ def setPrefixLimit(limit: int) -> None:
     _defaultPrefixLimit = checkedCount("the prefix limit", limit)
 
 
+def _warnNeverCalled(cls: type, name: str, why: str) -> None:
+    """
+    Warn that subclass ``cls`` defines ``name``, a hook of Twisted's that pbroker never calls,
+    where the class is defined (past the ``__init_subclass__`` frames that found it).
+    """
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_name == "__init_subclass__":
+        level += 1
+        frame = frame.f_back  # type: ignore[assignment]
+    warnings.warn(f"{cls.__qualname__}.{name} is never called: {why}", RuntimeWarning, level)
+
+
 class Banana(Protocol):
     """
     The banana protocol: dialect negotiation, then a stream of expressions both ways.
@@ -1020,6 +1034,19 @@ class Banana(Protocol):
     incomingVocabulary: dict[int, bytes] = {n: s for s, n in PB_VOCABULARY.items()}
 
     _log = Logger()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Twisted's decoder calls these for each token and expression; pbroker's Decoder
+        # has no such steps, and a port that overrides them must not be left silently unused.
+        for name in ("gotItem", "callExpressionReceived"):
+            if name in cls.__dict__:
+                _warnNeverCalled(
+                    cls,
+                    name,
+                    "pbroker's Banana decodes with a Decoder and passes each whole "
+                    "expression to expressionReceived (docs/differences.rst)",
+                )
 
     def __init__(self, isClient: bool = True) -> None:
         self.isClient = bool(isClient)

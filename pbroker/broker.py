@@ -18,6 +18,7 @@ import contextvars
 import functools
 import gc
 import heapq
+import inspect
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,7 +58,7 @@ from pbroker._native import (
 from pbroker._pacing import PacedTransport
 from pbroker._streams import StreamTable, findStreams, refusedStreams
 from pbroker._unjellier import Unjellier, expressionsIn
-from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, getTokens
+from pbroker.banana import DEPTH_LIMIT, Banana, Decoder, Encoded, _warnNeverCalled, getTokens
 from pbroker.errors import (
     BananaDecodeError,
     DeadReferenceError,
@@ -598,6 +599,31 @@ def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
 Handler = Callable[..., None]
 
 
+class _StockHandler:
+    """
+    The handler of a message a subclass handles the way Twisted's broker does, with a method
+    ``proto_<command>`` that is given the message's fields.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, broker: Broker, *fields: Any) -> None:
+        method = getattr(broker, self.name)  # (looked up as Twisted does: overrides count)
+        try:
+            inspect.signature(method).bind(*fields)
+        except TypeError:
+            raise ProtocolError(
+                f"{self.name}() does not take a message of {len(fields)} fields: "
+                f"{describe(list(fields))}"
+            ) from None
+        except ValueError:
+            pass  # no signature to check against (a builtin): its call says
+        method(*fields)
+
+
 @functools.lru_cache(maxsize=16)
 def _noKeywords(tokens: Any) -> bytes:
     """
@@ -960,6 +986,24 @@ class Broker(Banana):
             # kept behind the property, which checks what is set later.
             cls._streamWindow = _checkedWindow(window)
             delattr(cls, "streamWindow")
+        # Twisted's broker handles a message "x" with a method proto_x; a subclass written for
+        # it may add messages of its own that way. Those go in this class's table; the
+        # messages pbroker handles itself have no such methods to override.
+        added = [name for name in cls.__dict__ if name.startswith("proto_")]
+        if added:
+            handlers = dict(cls.messageHandlers)
+            for name in added:
+                command = name[len("proto_") :].encode("utf-8", "surrogatepass")
+                if command in _BUILT_IN_COMMANDS:
+                    _warnNeverCalled(
+                        cls,
+                        name,
+                        f"pbroker's Broker handles {describe(command)} messages itself "
+                        f"(docs/differences.rst)",
+                    )
+                elif command not in handlers:  # (nor one the class registered itself)
+                    handlers[command] = (_StockHandler(name), -1)
+            cls.messageHandlers = handlers
 
     @property
     def streamWindow(self) -> int:
@@ -3978,7 +4022,7 @@ class Broker(Banana):
                 self.sendCall(b"didNotUnderstand", command)
             return
         handler, arity = entry
-        if len(expression) - 1 != arity:
+        if len(expression) - 1 != arity and arity >= 0:
             self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
             return
         try:
@@ -4536,7 +4580,9 @@ class Broker(Banana):
         if self._keptReleases:
             self._emptyKeptDecache(objectID)
 
-    #: command -> (handler, number of fields). Subclasses extend a copy for new messages.
+    #: command -> (handler, number of fields, or -1 for any number: the handler checks).
+    #: Subclasses extend a copy for new messages, or define stock-style ``proto_<command>``
+    #: methods, which are added to their class's table.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {
         b"version": (_version, 1),
         b"didNotUnderstand": (_didNotUnderstand, 1),
@@ -4567,3 +4613,7 @@ class Broker(Banana):
     #: rather than a copy (a subclass's handler of one of these commands gets that too).
     #: Subclasses whose new messages carry values may extend a copy.
     valueFields: ClassVar[dict[bytes, int]] = VALUE_FIELDS
+
+
+# The messages Broker handles itself (a subclass's proto_ method for one is never called).
+_BUILT_IN_COMMANDS: Final = frozenset(Broker.messageHandlers)

@@ -2102,6 +2102,153 @@ class BrokerSubclassTests(SynchronousTestCase):
         )
 
 
+class StockStyleHandlerTests(SynchronousTestCase):
+    """
+    A Broker subclass written for Twisted adds messages with ``proto_<command>`` methods;
+    pbroker handles them as Twisted does, and says when such a method can never be called.
+    """
+
+    def brokerClass(self, module: Any) -> Any:
+        class Chatty(module.Broker):  # type: ignore[misc,name-defined]
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.heard: list[Any] = []
+
+            def proto_shout(self, words: Any) -> None:
+                self.heard.append(words)
+                self.sendCall(b"echoed", words)
+
+            def proto_echoed(self, words: Any) -> None:
+                self.heard.append(("echoed", words))
+
+        return Chatty
+
+    def test_ownMessages(self) -> None:
+        """proto_ methods handle messages of their own in both dialects, and with a stock
+        peer that has the same methods on either side."""
+        ours, theirs = self.brokerClass(pb), self.brokerClass(twistedPb)
+        cases = [
+            (ours, ours, [b"pb"]),
+            (ours, ours, None),
+            (ours, theirs, [b"pb"]),
+            (theirs, ours, [b"pb"]),
+        ]
+        for serverClass, clientClass, dialects in cases:
+            module = pb if serverClass is ours else twistedPb
+            serverFactory = module.PBServerFactory(rootFor(module))
+            serverFactory.protocol = serverClass
+            if clientClass is ours:
+                clientFactory: Any = pb.PBClientFactory(dialects=dialects)
+            else:
+                clientFactory = twistedPb.PBClientFactory()
+            clientFactory.protocol = clientClass
+            server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            client.sendCall(b"shout", b"hi")
+            pump.flush()
+            self.assertEqual((server.heard, client.heard), ([b"hi"], [("echoed", b"hi")]))
+
+    def test_overriddenInASubclass(self) -> None:
+        """The method is looked up on the broker, as Twisted does: a subclass's override of
+        a proto_ method handles the message."""
+
+        class Louder(self.brokerClass(pb)):  # type: ignore[misc]
+            def proto_shout(self, words: Any) -> None:
+                self.heard.append(words.upper())
+
+        serverFactory = pb.PBServerFactory(rootFor(pb))
+        serverFactory.protocol = Louder
+        server, client, pump = connectedServerAndClient(serverFactory, pb.PBClientFactory())
+        client.sendCall(b"shout", b"hi")
+        pump.flush()
+        self.assertEqual(server.heard, [b"HI"])
+
+    def test_wrongFieldCount(self) -> None:
+        """A message with more or fewer fields than the method takes drops the peer with a
+        line saying so, rather than raising TypeError out of dataReceived."""
+        for dialects in ([b"pb"], None):
+            serverFactory = pb.PBServerFactory(rootFor(pb))
+            serverFactory.protocol = self.brokerClass(pb)
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            with capturedLogs() as events:
+                client.sendCall(b"shout", b"hi", b"there")
+                pump.flush()
+            self.assertTrue(server.disconnected)
+            self.assertEqual(server.heard, [])
+            self.assertIn(
+                "proto_shout() does not take a message of 2 fields: [b'hi', b'there']",
+                [str(e.get("why")) for e in events],
+            )
+
+    def test_ownTableWins(self) -> None:
+        """A command the class registers in messageHandlers itself keeps that handler."""
+        called: list[Any] = []
+
+        class Both(pb.Broker):
+            def _shout(self, words: Any) -> None:
+                called.append(("table", words))
+
+            def proto_shout(self, words: Any) -> None:
+                called.append(("proto", words))
+
+            messageHandlers = {**pb.Broker.messageHandlers, b"shout": (_shout, 1)}
+
+        serverFactory = pb.PBServerFactory(rootFor(pb))
+        serverFactory.protocol = Both
+        _, client, pump = connectedServerAndClient(serverFactory, pb.PBClientFactory())
+        client.sendCall(b"shout", b"hi")
+        pump.flush()
+        self.assertEqual(called, [("table", b"hi")])
+
+    def test_builtInMessagesWarn(self) -> None:
+        """A proto_ method for a message pbroker handles itself, and an override of the
+        stock decoder's gotItem or callExpressionReceived, is never called: defining one
+        warns, at the class statement."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+
+            class Intercepting(pb.Broker):
+                def proto_message(self, *fields: Any) -> None:
+                    pass
+
+            class Items(banana.Banana):
+                def gotItem(self, item: Any) -> None:
+                    pass
+
+            class BrokerItems(pb.Broker):
+                def callExpressionReceived(self, expression: Any) -> None:
+                    pass
+
+        self.assertEqual(
+            [(w.category, str(w.message), w.filename) for w in caught],
+            [
+                (
+                    RuntimeWarning,
+                    "StockStyleHandlerTests.test_builtInMessagesWarn.<locals>.Intercepting"
+                    ".proto_message is never called: pbroker's Broker handles b'message' "
+                    "messages itself (docs/differences.rst)",
+                    __file__,
+                ),
+                (
+                    RuntimeWarning,
+                    "StockStyleHandlerTests.test_builtInMessagesWarn.<locals>.Items.gotItem is "
+                    "never called: pbroker's Banana decodes with a Decoder and passes each "
+                    "whole expression to expressionReceived (docs/differences.rst)",
+                    __file__,
+                ),
+                (
+                    RuntimeWarning,
+                    "StockStyleHandlerTests.test_builtInMessagesWarn.<locals>.BrokerItems"
+                    ".callExpressionReceived is never called: pbroker's Banana decodes with a "
+                    "Decoder and passes each whole expression to expressionReceived "
+                    "(docs/differences.rst)",
+                    __file__,
+                ),
+            ],
+        )
+        self.assertEqual(Intercepting.messageHandlers, pb.Broker.messageHandlers)
+
+
 class ConfigureTests(SynchronousTestCase):
     def test_leavesWhatItIsNotGiven(self) -> None:
         """configure() sets the options it is given and leaves the others."""

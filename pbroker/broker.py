@@ -1493,8 +1493,14 @@ class Broker(Banana):
         """
         Forget a notifier given to :meth:`notifyOnDisconnect` (no error if it was not).
         """
-        if notifier in self.disconnects:
-            self.disconnects.remove(notifier)
+        notifiers = self.disconnects
+        if notifiers and notifiers[-1] == notifier:
+            # The newest, as references let go in the reverse of their order often are: no
+            # search of what may be thousands (equal notifiers are alike, whichever goes).
+            notifiers.pop()
+        else:
+            with contextlib.suppress(ValueError):  # (one search, not two)
+                notifiers.remove(notifier)
 
     # Sending
 

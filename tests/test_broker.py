@@ -2249,6 +2249,40 @@ class StockStyleHandlerTests(SynchronousTestCase):
         self.assertEqual(Intercepting.messageHandlers, pb.Broker.messageHandlers)
 
 
+class DisconnectNotifierScaleTests(SynchronousTestCase):
+    def test_forgettingTheNewestFirst(self) -> None:
+        """Forgetting notifiers newest first (as references are often let go) does not
+        search the list for each: 2,000 comparisons for 1,000 notifiers, not half a
+        million (stock Twisted's one search each) or twice that."""
+
+        class Notifier:
+            compared = 0
+
+            def __call__(self) -> None:
+                pass
+
+            def __eq__(self, other: object) -> bool:
+                Notifier.compared += 1
+                return self is other
+
+            __hash__ = object.__hash__
+
+        broker = pb.Broker()
+        notifiers = [Notifier() for _ in range(1000)]
+        for notifier in notifiers:
+            broker.notifyOnDisconnect(notifier)
+        for order in (reversed(notifiers), iter(notifiers)):
+            Notifier.compared = 0
+            for notifier in order:
+                broker.dontNotifyOnDisconnect(notifier)
+            self.assertEqual(broker.disconnects, [])
+            self.assertLessEqual(Notifier.compared, 2000)
+            for notifier in notifiers:
+                broker.notifyOnDisconnect(notifier)
+        broker.dontNotifyOnDisconnect(Notifier())  # not given: nothing happens
+        self.assertEqual(broker.disconnects, notifiers)
+
+
 class ConfigureTests(SynchronousTestCase):
     def test_leavesWhatItIsNotGiven(self) -> None:
         """configure() sets the options it is given and leaves the others."""

@@ -12,6 +12,7 @@ into the table.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain, islice
 from typing import Any, Protocol
@@ -201,6 +202,9 @@ class StreamTable:
         self.currentStreamID = 0
         #: Our streams the peer reads, by id.
         self.outgoing: dict[int, OutgoingStream] = {}
+        # Those that stopped with credit left because the connection took no more (see
+        # stalled): the only ones pump() wakes, in the order they stopped.
+        self._stalled: OrderedDict[int, OutgoingStream] | None = None
         # The tables of the peer's streams are made when it first sends one: most connections
         # never do, and the two cost ~1 KiB each time a connection is made.
         self._incoming: WeakValueDictionary[int, RemoteStream] | None = None
@@ -417,12 +421,33 @@ class StreamTable:
 
     # What the broker calls
 
+    def stalled(self, sender: OutgoingStream) -> None:
+        """
+        ``sender`` has credit left, but stopped because the connection takes no more data:
+        :meth:`pump` wakes it. (A stream with no credit waits for the reader's, and one whose
+        source is busy for its item; each wakes itself.)
+        """
+        if self._stalled is None:
+            self._stalled = OrderedDict()
+        self._stalled.setdefault(sender.streamID, sender)
+
     def pump(self) -> None:
         """
-        Let every stream with credit send (the connection takes data again).
+        Let the streams that stopped with credit left send again (the connection takes data
+        again), each in turn: the work is theirs, however many other streams are open.
         """
-        for sender in list(self.outgoing.values()):
-            sender.pump()
+        stalled = self._stalled
+        if not stalled:
+            return
+        outgoing = self.outgoing
+        # Each once at most: one that stops again goes behind the others. Once the
+        # connection takes no more (a large item was sent), the rest keep their turn.
+        for _ in range(len(stalled)):
+            if not stalled or not self.canStream():
+                return
+            streamID, sender = stalled.popitem(last=False)
+            if outgoing.get(streamID) is sender:
+                sender.pump()
 
     def drop(self, streamIDs: list[int], failure: Failure | None = None) -> None:
         """
@@ -435,6 +460,7 @@ class StreamTable:
                 sender.connectionLost(failure)
 
     def connectionLost(self, reason: Any) -> None:
+        self._stalled = None
         outgoing, self.outgoing = self.outgoing, {}
         for sender in outgoing.values():
             sender.connectionLost()

@@ -650,6 +650,8 @@ class OutgoingStream:
                     self._pull(item)
                 else:
                     self._inContext(self._send, item)
+            if self._credit > 0 and not self._done and self._busy is None:
+                self._table.stalled(self)  # the connection takes no more for now
         finally:
             self._pumping = False
 

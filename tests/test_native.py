@@ -6475,3 +6475,65 @@ def randomGraph(generator: random.Random) -> Any:
         return container
 
     return build(0)
+
+
+class ManyStreamsTests(SynchronousTestCase):
+    """
+    When the connection takes data again (a large item has gone), only the streams that
+    stopped with credit left are woken, each in turn, not every open stream.
+    """
+
+    def pumpsPerItem(self, streamCount: int) -> float:
+        """Read ``streamCount`` streams of two 70 KB items each (sent as large messages, one
+        at a time), counting the OutgoingStream.pump calls per item sent."""
+
+        class Source(pb.Root):
+            def remote_items(self) -> Iterator[bytes]:
+                return (b"x" * 70_000 for _ in range(2))
+
+        limits = pb.BrokerLimits(streamBytes=1 << 30, bufferedBytes=1 << 30)
+        clock = Clock()
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Source(), limits=limits, clock=clock),
+            pb.PBClientFactory(limits=limits, clock=clock),
+            clock=clock,
+            bufferSize=64 * 1024,  # the server's transport pauses it while items wait
+        )
+        client.streamWindow = 2
+        streams: list[Any] = []
+        for _ in range(streamCount):
+            client.remoteForName("root").callRemote("items").addCallback(streams.append)
+        for _ in range(50):
+            pump.pump()
+            clock.advance(0)
+        self.assertEqual(len(streams), streamCount)
+        pumps = [0]
+        original = _streams.OutgoingStream.pump
+
+        def counted(sender: Any) -> None:
+            pumps[0] += 1
+            original(sender)
+
+        self.patch(_streams.OutgoingStream, "pump", counted)
+        results: list[Any] = []
+
+        async def read(stream: RemoteStream) -> list[Any]:
+            return [item async for item in stream]
+
+        for stream in streams:
+            Deferred.fromCoroutine(read(stream)).addCallback(results.append)
+        for _ in range(10_000):
+            if len(results) == streamCount:
+                break
+            pump.pump()  # one step at a time, so that the transport pauses and resumes
+            clock.advance(0)
+        self.assertEqual([len(items) for items in results], [2] * streamCount)
+        return pumps[0] / (2 * streamCount)
+
+    def test_workPerItemDoesNotGrowWithStreams(self) -> None:
+        """With 60 streams open, an item costs a few stream pumps, as with 5 (0.5 per item
+        with 5, 1.5 with 60 or 240): every open stream was pumped after each large item,
+        about 24 per item with 60."""
+        few, many = self.pumpsPerItem(5), self.pumpsPerItem(60)
+        self.assertLessEqual(few, 1)
+        self.assertLessEqual(many, 4, (few, many))

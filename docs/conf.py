@@ -18,14 +18,24 @@ project = "pbroker"
 author = "The pbroker developers"
 copyright = "the pbroker developers"
 
-extensions = ["sphinx.ext.autodoc"]
+extensions = ["sphinx.ext.autodoc", "repoze.sphinx.autointerface"]
 
 root_doc = "index"
 exclude_patterns = ["_build"]
 
 html_theme = "alabaster"
 
-nitpicky = False
+# Every cross-reference to pbroker must resolve. Those to Twisted, zope.interface and the
+# standard library cannot without their inventories (intersphinx would fetch them at each
+# build), so they are let through as plain text.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(twisted|zope|collections|types|typing|builtins)(\..*)?"),
+    (r"py:.*", r".*<InterfaceClass .*"),
+    (r"py:class", r"dict\[str"),
+    (r"py:class", r"IStreamClientEndpoint"),  # (imported for type checking only)
+    (r"py:.*", r"pbroker\._.*"),  # private modules, named in signatures
+]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

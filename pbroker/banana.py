@@ -523,8 +523,8 @@ class Decoder:
             ...
 
     Every limit is checked before the data it guards is buffered. Once a limit is broken or
-    malformed bytes are seen, the decoder raises :class:`BananaDecodeError` and refuses any
-    further input: a stream that has gone wrong once cannot be resynchronised.
+    malformed bytes are seen, the decoder raises :class:`~pbroker.errors.BananaDecodeError`
+    and refuses any further input: a stream that has gone wrong once cannot be resynchronised.
 
     :param dialect: ``b"none"`` or ``b"pb"``; it decides whether VOCAB tokens are accepted.
         It may be changed between expressions through :attr:`dialect`.
@@ -538,7 +538,7 @@ class Decoder:
     :param text: decode jelly's text, a list of the string ``unicode`` and UTF-8 bytes, as a
         ``str`` in its place (when it is short and valid), sparing the unjellier a list. A
         broker turns it on; its unjellier takes such a ``str`` as that list, security check
-        included. It may be changed between expressions through :attr:`text`.
+        included. It may be changed between expressions through its ``text`` attribute.
     """
 
     def __init__(
@@ -1026,7 +1026,8 @@ class Banana(Protocol):
     depthLimit: int = DEPTH_LIMIT
     #: The most bytes one incoming expression may take (``None``: no limit beyond the others).
     messageSizeLimit: int | None = None
-    #: Whether jelly's text arrives as ``str`` (see :class:`Decoder`'s ``text`` option).
+    #: Whether jelly's text arrives as ``str`` (see the ``text`` option of
+    #: :class:`~pbroker.banana.Decoder`).
     decodeText: bool = False
 
     #: The ``pb`` dialect's symbol table, under the names Twisted gives it.

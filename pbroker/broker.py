@@ -96,6 +96,7 @@ __all__ = [
     "MIN_MESSAGE_SIZE",
     "NATIVE_DIALECT",
     "PB_VERSION",
+    "REFUSALS_LOGGED",
     "Broker",
     "BrokerLimits",
     "Keepalive",
@@ -111,7 +112,7 @@ MAX_BROKER_REFS = 1024
 _MAX_REFERENCE_VIOLATIONS = 3
 
 #: pbroker's native dialect: PB's messages, msgpack values, fragmented records (see
-#: :mod:`pbroker._native`). The number is its version.
+#: ``pbroker._native``). The number is its version.
 NATIVE_DIALECT = b"pbroker2"
 # An entry a server adds to its offer of dialects (after them: a client that does not know it
 # skips it, as it skips any name it does not know): the limits its hello will give,
@@ -137,7 +138,9 @@ _KEPT_RELEASE = 200
 # The object a keepalive ping calls on a stock Twisted peer: it is never exported.
 _PING_OBJECT = b"pbroker.keepalive"
 
-#: The refusals of what the peer sent logged on one connection (see Broker._logRefusal).
+#: How many refusals of what the peer sent are logged on one connection (a call to a method
+#: that does not exist, a message it does not know...); after them, one line says that more
+#: are not.
 REFUSALS_LOGGED = 100
 
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
@@ -405,7 +408,7 @@ def _timeoutNamed(failure: Failure, message: bytes | str, timeout: float) -> Fai
     return failure
 
 
-#: The smallest :attr:`BrokerLimits.messageSize`: what a peer announces below it is taken as
+#: The smallest ``messageSize`` of :class:`BrokerLimits`: what a peer announces below it is taken as
 #: this much, since every message limit must leave room for pings and for the short error
 #: that says a larger message could not be sent.
 MIN_MESSAGE_SIZE = 1024
@@ -1733,7 +1736,7 @@ class Broker(Banana):
 
     def writeQueued(self, untilFull: bool = True, budget: int | None = None) -> bool:
         """
-        The connection is being closed (:meth:`PacedTransport.loseConnection`): write, in
+        The connection is being closed (the paced transport's ``loseConnection()``): write, in
         order, every large message queued and what waits behind them, for as long as the
         connection takes data (``untilFull``; else all of it, once the transport no longer
         paces the broker, ``budget`` bytes of fragments per reactor turn if given). Return
@@ -3551,7 +3554,7 @@ class Broker(Banana):
         reactor turn fewer on each side of every round trip (see PacedTransport.flush).
 
         While the connection does not take this side's data, what the peer sends waits,
-        unhandled (see :meth:`_keepForLater`).
+        unhandled (see ``_keepForLater``).
         """
         self._receivedBytes += len(data)
         if self._closing:
@@ -3693,7 +3696,7 @@ class Broker(Banana):
     def waitingForPeer(self) -> int:
         """
         Bytes of messages made for the peer that wait behind the large message being sent
-        (see :meth:`_queueFull`).
+        (past ``limits.bufferedBytes`` of them, the peer's messages wait, unhandled).
         """
         queue = self._largeOut
         waiting = 0

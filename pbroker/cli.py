@@ -57,11 +57,18 @@ __all__ = [
     "main",
 ]
 
+# The exit codes of main() (docs/cli.rst has what leads to each).
+#: Success.
 EXIT_OK = 0
+#: Bad usage: an unknown command, a bad address or argument, no password available.
 EXIT_USAGE = 2
+#: No connection, the connection lost before the call was made, or the command interrupted.
 EXIT_CONNECTION = 3
+#: The login was refused.
 EXIT_LOGIN = 4
+#: The remote call failed, its stream failed, or its result is too large to show.
 EXIT_REMOTE = 5
+#: The output could not be written.
 EXIT_OUTPUT = 6
 
 DEFAULT_PORT = 8789

@@ -167,9 +167,11 @@ class CallContext:
     :ivar requestID: the call's request id on its connection.
     :ivar broker: the connection the call came through.
     :ivar reply: annotations for the answer (native dialect only): the method may add to it
-        the plain values a :attr:`CallOptions.context` holds. They are checked when it
+        the plain values the ``context`` of :class:`CallOptions` holds. They are checked when it
         answers: if one cannot travel, its caller gets the :exc:`TypeError` or
-        :exc:`ValueError` that names it instead of the answer. An error carries none.
+        :exc:`ValueError` that names it instead of the answer. An error carries none. A
+        call made without options has no context: what is set here then goes nowhere,
+        unchecked.
     """
 
     annotations: dict[str, Any] = field(default_factory=dict)

@@ -595,7 +595,8 @@ class _Logouts:
 @implementer(IPBRoot)
 class PortalRoot:
     """
-    The root a server factory offers for a portal: each broker gets a :class:`_PortalWrapper`.
+    The root a server factory offers for a portal: each broker gets a wrapper of the portal
+    of its own.
 
     :param guard: the :class:`LoginGuard` that watches every attempt (a new one by default).
     """

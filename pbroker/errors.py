@@ -50,6 +50,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "UnsupportedByPeer",
+    "describe",
 ]
 
 

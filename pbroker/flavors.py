@@ -44,6 +44,7 @@ __all__ = [
     "NoSuchMethod",
     "Referenceable",
     "RemoteCache",
+    "RemoteCacheMethod",
     "RemoteCacheObserver",
     "RemoteCopy",
     "Root",
@@ -322,7 +323,7 @@ class Cacheable(Copyable):
     def getStateToCacheAndObserveFor(self, perspective: Any, observer: RemoteCacheObserver) -> Any:
         """
         The state to send to a new copy, and the observer that reaches it; by default
-        :meth:`getStateToCopyFor`. Keep the observer to send updates.
+        :meth:`~pbroker.flavors.Copyable.getStateToCopyFor`. Keep the observer to send updates.
         """
         return self.getStateToCopyFor(perspective)
 

@@ -57,6 +57,7 @@ __all__ = [
     "checkUsername",
     "clientProof",
     "clientProofAndSignature",
+    "expectedServerSignature",
     "parseChallenge",
     "serverSignature",
 ]
@@ -76,8 +77,9 @@ MAX_ITERATIONS = 10 * DEFAULT_ITERATIONS
 #: plain-TCP traffic, from asking for a proof that is cheap to attack.
 MIN_ITERATIONS = 4096
 
-#: The salt lengths, in bytes, a verifier may have and a client accepts (new salts have 16).
+#: The fewest bytes of salt a verifier may have and a client accepts (new salts have 16).
 MIN_SALT_LENGTH = 8
+#: The most bytes of salt a verifier may have and a client accepts.
 MAX_SALT_LENGTH = 64
 
 # Nonce lengths both sides accept (pbroker sends 24 bytes).
@@ -321,8 +323,8 @@ def clientProofAndSignature(
 ) -> tuple[bytes, bytes]:
     """
     ``(proof, expected)``: the client's proof (:func:`clientProof`) and the server signature
-    it expects in return (:func:`expectedServerSignature`), from one PBKDF2 derivation, the
-    costly step.
+    it expects in return (:func:`~pbroker.passwords.expectedServerSignature`), from one PBKDF2
+    derivation, the costly step.
     """
     salted = _saltedPassword(password, salt, iterations)
     return _proof(salted, message), serverSignature(_serverKey(salted), message)

@@ -241,15 +241,17 @@ class _BrokerOptions:
 
 class PBServerFactory(_BrokerOptions, protocol.ServerFactory):
     """
-    Serves ``root`` to every client: an :class:`IPBRoot` (such as a :class:`Root`), or a
-    :class:`~twisted.cred.portal.Portal`, in which case clients log in to an avatar.
+    Serves ``root`` to every client: an :class:`~pbroker.flavors.IPBRoot` (such as a
+    :class:`~pbroker.flavors.Root`), or a :class:`~twisted.cred.portal.Portal`, in which case
+    clients log in to an avatar.
 
     :param unsafeTracebacks: send the full traceback of a failure to the caller.
     :param security: security options for what the brokers send and receive.
     :param registry: the copy registry the brokers rebuild pass-by-copy values with.
-    :param limits: what each client may make the server hold (:class:`BrokerLimits`).
+    :param limits: what each client may make the server hold
+        (:class:`~pbroker.broker.BrokerLimits`).
     :param loginGuard: with a portal, what slows down password guessing (a
-        :class:`LoginGuard` with its defaults if not given).
+        :class:`~pbroker.cred.LoginGuard` with its defaults if not given).
     :param legacyLogin: with a portal, whether the legacy MD5 login of stock Twisted clients
         is accepted; pbroker clients use the password login of :mod:`pbroker.passwords`.
     :param dialects: the dialects offered, in order of preference; by default pbroker's
@@ -308,7 +310,8 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
     :param unsafeTracebacks: send the full traceback of a failure to the server.
     :param security: security options for what the broker sends and receives.
     :param registry: the copy registry the broker rebuilds pass-by-copy values with.
-    :param limits: what the server may make the client hold (:class:`BrokerLimits`).
+    :param limits: what the server may make the client hold
+        (:class:`~pbroker.broker.BrokerLimits`).
     :param legacyLogin: whether :meth:`login` may fall back on the legacy MD5 exchange when
         the server does not offer pbroker's password login (stock Twisted servers do not).
     :param dialects: the dialects accepted (the first of them in the server's order is
@@ -422,17 +425,17 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
         Log in to the server's portal and return a Deferred of the avatar's reference.
 
         :param credentials: ``UsernamePassword`` (challenge-response), ``Anonymous()``, or
-            :class:`CertificateLogin` (the client certificate of a TLS connection; pbroker
-            servers only).
+            :class:`~pbroker.tls.CertificateLogin` (the client certificate of a TLS
+            connection; pbroker servers only).
         :param client: the "mind": an object the server may call back (usually a
             Referenceable), or ``None``.
         :returns: fails with ``twisted.cred.error.UnauthorizedLogin`` (as a copied failure)
             on bad credentials, or when the server cannot prove it knows the password; with
-            :class:`ProtocolError` when the server's password challenge is malformed or out of
-            the bounds of :func:`pbroker.passwords.parseChallenge` (such as an iteration count
-            above :data:`pbroker.passwords.MAX_ITERATIONS`), before any key is derived, and
-            when any login's answer is not what a login gives (an avatar that is a plain
-            value, a legacy challenge that is not ``(nonce, challenger)``).
+            :class:`~pbroker.errors.ProtocolError` when the server's password challenge is
+            malformed or out of the bounds of :func:`pbroker.passwords.parseChallenge` (such
+            as an iteration count above :data:`pbroker.passwords.MAX_ITERATIONS`), before any
+            key is derived, and when any login's answer is not what a login gives (an avatar
+            that is a plain value, a legacy challenge that is not ``(nonce, challenger)``).
         :raises TypeError: ``credentials`` is none of those, or its username or password is
             neither bytes nor str (at once, before connecting).
         :raises ValueError: its username or password is text UTF-8 cannot encode.

@@ -139,7 +139,7 @@ class RemotePublished(RemoteCache):
     :meth:`callWhenActivated` callbacks run) once the full state is here.
 
     The cache entry and the published state become attributes, but never the receiver's
-    settings and bookkeeping (:attr:`cacheDirectory`, :attr:`isActivated`, ``broker``,
+    settings and bookkeeping (:attr:`cacheDirectory`, ``isActivated``, ``broker``,
     ``luid``, ``remote``), a method or other descriptor its class defines, or a private name
     (``_x``): such names are ignored, with a warning. Plain class attributes (``title =
     "untitled"``) are defaults the publisher's values replace, as in Twisted: give a

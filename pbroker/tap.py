@@ -109,7 +109,7 @@ class BrokerAvatar(pb.Avatar):
 
     def perspective_info(self) -> dict[str, Any]:
         """
-        What :meth:`BrokerRoot.remote_info` says, and the logged-in ``user``.
+        What ``BrokerRoot.remote_info()`` says, and the logged-in ``user``.
         """
         return {**_info(self.services), "user": self.name}
 

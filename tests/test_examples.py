@@ -44,6 +44,18 @@ class ExampleTests(TestCase):
             ],
         )
 
+    def test_limits(self) -> None:
+        self.assertEqual(
+            run("limits.py"),
+            [
+                "stored 500000 bytes",
+                "refused before sending: a message of 2000044 bytes is over the 1048576-byte "
+                "limit the peer accepts",
+                "the connection goes on: stored 2 bytes",
+                "the server went silent; the call failed with PBConnectionLost in under 2 s: True",
+            ],
+        )
+
     def test_streams(self) -> None:
         self.assertEqual(
             run("streams.py"),

@@ -893,6 +893,7 @@ class Broker(Banana):
         "_handlingBacklog",
         "_jellySizeLimit",
         "_keepaliveTimer",
+        "_keptCalls",
         "_keptForPeer",
         "_keptOwn",
         "_keptReleases",
@@ -1143,6 +1144,10 @@ class Broker(Banana):
         # _keepRelease).
         self._keptReleases: dict[tuple[bytes, Any], collections.deque[_Release]] = _NO_ENTRIES
         self._emptiedReleases = 0
+        # Request id -> serial of the calls waiting for an answer kept in _afterLarge or
+        # _afterBlocked (both ordered by serial): a cancelled one is found there by bisection,
+        # not by walking what was kept before it (see _dropUnsentCall). A hint: checked.
+        self._keptCalls: dict[int, int] = _NO_ENTRIES
         # Whether the messages the peer sent before the connection was lost are handled now
         # (see _handleBacklogOnLoss): none of them waits.
         self._losing = False
@@ -1436,6 +1441,7 @@ class Broker(Banana):
         self._keptForPeer = self._keptOwn = 0
         self._keptReleases = _NO_ENTRIES
         self._emptiedReleases = 0
+        self._keptCalls = _NO_ENTRIES
         self._untaken = _NO_ENTRIES
         self._untakenBytes = 0
         self._largeBlocked = False
@@ -2381,6 +2387,8 @@ class Broker(Banana):
             self._keptForPeer -= kept
             self._keptOwn -= own
             if payload is not None:
+                if requestID is not None and self._keptCalls:
+                    self._keptCalls.pop(requestID, None)
                 self._writePayload(payload, requestID, counted, serial, keys)
                 continue
             release: _Release = counted
@@ -2924,7 +2932,12 @@ class Broker(Banana):
             # large message (see _behindLarge).
             kept, own = self._keep(data, False)
             keys = self._callKeys(registrations, prefix, objectID, requestID, ordered)
-            self._keepEntry((data, requestID, registrations, self._nextSerial(), kept, own, keys))
+            serial = self._nextSerial()
+            if answerRequired:  # (it may be cancelled, or time out)
+                if self._keptCalls is _NO_ENTRIES:
+                    self._keptCalls = {}
+                self._keptCalls[requestID] = serial
+            self._keepEntry((data, requestID, registrations, serial, kept, own, keys))
             if ordered:
                 self._lastOrderedCall = self._queueSerial
         elif type(data) is bytes and transport is not None:
@@ -3152,34 +3165,47 @@ class Broker(Banana):
                 # anything they would be written at once, ahead of the calls that waited.
                 self._unregister(entry[4])
                 return True
+        serial = self._keptCalls.pop(requestID, None) if self._keptCalls else None
+        if serial is not None:
+            for after in (self._afterLarge, self._afterBlocked):
+                # (Bisected: a deque is indexed from its nearer end, a block at a time.)
+                index = bisect.bisect_left(after, (serial, True), key=_keptOrder)
+                if index < len(after) and after[index][1] == requestID:
+                    return self._dropKept(after, index, after[index])
         for after in (self._afterLarge, self._afterBlocked):
             order = _nearerEnd(after, 1, requestID)
             # (Walked, not indexed: indexing a deque away from its ends costs its length.)
             entries = reversed(after) if order.step < 0 else after
             for index, kept in zip(order, entries, strict=True):
-                _payload, waiting, counted, _serial, _kept, own, _keys = kept
-                if waiting == requestID:
-                    if counted and any(kind == _FIRST for _, kind in counted):
-                        return False
-                    del after[index]
-                    blocked = after is self._afterBlocked
-                    if blocked:
-                        self._unblockEntry(kept)
-                    if blocked or (isinstance(_payload, _Payload) and _payload.taken):
-                        # What waited for it must not stay (a large call let go ahead of
-                        # what needs it too, see _releaseBlocked); but what needs only what
-                        # a call waiting before all of them provides still waits, and is
-                        # not walked again (many calls kept behind a call waiting for
-                        # room, each timing out, would walk all the others each).
-                        self._unblockKept(None if _keys is None else _keys[1])
-                    self._keptOwn -= own
-                    transport = self.transport
-                    if type(transport) is PacedTransport and transport.paused:
-                        # Uncount what keptOwn() counted for it (an upper bound, as above).
-                        transport.ownKeptWhilePaused = max(0, transport.ownKeptWhilePaused - own)
-                    self._unregister(counted)
-                    return True
+                if kept[1] == requestID:
+                    return self._dropKept(after, index, kept)
         return None
+
+    def _dropKept(self, after: collections.deque[_KeptEntry], index: int, kept: _KeptEntry) -> bool:
+        """
+        Forget the call ``kept``, at ``index`` in ``after`` (``_afterLarge`` or
+        ``_afterBlocked``), for :meth:`_dropUnsentCall`; or not, if it holds a first copy.
+        """
+        _payload, _waiting, counted, _serial, _kept, own, _keys = kept
+        if counted and any(kind == _FIRST for _, kind in counted):
+            return False
+        del after[index]
+        blocked = after is self._afterBlocked
+        if blocked:
+            self._unblockEntry(kept)
+        if blocked or (isinstance(_payload, _Payload) and _payload.taken):
+            # What waited for it must not stay (a large call let go ahead of what needs it
+            # too, see _releaseBlocked); but what needs only what a call waiting before all of
+            # them provides still waits, and is not walked again (many calls kept behind a
+            # call waiting for room, each timing out, would walk all the others each).
+            self._unblockKept(None if _keys is None else _keys[1])
+        self._keptOwn -= own
+        transport: Any = self.transport
+        if type(transport) is PacedTransport and transport.paused:
+            # Uncount what keptOwn() counted for it (an upper bound, as above).
+            transport.ownKeptWhilePaused = max(0, transport.ownKeptWhilePaused - own)
+        self._unregister(counted)
+        return True
 
     def importReference(self, luid: int) -> None:
         """

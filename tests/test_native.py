@@ -6537,3 +6537,64 @@ class ManyStreamsTests(SynchronousTestCase):
         few, many = self.pumpsPerItem(5), self.pumpsPerItem(60)
         self.assertLessEqual(few, 1)
         self.assertLessEqual(many, 4, (few, many))
+
+
+class CancelKeptCallsScaleTests(SynchronousTestCase):
+    """
+    A call kept behind a large message (a slow reader) and then cancelled, or timed out, is
+    found where it waits by its serial, not by walking the calls kept before it.
+    """
+
+    def test_cancelledFromTheMiddle(self) -> None:
+        """2,000 small calls kept behind a large one, every other one cancelled from the
+        middle outwards: the kept entries read are a few dozen per cancel (the walk read
+        about half a million), and the others reach the server in order."""
+
+        class CountingDeque(deque):  # type: ignore[type-arg]
+            reads = 0
+
+            def __getitem__(self, index: Any) -> Any:
+                CountingDeque.reads += 1
+                return super().__getitem__(index)
+
+            def __iter__(self) -> Iterator[Any]:
+                for item in super().__iter__():
+                    CountingDeque.reads += 1
+                    yield item
+
+            def __reversed__(self) -> Iterator[Any]:
+                for item in super().__reversed__():
+                    CountingDeque.reads += 1
+                    yield item
+
+        received: list[int] = []
+
+        class Root(pb.Root):
+            def remote_up(self, value: bytes) -> int:
+                return len(value)
+
+            def remote_small(self, number: int) -> int:
+                received.append(number)
+                return number
+
+        _server, client, pump = connectedServerAndClient(
+            pb.PBServerFactory(Root()), pb.PBClientFactory(), bufferSize=64 * 1024
+        )
+        root = client.remoteForName("root")
+        large = root.callRemote("up", b"y" * 300_000)
+        count = 2000
+        calls = [root.callRemote("small", number) for number in range(count)]
+        self.assertEqual(len(client._afterLarge), count)  # all kept behind the large call
+        client._afterLarge = CountingDeque(client._afterLarge)
+        middle = count // 2
+        order = sorted(range(1, count, 2), key=lambda number: abs(number - middle))
+        for number in order:
+            calls[number].cancel()
+        self.assertLessEqual(CountingDeque.reads, 40 * len(order), CountingDeque.reads)
+        for number in order:
+            self.failureResultOf(calls[number], CancelledError)
+        pump.flush()
+        self.assertEqual(self.successResultOf(large), 300_000)
+        self.assertEqual(received, list(range(0, count, 2)))
+        self.assertEqual([self.successResultOf(call) for call in calls[::2]], received)
+        self.assertEqual(client._keptCalls, {})

@@ -3141,6 +3141,15 @@ class Broker(Banana):
 
         :returns: whether it did; ``None`` if the call is not queued (it was sent).
         """
+        serial = self._keptCalls.pop(requestID, None) if self._keptCalls else None
+        if serial is not None:
+            # Kept, not a large message: found by its serial in the kept queues, without
+            # walking the large messages (a kept call is written before it joins them).
+            for after in (self._afterLarge, self._afterBlocked):
+                # (Bisected: a deque is indexed from its nearer end, a block at a time.)
+                index = bisect.bisect_left(after, (serial, True), key=_keptOrder)
+                if index < len(after) and after[index][1] == requestID:
+                    return self._dropKept(after, index, after[index])
         queue = self._largeOut
         for index in _nearerEnd(queue, 2, requestID):
             entry = queue[index]
@@ -3165,13 +3174,6 @@ class Broker(Banana):
                 # anything they would be written at once, ahead of the calls that waited.
                 self._unregister(entry[4])
                 return True
-        serial = self._keptCalls.pop(requestID, None) if self._keptCalls else None
-        if serial is not None:
-            for after in (self._afterLarge, self._afterBlocked):
-                # (Bisected: a deque is indexed from its nearer end, a block at a time.)
-                index = bisect.bisect_left(after, (serial, True), key=_keptOrder)
-                if index < len(after) and after[index][1] == requestID:
-                    return self._dropKept(after, index, after[index])
         for after in (self._afterLarge, self._afterBlocked):
             order = _nearerEnd(after, 1, requestID)
             # (Walked, not indexed: indexing a deque away from its ends costs its length.)

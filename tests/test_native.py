@@ -6546,9 +6546,10 @@ class CancelKeptCallsScaleTests(SynchronousTestCase):
     """
 
     def test_cancelledFromTheMiddle(self) -> None:
-        """2,000 small calls kept behind a large one, every other one cancelled from the
+        """2,000 small calls kept behind large ones, every other one cancelled from the
         middle outwards: the kept entries read are a few dozen per cancel (the walk read
-        about half a million), and the others reach the server in order."""
+        about half a million), the large messages queued are not read at all, and the others
+        reach the server in order."""
 
         class CountingDeque(deque):  # type: ignore[type-arg]
             reads = 0
@@ -6567,6 +6568,13 @@ class CancelKeptCallsScaleTests(SynchronousTestCase):
                     CountingDeque.reads += 1
                     yield item
 
+        class CountingList(list):  # type: ignore[type-arg]
+            reads = 0
+
+            def __getitem__(self, index: Any) -> Any:
+                CountingList.reads += 1
+                return super().__getitem__(index)
+
         received: list[int] = []
 
         class Root(pb.Root):
@@ -6581,20 +6589,23 @@ class CancelKeptCallsScaleTests(SynchronousTestCase):
             pb.PBServerFactory(Root()), pb.PBClientFactory(), bufferSize=64 * 1024
         )
         root = client.remoteForName("root")
-        large = root.callRemote("up", b"y" * 300_000)
+        large = [root.callRemote("up", b"y" * 300_000) for _ in range(20)]
         count = 2000
         calls = [root.callRemote("small", number) for number in range(count)]
-        self.assertEqual(len(client._afterLarge), count)  # all kept behind the large call
+        self.assertEqual(len(client._afterLarge), count)  # all kept behind the large calls
+        self.assertEqual(len(client._largeOut), 20)
         client._afterLarge = CountingDeque(client._afterLarge)
+        client._largeOut = CountingList(client._largeOut)
         middle = count // 2
         order = sorted(range(1, count, 2), key=lambda number: abs(number - middle))
         for number in order:
             calls[number].cancel()
         self.assertLessEqual(CountingDeque.reads, 40 * len(order), CountingDeque.reads)
+        self.assertEqual(CountingList.reads, 0)
         for number in order:
             self.failureResultOf(calls[number], CancelledError)
         pump.flush()
-        self.assertEqual(self.successResultOf(large), 300_000)
+        self.assertEqual([self.successResultOf(call) for call in large], [300_000] * 20)
         self.assertEqual(received, list(range(0, count, 2)))
         self.assertEqual([self.successResultOf(call) for call in calls[::2]], received)
         self.assertEqual(client._keptCalls, {})

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -199,7 +199,8 @@ class LoginGuard:
     :param baseDelay: seconds before the first failure from an address is answered; each
         further recent failure doubles it, up to ``maxDelay``.
     :param maxFailuresPerConnection: failures after which the connection is closed.
-    :param forgetAfter: seconds after which an address's failures are forgotten.
+    :param forgetAfter: seconds after which an address's failures are forgotten (their
+        record is let go at the next failure from any address).
     :param maxAddresses: failing addresses remembered at once; beyond, the oldest go first.
     :param checkTimeout: seconds a check may take (the portal's checker and realm) before
         the attempt fails (``UnauthorizedLogin``).
@@ -253,8 +254,9 @@ class LoginGuard:
         self.maxAddresses = maxAddresses
         self.checkTimeout = checkTimeout
         self.maxWaiting = maxWaiting
-        # address -> (recent failures, time of the last one), oldest failure first
-        self._failures: dict[str, tuple[int, float]] = {}
+        # address -> (recent failures, time of the last one), oldest failure first (an
+        # OrderedDict: taking from its front costs the same however many went before)
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         # address -> its guessable attempts (present while one is checked or waiting)
         self._queues: dict[str, _AddressQueue] = {}
 
@@ -265,14 +267,28 @@ class LoginGuard:
             return 0
         return count
 
+    def _forgetExpired(self, now: float) -> None:
+        # Records that no longer count go, oldest first (the dict is ordered by last
+        # failure), so that the addresses that once failed are not all held until as many
+        # others have failed (maxAddresses): each is looked at once, as it goes.
+        failures = self._failures
+        forgetAfter = self.forgetAfter
+        while failures:
+            address, (_, last) = next(iter(failures.items()))
+            if now - last <= forgetAfter:
+                return
+            del failures[address]
+
     def _recordFailure(self, address: str) -> None:
         count = self._recentFailures(address) + 1
         failures = self._failures
-        failures.pop(address, None)  # to the end: the dict stays ordered by last failure
-        failures[address] = (count, self.reactor.seconds())
-        # Over the limit, the oldest go (the dict is ordered by last failure), one at a time.
+        now = self.reactor.seconds()
+        failures[address] = (count, now)
+        failures.move_to_end(address)  # the dict stays ordered by last failure
+        self._forgetExpired(now)
+        # Over the limit, the oldest go, one at a time.
         while len(failures) > self.maxAddresses:
-            del failures[next(iter(failures))]
+            failures.popitem(last=False)
 
     def delayFor(self, address: str) -> float:
         """

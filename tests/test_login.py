@@ -1183,6 +1183,26 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(guard.delayFor("10.0.0.3"), 2.0)
         self.assertEqual(guard.delayFor("10.0.0.4"), 2.0)
 
+    def test_expiredRecordsLetGo(self) -> None:
+        """The record of an address whose failures no longer count is let go at the next
+        failure from anywhere, not held until maxAddresses others have failed."""
+        guard = pb.LoginGuard(reactor=self.clock, baseDelay=0, maxDelay=0, forgetAfter=600)
+
+        def failFrom(host: str) -> None:
+            failure = guard.attempt(_FakeBroker(host), b"x", lambda: fail(UnauthorizedLogin()))
+            failure.addErrback(lambda _: None)
+
+        with capturedLogs():
+            for number in range(300):
+                failFrom(f"10.0.{number // 256}.{number % 256}")
+            self.assertEqual(len(guard._failures), 300)
+            self.clock.advance(300)
+            failFrom("10.1.0.1")  # the others still count
+            self.assertEqual(len(guard._failures), 301)
+            self.clock.advance(301)
+            failFrom("10.1.0.2")  # the first 300 no longer do
+            self.assertEqual(list(guard._failures), ["10.1.0.1", "10.1.0.2"])
+
     def test_failuresForgotten(self) -> None:
         """Failures older than forgetAfter no longer count."""
         self.login(b"wrong")

@@ -50,7 +50,6 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "UnsupportedByPeer",
-    "describe",
 ]
 
 

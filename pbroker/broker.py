@@ -608,22 +608,45 @@ class _StockHandler:
     ``proto_<command>`` that is given the message's fields.
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("_signatures", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # The signature of each function the method has been, checked against before each
+        # call (the function's own, not what functools.wraps says it wraps).
+        self._signatures: dict[Any, inspect.Signature | None] = {}
 
     def __call__(self, broker: Broker, *fields: Any) -> None:
-        method = getattr(broker, self.name)  # (looked up as Twisted does: overrides count)
+        method = getattr(broker, self.name, None)  # (looked up as Twisted does)
+        if method is None:
+            # Switched off (proto_x = None), as Twisted takes it: an unknown command.
+            command = self.name[len("proto_") :].encode("utf-8", "surrogatepass")
+            broker._logRefusal(
+                broker._log.info,
+                "Did not understand PB command {command}",
+                command=describe(command),
+            )
+            broker.sendCall(b"didNotUnderstand", command)
+            return
+        function = getattr(method, "__func__", method)
         try:
-            inspect.signature(method).bind(*fields)
-        except TypeError:
-            raise ProtocolError(
-                f"{self.name}() does not take a message of {len(fields)} fields: "
-                f"{describe(list(fields))}"
-            ) from None
-        except ValueError:
-            pass  # no signature to check against (a builtin): its call says
+            signature = self._signatures[function]
+        except KeyError:
+            try:
+                signature = inspect.signature(method, follow_wrapped=False)
+            except (TypeError, ValueError):
+                signature = None  # none to check against: its call says
+            self._signatures[function] = signature
+        except TypeError:  # (unhashable)
+            signature = inspect.signature(method, follow_wrapped=False)
+        if signature is not None:
+            try:
+                signature.bind(*fields)
+            except TypeError:
+                raise ProtocolError(
+                    f"{self.name}() does not take a message of {len(fields)} fields: "
+                    f"{describe(list(fields))}"
+                ) from None
         method(*fields)
 
 
@@ -993,18 +1016,21 @@ class Broker(Banana):
         # Twisted's broker handles a message "x" with a method proto_x; a subclass written for
         # it may add messages of its own that way. Those go in this class's table; the
         # messages pbroker handles itself have no such methods to override.
-        added = [name for name in cls.__dict__ if name.startswith("proto_")]
-        if added:
+        # (Inherited ones too: from a mixin, or a parent whose table the class replaced.)
+        named = [name for name in dir(cls) if name.startswith("proto_")]
+        if named:
             handlers = dict(cls.messageHandlers)
-            for name in added:
+            for name in named:
                 command = name[len("proto_") :].encode("utf-8", "surrogatepass")
                 if command in _BUILT_IN_COMMANDS:
-                    _warnNeverCalled(
-                        cls,
-                        name,
-                        f"pbroker's Broker handles {describe(command)} messages itself "
-                        f"(docs/differences.rst)",
-                    )
+                    owner = next(k for k in cls.__mro__ if name in k.__dict__)
+                    if owner is cls or not issubclass(owner, Broker):  # (else warned there)
+                        _warnNeverCalled(
+                            cls,
+                            name,
+                            f"pbroker's Broker handles {describe(command)} messages itself "
+                            f"(docs/differences.rst)",
+                        )
                 elif command not in handlers:  # (nor one the class registered itself)
                     handlers[command] = (_StockHandler(name), -1)
             cls.messageHandlers = handlers

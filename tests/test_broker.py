@@ -6,6 +6,7 @@ calls, disconnects and protocol errors; against pbroker and against stock Twiste
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import inspect
 import io
@@ -2180,6 +2181,70 @@ class StockStyleHandlerTests(SynchronousTestCase):
                 [str(e.get("why")) for e in events],
             )
 
+    def exchange(self, serverClass: Any, *message: Any) -> Any:
+        """Send ``message`` from a pbroker client to a server of ``serverClass``, in each
+        dialect; the server brokers."""
+        servers = []
+        for dialects in ([b"pb"], None):
+            serverFactory = pb.PBServerFactory(rootFor(pb))
+            serverFactory.protocol = serverClass
+            clientFactory = pb.PBClientFactory(dialects=dialects)
+            server, client, pump = connectedServerAndClient(serverFactory, clientFactory)
+            with capturedLogs():
+                client.sendCall(*message)
+                pump.flush()
+            servers.append(server)
+        return servers
+
+    def test_inherited(self) -> None:
+        """A proto_ method from a mixin, or from a parent whose table the class replaced,
+        handles its messages too (Twisted looks the method up at each message)."""
+
+        class ShoutMixin:
+            def proto_shout(self, words: Any) -> None:
+                self.heard.append(words)  # type: ignore[attr-defined]
+
+        class Mixed(ShoutMixin, self.brokerClass(pb)):  # type: ignore[misc]
+            pass
+
+        class Replaced(self.brokerClass(pb)):  # type: ignore[misc]
+            messageHandlers = dict(pb.Broker.messageHandlers)
+
+        for serverClass in (Mixed, Replaced):
+            for server in self.exchange(serverClass, b"shout", b"hi"):
+                self.assertEqual(server.heard, [b"hi"])
+
+    def test_switchedOff(self) -> None:
+        """proto_x = None in a subclass switches x off, as on Twisted: the peer is told it
+        was not understood, and the connection stays."""
+
+        class Quiet(self.brokerClass(pb)):  # type: ignore[misc]
+            proto_shout = None
+
+        for server in self.exchange(Quiet, b"shout", b"hi"):
+            self.assertEqual(server.heard, [])
+            self.assertFalse(server.disconnected)
+
+    def test_decorated(self) -> None:
+        """The fields are checked against the method as it is, not against what a
+        decorator says it wraps: a wrapper that supplies an argument itself is called."""
+
+        def tagged(function: Any) -> Any:
+            @functools.wraps(function)
+            def wrapper(self: Any, *fields: Any) -> Any:
+                return function(self, "tag", *fields)
+
+            return wrapper
+
+        class Tagged(self.brokerClass(pb)):  # type: ignore[misc]
+            @tagged
+            def proto_shout(self, tag: str, words: Any) -> None:
+                self.heard.append((tag, words))
+
+        for server in self.exchange(Tagged, b"shout", b"hi"):
+            self.assertEqual(server.heard, [("tag", b"hi")])
+            self.assertFalse(server.disconnected)
+
     def test_ownTableWins(self) -> None:
         """A command the class registers in messageHandlers itself keeps that handler."""
         called: list[Any] = []
@@ -2219,6 +2284,16 @@ class StockStyleHandlerTests(SynchronousTestCase):
                 def callExpressionReceived(self, expression: Any) -> None:
                     pass
 
+            class AnswerMixin:
+                def proto_answer(self, *fields: Any) -> None:
+                    pass
+
+            class FromAMixin(AnswerMixin, pb.Broker):
+                pass
+
+            class BelowIntercepting(Intercepting):  # (warned once, for Intercepting)
+                pass
+
         self.assertEqual(
             [(w.category, str(w.message), w.filename) for w in caught],
             [
@@ -2242,6 +2317,13 @@ class StockStyleHandlerTests(SynchronousTestCase):
                     ".callExpressionReceived is never called: pbroker's Banana decodes with a "
                     "Decoder and passes each whole expression to expressionReceived "
                     "(docs/differences.rst)",
+                    __file__,
+                ),
+                (
+                    RuntimeWarning,
+                    "StockStyleHandlerTests.test_builtInMessagesWarn.<locals>.FromAMixin"
+                    ".proto_answer is never called: pbroker's Broker handles b'answer' "
+                    "messages itself (docs/differences.rst)",
                     __file__,
                 ),
             ],

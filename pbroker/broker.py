@@ -23,7 +23,7 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from types import CoroutineType, MappingProxyType
+from types import CoroutineType, MappingProxyType, MethodType
 from typing import Any, ClassVar, Final, NoReturn, cast
 
 import msgpack
@@ -613,32 +613,23 @@ class _StockHandler:
     def __init__(self, name: str) -> None:
         self.name = name
         # The signature of each function the method has been, checked against before each
-        # call (the function's own, not what functools.wraps says it wraps).
+        # call (the function's own, not what functools.wraps says it wraps). Only methods
+        # are kept (their functions are a class's, and few); other callables are looked at
+        # each time.
         self._signatures: dict[Any, inspect.Signature | None] = {}
 
     def __call__(self, broker: Broker, *fields: Any) -> None:
-        method = getattr(broker, self.name, None)  # (looked up as Twisted does)
-        if method is None:
-            # Switched off (proto_x = None), as Twisted takes it: an unknown command.
-            command = self.name[len("proto_") :].encode("utf-8", "surrogatepass")
-            broker._logRefusal(
-                broker._log.info,
-                "Did not understand PB command {command}",
-                command=describe(command),
-            )
-            broker.sendCall(b"didNotUnderstand", command)
-            return
-        function = getattr(method, "__func__", method)
-        try:
+        method = getattr(broker, self.name)
+        function = method.__func__ if type(method) is MethodType else None
+        if function is not None and function in self._signatures:
             signature = self._signatures[function]
-        except KeyError:
+        else:
             try:
                 signature = inspect.signature(method, follow_wrapped=False)
             except (TypeError, ValueError):
                 signature = None  # none to check against: its call says
-            self._signatures[function] = signature
-        except TypeError:  # (unhashable)
-            signature = inspect.signature(method, follow_wrapped=False)
+            if function is not None:
+                self._signatures[function] = signature
         if signature is not None:
             try:
                 signature.bind(*fields)
@@ -1013,27 +1004,22 @@ class Broker(Banana):
             # kept behind the property, which checks what is set later.
             cls._streamWindow = _checkedWindow(window)
             delattr(cls, "streamWindow")
-        # Twisted's broker handles a message "x" with a method proto_x; a subclass written for
-        # it may add messages of its own that way. Those go in this class's table; the
+        # Twisted's broker handles a message "x" with a method proto_x, which a subclass
+        # written for it may define for messages of its own (see _stockHandler); the
         # messages pbroker handles itself have no such methods to override.
-        # (Inherited ones too: from a mixin, or a parent whose table the class replaced.)
-        named = [name for name in dir(cls) if name.startswith("proto_")]
-        if named:
-            handlers = dict(cls.messageHandlers)
-            for name in named:
+        for name in dir(cls):  # (inherited too: from a mixin, say)
+            if name.startswith("proto_"):
                 command = name[len("proto_") :].encode("utf-8", "surrogatepass")
-                if command in _BUILT_IN_COMMANDS:
-                    owner = next(k for k in cls.__mro__ if name in k.__dict__)
-                    if owner is cls or not issubclass(owner, Broker):  # (else warned there)
-                        _warnNeverCalled(
-                            cls,
-                            name,
-                            f"pbroker's Broker handles {describe(command)} messages itself "
-                            f"(docs/differences.rst)",
-                        )
-                elif command not in handlers:  # (nor one the class registered itself)
-                    handlers[command] = (_StockHandler(name), -1)
-            cls.messageHandlers = handlers
+                owner = next(k for k in cls.__mro__ if name in k.__dict__)
+                if command in _BUILT_IN_COMMANDS and (
+                    owner is cls or not issubclass(owner, Broker)  # (else warned there)
+                ):
+                    _warnNeverCalled(
+                        cls,
+                        name,
+                        f"pbroker's Broker handles {describe(command)} messages itself "
+                        f"(docs/differences.rst)",
+                    )
 
     @property
     def streamWindow(self) -> int:
@@ -4078,12 +4064,17 @@ class Broker(Banana):
                 # Not a command any peer has: not echoed back, it could be over the limit.
                 self._fail(f"an unknown command of {len(command)} bytes")
                 return
-            self._logRefusal(
-                self._log.info, "Did not understand PB command {command}", command=describe(command)
-            )
-            if type(command) is bytes:
-                self.sendCall(b"didNotUnderstand", command)
-            return
+            stock = self._stockHandler(command)
+            if stock is None:
+                self._logRefusal(
+                    self._log.info,
+                    "Did not understand PB command {command}",
+                    command=describe(command),
+                )
+                if type(command) is bytes:
+                    self.sendCall(b"didNotUnderstand", command)
+                return
+            entry = stock
         handler, arity = entry
         if len(expression) - 1 != arity and arity >= 0:
             self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
@@ -4096,6 +4087,26 @@ class Broker(Banana):
             # What the message made this side send is over the peer's limit, where a call's
             # answer would have become an error: the peer's doing.
             self._fail(f"the answer to a {describe(command)} message: {e}")
+
+    def _stockHandler(self, command: Any) -> tuple[Handler, int] | None:
+        """
+        The handler of ``command``, a message not in :attr:`messageHandlers`, if this
+        broker has a method ``proto_<command>`` for it, as Twisted's broker looks for one
+        (defined, inherited or set on the broker; ``proto_x = None`` switches ``x`` off).
+        """
+        if type(command) is not bytes:
+            return None
+        try:
+            name = "proto_" + command.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if not callable(getattr(self, name, None)):
+            return None
+        handler = _STOCK_HANDLERS.get(name)
+        if handler is None:
+            # (One per name a broker has a method for: the peer cannot make more.)
+            handler = _STOCK_HANDLERS[name] = _StockHandler(name)
+        return handler, -1
 
     def _version(self, version: Any) -> None:
         if version != self.version:
@@ -4645,7 +4656,7 @@ class Broker(Banana):
 
     #: command -> (handler, number of fields, or -1 for any number: the handler checks).
     #: Subclasses extend a copy for new messages, or define stock-style ``proto_<command>``
-    #: methods, which are added to their class's table.
+    #: methods, which handle the messages not in the table.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {
         b"version": (_version, 1),
         b"didNotUnderstand": (_didNotUnderstand, 1),
@@ -4680,3 +4691,6 @@ class Broker(Banana):
 
 # The messages Broker handles itself (a subclass's proto_ method for one is never called).
 _BUILT_IN_COMMANDS: Final = frozenset(Broker.messageHandlers)
+
+# Method name -> the handler of the messages stock-style proto_ methods of that name handle.
+_STOCK_HANDLERS: dict[str, _StockHandler] = {}

@@ -2214,6 +2214,29 @@ class StockStyleHandlerTests(SynchronousTestCase):
             for server in self.exchange(serverClass, b"shout", b"hi"):
                 self.assertEqual(server.heard, [b"hi"])
 
+    def test_setOnTheBroker(self) -> None:
+        """A handler set on the broker itself is found too, as Twisted looks it up at each
+        message: any callable, hashable or not."""
+
+        class Recorder:
+            __hash__ = None  # type: ignore[assignment]
+
+            def __init__(self) -> None:
+                self.heard: list[Any] = []
+
+            def __call__(self, words: Any) -> None:
+                self.heard.append(words)
+
+        class Late(pb.Broker):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.proto_shout = Recorder()
+
+        for server in self.exchange(Late, b"shout", b"hi"):
+            self.assertEqual(server.proto_shout.heard, [b"hi"])
+        for server in self.exchange(Late, b"shout", b"hi", b"there"):
+            self.assertTrue(server.disconnected)
+
     def test_switchedOff(self) -> None:
         """proto_x = None in a subclass switches x off, as on Twisted: the peer is told it
         was not understood, and the connection stays."""

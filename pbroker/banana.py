@@ -994,10 +994,11 @@ def setPrefixLimit(limit: int) -> None:
 def _warnNeverCalled(cls: type, name: str, why: str) -> None:
     """
     Warn that subclass ``cls`` defines ``name``, a hook of Twisted's that pbroker never calls,
-    where the class is defined (past the ``__init_subclass__`` frames that found it).
+    where the class is defined (past the ``__init_subclass__`` frames that found it, and a
+    metaclass's ``__new__`` that made it).
     """
     level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_name == "__init_subclass__":
+    while frame is not None and frame.f_code.co_name in ("__init_subclass__", "__new__"):
         level += 1
         frame = frame.f_back  # type: ignore[assignment]
     warnings.warn(f"{cls.__qualname__}.{name} is never called: {why}", RuntimeWarning, level)

@@ -2317,6 +2317,14 @@ class StockStyleHandlerTests(SynchronousTestCase):
             class BelowIntercepting(Intercepting):  # (warned once, for Intercepting)
                 pass
 
+            class Meta(type):
+                def __new__(meta, name: str, bases: Any, namespace: Any) -> Any:
+                    return super().__new__(meta, name, bases, namespace)
+
+            class ByAMetaclass(pb.Broker, metaclass=Meta):
+                def proto_decref(self, *fields: Any) -> None:
+                    pass
+
         self.assertEqual(
             [(w.category, str(w.message), w.filename) for w in caught],
             [
@@ -2349,8 +2357,22 @@ class StockStyleHandlerTests(SynchronousTestCase):
                     "messages itself (docs/differences.rst)",
                     __file__,
                 ),
+                (
+                    RuntimeWarning,
+                    "StockStyleHandlerTests.test_builtInMessagesWarn.<locals>.ByAMetaclass"
+                    ".proto_decref is never called: pbroker's Broker handles b'decref' "
+                    "messages itself (docs/differences.rst)",
+                    __file__,
+                ),
             ],
         )
+        with open(__file__) as source:
+            classLine = next(
+                number
+                for number, line in enumerate(source, 1)
+                if line.lstrip().startswith("class ByAMetaclass(")
+            )
+        self.assertEqual(caught[-1].lineno, classLine)  # (not the metaclass's __new__)
         self.assertEqual(Intercepting.messageHandlers, pb.Broker.messageHandlers)
 
 

@@ -4064,6 +4064,11 @@ class Broker(Banana):
                 # Not a command any peer has: not echoed back, it could be over the limit.
                 self._fail(f"an unknown command of {len(command)} bytes")
                 return
+            if type(command) is not bytes and (type(command) is not str or self._codec is None):
+                # Not a command at all (a number, a list...): the message is malformed, as
+                # Twisted's broker finds too (it cannot decode it).
+                self._fail(f"a PB message's command must be a byte string: {describe(expression)}")
+                return
             stock = self._stockHandler(command)
             if stock is None:
                 self._logRefusal(
@@ -4071,8 +4076,9 @@ class Broker(Banana):
                     "Did not understand PB command {command}",
                     command=describe(command),
                 )
-                if type(command) is bytes:
-                    self.sendCall(b"didNotUnderstand", command)
+                # (A native peer that sent its command as msgpack text, not bin, is told so
+                # too, with the command as it sent it.)
+                self.sendCall(b"didNotUnderstand", command)
                 return
             entry = stock
         handler, arity = entry

@@ -37,6 +37,7 @@ from pbroker.errors import (
     LimitExceeded,
     PBConnectionLost,
     RemoteError,
+    describe,
 )
 from pbroker.failure import errorText, loggable
 from pbroker.stream import Stream
@@ -523,15 +524,19 @@ class ProtocolTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_commandNotBytes(self) -> None:
-        """A command that is not bytes (a number, a list) is logged and ignored: no reply."""
-        with capturedLogs() as events:
-            self.send(7, 1)
-            self.send([b"message"], 1)
-        self.assertEqual(self.answer(), [])
-        self.assertFalse(self.transport.disconnecting)
-        self.assertEqual(
-            [e["log_format"] for e in events], ["Did not understand PB command {command}"] * 2
-        )
+        """A command that is not a string at all (a number, a list) makes the message
+        malformed: the connection drops with a line saying so, as Twisted's does (its broker
+        cannot decode it), rather than leaving the peer waiting for an answer."""
+        for command in (7, [b"message"]):
+            self.setUp()
+            with capturedLogs() as events:
+                self.send(command, 1)
+            self.assertEqual(self.answer(), [])
+            self.assertTrue(self.transport.disconnecting)
+            self.assertIn(
+                f"a PB message's command must be a byte string: [{describe(command)}, 1]",
+                [str(e.get("why")) for e in events],
+            )
 
     def test_decrefOfUnknownIdDrops(self) -> None:
         """A decref for an id never exported is a protocol error: the link drops."""

@@ -2576,6 +2576,20 @@ class HostileNativePeerTests(NativeTestCase):
         self.assertTrue(self.server.disconnected, message)
         self.assertTrue(any("Dropping" in str(e.get("log_format")) for e in events), events)
 
+    def test_commandAsText(self) -> None:
+        """A command sent as msgpack text, not bin, is not understood, and the peer is told
+        so with the command as it sent it (it was lost without a word); the connection
+        stays. A command that is not a string at all drops the peer."""
+        with capturedLogs() as events:
+            self.client.sendCall("frobnicate", 1)
+            self.pump.flush()
+        self.assertFalse(self.server.disconnected)
+        self.assertIn(
+            ("The peer did not understand {command}", "'frobnicate'"),
+            [(e.get("log_format"), e.get("command")) for e in events],
+        )
+        self.assertDropped(7, 1)
+
     def test_badCredit(self) -> None:
         """Credit must be a positive count for a stream."""
         self.assertDropped(b"credit", 1, -5)

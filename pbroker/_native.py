@@ -7,10 +7,13 @@ After banana's dialect negotiation picks ``pbroker2``, each side writes *records
     payload: `length` bytes
 
 A message is one msgpack array (the same fields a PB message has). A message of up to
-:data:`FRAGMENT_SIZE` bytes travels as one ``WHOLE`` record; a larger one is cut into
-``MORE`` records ending with a ``LAST`` one. Only one message is fragmented at a time in each
-direction, and whole records may come between its fragments, which is what lets small calls
-keep answering while a large value crosses.
+:data:`FRAGMENT_SIZE` bytes with all its values inside travels as one ``WHOLE`` record; a
+larger one, or one with values of more than 64 KiB (which follow the array, see
+``docs/native.rst``), is cut into ``MORE`` records of exactly :data:`FRAGMENT_SIZE` bytes
+ending with a ``LAST`` one (a single ``LAST`` at least), whose joined payload starts with
+the array's length. Only one message is fragmented at a time in each direction, and whole
+records may come between its fragments, which is what lets small calls keep answering while
+a large value crosses.
 
 Values inside a message (arguments, results, failures) are msgpack documents of their own,
 carried as msgpack ``bin``. Plain data maps onto msgpack directly; what msgpack has no type
@@ -24,6 +27,8 @@ code   name           payload
 3      ``FROZENSET``  a msgpack array of the items
 4      ``JELLY``      banana (``none`` dialect) of the object's jelly s-expression
 5      ``STREAM``     a msgpack integer: the sender's stream id
+6      ``VALUE``      in a fragmented message's array only: the length (4 bytes, big-endian)
+                      of the value that stands there, carried after the array
 7      ``KEYED``      a whole value (a msgpack document) whose maps' keys may be anything
 =====  =============  ===============================================================
 

@@ -8,21 +8,25 @@ mirror Twisted's: :mod:`pbroker.pb` (the broker), :mod:`pbroker.flavors`, :mod:`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["__version__"]
 
+if TYPE_CHECKING:
+    __version__: str
+else:
+    # (Hidden from type checkers, which would take any name as one of its.)
 
-def __getattr__(name: str) -> Any:
-    # The version is read from the installed metadata on first use: importlib.metadata is
-    # costly to import, and most programs never ask.
-    if name != "__version__":
-        raise AttributeError(f"module 'pbroker' has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
+    def __getattr__(name: str) -> Any:
+        # The version is read from the installed metadata on first use: importlib.metadata
+        # is costly to import, and most programs never ask.
+        if name != "__version__":
+            raise AttributeError(f"module 'pbroker' has no attribute {name!r}")
+        from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        found = version("pbroker")  # pyproject.toml is its only source
-    except PackageNotFoundError:  # imported from a checkout that was never installed
-        found = "0+unknown"
-    globals()["__version__"] = found
-    return found
+        try:
+            found = version("pbroker")  # pyproject.toml is its only source
+        except PackageNotFoundError:  # imported from a checkout that was never installed
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found

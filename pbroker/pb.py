@@ -126,6 +126,7 @@ __all__ = [
     "Jellyable",
     "Keepalive",
     "Local",
+    "LoginGuard",
     "NoSuchMethod",
     "PBClientFactory",
     "PBConnectionLost",
@@ -184,13 +185,15 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # (type checkers see the names above: an unknown one is an error)
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -5,7 +5,7 @@ What a typed application sees of pbroker's public API: checked by mypy in CI
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from typing_extensions import assert_type
@@ -36,3 +36,14 @@ def factories(factory: pb.PBClientFactory, stream: RemoteStream) -> None:
     assert_type(factory.limits, pb.BrokerLimits)
     assert_type(factory.dialects, list[bytes] | None)
     assert_type(stream.collect(), Deferred[list[Any]])
+
+
+if TYPE_CHECKING:
+    # Names pbroker does not have are errors, as they are at run time (a module __getattr__
+    # seen by mypy would type any name as Any).
+    import pbroker
+
+    pbroker.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
+    pb.getObjectAt  # type: ignore[attr-defined]  # noqa: B018
+    assert_type(pbroker.__version__, str)
+    assert_type(pb.LoginGuard(), pb.LoginGuard)  # (a lazily imported name, typed)

@@ -4110,8 +4110,11 @@ class Broker(Banana):
             return None
         handler = _STOCK_HANDLERS.get(name)
         if handler is None:
-            # (One per name a broker has a method for: the peer cannot make more.)
-            handler = _STOCK_HANDLERS[name] = _StockHandler(name)
+            handler = _StockHandler(name)
+            if getattr(type(self), name, None) is not None:
+                # Kept only for a class's own names, of which there are few: not for what
+                # a __getattr__ makes up for any name a peer sends.
+                _STOCK_HANDLERS[name] = handler
         return handler, -1
 
     def _version(self, version: Any) -> None:

@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pbroker import banana, jelly, pb, util
+from pbroker import broker as brokerModule
 from pbroker.errors import (
     BananaEncodeError,
     DeadReferenceError,
@@ -2241,6 +2242,27 @@ class StockStyleHandlerTests(SynchronousTestCase):
             self.assertEqual(server.proto_shout.heard, [b"hi"])
         for server in self.exchange(Late, b"shout", b"hi", b"there"):
             self.assertTrue(server.disconnected)
+
+    def test_madeUpByGetattr(self) -> None:
+        """A subclass whose __getattr__ makes up a handler for any proto_ name gets them
+        called, as on Twisted; the handlers made for those names are not kept, so a peer
+        sending ever new commands does not make this side hold more."""
+
+        class Anything(pb.Broker):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.heard: list[Any] = []
+
+            def __getattr__(self, name: str) -> Any:
+                if name.startswith("proto_"):
+                    return lambda *fields: self.heard.append((name, fields))
+                raise AttributeError(name)
+
+        before = dict(brokerModule._STOCK_HANDLERS)
+        for number in range(50):
+            for server in self.exchange(Anything, f"made{number}".encode(), b"hi"):
+                self.assertEqual(server.heard, [(f"proto_made{number}", (b"hi",))])
+        self.assertEqual(brokerModule._STOCK_HANDLERS, before)
 
     def test_switchedOff(self) -> None:
         """proto_x = None in a subclass switches x off, as on Twisted: the peer is told it

@@ -998,10 +998,22 @@ def _warnNeverCalled(cls: type, name: str, why: str) -> None:
     metaclass's ``__new__`` that made it).
     """
     level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_name in ("__init_subclass__", "__new__"):
+    while frame is not None and _makingTheClass(frame):
         level += 1
         frame = frame.f_back  # type: ignore[assignment]
     warnings.warn(f"{cls.__qualname__}.{name} is never called: {why}", RuntimeWarning, level)
+
+
+def _makingTheClass(frame: Any) -> bool:
+    # Whether ``frame`` is one of those that make a class: an __init_subclass__, or the
+    # __new__ of a metaclass (whose first argument is itself a class of classes).
+    code = frame.f_code
+    if code.co_name == "__init_subclass__":
+        return True
+    if code.co_name != "__new__" or not code.co_argcount:
+        return False
+    first = frame.f_locals.get(code.co_varnames[0])
+    return isinstance(first, type) and issubclass(first, type)
 
 
 class Banana(Protocol):

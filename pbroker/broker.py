@@ -613,14 +613,19 @@ class _StockHandler:
     def __init__(self, name: str) -> None:
         self.name = name
         # The signature of each function the method has been, checked against before each
-        # call (the function's own, not what functools.wraps says it wraps). Only methods
-        # are kept (their functions are a class's, and few); other callables are looked at
-        # each time.
+        # call (the function's own, not what functools.wraps says it wraps). Only the
+        # class's own functions are kept (they are few); other callables, a method made for
+        # one broker among them, are looked at each time.
         self._signatures: dict[Any, inspect.Signature | None] = {}
 
-    def __call__(self, broker: Broker, *fields: Any) -> None:
-        method = getattr(broker, self.name)
-        function = method.__func__ if type(method) is MethodType else None
+    def handle(self, method: Any, broker: Broker, *fields: Any) -> None:
+        """
+        Give the message's fields to ``method``, the broker's ``proto_<command>`` (read
+        once, by the caller, as Twisted reads it), if they fit its signature.
+        """
+        function = None
+        if type(method) is MethodType and method.__func__ is getattr(type(broker), self.name, None):
+            function = method.__func__
         if function is not None and function in self._signatures:
             signature = self._signatures[function]
         else:
@@ -4060,14 +4065,19 @@ class Broker(Banana):
         try:
             entry = self.messageHandlers[command]  # (keys are bytes)
         except (KeyError, TypeError):  # unknown, or not even hashable
-            if type(command) is bytes and len(command) > _MAX_COMMAND_SIZE:
-                # Not a command any peer has: not echoed back, it could be over the limit.
-                self._fail(f"an unknown command of {len(command)} bytes")
-                return
             if type(command) is not bytes and (type(command) is not str or self._codec is None):
                 # Not a command at all (a number, a list...): the message is malformed, as
                 # Twisted's broker finds too (it cannot decode it).
                 self._fail(f"a PB message's command must be a byte string: {describe(expression)}")
+                return
+            size = (
+                len(command)
+                if type(command) is bytes
+                else len(str(command).encode("utf-8", "surrogatepass"))
+            )
+            if size > _MAX_COMMAND_SIZE:
+                # Not a command any peer has: not echoed back, it could be over the limit.
+                self._fail(f"an unknown command of {size} bytes")
                 return
             stock = self._stockHandler(command)
             if stock is None:
@@ -4106,7 +4116,8 @@ class Broker(Banana):
             name = "proto_" + command.decode("utf-8")
         except UnicodeDecodeError:
             return None
-        if not callable(getattr(self, name, None)):
+        method = getattr(self, name, None)
+        if not callable(method):
             return None
         handler = _STOCK_HANDLERS.get(name)
         if handler is None:
@@ -4115,7 +4126,7 @@ class Broker(Banana):
                 # Kept only for a class's own names, of which there are few: not for what
                 # a __getattr__ makes up for any name a peer sends.
                 _STOCK_HANDLERS[name] = handler
-        return handler, -1
+        return functools.partial(handler.handle, method), -1
 
     def _version(self, version: Any) -> None:
         if version != self.version:

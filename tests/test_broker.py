@@ -10,6 +10,7 @@ import functools
 import gc
 import inspect
 import io
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -2263,6 +2264,80 @@ class StockStyleHandlerTests(SynchronousTestCase):
             for server in self.exchange(Anything, f"made{number}".encode(), b"hi"):
                 self.assertEqual(server.heard, [(f"proto_made{number}", (b"hi",))])
         self.assertEqual(brokerModule._STOCK_HANDLERS, before)
+
+    def test_readOnce(self) -> None:
+        """The proto_ attribute is read once a message, as Twisted reads it: a property
+        runs once, and what it gives is what is called."""
+
+        class ByProperty(pb.Broker):
+            reads = 0
+
+            @property
+            def proto_shout(self) -> Any:
+                self.reads += 1
+                reads = self.reads
+                return lambda words: None if reads == 1 else 1 / 0
+
+        for server in self.exchange(ByProperty, b"shout", b"hi"):
+            self.assertFalse(server.disconnected)
+            self.assertEqual(server.reads, 1)
+
+    def test_methodsMadePerBrokerNotKept(self) -> None:
+        """A method made for one broker (a bound method of a function made for it) is not
+        kept by the handler once that broker is gone."""
+
+        class PerBroker(pb.Broker):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.heard: list[Any] = []
+
+                def shout(broker: Any, words: Any) -> None:
+                    broker.heard.append(words)
+
+                self.proto_shout = types.MethodType(shout, self)
+
+        class Named(pb.Broker):
+            def proto_shout(self, words: Any) -> None:
+                pass
+
+        for server in self.exchange(PerBroker, b"shout", b"hi"):
+            self.assertEqual(server.heard, [b"hi"])
+        handler = brokerModule._STOCK_HANDLERS.get("proto_shout")
+        if handler is None:  # (a class with the name makes it kept)
+            self.exchange(Named, b"shout", b"hi")
+            handler = brokerModule._STOCK_HANDLERS["proto_shout"]
+            for server in self.exchange(PerBroker, b"shout", b"hi"):
+                self.assertEqual(server.heard, [b"hi"])
+        self.assertTrue(
+            all(
+                function.__name__ != "shout" or function.__qualname__.startswith("Named")
+                for function in handler._signatures
+            ),
+            handler._signatures,
+        )
+
+    def test_warnedAtTheClassInANew(self) -> None:
+        """A Broker subclass made inside an ordinary class's __new__ (not a metaclass's) is
+        warned about at its own class statement."""
+
+        class Factory:
+            def __new__(cls) -> Any:
+                class Inner(pb.Broker):
+                    def proto_answer(self, *fields: Any) -> None:
+                        pass
+
+                return Inner
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Factory()
+        with open(__file__) as source:
+            classLine = next(
+                number
+                for number, line in enumerate(source, 1)
+                if line.lstrip().startswith("class Inner(")
+            )
+        self.assertEqual([(w.filename, w.lineno) for w in caught], [(__file__, classLine)])
 
     def test_switchedOff(self) -> None:
         """proto_x = None in a subclass switches x off, as on Twisted: the peer is told it

@@ -2590,6 +2590,11 @@ class HostileNativePeerTests(NativeTestCase):
         )
         self.assertDropped(7, 1)
 
+    def test_longCommandAsText(self) -> None:
+        """A text command longer than any command is not echoed back (it could be over
+        the peer's limit): the peer is dropped, as for such a bin command."""
+        self.assertDropped("x" * 300, 1)
+
     def test_badCredit(self) -> None:
         """Credit must be a positive count for a stream."""
         self.assertDropped(b"credit", 1, -5)

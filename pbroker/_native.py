@@ -8,12 +8,12 @@ After banana's dialect negotiation picks ``pbroker2``, each side writes *records
 
 A message is one msgpack array (the same fields a PB message has). A message of up to
 :data:`FRAGMENT_SIZE` bytes with all its values inside travels as one ``WHOLE`` record; a
-larger one, or one with values of more than 64 KiB (which follow the array, see
-``docs/native.rst``), is cut into ``MORE`` records of exactly :data:`FRAGMENT_SIZE` bytes
-ending with a ``LAST`` one (a single ``LAST`` at least), whose joined payload starts with
-the array's length. Only one message is fragmented at a time in each direction, and whole
-records may come between its fragments, which is what lets small calls keep answering while
-a large value crosses.
+larger one, or one with values carried after the array (every value of more than 64 KiB,
+and some smaller ones: see ``docs/native.rst``), is cut into ``MORE`` records of exactly
+:data:`FRAGMENT_SIZE` bytes ending with a ``LAST`` one (a single ``LAST`` at least), whose
+joined payload starts with the array's length. Only one message is fragmented at a time in
+each direction, and whole records may come between its fragments, which is what lets small
+calls keep answering while a large value crosses.
 
 Values inside a message (arguments, results, failures) are msgpack documents of their own,
 carried as msgpack ``bin``. Plain data maps onto msgpack directly; what msgpack has no type

@@ -31,7 +31,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-from pbroker import banana, jelly  # noqa: F401 (pb.jelly, pb.banana, as in twisted.spread.pb)
+from pbroker import banana as banana  # (pb.banana and pb.jelly, as in twisted.spread.pb)
+from pbroker import jelly as jelly
 from pbroker.broker import (
     MAX_BROKER_REFS,
     NATIVE_DIALECT,

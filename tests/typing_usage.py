@@ -47,3 +47,6 @@ if TYPE_CHECKING:
     pb.getObjectAt  # type: ignore[attr-defined]  # noqa: B018
     assert_type(pbroker.__version__, str)
     assert_type(pb.LoginGuard(), pb.LoginGuard)  # (a lazily imported name, typed)
+    # The modules twisted.spread.pb has as attributes.
+    pb.jelly.jelly(1)
+    pb.banana.encode(b"x")

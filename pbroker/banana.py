@@ -21,6 +21,7 @@ this module that imports from Twisted, and it does so only for the ``Protocol`` 
 from __future__ import annotations
 
 import functools
+import inspect
 import struct
 import sys
 import warnings
@@ -1010,9 +1011,11 @@ def _makingTheClass(frame: Any) -> bool:
     code = frame.f_code
     if code.co_name == "__init_subclass__":
         return True
-    if code.co_name != "__new__" or not code.co_argcount:
+    if code.co_name != "__new__" or not code.co_varnames:
         return False
     first = frame.f_locals.get(code.co_varnames[0])
+    if not code.co_argcount and code.co_flags & inspect.CO_VARARGS:
+        first = first[0] if first else None  # (a __new__(*args, **kw))
     return isinstance(first, type) and issubclass(first, type)
 
 

@@ -533,6 +533,8 @@ def _unshare(v: Any) -> Any:
     if t is dict:
         return {_unshare(k): _unshare(x) for k, x in v.items()}
     if t in _NESTING:
+        if t is tuple and not v:
+            return ()  # (the one empty tuple, as Python makes it; 3.10's tuple(gen) does not)
         return t(_unshare(x) for x in v)
     if _isCopy(v):
         return _jellyCopy(v)

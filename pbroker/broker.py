@@ -602,48 +602,39 @@ def _brokerRegistry(parent: UnjellyableRegistry) -> UnjellyableRegistry:
 Handler = Callable[..., None]
 
 
-class _StockHandler:
+# The signature of each class's function that handles stock-style proto_ messages (see
+# _handleStock): the function's own, not what functools.wraps says it wraps. Only a class's
+# own functions are kept (they are few); other callables, a method made for one broker or
+# what a __getattr__ makes up for any name a peer sends, are looked at each time.
+_STOCK_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+
+
+def _handleStock(name: str, method: Any, broker: Broker, *fields: Any) -> None:
     """
-    The handler of a message a subclass handles the way Twisted's broker does, with a method
-    ``proto_<command>`` that is given the message's fields.
+    Give a message's fields to ``method``, the broker's ``name`` (``proto_<command>``, read
+    once, by the caller, as Twisted reads it), if they fit its signature.
     """
-
-    __slots__ = ("_signatures", "name")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        # The signature of each function the method has been, checked against before each
-        # call (the function's own, not what functools.wraps says it wraps). Only the
-        # class's own functions are kept (they are few); other callables, a method made for
-        # one broker among them, are looked at each time.
-        self._signatures: dict[Any, inspect.Signature | None] = {}
-
-    def handle(self, method: Any, broker: Broker, *fields: Any) -> None:
-        """
-        Give the message's fields to ``method``, the broker's ``proto_<command>`` (read
-        once, by the caller, as Twisted reads it), if they fit its signature.
-        """
-        function = None
-        if type(method) is MethodType and method.__func__ is getattr(type(broker), self.name, None):
-            function = method.__func__
-        if function is not None and function in self._signatures:
-            signature = self._signatures[function]
-        else:
-            try:
-                signature = inspect.signature(method, follow_wrapped=False)
-            except (TypeError, ValueError):
-                signature = None  # none to check against: its call says
-            if function is not None:
-                self._signatures[function] = signature
-        if signature is not None:
-            try:
-                signature.bind(*fields)
-            except TypeError:
-                raise ProtocolError(
-                    f"{self.name}() does not take a message of {len(fields)} fields: "
-                    f"{describe(list(fields))}"
-                ) from None
-        method(*fields)
+    function = None
+    if type(method) is MethodType and method.__func__ is getattr(type(broker), name, None):
+        function = method.__func__
+    if function is not None and function in _STOCK_SIGNATURES:
+        signature = _STOCK_SIGNATURES[function]
+    else:
+        try:
+            signature = inspect.signature(method, follow_wrapped=False)
+        except (TypeError, ValueError):
+            signature = None  # none to check against: its call says
+        if function is not None:
+            _STOCK_SIGNATURES[function] = signature
+    if signature is not None:
+        try:
+            signature.bind(*fields)
+        except TypeError:
+            raise ProtocolError(
+                f"{name}() does not take a message of {len(fields)} fields: "
+                f"{describe(list(fields))}"
+            ) from None
+    method(*fields)
 
 
 @functools.lru_cache(maxsize=16)
@@ -4119,14 +4110,7 @@ class Broker(Banana):
         method = getattr(self, name, None)
         if not callable(method):
             return None
-        handler = _STOCK_HANDLERS.get(name)
-        if handler is None:
-            handler = _StockHandler(name)
-            if getattr(type(self), name, None) is not None:
-                # Kept only for a class's own names, of which there are few: not for what
-                # a __getattr__ makes up for any name a peer sends.
-                _STOCK_HANDLERS[name] = handler
-        return functools.partial(handler.handle, method), -1
+        return functools.partial(_handleStock, name, method), -1
 
     def _version(self, version: Any) -> None:
         if version != self.version:
@@ -4711,6 +4695,3 @@ class Broker(Banana):
 
 # The messages Broker handles itself (a subclass's proto_ method for one is never called).
 _BUILT_IN_COMMANDS: Final = frozenset(Broker.messageHandlers)
-
-# Method name -> the handler of the messages stock-style proto_ methods of that name handle.
-_STOCK_HANDLERS: dict[str, _StockHandler] = {}

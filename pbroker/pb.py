@@ -258,6 +258,8 @@ class PBServerFactory(_BrokerOptions, protocol.ServerFactory):
         :class:`~pbroker.cred.LoginGuard` with its defaults if not given).
     :param legacyLogin: with a portal, whether the legacy MD5 login of stock Twisted clients
         is accepted; pbroker clients use the password login of :mod:`pbroker.passwords`.
+        Either option with a root that is not a portal raises :class:`ValueError`: the
+        factory takes no logins for such a root, so it could not apply them.
     :param dialects: the dialects offered, in order of preference; by default pbroker's
         native dialect, then ``pbroker1`` and ``pb`` (see :ref:`native`).
     :param keepalive: ping silent clients and drop dead ones
@@ -289,6 +291,12 @@ class PBServerFactory(_BrokerOptions, protocol.ServerFactory):
             if loginGuard is None and clock is not None:
                 loginGuard = LoginGuard(reactor=clock)
             root = PortalRoot(root, loginGuard, legacyLogin)
+        elif loginGuard is not None or legacyLogin is not True:
+            # Silently unguarded logins would be worse than a refusal here.
+            raise ValueError(
+                "loginGuard and legacyLogin apply only when the root is a Portal, "
+                f"not {type(root).__name__}: give them to the root that takes the logins"
+            )
         if not IPBRoot.providedBy(root):
             raise TypeError(
                 "the root must provide IPBRoot (subclass pb.Root) or be a Portal, "

@@ -599,10 +599,12 @@ def makeService(options: Options) -> service.MultiService:
             services,
             legacyLogin=not options["no-legacy-login"],
         )
+    # A Portal given with --root is wrapped by the factory, which takes --no-legacy-login.
+    legacyLogin = not (isinstance(root, Portal) and options["no-legacy-login"])
     factory = pb.PBServerFactory(
         root,
         unsafeTracebacks=bool(options["unsafe-tracebacks"]),
-        legacyLogin=not options["no-legacy-login"],
+        legacyLogin=legacyLogin,
         limits=options["limits"],
         keepalive=options["keepaliveSettings"],
     )

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from pbroker import banana, jelly, pb, util
 from pbroker import broker as brokerModule
+from pbroker.cred import PortalRoot
 from pbroker.errors import (
     BananaEncodeError,
     DeadReferenceError,
@@ -2571,6 +2572,22 @@ class ConfigureTests(SynchronousTestCase):
         pb.PBServerFactory(portal, loginGuard=pb.LoginGuard(), clock=clock)
         # Counts it compares with, as before: a float, and inf for no limit.
         pb.LoginGuard(clock, maxFailuresPerConnection=float("inf"), maxAddresses=100.0)
+
+    def test_loginOptionsWithoutPortalRefused(self) -> None:
+        """A login guard, or a refusal of the legacy login, given with a root that is not a
+        Portal would guard nothing (the factory takes no logins for it): refused at once,
+        saying so, rather than leaving the server unguarded in silence."""
+        portalRoot = PortalRoot(Portal(_NoRealm(), []))
+        for root in (rootFor(pb), portalRoot):
+            for options in ({"loginGuard": pb.LoginGuard()}, {"legacyLogin": False}):
+                with self.assertRaises(ValueError) as caught:
+                    pb.PBServerFactory(root, **options)
+                self.assertIn("apply only when the root is a Portal", str(caught.exception))
+                self.assertIn(type(root).__name__, str(caught.exception))
+        # The defaults, with either root, and the options with a Portal, are taken.
+        pb.PBServerFactory(rootFor(pb))
+        pb.PBServerFactory(portalRoot, legacyLogin=True)
+        pb.PBServerFactory(Portal(_NoRealm(), []), loginGuard=pb.LoginGuard(), legacyLogin=False)
 
 
 @implementer(IRealm)

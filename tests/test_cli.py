@@ -669,9 +669,10 @@ class InProcessTests(SynchronousTestCase):
             commandReactor.listenTCP(8789, twistedPb.PBServerFactory(root), interface="127.0.0.1")
         elif root is not None:
             # (Failed logins are answered after a delay, on the reactor given.)
-            guard = pb.LoginGuard(reactor=commandReactor)
-            options = {} if dialects is None else {"dialects": dialects}
-            factory = pb.PBServerFactory(root, loginGuard=guard, clock=commandReactor, **options)
+            options: dict[str, Any] = {} if dialects is None else {"dialects": dialects}
+            if isinstance(root, Portal):
+                options["loginGuard"] = pb.LoginGuard(reactor=commandReactor)
+            factory = pb.PBServerFactory(root, clock=commandReactor, **options)
             pb.listen("tcp:8789:interface=127.0.0.1", factory, commandReactor)
         self.patch(twisted.internet, "reactor", commandReactor)
         out, err = io.StringIO(), io.StringIO()

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse as Memory
 from twisted.cred.credentials import Anonymous, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.spread import pb as twistedPb
@@ -23,6 +24,7 @@ from twisted.web.resource import IResource
 
 import pbroker
 from pbroker import pb, tap
+from pbroker.cred import PortalRoot
 from pbroker.passwords import PasswordFile
 from tests.test_tls import Authority
 
@@ -187,6 +189,17 @@ class OptionsTests(SynchronousTestCase):
         for bad in (["--keepalive", "0"], ["--max-message-size", "-1"]):
             with self.assertRaises(usage.UsageError):
                 self.parse(*bad)
+
+    def test_rootPortalWithoutLegacyLogin(self) -> None:
+        """--no-legacy-login reaches the factory's wrapper of a Portal named by --root; the
+        default keeps the legacy login, and a root of another kind gets neither option."""
+        for extra, legacy in (([], True), (["--no-legacy-login"], False)):
+            options = self.parse("--root", "tests.test_tap.echoPortal", *extra)
+            factory = next(iter(tap.makeService(options))).factory
+            self.assertIsInstance(factory.root, PortalRoot)
+            self.assertIs(factory.root.legacyLogin, legacy)
+        options = self.parse("--root", "tests.test_tap.EchoRoot")
+        self.assertIsInstance(next(iter(tap.makeService(options))).factory.root, EchoRoot)
 
     def test_tlsOptionsGoTogether(self) -> None:
         """--tls-port needs a certificate and key; the others need --tls-port."""
@@ -560,6 +573,13 @@ class EchoRoot(pb.Root):
 
     def remote_echo(self, value: Any) -> Any:
         return value
+
+
+def echoPortal() -> Portal:
+    """
+    A Portal for --root, whose realm and checkers the tests above do not use.
+    """
+    return Portal(tap.BrokerRealm({}), [])
 
 
 class DocumentedCommandLineTests(SynchronousTestCase):

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     pb.getObjectAt  # type: ignore[attr-defined]  # noqa: B018
     assert_type(pbroker.__version__, str)
     assert_type(pb.LoginGuard(), pb.LoginGuard)  # (a lazily imported name, typed)
+    # The types of the factories' parameters, by the names their signatures use.
+    assert_type(pb.UnjellyableRegistry(), pb.UnjellyableRegistry)
+    security: pb.ISecurityOptions = pb.globalSecurity
+    pb.PBServerFactory(pb.Root(), security=security, registry=pb.UnjellyableRegistry())
     # The modules twisted.spread.pb has as attributes.
     pb.jelly.jelly(1)
     pb.banana.encode(b"x")

@@ -83,7 +83,9 @@ async def main(reactor: Any) -> None:
     reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
     try:
         root = await factory.getRootObject()
-        print("dialect:", root.broker.currentDialect.decode())
+        dialect = root.broker.currentDialect  # (None only before the dialect is chosen)
+        assert dialect is not None
+        print("dialect:", dialect.decode())
         await client(root)
     finally:
         factory.disconnect()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import total_ordering
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -18,6 +18,9 @@ from pbroker._unjellier import Unjellier
 from pbroker.context import CallOptions
 from pbroker.errors import InvalidJelly, JellyError
 from pbroker.flavors import Serializable, _methodName
+
+if TYPE_CHECKING:  # (the broker, a layer above, makes references: named for types only)
+    from pbroker.broker import Broker
 
 _log = Logger()
 
@@ -65,7 +68,9 @@ class RemoteReference(Serializable):
     :ivar luid: the owner's id for the object (``b"root"`` for the root object).
     """
 
-    def __init__(self, perspective: Any, broker: Any, luid: int | bytes, doRefCount: bool) -> None:
+    def __init__(
+        self, perspective: Any, broker: Broker, luid: int | bytes, doRefCount: bool
+    ) -> None:
         self.luid = luid
         self.broker = broker
         self.doRefCount = doRefCount

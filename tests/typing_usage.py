@@ -31,7 +31,12 @@ async def calls(root: pb.RemoteReference, flag: bool) -> None:
     assert_type(root.remoteMethod("note")(1, pbanswer=flag), Deferred[Any] | None)
 
 
-def factories(factory: pb.PBClientFactory, stream: RemoteStream) -> None:
+def factories(
+    factory: pb.PBClientFactory, stream: RemoteStream, reference: pb.RemoteReference
+) -> None:
+    # A reference's broker is typed, as is what it says of the connection.
+    assert_type(reference.broker, pb.Broker)
+    assert_type(reference.broker.currentDialect, bytes | None)
     assert_type(factory.getRootObject(), Deferred[pb.RemoteReference])
     assert_type(factory.limits, pb.BrokerLimits)
     assert_type(factory.dialects, list[bytes] | None)

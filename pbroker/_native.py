@@ -1267,6 +1267,12 @@ def _assemble(pieces: list[bytes | bytearray | memoryview], size: int) -> Any:
         raise BananaDecodeError(f"a malformed pbroker2 message: {_malformed(e)}") from None
     if reader.left:
         raise BananaDecodeError("a pbroker2 message with bytes after its values")
+    # Only values go out of line: a command that did would come out as bytes or as a view
+    # of the read, depending on how the message was cut into records.
+    kind = envelope[0] if envelope else 0
+    first = 3 if kind == 0xDC else 5 if kind == 0xDD else 1 if 0x91 <= kind <= 0x9F else 0
+    if first and len(envelope) > first and envelope[first] in _EXTENSION_FORMS:
+        raise BananaDecodeError("a pbroker2 message whose command is carried out of line")
     return message
 
 

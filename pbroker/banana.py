@@ -90,6 +90,11 @@ PREFIX_LIMIT: Final = 64
 #: jelly or unjelly structures this deep, so no stock peer sends them.
 DEPTH_LIMIT: Final = 1000
 
+# What the dialect negotiation may take: an offer is a short list of names, a choice one
+# name; no larger or deeper expression is held while one is awaited (see connectionMade).
+_NEGOTIATION_SIZE: Final = 4096
+_NEGOTIATION_DEPTH: Final = 2
+
 # The type bytes (specification 1.1), as ints for building tokens.
 _LIST: Final = 0x80
 _INT: Final = 0x81
@@ -1089,12 +1094,13 @@ class Banana(Protocol):
         # So does SIZE_LIMIT, which stock PB programs raise with banana.SIZE_LIMIT = n.
         if "sizeLimit" not in self.__dict__ and type(self).sizeLimit == _SIZE_LIMIT:
             self.sizeLimit = SIZE_LIMIT
+        limit = self.messageSizeLimit
         self._decoder = Decoder(
             b"none",
             sizeLimit=self.sizeLimit,
             prefixLimit=self.prefixLimit,
-            depthLimit=self.depthLimit,
-            messageSizeLimit=self.messageSizeLimit,
+            depthLimit=min(self.depthLimit, _NEGOTIATION_DEPTH),
+            messageSizeLimit=_NEGOTIATION_SIZE if limit is None else min(limit, _NEGOTIATION_SIZE),
             text=self.decodeText,
         )
         if not self.isClient:
@@ -1172,7 +1178,10 @@ class Banana(Protocol):
             if self.currentDialect is not None:
                 self._deliver(error.expressions)
         finally:
-            self._fail(str(error))
+            why = str(error)
+            self._fail(
+                why if self.currentDialect is not None else f"in the dialect negotiation: {why}"
+            )
 
     def _deliver(self, expressions: list[Any]) -> None:
         for expression in expressions:
@@ -1202,8 +1211,11 @@ class Banana(Protocol):
 
     def _selectDialect(self, dialect: bytes) -> None:
         self.currentDialect = dialect
-        assert self._decoder is not None
-        self._decoder.dialect = dialect
+        decoder = self._decoder
+        assert decoder is not None
+        decoder.dialect = dialect
+        decoder.depthLimit = self.depthLimit
+        decoder.messageSizeLimit = self.messageSizeLimit
         self.connectionReady()
 
     def _fail(self, why: str) -> None:

@@ -139,8 +139,8 @@ _KEPT_RELEASE = 200
 _PING_OBJECT = b"pbroker.keepalive"
 
 #: How many refusals of what the peer sent are logged on one connection (a call to a method
-#: that does not exist, a message it does not know...); after them, one line says that more
-#: are not.
+#: that does not exist, a message it does not know...), with the notices of what it sent
+#: (its ``didNotUnderstand``...); after them, one line says that more are not.
 REFUSALS_LOGGED = 100
 
 # Reads of at least this many bytes (or reads that complete a message begun earlier) are
@@ -545,7 +545,8 @@ def _unjellyLocal(unjellier: Unjellier, jellyList: list[Any]) -> Any:
     if found is None:
         # A stock peer that sends one of our objects back without keeping it releases it
         # before its answer goes: the object arrives as None, as it does in stock PB.
-        broker._log.info(
+        broker._logRefusal(
+            broker._log.info,
             "The peer sent back our object {luid}, which it had already released: it "
             "arrives as None",
             luid=describe(jellyList[1]),
@@ -919,6 +920,7 @@ class Broker(Banana):
         "_offeredLimits",
         "_oneWayPending",
         "_pagesSent",
+        "_pingUnanswered",
         "_postponed",
         "_postponedTimer",
         "_pumpingLarge",
@@ -1178,6 +1180,8 @@ class Broker(Banana):
         # Whether the factory is told of the connection when the peer's hello comes (a
         # native client: see connectionReady).
         self._factoryWaitsForHello = False
+        # Whether a keepalive ping sent as a call (to a stock peer) waits for its answer.
+        self._pingUnanswered = False
         # The limits a server's offer of dialects gave (messageSize, taken), if it did.
         self._offeredLimits: tuple[int | None, int] | None = None
         # In pbroker1 (PB's encoding), whether this client checks its messages against the
@@ -3579,9 +3583,17 @@ class Broker(Banana):
             return
         # A stock Twisted peer has no ping, but answers any call; one to an object that does
         # not exist costs it a lookup and no log line, and its error answer is the pong.
+        # One at a time: a peer that talks (else it would be dropped as silent) but does not
+        # answer would have this side keep a call for every ping.
+        if self._pingUnanswered:
+            return
         pinged = self._sendMessage(b"", None, _PING_OBJECT, b"ping", (), {})
         if pinged is not None:
-            pinged.addErrback(lambda _: None)
+            self._pingUnanswered = True
+            pinged.addBoth(self._pingAnswered)
+
+    def _pingAnswered(self, _: Any) -> None:
+        self._pingUnanswered = False
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -3663,15 +3675,36 @@ class Broker(Banana):
             self._malformed(e)
             return
         if len(expressions) == 1:
+            if self._factoryWaitsForHello:
+                self._noHelloBefore(expressions)
             self.expressionReceived(expressions[0])
         else:
             self._deliver(expressions)
+
+    def _noHelloBefore(self, expressions: list[Any]) -> None:
+        """
+        While the factory waits for the server's hello: a server sends its ``version`` and
+        ``hello`` before any other message, so if another comes first, none will come (a
+        peer need not send one), and the factory is told of the connection now, the
+        server's limits unknown.
+        """
+        for expression in expressions:
+            command = expression[0] if type(expression) is list and expression else None
+            if command == b"hello":
+                return
+            if command != b"version":
+                self._factoryWaitsForHello = False
+                if self.factory is not None:
+                    self.factory.clientConnectionMade(self)
+                return
 
     def _deliver(self, expressions: list[Any]) -> None:
         # The answers to the messages of one read leave in one write (dataReceived holds
         # them), or in one per _FLUSH_EVERY messages, sent at once: the peer works on the
         # first answers of a long run (pipelined calls) while this side works on the rest.
         # Once the connection stops taking data, the rest wait (see _keepForLater).
+        if self._factoryWaitsForHello:
+            self._noHelloBefore(expressions)
         transport: Any = self.transport
         if type(transport) is not PacedTransport:
             super()._deliver(expressions)
@@ -3999,7 +4032,12 @@ class Broker(Banana):
         :raises LimitExceeded: this side already keeps ``limits.importedReferences`` copies;
             the value naming this one is refused, which releases it (its owner is sent a
             ``decache``).
+        :raises ~pbroker.errors.InvalidJelly: this side keeps a copy of ``cid`` already (an
+            owner sends the first copy once, and names it ``cached`` after); the value is
+            refused, and the copy kept stays the one the owner's messages reach.
         """
+        if cid in self.locallyCachedObjects:
+            raise InvalidJelly(f"a second first copy of the peer's cache {cid}")
         limit = self.limits.importedReferences
         if len(self.locallyCachedObjects) >= limit:
             self._log.warn(
@@ -4084,7 +4122,7 @@ class Broker(Banana):
             entry = stock
         handler, arity = entry
         if len(expression) - 1 != arity and arity >= 0:
-            self._fail(f"a {command.decode()!r} message has {arity} fields: {describe(expression)}")
+            self._fail(f"a {describe(command)} message has {arity} fields: {describe(expression)}")
             return
         try:
             handler(self, *expression[1:])
@@ -4117,7 +4155,9 @@ class Broker(Banana):
             raise ProtocolError(f"Version Incompatibility: {self.version} {describe(version)}")
 
     def _didNotUnderstand(self, command: Any) -> None:
-        self._log.warn("The peer did not understand {command}", command=describe(command))
+        self._logRefusal(
+            self._log.warn, "The peer did not understand {command}", command=describe(command)
+        )
 
     def _cacheMessage(self, *fields: Any) -> None:
         self._message(*fields, cache=True)

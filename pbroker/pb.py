@@ -79,6 +79,7 @@ from pbroker.jelly import (
     unjelly,
 )
 from pbroker.references import Local, RemoteMethod, RemoteReference
+from pbroker.stream import RemoteStream
 
 if TYPE_CHECKING:
     from twisted.cred.credentials import (
@@ -492,6 +493,9 @@ class PBClientFactory(_BrokerOptions, protocol.ClientFactory):
             # A reference, as a rule; a Copyable or Cacheable avatar arrives as its copy.
             if answer is None or isinstance(answer, _PLAIN_VALUES):
                 raise ProtocolError(f"the server's avatar is a plain value: {describe(answer)}")
+            if isinstance(answer, RemoteStream):
+                answer.cancel()
+                raise ProtocolError("the server's avatar is a stream")
             return answer
 
         if IAnonymous.providedBy(credentials):

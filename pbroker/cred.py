@@ -34,7 +34,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Attribute, Interface, implementer, providedBy
 
 from pbroker.errors import (
     LimitExceeded,
@@ -202,8 +202,9 @@ class LoginGuard:
     :param forgetAfter: seconds after which an address's failures are forgotten (their
         record is let go at the next failure from any address).
     :param maxAddresses: failing addresses remembered at once; beyond, the oldest go first.
-    :param checkTimeout: seconds a check may take (the portal's checker and realm) before
-        the attempt fails (``UnauthorizedLogin``).
+    :param checkTimeout: seconds a check may take (the portal's checker; its realm, which
+        runs after the address's turn has passed on, is not timed) before the attempt fails
+        (``UnauthorizedLogin``).
     :param maxWaiting: attempts with a secret that may wait at once for one address; more
         are refused at once.
     """
@@ -312,12 +313,20 @@ class LoginGuard:
         username: bytes | str,
         login: Callable[[], Deferred[Any]],
         guessable: bool = True,
+        *,
+        then: Callable[[Any], Any] | None = None,
     ) -> Deferred[Any]:
         """
         Check one login attempt (``login`` starts the check): log it, answer a failure after
         the delay, and close a connection that has failed too often. A ``guessable`` attempt
         (one with a secret) waits for the guessable attempts from the same address before
         it; others (anonymous, certificate logins) are checked at once.
+
+        ``then``, if given, is called with what the check gave (the portal's realm, with the
+        avatar id its checker found) once the check has passed, outside the address's turn
+        and ``checkTimeout``: the application's work there (a whole attach, in buildbot) may
+        take as long as it does, while the address's next attempt is checked. Its failure
+        counts as the attempt's.
 
         Cancelling the returned Deferred abandons the attempt: it is not checked if it is
         still waiting; a check already running is not cancelled (whether the work it awaits,
@@ -336,6 +345,14 @@ class LoginGuard:
         started: list[Deferred[Any]] = []
         abandoned: list[bool] = []
         queue = self._queues.get(address) if guessable else None
+        holdsTurn: list[bool] = []  # (while this attempt is the address's one being checked)
+
+        def passTurn() -> None:
+            if holdsTurn:
+                holdsTurn.clear()
+                assert queue is not None
+                queue.busy = False
+                self._advance(address, queue)
 
         def cancel(_: Deferred[Any]) -> None:
             abandoned.append(True)
@@ -377,9 +394,7 @@ class LoginGuard:
                     self.reactor.callLater(0, broker.transport.loseConnection)
             finally:
                 # Whatever happened above (a logout that raised), the next attempt may go.
-                if queue is not None:
-                    queue.busy = False
-                    self._advance(address, queue)
+                passTurn()
 
         def succeeded(result: Any) -> None:
             self._log.info("Login succeeded for {user} from {peer}", user=name, peer=shown)
@@ -425,7 +440,16 @@ class LoginGuard:
             else:
                 self.reactor.callLater(delay, done, failure, close)
 
+        def checked(identity: Any) -> None:
+            # The secret is checked: the realm's work is the application's, and does not
+            # hold up the address's next attempt.
+            passTurn()
+            assert then is not None
+            maybeDeferred(then, identity).addCallbacks(succeeded, failed)
+
         def check() -> None:
+            if queue is not None:
+                holdsTurn.append(True)
             if getattr(broker, "loginFailures", 0) >= self.maxFailuresPerConnection or getattr(
                 broker, "disconnected", False
             ):
@@ -436,7 +460,7 @@ class LoginGuard:
             started.append(deferred)
             # A checker that never answers must not hold up the address's logins for ever.
             deferred.addTimeout(self.checkTimeout, self.reactor, onTimeoutCancel=_tookTooLong)
-            deferred.addCallbacks(succeeded, failed)
+            deferred.addCallbacks(succeeded if then is None else checked, failed)
 
         if not guessable:
             check()
@@ -539,6 +563,40 @@ def _addressKey(host: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return host
+
+
+def _guardedLogin(
+    guard: LoginGuard,
+    broker: Any,
+    username: bytes | str,
+    portal: Portal,
+    credentials: Any,
+    mind: Any,
+    guessable: bool = True,
+) -> Deferred[Any]:
+    """
+    ``portal.login(credentials, mind, IPerspective)`` through ``guard``: its checker is
+    the guarded check, its realm what follows (see :meth:`LoginGuard.attempt`). A portal
+    whose class has a ``login`` of its own is guarded whole, as what it does is unknown.
+    """
+    if type(portal).login is not Portal.login:
+        return guard.attempt(
+            broker, username, lambda: portal.login(credentials, mind, IPerspective), guessable
+        )
+
+    def check() -> Deferred[Any]:
+        # The checker Portal.login would ask: the first registered for an interface the
+        # credentials provide.
+        for interface, checker in portal.checkers.items():
+            if interface.providedBy(credentials):
+                return maybeDeferred(checker.requestAvatarId, credentials)
+        provided = ", ".join(f"{i.__module__}.{i.__name__}" for i in providedBy(credentials))
+        return fail(UnhandledCredentials(f"No checker for {provided}"))
+
+    def realm(avatarId: Any) -> Any:
+        return portal.realm.requestAvatar(avatarId, mind, IPerspective)
+
+    return guard.attempt(broker, username, check, guessable, then=realm)
 
 
 def _avatarForPeer(broker: Any, result: tuple[Any, Any, Callable[[], object]]) -> Any:
@@ -741,26 +799,26 @@ class _PortalWrapper(Referenceable):
 
         credentials = PeerCertificate.fromTransport(self.broker.transport)
 
-        def login() -> Deferred[Any]:
-            if credentials is None:
-                return fail(UnauthorizedLogin("the connection has no client certificate"))
-            return self.portal.login(credentials, mind, IPerspective)
-
-        name = (credentials.commonName or "?") if credentials is not None else "?"
-        deferred = self.guard.attempt(
-            self.broker, f"<certificate {name}>".encode(), login, guessable=False
-        )
+        if credentials is None:
+            deferred = self.guard.attempt(
+                self.broker,
+                b"<certificate ?>",
+                lambda: fail(UnauthorizedLogin("the connection has no client certificate")),
+                guessable=False,
+            )
+        else:
+            name = f"<certificate {credentials.commonName or '?'}>".encode()
+            deferred = _guardedLogin(
+                self.guard, self.broker, name, self.portal, credentials, mind, guessable=False
+            )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
     def remote_loginAnonymous(self, mind: Any) -> Deferred[Any]:
         """
         Log in without credentials, if the portal has a checker for anonymous logins.
         """
-        deferred = self.guard.attempt(
-            self.broker,
-            b"<anonymous>",
-            lambda: self.portal.login(Anonymous(), mind, IPerspective),
-            guessable=False,
+        deferred = _guardedLogin(
+            self.guard, self.broker, b"<anonymous>", self.portal, Anonymous(), mind, guessable=False
         )
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
@@ -792,9 +850,7 @@ class _PortalAuthChallenger(Referenceable):
         if not isinstance(response, bytes):
             raise UnauthorizedLogin("the response must be bytes")
         self.response = response
-        deferred = self.guard.attempt(
-            self.broker, self.username, lambda: self.portal.login(self, mind, IPerspective)
-        )
+        deferred = _guardedLogin(self.guard, self.broker, self.username, self.portal, self, mind)
         return deferred.addCallback(lambda result: _avatarForPeer(self.broker, result))
 
     def checkPassword(self, password: bytes) -> bool:
@@ -839,10 +895,8 @@ class _PasswordProver(Referenceable):
         from pbroker.passwords import ScramProof, serverSignature
 
         credentials = ScramProof(self.username, self.message, proof)
-        login = self.guard.attempt(
-            self.broker,
-            self.username,
-            lambda: self.portal.login(credentials, mind, IPerspective),
+        login = _guardedLogin(
+            self.guard, self.broker, self.username, self.portal, credentials, mind
         )
 
         def proven(result: Any) -> tuple[Any, bytes]:

@@ -958,6 +958,38 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(results, ["avatar"])
         self.clock.advance(10)
 
+    def test_turnPassedOnceAtTheRealm(self) -> None:
+        """The address's turn passes on when the check (``login``) has passed, while what
+        follows (``then``, the realm) runs; its end does not pass on the turn of the
+        attempt being checked by then."""
+        attaching: Deferred[Any] = Deferred()
+        checking: Deferred[Any] = Deferred()
+        started: list[str] = []
+        results: list[Any] = []
+
+        def attempt(name: str, check: Any, then: Any = None) -> None:
+            def login() -> Any:
+                started.append(name)
+                return check
+
+            self.guard.attempt(_FakeBroker("127.0.0.1"), name.encode(), login, then=then)
+
+        checkingAlice: Deferred[Any] = Deferred()
+        self.guard.attempt(
+            _FakeBroker("127.0.0.1"), b"alice", lambda: checkingAlice, then=lambda _: attaching
+        ).addBoth(results.append)
+        attempt("bob", checking)
+        attempt("carol", "carol")
+        self.assertEqual(started, [])  # both wait for alice's check
+        checkingAlice.callback("alice")
+        self.assertEqual(started, ["bob"])  # alice's realm runs, bob is checked
+        attaching.callback("alice's avatar")
+        self.assertEqual(results, ["alice's avatar"])
+        self.assertEqual(started, ["bob"])  # carol still waits for bob's check
+        checking.callback("bob")
+        self.assertEqual(started, ["bob", "carol"])
+        self.assertEqual(self.guard._queues, {})
+
     def test_cancelWhileWaiting(self) -> None:
         """An attempt its caller gives up on while it waits is never checked."""
         self.failOnce(self.guard, "127.0.0.1")

@@ -21,12 +21,14 @@ from typing import Any
 from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.spread import pb as twistedPb
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from pbroker import passwords, pb
 from pbroker.cred import MAX_USERNAME, NO_PASSWORD_ACCOUNTS
@@ -1266,3 +1268,123 @@ class PasswordFileWritingTests(SynchronousTestCase):
                 f"--iterations must be 4096 to 6000000, not {iterations}", errors.getvalue()
             )
         self.assertFalse(os.path.exists(self.path))
+
+
+@implementer(IRealm)
+class _AttachingRealm:
+    """
+    A realm whose avatars come when the test says, as an application's whole attach (a
+    buildbot worker's: calls to the worker, database writes) may take a while.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[Any] = []  # (avatar id, the Deferred of its avatar)
+        self.realm = realmFor(pb)
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        attached: Deferred[Any] = Deferred()
+        self.asked.append((avatarId, attached))
+        return attached.addCallback(lambda _: self.realm.requestAvatar(avatarId, mind, *interfaces))
+
+    def attach(self, index: int) -> None:
+        self.asked[index][1].callback(None)
+
+
+class RealmOutsideTheTurnTests(SynchronousTestCase):
+    """
+    The login guard takes the password attempts from one address in turn, but the turn is
+    the check of the secret (the portal's checker): the realm that follows is the
+    application's, and runs for as long as it does, side by side with the address's next
+    logins, as on stock Twisted.
+    """
+
+    def setUp(self) -> None:
+        path = self.mktemp()
+        PasswordFile(path).setPassword("alice", b"secret", ITERATIONS)
+        PasswordFile(path).setPassword("bob", b"secret", ITERATIONS)
+        self.attaching = _AttachingRealm()
+        self.clock = task.Clock()
+        self.guard = pb.LoginGuard(reactor=self.clock)
+        self.portal = Portal(
+            self.attaching,
+            [
+                ScramChecker(PasswordFile(path), ITERATIONS),
+                InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret", bob=b"secret"),
+            ],
+        )
+
+    def login(self, clientModule: Any, name: bytes, portal: Any = None) -> list[Any]:
+        factory = clientModule.PBClientFactory()
+        server = pb.PBServerFactory(portal or self.portal, loginGuard=self.guard)
+        _server, _client, pump = connect(server, factory)
+        self.pumps.append(pump)
+        results: list[Any] = []
+        factory.login(UsernamePassword(name, b"secret")).addBoth(results.append)
+        pump.flush()
+        return results
+
+    def flush(self) -> None:
+        for pump in self.pumps:
+            pump.flush()
+
+    def test_realmsSideBySide(self) -> None:
+        """Two workers' logins from one address, from a pbroker and from a stock client
+        (pbroker's password login and the legacy one): the second is checked and reaches
+        the realm while the first's attach still runs."""
+        self.pumps: list[Any] = []
+        first = self.login(pb, b"alice")
+        second = self.login(twistedPb, b"bob")
+        self.assertEqual([name for name, _ in self.attaching.asked], [b"alice", b"bob"])
+        self.assertEqual((first, second), ([], []))
+        self.attaching.attach(1)
+        self.flush()
+        self.assertEqual(len(second), 1)
+        self.assertEqual(first, [])
+        self.attaching.attach(0)
+        self.flush()
+        self.assertIsInstance(first[0], pb.RemoteReference)
+
+    def test_slowRealmNotTimedOut(self) -> None:
+        """An attach that takes longer than the guard's checkTimeout (which bounds the check
+        of the secret) completes: the login is not refused as too slow."""
+        self.pumps = []
+        results = self.login(pb, b"alice")
+        self.clock.advance(self.guard.checkTimeout * 3)
+        self.flush()
+        self.assertEqual(results, [])
+        self.attaching.attach(0)
+        self.flush()
+        self.assertIsInstance(results[0], pb.RemoteReference)
+
+    def test_realmFailureCounts(self) -> None:
+        """A realm that fails fails the login as before: counted for the address, and
+        answered after its delay."""
+        self.pumps = []
+        results = self.login(pb, b"alice")
+        with capturedLogs():
+            self.attaching.asked[0][1].errback(UnauthorizedLogin("no such worker"))
+            self.flush()
+            self.assertEqual(results, [])
+            self.clock.advance(self.guard.baseDelay)
+            self.flush()
+        results[0].trap(UnauthorizedLogin)
+        self.assertEqual(self.guard.delayFor("127.0.0.1"), 2 * self.guard.baseDelay)
+
+    def test_portalOfItsOwn(self) -> None:
+        """A portal whose class logs in its own way is guarded whole, as what its login
+        does cannot be split: the address's next login waits for it."""
+
+        class OwnPortal(Portal):
+            def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
+                return super().login(credentials, mind, *interfaces)
+
+        own = OwnPortal(self.attaching, self.portal.checkers.values())
+        self.pumps = []
+        self.login(pb, b"alice", own)
+        self.login(pb, b"bob", own)
+        self.assertEqual([name for name, _ in self.attaching.asked], [b"alice"])
+        self.attaching.attach(0)
+        self.flush()
+        self.assertEqual([name for name, _ in self.attaching.asked], [b"alice", b"bob"])
+        self.attaching.attach(1)
+        self.flush()

@@ -350,7 +350,8 @@ def _parseLimits(entry: bytes) -> tuple[int | None, int] | None:
     """
     if len(entry) > 64:
         return None
-    fields = entry[len(_LIMITS_OFFER) :].split(b":")
+    # (Fields a later version appends are ignored.)
+    fields = entry[len(_LIMITS_OFFER) :].split(b":")[:2]
     if len(fields) != 2 or not all(field.isdigit() for field in fields):
         return None
     size, taken = int(fields[0]), int(fields[1])
@@ -896,6 +897,7 @@ class Broker(Banana):
         "_clock",
         "_closing",
         "_codec",
+        "_contextCalls",
         "_detached",
         "_emptiedReleases",
         "_factoryWaitsForHello",
@@ -1198,6 +1200,10 @@ class Broker(Banana):
         self._abandonedOverflow = False
         # Request id -> the dict a call's reply annotations go to.
         self._replyTargets: dict[int, dict[str, Any]] = {}
+        # The calls this side sent with a context (callctx, cachecallctx) and waits on, oldest
+        # first, with the command: a peer that does not understand it says so (see
+        # _didNotUnderstand) rather than answer them.
+        self._contextCalls: dict[int, bytes] = {}
         # Request id -> the context of a call from the peer that carried one.
         self._callContexts: dict[int, _context.CallContext] = {}
         # The positional arguments of the call being run, as sent: unserialised, they are a
@@ -1335,7 +1341,8 @@ class Broker(Banana):
         for entry in offered:
             if isinstance(entry, bytes) and entry.startswith(_LIMITS_OFFER):
                 self._offeredLimits = _parseLimits(entry)
-                return
+                if self._offeredLimits is not None:
+                    return
 
     def _setPeerLimits(self, size: Any, taken: Any) -> None:
         """
@@ -1460,6 +1467,7 @@ class Broker(Banana):
         self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
+        self._contextCalls = {}
         self._streams.connectionLost(reason)
         self._stopPagers(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
@@ -3096,8 +3104,11 @@ class Broker(Banana):
             context: dict[str, Any] = {"annotations": annotations or {}}
             if timeout is not None:
                 context["timeout"] = timeout
-            fields[0] = prefix + b"callctx"
+            command = prefix + b"callctx"
+            fields[0] = command
             fields.append(context)
+            if answerRequired:
+                self._noteContextCall(requestID, command)
         return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes, True)
 
     def _packKeywords(self, codec: ValueCodec, kw: dict[str, Any], netArgs: Any) -> Any:
@@ -3128,6 +3139,8 @@ class Broker(Banana):
         if self.waitingForAnswers.pop(requestID, None) is None:
             return
         self._replyTargets.pop(requestID, None)
+        if self._contextCalls:
+            self._contextCalls.pop(requestID, None)
         queued = self._dropUnsentCall(requestID) if self._largeOut or self._afterLarge else None
         if queued:
             self._schedulePump()  # what waited behind it may go now
@@ -4154,16 +4167,47 @@ class Broker(Banana):
         if version != self.version:
             raise ProtocolError(f"Version Incompatibility: {self.version} {describe(version)}")
 
-    def _didNotUnderstand(self, command: Any) -> None:
+    def _noteContextCall(self, requestID: int, command: bytes) -> None:
+        calls = self._contextCalls
+        if len(calls) > 2 * len(self.waitingForAnswers) + 64:
+            # Calls that failed before they were sent are never answered: let them go.
+            waiting = self.waitingForAnswers
+            self._contextCalls = calls = {r: c for r, c in calls.items() if r in waiting}
+        calls[requestID] = command
+
+    def _didNotUnderstand(self, *fields: Any) -> None:
+        # (Fields after the command are a later version's, and ignored.)
+        if not fields:
+            raise ProtocolError("a didNotUnderstand message without the command")
+        command = fields[0]
         self._logRefusal(
             self._log.warn, "The peer did not understand {command}", command=describe(command)
+        )
+        if not self._contextCalls or type(command) is not bytes:
+            return
+        # A call of this side's that the peer cannot take: the oldest sent with the command
+        # (the peer refuses them in the order they came) fails, rather than wait for ever.
+        for requestID, sentAs in self._contextCalls.items():
+            if sentAs == command and requestID in self.waitingForAnswers:
+                break
+        else:
+            return
+        del self._contextCalls[requestID]
+        self._replyTargets.pop(requestID, None)
+        deferred = self.waitingForAnswers.pop(requestID)
+        deferred.errback(
+            UnsupportedByPeer(
+                f"the peer does not understand {describe(command)}: a call with a timeout "
+                "or annotations needs a peer that does"
+            )
         )
 
     def _cacheMessage(self, *fields: Any) -> None:
         self._message(*fields, cache=True)
 
     def _callContext(self, requestID: int, wire: Any) -> _context.CallContext:
-        annotations = wire.get("annotations") if type(wire) is dict else None
+        # (Keys a later version adds are ignored; no annotations is none.)
+        annotations = wire.get("annotations", {}) if type(wire) is dict else None
         timeout = wire.get("timeout") if type(wire) is dict else None
         if type(annotations) is not dict or not (
             timeout is None or (type(timeout) in (int, float) and timeout > 0)
@@ -4192,9 +4236,10 @@ class Broker(Banana):
         if not (type(requestID) is int and 0 <= requestID < ID_LIMIT) or type(message) is not bytes:
             raise ProtocolError(f"malformed message header: {describe([requestID, message])}")
         if type(answerRequired) is int and answerRequired > 1 and self._codec is not None:
-            # A large call whose caller counts it until we take it (see _startableLarge).
-            self.sendCall(b"taken", requestID)
-            answerRequired &= 1
+            if answerRequired & 2:
+                # A large call whose caller counts it until we take it (see _startableLarge).
+                self.sendCall(b"taken", requestID)
+            answerRequired &= 1  # (bits of later versions' are ignored: see docs/native.rst)
         answerRequired = bool(answerRequired)
         if answerRequired and (requestID in self._answering or requestID in self._detached):
             raise ProtocolError(f"the peer reused the id {requestID} of a call still in progress")
@@ -4588,6 +4633,8 @@ class Broker(Banana):
             self._lateAnswer(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
+        if self._contextCalls:
+            self._contextCalls.pop(requestID, None)
         if deferred is None:
             self._dropLateValue(netResult)
             return
@@ -4625,6 +4672,8 @@ class Broker(Banana):
             self._lateAnswer(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
+        if self._contextCalls:
+            self._contextCalls.pop(requestID, None)
         if deferred is not None:
             failure = self._unserializeFailure(netFailure)
             if not deferred.called:  # else cancelled while unjellied, as in _answer
@@ -4646,7 +4695,10 @@ class Broker(Banana):
     def _hello(self, capabilities: Any) -> None:
         if type(capabilities) is not dict:
             raise ProtocolError(f"a malformed hello: {describe(capabilities)}")
-        self._setPeerLimits(capabilities.get("messageSize"), capabilities.get("taken"))
+        # A key left out says nothing (a later hello may give only what is new).
+        self._setPeerLimits(
+            capabilities.get("messageSize", _UNSET), capabilities.get("taken", _UNSET)
+        )
         if self._factoryWaitsForHello:
             self._factoryWaitsForHello = False
             if self.factory is not None:
@@ -4703,7 +4755,7 @@ class Broker(Banana):
     #: methods, which handle the messages not in the table.
     messageHandlers: ClassVar[dict[bytes, tuple[Handler, int]]] = {
         b"version": (_version, 1),
-        b"didNotUnderstand": (_didNotUnderstand, 1),
+        b"didNotUnderstand": (_didNotUnderstand, -1),
         b"message": (_message, 6),
         b"cachemessage": (_cacheMessage, 6),
         b"decache": (_decache, 1),

@@ -3458,9 +3458,12 @@ class OfferedLimitsTests(SynchronousTestCase):
 
         self.assertEqual(_parseLimits(b"pbroker-limits:1024:5"), (1024, 5))
         self.assertEqual(_parseLimits(b"pbroker-limits:0:0"), (None, 0))
+        # Fields a later version appends are ignored (docs/native.rst, "Later versions").
+        self.assertEqual(_parseLimits(b"pbroker-limits:1024:5:7:new"), (1024, 5))
         for bad in (
             b"pbroker-limits:",
-            b"pbroker-limits:1:2:3",
+            b"pbroker-limits:1:",
+            b"pbroker-limits:1:x:3",
             b"pbroker-limits:-1:2",
             b"pbroker-limits:1:x",
             b"pbroker-limits:\xd9\xa1:2",

@@ -233,6 +233,19 @@ class EncodeTests(SynchronousTestCase):
             str(caught.exception), "list of 3 elements is too long to send (the size limit is 2)"
         )
 
+    def test_headersOfExactlyTheLimit(self) -> None:
+        """A list or a string of exactly ``sizeLimit`` elements is within the limit, past
+        the headers kept ready too; one more is not."""
+        for limit in (5, 100_000, banana.SIZE_LIMIT):
+            tokens = banana.Tokens(b"none", sizeLimit=limit)
+            for header, typeByte in ((tokens.listHeader, 0x80), (tokens.stringHeader, 0x82)):
+                self.assertEqual(header(limit)[-1], typeByte)
+                with self.assertRaises(banana.BananaEncodeError):
+                    header(limit + 1)
+        tokens = banana.Tokens(b"none", sizeLimit=100_000)
+        ones = tokens.listHeader(100_000) + tokens.integer(1) * 100_000
+        self.assertEqual(banana.decode(ones, sizeLimit=100_000), [1] * 100_000)
+
     def test_prefixLimitBelowOne(self) -> None:
         """A prefix limit below one is a mistake of the caller's: ValueError, naming it."""
         for make in (
@@ -382,6 +395,21 @@ class DecodeTests(SynchronousTestCase):
             received += decoder.feed(data[position : position + 256])
             self.assertLessEqual(decoder.buffered, len(payload) + 8)
         self.assertEqual(received, [[payload, 1]])
+
+    def test_readsAfterTheBufferIsCompacted(self) -> None:
+        """Once most of a kept buffer over 64 KiB has been decoded, its decoded bytes are
+        dropped and the decoding starts again at its front: what the next reads bring is
+        decoded from the right place, wherever the reads are cut."""
+        large = b"L" * 200_000
+        data = banana.encode(large) + banana.encode([b"next", 7]) + banana.encode(3)
+        for first in (10, 1000, 150_000):
+            for last in (3, 9, len(data) - first - 1):
+                decoder = banana.Decoder()
+                middle = len(data) - last
+                decoded = decoder.feed(data[:first])
+                decoded += decoder.feed(data[first:middle])
+                decoded += decoder.feed(data[middle:])
+                self.assertEqual(decoded, [large, [b"next", 7], 3], (first, last))
 
     def test_decodeHelperStrict(self) -> None:
         """decode() wants exactly one complete expression."""

@@ -1926,6 +1926,60 @@ class StockClientUnreadValueTests(RefusedArgumentsTestsMixin, SynchronousTestCas
     clientModule = twistedPb
 
 
+class UnreadCopiesBoundTests(UnreadValueTestsMixin, SynchronousTestCase):
+    """
+    The first copies of the peer's Cacheables that arrived in values this side refused wait
+    for their ``uncache`` in a set no larger than ``importedReferences``.
+    """
+
+    def setUp(self) -> None:
+        self.rootObject = unreadRootFor(pb)
+        registries = []
+        for _ in range(2):
+            registry = pb.UnjellyableRegistry()
+            registry.setUnjellyableForClass(Gauge, RemoteGauge)
+            registries.append(registry)
+        serverFactory = pb.PBServerFactory(
+            self.rootObject, registry=registries[0], limits=pb.BrokerLimits(importedReferences=2)
+        )
+        self.server, self.client, self.pump = connect(
+            serverFactory, pb.PBClientFactory(registry=registries[1])
+        )
+        self.root = self.client.remoteForName("root")
+
+    def test_pastTheBound(self) -> None:
+        """Three refused calls, each with a copy of its own, the third with a reference
+        after its copy: two copies are released, and the third, past the bound, is not
+        waited for; the reference after it is released all the same."""
+        gauges = [Gauge(), Gauge(), Gauge()]
+        after = pb.Referenceable()
+        failures: list[Any] = []
+        for gauge, extra in ((gauges[0], ()), (gauges[1], ()), (gauges[2], (after,))):
+            self.root.callRemote("record", Secret(), gauge, *extra).addBoth(failures.append)
+        self.pump.flush()
+        self.assertTrue(all(isinstance(f, Failure) for f in failures) and len(failures) == 3)
+        del failures
+        self.release()
+        self.assertFalse(self.client.disconnected)
+        self.assertEqual([gauge.stopped for gauge in gauges], [1, 1, 0])
+        self.assertNotIn(after.processUniqueID(), self.client.luids)
+        self.assertLessEqual(len(self.server._unreadCaches or ()), 2)
+        self.flushLoggedErrors()
+
+
+class NearerEndTests(SynchronousTestCase):
+    def test_fromTheNearerEnd(self) -> None:
+        """A call is looked for from the end of the queue whose request id is nearer its
+        own (a cancel of the newest calls finds each at once, as one of the oldest does);
+        with an entry that has no id (an answer) at either end, from the front."""
+        nearerEnd = brokerModule._nearerEnd
+        queue = [[requestID] for requestID in range(500, 601)]
+        self.assertEqual(nearerEnd(queue, 0, 501), range(101))
+        self.assertEqual(nearerEnd(queue, 0, 599), range(100, -1, -1))
+        self.assertEqual(nearerEnd([[None], *queue], 0, 599), range(102))
+        self.assertEqual(nearerEnd(queue[:1], 0, 500), range(1))
+
+
 class StockServerUnreadValueTests(RefusedAnswerTestsMixin, SynchronousTestCase):
     """
     A stock Twisted server: the pbroker client's releases keep its counts right.
@@ -3241,6 +3295,8 @@ class EarlyCallTests(SynchronousTestCase):
                 super().connectionMade()
                 self.remoteForName("root").callRemote("echo", 1).addBoth(results.append)
                 self.remoteForName("root").callRemote("record", 2, pbanswer=False)
+                # (What was made after a one-way call waits and goes too.)
+                self.remoteForName("root").callRemote("echo", 3).addBoth(results.append)
                 self.sendCall(b"ping", 7)
 
         for dialects in ([b"pbroker2"], [b"pb"]):
@@ -3250,7 +3306,7 @@ class EarlyCallTests(SynchronousTestCase):
             clientFactory.protocol = Eager
             server, client, pump = self.connectEarly(pb.PBServerFactory(root), clientFactory)
             pump.flush()
-            self.assertEqual(results, [1])
+            self.assertEqual(results, [1, 3])
             self.assertEqual(root.received, [2])
             self.assertEqual(client.currentDialect, dialects[0])
             self.assertFalse(server.transport.disconnecting)

@@ -383,6 +383,24 @@ class CollidingKeysTests(SynchronousTestCase):
                 str(caught.exception),
             )
 
+    def test_setWithAForwardReference(self) -> None:
+        """A set (or frozenset) that waits for an element named before it was built (a
+        ``dereference`` to a reference further on) is still weighed for hashing once that
+        element arrives: colliding ones are refused, a few are built."""
+        for tag in (b"set", b"frozenset"):
+            for count, refused in ((4096, True), (3, False)):
+                items = self.colliding(count)
+                sexp = [
+                    b"list",
+                    [*self.asSet(items, tag), [b"dereference", 9999]],
+                    [b"reference", 9999, [b"tuple", 5]],
+                ]
+                if refused:
+                    with self.assertRaises(InvalidJelly):
+                        jelly.unjelly(sexp)
+                else:
+                    self.assertEqual(jelly.unjelly(sexp)[0], {*items, (5,)})
+
     def test_collisionsTaken(self) -> None:
         """Keys that collide as ordinary data does (coordinates around -1 and -2, five
         dimensions deep; numbers of one hash; a frozenset and a number of its hash) are

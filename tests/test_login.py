@@ -958,6 +958,31 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(results, ["avatar"])
         self.clock.advance(10)
 
+    def test_boundsTaken(self) -> None:
+        """Each bound LoginGuard documents is taken at its edge (no delay, forgetting at
+        once, one failure, one address, one waiting), and refused past it."""
+        edge = pb.LoginGuard(
+            reactor=self.clock,
+            baseDelay=0,
+            maxDelay=0,
+            maxFailuresPerConnection=1,
+            forgetAfter=0,
+            maxAddresses=1,
+            maxWaiting=1,
+        )
+        self.assertEqual((edge.forgetAfter, edge.maxDelay, edge.maxWaiting), (0, 0, 1))
+        for past in (
+            {"forgetAfter": -0.5},
+            {"baseDelay": -1},
+            {"baseDelay": 2, "maxDelay": 1},
+            {"maxFailuresPerConnection": 0},
+            {"maxAddresses": 0},
+            {"maxWaiting": 0},
+            {"checkTimeout": 0},
+        ):
+            with self.assertRaises(ValueError, msg=past):
+                pb.LoginGuard(reactor=self.clock, **past)
+
     def test_turnPassedOnceAtTheRealm(self) -> None:
         """The address's turn passes on when the check (``login``) has passed, while what
         follows (``then``, the realm) runs; its end does not pass on the turn of the

@@ -1491,6 +1491,15 @@ class CodecEdgeTests(SynchronousTestCase):
             [((1,),)],
         )
 
+    def test_depthOfSiblings(self) -> None:
+        """deeperThan counts what follows an array (of n items) or a map (of n entries, 2n
+        objects) as beside it, not inside it."""
+        for value in ([[], [1]], [[1], [2], [3]], [{}, [1]], [{"k": 1}, [1]], [{"k": 1}, {}, [3]]):
+            packed = msgpack.packb(value)
+            self.assertFalse(_native.deeperThan(packed, 2), value)
+            self.assertTrue(_native.deeperThan(packed, 1), value)
+        self.assertTrue(_native.deeperThan(msgpack.packb([{"k": [1]}]), 2))
+
     def test_depthOfMalformedDocuments(self) -> None:
         """deeperThan judges a malformed document (the never-used type byte 0xc1, an
         extension cut before its type byte) by what came before the fault."""

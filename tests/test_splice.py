@@ -170,6 +170,19 @@ SHAPES: list[Any] = [
 
 
 class SendTests(SynchronousTestCase):
+    def test_extensionOfSixtyFourKiB(self) -> None:
+        """A tuple inside a spliced value whose extension holds 65,535 bytes takes the
+        16-bit length form; 65,536 and more the 32-bit one: the bytes are those of packing
+        the value whole, and read back."""
+        codec = plainCodec()
+        for held in (65_535, 65_536, 65_537):
+            # fixarray (1 byte) and bin 16 (3 bytes) around the string: ``held`` in all.
+            value = [BIG, (b"t" * (held - 4),)]
+            packed = codec.pack(value)
+            self.assertIsInstance(packed, _native.Packed)
+            self.assertEqual(packed.data, packedWhole(codec, value), held)
+            self.assertEqual(codec.unpack(packed.data), value)
+
     def test_sameBytesAsPackedWhole(self) -> None:
         """
         A list or dict of more than _SPLICE_FROM bytes with large byte strings in it is

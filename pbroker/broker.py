@@ -348,11 +348,10 @@ def _parseLimits(entry: bytes) -> tuple[int | None, int] | None:
     ``(messageSize, taken)`` from a ``pbroker-limits:`` entry of a server's offer, ``None``
     if it is malformed (the client then waits for the hello, as from an earlier server).
     """
-    if len(entry) > 64:
-        return None
-    # (Fields a later version appends are ignored.)
-    fields = entry[len(_LIMITS_OFFER) :].split(b":")[:2]
-    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+    # (Fields a later version appends are ignored; a number of more than 20 digits is none
+    # the offer would give, and not worth converting.)
+    fields = entry[len(_LIMITS_OFFER) :].split(b":", 2)[:2]
+    if len(fields) != 2 or not all(field.isdigit() and len(field) <= 20 for field in fields):
         return None
     size, taken = int(fields[0]), int(fields[1])
     return (size or None, taken)
@@ -897,7 +896,6 @@ class Broker(Banana):
         "_clock",
         "_closing",
         "_codec",
-        "_contextCalls",
         "_detached",
         "_emptiedReleases",
         "_factoryWaitsForHello",
@@ -1200,10 +1198,6 @@ class Broker(Banana):
         self._abandonedOverflow = False
         # Request id -> the dict a call's reply annotations go to.
         self._replyTargets: dict[int, dict[str, Any]] = {}
-        # The calls this side sent with a context (callctx, cachecallctx) and waits on, oldest
-        # first, with the command: a peer that does not understand it says so (see
-        # _didNotUnderstand) rather than answer them.
-        self._contextCalls: dict[int, bytes] = {}
         # Request id -> the context of a call from the peer that carried one.
         self._callContexts: dict[int, _context.CallContext] = {}
         # The positional arguments of the call being run, as sent: unserialised, they are a
@@ -1467,7 +1461,6 @@ class Broker(Banana):
         self.discardBacklog()
         self._lastRegistered = None
         self._replyTargets = {}
-        self._contextCalls = {}
         self._streams.connectionLost(reason)
         self._stopPagers(reason)
         waiting, self.waitingForAnswers = self.waitingForAnswers, {}
@@ -3104,11 +3097,8 @@ class Broker(Banana):
             context: dict[str, Any] = {"annotations": annotations or {}}
             if timeout is not None:
                 context["timeout"] = timeout
-            command = prefix + b"callctx"
-            fields[0] = command
+            fields[0] = prefix + b"callctx"
             fields.append(context)
-            if answerRequired:
-                self._noteContextCall(requestID, command)
         return self._nativePayload(fields, type(netArgs) is bytes and type(netKw) is bytes, True)
 
     def _packKeywords(self, codec: ValueCodec, kw: dict[str, Any], netArgs: Any) -> Any:
@@ -3139,8 +3129,6 @@ class Broker(Banana):
         if self.waitingForAnswers.pop(requestID, None) is None:
             return
         self._replyTargets.pop(requestID, None)
-        if self._contextCalls:
-            self._contextCalls.pop(requestID, None)
         queued = self._dropUnsentCall(requestID) if self._largeOut or self._afterLarge else None
         if queued:
             self._schedulePump()  # what waited behind it may go now
@@ -4167,39 +4155,23 @@ class Broker(Banana):
         if version != self.version:
             raise ProtocolError(f"Version Incompatibility: {self.version} {describe(version)}")
 
-    def _noteContextCall(self, requestID: int, command: bytes) -> None:
-        calls = self._contextCalls
-        if len(calls) > 2 * len(self.waitingForAnswers) + 64:
-            # Calls that failed before they were sent are never answered: let them go.
-            waiting = self.waitingForAnswers
-            self._contextCalls = calls = {r: c for r, c in calls.items() if r in waiting}
-        calls[requestID] = command
-
     def _didNotUnderstand(self, *fields: Any) -> None:
         # (Fields after the command are a later version's, and ignored.)
         if not fields:
             raise ProtocolError("a didNotUnderstand message without the command")
         command = fields[0]
+        if type(command) is bytes and command in _BUILT_IN_COMMANDS:
+            # A message of the dialect itself (a call with a timeout or annotations, to a
+            # peer without callctx, say): a peer that cannot take it cannot keep its side of
+            # the connection. Its calls would wait for ever, and what they hold stay held.
+            self._lostReason = (
+                f"the peer does not understand {describe(command)}, a message of the "
+                f"{describe(self.currentDialect)} dialect"
+            )
+            self._fail(self._lostReason)
+            return
         self._logRefusal(
             self._log.warn, "The peer did not understand {command}", command=describe(command)
-        )
-        if not self._contextCalls or type(command) is not bytes:
-            return
-        # A call of this side's that the peer cannot take: the oldest sent with the command
-        # (the peer refuses them in the order they came) fails, rather than wait for ever.
-        for requestID, sentAs in self._contextCalls.items():
-            if sentAs == command and requestID in self.waitingForAnswers:
-                break
-        else:
-            return
-        del self._contextCalls[requestID]
-        self._replyTargets.pop(requestID, None)
-        deferred = self.waitingForAnswers.pop(requestID)
-        deferred.errback(
-            UnsupportedByPeer(
-                f"the peer does not understand {describe(command)}: a call with a timeout "
-                "or annotations needs a peer that does"
-            )
         )
 
     def _cacheMessage(self, *fields: Any) -> None:
@@ -4633,8 +4605,6 @@ class Broker(Banana):
             self._lateAnswer(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
-        if self._contextCalls:
-            self._contextCalls.pop(requestID, None)
         if deferred is None:
             self._dropLateValue(netResult)
             return
@@ -4672,8 +4642,6 @@ class Broker(Banana):
             self._lateAnswer(requestID)
         if self._replyTargets:
             self._replyTargets.pop(requestID, None)
-        if self._contextCalls:
-            self._contextCalls.pop(requestID, None)
         if deferred is not None:
             failure = self._unserializeFailure(netFailure)
             if not deferred.called:  # else cancelled while unjellied, as in _answer
@@ -4785,5 +4753,6 @@ class Broker(Banana):
     valueFields: ClassVar[dict[bytes, int]] = VALUE_FIELDS
 
 
-# The messages Broker handles itself (a subclass's proto_ method for one is never called).
+# The messages Broker handles itself (a subclass's proto_ method for one is never called),
+# which a peer that does not understand cannot keep its side of the connection without.
 _BUILT_IN_COMMANDS: Final = frozenset(Broker.messageHandlers)

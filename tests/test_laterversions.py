@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pbroker import _native, banana, pb
-from pbroker.errors import LimitExceeded, UnsupportedByPeer
+from pbroker.errors import LimitExceeded, PBConnectionLost
 from pbroker.testing import connectedServerAndClient
 
 
@@ -79,50 +79,44 @@ class HelloTests(SynchronousTestCase):
 
 class ContextCallTests(SynchronousTestCase):
     """
-    A peer that does not know ``callctx`` (a call with a timeout or annotations) answers
-    ``didNotUnderstand``, naming the command only.
+    A peer that does not know ``callctx`` (a call with a timeout or annotations: another
+    implementation, or a broken one) answers ``didNotUnderstand``, naming the command only.
     """
 
-    def test_callFails(self) -> None:
-        """Each call sent with a context fails with UnsupportedByPeer, the oldest first,
-        where it used to wait for ever; plain calls go on."""
+    def test_connectionDropped(self) -> None:
+        """Not understanding a message of the dialect itself, the peer cannot keep its side
+        of the connection: it is dropped, saying why, and every call waiting fails with
+        PBConnectionLost naming that, where a call used to wait for ever (and a large one
+        to hold the bytes counted for it, so that the large calls after it waited too)."""
         peers = Connected(withoutCommand(b"callctx"))
-        with capturedLogs():
-            first = peers.root.withOptions(context={"n": 1}).callRemote("echo", 1)
-            second = peers.root.withOptions(context={"n": 2}, reply={}).callRemote("echo", 2)
-            peers.pump.flush()
-        for deferred in (first, second):
-            failure = self.failureResultOf(deferred, UnsupportedByPeer)
-            self.assertEqual(
-                str(failure.value),
-                "the peer does not understand b'callctx': a call with a timeout or "
-                "annotations needs a peer that does",
+        kept = pb.Referenceable()
+        plain = peers.root.callRemote("echo", b"x" * 300_000)  # (large: counted until taken)
+        with capturedLogs() as events:
+            withContext = peers.root.withOptions(timeout=30).callRemote(
+                "echo", b"y" * 300_000, kept
             )
-        self.assertEqual(peers.client.waitingForAnswers, {})
-        self.assertEqual((peers.client._contextCalls, peers.client._replyTargets), ({}, {}))
-        self.assertEqual(self.successResultOf(peers.call("echo", 3)), 3)
-
-    def test_onlyItsCommand(self) -> None:
-        """The notice fails a call sent with the command it names, not a plain call nor one
-        already answered."""
-        peers = Connected(withoutCommand(b"cachecallctx"))
-        answered = peers.call("echo", 1, context={"n": 1})
-        self.assertEqual(self.successResultOf(answered), 1)
-        self.assertEqual(peers.client._contextCalls, {})
-        waiting = peers.root.callRemote("echo", 2)  # (not yet pumped: waits for its answer)
-        with capturedLogs():
-            peers.server.sendCall(b"didNotUnderstand", b"callctx")
             peers.pump.flush()
-        self.assertEqual(self.successResultOf(waiting), 2)
+        self.assertTrue(peers.client.transport.disconnecting)
+        why = "the peer does not understand b'callctx', a message of the b'pbroker2' dialect"
+        self.assertIn(why, [event.get("why") for event in events])
+        self.assertEqual(self.successResultOf(plain), b"x" * 300_000)
+        peers.client.connectionLost(Failure(ConnectionDone()))
+        failure = self.failureResultOf(withContext, PBConnectionLost)
+        self.assertIn(why, str(failure.value))
+        # What the call held is let go with the connection.
+        self.assertEqual(peers.client.localObjects, {})
+        self.assertEqual(peers.client._untakenBytes, 0)
 
-    def test_tableOfCallsBounded(self) -> None:
-        """Calls that fail before they are sent are not kept waiting for a notice."""
+    def test_ownCommandsOnlyLogged(self) -> None:
+        """A command that is not one of the dialect's (an application's own, through a
+        broker subclass) not understood is a notice, logged, and the connection kept."""
         peers = Connected()
-        client = peers.client
-        for number in range(1000):
-            # What a call that failed to be sent leaves: noted, never waited on.
-            client._noteContextCall(10_000 + number, b"callctx")
-        self.assertLessEqual(len(client._contextCalls), 2 * len(client.waitingForAnswers) + 65)
+        with capturedLogs() as events:
+            peers.server.sendCall(b"didNotUnderstand", b"applicationMessage")
+            peers.pump.flush()
+        self.assertFalse(peers.client.transport.disconnecting)
+        self.assertIn("did not understand", str(events[0]["log_format"]))
+        self.assertEqual(self.successResultOf(peers.call("echo", 3)), 3)
 
 
 class NoticeTests(SynchronousTestCase):
@@ -196,6 +190,7 @@ class OfferTests(SynchronousTestCase):
         form is passed over for a later one that is."""
         for entries in (
             [b"pbroker-limits:4096:1024:later"],
+            [b"pbroker-limits:4096:1024:" + b"a-later-field:" * 8],
             [b"pbroker-limits:later", b"pbroker-limits:4096:1024"],
         ):
             client = pb.PBClientFactory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))

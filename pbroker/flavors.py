@@ -399,9 +399,11 @@ class RemoteCache(RemoteCopy, Serializable):
             )
         luid = jellyList[1]
         # This first instance holds the shared state; callers get handles ("borgs") on it.
+        # (Its broker is set once the copy is kept: one refused must not release it again
+        # when collected, the refusal having released what the peer counted.)
+        broker.cacheLocally(luid, self)
         self.broker = broker
         self.luid = luid
-        broker.cacheLocally(luid, self)
         handle = self._borgify()
         # As in Twisted: __init__ (without arguments) runs on each received cache, before its
         # state is set, so that what a subclass sets up there exists.

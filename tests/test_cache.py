@@ -291,6 +291,37 @@ class CopyLimitTests(SynchronousTestCase):
             self.assertEqual(server.remotelyCachedObjects, {}, dialects)
             self.assertEqual(client.locallyCachedObjects, {}, dialects)
 
+    def test_refusedCopyReleasedOnce(self) -> None:
+        """A copy refused over the limit is released once: by the refusal, not again when
+        it is collected (which made an honest owner drop the connection over a decache of
+        an id it no longer knew); the copy held is still observed."""
+        gauges = [cacheableFor(pb) for _ in range(2)]
+
+        class Root(pb.Root):
+            def remote_gauge(self, index: int) -> Any:
+                return gauges[index]
+
+        registry = jelly.UnjellyableRegistry()
+        registry.setUnjellyableForClass(TAG, remoteCacheFor(pb))
+        server, client, pump = connect(
+            pb.PBServerFactory(Root()),
+            pb.PBClientFactory(registry=registry, limits=pb.BrokerLimits(importedReferences=1)),
+        )
+        root = client.remoteForName("root")
+        results: list[Any] = []
+        with capturedLogs():
+            root.callRemote("gauge", 0).addBoth(results.append)
+            root.callRemote("gauge", 1).addBoth(results.append)
+            pump.flush()
+            held, refused = results
+            self.assertTrue(refused.check(LimitExceeded), refused)
+            del results, refused
+            gc.collect()
+            pump.flush()
+        self.assertFalse(server.transport.disconnecting)
+        self.assertEqual(len(server.remotelyCachedObjects), 1)
+        self.assertIs(next(iter(client.locallyCachedObjects.values())).__dict__, held.__dict__)
+
 
 class UnregisteredCacheTests(SynchronousTestCase):
     def test_refusedClearly(self) -> None:

@@ -9,6 +9,7 @@ a ``StringTransport``, and the test feeds it the bytes a server would send.
 
 from __future__ import annotations
 
+import gc
 import struct
 from typing import Any
 
@@ -353,5 +354,11 @@ class FirstCopyTests(SynchronousTestCase):
         self.assertEqual(kept.n, 1)
         self.assertEqual(server.broker.locallyCachedObjects[5].n, 1)
         # The owner counted a handle for the refused copy: released, as for any value
-        # refused (one decache), while the copy kept still counts.
+        # refused (one decache), while the copy kept still counts, also once the refused
+        # copy is collected (it used to send a second decache then, which made its owner
+        # let go of the copy kept).
         self.assertEqual(server.transport.value().count(b"decache"), 1)
+        del failure, second
+        gc.collect()
+        self.assertEqual(server.transport.value().count(b"decache"), 1)
+        self.assertEqual((kept.n, server.broker.locallyCachedObjects[5].n), (1, 1))

@@ -577,9 +577,10 @@ def _guardedLogin(
     """
     ``portal.login(credentials, mind, IPerspective)`` through ``guard``: its checker is
     the guarded check, its realm what follows (see :meth:`LoginGuard.attempt`). A portal
-    whose class has a ``login`` of its own is guarded whole, as what it does is unknown.
+    with a ``login`` of its own (its class's, or one set on it) is guarded whole, as what it
+    does is unknown.
     """
-    if type(portal).login is not Portal.login:
+    if getattr(portal.login, "__func__", None) is not Portal.login:  # (on its class or itself)
         return guard.attempt(
             broker, username, lambda: portal.login(credentials, mind, IPerspective), guessable
         )

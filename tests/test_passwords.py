@@ -1370,6 +1370,25 @@ class RealmOutsideTheTurnTests(SynchronousTestCase):
         results[0].trap(UnauthorizedLogin)
         self.assertEqual(self.guard.delayFor("127.0.0.1"), 2 * self.guard.baseDelay)
 
+    def test_loginSetOnThePortal(self) -> None:
+        """A ``login`` set on the portal itself (a wrapper that refuses some logins, a test
+        double) is called, as one its class defines is: the guard does not go round it."""
+        asked: list[Any] = []
+
+        def refuseAll(credentials: Any, mind: Any, *interfaces: Any) -> Any:
+            asked.append(credentials)
+            raise UnauthorizedLogin("refused by the portal's own login")
+
+        self.portal.login = refuseAll  # type: ignore[method-assign]
+        self.pumps = []
+        with capturedLogs():
+            results = self.login(pb, b"alice")
+            self.clock.advance(self.guard.maxDelay)
+            self.flush()
+        self.assertEqual(len(asked), 1)
+        results[0].trap(UnauthorizedLogin)
+        self.assertEqual(self.attaching.asked, [])
+
     def test_portalOfItsOwn(self) -> None:
         """A portal whose class logs in its own way is guarded whole, as what its login
         does cannot be split: the address's next login waits for it."""

@@ -202,9 +202,10 @@ class LoginGuard:
     :param forgetAfter: seconds after which an address's failures are forgotten (their
         record is let go at the next failure from any address).
     :param maxAddresses: failing addresses remembered at once; beyond, the oldest go first.
-    :param checkTimeout: seconds a check may take (the portal's checker; its realm, which
-        runs after the address's turn has passed on, is not timed) before the attempt fails
-        (``UnauthorizedLogin``).
+    :param checkTimeout: seconds a check (the portal's checker) may hold the address's turn:
+        past them the address's next attempts are checked meanwhile, while this one waits on
+        for its checker, as on stock Twisted. (The realm, which runs once the turn has
+        passed on, is not timed.)
     :param maxWaiting: attempts with a secret that may wait at once for one address; more
         are refused at once.
     """
@@ -324,7 +325,7 @@ class LoginGuard:
 
         ``then``, if given, is called with what the check gave (the portal's realm, with the
         avatar id its checker found) once the check has passed, outside the address's turn
-        and ``checkTimeout``: the application's work there (a whole attach, in buildbot) may
+        and its ``checkTimeout``: the application's work there (a whole attach, in buildbot) may
         take as long as it does, while the address's next attempt is checked. Its failure
         counts as the attempt's.
 
@@ -332,7 +333,7 @@ class LoginGuard:
         still waiting; a check already running is not cancelled (whether the work it awaits,
         in a thread or a database, would stop cannot be known), but runs to its end, holding
         the address's turn: a failure counts as any other, and a login that completes is
-        logged out at once. Every attempt is still bounded by ``checkTimeout``.
+        logged out at once. No attempt holds the turn longer than ``checkTimeout``.
         """
         shown = _peerHost(broker)  # (in the log)
         # Guesses take turns per address (for IPv6, per /64: a /48 is often shared by a
@@ -458,9 +459,23 @@ class LoginGuard:
                 return
             deferred = maybeDeferred(login)
             started.append(deferred)
-            # A checker that never answers must not hold up the address's logins for ever.
-            deferred.addTimeout(self.checkTimeout, self.reactor, onTimeoutCancel=_tookTooLong)
+            if holdsTurn and not deferred.called:
+                # A checker that never answers must not hold up the address's logins for
+                # ever; its own login waits on for it, as on stock Twisted (a server busy
+                # starting up may take long to check, and the password be right).
+                overdue = self.reactor.callLater(self.checkTimeout, passOn)
+                deferred.addBoth(_stopping, overdue)
             deferred.addCallbacks(succeeded if then is None else checked, failed)
+
+        def passOn() -> None:
+            self._log.warn(
+                "The check of a login for {user} from {peer} has taken more than {timeout:g} "
+                "seconds: the address's next logins are checked meanwhile",
+                user=name,
+                peer=shown,
+                timeout=self.checkTimeout,
+            )
+            passTurn()
 
         if not guessable:
             check()
@@ -513,8 +528,13 @@ def _logOutUnwanted(result: Any) -> None:
         result[2]()
 
 
-def _tookTooLong(result: Any, timeout: float) -> Failure:
-    return Failure(UnauthorizedLogin(f"the login check took more than {timeout:g} seconds"))
+def _stopping(result: Any, timer: Any) -> Any:
+    """
+    ``result``, passed on, once ``timer`` is stopped if it has not run.
+    """
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def _peerHost(broker: Any) -> str:

@@ -898,20 +898,41 @@ class LoginGuardTests(SynchronousTestCase):
         self.flushLoggedErrors(UnauthorizedLogin)
 
     def test_checkTimeout(self) -> None:
-        """A check that never answers fails after checkTimeout, and the address's next
-        attempt is checked."""
+        """A check that takes longer than checkTimeout holds the address's turn no longer:
+        the next attempt is checked meanwhile (logged), and the slow one waits on for its
+        checker, as on stock Twisted, where it used to fail as unauthorized (a server busy
+        starting up refused logins whose password was right)."""
         guard = pb.LoginGuard(reactor=self.clock, baseDelay=0, maxDelay=0, checkTimeout=5)
         broker = _FakeBroker("10.0.0.1")
+        slow: Deferred[Any] = Deferred()
+        results: list[Any] = []
+        guard.attempt(broker, b"alice", lambda: slow).addBoth(results.append)
+        guard.attempt(broker, b"bob", lambda: "bob").addBoth(results.append)
+        with capturedLogs() as events:
+            self.clock.advance(4.9)
+            self.assertEqual(results, [])
+            self.clock.advance(0.1)
+        self.assertEqual(results, ["bob"])
+        self.assertIn("has taken more than 5 seconds", formatEvent(events[0]))
+        self.clock.advance(3600)
+        slow.callback("alice")
+        self.assertEqual(results, ["bob", "alice"])
+        self.assertEqual(guard._queues, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_quickCheckLeavesNoTimer(self) -> None:
+        """A check that answers within checkTimeout leaves no timer behind, and one that
+        answers at once starts none."""
+        guard = pb.LoginGuard(reactor=self.clock, checkTimeout=5)
+        checking: Deferred[Any] = Deferred()
         results: list[Any] = []
         with capturedLogs():
-            guard.attempt(broker, b"alice", Deferred).addBoth(results.append)
-            guard.attempt(broker, b"bob", lambda: "bob").addBoth(results.append)
-            self.assertEqual(results, [])
-            self.clock.advance(5)
-        self.assertEqual(len(results), 2)
-        results[0].trap(UnauthorizedLogin)
-        self.assertIn("took more than 5 seconds", results[0].getErrorMessage())
-        self.assertEqual(results[1], "bob")
+            guard.attempt(_FakeBroker("10.0.0.1"), b"a", lambda: checking).addBoth(results.append)
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+            checking.callback("a")
+            guard.attempt(_FakeBroker("10.0.0.1"), b"b", lambda: "b").addBoth(results.append)
+        self.assertEqual(results, ["a", "b"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def failOnce(self, guard: Any, host: str = "10.0.0.1") -> None:
         guard.attempt(_FakeBroker(host), b"x", lambda: fail(UnauthorizedLogin())).addErrback(

@@ -10,10 +10,11 @@ Any Twisted endpoint string works with :func:`pbroker.pb.listen` and
 
 The ``tls:`` client verifies the server's certificate against the CA certificates in
 ``trustRoots`` (a directory) and its name against the host name; :func:`clientEndpoint` does
-the same with a CA file. Stock ``ssl:`` server strings cannot
-require client certificates; :func:`serverEndpoint` can (``clientCA``), and then a client
-logs in with its certificate: ``factory.login(pb.CertificateLogin())`` reaches the avatar that a
-:class:`PeerCertificateChecker` maps the verified certificate to.
+the same with a CA file, and also refuses a certificate whose name cannot be checked at all
+(no subjectAltName), which Twisted's check behind ``tls:`` lets through. Stock ``ssl:``
+server strings cannot require client certificates; :func:`serverEndpoint` can (``clientCA``),
+and then a client logs in with its certificate: ``factory.login(pb.CertificateLogin())``
+reaches the avatar that a :class:`PeerCertificateChecker` maps the verified certificate to.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamServerEndpoint
 from zope.interface import Attribute, implementer
 
 from pbroker.errors import isInteger
@@ -160,7 +161,50 @@ def clientEndpoint(
         clientCertificate=clientCertificate,
         extraCertificateOptions=extra,
     )
-    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+    return wrapClientTLS(_NameChecked(options, hostname), HostnameEndpoint(reactor, host, port))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _NameChecked:
+    """
+    Twisted's client TLS options, with a check of the server's name that fails closed.
+
+    Twisted's own check fails the handshake only on a name that does not match; when the
+    check cannot be made at all (service-identity's ``CertificateError``: a certificate
+    without a subjectAltName, or with a malformed one), it logs the error and accepts the
+    certificate. A client certificate of the same CA (with no subjectAltName, as user
+    certificates go) would then pass for the server.
+    """
+
+    def __init__(self, options: Any, hostname: str) -> None:
+        from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+        self._options = options
+        self._hostname = hostname
+        self._isAddress = isIPAddress(hostname) or isIPv6Address(hostname)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        from OpenSSL.SSL import VERIFY_FAIL_IF_NO_PEER_CERT, VERIFY_PEER
+        from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+        from twisted.python.failure import Failure
+
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        identity = IPAddress_ID(self._hostname) if self._isAddress else DNS_ID(self._hostname)
+
+        def verify(connection: Any, certificate: Any, error: int, depth: int, ok: int) -> bool:
+            if depth or not ok:
+                return bool(ok)  # (the chain: OpenSSL's verdict)
+            try:
+                verify_service_identity(extract_patterns(certificate), [identity], [])
+            except Exception:
+                # Any error: a name that does not match, or one that cannot be checked.
+                tlsProtocol.failVerification(Failure())
+                return False
+            return True
+
+        connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
 
 
 def _withChain(certificate: str, privateKey: str) -> tuple[Any, list[Any]]:

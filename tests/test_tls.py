@@ -18,6 +18,7 @@ from twisted.cred.credentials import IAnonymous
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, reactor
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -219,6 +220,39 @@ class TLSTests(TestCase):
                 reactor, "127.0.0.1", port, caFile=caFile, hostname=hostname
             )
             await self.assertRefused(endpoint)
+
+    async def test_nameThatCannotBeCheckedRefused(self) -> None:
+        """clientEndpoint (and so ``pbs://`` on the command line) refuses a certificate of
+        the right CA whose name cannot be checked at all: a user's certificate with no
+        subjectAltName (which Twisted's own check lets through, logging the error, so that
+        any user of the CA could pass for the server), one whose only name is a wildcard
+        too wide to use, and, reached by address, one with the address as a DNS name."""
+        for commonName, hostNames, hostname in (
+            ("alice", (), "localhost"),
+            ("wide", ("*.example",), "localhost"),
+            ("addressAsName", ("127.0.0.1",), None),
+        ):
+            certificate, key = self.authority.issue(commonName, hostNames)
+            port = await self.listen(
+                f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}", Echo()
+            )
+            endpoint = tls.clientEndpoint(
+                reactor, "127.0.0.1", port, caFile=self.authority.pem, hostname=hostname
+            )
+            with capturedLogs():
+                await self.assertRefused(endpoint)
+        self.flushLoggedErrors()
+        # The same CA's server certificate, with its name, still passes.
+        port = await self.listen(
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+            Echo(),
+        )
+        endpoint = tls.clientEndpoint(
+            reactor, "127.0.0.1", port, caFile=self.authority.pem, hostname="localhost"
+        )
+        root = await pb.connect(endpoint, pb.PBClientFactory())
+        self.waitForClose(root.broker)
+        self.assertEqual(await root.callRemote("echo", 2), 2)
 
     async def test_unixSocket(self) -> None:
         """A unix: endpoint string works like the others."""

@@ -169,6 +169,14 @@ def _parsedEndpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
     """
     from twisted.internet.endpoints import clientFromString
 
+    if description.split(":", 1)[0].lower() == "ssl":
+        # Twisted's ssl: client checks no certificate (nor, with caCertsDir, the name): a
+        # password would go to whoever answers.
+        raise CommandError(
+            EXIT_USAGE,
+            f"an ssl: address checks neither the server's certificate nor its name: "
+            f"{description!r} (use pbs://host:port, with --ca FILE for a private CA)",
+        )
     try:
         endpoint: IStreamClientEndpoint = clientFromString(reactor, description)
     except Exception as e:

@@ -230,13 +230,17 @@ def _withChain(certificate: str, privateKey: str) -> tuple[Any, list[Any]]:
         raise ValueError(f"no private key that can be read in {privateKey!r}") from None
     try:
         own = ssl.PrivateCertificate.loadPEM(certificates + b"\n" + keyPEM)
-    except Exception:
+    except Exception as e:
         if not encrypted:
-            raise
+            raise ValueError(
+                f"the certificate in {certificate!r} and the key in {privateKey!r} cannot be "
+                f"used together: {_openSSLReason(e)}"
+            ) from None
         raise ValueError(
-            f"the private key in {privateKey!r} is encrypted, and no pass phrase was given"
+            f"the private key in {privateKey!r} is encrypted, and could not be decrypted "
+            "(no pass phrase given, or a wrong one)"
         ) from None
-    chain = [ssl.Certificate.loadPEM(pem).original for pem in _splitPEM(certificates)[1:]]
+    chain = [_loadCertificate(pem, certificate).original for pem in _splitPEM(certificates)[1:]]
     return own, chain
 
 
@@ -246,12 +250,32 @@ def _loadAuthorities(path: str) -> list[Any]:
 
     :raises ValueError: the file holds none.
     """
-    from twisted.internet import ssl
 
-    authorities = [ssl.Certificate.loadPEM(pem) for pem in _splitPEM(_readPEM(path))]
+    authorities = [_loadCertificate(pem, path) for pem in _splitPEM(_readPEM(path))]
     if not authorities:
         raise ValueError(f"no certificate in {path!r}")
     return authorities
+
+
+def _loadCertificate(pem: bytes, path: str) -> Any:
+    """
+    The certificate ``pem`` read from the file ``path``, or ValueError naming the file.
+    """
+    from twisted.internet import ssl
+
+    try:
+        return ssl.Certificate.loadPEM(pem)
+    except Exception as e:
+        raise ValueError(f"a certificate in {path!r} cannot be read: {_openSSLReason(e)}") from None
+
+
+def _openSSLReason(error: Exception) -> str:
+    """
+    What OpenSSL's ``error`` says, in a few words (its reason strings), not its tuples.
+    """
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry]
+    return "; ".join(reason for reason in reasons if reason) or str(error) or type(error).__name__
 
 
 def _splitPEM(data: bytes) -> list[bytes]:
@@ -292,7 +316,9 @@ class PeerCertificate:
 
         certificate = peer.to_cryptography()
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        commonName = str(names[0].value) if names else None
+        # A subject with several common names has none here: tools differ on which one
+        # counts (the first, the last), so a CA that checked one may have issued another.
+        commonName = str(names[0].value) if len(names) == 1 else None
         return cls(certificate.public_bytes(Encoding.DER), commonName)
 
 
@@ -301,7 +327,9 @@ class PeerCertificateChecker:
     """
     Maps verified client certificates to avatar ids, by fingerprint or by common name.
 
-    :param fingerprints: SHA-256 fingerprint (hex, any case, colons allowed) -> avatar id.
+    :param fingerprints: SHA-256 fingerprint (64 hex digits, any case, colons or spaces
+        allowed, as ``openssl x509 -fingerprint -sha256`` prints it) -> avatar id; anything
+        else raises :class:`ValueError` (a SHA-1 fingerprint, say, would never match).
     :param commonNames: subject common name -> avatar id; only safe when the CA given to
         :func:`serverEndpoint` issues certificates for your users alone.
     """
@@ -313,9 +341,15 @@ class PeerCertificateChecker:
         fingerprints: dict[str, bytes] | None = None,
         commonNames: dict[str, bytes] | None = None,
     ) -> None:
-        self.fingerprints = {
-            key.replace(":", "").lower(): avatarId for key, avatarId in (fingerprints or {}).items()
-        }
+        self.fingerprints = {}
+        for key, avatarId in (fingerprints or {}).items():
+            digits = "".join(str(key).replace(":", "").split()).lower()
+            if len(digits) != 64 or digits.strip("0123456789abcdef"):
+                raise ValueError(
+                    f"not a SHA-256 fingerprint (64 hex digits): {key!r} (openssl x509 "
+                    "-fingerprint prints SHA-1 unless given -sha256)"
+                )
+            self.fingerprints[digits] = avatarId
         self.commonNames = dict(commonNames or {})
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:

@@ -383,6 +383,9 @@ class AddressTests(SynchronousTestCase):
         self.assertUsageError("pbs://::1", "an IPv6 address goes in brackets")
         self.assertUsageError("pb://[::1:8789", "no ']'")
         self.assertUsageError("pb://[example.org]:1", "bad IPv6 address")
+        # Twisted's ssl: client checks no certificate: a password would go to anyone.
+        for insecure in ("ssl:host=127.0.0.1:port=8790", "SSL:127.0.0.1:8790:caCertsDir=ca"):
+            self.assertUsageError(insecure, "checks neither the server's certificate nor its name")
         self.assertUsageError("pb://[::1]8789", "bad port")
 
     def test_badHostsAndPorts(self) -> None:

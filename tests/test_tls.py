@@ -407,6 +407,78 @@ class CheckerTests(TestCase):
         self.assertEqual(self.successResultOf(checker.requestAvatarId(credentials)), b"bob")
         self.failureResultOf(tls.PeerCertificateChecker().requestAvatarId(credentials))
 
+    def test_fingerprintsThatCannotMatchRefused(self) -> None:
+        """A fingerprint that is not 64 hex digits (a SHA-1 one, as openssl prints by
+        default; a typo) could never match: refused when the checker is made, saying so."""
+        sha256 = tls.PeerCertificate(b"der bytes", None).fingerprint
+        for bad in (sha256[:40], sha256 + "0", sha256[:-1] + "g", "not one"):
+            with self.assertRaises(ValueError) as caught:
+                tls.PeerCertificateChecker(fingerprints={bad: b"bob"})
+            self.assertIn("not a SHA-256 fingerprint", str(caught.exception))
+        spaced = " ".join(sha256[i : i + 2] for i in range(0, 64, 2))
+        checker = tls.PeerCertificateChecker(fingerprints={spaced: b"bob"})
+        credentials = tls.PeerCertificate(b"der bytes", None)
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(credentials)), b"bob")
+
+    def test_damagedFilesNamed(self) -> None:
+        """A damaged PEM certificate, in a CA file or a chain, or one that does not go with
+        its key, is refused naming the file, with OpenSSL's reason in words."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        authority = Authority(directory, "ca")
+        certificate, key = authority.issue("localhost", ("localhost",))
+        otherCertificate, _ = authority.issue("other", ("other",))
+        damaged = os.path.join(directory, "damaged.pem")
+        with open(damaged, "w") as file:
+            file.write("-----BEGIN CERTIFICATE-----\nnot base 64!\n-----END CERTIFICATE-----\n")
+        chained = os.path.join(directory, "chained.pem")
+        with open(chained, "wb") as file:
+            file.write(Path(certificate).read_bytes() + Path(damaged).read_bytes())
+        for make, named in (
+            (lambda: tls.clientEndpoint(reactor, "h", 1, caFile=damaged), damaged),
+            (lambda: tls.serverEndpoint(reactor, 0, certificate, key, clientCA=damaged), damaged),
+            (lambda: tls.serverEndpoint(reactor, 0, chained, key), chained),
+            (lambda: tls.serverEndpoint(reactor, 0, otherCertificate, key), otherCertificate),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                make()
+            self.assertIn(repr(named), str(caught.exception))
+            self.assertNotIn("[(", str(caught.exception))  # (not OpenSSL's tuples)
+
+    def test_severalCommonNamesAreNone(self) -> None:
+        """A client certificate whose subject has two common names has none for the
+        checker (tools differ on which counts), so no common name maps it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "alice"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "mallory"),
+            ]
+        )
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+
+        class Transport:
+            def getPeerCertificate(self) -> Any:
+                from OpenSSL.crypto import X509
+
+                return X509.from_cryptography(certificate)
+
+        credentials = tls.PeerCertificate.fromTransport(Transport())
+        assert credentials is not None
+        self.assertIsNone(credentials.commonName)
+        checker = tls.PeerCertificateChecker(commonNames={"alice": b"alice", "mallory": b"m"})
+        self.failureResultOf(checker.requestAvatarId(credentials), UnauthorizedLogin)
+
     def test_serverEndpointNeedsAuthorities(self) -> None:
         """A clientCA file without certificates is refused."""
         empty = self.mktemp()
@@ -494,7 +566,7 @@ class CheckerTests(TestCase):
         )
         with self.assertRaises(ValueError) as caught:
             tls.serverEndpoint(reactor, 0, certificate, encrypted)
-        self.assertIn("is encrypted, and no pass phrase was given", str(caught.exception))
+        self.assertIn("is encrypted, and could not be decrypted", str(caught.exception))
         old = os.path.join(directory, "old.pem")
         text = Path(certificate).read_text()
         Path(old).write_text(text.replace(" CERTIFICATE-----", " X509 CERTIFICATE-----"))

@@ -459,10 +459,12 @@ class LoginGuard:
                 return
             deferred = maybeDeferred(login)
             started.append(deferred)
-            if holdsTurn and not deferred.called:
+            if holdsTurn:
                 # A checker that never answers must not hold up the address's logins for
                 # ever; its own login waits on for it, as on stock Twisted (a server busy
-                # starting up may take long to check, and the password be right).
+                # starting up may take long to check, and the password be right). (Started
+                # whatever deferred.called says: a fired Deferred may still wait, paused, on
+                # one a callback returned. One that has ended stops it at once.)
                 overdue = self.reactor.callLater(self.checkTimeout, passOn)
                 deferred.addBoth(_stopping, overdue)
             deferred.addCallbacks(succeeded if then is None else checked, failed)

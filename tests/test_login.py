@@ -19,7 +19,7 @@ from twisted.cred.credentials import IUsernameHashedPassword as IUsernameHashedP
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -920,9 +920,27 @@ class LoginGuardTests(SynchronousTestCase):
         self.assertEqual(guard._queues, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_checkWaitingOnAnotherDeferred(self) -> None:
+        """A check whose Deferred has fired but waits, paused, on one a callback returned
+        (a quick checker followed by a realm that answers late, in a portal guarded whole)
+        passes the address's turn on past checkTimeout too."""
+        guard = pb.LoginGuard(reactor=self.clock, baseDelay=0, maxDelay=0, checkTimeout=5)
+        broker = _FakeBroker("10.0.0.1")
+        late: Deferred[Any] = Deferred()
+        results: list[Any] = []
+        with capturedLogs():
+            guard.attempt(
+                broker, b"alice", lambda: succeed(None).addCallback(lambda _: late)
+            ).addBoth(results.append)
+            guard.attempt(broker, b"bob", lambda: "bob").addBoth(results.append)
+            self.clock.advance(5)
+        self.assertEqual(results, ["bob"])
+        late.callback("alice")
+        self.assertEqual(results, ["bob", "alice"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_quickCheckLeavesNoTimer(self) -> None:
-        """A check that answers within checkTimeout leaves no timer behind, and one that
-        answers at once starts none."""
+        """A check that answers within checkTimeout, or at once, leaves no timer behind."""
         guard = pb.LoginGuard(reactor=self.clock, checkTimeout=5)
         checking: Deferred[Any] = Deferred()
         results: list[Any] = []

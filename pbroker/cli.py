@@ -698,6 +698,11 @@ def _tlsReason(failure: Failure) -> str | None:
     """
     if failure.check("service_identity.exceptions.VerificationError"):
         return "TLS: the server's certificate does not name this host (or address)"
+    if failure.check("service_identity.exceptions.CertificateError"):
+        return (
+            "TLS: the server's certificate names no host this can be checked against "
+            f"({failure.getErrorMessage()}): server certificates need a subjectAltName"
+        )
     if not failure.check("OpenSSL.SSL.Error"):
         return None
     arguments = getattr(failure.value, "args", ())

@@ -343,7 +343,8 @@ class PeerCertificateChecker:
     ) -> None:
         self.fingerprints = {}
         for key, avatarId in (fingerprints or {}).items():
-            digits = "".join(str(key).replace(":", "").split()).lower()
+            text = key.decode("ascii", "replace") if isinstance(key, bytes) else str(key)
+            digits = "".join(text.replace(":", "").split()).lower()
             if len(digits) != 64 or digits.strip("0123456789abcdef"):
                 raise ValueError(
                     f"not a SHA-256 fingerprint (64 hex digits): {key!r} (openssl x509 "

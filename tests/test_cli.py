@@ -160,6 +160,22 @@ class CommandLineTests(TestCase):
         )
         self.assertEqual(code, cli.EXIT_CONNECTION)
         self.assertOneLine(err, "the server's certificate does not name this host (or address)")
+        # A certificate with no subjectAltName: its name cannot be checked, and it is refused.
+        bare, bareKey = authority.issue("bare")
+        listening = await pb.listen(
+            tls.serverEndpoint(reactor, 0, bare, bareKey), pb.PBServerFactory(Service())
+        )
+        self.addCleanup(listening.stopListening)
+        code, _out, err = await self.command(
+            "--timeout",
+            "10",
+            "--ca",
+            authority.pem,
+            "ping",
+            f"pbs://localhost:{listening.getHost().port}",
+        )
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(err, "server certificates need a subjectAltName")
 
     async def test_remoteError(self) -> None:
         """A remote exception exits 5 with one line naming it; --debug adds a traceback."""

@@ -415,6 +415,8 @@ class CheckerTests(TestCase):
             with self.assertRaises(ValueError) as caught:
                 tls.PeerCertificateChecker(fingerprints={bad: b"bob"})
             self.assertIn("not a SHA-256 fingerprint", str(caught.exception))
+        asBytes = tls.PeerCertificateChecker(fingerprints={sha256.upper().encode(): b"bob"})
+        self.assertEqual(asBytes.fingerprints, {sha256: b"bob"})
         spaced = " ".join(sha256[i : i + 2] for i in range(0, 64, 2))
         checker = tls.PeerCertificateChecker(fingerprints={spaced: b"bob"})
         credentials = tls.PeerCertificate(b"der bytes", None)

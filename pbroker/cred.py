@@ -333,7 +333,8 @@ class LoginGuard:
         still waiting; a check already running is not cancelled (whether the work it awaits,
         in a thread or a database, would stop cannot be known), but runs to its end, holding
         the address's turn: a failure counts as any other, and a login that completes is
-        logged out at once. No attempt holds the turn longer than ``checkTimeout``.
+        logged out at once. No check holds the turn longer than ``checkTimeout`` (a failure's
+        delay, after it, holds it too).
         """
         shown = _peerHost(broker)  # (in the log)
         # Guesses take turns per address (for IPv6, per /64: a /48 is often shared by a

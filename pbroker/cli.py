@@ -699,9 +699,16 @@ def _tlsReason(failure: Failure) -> str | None:
     if failure.check("service_identity.exceptions.VerificationError"):
         return "TLS: the server's certificate does not name this host (or address)"
     if failure.check("service_identity.exceptions.CertificateError"):
+        said = failure.getErrorMessage()
+        if "subjectAltName" in said:  # (none at all)
+            return (
+                "TLS: the server's certificate names no host this can be checked against "
+                f"({said}): server certificates need a subjectAltName"
+            )
         return (
-            "TLS: the server's certificate names no host this can be checked against "
-            f"({failure.getErrorMessage()}): server certificates need a subjectAltName"
+            "TLS: the server's certificate has a subjectAltName that cannot be checked "
+            f"({said}): an address goes in as IP:, not DNS:, and a wildcard covers one label "
+            "under a domain"
         )
     if not failure.check("OpenSSL.SSL.Error"):
         return None

@@ -205,7 +205,8 @@ class LoginGuard:
     :param checkTimeout: seconds a check (the portal's checker) may hold the address's turn:
         past them the address's next attempts are checked meanwhile, while this one waits on
         for its checker, as on stock Twisted. (The realm, which runs once the turn has
-        passed on, is not timed.)
+        passed on, is not timed; but for a portal guarded whole, with a ``login`` of its
+        own, the check is that whole login.)
     :param maxWaiting: attempts with a secret that may wait at once for one address; more
         are refused at once.
     """

@@ -176,6 +176,23 @@ class CommandLineTests(TestCase):
         )
         self.assertEqual(code, cli.EXIT_CONNECTION)
         self.assertOneLine(err, "server certificates need a subjectAltName")
+        # One whose subjectAltName cannot be read (an address as a DNS name) is told apart.
+        misnamed, misnamedKey = authority.issue("misnamed", ("127.0.0.1",))
+        listening = await pb.listen(
+            tls.serverEndpoint(reactor, 0, misnamed, misnamedKey), pb.PBServerFactory(Service())
+        )
+        self.addCleanup(listening.stopListening)
+        code, _out, err = await self.command(
+            "--timeout",
+            "10",
+            "--ca",
+            authority.pem,
+            "ping",
+            f"pbs://127.0.0.1:{listening.getHost().port}",
+        )
+        self.assertEqual(code, cli.EXIT_CONNECTION)
+        self.assertOneLine(err, "an address goes in as IP:, not DNS:")
+        self.assertNotIn("need a subjectAltName", err)
 
     async def test_remoteError(self) -> None:
         """A remote exception exits 5 with one line naming it; --debug adds a traceback."""

@@ -160,39 +160,32 @@ class CommandLineTests(TestCase):
         )
         self.assertEqual(code, cli.EXIT_CONNECTION)
         self.assertOneLine(err, "the server's certificate does not name this host (or address)")
-        # A certificate with no subjectAltName: its name cannot be checked, and it is refused.
-        bare, bareKey = authority.issue("bare")
-        listening = await pb.listen(
-            tls.serverEndpoint(reactor, 0, bare, bareKey), pb.PBServerFactory(Service())
-        )
-        self.addCleanup(listening.stopListening)
-        code, _out, err = await self.command(
-            "--timeout",
-            "10",
-            "--ca",
-            authority.pem,
-            "ping",
-            f"pbs://localhost:{listening.getHost().port}",
-        )
-        self.assertEqual(code, cli.EXIT_CONNECTION)
-        self.assertOneLine(err, "server certificates need a subjectAltName")
-        # One whose subjectAltName cannot be read (an address as a DNS name) is told apart.
-        misnamed, misnamedKey = authority.issue("misnamed", ("127.0.0.1",))
-        listening = await pb.listen(
-            tls.serverEndpoint(reactor, 0, misnamed, misnamedKey), pb.PBServerFactory(Service())
-        )
-        self.addCleanup(listening.stopListening)
-        code, _out, err = await self.command(
-            "--timeout",
-            "10",
-            "--ca",
-            authority.pem,
-            "ping",
-            f"pbs://127.0.0.1:{listening.getHost().port}",
-        )
-        self.assertEqual(code, cli.EXIT_CONNECTION)
-        self.assertOneLine(err, "an address goes in as IP:, not DNS:")
-        self.assertNotIn("need a subjectAltName", err)
+        # Certificates whose name cannot be checked are refused, saying which: one with no
+        # subjectAltName, and one whose subjectAltName cannot be read (an address as a DNS
+        # name).
+        for name, hostNames, host, said, notSaid in (
+            ("bare", (), "localhost", "server certificates need a subjectAltName", None),
+            (
+                "misnamed",
+                ("127.0.0.1",),
+                "127.0.0.1",
+                "an address goes in as IP:, not DNS:",
+                "need a subjectAltName",
+            ),
+        ):
+            certificate, key = authority.issue(name, hostNames)
+            listening = await pb.listen(
+                tls.serverEndpoint(reactor, 0, certificate, key), pb.PBServerFactory(Service())
+            )
+            self.addCleanup(listening.stopListening)
+            address = f"pbs://{host}:{listening.getHost().port}"
+            code, _out, err = await self.command(
+                "--timeout", "10", "--ca", authority.pem, "ping", address
+            )
+            self.assertEqual(code, cli.EXIT_CONNECTION)
+            self.assertOneLine(err, said)
+            if notSaid is not None:
+                self.assertNotIn(notSaid, err)
 
     async def test_remoteError(self) -> None:
         """A remote exception exits 5 with one line naming it; --debug adds a traceback."""

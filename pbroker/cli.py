@@ -712,13 +712,9 @@ def _tlsReason(failure: Failure) -> str | None:
         )
     if not failure.check("OpenSSL.SSL.Error"):
         return None
-    arguments = getattr(failure.value, "args", ())
-    errors = arguments[0] if arguments else None
-    reasons = (
-        [e[2] for e in errors if isinstance(e, tuple) and len(e) == 3]
-        if isinstance(errors, list)
-        else []
-    )
+    from pbroker.tls import _openSSLReasons
+
+    reasons = [] if failure.value is None else _openSSLReasons(failure.value)
     if not reasons:
         return None
     reason = f"TLS handshake failed: {reasons[-1]}"

@@ -269,13 +269,20 @@ def _loadCertificate(pem: bytes, path: str) -> Any:
         raise ValueError(f"a certificate in {path!r} cannot be read: {_openSSLReason(e)}") from None
 
 
+def _openSSLReasons(error: BaseException) -> list[str]:
+    """
+    The reason strings of OpenSSL's ``error`` (the last of each (library, function,
+    reason) tuple it holds), in order; none for another error.
+    """
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+
+
 def _openSSLReason(error: Exception) -> str:
     """
     What OpenSSL's ``error`` says, in a few words (its reason strings), not its tuples.
     """
-    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry]
-    return "; ".join(reason for reason in reasons if reason) or str(error) or type(error).__name__
+    return "; ".join(_openSSLReasons(error)) or str(error) or type(error).__name__
 
 
 def _splitPEM(data: bytes) -> list[bytes]:
